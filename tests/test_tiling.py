@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from segpipe.tiling import (
+    Box,
+    Geometry,
+    blend_lattice,
+    blend_windows,
+    exact_window,
+    mirror_indices,
+    tile_grid,
+)
+
+shapes = st.tuples(st.integers(1, 700), st.integers(1, 700))
+geometries = st.builds(
+    lambda depth, valid: Geometry(
+        halo=6 * 2**depth - 4 if valid else 3 * 2**depth,
+        multiple=2**depth,
+        input_offset=(-4 * (2**depth - 1)) % 2**depth if valid else 0,
+        shrinks=valid,
+    ),
+    st.integers(0, 4),
+    st.booleans(),
+)
+
+
+@given(shape=shapes, tile=st.integers(4, 300))
+def test_every_pixel_in_exactly_one_tile(shape, tile):
+    grid = tile_grid(shape, tile)
+    count = np.zeros(shape, dtype=np.int32)
+    for t in grid:
+        count[t.box.slices] += 1
+        assert t.box.y1 <= shape[0] and t.box.x1 <= shape[1]
+    assert (count == 1).all()
+
+
+@given(shape=shapes, tile=st.integers(1, 200), side=st.integers(1, 5))
+def test_blocks_partition_the_grid(shape, tile, side):
+    grid = tile_grid(shape, tile)
+    seen = [t.index for block in grid.blocks(side) for t in block]
+    assert sorted(seen) == sorted(t.index for t in grid)
+    assert all(len(b) <= side * side for b in grid.blocks(side))
+
+
+@given(geometry=geometries, k=st.integers(1, 20), shape=shapes)
+@settings(max_examples=200)
+def test_exact_windows_cover_their_tile_with_halo(geometry, k, shape):
+    tile = k * geometry.multiple
+    grid = tile_grid(shape, tile)
+    sizes = set()
+    for t in grid:
+        w = exact_window(t, tile, geometry)
+        n = w.input.shape[0]
+        sizes.add(w.input.shape)
+        assert geometry.accepts(n)
+        assert w.output.shape == (geometry.output_size(n) - 2 * geometry.crop,) * 2
+        # the tile lies inside the usable output, with a full halo around it in the input
+        assert w.output.intersect(t.box) == t.box
+        assert w.input.y0 == t.box.y0 - geometry.halo
+        assert w.input.y1 >= t.box.y1 + geometry.halo
+        # window origins keep the pooling phase of a whole-image pass
+        assert (w.input.y0 + geometry.halo) % geometry.multiple == 0
+    assert len(sizes) == 1, "all windows share one shape, so batches stack"
+
+
+def test_exact_window_rejects_tile_off_the_multiple():
+    g = Geometry(halo=92, multiple=16, input_offset=12, shrinks=True)
+    with pytest.raises(ValueError, match="multiple of the model's size multiple 16; use 512"):
+        exact_window(tile_grid((600, 600), 500)[0, 0], 500, g)
+
+
+@pytest.mark.parametrize(
+    ("halo", "multiple", "offset", "min_out", "expected"),
+    [(92, 16, 12, 388, 572), (92, 16, 12, 1, 188), (0, 1, 0, 7, 7), (10, 8, 0, 5, 32)],
+)
+def test_input_size(halo, multiple, offset, min_out, expected):
+    g = Geometry(halo=halo, multiple=multiple, input_offset=offset, shrinks=True)
+    assert g.input_size(min_out) == expected
+    assert g.accepts(expected)
+    assert g.output_size(expected) >= min_out
+    smaller = [n for n in range(1, expected) if g.accepts(n) and n - 2 * halo >= min_out]
+    assert smaller == [], "input_size is the smallest that serves min_out"
+
+
+@given(
+    geometry=geometries,
+    shape=shapes,
+    k=st.integers(2, 8),
+    overlap=st.sampled_from([0.0, 0.25, 0.5]),
+    region=st.tuples(st.integers(0, 699), st.integers(1, 300), st.integers(0, 699), st.integers(1, 300)),
+)
+@settings(max_examples=200)
+def test_blend_windows_cover_region_and_match_global_lattice(geometry, shape, k, overlap, region):
+    window = k * geometry.multiple
+    pad = geometry.halo if geometry.shrinks else 0
+    if not geometry.accepts(window + 2 * pad):
+        window = geometry.input_size(window) - 2 * pad
+    lattice = blend_lattice(shape, geometry, window=window, overlap=overlap)
+    y0, h, x0, w = region
+    y0, x0 = min(y0, shape[0] - 1), min(x0, shape[1] - 1)
+    box = Box(y0, min(y0 + h, shape[0]), x0, min(x0 + w, shape[1]))
+    wins = blend_windows(lattice, box)
+    covered = np.zeros(box.shape, dtype=bool)
+    for win in wins:
+        part = win.output.intersect(box)
+        assert part is not None, "only windows that touch the region"
+        covered[part.relative_to(box)] = True
+        assert geometry.accepts(win.input.shape[0])
+        assert (win.output.y0 + lattice.margin) % lattice.stride == 0
+        assert win.output.y0 % geometry.multiple == 0
+    assert covered.all()
+    # the windows over a region are those of the whole image that touch it: tasks agree
+    everything = blend_windows(lattice, Box(0, shape[0], 0, shape[1]))
+    touching = [w for w in everything if w.output.intersect(box) is not None]
+    assert touching == wins
+
+
+@given(start=st.integers(-50, 50), length=st.integers(1, 60), size=st.integers(1, 20))
+def test_mirror_indices_match_numpy_reflect(start, length, size):
+    a = np.arange(size)
+    far = 200
+    padded = np.pad(a, far, mode="reflect") if size > 1 else np.zeros(size + 2 * far, int)
+    expected = padded[start + far : start + far + length]
+    np.testing.assert_array_equal(a[mirror_indices(start, start + length, size)], expected)
+
+
+def test_box_rejects_empty():
+    with pytest.raises(ValueError, match="empty box"):
+        Box(3, 3, 0, 1)
