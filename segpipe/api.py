@@ -63,6 +63,7 @@ def segment(
     scheduler: Any = None,
     n_workers: int | None = None,
     pixel_size_um: float | None = None,
+    probability_dtype: str = "float16",
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
@@ -103,6 +104,8 @@ def segment(
         Workers of the local cluster (default: from the cores or GPUs).
     pixel_size_um
         Microns per pixel at level 0, overriding what the file says.
+    probability_dtype
+        ``"float16"`` (half the storage, ~5e-4 rounding) or ``"float32"``.
     overwrite
         Replace an existing result of other inputs or parameters at ``output``.
     progress
@@ -165,6 +168,7 @@ def segment(
         tile=tile,
         halo=geometry.halo,
         mode=mode,
+        probability_dtype=probability_dtype,
         params=params,
     )
     output = Path(output)

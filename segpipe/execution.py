@@ -136,7 +136,8 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
         chunk = windows[i : i + batch]
         stack = np.stack([pixels[w.input.relative_to(source_box)] for w in chunk])
         for w, p in zip(chunk, predictor(stack), strict=True):
-            sink.add(w, p)
+            h, wd = w.output.shape
+            sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
     probs = sink.result()
 
     counts = []
@@ -169,8 +170,7 @@ class ModelPlugin(distributed.WorkerPlugin):
         self.name = f"segpipe-model-{key[:16]}"
 
     def setup(self, worker: Any = None) -> None:
-        if self.key not in _PREDICTORS:
-            _PREDICTORS[self.key] = Predictor(load_model(self.source), self.config)
+        _PREDICTORS[self.key] = Predictor(load_model(self.source), self.config)
 
     def teardown(self, worker: Any = None) -> None:
         _PREDICTORS.pop(self.key, None)
@@ -282,10 +282,14 @@ def run_blocks(
     plugin = ModelPlugin(job.model_key, model, config)
     if client is None:
         plugin.setup()
-        for block in blocks:
-            on_result(segment_block(block, job))
+        try:
+            for block in blocks:
+                on_result(segment_block(block, job))
+        finally:
+            plugin.teardown()
         return
 
+    # Registered for this run only: the workers of a shared cluster get their memory back.
     client.register_plugin(plugin, name=plugin.name)
     gpu = _gpu_resources(client) if config.device != "cpu" else None
     run = uuid.uuid4().hex[:8]
@@ -296,3 +300,4 @@ def run_blocks(
             on_result(fut.result())
     finally:
         client.cancel(futures)
+        client.unregister_worker_plugin(plugin.name)

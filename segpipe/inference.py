@@ -51,8 +51,8 @@ class Predictor:
     """A model ready for inference on one device.
 
     ``predictor(windows)`` takes (N, Y, X, C) pixels of any dtype ``pixels.to_float01`` knows
-    and returns (N, classes, y, x) float32 softmax probabilities, ``y = geometry.output_size(Y)``
-    minus the geometry's crop on both sides (the usable output).
+    and returns (N, classes, y, x) float32 softmax probabilities over the model's whole output,
+    ``y = geometry.output_size(Y)``; the caller crops what it uses (``Window.crop``).
     """
 
     def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None) -> None:
@@ -84,8 +84,4 @@ class Predictor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(x)
         # Softmax in float32 whatever autocast did: bf16 probabilities lose the small classes.
-        probs = torch.softmax(logits.float(), dim=1)
-        c = self.geometry.crop
-        if c:
-            probs = probs[:, :, c:-c, c:-c]
-        return probs.cpu().numpy()
+        return torch.softmax(logits.float(), dim=1).cpu().numpy()

@@ -4,7 +4,7 @@ Layout (every array chunked like the output tiles, so a task writes whole chunks
 
     result.zarr/
         mask            (y, x)          uint8    argmax class, 0 where nothing was written
-        probabilities   (class, y, x)   float16  softmax over classes
+        probabilities   (class, y, x)   float16  softmax over classes (float32 on request)
         y, x            (y,), (x,)      float64  pixel positions in microns (or pixels)
         class           (class,)        str      class names
         _segpipe/tiles_done (tile_y, tile_x) uint8  1 where a tile is written (driver-owned)
@@ -47,6 +47,7 @@ __all__ = [
     "write_tiles",
 ]
 
+PROBABILITY_DTYPES = ("float16", "float32")
 _PROGRESS = "_segpipe/tiles_done"
 _COUNTS = "_segpipe/class_pixels"
 _PROGRESS_CHUNKS = (64, 64)
@@ -78,7 +79,15 @@ class ResultMeta:
     tile: int
     halo: int
     mode: str
+    probability_dtype: str = "float16"
     params: dict[str, Any] = field(default_factory=dict)  # other knobs that change numbers
+
+    def __post_init__(self) -> None:
+        if self.probability_dtype not in PROBABILITY_DTYPES:
+            raise ValueError(
+                f"probability_dtype must be one of {PROBABILITY_DTYPES}, got "
+                f"{self.probability_dtype!r}"
+            )
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
@@ -165,7 +174,7 @@ def _create(path: Path, meta: ResultMeta) -> None:
             "mask": (("y", "x"), da.zeros((ny, nx), dtype="uint8", chunks=t)),
             "probabilities": (
                 ("class", "y", "x"),
-                da.zeros((c, ny, nx), dtype="float16", chunks=(c, t, t)),
+                da.zeros((c, ny, nx), dtype=meta.probability_dtype, chunks=(c, t, t)),
             ),
         },
         coords={
@@ -266,7 +275,7 @@ def write_tiles(path: str | os.PathLike, box: Box, probabilities: np.ndarray) ->
     """
     mask_arr, prob_arr = _arrays(str(Path(path)))
     mask = np.argmax(probabilities, axis=0).astype(np.uint8)
-    prob_arr[(slice(None), *box.slices)] = probabilities.astype(np.float16)
+    prob_arr[(slice(None), *box.slices)] = probabilities.astype(prob_arr.dtype)
     mask_arr[box.slices] = mask
     return np.bincount(mask.ravel(), minlength=probabilities.shape[0]).astype(np.int64)
 

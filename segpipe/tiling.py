@@ -79,7 +79,9 @@ class Geometry:
 
     def accepts(self, input_size: int) -> bool:
         """Whether the model takes an input of this side (pixels)."""
-        return input_size > 2 * self.halo and (input_size - self.input_offset) % self.multiple == 0
+        # Valid convolutions need room for a positive output; same padding keeps any size.
+        smallest = 2 * self.halo + 1 if self.shrinks else 1
+        return input_size >= smallest and (input_size - self.input_offset) % self.multiple == 0
 
     def input_size(self, min_output: int) -> int:
         """Smallest accepted input side whose usable output covers ``min_output`` pixels."""

@@ -1,0 +1,126 @@
+"""segpipe's networks: build one by name, load a trained one, save and fingerprint it.
+
+>>> from segpipe import models
+>>> net = models.build("unet", class_names=["background", "tissue"], width=8, depth=2)
+>>> net.num_classes, net.geometry.halo
+(2, 20)
+>>> "unet" in models.available()
+True
+
+Architectures live one per file in this package and register themselves with
+``@segpipe.models.base.register``; every module here is imported below, so a new architecture
+is one new file. Trained models ship as ``segpipe/models/weights/<name>.pt`` checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import pkgutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from segpipe.models.base import (
+    REGISTRY,
+    SegmentationModel,
+    geometry_of,
+    uses_tile_statistics,
+)
+from segpipe.models.checkpoint import CheckpointError, fingerprint, save
+from segpipe.models.checkpoint import load as load_checkpoint
+
+__all__ = [
+    "CheckpointError",
+    "SegmentationModel",
+    "available",
+    "build",
+    "fingerprint",
+    "geometry_of",
+    "load",
+    "save",
+    "shipped",
+    "uses_tile_statistics",
+]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+# Import every architecture module so its @register runs.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def available() -> list[str]:
+    """Names of the architectures :func:`build` knows, sorted."""
+    return sorted(REGISTRY)
+
+
+def shipped() -> dict[str, Path]:
+    """Trained models that come with segpipe: name -> checkpoint file."""
+    return {p.stem: p for p in sorted(WEIGHTS_DIR.glob("*.pt"))}
+
+
+def build(
+    name: str,
+    *,
+    class_names: Sequence[str] | None = None,
+    input_mean: Sequence[float] | float | None = None,
+    input_std: Sequence[float] | float | None = None,
+    **config: Any,
+) -> SegmentationModel:
+    """A freshly initialised network of architecture ``name``.
+
+    Parameters
+    ----------
+    name
+        One of :func:`available` (``"unet"``).
+    class_names
+        One name per class; sets ``num_classes`` when that is not given. Default
+        ``class_0 .. class_{C-1}``.
+    input_mean, input_std
+        Per-channel statistics of the ``[0, 1]`` input (or one number for all channels);
+        default 0.5 and 0.25.
+    **config
+        Fields of the architecture's config dataclass, e.g. ``width=32, depth=4,
+        padding="same"`` for ``UNetConfig``.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {available()}")
+    cls = REGISTRY[name]
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        config.setdefault("num_classes", len(class_names))
+        if config["num_classes"] != len(class_names):
+            raise ValueError(
+                f"num_classes={config['num_classes']} but {len(class_names)} class names "
+                f"{class_names}; give one or make them agree"
+            )
+    try:
+        cfg = cls.config_class(**config)
+    except TypeError as err:
+        fields = [f.name for f in dataclasses.fields(cls.config_class)]
+        raise TypeError(
+            f"build({name!r}): bad config {config}; {cls.config_class.__name__} takes {fields}"
+        ) from err
+    return cls(cfg, class_names=class_names, input_mean=input_mean, input_std=input_std)
+
+
+def load(name_or_path: str | os.PathLike[str]) -> SegmentationModel:
+    """A trained model, in eval mode: a shipped one by name, or any checkpoint file by path."""
+    models = shipped()
+    if isinstance(name_or_path, str) and name_or_path in models:
+        return load_checkpoint(models[name_or_path])
+    path = Path(name_or_path)
+    if path.is_file():
+        return load_checkpoint(path)
+    hint = (
+        f" {name_or_path!r} is an architecture, not a trained model: "
+        f"segpipe.models.build({name_or_path!r}, ...) makes an untrained one."
+        if name_or_path in REGISTRY
+        else ""
+    )
+    raise ValueError(
+        f"no shipped model or checkpoint file {str(name_or_path)!r}. Shipped models: "
+        f"{sorted(models) or 'none yet'}; architectures for build(): {available()}.{hint}"
+    )

@@ -1,0 +1,275 @@
+"""What every segpipe network is: a ``torch.nn.Module`` that also says how it must be tiled.
+
+A model takes ``(N, C_in, H, W)`` float tensors scaled to ``[0, 1]``, normalises them with its
+own per-channel mean and std, and returns raw class scores (logits) ``(N, num_classes, h, w)``
+with ``h = geometry.output_size(H)`` (``w`` likewise). Its ``geometry`` (a
+:class:`segpipe.tiling.Geometry`) is what the tiler reads; the tiler never guesses a halo.
+
+New architectures subclass :class:`SegmentationModel`, set ``name`` and ``config_class``, and
+put ``@register`` above the class: adding a model is one new file in ``segpipe/models/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from segpipe.tiling import Geometry
+
+__all__ = [
+    "DEFAULT_INPUT_MEAN",
+    "DEFAULT_INPUT_STD",
+    "REGISTRY",
+    "SegmentationModel",
+    "geometry_of",
+    "register",
+    "uses_tile_statistics",
+]
+
+# Inputs arrive scaled to [0, 1]. Without dataset statistics we centre them on 0.5 and divide
+# by 0.25 (about the std of a uniform [0, 1] channel, 0.29, rounded down), which maps [0, 1]
+# onto [-2, 2]: zero-centred and unit-order, as He initialisation expects.
+DEFAULT_INPUT_MEAN = 0.5
+DEFAULT_INPUT_STD = 0.25
+
+
+class SegmentationModel(nn.Module):
+    """Common base of segpipe networks.
+
+    Subclasses define ``name`` (registry name), ``config_class`` (a frozen dataclass with at
+    least ``in_channels`` and ``num_classes``), the ``geometry`` property and ``logits``, the
+    network proper on normalised input. ``forward`` checks the input shape, normalises, and
+    calls ``logits``.
+
+    Parameters
+    ----------
+    config
+        The model's frozen configuration (an instance of ``config_class``).
+    class_names
+        One name per output class; default ``("class_0", ..., "class_{C-1}")``.
+    input_mean, input_std
+        Per-channel statistics of the ``[0, 1]``-scaled input; default 0.5 and 0.25 for every
+        channel. Stored as non-persistent buffers: checkpoints keep them beside the state dict,
+        not in it, so the state dict holds weights only.
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    input_mean_buffer: torch.Tensor
+    input_std_buffer: torch.Tensor
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        class_names: Sequence[str] | None = None,
+        input_mean: Sequence[float] | None = None,
+        input_std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                f"got {type(config).__name__}: {config!r}"
+            )
+        self.config = config
+        c_in, n_classes = config.in_channels, config.num_classes
+        if class_names is None:
+            class_names = [f"class_{k}" for k in range(n_classes)]
+        self.class_names: tuple[str, ...] = tuple(str(c) for c in class_names)
+        if len(self.class_names) != n_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names {self.class_names} for a model with "
+                f"num_classes={n_classes}"
+            )
+        if len(set(self.class_names)) != n_classes:
+            raise ValueError(f"class names must be distinct, got {self.class_names}")
+        self.input_mean = _per_channel("input_mean", input_mean, DEFAULT_INPUT_MEAN, c_in)
+        self.input_std = _per_channel("input_std", input_std, DEFAULT_INPUT_STD, c_in)
+        if any(s <= 0 for s in self.input_std):
+            raise ValueError(f"input_std must be > 0 for every channel, got {self.input_std}")
+        shape = (1, c_in, 1, 1)
+        self.register_buffer(
+            "input_mean_buffer", torch.tensor(self.input_mean).view(shape), persistent=False
+        )
+        self.register_buffer(
+            "input_std_buffer", torch.tensor(self.input_std).view(shape), persistent=False
+        )
+        # Set by segpipe.models.checkpoint.load from the file; None for a model built in memory.
+        self.checkpoint_metrics: dict[str, Any] | None = None
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.config.in_channels)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.num_classes)
+
+    @property
+    def geometry(self) -> Geometry:
+        raise NotImplementedError(f"{type(self).__name__} must define the geometry property")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The network on normalised input; subclasses implement it."""
+        raise NotImplementedError(f"{type(self).__name__} must define logits()")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores ``(N, num_classes, h, w)`` for a ``[0, 1]`` batch ``(N, C_in, H, W)``."""
+        self.check_input_shape(x)
+        x = (x - self.input_mean_buffer) / self.input_std_buffer
+        return self.logits(x)
+
+    def check_input_shape(self, x: torch.Tensor) -> None:
+        """Raise ValueError, naming the sizes that would work, if ``x`` does not fit the model.
+
+        A side ``n`` is accepted when ``(n - input_offset) % multiple == 0`` and, for a
+        shrinking (valid-padding) model, ``n > 2 * halo`` so that some output remains.
+        Non-shrinking models take any side on the lattice, also ones smaller than the halo
+        (useful for training crops); only tiles need the halo.
+        """
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects a (N, {self.in_channels}, H, W) tensor, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{type(self).__name__} expects a float tensor scaled to [0, 1], got {x.dtype}"
+            )
+        g = self.geometry
+        sides = zip(("height", "width"), x.shape[2:], strict=True)
+        bad = [(axis, n) for axis, n in sides if not _fits(g, n)]
+        if bad:
+            hints = "; ".join(f"{axis} {n}: use {_nearest_sizes(g, n)}" for axis, n in bad)
+            raise ValueError(
+                f"{type(self).__name__} cannot take input of height={x.shape[2]}, "
+                f"width={x.shape[3]}. Accepted sides n satisfy "
+                f"n % {g.multiple} == {g.input_offset % g.multiple}"
+                + (f" and n > {2 * g.halo}" if g.shrinks else "")
+                + f" ({hints}). Pad or crop your image, or pick a size with "
+                "model.geometry.input_size(output_size)."
+            )
+
+
+def _fits(g: Geometry, n: int) -> bool:
+    return (n - g.input_offset) % g.multiple == 0 and (not g.shrinks or n > 2 * g.halo)
+
+
+def _nearest_sizes(g: Geometry, n: int) -> str:
+    """The accepted sides just below and just above ``n``, as text."""
+    below = n - (n - g.input_offset) % g.multiple
+    above = below + g.multiple
+    smallest = g.input_size(1) if g.shrinks else g.multiple
+    if below >= smallest:
+        return f"{below} or {above}"
+    return f"{max(above, smallest)}"
+
+
+def _per_channel(
+    what: str, values: Sequence[float] | float | None, default: float, channels: int
+) -> tuple[float, ...]:
+    if values is None:
+        values = default
+    if isinstance(values, int | float):
+        return (float(values),) * channels
+    out = tuple(float(v) for v in values)
+    if len(out) != channels:
+        raise ValueError(f"{what} needs {channels} values (one per channel), got {out}")
+    return out
+
+
+# Registry: name -> class. Filled by @register as the model modules are imported (segpipe/models/
+# __init__.py imports every module of the package, so a new file is all a new model needs).
+REGISTRY: dict[str, type[SegmentationModel]] = {}
+
+M = TypeVar("M", bound=type[SegmentationModel])
+
+
+def register(cls: M) -> M:
+    """Class decorator: make ``cls`` buildable as ``segpipe.models.build(cls.name, ...)``."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{cls.__qualname__} needs a class attribute name: str to be registered")
+    taken = REGISTRY.get(name)
+    # The same class defined again (importlib.reload) replaces itself; another class may not.
+    if taken is not None and (taken.__module__, taken.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise ValueError(
+            f"model name {name!r} is taken by {REGISTRY[name].__module__}."
+            f"{REGISTRY[name].__qualname__}; pick another for {cls.__qualname__}"
+        )
+    REGISTRY[name] = cls
+    return cls
+
+
+def geometry_of(module: nn.Module) -> Geometry:
+    """The tiling geometry a module declares (its ``geometry`` attribute).
+
+    Raises TypeError for a module that does not declare one: the tiler needs it to know the
+    halo and size rule, and will not guess.
+    """
+    geometry = getattr(module, "geometry", None)
+    if not isinstance(geometry, Geometry):
+        raise TypeError(
+            f"{type(module).__name__} has no segpipe geometry (found {geometry!r}). Give your "
+            "module a `geometry` attribute or property returning a segpipe.tiling.Geometry "
+            "(halo, multiple, input_offset, shrinks) so the tiler knows how much context each "
+            "output pixel needs; or subclass segpipe.models.base.SegmentationModel."
+        )
+    return geometry
+
+
+_BATCH_NORMS: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.LazyBatchNorm1d,
+    nn.LazyBatchNorm2d,
+    nn.LazyBatchNorm3d,
+)
+_INSTANCE_NORMS: tuple[type[nn.Module], ...] = (
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LazyInstanceNorm1d,
+    nn.LazyInstanceNorm2d,
+    nn.LazyInstanceNorm3d,
+)
+
+
+def uses_tile_statistics(module: nn.Module) -> list[str]:
+    """Qualified names of submodules that normalise with statistics of the tile they see.
+
+    Such layers make neighbouring tiles disagree whatever the halo: the result depends on
+    what else is in the window. Flagged:
+
+    * GroupNorm, always (statistics over each sample's groups and pixels);
+    * InstanceNorm*, unless it tracks running statistics, has them, and is in eval mode;
+    * BatchNorm*, in training mode, or without running statistics
+      (``track_running_stats=False``);
+    * LayerNorm whose ``normalized_shape`` has two or more dimensions: on ``(N, C, H, W)``
+      maps that spans the pixels. A one-dimensional LayerNorm is taken to be the per-pixel
+      channel norm of channels-last blocks (ConvNeXt) and is not flagged.
+
+    Normalisation done with ``torch.nn.functional`` calls inside ``forward`` cannot be seen.
+    The root module itself, if it is such a layer, is reported as ``""``.
+    """
+    flagged = []
+    for qualified_name, sub in module.named_modules():
+        if isinstance(sub, nn.GroupNorm):
+            flagged.append(qualified_name)
+        elif isinstance(sub, _INSTANCE_NORMS + _BATCH_NORMS):
+            has_running = sub.track_running_stats and sub.running_mean is not None
+            if sub.training or not has_running:
+                flagged.append(qualified_name)
+        elif isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) >= 2:
+            flagged.append(qualified_name)
+    return flagged

@@ -1,0 +1,196 @@
+"""Checkpoint files: a model's name, config, classes, normalisation and weights, nothing else.
+
+A checkpoint is ``torch.save`` of a plain dict (see :func:`save`) and is read back with
+``torch.load(..., weights_only=True)``: loading never unpickles code, so a checkpoint from
+anywhere can be opened without running it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segpipe.models.base import REGISTRY, SegmentationModel
+
+__all__ = ["FORMAT", "CheckpointError", "fingerprint", "load", "save"]
+
+FORMAT = "segpipe-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable segpipe checkpoint; the message names the file."""
+
+
+def save(
+    model: SegmentationModel,
+    path: str | os.PathLike[str],
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write ``model`` to ``path`` and return the path.
+
+    The file holds ``{"format", "name", "config", "class_names", "input_mean", "input_std",
+    "state_dict", "metrics", "weights_dtype"}``. ``metrics`` (validation scores, training
+    facts) must be plain numbers, strings, booleans, None, lists and str-keyed dicts, so
+    ``weights_only`` loading can read them. ``half=True`` stores floating-point weights as
+    float16 (half the file size; :func:`load` restores float32), at a rounding error of about
+    1e-3 relative per weight.
+    """
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(
+            f"save() takes a segpipe SegmentationModel, got {type(model).__name__}; build one "
+            "with segpipe.models.build()"
+        )
+    path = Path(path)
+    weights_dtype = torch.float16 if half else torch.float32
+    state_dict = {
+        key: (t.detach().to("cpu", weights_dtype) if t.is_floating_point() else t.detach().cpu())
+        .clone()
+        .contiguous()
+        for key, t in model.state_dict().items()
+    }
+    payload = {
+        "format": FORMAT,
+        "name": model.name,
+        "config": dataclasses.asdict(model.config),
+        "class_names": list(model.class_names),
+        "input_mean": list(model.input_mean),
+        "input_std": list(model.input_std),
+        "state_dict": state_dict,
+        "metrics": _plain(dict(metrics or {}), "metrics"),
+        "weights_dtype": str(weights_dtype).removeprefix("torch."),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+def load(path: str | os.PathLike[str]) -> SegmentationModel:
+    """Read a checkpoint written by :func:`save`; return the model in eval mode.
+
+    ``model.checkpoint_metrics`` holds the metrics stored with it. Raises
+    :class:`CheckpointError` (a ValueError) naming the file when it is not a segpipe
+    checkpoint, holds pickled Python objects, names an unknown model, or its config or
+    weights do not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses anything but tensors and plain containers; a file that has
+        # them is either not ours or was written with arbitrary objects inside.
+        raise CheckpointError(
+            f"{path} is not a segpipe checkpoint, or holds Python objects that weights-only "
+            f"loading refuses to unpickle (segpipe never runs code from a checkpoint): {err}"
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not a segpipe checkpoint (torch.load cannot read it: {err})"
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not a segpipe checkpoint: expected format {FORMAT!r}, found {found!r}. "
+            "Write checkpoints with segpipe.models.save()."
+        )
+    missing = {"name", "config", "class_names", "input_mean", "input_std", "state_dict"} - set(
+        payload
+    )
+    if missing:
+        raise CheckpointError(f"{path} lacks the entries {sorted(missing)}")
+    name = payload["name"]
+    if name not in REGISTRY:
+        raise CheckpointError(
+            f"{path} holds a model named {name!r}, which this segpipe does not know; "
+            f"known models: {sorted(REGISTRY)}"
+        )
+    cls = REGISTRY[name]
+    try:
+        config = cls.config_class(**payload["config"])
+        model = cls(
+            config,
+            class_names=payload["class_names"],
+            input_mean=payload["input_mean"],
+            input_std=payload["input_std"],
+        )
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{path}: its config {payload['config']} does not fit model {name!r} "
+            f"({cls.config_class.__name__}): {err}"
+        ) from err
+    try:
+        # load_state_dict copies into the float32 parameters, so float16 files come back float32.
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"{path}: its weights do not match a {name!r} model with config {config}: {err}"
+        ) from err
+    model.checkpoint_metrics = dict(payload.get("metrics") or {})
+    return model.eval()
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 hex digest of everything that decides the model's output.
+
+    Covers the name, config, class names, input normalisation, and every state-dict tensor
+    (sorted keys, shapes, bytes of float32 CPU copies). A model and the same model saved and
+    loaded give the same fingerprint; changing any weight changes it. A plain
+    ``torch.nn.Module`` (a user's own network) is identified by its class and state dict.
+    """
+    h = hashlib.sha256()
+    if isinstance(model, SegmentationModel):
+        header = {
+            "name": model.name,
+            "config": dataclasses.asdict(model.config),
+            "class_names": list(model.class_names),
+            "input_mean": list(model.input_mean),
+            "input_std": list(model.input_std),
+        }
+    else:
+        cls = type(model)
+        header = {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "class_names": list(getattr(model, "class_names", None) or []),
+            "geometry": repr(getattr(model, "geometry", None)),
+        }
+    h.update(json.dumps(header, sort_keys=True).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu()
+        t = t.to(torch.float32) if t.is_floating_point() else t
+        h.update(f"\n{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain Python data (numpy and 0-d torch scalars unwrapped), or TypeError."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"{where} keys must be strings, got {k!r}")
+            out[k] = _plain(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    item = getattr(value, "item", None)  # numpy scalars, 0-d arrays and tensors
+    if callable(item) and getattr(value, "ndim", 0) == 0:
+        return _plain(item(), where)
+    raise TypeError(
+        f"{where} = {value!r} ({type(value).__name__}) cannot go in a checkpoint: use numbers, "
+        "strings, booleans, None, lists and str-keyed dicts"
+    )

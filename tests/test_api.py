@@ -1,0 +1,249 @@
+"""segment(): stitched results against one whole-image forward pass, resume, refusals."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+import segpipe
+from segpipe import models
+from segpipe.results import IncompleteResultError, ResultMismatchError, read_meta
+from segpipe.tiling import mirror_indices
+
+CLASSES = ("background", "tissue", "nucleus")
+
+
+def write_zarr_image(path, image, pixel_size_um=None):
+    arr = zarr.create_array(
+        path, shape=image.shape, chunks=(64, 64, image.shape[2]), dtype=image.dtype,
+        dimension_names=("y", "x", "c"),
+    )
+    arr[...] = image
+    return path
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    # Smooth structure plus noise, so the random network's classes change across the image.
+    yy, xx = np.mgrid[0:150, 0:203]
+    base = 127 + 80 * np.sin(yy / 9.0)[..., None] * np.cos(xx / 13.0)[..., None]
+    return np.clip(base + rng.normal(0, 30, (150, 203, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def source(image, tmp_path_factory):
+    return write_zarr_image(tmp_path_factory.mktemp("src") / "image.zarr", image)
+
+
+def unet(padding, seed=0):
+    torch.manual_seed(seed)
+    return models.build("unet", class_names=CLASSES, width=4, depth=2, padding=padding).eval()
+
+
+def mirrored(image, y0, y1, x0, x1):
+    iy = mirror_indices(y0, y1, image.shape[0])
+    ix = mirror_indices(x0, x1, image.shape[1])
+    return image[np.ix_(iy, ix)]
+
+
+def whole_image_probabilities(net, image, margin):
+    """One forward pass over the whole image, mirrored by ``margin`` (and to the size rule)."""
+    g = net.geometry
+    h, w = image.shape[:2]
+    pad = g.halo if g.shrinks else margin
+    ny, nx = g.input_size(h + 2 * (pad - g.halo)), g.input_size(w + 2 * (pad - g.halo))
+    x = mirrored(image, -pad, ny - pad, -pad, nx - pad).astype(np.float32) / 255
+    with torch.inference_mode():
+        logits = net(torch.from_numpy(x).permute(2, 0, 1)[None])
+    p = torch.softmax(logits, 1)[0].numpy()
+    c = g.crop if g.shrinks else pad
+    return p[:, c : c + h, c : c + w]
+
+
+@pytest.mark.parametrize("tile", [32, 48, 64])
+@pytest.mark.parametrize("task_tiles", [1, 2])
+def test_exact_mode_equals_whole_image_pass(source, image, tmp_path, tile, task_tiles):
+    net = unet("valid")
+    expected = whole_image_probabilities(net, image, 0)
+    out = segpipe.segment(
+        source, tmp_path / "r.zarr", net, tile=tile, task_tiles=task_tiles, scheduler="sync",
+        probability_dtype="float32", batch_size=3,
+    )
+    got = zarr.open_array(out / "probabilities", mode="r")[...]
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1e-4
+    mask = zarr.open_array(out / "mask", mode="r")[...]
+    np.testing.assert_array_equal(mask, got.argmax(0))
+
+
+def test_float16_store_rounds_only(source, image, tmp_path):
+    net = unet("valid")
+    expected = whole_image_probabilities(net, image, 0)
+    out = segpipe.segment(source, tmp_path / "r.zarr", net, tile=64, scheduler="sync")
+    got = zarr.open_array(out / "probabilities", mode="r")
+    assert got.dtype == np.float16
+    assert np.abs(got[...].astype(np.float32) - expected).max() <= 1e-3
+    top2 = np.sort(expected, axis=0)[-2:]
+    decided = (top2[1] - top2[0]) > 1e-3
+    mask = zarr.open_array(out / "mask", mode="r")[...]
+    np.testing.assert_array_equal(mask[decided], expected.argmax(0)[decided])
+
+
+def seam_masks(shape, step, offset=0):
+    on = np.zeros(shape, dtype=bool)
+    for axis in (0, 1):
+        idx = np.arange(shape[axis])
+        lines = ((idx - offset) % step == 0) | ((idx - offset) % step == step - 1)
+        if axis == 0:
+            on[lines, :] = True
+        else:
+            on[:, lines] = True
+    return on
+
+
+def blend(source, out, net, tile, window=64, overlap=0.5):
+    return segpipe.segment(
+        source, out, net, tile=tile, mode="blend", window=window, overlap=overlap,
+        scheduler="sync", probability_dtype="float32",
+    )
+
+
+def test_blend_mode_same_padding_error_is_bounded_and_seamless(source, image, tmp_path):
+    net = unet("same")  # depth 2: receptive-field margin 23 px
+    out = blend(source, tmp_path / "r.zarr", net, tile=48)
+    params = read_meta(out)["identity"]["params"]
+    assert (params["window"], params["overlap"]) == (64, 0.5)
+    got = zarr.open_array(out / "probabilities", mode="r")[...]
+    expected = whole_image_probabilities(net, image, margin=64)
+    err = np.abs(got - expected).max(axis=0)
+    # Measured on this fixture (window 64, overlap 0.5): mean 0.0031, max 0.063; 48 px windows
+    # give 0.012 / 0.40, 96 px 0.0005 / 0.013. Bounds with headroom, not equality.
+    assert err.mean() < 0.01
+    assert err.max() < 0.2
+    # No seam: pixels on tile (chunk) borders and on window borders are no worse than the rest.
+    stride, margin = 32, 16  # of window 64, overlap 0.5, multiple 4
+    for on in (seam_masks(err.shape, 48), seam_masks(err.shape, stride, -margin)):
+        assert err[on].mean() <= 2 * err[~on].mean()
+
+
+def test_blend_mode_does_not_depend_on_tiling(source, tmp_path):
+    """Windows lie on one global lattice, so chunk borders cannot show: any tiling agrees."""
+    net = unet("same")
+    a = zarr.open_array(blend(source, tmp_path / "a.zarr", net, tile=32) / "probabilities")[...]
+    b = zarr.open_array(blend(source, tmp_path / "b.zarr", net, tile=96) / "probabilities")[...]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_open_result_and_open_zarr_agree_with_memory(source, image, tmp_path):
+    net = unet("valid")
+    expected = whole_image_probabilities(net, image, 0)
+    out = segpipe.segment(
+        source, tmp_path / "r.zarr", net, tile=64, scheduler="sync", pixel_size_um=0.25
+    )
+    ds = segpipe.open_result(out)
+    plain = xr.open_zarr(out)
+    for d in (ds, plain):
+        assert d["mask"].dims == ("y", "x")
+        assert d["probabilities"].dims == ("class", "y", "x")
+        assert list(d["class"].values) == list(CLASSES)
+        assert d["y"].attrs["units"] == "micrometer"
+        np.testing.assert_allclose(d["x"].values[:3], [0.0, 0.25, 0.5])
+        assert d["probabilities"].chunks is not None, "lazy, dask-backed"
+        np.testing.assert_allclose(
+            d["probabilities"].values.astype(np.float32), expected, atol=1e-3
+        )
+        nucleus = d["probabilities"].sel({"class": "nucleus"})
+        np.testing.assert_allclose(nucleus.values.astype(np.float32), expected[2], atol=1e-3)
+    meta = ds.attrs["segpipe"]
+    assert meta["complete"] is True
+    assert meta["model_sha256"] == models.fingerprint(net)
+    assert meta["tiles_total"] == 3 * 4
+    assert sum(meta["class_pixels"]) == image.shape[0] * image.shape[1]
+    counts = np.bincount(ds["mask"].values.ravel(), minlength=3)
+    assert meta["class_pixels"] == counts.tolist()
+    np.testing.assert_allclose(meta["class_area_um2"], counts * 0.0625)
+
+
+class FailingUNet(models.unet.UNet):
+    """The same network (same fingerprint) whose forward fails after ``budget`` calls."""
+
+    budget = 10**9
+
+    def forward(self, x):
+        FailingUNet.budget -= 1
+        if FailingUNet.budget < 0:
+            raise RuntimeError("simulated crash")
+        return super().forward(x)
+
+
+def test_interrupted_run_resumes_only_missing_tiles(source, image, tmp_path):
+    net = unet("valid")
+    flaky = FailingUNet(net.config, class_names=CLASSES)
+    flaky.load_state_dict(net.state_dict())
+    flaky.eval()
+    assert models.fingerprint(flaky) == models.fingerprint(net)
+    out = tmp_path / "r.zarr"
+
+    FailingUNet.budget = 5  # five one-window blocks succeed, the sixth crashes
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        segpipe.segment(source, out, flaky, tile=32, task_tiles=1, batch_size=1, scheduler="sync")
+    meta = read_meta(out)
+    assert meta["complete"] is False
+    with pytest.raises(IncompleteResultError, match="incomplete"):
+        segpipe.open_result(out)
+
+    segpipe.segment(source, out, net, tile=32, task_tiles=1, scheduler="sync")
+    meta = read_meta(out)
+    total = 5 * 7  # ceil(150/32) x ceil(203/32)
+    assert meta["complete"] is True
+    assert (meta["tiles_total"], meta["tiles_computed"], meta["tiles_skipped"]) == (total, total - 5, 5)
+    expected = whole_image_probabilities(net, image, 0)
+    got = segpipe.open_result(out)["probabilities"].values.astype(np.float32)
+    assert np.abs(got - expected).max() <= 1e-3
+
+    # A complete result is not recomputed.
+    segpipe.segment(source, out, net, tile=32, task_tiles=1, scheduler="sync")
+    assert read_meta(out)["finished"] == meta["finished"]
+
+
+def test_refuses_to_clobber(source, tmp_path):
+    net = unet("valid")
+    user_dir = tmp_path / "precious"
+    user_dir.mkdir()
+    (user_dir / "notes.txt").write_text("mine")
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        segpipe.segment(source, user_dir, net, tile=32, scheduler="sync", overwrite=True)
+    assert (user_dir / "notes.txt").read_text() == "mine"
+
+    out = segpipe.segment(source, tmp_path / "r.zarr", net, tile=32, scheduler="sync")
+    with pytest.raises(ResultMismatchError, match="differs in: tile"):
+        segpipe.segment(source, out, net, tile=64, scheduler="sync")
+    segpipe.segment(source, out, net, tile=64, scheduler="sync", overwrite=True)
+    assert read_meta(out)["tile"] == 64
+
+
+def test_exact_mode_refuses_tile_statistics(source, tmp_path):
+    net = unet("valid")
+    net.head.conv = torch.nn.Sequential(torch.nn.GroupNorm(1, 4), net.head.conv)
+    with pytest.raises(ValueError, match="per-tile statistics.*mode='blend'"):
+        segpipe.segment(source, tmp_path / "r.zarr", net, tile=32, scheduler="sync")
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_tile_must_fit_the_model(source, tmp_path):
+    with pytest.raises(ValueError, match="multiple of the model's size multiple 4; try 36"):
+        segpipe.segment(source, tmp_path / "r.zarr", unet("valid"), tile=33, scheduler="sync")
+
+
+@pytest.mark.integration
+def test_local_cluster_matches_in_process(source, image, tmp_path):
+    net = unet("valid")
+    expected = whole_image_probabilities(net, image, 0)
+    out = segpipe.segment(
+        source, tmp_path / "r.zarr", net, tile=32, n_workers=2, probability_dtype="float32"
+    )
+    got = zarr.open_array(out / "probabilities", mode="r")[...]
+    assert np.abs(got - expected).max() <= 1e-4
+    assert read_meta(out)["tiles_computed"] == 35

@@ -1,0 +1,182 @@
+"""Tests for segpipe.models.checkpoint: save/load round trips, refusals, fingerprints."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe import models
+from segpipe.models.checkpoint import FORMAT, CheckpointError, fingerprint, load, save
+from segpipe.models.unet import UNet
+
+
+class Payload:
+    """A custom class: pickling an instance stores a reference to code."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+@pytest.fixture
+def net() -> UNet:
+    torch.manual_seed(0)
+    model = models.build(
+        "unet",
+        class_names=["background", "tissue", "marker"],
+        input_mean=[0.8, 0.6, 0.7],
+        input_std=[0.1, 0.15, 0.12],
+        width=4,
+        depth=2,
+        padding="valid",
+    )
+    assert isinstance(model, UNet)
+    return model.eval()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.rand(2, 3, 60, 60, generator=torch.Generator().manual_seed(0))
+
+
+def test_round_trip_is_identical(net: UNet, x: torch.Tensor, tmp_path: Path) -> None:
+    path = save(net, tmp_path / "sub" / "net.pt", metrics={"dice": np.float32(0.75), "epoch": 3})
+    assert path == tmp_path / "sub" / "net.pt"
+    loaded = load(path)
+    assert type(loaded) is UNet
+    assert not loaded.training
+    assert loaded.config == net.config
+    assert loaded.class_names == net.class_names
+    assert loaded.input_mean == net.input_mean
+    assert loaded.input_std == net.input_std
+    assert loaded.checkpoint_metrics == {"dice": 0.75, "epoch": 3}
+    with torch.no_grad():
+        assert torch.equal(loaded(x), net(x))
+    assert fingerprint(loaded) == fingerprint(net)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+
+
+def test_file_is_a_plain_dict(net: UNet, tmp_path: Path) -> None:
+    payload = torch.load(save(net, tmp_path / "net.pt"), weights_only=True)
+    assert payload["format"] == FORMAT
+    assert payload["name"] == "unet"
+    assert payload["config"] == {
+        "in_channels": 3,
+        "num_classes": 3,
+        "width": 4,
+        "depth": 2,
+        "padding": "valid",
+        "dropout": 0.5,
+    }
+    assert payload["class_names"] == ["background", "tissue", "marker"]
+    assert payload["metrics"] == {}
+    assert set(payload["state_dict"]) == set(net.state_dict())
+
+
+def test_public_load_takes_paths_and_shipped_names(
+    net: UNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = save(net, tmp_path / "net.pt")
+    assert fingerprint(models.load(path)) == fingerprint(net)
+    assert fingerprint(models.load(str(path))) == fingerprint(net)
+    monkeypatch.setattr(models, "WEIGHTS_DIR", tmp_path)
+    assert models.shipped() == {"net": path}
+    assert fingerprint(models.load("net")) == fingerprint(net)
+
+
+def test_half_precision_file(net: UNet, x: torch.Tensor, tmp_path: Path) -> None:
+    full = save(net, tmp_path / "full.pt")
+    half = save(net, tmp_path / "half.pt", half=True)
+    assert os.path.getsize(half) < 0.7 * os.path.getsize(full)
+    loaded = load(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    with torch.no_grad():
+        # float16 keeps ~3 significant digits per weight; logits here reach ~10.
+        torch.testing.assert_close(loaded(x), net(x), rtol=1e-2, atol=1e-2)
+    assert fingerprint(loaded) != fingerprint(net)  # the weights were rounded
+
+
+def test_pickled_objects_are_refused(net: UNet, tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "name": "unet", "extra": Payload()}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.pt.*refuses to unpickle"):
+        load(path)
+
+
+def test_random_bytes_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "noise.pt"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match=r"noise\.pt is not a segpipe checkpoint"):
+        load(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="absent"):
+        load(tmp_path / "absent.pt")
+
+
+def test_other_torch_files_are_refused(net: UNet, tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    torch.save(net.state_dict(), path)  # a bare state dict, as many projects ship
+    with pytest.raises(CheckpointError, match=r"state\.pt is not a segpipe checkpoint"):
+        load(path)
+
+
+def edited(net: UNet, tmp_path: Path, **changes: object) -> Path:
+    path = save(net, tmp_path / "net.pt")
+    payload = torch.load(path, weights_only=True)
+    payload.update(changes)
+    torch.save(payload, path)
+    return path
+
+
+def test_unknown_model_name(net: UNet, tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"net\.pt holds a model named 'vit'.*\['unet'"):
+        load(edited(net, tmp_path, name="vit"))
+
+
+def test_config_mismatch(net: UNet, tmp_path: Path) -> None:
+    config = {**torch.load(save(net, tmp_path / "a.pt"), weights_only=True)["config"], "heads": 8}
+    with pytest.raises(CheckpointError, match=r"net\.pt: its config .* does not fit"):
+        load(edited(net, tmp_path, config=config))
+    with pytest.raises(CheckpointError, match=r"net\.pt: its config"):
+        load(edited(net, tmp_path, class_names=["only one"]))
+
+
+def test_state_dict_mismatch(net: UNet, tmp_path: Path) -> None:
+    state = dict(net.state_dict())
+    state.pop("head.conv.bias")
+    with pytest.raises(
+        CheckpointError, match=r"(?s)net\.pt: its weights do not match.*head\.conv\.bias"
+    ):
+        load(edited(net, tmp_path, state_dict=state))
+
+
+def test_metrics_must_be_plain(net: UNet, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"metrics\['model'\]"):
+        save(net, tmp_path / "net.pt", metrics={"model": Payload()})
+
+
+def test_fingerprint_tracks_every_weight(net: UNet) -> None:
+    before = fingerprint(net)
+    assert before == fingerprint(net)
+    assert len(before) == 64
+    with torch.no_grad():
+        net.down[1].convs[2].weight[0, 0, 0, 0] += 1e-6
+    assert fingerprint(net) != before
+
+
+def test_fingerprint_covers_class_names_and_normalisation(net: UNet) -> None:
+    renamed = models.build(
+        "unet",
+        class_names=["background", "tissue", "pen"],
+        input_mean=net.input_mean,
+        input_std=net.input_std,
+        width=4,
+        depth=2,
+    )
+    renamed.load_state_dict(net.state_dict())
+    assert fingerprint(renamed) != fingerprint(net)

@@ -1,0 +1,311 @@
+"""Tests for segpipe.models: the U-Net, its geometry, the registry, tile-statistics checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from segpipe import models
+from segpipe.models.base import geometry_of, uses_tile_statistics
+from segpipe.models.unet import UNet, UNetConfig
+from segpipe.tiling import Geometry
+
+DEPTHS = [1, 2, 3, 4]
+PADDINGS = ["valid", "same"]
+
+
+def small_unet(depth: int, padding: str, width: int = 2, **kw: object) -> UNet:
+    torch.manual_seed(0)
+    config = UNetConfig(in_channels=1, num_classes=2, width=width, depth=depth, padding=padding)
+    return UNet(config, **kw).eval()  # type: ignore[arg-type]
+
+
+def simulated_output_side(n: int, depth: int, padding: str) -> int | None:
+    """Output side of a U-Net for input side ``n`` by walking its layers in plain Python,
+    independently of Geometry; None where some layer cannot take the size exactly (a pool of
+    an odd side, which max pooling would silently floor, or a side that drops below 1)."""
+    shrink = 4 if padding == "valid" else 0  # two 3x3 convs
+    for _ in range(depth):
+        n -= shrink
+        if n < 1 or n % 2:
+            return None
+        n //= 2
+    n -= shrink  # bottleneck
+    for _ in range(depth):
+        if n < 1:
+            return None
+        n = 2 * n - shrink
+    return n if n >= 1 else None
+
+
+# -- the paper's network ---------------------------------------------------------------------
+
+
+def test_paper_geometry() -> None:
+    g = UNet(UNetConfig(width=64, depth=4)).geometry
+    assert g == Geometry(halo=92, multiple=16, input_offset=12, shrinks=True)
+    assert g.output_size(572) == 388
+    assert g.input_size(388) == 572
+
+
+@pytest.mark.parametrize("width", [8, pytest.param(64, marks=pytest.mark.slow)])
+def test_paper_572_gives_388(width: int) -> None:
+    # width 64 is the paper's network (about 3 s on 2 CPU cores); width 8 checks the same shapes.
+    net = models.build("unet", width=width, depth=4).eval()
+    with torch.no_grad():
+        out = net(torch.rand(1, 3, 572, 572))
+    assert out.shape == (1, 2, 388, 388)
+    expected_channels = [width * 2**level for level in range(5)]
+    assert [b.convs[2].out_channels for b in net.down] == expected_channels[:4]
+    assert net.bottleneck.convs[2].out_channels == expected_channels[4]
+    assert net.head.conv.in_channels == width
+
+
+# -- geometry against real shapes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_geometry_size_rule_matches_layer_arithmetic(depth: int, padding: str) -> None:
+    g = small_unet(depth, padding).geometry
+    assert g.multiple == 2**depth
+    for n in range(1, 2 * g.halo + 8 * g.multiple):
+        simulated = simulated_output_side(n, depth, padding)
+        if padding == "valid":
+            assert g.accepts(n) == (simulated is not None), n
+            if simulated is not None:
+                assert g.output_size(n) == simulated
+        elif g.accepts(n):
+            assert simulated == n == g.output_size(n)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_geometry_matches_forward_shapes(depth: int, padding: str) -> None:
+    net = small_unet(depth, padding)
+    g = net.geometry
+    sides = [g.input_size(1) + k * g.multiple for k in range(3)]
+    with torch.no_grad():
+        for h, w in [(sides[0], sides[0]), (sides[1], sides[2])]:
+            out = net(torch.rand(1, 1, h, w))
+            assert out.shape == (1, 2, g.output_size(h), g.output_size(w))
+            if padding == "same":
+                assert out.shape[2:] == (h, w)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_forward_rejects_sizes_off_the_lattice(depth: int, padding: str) -> None:
+    net = small_unet(depth, padding)
+    g = net.geometry
+    good = g.input_size(1)
+    with torch.no_grad():
+        for bad in (good + 1, good - 1):
+            with pytest.raises(ValueError, match=rf"n % {g.multiple} == {g.input_offset}") as err:
+                net(torch.rand(1, 1, good, bad))
+            assert f"width {bad}" in str(err.value)
+            assert str(good) in str(err.value)  # the nearest accepted size is suggested
+
+
+def test_forward_rejects_valid_input_too_small_for_any_output() -> None:
+    net = small_unet(2, "valid")
+    too_small = net.geometry.input_size(1) - net.geometry.multiple
+    with pytest.raises(ValueError, match="n > 40"):
+        net(torch.rand(1, 1, too_small, too_small))
+
+
+def test_same_padding_takes_crops_smaller_than_halo() -> None:
+    net = small_unet(3, "same")
+    with torch.no_grad():
+        assert net(torch.rand(2, 1, 16, 24)).shape == (2, 2, 16, 24)
+
+
+def test_forward_rejects_wrong_channels_and_dtype() -> None:
+    net = small_unet(1, "same")
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        net(torch.rand(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="float"):
+        net(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
+
+
+# -- exactness: tiles agree ------------------------------------------------------------------
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    depth=st.integers(1, 4),
+    shift_y=st.integers(0, 2),
+    shift_x=st.integers(0, 2),
+    extra=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_valid_unet_windows_agree_on_overlap(
+    depth: int, shift_y: int, shift_x: int, extra: int, seed: int
+) -> None:
+    net = small_unet(depth, "valid", width=4)
+    g = net.geometry
+    n_small = g.input_size(8)
+    n_large = n_small + (max(shift_y, shift_x) + extra) * g.multiple
+    image = torch.rand(1, 1, n_large, n_large, generator=torch.Generator().manual_seed(seed))
+    oy, ox = shift_y * g.multiple, shift_x * g.multiple
+    with torch.no_grad():
+        large = net(image)
+        small = net(image[:, :, oy : oy + n_small, ox : ox + n_small])
+    # Output pixel (i, j) of a window at (oy, ox) sits at input pixel (oy + halo + i, ...).
+    overlap = large[:, :, oy : oy + small.shape[2], ox : ox + small.shape[3]]
+    torch.testing.assert_close(small, overlap, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_same_unet_windows_agree_beyond_halo(depth: int) -> None:
+    net = small_unet(depth, "same", width=4)
+    g = net.geometry
+    m, h = g.multiple, g.halo
+    base = g.input_size(1)  # smallest lattice side > 2 * halo
+    gen = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 1, base + 4 * m, base + 5 * m, generator=gen)
+    oy, ox = m, 2 * m  # window origins on the lattice, as the tiler places them
+    win = image[:, :, oy : oy + base + 2 * m, ox : ox + base + 3 * m]
+    with torch.no_grad():
+        whole, part = net(image), net(win)
+
+    def inner(crop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        got = part[:, :, crop:-crop, crop:-crop]
+        want = whole[
+            :, :, oy + crop : oy + win.shape[2] - crop, ox + crop : ox + win.shape[3] - crop
+        ]
+        return got, want
+
+    torch.testing.assert_close(*inner(h), rtol=0, atol=1e-5)
+    # ...while a crop well inside the halo shows the window's zero padding.
+    assert not torch.allclose(*inner(m), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_same_halo_is_the_receptive_field_margin(depth: int) -> None:
+    """Independent of the formula: autograd finds which input pixels each output pixel of a
+    row depends on. Max pooling is swapped for average pooling (same support, but gradient
+    to every pixel of the window) and weights are made positive so nothing cancels."""
+    net = small_unet(depth, "same", width=1).double()
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.uniform_(module.weight, 0.1, 1.0)
+            nn.init.constant_(module.bias, 0.1)
+    for block in net.down:
+        block.pool = nn.AvgPool2d(2)
+    m = 2**depth
+    side = 16 * m
+    x = torch.rand(1, 1, 4 * m, side, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    margin = 0
+    for j in range(side // 2 - m, side // 2 + m):  # every phase, far from the borders
+        (grad,) = torch.autograd.grad(y[0, 0, 2 * m, j], x, retain_graph=True)
+        cols = np.flatnonzero(grad[0, 0].abs().sum(0).numpy())
+        margin = max(margin, j - cols.min(), cols.max() - j)
+    assert margin == net.geometry.halo
+
+
+# -- dropout, normalisation, registry --------------------------------------------------------
+
+
+def test_dropout_only_in_training() -> None:
+    net = small_unet(2, "same", width=4)
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net(x), rtol=0, atol=0)
+        no_dropout = UNet(UNetConfig(in_channels=1, width=4, depth=2, padding="same", dropout=0))
+        no_dropout.load_state_dict(net.state_dict())
+        torch.testing.assert_close(net(x), no_dropout.eval()(x), rtol=0, atol=0)
+        net.train()
+        torch.manual_seed(3)
+        a = net(x)
+        assert not torch.equal(a, net(x))
+
+
+def test_model_applies_its_own_normalisation() -> None:
+    a = models.build("unet", width=2, depth=1, padding="same")
+    b = models.build(
+        "unet", width=2, depth=1, padding="same", input_mean=[0.1, 0.2, 0.3], input_std=0.5
+    )
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(1, 3, 8, 8)
+    mean_b = torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)
+    x_b = (x - 0.5) / 0.25 * 0.5 + mean_b  # the same normalised input for b
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x_b), rtol=1e-5, atol=1e-5)
+    assert "input_mean_buffer" not in a.state_dict()  # normalisation lives beside the weights
+
+
+def test_build_defaults_and_class_names() -> None:
+    net = models.build("unet", width=2, depth=1)
+    assert net.name == "unet"
+    assert net.in_channels == 3
+    assert net.num_classes == 2
+    assert net.class_names == ("class_0", "class_1")
+    assert net.input_mean == (0.5,) * 3
+    assert net.input_std == (0.25,) * 3
+    named = models.build("unet", class_names=["bg", "tumour", "stroma"], width=2, depth=1)
+    assert named.num_classes == 3
+    assert named.config.num_classes == 3
+    assert named.class_names == ("bg", "tumour", "stroma")
+    assert models.available() == sorted(models.available())
+    assert "unet" in models.available()
+
+
+def test_build_rejects_bad_requests() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'resnet'.*'unet'"):
+        models.build("resnet")
+    with pytest.raises(ValueError, match="num_classes=2 but 3 class names"):
+        models.build("unet", class_names=["a", "b", "c"], num_classes=2)
+    with pytest.raises(TypeError, match="UNetConfig takes"):
+        models.build("unet", widht=8)
+    with pytest.raises(ValueError, match="padding"):
+        models.build("unet", padding="reflect")
+    with pytest.raises(ValueError, match="input_mean needs 3 values"):
+        models.build("unet", input_mean=[0.5, 0.5])
+
+
+def test_load_unknown_name_lists_what_exists() -> None:
+    with pytest.raises(
+        ValueError, match=r"Shipped models: .*architectures for build\(\): \['unet'"
+    ):
+        models.load("no-such-model")
+    with pytest.raises(ValueError, match="is an architecture, not a trained model"):
+        models.load("unet")
+
+
+# -- geometry_of and uses_tile_statistics ----------------------------------------------------
+
+
+def test_geometry_of() -> None:
+    net = small_unet(2, "valid")
+    assert geometry_of(net) == net.geometry
+    conv = nn.Conv2d(1, 1, 3)
+    with pytest.raises(
+        TypeError, match=r"Conv2d .*`geometry` attribute.*segpipe\.tiling\.Geometry"
+    ):
+        geometry_of(conv)
+    conv.geometry = Geometry(halo=1, shrinks=True)  # type: ignore[assignment]
+    assert geometry_of(conv).halo == 1
+
+
+def test_uses_tile_statistics() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm2d(4),
+        nn.BatchNorm2d(4),
+        nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)),
+        nn.LayerNorm([4, 8, 8]),
+        nn.LayerNorm(4),  # channels-last per-pixel norm: not flagged
+    )
+    assert uses_tile_statistics(net.train()) == ["1", "2", "3", "4.0", "5"]
+    # Eval-mode BatchNorm uses its running statistics: the same for every tile.
+    assert uses_tile_statistics(net.eval()) == ["1", "2", "4.0", "5"]
+    tracked = nn.InstanceNorm2d(4, track_running_stats=True)
+    assert uses_tile_statistics(tracked.eval()) == []
+    assert uses_tile_statistics(small_unet(4, "valid").train()) == []
