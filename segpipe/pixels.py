@@ -1,0 +1,296 @@
+"""Pixel layout and value normalisation: the one place that knows axis letters and dtypes.
+
+Pure array code on numpy or dask arrays (anything with ``shape``, ``dtype``, ``transpose``
+and basic indexing); no I/O. Every reader hands its native array and the file's axis letters
+to :func:`to_yxc`, so the rest of segpipe only ever sees ``(Y, X, C)``.
+
+Axis letters follow tifffile and OME: ``Y``, ``X`` space, ``C`` channel, ``S`` samples (RGB
+interleaved in a TIFF page, treated as ``C``), ``T`` time, ``Z`` focus; any other letter is a
+non-spatial axis that must have length 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = [
+    "downsample_mean_2x",
+    "pyramid_shapes",
+    "to_float01",
+    "to_yxc",
+    "unit_scale",
+    "yxc_shape",
+]
+
+A = TypeVar("A")
+
+_CHANNEL_LETTERS = "CS"
+
+
+def _yxc_plan(shape: tuple[int, ...], axes: str) -> tuple[tuple[Any, ...], tuple[int, ...], bool]:
+    """Index, transpose order and whether to append a channel axis, for ``to_yxc``."""
+    letters = axes.upper()
+    shape = tuple(int(n) for n in shape)
+    if len(letters) != len(shape):
+        raise ValueError(
+            f"axes {axes!r} name {len(letters)} axes but the array has shape {shape} "
+            f"({len(shape)} axes)"
+        )
+    if len(set(letters)) != len(letters) or "Y" not in letters or "X" not in letters:
+        raise ValueError(
+            f"axes {axes!r} (shape {shape}) must name Y and X once each, and no letter twice"
+        )
+    sizes = dict(zip(letters, shape, strict=True))
+    channels = [a for a in _CHANNEL_LETTERS if a in sizes]
+    # A TIFF may carry both C (OME channels) and S (samples); one of them must be singleton.
+    wide = [a for a in channels if sizes[a] > 1]
+    if len(wide) > 1:
+        raise ValueError(
+            f"axes {axes!r} with shape {shape} have two channel axes longer than 1 (C and S); "
+            f"segpipe takes one channel axis"
+        )
+    channel = wide[0] if wide else (channels[0] if channels else None)
+
+    index: list[Any] = []
+    kept: list[str] = []
+    for letter, size in zip(letters, shape, strict=True):
+        if letter in "YX" or letter == channel:
+            index.append(slice(None))
+            kept.append(letter)
+        elif size == 1:
+            index.append(0)
+        else:
+            raise ValueError(
+                f"axes {axes!r} with shape {shape} have {letter}={size}: segpipe segments 2D "
+                f"images, not stacks; export one {letter} plane (e.g. the best focus) first"
+            )
+    order = tuple(kept.index(a) for a in ("Y", "X", channel) if a is not None)
+    return tuple(index), order, channel is None
+
+
+def yxc_shape(shape: tuple[int, ...], axes: str) -> tuple[int, int, int]:
+    """The ``(Y, X, C)`` shape :func:`to_yxc` gives for an array of ``shape`` and ``axes``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`to_yxc`, without needing the array.
+
+    Examples
+    --------
+    >>> yxc_shape((1, 3, 1, 300, 517), "TCZYX")
+    (300, 517, 3)
+    >>> yxc_shape((300, 517), "YX")
+    (300, 517, 1)
+    """
+    index, order, add_c = _yxc_plan(tuple(shape), axes)
+    kept = [int(n) for n, i in zip(shape, index, strict=True) if isinstance(i, slice)]
+    yx_c = [kept[i] for i in order]
+    if add_c:
+        yx_c.append(1)
+    return (yx_c[0], yx_c[1], yx_c[2])
+
+
+def to_yxc(array: A, axes: str) -> A:
+    """Reorder an image to ``(Y, X, C)``.
+
+    Parameters
+    ----------
+    array
+        numpy or dask array whose axes are named by ``axes``.
+    axes
+        One letter per axis of ``array``, e.g. ``"YXC"``, ``"YXS"`` (tifffile's samples),
+        ``"CYX"``, ``"SYX"``, ``"YX"`` or ``"TCZYX"``. Case does not matter. Axes other than
+        Y, X and the channel axis must have length 1 and are dropped.
+
+    Returns
+    -------
+    array
+        ``(Y, X, C)`` view of the same type as ``array`` (no copy for numpy); ``C == 1`` when
+        ``axes`` has no channel axis.
+
+    Raises
+    ------
+    ValueError
+        Naming ``axes`` and the shape, when they disagree, Y or X is missing, or a
+        non-channel axis (Z, T, ...) is longer than 1.
+
+    Examples
+    --------
+    >>> to_yxc(np.zeros((3, 4, 5)), "CYX").shape
+    (4, 5, 3)
+    >>> to_yxc(np.zeros((1, 2, 1, 4, 5)), "TCZYX").shape
+    (4, 5, 2)
+    >>> to_yxc(np.zeros((4, 5)), "YX").shape
+    (4, 5, 1)
+    """
+    shape = tuple(array.shape)  # type: ignore[attr-defined]
+    index, order, add_c = _yxc_plan(shape, axes)
+    out = array[index] if any(not isinstance(i, slice) for i in index) else array  # type: ignore[index]
+    if order != tuple(range(len(order))):
+        out = out.transpose(order)  # type: ignore[attr-defined]
+    if add_c:
+        out = out[..., None]  # type: ignore[index]
+    return out
+
+
+def unit_scale(dtype: np.dtype[Any] | type | str) -> float:
+    """Divisor that maps a dtype's value range onto [0, 1].
+
+    The integer types' maximum (255 for uint8, 65535 for uint16, 32767 for int16); 1.0 for
+    floats (taken to be in [0, 1] already) and bool.
+
+    Raises
+    ------
+    ValueError
+        For complex, string, object or other non-real dtypes.
+
+    Examples
+    --------
+    >>> unit_scale(np.uint8), unit_scale("uint16"), unit_scale(np.float32)
+    (255.0, 65535.0, 1.0)
+    """
+    dt = np.dtype(dtype)
+    if dt.kind in "ui":
+        return float(np.iinfo(dt).max)
+    if dt.kind in "fb":
+        return 1.0
+    raise ValueError(
+        f"dtype {dt} has no [0, 1] scale: segpipe takes bool, integer or real float pixels"
+    )
+
+
+def to_float01(array: A) -> A:
+    """Pixel values as float32 in [0, 1] (integers divided by :func:`unit_scale`).
+
+    Floats are passed through as float32 without rescaling; signed integers map their
+    negative values below 0. Works lazily on dask arrays.
+
+    Examples
+    --------
+    >>> to_float01(np.array([0, 51, 255], dtype=np.uint8))
+    array([0. , 0.2, 1. ], dtype=float32)
+    """
+    dt = np.dtype(array.dtype)  # type: ignore[attr-defined]
+    scale = unit_scale(dt)
+    out = array.astype(np.float32, copy=False)  # type: ignore[attr-defined]
+    if scale != 1.0:
+        out = out / np.float32(scale)
+    return out
+
+
+def pyramid_shapes(shape_yx: tuple[int, int], min_level_size: int) -> tuple[tuple[int, int], ...]:
+    """``(Y, X)`` of each level of a 2x pyramid, level 0 first.
+
+    Each level halves the previous one (odd sides drop their last row or column, as
+    :func:`downsample_mean_2x` does). A level is added only while its smaller side is still
+    ``>= min_level_size``; level 0 is always there.
+
+    Examples
+    --------
+    >>> pyramid_shapes((300, 517), 64)
+    ((300, 517), (150, 258), (75, 129))
+    >>> pyramid_shapes((100, 100), 256)
+    ((100, 100),)
+    """
+    if min_level_size < 1:
+        raise ValueError(f"min_level_size must be >= 1 pixel, got {min_level_size}")
+    y, x = (int(n) for n in shape_yx)
+    shapes = [(y, x)]
+    while min(y // 2, x // 2) >= min_level_size:
+        y, x = y // 2, x // 2
+        shapes.append((y, x))
+    return tuple(shapes)
+
+
+def downsample_mean_2x(array: A, *, yx_axes: tuple[int, int] = (0, 1)) -> A:
+    """Halve an image by averaging 2x2 pixel blocks; keeps the dtype.
+
+    Parameters
+    ----------
+    array
+        numpy or dask array; a dask array stays lazy (blocks are averaged per chunk, so
+        chunks along ``yx_axes`` should have even sizes except the last).
+    yx_axes
+        Positions of the Y and X axes, ``(0, 1)`` for ``(Y, X, C)``, ``(1, 2)`` for
+        ``(C, Y, X)``.
+
+    Returns
+    -------
+    array
+        ``Y // 2, X // 2`` along ``yx_axes`` (an odd last row or column is dropped). Integers
+        are rounded half up, bool is True where at least 2 of the 4 pixels are.
+
+    Examples
+    --------
+    >>> downsample_mean_2x(np.array([[0, 1, 9], [2, 2, 9]], dtype=np.uint8))
+    array([[1]], dtype=uint8)
+    """
+    dtype = np.dtype(array.dtype)  # type: ignore[attr-defined]
+    if dtype.kind not in "uifb":
+        raise ValueError(f"cannot average pixels of dtype {dtype}")
+    ay, ax = yx_axes
+    shape = tuple(array.shape)  # type: ignore[attr-defined]
+    ny, nx = shape[ay] // 2, shape[ax] // 2
+    if ny == 0 or nx == 0:
+        raise ValueError(f"cannot halve an image of shape {shape} (Y or X side < 2)")
+    index = [slice(None)] * len(shape)
+    index[ay], index[ax] = slice(0, 2 * ny), slice(0, 2 * nx)
+    trimmed = array[tuple(index)]  # type: ignore[index]
+    if hasattr(trimmed, "map_blocks"):
+        return _downsample_dask(trimmed, ay, ax)
+    return _downsample_numpy(trimmed, ay, ax)
+
+
+def _downsample_numpy(array: np.ndarray, ay: int, ax: int) -> np.ndarray:
+    """2x2 block mean of an array with even Y and X sides."""
+    split: list[int] = []
+    sum_axes: list[int] = []
+    for axis, n in enumerate(array.shape):
+        if axis in (ay, ax):
+            split.extend([n // 2, 2])
+            sum_axes.append(len(split) - 1)
+        else:
+            split.append(n)
+    summed = (
+        array.astype(_sum_dtype(array.dtype), copy=False).reshape(split).sum(axis=tuple(sum_axes))
+    )
+    return _finish_mean(summed, out_dtype=array.dtype)
+
+
+def _downsample_dask(array: Any, ay: int, ax: int) -> Any:
+    """Blockwise :func:`_downsample_numpy`; odd chunks are first merged into even ones."""
+    chunks = list(array.chunks)
+    for axis in (ay, ax):
+        if any(c % 2 for c in chunks[axis]):
+            # even chunks of about the old size; the side is even, so the last one is too
+            size = max(2, 2 * round(max(chunks[axis]) / 2))
+            chunks[axis] = size
+    array = array.rechunk(tuple(chunks))
+    out_chunks = tuple(
+        tuple(c // 2 for c in cs) if axis in (ay, ax) else cs
+        for axis, cs in enumerate(array.chunks)
+    )
+    return array.map_blocks(
+        _downsample_numpy,
+        ay,
+        ax,
+        chunks=out_chunks,
+        dtype=array.dtype,
+        meta=np.empty((0,) * array.ndim, array.dtype),
+    )
+
+
+def _sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    return np.dtype(np.int64) if dtype.kind in "uib" else np.dtype(np.float64)
+
+
+def _finish_mean(summed: np.ndarray, *, out_dtype: np.dtype[Any]) -> np.ndarray:
+    if out_dtype.kind == "b":
+        return summed >= 2
+    if out_dtype.kind in "ui":
+        # (s + 2) // 4 rounds half up exactly, where float rounding would go to even
+        return ((summed + 2) // 4).astype(out_dtype)
+    return (summed / 4).astype(out_dtype)

@@ -1,0 +1,194 @@
+"""Tests for segpipe.ingest: OME-Zarr 0.5 layout, round trip, no clobbering, interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import segpipe.ingest
+from segpipe.ingest import ingest, is_segpipe_image
+from segpipe.readers import ImageReadError, open_image
+
+
+def _image() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    return rng.integers(0, 256, (300, 517, 3), dtype=np.uint8)
+
+
+def _mean2x_reference(a: np.ndarray) -> np.ndarray:
+    """2x2 block mean of (C, Y, X) with round-half-up, odd last row/column dropped."""
+    y, x = a.shape[1] // 2 * 2, a.shape[2] // 2 * 2
+    s = (
+        a[:, 0:y:2, 0:x:2].astype(np.int64)
+        + a[:, 1:y:2, 0:x:2]
+        + a[:, 0:y:2, 1:x:2]
+        + a[:, 1:y:2, 1:x:2]
+    )
+    return ((s + 2) // 4).astype(a.dtype)
+
+
+def _ome_tiff(path: Path, img: np.ndarray, pixel_size_um: float | None = 0.5) -> Path:
+    """A tiled OME-TIFF written with tifffile directly (64 px tiles, not the Zarr chunks)."""
+    meta: dict[str, Any] = {"axes": "YXS"}
+    if pixel_size_um is not None:
+        meta |= {"PhysicalSizeX": pixel_size_um, "PhysicalSizeY": pixel_size_um}
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", metadata=meta, ome=True)
+    return path
+
+
+def _attrs(path: Path) -> dict[str, Any]:
+    return json.loads((path / "zarr.json").read_text())["attributes"]
+
+
+@pytest.mark.parametrize("chunk", [128, 100])
+def test_round_trip_layout_and_pixels(tmp_path: Path, chunk: int) -> None:
+    img = _image()
+    out = ingest(
+        _ome_tiff(tmp_path / "in.ome.tif", img),
+        tmp_path / "out.ome.zarr",
+        chunk=chunk,
+        min_level_size=64,
+    )
+    assert out == tmp_path / "out.ome.zarr"
+
+    attrs = _attrs(out)
+    assert attrs["segpipe"]["kind"] == "image"
+    assert attrs["segpipe"]["complete"] is True
+    ome = attrs["ome"]
+    assert ome["version"] == "0.5"
+    (ms,) = ome["multiscales"]
+    assert ms["axes"] == [
+        {"name": "c", "type": "channel"},
+        {"name": "y", "type": "space", "unit": "micrometer"},
+        {"name": "x", "type": "space", "unit": "micrometer"},
+    ]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    assert [d["coordinateTransformations"] for d in ms["datasets"]] == [
+        [{"type": "scale", "scale": [1.0, 0.5 * 2**k, 0.5 * 2**k]}] for k in range(3)
+    ]
+
+    expected = [img.transpose(2, 0, 1)]
+    expected += [_mean2x_reference(expected[-1])]
+    expected += [_mean2x_reference(expected[-1])]
+    root = zarr.open_group(str(out), mode="r")
+    assert root.metadata.zarr_format == 3
+    for k, want in enumerate(expected):
+        arr = root[str(k)]
+        assert arr.metadata.dimension_names == ("c", "y", "x")
+        assert arr.chunks == (3, chunk, chunk)
+        assert arr.dtype == np.uint8
+        assert [c.to_dict()["name"] for c in arr.metadata.codecs] == ["bytes", "zstd"]
+        np.testing.assert_array_equal(arr[:], want)
+
+    reader = open_image(out)
+    assert reader.pixel_size_um == pytest.approx(0.5)
+    assert reader.level_shapes == ((300, 517, 3), (150, 258, 3), (75, 129, 3))
+    np.testing.assert_array_equal(reader.level(0).compute(), img)
+    np.testing.assert_array_equal(
+        reader.read(40, 75, 100, 129, level=2), expected[2].transpose(1, 2, 0)[40:75, 100:129]
+    )
+
+
+def test_unknown_pixel_size_has_no_unit(tmp_path: Path) -> None:
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image(), pixel_size_um=None)
+    assert open_image(src).pixel_size_um is None
+    out = ingest(src, tmp_path / "out.zarr", min_level_size=64)
+    (ms,) = _attrs(out)["ome"]["multiscales"]
+    assert all("unit" not in axis for axis in ms["axes"])
+    assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 2.0]
+    assert open_image(out).pixel_size_um is None
+
+
+@pytest.mark.parametrize("as_reader", [False, True], ids=["path", "reader"])
+def test_pixel_size_override(tmp_path: Path, as_reader: bool) -> None:
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image(), pixel_size_um=0.5)
+    source = open_image(src) if as_reader else src
+    out = ingest(source, tmp_path / "out.zarr", pixel_size_um=0.25, min_level_size=512)
+    assert open_image(out).pixel_size_um == pytest.approx(0.25)
+    assert open_image(out).level_shapes == ((300, 517, 3),)
+
+
+def test_refuses_to_clobber(tmp_path: Path) -> None:
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    out = ingest(src, tmp_path / "out.zarr")
+    with pytest.raises(FileExistsError, match="overwrite=True") as info:
+        ingest(src, out)
+    assert str(out) in str(info.value)
+    # a previous ingest may be replaced
+    ingest(src, out, overwrite=True, pixel_size_um=2.0)
+    assert open_image(out).pixel_size_um == 2.0
+
+
+@pytest.mark.parametrize("kind", ["directory", "other-zarr", "file"])
+def test_overwrite_never_deletes_unrelated_paths(tmp_path: Path, kind: str) -> None:
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    victim = tmp_path / "precious"
+    if kind == "directory":
+        victim.mkdir()
+        (victim / "thesis.txt").write_text("years of work")
+    elif kind == "other-zarr":
+        zarr.create_group(str(victim), attributes={"segpipe": {"kind": "result"}})
+    else:
+        victim.write_text("not a directory")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(FileExistsError, match="not a segpipe image ingest") as info:
+        ingest(src, victim, overwrite=True)
+    assert str(victim) in str(info.value)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_refuses_to_write_over_its_source(tmp_path: Path) -> None:
+    out = ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "a.zarr")
+    with pytest.raises(ValueError, match="is the source itself"):
+        ingest(out, out, overwrite=True)
+
+
+def test_interrupted_ingest_is_marked_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    out = tmp_path / "out.zarr"
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("worker lost while writing level 1")
+
+    with monkeypatch.context() as m:
+        m.setattr(segpipe.ingest, "downsample_mean_2x", crash)
+        with pytest.raises(RuntimeError, match="level 1"):
+            ingest(src, out, min_level_size=64)
+
+    segpipe_attrs = _attrs(out)["segpipe"]
+    assert (segpipe_attrs["kind"], segpipe_attrs["complete"]) == ("image", False)
+    assert is_segpipe_image(out)
+    # level 0 is there, but nobody should take it for a finished image
+    np.testing.assert_array_equal(
+        zarr.open_array(str(out / "0"), mode="r")[:], _image().transpose(2, 0, 1)
+    )
+    with pytest.raises(ImageReadError, match="never finished"):
+        open_image(out)
+    with pytest.raises(FileExistsError):
+        ingest(src, out, min_level_size=64)
+    ingest(src, out, min_level_size=64, overwrite=True)
+    assert _attrs(out)["segpipe"]["complete"] is True
+
+
+def test_grey_uint16_source(tmp_path: Path) -> None:
+    grey = _image()[..., 0].astype(np.uint16) * 257
+    src = tmp_path / "grey.tif"
+    tifffile.imwrite(src, grey, tile=(64, 64))
+    out = ingest(src, tmp_path / "grey.zarr", chunk=64, min_level_size=100)
+    root = zarr.open_group(str(out), mode="r")
+    assert root["0"].shape == (1, 300, 517)
+    assert root["0"].dtype == np.uint16
+    np.testing.assert_array_equal(root["1"][:], _mean2x_reference(grey[None]))
+
+
+def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "p.zarr", progress=True)
+    assert "100%" in capsys.readouterr().out

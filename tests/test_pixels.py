@@ -1,0 +1,182 @@
+"""Tests for segpipe.pixels: axis layout, value scaling, 2x mean pyramids."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from segpipe.pixels import (
+    downsample_mean_2x,
+    pyramid_shapes,
+    to_float01,
+    to_yxc,
+    unit_scale,
+    yxc_shape,
+)
+
+Y, X, C = 5, 7, 3
+YXC = np.arange(Y * X * C, dtype=np.uint16).reshape(Y, X, C)
+
+
+def _mean2x_reference(a: np.ndarray) -> np.ndarray:
+    """2x2 block mean of (Y, X, ...) with round-half-up, by explicit strided sums."""
+    y, x = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    s = a[0:y:2, 0:x:2].astype(np.int64) + a[1:y:2, 0:x:2] + a[0:y:2, 1:x:2] + a[1:y:2, 1:x:2]
+    return ((s + 2) // 4).astype(a.dtype)
+
+
+# (source array built from the reference (Y, X, C) image, its axes, the expected (Y, X, C))
+LAYOUTS = [
+    pytest.param(YXC, "YXC", YXC, id="YXC"),
+    pytest.param(YXC, "YXS", YXC, id="YXS"),
+    pytest.param(YXC.transpose(2, 0, 1), "CYX", YXC, id="CYX"),
+    pytest.param(YXC.transpose(2, 0, 1), "syx", YXC, id="syx-lowercase"),
+    pytest.param(YXC[..., 0], "YX", YXC[..., :1], id="YX"),
+    pytest.param(YXC.transpose(2, 0, 1)[None, :, None], "TCZYX", YXC, id="TCZYX"),
+    pytest.param(YXC.transpose(1, 0, 2), "XYC", YXC, id="XYC"),
+    pytest.param(YXC[None], "CYXS", YXC, id="CYXS-C1"),
+    pytest.param(YXC[..., :1].transpose(2, 0, 1)[None], "ZCYX", YXC[..., :1], id="ZCYX-grey"),
+]
+
+
+@pytest.mark.parametrize(("source", "axes", "expected"), LAYOUTS)
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+def test_to_yxc(source: np.ndarray, axes: str, expected: np.ndarray, lazy: bool) -> None:
+    array = da.from_array(source, chunks=2) if lazy else source
+    out = to_yxc(array, axes)
+    assert isinstance(out, da.Array) == lazy
+    assert out.shape == expected.shape
+    assert yxc_shape(source.shape, axes) == expected.shape
+    np.testing.assert_array_equal(np.asarray(out), expected)
+
+
+def test_to_yxc_numpy_is_a_view() -> None:
+    source = YXC.transpose(2, 0, 1)
+    assert np.shares_memory(to_yxc(source, "CYX"), source)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "fragment"),
+    [
+        ((2, Y, X), "ZYX", "Z=2"),
+        ((3, 1, Y, X), "TCYX", "T=3"),
+        ((Y, X), "YXC", "2 axes"),
+        ((Y, X, 3), "YZC", "must name Y and X"),
+        ((Y, Y, X), "YYX", "must name Y and X"),
+        ((2, Y, X, 3), "CYXS", "two channel axes"),
+    ],
+)
+def test_to_yxc_rejects(shape: tuple[int, ...], axes: str, fragment: str) -> None:
+    with pytest.raises(ValueError, match=fragment) as info:
+        to_yxc(np.zeros(shape, np.uint8), axes)
+    assert repr(axes) in str(info.value)
+    assert str(shape) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [
+        (np.uint8, 255.0),
+        (np.uint16, 65535.0),
+        (np.uint32, 4294967295.0),
+        (np.int8, 127.0),
+        (np.int16, 32767.0),
+        (np.float16, 1.0),
+        (np.float32, 1.0),
+        (np.float64, 1.0),
+        (np.bool_, 1.0),
+    ],
+)
+def test_unit_scale(dtype: type, scale: float) -> None:
+    assert unit_scale(dtype) == scale
+    assert unit_scale(np.dtype(dtype)) == scale
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.dtype("U3"), np.dtype(object)])
+def test_unit_scale_rejects(dtype: np.dtype) -> None:
+    with pytest.raises(ValueError, match=str(np.dtype(dtype))):
+        unit_scale(dtype)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([0, 51, 255], np.uint8), [0.0, 0.2, 1.0]),
+        (np.array([0, 65535], np.uint16), [0.0, 1.0]),
+        (np.array([False, True]), [0.0, 1.0]),
+        (np.array([-0.5, 0.25, 2.0], np.float64), [-0.5, 0.25, 2.0]),  # floats pass through
+    ],
+)
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+def test_to_float01(values: np.ndarray, expected: list[float], lazy: bool) -> None:
+    array = da.from_array(values) if lazy else values
+    out = to_float01(array)
+    assert out.dtype == np.float32
+    assert isinstance(out, da.Array) == lazy
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "min_size", "expected"),
+    [
+        ((300, 517), 64, ((300, 517), (150, 258), (75, 129))),
+        ((8192, 8192), 256, tuple((8192 >> k, 8192 >> k) for k in range(6))),
+        ((100, 5000), 256, ((100, 5000),)),
+        ((513, 1024), 256, ((513, 1024), (256, 512))),
+    ],
+)
+def test_pyramid_shapes(
+    shape: tuple[int, int], min_size: int, expected: tuple[tuple[int, int], ...]
+) -> None:
+    assert pyramid_shapes(shape, min_size) == expected
+
+
+def test_pyramid_shapes_rejects_zero() -> None:
+    with pytest.raises(ValueError, match="min_level_size"):
+        pyramid_shapes((10, 10), 0)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
+def test_downsample_numpy_matches_reference(dtype: type) -> None:
+    rng = np.random.default_rng(1)
+    info = np.iinfo(dtype)
+    a = rng.integers(info.min, info.max, (31, 17, 3), dtype=dtype, endpoint=True)
+    np.testing.assert_array_equal(downsample_mean_2x(a), _mean2x_reference(a))
+
+
+def test_downsample_float_and_bool() -> None:
+    f = np.array([[0.0, 1.0], [0.5, 0.5]], np.float32)
+    assert downsample_mean_2x(f).dtype == np.float32
+    np.testing.assert_allclose(downsample_mean_2x(f), [[0.5]])
+    b = np.array([[True, True, False], [False, False, True]])
+    np.testing.assert_array_equal(downsample_mean_2x(b), [[True]])
+
+
+def test_downsample_channel_first() -> None:
+    rng = np.random.default_rng(2)
+    cyx = rng.integers(0, 256, (2, 9, 12), dtype=np.uint8)
+    out = downsample_mean_2x(cyx, yx_axes=(1, 2))
+    expected = _mean2x_reference(cyx.transpose(1, 2, 0)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(out, expected)
+
+
+@given(
+    ny=st.integers(2, 40),
+    nx=st.integers(2, 40),
+    cy=st.integers(1, 15),
+    cx=st.integers(1, 15),
+)
+def test_downsample_dask_matches_numpy_for_any_chunks(ny: int, nx: int, cy: int, cx: int) -> None:
+    a = np.random.default_rng(ny * 100 + nx).integers(0, 256, (ny, nx, 2), dtype=np.uint8)
+    lazy = downsample_mean_2x(da.from_array(a, chunks=(cy, cx, 2)))
+    assert isinstance(lazy, da.Array)
+    np.testing.assert_array_equal(lazy.compute(), _mean2x_reference(a))
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 3), (5, 1)])
+def test_downsample_rejects_too_small(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"cannot halve"):
+        downsample_mean_2x(np.zeros(shape, np.uint8))

@@ -1,0 +1,478 @@
+"""Tests for segpipe.readers: each format read back against the numpy it was written from."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image
+
+from segpipe import readers
+from segpipe.readers import ImageReadError, Reader, open_image
+
+SHAPE = (300, 517)  # sides deliberately not multiples of the 64 px tiles
+
+
+def _rgb(dtype: type = np.uint8) -> np.ndarray:
+    """Deterministic (300, 517, 3) test image: gradients plus noise, distinct channels."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    base = np.stack([yy * 0.8, xx * 0.45, (yy + xx) * 0.3], axis=-1)
+    img = base + rng.integers(0, 20, (*SHAPE, 3))
+    scale = 1 if np.dtype(dtype) == np.uint8 else 257
+    return (np.clip(img, 0, 255) * scale).astype(dtype)
+
+
+def _half(a: np.ndarray) -> np.ndarray:
+    """What a writer stores as the next level in these fixtures (strided, not averaged)."""
+    return a[::2, ::2]
+
+
+def write_svs(path: Path, img: np.ndarray, mpp: float = 0.499) -> Path:
+    """An Aperio-like SVS: tiled baseline, thumbnail, one reduced level, label and macro."""
+    kw = {"photometric": "rgb", "metadata": None, "compression": "zlib"}
+    head = "Aperio Image Library v12.0.15 \r\n"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(
+            img, tile=(64, 64), description=f"{head}517x300 (64x64)|AppMag = 20|MPP = {mpp}", **kw
+        )
+        tif.write(img[::8, ::8], description=f"{head}thumbnail", **kw)
+        tif.write(_half(img), tile=(64, 64), description=f"{head}level 1", **kw)
+        tif.write(img[:40, :60], subfiletype=1, description=f"{head}label 60x40", **kw)
+        tif.write(img[:50, :70], subfiletype=9, description=f"{head}macro 70x50", **kw)
+    return path
+
+
+def write_ome_tiff(path: Path, img: np.ndarray, size_nm: float = 250.0) -> Path:
+    """Pyramidal OME-TIFF (tifffile's recipe) with PhysicalSize given in nanometres."""
+    opts = {"photometric": "rgb", "tile": (64, 64), "compression": "zlib"}
+    meta = {
+        "axes": "YXS",
+        "PhysicalSizeX": size_nm,
+        "PhysicalSizeXUnit": "nm",
+        "PhysicalSizeY": size_nm,
+        "PhysicalSizeYUnit": "nm",
+    }
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(img, subifds=1, metadata=meta, **opts)
+        tif.write(_half(img), subfiletype=1, **opts)
+    return path
+
+
+def write_ome_zarr(
+    path: Path, img: np.ndarray, scale: float = 500.0, unit: str = "nanometer"
+) -> Path:
+    """A two-level OME-Zarr 0.5 image with (c, y, x) arrays."""
+    levels = [img, _half(img)]
+    space = {"type": "space", "unit": unit}
+    ome = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", **space},
+                    {"name": "x", **space},
+                ],
+                "datasets": [
+                    {
+                        "path": f"s{k}",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0, scale * 2**k, scale * 2**k]}
+                        ],
+                    }
+                    for k in range(len(levels))
+                ],
+            }
+        ],
+    }
+    root = zarr.create_group(str(path), attributes={"ome": ome})
+    for k, level in enumerate(levels):
+        arr = root.create_array(
+            f"s{k}",
+            shape=(3, *level.shape[:2]),
+            chunks=(3, 64, 64),
+            dtype=level.dtype,
+            dimension_names=("c", "y", "x"),
+        )
+        arr[:] = level.transpose(2, 0, 1)
+    return path
+
+
+# name -> (writer(tmp_path, img) -> path, expected (Y, X, C) level 0, level count, pixel size)
+def _tiff_plain(tmp: Path, img: np.ndarray) -> Path:
+    tifffile.imwrite(tmp / "plain.tif", img, tile=(64, 64), photometric="rgb")
+    return tmp / "plain.tif"
+
+
+def _tiff_grey_inch(tmp: Path, img: np.ndarray) -> Path:
+    # 2540 pixels per inch = 10 µm per pixel; strips, not tiles
+    tifffile.imwrite(tmp / "grey.tiff", img[..., 0], resolution=(2540, 2540), resolutionunit="INCH")
+    return tmp / "grey.tiff"
+
+
+def _tiff_planar_cm(tmp: Path, img: np.ndarray) -> Path:
+    # planar RGB reads as (S, Y, X); 40000 pixels per cm = 0.25 µm per pixel
+    tifffile.imwrite(
+        tmp / "planar.tif",
+        img.transpose(2, 0, 1),
+        photometric="rgb",
+        planarconfig="separate",
+        tile=(64, 64),
+        resolution=(40000, 40000),
+        resolutionunit="CENTIMETER",
+    )
+    return tmp / "planar.tif"
+
+
+def _tiff_uint16(tmp: Path, img: np.ndarray) -> Path:
+    tifffile.imwrite(tmp / "u16.btf", img, tile=(64, 64), bigtiff=True, photometric="rgb")
+    return tmp / "u16.btf"
+
+
+def _zarr_array(dims: tuple[str, ...]) -> Callable[[Path, np.ndarray], Path]:
+    def write(tmp: Path, img: np.ndarray) -> Path:
+        data = {
+            ("y", "x", "c"): img,
+            ("c", "y", "x"): img.transpose(2, 0, 1),
+            ("y", "x"): img[..., 0],
+        }[dims]
+        path = tmp / f"{''.join(dims)}.zarr"
+        arr = zarr.create_array(
+            str(path),
+            shape=data.shape,
+            chunks=(50,) * data.ndim,
+            dtype=data.dtype,
+            dimension_names=dims,
+        )
+        arr[:] = data
+        return path
+
+    return write
+
+
+def _png(tmp: Path, img: np.ndarray) -> Path:
+    Image.fromarray(img).save(tmp / "small.png")
+    return tmp / "small.png"
+
+
+def _png_grey16(tmp: Path, img: np.ndarray) -> Path:
+    Image.fromarray(img[..., 0].astype(np.uint16) * 250).save(tmp / "grey16.png")
+    return tmp / "grey16.png"
+
+
+FORMATS = [
+    pytest.param(lambda t, i: write_svs(t / "slide.svs", i), np.uint8, 2, 0.499, id="svs"),
+    pytest.param(
+        lambda t, i: write_ome_tiff(t / "img.ome.tif", i), np.uint8, 2, 0.25, id="ome-tiff"
+    ),
+    pytest.param(_tiff_plain, np.uint8, 1, None, id="tiff-plain"),
+    pytest.param(_tiff_grey_inch, np.uint8, 1, 10.0, id="tiff-grey-inch"),
+    pytest.param(_tiff_planar_cm, np.uint8, 1, 0.25, id="tiff-planar-cm"),
+    pytest.param(_tiff_uint16, np.uint16, 1, None, id="bigtiff-uint16"),
+    pytest.param(
+        lambda t, i: write_ome_zarr(t / "img.ome.zarr", i), np.uint8, 2, 0.5, id="ome-zarr"
+    ),
+    pytest.param(_zarr_array(("y", "x", "c")), np.uint8, 1, None, id="zarr-yxc"),
+    pytest.param(_zarr_array(("c", "y", "x")), np.uint16, 1, None, id="zarr-cyx"),
+    pytest.param(_zarr_array(("y", "x")), np.uint8, 1, None, id="zarr-yx"),
+    pytest.param(_png, np.uint8, 1, None, id="png"),
+    pytest.param(_png_grey16, np.uint16, 1, None, id="png-grey16"),
+]
+
+
+def _expected(path: Path, img: np.ndarray) -> np.ndarray:
+    """Level 0 as written, independently of segpipe (grey writers keep channel 0)."""
+    if path.name == "grey16.png":
+        return img[..., :1].astype(np.uint16) * 250
+    if path.name.startswith(("grey", "yx.")):
+        return img[..., :1]
+    return img
+
+
+@pytest.mark.parametrize(("write", "dtype", "n_levels", "px"), FORMATS)
+def test_reads_back_what_was_written(
+    tmp_path: Path,
+    write: Callable[[Path, np.ndarray], Path],
+    dtype: type,
+    n_levels: int,
+    px: float | None,
+) -> None:
+    img = _rgb(dtype)
+    path = write(tmp_path, img)
+    expected = _expected(path, img)
+    reader = open_image(path)
+    assert isinstance(reader, Reader)
+    assert reader.path == str(path)
+    assert reader.shape == expected.shape
+    assert reader.dtype == expected.dtype
+    assert len(reader.level_shapes) == n_levels
+    assert reader.pixel_size_um == (pytest.approx(px) if px is not None else None)
+
+    level0 = reader.level(0)
+    assert isinstance(level0, da.Array)
+    assert level0.dtype == expected.dtype
+    np.testing.assert_array_equal(level0.compute(), expected)
+
+    window = reader.read(37, 211, 101, 450)
+    assert window.shape == (211 - 37, 450 - 101, expected.shape[2])
+    np.testing.assert_array_equal(window, expected[37:211, 101:450])
+
+    if n_levels > 1:
+        half = _half(expected)
+        assert reader.level_shapes[1] == half.shape
+        assert reader.level(1).shape == half.shape
+        np.testing.assert_array_equal(reader.read(10, 100, 20, 200, level=1), half[10:100, 20:200])
+
+
+@pytest.mark.parametrize(("write", "dtype", "n_levels", "px"), FORMATS)
+def test_pickled_reader_reads(
+    tmp_path: Path,
+    write: Callable[[Path, np.ndarray], Path],
+    dtype: type,
+    n_levels: int,
+    px: float | None,
+) -> None:
+    img = _rgb(dtype)
+    path = write(tmp_path, img)
+    reader = open_image(path)
+    reader.read(0, 10, 0, 10)  # open the handles before pickling
+    clone = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(clone.read(5, 250, 7, 500), reader.read(5, 250, 7, 500))
+    # a dask graph carries the reader too
+    lazy = pickle.loads(pickle.dumps(reader.level(n_levels - 1)))
+    np.testing.assert_array_equal(lazy.compute(), reader.level(n_levels - 1).compute())
+
+
+def test_svs_picks_main_pyramid_not_thumbnail_label_macro(tmp_path: Path) -> None:
+    reader = open_image(write_svs(tmp_path / "s.svs", _rgb()))
+    assert reader.level_shapes == ((300, 517, 3), (150, 259, 3))
+
+
+def test_tiff_chunks_follow_tiles(tmp_path: Path) -> None:
+    reader = open_image(write_ome_tiff(tmp_path / "t.ome.tif", _rgb()))
+    chunks = reader.level(0).chunks
+    assert chunks[0] == (64, 64, 64, 64, 44)
+    assert chunks[1][:-1] == (64,) * 8
+
+
+def test_jpeg_reads_what_pillow_decodes(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(_rgb()).save(path, quality=90)
+    reference = np.asarray(Image.open(path))
+    np.testing.assert_array_equal(open_image(path).level(0).compute(), reference)
+
+
+def test_palette_png_becomes_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "palette.png"
+    Image.fromarray(_rgb()).convert("P").save(path)
+    reference = np.asarray(Image.open(path).convert("RGB"))
+    reader = open_image(path)
+    assert reader.shape == (*SHAPE, 3)
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517), reference)
+
+
+@pytest.mark.parametrize(
+    ("scale", "unit", "expected"),
+    [(0.5, "micrometer", 0.5), (500.0, "nanometer", 0.5), (0.001, "millimeter", 1.0)],
+)
+def test_ome_zarr_pixel_size_units(
+    tmp_path: Path, scale: float, unit: str, expected: float
+) -> None:
+    reader = open_image(write_ome_zarr(tmp_path / "u.zarr", _rgb(), scale=scale, unit=unit))
+    assert reader.pixel_size_um == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        pytest.param(lambda t: write_svs(t / "o.svs", _rgb()), id="svs"),
+        pytest.param(lambda t: write_ome_tiff(t / "o.ome.tif", _rgb()), id="ome-tiff"),
+        pytest.param(lambda t: write_ome_zarr(t / "o.zarr", _rgb()), id="ome-zarr"),
+        pytest.param(lambda t: _png(t, _rgb()), id="png"),
+    ],
+)
+def test_pixel_size_argument_wins(tmp_path: Path, write: Callable[[Path], Path]) -> None:
+    path = write(tmp_path)
+    assert open_image(path, pixel_size_um=0.123).pixel_size_um == 0.123
+    clone = pickle.loads(pickle.dumps(open_image(path, pixel_size_um=0.123)))
+    assert clone.pixel_size_um == 0.123
+
+
+def test_ome_tiff_anisotropic_pixels_warn_and_take_x(tmp_path: Path) -> None:
+    path = tmp_path / "aniso.ome.tif"
+    meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.7}
+    tifffile.imwrite(path, _rgb(), photometric="rgb", metadata=meta, ome=True)
+    with pytest.warns(UserWarning, match="differs in X"):
+        reader = open_image(path)
+    assert reader.pixel_size_um == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_pixel_size_argument(tmp_path: Path, value: float) -> None:
+    with pytest.raises(ValueError, match="pixel_size_um"):
+        open_image(_png(tmp_path, _rgb()), pixel_size_um=value)
+
+
+# ---- errors name the file ------------------------------------------------------------------
+
+
+def _random_bytes_tif(tmp: Path) -> Path:
+    path = tmp / "noise.tif"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    return path
+
+
+def _not_a_png(tmp: Path) -> Path:
+    path = tmp / "fake.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+    return path
+
+
+def _z_stack(tmp: Path) -> Path:
+    path = tmp / "stack.tif"
+    tifffile.imwrite(
+        path, np.zeros((3, 40, 50), np.uint8), photometric="minisblack", metadata={"axes": "ZYX"}
+    )
+    return path
+
+
+def _t_series_zarr(tmp: Path) -> Path:
+    path = tmp / "time.zarr"
+    zarr.create_array(str(path), shape=(2, 40, 50), dtype="u1", dimension_names=("t", "y", "x"))
+    return path
+
+
+def _complex_tiff(tmp: Path) -> Path:
+    path = tmp / "complex.tif"
+    tifffile.imwrite(path, np.zeros((40, 50), np.complex64))
+    return path
+
+
+def _complex_zarr(tmp: Path) -> Path:
+    path = tmp / "complex.zarr"
+    zarr.create_array(str(path), shape=(40, 50), dtype="c8", dimension_names=("y", "x"))
+    return path
+
+
+def _unknown_ext(tmp: Path) -> Path:
+    path = tmp / "image.bmp"
+    Image.fromarray(_rgb()).save(path)
+    return path
+
+
+def _plain_dir(tmp: Path) -> Path:
+    path = tmp / "not_zarr"
+    path.mkdir()
+    (path / "notes.txt").write_text("hello")
+    return path
+
+
+def _zarr_without_dims(tmp: Path) -> Path:
+    path = tmp / "nodims.zarr"
+    zarr.create_array(str(path), shape=(40, 50), dtype="u1")
+    return path
+
+
+def _group_without_multiscales(tmp: Path) -> Path:
+    path = tmp / "group.zarr"
+    root = zarr.create_group(str(path))
+    root.create_array("a", shape=(4, 4), dtype="u1", dimension_names=("y", "x"))
+    return path
+
+
+def _incomplete_ingest(tmp: Path) -> Path:
+    path = write_ome_zarr(tmp / "partial.zarr", _rgb())
+    zarr.open_group(str(path), mode="r+").update_attributes(
+        {"segpipe": {"kind": "image", "complete": False}}
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [
+        pytest.param(lambda t: t / "missing.svs", "no such file", id="missing"),
+        pytest.param(_unknown_ext, "unknown image format", id="unknown-extension"),
+        pytest.param(_random_bytes_tif, "not a readable TIFF", id="random-bytes-tif"),
+        pytest.param(_not_a_png, "not a readable PNG", id="corrupt-png"),
+        pytest.param(_z_stack, "Z=3", id="z-stack"),
+        pytest.param(_t_series_zarr, "T=2", id="t-series-zarr"),
+        pytest.param(_complex_tiff, "complex64", id="complex-tiff"),
+        pytest.param(_complex_zarr, "complex64", id="complex-zarr"),
+        pytest.param(_plain_dir, "not a readable Zarr", id="plain-directory"),
+        pytest.param(_zarr_without_dims, "dimension_names", id="zarr-without-dims"),
+        pytest.param(_group_without_multiscales, "multiscales", id="group-no-multiscales"),
+        pytest.param(_incomplete_ingest, "never finished", id="incomplete-ingest"),
+    ],
+)
+def test_open_errors_name_the_file(
+    tmp_path: Path, make: Callable[[Path], Path], fragment: str
+) -> None:
+    path = make(tmp_path)
+    with pytest.raises(ImageReadError, match=fragment) as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_tiff_fails_on_read_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cut.tif"
+    tifffile.imwrite(path, _rgb(), tile=(64, 64), compression="zlib", photometric="rgb")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    reader = open_image(path)  # the IFD is at the start, the tiles are gone
+    with pytest.raises(ImageReadError, match="corrupt or truncated") as info:
+        reader.read(0, 300, 0, 517)
+    assert str(path) in str(info.value)
+    with pytest.raises(ImageReadError, match="corrupt or truncated"):
+        reader.level(0).compute()
+
+
+def test_png_too_large_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "MAX_PILLOW_PIXELS", 100 * 100)
+    path = _png(tmp_path, _rgb())
+    with pytest.raises(ImageReadError, match="tiled pyramidal TIFF") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("level", [-1, 2, 5])
+def test_level_out_of_range(tmp_path: Path, level: int) -> None:
+    path = write_ome_tiff(tmp_path / "l.ome.tif", _rgb())
+    reader = open_image(path)
+    with pytest.raises(ImageReadError, match="out of range") as info:
+        reader.level(level)
+    assert str(path) in str(info.value)
+    with pytest.raises(ImageReadError, match="out of range"):
+        reader.read(0, 1, 0, 1, level=level)
+
+
+@pytest.mark.parametrize(
+    "window",
+    [(0, 301, 0, 10), (0, 10, 0, 518), (-1, 10, 0, 10), (10, 10, 0, 5), (0, 10, 7, 3)],
+)
+def test_window_out_of_bounds(tmp_path: Path, window: tuple[int, int, int, int]) -> None:
+    path = _png(tmp_path, _rgb())
+    with pytest.raises(ImageReadError, match="outside level 0") as info:
+        open_image(path).read(*window)
+    assert str(path) in str(info.value)
+
+
+def test_reader_reopens_after_close(tmp_path: Path) -> None:
+    reader = open_image(write_svs(tmp_path / "c.svs", _rgb()))
+    first = reader.read(0, 64, 0, 64)
+    reader.close()
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 64), first)
+
+
+@pytest.mark.slow
+def test_level_computes_in_worker_processes(tmp_path: Path) -> None:
+    reader = open_image(write_ome_tiff(tmp_path / "p.ome.tif", _rgb()))
+    out = reader.level(0).compute(scheduler="processes", num_workers=2)
+    np.testing.assert_array_equal(out, _rgb())

@@ -1,0 +1,105 @@
+"""Tests for segpipe.writers: pyramidal OME-TIFF checked with tifffile and read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import tifffile
+
+from segpipe.readers import open_image
+from segpipe.writers import write_pyramidal_tiff
+
+
+def _image(channels: int = 3) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    return rng.integers(0, 256, (300, 517, channels), dtype=np.uint8)
+
+
+def _mean2x_reference(a: np.ndarray) -> np.ndarray:
+    """2x2 block mean with round-half-up, odd last row/column dropped."""
+    y, x = a.shape[0] // 2 * 2, a.shape[1] // 2 * 2
+    s = a[0:y:2, 0:x:2].astype(np.int64) + a[1:y:2, 0:x:2] + a[0:y:2, 1:x:2] + a[1:y:2, 1:x:2]
+    return ((s + 2) // 4).astype(a.dtype)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize(
+    "as_array",
+    [
+        pytest.param(lambda a: a, id="numpy"),
+        pytest.param(lambda a: da.from_array(a, chunks=(70, 200, -1)), id="dask-odd-chunks"),
+    ],
+)
+def test_pyramid_round_trip(tmp_path: Path, channels: int, as_array: object) -> None:
+    img = _image(channels)
+    path = write_pyramidal_tiff(
+        tmp_path / "out.ome.tif", as_array(img), pixel_size_um=0.25, tile=64, min_level_size=64
+    )
+    assert path == tmp_path / "out.ome.tif"
+    expected = [img, _mean2x_reference(img)]
+    expected.append(_mean2x_reference(expected[1]))  # 75 x 129; the next would be 37 < 64
+
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome
+        assert tif.is_bigtiff
+        series = tif.series[0]
+        assert len(series.levels) == 3
+        page = series.levels[0].keyframe
+        assert (page.tilelength, page.tilewidth) == (64, 64)
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert tif.pages.first.subifds is not None
+        for level, want in zip(series.levels, expected, strict=True):
+            np.testing.assert_array_equal(level.asarray().reshape(want.shape), want)
+        # resolution tags: pixels per centimetre, doubling the pixel size per level
+        unit = page.tags["ResolutionUnit"].value
+        assert unit == tifffile.RESUNIT.CENTIMETER
+        num, den = series.levels[2].keyframe.tags["XResolution"].value
+        assert 1e4 * den / num == pytest.approx(1.0)
+        assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
+
+    reader = open_image(path)
+    assert reader.pixel_size_um == pytest.approx(0.25)
+    assert reader.level_shapes == tuple(e.shape for e in expected)
+    np.testing.assert_array_equal(reader.level(1).compute(), expected[1])
+
+
+def test_single_level_when_small(tmp_path: Path) -> None:
+    path = write_pyramidal_tiff(tmp_path / "s.ome.tif", _image()[:100, :120], pixel_size_um=1.0)
+    reader = open_image(path)
+    assert reader.level_shapes == ((100, 120, 3),)
+    np.testing.assert_array_equal(reader.read(0, 100, 0, 120), _image()[:100, :120])
+
+
+@pytest.mark.parametrize("compression", [None, "zstd", "jpeg"])
+def test_compressions(tmp_path: Path, compression: str | None) -> None:
+    img = _image()
+    path = write_pyramidal_tiff(
+        tmp_path / "c.ome.tif", img, pixel_size_um=0.5, compression=compression, tile=128
+    )
+    out = open_image(path).level(0).compute()
+    if compression == "jpeg":
+        assert np.abs(out.astype(int) - img).mean() < 60  # lossy on noise, but the same image
+    else:
+        np.testing.assert_array_equal(out, img)
+
+
+@pytest.mark.parametrize(
+    ("image", "kwargs", "fragment"),
+    [
+        (np.zeros((10, 10), np.uint8), {"pixel_size_um": 1.0}, "must be"),
+        (np.zeros((32, 32, 3), np.uint8), {"pixel_size_um": 0.0}, "pixel_size_um"),
+        (np.zeros((32, 32, 3), np.uint8), {"pixel_size_um": 1.0, "tile": 100}, "multiple of 16"),
+        (np.zeros((32, 32, 3), np.complex64), {"pixel_size_um": 1.0}, "complex64"),
+    ],
+)
+def test_rejects_bad_input(
+    tmp_path: Path, image: np.ndarray, kwargs: dict[str, float], fragment: str
+) -> None:
+    path = tmp_path / "bad.ome.tif"
+    with pytest.raises(ValueError, match=fragment) as info:
+        write_pyramidal_tiff(path, image, **kwargs)
+    assert str(path) in str(info.value)
+    assert not path.exists()
