@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,6 +67,7 @@ def segment(
     probability_dtype: str = "float16",
     overwrite: bool = False,
     progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Segment an image into a result store and return its path.
 
@@ -110,14 +112,20 @@ def segment(
         Replace an existing result of other inputs or parameters at ``output``.
     progress
         Show a progress bar over tiles.
+    on_progress
+        Called in this process as ``on_progress(tiles_done, tiles_to_do)`` after each task
+        (flows log and report through it).
     """
     started = time.perf_counter()
-    reader = source if not isinstance(source, str | os.PathLike) else open_image(
-        source, pixel_size_um=pixel_size_um
+    reader = (
+        source
+        if not isinstance(source, str | os.PathLike)
+        else open_image(source, pixel_size_um=pixel_size_um)
     )
     if not 0 <= level < len(reader.level_shapes):
         raise ValueError(
-            f"{reader.path}: level {level} does not exist (levels 0..{len(reader.level_shapes) - 1})"
+            f"{reader.path}: level {level} does not exist "
+            f"(levels 0..{len(reader.level_shapes) - 1})"
         )
     if mode not in ("exact", "blend"):
         raise ValueError(f"mode must be 'exact' or 'blend', got {mode!r}")
@@ -137,9 +145,7 @@ def segment(
     ny, nx, channels = reader.level_shapes[level]
     in_channels = getattr(net, "in_channels", channels)
     if channels != in_channels:
-        raise ValueError(
-            f"{reader.path} has {channels} channels but the model takes {in_channels}"
-        )
+        raise ValueError(f"{reader.path} has {channels} channels but the model takes {in_channels}")
     class_names = tuple(
         getattr(net, "class_names", None) or (f"class_{i}" for i in range(net.num_classes))
     )
@@ -186,18 +192,33 @@ def segment(
     n_todo = sum(len(b) for b in blocks)
     log.info(
         "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
-        reader.path, ny, nx, output, len(grid), n_todo, mode,
+        reader.path,
+        ny,
+        nx,
+        output,
+        len(grid),
+        n_todo,
+        mode,
     )
     job = Job(
-        reader=reader, level=level, output=str(output), model_key=meta.model_sha256,
-        mode=mode, tile=tile, geometry=geometry, num_classes=len(class_names),
-        lattice=lattice, sigma_scale=sigma_scale,
+        reader=reader,
+        level=level,
+        output=str(output),
+        model_key=meta.model_sha256,
+        mode=mode,
+        tile=tile,
+        geometry=geometry,
+        num_classes=len(class_names),
+        lattice=lattice,
+        sigma_scale=sigma_scale,
     )
     plan = plan_local_cluster(dev, n_workers=n_workers)
     config = InferenceConfig(
         device=str(dev), batch_size=batch_size, amp=amp, threads=plan.torch_threads
     )
-    windows = _run(blocks, job, scheduler, plan, model, net, config, output, n_todo, progress)
+    windows = _run(
+        blocks, job, scheduler, plan, model, net, config, output, n_todo, progress, on_progress
+    )
 
     seconds = time.perf_counter() - started
     counts = class_pixels(output)
@@ -229,6 +250,7 @@ def _run(
     output: Path,
     n_todo: int,
     progress: bool,
+    on_progress: Callable[[int, int], None] | None,
 ) -> int:
     from tqdm.auto import tqdm
 
@@ -242,6 +264,8 @@ def _run(
         pending.update(zip(res.tiles, res.class_pixels, strict=True))
         windows += res.windows
         bar.update(len(res.tiles))
+        if on_progress is not None:
+            on_progress(bar.n, n_todo)
         if time.monotonic() - last_flush > _FLUSH_SECONDS:
             mark_tiles_done(output, pending)
             pending.clear()
@@ -252,8 +276,12 @@ def _run(
     try:
         with connect(scheduler, plan) as client:
             run_blocks(
-                blocks, job, client=client, model=source if client else net,
-                config=config, on_result=on_result,
+                blocks,
+                job,
+                client=client,
+                model=source if client else net,
+                config=config,
+                on_result=on_result,
             )
     finally:
         # Whatever happened, record what was written so a re-run skips it.

@@ -161,9 +161,7 @@ def load_model(source: str | os.PathLike | torch.nn.Module) -> torch.nn.Module:
 class ModelPlugin(distributed.WorkerPlugin):
     """Loads the model once per worker process, not once per tile."""
 
-    def __init__(
-        self, key: str, source: str | torch.nn.Module, config: InferenceConfig
-    ) -> None:
+    def __init__(self, key: str, source: str | torch.nn.Module, config: InferenceConfig) -> None:
         self.key = key
         self.source = source
         self.config = config
@@ -191,7 +189,10 @@ class ClusterPlan:
 
 
 def plan_local_cluster(
-    device: torch.device, *, cpus: int | None = None, gpus: int | None = None,
+    device: torch.device,
+    *,
+    cpus: int | None = None,
+    gpus: int | None = None,
     n_workers: int | None = None,
 ) -> ClusterPlan:
     """One worker per GPU on CUDA; on the CPU, processes that share the cores.

@@ -37,7 +37,7 @@ import numpy as np
 from segpipe.pixels import downsample_mean_2x, pyramid_shapes
 from segpipe.readers import Reader, _check_pixel_size, open_image
 
-__all__ = ["OME_ZARR_VERSION", "ingest", "is_segpipe_image"]
+__all__ = ["OME_ZARR_VERSION", "ingest", "ingested_image", "is_segpipe_image"]
 
 OME_ZARR_VERSION = "0.5"
 _ZSTD_LEVEL = 3
@@ -219,3 +219,33 @@ def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> 
         "pixel_size_um": px,
         "dtype": np.dtype(reader.dtype).name,
     }
+
+
+def ingested_image(
+    source: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    *,
+    chunk: int = 512,
+    pixel_size_um: float | None = None,
+    progress: bool = False,
+) -> Path:
+    """The OME-Zarr image to segment for ``source``, ingesting it into ``store`` if needed.
+
+    A source that already is a segpipe image is used as it is; a complete ingest of the same
+    source at ``store`` is reused; an unfinished one is redone. Anything else at ``store`` is
+    refused by :func:`ingest`.
+    """
+    if is_segpipe_image(source):
+        return Path(source)
+    store = Path(store)
+    if is_segpipe_image(store):
+        attrs = json.loads((store / "zarr.json").read_text(encoding="utf-8"))["attributes"]
+        previous = attrs["segpipe"]
+        same = Path(str(previous.get("source"))).resolve() == Path(source).resolve()
+        if previous.get("complete") and same:
+            return store
+        return ingest(
+            source, store, chunk=chunk, pixel_size_um=pixel_size_um, overwrite=True,
+            progress=progress,
+        )
+    return ingest(source, store, chunk=chunk, pixel_size_um=pixel_size_um, progress=progress)

@@ -16,9 +16,12 @@ once, at the end, so it never goes stale mid-run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -36,9 +39,9 @@ __all__ = [
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",
+    "class_pixels",
     "finalize_result",
     "is_complete",
-    "class_pixels",
     "mark_tiles_done",
     "open_result",
     "prepare_result",
@@ -115,7 +118,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise FileNotFoundError(f"no segpipe result at {path}") from e
     if "segpipe" not in attrs:
-        raise ValueError(f"{path} is a Zarr group but not a segpipe result (no 'segpipe' attribute)")
+        raise ValueError(
+            f"{path} is a Zarr group but not a segpipe result (no 'segpipe' attribute)"
+        )
     return attrs["segpipe"]
 
 
@@ -180,11 +185,14 @@ def _create(path: Path, meta: ResultMeta) -> None:
         coords={
             "y": ("y", np.arange(ny) * step, {"units": units}),
             "x": ("x", np.arange(nx) * step, {"units": units}),
-            "class": ("class", np.array(meta.class_names)),
+            # Variable-length strings: zarr-python has a v3 spec for those, not for fixed width.
+            "class": ("class", np.array(meta.class_names, dtype=object)),
         },
     )
     ds["mask"].attrs.update(
-        long_name="argmax class", flag_values=list(range(c)), flag_meanings=" ".join(meta.class_names)
+        long_name="argmax class",
+        flag_values=list(range(c)),
+        flag_meanings=" ".join(meta.class_names),
     )
     ds["probabilities"].attrs.update(long_name="softmax class probability")
     ds.attrs["segpipe"] = {
@@ -211,11 +219,19 @@ def _create(path: Path, meta: ResultMeta) -> None:
     root = zarr.open_group(path, mode="r+")
     # Driver-owned bookkeeping, chunked so a flush rewrites only the chunks it touched.
     root.create_array(
-        _PROGRESS, shape=grid, chunks=_PROGRESS_CHUNKS, dtype="uint8", fill_value=0,
+        _PROGRESS,
+        shape=grid,
+        chunks=_PROGRESS_CHUNKS,
+        dtype="uint8",
+        fill_value=0,
         dimension_names=("tile_y", "tile_x"),
     )
     root.create_array(
-        _COUNTS, shape=(*grid, c), chunks=(*_PROGRESS_CHUNKS, c), dtype="int64", fill_value=0,
+        _COUNTS,
+        shape=(*grid, c),
+        chunks=(*_PROGRESS_CHUNKS, c),
+        dtype="int64",
+        fill_value=0,
         dimension_names=("tile_y", "tile_x", "class"),
     )
 
@@ -229,25 +245,27 @@ def tiles_done(path: str | os.PathLike) -> np.ndarray:
     return zarr.open_array(Path(path) / _PROGRESS, mode="r")[...].astype(bool)
 
 
-def mark_tiles_done(path: str | os.PathLike, class_pixels: dict[tuple[int, int], np.ndarray]) -> None:
+def mark_tiles_done(
+    path: str | os.PathLike, tile_counts: dict[tuple[int, int], np.ndarray]
+) -> None:
     """Record tiles as written, with their (C,) class pixel counts.
 
     Called by the driver only, so the bookkeeping arrays have one writer.
     """
-    if not class_pixels:
+    if not tile_counts:
         return
     done = zarr.open_array(Path(path) / _PROGRESS, mode="r+")
     counts = zarr.open_array(Path(path) / _COUNTS, mode="r+")
     cy, cx = _PROGRESS_CHUNKS
     by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for iy, ix in class_pixels:
+    for iy, ix in tile_counts:
         by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
     for (ky, kx), members in by_chunk.items():
         sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
         d, c = done[sl], counts[sl]
         for iy, ix in members:
             d[iy - ky * cy, ix - kx * cx] = 1
-            c[iy - ky * cy, ix - kx * cx] = class_pixels[iy, ix]
+            c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
         # Counts before flags: a tile flagged done always has its counts.
         counts[sl] = c
         done[sl] = d
@@ -286,7 +304,8 @@ def finalize_result(path: str | os.PathLike, summary: dict[str, Any]) -> None:
     meta = dict(group.attrs["segpipe"])
     meta.update(summary, complete=True, finished=_now())
     group.attrs["segpipe"] = meta
-    zarr.consolidate_metadata(path)
+    with _quiet_consolidated():
+        zarr.consolidate_metadata(path)
 
 
 def open_result(
@@ -306,4 +325,14 @@ def open_result(
             "allow_incomplete=True to look at what is there"
         )
     kw: dict[str, Any] = {"chunks": chunks} if chunks is not None else {}
-    return xr.open_zarr(path, consolidated=bool(meta.get("complete")), **kw)
+    with _quiet_consolidated():
+        return xr.open_zarr(path, consolidated=bool(meta.get("complete")), **kw)
+
+
+@contextlib.contextmanager
+def _quiet_consolidated() -> Iterator[None]:
+    # Consolidated metadata is a zarr-python extension to v3 that we use on purpose (one read
+    # instead of one per array on object stores); its warning says nothing actionable.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        yield

@@ -1,7 +1,41 @@
 import os
+from pathlib import Path
 
+import pytest
+import torch
 from hypothesis import settings
 
 # Shared, noisy CI machines: no per-example deadline; the example count keeps the run short.
 settings.register_profile("segpipe", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "segpipe"))
+
+CLASSES = ("background", "tissue", "nucleus")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (SQLite, 127.0.0.1) for every flow test of the session."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A small valid-padding U-Net with random weights, saved as a checkpoint."""
+    from segpipe import models
+
+    torch.manual_seed(0)
+    net = models.build("unet", class_names=CLASSES, width=4, depth=2)
+    return models.save(net, tmp_path_factory.mktemp("ckpt") / "random-unet.pt")
+
+
+@pytest.fixture(scope="session")
+def small_slide(tmp_path_factory):
+    """A 300 x 300 synthetic slide as a pyramidal OME-TIFF, with its truth as a Zarr array."""
+    from segpipe.demo import make_demo_slide
+
+    return make_demo_slide(tmp_path_factory.mktemp("slide"), size=300, seed=1)

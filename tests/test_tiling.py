@@ -89,7 +89,9 @@ def test_input_size(halo, multiple, offset, min_out, expected):
     shape=shapes,
     k=st.integers(2, 8),
     overlap=st.sampled_from([0.0, 0.25, 0.5]),
-    region=st.tuples(st.integers(0, 699), st.integers(1, 300), st.integers(0, 699), st.integers(1, 300)),
+    region=st.tuples(
+        st.integers(0, 699), st.integers(1, 300), st.integers(0, 699), st.integers(1, 300)
+    ),
 )
 @settings(max_examples=200)
 def test_blend_windows_cover_region_and_match_global_lattice(geometry, shape, k, overlap, region):

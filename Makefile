@@ -1,0 +1,36 @@
+# Two entry points for a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv (once) and install segpipe into it.
+#
+# torch: TORCH defaults to the CPU build pinned here. For a GPU machine, install a CUDA build of
+# torch into .venv first (see README); `pip install -e .` keeps whatever torch satisfies the range.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.segpipe-installed
+
+.PHONY: demo test lint bench weights clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/segpipe demo $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/memory.py $(ARGS)
+
+weights: $(STAMP)
+	$(BIN)/python scripts/train_tissue_unet.py
+
+clean:
+	rm -rf $(VENV) segpipe-demo .pytest_cache .hypothesis

@@ -1,0 +1,1 @@
+"""Prefect flows for segpipe: thin orchestration over the library's public calls."""

@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from segpipe.blending import BlendSink, CropSink, gaussian_weights
+from segpipe.tiling import Box, Window
+
+
+@pytest.mark.parametrize("side", [1, 2, 7, 64])
+def test_gaussian_weights_are_symmetric_positive_and_peak_at_centre(side):
+    w = gaussian_weights(side)
+    assert w.shape == (side, side) and w.dtype == np.float32
+    assert (w > 0).all()
+    np.testing.assert_array_equal(w, w[::-1, ::-1])
+    np.testing.assert_array_equal(w, w.T)
+    assert w.max() == pytest.approx(1.0)
+    assert w[side // 2, side // 2] == w.max()
+
+
+def test_gaussian_weights_follow_sigma():
+    w = gaussian_weights(101, sigma_scale=0.1)
+    # 1-D profile through the centre: exp(-r^2 / (2 sigma^2)), sigma = 10.1 px
+    r = np.arange(101) - 50
+    np.testing.assert_allclose(w[50], np.exp(-(r**2) / (2 * 10.1**2)), rtol=1e-5)
+
+
+@given(
+    origins=st.lists(st.tuples(st.integers(-8, 24), st.integers(-8, 24)), min_size=1, max_size=6),
+)
+def test_blend_sink_is_the_weighted_mean(origins):
+    region = Box(0, 20, 0, 20)
+    side = 16
+    rng = np.random.default_rng(len(origins))
+    sink = BlendSink(region, 2)
+    num = np.zeros((2, 20, 20))
+    den = np.zeros((20, 20))
+    for y, x in origins:
+        p = rng.random((2, side, side)).astype(np.float32)
+        win = Window(Box(y, y + side, x, x + side), Box(y, y + side, x, x + side), 0)
+        sink.add(win, p)
+        # independent reference: paste into a big canvas, then cut the region
+        canvas_n, canvas_d = np.zeros((2, 60, 60)), np.zeros((60, 60))
+        canvas_n[:, y + 20 : y + 20 + side, x + 20 : x + 20 + side] = p * gaussian_weights(side)
+        canvas_d[y + 20 : y + 20 + side, x + 20 : x + 20 + side] = gaussian_weights(side)
+        num += canvas_n[:, 20:40, 20:40]
+        den += canvas_d[20:40, 20:40]
+    if (den > 0).all():
+        np.testing.assert_allclose(sink.result(), num / den, rtol=1e-5)
+    else:
+        with pytest.raises(RuntimeError, match="uncovered"):
+            sink.result()
+
+
+def test_crop_sink_keeps_each_tile_from_its_own_window():
+    region = Box(0, 8, 0, 8)
+    sink = CropSink(region, 1)
+    # two windows whose outputs overlap on columns 4..5; the later one wins there
+    sink.add(Window(Box(0, 8, 0, 6), Box(0, 8, 0, 6), 0), np.full((1, 8, 6), 1.0, np.float32))
+    sink.add(Window(Box(0, 8, 4, 10), Box(0, 8, 4, 10), 0), np.full((1, 8, 6), 2.0, np.float32))
+    out = sink.result()[0]
+    np.testing.assert_array_equal(out[:, :4], 1.0)
+    np.testing.assert_array_equal(out[:, 4:], 2.0)
+
+
+def test_crop_sink_refuses_gaps():
+    sink = CropSink(Box(0, 4, 0, 4), 1)
+    sink.add(Window(Box(0, 2, 0, 4), Box(0, 2, 0, 4), 0), np.ones((1, 2, 4), np.float32))
+    with pytest.raises(RuntimeError, match="uncovered"):
+        sink.result()

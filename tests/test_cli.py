@@ -1,0 +1,119 @@
+"""The CLI is a shell over the API: same results, one-line errors that name the file."""
+
+import json
+
+import numpy as np
+import pytest
+
+import segpipe
+from segpipe.cli import main
+
+
+def test_segment_and_info(small_slide, random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.zarr"
+    args = [
+        "segment",
+        str(small_slide.image),
+        str(out),
+        "--model",
+        str(random_checkpoint),
+        "--tile",
+        "64",
+        "--scheduler",
+        "sync",
+    ]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip().endswith("r.zarr")
+    direct = segpipe.segment(
+        small_slide.image, tmp_path / "d.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    np.testing.assert_array_equal(
+        segpipe.open_result(out)["mask"].values, segpipe.open_result(direct)["mask"].values
+    )
+
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["summary"]["shape"] == [300, 300]
+    assert info["provenance"]["tile"] == 64
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "nucleus" in text and "µm²" in text
+
+
+def test_info_on_an_image(small_slide, capsys):
+    assert main(["info", str(small_slide.image)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "image"
+    assert info["levels"][0] == [300, 300, 3]
+    assert info["pixel_size_um"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda d: d / "missing.tif", "missing.tif"),
+        (
+            lambda d: (d / "junk.tif").write_bytes(b"not a tiff at all") and d / "junk.tif",
+            "junk.tif",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_file(make, expected, tmp_path, capsys, random_checkpoint):
+    bad = make(tmp_path)
+    code = main(
+        [
+            "segment",
+            str(bad),
+            str(tmp_path / "r.zarr"),
+            "--model",
+            str(random_checkpoint),
+            "--scheduler",
+            "sync",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("segpipe segment: error:")
+    assert expected in err
+    assert not (tmp_path / "r.zarr").exists(), "no half-written result"
+
+
+def test_unknown_model_lists_the_shipped_ones(small_slide, tmp_path, capsys):
+    code = main(
+        [
+            "segment",
+            str(small_slide.image),
+            str(tmp_path / "r.zarr"),
+            "--model",
+            "no-such-model",
+            "--scheduler",
+            "sync",
+        ]
+    )
+    assert code == 2
+    assert "no shipped model or checkpoint file 'no-such-model'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_demo_runs_the_flow(prefect_harness, random_checkpoint, tmp_path, capsys):
+    code = main(
+        [
+            "demo",
+            "--size",
+            "256",
+            "--out",
+            str(tmp_path),
+            "--model",
+            str(random_checkpoint),
+            "--scheduler",
+            "sync",
+            "--tile",
+            "128",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "Dice" in out and "mean Dice (tissue, nucleus)" in out
+    assert "µm²" in out
+    result = next(tmp_path.glob("*.seg.zarr"))
+    assert segpipe.open_result(result).attrs["segpipe"]["complete"] is True

@@ -1,0 +1,46 @@
+"""The segment_slide flow on Prefect's temporary local server."""
+
+import numpy as np
+import pytest
+import zarr
+
+import segpipe
+from segpipe.metrics import confusion_matrix, dice
+
+pytestmark = pytest.mark.integration
+
+
+def test_segment_slide_ingests_segments_and_summarises(
+    prefect_harness, small_slide, random_checkpoint, tmp_path
+):
+    from flows.segment_slide import default_image_store, segment_slide
+
+    out = tmp_path / "slide.seg.zarr"
+    summary = segment_slide(
+        str(small_slide.image),
+        str(out),
+        str(random_checkpoint),
+        ground_truth=str(small_slide.truth),
+        tile=64,
+        scheduler="sync",
+    )
+    store = default_image_store(out)
+    assert store.name == "slide.seg.image.zarr"
+    assert segpipe.open_image(store).shape == (300, 300, 3), "the flow ingested the TIFF"
+
+    ds = segpipe.open_result(out)
+    assert ds.attrs["segpipe"]["source"] == str(store)
+    mask = ds["mask"].values
+    truth = zarr.open_array(small_slide.truth, mode="r")[...]
+    expected = dice(confusion_matrix(mask, truth, 3))
+    np.testing.assert_allclose(summary["dice"], expected)
+    np.testing.assert_allclose(
+        summary["class_area_um2"], np.bincount(mask.ravel(), minlength=3) * 0.5**2
+    )
+    assert summary["tiles_total"] == summary["tiles_computed"] == 25
+
+    # Run again: the ingest and the result are reused, nothing is recomputed.
+    again = segment_slide(
+        str(small_slide.image), str(out), str(random_checkpoint), tile=64, scheduler="sync"
+    )
+    assert again["seconds"] == summary["seconds"]

@@ -1,0 +1,62 @@
+"""Predictor: the same numbers as calling the model by hand, whatever the batching."""
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe import models
+from segpipe.inference import InferenceConfig, Predictor, resolve_device
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return models.build("unet", class_names=("a", "b", "c"), width=4, depth=2).eval()
+
+
+def by_hand(net, windows):
+    x = torch.from_numpy(windows.astype(np.float32) / 255).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return torch.softmax(net(x), 1).numpy()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_predictor_matches_a_forward_pass(net, batch_size):
+    n = net.geometry.input_size(16)
+    windows = np.random.default_rng(0).integers(0, 256, (5, n, n, 3), dtype=np.uint8)
+    got = Predictor(net, InferenceConfig(device="cpu", batch_size=batch_size))(windows)
+    assert got.shape == (5, 3, 16, 16) and got.dtype == np.float32
+    np.testing.assert_allclose(got, by_hand(net, windows), atol=1e-5)
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+
+
+def test_uint16_input_is_scaled_to_unit_range(net):
+    n = net.geometry.input_size(8)
+    w8 = np.random.default_rng(1).integers(0, 256, (1, n, n, 3), dtype=np.uint8)
+    w16 = w8.astype(np.uint16) * 257  # same intensities on the 16-bit scale
+    p = Predictor(net, InferenceConfig(device="cpu"))
+    np.testing.assert_allclose(p(w8), p(w16), atol=1e-5)
+
+
+def test_autocast_path_runs_on_cpu_and_stays_close(net):
+    """The GPU's bf16 autocast path, exercised on the CPU through the same code."""
+    n = net.geometry.input_size(16)
+    windows = np.random.default_rng(2).integers(0, 256, (2, n, n, 3), dtype=np.uint8)
+    exact = Predictor(net, InferenceConfig(device="cpu", amp=False))(windows)
+    amp = Predictor(net, InferenceConfig(device="cpu", amp=True))
+    assert amp.amp is True
+    got = amp(windows)
+    assert got.dtype == np.float32, "softmax in float32 whatever autocast did"
+    np.testing.assert_allclose(got.sum(1), 1.0, atol=1e-5)
+    assert np.abs(got - exact).max() < 0.05
+
+
+def test_auto_device_and_refusals(net):
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="batch_size"):
+        InferenceConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"\(N, Y, X, C\)"):
+        Predictor(net, InferenceConfig(device="cpu"))(np.zeros((4, 4, 3), np.uint8))
