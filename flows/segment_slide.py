@@ -23,9 +23,9 @@ def default_image_store(output: str | Path) -> Path:
 
 
 @task(name="ingest")
-def ingest_task(source: str, store: str, pixel_size_um: float | None) -> str:
+def ingest_task(source: str, store: str, pixel_size_um: float | None, progress: bool) -> str:
     get_run_logger().info("ingesting %s into %s (if needed)", source, store)
-    return str(ingested_image(source, store, pixel_size_um=pixel_size_um))
+    return str(ingested_image(source, store, pixel_size_um=pixel_size_um, progress=progress))
 
 
 @task(name="segment")
@@ -68,7 +68,7 @@ def segment_slide(
 ) -> dict[str, Any]:
     """Segment one slide into ``output`` and return its summary (areas, Dice if truth given)."""
     store = image_store or str(default_image_store(output))
-    image = ingest_task(source, store, pixel_size_um)
+    image = ingest_task(source, store, pixel_size_um, progress)
     options = {
         "tile": tile,
         "mode": mode,

@@ -176,8 +176,13 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def _plain(value: Any, where: str) -> Any:
     """``value`` as plain Python data (numpy and 0-d torch scalars unwrapped), or TypeError."""
-    if value is None or isinstance(value, bool | int | float | str):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    # Subclasses (torch.__version__ is a TorchVersion, numpy scalars subclass float) would be
+    # pickled as their class, which weights-only loading then refuses.
+    for plain in (bool, int, float, str):
+        if isinstance(value, plain):
+            return plain(value)
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
