@@ -18,8 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Before Prefect is imported anywhere: no telemetry from a machine that may be offline.
+# Before Prefect and distributed are imported anywhere: no telemetry from a machine that may be
+# offline, and no cluster start/stop chatter (dask reads its logging config at import; the
+# workers inherit the environment). `-v` or these variables set by the user bring them back.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if "-v" not in sys.argv and "--verbose" not in sys.argv:
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
 
 __all__ = ["main"]
 
@@ -200,9 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:
-        # A local cluster's start and stop chatter is not news to a user.
-        logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         if args.command == "demo":
             return _demo(args)

@@ -1,0 +1,154 @@
+"""Synthetic H&E slides: determinism, shapes, plausibility, and the ground truth's consistency."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from segpipe.synthetic import CLASS_NAMES, SyntheticSlide, tissue_slide
+
+SEEDS = (0, 1, 7)
+
+
+@pytest.fixture(scope="module", params=SEEDS)
+def slide(request: pytest.FixtureRequest) -> SyntheticSlide:
+    return tissue_slide(512, seed=request.param)
+
+
+def test_same_seed_same_slide_other_seed_other_slide() -> None:
+    a = tissue_slide((160, 224), seed=3)
+    b = tissue_slide((160, 224), seed=3)
+    c = tissue_slide((160, 224), seed=4)
+    for name in ("image", "labels", "instances"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not np.array_equal(a.image, c.image)
+    assert not np.array_equal(a.labels, c.labels)
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (200, 333), (64, 48)])
+def test_shapes_and_dtypes(shape: tuple[int, int]) -> None:
+    s = tissue_slide(shape, seed=2, pixel_size_um=0.25)
+    assert s.image.shape == (*shape, 3)
+    assert s.image.dtype == np.uint8
+    assert s.labels.shape == shape
+    assert s.labels.dtype == np.uint8
+    assert s.instances.shape == shape
+    assert s.instances.dtype == np.int32
+    assert s.class_names == CLASS_NAMES == ("background", "tissue", "nucleus")
+    assert s.pixel_size_um == 0.25
+    assert set(np.unique(s.labels)) <= {0, 1, 2}
+    assert s.shape == shape
+
+
+def test_square_int_shape() -> None:
+    assert tissue_slide(96).shape == (96, 96)
+
+
+def test_class_fractions_plausible(slide: SyntheticSlide) -> None:
+    background, tissue, nucleus = np.bincount(slide.labels.ravel(), minlength=3) / slide.labels.size
+    np.testing.assert_allclose(slide.class_fractions(), [background, tissue, nucleus])
+    assert 0.40 <= tissue + nucleus <= 0.70  # the slide is 40-70 % tissue
+    assert 0.02 <= nucleus / (tissue + nucleus) <= 0.35  # nuclei are part of it, not all of it
+
+
+def test_nucleus_label_exactly_where_instances(slide: SyntheticSlide) -> None:
+    np.testing.assert_array_equal(slide.labels == 2, slide.instances > 0)
+    ids = np.unique(slide.instances)
+    assert ids[0] == 0
+    np.testing.assert_array_equal(ids[1:], np.arange(1, len(ids)))  # ids 1..n, none skipped
+    assert len(ids) - 1 >= 50
+
+
+def test_nuclei_lie_inside_tissue(slide: SyntheticSlide) -> None:
+    # Nuclei lie wholly inside tissue, so the 1-px ring around each is tissue or other nuclei,
+    # but for a few pixels where a nucleus happens to touch the tissue's edge.
+    glass_share = []
+    for i, box in enumerate(ndimage.find_objects(slide.instances), start=1):
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        mine = slide.instances[grown] == i
+        ring = ndimage.binary_dilation(mine) & ~mine
+        glass_share.append(np.mean(slide.labels[grown][ring] == 0))
+    assert max(glass_share) < 0.25
+    assert np.mean(np.array(glass_share) > 0) < 0.1
+
+
+def _neighbour_pairs(instances: np.ndarray, gap: int) -> set[tuple[int, int]]:
+    """Pairs of nucleus ids ``gap + 1`` pixels apart along a row or column, with only
+    background between them (gap 0: 4-adjacent)."""
+    pairs = set()
+    for axis in (0, 1):
+        a = np.moveaxis(instances, axis, 0)
+        near, far = a[: a.shape[0] - 1 - gap], a[1 + gap :]
+        hit = (near > 0) & (far > 0) & (near != far)
+        if gap == 1:
+            hit &= a[1:-1] == 0
+        pairs.update(
+            (min(p), max(p)) for p in zip(near[hit].tolist(), far[hit].tolist(), strict=True)
+        )
+    return pairs
+
+
+def test_touching_nuclei_exist(slide: SyntheticSlide) -> None:
+    touching = _neighbour_pairs(slide.instances, gap=0)
+    one_apart = _neighbour_pairs(slide.instances, gap=1)
+    assert len(touching) >= 10, f"only {len(touching)} pairs of 4-adjacent nuclei"
+    assert len(touching | one_apart) > len(touching)  # some are separated by one pixel
+
+
+def test_background_brighter_than_tissue_brighter_than_nuclei(slide: SyntheticSlide) -> None:
+    grey = slide.image.astype(np.float64).mean(axis=2)
+    background, tissue, nucleus = (grey[slide.labels == c].mean() for c in range(3))
+    assert background > 230  # near-white glass
+    assert background > tissue + 10 > nucleus + 40
+    # Glass is noisy, not flat.
+    assert 0.5 < grey[slide.labels == 0].std() < 8
+    # Eosin is pink: green absorbed most; hematoxylin is purple: blue brightest in nuclei.
+    rgb = slide.image.reshape(-1, 3).astype(np.float64)
+    r, g, b = rgb[slide.labels.ravel() == 1].mean(axis=0)
+    assert g < r - 40 and g < b - 40
+    r, g, b = rgb[slide.labels.ravel() == 2].mean(axis=0)
+    assert b > r > g
+
+
+@pytest.mark.parametrize("pixel_size_um", [0.5, 0.25])
+def test_nucleus_size_follows_pixel_size(pixel_size_um: float) -> None:
+    s = tissue_slide(512, seed=5, pixel_size_um=pixel_size_um)
+    areas = np.bincount(s.instances.ravel())[1:]
+    radius_um = np.sqrt(areas / np.pi) * pixel_size_um
+    # Radii are drawn in 3-6 um; occlusion by neighbours and the tissue edge shrink some.
+    assert 3.0 <= np.median(radius_um) <= 6.0
+    assert radius_um.max() <= 6.5
+
+
+def test_crops_are_views_of_the_slide() -> None:
+    s = tissue_slide(128, seed=1)
+    c = s.crop(10, 20, (30, 40))
+    assert c.shape == (30, 40)
+    np.testing.assert_array_equal(c.image, s.image[10:40, 20:60])
+    np.testing.assert_array_equal(c.instances, s.instances[10:40, 20:60])
+    assert np.shares_memory(c.labels, s.labels)
+    rng = np.random.default_rng(0)
+    crops = [s.random_crop(32, rng) for _ in range(20)]
+    assert all(c.shape == (32, 32) for c in crops)
+    assert len({c.image.ctypes.data for c in crops}) > 1  # not always the same place
+
+
+@pytest.mark.parametrize(("y", "x", "size"), [(-1, 0, 8), (0, 0, 129), (120, 0, 16)])
+def test_crop_outside_slide_is_refused(y: int, x: int, size: int) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        tissue_slide(128, seed=1).crop(y, x, size)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"shape": 8}, "at least 16"),
+        ({"shape": (32, 32, 3)}, "int or"),
+        ({"shape": 32, "pixel_size_um": 0.0}, "positive"),
+        ({"shape": 32, "pixel_size_um": float("nan")}, "positive"),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tissue_slide(**kwargs)

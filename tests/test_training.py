@@ -1,0 +1,251 @@
+"""The training loop's pieces: sampler geometry, augmentation, learning, validation inference."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.synthetic import SyntheticSlide, tissue_slide
+from segpipe.tiling import Geometry
+from segpipe.training import (
+    TrainConfig,
+    augment,
+    evaluate,
+    patch_pair,
+    predict_labels,
+    sample_batch,
+    train,
+)
+
+if TYPE_CHECKING:
+    from segpipe.models import SegmentationModel
+
+GEOMETRIES = [
+    Geometry(halo=44, multiple=8, input_offset=4, shrinks=True),  # valid U-Net, depth 3
+    Geometry(halo=20, multiple=4, input_offset=0, shrinks=True),  # valid U-Net, depth 2
+    Geometry(halo=51, multiple=8, input_offset=0, shrinks=False),  # same padding, depth 3
+]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    # Tiny models gain nothing from threads, and on a busy machine torch's worker threads wait
+    # on each other (a 10x slowdown seen here); restore the setting for other tests.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def slide() -> SyntheticSlide:
+    return tissue_slide((160, 192), seed=11)
+
+
+def tiny_unet(depth: int = 2) -> SegmentationModel:
+    from segpipe import models  # imported only by the tests that need a model
+
+    return models.build(
+        "unet",
+        class_names=("background", "tissue", "nucleus"),
+        in_channels=3,
+        width=4,
+        depth=depth,
+        padding="valid",
+        dropout=0.0,
+    )
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("patch", [16, 37])
+def test_patch_pair_follows_the_geometry(
+    slide: SyntheticSlide, geometry: Geometry, patch: int
+) -> None:
+    n = geometry.input_size(patch)
+    o = geometry.output_size(n)
+    margin = (n - o) // 2
+    y, x = 60, 70
+    image, labels = patch_pair(slide, y, x, geometry, patch)
+    assert image.shape == (3, n, n)
+    assert image.dtype == np.float32
+    assert labels.shape == (o, o)
+    assert labels.dtype == np.int64
+    assert o >= patch
+    # Both cut from the slide at the same place; the labels sit in the window's centre.
+    padded_image = np.pad(slide.image, ((n, n), (n, n), (0, 0)), mode="reflect")
+    padded_labels = np.pad(slide.labels, n, mode="reflect")
+    y0, x0 = y - margin + n, x - margin + n
+    np.testing.assert_array_equal(
+        image, padded_image[y0 : y0 + n, x0 : x0 + n].transpose(2, 0, 1) / np.float32(255)
+    )
+    np.testing.assert_array_equal(labels, padded_labels[y + n : y + n + o, x + n : x + n + o])
+
+
+@pytest.mark.parametrize(("y", "x"), [(0, 0), (150, 185), (0, 100)])
+def test_patch_pair_mirrors_at_slide_borders(slide: SyntheticSlide, y: int, x: int) -> None:
+    geometry = GEOMETRIES[0]
+    n = geometry.input_size(24)
+    o = geometry.output_size(n)
+    m = geometry.halo
+    image, labels = patch_pair(slide, y, x, geometry, 24)
+    # numpy's "reflect" (edge not repeated) is the U-Net paper's mirroring.
+    padded = np.pad(slide.image, ((m, n), (m, n), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(
+        image, padded[y : y + n, x : x + n].transpose(2, 0, 1) / np.float32(255)
+    )
+    padded_labels = np.pad(slide.labels, ((0, o), (0, o)), mode="reflect")
+    np.testing.assert_array_equal(labels, padded_labels[y : y + o, x : x + o])
+
+
+def _label_from_image(image: np.ndarray, margin: int, side: int) -> np.ndarray:
+    """A labelling computed from the image alone: its window centre thresholded per pixel."""
+    centre = image[:, margin : margin + side, margin : margin + side]
+    return (centre[0] > 0.8).astype(np.int64) + (centre[2] > centre[1] + 0.3)
+
+
+def test_augmentation_keeps_image_and_labels_aligned() -> None:
+    geometry = GEOMETRIES[0]
+    n = geometry.input_size(20)
+    o = geometry.output_size(n)
+    margin = (n - o) // 2
+    base = tissue_slide(128, seed=4)
+    # A slide whose labels are a per-pixel function of its image: any misalignment after a
+    # flip or rotation breaks the relation.
+    derived = _label_from_image(base.image.transpose(2, 0, 1) / np.float32(255), 0, 128)
+    slide = SyntheticSlide(base.image, derived.astype(np.uint8), base.instances)
+    rng = np.random.default_rng(0)
+    images, labels = sample_batch([slide], geometry, 20, 64, rng)
+    for image, label in zip(images, labels, strict=True):
+        np.testing.assert_array_equal(label, _label_from_image(image, margin, o))
+    # And augmentation did something: the 8 symmetries of an asymmetric patch differ.
+    image = np.arange(3 * 6 * 6, dtype=np.float32).reshape(3, 6, 6)
+    label = np.arange(16).reshape(4, 4)
+    seen = {augment(image, label, rng)[0].tobytes() for _ in range(200)}
+    assert len(seen) == 8
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_sample_batch_shapes(slide: SyntheticSlide, geometry: Geometry) -> None:
+    rng = np.random.default_rng(1)
+    images, labels = sample_batch([slide, slide], geometry, 24, 5, rng)
+    n = geometry.input_size(24)
+    assert images.shape == (5, 3, n, n)
+    assert labels.shape == (5, *(geometry.output_size(n),) * 2)
+    assert images.dtype == np.float32
+    assert images.min() >= 0.0
+    assert images.max() <= 1.0
+    assert set(np.unique(labels)) <= {0, 1, 2}
+
+
+def test_sample_batch_is_reproducible(slide: SyntheticSlide) -> None:
+    a = sample_batch([slide], GEOMETRIES[1], 16, 4, np.random.default_rng(5))
+    b = sample_batch([slide], GEOMETRIES[1], 16, 4, np.random.default_rng(5))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_a_tiny_unet_overfits_one_batch(slide: SyntheticSlide) -> None:
+    torch.manual_seed(0)
+    model = tiny_unet().train()
+    images, labels = sample_batch(
+        [slide], model.geometry, 24, 4, np.random.default_rng(2), is_augmented=False
+    )
+    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] <= 0.5 * losses[0], losses
+
+
+def test_predict_labels_equals_one_pass_over_the_mirrored_image() -> None:
+    torch.manual_seed(1)
+    model = tiny_unet().eval()
+    g = model.geometry
+    image = tissue_slide((56, 72), seed=3).image
+    tile = 16
+    pred = predict_labels(model, image, tile=tile, batch_size=3)
+    assert pred.shape == (56, 72)
+    assert pred.dtype == np.uint8
+    # Reference: pad once by the halo (and to an accepted size), run the whole image, crop.
+    ny = g.input_size(56) - g.halo
+    nx = g.input_size(72) - g.halo
+    padded = np.pad(image, ((g.halo, ny - 56), (g.halo, nx - 72), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).float() / 255
+    with torch.inference_mode():
+        whole = model(x).argmax(1)[0, :56, :72].numpy()
+    # Equal up to float summation order flipping a near-tie now and then.
+    assert np.mean(pred == whole) > 0.999
+
+
+def test_evaluate_scores_a_constant_predictor() -> None:
+    class Constant(torch.nn.Module):
+        geometry = Geometry(halo=0, multiple=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            scores[:, 1] = 1.0  # always "tissue"
+            return scores
+
+    slide = tissue_slide(128, seed=1)
+    assert (slide.labels == 2).any()
+    result = evaluate(Constant(), slide, tile=32)
+    truth = slide.class_fractions()
+    assert result["dice"]["background"] == 0.0
+    assert result["dice"]["nucleus"] == 0.0
+    assert result["dice"]["tissue"] == pytest.approx(2 * truth[1] / (1 + truth[1]))
+    assert result["mean_dice"] == pytest.approx(result["dice"]["tissue"] / 2)
+    assert np.sum(result["confusion"]) == 128 * 128
+
+
+def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
+    config = TrainConfig(
+        steps=4,
+        batch_size=2,
+        patch=16,
+        slide_size=96,
+        num_slides=2,
+        val_size=48,
+        val_tile=16,
+        log_every=2,
+        num_threads=1,
+        progress=False,
+    )
+    results, weights = [], []
+    for _ in range(2):
+        torch.manual_seed(config.seed)  # the initial weights are the caller's to seed
+        model = tiny_unet()
+        results.append(train(model, config))
+        weights.append([p.detach().clone() for p in model.parameters()])
+        assert not model.training
+    result = results[0]
+    assert set(result["dice"]) == {"background", "tissue", "nucleus"}
+    assert len(result["loss_history"]) == 2
+    json.dumps(result)  # plain data, fit for a checkpoint's metrics
+    for a, b in zip(*weights, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert results[0]["loss_history"] == results[1]["loss_history"]
+    assert torch.get_num_threads() >= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"seed": 5, "num_slides": 3, "val_seed": 6}, "held out"),
+        ({"num_threads": 0}, "num_threads"),
+    ],
+)
+def test_bad_config_is_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
