@@ -245,7 +245,11 @@ def ingested_image(
         if previous.get("complete") and same:
             return store
         return ingest(
-            source, store, chunk=chunk, pixel_size_um=pixel_size_um, overwrite=True,
+            source,
+            store,
+            chunk=chunk,
+            pixel_size_um=pixel_size_um,
+            overwrite=True,
             progress=progress,
         )
     return ingest(source, store, chunk=chunk, pixel_size_um=pixel_size_um, progress=progress)

@@ -1,6 +1,9 @@
 """The CLI is a shell over the API: same results, one-line errors that name the file."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -95,9 +98,14 @@ def test_unknown_model_lists_the_shipped_ones(small_slide, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_demo_runs_the_flow(prefect_harness, random_checkpoint, tmp_path, capsys):
-    code = main(
+def test_demo_runs_the_flow(random_checkpoint, tmp_path):
+    """The real command in a fresh process, on Prefect's temporary local server."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    run = subprocess.run(
         [
+            sys.executable,
+            "-m",
+            "segpipe.cli",
             "demo",
             "--size",
             "256",
@@ -105,15 +113,20 @@ def test_demo_runs_the_flow(prefect_harness, random_checkpoint, tmp_path, capsys
             str(tmp_path),
             "--model",
             str(random_checkpoint),
-            "--scheduler",
-            "sync",
             "--tile",
             "128",
-        ]
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
     )
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "Dice" in out and "mean Dice (tissue, nucleus)" in out
-    assert "µm²" in out
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "mean Dice (tissue, nucleus)" in run.stdout
+    assert "µm²" in run.stdout
     result = next(tmp_path.glob("*.seg.zarr"))
+    assert f"result: {result}" in run.stdout
     assert segpipe.open_result(result).attrs["segpipe"]["complete"] is True
