@@ -216,9 +216,22 @@ def segment(
     config = InferenceConfig(
         device=str(dev), batch_size=batch_size, amp=amp, threads=plan.torch_threads
     )
-    windows = _run(
-        blocks, job, scheduler, plan, model, net, config, output, n_todo, progress, on_progress
-    )
+    recorder = _TileRecorder(output, n_todo, progress, on_progress)
+    # A module travels to the workers as it is; a name or path is loaded there.
+    worker_model = model if isinstance(model, torch.nn.Module) else str(model)
+    try:
+        with connect(scheduler, plan) as client:
+            run_blocks(
+                blocks,
+                job,
+                client=client,
+                model=worker_model if client else net,
+                config=config,
+                on_result=recorder,
+            )
+    finally:
+        # Whatever happened, record what was written so a re-run skips it.
+        recorder.close()
 
     seconds = time.perf_counter() - started
     counts = class_pixels(output)
@@ -226,7 +239,7 @@ def segment(
         "tiles_total": len(grid),
         "tiles_computed": n_todo,
         "tiles_skipped": len(grid) - n_todo,
-        "windows": windows,
+        "windows": recorder.windows,
         "seconds": round(seconds, 3),
         "megapixels_per_second": round(ny * nx * n_todo / len(grid) / 1e6 / seconds, 4),
         "class_pixels": counts.tolist(),
@@ -239,52 +252,41 @@ def segment(
     return output
 
 
-def _run(
-    blocks: list,
-    job: Job,
-    scheduler: Any,
-    plan: Any,
-    model: Any,
-    net: torch.nn.Module,
-    config: InferenceConfig,
-    output: Path,
-    n_todo: int,
-    progress: bool,
-    on_progress: Callable[[int, int], None] | None,
-) -> int:
-    from tqdm.auto import tqdm
+class _TileRecorder:
+    """Driver-side bookkeeping of finished blocks: progress bar, callback, and the result's
+    tiles-done map, flushed every few seconds rather than per block (one small write)."""
 
-    pending: dict[tuple[int, int], np.ndarray] = {}
-    last_flush = time.monotonic()
-    windows = 0
-    bar = tqdm(total=n_todo, unit="tile", desc="segment", disable=not progress)
+    def __init__(
+        self,
+        output: Path,
+        total: int,
+        progress: bool,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
+        from tqdm.auto import tqdm
 
-    def on_result(res: BlockResult) -> None:
-        nonlocal last_flush, windows
-        pending.update(zip(res.tiles, res.class_pixels, strict=True))
-        windows += res.windows
-        bar.update(len(res.tiles))
-        if on_progress is not None:
-            on_progress(bar.n, n_todo)
-        if time.monotonic() - last_flush > _FLUSH_SECONDS:
-            mark_tiles_done(output, pending)
-            pending.clear()
-            last_flush = time.monotonic()
+        self.output = output
+        self.total = total
+        self.on_progress = on_progress
+        self.windows = 0
+        self._pending: dict[tuple[int, int], np.ndarray] = {}
+        self._last_flush = time.monotonic()
+        self._bar = tqdm(total=total, unit="tile", desc="segment", disable=not progress)
 
-    # A loaded module travels to the workers as is; a name or path is loaded there.
-    source = model if isinstance(model, torch.nn.Module) else str(model)
-    try:
-        with connect(scheduler, plan) as client:
-            run_blocks(
-                blocks,
-                job,
-                client=client,
-                model=source if client else net,
-                config=config,
-                on_result=on_result,
-            )
-    finally:
-        # Whatever happened, record what was written so a re-run skips it.
-        mark_tiles_done(output, pending)
-        bar.close()
-    return windows
+    def __call__(self, res: BlockResult) -> None:
+        self._pending.update(zip(res.tiles, res.class_pixels, strict=True))
+        self.windows += res.windows
+        self._bar.update(len(res.tiles))
+        if self.on_progress is not None:
+            self.on_progress(self._bar.n, self.total)
+        if time.monotonic() - self._last_flush > _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        mark_tiles_done(self.output, self._pending)
+        self._pending.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self._bar.close()

@@ -20,6 +20,7 @@ import distributed
 import numpy as np
 import torch
 
+from segpipe import models
 from segpipe.blending import BlendSink, CropSink, Sink
 from segpipe.inference import InferenceConfig, Predictor
 from segpipe.readers import Reader
@@ -151,8 +152,7 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
 
 
 def load_model(source: str | os.PathLike | torch.nn.Module) -> torch.nn.Module:
-    from segpipe import models
-
+    """A module as it is; a shipped model's name or a checkpoint path, loaded."""
     if isinstance(source, torch.nn.Module):
         return source
     return models.load(source)
