@@ -65,6 +65,7 @@ def segment(
     n_workers: int | None = None,
     pixel_size_um: float | None = None,
     probability_dtype: str = "float16",
+    min_level_size: int = 256,
     overwrite: bool = False,
     progress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
@@ -96,7 +97,8 @@ def segment(
     batch_size
         Windows per forward pass.
     task_tiles
-        Tiles per task along each side (a task writes ``task_tiles**2`` whole chunks).
+        Tiles per task along each side. A task writes ``task_tiles**2`` whole chunks, which
+        make one Zarr shard (``task_tiles * tile`` pixels): larger blocks, fewer files.
     device, amp
         ``"auto"`` picks CUDA when present. ``amp`` autocasts to bfloat16 (default on CUDA).
     scheduler
@@ -107,7 +109,11 @@ def segment(
     pixel_size_um
         Microns per pixel at level 0, overriding what the file says.
     probability_dtype
-        ``"float16"`` (half the storage, ~5e-4 rounding) or ``"float32"``.
+        ``"float16"`` (half the storage, ~5e-4 rounding), ``"float32"``, or ``"uint8"``
+        (a quarter, steps of 1/255, decoded by xarray from CF ``scale_factor``).
+    min_level_size
+        The result's pyramid gets 2x smaller levels while their smaller side stays
+        ``>= min_level_size`` pixels.
     overwrite
         Replace an existing result of other inputs or parameters at ``output``.
     progress
@@ -176,6 +182,9 @@ def segment(
         mode=mode,
         probability_dtype=probability_dtype,
         params=params,
+        task_tiles=task_tiles,
+        min_level_size=min_level_size,
+        **_georeference_at(reader, level),
     )
     output = Path(output)
     done = prepare_result(output, meta, overwrite=overwrite)
@@ -184,11 +193,8 @@ def segment(
         return output
 
     grid = tile_grid((ny, nx), tile)
-    blocks = [
-        todo
-        for block in grid.blocks(task_tiles)
-        if (todo := [t for t in block if not done[t.index]])
-    ]
+    # A block is one shard, the unit of writing: a partly done block is redone whole.
+    blocks = [block for block in grid.blocks(task_tiles) if not all(done[t.index] for t in block)]
     n_todo = sum(len(b) for b in blocks)
     log.info(
         "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
@@ -250,6 +256,16 @@ def segment(
     finalize_result(output, summary)
     log.info("%s complete: %d tiles in %.1f s", output, n_todo, seconds)
     return output
+
+
+def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:
+    """``crs`` and the pixel-corner ``transform`` of ``level`` for a georeferenced reader."""
+    geo = getattr(reader, "georeference", None)
+    if geo is None:
+        return {}
+    (y0, x0, _), (y, x, _) = reader.level_shapes[0], reader.level_shapes[level]
+    a, b, c, d, e, f = geo.transform
+    return {"crs": geo.crs, "transform": (a * x0 / x, b, c, d, e * y0 / y, f)}
 
 
 class _TileRecorder:

@@ -1,6 +1,6 @@
 """Running segmentation tasks on Dask: clusters, per-worker models, one task per tile block.
 
-A task takes a block of output tiles (``task_tiles`` x ``task_tiles``, whole chunks), reads the
+A task takes a block of output tiles (``task_tiles`` x ``task_tiles``, one Zarr shard), reads the
 input it needs once, runs the worker's model on its windows in batches, stitches them through a
 sink, writes the block to the result and returns the block's per-tile class counts. Tasks carry
 paths and geometry, never pixel arrays, so the graph stays small for any image size.
@@ -24,7 +24,7 @@ from segpipe import models
 from segpipe.blending import BlendSink, CropSink, Sink
 from segpipe.inference import InferenceConfig, Predictor
 from segpipe.readers import Reader
-from segpipe.results import write_tiles
+from segpipe.results import write_block
 from segpipe.tiling import (
     BlendLattice,
     Box,
@@ -141,10 +141,14 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
             sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
     probs = sink.result()
 
-    counts = []
-    for t in tiles:
-        sub = probs[(slice(None), *t.box.relative_to(region))]
-        counts.append(write_tiles(job.output, t.box, sub))
+    # One write per block: the block is one whole shard of the result.
+    mask = write_block(job.output, region, probs)
+    counts = [
+        np.bincount(mask[t.box.relative_to(region)].ravel(), minlength=job.num_classes).astype(
+            np.int64
+        )
+        for t in tiles
+    ]
     return BlockResult(tuple(t.index for t in tiles), tuple(counts), len(windows))
 
 

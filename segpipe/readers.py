@@ -23,6 +23,7 @@ import re
 import threading
 import warnings
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,7 +33,7 @@ from dask.base import tokenize
 
 from segpipe.pixels import to_yxc, unit_scale, yxc_shape
 
-__all__ = ["ImageReadError", "Reader", "open_image"]
+__all__ = ["Georeference", "ImageReadError", "Reader", "open_image"]
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2")
 PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -71,6 +72,19 @@ _DECODE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, IndexEr
 
 class ImageReadError(ValueError):
     """An image could not be opened or read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Georeference:
+    """Where level-0 pixels lie in a coordinate reference system (a north-up GeoTIFF).
+
+    ``transform`` is the affine ``(a, b, c, d, e, f)`` (rasterio/affine order) from pixel
+    corner ``(col, row)`` to ``x = a * col + c``, ``y = e * row + f`` (``b = d = 0``; ``e``
+    is negative for north-up images); ``crs`` an authority code such as ``"EPSG:32633"``.
+    """
+
+    crs: str
+    transform: tuple[float, float, float, float, float, float]
 
 
 @runtime_checkable
@@ -191,6 +205,7 @@ class _BaseReader:
     pixel_size_um: float | None
     dtype: np.dtype[Any]
     level_shapes: tuple[tuple[int, int, int], ...]
+    georeference: Georeference | None = None  # GeoTIFFs only
     _axes: tuple[str, ...]
     _native_shapes: tuple[tuple[int, ...], ...]
     _native_chunks: tuple[tuple[int, ...], ...]
@@ -367,6 +382,7 @@ class TiffReader(_BaseReader):
             chunks = [tuple(self._level_array(i).chunks) for i in range(len(levels))]
             dtype = np.dtype(series.dtype)
             file_px = _tiff_pixel_size_um(tif, self._series, self.path)
+            self.georeference = _geotiff_georeference(series.pages[0], self.path)
             self._set_layout(axes, shapes, chunks, dtype)
         except ImageReadError:
             self.close()
@@ -402,6 +418,33 @@ class TiffReader(_BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_tif": None}
+
+
+# GeoKeys: GTRasterTypeGeoKey 2 = RasterPixelIsPoint (tiepoints name pixel centres).
+_PIXEL_IS_POINT = 2
+
+
+def _geotiff_georeference(page: Any, path: str) -> Georeference | None:
+    """The CRS and pixel-to-CRS transform of a north-up GeoTIFF page; None without GeoTIFF
+    tags. Rotated or sheared rasters (a ModelTransformation tag) are refused."""
+    tags = page.geotiff_tags if getattr(page, "is_geotiff", False) else None
+    if not tags:
+        return None
+    if "ModelTransformation" in tags:
+        raise ImageReadError(
+            f"{path}: rotated/sheared GeoTIFF (ModelTransformation) is not supported; "
+            "warp it north-up first (gdalwarp)"
+        )
+    scale, tie = tags.get("ModelPixelScale"), tags.get("ModelTiepoint")
+    code = tags.get("ProjectedCSTypeGeoKey") or tags.get("GeographicTypeGeoKey")
+    if scale is None or tie is None or code is None:
+        return None
+    sx, sy = float(scale[0]), float(scale[1])
+    col, row, x, y = float(tie[0]), float(tie[1]), float(tie[3]), float(tie[4])
+    c, f = x - col * sx, y + row * sy
+    if int(tags.get("GTRasterTypeGeoKey", 1)) == _PIXEL_IS_POINT:
+        c, f = c - sx / 2, f + sy / 2
+    return Georeference(f"EPSG:{int(code)}", (sx, 0.0, c, 0.0, -sy, f))
 
 
 def _tiff_pixel_size_um(tif: Any, series_index: int, path: str) -> float | None:

@@ -1,17 +1,32 @@
-"""The result store: one Zarr v3 group per segmented image.
+"""The result store: one Zarr v3 group per segmented image, laid out as OME-Zarr 0.5.
 
-Layout (every array chunked like the output tiles, so a task writes whole chunks)::
+Layout::
 
-    result.zarr/
-        mask            (y, x)          uint8    argmax class, 0 where nothing was written
-        probabilities   (class, y, x)   float16  softmax over classes (float32 on request)
-        y, x            (y,), (x,)      float64  pixel positions in microns (or pixels)
-        class           (class,)        str      class names
-        _segpipe/tiles_done (tile_y, tile_x) uint8  1 where a tile is written (driver-owned)
+    result.zarr/                 OME image (the class probabilities, axes class/y/x) + "segpipe"
+        mask           (y, x)          uint8    argmax class, 0 where nothing was written
+        probabilities  (class, y, x)   float16  softmax (float32, or uint8 with CF scale_factor)
+        y, x           (y,), (x,)      float64  pixel centres: microns, CRS units or pixels
+        class          (class,)        str      class names
+        spatial_ref    ()              int64    georeferenced input only: CF grid mapping
+                                                (CRS WKT), as rioxarray reads and writes it
+        levels/<k>/    the same for pyramid level k = 1, 2, ... (2**k smaller)
+        labels/mask/<k> (y, x) uint8   the mask as an OME label image, one array per level,
+                                       with "image-label" colours and class names
+        _segpipe/      tiles_done, class_pixels (driver-owned bookkeeping)
 
-The root attribute ``segpipe`` holds provenance and ``complete``, which turns true only after the
-last tile is written; ``open_result`` refuses an incomplete result. Metadata is consolidated
-once, at the end, so it never goes stale mid-run.
+Level 0 at the root keeps ``xarray.open_zarr(result)`` a plain Dataset, and
+``xarray.open_zarr(result, group="levels/<k>")`` one level; OME readers (napari through
+ome-zarr-py, ome-zarr-models) see the probability pyramid and the ``labels/mask`` pyramid.
+The label arrays repeat the mask (uint8, a few percent of the store) because OME wants labels
+under ``labels/`` and xarray wants a level's variables side by side.
+
+Arrays are chunked like the output tiles and sharded by one task's block of tiles
+(``task_tiles * tile`` pixels): every task writes whole shards, which is what makes
+concurrent writers safe in Zarr v3. Chunks equal to the fill value are not stored.
+
+The root attribute ``segpipe`` holds provenance and ``complete``, which turns true only after
+the last tile is written and the pyramid built; ``open_result`` refuses an incomplete result.
+Metadata is consolidated once, at the end, so it never goes stale mid-run.
 """
 
 from __future__ import annotations
@@ -31,29 +46,48 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from zarr.codecs import ZstdCodec
+from zarr.core.array_spec import ArrayConfigParams
 
 from segpipe import __version__
+from segpipe.pixels import pyramid_shapes
+from segpipe.pyramid import (
+    OME_VERSION,
+    PixelGrid,
+    label_attributes,
+    multiscale_attributes,
+    reduce_level,
+)
 from segpipe.tiling import Box
 
 __all__ = [
+    "LABEL_NAME",
+    "PROBABILITY_DTYPES",
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",
     "class_pixels",
     "finalize_result",
     "is_complete",
+    "level_path",
     "mark_tiles_done",
     "open_result",
     "prepare_result",
     "read_meta",
+    "result_levels",
     "tiles_done",
+    "write_block",
     "write_tiles",
 ]
 
-PROBABILITY_DTYPES = ("float16", "float32")
+PROBABILITY_DTYPES = ("float16", "float32", "uint8")
+LABEL_NAME = "mask"
 _PROGRESS = "_segpipe/tiles_done"
 _COUNTS = "_segpipe/class_pixels"
 _PROGRESS_CHUNKS = (64, 64)
+_UINT8_SCALE = 1 / 255
+_ZSTD = ZstdCodec(level=3)
+_SPARSE: ArrayConfigParams = {"write_empty_chunks": False}
 
 
 class IncompleteResultError(RuntimeError):
@@ -69,7 +103,8 @@ class ResultMeta:
     """What a result is: identity of its inputs and the parameters that shaped it.
 
     Two runs with equal ``identity()`` produce the same result, so one may finish the other's
-    missing tiles.
+    missing tiles. ``task_tiles`` fixes the shard side (``task_tiles * tile``) and
+    ``min_level_size`` the pyramid, so they are part of it too.
     """
 
     source: str
@@ -84,6 +119,10 @@ class ResultMeta:
     mode: str
     probability_dtype: str = "float16"
     params: dict[str, Any] = field(default_factory=dict)  # other knobs that change numbers
+    task_tiles: int = 1
+    min_level_size: int = 256
+    crs: str | None = None  # georeferenced input: "EPSG:..." and the segmented level's
+    transform: tuple[float, ...] | None = None  # pixel-corner affine (a, b, c, d, e, f)
 
     def __post_init__(self) -> None:
         if self.probability_dtype not in PROBABILITY_DTYPES:
@@ -91,11 +130,22 @@ class ResultMeta:
                 f"probability_dtype must be one of {PROBABILITY_DTYPES}, got "
                 f"{self.probability_dtype!r}"
             )
+        if self.task_tiles < 1 or self.min_level_size < 1:
+            raise ValueError(
+                f"task_tiles and min_level_size must be >= 1, got {self.task_tiles} and "
+                f"{self.min_level_size}"
+            )
+
+    @property
+    def shard(self) -> int:
+        """Shard side in pixels: one task's block of tiles."""
+        return self.task_tiles * self.tile
 
     def identity(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["class_names"] = list(self.class_names)
+        d["transform"] = list(self.transform) if self.transform else None
         return d
 
 
@@ -130,6 +180,23 @@ def is_complete(path: str | os.PathLike) -> bool:
         return bool(read_meta(path).get("complete", False))
     except (FileNotFoundError, ValueError):
         return False
+
+
+def level_path(level: int) -> str:
+    """The group of pyramid ``level`` inside a result: ``""`` (the root) or ``levels/<k>``."""
+    return "" if level == 0 else f"levels/{level}"
+
+
+def result_levels(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """(y, x) pixels of every pyramid level of the result at ``path``, level 0 first.
+
+    The number of levels is what the store's OME metadata lists (one, for a result written
+    before results had pyramids).
+    """
+    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    ident = attrs["segpipe"]["identity"]
+    datasets = attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [None])
+    return list(pyramid_shapes(tuple(ident["shape"]), 1)[: len(datasets)])
 
 
 def prepare_result(
@@ -168,34 +235,8 @@ def prepare_result(
     return tiles_done(path)
 
 
-def _create(path: Path, meta: ResultMeta) -> None:
-    ny, nx = meta.shape
-    c, t = len(meta.class_names), meta.tile
-    px = meta.pixel_size_um
-    units = "micrometer" if px else "pixel"
-    step = px or 1.0
-    ds = xr.Dataset(
-        {
-            "mask": (("y", "x"), da.zeros((ny, nx), dtype="uint8", chunks=t)),
-            "probabilities": (
-                ("class", "y", "x"),
-                da.zeros((c, ny, nx), dtype=meta.probability_dtype, chunks=(c, t, t)),
-            ),
-        },
-        coords={
-            "y": ("y", np.arange(ny) * step, {"units": units}),
-            "x": ("x", np.arange(nx) * step, {"units": units}),
-            # Variable-length strings: zarr-python has a v3 spec for those, not for fixed width.
-            "class": ("class", np.array(meta.class_names, dtype=object)),
-        },
-    )
-    ds["mask"].attrs.update(
-        long_name="argmax class",
-        flag_values=list(range(c)),
-        flag_meanings=" ".join(meta.class_names),
-    )
-    ds["probabilities"].attrs.update(long_name="softmax class probability")
-    ds.attrs["segpipe"] = {
+def _provenance(meta: ResultMeta) -> dict[str, Any]:
+    return {
         "version": __version__,
         "complete": False,
         "identity": meta.identity(),
@@ -210,17 +251,48 @@ def _create(path: Path, meta: ResultMeta) -> None:
         "started": _now(),
         "finished": None,
     }
-    encoding = {
-        "mask": {"chunks": (t, t), "fill_value": 0},
-        "probabilities": {"chunks": (c, t, t), "fill_value": 0.0},
+
+
+def _create(path: Path, meta: ResultMeta) -> None:
+    shapes = pyramid_shapes(meta.shape, meta.min_level_size)
+    grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform)
+    unit = grid.ome_unit
+    step = (abs(grid.step[0]), abs(grid.step[1]))
+    levels = [level_path(k) for k in range(len(shapes))]
+    ome = {
+        "version": OME_VERSION,
+        "multiscales": [
+            multiscale_attributes(
+                "probabilities",
+                [f"{g}/probabilities".lstrip("/") for g in levels],
+                step,
+                unit,
+                channel="class",
+                method="mean",
+            )
+        ],
     }
-    ds.to_zarr(path, mode="w-", compute=False, zarr_format=3, encoding=encoding, consolidated=False)
-    grid = (-(-ny // t), -(-nx // t))
-    root = zarr.open_group(path, mode="r+")
+    root = zarr.create_group(
+        str(path), zarr_format=3, attributes={"ome": ome, "segpipe": _provenance(meta)}
+    )
+    for k, (ny, nx) in enumerate(shapes):
+        group = root if k == 0 else root.require_group(levels[k])
+        _create_level(group, k, (ny, nx), meta, grid)
+    labels = root.create_group(
+        "labels", attributes={"ome": {"version": OME_VERSION, "labels": [LABEL_NAME]}}
+    )
+    label = labels.create_group(
+        LABEL_NAME,
+        attributes={"ome": label_attributes(LABEL_NAME, len(shapes), step, unit, meta.class_names)},
+    )
+    for k, shape in enumerate(shapes):
+        _mask_array(label, str(k), shape, meta)
+
+    tiles = (-(-meta.shape[0] // meta.tile), -(-meta.shape[1] // meta.tile))
     # Driver-owned bookkeeping, chunked so a flush rewrites only the chunks it touched.
     root.create_array(
         _PROGRESS,
-        shape=grid,
+        shape=tiles,
         chunks=_PROGRESS_CHUNKS,
         dtype="uint8",
         fill_value=0,
@@ -228,12 +300,83 @@ def _create(path: Path, meta: ResultMeta) -> None:
     )
     root.create_array(
         _COUNTS,
-        shape=(*grid, c),
-        chunks=(*_PROGRESS_CHUNKS, c),
+        shape=(*tiles, len(meta.class_names)),
+        chunks=(*_PROGRESS_CHUNKS, len(meta.class_names)),
         dtype="int64",
         fill_value=0,
         dimension_names=("tile_y", "tile_x", "class"),
     )
+
+
+def _mask_array(
+    group: zarr.Group,
+    name: str,
+    shape: tuple[int, int],
+    meta: ResultMeta,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    t, s = meta.tile, meta.shard
+    group.create_array(
+        name,
+        shape=shape,
+        chunks=(t, t),
+        shards=(s, s),
+        dtype="uint8",
+        fill_value=0,
+        compressors=_ZSTD,
+        dimension_names=("y", "x"),
+        config=_SPARSE,
+        attributes={
+            "long_name": "argmax class",
+            "flag_values": list(range(len(meta.class_names))),
+            "flag_meanings": " ".join(meta.class_names),
+            **(extra or {}),
+        },
+    )
+
+
+def _create_level(
+    group: zarr.Group, k: int, shape: tuple[int, int], meta: ResultMeta, grid: PixelGrid
+) -> None:
+    ny, nx = shape
+    c, t, s = len(meta.class_names), meta.tile, meta.shard
+    geo: dict[str, Any] = {}
+    if grid.crs_wkt is not None:
+        # CF grid mapping, as rioxarray writes and reads it: ds.rio.crs works on any level.
+        a, _, x0, _, e, y0 = grid.transform or ()
+        ref = group.create_array("spatial_ref", shape=(), dtype="int64", dimension_names=())
+        ref.attrs.update(
+            crs_wkt=grid.crs_wkt,
+            spatial_ref=grid.crs_wkt,
+            GeoTransform=f"{x0} {a * 2**k} 0 {y0} 0 {e * 2**k}",
+        )
+        ref[()] = 0
+        geo = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
+    _mask_array(group, "mask", shape, meta, geo)
+    attrs: dict[str, Any] = {"long_name": "softmax class probability", **geo}
+    if meta.probability_dtype == "uint8":
+        # CF packing: xarray (and netCDF tools) decode value * scale_factor + add_offset.
+        attrs.update(scale_factor=_UINT8_SCALE, add_offset=0.0)
+    group.create_array(
+        "probabilities",
+        shape=(c, ny, nx),
+        chunks=(c, t, t),
+        shards=(c, s, s),
+        dtype=meta.probability_dtype,
+        fill_value=0,
+        compressors=_ZSTD,
+        dimension_names=("class", "y", "x"),
+        config=_SPARSE,
+        attributes=attrs,
+    )
+    for axis, (dim, n) in enumerate((("y", ny), ("x", nx))):
+        coord = group.create_array(
+            dim, shape=(n,), chunks=(n,), dtype="float64", dimension_names=(dim,),
+            attributes={"units": grid.units, "long_name": f"{dim} of pixel centre"},
+        )  # fmt: skip
+        coord[:] = grid.coordinates(axis, n, k)
+    names = group.create_array("class", shape=(c,), dtype=str, dimension_names=("class",))
+    names[:] = np.array(meta.class_names, dtype=object)
 
 
 def tiles_done(path: str | os.PathLike) -> np.ndarray:
@@ -277,29 +420,73 @@ def class_pixels(path: str | os.PathLike) -> np.ndarray:
 
 
 @lru_cache(maxsize=8)
-def _arrays(path: str) -> tuple[zarr.Array, zarr.Array]:
+def _arrays(path: str) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
     # One open per worker process and result, not per tile.
+    root = zarr.open_group(path, mode="r+")
     return (
-        zarr.open_array(Path(path) / "mask", mode="r+"),
-        zarr.open_array(Path(path) / "probabilities", mode="r+"),
-    )
+        root["mask"],
+        root["probabilities"],
+        root[f"labels/{LABEL_NAME}/0"],
+    )  # type: ignore[return-value]
+
+
+def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
+    """Float probabilities in the stored dtype (uint8: ``round(p * 255)``).
+
+    >>> encode_probabilities(np.array([0.0, 0.5, 1.0]), "uint8").tolist()
+    [0, 128, 255]
+    """
+    if dtype == "uint8":
+        return np.rint(np.clip(probabilities, 0.0, 1.0) / _UINT8_SCALE).astype(np.uint8)
+    return probabilities.astype(dtype)
+
+
+def write_block(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
+    """Write (C, y, x) float probabilities over ``box`` and their argmax mask.
+
+    ``box`` must cover whole shards (one task's block of tiles, or its part inside the
+    image), so concurrent tasks never share a shard. Returns the (y, x) uint8 mask written.
+    """
+    mask_arr, prob_arr, label_arr = _arrays(str(Path(path)))
+    mask = np.argmax(probabilities, axis=0).astype(np.uint8)
+    prob_arr[(slice(None), *box.slices)] = encode_probabilities(probabilities, prob_arr.dtype.name)
+    mask_arr[box.slices] = mask
+    label_arr[box.slices] = mask
+    return mask
 
 
 def write_tiles(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
-    """Write (C, y, x) float probabilities over ``box`` and their argmax mask.
-
-    ``box`` must cover whole tiles (chunks), so concurrent tasks never share a chunk.
-    Returns the per-class pixel counts of the written mask, (C,) int64.
-    """
-    mask_arr, prob_arr = _arrays(str(Path(path)))
-    mask = np.argmax(probabilities, axis=0).astype(np.uint8)
-    prob_arr[(slice(None), *box.slices)] = probabilities.astype(prob_arr.dtype)
-    mask_arr[box.slices] = mask
+    """:func:`write_block`, returning the per-class pixel counts of the mask, (C,) int64."""
+    mask = write_block(path, box, probabilities)
     return np.bincount(mask.ravel(), minlength=probabilities.shape[0]).astype(np.int64)
 
 
+def build_pyramid(path: str | os.PathLike) -> None:
+    """Compute levels 1.. of the result at ``path`` from level 0, one shard per task.
+
+    Each level is read back from the one just written (bounded memory; Dask's threaded
+    scheduler), probabilities by 2x2 mean, the mask by 2x2 mode.
+    """
+    root = zarr.open_group(path, mode="r+")
+
+    def array(name: str) -> zarr.Array:
+        node = root[name.lstrip("/")]
+        if not isinstance(node, zarr.Array):
+            raise TypeError(f"{path}/{name} is not a Zarr array: not a segpipe result layout")
+        return node
+
+    for k in range(1, len(result_levels(path))):
+        below, here = level_path(k - 1), level_path(k)
+        targets = [array(f"{here}/mask"), array(f"{here}/probabilities")]
+        mask = reduce_level(array(f"{below}/mask"), "mode", targets[0].shards or ())
+        probs = reduce_level(array(f"{below}/probabilities"), "mean", targets[1].shards or ())
+        label = array(f"labels/{LABEL_NAME}/{k}")
+        da.store([mask, probs, mask], [*targets, label], lock=False)
+
+
 def finalize_result(path: str | os.PathLike, summary: dict[str, Any]) -> None:
-    """Mark the result complete, add the run summary, consolidate metadata."""
+    """Build the pyramid, mark the result complete, add the run summary, consolidate."""
+    build_pyramid(path)
     group = zarr.open_group(path, mode="r+")
     meta = dict(group.attrs["segpipe"])
     meta.update(summary, complete=True, finished=_now())
@@ -309,13 +496,35 @@ def finalize_result(path: str | os.PathLike, summary: dict[str, Any]) -> None:
 
 
 def open_result(
-    path: str | os.PathLike, *, allow_incomplete: bool = False, chunks: Any = None
-) -> xr.Dataset:
-    """Open a result lazily.
+    path: str | os.PathLike,
+    level: int = 0,
+    *,
+    tree: bool = False,
+    allow_incomplete: bool = False,
+    chunks: Any = None,
+) -> Any:
+    """Open a result lazily, one pyramid level as a Dataset or every level as a DataTree.
 
-    Returns a Dataset with dask-backed ``mask`` (y, x) and ``probabilities`` (class, y, x);
-    coordinates ``y``/``x`` in microns (``units`` attribute; pixels when the source did not say)
-    and ``class`` holding the class names. Provenance is in ``attrs["segpipe"]``.
+    Parameters
+    ----------
+    path
+        The result's Zarr directory.
+    level
+        Pyramid level (0 = as segmented; level ``k`` is ``2**k`` times smaller).
+    tree
+        Return an ``xarray.DataTree`` whose children ``"0"``, ``"1"``, ... are the levels.
+    allow_incomplete
+        Open a result whose run has not finished (``IncompleteResultError`` otherwise).
+    chunks
+        Dask chunks (default: the stored chunks).
+
+    Returns
+    -------
+    xarray.Dataset or xarray.DataTree
+        Dask-backed ``mask`` (y, x) and ``probabilities`` (class, y, x) (uint8 storage decoded
+        to floats); coordinates ``y``/``x`` at pixel centres in microns (``units`` attribute;
+        pixels when the source did not say) and ``class`` holding the class names.
+        Provenance is in ``attrs["segpipe"]``, the level in ``attrs["level"]``.
     """
     meta = read_meta(path)
     if not meta.get("complete") and not allow_incomplete:
@@ -324,9 +533,28 @@ def open_result(
             "going); run segment again with the same output to finish it, or pass "
             "allow_incomplete=True to look at what is there"
         )
+    n_levels = len(result_levels(path))
+    if tree:
+        levels = {str(k): _open_level(path, k, meta, chunks) for k in range(n_levels)}
+        return xr.DataTree.from_dict(
+            {"/": xr.Dataset(attrs={"segpipe": meta}), **levels}, name=Path(path).name
+        )
+    if not 0 <= level < n_levels:
+        raise ValueError(f"{path} has pyramid levels 0..{n_levels - 1}, not level {level}")
+    return _open_level(path, level, meta, chunks)
+
+
+def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunks: Any) -> Any:
     kw: dict[str, Any] = {"chunks": chunks} if chunks is not None else {}
     with _quiet_consolidated():
-        return xr.open_zarr(path, consolidated=bool(meta.get("complete")), **kw)
+        ds = xr.open_zarr(
+            path, group=level_path(level) or None, consolidated=bool(meta.get("complete")), **kw
+        )
+    ds.attrs = {"segpipe": meta, "level": level}
+    if ds["probabilities"].encoding.get("dtype") == np.uint8:
+        # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.
+        ds["probabilities"] = ds["probabilities"].astype(np.float32)
+    return ds
 
 
 @contextlib.contextmanager

@@ -1,52 +1,90 @@
-"""Train a segmentation model on synthetic slides, and score it on a held-out one.
+"""Train a segmentation model on labelled images, and score it on held-out ones.
 
 A deliberately small loop, readable top to bottom:
 
-1. generate ``num_slides`` training slides and one validation slide (:mod:`segpipe.synthetic`,
-   different seeds);
+1. make the training and validation images that ``TrainConfig.dataset`` names: synthetic H&E
+   slides (``"tissue"``) or aerial scenes (``"aerial"``) from :mod:`segpipe.synthetic`, with
+   different seeds, or the (image, labels) pairs of two folders (``"folder"``,
+   :func:`segpipe.datasets.read_folder`);
 2. sample batches of (input window, label crop) pairs that follow the model's geometry: the
    labels are the pixels the model predicts, the input is that crop plus the model's context
-   (its halo, mirrored at slide borders as in the U-Net paper), see :func:`patch_pair`;
-3. augment each pair with a random flip and 90° rotation, the same on image and labels;
-4. minimise pixel-wise softmax cross-entropy with Adam;
-5. predict the whole validation slide tile by tile (the overlap-tile strategy, via
-   :mod:`segpipe.tiling`) and report per-class Dice and IoU from one confusion matrix
-   (:mod:`segpipe.metrics`).
+   (its halo, mirrored at image borders as in the U-Net paper), see :func:`patch_pair`;
+3. augment each pair, the same way on image and labels: a random elastic deformation
+   (optional), a random flip and 90° rotation, an intensity jitter (optional), see
+   :class:`Augmentation`;
+4. minimise pixel-wise softmax cross-entropy (:func:`segpipe.losses.softmax_cross_entropy`),
+   optionally weighted per pixel (balanced classes, or the U-Net border weights of
+   :func:`segpipe.losses.unet_weight_map` where instance labels exist), with Adam;
+5. after each epoch, predict the validation images tile by tile (the overlap-tile strategy,
+   via :mod:`segpipe.tiling`), report per-class Dice and IoU from one confusion matrix
+   (:mod:`segpipe.metrics`), and write a checkpoint that training can resume from.
 
 Everything random comes from ``TrainConfig.seed``: the same config on the same machine and
-thread count gives the same weights.
+thread count gives the same weights, also across an interruption and a resume.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from segpipe import metrics
+from segpipe.datasets import (
+    Augmentation,
+    Batch,
+    LabelledImage,
+    augment,
+    class_names_of,
+    elastic_deformation,
+    intensity_jitter,
+    patch_pair,
+    read_folder,
+    sample_batch,
+    sample_pairs,
+)
+from segpipe.losses import balanced_class_weights, softmax_cross_entropy, unet_weight_map
 from segpipe.models.base import geometry_of
-from segpipe.synthetic import SyntheticSlide, tissue_slide
-from segpipe.tiling import Geometry, exact_window, mirror_indices, tile_grid
+from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
+from segpipe.tiling import exact_window, mirror_indices, tile_grid
 
 __all__ = [
+    "Augmentation",
+    "Batch",
     "TrainConfig",
     "augment",
+    "class_names_for",
+    "elastic_deformation",
     "evaluate",
+    "format_report",
+    "initial_model",
+    "intensity_jitter",
+    "loss_weight_maps",
     "make_slides",
     "patch_pair",
     "predict_labels",
     "sample_batch",
+    "sample_pairs",
+    "save_trained",
+    "state_path",
     "train",
 ]
+
+Dataset = Literal["tissue", "aerial", "folder"]
+LossWeights = Literal["none", "balanced", "unet"]
+
+# Default pixel size of each synthetic scene, micrometres: a 20x scan, a 0.5 m orthophoto.
+_DEFAULT_PIXEL_SIZE_UM = {"tissue": 0.5, "aerial": 500_000.0}
 
 
 @dataclass(frozen=True)
@@ -56,7 +94,7 @@ class TrainConfig:
     Parameters
     ----------
     steps
-        Optimiser steps (batches).
+        Optimiser steps (batches), over all epochs.
     batch_size
         Pairs per batch.
     patch
@@ -64,19 +102,21 @@ class TrainConfig:
         ``geometry.input_size(patch)`` a side, so the crop actually used may be a few pixels
         larger, ``geometry.output_size(input side)``.
     lr
-        Adam learning rate.
+        Adam learning rate (cosine decay to zero over ``steps``).
     seed
-        Seeds torch and numpy; training slide ``i`` is ``tissue_slide(..., seed=seed + i)``.
+        Seeds torch and numpy; training image ``i`` is ``tissue_slide(..., seed=seed + i)``
+        (or ``aerial_scene``).
     slide_size
-        Side of each training slide in pixels.
+        Side of each synthetic training image in pixels.
     num_slides
-        Number of training slides.
+        Number of synthetic training images.
     pixel_size_um
-        Micrometres per pixel of the generated slides.
+        Micrometres per pixel of the synthetic images; None: the scene's usual one (0.5 µm
+        for tissue, 500 000 µm = 0.5 m for aerial).
     val_seed
-        Seed of the held-out validation slide; must differ from every training slide's.
+        Seed of the held-out synthetic validation image; must differ from every training one's.
     val_size
-        Side of the validation slide in pixels.
+        Side of the synthetic validation image in pixels.
     val_tile
         Output tile side for validation inference (a multiple of the model's size multiple).
     log_every
@@ -84,7 +124,34 @@ class TrainConfig:
     num_threads
         torch intra-op threads; None: the CPU cores this process may use.
     progress
-        Show a tqdm progress bar.
+        Show a progress bar, and print the final report.
+    dataset
+        ``"tissue"`` or ``"aerial"`` (synthetic, :mod:`segpipe.synthetic`), or ``"folder"``:
+        ``train_folder`` and ``val_folder``, laid out as :mod:`segpipe.datasets` describes.
+    train_folder, val_folder
+        Folders of (image, labels[, instances]) files, for ``dataset="folder"``.
+    epochs
+        Validation (and checkpoint) points: an epoch is ``ceil(steps / epochs)`` steps.
+    loss_weights
+        ``"none"``: plain mean cross-entropy. ``"balanced"``: each pixel weighted by its
+        class's ``w_c`` (class frequencies over the training images). ``"unet"``: the U-Net
+        weight map, ``w_c`` plus the border term of ``w0`` and ``sigma_px`` (needs instances).
+    w0, sigma_px
+        Border weight and its decay length in pixels, for ``loss_weights="unet"``.
+    elastic_std_px
+        Standard deviation (pixels) of the random displacements of an elastic deformation on
+        a ``elastic_grid`` x ``elastic_grid`` grid, as in the U-Net paper; 0 turns it off.
+    elastic_grid
+        Points per side of the displacement grid (cubic interpolation between them).
+    jitter
+        Intensity jitter strength: contrast and brightness drawn within ``±jitter``, channel
+        gains within ``±jitter / 2``; 0 turns it off.
+    checkpoint_dir
+        Where ``epoch-NNN.pt`` (:func:`segpipe.models.save`, weights-only loadable) and its
+        optimiser state ``epoch-NNN.state.pt`` are written after each epoch; None: nowhere.
+    resume_from
+        A checkpoint written by this loop (``.../epoch-NNN.pt``): its weights, optimiser,
+        schedule, random state and history are restored and training continues from there.
     """
 
     steps: int = 500
@@ -94,17 +161,29 @@ class TrainConfig:
     seed: int = 0
     slide_size: int = 2048
     num_slides: int = 4
-    pixel_size_um: float = 0.5
+    pixel_size_um: float | None = None
     val_seed: int = 10_000
     val_size: int = 1024
     val_tile: int = 256
     log_every: int = 25
     num_threads: int | None = None
     progress: bool = True
+    dataset: Dataset = "tissue"
+    train_folder: str | None = None
+    val_folder: str | None = None
+    epochs: int = 1
+    loss_weights: LossWeights = "none"
+    w0: float = 10.0
+    sigma_px: float = 5.0
+    elastic_std_px: float = 0.0
+    elastic_grid: int = 3
+    jitter: float = 0.0
+    checkpoint_dir: str | None = None
+    resume_from: str | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "patch", "slide_size", "num_slides", "val_size")
-        for name in (*positive, "val_tile", "log_every"):
+        for name in (*positive, "val_tile", "log_every", "epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
@@ -114,7 +193,36 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.num_threads must be >= 1 or None, got {self.num_threads}"
             )
-        if self.seed <= self.val_seed < self.seed + self.num_slides:
+        if self.epochs > self.steps:
+            raise ValueError(f"TrainConfig.epochs={self.epochs} exceeds steps={self.steps}")
+        if self.dataset not in ("tissue", "aerial", "folder"):
+            raise ValueError(
+                f"TrainConfig.dataset must be 'tissue', 'aerial' or 'folder', got {self.dataset!r}"
+            )
+        if self.dataset == "folder" and not (self.train_folder and self.val_folder):
+            raise ValueError(
+                "TrainConfig.dataset='folder' needs train_folder and val_folder, got "
+                f"{self.train_folder!r} and {self.val_folder!r}"
+            )
+        if self.loss_weights not in ("none", "balanced", "unet"):
+            raise ValueError(
+                "TrainConfig.loss_weights must be 'none', 'balanced' or 'unet', "
+                f"got {self.loss_weights!r}"
+            )
+        if not (self.w0 >= 0 and self.sigma_px > 0):
+            raise ValueError(
+                f"TrainConfig needs w0 >= 0 and sigma_px > 0, got {self.w0}, {self.sigma_px}"
+            )
+        if not (self.elastic_std_px >= 0 and self.elastic_grid >= 2 and 0 <= self.jitter < 1):
+            raise ValueError(
+                "TrainConfig needs elastic_std_px >= 0, elastic_grid >= 2 and 0 <= jitter < 1, "
+                f"got {self.elastic_std_px}, {self.elastic_grid}, {self.jitter}"
+            )
+        if self.pixel_size_um is not None and not (
+            math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0
+        ):
+            raise ValueError(f"TrainConfig.pixel_size_um must be > 0, got {self.pixel_size_um}")
+        if self.dataset != "folder" and self.seed <= self.val_seed < self.seed + self.num_slides:
             raise ValueError(
                 f"TrainConfig.val_seed={self.val_seed} is also a training slide's seed "
                 f"(seeds {self.seed}..{self.seed + self.num_slides - 1}); the validation slide "
@@ -125,113 +233,96 @@ class TrainConfig:
     def train_seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.num_slides)]
 
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(
+            elastic_std_px=self.elastic_std_px, elastic_grid=self.elastic_grid, jitter=self.jitter
+        )
 
-def make_slides(config: TrainConfig) -> tuple[list[SyntheticSlide], SyntheticSlide]:
-    """The training slides and the held-out validation slide that ``config`` names."""
-    train_slides = [
-        tissue_slide(config.slide_size, seed=s, pixel_size_um=config.pixel_size_um)
-        for s in config.train_seeds
-    ]
-    val = tissue_slide(config.val_size, seed=config.val_seed, pixel_size_um=config.pixel_size_um)
-    return train_slides, val
-
-
-def _window_sides(geometry: Geometry, patch: int) -> tuple[int, int]:
-    """(input side, label side) in pixels for a requested label side of ``patch``."""
-    n = geometry.input_size(patch)
-    return n, geometry.output_size(n)
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.steps / self.epochs)
 
 
-def patch_pair(
-    slide: SyntheticSlide, y: int, x: int, geometry: Geometry, patch: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """One training pair whose label crop has its top-left corner at ``(y, x)``.
-
-    The input window is the label crop grown by the model's context, centred on it::
-
-        input window, n = geometry.input_size(patch) a side
-        +----------------------+
-        |  (n - o) / 2         |      mirrored where it leaves the slide
-        |   +--------------+   |
-        |   | labels, o a  |   |      o = geometry.output_size(n) >= patch
-        |   | side         |   |
-        |   +--------------+   |
-        +----------------------+
-
-    Parameters
-    ----------
-    slide
-        Source of image and labels.
-    y, x
-        Top-left of the label crop in slide pixels; the crop may run past the slide's
-        bottom/right edge, where it is mirrored like the context.
-    geometry, patch
-        The model's geometry and the requested label side (pixels).
-
-    Returns
-    -------
-    image
-        ``(3, n, n)`` float32 in ``[0, 1]``.
-    labels
-        ``(o, o)`` int64 class ids.
-    """
-    n, o = _window_sides(geometry, patch)
-    margin = (n - o) // 2  # the halo for valid convolutions, 0 for same padding
-    ny, nx = slide.shape
-    rows = mirror_indices(y - margin, y - margin + n, ny)
-    cols = mirror_indices(x - margin, x - margin + n, nx)
-    image = slide.image[np.ix_(rows, cols)]  # (n, n, 3) uint8
-    image = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
-    labels = slide.labels[np.ix_(rows[margin : margin + o], cols[margin : margin + o])]
-    return image, labels.astype(np.int64)
+def class_names_for(config: TrainConfig) -> tuple[str, ...]:
+    """The class names of the data ``config`` names (a model for it needs as many classes)."""
+    if config.dataset == "tissue":
+        return CLASS_NAMES
+    if config.dataset == "aerial":
+        return AERIAL_CLASS_NAMES
+    names = class_names_of(str(config.train_folder))
+    return names if names is not None else read_folder(str(config.train_folder))[0].class_names
 
 
-def augment(
-    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """A random one of the 8 flips/rotations of the square, the same on image and labels.
-
-    ``image`` is ``(C, n, n)``, ``labels`` ``(o, o)`` centred in it; both turn about their
-    centres, so they stay aligned. Returns contiguous copies.
-    """
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-    image = np.rot90(image, k, axes=(-2, -1))
-    labels = np.rot90(labels, k, axes=(-2, -1))
-    if flip:
-        image, labels = image[..., ::-1], labels[..., ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """The training images and the held-out validation images that ``config`` names."""
+    if config.dataset == "folder":
+        train = read_folder(str(config.train_folder))
+        names = train[0].class_names
+        return list(train), list(read_folder(str(config.val_folder), class_names=names))
+    scene = tissue_slide if config.dataset == "tissue" else aerial_scene
+    px = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
+    train = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]
+    return list(train), [scene(config.val_size, seed=config.val_seed, pixel_size_um=px)]
 
 
-def sample_batch(
-    slides: Sequence[SyntheticSlide],
-    geometry: Geometry,
-    patch: int,
-    batch_size: int,
-    rng: np.random.Generator,
+def loss_weight_maps(
+    slides: Sequence[LabelledImage], config: TrainConfig
+) -> list[np.ndarray] | None:
+    """Per-pixel loss weights of each training image, ``(Y, X)`` float32, or None for
+    ``loss_weights="none"``. ``w_c`` balances the class frequencies of all of ``slides``."""
+    if config.loss_weights == "none":
+        return None
+    num_classes = len(slides[0].class_names)
+    counts = sum(np.bincount(s.labels.ravel(), minlength=num_classes) for s in slides)
+    table = balanced_class_weights(np.repeat(np.arange(num_classes), counts), num_classes)
+    if config.loss_weights == "balanced":
+        return [table.astype(np.float32)[s.labels] for s in slides]
+    maps = []
+    for i, s in enumerate(slides):
+        if s.instances is None:
+            raise ValueError(
+                f"loss_weights='unet' needs instance labels, and training image {i} has none "
+                "(add an instances/ folder, or use loss_weights='balanced')"
+            )
+        maps.append(
+            unet_weight_map(
+                s.instances,
+                labels=s.labels,
+                w0=config.w0,
+                sigma=config.sigma_px,
+                class_weights=table,
+            )
+        )
+    return maps
+
+
+def initial_model(
+    name_or_checkpoint: str,
     *,
-    is_augmented: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of pairs at uniformly random positions of randomly chosen slides, each pair
-    flipped and rotated at random unless ``is_augmented`` is False.
+    class_names: Sequence[str],
+    seed: int = 0,
+    **options: Any,
+) -> nn.Module:
+    """The model training starts from: a fresh ``segpipe.models.build(name, ...)`` with torch
+    seeded by ``seed`` (reproducible initial weights), or a checkpoint/shipped model to
+    fine-tune (``options`` must then be empty)."""
+    from segpipe import models
 
-    Returns ``(batch_size, 3, n, n)`` float32 images and ``(batch_size, o, o)`` int64 labels,
-    ``n`` and ``o`` as in :func:`patch_pair`.
-    """
-    o = _window_sides(geometry, patch)[1]
-    images, labels = [], []
-    for _ in range(batch_size):
-        slide = slides[int(rng.integers(len(slides)))]
-        # Label crops inside the slide (true labels only); the context is mirrored at the
-        # borders as it is at inference. A slide smaller than a crop gets mirrored labels too.
-        y = int(rng.integers(max(slide.shape[0] - o, 0) + 1))
-        x = int(rng.integers(max(slide.shape[1] - o, 0) + 1))
-        image, label = patch_pair(slide, y, x, geometry, patch)
-        if is_augmented:
-            image, label = augment(image, label, rng)
-        images.append(image)
-        labels.append(label)
-    return np.stack(images), np.stack(labels)
+    if name_or_checkpoint in models.available():
+        torch.manual_seed(seed)
+        return models.build(name_or_checkpoint, class_names=class_names, **options)
+    if options:
+        raise ValueError(
+            f"{name_or_checkpoint!r} is a trained model; its architecture is fixed, so the "
+            f"options {sorted(options)} cannot apply"
+        )
+    model = models.load(name_or_checkpoint)
+    if tuple(model.class_names) != tuple(class_names):
+        raise ValueError(
+            f"{name_or_checkpoint} predicts {model.class_names}, the data has {tuple(class_names)}"
+        )
+    return model
 
 
 @torch.inference_mode()
@@ -272,48 +363,85 @@ def predict_labels(
 
 
 def evaluate(
-    model: nn.Module, slide: SyntheticSlide, *, tile: int = 256, batch_size: int = 4
+    model: nn.Module,
+    slides: LabelledImage | Sequence[LabelledImage],
+    *,
+    tile: int = 256,
+    batch_size: int = 4,
 ) -> dict[str, Any]:
-    """Per-class Dice and IoU of ``model`` on a whole slide, in eval mode.
+    """Per-class Dice and IoU of ``model`` on whole images, in eval mode.
 
-    Returns plain data (it goes into checkpoints): ``{"dice": {class: value}, "iou": {...},
-    "mean_dice": ..., "confusion": C x C list}``, where ``mean_dice`` averages the classes
-    other than the first (background), which would otherwise flatter a mostly empty slide.
+    Several images are scored together: their confusion matrices add up. Returns plain data
+    (it goes into checkpoints): ``{"dice": {class: value}, "iou": {...}, "mean_dice": ...,
+    "mean_iou": ..., "confusion": C x C list}``, where the means average the classes other
+    than the first (background), which would otherwise flatter a mostly empty slide.
     NaN marks a class absent from both truth and prediction.
     """
+    slides = [slides] if hasattr(slides, "labels") else list(slides)  # type: ignore[arg-type]
+    names = list(slides[0].class_names)
     was_training = model.training
     model.eval()
+    cm = np.zeros((len(names), len(names)), dtype=np.int64)
     try:
-        pred = predict_labels(model, slide.image, tile=tile, batch_size=batch_size)
+        for slide in slides:
+            pred = predict_labels(model, slide.image, tile=tile, batch_size=batch_size)
+            cm += metrics.confusion_matrix(pred, slide.labels, len(names))
     finally:
         model.train(was_training)
-    names = list(slide.class_names)
-    cm = metrics.confusion_matrix(pred, slide.labels, len(names))
+    foreground = range(1, len(names))
+    iou = metrics.iou(cm)
     return {
         "dice": dict(zip(names, metrics.dice(cm).tolist(), strict=True)),
-        "iou": dict(zip(names, metrics.iou(cm).tolist(), strict=True)),
-        "mean_dice": metrics.mean_dice(cm, classes=range(1, len(names))),
+        "iou": dict(zip(names, iou.tolist(), strict=True)),
+        "mean_dice": metrics.mean_dice(cm, classes=foreground),
+        "mean_iou": float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan"),
         "confusion": cm.tolist(),
     }
 
 
+def state_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """The optimiser state written beside a training checkpoint: ``x.pt`` -> ``x.state.pt``."""
+    p = Path(checkpoint)
+    return p.with_name(p.name.removesuffix(".pt") + ".state.pt")
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """The final metrics of :func:`train` as a small text table."""
+    lines = [f"{'class':<14}{'Dice':>8}{'IoU':>8}"]
+    for name, d in result["dice"].items():
+        lines.append(f"{name:<14}{d:>8.4f}{result['iou'][name]:>8.4f}")
+    lines.append(f"{'mean (no bg)':<14}{result['mean_dice']:>8.4f}{result['mean_iou']:>8.4f}")
+    for e in result.get("epochs", []):
+        lines.append(
+            f"epoch {e['epoch']:>3}  step {e['step']:>6}  loss {e['loss']:.4f}  "
+            f"mean Dice {e['mean_dice']:.4f}  mean IoU {e['mean_iou']:.4f}"
+        )
+    lines.append(f"trained in {result['train_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
 def train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
-    """Train ``model`` in place on synthetic slides; return its validation metrics.
+    """Train ``model`` in place; return its validation metrics.
 
     The loss is pixel-wise softmax cross-entropy, ``-log P_truth(i, j)``, **averaged** over
-    all pixels of the batch (``F.cross_entropy`` with mean reduction; the notes' image loss is
-    the sum, which differs only by a constant factor the learning rate absorbs).
+    all pixels of the batch (weighted mean ``sum(w L) / sum(w)`` with loss weights; see
+    :func:`segpipe.losses.softmax_cross_entropy`; the notes' image loss is the sum, which
+    differs only by a constant factor the learning rate absorbs).
 
     Seeds torch and numpy from ``config.seed`` for sampling, augmentation and dropout; the
     initial weights were drawn when the model was built, so seed torch before building it
-    (``torch.manual_seed(config.seed)``) for a run that reproduces bit for bit.
+    (``torch.manual_seed(config.seed)``, or :func:`initial_model`) for a run that reproduces
+    bit for bit. A run resumed from one of its checkpoints ends with the same weights as an
+    uninterrupted one.
 
     Returns
     -------
     dict
-        What :func:`evaluate` returns on the validation slide, plus ``"loss_history"`` (mean
-        loss per ``log_every`` steps), ``"final_loss"``, ``"train_seconds"``, ``"config"``.
-        Plain data, ready for ``segpipe.models.save(..., metrics=...)``.
+        What :func:`evaluate` returns on the validation images after the last epoch, plus
+        ``"epochs"`` (per epoch: step, mean loss, Dice, IoU), ``"loss_history"`` (mean loss
+        per ``log_every`` steps), ``"final_loss"``, ``"train_seconds"``, ``"config"``,
+        ``"checkpoint"`` (the last one written, or None). Plain data, ready for
+        ``segpipe.models.save(..., metrics=...)``.
     """
     threads = config.num_threads or len(os.sched_getaffinity(0))
     previous_threads = torch.get_num_threads()
@@ -328,37 +456,218 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     geometry = geometry_of(model)
-    train_slides, val_slide = make_slides(config)
+    train_slides, val_slides = make_slides(config)
+    names = tuple(train_slides[0].class_names)
+    classes = getattr(model, "num_classes", len(names))
+    if classes != len(names):
+        raise ValueError(
+            f"the model predicts {classes} classes, the {config.dataset} data has "
+            f"{len(names)}: {names}; build it with class_names={names}"
+        )
+    weight_maps = loss_weight_maps(train_slides, config)
+    augmentation = config.augmentation
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     # Cosine decay to zero: large steps early, fine boundaries at the end.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps)
 
-    model.train()
     history: list[float] = []
     window_losses: list[float] = []
+    epochs: list[dict[str, Any]] = []
+    first_step, seconds_before = 0, 0.0
+    if config.resume_from:
+        state = _load_state(config.resume_from, model, optimiser, schedule, rng)
+        first_step, seconds_before = state["step"], state["train_seconds"]
+        history, window_losses, epochs = (
+            state["loss_history"],
+            state["window_losses"],
+            state["epochs"],
+        )
+
+    model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="train", disable=not config.progress, unit="step")
+    checkpoint: Path | None = None
+    result: dict[str, Any] = {}
+    epoch_losses: list[float] = []
+    bar = tqdm(
+        range(first_step, config.steps),
+        desc="train",
+        disable=not config.progress,
+        unit="step",
+        initial=first_step,
+        total=config.steps,
+    )
     for step in bar:
-        images, labels = sample_batch(train_slides, geometry, config.patch, config.batch_size, rng)
-        logits = model(torch.from_numpy(images))
-        loss = F.cross_entropy(logits, torch.from_numpy(labels))
+        batch = sample_pairs(
+            train_slides,
+            geometry,
+            config.patch,
+            config.batch_size,
+            rng,
+            augmentation=augmentation,
+            weight_maps=weight_maps,
+        )
+        logits = model(torch.from_numpy(batch.images))
+        weights = None if batch.weights is None else torch.from_numpy(batch.weights)
+        loss = softmax_cross_entropy(logits, torch.from_numpy(batch.labels), weights)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
         window_losses.append(loss.item())
+        epoch_losses.append(window_losses[-1])
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             history.append(float(np.mean(window_losses)))
             window_losses.clear()
             bar.set_postfix(loss=f"{history[-1]:.4f}")
-    train_seconds = time.perf_counter() - start
+        if (step + 1) % config.steps_per_epoch == 0 or step + 1 == config.steps:
+            result = evaluate(model, val_slides, tile=config.val_tile)
+            epochs.append(
+                {
+                    "epoch": len(epochs) + 1,
+                    "step": step + 1,
+                    "loss": float(np.mean(epoch_losses)),
+                    "mean_dice": result["mean_dice"],
+                    "mean_iou": result["mean_iou"],
+                    "dice": result["dice"],
+                    "iou": result["iou"],
+                }
+            )
+            epoch_losses.clear()
+            seconds = seconds_before + time.perf_counter() - start
+            if config.checkpoint_dir:
+                checkpoint = _save_state(
+                    model,
+                    optimiser,
+                    schedule,
+                    rng,
+                    config,
+                    step + 1,
+                    seconds,
+                    history,
+                    window_losses,
+                    epochs,
+                )
+    train_seconds = seconds_before + time.perf_counter() - start
 
-    result = evaluate(model, val_slide, tile=config.val_tile)
     model.eval()
     result.update(
+        epochs=epochs,
         loss_history=history,
         final_loss=history[-1],
         train_seconds=round(train_seconds, 1),
         config=asdict(config),
+        checkpoint=None if checkpoint is None else str(checkpoint),
     )
+    if config.progress:
+        print(format_report(result))
     return result
+
+
+def save_trained(
+    model: nn.Module,
+    config: TrainConfig,
+    result: dict[str, Any],
+    output: str | os.PathLike[str],
+    *,
+    half: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Save a model :func:`train` trained, with the scores of **what was saved**.
+
+    With ``half=True`` the float16 weights are loaded back and evaluated again on the
+    validation images, so the file's metrics describe exactly what ships. The metrics hold
+    those scores, the validation data, the loss history, the training config and ``extra``
+    (e.g. the command that reproduces the file). Returns the metrics saved.
+    """
+    import platform
+
+    from segpipe import models
+
+    models.save(model, output, half=half)
+    saved = models.load(output)
+    val = make_slides(config)[1]
+    scores = evaluate(saved, val, tile=config.val_tile)
+    data: dict[str, Any] = {"dataset": config.dataset, "train_seeds": config.train_seeds}
+    if config.dataset == "folder":
+        data = {"dataset": "folder", "train": config.train_folder, "val": config.val_folder}
+    else:
+        data.update(val_seed=config.val_seed, val_size_px=config.val_size)
+    saved_metrics = {
+        **scores,
+        "validation": data,
+        "loss_history": result["loss_history"],
+        "final_loss": result["final_loss"],
+        "epochs": result.get("epochs", []),
+        "train_seconds": result["train_seconds"],
+        "train_config": asdict(config),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        **(extra or {}),
+    }
+    models.save(saved, output, metrics=saved_metrics, half=half)
+    return saved_metrics
+
+
+def _save_state(
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+    config: TrainConfig,
+    step: int,
+    seconds: float,
+    history: list[float],
+    window_losses: list[float],
+    epochs: list[dict[str, Any]],
+) -> Path:
+    """``epoch-NNN.pt`` (the model, :func:`segpipe.models.save`) and ``epoch-NNN.state.pt``
+    (everything else a resume needs; tensors and plain data, so weights-only loadable)."""
+    from segpipe import models
+
+    if not isinstance(model, models.SegmentationModel):
+        raise TypeError(
+            f"checkpoints need a segpipe model (segpipe.models.build), got {type(model).__name__}"
+        )
+    path = Path(str(config.checkpoint_dir)) / f"epoch-{len(epochs):03d}.pt"
+    models.save(model, path, metrics={**epochs[-1], "config": asdict(config)})
+    torch.save(
+        {
+            "step": step,
+            "optimizer": optimiser.state_dict(),
+            "scheduler": schedule.state_dict(),
+            # PCG64's state holds 128-bit integers: kept as JSON text.
+            "numpy_rng": json.dumps(rng.bit_generator.state),
+            "torch_rng": torch.get_rng_state(),
+            "train_seconds": seconds,
+            "loss_history": list(history),
+            "window_losses": list(window_losses),
+            "epochs": json.dumps(epochs),
+        },
+        state_path(path),
+    )
+    return path
+
+
+def _load_state(
+    checkpoint: str,
+    model: nn.Module,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    from segpipe import models
+
+    state_file = state_path(checkpoint)
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"cannot resume from {checkpoint}: its optimiser state {state_file} is missing "
+            "(resume needs a checkpoint written by segpipe.training.train)"
+        )
+    model.load_state_dict(models.load(checkpoint).state_dict(), strict=True)
+    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    optimiser.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["scheduler"])
+    rng.bit_generator.state = json.loads(state["numpy_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    return {**state, "epochs": json.loads(state["epochs"])}

@@ -2,9 +2,11 @@ import os
 
 import numpy as np
 import pytest
+import xarray as xr
 import zarr
 
 from segpipe.results import (
+    IncompleteResultError,
     ResultMeta,
     ResultMismatchError,
     class_pixels,
@@ -95,3 +97,81 @@ def test_open_result_coordinates_without_pixel_size(tmp_path):
     np.testing.assert_array_equal(ds["x"].values[:3], [0, 1, 2])
     assert ds["mask"].dtype == np.uint8
     assert ds["probabilities"].dtype == np.float16
+
+
+def write_everywhere(path, m, probabilities):
+    """Write (C, y, x) probabilities block by block, as the tasks of a run do."""
+    from segpipe.tiling import tile_grid
+
+    for block in tile_grid(m.shape, m.tile).blocks(m.task_tiles):
+        box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+        write_tiles(path, box, probabilities[(slice(None), *box.slices)])
+
+
+def random_probabilities(shape, c=2, seed=0):
+    p = np.random.default_rng(seed).random((c, *shape))
+    return (p / p.sum(0)).astype(np.float32)
+
+
+def test_uint8_probabilities_decode_with_xarray_to_within_1_255(tmp_path):
+    path = tmp_path / "r.zarr"
+    m = meta(probability_dtype="uint8", task_tiles=2)
+    prepare_result(path, m)
+    probs = random_probabilities(m.shape)
+    write_everywhere(path, m, probs)
+    finalize_result(path, {})
+    stored = zarr.open_array(path / "probabilities")
+    assert stored.dtype == np.uint8
+    assert stored.attrs["scale_factor"] == pytest.approx(1 / 255)
+    decoded = xr.open_zarr(path)["probabilities"]
+    assert decoded.dtype.kind == "f"
+    assert np.abs(decoded.values - probs).max() <= 1 / 255
+    np.testing.assert_array_equal(xr.open_zarr(path)["mask"].values, probs.argmax(0))
+
+
+def test_shards_are_task_blocks_and_empty_ones_are_not_written(tmp_path):
+    path = tmp_path / "r.zarr"
+    m = meta(task_tiles=2)  # 32 px tiles, 64 px shards
+    prepare_result(path, m)
+    assert zarr.open_array(path / "mask").shards == (64, 64)
+    assert zarr.open_array(path / "probabilities").shards == (2, 64, 64)
+    background = np.zeros((2, 64, 64), np.float32)
+    background[0] = 1.0
+    write_tiles(path, Box(0, 64, 0, 64), background)  # mask all 0: its shard is not stored
+    write_tiles(path, Box(64, 100, 0, 64), random_probabilities((36, 64)))
+    stored = sorted(
+        os.path.relpath(os.path.join(d, f), path / "mask")
+        for d, _, files in os.walk(path / "mask")
+        for f in files
+        if f != "zarr.json"
+    )
+    assert stored == [os.path.join("c", "1", "0")]
+
+
+def test_levels_and_tree(tmp_path):
+    path = tmp_path / "r.zarr"
+    m = meta(min_level_size=16)  # 100 x 70 -> 50 x 35 -> 25 x 17
+    prepare_result(path, m)
+    probs = random_probabilities(m.shape)
+    write_everywhere(path, m, probs)
+    finalize_result(path, {})
+    tree = open_result(path, tree=True)
+    assert [tree[k].sizes["x"] for k in tree.children] == [70, 35, 17]
+    level2 = open_result(path, level=2)
+    assert level2.attrs["level"] == 2 and level2.attrs["segpipe"]["complete"] is True
+    # Level 2 pixel i covers level-0 pixels 4i..4i+3, centred at 0.5 * (4i + 1.5) um.
+    np.testing.assert_allclose(level2["y"].values[:2], [0.75, 2.75])
+    expected = probs[:, :100, :68].reshape(2, 25, 4, 17, 4).mean(axis=(2, 4))
+    np.testing.assert_allclose(level2["probabilities"].values, expected, atol=2e-3)
+    with pytest.raises(ValueError, match=r"levels 0\.\.2, not level 3"):
+        open_result(path, level=3)
+
+
+def test_incomplete_result_is_refused_at_every_level(tmp_path):
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    with pytest.raises(IncompleteResultError, match="incomplete"):
+        open_result(path, level=1)
+    with pytest.raises(IncompleteResultError):
+        open_result(path, tree=True)
+    assert open_result(path, allow_incomplete=True)["mask"].shape == (100, 70)

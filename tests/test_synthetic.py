@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from segpipe.synthetic import CLASS_NAMES, SyntheticSlide, tissue_slide
+from segpipe.synthetic import (
+    AERIAL_CLASS_NAMES,
+    CLASS_NAMES,
+    SyntheticSlide,
+    aerial_scene,
+    tissue_slide,
+)
 
 SEEDS = (0, 1, 7)
 
@@ -152,3 +158,63 @@ def test_crop_outside_slide_is_refused(y: int, x: int, size: int) -> None:
 def test_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         tissue_slide(**kwargs)
+
+
+# --- the aerial scene -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scene() -> SyntheticSlide:
+    return aerial_scene(384, seed=2)
+
+
+def test_aerial_same_seed_same_scene() -> None:
+    a, b, c = (aerial_scene((96, 128), seed=s) for s in (3, 3, 4))
+    for name in ("image", "labels", "instances"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not np.array_equal(a.image, c.image)
+    assert a.image.shape == (96, 128, 3) and a.image.dtype == np.uint8
+
+
+def test_aerial_classes_and_instances_are_consistent(scene: SyntheticSlide) -> None:
+    assert scene.class_names == AERIAL_CLASS_NAMES
+    assert scene.labels.dtype == np.uint8 and scene.instances.dtype == np.int32
+    np.testing.assert_array_equal(scene.labels == 1, scene.instances > 0)
+    ids = np.unique(scene.instances)
+    np.testing.assert_array_equal(ids, np.arange(len(ids)))  # 0, 1..n, none skipped
+    fractions = scene.class_fractions()
+    assert np.all(fractions > 0.005), fractions  # every class is there
+    assert fractions[0] > 0.3  # mostly open ground
+
+
+def test_buildings_are_rectangles_and_some_touch(scene: SyntheticSlide) -> None:
+    for i, box in enumerate(ndimage.find_objects(scene.instances), start=1):
+        assert (scene.instances[box] == i).all()  # fills its bounding box
+    touching = _neighbour_pairs(scene.instances, gap=0)
+    assert len(touching) >= 3  # rows of houses share walls
+
+
+def test_aerial_classes_look_different(scene: SyntheticSlide) -> None:
+    rgb = scene.image.reshape(-1, 3).astype(np.float64)
+    mean = {c: rgb[scene.labels.ravel() == c].mean(axis=0) for c in range(5)}
+    r, g, b = mean[3]
+    assert g > r and g > b  # vegetation is green
+    r, g, b = mean[4]
+    assert b > r and sum(mean[4]) < sum(mean[0])  # water is dark and bluish
+    assert abs(mean[2][0] - mean[2][2]) < 15  # roads are grey
+
+
+def test_aerial_building_size_follows_pixel_size() -> None:
+    coarse = aerial_scene(256, seed=1, pixel_size_um=1_000_000.0)
+    fine = aerial_scene(256, seed=1, pixel_size_um=250_000.0)
+    area = [np.bincount(s.instances.ravel())[1:].mean() for s in (coarse, fine)]
+    assert area[1] > 8 * area[0]  # 4x finer pixels: 16x the pixels per building
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"shape": 8}, "at least 16"), ({"shape": 32, "pixel_size_um": -1.0}, "positive")],
+)
+def test_aerial_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        aerial_scene(**kwargs)

@@ -249,3 +249,115 @@ def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
 def test_bad_config_is_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+# --- datasets, loss weights, epochs, checkpoints and resume -------------------------------
+
+TINY = dict(
+    steps=4,
+    batch_size=2,
+    patch=16,
+    slide_size=96,
+    num_slides=2,
+    val_size=48,
+    val_tile=16,
+    log_every=2,
+    num_threads=1,
+    progress=False,
+)
+
+
+def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path) -> None:
+    from segpipe import models
+    from segpipe.training import state_path
+
+    config = TrainConfig(
+        **TINY, epochs=2, elastic_std_px=2.0, jitter=0.1, checkpoint_dir=str(tmp_path)
+    )
+    torch.manual_seed(0)
+    straight = tiny_unet()
+    result = train(straight, config)
+    assert [e["step"] for e in result["epochs"]] == [2, 4]
+    assert result["checkpoint"] == str(tmp_path / "epoch-002.pt")
+    first = tmp_path / "epoch-001.pt"
+    # Both files load with weights_only (models.load uses it).
+    assert models.load(first).checkpoint_metrics["step"] == 2
+    torch.load(state_path(first), weights_only=True)
+
+    torch.manual_seed(123)  # other initial weights: the checkpoint's must replace them
+    resumed = tiny_unet()
+    again = train(
+        resumed,
+        TrainConfig(**TINY, epochs=2, elastic_std_px=2.0, jitter=0.1, resume_from=str(first)),
+    )
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert again["loss_history"] == result["loss_history"]
+    assert [e["epoch"] for e in again["epochs"]] == [1, 2]
+
+
+def test_resume_without_its_state_file_is_refused(tmp_path) -> None:
+    from segpipe import models
+
+    path = models.save(tiny_unet(), tmp_path / "plain.pt")
+    with pytest.raises(FileNotFoundError, match="optimiser state"):
+        train(tiny_unet(), TrainConfig(**TINY, resume_from=str(path)))
+
+
+def test_train_on_aerial_scenes_with_border_weights() -> None:
+    from segpipe import models
+    from segpipe.synthetic import AERIAL_CLASS_NAMES
+    from segpipe.training import class_names_for
+
+    config = TrainConfig(**{**TINY, "slide_size": 128}, dataset="aerial", loss_weights="unet")
+    assert class_names_for(config) == AERIAL_CLASS_NAMES
+    torch.manual_seed(0)
+    model = models.build("unet", class_names=AERIAL_CLASS_NAMES, width=4, depth=2)
+    result = train(model, config)
+    assert set(result["dice"]) == set(AERIAL_CLASS_NAMES)
+    assert np.isfinite(result["final_loss"])
+    with pytest.raises(ValueError, match="5 classes"):
+        train(model, TrainConfig(**TINY))  # a 5-class model on 3-class tissue data
+
+
+def test_loss_weight_maps_follow_the_config() -> None:
+    from segpipe.losses import unet_weight_map
+    from segpipe.training import loss_weight_maps
+
+    slides = [tissue_slide(96, seed=s) for s in (0, 1)]
+    assert loss_weight_maps(slides, TrainConfig(**TINY)) is None
+    balanced = loss_weight_maps(slides, TrainConfig(**TINY, loss_weights="balanced"))
+    counts = sum(np.bincount(s.labels.ravel(), minlength=3) for s in slides)
+    expected = counts.sum() / (3 * counts)
+    np.testing.assert_allclose(balanced[0], expected[slides[0].labels], rtol=1e-6)
+    unet = loss_weight_maps(slides, TrainConfig(**TINY, loss_weights="unet", w0=5.0))
+    np.testing.assert_allclose(
+        unet[1],
+        unet_weight_map(
+            slides[1].instances, labels=slides[1].labels, w0=5.0, class_weights=expected
+        ),
+    )
+
+
+def test_format_report_lists_classes_and_epochs() -> None:
+    from segpipe.training import format_report
+
+    torch.manual_seed(0)
+    result = train(tiny_unet(), TrainConfig(**TINY, epochs=2))
+    text = format_report(result)
+    assert "nucleus" in text and "epoch   2" in text
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dataset": "folder"}, "train_folder"),
+        ({"dataset": "satellite"}, "dataset"),
+        ({"loss_weights": "paper"}, "loss_weights"),
+        ({"epochs": 600}, "epochs"),
+        ({"jitter": 1.5}, "jitter"),
+    ],
+)
+def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
