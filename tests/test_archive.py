@@ -1,0 +1,388 @@
+"""segpipe.archive: discovery, fingerprints, decisions, claims, and one image start to finish."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import fsspec
+import pytest
+
+from segpipe import archive, catalog
+from segpipe.archive import (
+    ArchiveImage,
+    Fingerprint,
+    SegmentParams,
+    decide,
+    discover_images,
+    fingerprint_image,
+    image_paths,
+    process_image,
+    try_claim,
+)
+from segpipe.results import is_complete, read_meta
+
+PARAMS = SegmentParams(tile=64)
+SYNC = {"scheduler": "sync"}
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    from segpipe.demo import make_demo_slide
+
+    return make_demo_slide(tmp_path_factory.mktemp("slide"), size=128, seed=3).image
+
+
+def _touch(path, data=b"x", mtime=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+
+
+# -- discovery -----------------------------------------------------------------------------
+
+
+def test_discover_finds_images_recursively_by_key_and_leaves_the_rest(tmp_path):
+    for name in ["b.svs", "day-1/a.tif", "day-1/deep/c.PNG", "notes.txt", ".hidden/d.tif"]:
+        _touch(tmp_path / "archive" / name)
+    _touch(tmp_path / "archive" / "out" / "x.thumb.png")
+    found = discover_images(tmp_path / "archive", exclude=tmp_path / "archive" / "out")
+    assert [i.key for i in found] == ["b.svs", "day-1/a.tif", "day-1/deep/c.PNG"]
+    assert found[1].url == str(tmp_path / "archive" / "day-1" / "a.tif")
+    assert found[1].size == 1
+    assert [i.key for i in discover_images(tmp_path / "archive", pattern="day-1/*.tif")] == [
+        "day-1/a.tif"
+    ]
+
+
+def test_discover_leaves_files_still_being_written(tmp_path):
+    _touch(tmp_path / "old.tif", mtime=time.time() - 3600)
+    _touch(tmp_path / "new.tif")
+    assert [i.key for i in discover_images(tmp_path, min_age_s=60)] == ["old.tif"]
+
+
+def test_discover_refuses_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        discover_images(tmp_path / "nowhere")
+
+
+def test_discover_and_fingerprint_through_fsspec():
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/scans-test/day-1/a.tif", b"abc" * 1000)
+    try:
+        (image,) = discover_images("memory://scans-test")
+        assert image.key == "day-1/a.tif"
+        assert image.url == "memory:///scans-test/day-1/a.tif"
+        assert fingerprint_image(image).size == 3000
+    finally:
+        fs.rm("/scans-test", recursive=True)
+
+
+# -- fingerprints --------------------------------------------------------------------------
+
+
+def _image(path):
+    stat = path.stat()
+    return ArchiveImage(str(path), path.name, stat.st_size, stat.st_mtime)
+
+
+def test_fingerprint_reads_only_sampled_blocks_and_sees_changes_in_them(tmp_path):
+    path = tmp_path / "big.tif"
+    data = bytearray(os.urandom(1_000_000))
+    _touch(path, bytes(data), mtime=1e9)
+    base = fingerprint_image(_image(path), blocks=4, block_bytes=1000)
+    assert base == fingerprint_image(_image(path), blocks=4, block_bytes=1000)
+
+    data[500] ^= 0xFF  # inside the first sampled block
+    _touch(path, bytes(data), mtime=1e9)
+    changed = fingerprint_image(_image(path), blocks=4, block_bytes=1000)
+    assert changed.sample_sha256 != base.sample_sha256
+    assert (changed.size, changed.mtime) == (base.size, base.mtime)
+
+    data[500] ^= 0xFF
+    data[400_000] ^= 0xFF  # between the sampled blocks: only the mtime tells
+    _touch(path, bytes(data), mtime=2e9)
+    between = fingerprint_image(_image(path), blocks=4, block_bytes=1000)
+    assert between.sample_sha256 == base.sample_sha256
+    assert between != base
+
+
+def test_small_files_are_hashed_whole(tmp_path):
+    import hashlib
+
+    _touch(tmp_path / "a.tif", b"hello", mtime=5.0)
+    fp = fingerprint_image(_image(tmp_path / "a.tif"))
+    assert fp == Fingerprint(5, 5.0, hashlib.sha256(b"5\nhello").hexdigest())
+
+
+# -- paths and decisions -------------------------------------------------------------------
+
+
+def test_image_paths_derive_from_the_key(tmp_path):
+    paths = image_paths(tmp_path, "day-1/a.svs")
+    assert paths.result == tmp_path / "day-1" / "a.svs.seg.zarr"
+    assert paths.state == tmp_path / "day-1" / "a.svs.seg.json"
+    assert paths.thumbnail == tmp_path / "day-1" / "a.svs.thumb.png"
+    assert paths.lock == tmp_path / "day-1" / "a.svs.lock"
+    assert image_paths(tmp_path, "a.tif").result != image_paths(tmp_path, "a.svs").result
+
+
+@pytest.mark.parametrize("key", ["../a.tif", "/etc/a.tif", "a/../../b.tif", ""])
+def test_image_paths_refuse_keys_leaving_the_root(tmp_path, key):
+    with pytest.raises(ValueError, match="relative path"):
+        image_paths(tmp_path, key)
+
+
+def test_decide_says_why_an_image_is_due(tmp_path):
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    assert decide(paths, fp, "m1", PARAMS).reason == "new image"
+    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": PARAMS.as_dict()}
+    paths.state.write_text(json.dumps(state | {"status": "failed"}))
+    assert decide(paths, fp, "m1", PARAMS) == archive.Decision(True, "previous run failed")
+    assert decide(paths, Fingerprint(11, 1.0, "abc"), "m1", PARAMS).reason == "image changed"
+    assert decide(paths, fp, "m2", SegmentParams(tile=128)).reason == (
+        "model changed, parameters changed"
+    )
+
+
+# -- claims --------------------------------------------------------------------------------
+
+
+def test_claim_is_exclusive_until_released(tmp_path):
+    lock = tmp_path / "sub" / "a.lock"
+    first = try_claim(lock, owner="run-1")
+    assert first is not None
+    assert json.loads(lock.read_text())["owner"] == "run-1"
+    assert try_claim(lock, owner="run-2") is None
+    first.release()
+    assert not lock.exists()
+    with try_claim(lock, owner="run-2") as second:
+        assert second.is_held()
+    assert not lock.exists()
+
+
+def test_claim_is_released_when_the_work_fails(tmp_path):
+    lock = tmp_path / "a.lock"
+    with pytest.raises(RuntimeError), try_claim(lock):
+        raise RuntimeError("boom")
+    assert not lock.exists()
+
+
+def test_heartbeat_keeps_a_slow_claim_alive(tmp_path):
+    lock = tmp_path / "a.lock"
+    with try_claim(lock, ttl_s=0.4) as claim:
+        time.sleep(1.0)  # well past the ttl, but heartbeats every 0.1 s
+        assert try_claim(lock, ttl_s=0.4) is None
+        claim.check()
+
+
+def _stale_lock(lock, owner="dead-run"):
+    lock.write_text(json.dumps({"owner": owner, "token": "dead", "ttl_s": 1.0}))
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+
+
+def test_a_stale_lock_is_reclaimed_and_its_owner_finds_out(tmp_path):
+    lock = tmp_path / "a.lock"
+    old = try_claim(lock, ttl_s=60)
+    old._stop.set()  # the owner freezes: no more heartbeats
+    old._thread.join()
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    new = try_claim(lock, owner="new")
+    assert new is not None
+    assert not old.is_held()
+    with pytest.raises(archive.ClaimLostError, match="no longer holds"):
+        old.check()
+    old.release()  # must not remove the new owner's lock
+    assert new.is_held()
+    new.release()
+
+
+def _claim_many(lock, n, barrier=None):
+    def attempt(i):
+        if barrier is not None:
+            barrier.wait()
+        claim = try_claim(lock, owner=f"claimer-{i}")
+        return claim
+
+    with ThreadPoolExecutor(n) as pool:
+        return [c for c in pool.map(attempt, range(n)) if c is not None]
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_concurrent_threads_never_both_win(tmp_path, stale):
+    for round_ in range(20):
+        lock = tmp_path / f"round-{round_}.lock"
+        if stale:
+            _stale_lock(lock)
+        winners = _claim_many(lock, 8, threading.Barrier(8))
+        assert len(winners) == 1, [w.owner for w in winners]
+        assert winners[0].is_held()
+        winners[0].release()
+    assert not list(tmp_path.glob("*.reclaim-*")), "reclaimed locks are cleaned up"
+
+
+def _claim_at(lock, start, owner):
+    time.sleep(max(0.0, start - time.time()))
+    claim = try_claim(lock, owner=owner)
+    if claim is None:
+        return False
+    time.sleep(max(0.0, start + 2.0 - time.time()))  # hold it while the others try
+    claim.release()
+    return True
+
+
+def _warm_up(seconds):
+    time.sleep(seconds)  # one per worker: each process is up with this module imported
+
+
+@pytest.mark.slow
+def test_concurrent_processes_never_both_win(tmp_path):
+    # A stale lock to start from: the claimers race through the reclaim and the create.
+    lock = tmp_path / "a.lock"
+    _stale_lock(lock)
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(4, mp_context=spawn) as pool:
+        list(pool.map(_warm_up, [0.5] * 4))
+        start = time.time() + 0.5
+        wins = list(pool.map(_claim_at, [lock] * 4, [start] * 4, [f"p{i}" for i in range(4)]))
+    assert sum(wins) == 1
+
+
+# -- one image start to finish -------------------------------------------------------------
+
+
+def _archive(tmp_path, slide, *names):
+    source = tmp_path / "archive"
+    for name in names:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(slide, source / name)
+    return source
+
+
+def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, random_checkpoint):
+    source, out = _archive(tmp_path, slide, "day-1/a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    done = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert (done.status, done.reason) == ("segmented", "new image")
+    paths = image_paths(out, "day-1/a.ome.tif")
+    assert is_complete(paths.result)
+    assert paths.report.is_file() and paths.thumbnail.is_file()
+    assert not paths.lock.exists()
+    assert archive.read_state(paths.state)["status"] == "complete"
+    assert list(catalog.open_catalog(out)["image"].values) == ["day-1/a.ome.tif"]
+    assert done.tiles_computed == 4
+
+    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert (again.status, again.reason, again.tiles_computed) == ("skipped", "up to date", 0)
+
+
+def test_a_changed_image_is_segmented_again(tmp_path, slide, random_checkpoint):
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    finished = read_meta(image_paths(out, "a.ome.tif").result)["finished"]
+    with open(source / "a.ome.tif", "ab") as f:
+        f.write(b"\0" * 10)  # still a valid TIFF, other bytes
+    (image,) = discover_images(source)
+    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert (again.status, again.reason) == ("segmented", "image changed")
+    assert again.tiles_computed == 4, "the old result was replaced, not resumed"
+    record = catalog.read_records(out)[0]
+    assert record["fingerprint"]["size"] == image.size
+    assert read_meta(image_paths(out, "a.ome.tif").result)["finished"] >= finished
+
+
+def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
+    tmp_path, slide, random_checkpoint
+):
+    import segpipe
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+
+    def flaky(source, output, model, **kw):
+        # write part of the result, then die the way a lost worker would
+        calls = []
+
+        def stop_after_first(done, total):
+            calls.append(done)
+            if len(calls) == 1:
+                raise OSError("worker lost")
+
+        kw.pop("on_progress", None)
+        return segpipe.segment(source, output, model, on_progress=stop_after_first, **kw)
+
+    with pytest.raises(OSError, match="worker lost"):
+        process_image(
+            image, out, random_checkpoint, params=PARAMS, segment_options=SYNC, run_segment=flaky
+        )
+    assert not paths.lock.exists()
+    assert archive.read_state(paths.state)["reason"] == "OSError: worker lost"
+    assert catalog.read_records(out) == []
+
+    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
+    assert again.tiles_skipped > 0
+
+
+def test_an_image_claimed_by_another_run_is_left_alone(tmp_path, slide, random_checkpoint):
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    with try_claim(image_paths(out, "a.ome.tif").lock, owner="the other run"):
+        outcome = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert (outcome.status, outcome.reason) == ("busy", "claimed by the other run")
+    assert not image_paths(out, "a.ome.tif").result.exists()
+
+
+def test_a_remote_image_is_downloaded_segmented_and_the_copy_removed(
+    tmp_path, slide, random_checkpoint
+):
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/remote-archive/r.ome.tif", slide.read_bytes())
+    try:
+        (image,) = discover_images("memory://remote-archive")
+        out = tmp_path / "out"
+        done = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+        assert done.status == "segmented"
+        assert not list((out / "_staging").rglob("*.tif"))
+        assert catalog.read_records(out)[0]["source"] == "memory:///remote-archive/r.ome.tif"
+    finally:
+        fs.rm("/remote-archive", recursive=True)
+
+
+def test_a_report_failure_after_segmenting_is_finished_by_the_next_run(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    from segpipe import reports
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    with monkeypatch.context() as m:
+        m.setattr(reports, "write_thumbnail", lambda *a, **k: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert is_complete(paths.result), "the segmentation itself finished"
+    finished = read_meta(paths.result)["finished"]
+
+    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
+    assert read_meta(paths.result)["finished"] == finished, "nothing was segmented again"
+    assert paths.report.is_file() and paths.thumbnail.is_file()
+    assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]
+
+
+def test_a_deleted_catalog_is_rebuilt_by_the_next_run(tmp_path, slide, random_checkpoint):
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    shutil.rmtree(out / catalog.CATALOG_DIR)
+    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    assert again.status == "skipped"
+    assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]

@@ -1,0 +1,343 @@
+"""The process-archive flow on Prefect's temporary local server, and served through a real one."""
+
+import shutil
+
+import pytest
+
+import segpipe
+from segpipe import catalog
+from segpipe.archive import read_state
+from segpipe.readers import ImageReadError
+from segpipe.results import is_complete
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    """Three small synthetic slides (pyramidal OME-TIFFs) to put into archives."""
+    from segpipe.demo import make_demo_slide
+
+    folder = tmp_path_factory.mktemp("slides")
+    return [make_demo_slide(folder, size=160, seed=s).image for s in (1, 2, 3)]
+
+
+def _run(source, out, model, **kw):
+    from flows.archive import process_archive
+
+    return process_archive(str(source), str(out), str(model), tile=64, scheduler="sync", **kw)
+
+
+def _artifacts(key):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+
+
+def test_second_run_segments_nothing_and_a_new_image_is_the_only_one_processed(
+    prefect_harness, slides, random_checkpoint, tmp_path, capfd
+):
+    from flows.archive import artifact_key
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    (source / "day-1").mkdir(parents=True)
+    shutil.copy(slides[0], source / "day-1" / "a.ome.tif")
+    shutil.copy(slides[1], source / "b.ome.tif")
+    (source / "notes.txt").write_text("not an image")
+
+    first = _run(source, out, random_checkpoint)
+    assert first["segmented"] == ["b.ome.tif", "day-1/a.ome.tif"]
+    assert first["failed"] == {}
+    assert is_complete(out / "day-1" / "a.ome.tif.seg.zarr")
+    assert (out / "day-1" / "a.ome.tif.thumb.png").is_file()
+
+    capfd.readouterr()
+    second = _run(source, out, random_checkpoint)
+    assert second["segmented"] == []
+    assert second["skipped"] == ["b.ome.tif", "day-1/a.ome.tif"]
+    assert second["summary"] == "2 images: nothing to segment, 2 up to date"
+    assert "nothing to segment, 2 up to date" in capfd.readouterr().err  # Prefect's log
+
+    shutil.copy(slides[2], source / "day-1" / "c.ome.tif")
+    third = _run(source, out, random_checkpoint)
+    assert third["segmented"] == ["day-1/c.ome.tif"]
+    assert sorted(third["skipped"]) == ["b.ome.tif", "day-1/a.ome.tif"]
+
+    ds = catalog.open_catalog(out)
+    assert list(ds["image"].values) == ["b.ome.tif", "day-1/a.ome.tif", "day-1/c.ome.tif"]
+    # Artifacts: one report per image (a version per run that segmented it), a table per run.
+    reports = _artifacts(artifact_key("report", str(out.absolute()), "day-1/c.ome.tif"))
+    assert len(reports) == 1
+    assert "nucleus" in reports[0].data
+    tables = _artifacts(artifact_key("archive", str(out.absolute())))
+    assert len(tables) == 3
+    latest = max(tables, key=lambda a: a.created)
+    assert "1 segmented, 2 up to date" in latest.description
+
+
+def test_a_corrupt_file_is_reported_by_name_and_reason_and_the_others_finish(
+    prefect_harness, slides, random_checkpoint, tmp_path
+):
+    from flows.archive import artifact_key
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "good.ome.tif")
+    good = (source / "good.ome.tif").read_bytes()
+    (source / "broken.tif").write_bytes(good[: len(good) // 3])  # truncated mid-file
+
+    result = _run(source, out, random_checkpoint, retry_delay_s=0)
+    assert result["segmented"] == ["good.ome.tif"]
+    assert list(result["failed"]) == ["broken.tif"]
+    reason = result["failed"]["broken.tif"]
+    assert "ImageReadError" in reason
+    assert str(source / "broken.tif") in reason
+    table = _artifacts(artifact_key("archive", str(out.absolute())))[0]
+    rows = {row["image"]: row for row in table.data} if isinstance(table.data, list) else None
+    if rows is None:  # the API hands the table back as JSON text
+        import json
+
+        rows = {row["image"]: row for row in json.loads(table.data)}
+    assert rows["broken.tif"]["status"] == "failed"
+    assert "broken.tif" in rows["broken.tif"]["reason"]
+    assert "broken.tif" in table.description
+    assert list(catalog.open_catalog(out)["image"].values) == ["good.ome.tif"]
+    state = read_state(out / "broken.tif.seg.json")
+    assert state["status"] == "failed"
+
+
+def test_a_transient_failure_is_retried_by_prefect(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    real, calls = segpipe.segment, []
+
+    def flaky(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise OSError("connection to the Dask scheduler lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segpipe, "segment", flaky)
+    result = _run(source, out, random_checkpoint, retry_delay_s=0)
+    assert result["segmented"] == ["a.ome.tif"]
+    assert len(calls) == 2
+
+
+def test_a_global_concurrency_limit_serialises_segmentation_across_images(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name="segpipe-test-gpu", limit=1)
+        )
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    shutil.copy(slides[1], source / "b.ome.tif")
+    real, running, most = segpipe.segment, [0], [0]
+    lock = threading.Lock()
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.5)  # long enough for the other image's task to try
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(segpipe, "segment", counted)
+    result = _run(
+        source, out, random_checkpoint, max_concurrent=2, concurrency_limit="segpipe-test-gpu"
+    )
+    assert sorted(result["segmented"]) == ["a.ome.tif", "b.ome.tif"]
+    assert most[0] == 1
+
+
+@pytest.mark.parametrize(
+    ("error", "retry"),
+    [
+        (OSError("network"), True),
+        (RuntimeError("worker died"), True),
+        (ImageReadError("/in/a.tif: corrupt"), False),
+        (ValueError("tile 500 px is not a multiple"), False),
+    ],
+)
+def test_only_transient_errors_are_retried(error, retry):
+    from prefect.states import Failed
+
+    from flows.archive import is_transient
+
+    assert is_transient(None, None, Failed(data=error)) is retry
+
+
+def test_the_deployment_file_names_the_flow_a_schedule_and_valid_parameters():
+    from pathlib import Path
+
+    import yaml
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "deploy" / "prefect.yaml").read_text())
+    (deployment,) = spec["deployments"]
+    assert deployment["entrypoint"] == "flows/archive.py:process_archive"
+    assert deployment["schedules"][0]["cron"] == "0 2 * * *"
+    assert deployment["work_pool"]["name"]
+    flow = load_flow_from_entrypoint(str(root / deployment["entrypoint"]))
+    assert flow.name == "process-archive"
+    flow.validate_parameters(deployment["parameters"])  # raises on a wrong name or type
+
+
+# -- a real Prefect server, the archive deployment served, a run triggered through the API ----
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(what, check, timeout_s, proc=None, log=None):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"{what}: process exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if check():
+                return
+        except Exception:  # not up yet: connection refused, 404, ...
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not ready after {timeout_s} s" + (f":\n{log.read_text()}" if log else ""))
+
+
+def _stop(proc):
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_served_deployment_runs_through_a_real_prefect_server(slides, random_checkpoint, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    shutil.copy(slides[1], source / "b.ome.tif")
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_KEY", None)
+    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
+    prefect_cli = str(Path(sys.executable).with_name("prefect"))
+    server = subprocess.Popen(
+        [prefect_cli, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+        stdout=server_log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    served = None
+    try:
+        _wait_for(
+            "prefect server",
+            lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200,
+            60,
+            server,
+            server_log,
+        )
+        parameters = {"tile": 64, "scheduler": "sync", "retry_delay_s": 0}
+        served = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import json, sys; from flows.archive import serve_archive; "
+                "serve_archive(sys.argv[1], sys.argv[2], sys.argv[3], name='test', "
+                "**json.loads(sys.argv[4]))",
+                str(source),
+                str(out),
+                str(random_checkpoint),
+                json.dumps(parameters),
+            ],
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+            stdout=serve_log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        with temporary_settings({PREFECT_API_URL: api}):
+            with get_client(sync_client=True) as client:
+                _wait_for(
+                    "served deployment",
+                    lambda: client.read_deployment_by_name("process-archive/test"),
+                    60,
+                    served,
+                    serve_log,
+                )
+                deployment = client.read_deployment_by_name("process-archive/test")
+                assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+            run = run_deployment(
+                "process-archive/test", timeout=120, poll_interval=1, as_subflow=False
+            )
+            assert run.state.is_completed(), (run.state, serve_log.read_text()[-3000:])
+            with get_client(sync_client=True) as client:
+                artifacts = client.read_artifacts(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                )
+                result = client.read_flow_run(run.id).state
+        by_type = {}
+        for artifact in artifacts:
+            by_type.setdefault(artifact.type, []).append(artifact)
+        assert len(by_type["markdown"]) == 2
+        assert all("| nucleus |" in a.data for a in by_type["markdown"])
+        (table,) = by_type["table"]
+        assert "2 segmented" in table.description
+        assert result.is_completed()
+        assert is_complete(out / "a.ome.tif.seg.zarr")
+        assert list(catalog.open_catalog(out)["image"].values) == ["a.ome.tif", "b.ome.tif"]
+    finally:
+        if served is not None:
+            _stop(served)
+        _stop(server)

@@ -1,0 +1,114 @@
+"""segpipe.catalog: records written atomically, assembled into an xarray Dataset along image."""
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import segpipe
+from segpipe import catalog
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, random_checkpoint):
+    """One complete result of a small synthetic slide (0.5 µm per pixel)."""
+    from segpipe.demo import make_demo_slide
+
+    folder = tmp_path_factory.mktemp("catalog")
+    slide = make_demo_slide(folder, size=128, seed=2)
+    return segpipe.segment(
+        slide.image, folder / "a.seg.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+
+
+def _write_record(root, image, fractions, classes=("background", "tissue", "nucleus")):
+    path = catalog.record_path(root, image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = [round(f * 10_000) for f in fractions]
+    record = {
+        "image": image,
+        "class_names": list(classes),
+        "class_pixels": pixels,
+        "class_fraction": list(fractions),
+        "class_area_um2": [p * 0.25 for p in pixels],
+        "pixel_size_um": 0.5,
+        "height": 100,
+        "width": 100,
+        "result": f"{image}.seg.zarr",
+    }
+    path.write_text(json.dumps(record))
+
+
+def test_record_holds_the_results_statistics(tmp_path, result):
+    catalog.record_result(tmp_path, "day-1/a.svs", result, source="/scans/day-1/a.svs")
+    ds = catalog.open_catalog(tmp_path)
+    mask = segpipe.open_result(result)["mask"].values
+    counts = np.bincount(mask.ravel(), minlength=3)
+    assert list(ds["image"].values) == ["day-1/a.svs"]
+    assert list(ds["class"].values) == ["background", "tissue", "nucleus"]
+    np.testing.assert_array_equal(ds["class_pixels"].values[0], counts)
+    np.testing.assert_allclose(ds["class_fraction"].values[0], counts / counts.sum(), rtol=1e-5)
+    np.testing.assert_allclose(ds["class_area_um2"].values[0], counts * 0.5**2)
+    assert ds["source"].values[0] == "/scans/day-1/a.svs"
+    assert (ds["height"].values[0], ds["width"].values[0]) == (128, 128)
+    assert ds["tiles_total"].values[0] == 4
+
+
+def test_query_images_by_class_fraction(tmp_path):
+    _write_record(tmp_path, "a.svs", [0.9, 0.09, 0.01])
+    _write_record(tmp_path, "b.svs", [0.5, 0.4, 0.1])
+    _write_record(tmp_path, "c.svs", [0.2, 0.6, 0.2])
+    ds = catalog.open_catalog(tmp_path)
+    nucleus = ds["class_fraction"].sel({"class": "nucleus"}, drop=True)
+    assert list(ds["image"][nucleus > 0.05].values) == ["b.svs", "c.svs"]
+    assert list(ds.where(nucleus > 0.15, drop=True)["image"].values) == ["c.svs"]
+
+
+def test_results_of_models_with_other_classes_share_the_union(tmp_path):
+    _write_record(tmp_path, "a.svs", [0.5, 0.5], classes=("background", "tissue"))
+    _write_record(tmp_path, "b.tif", [0.7, 0.3], classes=("background", "building"))
+    ds = catalog.open_catalog(tmp_path)
+    assert list(ds["class"].values) == ["background", "tissue", "building"]
+    assert np.isnan(ds["class_fraction"].sel({"image": "a.svs", "class": "building"}).item())
+    assert ds["class_pixels"].sel({"image": "b.tif", "class": "tissue"}).item() == 0
+
+
+def test_an_empty_catalog_has_no_images(tmp_path):
+    ds = catalog.open_catalog(tmp_path)
+    assert ds.sizes["image"] == 0
+
+
+def test_record_paths_are_distinct_for_keys_that_slug_alike(tmp_path):
+    assert catalog.record_path(tmp_path, "a/b.tif") != catalog.record_path(tmp_path, "a-b.tif")
+
+
+def test_a_record_is_replaced_and_removed(tmp_path, result):
+    catalog.record_result(tmp_path, "a.svs", result, fingerprint={"size": 1})
+    catalog.record_result(tmp_path, "a.svs", result, fingerprint={"size": 2})
+    (record,) = catalog.read_records(tmp_path)
+    assert record["fingerprint"] == {"size": 2}
+    catalog.remove_record(tmp_path, "a.svs")
+    assert catalog.read_records(tmp_path) == []
+
+
+def test_runs_finishing_at_once_lose_no_record(tmp_path, result):
+    keys = [f"day-{i % 4}/slide-{i}.svs" for i in range(24)]
+    # Every key written twice, from different threads, all at once.
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda k: catalog.record_result(tmp_path, k, result), keys + keys))
+    ds = catalog.open_catalog(tmp_path)
+    assert sorted(ds["image"].values) == sorted(keys)
+    assert not list((tmp_path / catalog.CATALOG_DIR).rglob(".*.tmp"))
+
+
+def test_an_incomplete_result_is_refused(tmp_path, result):
+    import shutil
+
+    import zarr
+
+    copy = shutil.copytree(result, tmp_path / "copy.seg.zarr")
+    group = zarr.open_group(copy, mode="r+")
+    group.attrs["segpipe"] = {**group.attrs["segpipe"], "complete": False}
+    with pytest.raises(ValueError, match="not complete"):
+        catalog.record_result(tmp_path, "a.svs", copy)

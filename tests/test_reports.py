@@ -1,0 +1,119 @@
+"""segpipe.reports: the per-image markdown, the thumbnail, the run table."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import segpipe
+from segpipe import reports
+from segpipe.archive import ImageOutcome
+
+
+@pytest.fixture(scope="module")
+def segmented(tmp_path_factory, random_checkpoint):
+    """A 256 x 256 slide as a three-level pyramid (256, 128, 64) and its complete result."""
+    from segpipe.synthetic import tissue_slide
+    from segpipe.writers import write_pyramidal_tiff
+
+    folder = tmp_path_factory.mktemp("reports")
+    slide = tissue_slide(256, seed=4, pixel_size_um=0.5)
+    image = write_pyramidal_tiff(
+        folder / "s.ome.tif", slide.image, pixel_size_um=0.5, tile=64, min_level_size=64
+    )
+    result = segpipe.segment(
+        image, folder / "s.seg.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    return image, result
+
+
+def test_report_gives_areas_fractions_tiles_and_speed(segmented):
+    _, result = segmented
+    mask = segpipe.open_result(result)["mask"].values
+    counts = np.bincount(mask.ravel(), minlength=3)
+    text = reports.image_report(result, image="day-1/s.ome.tif")
+    assert text.startswith("# segpipe: day-1/s.ome.tif")
+    assert "| size | 256 x 256 px at level 0, 0.5 µm/px |" in text
+    assert "| tiles | 16 computed, 0 skipped (resumed), 16 in all |" in text
+    assert "megapixels/s" in text
+    assert "| class | pixels | area (µm²) | fraction |" in text  # 16 384 µm² in all
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()}
+    for name, n in zip(("background", "tissue", "nucleus"), counts, strict=True):
+        pixels, area, fraction = rows[name]
+        assert int(pixels) == n
+        assert float(area.replace(",", "")) == pytest.approx(n * 0.5**2, rel=1e-3)
+        assert fraction == f"{100 * n / counts.sum():.2f}% |"
+
+
+@pytest.mark.parametrize(
+    ("um2", "unit"), [(10.0, "µm²"), (2.5e6, "mm²"), (3e13, "m²"), (4e19, "km²"), (0.0, "µm²")]
+)
+def test_area_unit(um2, unit):
+    assert reports.area_unit(um2)[0] == unit
+
+
+@pytest.mark.parametrize(
+    ("level", "max_side", "expected"), [(0, 100, 1), (0, 200, 0), (1, 100, 1), (0, 5000, 0)]
+)
+def test_thumbnail_level_is_the_coarsest_large_enough(level, max_side, expected):
+    shapes = [(300, 300, 3), (150, 150, 3)]
+    assert reports.thumbnail_level(shapes, level, max_side) == expected
+
+
+def test_thumbnail_overlays_the_mask_and_reads_no_full_resolution_level(
+    segmented, tmp_path, monkeypatch
+):
+    image, result = segmented
+    from segpipe import readers
+
+    reader = readers.open_image(image)
+    assert [s[0] for s in reader.level_shapes] == [256, 128, 64]
+    full_reads = []
+    original = type(reader).level
+
+    def spy(self, level=0):
+        if level == 0:
+            full_reads.append(level)
+        return original(self, level)
+
+    monkeypatch.setattr(type(reader), "level", spy)
+    out = reports.write_thumbnail(image, result, tmp_path / "t.png", max_side=100)
+    assert full_reads == [], "the image was read at full resolution"
+
+    thumb = np.asarray(Image.open(out))
+    assert thumb.shape == (86, 86, 3)  # the mask read every 3rd pixel
+    small = segpipe.open_result(result)["mask"].values[::3, ::3]
+    # Background pixels show the image itself; class pixels lean to their colour.
+    base = np.asarray(
+        Image.fromarray(reader.read(0, 128, 0, 128, level=1)).resize((86, 86), Image.BILINEAR),
+        dtype=float,
+    )
+    background = small == 0
+    np.testing.assert_allclose(thumb[background], base[background], atol=2)
+    if (small == 2).any():
+        red = np.array(reports.PALETTE[2], dtype=float)
+        closer = np.abs(thumb[small == 2] - red).sum(1) < np.abs(base[small == 2] - red).sum(1)
+        assert closer.mean() > 0.9
+
+
+def _outcomes():
+    return [
+        ImageOutcome("a.svs", "segmented", "new image", "/o/a.svs.seg.zarr", tiles_computed=4),
+        ImageOutcome("b.svs", "skipped", "up to date", "/o/b.svs.seg.zarr", tiles_computed=0),
+        ImageOutcome.failure("c.tif", ValueError("/in/c.tif: the TIFF holds no image")),
+    ]
+
+
+def test_run_table_has_a_row_per_image_naming_failures():
+    rows = reports.run_table(_outcomes())
+    assert [r["image"] for r in rows] == ["a.svs", "b.svs", "c.tif"]
+    assert list(rows[0]) == list(reports.RUN_COLUMNS)
+    assert rows[2]["status"] == "failed"
+    assert rows[2]["reason"] == "ValueError: /in/c.tif: the TIFF holds no image"
+
+
+def test_describe_run_says_when_nothing_was_segmented():
+    skipped = [ImageOutcome(k, "skipped", "up to date") for k in ("a", "b")]
+    assert reports.describe_run(skipped) == "2 images: nothing to segment, 2 up to date"
+    text = reports.run_markdown(_outcomes())
+    assert text.startswith("3 images: 1 segmented, 1 up to date, 1 failed (c.tif)")
+    assert "- `c.tif`: ValueError: /in/c.tif: the TIFF holds no image" in text
