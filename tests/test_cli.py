@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -130,3 +131,35 @@ def test_demo_runs_the_flow(random_checkpoint, tmp_path):
     result = next(tmp_path.glob("*.seg.zarr"))
     assert f"result: {result}" in run.stdout
     assert segpipe.open_result(result).attrs["segpipe"]["complete"] is True
+
+
+@pytest.mark.integration
+def test_archive_command_segments_each_image_once(prefect_harness, random_checkpoint, tmp_path):
+    from segpipe.catalog import open_catalog
+    from segpipe.demo import make_demo_slide
+
+    archive = tmp_path / "archive"
+    for seed in (1, 2):
+        make_demo_slide(archive, size=128, seed=seed)
+    for truth in archive.glob("*.truth.zarr"):  # only the slides belong to the archive
+        shutil.rmtree(truth)
+    out = tmp_path / "results"
+    args = [
+        "archive",
+        str(archive),
+        str(out),
+        "--model",
+        str(random_checkpoint),
+        "--scheduler",
+        "sync",
+        "--tile",
+        "64",
+    ]
+    assert main(args) == 0
+    catalog = open_catalog(out)
+    assert catalog.sizes["image"] == 2
+    results = sorted(out.rglob("*.seg.zarr"))
+    assert len(results) == 2
+    finished = [segpipe.open_result(r).attrs["segpipe"]["finished"] for r in results]
+    assert main(args) == 0  # nothing new: nothing recomputed
+    assert [segpipe.open_result(r).attrs["segpipe"]["finished"] for r in results] == finished
