@@ -66,7 +66,9 @@ __all__ = [
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",
+    "build_pyramid",
     "class_pixels",
+    "encode_probabilities",
     "finalize_result",
     "is_complete",
     "level_path",
@@ -514,7 +516,8 @@ def open_result(
     tree
         Return an ``xarray.DataTree`` whose children ``"0"``, ``"1"``, ... are the levels.
     allow_incomplete
-        Open a result whose run has not finished (``IncompleteResultError`` otherwise).
+        Open a result whose run has not finished (``IncompleteResultError`` otherwise);
+        its levels above 0 are empty until the run's end builds them.
     chunks
         Dask chunks (default: the stored chunks).
 
@@ -522,9 +525,16 @@ def open_result(
     -------
     xarray.Dataset or xarray.DataTree
         Dask-backed ``mask`` (y, x) and ``probabilities`` (class, y, x) (uint8 storage decoded
-        to floats); coordinates ``y``/``x`` at pixel centres in microns (``units`` attribute;
-        pixels when the source did not say) and ``class`` holding the class names.
-        Provenance is in ``attrs["segpipe"]``, the level in ``attrs["level"]``.
+        to float32); coordinates ``y``/``x`` at pixel centres in microns (``units``
+        attribute; the CRS's units with a ``spatial_ref`` grid mapping, which rioxarray
+        reads, for a georeferenced input; pixels when the source did not say) and ``class``
+        holding the class names. Provenance is in ``attrs["segpipe"]``, the level in
+        ``attrs["level"]``.
+
+    Examples
+    --------
+    >>> ds = open_result("slide.seg.zarr", level=2)  # doctest: +SKIP
+    >>> ds["probabilities"].sel({"class": "nucleus"}) > 0.8  # doctest: +SKIP
     """
     meta = read_meta(path)
     if not meta.get("complete") and not allow_incomplete:

@@ -557,8 +557,9 @@ class _Road:
     stop: int
     is_vertical: bool
 
-    def centre(self, along: np.ndarray | float) -> np.ndarray | float:
-        return self.offset + self.slope * np.asarray(along, dtype=np.float64)
+    def centre(self, along: np.ndarray) -> np.ndarray:
+        """Across-position of the centre line at each ``along`` position (pixels)."""
+        return self.offset + self.slope * along.astype(np.float64)
 
 
 def _roads(rng: np.random.Generator, shape: tuple[int, int], px_per_m: float) -> list[_Road]:
@@ -637,7 +638,7 @@ def _place_buildings(
             setback = rng.uniform(2, 6) * px_per_m
             side = 1 if rng.random() < 0.5 else -1
             base = _ROOFS[int(rng.integers(len(_ROOFS)))]
-            edge = road.centre(along) + side * (road.half_width + setback)
+            edge = road.offset + road.slope * along + side * (road.half_width + setback)
             near = round(edge) if side > 0 else round(edge - depth)
             pos = along
             row: list[int] = []

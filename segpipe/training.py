@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from segpipe.datasets import (
     Augmentation,
     Batch,
     LabelledImage,
+    as_list,
     augment,
     class_names_of,
     elastic_deformation,
@@ -57,6 +58,9 @@ from segpipe.losses import balanced_class_weights, softmax_cross_entropy, unet_w
 from segpipe.models.base import geometry_of
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.tiling import exact_window, mirror_indices, tile_grid
+
+if TYPE_CHECKING:
+    from segpipe.models import SegmentationModel
 
 __all__ = [
     "Augmentation",
@@ -257,13 +261,13 @@ def class_names_for(config: TrainConfig) -> tuple[str, ...]:
 def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """The training images and the held-out validation images that ``config`` names."""
     if config.dataset == "folder":
-        train = read_folder(str(config.train_folder))
-        names = train[0].class_names
-        return list(train), list(read_folder(str(config.val_folder), class_names=names))
+        pairs = read_folder(str(config.train_folder))
+        names = pairs[0].class_names
+        return list(pairs), list(read_folder(str(config.val_folder), class_names=names))
     scene = tissue_slide if config.dataset == "tissue" else aerial_scene
     px = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
-    train = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]
-    return list(train), [scene(config.val_size, seed=config.val_seed, pixel_size_um=px)]
+    slides = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]
+    return list(slides), [scene(config.val_size, seed=config.val_seed, pixel_size_um=px)]
 
 
 def loss_weight_maps(
@@ -377,13 +381,13 @@ def evaluate(
     than the first (background), which would otherwise flatter a mostly empty slide.
     NaN marks a class absent from both truth and prediction.
     """
-    slides = [slides] if hasattr(slides, "labels") else list(slides)  # type: ignore[arg-type]
-    names = list(slides[0].class_names)
+    items = as_list(slides)
+    names = list(items[0].class_names)
     was_training = model.training
     model.eval()
     cm = np.zeros((len(names), len(names)), dtype=np.int64)
     try:
-        for slide in slides:
+        for slide in items:
             pred = predict_labels(model, slide.image, tile=tile, batch_size=batch_size)
             cm += metrics.confusion_matrix(pred, slide.labels, len(names))
     finally:
@@ -564,7 +568,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
 
 
 def save_trained(
-    model: nn.Module,
+    model: SegmentationModel,
     config: TrainConfig,
     result: dict[str, Any],
     output: str | os.PathLike[str],

@@ -175,3 +175,15 @@ def test_incomplete_result_is_refused_at_every_level(tmp_path):
     with pytest.raises(IncompleteResultError):
         open_result(path, tree=True)
     assert open_result(path, allow_incomplete=True)["mask"].shape == (100, 70)
+
+
+def test_pyramid_tasks_are_whole_shards(tmp_path):
+    from segpipe.pyramid import reduce_level
+
+    path = tmp_path / "r.zarr"
+    m = meta(tile=16, task_tiles=2, min_level_size=16)  # 32 px shards; 100 x 70 -> 50 x 35
+    prepare_result(path, m)
+    below = zarr.open_array(path / "probabilities")
+    level1 = reduce_level(below, "mean", zarr.open_array(path / "levels/1/probabilities").shards)
+    assert level1.shape == (2, 50, 35)
+    assert level1.chunks[1:] == ((32, 18), (32, 3)), "one task per level-1 shard"
