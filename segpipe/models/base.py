@@ -64,13 +64,16 @@ class SegmentationModel(nn.Module):
 
     def __init__(
         self,
-        config: Any,
+        config: Any = None,
         *,
         class_names: Sequence[str] | None = None,
         input_mean: Sequence[float] | None = None,
         input_std: Sequence[float] | None = None,
     ) -> None:
+        """``config`` defaults to ``config_class()``; subclasses build their layers from
+        ``self.config`` after calling this."""
         super().__init__()
+        config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
             raise TypeError(
                 f"{type(self).__name__} needs a {self.config_class.__name__}, "

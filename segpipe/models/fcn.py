@@ -19,8 +19,8 @@ torch.Size([1, 2, 20, 27])
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,18 +74,10 @@ class FCN(SegmentationModel):
     config_class = FCNConfig
     config: FCNConfig
 
-    def __init__(
-        self,
-        config: FCNConfig | None = None,
-        *,
-        class_names: Sequence[str] | None = None,
-        input_mean: Sequence[float] | None = None,
-        input_std: Sequence[float] | None = None,
-    ) -> None:
-        config = FCNConfig() if config is None else config
-        super().__init__(
-            config, class_names=class_names, input_mean=input_mean, input_std=input_std
-        )
+    def __init__(self, config: FCNConfig | None = None, **kwargs: Any) -> None:
+        # kwargs: class_names, input_mean, input_std (see SegmentationModel)
+        super().__init__(config, **kwargs)
+        config = self.config
         convs: list[nn.Module] = []
         channels = config.in_channels
         for _ in range(config.layers):

@@ -36,9 +36,8 @@ torch.Size([1, 2, 20, 28])
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -204,18 +203,10 @@ class FCNUpDown(SegmentationModel):
     config_class = FCNUpDownConfig
     config: FCNUpDownConfig
 
-    def __init__(
-        self,
-        config: FCNUpDownConfig | None = None,
-        *,
-        class_names: Sequence[str] | None = None,
-        input_mean: Sequence[float] | None = None,
-        input_std: Sequence[float] | None = None,
-    ) -> None:
-        config = FCNUpDownConfig() if config is None else config
-        super().__init__(
-            config, class_names=class_names, input_mean=input_mean, input_std=input_std
-        )
+    def __init__(self, config: FCNUpDownConfig | None = None, **kwargs: Any) -> None:
+        # kwargs: class_names, input_mean, input_std (see SegmentationModel)
+        super().__init__(config, **kwargs)
+        config = self.config
         channels = [config.width * 2**level for level in range(config.levels + 1)]
         remember, kernel = config.upsample == "maxunpool", config.transpose_kernel
         self.down = nn.ModuleList(

@@ -21,9 +21,8 @@ torch.Size([1, 2, 12, 16])
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -127,18 +126,10 @@ class SlidingWindow(SegmentationModel):
     # (patches_per_chunk * in_channels * patch**2 floats, 53 MB at the defaults), not the work.
     patches_per_chunk: ClassVar[int] = 4096
 
-    def __init__(
-        self,
-        config: SlidingWindowConfig | None = None,
-        *,
-        class_names: Sequence[str] | None = None,
-        input_mean: Sequence[float] | None = None,
-        input_std: Sequence[float] | None = None,
-    ) -> None:
-        config = SlidingWindowConfig() if config is None else config
-        super().__init__(
-            config, class_names=class_names, input_mean=input_mean, input_std=input_std
-        )
+    def __init__(self, config: SlidingWindowConfig | None = None, **kwargs: Any) -> None:
+        # kwargs: class_names, input_mean, input_std (see SegmentationModel)
+        super().__init__(config, **kwargs)
+        config = self.config
         self.classifier = PatchClassifier(config)
         he_init(self)
 

@@ -25,9 +25,8 @@ torch.Size([1, 2, 20, 20])
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -165,18 +164,10 @@ class UNet(SegmentationModel):
     config_class = UNetConfig
     config: UNetConfig
 
-    def __init__(
-        self,
-        config: UNetConfig | None = None,
-        *,
-        class_names: Sequence[str] | None = None,
-        input_mean: Sequence[float] | None = None,
-        input_std: Sequence[float] | None = None,
-    ) -> None:
-        config = UNetConfig() if config is None else config
-        super().__init__(
-            config, class_names=class_names, input_mean=input_mean, input_std=input_std
-        )
+    def __init__(self, config: UNetConfig | None = None, **kwargs: Any) -> None:
+        # kwargs: class_names, input_mean, input_std (see SegmentationModel)
+        super().__init__(config, **kwargs)
+        config = self.config
         w, d, pad = config.width, config.depth, config.padding
         channels = [w * 2**level for level in range(d + 1)]
         self.down = nn.ModuleList(
