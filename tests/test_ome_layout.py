@@ -1,0 +1,239 @@
+"""The result is OME-Zarr 0.5: a strict validator accepts it, napari's reader finds it, and
+sharded writes from parallel workers equal a single-process run."""
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+
+import segpipe
+from segpipe import models
+from segpipe.results import LABEL_NAME, read_meta
+
+CLASSES = ("background", "tissue", "nucleus")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:150, 0:203]
+    base = 127 + 80 * np.sin(yy / 9.0)[..., None] * np.cos(xx / 13.0)[..., None]
+    image = np.clip(base + rng.normal(0, 30, (150, 203, 3)), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("src") / "image.zarr"
+    arr = zarr.create_array(
+        path, shape=image.shape, chunks=(64, 64, 3), dtype="uint8", dimension_names=("y", "x", "c")
+    )
+    arr[...] = image
+    return path
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return models.build("unet", class_names=CLASSES, width=4, depth=2, padding="valid").eval()
+
+
+def run(source, out, net, **kw):
+    options = dict(tile=32, task_tiles=2, scheduler="sync", pixel_size_um=0.5, min_level_size=32)
+    return segpipe.segment(source, out, net, **{**options, **kw})
+
+
+@pytest.fixture(scope="module")
+def result(source, net, tmp_path_factory):
+    return run(source, tmp_path_factory.mktemp("res") / "r.zarr", net)
+
+
+def test_strict_validator_accepts_image_and_labels(result):
+    from ome_zarr_models import open_ome_zarr
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    image = open_ome_zarr(zarr.open_group(result, mode="r"))
+    assert isinstance(image, Image)
+    (multiscale,) = image.ome_attributes.multiscales
+    assert [a.name for a in multiscale.axes] == ["class", "y", "x"]
+    assert [a.unit for a in multiscale.axes[1:]] == ["micrometer"] * 2
+    assert len(multiscale.datasets) == 3  # 150 x 203 -> 75 x 101 -> 37 x 50
+    assert image.labels is not None and image.labels.label_paths == [LABEL_NAME]
+    label = ImageLabel.from_zarr(zarr.open_group(result / "labels" / LABEL_NAME, mode="r"))
+    meta = label.ome_attributes.image_label
+    assert [p.model_dump()["class"] for p in meta.properties] == list(CLASSES)
+    assert len(meta.colors) == len(CLASSES)
+    assert len(label.ome_attributes.multiscales[0].datasets) == len(multiscale.datasets)
+
+
+def test_ome_zarr_py_reader_finds_image_and_labels(result):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    nodes = list(Reader(parse_url(str(result)))())
+    image = nodes[0]
+    assert any(isinstance(s, Multiscales) for s in image.specs)
+    assert [d.shape for d in image.data] == [(3, 150, 203), (3, 75, 101), (3, 37, 50)]
+    labels = [n for n in nodes if any(isinstance(s, Label) for s in n.specs)]
+    assert len(labels) == 1
+    assert [d.shape for d in labels[0].data] == [(150, 203), (75, 101), (37, 50)]
+    np.testing.assert_array_equal(
+        np.asarray(labels[0].data[0]), segpipe.open_result(result)["mask"].values
+    )
+
+
+def test_levels_are_reductions_of_level_zero_with_matching_coordinates(result):
+    tree = segpipe.open_result(result, tree=True)
+    assert list(tree.children) == ["0", "1", "2"]
+    p0 = zarr.open_array(result / "probabilities", mode="r")[...].astype(np.float64)
+    p1 = tree["1"]["probabilities"].values
+    expected = p0[:, :150, :202].reshape(3, 75, 2, 101, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(p1, expected, atol=1e-3)  # float16 storage
+    m0, m1 = tree["0"]["mask"].values, tree["1"]["mask"].values
+    blocks = m0[:150, :202].reshape(75, 2, 101, 2).transpose(0, 2, 1, 3).reshape(75, 101, 4)
+    counts = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)
+    chosen = counts[np.arange(75)[:, None], np.arange(101)[None, :], 0]
+    picked = (blocks == m1[..., None]) & (counts == counts.max(-1, keepdims=True))
+    assert picked.any(-1).all(), "each level-1 label is a most frequent one of its block"
+    assert (m1 == blocks[..., 0])[chosen == counts.max(-1)].all(), "ties go to top-left"
+    x0 = tree["0"]["x"].values
+    np.testing.assert_allclose(tree["1"]["x"].values, x0[:202].reshape(101, 2).mean(1))
+    for k in ("1", "2"):
+        level = xr.open_zarr(result, group=f"levels/{k}")
+        xr.testing.assert_identical(level.drop_attrs(), tree[k].to_dataset().drop_attrs())
+        labels = zarr.open_array(result / "labels" / LABEL_NAME / k, mode="r")[...]
+        np.testing.assert_array_equal(labels, tree[k]["mask"].values)
+
+
+def test_shards_are_task_blocks_and_metadata_is_consolidated(result):
+    root = zarr.open_group(result, mode="r")
+    assert root["probabilities"].shards == (3, 64, 64)
+    assert root["probabilities"].chunks == (3, 32, 32)
+    assert root[f"labels/{LABEL_NAME}/0"].shards == (64, 64)
+    assert root.metadata.consolidated_metadata is not None
+    files = list((result / "probabilities" / "c").rglob("*"))
+    assert len([f for f in files if f.is_file()]) <= 3 * 4  # at most one file per shard
+
+
+def test_task_tiles_is_part_of_the_identity(source, net, result):
+    with pytest.raises(segpipe.results.ResultMismatchError, match="task_tiles"):
+        run(source, result, net, task_tiles=1)
+
+
+def test_uint8_probabilities_decode_with_plain_xarray(source, net, tmp_path):
+    floats = run(source, tmp_path / "f.zarr", net, probability_dtype="float32")
+    packed = run(source, tmp_path / "u.zarr", net, probability_dtype="uint8")
+    assert zarr.open_array(packed / "probabilities", mode="r").dtype == np.uint8
+    plain = xr.open_zarr(packed)["probabilities"]
+    assert plain.dtype.kind == "f"
+    exact = zarr.open_array(floats / "probabilities", mode="r")[...]
+    assert np.abs(plain.values - exact).max() <= 1 / 255
+    assert np.abs(segpipe.open_result(packed)["probabilities"].values - exact).max() <= 1 / 255
+    np.testing.assert_array_equal(
+        segpipe.open_result(packed)["mask"].values, segpipe.open_result(floats)["mask"].values
+    )
+
+
+def test_partly_written_block_is_redone_whole(source, net, result, tmp_path):
+    from segpipe.results import mark_tiles_done
+
+    out = tmp_path / "r.zarr"
+    FailingUNet.budget = 0
+    flaky = FailingUNet(net.config, class_names=CLASSES)
+    flaky.load_state_dict(net.state_dict())
+    flaky.eval()
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(source, out, flaky)
+    # As if an older run had flushed one tile of a 2 x 2 block: the block is one shard.
+    mark_tiles_done(out, {(0, 0): np.zeros(3, np.int64)})
+    run(source, out, net)
+    meta = read_meta(out)
+    assert meta["tiles_computed"] == meta["tiles_total"] == 5 * 7
+    np.testing.assert_array_equal(
+        segpipe.open_result(out)["mask"].values, segpipe.open_result(result)["mask"].values
+    )
+
+
+class FailingUNet(models.unet.UNet):
+    budget = 0
+
+    def forward(self, x):
+        FailingUNet.budget -= 1
+        if FailingUNet.budget < 0:
+            raise RuntimeError("simulated crash")
+        return super().forward(x)
+
+
+@pytest.mark.integration
+def test_parallel_sharded_writes_equal_a_sync_run(source, net, result, tmp_path):
+    import distributed
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        out = run(source, tmp_path / "p.zarr", net, scheduler=client)
+    sync, par = segpipe.open_result(result, tree=True), segpipe.open_result(out, tree=True)
+    for k in sync.children:
+        for name in ("mask", "probabilities"):
+            np.testing.assert_array_equal(par[k][name].values, sync[k][name].values)
+    assert read_meta(out)["tiles_computed"] == 5 * 7
+
+
+# --- georeferenced input (GeoTIFF) -------------------------------------------------------------
+
+GEOKEYS = {"model_type": (1024, 1), "raster_type": (1025, 1), "projected_crs": (3072, 32633)}
+
+
+def write_geotiff(path, image, *, pixel_is_point=False):
+    keys = dict(GEOKEYS, raster_type=(1025, 2 if pixel_is_point else 1))
+    directory = [1, 1, 0, len(keys)]
+    for key, value in keys.values():
+        directory += [key, 0, 1, value]
+    import tifffile
+
+    tifffile.imwrite(
+        path,
+        image,
+        photometric="rgb",
+        tile=(64, 64),
+        extratags=[
+            (33550, "d", 3, (2.0, 2.0, 0.0), True),  # ModelPixelScale: 2 m pixels
+            (33922, "d", 6, (0, 0, 0, 500000.0, 5400000.0, 0), True),  # ModelTiepoint
+            (34735, "H", len(directory), directory, True),  # GeoKeyDirectory
+        ],
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def geotiff(source, tmp_path_factory):
+    image = zarr.open_array(source, mode="r")[:100, :120]
+    return write_geotiff(tmp_path_factory.mktemp("geo") / "aerial.tif", image)
+
+
+@pytest.mark.parametrize("pixel_is_point", [False, True])
+def test_geotiff_georeference_agrees_with_rasterio(source, tmp_path, pixel_is_point):
+    import rasterio
+
+    image = zarr.open_array(source, mode="r")[:40, :50]
+    path = write_geotiff(tmp_path / "g.tif", image, pixel_is_point=pixel_is_point)
+    geo = segpipe.open_image(path).georeference
+    with rasterio.open(path) as ds:
+        assert geo.crs == ds.crs.to_string() == "EPSG:32633"
+        np.testing.assert_allclose(geo.transform, tuple(ds.transform)[:6])
+    assert segpipe.open_image(source).georeference is None
+
+
+def test_georeferenced_result_is_rioxarray_compatible(geotiff, net, tmp_path):
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    from ome_zarr_models import open_ome_zarr
+
+    out = run(geotiff, tmp_path / "g.zarr", net, pixel_size_um=None)
+    open_ome_zarr(zarr.open_group(out, mode="r"))
+    for ds, step in ((segpipe.open_result(out), 2.0), (xr.open_zarr(out), 2.0)):
+        assert ds.rio.crs.to_epsg() == 32633
+        assert tuple(ds.rio.transform())[:6] == (step, 0.0, 500000.0, 0.0, -step, 5400000.0)
+        assert ds["x"].attrs["units"] == "metre"
+    level1 = segpipe.open_result(out, level=1)
+    assert tuple(level1.rio.transform())[:6] == (4.0, 0.0, 500000.0, 0.0, -4.0, 5400000.0)
+    assert read_meta(out)["identity"]["crs"] == "EPSG:32633"

@@ -1,0 +1,285 @@
+"""Queries against numpy/scipy on the whole image: areas, thresholds, objects across chunks."""
+
+import numpy as np
+import pytest
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+import segpipe
+from segpipe import query
+from segpipe.results import ResultMeta, finalize_result, mark_tiles_done, prepare_result
+from segpipe.tiling import Box, tile_grid
+
+CLASSES = ("background", "tissue", "nucleus")
+
+
+def make_result(
+    path, labels, *, tile=16, task_tiles=2, pixel_size_um=0.5, dtype="float32", seed=0, **meta_kw
+):
+    """A complete result whose mask is ``labels``, written block by block as segment does.
+
+    Probabilities: the labelled class gets a random value in [0.6, 0.9], the rest share what
+    is left, so the argmax is ``labels`` and mean probabilities are not trivial.
+    """
+    ny, nx = labels.shape
+    c = len(CLASSES)
+    rng = np.random.default_rng(seed)
+    top = rng.uniform(0.6, 0.9, labels.shape)
+    probs = np.repeat(((1 - top) / (c - 1))[None], c, axis=0)
+    np.put_along_axis(probs, labels[None].astype(np.int64), top[None], axis=0)
+    meta = ResultMeta(
+        source="synthetic",
+        shape=(ny, nx),
+        level=0,
+        pixel_size_um=pixel_size_um,
+        class_names=CLASSES,
+        model_name="truth",
+        model_sha256="0" * 64,
+        tile=tile,
+        halo=0,
+        mode="exact",
+        probability_dtype=dtype,
+        task_tiles=task_tiles,
+        min_level_size=8,
+        **meta_kw,
+    )
+    prepare_result(path, meta)
+    from segpipe.results import write_tiles
+
+    for block in tile_grid((ny, nx), tile).blocks(task_tiles):
+        box = Box(
+            min(t.box.y0 for t in block),
+            max(t.box.y1 for t in block),
+            min(t.box.x0 for t in block),
+            max(t.box.x1 for t in block),
+        )
+        counts = write_tiles(path, box, probs[(slice(None), *box.slices)])
+        mark_tiles_done(path, {block[0].index: counts})
+    finalize_result(path, {})
+    return path, probs
+
+
+def squares_on_chunk_corners(shape=(64, 80), chunk=16):
+    """Nucleus squares centred on chunk corners (each cut into 4 chunks), a tissue ring
+    around a corner, and an L that leaves and re-enters chunks. Returns labels, count, areas."""
+    labels = np.zeros(shape, np.uint8)
+    nuclei = []
+    for cy, cx in [(16, 16), (16, 48), (48, 32), (32, 64)]:
+        labels[cy - 3 : cy + 3, cx - 4 : cx + 2] = 2
+        nuclei.append(36)
+    # An L spanning three chunks: down column 70..72 from row 2 to 40, then left along rows 40..42
+    labels[2:42, 70:72] = 2
+    labels[40:42, 50:72] = 2
+    nuclei.append(40 * 2 + 20 * 2)
+    # A tissue ring round the corner (32, 32): one object with a hole.
+    labels[26:38, 26:38] = 1
+    labels[29:35, 29:35] = 0
+    return labels, nuclei
+
+
+@pytest.fixture(scope="module")
+def corners(tmp_path_factory):
+    labels, areas = squares_on_chunk_corners()
+    path, probs = make_result(tmp_path_factory.mktemp("q") / "r.zarr", labels)
+    return path, labels, probs, areas
+
+
+def test_objects_straddling_chunk_corners_are_counted_once(corners):
+    path, _, _, areas = corners
+    table = query.object_table(path, "nucleus", chunks=(16, 16))
+    assert len(table) == len(areas)
+    assert sorted(table["area_px"]) == sorted(areas)
+    np.testing.assert_allclose(table["area"], table["area_px"] * 0.25)
+    ring = query.object_table(path, "tissue", chunks=(16, 16))
+    assert len(ring) == 1 and ring["area_px"].item() == 144 - 36
+
+
+@pytest.mark.parametrize("chunks", [(16, 16), (7, 9), (64, 80)])
+@pytest.mark.parametrize("connectivity", [1, 2])
+def test_object_table_against_whole_image_scipy(corners, chunks, connectivity):
+    path, labels, probs, _ = corners
+    table = query.object_table(path, "nucleus", chunks=chunks, connectivity=connectivity)
+    fg = labels == 2
+    lab, n = ndimage.label(fg, ndimage.generate_binary_structure(2, connectivity))
+    idx = np.arange(1, n + 1)
+    com = np.array(ndimage.center_of_mass(fg, lab, idx))
+    boxes = ndimage.find_objects(lab)
+    expected = sorted(
+        (
+            int(ndimage.sum_labels(fg, lab, i)),
+            com[i - 1][0] * 0.5,
+            com[i - 1][1] * 0.5,
+            (
+                boxes[i - 1][0].start,
+                boxes[i - 1][1].start,
+                boxes[i - 1][0].stop,
+                boxes[i - 1][1].stop,
+            ),
+            ndimage.mean(probs[2], lab, i),
+        )
+        for i in idx
+    )
+    got = sorted(
+        (
+            r.area_px,
+            r.centroid_y,
+            r.centroid_x,
+            (r.bbox_y0, r.bbox_x0, r.bbox_y1, r.bbox_x1),
+            r.mean_probability,
+        )
+        for r in table.itertuples()
+    )
+    assert len(got) == n
+    for g, e in zip(got, expected, strict=True):
+        assert g[0] == e[0] and g[3] == e[3]
+        np.testing.assert_allclose(g[1:3], e[1:3])
+        np.testing.assert_allclose(g[4], e[4], rtol=1e-6)
+
+
+def test_diagonal_touch_across_a_chunk_corner(tmp_path):
+    labels = np.zeros((48, 48), np.uint8)
+    labels[12:16, 12:16] = 2  # chunk (0, 0), ends at the corner (16, 16)
+    labels[16:20, 16:20] = 2  # chunk (1, 1): meets the first only at that corner
+    labels[4:8, 16:20] = 2  # chunk (0, 1), alone
+    labels[12:16, 32:36] = 2  # chunk (0, 2), starts at the corner (16, 32)
+    labels[16:20, 28:32] = 2  # chunk (1, 1): meets it across the anti-diagonal
+    path, _ = make_result(tmp_path / "r.zarr", labels)
+    assert len(query.object_table(path, "nucleus", connectivity=1, chunks=16)) == 5
+    eight = query.object_table(path, "nucleus", connectivity=2, chunks=16)
+    assert sorted(eight["area_px"]) == [16, 32, 32]
+
+
+@settings(max_examples=15)
+@given(
+    seed=st.integers(0, 2**16),
+    cy=st.integers(3, 24),
+    cx=st.integers(3, 24),
+    connectivity=st.sampled_from([1, 2]),
+)
+def test_random_blobs_match_whole_image_labelling(seed, cy, cx, connectivity):
+    rng = np.random.default_rng(seed)
+    fg = ndimage.gaussian_filter(rng.random((40, 50)), 2) > 0.5
+    ds = xr.Dataset(
+        {
+            "mask": (("y", "x"), fg.astype(np.uint8) * 2),
+            "probabilities": (("class", "y", "x"), np.stack([1 - fg, fg * 0.0, fg * 1.0])),
+        },
+        coords={"y": np.arange(40.0), "x": np.arange(50.0), "class": list(CLASSES)},
+    ).chunk({"y": cy, "x": cx})
+    table = query.object_table(ds, "nucleus", connectivity=connectivity)
+    lab, n = ndimage.label(fg, ndimage.generate_binary_structure(2, connectivity))
+    assert len(table) == n
+    assert sorted(table["area_px"]) == sorted(np.bincount(lab.ravel())[1:].tolist())
+    labels, _ = query.object_labels(ds, "nucleus", connectivity=connectivity)
+    got = labels.values
+    # The same partition: a one-to-one map between our labels and scipy's.
+    pairs = np.unique(np.stack([got[fg], lab[fg]]), axis=1)
+    assert pairs.shape[1] == n == len(np.unique(pairs[0])) == len(np.unique(pairs[1]))
+    assert (got[~fg] == 0).all()
+
+
+def test_class_areas_whole_and_region(corners):
+    path, labels, _, _ = corners
+    areas = query.class_areas(path)
+    assert areas["pixels"].chunks is not None, "lazy"
+    counts = np.bincount(labels.ravel(), minlength=3)
+    np.testing.assert_array_equal(areas["pixels"].values, counts)
+    np.testing.assert_allclose(areas["area"].values, counts * 0.25)
+    assert areas["area"].attrs["units"] == "micrometer**2"
+    np.testing.assert_allclose(areas["fraction"].values, counts / labels.size)
+    # Region in microns: pixel centres 10..20 um in x (pixels 20..40), 5..15 um in y (10..30).
+    part = query.class_areas(path, region=(10.0, 5.0, 20.0, 15.0)).compute()
+    sub = labels[10:31, 20:41]
+    np.testing.assert_array_equal(part["pixels"].values, np.bincount(sub.ravel(), minlength=3))
+    np.testing.assert_allclose(part["fraction"].sum(), 1.0)
+
+
+def test_region_outside_the_image_is_refused(corners):
+    path = corners[0]
+    with pytest.raises(ValueError, match="holds no pixel"):
+        query.class_areas(path, region=(1000, 1000, 2000, 2000))
+    with pytest.raises(ValueError, match="x0 <= x1"):
+        query.class_areas(path, region=(5, 0, 1, 1))
+
+
+def test_threshold_mask_and_objects_from_it(corners):
+    path, _, probs, _ = corners
+    above = query.threshold_mask(path, "nucleus", 0.75)
+    assert above.dims == ("y", "x") and above.chunks is not None
+    np.testing.assert_array_equal(above.values, probs[2] > 0.75)
+    with pytest.raises(ValueError, match="no class 'stroma'"):
+        query.threshold_mask(path, "stroma", 0.5)
+    table = query.object_table(path, "nucleus", threshold=0.75)
+    _, n = ndimage.label(probs[2] > 0.75)
+    assert len(table) == n
+
+
+def test_objects_in_a_region_keep_level_pixel_indices(corners):
+    path = corners[0]
+    # x 20..30 um, y 4..12 um: pixels x 40..60, y 8..24 hold the square centred on (16, 48).
+    table = query.object_table(path, "nucleus", region=(20.0, 4.0, 30.0, 12.0))
+    assert len(table) == 1
+    row = table.iloc[0]
+    assert (row.bbox_y0, row.bbox_x0, row.bbox_y1, row.bbox_x1) == (13, 44, 19, 50)
+    assert row.centroid_y == pytest.approx(15.5 * 0.5)
+
+
+def test_works_on_a_coarser_level(corners):
+    path = corners[0]
+    ds = segpipe.open_result(path, level=1)
+    areas = query.class_areas(path, level=1)
+    np.testing.assert_array_equal(
+        areas["pixels"].values, np.bincount(ds["mask"].values.ravel(), minlength=3)
+    )
+    np.testing.assert_allclose(areas["area"].values, areas["pixels"].values * 1.0)
+
+
+def test_describe_and_region_report(corners, tmp_path):
+    path, labels, _, areas = corners
+    info = query.describe(path)
+    assert info["complete"] is True
+    assert info["shape"] == [64, 80] and info["levels"][1] == [32, 40]
+    assert [c["name"] for c in info["classes"]] == list(CLASSES)
+    assert info["classes"][2]["pixels"] == int((labels == 2).sum())
+    assert info["classes"][2]["area_um2"] == pytest.approx((labels == 2).sum() * 0.25)
+    assert info["provenance"]["model"] == "truth"
+
+    report = query.region_report(path, class_name="nucleus", objects=True)
+    assert [c["name"] for c in report["classes"]] == ["nucleus"]
+    assert report["objects"]["count"] == len(areas)
+    assert report["area_units"] == "micrometer**2"
+
+    unfinished = tmp_path / "u.zarr"
+    prepare_result(
+        unfinished,
+        ResultMeta("s", (40, 40), 0, None, CLASSES, "m", "0" * 64, 16, 0, "exact"),
+    )
+    info = query.describe(unfinished)
+    assert (info["complete"], info["tiles_done"], info["tiles_total"]) == (False, 0, 9)
+
+
+UTM = {"crs": "EPSG:32633", "transform": (2.0, 0.0, 500000.0, 0.0, -2.0, 5400000.0)}
+
+
+def test_georeferenced_areas_and_regions_in_crs_units(tmp_path):
+    labels, _ = squares_on_chunk_corners()
+    path, _ = make_result(tmp_path / "r.zarr", labels, pixel_size_um=None, **UTM)
+    ds = segpipe.open_result(path)
+    assert ds["y"].attrs["units"] == "metre"
+    assert float(ds["y"][0]) == 5400000.0 - 1.0 and float(ds["x"][0]) == 500000.0 + 1.0
+    areas = query.class_areas(path)
+    assert areas["area"].attrs["units"] == "metre**2"
+    np.testing.assert_allclose(areas["area"].values, np.bincount(labels.ravel()) * 4.0)
+    # Pixels 20..40 in x and 10..30 in y: their centres in metres; y falls southwards.
+    region = (500041.0, 5400000 - 61.0, 500081.0, 5400000 - 21.0)
+    part = query.class_areas(path, region=region).compute()
+    np.testing.assert_array_equal(
+        part["pixels"].values, np.bincount(labels[10:31, 20:41].ravel(), minlength=3)
+    )
+    (clipped,) = query.object_table(path, "tissue", region=region).itertuples()
+    assert (clipped.bbox_y0, clipped.bbox_x0, clipped.bbox_y1, clipped.bbox_x1) == (26, 26, 31, 38)
+    ring = query.object_table(path, "tissue").iloc[0]
+    assert ring.centroid_y == pytest.approx(5400000.0 - 2 * 32.0)
+    assert ring.area == pytest.approx(108 * 4.0)
