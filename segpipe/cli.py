@@ -144,7 +144,24 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=float, default=0.25, help="blend window overlap")
     seg.add_argument("--level", type=int, default=0, help="pyramid level to segment")
     seg.add_argument("--batch-size", type=int, default=4)
-    seg.add_argument("--probability-dtype", choices=("float16", "float32"), default="float16")
+    seg.add_argument(
+        "--probability-dtype",
+        choices=("float16", "float32", "uint8"),
+        default="float16",
+        help="uint8 stores CF scale_factor/add_offset that xarray decodes",
+    )
+    seg.add_argument(
+        "--task-tiles",
+        type=int,
+        default=2,
+        help="tiles per task along each side; a task writes one shard",
+    )
+    seg.add_argument(
+        "--min-level-size",
+        type=int,
+        default=256,
+        help="stop the result pyramid when a side would fall below this",
+    )
 
     arc = sub.add_parser("archive", help="segment the new or changed images of a folder, once")
     _archive_options(arc)
@@ -154,6 +171,57 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--timezone", default="UTC")
     srv.add_argument("--name", default="archive", help="deployment name")
     srv.add_argument("--paused", action="store_true", help="register the schedule paused")
+
+    q = sub.add_parser("query", help="class areas, thresholds and objects, whole or in a region")
+    q.add_argument("result")
+    q.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        help="class name (areas: all classes when omitted)",
+    )
+    q.add_argument(
+        "--region",
+        nargs=4,
+        type=float,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        default=None,
+        help="region in the result's coordinates (µm, or CRS units)",
+    )
+    q.add_argument("--level", type=int, default=0, help="pyramid level")
+    q.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="count pixels with probability > T (needs --class); objects from it",
+    )
+    q.add_argument("--objects", action="store_true", help="count connected objects of --class")
+    q.add_argument("--connectivity", type=int, choices=(1, 2), default=1)
+    q.add_argument("--table", default=None, metavar="CSV", help="write the object table")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+
+    ex = sub.add_parser("export", help="class polygons as GeoJSON (QuPath, QGIS)")
+    ex.add_argument("result")
+    ex.add_argument("--geojson", required=True, metavar="OUT")
+    ex.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=None,
+        help="repeatable; default every class but the first (background)",
+    )
+    ex.add_argument("--level", type=int, default=0)
+    ex.add_argument("--region", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), default=None)
+    ex.add_argument("--coords", choices=("pixel", "micron", "crs"), default="pixel")
+    ex.add_argument("--threshold", type=float, default=None)
+    ex.add_argument("--connectivity", type=int, choices=(1, 2), default=1)
+    ex.add_argument(
+        "--min-area",
+        type=float,
+        default=0.0,
+        dest="min_area",
+        help="smallest object kept, µm² (CRS units², or px)",
+    )
 
     info = sub.add_parser("info", help="describe a result or an image")
     info.add_argument("path")
@@ -214,7 +282,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from segpipe.results import is_complete, read_meta
+    from segpipe.results import read_meta
 
     path = Path(args.path)
     try:
@@ -234,28 +302,69 @@ def _info(args: argparse.Namespace) -> int:
         }
         print(json.dumps(info, indent=2))
         return 0
-    if not is_complete(path):
-        from segpipe.results import tiles_done
+    from segpipe.query import describe
 
-        done = tiles_done(path)
+    described = describe(path)
+    if not described["complete"]:
         print(
-            f"{path}: INCOMPLETE segpipe result, {int(done.sum())}/{done.size} tiles written; "
-            "re-run segment with the same output to finish it"
+            f"{path}: INCOMPLETE segpipe result, {described['tiles_done']}/"
+            f"{described['tiles_total']} tiles written; re-run segment with the same output "
+            "to finish it"
         )
         return 1
     from segpipe.summary import summarise
 
     summary = summarise(path).as_dict()
     if args.json:
-        print(json.dumps({"summary": summary, "provenance": meta}, indent=2, default=str))
+        print(json.dumps({**described, "summary": summary}, indent=2, default=str))
         return 0
     _print_summary(summary)
+    print("levels: " + ", ".join(f"{y} x {x}" for y, x in described["levels"]))
     print(
         f"model: {meta['model']} (sha256 {meta['model_sha256'][:16]}...), mode {meta['mode']}, "
         f"tile {meta['tile']}, halo {meta['halo']}"
     )
     print(f"source: {meta['source']}")
     print(f"run: {meta['started']} -> {meta['finished']}, segpipe {meta['version']}")
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from segpipe.query import region_report
+
+    report = region_report(
+        args.result,
+        class_name=args.class_name,
+        region=tuple(args.region) if args.region else None,
+        level=args.level,
+        threshold=args.threshold,
+        objects=args.objects,
+        connectivity=args.connectivity,
+    )
+    table = report.pop("object_table", None)
+    if args.table and table is not None:
+        import pandas as pd
+
+        pd.DataFrame(table).to_csv(args.table, index=False)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    where = f" in region {report['region']}" if report["region"] else ""
+    print(f"{report['path']} (level {report['level']}){where}:")
+    for c in report["classes"]:
+        print(
+            f"  {c['name']:<12} {100 * c['fraction']:6.2f} %  "
+            f"{c['area']:,.1f} {report['area_units']}  ({c['pixels']} px)"
+        )
+    if "threshold" in report:
+        t = report["threshold"]
+        print(f"  {t['class']} with p > {t['threshold']}: {t['pixels']} px")
+    if "objects" in report:
+        o = report["objects"]
+        print(
+            f"  {o['count']} {o['class']} objects"
+            + (f" (table: {args.table})" if args.table else "")
+        )
     return 0
 
 
@@ -322,6 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n_workers=args.workers,
                 pixel_size_um=args.pixel_size_um,
                 probability_dtype=args.probability_dtype,
+                task_tiles=args.task_tiles,
+                min_level_size=args.min_level_size,
                 overwrite=args.overwrite,
                 progress=True,
             )
@@ -337,6 +448,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1 if summary.get("failed") else 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "query":
+            return _query(args)
+        if args.command == "export":
+            from segpipe.vectors import export_geojson
+
+            region = tuple(args.region) if args.region else None
+            print(
+                export_geojson(
+                    args.result,
+                    args.geojson,
+                    classes=args.classes,
+                    level=args.level,
+                    region=region,
+                    coords=args.coords,
+                    threshold=args.threshold,
+                    connectivity=args.connectivity,
+                    min_area=args.min_area,
+                )
+            )
+            return 0
         return _info(args)
     except _user_errors() as err:
         print(f"segpipe {args.command}: error: {err}", file=sys.stderr)

@@ -163,3 +163,28 @@ def test_archive_command_segments_each_image_once(prefect_harness, random_checkp
     finished = [segpipe.open_result(r).attrs["segpipe"]["finished"] for r in results]
     assert main(args) == 0  # nothing new: nothing recomputed
     assert [segpipe.open_result(r).attrs["segpipe"]["finished"] for r in results] == finished
+
+
+def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
+    from scipy import ndimage
+
+    out = segpipe.segment(
+        small_slide.image, tmp_path / "r.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    mask = segpipe.open_result(out)["mask"].values
+    csv = tmp_path / "nuclei.csv"
+    args = ["query", str(out), "--class", "nucleus", "--objects", "--json", "--table", str(csv)]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    (nucleus,) = report["classes"]
+    assert nucleus["pixels"] == int((mask == 2).sum())
+    assert nucleus["area"] == pytest.approx((mask == 2).sum() * 0.25)
+    _, count = ndimage.label(mask == 2)
+    assert report["objects"]["count"] == count
+    assert len(csv.read_text().strip().splitlines()) == count + 1
+
+    geojson = tmp_path / "nuclei.geojson"
+    assert main(["export", str(out), "--geojson", str(geojson), "--class", "nucleus"]) == 0
+    collection = json.loads(geojson.read_text())
+    assert collection["type"] == "FeatureCollection"
+    assert len(collection["features"]) == count
