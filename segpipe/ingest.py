@@ -212,13 +212,17 @@ def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> di
 
 
 def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> dict[str, Any]:
-    return {
+    attrs = {
         "kind": "image",
         "complete": complete,
         "source": str(reader.path),
         "pixel_size_um": px,
         "dtype": np.dtype(reader.dtype).name,
     }
+    # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
+    if (geo := getattr(reader, "georeference", None)) is not None:
+        attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
+    return attrs
 
 
 def ingested_image(

@@ -550,6 +550,8 @@ class ZarrReader(_BaseReader):
                 f"{self.path}: this segpipe ingest never finished (attribute "
                 f"segpipe.complete is false); run the ingest again with overwrite=True"
             )
+        if geo := segpipe.get("georeference"):  # carried over from a GeoTIFF by ingest
+            self.georeference = Georeference(str(geo["crs"]), tuple(geo["transform"]))
         ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 put it at the top
         multiscales = ome.get("multiscales")
         if not multiscales:

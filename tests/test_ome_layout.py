@@ -237,3 +237,19 @@ def test_georeferenced_result_is_rioxarray_compatible(geotiff, net, tmp_path):
     level1 = segpipe.open_result(out, level=1)
     assert tuple(level1.rio.transform())[:6] == (4.0, 0.0, 500000.0, 0.0, -4.0, 5400000.0)
     assert read_meta(out)["identity"]["crs"] == "EPSG:32633"
+
+
+def test_ingest_keeps_the_georeference(geotiff, net, tmp_path):
+    """The flow ingests first: the CRS must survive the OME-Zarr copy (0.5 has no CRS field)."""
+    import rioxarray  # noqa: F401
+
+    from segpipe.ingest import ingest
+
+    store = ingest(geotiff, tmp_path / "aerial.zarr", chunk=64)
+    original = segpipe.open_image(geotiff).georeference
+    assert segpipe.open_image(store).georeference == original
+    direct = segpipe.open_result(run(geotiff, tmp_path / "direct.zarr", net, pixel_size_um=None))
+    via = segpipe.open_result(run(store, tmp_path / "via.zarr", net, pixel_size_um=None))
+    assert via.rio.crs == direct.rio.crs
+    assert tuple(via.rio.transform()) == tuple(direct.rio.transform())
+    np.testing.assert_array_equal(via["mask"].values, direct["mask"].values)
