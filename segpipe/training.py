@@ -53,6 +53,7 @@ from segpipe.datasets import (
     read_folder,
     sample_batch,
     sample_pairs,
+    separate_touching,
 )
 from segpipe.losses import balanced_class_weights, softmax_cross_entropy, unet_weight_map
 from segpipe.models.base import geometry_of
@@ -150,6 +151,10 @@ class TrainConfig:
     jitter
         Intensity jitter strength: contrast and brightness drawn within ``±jitter``, channel
         gains within ``±jitter / 2``; 0 turns it off.
+    separate_touching
+        Draw a gap between touching objects in the **training** labels
+        (:func:`segpipe.datasets.separate_touching`), as the U-Net paper's annotations have,
+        so that the model can learn to keep them apart; validation keeps the true labels.
     checkpoint_dir
         Where ``epoch-NNN.pt`` (:func:`segpipe.models.save`, weights-only loadable) and its
         optimiser state ``epoch-NNN.state.pt`` are written after each epoch; None: nowhere.
@@ -182,6 +187,7 @@ class TrainConfig:
     elastic_std_px: float = 0.0
     elastic_grid: int = 3
     jitter: float = 0.0
+    separate_touching: bool = False
     checkpoint_dir: str | None = None
     resume_from: str | None = None
 
@@ -461,6 +467,8 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     geometry = geometry_of(model)
     train_slides, val_slides = make_slides(config)
+    if config.separate_touching:
+        train_slides = [separate_touching(s) for s in train_slides]
     names = tuple(train_slides[0].class_names)
     classes = getattr(model, "num_classes", len(names))
     if classes != len(names):

@@ -309,7 +309,9 @@ def test_train_on_aerial_scenes_with_border_weights() -> None:
     from segpipe.synthetic import AERIAL_CLASS_NAMES
     from segpipe.training import class_names_for
 
-    config = TrainConfig(**{**TINY, "slide_size": 128}, dataset="aerial", loss_weights="unet")
+    config = TrainConfig(
+        **{**TINY, "slide_size": 128}, dataset="aerial", loss_weights="unet", separate_touching=True
+    )
     assert class_names_for(config) == AERIAL_CLASS_NAMES
     torch.manual_seed(0)
     model = models.build("unet", class_names=AERIAL_CLASS_NAMES, width=4, depth=2)

@@ -1,0 +1,177 @@
+"""Folder datasets, pair sampling and augmentation: alignment of image, labels and weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe.datasets import (
+    Augmentation,
+    elastic_deformation,
+    intensity_jitter,
+    read_folder,
+    sample_pairs,
+)
+from segpipe.synthetic import SyntheticSlide, tissue_slide
+from segpipe.tiling import Geometry
+
+GEOMETRY = Geometry(halo=20, multiple=4, input_offset=0, shrinks=True)  # valid U-Net, depth 2
+PALETTE = np.array([[250, 250, 250], [200, 60, 150], [40, 30, 120]], dtype=np.uint8)
+
+
+def write_folder(root: Path, slides: list[SyntheticSlide], *, instances: bool = True) -> Path:
+    for d in ("images", "labels", "instances"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i, s in enumerate(slides):
+        Image.fromarray(s.image).save(root / "images" / f"img{i}.png")
+        Image.fromarray(s.labels).save(root / "labels" / f"img{i}.png")
+        if instances:
+            Image.fromarray(s.instances.astype(np.uint16)).save(root / "instances" / f"img{i}.png")
+    (root / "classes.txt").write_text("background\ntissue\nnucleus\n")
+    return root
+
+
+def test_read_folder_round_trips_images_labels_and_instances(tmp_path: Path) -> None:
+    slides = [tissue_slide(64, seed=s) for s in (1, 2)]
+    items = read_folder(write_folder(tmp_path, slides))
+    assert [i.name for i in items] == ["img0", "img1"]
+    for item, s in zip(items, slides, strict=True):
+        np.testing.assert_array_equal(item.image, s.image)
+        np.testing.assert_array_equal(item.labels, s.labels)
+        np.testing.assert_array_equal(item.instances, s.instances)
+        assert item.class_names == ("background", "tissue", "nucleus")
+        assert item.shape == (64, 64)
+
+
+def test_read_folder_without_instances_or_class_names(tmp_path: Path) -> None:
+    slide = tissue_slide(64, seed=0)
+    assert slide.labels.max() == 2
+    write_folder(tmp_path, [slide], instances=False)
+    (tmp_path / "classes.txt").unlink()
+    (item,) = read_folder(tmp_path)
+    assert item.instances is None
+    assert item.class_names == ("class_0", "class_1", "class_2")  # up to the largest id
+
+
+def test_read_folder_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="images"):
+        read_folder(tmp_path)
+    write_folder(tmp_path, [tissue_slide(64, seed=0)])  # has nuclei: ids 0, 1, 2
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "images" / "extra.png")
+    with pytest.raises(FileNotFoundError, match="extra"):
+        read_folder(tmp_path)
+    (tmp_path / "images" / "extra.png").unlink()
+    with pytest.raises(ValueError, match="class names"):
+        read_folder(tmp_path, class_names=["a", "b"])
+
+
+def test_train_from_folders(tmp_path: Path) -> None:
+    import torch
+
+    from segpipe import models
+    from segpipe.training import TrainConfig, class_names_for, train
+
+    torch.set_num_threads(1)
+    train_dir = write_folder(tmp_path / "train", [tissue_slide(64, seed=s) for s in (1, 2)])
+    val_dir = write_folder(tmp_path / "val", [tissue_slide(48, seed=9)])
+    config = TrainConfig(
+        steps=2,
+        batch_size=2,
+        patch=16,
+        val_tile=16,
+        num_threads=1,
+        progress=False,
+        dataset="folder",
+        train_folder=str(train_dir),
+        val_folder=str(val_dir),
+        loss_weights="unet",
+    )
+    names = class_names_for(config)
+    torch.manual_seed(0)
+    model = models.build("unet", class_names=names, width=4, depth=2)
+    result = train(model, config)
+    assert sum(map(sum, result["confusion"])) == 48 * 48
+
+
+def _painted(labels: np.ndarray) -> SyntheticSlide:
+    """A slide whose image is a flat colour per class: any misalignment shows."""
+    return SyntheticSlide(PALETTE[labels], labels, np.zeros(labels.shape, np.int32))
+
+
+def test_elastic_deformation_moves_image_and_labels_together() -> None:
+    slide = _painted(tissue_slide(96, seed=3).labels)
+    image = slide.image.transpose(2, 0, 1).astype(np.float32) / 255
+    labels = slide.labels.astype(np.int64)
+    weights = labels.astype(np.float32) * 2
+    rng = np.random.default_rng(0)
+    out_image, out_labels, out_weights = elastic_deformation(
+        image, labels, rng, std_px=4.0, weights=weights
+    )
+    assert out_image.shape == image.shape
+    assert out_labels.dtype == labels.dtype
+    assert not np.array_equal(out_labels, labels)  # it did deform
+    # Away from class edges, the (bilinear) image has its label's colour, and the weights too.
+    colour_class = np.argmin(
+        np.abs(out_image.transpose(1, 2, 0)[..., None, :] * 255 - PALETTE).sum(-1), axis=-1
+    )
+    assert np.mean(colour_class == out_labels) > 0.97
+    assert np.mean(np.rint(out_weights / 2) == out_labels) > 0.97
+    same = elastic_deformation(image, labels, rng, std_px=0.0)
+    np.testing.assert_allclose(same[0], image, atol=1e-6)
+    np.testing.assert_array_equal(same[1], labels)
+
+
+def test_sample_pairs_keeps_weights_with_labels_under_every_augmentation() -> None:
+    slide = _painted(tissue_slide(96, seed=4).labels)
+    weight_map = slide.labels.astype(np.float32) + 1  # 1, 2, 3 per class
+    batch = sample_pairs(
+        [slide],
+        GEOMETRY,
+        16,
+        16,
+        np.random.default_rng(1),
+        augmentation=Augmentation(elastic_std_px=3.0),
+        weight_maps=[weight_map],
+    )
+    n = GEOMETRY.input_size(16)
+    assert batch.images.shape == (16, 3, n, n)
+    assert batch.labels.shape == batch.weights.shape == (16, n - 40, n - 40)
+    assert np.mean(np.rint(batch.weights) == batch.labels + 1) > 0.97
+    margin = 20
+    centre = batch.images[:, :, margin:-margin, margin:-margin].transpose(0, 2, 3, 1) * 255
+    colour_class = np.argmin(np.abs(centre[..., None, :] - PALETTE).sum(-1), axis=-1)
+    assert np.mean(colour_class == batch.labels) > 0.97
+
+
+def test_intensity_jitter_changes_grey_values_within_range() -> None:
+    image = np.random.default_rng(0).uniform(0.2, 0.8, size=(3, 8, 8)).astype(np.float32)
+    out = intensity_jitter(image, np.random.default_rng(1), 0.3)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    assert out.min() >= 0 and out.max() <= 1
+    assert not np.allclose(out, image)
+    # An affine change per channel: the order of the pixels' values is kept.
+    for a, b in zip(image, out, strict=True):
+        inside = (b > 0) & (b < 1)
+        assert np.array_equal(np.argsort(a[inside]), np.argsort(b[inside]))
+
+
+def test_separate_touching_draws_a_gap_between_touching_objects_only() -> None:
+    from segpipe.datasets import separate_touching, touching_borders
+
+    inst = np.zeros((10, 16), dtype=np.int32)
+    inst[2:8, 1:5], inst[2:8, 5:9] = 1, 2  # touching along x = 4 | 5
+    inst[2:8, 11:14] = 3  # alone
+    labels = np.where(inst > 0, 2, 1).astype(np.uint8)
+    border = touching_borders(inst)
+    expected = np.zeros_like(border)
+    expected[2:8, 4:6] = True
+    np.testing.assert_array_equal(border, expected)
+    item = SyntheticSlide(np.zeros((10, 16, 3), np.uint8), labels, inst)
+    out = separate_touching(item)
+    np.testing.assert_array_equal(out.labels, np.where(expected, 1, labels))  # the surround
+    assert (out.instances[expected] == 0).all()
+    np.testing.assert_array_equal(out.instances[~expected], inst[~expected])
+    np.testing.assert_array_equal(item.labels, labels)  # the input is left alone

@@ -1,0 +1,125 @@
+"""Pixel and object scores on hand-made examples; evaluate() on a result and on a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segpipe.evaluation import evaluate, evaluate_labels, evaluate_model, match_objects
+
+NAMES = ("background", "cell")
+
+
+def scene() -> tuple[np.ndarray, np.ndarray]:
+    """Ground truth: A and B touching (sharing an edge), C alone. Returns (labels, instances)."""
+    inst = np.zeros((20, 30), dtype=np.int32)
+    inst[2:8, 2:8] = 1  # A, 36 px
+    inst[2:8, 8:14] = 2  # B, 36 px, touching A
+    inst[12:17, 20:25] = 3  # C, 25 px
+    return (inst > 0).astype(np.uint8), inst
+
+
+def test_touching_objects_predicted_as_one_blob_match_nothing() -> None:
+    truth, inst = scene()
+    pred = truth.copy()  # A and B as one blob (IoU 0.5 with neither... exactly 36/72)
+    pred[2:8, 8] = 1
+    pred[0, 27:30] = 1  # a spurious object
+    pred[12, 20:25] = 0  # C slightly smaller: IoU 20/25
+    e = evaluate_labels(pred, truth, class_names=NAMES, instances=inst, iou_threshold=0.51)
+    o = e.objects
+    assert (o.true_positives, o.false_positives, o.false_negatives) == (1, 2, 2)
+    assert o.precision == pytest.approx(1 / 3)
+    assert o.recall == pytest.approx(1 / 3)
+    assert o.f1 == pytest.approx(2 / (2 + 2 + 2))
+    assert o.class_name == "cell"
+
+
+def test_a_blob_matches_at_most_one_of_two_touching_objects() -> None:
+    truth, inst = scene()
+    inst[2:8, 11:14], inst[2:8, 8:11] = 2, 1  # A now 54 px, B 18 px; the union is the blob
+    pred = truth.copy()
+    e = evaluate_labels(pred, truth, class_names=NAMES, instances=inst)
+    o = e.objects
+    # The blob (72 px) overlaps A with IoU 54/72 = 0.75: one match; B is missed; C matched.
+    assert (o.true_positives, o.false_positives, o.false_negatives) == (2, 0, 1)
+    # Separated correctly: three matches.
+    split = pred.copy()
+    split[2:8, 10] = 0
+    inst2 = inst.copy()
+    inst2[2:8, 10] = 0
+    o = evaluate_labels(
+        split, (inst2 > 0).astype(np.uint8), class_names=NAMES, instances=inst2
+    ).objects
+    assert (o.true_positives, o.false_positives, o.false_negatives) == (3, 0, 0)
+
+
+def test_pixel_scores_equal_hand_counts() -> None:
+    truth, _ = scene()
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:11] = 1  # A and half of B; C missed
+    e = evaluate_labels(pred, truth, class_names=NAMES)
+    tp = 54
+    fn = int(truth.sum()) - tp
+    fp = 0
+    assert e.iou["cell"] == pytest.approx(tp / (tp + fp + fn))
+    assert e.dice["cell"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert e.mean_iou == pytest.approx(e.iou["cell"])
+    assert e.objects is None
+    assert e.as_dict()["confusion"] == [[truth.size - 97, 0], [fn, tp]]
+    assert "cell" in e.report()
+
+
+def test_match_objects_is_one_to_one() -> None:
+    truth = np.array([[1, 1, 2, 2]])
+    pred = np.array([[5, 5, 5, 5]])
+    assert match_objects(pred, truth, iou_threshold=0.5) == (1, 0, 1)  # IoU 0.5 with both
+    assert match_objects(pred, truth, iou_threshold=0.6) == (0, 1, 2)
+    assert match_objects(np.zeros((2, 2), int), np.zeros((2, 2), int)) == (0, 0, 0)
+
+
+def _write(path: Path, array: np.ndarray) -> Path:
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.integration
+def test_evaluate_a_model_and_its_result_store(random_checkpoint: Path, tmp_path: Path) -> None:
+    from segpipe import models, open_result
+    from segpipe.metrics import confusion_matrix, iou
+    from segpipe.synthetic import tissue_slide
+
+    slide = tissue_slide(64, seed=0)
+    image = _write(tmp_path / "image.png", slide.image)
+    truth = _write(tmp_path / "truth.png", slide.labels)
+    inst = _write(tmp_path / "inst.png", slide.instances.astype(np.uint16))
+    out = tmp_path / "result.zarr"
+    by_model = evaluate(
+        str(random_checkpoint), truth, image=image, instances=inst, output=out, tile=32
+    )
+    mask = open_result(out)["mask"].values
+    expected = iou(confusion_matrix(mask, slide.labels, 3))
+    np.testing.assert_allclose(list(by_model.iou.values()), expected)
+    by_result = evaluate(out, truth, instances=slide.instances)
+    np.testing.assert_array_equal(by_result.confusion, by_model.confusion)
+    assert by_result.objects == by_model.objects
+    assert by_result.objects.class_name == "nucleus"
+    # The in-memory path (training, benchmarks) agrees with the pipeline's.
+    in_memory = evaluate_model(models.load(random_checkpoint), slide, tile=32)
+    np.testing.assert_array_equal(in_memory.confusion, by_model.confusion)
+    with pytest.raises(ValueError, match="image"):
+        evaluate(str(random_checkpoint), truth)
+
+
+def test_specks_below_min_size_are_not_objects() -> None:
+    truth, inst = scene()
+    pred = truth.copy()
+    pred[8:14, 2:14] = 0
+    pred[2:8, 7:9] = 0  # A and B predicted apart
+    pred[18, 0] = pred[0, 29] = 1  # two one-pixel specks
+    counts = evaluate_labels(pred, truth, class_names=NAMES, instances=inst).objects
+    assert (counts.true_positives, counts.false_positives) == (3, 2)
+    clean = evaluate_labels(pred, truth, class_names=NAMES, instances=inst, min_size_px=2)
+    assert (clean.objects.true_positives, clean.objects.false_positives) == (3, 0)

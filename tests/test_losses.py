@@ -1,0 +1,126 @@
+"""The loss against hand computations, the U-Net weight map against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.losses import balanced_class_weights, softmax_cross_entropy, unet_weight_map
+
+
+def _numpy_loss(
+    logits: np.ndarray, target: np.ndarray, weights: np.ndarray | None, reduction: str
+) -> float:
+    # log-softmax by hand: s - log(sum(exp(s))), stabilised by the max.
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    n, _, h, w = logits.shape
+    picked = log_p[np.arange(n)[:, None, None], target, np.arange(h)[:, None], np.arange(w)]
+    per_pixel = -picked
+    w_ = np.ones_like(per_pixel) if weights is None else weights
+    total = float((w_ * per_pixel).sum())
+    return total if reduction == "sum" else total / float(w_.sum())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_equals_a_hand_computation(reduction: str, weighted: bool) -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 4, 5)) * 3
+    target = rng.integers(0, 3, size=(2, 4, 5))
+    weights = rng.uniform(0.1, 5, size=(2, 4, 5)) if weighted else None
+    got = softmax_cross_entropy(
+        torch.from_numpy(logits),
+        torch.from_numpy(target),
+        None if weights is None else torch.from_numpy(weights),
+        reduction=reduction,
+    )
+    assert got.item() == pytest.approx(_numpy_loss(logits, target, weights, reduction), rel=1e-10)
+
+
+def test_unit_weights_give_the_unweighted_loss() -> None:
+    logits = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    target = torch.randint(0, 4, (1, 3, 3))
+    ones = torch.ones(1, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        softmax_cross_entropy(logits, target, ones), softmax_cross_entropy(logits, target)
+    )
+
+
+def test_loss_refuses_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="target"):
+        softmax_cross_entropy(torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        softmax_cross_entropy(
+            torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.long), reduction="none"
+        )
+
+
+def _brute_force_weights(
+    instances: np.ndarray, w0: float, sigma: float, wc: np.ndarray
+) -> np.ndarray:
+    """Every pixel's distance to every object pixel, by enumeration."""
+    ys, xs = np.indices(instances.shape)
+    out = wc.astype(np.float64).copy()
+    ids = [i for i in np.unique(instances) if i != 0]
+    for y in range(instances.shape[0]):
+        for x in range(instances.shape[1]):
+            if instances[y, x] != 0 or len(ids) < 2:
+                continue
+            d = sorted(
+                np.sqrt((ys[instances == i] - y) ** 2 + (xs[instances == i] - x) ** 2).min()
+                for i in ids
+            )
+            out[y, x] += w0 * np.exp(-((d[0] + d[1]) ** 2) / (2 * sigma**2))
+    return out
+
+
+def _two_touching_objects() -> np.ndarray:
+    inst = np.zeros((24, 40), dtype=np.int32)
+    inst[8:16, 4:15] = 1  # two boxes one column apart (x = 15), a third far away
+    inst[6:18, 16:24] = 2
+    inst[2:5, 36:39] = 3
+    return inst
+
+
+@pytest.mark.parametrize("class_weights", [None, "balanced"])
+def test_weight_map_matches_brute_force(class_weights: str | None) -> None:
+    inst = _two_touching_objects()
+    w = unet_weight_map(inst, w0=10.0, sigma=5.0, class_weights=class_weights)
+    fg = inst > 0
+    if class_weights is None:
+        wc = np.ones(inst.shape)
+    else:
+        wc = np.where(fg, fg.size / (2 * fg.sum()), fg.size / (2 * (~fg).sum()))
+    assert w.dtype == np.float32
+    np.testing.assert_allclose(w, _brute_force_weights(inst, 10.0, 5.0, wc), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_map_peaks_in_the_gap_and_is_w_c_far_away() -> None:
+    inst = np.zeros((40, 80), dtype=np.int32)
+    inst[10:20, 5:20] = 1
+    inst[10:20, 21:35] = 2  # touching 1 but for the column x = 20
+    w = unet_weight_map(inst, w0=10.0, sigma=5.0, class_weights="balanced")
+    wc = balanced_class_weights(inst > 0)
+    peak = np.unravel_index(np.argmax(w), w.shape)
+    assert peak[1] == 20 and 10 <= peak[0] < 20  # in the gap
+    assert w[peak] == pytest.approx(wc[0] + 10 * np.exp(-4 / 50), rel=1e-5)
+    # Far from the objects (here, more than ~70 px from both) only w_c remains.
+    assert w[39, 79] == pytest.approx(wc[0], abs=1e-5)
+    assert w[15, 10] == pytest.approx(wc[1])  # inside an object: w_c
+
+
+def test_one_object_gets_class_weights_only() -> None:
+    inst = np.zeros((16, 16), dtype=np.int32)
+    inst[4:8, 4:8] = 7
+    np.testing.assert_array_equal(unet_weight_map(inst), np.ones((16, 16), np.float32))
+
+
+def test_explicit_class_weights_and_labels() -> None:
+    inst = _two_touching_objects()
+    labels = np.where(inst > 0, 2, 1).astype(np.uint8)
+    w = unet_weight_map(inst, labels=labels, w0=0.0, class_weights=np.array([0.0, 0.5, 3.0]))
+    np.testing.assert_array_equal(w, np.where(inst > 0, 3.0, 0.5).astype(np.float32))
+    with pytest.raises(ValueError, match="one weight per class"):
+        unet_weight_map(inst, labels=labels, class_weights=np.array([1.0, 1.0]))
