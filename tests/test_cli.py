@@ -188,3 +188,47 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
     collection = json.loads(geojson.read_text())
     assert collection["type"] == "FeatureCollection"
     assert len(collection["features"]) == count
+
+
+def test_train_then_evaluate(small_slide, tmp_path, capsys):
+    import zarr
+
+    from segpipe import models
+    from segpipe.metrics import confusion_matrix, dice
+
+    ckpt = tmp_path / "tiny.pt"
+    args = [
+        "train",
+        str(ckpt),
+        "--steps",
+        "3",
+        "--slide-size",
+        "128",
+        "--num-slides",
+        "1",
+        "--val-size",
+        "128",
+        "--batch-size",
+        "2",
+        "--patch",
+        "16",
+        "--width",
+        "4",
+        "--depth",
+        "2",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    net = models.load(ckpt)
+    assert net.class_names == ("background", "tissue", "nucleus")
+    assert (net.config.width, net.config.depth) == (4, 2)
+
+    out = segpipe.segment(small_slide.image, tmp_path / "r.zarr", ckpt, tile=64, scheduler="sync")
+    capsys.readouterr()
+    assert main(["evaluate", str(out), str(small_slide.truth), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    mask = segpipe.open_result(out)["mask"].values
+    truth = zarr.open_array(small_slide.truth, mode="r")[...]
+    expected = dice(confusion_matrix(mask, truth, 3))
+    got = [scores["dice"][k] for k in ("background", "tissue", "nucleus")]
+    np.testing.assert_allclose(got, expected, equal_nan=True)
