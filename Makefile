@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.segpipe-installed
 
-.PHONY: demo test lint bench weights clean
+.PHONY: demo test bench bench-models weights aerial-weights clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py $(ARGS)
 
+bench-models: $(STAMP)
+	$(BIN)/python benchmarks/models.py $(ARGS)
+
 weights: $(STAMP)
 	$(BIN)/python scripts/train_tissue_unet.py
+
+aerial-weights: $(STAMP)
+	$(BIN)/python scripts/train_aerial_unet.py
 
 clean:
 	rm -rf $(VENV) segpipe-demo .pytest_cache .hypothesis
