@@ -32,7 +32,8 @@ from prefect.states import State
 
 from flows.segment_slide import segment_task
 from segpipe import archive, reports
-from segpipe.archive import ArchiveImage, ClaimLostError, ImageOutcome, SegmentParams
+from segpipe.archive import ArchiveImage, ImageOutcome, SegmentParams
+from segpipe.claims import ClaimLostError
 from segpipe.readers import ImageReadError
 
 __all__ = ["artifact_key", "process_archive", "serve_archive"]

@@ -1,4 +1,6 @@
+import logging
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,24 @@ settings.register_profile("segpipe", deadline=None, max_examples=100)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "segpipe"))
 
 CLASSES = ("background", "tissue", "nucleus")
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_on_live_stream():
+    """Prefect's console handler keeps the stream it was configured with, and Prefect
+    reconfigures logging when a server starts; a test's capture stream (capsys, capfd) is
+    closed after the test, and every later flow then logs into a closed file. Point the
+    handlers at the stream that is live now, before each test."""
+    if "prefect" in sys.modules:
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in loggers:
+            for handler in getattr(logger, "handlers", []):
+                if isinstance(handler, PrefectConsoleHandler):
+                    # Not setStream(): it flushes the old stream, which may be closed.
+                    handler.stream = sys.stderr
+                    handler.console.file = sys.stderr
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""segpipe.archive: discovery, fingerprints, decisions, claims, and one image start to finish."""
+"""segpipe.archive and segpipe.claims: discovery, fingerprints, decisions, claims, and one image
+start to finish."""
 
 import json
 import multiprocessing
@@ -21,8 +22,8 @@ from segpipe.archive import (
     fingerprint_image,
     image_paths,
     process_image,
-    try_claim,
 )
+from segpipe.claims import ClaimLostError, try_claim
 from segpipe.results import is_complete, read_meta
 
 PARAMS = SegmentParams(tile=64)
@@ -195,7 +196,7 @@ def test_a_stale_lock_is_reclaimed_and_its_owner_finds_out(tmp_path):
     new = try_claim(lock, owner="new")
     assert new is not None
     assert not old.is_held()
-    with pytest.raises(archive.ClaimLostError, match="no longer holds"):
+    with pytest.raises(ClaimLostError, match="no longer holds"):
         old.check()
     old.release()  # must not remove the new owner's lock
     assert new.is_held()

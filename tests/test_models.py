@@ -157,7 +157,8 @@ def test_valid_unet_windows_agree_on_overlap(
         small = net(image[:, :, oy : oy + n_small, ox : ox + n_small])
     # Output pixel (i, j) of a window at (oy, ox) sits at input pixel (oy + halo + i, ...).
     overlap = large[:, :, oy : oy + small.shape[2], ox : ox + small.shape[3]]
-    torch.testing.assert_close(small, overlap, rtol=0, atol=1e-5)
+    # float32 convolutions over different input sizes sum in different orders: ~1e-6 relative
+    torch.testing.assert_close(small, overlap, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("depth", [1, 2])

@@ -1,0 +1,114 @@
+"""``segpipe archive`` and ``serve``: segment a folder's new or changed images, once or on a
+schedule, through the Prefect flow in :mod:`flows.archive`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from segpipe.cli.segment import add_segment_options
+
+__all__ = ["add_archive", "add_serve"]
+
+
+def add_archive(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    arc = sub.add_parser("archive", help="segment the new or changed images of a folder, once")
+    _archive_options(arc)
+    arc.set_defaults(run=_archive)
+
+
+def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    srv = sub.add_parser("serve", help="run the archive flow on a cron schedule (flow.serve)")
+    _archive_options(srv)
+    srv.add_argument("--cron", default="0 2 * * *", help='schedule (default "0 2 * * *")')
+    srv.add_argument("--timezone", default="UTC")
+    srv.add_argument("--name", default="archive", help="deployment name")
+    srv.add_argument("--paused", action="store_true", help="register the schedule paused")
+    srv.set_defaults(run=_serve)
+
+
+def _archive_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="archive folder or fsspec URL")
+    p.add_argument("output_root", help="results, reports, locks and the catalog")
+    add_segment_options(p, overwrite=False)
+    p.add_argument("--pattern", default="*", help="file name glob (default *)")
+    p.add_argument(
+        "--min-age",
+        type=float,
+        default=0.0,
+        dest="min_age_s",
+        help="skip files modified in the last N seconds (still being written)",
+    )
+    p.add_argument("--max-concurrent", type=int, default=1, help="images at once in a run")
+    p.add_argument(
+        "--concurrency-limit",
+        default=None,
+        help="name of a Prefect global concurrency limit shared across runs",
+    )
+    p.add_argument("--retries", type=int, default=2, help="retries of transient failures")
+    p.add_argument("--retry-delay", type=float, default=10.0, dest="retry_delay_s")
+    p.add_argument(
+        "--lock-ttl",
+        type=float,
+        default=600.0,
+        dest="lock_ttl_s",
+        help="seconds before a silent claim may be taken over",
+    )
+    p.add_argument(
+        "--fail-on-error", action="store_true", help="end the run failed when any image failed"
+    )
+
+
+def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "pattern": args.pattern,
+        "min_age_s": args.min_age_s,
+        "tile": args.tile,
+        "mode": args.mode,
+        "device": args.device,
+        "scheduler": args.scheduler,
+        "n_workers": args.workers,
+        "pixel_size_um": args.pixel_size_um,
+        "max_concurrent": args.max_concurrent,
+        "concurrency_limit": args.concurrency_limit,
+        "retries": args.retries,
+        "retry_delay_s": args.retry_delay_s,
+        "lock_ttl_s": args.lock_ttl_s,
+        "fail_on_error": args.fail_on_error,
+    }
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from flows.archive import process_archive
+
+    summary = process_archive(
+        args.source, args.output_root, args.model, **_archive_parameters(args)
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 1 if summary.get("failed") else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "segpipe serve: error: a schedule needs a Prefect server: run `prefect server start` "
+            "and export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            file=sys.stderr,
+        )
+        return 2
+    from flows.archive import serve_archive
+
+    serve_archive(
+        args.source,
+        args.output_root,
+        args.model,
+        cron=args.cron,
+        timezone=args.timezone,
+        name=args.name,
+        paused=args.paused,
+        **_archive_parameters(args),
+    )
+    return 0

@@ -1,0 +1,124 @@
+"""``segpipe query`` and ``export``: numbers and polygons out of a finished result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+__all__ = ["add_export", "add_query"]
+
+
+def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    q = sub.add_parser("query", help="class areas, thresholds and objects, whole or in a region")
+    q.add_argument("result")
+    q.add_argument(
+        "--class",
+        dest="class_name",
+        default=None,
+        help="class name (areas: all classes when omitted)",
+    )
+    q.add_argument(
+        "--region",
+        nargs=4,
+        type=float,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        default=None,
+        help="region in the result's coordinates (µm, or CRS units)",
+    )
+    q.add_argument("--level", type=int, default=0, help="pyramid level")
+    q.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="count pixels with probability > T (needs --class); objects from it",
+    )
+    q.add_argument("--objects", action="store_true", help="count connected objects of --class")
+    q.add_argument("--connectivity", type=int, choices=(1, 2), default=1)
+    q.add_argument("--table", default=None, metavar="CSV", help="write the object table")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(run=_query)
+
+
+def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ex = sub.add_parser("export", help="class polygons as GeoJSON (QuPath, QGIS)")
+    ex.add_argument("result")
+    ex.add_argument("--geojson", required=True, metavar="OUT")
+    ex.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        default=None,
+        help="repeatable; default every class but the first (background)",
+    )
+    ex.add_argument("--level", type=int, default=0)
+    ex.add_argument("--region", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), default=None)
+    ex.add_argument("--coords", choices=("pixel", "micron", "crs"), default="pixel")
+    ex.add_argument("--threshold", type=float, default=None)
+    ex.add_argument("--connectivity", type=int, choices=(1, 2), default=1)
+    ex.add_argument(
+        "--min-area",
+        type=float,
+        default=0.0,
+        dest="min_area",
+        help="smallest object kept, µm² (CRS units², or px)",
+    )
+    ex.set_defaults(run=_export)
+
+
+def _query(args: argparse.Namespace) -> int:
+    from segpipe.query import region_report
+
+    report = region_report(
+        args.result,
+        class_name=args.class_name,
+        region=tuple(args.region) if args.region else None,
+        level=args.level,
+        threshold=args.threshold,
+        objects=args.objects,
+        connectivity=args.connectivity,
+    )
+    table = report.pop("object_table", None)
+    if args.table and table is not None:
+        import pandas as pd
+
+        pd.DataFrame(table).to_csv(args.table, index=False)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    where = f" in region {report['region']}" if report["region"] else ""
+    print(f"{report['path']} (level {report['level']}){where}:")
+    for c in report["classes"]:
+        print(
+            f"  {c['name']:<12} {100 * c['fraction']:6.2f} %  "
+            f"{c['area']:,.1f} {report['area_units']}  ({c['pixels']} px)"
+        )
+    if "threshold" in report:
+        t = report["threshold"]
+        print(f"  {t['class']} with p > {t['threshold']}: {t['pixels']} px")
+    if "objects" in report:
+        o = report["objects"]
+        print(
+            f"  {o['count']} {o['class']} objects"
+            + (f" (table: {args.table})" if args.table else "")
+        )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from segpipe.vectors import export_geojson
+
+    region = tuple(args.region) if args.region else None
+    print(
+        export_geojson(
+            args.result,
+            args.geojson,
+            classes=args.classes,
+            level=args.level,
+            region=region,
+            coords=args.coords,
+            threshold=args.threshold,
+            connectivity=args.connectivity,
+            min_area=args.min_area,
+        )
+    )
+    return 0

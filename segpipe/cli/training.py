@@ -1,0 +1,144 @@
+"""``segpipe train`` and ``evaluate``: make a model, and score one against ground truth."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_evaluate", "add_train"]
+
+
+def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tr = sub.add_parser("train", help="train a model on synthetic scenes or a folder of pairs")
+    tr.add_argument("output", help="checkpoint to write (.pt)")
+    tr.add_argument(
+        "--architecture",
+        default="unet",
+        help="registry name (unet, fcn, fcn-updown, sliding-window) or a checkpoint",
+    )
+    tr.add_argument("--dataset", choices=("tissue", "aerial", "folder"), default="tissue")
+    tr.add_argument("--train-folder", default=None, help="images/ labels/ [instances/] folder")
+    tr.add_argument("--val-folder", default=None)
+    tr.add_argument("--steps", type=int, default=500, help="optimiser steps per epoch")
+    tr.add_argument("--epochs", type=int, default=1)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--patch", type=int, default=92, help="label crop side, pixels")
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--slide-size", type=int, default=2048, help="synthetic training scene side")
+    tr.add_argument("--num-slides", type=int, default=4)
+    tr.add_argument("--val-size", type=int, default=1024)
+    tr.add_argument(
+        "--loss-weights",
+        choices=("none", "balanced", "unet"),
+        default="none",
+        help="unet: class balance plus the border term between touching objects",
+    )
+    tr.add_argument("--w0", type=float, default=10.0)
+    tr.add_argument("--sigma", type=float, default=5.0, dest="sigma_px")
+    tr.add_argument(
+        "--separate-touching",
+        action="store_true",
+        help="cut one-pixel gaps between touching objects in the training labels",
+    )
+    tr.add_argument(
+        "--elastic-std",
+        type=float,
+        default=0.0,
+        dest="elastic_std_px",
+        help="elastic deformation, pixels (0 = off)",
+    )
+    tr.add_argument("--jitter", type=float, default=0.0, help="intensity jitter (0 = off)")
+    tr.add_argument("--checkpoint-dir", default=None, help="a checkpoint per epoch here")
+    tr.add_argument("--resume", default=None, dest="resume_from", help="epoch checkpoint")
+    tr.add_argument("--width", type=int, default=None)
+    tr.add_argument("--depth", type=int, default=None)
+    tr.add_argument("--padding", choices=("valid", "same"), default=None)
+    tr.add_argument("--full-precision", action="store_true", help="save float32 weights")
+    tr.add_argument("--no-progress", action="store_true")
+    tr.set_defaults(run=_train)
+
+
+def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    ev = sub.add_parser("evaluate", help="per-class IoU/Dice and object F1 against ground truth")
+    ev.add_argument("prediction", help="a result store, or a model (name or checkpoint)")
+    ev.add_argument("ground_truth", help="one-channel label image (class ids)")
+    ev.add_argument("--image", default=None, help="image to segment when PREDICTION is a model")
+    ev.add_argument("--instances", default=None, help="ground-truth object ids, for object F1")
+    ev.add_argument("--object-class", default=None, help="class whose objects are scored")
+    ev.add_argument("--iou-threshold", type=float, default=0.5)
+    ev.add_argument(
+        "--min-size",
+        type=int,
+        default=0,
+        dest="min_size_px",
+        help="ignore predicted objects smaller than this, pixels",
+    )
+    ev.add_argument("--tile", type=int, default=256)
+    ev.add_argument("--json", action="store_true", help="machine-readable output")
+    ev.set_defaults(run=_evaluate)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from segpipe import training
+
+    config = training.TrainConfig(
+        steps=args.steps,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        patch=args.patch,
+        lr=args.lr,
+        seed=args.seed,
+        slide_size=args.slide_size,
+        num_slides=args.num_slides,
+        val_size=args.val_size,
+        dataset=args.dataset,
+        train_folder=args.train_folder,
+        val_folder=args.val_folder,
+        loss_weights=args.loss_weights,
+        w0=args.w0,
+        sigma_px=args.sigma_px,
+        separate_touching=args.separate_touching,
+        elastic_std_px=args.elastic_std_px,
+        jitter=args.jitter,
+        checkpoint_dir=args.checkpoint_dir,
+        resume_from=args.resume_from,
+        progress=not args.no_progress,
+    )
+    options = {k: getattr(args, k) for k in ("width", "depth", "padding")}
+    model = training.initial_model(
+        args.architecture,
+        class_names=training.class_names_for(config),
+        seed=config.seed,
+        **{k: v for k, v in options.items() if v is not None},
+    )
+    result = training.train(model, config)
+    out = training.save_trained(
+        model,
+        config,
+        result,
+        args.output,
+        half=not args.full_precision,
+        extra={"command": " ".join(sys.argv)},
+    )
+    print(training.format_report(result))
+    print(out)
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from segpipe.evaluation import evaluate
+
+    scores = evaluate(
+        args.prediction,
+        args.ground_truth,
+        image=args.image,
+        instances=args.instances,
+        object_class=args.object_class,
+        iou_threshold=args.iou_threshold,
+        min_size_px=args.min_size_px,
+        tile=args.tile,
+    )
+    print(json.dumps(scores.as_dict(), indent=2) if args.json else scores.report())
+    return 0
