@@ -24,6 +24,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy segpipe
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: $(STAMP)

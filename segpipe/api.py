@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -153,7 +153,8 @@ def segment(
     if channels != in_channels:
         raise ValueError(f"{reader.path} has {channels} channels but the model takes {in_channels}")
     class_names = tuple(
-        getattr(net, "class_names", None) or (f"class_{i}" for i in range(net.num_classes))
+        getattr(net, "class_names", None)
+        or (f"class_{i}" for i in range(cast(int, net.num_classes)))
     )
     lattice = None
     params: dict[str, Any] = {}

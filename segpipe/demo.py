@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import zarr
 
@@ -46,5 +47,5 @@ def make_demo_slide(
         partial = image.with_name(image.name + ".partial")
         write_pyramidal_tiff(partial, slide.image, pixel_size_um=pixel_size_um)
         os.replace(partial, image)
-    names = tuple(zarr.open_array(truth, mode="r").attrs["class_names"])
+    names = tuple(cast(list[str], zarr.open_array(truth, mode="r").attrs["class_names"]))
     return DemoSlide(image, truth, pixel_size_um, names)

@@ -62,7 +62,8 @@ class Predictor:
             torch.set_num_threads(self.config.threads)
         self.geometry = geometry_of(model)
         self.amp = self.config.amp if self.config.amp is not None else self.device.type == "cuda"
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        # torch's stubs leave memory_format out of Module.to; the call accepts it
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         if windows.ndim != 4:

@@ -142,7 +142,8 @@ def ingest(
             previous = da.from_zarr(arrays[k - 1])
             level = downsample_mean_2x(previous, yx_axes=(1, 2))
         with bar():
-            da.store(level.rechunk(zarr_chunks), target, lock=False)
+            # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
+            da.store(level.rechunk(zarr_chunks), target, lock=False)  # type: ignore[arg-type]
 
     root.update_attributes({"segpipe": _segpipe_attributes(reader, px, complete=True)})
     return out

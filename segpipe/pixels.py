@@ -11,7 +11,7 @@ non-spatial axis that must have length 1.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -128,11 +128,11 @@ def to_yxc(array: A, axes: str) -> A:
     """
     shape = tuple(array.shape)  # type: ignore[attr-defined]
     index, order, add_c = _yxc_plan(shape, axes)
-    out = array[index] if any(not isinstance(i, slice) for i in index) else array  # type: ignore[index]
+    out: Any = array[index] if any(not isinstance(i, slice) for i in index) else array  # type: ignore[index]
     if order != tuple(range(len(order))):
-        out = out.transpose(order)  # type: ignore[attr-defined]
+        out = out.transpose(order)
     if add_c:
-        out = out[..., None]  # type: ignore[index]
+        out = out[..., None]
     return out
 
 
@@ -241,7 +241,7 @@ def downsample_mean_2x(array: A, *, yx_axes: tuple[int, int] = (0, 1)) -> A:
     trimmed = array[tuple(index)]  # type: ignore[index]
     if hasattr(trimmed, "map_blocks"):
         return _downsample_dask(trimmed, ay, ax)
-    return _downsample_numpy(trimmed, ay, ax)
+    return cast(A, _downsample_numpy(trimmed, ay, ax))
 
 
 def _downsample_numpy(array: np.ndarray, ay: int, ax: int) -> np.ndarray:

@@ -25,7 +25,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import dask.array as da
 import numpy as np
@@ -403,7 +403,7 @@ class TiffReader(_BaseReader):
         if self._tif is None:
             self._tif = tifffile.TiffFile(self.path)
         store = self._tif.series[self._series].aszarr(level=level)
-        array = zarr.open(store, mode="r")
+        array = cast("zarr.Array", zarr.open(store, mode="r"))
         if tuple(array.shape) != self._native_shapes[level]:
             raise ImageReadError(
                 f"{self.path}: level {level} reads as shape {array.shape}, expected "
@@ -617,7 +617,7 @@ class ZarrReader(_BaseReader):
 
         node = zarr.open(self.path, mode="r")
         path = self._array_paths[level]
-        return node[path] if path else node
+        return cast("zarr.Group", node)[path] if path else node
 
 
 # ------------------------------------------------------------------------------------------
@@ -647,6 +647,7 @@ class PillowReader(_BaseReader):
             f"{MAX_PILLOW_PIXELS:,} pixels); convert it to a tiled pyramidal TIFF "
             f"(e.g. vips tiffsave --tile --pyramid) and open that"
         )
+        img: Image.Image
         try:
             with Image.open(self.path) as img:
                 if img.width * img.height > MAX_PILLOW_PIXELS:

@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -166,7 +166,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The ``segpipe`` attribute of a result (provenance, parameters, ``complete``)."""
     path = Path(path)
     try:
-        attrs = zarr.open_group(path, mode="r").attrs.asdict()
+        attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise FileNotFoundError(f"no segpipe result at {path}") from e
     if "segpipe" not in attrs:
@@ -195,7 +195,7 @@ def result_levels(path: str | os.PathLike) -> list[tuple[int, int]]:
     The number of levels is what the store's OME metadata lists (one, for a result written
     before results had pyramids).
     """
-    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     ident = attrs["segpipe"]["identity"]
     datasets = attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [None])
     return list(pyramid_shapes(tuple(ident["shape"]), 1)[: len(datasets)])
@@ -387,7 +387,7 @@ def tiles_done(path: str | os.PathLike) -> np.ndarray:
     if meta.get("complete"):
         arr = zarr.open_array(Path(path) / _PROGRESS, mode="r")
         return np.ones(arr.shape, dtype=bool)
-    return zarr.open_array(Path(path) / _PROGRESS, mode="r")[...].astype(bool)
+    return np.asarray(zarr.open_array(Path(path) / _PROGRESS, mode="r")[...]).astype(bool)
 
 
 def mark_tiles_done(
@@ -407,7 +407,7 @@ def mark_tiles_done(
         by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
     for (ky, kx), members in by_chunk.items():
         sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
-        d, c = done[sl], counts[sl]
+        d, c = np.asarray(done[sl]), np.asarray(counts[sl])
         for iy, ix in members:
             d[iy - ky * cy, ix - kx * cx] = 1
             c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
@@ -418,7 +418,7 @@ def mark_tiles_done(
 
 def class_pixels(path: str | os.PathLike) -> np.ndarray:
     """(C,) int64 pixels of each class over the tiles written so far."""
-    return zarr.open_array(Path(path) / _COUNTS, mode="r")[...].sum(axis=(0, 1))
+    return np.asarray(zarr.open_array(Path(path) / _COUNTS, mode="r")[...]).sum(axis=(0, 1))
 
 
 @lru_cache(maxsize=8)
@@ -483,14 +483,15 @@ def build_pyramid(path: str | os.PathLike) -> None:
         mask = reduce_level(array(f"{below}/mask"), "mode", targets[0].shards or ())
         probs = reduce_level(array(f"{below}/probabilities"), "mean", targets[1].shards or ())
         label = array(f"labels/{LABEL_NAME}/{k}")
-        da.store([mask, probs, mask], [*targets, label], lock=False)
+        # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
+        da.store([mask, probs, mask], [*targets, label], lock=False)  # type: ignore[list-item]
 
 
 def finalize_result(path: str | os.PathLike, summary: dict[str, Any]) -> None:
     """Build the pyramid, mark the result complete, add the run summary, consolidate."""
     build_pyramid(path)
     group = zarr.open_group(path, mode="r+")
-    meta = dict(group.attrs["segpipe"])
+    meta = dict(cast(dict[str, Any], group.attrs["segpipe"]))
     meta.update(summary, complete=True, finished=_now())
     group.attrs["segpipe"] = meta
     with _quiet_consolidated():

@@ -92,7 +92,7 @@ def initial_model(
     class_names: Sequence[str],
     seed: int = 0,
     **options: Any,
-) -> nn.Module:
+) -> SegmentationModel:
     """The model training starts from: a fresh ``segpipe.models.build(name, ...)`` with torch
     seeded by ``seed`` (reproducible initial weights), or a checkpoint/shipped model to
     fine-tune (``options`` must then be empty)."""

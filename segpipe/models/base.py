@@ -57,7 +57,7 @@ class SegmentationModel(nn.Module):
     """
 
     name: ClassVar[str]
-    config_class: ClassVar[type]
+    config_class: ClassVar[type[Any]]
 
     input_mean_buffer: torch.Tensor
     input_std_buffer: torch.Tensor
@@ -67,8 +67,8 @@ class SegmentationModel(nn.Module):
         config: Any = None,
         *,
         class_names: Sequence[str] | None = None,
-        input_mean: Sequence[float] | None = None,
-        input_std: Sequence[float] | None = None,
+        input_mean: Sequence[float] | float | None = None,
+        input_std: Sequence[float] | float | None = None,
     ) -> None:
         """``config`` defaults to ``config_class()``; subclasses build their layers from
         ``self.config`` after calling this."""

@@ -26,7 +26,7 @@ torch.Size([1, 2, 20, 20])
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -187,7 +187,7 @@ class UNet(SegmentationModel):
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+                nn.init.zeros_(cast(torch.Tensor, m.bias))  # every conv here has a bias
 
     @property
     def geometry(self) -> Geometry:
