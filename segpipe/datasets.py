@@ -29,6 +29,7 @@ from typing import NamedTuple, Protocol, TypeVar
 import numpy as np
 from scipy import ndimage
 
+from segpipe.pixels import to_float01
 from segpipe.readers import open_image
 from segpipe.tiling import Geometry, mirror_indices
 
@@ -305,8 +306,9 @@ def _window(
         mirror_indices(y - margin, y - margin + n, ny),
         mirror_indices(x - margin, x - margin + n, nx),
     )
-    image = slide.image[index]  # (n, n, 3) uint8
-    image = np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32) / np.float32(255)
+    image = slide.image[index]  # (n, n, 3), the image's own dtype
+    # The one dtype rule (pixels.to_float01): uint8 / 255, uint16 / 65535, floats as they are.
+    image = np.ascontiguousarray(to_float01(image).transpose(2, 0, 1))
     labels = slide.labels[index].astype(np.int64)
     return image, labels, None if weights is None else weights[index], margin, o
 

@@ -56,6 +56,7 @@ from segpipe.datasets import (
 )
 from segpipe.losses import softmax_cross_entropy
 from segpipe.models.base import geometry_of
+from segpipe.pixels import to_float01
 from segpipe.tiling import exact_window, mirror_indices, tile_grid
 from segpipe.train_config import TrainConfig, class_names_for, loss_weight_maps, make_slides
 from segpipe.train_state import load_state, save_state, state_path
@@ -143,7 +144,7 @@ def predict_labels(
                 for w in windows
             ]
         )
-        x = torch.from_numpy(batch).float().div_(255)
+        x = torch.from_numpy(to_float01(batch))
         pred = model(x).argmax(dim=1).to(torch.uint8).numpy()
         for t, w, p in zip(chunk, windows, pred, strict=True):
             h, wd = t.box.shape

@@ -363,3 +363,14 @@ def test_format_report_lists_classes_and_epochs() -> None:
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_sixteen_bit_images_are_scaled_like_eight_bit_ones() -> None:
+    """Training and validation scale pixels by their dtype (pixels.to_float01), not by 255."""
+    torch.manual_seed(1)
+    model = tiny_unet().eval()
+    image = tissue_slide((40, 48), seed=4).image
+    wide = image.astype(np.uint16) * 257  # the same intensities on the 16-bit scale
+    np.testing.assert_array_equal(
+        predict_labels(model, wide, tile=16), predict_labels(model, image, tile=16)
+    )
