@@ -45,10 +45,10 @@ import numpy as np
 import torch
 
 from segpipe import models
-from segpipe.datasets import separate_touching
-from segpipe.evaluation import evaluate_labels, evaluate_model
+from segpipe.analysis.evaluation import evaluate_labels, evaluate_model
 from segpipe.synthetic import CLASS_NAMES, tissue_slide
 from segpipe.training import TrainConfig, initial_model, predict_labels, train
+from segpipe.training.datasets import separate_touching
 
 
 def variants(width: int) -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:

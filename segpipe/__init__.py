@@ -3,34 +3,67 @@
 >>> import segpipe
 >>> path = segpipe.segment("slide.svs", "slide.seg.zarr", "tissue-unet")   # doctest: +SKIP
 >>> ds = segpipe.open_result(path)                                        # doctest: +SKIP
+
+The subpackages, lowest layer first (each imports only from those before it; ARCHITECTURE.md
+draws the data flow): ``geometry``, ``models``, ``io``, ``synthetic``, ``results``,
+``execution``, ``analysis``, ``training``, ``archive``, ``flows``, ``cli``.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from segpipe.version import __version__
 
-__all__ = ["__version__", "ingest", "open_image", "open_result", "segment"]
+__all__ = [
+    "SegmentConfig",
+    "__version__",
+    "ingest",
+    "open_image",
+    "open_result",
+    "segment",
+]
 
 if TYPE_CHECKING:
-    from segpipe.api import segment
-    from segpipe.ingest import ingest
-    from segpipe.readers import open_image
+    from segpipe.config import SegmentConfig
+    from segpipe.execution.segment import segment
+    from segpipe.io.ingest import ingest
+    from segpipe.io.readers import open_image
     from segpipe.results import open_result
 
 # Loaded on first use: `import segpipe` must not pay for torch when a user only opens results.
 _LAZY = {
-    "segment": "segpipe.api",
+    "SegmentConfig": "segpipe.config",
+    "segment": "segpipe.execution.segment",
     "open_result": "segpipe.results",
-    "ingest": "segpipe.ingest",
-    "open_image": "segpipe.readers",
+    "ingest": "segpipe.io.ingest",
+    "open_image": "segpipe.io.readers",
 }
+# `import segpipe; segpipe.models.build(...)` works without importing the submodule first.
+_SUBPACKAGES = frozenset(
+    {
+        "analysis",
+        "archive",
+        "config",
+        "execution",
+        "flows",
+        "geometry",
+        "io",
+        "models",
+        "query",
+        "results",
+        "synthetic",
+        "training",
+        "vectors",
+    }
+)
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"segpipe.{name}")
     raise AttributeError(f"module 'segpipe' has no attribute {name!r}")

@@ -56,6 +56,6 @@ def random_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_slide(tmp_path_factory):
     """A 300 x 300 synthetic slide as a pyramidal OME-TIFF, with its truth as a Zarr array."""
-    from segpipe.demo import make_demo_slide
+    from segpipe.synthetic.demo import make_demo_slide
 
     return make_demo_slide(tmp_path_factory.mktemp("slide"), size=300, seed=1)

@@ -8,8 +8,8 @@ import zarr
 
 import segpipe
 from segpipe import models
+from segpipe.geometry.tiling import mirror_indices
 from segpipe.results import IncompleteResultError, ResultMismatchError, read_meta
-from segpipe.tiling import mirror_indices
 
 CLASSES = ("background", "tissue", "nucleus")
 

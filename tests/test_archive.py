@@ -1,5 +1,5 @@
-"""segpipe.archive and segpipe.claims: discovery, fingerprints, decisions, claims, and one image
-start to finish."""
+"""segpipe.archive (discover, state, claims, process): discovery, fingerprints, decisions,
+claims, and one image start to finish."""
 
 import json
 import multiprocessing
@@ -12,18 +12,19 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 import fsspec
 import pytest
 
-from segpipe import archive, catalog
+from segpipe import archive
 from segpipe.archive import (
     ArchiveImage,
     Fingerprint,
     SegmentParams,
+    catalog,
     decide,
     discover_images,
     fingerprint_image,
     image_paths,
     process_image,
 )
-from segpipe.claims import ClaimLostError, try_claim
+from segpipe.archive.claims import ClaimLostError, try_claim
 from segpipe.results import is_complete, read_meta
 
 PARAMS = SegmentParams(tile=64)
@@ -32,7 +33,7 @@ SYNC = {"scheduler": "sync"}
 
 @pytest.fixture(scope="module")
 def slide(tmp_path_factory):
-    from segpipe.demo import make_demo_slide
+    from segpipe.synthetic.demo import make_demo_slide
 
     return make_demo_slide(tmp_path_factory.mktemp("slide"), size=128, seed=3).image
 
@@ -360,7 +361,7 @@ def test_a_remote_image_is_downloaded_segmented_and_the_copy_removed(
 def test_a_report_failure_after_segmenting_is_finished_by_the_next_run(
     tmp_path, slide, random_checkpoint, monkeypatch
 ):
-    from segpipe import reports
+    from segpipe.archive import reports
 
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)

@@ -5,9 +5,8 @@ import shutil
 import pytest
 
 import segpipe
-from segpipe import catalog
-from segpipe.archive import read_state
-from segpipe.readers import ImageReadError
+from segpipe.archive import catalog, read_state
+from segpipe.io.readers import ImageReadError
 from segpipe.results import is_complete
 
 pytestmark = pytest.mark.integration
@@ -16,14 +15,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory):
     """Three small synthetic slides (pyramidal OME-TIFFs) to put into archives."""
-    from segpipe.demo import make_demo_slide
+    from segpipe.synthetic.demo import make_demo_slide
 
     folder = tmp_path_factory.mktemp("slides")
     return [make_demo_slide(folder, size=160, seed=s).image for s in (1, 2, 3)]
 
 
 def _run(source, out, model, **kw):
-    from flows.archive import process_archive
+    from segpipe.flows.archive import process_archive
 
     return process_archive(str(source), str(out), str(model), tile=64, scheduler="sync", **kw)
 
@@ -41,7 +40,7 @@ def _artifacts(key):
 def test_second_run_segments_nothing_and_a_new_image_is_the_only_one_processed(
     prefect_harness, slides, random_checkpoint, tmp_path, capfd
 ):
-    from flows.archive import artifact_key
+    from segpipe.flows.archive import artifact_key
 
     source, out = tmp_path / "archive", tmp_path / "out"
     (source / "day-1").mkdir(parents=True)
@@ -82,7 +81,7 @@ def test_second_run_segments_nothing_and_a_new_image_is_the_only_one_processed(
 def test_a_corrupt_file_is_reported_by_name_and_reason_and_the_others_finish(
     prefect_harness, slides, random_checkpoint, tmp_path
 ):
-    from flows.archive import artifact_key
+    from segpipe.flows.archive import artifact_key
 
     source, out = tmp_path / "archive", tmp_path / "out"
     source.mkdir()
@@ -181,7 +180,7 @@ def test_a_global_concurrency_limit_serialises_segmentation_across_images(
 def test_only_transient_errors_are_retried(error, retry):
     from prefect.states import Failed
 
-    from flows.archive import is_transient
+    from segpipe.flows.archive import is_transient
 
     assert is_transient(None, None, Failed(data=error)) is retry
 
@@ -294,7 +293,7 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
             [
                 sys.executable,
                 "-c",
-                "import json, sys; from flows.archive import serve_archive; "
+                "import json, sys; from segpipe.flows.archive import serve_archive; "
                 "serve_archive(sys.argv[1], sys.argv[2], sys.argv[3], name='test', "
                 "**json.loads(sys.argv[4]))",
                 str(source),

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segpipe.blending import BlendSink, CropSink, gaussian_weights
-from segpipe.tiling import Box, Window
+from segpipe.geometry.blending import BlendSink, CropSink, gaussian_weights
+from segpipe.geometry.tiling import Box, Window
 
 
 @pytest.mark.parametrize("side", [1, 2, 7, 64])

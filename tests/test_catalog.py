@@ -1,4 +1,5 @@
-"""segpipe.catalog: records written atomically, assembled into an xarray Dataset along image."""
+"""segpipe.archive.catalog: records written atomically, assembled into an xarray Dataset
+along image."""
 
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -7,13 +8,13 @@ import numpy as np
 import pytest
 
 import segpipe
-from segpipe import catalog
+from segpipe.archive import catalog
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, random_checkpoint):
     """One complete result of a small synthetic slide (0.5 µm per pixel)."""
-    from segpipe.demo import make_demo_slide
+    from segpipe.synthetic.demo import make_demo_slide
 
     folder = tmp_path_factory.mktemp("catalog")
     slide = make_demo_slide(folder, size=128, seed=2)

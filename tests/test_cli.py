@@ -135,8 +135,8 @@ def test_demo_runs_the_flow(random_checkpoint, tmp_path):
 
 @pytest.mark.integration
 def test_archive_command_segments_each_image_once(prefect_harness, random_checkpoint, tmp_path):
-    from segpipe.catalog import open_catalog
-    from segpipe.demo import make_demo_slide
+    from segpipe.archive.catalog import open_catalog
+    from segpipe.synthetic.demo import make_demo_slide
 
     archive = tmp_path / "archive"
     for seed in (1, 2):
@@ -194,7 +194,7 @@ def test_train_then_evaluate(small_slide, tmp_path, capsys):
     import zarr
 
     from segpipe import models
-    from segpipe.metrics import confusion_matrix, dice
+    from segpipe.analysis.metrics import confusion_matrix, dice
 
     ckpt = tmp_path / "tiny.pt"
     args = [

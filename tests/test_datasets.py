@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe.datasets import (
+from segpipe.geometry.tiling import Geometry
+from segpipe.synthetic import SyntheticSlide, tissue_slide
+from segpipe.training.datasets import (
     Augmentation,
     elastic_deformation,
     intensity_jitter,
     read_folder,
     sample_pairs,
 )
-from segpipe.synthetic import SyntheticSlide, tissue_slide
-from segpipe.tiling import Geometry
 
 GEOMETRY = Geometry(halo=20, multiple=4, input_offset=0, shrinks=True)  # valid U-Net, depth 2
 PALETTE = np.array([[250, 250, 250], [200, 60, 150], [40, 30, 120]], dtype=np.uint8)
@@ -159,7 +159,7 @@ def test_intensity_jitter_changes_grey_values_within_range() -> None:
 
 
 def test_separate_touching_draws_a_gap_between_touching_objects_only() -> None:
-    from segpipe.datasets import separate_touching, touching_borders
+    from segpipe.training.datasets import separate_touching, touching_borders
 
     inst = np.zeros((10, 16), dtype=np.int32)
     inst[2:8, 1:5], inst[2:8, 5:9] = 1, 2  # touching along x = 4 | 5

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe.evaluation import evaluate, evaluate_labels, evaluate_model, match_objects
+from segpipe.analysis.evaluation import evaluate, evaluate_labels, evaluate_model, match_objects
 
 NAMES = ("background", "cell")
 
@@ -88,7 +88,7 @@ def _write(path: Path, array: np.ndarray) -> Path:
 @pytest.mark.integration
 def test_evaluate_a_model_and_its_result_store(random_checkpoint: Path, tmp_path: Path) -> None:
     from segpipe import models, open_result
-    from segpipe.metrics import confusion_matrix, iou
+    from segpipe.analysis.metrics import confusion_matrix, iou
     from segpipe.synthetic import tissue_slide
 
     slide = tissue_slide(64, seed=0)

@@ -7,10 +7,11 @@ import torch
 import zarr
 
 import segpipe
-from segpipe import execution, models
-from segpipe.execution import ClusterPlan, plan_local_cluster, read_mirrored
-from segpipe.readers import open_image
-from segpipe.tiling import Box
+from segpipe import models
+from segpipe.execution import cluster, tasks
+from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
+from segpipe.geometry.tiling import Box
+from segpipe.io.readers import open_image, read_mirrored
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_cluster_plan(device, cpus, gpus, workers, expected):
 def test_connect_rejects_unknown_schedulers():
     with (
         pytest.raises(TypeError, match="scheduler must be"),
-        execution.connect(42, ClusterPlan(1, 1, 1)),
+        cluster.connect(42, ClusterPlan(1, 1, 1)),
     ):
         pass
 
@@ -61,19 +62,19 @@ def test_connect_rejects_unknown_schedulers():
 def test_model_is_loaded_once_per_process_not_per_tile(reader, tmp_path, monkeypatch):
     r, _ = reader
     built = []
-    original = execution.Predictor.__init__
+    original = cluster.Predictor.__init__
 
     def counting(self, *a, **k):
         built.append(1)
         original(self, *a, **k)
 
-    monkeypatch.setattr(execution.Predictor, "__init__", counting)
+    monkeypatch.setattr(cluster.Predictor, "__init__", counting)
     torch.manual_seed(0)
     net = models.build("unet", width=4, depth=2)
     out = segpipe.segment(r, tmp_path / "r.zarr", net, tile=8, task_tiles=1, scheduler="sync")
     assert segpipe.open_result(out).attrs["segpipe"]["tiles_computed"] == 5 * 7
     assert len(built) == 1
-    assert execution._PREDICTORS == {}, "released after the run"
+    assert tasks._PREDICTORS == {}, "released after the run"
 
 
 @pytest.mark.integration
@@ -92,7 +93,7 @@ def test_existing_scheduler_by_address(reader, tmp_path):
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        assert execution._gpu_resources(client) == {"GPU": 1}
+        assert cluster._gpu_resources(client) == {"GPU": 1}
         out = segpipe.segment(
             r, tmp_path / "r.zarr", net, tile=16, scheduler=cluster.scheduler_address
         )

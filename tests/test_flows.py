@@ -5,7 +5,7 @@ import pytest
 import zarr
 
 import segpipe
-from segpipe.metrics import confusion_matrix, dice
+from segpipe.analysis.metrics import confusion_matrix, dice
 
 pytestmark = pytest.mark.integration
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.integration
 def test_segment_slide_ingests_segments_and_summarises(
     prefect_harness, small_slide, random_checkpoint, tmp_path
 ):
-    from flows.segment_slide import default_image_store, segment_slide
+    from segpipe.flows.segment_slide import default_image_store, segment_slide
 
     out = tmp_path / "slide.seg.zarr"
     summary = segment_slide(

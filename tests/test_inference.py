@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from segpipe import models
-from segpipe.inference import InferenceConfig, Predictor, resolve_device
+from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
 
 
 @pytest.fixture

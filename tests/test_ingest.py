@@ -1,4 +1,4 @@
-"""Tests for segpipe.ingest: OME-Zarr 0.5 layout, round trip, no clobbering, interruption."""
+"""Tests for segpipe.io.ingest: OME-Zarr 0.5 layout, round trip, no clobbering, interruption."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 import tifffile
 import zarr
 
-import segpipe.ingest
-from segpipe.ingest import ingest, is_segpipe_image
-from segpipe.readers import ImageReadError, open_image
+import segpipe.io.ingest
+from segpipe.io.ingest import ingest, is_segpipe_image
+from segpipe.io.readers import ImageReadError, open_image
 
 
 def _image() -> np.ndarray:
@@ -159,7 +159,7 @@ def test_interrupted_ingest_is_marked_incomplete(
         raise RuntimeError("worker lost while writing level 1")
 
     with monkeypatch.context() as m:
-        m.setattr(segpipe.ingest, "downsample_mean_2x", crash)
+        m.setattr(segpipe.io.ingest, "downsample_mean_2x", crash)
         with pytest.raises(RuntimeError, match="level 1"):
             ingest(src, out, min_level_size=64)
 

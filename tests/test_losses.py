@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from segpipe.losses import balanced_class_weights, softmax_cross_entropy, unet_weight_map
+from segpipe.training.losses import balanced_class_weights, softmax_cross_entropy, unet_weight_map
 
 
 def _numpy_loss(

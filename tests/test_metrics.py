@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segpipe.metrics import confusion_matrix, dice, iou, mean_dice
+from segpipe.analysis.metrics import confusion_matrix, dice, iou, mean_dice
 
 TRUTH = np.array(
     [

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from segpipe import models
+from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import geometry_of, uses_tile_statistics
 from segpipe.models.unet import UNet, UNetConfig
-from segpipe.tiling import Geometry
 
 DEPTHS = [1, 2, 3, 4]
 PADDINGS = ["valid", "same"]
@@ -287,7 +287,7 @@ def test_geometry_of() -> None:
     assert geometry_of(net) == net.geometry
     conv = nn.Conv2d(1, 1, 3)
     with pytest.raises(
-        TypeError, match=r"Conv2d .*`geometry` attribute.*segpipe\.tiling\.Geometry"
+        TypeError, match=r"Conv2d .*`geometry` attribute.*segpipe\.geometry\.tiling\.Geometry"
     ):
         geometry_of(conv)
     conv.geometry = Geometry(halo=1, shrinks=True)  # type: ignore[assignment]

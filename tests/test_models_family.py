@@ -19,12 +19,12 @@ from torch import nn
 import segpipe
 from segpipe import models
 from segpipe.cli import main
+from segpipe.geometry.tiling import Geometry, mirror_indices
 from segpipe.models.base import uses_tile_statistics
 from segpipe.models.fcn_updown import POOLS, UPSAMPLES, pooling, upsampling
 from segpipe.models.layers import MinPool2d, SumPool2d, Unpool2d, UpConv2d
 from segpipe.models.sliding_window import SlidingWindow
 from segpipe.synthetic import tissue_slide
-from segpipe.tiling import Geometry, mirror_indices
 
 CLASSES = ("background", "tissue", "nucleus")
 

@@ -243,7 +243,7 @@ def test_ingest_keeps_the_georeference(geotiff, net, tmp_path):
     """The flow ingests first: the CRS must survive the OME-Zarr copy (0.5 has no CRS field)."""
     import rioxarray  # noqa: F401
 
-    from segpipe.ingest import ingest
+    from segpipe.io.ingest import ingest
 
     store = ingest(geotiff, tmp_path / "aerial.zarr", chunk=64)
     original = segpipe.open_image(geotiff).georeference

@@ -1,4 +1,4 @@
-"""Tests for segpipe.pixels: axis layout, value scaling, 2x mean pyramids."""
+"""Tests for segpipe.geometry.pixels: axis layout, value scaling, 2x mean pyramids."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segpipe.pixels import (
+from segpipe.geometry.pixels import (
     downsample_mean_2x,
     pyramid_shapes,
     to_float01,

@@ -9,8 +9,8 @@ from scipy import ndimage
 
 import segpipe
 from segpipe import query
+from segpipe.geometry.tiling import Box, tile_grid
 from segpipe.results import ResultMeta, finalize_result, mark_tiles_done, prepare_result
-from segpipe.tiling import Box, tile_grid
 
 CLASSES = ("background", "tissue", "nucleus")
 

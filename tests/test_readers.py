@@ -1,4 +1,4 @@
-"""Tests for segpipe.readers: each format read back against the numpy it was written from."""
+"""Tests for segpipe.io.readers: each format read back against the numpy it was written from."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from segpipe import readers
-from segpipe.readers import ImageReadError, Reader, open_image
+from segpipe.io.readers import ImageReadError, Reader, open_image, pillow
 
 SHAPE = (300, 517)  # sides deliberately not multiples of the 64 px tiles
 
@@ -435,7 +434,7 @@ def test_truncated_tiff_fails_on_read_naming_the_file(tmp_path: Path) -> None:
 
 
 def test_png_too_large_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(readers, "MAX_PILLOW_PIXELS", 100 * 100)
+    monkeypatch.setattr(pillow, "MAX_PILLOW_PIXELS", 100 * 100)
     path = _png(tmp_path, _rgb())
     with pytest.raises(ImageReadError, match="tiled pyramidal TIFF") as info:
         open_image(path)

@@ -1,19 +1,19 @@
-"""segpipe.reports: the per-image markdown, the thumbnail, the run table."""
+"""segpipe.archive.reports: the per-image markdown, the thumbnail, the run table."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import segpipe
-from segpipe import reports
-from segpipe.archive import ImageOutcome
+from segpipe.archive import ImageOutcome, reports
+from segpipe.palette import class_color
 
 
 @pytest.fixture(scope="module")
 def segmented(tmp_path_factory, random_checkpoint):
     """A 256 x 256 slide as a three-level pyramid (256, 128, 64) and its complete result."""
+    from segpipe.io.writers import write_pyramidal_tiff
     from segpipe.synthetic import tissue_slide
-    from segpipe.writers import write_pyramidal_tiff
 
     folder = tmp_path_factory.mktemp("reports")
     slide = tissue_slide(256, seed=4, pixel_size_um=0.5)
@@ -63,7 +63,7 @@ def test_thumbnail_overlays_the_mask_and_reads_no_full_resolution_level(
     segmented, tmp_path, monkeypatch
 ):
     image, result = segmented
-    from segpipe import readers
+    from segpipe.io import readers
 
     reader = readers.open_image(image)
     assert [s[0] for s in reader.level_shapes] == [256, 128, 64]
@@ -90,7 +90,7 @@ def test_thumbnail_overlays_the_mask_and_reads_no_full_resolution_level(
     background = small == 0
     np.testing.assert_allclose(thumb[background], base[background], atol=2)
     if (small == 2).any():
-        red = np.array(reports.PALETTE[2], dtype=float)
+        red = np.array(class_color(2), dtype=float)
         closer = np.abs(thumb[small == 2] - red).sum(1) < np.abs(base[small == 2] - red).sum(1)
         assert closer.mean() > 0.9
 

@@ -5,6 +5,7 @@ import pytest
 import xarray as xr
 import zarr
 
+from segpipe.geometry.tiling import Box
 from segpipe.results import (
     IncompleteResultError,
     ResultMeta,
@@ -18,7 +19,6 @@ from segpipe.results import (
     tiles_done,
     write_tiles,
 )
-from segpipe.tiling import Box
 
 
 def meta(**kw):
@@ -101,7 +101,7 @@ def test_open_result_coordinates_without_pixel_size(tmp_path):
 
 def write_everywhere(path, m, probabilities):
     """Write (C, y, x) probabilities block by block, as the tasks of a run do."""
-    from segpipe.tiling import tile_grid
+    from segpipe.geometry.tiling import tile_grid
 
     for block in tile_grid(m.shape, m.tile).blocks(m.task_tiles):
         box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
@@ -178,7 +178,7 @@ def test_incomplete_result_is_refused_at_every_level(tmp_path):
 
 
 def test_pyramid_tasks_are_whole_shards(tmp_path):
-    from segpipe.pyramid import reduce_level
+    from segpipe.results.pyramid import reduce_level
 
     path = tmp_path / "r.zarr"
     m = meta(tile=16, task_tiles=2, min_level_size=16)  # 32 px shards; 100 x 70 -> 50 x 35

@@ -3,8 +3,8 @@ import pytest
 import zarr
 
 import segpipe
-from segpipe.metrics import confusion_matrix, dice
-from segpipe.summary import summarise
+from segpipe.analysis.metrics import confusion_matrix, dice
+from segpipe.analysis.summary import summarise
 
 
 def test_summary_areas_and_dice_against_numpy(small_slide, random_checkpoint, tmp_path):

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from segpipe.tiling import (
+from segpipe.geometry.tiling import (
     Box,
     Geometry,
     blend_lattice,

@@ -26,7 +26,7 @@ MODEL = {"width": 4, "depth": 2}
 
 
 def test_train_model_flow_trains_evaluates_and_saves(prefect_harness, tmp_path: Path) -> None:
-    from flows.train_model import train_model
+    from segpipe.flows.train_model import train_model
 
     torch.set_num_threads(1)
     out = tmp_path / "aerial.pt"

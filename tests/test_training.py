@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from segpipe.geometry.tiling import Geometry
 from segpipe.synthetic import SyntheticSlide, tissue_slide
-from segpipe.tiling import Geometry
 from segpipe.training import (
     TrainConfig,
     augment,
@@ -323,8 +323,8 @@ def test_train_on_aerial_scenes_with_border_weights() -> None:
 
 
 def test_loss_weight_maps_follow_the_config() -> None:
-    from segpipe.losses import unet_weight_map
     from segpipe.training import loss_weight_maps
+    from segpipe.training.losses import unet_weight_map
 
     slides = [tissue_slide(96, seed=s) for s in (0, 1)]
     assert loss_weight_maps(slides, TrainConfig(**TINY)) is None

@@ -1,4 +1,4 @@
-"""Tests for segpipe.writers: pyramidal OME-TIFF checked with tifffile and read back."""
+"""Tests for segpipe.io.writers: pyramidal OME-TIFF checked with tifffile and read back."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from segpipe.readers import open_image
-from segpipe.writers import write_pyramidal_tiff
+from segpipe.io.readers import open_image
+from segpipe.io.writers import write_pyramidal_tiff
 
 
 def _image(channels: int = 3) -> np.ndarray:

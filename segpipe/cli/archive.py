@@ -1,5 +1,5 @@
 """``segpipe archive`` and ``serve``: segment a folder's new or changed images, once or on a
-schedule, through the Prefect flow in :mod:`flows.archive`."""
+schedule, through the Prefect flow in :mod:`segpipe.flows.archive`."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _archive(args: argparse.Namespace) -> int:
-    from flows.archive import process_archive
+    from segpipe.flows.archive import process_archive
 
     summary = process_archive(
         args.source, args.output_root, args.model, **_archive_parameters(args)
@@ -99,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from flows.archive import serve_archive
+    from segpipe.flows.archive import serve_archive
 
     serve_archive(
         args.source,

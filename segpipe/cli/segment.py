@@ -120,7 +120,7 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from segpipe.demo import make_demo_slide
+    from segpipe.synthetic.demo import make_demo_slide
 
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -137,7 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         pixel_size_um=args.pixel_size_um,
     )
-    from flows.segment_slide import segment_slide
+    from segpipe.flows.segment_slide import segment_slide
 
     summary = segment_slide(
         str(slide.image), str(result), ground_truth=str(slide.truth), progress=True, **options
@@ -151,7 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from segpipe.ingest import ingest
+    from segpipe.io.ingest import ingest
 
     out = ingest(
         args.source,
@@ -166,7 +166,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from segpipe.api import segment
+    from segpipe.execution.segment import segment
 
     out = segment(
         args.source,
@@ -201,7 +201,7 @@ def _info(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError):
         meta = None
     if meta is None:
-        from segpipe.readers import open_image
+        from segpipe.io.readers import open_image
 
         r = open_image(path)
         info = {
@@ -223,7 +223,7 @@ def _info(args: argparse.Namespace) -> int:
             "to finish it"
         )
         return 1
-    from segpipe.summary import summarise
+    from segpipe.analysis.summary import summarise
 
     summary = summarise(path).as_dict()
     if args.json:

@@ -128,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from segpipe.evaluation import evaluate
+    from segpipe.analysis.evaluation import evaluate
 
     scores = evaluate(
         args.prediction,

@@ -3,7 +3,7 @@
 A model takes ``(N, C_in, H, W)`` float tensors scaled to ``[0, 1]``, normalises them with its
 own per-channel mean and std, and returns raw class scores (logits) ``(N, num_classes, h, w)``
 with ``h = geometry.output_size(H)`` (``w`` likewise). Its ``geometry`` (a
-:class:`segpipe.tiling.Geometry`) is what the tiler reads; the tiler never guesses a halo.
+:class:`segpipe.geometry.tiling.Geometry`) is what the tiler reads; the tiler never guesses a halo.
 
 New architectures subclass :class:`SegmentationModel`, set ``name`` and ``config_class``, and
 put ``@register`` above the class: adding a model is one new file in ``segpipe/models/``.
@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from segpipe.tiling import Geometry
+from segpipe.geometry.tiling import Geometry
 
 __all__ = [
     "DEFAULT_INPUT_MEAN",
@@ -222,7 +222,8 @@ def geometry_of(module: nn.Module) -> Geometry:
     if not isinstance(geometry, Geometry):
         raise TypeError(
             f"{type(module).__name__} has no segpipe geometry (found {geometry!r}). Give your "
-            "module a `geometry` attribute or property returning a segpipe.tiling.Geometry "
+            "module a `geometry` attribute or property returning a "
+            "segpipe.geometry.tiling.Geometry "
             "(halo, multiple, input_offset, shrinks) so the tiler knows how much context each "
             "output pixel needs; or subclass segpipe.models.base.SegmentationModel."
         )

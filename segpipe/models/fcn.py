@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, register
 from segpipe.models.layers import he_init
 from segpipe.models.unet import Head
-from segpipe.tiling import Geometry
 
 __all__ = ["FCN", "FCNConfig"]
 

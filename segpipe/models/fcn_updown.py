@@ -42,10 +42,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, register
 from segpipe.models.layers import MinPool2d, SumPool2d, Unpool2d, UpConv2d, he_init
 from segpipe.models.unet import Head, double_conv
-from segpipe.tiling import Geometry
 
 __all__ = [
     "POOLS",

@@ -27,9 +27,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, register
 from segpipe.models.layers import he_init
-from segpipe.tiling import Geometry
 
 __all__ = ["PatchClassifier", "SlidingWindow", "SlidingWindowConfig"]
 

@@ -31,8 +31,8 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, register
-from segpipe.tiling import Geometry
 
 __all__ = ["Bottleneck", "DownBlock", "Head", "UNet", "UNetConfig", "UpBlock"]
 

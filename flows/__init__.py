@@ -1,1 +1,0 @@
-"""Prefect flows for segpipe: thin orchestration over the library's public calls."""

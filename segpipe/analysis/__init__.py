@@ -1,0 +1,2 @@
+"""Questions to results: regions and areas, objects across chunks, summaries against ground
+truth, metrics, model evaluation, vector export."""

@@ -1,0 +1,118 @@
+"""Questions about a region of a result, answered lazily and chunk by chunk.
+
+Everything takes a result path (or an opened level, :func:`segpipe.open_result`) and works on
+its Dask chunks, so a gigapixel mask is never whole in memory:
+
+- :func:`class_areas`: pixels, area and fraction per class, over the image or a region;
+- :func:`threshold_mask`: ``probabilities.sel(class=name) > p`` as a lazy boolean image.
+
+Regions are ``(x0, y0, x1, y1)`` in the result's coordinates (microns; CRS units for a
+georeferenced input; pixels when the pixel size is unknown), GeoJSON bbox order, bounds
+inclusive of the pixel centres they hold.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import xarray as xr
+
+from segpipe.results import open_result
+
+__all__ = [
+    "Region",
+    "as_dataset",
+    "class_areas",
+    "class_index",
+    "coordinate_step",
+    "select_region",
+    "threshold_mask",
+]
+
+Region = tuple[float, float, float, float]  # (x0, y0, x1, y1), coordinate units
+
+
+def as_dataset(result: str | os.PathLike | xr.Dataset, level: int) -> xr.Dataset:
+    """``result`` itself if it is an opened level, else its ``level`` opened."""
+    return result if isinstance(result, xr.Dataset) else open_result(result, level)
+
+
+def coordinate_step(coord: xr.DataArray) -> float:
+    """Spacing of a regular coordinate (signed: y of a north-up georeferenced image falls)."""
+    if coord.size >= 2:
+        return float(coord[1] - coord[0])
+    return 1.0
+
+
+def select_region(ds: xr.Dataset, region: Region | None) -> xr.Dataset:
+    """The pixels of ``ds`` whose centres lie in ``region`` ``(x0, y0, x1, y1)``.
+
+    >>> ds = xr.Dataset(coords={"y": np.arange(4) * 0.5, "x": np.arange(6) * 0.5})
+    >>> select_region(ds, (0.5, 0.0, 1.5, 0.6)).sizes
+    Frozen({'y': 2, 'x': 3})
+    """
+    if region is None:
+        return ds
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if not (x0 <= x1 and y0 <= y1):
+        raise ValueError(f"region {region} must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
+    # Georeferenced results count y downwards from the north: slice in coordinate order.
+    ys = slice(y1, y0) if coordinate_step(ds["y"]) < 0 else slice(y0, y1)
+    out = ds.sel(y=ys, x=slice(x0, x1))
+    if out.sizes["y"] == 0 or out.sizes["x"] == 0:
+        units = ds["x"].attrs.get("units", "")
+        raise ValueError(
+            f"region {region} holds no pixel of the result, whose centres span x "
+            f"{float(ds.x[0])}..{float(ds.x[-1])} and y {float(ds.y[0])}..{float(ds.y[-1])} "
+            f"{units}"
+        )
+    return out
+
+
+def class_index(ds: xr.Dataset, class_name: str) -> int:
+    names = [str(c) for c in ds["class"].values]
+    if class_name not in names:
+        raise ValueError(f"no class {class_name!r} in this result; classes: {', '.join(names)}")
+    return names.index(class_name)
+
+
+def class_areas(
+    result: str | os.PathLike | xr.Dataset,
+    *,
+    region: Region | None = None,
+    level: int = 0,
+) -> xr.Dataset:
+    """Pixels, area and fraction of each class of the mask, lazily.
+
+    Returns a Dataset over ``class`` with ``pixels`` (int), ``area`` (``units`` attribute:
+    ``micrometer**2``, or ``pixel**2``) and ``fraction`` (of the region's pixels). Call
+    ``.compute()`` (or ``.values``) to reduce the chunks in parallel. Georeferenced results
+    give areas in the CRS's units (``metre**2``).
+    """
+    ds = select_region(as_dataset(result, level), region)
+    classes = ds["class"]
+    ids = xr.DataArray(np.arange(classes.size), dims="class", coords={"class": classes})
+    pixels = (ds["mask"] == ids).sum(("y", "x"))
+    unit = ds["x"].attrs.get("units", "pixel")
+    area = pixels * abs(coordinate_step(ds["y"]) * coordinate_step(ds["x"]))
+    area.attrs["units"] = f"{unit}**2"
+    fraction = pixels / (ds.sizes["y"] * ds.sizes["x"])
+    return xr.Dataset({"pixels": pixels, "area": area, "fraction": fraction}, attrs=ds.attrs)
+
+
+def threshold_mask(
+    result: str | os.PathLike | xr.Dataset,
+    class_name: str,
+    threshold: float,
+    *,
+    region: Region | None = None,
+    level: int = 0,
+) -> xr.DataArray:
+    """Lazy (y, x) bool: where ``class_name``'s probability exceeds ``threshold``."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
+    ds = select_region(as_dataset(result, level), region)
+    class_index(ds, class_name)
+    out = ds["probabilities"].sel({"class": class_name}, drop=True) > threshold
+    return out.rename(f"{class_name}>{threshold}")

@@ -1,0 +1,93 @@
+"""What a finished result says: class areas in physical units and, given ground truth, Dice.
+
+Everything is read lazily and reduced chunk by chunk, so a gigapixel mask is never whole in
+memory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+
+from segpipe.analysis.metrics import confusion_matrix, dice, iou
+from segpipe.io.readers import open_image
+from segpipe.results import open_result
+
+__all__ = ["ResultSummary", "confusion_against", "summarise"]
+
+
+@dataclass(frozen=True)
+class ResultSummary:
+    """A result in numbers. Areas in square microns when the pixel size is known."""
+
+    path: str
+    shape: tuple[int, int]  # (y, x) pixels
+    pixel_size_um: float | None
+    class_names: tuple[str, ...]
+    class_pixels: tuple[int, ...]
+    class_area_um2: tuple[float, ...] | None
+    class_fraction: tuple[float, ...]
+    tiles_total: int
+    tiles_computed: int
+    seconds: float
+    megapixels_per_second: float
+    dice: tuple[float, ...] | None = None  # per class, against ground truth
+    iou: tuple[float, ...] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def confusion_against(mask: da.Array, truth: da.Array, num_classes: int) -> np.ndarray:
+    """(C, C) confusion (rows truth, columns prediction) of two (y, x) label arrays, summed
+    over chunks; ``truth`` is rechunked to ``mask``'s chunks."""
+    if mask.shape != truth.shape:
+        raise ValueError(f"mask {mask.shape} and ground truth {truth.shape} differ in shape")
+    truth = truth.rechunk(mask.chunks)
+    parts = [
+        dask.delayed(confusion_matrix)(m, t, num_classes)
+        for m, t in zip(mask.to_delayed().ravel(), truth.to_delayed().ravel(), strict=True)
+    ]
+    return np.sum(dask.compute(*parts), axis=0)
+
+
+def summarise(
+    result: str | os.PathLike, ground_truth: str | os.PathLike | None = None
+) -> ResultSummary:
+    """Summarise a complete result; ``ground_truth`` is a label image (one channel, class
+    indices, same shape as the mask) readable by ``open_image``."""
+    ds = open_result(result)
+    meta = ds.attrs["segpipe"]
+    names = tuple(str(c) for c in ds["class"].values)
+    counts = np.asarray(meta["class_pixels"], dtype=np.int64)
+    px = meta.get("pixel_size_um")
+    scores: dict[str, Any] = {}
+    if ground_truth is not None:
+        reader = open_image(ground_truth)
+        if reader.shape[2] != 1:
+            raise ValueError(
+                f"{ground_truth}: ground truth must be a one-channel label image, "
+                f"got {reader.shape[2]} channels"
+            )
+        conf = confusion_against(ds["mask"].data, reader.level(0)[..., 0], len(names))
+        scores = {"dice": tuple(dice(conf).tolist()), "iou": tuple(iou(conf).tolist())}
+    return ResultSummary(
+        path=str(Path(result)),
+        shape=(ds.sizes["y"], ds.sizes["x"]),
+        pixel_size_um=px,
+        class_names=names,
+        class_pixels=tuple(counts.tolist()),
+        class_area_um2=tuple((counts * px**2).tolist()) if px else None,
+        class_fraction=tuple((counts / max(1, counts.sum())).tolist()),
+        tiles_total=meta["tiles_total"],
+        tiles_computed=meta["tiles_computed"],
+        seconds=meta["seconds"],
+        megapixels_per_second=meta["megapixels_per_second"],
+        **scores,
+    )

@@ -1,0 +1,209 @@
+"""Class polygons of a result as GeoJSON (QuPath, QGIS and shapely read it).
+
+Each object of a class (:func:`segpipe.query.object_labels`: connected components, merged
+across chunk borders) becomes one Feature. Polygons are traced per chunk along pixel edges
+(``rasterio.features.shapes``) and the pieces of an object cut by chunk borders are unioned
+(``shapely``), so the outline is exact and no chunk needs its neighbours' pixels.
+
+Coordinates (``coords``):
+
+- ``"pixel"``: level-0 pixels of the segmented image, pixel ``(i, j)`` the square
+  ``[j, j + 1] x [i, i + 1]`` (QuPath's convention; polygons from coarser levels are scaled);
+- ``"micron"``: the result's ``x``/``y`` coordinates, whose values are pixel centres, so
+  pixel ``(i, j)`` spans ``[(j - 0.5) s, (j + 0.5) s]``;
+- ``"crs"``: the coordinate reference system of a georeferenced input (GeoTIFF), through
+  its pixel-corner affine transform; the FeatureCollection names the CRS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+
+from segpipe.analysis.objects import object_labels
+from segpipe.analysis.regions import Region
+from segpipe.palette import class_color
+from segpipe.results import open_result
+
+__all__ = ["COORDINATES", "class_features", "export_geojson"]
+
+COORDINATES = ("pixel", "micron", "crs")
+
+
+def _chunk_shapes(labels: np.ndarray, transform: Any, connectivity: int) -> list[tuple[int, Any]]:
+    """(label, polygon) pieces of one chunk of object labels."""
+    from rasterio import features
+    from shapely.geometry import shape
+
+    present = labels > 0
+    if not present.any():
+        return []
+    # rasterio traces int32: renumber the chunk's labels locally and map them back.
+    values, local = np.unique(labels, return_inverse=True)
+    pieces = features.shapes(
+        local.reshape(labels.shape).astype(np.int32),
+        mask=present,
+        connectivity=4 if connectivity == 1 else 8,
+        transform=transform,
+    )
+    return [(int(values[int(v)]), shape(g)) for g, v in pieces]
+
+
+def _base_transform(coords: str, meta: dict[str, Any], result: Any) -> Any:
+    """Affine from the segmented level's pixel-edge coordinates to ``coords``."""
+    from affine import Affine
+
+    if coords == "pixel":
+        return Affine.identity()
+    if coords == "micron":
+        s = meta.get("pixel_size_um")
+        if not s:
+            raise ValueError(
+                f"{result} has no pixel size, so no micron coordinates; use coords='pixel'"
+                + (" or 'crs'" if meta["identity"].get("crs") else "")
+            )
+        return Affine(s, 0, -s / 2, 0, s, -s / 2)
+    transform = meta["identity"].get("transform")
+    if not transform:
+        raise ValueError(f"{result} is not georeferenced; use coords='micron' or 'pixel'")
+    return Affine(*transform[:6])
+
+
+def class_features(
+    result: str | os.PathLike,
+    class_name: str,
+    *,
+    level: int = 0,
+    region: Region | None = None,
+    coords: str = "pixel",
+    threshold: float | None = None,
+    connectivity: int = 1,
+    min_area: float = 0.0,
+) -> list[dict[str, Any]]:
+    """GeoJSON Features, one per object of ``class_name`` (see the module docstring).
+
+    ``min_area`` drops objects smaller than that many square coordinate units (µm², or
+    pixels without a pixel size). Properties: ``label``, ``area`` (µm² or px), ``area_px``,
+    ``mean_probability``, and QuPath's ``objectType`` and ``classification``.
+    """
+    import shapely
+    from affine import Affine
+    from shapely.geometry import mapping
+
+    if coords not in COORDINATES:
+        raise ValueError(f"coords must be one of {COORDINATES}, got {coords!r}")
+    ds = open_result(result, level)
+    meta = ds.attrs["segpipe"]
+    names = [str(c) for c in ds["class"].values]
+    labels, table = object_labels(
+        ds, class_name, region=region, threshold=threshold, connectivity=connectivity
+    )
+    keep = table[table["area"] >= min_area]
+    if keep.empty:
+        return []
+    # First pixel of the (region) labels in the level, for the chunks' transforms.
+    y_first = int(ds.indexes["y"].get_loc(labels["y"].values[0]))
+    x_first = int(ds.indexes["x"].get_loc(labels["x"].values[0]))
+    chunks_y, chunks_x = labels.data.chunks
+    starts_y = y_first + np.cumsum([0, *chunks_y])
+    starts_x = x_first + np.cumsum([0, *chunks_x])
+    blocks = labels.data.to_delayed()
+    base = _base_transform(coords, meta, result)
+    f = 2**level
+    jobs = [
+        dask.delayed(_chunk_shapes)(
+            blocks[i, j],
+            base @ Affine(f, 0, f * int(starts_x[j]), 0, f, f * int(starts_y[i])),
+            connectivity,
+        )
+        for i in range(blocks.shape[0])
+        for j in range(blocks.shape[1])
+    ]
+    pieces: dict[int, list[Any]] = {}
+    wanted = set(keep["label"].tolist())
+    with warnings.catch_warnings():
+        # rasterio's in-memory rasters say "not georeferenced" (sporadically, from threads):
+        # they are pixel arrays, the transform is ours. Filtered here, once, in the driver,
+        # because warnings filters are process-wide and not thread-safe.
+        from rasterio.errors import NotGeoreferencedWarning
+
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        chunks = dask.compute(*jobs)
+    for chunk in chunks:
+        for label, geom in chunk:
+            if label in wanted:
+                pieces.setdefault(label, []).append(geom)
+    rgb = class_color(names.index(class_name))
+    features = []
+    for row in keep.itertuples(index=False):
+        geom = shapely.union_all(pieces[int(row.label)])
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": mapping(geom),
+                "properties": {
+                    "objectType": "annotation",
+                    "classification": {"name": class_name, "color": list(rgb)},
+                    "label": int(row.label),
+                    "area": float(row.area),
+                    "area_px": int(row.area_px),
+                    "mean_probability": float(row.mean_probability),
+                },
+            }
+        )
+    return features
+
+
+def export_geojson(
+    result: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    classes: list[str] | None = None,
+    level: int = 0,
+    region: Region | None = None,
+    coords: str = "pixel",
+    threshold: float | None = None,
+    connectivity: int = 1,
+    min_area: float = 0.0,
+) -> Path:
+    """Write the objects of ``classes`` (default: every class but the first, background) as
+    one GeoJSON FeatureCollection at ``output`` and return its path."""
+    ds = open_result(result, level)
+    names = [str(c) for c in ds["class"].values]
+    for name in classes or []:
+        if name not in names:
+            raise ValueError(f"no class {name!r} in {result}; classes: {', '.join(names)}")
+    features: list[dict[str, Any]] = []
+    for name in classes or names[1:]:
+        features += class_features(
+            result,
+            name,
+            level=level,
+            region=region,
+            coords=coords,
+            threshold=threshold,
+            connectivity=connectivity,
+            min_area=min_area,
+        )
+    collection: dict[str, Any] = {
+        "type": "FeatureCollection",
+        "features": features,
+        "properties": {"source": str(result), "level": level, "coordinates": coords},
+    }
+    crs = ds.attrs["segpipe"]["identity"].get("crs")
+    if coords == "crs" and crs:
+        # RFC 7946 dropped "crs" (WGS 84 only), but QGIS and GDAL still read this form.
+        authority, code = crs.split(":", 1)
+        collection["crs"] = {
+            "type": "name",
+            "properties": {"name": f"urn:ogc:def:crs:{authority}::{code}"},
+        }
+    output = Path(output)
+    output.write_text(json.dumps(collection), encoding="utf-8")
+    return output

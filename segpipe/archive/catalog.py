@@ -1,0 +1,174 @@
+"""The catalog: every result under an ``output_root`` with its per-class statistics.
+
+Layout: one small JSON record per image, ``output_root/_catalog/records/<name>.json``, each
+written atomically (a temporary file renamed over the old record). :func:`open_catalog`
+assembles them into an :class:`xarray.Dataset` along a dimension ``image``::
+
+    >>> ds = open_catalog("/data/segpipe")  # doctest: +SKIP
+    >>> nucleus = ds["class_fraction"].sel({"class": "nucleus"}, drop=True)  # doctest: +SKIP
+    >>> ds["image"][nucleus > 0.05].values  # doctest: +SKIP
+    array(['day-1/a.svs', 'day-2/c.svs'], dtype=object)
+
+Why records and not one Zarr array appended to: runs that finish at the same time each write
+their own file, so they never contend and need no lock; a rename is atomic on local and network
+file systems and a PUT is on object stores, where file locks do not exist. Appending to a
+shared Zarr array instead means resizing its shape metadata from several processes, which Zarr
+v3 does not synchronise (one append silently loses the other's row). Claims already make one
+run at a time write a given image's record; should two ever do it, the last whole record wins.
+Assembling reads one small file per image: fine for tens of thousands of images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from segpipe.io.files import write_json_atomic
+from segpipe.results import read_meta
+
+__all__ = [
+    "CATALOG_DIR",
+    "open_catalog",
+    "read_records",
+    "record_path",
+    "record_result",
+    "remove_record",
+]
+
+CATALOG_DIR = "_catalog"
+RECORD_VERSION = 1
+
+# Per-image numbers, as (record field, dtype, fill when absent).
+_SCALARS = (
+    ("pixel_size_um", "float64", np.nan),
+    ("height", "int64", -1),
+    ("width", "int64", -1),
+    ("tiles_total", "int64", -1),
+    ("tiles_computed", "int64", -1),
+    ("tiles_skipped", "int64", -1),
+    ("seconds", "float64", np.nan),
+    ("megapixels_per_second", "float64", np.nan),
+)
+_STRINGS = ("result", "source", "model", "model_sha256", "finished", "sample_sha256")
+_PER_CLASS = (
+    ("class_pixels", "int64", 0),
+    ("class_fraction", "float64", np.nan),
+    ("class_area_um2", "float64", np.nan),
+)
+
+
+def record_path(output_root: str | os.PathLike[str], image: str) -> Path:
+    """The record file of ``image`` (its key): a readable slug plus a hash, so keys that slug
+    alike (``a/b.tif``, ``a-b.tif``) still get files of their own."""
+    slug = re.sub(r"[^a-z0-9]+", "-", image.lower()).strip("-")[:80]
+    digest = hashlib.sha256(image.encode()).hexdigest()[:12]
+    return Path(output_root, CATALOG_DIR, "records", f"{slug}-{digest}.json")
+
+
+def record_result(
+    output_root: str | os.PathLike[str],
+    image: str,
+    result: str | os.PathLike[str],
+    *,
+    source: str | None = None,
+    fingerprint: Mapping[str, Any] | None = None,
+) -> Path:
+    """Index a complete result under the key ``image``; replaces an older record of it.
+
+    The statistics come from the result's metadata (class pixels, fractions, areas in µm²
+    when the pixel size is known, tiles, time); ``source`` and ``fingerprint`` say which file
+    it was made from.
+    """
+    meta = read_meta(result)
+    if not meta.get("complete"):
+        raise ValueError(f"{result}: the result is not complete; only finished results go in")
+    ny, nx = meta["identity"]["shape"]
+    record = {
+        "version": RECORD_VERSION,
+        "image": image,
+        "result": str(result),
+        "source": source or meta.get("source"),
+        "model": meta.get("model"),
+        "model_sha256": meta.get("model_sha256"),
+        "finished": meta.get("finished"),
+        "sample_sha256": (fingerprint or {}).get("sample_sha256"),
+        "fingerprint": dict(fingerprint or {}),
+        "pixel_size_um": meta.get("pixel_size_um"),
+        "height": ny,
+        "width": nx,
+        "class_names": list(meta["class_names"]),
+        **{name: meta.get(name) for name, _, _ in _SCALARS if name in meta},
+        **{name: meta.get(name) for name, _, _ in _PER_CLASS},
+    }
+    path = record_path(output_root, image)
+    write_json_atomic(path, record)
+    return path
+
+
+def remove_record(output_root: str | os.PathLike[str], image: str) -> None:
+    """Drop ``image`` from the catalog (its result is about to be replaced)."""
+    record_path(output_root, image).unlink(missing_ok=True)
+
+
+def read_records(output_root: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every record under ``output_root``, sorted by image key."""
+    folder = Path(output_root, CATALOG_DIR, "records")
+    records = []
+    for path in sorted(folder.glob("*.json")):  # temporary files start with "." and are left out
+        with contextlib.suppress(FileNotFoundError):  # removed while we listed
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+    return sorted(records, key=lambda r: r["image"])
+
+
+def open_catalog(output_root: str | os.PathLike[str]) -> xr.Dataset:
+    """The catalog as a Dataset with dimensions ``image`` (keys) and ``class`` (names).
+
+    Variables: per image ``pixel_size_um``, ``height``/``width`` (pixels), tile counts,
+    ``seconds``, ``megapixels_per_second`` and the strings ``result``, ``source``, ``model``,
+    ``model_sha256``, ``finished``, ``sample_sha256``; per image and class ``class_pixels``,
+    ``class_fraction`` and ``class_area_um2``. Results made by models with other classes share
+    the union of class names; a class a model lacks reads 0 pixels and NaN fraction and area.
+    An empty catalog has ``image`` of size 0.
+    """
+    records = read_records(output_root)
+    classes: list[str] = []
+    for r in records:
+        classes += [c for c in r["class_names"] if c not in classes]
+    n, c = len(records), len(classes)
+    data: dict[str, Any] = {}
+    for name, dtype, fill in _SCALARS:
+        values = np.full(n, fill, dtype=dtype)
+        for i, r in enumerate(records):
+            if r.get(name) is not None:
+                values[i] = r[name]
+        data[name] = (("image",), values)
+    for name in _STRINGS:
+        data[name] = (("image",), np.array([str(r.get(name) or "") for r in records], object))
+    for name, dtype, fill in _PER_CLASS:
+        values = np.full((n, c), fill, dtype=dtype)
+        for i, r in enumerate(records):
+            if r.get(name) is None:
+                continue
+            for cls, v in zip(r["class_names"], r[name], strict=True):
+                values[i, classes.index(cls)] = v
+        data[name] = (("image", "class"), values)
+    ds = xr.Dataset(
+        data,
+        coords={
+            "image": ("image", np.array([r["image"] for r in records], dtype=object)),
+            "class": ("class", np.array(classes, dtype=object)),
+        },
+        attrs={"output_root": str(output_root)},
+    )
+    ds["class_area_um2"].attrs["units"] = "µm²"
+    ds["pixel_size_um"].attrs["units"] = "µm"
+    return ds

@@ -1,0 +1,211 @@
+"""Per-image claims: one run at a time processes an image, across processes and machines.
+
+A claim is a lock file created atomically (``O_CREAT | O_EXCL``) beside the image's outputs
+(``ImagePaths.lock`` in :mod:`segpipe.archive`). It records its owner and a random token; its
+mtime is a heartbeat that a daemon thread refreshes while the claim is held. A lock without a
+heartbeat for its ``ttl_s`` is stale (its owner died) and the next claimer reclaims it; a
+claimer that was only slow learns from :meth:`Claim.check` that it lost the lock, before it
+commits anything.
+
+>>> with try_claim("/data/segpipe/a.svs.lock", owner="nightly") as claim:  # doctest: +SKIP
+...     ...  # segment, then
+...     claim.check()  # raises ClaimLostError if another run took the lock over
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from segpipe.io.files import utc_now
+
+__all__ = ["Claim", "ClaimLostError", "default_owner", "read_lock", "try_claim"]
+
+# Claims are part of an archive run: its logging configuration and filters keep seeing them.
+log = logging.getLogger("segpipe.archive")
+
+
+class ClaimLostError(RuntimeError):
+    """Another run reclaimed this image's lock (ours had gone stale): stop, write nothing."""
+
+
+class Claim:
+    """A held per-image lock file; release it with :meth:`release` or as a context manager.
+
+    The file holds the owner and a random token; its mtime is the heartbeat, refreshed by a
+    daemon thread every ``ttl_s / 4`` seconds. A lock whose mtime is older than its ``ttl_s``
+    is stale (its owner died) and :func:`try_claim` may reclaim it.
+    """
+
+    def __init__(self, path: Path, token: str, owner: str, ttl_s: float) -> None:
+        self.path = path
+        self.token = token
+        self.owner = owner
+        self.ttl_s = ttl_s
+        self._stop = threading.Event()
+        self._lost = False
+        self._thread = threading.Thread(
+            target=self._beat, name=f"claim-heartbeat-{path.name}", daemon=True
+        )
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            if not self.is_held():
+                self._lost = True
+                log.error("%s: claim lost (lock taken over after it went stale)", self.path)
+                return
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.path)
+
+    def is_held(self) -> bool:
+        """Whether the lock file still carries this claim's token."""
+        return not self._lost and _lock_token(self.path) == self.token
+
+    def check(self) -> None:
+        """Raise :class:`ClaimLostError` unless this claim still holds the lock (call it
+        before committing anything the lock protects)."""
+        if not self.is_held():
+            raise ClaimLostError(
+                f"{self.path}: this run no longer holds the lock (it went stale after "
+                f"{self.ttl_s:.0f} s without a heartbeat and another run reclaimed it); "
+                "raise ttl_s if images take long and heartbeats were starved"
+            )
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock, if it is still ours."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+        if _lock_token(self.path) == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.path)
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def default_owner() -> str:
+    """``host:pid:thread``, the owner a lock records when none is given."""
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def try_claim(
+    lock: str | os.PathLike[str], *, owner: str | None = None, ttl_s: float = 600.0
+) -> Claim | None:
+    """Claim the lock file ``lock``: a :class:`Claim`, or None when a live owner holds it.
+
+    Creation is atomic (``O_CREAT | O_EXCL``), so of any number of claimers exactly one wins.
+    A stale lock (no heartbeat for its ``ttl_s``) is removed by the one claimer that wins a
+    guard file named after the stale lock's token, and the claim is then made as for a fresh
+    lock. A claimer that was only slow, not dead, learns it lost the lock from its heartbeat
+    and from :meth:`Claim.check`, which callers run before committing.
+
+    Parameters
+    ----------
+    lock
+        The lock file (``ImagePaths.lock``); its folder is created.
+    owner
+        Who holds it, for people reading the file (default :func:`default_owner`).
+    ttl_s
+        Seconds without a heartbeat after which the lock counts as stale. Heartbeats come every
+        ``ttl_s / 4`` seconds from a thread, so only a frozen process lets its lock expire.
+    """
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
+    path = Path(lock)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    owner = owner or default_owner()
+    token = uuid.uuid4().hex
+    body = json.dumps(
+        {
+            "owner": owner,
+            "token": token,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "acquired": utc_now(),
+            "ttl_s": ttl_s,
+        }
+    ).encode()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if not _reclaim_if_stale(path):
+                return None
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return Claim(path, token, owner, ttl_s)
+    return None
+
+
+def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The lock file's record (owner, token, host, pid, acquired, ttl_s); None when there is no
+    lock, ``{}`` while its claimer has created it but not yet written it."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        # Created but not yet written by its claimer: treat it as fresh, never stale.
+        return {}
+
+
+def _lock_token(path: Path) -> str | None:
+    data = read_lock(path)
+    return data.get("token") if data else None
+
+
+def _is_stale(path: Path, data: Mapping[str, Any]) -> bool:
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    return "token" in data and age > float(data.get("ttl_s", 600.0))
+
+
+def _reclaim_if_stale(path: Path) -> bool:
+    """Remove ``path`` if it is a stale lock; True when the caller should try to create it.
+
+    Only the claimer that creates the guard file ``<lock>.reclaim-<stale token>`` (``O_EXCL``
+    again) may remove the stale lock, so a lock is never removed by someone who read an older
+    one: all others back off. A guard left by a claimer that died mid-reclaim is removed once
+    it is older than the lock's ttl.
+    """
+    data = read_lock(path)
+    if data is None:
+        return True  # released meanwhile
+    if not _is_stale(path, data):
+        return False
+    guard = path.with_name(f"{path.name}.reclaim-{data['token']}")
+    try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - guard.stat().st_mtime > float(data.get("ttl_s", 600.0)):
+                guard.unlink()
+        return False
+    try:
+        current = read_lock(path)
+        if current and current.get("token") == data["token"] and _is_stale(path, current):
+            log.warning("%s: reclaiming stale lock of %s", path, data.get("owner"))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        guard.unlink()
+    return True

@@ -1,0 +1,165 @@
+"""Where an image's outputs go, what its state sidecar says, and whether it is due.
+
+Everything segpipe writes about an image lies under ``output_root`` at paths derived from the
+image's key alone (:func:`image_paths`); the sidecar records the fingerprint, model and
+parameters of its last run, so :func:`decide` can skip what is up to date.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+from segpipe.archive.discover import Fingerprint
+from segpipe.results import is_complete, read_meta
+
+__all__ = [
+    "STATE_VERSION",
+    "Decision",
+    "ImageOutcome",
+    "ImagePaths",
+    "SegmentParams",
+    "Status",
+    "decide",
+    "image_paths",
+    "read_state",
+]
+
+log = logging.getLogger("segpipe.archive")
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """The :func:`segpipe.segment` knobs that change the numbers of a result.
+
+    A change in any of them makes every image due again. Execution knobs (device, scheduler,
+    workers, batch size) do not change the numbers and travel separately.
+    """
+
+    tile: int = 512
+    mode: Literal["exact", "blend"] = "exact"
+    level: int = 0
+    pixel_size_um: float | None = None
+    probability_dtype: str = "float16"
+    window: int | None = None
+    overlap: float = 0.25
+    sigma_scale: float = 0.125
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ImagePaths:
+    """Everything segpipe writes for one image, derived from its key (see the module doc)."""
+
+    result: Path
+    state: Path
+    report: Path
+    thumbnail: Path
+    lock: Path
+
+
+def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
+    """Output paths of the image ``key`` (its path relative to the archive root).
+
+    >>> image_paths("/out", "day-1/a.svs").result.as_posix()
+    '/out/day-1/a.svs.seg.zarr'
+    """
+    parts = PurePosixPath(key).parts
+    if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
+        raise ValueError(f"image key {key!r} must be a relative path without '..'")
+    base = Path(output_root, *parts)
+    # The full file name stays in the stem: a.tif and a.svs side by side get two results.
+    return ImagePaths(
+        result=base.with_name(base.name + ".seg.zarr"),
+        state=base.with_name(base.name + ".seg.json"),
+        report=base.with_name(base.name + ".report.md"),
+        thumbnail=base.with_name(base.name + ".thumb.png"),
+        lock=base.with_name(base.name + ".lock"),
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether an image needs segmenting, and why; ``resume`` keeps an unfinished result."""
+
+    process: bool
+    reason: str
+    resume: bool = False
+
+
+def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The state sidecar of an image (``ImagePaths.state``), None when there is none."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        log.warning("%s: unreadable state sidecar, treating the image as new", path)
+        return None
+
+
+def decide(
+    paths: ImagePaths, fingerprint: Fingerprint, model_sha: str, params: SegmentParams
+) -> Decision:
+    """Skip an image whose complete result was made from the same fingerprint, model and
+    parameters; otherwise say why it is due, resuming an unfinished run of the same inputs."""
+    state = read_state(paths.state)
+    if state is None:
+        return Decision(True, "new image")
+    changes = [
+        what
+        for what, old, new in (
+            ("image changed", state.get("fingerprint"), fingerprint.as_dict()),
+            ("model changed", state.get("model_sha256"), model_sha),
+            ("parameters changed", state.get("params"), params.as_dict()),
+        )
+        if old != new
+    ]
+    if changes:
+        return Decision(True, ", ".join(changes))
+    previous = state.get("status", "unfinished")
+    complete = is_complete(paths.result)
+    if complete and previous == "complete":
+        if read_meta(paths.result).get("model_sha256") == model_sha:
+            return Decision(False, "up to date")
+        return Decision(True, "result made by another model")
+    if paths.result.exists():
+        return Decision(True, f"previous run {previous}: resuming", resume=True)
+    return Decision(
+        True, f"previous run {previous}" if previous != "complete" else "result missing"
+    )
+
+
+Status = Literal["segmented", "skipped", "busy", "failed"]
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """What a run did with one image, for the run's table and logs."""
+
+    image: str  # key
+    status: Status
+    reason: str
+    result: str | None = None
+    report: str | None = None
+    thumbnail: str | None = None
+    tiles_computed: int | None = None
+    tiles_skipped: int | None = None
+    seconds: float | None = None
+    megapixels_per_second: float | None = None
+
+    @classmethod
+    def failure(cls, image: str, error: BaseException) -> ImageOutcome:
+        """A failed image, its reason the exception type and message."""
+        return cls(image=image, status="failed", reason=f"{type(error).__name__}: {error}")
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,267 @@
+"""``segpipe.segment``: the one entry point the CLI, the flows and notebooks share."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from segpipe import models
+from segpipe.config import SegmentConfig
+from segpipe.execution.cluster import connect, plan_local_cluster, run_blocks
+from segpipe.execution.predictor import InferenceConfig, resolve_device
+from segpipe.execution.tasks import BlockResult, Job
+from segpipe.geometry.tiling import blend_lattice, tile_grid
+from segpipe.io.readers import Reader, open_image
+from segpipe.results import (
+    ResultMeta,
+    RunSummary,
+    class_pixels,
+    finalize_result,
+    is_complete,
+    mark_tiles_done,
+    prepare_result,
+)
+
+__all__ = ["segment"]
+
+log = logging.getLogger("segpipe")
+
+_FLUSH_SECONDS = 2.0
+
+
+def _model_label(model: str | os.PathLike | torch.nn.Module, net: torch.nn.Module) -> str:
+    if isinstance(model, torch.nn.Module):
+        return str(getattr(net, "name", type(net).__name__))
+    return str(model)
+
+
+def segment(
+    source: str | os.PathLike | Reader,
+    output: str | os.PathLike,
+    model: str | os.PathLike | torch.nn.Module = "tissue-unet",
+    config: SegmentConfig | None = None,
+    *,
+    scheduler: Any = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    on_progress: Callable[[int, int], None] | None = None,
+    **settings: Any,
+) -> Path:
+    """Segment an image into a result store and return its path.
+
+    Parameters
+    ----------
+    source
+        An image path (TIFF/SVS/OME-TIFF, Zarr/OME-Zarr, PNG/JPEG) or an open ``Reader``.
+    output
+        The result's Zarr directory. An unfinished result of the same inputs is resumed
+        (only missing tiles are computed); a complete one is returned as it is.
+    model
+        A shipped model's name (``segpipe.models.shipped()``), a checkpoint path, or a
+        ``torch.nn.Module`` with a ``geometry`` attribute.
+    config
+        The run's :class:`~segpipe.config.SegmentConfig` (default: all defaults): ``tile``,
+        ``mode`` (``"exact"`` overlap-tile or ``"blend"``), ``window``/``overlap``/
+        ``sigma_scale`` (blend), ``level``, ``pixel_size_um``, ``probability_dtype``,
+        ``task_tiles``, ``min_level_size``, ``amp``, ``batch_size``, ``device``,
+        ``n_workers``, ``scheduler``. Each field's doc is in ``SegmentConfig``.
+    scheduler
+        Overrides ``config.scheduler``: None starts a local Dask cluster; ``"sync"`` runs in
+        this process; an address (``"tcp://host:8786"``) or a ``distributed.Client`` uses a
+        running cluster.
+    overwrite
+        Replace an existing result of other inputs or parameters at ``output``.
+    progress
+        Show a progress bar over tiles.
+    on_progress
+        Called in this process as ``on_progress(tiles_done, tiles_to_do)`` after each task
+        (flows log and report through it).
+    **settings
+        Any ``SegmentConfig`` field, overriding ``config`` (``segment(src, out, tile=256)``).
+    """
+    started = time.perf_counter()
+    config = (config or SegmentConfig()).replace(**settings)
+    if scheduler is None:
+        scheduler = config.scheduler
+    reader = (
+        source
+        if not isinstance(source, str | os.PathLike)
+        else open_image(source, pixel_size_um=config.pixel_size_um)
+    )
+    level, tile = config.level, config.tile
+    if not 0 <= level < len(reader.level_shapes):
+        raise ValueError(
+            f"{reader.path}: level {level} does not exist "
+            f"(levels 0..{len(reader.level_shapes) - 1})"
+        )
+    net = model if isinstance(model, torch.nn.Module) else models.load(model)
+    geometry = models.geometry_of(net)
+    if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
+        raise ValueError(
+            f"model {_model_label(model, net)!r} normalises with per-tile statistics "
+            f"({', '.join(offenders)}), so tiles disagree whatever the halo and 'exact' mode "
+            "cannot be exact; use mode='blend', or put BatchNorm layers in eval mode"
+        )
+    if tile % geometry.multiple:
+        raise ValueError(
+            f"tile {tile} px is not a multiple of the model's size multiple {geometry.multiple}"
+            f"; try {tile + (-tile) % geometry.multiple}"
+        )
+    ny, nx, channels = reader.level_shapes[level]
+    in_channels = getattr(net, "in_channels", channels)
+    if channels != in_channels:
+        raise ValueError(f"{reader.path} has {channels} channels but the model takes {in_channels}")
+    class_names = tuple(
+        getattr(net, "class_names", None)
+        or (f"class_{i}" for i in range(cast(int, net.num_classes)))
+    )
+    lattice = None
+    if config.mode == "blend":
+        pad = geometry.halo if geometry.shrinks else 0
+        w = config.window or max(
+            geometry.multiple, (tile // 2) // geometry.multiple * geometry.multiple
+        )
+        w = geometry.input_size(w) - 2 * pad if not geometry.accepts(w + 2 * pad) else w
+        lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
+        config = config.replace(window=w)
+
+    dev = resolve_device(config.device)
+    # Resolved before the identity is taken: "auto" must not make two results look alike.
+    config = config.replace(amp=bool(config.amp if config.amp is not None else dev.type == "cuda"))
+    level_px = (
+        reader.pixel_size_um * reader.level_shapes[0][0] / ny if reader.pixel_size_um else None
+    )
+    meta = ResultMeta(
+        source=str(reader.path),
+        shape=(ny, nx),
+        pixel_size_um=level_px,
+        class_names=class_names,
+        model_name=_model_label(model, net),
+        model_sha256=models.fingerprint(net),
+        halo=geometry.halo,
+        config=config,
+        **_georeference_at(reader, level),
+    )
+    output = Path(output)
+    done = prepare_result(output, meta, overwrite=overwrite)
+    if is_complete(output):
+        log.info("%s is already complete; nothing to compute", output)
+        return output
+
+    grid = tile_grid((ny, nx), tile)
+    # A block is one shard, the unit of writing: a partly done block is redone whole.
+    blocks = [
+        block for block in grid.blocks(config.task_tiles) if not all(done[t.index] for t in block)
+    ]
+    n_todo = sum(len(b) for b in blocks)
+    log.info(
+        "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
+        reader.path,
+        ny,
+        nx,
+        output,
+        len(grid),
+        n_todo,
+        config.mode,
+    )
+    job = Job(
+        reader=reader,
+        level=level,
+        output=str(output),
+        model_key=meta.model_sha256,
+        mode=config.mode,
+        tile=tile,
+        geometry=geometry,
+        num_classes=len(class_names),
+        lattice=lattice,
+        sigma_scale=config.sigma_scale,
+    )
+    plan = plan_local_cluster(dev, n_workers=config.n_workers)
+    inference = InferenceConfig(
+        device=str(dev), batch_size=config.batch_size, amp=config.amp, threads=plan.torch_threads
+    )
+    recorder = _TileRecorder(output, n_todo, progress, on_progress)
+    try:
+        with connect(scheduler, plan) as client:
+            run_blocks(
+                blocks,
+                job,
+                client=client,
+                model=net,
+                config=inference,
+                on_result=recorder,
+            )
+    finally:
+        # Whatever happened, record what was written so a re-run skips it.
+        recorder.close()
+
+    seconds = time.perf_counter() - started
+    summary = RunSummary(
+        tiles_total=len(grid),
+        tiles_computed=n_todo,
+        tiles_skipped=len(grid) - n_todo,
+        windows=recorder.windows,
+        seconds=round(seconds, 3),
+        megapixels_per_second=round(ny * nx * n_todo / len(grid) / 1e6 / seconds, 4),
+        class_pixels=tuple(int(n) for n in class_pixels(output)),
+    )
+    finalize_result(output, summary)
+    log.info("%s complete: %d tiles in %.1f s", output, n_todo, seconds)
+    return output
+
+
+def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:
+    """``crs`` and the pixel-corner ``transform`` of ``level`` for a georeferenced reader."""
+    geo = getattr(reader, "georeference", None)
+    if geo is None:
+        return {}
+    (y0, x0, _), (y, x, _) = reader.level_shapes[0], reader.level_shapes[level]
+    a, b, c, d, e, f = geo.transform
+    return {"crs": geo.crs, "transform": (a * x0 / x, b, c, d, e * y0 / y, f)}
+
+
+class _TileRecorder:
+    """Driver-side bookkeeping of finished blocks: progress bar, callback, and the result's
+    tiles-done map, flushed every few seconds rather than per block (one small write)."""
+
+    def __init__(
+        self,
+        output: Path,
+        total: int,
+        progress: bool,
+        on_progress: Callable[[int, int], None] | None,
+    ) -> None:
+        from tqdm.auto import tqdm
+
+        self.output = output
+        self.total = total
+        self.on_progress = on_progress
+        self.windows = 0
+        self._pending: dict[tuple[int, int], np.ndarray] = {}
+        self._last_flush = time.monotonic()
+        self._bar = tqdm(total=total, unit="tile", desc="segment", disable=not progress)
+
+    def __call__(self, res: BlockResult) -> None:
+        self._pending.update(zip(res.tiles, res.class_pixels, strict=True))
+        self.windows += res.windows
+        self._bar.update(len(res.tiles))
+        if self.on_progress is not None:
+            self.on_progress(self._bar.n, self.total)
+        if time.monotonic() - self._last_flush > _FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        mark_tiles_done(self.output, self._pending)
+        self._pending.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self._bar.close()

@@ -1,0 +1,319 @@
+"""``process-archive``: segment every new or changed image of an archive, on a schedule.
+
+discover -> for each image (at most ``max_concurrent`` at a time) one task that fingerprints,
+claims, segments (a nested task with Prefect retries for transient failures), writes the report
+and thumbnail and indexes the result in the catalog -> a table artifact for the run. Each task
+is a call into :mod:`segpipe.archive`; the same work runs without Prefect through
+:func:`segpipe.archive.process_image`.
+
+A failing image (a corrupt file, a model that does not fit) fails its own task only: the run
+goes on with the others, and its table names the file and the reason. Run it on a schedule with
+:func:`serve_archive` (``flow.serve``) or ``deploy/prefect.yaml`` (a work pool and a worker).
+"""
+
+# No `from __future__ import annotations` here: a served run loads this file by path and
+# Prefect builds its parameter model from the annotations, which then must be real objects
+# (as strings, `Literal[...]` does not resolve there and every run fails validation).
+
+import contextlib
+import hashlib
+import os
+import re
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import TaskRun
+from prefect.futures import PrefectFuture
+from prefect.states import State
+
+from segpipe import archive
+from segpipe.archive import ArchiveImage, ImageOutcome, SegmentParams, reports
+from segpipe.archive.claims import ClaimLostError
+from segpipe.flows.segment_slide import segment_task
+from segpipe.io.readers import ImageReadError
+
+__all__ = ["artifact_key", "process_archive", "serve_archive"]
+
+# Errors that another attempt cannot fix: retrying a corrupt file only delays the report.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    ImageReadError,
+    ValueError,
+    TypeError,
+    FileExistsError,
+    FileNotFoundError,
+    ClaimLostError,
+)
+
+
+def artifact_key(*parts: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) naming ``parts``: a readable
+    slug plus a hash of the parts, so that different images never share a key and the same
+    image keeps its key from run to run (Prefect groups an artifact's versions by key).
+
+    >>> artifact_key("report", "/data/out", "Day 1/Slide_A.svs")[:27]
+    'report-data-out-day-1-slide'
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
+    return f"{slug[-60:].strip('-')}-{digest}" if len(slug) > 60 else f"{slug}-{digest}"
+
+
+def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is one of
+    :data:`PERMANENT_ERRORS` (bad input never heals; I/O hiccups and lost workers may)."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, PERMANENT_ERRORS)
+
+
+@task(name="discover-images")
+def discover_task(
+    source: str,
+    pattern: str,
+    min_age_s: float,
+    exclude: str,
+    storage_options: dict[str, Any] | None,
+) -> list[ArchiveImage]:
+    images = archive.discover_images(
+        source,
+        pattern=pattern,
+        min_age_s=min_age_s,
+        exclude=exclude,
+        storage_options=storage_options,
+    )
+    get_run_logger().info("found %d images in %s", len(images), source)
+    return images
+
+
+@task(name="model-sha256")
+def model_sha_task(model: str) -> str:
+    return archive.model_sha256(model)
+
+
+@task(name="archive-image", task_run_name="image-{image.key}")
+def image_task(
+    image: ArchiveImage,
+    output_root: str,
+    model: str,
+    model_sha: str,
+    params: SegmentParams,
+    options: dict[str, Any],
+    settings: dict[str, Any],
+) -> ImageOutcome:
+    """One image start to finish (:func:`segpipe.archive.process_image`), plus its artifact."""
+    logger = get_run_logger()
+    segment = segment_task.with_options(
+        retries=settings["retries"],
+        retry_delay_seconds=settings["retry_delay_s"],
+        retry_condition_fn=is_transient,
+    )
+    limit = settings.get("concurrency_limit")
+
+    def run_segment(source: str, output: Path, model: str, **kwargs: Any) -> str:
+        with _global_slot(limit):
+            return segment(str(source), str(output), str(model), kwargs)
+
+    outcome = archive.process_image(
+        image,
+        output_root,
+        model,
+        params=params,
+        model_sha=model_sha,
+        segment_options=options,
+        owner=settings["owner"],
+        ttl_s=settings["lock_ttl_s"],
+        storage_options=settings.get("storage_options"),
+        run_segment=run_segment,
+    )
+    logger.info("%s: %s (%s)", image.key, outcome.status, outcome.reason)
+    if outcome.status == "segmented":
+        create_markdown_artifact(
+            Path(outcome.report or "").read_text(encoding="utf-8"),
+            key=artifact_key("report", output_root, image.key),
+            description=f"segpipe report of {image.key}",
+        )
+    return outcome
+
+
+@contextlib.contextmanager
+def _global_slot(name: str | None) -> Iterator[None]:
+    """A slot of the Prefect global concurrency limit ``name`` (shared by every run on the
+    server, e.g. one per GPU), or nothing when no name is given."""
+    if not name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency(name, occupy=1, strict=True):
+        yield
+
+
+@flow(name="process-archive")
+def process_archive(
+    source: str,
+    output_root: str,
+    model: str = "tissue-unet",
+    *,
+    pattern: str = "*",
+    tile: int = 512,
+    mode: Literal["exact", "blend"] = "exact",
+    level: int = 0,
+    pixel_size_um: float | None = None,
+    device: str = "auto",
+    scheduler: str | None = None,
+    n_workers: int | None = None,
+    batch_size: int = 4,
+    max_concurrent: int = 1,
+    concurrency_limit: str | None = None,
+    retries: int = 2,
+    retry_delay_s: float = 10.0,
+    lock_ttl_s: float = 600.0,
+    min_age_s: float = 0.0,
+    storage_options: dict[str, Any] | None = None,
+    fail_on_error: bool = False,
+) -> dict[str, Any]:
+    """Segment the images of ``source`` that have no up-to-date result under ``output_root``.
+
+    Parameters
+    ----------
+    source
+        Archive folder or fsspec URL (``s3://bucket/scans``).
+    output_root
+        Results, reports, thumbnails, locks and the catalog (``_catalog/``).
+    model
+        Shipped model name or checkpoint path.
+    pattern, min_age_s, storage_options
+        Which files count (:func:`segpipe.archive.discover_images`).
+    tile, mode, level, pixel_size_um
+        Parameters of the result; changing one makes every image due again.
+    device, scheduler, n_workers, batch_size
+        Execution (:func:`segpipe.segment`): ``scheduler`` None starts a local Dask cluster
+        per image, ``"sync"`` runs in the task's thread, ``"tcp://host:8786"`` uses a running
+        cluster shared by all images.
+    max_concurrent
+        Images in flight at once in this run.
+    concurrency_limit
+        Name of a Prefect global concurrency limit every segmentation takes a slot of, shared
+        by all runs on the server (create it first: ``prefect gcl create NAME --limit 1``).
+    retries, retry_delay_s
+        Prefect retries of a segmentation that failed with a transient error.
+    lock_ttl_s
+        Seconds without a heartbeat after which another run may take over an image's claim.
+    fail_on_error
+        End the run Failed when any image failed (after all the others are done).
+
+    Returns
+    -------
+    dict
+        ``summary`` (one sentence), ``segmented``/``skipped``/``busy`` (image keys) and
+        ``failed`` (key -> reason).
+    """
+    logger = get_run_logger()
+    if max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    root = str(Path(output_root).absolute())
+    images = discover_task(source, pattern, min_age_s, root, storage_options)
+    model_sha = model_sha_task(model)
+    params = SegmentParams(tile=tile, mode=mode, level=level, pixel_size_um=pixel_size_um)
+    options = {
+        "device": device,
+        "scheduler": scheduler,
+        "n_workers": n_workers,
+        "batch_size": batch_size,
+    }
+    settings = {
+        "retries": retries,
+        "retry_delay_s": retry_delay_s,
+        "lock_ttl_s": lock_ttl_s,
+        "owner": _owner(),
+        "concurrency_limit": concurrency_limit,
+        "storage_options": storage_options,
+    }
+
+    submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
+    in_flight: list[PrefectFuture[ImageOutcome]] = []
+    for image in images:
+        if len(in_flight) >= max_concurrent:
+            in_flight.pop(0).wait()
+        future = image_task.submit(image, root, model, model_sha, params, options, settings)
+        submitted.append((image, future))
+        in_flight.append(future)
+
+    outcomes = [_outcome(image, future, root) for image, future in submitted]
+    create_table_artifact(
+        reports.run_table(outcomes),
+        key=artifact_key("archive", root),
+        description=reports.run_markdown(outcomes),
+    )
+    summary = reports.describe_run(outcomes)
+    logger.info("%s", summary)
+    result = {
+        "summary": summary,
+        "failed": {o.image: o.reason for o in outcomes if o.status == "failed"},
+        **{
+            status: [o.image for o in outcomes if o.status == status]
+            for status in ("segmented", "skipped", "busy")
+        },
+    }
+    if fail_on_error and result["failed"]:
+        raise RuntimeError(f"{len(result['failed'])} image(s) failed: {result['failed']}")
+    return result
+
+
+def _outcome(image: ArchiveImage, future: PrefectFuture[ImageOutcome], root: str) -> ImageOutcome:
+    """The image's outcome; a failed task becomes a ``failed`` outcome naming the error."""
+    future.wait()
+    if future.state.is_completed():
+        return future.result()
+    error = future.state.result(raise_on_failure=False)
+    outcome = (
+        ImageOutcome.failure(image.key, error)
+        if isinstance(error, BaseException)
+        else ImageOutcome(image.key, "failed", future.state.message or "failed")
+    )
+    get_run_logger().error("%s failed: %s", image.key, outcome.reason)
+    create_markdown_artifact(
+        f"# segpipe: {image.key} failed\n\n`{image.url}`\n\n{outcome.reason}\n",
+        key=artifact_key("report", root, image.key),
+        description=f"segpipe failure of {image.key}",
+    )
+    return outcome
+
+
+def _owner() -> str:
+    from prefect.runtime import flow_run
+
+    return f"flow run {flow_run.id} on {socket.gethostname()}:{os.getpid()}"
+
+
+def serve_archive(
+    source: str,
+    output_root: str,
+    model: str = "tissue-unet",
+    *,
+    cron: str = "0 2 * * *",
+    timezone: str = "UTC",
+    name: str = "archive",
+    paused: bool = False,
+    **parameters: Any,
+) -> None:
+    """Serve :func:`process_archive` on a cron schedule from this process (``flow.serve``).
+
+    Blocks until interrupted; runs triggered by the schedule, the UI or ``run_deployment``
+    (``process-archive/<name>``) execute here, one at a time. Needs a Prefect server
+    (``PREFECT_API_URL``). Other keyword arguments become default parameters of the runs.
+    """
+    from prefect.schedules import Cron
+
+    process_archive.serve(
+        name=name,
+        schedules=[Cron(cron, timezone=timezone)],
+        paused=paused,
+        parameters={"source": source, "output_root": output_root, "model": model, **parameters},
+        description="Segment new and changed images of an archive (segpipe)",
+        tags=["segpipe"],
+        limit=1,
+    )

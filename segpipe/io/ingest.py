@@ -1,0 +1,260 @@
+"""Ingest an image into an OME-Zarr 0.5 multiscale image on Zarr v3.
+
+Layout written (``output/``)::
+
+    zarr.json      group; attributes {"ome": {"version": "0.5", "multiscales": [...]},
+                                      "segpipe": {"kind": "image", "complete": ...}}
+    0/zarr.json    (C, Y, X) array, dimension_names ("c", "y", "x"), chunks (C, chunk, chunk)
+    1/ ...         each level the 2x2 mean of the one before, until the smaller side would
+                   drop below min_level_size
+
+Metadata for every level is written first, then the pixels, and ``segpipe.complete`` becomes
+true only after the last level: an interrupted ingest never looks finished, and
+:func:`segpipe.io.readers.open_image` refuses to read one.
+
+Every write is a whole Zarr chunk from one Dask task (the source is rechunked to the Zarr
+chunks), so no locks are needed and any Dask scheduler can run it. Level ``k + 1`` is computed
+from level ``k`` read back from the store, never from the whole image in memory.
+
+Pixel size: with a known size ``s`` (µm), the y and x axes carry ``"unit": "micrometer"`` and
+level ``k`` the scale ``[1, s * 2**k, s * 2**k]``. When the size is unknown the spatial axes
+have no ``unit`` (the 0.5 spec makes it optional) and the scale is in level-0 pixels,
+``[1, 2**k, 2**k]``; :class:`segpipe.io.readers.ZarrReader` reads that back as ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
+from segpipe.io.readers import Reader, check_pixel_size, open_image
+
+__all__ = ["OME_ZARR_VERSION", "ingest", "ingested_image", "is_segpipe_image"]
+
+OME_ZARR_VERSION = "0.5"
+_ZSTD_LEVEL = 3
+
+
+def ingest(
+    source: str | os.PathLike[str] | Reader,
+    output: str | os.PathLike[str],
+    *,
+    chunk: int = 512,
+    min_level_size: int = 256,
+    pixel_size_um: float | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Copy an image into an OME-Zarr 0.5 multiscale image (Zarr v3, zstd).
+
+    Parameters
+    ----------
+    source
+        A path :func:`~segpipe.io.readers.open_image` reads (TIFF, SVS, OME-TIFF, Zarr, PNG,
+        JPEG) or an open :class:`~segpipe.io.readers.Reader`.
+    output
+        Directory to create, e.g. ``slide.ome.zarr``.
+    chunk
+        Zarr chunk side in pixels (y and x); each chunk holds all channels.
+    min_level_size
+        Reduced levels are added while their smaller side stays ``>= min_level_size``
+        pixels (:func:`segpipe.geometry.pixels.pyramid_shapes`).
+    pixel_size_um
+        Microns per pixel at level 0; overrides what the source says.
+    overwrite
+        Replace ``output`` if it is a previous segpipe image ingest (complete or not). Any
+        other existing path is never deleted.
+    progress
+        Show a Dask progress bar per level (local schedulers).
+
+    Returns
+    -------
+    Path
+        ``output``.
+
+    Raises
+    ------
+    FileExistsError
+        ``output`` exists and ``overwrite`` is False, or it is not a segpipe ingest.
+    ImageReadError
+        The source cannot be read.
+    """
+    if chunk < 2:
+        raise ValueError(f"chunk must be >= 2 pixels, got {chunk}")
+    if isinstance(source, str | os.PathLike):
+        reader = open_image(source, pixel_size_um=pixel_size_um)
+    else:
+        reader = source
+    px = reader.pixel_size_um
+    if pixel_size_um is not None:
+        px = check_pixel_size(pixel_size_um, "pixel_size_um")
+    out = Path(output)
+    if out.resolve() == Path(reader.path).resolve():
+        raise ValueError(f"ingest output {out} is the source itself; choose another path")
+    _clear_output(out, overwrite=overwrite)
+
+    import zarr
+    from zarr.codecs import ZstdCodec
+
+    ny, nx, nc = reader.shape
+    shapes = pyramid_shapes((ny, nx), min_level_size)
+    root = zarr.create_group(
+        str(out),
+        zarr_format=3,
+        attributes={
+            "ome": _ome_attributes(Path(reader.path).name, len(shapes), px),
+            "segpipe": _segpipe_attributes(reader, px, complete=False),
+        },
+    )
+    arrays = [
+        root.create_array(
+            str(k),
+            shape=(nc, ly, lx),
+            chunks=(nc, chunk, chunk),
+            dtype=reader.dtype,
+            fill_value=0,
+            compressors=ZstdCodec(level=_ZSTD_LEVEL),
+            dimension_names=("c", "y", "x"),
+        )
+        for k, (ly, lx) in enumerate(shapes)
+    ]
+
+    bar: Any = contextlib.nullcontext
+    if progress:
+        from dask.diagnostics import ProgressBar
+
+        bar = ProgressBar
+    zarr_chunks = (nc, chunk, chunk)
+    for k, target in enumerate(arrays):
+        if k == 0:
+            level = reader.level(0).transpose(2, 0, 1)
+        else:
+            # read back the level just written: bounded memory, and each level is the mean
+            # of exactly what is stored below it
+            previous = da.from_zarr(arrays[k - 1])
+            level = downsample_mean_2x(previous, yx_axes=(1, 2))
+        with bar():
+            # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
+            da.store(level.rechunk(zarr_chunks), target, lock=False)  # type: ignore[arg-type]
+
+    root.update_attributes({"segpipe": _segpipe_attributes(reader, px, complete=True)})
+    return out
+
+
+def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a Zarr group that segpipe's :func:`ingest` wrote (done or not)."""
+    meta = Path(path) / "zarr.json"
+    try:
+        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    segpipe = attrs.get("segpipe") if isinstance(attrs, dict) else None
+    return isinstance(segpipe, dict) and segpipe.get("kind") == "image"
+
+
+def _clear_output(out: Path, *, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"ingest output {out} already exists; pass overwrite=True to replace a previous "
+            f"segpipe ingest, or choose another path"
+        )
+    if not (out.is_dir() and is_segpipe_image(out)):
+        raise FileExistsError(
+            f"ingest output {out} exists and is not a segpipe image ingest (no "
+            f"'segpipe': {{'kind': 'image'}} attribute in its zarr.json); refusing to delete "
+            f"it even with overwrite=True: choose another path or remove it yourself"
+        )
+    shutil.rmtree(out)
+
+
+def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> dict[str, Any]:
+    """The ``ome`` attribute of an OME-Zarr 0.5 image with ``n_levels`` 2x levels."""
+    space: dict[str, Any] = {"type": "space"}
+    if pixel_size_um is not None:
+        space["unit"] = "micrometer"
+    step = 1.0 if pixel_size_um is None else float(pixel_size_um)
+    return {
+        "version": OME_ZARR_VERSION,
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", **space},
+                    {"name": "x", **space},
+                ],
+                "datasets": [
+                    {
+                        "path": str(k),
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0, step * 2**k, step * 2**k]}
+                        ],
+                    }
+                    for k in range(n_levels)
+                ],
+                "type": "mean",
+                "metadata": {
+                    "description": "2x2 block mean; an odd last row or column is dropped",
+                    "method": "segpipe.geometry.pixels.downsample_mean_2x",
+                },
+            }
+        ],
+    }
+
+
+def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> dict[str, Any]:
+    attrs = {
+        "kind": "image",
+        "complete": complete,
+        "source": str(reader.path),
+        "pixel_size_um": px,
+        "dtype": np.dtype(reader.dtype).name,
+    }
+    # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
+    if (geo := getattr(reader, "georeference", None)) is not None:
+        attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
+    return attrs
+
+
+def ingested_image(
+    source: str | os.PathLike[str],
+    store: str | os.PathLike[str],
+    *,
+    chunk: int = 512,
+    pixel_size_um: float | None = None,
+    progress: bool = False,
+) -> Path:
+    """The OME-Zarr image to segment for ``source``, ingesting it into ``store`` if needed.
+
+    A source that already is a segpipe image is used as it is; a complete ingest of the same
+    source at ``store`` is reused; an unfinished one is redone. Anything else at ``store`` is
+    refused by :func:`ingest`.
+    """
+    if is_segpipe_image(source):
+        return Path(source)
+    store = Path(store)
+    if is_segpipe_image(store):
+        attrs = json.loads((store / "zarr.json").read_text(encoding="utf-8"))["attributes"]
+        previous = attrs["segpipe"]
+        same = Path(str(previous.get("source"))).resolve() == Path(source).resolve()
+        if previous.get("complete") and same:
+            return store
+        return ingest(
+            source,
+            store,
+            chunk=chunk,
+            pixel_size_um=pixel_size_um,
+            overwrite=True,
+            progress=progress,
+        )
+    return ingest(source, store, chunk=chunk, pixel_size_um=pixel_size_um, progress=progress)

@@ -1,0 +1,165 @@
+"""OME-Zarr 0.5 metadata: where each pyramid level lies, and the multiscales/label attributes.
+
+Level ``k`` halves level ``k - 1`` (an odd last row or column is dropped, as
+:func:`segpipe.geometry.pixels.pyramid_shapes` does), so its pixel ``i`` covers level-0 pixels
+``[2**k * i, 2**k * (i + 1))`` and sits at their centre::
+
+    level 0   | 0 | 1 | 2 | 3 |        y = s * i
+    level 1   |   0   |   1   |        y = s * (2 * i + 0.5)
+    level 2   |       0       |        y = s * (4 * i + 1.5)
+
+which is OME's ``scale`` ``s * 2**k`` and ``translation`` ``s * (2**k - 1) / 2``. Ingested
+images and results both describe their levels through :func:`multiscale_attributes`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from segpipe.palette import class_colors
+
+__all__ = [
+    "OME_VERSION",
+    "PixelGrid",
+    "label_attributes",
+    "level_coordinates",
+    "multiscale_attributes",
+]
+
+OME_VERSION = "0.5"
+
+
+def level_coordinates(n: int, level: int, pixel_size: float) -> np.ndarray:
+    """Centres of the ``n`` pixels of ``level`` along one axis, in units of ``pixel_size``.
+
+    >>> level_coordinates(3, 0, 0.5).tolist()
+    [0.0, 0.5, 1.0]
+    >>> level_coordinates(2, 1, 0.5).tolist()
+    [0.25, 1.25]
+    """
+    f = 2**level
+    return pixel_size * (f * np.arange(n, dtype=np.float64) + (f - 1) / 2)
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """Where level-0 pixel centres lie: ``origin + step * index`` per axis (y, x), in ``units``.
+
+    Microns when the pixel size is known, the CRS's units (``step[0] < 0``: north up) for a
+    georeferenced input, else pixels.
+
+    >>> g = PixelGrid.of(0.5, None, None)
+    >>> g.units, g.coordinates(1, 3, 0).tolist(), g.coordinates(1, 2, 1).tolist()
+    ('micrometer', [0.0, 0.5, 1.0], [0.25, 1.25])
+    """
+
+    origin: tuple[float, float]
+    step: tuple[float, float]
+    units: str
+    ome_unit: str | None  # OME-Zarr's name for ``units``; None for pixels
+    crs_wkt: str | None = None
+    transform: tuple[float, ...] | None = None  # level 0, pixel corners (a, b, c, d, e, f)
+
+    @classmethod
+    def of(
+        cls,
+        pixel_size_um: float | None,
+        crs: str | None,
+        transform: tuple[float, ...] | None,
+    ) -> PixelGrid:
+        if transform is not None and crs is not None:
+            from rasterio.crs import CRS
+
+            ref = CRS.from_user_input(crs)
+            a, _, c, _, e, f = transform
+            units = ref.linear_units or "unknown"
+            ome = {"metre": "meter", "meter": "meter", "foot": "foot"}.get(units)
+            # The affine maps pixel corners; coordinates are pixel centres, half a pixel in.
+            return cls((f + e / 2, c + a / 2), (e, a), units, ome, ref.to_wkt(), transform)
+        if pixel_size_um:
+            return cls((0.0, 0.0), (pixel_size_um, pixel_size_um), "micrometer", "micrometer")
+        return cls((0.0, 0.0), (1.0, 1.0), "pixel", None)
+
+    def coordinates(self, axis: int, n: int, level: int) -> np.ndarray:
+        """Centres of the ``n`` pixels of ``level`` along ``axis`` (0: y, 1: x)."""
+        return self.origin[axis] + level_coordinates(n, level, self.step[axis])
+
+
+def _datasets(
+    paths: list[str], pixel_size: tuple[float, float], leading: int
+) -> list[dict[str, Any]]:
+    out = []
+    for k, path in enumerate(paths):
+        step = [p * 2**k for p in pixel_size]
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0] * leading + step}]
+        if k:
+            shift = [p * (2**k - 1) / 2 for p in pixel_size]
+            transforms.append({"type": "translation", "translation": [0.0] * leading + shift})
+        out.append({"path": path, "coordinateTransformations": transforms})
+    return out
+
+
+def _axes(unit: str | None, channel: str | None) -> list[dict[str, Any]]:
+    space: dict[str, Any] = {"type": "space"}
+    if unit:
+        space["unit"] = unit
+    axes = [{"name": channel, "type": "channel"}] if channel else []
+    return [*axes, {"name": "y", **space}, {"name": "x", **space}]
+
+
+def multiscale_attributes(
+    name: str,
+    paths: list[str],
+    pixel_size: tuple[float, float],
+    unit: str | None,
+    *,
+    channel: str | None,
+    method: str,
+) -> dict[str, Any]:
+    """One OME-Zarr 0.5 ``multiscales`` entry over ``paths`` (level 0 first).
+
+    ``channel`` names the leading channel axis (``None`` for a (y, x) label image);
+    ``pixel_size`` is level 0's (y, x), in ``unit`` (``None``: level-0 pixels, no unit).
+    """
+    return {
+        "name": name,
+        "axes": _axes(unit, channel),
+        "datasets": _datasets(paths, pixel_size, 1 if channel else 0),
+        "type": method,
+        "metadata": {"method": f"segpipe.results.pyramid.reduce_level ({method} of 2x2 blocks)"},
+    }
+
+
+def label_attributes(
+    name: str,
+    n_levels: int,
+    pixel_size: tuple[float, float],
+    unit: str | None,
+    class_names: tuple[str, ...],
+) -> dict[str, Any]:
+    """The ``ome`` attribute of the mask's label group, ``labels/<name>``."""
+    colors = class_colors(len(class_names))
+    return {
+        "version": OME_VERSION,
+        "multiscales": [
+            multiscale_attributes(
+                name,
+                [str(k) for k in range(n_levels)],
+                pixel_size,
+                unit,
+                channel=None,
+                method="mode",
+            )
+        ],
+        "image-label": {
+            "version": OME_VERSION,
+            "colors": [{"label-value": i, "rgba": list(c)} for i, c in enumerate(colors)],
+            "properties": [
+                {"label-value": i, "class": c, "name": c} for i, c in enumerate(class_names)
+            ],
+            "source": {"image": "../../"},
+        },
+    }

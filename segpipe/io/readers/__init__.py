@@ -1,0 +1,95 @@
+"""Lazy image readers behind one small protocol, :class:`Reader`.
+
+One reader per container: TIFF (plain, BigTIFF, OME-TIFF, Aperio SVS) through tifffile's Zarr
+view, Zarr v3 / OME-Zarr 0.5 through zarr, and small PNG/JPEG through Pillow. Each one knows
+its file's axis letters and hands them to :func:`segpipe.geometry.pixels.to_yxc`, so every
+reader gives ``(Y, X, C)`` pixels in the file's own dtype.
+
+Readers are shipped to Dask worker processes: they pickle as their path and parameters and
+re-open the file on first use after unpickling (tifffile and Pillow handles cannot be pickled).
+
+>>> reader = open_image("slide.svs")  # doctest: +SKIP
+>>> reader.shape, reader.pixel_size_um  # doctest: +SKIP
+((300, 517, 3), 0.499)
+>>> reader.read(0, 256, 0, 256).shape  # doctest: +SKIP
+(256, 256, 3)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from segpipe.io.readers.base import (
+    Georeference,
+    ImageReadError,
+    Reader,
+    read_mirrored,
+)
+from segpipe.io.readers.omezarr import ZARR_SUFFIXES, ZarrReader
+from segpipe.io.readers.pillow import MAX_PILLOW_PIXELS, PILLOW_SUFFIXES, PillowReader
+from segpipe.io.readers.tiff import TIFF_SUFFIXES, TiffReader
+from segpipe.io.units import check_pixel_size
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_PILLOW_PIXELS",
+    "PILLOW_SUFFIXES",
+    "TIFF_SUFFIXES",
+    "ZARR_SUFFIXES",
+    "Georeference",
+    "ImageReadError",
+    "PillowReader",
+    "Reader",
+    "TiffReader",
+    "ZarrReader",
+    "open_image",
+    "read_mirrored",
+]
+
+# Files a folder or archive holds as images (Zarr stores are directories, found by path).
+IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES
+
+
+def open_image(path: str | os.PathLike[str], *, pixel_size_um: float | None = None) -> Reader:
+    """Open an image lazily, choosing the reader from the path.
+
+    Parameters
+    ----------
+    path
+        ``.tif``/``.tiff``/``.ome.tif``/``.btf`` (TIFF, BigTIFF, OME-TIFF), ``.svs`` (Aperio),
+        a Zarr v3 store (a directory, usually ``.zarr``: an OME-Zarr 0.5 image or a plain
+        array with ``dimension_names``), or a small ``.png``/``.jpg``.
+    pixel_size_um
+        Microns per pixel at level 0; overrides what the file says (> 0).
+
+    Returns
+    -------
+    Reader
+        Picklable; opens the file again in each process that unpickles it.
+
+    Raises
+    ------
+    ImageReadError
+        Naming the path: missing file, unknown format, corrupt file, a stack (Z or T > 1), an
+        unsupported dtype, a Pillow image too large to hold in memory.
+    ValueError
+        ``pixel_size_um`` not a positive number.
+    """
+    if pixel_size_um is not None:
+        pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(f"{p}: no such file or directory")
+    name = p.name.lower()
+    if p.is_dir() or name.endswith(ZARR_SUFFIXES):
+        return ZarrReader(p, pixel_size_um=pixel_size_um)
+    if name.endswith(TIFF_SUFFIXES):
+        return TiffReader(p, pixel_size_um=pixel_size_um)
+    if name.endswith(PILLOW_SUFFIXES):
+        return PillowReader(p, pixel_size_um=pixel_size_um)
+    raise ImageReadError(
+        f"{p}: unknown image format {p.suffix!r}; segpipe reads "
+        f"{', '.join(TIFF_SUFFIXES + PILLOW_SUFFIXES + ZARR_SUFFIXES)} "
+        f"(convert others to a tiled pyramidal OME-TIFF, e.g. with bfconvert or vips)"
+    )

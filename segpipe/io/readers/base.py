@@ -1,0 +1,291 @@
+"""The reader protocol and the machinery every format's reader shares.
+
+A reader gives lazy ``(Y, X, C)`` pixels per pyramid level in the file's own dtype; each format
+knows its file's axis letters and hands them to :func:`segpipe.geometry.pixels.to_yxc`. Readers
+are shipped to Dask worker processes: they pickle as their path and parameters and re-open the
+file on first use after unpickling (tifffile and Pillow handles cannot be pickled).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from segpipe.geometry.pixels import to_yxc, unit_scale, yxc_shape
+from segpipe.geometry.tiling import Box, mirror_indices
+
+__all__ = [
+    "DECODE_ERRORS",
+    "BaseReader",
+    "Georeference",
+    "ImageReadError",
+    "Reader",
+    "read_mirrored",
+]
+
+
+# What decoding a damaged file raises varies by codec (zlib, JPEG, tifffile, zarr).
+DECODE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, IndexError)
+
+
+class ImageReadError(ValueError):
+    """An image could not be opened or read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Georeference:
+    """Where level-0 pixels lie in a coordinate reference system (a north-up GeoTIFF).
+
+    ``transform`` is the affine ``(a, b, c, d, e, f)`` (rasterio/affine order) from pixel
+    corner ``(col, row)`` to ``x = a * col + c``, ``y = e * row + f`` (``b = d = 0``; ``e``
+    is negative for north-up images); ``crs`` an authority code such as ``"EPSG:32633"``.
+    """
+
+    crs: str
+    transform: tuple[float, float, float, float, float, float]
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """What segpipe needs of an image: lazy ``(Y, X, C)`` pixels per pyramid level.
+
+    Attributes
+    ----------
+    path
+        The file or store read.
+    pixel_size_um
+        Microns per pixel at level 0, None when the file does not say.
+    level_shapes
+        ``(Y, X, C)`` of each pyramid level, level 0 first.
+    dtype
+        The pixels' dtype as stored (no rescaling).
+    """
+
+    path: str
+    pixel_size_um: float | None
+    level_shapes: tuple[tuple[int, int, int], ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(Y, X, C)`` of level 0."""
+        ...
+
+    def level(self, level: int = 0) -> da.Array:
+        """Lazy ``(Y, X, C)`` dask array of one level, chunked like the file's tiles."""
+        ...
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of a level as ``(y1 - y0, x1 - x0, C)``, native dtype."""
+        ...
+
+
+class _LevelSource:
+    """Array-like over one level of a reader in the file's axes, for ``da.from_array``.
+
+    Pickles as its reader (path and parameters), so dask graphs can travel to workers.
+    """
+
+    def __init__(self, reader: BaseReader, level: int) -> None:
+        self.reader = reader
+        self.level = level
+        self.shape = reader._native_shapes[level]
+        self.dtype = reader.dtype
+        self.ndim = len(self.shape)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        return self.reader._read_native(self.level, key)
+
+    def __dask_tokenize__(self) -> object:
+        return (type(self).__name__, self.reader._token(), self.level)
+
+
+class BaseReader:
+    """Shared machinery: level/window checks, dask wrapping, pickling without handles.
+
+    A subclass sets ``path``, ``pixel_size_um``, ``dtype``, ``_axes`` (letters per level),
+    ``_native_shapes`` and ``_native_chunks`` in ``__init__`` and implements
+    ``_open_level(level)`` returning something sliceable (a zarr array, a numpy array).
+    """
+
+    path: str
+    pixel_size_um: float | None
+    dtype: np.dtype[Any]
+    level_shapes: tuple[tuple[int, int, int], ...]
+    georeference: Georeference | None = None  # GeoTIFFs only
+    _axes: tuple[str, ...]
+    _native_shapes: tuple[tuple[int, ...], ...]
+    _native_chunks: tuple[tuple[int, ...], ...]
+
+    def __init__(self, path: Path, pixel_size_um: float | None) -> None:
+        self.path = str(path)
+        self.pixel_size_um = pixel_size_um
+        self._lock = threading.Lock()
+        self._levels: dict[int, Any] = {}
+
+    # -- subclass hooks -------------------------------------------------------------------
+    def _open_level(self, level: int) -> Any:
+        raise NotImplementedError
+
+    def _close_handles(self) -> None:
+        """Close file handles held by the subclass (called under the lock)."""
+
+    # -- construction helpers -------------------------------------------------------------
+    def _set_layout(
+        self,
+        axes: list[str],
+        native_shapes: list[tuple[int, ...]],
+        native_chunks: list[tuple[int, ...]],
+        dtype: np.dtype[Any],
+    ) -> None:
+        try:
+            unit_scale(dtype)
+        except ValueError as exc:
+            raise ImageReadError(f"{self.path}: unsupported pixel type: {exc}") from exc
+        try:
+            shapes = tuple(yxc_shape(s, a) for s, a in zip(native_shapes, axes, strict=True))
+        except ValueError as exc:
+            raise ImageReadError(f"{self.path}: {exc}") from exc
+        self.dtype = np.dtype(dtype)
+        self._axes = tuple(axes)
+        self._native_shapes = tuple(tuple(int(n) for n in s) for s in native_shapes)
+        self._native_chunks = tuple(tuple(int(n) for n in c) for c in native_chunks)
+        self.level_shapes = shapes
+
+    # -- the Reader protocol --------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(Y, X, C)`` of level 0."""
+        return self.level_shapes[0]
+
+    def level(self, level: int = 0) -> da.Array:
+        """Lazy ``(Y, X, C)`` dask array of ``level``; chunks follow the file's tiles/chunks."""
+        self._check_level(level)
+        source = _LevelSource(self, level)
+        native = da.from_array(
+            source,
+            chunks=self._native_chunks[level],
+            name=f"read-{tokenize(source)}",
+            lock=False,  # each reader serialises its own file access
+            asarray=True,
+            meta=np.empty((0,) * source.ndim, dtype=self.dtype),
+        )
+        return to_yxc(native, self._axes[level])
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        """Pixels ``[y0:y1, x0:x1]`` of ``level`` as a ``(y1 - y0, x1 - x0, C)`` array.
+
+        Only the tiles or chunks that intersect the window are read and decoded.
+        """
+        self._check_level(level)
+        ny, nx, _ = self.level_shapes[level]
+        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+            raise ImageReadError(
+                f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is empty or outside level "
+                f"{level} of shape (Y, X) = ({ny}, {nx})"
+            )
+        axes = self._axes[level]
+        key = tuple(
+            slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None)
+            for a in axes.upper()
+        )
+        return to_yxc(self._read_native(level, key), axes)
+
+    def close(self) -> None:
+        """Close open file handles; the reader re-opens them on next use."""
+        with self._lock:
+            self._levels.clear()
+            self._close_handles()
+
+    # -- internals --------------------------------------------------------------------------
+    def _check_level(self, level: int) -> None:
+        if not (isinstance(level, int | np.integer) and 0 <= level < len(self.level_shapes)):
+            raise ImageReadError(
+                f"{self.path}: level {level!r} out of range; the file has "
+                f"{len(self.level_shapes)} level(s), 0 to {len(self.level_shapes) - 1}"
+            )
+
+    def _level_array(self, level: int) -> Any:
+        with self._lock:
+            if level not in self._levels:
+                self._levels[level] = self._open_level(level)
+            return self._levels[level]
+
+    def _read_native(self, level: int, key: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return np.asarray(self._level_array(level)[key])
+        except ImageReadError:
+            raise
+        except DECODE_ERRORS as exc:
+            where = ", ".join(
+                f"{a.lower()} {k.start or 0}:{k.stop if k.stop is not None else n}"
+                for a, k, n in zip(self._axes[level], key, self._native_shapes[level], strict=False)
+            )
+            raise ImageReadError(
+                f"{self.path}: cannot read level {level} at {where}: the file may be corrupt "
+                f"or truncated ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _token(self) -> tuple[Any, ...]:
+        try:
+            stat = os.stat(self.path)
+            stamp: tuple[Any, ...] = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            stamp = ()
+        return (type(self).__name__, self.path, *stamp)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock")
+        state["_levels"] = {}
+        state.update(self._handle_state())
+        return state
+
+    def _handle_state(self) -> dict[str, Any]:
+        """Attributes to replace when pickling (the subclass's handles, set to None)."""
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.path!r}, shape={self.shape}, dtype={self.dtype}, "
+            f"levels={len(self.level_shapes)}, pixel_size_um={self.pixel_size_um})"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# TIFF
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# Zarr / OME-Zarr
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# PNG / JPEG
+# ------------------------------------------------------------------------------------------
+
+
+def read_mirrored(reader: Reader, box: Box, level: int = 0) -> np.ndarray:
+    """Pixels (y, x, C) of ``box`` of ``level``, mirrored where it leaves the image.
+
+    Reads only the bounding box of the source pixels the mirror maps to.
+    """
+    ny, nx, _ = reader.level_shapes[level]
+    iy = mirror_indices(box.y0, box.y1, ny)
+    ix = mirror_indices(box.x0, box.x1, nx)
+    y0, y1, x0, x1 = int(iy.min()), int(iy.max()) + 1, int(ix.min()), int(ix.max()) + 1
+    src = reader.read(y0, y1, x0, x1, level=level)
+    return src[np.ix_(iy - y0, ix - x0)]

@@ -1,0 +1,125 @@
+"""Zarr v3 images: OME-Zarr 0.5 multiscales (segpipe's ingest writes them) or a plain array
+with ``dimension_names``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
+from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
+
+__all__ = ["ZARR_SUFFIXES", "ZarrReader"]
+
+ZARR_SUFFIXES = (".zarr",)
+
+
+class ZarrReader(BaseReader):
+    """A Zarr v3 store: an OME-Zarr 0.5 multiscale image group, or one array.
+
+    Axis names come from each array's ``dimension_names`` (or the OME ``axes``), e.g.
+    ``("c", "y", "x")``; the pixel size from level 0's ``scale`` and the x axis' ``unit``.
+    """
+
+    def __init__(self, path: Path, *, pixel_size_um: float | None = None) -> None:
+        super().__init__(path, pixel_size_um)
+        import zarr
+
+        try:
+            node = zarr.open(self.path, mode="r")
+        except (FileNotFoundError, *DECODE_ERRORS) as exc:
+            raise ImageReadError(
+                f"{self.path}: not a readable Zarr store ({type(exc).__name__}: {exc})"
+            ) from exc
+        if isinstance(node, zarr.Array):
+            self._array_paths: tuple[str, ...] = ("",)
+            arrays = [node]
+            axes = [self._dimension_letters(node, None)]
+            file_px = None
+        else:
+            arrays, axes, file_px = self._open_multiscale(node)
+        chunks = [tuple(a.shards or a.chunks) for a in arrays]
+        self._set_layout(axes, [tuple(a.shape) for a in arrays], chunks, np.dtype(arrays[0].dtype))
+        if self.pixel_size_um is None:
+            self.pixel_size_um = file_px
+
+    def _open_multiscale(self, group: Any) -> tuple[list[Any], list[str], float | None]:
+        attrs = dict(group.attrs)
+        segpipe = attrs.get("segpipe", {})
+        if segpipe.get("kind") == "image" and segpipe.get("complete") is False:
+            raise ImageReadError(
+                f"{self.path}: this segpipe ingest never finished (attribute "
+                f"segpipe.complete is false); run the ingest again with overwrite=True"
+            )
+        if geo := segpipe.get("georeference"):  # carried over from a GeoTIFF by ingest
+            self.georeference = Georeference(str(geo["crs"]), tuple(geo["transform"]))
+        ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 put it at the top
+        multiscales = ome.get("multiscales")
+        if not multiscales:
+            raise ImageReadError(
+                f"{self.path}: a Zarr group without OME-Zarr 'multiscales' metadata; "
+                f"open one of its arrays instead (members: {sorted(group.array_keys())})"
+            )
+        ms = multiscales[0]
+        axis_meta = ms.get("axes", [])
+        axis_names = [a["name"] if isinstance(a, dict) else str(a) for a in axis_meta]
+        self._array_paths = tuple(d["path"] for d in ms["datasets"])
+        arrays = []
+        for p in self._array_paths:
+            try:
+                arrays.append(group[p])
+            except KeyError as exc:
+                raise ImageReadError(
+                    f"{self.path}: multiscales lists dataset {p!r} that the group lacks"
+                ) from exc
+        axes = [self._dimension_letters(a, axis_names or None) for a in arrays]
+        return arrays, axes, self._ome_pixel_size_um(ms, axis_meta, axis_names)
+
+    def _dimension_letters(self, array: Any, fallback: list[str] | None) -> str:
+        names = getattr(array.metadata, "dimension_names", None) or fallback
+        if not names or any(n is None for n in names):
+            raise ImageReadError(
+                f"{self.path}: array {array.path or '/'!r} of shape {array.shape} has no "
+                f"dimension_names; write it with dimension_names such as ('y', 'x', 'c')"
+            )
+        if any(len(n) != 1 for n in names):
+            raise ImageReadError(
+                f"{self.path}: dimension names {tuple(names)} are not single axis letters "
+                f"(t, c, z, y, x)"
+            )
+        return "".join(names).upper()
+
+    def _ome_pixel_size_um(
+        self, ms: dict[str, Any], axis_meta: list[Any], axis_names: list[str]
+    ) -> float | None:
+        if "x" not in axis_names:
+            return None
+        scales = []
+        for transforms in (
+            ms["datasets"][0].get("coordinateTransformations", []),
+            ms.get("coordinateTransformations", []),
+        ):
+            scales += [t["scale"] for t in transforms if t.get("type") == "scale"]
+        units = {a["name"]: a.get("unit") for a in axis_meta if isinstance(a, dict)}
+        per_axis = {}
+        for name in ("x", "y"):
+            unit = units.get(name)
+            if name not in axis_names or unit is None:
+                continue
+            if unit not in UM_PER_UNIT:
+                warnings.warn(f"{self.path}: axis {name} unit {unit!r} unknown", stacklevel=3)
+                continue
+            i = axis_names.index(name)
+            per_axis[name] = math.prod(float(s[i]) for s in scales) * UM_PER_UNIT[unit]
+        return pixel_size_of_xy(per_axis.get("x"), per_axis.get("y"), self.path, "OME-Zarr scale")
+
+    def _open_level(self, level: int) -> Any:
+        import zarr
+
+        node = zarr.open(self.path, mode="r")
+        path = self._array_paths[level]
+        return cast("zarr.Group", node)[path] if path else node

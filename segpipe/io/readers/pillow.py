@@ -1,0 +1,73 @@
+"""Small PNG/JPEG images through Pillow, decoded whole (tiled TIFF is for anything large)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.io.readers.base import BaseReader, ImageReadError
+
+__all__ = ["MAX_PILLOW_PIXELS", "PILLOW_SUFFIXES", "PillowReader"]
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# Pillow images are decoded whole into memory; anything bigger belongs in a tiled TIFF.
+MAX_PILLOW_PIXELS = 20_000 * 20_000
+
+
+class PillowReader(BaseReader):
+    """A small PNG or JPEG, decoded whole into memory by Pillow (one level).
+
+    Palette, CMYK and YCbCr images are converted to RGB(A); grey stays one channel.
+    """
+
+    def __init__(self, path: Path, *, pixel_size_um: float | None = None) -> None:
+        super().__init__(path, pixel_size_um)
+        data = self._decode()
+        axes = "YX" if data.ndim == 2 else "YXC"
+        self._data: np.ndarray | None = data
+        chunk = tuple(min(n, 1024) for n in data.shape[:2]) + data.shape[2:]
+        self._set_layout([axes], [data.shape], [chunk], data.dtype)
+
+    def _decode(self) -> np.ndarray:
+        from PIL import Image
+
+        too_big = (
+            f"{self.path}: too large to hold in memory as PNG/JPEG (limit "
+            f"{MAX_PILLOW_PIXELS:,} pixels); convert it to a tiled pyramidal TIFF "
+            f"(e.g. vips tiffsave --tile --pyramid) and open that"
+        )
+        img: Image.Image
+        try:
+            with Image.open(self.path) as img:
+                if img.width * img.height > MAX_PILLOW_PIXELS:
+                    raise ImageReadError(f"{too_big} (got {img.width}x{img.height})")
+                if img.mode in ("P", "PA"):
+                    has_alpha = img.mode == "PA" or "transparency" in img.info
+                    img = img.convert("RGBA" if has_alpha else "RGB")
+                elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    img = img.convert("RGB")
+                img.load()
+                return np.asarray(img)
+        except Image.DecompressionBombError as exc:
+            raise ImageReadError(f"{too_big} ({exc})") from exc
+        except (OSError, ValueError, SyntaxError) as exc:
+            if isinstance(exc, ImageReadError):
+                raise
+            raise ImageReadError(
+                f"{self.path}: not a readable PNG/JPEG (corrupt, truncated or another "
+                f"format): {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _open_level(self, level: int) -> np.ndarray:
+        if self._data is None:
+            self._data = self._decode()
+        return self._data
+
+    def _close_handles(self) -> None:
+        self._data = None
+
+    def _handle_state(self) -> dict[str, Any]:
+        return {"_data": None}

@@ -1,0 +1,51 @@
+"""Physical units of pixel sizes: unit names to microns, and the checks every reader applies."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+__all__ = ["UM_PER_UNIT", "check_pixel_size", "pixel_size_of_xy", "positive_or_none"]
+
+# Length units to micrometres: OME-XML symbols and OME-Zarr (UDUNITS-2) names.
+UM_PER_UNIT = {
+    "pm": 1e-6,
+    "Å": 1e-4,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,  # Greek mu, not the micro sign
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "picometer": 1e-6,
+    "angstrom": 1e-4,
+    "nanometer": 1e-3,
+    "micrometer": 1.0,
+    "micron": 1.0,
+    "millimeter": 1e3,
+    "centimeter": 1e4,
+    "meter": 1e6,
+}
+
+
+def check_pixel_size(value: float, what: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a positive number of microns per pixel, got {value}")
+    return value
+
+
+def pixel_size_of_xy(x: float | None, y: float | None, path: str, what: str) -> float | None:
+    if x is None:
+        x = y
+    elif y is not None and not math.isclose(x, y, rel_tol=1e-3):
+        warnings.warn(f"{path}: {what} differs in X ({x} µm) and Y ({y} µm); using X", stacklevel=4)
+    return None if x is None else positive_or_none(x, path, what)
+
+
+def positive_or_none(value: float, path: str, what: str) -> float | None:
+    if math.isfinite(value) and value > 0:
+        return value
+    warnings.warn(f"{path}: ignoring {what} {value}; pixel size unknown", stacklevel=4)
+    return None

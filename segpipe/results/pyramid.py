@@ -1,0 +1,83 @@
+"""Result pyramids: levels 1.. computed from the level below, one whole shard per task.
+
+Probabilities are averaged (:func:`segpipe.geometry.pixels.downsample_mean_2x`), the mask takes
+the most frequent class of each 2x2 block (:func:`mode_2x`). Every level is computed from the
+one below it read back from the store, so no level is ever whole in memory and every write is a
+whole shard. Where each level lies physically is :mod:`segpipe.io.ome`'s business.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from segpipe.geometry.pixels import downsample_mean_2x
+from segpipe.results.schema import LABEL_NAME, level_path, result_levels
+
+
+def mode_2x(labels: np.ndarray) -> np.ndarray:
+    """Most frequent value of each 2x2 block of a (y, x) label array with even sides.
+
+    Ties go to the block's top-left pixel when it is among the most frequent, else to the
+    smaller value, so the result is deterministic.
+
+    >>> mode_2x(np.array([[1, 2, 3, 3], [2, 1, 0, 3]], dtype=np.uint8))
+    array([[1, 3]], dtype=uint8)
+    """
+    ny, nx = labels.shape[0] // 2, labels.shape[1] // 2
+    blocks = (
+        labels[: 2 * ny, : 2 * nx].reshape(ny, 2, nx, 2).transpose(0, 2, 1, 3).reshape(ny, nx, 4)
+    )
+    # Each pixel's count among its block: the mode is a pixel with the largest count.
+    counts = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)
+    # Prefer the top-left pixel on ties (score + 0.5), then the smaller label.
+    score = counts * 2 * 256 - blocks.astype(np.int64)
+    score[..., 0] += 256
+    best = np.argmax(score, axis=-1)
+    return np.take_along_axis(blocks, best[..., None], -1)[..., 0].astype(labels.dtype)
+
+
+def reduce_level(previous: Any, kind: str, shards: tuple[int, ...]) -> da.Array:
+    """Level ``k + 1`` of a (…, y, x) Zarr array ``previous`` (level ``k``), lazily.
+
+    Reads ``previous`` in blocks of twice the output ``shards``, so every output chunk is one
+    whole shard of the next level. ``kind``: ``"mean"`` or ``"mode"``.
+    """
+    read = tuple(s if i < len(shards) - 2 else 2 * s for i, s in enumerate(shards))
+    src = da.from_zarr(previous, chunks=read)
+    if kind == "mean":
+        return downsample_mean_2x(src, yx_axes=(src.ndim - 2, src.ndim - 1))
+    if kind != "mode":
+        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
+    ny, nx = src.shape[-2] // 2, src.shape[-1] // 2
+    src = src[..., : 2 * ny, : 2 * nx]
+    chunks = tuple(tuple(c // 2 for c in cs) for cs in src.chunks)
+    return src.map_blocks(mode_2x, chunks=chunks, dtype=src.dtype)
+
+
+def build_pyramid(path: str | os.PathLike) -> None:
+    """Compute levels 1.. of the result at ``path`` from level 0, one shard per task.
+
+    Each level is read back from the one just written (bounded memory; Dask's threaded
+    scheduler), probabilities by 2x2 mean, the mask by 2x2 mode.
+    """
+    root = zarr.open_group(path, mode="r+")
+
+    def array(name: str) -> zarr.Array:
+        node = root[name.lstrip("/")]
+        if not isinstance(node, zarr.Array):
+            raise TypeError(f"{path}/{name} is not a Zarr array: not a segpipe result layout")
+        return node
+
+    for k in range(1, len(result_levels(path))):
+        below, here = level_path(k - 1), level_path(k)
+        targets = [array(f"{here}/mask"), array(f"{here}/probabilities")]
+        mask = reduce_level(array(f"{below}/mask"), "mode", targets[0].shards or ())
+        probs = reduce_level(array(f"{below}/probabilities"), "mean", targets[1].shards or ())
+        label = array(f"labels/{LABEL_NAME}/{k}")
+        # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
+        da.store([mask, probs, mask], [*targets, label], lock=False)  # type: ignore[list-item]

@@ -1,0 +1,286 @@
+"""What a result is: its typed metadata, and where its levels lie in the store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from segpipe.config import PROBABILITY_DTYPES, SegmentConfig
+from segpipe.geometry.pixels import pyramid_shapes
+
+__all__ = [
+    "LABEL_NAME",
+    "PROBABILITY_DTYPES",
+    "IncompleteResultError",
+    "ResultMeta",
+    "ResultMismatchError",
+    "RunSummary",
+    "class_areas_um2",
+    "is_complete",
+    "is_result",
+    "level_path",
+    "read_attrs",
+    "read_meta",
+    "result_levels",
+]
+
+LABEL_NAME = "mask"
+
+
+class IncompleteResultError(RuntimeError):
+    """A result whose run has not finished (interrupted, or still running)."""
+
+
+class ResultMismatchError(FileExistsError):
+    """The output path holds something this run must not overwrite."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run did: tiles, time and per-class pixel counts of the mask."""
+
+    tiles_total: int
+    tiles_computed: int
+    tiles_skipped: int
+    windows: int
+    seconds: float
+    megapixels_per_second: float
+    class_pixels: tuple[int, ...]  # (C,) pixels of each class in the mask
+
+    @property
+    def class_fraction(self) -> tuple[float, ...]:
+        """(C,) share of the mask's pixels per class."""
+        total = max(1, sum(self.class_pixels))
+        return tuple(round(n / total, 6) for n in self.class_pixels)
+
+
+def class_areas_um2(
+    class_pixels: Sequence[int] | np.ndarray, pixel_size_um: float | None
+) -> tuple[float, ...] | None:
+    """(C,) area of each class in square microns; None when the pixel size is unknown.
+
+    >>> class_areas_um2([4, 0, 8], 0.5)
+    (1.0, 0.0, 2.0)
+    """
+    if not pixel_size_um:
+        return None
+    return tuple(float(n) * pixel_size_um**2 for n in class_pixels)
+
+
+@dataclass(frozen=True)
+class ResultMeta:
+    """What a result is (inputs, model, settings) and, read back, how its run went.
+
+    Two runs with equal :meth:`identity` produce the same result, so one may finish the other's
+    missing tiles: the identity holds the inputs and ``config``'s result settings, never its
+    execution settings. ``config`` is the run's :class:`~segpipe.config.SegmentConfig` with
+    ``window`` (blend mode) and ``amp`` resolved to what the run used.
+
+    The provenance fields (``version`` .. ``summary``) are written by the store: ``complete``
+    turns true after the last tile, ``summary`` arrives with it.
+    """
+
+    source: str
+    shape: tuple[int, int]  # (y, x) pixels of the segmented level
+    pixel_size_um: float | None  # at the segmented level
+    class_names: tuple[str, ...]
+    model_name: str
+    model_sha256: str
+    halo: int
+    config: SegmentConfig = field(default_factory=SegmentConfig)
+    crs: str | None = None  # georeferenced input: "EPSG:..." or WKT, and the segmented level's
+    transform: tuple[float, ...] | None = None  # pixel-corner affine (a, b, c, d, e, f)
+    version: str | None = None
+    complete: bool = False
+    started: str | None = None
+    finished: str | None = None
+    summary: RunSummary | None = None
+
+    @property
+    def tile(self) -> int:
+        """Output tile (and chunk) side, pixels."""
+        return self.config.tile
+
+    @property
+    def shard(self) -> int:
+        """Shard side in pixels: one task's block of tiles."""
+        return self.config.task_tiles * self.config.tile
+
+    @property
+    def class_areas_um2(self) -> tuple[float, ...] | None:
+        """(C,) class areas of the finished run in square microns (None: unknown pixel size
+        or unfinished run)."""
+        if self.summary is None:
+            return None
+        return class_areas_um2(self.summary.class_pixels, self.pixel_size_um)
+
+    def identity(self) -> dict[str, Any]:
+        """The JSON that decides whether two runs make the same result.
+
+        Its layout is the one results have carried since the first release (the knobs of
+        blend mode and autocast under ``params``), so older results still resume.
+        """
+        c = self.config
+        params: dict[str, Any] = {}
+        if c.mode == "blend":
+            params = {"window": c.window, "overlap": c.overlap, "sigma_scale": c.sigma_scale}
+        params["amp"] = c.amp
+        return {
+            "source": self.source,
+            "shape": list(self.shape),
+            "level": c.level,
+            "pixel_size_um": self.pixel_size_um,
+            "class_names": list(self.class_names),
+            "model_name": self.model_name,
+            "model_sha256": self.model_sha256,
+            "tile": c.tile,
+            "halo": self.halo,
+            "mode": c.mode,
+            "probability_dtype": c.probability_dtype,
+            "params": params,
+            "task_tiles": c.task_tiles,
+            "min_level_size": c.min_level_size,
+            "crs": self.crs,
+            "transform": list(self.transform) if self.transform else None,
+        }
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The result's ``segpipe`` attribute: identity, provenance, the run's summary.
+
+        Flat keys (``model``, ``tile``, ``class_pixels``...) are kept for people who read
+        the attribute with plain xarray or zarr.
+        """
+        attrs: dict[str, Any] = {
+            "version": self.version,
+            "complete": self.complete,
+            "identity": self.identity(),
+            "config": self.config.as_dict(),
+            "source": self.source,
+            "model": self.model_name,
+            "model_sha256": self.model_sha256,
+            "tile": self.config.tile,
+            "halo": self.halo,
+            "mode": self.config.mode,
+            "pixel_size_um": self.pixel_size_um,
+            "class_names": list(self.class_names),
+            "started": self.started,
+            "finished": self.finished,
+        }
+        if self.summary is not None:
+            s = self.summary
+            attrs.update(
+                {f.name: getattr(s, f.name) for f in fields(RunSummary)},
+                class_pixels=list(s.class_pixels),
+                class_fraction=list(s.class_fraction),
+            )
+            if (areas := self.class_areas_um2) is not None:
+                attrs["class_area_um2"] = list(areas)
+        return attrs
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> ResultMeta:
+        """Parse a ``segpipe`` attribute, as written now or by earlier versions."""
+        ident = attrs["identity"]
+        params = ident.get("params") or {}
+        if "config" in attrs:
+            config = SegmentConfig.from_dict(attrs["config"])
+        else:  # written before SegmentConfig: rebuild its result settings from the identity
+            config = SegmentConfig(
+                tile=int(ident["tile"]),
+                mode=ident["mode"],
+                window=params.get("window"),
+                overlap=params.get("overlap", 0.25),
+                sigma_scale=params.get("sigma_scale", 0.125),
+                level=int(ident.get("level", 0)),
+                probability_dtype=ident.get("probability_dtype", "float16"),
+                task_tiles=int(ident.get("task_tiles", 1)),
+                min_level_size=int(ident.get("min_level_size", 256)),
+                amp=params.get("amp"),
+            )
+        summary = None
+        if "tiles_total" in attrs:
+            summary = RunSummary(
+                tiles_total=int(attrs["tiles_total"]),
+                tiles_computed=int(attrs["tiles_computed"]),
+                tiles_skipped=int(attrs["tiles_skipped"]),
+                windows=int(attrs.get("windows", 0)),
+                seconds=float(attrs["seconds"]),
+                megapixels_per_second=float(attrs["megapixels_per_second"]),
+                class_pixels=tuple(int(n) for n in attrs["class_pixels"]),
+            )
+        transform = ident.get("transform")
+        return cls(
+            source=str(ident["source"]),
+            shape=(int(ident["shape"][0]), int(ident["shape"][1])),
+            pixel_size_um=ident.get("pixel_size_um"),
+            class_names=tuple(ident["class_names"]),
+            model_name=str(ident["model_name"]),
+            model_sha256=str(ident["model_sha256"]),
+            halo=int(ident["halo"]),
+            config=config,
+            crs=ident.get("crs"),
+            transform=tuple(transform) if transform else None,
+            version=attrs.get("version"),
+            complete=bool(attrs.get("complete", False)),
+            started=attrs.get("started"),
+            finished=attrs.get("finished"),
+            summary=summary,
+        )
+
+
+def is_result(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a segpipe result (complete or not)."""
+    try:
+        return "segpipe" in zarr.open_group(path, mode="r").attrs
+    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        return False
+
+
+def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw ``segpipe`` attribute of a result, as stored (JSON)."""
+    path = Path(path)
+    try:
+        attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise FileNotFoundError(f"no segpipe result at {path}") from e
+    if "segpipe" not in attrs:
+        raise ValueError(
+            f"{path} is a Zarr group but not a segpipe result (no 'segpipe' attribute)"
+        )
+    return dict(attrs["segpipe"])
+
+
+def read_meta(path: str | os.PathLike) -> ResultMeta:
+    """The typed metadata of the result at ``path`` (provenance, settings, ``complete``)."""
+    return ResultMeta.from_attrs(read_attrs(path))
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """Whether the result at ``path`` exists and its last tile was written."""
+    try:
+        return bool(read_attrs(path).get("complete", False))
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def level_path(level: int) -> str:
+    """The group of pyramid ``level`` inside a result: ``""`` (the root) or ``levels/<k>``."""
+    return "" if level == 0 else f"levels/{level}"
+
+
+def result_levels(path: str | os.PathLike) -> list[tuple[int, int]]:
+    """(y, x) pixels of every pyramid level of the result at ``path``, level 0 first.
+
+    The number of levels is what the store's OME metadata lists (one, for a result written
+    before results had pyramids).
+    """
+    attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
+    ident = attrs["segpipe"]["identity"]
+    datasets = attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [None])
+    return list(pyramid_shapes(tuple(ident["shape"]), 1)[: len(datasets)])

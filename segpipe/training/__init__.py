@@ -1,0 +1,74 @@
+"""Train a segmentation model on labelled images, and score it on held-out ones.
+
+A deliberately small loop, readable top to bottom:
+
+1. make the training and validation images that ``TrainConfig.dataset`` names: synthetic H&E
+   slides (``"tissue"``) or aerial scenes (``"aerial"``) from :mod:`segpipe.synthetic`, with
+   different seeds, or the (image, labels) pairs of two folders (``"folder"``,
+   :func:`segpipe.training.datasets.read_folder`);
+2. sample batches of (input window, label crop) pairs that follow the model's geometry: the
+   labels are the pixels the model predicts, the input is that crop plus the model's context
+   (its halo, mirrored at image borders as in the U-Net paper), see :func:`patch_pair`;
+3. augment each pair, the same way on image and labels: a random elastic deformation
+   (optional), a random flip and 90° rotation, an intensity jitter (optional), see
+   :class:`Augmentation`;
+4. minimise pixel-wise softmax cross-entropy
+   (:func:`segpipe.training.losses.softmax_cross_entropy`),
+   optionally weighted per pixel (balanced classes, or the U-Net border weights of
+   :func:`segpipe.training.losses.unet_weight_map` where instance labels exist), with Adam;
+5. after each epoch, predict the validation images tile by tile (the overlap-tile strategy,
+   via :mod:`segpipe.geometry.tiling`), report per-class Dice and IoU from one confusion matrix
+   (:mod:`segpipe.analysis.metrics`), and write a checkpoint that training can resume from.
+
+Everything random comes from ``TrainConfig.seed``: the same config on the same machine and
+thread count gives the same weights, also across an interruption and a resume.
+
+The config and the data it names live in :mod:`segpipe.training.config`, the state a checkpoint
+keeps for a resume in :mod:`segpipe.training.state`; every name in ``__all__``
+imports from this package.
+"""
+
+from __future__ import annotations
+
+from segpipe.training.config import TrainConfig, class_names_for, loss_weight_maps, make_slides
+from segpipe.training.datasets import (
+    Augmentation,
+    Batch,
+    augment,
+    elastic_deformation,
+    intensity_jitter,
+    patch_pair,
+    sample_batch,
+    sample_pairs,
+)
+from segpipe.training.loop import (
+    evaluate,
+    format_report,
+    initial_model,
+    predict_labels,
+    save_trained,
+    train,
+)
+from segpipe.training.state import state_path
+
+__all__ = [
+    "Augmentation",
+    "Batch",
+    "TrainConfig",
+    "augment",
+    "class_names_for",
+    "elastic_deformation",
+    "evaluate",
+    "format_report",
+    "initial_model",
+    "intensity_jitter",
+    "loss_weight_maps",
+    "make_slides",
+    "patch_pair",
+    "predict_labels",
+    "sample_batch",
+    "sample_pairs",
+    "save_trained",
+    "state_path",
+    "train",
+]

@@ -1,0 +1,244 @@
+"""What to train on and how: :class:`TrainConfig`, every knob with a default, and the data it names.
+
+:func:`make_slides` makes the training and held-out validation images a config names (synthetic
+scenes from :mod:`segpipe.synthetic`, or the pairs of two folders), :func:`class_names_for`
+gives their class names, and :func:`loss_weight_maps` the per-pixel loss weights the config
+asks for. :mod:`segpipe.training` trains with them and re-exports them all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
+from segpipe.training.datasets import Augmentation, LabelledImage, class_names_of, read_folder
+from segpipe.training.losses import balanced_class_weights, unet_weight_map
+
+__all__ = ["TrainConfig", "class_names_for", "loss_weight_maps", "make_slides"]
+
+Dataset = Literal["tissue", "aerial", "folder"]
+LossWeights = Literal["none", "balanced", "unet"]
+
+# Default pixel size of each synthetic scene, micrometres: a 20x scan, a 0.5 m orthophoto.
+_DEFAULT_PIXEL_SIZE_UM = {"tissue": 0.5, "aerial": 500_000.0}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train, every knob with a default.
+
+    Parameters
+    ----------
+    steps
+        Optimiser steps (batches), over all epochs.
+    batch_size
+        Pairs per batch.
+    patch
+        Side of the label crop in pixels (the model's output); the input window is
+        ``geometry.input_size(patch)`` a side, so the crop actually used may be a few pixels
+        larger, ``geometry.output_size(input side)``.
+    lr
+        Adam learning rate (cosine decay to zero over ``steps``).
+    seed
+        Seeds torch and numpy; training image ``i`` is ``tissue_slide(..., seed=seed + i)``
+        (or ``aerial_scene``).
+    slide_size
+        Side of each synthetic training image in pixels.
+    num_slides
+        Number of synthetic training images.
+    pixel_size_um
+        Micrometres per pixel of the synthetic images; None: the scene's usual one (0.5 µm
+        for tissue, 500 000 µm = 0.5 m for aerial).
+    val_seed
+        Seed of the held-out synthetic validation image; must differ from every training one's.
+    val_size
+        Side of the synthetic validation image in pixels.
+    val_tile
+        Output tile side for validation inference (a multiple of the model's size multiple).
+    log_every
+        Steps between loss entries in the returned history (and progress-bar updates).
+    num_threads
+        torch intra-op threads; None: the CPU cores this process may use.
+    progress
+        Show a progress bar, and print the final report.
+    dataset
+        ``"tissue"`` or ``"aerial"`` (synthetic, :mod:`segpipe.synthetic`), or ``"folder"``:
+        ``train_folder`` and ``val_folder``, laid out as :mod:`segpipe.training.datasets` describes.
+    train_folder, val_folder
+        Folders of (image, labels[, instances]) files, for ``dataset="folder"``.
+    epochs
+        Validation (and checkpoint) points: an epoch is ``ceil(steps / epochs)`` steps.
+    loss_weights
+        ``"none"``: plain mean cross-entropy. ``"balanced"``: each pixel weighted by its
+        class's ``w_c`` (class frequencies over the training images). ``"unet"``: the U-Net
+        weight map, ``w_c`` plus the border term of ``w0`` and ``sigma_px`` (needs instances).
+    w0, sigma_px
+        Border weight and its decay length in pixels, for ``loss_weights="unet"``.
+    elastic_std_px
+        Standard deviation (pixels) of the random displacements of an elastic deformation on
+        a ``elastic_grid`` x ``elastic_grid`` grid, as in the U-Net paper; 0 turns it off.
+    elastic_grid
+        Points per side of the displacement grid (cubic interpolation between them).
+    jitter
+        Intensity jitter strength: contrast and brightness drawn within ``±jitter``, channel
+        gains within ``±jitter / 2``; 0 turns it off.
+    separate_touching
+        Draw a gap between touching objects in the **training** labels
+        (:func:`segpipe.training.datasets.separate_touching`), as the U-Net paper's annotations
+        have,
+        so that the model can learn to keep them apart; validation keeps the true labels.
+    checkpoint_dir
+        Where ``epoch-NNN.pt`` (:func:`segpipe.models.save`, weights-only loadable) and its
+        optimiser state ``epoch-NNN.state.pt`` are written after each epoch; None: nowhere.
+    resume_from
+        A checkpoint written by this loop (``.../epoch-NNN.pt``): its weights, optimiser,
+        schedule, random state and history are restored and training continues from there.
+    """
+
+    steps: int = 500
+    batch_size: int = 8
+    patch: int = 92
+    lr: float = 2e-3
+    seed: int = 0
+    slide_size: int = 2048
+    num_slides: int = 4
+    pixel_size_um: float | None = None
+    val_seed: int = 10_000
+    val_size: int = 1024
+    val_tile: int = 256
+    log_every: int = 25
+    num_threads: int | None = None
+    progress: bool = True
+    dataset: Dataset = "tissue"
+    train_folder: str | None = None
+    val_folder: str | None = None
+    epochs: int = 1
+    loss_weights: LossWeights = "none"
+    w0: float = 10.0
+    sigma_px: float = 5.0
+    elastic_std_px: float = 0.0
+    elastic_grid: int = 3
+    jitter: float = 0.0
+    separate_touching: bool = False
+    checkpoint_dir: str | None = None
+    resume_from: str | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "patch", "slide_size", "num_slides", "val_size")
+        for name in (*positive, "val_tile", "log_every", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(
+                f"TrainConfig.num_threads must be >= 1 or None, got {self.num_threads}"
+            )
+        if self.epochs > self.steps:
+            raise ValueError(f"TrainConfig.epochs={self.epochs} exceeds steps={self.steps}")
+        if self.dataset not in ("tissue", "aerial", "folder"):
+            raise ValueError(
+                f"TrainConfig.dataset must be 'tissue', 'aerial' or 'folder', got {self.dataset!r}"
+            )
+        if self.dataset == "folder" and not (self.train_folder and self.val_folder):
+            raise ValueError(
+                "TrainConfig.dataset='folder' needs train_folder and val_folder, got "
+                f"{self.train_folder!r} and {self.val_folder!r}"
+            )
+        if self.loss_weights not in ("none", "balanced", "unet"):
+            raise ValueError(
+                "TrainConfig.loss_weights must be 'none', 'balanced' or 'unet', "
+                f"got {self.loss_weights!r}"
+            )
+        if not (self.w0 >= 0 and self.sigma_px > 0):
+            raise ValueError(
+                f"TrainConfig needs w0 >= 0 and sigma_px > 0, got {self.w0}, {self.sigma_px}"
+            )
+        if not (self.elastic_std_px >= 0 and self.elastic_grid >= 2 and 0 <= self.jitter < 1):
+            raise ValueError(
+                "TrainConfig needs elastic_std_px >= 0, elastic_grid >= 2 and 0 <= jitter < 1, "
+                f"got {self.elastic_std_px}, {self.elastic_grid}, {self.jitter}"
+            )
+        if self.pixel_size_um is not None and not (
+            math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0
+        ):
+            raise ValueError(f"TrainConfig.pixel_size_um must be > 0, got {self.pixel_size_um}")
+        if self.dataset != "folder" and self.seed <= self.val_seed < self.seed + self.num_slides:
+            raise ValueError(
+                f"TrainConfig.val_seed={self.val_seed} is also a training slide's seed "
+                f"(seeds {self.seed}..{self.seed + self.num_slides - 1}); the validation slide "
+                "must be held out: pick another val_seed"
+            )
+
+    @property
+    def train_seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.num_slides)]
+
+    @property
+    def augmentation(self) -> Augmentation:
+        return Augmentation(
+            elastic_std_px=self.elastic_std_px, elastic_grid=self.elastic_grid, jitter=self.jitter
+        )
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.steps / self.epochs)
+
+
+def class_names_for(config: TrainConfig) -> tuple[str, ...]:
+    """The class names of the data ``config`` names (a model for it needs as many classes)."""
+    if config.dataset == "tissue":
+        return CLASS_NAMES
+    if config.dataset == "aerial":
+        return AERIAL_CLASS_NAMES
+    names = class_names_of(str(config.train_folder))
+    return names if names is not None else read_folder(str(config.train_folder))[0].class_names
+
+
+def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[LabelledImage]]:
+    """The training images and the held-out validation images that ``config`` names."""
+    if config.dataset == "folder":
+        pairs = read_folder(str(config.train_folder))
+        names = pairs[0].class_names
+        return list(pairs), list(read_folder(str(config.val_folder), class_names=names))
+    scene = tissue_slide if config.dataset == "tissue" else aerial_scene
+    px = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
+    slides = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]
+    return list(slides), [scene(config.val_size, seed=config.val_seed, pixel_size_um=px)]
+
+
+def loss_weight_maps(
+    slides: Sequence[LabelledImage], config: TrainConfig
+) -> list[np.ndarray] | None:
+    """Per-pixel loss weights of each training image, ``(Y, X)`` float32, or None for
+    ``loss_weights="none"``. ``w_c`` balances the class frequencies of all of ``slides``."""
+    if config.loss_weights == "none":
+        return None
+    num_classes = len(slides[0].class_names)
+    counts = sum(np.bincount(s.labels.ravel(), minlength=num_classes) for s in slides)
+    table = balanced_class_weights(np.repeat(np.arange(num_classes), counts), num_classes)
+    if config.loss_weights == "balanced":
+        return [table.astype(np.float32)[s.labels] for s in slides]
+    maps = []
+    for i, s in enumerate(slides):
+        if s.instances is None:
+            raise ValueError(
+                f"loss_weights='unet' needs instance labels, and training image {i} has none "
+                "(add an instances/ folder, or use loss_weights='balanced')"
+            )
+        maps.append(
+            unet_weight_map(
+                s.instances,
+                labels=s.labels,
+                w0=config.w0,
+                sigma=config.sigma_px,
+                class_weights=table,
+            )
+        )
+    return maps
