@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from segpipe.analysis.evaluation import Evaluation
 from segpipe.synthetic import AERIAL_CLASS_NAMES
 from segpipe.training import TrainConfig, initial_model, save_trained, train
 
@@ -60,21 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     model = initial_model("unet", class_names=AERIAL_CLASS_NAMES, seed=config.seed, **MODEL)
     result = train(model, config)
     print(f"trained {config.steps} steps in {result['train_seconds']:.0f} s")
-    _print_scores("float32 weights", result)
+    _print_scores("float32 weights", Evaluation.from_dict(result))
     scores = save_trained(
         model, config, result, args.output, extra={"command": "python scripts/train_aerial_unet.py"}
     )
-    _print_scores("saved float16 weights", scores)
+    _print_scores("saved float16 weights", Evaluation.from_dict(scores))
     size_mb = args.output.stat().st_size / 1e6
     elapsed = time.perf_counter() - start
     print(f"wrote {args.output} ({size_mb:.2f} MB) in {elapsed:.0f} s total")
     return 0
 
 
-def _print_scores(what: str, scores: dict) -> None:
-    dice = "  ".join(f"{k} {v:.4f}" for k, v in scores["dice"].items())
-    iou = "  ".join(f"{k} {v:.4f}" for k, v in scores["iou"].items())
-    print(f"validation Dice ({what}): {dice}  | mean without 'other' {scores['mean_dice']:.4f}")
+def _print_scores(what: str, scores: Evaluation) -> None:
+    dice = "  ".join(f"{k} {v:.4f}" for k, v in scores.dice.items())
+    iou = "  ".join(f"{k} {v:.4f}" for k, v in scores.iou.items())
+    print(f"validation Dice ({what}): {dice}  | mean without 'other' {scores.mean_dice:.4f}")
     print(f"validation IoU  ({what}): {iou}")
 
 

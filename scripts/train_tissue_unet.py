@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from segpipe import models
+from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.synthetic import CLASS_NAMES, tissue_slide
-from segpipe.training import TrainConfig, evaluate, train
+from segpipe.training import TrainConfig, train
 
 OUTPUT = Path(__file__).resolve().parents[1] / "segpipe" / "models" / "weights" / "tissue-unet.pt"
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     model = models.build("unet", class_names=CLASS_NAMES, **MODEL)
     result = train(model, config)
     print(f"trained {config.steps} steps in {result['train_seconds']:.0f} s")
-    _print_scores("float32 weights", result)
+    _print_scores("float32 weights", Evaluation.from_dict(result))
 
     # Score what actually ships: the float16 weights, as load() gives them back.
     models.save(model, args.output, half=True)
@@ -65,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     val_slide = tissue_slide(
         config.val_size, seed=config.val_seed, pixel_size_um=config.pixel_size_um
     )
-    scores = evaluate(shipped, val_slide, tile=config.val_tile)
+    scores = evaluate_model(shipped, val_slide, tile=config.val_tile)
     elapsed = time.perf_counter() - start
     metrics = {
-        **scores,
+        **scores.as_dict(),
         "validation": {
             "slide": "segpipe.synthetic.tissue_slide",
             "seed": config.val_seed,
@@ -93,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _print_scores(what: str, scores: dict) -> None:
-    dice = "  ".join(f"{k} {v:.4f}" for k, v in scores["dice"].items())
-    iou = "  ".join(f"{k} {v:.4f}" for k, v in scores["iou"].items())
-    print(f"validation Dice ({what}): {dice}  | mean tissue+nucleus {scores['mean_dice']:.4f}")
+def _print_scores(what: str, scores: Evaluation) -> None:
+    dice = "  ".join(f"{k} {v:.4f}" for k, v in scores.dice.items())
+    iou = "  ".join(f"{k} {v:.4f}" for k, v in scores.iou.items())
+    print(f"validation Dice ({what}): {dice}  | mean tissue+nucleus {scores.mean_dice:.4f}")
     print(f"validation IoU  ({what}): {iou}")
 
 

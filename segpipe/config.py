@@ -146,8 +146,9 @@ class SegmentConfig:
             )
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise ValueError(
-                "SegmentConfig.scheduler must be an address, 'sync' or None; pass a running "
-                "distributed.Client to segment(scheduler=...) instead"
+                "SegmentConfig.scheduler must be an address, 'sync' or None, got "
+                f"{self.scheduler!r}; pass a running distributed.Client to "
+                "segment(scheduler=...) instead"
             )
 
     # --- construction and views -------------------------------------------------------------

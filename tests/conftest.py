@@ -15,11 +15,15 @@ CLASSES = ("background", "tissue", "nucleus")
 
 
 @pytest.fixture(autouse=True)
-def _prefect_console_on_live_stream():
+def _prefect_console_on_live_stream(request):
     """Prefect's console handler keeps the stream it was configured with, and Prefect
     reconfigures logging when a server starts; a test's capture stream (capsys, capfd) is
     closed after the test, and every later flow then logs into a closed file. Point the
     handlers at the stream that is live now, before each test."""
+    # Start the test's own capture first, so "live now" is the stream the test reads.
+    for capture in ("capfd", "capsys"):
+        if capture in request.fixturenames:
+            request.getfixturevalue(capture)
     if "prefect" in sys.modules:
         from prefect.logging.handlers import PrefectConsoleHandler
 

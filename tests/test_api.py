@@ -129,8 +129,8 @@ def blend(source, out, net, tile, window=64, overlap=0.5):
 def test_blend_mode_same_padding_error_is_bounded_and_seamless(source, image, tmp_path):
     net = unet("same")  # depth 2: receptive-field margin 23 px
     out = blend(source, tmp_path / "r.zarr", net, tile=48)
-    params = read_meta(out)["identity"]["params"]
-    assert (params["window"], params["overlap"]) == (64, 0.5)
+    config = read_meta(out).config
+    assert (config.window, config.overlap) == (64, 0.5)
     got = zarr.open_array(out / "probabilities", mode="r")[...]
     expected = whole_image_probabilities(net, image, margin=64)
     err = np.abs(got - expected).max(axis=0)
@@ -206,15 +206,16 @@ def test_interrupted_run_resumes_only_missing_tiles(source, image, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         segpipe.segment(source, out, flaky, tile=32, task_tiles=1, batch_size=1, scheduler="sync")
     meta = read_meta(out)
-    assert meta["complete"] is False
+    assert meta.complete is False
     with pytest.raises(IncompleteResultError, match="incomplete"):
         segpipe.open_result(out)
 
     segpipe.segment(source, out, net, tile=32, task_tiles=1, scheduler="sync")
     meta = read_meta(out)
     total = 5 * 7  # ceil(150/32) x ceil(203/32)
-    assert meta["complete"] is True
-    assert (meta["tiles_total"], meta["tiles_computed"], meta["tiles_skipped"]) == (
+    assert meta.complete is True
+    assert meta.summary is not None
+    assert (meta.summary.tiles_total, meta.summary.tiles_computed, meta.summary.tiles_skipped) == (
         total,
         total - 5,
         5,
@@ -225,7 +226,37 @@ def test_interrupted_run_resumes_only_missing_tiles(source, image, tmp_path):
 
     # A complete result is not recomputed.
     segpipe.segment(source, out, net, tile=32, task_tiles=1, scheduler="sync")
-    assert read_meta(out)["finished"] == meta["finished"]
+    assert read_meta(out).finished == meta.finished
+
+
+def test_keywords_and_a_config_make_the_same_result(source, tmp_path):
+    from segpipe import SegmentConfig
+
+    net = unet("valid")
+    by_keywords = segpipe.segment(source, tmp_path / "k.zarr", net, tile=32, scheduler="sync")
+    config = SegmentConfig(tile=32, scheduler="sync")
+    by_config = segpipe.segment(source, tmp_path / "c.zarr", net, config)
+    assert read_meta(by_keywords).config == read_meta(by_config).config
+    assert read_meta(by_config).config.replace(amp=None) == config
+    np.testing.assert_array_equal(
+        zarr.open_array(by_keywords / "probabilities")[...],
+        zarr.open_array(by_config / "probabilities")[...],
+    )
+    # The same result again: found complete, whichever way the settings come.
+    finished = read_meta(by_config).finished
+    segpipe.segment(source, by_config, net, tile=32, scheduler="sync")
+    assert read_meta(by_config).finished == finished
+
+
+def test_a_module_is_recorded_by_the_name_given(source, tmp_path):
+    net = unet("valid")
+    plain = segpipe.segment(source, tmp_path / "a.zarr", net, tile=32, scheduler="sync")
+    assert read_meta(plain).model_name == "unet", "no name given: the architecture's"
+    named = segpipe.segment(
+        source, tmp_path / "b.zarr", net, tile=32, scheduler="sync", model_name="my-unet"
+    )
+    assert read_meta(named).model_name == "my-unet"
+    assert read_meta(named).model_sha256 == models.fingerprint(net)
 
 
 def test_refuses_to_clobber(source, tmp_path):
@@ -241,7 +272,7 @@ def test_refuses_to_clobber(source, tmp_path):
     with pytest.raises(ResultMismatchError, match="differs in: tile"):
         segpipe.segment(source, out, net, tile=64, scheduler="sync")
     segpipe.segment(source, out, net, tile=64, scheduler="sync", overwrite=True)
-    assert read_meta(out)["tile"] == 64
+    assert read_meta(out).tile == 64
 
 
 def test_exact_mode_refuses_tile_statistics(source, tmp_path):
@@ -266,4 +297,4 @@ def test_local_cluster_matches_in_process(source, image, tmp_path):
     )
     got = zarr.open_array(out / "probabilities", mode="r")[...]
     assert np.abs(got - expected).max() <= 1e-4
-    assert read_meta(out)["tiles_computed"] == 35
+    assert read_meta(out).summary.tiles_computed == 35

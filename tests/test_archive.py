@@ -16,7 +16,6 @@ from segpipe import archive
 from segpipe.archive import (
     ArchiveImage,
     Fingerprint,
-    SegmentParams,
     catalog,
     decide,
     discover_images,
@@ -25,10 +24,10 @@ from segpipe.archive import (
     process_image,
 )
 from segpipe.archive.claims import ClaimLostError, try_claim
+from segpipe.config import SegmentConfig
 from segpipe.results import is_complete, read_meta
 
-PARAMS = SegmentParams(tile=64)
-SYNC = {"scheduler": "sync"}
+CONFIG = SegmentConfig(tile=64, scheduler="sync")
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +141,38 @@ def test_image_paths_refuse_keys_leaving_the_root(tmp_path, key):
 def test_decide_says_why_an_image_is_due(tmp_path):
     paths = image_paths(tmp_path, "a.tif")
     fp = Fingerprint(10, 1.0, "abc")
-    assert decide(paths, fp, "m1", PARAMS).reason == "new image"
-    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": PARAMS.as_dict()}
+    assert decide(paths, fp, "m1", CONFIG).reason == "new image"
+    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": CONFIG.result_settings()}
     paths.state.write_text(json.dumps(state | {"status": "failed"}))
-    assert decide(paths, fp, "m1", PARAMS) == archive.Decision(True, "previous run failed")
-    assert decide(paths, Fingerprint(11, 1.0, "abc"), "m1", PARAMS).reason == "image changed"
-    assert decide(paths, fp, "m2", SegmentParams(tile=128)).reason == (
+    assert decide(paths, fp, "m1", CONFIG) == archive.Decision(True, "previous run failed")
+    assert decide(paths, Fingerprint(11, 1.0, "abc"), "m1", CONFIG).reason == "image changed"
+    assert decide(paths, fp, "m2", CONFIG.replace(tile=128)).reason == (
         "model changed, parameters changed"
     )
+    # Execution settings never make an image due (every setting: tests/test_config.py).
+    faster = CONFIG.replace(batch_size=16, device="cpu", n_workers=8, scheduler=None)
+    assert decide(paths, fp, "m1", faster) == archive.Decision(True, "previous run failed")
+
+
+def test_a_sidecar_from_before_segment_config_still_matches(tmp_path):
+    """Sidecars written before SegmentConfig recorded only the settings there were; the others
+    ran with their defaults, so an image with such a sidecar is not due again."""
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    old_params = {
+        "tile": 64,
+        "mode": "exact",
+        "level": 0,
+        "pixel_size_um": None,
+        "probability_dtype": "float16",
+        "window": None,
+        "overlap": 0.25,
+        "sigma_scale": 0.125,
+    }
+    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": old_params}
+    paths.state.write_text(json.dumps(state | {"status": "failed"}))
+    assert decide(paths, fp, "m1", CONFIG).reason == "previous run failed"
+    assert decide(paths, fp, "m1", CONFIG.replace(task_tiles=1)).reason == "parameters changed"
 
 
 # -- claims --------------------------------------------------------------------------------
@@ -269,7 +292,7 @@ def _archive(tmp_path, slide, *names):
 def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, random_checkpoint):
     source, out = _archive(tmp_path, slide, "day-1/a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)
-    done = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    done = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (done.status, done.reason) == ("segmented", "new image")
     paths = image_paths(out, "day-1/a.ome.tif")
     assert is_complete(paths.result)
@@ -279,24 +302,51 @@ def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, ran
     assert list(catalog.open_catalog(out)["image"].values) == ["day-1/a.ome.tif"]
     assert done.tiles_computed == 4
 
-    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason, again.tiles_computed) == ("skipped", "up to date", 0)
+
+
+def test_a_model_loaded_once_serves_every_image_and_results_record_its_name(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    import segpipe
+    from segpipe import models
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif", "b.ome.tif"), tmp_path / "out"
+    loaded = archive.load_model(random_checkpoint)
+    assert loaded.sha256 == models.fingerprint(models.load(random_checkpoint))
+    real_load, loads = models.load, []
+    monkeypatch.setattr(models, "load", lambda m: loads.append(m) or real_load(m))
+    for image in discover_images(source):
+        assert process_image(image, out, loaded, config=CONFIG).status == "segmented"
+    assert loads == [], "no image loaded the model again"
+    for key in ("a.ome.tif", "b.ome.tif"):
+        paths = image_paths(out, key)
+        meta = read_meta(paths.result)
+        assert meta.model_name == str(random_checkpoint), "the model's name, not 'unet'"
+        assert meta.model_sha256 == loaded.sha256
+        assert archive.read_state(paths.state)["model"] == str(random_checkpoint)
+    # The very result segmenting by the model's path makes: found complete, not recomputed.
+    result = image_paths(out, "a.ome.tif").result
+    finished = read_meta(result).finished
+    segpipe.segment(source / "a.ome.tif", result, random_checkpoint, CONFIG)
+    assert read_meta(result).finished == finished
 
 
 def test_a_changed_image_is_segmented_again(tmp_path, slide, random_checkpoint):
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)
-    process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
-    finished = read_meta(image_paths(out, "a.ome.tif").result)["finished"]
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    finished = read_meta(image_paths(out, "a.ome.tif").result).finished
     with open(source / "a.ome.tif", "ab") as f:
         f.write(b"\0" * 10)  # still a valid TIFF, other bytes
     (image,) = discover_images(source)
-    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason) == ("segmented", "image changed")
     assert again.tiles_computed == 4, "the old result was replaced, not resumed"
     record = catalog.read_records(out)[0]
     assert record["fingerprint"]["size"] == image.size
-    assert read_meta(image_paths(out, "a.ome.tif").result)["finished"] >= finished
+    assert read_meta(image_paths(out, "a.ome.tif").result).finished >= finished
 
 
 def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
@@ -308,7 +358,7 @@ def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
     (image,) = discover_images(source)
     paths = image_paths(out, "a.ome.tif")
 
-    def flaky(source, output, model, **kw):
+    def flaky(source, output, model, config, **kw):
         # write part of the result, then die the way a lost worker would
         calls = []
 
@@ -317,18 +367,15 @@ def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
             if len(calls) == 1:
                 raise OSError("worker lost")
 
-        kw.pop("on_progress", None)
-        return segpipe.segment(source, output, model, on_progress=stop_after_first, **kw)
+        return segpipe.segment(source, output, model, config, on_progress=stop_after_first, **kw)
 
     with pytest.raises(OSError, match="worker lost"):
-        process_image(
-            image, out, random_checkpoint, params=PARAMS, segment_options=SYNC, run_segment=flaky
-        )
+        process_image(image, out, random_checkpoint, config=CONFIG, run_segment=flaky)
     assert not paths.lock.exists()
     assert archive.read_state(paths.state)["reason"] == "OSError: worker lost"
     assert catalog.read_records(out) == []
 
-    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
     assert again.tiles_skipped > 0
 
@@ -337,7 +384,7 @@ def test_an_image_claimed_by_another_run_is_left_alone(tmp_path, slide, random_c
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)
     with try_claim(image_paths(out, "a.ome.tif").lock, owner="the other run"):
-        outcome = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+        outcome = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (outcome.status, outcome.reason) == ("busy", "claimed by the other run")
     assert not image_paths(out, "a.ome.tif").result.exists()
 
@@ -350,7 +397,7 @@ def test_a_remote_image_is_downloaded_segmented_and_the_copy_removed(
     try:
         (image,) = discover_images("memory://remote-archive")
         out = tmp_path / "out"
-        done = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+        done = process_image(image, out, random_checkpoint, config=CONFIG)
         assert done.status == "segmented"
         assert not list((out / "_staging").rglob("*.tif"))
         assert catalog.read_records(out)[0]["source"] == "memory:///remote-archive/r.ome.tif"
@@ -369,13 +416,13 @@ def test_a_report_failure_after_segmenting_is_finished_by_the_next_run(
     with monkeypatch.context() as m:
         m.setattr(reports, "write_thumbnail", lambda *a, **k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
-            process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+            process_image(image, out, random_checkpoint, config=CONFIG)
     assert is_complete(paths.result), "the segmentation itself finished"
-    finished = read_meta(paths.result)["finished"]
+    finished = read_meta(paths.result).finished
 
-    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
-    assert read_meta(paths.result)["finished"] == finished, "nothing was segmented again"
+    assert read_meta(paths.result).finished == finished, "nothing was segmented again"
     assert paths.report.is_file() and paths.thumbnail.is_file()
     assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]
 
@@ -383,8 +430,8 @@ def test_a_report_failure_after_segmenting_is_finished_by_the_next_run(
 def test_a_deleted_catalog_is_rebuilt_by_the_next_run(tmp_path, slide, random_checkpoint):
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)
-    process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    process_image(image, out, random_checkpoint, config=CONFIG)
     shutil.rmtree(out / catalog.CATALOG_DIR)
-    again = process_image(image, out, random_checkpoint, params=PARAMS, segment_options=SYNC)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert again.status == "skipped"
     assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]

@@ -6,8 +6,9 @@ import pytest
 
 import segpipe
 from segpipe.archive import catalog, read_state
+from segpipe.config import SegmentConfig
 from segpipe.io.readers import ImageReadError
-from segpipe.results import is_complete
+from segpipe.results import is_complete, read_meta
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +22,13 @@ def slides(tmp_path_factory):
     return [make_demo_slide(folder, size=160, seed=s).image for s in (1, 2, 3)]
 
 
-def _run(source, out, model, **kw):
+CONFIG = SegmentConfig(tile=64, scheduler="sync")
+
+
+def _run(source, out, model, config=CONFIG, **kw):
     from segpipe.flows.archive import process_archive
 
-    return process_archive(str(source), str(out), str(model), tile=64, scheduler="sync", **kw)
+    return process_archive(str(source), str(out), str(model), config, **kw)
 
 
 def _artifacts(key):
@@ -168,6 +172,33 @@ def test_a_global_concurrency_limit_serialises_segmentation_across_images(
     assert most[0] == 1
 
 
+def test_a_run_loads_the_model_once_and_only_result_settings_make_images_due(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    from segpipe import models
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    shutil.copy(slides[1], source / "b.ome.tif")
+    real_load, loads = models.load, []
+    monkeypatch.setattr(models, "load", lambda m: loads.append(m) or real_load(m))
+
+    first = _run(source, out, random_checkpoint, max_concurrent=2)
+    assert sorted(first["segmented"]) == ["a.ome.tif", "b.ome.tif"]
+    assert loads == [str(random_checkpoint)], "loaded once for both images"
+    meta = read_meta(out / "a.ome.tif.seg.zarr")
+    assert meta.model_name == str(random_checkpoint)
+
+    faster = CONFIG.replace(batch_size=8, n_workers=3)  # execution settings only
+    assert _run(source, out, random_checkpoint, faster)["skipped"] == ["a.ome.tif", "b.ome.tif"]
+    other = CONFIG.replace(probability_dtype="uint8")  # a result setting
+    again = _run(source, out, random_checkpoint, other)
+    assert again["segmented"] == ["a.ome.tif", "b.ome.tif"]
+    assert read_meta(out / "a.ome.tif.seg.zarr").config.probability_dtype == "uint8"
+    assert read_state(out / "a.ome.tif.seg.json")["params"] == other.result_settings()
+
+
 @pytest.mark.parametrize(
     ("error", "retry"),
     [
@@ -288,7 +319,7 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
             server,
             server_log,
         )
-        parameters = {"tile": 64, "scheduler": "sync", "retry_delay_s": 0}
+        parameters = {"config": {"tile": 64, "scheduler": "sync"}, "retry_delay_s": 0}
         served = subprocess.Popen(
             [
                 sys.executable,

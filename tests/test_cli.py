@@ -44,6 +44,84 @@ def test_segment_and_info(small_slide, random_checkpoint, tmp_path, capsys):
     assert "nucleus" in text and "µm²" in text
 
 
+def test_every_flag_of_earlier_releases_still_works(small_slide, tmp_path, monkeypatch):
+    from segpipe.config import SegmentConfig
+
+    seen = []
+    monkeypatch.setattr(
+        "segpipe.execution.segment.segment", lambda *a, **kw: seen.append((a, kw)) or "out"
+    )
+    args = {
+        "--tile": "256",
+        "--mode": "blend",
+        "--window": "64",
+        "--overlap": "0.5",
+        "--sigma-scale": "0.25",
+        "--level": "1",
+        "--pixel-size": "0.25",
+        "--probability-dtype": "uint8",
+        "--task-tiles": "1",
+        "--min-level-size": "128",
+        "--batch-size": "8",
+        "--device": "cpu",
+        "--workers": "3",
+        "--scheduler": "tcp://127.0.0.1:8786",
+    }
+    argv = ["segment", str(small_slide.image), str(tmp_path / "r.zarr"), "--model", "m.pt"]
+    assert main([*argv, *[x for kv in args.items() for x in kv], "--no-amp", "--overwrite"]) == 0
+    ((_, _, model, config), kwargs) = seen[0]
+    assert model == "m.pt"
+    assert kwargs["overwrite"] is True
+    assert config == SegmentConfig(
+        tile=256,
+        mode="blend",
+        window=64,
+        overlap=0.5,
+        sigma_scale=0.25,
+        level=1,
+        pixel_size_um=0.25,
+        probability_dtype="uint8",
+        task_tiles=1,
+        min_level_size=128,
+        amp=False,
+        batch_size=8,
+        device="cpu",
+        n_workers=3,
+        scheduler="tcp://127.0.0.1:8786",
+    )
+
+
+@pytest.mark.parametrize("command", ["segment", "archive", "serve", "demo"])
+def test_help_lists_every_setting_with_its_default(command, capsys):
+    from segpipe.config import settings
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in settings():
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        assert flag in text
+        assert " ".join(f.metadata["help"].split()) in text
+    assert "(default: 512)" in text and "--amp, --no-amp" in text
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--tile", "0"], "SegmentConfig.tile must be >= 1, got 0"),
+        (["--overlap", "1"], "SegmentConfig.overlap must be in [0, 1), got 1.0"),
+        (["--device", "gpu"], "SegmentConfig.device must be 'auto', 'cpu'"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(option, message, small_slide, tmp_path, capsys):
+    code = main(["segment", str(small_slide.image), str(tmp_path / "r.zarr"), *option])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"segpipe segment: error: {message}")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.zarr").exists()
+
+
 def test_info_on_an_image(small_slide, capsys):
     assert main(["info", str(small_slide.image)]) == 0
     info = json.loads(capsys.readouterr().out)

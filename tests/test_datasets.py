@@ -10,13 +10,8 @@ from PIL import Image
 
 from segpipe.geometry.tiling import Geometry
 from segpipe.synthetic import SyntheticSlide, tissue_slide
-from segpipe.training.datasets import (
-    Augmentation,
-    elastic_deformation,
-    intensity_jitter,
-    read_folder,
-    sample_pairs,
-)
+from segpipe.training import Augmentation, elastic_deformation, intensity_jitter, sample_pairs
+from segpipe.training.datasets import read_folder
 
 GEOMETRY = Geometry(halo=20, multiple=4, input_offset=0, shrinks=True)  # valid U-Net, depth 2
 PALETTE = np.array([[250, 250, 250], [200, 60, 150], [40, 30, 120]], dtype=np.uint8)

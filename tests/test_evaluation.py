@@ -1,14 +1,24 @@
-"""Pixel and object scores on hand-made examples; evaluate() on a result and on a model."""
+"""Pixel and object scores on hand-made examples; evaluate() on a result and on a model;
+evaluate_model, the one in-memory evaluator (training's validation)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from segpipe.analysis.evaluation import evaluate, evaluate_labels, evaluate_model, match_objects
+from segpipe.analysis.evaluation import (
+    Evaluation,
+    evaluate,
+    evaluate_labels,
+    evaluate_model,
+    match_objects,
+)
 
 NAMES = ("background", "cell")
 
@@ -123,3 +133,62 @@ def test_specks_below_min_size_are_not_objects() -> None:
     assert (counts.true_positives, counts.false_positives) == (3, 2)
     clean = evaluate_labels(pred, truth, class_names=NAMES, instances=inst, min_size_px=2)
     assert (clean.objects.true_positives, clean.objects.false_positives) == (3, 0)
+
+
+def test_evaluate_model_scores_a_constant_predictor() -> None:
+    import torch
+
+    from segpipe.geometry.tiling import Geometry
+    from segpipe.synthetic import tissue_slide
+
+    class Constant(torch.nn.Module):
+        geometry = Geometry(halo=0, multiple=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            scores = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            scores[:, 1] = 1.0  # always "tissue"
+            return scores
+
+    slide = tissue_slide(128, seed=1)
+    assert (slide.labels == 2).any()
+    result = evaluate_model(Constant(), slide, tile=32)
+    truth = slide.class_fractions()
+    assert result.dice["background"] == 0.0
+    assert result.dice["nucleus"] == 0.0
+    assert result.dice["tissue"] == pytest.approx(2 * truth[1] / (1 + truth[1]))
+    assert result.mean_dice == pytest.approx(result.dice["tissue"] / 2)
+    assert np.sum(result.confusion) == 128 * 128
+    # No nucleus predicted: every true nucleus is missed.
+    assert result.objects.class_name == "nucleus"
+    assert result.objects.true_positives == 0
+    assert result.objects.false_negatives == len(np.unique(slide.instances)) - 1
+
+
+def test_an_evaluation_round_trips_through_plain_data() -> None:
+    truth, inst = scene()
+    pred = truth.copy()
+    pred[2:8, 8] = 0
+    e = evaluate_labels(pred, truth, class_names=NAMES, instances=inst)
+    data = json.loads(json.dumps({**e.as_dict(), "epochs": [], "train_seconds": 1.0}))
+    back = Evaluation.from_dict(data)  # a training result: other keys are ignored
+    np.testing.assert_array_equal(back.confusion, e.confusion)
+    assert back.class_names == e.class_names
+    assert back.objects == e.objects
+    assert back.as_dict() == e.as_dict()
+    with pytest.raises(ValueError, match="confusion"):
+        Evaluation.from_dict({"class_names": ["a", "b"]})
+    with pytest.raises(ValueError, match="2 classes"):
+        Evaluation.from_dict({"class_names": ["a", "b"], "confusion": [[1]]})
+
+
+def test_scoring_a_result_needs_neither_training_nor_torch() -> None:
+    """analysis sits below training, and scoring a result store must not pay for torch."""
+    code = (
+        "import sys, segpipe.analysis.evaluation; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or "
+        "m.startswith(('segpipe.training', 'segpipe.execution', 'segpipe.flows'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

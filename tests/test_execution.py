@@ -1,4 +1,6 @@
-"""The Dask layer: mirrored reads, cluster layout, per-worker models, external schedulers."""
+"""The Dask layer and the stitcher it shares with in-memory prediction: mirrored reads, the
+overlap-tile stitcher against the pipeline and a whole-image pass, cluster layout,
+per-worker models, external schedulers."""
 
 import distributed
 import numpy as np
@@ -10,8 +12,14 @@ import segpipe
 from segpipe import models
 from segpipe.execution import cluster, tasks
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
-from segpipe.geometry.tiling import Box
-from segpipe.io.readers import open_image, read_mirrored
+from segpipe.execution.predictor import InferenceConfig, Predictor
+from segpipe.execution.tasks import Stitching, predict_labels, predict_probabilities, predict_region
+from segpipe.geometry.tiling import Box, Geometry, blend_lattice, tile_grid
+from segpipe.io.readers import ArrayReader, open_image, read_mirrored
+from segpipe.results import read_meta
+from segpipe.synthetic import tissue_slide
+
+CLASSES = ("background", "tissue", "nucleus")
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +33,130 @@ def reader(tmp_path_factory):
     return open_image(path), image
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Tiny models gain nothing from threads; restore the setting for other tests.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_unet(seed: int = 0) -> models.SegmentationModel:
+    """A random valid-padding U-Net in eval mode."""
+    torch.manual_seed(seed)
+    net = models.build(
+        "unet", class_names=CLASSES, in_channels=3, width=4, depth=2, padding="valid", dropout=0.0
+    )
+    return net.eval()
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["zarr", "array"])
 @pytest.mark.parametrize(
     "box", [Box(-5, 10, -7, 9), Box(30, 45, 40, 70), Box(-40, 80, -60, 110), Box(3, 9, 4, 8)]
 )
-def test_read_mirrored_equals_numpy_reflect(reader, box):
+def test_read_mirrored_equals_numpy_reflect(reader, box, in_memory):
     r, image = reader
+    source = ArrayReader(image) if in_memory else r
     far = 200
     padded = np.pad(image, ((far, far), (far, far), (0, 0)), mode="reflect")
     expected = padded[box.y0 + far : box.y1 + far, box.x0 + far : box.x1 + far]
-    np.testing.assert_array_equal(read_mirrored(r, box), expected)
+    np.testing.assert_array_equal(read_mirrored(source, box), expected)
+
+
+# -- the one overlap-tile stitcher ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "tile", "task_tiles"),
+    [("exact", 8, 1), ("exact", 16, 2), ("exact", 24, 3), ("blend", 16, 2)],
+)
+def test_in_memory_stitcher_equals_the_pipeline(reader, tmp_path, mode, tile, task_tiles):
+    """The stitcher over a whole in-memory image gives the pipeline's probabilities, to the
+    bit: the same windows, mirroring, crops and sinks, whatever the pipeline's blocks."""
+    r, image = reader
+    net = tiny_unet()
+    settings = {"window": 16, "overlap": 0.25} if mode == "blend" else {}
+    out = segpipe.segment(
+        r,
+        tmp_path / "r.zarr",
+        net,
+        tile=tile,
+        task_tiles=task_tiles,
+        mode=mode,
+        probability_dtype="float32",
+        device="cpu",
+        scheduler="sync",
+        **settings,
+    )
+    piped = segpipe.open_result(out)["probabilities"].values
+    shape = image.shape[:2]
+    window = read_meta(out).config.window  # blend: as segment() snapped it to the model
+    lattice = blend_lattice(shape, net.geometry, window=window, overlap=0.25) if window else None
+    stitched = predict_region(
+        list(tile_grid(shape, tile)),
+        ArrayReader(image),
+        Predictor(net, InferenceConfig(device="cpu", amp=False)),
+        Stitching(mode, tile, net.geometry, len(CLASSES), lattice=lattice),
+    )
+    assert stitched.region == Box(0, shape[0], 0, shape[1])
+    np.testing.assert_array_equal(stitched.probabilities, piped)
+    if mode == "exact":
+        # The model as it is (training's validation) differs only by float rounding: the
+        # pipeline runs it channels-last.
+        np.testing.assert_allclose(
+            predict_probabilities(tiny_unet(), image, tile=tile), piped, atol=1e-5
+        )
+
+
+def test_predict_labels_equals_one_pass_over_the_mirrored_image() -> None:
+    model = tiny_unet(seed=1)
+    g = model.geometry
+    image = tissue_slide((56, 72), seed=3).image
+    tile = 16
+    pred = predict_labels(model, image, tile=tile, batch_size=3)
+    assert pred.shape == (56, 72)
+    assert pred.dtype == np.uint8
+    # Reference: pad once by the halo (and to an accepted size), run the whole image, crop.
+    ny = g.input_size(56) - g.halo
+    nx = g.input_size(72) - g.halo
+    padded = np.pad(image, ((g.halo, ny - 56), (g.halo, nx - 72), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).float() / 255
+    with torch.inference_mode():
+        whole = model(x).argmax(1)[0, :56, :72].numpy()
+    # Equal up to float summation order flipping a near-tie now and then.
+    assert np.mean(pred == whole) > 0.999
+
+
+def test_sixteen_bit_images_are_scaled_like_eight_bit_ones() -> None:
+    """Validation scales pixels by their dtype (pixels.to_float01), not by 255."""
+    model = tiny_unet(seed=1)
+    image = tissue_slide((40, 48), seed=4).image
+    wide = image.astype(np.uint16) * 257  # the same intensities on the 16-bit scale
+    np.testing.assert_array_equal(
+        predict_labels(model, wide, tile=16), predict_labels(model, image, tile=16)
+    )
+
+
+def test_in_memory_prediction_leaves_the_model_as_it_is() -> None:
+    """Training validates with it: the model keeps its mode, memory layout and weights."""
+    model = tiny_unet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predict_labels(model, tissue_slide(32, seed=2).image, tile=16)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert value.is_contiguous(), key
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_stitching_refuses_what_it_cannot_do() -> None:
+    g = Geometry(halo=4, multiple=4)
+    with pytest.raises(ValueError, match="mode"):
+        Stitching("overlap", 16, g, 2)
+    with pytest.raises(ValueError, match="lattice"):
+        Stitching("blend", 16, g, 2)
+    with pytest.raises(ValueError, match="num_classes"):
+        predict_labels(torch.nn.Identity(), np.zeros((8, 8, 3), np.uint8), tile=8)
 
 
 @pytest.mark.parametrize(
@@ -90,12 +213,12 @@ def test_existing_scheduler_by_address(reader, tmp_path):
             processes=True,
             dashboard_address=None,
             resources={"GPU": 1},
-        ) as cluster,
-        distributed.Client(cluster) as client,
+        ) as local,
+        distributed.Client(local) as client,
     ):
         assert cluster._gpu_resources(client) == {"GPU": 1}
         out = segpipe.segment(
-            r, tmp_path / "r.zarr", net, tile=16, scheduler=cluster.scheduler_address
+            r, tmp_path / "r.zarr", net, tile=16, scheduler=local.scheduler_address
         )
         # the run cleaned up after itself on the shared cluster
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))

@@ -6,6 +6,7 @@ import zarr
 
 import segpipe
 from segpipe.analysis.metrics import confusion_matrix, dice
+from segpipe.config import SegmentConfig
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +21,8 @@ def test_segment_slide_ingests_segments_and_summarises(
         str(small_slide.image),
         str(out),
         str(random_checkpoint),
+        SegmentConfig(tile=64, scheduler="sync"),
         ground_truth=str(small_slide.truth),
-        tile=64,
-        scheduler="sync",
     )
     store = default_image_store(out)
     assert store.name == "slide.seg.image.zarr"
@@ -39,8 +39,12 @@ def test_segment_slide_ingests_segments_and_summarises(
     )
     assert summary["tiles_total"] == summary["tiles_computed"] == 25
 
-    # Run again: the ingest and the result are reused, nothing is recomputed.
+    # Run again, the settings as a deployment gives them (JSON, validated by Prefect): the
+    # ingest and the result are reused, nothing is recomputed.
     again = segment_slide(
-        str(small_slide.image), str(out), str(random_checkpoint), tile=64, scheduler="sync"
+        str(small_slide.image),
+        str(out),
+        str(random_checkpoint),
+        config={"tile": 64, "scheduler": "sync"},
     )
     assert again["seconds"] == summary["seconds"]

@@ -69,8 +69,16 @@ def test_round_trip_layout_and_pixels(tmp_path: Path, chunk: int) -> None:
         {"name": "x", "type": "space", "unit": "micrometer"},
     ]
     assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    # Level k's pixel centres sit in the middle of the 2**k level-0 pixels they average: the
+    # same half-pixel translation a result's levels carry (one OME multiscales writer).
     assert [d["coordinateTransformations"] for d in ms["datasets"]] == [
-        [{"type": "scale", "scale": [1.0, 0.5 * 2**k, 0.5 * 2**k]}] for k in range(3)
+        [{"type": "scale", "scale": [1.0, 0.5 * 2**k, 0.5 * 2**k]}]
+        + (
+            [{"type": "translation", "translation": [0.0, 0.25 * (2**k - 1), 0.25 * (2**k - 1)]}]
+            if k
+            else []
+        )
+        for k in range(3)
     ]
 
     expected = [img.transpose(2, 0, 1)]
@@ -192,3 +200,14 @@ def test_grey_uint16_source(tmp_path: Path) -> None:
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "p.zarr", progress=True)
     assert "100%" in capsys.readouterr().out
+
+
+def test_ingested_image_passes_the_strict_ome_validator(tmp_path: Path) -> None:
+    from ome_zarr_models import open_ome_zarr
+    from ome_zarr_models.v05.image import Image
+
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    out = ingest(src, tmp_path / "out.ome.zarr", chunk=64, min_level_size=64)
+    image = open_ome_zarr(zarr.open_group(str(out), mode="r"))
+    assert isinstance(image, Image)
+    assert len(image.ome_attributes.multiscales[0].datasets) == 3

@@ -144,8 +144,8 @@ def test_partly_written_block_is_redone_whole(source, net, result, tmp_path):
     # As if an older run had flushed one tile of a 2 x 2 block: the block is one shard.
     mark_tiles_done(out, {(0, 0): np.zeros(3, np.int64)})
     run(source, out, net)
-    meta = read_meta(out)
-    assert meta["tiles_computed"] == meta["tiles_total"] == 5 * 7
+    summary = read_meta(out).summary
+    assert summary.tiles_computed == summary.tiles_total == 5 * 7
     np.testing.assert_array_equal(
         segpipe.open_result(out)["mask"].values, segpipe.open_result(result)["mask"].values
     )
@@ -176,7 +176,7 @@ def test_parallel_sharded_writes_equal_a_sync_run(source, net, result, tmp_path)
     for k in sync.children:
         for name in ("mask", "probabilities"):
             np.testing.assert_array_equal(par[k][name].values, sync[k][name].values)
-    assert read_meta(out)["tiles_computed"] == 5 * 7
+    assert read_meta(out).summary.tiles_computed == 5 * 7
 
 
 # --- georeferenced input (GeoTIFF) -------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_georeferenced_result_is_rioxarray_compatible(geotiff, net, tmp_path):
         assert ds["x"].attrs["units"] == "metre"
     level1 = segpipe.open_result(out, level=1)
     assert tuple(level1.rio.transform())[:6] == (4.0, 0.0, 500000.0, 0.0, -4.0, 5400000.0)
-    assert read_meta(out)["identity"]["crs"] == "EPSG:32633"
+    assert read_meta(out).crs == "EPSG:32633"
 
 
 def test_ingest_keeps_the_georeference(geotiff, net, tmp_path):

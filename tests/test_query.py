@@ -9,14 +9,33 @@ from scipy import ndimage
 
 import segpipe
 from segpipe import query
+from segpipe.config import SegmentConfig
 from segpipe.geometry.tiling import Box, tile_grid
-from segpipe.results import ResultMeta, finalize_result, mark_tiles_done, prepare_result
+from segpipe.results import (
+    ResultMeta,
+    RunSummary,
+    class_pixels,
+    finalize_result,
+    mark_tiles_done,
+    prepare_result,
+    tiles_done,
+    write_tiles,
+)
 
 CLASSES = ("background", "tissue", "nucleus")
 
 
 def make_result(
-    path, labels, *, tile=16, task_tiles=2, pixel_size_um=0.5, dtype="float32", seed=0, **meta_kw
+    path,
+    labels,
+    *,
+    tile=16,
+    task_tiles=2,
+    pixel_size_um=0.5,
+    dtype="float32",
+    seed=0,
+    classes=CLASSES,
+    **meta_kw,
 ):
     """A complete result whose mask is ``labels``, written block by block as segment does.
 
@@ -24,7 +43,7 @@ def make_result(
     is left, so the argmax is ``labels`` and mean probabilities are not trivial.
     """
     ny, nx = labels.shape
-    c = len(CLASSES)
+    c = len(classes)
     rng = np.random.default_rng(seed)
     top = rng.uniform(0.6, 0.9, labels.shape)
     probs = np.repeat(((1 - top) / (c - 1))[None], c, axis=0)
@@ -32,22 +51,22 @@ def make_result(
     meta = ResultMeta(
         source="synthetic",
         shape=(ny, nx),
-        level=0,
         pixel_size_um=pixel_size_um,
-        class_names=CLASSES,
+        class_names=tuple(classes),
         model_name="truth",
         model_sha256="0" * 64,
-        tile=tile,
         halo=0,
-        mode="exact",
-        probability_dtype=dtype,
-        task_tiles=task_tiles,
-        min_level_size=8,
+        config=SegmentConfig(
+            tile=tile,
+            mode="exact",
+            level=0,
+            probability_dtype=dtype,
+            task_tiles=task_tiles,
+            min_level_size=8,
+        ),
         **meta_kw,
     )
     prepare_result(path, meta)
-    from segpipe.results import write_tiles
-
     for block in tile_grid((ny, nx), tile).blocks(task_tiles):
         box = Box(
             min(t.box.y0 for t in block),
@@ -57,8 +76,24 @@ def make_result(
         )
         counts = write_tiles(path, box, probs[(slice(None), *box.slices)])
         mark_tiles_done(path, {block[0].index: counts})
-    finalize_result(path, {})
+    finalize_result(path, run_summary(path))
     return path, probs
+
+
+def run_summary(path):
+    """A run summary as segment writes it at the end: every tile computed, the class counts
+    those the tiles recorded."""
+    tiles = int(tiles_done(path).size)
+    counts = tuple(int(n) for n in class_pixels(path))
+    return RunSummary(
+        tiles_total=tiles,
+        tiles_computed=tiles,
+        tiles_skipped=0,
+        windows=tiles,
+        seconds=1.0,
+        megapixels_per_second=1.0,
+        class_pixels=counts,
+    )
 
 
 def squares_on_chunk_corners(shape=(64, 80), chunk=16):
@@ -254,7 +289,9 @@ def test_describe_and_region_report(corners, tmp_path):
     unfinished = tmp_path / "u.zarr"
     prepare_result(
         unfinished,
-        ResultMeta("s", (40, 40), 0, None, CLASSES, "m", "0" * 64, 16, 0, "exact"),
+        ResultMeta(
+            "s", (40, 40), None, CLASSES, "m", "0" * 64, 0, SegmentConfig(tile=16, task_tiles=1)
+        ),
     )
     info = query.describe(unfinished)
     assert (info["complete"], info["tiles_done"], info["tiles_total"]) == (False, 0, 9)

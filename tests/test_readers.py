@@ -420,12 +420,26 @@ def test_open_errors_name_the_file(
     assert str(path) in str(info.value)
 
 
-def test_truncated_tiff_fails_on_read_naming_the_file(tmp_path: Path) -> None:
+def test_truncated_tiff_is_refused_on_open_naming_the_file(tmp_path: Path) -> None:
     path = tmp_path / "cut.tif"
     tifffile.imwrite(path, _rgb(), tile=(64, 64), compression="zlib", photometric="rgb")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    reader = open_image(path)  # the IFD is at the start, the tiles are gone
+    # The IFD is at the start and still lists every tile; half of them lie past the end.
+    with pytest.raises(ImageReadError, match="truncated") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_corrupt_tiff_tiles_fail_on_read_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.tif"
+    tifffile.imwrite(path, _rgb(), tile=(64, 64), compression="zlib", photometric="rgb")
+    with tifffile.TiffFile(path) as tif:
+        offset = int(tif.pages[0].dataoffsets[3])
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 64] = bytes(64)  # zeros over one tile's zlib stream
+    path.write_bytes(bytes(data))
+    reader = open_image(path)
     with pytest.raises(ImageReadError, match="corrupt or truncated") as info:
         reader.read(0, 300, 0, 517)
     assert str(path) in str(info.value)

@@ -1,10 +1,13 @@
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from test_query import run_summary
 
+from segpipe.config import SegmentConfig
 from segpipe.geometry.tiling import Box
 from segpipe.results import (
     IncompleteResultError,
@@ -16,26 +19,32 @@ from segpipe.results import (
     mark_tiles_done,
     open_result,
     prepare_result,
+    read_meta,
     tiles_done,
     write_tiles,
 )
 
+# Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
+SETTINGS = {f.name for f in dataclasses.fields(SegmentConfig)} - {
+    f.name for f in dataclasses.fields(ResultMeta)
+}
+
 
 def meta(**kw):
+    """A 100 x 70 px result's metadata; settings of SegmentConfig among ``kw`` go to config."""
+    config = dict(tile=32, mode="exact", level=0, task_tiles=1)
+    config.update({k: kw.pop(k) for k in list(kw) if k in SETTINGS})
     base = dict(
         source="s.tif",
         shape=(100, 70),
-        level=0,
         pixel_size_um=0.5,
         class_names=("bg", "fg"),
         model_name="m",
         model_sha256="0" * 64,
-        tile=32,
         halo=4,
-        mode="exact",
     )
     base.update(kw)
-    return ResultMeta(**base)
+    return ResultMeta(**base, config=SegmentConfig(**config))
 
 
 def test_new_resumed_and_complete(tmp_path):
@@ -47,7 +56,8 @@ def test_new_resumed_and_complete(tmp_path):
     assert again.sum() == 2 and again[0, 0] and again[3, 2]
     np.testing.assert_array_equal(class_pixels(path), [6, 6])
     assert not is_complete(path)
-    finalize_result(path, {"tiles_total": 12})
+    finalize_result(path, run_summary(path))
+    assert read_meta(path).summary.tiles_total == 12
     assert is_complete(path)
     assert tiles_done(path).all()
 
@@ -91,7 +101,7 @@ def test_mismatch_and_foreign_directories(tmp_path):
 def test_open_result_coordinates_without_pixel_size(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta(pixel_size_um=None))
-    finalize_result(path, {})
+    finalize_result(path, run_summary(path))
     ds = open_result(path)
     assert ds["x"].attrs["units"] == "pixel"
     np.testing.assert_array_equal(ds["x"].values[:3], [0, 1, 2])
@@ -103,7 +113,7 @@ def write_everywhere(path, m, probabilities):
     """Write (C, y, x) probabilities block by block, as the tasks of a run do."""
     from segpipe.geometry.tiling import tile_grid
 
-    for block in tile_grid(m.shape, m.tile).blocks(m.task_tiles):
+    for block in tile_grid(m.shape, m.tile).blocks(m.config.task_tiles):
         box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
         write_tiles(path, box, probabilities[(slice(None), *box.slices)])
 
@@ -119,7 +129,7 @@ def test_uint8_probabilities_decode_with_xarray_to_within_1_255(tmp_path):
     prepare_result(path, m)
     probs = random_probabilities(m.shape)
     write_everywhere(path, m, probs)
-    finalize_result(path, {})
+    finalize_result(path, run_summary(path))
     stored = zarr.open_array(path / "probabilities")
     assert stored.dtype == np.uint8
     assert stored.attrs["scale_factor"] == pytest.approx(1 / 255)
@@ -154,7 +164,7 @@ def test_levels_and_tree(tmp_path):
     prepare_result(path, m)
     probs = random_probabilities(m.shape)
     write_everywhere(path, m, probs)
-    finalize_result(path, {})
+    finalize_result(path, run_summary(path))
     tree = open_result(path, tree=True)
     assert [tree[k].sizes["x"] for k in tree.children] == [70, 35, 17]
     level2 = open_result(path, level=2)

@@ -1,4 +1,8 @@
-"""The training loop's pieces: sampler geometry, augmentation, learning, validation inference."""
+"""The training loop's pieces: sampler geometry, augmentation, learning, validation.
+
+Validation's inference (the overlap-tile stitcher) is tested in test_execution.py, its scores
+(evaluate_model) in test_evaluation.py.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from segpipe.analysis.evaluation import evaluate_model
 from segpipe.geometry.tiling import Geometry
 from segpipe.synthetic import SyntheticSlide, tissue_slide
 from segpipe.training import (
     TrainConfig,
     augment,
-    evaluate,
+    make_slides,
     patch_pair,
-    predict_labels,
     sample_batch,
     train,
 )
@@ -167,46 +171,6 @@ def test_a_tiny_unet_overfits_one_batch(slide: SyntheticSlide) -> None:
     assert losses[-1] <= 0.5 * losses[0], losses
 
 
-def test_predict_labels_equals_one_pass_over_the_mirrored_image() -> None:
-    torch.manual_seed(1)
-    model = tiny_unet().eval()
-    g = model.geometry
-    image = tissue_slide((56, 72), seed=3).image
-    tile = 16
-    pred = predict_labels(model, image, tile=tile, batch_size=3)
-    assert pred.shape == (56, 72)
-    assert pred.dtype == np.uint8
-    # Reference: pad once by the halo (and to an accepted size), run the whole image, crop.
-    ny = g.input_size(56) - g.halo
-    nx = g.input_size(72) - g.halo
-    padded = np.pad(image, ((g.halo, ny - 56), (g.halo, nx - 72), (0, 0)), mode="reflect")
-    x = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).float() / 255
-    with torch.inference_mode():
-        whole = model(x).argmax(1)[0, :56, :72].numpy()
-    # Equal up to float summation order flipping a near-tie now and then.
-    assert np.mean(pred == whole) > 0.999
-
-
-def test_evaluate_scores_a_constant_predictor() -> None:
-    class Constant(torch.nn.Module):
-        geometry = Geometry(halo=0, multiple=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            scores = torch.zeros(x.shape[0], 3, *x.shape[2:])
-            scores[:, 1] = 1.0  # always "tissue"
-            return scores
-
-    slide = tissue_slide(128, seed=1)
-    assert (slide.labels == 2).any()
-    result = evaluate(Constant(), slide, tile=32)
-    truth = slide.class_fractions()
-    assert result["dice"]["background"] == 0.0
-    assert result["dice"]["nucleus"] == 0.0
-    assert result["dice"]["tissue"] == pytest.approx(2 * truth[1] / (1 + truth[1]))
-    assert result["mean_dice"] == pytest.approx(result["dice"]["tissue"] / 2)
-    assert np.sum(result["confusion"]) == 128 * 128
-
-
 def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
     config = TrainConfig(
         steps=4,
@@ -234,6 +198,9 @@ def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
     for a, b in zip(*weights, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert results[0]["loss_history"] == results[1]["loss_history"]
+    # The validation is the one evaluator's, of the trained weights.
+    val = make_slides(config)[1]
+    assert result["confusion"] == evaluate_model(model, val, tile=16).as_dict()["confusion"]
     assert torch.get_num_threads() >= 1
 
 
@@ -363,14 +330,3 @@ def test_format_report_lists_classes_and_epochs() -> None:
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
-
-
-def test_sixteen_bit_images_are_scaled_like_eight_bit_ones() -> None:
-    """Training and validation scale pixels by their dtype (pixels.to_float01), not by 255."""
-    torch.manual_seed(1)
-    model = tiny_unet().eval()
-    image = tissue_slide((40, 48), seed=4).image
-    wide = image.astype(np.uint16) * 257  # the same intensities on the 16-bit scale
-    np.testing.assert_array_equal(
-        predict_labels(model, wide, tile=16), predict_labels(model, image, tile=16)
-    )

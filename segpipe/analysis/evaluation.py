@@ -1,5 +1,10 @@
 """Score a segmentation against ground truth: per-class IoU and Dice, and touching objects.
 
+One answer, :class:`Evaluation`, whatever was scored: a class map in memory
+(:func:`evaluate_labels`), a model over labelled images in memory (:func:`evaluate_model`:
+training's validation, benchmarks), or a result store or a model run through the pipeline
+(:func:`evaluate`: ``segpipe evaluate``).
+
 Two kinds of score:
 
 * **Pixels**: per-class IoU and Dice from one confusion matrix, computed chunk by chunk
@@ -25,24 +30,24 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import dask.array as da
 import numpy as np
 from scipy import ndimage
 
-from segpipe.analysis import metrics
+from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
 from segpipe.analysis.summary import confusion_against
+from segpipe.io.readers import open_image
+from segpipe.results import is_result, open_result, read_meta
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from segpipe.training.datasets import LabelledImage
-
 __all__ = [
     "Evaluation",
+    "LabelledImage",
     "ObjectScore",
     "evaluate",
     "evaluate_labels",
@@ -51,132 +56,35 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class ObjectScore:
-    """Object-level detection of one class at an IoU threshold.
+class LabelledImage(Protocol):
+    """One image with its ground truth: what evaluation (and training) need of an example.
 
-    ``precision = TP / (TP + FP)``, ``recall = TP / (TP + FN)``, ``f1 = 2 TP / (2 TP + FP + FN)``;
-    NaN where the denominator is 0.
+    Structural: :class:`segpipe.synthetic.SyntheticSlide` and
+    :class:`segpipe.training.datasets.FolderImage` are ones without naming this class.
     """
 
-    class_name: str
-    iou_threshold: float
-    true_positives: int
-    false_positives: int
-    false_negatives: int
+    @property
+    def image(self) -> np.ndarray:
+        """``(Y, X, C)`` pixels (uint8, or any dtype ``pixels.to_float01`` knows)."""
+        ...
 
     @property
-    def precision(self) -> float:
-        return _ratio(self.true_positives, self.true_positives + self.false_positives)
+    def labels(self) -> np.ndarray:
+        """``(Y, X)`` integer class ids."""
+        ...
 
     @property
-    def recall(self) -> float:
-        return _ratio(self.true_positives, self.true_positives + self.false_negatives)
+    def instances(self) -> np.ndarray | None:
+        """``(Y, X)`` integer object ids (0 outside objects), or None when not known."""
+        ...
 
     @property
-    def f1(self) -> float:
-        tp, fp, fn = self.true_positives, self.false_positives, self.false_negatives
-        return _ratio(2 * tp, 2 * tp + fp + fn)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "precision": self.precision, "recall": self.recall, "f1": self.f1}
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Scores of a prediction against ground truth.
-
-    ``iou``/``dice`` per class (NaN for a class absent from both); ``mean_iou``/``mean_dice``
-    over the classes other than the first (background), NaN ignored; ``confusion[t, p]``
-    counts pixels of true class ``t`` predicted as ``p``.
-    """
-
-    class_names: tuple[str, ...]
-    confusion: np.ndarray
-    objects: ObjectScore | None = None
+    def class_names(self) -> tuple[str, ...]: ...
 
     @property
-    def iou(self) -> dict[str, float]:
-        return dict(zip(self.class_names, metrics.iou(self.confusion).tolist(), strict=True))
-
-    @property
-    def dice(self) -> dict[str, float]:
-        return dict(zip(self.class_names, metrics.dice(self.confusion).tolist(), strict=True))
-
-    @property
-    def mean_iou(self) -> float:
-        scores = metrics.iou(self.confusion)[1:]
-        return float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan")
-
-    @property
-    def mean_dice(self) -> float:
-        return metrics.mean_dice(self.confusion, classes=range(1, len(self.class_names)))
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data (JSON- and checkpoint-ready)."""
-        return {
-            "class_names": list(self.class_names),
-            "iou": self.iou,
-            "dice": self.dice,
-            "mean_iou": self.mean_iou,
-            "mean_dice": self.mean_dice,
-            "confusion": self.confusion.tolist(),
-            "objects": None if self.objects is None else self.objects.as_dict(),
-        }
-
-    def report(self) -> str:
-        """A small text table."""
-        lines = [f"{'class':<14}{'IoU':>8}{'Dice':>8}"]
-        lines += [f"{n:<14}{self.iou[n]:>8.4f}{self.dice[n]:>8.4f}" for n in self.class_names]
-        lines.append(f"{'mean (no bg)':<14}{self.mean_iou:>8.4f}{self.mean_dice:>8.4f}")
-        if self.objects is not None:
-            o = self.objects
-            lines.append(
-                f"objects '{o.class_name}' at IoU >= {o.iou_threshold}: TP {o.true_positives}  "
-                f"FP {o.false_positives}  FN {o.false_negatives}  precision {o.precision:.4f}  "
-                f"recall {o.recall:.4f}  F1 {o.f1:.4f}"
-            )
-        return "\n".join(lines)
-
-
-def _ratio(a: int, b: int) -> float:
-    return a / b if b else float("nan")
-
-
-def match_objects(
-    predicted: np.ndarray, truth: np.ndarray, *, iou_threshold: float = 0.5
-) -> tuple[int, int, int]:
-    """Match predicted objects to true ones one-to-one; return ``(TP, FP, FN)``.
-
-    ``predicted`` and ``truth`` are ``(Y, X)`` integer object maps (0 outside objects). Pairs
-    are taken greedily by decreasing IoU among those with IoU >= ``iou_threshold``, each object
-    used at most once. For a threshold above 0.5 the matching is unique anyway: an object
-    cannot overlap two disjoint objects each by more than half their union.
-    """
-    if predicted.shape != truth.shape:
-        raise ValueError(f"predicted {predicted.shape} and truth {truth.shape} differ in shape")
-    pred_ids, pred = np.unique(predicted, return_inverse=True)
-    true_ids, true = np.unique(truth, return_inverse=True)
-    pred, true = pred.reshape(-1), true.reshape(-1)
-    n_pred = int(np.count_nonzero(pred_ids))
-    n_true = int(np.count_nonzero(true_ids))
-    pred_area = np.bincount(pred, minlength=len(pred_ids))
-    true_area = np.bincount(true, minlength=len(true_ids))
-    both = (pred_ids[pred] != 0) & (true_ids[true] != 0)
-    pairs, inter = np.unique(
-        pred[both].astype(np.int64) * len(true_ids) + true[both], return_counts=True
-    )
-    p, t = np.divmod(pairs, len(true_ids))
-    iou = inter / (pred_area[p] + true_area[t] - inter)
-    keep = iou >= iou_threshold
-    used_p, used_t, tp = set(), set(), 0
-    for k in np.argsort(-iou[keep], kind="stable"):
-        a, b = int(p[keep][k]), int(t[keep][k])
-        if a not in used_p and b not in used_t:
-            used_p.add(a)
-            used_t.add(b)
-            tp += 1
-    return tp, n_pred - tp, n_true - tp
+    def shape(self) -> tuple[int, int]:
+        """``(Y, X)`` pixels."""
+        ...
 
 
 def evaluate_labels(
@@ -247,18 +155,26 @@ def evaluate_model(
     data: LabelledImage | Sequence[LabelledImage],
     *,
     tile: int = 256,
+    batch_size: int = 4,
     object_class: int | str | None = None,
     iou_threshold: float = 0.5,
     min_size_px: int = 0,
 ) -> Evaluation:
-    """Predict each labelled image with ``model`` (in memory, tile by tile) and score all of
-    them together: confusion matrices and object counts add up over the images. The object
-    score needs instances; ``object_class`` defaults to the class under most instance pixels
-    (no object score when no image has an instance)."""
-    from segpipe.training import predict_labels
-    from segpipe.training.datasets import as_list
+    """Predict each labelled image with ``model`` and score all of them together.
 
-    items = as_list(data)
+    Prediction is in memory, in eval mode (the mode is restored after), by the pipeline's
+    overlap-tile stitcher (:func:`segpipe.execution.tasks.predict_labels`; ``tile`` is the
+    output tile side in pixels, a multiple of the model's size multiple, ``batch_size`` the
+    windows per forward pass). Confusion matrices and object counts add up over the images.
+    The object score needs instances; ``object_class`` defaults to the class under most
+    instance pixels (no object score when no image has an instance).
+    """
+    # Imported here: scoring a result store must not pay for torch.
+    from segpipe.execution.tasks import predict_labels
+
+    items: list[LabelledImage] = list(data) if isinstance(data, Sequence) else [data]
+    if not items:
+        raise ValueError("evaluate_model needs at least one labelled image, got none")
     names = tuple(items[0].class_names)
     if object_class is None:
         # One object class for all images: the one under most instance pixels of the first
@@ -276,7 +192,9 @@ def evaluate_model(
     try:
         scores = [
             evaluate_labels(
-                predict_labels(model, item.image, tile=tile),
+                predict_labels(
+                    model, item.image, tile=tile, batch_size=batch_size, num_classes=len(names)
+                ),
                 item.labels,
                 class_names=names,
                 instances=None if object_class is None else item.instances,
@@ -303,8 +221,6 @@ def evaluate_model(
 
 
 def _read_plane(path: str | os.PathLike[str], what: str) -> da.Array:
-    from segpipe.io.readers import open_image
-
     reader = open_image(path)
     if reader.shape[2] != 1:
         raise ValueError(
@@ -312,19 +228,6 @@ def _read_plane(path: str | os.PathLike[str], what: str) -> da.Array:
             f"{reader.shape[2]} channels"
         )
     return reader.level(0)[..., 0]
-
-
-def _is_result(path: str | os.PathLike[str]) -> bool:
-    """A directory with segpipe result metadata (complete or not: opening says which)."""
-    from segpipe.results import read_meta
-
-    if not Path(path).is_dir():
-        return False
-    try:
-        read_meta(path)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
 
 
 def evaluate(
@@ -370,7 +273,7 @@ def evaluate(
     inst = instances
     if inst is not None and not isinstance(inst, np.ndarray):
         inst = _read_plane(inst, "instances").compute()
-    if isinstance(prediction, str | os.PathLike) and _is_result(prediction):
+    if isinstance(prediction, str | os.PathLike) and is_result(prediction):
         return _evaluate_result(prediction, truth, inst, object_class, iou_threshold, min_size_px)
     if image is None:
         raise ValueError(
@@ -393,15 +296,11 @@ def _evaluate_result(
     iou_threshold: float,
     min_size_px: int,
 ) -> Evaluation:
-    from segpipe.results import open_result
-
-    ds = open_result(path)
-    names = tuple(str(c) for c in ds["class"].values)
-    mask = ds["mask"].data
+    mask = open_result(path)["mask"].data  # refuses an incomplete result
     return evaluate_labels(
         mask,
         truth,
-        class_names=names,
+        class_names=read_meta(path).class_names,
         instances=instances,
         object_class=object_class,
         iou_threshold=iou_threshold,

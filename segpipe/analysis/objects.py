@@ -22,6 +22,7 @@ from segpipe.analysis.regions import (
     as_dataset,
     class_index,
     coordinate_step,
+    pixel_area,
     select_region,
     threshold_mask,
 )
@@ -246,7 +247,7 @@ def _find_objects(
             {
                 "label": np.arange(1, n + 1, dtype=np.int64),
                 "area_px": area.astype(np.int64),
-                "area": area * abs(sy * sx),
+                "area": area * pixel_area(ds),
                 "centroid_y": y_first + sy * total("sum_y") / area,
                 "centroid_x": x_first + sx * total("sum_x") / area,
                 "bbox_y0": extreme("y0", np.minimum, big),

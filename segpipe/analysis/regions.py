@@ -6,6 +6,10 @@ its Dask chunks, so a gigapixel mask is never whole in memory:
 - :func:`class_areas`: pixels, area and fraction per class, over the image or a region;
 - :func:`threshold_mask`: ``probabilities.sel(class=name) > p`` as a lazy boolean image.
 
+Areas here come from the coordinates (:func:`pixel_area`), so they are in the result's own
+units and hold for any region and level; the finished run's whole-image areas in µm² come
+from its counts through :func:`segpipe.results.class_areas_um2`, and the two agree on level 0.
+
 Regions are ``(x0, y0, x1, y1)`` in the result's coordinates (microns; CRS units for a
 georeferenced input; pixels when the pixel size is unknown), GeoJSON bbox order, bounds
 inclusive of the pixel centres they hold.
@@ -26,6 +30,7 @@ __all__ = [
     "class_areas",
     "class_index",
     "coordinate_step",
+    "pixel_area",
     "select_region",
     "threshold_mask",
 ]
@@ -43,6 +48,15 @@ def coordinate_step(coord: xr.DataArray) -> float:
     if coord.size >= 2:
         return float(coord[1] - coord[0])
     return 1.0
+
+
+def pixel_area(ds: xr.Dataset) -> float:
+    """Area of one pixel of ``ds`` in its coordinate units squared (µm², CRS units², or 1).
+
+    >>> pixel_area(xr.Dataset(coords={"y": [10.0, 8.0], "x": [0.0, 0.5, 1.0]}))
+    1.0
+    """
+    return abs(coordinate_step(ds["y"]) * coordinate_step(ds["x"]))
 
 
 def select_region(ds: xr.Dataset, region: Region | None) -> xr.Dataset:
@@ -71,6 +85,8 @@ def select_region(ds: xr.Dataset, region: Region | None) -> xr.Dataset:
 
 
 def class_index(ds: xr.Dataset, class_name: str) -> int:
+    """Index of ``class_name`` along ``ds``'s ``class`` axis; a ValueError naming the classes
+    when there is no such class."""
     names = [str(c) for c in ds["class"].values]
     if class_name not in names:
         raise ValueError(f"no class {class_name!r} in this result; classes: {', '.join(names)}")
@@ -95,7 +111,7 @@ def class_areas(
     ids = xr.DataArray(np.arange(classes.size), dims="class", coords={"class": classes})
     pixels = (ds["mask"] == ids).sum(("y", "x"))
     unit = ds["x"].attrs.get("units", "pixel")
-    area = pixels * abs(coordinate_step(ds["y"]) * coordinate_step(ds["x"]))
+    area = pixels * pixel_area(ds)
     area.attrs["units"] = f"{unit}**2"
     fraction = pixels / (ds.sizes["y"] * ds.sizes["x"])
     return xr.Dataset({"pixels": pixels, "area": area, "fraction": fraction}, attrs=ds.attrs)

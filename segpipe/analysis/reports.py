@@ -8,8 +8,9 @@ from typing import Any
 from segpipe.analysis.objects import object_table
 from segpipe.analysis.regions import Region, class_areas, class_index, threshold_mask
 from segpipe.results import (
+    class_areas_um2,
+    class_fractions,
     class_pixels,
-    is_complete,
     open_result,
     read_meta,
     result_levels,
@@ -21,34 +22,37 @@ __all__ = ["describe", "region_report"]
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What ``segpipe info RESULT`` shows: completeness, levels, classes, pixel size, areas,
-    provenance. Works on an incomplete result (``complete`` False, ``tiles_done`` counted)."""
+    provenance. Works on an incomplete result (``complete`` False, ``tiles_done`` counted).
+
+    Class pixels are the tiles written so far (all of them for a complete result), so areas
+    go through :func:`segpipe.results.class_areas_um2` like the finished run's; ``provenance``
+    is the result's ``segpipe`` attribute (JSON), as :meth:`ResultMeta.to_attrs` writes it.
+    """
     meta = read_meta(path)
-    ident = meta["identity"]
-    names = list(meta["class_names"])
     counts = class_pixels(path)
     done = tiles_done(path)
-    px = meta.get("pixel_size_um")
-    total = max(1, int(counts.sum()))
+    areas = class_areas_um2(counts, meta.pixel_size_um)
+    fractions = class_fractions(counts)
     return {
         "path": str(path),
-        "complete": is_complete(path),
+        "complete": meta.complete,
         "tiles_done": int(done.sum()),
         "tiles_total": int(done.size),
-        "shape": list(ident["shape"]),
+        "shape": list(meta.shape),
         "levels": [list(s) for s in result_levels(path)],
-        "pixel_size_um": px,
-        "crs": ident.get("crs"),
-        "probability_dtype": ident.get("probability_dtype"),
+        "pixel_size_um": meta.pixel_size_um,
+        "crs": meta.crs,
+        "probability_dtype": meta.config.probability_dtype,
         "classes": [
             {
                 "name": name,
                 "pixels": int(counts[i]),
-                "fraction": float(counts[i]) / total,
-                "area_um2": float(counts[i]) * px**2 if px else None,
+                "fraction": fractions[i],
+                "area_um2": areas[i] if areas is not None else None,
             }
-            for i, name in enumerate(names)
+            for i, name in enumerate(meta.class_names)
         ],
-        "provenance": meta,
+        "provenance": meta.to_attrs(),
     }
 
 

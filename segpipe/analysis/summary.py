@@ -1,7 +1,9 @@
 """What a finished result says: class areas in physical units and, given ground truth, Dice.
 
-Everything is read lazily and reduced chunk by chunk, so a gigapixel mask is never whole in
-memory.
+The numbers come from the result's typed metadata (:func:`segpipe.results.read_meta`): the
+run's summary carries the per-class pixel counts, and :func:`segpipe.results.class_areas_um2`
+turns them into areas. Dice reads the mask lazily and reduces it chunk by chunk, so a
+gigapixel mask is never whole in memory.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from segpipe.analysis.metrics import confusion_matrix, dice, iou
 from segpipe.io.readers import open_image
-from segpipe.results import open_result
+from segpipe.results import class_fractions, open_result, read_meta
 
 __all__ = ["ResultSummary", "confusion_against", "summarise"]
 
@@ -27,7 +29,7 @@ class ResultSummary:
     """A result in numbers. Areas in square microns when the pixel size is known."""
 
     path: str
-    shape: tuple[int, int]  # (y, x) pixels
+    shape: tuple[int, int]  # (y, x) pixels of the segmented level
     pixel_size_um: float | None
     class_names: tuple[str, ...]
     class_pixels: tuple[int, ...]
@@ -35,12 +37,14 @@ class ResultSummary:
     class_fraction: tuple[float, ...]
     tiles_total: int
     tiles_computed: int
+    tiles_skipped: int  # already written by an earlier, interrupted run
     seconds: float
     megapixels_per_second: float
     dice: tuple[float, ...] | None = None  # per class, against ground truth
     iou: tuple[float, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (tuples stay tuples)."""
         return asdict(self)
 
 
@@ -62,11 +66,14 @@ def summarise(
 ) -> ResultSummary:
     """Summarise a complete result; ``ground_truth`` is a label image (one channel, class
     indices, same shape as the mask) readable by ``open_image``."""
-    ds = open_result(result)
-    meta = ds.attrs["segpipe"]
-    names = tuple(str(c) for c in ds["class"].values)
-    counts = np.asarray(meta["class_pixels"], dtype=np.int64)
-    px = meta.get("pixel_size_um")
+    ds = open_result(result)  # refuses an incomplete result
+    meta = read_meta(result)
+    run = meta.summary
+    if run is None:
+        raise ValueError(
+            f"{result} is complete but holds no run summary (class pixel counts, tiles, time); "
+            "it was finished by another tool. Re-run segment with overwrite to rebuild it."
+        )
     scores: dict[str, Any] = {}
     if ground_truth is not None:
         reader = open_image(ground_truth)
@@ -75,19 +82,21 @@ def summarise(
                 f"{ground_truth}: ground truth must be a one-channel label image, "
                 f"got {reader.shape[2]} channels"
             )
-        conf = confusion_against(ds["mask"].data, reader.level(0)[..., 0], len(names))
+        n = len(meta.class_names)
+        conf = confusion_against(ds["mask"].data, reader.level(0)[..., 0], n)
         scores = {"dice": tuple(dice(conf).tolist()), "iou": tuple(iou(conf).tolist())}
     return ResultSummary(
         path=str(Path(result)),
-        shape=(ds.sizes["y"], ds.sizes["x"]),
-        pixel_size_um=px,
-        class_names=names,
-        class_pixels=tuple(counts.tolist()),
-        class_area_um2=tuple((counts * px**2).tolist()) if px else None,
-        class_fraction=tuple((counts / max(1, counts.sum())).tolist()),
-        tiles_total=meta["tiles_total"],
-        tiles_computed=meta["tiles_computed"],
-        seconds=meta["seconds"],
-        megapixels_per_second=meta["megapixels_per_second"],
+        shape=meta.shape,
+        pixel_size_um=meta.pixel_size_um,
+        class_names=meta.class_names,
+        class_pixels=run.class_pixels,
+        class_area_um2=meta.class_areas_um2,
+        class_fraction=class_fractions(run.class_pixels),
+        tiles_total=run.tiles_total,
+        tiles_computed=run.tiles_computed,
+        tiles_skipped=run.tiles_skipped,
+        seconds=run.seconds,
+        megapixels_per_second=run.megapixels_per_second,
         **scores,
     )

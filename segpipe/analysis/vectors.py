@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import numpy as np
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
 from segpipe.palette import class_color
-from segpipe.results import open_result
+from segpipe.results import ResultMeta, open_result, read_meta
 
 __all__ = ["COORDINATES", "class_features", "export_geojson"]
 
@@ -55,21 +56,21 @@ def _chunk_shapes(labels: np.ndarray, transform: Any, connectivity: int) -> list
     return [(int(values[int(v)]), shape(g)) for g, v in pieces]
 
 
-def _base_transform(coords: str, meta: dict[str, Any], result: Any) -> Any:
+def _base_transform(coords: str, meta: ResultMeta, result: Any) -> Any:
     """Affine from the segmented level's pixel-edge coordinates to ``coords``."""
     from affine import Affine
 
     if coords == "pixel":
         return Affine.identity()
     if coords == "micron":
-        s = meta.get("pixel_size_um")
+        s = meta.pixel_size_um
         if not s:
             raise ValueError(
                 f"{result} has no pixel size, so no micron coordinates; use coords='pixel'"
-                + (" or 'crs'" if meta["identity"].get("crs") else "")
+                + (" or 'crs'" if meta.crs else "")
             )
         return Affine(s, 0, -s / 2, 0, s, -s / 2)
-    transform = meta["identity"].get("transform")
+    transform = meta.transform
     if not transform:
         raise ValueError(f"{result} is not georeferenced; use coords='micron' or 'pixel'")
     return Affine(*transform[:6])
@@ -99,8 +100,7 @@ def class_features(
     if coords not in COORDINATES:
         raise ValueError(f"coords must be one of {COORDINATES}, got {coords!r}")
     ds = open_result(result, level)
-    meta = ds.attrs["segpipe"]
-    names = [str(c) for c in ds["class"].values]
+    meta = read_meta(result)
     labels, table = object_labels(
         ds, class_name, region=region, threshold=threshold, connectivity=connectivity
     )
@@ -139,7 +139,7 @@ def class_features(
         for label, geom in chunk:
             if label in wanted:
                 pieces.setdefault(label, []).append(geom)
-    rgb = class_color(names.index(class_name))
+    rgb = class_color(meta.class_names.index(class_name))
     features = []
     for row in keep.itertuples(index=False):
         geom = shapely.union_all(pieces[int(row.label)])
@@ -174,8 +174,9 @@ def export_geojson(
 ) -> Path:
     """Write the objects of ``classes`` (default: every class but the first, background) as
     one GeoJSON FeatureCollection at ``output`` and return its path."""
-    ds = open_result(result, level)
-    names = [str(c) for c in ds["class"].values]
+    open_result(result, level)  # an incomplete result or a missing level fails here, early
+    meta = read_meta(result)
+    names = list(meta.class_names)
     for name in classes or []:
         if name not in names:
             raise ValueError(f"no class {name!r} in {result}; classes: {', '.join(names)}")
@@ -196,8 +197,9 @@ def export_geojson(
         "features": features,
         "properties": {"source": str(result), "level": level, "coordinates": coords},
     }
-    crs = ds.attrs["segpipe"]["identity"].get("crs")
-    if coords == "crs" and crs:
+    crs = meta.crs
+    # Only an "AUTHORITY:CODE" CRS has a URN; a WKT CRS is left for the reader to be told.
+    if coords == "crs" and crs and re.fullmatch(r"[A-Za-z]+:\w+", crs):
         # RFC 7946 dropped "crs" (WGS 84 only), but QGIS and GDAL still read this form.
         authority, code = crs.split(":", 1)
         collection["crs"] = {

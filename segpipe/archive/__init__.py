@@ -14,7 +14,8 @@ under ``output_root`` at paths derived from that key alone::
         _catalog/           one record per result (segpipe.archive.catalog)
 
 An image is segmented again only when its fingerprint (size, mtime, sampled content hash), the
-model's sha256 or the parameters differ from the sidecar's, or its result is not complete.
+model's sha256 or the result settings of its ``SegmentConfig`` differ from the sidecar's, or its
+result is not complete; execution settings (batch size, device, workers) never count.
 Two runs over the same archive never process an image at once: each claims the image with an
 atomically created lock file first (:func:`segpipe.archive.claims.try_claim`).
 
@@ -32,14 +33,12 @@ from segpipe.archive.discover import (
     Fingerprint,
     discover_images,
     fingerprint_image,
-    model_sha256,
 )
-from segpipe.archive.process import process_image
+from segpipe.archive.process import LoadedModel, load_model, process_image
 from segpipe.archive.state import (
     Decision,
     ImageOutcome,
     ImagePaths,
-    SegmentParams,
     decide,
     image_paths,
     read_state,
@@ -55,12 +54,12 @@ __all__ = [
     "Fingerprint",
     "ImageOutcome",
     "ImagePaths",
-    "SegmentParams",
+    "LoadedModel",
     "decide",
     "discover_images",
     "fingerprint_image",
     "image_paths",
-    "model_sha256",
+    "load_model",
     "process_image",
     "read_state",
     "try_claim",

@@ -89,25 +89,37 @@ def record_result(
     it was made from.
     """
     meta = read_meta(result)
-    if not meta.get("complete"):
+    if not meta.complete:
         raise ValueError(f"{result}: the result is not complete; only finished results go in")
-    ny, nx = meta["identity"]["shape"]
+    ny, nx = meta.shape
+    stats: dict[str, Any] = {}  # none for a result finished without a run summary
+    if (run := meta.summary) is not None:
+        areas = meta.class_areas_um2
+        stats = {
+            "tiles_total": run.tiles_total,
+            "tiles_computed": run.tiles_computed,
+            "tiles_skipped": run.tiles_skipped,
+            "seconds": run.seconds,
+            "megapixels_per_second": run.megapixels_per_second,
+            "class_pixels": list(run.class_pixels),
+            "class_fraction": list(run.class_fraction),
+            "class_area_um2": list(areas) if areas is not None else None,
+        }
     record = {
         "version": RECORD_VERSION,
         "image": image,
         "result": str(result),
-        "source": source or meta.get("source"),
-        "model": meta.get("model"),
-        "model_sha256": meta.get("model_sha256"),
-        "finished": meta.get("finished"),
+        "source": source or meta.source,
+        "model": meta.model_name,
+        "model_sha256": meta.model_sha256,
+        "finished": meta.finished,
         "sample_sha256": (fingerprint or {}).get("sample_sha256"),
         "fingerprint": dict(fingerprint or {}),
-        "pixel_size_um": meta.get("pixel_size_um"),
+        "pixel_size_um": meta.pixel_size_um,
         "height": ny,
         "width": nx,
-        "class_names": list(meta["class_names"]),
-        **{name: meta.get(name) for name, _, _ in _SCALARS if name in meta},
-        **{name: meta.get(name) for name, _, _ in _PER_CLASS},
+        "class_names": list(meta.class_names),
+        **stats,
     }
     path = record_path(output_root, image)
     write_json_atomic(path, record)

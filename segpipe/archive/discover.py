@@ -21,7 +21,6 @@ __all__ = [
     "discover_images",
     "filesystem",
     "fingerprint_image",
-    "model_sha256",
 ]
 
 log = logging.getLogger("segpipe.archive")
@@ -160,13 +159,6 @@ def fingerprint_image(
             start = round(i * step)
             h.update(fs.cat_file(path, start=start, end=start + block_bytes))
     return Fingerprint(size=size, mtime=_mtime(info), sample_sha256=h.hexdigest())
-
-
-def model_sha256(model: str | os.PathLike[str]) -> str:
-    """SHA-256 of a shipped model (by name) or checkpoint, as results record it."""
-    from segpipe import models
-
-    return models.fingerprint(models.load(model))
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:

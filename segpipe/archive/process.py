@@ -7,40 +7,65 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segpipe.archive import catalog, reports
 from segpipe.archive.claims import read_lock, try_claim
-from segpipe.archive.discover import ArchiveImage, filesystem, fingerprint_image, model_sha256
+from segpipe.archive.discover import ArchiveImage, filesystem, fingerprint_image
 from segpipe.archive.state import (
     STATE_VERSION,
     ImageOutcome,
     ImagePaths,
-    SegmentParams,
     Status,
     decide,
     image_paths,
+    state_params,
 )
+from segpipe.config import SegmentConfig
 from segpipe.io.files import utc_now, write_json_atomic
 from segpipe.results import read_meta
 
-__all__ = ["process_image"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LoadedModel", "load_model", "process_image"]
 
 log = logging.getLogger("segpipe.archive")
 
 SegmentFn = Callable[..., Any]
 
 
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    """A model loaded once for a whole run over an archive.
+
+    ``name`` is what results and state sidecars record (the shipped name or checkpoint path
+    given, not the architecture's), ``sha256`` its :func:`segpipe.models.fingerprint`.
+    """
+
+    name: str
+    module: torch.nn.Module = field(repr=False)
+    sha256: str
+
+
+def load_model(model: str | os.PathLike[str] | LoadedModel) -> LoadedModel:
+    """Load and fingerprint a shipped model (by name) or a checkpoint, once for many images."""
+    if isinstance(model, LoadedModel):
+        return model
+    from segpipe import models  # torch loads here, not when the archive is listed
+
+    net = models.load(model)
+    return LoadedModel(name=str(model), module=net, sha256=models.fingerprint(net))
+
+
 def process_image(
     image: ArchiveImage,
     output_root: str | os.PathLike[str],
-    model: str | os.PathLike[str] = "tissue-unet",
+    model: str | os.PathLike[str] | LoadedModel = "tissue-unet",
     *,
-    params: SegmentParams | None = None,
-    model_sha: str | None = None,
-    segment_options: Mapping[str, Any] | None = None,
+    config: SegmentConfig | None = None,
     owner: str | None = None,
     ttl_s: float = 600.0,
     storage_options: Mapping[str, Any] | None = None,
@@ -55,21 +80,20 @@ def process_image(
     output_root
         Where results, reports and the catalog go.
     model
-        A shipped model's name or a checkpoint path.
-    params
-        Parameters that shape the result (default :class:`SegmentParams()`).
-    model_sha
-        The model's sha256 when the caller computed it once for many images.
-    segment_options
-        Execution options for :func:`segpipe.segment` (``device``, ``scheduler``,
-        ``n_workers``, ``batch_size``, ``on_progress``).
+        A shipped model's name, a checkpoint path, or a :class:`LoadedModel` from
+        :func:`load_model` when many images share it (loaded and hashed once).
+    config
+        The segmentation's settings (default ``SegmentConfig()``). Its result settings are
+        recorded in the state sidecar: changing one makes the image due again; changing an
+        execution setting (``batch_size``, ``device``, ``n_workers``, ``scheduler``) does not.
     owner, ttl_s
         The claim's owner label and staleness timeout (:func:`try_claim`).
     storage_options
         fsspec options for a remote archive.
     run_segment
-        Called as ``run_segment(source, output, model, **params, **segment_options)``;
-        default :func:`segpipe.segment`. Flows pass a Prefect task here, for its retries.
+        Called like :func:`segpipe.segment`, as ``run_segment(source, output, module, config,
+        model_name=name)`` with the loaded module; default :func:`segpipe.segment`. Flows
+        pass a Prefect task here, for its retries.
 
     Returns
     -------
@@ -83,12 +107,11 @@ def process_image(
         corrupt file), after the failure is written to the state sidecar and the claim is
         released.
     """
-
-    params = params or SegmentParams()
-    model_sha = model_sha or model_sha256(model)
+    config = config or SegmentConfig()
+    loaded = load_model(model)
     paths = image_paths(output_root, image.key)
     fingerprint = fingerprint_image(image, storage_options=storage_options)
-    decision = decide(paths, fingerprint, model_sha, params)
+    decision = decide(paths, fingerprint, loaded.sha256, config)
     if not decision.process:
         if not catalog.record_path(output_root, image.key).exists():
             # e.g. the catalog folder was deleted: index the result again, no claim needed
@@ -106,7 +129,7 @@ def process_image(
         return ImageOutcome(image.key, "busy", f"claimed by {holder}")
     with claim:
         # Decide again under the claim: another run may have finished it since.
-        decision = decide(paths, fingerprint, model_sha, params)
+        decision = decide(paths, fingerprint, loaded.sha256, config)
         if not decision.process:
             return _skipped(image.key, paths, decision.reason)
         log.info("%s: segmenting (%s)", image.key, decision.reason)
@@ -118,9 +141,9 @@ def process_image(
             "image": image.key,
             "source": image.url,
             "fingerprint": fingerprint.as_dict(),
-            "model": str(model),
-            "model_sha256": model_sha,
-            "params": params.as_dict(),
+            "model": loaded.name,
+            "model_sha256": loaded.sha256,
+            "params": state_params(config),
             "status": "running",
             "owner": claim.owner,
             "updated": utc_now(),
@@ -129,9 +152,9 @@ def process_image(
         segment = run_segment or _library_segment()
         try:
             with _local_copy(image, output_root, storage_options) as local:
-                segment(local, paths.result, model, **params.as_dict(), **(segment_options or {}))
+                segment(local, paths.result, loaded.module, config, model_name=loaded.name)
                 claim.check()
-                reports.write_thumbnail(local, paths.result, paths.thumbnail, level=params.level)
+                reports.write_thumbnail(local, paths.result, paths.thumbnail, level=config.level)
         except BaseException as exc:
             if claim.is_held():
                 write_json_atomic(
@@ -168,7 +191,7 @@ def _skipped(key: str, paths: ImagePaths, reason: str) -> ImageOutcome:
 
 
 def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> ImageOutcome:
-    meta = read_meta(paths.result)
+    summary = read_meta(paths.result).summary
     return ImageOutcome(
         image=key,
         status=status,
@@ -176,10 +199,10 @@ def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> Im
         result=str(paths.result),
         report=str(paths.report) if paths.report.exists() else None,
         thumbnail=str(paths.thumbnail) if paths.thumbnail.exists() else None,
-        tiles_computed=meta.get("tiles_computed"),
-        tiles_skipped=meta.get("tiles_skipped"),
-        seconds=meta.get("seconds"),
-        megapixels_per_second=meta.get("megapixels_per_second"),
+        tiles_computed=summary.tiles_computed if summary else None,
+        tiles_skipped=summary.tiles_skipped if summary else None,
+        seconds=summary.seconds if summary else None,
+        megapixels_per_second=summary.megapixels_per_second if summary else None,
     )
 
 

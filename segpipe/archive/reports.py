@@ -1,8 +1,9 @@
 """Reports people read without a notebook: one per image (markdown + thumbnail), one per run.
 
-The per-image text comes from the result's own metadata
-(:func:`segpipe.analysis.summary.summarise` and
+The per-image text comes from the result's own metadata (the numbers from
+:func:`segpipe.analysis.summary.summarise`, the provenance from
 :func:`segpipe.results.read_meta`), so it can be rebuilt for any complete result at any time.
+Thumbnail, label image and GeoJSON colour each class alike (:mod:`segpipe.palette`).
 The thumbnail is read at low resolution: the image from the coarsest pyramid level that is
 still large enough, the mask by strided reads chunk by chunk; neither is ever whole in memory
 at full resolution.
@@ -64,7 +65,7 @@ def image_report(
     """
     summary = summarise(result)
     meta = read_meta(result)
-    title = image or meta.get("source", str(result))
+    title = image or meta.source
     ny, nx = summary.shape
     px = summary.pixel_size_um
     lines = [
@@ -73,14 +74,14 @@ def image_report(
         "| | |",
         "|---|---|",
         f"| result | `{result}` |",
-        f"| source | `{meta.get('source')}` |",
-        f"| model | {meta.get('model')} (sha256 `{str(meta.get('model_sha256'))[:12]}`) |",
-        f"| size | {ny} x {nx} px at level {meta.get('identity', {}).get('level', 0)}"
+        f"| source | `{meta.source}` |",
+        f"| model | {meta.model_name} (sha256 `{meta.model_sha256[:12]}`) |",
+        f"| size | {ny} x {nx} px at level {meta.config.level}"
         + (f", {px:.4g} µm/px |" if px else ", pixel size unknown |"),
-        f"| tiles | {meta.get('tiles_computed')} computed, {meta.get('tiles_skipped')} skipped"
-        f" (resumed), {meta.get('tiles_total')} in all |",
+        f"| tiles | {summary.tiles_computed} computed, {summary.tiles_skipped} skipped"
+        f" (resumed), {summary.tiles_total} in all |",
         f"| time | {summary.seconds:.1f} s, {summary.megapixels_per_second:.3g} megapixels/s |",
-        f"| finished | {meta.get('finished')} |",
+        f"| finished | {meta.finished} |",
         "",
         "## Classes",
         "",

@@ -2,7 +2,9 @@
 
 Everything segpipe writes about an image lies under ``output_root`` at paths derived from the
 image's key alone (:func:`image_paths`); the sidecar records the fingerprint, model and
-parameters of its last run, so :func:`decide` can skip what is up to date.
+result settings of its last run (``SegmentConfig.result_settings()``), so :func:`decide` can
+skip what is up to date. Execution settings (batch size, device, workers, scheduler) never make
+an image due: they do not change the numbers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from segpipe.archive.discover import Fingerprint
+from segpipe.config import SegmentConfig
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
@@ -22,37 +25,16 @@ __all__ = [
     "Decision",
     "ImageOutcome",
     "ImagePaths",
-    "SegmentParams",
     "Status",
     "decide",
     "image_paths",
     "read_state",
+    "state_params",
 ]
 
 log = logging.getLogger("segpipe.archive")
 
 STATE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class SegmentParams:
-    """The :func:`segpipe.segment` knobs that change the numbers of a result.
-
-    A change in any of them makes every image due again. Execution knobs (device, scheduler,
-    workers, batch size) do not change the numbers and travel separately.
-    """
-
-    tile: int = 512
-    mode: Literal["exact", "blend"] = "exact"
-    level: int = 0
-    pixel_size_um: float | None = None
-    probability_dtype: str = "float16"
-    window: int | None = None
-    overlap: float = 0.25
-    sigma_scale: float = 0.125
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -106,20 +88,30 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
 
 
+def state_params(config: SegmentConfig) -> dict[str, Any]:
+    """What a state sidecar records as ``params``: the result settings of ``config``."""
+    return config.result_settings()
+
+
 def decide(
-    paths: ImagePaths, fingerprint: Fingerprint, model_sha: str, params: SegmentParams
+    paths: ImagePaths, fingerprint: Fingerprint, model_sha: str, config: SegmentConfig
 ) -> Decision:
     """Skip an image whose complete result was made from the same fingerprint, model and
-    parameters; otherwise say why it is due, resuming an unfinished run of the same inputs."""
+    result settings; otherwise say why it is due, resuming an unfinished run of the same
+    inputs. ``config``'s execution settings play no part."""
     state = read_state(paths.state)
     if state is None:
         return Decision(True, "new image")
+    params = state.get("params")
+    if isinstance(params, dict):
+        # A sidecar written before a setting existed ran with that setting's default.
+        params = SegmentConfig().result_settings() | params
     changes = [
         what
         for what, old, new in (
             ("image changed", state.get("fingerprint"), fingerprint.as_dict()),
             ("model changed", state.get("model_sha256"), model_sha),
-            ("parameters changed", state.get("params"), params.as_dict()),
+            ("parameters changed", params, state_params(config)),
         )
         if old != new
     ]
@@ -128,7 +120,7 @@ def decide(
     previous = state.get("status", "unfinished")
     complete = is_complete(paths.result)
     if complete and previous == "complete":
-        if read_meta(paths.result).get("model_sha256") == model_sha:
+        if read_meta(paths.result).model_sha256 == model_sha:
             return Decision(False, "up to date")
         return Decision(True, "result made by another model")
     if paths.result.exists():

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from segpipe.cli.segment import add_segment_options
+from segpipe.cli.segment import add_segment_options, config_from_args
 
 __all__ = ["add_archive", "add_serve"]
 
@@ -63,15 +63,11 @@ def _archive_options(p: argparse.ArgumentParser) -> None:
 
 
 def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``process_archive`` parameters after ``source``, ``output_root`` and ``model``."""
     return {
+        "config": config_from_args(args),
         "pattern": args.pattern,
         "min_age_s": args.min_age_s,
-        "tile": args.tile,
-        "mode": args.mode,
-        "device": args.device,
-        "scheduler": args.scheduler,
-        "n_workers": args.workers,
-        "pixel_size_um": args.pixel_size_um,
         "max_concurrent": args.max_concurrent,
         "concurrency_limit": args.concurrency_limit,
         "retries": args.retries,

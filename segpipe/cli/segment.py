@@ -5,35 +5,88 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_demo", "add_info", "add_ingest", "add_segment", "add_segment_options"]
+from segpipe.config import SegmentConfig, settings
+
+__all__ = [
+    "add_config_options",
+    "add_demo",
+    "add_info",
+    "add_ingest",
+    "add_segment",
+    "add_segment_options",
+    "config_from_args",
+]
+
+
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`~segpipe.config.SegmentConfig` field, built from the fields.
+
+    The flag is the field's metadata ``flag`` or ``--`` + its name with dashes; the type comes
+    from its annotation (``choices`` for a ``Literal``, ``--x/--no-x`` for a boolean); the help
+    is the field's help with its default. Every option's ``dest`` is the field's name and its
+    default the field's default, so :func:`config_from_args` reads them back by name. A field
+    added to ``SegmentConfig`` becomes an option of every segmenting command here.
+    """
+    group = p.add_argument_group("segmentation settings (segpipe.SegmentConfig)")
+    annotations = typing.get_type_hints(SegmentConfig)
+    defaults = SegmentConfig()
+    for f in settings():
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        group.add_argument(
+            flag,
+            dest=f.name,
+            default=default,
+            help=_option_help(str(f.metadata["help"]), default),
+            **_option_kind(f.name, annotations[f.name], flag),
+        )
+
+
+def _option_help(text: str, default: Any) -> str:
+    if "default" not in text:  # some helps say what the default means ("default: on CUDA")
+        text += f" (default: {'none' if default is None else default})"
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def _option_kind(name: str, annotation: Any, flag: str) -> dict[str, Any]:
+    """``type``/``choices``/``action`` of the option ``flag`` of a field annotated
+    ``annotation`` (``X | None`` takes an ``X``: None is the default, never typed)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) != 1:
+            raise TypeError(f"SegmentConfig.{name}: no command-line option for {annotation}")
+        annotation = kinds[0]
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"type": type(args[0]), "choices": args}
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if annotation in (int, float, str):
+        return {"type": annotation, "metavar": flag.lstrip("-").replace("-", "_").upper()}
+    raise TypeError(f"SegmentConfig.{name}: no command-line option for {annotation}")
+
+
+def config_from_args(args: argparse.Namespace) -> SegmentConfig:
+    """The :class:`~segpipe.config.SegmentConfig` of options added by
+    :func:`add_config_options` (validated: a bad value raises ``ValueError`` naming it)."""
+    return SegmentConfig(**{f.name: getattr(args, f.name) for f in settings()})
 
 
 def add_segment_options(p: argparse.ArgumentParser, *, overwrite: bool = True) -> None:
-    """The model, tiling and execution options every segmenting command shares."""
+    """The model and every :class:`~segpipe.config.SegmentConfig` option (plus
+    ``--overwrite``): what every segmenting command shares."""
     p.add_argument(
         "--model",
         default="tissue-unet",
         help="shipped model name or checkpoint path (default: tissue-unet)",
     )
-    p.add_argument("--tile", type=int, default=512, help="output tile / chunk side, pixels")
-    p.add_argument("--mode", choices=("exact", "blend"), default="exact")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument(
-        "--scheduler",
-        default=None,
-        help="Dask scheduler address (tcp://HOST:PORT); default a local cluster",
-    )
-    p.add_argument("--workers", type=int, default=None, help="local cluster workers")
-    p.add_argument(
-        "--pixel-size",
-        type=float,
-        default=None,
-        dest="pixel_size_um",
-        help="microns per pixel at level 0, overriding the file",
-    )
+    add_config_options(p)
     if overwrite:
         p.add_argument(
             "--overwrite",
@@ -66,28 +119,6 @@ def add_segment(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     seg.add_argument("source")
     seg.add_argument("output")
     add_segment_options(seg)
-    seg.add_argument("--window", type=int, default=None, help="blend window side, pixels")
-    seg.add_argument("--overlap", type=float, default=0.25, help="blend window overlap")
-    seg.add_argument("--level", type=int, default=0, help="pyramid level to segment")
-    seg.add_argument("--batch-size", type=int, default=4)
-    seg.add_argument(
-        "--probability-dtype",
-        choices=("float16", "float32", "uint8"),
-        default="float16",
-        help="uint8 stores CF scale_factor/add_offset that xarray decodes",
-    )
-    seg.add_argument(
-        "--task-tiles",
-        type=int,
-        default=2,
-        help="tiles per task along each side; a task writes one shard",
-    )
-    seg.add_argument(
-        "--min-level-size",
-        type=int,
-        default=256,
-        help="stop the result pyramid when a side would fall below this",
-    )
     seg.set_defaults(run=_segment)
 
 
@@ -127,20 +158,16 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"generating a {args.size} x {args.size} px synthetic slide in {out}/ ...", flush=True)
     slide = make_demo_slide(out, size=args.size, seed=args.seed)
     result = out / f"{slide.image.name.removesuffix('.ome.tif')}.seg.zarr"
-    options = dict(
-        model=args.model,
-        tile=args.tile,
-        mode=args.mode,
-        device=args.device,
-        scheduler=args.scheduler,
-        n_workers=args.workers,
-        overwrite=args.overwrite,
-        pixel_size_um=args.pixel_size_um,
-    )
     from segpipe.flows.segment_slide import segment_slide
 
     summary = segment_slide(
-        str(slide.image), str(result), ground_truth=str(slide.truth), progress=True, **options
+        str(slide.image),
+        str(result),
+        args.model,
+        config=config_from_args(args),
+        ground_truth=str(slide.truth),
+        overwrite=args.overwrite,
+        progress=True,
     )
     print()
     _print_summary(summary)
@@ -172,19 +199,7 @@ def _segment(args: argparse.Namespace) -> int:
         args.source,
         args.output,
         args.model,
-        tile=args.tile,
-        mode=args.mode,
-        window=args.window,
-        overlap=args.overlap,
-        level=args.level,
-        batch_size=args.batch_size,
-        device=args.device,
-        scheduler=args.scheduler,
-        n_workers=args.workers,
-        pixel_size_um=args.pixel_size_um,
-        probability_dtype=args.probability_dtype,
-        task_tiles=args.task_tiles,
-        min_level_size=args.min_level_size,
+        config_from_args(args),
         overwrite=args.overwrite,
         progress=True,
     )
@@ -232,9 +247,9 @@ def _info(args: argparse.Namespace) -> int:
     _print_summary(summary)
     print("levels: " + ", ".join(f"{y} x {x}" for y, x in described["levels"]))
     print(
-        f"model: {meta['model']} (sha256 {meta['model_sha256'][:16]}...), mode {meta['mode']}, "
-        f"tile {meta['tile']}, halo {meta['halo']}"
+        f"model: {meta.model_name} (sha256 {meta.model_sha256[:16]}...), "
+        f"mode {meta.config.mode}, tile {meta.tile}, halo {meta.halo}"
     )
-    print(f"source: {meta['source']}")
-    print(f"run: {meta['started']} -> {meta['finished']}, segpipe {meta['version']}")
+    print(f"source: {meta.source}")
+    print(f"run: {meta.started} -> {meta.finished}, segpipe {meta.version}")
     return 0

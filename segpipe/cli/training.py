@@ -1,4 +1,8 @@
-"""``segpipe train`` and ``evaluate``: make a model, and score one against ground truth."""
+"""``segpipe train`` and ``evaluate``: make a model, and score one against ground truth.
+
+Both report a :class:`segpipe.analysis.evaluation.Evaluation`: ``train`` its validation (of the
+trained weights, then of the saved ones), ``evaluate`` a result store's or a model's scores.
+"""
 
 from __future__ import annotations
 
@@ -82,6 +86,7 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 def _train(args: argparse.Namespace) -> int:
     from segpipe import training
+    from segpipe.analysis.evaluation import Evaluation
 
     config = training.TrainConfig(
         steps=args.steps,
@@ -114,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
         **{k: v for k, v in options.items() if v is not None},
     )
     result = training.train(model, config)
-    out = training.save_trained(
+    saved = training.save_trained(
         model,
         config,
         result,
@@ -122,8 +127,11 @@ def _train(args: argparse.Namespace) -> int:
         half=not args.full_precision,
         extra={"command": " ".join(sys.argv)},
     )
-    print(training.format_report(result))
-    print(out)
+    if not config.progress:  # train() printed it already
+        print(training.format_report(result))
+    weights = "float32" if args.full_precision else "float16"
+    print(f"wrote {args.output}; validation of the saved {weights} weights:")
+    print(Evaluation.from_dict(saved).report())
     return 0
 
 

@@ -1,20 +1,37 @@
 """Running a model on batches of windows: pixels in, class probabilities out.
 
-Pure torch and numpy; knows nothing of files, Dask or Prefect. One ``Predictor`` per worker
-process holds the model on its device; tasks call it with stacked windows.
+Pure torch and numpy; knows nothing of files, Dask or Prefect. Whatever turns windows into
+probabilities is a :data:`WindowPredictor`; there are two:
+
+* :class:`Predictor`, one per worker process: it holds the model on its device (channels-last,
+  autocast on GPUs) and tasks call it with stacked windows;
+* :func:`window_probabilities` runs a model as it is, where it is, in float32: for in-memory
+  prediction during training, which must not move, convert or re-mode the model it trains.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from segpipe.geometry.pixels import to_float01
 from segpipe.models import geometry_of
 
-__all__ = ["InferenceConfig", "Predictor", "resolve_device"]
+__all__ = [
+    "InferenceConfig",
+    "Predictor",
+    "WindowPredictor",
+    "resolve_device",
+    "window_probabilities",
+]
+
+WindowPredictor = Callable[[np.ndarray], np.ndarray]
+"""``(N, Y, X, C)`` pixels of any dtype ``pixels.to_float01`` knows -> ``(N, classes, y, x)``
+float32 softmax probabilities over the model's whole output, ``y = geometry.output_size(Y)``."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -84,5 +101,26 @@ class Predictor:
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(x)
-        # Softmax in float32 whatever autocast did: bf16 probabilities lose the small classes.
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return _softmax(logits)
+
+
+@torch.inference_mode()
+def window_probabilities(model: nn.Module, windows: np.ndarray) -> np.ndarray:
+    """One forward pass of ``model`` as it is over ``(N, Y, X, C)`` windows: a
+    :data:`WindowPredictor` (bind the model with ``functools.partial``).
+
+    Unlike :class:`Predictor` it leaves the model alone (device, memory format, train/eval
+    mode) and feeds it contiguous ``(N, C, Y, X)`` float32 on the model's device, no
+    autocast: training validates with it, and converting the model it trains would change
+    the following steps' arithmetic. Returns ``(N, classes, y, x)`` float32 on the CPU.
+    """
+    if windows.ndim != 4:
+        raise ValueError(f"windows must be (N, Y, X, C), got shape {windows.shape}")
+    x = torch.from_numpy(np.ascontiguousarray(to_float01(windows).transpose(0, 3, 1, 2)))
+    weight = next(model.parameters(), None)
+    return _softmax(model(x if weight is None else x.to(weight.device)))
+
+
+def _softmax(logits: torch.Tensor) -> np.ndarray:
+    # Softmax in float32 whatever autocast did: bf16 probabilities lose the small classes.
+    return torch.softmax(logits.float(), dim=1).cpu().numpy()

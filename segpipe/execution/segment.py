@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 
 from segpipe import models
@@ -33,10 +32,10 @@ __all__ = ["segment"]
 
 log = logging.getLogger("segpipe")
 
-_FLUSH_SECONDS = 2.0
-
 
 def _model_label(model: str | os.PathLike | torch.nn.Module, net: torch.nn.Module) -> str:
+    # A module carries only its architecture's name ("unet"), not the trained model's
+    # ("tissue-unet"): callers that load once and pass the module give the name as model_name.
     if isinstance(model, torch.nn.Module):
         return str(getattr(net, "name", type(net).__name__))
     return str(model)
@@ -48,6 +47,7 @@ def segment(
     model: str | os.PathLike | torch.nn.Module = "tissue-unet",
     config: SegmentConfig | None = None,
     *,
+    model_name: str | None = None,
     scheduler: Any = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -72,10 +72,16 @@ def segment(
         ``sigma_scale`` (blend), ``level``, ``pixel_size_um``, ``probability_dtype``,
         ``task_tiles``, ``min_level_size``, ``amp``, ``batch_size``, ``device``,
         ``n_workers``, ``scheduler``. Each field's doc is in ``SegmentConfig``.
+    model_name
+        The model's name as the result records it (part of its identity). Default: ``model``
+        when a name or path, the module's ``name`` (its architecture) when a module; give it
+        when passing a module loaded once from a name (``models.load("tissue-unet")``), so
+        the result is the same as one made from the name.
     scheduler
         Overrides ``config.scheduler``: None starts a local Dask cluster; ``"sync"`` runs in
         this process; an address (``"tcp://host:8786"``) or a ``distributed.Client`` uses a
-        running cluster.
+        running cluster. A string is a setting like the others (it lands in the config); a
+        ``Client``, which a config cannot hold, is used as it is.
     overwrite
         Replace an existing result of other inputs or parameters at ``output``.
     progress
@@ -88,6 +94,8 @@ def segment(
     """
     started = time.perf_counter()
     config = (config or SegmentConfig()).replace(**settings)
+    if isinstance(scheduler, str):
+        config, scheduler = config.replace(scheduler=scheduler), None
     if scheduler is None:
         scheduler = config.scheduler
     reader = (
@@ -105,7 +113,7 @@ def segment(
     geometry = models.geometry_of(net)
     if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
         raise ValueError(
-            f"model {_model_label(model, net)!r} normalises with per-tile statistics "
+            f"model {model_name or _model_label(model, net)!r} normalises with per-tile statistics "
             f"({', '.join(offenders)}), so tiles disagree whatever the halo and 'exact' mode "
             "cannot be exact; use mode='blend', or put BatchNorm layers in eval mode"
         )
@@ -143,7 +151,7 @@ def segment(
         shape=(ny, nx),
         pixel_size_um=level_px,
         class_names=class_names,
-        model_name=_model_label(model, net),
+        model_name=model_name or _model_label(model, net),
         model_sha256=models.fingerprint(net),
         halo=geometry.halo,
         config=config,
@@ -199,7 +207,6 @@ def segment(
                 on_result=recorder,
             )
     finally:
-        # Whatever happened, record what was written so a re-run skips it.
         recorder.close()
 
     seconds = time.perf_counter() - started
@@ -229,7 +236,8 @@ def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:
 
 class _TileRecorder:
     """Driver-side bookkeeping of finished blocks: progress bar, callback, and the result's
-    tiles-done map, flushed every few seconds rather than per block (one small write)."""
+    tiles-done map, recorded as each block arrives, so a re-run recomputes only blocks that
+    were not finished (one small write per block, a few ms beside its forward passes)."""
 
     def __init__(
         self,
@@ -242,26 +250,18 @@ class _TileRecorder:
 
         self.output = output
         self.total = total
+        self.done = 0
         self.on_progress = on_progress
         self.windows = 0
-        self._pending: dict[tuple[int, int], np.ndarray] = {}
-        self._last_flush = time.monotonic()
         self._bar = tqdm(total=total, unit="tile", desc="segment", disable=not progress)
 
     def __call__(self, res: BlockResult) -> None:
-        self._pending.update(zip(res.tiles, res.class_pixels, strict=True))
+        mark_tiles_done(self.output, dict(zip(res.tiles, res.class_pixels, strict=True)))
+        self.done += len(res.tiles)
         self.windows += res.windows
         self._bar.update(len(res.tiles))
         if self.on_progress is not None:
-            self.on_progress(self._bar.n, self.total)
-        if time.monotonic() - self._last_flush > _FLUSH_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        mark_tiles_done(self.output, self._pending)
-        self._pending.clear()
-        self._last_flush = time.monotonic()
+            self.on_progress(self.done, self.total)
 
     def close(self) -> None:
-        self.flush()
         self._bar.close()

@@ -1,20 +1,30 @@
-"""Running segmentation tasks on Dask: clusters, per-worker models, one task per tile block.
+"""The overlap-tile stitcher, and the unit of work of a Dask task built on it.
 
-A task takes a block of output tiles (``task_tiles`` x ``task_tiles``, one Zarr shard), reads the
-input it needs once, runs the worker's model on its windows in batches, stitches them through a
-sink, writes the block to the result and returns the block's per-tile class counts. Tasks carry
-paths and geometry, never pixel arrays, so the graph stays small for any image size.
+:func:`predict_region` is the one place windows are cut, predicted and stitched: it takes the
+tiles of a region, reads the input they need once (mirrored at the image border), runs a
+:data:`~segpipe.execution.predictor.WindowPredictor` on the windows in batches and joins the
+outputs through a sink (exact or blend, :class:`Stitching`). Two callers:
+
+* :func:`segment_block`, one Dask task: a block of tiles (``task_tiles`` x ``task_tiles``,
+  one Zarr shard) predicted by the worker's model, written to the result; it returns the
+  block's per-tile class counts. Tasks carry paths and geometry, never pixel arrays, so the
+  graph stays small for any image size.
+* :func:`predict_labels`, a whole in-memory image (an :class:`~segpipe.io.readers.ArrayReader`)
+  predicted by a model as it is: training validation, evaluation and benchmarks.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
-from segpipe.execution.predictor import Predictor
+from segpipe.execution.predictor import Predictor, WindowPredictor, window_probabilities
 from segpipe.geometry.blending import BlendSink, CropSink, Sink
 from segpipe.geometry.tiling import (
     BlendLattice,
@@ -24,14 +34,22 @@ from segpipe.geometry.tiling import (
     Window,
     blend_windows,
     exact_window,
+    tile_grid,
 )
-from segpipe.io.readers import Reader, read_mirrored
+from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
+from segpipe.models import geometry_of
 from segpipe.results import write_block
 
 __all__ = [
     "BlockResult",
     "Job",
+    "PredictionError",
+    "RegionPrediction",
+    "Stitching",
     "install_predictor",
+    "predict_labels",
+    "predict_probabilities",
+    "predict_region",
     "predictor_for",
     "remove_predictor",
     "segment_block",
@@ -43,21 +61,74 @@ log = logging.getLogger(__name__)
 # (or by the driver when it runs tasks itself), read by every task.
 _PREDICTORS: dict[str, Predictor] = {}
 
+MODES = ("exact", "blend")
+
 
 @dataclass(frozen=True)
-class Job:
-    """Everything a task needs besides its tiles. Small and picklable."""
+class Stitching:
+    """Which windows cover a set of tiles and how their predictions are joined.
 
-    reader: Reader
-    level: int
-    output: str
-    model_key: str
-    mode: str  # "exact" | "blend"
+    Parameters
+    ----------
+    mode
+        ``"exact"``: one overlap-tile window per tile, cropped back to it (``exact_window``,
+        ``CropSink``); ``"blend"``: the windows of ``lattice`` averaged with Gaussian weights
+        (``blend_windows``, ``BlendSink``).
+    tile
+        Output tile side, pixels (a multiple of ``geometry.multiple``).
+    geometry
+        The model's geometry.
+    num_classes
+        Channels of the model's output.
+    lattice, sigma_scale
+        Blend mode's global window lattice and its Gaussian's width (fraction of a window).
+    """
+
+    mode: str
     tile: int
     geometry: Geometry
     num_classes: int
     lattice: BlendLattice | None = None
     sigma_scale: float = 0.125
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"stitching mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "blend" and self.lattice is None:
+            raise ValueError("blend mode needs a lattice (segpipe.geometry.tiling.blend_lattice)")
+
+    def windows(self, tiles: Sequence[Tile], region: Box) -> list[Window]:
+        """The windows that give ``tiles`` (whose bounding box is ``region``), row-major."""
+        if self.mode == "blend" and self.lattice is not None:  # blend always has one
+            return blend_windows(self.lattice, region)
+        return [exact_window(t, self.tile, self.geometry) for t in tiles]
+
+    def sink(self, region: Box) -> Sink:
+        """An empty sink for ``region`` that joins window outputs as the mode says."""
+        if self.mode == "exact":
+            return CropSink(region, self.num_classes)
+        return BlendSink(region, self.num_classes, sigma_scale=self.sigma_scale)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job(Stitching):
+    """Everything a task needs besides its tiles: the stitching, where the pixels come from
+    and where the result goes. Small and picklable."""
+
+    reader: Reader
+    level: int
+    output: str
+    model_key: str
+
+
+@dataclass(frozen=True)
+class RegionPrediction:
+    """What :func:`predict_region` gives: ``probabilities`` ``(C, y, x)`` float32 over
+    ``region`` (pixels of the level read) and the number of windows predicted."""
+
+    region: Box
+    probabilities: np.ndarray
+    windows: int
 
 
 @dataclass(frozen=True)
@@ -67,21 +138,139 @@ class BlockResult:
     windows: int
 
 
-def _windows(tiles: list[Tile], job: Job, region: Box) -> list[Window]:
-    if job.mode == "exact":
-        return [exact_window(t, job.tile, job.geometry) for t in tiles]
-    if job.lattice is None:
-        raise ValueError("blend mode needs a lattice")
-    return blend_windows(job.lattice, region)
-
-
-def _bounds(boxes: list[Box]) -> Box:
+def _bounds(boxes: Sequence[Box]) -> Box:
     return Box(
         min(b.y0 for b in boxes),
         max(b.y1 for b in boxes),
         min(b.x0 for b in boxes),
         max(b.x1 for b in boxes),
     )
+
+
+def predict_region(
+    tiles: Sequence[Tile],
+    reader: Reader,
+    predict: WindowPredictor,
+    stitching: Stitching,
+    *,
+    level: int = 0,
+    batch_size: int = 4,
+) -> RegionPrediction:
+    """Predict ``tiles`` of ``reader``'s ``level`` and stitch them: the overlap-tile stitcher.
+
+    The input all windows need is read once (mirrored where it leaves the image, as in the
+    U-Net paper); windows go to ``predict`` ``batch_size`` at a time, in row-major order, and
+    each output, cropped by ``Window.crop``, into the stitching's sink. In exact mode and for a
+    valid-padding model the result equals one forward pass over the whole mirrored image.
+
+    Parameters
+    ----------
+    tiles
+        Output tiles of ``tile_grid(shape, stitching.tile)``; the region is their bounding box.
+    reader
+        The image (a file's reader, or an :class:`~segpipe.io.readers.ArrayReader`).
+    predict
+        ``(N, Y, X, C)`` pixels -> ``(N, C, y, x)`` probabilities: a
+        :class:`~segpipe.execution.predictor.Predictor`, or
+        :func:`~segpipe.execution.predictor.window_probabilities` bound to a model.
+    stitching
+        Windows and sink (a :class:`Job` is one).
+    level, batch_size
+        The pyramid level read; windows per call of ``predict``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 window, got {batch_size}")
+    region = _bounds([t.box for t in tiles])
+    windows = stitching.windows(tiles, region)
+    source_box = _bounds([w.input for w in windows])
+    pixels = read_mirrored(reader, source_box, level)
+    _check_pixels(pixels, reader, source_box, level)
+    sink = stitching.sink(region)
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i : i + batch_size]
+        stack = np.stack([pixels[w.input.relative_to(source_box)] for w in chunk])
+        probabilities = np.asarray(predict(stack))
+        if not np.isfinite(probabilities).all():
+            bad = next(
+                w for w, p in zip(chunk, probabilities, strict=True) if not np.isfinite(p).all()
+            )
+            raise PredictionError(
+                f"{reader.path}: the model's output is NaN or infinite for the window whose "
+                f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:{bad.output.x1} "
+                f"of level {level}; nothing of this block was written"
+            )
+        for w, p in zip(chunk, probabilities, strict=True):
+            h, wd = w.output.shape
+            sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
+    return RegionPrediction(region, sink.result(), len(windows))
+
+
+class PredictionError(RuntimeError):
+    """The model gave NaN or infinite probabilities; the message names the image and window."""
+
+
+# segpipe's float pixel convention is [0, 1] (geometry.pixels.to_float01); a little slack for
+# resampling overshoot, none for [0, 255] data stored as float.
+_FLOAT_RANGE = (-0.01, 1.01)
+
+
+def _check_pixels(pixels: np.ndarray, reader: Reader, box: Box, level: int) -> None:
+    """Refuse float pixels that are NaN/inf or outside [0, 1], naming file and region."""
+    if pixels.dtype.kind != "f":
+        return
+    where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
+    if not np.isfinite(pixels).all():
+        raise ImageReadError(
+            f"{reader.path}: NaN or infinite pixels at {where}; fill them (nodata) before "
+            "segmenting"
+        )
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo < _FLOAT_RANGE[0] or hi > _FLOAT_RANGE[1]:
+        raise ImageReadError(
+            f"{reader.path}: float pixels must lie in [0, 1], found {lo:g}..{hi:g} at {where}; "
+            "rescale them to [0, 1] or store integers (uint8/uint16)"
+        )
+
+
+def predict_probabilities(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int = 256,
+    batch_size: int = 4,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Class probabilities ``(C, Y, X)`` float32 of a whole in-memory ``(Y, X, C)`` image.
+
+    Exact overlap-tile mode through :func:`predict_region`, with the model as it is
+    (:func:`~segpipe.execution.predictor.window_probabilities`: call ``model.eval()`` first
+    for inference behaviour). ``tile`` is the output tile side in pixels, a multiple of the
+    model's size multiple; ``num_classes`` defaults to ``model.num_classes``.
+    """
+    classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    if classes is None:
+        raise ValueError(f"{type(model).__name__} has no num_classes attribute: pass num_classes=")
+    reader = ArrayReader(image)
+    tiles = list(tile_grid(reader.shape[:2], tile))
+    stitching = Stitching("exact", tile, geometry_of(model), int(classes))
+    predict = functools.partial(window_probabilities, model)
+    return predict_region(tiles, reader, predict, stitching, batch_size=batch_size).probabilities
+
+
+def predict_labels(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int = 256,
+    batch_size: int = 4,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Class map ``(Y, X)`` uint8 of a whole in-memory ``(Y, X, C)`` image: the argmax of
+    :func:`predict_probabilities`, as the pipeline writes its mask."""
+    probabilities = predict_probabilities(
+        model, image, tile=tile, batch_size=batch_size, num_classes=num_classes
+    )
+    return np.argmax(probabilities, axis=0).astype(np.uint8)
 
 
 def install_predictor(key: str, predictor: Predictor) -> None:
@@ -95,6 +284,7 @@ def remove_predictor(key: str) -> None:
 
 
 def predictor_for(key: str) -> Predictor:
+    """The predictor :func:`install_predictor` made ready for model ``key`` in this process."""
     try:
         return _PREDICTORS[key]
     except KeyError:
@@ -108,31 +298,20 @@ def predictor_for(key: str) -> Predictor:
 def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
     """Predict, stitch and write one block of tiles; the unit of work of a Dask task."""
     predictor = predictor_for(job.model_key)
-    region = _bounds([t.box for t in tiles])
-    windows = _windows(tiles, job, region)
-    source_box = _bounds([w.input for w in windows])
-    pixels = read_mirrored(job.reader, source_box, job.level)
-
-    sink: Sink = (
-        CropSink(region, job.num_classes)
-        if job.mode == "exact"
-        else BlendSink(region, job.num_classes, sigma_scale=job.sigma_scale)
+    block = predict_region(
+        tiles,
+        job.reader,
+        predictor,
+        job,
+        level=job.level,
+        batch_size=predictor.config.batch_size,
     )
-    batch = max(1, predictor.config.batch_size)
-    for i in range(0, len(windows), batch):
-        chunk = windows[i : i + batch]
-        stack = np.stack([pixels[w.input.relative_to(source_box)] for w in chunk])
-        for w, p in zip(chunk, predictor(stack), strict=True):
-            h, wd = w.output.shape
-            sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
-    probs = sink.result()
-
     # One write per block: the block is one whole shard of the result.
-    mask = write_block(job.output, region, probs)
+    mask = write_block(job.output, block.region, block.probabilities)
     counts = [
-        np.bincount(mask[t.box.relative_to(region)].ravel(), minlength=job.num_classes).astype(
-            np.int64
-        )
+        np.bincount(
+            mask[t.box.relative_to(block.region)].ravel(), minlength=job.num_classes
+        ).astype(np.int64)
         for t in tiles
     ]
-    return BlockResult(tuple(t.index for t in tiles), tuple(counts), len(windows))
+    return BlockResult(tuple(t.index for t in tiles), tuple(counts), block.windows)

@@ -21,18 +21,22 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
 from prefect.states import State
 
 from segpipe import archive
-from segpipe.archive import ArchiveImage, ImageOutcome, SegmentParams, reports
+from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, reports
 from segpipe.archive.claims import ClaimLostError
+from segpipe.config import SegmentConfig
 from segpipe.flows.segment_slide import segment_task
 from segpipe.io.readers import ImageReadError
 
@@ -88,44 +92,59 @@ def discover_task(
     return images
 
 
-@task(name="model-sha256")
-def model_sha_task(model: str) -> str:
-    return archive.model_sha256(model)
+@dataclass(frozen=True)
+class RunPolicy:
+    """How a run treats each image (the flow's parameters of the same names): retries of a
+    transient failure, the claim's owner and timeout, a global concurrency limit."""
+
+    retries: int
+    retry_delay_s: float
+    lock_ttl_s: float
+    owner: str
+    concurrency_limit: str | None = None
+    storage_options: dict[str, Any] | None = None
 
 
-@task(name="archive-image", task_run_name="image-{image.key}")
+@task(name="load-model", cache_policy=NO_CACHE)
+def load_model_task(model: str) -> LoadedModel:
+    """The model, loaded and hashed once for every image of the run."""
+    loaded = archive.load_model(model)
+    get_run_logger().info("model %s, sha256 %s", loaded.name, loaded.sha256[:16])
+    return loaded
+
+
+# No cache key: hashing the loaded model's weights for a cache no run hits is wasted work.
+@task(name="archive-image", task_run_name="image-{image.key}", cache_policy=NO_CACHE)
 def image_task(
     image: ArchiveImage,
     output_root: str,
-    model: str,
-    model_sha: str,
-    params: SegmentParams,
-    options: dict[str, Any],
-    settings: dict[str, Any],
+    model: LoadedModel,
+    config: SegmentConfig,
+    policy: RunPolicy,
 ) -> ImageOutcome:
     """One image start to finish (:func:`segpipe.archive.process_image`), plus its artifact."""
     logger = get_run_logger()
     segment = segment_task.with_options(
-        retries=settings["retries"],
-        retry_delay_seconds=settings["retry_delay_s"],
+        retries=policy.retries,
+        retry_delay_seconds=policy.retry_delay_s,
         retry_condition_fn=is_transient,
     )
-    limit = settings.get("concurrency_limit")
+    limit = policy.concurrency_limit
 
-    def run_segment(source: str, output: Path, model: str, **kwargs: Any) -> str:
+    def run_segment(
+        source: str, output: Path, module: torch.nn.Module, config: SegmentConfig, **kw: Any
+    ) -> str:
         with _global_slot(limit):
-            return segment(str(source), str(output), str(model), kwargs)
+            return segment(str(source), str(output), module, config, **kw)
 
     outcome = archive.process_image(
         image,
         output_root,
         model,
-        params=params,
-        model_sha=model_sha,
-        segment_options=options,
-        owner=settings["owner"],
-        ttl_s=settings["lock_ttl_s"],
-        storage_options=settings.get("storage_options"),
+        config=config,
+        owner=policy.owner,
+        ttl_s=policy.lock_ttl_s,
+        storage_options=policy.storage_options,
         run_segment=run_segment,
     )
     logger.info("%s: %s (%s)", image.key, outcome.status, outcome.reason)
@@ -156,16 +175,9 @@ def process_archive(
     source: str,
     output_root: str,
     model: str = "tissue-unet",
+    config: SegmentConfig | None = None,
     *,
     pattern: str = "*",
-    tile: int = 512,
-    mode: Literal["exact", "blend"] = "exact",
-    level: int = 0,
-    pixel_size_um: float | None = None,
-    device: str = "auto",
-    scheduler: str | None = None,
-    n_workers: int | None = None,
-    batch_size: int = 4,
     max_concurrent: int = 1,
     concurrency_limit: str | None = None,
     retries: int = 2,
@@ -184,15 +196,18 @@ def process_archive(
     output_root
         Results, reports, thumbnails, locks and the catalog (``_catalog/``).
     model
-        Shipped model name or checkpoint path.
+        Shipped model name or checkpoint path; loaded and hashed once per run.
+    config
+        Every setting of the segmentation (default ``SegmentConfig()``); as a deployment
+        parameter, a JSON object of the settings to change (``{"tile": 256, "scheduler":
+        "tcp://dask-scheduler:8786"}``), validated into a ``SegmentConfig`` by Prefect.
+        Changing a result setting (``tile``, ``mode``, ``window``, ``level``...) makes every
+        image due again; changing an execution setting (``batch_size``, ``device``,
+        ``n_workers``, ``scheduler``) does not. ``scheduler`` None starts a local Dask
+        cluster per image, ``"sync"`` runs in the task's thread, ``"tcp://host:8786"`` uses a
+        running cluster shared by all images.
     pattern, min_age_s, storage_options
         Which files count (:func:`segpipe.archive.discover_images`).
-    tile, mode, level, pixel_size_um
-        Parameters of the result; changing one makes every image due again.
-    device, scheduler, n_workers, batch_size
-        Execution (:func:`segpipe.segment`): ``scheduler`` None starts a local Dask cluster
-        per image, ``"sync"`` runs in the task's thread, ``"tcp://host:8786"`` uses a running
-        cluster shared by all images.
     max_concurrent
         Images in flight at once in this run.
     concurrency_limit
@@ -214,31 +229,25 @@ def process_archive(
     logger = get_run_logger()
     if max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    config = config or SegmentConfig()
     root = str(Path(output_root).absolute())
     images = discover_task(source, pattern, min_age_s, root, storage_options)
-    model_sha = model_sha_task(model)
-    params = SegmentParams(tile=tile, mode=mode, level=level, pixel_size_um=pixel_size_um)
-    options = {
-        "device": device,
-        "scheduler": scheduler,
-        "n_workers": n_workers,
-        "batch_size": batch_size,
-    }
-    settings = {
-        "retries": retries,
-        "retry_delay_s": retry_delay_s,
-        "lock_ttl_s": lock_ttl_s,
-        "owner": _owner(),
-        "concurrency_limit": concurrency_limit,
-        "storage_options": storage_options,
-    }
+    loaded = load_model_task(model)
+    policy = RunPolicy(
+        retries=retries,
+        retry_delay_s=retry_delay_s,
+        lock_ttl_s=lock_ttl_s,
+        owner=_owner(),
+        concurrency_limit=concurrency_limit,
+        storage_options=storage_options,
+    )
 
     submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
     in_flight: list[PrefectFuture[ImageOutcome]] = []
     for image in images:
         if len(in_flight) >= max_concurrent:
             in_flight.pop(0).wait()
-        future = image_task.submit(image, root, model, model_sha, params, options, settings)
+        future = image_task.submit(image, root, loaded, config, policy)
         submitted.append((image, future))
         in_flight.append(future)
 
@@ -293,6 +302,7 @@ def serve_archive(
     source: str,
     output_root: str,
     model: str = "tissue-unet",
+    config: SegmentConfig | dict[str, Any] | None = None,
     *,
     cron: str = "0 2 * * *",
     timezone: str = "UTC",
@@ -304,10 +314,19 @@ def serve_archive(
 
     Blocks until interrupted; runs triggered by the schedule, the UI or ``run_deployment``
     (``process-archive/<name>``) execute here, one at a time. Needs a Prefect server
-    (``PREFECT_API_URL``). Other keyword arguments become default parameters of the runs.
+    (``PREFECT_API_URL``). ``config`` (a ``SegmentConfig`` or a mapping of settings) and the
+    other keyword arguments (``pattern``, ``max_concurrent``...) become the runs' default
+    parameters.
     """
     from prefect.schedules import Cron
 
+    if config is not None:
+        # Checked here, not at the first scheduled run; stored as JSON in the deployment.
+        config = config if isinstance(config, SegmentConfig) else SegmentConfig.from_dict(config)
+        parameters["config"] = config.as_dict()
+    process_archive.validate_parameters(
+        {"source": source, "output_root": output_root, "model": model, **parameters}
+    )
     process_archive.serve(
         name=name,
         schedules=[Cron(cron, timezone=timezone)],

@@ -4,16 +4,23 @@ Each task is one library call, so the CLI, a notebook or a test runs the same co
 Prefect. With no ``PREFECT_API_URL`` the flow runs on Prefect's temporary local server.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: Prefect builds the flow's parameter model from the
+# annotations, and a deployment run loads this file by path, where string annotations may not
+# resolve (see segpipe/flows/archive.py).
 
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 import segpipe
 from segpipe.analysis.summary import summarise
+from segpipe.config import SegmentConfig
 from segpipe.io.ingest import ingested_image
+
+__all__ = ["default_image_store", "segment_slide", "segment_task"]
 
 
 def default_image_store(output: str | Path) -> Path:
@@ -28,8 +35,20 @@ def ingest_task(source: str, store: str, pixel_size_um: float | None, progress: 
     return str(ingested_image(source, store, pixel_size_um=pixel_size_um, progress=progress))
 
 
-@task(name="segment")
-def segment_task(image: str, output: str, model: str, options: dict[str, Any]) -> str:
+# No cache key: a loaded model may come in as `model`, and hashing its weights for a cache that
+# a run never hits (results are not persisted) is wasted work.
+@task(name="segment", cache_policy=NO_CACHE)
+def segment_task(
+    image: str,
+    output: str,
+    model: str | torch.nn.Module,
+    config: SegmentConfig,
+    *,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> str:
+    """:func:`segpipe.segment`, logging progress every tenth of the tiles."""
     logger = get_run_logger()
     reported = [-1]
 
@@ -39,7 +58,18 @@ def segment_task(image: str, output: str, model: str, options: dict[str, Any]) -
             reported[0] = decile
             logger.info("segmented %d/%d tiles", done, total)
 
-    return str(segpipe.segment(image, output, model, on_progress=log_progress, **options))
+    # Looked up on the package at call time, so a test can stand in for it.
+    result = segpipe.segment(
+        image,
+        output,
+        model,
+        config,
+        model_name=model_name,
+        overwrite=overwrite,
+        progress=progress,
+        on_progress=log_progress,
+    )
+    return str(result)
 
 
 @task(name="summarise")
@@ -54,29 +84,23 @@ def segment_slide(
     source: str,
     output: str,
     model: str = "tissue-unet",
+    config: SegmentConfig | None = None,
     *,
     image_store: str | None = None,
     ground_truth: str | None = None,
-    pixel_size_um: float | None = None,
-    tile: int = 512,
-    mode: str = "exact",
-    device: str = "auto",
-    scheduler: str | None = None,
-    n_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Segment one slide into ``output`` and return its summary (areas, Dice if truth given)."""
+    """Segment one slide into ``output`` and return its summary (areas, Dice if truth given).
+
+    ``config`` holds every setting of the segmentation (default ``SegmentConfig()``); as a
+    deployment parameter it is a JSON object of the settings to change, ``{"tile": 256}``,
+    which Prefect validates into a ``SegmentConfig``. Its ``pixel_size_um`` also goes to the
+    ingest. ``image_store`` is where the OME-Zarr copy goes (default
+    :func:`default_image_store`).
+    """
+    config = config or SegmentConfig()
     store = image_store or str(default_image_store(output))
-    image = ingest_task(source, store, pixel_size_um, progress)
-    options = {
-        "tile": tile,
-        "mode": mode,
-        "device": device,
-        "scheduler": scheduler,
-        "n_workers": n_workers,
-        "overwrite": overwrite,
-        "progress": progress,
-    }
-    result = segment_task(image, output, model, options)
+    image = ingest_task(source, store, config.pixel_size_um, progress)
+    result = segment_task(image, output, model, config, overwrite=overwrite, progress=progress)
     return summarise_task(result, ground_truth)

@@ -1,8 +1,13 @@
-"""``train_model``: build (or load) a model -> train -> evaluate -> save, as a Prefect flow.
+"""``train_model``: build (or load) a model -> train (validating it) -> save, as a Prefect flow.
 
 Each task is one library call, so the CLI, a notebook or a test runs the same code without
 Prefect. With no ``PREFECT_API_URL`` the flow runs on Prefect's temporary local server. The
 model travels between tasks in this process (tasks here are not cached or persisted).
+
+Validation is scored by training itself (:func:`segpipe.analysis.evaluation.evaluate_model`
+after each epoch); the flow reports that evaluation rather than scoring the same weights on
+the same images again. Only float16 weights, which differ from the trained ones, are scored
+once more, by :func:`segpipe.training.save_trained`, for the file's metrics.
 """
 
 from __future__ import annotations
@@ -10,14 +15,13 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from torch import nn
 
-from segpipe.analysis.evaluation import evaluate_model
+from segpipe.analysis.evaluation import Evaluation
+from segpipe.models import SegmentationModel
 from segpipe.training import (
     TrainConfig,
     class_names_for,
     initial_model,
-    make_slides,
     save_trained,
     train,
 )
@@ -26,33 +30,30 @@ from segpipe.training import (
 @task(name="build-model")
 def build_task(
     architecture: str, class_names: tuple[str, ...], seed: int, options: dict[str, Any]
-) -> nn.Module:
+) -> SegmentationModel:
     get_run_logger().info("model %s %s for classes %s", architecture, options, class_names)
     return initial_model(architecture, class_names=class_names, seed=seed, **options)
 
 
 @task(name="train")
-def train_task(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
+def train_task(model: SegmentationModel, config: TrainConfig) -> dict[str, Any]:
     result = train(model, config)
     get_run_logger().info(
-        "trained %d steps in %.1f s: validation mean Dice %.4f",
+        "trained %d steps in %.1f s; validation:\n%s",
         config.steps,
         result["train_seconds"],
-        result["mean_dice"],
+        Evaluation.from_dict(result).report(),
     )
     return result
 
 
-@task(name="evaluate")
-def evaluate_task(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
-    scores = evaluate_model(model, make_slides(config)[1], tile=config.val_tile).as_dict()
-    get_run_logger().info("validation: %s", scores)
-    return scores
-
-
 @task(name="save")
 def save_task(
-    model: nn.Module, config: TrainConfig, result: dict[str, Any], output: str, half: bool
+    model: SegmentationModel,
+    config: TrainConfig,
+    result: dict[str, Any],
+    output: str,
+    half: bool,
 ) -> str:
     save_trained(model, config, result, output, half=half, extra={"flow": "train_model"})
     return output
@@ -88,13 +89,17 @@ def train_model(
     -------
     dict
         ``{"checkpoint": output, "train": train()'s metrics, "evaluation":
-        segpipe.analysis.evaluation.Evaluation.as_dict() on the validation images}``.
+        segpipe.analysis.evaluation.Evaluation.as_dict() of the trained model on the
+        validation images}`` (the last epoch's validation).
     """
     config = TrainConfig(**(train_options or {}))
     model = build_task(
         architecture, class_names_for(config), config.seed, dict(model_options or {})
     )
     result = train_task(model, config)
-    scores = evaluate_task(model, config)
     path = save_task(model, config, result, output, half)
-    return {"checkpoint": path, "train": result, "evaluation": scores}
+    return {
+        "checkpoint": path,
+        "train": result,
+        "evaluation": Evaluation.from_dict(result).as_dict(),
+    }

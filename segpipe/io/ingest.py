@@ -35,11 +35,11 @@ import dask.array as da
 import numpy as np
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
-from segpipe.io.readers import Reader, check_pixel_size, open_image
+from segpipe.io.ome import OME_VERSION, multiscale_attributes
+from segpipe.io.readers import Reader, open_image
+from segpipe.io.units import check_pixel_size
 
-__all__ = ["OME_ZARR_VERSION", "ingest", "ingested_image", "is_segpipe_image"]
-
-OME_ZARR_VERSION = "0.5"
+__all__ = ["ingest", "ingested_image", "is_segpipe_image"]
 _ZSTD_LEVEL = 3
 
 
@@ -179,35 +179,13 @@ def _clear_output(out: Path, *, overwrite: bool) -> None:
 
 def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> dict[str, Any]:
     """The ``ome`` attribute of an OME-Zarr 0.5 image with ``n_levels`` 2x levels."""
-    space: dict[str, Any] = {"type": "space"}
-    if pixel_size_um is not None:
-        space["unit"] = "micrometer"
     step = 1.0 if pixel_size_um is None else float(pixel_size_um)
+    unit = None if pixel_size_um is None else "micrometer"
+    paths = [str(k) for k in range(n_levels)]
     return {
-        "version": OME_ZARR_VERSION,
+        "version": OME_VERSION,
         "multiscales": [
-            {
-                "name": name,
-                "axes": [
-                    {"name": "c", "type": "channel"},
-                    {"name": "y", **space},
-                    {"name": "x", **space},
-                ],
-                "datasets": [
-                    {
-                        "path": str(k),
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0, step * 2**k, step * 2**k]}
-                        ],
-                    }
-                    for k in range(n_levels)
-                ],
-                "type": "mean",
-                "metadata": {
-                    "description": "2x2 block mean; an odd last row or column is dropped",
-                    "method": "segpipe.geometry.pixels.downsample_mean_2x",
-                },
-            }
+            multiscale_attributes(name, paths, (step, step), unit, channel="c", method="mean")
         ],
     }
 

@@ -129,7 +129,9 @@ def multiscale_attributes(
         "axes": _axes(unit, channel),
         "datasets": _datasets(paths, pixel_size, 1 if channel else 0),
         "type": method,
-        "metadata": {"method": f"segpipe.results.pyramid.reduce_level ({method} of 2x2 blocks)"},
+        "metadata": {
+            "description": f"{method} of 2x2 blocks; an odd last row or column is dropped"
+        },
     }
 
 

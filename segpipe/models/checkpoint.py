@@ -117,28 +117,61 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
             f"known models: {sorted(REGISTRY)}"
         )
     cls = REGISTRY[name]
-    try:
-        config = cls.config_class(**payload["config"])
-        model = cls(
-            config,
+    state = payload["state_dict"]
+    _check_finite(state, path)
+
+    def build() -> SegmentationModel:
+        return cls(
+            cls.config_class(**payload["config"]),
             class_names=payload["class_names"],
             input_mean=payload["input_mean"],
             input_std=payload["input_std"],
         )
+
+    try:
+        # Shapes first, on the meta device (nothing allocated): a config that lies about its
+        # size (width=200000) is refused here instead of by the allocator.
+        with torch.device("meta"):
+            skeleton = build()
     except (TypeError, ValueError) as err:
         raise CheckpointError(
             f"{path}: its config {payload['config']} does not fit model {name!r} "
             f"({cls.config_class.__name__}): {err}"
         ) from err
+    _check_shapes(skeleton, state, path)
+    model = build()
+    config = model.config
     try:
         # load_state_dict copies into the float32 parameters, so float16 files come back float32.
-        model.load_state_dict(payload["state_dict"], strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise CheckpointError(
             f"{path}: its weights do not match a {name!r} model with config {config}: {err}"
         ) from err
     model.checkpoint_metrics = dict(payload.get("metrics") or {})
     return model.eval()
+
+
+def _check_finite(state: Mapping[str, Any], path: Path) -> None:
+    for key, tensor in state.items():
+        floating = isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+        if floating and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f"{path}: weight {key!r} holds NaN or infinite values; the checkpoint is "
+                "damaged or its training diverged"
+            )
+
+
+def _check_shapes(skeleton: torch.nn.Module, state: Mapping[str, Any], path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+    if wrong:
+        k = wrong[0]
+        raise CheckpointError(
+            f"{path}: its config does not match its weights ({len(wrong)} tensors differ, "
+            f"e.g. {k!r}: config gives {expected[k]}, weights have {found[k]})"
+        )
 
 
 def fingerprint(model: torch.nn.Module) -> str:

@@ -22,6 +22,7 @@ __all__ = [
     "ResultMismatchError",
     "RunSummary",
     "class_areas_um2",
+    "class_fractions",
     "is_complete",
     "is_result",
     "level_path",
@@ -56,8 +57,17 @@ class RunSummary:
     @property
     def class_fraction(self) -> tuple[float, ...]:
         """(C,) share of the mask's pixels per class."""
-        total = max(1, sum(self.class_pixels))
-        return tuple(round(n / total, 6) for n in self.class_pixels)
+        return class_fractions(self.class_pixels)
+
+
+def class_fractions(class_pixels: Sequence[int] | np.ndarray) -> tuple[float, ...]:
+    """(C,) share of each class in ``class_pixels`` (all zeros when no pixel is counted).
+
+    >>> class_fractions([1, 0, 3])
+    (0.25, 0.0, 0.75)
+    """
+    counts = np.asarray(class_pixels, dtype=np.int64)
+    return tuple((counts / max(1, int(counts.sum()))).tolist())
 
 
 def class_areas_um2(
@@ -177,7 +187,8 @@ class ResultMeta:
             attrs.update(
                 {f.name: getattr(s, f.name) for f in fields(RunSummary)},
                 class_pixels=list(s.class_pixels),
-                class_fraction=list(s.class_fraction),
+                # rounded on disk: six decimals say all a person reads there
+                class_fraction=[round(f, 6) for f in s.class_fraction],
             )
             if (areas := self.class_areas_um2) is not None:
                 attrs["class_area_um2"] = list(areas)
@@ -237,9 +248,12 @@ class ResultMeta:
 def is_result(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a segpipe result (complete or not)."""
     try:
-        return "segpipe" in zarr.open_group(path, mode="r").attrs
+        attrs = zarr.open_group(path, mode="r").attrs.get("segpipe")
     except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
         return False
+    # An ingested image carries a "segpipe" attribute too (kind "image"); a result has an
+    # identity. Only a result may ever be overwritten.
+    return isinstance(attrs, dict) and "identity" in attrs
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
@@ -249,9 +263,10 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
         attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise FileNotFoundError(f"no segpipe result at {path}") from e
-    if "segpipe" not in attrs:
+    if "identity" not in attrs.get("segpipe", {}):
         raise ValueError(
-            f"{path} is a Zarr group but not a segpipe result (no 'segpipe' attribute)"
+            f"{path} is a Zarr group but not a segpipe result (no 'segpipe' result "
+            "attribute: an ingested image or other data)"
         )
     return dict(attrs["segpipe"])
 

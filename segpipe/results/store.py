@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,6 +23,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 
+from segpipe.faults import fault_point
 from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import utc_now
@@ -68,9 +70,20 @@ def prepare_result(
 
     Raises ``ResultMismatchError`` when ``path`` holds anything else: a result of other inputs
     or parameters (unless ``overwrite``), or something that is not a segpipe result at all
-    (never deleted, whatever ``overwrite`` says).
+    (an image, user data: never deleted, whatever ``overwrite`` says).
+
+    A result appears at ``path`` whole or not at all: its skeleton is built beside it and
+    renamed into place, and a replaced result is renamed aside before it is deleted, so a run
+    killed at any instant leaves either nothing, the old result, or the new skeleton.
     """
     path = Path(path)
+    source = Path(meta.source).resolve()
+    if path.resolve() == source or source in path.resolve().parents:
+        raise ResultMismatchError(
+            f"{path} is the source image {meta.source} or lies inside it; a result must go "
+            "elsewhere (writing there could destroy the image)"
+        )
+    _remove_leftovers(path)
     if path.exists():
         if not is_result(path):
             raise ResultMismatchError(
@@ -89,9 +102,40 @@ def prepare_result(
                 f"(differs in: {', '.join(changed)}); pass overwrite=True (--overwrite) to "
                 "replace it, or choose another output path."
             )
-        shutil.rmtree(path)
-    _create(path, meta)
+        trash = _sibling(path, "deleting")
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+    building = _sibling(path, "creating")
+    try:
+        _create(building, meta)
+        fault_point("result.skeleton")
+        os.rename(building, path)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    fault_point("result.created")
     return tiles_done(path)
+
+
+# Leftovers of a killed run beside a result: a half-built skeleton or a half-deleted result.
+_LEFTOVER_KINDS = ("creating", "deleting")
+# A skeleton younger than this may belong to a run creating it right now.
+_LEFTOVER_AGE_S = 600.0
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
+
+
+def _remove_leftovers(path: Path) -> None:
+    if not path.parent.is_dir():
+        return
+    now = time.time()
+    for kind in _LEFTOVER_KINDS:
+        for old in path.parent.glob(f".{path.name}.{kind}-*"):
+            with contextlib.suppress(OSError):
+                if kind == "deleting" or now - old.stat().st_mtime > _LEFTOVER_AGE_S:
+                    shutil.rmtree(old)
 
 
 def _provenance(meta: ResultMeta) -> dict[str, Any]:
@@ -258,6 +302,7 @@ def mark_tiles_done(
         # Counts before flags: a tile flagged done always has its counts.
         counts[sl] = c
         done[sl] = d
+    fault_point("block.recorded")
 
 
 def class_pixels(path: str | os.PathLike) -> np.ndarray:
@@ -265,9 +310,10 @@ def class_pixels(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(zarr.open_array(Path(path) / _COUNTS, mode="r")[...]).sum(axis=(0, 1))
 
 
-@lru_cache(maxsize=8)
 def _arrays(path: str) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
-    # One open per worker process and result, not per tile.
+    # Opened per block, never cached by path: a cached handle outlives an overwrite of the
+    # result and would write the new store in the old layout. One open is a few small JSON
+    # reads, nothing beside a block's forward passes.
     root = zarr.open_group(path, mode="r+")
     return (
         root["mask"],
@@ -298,6 +344,7 @@ def write_block(path: str | os.PathLike, box: Box, probabilities: np.ndarray) ->
     prob_arr[(slice(None), *box.slices)] = encode_probabilities(probabilities, prob_arr.dtype.name)
     mask_arr[box.slices] = mask
     label_arr[box.slices] = mask
+    fault_point("block.written")
     return mask
 
 
@@ -308,17 +355,22 @@ def write_tiles(path: str | os.PathLike, box: Box, probabilities: np.ndarray) ->
 
 
 def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
-    """Build the pyramid, mark the result complete with the run's summary, consolidate.
+    """Build the pyramid, consolidate the metadata, then mark the result complete.
 
-    Returns the result's metadata as now stored.
+    ``complete`` is the last thing written, in one atomic write of the root ``zarr.json``
+    (which keeps the consolidated metadata), after everything reading needs. Finalising again
+    after an interruption redoes the same steps with the same outcome. Returns the result's
+    metadata as now stored.
     """
     build_pyramid(path)
-    group = zarr.open_group(path, mode="r+")
+    fault_point("result.pyramid")
+    with quiet_consolidated():
+        zarr.consolidate_metadata(path)
+        group = zarr.open_group(path, mode="r+")
+    fault_point("result.consolidated")
     meta = ResultMeta.from_attrs(cast(dict[str, Any], group.attrs["segpipe"]))
     meta = replace(meta, complete=True, finished=utc_now(), summary=summary)
     group.attrs["segpipe"] = meta.to_attrs()
-    with quiet_consolidated():
-        zarr.consolidate_metadata(path)
     return meta
 
 

@@ -14,11 +14,11 @@ import numpy as np
 from scipy import ndimage
 
 from segpipe.synthetic.slide import (
+    Bilinear,
     SyntheticSlide,
-    _Bilinear,
-    _coarse_shape,
-    _parse_shape,
-    _smooth_noise,
+    coarse_shape,
+    parse_shape,
+    smooth_noise,
 )
 
 AERIAL_CLASS_NAMES = ("other", "building", "road", "vegetation", "water")
@@ -79,13 +79,13 @@ def aerial_scene(
     >>> bool(np.array_equal(scene.labels == 1, scene.instances > 0))
     True
     """
-    shape = _parse_shape(shape)
+    shape = parse_shape(shape)
     if min(shape) < 16:
         raise ValueError(f"scene shape must be at least 16 px a side, got {shape}")
     if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
         raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um}")
     rng = np.random.default_rng(seed)
-    coarse = _coarse_shape(shape)
+    coarse = coarse_shape(shape)
     px_per_m = 1e6 / pixel_size_um
 
     labels = np.full(shape, OTHER, dtype=np.uint8)
@@ -113,7 +113,7 @@ def _field(
 ) -> np.ndarray:
     """Smooth noise with features about ``scale_px`` pixels across, float32 ``shape``."""
     cells_per_px = coarse[0] / shape[0]
-    return _Bilinear(_smooth_noise(rng, coarse, max(scale_px * cells_per_px, 0.7)), shape).full()
+    return Bilinear(smooth_noise(rng, coarse, max(scale_px * cells_per_px, 0.7)), shape).full()
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,7 @@ def _render_aerial(
     shape = labels.shape
     # Ground: soil and dry grass mixed by a slow field; every surface gets a fine texture.
     mix = 1 / (1 + np.exp(-2 * _field(rng, shape, coarse, 25 * px_per_m)))
-    fine = _smooth_noise(rng, shape, max(0.6 * px_per_m, 0.7))
+    fine = smooth_noise(rng, shape, max(0.6 * px_per_m, 0.7))
     planes = np.empty((3, *shape), dtype=np.float32)
     for ch in range(3):
         planes[ch] = _SOIL[ch] * (1 - mix) + _GRASS[ch] * mix

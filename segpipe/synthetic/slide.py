@@ -2,8 +2,8 @@
 
 :class:`SyntheticSlide` holds an image with its class and instance labels; the tissue
 scene's class names and label values are its defaults. The helpers make smooth fields cheaply:
-Gaussian-filtered noise on a coarse grid (:func:`_coarse_shape`, :func:`_smooth_noise`),
-bilinearly resized to full size row block by row block (:class:`_Bilinear`).
+Gaussian-filtered noise on a coarse grid (:func:`coarse_shape`, :func:`smooth_noise`),
+bilinearly resized to full size row block by row block (:class:`Bilinear`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ CLASS_NAMES = ("background", "tissue", "nucleus")
 BACKGROUND, TISSUE, NUCLEUS = 0, 1, 2
 
 _COARSE_CELLS = 512  # the coarse grid's longer side, in cells
-_ROW_BLOCK = 256  # rows per block of full-size work, to keep temporaries small
+ROW_BLOCK = 256  # rows per block of full-size work, to keep temporaries small
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class SyntheticSlide:
 
         The crop is a view (no copy) and must lie inside the slide.
         """
-        h, w = _parse_shape(size)
+        h, w = parse_shape(size)
         if not (y >= 0 and x >= 0 and y + h <= self.shape[0] and x + w <= self.shape[1]):
             raise ValueError(
                 f"crop at (y={y}, x={x}) of {(h, w)} px does not fit a slide of {self.shape} px"
@@ -82,7 +82,7 @@ class SyntheticSlide:
         >>> slide.random_crop(32, np.random.default_rng(0)).shape
         (32, 32)
         """
-        h, w = _parse_shape(size)
+        h, w = parse_shape(size)
         if h > self.shape[0] or w > self.shape[1]:
             raise ValueError(f"crop of {(h, w)} px is larger than the slide, {self.shape} px")
         y = int(rng.integers(0, self.shape[0] - h + 1))
@@ -95,7 +95,7 @@ class SyntheticSlide:
         return counts / self.labels.size
 
 
-def _parse_shape(shape: int | tuple[int, int]) -> tuple[int, int]:
+def parse_shape(shape: int | tuple[int, int]) -> tuple[int, int]:
     if isinstance(shape, int | np.integer):
         return (int(shape), int(shape))
     if len(shape) != 2:
@@ -103,13 +103,13 @@ def _parse_shape(shape: int | tuple[int, int]) -> tuple[int, int]:
     return (int(shape[0]), int(shape[1]))
 
 
-def _coarse_shape(shape: tuple[int, int]) -> tuple[int, int]:
+def coarse_shape(shape: tuple[int, int]) -> tuple[int, int]:
     """The grid, at most ``_COARSE_CELLS`` a side, on which smooth fields are generated."""
     factor = max(1, math.ceil(max(shape) / _COARSE_CELLS))
     return (max(4, math.ceil(shape[0] / factor)), max(4, math.ceil(shape[1] / factor)))
 
 
-def _smooth_noise(
+def smooth_noise(
     rng: np.random.Generator, shape: tuple[int, int], sigma: float | tuple[float, float]
 ) -> np.ndarray:
     """Gaussian-filtered white noise, normalised to zero mean and unit standard deviation."""
@@ -119,7 +119,7 @@ def _smooth_noise(
     return field
 
 
-class _Bilinear:
+class Bilinear:
     """Bilinear resize of a small ``field`` to ``shape``, row block by row block.
 
     Cell centres are aligned and edges clamped. Columns are interpolated once, on the few
@@ -153,7 +153,7 @@ class _Bilinear:
 
     def full(self) -> np.ndarray:
         out = np.empty(self.shape, dtype=np.float32)
-        for r0 in range(0, self.shape[0], _ROW_BLOCK):
-            r1 = min(r0 + _ROW_BLOCK, self.shape[0])
+        for r0 in range(0, self.shape[0], ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, self.shape[0])
             self.rows(r0, r1, out=out[r0:r1])
         return out

@@ -25,13 +25,13 @@ import math
 import numpy as np
 
 from segpipe.synthetic.slide import (
-    _ROW_BLOCK,
     NUCLEUS,
+    ROW_BLOCK,
+    Bilinear,
     SyntheticSlide,
-    _Bilinear,
-    _coarse_shape,
-    _parse_shape,
-    _smooth_noise,
+    coarse_shape,
+    parse_shape,
+    smooth_noise,
 )
 
 # Optical density per unit stain concentration, (R, G, B): Ruifrok & Johnston (2001).
@@ -76,13 +76,13 @@ def tissue_slide(
     >>> bool(np.array_equal(slide.labels == 2, slide.instances > 0))
     True
     """
-    shape = _parse_shape(shape)
+    shape = parse_shape(shape)
     if min(shape) < 16:
         raise ValueError(f"slide shape must be at least 16 px a side, got {shape}")
     if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
         raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um}")
     rng = np.random.default_rng(seed)
-    coarse = _coarse_shape(shape)
+    coarse = coarse_shape(shape)
 
     # Two float32 work planes besides the outputs: the soft tissue mask becomes the
     # hematoxylin plane once it has masked the eosin plane.
@@ -111,9 +111,9 @@ def _tissue_alpha(
     """
     side = min(coarse)
     # Blobs a few per slide side; a weaker finer field ruffles their edges and opens holes.
-    field = _smooth_noise(rng, coarse, side / 7)
-    field += 0.30 * _smooth_noise(rng, coarse, max(side / 28, 1.0))
-    field += 0.08 * _smooth_noise(rng, coarse, max(side / 90, 0.7))
+    field = smooth_noise(rng, coarse, side / 7)
+    field += 0.30 * smooth_noise(rng, coarse, max(side / 28, 1.0))
+    field += 0.08 * smooth_noise(rng, coarse, max(side / 90, 0.7))
     threshold = np.quantile(field, 1.0 - rng.uniform(0.45, 0.65))
     # The field's slope per slide pixel where it crosses the threshold sets the ramp's width.
     gy, gx = np.gradient(field)
@@ -124,7 +124,7 @@ def _tissue_alpha(
     field -= threshold
     field /= max(slope_px, 1e-6) * 1.5
     field += 0.5
-    alpha = _Bilinear(field, shape).full()
+    alpha = Bilinear(field, shape).full()
     np.clip(alpha, 0, 1, out=alpha)
     return alpha
 
@@ -137,20 +137,20 @@ def _eosin(rng: np.random.Generator, shape: tuple[int, int], coarse: tuple[int, 
     """
     quarter = (max(4, math.ceil(shape[0] / 4)), max(4, math.ceil(shape[1] / 4)))
     # Staining strength drifts slowly across the slide.
-    strength = 0.5 + 0.12 * _smooth_noise(rng, coarse, min(coarse) / 10)
+    strength = 0.5 + 0.12 * smooth_noise(rng, coarse, min(coarse) / 10)
     # Fibres in two orientations, mixed by a slow field, and blotches.
-    mix = 1 / (1 + np.exp(-2.5 * _smooth_noise(rng, coarse, min(coarse) / 20)))
-    texture = _smooth_noise(rng, quarter, (0.5, 2.5))
-    texture *= _Bilinear(mix, quarter).full()
-    texture += _smooth_noise(rng, quarter, (2.5, 0.5)) * _Bilinear(1 - mix, quarter).full()
-    texture += 0.7 * _smooth_noise(rng, quarter, 1.2)
-    texture += 0.5 * _smooth_noise(rng, quarter, 0.5)
+    mix = 1 / (1 + np.exp(-2.5 * smooth_noise(rng, coarse, min(coarse) / 20)))
+    texture = smooth_noise(rng, quarter, (0.5, 2.5))
+    texture *= Bilinear(mix, quarter).full()
+    texture += smooth_noise(rng, quarter, (2.5, 0.5)) * Bilinear(1 - mix, quarter).full()
+    texture += 0.7 * smooth_noise(rng, quarter, 1.2)
+    texture += 0.5 * smooth_noise(rng, quarter, 0.5)
     # Clefts: where the texture is low the stroma thins out almost to glass.
     texture *= np.float32(0.25)
     texture += np.float32(1.0)
     np.clip(texture, 0.08, None, out=texture)
-    texture *= _Bilinear(strength, quarter).full()
-    return _Bilinear(texture, shape).full()
+    texture *= Bilinear(strength, quarter).full()
+    return Bilinear(texture, shape).full()
 
 
 def _paint_nuclei(
@@ -172,7 +172,7 @@ def _paint_nuclei(
     if n_nuclei == 0:
         return
     # Denser (inflamed) and sparser regions: cluster seeds are accepted in proportion.
-    density = _smooth_noise(rng, coarse, min(coarse) / 12)
+    density = smooth_noise(rng, coarse, min(coarse) / 12)
     density = np.clip(0.55 + 0.45 * density, 0.1, 1.0)
 
     sizes = np.minimum(1 + rng.geometric(0.45, size=n_nuclei), 7)  # cluster sizes, mean ~2.7
@@ -268,10 +268,10 @@ def _render_rgb(
     """
     shape = eosin.shape
     # Uneven illumination: a very slow drift of the glass's optical density.
-    light = _Bilinear(0.008 * _smooth_noise(rng, coarse, min(coarse) / 3), shape)
+    light = Bilinear(0.008 * smooth_noise(rng, coarse, min(coarse) / 3), shape)
     image = np.empty((*shape, 3), dtype=np.uint8)
-    for r0 in range(0, shape[0], _ROW_BLOCK):
-        r1 = min(r0 + _ROW_BLOCK, shape[0])
+    for r0 in range(0, shape[0], ROW_BLOCK):
+        r1 = min(r0 + ROW_BLOCK, shape[0])
         glass = light.rows(r0, r1)
         # Channel-first planes: numpy is slow when broadcasting over a trailing axis of 3.
         od = np.empty((3, r1 - r0, shape[1]), dtype=np.float32)

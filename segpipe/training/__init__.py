@@ -8,17 +8,20 @@ A deliberately small loop, readable top to bottom:
    :func:`segpipe.training.datasets.read_folder`);
 2. sample batches of (input window, label crop) pairs that follow the model's geometry: the
    labels are the pixels the model predicts, the input is that crop plus the model's context
-   (its halo, mirrored at image borders as in the U-Net paper), see :func:`patch_pair`;
+   (its halo, mirrored at image borders as in the U-Net paper), see :func:`patch_pair`
+   (:mod:`segpipe.training.sampling`);
 3. augment each pair, the same way on image and labels: a random elastic deformation
    (optional), a random flip and 90° rotation, an intensity jitter (optional), see
-   :class:`Augmentation`;
+   :class:`Augmentation` (:mod:`segpipe.training.augmentation`);
 4. minimise pixel-wise softmax cross-entropy
    (:func:`segpipe.training.losses.softmax_cross_entropy`),
    optionally weighted per pixel (balanced classes, or the U-Net border weights of
    :func:`segpipe.training.losses.unet_weight_map` where instance labels exist), with Adam;
-5. after each epoch, predict the validation images tile by tile (the overlap-tile strategy,
-   via :mod:`segpipe.geometry.tiling`), report per-class Dice and IoU from one confusion matrix
-   (:mod:`segpipe.analysis.metrics`), and write a checkpoint that training can resume from.
+5. after each epoch, score the validation images with
+   :func:`segpipe.analysis.evaluation.evaluate_model`: predicted tile by tile by the
+   pipeline's overlap-tile stitcher (:func:`segpipe.execution.tasks.predict_labels`), per-class
+   Dice and IoU from one confusion matrix, object F1 where there are instances; and write a
+   checkpoint that training can resume from.
 
 Everything random comes from ``TrainConfig.seed``: the same config on the same machine and
 thread count gives the same weights, also across an interruption and a resume.
@@ -30,25 +33,15 @@ imports from this package.
 
 from __future__ import annotations
 
-from segpipe.training.config import TrainConfig, class_names_for, loss_weight_maps, make_slides
-from segpipe.training.datasets import (
+from segpipe.training.augmentation import (
     Augmentation,
-    Batch,
     augment,
     elastic_deformation,
     intensity_jitter,
-    patch_pair,
-    sample_batch,
-    sample_pairs,
 )
-from segpipe.training.loop import (
-    evaluate,
-    format_report,
-    initial_model,
-    predict_labels,
-    save_trained,
-    train,
-)
+from segpipe.training.config import TrainConfig, class_names_for, loss_weight_maps, make_slides
+from segpipe.training.loop import format_report, initial_model, save_trained, train
+from segpipe.training.sampling import Batch, patch_pair, sample_batch, sample_pairs
 from segpipe.training.state import state_path
 
 __all__ = [
@@ -58,14 +51,12 @@ __all__ = [
     "augment",
     "class_names_for",
     "elastic_deformation",
-    "evaluate",
     "format_report",
     "initial_model",
     "intensity_jitter",
     "loss_weight_maps",
     "make_slides",
     "patch_pair",
-    "predict_labels",
     "sample_batch",
     "sample_pairs",
     "save_trained",

@@ -15,8 +15,10 @@ from typing import Literal
 
 import numpy as np
 
+from segpipe.analysis.evaluation import LabelledImage
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
-from segpipe.training.datasets import Augmentation, LabelledImage, class_names_of, read_folder
+from segpipe.training.augmentation import Augmentation
+from segpipe.training.datasets import class_names_of, read_folder
 from segpipe.training.losses import balanced_class_weights, unet_weight_map
 
 __all__ = ["TrainConfig", "class_names_for", "loss_weight_maps", "make_slides"]

@@ -1,4 +1,9 @@
-"""The training loop: initial model, epochs with validation and checkpoints, save_trained."""
+"""The training loop: initial model, epochs with validation and checkpoints, save_trained.
+
+Validation is :func:`segpipe.analysis.evaluation.evaluate_model`, the evaluator every other
+caller uses, predicting through the pipeline's overlap-tile stitcher; a result holds its
+:class:`~segpipe.analysis.evaluation.Evaluation` as plain data (``Evaluation.as_dict``).
+"""
 
 from __future__ import annotations
 
@@ -14,24 +19,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from segpipe.analysis import metrics
-from segpipe.geometry.pixels import to_float01
-from segpipe.geometry.tiling import exact_window, mirror_indices, tile_grid
+from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.models.base import geometry_of
 from segpipe.training.config import TrainConfig, loss_weight_maps, make_slides
-from segpipe.training.datasets import (
-    LabelledImage,
-    as_list,
-    sample_pairs,
-    separate_touching,
-)
+from segpipe.training.datasets import separate_touching
 from segpipe.training.losses import softmax_cross_entropy
+from segpipe.training.sampling import sample_pairs
 from segpipe.training.state import load_state, save_state
 
 if TYPE_CHECKING:
     from segpipe.models import SegmentationModel
 
-__all__ = ["evaluate", "format_report", "initial_model", "predict_labels", "save_trained", "train"]
+__all__ = ["format_report", "initial_model", "save_trained", "train"]
 
 
 def initial_model(
@@ -62,87 +61,10 @@ def initial_model(
     return model
 
 
-@torch.inference_mode()
-def predict_labels(
-    model: nn.Module, image: np.ndarray, *, tile: int = 256, batch_size: int = 4
-) -> np.ndarray:
-    """Class map ``(Y, X)`` uint8 of a whole ``(Y, X, 3)`` uint8 image, tile by tile.
-
-    Each output tile is predicted from its :func:`segpipe.geometry.tiling.exact_window`
-    (mirrored at the borders), so for a valid-padding model the result equals one pass over
-    the whole mirrored image. The model is used as it is (call ``model.eval()`` first for
-    inference behaviour).
-    """
-    geometry = geometry_of(model)
-    shape = (int(image.shape[0]), int(image.shape[1]))
-    grid = tile_grid(shape, tile)
-    out = np.empty(shape, dtype=np.uint8)
-    tiles = list(grid)
-    for start in range(0, len(tiles), batch_size):
-        chunk = tiles[start : start + batch_size]
-        windows = [exact_window(t, tile, geometry) for t in chunk]
-        batch = np.stack(
-            [
-                image[
-                    np.ix_(
-                        mirror_indices(w.input.y0, w.input.y1, shape[0]),
-                        mirror_indices(w.input.x0, w.input.x1, shape[1]),
-                    )
-                ].transpose(2, 0, 1)
-                for w in windows
-            ]
-        )
-        x = torch.from_numpy(to_float01(batch))
-        pred = model(x).argmax(dim=1).to(torch.uint8).numpy()
-        for t, w, p in zip(chunk, windows, pred, strict=True):
-            h, wd = t.box.shape
-            out[t.box.slices] = p[w.crop : w.crop + h, w.crop : w.crop + wd]
-    return out
-
-
-def evaluate(
-    model: nn.Module,
-    slides: LabelledImage | Sequence[LabelledImage],
-    *,
-    tile: int = 256,
-    batch_size: int = 4,
-) -> dict[str, Any]:
-    """Per-class Dice and IoU of ``model`` on whole images, in eval mode.
-
-    Several images are scored together: their confusion matrices add up. Returns plain data
-    (it goes into checkpoints): ``{"dice": {class: value}, "iou": {...}, "mean_dice": ...,
-    "mean_iou": ..., "confusion": C x C list}``, where the means average the classes other
-    than the first (background), which would otherwise flatter a mostly empty slide.
-    NaN marks a class absent from both truth and prediction.
-    """
-    items = as_list(slides)
-    names = list(items[0].class_names)
-    was_training = model.training
-    model.eval()
-    cm = np.zeros((len(names), len(names)), dtype=np.int64)
-    try:
-        for slide in items:
-            pred = predict_labels(model, slide.image, tile=tile, batch_size=batch_size)
-            cm += metrics.confusion_matrix(pred, slide.labels, len(names))
-    finally:
-        model.train(was_training)
-    foreground = range(1, len(names))
-    iou = metrics.iou(cm)
-    return {
-        "dice": dict(zip(names, metrics.dice(cm).tolist(), strict=True)),
-        "iou": dict(zip(names, iou.tolist(), strict=True)),
-        "mean_dice": metrics.mean_dice(cm, classes=foreground),
-        "mean_iou": float(np.nanmean(iou[1:])) if np.isfinite(iou[1:]).any() else float("nan"),
-        "confusion": cm.tolist(),
-    }
-
-
 def format_report(result: dict[str, Any]) -> str:
-    """The final metrics of :func:`train` as a small text table."""
-    lines = [f"{'class':<14}{'Dice':>8}{'IoU':>8}"]
-    for name, d in result["dice"].items():
-        lines.append(f"{name:<14}{d:>8.4f}{result['iou'][name]:>8.4f}")
-    lines.append(f"{'mean (no bg)':<14}{result['mean_dice']:>8.4f}{result['mean_iou']:>8.4f}")
+    """What :func:`train` returned as text: the final validation's table
+    (:meth:`Evaluation.report`), one line per epoch, the training time."""
+    lines = [Evaluation.from_dict(result).report()]
     for e in result.get("epochs", []):
         lines.append(
             f"epoch {e['epoch']:>3}  step {e['step']:>6}  loss {e['loss']:.4f}  "
@@ -169,11 +91,11 @@ def train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     Returns
     -------
     dict
-        What :func:`evaluate` returns on the validation images after the last epoch, plus
-        ``"epochs"`` (per epoch: step, mean loss, Dice, IoU), ``"loss_history"`` (mean loss
-        per ``log_every`` steps), ``"final_loss"``, ``"train_seconds"``, ``"config"``,
-        ``"checkpoint"`` (the last one written, or None). Plain data, ready for
-        ``segpipe.models.save(..., metrics=...)``.
+        The validation after the last epoch (:func:`segpipe.analysis.evaluation.evaluate_model`
+        on the validation images, as ``Evaluation.as_dict()``), plus ``"epochs"`` (per epoch:
+        step, mean loss, Dice, IoU), ``"loss_history"`` (mean loss per ``log_every`` steps),
+        ``"final_loss"``, ``"train_seconds"``, ``"config"``, ``"checkpoint"`` (the last one
+        written, or None). Plain data, ready for ``segpipe.models.save(..., metrics=...)``.
     """
     threads = config.num_threads or len(os.sched_getaffinity(0))
     previous_threads = torch.get_num_threads()
@@ -220,7 +142,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     model.train()
     start = time.perf_counter()
     checkpoint: Path | None = None
-    result: dict[str, Any] = {}
+    scores: Evaluation | None = None
     epoch_losses: list[float] = []
     bar = tqdm(
         range(first_step, config.steps),
@@ -254,16 +176,16 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
             window_losses.clear()
             bar.set_postfix(loss=f"{history[-1]:.4f}")
         if (step + 1) % config.steps_per_epoch == 0 or step + 1 == config.steps:
-            result = evaluate(model, val_slides, tile=config.val_tile)
+            scores = evaluate_model(model, val_slides, tile=config.val_tile)
             epochs.append(
                 {
                     "epoch": len(epochs) + 1,
                     "step": step + 1,
                     "loss": float(np.mean(epoch_losses)),
-                    "mean_dice": result["mean_dice"],
-                    "mean_iou": result["mean_iou"],
-                    "dice": result["dice"],
-                    "iou": result["iou"],
+                    "mean_dice": scores.mean_dice,
+                    "mean_iou": scores.mean_iou,
+                    "dice": scores.dice,
+                    "iou": scores.iou,
                 }
             )
             epoch_losses.clear()
@@ -284,14 +206,15 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     train_seconds = seconds_before + time.perf_counter() - start
 
     model.eval()
-    result.update(
-        epochs=epochs,
-        loss_history=history,
-        final_loss=history[-1],
-        train_seconds=round(train_seconds, 1),
-        config=asdict(config),
-        checkpoint=None if checkpoint is None else str(checkpoint),
-    )
+    result: dict[str, Any] = {
+        **({} if scores is None else scores.as_dict()),
+        "epochs": epochs,
+        "loss_history": history,
+        "final_loss": history[-1],
+        "train_seconds": round(train_seconds, 1),
+        "config": asdict(config),
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+    }
     if config.progress:
         print(format_report(result))
     return result
@@ -308,10 +231,13 @@ def save_trained(
 ) -> dict[str, Any]:
     """Save a model :func:`train` trained, with the scores of **what was saved**.
 
-    With ``half=True`` the float16 weights are loaded back and evaluated again on the
-    validation images, so the file's metrics describe exactly what ships. The metrics hold
-    those scores, the validation data, the loss history, the training config and ``extra``
-    (e.g. the command that reproduces the file). Returns the metrics saved.
+    ``result`` is what :func:`train` returned: its last validation scored these very weights.
+    With ``half=True`` the float16 weights differ from them, so they are loaded back and
+    evaluated on the validation images, and the file's metrics describe exactly what ships;
+    with ``half=False`` the training's own validation is kept (nothing is scored twice). The
+    metrics hold those scores (``Evaluation.as_dict``), the validation data, the loss history,
+    the training config and ``extra`` (e.g. the command that reproduces the file). Returns the
+    metrics saved.
     """
     import platform
 
@@ -319,15 +245,18 @@ def save_trained(
 
     models.save(model, output, half=half)
     saved = models.load(output)
-    val = make_slides(config)[1]
-    scores = evaluate(saved, val, tile=config.val_tile)
+    scores = (
+        evaluate_model(saved, make_slides(config)[1], tile=config.val_tile)
+        if half
+        else Evaluation.from_dict(result)
+    )
     data: dict[str, Any] = {"dataset": config.dataset, "train_seeds": config.train_seeds}
     if config.dataset == "folder":
         data = {"dataset": "folder", "train": config.train_folder, "val": config.val_folder}
     else:
         data.update(val_seed=config.val_seed, val_size_px=config.val_size)
     saved_metrics = {
-        **scores,
+        **scores.as_dict(),
         "validation": data,
         "loss_history": result["loss_history"],
         "final_loss": result["final_loss"],

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from segpipe.io.readers.array import ArrayReader
 from segpipe.io.readers.base import (
     Georeference,
     ImageReadError,
@@ -37,6 +38,7 @@ __all__ = [
     "PILLOW_SUFFIXES",
     "TIFF_SUFFIXES",
     "ZARR_SUFFIXES",
+    "ArrayReader",
     "Georeference",
     "ImageReadError",
     "PillowReader",

@@ -23,6 +23,7 @@ from segpipe.geometry.tiling import Box, mirror_indices
 
 __all__ = [
     "DECODE_ERRORS",
+    "MAX_IMAGE_PIXELS",
     "BaseReader",
     "Georeference",
     "ImageReadError",
@@ -31,8 +32,24 @@ __all__ = [
 ]
 
 
-# What decoding a damaged file raises varies by codec (zlib, JPEG, tifffile, zarr).
-DECODE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, IndexError)
+# Far beyond any scanner or orthomosaic (a 200k x 200k slide is 4e10): a larger declared size
+# is a lying header, and building its tile grid alone would exhaust memory.
+MAX_IMAGE_PIXELS = 10**12 // 4
+
+# What decoding a damaged file, or parsing lying metadata, raises varies by codec and library
+# (zlib, JPEG, tifffile, zarr's metadata parsers); readers turn each into an ImageReadError.
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    RuntimeError,
+    KeyError,
+    EOFError,
+    IndexError,
+    TypeError,
+    AttributeError,
+    ZeroDivisionError,
+    OverflowError,
+)
 
 
 class ImageReadError(ValueError):
@@ -149,10 +166,20 @@ class BaseReader:
             unit_scale(dtype)
         except ValueError as exc:
             raise ImageReadError(f"{self.path}: unsupported pixel type: {exc}") from exc
+        if not native_shapes or 0 in native_shapes[0]:
+            shape = native_shapes[0] if native_shapes else ()
+            raise ImageReadError(f"{self.path}: the image is empty (shape {shape})")
         try:
             shapes = tuple(yxc_shape(s, a) for s, a in zip(native_shapes, axes, strict=True))
         except ValueError as exc:
             raise ImageReadError(f"{self.path}: {exc}") from exc
+        ny, nx, _ = shapes[0]
+        if ny * nx > MAX_IMAGE_PIXELS:
+            raise ImageReadError(
+                f"{self.path}: declares {ny} x {nx} pixels, more than segpipe.io.readers."
+                f"MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS:,}); if the file really holds that much, "
+                "raise the limit"
+            )
         self.dtype = np.dtype(dtype)
         self._axes = tuple(axes)
         self._native_shapes = tuple(tuple(int(n) for n in s) for s in native_shapes)

@@ -35,15 +35,25 @@ class ZarrReader(BaseReader):
             raise ImageReadError(
                 f"{self.path}: not a readable Zarr store ({type(exc).__name__}: {exc})"
             ) from exc
-        if isinstance(node, zarr.Array):
-            self._array_paths: tuple[str, ...] = ("",)
-            arrays = [node]
-            axes = [self._dimension_letters(node, None)]
-            file_px = None
-        else:
-            arrays, axes, file_px = self._open_multiscale(node)
-        chunks = [tuple(a.shards or a.chunks) for a in arrays]
-        self._set_layout(axes, [tuple(a.shape) for a in arrays], chunks, np.dtype(arrays[0].dtype))
+        try:
+            if isinstance(node, zarr.Array):
+                self._array_paths: tuple[str, ...] = ("",)
+                arrays = [node]
+                axes = [self._dimension_letters(node, None)]
+                file_px = None
+            else:
+                arrays, axes, file_px = self._open_multiscale(node)
+            chunks = [tuple(a.shards or a.chunks) for a in arrays]
+            shapes = [tuple(a.shape) for a in arrays]
+            dtype = np.dtype(arrays[0].dtype)
+        except ImageReadError:
+            raise
+        except DECODE_ERRORS as exc:
+            raise ImageReadError(
+                f"{self.path}: Zarr metadata that cannot be read as an image "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        self._set_layout(axes, shapes, chunks, dtype)
         if self.pixel_size_um is None:
             self.pixel_size_um = file_px
 

@@ -8,6 +8,7 @@ GeoTIFF's CRS and affine from its GeoKeys.
 from __future__ import annotations
 
 import math
+import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -47,6 +48,7 @@ class TiffReader(BaseReader):
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
             self._series = max(range(len(tif.series)), key=lambda i: math.prod(tif.series[i].shape))
             series = tif.series[self._series]
+            _check_declared_data(series, os.path.getsize(self.path), self.path)
             levels = series.levels
             axes = [lv.axes for lv in levels]
             shapes = [tuple(lv.shape) for lv in levels]
@@ -91,6 +93,30 @@ class TiffReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_tif": None}
+
+
+def _check_declared_data(series: Any, file_size: int, path: str) -> None:
+    """Refuse a TIFF whose level 0 points at no pixel data, or at data past the file's end.
+
+    Checked from the IFDs alone (no pixel is decoded): a header may declare any size, but the
+    tiles or strips it lists must exist in the file.
+    """
+    if 0 in series.shape:
+        raise ImageReadError(f"{path}: the image is empty (shape {series.shape})")
+    pages = [p for p in series.levels[0].pages if p is not None]
+    offsets = [int(o) for p in pages for o in getattr(p, "dataoffsets", ())]
+    counts = [int(c) for p in pages for c in getattr(p, "databytecounts", ())]
+    if not counts or not any(counts):
+        raise ImageReadError(
+            f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no pixel "
+            "data (no tile or strip byte counts); the file is truncated or its header is wrong"
+        )
+    end = max((o + c for o, c in zip(offsets, counts, strict=False) if c), default=0)
+    if end > file_size:
+        raise ImageReadError(
+            f"{path}: its tiles or strips extend to byte {end:,} but the file has "
+            f"{file_size:,} bytes; the file is truncated"
+        )
 
 
 # GeoKeys: GTRasterTypeGeoKey 2 = RasterPixelIsPoint (tiepoints name pixel centres).

@@ -1,11 +1,17 @@
-"""Predictor: the same numbers as calling the model by hand, whatever the batching."""
+"""Predictor and window_probabilities: the same numbers as calling the model by hand,
+whatever the batching; the in-memory one leaves the model as it is."""
 
 import numpy as np
 import pytest
 import torch
 
 from segpipe import models
-from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
+from segpipe.execution.predictor import (
+    InferenceConfig,
+    Predictor,
+    resolve_device,
+    window_probabilities,
+)
 
 
 @pytest.fixture
@@ -60,3 +66,17 @@ def test_auto_device_and_refusals(net):
         InferenceConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"\(N, Y, X, C\)"):
         Predictor(net, InferenceConfig(device="cpu"))(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_window_probabilities_match_a_forward_pass_and_leave_the_model_alone(net):
+    n = net.geometry.input_size(16)
+    windows = np.random.default_rng(3).integers(0, 256, (3, n, n, 3), dtype=np.uint8)
+    net.train()
+    got = window_probabilities(net, windows)
+    assert got.shape == (3, 3, 16, 16) and got.dtype == np.float32
+    assert net.training, "the caller's mode is kept"
+    assert all(p.is_contiguous() for p in net.parameters()), "no channels-last conversion"
+    net.eval()
+    np.testing.assert_allclose(window_probabilities(net, windows), by_hand(net, windows), atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(N, Y, X, C\)"):
+        window_probabilities(net, windows[0])

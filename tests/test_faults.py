@@ -1,0 +1,181 @@
+"""Faults caused on purpose: a run killed with SIGKILL at every named transition of a result's
+life and at random instants, then run again, finishes complete and bit-identical to a run that
+was never interrupted, recomputing only the blocks that were not recorded as done."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import segpipe
+from segpipe.faults import FAULT_POINTS, InjectedFault, fault_point
+from segpipe.results import is_complete, read_meta, result_levels, tiles_done
+
+pytestmark = [pytest.mark.slow]
+
+# 300 x 300 px in 32 px tiles, one tile per task: 100 blocks, each a shard of its own.
+SETTINGS = {"tile": 32, "task_tiles": 1, "probability_dtype": "float32", "min_level_size": 64}
+RANDOM_KILLS = 3
+
+
+def _run(source: Path, output: Path, model: Path, fault: str | None = None, skip: int = 0):
+    """``segpipe.segment`` in a fresh process (optionally with a fault armed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGPIPE_FAULT")}
+    if fault:
+        env |= {"SEGPIPE_FAULT": fault, "SEGPIPE_FAULT_SKIP": str(skip)}
+    code = (
+        "import segpipe, sys; "
+        f"segpipe.segment({str(source)!r}, {str(output)!r}, {str(model)!r}, "
+        f"scheduler='sync', **{SETTINGS!r})"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+
+
+def _arrays(path: Path) -> dict[str, bytes]:
+    """Every array a reader sees, as raw bytes (bit-identity, not closeness)."""
+    root = zarr.open_group(path, mode="r")
+    out = {}
+    for k in range(len(result_levels(path))):
+        group = "" if k == 0 else f"levels/{k}/"
+        for name in ("mask", "probabilities"):
+            out[f"{group}{name}"] = np.asarray(root[f"{group}{name}"][...]).tobytes()
+        out[f"labels/mask/{k}"] = np.asarray(root[f"labels/mask/{k}"][...]).tobytes()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(small_slide, random_checkpoint, tmp_path_factory):
+    """An uninterrupted run: its arrays and how long it took."""
+    out = tmp_path_factory.mktemp("ref") / "ref.seg.zarr"
+    started = time.perf_counter()
+    proc = _run(small_slide.image, out, random_checkpoint)
+    assert proc.wait() == 0, proc.stderr.read().decode() if proc.stderr else ""
+    assert is_complete(out)
+    return _arrays(out), time.perf_counter() - started
+
+
+def _finish_and_compare(out: Path, source: Path, model: Path, reference) -> None:
+    done_before = int(tiles_done(out).sum()) if out.exists() else 0
+    complete_before = is_complete(out)
+    summary_before = read_meta(out).summary if complete_before else None
+    segpipe.segment(source, out, model, scheduler="sync", **SETTINGS)
+    meta = read_meta(out)
+    assert meta.complete and meta.summary is not None
+    if complete_before:  # the kill came after the end: nothing to redo, nothing redone
+        assert meta.summary == summary_before
+    else:  # only what was not recorded as done is computed again
+        assert meta.summary.tiles_computed == meta.summary.tiles_total - done_before
+    arrays, _ = reference
+    got = _arrays(out)
+    assert got.keys() == arrays.keys()
+    differing = [k for k in arrays if got[k] != arrays[k]]
+    assert not differing, f"not bit-identical to an uninterrupted run: {differing}"
+    segpipe.open_result(out)  # opens as a complete result (consolidated metadata present)
+
+
+# A block point is passed once per block: kill after a few blocks, not at the first.
+_SKIPS = {"block.written": 7, "block.recorded": 7}
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_kill_at_each_transition_then_rerun_is_bit_identical(
+    point, small_slide, random_checkpoint, reference, tmp_path
+):
+    out = tmp_path / "r.seg.zarr"
+    proc = _run(small_slide.image, out, random_checkpoint, point, _SKIPS.get(point, 0))
+    assert proc.wait() == -signal.SIGKILL, "the armed fault point was never reached"
+    assert not is_complete(out)
+    if point == "result.skeleton":
+        assert not out.exists(), "a half-built store must never sit at the output path"
+    _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+
+
+def test_overwrite_after_a_kill_mid_delete_recovers(
+    small_slide, random_checkpoint, reference, tmp_path
+):
+    # A result of other settings, then an overwrite killed right after its skeleton is built:
+    # the old result is already gone, the new one not in place; the next run starts clean.
+    out = tmp_path / "r.seg.zarr"
+    segpipe.segment(
+        small_slide.image, out, random_checkpoint, scheduler="sync", **{**SETTINGS, "tile": 64}
+    )
+    code = (
+        "import segpipe; "
+        f"segpipe.segment({str(small_slide.image)!r}, {str(out)!r}, "
+        f"{str(random_checkpoint)!r}, scheduler='sync', overwrite=True, **{SETTINGS!r})"
+    )
+    env = os.environ | {"SEGPIPE_FAULT": "result.skeleton"}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == -signal.SIGKILL
+    assert not out.exists()
+    _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+
+
+def test_kill_at_random_instants_then_rerun_is_bit_identical(
+    small_slide, random_checkpoint, reference, tmp_path
+):
+    _, seconds = reference  # of the whole subprocess, start-up (imports) included
+    rng = random.Random(11)
+    for i in range(RANDOM_KILLS):
+        out = tmp_path / f"r{i}.seg.zarr"
+        proc = _run(small_slide.image, out, random_checkpoint)
+        time.sleep(rng.uniform(0.3, 0.95) * seconds)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+
+
+def test_fault_points_raise_when_asked_and_refuse_unknown_names(monkeypatch):
+    monkeypatch.setenv("SEGPIPE_FAULT", "result.created:raise")
+    fault_point("block.written")  # another point: nothing happens
+    with pytest.raises(InjectedFault, match=r"result\.created"):
+        fault_point("result.created")
+    for wrong in ("no.such.point", "result.created:explode"):
+        monkeypatch.setenv("SEGPIPE_FAULT", wrong)
+        with pytest.raises(ValueError, match="names no fault point"):
+            fault_point("result.created")
+
+
+# --- the issue's numbered cases that need no kill ---------------------------------------------
+
+
+def test_overwrite_with_other_settings_in_one_process_writes_the_new_layout(
+    small_slide, random_checkpoint, tmp_path
+):
+    # Case 3: the same process (a notebook, a worker of a shared cluster) writes a result,
+    # then overwrites it with another tile size; no handle of the old store may survive.
+    out = tmp_path / "r.seg.zarr"
+    for tile in (64, 32, 64):
+        settings = {**SETTINGS, "tile": tile}
+        segpipe.segment(
+            small_slide.image, out, random_checkpoint, scheduler="sync", overwrite=True, **settings
+        )
+        fresh = tmp_path / f"fresh-{tile}.seg.zarr"
+        segpipe.segment(small_slide.image, fresh, random_checkpoint, scheduler="sync", **settings)
+        assert read_meta(out).tile == tile
+        assert _arrays(out) == _arrays(fresh)
+
+
+def test_overwrite_never_deletes_an_image_or_the_source(small_slide, random_checkpoint, tmp_path):
+    # Case 4: an ingested OME-Zarr image at the output path is not a result; nor is the source.
+    from segpipe.io.ingest import ingest
+    from segpipe.results import ResultMismatchError
+
+    image = ingest(small_slide.image, tmp_path / "slide.ome.zarr", chunk=64)
+    before = sorted(p.relative_to(image) for p in image.rglob("*"))
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        segpipe.segment(small_slide.image, image, random_checkpoint, overwrite=True, **SETTINGS)
+    with pytest.raises(ResultMismatchError, match="source"):
+        segpipe.segment(image, image, random_checkpoint, overwrite=True, **SETTINGS)
+    with pytest.raises(ResultMismatchError, match="source"):
+        segpipe.segment(image, image / "inside.seg.zarr", random_checkpoint, **SETTINGS)
+    assert sorted(p.relative_to(image) for p in image.rglob("*")) == before
+    segpipe.open_image(image).read(0, 10, 0, 10)  # still readable
