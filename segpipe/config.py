@@ -6,7 +6,10 @@ The settings fall in two groups, marked on each field:
   stored dtype, the shard and pyramid layout, autocast). They are part of a result's identity:
   a re-run with other result settings is another result.
 - **execution** settings change only how the numbers are computed (batch size, device, workers,
-  scheduler); a run resumed with other execution settings finishes the same result.
+  scheduler); a run resumed with other execution settings finishes the same result. They can
+  change the last bits of float probabilities (thread counts and batch shapes change the order
+  of float sums in the convolutions), so bit-identity holds between runs with equal execution
+  settings; masks agree except where two classes tie to float rounding.
 
 The CLI, the flows, the archive and :func:`segpipe.segment` all take one ``SegmentConfig``, and
 the CLI builds its options from these fields: a new setting is added here and reaches every

@@ -96,6 +96,14 @@ def test_kill_at_each_transition_then_rerun_is_bit_identical(
     assert not is_complete(out)
     if point == "result.skeleton":
         assert not out.exists(), "a half-built store must never sit at the output path"
+    else:  # the state the kill left, as a reader sees it
+        finalising = point in ("result.pyramid", "result.consolidated")
+        assert read_meta(out).state == ("finalising" if finalising else "computing")
+    if point.startswith("block."):
+        # Each block is recorded as it arrives (one tile per block here): a kill after the
+        # 8th block's write loses that block alone, a kill after its record loses nothing.
+        recorded = _SKIPS[point] + (point == "block.recorded")
+        assert int(tiles_done(out).sum()) == recorded
     _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
 
 
@@ -179,3 +187,60 @@ def test_overwrite_never_deletes_an_image_or_the_source(small_slide, random_chec
         segpipe.segment(image, image / "inside.seg.zarr", random_checkpoint, **SETTINGS)
     assert sorted(p.relative_to(image) for p in image.rglob("*")) == before
     segpipe.open_image(image).read(0, 10, 0, 10)  # still readable
+
+
+def test_progress_callback_counts_real_tiles_without_a_progress_bar(
+    small_slide, random_checkpoint, tmp_path
+):
+    # Case 7: the flows pass progress=False and report through on_progress.
+    seen: list[tuple[int, int]] = []
+    segpipe.segment(
+        small_slide.image,
+        tmp_path / "r.seg.zarr",
+        random_checkpoint,
+        scheduler="sync",
+        progress=False,
+        on_progress=lambda done, total: seen.append((done, total)),
+        **SETTINGS,
+    )
+    assert [done for done, _ in seen] == list(range(1, 101))
+    assert {total for _, total in seen} == {100}
+
+
+@pytest.mark.integration
+def test_killed_dask_worker_is_replaced_and_the_result_is_bit_identical(
+    small_slide, random_checkpoint, tmp_path
+):
+    import distributed
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        reference = tmp_path / "ref.seg.zarr"
+        segpipe.segment(
+            small_slide.image, reference, random_checkpoint, scheduler=client, **SETTINGS
+        )
+        victims = list(client.run(os.getpid).values())
+        killed: list[int] = []
+
+        def kill_one_worker(done: int, total: int) -> None:
+            if done >= 20 and not killed:
+                os.kill(victims[0], signal.SIGKILL)  # the nanny starts a new worker
+                killed.append(victims[0])
+
+        out = tmp_path / "r.seg.zarr"
+        segpipe.segment(
+            small_slide.image,
+            out,
+            random_checkpoint,
+            scheduler=client,
+            on_progress=kill_one_worker,
+            **SETTINGS,
+        )
+        assert killed
+        assert victims[0] not in client.run(os.getpid).values()
+    assert read_meta(out).complete
+    assert _arrays(out) == _arrays(reference)

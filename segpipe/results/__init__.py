@@ -24,9 +24,16 @@ Arrays are chunked like the output tiles and sharded by one task's block of tile
 (``task_tiles * tile`` pixels): every task writes whole shards, which is what makes
 concurrent writers safe in Zarr v3. Chunks equal to the fill value are not stored.
 
-The root attribute ``segpipe`` holds provenance and ``complete``, which turns true only after
-the last tile is written and the pyramid built; ``open_result`` refuses an incomplete result.
-Metadata is consolidated once, at the end, so it never goes stale mid-run.
+The root attribute ``segpipe`` holds provenance and the result's ``state``, its life as an
+explicit state machine in which every transition is one atomic write or an idempotent step::
+
+    (creating)  the skeleton is built beside the path and renamed into place whole
+    computing   blocks are written (whole shards) and recorded in _segpipe/tiles_done
+    finalising  every tile done: the pyramid is built and the metadata consolidated
+    complete    written last, with the run's summary; ``open_result`` opens only this
+
+A run killed in any state is finished by the next run with the same inputs (only blocks not
+recorded are computed again) or, with other inputs and ``overwrite``, cleanly replaced.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from segpipe.results.reader import open_result
 from segpipe.results.schema import (
     LABEL_NAME,
     PROBABILITY_DTYPES,
+    STATES,
     IncompleteResultError,
     ResultMeta,
     ResultMismatchError,
@@ -63,6 +71,7 @@ from segpipe.results.store import (
 __all__ = [
     "LABEL_NAME",
     "PROBABILITY_DTYPES",
+    "STATES",
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -17,6 +17,7 @@ from segpipe.geometry.pixels import pyramid_shapes
 __all__ = [
     "LABEL_NAME",
     "PROBABILITY_DTYPES",
+    "STATES",
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",
@@ -32,6 +33,14 @@ __all__ = [
 ]
 
 LABEL_NAME = "mask"
+
+State = Literal["computing", "finalising", "complete"]
+# A result's life. "creating" has no entry: a store being created is built beside its path
+# and renamed into place whole (results.store.prepare_result), so no reader ever sees it.
+#   computing   at its path; blocks are written and recorded in _segpipe/tiles_done
+#   finalising  every tile done; the pyramid and consolidated metadata are being written
+#   complete    the last write of a run: everything reading needs is there
+STATES: tuple[State, ...] = ("computing", "finalising", "complete")
 
 
 class IncompleteResultError(RuntimeError):
@@ -92,8 +101,9 @@ class ResultMeta:
     execution settings. ``config`` is the run's :class:`~segpipe.config.SegmentConfig` with
     ``window`` (blend mode) and ``amp`` resolved to what the run used.
 
-    The provenance fields (``version`` .. ``summary``) are written by the store: ``complete``
-    turns true after the last tile, ``summary`` arrives with it.
+    The provenance fields (``version`` .. ``summary``) are written by the store. ``state`` is
+    the result's place in its life (see :data:`STATES`); ``complete`` is ``state ==
+    "complete"``, kept as its own key on disk for readers of older results.
     """
 
     source: str
@@ -107,7 +117,7 @@ class ResultMeta:
     crs: str | None = None  # georeferenced input: "EPSG:..." or WKT, and the segmented level's
     transform: tuple[float, ...] | None = None  # pixel-corner affine (a, b, c, d, e, f)
     version: str | None = None
-    complete: bool = False
+    state: State = "computing"
     started: str | None = None
     finished: str | None = None
     summary: RunSummary | None = None
@@ -116,6 +126,11 @@ class ResultMeta:
     def tile(self) -> int:
         """Output tile (and chunk) side, pixels."""
         return self.config.tile
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run finished: every tile, the pyramid and the metadata are written."""
+        return self.state == "complete"
 
     @property
     def shard(self) -> int:
@@ -169,6 +184,7 @@ class ResultMeta:
         attrs: dict[str, Any] = {
             "version": self.version,
             "complete": self.complete,
+            "state": self.state,
             "identity": self.identity(),
             "config": self.config.as_dict(),
             "source": self.source,
@@ -238,11 +254,20 @@ class ResultMeta:
             crs=ident.get("crs"),
             transform=tuple(transform) if transform else None,
             version=attrs.get("version"),
-            complete=bool(attrs.get("complete", False)),
+            state=_state_of(attrs),
             started=attrs.get("started"),
             finished=attrs.get("finished"),
             summary=summary,
         )
+
+
+def _state_of(attrs: Mapping[str, Any]) -> State:
+    complete = bool(attrs.get("complete", False))
+    state = attrs.get("state") or ("complete" if complete else "computing")
+    if state not in STATES:
+        raise ValueError(f"unknown result state {state!r}; the states are {STATES}")
+    # ``complete`` is what every reader checks; a result it does not call complete is not.
+    return "finalising" if state == "complete" and not complete else state
 
 
 def is_result(path: str | os.PathLike) -> bool:

@@ -140,7 +140,12 @@ def _remove_leftovers(path: Path) -> None:
 
 def _provenance(meta: ResultMeta) -> dict[str, Any]:
     return replace(
-        meta, version=__version__, complete=False, started=utc_now(), finished=None, summary=None
+        meta,
+        version=__version__,
+        state="computing",
+        started=utc_now(),
+        finished=None,
+        summary=None,
     ).to_attrs()
 
 
@@ -362,14 +367,16 @@ def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
     after an interruption redoes the same steps with the same outcome. Returns the result's
     metadata as now stored.
     """
+    group = zarr.open_group(path, mode="r+")
+    meta = ResultMeta.from_attrs(cast(dict[str, Any], group.attrs["segpipe"]))
+    group.attrs["segpipe"] = replace(meta, state="finalising").to_attrs()
     build_pyramid(path)
     fault_point("result.pyramid")
     with quiet_consolidated():
         zarr.consolidate_metadata(path)
         group = zarr.open_group(path, mode="r+")
     fault_point("result.consolidated")
-    meta = ResultMeta.from_attrs(cast(dict[str, Any], group.attrs["segpipe"]))
-    meta = replace(meta, complete=True, finished=utc_now(), summary=summary)
+    meta = replace(meta, state="complete", finished=utc_now(), summary=summary)
     group.attrs["segpipe"] = meta.to_attrs()
     return meta
 
