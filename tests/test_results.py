@@ -197,3 +197,28 @@ def test_pyramid_tasks_are_whole_shards(tmp_path):
     level1 = reduce_level(below, "mean", zarr.open_array(path / "levels/1/probabilities").shards)
     assert level1.shape == (2, 50, 35)
     assert level1.chunks[1:] == ((32, 18), (32, 3)), "one task per level-1 shard"
+
+
+def test_a_result_written_before_segment_config_still_opens_and_resumes(tmp_path, small_slide):
+    # Results written before SegmentConfig carried no "config" or "state" keys: their settings
+    # are rebuilt from the identity, which kept its layout, so they open and count as done.
+    import segpipe
+    from segpipe.results import read_attrs
+
+    out = tmp_path / "old.seg.zarr"
+    settings = {"tile": 64, "mode": "blend", "window": 32, "task_tiles": 1}
+    segpipe.segment(small_slide.image, out, scheduler="sync", **settings)
+    current = read_attrs(out)
+    legacy = {k: v for k, v in current.items() if k not in ("config", "state")}
+    zarr.open_group(out, mode="r+").attrs["segpipe"] = legacy
+
+    meta = read_meta(out)
+    assert meta.complete and meta.state == "complete"
+    written = current["config"]  # the resolved settings (the window snapped to the model)
+    rebuilt = meta.config.result_settings()
+    assert rebuilt == {k: written[k] for k in rebuilt}
+    assert (rebuilt["tile"], rebuilt["mode"], rebuilt["task_tiles"]) == (64, "blend", 1)
+    assert meta.identity() == current["identity"]
+    assert segpipe.open_result(out)["mask"].shape == (300, 300)
+    again = segpipe.segment(small_slide.image, out, scheduler="sync", **settings)
+    assert read_meta(again).summary == meta.summary  # recognised as the same, complete result
