@@ -118,8 +118,9 @@ class SegmentConfig:
     scheduler: str | None = _setting(
         None,
         EXECUTION,
-        "Dask scheduler: a running one's address (tcp://host:8786), 'sync' for this process, "
-        "or none for a local cluster",
+        "Dask scheduler: a running one's address (tcp://host:8786) or 'sync' for this process; "
+        "when unset, the distributed client active in this process, else "
+        "DASK_SCHEDULER_ADDRESS (dask config scheduler-address), else a local cluster",
     )
 
     def __post_init__(self) -> None:

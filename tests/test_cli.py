@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,11 +124,16 @@ def test_a_bad_setting_is_one_line_naming_it(option, message, small_slide, tmp_p
 
 
 def test_info_on_an_image(small_slide, capsys):
-    assert main(["info", str(small_slide.image)]) == 0
+    assert main(["info", str(small_slide.image), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "image"
     assert info["levels"][0] == [300, 300, 3]
     assert info["pixel_size_um"] == pytest.approx(0.5)
+
+    assert main(["info", str(small_slide.image)]) == 0  # text for people by default
+    text = capsys.readouterr().out
+    assert text.startswith(f"image: {small_slide.image}")
+    assert "300 x 300 x 3" in text and "0.5 µm/px" in text
 
 
 @pytest.mark.parametrize(
@@ -261,6 +267,11 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
     assert report["objects"]["count"] == count
     assert len(csv.read_text().strip().splitlines()) == count + 1
 
+    assert main(["query", str(out), "--class", "nucleus"]) == 0  # text by default
+    text = capsys.readouterr().out
+    assert text.startswith(f"{out} (level 0):")
+    assert f"({int((mask == 2).sum())} px)" in text
+
     geojson = tmp_path / "nuclei.geojson"
     assert main(["export", str(out), "--geojson", str(geojson), "--class", "nucleus"]) == 0
     collection = json.loads(geojson.read_text())
@@ -310,3 +321,242 @@ def test_train_then_evaluate(small_slide, tmp_path, capsys):
     expected = dice(confusion_matrix(mask, truth, 3))
     got = [scores["dice"][k] for k in ("background", "tissue", "nucleus")]
     np.testing.assert_allclose(got, expected, equal_nan=True)
+
+    assert main(["evaluate", str(out), str(small_slide.truth)]) == 0  # text by default
+    text = capsys.readouterr().out
+    assert not text.lstrip().startswith("{")
+    assert "nucleus" in text
+
+
+# -- the habits of its users: --version, help, errors, loudness ----------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"segpipe {segpipe.__version__}\n"
+
+
+COMMANDS = (
+    "demo",
+    "ingest",
+    "segment",
+    "archive",
+    "serve",
+    "query",
+    "export",
+    "train",
+    "evaluate",
+    "info",
+)
+
+
+def _help(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_top_level_help_lists_every_command(capsys):
+    text = _help([], capsys)
+    assert "``" not in text, "no raw reStructuredText"
+    for command in COMMANDS:
+        (line,) = [x for x in text.splitlines() if x.split()[:1] == [command]]
+        assert len(line.split()) > 2, f"{command} has a one-line description"
+    assert "--version" in text and "--verbose" in text and "--quiet" in text
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_command_help_has_real_metavars_and_help_for_every_argument(command, capsys):
+    import re
+
+    text = _help([command], capsys)
+    # A metavar made from a dest (PIXEL_SIZE_UM, LOCK_TTL_S) has an underscore.
+    assert not re.findall(r"(?:--[a-z-]+|\[|^  )[ =]?[A-Z][A-Z0-9]*_[A-Z0-9_]+\b", text, re.M)
+    assert "``" not in text
+    lines = text.splitlines()
+    for line, following in zip(lines, [*lines[1:], ""], strict=True):
+        if re.match(r"  \S", line):  # an argument: its help beside it or on the next line
+            assert re.search(r"\S {2,}\S", line) or following.startswith(" " * 6), line
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("segment", ["--pixel-size UM", "--tile PIXELS", "(default: 512)", "'sync'"]),
+        ("ingest", ["SOURCE", "image file", "--pixel-size UM", "--chunk PIXELS", "(default: 512)"]),
+        ("train", ["--resume CHECKPOINT", "(default: 500)", "--sigma PIXELS"]),
+        ("archive", ["--lock-ttl SECONDS", "--min-age SECONDS", "(default: 600.0)"]),
+        ("serve", ["--cron SCHEDULE", "(default: 0 2 * * *)"]),
+        ("query", ["--level N", "(default: 0)", "--threshold P"]),
+        ("evaluate", ["TRUTH", "--min-size PIXELS", "(default: 0.5)"]),
+        ("info", ["PATH", "print JSON instead of text"]),
+    ],
+)
+def test_command_help_shows_defaults(command, expected, capsys):
+    text = " ".join(_help([command], capsys).split())
+    for words in expected:
+        assert words in text
+
+
+@pytest.fixture
+def failing_segment(monkeypatch):
+    """Make the library's segment raise ``error`` (set by the test) when the CLI calls it."""
+    raised: list[BaseException] = []
+
+    def fake(*args, **kwargs):
+        raise raised[0]
+
+    monkeypatch.setattr("segpipe.execution.segment.segment", fake)
+    return raised
+
+
+def _user_error_cases():
+    from segpipe.io.readers import ImageReadError
+    from segpipe.models import CheckpointError
+    from segpipe.results import IncompleteResultError, ResultMismatchError
+
+    return [
+        ImageReadError("/data/slide.svs: not a TIFF file"),
+        ResultMismatchError("/data/out.zarr holds something else; pass --overwrite\nor move it"),
+        IncompleteResultError("/data/out.zarr: 3/16 tiles written; re-run to finish"),
+        CheckpointError("/models/m.pt: not a segpipe checkpoint"),
+        FileNotFoundError(2, "No such file or directory", "/data/missing.tif"),
+    ]
+
+
+@pytest.mark.parametrize("error", _user_error_cases(), ids=lambda e: type(e).__name__)
+def test_user_errors_are_one_line_and_exit_2(error, failing_segment, tmp_path, capsys):
+    failing_segment.append(error)
+    code = main(["segment", "in.tif", str(tmp_path / "out.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("segpipe segment: error: /")
+    assert "Traceback" not in err
+    if isinstance(error, FileNotFoundError):
+        assert err == "segpipe segment: error: /data/missing.tif: No such file or directory\n"
+    else:
+        assert err == f"segpipe segment: error: {' '.join(str(error).split())}\n"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_adds_the_traceback(where, failing_segment, tmp_path, capsys):
+    from segpipe.io.readers import ImageReadError
+
+    failing_segment.append(ImageReadError("/data/slide.svs: not a TIFF file"))
+    argv = ["segment", "in.tif", str(tmp_path / "out.zarr")]
+    argv = ["--verbose", *argv] if where == "before" else [*argv, "-v"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert (
+        err.strip().splitlines()[-1] == "segpipe segment: error: /data/slide.svs: not a TIFF file"
+    )
+
+
+def test_a_bug_keeps_its_traceback(failing_segment, tmp_path):
+    failing_segment.append(ZeroDivisionError("a bug in segpipe"))
+    with pytest.raises(ZeroDivisionError, match="a bug in segpipe"):
+        main(["segment", "in.tif", str(tmp_path / "out.zarr")])
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_device_cuda_without_cuda_is_a_user_error(device, monkeypatch, tmp_path, capsys):
+    import torch
+
+    called = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("segpipe.execution.segment.segment", lambda *a, **kw: called.append(a))
+    code = main(["segment", "in.tif", str(tmp_path / "out.zarr"), "--device", device])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        f"segpipe segment: error: --device {device}: torch sees no CUDA GPU on this machine; "
+        "use --device cpu or --device auto\n"
+    )
+    assert not called, "refused before any work"
+
+
+def test_device_cuda_with_a_remote_scheduler_is_left_to_its_workers(monkeypatch, tmp_path):
+    import torch
+
+    called = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(
+        "segpipe.execution.segment.segment", lambda *a, **kw: called.append(a) or "out"
+    )
+    argv = ["segment", "in.tif", "out.zarr", "--device", "cuda", "--scheduler", "tcp://gpu:8786"]
+    assert main(argv) == 0
+    assert called
+
+
+def test_device_cuda_with_a_scheduler_address_from_dask_config(monkeypatch):
+    import dask.config
+    import torch
+
+    called = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(
+        "segpipe.execution.segment.segment", lambda *a, **kw: called.append(a) or "out"
+    )
+    with dask.config.set({"scheduler-address": "tcp://gpu:8786"}):
+        assert main(["segment", "in.tif", "out.zarr", "--device", "cuda"]) == 0
+    assert called
+
+
+def test_device_foo_is_one_line(tmp_path, capsys):
+    assert main(["segment", "in.tif", str(tmp_path / "out.zarr"), "--device", "foo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segpipe segment: error: SegmentConfig.device must be")
+    assert "'foo'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv", [["-q", "segment"], ["segment", "--quiet"]])
+def test_quiet_prints_only_the_result_line(argv, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(
+        "segpipe.execution.segment.segment",
+        lambda *a, **kw: seen.append(kw) or "/data/out.zarr",
+    )
+    assert main([*argv, "in.tif", "out.zarr"]) == 0
+    assert capsys.readouterr().out == "/data/out.zarr\n"
+    assert seen[0]["progress"] is False
+
+
+def test_verbose_and_quiet_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["-v", "-q", "info", "x"])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("how", [["-m", "segpipe.cli"], None])
+def test_a_missing_image_in_a_real_process(how, random_checkpoint, tmp_path):
+    """The installed command and ``python -m segpipe.cli``: exit 2, one line, no traceback."""
+    command = [sys.executable, *how] if how else [str(Path(sys.executable).parent / "segpipe")]
+    missing = tmp_path / "no-such-slide.tif"
+    run = subprocess.run(
+        [
+            *command,
+            "segment",
+            str(missing),
+            str(tmp_path / "r.zarr"),
+            "--model",
+            str(random_checkpoint),
+            "--scheduler",
+            "sync",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("segpipe segment: error:")
+    assert "no-such-slide.tif" in line
+    assert run.stdout == ""
+    assert not (tmp_path / "r.zarr").exists()

@@ -16,8 +16,10 @@ from segpipe.config import EXECUTION, RESULT, SegmentConfig, setting_help, setti
 HINTS = typing.get_type_hints(SegmentConfig)
 DEFAULTS = SegmentConfig()
 
-# Where a value derived from the field's type cannot be valid: a device is one of a few names.
-OVERRIDES: dict[str, Any] = {"device": "cpu"}
+# Where a value derived from the field's type cannot be valid: a device is one of a few names,
+# and a scheduler is connected to (its workers are asked about autocast) before anything is
+# recorded, so it must be one that exists.
+OVERRIDES: dict[str, Any] = {"device": "cpu", "scheduler": "sync"}
 
 
 def _value_type(name: str) -> Any:

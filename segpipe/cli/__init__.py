@@ -1,9 +1,9 @@
 """``segpipe`` command line: a thin shell over the public API.
 
-segpipe demo [--size 8192]           synthetic slide -> Prefect flow -> areas and Dice
-segpipe ingest IN OUT.zarr           any supported image -> OME-Zarr 0.5 pyramid
-segpipe segment IN OUT.zarr          segment (library code, no Prefect)
-segpipe info PATH                    what a result (or an image) holds
+Every command is an ``add_*`` function (its options) and a handler (one library call, then
+printing). :func:`main` is the one place where errors become exit codes: a user error (bad
+input, a refused output, a bad setting) is one line on stderr and exit code 2; anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
+import traceback
 from collections.abc import Callable, Sequence
 
 # Before Prefect and distributed are imported anywhere: no telemetry from a machine that may be
@@ -20,11 +22,17 @@ from collections.abc import Callable, Sequence
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if "-v" not in sys.argv and "--verbose" not in sys.argv:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+if "-q" in sys.argv or "--quiet" in sys.argv:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
 
 # The command modules import Prefect, dask and torch only inside their handlers.
 from segpipe.cli import archive, results, segment, training
+from segpipe.version import __version__
 
-__all__ = ["main"]
+__all__ = ["HelpFormatter", "main", "user_errors"]
+
+DESCRIPTION = "Segment gigapixel images with U-Net models; results are OME-Zarr stores."
+EPILOG = "Run 'segpipe COMMAND --help' for a command's options and their defaults."
 
 # In the order `segpipe --help` lists them.
 _COMMANDS = (
@@ -41,35 +49,110 @@ _COMMANDS = (
 )
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    # Bad input and refusals get one line naming the file; anything else is a bug: traceback.
-    from segpipe.results import IncompleteResultError
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the help already says what its default
+    is, or there is nothing to say (a flag, a positional, no default)."""
 
-    return (ValueError, OSError, IncompleteResultError)
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "default" in text
+            or not action.option_strings
+            # `is`: a default of 0 is worth showing, and 0 == False
+            or any(action.default is x for x in (None, False, argparse.SUPPRESS))
+        ):
+            return text
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Never at a hyphen: `scheduler-address` and `--no-amp` stay whole, searchable.
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions :func:`main` reports as one line and exit code 2.
+
+    segpipe's own refusals (each names the file and what to do), the validation errors of
+    ``SegmentConfig`` (ValueError/TypeError naming the setting), and the operating system's
+    (a missing or unreadable file, a full disk): all are about the input or the machine, not
+    about segpipe's code. Anything else is a bug and keeps its traceback.
+    """
+    # Imported here: `segpipe --help` must not pay for torch or zarr.
+    from segpipe.io.readers import ImageReadError
+    from segpipe.models import CheckpointError
+    from segpipe.results import IncompleteResultError, ResultMismatchError
+
+    return (
+        ImageReadError,
+        CheckpointError,
+        ResultMismatchError,
+        IncompleteResultError,
+        ValueError,
+        TypeError,
+        OSError,
+    )
+
+
+def _add_global_options(p: argparse.ArgumentParser, *, default: object) -> None:
+    loudness = p.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        default=default,
+        help="debug logging, and a traceback with every error",
+    )
+    loudness.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        default=default,
+        help="print only errors and the final result line",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="segpipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="segpipe", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
     )
-    parser.add_argument("--verbose", "-v", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"segpipe {__version__}")
+    _add_global_options(parser, default=False)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for add_command in _COMMANDS:
         add_command(sub)
+    for command in sub.choices.values():
+        command.formatter_class = HelpFormatter
+        # Also after the command (`segpipe segment ... -v`); SUPPRESS keeps a value given
+        # before it.
+        _add_global_options(command, default=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def _configure_logging(*, verbose: bool, quiet: bool) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # DEBUG for segpipe only: other libraries' debug output (fsspec, numba) would drown it.
+    logging.getLogger().setLevel(
+        logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
     )
+    logging.getLogger("segpipe").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err)
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror}"  # the file first, as segpipe's own errors do
+    return " ".join(text.split()) or type(err).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
+    args = _parser().parse_args(argv)
+    _configure_logging(verbose=args.verbose, quiet=args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
     try:
         return run(args)
-    except _user_errors() as err:
-        print(f"segpipe {args.command}: error: {err}", file=sys.stderr)
+    except user_errors() as err:
         if args.verbose:
-            raise
+            traceback.print_exc()
+        print(f"segpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -23,38 +23,54 @@ def add_archive(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     srv = sub.add_parser("serve", help="run the archive flow on a cron schedule (flow.serve)")
     _archive_options(srv)
-    srv.add_argument("--cron", default="0 2 * * *", help='schedule (default "0 2 * * *")')
-    srv.add_argument("--timezone", default="UTC")
-    srv.add_argument("--name", default="archive", help="deployment name")
+    srv.add_argument("--cron", default="0 2 * * *", metavar="SCHEDULE", help="cron schedule")
+    srv.add_argument("--timezone", default="UTC", metavar="ZONE", help="time zone of the schedule")
+    srv.add_argument("--name", default="archive", metavar="NAME", help="deployment name")
     srv.add_argument("--paused", action="store_true", help="register the schedule paused")
     srv.set_defaults(run=_serve)
 
 
 def _archive_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", help="archive folder or fsspec URL")
-    p.add_argument("output_root", help="results, reports, locks and the catalog")
+    p.add_argument("source", metavar="SOURCE", help="archive folder or fsspec URL")
+    p.add_argument(
+        "output_root", metavar="OUTPUT", help="folder of results, reports, locks and the catalog"
+    )
     add_segment_options(p, overwrite=False)
-    p.add_argument("--pattern", default="*", help="file name glob (default *)")
+    p.add_argument("--pattern", default="*", metavar="GLOB", help="file name glob")
     p.add_argument(
         "--min-age",
         type=float,
         default=0.0,
         dest="min_age_s",
+        metavar="SECONDS",
         help="skip files modified in the last N seconds (still being written)",
     )
-    p.add_argument("--max-concurrent", type=int, default=1, help="images at once in a run")
+    p.add_argument(
+        "--max-concurrent", type=int, default=1, metavar="N", help="images at once in a run"
+    )
     p.add_argument(
         "--concurrency-limit",
         default=None,
+        metavar="NAME",
         help="name of a Prefect global concurrency limit shared across runs",
     )
-    p.add_argument("--retries", type=int, default=2, help="retries of transient failures")
-    p.add_argument("--retry-delay", type=float, default=10.0, dest="retry_delay_s")
+    p.add_argument(
+        "--retries", type=int, default=2, metavar="N", help="retries of transient failures"
+    )
+    p.add_argument(
+        "--retry-delay",
+        type=float,
+        default=10.0,
+        dest="retry_delay_s",
+        metavar="SECONDS",
+        help="wait before a retry",
+    )
     p.add_argument(
         "--lock-ttl",
         type=float,
         default=600.0,
         dest="lock_ttl_s",
+        metavar="SECONDS",
         help="seconds before a silent claim may be taken over",
     )
     p.add_argument(

@@ -10,11 +10,12 @@ __all__ = ["add_export", "add_query"]
 
 def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q = sub.add_parser("query", help="class areas, thresholds and objects, whole or in a region")
-    q.add_argument("result")
+    q.add_argument("result", metavar="RESULT", help="a finished result store")
     q.add_argument(
         "--class",
         dest="class_name",
         default=None,
+        metavar="NAME",
         help="class name (areas: all classes when omitted)",
     )
     q.add_argument(
@@ -25,41 +26,74 @@ def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="region in the result's coordinates (µm, or CRS units)",
     )
-    q.add_argument("--level", type=int, default=0, help="pyramid level")
+    q.add_argument("--level", type=int, default=0, metavar="N", help="pyramid level")
     q.add_argument(
         "--threshold",
         type=float,
         default=None,
-        help="count pixels with probability > T (needs --class); objects from it",
+        metavar="P",
+        help="count pixels with probability > P (needs --class); objects from it",
     )
     q.add_argument("--objects", action="store_true", help="count connected objects of --class")
-    q.add_argument("--connectivity", type=int, choices=(1, 2), default=1)
+    q.add_argument(
+        "--connectivity",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: objects touch by edges, 2: also by corners",
+    )
     q.add_argument("--table", default=None, metavar="CSV", help="write the object table")
-    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(run=_query)
 
 
 def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex = sub.add_parser("export", help="class polygons as GeoJSON (QuPath, QGIS)")
-    ex.add_argument("result")
-    ex.add_argument("--geojson", required=True, metavar="OUT")
+    ex.add_argument("result", metavar="RESULT", help="a finished result store")
+    ex.add_argument("--geojson", required=True, metavar="OUT", help="GeoJSON file to write")
     ex.add_argument(
         "--class",
         dest="classes",
         action="append",
         default=None,
+        metavar="NAME",
         help="repeatable; default every class but the first (background)",
     )
-    ex.add_argument("--level", type=int, default=0)
-    ex.add_argument("--region", nargs=4, type=float, metavar=("X0", "Y0", "X1", "Y1"), default=None)
-    ex.add_argument("--coords", choices=("pixel", "micron", "crs"), default="pixel")
-    ex.add_argument("--threshold", type=float, default=None)
-    ex.add_argument("--connectivity", type=int, choices=(1, 2), default=1)
+    ex.add_argument("--level", type=int, default=0, metavar="N", help="pyramid level")
+    ex.add_argument(
+        "--region",
+        nargs=4,
+        type=float,
+        metavar=("X0", "Y0", "X1", "Y1"),
+        default=None,
+        help="region in the result's coordinates (default: the whole result)",
+    )
+    ex.add_argument(
+        "--coords",
+        choices=("pixel", "micron", "crs"),
+        default="pixel",
+        help="coordinates of the polygons",
+    )
+    ex.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="polygons of probability > P instead of the mask (default: the mask)",
+    )
+    ex.add_argument(
+        "--connectivity",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="1: objects touch by edges, 2: also by corners",
+    )
     ex.add_argument(
         "--min-area",
         type=float,
         default=0.0,
         dest="min_area",
+        metavar="AREA",
         help="smallest object kept, µm² (CRS units², or px)",
     )
     ex.set_defaults(run=_export)

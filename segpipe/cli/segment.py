@@ -68,14 +68,62 @@ def _option_kind(name: str, annotation: Any, flag: str) -> dict[str, Any]:
     if annotation is bool:
         return {"action": argparse.BooleanOptionalAction}
     if annotation in (int, float, str):
-        return {"type": annotation, "metavar": flag.lstrip("-").replace("-", "_").upper()}
+        return {"type": annotation, "metavar": _metavar(name, annotation)}
     raise TypeError(f"SegmentConfig.{name}: no command-line option for {annotation}")
+
+
+# What an option's value is, for `--tile PIXELS` in the help; a field not named here gets its
+# type's word (N, NUMBER, TEXT).
+_METAVARS = {
+    "tile": "PIXELS",
+    "window": "PIXELS",
+    "min_level_size": "PIXELS",
+    "overlap": "FRACTION",
+    "sigma_scale": "FRACTION",
+    "pixel_size_um": "UM",
+    "device": "DEVICE",
+    "scheduler": "ADDRESS",
+}
+_TYPE_METAVARS = {int: "N", float: "NUMBER", str: "TEXT"}
+
+
+def _metavar(name: str, annotation: Any) -> str:
+    if name in _METAVARS:
+        return _METAVARS[name]
+    for suffix, unit in (("_um", "UM"), ("_px", "PIXELS"), ("_s", "SECONDS")):
+        if name.endswith(suffix):
+            return unit
+    return _TYPE_METAVARS[annotation]
 
 
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
     """The :class:`~segpipe.config.SegmentConfig` of options added by
     :func:`add_config_options` (validated: a bad value raises ``ValueError`` naming it)."""
-    return SegmentConfig(**{f.name: getattr(args, f.name) for f in settings()})
+    config = SegmentConfig(**{f.name: getattr(args, f.name) for f in settings()})
+    _check_device(config)
+    return config
+
+
+def _check_device(config: SegmentConfig) -> None:
+    """Refuse ``--device cuda`` here, before any work, on a machine without CUDA.
+
+    Only where the work runs in this process or on a local cluster: a remote scheduler's
+    workers (``--scheduler tcp://...`` or dask's ``scheduler-address``, which
+    DASK_SCHEDULER_ADDRESS sets) may have the GPU this machine lacks.
+    """
+    if not config.device.startswith("cuda") or config.scheduler not in (None, "sync"):
+        return
+    import dask.config
+
+    if config.scheduler is None and dask.config.get("scheduler-address", None):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {config.device}: torch sees no CUDA GPU on this machine; "
+            "use --device cpu or --device auto"
+        )
 
 
 def add_segment_options(p: argparse.ArgumentParser, *, overwrite: bool = True) -> None:
@@ -84,6 +132,7 @@ def add_segment_options(p: argparse.ArgumentParser, *, overwrite: bool = True) -
     p.add_argument(
         "--model",
         default="tissue-unet",
+        metavar="MODEL",
         help="shipped model name or checkpoint path (default: tissue-unet)",
     )
     add_config_options(p)
@@ -97,35 +146,48 @@ def add_segment_options(p: argparse.ArgumentParser, *, overwrite: bool = True) -
 
 def add_demo(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="segment a generated slide with the shipped model")
-    demo.add_argument("--size", type=int, default=8192, help="slide side, pixels (default 8192)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="segpipe-demo", help="working directory")
+    demo.add_argument(
+        "--size", type=int, default=8192, metavar="PIXELS", help="side of the generated slide"
+    )
+    demo.add_argument("--seed", type=int, default=0, metavar="N", help="random seed of the slide")
+    demo.add_argument(
+        "--out", default="segpipe-demo", metavar="DIR", help="working directory for all files"
+    )
     add_segment_options(demo)
     demo.set_defaults(run=_demo)
 
 
 def add_ingest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ing = sub.add_parser("ingest", help="copy an image into a chunked OME-Zarr pyramid")
-    ing.add_argument("source")
-    ing.add_argument("output")
-    ing.add_argument("--chunk", type=int, default=512)
-    ing.add_argument("--pixel-size", type=float, default=None, dest="pixel_size_um")
-    ing.add_argument("--overwrite", action="store_true")
+    ing.add_argument("source", metavar="SOURCE", help="image file (TIFF, OME-TIFF, SVS, Zarr, ...)")
+    ing.add_argument("output", metavar="OUTPUT", help="OME-Zarr store to write (.zarr)")
+    ing.add_argument(
+        "--chunk", type=int, default=512, metavar="PIXELS", help="chunk side of every level"
+    )
+    ing.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        dest="pixel_size_um",
+        metavar="UM",
+        help="microns per pixel at level 0 (default: what the file says)",
+    )
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing store at OUTPUT")
     ing.set_defaults(run=_ingest)
 
 
 def add_segment(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     seg = sub.add_parser("segment", help="segment an image into a result store")
-    seg.add_argument("source")
-    seg.add_argument("output")
+    seg.add_argument("source", metavar="SOURCE", help="image file or OME-Zarr store")
+    seg.add_argument("output", metavar="OUTPUT", help="result store to write (.seg.zarr)")
     add_segment_options(seg)
     seg.set_defaults(run=_segment)
 
 
 def add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     info = sub.add_parser("info", help="describe a result or an image")
-    info.add_argument("path")
-    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("path", metavar="PATH", help="a result store or an image")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(run=_info)
 
 
@@ -155,7 +217,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
-    print(f"generating a {args.size} x {args.size} px synthetic slide in {out}/ ...", flush=True)
+    config = config_from_args(args)
+    if not args.quiet:
+        print(
+            f"generating a {args.size} x {args.size} px synthetic slide in {out}/ ...", flush=True
+        )
     slide = make_demo_slide(out, size=args.size, seed=args.seed)
     result = out / f"{slide.image.name.removesuffix('.ome.tif')}.seg.zarr"
     from segpipe.flows.segment_slide import segment_slide
@@ -164,16 +230,18 @@ def _demo(args: argparse.Namespace) -> int:
         str(slide.image),
         str(result),
         args.model,
-        config=config_from_args(args),
+        config=config,
         ground_truth=str(slide.truth),
         overwrite=args.overwrite,
-        progress=True,
+        progress=not args.quiet,
     )
-    print()
-    _print_summary(summary)
     dice = summary["dice"]
+    if not args.quiet:
+        print()
+        _print_summary(summary)
     print(f"mean Dice (tissue, nucleus) against ground truth: {(dice[1] + dice[2]) / 2:.4f}")
-    print(f"total time: {time.perf_counter() - t0:.1f} s")
+    if not args.quiet:
+        print(f"total time: {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -186,7 +254,7 @@ def _ingest(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         pixel_size_um=args.pixel_size_um,
         overwrite=args.overwrite,
-        progress=True,
+        progress=not args.quiet,
     )
     print(out)
     return 0
@@ -201,7 +269,7 @@ def _segment(args: argparse.Namespace) -> int:
         args.model,
         config_from_args(args),
         overwrite=args.overwrite,
-        progress=True,
+        progress=not args.quiet,
     )
     print(out)
     return 0
@@ -226,12 +294,20 @@ def _info(args: argparse.Namespace) -> int:
             "dtype": str(r.dtype),
             "pixel_size_um": r.pixel_size_um,
         }
-        print(json.dumps(info, indent=2))
+        if args.json:
+            print(json.dumps(info, indent=2))
+            return 0
+        pixel_size = f"{r.pixel_size_um} µm/px" if r.pixel_size_um else "pixel size unknown"
+        print(f"image: {path}  ({r.dtype}, {pixel_size})")
+        print("levels: " + ", ".join(" x ".join(map(str, s)) for s in r.level_shapes))
         return 0
     from segpipe.query import describe
 
     described = describe(path)
     if not described["complete"]:
+        if args.json:
+            print(json.dumps(described, indent=2, default=str))
+            return 1
         print(
             f"{path}: INCOMPLETE segpipe result, {described['tiles_done']}/"
             f"{described['tiles_total']} tiles written; re-run segment with the same output "

@@ -15,32 +15,63 @@ __all__ = ["add_evaluate", "add_train"]
 
 def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr = sub.add_parser("train", help="train a model on synthetic scenes or a folder of pairs")
-    tr.add_argument("output", help="checkpoint to write (.pt)")
+    tr.add_argument("output", metavar="CHECKPOINT", help="checkpoint to write (.pt)")
     tr.add_argument(
         "--architecture",
         default="unet",
+        metavar="NAME",
         help="registry name (unet, fcn, fcn-updown, sliding-window) or a checkpoint",
     )
-    tr.add_argument("--dataset", choices=("tissue", "aerial", "folder"), default="tissue")
-    tr.add_argument("--train-folder", default=None, help="images/ labels/ [instances/] folder")
-    tr.add_argument("--val-folder", default=None)
-    tr.add_argument("--steps", type=int, default=500, help="optimiser steps per epoch")
-    tr.add_argument("--epochs", type=int, default=1)
-    tr.add_argument("--batch-size", type=int, default=8)
-    tr.add_argument("--patch", type=int, default=92, help="label crop side, pixels")
-    tr.add_argument("--lr", type=float, default=2e-3)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--slide-size", type=int, default=2048, help="synthetic training scene side")
-    tr.add_argument("--num-slides", type=int, default=4)
-    tr.add_argument("--val-size", type=int, default=1024)
+    tr.add_argument(
+        "--dataset",
+        choices=("tissue", "aerial", "folder"),
+        default="tissue",
+        help="synthetic tissue or aerial scenes, or pairs from --train-folder",
+    )
+    tr.add_argument(
+        "--train-folder", default=None, metavar="DIR", help="images/ labels/ [instances/] folder"
+    )
+    tr.add_argument(
+        "--val-folder", default=None, metavar="DIR", help="validation pairs, same layout"
+    )
+    tr.add_argument("--steps", type=int, default=500, metavar="N", help="optimiser steps per epoch")
+    tr.add_argument("--epochs", type=int, default=1, metavar="N", help="passes of --steps")
+    tr.add_argument("--batch-size", type=int, default=8, metavar="N", help="patches per step")
+    tr.add_argument(
+        "--patch", type=int, default=92, metavar="PIXELS", help="label crop side, pixels"
+    )
+    tr.add_argument("--lr", type=float, default=2e-3, metavar="RATE", help="learning rate")
+    tr.add_argument("--seed", type=int, default=0, metavar="N", help="random seed")
+    tr.add_argument(
+        "--slide-size",
+        type=int,
+        default=2048,
+        metavar="PIXELS",
+        help="synthetic training scene side",
+    )
+    tr.add_argument(
+        "--num-slides", type=int, default=4, metavar="N", help="synthetic training scenes"
+    )
+    tr.add_argument(
+        "--val-size", type=int, default=1024, metavar="PIXELS", help="validation scene side"
+    )
     tr.add_argument(
         "--loss-weights",
         choices=("none", "balanced", "unet"),
         default="none",
         help="unet: class balance plus the border term between touching objects",
     )
-    tr.add_argument("--w0", type=float, default=10.0)
-    tr.add_argument("--sigma", type=float, default=5.0, dest="sigma_px")
+    tr.add_argument(
+        "--w0", type=float, default=10.0, metavar="WEIGHT", help="unet loss: border weight"
+    )
+    tr.add_argument(
+        "--sigma",
+        type=float,
+        default=5.0,
+        dest="sigma_px",
+        metavar="PIXELS",
+        help="unet loss: border width",
+    )
     tr.add_argument(
         "--separate-touching",
         action="store_true",
@@ -51,36 +82,75 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=0.0,
         dest="elastic_std_px",
-        help="elastic deformation, pixels (0 = off)",
+        metavar="PIXELS",
+        help="elastic deformation (0 = off)",
     )
-    tr.add_argument("--jitter", type=float, default=0.0, help="intensity jitter (0 = off)")
-    tr.add_argument("--checkpoint-dir", default=None, help="a checkpoint per epoch here")
-    tr.add_argument("--resume", default=None, dest="resume_from", help="epoch checkpoint")
-    tr.add_argument("--width", type=int, default=None)
-    tr.add_argument("--depth", type=int, default=None)
-    tr.add_argument("--padding", choices=("valid", "same"), default=None)
+    tr.add_argument(
+        "--jitter", type=float, default=0.0, metavar="AMOUNT", help="intensity jitter (0 = off)"
+    )
+    tr.add_argument(
+        "--checkpoint-dir", default=None, metavar="DIR", help="a checkpoint per epoch here"
+    )
+    tr.add_argument(
+        "--resume",
+        default=None,
+        dest="resume_from",
+        metavar="CHECKPOINT",
+        help="continue from this epoch checkpoint",
+    )
+    tr.add_argument(
+        "--width", type=int, default=None, metavar="N", help="channels of the first block"
+    )
+    tr.add_argument("--depth", type=int, default=None, metavar="N", help="down-sampling steps")
+    tr.add_argument(
+        "--padding",
+        choices=("valid", "same"),
+        default=None,
+        help="convolution padding (default: the architecture's)",
+    )
     tr.add_argument("--full-precision", action="store_true", help="save float32 weights")
-    tr.add_argument("--no-progress", action="store_true")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(run=_train)
 
 
 def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev = sub.add_parser("evaluate", help="per-class IoU/Dice and object F1 against ground truth")
-    ev.add_argument("prediction", help="a result store, or a model (name or checkpoint)")
-    ev.add_argument("ground_truth", help="one-channel label image (class ids)")
-    ev.add_argument("--image", default=None, help="image to segment when PREDICTION is a model")
-    ev.add_argument("--instances", default=None, help="ground-truth object ids, for object F1")
-    ev.add_argument("--object-class", default=None, help="class whose objects are scored")
-    ev.add_argument("--iou-threshold", type=float, default=0.5)
+    ev.add_argument(
+        "prediction", metavar="PREDICTION", help="a result store, or a model (name or checkpoint)"
+    )
+    ev.add_argument("ground_truth", metavar="TRUTH", help="one-channel label image (class ids)")
+    ev.add_argument(
+        "--image", default=None, metavar="IMAGE", help="image to segment when PREDICTION is a model"
+    )
+    ev.add_argument(
+        "--instances", default=None, metavar="IMAGE", help="ground-truth object ids, for object F1"
+    )
+    ev.add_argument(
+        "--object-class", default=None, metavar="NAME", help="class whose objects are scored"
+    )
+    ev.add_argument(
+        "--iou-threshold",
+        type=float,
+        default=0.5,
+        metavar="IOU",
+        help="a predicted object matches a true one above this IoU",
+    )
     ev.add_argument(
         "--min-size",
         type=int,
         default=0,
         dest="min_size_px",
-        help="ignore predicted objects smaller than this, pixels",
+        metavar="PIXELS",
+        help="ignore predicted objects smaller than this",
     )
-    ev.add_argument("--tile", type=int, default=256)
-    ev.add_argument("--json", action="store_true", help="machine-readable output")
+    ev.add_argument(
+        "--tile",
+        type=int,
+        default=256,
+        metavar="PIXELS",
+        help="output tile side when PREDICTION is a model",
+    )
+    ev.add_argument("--json", action="store_true", help="print JSON instead of text")
     ev.set_defaults(run=_evaluate)
 
 
@@ -109,7 +179,7 @@ def _train(args: argparse.Namespace) -> int:
         jitter=args.jitter,
         checkpoint_dir=args.checkpoint_dir,
         resume_from=args.resume_from,
-        progress=not args.no_progress,
+        progress=not (args.no_progress or args.quiet),
     )
     options = {k: getattr(args, k) for k in ("width", "depth", "padding")}
     model = training.initial_model(
@@ -127,6 +197,9 @@ def _train(args: argparse.Namespace) -> int:
         half=not args.full_precision,
         extra={"command": " ".join(sys.argv)},
     )
+    if args.quiet:
+        print(f"wrote {args.output}")
+        return 0
     if not config.progress:  # train() printed it already
         print(training.format_report(result))
     weights = "float32" if args.full_precision else "float16"

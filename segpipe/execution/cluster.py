@@ -4,6 +4,7 @@ per-worker model plugin, and the loop that runs a result's blocks and reports ea
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -11,11 +12,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import dask
 import distributed
 import torch
 
 from segpipe import models
-from segpipe.execution.predictor import InferenceConfig, Predictor
+from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
 from segpipe.execution.tasks import (
     BlockResult,
     Job,
@@ -25,31 +27,98 @@ from segpipe.execution.tasks import (
 )
 from segpipe.geometry.tiling import Tile
 
-__all__ = ["ClusterPlan", "ModelPlugin", "connect", "plan_local_cluster", "run_blocks"]
+__all__ = [
+    "ClusterPlan",
+    "ModelPlugin",
+    "choose_scheduler",
+    "connect",
+    "has_cuda",
+    "plan_local_cluster",
+    "resolve_amp",
+    "run_blocks",
+    "run_key",
+]
 
 log = logging.getLogger(__name__)
 
 
+def run_key(model_sha256: str) -> str:
+    """A run's name on a cluster: the model's fingerprint and a fresh id.
+
+    Plugin names are global to a cluster, so two runs of one model on a shared cluster would
+    replace and then unregister each other's plugin if named by the model alone.
+    """
+    return f"{model_sha256[:16]}-{uuid.uuid4().hex[:12]}"
+
+
 class ModelPlugin(distributed.WorkerPlugin):
-    """Loads the model once per worker process, not once per tile."""
+    """Loads a run's model once per worker process, not once per tile.
+
+    The device is resolved here, on the worker: ``"auto"`` is this worker's GPU when it has
+    one, whatever the driver has.
+    """
 
     def __init__(self, key: str, source: str | torch.nn.Module, config: InferenceConfig) -> None:
         self.key = key
         self.source = source
         self.config = config
-        self.name = f"segpipe-model-{key[:16]}"
+        self.name = f"segpipe-model-{key}"
 
     def setup(self, worker: Any = None) -> None:
-        net = self.source if isinstance(self.source, torch.nn.Module) else models.load(self.source)
-        install_predictor(self.key, Predictor(net, self.config))
+        try:
+            device = resolve_device(self.config.device)
+        except RuntimeError as err:
+            where = f"worker {worker.address}" if worker is not None else f"pid {os.getpid()}"
+            raise RuntimeError(
+                f"{where}: {err}; run on workers with a CUDA GPU, or use device='auto' or 'cpu'"
+            ) from None
+        config = dataclasses.replace(self.config, device=str(device))
+
+        def make() -> Predictor:
+            source = self.source
+            net = source if isinstance(source, torch.nn.Module) else models.load(source)
+            return Predictor(net, config)
+
+        install_predictor(self.key, make)
 
     def teardown(self, worker: Any = None) -> None:
         remove_predictor(self.key)
 
 
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU in this process (run on workers by ``client.run``)."""
+    return bool(torch.cuda.is_available())
+
+
+def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
+    """The concrete autocast setting of a run, as its workers will apply it.
+
+    ``amp=None`` means on CUDA only: on when ``device`` is not ``"cpu"`` and every worker of
+    ``client`` sees a GPU (None: this process, which runs the tasks or the local cluster).
+    A result's identity records this value, so it must be the one the workers use.
+    """
+    if amp is not None:
+        return amp
+    if device == "cpu":
+        return False
+    cuda = set(client.run(has_cuda).values()) if client is not None else {has_cuda()}
+    if not cuda:
+        raise ValueError(
+            f"device {device!r} with amp=None: the cluster has no workers yet to say whether "
+            "they have a GPU; set amp=True or amp=False, or start its workers first"
+        )
+    if len(cuda) > 1:
+        raise ValueError(
+            f"device {device!r} with amp=None: some workers have a CUDA GPU and some do not, "
+            "so the run would mix autocast and float32; set amp=True or amp=False"
+        )
+    return cuda == {True}
+
+
 @dataclass(frozen=True)
 class ClusterPlan:
-    """How to lay out a local cluster: ``gpus`` > 0 means one worker per GPU."""
+    """How to lay out a local cluster: ``gpus`` > 0 means one worker process per GPU, else
+    ``n_workers`` threads of this process."""
 
     n_workers: int
     threads_per_worker: int
@@ -68,11 +137,13 @@ def plan_local_cluster(
     gpus: int | None = None,
     n_workers: int | None = None,
 ) -> ClusterPlan:
-    """One worker per GPU on CUDA; on the CPU, processes that share the cores.
+    """One worker per GPU on CUDA; on the CPU, worker threads that share the cores.
 
     Each CPU worker runs one task at a time and gives torch its share of the cores: torch's
-    intra-op threads beat Dask threads fighting over the GIL-free conv kernels, and processes
-    keep a slow tile's reads off the others' compute.
+    intra-op threads beat Dask threads fighting over the GIL-free conv kernels, and a second
+    worker overlaps one tile's reads and writes with another's compute. ``torch_threads`` is
+    that share: the workers are threads of one process, each forward pass runs its own team of
+    that many threads, so the process's total stays at the cores.
 
     >>> plan_local_cluster(torch.device("cpu"), cpus=8)
     ClusterPlan(n_workers=4, threads_per_worker=1, torch_threads=2, gpus=0)
@@ -89,6 +160,7 @@ def plan_local_cluster(
 
 
 def _start_local_cluster(plan: ClusterPlan) -> Any:
+    # ":0": a free port, so runs side by side never fight over 8787.
     if plan.gpus:
         try:
             from dask_cuda import LocalCUDACluster
@@ -96,34 +168,67 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
             log.warning("dask-cuda is not installed: using one plain worker per GPU")
         else:
             return LocalCUDACluster(
-                threads_per_worker=1, resources=plan.resources, dashboard_address=None
+                threads_per_worker=1, resources=plan.resources, dashboard_address=":0"
             )
+        # One process per GPU: a process owns its CUDA context.
+        return distributed.LocalCluster(
+            n_workers=plan.n_workers,
+            threads_per_worker=plan.threads_per_worker,
+            processes=True,
+            resources=plan.resources,
+            dashboard_address=":0",
+        )
+    # Threads of this process: worker processes are started by spawn/forkserver, which
+    # re-imports the caller's __main__ and breaks a plain script without a main guard; torch
+    # releases the GIL in its kernels, so threads lose little.
     return distributed.LocalCluster(
         n_workers=plan.n_workers,
         threads_per_worker=plan.threads_per_worker,
-        processes=True,
-        resources=plan.resources or None,
-        dashboard_address=None,
+        processes=False,
+        dashboard_address=":0",
     )
+
+
+def choose_scheduler(scheduler: Any = None) -> Any:
+    """The scheduler a run uses, first match wins:
+
+    1. ``scheduler`` when given: ``"sync"``, an address, or a ``distributed.Client``;
+    2. the ``distributed`` client active in this process (``distributed.get_client()``: the
+       last one made here, or the worker's own inside a task);
+    3. the ``scheduler-address`` of Dask's config (env ``DASK_SCHEDULER_ADDRESS``);
+    4. None: a local cluster started for the run.
+    """
+    if scheduler is not None:
+        return scheduler
+    try:
+        return distributed.get_client()
+    except ValueError:  # no client in this process
+        pass
+    return dask.config.get("scheduler-address", None)
 
 
 @contextlib.contextmanager
 def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler``, or None to run tasks in this process.
 
-    ``scheduler``: None starts a LocalCluster laid out by ``plan`` (closed on exit);
-    ``"sync"`` runs every task here, in order (debugging, tiny images); a string address
-    (``tcp://host:8786``) connects to a running scheduler; a ``Client`` is used as it is.
+    The scheduler is chosen by :func:`choose_scheduler`: an explicit ``scheduler``
+    (``"sync"`` runs every task here, in order: debugging, tiny images; an address like
+    ``tcp://host:8786`` connects to a running scheduler; a ``Client`` is used as it is), else
+    this process's active client, else Dask's ``scheduler-address`` config
+    (``DASK_SCHEDULER_ADDRESS``), else a LocalCluster laid out by ``plan`` (closed on exit).
     """
+    scheduler = choose_scheduler(scheduler)
     if scheduler == "sync":
         yield None
     elif isinstance(scheduler, distributed.Client):
         yield scheduler
     elif scheduler is None:
         with _start_local_cluster(plan) as cluster, distributed.Client(cluster) as client:
+            log.info("local Dask cluster started; dashboard: %s", client.dashboard_link)
             yield client
     elif isinstance(scheduler, str):
         with distributed.Client(scheduler, timeout="30s") as client:
+            log.info("connected to %s; dashboard: %s", scheduler, client.dashboard_link)
             yield client
     else:
         raise TypeError(
@@ -153,7 +258,7 @@ def run_blocks(
     A failing task cancels the rest and raises; blocks finished before it have been reported,
     so a re-run resumes from them.
     """
-    plugin = ModelPlugin(job.model_key, model, config)
+    plugin = ModelPlugin(job.predictor_key, model, config)
     if client is None:
         plugin.setup()
         try:
@@ -163,11 +268,18 @@ def run_blocks(
             plugin.teardown()
         return
 
-    # Registered for this run only: the workers of a shared cluster get their memory back.
-    client.register_plugin(plugin, name=plugin.name)
+    # Registered for this run only, by the run's name: the workers of a shared cluster get
+    # their memory back, and other runs' plugins are left alone.
+    try:
+        client.register_plugin(plugin, name=plugin.name)
+    except BaseException:
+        # A worker refused (no CUDA there): workers that join later must not load it. The
+        # worker's error is the one to report, not a failure of this clean-up.
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(plugin.name)
+        raise
     gpu = _gpu_resources(client) if config.device != "cpu" else None
-    run = uuid.uuid4().hex[:8]
-    keys = [f"segpipe-block-{run}-{b[0].index[0]}-{b[0].index[1]}" for b in blocks]
+    keys = [f"segpipe-block-{job.predictor_key}-{b[0].index[0]}-{b[0].index[1]}" for b in blocks]
     futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)
     try:
         for fut in distributed.as_completed(futures):

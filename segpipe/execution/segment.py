@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -13,8 +14,15 @@ import torch
 
 from segpipe import models
 from segpipe.config import SegmentConfig
-from segpipe.execution.cluster import connect, plan_local_cluster, run_blocks
-from segpipe.execution.predictor import InferenceConfig, resolve_device
+from segpipe.execution.cluster import (
+    choose_scheduler,
+    connect,
+    plan_local_cluster,
+    resolve_amp,
+    run_blocks,
+    run_key,
+)
+from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job
 from segpipe.geometry.tiling import blend_lattice, tile_grid
 from segpipe.io.readers import Reader, open_image
@@ -78,10 +86,15 @@ def segment(
         when passing a module loaded once from a name (``models.load("tissue-unet")``), so
         the result is the same as one made from the name.
     scheduler
-        Overrides ``config.scheduler``: None starts a local Dask cluster; ``"sync"`` runs in
-        this process; an address (``"tcp://host:8786"``) or a ``distributed.Client`` uses a
-        running cluster. A string is a setting like the others (it lands in the config); a
-        ``Client``, which a config cannot hold, is used as it is.
+        Overrides ``config.scheduler``: ``"sync"`` runs in this process; an address
+        (``"tcp://host:8786"``) or a ``distributed.Client`` uses a running cluster. A string
+        is a setting like the others (it lands in the config); a ``Client``, which a config
+        cannot hold, is used as it is. When neither gives one, the first of these is used:
+        the ``distributed`` client active in this process (``distributed.get_client()``),
+        Dask's ``scheduler-address`` config (env ``DASK_SCHEDULER_ADDRESS``), else a local
+        cluster started for the run (threads of this process on the CPU, so a plain script
+        needs no ``if __name__ == "__main__":`` guard; one process per GPU).
+        ``device="auto"`` is resolved on each worker: its GPU when it has one, else its CPU.
     overwrite
         Replace an existing result of other inputs or parameters at ``output``.
     progress
@@ -140,74 +153,90 @@ def segment(
         lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
         config = config.replace(window=w)
 
-    dev = resolve_device(config.device)
-    # Resolved before the identity is taken: "auto" must not make two results look alike.
-    config = config.replace(amp=bool(config.amp if config.amp is not None else dev.type == "cuda"))
-    level_px = (
-        reader.pixel_size_um * reader.level_shapes[0][0] / ny if reader.pixel_size_um else None
+    # A local cluster runs on this machine, so its layout follows this machine's GPUs (none:
+    # threads, even for device="cuda", whose workers then refuse with a clear message); every
+    # worker resolves the device for itself (ModelPlugin.setup).
+    has_gpu = config.device != "cpu" and torch.cuda.is_available()
+    plan = plan_local_cluster(
+        torch.device("cuda" if has_gpu else "cpu"), n_workers=config.n_workers
     )
-    meta = ResultMeta(
-        source=str(reader.path),
-        shape=(ny, nx),
-        pixel_size_um=level_px,
-        class_names=class_names,
-        model_name=model_name or _model_label(model, net),
-        model_sha256=models.fingerprint(net),
-        halo=geometry.halo,
-        config=config,
-        **_georeference_at(reader, level),
-    )
-    output = Path(output)
-    done = prepare_result(output, meta, overwrite=overwrite)
-    if is_complete(output):
-        log.info("%s is already complete; nothing to compute", output)
-        return output
+    scheduler = choose_scheduler(scheduler)
+    with contextlib.ExitStack() as connection:
+        # A running cluster is asked now for the amp its workers will apply; for a local
+        # cluster (this machine) or "sync" (this process) this process answers, and a local
+        # cluster starts only when there is work.
+        client = (
+            connection.enter_context(connect(scheduler, plan))
+            if scheduler is not None and scheduler != "sync"
+            else None
+        )
+        # Resolved before the identity is taken: "auto" must not make two results look alike.
+        config = config.replace(amp=resolve_amp(config.amp, config.device, client))
+        level_px = (
+            reader.pixel_size_um * reader.level_shapes[0][0] / ny if reader.pixel_size_um else None
+        )
+        meta = ResultMeta(
+            source=str(reader.path),
+            shape=(ny, nx),
+            pixel_size_um=level_px,
+            class_names=class_names,
+            model_name=model_name or _model_label(model, net),
+            model_sha256=models.fingerprint(net),
+            halo=geometry.halo,
+            config=config,
+            **_georeference_at(reader, level),
+        )
+        output = Path(output)
+        done = prepare_result(output, meta, overwrite=overwrite)
+        if is_complete(output):
+            log.info("%s is already complete; nothing to compute", output)
+            return output
 
-    grid = tile_grid((ny, nx), tile)
-    # A block is one shard, the unit of writing: a partly done block is redone whole.
-    blocks = [
-        block for block in grid.blocks(config.task_tiles) if not all(done[t.index] for t in block)
-    ]
-    n_todo = sum(len(b) for b in blocks)
-    log.info(
-        "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
-        reader.path,
-        ny,
-        nx,
-        output,
-        len(grid),
-        n_todo,
-        config.mode,
-    )
-    job = Job(
-        reader=reader,
-        level=level,
-        output=str(output),
-        model_key=meta.model_sha256,
-        mode=config.mode,
-        tile=tile,
-        geometry=geometry,
-        num_classes=len(class_names),
-        lattice=lattice,
-        sigma_scale=config.sigma_scale,
-    )
-    plan = plan_local_cluster(dev, n_workers=config.n_workers)
-    inference = InferenceConfig(
-        device=str(dev), batch_size=config.batch_size, amp=config.amp, threads=plan.torch_threads
-    )
-    recorder = _TileRecorder(output, n_todo, progress, on_progress)
-    try:
-        with connect(scheduler, plan) as client:
-            run_blocks(
-                blocks,
-                job,
-                client=client,
-                model=net,
-                config=inference,
-                on_result=recorder,
-            )
-    finally:
-        recorder.close()
+        grid = tile_grid((ny, nx), tile)
+        # A block is one shard, the unit of writing: a partly done block is redone whole.
+        blocks = [b for b in grid.blocks(config.task_tiles) if not all(done[t.index] for t in b)]
+        n_todo = sum(len(b) for b in blocks)
+        log.info(
+            "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
+            reader.path,
+            ny,
+            nx,
+            output,
+            len(grid),
+            n_todo,
+            config.mode,
+        )
+        job = Job(
+            reader=reader,
+            level=level,
+            output=str(output),
+            predictor_key=run_key(meta.model_sha256),
+            mode=config.mode,
+            tile=tile,
+            geometry=geometry,
+            num_classes=len(class_names),
+            lattice=lattice,
+            sigma_scale=config.sigma_scale,
+        )
+        inference = InferenceConfig(
+            device=config.device,
+            batch_size=config.batch_size,
+            amp=config.amp,
+            # A running cluster's workers keep their own thread settings: this machine's
+            # cores say nothing of theirs.
+            threads=plan.torch_threads if client is None else None,
+        )
+        if client is None:
+            # Sync and the threaded local cluster run in this process, and torch's thread count
+            # is process-wide: give the caller's back when the run ends.
+            connection.callback(torch.set_num_threads, torch.get_num_threads())
+            if scheduler != "sync":
+                client = connection.enter_context(connect(scheduler, plan))
+        recorder = _TileRecorder(output, n_todo, progress, on_progress)
+        try:
+            run_blocks(blocks, job, client=client, model=net, config=inference, on_result=recorder)
+        finally:
+            recorder.close()
 
     seconds = time.perf_counter() - started
     summary = RunSummary(

@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,9 +58,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Models ready on this process, by fingerprint: filled once per worker by ModelPlugin.setup
-# (or by the driver when it runs tasks itself), read by every task.
-_PREDICTORS: dict[str, Predictor] = {}
+# Models ready on this process, by run (model fingerprint + run id, so runs sharing a cluster
+# never touch each other's): filled by ModelPlugin.setup (or by the driver when it runs tasks
+# itself), read by every task. Threaded workers share one process, so each entry counts the
+# workers holding it and is built once; the lock guards their concurrent setups.
+_PREDICTORS: dict[str, tuple[Predictor, int]] = {}
+_REGISTRY_LOCK = threading.Lock()
 
 MODES = ("exact", "blend")
 
@@ -118,7 +122,7 @@ class Job(Stitching):
     reader: Reader
     level: int
     output: str
-    model_key: str
+    predictor_key: str  # the run's model in each worker's registry (install_predictor)
 
 
 @dataclass(frozen=True)
@@ -273,23 +277,34 @@ def predict_labels(
     return np.argmax(probabilities, axis=0).astype(np.uint8)
 
 
-def install_predictor(key: str, predictor: Predictor) -> None:
-    """Make ``predictor`` the one tasks of model ``key`` use in this process."""
-    _PREDICTORS[key] = predictor
+def install_predictor(key: str, make: Callable[[], Predictor]) -> None:
+    """Make ``make()`` the predictor tasks of run ``key`` use in this process.
+
+    Built once per process: a second worker of the same process (a threaded cluster) only
+    takes another hold on it, released by :func:`remove_predictor`.
+    """
+    with _REGISTRY_LOCK:
+        predictor, holders = _PREDICTORS.get(key, (None, 0))
+        _PREDICTORS[key] = (predictor or make(), holders + 1)
 
 
 def remove_predictor(key: str) -> None:
-    """Forget model ``key`` in this process (a worker gets its memory back)."""
-    _PREDICTORS.pop(key, None)
+    """Release one hold on run ``key``'s predictor; the last one frees its memory."""
+    with _REGISTRY_LOCK:
+        predictor, holders = _PREDICTORS.get(key, (None, 0))
+        if predictor is None or holders <= 1:
+            _PREDICTORS.pop(key, None)
+        else:
+            _PREDICTORS[key] = (predictor, holders - 1)
 
 
 def predictor_for(key: str) -> Predictor:
-    """The predictor :func:`install_predictor` made ready for model ``key`` in this process."""
+    """The predictor :func:`install_predictor` made ready for run ``key`` in this process."""
     try:
-        return _PREDICTORS[key]
+        return _PREDICTORS[key][0]
     except KeyError:
         raise RuntimeError(
-            f"model {key[:12]} is not loaded in this process (pid {os.getpid()}); "
+            f"the model of run {key} is not loaded in this process (pid {os.getpid()}); "
             "segment registers it on every worker: was the worker started afterwards "
             "without the segpipe plugin?"
         ) from None
@@ -297,7 +312,7 @@ def predictor_for(key: str) -> Predictor:
 
 def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
     """Predict, stitch and write one block of tiles; the unit of work of a Dask task."""
-    predictor = predictor_for(job.model_key)
+    predictor = predictor_for(job.predictor_key)
     block = predict_region(
         tiles,
         job.reader,

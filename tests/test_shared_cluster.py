@@ -1,0 +1,336 @@
+"""Runs on clusters they do not own: concurrent runs sharing one cluster, devices resolved on
+the workers, the order in which a scheduler is chosen, and the default local cluster started
+from a plain script."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import dask
+import distributed
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import segpipe
+from segpipe import models
+from segpipe.execution import cluster, tasks
+from segpipe.execution.cluster import ModelPlugin, choose_scheduler, resolve_amp
+from segpipe.execution.predictor import InferenceConfig
+from segpipe.results import is_complete, read_meta
+
+CLASSES = ("background", "tissue", "nucleus")
+SETTINGS = {"tile": 16, "task_tiles": 1, "probability_dtype": "float32"}
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    image = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    path = tmp_path_factory.mktemp("img") / "image.zarr"
+    arr = zarr.create_array(
+        path, shape=image.shape, chunks=(16, 16, 3), dtype="uint8", dimension_names=("y", "x", "c")
+    )
+    arr[...] = image
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny valid U-Nets with different random weights, saved as checkpoints."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = models.build("unet", class_names=CLASSES, width=4, depth=2, padding="valid")
+        paths.append(models.save(net, folder / f"unet-{seed}.pt"))
+    return paths
+
+
+@pytest.fixture
+def shared_client():
+    """Per test: an open client is the active one, which the scheduler-order tests must not
+    meet."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as local,
+        distributed.Client(local) as client,
+    ):
+        yield client
+
+
+@pytest.fixture
+def threaded_client():
+    """A cluster of two worker threads in this process: monkeypatches reach its workers."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as local,
+        distributed.Client(local) as client,
+    ):
+        yield client
+
+
+def stored(out):
+    return {name: zarr.open_array(out / name, mode="r")[...] for name in ("probabilities", "mask")}
+
+
+# -- 1. runs sharing a cluster ----------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("n_runs", [2, 4])
+@pytest.mark.parametrize("same_model", [True, False], ids=["same-model", "other-models"])
+def test_concurrent_runs_on_one_cluster_equal_runs_one_after_another(
+    image_path, checkpoints, shared_client, tmp_path, n_runs, same_model
+):
+    ckpts = [checkpoints[0] if same_model else checkpoints[i % 2] for i in range(n_runs)]
+    one_by_one = [
+        segpipe.segment(
+            image_path, tmp_path / f"seq-{i}.zarr", c, scheduler=shared_client, **SETTINGS
+        )
+        for i, c in enumerate(ckpts)
+    ]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            segpipe.segment(
+                image_path,
+                tmp_path / f"par-{i}.zarr",
+                ckpts[i],
+                scheduler=shared_client,
+                **SETTINGS,
+            )
+        except BaseException as err:  # reported below, with the others
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_runs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, seq in enumerate(one_by_one):
+        par = tmp_path / f"par-{i}.zarr"
+        assert is_complete(par)
+        for name, expected in stored(seq).items():
+            np.testing.assert_array_equal(stored(par)[name], expected, err_msg=f"run {i} {name}")
+    if not same_model:
+        assert not np.array_equal(
+            stored(one_by_one[0])["probabilities"], stored(one_by_one[1])["probabilities"]
+        )
+    # Every run removed its own plugin, and only its own.
+    plugins = shared_client.run(lambda dask_worker: list(dask_worker.plugins))
+    assert not any("segpipe" in p for names in plugins.values() for p in names)
+
+
+def test_each_run_has_its_own_predictor_and_threaded_workers_share_it(monkeypatch):
+    built = []
+    monkeypatch.setattr(cluster, "Predictor", lambda net, config: built.append(config) or config)
+    net = torch.nn.Identity()
+    first = ModelPlugin(cluster.run_key("ab" * 32), net, InferenceConfig(device="cpu"))
+    second = ModelPlugin(cluster.run_key("ab" * 32), net, InferenceConfig(device="cpu"))
+    assert first.name != second.name
+    # Two workers of one process (a threaded cluster) set up the same run: built once.
+    first.setup()
+    first.setup()
+    second.setup()
+    assert len(built) == 2
+    first.teardown()
+    assert tasks.predictor_for(first.key) is built[0], "the other worker still holds it"
+    first.teardown()
+    with pytest.raises(RuntimeError, match=f"run {first.key} is not loaded"):
+        tasks.predictor_for(first.key)
+    assert tasks.predictor_for(second.key) is built[1]
+    second.teardown()
+    assert tasks._PREDICTORS == {}
+
+
+# -- 2. the device, resolved on each worker ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("cuda", "expected"), [(True, "cuda"), (False, "cpu")])
+def test_auto_device_is_the_workers_own(monkeypatch, cuda, expected):
+    """ "auto" is resolved in the plugin's setup, on the worker, from the worker's torch."""
+    devices = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(cluster, "Predictor", lambda net, config: devices.append(config.device))
+    plugin = ModelPlugin("k" * 16, torch.nn.Identity(), InferenceConfig(device="auto"))
+    plugin.setup()
+    plugin.teardown()
+    assert devices == [expected]
+
+
+def test_cuda_asked_of_workers_without_one_fails_there(
+    image_path, checkpoints, threaded_client, tmp_path
+):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    out = tmp_path / "r.zarr"
+    with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers with"):
+        segpipe.segment(
+            image_path, out, checkpoints[0], device="cuda", scheduler=threaded_client, **SETTINGS
+        )
+    # It got as far as the workers (the result was prepared), and left no plugin behind.
+    assert read_meta(out).config.device == "cuda"
+    plugins = threaded_client.run(lambda dask_worker: list(dask_worker.plugins))
+    assert not any("segpipe" in p for names in plugins.values() for p in names)
+    with pytest.raises(RuntimeError, match=r"pid \d+: .*sees no CUDA GPU"):
+        segpipe.segment(
+            image_path,
+            tmp_path / "s.zarr",
+            checkpoints[0],
+            device="cuda",
+            scheduler="sync",
+            **SETTINGS,
+        )
+
+
+def test_amp_is_resolved_from_the_workers(threaded_client, monkeypatch):
+    assert resolve_amp(None, "auto", threaded_client) is False
+    assert resolve_amp(None, "auto", None) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_amp(None, "auto", threaded_client) is True
+    assert resolve_amp(None, "cuda", None) is True
+    assert resolve_amp(None, "cpu", threaded_client) is False
+    assert resolve_amp(False, "auto", threaded_client) is False
+
+
+def test_amp_of_a_cluster_without_workers_must_be_given():
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local,
+        distributed.Client(local) as client,
+    ):
+        with pytest.raises(ValueError, match="no workers yet"):
+            resolve_amp(None, "auto", client)
+        assert resolve_amp(True, "auto", client) is True
+
+
+# -- 3. which scheduler ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_config_address(monkeypatch):
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    dask.config.refresh()
+    yield monkeypatch
+    monkeypatch.undo()
+    dask.config.refresh()
+
+
+def test_scheduler_order(no_config_address):
+    monkeypatch = no_config_address
+    assert choose_scheduler() is None, "nothing set: a local cluster"
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
+    dask.config.refresh()
+    assert choose_scheduler() == "tcp://10.0.0.1:8786"
+    with (
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as local,
+        distributed.Client(local) as client,
+    ):
+        assert choose_scheduler() is client, "an active client beats the config"
+        assert choose_scheduler("sync") == "sync", "an explicit choice beats all"
+        assert choose_scheduler("tcp://10.0.0.2:8786") == "tcp://10.0.0.2:8786"
+    assert choose_scheduler() == "tcp://10.0.0.1:8786"
+
+
+def _no_local_cluster(plan):
+    raise AssertionError("a local cluster was started")
+
+
+def test_segment_uses_the_active_client(image_path, checkpoints, no_config_address, tmp_path):
+    no_config_address.setattr(cluster, "_start_local_cluster", _no_local_cluster)
+    with (
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as local,
+        distributed.Client(local) as client,
+    ):
+        out = segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], **SETTINGS)
+        assert is_complete(out)
+        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+
+
+def test_segment_uses_the_configured_address(image_path, checkpoints, no_config_address, tmp_path):
+    no_config_address.setattr(cluster, "_start_local_cluster", _no_local_cluster)
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as local:
+        no_config_address.setenv("DASK_SCHEDULER_ADDRESS", local.scheduler_address)
+        dask.config.refresh()
+        out = segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], **SETTINGS)
+    assert is_complete(out)
+
+
+# -- 4 and 5. the default local cluster from a plain script ------------------------------------
+
+
+def test_a_run_in_this_process_gives_torch_threads_back(image_path, checkpoints, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        segpipe.segment(
+            image_path, tmp_path / "r.zarr", checkpoints[0], scheduler="sync", **SETTINGS
+        )
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cpu_local_cluster_is_threads_of_this_process():
+    plan = cluster.ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=1)
+    with cluster._start_local_cluster(plan) as local:
+        assert {type(w) for w in local.workers.values()} == {distributed.Worker}
+        assert len(local.workers) == 2
+        assert local.dashboard_link, "a dashboard on a free port"
+
+
+@pytest.mark.integration
+def test_plain_script_without_main_guard(image_path, checkpoints, tmp_path):
+    """The default scheduler from a script with no ``if __name__ == "__main__":`` guard: worker
+    processes would re-import it; threads do not. Torch threads are process-wide: each task
+    runs with the plan's share of the cores, and the script gets its own setting back."""
+    script = tmp_path / "plain.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import logging
+            import torch
+            import segpipe
+            from segpipe.execution import tasks
+
+            logging.basicConfig(level=logging.INFO)
+            in_tasks = []
+            predictor_for = tasks.predictor_for
+            def spy(key):
+                in_tasks.append(torch.get_num_threads())
+                return predictor_for(key)
+            tasks.predictor_for = spy
+            before = torch.get_num_threads()
+            segpipe.segment({str(image_path)!r}, {str(tmp_path / "r.zarr")!r},
+                            {str(checkpoints[0])!r}, tile=16)
+            print("task threads", sorted(set(in_tasks)))
+            print("script threads kept", torch.get_num_threads() == before)
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert is_complete(tmp_path / "r.zarr")
+    assert "dashboard:" in done.stderr
+    assert "already in use" not in done.stderr
+    plan = cluster.plan_local_cluster(torch.device("cpu"))
+    assert f"task threads [{plan.torch_threads}]" in done.stdout
+    assert "script threads kept True" in done.stdout
+
+
+def test_cuda_on_a_machine_without_one_fails_on_the_local_workers(
+    image_path, checkpoints, tmp_path, no_config_address
+):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers with"):
+        segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], device="cuda", **SETTINGS)
