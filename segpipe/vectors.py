@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from segpipe.analysis.vectors import COORDINATES, class_features, export_geojson
+from segpipe.analysis.vectors import COORDINATES, OBJECT_TYPES, class_features, export_geojson
 
-__all__ = ["COORDINATES", "class_features", "export_geojson"]
+__all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]

@@ -371,3 +371,47 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
         if served is not None:
             _stop(served)
         _stop(server)
+
+
+def test_one_local_cluster_serves_the_run_and_a_finished_image_frees_its_slot_at_once(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    import threading
+    import time
+
+    import distributed
+
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    for name, slide in zip("abcd", (*slides, slides[0]), strict=True):
+        shutil.copy(slide, source / f"{name}.ome.tif")
+    real, events, schedulers = segpipe.segment, [], set()
+    lock = threading.Lock()
+
+    def timed(source, output, module, config, **kwargs):
+        name = str(source).rsplit("/", 1)[-1][0]
+        with lock:
+            events.append(("start", name))
+            schedulers.add(config.scheduler)
+        if name == "a":
+            time.sleep(4.0)  # the slow slide: b, c and d should pass it by
+        result = real(source, output, module, config, **kwargs)
+        with lock:
+            events.append(("end", name))
+        return result
+
+    monkeypatch.setattr(segpipe, "segment", timed)
+    result = _run(source, out, random_checkpoint, SegmentConfig(tile=64), max_concurrent=2)
+
+    assert result["segmented"] == ["a.ome.tif", "b.ome.tif", "c.ome.tif", "d.ome.tif"]
+    assert events.index(("start", "c")) < events.index(("end", "a")), events
+    assert events.index(("start", "d")) < events.index(("end", "a")), events
+    (address,) = schedulers  # one cluster for every image of the run
+    # In this process (inproc://): the image tasks are threads of the flow's process.
+    assert address.startswith(("inproc://", "tcp://"))
+    assert (
+        read_state(out / "a.ome.tif.seg.json")["params"] == SegmentConfig(tile=64).result_settings()
+    )
+    with pytest.raises(OSError, match="Timed out trying to connect"):
+        distributed.Client(address, timeout="2s")  # closed with the run

@@ -79,6 +79,29 @@ def test_ome_zarr_py_reader_finds_image_and_labels(result):
     )
 
 
+def test_probability_channels_are_named_and_coloured_by_class(result):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import open_ome_zarr
+
+    from segpipe.palette import class_color
+
+    channels = zarr.open_group(result, mode="r").attrs["ome"]["omero"]["channels"]
+    assert [c["label"] for c in channels] == list(CLASSES)
+    assert [bytes.fromhex(c["color"]) for c in channels] == [
+        bytes(class_color(i)) for i in range(len(CLASSES))
+    ]
+    assert all(c["window"] == {"start": 0, "end": 1, "min": 0, "max": 1} for c in channels)
+    # The strict validator still accepts the image, and keeps the channels it allows.
+    image = open_ome_zarr(zarr.open_group(result, mode="r"))
+    assert image.ome_attributes.model_dump()["omero"]["channels"][2]["label"] == "nucleus"
+    # napari's reader names and tints one layer per class from them.
+    node = next(iter(Reader(parse_url(str(result)))()))
+    assert node.metadata["channel_names"] == list(CLASSES)
+    assert node.metadata["contrast_limits"] == [[0, 1]] * len(CLASSES)
+    assert node.metadata["colormap"][1] == [[0, 0, 0], [c / 255 for c in class_color(1)]]
+
+
 def test_levels_are_reductions_of_level_zero_with_matching_coordinates(result):
     tree = segpipe.open_result(result, tree=True)
     assert list(tree.children) == ["0", "1", "2"]

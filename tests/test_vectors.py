@@ -10,6 +10,7 @@ from shapely.geometry import shape
 from test_query import make_result, squares_on_chunk_corners
 
 from segpipe import open_result, query, vectors
+from segpipe.palette import class_color
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,15 @@ def test_one_polygon_per_object_across_chunk_corners(result):
     np.testing.assert_array_equal(rasterise(feats, labels.shape), labels == 2)
     props = feats[0]["properties"]
     assert props["classification"]["name"] == "nucleus"
-    assert props["objectType"] == "annotation"
+    assert props["classification"]["color"] == list(class_color(2))
+    assert props["objectType"] == "detection"
     table = query.object_table(path, "nucleus")
-    assert {f["properties"]["label"] for f in feats} == set(table["label"])
+    assert {f["properties"]["measurements"]["label"] for f in feats} == set(table["label"])
+    # Large regions (tissue) as QuPath annotations instead, on request.
+    (ring,) = vectors.class_features(path, "tissue", object_type="annotation")
+    assert ring["properties"]["objectType"] == "annotation"
+    with pytest.raises(ValueError, match="object_type must be one of"):
+        vectors.class_features(path, "tissue", object_type="cell")
 
 
 def test_ring_keeps_its_hole(result):
@@ -57,7 +64,7 @@ def test_micron_coordinates_follow_the_pixel_centres(result):
     (ring,) = vectors.class_features(path, "tissue", coords="micron")
     # 0.5 um pixels whose centres are at 0.5 * i: pixel 26 starts at 12.75 um.
     assert shape(ring["geometry"]).bounds == (12.75, 12.75, 18.75, 18.75)
-    assert ring["properties"]["area"] == pytest.approx(108 * 0.25)
+    assert ring["properties"]["measurements"]["area"] == pytest.approx(108 * 0.25)
 
 
 def test_coarser_level_in_level0_pixels(result):
@@ -79,7 +86,7 @@ def test_export_geojson_file(result, tmp_path):
     # min_area is in µm²: the 36 px squares (9 µm²) go, the 120 px L (30 µm²) stays.
     small = vectors.export_geojson(path, tmp_path / "s.geojson", classes=["nucleus"], min_area=10)
     (kept,) = json.loads(small.read_text())["features"]
-    assert kept["properties"]["area_px"] == 120
+    assert kept["properties"]["measurements"]["area_px"] == 120
     with pytest.raises(ValueError, match="no class 'stroma'"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=["stroma"])
     with pytest.raises(ValueError, match="coords must be one of"):
@@ -110,3 +117,29 @@ def test_crs_coordinates_are_the_pixel_polygons_through_the_transform(tmp_path):
 def test_crs_needs_a_georeferenced_result(result):
     with pytest.raises(ValueError, match="not georeferenced"):
         vectors.class_features(result[0], "tissue", coords="crs")
+
+
+@pytest.mark.parametrize("coords", ["pixel", "micron"])
+def test_detections_carry_measurements_read_back_from_the_file(result, tmp_path, coords):
+    path, labels, _ = result
+    out = vectors.export_geojson(path, tmp_path / "m.geojson", classes=["nucleus"], coords=coords)
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["properties"]["area_units"] == "micrometer²"
+    ds = open_result(path)
+    probs = ds["probabilities"].values  # (class, y, x)
+    names = list(ds["class"].values)
+    pixel_area_um2 = 0.5 * 0.5
+    scale, shift = (1.0, 0.0) if coords == "pixel" else (0.5, -0.5)
+    assert len(data["features"]) == 5
+    for feat in data["features"]:
+        props = feat["properties"]
+        assert props["objectType"] == "detection"
+        assert set(props) == {"objectType", "name", "classification", "measurements"}
+        m = props["measurements"]
+        pixels = rasterise([feat], labels.shape, scale=scale, shift=shift)
+        assert (labels[pixels] == 2).all()
+        assert m["area_px"] == pixels.sum()
+        assert m["area"] == pytest.approx(pixels.sum() * pixel_area_um2)
+        assert m["mean_probability"] == pytest.approx(probs[2][pixels].mean())
+        for k, name in enumerate(names):
+            assert m[f"mean_probability {name}"] == pytest.approx(probs[k][pixels].mean())

@@ -29,22 +29,29 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
+from segpipe.io.ome import PixelGrid
 from segpipe.palette import class_color
 from segpipe.results import ResultMeta, open_result, read_meta
 
-__all__ = ["COORDINATES", "class_features", "export_geojson"]
+__all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]
 
 COORDINATES = ("pixel", "micron", "crs")
 
 
-def _chunk_shapes(labels: np.ndarray, transform: Any, connectivity: int) -> list[tuple[int, Any]]:
-    """(label, polygon) pieces of one chunk of object labels."""
+OBJECT_TYPES = ("detection", "annotation")
+
+
+def _chunk_shapes(
+    labels: np.ndarray, probabilities: np.ndarray, transform: Any, connectivity: int
+) -> tuple[list[tuple[int, Any]], np.ndarray, np.ndarray]:
+    """(label, polygon) pieces of one chunk of object labels, the labels present and their
+    per-class probability sums, ``(n_labels, class)``, from the ``(class, y, x)`` chunk."""
     from rasterio import features
     from shapely.geometry import shape
 
     present = labels > 0
     if not present.any():
-        return []
+        return [], np.empty(0, np.int64), np.empty((0, probabilities.shape[0]))
     # rasterio traces int32: renumber the chunk's labels locally and map them back.
     values, local = np.unique(labels, return_inverse=True)
     pieces = features.shapes(
@@ -53,7 +60,15 @@ def _chunk_shapes(labels: np.ndarray, transform: Any, connectivity: int) -> list
         connectivity=4 if connectivity == 1 else 8,
         transform=transform,
     )
-    return [(int(values[int(v)]), shape(g)) for g, v in pieces]
+    polygons = [(int(values[int(v)]), shape(g)) for g, v in pieces]
+    sums = np.stack(
+        [
+            np.bincount(local.ravel(), weights=p.ravel().astype(np.float64), minlength=len(values))
+            for p in probabilities
+        ],
+        axis=1,
+    )
+    return polygons, values[1:] if values[0] == 0 else values, sums[1:] if values[0] == 0 else sums
 
 
 def _base_transform(coords: str, meta: ResultMeta, result: Any) -> Any:
@@ -76,6 +91,11 @@ def _base_transform(coords: str, meta: ResultMeta, result: Any) -> Any:
     return Affine(*transform[:6])
 
 
+def _area_units(meta: ResultMeta) -> str:
+    """What the ``area`` measurement counts: the result's coordinate units, squared."""
+    return f"{PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform).units}²"
+
+
 def class_features(
     result: str | os.PathLike,
     class_name: str,
@@ -86,12 +106,17 @@ def class_features(
     threshold: float | None = None,
     connectivity: int = 1,
     min_area: float = 0.0,
+    object_type: str = "detection",
 ) -> list[dict[str, Any]]:
     """GeoJSON Features, one per object of ``class_name`` (see the module docstring).
 
     ``min_area`` drops objects smaller than that many square coordinate units (µm², or
-    pixels without a pixel size). Properties: ``label``, ``area`` (µm² or px), ``area_px``,
-    ``mean_probability``, and QuPath's ``objectType`` and ``classification``.
+    pixels without a pixel size). Properties as QuPath reads them: ``objectType``
+    (``"detection"``: many small objects such as nuclei; ``"annotation"``: a few large
+    regions such as tissue), ``name``, ``classification`` (name and palette colour) and
+    ``measurements``: ``label``, ``area`` (µm², CRS units² or px: the result's units),
+    ``area_px``, ``mean_probability`` (of ``class_name`` over the object's pixels) and
+    ``mean_probability <class>`` for every class.
     """
     import shapely
     from affine import Affine
@@ -99,6 +124,8 @@ def class_features(
 
     if coords not in COORDINATES:
         raise ValueError(f"coords must be one of {COORDINATES}, got {coords!r}")
+    if object_type not in OBJECT_TYPES:
+        raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
     ds = open_result(result, level)
     meta = read_meta(result)
     labels, table = object_labels(
@@ -114,11 +141,22 @@ def class_features(
     starts_y = y_first + np.cumsum([0, *chunks_y])
     starts_x = x_first + np.cumsum([0, *chunks_x])
     blocks = labels.data.to_delayed()
+    # The probabilities under the labels, chunked alike and whole along classes, so each
+    # chunk's per-class sums come with its polygons in one pass.
+    probs = (
+        ds["probabilities"]
+        .isel(
+            y=slice(y_first, y_first + labels.shape[0]), x=slice(x_first, x_first + labels.shape[1])
+        )
+        .data.rechunk((-1, chunks_y, chunks_x))
+        .to_delayed()
+    )
     base = _base_transform(coords, meta, result)
     f = 2**level
     jobs = [
         dask.delayed(_chunk_shapes)(
             blocks[i, j],
+            probs[0, i, j],
             base @ Affine(f, 0, f * int(starts_x[j]), 0, f, f * int(starts_y[i])),
             connectivity,
         )
@@ -126,6 +164,8 @@ def class_features(
         for j in range(blocks.shape[1])
     ]
     pieces: dict[int, list[Any]] = {}
+    names = list(meta.class_names)
+    sums = np.zeros((len(table) + 1, len(names)))  # row = label (1..N)
     wanted = set(keep["label"].tolist())
     with warnings.catch_warnings():
         # rasterio's in-memory rasters say "not georeferenced" (sporadically, from threads):
@@ -135,25 +175,35 @@ def class_features(
 
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         chunks = dask.compute(*jobs)
-    for chunk in chunks:
-        for label, geom in chunk:
+    for chunk_polygons, chunk_labels, chunk_sums in chunks:
+        for label, geom in chunk_polygons:
             if label in wanted:
                 pieces.setdefault(label, []).append(geom)
-    rgb = class_color(meta.class_names.index(class_name))
+        np.add.at(sums, chunk_labels, chunk_sums)
+    rgb = class_color(names.index(class_name))
     features = []
     for row in keep.itertuples(index=False):
-        geom = shapely.union_all(pieces[int(row.label)])
+        label = int(row.label)
+        geom = shapely.union_all(pieces[label])
+        means = sums[label] / int(row.area_px)
         features.append(
             {
                 "type": "Feature",
                 "geometry": mapping(geom),
                 "properties": {
-                    "objectType": "annotation",
+                    "objectType": object_type,
+                    "name": f"{class_name} {label}",
                     "classification": {"name": class_name, "color": list(rgb)},
-                    "label": int(row.label),
-                    "area": float(row.area),
-                    "area_px": int(row.area_px),
-                    "mean_probability": float(row.mean_probability),
+                    "measurements": {
+                        "label": label,
+                        "area": float(row.area),
+                        "area_px": int(row.area_px),
+                        "mean_probability": float(row.mean_probability),
+                        **{
+                            f"mean_probability {n}": float(m)
+                            for n, m in zip(names, means, strict=True)
+                        },
+                    },
                 },
             }
         )
@@ -171,9 +221,14 @@ def export_geojson(
     threshold: float | None = None,
     connectivity: int = 1,
     min_area: float = 0.0,
+    object_type: str = "detection",
 ) -> Path:
     """Write the objects of ``classes`` (default: every class but the first, background) as
-    one GeoJSON FeatureCollection at ``output`` and return its path."""
+    one GeoJSON FeatureCollection at ``output`` and return its path.
+
+    ``object_type``: ``"detection"`` (QuPath's type for many small objects, e.g. nuclei) or
+    ``"annotation"`` (a few large, editable regions, e.g. tissue); see :func:`class_features`.
+    """
     open_result(result, level)  # an incomplete result or a missing level fails here, early
     meta = read_meta(result)
     names = list(meta.class_names)
@@ -191,11 +246,17 @@ def export_geojson(
             threshold=threshold,
             connectivity=connectivity,
             min_area=min_area,
+            object_type=object_type,
         )
     collection: dict[str, Any] = {
         "type": "FeatureCollection",
         "features": features,
-        "properties": {"source": str(result), "level": level, "coordinates": coords},
+        "properties": {
+            "source": str(result),
+            "level": level,
+            "coordinates": coords,
+            "area_units": _area_units(meta),
+        },
     }
     crs = meta.crs
     # Only an "AUTHORITY:CODE" CRS has a URN; a WKT CRS is left for the reader to be told.

@@ -9,21 +9,13 @@ a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import textwrap
 import traceback
-from collections.abc import Callable, Sequence
-
-# Before Prefect and distributed are imported anywhere: no telemetry from a machine that may be
-# offline, and no cluster start/stop chatter (dask reads its logging config at import; the
-# workers inherit the environment). `-v` or these variables set by the user bring them back.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-if "-v" not in sys.argv and "--verbose" not in sys.argv:
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-if "-q" in sys.argv or "--quiet" in sys.argv:
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+from collections.abc import Callable, Iterator, Sequence
 
 # The command modules import Prefect, dask and torch only inside their handlers.
 from segpipe.cli import archive, results, segment, training
@@ -144,13 +136,35 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+@contextlib.contextmanager
+def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
+    """Environment for the libraries a command imports (the handlers import Prefect and
+    distributed lazily, so they read it): no telemetry from a machine that may be offline, no
+    cluster start/stop chatter unless ``-v``, Prefect errors only with ``-q``. Variables the
+    user set win; the caller's environment is given back afterwards (``main`` may run in a
+    notebook or a test, not only as the ``segpipe`` process)."""
+    wanted = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if not verbose:
+        wanted["DASK_LOGGING__DISTRIBUTED"] = "warning"
+    if quiet:
+        wanted["PREFECT_LOGGING_LEVEL"] = "ERROR"
+    added = [k for k in wanted if k not in os.environ]
+    os.environ.update({k: wanted[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
     args = _parser().parse_args(argv)
     _configure_logging(verbose=args.verbose, quiet=args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
     try:
-        return run(args)
+        with _quiet_libraries(verbose=args.verbose, quiet=args.quiet):
+            return run(args)
     except user_errors() as err:
         if args.verbose:
             traceback.print_exc()

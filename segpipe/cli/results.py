@@ -48,9 +48,30 @@ def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ex = sub.add_parser("export", help="class polygons as GeoJSON (QuPath, QGIS)")
+    ex = sub.add_parser(
+        "export", help="class polygons as GeoJSON (QuPath, QGIS), or an OME-NGFF 0.4 copy"
+    )
     ex.add_argument("result", metavar="RESULT", help="a finished result store")
-    ex.add_argument("--geojson", required=True, metavar="OUT", help="GeoJSON file to write")
+    ex.add_argument("--geojson", default=None, metavar="OUT", help="GeoJSON file to write")
+    ex.add_argument(
+        "--ngff",
+        nargs=2,
+        default=None,
+        metavar=("VERSION", "OUT"),
+        help="write a Zarr v2 copy of the probability and label pyramids as OME-NGFF VERSION "
+        "(0.4: what QuPath reads)",
+    )
+    ex.add_argument(
+        "--overwrite", action="store_true", help="replace an existing --ngff output folder"
+    )
+    ex.add_argument(
+        "--object-type",
+        dest="object_type",
+        choices=("detection", "annotation"),
+        default="detection",
+        help="QuPath object type of the polygons: detection (many small objects, e.g. "
+        "nuclei) or annotation (a few large regions, e.g. tissue)",
+    )
     ex.add_argument(
         "--class",
         dest="classes",
@@ -139,20 +160,32 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from segpipe.analysis.ngff import NGFF_VERSIONS, export_ngff04
     from segpipe.vectors import export_geojson
 
-    region = tuple(args.region) if args.region else None
-    print(
-        export_geojson(
-            args.result,
-            args.geojson,
-            classes=args.classes,
-            level=args.level,
-            region=region,
-            coords=args.coords,
-            threshold=args.threshold,
-            connectivity=args.connectivity,
-            min_area=args.min_area,
+    if not args.geojson and not args.ngff:
+        raise ValueError("export needs --geojson OUT or --ngff 0.4 OUT (or both)")
+    if args.ngff and args.ngff[0] not in NGFF_VERSIONS:
+        raise ValueError(
+            f"--ngff {args.ngff[0]} is not supported; versions: {', '.join(NGFF_VERSIONS)} "
+            "(the result itself is OME-Zarr 0.5)"
         )
-    )
+    if args.geojson:
+        region = tuple(args.region) if args.region else None
+        print(
+            export_geojson(
+                args.result,
+                args.geojson,
+                classes=args.classes,
+                level=args.level,
+                region=region,
+                coords=args.coords,
+                threshold=args.threshold,
+                connectivity=args.connectivity,
+                min_area=args.min_area,
+                object_type=args.object_type,
+            )
+        )
+    if args.ngff:
+        print(export_ngff04(args.result, args.ngff[1], overwrite=args.overwrite))
     return 0

@@ -33,6 +33,8 @@ __all__ = [
     "choose_scheduler",
     "connect",
     "has_cuda",
+    "local_cluster",
+    "plan_for_device",
     "plan_local_cluster",
     "resolve_amp",
     "run_blocks",
@@ -189,6 +191,39 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
     )
 
 
+def plan_for_device(device: str, n_workers: int | None = None) -> ClusterPlan:
+    """The layout of a local cluster for a run on ``device`` (a ``SegmentConfig.device``).
+
+    A local cluster runs on this machine, so its layout follows this machine's GPUs (none:
+    threads, even for ``device="cuda"``, whose workers then refuse with a clear message).
+    """
+    has_gpu = device != "cpu" and torch.cuda.is_available()
+    return plan_local_cluster(torch.device("cuda" if has_gpu else "cpu"), n_workers=n_workers)
+
+
+@contextlib.contextmanager
+def local_cluster(plan: ClusterPlan) -> Iterator[str]:
+    """A local cluster laid out by ``plan``, its workers up, yielding the scheduler's address;
+    closed on exit.
+
+    Many runs can share it by address (``SegmentConfig(scheduler=address)``), e.g. the images
+    of one archive run, instead of each starting a cluster sized to the whole machine.
+    """
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(_start_local_cluster(plan))
+        with distributed.Client(cluster, set_as_default=False) as client:
+            # A run asks the workers whether they have a GPU (resolve_amp): they must be up.
+            client.wait_for_workers(len(cluster.workers), timeout="60s")
+            log.info("local Dask cluster started; dashboard: %s", client.dashboard_link)
+        if not plan.gpus:
+            # The workers are threads of this process and a run connected by address leaves
+            # torch's threads alone: give each worker its share of the cores here
+            # (torch's thread count is process-wide), and the caller's back on exit.
+            stack.callback(torch.set_num_threads, torch.get_num_threads())
+            torch.set_num_threads(plan.torch_threads)
+        yield str(cluster.scheduler_address)
+
+
 def choose_scheduler(scheduler: Any = None) -> Any:
     """The scheduler a run uses, first match wins:
 
@@ -223,11 +258,17 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     elif isinstance(scheduler, distributed.Client):
         yield scheduler
     elif scheduler is None:
-        with _start_local_cluster(plan) as cluster, distributed.Client(cluster) as client:
+        with (
+            _start_local_cluster(plan) as cluster,
+            distributed.Client(cluster, set_as_default=False) as client,
+        ):
             log.info("local Dask cluster started; dashboard: %s", client.dashboard_link)
             yield client
     elif isinstance(scheduler, str):
-        with distributed.Client(scheduler, timeout="30s") as client:
+        # Not the process's default client: runs in threads side by side (the images of an
+        # archive run) would each set and reset Dask's global scheduler, and another run's
+        # plain dask compute (the pyramid) would find a closed client or none.
+        with distributed.Client(scheduler, timeout="30s", set_as_default=False) as client:
             log.info("connected to %s; dashboard: %s", scheduler, client.dashboard_link)
             yield client
     else:
@@ -282,7 +323,7 @@ def run_blocks(
     keys = [f"segpipe-block-{job.predictor_key}-{b[0].index[0]}-{b[0].index[1]}" for b in blocks]
     futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)
     try:
-        for fut in distributed.as_completed(futures):
+        for fut in distributed.as_completed(futures, loop=client.loop):
             on_result(fut.result())
     finally:
         client.cancel(futures)

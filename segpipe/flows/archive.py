@@ -30,13 +30,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 
 from segpipe import archive
 from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, reports
 from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
+from segpipe.execution.cluster import choose_scheduler, local_cluster, plan_for_device
 from segpipe.flows.segment_slide import segment_task
 from segpipe.io.readers import ImageReadError
 
@@ -203,13 +204,14 @@ def process_archive(
         "tcp://dask-scheduler:8786"}``), validated into a ``SegmentConfig`` by Prefect.
         Changing a result setting (``tile``, ``mode``, ``window``, ``level``...) makes every
         image due again; changing an execution setting (``batch_size``, ``device``,
-        ``n_workers``, ``scheduler``) does not. ``scheduler`` None starts a local Dask
-        cluster per image, ``"sync"`` runs in the task's thread, ``"tcp://host:8786"`` uses a
-        running cluster shared by all images.
+        ``n_workers``, ``scheduler``) does not. ``scheduler`` None (and no
+        ``DASK_SCHEDULER_ADDRESS``) starts one local Dask cluster for the run, shared by its
+        images and closed at its end; ``"sync"`` runs in the task's thread;
+        ``"tcp://host:8786"`` uses a running cluster shared by all images.
     pattern, min_age_s, storage_options
         Which files count (:func:`segpipe.archive.discover_images`).
     max_concurrent
-        Images in flight at once in this run.
+        Images in flight at once in this run; another starts as soon as one finishes.
     concurrency_limit
         Name of a Prefect global concurrency limit every segmentation takes a slot of, shared
         by all runs on the server (create it first: ``prefect gcl create NAME --limit 1``).
@@ -242,16 +244,17 @@ def process_archive(
         storage_options=storage_options,
     )
 
-    submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
-    in_flight: list[PrefectFuture[ImageOutcome]] = []
-    for image in images:
-        if len(in_flight) >= max_concurrent:
-            in_flight.pop(0).wait()
-        future = image_task.submit(image, root, loaded, config, policy)
-        submitted.append((image, future))
-        in_flight.append(future)
+    with contextlib.ExitStack() as run_cluster:
+        if images and choose_scheduler(config.scheduler) is None:
+            # One cluster for the run, shared by its images: a cluster per image would size
+            # itself to the whole machine, max_concurrent of them at once. The scheduler is an
+            # execution setting, so the address leaves every result's identity as it is.
+            plan = plan_for_device(config.device, config.n_workers)
+            config = config.replace(scheduler=run_cluster.enter_context(local_cluster(plan)))
+            logger.info("local Dask cluster for the run at %s", config.scheduler)
+        submitted = _submit_refilling(images, max_concurrent, root, loaded, config, policy)
+        outcomes = [_outcome(image, future, root) for image, future in submitted]
 
-    outcomes = [_outcome(image, future, root) for image, future in submitted]
     create_table_artifact(
         reports.run_table(outcomes),
         key=artifact_key("archive", root),
@@ -270,6 +273,28 @@ def process_archive(
     if fail_on_error and result["failed"]:
         raise RuntimeError(f"{len(result['failed'])} image(s) failed: {result['failed']}")
     return result
+
+
+def _submit_refilling(
+    images: list[ArchiveImage],
+    max_concurrent: int,
+    root: str,
+    loaded: LoadedModel,
+    config: SegmentConfig,
+    policy: RunPolicy,
+) -> list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]]:
+    """Submit an image task for each image, at most ``max_concurrent`` in flight: a new one
+    starts as soon as any one finishes (not the oldest: a large slide would hold its slot's
+    neighbours back). Returns every image with its future, in the order of ``images``."""
+    submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
+    in_flight: set[PrefectFuture[ImageOutcome]] = set()
+    for image in images:
+        if len(in_flight) >= max_concurrent:
+            in_flight.remove(next(as_completed(list(in_flight))))
+        future = image_task.submit(image, root, loaded, config, policy)
+        submitted.append((image, future))
+        in_flight.add(future)
+    return submitted
 
 
 def _outcome(image: ArchiveImage, future: PrefectFuture[ImageOutcome], root: str) -> ImageOutcome:

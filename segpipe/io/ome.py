@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.palette import class_colors
+from segpipe.palette import class_color, class_colors
 
 __all__ = [
     "OME_VERSION",
@@ -27,6 +27,8 @@ __all__ = [
     "label_attributes",
     "level_coordinates",
     "multiscale_attributes",
+    "ngff04_attributes",
+    "omero_attributes",
 ]
 
 OME_VERSION = "0.5"
@@ -165,3 +167,45 @@ def label_attributes(
             "source": {"image": "../../"},
         },
     }
+
+
+def omero_attributes(class_names: tuple[str, ...], *, maximum: float = 1.0) -> dict[str, Any]:
+    """The ``omero`` rendering metadata of the probability image: one channel per class.
+
+    napari (through ome-zarr-py) names its layers by ``label`` and tints them by ``color``
+    (hex RGB, from :func:`segpipe.palette.class_color`); the window spans the stored values,
+    0..``maximum`` (1, or 255 for uint8-packed probabilities). Class 0, background, keeps the
+    palette's black, which additive blending draws as nothing.
+
+    >>> omero_attributes(("background", "tissue"))["channels"][1]["color"]
+    '1F77B4'
+    """
+    return {
+        "channels": [
+            {
+                "label": name,
+                "color": "{:02X}{:02X}{:02X}".format(*class_color(i)),
+                "window": {"start": 0.0, "end": maximum, "min": 0.0, "max": maximum},
+                "active": True,
+            }
+            for i, name in enumerate(class_names)
+        ],
+        "rdefs": {"model": "color"},
+    }
+
+
+def ngff04_attributes(ome: dict[str, Any]) -> dict[str, Any]:
+    """The NGFF 0.4 (Zarr v2 ``.zattrs``) form of an OME-Zarr 0.5 ``ome`` attribute.
+
+    0.4 keeps the metadata at the top level and versions each ``multiscales`` entry and the
+    ``image-label`` block instead of the whole.
+
+    >>> ngff04_attributes({"version": "0.5", "multiscales": [{"name": "a"}]})
+    {'multiscales': [{'name': 'a', 'version': '0.4'}]}
+    """
+    out = {k: v for k, v in ome.items() if k != "version"}
+    if "multiscales" in out:
+        out["multiscales"] = [{**m, "version": "0.4"} for m in out["multiscales"]]
+    if "image-label" in out:
+        out["image-label"] = {**out["image-label"], "version": "0.4"}
+    return out

@@ -27,7 +27,13 @@ from segpipe.faults import fault_point
 from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import utc_now
-from segpipe.io.ome import OME_VERSION, PixelGrid, label_attributes, multiscale_attributes
+from segpipe.io.ome import (
+    OME_VERSION,
+    PixelGrid,
+    label_attributes,
+    multiscale_attributes,
+    omero_attributes,
+)
 from segpipe.results.pyramid import build_pyramid
 from segpipe.results.schema import (
     LABEL_NAME,
@@ -167,6 +173,11 @@ def _create(path: Path, meta: ResultMeta) -> None:
                 method="mean",
             )
         ],
+        # Channel names and colours for viewers (napari's layers), from the one palette.
+        "omero": omero_attributes(
+            meta.class_names,
+            maximum=255.0 if meta.config.probability_dtype == "uint8" else 1.0,
+        ),
     }
     root = zarr.create_group(
         str(path), zarr_format=3, attributes={"ome": ome, "segpipe": _provenance(meta)}

@@ -1,0 +1,97 @@
+"""A result as OME-NGFF 0.4 on Zarr v2, the version QuPath (and older viewers) read.
+
+The copy holds the probability pyramid as one image (axes ``c``, ``y``, ``x``, level ``k``
+at ``<k>``) and every label pyramid under ``labels/<name>/<k>``, with the same
+``coordinateTransformations``, units, class colours and channel names as the 0.5 result::
+
+    out.zarr/
+        .zattrs        multiscales (version "0.4"), omero channels
+        0, 1, ...      (c, y, x) probabilities, level k
+        labels/mask/   image-label, multiscales; 0, 1, ... (y, x) uint8
+
+Arrays are copied level by level through dask, one source shard at a time, so no level is
+ever whole in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, cast
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from segpipe.io.ome import ngff04_attributes
+from segpipe.results import open_result
+
+__all__ = ["NGFF_VERSIONS", "export_ngff04"]
+
+NGFF_VERSIONS = ("0.4",)
+
+
+def _copy_array(source: zarr.Array, group: zarr.Group, name: str) -> None:
+    """Copy ``source`` into a new Zarr v2 array ``group/name``, shard by shard."""
+    # Java has no half floats: QuPath reads float32 (float16 widens exactly).
+    dtype = np.dtype(np.float32) if source.dtype == np.float16 else np.dtype(source.dtype)
+    target = group.create_array(
+        name,
+        shape=source.shape,
+        chunks=source.chunks,
+        dtype=dtype,
+        fill_value=source.fill_value,
+        # zlib: every Zarr reader decodes it, Java's without native libraries.
+        compressors=[{"id": "zlib", "level": 5}],
+        # NGFF 0.4 asks for "/"-separated chunk keys.
+        chunk_key_encoding={"name": "v2", "separator": "/"},
+    )
+    # Dask blocks of whole source shards: each reads one shard and writes whole chunks.
+    blocks = da.from_zarr(source, chunks=source.shards or source.chunks)
+    da.store(blocks.astype(dtype), cast(Any, target), lock=False)
+
+
+def _ome(group: zarr.Group, where: str) -> dict[str, Any]:
+    attrs = group.attrs.asdict()
+    if "ome" not in attrs:
+        raise ValueError(f"{where} has no OME-Zarr 0.5 metadata ('ome' attribute)")
+    return dict(cast(dict[str, Any], attrs["ome"]))
+
+
+def export_ngff04(
+    result: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write the probability and label pyramids of ``result`` as NGFF 0.4 at ``output``.
+
+    ``overwrite`` replaces an existing ``output``; otherwise it must not exist. Returns the
+    path written. Values equal the result's (float16 probabilities are widened to float32;
+    uint8 ones stay packed, ``round(255 p)``).
+    """
+    open_result(result)  # an incomplete or foreign store fails here, before anything is written
+    output = Path(output)
+    if output.exists():
+        if not overwrite:
+            raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace")
+        shutil.rmtree(output)
+    source = zarr.open_group(str(result), mode="r")
+    ome = _ome(source, str(result))
+    (multiscale,) = ome["multiscales"]
+    paths = [d["path"] for d in multiscale["datasets"]]
+    # QuPath finds channels by the axis name "c"; the 0.5 result calls it "class".
+    axes = [{**a, "name": "c"} if a["type"] == "channel" else a for a in multiscale["axes"]]
+    datasets = [{**d, "path": str(k)} for k, d in enumerate(multiscale["datasets"])]
+    ome["multiscales"] = [{**multiscale, "axes": axes, "datasets": datasets}]
+    root = zarr.create_group(str(output), zarr_format=2, attributes=ngff04_attributes(ome))
+    for k, path in enumerate(paths):
+        _copy_array(source[path], root, str(k))  # type: ignore[arg-type]
+
+    label_names = list(_ome(source["labels"], f"{result}/labels")["labels"])  # type: ignore[arg-type]
+    labels = root.create_group("labels", attributes={"labels": label_names})
+    for name in label_names:
+        src = source[f"labels/{name}"]
+        attrs = _ome(src, f"{result}/labels/{name}")  # type: ignore[arg-type]
+        label = labels.create_group(name, attributes=ngff04_attributes(attrs))
+        for d in attrs["multiscales"][0]["datasets"]:
+            _copy_array(src[d["path"]], label, d["path"])  # type: ignore[index,arg-type]
+    return output
