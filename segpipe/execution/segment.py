@@ -17,7 +17,7 @@ from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import (
     choose_scheduler,
     connect,
-    plan_local_cluster,
+    plan_for_device,
     resolve_amp,
     run_blocks,
     run_key,
@@ -153,13 +153,7 @@ def segment(
         lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
         config = config.replace(window=w)
 
-    # A local cluster runs on this machine, so its layout follows this machine's GPUs (none:
-    # threads, even for device="cuda", whose workers then refuse with a clear message); every
-    # worker resolves the device for itself (ModelPlugin.setup).
-    has_gpu = config.device != "cpu" and torch.cuda.is_available()
-    plan = plan_local_cluster(
-        torch.device("cuda" if has_gpu else "cpu"), n_workers=config.n_workers
-    )
+    plan = plan_for_device(config.device, config.n_workers)
     scheduler = choose_scheduler(scheduler)
     with contextlib.ExitStack() as connection:
         # A running cluster is asked now for the amp its workers will apply; for a local
