@@ -1,7 +1,9 @@
 """Lazy image readers behind one small protocol, :class:`Reader`.
 
-One reader per container: TIFF (plain, BigTIFF, OME-TIFF, Aperio SVS) through tifffile's Zarr
-view, Zarr v3 / OME-Zarr 0.5 through zarr, and small PNG/JPEG through Pillow. Each one knows
+One reader per container: TIFF (plain, BigTIFF, OME-TIFF, GeoTIFF, and the TIFF-based slides:
+Aperio SVS, Hamamatsu NDPI, Leica SCN, Philips TIFF, Ventana BIF) through tifffile's Zarr view,
+with GeoTIFF georeference, nodata and masks from rasterio; Zarr v3 / OME-Zarr 0.5 through zarr;
+and small PNG/JPEG through Pillow. Each one knows
 its file's axis letters and hands them to :func:`segpipe.geometry.pixels.to_yxc`, so every
 reader gives ``(Y, X, C)`` pixels in the file's own dtype.
 
@@ -18,8 +20,11 @@ re-open the file on first use after unpickling (tifffile and Pillow handles cann
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from segpipe.io.files import location
 from segpipe.io.readers.array import ArrayReader
 from segpipe.io.readers.base import (
     Georeference,
@@ -27,43 +32,64 @@ from segpipe.io.readers.base import (
     Reader,
     read_mirrored,
 )
+from segpipe.io.readers.dicom import DICOM_SUFFIXES, DicomReader, is_dicom_folder
+from segpipe.io.readers.masks import valid_mask
 from segpipe.io.readers.omezarr import ZARR_SUFFIXES, ZarrReader
+from segpipe.io.readers.openslide import OPENSLIDE_SUFFIXES, OpenSlideReader
 from segpipe.io.readers.pillow import MAX_PILLOW_PIXELS, PILLOW_SUFFIXES, PillowReader
 from segpipe.io.readers.tiff import TIFF_SUFFIXES, TiffReader
 from segpipe.io.units import check_pixel_size
 
 __all__ = [
+    "DICOM_SUFFIXES",
     "IMAGE_SUFFIXES",
     "MAX_PILLOW_PIXELS",
+    "OPENSLIDE_SUFFIXES",
     "PILLOW_SUFFIXES",
     "TIFF_SUFFIXES",
     "ZARR_SUFFIXES",
     "ArrayReader",
+    "DicomReader",
     "Georeference",
     "ImageReadError",
+    "OpenSlideReader",
     "PillowReader",
     "Reader",
     "TiffReader",
     "ZarrReader",
     "open_image",
     "read_mirrored",
+    "valid_mask",
 ]
 
 # Files a folder or archive holds as images (Zarr stores are directories, found by path).
-IMAGE_SUFFIXES = TIFF_SUFFIXES + PILLOW_SUFFIXES
+IMAGE_SUFFIXES = TIFF_SUFFIXES + OPENSLIDE_SUFFIXES + PILLOW_SUFFIXES
 
 
-def open_image(path: str | os.PathLike[str], *, pixel_size_um: float | None = None) -> Reader:
+def open_image(
+    path: str | os.PathLike[str],
+    *,
+    pixel_size_um: float | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Reader:
     """Open an image lazily, choosing the reader from the path.
 
     Parameters
     ----------
     path
-        ``.tif``/``.tiff``/``.ome.tif``/``.btf`` (TIFF, BigTIFF, OME-TIFF), ``.svs`` (Aperio),
+        ``.tif``/``.tiff``/``.ome.tif``/``.btf`` (TIFF, BigTIFF, OME-TIFF, GeoTIFF, Philips
+        TIFF), ``.svs`` (Aperio), ``.ndpi`` (Hamamatsu), ``.scn`` (Leica), ``.bif`` (Ventana),
+        ``.mrxs``/``.vms``/``.vmu``/``.svslide`` through OpenSlide (``segpipe[slides]``),
+        a DICOM WSI folder of ``.dcm`` files (or one of them) through wsidicom
+        (``segpipe[dicom]``),
         a Zarr v3 store (a directory, usually ``.zarr``: an OME-Zarr 0.5 image or a plain
         array with ``dimension_names``), or a small ``.png``/``.jpg``.
     pixel_size_um
         Microns per pixel at level 0; overrides what the file says (> 0).
+    storage_options
+        fsspec options (endpoint, credentials) for a ``path`` that is a URL
+        (``s3://bucket/a.svs``). A URL is read by byte ranges as tiles are needed, never
+        downloaded whole (PNG/JPEG, decoded whole anyway, are read whole).
 
     Returns
     -------
@@ -73,25 +99,30 @@ def open_image(path: str | os.PathLike[str], *, pixel_size_um: float | None = No
     Raises
     ------
     ImageReadError
-        Naming the path: missing file, unknown format, corrupt file, a stack (Z or T > 1), an
-        unsupported dtype, a Pillow image too large to hold in memory.
+        Naming the path: missing file, unknown format, corrupt file, unreadable scanner or
+        GeoTIFF metadata, a stack (Z or T > 1), an unsupported dtype, a Pillow image too large
+        to hold in memory.
     ValueError
         ``pixel_size_um`` not a positive number.
     """
     if pixel_size_um is not None:
         pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
-    p = Path(path)
+    p = location(path, storage_options)
     if not p.exists():
         raise ImageReadError(f"{p}: no such file or directory")
     name = p.name.lower()
+    if name.endswith(DICOM_SUFFIXES) or (isinstance(p, Path) and is_dicom_folder(p)):
+        return DicomReader(p, pixel_size_um=pixel_size_um)
     if p.is_dir() or name.endswith(ZARR_SUFFIXES):
         return ZarrReader(p, pixel_size_um=pixel_size_um)
     if name.endswith(TIFF_SUFFIXES):
         return TiffReader(p, pixel_size_um=pixel_size_um)
+    if name.endswith(OPENSLIDE_SUFFIXES):
+        return OpenSlideReader(p, pixel_size_um=pixel_size_um)
     if name.endswith(PILLOW_SUFFIXES):
         return PillowReader(p, pixel_size_um=pixel_size_um)
     raise ImageReadError(
         f"{p}: unknown image format {p.suffix!r}; segpipe reads "
-        f"{', '.join(TIFF_SUFFIXES + PILLOW_SUFFIXES + ZARR_SUFFIXES)} "
+        f"{', '.join(IMAGE_SUFFIXES + ZARR_SUFFIXES)} "
         f"(convert others to a tiled pyramidal OME-TIFF, e.g. with bfconvert or vips)"
     )

@@ -20,6 +20,8 @@ from dask.base import tokenize
 
 from segpipe.geometry.pixels import to_yxc, unit_scale, yxc_shape
 from segpipe.geometry.tiling import Box, mirror_indices
+from segpipe.io.files import URLPath
+from segpipe.io.readers.masks import pixel_valid_mask
 
 __all__ = [
     "DECODE_ERRORS",
@@ -62,11 +64,35 @@ class Georeference:
 
     ``transform`` is the affine ``(a, b, c, d, e, f)`` (rasterio/affine order) from pixel
     corner ``(col, row)`` to ``x = a * col + c``, ``y = e * row + f`` (``b = d = 0``; ``e``
-    is negative for north-up images); ``crs`` an authority code such as ``"EPSG:32633"``.
+    is negative for north-up images); ``crs`` an authority code such as ``"EPSG:32633"`` when
+    one names the CRS exactly, else its WKT (a custom projection, a local engineering CRS).
+    Either form goes to ``rasterio.crs.CRS.from_user_input`` / ``pyproj.CRS`` as it is.
     """
 
     crs: str
     transform: tuple[float, float, float, float, float, float]
+
+    @property
+    def crs_wkt(self) -> str:
+        """The CRS as WKT (what CF's ``crs_wkt`` and rioxarray's ``spatial_ref`` hold)."""
+        from rasterio.crs import CRS
+
+        return str(CRS.from_user_input(self.crs).to_wkt())
+
+    @property
+    def crs_name(self) -> str:
+        """A short name: the authority code, else the WKT's name, else its projection method
+        (``"custom Transverse Mercator"`` for a proj string that named nothing)."""
+        if "[" not in self.crs:  # "EPSG:32633", not WKT
+            return self.crs
+        from rasterio.crs import CRS
+
+        info = CRS.from_user_input(self.crs).to_dict(projjson=True)
+        name = info.get("name")
+        if name and name != "unknown":
+            return str(name)
+        method = info.get("conversion", {}).get("method", {}).get("name")
+        return f"custom {method or info.get('type', 'CRS')}"
 
 
 @runtime_checkable
@@ -137,15 +163,27 @@ class BaseReader:
     dtype: np.dtype[Any]
     level_shapes: tuple[tuple[int, int, int], ...]
     georeference: Georeference | None = None  # GeoTIFFs only
+    # What the file says beyond pixels, where it does (None otherwise): the scanner vendor
+    # ("hamamatsu", "leica", ...), the objective's magnification, a name per channel, the
+    # nodata value of each band, and where invalid pixels are marked ("nodata", "mask",
+    # "alpha"; see valid_mask).
+    vendor: str | None = None
+    magnification: float | None = None
+    channel_names: tuple[str, ...] | None = None
+    nodata: tuple[float | None, ...] | None = None
+    mask_kind: str | None = None
     _axes: tuple[str, ...]
     _native_shapes: tuple[tuple[int, ...], ...]
     _native_chunks: tuple[tuple[int, ...], ...]
 
-    def __init__(self, path: Path, pixel_size_um: float | None) -> None:
+    def __init__(self, path: Path | URLPath, pixel_size_um: float | None) -> None:
         self.path = str(path)
+        # An fsspec URL (with its storage options) is read by byte ranges, never downloaded.
+        self.url = path if isinstance(path, URLPath) else None
         self.pixel_size_um = pixel_size_um
         self._lock = threading.Lock()
         self._levels: dict[int, Any] = {}
+        self._files: list[Any] = []
 
     # -- subclass hooks -------------------------------------------------------------------
     def _open_level(self, level: int) -> Any:
@@ -225,11 +263,42 @@ class BaseReader:
         )
         return to_yxc(self._read_native(level, key), axes)
 
+    def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
+        """``(y1 - y0, x1 - x0)`` bool, True where ``[y0:y1, x0:x1]`` of ``level`` holds data
+        (not nodata, not masked, not transparent); None when the file marks no pixel invalid
+        (``mask_kind`` is None).
+
+        Here from the pixels (:func:`~segpipe.io.readers.masks.pixel_valid_mask`); a format
+        with mask bands of its own (GeoTIFF, through GDAL) overrides this."""
+        self._check_level(level)
+        if self.mask_kind not in ("nodata", "alpha"):
+            return None
+        pixels = self.read(y0, y1, x0, x1, level)
+        return pixel_valid_mask(pixels, self.nodata, self.mask_kind, self.channel_names)
+
     def close(self) -> None:
         """Close open file handles; the reader re-opens them on next use."""
         with self._lock:
             self._levels.clear()
             self._close_handles()
+            while self._files:
+                self._files.pop().close()
+
+    def _file(self) -> Any:
+        """What a format library opens: the local path, or for a URL a seekable file that
+        fetches byte ranges as they are read (:meth:`URLPath.open_read`), closed by
+        :meth:`close`."""
+        if self.url is None:
+            return self.path
+        f = self.url.open_read()
+        self._files.append(f)
+        return f
+
+    def _file_size(self) -> int:
+        if self.url is None:
+            return os.path.getsize(self.path)
+        fs, path = self.url.filesystem()
+        return int(fs.size(path))
 
     # -- internals --------------------------------------------------------------------------
     def _check_level(self, level: int) -> None:
@@ -272,6 +341,7 @@ class BaseReader:
         state = self.__dict__.copy()
         state.pop("_lock")
         state["_levels"] = {}
+        state["_files"] = []
         state.update(self._handle_state())
         return state
 

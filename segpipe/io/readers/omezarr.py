@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
 
@@ -25,12 +26,12 @@ class ZarrReader(BaseReader):
     ``("c", "y", "x")``; the pixel size from level 0's ``scale`` and the x axis' ``unit``.
     """
 
-    def __init__(self, path: Path, *, pixel_size_um: float | None = None) -> None:
+    def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
         import zarr
 
         try:
-            node = zarr.open(self.path, mode="r")
+            node = zarr.open(self.url or self.path, mode="r")
         except (FileNotFoundError, *DECODE_ERRORS) as exc:
             raise ImageReadError(
                 f"{self.path}: not a readable Zarr store ({type(exc).__name__}: {exc})"
@@ -67,6 +68,14 @@ class ZarrReader(BaseReader):
             )
         if geo := segpipe.get("georeference"):  # carried over from a GeoTIFF by ingest
             self.georeference = Georeference(str(geo["crs"]), tuple(geo["transform"]))
+        # also carried over by ingest: which pixels are invalid (BaseReader.valid_mask)
+        if names := segpipe.get("channel_names"):
+            self.channel_names = tuple(str(n) for n in names)
+        if (nodata := segpipe.get("nodata")) is not None:
+            self.nodata = tuple(None if v is None else float(v) for v in nodata)
+            self.mask_kind = "nodata"
+        elif "alpha" in (self.channel_names or ()):
+            self.mask_kind = "alpha"
         ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 put it at the top
         multiscales = ome.get("multiscales")
         if not multiscales:
@@ -130,6 +139,6 @@ class ZarrReader(BaseReader):
     def _open_level(self, level: int) -> Any:
         import zarr
 
-        node = zarr.open(self.path, mode="r")
+        node = zarr.open(self.url or self.path, mode="r")
         path = self._array_paths[level]
         return cast("zarr.Group", node)[path] if path else node

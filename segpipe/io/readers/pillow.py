@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.io.files import URLPath
 from segpipe.io.readers.base import BaseReader, ImageReadError
 
 __all__ = ["MAX_PILLOW_PIXELS", "PILLOW_SUFFIXES", "PillowReader"]
@@ -23,7 +24,7 @@ class PillowReader(BaseReader):
     Palette, CMYK and YCbCr images are converted to RGB(A); grey stays one channel.
     """
 
-    def __init__(self, path: Path, *, pixel_size_um: float | None = None) -> None:
+    def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
         data = self._decode()
         axes = "YX" if data.ndim == 2 else "YXC"
@@ -41,7 +42,7 @@ class PillowReader(BaseReader):
         )
         img: Image.Image
         try:
-            with Image.open(self.path) as img:
+            with Image.open(self._file()) as img:
                 if img.width * img.height > MAX_PILLOW_PIXELS:
                     raise ImageReadError(f"{too_big} (got {img.width}x{img.height})")
                 if img.mode in ("P", "PA"):

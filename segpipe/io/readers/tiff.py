@@ -1,54 +1,56 @@
-"""TIFF family: plain TIFF, BigTIFF, OME-TIFF, Aperio SVS and GeoTIFF, through tifffile.
+"""TIFF family through tifffile: plain TIFF, BigTIFF, OME-TIFF, GeoTIFF and the TIFF-based
+slide formats (Aperio SVS, Hamamatsu NDPI, Leica SCN, Philips TIFF, Ventana BIF).
 
 Pixels come through tifffile's Zarr view of the main series (one level per pyramid level);
-the pixel size from Aperio's ``MPP``, OME-XML ``PhysicalSizeX`` or the resolution tags, and a
-GeoTIFF's CRS and affine from its GeoKeys.
+the vendor, pixel size and magnification from :mod:`segpipe.io.readers.vendor`; a GeoTIFF's
+CRS, affine, nodata and masks from GDAL (:mod:`segpipe.io.readers.geotiff`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 import warnings
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
-from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
+from segpipe.io.files import URLPath
+from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
+from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
+from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
 
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".btf", ".tf8", ".tf2")
+# .svs Aperio, .ndpi Hamamatsu, .scn Leica, .bif Ventana; Philips writes .tiff
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".tf2")
 
-# TIFF ResolutionUnit: 2 inch, 3 centimetre (baseline); 4 mm, 5 µm (DNG, tifffile).
-_UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}
+# GDAL writes nodata as this private tag; a TIFF with it (or GeoKeys) goes through GDAL too.
+_GDAL_NODATA = 42113
 
 
 class TiffReader(BaseReader):
-    """TIFF, BigTIFF, OME-TIFF and Aperio SVS through tifffile's Zarr view.
+    """TIFF, BigTIFF, OME-TIFF, GeoTIFF and TIFF-based slides through tifffile's Zarr view.
 
     The main pyramid is the series with the most level-0 pixels (in an SVS, the baseline,
-    not the thumbnail, label or macro images). Tiles are decoded on demand; a level is never
-    read whole.
+    not the thumbnail, label or macro images; in an NDPI not the macro or map; in an SCN the
+    scanned region, not the macro image of the whole slide). Tiles are decoded on demand; a
+    level is never read whole.
     """
 
-    def __init__(self, path: Path, *, pixel_size_um: float | None = None) -> None:
+    def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
         self._tif: Any = None
         import tifffile
 
         try:
-            self._tif = tifffile.TiffFile(self.path)
+            self._tif = tifffile.TiffFile(self._file())
             tif = self._tif
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
-            self._series = max(range(len(tif.series)), key=lambda i: math.prod(tif.series[i].shape))
+            self._series = _main_series(tif.series)
             series = tif.series[self._series]
-            _check_declared_data(series, os.path.getsize(self.path), self.path)
+            _check_declared_data(series, self._file_size(), self.path)
             levels = series.levels
             axes = [lv.axes for lv in levels]
             shapes = [tuple(lv.shape) for lv in levels]
@@ -56,13 +58,33 @@ class TiffReader(BaseReader):
             self._native_shapes = tuple(shapes)
             chunks = [tuple(self._level_array(i).chunks) for i in range(len(levels))]
             dtype = np.dtype(series.dtype)
-            file_px = _tiff_pixel_size_um(tif, self._series, self.path)
-            self.georeference = _geotiff_georeference(series.pages[0], self.path)
+            try:
+                slide = slide_metadata(tif, self._series, self.path)
+            except ImageReadError as exc:
+                if self.pixel_size_um is None:
+                    raise ImageReadError(
+                        f"{exc}; give the pixel size yourself (pixel_size_um, --pixel-size) "
+                        "to read the image anyway"
+                    ) from exc
+                warnings.warn(f"{exc}; using pixel_size_um={self.pixel_size_um}", stacklevel=3)
+                slide = SlideMetadata("unknown", None)
+            self.vendor, self.magnification, file_px = (
+                slide.vendor,
+                slide.magnification,
+                slide.pixel_size_um,
+            )
+            first = series.levels[0].keyframe
+            if getattr(first, "is_geotiff", False) or _GDAL_NODATA in first.tags:
+                raster = raster_metadata(self.url or self.path)
+                self.georeference, self.nodata = raster.georeference, raster.nodata
+                self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
+                if self.georeference is not None:
+                    self.vendor = "geotiff"
             self._set_layout(axes, shapes, chunks, dtype)
         except ImageReadError:
             self.close()
             raise
-        except (tifffile.TiffFileError, *DECODE_ERRORS) as exc:
+        except (tifffile.TiffFileError, SyntaxError, NotImplementedError, *DECODE_ERRORS) as exc:
             self.close()
             raise ImageReadError(
                 f"{self.path}: not a readable TIFF (corrupt, truncated or another format): "
@@ -76,8 +98,9 @@ class TiffReader(BaseReader):
         import zarr
 
         if self._tif is None:
-            self._tif = tifffile.TiffFile(self.path)
-        store = self._tif.series[self._series].aszarr(level=level)
+            self._tif = tifffile.TiffFile(self._file())
+        # read-only whatever the file handle says (an fsspec memory file claims writable)
+        store = self._tif.series[self._series].aszarr(level=level, read_only=True)
         array = cast("zarr.Array", zarr.open(store, mode="r"))
         if tuple(array.shape) != self._native_shapes[level]:
             raise ImageReadError(
@@ -86,6 +109,17 @@ class TiffReader(BaseReader):
             )
         return array
 
+    def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
+        """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: GDAL's dataset mask
+        (mask band, alpha band, or all bands at nodata); None without any of them.
+
+        Nodata and alpha follow from the pixels (tifffile reads them ten times faster than
+        a GDAL open per window); a mask band is read through GDAL."""
+        if self.mask_kind != "mask":
+            return super().valid_mask(y0, y1, x0, x1, level)
+        self._check_level(level)
+        return raster_valid_mask(self.url or self.path, level, y0, y1, x0, x1)
+
     def _close_handles(self) -> None:
         if self._tif is not None:
             self._tif.close()
@@ -93,6 +127,13 @@ class TiffReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_tif": None}
+
+
+def _main_series(series: list[Any]) -> int:
+    """Index of the series with the most level-0 pixels, passing over transparency masks
+    (GDAL's internal mask band is a series of its own, as large as the image)."""
+    images = [i for i, s in enumerate(series) if not s.keyframe.is_mask] or list(range(len(series)))
+    return max(images, key=lambda i: math.prod(series[i].shape))
 
 
 def _check_declared_data(series: Any, file_size: int, path: str) -> None:
@@ -117,76 +158,3 @@ def _check_declared_data(series: Any, file_size: int, path: str) -> None:
             f"{path}: its tiles or strips extend to byte {end:,} but the file has "
             f"{file_size:,} bytes; the file is truncated"
         )
-
-
-# GeoKeys: GTRasterTypeGeoKey 2 = RasterPixelIsPoint (tiepoints name pixel centres).
-_PIXEL_IS_POINT = 2
-
-
-def _geotiff_georeference(page: Any, path: str) -> Georeference | None:
-    """The CRS and pixel-to-CRS transform of a north-up GeoTIFF page; None without GeoTIFF
-    tags. Rotated or sheared rasters (a ModelTransformation tag) are refused."""
-    tags = page.geotiff_tags if getattr(page, "is_geotiff", False) else None
-    if not tags:
-        return None
-    if "ModelTransformation" in tags:
-        raise ImageReadError(
-            f"{path}: rotated/sheared GeoTIFF (ModelTransformation) is not supported; "
-            "warp it north-up first (gdalwarp)"
-        )
-    scale, tie = tags.get("ModelPixelScale"), tags.get("ModelTiepoint")
-    code = tags.get("ProjectedCSTypeGeoKey") or tags.get("GeographicTypeGeoKey")
-    if scale is None or tie is None or code is None:
-        return None
-    sx, sy = float(scale[0]), float(scale[1])
-    col, row, x, y = float(tie[0]), float(tie[1]), float(tie[3]), float(tie[4])
-    c, f = x - col * sx, y + row * sy
-    if int(tags.get("GTRasterTypeGeoKey", 1)) == _PIXEL_IS_POINT:
-        c, f = c - sx / 2, f + sy / 2
-    return Georeference(f"EPSG:{int(code)}", (sx, 0.0, c, 0.0, -sy, f))
-
-
-def _tiff_pixel_size_um(tif: Any, series_index: int, path: str) -> float | None:
-    """Microns per pixel from Aperio MPP, OME-XML PhysicalSize, or the resolution tags."""
-    first = tif.pages.first
-    if tif.is_svs:
-        match = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", first.description or "")
-        if match:
-            return positive_or_none(float(match.group(1)), path, "Aperio MPP")
-    if tif.is_ome and tif.ome_metadata:
-        size = _ome_xml_pixel_size_um(tif.ome_metadata, series_index, path)
-        if size is not None:
-            return size
-    page = tif.series[series_index].keyframe
-    unit_tag = page.tags.get("ResolutionUnit")
-    x_tag = page.tags.get("XResolution")
-    if unit_tag is None or x_tag is None:
-        return None
-    um_per_unit = _UM_PER_RESUNIT.get(int(unit_tag.value))
-    num, den = x_tag.value
-    if um_per_unit is None or num <= 0 or den <= 0:
-        return None
-    return um_per_unit * den / num
-
-
-def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | None:
-    try:
-        root = ET.fromstring(xml)
-    except ET.ParseError:
-        warnings.warn(f"{path}: OME-XML does not parse; pixel size unknown", stacklevel=3)
-        return None
-    pixels = [el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"]
-    if not pixels:
-        return None
-    attrs = pixels[image_index if image_index < len(pixels) else 0].attrib
-    sizes = {}
-    for axis in "XY":
-        value = attrs.get(f"PhysicalSize{axis}")
-        if value is None:
-            continue
-        unit = attrs.get(f"PhysicalSize{axis}Unit", "µm")  # the OME schema's default
-        if unit not in UM_PER_UNIT:
-            warnings.warn(f"{path}: OME PhysicalSize unit {unit!r} is not a length", stacklevel=3)
-            return None
-        sizes[axis] = float(value) * UM_PER_UNIT[unit]
-    return pixel_size_of_xy(sizes.get("X"), sizes.get("Y"), path, "OME PhysicalSize")

@@ -1,0 +1,72 @@
+"""Which pixels of an image hold data: nodata values, mask bands, alpha channels.
+
+A GeoTIFF (or an orthomosaic made of several scenes) marks the pixels outside its footprint;
+segmenting them wastes time and invents classes where there is nothing. Readers say how their
+file marks them (``reader.mask_kind``: ``"nodata"``, ``"mask"``, ``"alpha"`` or None) and read
+the mask of a window (``reader.valid_mask(y0, y1, x0, x1, level)``); :func:`valid_mask` reads
+it for a tile's box, mirrored like its pixels.
+
+>>> pixel_valid_mask(np.array([[[0, 0], [0, 9]]]), (0.0, 0.0), "nodata", None).tolist()
+[[False, True]]
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from segpipe.geometry.tiling import Box, mirror_indices
+
+if TYPE_CHECKING:
+    from segpipe.io.readers.base import Reader
+
+__all__ = ["pixel_valid_mask", "valid_mask"]
+
+
+def pixel_valid_mask(
+    pixels: np.ndarray,
+    nodata: tuple[float | None, ...] | None,
+    mask_kind: str | None,
+    channel_names: tuple[str, ...] | None,
+) -> np.ndarray | None:
+    """``(y, x)`` bool from ``(y, x, C)`` pixels: True where they hold data; None when
+    ``mask_kind`` marks nothing the pixels can show (None, or ``"mask"``: a separate band).
+
+    GDAL's rule: a pixel is invalid where every band holds its nodata value (NaN matches NaN;
+    a band without a nodata value is valid everywhere), or where the ``"alpha"`` channel is 0.
+    """
+    names = channel_names or ()
+    if mask_kind == "alpha" and "alpha" in names:
+        return np.asarray(pixels[..., names.index("alpha")] > 0)
+    if mask_kind != "nodata" or nodata is None:
+        return None
+    invalid = np.ones(pixels.shape[:2], dtype=bool)
+    for band, value in zip(np.moveaxis(pixels, -1, 0), nodata, strict=True):
+        if value is None:
+            return np.ones(pixels.shape[:2], dtype=bool)
+        invalid &= np.isnan(band) if np.isnan(value) else band == value
+    return ~invalid
+
+
+def valid_mask(reader: Reader, box: Box, level: int = 0) -> np.ndarray:
+    """``(y, x)`` bool of ``box`` of ``level``: True where the image holds data.
+
+    Mirrored where the box leaves the image, exactly as
+    :func:`~segpipe.io.readers.read_mirrored` mirrors the pixels, so
+    ``read_mirrored(r, box)[valid_mask(r, box)]`` are the box's valid pixels. All True for a
+    reader without nodata, mask band or alpha (``mask_kind`` None, or no ``valid_mask``).
+
+    >>> from segpipe.io.readers import ArrayReader
+    >>> valid_mask(ArrayReader(np.zeros((4, 4), np.uint8)), Box(0, 2, 3, 5)).tolist()
+    [[True, True], [True, True]]
+    """
+    ny, nx, _ = reader.level_shapes[level]
+    iy = mirror_indices(box.y0, box.y1, ny)
+    ix = mirror_indices(box.x0, box.x1, nx)
+    y0, y1, x0, x1 = int(iy.min()), int(iy.max()) + 1, int(ix.min()), int(ix.max()) + 1
+    read = getattr(reader, "valid_mask", None)
+    src = read(y0, y1, x0, x1, level=level) if read is not None else None
+    if src is None:
+        return np.ones((len(iy), len(ix)), dtype=bool)
+    return np.asarray(src, dtype=bool)[np.ix_(iy - y0, ix - x0)]

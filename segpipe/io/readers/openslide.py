@@ -1,0 +1,123 @@
+"""Slide formats tifffile cannot read (3DHISTECH MRXS, Hamamatsu VMS/VMU, Sakura SVSLIDE),
+through OpenSlide (``pip install segpipe[slides]``: openslide-python and openslide-bin).
+
+OpenSlide hands out RGBA regions: premultiplied RGB, and alpha 0 where the scanner recorded
+nothing (MRXS slides are mostly such empty space). The reader gives the RGB channels as pixels
+and the alpha as its validity mask (``mask_kind = "alpha"``; see :meth:`valid_mask`), so
+tissue-free empty space can be skipped like a GeoTIFF's nodata.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.io.files import URLPath
+from segpipe.io.readers.base import BaseReader, ImageReadError
+
+__all__ = ["OPENSLIDE_SUFFIXES", "OpenSlideReader"]
+
+OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
+
+
+class OpenSlideReader(BaseReader):
+    """A slide through OpenSlide: each OpenSlide level a pyramid level, ``(Y, X, 3)`` uint8.
+
+    Any file OpenSlide opens works (it also reads SVS, NDPI, SCN, BIF, Philips TIFF and
+    generic tiled TIFF); :func:`~segpipe.io.readers.open_image` sends it only the formats
+    tifffile cannot read. The pixel size is OpenSlide's ``openslide.mpp-x``.
+    """
+
+    def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
+        super().__init__(path, pixel_size_um)
+        if self.url is not None:
+            raise ImageReadError(
+                f"{self.path}: OpenSlide reads local files only; copy the slide (and, for "
+                "MRXS, its data folder) to a local disk"
+            )
+        self._slide: Any = None
+        slide = self._open()
+        props = slide.properties
+        dims = [(int(h), int(w)) for w, h in slide.level_dimensions]
+        chunks: list[tuple[int, ...]] = []
+        for k, (h, w) in enumerate(dims):
+            th = int(props.get(f"openslide.level[{k}].tile-height", 0)) or 512
+            tw = int(props.get(f"openslide.level[{k}].tile-width", 0)) or 512
+            chunks.append((min(h, max(th, 256)), min(w, max(tw, 256)), 3))
+        self.vendor = props.get("openslide.vendor")
+        self.magnification = _float(props.get("openslide.objective-power"))
+        self.channel_names = ("red", "green", "blue")
+        self.mask_kind = "alpha"
+        self._downsamples = tuple(float(d) for d in slide.level_downsamples)
+        self._set_layout(
+            ["YXC"] * len(dims), [(h, w, 3) for h, w in dims], chunks, np.dtype(np.uint8)
+        )
+        if self.pixel_size_um is None:
+            self.pixel_size_um = _float(props.get("openslide.mpp-x"))
+
+    def _open(self) -> Any:
+        try:
+            import openslide
+        except ImportError as exc:
+            raise ImageReadError(
+                f"{self.path}: this slide format needs OpenSlide; install it with "
+                "pip install 'segpipe[slides]' (openslide-python and openslide-bin)"
+            ) from exc
+        if self._slide is None:
+            try:
+                self._slide = openslide.OpenSlide(self.path)
+            except (openslide.OpenSlideError, OSError) as exc:
+                raise ImageReadError(
+                    f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})"
+                ) from exc
+        return self._slide
+
+    def _open_level(self, level: int) -> _RGBALevel:
+        return _RGBALevel(self, level)
+
+    def _rgba(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """``(y1 - y0, x1 - x0, 4)`` RGBA of a window of ``level`` (OpenSlide wants the
+        top-left corner in level-0 pixels)."""
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), 4), dtype=np.uint8)
+        d = self._downsamples[level]
+        image = self._open().read_region((round(x0 * d), round(y0 * d)), level, (x1 - x0, y1 - y0))
+        return np.asarray(image)
+
+    def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        """``(y1 - y0, x1 - x0)`` bool: True where the scanner recorded pixels (alpha > 0)."""
+        self._check_level(level)
+        return self._rgba(level, y0, y1, x0, x1)[..., 3] > 0
+
+    def _close_handles(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def _handle_state(self) -> dict[str, Any]:
+        return {"_slide": None}
+
+
+class _RGBALevel:
+    """One level as something ``BaseReader`` slices ``[y0:y1, x0:x1, :]``: RGB of OpenSlide's
+    region (empty space reads as OpenSlide's transparent black, alpha in valid_mask)."""
+
+    def __init__(self, reader: OpenSlideReader, level: int) -> None:
+        self.reader, self.level = reader, level
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ny, nx, _ = self.reader.level_shapes[self.level]
+        ys, xs, cs = (*key, slice(None))[:3]
+        y0, y1, _ = ys.indices(ny)
+        x0, x1, _ = xs.indices(nx)
+        return self.reader._rgba(self.level, y0, y1, x0, x1)[..., :3][..., cs]
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return number if number is not None and number > 0 else None

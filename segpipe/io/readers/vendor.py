@@ -1,0 +1,220 @@
+"""Scanner metadata in TIFF-based slide files: which vendor wrote the file, its pixel size, the
+objective's magnification.
+
+Each vendor keeps the pixel size somewhere else; this module reads it the way OpenSlide and
+tiffslide do (their test files and ours agree, see ``tests/test_vendor_formats.py``):
+
+=============  ==========================================================================
+Aperio SVS     ``MPP = 0.499`` in the ImageDescription (µm)
+Hamamatsu      NDPI: X/YResolution with ResolutionUnit centimetre; magnification in tag 65421
+Leica SCN      XML ImageDescription: the image's ``view/@sizeX`` (nm) over its r=0
+               ``dimension/@sizeX`` (pixels)
+Philips TIFF   XML ImageDescription: the first ``DICOM_PIXEL_SPACING`` ("row col", mm)
+Ventana BIF    XMP (tag 700) of the level-0 page: ``iScan/@ScanRes`` (µm)
+OME-TIFF       OME-XML ``Pixels/@PhysicalSizeX`` with its unit
+any TIFF       X/YResolution with ResolutionUnit inch, centimetre, millimetre or micrometre
+=============  ==========================================================================
+
+Metadata that is present but unreadable (XML that does not parse, a spacing that is not a
+number) is an :class:`ImageReadError` naming the file; metadata that is absent leaves the
+pixel size unknown (the resolution tags are tried next).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+
+from segpipe.io.readers.base import ImageReadError
+from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
+
+__all__ = ["SlideMetadata", "slide_metadata"]
+
+# TIFF ResolutionUnit: 2 inch, 3 centimetre (baseline); 4 mm, 5 µm (DNG, tifffile).
+_UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}
+_NDPI_MAGNIFICATION = 65421
+_XMP = 700
+
+
+@dataclass(frozen=True)
+class SlideMetadata:
+    """What a slide file says about itself.
+
+    ``vendor`` is one of ``"aperio"``, ``"hamamatsu"``, ``"leica"``, ``"philips"``,
+    ``"ventana"``, ``"ome"`` or ``"generic-tiff"``; ``pixel_size_um`` microns per pixel at
+    level 0 (None when the file does not say); ``magnification`` the scan objective (20, 40).
+    """
+
+    vendor: str
+    pixel_size_um: float | None
+    magnification: float | None = None
+
+
+def slide_metadata(tif: Any, series_index: int, path: str) -> SlideMetadata:
+    """The vendor, pixel size and magnification of series ``series_index`` of a tifffile
+    ``TiffFile``; raises :class:`ImageReadError` on vendor metadata that cannot be read."""
+    series = tif.series[series_index]
+    keyframe = series.levels[0].keyframe
+    resolution = _resolution_tags_um(keyframe)
+    if tif.is_svs:
+        desc = tif.pages.first.description or ""
+        mpp = _aperio_field(desc, "MPP")
+        px = None if mpp is None else _number(mpp, path, "Aperio MPP")
+        return SlideMetadata("aperio", px or resolution, _positive(_aperio_field(desc, "AppMag")))
+    if tif.is_ome and tif.ome_metadata:
+        px = _ome_xml_pixel_size_um(tif.ome_metadata, series_index, path)
+        return SlideMetadata("ome", px or resolution)
+    if tif.is_ndpi:
+        mag = keyframe.tags.valueof(_NDPI_MAGNIFICATION)
+        return SlideMetadata("hamamatsu", resolution, _positive(mag))
+    if tif.is_scn:
+        px, mag = _leica_scn(tif.pages.first.description, series_index, path)
+        return SlideMetadata("leica", px or resolution, mag)
+    if tif.is_philips:
+        return SlideMetadata(
+            "philips", _philips_spacing_um(tif.philips_metadata, path) or resolution
+        )
+    if tif.is_bif:
+        px, mag = _ventana_xmp(keyframe.tags.valueof(_XMP), path)
+        return SlideMetadata("ventana", px or resolution, mag)
+    return SlideMetadata("generic-tiff", resolution)
+
+
+def _number(text: str, path: str, what: str) -> float:
+    try:
+        value = float(text.strip().strip('"'))
+    except ValueError:
+        raise ImageReadError(f"{path}: {what} {text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ImageReadError(f"{path}: {what} {text!r} is not a positive number")
+    return value
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _xml(text: str | bytes | None, path: str, what: str) -> ET.Element | None:
+    if not text:
+        return None
+    try:
+        return ET.fromstring(text)
+    except ET.ParseError as exc:
+        raise ImageReadError(f"{path}: the {what} does not parse as XML ({exc})") from exc
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _resolution_tags_um(page: Any) -> float | None:
+    unit_tag, x_tag = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
+    if unit_tag is None or x_tag is None:
+        return None
+    um_per_unit = _UM_PER_RESUNIT.get(int(unit_tag.value))
+    num, den = x_tag.value
+    if um_per_unit is None or num <= 0 or den <= 0:
+        return None
+    return um_per_unit * den / num
+
+
+def _aperio_field(desc: str, key: str) -> str | None:
+    # Aperio's description: "Aperio Image Library v12 \r\n 46000x32914 ... |MPP = 0.4990|..."
+    match = re.search(rf"\|\s*{key}\s*=\s*([^|\r\n]*)", desc)
+    return None if match is None else match.group(1)
+
+
+def _leica_scn(desc: str, series_index: int, path: str) -> tuple[float | None, float | None]:
+    """Pixel size and objective of the SCN image that tifffile made series ``series_index``.
+
+    tifffile makes one series per ``image`` element that lists ``pixels/dimension`` entries,
+    in document order; the image's ``view`` gives its extent on the slide in nanometres.
+    """
+    root = _xml(desc, path, "Leica SCN ImageDescription")
+    images = [] if root is None else [e for e in root.iter() if _local(e.tag) == "image"]
+    images = [im for im in images if any(_local(e.tag) == "dimension" for e in im.iter())]
+    if series_index >= len(images):
+        return None, None
+    image = images[series_index]
+    view = next((e for e in image if _local(e.tag) == "view"), None)
+    dims = [e for e in image.iter() if _local(e.tag) == "dimension"]
+    full = [d for d in dims if d.get("r", "0") == "0" and d.get("z", "0") == "0"] or dims
+    if view is None:
+        return None, None
+    nm_per_px: dict[str, float] = {}
+    for axis in "XY":
+        extent, count = view.get(f"size{axis}"), full[0].get(f"size{axis}")
+        if extent is not None and count is not None:
+            what = f"Leica SCN view/dimension size{axis}"
+            nm_per_px[axis] = _number(extent, path, what) / _number(count, path, what)
+    px = pixel_size_of_xy(
+        nm_per_px["X"] / 1000 if "X" in nm_per_px else None,
+        nm_per_px["Y"] / 1000 if "Y" in nm_per_px else None,
+        path,
+        "Leica SCN pixel size",
+    )
+    objective = next((e.text for e in image.iter() if _local(e.tag) == "objective"), None)
+    return px, _positive(objective)
+
+
+def _philips_spacing_um(xml: str | None, path: str) -> float | None:
+    root = _xml(xml, path, "Philips TIFF ImageDescription")
+    if root is None:
+        return None
+    spacing = next(
+        (e.text for e in root.iter("Attribute") if e.get("Name") == "DICOM_PIXEL_SPACING"), None
+    )
+    if spacing is None:
+        return None
+    values = spacing.replace('"', " ").split()
+    if len(values) != 2:
+        raise ImageReadError(
+            f"{path}: Philips DICOM_PIXEL_SPACING {spacing!r} is not two numbers (row, column)"
+        )
+    row, col = (_number(v, path, "Philips DICOM_PIXEL_SPACING") for v in values)
+    return pixel_size_of_xy(col * 1000, row * 1000, path, "Philips DICOM_PIXEL_SPACING")
+
+
+def _ventana_xmp(xmp: bytes | str | None, path: str) -> tuple[float | None, float | None]:
+    if isinstance(xmp, bytes):
+        xmp = xmp.rstrip(b"\0").decode("utf-8", errors="replace")
+    root = _xml(xmp, path, "Ventana BIF XMP (tag 700)")
+    scan = (
+        None if root is None else next((e for e in root.iter() if _local(e.tag) == "iScan"), None)
+    )
+    if scan is None:
+        return None, None
+    res = scan.get("ScanRes")
+    px = None if res is None else _number(res, path, "Ventana iScan ScanRes")
+    return px, _positive(scan.get("Magnification"))
+
+
+def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | None:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        warnings.warn(f"{path}: OME-XML does not parse; pixel size unknown", stacklevel=3)
+        return None
+    pixels = [el for el in root.iter() if _local(el.tag) == "Pixels"]
+    if not pixels:
+        return None
+    attrs = pixels[image_index if image_index < len(pixels) else 0].attrib
+    sizes = {}
+    for axis in "XY":
+        value = attrs.get(f"PhysicalSize{axis}")
+        if value is None:
+            continue
+        unit = attrs.get(f"PhysicalSize{axis}Unit", "µm")  # the OME schema's default
+        if unit not in UM_PER_UNIT:
+            warnings.warn(f"{path}: OME PhysicalSize unit {unit!r} is not a length", stacklevel=3)
+            return None
+        sizes[axis] = float(value) * UM_PER_UNIT[unit]
+    return pixel_size_of_xy(sizes.get("X"), sizes.get("Y"), path, "OME PhysicalSize")

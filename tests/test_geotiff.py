@@ -1,0 +1,261 @@
+"""GeoTIFFs through segpipe.io.readers: any CRS kept (WKT when no authority code names it), the
+affine transform, nodata values, internal mask and alpha bands, multiband uint16 and float32.
+
+Each raster is written by rasterio (GDAL) and read back; the expected CRS, transform and valid
+pixels come from what was written, not from segpipe's own reading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import tifffile
+import torch
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+
+import segpipe
+from segpipe import models
+from segpipe.geometry.tiling import Box
+from segpipe.io.describe import describe_image
+from segpipe.io.ome import PixelGrid
+from segpipe.io.readers import ImageReadError, open_image, read_mirrored, valid_mask
+
+# A transverse Mercator no EPSG code names (GRS80, central meridian 10.5°, false easting 400 km).
+CUSTOM = "+proj=tmerc +lat_0=0 +lon_0=10.5 +k=0.9996 +x_0=400000 +y_0=0 +ellps=GRS80 +units=m"
+SHAPE = (200, 300)
+TRANSFORM = from_origin(512_000.0, 5_403_000.0, 2.0, 2.0)
+
+
+def _bands(n: int, dtype: str) -> np.ndarray:
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    base = np.stack([(yy * (b + 1) + xx * (n - b)) * 7.0 for b in range(n)])
+    return (base + rng.integers(1, 50, (n, *SHAPE))).astype(dtype)
+
+
+def write_raster(path, data, *, crs=CUSTOM, overviews=(2,), **profile):
+    """A tiled GeoTIFF of ``data`` (band, y, x) with GDAL overviews (nearest)."""
+    kw = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": data.dtype,
+        "crs": CRS.from_user_input(crs),
+        "transform": TRANSFORM,
+        "tiled": True,
+        "blockxsize": 64,
+        "blockysize": 64,
+        **profile,
+    }
+    with rasterio.open(path, "w", **kw) as ds:
+        ds.write(data)
+        if overviews:
+            ds.build_overviews(list(overviews), Resampling.nearest)
+    return path
+
+
+@pytest.fixture(scope="module")
+def multiband(tmp_path_factory):
+    """4-band uint16 with nodata 0 over a 60 x 90 corner and a hole inside the image."""
+    data = _bands(4, "uint16")
+    data[:, :60, :90] = 0
+    data[:, 120:140, 150:200] = 0
+    data[2, 10:20, 200:220] = 0  # nodata in one band only: still valid (not all bands)
+    path = tmp_path_factory.mktemp("geo") / "multiband.tif"
+    return write_raster(path, data, nodata=0), data
+
+
+def test_multiband_uint16_reads_back(multiband):
+    path, data = multiband
+    reader = open_image(path)
+    assert reader.level_shapes == ((200, 300, 4), (100, 150, 4))
+    assert reader.dtype == np.uint16
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), data.transpose(1, 2, 0))
+    with rasterio.open(path, overview_level=0) as ds:  # GDAL's overview is level 1
+        np.testing.assert_array_equal(reader.level(1).compute(), ds.read().transpose(1, 2, 0))
+
+
+def test_custom_crs_is_kept_as_wkt_with_the_transform(multiband):
+    path, _ = multiband
+    geo = open_image(path).georeference
+    assert CRS.from_user_input(CUSTOM).to_epsg() is None  # truly no EPSG code
+    assert geo.crs.startswith(("PROJCS[", "PROJCRS["))  # WKT, not "EPSG:32767"
+    assert CRS.from_user_input(geo.crs) == CRS.from_user_input(CUSTOM)
+    assert CRS.from_wkt(geo.crs_wkt) == CRS.from_user_input(CUSTOM)
+    assert geo.transform == tuple(TRANSFORM)[:6]
+    grid = PixelGrid.of(None, geo.crs, geo.transform)  # what results build their coordinates from
+    assert grid.units == "metre"
+    assert grid.origin == (5_403_000.0 - 1.0, 512_000.0 + 1.0)  # pixel centres
+
+
+def test_epsg_crs_stays_an_authority_code(tmp_path):
+    path = write_raster(tmp_path / "utm.tif", _bands(3, "uint8"), crs="EPSG:32633")
+    geo = open_image(path).georeference
+    assert geo.crs == "EPSG:32633"
+    assert geo.crs_name == "EPSG:32633"
+
+
+def test_local_engineering_crs(tmp_path):
+    local = 'LOCAL_CS["site grid",UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
+    path = write_raster(tmp_path / "local.tif", _bands(1, "uint8"), crs=local)
+    geo = open_image(path).georeference
+    assert "site grid" in geo.crs
+    assert geo.crs_name == "site grid"
+    assert geo.transform == tuple(TRANSFORM)[:6]
+
+
+def test_nodata_valid_mask(multiband):
+    path, data = multiband
+    reader = open_image(path)
+    assert reader.nodata == (0.0, 0.0, 0.0, 0.0)
+    assert reader.mask_kind == "nodata"
+    expected = (data != 0).any(axis=0)  # GDAL: invalid only where every band is nodata
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), expected)
+    with rasterio.open(path) as ds:  # and GDAL's own dataset mask agrees
+        np.testing.assert_array_equal(ds.dataset_mask() > 0, expected)
+    np.testing.assert_array_equal(reader.valid_mask(50, 70, 80, 100), expected[50:70, 80:100])
+    level1 = (reader.level(1).compute() != 0).any(axis=-1)
+    np.testing.assert_array_equal(reader.valid_mask(0, 100, 0, 150, level=1), level1)
+
+
+def test_valid_mask_follows_read_mirrored(multiband):
+    """The mask of a halo'd box leaving the image mirrors as its pixels do."""
+    path, _ = multiband
+    reader = open_image(path)
+    box = Box(-8, 40, 250, 310)
+    pixels = read_mirrored(reader, box)
+    np.testing.assert_array_equal(valid_mask(reader, box), (pixels != 0).any(axis=-1))
+
+
+def test_internal_mask_band(tmp_path):
+    data = _bands(3, "uint8")
+    mask = np.full(SHAPE, 255, np.uint8)
+    mask[100:, 200:] = 0  # even edges: any nearest overview of it is mask[::2, ::2]
+    path = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
+        with rasterio.open(path, "w", crs=CUSTOM, transform=TRANSFORM, **kw) as ds:
+            ds.write(data)
+            ds.write_mask(mask)
+            ds.build_overviews([2], Resampling.nearest)
+    assert any(p.is_mask for p in tifffile.TiffFile(path).pages)  # the mask is inside the TIFF
+    reader = open_image(path)
+    assert reader.shape == (200, 300, 3)  # the image, not its mask
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), data.transpose(1, 2, 0))
+    assert reader.mask_kind == "mask"
+    assert reader.nodata is None
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), mask > 0)
+    np.testing.assert_array_equal(reader.valid_mask(0, 100, 0, 150, level=1), mask[::2, ::2] > 0)
+
+
+def test_alpha_band(tmp_path):
+    data = _bands(4, "uint8")
+    data[3] = 255
+    data[3, :30, :45] = 0
+    path = write_raster(tmp_path / "rgba.tif", data, overviews=(), photometric="RGB", alpha="YES")
+    reader = open_image(path)
+    assert reader.mask_kind == "alpha"
+    assert reader.channel_names == ("red", "green", "blue", "alpha")
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), data[3] > 0)
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(ds.dataset_mask() > 0, data[3] > 0)
+
+
+def test_float32_single_band_nodata(tmp_path):
+    data = _bands(1, "float32")
+    data[0, 150:, :] = -9999.0
+    reader = open_image(write_raster(tmp_path / "dem.tif", data, nodata=-9999.0))
+    assert reader.shape == (200, 300, 1)
+    assert reader.dtype == np.float32
+    assert reader.nodata == (-9999.0,)
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), data[0] != -9999.0)
+
+
+def test_plain_tiff_has_no_mask(tmp_path):
+    tifffile.imwrite(tmp_path / "plain.tif", _bands(3, "uint8").transpose(1, 2, 0))
+    reader = open_image(tmp_path / "plain.tif")
+    assert reader.georeference is None and reader.mask_kind is None and reader.nodata is None
+    assert reader.valid_mask(0, 10, 0, 10) is None
+    assert valid_mask(reader, Box(0, 10, 0, 10)).all()
+
+
+def test_rotated_geotiff_is_refused(tmp_path):
+    path = write_raster(tmp_path / "rot.tif", _bands(1, "uint8"), overviews=())
+    with rasterio.open(path, "r+") as ds:
+        ds.transform = rasterio.Affine(2.0, 0.5, 512_000.0, 0.5, -2.0, 5_403_000.0)
+    with pytest.raises(ImageReadError, match=r"rot\.tif: rotated/sheared"):
+        open_image(path)
+
+
+def test_describe_a_geotiff(multiband):
+    path, _ = multiband
+    info = describe_image(path)
+    assert info.vendor == "geotiff"
+    assert info.levels == ((200, 300, 4), (100, 150, 4))
+    assert (info.dtype, info.channels) == ("uint16", 4)
+    assert CRS.from_wkt(info.crs_wkt) == CRS.from_user_input(CUSTOM)
+    assert info.transform == tuple(TRANSFORM)[:6]
+    assert info.to_dict()["nodata"] == [0.0, 0.0, 0.0, 0.0]
+    text = "\n".join(info.lines())
+    assert "crs: custom Transverse Mercator" in text
+    assert "transform: origin (x 512000, y 5403000), pixel 2 x -2" in text
+    assert "invalid pixels: marked by nodata (nodata 0.0)" in text
+
+
+def test_custom_crs_result_reads_in_rioxarray(tmp_path):
+    """The WKT travels into the result: rioxarray reads the same CRS and transform."""
+    import rioxarray  # noqa: F401  (registers .rio)
+
+    torch.manual_seed(0)
+    net = models.build("unet", class_names=("bg", "fg"), width=4, depth=2, padding="valid").eval()
+    path = write_raster(tmp_path / "rgb.tif", _bands(3, "uint8")[:, :96, :128], overviews=())
+    out = segpipe.segment(
+        path, tmp_path / "r.zarr", net, tile=32, task_tiles=2, scheduler="sync", min_level_size=32
+    )
+    ds = segpipe.open_result(out)
+    assert ds.rio.crs == CRS.from_user_input(CUSTOM)
+    assert tuple(ds.rio.transform())[:6] == tuple(TRANSFORM)[:6]
+
+
+def test_ingest_keeps_nodata_and_the_valid_mask(multiband, tmp_path):
+    """The flows ingest first: the OME-Zarr copy must still say which pixels hold no data."""
+    from segpipe.io.ingest import ingest
+
+    path, data = multiband
+    store = open_image(ingest(path, tmp_path / "multiband.zarr", chunk=64))
+    assert store.nodata == (0.0, 0.0, 0.0, 0.0)
+    assert store.georeference == open_image(path).georeference
+    np.testing.assert_array_equal(store.valid_mask(0, 200, 0, 300), (data != 0).any(axis=0))
+
+
+def test_pixel_valid_mask_rules():
+    """BaseReader's own rule (readers without GDAL): all bands at nodata, NaN, or alpha 0."""
+    from segpipe.io.readers import ArrayReader
+
+    pixels = np.array([[[0, 0], [0, 5]], [[7, 0], [np.nan, np.nan]]], dtype=np.float32)
+    reader = ArrayReader(pixels)
+    assert reader.valid_mask(0, 2, 0, 2) is None
+    reader.mask_kind, reader.nodata = "nodata", (0.0, 0.0)
+    assert reader.valid_mask(0, 2, 0, 2).tolist() == [[False, True], [True, True]]
+    reader.nodata = (float("nan"), float("nan"))
+    assert reader.valid_mask(0, 2, 0, 2).tolist() == [[True, True], [True, False]]
+    reader.nodata = (0.0, None)  # a band without nodata is valid everywhere
+    assert reader.valid_mask(0, 2, 0, 2).all()
+    reader.mask_kind, reader.channel_names = "alpha", ("grey", "alpha")
+    assert reader.valid_mask(0, 2, 0, 2).tolist() == [[False, True], [False, False]]
+
+
+def test_geotiff_at_a_url_keeps_crs_nodata_and_mask(multiband):
+    """GDAL reads a remote GeoTIFF's metadata through the same fsspec filesystem as tifffile."""
+    import fsspec
+
+    path, data = multiband
+    fsspec.filesystem("memory").pipe("/segpipe-geotiff/multiband.tif", path.read_bytes())
+    reader = open_image("memory://segpipe-geotiff/multiband.tif")
+    assert reader.georeference == open_image(path).georeference
+    assert reader.nodata == (0.0, 0.0, 0.0, 0.0)
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), (data != 0).any(axis=0))

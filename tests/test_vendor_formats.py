@@ -1,0 +1,364 @@
+"""Scanner formats read through segpipe.io.readers: NDPI, Leica SCN, Philips TIFF, Ventana BIF.
+
+Each test writes a small slide with tifffile, laid out and tagged as the vendor's scanners do,
+and reads it back against the pixels written and the pixel size written; OpenSlide and tiffslide
+(the maintained readers of these formats) read the same files as independent references.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from segpipe.io.describe import describe_image
+from segpipe.io.readers import ImageReadError, open_image
+
+SHAPE = (256, 384)
+KW = {"photometric": "rgb", "compression": "zlib", "metadata": None}
+
+
+def _image() -> np.ndarray:
+    """Smooth (256, 384, 3) uint8 gradients (JPEG keeps them within a grey level or two)."""
+    yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    return np.stack([yy, xx * 0.6, (yy + xx) * 0.3], axis=-1).astype(np.uint8)
+
+
+# --- writers ---------------------------------------------------------------------------------
+
+
+def to_ndpi_layout(src: Path, dst: Path) -> Path:
+    """Rewrite a little-endian classic TIFF in NDPI's layout.
+
+    NDPI is classic TIFF with 64-bit offsets: the header's first-IFD offset and each IFD's
+    next-IFD offset take 8 bytes, and every IFD is followed by the high 32 bits of each tag's
+    value or offset. Under 4 GB all high bits are 0, so each IFD is copied to the end with that
+    zero block after it and the offsets are re-pointed; pixel data stays where it is.
+    """
+    data = bytearray(src.read_bytes())
+    assert data[:4] == b"II*\x00"
+    ifds, offset = [], struct.unpack_from("<I", data, 4)[0]
+    while offset:
+        n = struct.unpack_from("<H", data, offset)[0]
+        ifds.append(bytes(data[offset : offset + 2 + 12 * n]))
+        offset = struct.unpack_from("<I", data, offset + 2 + 12 * n)[0]
+    assert struct.unpack_from("<I", data, 4)[0] == 8  # the old first IFD (now unused) at byte 8
+    data[8:12] = bytes(4)  # high bits of the first-IFD offset
+    pointer = 4
+    for ifd in ifds:
+        n = struct.unpack_from("<H", ifd)[0]
+        data += bytes(len(data) % 2)  # IFDs start on a word boundary
+        struct.pack_into("<I", data, pointer, len(data))
+        pointer = len(data) + 2 + 12 * n
+        data += ifd + bytes(8) + bytes(4 * n)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def write_ndpi(path: Path, img: np.ndarray, mpp: float = 0.4527, *, jpeg: bool = False) -> Path:
+    """Hamamatsu NDPI: baseline and one reduced level as separate IFDs with NDPI's private tags
+    (FileFormat 65420, Magnification 65421, slide-centre offsets), resolution in pixels per cm,
+    and a macro image (magnification -1). ``jpeg``: one JPEG strip per level, as scanners write
+    and as OpenSlide requires."""
+    levels = [img, img[::2, ::2], img[::8, ::8]]  # baseline, reduced, macro
+    classic = path.with_suffix(".classic.tif")
+    with tifffile.TiffWriter(classic) as tif:
+        for k, (level, mag) in enumerate(zip(levels, [20.0, 10.0, -1.0], strict=True)):
+            ndpi = [(65420, "I", 1, 1, True), (65421, "f", 1, mag, True)]
+            ndpi += [(code, "i", 1, 0, True) for code in (65422, 65423, 65424)]
+            per_cm = 1e4 / (mpp * 2**k) if mag > 0 else 1e4 / (mpp * 8)
+            layout = (
+                {"rowsperstrip": level.shape[0], "compression": "jpeg"}
+                if jpeg
+                else {"tile": (64, 64), "compression": "zlib"}
+            )
+            tif.write(
+                level,
+                photometric="rgb",
+                metadata=None,
+                resolution=(per_cm, per_cm),
+                resolutionunit="CENTIMETER",
+                extratags=[*ndpi, (271, "s", 0, "Hamamatsu", True)],
+                **layout,
+            )
+    to_ndpi_layout(classic, path)
+    classic.unlink()
+    return path
+
+
+def scn_xml(nm_per_px: float = 500.0, *, objective: str = "20") -> str:
+    """Leica SCN collection: a macro image of the whole slide (IFD 0) and one scanned region
+    (IFDs 1, 2) whose view is 384 x 256 pixels of ``nm_per_px`` nanometres."""
+    w, h = int(SHAPE[1] * nm_per_px), int(SHAPE[0] * nm_per_px)
+    device = '<device model="Leica SCN400;Leica SCN" version="1.5"/>'
+
+    def settings(obj: str, na: float) -> str:
+        return (
+            f"<scanSettings><objectiveSettings><objective>{obj}</objective></objectiveSettings>"
+            f"<illuminationSettings><numericalAperture>{na}</numericalAperture>"
+            "<illuminationSource>brightfield</illuminationSource></illuminationSettings>"
+            "</scanSettings>"
+        )
+
+    return f"""<?xml version="1.0" encoding="utf-8"?>
+<scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">
+ <collection name="segpipe" uuid="1" sizeX="{2 * w}" sizeY="{2 * h}">
+  <image name="macro" uuid="2"><creationDate>2026-11-29T00:00:00.00Z</creationDate>{device}
+   <pixels sizeX="96" sizeY="64"><dimension sizeX="96" sizeY="64" r="0" ifd="0"/></pixels>
+   <view sizeX="{2 * w}" sizeY="{2 * h}" offsetX="0" offsetY="0" spacingZ="0"/>
+   {settings("1.25", 0.04)}
+  </image>
+  <image name="main" uuid="3"><creationDate>2026-11-29T00:00:00.00Z</creationDate>{device}
+   <pixels sizeX="{SHAPE[1]}" sizeY="{SHAPE[0]}">
+    <dimension sizeX="{SHAPE[1]}" sizeY="{SHAPE[0]}" r="0" ifd="1"/>
+    <dimension sizeX="{SHAPE[1] // 2}" sizeY="{SHAPE[0] // 2}" r="1" ifd="2"/>
+   </pixels>
+   <view sizeX="{w}" sizeY="{h}" offsetX="{w // 2}" offsetY="{h // 2}" spacingZ="0"/>
+   {settings(objective, 0.7)}
+  </image>
+ </collection>
+</scn>"""
+
+
+def write_scn(path: Path, img: np.ndarray, nm_per_px: float = 500.0, **xml: str) -> Path:
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img[::4, ::4], tile=(16, 16), description=scn_xml(nm_per_px, **xml), **KW)
+        tif.write(img, tile=(64, 64), **KW)
+        tif.write(img[::2, ::2], tile=(64, 64), **KW)
+    return path
+
+
+def philips_xml(spacing_mm: list[str]) -> str:
+    """Philips DP XML: one PixelDataRepresentation per level with DICOM_PIXEL_SPACING in mm."""
+    levels = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation"><Attribute Name="DICOM_PIXEL_SPACING"'
+        f' Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">&quot;{s}&quot; &quot;{s}&quot;'
+        "</Attribute></DataObject>"
+        for s in spacing_mm
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
+        '<Attribute Name="DICOM_MANUFACTURER" PMSVR="IString">PHILIPS</Attribute>'
+        '<Attribute Name="PIM_DP_SCANNED_IMAGES" PMSVR="IDataObjectArray"><Array>'
+        '<DataObject ObjectType="DPScannedImage">'
+        '<Attribute Name="PIM_DP_IMAGE_TYPE" PMSVR="IString">WSI</Attribute>'
+        '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" PMSVR="IDataObjectArray">'
+        f"<Array>{levels}</Array></Attribute></DataObject></Array></Attribute></DataObject>"
+    )
+
+
+def write_philips(path: Path, img: np.ndarray, spacing_mm: str = "0.00025") -> Path:
+    second = "0.0005" if spacing_mm == "0.00025" else spacing_mm
+    software = "Philips DP v1.0"
+    with tifffile.TiffWriter(path) as tif:
+        xml = philips_xml([spacing_mm, second])
+        tif.write(img, tile=(64, 64), software=software, description=xml, **KW)
+        tif.write(img[::2, ::2], tile=(64, 64), subfiletype=1, software=software, **KW)
+    return path
+
+
+def write_bif(path: Path, img: np.ndarray, scan_res: str = "0.2325") -> Path:
+    """Ventana BIF: a label image, then pages described ``level=N mag=M quality=Q``; the XMP
+    (tag 700) of the label and level-0 pages holds ``<iScan ScanRes=...>`` (µm per pixel)."""
+    xmp = (
+        '<?xml version="1.0" encoding="utf-8"?><Metadata><iScan Magnification="40" '
+        f'ScanRes="{scan_res}" ScannerModel="VENTANA DP 200" /></Metadata>'
+    ).encode()
+    software = "ScanOutputManager 1.1.0.15854"
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        xmp_tag = [(700, "B", len(xmp), xmp, True)]
+        tif.write(
+            img[::4, ::4], description="Label_Image", software=software, extratags=xmp_tag, **KW
+        )
+        tif.write(
+            img,
+            tile=(64, 64),
+            description="level=0 mag=40 quality=90",
+            software=software,
+            extratags=xmp_tag,
+            **KW,
+        )
+        tif.write(
+            img[::2, ::2],
+            tile=(64, 64),
+            description="level=1 mag=20 quality=90",
+            software=software,
+            **KW,
+        )
+    return path
+
+
+def write_svs_like(path: Path, img: np.ndarray, field: str) -> Path:
+    """One Aperio page whose description carries ``field`` (e.g. ``"MPP = 0.5"``)."""
+    desc = f"Aperio Image Library v12.0.15 \r\n384x256 (64x64) JPEG/RGB Q=70|AppMag = 20|{field}"
+    tifffile.imwrite(path, img, tile=(64, 64), description=desc, **KW)
+    return path
+
+
+# --- reading back ----------------------------------------------------------------------------
+
+# name -> writer(dir, img), vendor, pixel size (µm), magnification
+VENDORS: list[tuple[str, Callable[[Path, np.ndarray], Path], str, float, float | None]] = [
+    ("ndpi", lambda d, i: write_ndpi(d / "slide.ndpi", i), "hamamatsu", 0.4527, 20.0),
+    ("scn", lambda d, i: write_scn(d / "slide.scn", i), "leica", 0.5, 20.0),
+    ("philips", lambda d, i: write_philips(d / "slide.tiff", i), "philips", 0.25, None),
+    ("bif", lambda d, i: write_bif(d / "slide.bif", i), "ventana", 0.2325, 40.0),
+]
+IDS = [v[0] for v in VENDORS]
+
+
+@pytest.mark.parametrize(("name", "write", "vendor", "px", "mag"), VENDORS, ids=IDS)
+def test_vendor_slide_reads_back_with_pixel_size_and_levels(tmp_path, name, write, vendor, px, mag):
+    img = _image()
+    reader = open_image(write(tmp_path, img))
+    assert reader.vendor == vendor
+    assert reader.pixel_size_um == pytest.approx(px, rel=1e-6)
+    assert reader.magnification == mag
+    assert reader.level_shapes == ((256, 384, 3), (128, 192, 3))
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), img)
+    np.testing.assert_array_equal(reader.level(1).compute(), img[::2, ::2])
+    np.testing.assert_array_equal(reader.read(100, 130, 200, 260, level=0), img[100:130, 200:260])
+
+
+@pytest.mark.parametrize(("name", "write", "vendor", "px", "mag"), VENDORS[:3], ids=IDS[:3])
+def test_pixel_size_agrees_with_tiffslide(tmp_path, name, write, vendor, px, mag):
+    """tiffslide parses the same vendor metadata independently (it has no BIF pixel size)."""
+    tiffslide = pytest.importorskip("tiffslide")
+    path = write(tmp_path, _image())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "hamamatsu-format metadata parsing only partially"
+        with tiffslide.TiffSlide(path) as slide:
+            theirs = float(slide.properties["tiffslide.mpp-x"])
+            level1 = slide.level_dimensions[1]
+    ours = open_image(path)
+    assert ours.pixel_size_um == pytest.approx(theirs, rel=1e-6)
+    if name != "scn":  # tiffslide lays SCN regions on a slide-wide canvas; segpipe reads the region
+        assert level1 == ours.level_shapes[1][1::-1]
+
+
+def test_ndpi_agrees_with_openslide(tmp_path):
+    """OpenSlide, the reference reader of NDPI, reads the JPEG-stripped file as Hamamatsu with
+    the same pixel size and the same decoded pixels."""
+    openslide = pytest.importorskip("openslide")
+    img = _image()
+    path = write_ndpi(tmp_path / "scan.ndpi", img, mpp=0.2263, jpeg=True)
+    ours = open_image(path)
+    slide = openslide.OpenSlide(str(path))
+    try:
+        assert slide.properties["openslide.vendor"] == "hamamatsu"
+        assert ours.pixel_size_um == pytest.approx(float(slide.properties["openslide.mpp-x"]))
+        theirs = np.asarray(slide.read_region((0, 0), 0, (384, 256)))[..., :3]
+        half = np.asarray(slide.read_region((0, 0), 1, (192, 128)))[..., :3]
+    finally:
+        slide.close()
+    np.testing.assert_allclose(ours.read(0, 256, 0, 384), theirs, atol=2)
+    np.testing.assert_allclose(ours.level(1).compute(), half, atol=2)
+    assert np.abs(ours.read(0, 256, 0, 384).astype(int) - img).mean() < 2  # JPEG, near the truth
+
+
+@pytest.mark.parametrize(("name", "write"), [(v[0], v[1]) for v in VENDORS[1:3]], ids=IDS[1:3])
+def test_openslide_recognises_the_written_vendor_files(tmp_path, name, write):
+    openslide = pytest.importorskip("openslide")
+    path = write(tmp_path, _image())
+    assert (
+        openslide.OpenSlide.detect_format(str(path)) == {"scn": "leica", "philips": "philips"}[name]
+    )
+
+
+def test_describe_a_slide(tmp_path):
+    info = describe_image(write_ndpi(tmp_path / "s.ndpi", _image()))
+    assert info.vendor == "hamamatsu"
+    assert info.to_dict()["levels"] == [[256, 384, 3], [128, 192, 3]]
+    assert info.pixel_size_um == pytest.approx(0.4527)
+    assert info.crs is None
+    assert info.lines()[0].endswith("(hamamatsu, uint8, 3 channel(s), 0.4527 µm/px, 20x)")
+
+
+def test_pixel_size_argument_overrides_the_vendors(tmp_path):
+    path = write_bif(tmp_path / "s.bif", _image())
+    assert open_image(path, pixel_size_um=0.5).pixel_size_um == 0.5
+
+
+# --- bad vendor metadata -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("write", "match"),
+    [
+        (lambda d, i: write_philips(d / "p.tiff", i, "abc"), "'abc'"),
+        (lambda d, i: write_bif(d / "b.bif", i, "-0.25"), "ScanRes '-0.25' is not a positive"),
+        (lambda d, i: write_bif(d / "b.bif", i, "fine"), "ScanRes 'fine' is not a number"),
+        (lambda d, i: write_scn(d / "s.scn", i, 0.0), "Leica SCN view/dimension sizeX"),
+        (
+            lambda d, i: write_svs_like(d / "a.svs", i, "MPP = n/a"),
+            "Aperio MPP 'n/a' is not a number.*--pixel-size",
+        ),
+    ],
+    ids=["philips-spacing", "bif-negative", "bif-text", "scn-zero-extent", "aperio-mpp"],
+)
+def test_bad_vendor_metadata_is_refused_naming_file_and_field(tmp_path, write, match):
+    path = write(tmp_path, _image())
+    with pytest.raises(ImageReadError, match=match) as caught:
+        open_image(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_pixel_size_given_reads_past_bad_vendor_metadata(tmp_path):
+    path = write_bif(tmp_path / "b.bif", _image(), "fine")
+    with pytest.warns(UserWarning, match="ScanRes 'fine' is not a number; using pixel_size_um"):
+        reader = open_image(path, pixel_size_um=0.25)
+    assert reader.pixel_size_um == 0.25
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), _image())
+
+
+def test_scn_xml_that_does_not_parse_is_refused(tmp_path):
+    path = tmp_path / "broken.scn"
+    img = _image()
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(img, tile=(64, 64), description="<scn><collection><image></scn>", **KW)
+    with pytest.raises(ImageReadError, match=r"broken\.scn"):
+        open_image(path)
+
+
+# --- OpenSlide, for the formats tifffile cannot read (MRXS, VMS, ...) ---------------------------
+
+
+def test_openslide_reader_reads_what_tifffile_reads(tmp_path):
+    """OpenSlideReader's levels, pixel size and pixels agree with TiffReader's on one NDPI."""
+    pytest.importorskip("openslide")
+    import pickle
+
+    from segpipe.io.readers import OpenSlideReader
+
+    path = write_ndpi(tmp_path / "scan.ndpi", _image(), mpp=0.2263, jpeg=True)
+    ours, theirs = OpenSlideReader(path), open_image(path)
+    assert ours.vendor == "hamamatsu" and ours.magnification == 20.0
+    assert ours.pixel_size_um == pytest.approx(theirs.pixel_size_um)
+    assert ours.level_shapes[:2] == theirs.level_shapes  # OpenSlide adds smaller levels of its own
+    np.testing.assert_allclose(ours.read(10, 200, 30, 300), theirs.read(10, 200, 30, 300), atol=2)
+    half = pickle.loads(pickle.dumps(ours)).level(1).compute()  # handles re-open after pickling
+    np.testing.assert_allclose(half, theirs.level(1).compute(), atol=2)
+    assert ours.mask_kind == "alpha" and ours.valid_mask(0, 256, 0, 384).all()
+
+
+def test_openslide_formats_are_routed_and_errors_name_the_file(tmp_path):
+    pytest.importorskip("openslide")
+    path = tmp_path / "slide.mrxs"
+    path.write_text("[GENERAL]\nnot a real slide\n")
+    with pytest.raises(ImageReadError, match=r"slide\.mrxs: OpenSlide cannot open it"):
+        open_image(path)
+
+
+def test_missing_openslide_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide now fails
+    path = tmp_path / "slide.mrxs"
+    path.write_text("[GENERAL]\n")
+    with pytest.raises(ImageReadError, match=r"slide\.mrxs: .*segpipe\[slides\]"):
+        open_image(path)
