@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from segpipe.io.files import write_json_atomic
+from segpipe.io.files import URLPath, location, write_json_atomic
 from segpipe.results import read_meta
 
 __all__ = [
@@ -66,12 +66,12 @@ _PER_CLASS = (
 )
 
 
-def record_path(output_root: str | os.PathLike[str], image: str) -> Path:
+def record_path(output_root: str | os.PathLike[str], image: str) -> Path | URLPath:
     """The record file of ``image`` (its key): a readable slug plus a hash, so keys that slug
     alike (``a/b.tif``, ``a-b.tif``) still get files of their own."""
     slug = re.sub(r"[^a-z0-9]+", "-", image.lower()).strip("-")[:80]
     digest = hashlib.sha256(image.encode()).hexdigest()[:12]
-    return Path(output_root, CATALOG_DIR, "records", f"{slug}-{digest}.json")
+    return location(output_root).joinpath(CATALOG_DIR, "records", f"{slug}-{digest}.json")
 
 
 def record_result(
@@ -81,7 +81,7 @@ def record_result(
     *,
     source: str | None = None,
     fingerprint: Mapping[str, Any] | None = None,
-) -> Path:
+) -> Path | URLPath:
     """Index a complete result under the key ``image``; replaces an older record of it.
 
     The statistics come from the result's metadata (class pixels, fractions, areas in µm²
@@ -131,17 +131,23 @@ def remove_record(output_root: str | os.PathLike[str], image: str) -> None:
     record_path(output_root, image).unlink(missing_ok=True)
 
 
-def read_records(output_root: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every record under ``output_root``, sorted by image key."""
-    folder = Path(output_root, CATALOG_DIR, "records")
+def read_records(
+    output_root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """Every record under ``output_root`` (a folder or an fsspec URL), sorted by image key."""
+    folder = location(output_root, storage_options).joinpath(CATALOG_DIR, "records")
     records = []
-    for path in sorted(folder.glob("*.json")):  # temporary files start with "." and are left out
+    # temporary files (".<name>.<random>.tmp") are left out
+    paths: list[Path | URLPath] = sorted(folder.glob("*.json"), key=str)
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):  # removed while we listed
             records.append(json.loads(path.read_text(encoding="utf-8")))
     return sorted(records, key=lambda r: r["image"])
 
 
-def open_catalog(output_root: str | os.PathLike[str]) -> xr.Dataset:
+def open_catalog(
+    output_root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> xr.Dataset:
     """The catalog as a Dataset with dimensions ``image`` (keys) and ``class`` (names).
 
     Variables: per image ``pixel_size_um``, ``height``/``width`` (pixels), tile counts,
@@ -149,9 +155,10 @@ def open_catalog(output_root: str | os.PathLike[str]) -> xr.Dataset:
     ``model_sha256``, ``finished``, ``sample_sha256``; per image and class ``class_pixels``,
     ``class_fraction`` and ``class_area_um2``. Results made by models with other classes share
     the union of class names; a class a model lacks reads 0 pixels and NaN fraction and area.
-    An empty catalog has ``image`` of size 0.
+    An empty catalog has ``image`` of size 0. ``storage_options`` are fsspec's for an
+    ``output_root`` that is a URL (``s3://bucket/segpipe``).
     """
-    records = read_records(output_root)
+    records = read_records(output_root, storage_options)
     classes: list[str] = []
     for r in records:
         classes += [c for c in r["class_names"] if c not in classes]

@@ -10,6 +10,16 @@ commits anything.
 >>> with try_claim("/data/segpipe/a.svs.lock", owner="nightly") as claim:  # doctest: +SKIP
 ...     ...  # segment, then
 ...     claim.check()  # raises ClaimLostError if another run took the lock over
+
+On S3 (a lock at an ``s3://`` :class:`~segpipe.io.files.URLPath`) the same rules hold through
+conditional writes: the lock object is created with ``If-None-Match: *`` (of any number of
+claimers exactly one succeeds), and every heartbeat, takeover of a stale lock and release is a
+write conditional on the ETag last seen (``If-Match``), so a claimer that lost the lock can
+neither refresh nor delete the new owner's. Staleness compares the object's ``LastModified``
+with this machine's clock: clocks must agree to well within ``ttl_s``. A store that ignores
+conditional writes (checked once per bucket) or another protocol raises
+:class:`UnsupportedStoreError`: put ``output_root`` on a local or shared file system, or run
+one runner at a time.
 """
 
 from __future__ import annotations
@@ -26,9 +36,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from segpipe.io.files import utc_now
+from segpipe.io.files import URLPath, location, mtime_of, utc_now
 
-__all__ = ["Claim", "ClaimLostError", "default_owner", "read_lock", "try_claim"]
+__all__ = [
+    "Claim",
+    "ClaimLostError",
+    "UnsupportedStoreError",
+    "default_owner",
+    "read_lock",
+    "try_claim",
+]
 
 # Claims are part of an archive run: its logging configuration and filters keep seeing them.
 log = logging.getLogger("segpipe.archive")
@@ -36,6 +53,10 @@ log = logging.getLogger("segpipe.archive")
 
 class ClaimLostError(RuntimeError):
     """Another run reclaimed this image's lock (ours had gone stale): stop, write nothing."""
+
+
+class UnsupportedStoreError(ValueError):
+    """The output store lacks the atomic create-if-absent that claims need."""
 
 
 class Claim:
@@ -46,7 +67,7 @@ class Claim:
     is stale (its owner died) and :func:`try_claim` may reclaim it.
     """
 
-    def __init__(self, path: Path, token: str, owner: str, ttl_s: float) -> None:
+    def __init__(self, path: Path | URLPath, token: str, owner: str, ttl_s: float) -> None:
         self.path = path
         self.token = token
         self.owner = owner
@@ -64,8 +85,16 @@ class Claim:
                 self._lost = True
                 log.error("%s: claim lost (lock taken over after it went stale)", self.path)
                 return
+            self._touch()
+
+    def _touch(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.path)
+
+    def _remove(self) -> None:
+        if _lock_token(self.path) == self.token:
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self.path)
+                os.unlink(self.path)
 
     def is_held(self) -> bool:
         """Whether the lock file still carries this claim's token."""
@@ -86,9 +115,7 @@ class Claim:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        if _lock_token(self.path) == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        self._remove()
 
     def __enter__(self) -> Claim:
         return self
@@ -125,20 +152,22 @@ def try_claim(
     """
     if ttl_s <= 0:
         raise ValueError(f"ttl_s must be > 0 seconds, got {ttl_s}")
-    path = Path(lock)
-    path.parent.mkdir(parents=True, exist_ok=True)
     owner = owner or default_owner()
     token = uuid.uuid4().hex
-    body = json.dumps(
-        {
-            "owner": owner,
-            "token": token,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "acquired": utc_now(),
-            "ttl_s": ttl_s,
-        }
-    ).encode()
+    record = {
+        "owner": owner,
+        "token": token,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "acquired": utc_now(),
+        "ttl_s": ttl_s,
+    }
+    target = location(lock)
+    if isinstance(target, URLPath):
+        return _ObjectClaim.try_create(target, record)
+    path = target
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = json.dumps(record).encode()
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -158,7 +187,7 @@ def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The lock file's record (owner, token, host, pid, acquired, ttl_s); None when there is no
     lock, ``{}`` while its claimer has created it but not yet written it."""
     try:
-        return json.loads(Path(path).read_bytes())
+        return json.loads(location(path).read_bytes())
     except FileNotFoundError:
         return None
     except ValueError:
@@ -166,7 +195,7 @@ def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return {}
 
 
-def _lock_token(path: Path) -> str | None:
+def _lock_token(path: Path | URLPath) -> str | None:
     data = read_lock(path)
     return data.get("token") if data else None
 
@@ -209,3 +238,94 @@ def _reclaim_if_stale(path: Path) -> bool:
     finally:
         guard.unlink()
     return True
+
+
+# (endpoint, bucket) -> whether the store honours If-None-Match; checked once per process
+_CONDITIONAL_WRITES: dict[tuple[str, str], bool] = {}
+
+
+class _ObjectClaim(Claim):
+    """A claim on S3: every write of the lock object is conditional (see the module doc).
+
+    The record carries a heartbeat count, so every heartbeat gets a new ETag (S3's ETag of a
+    plain PUT is the MD5 of its bytes) and a takeover conditional on a stale ETag fails once
+    the owner has beaten since.
+    """
+
+    def __init__(self, path: URLPath, record: dict[str, Any], etag: str) -> None:
+        self._url = path
+        self._record = record
+        self._etag = etag
+        super().__init__(path, record["token"], record["owner"], record["ttl_s"])
+
+    @classmethod
+    def try_create(cls, path: URLPath, record: dict[str, Any]) -> Claim | None:
+        fs, key = path.filesystem()
+        cls._require_conditional_writes(path, fs, key)
+        for _ in range(3):
+            try:
+                out = fs.pipe_file(key, json.dumps(record).encode(), mode="create")
+                return cls(path, record, out["ETag"])
+            except FileExistsError:
+                pass
+            try:
+                info = fs.info(key)
+            except FileNotFoundError:
+                continue  # released meanwhile
+            data = read_lock(path) or {}
+            age = time.time() - mtime_of(info)
+            if "token" not in data or age <= float(data.get("ttl_s", 600.0)):
+                return None
+            try:  # take over exactly the stale version read, or nothing
+                out = fs.pipe_file(key, json.dumps(record).encode(), IfMatch=info["ETag"])
+            except (OSError, FileNotFoundError):
+                return None
+            log.warning("%s: reclaiming stale lock of %s", path, data.get("owner"))
+            return cls(path, record, out["ETag"])
+        return None
+
+    @classmethod
+    def _require_conditional_writes(cls, path: URLPath, fs: Any, key: str) -> None:
+        protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+        if "s3" not in protocols:
+            raise UnsupportedStoreError(
+                f"{path}: claims need an atomic create-if-absent, which segpipe knows only for "
+                f"S3 (conditional writes), not {protocols[0]}://; put output_root on a local or "
+                "shared file system, or run one runner at a time"
+            )
+        bucket = key.split("/", 1)[0]
+        endpoint = str(getattr(fs, "client_kwargs", {}).get("endpoint_url"))
+        if (endpoint, bucket) not in _CONDITIONAL_WRITES:
+            probe = f"{key.rsplit('/', 1)[0]}/.segpipe-probe-{uuid.uuid4().hex}"
+            fs.pipe_file(probe, b"", mode="create")
+            try:
+                fs.pipe_file(probe, b"", mode="create")
+                honoured = False
+            except FileExistsError:
+                honoured = True
+            finally:
+                fs.rm_file(probe)
+            _CONDITIONAL_WRITES[endpoint, bucket] = honoured
+        if not _CONDITIONAL_WRITES[endpoint, bucket]:
+            raise UnsupportedStoreError(
+                f"{path}: this S3 store ignores conditional writes (If-None-Match), so two "
+                "runs could claim one image; use a store that supports them (AWS S3, recent "
+                "MinIO), put output_root on a local or shared file system, or run one runner "
+                "at a time"
+            )
+
+    def _touch(self) -> None:
+        fs, key = self._url.filesystem()
+        self._record["beat"] = self._record.get("beat", 0) + 1
+        try:
+            out = fs.pipe_file(key, json.dumps(self._record).encode(), IfMatch=self._etag)
+        except (OSError, FileNotFoundError):
+            return  # another run took the lock over: is_held says so at the next beat
+        self._etag = out["ETag"]
+
+    def _remove(self) -> None:
+        fs, key = self._url.filesystem()
+        bucket, _, name = key.partition("/")
+        with contextlib.suppress(OSError, FileNotFoundError):  # gone, or no longer ours
+            fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)
+        fs.invalidate_cache(key)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import fnmatch
 import hashlib
 import logging
@@ -13,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from segpipe.io.files import mtime_of
 from segpipe.io.readers import IMAGE_SUFFIXES
 
 __all__ = [
@@ -27,11 +27,7 @@ log = logging.getLogger("segpipe.archive")
 
 # Sampled-content hash: the first and last blocks hold a TIFF's header and (often, for BigTIFF
 # and SVS) its IFDs; the blocks between catch re-scans that keep the size.
-# Sampled-content hash: the first and last blocks hold a TIFF's header and (often, for BigTIFF
-# and SVS) its IFDs; the blocks between catch re-scans that keep the size.
 _SAMPLE_BLOCKS = 4
-
-
 _SAMPLE_BLOCK_BYTES = 64 * 1024
 
 
@@ -126,7 +122,7 @@ def discover_images(
             continue
         if not fnmatch.fnmatch(key, pattern):
             continue
-        mtime = _mtime(info)
+        mtime = mtime_of(info)
         if min_age_s and now - mtime < min_age_s:
             log.info("%s: modified %.0f s ago, left for a later run", key, now - mtime)
             continue
@@ -158,7 +154,7 @@ def fingerprint_image(
         for i in range(blocks):
             start = round(i * step)
             h.update(fs.cat_file(path, start=start, end=start + block_bytes))
-    return Fingerprint(size=size, mtime=_mtime(info), sample_sha256=h.hexdigest())
+    return Fingerprint(size=size, mtime=mtime_of(info), sample_sha256=h.hexdigest())
 
 
 def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
@@ -170,17 +166,3 @@ def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any
 def _is_local(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocol
-
-
-def _mtime(info: Mapping[str, Any]) -> float:
-    # Local: "mtime"; memory: "created"; s3/gcs: "LastModified"/"updated" (datetime or str).
-    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
-        value = info.get(name)
-        if value is None:
-            continue
-        if isinstance(value, dt.datetime):
-            return value.timestamp()
-        if isinstance(value, str):
-            return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        return float(value)
-    return 0.0

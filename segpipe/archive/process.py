@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.archive import catalog, reports
 from segpipe.archive.claims import read_lock, try_claim
-from segpipe.archive.discover import ArchiveImage, filesystem, fingerprint_image
+from segpipe.archive.discover import ArchiveImage, fingerprint_image
 from segpipe.archive.state import (
     STATE_VERSION,
     ImageOutcome,
@@ -24,8 +23,9 @@ from segpipe.archive.state import (
     state_params,
 )
 from segpipe.config import SegmentConfig
-from segpipe.io.files import utc_now, write_json_atomic
+from segpipe.io.files import URLPath, location, utc_now, write_json_atomic
 from segpipe.results import read_meta
+from segpipe.results import remote as remote_result
 
 if TYPE_CHECKING:
     import torch
@@ -78,7 +78,9 @@ def process_image(
     image
         From :func:`discover_images`.
     output_root
-        Where results, reports and the catalog go.
+        Where results, reports and the catalog go: a local folder or an fsspec URL
+        (``s3://bucket/segpipe``; claims there need S3's conditional writes, see
+        :mod:`segpipe.archive.claims`).
     model
         A shipped model's name, a checkpoint path, or a :class:`LoadedModel` from
         :func:`load_model` when many images share it (loaded and hashed once).
@@ -89,7 +91,8 @@ def process_image(
     owner, ttl_s
         The claim's owner label and staleness timeout (:func:`try_claim`).
     storage_options
-        fsspec options for a remote archive.
+        fsspec options (endpoint, credentials) for an archive or ``output_root`` at a URL. A
+        remote image is read by byte ranges as tiles are needed, never downloaded whole.
     run_segment
         Called like :func:`segpipe.segment`, as ``run_segment(source, output, module, config,
         model_name=name)`` with the loaded module; default :func:`segpipe.segment`. Flows
@@ -109,6 +112,8 @@ def process_image(
     """
     config = config or SegmentConfig()
     loaded = load_model(model)
+    output_root = location(output_root, storage_options)
+    source = location(image.url, storage_options)
     paths = image_paths(output_root, image.key)
     fingerprint = fingerprint_image(image, storage_options=storage_options)
     decision = decide(paths, fingerprint, loaded.sha256, config)
@@ -150,11 +155,15 @@ def process_image(
         }
         write_json_atomic(paths.state, state)
         segment = run_segment or _library_segment()
+        # Only when given: a run_segment written before storage options need not take them.
+        remote = {"storage_options": dict(storage_options)} if storage_options else {}
         try:
-            with _local_copy(image, output_root, storage_options) as local:
-                segment(local, paths.result, loaded.module, config, model_name=loaded.name)
-                claim.check()
-                reports.write_thumbnail(local, paths.result, paths.thumbnail, level=config.level)
+            segment(
+                image.url, paths.result, loaded.module, config, model_name=loaded.name, **remote
+            )
+            claim.check()
+            level = read_meta(paths.result).config.level or 0  # the level segment() chose
+            reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
         except BaseException as exc:
             if claim.is_held():
                 write_json_atomic(
@@ -206,7 +215,7 @@ def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> Im
     )
 
 
-def _remove_result(result: Path) -> None:
+def _remove_result(result: Path | URLPath) -> None:
     """Delete a stale result of older inputs; refuse anything that is not a segpipe result."""
     if not result.exists():
         return
@@ -216,28 +225,7 @@ def _remove_result(result: Path) -> None:
         raise FileExistsError(
             f"{result} exists and is not a segpipe result; move it away, segpipe will not delete it"
         ) from exc
-    shutil.rmtree(result)
-
-
-@contextlib.contextmanager
-def _local_copy(
-    image: ArchiveImage,
-    output_root: str | os.PathLike[str],
-    storage_options: Mapping[str, Any] | None,
-) -> Iterator[str]:
-    """A local path of the image: itself, or a download of a remote one, removed after.
-
-    The download's path depends on the key alone: the result records its source path, and a
-    resumed run must present the same one.
-    """
-    if image.is_local:
-        yield image.url
-        return
-    fs, path = filesystem(image.url, storage_options)
-    local = Path(output_root, "_staging", *PurePosixPath(image.key).parts)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fs.get_file(path, str(local))
-    try:
-        yield str(local)
-    finally:
-        local.unlink(missing_ok=True)
+    if isinstance(result, URLPath):
+        remote_result.delete(result)
+    else:
+        shutil.rmtree(result)

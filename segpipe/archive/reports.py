@@ -11,6 +11,7 @@ at full resolution.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -21,6 +22,7 @@ import numpy as np
 
 from segpipe.analysis.summary import summarise
 from segpipe.archive.state import ImageOutcome
+from segpipe.io.files import URLPath, location
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
 from segpipe.results import open_result, read_meta
@@ -55,7 +57,10 @@ def area_unit(total_um2: float) -> tuple[str, float]:
 
 
 def image_report(
-    result: str | os.PathLike[str], *, image: str | None = None, thumbnail: Path | None = None
+    result: str | os.PathLike[str],
+    *,
+    image: str | None = None,
+    thumbnail: Path | URLPath | None = None,
 ) -> str:
     """Markdown report of one complete result: classes (pixels, area, fraction), tiles
     computed and skipped, time and throughput, provenance.
@@ -99,7 +104,7 @@ def image_report(
         shown = _number(area) if area is not None else "n/a (no pixel size)"
         lines.append(f"| {name} | {count} | {shown} | {100 * fraction:.2f}% |")
     if thumbnail is not None:
-        lines += ["", f"Thumbnail: `{Path(thumbnail).name}` (mask over the image)"]
+        lines += ["", f"Thumbnail: `{thumbnail.name}` (mask over the image)"]
     return "\n".join(lines) + "\n"
 
 
@@ -130,7 +135,7 @@ def write_thumbnail(
     level: int = 0,
     max_side: int = 512,
     alpha: float = 0.45,
-) -> Path:
+) -> Path | URLPath:
     """Write a PNG of the result's mask over the image, at most ``max_side`` pixels a side.
 
     Parameters
@@ -174,7 +179,12 @@ def write_thumbnail(
     weight = np.where(small[..., None] > 0, alpha, 0.0).astype(np.float32)
     blended = (base * (1 - weight) + overlay * weight).round().astype(np.uint8)
 
-    out = Path(out)
+    out = location(out)
+    if isinstance(out, URLPath):  # one PUT: whole or not at all
+        png = io.BytesIO()
+        Image.fromarray(blended, "RGB").save(png, format="PNG")
+        out.write_bytes(png.getvalue())
+        return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     Image.fromarray(blended, "RGB").save(tmp, format="PNG")

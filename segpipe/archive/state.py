@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
+from segpipe.io.files import URLPath, location
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
@@ -34,22 +35,27 @@ __all__ = [
 
 log = logging.getLogger("segpipe.archive")
 
-STATE_VERSION = 1
+# 2: SegmentConfig.level may be None (the level closest to the model's pixel size)
+STATE_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ImagePaths:
-    """Everything segpipe writes for one image, derived from its key (see the module doc)."""
+    """Everything segpipe writes for one image, derived from its key (see the module doc):
+    local paths, or :class:`~segpipe.io.files.URLPath` under an fsspec URL root."""
 
-    result: Path
-    state: Path
-    report: Path
-    thumbnail: Path
-    lock: Path
+    result: Path | URLPath
+    state: Path | URLPath
+    report: Path | URLPath
+    thumbnail: Path | URLPath
+    lock: Path | URLPath
 
 
 def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
     """Output paths of the image ``key`` (its path relative to the archive root).
+
+    ``output_root`` is a local folder or a :class:`~segpipe.io.files.URLPath` (its storage
+    options go to every path).
 
     >>> image_paths("/out", "day-1/a.svs").result.as_posix()
     '/out/day-1/a.svs.seg.zarr'
@@ -57,7 +63,7 @@ def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
     parts = PurePosixPath(key).parts
     if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
         raise ValueError(f"image key {key!r} must be a relative path without '..'")
-    base = Path(output_root, *parts)
+    base = location(output_root).joinpath(*parts)
     # The full file name stays in the stem: a.tif and a.svs side by side get two results.
     return ImagePaths(
         result=base.with_name(base.name + ".seg.zarr"),
@@ -80,7 +86,7 @@ class Decision:
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The state sidecar of an image (``ImagePaths.state``), None when there is none."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(location(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError:
@@ -105,6 +111,10 @@ def decide(
     params = state.get("params")
     if isinstance(params, dict):
         # A sidecar written before a setting existed ran with that setting's default.
+        if state.get("version", 1) < 2 and params.get("level") == 0:
+            # Level 0 was the default then; now it is None, which for the models of then
+            # (no pixel contract, so no pixel size to match) is level 0 too.
+            params = params | {"level": None}
         params = SegmentConfig().result_settings() | params
     changes = [
         what

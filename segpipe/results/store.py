@@ -23,7 +23,8 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
-from segpipe.io.files import utc_now
+from segpipe.io.files import URLPath, utc_now
+from segpipe.results import remote
 from segpipe.results.layout import COUNTS, PROGRESS, UINT8_SCALE, create_layout, level0_arrays
 from segpipe.results.pyramid import build_pyramid
 from segpipe.results.schema import (
@@ -63,11 +64,13 @@ def prepare_result(
 
     A result appears at ``path`` whole or not at all: its skeleton is built beside it and
     renamed into place, and a replaced result is renamed aside before it is deleted, so a run
-    killed at any instant leaves either nothing, the old result, or the new skeleton.
+    killed at any instant leaves either nothing, the old result, or the new skeleton. At an
+    fsspec URL (a :class:`~segpipe.io.files.URLPath`: object stores cannot rename) the order
+    of the writes does it instead, the root ``zarr.json`` that makes a result written last
+    and deleted first (:mod:`segpipe.results.remote`).
     """
-    path = Path(path)
-    source = Path(meta.source).resolve()
-    if path.resolve() == source or source in path.resolve().parents:
+    path = path if isinstance(path, URLPath) else Path(path)
+    if _is_source(path, meta.source):
         raise ResultMismatchError(
             f"{path} is the source image {meta.source} or lies inside it; a result must go "
             "elsewhere (writing there could destroy the image)"
@@ -91,9 +94,25 @@ def prepare_result(
                 f"(differs in: {', '.join(changed)}); pass overwrite=True (--overwrite) to "
                 "replace it, or choose another output path."
             )
-        trash = _sibling(path, "deleting")
-        os.rename(path, trash)
-        shutil.rmtree(trash)
+        _delete(path)
+    _create(path, meta)
+    fault_point("result.created")
+    return tiles_done(path)
+
+
+def _delete(path: Path | URLPath) -> None:
+    if isinstance(path, URLPath):
+        remote.delete(path)
+        return
+    trash = _sibling(path, "deleting")
+    os.rename(path, trash)
+    shutil.rmtree(trash)
+
+
+def _create(path: Path | URLPath, meta: ResultMeta) -> None:
+    if isinstance(path, URLPath):
+        remote.create(path, meta)
+        return
     building = _sibling(path, "creating")
     try:
         create_layout(building, meta)
@@ -102,8 +121,6 @@ def prepare_result(
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    fault_point("result.created")
-    return tiles_done(path)
 
 
 # Leftovers of a killed run beside a result: a half-built skeleton or a half-deleted result.
@@ -112,11 +129,23 @@ _LEFTOVER_KINDS = ("creating", "deleting")
 _LEFTOVER_AGE_S = 600.0
 
 
+def _is_source(path: Path | URLPath, source: str) -> bool:
+    if isinstance(path, URLPath):
+        return str(path) == source.rstrip("/") or str(path).startswith(source.rstrip("/") + "/")
+    if "://" in source:
+        return False
+    resolved = Path(source).resolve()
+    return path.resolve() == resolved or resolved in path.resolve().parents
+
+
 def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
 
 
-def _remove_leftovers(path: Path) -> None:
+def _remove_leftovers(path: Path | URLPath) -> None:
+    if isinstance(path, URLPath):
+        remote.remove_leftovers(path)
+        return
     if not path.parent.is_dir():
         return
     now = time.time()
@@ -129,10 +158,10 @@ def _remove_leftovers(path: Path) -> None:
 
 def tiles_done(path: str | os.PathLike) -> np.ndarray:
     """(tile_y, tile_x) bool: which tiles of the result at ``path`` are written."""
+    arr = zarr.open_array(_store(path), path=PROGRESS, mode="r")
     if read_attrs(path).get("complete"):
-        arr = zarr.open_array(Path(path) / PROGRESS, mode="r")
         return np.ones(arr.shape, dtype=bool)
-    return np.asarray(zarr.open_array(Path(path) / PROGRESS, mode="r")[...]).astype(bool)
+    return np.asarray(arr[...]).astype(bool)
 
 
 def mark_tiles_done(
@@ -144,8 +173,8 @@ def mark_tiles_done(
     """
     if not tile_counts:
         return
-    done = zarr.open_array(Path(path) / PROGRESS, mode="r+")
-    counts = zarr.open_array(Path(path) / COUNTS, mode="r+")
+    done = zarr.open_array(_store(path), path=PROGRESS, mode="r+")
+    counts = zarr.open_array(_store(path), path=COUNTS, mode="r+")
     cy, cx = _PROGRESS_CHUNKS
     by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for iy, ix in tile_counts:
@@ -164,7 +193,12 @@ def mark_tiles_done(
 
 def class_pixels(path: str | os.PathLike) -> np.ndarray:
     """(C,) int64 pixels of each class over the tiles written so far."""
-    return np.asarray(zarr.open_array(Path(path) / COUNTS, mode="r")[...]).sum(axis=(0, 1))
+    return np.asarray(zarr.open_array(_store(path), path=COUNTS, mode="r")[...]).sum(axis=(0, 1))
+
+
+def _store(path: str | os.PathLike) -> Any:
+    # What Zarr opens: a local path as a string, a URLPath (its store and options) as it is.
+    return path if isinstance(path, URLPath) else os.fspath(path)
 
 
 def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -184,7 +218,7 @@ def write_block(path: str | os.PathLike, box: Box, probabilities: np.ndarray) ->
     ``box`` must cover whole shards (one task's block of tiles, or its part inside the
     image), so concurrent tasks never share a shard. Returns the (y, x) uint8 mask written.
     """
-    mask_arr, prob_arr, label_arr = level0_arrays(str(Path(path)))
+    mask_arr, prob_arr, label_arr = level0_arrays(_store(path))
     mask = np.argmax(probabilities, axis=0).astype(np.uint8)
     prob_arr[(slice(None), *box.slices)] = encode_probabilities(probabilities, prob_arr.dtype.name)
     mask_arr[box.slices] = mask
