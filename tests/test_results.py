@@ -1,5 +1,7 @@
 import dataclasses
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ import zarr
 from test_query import run_summary
 
 from segpipe.config import SegmentConfig
-from segpipe.geometry.tiling import Box
+from segpipe.geometry.tiling import Box, tile_grid
 from segpipe.results import (
     IncompleteResultError,
     ResultMeta,
@@ -19,10 +21,12 @@ from segpipe.results import (
     mark_tiles_done,
     open_result,
     prepare_result,
+    read_attrs,
     read_meta,
     tiles_done,
     write_tiles,
 )
+from segpipe.results.store import quiet_consolidated
 
 # Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
 SETTINGS = {f.name for f in dataclasses.fields(SegmentConfig)} - {
@@ -73,14 +77,14 @@ def test_empty_chunks_are_not_written(tmp_path):
     mixed[:, :4] = mixed[::-1, :4]
     write_tiles(path, Box(32, 64, 0, 32), mixed)
     chunks = sorted(
-        os.path.relpath(os.path.join(d, f), path / "mask")
-        for d, _, files in os.walk(path / "mask")
+        os.path.relpath(os.path.join(d, f), path / "0" / "mask")
+        for d, _, files in os.walk(path / "0" / "mask")
         for f in files
         if f != "zarr.json"
     )
     assert chunks == [os.path.join("c", "1", "0")]
-    assert zarr.open_array(path / "mask")[0:32, 0:32].max() == 0
-    assert (path / "probabilities" / "c" / "0" / "0" / "0").exists()
+    assert zarr.open_array(path / "0" / "mask")[0:32, 0:32].max() == 0
+    assert (path / "0" / "probabilities" / "c" / "0" / "0" / "0").exists()
 
 
 def test_mismatch_and_foreign_directories(tmp_path):
@@ -89,7 +93,7 @@ def test_mismatch_and_foreign_directories(tmp_path):
     with pytest.raises(ResultMismatchError, match="differs in: model_sha256, tile"):
         prepare_result(path, meta(tile=64, model_sha256="1" * 64))
     prepare_result(path, meta(tile=64), overwrite=True)
-    assert zarr.open_array(path / "mask").chunks == (64, 64)
+    assert zarr.open_array(path / "0" / "mask").chunks == (64, 64)
 
     plain = zarr.create_array(tmp_path / "user.zarr", shape=(4,), dtype="uint8")
     plain[...] = 7
@@ -130,28 +134,28 @@ def test_uint8_probabilities_decode_with_xarray_to_within_1_255(tmp_path):
     probs = random_probabilities(m.shape)
     write_everywhere(path, m, probs)
     finalize_result(path, run_summary(path))
-    stored = zarr.open_array(path / "probabilities")
+    stored = zarr.open_array(path / "0" / "probabilities")
     assert stored.dtype == np.uint8
     assert stored.attrs["scale_factor"] == pytest.approx(1 / 255)
-    decoded = xr.open_zarr(path)["probabilities"]
+    decoded = xr.open_zarr(path, group="0")["probabilities"]
     assert decoded.dtype.kind == "f"
     assert np.abs(decoded.values - probs).max() <= 1 / 255
-    np.testing.assert_array_equal(xr.open_zarr(path)["mask"].values, probs.argmax(0))
+    np.testing.assert_array_equal(xr.open_zarr(path, group="0")["mask"].values, probs.argmax(0))
 
 
 def test_shards_are_task_blocks_and_empty_ones_are_not_written(tmp_path):
     path = tmp_path / "r.zarr"
     m = meta(task_tiles=2)  # 32 px tiles, 64 px shards
     prepare_result(path, m)
-    assert zarr.open_array(path / "mask").shards == (64, 64)
-    assert zarr.open_array(path / "probabilities").shards == (2, 64, 64)
+    assert zarr.open_array(path / "0" / "mask").shards == (64, 64)
+    assert zarr.open_array(path / "0" / "probabilities").shards == (2, 64, 64)
     background = np.zeros((2, 64, 64), np.float32)
     background[0] = 1.0
     write_tiles(path, Box(0, 64, 0, 64), background)  # mask all 0: its shard is not stored
     write_tiles(path, Box(64, 100, 0, 64), random_probabilities((36, 64)))
     stored = sorted(
-        os.path.relpath(os.path.join(d, f), path / "mask")
-        for d, _, files in os.walk(path / "mask")
+        os.path.relpath(os.path.join(d, f), path / "0" / "mask")
+        for d, _, files in os.walk(path / "0" / "mask")
         for f in files
         if f != "zarr.json"
     )
@@ -193,8 +197,8 @@ def test_pyramid_tasks_are_whole_shards(tmp_path):
     path = tmp_path / "r.zarr"
     m = meta(tile=16, task_tiles=2, min_level_size=16)  # 32 px shards; 100 x 70 -> 50 x 35
     prepare_result(path, m)
-    below = zarr.open_array(path / "probabilities")
-    level1 = reduce_level(below, "mean", zarr.open_array(path / "levels/1/probabilities").shards)
+    below = zarr.open_array(path / "0" / "probabilities")
+    level1 = reduce_level(below, "mean", zarr.open_array(path / "1" / "probabilities").shards)
     assert level1.shape == (2, 50, 35)
     assert level1.chunks[1:] == ((32, 18), (32, 3)), "one task per level-1 shard"
 
@@ -222,3 +226,196 @@ def test_a_result_written_before_segment_config_still_opens_and_resumes(tmp_path
     assert segpipe.open_result(out)["mask"].shape == (300, 300)
     again = segpipe.segment(small_slide.image, out, scheduler="sync", **settings)
     assert read_meta(again).summary == meta.summary  # recognised as the same, complete result
+
+
+# --- layouts -------------------------------------------------------------------------------
+
+
+def stored_arrays(path):
+    """Paths of every array in the store at ``path``, read from the zarr.json files."""
+    return {
+        f.parent.relative_to(path).as_posix()
+        for f in path.rglob("zarr.json")
+        if json.loads(f.read_text(encoding="utf-8"))["node_type"] == "array"
+    }
+
+
+def level_arrays(group):
+    return {f"{group}/{name}".lstrip("/") for name in ("mask", "probabilities", "y", "x", "class")}
+
+
+BOOKKEEPING = {"_segpipe/tiles_done", "_segpipe/class_pixels"}
+# Three levels (100 x 70 -> 50 x 35 -> 25 x 17), as each layout keeps them.
+LAYOUT_2 = (
+    set().union(*(level_arrays(str(k)) for k in range(3)))
+    | {f"labels/mask/{k}/mask" for k in range(3)}
+    | BOOKKEEPING
+)
+LAYOUT_1 = (
+    level_arrays("")
+    | level_arrays("levels/1")
+    | level_arrays("levels/2")
+    | {f"labels/mask/{k}" for k in range(3)}
+    | BOOKKEEPING
+)
+
+
+def to_layout_1(path):
+    """Move a result's arrays by hand to where segpipe kept them before layout 2: level 0 at
+    the root, level k in ``levels/<k>``, label level k at ``labels/mask/<k>``, no ``layout``
+    key. (Compared once against a result written by that version: the same nodes and
+    metadata.)"""
+    root_file = path / "zarr.json"
+    doc = json.loads(root_file.read_text(encoding="utf-8"))
+    (multiscale,) = doc["attributes"]["ome"]["multiscales"]
+    n = len(multiscale["datasets"])
+    for item in (path / "0").iterdir():
+        if item.name != "zarr.json":
+            item.rename(path / item.name)
+    shutil.rmtree(path / "0")
+    (path / "levels").mkdir()
+    group = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+    (path / "levels" / "zarr.json").write_text(json.dumps(group), encoding="utf-8")
+    for k in range(1, n):
+        (path / str(k)).rename(path / "levels" / str(k))
+    label = path / "labels" / "mask"
+    for k in range(n):
+        (label / str(k) / "mask").rename(label / f"moving-{k}")
+        shutil.rmtree(label / str(k))
+        (label / f"moving-{k}").rename(label / str(k))
+    label_doc = json.loads((label / "zarr.json").read_text(encoding="utf-8"))
+    for k, d in enumerate(label_doc["attributes"]["ome"]["multiscales"][0]["datasets"]):
+        d["path"] = str(k)
+    (label / "zarr.json").write_text(json.dumps(label_doc), encoding="utf-8")
+    for k, d in enumerate(multiscale["datasets"]):
+        d["path"] = "probabilities" if k == 0 else f"levels/{k}/probabilities"
+    del doc["attributes"]["segpipe"]["layout"]
+    consolidated = doc.pop("consolidated_metadata", None) is not None
+    root_file.write_text(json.dumps(doc), encoding="utf-8")
+    if consolidated:
+        with quiet_consolidated():
+            zarr.consolidate_metadata(str(path))
+    return path
+
+
+def write_blocks(path, m, probabilities, blocks):
+    """Write and record ``blocks`` of tiles as a run's tasks and driver do."""
+    for block in blocks:
+        box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+        counts = write_tiles(path, box, probabilities[(slice(None), *box.slices)])
+        mark_tiles_done(path, {t.index: counts * 0 for t in block} | {block[0].index: counts})
+
+
+def complete_result(path, m):
+    probs = random_probabilities(m.shape)
+    prepare_result(path, m)
+    write_blocks(path, m, probs, tile_grid(m.shape, m.tile).blocks(m.config.task_tiles))
+    finalize_result(path, run_summary(path))
+    return probs
+
+
+def same_levels(a, b, n=3):
+    for k in range(n):
+        xr.testing.assert_identical(
+            open_result(a, level=k).drop_attrs(), open_result(b, level=k).drop_attrs()
+        )
+
+
+def test_open_datatree_opens_a_fresh_result(tmp_path):
+    path = tmp_path / "r.zarr"
+    probs = complete_result(path, meta(min_level_size=16))
+    assert stored_arrays(path) == LAYOUT_2
+    tree = xr.open_datatree(path, engine="zarr")
+    assert not tree.dataset.data_vars, "the root holds no level"
+    for k, shape in enumerate([(100, 70), (50, 35), (25, 17)]):
+        level = tree[str(k)]
+        assert (level.sizes["y"], level.sizes["x"]) == shape
+        assert level["probabilities"].dims == ("class", "y", "x")
+        np.testing.assert_array_equal(tree[f"labels/mask/{k}"]["mask"], level["mask"])
+        ours = open_result(path, level=k)
+        np.testing.assert_array_equal(level["mask"].values, ours["mask"].values)
+        np.testing.assert_array_equal(level["x"].values, ours["x"].values)
+    np.testing.assert_array_equal(tree["0"]["mask"].values, probs.argmax(0))
+    xr.testing.assert_identical(
+        xr.open_zarr(path, group="1").drop_attrs(), tree["1"].to_dataset().drop_attrs()
+    )
+    assert read_meta(path).layout == read_attrs(path)["layout"] == 2
+
+
+def test_pyramid_is_announced_as_a_stage_of_levels(tmp_path):
+    from segpipe.progress import reporting
+
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta(min_level_size=16))
+    events = []
+    with reporting(events.append):
+        finalize_result(path, run_summary(path))
+    pyramid = [(e.kind, e.done, e.total) for e in events if e.stage == "pyramid"]
+    assert pyramid == [("start", 0, 2), ("advance", 1, 2), ("advance", 2, 2), ("end", 2, 2)]
+
+
+def test_a_layout_1_result_still_opens_and_counts_as_complete(tmp_path):
+    from segpipe import query
+    from segpipe.analysis.ngff import export_ngff04
+
+    m = meta(min_level_size=16)
+    new, old = tmp_path / "new.zarr", tmp_path / "old.zarr"
+    complete_result(new, m)
+    shutil.copytree(new, old)
+    to_layout_1(old)
+    assert stored_arrays(old) == LAYOUT_1
+    assert "layout" not in read_attrs(old) and read_meta(old).layout == 1
+    assert is_complete(old) and read_meta(old).summary == read_meta(new).summary
+    assert read_meta(old).identity() == read_meta(new).identity()
+    same_levels(old, new)
+    tree = open_result(old, tree=True)
+    assert [tree[k].sizes["x"] for k in tree.children] == [70, 35, 17]
+    # Plain xarray read level 0 at the root of these, and still does.
+    xr.testing.assert_identical(
+        xr.open_zarr(old).drop_attrs(), xr.open_zarr(new, group="0").drop_attrs()
+    )
+    xr.testing.assert_identical(
+        query.class_areas(old).compute().drop_attrs(),
+        query.class_areas(new).compute().drop_attrs(),
+    )
+    copy = export_ngff04(old, tmp_path / "old04.zarr")
+    assert zarr.open_group(copy, mode="r")["labels/mask/2"].shape == (25, 17)
+    # The same inputs again: recognised as the same complete result, left as it is.
+    before = read_attrs(old)
+    assert prepare_result(old, m).all()
+    assert read_attrs(old) == before and stored_arrays(old) == LAYOUT_1
+
+
+def test_an_unfinished_layout_1_result_is_finished_in_its_own_layout(tmp_path):
+    m = meta(min_level_size=16, task_tiles=2)
+    reference = tmp_path / "ref.zarr"
+    probs = complete_result(reference, m)
+    old = tmp_path / "old.zarr"
+    prepare_result(old, m)
+    blocks = list(tile_grid(m.shape, m.tile).blocks(2))
+    write_blocks(old, m, probs, blocks[:3])
+    to_layout_1(old)
+
+    done = prepare_result(old, m)  # resumed, not replaced
+    assert done.sum() == sum(len(b) for b in blocks[:3]) < done.size
+    with pytest.raises(IncompleteResultError):
+        open_result(old)
+    write_blocks(old, m, probs, blocks[3:])
+    finalize_result(old, run_summary(old))
+    assert stored_arrays(old) == LAYOUT_1, "no layout-2 array appeared"
+    assert read_meta(old).complete and read_meta(old).layout == 1
+    same_levels(old, reference)
+    for k in range(3):
+        labels = zarr.open_array(old / "labels" / "mask" / str(k), mode="r")[...]
+        np.testing.assert_array_equal(labels, open_result(reference, level=k)["mask"].values)
+
+
+def test_a_result_of_an_unknown_layout_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["segpipe"] = {**read_attrs(path), "layout": 3}
+    with pytest.raises(ValueError, match="newer segpipe"):
+        read_meta(path)
+    with pytest.raises(ValueError, match="layout 3"):
+        open_result(path, allow_incomplete=True)

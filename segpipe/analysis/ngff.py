@@ -9,8 +9,10 @@ at ``<k>``) and every label pyramid under ``labels/<name>/<k>``, with the same
         0, 1, ...      (c, y, x) probabilities, level k
         labels/mask/   image-label, multiscales; 0, 1, ... (y, x) uint8
 
-Arrays are copied level by level through dask, one source shard at a time, so no level is
-ever whole in memory.
+Where the result keeps its arrays (its layout, see :data:`segpipe.results.LAYOUTS`) is read
+from its own OME metadata, so results of every layout export alike; the copy always uses the
+flat ``<k>`` paths 0.4 readers expect. Arrays are copied level by level through dask, one
+source shard at a time, so no level is ever whole in memory.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import zarr
 
 from segpipe.io.ome import ngff04_attributes
-from segpipe.results import open_result
+from segpipe.results import label_path, open_result
 
 __all__ = ["NGFF_VERSIONS", "export_ngff04"]
 
@@ -89,9 +91,12 @@ def export_ngff04(
     label_names = list(_ome(source["labels"], f"{result}/labels")["labels"])  # type: ignore[arg-type]
     labels = root.create_group("labels", attributes={"labels": label_names})
     for name in label_names:
-        src = source[f"labels/{name}"]
-        attrs = _ome(src, f"{result}/labels/{name}")  # type: ignore[arg-type]
+        src = source[label_path(name)]
+        attrs = _ome(src, f"{result}/{label_path(name)}")  # type: ignore[arg-type]
+        (multiscale,) = attrs["multiscales"]
+        datasets = [{**d, "path": str(k)} for k, d in enumerate(multiscale["datasets"])]
+        attrs["multiscales"] = [{**multiscale, "datasets": datasets}]
         label = labels.create_group(name, attributes=ngff04_attributes(attrs))
-        for d in attrs["multiscales"][0]["datasets"]:
-            _copy_array(src[d["path"]], label, d["path"])  # type: ignore[index,arg-type]
+        for k, d in enumerate(multiscale["datasets"]):
+            _copy_array(src[d["path"]], label, str(k))  # type: ignore[index,arg-type]
     return output

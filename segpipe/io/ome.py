@@ -14,6 +14,7 @@ images and results both describe their levels through :func:`multiscale_attribut
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,19 +140,20 @@ def multiscale_attributes(
 
 def label_attributes(
     name: str,
-    n_levels: int,
+    paths: list[str],
     pixel_size: tuple[float, float],
     unit: str | None,
-    class_names: tuple[str, ...],
+    class_names: Sequence[str],
 ) -> dict[str, Any]:
-    """The ``ome`` attribute of the mask's label group, ``labels/<name>``."""
+    """The ``ome`` attribute of label image ``labels/<name>`` whose levels lie at ``paths``
+    (relative to its group, level 0 first); label value ``i`` means ``class_names[i]``."""
     colors = class_colors(len(class_names))
     return {
         "version": OME_VERSION,
         "multiscales": [
             multiscale_attributes(
                 name,
-                [str(k) for k in range(n_levels)],
+                paths,
                 pixel_size,
                 unit,
                 channel=None,

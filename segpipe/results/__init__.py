@@ -1,24 +1,44 @@
 """Results: one Zarr v3 group per segmented image, laid out as OME-Zarr 0.5.
 
-Layout::
+Layout (``"layout": 2`` in the ``segpipe`` attribute)::
 
-    result.zarr/                 OME image (the class probabilities, axes class/y/x) + "segpipe"
-        mask           (y, x)          uint8    argmax class, 0 where nothing was written
-        probabilities  (class, y, x)   float16  softmax (float32, or uint8 with CF scale_factor)
-        y, x           (y,), (x,)      float64  pixel centres: microns, CRS units or pixels
-        class          (class,)        str      class names
-        spatial_ref    ()              int64    georeferenced input only: CF grid mapping
-                                                (CRS WKT), as rioxarray reads and writes it
-        levels/<k>/    the same for pyramid level k = 1, 2, ... (2**k smaller)
-        labels/mask/<k> (y, x) uint8   the mask as an OME label image, one array per level,
-                                       with "image-label" colours and class names
-        _segpipe/      tiles_done, class_pixels (driver-owned bookkeeping)
+    result.zarr/                 OME image (the class probabilities, axes class/y/x) + "segpipe";
+                                 no arrays of its own
+        0/                       level 0, as segmented:
+            mask           (y, x)          uint8    argmax class, 0 where nothing was written
+            probabilities  (class, y, x)   float16  softmax (float32, or uint8 with CF
+                                                    scale_factor)
+            y, x           (y,), (x,)      float64  pixel centres: microns, CRS units or pixels
+            class          (class,)        str      class names
+            spatial_ref    ()              int64    georeferenced input only: CF grid mapping
+                                                    (CRS WKT), as rioxarray reads and writes it
+        1/, 2/, ...              the same for pyramid level k (2**k smaller)
+        labels/mask/<k>/mask (y, x) uint8   the mask as an OME label image, level k, with
+                                            "image-label" colours and class names
+        _segpipe/                tiles_done, class_pixels (driver-owned bookkeeping)
 
-Level 0 at the root keeps ``xarray.open_zarr(result)`` a plain Dataset, and
-``xarray.open_zarr(result, group="levels/<k>")`` one level; OME readers (napari through
-ome-zarr-py, ome-zarr-models) see the probability pyramid and the ``labels/mask`` pyramid.
-The label arrays repeat the mask (uint8, a few percent of the store) because OME wants labels
-under ``labels/`` and xarray wants a level's variables side by side.
+Each level is a group of its own, a sibling of the others, and each label level too, so no
+group holds arrays of two sizes or lies below a level of another size: that is what
+``xarray.open_datatree(result, engine="zarr")`` needs to open the whole result (a node per
+level, ``labels/mask/<k>`` nodes for the label levels). One level is
+``xarray.open_zarr(result, group="<k>")``, or ``open_result(result, level=k)`` with class names,
+decoded uint8 probabilities and provenance. ``xarray.open_zarr(result)`` on the root gives no
+arrays any more: level 0 there (layout 1) made a tree impossible, because xarray requires every
+group to agree with the sizes of its ancestors and OME-Zarr 0.5 gives every level the same
+dimension names. The groups are named ``"0"``, ``"1"``, ... as OME-Zarr names levels and as
+``open_result(tree=True)`` names its children. OME readers (napari through ome-zarr-py,
+ome-zarr-models) see the probability pyramid and the ``labels/mask`` pyramid; ome-zarr-models
+(1.7 and its main branch) rejects the nested label paths in one check of its ``Labels`` model
+(a direct-member lookup; OME-Zarr allows paths relative to the group), while the image and
+each label image pass it on their own. The label arrays repeat the mask (uint8, a few percent
+of the store) because OME wants labels under ``labels/`` and xarray wants a level's variables
+side by side.
+
+Results written before layout 2 (no ``layout`` key: level 0 at the root, level k in
+``levels/<k>``, label levels at ``labels/mask/<k>``) still open, count as complete, and an
+unfinished one is finished in its own layout: every path comes from
+:func:`~segpipe.results.schema.level_path` and :func:`~segpipe.results.schema.label_path`
+given the result's layout.
 
 Arrays are chunked like the output tiles and sharded by one task's block of tiles
 (``task_tiles * tile`` pixels): every task writes whole shards, which is what makes
@@ -42,6 +62,8 @@ from segpipe.results.pyramid import build_pyramid
 from segpipe.results.reader import open_result
 from segpipe.results.schema import (
     LABEL_NAME,
+    LAYOUT,
+    LAYOUTS,
     PROBABILITY_DTYPES,
     STATES,
     IncompleteResultError,
@@ -52,9 +74,12 @@ from segpipe.results.schema import (
     class_fractions,
     is_complete,
     is_result,
+    label_path,
+    layout_of,
     level_path,
     read_attrs,
     read_meta,
+    result_layout,
     result_levels,
 )
 from segpipe.results.store import (
@@ -70,6 +95,8 @@ from segpipe.results.store import (
 
 __all__ = [
     "LABEL_NAME",
+    "LAYOUT",
+    "LAYOUTS",
     "PROBABILITY_DTYPES",
     "STATES",
     "IncompleteResultError",
@@ -84,12 +111,15 @@ __all__ = [
     "finalize_result",
     "is_complete",
     "is_result",
+    "label_path",
+    "layout_of",
     "level_path",
     "mark_tiles_done",
     "open_result",
     "prepare_result",
     "read_attrs",
     "read_meta",
+    "result_layout",
     "result_levels",
     "tiles_done",
     "write_block",

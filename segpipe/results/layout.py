@@ -1,15 +1,18 @@
 """The arrays of a result store: creating its skeleton and finding its level-0 arrays.
 
-Everything that knows where a result keeps which array lives here (and in
-:func:`segpipe.results.schema.level_path`); :mod:`segpipe.results.store` only decides when to
-create, write and finish.
+Where each array lies is decided by :func:`segpipe.results.schema.level_path` and
+:func:`~segpipe.results.schema.label_path` for the result's layout (``meta.layout``; see
+:data:`~segpipe.results.schema.LAYOUTS`); this module creates the arrays there, and
+:mod:`segpipe.results.store` only decides when to create, write and finish.
 """
 
 from __future__ import annotations
 
+import os
+import posixpath
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -25,10 +28,17 @@ from segpipe.io.ome import (
     multiscale_attributes,
     omero_attributes,
 )
-from segpipe.results.schema import LABEL_NAME, ResultMeta, level_path
+from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, layout_of, level_path
 from segpipe.version import __version__
 
-__all__ = ["COUNTS", "PROGRESS", "UINT8_SCALE", "create_layout", "level0_arrays"]
+__all__ = [
+    "COUNTS",
+    "PROGRESS",
+    "UINT8_SCALE",
+    "create_label_image",
+    "create_layout",
+    "level0_arrays",
+]
 
 PROGRESS = "_segpipe/tiles_done"
 COUNTS = "_segpipe/class_pixels"
@@ -49,20 +59,27 @@ def _provenance(meta: ResultMeta) -> dict[str, Any]:
     ).to_attrs()
 
 
-def create_layout(path: Path, meta: ResultMeta) -> None:
+def _group(root: zarr.Group, path: str) -> zarr.Group:
+    """The group at ``path`` below ``root`` (``""``: root itself), created if missing."""
+    return root.require_group(path) if path else root
+
+
+def create_layout(path: str | os.PathLike, meta: ResultMeta) -> None:
+    """Create the empty result store at ``path``, its arrays where ``meta.layout`` puts them.
+
+    Every level's arrays and coordinates, the mask's label image, the driver's bookkeeping
+    arrays, and the OME (``multiscales``, ``omero``) and ``segpipe`` attributes.
+    """
     shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
     grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform)
-    unit = grid.ome_unit
-    step = (abs(grid.step[0]), abs(grid.step[1]))
-    levels = [level_path(k) for k in range(len(shapes))]
     ome = {
         "version": OME_VERSION,
         "multiscales": [
             multiscale_attributes(
                 "probabilities",
-                [f"{g}/probabilities".lstrip("/") for g in levels],
-                step,
-                unit,
+                [level_path(k, "probabilities", layout=meta.layout) for k in range(len(shapes))],
+                _pixel_step(grid),
+                grid.ome_unit,
                 channel="class",
                 method="mean",
             )
@@ -76,18 +93,9 @@ def create_layout(path: Path, meta: ResultMeta) -> None:
     root = zarr.create_group(
         str(path), zarr_format=3, attributes={"ome": ome, "segpipe": _provenance(meta)}
     )
-    for k, (ny, nx) in enumerate(shapes):
-        group = root if k == 0 else root.require_group(levels[k])
-        _create_level(group, k, (ny, nx), meta, grid)
-    labels = root.create_group(
-        "labels", attributes={"ome": {"version": OME_VERSION, "labels": [LABEL_NAME]}}
-    )
-    label = labels.create_group(
-        LABEL_NAME,
-        attributes={"ome": label_attributes(LABEL_NAME, len(shapes), step, unit, meta.class_names)},
-    )
     for k, shape in enumerate(shapes):
-        _mask_array(label, str(k), shape, meta)
+        _create_level(_group(root, level_path(k, layout=meta.layout)), k, shape, meta, grid)
+    create_label_image(root, LABEL_NAME, shapes, meta, meta.class_names, long_name="argmax class")
 
     tiles = (-(-meta.shape[0] // meta.tile), -(-meta.shape[1] // meta.tile))
     # Driver-owned bookkeeping, chunked so a flush rewrites only the chunks it touched.
@@ -109,11 +117,56 @@ def create_layout(path: Path, meta: ResultMeta) -> None:
     )
 
 
-def _mask_array(
+def _pixel_step(grid: PixelGrid) -> tuple[float, float]:
+    return (abs(grid.step[0]), abs(grid.step[1]))
+
+
+def create_label_image(
+    root: zarr.Group,
+    name: str,
+    shapes: Sequence[tuple[int, int]],
+    meta: ResultMeta,
+    meanings: Sequence[str],
+    *,
+    long_name: str,
+) -> None:
+    """Add label image ``name`` to the result ``root``: one (y, x) uint8 array per pyramid level.
+
+    ``shapes`` are the levels' (y, x) pixels, level 0 first, as the result's image has them
+    (OME-Zarr asks a label for as many levels as its image); value ``i`` means
+    ``meanings[i]``, which OME's ``image-label`` properties, the palette's colours and the
+    arrays' CF ``flag_meanings`` say. The label joins the ``labels`` group's list, so a result
+    can carry several (each is one call); :func:`segpipe.results.pyramid.build_pyramid` fills
+    levels 1.. of every label listed by 2x2 mode.
+    """
+    labels = root.require_group("labels")
+    listed = cast(Mapping[str, Any], labels.attrs.get("ome", {})).get("labels", [])
+    if name in listed:
+        raise ValueError(f"the result already has a label image {name!r} (labels: {listed})")
+    labels.attrs["ome"] = {"version": OME_VERSION, "labels": [*listed, name]}
+    group = label_path(name)
+    paths = [label_path(name, k, layout=meta.layout) for k in range(len(shapes))]
+    grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform)
+    attrs = label_attributes(
+        name,
+        [posixpath.relpath(p, group) for p in paths],
+        _pixel_step(grid),
+        grid.ome_unit,
+        meanings,
+    )
+    root.require_group(group).attrs["ome"] = attrs
+    for path, shape in zip(paths, shapes, strict=True):
+        parent, array = posixpath.split(path)
+        _label_array(_group(root, parent), array, shape, meta, meanings, long_name)
+
+
+def _label_array(
     group: zarr.Group,
     name: str,
     shape: tuple[int, int],
     meta: ResultMeta,
+    meanings: Sequence[str],
+    long_name: str,
     extra: dict[str, Any] | None = None,
 ) -> None:
     t, s = meta.tile, meta.shard
@@ -128,9 +181,9 @@ def _mask_array(
         dimension_names=("y", "x"),
         config=_SPARSE,
         attributes={
-            "long_name": "argmax class",
-            "flag_values": list(range(len(meta.class_names))),
-            "flag_meanings": " ".join(meta.class_names),
+            "long_name": long_name,
+            "flag_values": list(range(len(meanings))),
+            "flag_meanings": " ".join(meanings),
             **(extra or {}),
         },
     )
@@ -153,7 +206,7 @@ def _create_level(
         )
         ref[()] = 0
         geo = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
-    _mask_array(group, "mask", shape, meta, geo)
+    _label_array(group, "mask", shape, meta, meta.class_names, "argmax class", geo)
     attrs: dict[str, Any] = {"long_name": "softmax class probability", **geo}
     if meta.config.probability_dtype == "uint8":
         # CF packing: xarray (and netCDF tools) decode value * scale_factor + add_offset.
@@ -181,12 +234,15 @@ def _create_level(
 
 
 def level0_arrays(path: str) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+    """Level 0's ``mask``, ``probabilities`` and mask label arrays of the result at ``path``,
+    where its layout keeps them (an unfinished result of an older layout resumes in it)."""
     # Opened per block, never cached by path: a cached handle outlives an overwrite of the
     # result and would write the new store in the old layout. One open is a few small JSON
     # reads, nothing beside a block's forward passes.
     root = zarr.open_group(path, mode="r+")
+    layout = layout_of(cast(Mapping[str, Any], root.attrs["segpipe"]))
     return (
-        root["mask"],
-        root["probabilities"],
-        root[f"labels/{LABEL_NAME}/0"],
+        root[level_path(0, "mask", layout=layout)],
+        root[level_path(0, "probabilities", layout=layout)],
+        root[label_path(LABEL_NAME, 0, layout=layout)],
     )  # type: ignore[return-value]

@@ -9,14 +9,16 @@ whole shard. Where each level lies physically is :mod:`segpipe.io.ome`'s busines
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
 import zarr
 
 from segpipe.geometry.pixels import downsample_mean_2x
-from segpipe.results.schema import LABEL_NAME, level_path, result_levels
+from segpipe.progress import stage
+from segpipe.results.schema import LABEL_NAME, label_path, layout_of, level_path, result_levels
 
 
 def mode_2x(labels: np.ndarray) -> np.ndarray:
@@ -63,21 +65,37 @@ def build_pyramid(path: str | os.PathLike) -> None:
     """Compute levels 1.. of the result at ``path`` from level 0, one shard per task.
 
     Each level is read back from the one just written (bounded memory; Dask's threaded
-    scheduler), probabilities by 2x2 mean, the mask by 2x2 mode.
+    scheduler), probabilities by 2x2 mean, the mask and every other label image by 2x2 mode.
+    Announced as the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level.
     """
     root = zarr.open_group(path, mode="r+")
+    layout = layout_of(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    ome = cast(Mapping[str, Any], root["labels"].attrs.get("ome", {}))
+    # The mask's label image repeats the level's mask: it gets the same reduction.
+    others = [name for name in ome.get("labels", []) if name != LABEL_NAME]
 
     def array(name: str) -> zarr.Array:
-        node = root[name.lstrip("/")]
+        node = root[name]
         if not isinstance(node, zarr.Array):
             raise TypeError(f"{path}/{name} is not a Zarr array: not a segpipe result layout")
         return node
 
-    for k in range(1, len(result_levels(path))):
-        below, here = level_path(k - 1), level_path(k)
-        targets = [array(f"{here}/mask"), array(f"{here}/probabilities")]
-        mask = reduce_level(array(f"{below}/mask"), "mode", targets[0].shards or ())
-        probs = reduce_level(array(f"{below}/probabilities"), "mean", targets[1].shards or ())
-        label = array(f"labels/{LABEL_NAME}/{k}")
-        # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
-        da.store([mask, probs, mask], [*targets, label], lock=False)  # type: ignore[list-item]
+    def level(k: int, name: str) -> zarr.Array:
+        return array(level_path(k, name, layout=layout))
+
+    def label(name: str, k: int) -> zarr.Array:
+        return array(label_path(name, k, layout=layout))
+
+    n_levels = len(result_levels(path))
+    with stage("pyramid", total=n_levels - 1, unit="level") as progress:
+        for k in range(1, n_levels):
+            targets = [level(k, "mask"), level(k, "probabilities"), label(LABEL_NAME, k)]
+            mask = reduce_level(level(k - 1, "mask"), "mode", targets[0].shards or ())
+            probs = reduce_level(level(k - 1, "probabilities"), "mean", targets[1].shards or ())
+            sources = [mask, probs, mask]
+            for name in others:
+                targets.append(label(name, k))
+                sources.append(reduce_level(label(name, k - 1), "mode", targets[-1].shards or ()))
+            # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
+            da.store(sources, targets, lock=False)  # type: ignore[arg-type]
+            progress.advance()

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from segpipe.results.schema import IncompleteResultError, level_path, read_attrs, result_levels
+from segpipe.results.schema import (
+    IncompleteResultError,
+    layout_of,
+    level_path,
+    read_attrs,
+    result_levels,
+)
 from segpipe.results.store import quiet_consolidated
 
 
@@ -22,6 +27,8 @@ def open_result(
     chunks: Any = None,
 ) -> Any:
     """Open a result lazily, one pyramid level as a Dataset or every level as a DataTree.
+
+    Reads every layout segpipe has written (see :data:`segpipe.results.schema.LAYOUTS`).
 
     Parameters
     ----------
@@ -62,9 +69,9 @@ def open_result(
     n_levels = len(result_levels(path))
     if tree:
         levels = {str(k): _open_level(path, k, meta, chunks) for k in range(n_levels)}
-        return xr.DataTree.from_dict(
-            {"/": xr.Dataset(attrs={"segpipe": meta}), **levels}, name=Path(path).name
-        )
+        name = str(path).rstrip("/").rsplit("/", 1)[-1]  # a local path's name, or a URL's
+        root = xr.Dataset(attrs={"segpipe": meta})
+        return xr.DataTree.from_dict({"/": root, **levels}, name=name)
     if not 0 <= level < n_levels:
         raise ValueError(f"{path} has pyramid levels 0..{n_levels - 1}, not level {level}")
     return _open_level(path, level, meta, chunks)
@@ -72,10 +79,9 @@ def open_result(
 
 def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunks: Any) -> Any:
     kw: dict[str, Any] = {"chunks": chunks} if chunks is not None else {}
+    group = level_path(level, layout=layout_of(meta)) or None  # layout 1: level 0 is the root
     with quiet_consolidated():
-        ds = xr.open_zarr(
-            path, group=level_path(level) or None, consolidated=bool(meta.get("complete")), **kw
-        )
+        ds = xr.open_zarr(path, group=group, consolidated=bool(meta.get("complete")), **kw)
     ds.attrs = {"segpipe": meta, "level": level}
     if ds["probabilities"].encoding.get("dtype") == np.uint8:
         # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.

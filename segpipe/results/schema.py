@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -13,9 +12,12 @@ import zarr
 
 from segpipe.config import PROBABILITY_DTYPES, SegmentConfig
 from segpipe.geometry.pixels import pyramid_shapes
+from segpipe.version import __version__
 
 __all__ = [
     "LABEL_NAME",
+    "LAYOUT",
+    "LAYOUTS",
     "PROBABILITY_DTYPES",
     "STATES",
     "IncompleteResultError",
@@ -26,13 +28,25 @@ __all__ = [
     "class_fractions",
     "is_complete",
     "is_result",
+    "label_path",
+    "layout_of",
     "level_path",
     "read_attrs",
     "read_meta",
+    "result_layout",
     "result_levels",
 ]
 
 LABEL_NAME = "mask"
+
+# Where a result keeps its arrays, recorded as ``layout`` in its ``segpipe`` attribute (absent:
+# 1). :func:`level_path` and :func:`label_path` are the only places that know the difference.
+#   1  level 0 at the root, level k in ``levels/<k>``, label levels ``labels/<name>/<k>``
+#      (results written before layout 2; still read, and resumed in their own layout)
+#   2  level k in group ``<k>``, label levels ``labels/<name>/<k>/<name>``: no group holds
+#      arrays of two sizes or has a level below another, so ``xarray.open_datatree`` opens it
+LAYOUT = 2
+LAYOUTS = (1, 2)
 
 State = Literal["computing", "finalising", "complete"]
 # A result's life. "creating" has no entry: a store being created is built beside its path
@@ -62,6 +76,10 @@ class RunSummary:
     seconds: float
     megapixels_per_second: float
     class_pixels: tuple[int, ...]  # (C,) pixels of each class in the mask
+    # Foreground masks (config.foreground): tiles with no foreground are not computed and read
+    # as class 0 (counted in class_pixels); foreground_pixels is None when there was no mask.
+    tiles_background: int = 0
+    foreground_pixels: int | None = None
 
     @property
     def class_fraction(self) -> tuple[float, ...]:
@@ -121,6 +139,7 @@ class ResultMeta:
     started: str | None = None
     finished: str | None = None
     summary: RunSummary | None = None
+    layout: int = LAYOUT  # where the arrays lie (see LAYOUTS); not part of the identity
 
     @property
     def tile(self) -> int:
@@ -173,6 +192,8 @@ class ResultMeta:
             "min_level_size": c.min_level_size,
             "crs": self.crs,
             "transform": list(self.transform) if self.transform else None,
+            # Results without a foreground mask keep the identity they always had.
+            **({"foreground": c.foreground} if c.foreground != "none" else {}),
         }
 
     def to_attrs(self) -> dict[str, Any]:
@@ -197,6 +218,7 @@ class ResultMeta:
             "class_names": list(self.class_names),
             "started": self.started,
             "finished": self.finished,
+            "layout": self.layout,
         }
         if self.summary is not None:
             s = self.summary
@@ -216,7 +238,10 @@ class ResultMeta:
         ident = attrs["identity"]
         params = ident.get("params") or {}
         if "config" in attrs:
-            config = SegmentConfig.from_dict(attrs["config"])
+            # A config written before the foreground setting: every tile was computed.
+            config = SegmentConfig.from_dict(
+                {"foreground": ident.get("foreground", "none"), **attrs["config"]}
+            )
         else:  # written before SegmentConfig: rebuild its result settings from the identity
             config = SegmentConfig(
                 tile=int(ident["tile"]),
@@ -229,6 +254,7 @@ class ResultMeta:
                 task_tiles=int(ident.get("task_tiles", 1)),
                 min_level_size=int(ident.get("min_level_size", 256)),
                 amp=params.get("amp"),
+                foreground=ident.get("foreground", "none"),
             )
         summary = None
         if "tiles_total" in attrs:
@@ -240,6 +266,8 @@ class ResultMeta:
                 seconds=float(attrs["seconds"]),
                 megapixels_per_second=float(attrs["megapixels_per_second"]),
                 class_pixels=tuple(int(n) for n in attrs["class_pixels"]),
+                tiles_background=int(attrs.get("tiles_background", 0)),
+                foreground_pixels=attrs.get("foreground_pixels"),
             )
         transform = ident.get("transform")
         return cls(
@@ -258,6 +286,7 @@ class ResultMeta:
             started=attrs.get("started"),
             finished=attrs.get("finished"),
             summary=summary,
+            layout=layout_of(attrs),
         )
 
 
@@ -283,7 +312,6 @@ def is_result(path: str | os.PathLike) -> bool:
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     """The raw ``segpipe`` attribute of a result, as stored (JSON)."""
-    path = Path(path)
     try:
         attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
@@ -309,9 +337,52 @@ def is_complete(path: str | os.PathLike) -> bool:
         return False
 
 
-def level_path(level: int) -> str:
-    """The group of pyramid ``level`` inside a result: ``""`` (the root) or ``levels/<k>``."""
-    return "" if level == 0 else f"levels/{level}"
+def layout_of(attrs: Mapping[str, Any]) -> int:
+    """The layout of a result from its ``segpipe`` attribute (1 when it does not say).
+
+    >>> layout_of({}), layout_of({"layout": 2})
+    (1, 2)
+    """
+    layout = attrs.get("layout", 1)
+    if layout not in LAYOUTS:
+        raise ValueError(
+            f"result layout {layout!r} is unknown to segpipe {__version__} (it reads layouts "
+            f"{', '.join(map(str, LAYOUTS))}); the result was written by a newer segpipe: "
+            "upgrade segpipe to read it"
+        )
+    return int(layout)
+
+
+def result_layout(path: str | os.PathLike) -> int:
+    """The layout (see :data:`LAYOUTS`) of the result at ``path``."""
+    return layout_of(read_attrs(path))
+
+
+def level_path(level: int, name: str = "", *, layout: int = LAYOUT) -> str:
+    """Where pyramid ``level`` (or its array ``name``) lies inside a result of ``layout``.
+
+    >>> level_path(0), level_path(2, "mask")
+    ('0', '2/mask')
+    >>> level_path(0, layout=1), level_path(0, "mask", layout=1), level_path(2, layout=1)
+    ('', 'mask', 'levels/2')
+    """
+    group = str(level) if layout == 2 else ("" if level == 0 else f"levels/{level}")
+    return f"{group}/{name}".strip("/")
+
+
+def label_path(name: str, level: int | None = None, *, layout: int = LAYOUT) -> str:
+    """Where label image ``name`` (``level`` None) or its array at ``level`` lies.
+
+    OME-Zarr keeps label images under ``labels/``, one group each; layout 2 gives each level
+    its own group, named after the image's level, holding one array named after the label.
+
+    >>> label_path("mask"), label_path("mask", 1), label_path("mask", 1, layout=1)
+    ('labels/mask', 'labels/mask/1/mask', 'labels/mask/1')
+    """
+    group = f"labels/{name}"
+    if level is None:
+        return group
+    return f"{group}/{level}/{name}" if layout == 2 else f"{group}/{level}"
 
 
 def result_levels(path: str | os.PathLike) -> list[tuple[int, int]]:

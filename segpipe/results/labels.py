@@ -1,0 +1,60 @@
+"""Label images a run adds beside the mask (the foreground mask), written by the driver.
+
+The mask's own label image is created with the store and written by the tasks with the mask
+(:func:`segpipe.results.store.write_block`). A label image that only some runs have is created
+here on first use (so a resumed run finds it), its level 0 written block by block, one whole
+shard per block; :func:`segpipe.results.pyramid.build_pyramid` fills its other levels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal, cast
+
+import numpy as np
+import zarr
+
+from segpipe.geometry.pixels import pyramid_shapes
+from segpipe.geometry.tiling import Box
+from segpipe.io.files import URLPath
+from segpipe.results.layout import create_label_image
+from segpipe.results.schema import ResultMeta, label_path
+
+__all__ = ["label_images", "write_label_image"]
+
+
+def _open(path: str | os.PathLike, mode: Literal["r", "r+"]) -> zarr.Group:
+    return zarr.open_group(path if isinstance(path, URLPath) else os.fspath(path), mode=mode)
+
+
+def label_images(path: str | os.PathLike) -> list[str]:
+    """The label images the result at ``path`` lists (``"mask"`` first)."""
+    labels = _open(path, "r").get("labels")
+    if labels is None:
+        return []
+    return list(cast(Mapping[str, Any], labels.attrs.get("ome", {})).get("labels", []))
+
+
+def write_label_image(
+    path: str | os.PathLike,
+    name: str,
+    meanings: Sequence[str],
+    blocks: Iterable[tuple[Box, np.ndarray]],
+    *,
+    long_name: str,
+) -> None:
+    """Write ``(y, x)`` uint8 ``blocks`` into level 0 of label image ``name`` of the result at
+    ``path``, creating the label image (every pyramid level, value ``i`` meaning
+    ``meanings[i]``) if the result has none yet. Each box must cover whole shards; pixels of
+    no block keep the fill value, 0. Called by the driver only."""
+    root = _open(path, "r+")
+    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    if name not in label_images(path):
+        shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
+        create_label_image(root, name, shapes, meta, meanings, long_name=long_name)
+    array = root[label_path(name, 0, layout=meta.layout)]
+    if not isinstance(array, zarr.Array):
+        raise TypeError(f"{path}: label image {name!r} level 0 is not a Zarr array")
+    for box, values in blocks:
+        array[box.slices] = np.asarray(values, dtype=np.uint8)
