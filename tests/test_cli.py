@@ -1,7 +1,9 @@
 """The CLI is a shell over the API: same results, one-line errors that name the file."""
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,7 +135,7 @@ def test_info_on_an_image(small_slide, capsys):
     assert main(["info", str(small_slide.image)]) == 0  # text for people by default
     text = capsys.readouterr().out
     assert text.startswith(f"image: {small_slide.image}")
-    assert "300 x 300 x 3" in text and "0.5 µm/px" in text
+    assert "300 x 300" in text and "0.5 µm/px" in text
 
 
 @pytest.mark.parametrize(
@@ -183,9 +185,15 @@ def test_unknown_model_lists_the_shipped_ones(small_slide, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_demo_runs_the_flow(random_checkpoint, tmp_path):
-    """The real command in a fresh process, on Prefect's temporary local server."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, tmp_path):
+    """The real command in a fresh process, on Prefect's temporary local server, its stdout and
+    stderr pipes (no terminal): each stage as plain lines, never Dask's progress bars."""
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        # As the flow tests' harness: a loaded CI machine starts the server slowly.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }
     run = subprocess.run(
         [
             sys.executable,
@@ -193,13 +201,13 @@ def test_demo_runs_the_flow(random_checkpoint, tmp_path):
             "segpipe.cli",
             "demo",
             "--size",
-            "256",
+            "1024",
             "--out",
             str(tmp_path),
             "--model",
             str(random_checkpoint),
             "--tile",
-            "128",
+            "256",
             "--workers",
             "1",
         ],
@@ -216,9 +224,24 @@ def test_demo_runs_the_flow(random_checkpoint, tmp_path):
     assert f"result: {result}" in run.stdout
     assert segpipe.open_result(result).attrs["segpipe"]["complete"] is True
 
+    lines = run.stderr.splitlines()
+    for name, unit in [("ingest", "chunks"), ("segment", "tiles"), ("pyramid", "levels")]:
+        mine = [x for x in lines if x.startswith(f"{name}: ")]
+        assert re.fullmatch(rf"{name}: 0/\d+ {unit} \(0%\) \d+\.\d s", mine[0]), mine
+        assert re.fullmatch(rf"{name}: (\d+)/\1 {unit} \(100%\) \d+\.\d s, done", mine[-1]), mine
+    tiles = re.match(r"segment: 0/(\d+)", next(x for x in lines if x.startswith("segment")))
+    assert tiles and int(tiles.group(1)) == (1024 // 256) ** 2
+    order = [x.split(":")[0] for x in lines if x.split(":")[0] in ("ingest", "segment", "pyramid")]
+    assert order.index("ingest") < order.index("segment") < order.index("pyramid")
+    for bar in ("[#", "Completed |", "\r", "it/s]"):
+        assert bar not in run.stderr, f"a progress bar ({bar!r}) in a pipe"
+    assert "Beginning flow run" not in run.stderr, "Prefect's INFO lines only with -v"
+
 
 @pytest.mark.integration
-def test_archive_command_segments_each_image_once(prefect_harness, random_checkpoint, tmp_path):
+def test_archive_command_segments_each_image_once(
+    prefect_harness, random_checkpoint, tmp_path, capsys
+):
     from segpipe.archive.catalog import open_catalog
     from segpipe.synthetic.demo import make_demo_slide
 
@@ -245,8 +268,13 @@ def test_archive_command_segments_each_image_once(prefect_harness, random_checkp
     results = sorted(out.rglob("*.seg.zarr"))
     assert len(results) == 2
     finished = [segpipe.open_result(r).attrs["segpipe"]["finished"] for r in results]
-    assert main(args) == 0  # nothing new: nothing recomputed
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0  # nothing new: nothing recomputed
     assert [segpipe.open_result(r).attrs["segpipe"]["finished"] for r in results] == finished
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["segmented"] == [] and len(summary["skipped"]) == 2
+    assert main(args) == 0
+    assert capsys.readouterr().out == f"{summary['summary']}\n"  # text for people by default
 
 
 def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
@@ -262,7 +290,7 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     (nucleus,) = report["classes"]
     assert nucleus["pixels"] == int((mask == 2).sum())
-    assert nucleus["area"] == pytest.approx((mask == 2).sum() * 0.25)
+    assert nucleus["area_um2"] == pytest.approx((mask == 2).sum() * 0.25)
     _, count = ndimage.label(mask == 2)
     assert report["objects"]["count"] == count
     assert len(csv.read_text().strip().splitlines()) == count + 1
@@ -271,18 +299,37 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.startswith(f"{out} (level 0):")
     assert f"({int((mask == 2).sum())} px)" in text
+    assert f"{(mask == 2).sum() * 0.25:,.1f} µm²" in text
+
+    # --class is repeatable, as in export; the classes come back in the order asked
+    assert main(["query", str(out), "--class", "nucleus", "--class", "background", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in report["classes"]] == ["nucleus", "background"]
+    assert report["classes"][1]["pixels"] == int((mask == 0).sum())
+    assert main(["query", str(out), "--class", "nucleus", "--class", "nope"]) == 2
+    assert "no class 'nope'" in capsys.readouterr().err
+    assert main(["query", str(out), "--class", "nucleus", "--class", "tissue", "--objects"]) == 2
 
     geojson = tmp_path / "nuclei.geojson"
-    assert main(["export", str(out), "--geojson", str(geojson), "--class", "nucleus"]) == 0
+    assert main(["export", str(out), str(geojson), "--class", "nucleus"]) == 0
     collection = json.loads(geojson.read_text())
     assert collection["type"] == "FeatureCollection"
     assert len(collection["features"]) == count
+
+    # the old spelling still works, and says what to write instead
+    old = tmp_path / "old.geojson"
+    assert main(["export", str(out), "--geojson", str(old), "--class", "nucleus"]) == 0
+    assert "--geojson is deprecated" in capsys.readouterr().err
+    assert json.loads(old.read_text()) == collection
+    assert main(["export", str(out), str(tmp_path / "x.csv")]) == 2
+    assert "name it .geojson or .zarr, or pass --format" in capsys.readouterr().err
 
 
 def test_train_then_evaluate(small_slide, tmp_path, capsys):
     import zarr
 
     from segpipe import models
+    from segpipe.analysis.evaluation import Evaluation
     from segpipe.analysis.metrics import confusion_matrix, dice
 
     ckpt = tmp_path / "tiny.pt"
@@ -305,12 +352,15 @@ def test_train_then_evaluate(small_slide, tmp_path, capsys):
         "4",
         "--depth",
         "2",
-        "--no-progress",
     ]
     assert main(args) == 0
+    out, err = capsys.readouterr()
     net = models.load(ckpt)
     assert net.class_names == ("background", "tissue", "nucleus")
     assert (net.config.width, net.config.depth) == (4, 2)
+    # It ends with the report `segpipe evaluate` prints, of the weights the file holds.
+    assert out.rstrip("\n").endswith(Evaluation.from_dict(net.checkpoint_metrics).report())
+    assert "train: 0/3 steps (0%)" in err and "train: 3/3 steps (100%)" in err
 
     out = segpipe.segment(small_slide.image, tmp_path / "r.zarr", ckpt, tile=64, scheduler="sync")
     capsys.readouterr()
@@ -514,16 +564,33 @@ def test_device_foo_is_one_line(tmp_path, capsys):
     assert "'foo'" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv", [["-q", "segment"], ["segment", "--quiet"]])
+def _segment_with_a_stage(*args, **kwargs):
+    """Stands in for the library's segment: one stage of two tiles, then the result."""
+    from segpipe.progress import stage
+
+    with stage("segment", total=2, unit="tile") as tiles:
+        tiles.advance(2)
+    return "/data/out.zarr"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["-q", "segment"], ["segment", "--quiet"], ["--no-progress", "segment"], ["segment", "-q"]],
+)
 def test_quiet_prints_only_the_result_line(argv, monkeypatch, capsys):
-    seen = []
-    monkeypatch.setattr(
-        "segpipe.execution.segment.segment",
-        lambda *a, **kw: seen.append(kw) or "/data/out.zarr",
-    )
+    monkeypatch.setattr("segpipe.execution.segment.segment", _segment_with_a_stage)
     assert main([*argv, "in.tif", "out.zarr"]) == 0
-    assert capsys.readouterr().out == "/data/out.zarr\n"
-    assert seen[0]["progress"] is False
+    assert capsys.readouterr() == ("/data/out.zarr\n", "")
+
+
+def test_progress_goes_to_stderr_as_lines_when_it_is_no_terminal(monkeypatch, capsys):
+    monkeypatch.setattr("segpipe.execution.segment.segment", _segment_with_a_stage)
+    assert main(["segment", "in.tif", "out.zarr"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "/data/out.zarr\n"
+    assert err.splitlines()[0] == "segment: 0/2 tiles (0%) 0.0 s"
+    assert err.splitlines()[-1].startswith("segment: 2/2 tiles (100%)")
+    assert err.splitlines()[-1].endswith(", done")
 
 
 def test_verbose_and_quiet_exclude_each_other(capsys):
@@ -560,3 +627,117 @@ def test_a_missing_image_in_a_real_process(how, random_checkpoint, tmp_path):
     assert "no-such-slide.tif" in line
     assert run.stdout == ""
     assert not (tmp_path / "r.zarr").exists()
+
+
+# -- conventions, generated from the parser: the same thing has the same flag everywhere ------
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    from segpipe.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def _options(command: argparse.ArgumentParser) -> list[argparse.Action]:
+    """The options a person sees: not -h, not the hidden old spellings."""
+    return [
+        a
+        for a in command._actions
+        if a.option_strings and a.help != argparse.SUPPRESS and a.dest != "help"
+    ]
+
+
+# Options of one name whose defaults differ on purpose.
+DIFFERENT_DEFAULTS = {
+    "model": "train builds an architecture (unet); the others segment with a trained model",
+    "batch_size": "training patches per step, or inference tiles per forward pass",
+    "level": "segment's level is a setting (none: level 0); query/export read level 0",
+}
+
+
+def test_the_parser_has_every_command_the_tests_know():
+    assert set(_subcommands()) == set(COMMANDS)
+
+
+def test_an_option_has_one_shape_in_every_command():
+    seen: dict[str, tuple[str, argparse.Action]] = {}
+    for name, command in _subcommands().items():
+        for action in _options(command):
+            if action.dest not in seen:
+                seen[action.dest] = (name, action)
+                continue
+            first_name, first = seen[action.dest]
+            where = f"{action.dest}: {first_name} vs {name}"
+            assert action.option_strings == first.option_strings, where
+            assert (action.type, action.metavar, action.nargs) == (
+                first.type,
+                first.metavar,
+                first.nargs,
+            ), where
+            assert type(action) is type(first) and action.choices == first.choices, where
+            if action.dest not in DIFFERENT_DEFAULTS:
+                assert action.default == first.default, where
+
+
+def test_a_flag_means_one_thing_in_every_command():
+    dests: dict[str, set[str]] = {}
+    for command in _subcommands().values():
+        for action in command._actions:  # the hidden old spellings too
+            for flag in action.option_strings:
+                dests.setdefault(flag, set()).add(action.dest)
+    assert {f: d for f, d in dests.items() if len(d) > 1} == {}
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_inputs_and_outputs_are_positional_and_every_argument_is_explained(name):
+    command = _subcommands()[name]
+    for action in command._actions:
+        if action.dest == "help" or action.help == argparse.SUPPRESS:
+            continue
+        assert action.help, f"{name} {action.dest} has no help"
+        if not action.option_strings:
+            assert action.metavar and action.metavar.isupper(), f"{name} {action.dest}"
+            continue
+        assert not action.required, f"{name} {'/'.join(action.option_strings)}: make it positional"
+        takes_value = action.nargs != 0 and not isinstance(
+            action, argparse._StoreTrueAction | argparse.BooleanOptionalAction
+        )
+        if takes_value and action.choices is None:
+            # argparse would print the dest in capitals (PIXEL_SIZE_UM): a leak
+            assert action.metavar is not None, f"{name} {action.option_strings}: no metavar"
+            metavars = action.metavar if isinstance(action.metavar, tuple) else (action.metavar,)
+            assert all("_" not in m for m in metavars), f"{name} {action.metavar}"
+
+
+def test_every_hidden_option_is_an_old_spelling_that_says_what_to_write():
+    from segpipe.cli.text import DeprecatedAlias
+
+    for name, command in _subcommands().items():
+        for action in command._actions:
+            if action.option_strings and action.help == argparse.SUPPRESS:
+                assert isinstance(action, DeprecatedAlias), f"{name} {action.option_strings}"
+
+
+def test_evaluate_tiles_as_segment_does():
+    from segpipe.config import SegmentConfig
+
+    (tile,) = [a for a in _options(_subcommands()["evaluate"]) if a.dest == "tile"]
+    assert tile.default == SegmentConfig().tile == 512
+
+
+def test_export_formats_are_the_ngff_versions_and_geojson():
+    from segpipe.analysis.ngff import NGFF_VERSIONS
+    from segpipe.cli.results import EXPORT_FORMATS
+
+    assert set(EXPORT_FORMATS) == {"geojson", *(f"ngff-{v}" for v in NGFF_VERSIONS)}
+
+
+def test_train_takes_model_and_the_old_architecture(capsys):
+    from segpipe.cli import build_parser
+
+    args = build_parser().parse_args(["train", "x.pt", "--architecture", "fcn"])
+    assert args.model == "fcn"
+    assert "--architecture is deprecated; use --model" in capsys.readouterr().err
+    assert build_parser().parse_args(["train", "x.pt"]).model == "unet"
+    assert build_parser().parse_args(["train", "x.pt", "--model", "fcn"]).model == "fcn"

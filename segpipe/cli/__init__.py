@@ -18,10 +18,11 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 
 # The command modules import Prefect, dask and torch only inside their handlers.
+from segpipe import progress
 from segpipe.cli import archive, results, segment, training
 from segpipe.version import __version__
 
-__all__ = ["HelpFormatter", "main", "user_errors"]
+__all__ = ["HelpFormatter", "build_parser", "main", "user_errors"]
 
 DESCRIPTION = "Segment gigapixel images with U-Net models; results are OME-Zarr stores."
 EPILOG = "Run 'segpipe COMMAND --help' for a command's options and their defaults."
@@ -99,11 +100,18 @@ def _add_global_options(p: argparse.ArgumentParser, *, default: object) -> None:
         "-q",
         action="store_true",
         default=default,
-        help="print only errors and the final result line",
+        help="print only errors and the final result line (no progress)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        default=default,
+        help="no progress display (bars on a terminal, else a line every few seconds, on stderr)",
     )
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The `segpipe` parser: every command, its options and their defaults."""
     parser = argparse.ArgumentParser(
         prog="segpipe", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
     )
@@ -120,13 +128,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OWN_HANDLERS: list[logging.Handler] = []  # the stderr handler main() added, if it added one
+
+
 def _configure_logging(*, verbose: bool, quiet: bool) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not root.handlers:  # a host that set up logging (a notebook, pytest) keeps its own
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        _OWN_HANDLERS[:] = root.handlers[-1:]
+    level = logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
+    root.setLevel(level)
     # DEBUG for segpipe only: other libraries' debug output (fsspec, numba) would drown it.
-    logging.getLogger().setLevel(
-        logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING
-    )
     logging.getLogger("segpipe").setLevel(logging.DEBUG if verbose else logging.NOTSET)
+    # A logger with a level of its own (Prefect's run loggers: INFO, which its server gets
+    # anyway) propagates past the root's level to its handlers: ours filters too, so a
+    # person sees the stages' progress and warnings, and every line with -v.
+    for handler in _OWN_HANDLERS:
+        handler.setLevel(logging.NOTSET if verbose else level)
 
 
 def _one_line(err: BaseException) -> str:
@@ -139,11 +157,18 @@ def _one_line(err: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
     """Environment for the libraries a command imports (the handlers import Prefect and
-    distributed lazily, so they read it): no telemetry from a machine that may be offline, no
-    cluster start/stop chatter unless ``-v``, Prefect errors only with ``-q``. Variables the
-    user set win; the caller's environment is given back afterwards (``main`` may run in a
-    notebook or a test, not only as the ``segpipe`` process)."""
-    wanted = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    distributed lazily, so they read it): no telemetry from a machine that may be offline, time
+    for Prefect's temporary server to start, no cluster start/stop chatter unless ``-v``,
+    Prefect errors only with ``-q``. Variables the user set win; the caller's environment is
+    given back afterwards (``main`` may run in a notebook or a test, not only as the
+    ``segpipe`` process)."""
+    wanted = {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        # Prefect's temporary server takes ~20 s to start on a busy small machine: its own
+        # 20 s limit fails a demo that would have run.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }
     if not verbose:
         wanted["DASK_LOGGING__DISTRIBUTED"] = "warning"
     if quiet:
@@ -159,11 +184,14 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     _configure_logging(verbose=args.verbose, quiet=args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
+    # One progress display for every stage the command runs (library code never prints):
+    # bars on a terminal, plain lines in a log or a pipe, nothing with -q or --no-progress.
+    shown = None if args.quiet or args.no_progress else progress.console(sys.stderr)
     try:
-        with _quiet_libraries(verbose=args.verbose, quiet=args.quiet):
+        with _quiet_libraries(verbose=args.verbose, quiet=args.quiet), progress.reporting(shown):
             return run(args)
     except user_errors() as err:
         if args.verbose:

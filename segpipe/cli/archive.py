@@ -17,6 +17,7 @@ __all__ = ["add_archive", "add_serve"]
 def add_archive(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     arc = sub.add_parser("archive", help="segment the new or changed images of a folder, once")
     _archive_options(arc)
+    arc.add_argument("--json", action="store_true", help="print JSON instead of text")
     arc.set_defaults(run=_archive)
 
 
@@ -99,7 +100,12 @@ def _archive(args: argparse.Namespace) -> int:
     summary = process_archive(
         args.source, args.output_root, args.model, **_archive_parameters(args)
     )
-    print(json.dumps(summary, indent=2, default=str))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(summary["summary"])
+        for image, reason in summary["failed"].items():
+            print(f"  failed: {image}: {reason}")
     return 1 if summary.get("failed") else 0
 
 

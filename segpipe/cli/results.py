@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+from typing import Any
 
-__all__ = ["add_export", "add_query"]
+from segpipe.cli.text import DeprecatedAlias, area_key, area_text
+
+__all__ = ["EXPORT_FORMATS", "add_export", "add_query"]
+
+# What `segpipe export` writes; "ngff-0.4" for each version of segpipe.analysis.ngff's
+# NGFF_VERSIONS (not imported here: `segpipe --help` must not pay for zarr).
+EXPORT_FORMATS = ("geojson", "ngff-0.4")
 
 
 def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -13,10 +21,11 @@ def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.add_argument("result", metavar="RESULT", help="a finished result store")
     q.add_argument(
         "--class",
-        dest="class_name",
+        dest="classes",
+        action="append",
         default=None,
         metavar="NAME",
-        help="class name (areas: all classes when omitted)",
+        help="repeatable; default every class (--threshold and --objects need exactly one)",
     )
     q.add_argument(
         "--region",
@@ -52,17 +61,36 @@ def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "export", help="class polygons as GeoJSON (QuPath, QGIS), or an OME-NGFF 0.4 copy"
     )
     ex.add_argument("result", metavar="RESULT", help="a finished result store")
-    ex.add_argument("--geojson", default=None, metavar="OUT", help="GeoJSON file to write")
+    # Optional only for the old spellings below, which name the output themselves.
     ex.add_argument(
-        "--ngff",
-        nargs=2,
+        "output",
+        nargs="?",
         default=None,
-        metavar=("VERSION", "OUT"),
-        help="write a Zarr v2 copy of the probability and label pyramids as OME-NGFF VERSION "
-        "(0.4: what QuPath reads)",
+        metavar="OUTPUT",
+        help="file or folder to write: .geojson (polygons) or .zarr (an OME-NGFF 0.4 copy)",
     )
     ex.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --ngff output folder"
+        "--format",
+        choices=EXPORT_FORMATS,
+        default=None,
+        help="what to write (default: from OUTPUT's suffix); ngff-0.4 is a Zarr v2 copy of "
+        "the probability and label pyramids, what QuPath reads",
+    )
+    ex.add_argument(
+        "--geojson",
+        action=DeprecatedAlias,
+        metavar="OUT",
+        new="write `segpipe export RESULT OUT.geojson`",
+    )
+    ex.add_argument(
+        "--ngff",
+        action=DeprecatedAlias,
+        nargs=2,
+        metavar=("VERSION", "OUT"),
+        new="write `segpipe export RESULT OUT.zarr` (or --format ngff-0.4)",
+    )
+    ex.add_argument(
+        "--overwrite", action="store_true", help="replace an existing OME-NGFF output folder"
     )
     ex.add_argument(
         "--object-type",
@@ -123,21 +151,30 @@ def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _query(args: argparse.Namespace) -> int:
     from segpipe.query import region_report
 
+    classes = args.classes or []
+    if len(classes) > 1 and (args.threshold is not None or args.objects):
+        raise ValueError("--threshold and --objects work on one class; give --class once")
     report = region_report(
         args.result,
-        class_name=args.class_name,
+        class_name=classes[0] if len(classes) == 1 else None,
         region=tuple(args.region) if args.region else None,
         level=args.level,
         threshold=args.threshold,
         objects=args.objects,
         connectivity=args.connectivity,
     )
+    if len(classes) > 1:
+        report["classes"] = _only(report["classes"], classes, args.result)
     table = report.pop("object_table", None)
     if args.table and table is not None:
         import pandas as pd
 
         pd.DataFrame(table).to_csv(args.table, index=False)
+    units = report.pop("area_units")
     if args.json:
+        # The unit in the key (`area_um2`), as `info --json` has `class_area_um2`.
+        for c in report["classes"]:
+            c[area_key(units)] = c.pop("area")
         print(json.dumps(report, indent=2, default=str))
         return 0
     where = f" in region {report['region']}" if report["region"] else ""
@@ -145,7 +182,7 @@ def _query(args: argparse.Namespace) -> int:
     for c in report["classes"]:
         print(
             f"  {c['name']:<12} {100 * c['fraction']:6.2f} %  "
-            f"{c['area']:,.1f} {report['area_units']}  ({c['pixels']} px)"
+            f"{area_text(c['area'], units):>20}  ({c['pixels']} px)"
         )
     if "threshold" in report:
         t = report["threshold"]
@@ -159,23 +196,65 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _only(classes: list[dict[str, Any]], names: list[str], result: str) -> list[dict[str, Any]]:
+    """The entries of ``classes`` named ``names``, in that order; an unknown name refused."""
+    by_name = {c["name"]: c for c in classes}
+    for name in names:
+        if name not in by_name:
+            raise ValueError(f"no class {name!r} in {result}; classes: {', '.join(by_name)}")
+    return [by_name[name] for name in names]
+
+
+def _export_targets(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(format, path) of each output asked for: OUTPUT, and the deprecated flags' ones."""
+    targets = []
+    if args.output:
+        targets.append((args.format or _format_of(args.output), args.output))
+    elif args.format:
+        raise ValueError(f"--format {args.format} needs an OUTPUT to write")
+    if getattr(args, "geojson", None):
+        targets.append(("geojson", args.geojson))
+    if getattr(args, "ngff", None):
+        version, path = args.ngff
+        if f"ngff-{version}" not in EXPORT_FORMATS:
+            raise ValueError(
+                f"--ngff {version} is not supported; formats: {', '.join(EXPORT_FORMATS)} "
+                "(the result itself is OME-Zarr 0.5)"
+            )
+        targets.append((f"ngff-{version}", path))
+    if not targets:
+        raise ValueError(
+            "export needs an OUTPUT: a .geojson file for polygons, or a .zarr folder for an "
+            "OME-NGFF 0.4 copy"
+        )
+    return targets
+
+
+def _format_of(output: str) -> str:
+    suffix = Path(output.rstrip("/")).suffix.lower()
+    if suffix in (".geojson", ".json"):
+        return "geojson"
+    if suffix == ".zarr":
+        return "ngff-0.4"
+    raise ValueError(
+        f"cannot tell what to write to {output} from its suffix; name it .geojson or .zarr, "
+        f"or pass --format ({', '.join(EXPORT_FORMATS)})"
+    )
+
+
 def _export(args: argparse.Namespace) -> int:
-    from segpipe.analysis.ngff import NGFF_VERSIONS, export_ngff04
+    from segpipe.analysis.ngff import export_ngff04
     from segpipe.vectors import export_geojson
 
-    if not args.geojson and not args.ngff:
-        raise ValueError("export needs --geojson OUT or --ngff 0.4 OUT (or both)")
-    if args.ngff and args.ngff[0] not in NGFF_VERSIONS:
-        raise ValueError(
-            f"--ngff {args.ngff[0]} is not supported; versions: {', '.join(NGFF_VERSIONS)} "
-            "(the result itself is OME-Zarr 0.5)"
-        )
-    if args.geojson:
+    for kind, output in _export_targets(args):
+        if kind == "ngff-0.4":
+            print(export_ngff04(args.result, output, overwrite=args.overwrite))
+            continue
         region = tuple(args.region) if args.region else None
         print(
             export_geojson(
                 args.result,
-                args.geojson,
+                output,
                 classes=args.classes,
                 level=args.level,
                 region=region,
@@ -186,6 +265,4 @@ def _export(args: argparse.Namespace) -> int:
                 object_type=args.object_type,
             )
         )
-    if args.ngff:
-        print(export_ngff04(args.result, args.ngff[1], overwrite=args.overwrite))
     return 0

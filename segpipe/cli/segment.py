@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from segpipe.cli.text import print_summary
 from segpipe.config import SegmentConfig, settings
 
 __all__ = [
@@ -191,27 +192,6 @@ def add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     info.set_defaults(run=_info)
 
 
-def _area(um2: float) -> str:
-    return f"{um2 / 1e6:,.3f} mm²" if um2 >= 1e5 else f"{um2:,.1f} µm²"
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    print(f"result: {s['path']}  ({s['shape'][0]} x {s['shape'][1]} px", end="")
-    print(f", {s['pixel_size_um']} µm/px)" if s["pixel_size_um"] else ")")
-    areas = s["class_area_um2"]
-    for i, name in enumerate(s["class_names"]):
-        line = f"  {name:<12} {100 * s['class_fraction'][i]:6.2f} %"
-        if areas:
-            line += f"  {_area(areas[i]):>16}"
-        if s.get("dice"):
-            line += f"  Dice {s['dice'][i]:.4f}"
-        print(line)
-    print(
-        f"tiles: {s['tiles_computed']} computed of {s['tiles_total']}; "
-        f"{s['seconds']:.1f} s segmenting ({s['megapixels_per_second']:.2f} Mpx/s)"
-    )
-
-
 def _demo(args: argparse.Namespace) -> int:
     from segpipe.synthetic.demo import make_demo_slide
 
@@ -233,12 +213,11 @@ def _demo(args: argparse.Namespace) -> int:
         config=config,
         ground_truth=str(slide.truth),
         overwrite=args.overwrite,
-        progress=not args.quiet,
     )
     dice = summary["dice"]
     if not args.quiet:
         print()
-        _print_summary(summary)
+        print_summary(summary)
     print(f"mean Dice (tissue, nucleus) against ground truth: {(dice[1] + dice[2]) / 2:.4f}")
     if not args.quiet:
         print(f"total time: {time.perf_counter() - t0:.1f} s")
@@ -254,7 +233,6 @@ def _ingest(args: argparse.Namespace) -> int:
         chunk=args.chunk,
         pixel_size_um=args.pixel_size_um,
         overwrite=args.overwrite,
-        progress=not args.quiet,
     )
     print(out)
     return 0
@@ -269,7 +247,6 @@ def _segment(args: argparse.Namespace) -> int:
         args.model,
         config_from_args(args),
         overwrite=args.overwrite,
-        progress=not args.quiet,
     )
     print(out)
     return 0
@@ -284,22 +261,10 @@ def _info(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError):
         meta = None
     if meta is None:
-        from segpipe.io.readers import open_image
+        from segpipe.io.describe import describe_image
 
-        r = open_image(path)
-        info = {
-            "path": str(path),
-            "kind": "image",
-            "levels": [list(s) for s in r.level_shapes],
-            "dtype": str(r.dtype),
-            "pixel_size_um": r.pixel_size_um,
-        }
-        if args.json:
-            print(json.dumps(info, indent=2))
-            return 0
-        pixel_size = f"{r.pixel_size_um} µm/px" if r.pixel_size_um else "pixel size unknown"
-        print(f"image: {path}  ({r.dtype}, {pixel_size})")
-        print("levels: " + ", ".join(" x ".join(map(str, s)) for s in r.level_shapes))
+        image = describe_image(path)
+        print(json.dumps(image.to_dict(), indent=2) if args.json else "\n".join(image.lines()))
         return 0
     from segpipe.query import describe
 
@@ -320,7 +285,7 @@ def _info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**described, "summary": summary}, indent=2, default=str))
         return 0
-    _print_summary(summary)
+    print_summary(summary)
     print("levels: " + ", ".join(f"{y} x {x}" for y, x in described["levels"]))
     print(
         f"model: {meta.model_name} (sha256 {meta.model_sha256[:16]}...), "

@@ -10,6 +10,9 @@ import argparse
 import json
 import sys
 
+from segpipe.cli.text import DeprecatedAlias
+from segpipe.config import SegmentConfig
+
 __all__ = ["add_evaluate", "add_train"]
 
 
@@ -17,11 +20,13 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr = sub.add_parser("train", help="train a model on synthetic scenes or a folder of pairs")
     tr.add_argument("output", metavar="CHECKPOINT", help="checkpoint to write (.pt)")
     tr.add_argument(
-        "--architecture",
+        "--model",
         default="unet",
-        metavar="NAME",
-        help="registry name (unet, fcn, fcn-updown, sliding-window) or a checkpoint",
+        metavar="MODEL",
+        help="architecture to build (unet, fcn, fcn-updown, sliding-window), or a shipped "
+        "model or checkpoint to fine-tune",
     )
+    tr.add_argument("--architecture", dest="model", action=DeprecatedAlias, new="use --model")
     tr.add_argument(
         "--dataset",
         choices=("tissue", "aerial", "folder"),
@@ -109,7 +114,6 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="convolution padding (default: the architecture's)",
     )
     tr.add_argument("--full-precision", action="store_true", help="save float32 weights")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     tr.set_defaults(run=_train)
 
 
@@ -146,9 +150,9 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ev.add_argument(
         "--tile",
         type=int,
-        default=256,
+        default=SegmentConfig().tile,
         metavar="PIXELS",
-        help="output tile side when PREDICTION is a model",
+        help="output tile side when PREDICTION is a model, as segment's --tile",
     )
     ev.add_argument("--json", action="store_true", help="print JSON instead of text")
     ev.set_defaults(run=_evaluate)
@@ -179,13 +183,14 @@ def _train(args: argparse.Namespace) -> int:
         jitter=args.jitter,
         checkpoint_dir=args.checkpoint_dir,
         resume_from=args.resume_from,
-        progress=not (args.no_progress or args.quiet),
+        progress=False,  # the command's own display (segpipe.cli.main) shows the stage
     )
     options = {k: getattr(args, k) for k in ("width", "depth", "padding")}
     model = training.initial_model(
-        args.architecture,
+        args.model,
         class_names=training.class_names_for(config),
         seed=config.seed,
+        contract=training.pixel_contract_for(config),  # the data's channels, dtype, scaling
         **{k: v for k, v in options.items() if v is not None},
     )
     result = training.train(model, config)
@@ -200,10 +205,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.quiet:
         print(f"wrote {args.output}")
         return 0
-    if not config.progress:  # train() printed it already
-        print(training.format_report(result))
-    weights = "float32" if args.full_precision else "float16"
-    print(f"wrote {args.output}; validation of the saved {weights} weights:")
+    # format_report starts with the table `segpipe evaluate` prints (Evaluation.report), of
+    # the trained weights; float16 ones score a little differently, so theirs follows.
+    print(training.format_report(result))
+    if args.full_precision:
+        print(f"wrote {args.output} (float32 weights, as validated)")
+        return 0
+    print(f"wrote {args.output}; validation of the saved float16 weights:")
     print(Evaluation.from_dict(saved).report())
     return 0
 

@@ -16,11 +16,9 @@ goes on with the others, and its table names the file and the reason. Run it on 
 # (as strings, `Literal[...]` does not resolve there and every run fails validation).
 
 import contextlib
-import hashlib
 import os
-import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +36,11 @@ from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, reports
 from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import choose_scheduler, local_cluster, plan_for_device
+from segpipe.flows.progress import ProgressArtifacts, artifact_key
 from segpipe.flows.segment_slide import segment_task
+from segpipe.io.files import is_url, location
 from segpipe.io.readers import ImageReadError
+from segpipe.progress import also_reporting, stage
 
 __all__ = ["artifact_key", "process_archive", "serve_archive"]
 
@@ -52,19 +53,6 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     ClaimLostError,
 )
-
-
-def artifact_key(*parts: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits, dashes) naming ``parts``: a readable
-    slug plus a hash of the parts, so that different images never share a key and the same
-    image keeps its key from run to run (Prefect groups an artifact's versions by key).
-
-    >>> artifact_key("report", "/data/out", "Day 1/Slide_A.svs")[:27]
-    'report-data-out-day-1-slide'
-    """
-    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
-    digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
-    return f"{slug[-60:].strip('-')}-{digest}" if len(slug) > 60 else f"{slug}-{digest}"
 
 
 def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
@@ -151,7 +139,7 @@ def image_task(
     logger.info("%s: %s (%s)", image.key, outcome.status, outcome.reason)
     if outcome.status == "segmented":
         create_markdown_artifact(
-            Path(outcome.report or "").read_text(encoding="utf-8"),
+            location(outcome.report or "", policy.storage_options).read_text(encoding="utf-8"),
             key=artifact_key("report", output_root, image.key),
             description=f"segpipe report of {image.key}",
         )
@@ -232,7 +220,7 @@ def process_archive(
     if max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
     config = config or SegmentConfig()
-    root = str(Path(output_root).absolute())
+    root = output_root if is_url(output_root) else str(Path(output_root).absolute())
     images = discover_task(source, pattern, min_age_s, root, storage_options)
     loaded = load_model_task(model)
     policy = RunPolicy(
@@ -252,7 +240,14 @@ def process_archive(
             plan = plan_for_device(config.device, config.n_workers)
             config = config.replace(scheduler=run_cluster.enter_context(local_cluster(plan)))
             logger.info("local Dask cluster for the run at %s", config.scheduler)
-        submitted = _submit_refilling(images, max_concurrent, root, loaded, config, policy)
+        # The run's own progress artifact (and a CLI's bar): images finished of those found.
+        with (
+            also_reporting(ProgressArtifacts("progress", root, stages=("archive",))),
+            stage("archive", total=len(images), unit="image") as finished,
+        ):
+            submitted = _submit_refilling(
+                images, max_concurrent, root, loaded, config, policy, finished.advance
+            )
         outcomes = [_outcome(image, future, root) for image, future in submitted]
 
     create_table_artifact(
@@ -282,18 +277,23 @@ def _submit_refilling(
     loaded: LoadedModel,
     config: SegmentConfig,
     policy: RunPolicy,
+    on_finished: Callable[[], None] = lambda: None,
 ) -> list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]]:
     """Submit an image task for each image, at most ``max_concurrent`` in flight: a new one
     starts as soon as any one finishes (not the oldest: a large slide would hold its slot's
-    neighbours back). Returns every image with its future, in the order of ``images``."""
+    neighbours back). Calls ``on_finished()`` (in this thread) as each one finishes and
+    returns when all have, with every image and its future, in the order of ``images``."""
     submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
     in_flight: set[PrefectFuture[ImageOutcome]] = set()
     for image in images:
         if len(in_flight) >= max_concurrent:
             in_flight.remove(next(as_completed(list(in_flight))))
+            on_finished()
         future = image_task.submit(image, root, loaded, config, policy)
         submitted.append((image, future))
         in_flight.add(future)
+    for _ in as_completed(list(in_flight)):
+        on_finished()
     return submitted
 
 

@@ -18,7 +18,9 @@ from prefect.cache_policies import NO_CACHE
 import segpipe
 from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
+from segpipe.flows.progress import ProgressArtifacts
 from segpipe.io.ingest import ingested_image
+from segpipe.progress import also_reporting, showing
 
 __all__ = ["default_image_store", "segment_slide", "segment_task"]
 
@@ -31,8 +33,10 @@ def default_image_store(output: str | Path) -> Path:
 
 @task(name="ingest")
 def ingest_task(source: str, store: str, pixel_size_um: float | None, progress: bool) -> str:
+    """:func:`segpipe.io.ingest.ingested_image`, its stage a progress artifact."""
     get_run_logger().info("ingesting %s into %s (if needed)", source, store)
-    return str(ingested_image(source, store, pixel_size_um=pixel_size_um, progress=progress))
+    with showing(progress), also_reporting(ProgressArtifacts(store)):
+        return str(ingested_image(source, store, pixel_size_um=pixel_size_um))
 
 
 # No cache key: a loaded model may come in as `model`, and hashing its weights for a cache that
@@ -47,28 +51,21 @@ def segment_task(
     model_name: str | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> str:
-    """:func:`segpipe.segment`, logging progress every tenth of the tiles."""
-    logger = get_run_logger()
-    reported = [-1]
-
-    def log_progress(done: int, total: int) -> None:
-        decile = 10 * done // max(total, 1)
-        if decile > reported[0]:
-            reported[0] = decile
-            logger.info("segmented %d/%d tiles", done, total)
-
-    # Looked up on the package at call time, so a test can stand in for it.
-    result = segpipe.segment(
-        image,
-        output,
-        model,
-        config,
-        model_name=model_name,
-        overwrite=overwrite,
-        progress=progress,
-        on_progress=log_progress,
-    )
+    """:func:`segpipe.segment`, its stages (segment, pyramid) progress artifacts of
+    ``output`` and a log line every tenth; ``progress`` also shows them on stderr."""
+    with showing(progress), also_reporting(ProgressArtifacts(output)):
+        # Looked up on the package at call time, so a test can stand in for it.
+        result = segpipe.segment(
+            image,
+            output,
+            model,
+            config,
+            model_name=model_name,
+            overwrite=overwrite,
+            storage_options=storage_options,
+        )
     return str(result)
 
 

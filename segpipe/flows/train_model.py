@@ -22,6 +22,7 @@ from segpipe.training import (
     TrainConfig,
     class_names_for,
     initial_model,
+    pixel_contract_for,
     save_trained,
     train,
 )
@@ -93,9 +94,9 @@ def train_model(
         validation images}`` (the last epoch's validation).
     """
     config = TrainConfig(**(train_options or {}))
-    model = build_task(
-        architecture, class_names_for(config), config.seed, dict(model_options or {})
-    )
+    # The data's channels, dtype and scaling size a fresh model (initial_model's contract=).
+    options = {"contract": pixel_contract_for(config), **(model_options or {})}
+    model = build_task(architecture, class_names_for(config), config.seed, options)
     result = train_task(model, config)
     path = save_task(model, config, result, output, half)
     return {

@@ -24,7 +24,6 @@ have no ``unit`` (the 0.5 spec makes it optional) and the scale is in level-0 pi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -32,17 +31,21 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import dask.base
 import numpy as np
+from dask.callbacks import Callback
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
 from segpipe.io.ome import OME_VERSION, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.units import check_pixel_size
+from segpipe.progress import Stage, progress_option, stage
 
 __all__ = ["ingest", "ingested_image", "is_segpipe_image"]
 _ZSTD_LEVEL = 3
 
 
+@progress_option
 def ingest(
     source: str | os.PathLike[str] | Reader,
     output: str | os.PathLike[str],
@@ -73,7 +76,8 @@ def ingest(
         Replace ``output`` if it is a previous segpipe image ingest (complete or not). Any
         other existing path is never deleted.
     progress
-        Show a Dask progress bar per level (local schedulers).
+        Show the ingest's progress on stderr, unless a listener is installed already
+        (:func:`segpipe.progress.reporting`), which shows it. Dask's own bars never print.
 
     Returns
     -------
@@ -127,26 +131,66 @@ def ingest(
         for k, (ly, lx) in enumerate(shapes)
     ]
 
-    bar: Any = contextlib.nullcontext
-    if progress:
-        from dask.diagnostics import ProgressBar
-
-        bar = ProgressBar
     zarr_chunks = (nc, chunk, chunk)
-    for k, target in enumerate(arrays):
-        if k == 0:
-            level = reader.level(0).transpose(2, 0, 1)
-        else:
-            # read back the level just written: bounded memory, and each level is the mean
-            # of exactly what is stored below it
-            previous = da.from_zarr(arrays[k - 1])
-            level = downsample_mean_2x(previous, yx_axes=(1, 2))
-        with bar():
+    level_chunks = [-(-ly // chunk) * -(-lx // chunk) for ly, lx in shapes]
+    with stage("ingest", total=sum(level_chunks), unit="chunk") as written:
+        for k, target in enumerate(arrays):
+            if k == 0:
+                level = reader.level(0).transpose(2, 0, 1)
+            else:
+                # read back the level just written: bounded memory, and each level is the mean
+                # of exactly what is stored below it
+                previous = da.from_zarr(arrays[k - 1])
+                level = downsample_mean_2x(previous, yx_axes=(1, 2))
+            counter = _ChunkCounter(written, level_chunks[k])
             # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
-            da.store(level.rechunk(zarr_chunks), target, lock=False)  # type: ignore[arg-type]
+            da.store(
+                level.rechunk(zarr_chunks),
+                target,  # type: ignore[arg-type]
+                lock=False,
+                **counter.compute_options(),
+            )
+            counter.finish()
 
     root.update_attributes({"segpipe": _segpipe_attributes(reader, px, complete=True)})
     return out
+
+
+class _ChunkCounter(Callback):
+    """Advances the ingest stage by a level's ``chunks`` as Dask's local scheduler finishes
+    its tasks (the share of tasks finished, counted as ``dask.diagnostics.ProgressBar``
+    counts them), called in the computing thread. A distributed client runs no local
+    callbacks: the level then counts whole when it is stored (:meth:`finish`)."""
+
+    def __init__(self, written: Stage, chunks: int) -> None:
+        super().__init__()
+        self.written, self.chunks, self.counted = written, chunks, 0
+
+    def compute_options(self) -> dict[str, Any]:
+        """``callbacks=`` with this one for the scheduler ``da.store`` will use, if a local one.
+
+        Passed to this computation only: a callback made active with ``with`` would count
+        every Dask computation of the process, other threads' included."""
+        scheduler = dask.base.get_scheduler()
+        is_local = scheduler is None or not getattr(scheduler, "__module__", "").startswith(
+            "distributed"
+        )
+        # Callbacks given to a computation replace the active ones (a user's own `with
+        # ProgressBar():`), so those go along.
+        return {"callbacks": [*Callback.active, self._callback]} if is_local else {}
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        done = len(state["finished"])
+        tasks = done + sum(len(state[k]) for k in ("ready", "waiting", "running"))
+        self._count(self.chunks * done // max(tasks, 1))
+
+    def finish(self) -> None:
+        self._count(self.chunks)
+
+    def _count(self, chunks: int) -> None:
+        if chunks > self.counted:
+            self.written.advance(chunks - self.counted)
+            self.counted = chunks
 
 
 def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
@@ -201,6 +245,10 @@ def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> 
     # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
     if (geo := getattr(reader, "georeference", None)) is not None:
         attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
+    # and which pixels hold no data: the ZarrReader's valid_mask reads these back
+    for key in ("nodata", "channel_names"):
+        if (value := getattr(reader, key, None)) is not None:
+            attrs[key] = list(value)
     return attrs
 
 

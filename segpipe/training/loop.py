@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +17,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.models.base import geometry_of
-from segpipe.training.config import TrainConfig, loss_weight_maps, make_slides
+from segpipe.progress import Stage, showing, stage
+from segpipe.training.config import (
+    TrainConfig,
+    loss_weight_maps,
+    make_slides,
+    training_contract,
+)
 from segpipe.training.datasets import separate_touching
 from segpipe.training.losses import softmax_cross_entropy
 from segpipe.training.sampling import sample_pairs
@@ -29,6 +34,7 @@ from segpipe.training.state import load_state, save_state
 
 if TYPE_CHECKING:
     from segpipe.models import SegmentationModel
+    from segpipe.models.contract import PixelContract
 
 __all__ = ["format_report", "initial_model", "save_trained", "train"]
 
@@ -38,16 +44,28 @@ def initial_model(
     *,
     class_names: Sequence[str],
     seed: int = 0,
+    contract: PixelContract | None = None,
     **options: Any,
 ) -> SegmentationModel:
     """The model training starts from: a fresh ``segpipe.models.build(name, ...)`` with torch
     seeded by ``seed`` (reproducible initial weights), or a checkpoint/shipped model to
-    fine-tune (``options`` must then be empty)."""
+    fine-tune (``options`` must then be empty).
+
+    ``contract`` (:func:`~segpipe.training.config.pixel_contract_for` of the data) sizes a
+    fresh model's input (``in_channels``) and, when it has measured statistics, its
+    normalisation; a model to fine-tune keeps its own contract."""
     from segpipe import models
 
     if name_or_checkpoint in models.available():
         torch.manual_seed(seed)
-        return models.build(name_or_checkpoint, class_names=class_names, **options)
+        if contract is not None:
+            options.setdefault("in_channels", contract.channels)
+            if contract.mean is not None and contract.std is not None:
+                options.setdefault("input_mean", contract.mean)
+                options.setdefault("input_std", contract.std)
+        model = models.build(name_or_checkpoint, class_names=class_names, **options)
+        model.pixel_contract = contract
+        return model
     if options:
         raise ValueError(
             f"{name_or_checkpoint!r} is a trained model; its architecture is fixed, so the "
@@ -101,7 +119,8 @@ def train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _train(model, config)
+        with showing(config.progress):
+            return _train(model, config)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -120,6 +139,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
             f"the model predicts {classes} classes, the {config.dataset} data has "
             f"{len(names)}: {names}; build it with class_names={names}"
         )
+    contract = training_contract(model, config, train_slides)
     weight_maps = loss_weight_maps(train_slides, config)
     augmentation = config.augmentation
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -144,15 +164,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     checkpoint: Path | None = None
     scores: Evaluation | None = None
     epoch_losses: list[float] = []
-    bar = tqdm(
-        range(first_step, config.steps),
-        desc="train",
-        disable=not config.progress,
-        unit="step",
-        initial=first_step,
-        total=config.steps,
-    )
-    for step in bar:
+    for step, steps in _steps(first_step, config.steps):
         batch = sample_pairs(
             train_slides,
             geometry,
@@ -161,6 +173,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
             rng,
             augmentation=augmentation,
             weight_maps=weight_maps,
+            scale=contract.scale,
         )
         logits = model(torch.from_numpy(batch.images))
         weights = None if batch.weights is None else torch.from_numpy(batch.weights)
@@ -174,7 +187,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             history.append(float(np.mean(window_losses)))
             window_losses.clear()
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
+            steps.note = f"loss {history[-1]:.4f}"
         if (step + 1) % config.steps_per_epoch == 0 or step + 1 == config.steps:
             scores = evaluate_model(model, val_slides, tile=config.val_tile)
             epochs.append(
@@ -218,6 +231,14 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     if config.progress:
         print(format_report(result))
     return result
+
+
+def _steps(first: int, last: int) -> Iterator[tuple[int, Stage]]:
+    """Steps ``first`` to ``last - 1`` as the "train" stage, advanced as each one ends."""
+    with stage("train", total=last - first, unit="step") as steps:
+        for step in range(first, last):
+            yield step, steps
+            steps.advance()
 
 
 def save_trained(

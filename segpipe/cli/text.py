@@ -1,0 +1,74 @@
+"""What the commands print for people, in one place (areas, result summaries), and the one
+shape of an option's old spelling (:class:`DeprecatedAlias`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["DeprecatedAlias", "area_key", "area_text", "print_summary"]
+
+# The units of segpipe's area values (pint spelling, `class_areas`) -> (JSON key suffix, text).
+_AREA_UNITS = {
+    "micrometer**2": ("um2", "µm²"),
+    "metre**2": ("m2", "m²"),
+    "meter**2": ("m2", "m²"),
+    "pixel**2": ("px", "px"),
+}
+
+
+def area_key(units: str) -> str:
+    """The JSON key of an area in ``units``: ``area_um2``, ``area_m2``, ``area_px``."""
+    return "area_" + _AREA_UNITS.get(units, (units.replace("**", ""), ""))[0]
+
+
+def area_text(value: float, units: str = "micrometer**2") -> str:
+    """An area for people, in the result's units, µm² for a microscopy result.
+
+    >>> area_text(1234567.25)
+    '1,234,567.2 µm²'
+    >>> area_text(12.0, "pixel**2")
+    '12 px'
+    """
+    suffix, text = _AREA_UNITS.get(units, ("", units))
+    return f"{value:,.0f} {text}" if suffix == "px" else f"{value:,.1f} {text}"
+
+
+def print_summary(s: Mapping[str, Any]) -> None:
+    """A finished result's summary (``segpipe.analysis.summary.summarise(...).as_dict()``)."""
+    print(f"result: {s['path']}  ({s['shape'][0]} x {s['shape'][1]} px", end="")
+    print(f", {s['pixel_size_um']} µm/px)" if s["pixel_size_um"] else ")")
+    areas = s["class_area_um2"]
+    for i, name in enumerate(s["class_names"]):
+        line = f"  {name:<12} {100 * s['class_fraction'][i]:6.2f} %"
+        if areas:
+            line += f"  {area_text(areas[i]):>20}"
+        if s.get("dice"):
+            line += f"  Dice {s['dice'][i]:.4f}"
+        print(line)
+    print(
+        f"tiles: {s['tiles_computed']} computed of {s['tiles_total']}; "
+        f"{s['seconds']:.1f} s segmenting ({s['megapixels_per_second']:.2f} Mpx/s)"
+    )
+
+
+class DeprecatedAlias(argparse.Action):
+    """An option's old spelling: hidden from the help, takes the same value(s) into the same
+    ``dest``, and says on stderr what to write instead (``new``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kw: Any) -> None:
+        kw.setdefault("default", argparse.SUPPRESS)  # the new option's default stands
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kw)
+        self.new = new
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{parser.prog}: warning: {option_string} is deprecated; {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
