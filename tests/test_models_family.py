@@ -367,7 +367,7 @@ def test_exact_segment_equals_whole_image_pass(name, config, source, image, tmp_
         scheduler="sync",
         probability_dtype="float32",
     )
-    got = zarr.open_array(out / "probabilities", mode="r")[...]
+    got = zarr.open_array(out / "0" / "probabilities", mode="r")[...]
     expected = whole_image_probabilities(net, image)
     assert got.shape == expected.shape == (3, 40, 52)
     assert np.abs(got - expected).max() <= 1e-4
@@ -391,5 +391,5 @@ def test_checkpoint_round_trip_and_cli(name, config, source, image, tmp_path, ca
     args = ["segment", str(source), str(out), "--model", str(path), "--tile", "16"]
     assert main([*args, "--scheduler", "sync"]) == 0
     assert capsys.readouterr().out.strip().endswith("cli.zarr")
-    got = zarr.open_array(out / "probabilities", mode="r")[...].astype(np.float32)
+    got = zarr.open_array(out / "0" / "probabilities", mode="r")[...].astype(np.float32)
     assert np.abs(got - whole_image_probabilities(net, image)).max() <= 1e-3

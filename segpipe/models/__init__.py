@@ -10,6 +10,12 @@ True
 Architectures live one per file in this package and register themselves with
 ``@segpipe.models.base.register``; every module here is imported below, so a new architecture
 is one new file. Trained models ship as ``segpipe/models/weights/<name>.pt`` checkpoints.
+
+Networks from elsewhere (MONAI, segmentation_models.pytorch, timm-based) become segpipe models
+with :func:`wrap` (geometry measured by a gradient probe when not given); TorchScript and
+``torch.export`` files load by path when a JSON/YAML sidecar describes them
+(:mod:`segpipe.models.foreign`). What a model was trained on travels as its
+:class:`PixelContract` (:mod:`segpipe.models.contract`).
 """
 
 from __future__ import annotations
@@ -26,22 +32,44 @@ from segpipe.models.base import (
     REGISTRY,
     SegmentationModel,
     geometry_of,
+    pixel_contract_of,
     uses_tile_statistics,
 )
 from segpipe.models.checkpoint import CheckpointError, fingerprint, save
 from segpipe.models.checkpoint import load as load_checkpoint
+from segpipe.models.contract import (
+    OutOfDistributionWarning,
+    PixelContract,
+    PixelContractError,
+    check_source,
+    choose_level,
+    measure_contract,
+)
+from segpipe.models.foreign import is_foreign, load_foreign, write_sidecar
+from segpipe.models.wrapped import WrappedModel, measure_geometry, wrap
 
 __all__ = [
     "CheckpointError",
+    "OutOfDistributionWarning",
+    "PixelContract",
+    "PixelContractError",
     "SegmentationModel",
+    "WrappedModel",
     "available",
     "build",
+    "check_source",
+    "choose_level",
     "fingerprint",
     "geometry_of",
     "load",
+    "measure_contract",
+    "measure_geometry",
+    "pixel_contract_of",
     "save",
     "shipped",
     "uses_tile_statistics",
+    "wrap",
+    "write_sidecar",
 ]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -107,11 +135,14 @@ def build(
 
 
 def load(name_or_path: str | os.PathLike[str]) -> SegmentationModel:
-    """A trained model, in eval mode: a shipped one by name, or any checkpoint file by path."""
+    """A trained model, in eval mode: a shipped one by name, a checkpoint file by path, or a
+    TorchScript / ``torch.export`` file with a sidecar (:func:`write_sidecar`) by path."""
     models = shipped()
     if isinstance(name_or_path, str) and name_or_path in models:
         return load_checkpoint(models[name_or_path])
     path = Path(name_or_path)
+    if is_foreign(path):
+        return load_foreign(path)
     if path.is_file():
         return load_checkpoint(path)
     hint = (

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from segpipe.geometry.tiling import Geometry
+from segpipe.models.contract import PixelContract
 
 __all__ = [
     "DEFAULT_INPUT_MEAN",
@@ -25,6 +26,7 @@ __all__ = [
     "REGISTRY",
     "SegmentationModel",
     "geometry_of",
+    "pixel_contract_of",
     "register",
     "uses_tile_statistics",
 ]
@@ -104,6 +106,9 @@ class SegmentationModel(nn.Module):
         )
         # Set by segpipe.models.checkpoint.load from the file; None for a model built in memory.
         self.checkpoint_metrics: dict[str, Any] | None = None
+        # What the model was trained on (channels, dtype, value scaling, pixel size); set by
+        # training and kept in the checkpoint. None: the dtype rule (pixels.to_float01).
+        self.pixel_contract: PixelContract | None = None
 
     @property
     def in_channels(self) -> int:
@@ -228,6 +233,23 @@ def geometry_of(module: nn.Module) -> Geometry:
             "output pixel needs; or subclass segpipe.models.base.SegmentationModel."
         )
     return geometry
+
+
+def pixel_contract_of(module: nn.Module) -> PixelContract | None:
+    """The :class:`~segpipe.models.contract.PixelContract` inference must honour for ``module``.
+
+    The module's own ``pixel_contract`` when it has one; else, for a module that says its
+    ``in_channels``, that many channels scaled by the dtype rule (models saved before
+    contracts existed); else None (a plain module: pixels are scaled by the dtype rule and
+    nothing is checked).
+    """
+    contract = getattr(module, "pixel_contract", None)
+    if isinstance(contract, PixelContract):
+        return contract
+    channels = getattr(module, "in_channels", None)
+    if isinstance(channels, int) and not isinstance(channels, bool):
+        return PixelContract(channels=channels)
+    return None
 
 
 _BATCH_NORMS: tuple[type[nn.Module], ...] = (

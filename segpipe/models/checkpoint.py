@@ -20,8 +20,9 @@ from typing import Any
 import torch
 
 from segpipe.models.base import REGISTRY, SegmentationModel
+from segpipe.models.contract import PixelContract
 
-__all__ = ["FORMAT", "CheckpointError", "fingerprint", "load", "save"]
+__all__ = ["FORMAT", "CheckpointError", "fingerprint", "load", "looks_scripted", "save"]
 
 FORMAT = "segpipe-checkpoint/1"
 
@@ -40,7 +41,8 @@ def save(
     """Write ``model`` to ``path`` and return the path.
 
     The file holds ``{"format", "name", "config", "class_names", "input_mean", "input_std",
-    "state_dict", "metrics", "weights_dtype"}``. ``metrics`` (validation scores, training
+    "state_dict", "metrics", "weights_dtype"}`` and, for a model that has one, its
+    ``"pixel_contract"`` (:meth:`PixelContract.as_dict`). ``metrics`` (validation scores, training
     facts) must be plain numbers, strings, booleans, None, lists and str-keyed dicts, so
     ``weights_only`` loading can read them. ``half=True`` stores floating-point weights as
     float16 (half the file size; :func:`load` restores float32), at a rounding error of about
@@ -50,6 +52,13 @@ def save(
         raise TypeError(
             f"save() takes a segpipe SegmentationModel, got {type(model).__name__}; build one "
             "with segpipe.models.build()"
+        )
+    if model.name not in REGISTRY:
+        raise TypeError(
+            f"save() writes registry architectures only, and {type(model).__name__} "
+            f"({model.name!r}) is not one: a checkpoint never carries code. Save a wrapped "
+            "network as TorchScript or torch.export with a JSON sidecar instead "
+            "(segpipe.models.write_sidecar)"
         )
     path = Path(path)
     weights_dtype = torch.float16 if half else torch.float32
@@ -70,6 +79,8 @@ def save(
         "metrics": _plain(dict(metrics or {}), "metrics"),
         "weights_dtype": str(weights_dtype).removeprefix("torch."),
     }
+    if model.pixel_contract is not None:
+        payload["pixel_contract"] = model.pixel_contract.as_dict()
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(payload, path)
     return path
@@ -86,6 +97,13 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    if looks_scripted(path):
+        # torch.load would hand a TorchScript archive to torch.jit.load, even weights-only.
+        raise CheckpointError(
+            f"{path} is a TorchScript or torch.export file, not a checkpoint: describe it in "
+            f"a sidecar {path.name}.json (segpipe.models.write_sidecar: class_names, geometry, "
+            "pixel contract) to load it as a model"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -149,7 +167,34 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
             f"{path}: its weights do not match a {name!r} model with config {config}: {err}"
         ) from err
     model.checkpoint_metrics = dict(payload.get("metrics") or {})
+    model.pixel_contract = _contract(payload.get("pixel_contract"), model.in_channels, path)
     return model.eval()
+
+
+def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:
+    """The checkpoint's pixel contract; None for files written before contracts existed."""
+    if data is None:
+        return None
+    try:
+        contract = PixelContract.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its pixel contract {data!r} is not valid: {err}") from err
+    if contract.channels != channels:
+        raise CheckpointError(
+            f"{path}: its pixel contract names {contract.channels} channels, its model takes "
+            f"{channels}"
+        )
+    return contract
+
+
+def looks_scripted(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript or ``torch.export`` archive (by its zip entries)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return any("/code/" in n or n.endswith("archive_format") for n in names)
 
 
 def _check_finite(state: Mapping[str, Any], path: Path) -> None:
@@ -191,6 +236,9 @@ def fingerprint(model: torch.nn.Module) -> str:
             "input_mean": list(model.input_mean),
             "input_std": list(model.input_std),
         }
+        # Only when there is one: models without a contract keep their fingerprints.
+        if model.pixel_contract is not None:
+            header["pixel_contract"] = model.pixel_contract.as_dict()
     else:
         cls = type(model)
         header = {

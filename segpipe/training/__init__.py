@@ -39,7 +39,13 @@ from segpipe.training.augmentation import (
     elastic_deformation,
     intensity_jitter,
 )
-from segpipe.training.config import TrainConfig, class_names_for, loss_weight_maps, make_slides
+from segpipe.training.config import (
+    TrainConfig,
+    class_names_for,
+    loss_weight_maps,
+    make_slides,
+    pixel_contract_for,
+)
 from segpipe.training.loop import format_report, initial_model, save_trained, train
 from segpipe.training.sampling import Batch, patch_pair, sample_batch, sample_pairs
 from segpipe.training.state import state_path
@@ -57,6 +63,7 @@ __all__ = [
     "loss_weight_maps",
     "make_slides",
     "patch_pair",
+    "pixel_contract_for",
     "sample_batch",
     "sample_pairs",
     "save_trained",

@@ -2,29 +2,40 @@
 
 :func:`make_slides` makes the training and held-out validation images a config names (synthetic
 scenes from :mod:`segpipe.synthetic`, or the pairs of two folders), :func:`class_names_for`
-gives their class names, and :func:`loss_weight_maps` the per-pixel loss weights the config
-asks for. :mod:`segpipe.training` trains with them and re-exports them all.
+gives their class names, :func:`pixel_contract_for` what their pixels are (channels, dtype,
+value scaling, pixel size: the model records it) and :func:`loss_weight_maps` the per-pixel
+loss weights the config asks for. :mod:`segpipe.training` trains with them and re-exports them all.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
+from torch import nn
 
 from segpipe.analysis.evaluation import LabelledImage
+from segpipe.models.contract import PixelContract, measure_contract
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.training.augmentation import Augmentation
 from segpipe.training.datasets import class_names_of, read_folder
 from segpipe.training.losses import balanced_class_weights, unet_weight_map
 
-__all__ = ["TrainConfig", "class_names_for", "loss_weight_maps", "make_slides"]
+__all__ = [
+    "TrainConfig",
+    "class_names_for",
+    "loss_weight_maps",
+    "make_slides",
+    "pixel_contract_for",
+    "training_contract",
+]
 
 Dataset = Literal["tissue", "aerial", "folder"]
 LossWeights = Literal["none", "balanced", "unet"]
+Scaling = Literal["auto", "dtype", "range", "percentile"]
 
 # Default pixel size of each synthetic scene, micrometres: a 20x scan, a 0.5 m orthophoto.
 _DEFAULT_PIXEL_SIZE_UM = {"tissue": 0.5, "aerial": 500_000.0}
@@ -55,7 +66,17 @@ class TrainConfig:
         Number of synthetic training images.
     pixel_size_um
         Micrometres per pixel of the synthetic images; None: the scene's usual one (0.5 µm
-        for tissue, 500 000 µm = 0.5 m for aerial).
+        for tissue, 500 000 µm = 0.5 m for aerial). For folder data it overrides what the
+        files say (the model records it; inference matches levels to it).
+    scaling
+        How pixel values become the model's ``[0, 1]`` input, recorded in the model's pixel
+        contract and applied identically at inference: ``"auto"`` (the dtype's range for
+        uint8 and for floats within [0, 1], else ``"percentile"``), ``"dtype"`` (divide by
+        the dtype's maximum), ``"range"`` (``value_range`` onto 0..1, e.g. ``(0, 4095)`` for
+        a 12-bit camera) or ``"percentile"`` (``percentiles`` of the training pixels, per
+        channel, onto 0..1).
+    value_range, percentiles
+        For ``scaling="range"`` and ``"percentile"``.
     val_seed
         Seed of the held-out synthetic validation image; must differ from every training one's.
     val_size
@@ -129,6 +150,9 @@ class TrainConfig:
     separate_touching: bool = False
     checkpoint_dir: str | None = None
     resume_from: str | None = None
+    scaling: Scaling = "auto"
+    value_range: tuple[float, float] | None = None
+    percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "patch", "slide_size", "num_slides", "val_size")
@@ -171,6 +195,26 @@ class TrainConfig:
             math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0
         ):
             raise ValueError(f"TrainConfig.pixel_size_um must be > 0, got {self.pixel_size_um}")
+        if self.scaling not in ("auto", "dtype", "range", "percentile"):
+            raise ValueError(
+                "TrainConfig.scaling must be 'auto', 'dtype', 'range' or 'percentile', "
+                f"got {self.scaling!r}"
+            )
+        if self.scaling == "range" and (
+            self.value_range is None
+            or len(self.value_range) != 2
+            or not self.value_range[1] > self.value_range[0]
+        ):
+            raise ValueError(
+                "TrainConfig.scaling='range' needs value_range=(lo, hi) with hi > lo, got "
+                f"{self.value_range!r}"
+            )
+        lo_p, hi_p = self.percentiles
+        if not 0 <= lo_p < hi_p <= 100:
+            raise ValueError(
+                f"TrainConfig.percentiles must be (lo, hi) with 0 <= lo < hi <= 100, got "
+                f"{self.percentiles!r}"
+            )
         if self.dataset != "folder" and self.seed <= self.val_seed < self.seed + self.num_slides:
             raise ValueError(
                 f"TrainConfig.val_seed={self.val_seed} is also a training slide's seed "
@@ -201,6 +245,84 @@ def class_names_for(config: TrainConfig) -> tuple[str, ...]:
         return AERIAL_CLASS_NAMES
     names = class_names_of(str(config.train_folder))
     return names if names is not None else read_folder(str(config.train_folder))[0].class_names
+
+
+def pixel_contract_for(
+    config: TrainConfig, slides: Sequence[LabelledImage] | None = None
+) -> PixelContract:
+    """What the training pixels of ``config`` are: channels, dtype, scaling, pixel size, and
+    (from ``slides``, the training images, when given) their statistics.
+
+    Folder data is read when ``slides`` is not given; synthetic scenes are described
+    without being generated (uint8 RGB at the config's pixel size, dtype scaling).
+    """
+    if slides is None and config.dataset != "folder":
+        return PixelContract(
+            channels=3,
+            channel_names=("red", "green", "blue"),
+            dtype="uint8",
+            pixel_size_um=config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset],
+        )
+    if slides is None:
+        slides = read_folder(str(config.train_folder))
+    sizes = {getattr(s, "pixel_size_um", None) for s in slides}
+    pixel_size = config.pixel_size_um or (sizes.pop() if len(sizes) == 1 else None)
+    if config.dataset != "folder":
+        pixel_size = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
+    contract = measure_contract(
+        [np.asarray(s.image) for s in slides],
+        scaling=config.scaling,
+        value_range=config.value_range,
+        percentiles=config.percentiles,
+        pixel_size_um=pixel_size,
+    )
+    if contract.channels == 3 and contract.dtype == "uint8":
+        contract = replace(contract, channel_names=("red", "green", "blue"))
+    return contract
+
+
+def training_contract(
+    model: nn.Module, config: TrainConfig, slides: Sequence[LabelledImage]
+) -> PixelContract:
+    """The contract training applies, set as ``model.pixel_contract`` (so it is saved).
+
+    The model's own scaling when it has a contract (fine-tuning, or
+    :func:`~segpipe.training.initial_model` given the data's contract), with the statistics
+    of these training images; else the one measured on them (:func:`pixel_contract_for`).
+    Raises ValueError when the model's channels or fixed value range do not fit the images.
+    """
+    measured = pixel_contract_for(config, slides)
+    own = getattr(model, "pixel_contract", None)
+    channels = getattr(model, "in_channels", measured.channels)
+    if channels != measured.channels:
+        raise ValueError(
+            f"the model takes {channels} channel(s), the {config.dataset} training images have "
+            f"{measured.channels} ({measured.dtype}); build it with "
+            f"in_channels={measured.channels} (segpipe.training.initial_model(..., "
+            "contract=segpipe.training.pixel_contract_for(config)) does)"
+        )
+    contract = measured
+    if isinstance(own, PixelContract):
+        if own.scaling != "dtype" and own.dtype not in (None, measured.dtype):
+            raise ValueError(
+                f"the model was trained on {own.dtype} pixels scaled {own.describe_scaling()}, "
+                f"the training images are {measured.dtype}: convert them, or train a new model"
+            )
+        flat = [np.asarray(s.image).reshape(-1, own.channels) for s in slides]
+        # About a million pixels per image, evenly strided, as measure_contract takes.
+        scaled = np.concatenate(
+            [np.asarray(own.scale(f[:: max(1, len(f) // 1_000_000)])) for f in flat]
+        )
+        contract = replace(
+            own,
+            dtype=own.dtype or measured.dtype,
+            mean=tuple(float(v) for v in scaled.mean(axis=0)),
+            std=tuple(max(float(v), 1e-3) for v in scaled.std(axis=0)),
+            pixel_size_um=own.pixel_size_um or measured.pixel_size_um,
+        )
+    # nn.Module's __setattr__ is typed for tensors and modules; any value is allowed
+    setattr(model, "pixel_contract", contract)  # noqa: B010
+    return contract
 
 
 def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[LabelledImage]]:

@@ -5,13 +5,17 @@ optionally, object instances. :class:`segpipe.synthetic.SyntheticSlide` is one;
 :func:`read_folder` makes them (:class:`FolderImage`) from files::
 
     folder/
-      images/     a.png  b.tif  ...      RGB (or grey) images
+      images/     a.png  b.tif  ...      RGB, grey or multiband; uint8, uint16 or float
       labels/     a.png  b.tif  ...      one channel, class id per pixel, same stem and shape
       instances/  a.png  b.tif  ...      optional: object id per pixel, 0 outside objects
       classes.txt                        optional: one class name per line, in id order
 
 Files are read with :func:`segpipe.open_image`, so PNG, TIFF (also OME-TIFF) and Zarr work.
-Images are read whole into memory: this is for training-sized images, not slides.
+Images are read whole into memory: this is for training-sized images, not slides. They keep
+their dtype and channels (a grey image stays one channel, a 16-bit one 16-bit): how pixels
+become model input is the model's pixel contract (:mod:`segpipe.models.contract`), measured on
+the training images (:func:`segpipe.training.config.pixel_contract_for`). All images of a
+folder must share one dtype and one channel count.
 
 Training draws (input window, label crop) pairs from such images
 (:mod:`segpipe.training.sampling`) and augments them (:mod:`segpipe.training.augmentation`).
@@ -139,16 +143,31 @@ def _read_plane(path: Path, what: str) -> np.ndarray:
     return plane
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def _read_image(path: Path) -> np.ndarray:
+    """``(Y, X, C)`` pixels in the file's dtype; only an 8-bit PNG's alpha is dropped (a
+    4-band TIFF is four bands, e.g. RGB + near infrared)."""
     reader = open_image(path)
     image = reader.read(0, reader.shape[0], 0, reader.shape[1])
-    if image.dtype != np.uint8:
-        raise ValueError(f"{path}: images must be 8-bit (uint8), got {image.dtype}")
-    if image.shape[2] == 1:
-        image = np.repeat(image, 3, axis=2)
-    if image.shape[2] == 4:  # RGBA: drop alpha
-        image = image[..., :3]
+    if image.dtype.kind not in "uif":
+        raise ValueError(
+            f"{path}: images must hold integer or float pixels (uint8, uint16, float32...), "
+            f"got {image.dtype}"
+        )
+    if image.dtype.kind == "f" and not np.isfinite(image).all():
+        raise ValueError(f"{path}: NaN or infinite pixels; fill them before training")
+    if image.shape[2] == 4 and image.dtype == np.uint8 and path.suffix.lower() == ".png":
+        image = image[..., :3]  # RGBA: drop alpha
     return np.ascontiguousarray(image)
+
+
+def _check_alike(items: Sequence[FolderImage], root: Path) -> None:
+    seen = {f"{i.image.dtype}, {i.image.shape[2]} channel(s)": i.name for i in items}
+    if len(seen) > 1:
+        raise ValueError(
+            f"{root}: images must share one dtype and channel count, found "
+            f"{'; '.join(f'{k} (e.g. {v})' for k, v in sorted(seen.items()))}; convert them "
+            "to one kind"
+        )
 
 
 def class_names_of(folder: str | os.PathLike[str]) -> tuple[str, ...] | None:
@@ -211,7 +230,7 @@ def read_folder(
         inst = _read_plane(instances[stem], "instances") if stem in instances else None
         out.append(
             FolderImage(
-                image=_read_rgb(path),
+                image=_read_image(path),
                 labels=planes[stem].astype(np.uint8),
                 instances=None if inst is None else inst.astype(np.int32),
                 class_names=names,
@@ -219,4 +238,5 @@ def read_folder(
                 pixel_size_um=open_image(path).pixel_size_um,
             )
         )
+    _check_alike(out, root)
     return out

@@ -4,12 +4,14 @@ A pair's labels are the pixels the model predicts; its input is that crop grown 
 context (the halo), read with :func:`segpipe.io.readers.read_mirrored` as the pipeline reads
 its windows, so the context is mirrored at image borders as in the U-Net paper and as it is at
 inference. :func:`sample_pairs` draws a batch at random positions and augments each pair
-(:mod:`segpipe.training.augmentation`).
+(:mod:`segpipe.training.augmentation`). Pixels become model input through ``scale``, the
+model's pixel contract (:meth:`segpipe.models.PixelContract.scale`), the very function the
+predictor applies at inference; the dtype rule (``pixels.to_float01``) when none is given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -30,9 +32,12 @@ __all__ = ["Batch", "patch_pair", "sample_batch", "sample_pairs"]
 # The default augmentation: flips and rotations only (a frozen value, safe to share).
 _FLIPS = Augmentation()
 
+Scale = Callable[[np.ndarray], np.ndarray]
+"""``(Y, X, C)`` native pixels -> float32 model input (a pixel contract's ``scale``)."""
+
 
 class Batch(NamedTuple):
-    """A training batch: ``(B, 3, n, n)`` float32 images, ``(B, o, o)`` int64 labels and,
+    """A training batch: ``(B, C, n, n)`` float32 images, ``(B, o, o)`` int64 labels and,
     with loss weights, ``(B, o, o)`` float32 weights."""
 
     images: np.ndarray
@@ -60,19 +65,28 @@ def _window(
     geometry: Geometry,
     patch: int,
     weights: np.ndarray | None,
+    scale: Scale | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, int]:
-    """Image ``(3, n, n)``, labels and weights over the **whole** input window, margin, o."""
+    """Image ``(C, n, n)``, labels and weights over the **whole** input window, margin, o."""
     n, o = _window_sides(geometry, patch)
     margin = (n - o) // 2  # the halo for valid convolutions, 0 for same padding
     box = Box(y - margin, y - margin + n, x - margin, x - margin + n)
-    # The one dtype rule (pixels.to_float01): uint8 / 255, uint16 / 65535, floats as they are.
-    image = np.ascontiguousarray(to_float01(_mirrored(slide.image, box)).transpose(2, 0, 1))
+    # The model's pixel contract, as at inference; else the dtype rule (uint8 / 255, ...).
+    pixels = _mirrored(slide.image, box)
+    image = (scale or to_float01)(pixels)
+    image = np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1))
     labels = _mirrored(slide.labels, box).astype(np.int64)
     return image, labels, None if weights is None else _mirrored(weights, box), margin, o
 
 
 def patch_pair(
-    slide: LabelledImage, y: int, x: int, geometry: Geometry, patch: int
+    slide: LabelledImage,
+    y: int,
+    x: int,
+    geometry: Geometry,
+    patch: int,
+    *,
+    scale: Scale | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One training pair whose label crop has its top-left corner at ``(y, x)``.
 
@@ -96,15 +110,18 @@ def patch_pair(
         bottom/right edge, where it is mirrored like the context.
     geometry, patch
         The model's geometry and the requested label side (pixels).
+    scale
+        Native pixels to model input: the model's ``pixel_contract.scale``; default the dtype
+        rule.
 
     Returns
     -------
     image
-        ``(3, n, n)`` float32 in ``[0, 1]``.
+        ``(C, n, n)`` float32, scaled by ``scale``.
     labels
         ``(o, o)`` int64 class ids.
     """
-    image, labels, _, m, o = _window(slide, y, x, geometry, patch, None)
+    image, labels, _, m, o = _window(slide, y, x, geometry, patch, None, scale)
     return image, np.ascontiguousarray(labels[m : m + o, m : m + o])
 
 
@@ -117,10 +134,12 @@ def sample_pairs(
     *,
     augmentation: Augmentation | None = _FLIPS,
     weight_maps: Sequence[np.ndarray] | None = None,
+    scale: Scale | None = None,
 ) -> Batch:
     """A batch of pairs at uniformly random positions of randomly chosen images, each pair
     augmented as ``augmentation`` says (None: not at all); ``weight_maps[i]`` (per-pixel loss
-    weights of ``slides[i]``) travel with the labels.
+    weights of ``slides[i]``) travel with the labels; ``scale`` makes pixels model input (the
+    model's pixel contract; default the dtype rule).
 
     Images and labels are shaped as in :func:`patch_pair`.
     """
@@ -136,7 +155,7 @@ def sample_pairs(
         y = int(rng.integers(max(slide.shape[0] - o, 0) + 1))
         x = int(rng.integers(max(slide.shape[1] - o, 0) + 1))
         w_map = None if weight_maps is None else weight_maps[index]
-        image, label, weight, m, o = _window(slide, y, x, geometry, patch, w_map)
+        image, label, weight, m, o = _window(slide, y, x, geometry, patch, w_map, scale)
         if augmentation is not None and augmentation.elastic_std_px > 0:
             # On the whole window, so that the labels' surroundings deform with them.
             image, label, weight = elastic_deformation(
@@ -178,7 +197,7 @@ def sample_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`sample_pairs` with flips and rotations only (or nothing), as ``(images, labels)``.
 
-    Returns ``(batch_size, 3, n, n)`` float32 images and ``(batch_size, o, o)`` int64 labels,
+    Returns ``(batch_size, C, n, n)`` float32 images and ``(batch_size, o, o)`` int64 labels,
     ``n`` and ``o`` as in :func:`patch_pair`.
     """
     batch = sample_pairs(

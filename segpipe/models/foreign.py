@@ -1,0 +1,175 @@
+"""TorchScript and ``torch.export`` files as segpipe models, described by a sidecar.
+
+A network trained anywhere can be segmented with by path once it is saved as TorchScript
+(``torch.jit.save``) or as an exported program (``torch.export.save``, with a dynamic batch
+dimension: the last batch of a run may be smaller) and described by a sidecar beside it,
+``<file>.json`` (or ``<file>.yaml``)::
+
+    {
+      "class_names": ["background", "nucleus"],          required
+      "in_channels": 1,                                  default: the contract's, else measured
+      "geometry": {"halo": 44, "multiple": 16},          default: measured (gradient probe)
+      "input_mean": [0.5], "input_std": [0.25],          default: 0 and 1 (none)
+      "pixel_contract": {"channels": 1, "dtype": "uint16", "scaling": "range",
+                         "lo": [0], "hi": [4095], "pixel_size_um": 0.65}
+    }
+
+:func:`write_sidecar` writes one. Such files hold code (TorchScript's own, not Python pickles);
+segpipe runs it only for a file that has a sidecar, i.e. that its user declared a model. A plain
+checkpoint (:mod:`segpipe.models.checkpoint`) still never runs code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from segpipe.geometry.tiling import Geometry
+from segpipe.models.contract import PixelContract
+from segpipe.models.wrapped import WrappedModel, wrap
+
+__all__ = ["SIDECAR_SUFFIXES", "is_foreign", "load_foreign", "sidecar_of", "write_sidecar"]
+
+SIDECAR_SUFFIXES = (".json", ".yaml", ".yml")
+_KEYS = {"format", "class_names", "in_channels", "geometry", "input_mean", "input_std",
+         "pixel_contract"}  # fmt: skip
+
+
+def sidecar_of(path: str | os.PathLike[str]) -> Path | None:
+    """The sidecar of a model file (``model.pt`` -> ``model.pt.json``), None when it has none."""
+    p = Path(path)
+    for suffix in SIDECAR_SUFFIXES:
+        candidate = p.with_name(p.name + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_foreign(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a file with a sidecar (to be loaded by :func:`load_foreign`)."""
+    return Path(path).is_file() and sidecar_of(path) is not None
+
+
+def write_sidecar(
+    path: str | os.PathLike[str],
+    *,
+    class_names: Sequence[str],
+    in_channels: int | None = None,
+    geometry: Geometry | None = None,
+    input_mean: Sequence[float] | float | None = None,
+    input_std: Sequence[float] | float | None = None,
+    pixel_contract: PixelContract | None = None,
+) -> Path:
+    """Write ``<path>.json`` describing the TorchScript or exported model at ``path``."""
+    data: dict[str, Any] = {"class_names": [str(c) for c in class_names]}
+    if in_channels is not None:
+        data["in_channels"] = int(in_channels)
+    if geometry is not None:
+        data["geometry"] = {
+            "halo": geometry.halo,
+            "multiple": geometry.multiple,
+            "input_offset": geometry.input_offset,
+            "shrinks": geometry.shrinks,
+        }
+    for key, value in (("input_mean", input_mean), ("input_std", input_std)):
+        if value is not None:
+            data[key] = [float(v) for v in value] if isinstance(value, Sequence) else float(value)
+    if pixel_contract is not None:
+        data["pixel_contract"] = pixel_contract.as_dict()
+    out = Path(path)
+    out = out.with_name(out.name + ".json")
+    out.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
+    """A TorchScript or ``torch.export`` file with its sidecar, as a :class:`WrappedModel`.
+
+    Raises ValueError naming the file when the sidecar is missing or malformed, or the file
+    is neither format.
+    """
+    p = Path(path)
+    side = sidecar_of(p)
+    if side is None:
+        raise ValueError(
+            f"{p} has no sidecar ({p.name}.json): write one with segpipe.models.write_sidecar "
+            "(class_names, and optionally geometry and pixel_contract)"
+        )
+    spec = _read_sidecar(side)
+    module = _load_module(p, spec.get("format"))
+    geometry = None
+    if "geometry" in spec:
+        try:
+            geometry = Geometry(**spec["geometry"])
+        except TypeError as err:
+            raise ValueError(f"{side}: geometry {spec['geometry']!r} is not valid: {err}") from err
+    contract = None
+    if spec.get("pixel_contract") is not None:
+        try:
+            contract = PixelContract.from_dict(spec["pixel_contract"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{side}: pixel_contract is not valid: {err}") from err
+    try:
+        return wrap(
+            module,
+            class_names=[str(c) for c in spec["class_names"]],
+            in_channels=spec.get("in_channels"),
+            geometry=geometry,
+            input_mean=spec.get("input_mean"),
+            input_std=spec.get("input_std"),
+            pixel_contract=contract,
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{p} (sidecar {side}): {err}") from err
+
+
+def _read_sidecar(side: Path) -> dict[str, Any]:
+    text = side.read_text(encoding="utf-8")
+    try:
+        if side.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml  # type: ignore[import-untyped]
+
+            data = yaml.safe_load(text)
+    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+        raise ValueError(f"{side}: not a readable sidecar: {err}") from err
+    if not isinstance(data, Mapping) or not data.get("class_names"):
+        raise ValueError(f"{side}: a sidecar is a mapping with at least class_names")
+    unknown = sorted(set(data) - _KEYS)
+    if unknown:
+        raise ValueError(f"{side}: unknown entries {unknown}; known: {sorted(_KEYS)}")
+    return dict(data)
+
+
+def _load_module(path: Path, declared: str | None) -> torch.nn.Module:
+    kind = declared or _sniff(path)
+    if kind == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    if kind == "torch.export":
+        program = torch.export.load(str(path))
+        return program.module()
+    raise ValueError(
+        f"{path}: format {kind!r} is neither 'torchscript' nor 'torch.export'; a segpipe "
+        "checkpoint needs no sidecar (remove it)"
+    )
+
+
+def _sniff(path: Path) -> str:
+    """``"torchscript"`` or ``"torch.export"`` from the zip archive's entries."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a TorchScript or torch.export file: {err}") from err
+    if any(n.endswith("archive_format") or "/models/" in n for n in names):
+        return "torch.export"
+    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    return "unknown"

@@ -1,0 +1,331 @@
+"""Bring your own network: :func:`wrap` makes any ``nn.Module`` a segpipe model.
+
+A MONAI ``BasicUNet``, a segmentation_models.pytorch ``Unet``, a TorchScript file: anything that
+maps ``(N, C, H, W)`` to class scores ``(N, classes, H, W)``. The tiler needs the network's
+geometry (its halo and size multiple); :func:`measure_geometry` finds them with a gradient probe
+when they are not given, the way the model tests check segpipe's own architectures:
+
+* the **multiple** is the smallest shift (1, 2, 4, ... 64 pixels) under which the output shifts
+  with the input (a network with ``p`` 2x2 poolings is equivariant to shifts of ``2**p``);
+* the **halo** is the farthest an input pixel lies from an output pixel that depends on it, for
+  every pooling phase and both axes, found with autograd on a copy whose weights are made
+  positive (so nothing cancels and every ReLU passes its gradient) and whose per-tile
+  normalisations (InstanceNorm, GroupNorm) are removed (they make every pixel depend on all).
+
+Exact mode with the measured halo then equals a whole-image pass over the mirrored image; a
+network with per-tile normalisation is refused by exact mode and runs in blend mode, where the
+halo still says how much context a window needs.
+
+>>> from torch import nn
+>>> net = wrap(nn.Conv2d(3, 2, 5, padding=2), class_names=["bg", "fg"])
+>>> net.geometry
+Geometry(halo=2, multiple=1, input_offset=0, shrinks=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from segpipe.geometry.tiling import Geometry
+from segpipe.models.base import SegmentationModel, uses_tile_statistics
+from segpipe.models.contract import PixelContract
+
+__all__ = ["WrappedConfig", "WrappedModel", "measure_geometry", "wrap"]
+
+_MAX_MULTIPLE = 64
+_MAX_PROBE = 4096  # pixels: a receptive field beyond this is taken to be global
+
+
+@dataclass(frozen=True)
+class WrappedConfig:
+    """What a wrapped network is: channels, classes, the module's class and its geometry."""
+
+    in_channels: int = 3
+    num_classes: int = 2
+    module: str = ""
+    halo: int = 0
+    multiple: int = 1
+    input_offset: int = 0
+    shrinks: bool = False
+
+
+class WrappedModel(SegmentationModel):
+    """A foreign ``nn.Module`` behind the :class:`SegmentationModel` interface.
+
+    ``forward`` normalises the contract-scaled ``[0, 1]`` input with ``input_mean`` and
+    ``input_std`` (default 0 and 1: the module sees ``[0, 1]``) and calls the module. Not in
+    the registry: :func:`segpipe.models.save` refuses it (a checkpoint never carries code).
+    """
+
+    name = "wrapped"
+    config_class = WrappedConfig
+
+    def __init__(
+        self,
+        module: nn.Module,
+        config: WrappedConfig,
+        *,
+        class_names: Sequence[str] | None = None,
+        input_mean: Sequence[float] | float | None = None,
+        input_std: Sequence[float] | float | None = None,
+    ) -> None:
+        super().__init__(
+            config,
+            class_names=class_names,
+            input_mean=0.0 if input_mean is None else input_mean,
+            input_std=1.0 if input_std is None else input_std,
+        )
+        self.module = module
+
+    def train(self, mode: bool = True) -> WrappedModel:
+        """Set train/eval mode; a ``torch.export`` module has its mode fixed at export."""
+        self.training = mode
+        _set_mode(self.module, mode)
+        return self
+
+    @property
+    def geometry(self) -> Geometry:
+        c = self.config
+        return Geometry(c.halo, c.multiple, c.input_offset, c.shrinks)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"the wrapped {self.config.module} returned {type(out).__name__}, not a tensor "
+                "of class scores; wrap a module whose forward returns (N, classes, H, W)"
+            )
+        return out
+
+
+def wrap(
+    module: nn.Module,
+    *,
+    class_names: Sequence[str],
+    in_channels: int | None = None,
+    halo: int | None = None,
+    multiple: int | None = None,
+    geometry: Geometry | None = None,
+    input_mean: Sequence[float] | float | None = None,
+    input_std: Sequence[float] | float | None = None,
+    pixel_contract: PixelContract | None = None,
+) -> WrappedModel:
+    """Any ``nn.Module`` from ``(N, C, H, W)`` input to ``(N, classes, H, W)`` logits as a
+    segpipe model, in eval mode.
+
+    Parameters
+    ----------
+    module
+        The network; it receives the pixels scaled by ``pixel_contract`` (default: the dtype
+        rule, ``[0, 1]``) and then normalised by ``input_mean``/``input_std``.
+    class_names
+        One name per output channel.
+    in_channels
+        Input channels; default: the contract's, else the first convolution's.
+    halo, multiple
+        Context in pixels each output pixel needs, and the size multiple; measured with
+        :func:`measure_geometry` when not given.
+    geometry
+        The whole geometry instead (e.g. for a valid-padding network, which the probe does
+        not measure).
+    input_mean, input_std
+        Per-channel normalisation applied before the module; default 0 and 1 (none).
+    pixel_contract
+        How image pixels become the module's input, and what images it takes.
+    """
+    _set_mode(module, False)
+    channels = (
+        in_channels
+        or (pixel_contract.channels if pixel_contract is not None else None)
+        or _first_conv_channels(module)
+    )
+    if channels is None:
+        raise ValueError(
+            f"cannot tell how many channels {type(module).__name__} takes: pass in_channels="
+        )
+    if geometry is None:
+        geometry = measure_geometry(module, channels, halo=halo, multiple=multiple)
+    config = WrappedConfig(
+        in_channels=int(channels),
+        num_classes=len(class_names),
+        module=f"{type(module).__module__}.{type(module).__qualname__}",
+        halo=geometry.halo,
+        multiple=geometry.multiple,
+        input_offset=geometry.input_offset,
+        shrinks=geometry.shrinks,
+    )
+    net = WrappedModel(
+        module, config, class_names=class_names, input_mean=input_mean, input_std=input_std
+    )
+    if pixel_contract is not None and pixel_contract.channels != channels:
+        raise ValueError(
+            f"pixel_contract has {pixel_contract.channels} channels, the module takes {channels}"
+        )
+    net.pixel_contract = pixel_contract
+    return net.eval()
+
+
+def _set_mode(module: nn.Module, training: bool) -> None:
+    # An exported program's module refuses: its mode was fixed at export.
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)
+
+
+def _first_conv_channels(module: nn.Module) -> int | None:
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            return int(sub.in_channels)
+    for p in module.parameters():  # TorchScript and exported modules: the first 4-D weight
+        if p.ndim == 4:
+            return int(p.shape[1])
+    return None
+
+
+def measure_geometry(
+    module: nn.Module,
+    in_channels: int,
+    *,
+    halo: int | None = None,
+    multiple: int | None = None,
+) -> Geometry:
+    """The halo and size multiple of a same-padding network, by gradient probe.
+
+    Works on a float64 copy with positive weights (see the module doc); the module itself is
+    left alone. ``halo`` or ``multiple``, when given, are taken as they are.
+
+    Raises
+    ------
+    ValueError
+        When the output is not the input's size (a valid-padding network: give
+        ``geometry=``), or the receptive field exceeds 4096 pixels (global pooling or
+        attention: give ``halo=`` and use blend mode).
+    """
+    probe = _probe_copy(module)
+    rows = _MAX_MULTIPLE
+    if halo is None:
+        side, first = 256, None
+        while first is None:
+            first = _margins(probe, in_channels, rows, side, 1)
+            if first is None:
+                side *= 2
+                if side > _MAX_PROBE:
+                    raise ValueError(
+                        f"{type(module).__name__}: some output pixels depend on input more than "
+                        f"{_MAX_PROBE // 2} pixels away (global pooling or attention?), so no "
+                        "halo makes tiles exact; pass halo= (the context you want) and use "
+                        "mode='blend'"
+                    )
+    else:
+        first = halo
+    if multiple is None:
+        multiple = _multiple(probe, in_channels, rows, first)
+    if halo is None:
+        # Room for the farthest phase on both sides; mid (width // 2) on the pooling lattice.
+        need = 2 * (first + multiple) + 4 * multiple
+        width = need + (-need) % (2 * multiple)
+        # A strip a few multiples high is enough: rows only have to be accepted by the network.
+        rows = max(2 * multiple, 8)
+        phased = [_margins(probe, in_channels, rows, width, multiple, axis) for axis in (3, 2)]
+        if any(m is None for m in phased):
+            raise ValueError(f"{type(module).__name__}: the receptive field did not settle")
+        halo = max(int(m or 0) for m in phased)
+    return Geometry(halo=int(halo), multiple=int(multiple), input_offset=0, shrinks=False)
+
+
+def _probe_copy(module: nn.Module) -> nn.Module:
+    """A float64 eval copy with positive averaging weights and no per-tile normalisation."""
+    probe = copy.deepcopy(module)
+    _set_mode(probe, False)
+    for name in uses_tile_statistics(probe):
+        if name:
+            parent_name, _, child = name.rpartition(".")
+            parent = probe.get_submodule(parent_name) if parent_name else probe
+            setattr(parent, child, nn.Identity())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for sub in probe.modules():
+            weight = getattr(sub, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
+                # Positive and averaging (sum of weights ~1 per output): values stay O(1)
+                # however deep the network, and no two paths cancel.
+                fan_in = weight[0].numel()
+                weight.copy_((0.5 + torch.rand(weight.shape, generator=generator)) / fan_in)
+            elif isinstance(weight, torch.Tensor):
+                weight.fill_(1.0)
+            bias = getattr(sub, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.fill_(0.01)
+            for stat, value in (("running_mean", 0.0), ("running_var", 1.0)):
+                buffer = getattr(sub, stat, None)
+                if isinstance(buffer, torch.Tensor):
+                    buffer.fill_(value)
+    return probe.double()
+
+
+def _run(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = probe(x)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"the module returned {type(y).__name__}, not a tensor of class scores")
+    if y.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"the module maps an input of {tuple(x.shape[2:])} to an output of "
+            f"{tuple(y.shape[2:])}: only same-size (same-padding) networks are measured; "
+            "give geometry=segpipe.geometry.tiling.Geometry(halo, multiple, input_offset, "
+            "shrinks=True) for a valid-padding one"
+        )
+    return y
+
+
+def _margins(
+    probe: nn.Module, channels: int, rows: int, cols: int, phases: int, axis: int = 3
+) -> int | None:
+    """Largest input distance of ``phases`` neighbouring output pixels (along ``axis``: 3 for
+    columns, 2 for rows) in the middle of a ``rows x cols`` strip, from the input pixels their
+    gradient touches; None when some touch the strip's end (the strip is too short)."""
+    shape = (phases, channels, rows, cols) if axis == 3 else (phases, channels, cols, rows)
+    x = (0.5 + 0.5 * torch.rand(shape, dtype=torch.float64)).requires_grad_(True)
+    y = _run(probe, x)
+    mid, centre = cols // 2, rows // 2
+    picks = [
+        # every class: a network may route some inputs to some classes only
+        y[b, :, centre, mid + b].sum() if axis == 3 else y[b, :, mid + b, centre].sum()
+        for b in range(phases)
+    ]
+    (grad,) = torch.autograd.grad(torch.stack(picks).sum(), x)
+    margin = 0
+    for b in range(phases):
+        g = grad[b].abs().sum(dim=(0, 1) if axis == 3 else (0, 2))
+        touched = torch.nonzero(g).flatten()
+        lo, hi = int(touched.min()), int(touched.max())
+        if lo == 0 or hi == cols - 1:
+            return None
+        margin = max(margin, mid + b - lo, hi - mid - b)
+    return margin
+
+
+@torch.no_grad()
+def _multiple(probe: nn.Module, channels: int, rows: int, margin: int) -> int:
+    """Smallest power-of-two shift under which the probe's output moves with its input."""
+    pad = margin + _MAX_MULTIPLE  # beyond any phase's reach
+    width = 2 ** math.ceil(math.log2(2 * pad + _MAX_MULTIPLE))
+    x = torch.rand(1, channels, rows, width + _MAX_MULTIPLE, dtype=torch.float64)
+    base = _run(probe, x[..., :width])[..., pad : width - pad]
+    shift = 1
+    while shift <= _MAX_MULTIPLE:
+        moved = _run(probe, x[..., shift : shift + width])
+        if torch.allclose(
+            moved[..., pad - shift : width - pad - shift], base, rtol=1e-9, atol=1e-12
+        ):
+            return shift
+        shift *= 2
+    raise ValueError(
+        f"the output does not follow shifts of the input up to {_MAX_MULTIPLE} pixels: "
+        "pass multiple= (the network's total stride)"
+    )

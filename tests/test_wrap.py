@@ -1,0 +1,196 @@
+"""Bring your own network: wrap() measures the geometry, exact mode then equals a whole-image
+pass, per-tile normalisation goes to blend mode, TorchScript / torch.export files load by path
+with a sidecar. MONAI and segmentation_models.pytorch are test-only extras (``[byo]``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from torch import nn
+
+import segpipe
+from segpipe import models
+from segpipe.cli import main
+from segpipe.execution.predictor import window_probabilities
+from segpipe.geometry.tiling import Geometry
+from segpipe.models import CheckpointError, PixelContract, WrappedModel, wrap, write_sidecar
+
+
+def _image(path: Path, shape: tuple[int, int] = (150, 112)) -> np.ndarray:
+    """A one-channel uint8 image with structure (blobs on a gradient), written to ``path``."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[: shape[0], : shape[1]]
+    image = 60 + 0.5 * x + 40 * np.sin(y / 7.0) + rng.normal(0, 10, shape)
+    image = image.clip(0, 255).astype(np.uint8)
+    tifffile.imwrite(path, image)
+    return image[..., None]
+
+
+def _whole_image_pass(net: nn.Module, image: np.ndarray, g: Geometry) -> np.ndarray:
+    """Probabilities ``(C, Y, X)`` of one forward pass over the image mirrored by the halo (and
+    to the size multiple): what exact-mode tiles must reproduce."""
+    h, m = g.halo, g.multiple
+    ny, nx = image.shape[:2]
+    after = [h + (-(n + 2 * h)) % m for n in (ny, nx)]
+    padded = np.pad(image, ((h, after[0]), (h, after[1]), (0, 0)), mode="reflect")
+    return window_probabilities(net, padded[None])[0][:, h : h + ny, h : h + nx]
+
+
+def _segmented(image: Path, out: Path, net: nn.Module | str, **settings: object) -> np.ndarray:
+    result = segpipe.segment(
+        image, out, net, scheduler="sync", probability_dtype="float32", **settings
+    )
+    return segpipe.open_result(result)["probabilities"].values
+
+
+# -- the probe against known geometry ---------------------------------------------------------
+
+
+def test_probe_finds_a_conv_stack_halo() -> None:
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(3, 3, 5, padding=4, dilation=2),
+        nn.ReLU(),
+        nn.Conv2d(3, 2, (1, 7), padding=(0, 3)),
+    )
+    g = wrap(net, class_names=["a", "b"]).geometry
+    assert g == Geometry(halo=1 + 4 + 3, multiple=1)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_probe_agrees_with_the_unet_formula(depth: int) -> None:
+    unet = models.build("unet", class_names=["a", "b"], width=2, depth=depth, padding="same")
+    assert models.measure_geometry(unet, 3) == unet.geometry
+
+
+def test_a_global_receptive_field_asks_for_a_halo() -> None:
+    class Global(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x.mean(dim=(2, 3), keepdim=True).expand_as(x)], dim=1)
+
+    with pytest.raises(ValueError, match="pass halo="):
+        wrap(Global(), class_names=["a", "b"], in_channels=1)
+    assert (
+        wrap(Global(), class_names=["a", "b"], in_channels=1, halo=8, multiple=1).geometry.halo == 8
+    )
+
+
+def test_wrapped_models_are_not_saved_as_checkpoints(tmp_path: Path) -> None:
+    net = wrap(nn.Conv2d(1, 2, 1), class_names=["a", "b"])
+    with pytest.raises(TypeError, match="never carries code"):
+        models.save(net, tmp_path / "w.pt")
+
+
+# -- MONAI BasicUNet ------------------------------------------------------------------------------
+
+
+def _basic_unet(norm: str) -> nn.Module:
+    monai = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    return monai.BasicUNet(
+        spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4), norm=norm
+    )
+
+
+@pytest.fixture(scope="module")
+def monai_batch() -> WrappedModel:
+    return wrap(_basic_unet("batch"), class_names=["background", "foreground"])
+
+
+def test_monai_basic_unet_exact_equals_a_whole_image_pass(
+    monai_batch: WrappedModel, tmp_path: Path
+) -> None:
+    g = monai_batch.geometry
+    assert (g.multiple, g.shrinks) == (16, False)
+    image = _image(tmp_path / "grey.tif")
+    tiles = _segmented(tmp_path / "grey.tif", tmp_path / "r.zarr", monai_batch, tile=64)
+    np.testing.assert_allclose(tiles, _whole_image_pass(monai_batch, image, g), atol=2e-5)
+    # One pixel less of halo and the tiles no longer agree: the measured halo is the least.
+    short = wrap(monai_batch.module, class_names=["a", "b"], halo=g.halo - 1, multiple=g.multiple)
+    shorter = _segmented(tmp_path / "grey.tif", tmp_path / "s.zarr", short, tile=64)
+    assert np.abs(shorter - tiles).max() > 1e-6
+
+
+@pytest.mark.slow
+def test_monai_instance_norm_runs_in_blend_mode(tmp_path: Path) -> None:
+    net = wrap(_basic_unet("instance"), class_names=["background", "foreground"])
+    assert net.geometry.halo > 0  # measured without the InstanceNorms, which see whole tiles
+    _image(tmp_path / "grey.tif")
+    with pytest.raises(ValueError, match="blend"):
+        _segmented(tmp_path / "grey.tif", tmp_path / "x.zarr", net, tile=64)
+    probabilities = _segmented(tmp_path / "grey.tif", tmp_path / "b.zarr", net, mode="blend")
+    assert probabilities.shape == (2, 150, 112)
+    np.testing.assert_allclose(probabilities.sum(axis=0), 1, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchscript_file_with_a_sidecar_runs_through_the_cli(
+    monai_batch: WrappedModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    image = _image(tmp_path / "grey.tif")
+    scripted = tmp_path / "basic-unet.pt"
+    traced = torch.jit.trace(monai_batch.module, torch.rand(1, 1, 64, 64))
+    torch.jit.save(traced, str(scripted))
+    with pytest.raises(CheckpointError, match="sidecar"):
+        models.load(scripted)
+    contract = PixelContract(channels=1, dtype="uint8", channel_names=("grey",))
+    # No geometry in the sidecar: it is measured on the TorchScript module.
+    side = write_sidecar(
+        scripted, class_names=["background", "foreground"], pixel_contract=contract
+    )
+    assert json.loads(side.read_text())["pixel_contract"]["channels"] == 1
+    loaded = models.load(scripted)
+    assert loaded.geometry == monai_batch.geometry
+    out = tmp_path / "cli.zarr"
+    argv = ["segment", str(tmp_path / "grey.tif"), str(out), "--model", str(scripted)]
+    assert (
+        main([*argv, "--tile", "64", "--scheduler", "sync", "--probability-dtype", "float32"]) == 0
+    )
+    probabilities = segpipe.open_result(out)["probabilities"].values
+    expected = _whole_image_pass(monai_batch, image, monai_batch.geometry)
+    np.testing.assert_allclose(probabilities, expected, atol=2e-5)
+
+
+def test_torch_export_file_with_a_sidecar(monai_batch: WrappedModel, tmp_path: Path) -> None:
+    g = monai_batch.geometry
+    side = g.input_size(32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        monai_batch.module, (torch.rand(2, 1, side, side),), dynamic_shapes=({0: batch},)
+    )
+    path = tmp_path / "basic-unet.pt2"
+    torch.export.save(program, str(path))
+    write_sidecar(path, class_names=["background", "foreground"], geometry=g, in_channels=1)
+    loaded = models.load(path)
+    assert loaded.geometry == g
+    x = torch.rand(3, 1, side, side)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), monai_batch(x), rtol=1e-5, atol=1e-5)
+
+
+# -- segmentation_models.pytorch ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smp_unet_exact_equals_a_whole_image_pass(tmp_path: Path) -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    unet = smp.Unet(
+        encoder_name="resnet18",
+        encoder_weights=None,
+        encoder_depth=3,
+        decoder_channels=(16, 8, 4),
+        in_channels=1,
+        classes=2,
+    )
+    net = wrap(unet, class_names=["background", "foreground"])
+    assert net.geometry.multiple == 8
+    image = _image(tmp_path / "grey.tif")
+    tiles = _segmented(tmp_path / "grey.tif", tmp_path / "r.zarr", net, tile=64)
+    np.testing.assert_allclose(tiles, _whole_image_pass(net, image, net.geometry), atol=2e-5)
