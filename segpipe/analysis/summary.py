@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 
 from segpipe.analysis.metrics import confusion_matrix, dice, iou
+from segpipe.io.files import is_url
 from segpipe.io.readers import open_image
 from segpipe.results import class_fractions, open_result, read_meta
 
@@ -42,6 +43,14 @@ class ResultSummary:
     megapixels_per_second: float
     dice: tuple[float, ...] | None = None  # per class, against ground truth
     iou: tuple[float, ...] | None = None
+    # The foreground mask (SegmentConfig.foreground), None without one. Tiles without
+    # foreground were not computed: their pixels count as class 0 in class_pixels, so class
+    # fractions are of the whole image; a class's share of the tissue is its pixels over
+    # foreground_pixels (object queries see no objects there).
+    tiles_background: int = 0
+    foreground_pixels: int | None = None
+    foreground_area_um2: float | None = None
+    foreground_fraction: float | None = None  # of the image's pixels
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (tuples stay tuples)."""
@@ -86,7 +95,7 @@ def summarise(
         conf = confusion_against(ds["mask"].data, reader.level(0)[..., 0], n)
         scores = {"dice": tuple(dice(conf).tolist()), "iou": tuple(iou(conf).tolist())}
     return ResultSummary(
-        path=str(Path(result)),
+        path=str(result if is_url(result) else Path(result)),
         shape=meta.shape,
         pixel_size_um=meta.pixel_size_um,
         class_names=meta.class_names,
@@ -99,4 +108,18 @@ def summarise(
         seconds=run.seconds,
         megapixels_per_second=run.megapixels_per_second,
         **scores,
+        **_foreground(run.foreground_pixels, run.tiles_background, meta.shape, meta.pixel_size_um),
     )
+
+
+def _foreground(
+    pixels: int | None, tiles: int, shape: tuple[int, int], pixel_size_um: float | None
+) -> dict[str, Any]:
+    if pixels is None:
+        return {"tiles_background": tiles}
+    return {
+        "tiles_background": tiles,
+        "foreground_pixels": pixels,
+        "foreground_area_um2": pixels * pixel_size_um**2 if pixel_size_um else None,
+        "foreground_fraction": pixels / (shape[0] * shape[1]),
+    }

@@ -24,16 +24,29 @@ class DemoSlide:
 
 
 def make_demo_slide(
-    directory: str | os.PathLike, *, size: int = 8192, seed: int = 0, pixel_size_um: float = 0.5
+    directory: str | os.PathLike,
+    *,
+    size: int = 8192,
+    seed: int = 0,
+    pixel_size_um: float = 0.5,
+    tissue_fraction: float | None = None,
 ) -> DemoSlide:
-    """Generate a ``size`` x ``size`` synthetic slide into ``directory`` (reused if present)."""
+    """Generate a ``size`` x ``size`` synthetic slide into ``directory`` (reused if present).
+
+    ``tissue_fraction`` (0-1] sets the share of tissue, glass elsewhere (default: 45-65 %,
+    drawn from the seed); see :func:`segpipe.synthetic.tissue_slide`.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = f"synthetic-{size}px-seed{seed}"
+    if tissue_fraction is not None:
+        stem += f"-tissue{round(100 * tissue_fraction)}"
     image, truth = directory / f"{stem}.ome.tif", directory / f"{stem}.truth.zarr"
     # The image is renamed into place last: if it exists, the truth is complete too.
     if not image.exists():
-        slide = tissue_slide(size, seed=seed, pixel_size_um=pixel_size_um)
+        slide = tissue_slide(
+            size, seed=seed, pixel_size_um=pixel_size_um, tissue_fraction=tissue_fraction
+        )
         labels = zarr.create_array(
             truth,
             shape=slide.labels.shape,

@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 
+from segpipe.geometry.foreground import upsample_mask
 from segpipe.synthetic.slide import (
     NUCLEUS,
     ROW_BLOCK,
@@ -42,7 +43,12 @@ _GLASS_OD = np.array([0.025, 0.035, 0.020], dtype=np.float32)
 
 
 def tissue_slide(
-    shape: int | tuple[int, int], *, seed: int = 0, pixel_size_um: float = 0.5
+    shape: int | tuple[int, int],
+    *,
+    seed: int = 0,
+    pixel_size_um: float = 0.5,
+    tissue_fraction: float | None = None,
+    tissue_region: np.ndarray | None = None,
 ) -> SyntheticSlide:
     """Generate an H&E-like whole-slide scan with its class and nucleus-instance labels.
 
@@ -56,6 +62,14 @@ def tissue_slide(
     pixel_size_um
         Micrometres per pixel; sets the nuclei's size in pixels (radius 3-6 µm). 0.5 is a
         typical 20x scan, 0.25 a 40x one.
+    tissue_fraction
+        Share of the slide covered by tissue, in (0, 1] (default: drawn from 0.45-0.65), glass
+        elsewhere: 0.3 makes a typical biopsy scan, mostly glass. The rest of the slide (stain,
+        texture, the random stream) is what the same seed gives without it.
+    tissue_region
+        ``(y, x)`` bool, any size (resized to the slide by nearest neighbour,
+        :func:`segpipe.geometry.foreground.upsample_mask`): tissue only where True, glass
+        elsewhere. Nuclei follow, so the truth stays exact.
 
     Returns
     -------
@@ -86,7 +100,18 @@ def tissue_slide(
 
     # Two float32 work planes besides the outputs: the soft tissue mask becomes the
     # hematoxylin plane once it has masked the eosin plane.
-    hema = _tissue_alpha(rng, shape, coarse)
+    if tissue_fraction is not None and not (
+        isinstance(tissue_fraction, int | float) and 0 < tissue_fraction <= 1
+    ):
+        raise ValueError(f"tissue_fraction must be in (0, 1], got {tissue_fraction!r}")
+    hema = _tissue_alpha(rng, shape, coarse, tissue_fraction)
+    if tissue_region is not None:
+        region = np.asarray(tissue_region, dtype=bool)
+        if region.ndim != 2 or min(region.shape) < 1:
+            raise ValueError(f"tissue_region must be a (y, x) bool array, got {region.shape}")
+        for r0 in range(0, shape[0], ROW_BLOCK):
+            r1 = min(r0 + ROW_BLOCK, shape[0])
+            hema[r0:r1] *= upsample_mask(region, shape, (r0, r1, 0, shape[1]))
     labels = np.empty(shape, dtype=np.uint8)
     np.greater_equal(hema, 0.5, out=labels, casting="unsafe")
     eosin = _eosin(rng, shape, coarse)
@@ -102,9 +127,13 @@ def tissue_slide(
 
 
 def _tissue_alpha(
-    rng: np.random.Generator, shape: tuple[int, int], coarse: tuple[int, int]
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    coarse: tuple[int, int],
+    fraction: float | None = None,
 ) -> np.ndarray:
-    """Soft tissue mask, float32 in [0, 1], >= 0.5 on 40-70 % of the slide.
+    """Soft tissue mask, float32 in [0, 1], >= 0.5 on ``fraction`` of the slide (default:
+    40-70 %).
 
     A few large irregular pieces per slide; the edge ramps from glass to tissue over about a
     pixel and a half, which is the scanner's blur (the label boundary is the 0.5 level).
@@ -114,7 +143,8 @@ def _tissue_alpha(
     field = smooth_noise(rng, coarse, side / 7)
     field += 0.30 * smooth_noise(rng, coarse, max(side / 28, 1.0))
     field += 0.08 * smooth_noise(rng, coarse, max(side / 90, 0.7))
-    threshold = np.quantile(field, 1.0 - rng.uniform(0.45, 0.65))
+    drawn = rng.uniform(0.45, 0.65)  # drawn always: a given fraction keeps the stream
+    threshold = np.quantile(field, 1.0 - (drawn if fraction is None else fraction))
     # The field's slope per slide pixel where it crosses the threshold sets the ramp's width.
     gy, gx = np.gradient(field)
     slope = np.hypot(gy, gx)

@@ -1,0 +1,340 @@
+"""Which tiles a run computes: a foreground mask of the image at low resolution, and its tiles.
+
+``SegmentConfig.foreground`` says where the mask comes from:
+
+* ``"tissue"``: stained tissue of a brightfield slide, found on a small image of the whole
+  scan (:func:`segpipe.geometry.foreground.tissue_mask`);
+* ``"nodata"``: the valid pixels of a raster that declares nodata, a mask band or alpha;
+* a file: a mask image (nonzero: compute; any size, stretched over the image) or GeoJSON
+  polygons in level-0 pixels (QuPath's convention, :mod:`segpipe.analysis.vectors`'s
+  ``coords="pixel"``);
+* ``"none"``: every tile;
+* ``"auto"`` (the default): ``"tissue"`` for an RGB uint8 image with a pixel size (a slide),
+  ``"nodata"`` for an image that declares nodata, else ``"none"``. :func:`resolve_foreground`
+  settles it before the result's identity is taken, like ``amp``.
+
+The mask is made at the coarsest pyramid level whose longer side is at least
+:data:`MASK_SIDE` pixels, block-averaged down to 1-2 times that when the image has no such
+level. A tile is computed when its output box holds a foreground pixel, grown in each task's
+block to the rectangle a task computes (:func:`segpipe.geometry.foreground.block_rectangles`).
+A tile left out is never read or predicted: it is recorded done with all its pixels in class
+0 (the shipped models' ``background``; for another model, whatever its class 0 is), and its
+mask and probabilities keep the store's fill value, 0: a computed pixel's probabilities sum to
+one, a left-out pixel's to zero. The mask itself is stored with the result as the label image
+:data:`FOREGROUND_LABEL` (1: foreground), so a reader can tell tissue area from glass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import dask.array as da
+import numpy as np
+
+from segpipe.geometry.foreground import (
+    block_rectangles,
+    foreground_pixels,
+    tiles_touching,
+    tissue_mask,
+    upsample_mask,
+)
+from segpipe.geometry.tiling import Box, Tile, TileGrid
+from segpipe.io.readers import Reader, open_image
+from segpipe.progress import stage
+from segpipe.results import mark_tiles_done
+from segpipe.results.labels import write_label_image
+
+__all__ = [
+    "FOREGROUND_LABEL",
+    "FOREGROUND_MODES",
+    "MASK_SIDE",
+    "Foreground",
+    "TileSelection",
+    "compute_foreground",
+    "low_resolution",
+    "read_mask_file",
+    "resolve_foreground",
+    "select_tiles",
+    "valid_low_resolution",
+]
+
+FOREGROUND_MODES = ("auto", "tissue", "nodata", "none")
+FOREGROUND_LABEL = "foreground"
+FOREGROUND_MEANINGS = ("outside", "foreground")
+# The mask's longer side, pixels: fine enough that a 512 px tile of a 100k px slide is several
+# mask pixels, small enough to hold and clean in memory in well under a second.
+MASK_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class Foreground:
+    """A foreground mask over a whole level of ``shape`` (y, x) pixels.
+
+    ``mask`` is ``(my, mx)`` bool at low resolution; level pixel ``(y, x)`` takes mask pixel
+    ``(y * my // ny, x * mx // nx)`` (:func:`segpipe.geometry.foreground.upsample_mask`).
+    ``kind`` says where it came from: ``"tissue"``, ``"nodata"`` or ``"file"``.
+    """
+
+    kind: str
+    mask: np.ndarray
+    shape: tuple[int, int]
+
+    @property
+    def pixels(self) -> int:
+        """Foreground pixels of the level."""
+        return foreground_pixels(self.mask, self.shape)
+
+    def tiles(self, tile: int) -> np.ndarray:
+        """``(tile_y, tile_x)`` bool: the tiles of ``tile`` pixels holding foreground."""
+        return tiles_touching(self.mask, self.shape, tile)
+
+    def block(self, box: Box) -> np.ndarray:
+        """The level's ``box`` of the mask, ``(y, x)`` uint8 0/1."""
+        return upsample_mask(self.mask, self.shape, (box.y0, box.y1, box.x0, box.x1))
+
+
+@dataclass(frozen=True)
+class TileSelection:
+    """The tiles a run computes (``computed``, ``(tile_y, tile_x)`` bool) and the mask that
+    chose them (None: every tile)."""
+
+    computed: np.ndarray
+    foreground: Foreground | None = None
+
+    @property
+    def background(self) -> int:
+        """Tiles not computed: no foreground, recorded as class 0."""
+        return int(self.computed.size - np.count_nonzero(self.computed))
+
+    @property
+    def foreground_pixels(self) -> int | None:
+        return None if self.foreground is None else self.foreground.pixels
+
+    def blocks(self, grid: TileGrid, side: int) -> list[list[Tile]]:
+        """:meth:`TileGrid.blocks` with only the computed tiles; blocks left empty dropped."""
+        kept = ([t for t in b if self.computed[t.index]] for b in grid.blocks(side))
+        return [b for b in kept if b]
+
+
+def resolve_foreground(setting: str, reader: Reader) -> str:
+    """What ``"auto"`` means for ``reader`` (``"tissue"``, ``"nodata"`` or ``"none"``); any
+    other mode as it is; a mask file's path, checked to exist."""
+    if setting in FOREGROUND_MODES[1:]:
+        return setting
+    if setting == "auto":
+        if _declares_nodata(reader):
+            return "nodata"
+        return "tissue" if _is_brightfield(reader) else "none"
+    if not Path(setting).exists():
+        raise FileNotFoundError(
+            f"foreground mask {setting!r} does not exist; foreground must be one of "
+            f"{', '.join(FOREGROUND_MODES)} or a mask image / GeoJSON file"
+        )
+    return setting
+
+
+def _is_brightfield(reader: Reader) -> bool:
+    # A slide: RGB uint8 with a physical pixel size, not georeferenced. Fluorescence
+    # (uint16, many channels) and aerial images (no microns) are not told apart from
+    # their own empty areas this way.
+    return (
+        reader.pixel_size_um is not None
+        and reader.level_shapes[0][2] == 3
+        and np.dtype(reader.dtype) == np.uint8
+        and getattr(reader, "georeference", None) is None
+    )
+
+
+def _declares_nodata(reader: Reader) -> bool:
+    # Readers of formats with nodata, mask bands or alpha say which (``mask_kind``).
+    return getattr(reader, "mask_kind", None) is not None and callable(
+        getattr(reader, "valid_mask", None)
+    )
+
+
+def _mask_level(reader: Reader, level: int) -> int:
+    """The coarsest level at or below ``level`` whose longer side is >= MASK_SIDE, else
+    ``level`` itself."""
+    usable = [
+        k
+        for k in range(level, len(reader.level_shapes))
+        if max(reader.level_shapes[k][:2]) >= MASK_SIDE
+    ]
+    return usable[-1] if usable else level
+
+
+def _block_mean(block: np.ndarray, f: int) -> np.ndarray:
+    """Mean of each ``f x f`` block of ``(y, x, C)``; a partial last block averages what it
+    has."""
+    h, w = block.shape[:2]
+    ny, nx = -(-h // f), -(-w // f)
+    padded = np.zeros((ny * f, nx * f, *block.shape[2:]), dtype=np.float32)
+    padded[:h, :w] = block
+    sums = padded.reshape(ny, f, nx, f, *block.shape[2:]).sum(axis=(1, 3))
+    counts = np.outer(np.minimum(f, h - f * np.arange(ny)), np.minimum(f, w - f * np.arange(nx)))
+    return (sums / counts.reshape(ny, nx, *([1] * (block.ndim - 2)))).astype(np.float32)
+
+
+def low_resolution(reader: Reader, level: int) -> np.ndarray:
+    """A small ``(y, x, C)`` float32 image of the whole of ``level``: the coarsest pyramid
+    level with a longer side of at least :data:`MASK_SIDE`, block-averaged to at most about
+    twice that (an image without a pyramid is read whole, a chunk at a time)."""
+    k = _mask_level(reader, level)
+    arr = reader.level(k)
+    f = max(1, max(arr.shape[:2]) // MASK_SIDE)
+    if f == 1:
+        return np.asarray(arr.compute(scheduler="threads"), dtype=np.float32)
+    arr = arr.rechunk({0: max(f, arr.chunksize[0] // f * f), 1: max(f, arr.chunksize[1] // f * f)})
+    chunks = tuple(tuple(-(-c // f) for c in cs) for cs in arr.chunks[:2]) + arr.chunks[2:]
+    small = da.map_blocks(_block_mean, arr, f, chunks=chunks, dtype=np.float32)
+    return np.asarray(small.compute(scheduler="threads"))
+
+
+def valid_low_resolution(reader: Reader, level: int) -> np.ndarray:
+    """``(y, x)`` bool over the whole of ``level``: True where a block of the level chosen as
+    in :func:`low_resolution` holds any valid pixel (``reader.valid_mask``), read in strips
+    of about 16 M pixels."""
+    k = _mask_level(reader, level)
+    ny, nx = reader.level_shapes[k][:2]
+    f = max(1, max(ny, nx) // MASK_SIDE)
+    rows = f * max(1, (1 << 24) // (nx * f))
+    out = np.zeros((-(-ny // f), -(-nx // f)), dtype=bool)
+    valid_mask = cast(Any, reader).valid_mask  # BaseReader has it; the protocol does not
+    for y0 in range(0, ny, rows):
+        y1 = min(ny, y0 + rows)
+        strip = valid_mask(y0, y1, 0, nx, k)
+        if strip is None:  # the file marks no pixel invalid
+            return np.ones_like(out)
+        padded = np.zeros((-(-(y1 - y0) // f) * f, out.shape[1] * f), dtype=bool)
+        padded[: y1 - y0, :nx] = strip
+        h = padded.shape[0] // f
+        out[y0 // f : y0 // f + h] = padded.reshape(h, f, -1, f).any(axis=(1, 3))
+    return out
+
+
+def _mask_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    f = max(1, max(shape) // MASK_SIDE)
+    return (-(-shape[0] // f), -(-shape[1] // f))
+
+
+def compute_foreground(reader: Reader, level: int, mode: str) -> Foreground | None:
+    """The foreground of ``reader``'s ``level`` for a resolved ``mode`` (None for ``"none"``)."""
+    shape = (int(reader.level_shapes[level][0]), int(reader.level_shapes[level][1]))
+    if mode == "none":
+        return None
+    if mode == "tissue":
+        return Foreground("tissue", tissue_mask(low_resolution(reader, level)), shape)
+    if mode == "nodata":
+        if not _declares_nodata(reader):
+            raise ValueError(
+                f"{reader.path} declares no nodata value, mask band or alpha channel: "
+                "foreground='nodata' has nothing to go by; use 'none' or a mask file"
+            )
+        return Foreground("nodata", valid_low_resolution(reader, level), shape)
+    return Foreground("file", read_mask_file(mode, reader, _mask_shape(shape)), shape)
+
+
+def read_mask_file(path: str | os.PathLike, reader: Reader, shape: tuple[int, int]) -> np.ndarray:
+    """A user's mask file as a ``shape`` bool mask over the whole image: an image (nonzero is
+    foreground; its own size stretched over the image) or GeoJSON polygons whose coordinates
+    are level-0 pixels (x right, y down)."""
+    path = Path(path)
+    if path.suffix.lower() in (".geojson", ".json"):
+        return _rasterize_geojson(path, reader.level_shapes[0][:2], shape)
+    image = open_image(path)
+    k = len(image.level_shapes) - 1
+    while k > 0 and max(image.level_shapes[k][:2]) < max(shape):
+        k -= 1
+    pixels = np.asarray(image.level(k).compute(scheduler="threads"))
+    mask = (pixels != 0).any(axis=2)
+    return upsample_mask(mask, shape).astype(bool)
+
+
+def _rasterize_geojson(path: Path, level0: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
+    from rasterio.features import rasterize
+    from rasterio.transform import Affine
+
+    try:
+        data: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"foreground mask {path}: not readable GeoJSON ({e})") from e
+    if data.get("type") == "FeatureCollection":
+        geometries = [f.get("geometry") for f in data.get("features", [])]
+    elif data.get("type") == "Feature":
+        geometries = [data.get("geometry")]
+    else:
+        geometries = [data]
+    polygons = [g for g in geometries if g and g.get("type") in ("Polygon", "MultiPolygon")]
+    if not polygons:
+        raise ValueError(f"foreground mask {path}: no Polygon or MultiPolygon geometries")
+    # Mask pixel (i, j) is level-0 box [j * sx, (j + 1) * sx) x [i * sy, (i + 1) * sy).
+    sx, sy = level0[1] / shape[1], level0[0] / shape[0]
+    burned = rasterize(
+        polygons, out_shape=shape, transform=Affine(sx, 0, 0, 0, sy, 0), fill=0,
+        default_value=1, all_touched=True, dtype="uint8",
+    )  # fmt: skip
+    return np.asarray(burned, dtype=bool)
+
+
+def select_tiles(
+    reader: Reader,
+    level: int,
+    grid: TileGrid,
+    output: str | os.PathLike,
+    mode: str,
+    *,
+    task_tiles: int,
+    num_classes: int,
+) -> TileSelection:
+    """Make the foreground mask (stage ``"tissue mask"``), choose the tiles to compute, and
+    record the others in the result at ``output`` as done, all class 0.
+
+    ``mode`` is resolved (:func:`resolve_foreground`). Called on every run, resumed or not:
+    the mask is a function of the image, so a resumed run chooses the same tiles.
+    """
+    if mode == "none":  # no stage to announce
+        return TileSelection(np.ones(grid.grid_shape, dtype=bool))
+    with stage("tissue mask", total=1, unit="mask") as progress:
+        foreground = compute_foreground(reader, level, mode)
+        progress.advance()
+    if foreground is None:
+        return TileSelection(np.ones(grid.grid_shape, dtype=bool))
+    computed = block_rectangles(foreground.tiles(grid.tile), task_tiles)
+    background = {}
+    for iy, ix in zip(*np.nonzero(~computed), strict=True):
+        tile = grid[int(iy), int(ix)]
+        counts = np.zeros(num_classes, dtype=np.int64)
+        counts[0] = tile.box.shape[0] * tile.box.shape[1]
+        background[tile.index] = counts
+    mark_tiles_done(output, background)
+    selection = TileSelection(computed, foreground)
+    _store_foreground(output, selection, grid, task_tiles)
+    return selection
+
+
+def _store_foreground(
+    output: str | os.PathLike, selection: TileSelection, grid: TileGrid, task_tiles: int
+) -> None:
+    """Write the mask as the result's foreground label image, one shard per block with a
+    computed tile; the other blocks have no foreground and keep the fill value, 0."""
+    foreground = selection.foreground
+    if foreground is None:
+        return
+    side = grid.tile * task_tiles
+    ny, nx = grid.shape
+    boxes = []
+    for block in selection.blocks(grid, task_tiles):
+        y0, x0 = block[0].box.y0 // side * side, block[0].box.x0 // side * side
+        boxes.append(Box(y0, min(y0 + side, ny), x0, min(x0 + side, nx)))
+    write_label_image(
+        output,
+        FOREGROUND_LABEL,
+        FOREGROUND_MEANINGS,
+        ((box, foreground.block(box)) for box in boxes),
+        long_name=f"foreground mask ({foreground.kind})",
+    )

@@ -1,0 +1,411 @@
+"""Foreground masks: tissue detection, which tiles a mask selects, and segment() computing
+exactly those tiles, the others reading as class 0 with the mask stored beside the result."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+
+import segpipe
+from segpipe import models
+from segpipe.analysis.summary import summarise
+from segpipe.execution.foreground import (
+    FOREGROUND_LABEL,
+    low_resolution,
+    resolve_foreground,
+)
+from segpipe.geometry.foreground import (
+    block_rectangles,
+    clean_mask,
+    foreground_pixels,
+    otsu_threshold,
+    saturation,
+    tiles_touching,
+    tissue_mask,
+    upsample_mask,
+)
+from segpipe.geometry.pixels import downsample_mean_2x
+from segpipe.io.readers import ArrayReader
+from segpipe.results import read_meta, result_levels, tiles_done
+from segpipe.results.schema import label_path
+from segpipe.synthetic import tissue_slide
+
+CLASSES = ("background", "tissue", "nucleus")
+
+
+# -- pure geometry -------------------------------------------------------------------------
+
+
+def nearest_reference(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The level's pixels of ``mask`` by the rule written out with floats: level pixel y
+    lies in mask row floor(y * my / ny)."""
+    my, mx = mask.shape
+    iy = np.floor(np.arange(shape[0]) * (my / shape[0]) + 1e-9).astype(int)
+    ix = np.floor(np.arange(shape[1]) * (mx / shape[1]) + 1e-9).astype(int)
+    return mask[iy][:, ix]
+
+
+masks = st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(0, 2**31 - 1)).map(
+    lambda a: np.random.default_rng(a[2]).random((a[0], a[1])) < 0.2
+)
+
+
+@given(mask=masks, ny=st.integers(1, 90), nx=st.integers(1, 90), tile=st.integers(1, 40))
+def test_tiles_touching_are_the_tiles_holding_upsampled_foreground(mask, ny, nx, tile):
+    full = nearest_reference(mask, (ny, nx))
+    np.testing.assert_array_equal(upsample_mask(mask, (ny, nx)), full)
+    expected = np.array(
+        [
+            [full[y : y + tile, x : x + tile].any() for x in range(0, nx, tile)]
+            for y in range(0, ny, tile)
+        ]
+    )
+    np.testing.assert_array_equal(tiles_touching(mask, (ny, nx), tile), expected)
+    assert foreground_pixels(mask, (ny, nx)) == int(full.sum())
+
+
+@given(mask=masks, side=st.integers(1, 5))
+def test_block_rectangles_are_each_blocks_bounding_rectangle(mask, side):
+    out = block_rectangles(mask, side)
+    ny, nx = mask.shape
+    for by in range(0, ny, side):
+        for bx in range(0, nx, side):
+            sel = mask[by : by + side, bx : bx + side]
+            got = out[by : by + side, bx : bx + side]
+            expected = np.zeros_like(sel)
+            if sel.any():
+                ys, xs = np.nonzero(sel)
+                expected[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_clean_mask_fills_holes_removes_dust_and_grows():
+    m = np.zeros((20, 20), bool)
+    m[2:12, 2:12] = True
+    m[5:7, 5:7] = False  # a 4 px hole
+    m[16, 16] = True  # a 1 px speck
+    out = clean_mask(m, min_object_px=2, max_hole_px=4)
+    expected = np.zeros_like(m)
+    expected[2:12, 2:12] = True
+    np.testing.assert_array_equal(out, expected)
+    assert not clean_mask(m, max_hole_px=3)[5, 5]  # a larger hole stays
+    grown = clean_mask(expected, grow_px=2)
+    np.testing.assert_array_equal(grown[0:14, 0:14], True)
+    assert grown.sum() == 14 * 14
+
+
+@pytest.mark.parametrize("gap", [0.3, 0.6])
+def test_otsu_splits_two_modes(gap):
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.02, 500), rng.normal(0.1 + gap, 0.02, 300)])
+    t = otsu_threshold(values)
+    assert 0.1 + 0.06 < t < 0.1 + gap - 0.06
+    # Brute force: the cut of largest between-class variance over the sorted values.
+    v = np.sort(values)
+    scores = [i * (v.size - i) * (v[:i].mean() - v[i:].mean()) ** 2 for i in range(1, v.size)]
+    best = int(np.argmax(scores)) + 1
+    assert v[best - 1] <= t < v[best]
+
+
+def test_saturation_is_hsv_saturation():
+    import colorsys
+
+    rgb = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    expected = [[colorsys.rgb_to_hsv(*(px / 255.0))[1] for px in row] for row in rgb]
+    np.testing.assert_allclose(saturation(rgb), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 1.0])
+def test_tissue_mask_finds_the_synthetic_slides_tissue(fraction):
+    slide = tissue_slide(512, seed=2, tissue_fraction=fraction)
+    truth = slide.labels > 0
+    assert abs(truth.mean() - fraction) < 0.02
+    small = downsample_mean_2x(slide.image.astype(np.float32))
+    found = tissue_mask(small, grow_px=0)
+    truth_small = truth.reshape(256, 2, 256, 2).mean(axis=(1, 3)) >= 0.5
+    dice = 2 * (found & truth_small).sum() / (found.sum() + truth_small.sum())
+    assert dice > 0.95
+    glass = tissue_slide(64, seed=2, tissue_region=np.zeros((1, 1), bool))
+    assert (glass.labels == 0).all()
+    assert not tissue_mask(glass.image).any()
+
+
+def test_tissue_region_confines_tissue_and_nuclei():
+    region = np.zeros((4, 4), bool)
+    region[1, 2] = True
+    slide = tissue_slide(128, seed=0, tissue_fraction=1.0, tissue_region=region)
+    inside = np.zeros((128, 128), bool)
+    inside[32:64, 64:96] = True
+    assert (slide.labels[~inside] == 0).all() and (slide.instances[~inside] == 0).all()
+    assert (slide.labels[inside] > 0).all()
+    np.testing.assert_array_equal(slide.labels == 2, slide.instances > 0)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.2])
+def test_bad_tissue_fraction_is_refused(bad):
+    with pytest.raises(ValueError, match="tissue_fraction"):
+        tissue_slide(32, tissue_fraction=bad)
+
+
+# -- segment() with a foreground mask --------------------------------------------------------
+
+
+def tiny_unet(padding="valid"):
+    torch.manual_seed(0)
+    net = models.build("unet", class_names=CLASSES, width=4, depth=2, padding=padding)
+    return net.eval()
+
+
+TILE, SIDE, BLOCK = 64, 512, 2
+# Tiles (iy, ix) that hold tissue; each one's tissue is inset from its edges, so that no
+# neighbour holds any.
+TISSUE_TILES = [(0, 0), (1, 1), (2, 5), (3, 4), (5, 2), (6, 6), (6, 7), (7, 0)]
+
+
+@pytest.fixture(scope="module")
+def known_slide():
+    region = np.zeros((SIDE, SIDE), bool)
+    inset = 12
+    for iy, ix in TISSUE_TILES:
+        y, x = iy * TILE, ix * TILE
+        region[y + inset : y + TILE - inset, x + inset : x + TILE - inset] = True
+    return tissue_slide(SIDE, seed=3, tissue_fraction=1.0, tissue_region=region)
+
+
+def expected_computed(labels: np.ndarray) -> np.ndarray:
+    """From the truth alone: the tiles holding tissue, grown in each 2 x 2 block of tiles to
+    the rectangle they span (a task computes one rectangle)."""
+    n = SIDE // TILE
+    has = np.array(
+        [
+            [(labels[y : y + TILE, x : x + TILE] > 0).any() for x in range(0, SIDE, TILE)]
+            for y in range(0, SIDE, TILE)
+        ]
+    )
+    out = np.zeros((n, n), bool)
+    for by in range(0, n, BLOCK):
+        for bx in range(0, n, BLOCK):
+            cells = [(y, x) for y in range(by, by + BLOCK) for x in range(bx, bx + BLOCK)]
+            hit = [(y, x) for y, x in cells if has[y, x]]
+            if hit:
+                ys, xs = [y for y, _ in hit], [x for _, x in hit]
+                out[min(ys) : max(ys) + 1, min(xs) : max(xs) + 1] = True
+    return out
+
+
+def run(slide, out, mode="exact", **settings):
+    extra = {"window": 32, "overlap": 0.25} if mode == "blend" else {}
+    return segpipe.segment(
+        ArrayReader(slide.image, pixel_size_um=slide.pixel_size_um),
+        out,
+        tiny_unet("same" if mode == "blend" else "valid"),
+        tile=TILE,
+        task_tiles=BLOCK,
+        mode=mode,
+        level=0,
+        scheduler="sync",
+        probability_dtype="float32",
+        **extra,
+        **settings,
+    )
+
+
+def per_tile(values: np.ndarray) -> np.ndarray:
+    n = SIDE // TILE
+    return values.reshape(n, TILE, n, TILE).transpose(0, 2, 1, 3)
+
+
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+def test_a_slide_with_known_tissue_computes_exactly_its_tiles(known_slide, tmp_path, mode):
+    expected = expected_computed(known_slide.labels)
+    assert 0 < expected.sum() < expected.size / 2
+
+    on = run(known_slide, tmp_path / "on.zarr", mode)
+    off = run(known_slide, tmp_path / "off.zarr", mode, foreground="none")
+    meta = read_meta(on)
+    assert meta.config.foreground == "tissue"  # "auto" on an RGB image with a pixel size
+    s = meta.summary
+    assert (s.tiles_computed, s.tiles_background) == (expected.sum(), (~expected).sum())
+    assert s.tiles_total == expected.size and s.tiles_skipped == 0
+    assert s.windows > 0
+
+    ds_on, ds_off = segpipe.open_result(on), segpipe.open_result(off)
+    p_on, p_off = ds_on["probabilities"].values, ds_off["probabilities"].values
+    computed = per_tile(p_on.sum(axis=0)).mean(axis=(2, 3)) > 0.5
+    np.testing.assert_array_equal(computed, expected)
+    # Computed tiles are what a run without a mask computes; the others are class 0, p = 0.
+    where = np.kron(expected, np.ones((TILE, TILE), bool))
+    np.testing.assert_allclose(p_on[:, where], p_off[:, where], rtol=0, atol=1e-6)
+    assert (p_on[:, ~where] == 0).all()
+    mask_on = ds_on["mask"].values
+    np.testing.assert_array_equal(mask_on[where], ds_off["mask"].values[where])
+    assert (mask_on[~where] == 0).all()
+    np.testing.assert_array_equal(s.class_pixels, np.bincount(mask_on.ravel(), minlength=3))
+
+    # The mask is stored as a label image: 1 on the truth's tissue, 0 on skipped tiles.
+    fg = zarr.open_group(on, mode="r")[label_path(FOREGROUND_LABEL, 0, layout=meta.layout)][...]
+    tissue = known_slide.labels > 0
+    assert fg[tissue].mean() > 0.97
+    assert (fg[~where] == 0).all()
+    assert s.foreground_pixels == int(fg.sum())
+    assert read_meta(off).summary.foreground_pixels is None
+    if mode == "exact":  # a valid OME label image with the mask's pyramid levels
+        from ome_zarr_models.v05.image_label import ImageLabel
+
+        group = zarr.open_group(on, mode="r")
+        label = ImageLabel.from_zarr(group[label_path(FOREGROUND_LABEL)])
+        assert len(label.ome_attributes.multiscales[0].datasets) == len(result_levels(on))
+        assert group["labels"].attrs["ome"]["labels"] == ["mask", FOREGROUND_LABEL]
+        level1 = group[label_path(FOREGROUND_LABEL, 1, layout=meta.layout)][...]
+        assert level1.shape == (SIDE // 2, SIDE // 2) and 0 < level1.mean() < 0.5
+    summary = summarise(on)
+    assert summary.tiles_background == (~expected).sum()
+    assert summary.foreground_area_um2 == pytest.approx(fg.sum() * 0.5**2)
+    assert summary.foreground_fraction == pytest.approx(fg.mean())
+    assert summarise(off).foreground_pixels is None
+
+
+def test_a_mostly_glass_slide_computes_its_tissue_tiles(tmp_path):
+    slide = tissue_slide(SIDE, seed=4, tissue_fraction=0.3)
+    out = run(slide, tmp_path / "r.zarr")
+    p = segpipe.open_result(out)["probabilities"].values
+    computed = per_tile(p.sum(axis=0)).mean(axis=(2, 3)) > 0.5
+    tissue = per_tile(slide.labels > 0).mean(axis=(2, 3))
+    assert computed[tissue > 0.01].all()
+    # Far from tissue (no tissue within 16 px of the tile), nothing is computed.
+    from scipy import ndimage
+
+    near = per_tile(ndimage.binary_dilation(slide.labels > 0, iterations=16)).any(axis=(2, 3))
+    assert not (computed & ~block_rectangles(near, BLOCK)).any()
+    assert computed.mean() < 0.75
+
+
+@pytest.mark.parametrize("kind", ["png", "geojson"])
+def test_a_user_mask_file_selects_its_tiles(known_slide, tmp_path, kind):
+    if kind == "png":
+        small = np.zeros((64, 64), np.uint8)
+        small[8:16, 40:48] = 255  # level pixels 64..128 x 320..384: tile (1, 5)
+        path = tmp_path / "mask.png"
+        Image.fromarray(small).save(path)
+    else:
+        ring = [[330, 70], [370, 70], [370, 120], [330, 120], [330, 70]]  # x, y: tile (1, 5)
+        feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
+        path = tmp_path / "mask.geojson"
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    out = run(known_slide, tmp_path / "r.zarr", foreground=str(path))
+    s = read_meta(out).summary
+    assert (s.tiles_computed, s.tiles_background) == (1, 63)
+    p = segpipe.open_result(out)["probabilities"].values
+    computed = per_tile(p.sum(axis=0)).mean(axis=(2, 3)) > 0.5
+    assert computed[1, 5] and computed.sum() == 1
+
+
+def test_auto_means_tissue_for_slides_only(tmp_path):
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    assert resolve_foreground("auto", ArrayReader(rgb, pixel_size_um=0.5)) == "tissue"
+    assert resolve_foreground("auto", ArrayReader(rgb)) == "none"  # no microns: not a slide
+    assert resolve_foreground("auto", ArrayReader(rgb[..., :1], pixel_size_um=0.5)) == "none"
+    assert resolve_foreground("none", ArrayReader(rgb, pixel_size_um=0.5)) == "none"
+    with pytest.raises(FileNotFoundError, match=r"missing\.png"):
+        resolve_foreground(str(tmp_path / "missing.png"), ArrayReader(rgb))
+
+
+def test_low_resolution_is_a_block_mean(monkeypatch):
+    import segpipe.execution.foreground as fg
+
+    monkeypatch.setattr(fg, "MASK_SIDE", 16)
+    image = np.random.default_rng(0).integers(0, 256, (70, 50, 3), dtype=np.uint8)
+    small = low_resolution(ArrayReader(image), 0)  # factor 70 // 16 = 4, a partial last row
+    assert small.shape == (18, 13, 3)
+    np.testing.assert_allclose(small[3, 2], image[12:16, 8:12].reshape(-1, 3).mean(0), atol=1e-4)
+    np.testing.assert_allclose(small[17, 12], image[68:, 48:].reshape(-1, 3).mean(0), atol=1e-4)
+
+
+def test_nodata_tiles_of_a_geotiff_are_not_computed(tmp_path):
+    """A GeoTIFF with an internal mask band: "auto" means nodata; tiles with no valid pixel
+    (from the mask as written) are class 0, the others computed as without a mask."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, (3, 200, 300), dtype=np.uint8)
+    valid = np.ones((200, 300), bool)
+    valid[100:, 200:] = False
+    valid[:30, :] = False
+    path = tmp_path / "masked.tif"
+    profile = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+        rasterio.open(
+            path, "w", crs="EPSG:32633", transform=Affine(2, 0, 5e5, 0, -2, 5e6), **profile
+        ) as ds,
+    ):
+        ds.write(data)
+        ds.write_mask(valid.astype(np.uint8) * 255)
+    tile = 40
+    expected = np.array(
+        [
+            [valid[y : y + tile, x : x + tile].any() for x in range(0, 300, tile)]
+            for y in range(0, 200, tile)
+        ]
+    )
+    settings = dict(tile=tile, task_tiles=1, level=0, scheduler="sync")
+    on = segpipe.segment(path, tmp_path / "on.zarr", tiny_unet(), **settings)
+    off = segpipe.segment(path, tmp_path / "off.zarr", tiny_unet(), foreground="none", **settings)
+    meta = read_meta(on)
+    assert meta.config.foreground == "nodata"
+    assert (meta.summary.tiles_computed, meta.summary.tiles_background) == (
+        expected.sum(),
+        (~expected).sum(),
+    )
+    where = np.kron(expected, np.ones((tile, tile), bool))[:200, :300]
+    m_on, m_off = segpipe.open_result(on)["mask"].values, segpipe.open_result(off)["mask"].values
+    np.testing.assert_array_equal(m_on[where], m_off[where])
+    assert (m_on[~where] == 0).all()
+
+
+def test_an_interrupted_run_resumes_with_the_same_tiles(known_slide, tmp_path):
+    expected = expected_computed(known_slide.labels)
+    reference = run(known_slide, tmp_path / "ref.zarr")
+
+    class Stop(Exception):
+        pass
+
+    def stop(done, total):
+        raise Stop
+
+    out = tmp_path / "r.zarr"
+    with pytest.raises(Stop):
+        run(known_slide, out, on_progress=stop)
+    done = tiles_done(out)
+    assert done[~expected].all(), "tiles without tissue are recorded before any is computed"
+    before = int(done[expected].sum())
+    assert 0 < before < expected.sum()
+    run(known_slide, out)
+    s = read_meta(out).summary
+    assert (s.tiles_computed, s.tiles_skipped) == (expected.sum() - before, before)
+    assert s.tiles_background == (~expected).sum()
+    np.testing.assert_array_equal(
+        segpipe.open_result(out)["probabilities"].values,
+        segpipe.open_result(reference)["probabilities"].values,
+    )
+    assert s.class_pixels == read_meta(reference).summary.class_pixels
+
+
+def test_the_mask_is_a_stage_of_the_run(known_slide, tmp_path):
+    from segpipe.progress import reporting
+
+    events = []
+    with reporting(events.append):
+        run(known_slide, tmp_path / "r.zarr")
+    stages = [e.stage for e in events if e.kind == "start"]
+    assert stages.index("tissue mask") < stages.index("segment")
+    events.clear()
+    with reporting(events.append):
+        run(known_slide, tmp_path / "none.zarr", foreground="none")
+    assert "tissue mask" not in {e.stage for e in events}
