@@ -9,7 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.segpipe-installed
 
-.PHONY: demo test bench bench-models weights aerial-weights clean
+.PHONY: demo test bench bench-models bench-throughput weights aerial-weights clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ bench: $(STAMP)
 
 bench-models: $(STAMP)
 	$(BIN)/python benchmarks/models.py $(ARGS)
+
+# Never in CI: minutes of wall time, numbers that depend on the machine.
+bench-throughput: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
 
 weights: $(STAMP)
 	$(BIN)/python scripts/train_tissue_unet.py

@@ -19,7 +19,7 @@ entry point.
 >>> config.replace(batch_size=8).batch_size
 8
 >>> sorted(config.result_settings())[:3]
-['amp', 'level', 'min_level_size']
+['amp', 'foreground', 'level']
 >>> SegmentConfig(tile=0)
 Traceback (most recent call last):
 ...
@@ -76,7 +76,12 @@ class SegmentConfig:
     sigma_scale: float = _setting(
         0.125, RESULT, "blend mode: Gaussian sigma as a fraction of the window"
     )
-    level: int = _setting(0, RESULT, "pyramid level of the image to segment (0 = full resolution)")
+    level: int | None = _setting(
+        None,
+        RESULT,
+        "pyramid level of the image to segment (0 = full resolution); default: the level "
+        "closest to the model's training pixel size, else 0",
+    )
     pixel_size_um: float | None = _setting(
         None,
         RESULT,
@@ -105,6 +110,14 @@ class SegmentConfig:
         RESULT,
         "autocast the forward pass (bfloat16 where the GPU supports it); default: on CUDA only",
     )
+    foreground: str = _setting(
+        "auto",
+        RESULT,
+        "tiles to compute: 'tissue' (stained tissue of a brightfield slide), 'nodata' (valid "
+        "pixels of a raster), a mask file (image: nonzero = compute; GeoJSON polygons in "
+        "level-0 pixels), 'none' (every tile); 'auto': tissue for RGB slides with a pixel "
+        "size, nodata where the image declares one, else none. Tiles left out read as class 0",
+    )
 
     # --- execution settings: never change the numbers ---
     batch_size: int = _setting(4, EXECUTION, "windows per forward pass")
@@ -122,11 +135,18 @@ class SegmentConfig:
         "when unset, the distributed client active in this process, else "
         "DASK_SCHEDULER_ADDRESS (dask config scheduler-address), else a local cluster",
     )
+    threads: int | None = _setting(
+        None,
+        EXECUTION,
+        "torch intra-op threads of each CPU worker (default: a local cluster's share of the "
+        "cores; a running cluster's workers keep their own); equal counts give equal bits",
+    )
 
     def __post_init__(self) -> None:
         for name in ("tile", "task_tiles", "min_level_size", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
-        _check_int("level", self.level, minimum=0)
+        if self.level is not None:
+            _check_int("level", self.level, minimum=0)
         for name in ("window", "n_workers"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
@@ -147,6 +167,11 @@ class SegmentConfig:
             raise ValueError(
                 f"SegmentConfig.device must be 'auto', 'cpu', 'mps', 'cuda' or 'cuda:N', got "
                 f"{self.device!r}"
+            )
+        if not (isinstance(self.foreground, str) and self.foreground.strip()):
+            raise ValueError(
+                "SegmentConfig.foreground must be 'auto', 'tissue', 'nodata', 'none' or a mask "
+                f"file's path, got {self.foreground!r}"
             )
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise ValueError(

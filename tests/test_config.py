@@ -18,8 +18,8 @@ DEFAULTS = SegmentConfig()
 
 # Where a value derived from the field's type cannot be valid: a device is one of a few names,
 # and a scheduler is connected to (its workers are asked about autocast) before anything is
-# recorded, so it must be one that exists.
-OVERRIDES: dict[str, Any] = {"device": "cpu", "scheduler": "sync"}
+# recorded, so it must be one that exists; a foreground that is no mode is a mask file, too.
+OVERRIDES: dict[str, Any] = {"device": "cpu", "scheduler": "sync", "foreground": "none"}
 
 
 def _value_type(name: str) -> Any:
@@ -128,8 +128,8 @@ def test_every_setting_is_a_result_or_an_execution_setting_with_help():
     assert set(result) | set(execution) == {f.name for f in dataclasses.fields(SegmentConfig)}
     assert [f.name for f in settings(RESULT)] == list(result)
     assert [f.name for f in settings(EXECUTION)] == list(execution)
-    # The module doc's promise: only these four never change the numbers.
-    assert set(execution) == {"batch_size", "device", "n_workers", "scheduler"}
+    # The module doc's promise: only these never change the numbers.
+    assert set(execution) == {"batch_size", "device", "n_workers", "scheduler", "threads"}
     for f in settings():
         assert setting_help(f.name) == f.metadata["help"] and f.metadata["help"].strip()
 
@@ -316,9 +316,10 @@ def pyramid(small_slide, tmp_path_factory):
     )
 
 
-# What segment() decides for itself before it records a result: blend mode's window, and
-# whether autocast is on.
-RESOLVED = ("window", "amp")
+# What segment() decides for itself before it records a result: blend mode's window,
+# whether autocast is on, the level (closest to the model's pixel size when not given), and
+# what foreground "auto" means for the image.
+RESOLVED = ("window", "amp", "level", "foreground")
 
 
 @pytest.mark.parametrize("form", ["keywords", "config"])

@@ -109,6 +109,75 @@ def test_in_memory_stitcher_equals_the_pipeline(reader, tmp_path, mode, tile, ta
         )
 
 
+def whole_image_pass(model, image: np.ndarray) -> np.ndarray:
+    """Probabilities (C, Y, X) of one forward pass over the whole image, mirrored by the halo
+    (and to a size the model accepts), cropped back: the reference of exact mode."""
+    g = model.geometry
+    (ny, nx), halo = image.shape[:2], g.halo
+    py, px = g.input_size(ny) - ny - halo, g.input_size(nx) - nx - halo
+    if not g.shrinks:  # same padding: the output keeps the input's size, crop the halo
+        py, px = py + halo, px + halo
+    padded = np.pad(image, ((halo, py), (halo, px), (0, 0)), mode="reflect")
+    x = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).float() / 255
+    with torch.inference_mode():
+        p = torch.softmax(model(x), 1)[0].numpy()
+    c = g.crop
+    return p[:, c : c + ny, c : c + nx]
+
+
+@pytest.mark.parametrize("side", [8, 16, 24, 48])
+@pytest.mark.parametrize("task_tiles", [2, 3])
+def test_windows_larger_than_tiles_equal_a_whole_image_pass(reader, tmp_path, side, task_tiles):
+    """Exact mode with one window per block (or per 2 x 2, 3 x 3 tiles): the halo is paid
+    once per window, and the result still equals one pass over the whole mirrored image."""
+    r, image = reader
+    net = tiny_unet(seed=2)
+    tile = 8
+    stitched = predict_region(
+        list(tile_grid(image.shape[:2], tile)),
+        ArrayReader(image),
+        Predictor(net, InferenceConfig(device="cpu", amp=False)),
+        Stitching("exact", tile, net.geometry, len(CLASSES), exact_side=side),
+    )
+    reference = whole_image_pass(net, image)
+    np.testing.assert_allclose(stitched.probabilities, reference, atol=2e-6)
+    # Through the pipeline, blocks of task_tiles^2 tiles with windows up to a block each.
+    out = segpipe.segment(
+        r,
+        tmp_path / "r.zarr",
+        net,
+        tile=tile,
+        task_tiles=task_tiles,
+        probability_dtype="float32",
+        device="cpu",
+        scheduler="sync",
+    )
+    np.testing.assert_allclose(
+        segpipe.open_result(out)["probabilities"].values, reference, atol=2e-6
+    )
+
+
+def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, monkeypatch):
+    r, _ = reader
+    net = tiny_unet()
+    sides = []
+    predict = tasks.predict_region
+
+    def spy(tiles, reader, predictor, job, **kwargs):
+        sides.append(job.exact_side)
+        return predict(tiles, reader, predictor, job, **kwargs)
+
+    monkeypatch.setattr(tasks, "predict_region", spy)
+    segpipe.segment(r, tmp_path / "a.zarr", net, tile=8, task_tiles=4, scheduler="sync")
+    # 37 x 53 px in blocks of 32: the CPU's budget holds a whole block; the last, 5 x 21 px,
+    # needs three tiles a side
+    assert sorted(set(sides)) == [24, 32]
+    sides.clear()
+    monkeypatch.setattr(Predictor, "memory_budget", lambda self: 1)
+    segpipe.segment(r, tmp_path / "b.zarr", net, tile=8, task_tiles=4, scheduler="sync")
+    assert set(sides) == {8}, "no room: one window per tile"
+
+
 def test_predict_labels_equals_one_pass_over_the_mirrored_image() -> None:
     model = tiny_unet(seed=1)
     g = model.geometry
@@ -162,10 +231,11 @@ def test_stitching_refuses_what_it_cannot_do() -> None:
 @pytest.mark.parametrize(
     ("device", "cpus", "gpus", "workers", "expected"),
     [
-        ("cpu", 2, 0, None, ClusterPlan(1, 1, 2, 0)),
-        ("cpu", 16, 0, None, ClusterPlan(4, 1, 4, 0)),
-        ("cpu", 16, 0, 8, ClusterPlan(8, 1, 2, 0)),
-        ("cuda", 32, 4, None, ClusterPlan(4, 1, 8, 4)),
+        # one worker per device, I/O threads following the cores, the model all of them
+        ("cpu", 2, 0, None, ClusterPlan(1, 2, 2, 0)),
+        ("cpu", 16, 0, None, ClusterPlan(1, 8, 16, 0)),
+        ("cpu", 16, 0, 8, ClusterPlan(8, 1, 16, 0)),
+        ("cuda", 32, 4, None, ClusterPlan(4, 7, 8, 4)),
     ],
 )
 def test_cluster_plan(device, cpus, gpus, workers, expected):
@@ -227,3 +297,34 @@ def test_existing_scheduler_by_address(reader, tmp_path):
         segpipe.open_result(out)["probabilities"].values,
         segpipe.open_result(ref)["probabilities"].values,
     )
+
+
+@pytest.mark.parametrize("shape", [(96, 128), (100, 76)])
+def test_blend_is_at_least_as_accurate_as_monai(shape):
+    """Blend mode against one forward pass over the whole image, beside MONAI's
+    sliding_window_inference with the same window, overlap and sigma: same-padding models'
+    windows stay inside the image, so border pixels see the model's own zero padding."""
+    inferers = pytest.importorskip("monai.inferers")
+    torch.manual_seed(0)
+    net = models.build(
+        "unet", class_names=CLASSES, width=4, depth=2, padding="same", dropout=0.0
+    ).eval()
+    image = tissue_slide(shape, seed=5).image
+    x = torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) / 255)
+
+    def probabilities(t):
+        return torch.softmax(net(t), 1)
+
+    with torch.inference_mode():
+        reference = probabilities(x)[0].numpy()
+        theirs = inferers.sliding_window_inference(
+            x, (32, 32), 4, probabilities, overlap=0.25, mode="gaussian", sigma_scale=0.125
+        )[0].numpy()
+    lattice = blend_lattice(shape, net.geometry, window=32, overlap=0.25)
+    ours = predict_region(
+        list(tile_grid(shape, 32)),
+        ArrayReader(image),
+        Predictor(net, InferenceConfig(device="cpu")),
+        Stitching("blend", 32, net.geometry, len(CLASSES), lattice=lattice),
+    ).probabilities
+    assert np.abs(ours - reference).mean() <= np.abs(theirs - reference).mean()

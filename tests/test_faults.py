@@ -24,6 +24,7 @@ pytestmark = [pytest.mark.slow]
 
 # 300 x 300 px in 32 px tiles, one tile per task: 100 blocks, each a shard of its own.
 SETTINGS = {"tile": 32, "task_tiles": 1, "probability_dtype": "float32", "min_level_size": 64}
+SETTINGS["foreground"] = "none"  # every tile a block of its own (masks: test_foreground.py)
 RANDOM_KILLS = 3
 
 
@@ -45,10 +46,8 @@ def _arrays(path: Path) -> dict[str, bytes]:
     root = zarr.open_group(path, mode="r")
     out = {}
     for k in range(len(result_levels(path))):
-        group = "" if k == 0 else f"levels/{k}/"
-        for name in ("mask", "probabilities"):
-            out[f"{group}{name}"] = np.asarray(root[f"{group}{name}"][...]).tobytes()
-        out[f"labels/mask/{k}"] = np.asarray(root[f"labels/mask/{k}"][...]).tobytes()
+        for name in (f"{k}/mask", f"{k}/probabilities", f"labels/mask/{k}/mask"):
+            out[name] = np.asarray(root[name][...]).tobytes()
     return out
 
 

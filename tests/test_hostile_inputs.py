@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import resource
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,15 @@ import segpipe
 from segpipe.io.readers import ImageReadError, open_image
 from segpipe.results import is_complete
 
-# Per example: a mangled file must be refused (or read) quickly and without a big allocation.
-_SECONDS = 5.0
+# Per example: a mangled file must be refused (or read) without a big allocation. Peak memory,
+# not time, is the bound: wall time on a shared machine says nothing, and a header that makes
+# a reader allocate what it declares shows in the process's peak RSS whatever the machine.
 _MEMORY_MB = 1024
+
+
+def _assert_no_big_allocation() -> None:
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert peak_mb < _MEMORY_MB + 2048, f"peak RSS {peak_mb:.0f} MiB"
 
 
 def _rgb(ny: int = 96, nx: int = 80) -> np.ndarray:
@@ -57,13 +62,10 @@ def _read_everything(path: Path) -> None:
 
 
 def _bounded(fn, *args) -> None:
-    """Run ``fn``; it must end within the time bound and leave the process's peak memory
-    below the bound (ru_maxrss only grows, so a big allocation anywhere shows)."""
-    started = time.perf_counter()
+    """Run ``fn``; it must leave the process's peak memory below the bound (ru_maxrss only
+    grows, so a big allocation anywhere shows)."""
     fn(*args)
-    assert time.perf_counter() - started < _SECONDS
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    assert peak_mb < _MEMORY_MB + 2048, f"peak RSS {peak_mb:.0f} MiB"
+    _assert_no_big_allocation()
 
 
 def _refused_or_read(path: Path) -> None:
@@ -112,10 +114,9 @@ def _lying_tiff(path: Path, side: int, tile: int = 4096) -> Path:
 def test_tiff_declaring_a_huge_image_with_no_data_is_refused_at_once(tmp_path: Path) -> None:
     path = _lying_tiff(tmp_path / "huge.tif", 1_000_000)
     assert path.stat().st_size < 1_000_000
-    started = time.perf_counter()
     with pytest.raises(ImageReadError, match=r"huge\.tif") as info:
         open_image(path)
-    assert time.perf_counter() - started < _SECONDS
+    _assert_no_big_allocation()
     assert "no pixel data" in str(info.value) or "MAX_IMAGE_PIXELS" in str(info.value)
 
 
@@ -256,11 +257,10 @@ def test_checkpoint_whose_config_lies_about_its_size_is_refused(random_checkpoin
     payload["config"] = {**payload["config"], "width": 200_000}
     path = tmp_path / "huge.pt"
     torch.save(payload, path)
-    started = time.perf_counter()
     with pytest.raises(models.CheckpointError, match="does not match its weights") as info:
         models.load(path)
     assert str(path) in str(info.value)
-    assert time.perf_counter() - started < _SECONDS
+    _assert_no_big_allocation()
 
 
 # --- non-finite numbers ----------------------------------------------------------------------

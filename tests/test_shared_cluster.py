@@ -75,7 +75,9 @@ def threaded_client():
 
 
 def stored(out):
-    return {name: zarr.open_array(out / name, mode="r")[...] for name in ("probabilities", "mask")}
+    return {
+        name: zarr.open_array(out / "0" / name, mode="r")[...] for name in ("probabilities", "mask")
+    }
 
 
 # -- 1. runs sharing a cluster ----------------------------------------------------------------

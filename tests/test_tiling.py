@@ -8,7 +8,9 @@ from segpipe.geometry.tiling import (
     Geometry,
     blend_lattice,
     blend_windows,
+    exact_side,
     exact_window,
+    exact_windows,
     mirror_indices,
     tile_grid,
 )
@@ -65,6 +67,57 @@ def test_exact_windows_cover_their_tile_with_halo(geometry, k, shape):
     assert len(sizes) == 1, "all windows share one shape, so batches stack"
 
 
+@given(
+    geometry=geometries,
+    k=st.integers(1, 6),
+    tiles_per_window=st.integers(1, 4),
+    task_tiles=st.integers(1, 4),
+    shape=shapes,
+)
+@settings(max_examples=200)
+def test_windows_larger_than_tiles_cover_each_block_in_phase(
+    geometry, k, tiles_per_window, task_tiles, shape
+):
+    tile = k * geometry.multiple
+    side = tiles_per_window * tile
+    grid = tile_grid(shape, tile)
+    for block in grid.blocks(task_tiles):
+        region = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+        covered = np.zeros(region.shape, dtype=int)
+        windows = exact_windows(region, side, geometry)
+        assert len({w.input.shape for w in windows}) == 1
+        for w in windows:
+            assert w.input.shape[0] == geometry.input_size(side)
+            # a full halo on every side of the usable output, the pooling phase kept
+            assert w.input.y0 == w.output.y0 - geometry.halo
+            assert w.input.x0 == w.output.x0 - geometry.halo
+            assert (w.input.y0 + geometry.halo) % geometry.multiple == 0
+            assert w.output.shape[0] >= side
+            part = Box(w.output.y0, w.output.y0 + side, w.output.x0, w.output.x0 + side)
+            inside = part.intersect(region)
+            assert inside is not None
+            covered[inside.relative_to(region)] += 1
+        assert (covered == 1).all(), "the windows' steps partition the block"
+
+
+@given(geometry=geometries, k=st.integers(1, 8), n=st.integers(1, 6), budget=st.integers(1, 10**6))
+def test_exact_side_is_the_largest_window_that_fits(geometry, k, n, budget):
+    tile = k * geometry.multiple
+    region = Box(0, n * tile, 0, max(1, n * tile - 1))
+    side = exact_side(region, tile, geometry, budget)
+    assert side % tile == 0 and tile <= side <= n * tile
+    fits = geometry.input_size(side) ** 2 <= budget
+    assert fits or side == tile, "only the one-tile window may exceed the budget"
+    if side < n * tile:
+        assert geometry.input_size(side + tile) ** 2 > budget, "one tile more would not fit"
+
+
+def test_exact_windows_refuse_a_region_off_the_pooling_phase():
+    g = Geometry(halo=44, multiple=8, input_offset=4, shrinks=True)
+    with pytest.raises(ValueError, match="multiple of the model's size multiple 8"):
+        exact_windows(Box(4, 20, 0, 16), 16, g)
+
+
 def test_exact_window_rejects_tile_off_the_multiple():
     g = Geometry(halo=92, multiple=16, input_offset=12, shrinks=True)
     with pytest.raises(ValueError, match="multiple of the model's size multiple 16; use 512"):
@@ -110,8 +163,11 @@ def test_blend_windows_cover_region_and_match_global_lattice(geometry, shape, k,
         assert part is not None, "only windows that touch the region"
         covered[part.relative_to(box)] = True
         assert geometry.accepts(win.input.shape[0])
-        assert (win.output.y0 + lattice.margin) % lattice.stride == 0
+        on_lattice = (win.output.y0 + lattice.margin) % lattice.stride == 0
+        assert on_lattice or win.output.y0 == lattice.axis_origins(0)[-1]
         assert win.output.y0 % geometry.multiple == 0
+        if lattice.inside:  # same padding: windows inside the image, as in a whole-image pass
+            assert win.input.y0 >= 0 and win.input.y1 <= shape[0] + geometry.multiple
     assert covered.all()
     # the windows over a region are those of the whole image that touch it: tasks agree
     everything = blend_windows(lattice, Box(0, shape[0], 0, shape[1]))

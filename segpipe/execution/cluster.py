@@ -3,10 +3,12 @@ per-worker model plugin, and the loop that runs a result's blocks and reports ea
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import logging
 import os
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ import distributed
 import torch
 
 from segpipe import models
+from segpipe.execution.pipeline import run_in_process
 from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
 from segpipe.execution.tasks import (
     BlockResult,
@@ -31,8 +34,10 @@ __all__ = [
     "ClusterPlan",
     "ModelPlugin",
     "choose_scheduler",
+    "close_local_clusters",
     "connect",
     "has_cuda",
+    "in_process_is_cheaper",
     "local_cluster",
     "plan_for_device",
     "plan_local_cluster",
@@ -120,7 +125,8 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
 @dataclass(frozen=True)
 class ClusterPlan:
     """How to lay out a local cluster: ``gpus`` > 0 means one worker process per GPU, else
-    ``n_workers`` threads of this process."""
+    ``n_workers`` threads of this process. ``threads_per_worker`` are its I/O threads (each
+    runs one task: read, stitch, write), ``torch_threads`` its model thread's team."""
 
     n_workers: int
     threads_per_worker: int
@@ -139,26 +145,34 @@ def plan_local_cluster(
     gpus: int | None = None,
     n_workers: int | None = None,
 ) -> ClusterPlan:
-    """One worker per GPU on CUDA; on the CPU, worker threads that share the cores.
+    """One worker per device (each GPU; the CPU is one), with I/O threads that follow the cores.
 
-    Each CPU worker runs one task at a time and gives torch its share of the cores: torch's
-    intra-op threads beat Dask threads fighting over the GIL-free conv kernels, and a second
-    worker overlaps one tile's reads and writes with another's compute. ``torch_threads`` is
-    that share: the workers are threads of one process, each forward pass runs its own team of
-    that many threads, so the process's total stays at the cores.
+    A worker's tasks run in its I/O threads and hand their windows to one model thread per
+    process (``execution.pipeline``): on a GPU the I/O threads keep the device fed; on the CPU
+    the model thread's torch team takes every core (``torch_threads``) and the I/O threads
+    what it leaves. ``n_workers`` on the CPU splits the I/O threads over that many workers
+    (still one model thread: they are threads of one process).
 
     >>> plan_local_cluster(torch.device("cpu"), cpus=8)
-    ClusterPlan(n_workers=4, threads_per_worker=1, torch_threads=2, gpus=0)
+    ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0)
     >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2)
-    ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=8, gpus=2)
+    ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2)
     """
     cpus = cpus or os.cpu_count() or 1
     if device.type == "cuda":
         gpus = gpus if gpus is not None else torch.cuda.device_count()
         gpus = max(gpus, 1)
-        return ClusterPlan(gpus, 1, max(1, cpus // gpus), gpus)
-    workers = n_workers or max(1, min(4, cpus // 2))
-    return ClusterPlan(workers, 1, max(1, cpus // workers), 0)
+        share = max(1, cpus // gpus)
+        return ClusterPlan(gpus, _io_threads(share - 1), share, gpus)
+    io = _io_threads(cpus // 2)
+    workers = n_workers or 1
+    return ClusterPlan(workers, max(1, io // workers), cpus, 0)
+
+
+def _io_threads(cores: int) -> int:
+    # Two at least: one reads the next block while another writes the last; eight at most,
+    # past which more blocks in flight only cost memory.
+    return max(2, min(8, cores))
 
 
 def _start_local_cluster(plan: ClusterPlan) -> Any:
@@ -170,7 +184,9 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
             log.warning("dask-cuda is not installed: using one plain worker per GPU")
         else:
             return LocalCUDACluster(
-                threads_per_worker=1, resources=plan.resources, dashboard_address=":0"
+                threads_per_worker=plan.threads_per_worker,
+                resources=plan.resources,
+                dashboard_address=":0",
             )
         # One process per GPU: a process owns its CUDA context.
         return distributed.LocalCluster(
@@ -247,10 +263,11 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler``, or None to run tasks in this process.
 
     The scheduler is chosen by :func:`choose_scheduler`: an explicit ``scheduler``
-    (``"sync"`` runs every task here, in order: debugging, tiny images; an address like
-    ``tcp://host:8786`` connects to a running scheduler; a ``Client`` is used as it is), else
-    this process's active client, else Dask's ``scheduler-address`` config
-    (``DASK_SCHEDULER_ADDRESS``), else a LocalCluster laid out by ``plan`` (closed on exit).
+    (``"sync"`` runs every task here, through the same pipeline: debugging, tiny images; an
+    address like ``tcp://host:8786`` connects to a running scheduler; a ``Client`` is used as
+    it is), else this process's active client, else Dask's ``scheduler-address`` config
+    (``DASK_SCHEDULER_ADDRESS``), else a LocalCluster laid out by ``plan``, started once and
+    kept for the process's later runs (:func:`close_local_clusters`; closed at exit).
     """
     scheduler = choose_scheduler(scheduler)
     if scheduler == "sync":
@@ -258,12 +275,7 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     elif isinstance(scheduler, distributed.Client):
         yield scheduler
     elif scheduler is None:
-        with (
-            _start_local_cluster(plan) as cluster,
-            distributed.Client(cluster, set_as_default=False) as client,
-        ):
-            log.info("local Dask cluster started; dashboard: %s", client.dashboard_link)
-            yield client
+        yield _shared_local_client(plan)
     elif isinstance(scheduler, str):
         # Not the process's default client: runs in threads side by side (the images of an
         # archive run) would each set and reset Dask's global scheduler, and another run's
@@ -276,6 +288,67 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
             f"scheduler must be None, 'sync', an address like 'tcp://host:8786' or a "
             f"distributed.Client; got {scheduler!r}"
         )
+
+
+# Local clusters started for runs with no scheduler, one per layout, kept for the process's
+# later runs (the images of a script, a flow's tasks): their start-up is paid once.
+_LOCAL: dict[ClusterPlan, tuple[Any, Any]] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def _shared_local_client(plan: ClusterPlan) -> Any:
+    with _LOCAL_LOCK:
+        if plan in _LOCAL:
+            cluster, client = _LOCAL[plan]
+            if client.status == "running":
+                return client
+            _close_local(plan)
+        cluster = _start_local_cluster(plan)
+        client = distributed.Client(cluster, set_as_default=False)
+        log.info("local Dask cluster started; dashboard: %s", client.dashboard_link)
+        _LOCAL[plan] = (cluster, client)
+        return client
+
+
+def _close_local(plan: ClusterPlan) -> None:
+    cluster, client = _LOCAL.pop(plan)
+    with contextlib.suppress(Exception):  # at exit the loop may be gone already
+        client.close()
+        cluster.close()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    # Handlers (a test runner's, Prefect's) may have closed their streams by now: the
+    # cluster's goodbye messages must not print tracebacks about it.
+    if _LOCAL:
+        logging.raiseExceptions = False
+        close_local_clusters()
+
+
+def close_local_clusters() -> None:
+    """Close the local clusters runs of this process started (done at exit anyway)."""
+    with _LOCAL_LOCK:
+        for plan in list(_LOCAL):
+            _close_local(plan)
+
+
+IN_PROCESS_BELOW_PX = 4096 * 4096
+"""Work (pixels) under which a run with no scheduler skips starting worker processes."""
+
+
+def in_process_is_cheaper(plan: ClusterPlan, pixels: int) -> bool:
+    """Whether a run with no scheduler should run in this process rather than start the local
+    cluster ``plan`` lays out: when that cluster would be worker processes (GPUs) not yet
+    started and the image is small (their start-up, seconds, would outweigh the work).
+    A threaded cluster on the CPU costs little to start and is kept for later runs.
+
+    >>> in_process_is_cheaper(ClusterPlan(1, 4, 8, gpus=1), 2048 * 2048)
+    True
+    >>> in_process_is_cheaper(ClusterPlan(1, 4, 8), 2048 * 2048)
+    False
+    """
+    return plan.gpus > 0 and plan not in _LOCAL and pixels < IN_PROCESS_BELOW_PX
 
 
 def _gpu_resources(client: Any) -> dict[str, int] | None:
@@ -293,18 +366,23 @@ def run_blocks(
     model: str | torch.nn.Module,
     config: InferenceConfig,
     on_result: Callable[[BlockResult], None],
+    io_threads: int | None = None,
 ) -> None:
     """Run every block, calling ``on_result`` in the driver as each one finishes.
+
+    ``client`` None runs them in this process, ``io_threads`` blocks at a time (default: the
+    local plan's I/O threads), in order of submission.
 
     A failing task cancels the rest and raises; blocks finished before it have been reported,
     so a re-run resumes from them.
     """
     plugin = ModelPlugin(job.predictor_key, model, config)
     if client is None:
+        # In this process: blocks in I/O threads feeding one model thread, as on a worker.
+        threads = io_threads or plan_for_device(config.device).threads_per_worker
         plugin.setup()
         try:
-            for block in blocks:
-                on_result(segment_block(block, job))
+            run_in_process(lambda b: segment_block(b, job), blocks, on_result, threads=threads)
         finally:
             plugin.teardown()
         return

@@ -11,6 +11,7 @@ probabilities is a :data:`WindowPredictor`; there are two:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,12 +20,16 @@ import torch
 from torch import nn
 
 from segpipe.geometry.pixels import to_float01
-from segpipe.models import geometry_of
+from segpipe.models import geometry_of, pixel_contract_of
 
 __all__ = [
+    "CPU_FORWARD_BUDGET",
     "InferenceConfig",
+    "PendingProbabilities",
     "Predictor",
     "WindowPredictor",
+    "activation_bytes_per_pixel",
+    "autocast_dtype",
     "resolve_device",
     "window_probabilities",
 ]
@@ -50,7 +55,8 @@ class InferenceConfig:
 
     device: "auto", "cpu", "cuda", "cuda:1"...
     batch_size: windows per forward pass.
-    amp: autocast to bfloat16; None means on for CUDA, off for the CPU (exact float32 there).
+    amp: autocast (bfloat16 where the GPU has it, else float16); None means on for CUDA, off
+        for the CPU (exact float32 there).
     threads: torch intra-op threads on the CPU (None leaves torch's default).
     """
 
@@ -70,6 +76,11 @@ class Predictor:
     ``predictor(windows)`` takes (N, Y, X, C) pixels of any dtype ``pixels.to_float01`` knows
     and returns (N, classes, y, x) float32 softmax probabilities over the model's whole output,
     ``y = geometry.output_size(Y)``; the caller crops what it uses (``Window.crop``).
+
+    The call is two steps a pipeline runs in different threads: :meth:`prepare` (pixels to
+    float32, on the CPU, in an I/O thread) and :meth:`forward` (host to device, the model,
+    softmax, and back; it returns a :class:`PendingProbabilities` that on a GPU is still being
+    copied back when the call returns, so the model thread can start the next batch).
     """
 
     def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None) -> None:
@@ -78,30 +89,138 @@ class Predictor:
         if self.config.threads and self.device.type == "cpu":
             torch.set_num_threads(self.config.threads)
         self.geometry = geometry_of(model)
+        self.scale = _scaler(model)
         self.amp = self.config.amp if self.config.amp is not None else self.device.type == "cuda"
+        self.amp_dtype = autocast_dtype(self.device, self.amp)
         # torch's stubs leave memory_format out of Module.to; the call accepts it
         self.model = model.eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # A stream of its own on a GPU: copies and kernels of batch n+1 queue up behind
+        # batch n's without waiting for the host to read n's probabilities.
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._bytes_per_pixel: float | None = None
+        self._probe_lock = threading.Lock()
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         if windows.ndim != 4:
             raise ValueError(f"windows must be (N, Y, X, C), got shape {windows.shape}")
-        outs = [
-            self._forward(windows[i : i + self.config.batch_size])
-            for i in range(0, len(windows), self.config.batch_size)
+        step = self.config.batch_size
+        pending = [
+            self.forward(self.prepare(windows[i : i + step])) for i in range(0, len(windows), step)
         ]
-        return np.concatenate(outs, axis=0)
+        return np.concatenate([p.result() for p in pending], axis=0)
+
+    def prepare(self, windows: np.ndarray) -> np.ndarray:
+        """(N, Y, X, C) pixels -> contiguous float32 in [0, 1], the model's input scale."""
+        if windows.ndim != 4:
+            raise ValueError(f"windows must be (N, Y, X, C), got shape {windows.shape}")
+        return np.ascontiguousarray(self.scale(windows))
 
     @torch.inference_mode()
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(to_float01(batch)))
-        if self.device.type == "cuda":
-            # Pinned host memory lets the copy overlap with the previous batch's compute.
-            x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+    def forward(self, batch: np.ndarray) -> PendingProbabilities:
+        """Run the model on prepared ``(N, Y, X, C)`` float32 windows (:meth:`prepare`)."""
+        x = torch.from_numpy(batch)
+        if self.stream is None:
+            return PendingProbabilities(self._probabilities(x).cpu(), None)
+        with torch.cuda.stream(self.stream):
+            # Pinned host memory (torch's caching host allocator keeps it until the copy is
+            # done) lets the copy run asynchronously, overlapped with other batches' compute.
+            staged = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            staged.copy_(x)
+            probabilities = self._probabilities(staged.to(self.device, non_blocking=True))
+            host = torch.empty(probabilities.shape, dtype=torch.float32, pin_memory=True)
+            host.copy_(probabilities, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return PendingProbabilities(host, done)
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        # (N, Y, X, C) permuted to (N, C, Y, X) is already channels-last in memory.
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        enabled = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled):
             logits = self.model(x)
-        return _softmax(logits)
+        # Softmax in float32 whatever autocast did: low-precision probabilities lose small classes.
+        return torch.softmax(logits.float(), dim=1)
+
+    def bytes_per_pixel(self) -> float:
+        """Activation bytes per input pixel of one forward pass (an upper bound: the sum of
+        every layer's output, measured once on a small window)."""
+        with self._probe_lock:  # the first tasks of a run ask at once: probe once
+            if self._bytes_per_pixel is None:
+                self._bytes_per_pixel = activation_bytes_per_pixel(self.model, self.device)
+            return self._bytes_per_pixel
+
+    def memory_budget(self) -> int:
+        """Bytes one forward pass may take: 40% of the GPU's free memory (two batches are in
+        flight), or :data:`CPU_FORWARD_BUDGET` on the CPU."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * 0.4)
+        return CPU_FORWARD_BUDGET
+
+
+CPU_FORWARD_BUDGET = 1 << 30
+"""Bytes of activations one forward pass may take on the CPU (1 GiB: a 1024 px exact window of
+the shipped U-Net, or four 512 px ones)."""
+
+
+class PendingProbabilities:
+    """Probabilities of one batch, possibly still on their way from the device."""
+
+    def __init__(self, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        self._host = host
+        self._done = done
+
+    def is_ready(self) -> bool:
+        """Whether :meth:`result` would return at once."""
+        return self._done is None or bool(self._done.query())
+
+    def result(self) -> np.ndarray:
+        """(N, classes, y, x) float32, once the copy back has finished."""
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.numpy()
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The autocast dtype of a forward pass, None for plain float32.
+
+    On CUDA bfloat16 where the GPU supports it (Ampere and later), else float16. On the CPU
+    only when asked (``amp=True``): most CPUs lack bfloat16 units and run it far slower.
+    """
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+@torch.inference_mode()
+def activation_bytes_per_pixel(model: nn.Module, device: torch.device) -> float:
+    """Sum of the output bytes of every leaf layer per input pixel, from one small forward."""
+    geometry = geometry_of(model)
+    side = geometry.input_size(8 * geometry.multiple)
+    total = 0
+
+    def count(module: nn.Module, args: object, output: object) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel() * output.element_size()
+
+    # TorchScript modules take no hooks (a wrapped TorchScript file counts only what it returns)
+    leaves = [
+        m
+        for m in model.modules()
+        if not list(m.children()) and not isinstance(m, torch.jit.ScriptModule)
+    ]
+    hooks = [m.register_forward_hook(count) for m in leaves]
+    try:
+        channels = int(getattr(model, "in_channels", 3))
+        model(torch.zeros((1, channels, side, side), device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(total / side**2, 4.0)
 
 
 @torch.inference_mode()
@@ -116,9 +235,16 @@ def window_probabilities(model: nn.Module, windows: np.ndarray) -> np.ndarray:
     """
     if windows.ndim != 4:
         raise ValueError(f"windows must be (N, Y, X, C), got shape {windows.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(to_float01(windows).transpose(0, 3, 1, 2)))
+    x = torch.from_numpy(np.ascontiguousarray(_scaler(model)(windows).transpose(0, 3, 1, 2)))
     weight = next(model.parameters(), None)
     return _softmax(model(x if weight is None else x.to(weight.device)))
+
+
+def _scaler(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """The one pixel scaling: the model's pixel contract (what it was trained on), else the
+    dtype rule (``pixels.to_float01``)."""
+    contract = pixel_contract_of(model)
+    return to_float01 if contract is None else contract.scale
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,15 +17,19 @@ from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import (
     choose_scheduler,
     connect,
+    in_process_is_cheaper,
     plan_for_device,
     resolve_amp,
     run_blocks,
     run_key,
 )
+from segpipe.execution.foreground import resolve_foreground, select_tiles
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job
 from segpipe.geometry.tiling import blend_lattice, tile_grid
+from segpipe.io.files import URLPath, location
 from segpipe.io.readers import Reader, open_image
+from segpipe.progress import Stage, progress_option, stage
 from segpipe.results import (
     ResultMeta,
     RunSummary,
@@ -49,6 +53,7 @@ def _model_label(model: str | os.PathLike | torch.nn.Module, net: torch.nn.Modul
     return str(model)
 
 
+@progress_option
 def segment(
     source: str | os.PathLike | Reader,
     output: str | os.PathLike,
@@ -58,10 +63,11 @@ def segment(
     model_name: str | None = None,
     scheduler: Any = None,
     overwrite: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
     progress: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     **settings: Any,
-) -> Path:
+) -> Path | URLPath:
     """Segment an image into a result store and return its path.
 
     Parameters
@@ -78,7 +84,7 @@ def segment(
         The run's :class:`~segpipe.config.SegmentConfig` (default: all defaults): ``tile``,
         ``mode`` (``"exact"`` overlap-tile or ``"blend"``), ``window``/``overlap``/
         ``sigma_scale`` (blend), ``level``, ``pixel_size_um``, ``probability_dtype``,
-        ``task_tiles``, ``min_level_size``, ``amp``, ``batch_size``, ``device``,
+        ``task_tiles``, ``min_level_size``, ``amp``, ``foreground``, ``batch_size``, ``device``,
         ``n_workers``, ``scheduler``. Each field's doc is in ``SegmentConfig``.
     model_name
         The model's name as the result records it (part of its identity). Default: ``model``
@@ -97,8 +103,15 @@ def segment(
         ``device="auto"`` is resolved on each worker: its GPU when it has one, else its CPU.
     overwrite
         Replace an existing result of other inputs or parameters at ``output``.
+    storage_options
+        fsspec options (endpoint, credentials) for a ``source`` or ``output`` that is a URL
+        (``s3://bucket/slide.svs``, ``s3://bucket/slide.seg.zarr``); the image is read by
+        byte ranges, the result written through Zarr's store, and the returned
+        :class:`~segpipe.io.files.URLPath` carries them to Dask workers. Unset: fsspec's own
+        (environment variables, ``~/.aws``).
     progress
-        Show a progress bar over tiles.
+        Show the run's stages (segment, pyramid) on stderr, unless a listener is installed
+        already (:func:`segpipe.progress.reporting`: the CLI's, a flow's), which shows them.
     on_progress
         Called in this process as ``on_progress(tiles_done, tiles_to_do)`` after each task
         (flows log and report through it).
@@ -113,16 +126,22 @@ def segment(
         scheduler = config.scheduler
     reader = (
         source
-        if not isinstance(source, str | os.PathLike)
-        else open_image(source, pixel_size_um=config.pixel_size_um)
+        if not isinstance(source, str | os.PathLike | URLPath)
+        else open_image(source, pixel_size_um=config.pixel_size_um, storage_options=storage_options)
     )
-    level, tile = config.level, config.tile
+    net = model if isinstance(model, torch.nn.Module) else models.load(model)
+    # What the model was trained on; with no level given, segment the level closest to its
+    # training pixel size (level 0 when either pixel size is unknown).
+    contract = models.pixel_contract_of(net)
+    level_fixed = config.level is not None
+    level = config.level if config.level is not None else models.choose_level(contract, reader)
+    tile = config.tile
     if not 0 <= level < len(reader.level_shapes):
         raise ValueError(
             f"{reader.path}: level {level} does not exist "
             f"(levels 0..{len(reader.level_shapes) - 1})"
         )
-    net = model if isinstance(model, torch.nn.Module) else models.load(model)
+    config = config.replace(level=level)
     geometry = models.geometry_of(net)
     if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
         raise ValueError(
@@ -135,10 +154,10 @@ def segment(
             f"tile {tile} px is not a multiple of the model's size multiple {geometry.multiple}"
             f"; try {tile + (-tile) % geometry.multiple}"
         )
-    ny, nx, channels = reader.level_shapes[level]
-    in_channels = getattr(net, "in_channels", channels)
-    if channels != in_channels:
-        raise ValueError(f"{reader.path} has {channels} channels but the model takes {in_channels}")
+    ny, nx, _ = reader.level_shapes[level]
+    # Before any work: channels, dtype and pixel size the model takes (PixelContractError).
+    label = model_name or _model_label(model, net)
+    models.check_source(contract, reader, level, model=label, level_fixed=level_fixed)
     class_names = tuple(
         getattr(net, "class_names", None)
         or (f"class_{i}" for i in range(cast(int, net.num_classes)))
@@ -166,6 +185,7 @@ def segment(
         )
         # Resolved before the identity is taken: "auto" must not make two results look alike.
         config = config.replace(amp=resolve_amp(config.amp, config.device, client))
+        config = config.replace(foreground=resolve_foreground(config.foreground, reader))
         level_px = (
             reader.pixel_size_um * reader.level_shapes[0][0] / ny if reader.pixel_size_um else None
         )
@@ -180,15 +200,21 @@ def segment(
             config=config,
             **_georeference_at(reader, level),
         )
-        output = Path(output)
+        output = location(output, storage_options)
         done = prepare_result(output, meta, overwrite=overwrite)
         if is_complete(output):
             log.info("%s is already complete; nothing to compute", output)
             return output
 
         grid = tile_grid((ny, nx), tile)
+        # Tiles without foreground (glass, nodata) are recorded done as class 0, not computed.
+        selection = select_tiles(
+            reader, level, grid, output, config.foreground,
+            task_tiles=config.task_tiles, num_classes=len(class_names),
+        )  # fmt: skip
         # A block is one shard, the unit of writing: a partly done block is redone whole.
-        blocks = [b for b in grid.blocks(config.task_tiles) if not all(done[t.index] for t in b)]
+        blocks = selection.blocks(grid, config.task_tiles)
+        blocks = [b for b in blocks if not all(done[t.index] for t in b)]
         n_todo = sum(len(b) for b in blocks)
         log.info(
             "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
@@ -203,7 +229,7 @@ def segment(
         job = Job(
             reader=reader,
             level=level,
-            output=str(output),
+            output=output if isinstance(output, URLPath) else str(output),
             predictor_key=run_key(meta.model_sha256),
             mode=config.mode,
             tile=tile,
@@ -216,31 +242,31 @@ def segment(
             device=config.device,
             batch_size=config.batch_size,
             amp=config.amp,
-            # A running cluster's workers keep their own thread settings: this machine's
-            # cores say nothing of theirs.
-            threads=plan.torch_threads if client is None else None,
+            # A running cluster's workers keep their own thread settings unless the config
+            # names a count: this machine's cores say nothing of theirs.
+            threads=config.threads or (plan.torch_threads if client is None else None),
         )
         if client is None:
             # Sync and the threaded local cluster run in this process, and torch's thread count
             # is process-wide: give the caller's back when the run ends.
             connection.callback(torch.set_num_threads, torch.get_num_threads())
-            if scheduler != "sync":
+            if scheduler != "sync" and not in_process_is_cheaper(plan, n_todo * tile * tile):
                 client = connection.enter_context(connect(scheduler, plan))
-        recorder = _TileRecorder(output, n_todo, progress, on_progress)
-        try:
+        with stage("segment", total=n_todo, unit="tile") as tiles:
+            recorder = _TileRecorder(output, tiles, on_progress)
             run_blocks(blocks, job, client=client, model=net, config=inference, on_result=recorder)
-        finally:
-            recorder.close()
 
     seconds = time.perf_counter() - started
     summary = RunSummary(
         tiles_total=len(grid),
         tiles_computed=n_todo,
-        tiles_skipped=len(grid) - n_todo,
+        tiles_skipped=len(grid) - n_todo - selection.background,
         windows=recorder.windows,
         seconds=round(seconds, 3),
         megapixels_per_second=round(ny * nx * n_todo / len(grid) / 1e6 / seconds, 4),
         class_pixels=tuple(int(n) for n in class_pixels(output)),
+        tiles_background=selection.background,
+        foreground_pixels=selection.foreground_pixels,
     )
     finalize_result(output, summary)
     log.info("%s complete: %d tiles in %.1f s", output, n_todo, seconds)
@@ -258,33 +284,24 @@ def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:
 
 
 class _TileRecorder:
-    """Driver-side bookkeeping of finished blocks: progress bar, callback, and the result's
+    """Driver-side bookkeeping of finished blocks: the segment stage, callback, and the result's
     tiles-done map, recorded as each block arrives, so a re-run recomputes only blocks that
     were not finished (one small write per block, a few ms beside its forward passes)."""
 
     def __init__(
         self,
-        output: Path,
-        total: int,
-        progress: bool,
+        output: Path | URLPath,
+        tiles: Stage,
         on_progress: Callable[[int, int], None] | None,
     ) -> None:
-        from tqdm.auto import tqdm
-
         self.output = output
-        self.total = total
-        self.done = 0
+        self.tiles = tiles
         self.on_progress = on_progress
         self.windows = 0
-        self._bar = tqdm(total=total, unit="tile", desc="segment", disable=not progress)
 
     def __call__(self, res: BlockResult) -> None:
         mark_tiles_done(self.output, dict(zip(res.tiles, res.class_pixels, strict=True)))
-        self.done += len(res.tiles)
         self.windows += res.windows
-        self._bar.update(len(res.tiles))
+        self.tiles.advance(len(res.tiles))
         if self.on_progress is not None:
-            self.on_progress(self.done, self.total)
-
-    def close(self) -> None:
-        self._bar.close()
+            self.on_progress(self.tiles.done, self.tiles.total or 0)

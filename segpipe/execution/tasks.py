@@ -8,23 +8,28 @@ outputs through a sink (exact or blend, :class:`Stitching`). Two callers:
 * :func:`segment_block`, one Dask task: a block of tiles (``task_tiles`` x ``task_tiles``,
   one Zarr shard) predicted by the worker's model, written to the result; it returns the
   block's per-tile class counts. Tasks carry paths and geometry, never pixel arrays, so the
-  graph stays small for any image size.
+  graph stays small for any image size. A task's thread reads and writes; its forward passes
+  run on the process's model thread (:mod:`segpipe.execution.pipeline`), shared by all tasks.
 * :func:`predict_labels`, a whole in-memory image (an :class:`~segpipe.io.readers.ArrayReader`)
   predicted by a model as it is: training validation, evaluation and benchmarks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
 from torch import nn
 
+from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import Predictor, WindowPredictor, window_probabilities
 from segpipe.geometry.blending import BlendSink, CropSink, Sink
 from segpipe.geometry.tiling import (
@@ -34,7 +39,8 @@ from segpipe.geometry.tiling import (
     Tile,
     Window,
     blend_windows,
-    exact_window,
+    exact_side,
+    exact_windows,
     tile_grid,
 )
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
@@ -54,6 +60,7 @@ __all__ = [
     "predictor_for",
     "remove_predictor",
     "segment_block",
+    "stage_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +70,8 @@ log = logging.getLogger(__name__)
 # itself), read by every task. Threaded workers share one process, so each entry counts the
 # workers holding it and is built once; the lock guards their concurrent setups.
 _PREDICTORS: dict[str, tuple[Predictor, int]] = {}
+# Each run's model thread (execution.pipeline), started by the first task that needs it.
+_STAGES: dict[str, ModelStage] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 MODES = ("exact", "blend")
@@ -75,9 +84,9 @@ class Stitching:
     Parameters
     ----------
     mode
-        ``"exact"``: one overlap-tile window per tile, cropped back to it (``exact_window``,
-        ``CropSink``); ``"blend"``: the windows of ``lattice`` averaged with Gaussian weights
-        (``blend_windows``, ``BlendSink``).
+        ``"exact"``: overlap-tile windows of ``exact_side`` output pixels (default: one per
+        tile), cropped back (``exact_windows``, ``CropSink``); ``"blend"``: the windows of
+        ``lattice`` averaged with Gaussian weights (``blend_windows``, ``BlendSink``).
     tile
         Output tile side, pixels (a multiple of ``geometry.multiple``).
     geometry
@@ -86,6 +95,9 @@ class Stitching:
         Channels of the model's output.
     lattice, sigma_scale
         Blend mode's global window lattice and its Gaussian's width (fraction of a window).
+    exact_side
+        Exact mode's window output side, a multiple of ``tile`` (None: ``tile``); any side
+        gives the same result up to float rounding, a larger one pays the halo less often.
     """
 
     mode: str
@@ -94,6 +106,7 @@ class Stitching:
     num_classes: int
     lattice: BlendLattice | None = None
     sigma_scale: float = 0.125
+    exact_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -105,7 +118,8 @@ class Stitching:
         """The windows that give ``tiles`` (whose bounding box is ``region``), row-major."""
         if self.mode == "blend" and self.lattice is not None:  # blend always has one
             return blend_windows(self.lattice, region)
-        return [exact_window(t, self.tile, self.geometry) for t in tiles]
+        windows = exact_windows(region, self.exact_side or self.tile, self.geometry)
+        return [w for w in windows if any(w.output.intersect(t.box) for t in tiles)]
 
     def sink(self, region: Box) -> Sink:
         """An empty sink for ``region`` that joins window outputs as the mode says."""
@@ -121,7 +135,7 @@ class Job(Stitching):
 
     reader: Reader
     level: int
-    output: str
+    output: str | os.PathLike[str]  # a local path, or a URLPath with its storage options
     predictor_key: str  # the run's model in each worker's registry (install_predictor)
 
 
@@ -190,10 +204,9 @@ def predict_region(
     pixels = read_mirrored(reader, source_box, level)
     _check_pixels(pixels, reader, source_box, level)
     sink = stitching.sink(region)
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i : i + batch_size]
-        stack = np.stack([pixels[w.input.relative_to(source_box)] for w in chunk])
-        probabilities = np.asarray(predict(stack))
+    chunks = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    stacks = (np.stack([pixels[w.input.relative_to(source_box)] for w in c]) for c in chunks)
+    for chunk, probabilities in zip(chunks, _predicted(predict, stacks), strict=True):
         if not np.isfinite(probabilities).all():
             bad = next(
                 w for w, p in zip(chunk, probabilities, strict=True) if not np.isfinite(p).all()
@@ -207,6 +220,22 @@ def predict_region(
             h, wd = w.output.shape
             sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
     return RegionPrediction(region, sink.result(), len(windows))
+
+
+def _predicted(predict: WindowPredictor, stacks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``predict`` over ``stacks`` in order; a pipeline stage (``submit``) gets the next batch
+    before this one is stitched, so the model never waits for this thread."""
+    submit = getattr(predict, "submit", None)
+    if submit is None:
+        yield from (np.asarray(predict(stack)) for stack in stacks)
+        return
+    ahead: deque[Future[np.ndarray]] = deque()
+    for stack in stacks:
+        ahead.append(submit(stack))
+        if len(ahead) > 1:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
 
 
 class PredictionError(RuntimeError):
@@ -289,13 +318,28 @@ def install_predictor(key: str, make: Callable[[], Predictor]) -> None:
 
 
 def remove_predictor(key: str) -> None:
-    """Release one hold on run ``key``'s predictor; the last one frees its memory."""
+    """Release one hold on run ``key``'s predictor; the last one frees its memory and stops
+    its model thread."""
+    stage = None
     with _REGISTRY_LOCK:
         predictor, holders = _PREDICTORS.get(key, (None, 0))
         if predictor is None or holders <= 1:
             _PREDICTORS.pop(key, None)
+            stage = _STAGES.pop(key, None)
         else:
             _PREDICTORS[key] = (predictor, holders - 1)
+    if stage is not None:
+        stage.close()
+
+
+def stage_for(key: str) -> ModelStage:
+    """The model thread of run ``key`` in this process, fed by every task of the run."""
+    predictor = predictor_for(key)
+    with _REGISTRY_LOCK:
+        stage = _STAGES.get(key)
+        if stage is None:
+            stage = _STAGES[key] = ModelStage(predictor)
+        return stage
 
 
 def predictor_for(key: str) -> Predictor:
@@ -311,12 +355,22 @@ def predictor_for(key: str) -> Predictor:
 
 
 def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
-    """Predict, stitch and write one block of tiles; the unit of work of a Dask task."""
-    predictor = predictor_for(job.predictor_key)
+    """Predict, stitch and write one block of tiles; the unit of work of a Dask task.
+
+    The calling thread reads and writes; the forward passes run on the process's model
+    thread (:func:`stage_for`), batched with other tasks' windows. Exact-mode windows are as
+    large as the device's memory allows, up to the whole block, unless the job sets them.
+    """
+    stage = stage_for(job.predictor_key)
+    predictor = stage.predictor
+    if job.mode == "exact" and job.exact_side is None:
+        budget = predictor.memory_budget() / predictor.bytes_per_pixel()
+        side = exact_side(_bounds([t.box for t in tiles]), job.tile, job.geometry, int(budget))
+        job = dataclasses.replace(job, exact_side=side)
     block = predict_region(
         tiles,
         job.reader,
-        predictor,
+        stage,
         job,
         level=job.level,
         batch_size=predictor.config.batch_size,

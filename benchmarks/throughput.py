@@ -1,0 +1,345 @@
+"""Throughput of `segment` beside its model's bare forward, in one table (run by hand).
+
+    python benchmarks/throughput.py [--size 4096] [--device cpu|cuda] [--blend-size 2048]
+
+For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Zarr), prints:
+
+* **bare forward**: the shipped model (``tissue-unet``) alone over the windows an exact run of
+  that image computes (same window side and batches as the run picks), no reading or writing;
+* **segpipe end to end**, Zarr to Zarr with the defaults (exact mode, foreground off so every
+  tile is computed): ``scheduler="sync"`` (in this process) and the default scheduler (a local
+  cluster, the first call paying its start-up, a second one reusing it), as a ratio to the
+  bare forward (target <= 1.15 at 8192^2 with the default scheduler);
+* **null-model ceiling**: the same runs with a nearly free model (``fcn``, width 4, one
+  layer): what the pipeline itself can carry, whatever the accelerator (target >= 3x the 2.0
+  Mpx/s sync and 1.2 Mpx/s default cluster measured before the pipelined worker, 4096^2);
+* **tissue**: a slide with 30% tissue against an all-tissue one, foreground detection on
+  (target <= 0.4x), when ``SegmentConfig`` has the ``foreground`` setting;
+* **blend vs MONAI**: ``sliding_window_inference`` (gaussian, overlap 0.25, window 256, sigma
+  0.125) and segpipe's blend mode with the same same-padding U-Net (width 16, depth 3, random
+  weights), at ``--blend-size`` (the whole-image reference pass must fit in memory): time
+  and mean absolute error of the probabilities against one forward pass over the whole
+  image, overall, within 64 px of the image's border, and inside;
+* **peak RSS** of this process after the segpipe rows;
+* with ``--device cuda``, the device's busy fraction during each segpipe run (CUDA events
+  around every forward pass, over wall time).
+
+A benchmark, not a test: it takes minutes and its numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import build_input
+
+import segpipe
+from segpipe import models
+from segpipe.config import SegmentConfig
+from segpipe.execution import predictor as predictor_module
+from segpipe.execution.cluster import plan_for_device
+from segpipe.execution.pipeline import ModelStage
+from segpipe.execution.predictor import InferenceConfig, Predictor
+from segpipe.geometry.tiling import Box, exact_side, exact_windows, tile_grid
+from segpipe.io.readers import ArrayReader
+
+ROWS: list[tuple[str, str, str]] = []
+RUNS = 0
+
+
+def row(label: str, value: str, note: str = "") -> None:
+    ROWS.append((label, value, note))
+    print(f"  {label:<44} {value:>14}  {note}", flush=True)
+
+
+def has_setting(name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(SegmentConfig)}
+
+
+def all_tiles() -> dict[str, Any]:
+    # Every tile computed, so runs compare with the bare forward over the same windows.
+    return {"foreground": "none"} if has_setting("foreground") else {}
+
+
+class DeviceTimer:
+    """CUDA events around each forward pass of every Predictor: the device's busy time."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, Any]] = []
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        forward = Predictor.forward
+
+        def timed(predictor: Predictor, batch: np.ndarray) -> Any:
+            stream = predictor.stream or torch.cuda.current_stream()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            pending = forward(predictor, batch)
+            end.record(stream)
+            self.events.append((start, end))
+            return pending
+
+        Predictor.forward = timed  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            Predictor.forward = forward  # type: ignore[method-assign]
+
+    def busy_seconds(self) -> float:
+        torch.cuda.synchronize()
+        busy = sum(s.elapsed_time(e) for s, e in self.events) / 1000
+        self.events.clear()
+        return busy
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bare_forward(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    shape: tuple[int, int],
+    device: str,
+    config: SegmentConfig,
+) -> tuple[float, float, int]:
+    """Wall and CPU seconds of the model alone over the windows an exact run computes, and
+    their count."""
+    predictor = Predictor(model, InferenceConfig(device=device, batch_size=config.batch_size))
+    grid = tile_grid(shape, config.tile)
+    budget = predictor.memory_budget() / predictor.bytes_per_pixel()
+    windows = []
+    for block in grid.blocks(config.task_tiles):
+        region = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+        side = exact_side(region, config.tile, predictor.geometry, int(budget))
+        windows += exact_windows(region, side, predictor.geometry)
+    n = windows[0].input.shape[0]
+    batch = ModelStage(predictor).batch_limit((n, n, image.shape[2]))
+    crop = np.resize(image, (n, n, image.shape[2]))  # real pixels; content does not set speed
+    prepared = predictor.prepare(np.stack([crop] * batch))
+    predictor.forward(prepared[:1]).result()  # warm-up
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize()
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(windows), batch):
+        predictor.forward(prepared[: min(batch, len(windows) - i)]).result()
+    return time.perf_counter() - start, time.process_time() - cpu, len(windows)
+
+
+def run_segment(
+    src: Path, out: Path, model: Any, device: str, timer: DeviceTimer | None, **settings: Any
+) -> tuple[float, float | None]:
+    """Wall seconds of one `segment`, the device's busy fraction (CUDA only), and this
+    process's CPU seconds (every thread: the driver, the in-process or threaded workers; on a
+    machine shared with other jobs a steadier measure of the work than wall time)."""
+    global RUNS
+    RUNS += 1  # a fresh output each time: a complete result would be returned as it is
+    out = out.with_name(f"{out.stem}-{RUNS}.zarr")
+    shutil.rmtree(out, ignore_errors=True)  # left by an earlier run of this script (--keep)
+    cpu = time.process_time()
+    with timer.installed() if timer else contextlib.nullcontext():
+        seconds = timed(
+            lambda: segpipe.segment(src, out, model, device=device, overwrite=True, **settings)
+        )
+    cpu = time.process_time() - cpu
+    busy = timer.busy_seconds() / seconds if timer else None
+    return seconds, busy, cpu
+
+
+def blend_vs_monai(size: int, device: str, work: Path) -> None:
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        row("MONAI sliding_window_inference", "not available", "pip install -e '.[bench]'")
+        return
+    from segpipe.synthetic import tissue_slide
+
+    torch.manual_seed(0)
+    net = models.build("unet", width=16, depth=3, padding="same", dropout=0.0).eval()
+    dev = torch.device(device)
+    net = net.to(dev)
+    image = tissue_slide(size, seed=1).image
+    x = torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) / 255).to(dev)
+
+    def probabilities(t: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(net(t), 1)
+
+    with torch.inference_mode():
+        reference = probabilities(x)[0].float().cpu().numpy()
+        monai_s = timed(
+            lambda: sliding_window_inference(
+                x, (256, 256), 4, probabilities, overlap=0.25, mode="gaussian", sigma_scale=0.125
+            )
+        )
+        monai = (
+            sliding_window_inference(
+                x, (256, 256), 4, probabilities, overlap=0.25, mode="gaussian", sigma_scale=0.125
+            )[0]
+            .cpu()
+            .numpy()
+        )
+    out = work / "blend.zarr"
+    seg_s, _, _ = run_segment(
+        ArrayReader(image),
+        out,
+        net,
+        device,
+        None,
+        scheduler="sync",
+        mode="blend",
+        window=256,
+        overlap=0.25,
+        sigma_scale=0.125,
+        probability_dtype="float32",
+        **all_tiles(),
+    )
+    ours = segpipe.open_result(out.with_name(f"{out.stem}-{RUNS}.zarr"))["probabilities"].values
+    border = np.zeros(image.shape[:2], bool)
+    border[:64], border[-64:], border[:, :64], border[:, -64:] = True, True, True, True
+    for name, p, seconds in (
+        ("MONAI (in RAM)", monai, monai_s),
+        ("segpipe blend (Zarr)", ours, seg_s),
+    ):
+        err = np.abs(p - reference)
+        row(
+            f"{name}, {size}^2",
+            f"{seconds:.1f} s",
+            f"error mean {err.mean():.4f}, border {err[:, border].mean():.4f}, "
+            f"inside {err[:, ~border].mean():.4f}",
+        )
+    row("segpipe blend / MONAI time", f"{seg_s / monai_s:.2f}x", "target <= 0.75")
+
+
+def tissue_rows(size: int, device: str, work: Path, model: Any) -> None:
+    if not has_setting("foreground"):
+        row(
+            "30% tissue vs all tissue",
+            "not available",
+            "SegmentConfig has no 'foreground' setting yet (issue 9 part 2)",
+        )
+        return
+    from segpipe.synthetic import tissue_slide
+
+    seconds = {}
+    for fraction in (0.3, 1.0):
+        path = work / f"tissue-{fraction}.zarr"
+        if not path.exists():
+            slide = tissue_slide(size, seed=2, tissue_fraction=fraction).image
+            arr = zarr.create_array(
+                path,
+                shape=slide.shape,
+                chunks=(1024, 1024, 3),
+                dtype="uint8",
+                dimension_names=("y", "x", "c"),
+            )
+            arr[...] = slide
+            del slide
+        seconds[fraction], _, _ = run_segment(
+            path,
+            work / f"tissue-out-{fraction}.zarr",
+            model,
+            device,
+            None,
+            scheduler="sync",
+            foreground="tissue",
+            pixel_size_um=0.5,
+        )
+    row("30% tissue slide, foreground on", f"{seconds[0.3]:.1f} s")
+    row("all-tissue slide, foreground on", f"{seconds[1.0]:.1f} s")
+    row("30% / all tissue", f"{seconds[0.3] / seconds[1.0]:.2f}x", "target <= 0.4")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--blend-size", type=int, default=2048)
+    parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
+    args = parser.parse_args()
+    size, device = args.size, args.device
+    work = args.keep or Path(tempfile.mkdtemp(prefix="segpipe-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"input-{size}.zarr"
+    if not src.exists():
+        print(f"building {size} x {size} input ...", flush=True)
+        build_input(src, size)
+    plan = plan_for_device(device)
+    load = os.getloadavg()[0]
+    print(
+        f"\nsegpipe throughput, {size} x {size} px; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, plan {plan}, device {device}"
+        + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
+        + f"; CPU forward budget {predictor_module.CPU_FORWARD_BUDGET >> 20} MiB"
+        + f"; load average {load:.1f} on {os.cpu_count()} cores at the start\n",
+        flush=True,
+    )
+    mpx = size * size / 1e6
+    config = SegmentConfig()
+    shipped = models.load("tissue-unet")
+    image = zarr.open_array(src, mode="r")[:1200, :1200]
+    timer = DeviceTimer() if device == "cuda" else None
+
+    bare, bare_cpu, n_windows = bare_forward(shipped, image, (size, size), device, config)
+    row(
+        "bare forward, tissue-unet",
+        f"{mpx / bare:.2f} Mpx/s",
+        f"{bare:.1f} s ({bare_cpu:.0f} CPU s), {n_windows} windows",
+    )
+    for label, scheduler in (
+        ("sync", "sync"),
+        ("default, first call", None),
+        ("default, reused", None),
+    ):
+        seconds, busy, cpu = run_segment(
+            src, work / "out.zarr", shipped, device, timer, scheduler=scheduler, **all_tiles()
+        )
+        note = f"{seconds / bare:.2f}x bare forward ({cpu / bare_cpu:.2f}x its CPU s)" + (
+            f", device busy {busy:.0%}" if busy is not None else ""
+        )
+        row(f"segpipe end to end, {label}", f"{mpx / seconds:.2f} Mpx/s", note)
+
+    null = models.build("fcn", width=4, layers=1).eval()
+    for label, scheduler, before in (("sync", "sync", 2.0), ("default", None, 1.2)):
+        seconds, _, cpu = run_segment(
+            src, work / "null.zarr", null, device, None, scheduler=scheduler, **all_tiles()
+        )
+        row(
+            f"null-model ceiling, {label}",
+            f"{mpx / seconds:.2f} Mpx/s",
+            f"{mpx / seconds / before:.1f}x the {before} Mpx/s before (target >= 3x); "
+            f"{mpx / cpu:.2f} Mpx per CPU s",
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row("peak RSS after the segpipe rows", f"{peak:.0f} MiB")
+
+    tissue_rows(min(size, 4096), device, work, shipped)
+    blend_vs_monai(args.blend_size, device, work)
+
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("\n| measure | value | note |\n|---|---|---|")
+    for label, value, note in ROWS:
+        print(f"| {label} | {value} | {note} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""The pipelined worker: I/O threads feed one model thread through a bounded queue.
+
+One :class:`ModelStage` per model per process (per GPU: one worker process each). The threads
+that run tasks (Dask's worker threads, or :func:`run_in_process`'s) are the I/O threads: each
+reads, decodes, mirrors and normalises its block's windows, hands them to the stage, and
+stitches, encodes and writes what comes back, while the stage's one thread keeps the device
+busy with batches that may mix windows of several blocks::
+
+    I/O thread 1: read+prepare A --submit--> ...wait... <--probabilities-- stitch+write A
+    I/O thread 2:            read+prepare B --submit--> ...wait...         <-- stitch+write B
+    model thread:                    [ batch: A0 A1 B0 B1 ][ batch: B2 ... ]
+
+Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), the
+queue holds at most ``max_queued`` batches' worth of prepared windows, and a submitter
+blocks while it is full. On a CPU the model thread runs torch's intra-op team on all cores and
+the I/O threads take what it leaves; on a GPU the model thread only launches kernels and
+copies, so the device never waits for a read.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import TypeVar, cast
+
+import numpy as np
+import torch
+
+from segpipe.execution.predictor import PendingProbabilities, Predictor
+
+__all__ = ["ModelStage", "StageStats", "run_in_process"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class StageStats:
+    """What a stage has done: for tests (the queue bound) and benchmarks (busy fraction)."""
+
+    batches: int = 0
+    windows: int = 0
+    busy_seconds: float = 0.0  # model thread inside forward calls (a GPU: launching + waiting)
+    peak_queued: int = 0  # chunks waiting in the queue at once, at most ``max_queued``
+
+
+@dataclass
+class _Chunk:
+    windows: np.ndarray  # prepared (n, Y, X, C) float32, n <= limit
+    limit: int  # windows of this shape per forward pass
+    future: Future[np.ndarray]
+
+
+_STOP = object()
+
+
+class ModelStage:
+    """Runs ``predictor`` on one thread over windows that any thread submits.
+
+    Parameters
+    ----------
+    predictor
+        The process's model on its device.
+    max_batch
+        Windows per forward pass at most (default ``predictor.config.batch_size``), fewer
+        where the windows are large for the device's memory (``predictor.memory_budget``); a
+        batch takes what is queued, so it may join windows of several blocks.
+    max_queued
+        Chunks (of up to ``max_batch`` windows) waiting at once; ``submit`` blocks beyond it.
+    """
+
+    def __init__(
+        self, predictor: Predictor, *, max_batch: int | None = None, max_queued: int = 2
+    ) -> None:
+        if max_queued < 1:
+            raise ValueError(f"max_queued must be >= 1 chunk, got {max_queued}")
+        self.predictor = predictor
+        self.max_batch = max_batch or predictor.config.batch_size
+        self.max_queued = max_queued
+        self.stats = StageStats()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queued)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._limits: dict[tuple[int, ...], int] = {}
+        # Torch's intra-op thread count can be per thread (OpenMP): the model thread takes the
+        # predictor's, else the setting of the thread that made the stage.
+        self._torch_threads = predictor.config.threads or torch.get_num_threads()
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        """(N, Y, X, C) pixels -> (N, classes, y, x) probabilities: a ``WindowPredictor``."""
+        return self.submit(windows).result()
+
+    def submit(self, windows: np.ndarray) -> Future[np.ndarray]:
+        """Queue ``windows`` (prepared here, in the caller's thread); the future gives their
+        probabilities. Blocks while the queue is full."""
+        prepared = self.predictor.prepare(windows)
+        step = self.batch_limit(prepared.shape[1:])
+        parts = [
+            _Chunk(prepared[i : i + step], step, Future()) for i in range(0, len(prepared), step)
+        ]
+        self._start()
+        for part in parts:
+            self._queue.put(part)
+            self.stats.peak_queued = max(self.stats.peak_queued, self._queue.qsize())
+        if len(parts) == 1:
+            return parts[0].future
+        joined: Future[np.ndarray] = Future()
+        _join_when_done([p.future for p in parts], joined)
+        return joined
+
+    def batch_limit(self, window_shape: tuple[int, ...]) -> int:
+        """Windows of ``window_shape`` (Y, X, C) per forward pass: ``max_batch``, or fewer
+        when their activations would pass the device's memory budget (at least one)."""
+        limit = self._limits.get(window_shape)
+        if limit is None:
+            one = window_shape[0] * window_shape[1] * self.predictor.bytes_per_pixel()
+            limit = max(1, min(self.max_batch, int(self.predictor.memory_budget() // one)))
+            self._limits[window_shape] = limit
+        return limit
+
+    def close(self) -> None:
+        """Stop the model thread once the queued windows are done."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join()
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="segpipe-model", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._torch_threads)
+        carry: _Chunk | None = None
+        previous: tuple[list[_Chunk], PendingProbabilities] | None = None
+        stop = False
+        while not stop:
+            if previous is not None and carry is None and self._queue.empty():
+                # Nothing to overlap with: its submitters may be waiting for it to send more.
+                _deliver(*previous)
+                previous = None
+            chunks, carry, stop = self._next_batch(carry)
+            pending = self._forward(chunks) if chunks else None
+            # On a GPU batch n is read back while n+1 runs; the CPU's is done already, and its
+            # submitters should not wait for the next batch to stitch and write it.
+            if previous is not None:
+                _deliver(*previous)
+                previous = None
+            if pending is not None and pending.is_ready():
+                _deliver(chunks, pending)
+            elif pending is not None:
+                previous = (chunks, pending)
+        if previous is not None:
+            _deliver(*previous)
+
+    def _next_batch(self, carry: _Chunk | None) -> tuple[list[_Chunk], _Chunk | None, bool]:
+        """Chunks of one shape, up to ``max_batch`` windows: the carried one (or the next
+        queued, waiting for it), then whatever else is queued now."""
+        first = carry if carry is not None else self._queue.get()
+        if first is _STOP:
+            return [], None, True
+        head = cast(_Chunk, first)
+        chunks, size = [head], len(head.windows)
+        while size < head.limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                return chunks, None, True
+            chunk = cast(_Chunk, item)
+            if chunk.windows.shape[1:] != head.windows.shape[1:] or (
+                size + len(chunk.windows) > head.limit
+            ):
+                return chunks, chunk, False  # runs in the next batch
+            chunks.append(chunk)
+            size += len(chunk.windows)
+        return chunks, None, False
+
+    def _forward(self, chunks: list[_Chunk]) -> PendingProbabilities | None:
+        live = [c for c in chunks if c.future.set_running_or_notify_cancel()]
+        if not live:
+            return None
+        batch = live[0].windows if len(live) == 1 else np.concatenate([c.windows for c in live])
+        started = time.perf_counter()
+        try:
+            pending = self.predictor.forward(batch)
+        except BaseException as err:  # the submitters raise it, the stage lives on
+            for c in live:
+                c.future.set_exception(err)
+            return None
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.windows += len(batch)
+        chunks[:] = live
+        return pending
+
+
+def _deliver(chunks: list[_Chunk], pending: PendingProbabilities) -> None:
+    try:
+        probabilities = pending.result()
+    except BaseException as err:
+        for c in chunks:
+            c.future.set_exception(err)
+        return
+    start = 0
+    for c in chunks:
+        # A view: it keeps the batch's (pinned) buffer alive until its last reader is done.
+        c.future.set_result(probabilities[start : start + len(c.windows)])
+        start += len(c.windows)
+
+
+def _join_when_done(parts: list[Future[np.ndarray]], joined: Future[np.ndarray]) -> None:
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[np.ndarray]) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        errors = [p.exception() for p in parts if p.exception() is not None]
+        if errors:
+            joined.set_exception(errors[0])
+        else:
+            joined.set_result(np.concatenate([p.result() for p in parts], axis=0))
+
+    for p in parts:
+        p.add_done_callback(one_done)
+
+
+def run_in_process(
+    work: Callable[[T], R],
+    items: Iterable[T],
+    on_result: Callable[[R], None],
+    *,
+    threads: int,
+) -> None:
+    """``on_result(work(item))`` for every item, ``threads`` items at a time, in this process.
+
+    At most ``threads`` items are in flight (so memory stays flat however many there are);
+    ``on_result`` runs in the calling thread as each finishes. After the first failure no
+    item starts; those running finish and are reported (a re-run resumes from them), then
+    the failure is raised.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    todo: Iterator[T] = iter(items)
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(threads, thread_name_prefix="segpipe-io") as pool:
+        running: set[Future[R]] = set()
+        while True:
+            while failure is None and len(running) < threads:
+                item = next(todo, _STOP)
+                if item is _STOP:
+                    break
+                running.add(pool.submit(work, cast(T, item)))
+            if not running:
+                break
+            finished, running = _wait_one(running)
+            for fut in finished:
+                if fut.exception() is not None:
+                    failure = failure or fut.exception()
+                else:
+                    on_result(fut.result())
+    if failure is not None:
+        raise failure
+
+
+def _wait_one(running: set[Future[R]]) -> tuple[set[Future[R]], set[Future[R]]]:
+    done, not_done = wait(running, return_when=FIRST_COMPLETED)
+    return set(done), set(not_done)

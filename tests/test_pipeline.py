@@ -1,0 +1,279 @@
+"""The pipelined worker: one model thread fed by I/O threads through a bounded queue. Results
+equal the serial path; the queue and the blocks in flight stay within their bounds however
+slow the writer; failures reach the task that submitted the windows."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import segpipe
+from segpipe import models
+from segpipe.execution import cluster, pipeline, tasks
+from segpipe.execution.pipeline import ModelStage, run_in_process
+from segpipe.execution.predictor import (
+    CPU_FORWARD_BUDGET,
+    InferenceConfig,
+    PendingProbabilities,
+    Predictor,
+    autocast_dtype,
+)
+from segpipe.execution.tasks import Stitching, predict_region
+from segpipe.geometry.tiling import tile_grid
+from segpipe.io.readers import ArrayReader
+
+CLASSES = ("background", "tissue", "nucleus")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_unet(seed: int = 0) -> models.SegmentationModel:
+    torch.manual_seed(seed)
+    net = models.build(
+        "unet", class_names=CLASSES, in_channels=3, width=4, depth=2, padding="valid", dropout=0.0
+    )
+    return net.eval()
+
+
+class FakePredictor:
+    """Stands in for Predictor: probabilities are the window's mean, forward can be held."""
+
+    def __init__(self, *, batch_size: int = 4, budget: float = 1e12, fail_on: float = -1.0):
+        self.config = InferenceConfig(device="cpu", batch_size=batch_size)
+        self.batches: list[int] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.budget = budget
+        self.fail_on = fail_on
+
+    def prepare(self, windows):
+        return windows.astype(np.float32)
+
+    def forward(self, batch):
+        self.hold.wait(10)
+        if (batch == self.fail_on).any():
+            raise ValueError("bad window")
+        self.batches.append(len(batch))
+        out = batch.mean(axis=(1, 2, 3)).reshape(-1, 1, 1, 1)
+        return PendingProbabilities(torch.from_numpy(np.ascontiguousarray(out)), None)
+
+    def bytes_per_pixel(self):
+        return 1.0
+
+    def memory_budget(self):
+        return self.budget
+
+
+def windows(value: float, n: int = 1, side: int = 4) -> np.ndarray:
+    return np.full((n, side, side, 1), value, np.float32)
+
+
+def test_stage_equals_the_predictor_whatever_the_threads():
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu", batch_size=3))
+    n = net.geometry.input_size(16)
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 256, (k, n, n, 3), dtype=np.uint8) for k in (1, 2, 5, 3)]
+    stage = ModelStage(predictor, max_queued=2)
+    results: dict[int, np.ndarray] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, stage(inputs[i])))
+        for i in range(len(inputs))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stage.close()
+    for i, x in enumerate(inputs):
+        np.testing.assert_allclose(results[i], predictor(x), atol=1e-6)
+    assert stage.stats.windows == sum(len(x) for x in inputs)
+
+
+def test_batches_join_windows_of_several_submitters():
+    fake = FakePredictor(batch_size=4)
+    stage = ModelStage(fake, max_queued=4)  # type: ignore[arg-type]
+    fake.hold.clear()
+    first = stage.submit(windows(0))  # taken by the model thread, which is held
+    deadline = time.monotonic() + 10
+    while stage._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    later = [stage.submit(windows(v)) for v in (1, 2, 3)]  # queued meanwhile
+    fake.hold.set()
+    assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
+    stage.close()
+    assert fake.batches == [1, 3], "the three queued windows ran as one batch"
+
+
+def test_batches_respect_the_memory_budget():
+    # 4 x 4 px windows at 1 byte a pixel: a budget of 40 bytes takes two at a time.
+    fake = FakePredictor(batch_size=8, budget=40)
+    stage = ModelStage(fake)  # type: ignore[arg-type]
+    out = stage(windows(5, n=5))
+    stage.close()
+    assert out.shape == (5, 1, 1, 1)
+    assert max(fake.batches) == 2
+
+
+def test_a_failing_batch_fails_its_submitters_and_the_stage_lives_on():
+    fake = FakePredictor(batch_size=1, fail_on=7)
+    stage = ModelStage(fake)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bad window"):
+        stage(windows(7))
+    assert stage(windows(2))[0, 0, 0, 0] == 2
+    stage.close()
+
+
+def test_the_queue_bound_holds_while_submitters_outrun_the_model():
+    fake = FakePredictor(batch_size=1)
+    stage = ModelStage(fake, max_queued=2)  # type: ignore[arg-type]
+    fake.hold.clear()
+    futures = []
+    submitter = threading.Thread(
+        target=lambda: futures.extend(stage.submit(windows(v)) for v in range(10))
+    )
+    submitter.start()
+    time.sleep(0.3)
+    assert submitter.is_alive(), "blocked on the full queue"
+    assert stage._queue.qsize() <= 2
+    fake.hold.set()
+    submitter.join(10)
+    assert [f.result(10)[0, 0, 0, 0] for f in futures] == list(range(10))
+    stage.close()
+    assert stage.stats.peak_queued <= 2
+
+
+def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.01)
+        with lock:
+            in_flight[0] -= 1
+        if i == 13:
+            raise RuntimeError("item 13")
+        return i
+
+    done = []
+    run_in_process(work, range(12), done.append, threads=3)
+    assert sorted(done) == list(range(12))
+    assert peak[0] <= 3
+    with pytest.raises(RuntimeError, match="item 13"):
+        run_in_process(work, range(40), done.append, threads=2)
+
+
+def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
+    tmp_path, monkeypatch
+):
+    """The in-process pipeline with a writer slower than the model: the blocks read but not
+    yet written never pass the I/O threads, the model queue never passes its bound, and the
+    stored result equals the serial stitcher's."""
+    image = np.random.default_rng(1).integers(0, 256, (64, 72, 3), dtype=np.uint8)
+    net = tiny_unet()
+    in_flight, peak, lock = [0], [0], threading.Lock()
+    stages: list[ModelStage] = []
+    read, write = tasks.read_mirrored, tasks.write_block
+    make_stage = pipeline.ModelStage
+
+    def counting_read(*args, **kwargs):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        return read(*args, **kwargs)
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.02)
+        mask = write(*args, **kwargs)
+        with lock:
+            in_flight[0] -= 1
+        return mask
+
+    def recording_stage(*args, **kwargs):
+        stages.append(make_stage(*args, **kwargs))
+        return stages[-1]
+
+    monkeypatch.setattr(tasks, "read_mirrored", counting_read)
+    monkeypatch.setattr(tasks, "write_block", slow_write)
+    monkeypatch.setattr(tasks, "ModelStage", recording_stage)
+    out = segpipe.segment(
+        ArrayReader(image),
+        tmp_path / "r.zarr",
+        net,
+        tile=8,
+        task_tiles=1,
+        batch_size=2,
+        probability_dtype="float32",
+        device="cpu",
+        scheduler="sync",
+    )
+    threads = cluster.plan_for_device("cpu").threads_per_worker
+    assert peak[0] <= threads
+    assert len(stages) == 1 and stages[0].stats.peak_queued <= stages[0].max_queued
+    assert stages[0].stats.windows == 8 * 9
+    serial = predict_region(
+        list(tile_grid(image.shape[:2], 8)),
+        ArrayReader(image),
+        Predictor(net, InferenceConfig(device="cpu", amp=False)),
+        Stitching("exact", 8, net.geometry, len(CLASSES)),
+    )
+    np.testing.assert_array_equal(
+        segpipe.open_result(out)["probabilities"].values, serial.probabilities
+    )
+    assert tasks._STAGES == {}, "the model thread stopped with the run"
+
+
+@pytest.mark.parametrize(
+    ("device", "amp", "bf16", "expected"),
+    [
+        ("cuda", True, True, torch.bfloat16),
+        ("cuda", True, False, torch.float16),
+        ("cuda", False, True, None),
+        ("cpu", False, True, None),
+        ("cpu", True, False, torch.bfloat16),
+    ],
+)
+def test_autocast_dtype(monkeypatch, device, amp, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert autocast_dtype(torch.device(device), amp) is expected
+
+
+def test_the_cpu_never_autocasts_by_default():
+    predictor = Predictor(tiny_unet(), InferenceConfig(device="cpu"))
+    assert predictor.amp is False and predictor.amp_dtype is None
+    assert predictor.stream is None, "no CUDA stream off the GPU"
+    assert predictor.memory_budget() == CPU_FORWARD_BUDGET
+    assert predictor.bytes_per_pixel() > 4 * len(CLASSES)
+
+
+class NotYetPending(PendingProbabilities):
+    """A GPU's pending copy back: not ready when the forward call returns."""
+
+    def is_ready(self):
+        return False
+
+
+def test_results_still_on_their_way_are_delivered_after_the_next_batch_or_when_idle():
+    fake = FakePredictor(batch_size=1)
+    forward = fake.forward
+
+    def deferred(batch):
+        done = forward(batch)
+        return NotYetPending(torch.from_numpy(done.result()), None)
+
+    fake.forward = deferred
+    stage = ModelStage(fake, max_queued=4)  # type: ignore[arg-type]
+    futures = [stage.submit(windows(v)) for v in range(6)]
+    assert [f.result(10)[0, 0, 0, 0] for f in futures] == list(range(6))
+    assert stage(windows(9))[0, 0, 0, 0] == 9, "a lone batch is delivered once the queue is idle"
+    stage.close()
