@@ -195,6 +195,9 @@ def test_segment_reads_and_writes_s3_and_equals_a_local_run(
 
     group = zarr.open_group(str(out), mode="r", storage_options=s3.options)
     assert group.attrs["segpipe"]["state"] == "complete"
+    # A user with the URL and the options (no URLPath at hand) opens it the same way.
+    by_url = segpipe.open_result(str(out), storage_options=s3.options)
+    np.testing.assert_array_equal(by_url["mask"].values, segpipe.open_result(reference)["mask"])
 
 
 def test_a_window_of_an_s3_image_is_read_without_downloading_the_file(s3, tmp_path):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from segpipe.io.files import location
 from segpipe.results.schema import (
     IncompleteResultError,
     layout_of,
@@ -25,6 +26,7 @@ def open_result(
     tree: bool = False,
     allow_incomplete: bool = False,
     chunks: Any = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Any:
     """Open a result lazily, one pyramid level as a Dataset or every level as a DataTree.
 
@@ -43,6 +45,9 @@ def open_result(
         its levels above 0 are empty until the run's end builds them.
     chunks
         Dask chunks (default: the stored chunks).
+    storage_options
+        fsspec options for a result at a URL (``s3://...``: endpoint, credentials); without
+        them the environment's (``AWS_*``) are used.
 
     Returns
     -------
@@ -59,6 +64,8 @@ def open_result(
     >>> ds = open_result("slide.seg.zarr", level=2)  # doctest: +SKIP
     >>> ds["probabilities"].sel({"class": "nucleus"}) > 0.8  # doctest: +SKIP
     """
+    if storage_options is not None:
+        path = location(path, storage_options)
     meta = read_attrs(path)
     if not meta.get("complete") and not allow_incomplete:
         raise IncompleteResultError(
