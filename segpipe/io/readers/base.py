@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -30,6 +31,7 @@ __all__ = [
     "Georeference",
     "ImageReadError",
     "Reader",
+    "RegionLevel",
     "read_mirrored",
 ]
 
@@ -128,6 +130,32 @@ class Reader(Protocol):
     def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` of a level as ``(y1 - y0, x1 - x0, C)``, native dtype."""
         ...
+
+
+class RegionLevel:
+    """One level of a library that reads regions (OpenSlide, wsidicom) as something
+    ``BaseReader`` slices ``[y0:y1, x0:x1, c]``.
+
+    ``region(y0, y1, x0, x1)`` gives ``(y1 - y0, x1 - x0, C)`` pixels of the level for a
+    non-empty window inside it; an empty window is answered here.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, int, int],
+        dtype: np.dtype[Any],
+        region: Callable[[int, int, int, int], np.ndarray],
+    ) -> None:
+        self.shape, self.dtype, self.region = shape, dtype, region
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ny, nx, nc = self.shape
+        ys, xs, cs = (*key, slice(None))[:3]
+        y0, y1, _ = ys.indices(ny)
+        x0, x1, _ = xs.indices(nx)
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), nc), self.dtype)[..., cs]
+        return self.region(y0, y1, x0, x1)[..., cs]
 
 
 class _LevelSource:

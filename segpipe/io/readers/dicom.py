@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.io.files import URLPath
-from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
+from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError, RegionLevel
 
 __all__ = ["DICOM_SUFFIXES", "DicomReader", "is_dicom_folder"]
 
@@ -99,8 +99,12 @@ class DicomReader(BaseReader):
                 ) from exc
         return self._slide
 
-    def _open_level(self, level: int) -> _RegionLevel:
-        return _RegionLevel(self, level)
+    def _open_level(self, level: int) -> RegionLevel:
+        return RegionLevel(
+            self.level_shapes[level],
+            self.dtype,
+            lambda y0, y1, x0, x1: self._region(level, y0, y1, x0, x1),
+        )
 
     def _region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         pixels = self._open().read_region(
@@ -116,19 +120,3 @@ class DicomReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_slide": None}
-
-
-class _RegionLevel:
-    """One level as something ``BaseReader`` slices ``[y0:y1, x0:x1, :]``."""
-
-    def __init__(self, reader: DicomReader, level: int) -> None:
-        self.reader, self.level = reader, level
-
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        ny, nx, nc = self.reader.level_shapes[self.level]
-        ys, xs, cs = (*key, slice(None))[:3]
-        y0, y1, _ = ys.indices(ny)
-        x0, x1, _ = xs.indices(nx)
-        if y1 <= y0 or x1 <= x0:
-            return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), nc), self.reader.dtype)[..., cs]
-        return self.reader._region(self.level, y0, y1, x0, x1)[..., cs]

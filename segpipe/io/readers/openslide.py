@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.io.files import URLPath
-from segpipe.io.readers.base import BaseReader, ImageReadError
+from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
 
 __all__ = ["OPENSLIDE_SUFFIXES", "OpenSlideReader"]
 
@@ -74,8 +74,14 @@ class OpenSlideReader(BaseReader):
                 ) from exc
         return self._slide
 
-    def _open_level(self, level: int) -> _RGBALevel:
-        return _RGBALevel(self, level)
+    def _open_level(self, level: int) -> RegionLevel:
+        # RGB of OpenSlide's region: empty space reads as its transparent black; the alpha
+        # is valid_mask's.
+        return RegionLevel(
+            self.level_shapes[level],
+            self.dtype,
+            lambda y0, y1, x0, x1: self._rgba(level, y0, y1, x0, x1)[..., :3],
+        )
 
     def _rgba(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """``(y1 - y0, x1 - x0, 4)`` RGBA of a window of ``level`` (OpenSlide wants the
@@ -98,21 +104,6 @@ class OpenSlideReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_slide": None}
-
-
-class _RGBALevel:
-    """One level as something ``BaseReader`` slices ``[y0:y1, x0:x1, :]``: RGB of OpenSlide's
-    region (empty space reads as OpenSlide's transparent black, alpha in valid_mask)."""
-
-    def __init__(self, reader: OpenSlideReader, level: int) -> None:
-        self.reader, self.level = reader, level
-
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        ny, nx, _ = self.reader.level_shapes[self.level]
-        ys, xs, cs = (*key, slice(None))[:3]
-        y0, y1, _ = ys.indices(ny)
-        x0, x1, _ = xs.indices(nx)
-        return self.reader._rgba(self.level, y0, y1, x0, x1)[..., :3][..., cs]
 
 
 def _float(value: str | None) -> float | None:
