@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from test_execution import CLASSES, one_torch_thread, tiny_unet  # noqa: F401 (autouse fixture)
 
 import segpipe
-from segpipe import models
 from segpipe.execution import cluster, pipeline, tasks
 from segpipe.execution.pipeline import ModelStage, run_in_process
 from segpipe.execution.predictor import (
@@ -23,24 +23,6 @@ from segpipe.execution.predictor import (
 from segpipe.execution.tasks import Stitching, predict_region
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.readers import ArrayReader
-
-CLASSES = ("background", "tissue", "nucleus")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def tiny_unet(seed: int = 0) -> models.SegmentationModel:
-    torch.manual_seed(seed)
-    net = models.build(
-        "unet", class_names=CLASSES, in_channels=3, width=4, depth=2, padding="valid", dropout=0.0
-    )
-    return net.eval()
 
 
 class FakePredictor:
