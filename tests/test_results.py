@@ -195,12 +195,92 @@ def test_pyramid_tasks_are_whole_shards(tmp_path):
     from segpipe.results.pyramid import reduce_level
 
     path = tmp_path / "r.zarr"
-    m = meta(tile=16, task_tiles=2, min_level_size=16)  # 32 px shards; 100 x 70 -> 50 x 35
+    # 32 px blocks: the tasks write level 1 (16 px shards), level 2 (200 x 140 -> 100 x 70
+    # -> 50 x 35) is built after them with 32 px shards, reading level 1 in 64 px blocks.
+    m = meta(shape=(200, 140), tile=16, task_tiles=2, min_level_size=16)
+    assert m.block_levels == 1
     prepare_result(path, m)
-    below = zarr.open_array(path / "0" / "probabilities")
-    level1 = reduce_level(below, "mean", zarr.open_array(path / "1" / "probabilities").shards)
-    assert level1.shape == (2, 50, 35)
-    assert level1.chunks[1:] == ((32, 18), (32, 3)), "one task per level-1 shard"
+    assert zarr.open_array(path / "1" / "probabilities").shards == (2, 16, 16)
+    below = zarr.open_array(path / "1" / "probabilities")
+    level2 = reduce_level(below, "mean", zarr.open_array(path / "2" / "probabilities").shards)
+    assert level2.shape == (2, 50, 35)
+    assert level2.chunks[1:] == ((32, 18), (32, 3)), "one task per level-2 shard"
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile", "task_tiles", "min_level_size", "levels", "tiling"),
+    [
+        # level 1: 64 px shards, 32 px chunks; level 2: 32 px shards and chunks
+        ((300, 260), 32, 4, 16, 2, [(32, 128), (32, 64), (32, 32), (32, 128)]),
+        # a 512 px tile in 1024 px blocks: 512 and 256 px shards, then the block again
+        ((4096, 4096), 512, 2, 256, 2, [(512, 1024), (512, 512), (256, 256), (512, 1024)]),
+        # 2**k must divide the tile: 24 = 8 * 3 stops at level 3, shards down to 24 px
+        ((800, 800), 24, 8, 16, 3, [(24, 192), (24, 96), (24, 48), (24, 24), (24, 192)]),
+        # a block of one tile halves down to the tile's floor only (256 px)
+        ((4096, 4096), 512, 1, 256, 1, [(512, 512), (256, 256), (512, 512)]),
+        # the pyramid's own end comes first
+        ((100, 70), 16, 4, 32, 1, [(16, 64), (16, 32)]),
+    ],
+)
+def test_block_levels_and_their_tiling(shape, tile, task_tiles, min_level_size, levels, tiling):
+    m = meta(shape=shape, tile=tile, task_tiles=task_tiles, min_level_size=min_level_size)
+    assert m.block_levels == levels
+    assert [m.level_tiling(k) for k in range(len(tiling))] == tiling
+    assert dataclasses.replace(m, layout=2).block_levels == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "uint8", "float32"])
+def test_levels_the_tasks_write_equal_the_pass_after_them(tmp_path, dtype):
+    """The same blocks written into a result whose tasks write levels 1-2 and into one of
+    layout 2 (every level built after the tasks) give the same bytes at every level."""
+    m = meta(
+        shape=(300, 262), tile=32, task_tiles=4, min_level_size=16, probability_dtype=dtype,
+        class_names=("a", "b", "c"),
+    )  # fmt: skip
+    assert m.block_levels == 2
+    probs = random_probabilities(m.shape, c=3, seed=4)
+    grid = tile_grid(m.shape, m.tile)
+    # A block's part inside one rectangle of tiles only, as a task with foreground skipping
+    # computes it; the other tiles keep the fill value at every level.
+    blocks = [b[1:3] if i % 3 == 1 else b for i, b in enumerate(grid.blocks(4))]
+    paths = {}
+    for layout in (2, 3):
+        path = paths[layout] = tmp_path / f"layout{layout}.zarr"
+        prepare_result(path, dataclasses.replace(m, layout=layout))
+        write_blocks(path, m, probs, blocks)
+    arrays = ("0/probabilities", "1/probabilities", "2/mask", "labels/mask/1/mask")
+    before = {a: zarr.open_array(paths[3] / a)[...] for a in arrays}
+    assert before["1/probabilities"].any() and before["labels/mask/1/mask"].any()
+    for path in paths.values():
+        finalize_result(path, run_summary(path))
+    assert read_meta(paths[2]).layout == 2 and read_meta(paths[3]).layout == 3
+    for k in range(5):
+        xr.testing.assert_identical(
+            open_result(paths[3], level=k).drop_attrs(), open_result(paths[2], level=k).drop_attrs()
+        )
+        np.testing.assert_array_equal(
+            zarr.open_array(paths[3] / f"labels/mask/{k}/mask")[...],
+            zarr.open_array(paths[2] / f"labels/mask/{k}/mask")[...],
+        )
+    for a in arrays:  # finalising did not rewrite what the tasks wrote
+        np.testing.assert_array_equal(zarr.open_array(paths[3] / a)[...], before[a])
+
+
+def test_an_unfinished_layout_2_result_resumes_without_block_levels(tmp_path):
+    m = meta(shape=(300, 262), tile=32, task_tiles=4, min_level_size=16)
+    reference = tmp_path / "ref.zarr"
+    probs = complete_result(reference, m)
+    old = tmp_path / "old.zarr"
+    prepare_result(old, dataclasses.replace(m, layout=2))
+    blocks = list(tile_grid(m.shape, m.tile).blocks(4))
+    write_blocks(old, m, probs, blocks[:2])
+    assert prepare_result(old, m).sum() == sum(len(b) for b in blocks[:2])  # resumed
+    write_blocks(old, m, probs, blocks[2:])
+    assert not zarr.open_array(old / "1" / "mask")[...].any(), "level 1 waits for the pass"
+    finalize_result(old, run_summary(old))
+    assert read_meta(old).layout == 2
+    assert zarr.open_array(old / "1" / "mask").shards == (128, 128)
+    same_levels(old, reference, n=5)
 
 
 def test_a_result_written_before_segment_config_still_opens_and_resumes(tmp_path, small_slide):
@@ -339,7 +419,7 @@ def test_open_datatree_opens_a_fresh_result(tmp_path):
     xr.testing.assert_identical(
         xr.open_zarr(path, group="1").drop_attrs(), tree["1"].to_dataset().drop_attrs()
     )
-    assert read_meta(path).layout == read_attrs(path)["layout"] == 2
+    assert read_meta(path).layout == read_attrs(path)["layout"] == 3
 
 
 def test_pyramid_is_announced_as_a_stage_of_levels(tmp_path):
@@ -414,8 +494,8 @@ def test_a_result_of_an_unknown_layout_is_refused_with_the_reason(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
     group = zarr.open_group(path, mode="r+")
-    group.attrs["segpipe"] = {**read_attrs(path), "layout": 3}
+    group.attrs["segpipe"] = {**read_attrs(path), "layout": 4}
     with pytest.raises(ValueError, match="newer segpipe"):
         read_meta(path)
-    with pytest.raises(ValueError, match="layout 3"):
+    with pytest.raises(ValueError, match="layout 4"):
         open_result(path, allow_incomplete=True)

@@ -1,6 +1,6 @@
 """Results: one Zarr v3 group per segmented image, laid out as OME-Zarr 0.5.
 
-Layout (``"layout": 2`` in the ``segpipe`` attribute)::
+Layout (``"layout": 3`` in the ``segpipe`` attribute)::
 
     result.zarr/                 OME image (the class probabilities, axes class/y/x) + "segpipe";
                                  no arrays of its own
@@ -42,7 +42,11 @@ given the result's layout.
 
 Arrays are chunked like the output tiles and sharded by one task's block of tiles
 (``task_tiles * tile`` pixels): every task writes whole shards, which is what makes
-concurrent writers safe in Zarr v3. Chunks equal to the fill value are not stored.
+concurrent writers safe in Zarr v3. Chunks equal to the fill value are not stored. Layout 3
+(the paths of layout 2) shards levels 1..``ResultMeta.block_levels`` by the block halved
+``k`` times, so each task writes its block's share of those levels from the block in memory
+and only the small levels above them are built after the tasks; a layout-2 result builds
+every level after its tasks, and an unfinished one resumes that way.
 
 The root attribute ``segpipe`` holds provenance and the result's ``state``, its life as an
 explicit state machine in which every transition is one atomic write or an idempotent step::

@@ -2,8 +2,9 @@
 
 The mask's own label image is created with the store and written by the tasks with the mask
 (:func:`segpipe.results.store.write_block`). A label image that only some runs have is created
-here on first use (so a resumed run finds it), its level 0 written block by block, one whole
-shard per block; :func:`segpipe.results.pyramid.build_pyramid` fills its other levels.
+here on first use (so a resumed run finds it), written block by block at the levels a task
+writes (``ResultMeta.block_levels``), one whole shard each;
+:func:`segpipe.results.pyramid.build_pyramid` fills its other levels.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath
 from segpipe.results.layout import create_label_image
+from segpipe.results.pyramid import block_levels
 from segpipe.results.schema import ResultMeta, label_path
 
 __all__ = ["label_images", "write_label_image"]
@@ -44,17 +46,23 @@ def write_label_image(
     *,
     long_name: str,
 ) -> None:
-    """Write ``(y, x)`` uint8 ``blocks`` into level 0 of label image ``name`` of the result at
-    ``path``, creating the label image (every pyramid level, value ``i`` meaning
-    ``meanings[i]``) if the result has none yet. Each box must cover whole shards; pixels of
-    no block keep the fill value, 0. Called by the driver only."""
+    """Write ``(y, x)`` uint8 ``blocks`` (level-0 pixels) into label image ``name`` of the
+    result at ``path``, at level 0 and the levels the result's tasks write, creating the label
+    image (every pyramid level, value ``i`` meaning ``meanings[i]``) if the result has none
+    yet. Each box must be a task's block; pixels of no block keep the fill value, 0. Called
+    by the driver only."""
     root = _open(path, "r+")
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
     if name not in label_images(path):
         shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
         create_label_image(root, name, shapes, meta, meanings, long_name=long_name)
-    array = root[label_path(name, 0, layout=meta.layout)]
-    if not isinstance(array, zarr.Array):
-        raise TypeError(f"{path}: label image {name!r} level 0 is not a Zarr array")
+    arrays = []
+    for k in range(meta.block_levels + 1):
+        array = root[label_path(name, k, layout=meta.layout)]
+        if not isinstance(array, zarr.Array):
+            raise TypeError(f"{path}: label image {name!r} level {k} is not a Zarr array")
+        arrays.append(array)
     for box, values in blocks:
-        array[box.slices] = np.asarray(values, dtype=np.uint8)
+        levels = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", len(arrays) - 1)
+        for array, (at, level) in zip(arrays, levels, strict=True):
+            array[at.slices] = level

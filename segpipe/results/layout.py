@@ -28,16 +28,16 @@ from segpipe.io.ome import (
     multiscale_attributes,
     omero_attributes,
 )
-from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, layout_of, level_path
+from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path
 from segpipe.version import __version__
 
 __all__ = [
     "COUNTS",
     "PROGRESS",
     "UINT8_SCALE",
+    "block_level_arrays",
     "create_label_image",
     "create_layout",
-    "level0_arrays",
 ]
 
 PROGRESS = "_segpipe/tiles_done"
@@ -155,21 +155,22 @@ def create_label_image(
         meanings,
     )
     root.require_group(group).attrs["ome"] = attrs
-    for path, shape in zip(paths, shapes, strict=True):
+    for k, (path, shape) in enumerate(zip(paths, shapes, strict=True)):
         parent, array = posixpath.split(path)
-        _label_array(_group(root, parent), array, shape, meta, meanings, long_name)
+        _label_array(_group(root, parent), array, k, shape, meta, meanings, long_name)
 
 
 def _label_array(
     group: zarr.Group,
     name: str,
+    level: int,
     shape: tuple[int, int],
     meta: ResultMeta,
     meanings: Sequence[str],
     long_name: str,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    t, s = meta.tile, meta.shard
+    t, s = meta.level_tiling(level)
     group.create_array(
         name,
         shape=shape,
@@ -193,7 +194,7 @@ def _create_level(
     group: zarr.Group, k: int, shape: tuple[int, int], meta: ResultMeta, grid: PixelGrid
 ) -> None:
     ny, nx = shape
-    c, t, s = len(meta.class_names), meta.tile, meta.shard
+    c, (t, s) = len(meta.class_names), meta.level_tiling(k)
     geo: dict[str, Any] = {}
     if grid.crs_wkt is not None:
         # CF grid mapping, as rioxarray writes and reads it: ds.rio.crs works on any level.
@@ -206,7 +207,7 @@ def _create_level(
         )
         ref[()] = 0
         geo = {"grid_mapping": "spatial_ref", "coordinates": "spatial_ref"}
-    _label_array(group, "mask", shape, meta, meta.class_names, "argmax class", geo)
+    _label_array(group, "mask", k, shape, meta, meta.class_names, "argmax class", geo)
     attrs: dict[str, Any] = {"long_name": "softmax class probability", **geo}
     if meta.config.probability_dtype == "uint8":
         # CF packing: xarray (and netCDF tools) decode value * scale_factor + add_offset.
@@ -233,16 +234,20 @@ def _create_level(
     names[:] = np.array(meta.class_names, dtype=object)
 
 
-def level0_arrays(path: str) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
-    """Level 0's ``mask``, ``probabilities`` and mask label arrays of the result at ``path``,
-    where its layout keeps them (an unfinished result of an older layout resumes in it)."""
+def block_level_arrays(path: str) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
+    """The ``mask``, ``probabilities`` and mask label arrays of every level a task writes with
+    its block (level 0, then 1..``block_levels``), where the result's layout keeps them (an
+    unfinished result of an older layout resumes in it, its tasks writing level 0 only)."""
     # Opened per block, never cached by path: a cached handle outlives an overwrite of the
     # result and would write the new store in the old layout. One open is a few small JSON
     # reads, nothing beside a block's forward passes.
     root = zarr.open_group(path, mode="r+")
-    layout = layout_of(cast(Mapping[str, Any], root.attrs["segpipe"]))
-    return (
-        root[level_path(0, "mask", layout=layout)],
-        root[level_path(0, "probabilities", layout=layout)],
-        root[label_path(LABEL_NAME, 0, layout=layout)],
-    )  # type: ignore[return-value]
+    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    return [
+        (
+            root[level_path(k, "mask", layout=meta.layout)],
+            root[level_path(k, "probabilities", layout=meta.layout)],
+            root[label_path(LABEL_NAME, k, layout=meta.layout)],
+        )  # type: ignore[misc]
+        for k in range(meta.block_levels + 1)
+    ]

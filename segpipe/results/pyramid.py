@@ -1,15 +1,20 @@
-"""Result pyramids: levels 1.. computed from the level below, one whole shard per task.
+"""Result pyramids: levels 1.. computed from the level below.
 
 Probabilities are averaged (:func:`segpipe.geometry.pixels.downsample_mean_2x`), the mask takes
-the most frequent class of each 2x2 block (:func:`mode_2x`). Every level is computed from the
-one below it read back from the store, so no level is ever whole in memory and every write is a
-whole shard. Where each level lies physically is :mod:`segpipe.io.ome`'s business.
+the most frequent class of each 2x2 block (:func:`mode_2x`), always from the level below as
+stored (the probabilities encoded), so every way of building a level gives the same bytes.
+Two builders:
+
+* :func:`block_levels`, inside each task: its block halved level by level while the block's
+  share of a level is whole shards (``ResultMeta.block_levels``), no second read of level 0;
+* :func:`build_pyramid`, after the tasks: every further level from the one below it read back
+  from the store, one whole shard per Dask task, so no level is ever whole in memory.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, cast
 
 import dask.array as da
@@ -17,8 +22,9 @@ import numpy as np
 import zarr
 
 from segpipe.geometry.pixels import downsample_mean_2x
+from segpipe.geometry.tiling import Box
 from segpipe.progress import stage
-from segpipe.results.schema import LABEL_NAME, label_path, layout_of, level_path, result_levels
+from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path, result_levels
 
 
 def mode_2x(labels: np.ndarray) -> np.ndarray:
@@ -43,6 +49,32 @@ def mode_2x(labels: np.ndarray) -> np.ndarray:
     return np.take_along_axis(blocks, best[..., None], -1)[..., 0].astype(labels.dtype)
 
 
+def block_levels(
+    box: Box, values: np.ndarray, kind: str, levels: int
+) -> Iterator[tuple[Box, np.ndarray]]:
+    """``(box, values)`` of a block at level 0, then the same block at levels 1..``levels``.
+
+    ``values`` is ``(…, y, x)`` over ``box`` (pixels of level 0), halved by ``kind``
+    (``"mean"`` or ``"mode"``) at each level, its box with it. ``box`` must start on a
+    multiple of ``2**levels`` (a block or tile of ``ResultMeta.block_levels``), so each
+    level equals that box's part of the level :func:`build_pyramid` would build.
+    """
+    for k in range(levels + 1):
+        if k:
+            values = halve(values, kind)
+            box = Box(box.y0 // 2, box.y1 // 2, box.x0 // 2, box.x1 // 2)
+        yield box, values
+
+
+def halve(values: np.ndarray, kind: str) -> np.ndarray:
+    """A ``(…, y, x)`` array halved: ``"mean"`` of each 2x2 block or its ``"mode"``."""
+    if kind == "mean":
+        return downsample_mean_2x(values, yx_axes=(values.ndim - 2, values.ndim - 1))
+    if kind != "mode":
+        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
+    return mode_2x(values)
+
+
 def reduce_level(previous: Any, kind: str, shards: tuple[int, ...]) -> da.Array:
     """Level ``k + 1`` of a (…, y, x) Zarr array ``previous`` (level ``k``), lazily.
 
@@ -62,14 +94,16 @@ def reduce_level(previous: Any, kind: str, shards: tuple[int, ...]) -> da.Array:
 
 
 def build_pyramid(path: str | os.PathLike) -> None:
-    """Compute levels 1.. of the result at ``path`` from level 0, one shard per task.
+    """Compute the levels of the result at ``path`` its tasks did not write, one shard per task.
 
-    Each level is read back from the one just written (bounded memory; Dask's threaded
-    scheduler), probabilities by 2x2 mean, the mask and every other label image by 2x2 mode.
-    Announced as the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level.
+    Levels above ``ResultMeta.block_levels`` (every level above 0 in results of layouts 1-2),
+    each read back from the one just written (bounded memory; Dask's threaded scheduler),
+    probabilities by 2x2 mean, the mask and every other label image by 2x2 mode. Announced as
+    the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level.
     """
     root = zarr.open_group(path, mode="r+")
-    layout = layout_of(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    layout = meta.layout
     ome = cast(Mapping[str, Any], root["labels"].attrs.get("ome", {}))
     # The mask's label image repeats the level's mask: it gets the same reduction.
     others = [name for name in ome.get("labels", []) if name != LABEL_NAME]
@@ -87,8 +121,9 @@ def build_pyramid(path: str | os.PathLike) -> None:
         return array(label_path(name, k, layout=layout))
 
     n_levels = len(result_levels(path))
-    with stage("pyramid", total=n_levels - 1, unit="level") as progress:
-        for k in range(1, n_levels):
+    first = meta.block_levels + 1
+    with stage("pyramid", total=max(0, n_levels - first), unit="level") as progress:
+        for k in range(first, n_levels):
             targets = [level(k, "mask"), level(k, "probabilities"), label(LABEL_NAME, k)]
             mask = reduce_level(level(k - 1, "mask"), "mode", targets[0].shards or ())
             probs = reduce_level(level(k - 1, "probabilities"), "mean", targets[1].shards or ())

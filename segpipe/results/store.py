@@ -25,8 +25,14 @@ from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath, utc_now
 from segpipe.results import remote
-from segpipe.results.layout import COUNTS, PROGRESS, UINT8_SCALE, create_layout, level0_arrays
-from segpipe.results.pyramid import build_pyramid
+from segpipe.results.layout import (
+    COUNTS,
+    PROGRESS,
+    UINT8_SCALE,
+    block_level_arrays,
+    create_layout,
+)
+from segpipe.results.pyramid import block_levels, build_pyramid
 from segpipe.results.schema import (
     ResultMeta,
     ResultMismatchError,
@@ -213,16 +219,22 @@ def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def write_block(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
-    """Write (C, y, x) float probabilities over ``box`` and their argmax mask.
+    """Write (C, y, x) float probabilities over ``box`` and their argmax mask, at level 0 and
+    at the pyramid levels the result's tasks write (``ResultMeta.block_levels``).
 
-    ``box`` must cover whole shards (one task's block of tiles, or its part inside the
-    image), so concurrent tasks never share a shard. Returns the (y, x) uint8 mask written.
+    ``box`` must lie in one task's block of tiles and start on a tile, so concurrent tasks
+    never share a shard at any level. Returns the (y, x) uint8 mask written at level 0.
     """
-    mask_arr, prob_arr, label_arr = level0_arrays(_store(path))
+    arrays = block_level_arrays(_store(path))
     mask = np.argmax(probabilities, axis=0).astype(np.uint8)
-    prob_arr[(slice(None), *box.slices)] = encode_probabilities(probabilities, prob_arr.dtype.name)
-    mask_arr[box.slices] = mask
-    label_arr[box.slices] = mask
+    encoded = encode_probabilities(probabilities, arrays[0][1].dtype.name)
+    levels = len(arrays) - 1
+    masks = block_levels(box, mask, "mode", levels)
+    probs = block_levels(box, encoded, "mean", levels)
+    for (mask_arr, prob_arr, label_arr), (at, m), (_, p) in zip(arrays, masks, probs, strict=True):
+        prob_arr[(slice(None), *at.slices)] = p
+        mask_arr[at.slices] = m
+        label_arr[at.slices] = m
     fault_point("block.written")
     return mask
 
