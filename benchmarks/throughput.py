@@ -1,6 +1,7 @@
 """Throughput of `segment` beside its model's bare forward, in one table (run by hand).
 
     python benchmarks/throughput.py [--size 4096] [--device cpu|cuda] [--blend-size 2048]
+                                    [--tissue-size N] [--keep DIR]
 
 For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Zarr), prints:
 
@@ -13,8 +14,10 @@ For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Z
 * **null-model ceiling**: the same runs with a nearly free model (``fcn``, width 4, one
   layer): what the pipeline itself can carry, whatever the accelerator (target >= 3x the 2.0
   Mpx/s sync and 1.2 Mpx/s default cluster measured before the pipelined worker, 4096^2);
-* **tissue**: a slide with 30% tissue against an all-tissue one, foreground detection on
-  (target <= 0.4x), when ``SegmentConfig`` has the ``foreground`` setting;
+* **tissue**: a demo slide (pyramidal OME-TIFF) with 30% tissue against an all-tissue one,
+  foreground detection on, the default scheduler (target <= 0.4x), with the tiles computed
+  and mean Dice against the slide's truth, and the 30% slide with detection off (Dice must
+  not drop), at ``--tissue-size`` (default ``--size``);
 * **blend vs MONAI**: ``sliding_window_inference`` (gaussian, overlap 0.25, window 256, sigma
   0.125) and segpipe's blend mode with the same same-padding U-Net (width 16, depth 3, random
   weights), at ``--blend-size`` (the whole-image reference pass must fit in memory): time
@@ -231,42 +234,51 @@ def blend_vs_monai(size: int, device: str, work: Path) -> None:
 
 
 def tissue_rows(size: int, device: str, work: Path, model: Any) -> None:
-    if not has_setting("foreground"):
-        row(
-            "30% tissue vs all tissue",
-            "not available",
-            "SegmentConfig has no 'foreground' setting yet (issue 9 part 2)",
-        )
-        return
-    from segpipe.synthetic import tissue_slide
+    """A slide with 30% tissue against an all-tissue one (pyramidal OME-TIFFs as the demo
+    writes them, seed 2), foreground detection on, the default scheduler; and the 30% slide
+    with detection off, for Dice against the truth with and without skipping."""
+    from segpipe.analysis.evaluation import evaluate
+    from segpipe.results import read_meta
+    from segpipe.synthetic.demo import make_demo_slide
 
-    seconds = {}
-    for fraction in (0.3, 1.0):
-        path = work / f"tissue-{fraction}.zarr"
-        if not path.exists():
-            slide = tissue_slide(size, seed=2, tissue_fraction=fraction).image
-            arr = zarr.create_array(
-                path,
-                shape=slide.shape,
-                chunks=(1024, 1024, 3),
-                dtype="uint8",
-                dimension_names=("y", "x", "c"),
-            )
-            arr[...] = slide
-            del slide
-        seconds[fraction], _, _ = run_segment(
-            path,
-            work / f"tissue-out-{fraction}.zarr",
-            model,
-            device,
-            None,
-            scheduler="sync",
-            foreground="tissue",
-            pixel_size_um=0.5,
+    seconds, dice = {}, {}
+    tile = SegmentConfig().tile
+    for fraction, foreground in ((0.3, "tissue"), (1.0, "tissue"), (0.3, "none")):
+        slide = make_demo_slide(work / "slides", size=size, seed=2, tissue_fraction=fraction)
+        key = (fraction, foreground)
+        seconds[key], _, _ = run_segment(
+            slide.image, work / "tissue.zarr", model, device, None, foreground=foreground
         )
-    row("30% tissue slide, foreground on", f"{seconds[0.3]:.1f} s")
-    row("all-tissue slide, foreground on", f"{seconds[1.0]:.1f} s")
-    row("30% / all tissue", f"{seconds[0.3] / seconds[1.0]:.2f}x", "target <= 0.4")
+        out = work / f"tissue-{RUNS}.zarr"
+        dice[key] = evaluate(out, slide.truth).mean_dice
+        summary = read_meta(out).summary
+        assert summary is not None
+        if key == (0.3, "tissue"):
+            truth = zarr.open_array(slide.truth, mode="r")[...] > 0
+            n = -(-size // tile)
+            padded = np.zeros((n * tile, n * tile), bool)
+            padded[:size, :size] = truth
+            touched = padded.reshape(n, tile, n, tile).any(axis=(1, 3)).mean()
+            row(
+                f"30% tissue slide, {size}^2, foreground on",
+                f"{seconds[key]:.1f} s",
+                f"tissue {truth.mean():.0%} of the pixels, in {touched:.0%} of the {tile} px "
+                f"tiles; {summary.tiles_computed} of {summary.tiles_total} tiles computed; "
+                f"Dice {dice[key]:.4f}",
+            )
+        else:
+            row(
+                f"{'all' if fraction == 1 else '30%'}-tissue slide, foreground {foreground}",
+                f"{seconds[key]:.1f} s",
+                f"{summary.tiles_computed} of {summary.tiles_total} tiles computed; "
+                f"Dice {dice[key]:.4f}",
+            )
+    row(
+        "30% / all tissue",
+        f"{seconds[0.3, 'tissue'] / seconds[1.0, 'tissue']:.2f}x",
+        "target <= 0.4; Dice with skipping minus without: "
+        f"{dice[0.3, 'tissue'] - dice[0.3, 'none']:+.4f}",
+    )
 
 
 def main() -> None:
@@ -274,6 +286,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--blend-size", type=int, default=2048)
+    parser.add_argument("--tissue-size", type=int, default=None, help="default: --size")
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
     args = parser.parse_args()
     size, device = args.size, args.device
@@ -332,7 +345,7 @@ def main() -> None:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row("peak RSS after the segpipe rows", f"{peak:.0f} MiB")
 
-    tissue_rows(min(size, 4096), device, work, shipped)
+    tissue_rows(args.tissue_size or size, device, work, shipped)
     blend_vs_monai(args.blend_size, device, work)
 
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")

@@ -30,7 +30,10 @@ class FakePredictor:
 
     def __init__(self, *, batch_size: int = 4, budget: float = 1e12, fail_on: float = -1.0):
         self.config = InferenceConfig(device="cpu", batch_size=batch_size)
+        self.device = torch.device("cpu")
         self.batches: list[int] = []
+        self.intervals: list[tuple[float, float]] = []  # of each forward pass
+        self.seconds = 0.0
         self.hold = threading.Event()
         self.hold.set()
         self.budget = budget
@@ -41,9 +44,12 @@ class FakePredictor:
 
     def forward(self, batch):
         self.hold.wait(10)
+        start = time.perf_counter()
+        time.sleep(self.seconds)
         if (batch == self.fail_on).any():
             raise ValueError("bad window")
         self.batches.append(len(batch))
+        self.intervals.append((start, time.perf_counter()))
         out = batch.mean(axis=(1, 2, 3)).reshape(-1, 1, 1, 1)
         return PendingProbabilities(torch.from_numpy(np.ascontiguousarray(out)), None)
 
@@ -131,6 +137,53 @@ def test_the_queue_bound_holds_while_submitters_outrun_the_model():
     assert [f.result(10)[0, 0, 0, 0] for f in futures] == list(range(10))
     stage.close()
     assert stage.stats.peak_queued <= 2
+
+
+@pytest.mark.parametrize("share_cores", [True, False])
+def test_io_sections_never_overlap_a_forward_pass_when_the_stage_shares_the_cores(share_cores):
+    """Three I/O threads submit windows and work in sections between; with shared cores (the
+    CPU's default) no section overlaps a pass, without (a GPU's) they do."""
+    fake = FakePredictor(batch_size=2)
+    fake.seconds = 0.01
+    stage = ModelStage(fake, share_cores=share_cores)  # type: ignore[arg-type]
+    sections: list[tuple[float, float]] = []
+
+    def io_thread(value: float) -> None:
+        for _ in range(8):
+            with stage.io_section():
+                start = time.perf_counter()
+                time.sleep(0.005)
+                sections.append((start, time.perf_counter()))
+            assert stage(windows(value))[0, 0, 0, 0] == value
+
+    threads = [threading.Thread(target=io_thread, args=(v,)) for v in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stage.close()
+    assert len(sections) == 24 and sum(fake.batches) == 24
+    overlaps = sum(a < d and c < b for a, b in fake.intervals for c, d in sections)
+    assert (overlaps == 0) == share_cores
+    assert (stage.gate is not None) == share_cores
+
+
+def test_a_waiting_model_waits_for_the_section_and_nested_sections_do_not_wait_for_it():
+    fake = FakePredictor(batch_size=1)
+    stage = ModelStage(fake)  # type: ignore[arg-type]
+    assert stage.gate is not None, "the CPU shares its cores by default"
+    with stage.io_section():
+        future = stage.submit(windows(3))  # prepares in a nested section
+        deadline = time.monotonic() + 10
+        while not stage.gate._model_waiting and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert stage.gate._model_waiting == 1
+        with stage.io_section():  # would deadlock if it queued behind the waiting model
+            pass
+        time.sleep(0.05)
+        assert not future.done(), "no pass while a section runs"
+    assert future.result(10)[0, 0, 0, 0] == 3
+    stage.close()
 
 
 def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():

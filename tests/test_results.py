@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_query import run_summary
 
 from segpipe.config import SegmentConfig
@@ -229,10 +231,15 @@ def test_block_levels_and_their_tiling(shape, tile, task_tiles, min_level_size, 
     assert dataclasses.replace(m, layout=2).block_levels == 0
 
 
+STEP = {"float16": 1e-3, "uint8": 1 / 255, "float32": 1e-6}  # one rounding to the dtype
+
+
 @pytest.mark.parametrize("dtype", ["float16", "uint8", "float32"])
-def test_levels_the_tasks_write_equal_the_pass_after_them(tmp_path, dtype):
+def test_levels_the_tasks_write_match_the_pass_after_them(tmp_path, dtype):
     """The same blocks written into a result whose tasks write levels 1-2 and into one of
-    layout 2 (every level built after the tasks) give the same bytes at every level."""
+    layout 2 (every level built after the tasks): the same masks and label images at every
+    level, and probabilities within one rounding of each other and of the plain block mean
+    of the model's probabilities."""
     m = meta(
         shape=(300, 262), tile=32, task_tiles=4, min_level_size=16, probability_dtype=dtype,
         class_names=("a", "b", "c"),
@@ -243,6 +250,9 @@ def test_levels_the_tasks_write_equal_the_pass_after_them(tmp_path, dtype):
     # A block's part inside one rectangle of tiles only, as a task with foreground skipping
     # computes it; the other tiles keep the fill value at every level.
     blocks = [b[1:3] if i % 3 == 1 else b for i, b in enumerate(grid.blocks(4))]
+    written = np.zeros(m.shape, bool)
+    for b in blocks:
+        written[b[0].box.y0 : b[-1].box.y1, b[0].box.x0 : b[-1].box.x1] = True
     paths = {}
     for layout in (2, 3):
         path = paths[layout] = tmp_path / f"layout{layout}.zarr"
@@ -255,13 +265,21 @@ def test_levels_the_tasks_write_equal_the_pass_after_them(tmp_path, dtype):
         finalize_result(path, run_summary(path))
     assert read_meta(paths[2]).layout == 2 and read_meta(paths[3]).layout == 3
     for k in range(5):
-        xr.testing.assert_identical(
-            open_result(paths[3], level=k).drop_attrs(), open_result(paths[2], level=k).drop_attrs()
-        )
+        new, old = open_result(paths[3], level=k), open_result(paths[2], level=k)
+        np.testing.assert_array_equal(new["mask"].values, old["mask"].values)
         np.testing.assert_array_equal(
             zarr.open_array(paths[3] / f"labels/mask/{k}/mask")[...],
             zarr.open_array(paths[2] / f"labels/mask/{k}/mask")[...],
         )
+        # Levels 1-2 of layout 3 are rounded once, layout 2's once per level.
+        np.testing.assert_allclose(
+            new["probabilities"].values, old["probabilities"].values, atol=(k + 1) * STEP[dtype]
+        )
+        if k <= 2:
+            f = 2**k
+            ny, nx = new.sizes["y"], new.sizes["x"]
+            mean = (probs * written)[:, : ny * f, : nx * f].reshape(3, ny, f, nx, f).mean((2, 4))
+            np.testing.assert_allclose(new["probabilities"].values, mean, atol=STEP[dtype])
     for a in arrays:  # finalising did not rewrite what the tasks wrote
         np.testing.assert_array_equal(zarr.open_array(paths[3] / a)[...], before[a])
 
@@ -280,7 +298,7 @@ def test_an_unfinished_layout_2_result_resumes_without_block_levels(tmp_path):
     finalize_result(old, run_summary(old))
     assert read_meta(old).layout == 2
     assert zarr.open_array(old / "1" / "mask").shards == (128, 128)
-    same_levels(old, reference, n=5)
+    alike_levels(old, reference, n=5)
 
 
 def test_a_result_written_before_segment_config_still_opens_and_resumes(tmp_path, small_slide):
@@ -401,6 +419,17 @@ def same_levels(a, b, n=3):
         )
 
 
+def alike_levels(a, b, n=3):
+    """The same masks; float16 probabilities within a rounding per level: a result whose
+    tasks wrote levels beside one of an older layout, which built them after its tasks."""
+    for k in range(n):
+        x, y = open_result(a, level=k), open_result(b, level=k)
+        np.testing.assert_array_equal(x["mask"].values, y["mask"].values)
+        np.testing.assert_allclose(
+            x["probabilities"].values, y["probabilities"].values, atol=(k + 1) * 1e-3
+        )
+
+
 def test_open_datatree_opens_a_fresh_result(tmp_path):
     path = tmp_path / "r.zarr"
     probs = complete_result(path, meta(min_level_size=16))
@@ -484,7 +513,7 @@ def test_an_unfinished_layout_1_result_is_finished_in_its_own_layout(tmp_path):
     finalize_result(old, run_summary(old))
     assert stored_arrays(old) == LAYOUT_1, "no layout-2 array appeared"
     assert read_meta(old).complete and read_meta(old).layout == 1
-    same_levels(old, reference)
+    alike_levels(old, reference)
     for k in range(3):
         labels = zarr.open_array(old / "labels" / "mask" / str(k), mode="r")[...]
         np.testing.assert_array_equal(labels, open_result(reference, level=k)["mask"].values)
@@ -499,3 +528,56 @@ def test_a_result_of_an_unknown_layout_is_refused_with_the_reason(tmp_path):
         read_meta(path)
     with pytest.raises(ValueError, match="layout 4"):
         open_result(path, allow_incomplete=True)
+
+
+# --- the arithmetic of a block's levels ---------------------------------------------------
+
+
+def brute_mode_2x(labels):
+    """Reference: per 2x2 block, the most frequent value; ties to the top-left pixel when it
+    is among the most frequent, else to the smaller value."""
+    ny, nx = labels.shape[0] // 2, labels.shape[1] // 2
+    out = np.zeros((ny, nx), labels.dtype)
+    for i in range(ny):
+        for j in range(nx):
+            block = labels[2 * i : 2 * i + 2, 2 * j : 2 * j + 2].ravel().tolist()
+            top = max(block.count(v) for v in block)
+            best = [v for v in block if block.count(v) == top]
+            out[i, j] = block[0] if block[0] in best else min(best)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 9), st.integers(1, 9), st.integers(1, 5), st.integers(0, 2**32 - 1)
+)  # fmt: skip
+def test_mode_2x_is_the_most_frequent_value_of_each_block(ny, nx, values, seed):
+    from segpipe.results.pyramid import mode_2x
+
+    labels = np.random.default_rng(seed).integers(0, values, (ny, nx)).astype(np.uint8)
+    np.testing.assert_array_equal(mode_2x(labels), brute_mode_2x(labels))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(0, 2**32 - 1), st.booleans())
+def test_class_map_is_argmax_with_ties_to_the_first(classes, seed, coarse):
+    from segpipe.results.store import class_map
+
+    rng = np.random.default_rng(seed)
+    p = rng.random((classes, 17, 9)).astype(np.float32)
+    if coarse:  # many ties
+        p = np.round(p * 2) / 2
+    np.testing.assert_array_equal(class_map(p), np.argmax(p, axis=0))
+
+
+def test_float16_encoding_is_numpys_cast_bit_for_bit():
+    from segpipe.results.store import encode_probabilities
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 15, (3, 64, 64))
+    p = np.exp(logits - logits.max(0))
+    p = (p / p.sum(0)).astype(np.float32)  # softmax tails: float16 subnormals and zeros
+    assert (p < 2**-14).mean() > 0.2
+    encoded = encode_probabilities(p, "float16")
+    assert encoded.dtype == np.float16
+    np.testing.assert_array_equal(encoded.view(np.uint16), p.astype(np.float16).view(np.uint16))

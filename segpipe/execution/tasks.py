@@ -16,6 +16,7 @@ outputs through a sink (exact or blend, :class:`Stitching`). Two callers:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -198,28 +199,42 @@ def predict_region(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 window, got {batch_size}")
-    region = _bounds([t.box for t in tiles])
-    windows = stitching.windows(tiles, region)
-    source_box = _bounds([w.input for w in windows])
-    pixels = read_mirrored(reader, source_box, level)
-    _check_pixels(pixels, reader, source_box, level)
-    sink = stitching.sink(region)
+    # A pipeline stage on the CPU takes the cores in turn with this thread's work: each step
+    # runs in a section of its own, never one that waits for the model (execution.pipeline).
+    section: Callable[[], contextlib.AbstractContextManager[None]] = getattr(
+        predict, "io_section", contextlib.nullcontext
+    )
+    with section():
+        region = _bounds([t.box for t in tiles])
+        windows = stitching.windows(tiles, region)
+        source_box = _bounds([w.input for w in windows])
+        pixels = read_mirrored(reader, source_box, level)
+        _check_pixels(pixels, reader, source_box, level)
+        sink = stitching.sink(region)
     chunks = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
-    stacks = (np.stack([pixels[w.input.relative_to(source_box)] for w in c]) for c in chunks)
-    for chunk, probabilities in zip(chunks, _predicted(predict, stacks), strict=True):
-        if not np.isfinite(probabilities).all():
-            bad = next(
-                w for w, p in zip(chunk, probabilities, strict=True) if not np.isfinite(p).all()
-            )
-            raise PredictionError(
-                f"{reader.path}: the model's output is NaN or infinite for the window whose "
-                f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:{bad.output.x1} "
-                f"of level {level}; nothing of this block was written"
-            )
-        for w, p in zip(chunk, probabilities, strict=True):
-            h, wd = w.output.shape
-            sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
-    return RegionPrediction(region, sink.result(), len(windows))
+
+    def stacks() -> Iterator[np.ndarray]:
+        for c in chunks:
+            with section():
+                stack = np.stack([pixels[w.input.relative_to(source_box)] for w in c])
+            yield stack
+
+    for chunk, probabilities in zip(chunks, _predicted(predict, stacks()), strict=True):
+        with section():
+            if not np.isfinite(probabilities).all():
+                bad = next(
+                    w for w, p in zip(chunk, probabilities, strict=True) if not np.isfinite(p).all()
+                )
+                raise PredictionError(
+                    f"{reader.path}: the model's output is NaN or infinite for the window whose "
+                    f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:"
+                    f"{bad.output.x1} of level {level}; nothing of this block was written"
+                )
+            for w, p in zip(chunk, probabilities, strict=True):
+                h, wd = w.output.shape
+                sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
+    with section():
+        return RegionPrediction(region, sink.result(), len(windows))
 
 
 def _predicted(predict: WindowPredictor, stacks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -375,12 +390,13 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
         level=job.level,
         batch_size=predictor.config.batch_size,
     )
-    # One write per block: the block is one whole shard of the result.
-    mask = write_block(job.output, block.region, block.probabilities)
-    counts = [
-        np.bincount(
-            mask[t.box.relative_to(block.region)].ravel(), minlength=job.num_classes
-        ).astype(np.int64)
-        for t in tiles
-    ]
+    with stage.io_section():
+        # One write per block: the block is one whole shard of the result.
+        mask = write_block(job.output, block.region, block.probabilities)
+        counts = [
+            np.bincount(
+                mask[t.box.relative_to(block.region)].ravel(), minlength=job.num_classes
+            ).astype(np.int64)
+            for t in tiles
+        ]
     return BlockResult(tuple(t.index for t in tiles), tuple(counts), block.windows)

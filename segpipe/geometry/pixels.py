@@ -246,17 +246,18 @@ def downsample_mean_2x(array: A, *, yx_axes: tuple[int, int] = (0, 1)) -> A:
 
 def _downsample_numpy(array: np.ndarray, ay: int, ax: int) -> np.ndarray:
     """2x2 block mean of an array with even Y and X sides."""
-    split: list[int] = []
-    sum_axes: list[int] = []
-    for axis, n in enumerate(array.shape):
-        if axis in (ay, ax):
-            split.extend([n // 2, 2])
-            sum_axes.append(len(split) - 1)
-        else:
-            split.append(n)
-    summed = (
-        array.astype(_sum_dtype(array.dtype), copy=False).reshape(split).sum(axis=tuple(sum_axes))
-    )
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        index = [slice(None)] * array.ndim
+        index[ay], index[ax] = slice(dy, None, 2), slice(dx, None, 2)
+        return array[tuple(index)]
+
+    # The four corners added in place: a few times faster than a reshape and a sum over two
+    # small axes, and exact for every integer and float16 input (float32: up to the last bit
+    # of float64).
+    summed = corner(0, 0).astype(_sum_dtype(array.dtype))
+    for dy, dx in ((0, 1), (1, 0), (1, 1)):
+        summed += corner(dy, dx)
     return _finish_mean(summed, out_dtype=array.dtype)
 
 

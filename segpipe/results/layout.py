@@ -44,7 +44,9 @@ PROGRESS = "_segpipe/tiles_done"
 COUNTS = "_segpipe/class_pixels"
 _PROGRESS_CHUNKS = (64, 64)
 UINT8_SCALE = 1 / 255
-_ZSTD = ZstdCodec(level=3)
+# Level 1: a third less time than 3 for 2-3% more bytes on float16 probabilities, which
+# compress poorly at any level (tasks spend it beside the model, on its cores).
+_ZSTD = ZstdCodec(level=1)
 _SPARSE: ArrayConfigParams = {"write_empty_chunks": False}
 
 

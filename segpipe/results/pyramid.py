@@ -1,14 +1,16 @@
 """Result pyramids: levels 1.. computed from the level below.
 
 Probabilities are averaged (:func:`segpipe.geometry.pixels.downsample_mean_2x`), the mask takes
-the most frequent class of each 2x2 block (:func:`mode_2x`), always from the level below as
-stored (the probabilities encoded), so every way of building a level gives the same bytes.
-Two builders:
+the most frequent class of each 2x2 block (:func:`mode_2x`). Two builders:
 
 * :func:`block_levels`, inside each task: its block halved level by level while the block's
   share of a level is whole shards (``ResultMeta.block_levels``), no second read of level 0;
-* :func:`build_pyramid`, after the tasks: every further level from the one below it read back
-  from the store, one whole shard per Dask task, so no level is ever whole in memory.
+  the probabilities are halved as the model gave them (float32) and encoded at each level;
+* :func:`build_pyramid`, after the tasks: every further level from the one below it as stored
+  (probabilities encoded), one whole shard per Dask task, so no level is ever whole in memory.
+
+Masks are the same whichever builds them; probabilities built in the tasks are a little closer
+to the model's (one rounding to the stored dtype instead of one per level).
 """
 
 from __future__ import annotations
@@ -36,17 +38,21 @@ def mode_2x(labels: np.ndarray) -> np.ndarray:
     >>> mode_2x(np.array([[1, 2, 3, 3], [2, 1, 0, 3]], dtype=np.uint8))
     array([[1, 3]], dtype=uint8)
     """
-    ny, nx = labels.shape[0] // 2, labels.shape[1] // 2
-    blocks = (
-        labels[: 2 * ny, : 2 * nx].reshape(ny, 2, nx, 2).transpose(0, 2, 1, 3).reshape(ny, nx, 4)
-    )
-    # Each pixel's count among its block: the mode is a pixel with the largest count.
-    counts = (blocks[..., :, None] == blocks[..., None, :]).sum(-1)
-    # Prefer the top-left pixel on ties (score + 0.5), then the smaller label.
-    score = counts * 2 * 256 - blocks.astype(np.int64)
-    score[..., 0] += 256
-    best = np.argmax(score, axis=-1)
-    return np.take_along_axis(blocks, best[..., None], -1)[..., 0].astype(labels.dtype)
+    corners = [labels[dy::2, dx::2][: labels.shape[0] // 2, : labels.shape[1] // 2]
+               for dy in (0, 1) for dx in (0, 1)]  # fmt: skip
+    # A pixel's score: how often its value occurs in its block (ties: the top-left pixel,
+    # then the smaller value); the first best score wins. Four views, no (n, 4, 4) array.
+    best, best_score = corners[0], None
+    for i, value in enumerate(corners):
+        count = sum((value == other).astype(np.int16) for other in corners)
+        score = count * 512 - value.astype(np.int16) + (256 if i == 0 else 0)
+        if best_score is None:
+            best_score = score
+            continue
+        better = score > best_score
+        best = np.where(better, value, best)
+        best_score = np.where(better, score, best_score)
+    return np.ascontiguousarray(best, dtype=labels.dtype)
 
 
 def block_levels(
@@ -57,7 +63,8 @@ def block_levels(
     ``values`` is ``(…, y, x)`` over ``box`` (pixels of level 0), halved by ``kind``
     (``"mean"`` or ``"mode"``) at each level, its box with it. ``box`` must start on a
     multiple of ``2**levels`` (a block or tile of ``ResultMeta.block_levels``), so each
-    level equals that box's part of the level :func:`build_pyramid` would build.
+    level is that box's part of the whole level halved (odd last rows and columns dropped
+    where the level's are).
     """
     for k in range(levels + 1):
         if k:

@@ -42,6 +42,7 @@ from segpipe.results.schema import (
 )
 
 __all__ = [
+    "class_map",
     "class_pixels",
     "encode_probabilities",
     "finalize_result",
@@ -215,24 +216,48 @@ def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     """
     if dtype == "uint8":
         return np.rint(np.clip(probabilities, 0.0, 1.0) / UINT8_SCALE).astype(np.uint8)
+    if dtype == "float16" and probabilities.dtype == np.float32:
+        # numpy converts values below float16's normal range (softmax tails: about half the
+        # values) one by one, 120 ms per 1024^2 x 3 block; torch's vectorised cast gives the
+        # same bits in 2 ms. Imported here: reading results needs no torch.
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(probabilities)).to(torch.float16).numpy()
     return probabilities.astype(dtype)
+
+
+def class_map(probabilities: np.ndarray) -> np.ndarray:
+    """``(y, x)`` uint8 index of each pixel's most probable class in ``(C, y, x)``
+    probabilities, the first on ties: ``np.argmax(probabilities, axis=0)``, twice as fast
+    (one pass per class instead of a strided reduction).
+
+    >>> class_map(np.array([[[0.2, 0.5]], [[0.7, 0.5]], [[0.1, 0.0]]])).tolist()
+    [[1, 0]]
+    """
+    best = probabilities[0]
+    index = np.zeros(best.shape, dtype=np.uint8)
+    for c in range(1, probabilities.shape[0]):
+        higher = probabilities[c] > best
+        index[higher] = c
+        best = np.maximum(best, probabilities[c])
+    return index
 
 
 def write_block(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
     """Write (C, y, x) float probabilities over ``box`` and their argmax mask, at level 0 and
-    at the pyramid levels the result's tasks write (``ResultMeta.block_levels``).
+    at the pyramid levels the result's tasks write (``ResultMeta.block_levels``): there, the
+    mask halved by 2x2 mode and the probabilities by 2x2 mean before they are encoded.
 
     ``box`` must lie in one task's block of tiles and start on a tile, so concurrent tasks
     never share a shard at any level. Returns the (y, x) uint8 mask written at level 0.
     """
     arrays = block_level_arrays(_store(path))
-    mask = np.argmax(probabilities, axis=0).astype(np.uint8)
-    encoded = encode_probabilities(probabilities, arrays[0][1].dtype.name)
+    mask = class_map(probabilities)
     levels = len(arrays) - 1
     masks = block_levels(box, mask, "mode", levels)
-    probs = block_levels(box, encoded, "mean", levels)
+    probs = block_levels(box, probabilities, "mean", levels)
     for (mask_arr, prob_arr, label_arr), (at, m), (_, p) in zip(arrays, masks, probs, strict=True):
-        prob_arr[(slice(None), *at.slices)] = p
+        prob_arr[(slice(None), *at.slices)] = encode_probabilities(p, prob_arr.dtype.name)
         mask_arr[at.slices] = m
         label_arr[at.slices] = m
     fault_point("block.written")
