@@ -88,7 +88,8 @@ def test_stage_equals_the_predictor_whatever_the_threads():
 
 def test_batches_join_windows_of_several_submitters():
     fake = FakePredictor(batch_size=4)
-    stage = ModelStage(fake, max_queued=4)  # type: ignore[arg-type]
+    # Cores not shared: a held pass must not hold up the submitters' preparing (as on a GPU).
+    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
     fake.hold.clear()
     first = stage.submit(windows(0))  # taken by the model thread, which is held
     deadline = time.monotonic() + 10
@@ -122,7 +123,7 @@ def test_a_failing_batch_fails_its_submitters_and_the_stage_lives_on():
 
 def test_the_queue_bound_holds_while_submitters_outrun_the_model():
     fake = FakePredictor(batch_size=1)
-    stage = ModelStage(fake, max_queued=2)  # type: ignore[arg-type]
+    stage = ModelStage(fake, max_queued=2, share_cores=False)  # type: ignore[arg-type]
     fake.hold.clear()
     futures = []
     submitter = threading.Thread(

@@ -390,9 +390,10 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
         level=job.level,
         batch_size=predictor.config.batch_size,
     )
+    # One write per block: the block is one whole shard of the result, written in steps a
+    # forward pass may come between.
+    mask = write_block(job.output, block.region, block.probabilities, step=stage.io_section)
     with stage.io_section():
-        # One write per block: the block is one whole shard of the result.
-        mask = write_block(job.output, block.region, block.probabilities)
         counts = [
             np.bincount(
                 mask[t.box.relative_to(block.region)].ravel(), minlength=job.num_classes

@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -243,23 +243,37 @@ def class_map(probabilities: np.ndarray) -> np.ndarray:
     return index
 
 
-def write_block(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
+def write_block(
+    path: str | os.PathLike,
+    box: Box,
+    probabilities: np.ndarray,
+    *,
+    step: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> np.ndarray:
     """Write (C, y, x) float probabilities over ``box`` and their argmax mask, at level 0 and
     at the pyramid levels the result's tasks write (``ResultMeta.block_levels``): there, the
     mask halved by 2x2 mode and the probabilities by 2x2 mean before they are encoded.
 
     ``box`` must lie in one task's block of tiles and start on a tile, so concurrent tasks
-    never share a shard at any level. Returns the (y, x) uint8 mask written at level 0.
+    never share a shard at any level. Each step (the mask, then per level the probabilities
+    and the masks) runs inside ``step()``: the caller's way to let other work in between
+    (:meth:`segpipe.execution.pipeline.ModelStage.io_section`). Returns the (y, x) uint8 mask
+    written at level 0.
     """
-    arrays = block_level_arrays(_store(path))
-    mask = class_map(probabilities)
+    with step():
+        arrays = block_level_arrays(_store(path))
+        mask = class_map(probabilities)
     levels = len(arrays) - 1
     masks = block_levels(box, mask, "mode", levels)
     probs = block_levels(box, probabilities, "mean", levels)
-    for (mask_arr, prob_arr, label_arr), (at, m), (_, p) in zip(arrays, masks, probs, strict=True):
-        prob_arr[(slice(None), *at.slices)] = encode_probabilities(p, prob_arr.dtype.name)
-        mask_arr[at.slices] = m
-        label_arr[at.slices] = m
+    for mask_arr, prob_arr, label_arr in arrays:
+        with step():
+            at, p = next(probs)
+            prob_arr[(slice(None), *at.slices)] = encode_probabilities(p, prob_arr.dtype.name)
+        with step():
+            at, m = next(masks)
+            mask_arr[at.slices] = m
+            label_arr[at.slices] = m
     fault_point("block.written")
     return mask
 
