@@ -28,6 +28,7 @@ from segpipe.results import (
     tiles_done,
     write_tiles,
 )
+from segpipe.results.layout import level_tiling, levels_in_blocks
 from segpipe.results.store import quiet_consolidated
 
 # Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
@@ -200,7 +201,7 @@ def test_pyramid_tasks_are_whole_shards(tmp_path):
     # 32 px blocks: the tasks write level 1 (16 px shards), level 2 (200 x 140 -> 100 x 70
     # -> 50 x 35) is built after them with 32 px shards, reading level 1 in 64 px blocks.
     m = meta(shape=(200, 140), tile=16, task_tiles=2, min_level_size=16)
-    assert m.block_levels == 1
+    assert levels_in_blocks(m) == 1
     prepare_result(path, m)
     assert zarr.open_array(path / "1" / "probabilities").shards == (2, 16, 16)
     below = zarr.open_array(path / "1" / "probabilities")
@@ -226,9 +227,9 @@ def test_pyramid_tasks_are_whole_shards(tmp_path):
 )
 def test_block_levels_and_their_tiling(shape, tile, task_tiles, min_level_size, levels, tiling):
     m = meta(shape=shape, tile=tile, task_tiles=task_tiles, min_level_size=min_level_size)
-    assert m.block_levels == levels
-    assert [m.level_tiling(k) for k in range(len(tiling))] == tiling
-    assert dataclasses.replace(m, layout=2).block_levels == 0
+    assert levels_in_blocks(m) == levels
+    assert [level_tiling(m, k) for k in range(len(tiling))] == tiling
+    assert levels_in_blocks(dataclasses.replace(m, layout=2)) == 0
 
 
 STEP = {"float16": 1e-3, "uint8": 1 / 255, "float32": 1e-6}  # one rounding to the dtype
@@ -244,7 +245,7 @@ def test_levels_the_tasks_write_match_the_pass_after_them(tmp_path, dtype):
         shape=(300, 262), tile=32, task_tiles=4, min_level_size=16, probability_dtype=dtype,
         class_names=("a", "b", "c"),
     )  # fmt: skip
-    assert m.block_levels == 2
+    assert levels_in_blocks(m) == 2
     probs = random_probabilities(m.shape, c=3, seed=4)
     grid = tile_grid(m.shape, m.tile)
     # A block's part inside one rectangle of tiles only, as a task with foreground skipping

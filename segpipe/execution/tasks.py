@@ -28,6 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
 from torch import nn
 
 from segpipe.execution.pipeline import ModelStage
@@ -44,9 +45,11 @@ from segpipe.geometry.tiling import (
     exact_windows,
     tile_grid,
 )
+from segpipe.io.files import URLPath
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
 from segpipe.models import geometry_of
 from segpipe.results import write_block
+from segpipe.results.layout import block_level_arrays
 
 __all__ = [
     "BlockResult",
@@ -73,6 +76,9 @@ log = logging.getLogger(__name__)
 _PREDICTORS: dict[str, tuple[Predictor, int]] = {}
 # Each run's model thread (execution.pipeline), started by the first task that needs it.
 _STAGES: dict[str, ModelStage] = {}
+# Each run's result arrays, opened by its first task here (a few dozen small reads): keyed by
+# the run, never by path alone, so a later run that replaced the result opens it afresh.
+_ARRAYS: dict[str, list[tuple[zarr.Array, zarr.Array, zarr.Array]]] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 MODES = ("exact", "blend")
@@ -221,10 +227,9 @@ def predict_region(
 
     for chunk, probabilities in zip(chunks, _predicted(predict, stacks()), strict=True):
         with section():
-            if not np.isfinite(probabilities).all():
-                bad = next(
-                    w for w, p in zip(chunk, probabilities, strict=True) if not np.isfinite(p).all()
-                )
+            finite = np.isfinite(probabilities).reshape(len(chunk), -1).all(axis=1)
+            if not finite.all():
+                bad = chunk[int(np.argmin(finite))]
                 raise PredictionError(
                     f"{reader.path}: the model's output is NaN or infinite for the window whose "
                     f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:"
@@ -340,6 +345,7 @@ def remove_predictor(key: str) -> None:
         predictor, holders = _PREDICTORS.get(key, (None, 0))
         if predictor is None or holders <= 1:
             _PREDICTORS.pop(key, None)
+            _ARRAYS.pop(key, None)
             stage = _STAGES.pop(key, None)
         else:
             _PREDICTORS[key] = (predictor, holders - 1)
@@ -390,9 +396,9 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
         level=job.level,
         batch_size=predictor.config.batch_size,
     )
-    # One write per block: the block is one whole shard of the result, written in steps a
-    # forward pass may come between.
-    mask = write_block(job.output, block.region, block.probabilities, step=stage.io_section)
+    # One write per block (a whole shard), in steps a forward pass may come between.
+    arrays, step = _result_arrays(job), stage.io_section
+    mask = write_block(job.output, block.region, block.probabilities, step=step, arrays=arrays)
     with stage.io_section():
         counts = [
             np.bincount(
@@ -401,3 +407,12 @@ def segment_block(tiles: list[Tile], job: Job) -> BlockResult:
             for t in tiles
         ]
     return BlockResult(tuple(t.index for t in tiles), tuple(counts), block.windows)
+
+
+def _result_arrays(job: Job) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
+    """The arrays each block of ``job``'s run writes, opened once per run in this process."""
+    with _REGISTRY_LOCK:
+        if job.predictor_key not in _ARRAYS:
+            store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
+            _ARRAYS[job.predictor_key] = block_level_arrays(store)
+        return _ARRAYS[job.predictor_key]

@@ -43,7 +43,7 @@ given the result's layout.
 Arrays are chunked like the output tiles and sharded by one task's block of tiles
 (``task_tiles * tile`` pixels): every task writes whole shards, which is what makes
 concurrent writers safe in Zarr v3. Chunks equal to the fill value are not stored. Layout 3
-(the paths of layout 2) shards levels 1..``ResultMeta.block_levels`` by the block halved
+(the paths of layout 2) shards levels 1..``layout.levels_in_blocks`` by the block halved
 ``k`` times, so each task writes its block's share of those levels from the block in memory
 and only the small levels above them are built after the tasks; a layout-2 result builds
 every level after its tasks, and an unfinished one resumes that way.

@@ -3,7 +3,7 @@
 The mask's own label image is created with the store and written by the tasks with the mask
 (:func:`segpipe.results.store.write_block`). A label image that only some runs have is created
 here on first use (so a resumed run finds it), written block by block at the levels a task
-writes (``ResultMeta.block_levels``), one whole shard each;
+writes (``layout.levels_in_blocks``), one whole shard each;
 :func:`segpipe.results.pyramid.build_pyramid` fills its other levels.
 """
 
@@ -19,7 +19,7 @@ import zarr
 from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath
-from segpipe.results.layout import create_label_image
+from segpipe.results.layout import create_label_image, levels_in_blocks
 from segpipe.results.pyramid import block_levels
 from segpipe.results.schema import ResultMeta, label_path
 
@@ -57,7 +57,7 @@ def write_label_image(
         shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
         create_label_image(root, name, shapes, meta, meanings, long_name=long_name)
     arrays = []
-    for k in range(meta.block_levels + 1):
+    for k in range(levels_in_blocks(meta) + 1):
         array = root[label_path(name, k, layout=meta.layout)]
         if not isinstance(array, zarr.Array):
             raise TypeError(f"{path}: label image {name!r} level {k} is not a Zarr array")

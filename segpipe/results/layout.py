@@ -20,7 +20,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 
 from segpipe.geometry.pixels import pyramid_shapes
-from segpipe.io.files import utc_now
+from segpipe.io.files import URLPath, utc_now
 from segpipe.io.ome import (
     OME_VERSION,
     PixelGrid,
@@ -33,11 +33,14 @@ from segpipe.version import __version__
 
 __all__ = [
     "COUNTS",
+    "MIN_BLOCK_SHARD",
     "PROGRESS",
     "UINT8_SCALE",
     "block_level_arrays",
     "create_label_image",
     "create_layout",
+    "level_tiling",
+    "levels_in_blocks",
 ]
 
 PROGRESS = "_segpipe/tiles_done"
@@ -48,6 +51,35 @@ UINT8_SCALE = 1 / 255
 # compress poorly at any level (tasks spend it beside the model, on its cores).
 _ZSTD = ZstdCodec(level=1)
 _SPARSE: ArrayConfigParams = {"write_empty_chunks": False}
+# The smallest shard side (pixels) of a level the tasks write: smaller shards are many tiny
+# objects, and the pass after the tasks builds such a level from 1/4**k of level 0 anyway.
+MIN_BLOCK_SHARD = 256
+
+
+def levels_in_blocks(meta: ResultMeta) -> int:
+    """Pyramid levels above 0 each task writes with its block (layout 3; 0 before).
+
+    Level ``k`` qualifies while ``2**k`` divides the tile (so blocks and rectangles of tiles
+    halve exactly, as the whole level does) and the block halved ``k`` times, the level's
+    shard side, is still at least ``min(tile, MIN_BLOCK_SHARD)`` pixels.
+    """
+    if meta.layout < 3:
+        return 0
+    n = len(pyramid_shapes(meta.shape, meta.config.min_level_size)) - 1
+    k, floor = 0, min(meta.tile, MIN_BLOCK_SHARD)
+    while k < n and meta.tile % 2 ** (k + 1) == 0 and meta.shard >> (k + 1) >= floor:
+        k += 1
+    return k
+
+
+def level_tiling(meta: ResultMeta, level: int) -> tuple[int, int]:
+    """``(chunk, shard)`` side in pixels of pyramid ``level``'s arrays: the tile and a task's
+    block, except on levels 1..:func:`levels_in_blocks`, where the shard is the block halved
+    ``level`` times (one task's share) and the chunk the tile or that, if smaller."""
+    if 0 < level <= levels_in_blocks(meta):
+        shard = meta.shard >> level
+        return min(meta.tile, shard), shard
+    return meta.tile, meta.shard
 
 
 def _provenance(meta: ResultMeta) -> dict[str, Any]:
@@ -172,7 +204,7 @@ def _label_array(
     long_name: str,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    t, s = meta.level_tiling(level)
+    t, s = level_tiling(meta, level)
     group.create_array(
         name,
         shape=shape,
@@ -196,7 +228,7 @@ def _create_level(
     group: zarr.Group, k: int, shape: tuple[int, int], meta: ResultMeta, grid: PixelGrid
 ) -> None:
     ny, nx = shape
-    c, (t, s) = len(meta.class_names), meta.level_tiling(k)
+    c, (t, s) = len(meta.class_names), level_tiling(meta, k)
     geo: dict[str, Any] = {}
     if grid.crs_wkt is not None:
         # CF grid mapping, as rioxarray writes and reads it: ds.rio.crs works on any level.
@@ -236,9 +268,9 @@ def _create_level(
     names[:] = np.array(meta.class_names, dtype=object)
 
 
-def block_level_arrays(path: str) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
+def block_level_arrays(path: str | URLPath) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
     """The ``mask``, ``probabilities`` and mask label arrays of every level a task writes with
-    its block (level 0, then 1..``block_levels``), where the result's layout keeps them (an
+    its block (level 0, then 1..:func:`levels_in_blocks`), where the result's layout keeps them (an
     unfinished result of an older layout resumes in it, its tasks writing level 0 only)."""
     # Opened per block, never cached by path: a cached handle outlives an overwrite of the
     # result and would write the new store in the old layout. One open is a few small JSON
@@ -251,5 +283,5 @@ def block_level_arrays(path: str) -> list[tuple[zarr.Array, zarr.Array, zarr.Arr
             root[level_path(k, "probabilities", layout=meta.layout)],
             root[label_path(LABEL_NAME, k, layout=meta.layout)],
         )  # type: ignore[misc]
-        for k in range(meta.block_levels + 1)
+        for k in range(levels_in_blocks(meta) + 1)
     ]

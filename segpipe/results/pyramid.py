@@ -4,7 +4,7 @@ Probabilities are averaged (:func:`segpipe.geometry.pixels.downsample_mean_2x`),
 the most frequent class of each 2x2 block (:func:`mode_2x`). Two builders:
 
 * :func:`block_levels`, inside each task: its block halved level by level while the block's
-  share of a level is whole shards (``ResultMeta.block_levels``), no second read of level 0;
+  share of a level is whole shards (``layout.levels_in_blocks``), no second read of level 0;
   the probabilities are halved as the model gave them (float32) and encoded at each level;
 * :func:`build_pyramid`, after the tasks: every further level from the one below it as stored
   (probabilities encoded), one whole shard per Dask task, so no level is ever whole in memory.
@@ -26,6 +26,7 @@ import zarr
 from segpipe.geometry.pixels import downsample_mean_2x
 from segpipe.geometry.tiling import Box
 from segpipe.progress import stage
+from segpipe.results.layout import levels_in_blocks
 from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path, result_levels
 
 
@@ -62,7 +63,7 @@ def block_levels(
 
     ``values`` is ``(…, y, x)`` over ``box`` (pixels of level 0), halved by ``kind``
     (``"mean"`` or ``"mode"``) at each level, its box with it. ``box`` must start on a
-    multiple of ``2**levels`` (a block or tile of ``ResultMeta.block_levels``), so each
+    multiple of ``2**levels`` (a block or tile, up to ``layout.levels_in_blocks``), so each
     level is that box's part of the whole level halved (odd last rows and columns dropped
     where the level's are).
     """
@@ -103,7 +104,7 @@ def reduce_level(previous: Any, kind: str, shards: tuple[int, ...]) -> da.Array:
 def build_pyramid(path: str | os.PathLike) -> None:
     """Compute the levels of the result at ``path`` its tasks did not write, one shard per task.
 
-    Levels above ``ResultMeta.block_levels`` (every level above 0 in results of layouts 1-2),
+    Levels above ``layout.levels_in_blocks`` (every level above 0 in results of layouts 1-2),
     each read back from the one just written (bounded memory; Dask's threaded scheduler),
     probabilities by 2x2 mean, the mask and every other label image by 2x2 mode. Announced as
     the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level.
@@ -128,7 +129,7 @@ def build_pyramid(path: str | os.PathLike) -> None:
         return array(label_path(name, k, layout=layout))
 
     n_levels = len(result_levels(path))
-    first = meta.block_levels + 1
+    first = levels_in_blocks(meta) + 1
     with stage("pyramid", total=max(0, n_levels - first), unit="level") as progress:
         for k in range(first, n_levels):
             targets = [level(k, "mask"), level(k, "probabilities"), label(LABEL_NAME, k)]

@@ -45,15 +45,10 @@ LABEL_NAME = "mask"
 #      (results written before layout 2; still read, and resumed in their own layout)
 #   2  level k in group ``<k>``, label levels ``labels/<name>/<k>/<name>``: no group holds
 #      arrays of two sizes or has a level below another, so ``xarray.open_datatree`` opens it
-#   3  layout 2's paths; levels 1..ResultMeta.block_levels sharded by a task's block halved k
-#      times, so each task writes its block's share of them (the rest of the pyramid is
-#      built from the last of those after the tasks, as every level of layouts 1-2 is)
+#   3  layout 2's paths; levels 1..layout.levels_in_blocks sharded by a task's block halved k
+#      times, each task writing its share (layouts 1-2 build every level after the tasks)
 LAYOUT = 3
 LAYOUTS = (1, 2, 3)
-# The smallest shard side (pixels) a level written by the tasks may have: below it a level's
-# shards would be many tiny objects, and the pass after the tasks builds it from 1/4**k of
-# level 0 anyway.
-MIN_BLOCK_SHARD = 256
 
 State = Literal["computing", "finalising", "complete"]
 # A result's life. "creating" has no entry: a store being created is built beside its path
@@ -162,32 +157,6 @@ class ResultMeta:
     def shard(self) -> int:
         """Shard side in pixels: one task's block of tiles."""
         return self.config.task_tiles * self.config.tile
-
-    @property
-    def block_levels(self) -> int:
-        """Pyramid levels above 0 that each task writes with its block (layout 3; 0 before).
-
-        Level ``k`` qualifies while ``2**k`` divides the tile (so every block and every tile
-        rectangle inside one halves exactly, as the whole level does) and the block halved
-        ``k`` times is still at least ``min(tile, MIN_BLOCK_SHARD)`` pixels: its shard side.
-        """
-        if self.layout < 3:
-            return 0
-        n = len(pyramid_shapes(self.shape, self.config.min_level_size)) - 1
-        floor = min(self.tile, MIN_BLOCK_SHARD)
-        k = 0
-        while k < n and self.tile % 2 ** (k + 1) == 0 and self.shard >> (k + 1) >= floor:
-            k += 1
-        return k
-
-    def level_tiling(self, level: int) -> tuple[int, int]:
-        """``(chunk, shard)`` side in pixels of pyramid ``level``'s arrays: the tile and a
-        task's block, except on levels 1..:attr:`block_levels`, where the shard is the block
-        halved ``level`` times (one task's share) and the chunk the tile or that, if smaller."""
-        if 0 < level <= self.block_levels:
-            shard = self.shard >> level
-            return min(self.tile, shard), shard
-        return self.tile, self.shard
 
     @property
     def class_areas_um2(self) -> tuple[float, ...] | None:

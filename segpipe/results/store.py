@@ -13,7 +13,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -249,19 +249,23 @@ def write_block(
     probabilities: np.ndarray,
     *,
     step: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    arrays: Sequence[tuple[zarr.Array, zarr.Array, zarr.Array]] | None = None,
 ) -> np.ndarray:
     """Write (C, y, x) float probabilities over ``box`` and their argmax mask, at level 0 and
-    at the pyramid levels the result's tasks write (``ResultMeta.block_levels``): there, the
+    at the pyramid levels the result's tasks write (``layout.levels_in_blocks``): there, the
     mask halved by 2x2 mode and the probabilities by 2x2 mean before they are encoded.
 
     ``box`` must lie in one task's block of tiles and start on a tile, so concurrent tasks
     never share a shard at any level. Each step (the mask, then per level the probabilities
     and the masks) runs inside ``step()``: the caller's way to let other work in between
-    (:meth:`segpipe.execution.pipeline.ModelStage.io_section`). Returns the (y, x) uint8 mask
-    written at level 0.
+    (:meth:`segpipe.execution.pipeline.ModelStage.io_section`). ``arrays``: what
+    :func:`~segpipe.results.layout.block_level_arrays` gives for ``path``, opened once by a
+    caller that writes many blocks of one run (default: opened here). Returns the (y, x)
+    uint8 mask written at level 0.
     """
     with step():
-        arrays = block_level_arrays(_store(path))
+        if arrays is None:
+            arrays = block_level_arrays(_store(path))
         mask = class_map(probabilities)
     levels = len(arrays) - 1
     masks = block_levels(box, mask, "mode", levels)
