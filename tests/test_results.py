@@ -582,3 +582,20 @@ def test_float16_encoding_is_numpys_cast_bit_for_bit():
     encoded = encode_probabilities(p, "float16")
     assert encoded.dtype == np.float16
     np.testing.assert_array_equal(encoded.view(np.uint16), p.astype(np.float16).view(np.uint16))
+
+
+def test_no_pyramid_stage_when_the_tasks_wrote_every_level(tmp_path):
+    from segpipe.progress import reporting
+
+    path = tmp_path / "r.zarr"
+    m = meta(tile=16, task_tiles=4, min_level_size=32)  # 100 x 70 -> 50 x 35, in the blocks
+    assert levels_in_blocks(m) == 1
+    prepare_result(path, m)
+    probs = random_probabilities(m.shape)
+    write_everywhere(path, m, probs)
+    events = []
+    with reporting(events.append):
+        finalize_result(path, run_summary(path))
+    assert not [e for e in events if e.stage == "pyramid"]
+    expected = brute_mode_2x(np.argmax(probs, axis=0).astype(np.uint8))
+    np.testing.assert_array_equal(open_result(path, level=1)["mask"].values, expected)

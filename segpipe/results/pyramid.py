@@ -107,7 +107,7 @@ def build_pyramid(path: str | os.PathLike) -> None:
     Levels above ``layout.levels_in_blocks`` (every level above 0 in results of layouts 1-2),
     each read back from the one just written (bounded memory; Dask's threaded scheduler),
     probabilities by 2x2 mean, the mask and every other label image by 2x2 mode. Announced as
-    the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level.
+    the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level, when there is one.
     """
     root = zarr.open_group(path, mode="r+")
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
@@ -130,7 +130,9 @@ def build_pyramid(path: str | os.PathLike) -> None:
 
     n_levels = len(result_levels(path))
     first = levels_in_blocks(meta) + 1
-    with stage("pyramid", total=max(0, n_levels - first), unit="level") as progress:
+    if first >= n_levels:  # the tasks wrote every level
+        return
+    with stage("pyramid", total=n_levels - first, unit="level") as progress:
         for k in range(first, n_levels):
             targets = [level(k, "mask"), level(k, "probabilities"), label(LABEL_NAME, k)]
             mask = reduce_level(level(k - 1, "mask"), "mode", targets[0].shards or ())
