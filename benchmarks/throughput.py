@@ -1,7 +1,7 @@
 """Throughput of `segment` beside its model's bare forward, in one table (run by hand).
 
     python benchmarks/throughput.py [--size 4096] [--device cpu|cuda] [--blend-size 2048]
-                                    [--tissue-size N] [--keep DIR]
+                                    [--tissue-size N] [--keep DIR] [--rows pipeline,tissue,blend]
 
 For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Zarr), prints:
 
@@ -306,12 +306,19 @@ def main() -> None:
     parser.add_argument("--blend-size", type=int, default=2048)
     parser.add_argument("--tissue-size", type=int, default=None, help="default: --size")
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
+    parser.add_argument(
+        "--rows",
+        default="pipeline,tissue,blend",
+        help="which groups of rows, comma-separated: pipeline (bare forward, end to end, "
+        "null model, peak RSS), tissue, blend",
+    )
     args = parser.parse_args()
+    rows = set(args.rows.split(","))
     size, device = args.size, args.device
     work = args.keep or Path(tempfile.mkdtemp(prefix="segpipe-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"input-{size}.zarr"
-    if not src.exists():
+    if "pipeline" in rows and not src.exists():
         print(f"building {size} x {size} input ...", flush=True)
         build_input(src, size)
     plan = plan_for_device(device)
@@ -324,9 +331,23 @@ def main() -> None:
         + f"; load average {load:.1f} on {os.cpu_count()} cores at the start\n",
         flush=True,
     )
+    shipped = models.load("tissue-unet")
+    if "pipeline" in rows:
+        pipeline_rows(src, size, device, work, shipped)
+    if "tissue" in rows:
+        tissue_rows(args.tissue_size or size, device, work, shipped)
+    if "blend" in rows:
+        blend_vs_monai(args.blend_size, device, work)
+
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("\n| measure | value | note |\n|---|---|---|")
+    for label, value, note in ROWS:
+        print(f"| {label} | {value} | {note} |")
+
+
+def pipeline_rows(src: Path, size: int, device: str, work: Path, shipped: Any) -> None:
     mpx = size * size / 1e6
     config = SegmentConfig()
-    shipped = models.load("tissue-unet")
     image = zarr.open_array(src, mode="r")[:1200, :1200]
     timer = DeviceTimer() if device == "cuda" else None
 
@@ -362,14 +383,6 @@ def main() -> None:
         )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row("peak RSS after the segpipe rows", f"{peak:.0f} MiB")
-
-    tissue_rows(args.tissue_size or size, device, work, shipped)
-    blend_vs_monai(args.blend_size, device, work)
-
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("\n| measure | value | note |\n|---|---|---|")
-    for label, value, note in ROWS:
-        print(f"| {label} | {value} | {note} |")
 
 
 if __name__ == "__main__":

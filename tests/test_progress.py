@@ -185,6 +185,7 @@ def test_segment_announces_its_tiles_and_keeps_on_progress(
             random_checkpoint,
             tile=64,
             task_tiles=2,
+            min_level_size=32,  # levels 300, 150 (written by the tasks), 75 and 37 px
             scheduler="sync",
             on_progress=lambda done, total: calls.append((done, total)),
         )
@@ -198,13 +199,14 @@ def test_segment_announces_its_tiles_and_keeps_on_progress(
     assert (seg[-1].kind, seg[-1].done) == ("end", tiles)
     assert calls == [(e.done, tiles) for e in seg if e.kind == "advance"]
     assert calls[-1] == (tiles, tiles)
-    assert "pyramid" in {e.stage for e in events}
+    pyramid = [e for e in events if e.stage == "pyramid"]
+    assert (pyramid[0].kind, pyramid[0].total, pyramid[-1].done) == ("start", 2, 2)
 
     events.clear()
     with reporting(events.append):  # complete: nothing to compute, no segment stage
         segpipe.segment(
             small_slide.image, tmp_path / "r.zarr", random_checkpoint, tile=64, task_tiles=2,
-            scheduler="sync",
+            min_level_size=32, scheduler="sync",
         )  # fmt: skip
     assert "segment" not in {e.stage for e in events}
 
