@@ -17,8 +17,8 @@ device never waits for a read. On a CPU the model thread runs torch's intra-op t
 core, and the I/O threads take only what it leaves: their CPU work runs in
 :meth:`ModelStage.io_section`, which a forward pass never overlaps (:class:`CoreGate`). Beside
 a pass, an I/O thread does not use a spare core, there is none: it takes one of the team's,
-and the whole team waits at its next barrier for the thread it lost (measured: the shipped
-model's passes ran 45% longer than alone for I/O work of 15% of their CPU time).
+and the whole team waits at its next barrier for the thread it lost (at 4096² the shipped
+model's passes took 13.6 s beside the I/O threads, 9.5 s with them held off).
 """
 
 from __future__ import annotations
