@@ -192,8 +192,10 @@ def blend_vs_monai(size: int, device: str, work: Path) -> None:
 
     with torch.inference_mode():
         reference = probabilities(x)[0].float().cpu().numpy()
-        # Each timed twice, the faster kept: a first call pays oneDNN's set-up for its shapes
-        # (about 2 s here), which the whole-image pass before it does not cover.
+        # Each timed twice, the faster kept: a first call may pay set-up for its shapes, which
+        # the whole-image pass before it does not cover. MONAI gets the module as built
+        # (channels-first); segpipe converts the module it is given to channels-last in place,
+        # so MONAI runs first.
         monai_s = min(
             timed(
                 lambda: sliding_window_inference(
