@@ -48,7 +48,7 @@ from segpipe.geometry.tiling import (
 from segpipe.io.files import URLPath
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
 from segpipe.models import geometry_of
-from segpipe.results import write_block
+from segpipe.results import class_map, write_block
 from segpipe.results.layout import block_level_arrays
 
 __all__ = [
@@ -323,7 +323,7 @@ def predict_labels(
     probabilities = predict_probabilities(
         model, image, tile=tile, batch_size=batch_size, num_classes=num_classes
     )
-    return np.argmax(probabilities, axis=0).astype(np.uint8)
+    return class_map(probabilities)
 
 
 def install_predictor(key: str, make: Callable[[], Predictor]) -> None:

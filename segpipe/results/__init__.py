@@ -87,6 +87,7 @@ from segpipe.results.schema import (
     result_levels,
 )
 from segpipe.results.store import (
+    class_map,
     class_pixels,
     encode_probabilities,
     finalize_result,
@@ -110,6 +111,7 @@ __all__ = [
     "build_pyramid",
     "class_areas_um2",
     "class_fractions",
+    "class_map",
     "class_pixels",
     "encode_probabilities",
     "finalize_result",

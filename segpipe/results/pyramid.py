@@ -74,12 +74,15 @@ def block_levels(
         yield box, values
 
 
+KINDS = ("mean", "mode")
+
+
 def halve(values: np.ndarray, kind: str) -> np.ndarray:
     """A ``(…, y, x)`` array halved: ``"mean"`` of each 2x2 block or its ``"mode"``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
     if kind == "mean":
         return downsample_mean_2x(values, yx_axes=(values.ndim - 2, values.ndim - 1))
-    if kind != "mode":
-        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
     return mode_2x(values)
 
 
@@ -87,18 +90,22 @@ def reduce_level(previous: Any, kind: str, shards: tuple[int, ...]) -> da.Array:
     """Level ``k + 1`` of a (…, y, x) Zarr array ``previous`` (level ``k``), lazily.
 
     Reads ``previous`` in blocks of twice the output ``shards``, so every output chunk is one
-    whole shard of the next level. ``kind``: ``"mean"`` or ``"mode"``.
+    whole shard of the next level, and halves each block as the tasks do (:func:`halve`).
+    ``kind``: ``"mean"`` or ``"mode"``.
     """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
     read = tuple(s if i < len(shards) - 2 else 2 * s for i, s in enumerate(shards))
     src = da.from_zarr(previous, chunks=read)
-    if kind == "mean":
-        return downsample_mean_2x(src, yx_axes=(src.ndim - 2, src.ndim - 1))
-    if kind != "mode":
-        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
+    # An odd last row or column is dropped, as the whole level's halving does; every block
+    # is then even (twice a shard, or what is left of an even side).
     ny, nx = src.shape[-2] // 2, src.shape[-1] // 2
     src = src[..., : 2 * ny, : 2 * nx]
-    chunks = tuple(tuple(c // 2 for c in cs) for cs in src.chunks)
-    return src.map_blocks(mode_2x, chunks=chunks, dtype=src.dtype)
+    yx = src.ndim - 2
+    chunks = tuple(
+        tuple(c // 2 for c in cs) if axis >= yx else cs for axis, cs in enumerate(src.chunks)
+    )
+    return src.map_blocks(halve, kind, chunks=chunks, dtype=src.dtype)
 
 
 def build_pyramid(path: str | os.PathLike) -> None:
