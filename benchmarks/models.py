@@ -15,7 +15,8 @@ which is how such a classifier is trained anyway: on patches around sampled pixe
 
 * **parameters**;
 * **Mpx/s**: megapixels per second of inference over a fixed image, tile by tile
-  (``segpipe.execution.tasks.predict_labels``, eval mode, no autograd), after one warm-up tile; the
+  (``segpipe.execution.stitching.predict_labels``, eval mode, no autograd), after one warm-up
+  tile; the
   wall time of the whole image, including mirroring and stitching, on this machine's threads;
 * **mean IoU** of the classes other than background;
 * **object F1**: nuclei (connected components of the predicted nucleus class) matched 1:1 to
@@ -46,7 +47,7 @@ import torch
 
 from segpipe import models
 from segpipe.analysis.evaluation import evaluate_labels, evaluate_model
-from segpipe.execution.tasks import predict_labels
+from segpipe.execution.stitching import predict_labels
 from segpipe.synthetic import CLASS_NAMES, tissue_slide
 from segpipe.training import TrainConfig, initial_model, train
 from segpipe.training.datasets import separate_touching

@@ -13,7 +13,12 @@ from segpipe import models
 from segpipe.execution import cluster, tasks
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
 from segpipe.execution.predictor import InferenceConfig, Predictor
-from segpipe.execution.tasks import Stitching, predict_labels, predict_probabilities, predict_region
+from segpipe.execution.stitching import (
+    Stitching,
+    predict_labels,
+    predict_probabilities,
+    predict_region,
+)
 from segpipe.geometry.tiling import Box, Geometry, blend_lattice, tile_grid
 from segpipe.io.readers import ArrayReader, open_image, read_mirrored
 from segpipe.results import read_meta

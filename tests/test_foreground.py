@@ -20,8 +20,8 @@ from segpipe.execution.foreground import (
     resolve_foreground,
 )
 from segpipe.geometry.foreground import (
-    block_rectangles,
     clean_mask,
+    cover_boxes,
     foreground_pixels,
     otsu_threshold,
     saturation,
@@ -30,6 +30,7 @@ from segpipe.geometry.foreground import (
     upsample_mask,
 )
 from segpipe.geometry.pixels import downsample_mean_2x
+from segpipe.geometry.tiling import Box
 from segpipe.io.readers import ArrayReader
 from segpipe.results import read_meta, result_levels, tiles_done
 from segpipe.results.schema import label_path
@@ -69,19 +70,61 @@ def test_tiles_touching_are_the_tiles_holding_upsampled_foreground(mask, ny, nx,
     assert foreground_pixels(mask, (ny, nx)) == int(full.sum())
 
 
-@given(mask=masks, side=st.integers(1, 5))
-def test_block_rectangles_are_each_blocks_bounding_rectangle(mask, side):
-    out = block_rectangles(mask, side)
-    ny, nx = mask.shape
-    for by in range(0, ny, side):
-        for bx in range(0, nx, side):
-            sel = mask[by : by + side, bx : bx + side]
-            got = out[by : by + side, bx : bx + side]
-            expected = np.zeros_like(sel)
-            if sel.any():
-                ys, xs = np.nonzero(sel)
-                expected[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
-            np.testing.assert_array_equal(got, expected)
+def window_cost(boxes, halo):
+    return sum((b.shape[0] + 2 * halo) * (b.shape[1] + 2 * halo) for b in boxes)
+
+
+@given(
+    cells=masks,
+    cell=st.sampled_from([4, 8, 16]),
+    cut=st.tuples(st.integers(0, 3), st.integers(0, 3)),
+    halo=st.integers(0, 40),
+    min_cells=st.integers(1, 4),
+)
+def test_cover_boxes_hold_every_foreground_cell_tightly_and_cheaply(
+    cells, cell, cut, halo, min_cells
+):
+    cy, cx = cells.shape
+    # The region's last cells may be cut by its end (an image's edge).
+    region = Box(cell * 2, cell * (2 + cy) - cut[0], cell * 3, cell * (3 + cx) - cut[1])
+    boxes = cover_boxes(cells, cell, region, halo=halo, min_side=min_cells * cell)
+    fg = np.kron(cells, np.ones((cell, cell), bool))[: region.shape[0], : region.shape[1]]
+    covered = np.zeros(region.shape, int)
+    for b in boxes:
+        assert b.intersect(region) == b, "inside the region"
+        assert (b.y0 - region.y0) % cell == 0 and (b.x0 - region.x0) % cell == 0
+        assert (b.y1 - region.y0) % cell == 0 or b.y1 == region.y1
+        assert (b.x1 - region.x0) % cell == 0 or b.x1 == region.x1
+        r0, r1 = (b.y0 - region.y0) // cell, -(-(b.y1 - region.y0) // cell)
+        c0, c1 = (b.x0 - region.x0) // cell, -(-(b.x1 - region.x0) // cell)
+        sub = cells[r0:r1, c0:c1]
+        assert sub[0].any() and sub[-1].any() and sub[:, 0].any() and sub[:, -1].any(), "tight"
+        covered[b.relative_to(region)] += 1
+    assert (covered <= 1).all(), "boxes are disjoint"
+    assert covered[fg].all(), "every foreground pixel is in a box"
+    assert bool(boxes) == bool(cells.any())
+    if cells.any():
+        ys, xs = np.nonzero(fg)
+        # the bounding box of the foreground, out to whole cells
+        y0, y1 = ys.min() // cell * cell, min(-(-(ys.max() + 1) // cell) * cell, region.shape[0])
+        x0, x1 = xs.min() // cell * cell, min(-(-(xs.max() + 1) // cell) * cell, region.shape[1])
+        whole = Box(y0 + region.y0, y1 + region.y0, x0 + region.x0, x1 + region.x0)
+        assert window_cost(boxes, halo) <= window_cost([whole], halo)
+        if len(boxes) > 1:
+            assert window_cost(boxes, halo) < window_cost([whole], halo), "split only to gain"
+
+
+def test_cover_boxes_split_far_apart_foreground_only_when_the_halo_is_small():
+    cells = np.zeros((8, 8), bool)
+    cells[0, 0] = cells[7, 7] = True
+    region = Box(0, 64, 0, 64)
+    assert cover_boxes(cells, 8, region, halo=4, min_side=8) == [
+        Box(0, 8, 0, 8),
+        Box(56, 64, 56, 64),
+    ]
+    assert cover_boxes(cells, 8, region, halo=200, min_side=8) == [region]
+    # no quarter smaller than min_side: the whole block is one box
+    assert cover_boxes(cells, 8, region, halo=4, min_side=64) == [region]
 
 
 def test_clean_mask_fills_holes_removes_dust_and_grows():
@@ -178,24 +221,9 @@ def known_slide():
 
 
 def expected_computed(labels: np.ndarray) -> np.ndarray:
-    """From the truth alone: the tiles holding tissue, grown in each 2 x 2 block of tiles to
-    the rectangle they span (a task computes one rectangle)."""
-    n = SIDE // TILE
-    has = np.array(
-        [
-            [(labels[y : y + TILE, x : x + TILE] > 0).any() for x in range(0, SIDE, TILE)]
-            for y in range(0, SIDE, TILE)
-        ]
-    )
-    out = np.zeros((n, n), bool)
-    for by in range(0, n, BLOCK):
-        for bx in range(0, n, BLOCK):
-            cells = [(y, x) for y in range(by, by + BLOCK) for x in range(bx, bx + BLOCK)]
-            hit = [(y, x) for y, x in cells if has[y, x]]
-            if hit:
-                ys, xs = [y for y, _ in hit], [x for _, x in hit]
-                out[min(ys) : max(ys) + 1, min(xs) : max(xs) + 1] = True
-    return out
+    """From the truth alone: the tiles holding tissue. (Cells are tiles at this size, and no
+    two tiles of a block here are cheaper as one box but for (6, 6) and (6, 7), side by side.)"""
+    return per_tile(labels > 0).any(axis=(2, 3))
 
 
 def run(slide, out, mode="exact", **settings):
@@ -270,19 +298,37 @@ def test_a_slide_with_known_tissue_computes_exactly_its_tiles(known_slide, tmp_p
     assert summarise(off).foreground_pixels is None
 
 
-def test_a_mostly_glass_slide_computes_its_tissue_tiles(tmp_path):
+def test_a_mostly_glass_slide_computes_boxes_around_its_tissue(tmp_path, monkeypatch):
+    """Cells of 16 px (4 a tile side): each block computes boxes of them around its tissue,
+    exactly as a run without a mask there, and nothing else."""
+    import segpipe.execution.foreground as fg
+
+    monkeypatch.setattr(fg, "MIN_CELL", 16)
     slide = tissue_slide(SIDE, seed=4, tissue_fraction=0.3)
-    out = run(slide, tmp_path / "r.zarr")
-    p = segpipe.open_result(out)["probabilities"].values
-    computed = per_tile(p.sum(axis=0)).mean(axis=(2, 3)) > 0.5
-    tissue = per_tile(slide.labels > 0).mean(axis=(2, 3))
-    assert computed[tissue > 0.01].all()
-    # Far from tissue (no tissue within 16 px of the tile), nothing is computed.
+    on = run(slide, tmp_path / "on.zarr")
+    off = run(slide, tmp_path / "off.zarr", foreground="none")
+    p_on = segpipe.open_result(on)["probabilities"].values
+    p_off = segpipe.open_result(off)["probabilities"].values
+    computed = p_on.sum(axis=0) > 0.5
+    tissue = slide.labels > 0
+    assert computed[tissue].mean() > 0.999
+    np.testing.assert_allclose(p_on[:, computed], p_off[:, computed], rtol=0, atol=1e-6)
+    assert (p_on[:, ~computed] == 0).all()
+    # Boxes are unions of 16 px cells and hold no cell far from tissue.
+    cells = computed.reshape(SIDE // 16, 16, SIDE // 16, 16)
+    assert np.isin(cells.mean(axis=(1, 3)), [0.0, 1.0]).all()
+    s = read_meta(on).summary
+    tiles = per_tile(computed).any(axis=(2, 3))
+    assert s.tiles_computed == tiles.sum()
+    # Sub-tile boxes leave glass out of computed tiles: fewer pixels than their tiles hold.
+    assert computed.mean() < tiles.mean() - 0.05
+    assert computed.mean() < 0.6
+    # A box may span glass between tissue where one window is cheaper than two, but every
+    # box holds tissue: no computed 16 px cell is farther than a block from it.
     from scipy import ndimage
 
-    near = per_tile(ndimage.binary_dilation(slide.labels > 0, iterations=16)).any(axis=(2, 3))
-    assert not (computed & ~block_rectangles(near, BLOCK)).any()
-    assert computed.mean() < 0.75
+    far = ~ndimage.binary_dilation(tissue, iterations=BLOCK * TILE + 24)
+    assert not (computed & far).any()
 
 
 @pytest.mark.parametrize("kind", ["png", "geojson"])

@@ -299,7 +299,7 @@ def test_nan_model_output_fails_with_the_window_and_nothing_is_complete(
     random_checkpoint, small_slide, tmp_path
 ):
     from segpipe import models
-    from segpipe.execution.tasks import PredictionError
+    from segpipe.execution.stitching import PredictionError
 
     net = models.load(random_checkpoint)
 

@@ -20,7 +20,7 @@ from segpipe.execution.predictor import (
     Predictor,
     autocast_dtype,
 )
-from segpipe.execution.tasks import Stitching, predict_region
+from segpipe.execution.stitching import Stitching, predict_region
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.readers import ArrayReader
 

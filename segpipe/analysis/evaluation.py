@@ -163,14 +163,14 @@ def evaluate_model(
     """Predict each labelled image with ``model`` and score all of them together.
 
     Prediction is in memory, in eval mode (the mode is restored after), by the pipeline's
-    overlap-tile stitcher (:func:`segpipe.execution.tasks.predict_labels`; ``tile`` is the
+    overlap-tile stitcher (:func:`segpipe.execution.stitching.predict_labels`; ``tile`` is the
     output tile side in pixels, a multiple of the model's size multiple, ``batch_size`` the
     windows per forward pass). Confusion matrices and object counts add up over the images.
     The object score needs instances; ``object_class`` defaults to the class under most
     instance pixels (no object score when no image has an instance).
     """
     # Imported here: scoring a result store must not pay for torch.
-    from segpipe.execution.tasks import predict_labels
+    from segpipe.execution.stitching import predict_labels
 
     items: list[LabelledImage] = list(data) if isinstance(data, Sequence) else [data]
     if not items:

@@ -1,7 +1,10 @@
-"""Running a segmentation: the predictor, the block tasks, the cluster, and ``segment()``.
+"""Running a segmentation: the predictor, the stitcher, the block tasks, the cluster, and
+``segment()``.
 
-``predictor`` turns batches of pixels into probabilities on a device; ``tasks`` is the unit of
-work (read a block's input window, predict, stitch, write whole shards); ``cluster`` lays out
-and connects Dask clusters and runs a result's blocks on them; ``segment`` is the entry point
-that ties them to a result store.
+``predictor`` turns batches of pixels into probabilities on a device; ``pipeline`` feeds it
+from I/O threads; ``stitching`` cuts a region's windows, predicts them and joins the outputs;
+``tasks`` is the unit of work (one block predicted, stitched and written as whole shards);
+``foreground`` chooses the tiles and boxes a run computes; ``cluster`` lays out and connects
+Dask clusters and runs a result's blocks on them; ``segment`` is the entry point that ties
+them to a result store.
 """

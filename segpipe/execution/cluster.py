@@ -22,13 +22,13 @@ from segpipe import models
 from segpipe.execution.pipeline import run_in_process
 from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
 from segpipe.execution.tasks import (
+    Block,
     BlockResult,
     Job,
     install_predictor,
     remove_predictor,
     segment_block,
 )
-from segpipe.geometry.tiling import Tile
 
 __all__ = [
     "ClusterPlan",
@@ -359,7 +359,7 @@ def _gpu_resources(client: Any) -> dict[str, int] | None:
 
 
 def run_blocks(
-    blocks: list[list[Tile]],
+    blocks: list[Block],
     job: Job,
     *,
     client: Any,
@@ -398,7 +398,7 @@ def run_blocks(
             client.unregister_worker_plugin(plugin.name)
         raise
     gpu = _gpu_resources(client) if config.device != "cpu" else None
-    keys = [f"segpipe-block-{job.predictor_key}-{b[0].index[0]}-{b[0].index[1]}" for b in blocks]
+    keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
     futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)
     try:
         for fut in distributed.as_completed(futures, loop=client.loop):

@@ -15,35 +15,41 @@
 
 The mask is made at the coarsest pyramid level whose longer side is at least
 :data:`MASK_SIDE` pixels, block-averaged down to 1-2 times that when the image has no such
-level. A tile is computed when its output box holds a foreground pixel, grown in each task's
-block to the rectangle a task computes (:func:`segpipe.geometry.foreground.block_rectangles`).
-A tile left out is never read or predicted: it is recorded done with all its pixels in class
-0 (the shipped models' ``background``; for another model, whatever its class 0 is), and its
-mask and probabilities keep the store's fill value, 0: a computed pixel's probabilities sum to
-one, a left-out pixel's to zero. The mask itself is stored with the result as the label image
-:data:`FOREGROUND_LABEL` (1: foreground), so a reader can tell tissue area from glass.
+level. In exact mode each task's block computes boxes of small cells around its foreground
+(:func:`choose_boxes`): the foreground's bounding box, or its quarters' boxes where their
+windows cost fewer pixels; a tile is computed when a box touches it, and its pixels outside
+the boxes are left out like glass. In blend mode a tile is computed when it holds a
+foreground pixel. A tile left out is never read or predicted: it is recorded done with all
+its pixels in class 0 (the shipped models' ``background``; for another model, whatever its
+class 0 is), and its mask and probabilities keep the store's fill value, 0: a computed
+pixel's probabilities sum to one, a left-out pixel's to zero. The mask itself is stored with
+the result as the label image :data:`FOREGROUND_LABEL` (1: foreground), so a reader can tell
+tissue area from glass.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import dask.array as da
 import numpy as np
 
+from segpipe.execution.stitching import bounds
+from segpipe.execution.tasks import Block
 from segpipe.geometry.foreground import (
-    block_rectangles,
+    cover_boxes,
     foreground_pixels,
     tiles_touching,
     tissue_mask,
     upsample_mask,
 )
-from segpipe.geometry.tiling import Box, Tile, TileGrid
+from segpipe.geometry.tiling import Box, Geometry, TileGrid
 from segpipe.io.readers import Reader, open_image
 from segpipe.progress import stage
 from segpipe.results import mark_tiles_done
@@ -55,6 +61,8 @@ __all__ = [
     "MASK_SIDE",
     "Foreground",
     "TileSelection",
+    "cell_side",
+    "choose_boxes",
     "compute_foreground",
     "low_resolution",
     "read_mask_file",
@@ -100,11 +108,13 @@ class Foreground:
 
 @dataclass(frozen=True)
 class TileSelection:
-    """The tiles a run computes (``computed``, ``(tile_y, tile_x)`` bool) and the mask that
-    chose them (None: every tile)."""
+    """The tiles a run computes (``computed``, ``(tile_y, tile_x)`` bool), the mask that
+    chose them (None: every tile), and in exact mode the boxes each block computes of them
+    (``boxes``, by the block's first tile; a block not named computes its tiles whole)."""
 
     computed: np.ndarray
     foreground: Foreground | None = None
+    boxes: dict[tuple[int, int], tuple[Box, ...]] = field(default_factory=dict)
 
     @property
     def background(self) -> int:
@@ -115,10 +125,14 @@ class TileSelection:
     def foreground_pixels(self) -> int | None:
         return None if self.foreground is None else self.foreground.pixels
 
-    def blocks(self, grid: TileGrid, side: int) -> list[list[Tile]]:
-        """:meth:`TileGrid.blocks` with only the computed tiles; blocks left empty dropped."""
-        kept = ([t for t in b if self.computed[t.index]] for b in grid.blocks(side))
-        return [b for b in kept if b]
+    def blocks(self, grid: TileGrid, side: int) -> list[Block]:
+        """:meth:`TileGrid.blocks` with only the computed tiles, and the boxes of them each
+        computes; blocks left empty dropped."""
+        return [
+            Block(tuple(kept), self.boxes.get(b[0].index))
+            for b in grid.blocks(side)
+            if (kept := [t for t in b if self.computed[t.index]])
+        ]
 
 
 def resolve_foreground(setting: str, reader: Reader) -> str:
@@ -290,12 +304,16 @@ def select_tiles(
     *,
     task_tiles: int,
     num_classes: int,
+    geometry: Geometry | None = None,
 ) -> TileSelection:
     """Make the foreground mask (stage ``"tissue mask"``), choose the tiles to compute, and
     record the others in the result at ``output`` as done, all class 0.
 
-    ``mode`` is resolved (:func:`resolve_foreground`). Called on every run, resumed or not:
-    the mask is a function of the image, so a resumed run chooses the same tiles.
+    ``mode`` is resolved (:func:`resolve_foreground`). With the model's ``geometry`` (exact
+    mode), each block computes only boxes of cells around its foreground
+    (:func:`choose_boxes`), and the tiles those boxes touch are the computed ones; else (blend
+    mode) every tile the foreground touches is computed whole. Called on every run, resumed or
+    not: the mask is a function of the image, so a resumed run chooses the same tiles.
     """
     if mode == "none":  # no stage to announce
         return TileSelection(np.ones(grid.grid_shape, dtype=bool))
@@ -304,17 +322,62 @@ def select_tiles(
         progress.advance()
     if foreground is None:
         return TileSelection(np.ones(grid.grid_shape, dtype=bool))
-    computed = block_rectangles(foreground.tiles(grid.tile), task_tiles)
+    if geometry is None:
+        selection = TileSelection(foreground.tiles(grid.tile), foreground)
+    else:
+        selection = choose_boxes(foreground, grid, task_tiles, geometry)
     background = {}
-    for iy, ix in zip(*np.nonzero(~computed), strict=True):
+    for iy, ix in zip(*np.nonzero(~selection.computed), strict=True):
         tile = grid[int(iy), int(ix)]
         counts = np.zeros(num_classes, dtype=np.int64)
         counts[0] = tile.box.shape[0] * tile.box.shape[1]
         background[tile.index] = counts
     mark_tiles_done(output, background)
-    selection = TileSelection(computed, foreground)
     _store_foreground(output, selection, grid, task_tiles)
     return selection
+
+
+# Cells at least this many pixels a side: boxes snap to them, so a run's windows come in few
+# shapes (each new shape costs a CPU forward pass tens of ms of set-up).
+MIN_CELL = 64
+
+
+def cell_side(tile: int, multiple: int, level_px_per_mask_px: float) -> int:
+    """The side of the cells boxes are made of: the smallest divisor of ``tile`` that is a
+    multiple of the model's ``multiple`` and at least :data:`MIN_CELL` and one mask pixel.
+
+    >>> cell_side(512, 8, 8.0), cell_side(512, 8, 98.0), cell_side(96, 32, 1.0)
+    (64, 128, 96)
+    """
+    least = max(MIN_CELL, math.ceil(level_px_per_mask_px))
+    return next((d for d in range(multiple, tile, multiple) if tile % d == 0 and d >= least), tile)
+
+
+def choose_boxes(
+    foreground: Foreground, grid: TileGrid, task_tiles: int, geometry: Geometry
+) -> TileSelection:
+    """In each block of ``task_tiles`` x ``task_tiles`` tiles, the boxes of cells
+    (:func:`cell_side`) around its foreground that cost the fewest window pixels
+    (:func:`~segpipe.geometry.foreground.cover_boxes`, quartered down to a tile); the tiles
+    they touch are computed."""
+    ny, nx = foreground.shape
+    ratio = max(ny / foreground.mask.shape[0], nx / foreground.mask.shape[1])
+    cell = cell_side(grid.tile, geometry.multiple, ratio)
+    cells = foreground.tiles(cell)
+    computed = np.zeros(grid.grid_shape, dtype=bool)
+    boxes = {}
+    for block in grid.blocks(task_tiles):
+        region = bounds([t.box for t in block])
+        part = cells[
+            region.y0 // cell : -(-region.y1 // cell), region.x0 // cell : -(-region.x1 // cell)
+        ]
+        if not part.any():
+            continue
+        chosen = tuple(cover_boxes(part, cell, region, geometry.halo, grid.tile))
+        boxes[block[0].index] = chosen
+        for t in block:
+            computed[t.index] = any(t.box.intersect(b) for b in chosen)
+    return TileSelection(computed, foreground, boxes)
 
 
 def _store_foreground(
@@ -329,7 +392,8 @@ def _store_foreground(
     ny, nx = grid.shape
     boxes = []
     for block in selection.blocks(grid, task_tiles):
-        y0, x0 = block[0].box.y0 // side * side, block[0].box.x0 // side * side
+        first = block.tiles[0].box
+        y0, x0 = first.y0 // side * side, first.x0 // side * side
         boxes.append(Box(y0, min(y0 + side, ny), x0, min(x0 + side, nx)))
     write_label_image(
         output,

@@ -211,11 +211,12 @@ def segment(
         selection = select_tiles(
             reader, level, grid, output, config.foreground,
             task_tiles=config.task_tiles, num_classes=len(class_names),
+            geometry=geometry if config.mode == "exact" else None,
         )  # fmt: skip
         # A block is one shard, the unit of writing: a partly done block is redone whole.
         blocks = selection.blocks(grid, config.task_tiles)
-        blocks = [b for b in blocks if not all(done[t.index] for t in b)]
-        n_todo = sum(len(b) for b in blocks)
+        blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
+        n_todo = sum(len(b.tiles) for b in blocks)
         log.info(
             "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
             reader.path,

@@ -55,11 +55,13 @@ class CropSink:
 
     With overlap-tile windows every covering window gives the same value (valid convolutions,
     halo >= receptive field), so order does not matter; windows are added row-major anyway so
-    that each tile keeps its own window's values.
+    that each tile keeps its own window's values. With ``computed`` (the region's shape, bool)
+    only those pixels must be covered and are kept; the others are 0.
     """
 
-    def __init__(self, region: Box, num_classes: int) -> None:
+    def __init__(self, region: Box, num_classes: int, computed: np.ndarray | None = None) -> None:
         self.region = region
+        self.computed = computed
         self._out = np.zeros((num_classes, *region.shape), dtype=np.float32)
         self._covered = np.zeros(region.shape, dtype=bool)
 
@@ -73,17 +75,31 @@ class CropSink:
         self._covered[part.relative_to(self.region)] = True
 
     def result(self) -> np.ndarray:
-        if not self._covered.all():
+        if self.computed is None:
+            if not self._covered.all():
+                raise RuntimeError(f"windows left pixels of {self.region} uncovered")
+            return self._out
+        if not self._covered[self.computed].all():
             raise RuntimeError(f"windows left pixels of {self.region} uncovered")
+        self._out[:, ~self.computed] = 0
         return self._out
 
 
 class BlendSink:
-    """Blend mode: sum of ``weight * p`` over windows divided by the sum of weights."""
+    """Blend mode: sum of ``weight * p`` over windows divided by the sum of weights; with
+    ``computed`` (the region's shape, bool) over those pixels only, the others 0."""
 
-    def __init__(self, region: Box, num_classes: int, *, sigma_scale: float = 0.125) -> None:
+    def __init__(
+        self,
+        region: Box,
+        num_classes: int,
+        *,
+        sigma_scale: float = 0.125,
+        computed: np.ndarray | None = None,
+    ) -> None:
         self.region = region
         self.sigma_scale = sigma_scale
+        self.computed = computed
         self._sum = np.zeros((num_classes, *region.shape), dtype=np.float32)
         self._weight = np.zeros(region.shape, dtype=np.float32)
 
@@ -101,6 +117,12 @@ class BlendSink:
         self._weight[dst] += weights
 
     def result(self) -> np.ndarray:
-        if not (self._weight > 0).all():
+        if self.computed is None:
+            if not (self._weight > 0).all():
+                raise RuntimeError(f"windows left pixels of {self.region} uncovered")
+            return self._sum / self._weight
+        if not (self._weight[self.computed] > 0).all():
             raise RuntimeError(f"windows left pixels of {self.region} uncovered")
-        return self._sum / self._weight
+        out = np.zeros_like(self._sum)
+        np.divide(self._sum, self._weight, out=out, where=self.computed)
+        return out

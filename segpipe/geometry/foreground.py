@@ -14,8 +14,9 @@ tiles it touches are computed. Two halves, no I/O in either:
   neighbour, integer arithmetic, the same in every function here. A tile is computed when its
   output box holds a foreground pixel (:func:`tiles_touching`); the model's halo plays no
   part: a computed tile reads its input context as always, glass or not, so what it writes is
-  what a run without a mask writes. :func:`block_rectangles` grows each task block's
-  selection to its bounding rectangle, because a task computes one rectangle of tiles.
+  what a run without a mask writes. :func:`cover_boxes` chooses, in each task's block, the
+  boxes of finer cells it computes: the foreground's bounding box, or the boxes of its
+  quarters where their windows cost fewer pixels.
 
 >>> mask = np.zeros((4, 4), dtype=bool)
 >>> mask[0, 0] = True
@@ -28,9 +29,11 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from segpipe.geometry.tiling import Box
+
 __all__ = [
-    "block_rectangles",
     "clean_mask",
+    "cover_boxes",
     "foreground_pixels",
     "mask_rows",
     "otsu_threshold",
@@ -239,22 +242,55 @@ def tiles_touching(mask: np.ndarray, shape: tuple[int, int], tile: int) -> np.nd
     return np.asarray(total > 0)
 
 
-def block_rectangles(selected: np.ndarray, side: int) -> np.ndarray:
-    """``selected`` (tile_y, tile_x) bool grown, in each ``side x side`` block of tiles, to the
-    bounding rectangle of its selected tiles: what a task that computes one rectangle of
-    tiles per block computes.
+def cover_boxes(cells: np.ndarray, cell: int, region: Box, halo: int, min_side: int) -> list[Box]:
+    """Boxes in ``region`` (level pixels) that together hold every True cell of ``cells``, for
+    few window pixels: what a task computes of a block with foreground.
 
-    >>> block_rectangles(np.eye(3, dtype=bool), 2).astype(int).tolist()
-    [[1, 1, 0], [1, 1, 0], [0, 0, 1]]
+    ``cells`` ``(cy, cx)`` bool are ``region``'s cells of ``cell`` pixels from its top-left
+    corner (the last ones cut by its end). A box costs the window around it,
+    ``(h + 2 halo) (w + 2 halo)`` pixels; the bounding box of the cells is kept unless its
+    quarters' boxes (found the same way, down to ``min_side`` pixels a side) cost less. Box
+    corners lie on the cells' corners, so on the pooling phase when ``cell`` and ``region``'s
+    corner are multiples of the model's.
+
+    >>> c = np.zeros((4, 4), bool); c[0, 0] = c[3, 3] = True
+    >>> cover_boxes(c, 16, Box(0, 64, 0, 60), halo=8, min_side=16)
+    [Box(y0=0, y1=16, x0=0, x1=16), Box(y0=48, y1=64, x0=48, x1=60)]
+    >>> cover_boxes(c, 16, Box(0, 64, 0, 60), halo=64, min_side=16)
+    [Box(y0=0, y1=64, x0=0, x1=60)]
     """
-    if side < 1:
-        raise ValueError(f"block side must be >= 1 tile, got {side}")
-    out = np.zeros_like(selected, dtype=bool)
-    ny, nx = selected.shape
-    for by in range(0, ny, side):
-        for bx in range(0, nx, side):
-            block = selected[by : by + side, bx : bx + side]
-            rows, cols = np.flatnonzero(block.any(1)), np.flatnonzero(block.any(0))
-            if rows.size:
-                out[by + rows[0] : by + rows[-1] + 1, bx + cols[0] : bx + cols[-1] + 1] = True
-    return out
+    if cell < 1 or min_side < 1:
+        raise ValueError(f"cell and min_side must be >= 1 pixel, got {cell} and {min_side}")
+    cells = np.asarray(cells, dtype=bool)
+
+    def box(r0: int, r1: int, c0: int, c1: int) -> Box:
+        return Box(
+            region.y0 + r0 * cell,
+            min(region.y0 + r1 * cell, region.y1),
+            region.x0 + c0 * cell,
+            min(region.x0 + c1 * cell, region.x1),
+        )
+
+    def cost(boxes: list[Box]) -> int:
+        return sum((b.shape[0] + 2 * halo) * (b.shape[1] + 2 * halo) for b in boxes)
+
+    def cover(r0: int, r1: int, c0: int, c1: int) -> list[Box]:
+        part = cells[r0:r1, c0:c1]
+        rows, cols = np.flatnonzero(part.any(1)).tolist(), np.flatnonzero(part.any(0)).tolist()
+        if not rows:
+            return []
+        whole = [box(r0 + rows[0], r0 + rows[-1] + 1, c0 + cols[0], c0 + cols[-1] + 1)]
+        # Halves along each axis still wider than min_side (a cell's multiple).
+        ry = [r0, (r0 + r1) // 2, r1] if (r1 - r0) * cell > min_side else [r0, r1]
+        rx = [c0, (c0 + c1) // 2, c1] if (c1 - c0) * cell > min_side else [c0, c1]
+        if len(ry) == len(rx) == 2:
+            return whole
+        parts = [
+            b
+            for y in range(len(ry) - 1)
+            for x in range(len(rx) - 1)
+            for b in cover(ry[y], ry[y + 1], rx[x], rx[x + 1])
+        ]
+        return parts if cost(parts) < cost(whole) else whole
+
+    return cover(0, cells.shape[0], 0, cells.shape[1])

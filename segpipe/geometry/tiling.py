@@ -254,19 +254,21 @@ def exact_window(tile: Tile, tile_size: int, geometry: Geometry) -> Window:
 
 
 def exact_windows(region: Box, side: int, geometry: Geometry) -> list[Window]:
-    """Overlap-tile windows of ``side`` output pixels that cover ``region``, row-major.
+    """Overlap-tile windows of at most ``side`` output pixels that cover ``region``, row-major.
 
     Windows larger than a tile pay the halo once for many tiles: a block of 2 x 2 tiles of
     512 px under one 1024 px window reads 1116^2 input pixels for the shipped U-Net (halo 44)
     instead of 4 x 604^2, 19% of halo instead of 39%. Origins step by ``side`` from the
     region's top-left corner, which must keep the pooling phase (a multiple of
     ``geometry.multiple``, as tile origins are); the output stays equal to one pass over the
-    whole mirrored image. Windows share one shape; where the last ones reach past ``region``
-    the extra output is cropped away.
+    whole mirrored image. The last window of each axis is cut to what is left of ``region``
+    (rounded up to the multiple), so a region that is not a whole number of ``side`` pays
+    no window pixels past its end but those; a region of whole ``side`` steps gives windows
+    of one shape, which batch together.
 
     >>> g = Geometry(halo=44, multiple=8, input_offset=4, shrinks=True)
     >>> [w.input for w in exact_windows(Box(0, 1000, 1024, 1536), 1024, g)]
-    [Box(y0=-44, y1=1072, x0=980, x1=2096)]
+    [Box(y0=-44, y1=1048, x0=980, x1=1584)]
     >>> len(exact_windows(Box(0, 1024, 0, 1024), 512, g))
     4
     """
@@ -275,8 +277,13 @@ def exact_windows(region: Box, side: int, geometry: Geometry) -> list[Window]:
             f"region {region} must start on a multiple of the model's size multiple "
             f"{geometry.multiple} (a tile's corner)"
         )
+    m = geometry.multiple
+
+    def step(start: int, stop: int) -> int:
+        return min(side, stop - start + (start - stop) % m)
+
     return [
-        _exact_window_at(y, x, side, geometry)
+        _exact_window_at(y, x, (step(y, region.y1), step(x, region.x1)), geometry)
         for y in range(region.y0, region.y1, side)
         for x in range(region.x0, region.x1, side)
     ]
@@ -301,18 +308,20 @@ def exact_side(region: Box, tile: int, geometry: Geometry, max_input_pixels: int
     return tiles * tile
 
 
-def _exact_window_at(y0: int, x0: int, side: int, geometry: Geometry) -> Window:
-    if side % geometry.multiple:
-        raise ValueError(
-            f"tile size {side} px is not a multiple of the model's size multiple "
-            f"{geometry.multiple}; use {side + (-side) % geometry.multiple}"
-        )
-    n = geometry.input_size(side)
-    inp = Box(
-        y0 - geometry.halo, y0 - geometry.halo + n, x0 - geometry.halo, x0 - geometry.halo + n
-    )
-    out_side = n - 2 * geometry.halo
-    return Window(inp, Box(y0, y0 + out_side, x0, x0 + out_side), geometry.crop)
+def _exact_window_at(y0: int, x0: int, side: int | tuple[int, int], geometry: Geometry) -> Window:
+    """The window whose usable output starts at ``(y0, x0)`` and covers ``side`` pixels
+    (one int: a square; else ``(height, width)``), each a multiple of ``geometry.multiple``."""
+    h, w = (side, side) if isinstance(side, int) else side
+    for s in (h, w):
+        if s % geometry.multiple:
+            raise ValueError(
+                f"tile size {s} px is not a multiple of the model's size multiple "
+                f"{geometry.multiple}; use {s + (-s) % geometry.multiple}"
+            )
+    ny, nx = geometry.input_size(h), geometry.input_size(w)
+    g = geometry.halo
+    inp = Box(y0 - g, y0 - g + ny, x0 - g, x0 - g + nx)
+    return Window(inp, Box(y0, y0 + ny - 2 * g, x0, x0 + nx - 2 * g), geometry.crop)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ A deliberately small loop, readable top to bottom:
    :func:`segpipe.training.losses.unet_weight_map` where instance labels exist), with Adam;
 5. after each epoch, score the validation images with
    :func:`segpipe.analysis.evaluation.evaluate_model`: predicted tile by tile by the
-   pipeline's overlap-tile stitcher (:func:`segpipe.execution.tasks.predict_labels`), per-class
+   pipeline's overlap-tile stitcher (:func:`segpipe.execution.stitching.predict_labels`), per-class
    Dice and IoU from one confusion matrix, object F1 where there are instances; and write a
    checkpoint that training can resume from.
 

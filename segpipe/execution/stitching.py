@@ -1,0 +1,308 @@
+"""The overlap-tile stitcher: the one place windows are cut, predicted and joined.
+
+:func:`predict_region` takes the tiles of a region (and, where a foreground mask chose them,
+the boxes of them to compute), reads the input their windows need once (mirrored at the image
+border), runs a :data:`~segpipe.execution.predictor.WindowPredictor` on the windows in batches
+and joins the outputs through a sink (exact or blend, :class:`Stitching`). Its callers are a
+Dask task (:func:`segpipe.execution.tasks.segment_block`) and :func:`predict_labels`, a whole
+in-memory image predicted by a model as it is: training validation, evaluation and
+benchmarks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from segpipe.execution.predictor import WindowPredictor, window_probabilities
+from segpipe.geometry.blending import BlendSink, CropSink, Sink
+from segpipe.geometry.tiling import (
+    BlendLattice,
+    Box,
+    Geometry,
+    Tile,
+    Window,
+    blend_windows,
+    exact_windows,
+    tile_grid,
+)
+from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
+from segpipe.models import geometry_of
+from segpipe.results import class_map
+
+__all__ = [
+    "MODES",
+    "PredictionError",
+    "RegionPrediction",
+    "Stitching",
+    "bounds",
+    "predict_labels",
+    "predict_probabilities",
+    "predict_region",
+]
+
+MODES = ("exact", "blend")
+
+
+@dataclass(frozen=True)
+class Stitching:
+    """Which windows cover a set of tiles and how their predictions are joined.
+
+    Parameters
+    ----------
+    mode
+        ``"exact"``: overlap-tile windows of ``exact_side`` output pixels (default: one per
+        tile), cropped back (``exact_windows``, ``CropSink``); ``"blend"``: the windows of
+        ``lattice`` averaged with Gaussian weights (``blend_windows``, ``BlendSink``).
+    tile
+        Output tile side, pixels (a multiple of ``geometry.multiple``).
+    geometry
+        The model's geometry.
+    num_classes
+        Channels of the model's output.
+    lattice, sigma_scale
+        Blend mode's global window lattice and its Gaussian's width (fraction of a window).
+    exact_side
+        Exact mode's window output side, a multiple of ``tile`` (None: ``tile``); any side
+        gives the same result up to float rounding, a larger one pays the halo less often.
+    """
+
+    mode: str
+    tile: int
+    geometry: Geometry
+    num_classes: int
+    lattice: BlendLattice | None = None
+    sigma_scale: float = 0.125
+    exact_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"stitching mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "blend" and self.lattice is None:
+            raise ValueError("blend mode needs a lattice (segpipe.geometry.tiling.blend_lattice)")
+
+    def windows(
+        self, tiles: Sequence[Tile], region: Box, boxes: Sequence[Box] | None = None
+    ) -> list[Window]:
+        """The windows that give ``tiles`` (whose bounding box is ``region``), row-major; in
+        exact mode with ``boxes``, those that give the boxes (each cut in steps of
+        ``exact_side``), box by box."""
+        if self.mode == "blend" and self.lattice is not None:  # blend always has one
+            windows = blend_windows(self.lattice, region)
+        elif boxes is not None:
+            side = self.exact_side or self.tile
+            return [w for b in boxes for w in exact_windows(b, side, self.geometry)]
+        else:
+            windows = exact_windows(region, self.exact_side or self.tile, self.geometry)
+        return [w for w in windows if any(w.output.intersect(t.box) for t in tiles)]
+
+    def sink(self, region: Box, computed: np.ndarray | None = None) -> Sink:
+        """An empty sink for ``region`` that joins window outputs as the mode says; with
+        ``computed`` (``region``'s shape, bool) only those pixels are kept, the rest are 0."""
+        if self.mode == "exact":
+            return CropSink(region, self.num_classes, computed)
+        return BlendSink(region, self.num_classes, sigma_scale=self.sigma_scale, computed=computed)
+
+
+@dataclass(frozen=True)
+class RegionPrediction:
+    """What :func:`predict_region` gives: ``probabilities`` ``(C, y, x)`` float32 over
+    ``region`` (pixels of the level read) and the number of windows predicted."""
+
+    region: Box
+    probabilities: np.ndarray
+    windows: int
+
+
+def bounds(boxes: Sequence[Box]) -> Box:
+    """The bounding box of ``boxes``."""
+    return Box(
+        min(b.y0 for b in boxes),
+        max(b.y1 for b in boxes),
+        min(b.x0 for b in boxes),
+        max(b.x1 for b in boxes),
+    )
+
+
+def predict_region(
+    tiles: Sequence[Tile],
+    reader: Reader,
+    predict: WindowPredictor,
+    stitching: Stitching,
+    *,
+    level: int = 0,
+    batch_size: int = 4,
+    boxes: Sequence[Box] | None = None,
+) -> RegionPrediction:
+    """Predict ``tiles`` of ``reader``'s ``level`` and stitch them: the overlap-tile stitcher.
+
+    The input all windows need is read once (mirrored where it leaves the image, as in the
+    U-Net paper); windows go to ``predict`` ``batch_size`` at a time, in row-major order, and
+    each output, cropped by ``Window.crop``, into the stitching's sink. In exact mode and for a
+    valid-padding model the result equals one forward pass over the whole mirrored image.
+
+    Parameters
+    ----------
+    tiles
+        Output tiles of ``tile_grid(shape, stitching.tile)``; the region is their bounding box.
+    reader
+        The image (a file's reader, or an :class:`~segpipe.io.readers.ArrayReader`).
+    predict
+        ``(N, Y, X, C)`` pixels -> ``(N, C, y, x)`` probabilities: a
+        :class:`~segpipe.execution.predictor.Predictor`, or
+        :func:`~segpipe.execution.predictor.window_probabilities` bound to a model.
+    stitching
+        Windows and sink (a :class:`Job` is one).
+    level, batch_size
+        The pyramid level read; windows per call of ``predict``.
+    boxes
+        Exact mode: the boxes of the tiles to compute (level pixels, on the pooling phase),
+        where a foreground mask chose them; the region's other pixels are 0 (not computed).
+        In blend mode, and by default, every pixel of ``tiles``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 window, got {batch_size}")
+    # A pipeline stage on the CPU takes the cores in turn with this thread's work: each step
+    # runs in a section of its own, never one that waits for the model (execution.pipeline).
+    section: Callable[[], contextlib.AbstractContextManager[None]] = getattr(
+        predict, "io_section", contextlib.nullcontext
+    )
+    with section():
+        region = bounds([t.box for t in tiles])
+        if stitching.mode != "exact":
+            boxes = None
+        windows = stitching.windows(tiles, region, boxes)
+        source_box = bounds([w.input for w in windows])
+        pixels = read_mirrored(reader, source_box, level)
+        _check_pixels(pixels, reader, source_box, level)
+        sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
+    # Batches of one window shape (boxes' windows differ), in order.
+    chunks: list[list[Window]] = []
+    for w in windows:
+        if chunks and len(chunks[-1]) < batch_size and chunks[-1][0].input.shape == w.input.shape:
+            chunks[-1].append(w)
+        else:
+            chunks.append([w])
+
+    def stacks() -> Iterator[np.ndarray]:
+        for c in chunks:
+            with section():
+                stack = np.stack([pixels[w.input.relative_to(source_box)] for w in c])
+            yield stack
+
+    for chunk, probabilities in zip(chunks, _predicted(predict, stacks()), strict=True):
+        with section():
+            finite = np.isfinite(probabilities).reshape(len(chunk), -1).all(axis=1)
+            if not finite.all():
+                bad = chunk[int(np.argmin(finite))]
+                raise PredictionError(
+                    f"{reader.path}: the model's output is NaN or infinite for the window whose "
+                    f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:"
+                    f"{bad.output.x1} of level {level}; nothing of this block was written"
+                )
+            for w, p in zip(chunk, probabilities, strict=True):
+                h, wd = w.output.shape
+                sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
+    with section():
+        return RegionPrediction(region, sink.result(), len(windows))
+
+
+def _computed(region: Box, areas: Sequence[Box]) -> np.ndarray | None:
+    """``region``'s pixels inside ``areas`` (disjoint boxes), or None when that is all."""
+    if sum(a.shape[0] * a.shape[1] for a in areas) == region.shape[0] * region.shape[1]:
+        return None
+    computed = np.zeros(region.shape, dtype=bool)
+    for a in areas:
+        computed[a.relative_to(region)] = True
+    return computed
+
+
+def _predicted(predict: WindowPredictor, stacks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``predict`` over ``stacks`` in order; a pipeline stage (``submit``) gets the next batch
+    before this one is stitched, so the model never waits for this thread."""
+    submit = getattr(predict, "submit", None)
+    if submit is None:
+        yield from (np.asarray(predict(stack)) for stack in stacks)
+        return
+    ahead: deque[Future[np.ndarray]] = deque()
+    for stack in stacks:
+        ahead.append(submit(stack))
+        if len(ahead) > 1:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
+
+
+class PredictionError(RuntimeError):
+    """The model gave NaN or infinite probabilities; the message names the image and window."""
+
+
+# segpipe's float pixel convention is [0, 1] (geometry.pixels.to_float01); a little slack for
+# resampling overshoot, none for [0, 255] data stored as float.
+_FLOAT_RANGE = (-0.01, 1.01)
+
+
+def _check_pixels(pixels: np.ndarray, reader: Reader, box: Box, level: int) -> None:
+    """Refuse float pixels that are NaN/inf or outside [0, 1], naming file and region."""
+    if pixels.dtype.kind != "f":
+        return
+    where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
+    if not np.isfinite(pixels).all():
+        raise ImageReadError(
+            f"{reader.path}: NaN or infinite pixels at {where}; fill them (nodata) before "
+            "segmenting"
+        )
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo < _FLOAT_RANGE[0] or hi > _FLOAT_RANGE[1]:
+        raise ImageReadError(
+            f"{reader.path}: float pixels must lie in [0, 1], found {lo:g}..{hi:g} at {where}; "
+            "rescale them to [0, 1] or store integers (uint8/uint16)"
+        )
+
+
+def predict_probabilities(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int = 256,
+    batch_size: int = 4,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Class probabilities ``(C, Y, X)`` float32 of a whole in-memory ``(Y, X, C)`` image.
+
+    Exact overlap-tile mode through :func:`predict_region`, with the model as it is
+    (:func:`~segpipe.execution.predictor.window_probabilities`: call ``model.eval()`` first
+    for inference behaviour). ``tile`` is the output tile side in pixels, a multiple of the
+    model's size multiple; ``num_classes`` defaults to ``model.num_classes``.
+    """
+    classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
+    if classes is None:
+        raise ValueError(f"{type(model).__name__} has no num_classes attribute: pass num_classes=")
+    reader = ArrayReader(image)
+    tiles = list(tile_grid(reader.shape[:2], tile))
+    stitching = Stitching("exact", tile, geometry_of(model), int(classes))
+    predict = functools.partial(window_probabilities, model)
+    return predict_region(tiles, reader, predict, stitching, batch_size=batch_size).probabilities
+
+
+def predict_labels(
+    model: nn.Module,
+    image: np.ndarray,
+    *,
+    tile: int = 256,
+    batch_size: int = 4,
+    num_classes: int | None = None,
+) -> np.ndarray:
+    """Class map ``(Y, X)`` uint8 of a whole in-memory ``(Y, X, C)`` image: the argmax of
+    :func:`predict_probabilities`, as the pipeline writes its mask."""
+    probabilities = predict_probabilities(
+        model, image, tile=tile, batch_size=batch_size, num_classes=num_classes
+    )
+    return class_map(probabilities)
