@@ -19,7 +19,8 @@ from segpipe.execution.stitching import (
     predict_probabilities,
     predict_region,
 )
-from segpipe.geometry.tiling import Box, Geometry, blend_lattice, tile_grid
+from segpipe.geometry.blending import blend_lattice
+from segpipe.geometry.tiling import Box, Geometry, tile_grid
 from segpipe.io.readers import ArrayReader, open_image, read_mirrored
 from segpipe.results import read_meta
 from segpipe.synthetic import tissue_slide

@@ -11,7 +11,7 @@ import torch
 from test_execution import CLASSES, one_torch_thread, tiny_unet  # noqa: F401 (autouse fixture)
 
 import segpipe
-from segpipe.execution import cluster, pipeline, tasks
+from segpipe.execution import cluster, pipeline, stitching, tasks
 from segpipe.execution.pipeline import ModelStage, run_in_process
 from segpipe.execution.predictor import (
     CPU_FORWARD_BUDGET,
@@ -219,7 +219,7 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
     net = tiny_unet()
     in_flight, peak, lock = [0], [0], threading.Lock()
     stages: list[ModelStage] = []
-    read, write = tasks.read_mirrored, tasks.write_block
+    read, write = stitching.read_mirrored, tasks.write_block
     make_stage = pipeline.ModelStage
 
     def counting_read(*args, **kwargs):
@@ -239,7 +239,7 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
         stages.append(make_stage(*args, **kwargs))
         return stages[-1]
 
-    monkeypatch.setattr(tasks, "read_mirrored", counting_read)
+    monkeypatch.setattr(stitching, "read_mirrored", counting_read)
     monkeypatch.setattr(tasks, "write_block", slow_write)
     monkeypatch.setattr(tasks, "ModelStage", recording_stage)
     out = segpipe.segment(

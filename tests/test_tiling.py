@@ -3,11 +3,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from segpipe.geometry.blending import blend_lattice, blend_windows
 from segpipe.geometry.tiling import (
     Box,
     Geometry,
-    blend_lattice,
-    blend_windows,
     exact_side,
     exact_window,
     exact_windows,

@@ -26,7 +26,8 @@ from segpipe.execution.cluster import (
 from segpipe.execution.foreground import resolve_foreground, select_tiles
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job
-from segpipe.geometry.tiling import blend_lattice, tile_grid
+from segpipe.geometry.blending import blend_lattice
+from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location
 from segpipe.io.readers import Reader, open_image
 from segpipe.progress import Stage, progress_option, stage

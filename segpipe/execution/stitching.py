@@ -22,17 +22,8 @@ import numpy as np
 from torch import nn
 
 from segpipe.execution.predictor import WindowPredictor, window_probabilities
-from segpipe.geometry.blending import BlendSink, CropSink, Sink
-from segpipe.geometry.tiling import (
-    BlendLattice,
-    Box,
-    Geometry,
-    Tile,
-    Window,
-    blend_windows,
-    exact_windows,
-    tile_grid,
-)
+from segpipe.geometry.blending import BlendLattice, BlendSink, CropSink, Sink, blend_windows
+from segpipe.geometry.tiling import Box, Geometry, Tile, Window, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
 from segpipe.models import geometry_of
 from segpipe.results import class_map
@@ -86,7 +77,7 @@ class Stitching:
         if self.mode not in MODES:
             raise ValueError(f"stitching mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "blend" and self.lattice is None:
-            raise ValueError("blend mode needs a lattice (segpipe.geometry.tiling.blend_lattice)")
+            raise ValueError("blend mode needs a lattice (segpipe.geometry.blending.blend_lattice)")
 
     def windows(
         self, tiles: Sequence[Tile], region: Box, boxes: Sequence[Box] | None = None

@@ -28,8 +28,6 @@ __all__ = [
     "Tile",
     "TileGrid",
     "Window",
-    "blend_lattice",
-    "blend_windows",
     "exact_side",
     "exact_window",
     "exact_windows",
@@ -322,91 +320,6 @@ def _exact_window_at(y0: int, x0: int, side: int | tuple[int, int], geometry: Ge
     g = geometry.halo
     inp = Box(y0 - g, y0 - g + ny, x0 - g, x0 - g + nx)
     return Window(inp, Box(y0, y0 + ny - 2 * g, x0, x0 + nx - 2 * g), geometry.crop)
-
-
-@dataclass(frozen=True)
-class BlendLattice:
-    """Sliding windows of ``window`` output pixels every ``stride`` pixels, starting at ``-margin``.
-
-    The lattice is global (a function of the image shape alone), which is what makes blended
-    tiles agree across task boundaries. With ``inside`` (same-padding models on an image at
-    least a window wide) the margin is 0 and the last window of each axis is moved back to end
-    at the image's edge (as MONAI's ``dense_patch_slices`` does), snapped up to the pooling
-    multiple: border pixels are then predicted with the model's own zero padding, as a pass
-    over the whole image predicts them, instead of from mirrored pixels.
-    """
-
-    shape: tuple[int, int]
-    window: int
-    stride: int
-    margin: int
-    geometry: Geometry
-    inside: bool = False
-
-    def axis_origins(self, axis: int) -> tuple[int, ...]:
-        """Every window origin (output pixels) along ``axis``, ascending."""
-        w, s, m, n = self.window, self.stride, self.margin, self.shape[axis]
-        count = math.ceil(max(n + 2 * m - w, 0) / s) + 1
-        origins = [-m + k * s for k in range(count)]
-        if self.inside and n >= w:
-            # Snapped up: at most multiple - 1 mirrored pixels past the edge keep the phase.
-            last = -(-(n - w) // self.geometry.multiple) * self.geometry.multiple
-            origins = [o for o in origins if o < last] + [last]
-        return tuple(origins)
-
-    def origins(self, axis: int, lo: int, hi: int) -> list[int]:
-        """Origins (output pixels) along ``axis`` of the windows that overlap ``[lo, hi)``."""
-        return [o for o in self.axis_origins(axis) if o < hi and o + self.window > lo]
-
-    def window_at(self, y: int, x: int) -> Window:
-        g = self.geometry
-        # Same-padding models see the window itself; valid ones need their halo around it.
-        pad = g.halo if g.shrinks else 0
-        n = self.window + 2 * pad
-        inp = Box(y - pad, y - pad + n, x - pad, x - pad + n)
-        return Window(inp, Box(y, y + self.window, x, x + self.window), 0)
-
-
-def blend_lattice(
-    shape: tuple[int, int], geometry: Geometry, *, window: int, overlap: float = 0.25
-) -> BlendLattice:
-    """The global sliding-window lattice for ``blend`` mode.
-
-    ``window`` is the output side of one window in pixels, ``overlap`` the fraction shared by
-    neighbours (MONAI's ``overlap``). Sizes snap to ``geometry.multiple`` so every window keeps
-    the pooling phase. A valid-padding model needs context past the image anyway: its windows
-    start ``margin`` pixels before the image so that border pixels sit inside some window
-    rather than on its low-weight rim (the mirrored image fills them). A same-padding model's
-    windows stay inside the image when it is a window wide (``BlendLattice.inside``).
-    """
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    g = geometry
-    pad = g.halo if g.shrinks else 0
-    n = window + 2 * pad
-    if not g.accepts(n):
-        raise ValueError(
-            f"blend window {window} px does not fit the model's geometry {g}: use "
-            f"{g.input_size(window) - 2 * pad}"
-        )
-    m = g.multiple
-    if window < m:
-        raise ValueError(f"blend window {window} px is smaller than the model's multiple {m}")
-    # A stride off the multiple would change the pooling phase from window to window, and one
-    # longer than the window would leave gaps.
-    stride = min(max(m, round(window * (1.0 - overlap) / m) * m), window // m * m)
-    inside = not g.shrinks and min(shape) >= window
-    margin = 0 if inside else max(0, (window - stride) // 2) // m * m
-    return BlendLattice((int(shape[0]), int(shape[1])), window, stride, margin, g, inside)
-
-
-def blend_windows(lattice: BlendLattice, region: Box) -> list[Window]:
-    """Windows of ``lattice`` whose output overlaps ``region``, row-major."""
-    return [
-        lattice.window_at(y, x)
-        for y in lattice.origins(0, region.y0, region.y1)
-        for x in lattice.origins(1, region.x0, region.x1)
-    ]
 
 
 def mirror_indices(start: int, stop: int, size: int) -> np.ndarray:
