@@ -283,8 +283,8 @@ def tissue_rows(size: int, device: str, work: Path, model: Any) -> None:
                 f"30% tissue slide, {size}^2, foreground on",
                 f"{seconds[key]:.1f} s",
                 f"tissue {truth.mean():.0%} of the pixels, in {touched:.0%} of the {tile} px "
-                f"tiles; {summary.tiles_computed} of {summary.tiles_total} tiles computed; "
-                f"Dice {dice[key]:.4f}",
+                f"tiles; {summary.tiles_computed} of {summary.tiles_total} tiles computed "
+                f"({summary.windows} windows over boxes around the tissue); Dice {dice[key]:.4f}",
             )
         else:
             row(
