@@ -139,7 +139,9 @@ def bare_forward(
     n = windows[0].input.shape[0]
     batch = ModelStage(predictor).batch_limit((n, n, image.shape[2]))
     crop = np.resize(image, (n, n, image.shape[2]))  # real pixels; content does not set speed
-    prepared = predictor.prepare(np.stack([crop] * batch))
+    # Scaled here, outside the timing: the model alone (segpipe scales uint8 windows on the
+    # model thread, so its runs pay for that beside this reference).
+    prepared = np.ascontiguousarray(predictor.scale(np.stack([crop] * batch)))
     predictor.forward(prepared[:1]).result()  # warm-up
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()

@@ -80,3 +80,31 @@ def test_window_probabilities_match_a_forward_pass_and_leave_the_model_alone(net
     np.testing.assert_allclose(window_probabilities(net, windows), by_hand(net, windows), atol=1e-5)
     with pytest.raises(ValueError, match=r"\(N, Y, X, C\)"):
         window_probabilities(net, windows[0])
+
+
+@pytest.mark.parametrize("contract", [None, "dtype", "range"])
+def test_uint8_windows_are_scaled_on_the_device_bit_for_bit(net, contract):
+    """uint8 windows go to forward as they are (a quarter of the bytes to move) and are scaled
+    there to exactly what the numpy scaler gives."""
+    from segpipe.models.contract import PixelContract
+
+    if contract == "range":
+        net.pixel_contract = PixelContract(
+            channels=3, scaling="range", lo=(10.0, 0.0, 3.5), hi=(240.0, 255.0, 200.25)
+        )
+    elif contract == "dtype":
+        net.pixel_contract = PixelContract(channels=3)
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    n = net.geometry.input_size(16)
+    windows = np.random.default_rng(3).integers(0, 256, (3, n, n, 3), dtype=np.uint8)
+    prepared = predictor.prepare(windows)
+    assert prepared.dtype == np.uint8 and prepared.flags.c_contiguous
+    scaled = np.ascontiguousarray(predictor.scale(windows))
+    assert scaled.dtype == np.float32
+    if contract == "range":  # the contract's scaling, not the dtype rule
+        assert not np.array_equal(scaled, windows.astype(np.float32) / 255)
+    np.testing.assert_array_equal(
+        predictor.forward(prepared).result(), predictor.forward(scaled).result()
+    )
+    # Other dtypes are scaled in the caller's thread, as before.
+    assert predictor.prepare(windows.astype(np.uint16) * 257).dtype == np.float32

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.geometry.pixels import to_float01
+from segpipe.geometry.pixels import to_float01, unit_scale
 from segpipe.models import geometry_of, pixel_contract_of
 
 __all__ = [
@@ -90,6 +90,7 @@ class Predictor:
             torch.set_num_threads(self.config.threads)
         self.geometry = geometry_of(model)
         self.scale = _scaler(model)
+        self._uint8_scaling = _uint8_scaling(model, self.device)
         self.amp = self.config.amp if self.config.amp is not None else self.device.type == "cuda"
         self.amp_dtype = autocast_dtype(self.device, self.amp)
         # torch's stubs leave memory_format out of Module.to; the call accepts it
@@ -110,14 +111,19 @@ class Predictor:
         return np.concatenate([p.result() for p in pending], axis=0)
 
     def prepare(self, windows: np.ndarray) -> np.ndarray:
-        """(N, Y, X, C) pixels -> contiguous float32 in [0, 1], the model's input scale."""
+        """(N, Y, X, C) pixels -> contiguous model input: uint8 as they are (:meth:`forward`
+        scales them on the device, from a quarter of the bytes), any other dtype as float32
+        in the model's input scale."""
         if windows.ndim != 4:
             raise ValueError(f"windows must be (N, Y, X, C), got shape {windows.shape}")
+        if windows.dtype == np.uint8:
+            return np.ascontiguousarray(windows)
         return np.ascontiguousarray(self.scale(windows))
 
     @torch.inference_mode()
     def forward(self, batch: np.ndarray) -> PendingProbabilities:
-        """Run the model on prepared ``(N, Y, X, C)`` float32 windows (:meth:`prepare`)."""
+        """Run the model on prepared ``(N, Y, X, C)`` windows (:meth:`prepare`: uint8, or
+        float32 already scaled)."""
         x = torch.from_numpy(batch)
         if self.stream is None:
             return PendingProbabilities(self._probabilities(x).cpu(), None)
@@ -134,6 +140,11 @@ class Predictor:
         return PendingProbabilities(host, done)
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            # The scaler's float32 arithmetic, bit for bit: (x - lo) / span, per channel (not
+            # a scalar divisor, which a GPU would turn into a product by its reciprocal).
+            lo, span = self._uint8_scaling
+            x = x.to(torch.float32).sub_(lo.to(x.device)).div_(span.to(x.device))
         # (N, Y, X, C) permuted to (N, C, Y, X) is already channels-last in memory.
         x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         enabled = self.amp_dtype is not None
@@ -245,6 +256,18 @@ def _scaler(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     dtype rule (``pixels.to_float01``)."""
     contract = pixel_contract_of(model)
     return to_float01 if contract is None else contract.scale
+
+
+def _uint8_scaling(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, span)`` float32 per channel on ``device``: :func:`_scaler` of uint8 pixels is
+    ``(x - lo) / span`` (the dtype rule: lo 0, span 255)."""
+    contract = pixel_contract_of(model)
+    if contract is None or contract.lo is None or contract.hi is None:
+        lo, span = np.zeros(1, np.float32), np.full(1, unit_scale(np.uint8), np.float32)
+    else:
+        lo = np.asarray(contract.lo, dtype=np.float32)
+        span = np.asarray(contract.hi, dtype=np.float32) - lo
+    return torch.from_numpy(lo).to(device), torch.from_numpy(span).to(device)
 
 
 def _softmax(logits: torch.Tensor) -> np.ndarray:
