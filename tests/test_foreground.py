@@ -30,7 +30,7 @@ from segpipe.geometry.foreground import (
     upsample_mask,
 )
 from segpipe.geometry.pixels import downsample_mean_2x
-from segpipe.geometry.tiling import Box
+from segpipe.geometry.tiling import Box, tile_grid
 from segpipe.io.readers import ArrayReader
 from segpipe.results import read_meta, result_levels, tiles_done
 from segpipe.results.schema import label_path
@@ -329,6 +329,32 @@ def test_a_mostly_glass_slide_computes_boxes_around_its_tissue(tmp_path, monkeyp
 
     far = ~ndimage.binary_dilation(tissue, iterations=BLOCK * TILE + 24)
     assert not (computed & far).any()
+
+
+def test_tiles_already_done_keep_their_counts_when_the_selection_leaves_them_out(
+    known_slide, tmp_path
+):
+    """A result begun by an older release, which chose other tiles: what it computed keeps
+    its record; only tiles not yet done are recorded as class 0."""
+    from segpipe.execution.foreground import select_tiles
+    from segpipe.results.layout import COUNTS
+
+    out = run(known_slide, tmp_path / "r.zarr")
+    counts = zarr.open_array(out, path=COUNTS, mode="r")
+    before = counts[0, 0].copy()
+    assert before[1:].sum() > 0, "tile (0, 0) holds tissue"
+    small = np.zeros((64, 64), np.uint8)
+    small[8:16, 40:48] = 255  # only tile (1, 5)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(small).save(mask)
+    reader = ArrayReader(known_slide.image, pixel_size_um=known_slide.pixel_size_um)
+    grid = tile_grid((SIDE, SIDE), TILE)
+    common = dict(task_tiles=BLOCK, num_classes=3, geometry=tiny_unet().geometry)
+    done = np.ones(grid.grid_shape, bool)
+    select_tiles(reader, 0, grid, out, str(mask), done=done, **common)
+    np.testing.assert_array_equal(counts[0, 0], before)
+    select_tiles(reader, 0, grid, out, str(mask), **common)  # nothing done: all recorded
+    np.testing.assert_array_equal(counts[0, 0], [TILE * TILE, 0, 0])
 
 
 @pytest.mark.parametrize("kind", ["png", "geojson"])

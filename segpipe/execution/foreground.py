@@ -305,6 +305,7 @@ def select_tiles(
     task_tiles: int,
     num_classes: int,
     geometry: Geometry | None = None,
+    done: np.ndarray | None = None,
 ) -> TileSelection:
     """Make the foreground mask (stage ``"tissue mask"``), choose the tiles to compute, and
     record the others in the result at ``output`` as done, all class 0.
@@ -313,7 +314,9 @@ def select_tiles(
     mode), each block computes only boxes of cells around its foreground
     (:func:`choose_boxes`), and the tiles those boxes touch are the computed ones; else (blend
     mode) every tile the foreground touches is computed whole. Called on every run, resumed or
-    not: the mask is a function of the image, so a resumed run chooses the same tiles.
+    not: the mask is a function of the image, so a resumed run chooses the same tiles. Tiles
+    ``done`` (``(tile_y, tile_x)`` bool) keep their record: a result begun by an older
+    release, which chose tiles otherwise, keeps the counts of what it wrote.
     """
     if mode == "none":  # no stage to announce
         return TileSelection(np.ones(grid.grid_shape, dtype=bool))
@@ -327,7 +330,8 @@ def select_tiles(
     else:
         selection = choose_boxes(foreground, grid, task_tiles, geometry)
     background = {}
-    for iy, ix in zip(*np.nonzero(~selection.computed), strict=True):
+    left_out = ~selection.computed if done is None else ~selection.computed & ~done
+    for iy, ix in zip(*np.nonzero(left_out), strict=True):
         tile = grid[int(iy), int(ix)]
         counts = np.zeros(num_classes, dtype=np.int64)
         counts[0] = tile.box.shape[0] * tile.box.shape[1]

@@ -212,7 +212,7 @@ def segment(
         selection = select_tiles(
             reader, level, grid, output, config.foreground,
             task_tiles=config.task_tiles, num_classes=len(class_names),
-            geometry=geometry if config.mode == "exact" else None,
+            geometry=geometry if config.mode == "exact" else None, done=done,
         )  # fmt: skip
         # A block is one shard, the unit of writing: a partly done block is redone whole.
         blocks = selection.blocks(grid, config.task_tiles)
