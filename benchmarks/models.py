@@ -16,8 +16,8 @@ which is how such a classifier is trained anyway: on patches around sampled pixe
 * **parameters**;
 * **Mpx/s**: megapixels per second of inference over a fixed image, tile by tile
   (``segpipe.execution.stitching.predict_labels``, eval mode, no autograd), after one warm-up
-  tile; the
-  wall time of the whole image, including mirroring and stitching, on this machine's threads;
+  tile; the wall time of the whole image, including mirroring and stitching, on this
+  machine's threads;
 * **mean IoU** of the classes other than background;
 * **object F1**: nuclei (connected components of the predicted nucleus class) matched 1:1 to
   true nuclei at IoU >= 0.5; the slides are full of touching nuclei, which a model that does

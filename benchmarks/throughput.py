@@ -136,18 +136,26 @@ def bare_forward(
         region = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
         side = exact_side(region, config.tile, predictor.geometry, int(budget))
         windows += exact_windows(region, side, predictor.geometry)
-    n = windows[0].input.shape[0]
-    batch = ModelStage(predictor).batch_limit((n, n, image.shape[2]))
-    crop = np.resize(image, (n, n, image.shape[2]))  # real pixels; content does not set speed
-    # Scaled here, outside the timing: the model alone (segpipe scales uint8 windows on the
-    # model thread, so its runs pay for that beside this reference).
-    prepared = np.ascontiguousarray(predictor.scale(np.stack([crop] * batch)))
-    predictor.forward(prepared[:1]).result()  # warm-up
+    # Windows of each input shape (a region's cut last windows differ), batched as the run
+    # batches them; pixels scaled here, outside the timing: the model alone (segpipe scales
+    # uint8 windows on the model thread, so its runs pay for that beside this reference).
+    shapes: dict[tuple[int, int], int] = {}
+    for w in windows:
+        shapes[w.input.shape] = shapes.get(w.input.shape, 0) + 1
+    stage, channels = ModelStage(predictor), image.shape[2]
+    runs = []
+    for (ny, nx), count in shapes.items():
+        batch = stage.batch_limit((ny, nx, channels))
+        crop = np.resize(image, (ny, nx, channels))  # real pixels; content does not set speed
+        prepared = np.ascontiguousarray(predictor.scale(np.stack([crop] * batch)))
+        predictor.forward(prepared[:1]).result()  # warm-up, as a run's first pass of a shape
+        runs.append((prepared, count))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
-    for i in range(0, len(windows), batch):
-        predictor.forward(prepared[: min(batch, len(windows) - i)]).result()
+    for prepared, count in runs:
+        for i in range(0, count, len(prepared)):
+            predictor.forward(prepared[: min(len(prepared), count - i)]).result()
     return time.perf_counter() - start, time.process_time() - cpu, len(windows)
 
 

@@ -40,7 +40,8 @@ class FakePredictor:
         self.fail_on = fail_on
 
     def prepare(self, windows):
-        return windows.astype(np.float32)
+        # as Predictor.prepare: uint8 kept (scaled by forward), anything else float32
+        return windows if windows.dtype == np.uint8 else windows.astype(np.float32)
 
     def forward(self, batch):
         self.hold.wait(10)
@@ -100,6 +101,27 @@ def test_batches_join_windows_of_several_submitters():
     assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
     stage.close()
     assert fake.batches == [1, 3], "the three queued windows ran as one batch"
+
+
+def test_batches_never_join_uint8_windows_with_float_ones():
+    """uint8 windows are scaled by the forward pass and float32 ones already are: one batch of
+    both would scale neither or both."""
+    fake = FakePredictor(batch_size=4)
+    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
+    fake.hold.clear()
+    first = stage.submit(windows(0))
+    deadline = time.monotonic() + 10
+    while stage._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    later = [
+        stage.submit(windows(1)),
+        stage.submit(windows(2).astype(np.uint8)),
+        stage.submit(windows(3).astype(np.uint8)),
+    ]
+    fake.hold.set()
+    assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
+    stage.close()
+    assert fake.batches == [1, 1, 2], "float32 and uint8 ran apart"
 
 
 def test_batches_respect_the_memory_budget():

@@ -55,7 +55,7 @@ class StageStats:
 
 @dataclass
 class _Chunk:
-    windows: np.ndarray  # prepared (n, Y, X, C) float32, n <= limit
+    windows: np.ndarray  # prepared (n, Y, X, C): uint8, or float32 scaled; n <= limit
     limit: int  # windows of this shape per forward pass
     future: Future[np.ndarray]
 
@@ -249,8 +249,10 @@ class ModelStage:
             if item is _STOP:
                 return chunks, None, True
             chunk = cast(_Chunk, item)
-            if chunk.windows.shape[1:] != head.windows.shape[1:] or (
-                size + len(chunk.windows) > head.limit
+            if (
+                chunk.windows.shape[1:] != head.windows.shape[1:]
+                or chunk.windows.dtype != head.windows.dtype  # uint8 is scaled, float32 not
+                or size + len(chunk.windows) > head.limit
             ):
                 return chunks, chunk, False  # runs in the next batch
             chunks.append(chunk)

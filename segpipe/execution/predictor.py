@@ -77,10 +77,11 @@ class Predictor:
     and returns (N, classes, y, x) float32 softmax probabilities over the model's whole output,
     ``y = geometry.output_size(Y)``; the caller crops what it uses (``Window.crop``).
 
-    The call is two steps a pipeline runs in different threads: :meth:`prepare` (pixels to
-    float32, on the CPU, in an I/O thread) and :meth:`forward` (host to device, the model,
-    softmax, and back; it returns a :class:`PendingProbabilities` that on a GPU is still being
-    copied back when the call returns, so the model thread can start the next batch).
+    The call is two steps a pipeline runs in different threads: :meth:`prepare` (in an I/O
+    thread: uint8 pixels kept as they are, other dtypes scaled to float32) and :meth:`forward`
+    (host to device, uint8 scaled there, the model, softmax, and back; it returns a
+    :class:`PendingProbabilities` that on a GPU is still being copied back when the call
+    returns, so the model thread can start the next batch).
     """
 
     def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None) -> None:

@@ -135,8 +135,9 @@ def predict_region(
     """Predict ``tiles`` of ``reader``'s ``level`` and stitch them: the overlap-tile stitcher.
 
     The input all windows need is read once (mirrored where it leaves the image, as in the
-    U-Net paper); windows go to ``predict`` ``batch_size`` at a time, in row-major order, and
-    each output, cropped by ``Window.crop``, into the stitching's sink. In exact mode and for a
+    U-Net paper); windows go to ``predict`` ``batch_size`` at a time, those of one input shape
+    together (in the order each shape first appears, row-major within it), and each output,
+    cropped by ``Window.crop``, into the stitching's sink. In exact mode and for a
     valid-padding model the result equals one forward pass over the whole mirrored image.
 
     Parameters
@@ -174,13 +175,17 @@ def predict_region(
         pixels = read_mirrored(reader, source_box, level)
         _check_pixels(pixels, reader, source_box, level)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
-    # Batches of one window shape (boxes' windows differ), in order.
-    chunks: list[list[Window]] = []
+    # Batches of one window shape (a region's cut last windows and boxes' windows differ).
+    # Exact windows agree where they overlap (to float rounding), and blend windows share one
+    # shape, so the order changes no value beyond rounding.
+    by_shape: dict[tuple[int, int], list[Window]] = {}
     for w in windows:
-        if chunks and len(chunks[-1]) < batch_size and chunks[-1][0].input.shape == w.input.shape:
-            chunks[-1].append(w)
-        else:
-            chunks.append([w])
+        by_shape.setdefault(w.input.shape, []).append(w)
+    chunks = [
+        group[i : i + batch_size]
+        for group in by_shape.values()
+        for i in range(0, len(group), batch_size)
+    ]
 
     def stacks() -> Iterator[np.ndarray]:
         for c in chunks:

@@ -1,8 +1,8 @@
 """Foreground masks at low resolution and the tiles they select: pure numpy and scipy.
 
 A slide is mostly glass, a raster often mostly nodata. Before segmenting, a mask of the
-foreground is made on a small image of the whole scan (a low pyramid level), and only the
-tiles it touches are computed. Two halves, no I/O in either:
+foreground is made on a small image of the whole scan (a low pyramid level), and only what
+it touches is computed. Two halves, no I/O in either:
 
 * **Masks**: :func:`tissue_mask` finds stained tissue in an RGB brightfield image (Otsu on
   the HSV saturation, clamped so an all-glass or all-tissue image is not split in two; holes
@@ -11,12 +11,12 @@ tiles it touches are computed. Two halves, no I/O in either:
 * **Selection**: a mask of ``(my, mx)`` pixels covers the whole segmented level of
   ``(ny, nx)`` pixels. Level pixel ``(y, x)`` takes the value of mask pixel
   ``(y * my // ny, x * mx // nx)`` (:func:`mask_rows`, :func:`upsample_mask`): nearest
-  neighbour, integer arithmetic, the same in every function here. A tile is computed when its
-  output box holds a foreground pixel (:func:`tiles_touching`); the model's halo plays no
-  part: a computed tile reads its input context as always, glass or not, so what it writes is
-  what a run without a mask writes. :func:`cover_boxes` chooses, in each task's block, the
-  boxes of finer cells it computes: the foreground's bounding box, or the boxes of its
-  quarters where their windows cost fewer pixels.
+  neighbour, integer arithmetic, the same in every function here. :func:`tiles_touching`
+  finds the tiles (or finer cells) holding a foreground pixel; :func:`cover_boxes` chooses,
+  in each task's block, the boxes of cells it computes: the foreground's bounding box, or the
+  boxes of its quarters where their windows cost fewer pixels. The model's halo plays no
+  part: a computed pixel reads its input context as always, glass or not, so what it gets is
+  what a run without a mask gets.
 
 >>> mask = np.zeros((4, 4), dtype=bool)
 >>> mask[0, 0] = True
