@@ -334,3 +334,36 @@ def test_blend_is_at_least_as_accurate_as_monai(shape):
         Stitching("blend", 32, net.geometry, len(CLASSES), lattice=lattice),
     ).probabilities
     assert np.abs(ours - reference).mean() <= np.abs(theirs - reference).mean()
+
+
+def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):
+    """Blend tasks cover squares of shard blocks (a window across a task's edge is computed by
+    both tasks): fewer windows, and every pixel the same to the bit, since each pixel sums the
+    same lattice windows in the same order whichever task computes it."""
+    import segpipe.execution.segment as segment_module
+
+    torch.manual_seed(0)
+    net = models.build(
+        "unet", class_names=CLASSES, width=4, depth=2, padding="same", dropout=0.0
+    ).eval()
+    image = tissue_slide((96, 80), seed=5).image
+    results, windows = [], []
+    for side in (1, 32, 2048):  # blocks of 16 px alone, in 2 x 2 squares, all in one task
+        monkeypatch.setattr(segment_module, "BLEND_TASK_SIDE", side)
+        out = segpipe.segment(
+            ArrayReader(image), tmp_path / f"{side}.zarr", net, tile=16, task_tiles=1,
+            mode="blend", window=16, overlap=0.25, probability_dtype="float32",
+            scheduler="sync",
+        )  # fmt: skip
+        results.append(segpipe.open_result(out)["probabilities"].values)
+        windows.append(read_meta(out).summary.windows)
+        assert read_meta(out).summary.tiles_computed == 6 * 5
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_array_equal(results[2], results[0])
+    lattice = blend_lattice((96, 80), net.geometry, window=16, overlap=0.25)
+    assert (
+        windows[0]
+        > windows[1]
+        > windows[2]
+        == len(lattice.axis_origins(0)) * len(lattice.axis_origins(1))
+    )

@@ -25,7 +25,7 @@ from segpipe.execution.cluster import (
 )
 from segpipe.execution.foreground import resolve_foreground, select_tiles
 from segpipe.execution.predictor import InferenceConfig
-from segpipe.execution.tasks import BlockResult, Job
+from segpipe.execution.tasks import BLEND_TASK_SIDE, BlockResult, Job, group_blocks
 from segpipe.geometry.blending import blend_lattice
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location
@@ -218,6 +218,8 @@ def segment(
         blocks = selection.blocks(grid, config.task_tiles)
         blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
         n_todo = sum(len(b.tiles) for b in blocks)
+        if config.mode == "blend":  # fewer windows computed twice, at tasks' edges
+            blocks = group_blocks(blocks, tile * config.task_tiles, BLEND_TASK_SIDE)
         log.info(
             "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
             reader.path,
@@ -239,6 +241,7 @@ def segment(
             num_classes=len(class_names),
             lattice=lattice,
             sigma_scale=config.sigma_scale,
+            task_tiles=config.task_tiles,
         )
         inference = InferenceConfig(
             device=config.device,

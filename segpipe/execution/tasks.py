@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,9 +30,11 @@ from segpipe.results import write_block
 from segpipe.results.layout import block_level_arrays
 
 __all__ = [
+    "BLEND_TASK_SIDE",
     "Block",
     "BlockResult",
     "Job",
+    "group_blocks",
     "install_predictor",
     "predictor_for",
     "remove_predictor",
@@ -64,13 +66,17 @@ class Job(Stitching):
     level: int
     output: str | os.PathLike[str]  # a local path, or a URLPath with its storage options
     predictor_key: str  # the run's model in each worker's registry (install_predictor)
+    # Tiles per side of the result's shard blocks: a task given tiles of several (a blend
+    # task, group_blocks) writes each apart. None: the task's tiles are one block.
+    task_tiles: int | None = None
 
 
 @dataclass(frozen=True)
 class Block:
-    """One task's work: its tiles (one shard of the result, or part of one) and, where a
-    foreground mask chose them in exact mode, the boxes of them to compute (level pixels);
-    their other pixels are written as not computed, 0. ``boxes`` None: every pixel."""
+    """One task's work: its tiles (one shard of the result, part of one, or in blend mode
+    several, :func:`group_blocks`) and, where a foreground mask chose them in exact mode, the
+    boxes of them to compute (level pixels); their other pixels are written as not computed,
+    0. ``boxes`` None: every pixel."""
 
     tiles: tuple[Tile, ...]
     boxes: tuple[Box, ...] | None = None
@@ -138,7 +144,8 @@ def predictor_for(key: str) -> Predictor:
 
 
 def segment_block(block: Block, job: Job) -> BlockResult:
-    """Predict, stitch and write one block of tiles; the unit of work of a Dask task.
+    """Predict, stitch and write one block of tiles; the unit of work of a Dask task. A blend
+    task's block may join several shard blocks (:func:`group_blocks`): each is written apart.
 
     The calling thread reads and writes; the forward passes run on the process's model
     thread (:func:`stage_for`), batched with other tasks' windows. Exact-mode windows are as
@@ -162,16 +169,55 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     )
     # One write per block (a whole shard), in steps a forward pass may come between.
     arrays, step = _result_arrays(job), stage.io_section
-    region = prediction.region
-    mask = write_block(job.output, region, prediction.probabilities, step=step, arrays=arrays)
-    with stage.io_section():
-        counts = [
-            np.bincount(mask[t.box.relative_to(region)].ravel(), minlength=job.num_classes).astype(
-                np.int64
-            )
-            for t in tiles
-        ]
-    return BlockResult(tuple(t.index for t in tiles), tuple(counts), prediction.windows)
+    parts = _shard_blocks(tiles, job.task_tiles)
+    indices, counts = [], []
+    for part in parts:
+        region = bounds([t.box for t in part])
+        probabilities = prediction.probabilities
+        if len(parts) > 1:
+            within = region.relative_to(prediction.region)
+            probabilities = np.ascontiguousarray(probabilities[(slice(None), *within)])
+        mask = write_block(job.output, region, probabilities, step=step, arrays=arrays)
+        with stage.io_section():
+            for t in part:
+                tile_mask = mask[t.box.relative_to(region)].ravel()
+                counts.append(np.bincount(tile_mask, minlength=job.num_classes).astype(np.int64))
+                indices.append(t.index)
+    return BlockResult(tuple(indices), tuple(counts), prediction.windows)
+
+
+def _shard_blocks(tiles: tuple[Tile, ...], task_tiles: int | None) -> list[list[Tile]]:
+    """``tiles`` by the shard block of ``task_tiles`` tiles a side each lies in (None: one)."""
+    if task_tiles is None:
+        return [list(tiles)]
+    parts: dict[tuple[int, int], list[Tile]] = {}
+    for t in tiles:
+        parts.setdefault((t.index[0] // task_tiles, t.index[1] // task_tiles), []).append(t)
+    return list(parts.values())
+
+
+# Blend tasks cover at least this many pixels a side: a window across a task's edge is
+# computed by both tasks, about one window in (side / stride) more along each axis.
+BLEND_TASK_SIDE = 2048
+
+
+def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> list[Block]:
+    """``blocks`` (of ``block_side`` pixels a side) joined in squares of at least
+    ``task_side`` pixels, one task each, row-major; boxes are not kept (blend mode has none).
+
+    >>> from segpipe.geometry.tiling import tile_grid
+    >>> grid = tile_grid((40, 30), 10)
+    >>> blocks = [Block(tuple(b)) for b in grid.blocks(1)]
+    >>> [len(b.tiles) for b in group_blocks(blocks, 10, 20)]
+    [4, 2, 4, 2]
+    """
+    per = max(1, -(-task_side // block_side))
+    groups: dict[tuple[int, int], list[Tile]] = {}
+    for b in blocks:
+        first = b.tiles[0].box
+        key = (first.y0 // block_side // per, first.x0 // block_side // per)
+        groups.setdefault(key, []).extend(b.tiles)
+    return [Block(tuple(tiles)) for _, tiles in sorted(groups.items())]
 
 
 def _result_arrays(job: Job) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
