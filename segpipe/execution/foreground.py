@@ -129,7 +129,7 @@ class TileSelection:
         """:meth:`TileGrid.blocks` with only the computed tiles, and the boxes of them each
         computes; blocks left empty dropped."""
         return [
-            Block(tuple(kept), self.boxes.get(b[0].index))
+            Block((tuple(kept),), self.boxes.get(b[0].index))
             for b in grid.blocks(side)
             if (kept := [t for t in b if self.computed[t.index]])
         ]

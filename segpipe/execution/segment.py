@@ -241,7 +241,6 @@ def segment(
             num_classes=len(class_names),
             lattice=lattice,
             sigma_scale=config.sigma_scale,
-            task_tiles=config.task_tiles,
         )
         inference = InferenceConfig(
             device=config.device,

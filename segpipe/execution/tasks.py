@@ -66,20 +66,22 @@ class Job(Stitching):
     level: int
     output: str | os.PathLike[str]  # a local path, or a URLPath with its storage options
     predictor_key: str  # the run's model in each worker's registry (install_predictor)
-    # Tiles per side of the result's shard blocks: a task given tiles of several (a blend
-    # task, group_blocks) writes each apart. None: the task's tiles are one block.
-    task_tiles: int | None = None
 
 
 @dataclass(frozen=True)
 class Block:
-    """One task's work: its tiles (one shard of the result, part of one, or in blend mode
-    several, :func:`group_blocks`) and, where a foreground mask chose them in exact mode, the
-    boxes of them to compute (level pixels); their other pixels are written as not computed,
-    0. ``boxes`` None: every pixel."""
+    """One task's work: the tiles of each shard block of the result it writes (one, all or
+    part of its tiles; in blend mode several, :func:`group_blocks`) and, where a foreground
+    mask chose them in exact mode, the boxes of them to compute (level pixels); their other
+    pixels are written as not computed, 0. ``boxes`` None: every pixel."""
 
-    tiles: tuple[Tile, ...]
+    shards: tuple[tuple[Tile, ...], ...]
     boxes: tuple[Box, ...] | None = None
+
+    @property
+    def tiles(self) -> tuple[Tile, ...]:
+        """Every tile of the block, shard by shard."""
+        return tuple(t for shard in self.shards for t in shard)
 
     @property
     def key(self) -> str:
@@ -167,14 +169,13 @@ def segment_block(block: Block, job: Job) -> BlockResult:
         batch_size=predictor.config.batch_size,
         boxes=block.boxes,
     )
-    # One write per block (a whole shard), in steps a forward pass may come between.
+    # One write per shard block, in steps a forward pass may come between.
     arrays, step = _result_arrays(job), stage.io_section
-    parts = _shard_blocks(tiles, job.task_tiles)
     indices, counts = [], []
-    for part in parts:
+    for part in block.shards:
         region = bounds([t.box for t in part])
         probabilities = prediction.probabilities
-        if len(parts) > 1:
+        if len(block.shards) > 1:
             within = region.relative_to(prediction.region)
             probabilities = np.ascontiguousarray(probabilities[(slice(None), *within)])
         mask = write_block(job.output, region, probabilities, step=step, arrays=arrays)
@@ -184,16 +185,6 @@ def segment_block(block: Block, job: Job) -> BlockResult:
                 counts.append(np.bincount(tile_mask, minlength=job.num_classes).astype(np.int64))
                 indices.append(t.index)
     return BlockResult(tuple(indices), tuple(counts), prediction.windows)
-
-
-def _shard_blocks(tiles: tuple[Tile, ...], task_tiles: int | None) -> list[list[Tile]]:
-    """``tiles`` by the shard block of ``task_tiles`` tiles a side each lies in (None: one)."""
-    if task_tiles is None:
-        return [list(tiles)]
-    parts: dict[tuple[int, int], list[Tile]] = {}
-    for t in tiles:
-        parts.setdefault((t.index[0] // task_tiles, t.index[1] // task_tiles), []).append(t)
-    return list(parts.values())
 
 
 # Blend tasks cover at least this many pixels a side: a window across a task's edge is
@@ -207,17 +198,17 @@ def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> li
 
     >>> from segpipe.geometry.tiling import tile_grid
     >>> grid = tile_grid((40, 30), 10)
-    >>> blocks = [Block(tuple(b)) for b in grid.blocks(1)]
-    >>> [len(b.tiles) for b in group_blocks(blocks, 10, 20)]
+    >>> blocks = [Block((tuple(b),)) for b in grid.blocks(1)]
+    >>> [len(b.shards) for b in group_blocks(blocks, 10, 20)]
     [4, 2, 4, 2]
     """
     per = max(1, -(-task_side // block_side))
-    groups: dict[tuple[int, int], list[Tile]] = {}
+    groups: dict[tuple[int, int], list[tuple[Tile, ...]]] = {}
     for b in blocks:
         first = b.tiles[0].box
         key = (first.y0 // block_side // per, first.x0 // block_side // per)
-        groups.setdefault(key, []).extend(b.tiles)
-    return [Block(tuple(tiles)) for _, tiles in sorted(groups.items())]
+        groups.setdefault(key, []).extend(b.shards)
+    return [Block(tuple(shards)) for _, shards in sorted(groups.items())]
 
 
 def _result_arrays(job: Job) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
