@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.geometry.pixels import to_float01, unit_scale
+from segpipe.geometry.pixels import to_float01
 from segpipe.models import geometry_of, pixel_contract_of
+from segpipe.models.contract import scaling_affine
 
 __all__ = [
     "CPU_FORWARD_BUDGET",
@@ -145,7 +146,7 @@ class Predictor:
             # The scaler's float32 arithmetic, bit for bit: (x - lo) / span, per channel (not
             # a scalar divisor, which a GPU would turn into a product by its reciprocal).
             lo, span = self._uint8_scaling
-            x = x.to(torch.float32).sub_(lo.to(x.device)).div_(span.to(x.device))
+            x = x.to(torch.float32).sub_(lo).div_(span)
         # (N, Y, X, C) permuted to (N, C, Y, X) is already channels-last in memory.
         x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         enabled = self.amp_dtype is not None
@@ -260,14 +261,8 @@ def _scaler(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _uint8_scaling(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lo, span)`` float32 per channel on ``device``: :func:`_scaler` of uint8 pixels is
-    ``(x - lo) / span`` (the dtype rule: lo 0, span 255)."""
-    contract = pixel_contract_of(model)
-    if contract is None or contract.lo is None or contract.hi is None:
-        lo, span = np.zeros(1, np.float32), np.full(1, unit_scale(np.uint8), np.float32)
-    else:
-        lo = np.asarray(contract.lo, dtype=np.float32)
-        span = np.asarray(contract.hi, dtype=np.float32) - lo
+    """``(lo, span)`` on ``device``: :func:`_scaler` of uint8 pixels is ``(x - lo) / span``."""
+    lo, span = scaling_affine(pixel_contract_of(model), np.uint8)
     return torch.from_numpy(lo).to(device), torch.from_numpy(span).to(device)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "check_source",
     "choose_level",
     "measure_contract",
+    "scaling_affine",
 ]
 
 Scaling = Literal["dtype", "range", "percentile"]
@@ -49,6 +50,22 @@ class PixelContractError(ValueError):
 
 class OutOfDistributionWarning(UserWarning):
     """An image unlike the model's training data (pixel size, intensities)."""
+
+
+def scaling_affine(
+    contract: PixelContract | None, dtype: np.dtype[Any] | type
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, span)`` float32, per channel (or one for all): what scaling pixels of ``dtype``
+    by ``contract`` (None, or ``scaling="dtype"``: the dtype rule) computes, as
+    ``(x - lo) / span`` in float32, bit for bit. For a device that scales raw pixels itself.
+
+    >>> scaling_affine(None, np.uint8)
+    (array([0.], dtype=float32), array([255.], dtype=float32))
+    """
+    if contract is None or contract.lo is None or contract.hi is None:
+        return np.zeros(1, np.float32), np.full(1, unit_scale(dtype), np.float32)
+    lo = np.asarray(contract.lo, dtype=np.float32)
+    return lo, np.asarray(contract.hi, dtype=np.float32) - lo
 
 
 @dataclass(frozen=True)
@@ -147,8 +164,7 @@ class PixelContract:
         """
         if self.lo is None or self.hi is None:
             return to_float01(pixels)
-        lo = np.asarray(self.lo, dtype=np.float32)
-        span = np.asarray(self.hi, dtype=np.float32) - lo
+        lo, span = scaling_affine(self, pixels.dtype)
         return (pixels.astype(np.float32, copy=False) - lo) / span
 
     def describe_scaling(self) -> str:
