@@ -272,9 +272,9 @@ def block_level_arrays(path: str | URLPath) -> list[tuple[zarr.Array, zarr.Array
     """The ``mask``, ``probabilities`` and mask label arrays of every level a task writes with
     its block (level 0, then 1..:func:`levels_in_blocks`), where the result's layout keeps them (an
     unfinished result of an older layout resumes in it, its tasks writing level 0 only)."""
-    # Opened per block, never cached by path: a cached handle outlives an overwrite of the
-    # result and would write the new store in the old layout. One open is a few small JSON
-    # reads, nothing beside a block's forward passes.
+    # Never cached by path: a cached handle outlives an overwrite of the result and would
+    # write the new store in the old layout. A caller writing many blocks keeps them per run
+    # (execution.tasks).
     root = zarr.open_group(path, mode="r+")
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
     return [
