@@ -155,12 +155,14 @@ def predict_region(
     level, batch_size
         The pyramid level read; windows per call of ``predict``.
     boxes
-        Exact mode: the boxes of the tiles to compute (level pixels, on the pooling phase),
-        where a foreground mask chose them; the region's other pixels are 0 (not computed).
-        In blend mode, and by default, every pixel of ``tiles``.
+        Exact mode only: the boxes of the tiles to compute (level pixels, on the pooling
+        phase), where a foreground mask chose them; the region's other pixels are 0 (not
+        computed). By default every pixel of ``tiles``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 window, got {batch_size}")
+    if boxes is not None and stitching.mode != "exact":
+        raise ValueError("boxes are for exact mode: a blend window left out changes its neighbours")
     # A pipeline stage on the CPU takes the cores in turn with this thread's work: each step
     # runs in a section of its own, never one that waits for the model (execution.pipeline).
     section: Callable[[], contextlib.AbstractContextManager[None]] = getattr(
@@ -168,8 +170,6 @@ def predict_region(
     )
     with section():
         region = bounds([t.box for t in tiles])
-        if stitching.mode != "exact":
-            boxes = None
         windows = stitching.windows(tiles, region, boxes)
         source_box = bounds([w.input for w in windows])
         pixels = read_mirrored(reader, source_box, level)
