@@ -79,15 +79,12 @@ def window_cost(boxes, halo):
     cell=st.sampled_from([4, 8, 16]),
     cut=st.tuples(st.integers(0, 3), st.integers(0, 3)),
     halo=st.integers(0, 40),
-    min_cells=st.integers(1, 4),
 )
-def test_cover_boxes_hold_every_foreground_cell_tightly_and_cheaply(
-    cells, cell, cut, halo, min_cells
-):
+def test_cover_boxes_hold_every_foreground_cell_tightly_and_cheaply(cells, cell, cut, halo):
     cy, cx = cells.shape
     # The region's last cells may be cut by its end (an image's edge).
     region = Box(cell * 2, cell * (2 + cy) - cut[0], cell * 3, cell * (3 + cx) - cut[1])
-    boxes = cover_boxes(cells, cell, region, halo=halo, min_side=min_cells * cell)
+    boxes = cover_boxes(cells, cell, region, halo=halo)
     fg = np.kron(cells, np.ones((cell, cell), bool))[: region.shape[0], : region.shape[1]]
     covered = np.zeros(region.shape, int)
     for b in boxes:
@@ -118,13 +115,18 @@ def test_cover_boxes_split_far_apart_foreground_only_when_the_halo_is_small():
     cells = np.zeros((8, 8), bool)
     cells[0, 0] = cells[7, 7] = True
     region = Box(0, 64, 0, 64)
-    assert cover_boxes(cells, 8, region, halo=4, min_side=8) == [
-        Box(0, 8, 0, 8),
-        Box(56, 64, 56, 64),
-    ]
-    assert cover_boxes(cells, 8, region, halo=200, min_side=8) == [region]
-    # no quarter smaller than min_side: the whole block is one box
-    assert cover_boxes(cells, 8, region, halo=4, min_side=64) == [region]
+    assert cover_boxes(cells, 8, region, halo=4) == [Box(0, 8, 0, 8), Box(56, 64, 56, 64)]
+    assert cover_boxes(cells, 8, region, halo=200) == [region]
+
+
+def test_cover_boxes_cut_where_the_foreground_parts_not_at_the_middle():
+    # A strip along the top and a blob at the bottom left: one cut under the strip gives two
+    # tight boxes; quarters would cut the strip in two and pay a third window.
+    cells = np.zeros((8, 8), bool)
+    cells[0, :] = True
+    cells[5:, :2] = True
+    boxes = cover_boxes(cells, 8, Box(0, 64, 0, 64), halo=4)
+    assert boxes == [Box(0, 8, 0, 64), Box(40, 64, 0, 16)]
 
 
 def test_clean_mask_fills_holes_removes_dust_and_grows():

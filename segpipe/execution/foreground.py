@@ -362,7 +362,7 @@ def choose_boxes(
 ) -> TileSelection:
     """In each block of ``task_tiles`` x ``task_tiles`` tiles, the boxes of cells
     (:func:`cell_side`) around its foreground that cost the fewest window pixels
-    (:func:`~segpipe.geometry.foreground.cover_boxes`, quartered down to a tile); the tiles
+    (:func:`~segpipe.geometry.foreground.cover_boxes`); the tiles
     they touch are computed."""
     ny, nx = foreground.shape
     ratio = max(ny / foreground.mask.shape[0], nx / foreground.mask.shape[1])
@@ -377,7 +377,7 @@ def choose_boxes(
         ]
         if not part.any():
             continue
-        chosen = tuple(cover_boxes(part, cell, region, geometry.halo, grid.tile))
+        chosen = tuple(cover_boxes(part, cell, region, geometry.halo))
         boxes[block[0].index] = chosen
         for t in block:
             computed[t.index] = any(t.box.intersect(b) for b in chosen)

@@ -13,8 +13,8 @@ it touches is computed. Two halves, no I/O in either:
   ``(y * my // ny, x * mx // nx)`` (:func:`mask_rows`, :func:`upsample_mask`): nearest
   neighbour, integer arithmetic, the same in every function here. :func:`tiles_touching`
   finds the tiles (or finer cells) holding a foreground pixel; :func:`cover_boxes` chooses,
-  in each task's block, the boxes of cells it computes: the foreground's bounding box, or the
-  boxes of its quarters where their windows cost fewer pixels. The model's halo plays no
+  in each task's block, the boxes of cells it computes: the foreground's bounding box, cut
+  in two (again and again) where the halves' windows cost fewer pixels. The model's halo plays no
   part: a computed pixel reads its input context as always, glass or not, so what it gets is
   what a run without a mask gets.
 
@@ -242,55 +242,66 @@ def tiles_touching(mask: np.ndarray, shape: tuple[int, int], tile: int) -> np.nd
     return np.asarray(total > 0)
 
 
-def cover_boxes(cells: np.ndarray, cell: int, region: Box, halo: int, min_side: int) -> list[Box]:
+def cover_boxes(cells: np.ndarray, cell: int, region: Box, halo: int) -> list[Box]:
     """Boxes in ``region`` (level pixels) that together hold every True cell of ``cells``, for
     few window pixels: what a task computes of a block with foreground.
 
     ``cells`` ``(cy, cx)`` bool are ``region``'s cells of ``cell`` pixels from its top-left
     corner (the last ones cut by its end). A box costs the window around it,
-    ``(h + 2 halo) (w + 2 halo)`` pixels; the bounding box of the cells is kept unless its
-    quarters' boxes (found the same way, down to ``min_side`` pixels a side) cost less. Box
-    corners lie on the cells' corners, so on the pooling phase when ``cell`` and ``region``'s
-    corner are multiples of the model's.
+    ``(h + 2 halo) (w + 2 halo)`` pixels. Guillotine cuts, greedy: the bounding box of the
+    cells is cut in two along the row or column of cells whose two halves' bounding boxes
+    cost least, each half is covered the same way, and the halves are kept where they cost
+    less than the whole. On the 8192 px demo slide with 30% tissue (64 px cells, halo 44)
+    this costs 0.40 of the all-tissue windows, 0.43 for quarters, and within 0.3% of the best
+    guillotine cover (a search of every cut, thousands of times slower). Box corners lie on
+    the cells' corners, so on the pooling phase when ``cell`` and ``region``'s corner are
+    multiples of the model's.
 
     >>> c = np.zeros((4, 4), bool); c[0, 0] = c[3, 3] = True
-    >>> cover_boxes(c, 16, Box(0, 64, 0, 60), halo=8, min_side=16)
+    >>> cover_boxes(c, 16, Box(0, 64, 0, 60), halo=8)
     [Box(y0=0, y1=16, x0=0, x1=16), Box(y0=48, y1=64, x0=48, x1=60)]
-    >>> cover_boxes(c, 16, Box(0, 64, 0, 60), halo=64, min_side=16)
+    >>> cover_boxes(c, 16, Box(0, 64, 0, 60), halo=64)
     [Box(y0=0, y1=64, x0=0, x1=60)]
     """
-    if cell < 1 or min_side < 1:
-        raise ValueError(f"cell and min_side must be >= 1 pixel, got {cell} and {min_side}")
+    if cell < 1:
+        raise ValueError(f"cell must be >= 1 pixel, got {cell}")
     cells = np.asarray(cells, dtype=bool)
+    Cells = tuple[int, int, int, int]  # rows r0:r1, columns c0:c1 of cells
 
-    def box(r0: int, r1: int, c0: int, c1: int) -> Box:
+    def tight(r0: int, r1: int, c0: int, c1: int) -> Cells | None:
+        part = cells[r0:r1, c0:c1]
+        rows, cols = np.flatnonzero(part.any(1)), np.flatnonzero(part.any(0))
+        if not rows.size:
+            return None
+        return r0 + int(rows[0]), r0 + int(rows[-1]) + 1, c0 + int(cols[0]), c0 + int(cols[-1]) + 1
+
+    def box(c: Cells) -> Box:
         return Box(
-            region.y0 + r0 * cell,
-            min(region.y0 + r1 * cell, region.y1),
-            region.x0 + c0 * cell,
-            min(region.x0 + c1 * cell, region.x1),
+            region.y0 + c[0] * cell,
+            min(region.y0 + c[1] * cell, region.y1),
+            region.x0 + c[2] * cell,
+            min(region.x0 + c[3] * cell, region.x1),
         )
 
-    def cost(boxes: list[Box]) -> int:
-        return sum((b.shape[0] + 2 * halo) * (b.shape[1] + 2 * halo) for b in boxes)
+    def cost(c: Cells | None) -> int:
+        if c is None:
+            return 0
+        h, w = box(c).shape
+        return (h + 2 * halo) * (w + 2 * halo)
 
-    def cover(r0: int, r1: int, c0: int, c1: int) -> list[Box]:
-        part = cells[r0:r1, c0:c1]
-        rows, cols = np.flatnonzero(part.any(1)).tolist(), np.flatnonzero(part.any(0)).tolist()
-        if not rows:
-            return []
-        whole = [box(r0 + rows[0], r0 + rows[-1] + 1, c0 + cols[0], c0 + cols[-1] + 1)]
-        # Halves along each axis still wider than min_side (a cell's multiple).
-        ry = [r0, (r0 + r1) // 2, r1] if (r1 - r0) * cell > min_side else [r0, r1]
-        rx = [c0, (c0 + c1) // 2, c1] if (c1 - c0) * cell > min_side else [c0, c1]
-        if len(ry) == len(rx) == 2:
-            return whole
-        parts = [
-            b
-            for y in range(len(ry) - 1)
-            for x in range(len(rx) - 1)
-            for b in cover(ry[y], ry[y + 1], rx[x], rx[x + 1])
-        ]
-        return parts if cost(parts) < cost(whole) else whole
+    def cover(c: Cells) -> tuple[int, list[Cells]]:
+        r0, r1, c0, c1 = c
+        whole = cost(c)
+        if cells[r0:r1, c0:c1].all():  # a cut only adds halo
+            return whole, [c]
+        halves = [(tight(r0, r, c0, c1), tight(r, r1, c0, c1)) for r in range(r0 + 1, r1)]
+        halves += [(tight(r0, r1, c0, x), tight(r0, r1, x, c1)) for x in range(c0 + 1, c1)]
+        # A tight box has foreground in its first and last rows and columns: both halves of
+        # any cut hold some.
+        a, b = min(halves, key=lambda ab: cost(ab[0]) + cost(ab[1]))
+        assert a is not None and b is not None
+        (ca, pa), (cb, pb) = cover(a), cover(b)
+        return (ca + cb, pa + pb) if ca + cb < whole else (whole, [c])
 
-    return cover(0, cells.shape[0], 0, cells.shape[1])
+    first = tight(0, cells.shape[0], 0, cells.shape[1])
+    return [] if first is None else [box(c) for c in cover(first)[1]]
