@@ -1,12 +1,15 @@
 """Peak memory of `segment` must not grow with the image: 4096^2 vs 16384^2 (run by hand).
 
     python benchmarks/memory.py [--sizes 4096 16384] [--model tissue-unet] [--workers N]
+                                [--plain-malloc]
 
 For each size, builds an RGB Zarr input chunk by chunk (a 4096^2 synthetic slide, mirrored
 to fill the size, so building it never holds the big image), then runs `segpipe.segment` with
-its defaults (local Dask cluster) in a fresh process while sampling the resident memory of that
-process and all its children (driver, scheduler, workers) every 0.1 s. Prints peak RSS, time and
-throughput per size, and the ratio of peaks: the target is <= 1.5.
+its defaults (local Dask cluster) in a fresh process (which first calls
+`segpipe.keep_freed_memory()`, as the segpipe command does, unless `--plain-malloc`) while
+sampling the resident memory of that process and all its children (driver, scheduler,
+workers) every 0.1 s. Prints peak RSS, time and throughput per size, and the ratio of peaks:
+the target is <= 1.5.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,9 +63,10 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
-def measure(source: Path, output: Path, model: str, workers: int | None) -> dict:
+def measure(source: Path, output: Path, model: str, workers: int | None, keep: bool) -> dict:
     code = (
         "import segpipe, sys, json; "
+        f"segpipe.keep_freed_memory() if {keep!r} else None; "
         f"p = segpipe.segment({str(source)!r}, {str(output)!r}, {model!r}, "
         f"n_workers={workers!r}, pixel_size_um=0.5); "
         "print(json.dumps(segpipe.open_result(p).attrs['segpipe']))"
@@ -88,6 +93,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--model", default="tissue-unet")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument(
+        "--plain-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is (by default the script calls "
+        "segpipe.keep_freed_memory() first, as the segpipe command does)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
     args = parser.parse_args()
 
@@ -100,8 +111,9 @@ def main() -> None:
             print(f"building {size} x {size} input ...", flush=True)
             build_input(src, size)
         out = work / f"result-{size}.zarr"
+        shutil.rmtree(out, ignore_errors=True)  # a complete one left by --keep returns at once
         print(f"segmenting {size} x {size} ...", flush=True)
-        r = measure(src, out, args.model, args.workers)
+        r = measure(src, out, args.model, args.workers, not args.plain_malloc)
         mpx = size * size / 1e6
         rows.append((size, r["peak_rss_mib"], r["wall_s"], r["meta"]["seconds"], mpx))
         print(

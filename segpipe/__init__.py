@@ -19,6 +19,7 @@ __all__ = [
     "SegmentConfig",
     "__version__",
     "ingest",
+    "keep_freed_memory",
     "open_image",
     "open_result",
     "segment",
@@ -26,6 +27,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from segpipe.config import SegmentConfig
+    from segpipe.execution.allocator import keep_freed_memory
     from segpipe.execution.segment import segment
     from segpipe.io.ingest import ingest
     from segpipe.io.readers import open_image
@@ -37,6 +39,7 @@ _LAZY = {
     "segment": "segpipe.execution.segment",
     "open_result": "segpipe.results",
     "ingest": "segpipe.io.ingest",
+    "keep_freed_memory": "segpipe.execution.allocator",
     "open_image": "segpipe.io.readers",
 }
 # `import segpipe; segpipe.models.build(...)` works without importing the submodule first.

@@ -47,6 +47,18 @@ def test_segment_and_info(small_slide, random_checkpoint, tmp_path, capsys):
     assert "nucleus" in text and "µm²" in text
 
 
+def test_the_command_tunes_malloc_before_anything_runs(small_slide, monkeypatch, capsys):
+    # keep_freed_memory binds only threads yet to allocate: it must come before the command.
+    import segpipe.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    real_parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parse") or real_parser())
+    assert main(["info", str(small_slide.image)]) == 0
+    assert calls == ["malloc", "parse"]
+
+
 def test_every_flag_of_earlier_releases_still_works(small_slide, tmp_path, monkeypatch):
     from segpipe.config import SegmentConfig
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 # The command modules import Prefect, dask and torch only inside their handlers.
 from segpipe import progress
 from segpipe.cli import archive, results, segment, training
+from segpipe.execution.allocator import keep_freed_memory
 from segpipe.version import __version__
 
 __all__ = ["HelpFormatter", "build_parser", "main", "user_errors"]
@@ -184,6 +185,7 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
+    keep_freed_memory()  # before any thread allocates: it binds only threads yet to come
     args = build_parser().parse_args(argv)
     _configure_logging(verbose=args.verbose, quiet=args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segpipe.execution.allocator import keep_freed_memory
 from segpipe.geometry.pixels import to_float01
 from segpipe.models import geometry_of, pixel_contract_of
 from segpipe.models.contract import scaling_affine
@@ -88,8 +89,10 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None) -> None:
         self.config = config or InferenceConfig()
         self.device = resolve_device(self.config.device)
-        if self.config.threads and self.device.type == "cpu":
-            torch.set_num_threads(self.config.threads)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
         self.geometry = geometry_of(model)
         self.scale = _scaler(model)
         self._uint8_scaling = _uint8_scaling(model, self.device)
