@@ -68,3 +68,33 @@ def test_crop_sink_refuses_gaps():
     sink.add(Window(Box(0, 2, 0, 4), Box(0, 2, 0, 4), 0), np.ones((1, 2, 4), np.float32))
     with pytest.raises(RuntimeError, match="uncovered"):
         sink.result()
+    with pytest.raises(RuntimeError, match="uncovered"):
+        CropSink(Box(0, 4, 0, 4), 1).result()  # no window at all
+
+
+@pytest.mark.parametrize("computed", [None, np.eye(4, dtype=bool)])
+def test_crop_sink_keeps_a_window_over_the_whole_region_without_a_copy(computed):
+    region = Box(10, 14, 20, 24)
+    output = np.arange(2 * 6 * 6, dtype=np.float32).reshape(2, 6, 6)
+    expected = output[:, 1:5, 1:5].copy()
+    sink = CropSink(region, 2, computed)
+    # a window whose output holds the region and a pixel more on each side
+    sink.add(Window(Box(9, 15, 19, 25), Box(9, 15, 19, 25), 0), output)
+    sink.add(Window(Box(10, 12, 20, 22), Box(10, 12, 20, 22), 0), np.full((2, 2, 2), -1.0, "f4"))
+    result = sink.result()
+    assert np.shares_memory(result, output)
+    expected[:, :2, :2] = -1.0  # the later window wins where it covers
+    if computed is not None:
+        expected[:, ~computed] = 0
+    np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "read-only float32"])
+def test_crop_sink_copies_what_it_cannot_keep_as_float32_it_may_write(dtype):
+    output = np.ones((1, 4, 4), np.float64 if dtype == "float64" else np.float32)
+    output.flags.writeable = dtype == "float64"
+    sink = CropSink(Box(0, 4, 0, 4), 1, np.eye(4, dtype=bool))
+    sink.add(Window(Box(0, 4, 0, 4), Box(0, 4, 0, 4), 0), output)
+    result = sink.result()
+    assert result.dtype == np.float32 and not np.shares_memory(result, output)
+    np.testing.assert_array_equal(result[0], np.eye(4))

@@ -59,7 +59,15 @@ def tiny_unet(seed: int = 0) -> models.SegmentationModel:
 
 @pytest.mark.parametrize("in_memory", [False, True], ids=["zarr", "array"])
 @pytest.mark.parametrize(
-    "box", [Box(-5, 10, -7, 9), Box(30, 45, 40, 70), Box(-40, 80, -60, 110), Box(3, 9, 4, 8)]
+    "box",
+    [
+        Box(-5, 10, -7, 9),
+        Box(30, 45, 40, 70),
+        Box(-40, 80, -60, 110),
+        Box(3, 9, 4, 8),
+        Box(5, 20, -7, 9),  # inside on y only
+        Box(-5, 10, 4, 30),  # inside on x only
+    ],
 )
 def test_read_mirrored_equals_numpy_reflect(reader, box, in_memory):
     r, image = reader

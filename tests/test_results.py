@@ -550,12 +550,25 @@ def brute_mode_2x(labels):
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.integers(1, 9), st.integers(1, 9), st.integers(1, 5), st.integers(0, 2**32 - 1)
+    st.integers(1, 9), st.integers(1, 9), st.sampled_from([1, 2, 5, 16, 17, 40]),
+    st.integers(0, 2**32 - 1),
 )  # fmt: skip
 def test_mode_2x_is_the_most_frequent_value_of_each_block(ny, nx, values, seed):
+    # under 16 values: the table; from 16 (a label of 16 or more): the comparisons
     from segpipe.results.pyramid import mode_2x
 
     labels = np.random.default_rng(seed).integers(0, values, (ny, nx)).astype(np.uint8)
+    np.testing.assert_array_equal(mode_2x(labels), brute_mode_2x(labels))
+
+
+def test_mode_2x_table_holds_every_block_of_values_under_16():
+    from segpipe.results.pyramid import mode_2x
+
+    # one 2x2 block per code: top-left, top-right, bottom-left, bottom-right nibbles
+    code = np.arange(1 << 16)
+    labels = np.zeros((2, 2 << 16), np.uint8)
+    labels[0, 0::2], labels[0, 1::2] = code & 15, (code >> 4) & 15
+    labels[1, 0::2], labels[1, 1::2] = (code >> 8) & 15, (code >> 12) & 15
     np.testing.assert_array_equal(mode_2x(labels), brute_mode_2x(labels))
 
 
@@ -582,6 +595,10 @@ def test_float16_encoding_is_numpys_cast_bit_for_bit():
     encoded = encode_probabilities(p, "float16")
     assert encoded.dtype == np.float16
     np.testing.assert_array_equal(encoded.view(np.uint16), p.astype(np.float16).view(np.uint16))
+    crop = p[:, 3:60, 5:50]  # a window's crop, as the exact sink hands it on: strided
+    encoded = encode_probabilities(crop, "float16")
+    assert encoded.flags.c_contiguous
+    np.testing.assert_array_equal(encoded.view(np.uint16), crop.astype(np.float16).view(np.uint16))
 
 
 def test_no_pyramid_stage_when_the_tasks_wrote_every_level(tmp_path):

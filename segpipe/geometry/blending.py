@@ -68,32 +68,44 @@ class CropSink:
     With overlap-tile windows every covering window gives the same value (valid convolutions,
     halo >= receptive field), so order does not matter; windows are added row-major anyway so
     that each tile keeps its own window's values. With ``computed`` (the region's shape, bool)
-    only those pixels must be covered and are kept; the others are 0.
+    only those pixels must be covered and are kept; the others are 0. A first window that
+    covers the whole region (a block under one window) is kept as it is, a view of the
+    model's output that later windows write into, not copied into a new array.
     """
 
     def __init__(self, region: Box, num_classes: int, computed: np.ndarray | None = None) -> None:
         self.region = region
         self.computed = computed
-        self._out = np.zeros((num_classes, *region.shape), dtype=np.float32)
-        self._covered = np.zeros(region.shape, dtype=bool)
+        self._classes = num_classes
+        self._out: np.ndarray | None = None
+        self._covered: np.ndarray | None = None  # None once a window covered everything
 
     def add(self, window: Window, probabilities: np.ndarray) -> None:
         part = window.output.intersect(self.region)
         if part is None:
             return
+        if self._out is None:
+            whole = part == self.region and probabilities.dtype == np.float32
+            if whole and probabilities.flags.writeable:
+                self._out = probabilities[(slice(None), *part.relative_to(window.output))]
+                return
+            self._out = np.zeros((self._classes, *self.region.shape), dtype=np.float32)
+            self._covered = np.zeros(self.region.shape, dtype=bool)
         self._out[(slice(None), *part.relative_to(self.region))] = probabilities[
             (slice(None), *part.relative_to(window.output))
         ]
-        self._covered[part.relative_to(self.region)] = True
+        if self._covered is not None:
+            self._covered[part.relative_to(self.region)] = True
 
     def result(self) -> np.ndarray:
-        if self.computed is None:
-            if not self._covered.all():
-                raise RuntimeError(f"windows left pixels of {self.region} uncovered")
-            return self._out
-        if not self._covered[self.computed].all():
+        """(C, y, x) float32 over the region (possibly a view of a window's output)."""
+        if self._out is None or (
+            self._covered is not None
+            and not self._covered[slice(None) if self.computed is None else self.computed].all()
+        ):
             raise RuntimeError(f"windows left pixels of {self.region} uncovered")
-        self._out[:, ~self.computed] = 0
+        if self.computed is not None:
+            self._out[:, ~self.computed] = 0
         return self._out
 
 

@@ -15,6 +15,7 @@ to the model's (one rounding to the stored dtype instead of one per level).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any, cast
@@ -34,13 +35,35 @@ def mode_2x(labels: np.ndarray) -> np.ndarray:
     """Most frequent value of each 2x2 block of a (y, x) label array with even sides.
 
     Ties go to the block's top-left pixel when it is among the most frequent, else to the
-    smaller value, so the result is deterministic.
+    smaller value, so the result is deterministic. Labels under 16 (every shipped model's)
+    are looked up: the four pixels of a block packed into 16 bits index a table of every
+    block's mode, made once by the general rule; about 5x faster, the same values.
 
     >>> mode_2x(np.array([[1, 2, 3, 3], [2, 1, 0, 3]], dtype=np.uint8))
     array([[1, 3]], dtype=uint8)
     """
     corners = [labels[dy::2, dx::2][: labels.shape[0] // 2, : labels.shape[1] // 2]
                for dy in (0, 1) for dx in (0, 1)]  # fmt: skip
+    if labels.dtype == np.uint8 and labels.size and int(labels.max()) < 16:
+        code = corners[0].astype(np.uint16)
+        for shift, corner in zip((4, 8, 12), corners[1:], strict=True):
+            code |= corner.astype(np.uint16) << shift
+        return _mode_table()[code]
+    return _mode_of_corners(corners, labels.dtype)
+
+
+@functools.cache
+def _mode_table() -> np.ndarray:
+    """The mode of every 2x2 block of values under 16, indexed by its four pixels' nibbles
+    (top-left lowest): (65536,) uint8."""
+    code = np.arange(1 << 16, dtype=np.uint16)
+    corners = [((code >> shift) & 15).astype(np.uint8) for shift in (0, 4, 8, 12)]
+    return _mode_of_corners(corners, np.dtype(np.uint8))
+
+
+def _mode_of_corners(corners: list[np.ndarray], dtype: np.dtype[Any]) -> np.ndarray:
+    """The mode of blocks given as their four pixels (top-left, top-right, bottom-left,
+    bottom-right), each an array of one value per block."""
     # A pixel's score: how often its value occurs in its block (ties: the top-left pixel,
     # then the smaller value); the first best score wins. Four views, no (n, 4, 4) array.
     best, best_score = corners[0], None
@@ -53,7 +76,7 @@ def mode_2x(labels: np.ndarray) -> np.ndarray:
         better = score > best_score
         best = np.where(better, value, best)
         best_score = np.where(better, score, best_score)
-    return np.ascontiguousarray(best, dtype=labels.dtype)
+    return np.ascontiguousarray(best, dtype=dtype)
 
 
 def block_levels(

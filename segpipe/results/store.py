@@ -222,7 +222,11 @@ def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
         # same bits in 2 ms. Imported here: reading results needs no torch.
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(probabilities)).to(torch.float16).numpy()
+        # torch reads a strided view (a window's crop) as it is: no contiguous copy first
+        half = torch.from_numpy(probabilities).to(
+            torch.float16, memory_format=torch.contiguous_format
+        )
+        return half.numpy()
     return probabilities.astype(dtype)
 
 
