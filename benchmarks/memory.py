@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,12 @@ def measure(source: Path, output: Path, model: str, workers: int | None, keep: b
         "print(json.dumps(segpipe.open_result(p).attrs['segpipe']))"
     )
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # Plain: glibc's own default, which segpipe takes for a user's setting and leaves alone
+    # (the CPU predictor would otherwise make the call itself).
+    env = {**os.environ, "MALLOC_MMAP_MAX_": "65536"} if not keep else None
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
     ps = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:

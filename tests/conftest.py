@@ -13,6 +13,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "segpipe"))
 
 CLASSES = ("background", "tissue", "nucleus")
 
+# glibc's default, set: segpipe.keep_freed_memory() then leaves this process and the ones its
+# tests start as they are, so no test's memory depends on which test tuned malloc first.
+# tests/test_allocator.py checks the tuning in clean interpreters.
+os.environ.setdefault("MALLOC_MMAP_MAX_", "65536")
+
 
 @pytest.fixture(autouse=True)
 def _prefect_console_on_live_stream(request):

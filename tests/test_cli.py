@@ -47,16 +47,32 @@ def test_segment_and_info(small_slide, random_checkpoint, tmp_path, capsys):
     assert "nucleus" in text and "µm²" in text
 
 
-def test_the_command_tunes_malloc_before_anything_runs(small_slide, monkeypatch, capsys):
-    # keep_freed_memory binds only threads yet to allocate: it must come before the command.
+def test_commands_that_run_models_tune_malloc_before_they_run(monkeypatch):
+    # keep_freed_memory binds threads yet to allocate: it must come before the command runs.
     import segpipe.cli as cli
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("malloc") or True)
-    real_parser = cli.build_parser
-    monkeypatch.setattr(cli, "build_parser", lambda: calls.append("parse") or real_parser())
-    assert main(["info", str(small_slide.image)]) == 0
-    assert calls == ["malloc", "parse"]
+    real = cli.build_parser
+
+    def parser():
+        p = real()
+        parse = p.parse_args
+
+        def parse_args(argv):
+            args = parse(argv)
+            args.run = lambda _: calls.append("run") or 0
+            return args
+
+        p.parse_args = parse_args
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert main(["segment", "in.tif", "out.zarr"]) == 0
+    assert calls == ["malloc", "run"]
+    calls.clear()
+    assert main(["info", "out.zarr"]) == 0
+    assert calls == ["run"], "a command that runs no model keeps glibc's defaults"
 
 
 def test_every_flag_of_earlier_releases_still_works(small_slide, tmp_path, monkeypatch):

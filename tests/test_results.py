@@ -599,6 +599,12 @@ def test_float16_encoding_is_numpys_cast_bit_for_bit():
     encoded = encode_probabilities(crop, "float16")
     assert encoded.flags.c_contiguous
     np.testing.assert_array_equal(encoded.view(np.uint16), crop.astype(np.float16).view(np.uint16))
+    backwards = p[:, ::-1]  # a negative stride, which torch does not take
+    encoded = encode_probabilities(backwards, "float16")
+    np.testing.assert_array_equal(encoded, backwards.astype(np.float16))
+    frozen = p.copy()
+    frozen.flags.writeable = False
+    np.testing.assert_array_equal(encode_probabilities(frozen, "float16"), p.astype(np.float16))
 
 
 def test_no_pyramid_stage_when_the_tasks_wrote_every_level(tmp_path):

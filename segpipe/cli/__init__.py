@@ -183,10 +183,16 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
             os.environ.pop(k, None)
 
 
+# Commands that run forward passes: on the CPU they gain from malloc keeping freed memory;
+# the others (info, query, export, ingest) keep glibc's defaults.
+_RUNS_MODELS = frozenset({"demo", "segment", "archive", "serve", "train", "evaluate"})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
-    keep_freed_memory()  # before any thread allocates: it binds only threads yet to come
     args = build_parser().parse_args(argv)
+    if args.command in _RUNS_MODELS:
+        keep_freed_memory()  # before any thread allocates: it binds threads yet to come
     _configure_logging(verbose=args.verbose, quiet=args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
     # One progress display for every stage the command runs (library code never prints):

@@ -3,9 +3,10 @@
 glibc's malloc gives each block over 32 MiB its own fresh mapping and unmaps it when freed,
 and threads other than the first allocate from arenas of 64 MiB heaps that it unmaps as they
 empty. A CPU forward pass of the shipped U-Net over a 1024 px window allocates and frees about
-1 GiB of activations, so every pass faults in that much fresh, zeroed memory: 1.15 million
-page faults in the model thread of a sync run at 4096² (85 thousand with this module's
-settings), and a pass over a 1024 px window took 598 ms instead of 385 ms on 2 cores.
+1 GiB of activations, so every pass faults in fresh, zeroed memory: 2.1 million page faults
+in the model thread of a sync run at 4096² (1.15 million with this module's settings made
+after the threads started, 85 thousand made first), and a pass over a 1024 px window took
+598 ms instead of 385 ms on 2 cores.
 :func:`keep_freed_memory` has malloc serve every block from the one main heap and keep what is
 freed there for the next pass.
 """
@@ -48,12 +49,19 @@ def keep_freed_memory() -> bool:
     of three) gave the bare forward 7.0 s instead of 10.5 s and a sync run 10.0 s instead of
     13.6 s. The price: the process holds its peak heap until it exits.
 
-    The arena setting binds only threads that have not allocated yet, so the call belongs at
-    the start of a process: the ``segpipe`` command makes it first thing, a script should
-    too; a CPU :class:`~segpipe.execution.predictor.Predictor` makes it as well (too late for
-    threads already running). Nothing changes off glibc, or where the user tuned malloc
-    (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_``, ... or
-    ``GLIBC_TUNABLES`` set: ``MALLOC_MMAP_MAX_=65536``, glibc's default, turns this off).
+    The arena setting keeps new threads off new arenas; threads that already allocated keep
+    theirs, and glibc may hand a new thread an arena one of them left. So the call belongs at
+    the start of a process: the ``segpipe`` commands that run models make it first thing, a
+    script should too; a CPU :class:`~segpipe.execution.predictor.Predictor` makes it as
+    well, late (in a sync run at 4096² its model thread then still took 1.15 million page
+    faults). On a GPU run it changes little: the activations live on the device.
+
+    Nothing changes off glibc, or where malloc was tuned in the environment
+    (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or any ``GLIBC_TUNABLES``):
+    ``MALLOC_MMAP_MAX_=65536``, glibc's default, turns this off. A Dask nanny starts its
+    workers with ``MALLOC_TRIM_THRESHOLD_`` set (distributed's ``pre-spawn-environ``), so in
+    the worker processes of a ``dask worker`` cluster this does nothing.
     """
     global _kept
     if _kept is None:

@@ -16,8 +16,8 @@
 The mask is made at the coarsest pyramid level whose longer side is at least
 :data:`MASK_SIDE` pixels, block-averaged down to 1-2 times that when the image has no such
 level. In exact mode each task's block computes boxes of small cells around its foreground
-(:func:`choose_boxes`): the foreground's bounding box, or its quarters' boxes where their
-windows cost fewer pixels; a tile is computed when a box touches it, and its pixels outside
+(:func:`choose_boxes`): the foreground's bounding box, cut in two where the halves' windows
+cost fewer pixels, again and again; a tile is computed when a box touches it, and its pixels outside
 the boxes are left out like glass. In blend mode a tile is computed when it holds a
 foreground pixel. A tile left out is never read or predicted: it is recorded done with all
 its pixels in class 0 (the shipped models' ``background``; for another model, whatever its

@@ -38,7 +38,8 @@ __all__ = [
 
 WindowPredictor = Callable[[np.ndarray], np.ndarray]
 """``(N, Y, X, C)`` pixels of any dtype ``pixels.to_float01`` knows -> ``(N, classes, y, x)``
-float32 softmax probabilities over the model's whole output, ``y = geometry.output_size(Y)``."""
+float32 softmax probabilities over the model's whole output, ``y = geometry.output_size(Y)``,
+in a new array each call (an exact sink keeps a view of it, not a copy)."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:

@@ -222,7 +222,10 @@ def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
         # same bits in 2 ms. Imported here: reading results needs no torch.
         import torch
 
-        # torch reads a strided view (a window's crop) as it is: no contiguous copy first
+        # torch reads a strided view (a window's crop) as it is, no contiguous copy first;
+        # it takes no negative strides (a reversed view) and warns on read-only memory.
+        if min(probabilities.strides) < 0 or not probabilities.flags.writeable:
+            probabilities = np.array(probabilities, order="C")  # a writeable copy
         half = torch.from_numpy(probabilities).to(
             torch.float16, memory_format=torch.contiguous_format
         )

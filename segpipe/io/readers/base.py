@@ -407,7 +407,8 @@ def read_mirrored(reader: Reader, box: Box, level: int = 0) -> np.ndarray:
     """Pixels (y, x, C) of ``box`` of ``level``, mirrored where it leaves the image.
 
     Reads only the bounding box of the source pixels the mirror maps to; a box inside the
-    image (most of them) is that read as it is, with no gather copy.
+    image (most of them) is that read as it is, with no gather copy, so it may be a view of
+    the reader's own data (an :class:`ArrayReader`'s array): copy it before writing to it.
     """
     ny, nx, _ = reader.level_shapes[level]
     iy = mirror_indices(box.y0, box.y1, ny)
