@@ -17,8 +17,8 @@ The mask is made at the coarsest pyramid level whose longer side is at least
 :data:`MASK_SIDE` pixels, block-averaged down to 1-2 times that when the image has no such
 level. In exact mode each task's block computes boxes of small cells around its foreground
 (:func:`choose_boxes`): the foreground's bounding box, cut in two where the halves' windows
-cost fewer pixels, again and again; a tile is computed when a box touches it, and its pixels outside
-the boxes are left out like glass. In blend mode a tile is computed when it holds a
+cost fewer pixels, again and again; a tile is computed when a box touches it, and its pixels
+outside the boxes are left out like glass. In blend mode a tile is computed when it holds a
 foreground pixel. A tile left out is never read or predicted: it is recorded done with all
 its pixels in class 0 (the shipped models' ``background``; for another model, whatever its
 class 0 is), and its mask and probabilities keep the store's fill value, 0: a computed
@@ -362,8 +362,7 @@ def choose_boxes(
 ) -> TileSelection:
     """In each block of ``task_tiles`` x ``task_tiles`` tiles, the boxes of cells
     (:func:`cell_side`) around its foreground that cost the fewest window pixels
-    (:func:`~segpipe.geometry.foreground.cover_boxes`); the tiles
-    they touch are computed."""
+    (:func:`~segpipe.geometry.foreground.cover_boxes`); the tiles they touch are computed."""
     ny, nx = foreground.shape
     ratio = max(ny / foreground.mask.shape[0], nx / foreground.mask.shape[1])
     cell = cell_side(grid.tile, geometry.multiple, ratio)

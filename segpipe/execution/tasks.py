@@ -174,10 +174,9 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     indices, counts = [], []
     for part in block.shards:
         region = bounds([t.box for t in part])
-        probabilities = prediction.probabilities
-        if len(block.shards) > 1:
-            within = region.relative_to(prediction.region)
-            probabilities = np.ascontiguousarray(probabilities[(slice(None), *within)])
+        # A view: the writes read strided arrays as they are (the whole region when one shard)
+        within = region.relative_to(prediction.region)
+        probabilities = prediction.probabilities[(slice(None), *within)]
         mask = write_block(job.output, region, probabilities, step=step, arrays=arrays)
         with stage.io_section():
             for t in part:
