@@ -155,6 +155,19 @@ def test_downsample_float_and_bool() -> None:
     np.testing.assert_array_equal(downsample_mean_2x(b), [[True]])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_downsample_float_within_ulps_of_the_exact_mean(dtype: type) -> None:
+    # float32 is summed in float32 (fast), the others in float64: all within 2 ulps of the
+    # float64 mean of the four, on a strided view as the tasks pass (C, y, x) crops.
+    rng = np.random.default_rng(3)
+    a = rng.random((3, 42, 38)).astype(dtype)[:, 1:-1, 3:-1]
+    out = downsample_mean_2x(a, yx_axes=(1, 2))
+    assert out.dtype == dtype and out.shape == (3, 20, 17)
+    exact = a[:, :40, :34].astype(np.float64).reshape(3, 20, 2, 17, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(out, exact, rtol=2 * np.finfo(dtype).eps, atol=0)
+    assert not np.shares_memory(out, a)
+
+
 def test_downsample_channel_first() -> None:
     rng = np.random.default_rng(2)
     cyx = rng.integers(0, 256, (2, 9, 12), dtype=np.uint8)
