@@ -17,6 +17,7 @@ from segpipe.results import (
     IncompleteResultError,
     ResultMeta,
     ResultMismatchError,
+    TileRecord,
     class_pixels,
     finalize_result,
     is_complete,
@@ -67,6 +68,23 @@ def test_new_resumed_and_complete(tmp_path):
     assert read_meta(path).summary.tiles_total == 12
     assert is_complete(path)
     assert tiles_done(path).all()
+
+
+def test_tile_record_writes_through_and_keeps_earlier_marks(tmp_path):
+    # The driver's record reads each chunk once and writes every mark at once: what another
+    # writer marked before it opened (background tiles) stays, and each mark is on disk
+    # when mark() returns (a kill after it loses nothing).
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())  # 4 x 3 tiles
+    mark_tiles_done(path, {(3, 2): np.array([7, 0])})
+    record = TileRecord(path)
+    record.mark({(0, 0): np.array([5, 6])})
+    assert tiles_done(path).sum() == 2 and tiles_done(path)[3, 2]
+    np.testing.assert_array_equal(class_pixels(path), [12, 6])
+    record.mark({(1, 1): np.array([1, 2]), (2, 0): np.array([3, 4])})
+    done = tiles_done(path)
+    assert done.sum() == 4 and done[0, 0] and done[1, 1] and done[2, 0] and done[3, 2]
+    np.testing.assert_array_equal(class_pixels(path), [16, 12])
 
 
 def test_empty_chunks_are_not_written(tmp_path):

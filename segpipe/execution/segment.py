@@ -34,10 +34,10 @@ from segpipe.progress import Stage, progress_option, stage
 from segpipe.results import (
     ResultMeta,
     RunSummary,
+    TileRecord,
     class_pixels,
     finalize_result,
     is_complete,
-    mark_tiles_done,
     prepare_result,
 )
 
@@ -298,13 +298,13 @@ class _TileRecorder:
         tiles: Stage,
         on_progress: Callable[[int, int], None] | None,
     ) -> None:
-        self.output = output
+        self.record = TileRecord(output)
         self.tiles = tiles
         self.on_progress = on_progress
         self.windows = 0
 
     def __call__(self, res: BlockResult) -> None:
-        mark_tiles_done(self.output, dict(zip(res.tiles, res.class_pixels, strict=True)))
+        self.record.mark(dict(zip(res.tiles, res.class_pixels, strict=True)))
         self.windows += res.windows
         self.tiles.advance(len(res.tiles))
         if self.on_progress is not None:

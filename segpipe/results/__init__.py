@@ -87,6 +87,7 @@ from segpipe.results.schema import (
     result_levels,
 )
 from segpipe.results.store import (
+    TileRecord,
     class_map,
     class_pixels,
     encode_probabilities,
@@ -108,6 +109,7 @@ __all__ = [
     "ResultMeta",
     "ResultMismatchError",
     "RunSummary",
+    "TileRecord",
     "build_pyramid",
     "class_areas_um2",
     "class_fractions",

@@ -44,6 +44,7 @@ from segpipe.results.schema import (
 )
 
 __all__ = [
+    "TileRecord",
     "class_map",
     "class_pixels",
     "encode_probabilities",
@@ -178,26 +179,42 @@ def mark_tiles_done(
 ) -> None:
     """Record tiles as written, with their (C,) class pixel counts.
 
-    Called by the driver only, so the bookkeeping arrays have one writer.
+    Called by the driver only, so the bookkeeping arrays have one writer. A driver that
+    records many blocks of a run keeps one :class:`TileRecord` instead.
     """
-    if not tile_counts:
-        return
-    done = zarr.open_array(_store(path), path=PROGRESS, mode="r+")
-    counts = zarr.open_array(_store(path), path=COUNTS, mode="r+")
-    cy, cx = _PROGRESS_CHUNKS
-    by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for iy, ix in tile_counts:
-        by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
-    for (ky, kx), members in by_chunk.items():
-        sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
-        d, c = np.asarray(done[sl]), np.asarray(counts[sl])
-        for iy, ix in members:
-            d[iy - ky * cy, ix - kx * cx] = 1
-            c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
-        # Counts before flags: a tile flagged done always has its counts.
-        counts[sl] = c
-        done[sl] = d
-    fault_point("block.recorded")
+    TileRecord(path).mark(tile_counts)
+
+
+class TileRecord:
+    """A result's tiles-done flags and class pixel counts, as their one writer (the driver)
+    keeps them during a run: each chunk is read once, then written from memory (a block's
+    record cost two opens, two reads and two writes; now the two writes)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._done = zarr.open_array(_store(path), path=PROGRESS, mode="r+")
+        self._counts = zarr.open_array(_store(path), path=COUNTS, mode="r+")
+        self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def mark(self, tile_counts: dict[tuple[int, int], np.ndarray]) -> None:
+        """Record ``tile_counts``' tiles (``(tile_y, tile_x)``) as written, with their counts."""
+        if not tile_counts:
+            return
+        cy, cx = _PROGRESS_CHUNKS
+        by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for iy, ix in tile_counts:
+            by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
+        for (ky, kx), members in by_chunk.items():
+            sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
+            if (ky, kx) not in self._chunks:
+                self._chunks[ky, kx] = (np.asarray(self._done[sl]), np.asarray(self._counts[sl]))
+            d, c = self._chunks[ky, kx]
+            for iy, ix in members:
+                d[iy - ky * cy, ix - kx * cx] = 1
+                c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
+            # Counts before flags: a tile flagged done always has its counts.
+            self._counts[sl] = c
+            self._done[sl] = d
+        fault_point("block.recorded")
 
 
 def class_pixels(path: str | os.PathLike) -> np.ndarray:
