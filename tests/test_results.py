@@ -87,6 +87,29 @@ def test_tile_record_writes_through_and_keeps_earlier_marks(tmp_path):
     np.testing.assert_array_equal(class_pixels(path), [16, 12])
 
 
+def test_a_failed_write_is_raised_after_the_others_end(tmp_path, monkeypatch):
+    # A block's writes go to Zarr together: one failing raises, but only once the others
+    # have ended, so no write of the block is still running when the task reports.
+    path = tmp_path / "r.zarr"
+    m = meta(task_tiles=2)
+    prepare_result(path, m)
+    setitem = zarr.AsyncArray.setitem
+
+    async def failing(self, selection, value, **kw):
+        if self.path.endswith("probabilities"):
+            raise OSError(f"disk full writing {self.path}")
+        return await setitem(self, selection, value, **kw)
+
+    monkeypatch.setattr(zarr.AsyncArray, "setitem", failing)
+    probs = random_probabilities((64, 64))
+    with pytest.raises(OSError, match="disk full writing 0/probabilities"):
+        write_tiles(path, Box(0, 64, 0, 64), probs)
+    monkeypatch.undo()
+    # The masks were written: every write ran to its end before the error came out.
+    np.testing.assert_array_equal(zarr.open_array(path / "0" / "mask")[:64, :64], probs.argmax(0))
+    assert zarr.open_array(path / "0" / "probabilities")[:, :64, :64].max() == 0
+
+
 def test_empty_chunks_are_not_written(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
