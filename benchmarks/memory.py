@@ -94,17 +94,22 @@ def measure(source: Path, output: Path, model: str, workers: int | None, keep: b
     return {"peak_rss_mib": peak / 2**20, "wall_s": time.perf_counter() - start, "meta": meta}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--model", default="tissue-unet")
-    parser.add_argument("--workers", type=int, default=None)
+def add_plain_malloc(parser: argparse.ArgumentParser) -> None:
+    """The flag both benchmarks take to run with glibc's malloc as it is."""
     parser.add_argument(
         "--plain-malloc",
         action="store_true",
         help="leave glibc's malloc as it is (by default the script calls "
         "segpipe.keep_freed_memory() first, as the segpipe command does)",
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--model", default="tissue-unet")
+    parser.add_argument("--workers", type=int, default=None)
+    add_plain_malloc(parser)
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
     args = parser.parse_args()
 

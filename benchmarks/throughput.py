@@ -52,7 +52,7 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import build_input
+from memory import add_plain_malloc, build_input
 
 import segpipe
 from segpipe import models
@@ -356,12 +356,7 @@ def main() -> None:
         help="which groups of rows, comma-separated: pipeline (bare forward, end to end, "
         "null model, peak RSS), tissue, blend",
     )
-    parser.add_argument(
-        "--plain-malloc",
-        action="store_true",
-        help="leave glibc's malloc as it is (by default the script calls "
-        "segpipe.keep_freed_memory() first, as the segpipe command does)",
-    )
+    add_plain_malloc(parser)
     args = parser.parse_args()
     if args.plain_malloc:  # glibc read its settings at start; this one tells segpipe to keep out
         os.environ["MALLOC_MMAP_MAX_"] = "65536"
