@@ -279,9 +279,10 @@ def block_level_arrays(path: str | URLPath) -> list[tuple[zarr.Array, zarr.Array
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
 
     def dense(name: str) -> zarr.Array:
-        # Computed probabilities never equal the fill value (0 for every class), so comparing
-        # each chunk with it before encoding is wasted: a tenth of a block's write time. The
-        # masks keep the check: an all-background shard is not stored.
+        # Probabilities equal the fill value (0 for every class) only in a tile no foreground
+        # box computed, which then costs a few stored bytes; comparing every chunk with it
+        # before encoding cost a tenth of a block's writes. The masks keep the check: an
+        # all-background mask shard is not stored.
         return cast(zarr.Array, root[name]).with_config({"write_empty_chunks": True})
 
     return [
