@@ -155,17 +155,30 @@ def test_downsample_float_and_bool() -> None:
     np.testing.assert_array_equal(downsample_mean_2x(b), [[True]])
 
 
+@pytest.mark.parametrize("float32_sum", [False, True])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-def test_downsample_float_within_ulps_of_the_exact_mean(dtype: type) -> None:
-    # float32 is summed in float32 (fast), the others in float64: all within 2 ulps of the
-    # float64 mean of the four, on a strided view as the tasks pass (C, y, x) crops.
+def test_downsample_float_within_ulps_of_the_exact_mean(dtype: type, float32_sum: bool) -> None:
+    # Values in [0, 1) as probabilities are, on a strided view as the tasks pass (C, y, x)
+    # crops: within 2 ulps of the float64 mean of the four, whether float32 is summed in
+    # float32 (float32_sum) or float64.
     rng = np.random.default_rng(3)
     a = rng.random((3, 42, 38)).astype(dtype)[:, 1:-1, 3:-1]
-    out = downsample_mean_2x(a, yx_axes=(1, 2))
+    out = downsample_mean_2x(a, yx_axes=(1, 2), float32_sum=float32_sum)
     assert out.dtype == dtype and out.shape == (3, 20, 17)
     exact = a[:, :40, :34].astype(np.float64).reshape(3, 20, 2, 17, 2).mean(axis=(2, 4))
     np.testing.assert_allclose(out, exact, rtol=2 * np.finfo(dtype).eps, atol=0)
     assert not np.shares_memory(out, a)
+
+
+def test_downsample_float32_keeps_extremes_and_signs() -> None:
+    # Rasters' float32 (GeoTIFF nodata -FLT_MAX, values of both signs) are summed in float64
+    # unless asked: no overflow, no cancellation.
+    low = np.finfo(np.float32).min
+    a = np.array([[low, low, 1.0, 1e8], [low, low, -1e8, 1.0]], np.float32)
+    np.testing.assert_array_equal(downsample_mean_2x(a), [[low, 0.5]])
+    with np.errstate(over="ignore"):
+        fast = downsample_mean_2x(a, float32_sum=True)
+    assert np.isinf(fast[0, 0])  # why it is only for probabilities
 
 
 def test_downsample_channel_first() -> None:

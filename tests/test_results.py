@@ -1,3 +1,4 @@
+import asyncio
 import dataclasses
 import json
 import os
@@ -98,6 +99,7 @@ def test_a_failed_write_is_raised_after_the_others_end(tmp_path, monkeypatch):
     async def failing(self, selection, value, **kw):
         if self.path.endswith("probabilities"):
             raise OSError(f"disk full writing {self.path}")
+        await asyncio.sleep(0.05)  # still running when the failure comes
         return await setitem(self, selection, value, **kw)
 
     monkeypatch.setattr(zarr.AsyncArray, "setitem", failing)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import time
@@ -56,6 +57,8 @@ __all__ = [
     "write_block",
     "write_tiles",
 ]
+
+log = logging.getLogger("segpipe")
 
 _PROGRESS_CHUNKS = (64, 64)  # as results.layout creates the bookkeeping arrays
 
@@ -182,7 +185,8 @@ def mark_tiles_done(
     Called by the driver only, so the bookkeeping arrays have one writer. A driver that
     records many blocks of a run keeps one :class:`TileRecord` instead.
     """
-    TileRecord(path).mark(tile_counts)
+    if tile_counts:  # nothing to open for (a remote store's round trips) otherwise
+        TileRecord(path).mark(tile_counts)
 
 
 class TileRecord:
@@ -322,9 +326,11 @@ def _write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.nda
             return_exceptions=True,
         )
 
-    for outcome in sync(write_all()):
-        if isinstance(outcome, BaseException):
-            raise outcome
+    failures = [o for o in sync(write_all()) if isinstance(o, BaseException)]
+    for other in failures[1:]:
+        log.warning("another write of the same block failed too: %r", other)
+    if failures:
+        raise failures[0]
 
 
 def write_tiles(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
