@@ -11,7 +11,8 @@ For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Z
 * **segpipe end to end**, Zarr to Zarr with the defaults (exact mode, foreground off so every
   tile is computed): ``scheduler="sync"`` (in this process) and the default scheduler (a local
   cluster, the first call paying its start-up, a second one reusing it), as a ratio to the
-  bare forward (target <= 1.15 at 8192^2 with the default scheduler);
+  bare forward (target <= 1.15 at 8192^2 with the default scheduler), and where the fastest
+  sync run's time went (forward passes, the I/O threads' sections between them, the writes);
 * **null-model ceiling**: the same runs with a nearly free model (``fcn``, width 4, one
   layer): what the pipeline itself can carry, whatever the accelerator (target >= 3x the 2.0
   Mpx/s sync and 1.2 Mpx/s default cluster measured before the pipelined worker, 4096^2);
@@ -42,6 +43,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -58,8 +60,9 @@ import segpipe
 from segpipe import models
 from segpipe.config import SegmentConfig
 from segpipe.execution import predictor as predictor_module
+from segpipe.execution import tasks
 from segpipe.execution.cluster import plan_for_device
-from segpipe.execution.pipeline import ModelStage
+from segpipe.execution.pipeline import CoreGate, ModelStage
 from segpipe.execution.predictor import InferenceConfig, Predictor
 from segpipe.geometry.tiling import Box, exact_side, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader
@@ -114,6 +117,75 @@ class DeviceTimer:
         return busy
 
 
+class SectionTimer:
+    """Where a run's wall time goes: the forward passes (``Predictor.forward``), and the I/O
+    threads' work between them (``CoreGate.io`` sections, outermost only, timed once the gate
+    is taken, summed over the threads), of which the blocks' writes (sections inside
+    ``write_block``)."""
+
+    def __init__(self) -> None:
+        self.seconds = {"passes": 0.0, "io": 0.0, "writes": 0.0}
+        self._lock = threading.Lock()
+
+    def _add(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[key] += seconds
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        forward, io, write_block = Predictor.forward, CoreGate.io, tasks.write_block
+        local = threading.local()
+
+        def timed_forward(predictor: Predictor, batch: np.ndarray) -> Any:
+            start = time.perf_counter()
+            try:
+                return forward(predictor, batch)
+            finally:
+                self._add("passes", time.perf_counter() - start)
+
+        @contextlib.contextmanager
+        def timed_io(gate: CoreGate) -> Iterator[None]:
+            depth = getattr(local, "depth", 0)
+            local.depth = depth + 1
+            try:
+                with io(gate):
+                    start = time.perf_counter()
+                    try:
+                        yield
+                    finally:
+                        if depth == 0:
+                            seconds = time.perf_counter() - start
+                            self._add("io", seconds)
+                            if getattr(local, "writing", False):
+                                self._add("writes", seconds)
+            finally:
+                local.depth = depth
+
+        def timed_write(*args: Any, **kwargs: Any) -> Any:
+            local.writing = True
+            try:
+                return write_block(*args, **kwargs)
+            finally:
+                local.writing = False
+
+        Predictor.forward = timed_forward  # type: ignore[method-assign]
+        CoreGate.io = timed_io  # type: ignore[method-assign,assignment]
+        tasks.write_block = timed_write
+        try:
+            yield
+        finally:
+            Predictor.forward = forward  # type: ignore[method-assign]
+            CoreGate.io = io  # type: ignore[method-assign]
+            tasks.write_block = write_block
+
+    def summary(self) -> str:
+        s = self.seconds
+        return (
+            f"passes {s['passes']:.1f} s; I/O sections {s['io']:.1f} s (both I/O threads), "
+            f"of which writes {s['writes']:.1f} s"
+        )
+
+
 def timed(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -161,17 +233,28 @@ def bare_forward(
 
 
 def run_segment(
-    src: Path, out: Path, model: Any, device: str, timer: DeviceTimer | None, **settings: Any
+    src: Path,
+    out: Path,
+    model: Any,
+    device: str,
+    timer: DeviceTimer | None,
+    sections: SectionTimer | None = None,
+    **settings: Any,
 ) -> tuple[float, float | None, float]:
     """Wall seconds of one `segment`, the device's busy fraction (CUDA only), and this
     process's CPU seconds (every thread: the driver, the in-process or threaded workers; on a
-    machine shared with other jobs a steadier measure of the work than wall time)."""
+    machine shared with other jobs a steadier measure of the work than wall time); with
+    ``sections``, where its time went."""
     global RUNS
     RUNS += 1  # a fresh output each time: a complete result would be returned as it is
     out = out.with_name(f"{out.stem}-{RUNS}.zarr")
     shutil.rmtree(out, ignore_errors=True)  # left by an earlier run of this script (--keep)
     cpu = time.process_time()
-    with timer.installed() if timer else contextlib.nullcontext():
+    with contextlib.ExitStack() as installed:
+        if sections is not None:
+            installed.enter_context(sections.installed())
+        if timer is not None:
+            installed.enter_context(timer.installed())
         seconds = timed(
             lambda: segpipe.segment(src, out, model, device=device, overwrite=True, **settings)
         )
@@ -408,15 +491,20 @@ def pipeline_rows(
     schedulers = {"sync": "sync", "default, first call": None, "default, reused": None}
     bare_runs: list[tuple[float, float, int]] = []
     runs: dict[str, list[tuple[float, float | None, float]]] = {k: [] for k in schedulers}
+    breakdowns: list[tuple[float, SectionTimer]] = []  # of the sync runs
     for r in range(repeat):
         bare_runs.append(bare_forward(shipped, image, (size, size), device, config))
         for label, scheduler in schedulers.items():
             if label == "default, first call" and r:
                 continue  # only the first call starts the cluster
             out = work / "out.zarr"
-            runs[label].append(
-                run_segment(src, out, shipped, device, timer, scheduler=scheduler, **all_tiles())
+            sections = SectionTimer() if scheduler == "sync" else None
+            measured = run_segment(
+                src, out, shipped, device, timer, sections, scheduler=scheduler, **all_tiles()
             )
+            runs[label].append(measured)
+            if sections is not None:
+                breakdowns.append((measured[0], sections))
     bare, bare_cpu, n_windows = min(bare_runs)
     spread = lambda xs: f"{min(xs):.1f}-{max(xs):.1f} s" if len(xs) > 1 else ""  # noqa: E731
     row(
@@ -433,6 +521,8 @@ def pipeline_rows(
         if len(measured) > 1:
             note += f"; fastest of {len(measured)}: {spread([m[0] for m in measured])}"
         row(f"segpipe end to end, {label}", f"{mpx / seconds:.2f} Mpx/s", note)
+    fastest, sections = min(breakdowns, key=lambda b: b[0])
+    row("  where the sync run's time went", f"{fastest:.1f} s", sections.summary())
 
     null = models.build("fcn", width=4, layers=1).eval()
     for label, scheduler, before in (("sync", "sync", 2.0), ("default", None, 1.2)):
