@@ -269,13 +269,13 @@ def test_connect_rejects_unknown_schedulers():
 def test_model_is_loaded_once_per_process_not_per_tile(reader, tmp_path, monkeypatch):
     r, _ = reader
     built = []
-    original = cluster.Predictor.__init__
+    original = Predictor.__init__
 
     def counting(self, *a, **k):
         built.append(1)
         original(self, *a, **k)
 
-    monkeypatch.setattr(cluster.Predictor, "__init__", counting)
+    monkeypatch.setattr(Predictor, "__init__", counting)
     torch.manual_seed(0)
     net = models.build("unet", width=4, depth=2)
     out = segpipe.segment(r, tmp_path / "r.zarr", net, tile=8, task_tiles=1, scheduler="sync")

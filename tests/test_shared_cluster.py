@@ -17,9 +17,10 @@ import zarr
 
 import segpipe
 from segpipe import models
-from segpipe.execution import cluster, tasks
-from segpipe.execution.cluster import ModelPlugin, choose_scheduler, resolve_amp
+from segpipe.execution import cluster, tasks, workers
+from segpipe.execution.cluster import choose_scheduler
 from segpipe.execution.predictor import InferenceConfig
+from segpipe.execution.workers import ModelPlugin, resolve_amp
 from segpipe.results import is_complete, read_meta
 
 CLASSES = ("background", "tissue", "nucleus")
@@ -132,10 +133,10 @@ def test_concurrent_runs_on_one_cluster_equal_runs_one_after_another(
 
 def test_each_run_has_its_own_predictor_and_threaded_workers_share_it(monkeypatch):
     built = []
-    monkeypatch.setattr(cluster, "Predictor", lambda net, config: built.append(config) or config)
+    monkeypatch.setattr(workers, "Predictor", lambda net, config: built.append(config) or config)
     net = torch.nn.Identity()
-    first = ModelPlugin(cluster.run_key("ab" * 32), net, InferenceConfig(device="cpu"))
-    second = ModelPlugin(cluster.run_key("ab" * 32), net, InferenceConfig(device="cpu"))
+    first = ModelPlugin(workers.run_key("ab" * 32), net, InferenceConfig(device="cpu"))
+    second = ModelPlugin(workers.run_key("ab" * 32), net, InferenceConfig(device="cpu"))
     assert first.name != second.name
     # Two workers of one process (a threaded cluster) set up the same run: built once.
     first.setup()
@@ -160,7 +161,7 @@ def test_auto_device_is_the_workers_own(monkeypatch, cuda, expected):
     """ "auto" is resolved in the plugin's setup, on the worker, from the worker's torch."""
     devices = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(cluster, "Predictor", lambda net, config: devices.append(config.device))
+    monkeypatch.setattr(workers, "Predictor", lambda net, config: devices.append(config.device))
     plugin = ModelPlugin("k" * 16, torch.nn.Identity(), InferenceConfig(device="auto"))
     plugin.setup()
     plugin.teardown()
@@ -285,6 +286,26 @@ def test_cpu_local_cluster_is_threads_of_this_process():
         assert {type(w) for w in local.workers.values()} == {distributed.Worker}
         assert len(local.workers) == 2
         assert local.dashboard_link, "a dashboard on a free port"
+
+
+@pytest.mark.parametrize("n_workers", [1, 2])
+def test_local_cluster_runs_fewer_diagnostics(n_workers):
+    """Dask's profiler, monitors and tick wake the event loop beside the model thread: the
+    local clusters runs start leave the profiler off and the rest slower, and steal work
+    only between workers; Dask's own settings are left as they were."""
+    before = dask.config.get("distributed.worker.profile.enabled")
+    plan = cluster.ClusterPlan(n_workers=n_workers, threads_per_worker=1, torch_threads=1)
+    with cluster._start_local_cluster(plan) as local:
+        for worker in local.workers.values():
+            assert "profile" not in worker.periodic_callbacks
+            assert "profile-cycle" not in worker.periodic_callbacks
+            assert worker.periodic_callbacks["monitor"].callback_time == 2000
+            assert worker.periodic_callbacks["tick"].callback_time == 500
+        assert ("stealing" in local.scheduler.extensions) == (n_workers > 1)
+    assert dask.config.get("distributed.worker.profile.enabled") == before
+    with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as plain:
+        worker = next(iter(plain.workers.values()))
+        assert "profile" in worker.periodic_callbacks, "Dask's default, for contrast"
 
 
 @pytest.mark.integration

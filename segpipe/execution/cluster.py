@@ -1,15 +1,13 @@
-"""Where tasks run: local clusters laid out for the machine, connections to running ones, the
-per-worker model plugin, and the loop that runs a result's blocks and reports each one."""
+"""Where tasks run: local clusters laid out for the machine, connections to running ones, and
+the loop that runs a result's blocks and reports each one."""
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import dataclasses
 import logging
 import os
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,108 +16,30 @@ import dask
 import distributed
 import torch
 
-from segpipe import models
 from segpipe.execution.pipeline import run_in_process
-from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
+from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import (
     Block,
     BlockResult,
     Job,
-    install_predictor,
-    remove_predictor,
     segment_block,
 )
+from segpipe.execution.workers import ModelPlugin
 
 __all__ = [
     "ClusterPlan",
-    "ModelPlugin",
     "choose_scheduler",
     "close_local_clusters",
     "connect",
-    "has_cuda",
     "in_process_is_cheaper",
     "local_cluster",
+    "local_cluster_config",
     "plan_for_device",
     "plan_local_cluster",
-    "resolve_amp",
     "run_blocks",
-    "run_key",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def run_key(model_sha256: str) -> str:
-    """A run's name on a cluster: the model's fingerprint and a fresh id.
-
-    Plugin names are global to a cluster, so two runs of one model on a shared cluster would
-    replace and then unregister each other's plugin if named by the model alone.
-    """
-    return f"{model_sha256[:16]}-{uuid.uuid4().hex[:12]}"
-
-
-class ModelPlugin(distributed.WorkerPlugin):
-    """Loads a run's model once per worker process, not once per tile.
-
-    The device is resolved here, on the worker: ``"auto"`` is this worker's GPU when it has
-    one, whatever the driver has.
-    """
-
-    def __init__(self, key: str, source: str | torch.nn.Module, config: InferenceConfig) -> None:
-        self.key = key
-        self.source = source
-        self.config = config
-        self.name = f"segpipe-model-{key}"
-
-    def setup(self, worker: Any = None) -> None:
-        try:
-            device = resolve_device(self.config.device)
-        except RuntimeError as err:
-            where = f"worker {worker.address}" if worker is not None else f"pid {os.getpid()}"
-            raise RuntimeError(
-                f"{where}: {err}; run on workers with a CUDA GPU, or use device='auto' or 'cpu'"
-            ) from None
-        config = dataclasses.replace(self.config, device=str(device))
-
-        def make() -> Predictor:
-            source = self.source
-            net = source if isinstance(source, torch.nn.Module) else models.load(source)
-            return Predictor(net, config)
-
-        install_predictor(self.key, make)
-
-    def teardown(self, worker: Any = None) -> None:
-        remove_predictor(self.key)
-
-
-def has_cuda() -> bool:
-    """Whether torch sees a CUDA GPU in this process (run on workers by ``client.run``)."""
-    return bool(torch.cuda.is_available())
-
-
-def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
-    """The concrete autocast setting of a run, as its workers will apply it.
-
-    ``amp=None`` means on CUDA only: on when ``device`` is not ``"cpu"`` and every worker of
-    ``client`` sees a GPU (None: this process, which runs the tasks or the local cluster).
-    A result's identity records this value, so it must be the one the workers use.
-    """
-    if amp is not None:
-        return amp
-    if device == "cpu":
-        return False
-    cuda = set(client.run(has_cuda).values()) if client is not None else {has_cuda()}
-    if not cuda:
-        raise ValueError(
-            f"device {device!r} with amp=None: the cluster has no workers yet to say whether "
-            "they have a GPU; set amp=True or amp=False, or start its workers first"
-        )
-    if len(cuda) > 1:
-        raise ValueError(
-            f"device {device!r} with amp=None: some workers have a CUDA GPU and some do not, "
-            "so the run would mix autocast and float32; set amp=True or amp=False"
-        )
-    return cuda == {True}
 
 
 @dataclass(frozen=True)
@@ -175,7 +95,30 @@ def _io_threads(cores: int) -> int:
     return max(2, min(8, cores))
 
 
+def local_cluster_config(plan: ClusterPlan) -> dict[str, Any]:
+    """Dask settings for the local clusters runs start: less of Dask's own diagnostics on
+    the event loop, whose every wake takes the GIL (a GPU's model thread needs it to launch
+    kernels) and a core (the CPU's torch team waits for it). The loop thread of a threaded
+    cluster took 1.3-2.1 CPU s of a 14 s run at 4096^2 with the defaults, 0.4 s with these:
+    no statistical profiler (100 stack samples a second), system and memory monitors every
+    2 s and 1 s, a 0.5 s tick (a blocked loop is still reported), no stealing with one worker.
+    """
+    return {
+        "distributed.worker.profile.enabled": False,
+        "distributed.admin.system-monitor.interval": "2s",
+        "distributed.worker.memory.monitor-interval": "1s",
+        "distributed.admin.tick.interval": "500ms",
+        "distributed.scheduler.work-stealing": plan.n_workers > 1,
+    }
+
+
 def _start_local_cluster(plan: ClusterPlan) -> Any:
+    # Read as the scheduler, workers and nannies start (a nanny hands it to its worker).
+    with dask.config.set(local_cluster_config(plan)):
+        return _new_local_cluster(plan)
+
+
+def _new_local_cluster(plan: ClusterPlan) -> Any:
     # ":0": a free port, so runs side by side never fight over 8787.
     if plan.gpus:
         try:

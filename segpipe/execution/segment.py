@@ -19,13 +19,12 @@ from segpipe.execution.cluster import (
     connect,
     in_process_is_cheaper,
     plan_for_device,
-    resolve_amp,
     run_blocks,
-    run_key,
 )
 from segpipe.execution.foreground import resolve_foreground, select_tiles
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BLEND_TASK_SIDE, BlockResult, Job, group_blocks
+from segpipe.execution.workers import resolve_amp, run_key
 from segpipe.geometry.blending import blend_lattice
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location

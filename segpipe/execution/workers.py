@@ -1,0 +1,91 @@
+"""What a run puts on its workers: the plugin that loads its model once per worker process,
+under a name of its own, and the autocast setting the workers will apply."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from typing import Any
+
+import distributed
+import torch
+
+from segpipe import models
+from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
+from segpipe.execution.tasks import install_predictor, remove_predictor
+
+__all__ = ["ModelPlugin", "has_cuda", "resolve_amp", "run_key"]
+
+
+def run_key(model_sha256: str) -> str:
+    """A run's name on a cluster: the model's fingerprint and a fresh id.
+
+    Plugin names are global to a cluster, so two runs of one model on a shared cluster would
+    replace and then unregister each other's plugin if named by the model alone.
+    """
+    return f"{model_sha256[:16]}-{uuid.uuid4().hex[:12]}"
+
+
+class ModelPlugin(distributed.WorkerPlugin):
+    """Loads a run's model once per worker process, not once per tile.
+
+    The device is resolved here, on the worker: ``"auto"`` is this worker's GPU when it has
+    one, whatever the driver has.
+    """
+
+    def __init__(self, key: str, source: str | torch.nn.Module, config: InferenceConfig) -> None:
+        self.key = key
+        self.source = source
+        self.config = config
+        self.name = f"segpipe-model-{key}"
+
+    def setup(self, worker: Any = None) -> None:
+        try:
+            device = resolve_device(self.config.device)
+        except RuntimeError as err:
+            where = f"worker {worker.address}" if worker is not None else f"pid {os.getpid()}"
+            raise RuntimeError(
+                f"{where}: {err}; run on workers with a CUDA GPU, or use device='auto' or 'cpu'"
+            ) from None
+        config = dataclasses.replace(self.config, device=str(device))
+
+        def make() -> Predictor:
+            source = self.source
+            net = source if isinstance(source, torch.nn.Module) else models.load(source)
+            return Predictor(net, config)
+
+        install_predictor(self.key, make)
+
+    def teardown(self, worker: Any = None) -> None:
+        remove_predictor(self.key)
+
+
+def has_cuda() -> bool:
+    """Whether torch sees a CUDA GPU in this process (run on workers by ``client.run``)."""
+    return bool(torch.cuda.is_available())
+
+
+def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
+    """The concrete autocast setting of a run, as its workers will apply it.
+
+    ``amp=None`` means on CUDA only: on when ``device`` is not ``"cpu"`` and every worker of
+    ``client`` sees a GPU (None: this process, which runs the tasks or the local cluster).
+    A result's identity records this value, so it must be the one the workers use.
+    """
+    if amp is not None:
+        return amp
+    if device == "cpu":
+        return False
+    cuda = set(client.run(has_cuda).values()) if client is not None else {has_cuda()}
+    if not cuda:
+        raise ValueError(
+            f"device {device!r} with amp=None: the cluster has no workers yet to say whether "
+            "they have a GPU; set amp=True or amp=False, or start its workers first"
+        )
+    if len(cuda) > 1:
+        raise ValueError(
+            f"device {device!r} with amp=None: some workers have a CUDA GPU and some do not, "
+            "so the run would mix autocast and float32; set amp=True or amp=False"
+        )
+    return cuda == {True}
