@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -259,6 +260,32 @@ def test_tiff_chunks_follow_tiles(tmp_path: Path) -> None:
     chunks = reader.level(0).chunks
     assert chunks[0] == (64, 64, 64, 64, 44)
     assert chunks[1][:-1] == (64,) * 8
+
+
+def test_tiff_tiles_decode_beside_each_other_not_on_zarrs_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tifffile decodes a tile inside zarr's one event-loop thread unless told to use
+    threads (its default on machines under 6 cores): every I/O thread's reads took turns."""
+    path = tmp_path / "t.tif"
+    image = _rgb()
+    tifffile.imwrite(path, image, tile=(64, 64), compression="zlib", photometric="rgb")
+    threads: set[str] = set()
+    decode = tifffile.TiffPage.decode
+
+    def spying(page: tifffile.TiffPage) -> Callable[..., object]:
+        inner = decode.__get__(page)
+
+        def run(*args: object, **kwargs: object) -> object:
+            threads.add(threading.current_thread().name)
+            return inner(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(tifffile.TiffPage, "decode", property(spying))
+    reader = open_image(path)
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517), image)
+    assert threads and "zarr_io" not in threads, threads
 
 
 def test_jpeg_reads_what_pillow_decodes(tmp_path: Path) -> None:
