@@ -31,6 +31,7 @@ from segpipe.results import (
     write_tiles,
 )
 from segpipe.results.layout import level_tiling, levels_in_blocks
+from segpipe.results.schema import label_path
 from segpipe.results.store import quiet_consolidated
 
 # Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
@@ -131,6 +132,30 @@ def test_empty_chunks_are_not_written(tmp_path):
     assert chunks == [os.path.join("c", "1", "0")]
     assert zarr.open_array(path / "0" / "mask")[0:32, 0:32].max() == 0
     assert (path / "0" / "probabilities" / "c" / "0" / "0" / "0").exists()
+
+
+@pytest.mark.parametrize("group", [1, 5, 16])
+def test_label_image_blocks_are_written_in_groups_all_of_them(tmp_path, monkeypatch, group):
+    """The foreground's writer sends its blocks to Zarr a group at a time: every block lands
+    where it belongs, whether the last group is full or not; blocks not given keep 0."""
+    from segpipe.results import labels
+
+    monkeypatch.setattr(labels, "WRITE_GROUP", group)
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    rng = np.random.default_rng(group)
+    expected = np.zeros((100, 70), np.uint8)
+    blocks = []
+    for t in tile_grid((100, 70), 32):
+        if t.index == (1, 1):
+            continue  # a block with no foreground: not written
+        values = rng.integers(1, 3, t.box.shape, dtype=np.uint8)
+        expected[t.box.slices] = values
+        blocks.append((t.box, values))
+    labels.write_label_image(path, "extra", ("none", "a", "b"), iter(blocks), long_name="x")
+    stored = zarr.open_array(path, path=label_path("extra", 0, layout=meta().layout), mode="r")
+    np.testing.assert_array_equal(stored[...], expected)
+    assert labels.label_images(path)[-1] == "extra"
 
 
 def test_mismatch_and_foreign_directories(tmp_path):

@@ -22,8 +22,12 @@ from segpipe.io.files import URLPath
 from segpipe.results.layout import create_label_image, levels_in_blocks
 from segpipe.results.pyramid import block_levels
 from segpipe.results.schema import ResultMeta, label_path
+from segpipe.results.store import write_together
 
-__all__ = ["label_images", "write_label_image"]
+__all__ = ["WRITE_GROUP", "label_images", "write_label_image"]
+
+WRITE_GROUP = 16
+"""Blocks a label image's writer holds and writes at once (a 1024 px block's levels: 1.3 MB)."""
 
 
 def _open(path: str | os.PathLike, mode: Literal["r", "r+"]) -> zarr.Group:
@@ -62,7 +66,14 @@ def write_label_image(
         if not isinstance(array, zarr.Array):
             raise TypeError(f"{path}: label image {name!r} level {k} is not a Zarr array")
         arrays.append(array)
-    for box, values in blocks:
+    # Written WRITE_GROUP blocks at a time, together (each level of a block is one whole
+    # shard): 43 blocks of the 8192^2 demo slide's foreground took 0.67 s one write at a time.
+    writes: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
+    for i, (box, values) in enumerate(blocks, 1):
         levels = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", len(arrays) - 1)
-        for array, (at, level) in zip(arrays, levels, strict=True):
-            array[at.slices] = level
+        writes += [(a, at.slices, level) for a, (at, level) in zip(arrays, levels, strict=True)]
+        if i % WRITE_GROUP == 0:
+            write_together(writes)
+            writes = []
+    if writes:
+        write_together(writes)
