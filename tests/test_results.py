@@ -158,6 +158,36 @@ def test_label_image_blocks_are_written_in_groups_all_of_them(tmp_path, monkeypa
     assert labels.label_images(path)[-1] == "extra"
 
 
+def test_masks_skip_zarrs_chunk_comparison_unless_all_background(tmp_path, monkeypatch):
+    """Zarr compares every chunk with the fill value before encoding it (1 ms per 512^2):
+    mask shards holding any foreground are written without it, all-background ones with it
+    (and so not stored); what is read back is what was written either way."""
+    from zarr.core.buffer.core import NDBuffer
+
+    compared = []
+    all_equal = NDBuffer.all_equal
+
+    def counting(self, other, equal_nan=True):
+        compared.append(self.dtype)
+        return all_equal(self, other, equal_nan)
+
+    monkeypatch.setattr(NDBuffer, "all_equal", counting)
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta(task_tiles=2))
+    compared.clear()  # the store's coordinates
+    write_tiles(path, Box(64, 100, 0, 64), random_probabilities((36, 64)))
+    assert not compared, "no comparison where the shard holds foreground"
+    background = np.zeros((2, 64, 64), np.float32)
+    background[0] = 1.0
+    write_tiles(path, Box(0, 64, 0, 64), background)
+    assert compared and set(compared) == {np.dtype(np.uint8)}, "masks only, never probabilities"
+    mask = zarr.open_array(path / "0" / "mask", mode="r")
+    expected = random_probabilities((36, 64)).argmax(axis=0)
+    np.testing.assert_array_equal(mask[64:100, 0:64], expected)
+    assert mask[0:64, 0:64].max() == 0
+    assert not (path / "0" / "mask" / "c" / "0" / "0").exists()
+
+
 def test_mismatch_and_foreign_directories(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())

@@ -22,7 +22,7 @@ from segpipe.io.files import URLPath
 from segpipe.results.layout import create_label_image, levels_in_blocks
 from segpipe.results.pyramid import block_levels
 from segpipe.results.schema import ResultMeta, label_path
-from segpipe.results.store import write_together
+from segpipe.results.store import write_together, writer_for
 
 __all__ = ["WRITE_GROUP", "label_images", "write_label_image"]
 
@@ -71,7 +71,8 @@ def write_label_image(
     writes: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
     for i, (box, values) in enumerate(blocks, 1):
         levels = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", len(arrays) - 1)
-        writes += [(a, at.slices, level) for a, (at, level) in zip(arrays, levels, strict=True)]
+        for array, (at, level) in zip(arrays, levels, strict=True):
+            writes.append((writer_for(array, level), at.slices, level))
         if i % WRITE_GROUP == 0:
             write_together(writes)
             writes = []

@@ -281,8 +281,8 @@ def block_level_arrays(path: str | URLPath) -> list[tuple[zarr.Array, zarr.Array
     def dense(name: str) -> zarr.Array:
         # Probabilities equal the fill value (0 for every class) only in a tile no foreground
         # box computed, which then costs a few stored bytes; comparing every chunk with it
-        # before encoding cost a tenth of a block's writes. The masks keep the check: an
-        # all-background mask shard is not stored.
+        # before encoding cost a tenth of a block's writes. The masks are checked a shard at
+        # a time instead (store.writer_for): an all-background mask shard is not stored.
         return cast(zarr.Array, root[name]).with_config({"write_empty_chunks": True})
 
     return [
