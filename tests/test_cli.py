@@ -47,12 +47,13 @@ def test_segment_and_info(small_slide, random_checkpoint, tmp_path, capsys):
     assert "nucleus" in text and "µm²" in text
 
 
-def test_commands_that_run_models_tune_malloc_before_they_run(monkeypatch):
+def test_commands_that_run_models_tune_malloc_and_gc_before_they_run(monkeypatch):
     # keep_freed_memory binds threads yet to allocate: it must come before the command runs.
     import segpipe.cli as cli
 
     calls = []
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("malloc") or True)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: calls.append("freeze"))
     real = cli.build_parser
 
     def parser():
@@ -69,10 +70,10 @@ def test_commands_that_run_models_tune_malloc_before_they_run(monkeypatch):
 
     monkeypatch.setattr(cli, "build_parser", parser)
     assert main(["segment", "in.tif", "out.zarr"]) == 0
-    assert calls == ["malloc", "run"]
+    assert calls == ["malloc", "freeze", "run"]
     calls.clear()
     assert main(["info", "out.zarr"]) == 0
-    assert calls == ["run"], "a command that runs no model keeps glibc's defaults"
+    assert calls == ["run"], "a command that runs no model keeps glibc's and gc's defaults"
 
 
 def test_every_flag_of_earlier_releases_still_works(small_slide, tmp_path, monkeypatch):
