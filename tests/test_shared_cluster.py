@@ -301,6 +301,7 @@ def test_local_cluster_runs_fewer_diagnostics(n_workers):
             assert "profile-cycle" not in worker.periodic_callbacks
             assert worker.periodic_callbacks["monitor"].callback_time == 2000
             assert worker.periodic_callbacks["tick"].callback_time == 500
+            assert worker.periodic_callbacks["memory_monitor"].callback_time == 100, "kept"
         assert ("stealing" in local.scheduler.extensions) == (n_workers > 1)
     assert dask.config.get("distributed.worker.profile.enabled") == before
     with distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as plain:

@@ -189,16 +189,23 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
 _RUNS_MODELS = frozenset({"demo", "segment", "archive", "serve", "train", "evaluate"})
 
 
+def _freeze_imports() -> None:
+    """Import what running a model takes (torch, Dask, Zarr), then keep every object alive now
+    out of the cyclic collector's full passes: each pass over them held the GIL, and so the
+    model thread, 0.4-0.9 s (a first run at 4096^2 on 2 cores, frozen after these imports:
+    0.45 s of full passes instead of 0.88 s). For the ``segpipe`` command's own process only:
+    frozen objects that later become garbage in a cycle are never collected."""
+    import segpipe.execution.segment  # noqa: F401  (torch, dask, distributed, zarr)
+
+    gc.freeze()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
     args = build_parser().parse_args(argv)
     if args.command in _RUNS_MODELS:
         keep_freed_memory()  # before any thread allocates: it binds threads yet to come
-        # The objects the imports made (torch, dask, zarr...) leave the cyclic collector's
-        # view: each of its full passes over them held the GIL, and so the model thread,
-        # 0.4-0.9 s (a first default run at 4096^2 on 2 cores: 0.88 s of full passes, 0.45 s
-        # after this). This process is the command's own: nothing of a user's is frozen.
-        gc.freeze()
+        _freeze_imports()
     _configure_logging(verbose=args.verbose, quiet=args.quiet)
     run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
     # One progress display for every stage the command runs (library code never prints):

@@ -5,7 +5,8 @@
 from I/O threads; ``stitching`` cuts a region's windows, predicts them and joins the outputs;
 ``tasks`` is the unit of work (one block predicted, stitched and written as whole shards);
 ``foreground`` chooses the tiles and boxes a run computes; ``cluster`` lays out and connects
-Dask clusters and runs a result's blocks on them; ``segment`` is the entry point that ties
+Dask clusters and runs a result's blocks on them; ``workers`` is what a run puts on them (its
+model plugin) and asks of them (amp); ``segment`` is the entry point that ties
 them to a result store; ``allocator`` keeps the C heap's freed memory for the next CPU
 forward pass.
 """

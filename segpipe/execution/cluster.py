@@ -98,23 +98,27 @@ def _io_threads(cores: int) -> int:
 def local_cluster_config(plan: ClusterPlan) -> dict[str, Any]:
     """Dask settings for the local clusters runs start: less of Dask's own diagnostics on
     the event loop, whose every wake takes the GIL (a GPU's model thread needs it to launch
-    kernels) and a core (the CPU's torch team waits for it). The loop thread of a threaded
-    cluster took 1.3-2.1 CPU s of a 14 s run at 4096^2 with the defaults, 0.4 s with these:
-    no statistical profiler (100 stack samples a second), system and memory monitors every
-    2 s and 1 s, a 0.5 s tick (a blocked loop is still reported), no stealing with one worker.
+    kernels) and a core (the CPU's torch team waits for it): no statistical profiler (100
+    stack samples a second), the system monitor every 2 s, a 0.5 s tick (a blocked loop is
+    still reported), no stealing with one worker. The memory monitor keeps its 0.1 s: it
+    pauses or restarts a worker before the machine runs out.
     """
     return {
         "distributed.worker.profile.enabled": False,
         "distributed.admin.system-monitor.interval": "2s",
-        "distributed.worker.memory.monitor-interval": "1s",
         "distributed.admin.tick.interval": "500ms",
         "distributed.scheduler.work-stealing": plan.n_workers > 1,
     }
 
 
+# dask.config.set changes the process's config until its block ends: clusters started by two
+# threads at once must not interleave their settings and restores.
+_CONFIG_LOCK = threading.Lock()
+
+
 def _start_local_cluster(plan: ClusterPlan) -> Any:
     # Read as the scheduler, workers and nannies start (a nanny hands it to its worker).
-    with dask.config.set(local_cluster_config(plan)):
+    with _CONFIG_LOCK, dask.config.set(local_cluster_config(plan)):
         return _new_local_cluster(plan)
 
 

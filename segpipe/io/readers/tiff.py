@@ -9,7 +9,6 @@ CRS, affine, nodata and masks from GDAL (:mod:`segpipe.io.readers.geotiff`).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -100,14 +99,14 @@ class TiffReader(BaseReader):
 
         if self._tif is None:
             self._tif = tifffile.TiffFile(self._file())
-        # read-only whatever the file handle says (an fsspec memory file claims writable).
-        # maxworkers > 1: each tile is decoded in a thread of zarr's pool, not in zarr's one
-        # event-loop thread, where tifffile decodes them on machines of under 6 cores: there
-        # every I/O thread's reads took turns (32 windows of 1116^2 from 2 threads of a
-        # deflate OME-TIFF: 0.52 s of one core, 0.45 s over two).
-        store = self._tif.series[self._series].aszarr(
-            level=level, read_only=True, maxworkers=max(2, os.cpu_count() or 2)
-        )
+        series = self._tif.series[self._series]
+        # Segments worth a thread (tifffile's own rule: compressed, not tiny) are decoded in
+        # zarr's thread pool, not in zarr's one event-loop thread, where tifffile decodes them
+        # on machines of under 6 cores: there every I/O thread's reads took turns (32 windows
+        # of 1116^2 from 2 threads of a deflate OME-TIFF: 0.52 s of one core, 0.45 s over
+        # two). Read-only whatever the file handle says (an fsspec memory file claims writable).
+        threads = {"maxworkers": 2} if series.levels[level].keyframe.maxworkers > 0 else {}
+        store = series.aszarr(level=level, read_only=True, **threads)
         array = cast("zarr.Array", zarr.open(store, mode="r"))
         if tuple(array.shape) != self._native_shapes[level]:
             raise ImageReadError(
