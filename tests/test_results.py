@@ -134,16 +134,17 @@ def test_empty_chunks_are_not_written(tmp_path):
     assert (path / "0" / "probabilities" / "c" / "0" / "0" / "0").exists()
 
 
-@pytest.mark.parametrize("group", [1, 5, 16])
-def test_label_image_blocks_are_written_in_groups_all_of_them(tmp_path, monkeypatch, group):
-    """The foreground's writer sends its blocks to Zarr a group at a time: every block lands
-    where it belongs, whether the last group is full or not; blocks not given keep 0."""
+@pytest.mark.parametrize("group_bytes", [1, 3000, 1 << 30])
+def test_label_image_blocks_are_written_in_groups_all_of_them(tmp_path, monkeypatch, group_bytes):
+    """The foreground's writer sends its blocks (32^2 uint8 here) to Zarr a group at a time:
+    every block lands where it belongs, whether the last group is full or not; blocks not
+    given keep 0."""
     from segpipe.results import labels
 
-    monkeypatch.setattr(labels, "WRITE_GROUP", group)
+    monkeypatch.setattr(labels, "WRITE_GROUP_BYTES", group_bytes)
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
-    rng = np.random.default_rng(group)
+    rng = np.random.default_rng(group_bytes)
     expected = np.zeros((100, 70), np.uint8)
     blocks = []
     for t in tile_grid((100, 70), 32):

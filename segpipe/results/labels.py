@@ -24,10 +24,11 @@ from segpipe.results.pyramid import block_levels
 from segpipe.results.schema import ResultMeta, label_path
 from segpipe.results.store import write_together, writer_for
 
-__all__ = ["WRITE_GROUP", "label_images", "write_label_image"]
+__all__ = ["WRITE_GROUP_BYTES", "label_images", "write_label_image"]
 
-WRITE_GROUP = 16
-"""Blocks a label image's writer holds and writes at once (a 1024 px block's levels: 1.3 MB)."""
+WRITE_GROUP_BYTES = 24 << 20
+"""Bytes of blocks a label image's writer holds before it writes them all at once (16 of the
+default 1024 px blocks, whose levels take 1.3 MB each)."""
 
 
 def _open(path: str | os.PathLike, mode: Literal["r", "r+"]) -> zarr.Group:
@@ -66,15 +67,17 @@ def write_label_image(
         if not isinstance(array, zarr.Array):
             raise TypeError(f"{path}: label image {name!r} level {k} is not a Zarr array")
         arrays.append(array)
-    # Written WRITE_GROUP blocks at a time, together (each level of a block is one whole
+    # Written a group of blocks at a time, together (each level of a block is one whole
     # shard): 43 blocks of the 8192^2 demo slide's foreground took 0.67 s one write at a time.
     writes: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
-    for i, (box, values) in enumerate(blocks, 1):
+    held = 0
+    for box, values in blocks:
         levels = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", len(arrays) - 1)
         for array, (at, level) in zip(arrays, levels, strict=True):
             writes.append((writer_for(array, level), at.slices, level))
-        if i % WRITE_GROUP == 0:
+            held += level.nbytes
+        if held >= WRITE_GROUP_BYTES:
             write_together(writes)
-            writes = []
+            writes, held = [], 0
     if writes:
         write_together(writes)
