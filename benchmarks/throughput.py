@@ -62,7 +62,8 @@ from segpipe.config import SegmentConfig
 from segpipe.execution import predictor as predictor_module
 from segpipe.execution import tasks
 from segpipe.execution.cluster import plan_for_device
-from segpipe.execution.pipeline import CoreGate, ModelStage
+from segpipe.execution.gate import CoreGate
+from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import InferenceConfig, Predictor
 from segpipe.geometry.tiling import Box, exact_side, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader
@@ -209,9 +210,10 @@ def bare_forward(
         region = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
         side = exact_side(region, config.tile, predictor.geometry, int(budget))
         windows += exact_windows(region, side, predictor.geometry)
-    # Windows of each input shape (a region's cut last windows differ), batched as the run
-    # batches them; pixels scaled here, outside the timing: the model alone (segpipe scales
-    # uint8 windows on the model thread, so its runs pay for that beside this reference).
+    # Windows of each input shape (a region's cut last windows differ), batched and laid on
+    # the model threads as the run does (``ModelStage``: narrow passes side by side); pixels
+    # scaled here, outside the timing: the model alone (segpipe scales uint8 windows on the
+    # model thread, so its runs pay for that beside this reference).
     shapes: dict[tuple[int, int], int] = {}
     for w in windows:
         shapes[w.input.shape] = shapes.get(w.input.shape, 0) + 1
@@ -221,15 +223,21 @@ def bare_forward(
         batch = stage.batch_limit((ny, nx, channels))
         crop = np.resize(image, (ny, nx, channels))  # real pixels; content does not set speed
         prepared = np.ascontiguousarray(predictor.scale(np.stack([crop] * batch)))
-        predictor.forward(prepared[:1]).result()  # warm-up, as a run's first pass of a shape
+        stage(prepared[:1])  # warm-up, as a run's first pass of a shape
         runs.append((prepared, count))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()
     start, cpu = time.perf_counter(), time.process_time()
-    for prepared, count in runs:
-        for i in range(0, count, len(prepared)):
-            predictor.forward(prepared[: min(len(prepared), count - i)]).result()
-    return time.perf_counter() - start, time.process_time() - cpu, len(windows)
+    pending = [
+        stage.submit(prepared[: min(len(prepared), count - i)])
+        for prepared, count in runs
+        for i in range(0, count, len(prepared))
+    ]
+    for p in pending:
+        p.result()
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    stage.close()
+    return seconds, cpu, len(windows)
 
 
 def run_segment(

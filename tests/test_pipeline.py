@@ -28,11 +28,19 @@ from segpipe.io.readers import ArrayReader
 class FakePredictor:
     """Stands in for Predictor: probabilities are the window's mean, forward can be held."""
 
-    def __init__(self, *, batch_size: int = 4, budget: float = 1e12, fail_on: float = -1.0):
-        self.config = InferenceConfig(device="cpu", batch_size=batch_size)
+    def __init__(
+        self,
+        *,
+        batch_size: int = 4,
+        budget: float = 1e12,
+        fail_on: float = -1.0,
+        threads: int | None = None,
+    ):
+        self.config = InferenceConfig(device="cpu", batch_size=batch_size, threads=threads)
         self.device = torch.device("cpu")
         self.batches: list[int] = []
         self.intervals: list[tuple[float, float]] = []  # of each forward pass
+        self.passes: list[tuple[int, int, str]] = []  # window side, torch threads, thread name
         self.seconds = 0.0
         self.hold = threading.Event()
         self.hold.set()
@@ -51,6 +59,9 @@ class FakePredictor:
             raise ValueError("bad window")
         self.batches.append(len(batch))
         self.intervals.append((start, time.perf_counter()))
+        self.passes.append(
+            (batch.shape[1], torch.get_num_threads(), threading.current_thread().name)
+        )
         out = batch.mean(axis=(1, 2, 3)).reshape(-1, 1, 1, 1)
         return PendingProbabilities(torch.from_numpy(np.ascontiguousarray(out)), None)
 
@@ -94,7 +105,7 @@ def test_batches_join_windows_of_several_submitters():
     fake.hold.clear()
     first = stage.submit(windows(0))  # taken by the model thread, which is held
     deadline = time.monotonic() + 10
-    while stage._queue.qsize() and time.monotonic() < deadline:
+    while stage.queued() and time.monotonic() < deadline:
         time.sleep(0.01)
     later = [stage.submit(windows(v)) for v in (1, 2, 3)]  # queued meanwhile
     fake.hold.set()
@@ -111,7 +122,7 @@ def test_batches_never_join_uint8_windows_with_float_ones():
     fake.hold.clear()
     first = stage.submit(windows(0))
     deadline = time.monotonic() + 10
-    while stage._queue.qsize() and time.monotonic() < deadline:
+    while stage.queued() and time.monotonic() < deadline:
         time.sleep(0.01)
     later = [
         stage.submit(windows(1)),
@@ -154,7 +165,7 @@ def test_the_queue_bound_holds_while_submitters_outrun_the_model():
     submitter.start()
     time.sleep(0.3)
     assert submitter.is_alive(), "blocked on the full queue"
-    assert stage._queue.qsize() <= 2
+    assert stage.queued() <= 2
     fake.hold.set()
     submitter.join(10)
     assert [f.result(10)[0, 0, 0, 0] for f in futures] == list(range(10))
@@ -207,6 +218,70 @@ def test_a_waiting_model_waits_for_the_section_and_nested_sections_do_not_wait_f
         assert not future.done(), "no pass while a section runs"
     assert future.result(10)[0, 0, 0, 0] == 3
     stage.close()
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_stage_with_lanes_equals_the_predictor(lanes):
+    """Two torch threads: small windows run narrow (one thread each, side by side) with two
+    lanes, wide with one; the probabilities are the predictor's either way."""
+    net = tiny_unet()
+    torch.set_num_threads(2)
+    predictor = Predictor(net, InferenceConfig(device="cpu", batch_size=2))
+    n = net.geometry.input_size(16)
+    rng = np.random.default_rng(1)
+    inputs = [rng.integers(0, 256, (k, n, n, 3), dtype=np.uint8) for k in (3, 1, 4, 2)]
+    expected = [predictor(x) for x in inputs]
+    stage = ModelStage(predictor, lanes=lanes)
+    assert stage.pass_plan((n, n, 3)).narrow == (lanes == 2)
+    results: dict[int, np.ndarray] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, stage(inputs[i])))
+        for i in range(len(inputs))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stage.close()
+    for i, want in enumerate(expected):
+        np.testing.assert_allclose(results[i], want, atol=1e-6)
+    assert torch.get_num_threads() == 2, "the stage leaves torch's threads as it found them"
+
+
+def test_narrow_passes_run_side_by_side_and_wide_ones_alone():
+    """Two cores, two lanes, a budget of 40 bytes: 4 px windows (16 bytes) run narrow, one
+    torch thread each, at most two at once; 5 px windows (25 bytes, two would pass the
+    budget) run wide on both threads, alone, in the one wide thread."""
+    fake = FakePredictor(batch_size=4, budget=40, threads=2)
+    fake.seconds = 0.05
+    stage = ModelStage(fake, lanes=2)  # type: ignore[arg-type]
+    assert stage.pass_plan((4, 4, 1)) == pipeline.PassPlan(1, 1, narrow=True)
+    assert stage.pass_plan((5, 5, 1)) == pipeline.PassPlan(1, 2, narrow=False)
+
+    def submitter(side: int, value: float) -> None:
+        for _ in range(4):
+            assert stage(windows(value, side=side))[0, 0, 0, 0] == value
+
+    threads = [
+        threading.Thread(target=submitter, args=(side, v))
+        for side, v in ((4, 1), (4, 2), (4, 3), (5, 4))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    stage.close()
+    assert len(fake.passes) == 16
+    overlapping = [sum(a < d and c < b for c, d in fake.intervals) for a, b in fake.intervals]
+    # passes running at each pass's start, itself included
+    at_start = [sum(c <= a < d for c, d in fake.intervals) for a, _ in fake.intervals]
+    for (side, torch_threads, name), others in zip(fake.passes, overlapping, strict=True):
+        if side == 4:
+            assert torch_threads == 1 and name.startswith("segpipe-model-")
+        else:
+            assert (torch_threads, name, others) == (2, "segpipe-model", 1)
+    assert max(at_start) == 2, "narrow passes ran side by side, never more than two"
+    assert torch.get_num_threads() == 2
 
 
 def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():

@@ -2,7 +2,7 @@
 ``segment()``.
 
 ``predictor`` turns batches of pixels into probabilities on a device; ``pipeline`` feeds it
-from I/O threads; ``stitching`` cuts a region's windows, predicts them and joins the outputs;
+from I/O threads, ``gate`` sharing the CPU's cores between its passes and their work; ``stitching`` cuts a region's windows, predicts them and joins the outputs;
 ``tasks`` is the unit of work (one block predicted, stitched and written as whole shards);
 ``foreground`` chooses the tiles and boxes a run computes; ``cluster`` lays out and connects
 Dask clusters and runs a result's blocks on them; ``workers`` is what a run puts on them (its

@@ -20,7 +20,7 @@ import platform
 __all__ = ["KEEP_BYTES", "keep_freed_memory"]
 
 KEEP_BYTES = (1 << 31) - 1
-"""Freed bytes the heap keeps rather than returning them: 2 GiB, twice the CPU forward budget
+"""Freed bytes the heap keeps rather than returning them: 2 GiB, the CPU forward budget
 (the most a C int, mallopt's argument, holds)."""
 
 # mallopt parameters, from glibc's malloc.h

@@ -67,11 +67,11 @@ def plan_local_cluster(
 ) -> ClusterPlan:
     """One worker per device (each GPU; the CPU is one), with I/O threads that follow the cores.
 
-    A worker's tasks run in its I/O threads and hand their windows to one model thread per
-    process (``execution.pipeline``): on a GPU the I/O threads keep the device fed; on the CPU
-    the model thread's torch team takes every core (``torch_threads``) and the I/O threads
-    what it leaves. ``n_workers`` on the CPU splits the I/O threads over that many workers
-    (still one model thread: they are threads of one process).
+    A worker's tasks run in its I/O threads and hand their windows to the process's model
+    threads (``execution.pipeline``): on a GPU the I/O threads keep the device fed; on the CPU
+    the passes take every core (``torch_threads``: one wide pass, or narrow ones side by
+    side) and the I/O threads what they leave. ``n_workers`` on the CPU splits the I/O threads
+    over that many workers (still one stage: they are threads of one process).
 
     >>> plan_local_cluster(torch.device("cpu"), cpus=8)
     ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0)

@@ -1,24 +1,27 @@
-"""The pipelined worker: I/O threads feed one model thread through a bounded queue.
+"""The pipelined worker: I/O threads feed the model threads through bounded queues.
 
 One :class:`ModelStage` per model per process (per GPU: one worker process each). The threads
 that run tasks (Dask's worker threads, or :func:`run_in_process`'s) are the I/O threads: each
 reads, decodes, mirrors and normalises its block's windows, hands them to the stage, and
-stitches, encodes and writes what comes back, while the stage's one thread keeps the device
+stitches, encodes and writes what comes back, while the stage's model thread keeps the device
 busy with batches that may mix windows of several blocks::
 
     I/O thread 1: read+prepare A --submit--> ...wait... <--probabilities-- stitch+write A
     I/O thread 2:            read+prepare B --submit--> ...wait...         <-- stitch+write B
     model thread:                    [ batch: A0 A1 B0 B1 ][ batch: B2 ... ]
 
-Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), the
+Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), each
 queue holds at most ``max_queued`` batches' worth of prepared windows, and a submitter
 blocks while it is full. On a GPU the model thread only launches kernels and copies, so the
-device never waits for a read. On a CPU the model thread runs torch's intra-op team on every
+device never waits for a read. On a CPU a wide pass runs torch's intra-op team on every
 core, and the I/O threads take only what it leaves: their CPU work runs in
-:meth:`ModelStage.io_section`, which a forward pass never overlaps (:class:`CoreGate`). Beside
+:meth:`ModelStage.io_section`, which a wide pass never overlaps (:class:`CoreGate`). Beside
 a pass, an I/O thread does not use a spare core, there is none: it takes one of the team's,
 and the whole team waits at its next barrier for the thread it lost (at 4096² the shipped
-model's passes took 13.6 s beside the I/O threads, 9.5 s with them held off).
+model's passes took 13.6 s beside the I/O threads, 9.5 s with them held off). Windows small
+enough for the memory budget run narrow instead: one pass per core, side by side, each on
+one torch thread (no team, no barrier), and an I/O section may take the core a narrow pass
+leaves free.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ from typing import TypeVar, cast
 import numpy as np
 import torch
 
+from segpipe.execution.gate import CoreGate
 from segpipe.execution.predictor import PendingProbabilities, Predictor
 
-__all__ = ["CoreGate", "ModelStage", "StageStats", "run_in_process"]
+__all__ = ["ModelStage", "PassPlan", "StageStats", "run_in_process"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,73 +53,34 @@ class StageStats:
 
     batches: int = 0
     windows: int = 0
-    busy_seconds: float = 0.0  # model thread inside forward calls (a GPU: launching + waiting)
-    peak_queued: int = 0  # chunks waiting in the queue at once, at most ``max_queued``
+    busy_seconds: float = (
+        0.0  # model threads inside forward calls, summed (a GPU: launching + waiting)
+    )
+    peak_queued: int = 0  # chunks waiting at once, at most ``max_queued`` in each queue
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """How windows of one shape run: up to ``limit`` per forward pass, on ``threads`` of
+    torch's; ``narrow`` passes run side by side in the narrow lanes, wide ones alone."""
+
+    limit: int
+    threads: int
+    narrow: bool = False
 
 
 @dataclass
 class _Chunk:
-    windows: np.ndarray  # prepared (n, Y, X, C): uint8, or float32 scaled; n <= limit
-    limit: int  # windows of this shape per forward pass
+    windows: np.ndarray  # prepared (n, Y, X, C): uint8, or float32 scaled; n <= plan.limit
+    plan: PassPlan
     future: Future[np.ndarray]
 
 
 _STOP = object()
 
 
-class CoreGate:
-    """The CPU's cores, taken in turn by the forward passes and by the I/O threads' work.
-
-    Any number of I/O threads may hold it at once (:meth:`io`), the model thread alone
-    (:meth:`model`); a waiting model thread goes first, so a pass waits only for the sections
-    running when it asked. A thread's sections may nest. Nothing that waits for the model
-    (a submit into a full queue, a result) may run inside an I/O section.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._io = 0
-        self._model = False
-        self._model_waiting = 0
-        self._depth = threading.local()
-
-    @contextlib.contextmanager
-    def io(self) -> Iterator[None]:
-        depth = getattr(self._depth, "n", 0)
-        if depth == 0:
-            with self._cond:
-                while self._model or self._model_waiting:
-                    self._cond.wait()
-                self._io += 1
-        self._depth.n = depth + 1
-        try:
-            yield
-        finally:
-            self._depth.n = depth
-            if depth == 0:
-                with self._cond:
-                    self._io -= 1
-                    if not self._io:
-                        self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def model(self) -> Iterator[None]:
-        with self._cond:
-            self._model_waiting += 1
-            while self._io or self._model:
-                self._cond.wait()
-            self._model_waiting -= 1
-            self._model = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._model = False
-                self._cond.notify_all()
-
-
 class ModelStage:
-    """Runs ``predictor`` on one thread over windows that any thread submits.
+    """Runs ``predictor`` on its model threads over windows that any thread submits.
 
     Parameters
     ----------
@@ -130,6 +95,15 @@ class ModelStage:
     share_cores
         Whether forward passes and I/O sections take the cores in turn (:class:`CoreGate`);
         default: when the model runs on the CPU.
+    lanes
+        Model threads. Default: one per torch thread when the stage shares the cores, else
+        one. Windows small enough that ``lanes`` passes fit the memory budget together run
+        narrow: several passes side by side, ``threads // lanes`` torch threads each (small
+        layers barely use a team of many threads, which meets at a barrier after every
+        layer; at 256 px a side, two one-thread passes beside each other did the work of
+        two-thread passes in 0.65-0.75 of the time on 2 cores), and an I/O section may take a
+        core a narrow pass leaves. Larger windows run wide: one pass at a time on every
+        thread.
     """
 
     def __init__(
@@ -139,28 +113,43 @@ class ModelStage:
         max_batch: int | None = None,
         max_queued: int = 2,
         share_cores: bool | None = None,
+        lanes: int | None = None,
     ) -> None:
         if max_queued < 1:
             raise ValueError(f"max_queued must be >= 1 chunk, got {max_queued}")
+        if lanes is not None and lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes}")
         self.predictor = predictor
         self.max_batch = max_batch or predictor.config.batch_size
         self.max_queued = max_queued
         self.stats = StageStats()
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=max_queued)
+        # Wide passes have one thread of their own: OpenMP keeps a team of workers per
+        # thread that starts parallel regions, and an idle team spins beside a busy one.
+        self._queues: dict[bool, queue.Queue[object]] = {
+            narrow: queue.Queue(maxsize=max_queued) for narrow in (False, True)
+        }
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._limits: dict[tuple[int, ...], int] = {}
-        # Torch's intra-op thread count can be per thread (OpenMP): the model thread takes the
-        # predictor's, else the setting of the thread that made the stage.
+        self._threads: dict[bool, list[threading.Thread]] = {False: [], True: []}
+        self._plans: dict[tuple[int, ...], PassPlan] = {}
+        # The predictor's torch threads, else the setting of the thread that made the stage.
         self._torch_threads = predictor.config.threads or torch.get_num_threads()
         if share_cores is None:
             share_cores = predictor.device.type == "cpu"
-        self.gate = CoreGate() if share_cores else None
+        self.gate = CoreGate(self._torch_threads) if share_cores else None
+        if lanes is None:
+            lanes = self._torch_threads if share_cores else 1
+        # Narrow passes change torch's thread count, which is the process's (OpenMP's
+        # global setting for threads outside a parallel region): only under the gate.
+        self.lanes = lanes if share_cores else 1
 
     def io_section(self) -> contextlib.AbstractContextManager[None]:
         """Where an I/O thread does CPU work (read, decode, prepare, stitch, encode, write):
         never beside a forward pass when the stage shares the cores (see the module doc)."""
         return self.gate.io() if self.gate is not None else contextlib.nullcontext()
+
+    def queued(self) -> int:
+        """Chunks waiting now (at most ``max_queued`` of wide passes and as many narrow)."""
+        return sum(q.qsize() for q in self._queues.values())
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         """(N, Y, X, C) pixels -> (N, classes, y, x) probabilities: a ``WindowPredictor``."""
@@ -171,14 +160,15 @@ class ModelStage:
         probabilities. Blocks while the queue is full."""
         with self.io_section():
             prepared = self.predictor.prepare(windows)
-        step = self.batch_limit(prepared.shape[1:])
+        plan = self.pass_plan(prepared.shape[1:])
+        step = plan.limit
         parts = [
-            _Chunk(prepared[i : i + step], step, Future()) for i in range(0, len(prepared), step)
+            _Chunk(prepared[i : i + step], plan, Future()) for i in range(0, len(prepared), step)
         ]
-        self._start()
+        self._start(plan.narrow)
         for part in parts:
-            self._queue.put(part)
-            self.stats.peak_queued = max(self.stats.peak_queued, self._queue.qsize())
+            self._queues[plan.narrow].put(part)
+            self.stats.peak_queued = max(self.stats.peak_queued, self.queued())
         if len(parts) == 1:
             return parts[0].future
         joined: Future[np.ndarray] = Future()
@@ -188,38 +178,65 @@ class ModelStage:
     def batch_limit(self, window_shape: tuple[int, ...]) -> int:
         """Windows of ``window_shape`` (Y, X, C) per forward pass: ``max_batch``, or fewer
         when their activations would pass the device's memory budget (at least one)."""
-        limit = self._limits.get(window_shape)
-        if limit is None:
+        return self.pass_plan(window_shape).limit
+
+    def pass_plan(self, window_shape: tuple[int, ...]) -> PassPlan:
+        """How windows of ``window_shape`` (Y, X, C) run: narrow when ``lanes`` passes of at
+        least one window fit the memory budget together, each pass taking its share of it;
+        else wide, alone, within the whole budget."""
+        plan = self._plans.get(window_shape)
+        if plan is None:
             one = window_shape[0] * window_shape[1] * self.predictor.bytes_per_pixel()
-            limit = max(1, min(self.max_batch, int(self.predictor.memory_budget() // one)))
-            self._limits[window_shape] = limit
-        return limit
+            budget = self.predictor.memory_budget()
+            if self.lanes > 1 and one * self.lanes <= budget:
+                limit = min(self.max_batch, int(budget / self.lanes // one))
+                plan = PassPlan(limit, max(1, self._torch_threads // self.lanes), narrow=True)
+            else:
+                limit = max(1, min(self.max_batch, int(budget // one)))
+                plan = PassPlan(limit, self._torch_threads)
+            self._plans[window_shape] = plan
+        return plan
 
     def close(self) -> None:
-        """Stop the model thread once the queued windows are done."""
+        """Stop the model threads once the queued windows are done."""
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(_STOP)
+            threads, self._threads = self._threads, {False: [], True: []}
+        for narrow, started in threads.items():
+            for _ in started:
+                self._queues[narrow].put(_STOP)
+        for thread in threads[False] + threads[True]:
             thread.join()
+        if threads[True]:
+            torch.set_num_threads(self._torch_threads)  # as a wide pass leaves it
 
-    def _start(self) -> None:
+    def _start(self, narrow: bool) -> None:
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="segpipe-model", daemon=True)
-                self._thread.start()
+            if not self._threads[narrow]:
+                names = (
+                    [f"segpipe-model-{i}" for i in range(self.lanes)]
+                    if narrow
+                    else ["segpipe-model"]
+                )
+                self._threads[narrow] = [
+                    threading.Thread(target=self._run, args=(narrow,), name=name, daemon=True)
+                    for name in names
+                ]
+                for thread in self._threads[narrow]:
+                    thread.start()
 
-    def _run(self) -> None:
-        torch.set_num_threads(self._torch_threads)
+    def _run(self, narrow: bool) -> None:
+        if self.lanes == 1:
+            torch.set_num_threads(self._torch_threads)
+        todo = self._queues[narrow]
         carry: _Chunk | None = None
         previous: tuple[list[_Chunk], PendingProbabilities] | None = None
         stop = False
         while not stop:
-            if previous is not None and carry is None and self._queue.empty():
+            if previous is not None and carry is None and todo.empty():
                 # Nothing to overlap with: its submitters may be waiting for it to send more.
                 _deliver(*previous)
                 previous = None
-            chunks, carry, stop = self._next_batch(carry)
+            chunks, carry, stop = _next_batch(todo, carry)
             pending = self._forward(chunks) if chunks else None
             # On a GPU batch n is read back while n+1 runs; the CPU's is done already, and its
             # submitters should not wait for the next batch to stitch and write it.
@@ -233,32 +250,6 @@ class ModelStage:
         if previous is not None:
             _deliver(*previous)
 
-    def _next_batch(self, carry: _Chunk | None) -> tuple[list[_Chunk], _Chunk | None, bool]:
-        """Chunks of one shape, up to ``max_batch`` windows: the carried one (or the next
-        queued, waiting for it), then whatever else is queued now."""
-        first = carry if carry is not None else self._queue.get()
-        if first is _STOP:
-            return [], None, True
-        head = cast(_Chunk, first)
-        chunks, size = [head], len(head.windows)
-        while size < head.limit:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is _STOP:
-                return chunks, None, True
-            chunk = cast(_Chunk, item)
-            if (
-                chunk.windows.shape[1:] != head.windows.shape[1:]
-                or chunk.windows.dtype != head.windows.dtype  # uint8 is scaled, float32 not
-                or size + len(chunk.windows) > head.limit
-            ):
-                return chunks, chunk, False  # runs in the next batch
-            chunks.append(chunk)
-            size += len(chunk.windows)
-        return chunks, None, False
-
     def _forward(self, chunks: list[_Chunk]) -> PendingProbabilities | None:
         live = [c for c in chunks if c.future.set_running_or_notify_cancel()]
         if not live:
@@ -266,18 +257,61 @@ class ModelStage:
         batch = live[0].windows if len(live) == 1 else np.concatenate([c.windows for c in live])
         started = time.perf_counter()
         try:
-            with self.gate.model() if self.gate is not None else contextlib.nullcontext():
+            with self._pass(live[0].plan.threads):
                 pending = self.predictor.forward(batch)
         except BaseException as err:  # the submitters raise it, the stage lives on
             for c in live:
                 c.future.set_exception(err)
             return None
         finally:
-            self.stats.busy_seconds += time.perf_counter() - started
-        self.stats.batches += 1
-        self.stats.windows += len(batch)
+            with self._lock:
+                self.stats.busy_seconds += time.perf_counter() - started
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.windows += len(batch)
         chunks[:] = live
         return pending
+
+    @contextlib.contextmanager
+    def _pass(self, threads: int) -> Iterator[None]:
+        if self.gate is None:
+            yield
+            return
+        with self.gate.model(threads):
+            if self._threads[True] and torch.get_num_threads() != threads:
+                # Every pass running now is as wide as this one: a wide pass runs alone.
+                torch.set_num_threads(threads)
+            yield
+
+
+def _next_batch(
+    todo: queue.Queue[object], carry: _Chunk | None
+) -> tuple[list[_Chunk], _Chunk | None, bool]:
+    """Chunks of one shape, up to the plan's limit of windows: the carried one (or the next
+    queued, waiting for it), then whatever else is queued now."""
+    first = carry if carry is not None else todo.get()
+    if first is _STOP:
+        return [], None, True
+    head = cast(_Chunk, first)
+    chunks, size = [head], len(head.windows)
+    while size < head.plan.limit:
+        try:
+            item = todo.get_nowait()
+        except queue.Empty:
+            break
+        if item is _STOP:
+            return chunks, None, True
+        chunk = cast(_Chunk, item)
+        if (
+            chunk.windows.shape[1:] != head.windows.shape[1:]
+            or chunk.windows.dtype != head.windows.dtype  # uint8 is scaled, float32 not
+            or chunk.plan != head.plan
+            or size + len(chunk.windows) > head.plan.limit
+        ):
+            return chunks, chunk, False  # runs in the next batch
+        chunks.append(chunk)
+        size += len(chunk.windows)
+    return chunks, None, False
 
 
 def _deliver(chunks: list[_Chunk], pending: PendingProbabilities) -> None:

@@ -168,17 +168,19 @@ class Predictor:
             return self._bytes_per_pixel
 
     def memory_budget(self) -> int:
-        """Bytes one forward pass may take: 40% of the GPU's free memory (two batches are in
-        flight), or :data:`CPU_FORWARD_BUDGET` on the CPU."""
+        """Bytes of activations the forward passes running at once may take: 40% of the GPU's
+        free memory (one pass at a time, two batches in flight), or
+        :data:`CPU_FORWARD_BUDGET` on the CPU (``ModelStage`` splits it between passes side
+        by side)."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * 0.4)
         return CPU_FORWARD_BUDGET
 
 
-CPU_FORWARD_BUDGET = 1 << 30
-"""Bytes of activations one forward pass may take on the CPU (1 GiB: a 1024 px exact window of
-the shipped U-Net, or four 512 px ones)."""
+CPU_FORWARD_BUDGET = 2 << 30
+"""Bytes of activations the CPU's forward passes may take together (2 GiB: on 2 cores, two
+1024 px exact windows of the shipped U-Net side by side, one core each)."""
 
 
 class PendingProbabilities:

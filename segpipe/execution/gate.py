@@ -1,0 +1,70 @@
+"""The CPU's cores, shared by forward passes and the I/O threads' work.
+
+A forward pass on the CPU runs torch's intra-op team, which meets at a barrier after every
+layer: a thread that works beside it takes a core from the team, and the whole team waits for
+that one thread. :class:`CoreGate` hands the cores out so that never happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+__all__ = ["CoreGate"]
+
+
+class CoreGate:
+    """The CPU's ``cores``, taken in turn by the forward passes and by the I/O threads' work.
+
+    A pass takes the cores its torch team runs on (:meth:`model`); an I/O section one core
+    (:meth:`io`), but with no pass running any number of sections may run at once. A
+    waiting pass goes first, so it waits only for the sections running when it asked. A
+    thread's sections may nest. Nothing that waits for the model (a submit into a full queue,
+    a result) may run inside an I/O section.
+    """
+
+    def __init__(self, cores: int = 1) -> None:
+        if cores < 1:
+            raise ValueError(f"cores must be >= 1, got {cores}")
+        self.cores = cores
+        self._cond = threading.Condition()
+        self._io = 0
+        self._model = 0  # cores the running passes hold
+        self._model_waiting = 0
+        self._depth = threading.local()
+
+    @contextlib.contextmanager
+    def io(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
+        if depth == 0:
+            with self._cond:
+                while self._model_waiting or (self._model and self._model + self._io >= self.cores):
+                    self._cond.wait()
+                self._io += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            if depth == 0:
+                with self._cond:
+                    self._io -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def model(self, cores: int | None = None) -> Iterator[None]:
+        """Hold ``cores`` of the gate's (default: all of them) for one forward pass."""
+        take = min(cores or self.cores, self.cores)
+        with self._cond:
+            self._model_waiting += 1
+            while self._model + self._io + take > self.cores:
+                self._cond.wait()
+            self._model_waiting -= 1
+            self._model += take
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._model -= take
+                self._cond.notify_all()

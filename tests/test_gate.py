@@ -1,0 +1,65 @@
+"""The CPU's cores handed out to forward passes and I/O sections (the stage's use of the gate
+is tested in test_pipeline)."""
+
+import threading
+import time
+
+import pytest
+
+from segpipe.execution.gate import CoreGate
+
+
+def test_the_gate_counts_cores():
+    """Two cores: a one-core pass leaves a core to one I/O section, not two; a waiting pass
+    goes before new sections; a whole-CPU pass waits for every section."""
+    gate = CoreGate(2)
+    narrow_in, release = threading.Event(), threading.Event()
+
+    def narrow_pass() -> None:
+        with gate.model(1):
+            narrow_in.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=narrow_pass)
+    holder.start()
+    assert narrow_in.wait(10)
+    entered = threading.Event()
+
+    def second_section() -> None:
+        with gate.io():
+            entered.set()
+
+    with gate.io():  # the free core
+        late = threading.Thread(target=second_section)
+        late.start()
+        time.sleep(0.1)
+        assert not entered.is_set(), "no core left for a second section"
+    assert entered.wait(10), "it ran once the first section left"
+    late.join(10)
+    wide_in, order = threading.Event(), []
+
+    def wide_pass() -> None:
+        with gate.model():
+            wide_in.set()
+            order.append("pass")
+
+    def new_section() -> None:
+        with gate.io():
+            order.append("section")
+
+    with gate.io():
+        wide = threading.Thread(target=wide_pass)
+        wide.start()
+        time.sleep(0.1)
+        release.set()  # the narrow pass leaves: a core is free, but a pass is waiting
+        holder.join(10)
+        newcomer = threading.Thread(target=new_section)
+        newcomer.start()
+        time.sleep(0.1)
+        assert not wide_in.is_set(), "a whole-CPU pass waits for the section"
+        assert order == [], "the new section waits behind the waiting pass"
+    wide.join(10)
+    newcomer.join(10)
+    assert order == ["pass", "section"]
+    with pytest.raises(ValueError, match="cores"):
+        CoreGate(0)
