@@ -182,8 +182,8 @@ class SectionTimer:
     def summary(self) -> str:
         s = self.seconds
         return (
-            f"passes {s['passes']:.1f} s; I/O sections {s['io']:.1f} s (both I/O threads), "
-            f"of which writes {s['writes']:.1f} s"
+            f"passes {s['passes']:.1f} s (summed over the model threads); "
+            f"I/O sections {s['io']:.1f} s (both I/O threads), of which writes {s['writes']:.1f} s"
         )
 
 
