@@ -120,7 +120,12 @@ class SegmentConfig:
     )
 
     # --- execution settings: never change the numbers ---
-    batch_size: int = _setting(4, EXECUTION, "windows per forward pass")
+    batch_size: int = _setting(
+        4,
+        EXECUTION,
+        "windows per forward pass (on the CPU, windows small enough to run side by side, a "
+        "pass per core, go one per pass)",
+    )
     device: str = _setting("auto", EXECUTION, "'auto' (CUDA when present), 'cpu', 'cuda[:N]'")
     n_workers: int | None = _setting(
         None,

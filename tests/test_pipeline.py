@@ -222,8 +222,9 @@ def test_a_waiting_model_waits_for_the_section_and_nested_sections_do_not_wait_f
 
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_stage_with_lanes_equals_the_predictor(lanes):
-    """Two torch threads: small windows run narrow (one thread each, side by side) with two
-    lanes, wide with one; the probabilities are the predictor's either way."""
+    """Two torch threads: small windows run narrow (one window, one thread each, side by side)
+    with two lanes, wide (batches of two on both threads) with one; the probabilities are the
+    predictor's either way."""
     net = tiny_unet()
     torch.set_num_threads(2)
     predictor = Predictor(net, InferenceConfig(device="cpu", batch_size=2))
@@ -232,7 +233,10 @@ def test_stage_with_lanes_equals_the_predictor(lanes):
     inputs = [rng.integers(0, 256, (k, n, n, 3), dtype=np.uint8) for k in (3, 1, 4, 2)]
     expected = [predictor(x) for x in inputs]
     stage = ModelStage(predictor, lanes=lanes)
-    assert stage.pass_plan((n, n, 3)).narrow == (lanes == 2)
+    narrow = lanes == 2
+    assert stage.pass_plan((n, n, 3)) == pipeline.PassPlan(
+        1 if narrow else 2, 1 if narrow else 2, narrow
+    )
     results: dict[int, np.ndarray] = {}
     threads = [
         threading.Thread(target=lambda i=i: results.__setitem__(i, stage(inputs[i])))

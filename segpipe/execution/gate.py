@@ -18,10 +18,12 @@ class CoreGate:
     """The CPU's ``cores``, taken in turn by the forward passes and by the I/O threads' work.
 
     A pass takes the cores its torch team runs on (:meth:`model`); an I/O section one core
-    (:meth:`io`), but with no pass running any number of sections may run at once. A
-    waiting pass goes first, so it waits only for the sections running when it asked. A
-    thread's sections may nest. Nothing that waits for the model (a submit into a full queue,
-    a result) may run inside an I/O section.
+    (:meth:`io`), but with no pass running or waiting any number of sections may run at once.
+    A waiting pass on every core goes first, so it waits only for the sections running when
+    it asked; a narrower pass lets waiting sections go first (so a core a narrow pass leaves
+    goes to the I/O threads' work, rather than wait until the model's queue runs dry and
+    then leave a core idle). A thread's sections may nest. Nothing that waits for the model
+    (a submit into a full queue, a result) may run inside an I/O section.
     """
 
     def __init__(self, cores: int = 1) -> None:
@@ -30,8 +32,10 @@ class CoreGate:
         self.cores = cores
         self._cond = threading.Condition()
         self._io = 0
+        self._io_waiting = 0
         self._model = 0  # cores the running passes hold
         self._model_waiting = 0
+        self._wide_waiting = 0  # of them, passes on every core
         self._depth = threading.local()
 
     @contextlib.contextmanager
@@ -39,8 +43,12 @@ class CoreGate:
         depth = getattr(self._depth, "n", 0)
         if depth == 0:
             with self._cond:
-                while self._model_waiting or (self._model and self._model + self._io >= self.cores):
+                self._io_waiting += 1
+                while self._wide_waiting or (
+                    (self._model or self._model_waiting) and self._model + self._io >= self.cores
+                ):
                     self._cond.wait()
+                self._io_waiting -= 1
                 self._io += 1
         self._depth.n = depth + 1
         try:
@@ -56,11 +64,14 @@ class CoreGate:
     def model(self, cores: int | None = None) -> Iterator[None]:
         """Hold ``cores`` of the gate's (default: all of them) for one forward pass."""
         take = min(cores or self.cores, self.cores)
+        wide = take == self.cores
         with self._cond:
             self._model_waiting += 1
-            while self._model + self._io + take > self.cores:
+            self._wide_waiting += wide
+            while self._model + self._io + take > self.cores or (not wide and self._io_waiting):
                 self._cond.wait()
             self._model_waiting -= 1
+            self._wide_waiting -= wide
             self._model += take
         try:
             yield
