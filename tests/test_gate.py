@@ -63,3 +63,51 @@ def test_the_gate_counts_cores():
     assert order == ["pass", "section"]
     with pytest.raises(ValueError, match="cores"):
         CoreGate(0)
+
+
+def test_waiting_sections_go_before_a_waiting_narrow_pass():
+    """Two cores held by a one-core pass and a section; a second section and a second
+    one-core pass wait. The core the section frees goes to the waiting section (the I/O
+    threads' work does not wait for the model's queue to run dry), then the pass's."""
+    gate = CoreGate(2)
+    order: list[str] = []
+    first_in, release_first, section_in, release_section = (threading.Event() for _ in range(4))
+
+    def first_pass() -> None:
+        with gate.model(1):
+            first_in.set()
+            release_first.wait(10)
+
+    def first_section() -> None:
+        with gate.io():
+            section_in.set()
+            release_section.wait(10)
+
+    def waiting_section() -> None:
+        with gate.io():
+            order.append("section")
+            time.sleep(0.05)
+
+    def waiting_pass() -> None:
+        with gate.model(1):
+            order.append("pass")
+
+    holders = [threading.Thread(target=first_pass), threading.Thread(target=first_section)]
+    holders[0].start()
+    assert first_in.wait(10)
+    holders[1].start()
+    assert section_in.wait(10)
+    waiters = [threading.Thread(target=waiting_pass), threading.Thread(target=waiting_section)]
+    for t in waiters:
+        t.start()
+    deadline = time.monotonic() + 10
+    while (gate._io_waiting, gate._model_waiting) != (1, 1) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert order == [], "both cores are held"
+    release_section.set()
+    holders[1].join(10)
+    waiters[1].join(10)
+    release_first.set()
+    for t in [holders[0], waiters[0]]:
+        t.join(10)
+    assert order == ["section", "pass"]
