@@ -53,9 +53,7 @@ class StageStats:
 
     batches: int = 0
     windows: int = 0
-    busy_seconds: float = (
-        0.0  # model threads inside forward calls, summed (a GPU: launching + waiting)
-    )
+    busy_seconds: float = 0.0  # in forward calls, summed over model threads (GPU: + launching)
     peak_queued: int = 0  # chunks waiting at once, at most ``max_queued`` in each queue
 
 
@@ -99,12 +97,12 @@ class ModelStage:
     lanes
         Model threads. Default: one per torch thread when the stage shares the cores, else
         one. Windows small enough that ``lanes`` passes fit the memory budget together run
-        narrow: several passes side by side, ``threads // lanes`` torch threads each (small
-        layers barely use a team of many threads, which meets at a barrier after every
-        layer; at 256 px a side, two one-thread passes beside each other did the work of
-        two-thread passes in 0.65-0.75 of the time on 2 cores), and an I/O section may take a
-        core a narrow pass leaves. Larger windows run wide: one pass at a time on every
-        thread.
+        narrow: several passes side by side, ``threads // lanes`` torch threads each (a team
+        meets at a barrier after every layer, and small layers keep it waiting; on 2 cores,
+        two one-thread passes side by side did the work of two-thread passes over 256 px
+        windows in 0.65-0.75 of the time at a busy hour, 0.9-0.95 on a quiet machine), and
+        an I/O section may take a core a narrow pass leaves. Larger windows run wide: one
+        pass at a time on every thread.
     """
 
     def __init__(
@@ -124,8 +122,9 @@ class ModelStage:
         self.max_batch = max_batch or predictor.config.batch_size
         self.max_queued = max_queued
         self.stats = StageStats()
-        # Wide passes have one thread of their own: OpenMP keeps a team of workers per
-        # thread that starts parallel regions, and an idle team spins beside a busy one.
+        # Wide passes have one thread of their own: OpenMP keeps a team of workers for each
+        # thread that starts parallel regions (taken by either of two threads, wide passes
+        # ran the all-tissue slide at 8192² in 72-75 s against 63-70 s).
         self._queues: dict[bool, queue.Queue[object]] = {
             narrow: queue.Queue(maxsize=max_queued) for narrow in (False, True)
         }
@@ -177,8 +176,7 @@ class ModelStage:
         return joined
 
     def batch_limit(self, window_shape: tuple[int, ...]) -> int:
-        """Windows of ``window_shape`` (Y, X, C) per forward pass: ``max_batch``, or fewer
-        when their activations would pass the device's memory budget (at least one)."""
+        """Windows of ``window_shape`` (Y, X, C) per forward pass (:meth:`pass_plan`)."""
         return self.pass_plan(window_shape).limit
 
     def pass_plan(self, window_shape: tuple[int, ...]) -> PassPlan:
@@ -281,7 +279,7 @@ class ModelStage:
             yield
             return
         with self.gate.model(threads):
-            if self._threads[True] and torch.get_num_threads() != threads:
+            if torch.get_num_threads() != threads:
                 # Every pass running now is as wide as this one: a wide pass runs alone.
                 torch.set_num_threads(threads)
             yield
