@@ -211,9 +211,8 @@ def bare_forward(
         side = exact_side(region, config.tile, predictor.geometry, int(budget))
         windows += exact_windows(region, side, predictor.geometry)
     # Windows of each input shape (a region's cut last windows differ), batched and laid on
-    # the model threads as the run does (``ModelStage``: narrow passes side by side); pixels
-    # scaled here, outside the timing: the model alone (segpipe scales uint8 windows on the
-    # model thread, so its runs pay for that beside this reference).
+    # the model threads as the run does (``ModelStage``: narrow passes side by side); uint8
+    # pixels, as the run submits them (scaled in the pass, which the run pays for too).
     shapes: dict[tuple[int, int], int] = {}
     for w in windows:
         shapes[w.input.shape] = shapes.get(w.input.shape, 0) + 1
@@ -222,8 +221,9 @@ def bare_forward(
     for (ny, nx), count in shapes.items():
         batch = stage.batch_limit((ny, nx, channels))
         crop = np.resize(image, (ny, nx, channels))  # real pixels; content does not set speed
-        prepared = np.ascontiguousarray(predictor.scale(np.stack([crop] * batch)))
-        stage(prepared[:1])  # warm-up, as a run's first pass of a shape
+        prepared = np.ascontiguousarray(np.stack([crop] * batch))
+        # Warm-up, as a run's first pass of a shape: one batch per model thread.
+        stage(np.concatenate([prepared] * max(stage.lanes, 1)))
         runs.append((prepared, count))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()

@@ -9,6 +9,13 @@ import pytest
 from segpipe.execution.gate import CoreGate
 
 
+def wait_until(condition, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
 def test_the_gate_counts_cores():
     """Two cores: a one-core pass leaves a core to one I/O section, not two; a waiting pass
     goes before new sections; a whole-CPU pass waits for every section."""
@@ -32,7 +39,7 @@ def test_the_gate_counts_cores():
     with gate.io():  # the free core
         late = threading.Thread(target=second_section)
         late.start()
-        time.sleep(0.1)
+        wait_until(lambda: gate._io_waiting == 1)
         assert not entered.is_set(), "no core left for a second section"
     assert entered.wait(10), "it ran once the first section left"
     late.join(10)
@@ -50,12 +57,12 @@ def test_the_gate_counts_cores():
     with gate.io():
         wide = threading.Thread(target=wide_pass)
         wide.start()
-        time.sleep(0.1)
+        wait_until(lambda: gate._wide_waiting == 1)
         release.set()  # the narrow pass leaves: a core is free, but a pass is waiting
         holder.join(10)
         newcomer = threading.Thread(target=new_section)
         newcomer.start()
-        time.sleep(0.1)
+        wait_until(lambda: gate._io_waiting == 1)
         assert not wide_in.is_set(), "a whole-CPU pass waits for the section"
         assert order == [], "the new section waits behind the waiting pass"
     wide.join(10)
@@ -100,9 +107,7 @@ def test_waiting_sections_go_before_a_waiting_narrow_pass():
     waiters = [threading.Thread(target=waiting_pass), threading.Thread(target=waiting_section)]
     for t in waiters:
         t.start()
-    deadline = time.monotonic() + 10
-    while (gate._io_waiting, gate._model_waiting) != (1, 1) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(lambda: (gate._io_waiting, gate._model_waiting) == (1, 1))
     assert order == [], "both cores are held"
     release_section.set()
     holders[1].join(10)
@@ -111,3 +116,39 @@ def test_waiting_sections_go_before_a_waiting_narrow_pass():
     for t in [holders[0], waiters[0]]:
         t.join(10)
     assert order == ["section", "pass"]
+
+
+def test_a_waiting_wide_pass_goes_before_a_narrow_one():
+    """A one-core pass holds a core; a whole-CPU pass waits; a second one-core pass, though a
+    core is free, waits behind it (two lanes could otherwise keep it out for good)."""
+    gate = CoreGate(2)
+    order: list[str] = []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def first_pass() -> None:
+        with gate.model(1):
+            first_in.set()
+            release_first.wait(10)
+
+    def wide_pass() -> None:
+        with gate.model():
+            order.append("wide")
+
+    def narrow_pass() -> None:
+        with gate.model(1):
+            order.append("narrow")
+
+    threads = [threading.Thread(target=first_pass)]
+    threads[0].start()
+    assert first_in.wait(10)
+    threads.append(threading.Thread(target=wide_pass))
+    threads[-1].start()
+    wait_until(lambda: gate._wide_waiting == 1)
+    threads.append(threading.Thread(target=narrow_pass))
+    threads[-1].start()
+    wait_until(lambda: gate._model_waiting == 2)
+    assert order == [], "a core is free, but the narrow pass waits behind the wide one"
+    release_first.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["wide", "narrow"]

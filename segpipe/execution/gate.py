@@ -19,10 +19,11 @@ class CoreGate:
 
     A pass takes the cores its torch team runs on (:meth:`model`); an I/O section one core
     (:meth:`io`), but with no pass running or waiting any number of sections may run at once.
-    A waiting pass on every core goes first, so it waits only for the sections running when
-    it asked; a narrower pass lets waiting sections go first (so a core a narrow pass leaves
-    goes to the I/O threads' work, rather than wait until the model's queue runs dry and
-    then leave a core idle). A thread's sections may nest. Nothing that waits for the model
+    A waiting pass on every core goes first, before new sections and narrower passes, so it
+    waits only for what runs when it asked; a narrower pass lets sections go first (so a core
+    a narrow pass leaves goes to the I/O threads' work, rather than wait until the model's
+    queue runs dry and then leave a core idle; the I/O threads' own wait for the model bounds
+    how long). A thread's sections may nest. Nothing that waits for the model
     (a submit into a full queue, a result) may run inside an I/O section.
     """
 
@@ -68,7 +69,9 @@ class CoreGate:
         with self._cond:
             self._model_waiting += 1
             self._wide_waiting += wide
-            while self._model + self._io + take > self.cores or (not wide and self._io_waiting):
+            while self._model + self._io + take > self.cores or (
+                not wide and (self._io_waiting or self._wide_waiting)
+            ):
                 self._cond.wait()
             self._model_waiting -= 1
             self._wide_waiting -= wide

@@ -10,18 +10,18 @@ busy with batches that may mix windows of several blocks::
     I/O thread 2:            read+prepare B --submit--> ...wait...         <-- stitch+write B
     model thread:                    [ batch: A0 A1 B0 B1 ][ batch: B2 ... ]
 
-Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), each
-queue holds at most ``max_queued`` batches' worth of prepared windows, and a submitter
-blocks while it is full. On a GPU the model thread only launches kernels and copies, so the
-device never waits for a read. On a CPU a wide pass runs torch's intra-op team on every
-core, and the I/O threads take only what it leaves: their CPU work runs in
-:meth:`ModelStage.io_section`, which a wide pass never overlaps (:class:`CoreGate`). Beside
-a pass, an I/O thread does not use a spare core, there is none: it takes one of the team's,
-and the whole team waits at its next barrier for the thread it lost (at 4096² the shipped
-model's passes took 13.6 s beside the I/O threads, 9.5 s with them held off). Windows small
-enough for the memory budget run narrow instead: one pass per core, side by side, each on
-one torch thread (no team, no barrier), and an I/O section may take the core a narrow pass
-leaves free.
+Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), each of
+the two queues (wide and narrow passes) holds at most ``max_queued`` batches' worth of prepared
+windows, and a submitter blocks while its queue is full. On a GPU the model thread only
+launches kernels and copies, so the device never waits for a read. On a CPU a wide pass runs
+torch's intra-op team on every core, and the I/O threads take only what it leaves: their CPU
+work runs in :meth:`ModelStage.io_section`, which a wide pass never overlaps
+(:class:`CoreGate`). Beside a pass, an I/O thread does not use a spare core, there is none: it
+takes one of the team's, and the whole team waits at its next barrier for the thread it lost
+(at 4096² the shipped model's passes took 13.6 s beside the I/O threads, 9.5 s with them held
+off). Windows small enough for the memory budget run narrow instead: one pass per core, side by
+side, each on one torch thread (no team, no barrier), and an I/O section may take the core a
+narrow pass leaves free.
 """
 
 from __future__ import annotations
@@ -95,14 +95,14 @@ class ModelStage:
         Whether forward passes and I/O sections take the cores in turn (:class:`CoreGate`);
         default: when the model runs on the CPU.
     lanes
-        Model threads. Default: one per torch thread when the stage shares the cores, else
-        one. Windows small enough that ``lanes`` passes fit the memory budget together run
-        narrow: several passes side by side, ``threads // lanes`` torch threads each (a team
-        meets at a barrier after every layer, and small layers keep it waiting; on 2 cores,
-        two one-thread passes side by side did the work of two-thread passes over 256 px
-        windows in 0.65-0.75 of the time at a busy hour, 0.9-0.95 on a quiet machine), and
-        an I/O section may take a core a narrow pass leaves. Larger windows run wide: one
-        pass at a time on every thread.
+        Model threads. Default: one per torch thread when the stage shares the cores; always
+        one when it does not. Windows small enough that ``lanes`` passes fit the memory budget
+        together run narrow: several passes side by side, ``threads // lanes`` torch threads
+        each (a team meets at a barrier after every layer, and small layers keep it waiting; on
+        2 cores, two one-thread passes side by side did the work of two-thread passes over 256
+        px windows in 0.65-0.75 of the time at a busy hour, 0.9-0.95 on a quiet machine), and
+        an I/O section may take a core a narrow pass leaves. Larger windows run wide: one pass
+        at a time on every thread.
     """
 
     def __init__(
@@ -138,8 +138,9 @@ class ModelStage:
         self.gate = CoreGate(self._torch_threads) if share_cores else None
         if lanes is None:
             lanes = self._torch_threads if share_cores else 1
-        # Narrow passes change torch's thread count, which is the process's (OpenMP's
-        # global setting for threads outside a parallel region): only under the gate.
+        # Narrow passes change torch's thread count, which other threads see too (with this
+        # build's OpenMP a count set in one thread showed in the others): only under the gate,
+        # so without it (a GPU's stage) one lane.
         self.lanes = lanes if share_cores else 1
 
     def io_section(self) -> contextlib.AbstractContextManager[None]:
@@ -229,14 +230,17 @@ class ModelStage:
         if self.lanes == 1:
             torch.set_num_threads(self._torch_threads)
         todo = self._queues[narrow]
-        carry: _Chunk | None = None
+        carry: object = None  # a chunk (or the stop) taken from the queue, not yet run
         previous: tuple[list[_Chunk], PendingProbabilities] | None = None
         stop = False
         while not stop:
-            if previous is not None and carry is None and todo.empty():
-                # Nothing to overlap with: its submitters may be waiting for it to send more.
-                _deliver(*previous)
-                previous = None
+            if previous is not None and carry is None:
+                try:  # not empty() then get(): another lane may take the item between them
+                    carry = todo.get_nowait()
+                except queue.Empty:
+                    # Nothing to overlap with: its submitters may be waiting for it to send more.
+                    _deliver(*previous)
+                    previous = None
             chunks, carry, stop = _next_batch(todo, carry)
             pending = self._forward(chunks) if chunks else None
             # On a GPU batch n is read back while n+1 runs; the CPU's is done already, and its
@@ -286,7 +290,7 @@ class ModelStage:
 
 
 def _next_batch(
-    todo: queue.Queue[object], carry: _Chunk | None
+    todo: queue.Queue[object], carry: object
 ) -> tuple[list[_Chunk], _Chunk | None, bool]:
     """Chunks of one shape, up to the plan's limit of windows: the carried one (or the next
     queued, waiting for it), then whatever else is queued now."""
