@@ -372,6 +372,47 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
     assert tasks._STAGES == {}, "the model thread stopped with the run"
 
 
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+def test_a_run_with_narrow_passes_equals_one_with_one_thread(tmp_path, monkeypatch, mode):
+    """Two torch threads: the run's windows go one per pass, side by side, one thread each;
+    its probabilities are those of a run on one thread (one model thread, the path the
+    exactness tests check against a whole-image pass), to float rounding."""
+    image = np.random.default_rng(2).integers(0, 256, (72, 80, 3), dtype=np.uint8)
+    net = tiny_unet()
+    stages: list[ModelStage] = []
+    make_stage = pipeline.ModelStage
+
+    def recording_stage(*args, **kwargs):
+        stages.append(make_stage(*args, **kwargs))
+        return stages[-1]
+
+    monkeypatch.setattr(tasks, "ModelStage", recording_stage)
+    settings = {"window": 16, "overlap": 0.25} if mode == "blend" else {}
+    results = []
+    for threads in (2, 1):
+        out = segpipe.segment(
+            ArrayReader(image),
+            tmp_path / f"r{threads}.zarr",
+            net,
+            tile=8,
+            task_tiles=2,
+            mode=mode,
+            probability_dtype="float32",
+            device="cpu",
+            scheduler="sync",
+            threads=threads,
+            **settings,
+        )
+        results.append(segpipe.open_result(out)["probabilities"].values)
+        assert torch.get_num_threads() == 1, "the caller's thread count is given back"
+    narrow, single = stages
+    assert narrow.lanes == 2 and single.lanes == 1
+    assert narrow._plans and all(p.narrow and p.threads == 1 for p in narrow._plans.values())
+    assert not any(p.narrow for p in single._plans.values())
+    assert narrow.stats.windows == single.stats.windows > 0
+    np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("device", "amp", "bf16", "expected"),
     [
