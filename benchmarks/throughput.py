@@ -219,11 +219,11 @@ def bare_forward(
     stage, channels = ModelStage(predictor), image.shape[2]
     runs = []
     for (ny, nx), count in shapes.items():
-        batch = stage.batch_limit((ny, nx, channels))
+        batch = stage.pass_plan((ny, nx, channels)).limit
         crop = np.resize(image, (ny, nx, channels))  # real pixels; content does not set speed
         prepared = np.ascontiguousarray(np.stack([crop] * batch))
         # Warm-up, as a run's first pass of a shape: one batch per model thread.
-        stage(np.concatenate([prepared] * max(stage.lanes, 1)))
+        stage(np.concatenate([prepared] * stage.lanes))
         runs.append((prepared, count))
     if predictor.device.type == "cuda":
         torch.cuda.synchronize()

@@ -136,12 +136,10 @@ class ModelStage:
         if share_cores is None:
             share_cores = predictor.device.type == "cpu"
         self.gate = CoreGate(self._torch_threads) if share_cores else None
-        if lanes is None:
-            lanes = self._torch_threads if share_cores else 1
         # Narrow passes change torch's thread count, which other threads see too (with this
         # build's OpenMP a count set in one thread showed in the others): only under the gate,
         # so without it (a GPU's stage) one lane.
-        self.lanes = lanes if share_cores else 1
+        self.lanes = (lanes or self._torch_threads) if share_cores else 1
 
     def io_section(self) -> contextlib.AbstractContextManager[None]:
         """Where an I/O thread does CPU work (read, decode, prepare, stitch, encode, write):
@@ -175,10 +173,6 @@ class ModelStage:
         joined: Future[np.ndarray] = Future()
         _join_when_done([p.future for p in parts], joined)
         return joined
-
-    def batch_limit(self, window_shape: tuple[int, ...]) -> int:
-        """Windows of ``window_shape`` (Y, X, C) per forward pass (:meth:`pass_plan`)."""
-        return self.pass_plan(window_shape).limit
 
     def pass_plan(self, window_shape: tuple[int, ...]) -> PassPlan:
         """How windows of ``window_shape`` (Y, X, C) run: narrow, one window a pass, when
@@ -227,7 +221,7 @@ class ModelStage:
                     thread.start()
 
     def _run(self, narrow: bool) -> None:
-        if self.lanes == 1:
+        if self.gate is None:  # else each pass sets its own, under the gate (``_pass``)
             torch.set_num_threads(self._torch_threads)
         todo = self._queues[narrow]
         carry: object = None  # a chunk (or the stop) taken from the queue, not yet run
