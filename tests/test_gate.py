@@ -1,6 +1,7 @@
 """The CPU's cores handed out to forward passes and I/O sections (the stage's use of the gate
 is tested in test_pipeline)."""
 
+import contextlib
 import threading
 import time
 
@@ -16,55 +17,55 @@ def wait_until(condition, seconds: float = 10) -> None:
         time.sleep(0.002)
 
 
+def held(section: contextlib.AbstractContextManager) -> tuple[threading.Thread, threading.Event]:
+    """A thread inside ``section`` (a gate's ``model(...)`` or ``io()``), once this returns,
+    until the event is set."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with section:
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert inside.wait(10)
+    return thread, release
+
+
+def entering(section: contextlib.AbstractContextManager, order: list[str], name: str):
+    """A started thread that enters ``section`` and appends ``name`` to ``order`` inside."""
+
+    def enter() -> None:
+        with section:
+            order.append(name)
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    return thread
+
+
 def test_the_gate_counts_cores():
     """Two cores: a one-core pass leaves a core to one I/O section, not two; a waiting pass
     goes before new sections; a whole-CPU pass waits for every section."""
     gate = CoreGate(2)
-    narrow_in, release = threading.Event(), threading.Event()
-
-    def narrow_pass() -> None:
-        with gate.model(1):
-            narrow_in.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=narrow_pass)
-    holder.start()
-    assert narrow_in.wait(10)
-    entered = threading.Event()
-
-    def second_section() -> None:
-        with gate.io():
-            entered.set()
-
+    holder, release = held(gate.model(1))
+    order: list[str] = []
     with gate.io():  # the free core
-        late = threading.Thread(target=second_section)
-        late.start()
+        late = entering(gate.io(), order, "second section")
         wait_until(lambda: gate._io_waiting == 1)
-        assert not entered.is_set(), "no core left for a second section"
-    assert entered.wait(10), "it ran once the first section left"
+        assert order == [], "no core left for a second section"
     late.join(10)
-    wide_in, order = threading.Event(), []
-
-    def wide_pass() -> None:
-        with gate.model():
-            wide_in.set()
-            order.append("pass")
-
-    def new_section() -> None:
-        with gate.io():
-            order.append("section")
-
+    assert order == ["second section"], "it ran once the first section left"
+    order.clear()
     with gate.io():
-        wide = threading.Thread(target=wide_pass)
-        wide.start()
+        wide = entering(gate.model(), order, "pass")
         wait_until(lambda: gate._wide_waiting == 1)
         release.set()  # the narrow pass leaves: a core is free, but a pass is waiting
         holder.join(10)
-        newcomer = threading.Thread(target=new_section)
-        newcomer.start()
+        newcomer = entering(gate.io(), order, "section")
         wait_until(lambda: gate._io_waiting == 1)
-        assert not wide_in.is_set(), "a whole-CPU pass waits for the section"
-        assert order == [], "the new section waits behind the waiting pass"
+        assert order == [], "the whole-CPU pass waits for the section, the newcomer behind it"
     wide.join(10)
     newcomer.join(10)
     assert order == ["pass", "section"]
@@ -72,48 +73,25 @@ def test_the_gate_counts_cores():
         CoreGate(0)
 
 
-def test_waiting_sections_go_before_a_waiting_narrow_pass():
-    """Two cores held by a one-core pass and a section; a second section and a second
-    one-core pass wait. The core the section frees goes to the waiting section (the I/O
-    threads' work does not wait for the model's queue to run dry), then the pass's."""
+@pytest.mark.parametrize("round_", range(20))  # without the rule, a race each loses ~half
+def test_waiting_sections_go_before_a_waiting_narrow_pass(round_):
+    """Two cores held by a one-core pass and a section; a second one-core pass, then a second
+    section wait. The core the section frees goes to the waiting section (the I/O threads'
+    work does not wait for the model's queue to run dry), then the pass's."""
     gate = CoreGate(2)
     order: list[str] = []
-    first_in, release_first, section_in, release_section = (threading.Event() for _ in range(4))
-
-    def first_pass() -> None:
-        with gate.model(1):
-            first_in.set()
-            release_first.wait(10)
-
-    def first_section() -> None:
-        with gate.io():
-            section_in.set()
-            release_section.wait(10)
-
-    def waiting_section() -> None:
-        with gate.io():
-            order.append("section")
-            time.sleep(0.05)
-
-    def waiting_pass() -> None:
-        with gate.model(1):
-            order.append("pass")
-
-    holders = [threading.Thread(target=first_pass), threading.Thread(target=first_section)]
-    holders[0].start()
-    assert first_in.wait(10)
-    holders[1].start()
-    assert section_in.wait(10)
-    waiters = [threading.Thread(target=waiting_pass), threading.Thread(target=waiting_section)]
-    for t in waiters:
-        t.start()
-    wait_until(lambda: (gate._io_waiting, gate._model_waiting) == (1, 1))
+    first_pass, release_pass = held(gate.model(1))
+    first_section, release_section = held(gate.io())
+    waiting_pass = entering(gate.model(1), order, "pass")
+    wait_until(lambda: gate._model_waiting == 1)
+    waiting_section = entering(gate.io(), order, "section")
+    wait_until(lambda: gate._io_waiting == 1)
     assert order == [], "both cores are held"
     release_section.set()
-    holders[1].join(10)
-    waiters[1].join(10)
-    release_first.set()
-    for t in [holders[0], waiters[0]]:
+    first_section.join(10)
+    waiting_section.join(10)
+    release_pass.set()
+    for t in [first_pass, waiting_pass]:
         t.join(10)
     assert order == ["section", "pass"]
 
@@ -123,32 +101,13 @@ def test_a_waiting_wide_pass_goes_before_a_narrow_one():
     core is free, waits behind it (two lanes could otherwise keep it out for good)."""
     gate = CoreGate(2)
     order: list[str] = []
-    first_in, release_first = threading.Event(), threading.Event()
-
-    def first_pass() -> None:
-        with gate.model(1):
-            first_in.set()
-            release_first.wait(10)
-
-    def wide_pass() -> None:
-        with gate.model():
-            order.append("wide")
-
-    def narrow_pass() -> None:
-        with gate.model(1):
-            order.append("narrow")
-
-    threads = [threading.Thread(target=first_pass)]
-    threads[0].start()
-    assert first_in.wait(10)
-    threads.append(threading.Thread(target=wide_pass))
-    threads[-1].start()
+    first, release_first = held(gate.model(1))
+    wide = entering(gate.model(), order, "wide")
     wait_until(lambda: gate._wide_waiting == 1)
-    threads.append(threading.Thread(target=narrow_pass))
-    threads[-1].start()
+    narrow = entering(gate.model(1), order, "narrow")
     wait_until(lambda: gate._model_waiting == 2)
     assert order == [], "a core is free, but the narrow pass waits behind the wide one"
     release_first.set()
-    for t in threads:
+    for t in (first, wide, narrow):
         t.join(10)
     assert order == ["wide", "narrow"]

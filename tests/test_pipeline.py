@@ -78,13 +78,8 @@ def windows(value: float, n: int = 1, side: int = 4) -> np.ndarray:
     return np.full((n, side, side, 1), value, np.float32)
 
 
-def test_stage_equals_the_predictor_whatever_the_threads():
-    net = tiny_unet()
-    predictor = Predictor(net, InferenceConfig(device="cpu", batch_size=3))
-    n = net.geometry.input_size(16)
-    rng = np.random.default_rng(0)
-    inputs = [rng.integers(0, 256, (k, n, n, 3), dtype=np.uint8) for k in (1, 2, 5, 3)]
-    stage = ModelStage(predictor, max_queued=2)
+def outputs_from_threads(stage: ModelStage, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    """``stage(x)`` for each input, each called from a thread of its own, all at once."""
     results: dict[int, np.ndarray] = {}
     threads = [
         threading.Thread(target=lambda i=i: results.__setitem__(i, stage(inputs[i])))
@@ -94,6 +89,31 @@ def test_stage_equals_the_predictor_whatever_the_threads():
         t.start()
     for t in threads:
         t.join(60)
+    return [results[i] for i in range(len(inputs))]
+
+
+@pytest.fixture
+def recorded_stages(monkeypatch) -> list[ModelStage]:
+    """Every ModelStage the block tasks make, in order."""
+    stages: list[ModelStage] = []
+    make_stage = pipeline.ModelStage
+
+    def recording_stage(*args, **kwargs):
+        stages.append(make_stage(*args, **kwargs))
+        return stages[-1]
+
+    monkeypatch.setattr(tasks, "ModelStage", recording_stage)
+    return stages
+
+
+def test_stage_equals_the_predictor_whatever_the_threads():
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu", batch_size=3))
+    n = net.geometry.input_size(16)
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(0, 256, (k, n, n, 3), dtype=np.uint8) for k in (1, 2, 5, 3)]
+    stage = ModelStage(predictor, max_queued=2)
+    results = outputs_from_threads(stage, inputs)
     stage.close()
     for i, x in enumerate(inputs):
         np.testing.assert_allclose(results[i], predictor(x), atol=1e-6)
@@ -239,15 +259,7 @@ def test_stage_with_lanes_equals_the_predictor(lanes):
     assert stage.pass_plan((n, n, 3)) == pipeline.PassPlan(
         1 if narrow else 2, 1 if narrow else 2, narrow
     )
-    results: dict[int, np.ndarray] = {}
-    threads = [
-        threading.Thread(target=lambda i=i: results.__setitem__(i, stage(inputs[i])))
-        for i in range(len(inputs))
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = outputs_from_threads(stage, inputs)
     stage.close()
     for i, want in enumerate(expected):
         np.testing.assert_allclose(results[i], want, atol=1e-6)
@@ -313,7 +325,7 @@ def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():
 
 
 def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, recorded_stages
 ):
     """The in-process pipeline with a writer slower than the model: the blocks read but not
     yet written never pass the I/O threads, the model queue never passes its bound, and the
@@ -321,9 +333,8 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
     image = np.random.default_rng(1).integers(0, 256, (64, 72, 3), dtype=np.uint8)
     net = tiny_unet()
     in_flight, peak, lock = [0], [0], threading.Lock()
-    stages: list[ModelStage] = []
+    stages = recorded_stages
     read, write = stitching.read_mirrored, tasks.write_block
-    make_stage = pipeline.ModelStage
 
     def counting_read(*args, **kwargs):
         with lock:
@@ -338,13 +349,8 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
             in_flight[0] -= 1
         return mask
 
-    def recording_stage(*args, **kwargs):
-        stages.append(make_stage(*args, **kwargs))
-        return stages[-1]
-
     monkeypatch.setattr(stitching, "read_mirrored", counting_read)
     monkeypatch.setattr(tasks, "write_block", slow_write)
-    monkeypatch.setattr(tasks, "ModelStage", recording_stage)
     out = segpipe.segment(
         ArrayReader(image),
         tmp_path / "r.zarr",
@@ -373,20 +379,12 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
 
 
 @pytest.mark.parametrize("mode", ["exact", "blend"])
-def test_a_run_with_narrow_passes_equals_one_with_one_thread(tmp_path, monkeypatch, mode):
+def test_a_run_with_narrow_passes_equals_one_with_one_thread(tmp_path, recorded_stages, mode):
     """Two torch threads: the run's windows go one per pass, side by side, one thread each;
     its probabilities are those of a run on one thread (one model thread, the path the
     exactness tests check against a whole-image pass), to float rounding."""
     image = np.random.default_rng(2).integers(0, 256, (72, 80, 3), dtype=np.uint8)
     net = tiny_unet()
-    stages: list[ModelStage] = []
-    make_stage = pipeline.ModelStage
-
-    def recording_stage(*args, **kwargs):
-        stages.append(make_stage(*args, **kwargs))
-        return stages[-1]
-
-    monkeypatch.setattr(tasks, "ModelStage", recording_stage)
     settings = {"window": 16, "overlap": 0.25} if mode == "blend" else {}
     results = []
     for threads in (2, 1):
@@ -405,7 +403,7 @@ def test_a_run_with_narrow_passes_equals_one_with_one_thread(tmp_path, monkeypat
         )
         results.append(segpipe.open_result(out)["probabilities"].values)
         assert torch.get_num_threads() == 1, "the caller's thread count is given back"
-    narrow, single = stages
+    narrow, single = recorded_stages
     assert narrow.lanes == 2 and single.lanes == 1
     assert narrow._plans and all(p.narrow and p.threads == 1 for p in narrow._plans.values())
     assert not any(p.narrow for p in single._plans.values())
