@@ -22,7 +22,7 @@ from segpipe.io.files import URLPath
 from segpipe.results.layout import create_label_image, levels_in_blocks
 from segpipe.results.pyramid import block_levels
 from segpipe.results.schema import ResultMeta, label_path
-from segpipe.results.store import write_together, writer_for
+from segpipe.results.store import write_together
 
 __all__ = ["WRITE_GROUP_BYTES", "label_images", "write_label_image"]
 
@@ -74,7 +74,7 @@ def write_label_image(
     for box, values in blocks:
         levels = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", len(arrays) - 1)
         for array, (at, level) in zip(arrays, levels, strict=True):
-            writes.append((writer_for(array, level), at.slices, level))
+            writes.append((array, at.slices, level))
             held += level.nbytes
         if held >= WRITE_GROUP_BYTES:
             write_together(writes)

@@ -277,18 +277,10 @@ def block_level_arrays(path: str | URLPath) -> list[tuple[zarr.Array, zarr.Array
     # (execution.tasks).
     root = zarr.open_group(path, mode="r+")
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
-
-    def dense(name: str) -> zarr.Array:
-        # Probabilities equal the fill value (0 for every class) only in a tile no foreground
-        # box computed, which then costs a few stored bytes; comparing every chunk with it
-        # before encoding cost a tenth of a block's writes. The masks are checked a shard at
-        # a time instead (store.writer_for): an all-background mask shard is not stored.
-        return cast(zarr.Array, root[name]).with_config({"write_empty_chunks": True})
-
     return [
         (
             root[level_path(k, "mask", layout=meta.layout)],
-            dense(level_path(k, "probabilities", layout=meta.layout)),
+            root[level_path(k, "probabilities", layout=meta.layout)],
             root[label_path(LABEL_NAME, k, layout=meta.layout)],
         )  # type: ignore[misc]
         for k in range(levels_in_blocks(meta) + 1)

@@ -15,7 +15,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -43,6 +43,7 @@ from segpipe.results.schema import (
     is_result,
     read_attrs,
 )
+from segpipe.results.shards import Encoded, shard_write
 
 __all__ = [
     "TileRecord",
@@ -57,7 +58,6 @@ __all__ = [
     "write_block",
     "write_tiles",
     "write_together",
-    "writer_for",
 ]
 
 log = logging.getLogger("segpipe")
@@ -309,37 +309,38 @@ def write_block(
         ):
             probs = encode_probabilities(p, prob_arr.dtype.name)
             writes += [(prob_arr, (slice(None), *at.slices), probs)]
-            writes += [(writer_for(a, m), at.slices, m) for a in (mask_arr, label_arr)]
+            writes += [(a, at.slices, m) for a in (mask_arr, label_arr)]
     with step():
         write_together(writes)
     fault_point("block.written")
     return mask
 
 
-def writer_for(array: zarr.Array, values: np.ndarray) -> zarr.Array:
-    """``array`` as it should write ``values`` (whole shards): comparing each chunk with the fill
-    value before encoding it only when ``values`` are all fill, so that such a shard is
-    not stored (Zarr removes it). Zarr's comparison took 0.7-1 ms per 512^2 uint8 chunk,
-    about 10 ms of a 1024^2 block's mask writes; a shard with anything else in it stores
-    its empty chunks, a few bytes each."""
-    fill = array.fill_value
-    empty = not values.any() if fill == 0 else bool((values == fill).all())
-    return array.with_config({"write_empty_chunks": not empty})
-
-
 def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
-    """``array[selection] = values`` for each write, in one trip to Zarr's event loop: its
-    threads encode the shards side by side (a 1024^2 block's nine writes: 57 ms one by one,
-    38-42 ms together, on 2 cores). Each write must be whole shards no other write of the
-    call touches. Returns when every write has ended; raises the first failure."""
-
-    async def write_all() -> list[BaseException | None]:
-        return await asyncio.gather(
-            *(a.async_array.setitem(selection, values) for a, selection, values in writes),
-            return_exceptions=True,
+    """``array[selection] = values`` for each write, in one trip to the stores. A write of one
+    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
+    caller's thread (the one core an I/O section holds), and only stored in the trip; others
+    go to Zarr, whose threads encode them side by side. Each write must be whole shards no
+    other write of the call touches. Returns when every write has ended; raises the first
+    failure."""
+    outcomes: list[BaseException | None] = []
+    pending: list[Coroutine[Any, Any, None]] = []
+    encoded: Encoded = {}
+    for array, selection, values in writes:
+        try:
+            shard = shard_write(array, selection, values, encoded)
+        except Exception as e:  # encoding failed: the other writes still run to their end
+            outcomes.append(e)
+            continue
+        pending.append(
+            shard.run() if shard is not None else array.async_array.setitem(selection, values)
         )
 
-    failures = [o for o in sync(write_all()) if isinstance(o, BaseException)]
+    async def write_all() -> list[BaseException | None]:
+        return await asyncio.gather(*pending, return_exceptions=True)
+
+    outcomes += [o for o in sync(write_all()) if isinstance(o, BaseException)]
+    failures = [o for o in outcomes if o is not None]
     for other in failures[1:]:
         log.warning("another write of the same call failed too: %r", other)
     if failures:

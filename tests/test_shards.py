@@ -1,0 +1,160 @@
+"""Shards encoded by segpipe.results.shards are the bytes Zarr itself stores for the same
+write, and writes it does not know go to Zarr."""
+
+import numpy as np
+import pytest
+import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
+
+from segpipe.results.shards import ShardFormat, shard_write
+from segpipe.results.store import write_together
+
+
+def stored(array: zarr.Array, key: str) -> bytes | None:
+    found = sync(array.store_path.store.get(f"{array.path}/{key}", default_buffer_prototype()))
+    return None if found is None else found.to_bytes()
+
+
+def create(store, name, shape, chunks, shards, dtype, fill=0, compressors="zstd", **kw):
+    codec = {"zstd": ZstdCodec(level=1), None: None}[compressors]
+    return zarr.create_array(
+        store, name=name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+        fill_value=fill, compressors=codec, **kw,
+    )  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["uint8", "float16", "float32", "int16"]),
+    compressors=st.sampled_from(["zstd", None]),
+    fill=st.sampled_from([0, 3]),
+    write_empty=st.booleans(),
+    classes=st.sampled_from([None, 1, 3]),
+)
+def test_a_shard_is_the_bytes_zarr_stores(data, dtype, compressors, fill, write_empty, classes):
+    chunk = data.draw(st.sampled_from([4, 8]))
+    per_shard = data.draw(st.sampled_from([1, 2, 4]))
+    shard = chunk * per_shard
+    shape = tuple(data.draw(st.integers(1, 3 * shard)) for _ in range(2))
+    lead = () if classes is None else (classes,)
+    store = MemoryStore()
+    kw = dict(dtype=dtype, fill=fill, compressors=compressors)
+    reference = create(
+        store, "zarr", (*lead, *shape), (*lead, chunk, chunk), (*lead, shard, shard), **kw
+    )
+    ours = create(
+        store, "ours", (*lead, *shape), (*lead, chunk, chunk), (*lead, shard, shard), **kw
+    )
+    config = {"write_empty_chunks": write_empty}
+    reference, ours = reference.with_config(config), ours.with_config(config)
+    # A whole shard, or one cut by the far edge, some of its chunks all fill value.
+    sy, sx = (data.draw(st.integers(0, (n - 1) // shard)) for n in shape)
+    box = tuple(
+        slice(i * shard, min((i + 1) * shard, n)) for i, n in zip((sy, sx), shape, strict=True)
+    )
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    values = rng.integers(0, 6, (*lead, *(b.stop - b.start for b in box))).astype(dtype)
+    for cy in range(0, values.shape[-2], chunk):
+        for cx in range(0, values.shape[-1], chunk):
+            if rng.random() < 0.4:
+                values[..., cy : cy + chunk, cx : cx + chunk] = fill
+    selection = (*(slice(None) for _ in lead), *box)
+    reference[selection] = values
+    write = shard_write(ours, selection, values)
+    assert write is not None
+    sync(write.run())
+    key = reference.metadata.encode_chunk_key((*(0 for _ in lead), sy, sx))
+    assert stored(ours, key) == stored(reference, key)
+    np.testing.assert_array_equal(ours[...], reference[...])
+
+
+def test_an_all_fill_shard_is_deleted_unless_empty_chunks_are_written():
+    store = MemoryStore()
+    array = create(store, "a", (16, 16), (4, 4), (8, 8), "uint8")
+    array[:8, :8] = 7
+    assert stored(array, "c/0/0") is not None
+    sync(shard_write(array, (slice(0, 8), slice(0, 8)), np.zeros((8, 8), np.uint8)).run())
+    assert stored(array, "c/0/0") is None
+    dense = array.with_config({"write_empty_chunks": True})
+    sync(shard_write(dense, (slice(0, 8), slice(0, 8)), np.zeros((8, 8), np.uint8)).run())
+    assert stored(array, "c/0/0") is not None
+    assert array[...].max() == 0
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        (slice(0, 4), slice(0, 8)),  # part of a shard
+        (slice(4, 12), slice(0, 8)),  # across two shards
+        (slice(0, 16), slice(0, 8)),  # two whole shards
+        (slice(0, 8, 2), slice(0, 8)),  # a step
+    ],
+)
+def test_writes_of_other_than_one_whole_shard_go_to_zarr(selection):
+    store = MemoryStore()
+    array = create(store, "a", (20, 20), (4, 4), (8, 8), "float32")
+    shape = tuple(len(range(*s.indices(20))) for s in selection)
+    values = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1
+    assert shard_write(array, selection, values) is None
+    write_together([(array, selection, values)])
+    np.testing.assert_array_equal(array[selection], values)
+
+
+@pytest.mark.parametrize(
+    "codecs",
+    [
+        dict(compressors=BloscCodec()),  # not zstd
+        dict(shards=None),  # not sharded
+        dict(index_location="start"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Combining a `sharding_indexed` codec")
+def test_formats_not_encoded_here_go_to_zarr(codecs):
+    store = MemoryStore()
+    kw = dict(shape=(16, 16), chunks=(4, 4), shards=(8, 8), dtype="uint8", fill_value=0)
+    if "index_location" in codecs:
+        sharding = ShardingCodec(
+            chunk_shape=(4, 4), codecs=[BytesCodec(), ZstdCodec()], index_location="start",
+            index_codecs=[BytesCodec(), Crc32cCodec()],
+        )  # fmt: skip
+        kw = dict(shape=(16, 16), chunks=(8, 8), dtype="uint8", fill_value=0)
+        array = zarr.create_array(store, name="a", serializer=sharding, **kw)
+    else:
+        array = zarr.create_array(store, name="a", **{**kw, **codecs})
+    assert ShardFormat.of(array) is None
+    values = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    selection = (slice(0, 8), slice(8, 16))
+    assert shard_write(array, selection, values) is None
+    write_together([(array, selection, values)])
+    np.testing.assert_array_equal(array[selection], values)
+
+
+def test_values_larger_than_a_shard_are_refused():
+    array = create(MemoryStore(), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    form = ShardFormat.of(array)
+    assert form is not None and form.shard == (8, 8) and form.chunk == (4, 4)
+    with pytest.raises(ValueError, match=r"do not fit a shard \(8, 8\)"):
+        form.encode(np.zeros((9, 8), np.uint8))
+
+
+def test_the_same_values_in_the_same_format_are_encoded_once(monkeypatch):
+    store = MemoryStore()
+    mask, label, other = (create(store, n, (16, 16), (4, 4), (8, 8), "uint8") for n in "abc")
+    other = other.with_config({"write_empty_chunks": True})  # the same format, another rule
+    calls = []
+    encode = ShardFormat.encode
+    monkeypatch.setattr(
+        ShardFormat, "encode", lambda self, v, **kw: calls.append(v) or encode(self, v, **kw)
+    )
+    values = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    where = (slice(8, 16), slice(0, 8))
+    write_together([(mask, where, values), (label, where, values), (other, where, values)])
+    assert len(calls) == 2
+    assert stored(mask, "c/1/0") == stored(label, "c/1/0") == stored(other, "c/1/0")
+    np.testing.assert_array_equal(label[where], values)
