@@ -1,4 +1,3 @@
-import gc
 import logging
 import os
 import sys
@@ -18,15 +17,6 @@ CLASSES = ("background", "tissue", "nucleus")
 # tests start as they are, so no test's memory depends on which test tuned malloc first.
 # tests/test_allocator.py checks the tuning in clean interpreters.
 os.environ.setdefault("MALLOC_MMAP_MAX_", "65536")
-
-
-@pytest.fixture(autouse=True)
-def _gc_unfrozen():
-    """`segpipe` commands run in-process here freeze the objects alive when they start (a
-    command's process is its own); the tests' process is not, so each test ends unfrozen."""
-    yield
-    if gc.get_freeze_count():
-        gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)

@@ -70,6 +70,25 @@ def test_the_gc_freeze_comes_after_the_heavy_imports(tmp_path):
     assert "[['dask', 'distributed', 'torch', 'zarr']]" in done.stdout, done.stdout
 
 
+def test_a_model_command_gives_the_calling_process_its_collector_back(tmp_path, monkeypatch):
+    """main() freezes what is alive when a model command starts; a process that called it
+    (a notebook, a script, this test) has every object collectable again once it returns."""
+    import gc
+
+    frozen = []
+    freeze = gc.freeze
+
+    def recording():
+        freeze()
+        frozen.append(gc.get_freeze_count())
+
+    monkeypatch.setattr(gc, "freeze", recording)
+    monkeypatch.chdir(tmp_path)
+    assert main(["segment", "missing.tif", "out.zarr"]) == 2
+    assert frozen and frozen[0] > 0
+    assert gc.get_freeze_count() == 0
+
+
 def test_commands_that_run_models_tune_malloc_and_gc_before_they_run(monkeypatch):
     # keep_freed_memory binds threads yet to allocate: it must come before the command runs.
     import segpipe.cli as cli

@@ -193,8 +193,8 @@ def _freeze_imports() -> None:
     """Import what running a model takes (torch, Dask, Zarr), then keep every object alive now
     out of the cyclic collector's full passes: each pass over them held the GIL, and so the
     model thread, 0.4-0.9 s (a first run at 4096^2 on 2 cores, frozen after these imports:
-    0.45 s of full passes instead of 0.88 s). For the ``segpipe`` command's own process only:
-    frozen objects that later become garbage in a cycle are never collected."""
+    0.45 s of full passes instead of 0.88 s). Frozen objects that become garbage in a cycle
+    are not collected until :func:`main` unfreezes them as it returns."""
     import segpipe.execution.segment  # noqa: F401  (torch, dask, distributed, zarr)
 
     gc.freeze()
@@ -219,3 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"segpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    finally:
+        if args.command in _RUNS_MODELS:
+            # A process that called main() (a notebook, a test, a wrapper script) lives on:
+            # give its objects back to the collector.
+            gc.unfreeze()
