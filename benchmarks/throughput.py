@@ -365,6 +365,7 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
     from segpipe.synthetic.demo import make_demo_slide
 
     runs: dict[tuple[float, str], list[float]] = {}
+    cpu: dict[tuple[float, str], list[float]] = {}
     dice, summaries = {}, {}
     tile = SegmentConfig().tile
     keys = ((0.3, "tissue"), (1.0, "tissue"), (0.3, "none"))
@@ -375,7 +376,7 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
     for _ in range(repeat):
         for key in keys:
             fraction, foreground = key
-            seconds, _, _ = run_segment(
+            seconds, _, cpu_seconds = run_segment(
                 slides[fraction].image,
                 work / "tissue.zarr",
                 model,
@@ -384,6 +385,7 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
                 foreground=foreground,
             )
             runs.setdefault(key, []).append(seconds)
+            cpu.setdefault(key, []).append(cpu_seconds)
             out = work / f"tissue-{RUNS}.zarr"
             dice[key] = evaluate(out, slides[fraction].truth).mean_dice
             summary = read_meta(out).summary
@@ -418,11 +420,14 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
                 f"{summary.tiles_computed} of {summary.tiles_total} tiles computed; "
                 f"Dice {dice[key]:.4f}{spread[key]}",
             )
+    # CPU seconds (on the CPU the default local cluster is threads of this process): the
+    # work's ratio, steadier than wall time on a shared machine; the target is the wall's.
+    least = {key: min(c) for key, c in cpu.items()}
     row(
         "30% / all tissue",
         f"{seconds[0.3, 'tissue'] / seconds[1.0, 'tissue']:.2f}x",
-        "target <= 0.4; Dice with skipping minus without: "
-        f"{dice[0.3, 'tissue'] - dice[0.3, 'none']:+.4f}",
+        f"target <= 0.4 ({least[0.3, 'tissue'] / least[1.0, 'tissue']:.2f}x their CPU s); "
+        f"Dice with skipping minus without: {dice[0.3, 'tissue'] - dice[0.3, 'none']:+.4f}",
     )
 
 
