@@ -72,7 +72,8 @@ def test_the_gc_freeze_comes_after_the_heavy_imports(tmp_path):
 
 def test_a_model_command_gives_the_calling_process_its_collector_back(tmp_path, monkeypatch):
     """main() freezes what is alive when a model command starts; a process that called it
-    (a notebook, a script, this test) has every object collectable again once it returns."""
+    (a notebook, a script, this test) has every object collectable again once it returns,
+    and a caller's own freeze is left as it was."""
     import gc
 
     frozen = []
@@ -87,6 +88,31 @@ def test_a_model_command_gives_the_calling_process_its_collector_back(tmp_path, 
     assert main(["segment", "missing.tif", "out.zarr"]) == 2
     assert frozen and frozen[0] > 0
     assert gc.get_freeze_count() == 0
+    try:
+        freeze()  # the caller's own
+        frozen.clear()
+        assert main(["segment", "missing.tif", "out.zarr"]) == 2
+        assert not frozen and gc.get_freeze_count() > 0  # neither frozen again nor unfrozen
+    finally:
+        gc.unfreeze()
+
+
+def test_the_segpipe_executable_keeps_its_freeze_to_its_exit(tmp_path):
+    """Its process is the command's own: unfrozen, its exit would walk every frozen object."""
+    code = textwrap.dedent(
+        """
+        import atexit, gc, sys
+        from segpipe import cli
+        atexit.register(lambda: print("frozen at exit", gc.get_freeze_count() > 0))
+        sys.argv = ["segpipe", "segment", "missing.tif", "out.zarr"]
+        cli.command()
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "frozen at exit True" in done.stdout, done.stdout
 
 
 def test_commands_that_run_models_tune_malloc_and_gc_before_they_run(monkeypatch):

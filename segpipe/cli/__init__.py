@@ -17,6 +17,7 @@ import sys
 import textwrap
 import traceback
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 # The command modules import Prefect, dask and torch only inside their handlers.
 from segpipe import progress
@@ -24,7 +25,7 @@ from segpipe.cli import archive, results, segment, training
 from segpipe.execution.allocator import keep_freed_memory
 from segpipe.version import __version__
 
-__all__ = ["HelpFormatter", "build_parser", "main", "user_errors"]
+__all__ = ["HelpFormatter", "build_parser", "command", "main", "user_errors"]
 
 DESCRIPTION = "Segment gigapixel images with U-Net models; results are OME-Zarr stores."
 EPILOG = "Run 'segpipe COMMAND --help' for a command's options and their defaults."
@@ -194,33 +195,54 @@ def _freeze_imports() -> None:
     out of the cyclic collector's full passes: each pass over them held the GIL, and so the
     model thread, 0.4-0.9 s (a first run at 4096^2 on 2 cores, frozen after these imports:
     0.45 s of full passes instead of 0.88 s). Frozen objects that become garbage in a cycle
-    are not collected until :func:`main` unfreezes them as it returns."""
+    are not collected until :func:`main` unfreezes them as it returns (the ``segpipe``
+    executable, :func:`command`, keeps them to its exit)."""
     import segpipe.execution.segment  # noqa: F401  (torch, dask, distributed, zarr)
 
     gc.freeze()
 
 
+def command() -> NoReturn:
+    """The ``segpipe`` executable and ``python -m segpipe.cli``: run the command line's command
+    in a process of its own, and exit with the code :func:`main` would return."""
+    sys.exit(_run(sys.argv[1:], own_process=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``segpipe`` command; the exit code: 0 done, 1 done with failures, 2 user error."""
+    """Run one ``segpipe`` command in this process, which lives on after it (a notebook, a
+    script, a test); the exit code: 0 done, 1 done with failures, 2 user error. A model
+    command's frozen collector (:func:`_freeze_imports`) is unfrozen as it returns; nothing
+    is frozen where the caller had frozen objects of its own."""
+    return _run(argv, own_process=False)
+
+
+def _run(argv: Sequence[str] | None, *, own_process: bool) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in _RUNS_MODELS:
+    models = args.command in _RUNS_MODELS
+    # The caller's own freeze is left alone; a process of the command's own keeps its freeze
+    # to the end (unfrozen, its exit would walk every frozen object once more).
+    freeze = models and (own_process or not gc.get_freeze_count())
+    if models:
         keep_freed_memory()  # before any thread allocates: it binds threads yet to come
-        _freeze_imports()
-    _configure_logging(verbose=args.verbose, quiet=args.quiet)
-    run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
-    # One progress display for every stage the command runs (library code never prints):
-    # bars on a terminal, plain lines in a log or a pipe, nothing with -q or --no-progress.
-    shown = None if args.quiet or args.no_progress else progress.console(sys.stderr)
     try:
-        with _quiet_libraries(verbose=args.verbose, quiet=args.quiet), progress.reporting(shown):
-            return run(args)
-    except user_errors() as err:
-        if args.verbose:
-            traceback.print_exc()
-        print(f"segpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 2
+        if freeze:
+            _freeze_imports()
+        _configure_logging(verbose=args.verbose, quiet=args.quiet)
+        run: Callable[[argparse.Namespace], int] = args.run  # set by the command's add_* function
+        # One progress display for every stage the command runs (library code never prints):
+        # bars on a terminal, plain lines in a log or a pipe, nothing with -q or --no-progress.
+        shown = None if args.quiet or args.no_progress else progress.console(sys.stderr)
+        try:
+            with (
+                _quiet_libraries(verbose=args.verbose, quiet=args.quiet),
+                progress.reporting(shown),
+            ):
+                return run(args)
+        except user_errors() as err:
+            if args.verbose:
+                traceback.print_exc()
+            print(f"segpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            return 2
     finally:
-        if args.command in _RUNS_MODELS:
-            # A process that called main() (a notebook, a test, a wrapper script) lives on:
-            # give its objects back to the collector.
+        if freeze and not own_process:
             gc.unfreeze()

@@ -1,8 +1,6 @@
 """``python -m segpipe.cli``: the ``segpipe`` command."""
 
-import sys
-
-from segpipe.cli import main
+from segpipe.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -321,25 +321,27 @@ def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndar
     whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
     caller's thread (the one core an I/O section holds), and only stored in the trip; others
     go to Zarr, whose threads encode them side by side. Each write must be whole shards no
-    other write of the call touches. Returns when every write has ended; raises the first
-    failure."""
-    outcomes: list[BaseException | None] = []
-    pending: list[Coroutine[Any, Any, None]] = []
+    other write of the call touches. Returns when every write has ended; raises the failure
+    of the first write that failed, in the order given."""
+    outcomes: list[BaseException | None] = [None] * len(writes)
+    pending: dict[int, Coroutine[Any, Any, None]] = {}
     encoded: Encoded = {}
-    for array, selection, values in writes:
+    for i, (array, selection, values) in enumerate(writes):
         try:
             shard = shard_write(array, selection, values, encoded)
         except Exception as e:  # encoding failed: the other writes still run to their end
-            outcomes.append(e)
+            outcomes[i] = e
             continue
-        pending.append(
+        pending[i] = (
             shard.run() if shard is not None else array.async_array.setitem(selection, values)
         )
 
     async def write_all() -> list[BaseException | None]:
-        return await asyncio.gather(*pending, return_exceptions=True)
+        return await asyncio.gather(*pending.values(), return_exceptions=True)
 
-    outcomes += [o for o in sync(write_all()) if isinstance(o, BaseException)]
+    for i, outcome in zip(pending, sync(write_all()), strict=True):
+        if isinstance(outcome, BaseException):
+            outcomes[i] = outcome
     failures = [o for o in outcomes if o is not None]
     for other in failures[1:]:
         log.warning("another write of the same call failed too: %r", other)
