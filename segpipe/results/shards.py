@@ -3,8 +3,9 @@
 Zarr 3.1 writes a sharded array through its partial-write path even when a write covers a
 whole shard: it looks for the shard in the store first, fills a new array with the fill value
 for every chunk and copies the chunk into it, then sends each chunk to a thread of its own to
-be encoded. For a task's 1024^2 block (float16 probabilities and two uint8 masks, four levels)
-that took 51-64 ms of CPU against 27-30 ms here, for the same bytes. Only the formats segpipe's
+be encoded. A task's 1024^2 block (float16 probabilities and two uint8 masks, four levels)
+took 51-71 ms of CPU to store that way against 35-40 ms here, for the same bytes; its whole
+``write_block`` on real probabilities 103-118 ms against 71-85 ms. Only the formats segpipe's
 layouts create are encoded here (:meth:`ShardFormat.of` says which: ``bytes`` then optionally
 ``zstd`` inside the shard, its index ``bytes`` then ``crc32c`` at its end); anything else, and
 any write that is not one whole shard, goes through Zarr.
