@@ -54,7 +54,7 @@ class ShardFormat:
     dtype: np.dtype[Any]
     fill: Any = field(compare=False)
     zstd: tuple[int, bool] | None
-    fill_bits: bytes = b""
+    fill_bits: bytes = field(init=False)  # what formats compare, derived from ``fill``
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fill_bits", np.asarray(self.fill, self.dtype).tobytes())
