@@ -20,9 +20,11 @@ from segpipe.execution.foreground import (
     resolve_foreground,
 )
 from segpipe.geometry.foreground import (
+    MaskPatch,
     clean_mask,
     cover_boxes,
     foreground_pixels,
+    mask_rows,
     otsu_threshold,
     saturation,
     tiles_touching,
@@ -68,6 +70,35 @@ def test_tiles_touching_are_the_tiles_holding_upsampled_foreground(mask, ny, nx,
     )
     np.testing.assert_array_equal(tiles_touching(mask, (ny, nx), tile), expected)
     assert foreground_pixels(mask, (ny, nx)) == int(full.sum())
+
+
+@given(
+    mask=masks,
+    ny=st.integers(1, 90),
+    nx=st.integers(1, 90),
+    cut=st.tuples(*[st.floats(0, 1)] * 8),
+)
+def test_a_mask_patch_gives_its_box_as_the_whole_mask_does(mask, ny, nx, cut):
+    """A task's patch of the mask (its box's cells only) upsamples any box within to the
+    pixels the whole mask gives there, and refuses a box beyond it."""
+
+    def within(y0, y1, x0, x1, a, b, c, d):
+        ys = sorted((y0 + round(a * (y1 - y0 - 1)), y0 + 1 + round(b * (y1 - y0 - 1))))
+        xs = sorted((x0 + round(c * (x1 - x0 - 1)), x0 + 1 + round(d * (x1 - x0 - 1))))
+        return Box(ys[0], max(ys[1], ys[0] + 1), xs[0], max(xs[1], xs[0] + 1))
+
+    box = within(0, ny, 0, nx, *cut[:4])
+    patch = MaskPatch.of(mask, (ny, nx), box)
+    assert patch.cells.size <= mask.size
+    inner = within(box.y0, box.y1, box.x0, box.x1, *cut[4:])
+    np.testing.assert_array_equal(
+        patch.pixels(inner), upsample_mask(mask, (ny, nx), (inner.y0, inner.y1, inner.x0, inner.x1))
+    )
+    rows = mask_rows(ny, mask.shape[0]) - patch.origin[0]
+    if rows.min() < 0 or rows.max() >= patch.cells.shape[0]:  # rows of the level beyond it
+        outside = Box(0, ny, box.x0, box.x1)
+        with pytest.raises(ValueError, match="outside the mask patch"):
+            patch.pixels(outside)
 
 
 def window_cost(boxes, halo):

@@ -14,6 +14,7 @@ from test_query import run_summary
 from zarr.storage import StorePath
 
 from segpipe.config import SegmentConfig
+from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.geometry.tiling import Box, tile_grid
 from segpipe.results import (
     IncompleteResultError,
@@ -29,6 +30,7 @@ from segpipe.results import (
     read_attrs,
     read_meta,
     tiles_done,
+    write_block,
     write_tiles,
 )
 from segpipe.results.layout import level_tiling, levels_in_blocks
@@ -135,29 +137,43 @@ def test_empty_chunks_are_not_written(tmp_path):
     assert (path / "0" / "probabilities" / "c" / "0" / "0" / "0").exists()
 
 
-@pytest.mark.parametrize("group_bytes", [1, 3000, 1 << 30])
-def test_label_image_blocks_are_written_in_groups_all_of_them(tmp_path, monkeypatch, group_bytes):
-    """The foreground's writer sends its blocks (32^2 uint8 here) to Zarr a group at a time:
-    every block lands where it belongs, whether the last group is full or not; blocks not
-    given keep 0."""
+def test_label_images_are_written_with_the_blocks_at_every_level(tmp_path):
+    """A label image added to a result is written by write_block beside the mask, at the
+    levels the tasks write (halved by mode), then the pyramid pass fills the rest: every
+    level equals the mode pyramid of level 0; blocks not written keep 0. Adding it again
+    keeps what was written."""
     from segpipe.results import labels
+    from segpipe.results.pyramid import halve
 
-    monkeypatch.setattr(labels, "WRITE_GROUP_BYTES", group_bytes)
     path = tmp_path / "r.zarr"
-    prepare_result(path, meta())
-    rng = np.random.default_rng(group_bytes)
-    expected = np.zeros((100, 70), np.uint8)
-    blocks = []
-    for t in tile_grid((100, 70), 32):
-        if t.index == (1, 1):
+    m = meta(shape=(200, 140), tile=16, task_tiles=2, min_level_size=16)
+    assert levels_in_blocks(m) == 1
+    prepare_result(path, m)
+    labels.add_label_image(path, "extra", ("none", "a", "b"), long_name="x")
+    arrays = labels.label_block_arrays(path, "extra")
+    assert len(arrays) == 2
+    rng = np.random.default_rng(3)
+    expected = np.zeros(m.shape, np.uint8)
+    for i, block in enumerate(tile_grid(m.shape, m.tile).blocks(2)):
+        if i == 5:
             continue  # a block with no foreground: not written
-        values = rng.integers(1, 3, t.box.shape, dtype=np.uint8)
-        expected[t.box.slices] = values
-        blocks.append((t.box, values))
-    labels.write_label_image(path, "extra", ("none", "a", "b"), iter(blocks), long_name="x")
-    stored = zarr.open_array(path, path=label_path("extra", 0, layout=meta().layout), mode="r")
-    np.testing.assert_array_equal(stored[...], expected)
-    assert labels.label_images(path)[-1] == "extra"
+        box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+        values = rng.integers(0, 3, box.shape, dtype=np.uint8)
+        expected[box.slices] = values
+        write_block(path, box, random_probabilities(box.shape), labels=[(arrays, values)])
+    labels.add_label_image(path, "extra", ("none", "a", "b"), long_name="x")
+    finalize_result(path, run_summary(path))
+    assert labels.label_images(path) == ["mask", "extra"]
+    level = expected
+    shapes = pyramid_shapes(m.shape, m.config.min_level_size)
+    assert len(shapes) == 4
+    for k in range(len(shapes)):
+        stored = zarr.open_array(path, path=label_path("extra", k, layout=m.layout), mode="r")
+        np.testing.assert_array_equal(stored[...], level, err_msg=f"level {k}")
+        level = halve(level[: level.shape[0] // 2 * 2, : level.shape[1] // 2 * 2], "mode")
+    box, short = Box(0, 32, 0, 32), [(arrays, expected[:16, :32])]
+    with pytest.raises(ValueError, match="do not cover the block"):
+        write_block(path, box, random_probabilities((32, 32)), labels=short)
 
 
 def test_a_blocks_writes_skip_zarrs_chunk_comparison(tmp_path, monkeypatch):

@@ -43,6 +43,7 @@ import numpy as np
 from segpipe.execution.stitching import bounds
 from segpipe.execution.tasks import Block
 from segpipe.geometry.foreground import (
+    MaskPatch,
     cover_boxes,
     foreground_pixels,
     tiles_touching,
@@ -52,8 +53,8 @@ from segpipe.geometry.foreground import (
 from segpipe.geometry.tiling import Box, Geometry, TileGrid
 from segpipe.io.readers import Reader, open_image
 from segpipe.progress import stage
-from segpipe.results import mark_tiles_done
-from segpipe.results.labels import write_label_image
+from segpipe.results import FOREGROUND_LABEL, mark_tiles_done
+from segpipe.results.labels import add_label_image
 
 __all__ = [
     "FOREGROUND_LABEL",
@@ -72,7 +73,6 @@ __all__ = [
 ]
 
 FOREGROUND_MODES = ("auto", "tissue", "nodata", "none")
-FOREGROUND_LABEL = "foreground"
 FOREGROUND_MEANINGS = ("outside", "foreground")
 # The mask's longer side, pixels: fine enough that a 512 px tile of a 100k px slide is several
 # mask pixels, small enough to hold and clean in memory in well under a second.
@@ -126,13 +126,19 @@ class TileSelection:
         return None if self.foreground is None else self.foreground.pixels
 
     def blocks(self, grid: TileGrid, side: int) -> list[Block]:
-        """:meth:`TileGrid.blocks` with only the computed tiles, and the boxes of them each
-        computes; blocks left empty dropped."""
-        return [
-            Block((tuple(kept),), self.boxes.get(b[0].index))
-            for b in grid.blocks(side)
-            if (kept := [t for t in b if self.computed[t.index]])
-        ]
+        """:meth:`TileGrid.blocks` with only the computed tiles, the boxes of them each
+        computes and the mask's cells over them; blocks left empty dropped."""
+        blocks = []
+        for b in grid.blocks(side):
+            kept = tuple(t for t in b if self.computed[t.index])
+            if not kept:
+                continue
+            patch = None
+            if self.foreground is not None:
+                fg = self.foreground
+                patch = (MaskPatch.of(fg.mask, fg.shape, bounds([t.box for t in kept])),)
+            blocks.append(Block((kept,), self.boxes.get(b[0].index), patch))
+        return blocks
 
 
 def resolve_foreground(setting: str, reader: Reader) -> str:
@@ -337,7 +343,7 @@ def select_tiles(
         counts[0] = tile.box.shape[0] * tile.box.shape[1]
         background[tile.index] = counts
     mark_tiles_done(output, background)
-    _store_foreground(output, selection, grid, task_tiles)
+    _add_foreground_label(output, foreground)
     return selection
 
 
@@ -383,25 +389,13 @@ def choose_boxes(
     return TileSelection(computed, foreground, boxes)
 
 
-def _store_foreground(
-    output: str | os.PathLike, selection: TileSelection, grid: TileGrid, task_tiles: int
-) -> None:
-    """Write the mask as the result's foreground label image, one shard per block with a
-    computed tile; the other blocks have no foreground and keep the fill value, 0."""
-    foreground = selection.foreground
-    if foreground is None:
-        return
-    side = grid.tile * task_tiles
-    ny, nx = grid.shape
-    boxes = []
-    for block in selection.blocks(grid, task_tiles):
-        first = block.tiles[0].box
-        y0, x0 = first.y0 // side * side, first.x0 // side * side
-        boxes.append(Box(y0, min(y0 + side, ny), x0, min(x0 + side, nx)))
-    write_label_image(
+def _add_foreground_label(output: str | os.PathLike, foreground: Foreground) -> None:
+    """Create the result's foreground label image, which each task writes with its block
+    (``Block.foreground``); blocks with nothing computed have no foreground and keep the
+    fill value, 0."""
+    add_label_image(
         output,
         FOREGROUND_LABEL,
         FOREGROUND_MEANINGS,
-        ((box, foreground.block(box)) for box in boxes),
         long_name=f"foreground mask ({foreground.kind})",
     )

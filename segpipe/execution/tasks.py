@@ -23,10 +23,12 @@ import zarr
 from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import Predictor
 from segpipe.execution.stitching import Stitching, bounds, predict_region
+from segpipe.geometry.foreground import MaskPatch
 from segpipe.geometry.tiling import Box, Tile, exact_side
 from segpipe.io.files import URLPath
 from segpipe.io.readers import Reader
-from segpipe.results import write_block
+from segpipe.results import FOREGROUND_LABEL, write_block
+from segpipe.results.labels import label_block_arrays
 from segpipe.results.layout import block_level_arrays
 
 __all__ = [
@@ -51,9 +53,20 @@ log = logging.getLogger(__name__)
 _PREDICTORS: dict[str, tuple[Predictor, int]] = {}
 # Each run's model thread (execution.pipeline), started by the first task that needs it.
 _STAGES: dict[str, ModelStage] = {}
+
+
+@dataclass(frozen=True)
+class _RunArrays:
+    """The arrays a run's blocks write: each level's mask, probabilities and mask label, and
+    the foreground label's levels (where the run's blocks carry a foreground)."""
+
+    levels: list[tuple[zarr.Array, zarr.Array, zarr.Array]]
+    foreground: list[zarr.Array] | None
+
+
 # Each run's result arrays, opened by its first task here (a few dozen small reads): keyed by
 # the run, never by path alone, so a later run that replaced the result opens it afresh.
-_ARRAYS: dict[str, list[tuple[zarr.Array, zarr.Array, zarr.Array]]] = {}
+_ARRAYS: dict[str, _RunArrays] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -72,11 +85,14 @@ class Job(Stitching):
 class Block:
     """One task's work: the tiles of each shard block of the result it writes (one, all or
     part of its tiles; in blend mode several, :func:`group_blocks`) and, where a foreground
-    mask chose them in exact mode, the boxes of them to compute (level pixels); their other
-    pixels are written as not computed, 0. ``boxes`` None: every pixel."""
+    mask chose them, the mask's cells over each shard block's tiles (``foreground``, one
+    patch per shard block, written as the result's foreground label image) and in exact mode
+    the boxes of them to compute (level pixels); their other pixels are written as not
+    computed, 0. ``boxes`` None: every pixel."""
 
     shards: tuple[tuple[Tile, ...], ...]
     boxes: tuple[Box, ...] | None = None
+    foreground: tuple[MaskPatch, ...] | None = None
 
     @property
     def tiles(self) -> tuple[Tile, ...]:
@@ -170,14 +186,21 @@ def segment_block(block: Block, job: Job) -> BlockResult:
         boxes=block.boxes,
     )
     # One write per shard block, in steps a forward pass may come between.
-    arrays, step = _result_arrays(job), stage.io_section
+    arrays, step = _result_arrays(job, block.foreground is not None), stage.io_section
+    patches = block.foreground or (None,) * len(block.shards)
     indices, counts = [], []
-    for part in block.shards:
+    for part, patch in zip(block.shards, patches, strict=True):
         region = bounds([t.box for t in part])
         # A view: the writes read strided arrays as they are (the whole region when one shard)
         within = region.relative_to(prediction.region)
         probabilities = prediction.probabilities[(slice(None), *within)]
-        mask = write_block(job.output, region, probabilities, step=step, arrays=arrays)
+        labels = []
+        if patch is not None and arrays.foreground is not None:
+            with stage.io_section():
+                labels.append((arrays.foreground, patch.pixels(region)))
+        mask = write_block(
+            job.output, region, probabilities, step=step, arrays=arrays.levels, labels=labels
+        )
         with stage.io_section():
             for t in part:
                 tile_mask = mask[t.box.relative_to(region)].ravel()
@@ -202,18 +225,27 @@ def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> li
     [4, 2, 4, 2]
     """
     per = max(1, -(-task_side // block_side))
-    groups: dict[tuple[int, int], list[tuple[Tile, ...]]] = {}
+    groups: dict[tuple[int, int], list[Block]] = {}
     for b in blocks:
         first = b.tiles[0].box
         key = (first.y0 // block_side // per, first.x0 // block_side // per)
-        groups.setdefault(key, []).extend(b.shards)
-    return [Block(tuple(shards)) for _, shards in sorted(groups.items())]
+        groups.setdefault(key, []).append(b)
+    joined = []
+    for _, group in sorted(groups.items()):
+        shards = tuple(s for b in group for s in b.shards)
+        patches = [p for b in group for p in b.foreground or ()]
+        joined.append(Block(shards, None, tuple(patches) if patches else None))
+    return joined
 
 
-def _result_arrays(job: Job) -> list[tuple[zarr.Array, zarr.Array, zarr.Array]]:
+def _result_arrays(job: Job, foreground: bool) -> _RunArrays:
     """The arrays each block of ``job``'s run writes, opened once per run in this process."""
     with _REGISTRY_LOCK:
-        if job.predictor_key not in _ARRAYS:
-            store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
-            _ARRAYS[job.predictor_key] = block_level_arrays(store)
-        return _ARRAYS[job.predictor_key]
+        arrays = _ARRAYS.get(job.predictor_key)
+        store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
+        if arrays is None:
+            arrays = _RunArrays(block_level_arrays(store), None)
+        if foreground and arrays.foreground is None:
+            arrays = _RunArrays(arrays.levels, label_block_arrays(store, FOREGROUND_LABEL))
+        _ARRAYS[job.predictor_key] = arrays
+        return arrays

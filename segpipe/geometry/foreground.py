@@ -26,12 +26,15 @@ it touches is computed. Two halves, no I/O in either:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
 from segpipe.geometry.tiling import Box
 
 __all__ = [
+    "MaskPatch",
     "clean_mask",
     "cover_boxes",
     "foreground_pixels",
@@ -186,11 +189,46 @@ def upsample_mask(
     >>> upsample_mask(np.array([[1, 0], [0, 1]], bool), (4, 6), (1, 3, 2, 5)).tolist()
     [[1, 0, 0], [0, 1, 1]]
     """
-    ny, nx = shape
-    y0, y1, x0, x1 = box if box is not None else (0, ny, 0, nx)
-    iy = (np.arange(y0, y1, dtype=np.int64) * mask.shape[0]) // ny
-    ix = (np.arange(x0, x1, dtype=np.int64) * mask.shape[1]) // nx
-    return np.asarray(mask, dtype=bool)[np.ix_(iy, ix)].astype(np.uint8)
+    area = Box(*box) if box is not None else Box(0, shape[0], 0, shape[1])
+    return MaskPatch(np.asarray(mask, dtype=bool), (0, 0), mask.shape, shape).pixels(area)
+
+
+@dataclass(frozen=True)
+class MaskPatch:
+    """The cells of a whole level's low-resolution mask that a box of the level needs: what
+    a task carries to write its block of the mask (kilobytes, where the block's pixels are
+    megabytes).
+
+    ``cells`` ``(r, c)`` bool are the mask's rows ``origin[0]:`` and columns ``origin[1]:``;
+    the whole mask is ``mask_shape`` ``(my, mx)`` over a level of ``shape`` ``(ny, nx)``
+    pixels.
+    """
+
+    cells: np.ndarray
+    origin: tuple[int, int]
+    mask_shape: tuple[int, int]
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, mask: np.ndarray, shape: tuple[int, int], box: Box) -> MaskPatch:
+        """The cells of ``mask`` (covering the level of ``shape``) that ``box`` needs."""
+        (my, mx), (ny, nx) = mask.shape, shape
+        r0, r1 = box.y0 * my // ny, (box.y1 - 1) * my // ny + 1
+        c0, c1 = box.x0 * mx // nx, (box.x1 - 1) * mx // nx + 1
+        cells = np.array(mask[r0:r1, c0:c1], dtype=bool)
+        return cls(cells, (r0, c0), (my, mx), shape)
+
+    def pixels(self, box: Box) -> np.ndarray:
+        """The level's ``(y, x)`` uint8 0/1 pixels over ``box`` (nearest neighbour, as
+        :func:`mask_rows`); ``box`` must lie in the one the patch was made for."""
+        my, mx = self.mask_shape
+        iy = np.arange(box.y0, box.y1, dtype=np.int64) * my // self.shape[0] - self.origin[0]
+        ix = np.arange(box.x0, box.x1, dtype=np.int64) * mx // self.shape[1] - self.origin[1]
+        if iy.size and (iy[0] < 0 or iy[-1] >= self.cells.shape[0]):
+            raise ValueError(f"{box} is outside the mask patch's rows")
+        if ix.size and (ix[0] < 0 or ix[-1] >= self.cells.shape[1]):
+            raise ValueError(f"{box} is outside the mask patch's columns")
+        return self.cells[np.ix_(iy, ix)].astype(np.uint8)
 
 
 def foreground_pixels(mask: np.ndarray, shape: tuple[int, int]) -> int:

@@ -65,6 +65,7 @@ from __future__ import annotations
 from segpipe.results.pyramid import build_pyramid
 from segpipe.results.reader import open_result
 from segpipe.results.schema import (
+    FOREGROUND_LABEL,
     LABEL_NAME,
     LAYOUT,
     LAYOUTS,
@@ -100,6 +101,7 @@ from segpipe.results.store import (
 )
 
 __all__ = [
+    "FOREGROUND_LABEL",
     "LABEL_NAME",
     "LAYOUT",
     "LAYOUTS",

@@ -15,6 +15,7 @@ from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.version import __version__
 
 __all__ = [
+    "FOREGROUND_LABEL",
     "LABEL_NAME",
     "LAYOUT",
     "LAYOUTS",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 LABEL_NAME = "mask"
+# The label image of the pixels a foreground mask chose (1) and left out (0), where one did.
+FOREGROUND_LABEL = "foreground"
 
 # Where a result keeps its arrays, recorded as ``layout`` in its ``segpipe`` attribute (absent:
 # 1). :func:`level_path` and :func:`label_path` are the only places that know the difference.

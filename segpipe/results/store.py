@@ -282,6 +282,7 @@ def write_block(
     *,
     step: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     arrays: Sequence[tuple[zarr.Array, zarr.Array, zarr.Array]] | None = None,
+    labels: Sequence[tuple[Sequence[zarr.Array], np.ndarray]] = (),
 ) -> np.ndarray:
     """Write (C, y, x) float probabilities over ``box`` and their argmax mask, at level 0 and
     at the pyramid levels the result's tasks write (``layout.levels_in_blocks``): there, the
@@ -292,8 +293,10 @@ def write_block(
     writing them all at once) runs inside ``step()``: the caller's way to let other work in
     between (:meth:`segpipe.execution.pipeline.ModelStage.io_section`). ``arrays``: what
     :func:`~segpipe.results.layout.block_level_arrays` gives for ``path``, opened once by a
-    caller that writes many blocks of one run (default: opened here). Returns the (y, x)
-    uint8 mask written at level 0.
+    caller that writes many blocks of one run (default: opened here). ``labels``: other label
+    images' (y, x) uint8 values over ``box``, each with its arrays at those levels
+    (:func:`segpipe.results.labels.label_block_arrays`), halved by mode and written in the
+    same trip. Returns the (y, x) uint8 mask written at level 0.
     """
     with step():
         if arrays is None:
@@ -310,6 +313,11 @@ def write_block(
             probs = encode_probabilities(p, prob_arr.dtype.name)
             writes += [(prob_arr, (slice(None), *at.slices), probs)]
             writes += [(a, at.slices, m) for a in (mask_arr, label_arr)]
+        for label_arrays, values in labels:
+            if values.shape != box.shape:
+                raise ValueError(f"label values {values.shape} do not cover the block {box}")
+            halved = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", levels)
+            writes += [(a, at.slices, v) for a, (at, v) in zip(label_arrays, halved, strict=True)]
     with step():
         write_together(writes)
     fault_point("block.written")
