@@ -11,8 +11,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from segpipe.results.shards import ShardFormat, shard_write
-from segpipe.results.store import write_together
+from segpipe.results.shards import ShardFormat, shard_write, write_together
 
 
 def stored(array: zarr.Array, key: str) -> bytes | None:

@@ -7,7 +7,8 @@ the most frequent class of each 2x2 block (:func:`mode_2x`). Two builders:
   share of a level is whole shards (``layout.levels_in_blocks``), no second read of level 0;
   the probabilities are halved as the model gave them (float32) and encoded at each level;
 * :func:`build_pyramid`, after the tasks: every further level from the one below it as stored
-  (probabilities encoded), one whole shard per Dask task, so no level is ever whole in memory.
+  (probabilities encoded), one whole shard at a time per thread, so no level is ever whole in
+  memory.
 
 Masks are the same whichever builds them; probabilities built in the tasks are a little closer
 to the model's (one rounding to the stored dtype instead of one per level).
@@ -18,9 +19,9 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -29,6 +30,7 @@ from segpipe.geometry.tiling import Box
 from segpipe.progress import stage
 from segpipe.results.layout import levels_in_blocks
 from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path, result_levels
+from segpipe.results.shards import write_together
 
 
 def mode_2x(labels: np.ndarray) -> np.ndarray:
@@ -112,35 +114,16 @@ def halve(values: np.ndarray, kind: str) -> np.ndarray:
     return mode_2x(values)
 
 
-def reduce_level(previous: Any, kind: str, shards: tuple[int, ...]) -> da.Array:
-    """Level ``k + 1`` of a (…, y, x) Zarr array ``previous`` (level ``k``), lazily.
-
-    Reads ``previous`` in blocks of twice the output ``shards``, so every output chunk is one
-    whole shard of the next level, and halves each block as the tasks do (:func:`halve`).
-    ``kind``: ``"mean"`` or ``"mode"``.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
-    read = tuple(s if i < len(shards) - 2 else 2 * s for i, s in enumerate(shards))
-    src = da.from_zarr(previous, chunks=read)
-    # An odd last row or column is dropped, as the whole level's halving does; every block
-    # is then even (twice a shard, or what is left of an even side).
-    ny, nx = src.shape[-2] // 2, src.shape[-1] // 2
-    src = src[..., : 2 * ny, : 2 * nx]
-    yx = src.ndim - 2
-    chunks = tuple(
-        tuple(c // 2 for c in cs) if axis >= yx else cs for axis, cs in enumerate(src.chunks)
-    )
-    return src.map_blocks(halve, kind, chunks=chunks, dtype=src.dtype)
-
-
-def build_pyramid(path: str | os.PathLike) -> None:
-    """Compute the levels of the result at ``path`` its tasks did not write, one shard per task.
+def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> None:
+    """Compute the levels of the result at ``path`` its tasks did not write, shard by shard.
 
     Levels above ``layout.levels_in_blocks`` (every level above 0 in results of layouts 1-2),
-    each read back from the one just written (bounded memory; Dask's threaded scheduler),
-    probabilities by 2x2 mean, the mask and every other label image by 2x2 mode. Announced as
-    the stage ``"pyramid"`` (:mod:`segpipe.progress`), one unit per level, when there is one.
+    each from the one just written: for every shard of the level, the 2x larger region below
+    is read back (bounded memory, ``threads`` shards at a time, default one per core),
+    probabilities halved by 2x2 mean as stored, the mask and every other label image by 2x2
+    mode, and the shards written in one trip
+    (:func:`segpipe.results.shards.write_together`). Announced as the stage ``"pyramid"``
+    (:mod:`segpipe.progress`), one unit per level, when there is one.
     """
     root = zarr.open_group(path, mode="r+")
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
@@ -165,15 +148,43 @@ def build_pyramid(path: str | os.PathLike) -> None:
     first = levels_in_blocks(meta) + 1
     if first >= n_levels:  # the tasks wrote every level
         return
-    with stage("pyramid", total=n_levels - first, unit="level") as progress:
+    with (
+        stage("pyramid", total=n_levels - first, unit="level") as progress,
+        ThreadPoolExecutor(threads or os.cpu_count() or 1, "segpipe-pyramid") as pool,
+    ):
         for k in range(first, n_levels):
-            targets = [level(k, "mask"), level(k, "probabilities"), label(LABEL_NAME, k)]
-            mask = reduce_level(level(k - 1, "mask"), "mode", targets[0].shards or ())
-            probs = reduce_level(level(k - 1, "probabilities"), "mean", targets[1].shards or ())
-            sources = [mask, probs, mask]
-            for name in others:
-                targets.append(label(name, k))
-                sources.append(reduce_level(label(name, k - 1), "mode", targets[-1].shards or ()))
-            # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
-            da.store(sources, targets, lock=False)  # type: ignore[arg-type]
+            # (source at level k - 1, kind, targets at level k): the mask's label image gets
+            # the mask's values, encoded once.
+            groups = [
+                (level(k - 1, "mask"), "mode", [level(k, "mask"), label(LABEL_NAME, k)]),
+                (level(k - 1, "probabilities"), "mean", [level(k, "probabilities")]),
+                *((label(n, k - 1), "mode", [label(n, k)]) for n in others),
+            ]
+            shard = cast(tuple[int, ...], level(k, "mask").shards or level(k, "mask").chunks)
+            boxes = shard_boxes(level(k, "mask").shape, shard[-2:])
+            # Each array's shards apart: the few shards of a slide's upper levels still keep
+            # every thread busy.
+            units = [(group, box) for box in boxes for group in groups]
+            list(pool.map(lambda unit: _halve_into(*unit), units))  # raises the first failure
             progress.advance()
+
+
+def shard_boxes(shape: tuple[int, ...], shard: tuple[int, ...]) -> list[Box]:
+    """The shards of a ``(…, y, x)`` level as boxes of its pixels, row-major."""
+    ny, nx = shape[-2:]
+    sy, sx = shard
+    return [
+        Box(y, min(y + sy, ny), x, min(x + sx, nx))
+        for y in range(0, ny, sy)
+        for x in range(0, nx, sx)
+    ]
+
+
+def _halve_into(group: tuple[zarr.Array, str, list[zarr.Array]], box: Box) -> None:
+    """Write ``box`` of each target of ``group`` (``source, kind, targets``): the source's 2x
+    larger region below, halved by ``kind``."""
+    source, kind, targets = group
+    lead = (slice(None),) * (source.ndim - 2)
+    below = Box(2 * box.y0, 2 * box.y1, 2 * box.x0, 2 * box.x1)
+    values = halve(np.asarray(source[(*lead, *below.slices)]), kind)
+    write_together([(t, (*lead, *box.slices), values) for t in targets])

@@ -13,7 +13,9 @@ any write that is not one whole shard, goes through Zarr.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import logging
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +26,12 @@ from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import StorePath
 
-__all__ = ["Encoded", "ShardFormat", "ShardWrite", "shard_write"]
+__all__ = ["Encoded", "ShardFormat", "ShardWrite", "shard_write", "write_together"]
+
+log = logging.getLogger("segpipe")
 
 _EMPTY = np.iinfo(np.uint64).max  # an index entry's offset and length for a chunk not stored
 
@@ -199,3 +204,36 @@ def _shape(array: zarr.Array, selection: tuple[slice, ...]) -> tuple[int, ...] |
     if not all(isinstance(s, slice) for s in selection):
         return None
     return tuple(len(range(*s.indices(n))) for s, n in zip(selection, array.shape, strict=True))
+
+
+def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
+    """``array[selection] = values`` for each write, in one trip to the stores. A write of one
+    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
+    caller's thread (the one core an I/O section holds), and only stored in the trip; others
+    go to Zarr, whose threads encode them side by side. Each write must be whole shards no
+    other write of the call touches. Returns when every write has ended; raises the failure
+    of the first write that failed, in the order given."""
+    outcomes: list[BaseException | None] = [None] * len(writes)
+    pending: dict[int, Coroutine[Any, Any, None]] = {}
+    encoded: Encoded = {}
+    for i, (array, selection, values) in enumerate(writes):
+        try:
+            shard = shard_write(array, selection, values, encoded)
+        except Exception as e:  # encoding failed: the other writes still run to their end
+            outcomes[i] = e
+            continue
+        pending[i] = (
+            shard.run() if shard is not None else array.async_array.setitem(selection, values)
+        )
+
+    async def write_all() -> list[BaseException | None]:
+        return await asyncio.gather(*pending.values(), return_exceptions=True)
+
+    for i, outcome in zip(pending, sync(write_all()), strict=True):
+        if isinstance(outcome, BaseException):
+            outcomes[i] = outcome
+    failures = [o for o in outcomes if o is not None]
+    for other in failures[1:]:
+        log.warning("another write of the same call failed too: %r", other)
+    if failures:
+        raise failures[0]

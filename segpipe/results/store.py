@@ -7,7 +7,6 @@ writers safe in Zarr v3. The driver alone writes the ``_segpipe`` bookkeeping ar
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -15,14 +14,13 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
@@ -43,7 +41,7 @@ from segpipe.results.schema import (
     is_result,
     read_attrs,
 )
-from segpipe.results.shards import Encoded, shard_write
+from segpipe.results.shards import write_together
 
 __all__ = [
     "TileRecord",
@@ -57,7 +55,6 @@ __all__ = [
     "tiles_done",
     "write_block",
     "write_tiles",
-    "write_together",
 ]
 
 log = logging.getLogger("segpipe")
@@ -322,39 +319,6 @@ def write_block(
         write_together(writes)
     fault_point("block.written")
     return mask
-
-
-def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
-    """``array[selection] = values`` for each write, in one trip to the stores. A write of one
-    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
-    caller's thread (the one core an I/O section holds), and only stored in the trip; others
-    go to Zarr, whose threads encode them side by side. Each write must be whole shards no
-    other write of the call touches. Returns when every write has ended; raises the failure
-    of the first write that failed, in the order given."""
-    outcomes: list[BaseException | None] = [None] * len(writes)
-    pending: dict[int, Coroutine[Any, Any, None]] = {}
-    encoded: Encoded = {}
-    for i, (array, selection, values) in enumerate(writes):
-        try:
-            shard = shard_write(array, selection, values, encoded)
-        except Exception as e:  # encoding failed: the other writes still run to their end
-            outcomes[i] = e
-            continue
-        pending[i] = (
-            shard.run() if shard is not None else array.async_array.setitem(selection, values)
-        )
-
-    async def write_all() -> list[BaseException | None]:
-        return await asyncio.gather(*pending.values(), return_exceptions=True)
-
-    for i, outcome in zip(pending, sync(write_all()), strict=True):
-        if isinstance(outcome, BaseException):
-            outcomes[i] = outcome
-    failures = [o for o in outcomes if o is not None]
-    for other in failures[1:]:
-        log.warning("another write of the same call failed too: %r", other)
-    if failures:
-        raise failures[0]
 
 
 def write_tiles(path: str | os.PathLike, box: Box, probabilities: np.ndarray) -> np.ndarray:
