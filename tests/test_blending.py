@@ -45,9 +45,14 @@ def test_blend_sink_is_the_weighted_mean(origins):
         canvas_d[y + 20 : y + 20 + side, x + 20 : x + 20 + side] = gaussian_weights(side)
         num += canvas_n[:, 20:40, 20:40]
         den += canvas_d[20:40, 20:40]
+    part = Box(5, 15, 3, 20)
     if (den > 0).all():
         np.testing.assert_allclose(sink.result(), num / den, rtol=1e-5)
+        np.testing.assert_array_equal(sink.result(part), sink.result()[:, 5:15, 3:20])
     else:
+        if (den[5:15, 3:20] > 0).all():  # a part all covered is given while others are not
+            expected = num[:, 5:15, 3:20] / den[5:15, 3:20]
+            np.testing.assert_allclose(sink.result(part), expected, rtol=1e-5)
         with pytest.raises(RuntimeError, match="uncovered"):
             sink.result()
 
@@ -68,6 +73,9 @@ def test_crop_sink_refuses_gaps():
     sink.add(Window(Box(0, 2, 0, 4), Box(0, 2, 0, 4), 0), np.ones((1, 2, 4), np.float32))
     with pytest.raises(RuntimeError, match="uncovered"):
         sink.result()
+    np.testing.assert_array_equal(sink.result(Box(0, 2, 1, 4)), 1.0)  # a part all covered
+    with pytest.raises(RuntimeError, match="uncovered"):
+        sink.result(Box(1, 3, 0, 4))
     with pytest.raises(RuntimeError, match="uncovered"):
         CropSink(Box(0, 4, 0, 4), 1).result()  # no window at all
 

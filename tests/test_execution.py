@@ -16,6 +16,7 @@ from segpipe.execution.predictor import InferenceConfig, Predictor
 from segpipe.execution.stitching import (
     Stitching,
     predict_labels,
+    predict_parts,
     predict_probabilities,
     predict_region,
 )
@@ -175,13 +176,13 @@ def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, 
     r, _ = reader
     net = tiny_unet()
     sides = []
-    predict = tasks.predict_region
+    predict = tasks.predict_parts
 
     def spy(tiles, reader, predictor, job, **kwargs):
         sides.append(job.exact_side)
         return predict(tiles, reader, predictor, job, **kwargs)
 
-    monkeypatch.setattr(tasks, "predict_region", spy)
+    monkeypatch.setattr(tasks, "predict_parts", spy)
     segpipe.segment(r, tmp_path / "a.zarr", net, tile=8, task_tiles=4, scheduler="sync")
     # 37 x 53 px in blocks of 32: the CPU's budget holds a whole block; the last, 5 x 21 px,
     # needs three tiles a side
@@ -342,6 +343,45 @@ def test_blend_is_at_least_as_accurate_as_monai(shape):
         Stitching("blend", 32, net.geometry, len(CLASSES), lattice=lattice),
     ).probabilities
     assert np.abs(ours - reference).mean() <= np.abs(theirs - reference).mean()
+
+
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+def test_parts_are_given_as_soon_as_their_windows_are_stitched(mode):
+    """predict_parts gives each part (a task's shard blocks) once, equal to the whole
+    region's prediction there, and before the windows of later parts are predicted."""
+    torch.manual_seed(0)
+    net = models.build(
+        "unet", class_names=CLASSES, width=4, depth=2, padding="same", dropout=0.0
+    ).eval()
+    image = tissue_slide((96, 80), seed=5).image
+    tiles = list(tile_grid((96, 80), 16))
+    lattice = blend_lattice((96, 80), net.geometry, window=16, overlap=0.25)
+    stitching = Stitching(
+        mode, 16, net.geometry, len(CLASSES), lattice=lattice if mode == "blend" else None
+    )
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    predicted = []
+
+    def predict(windows):
+        predicted.append(len(windows))
+        return predictor(windows)
+
+    whole = predict_region(tiles, ArrayReader(image), predict, stitching, batch_size=2)
+    total, predicted[:] = sum(predicted), []
+    parts = [Box(0, 48, 0, 48), Box(0, 48, 48, 80), Box(48, 96, 0, 48), Box(48, 96, 48, 80)]
+    given, seen = [], []
+    for part in predict_parts(
+        tiles, ArrayReader(image), predict, stitching, parts=parts, batch_size=2
+    ):
+        given.append(part.region)
+        seen.append(sum(predicted))
+        assert part.windows == whole.windows == total
+        np.testing.assert_array_equal(
+            part.probabilities, whole.probabilities[(slice(None), *part.region.slices)]
+        )
+    assert sorted(given, key=parts.index) == parts
+    assert seen[0] < total, "the first part came before the last window was predicted"
+    assert seen[-1] == total
 
 
 def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):

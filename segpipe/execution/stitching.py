@@ -35,6 +35,7 @@ __all__ = [
     "Stitching",
     "bounds",
     "predict_labels",
+    "predict_parts",
     "predict_probabilities",
     "predict_region",
 ]
@@ -159,6 +160,27 @@ def predict_region(
         phase), where a foreground mask chose them; the region's other pixels are 0 (not
         computed). By default every pixel of ``tiles``.
     """
+    (whole,) = predict_parts(
+        tiles, reader, predict, stitching, level=level, batch_size=batch_size, boxes=boxes
+    )
+    return whole
+
+
+def predict_parts(
+    tiles: Sequence[Tile],
+    reader: Reader,
+    predict: WindowPredictor,
+    stitching: Stitching,
+    *,
+    parts: Sequence[Box] | None = None,
+    level: int = 0,
+    batch_size: int = 4,
+    boxes: Sequence[Box] | None = None,
+) -> Iterator[RegionPrediction]:
+    """:func:`predict_region`, giving each of ``parts`` (boxes of the region; default the
+    whole region) as soon as every window over it is stitched, while later windows are
+    predicted: a task writes its first shards while the model works on its last (each
+    prediction's ``windows`` counts the whole call's)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 window, got {batch_size}")
     if boxes is not None and stitching.mode != "exact":
@@ -175,6 +197,13 @@ def predict_region(
         pixels = read_mirrored(reader, source_box, level)
         _check_pixels(pixels, reader, source_box, level)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
+    parts = list(parts or [region])
+    # Windows still to come over each part: a part is given when its count reaches 0.
+    over = {id(w): [i for i, p in enumerate(parts) if w.output.intersect(p)] for w in windows}
+    remaining = [0] * len(parts)
+    for touched in over.values():
+        for i in touched:
+            remaining[i] += 1
     # Batches of one window shape (a region's cut last windows and boxes' windows differ).
     # Exact windows agree where they overlap (to float rounding), and blend windows share one
     # shape, so the order changes no value beyond rounding.
@@ -193,6 +222,11 @@ def predict_region(
                 stack = np.stack([pixels[w.input.relative_to(source_box)] for w in c])
             yield stack
 
+    def stitched(i: int) -> RegionPrediction:
+        with section():
+            return RegionPrediction(parts[i], sink.result(parts[i]), len(windows))
+
+    given = set()
     for chunk, probabilities in zip(chunks, _predicted(predict, stacks()), strict=True):
         with section():
             finite = np.isfinite(probabilities).reshape(len(chunk), -1).all(axis=1)
@@ -201,13 +235,22 @@ def predict_region(
                 raise PredictionError(
                     f"{reader.path}: the model's output is NaN or infinite for the window whose "
                     f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:"
-                    f"{bad.output.x1} of level {level}; nothing of this block was written"
+                    f"{bad.output.x1} of level {level}; no tile of this block is recorded done"
                 )
             for w, p in zip(chunk, probabilities, strict=True):
                 h, wd = w.output.shape
                 sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
-    with section():
-        return RegionPrediction(region, sink.result(), len(windows))
+            done = []
+            for w in chunk:
+                for i in over[id(w)]:
+                    remaining[i] -= 1
+                    done += [i] if remaining[i] == 0 else []
+        for i in done:
+            given.add(i)
+            yield stitched(i)
+    for i in range(len(parts)):
+        if i not in given:  # no window over it: the sink says what is missing
+            yield stitched(i)
 
 
 def _computed(region: Box, areas: Sequence[Box]) -> np.ndarray | None:

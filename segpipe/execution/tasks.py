@@ -22,7 +22,7 @@ import zarr
 
 from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import Predictor
-from segpipe.execution.stitching import Stitching, bounds, predict_region
+from segpipe.execution.stitching import Stitching, bounds, predict_parts
 from segpipe.geometry.foreground import MaskPatch
 from segpipe.geometry.tiling import Box, Tile, exact_side
 from segpipe.io.files import URLPath
@@ -176,37 +176,43 @@ def segment_block(block: Block, job: Job) -> BlockResult:
         budget = predictor.memory_budget() / predictor.bytes_per_pixel()
         side = exact_side(bounds([t.box for t in tiles]), job.tile, job.geometry, int(budget))
         job = dataclasses.replace(job, exact_side=side)
-    prediction = predict_region(
+    # One write per shard block, in steps a forward pass may come between, each as soon as
+    # its windows are stitched (a blend task's first shards while its last windows run).
+    arrays, step = _result_arrays(job, block.foreground is not None), stage.io_section
+    patches = block.foreground or (None,) * len(block.shards)
+    regions = [bounds([t.box for t in part]) for part in block.shards]
+    indices, counts, windows = [], [], 0
+    for prediction in predict_parts(
         tiles,
         job.reader,
         stage,
         job,
+        parts=regions,
         level=job.level,
         batch_size=predictor.config.batch_size,
         boxes=block.boxes,
-    )
-    # One write per shard block, in steps a forward pass may come between.
-    arrays, step = _result_arrays(job, block.foreground is not None), stage.io_section
-    patches = block.foreground or (None,) * len(block.shards)
-    indices, counts = [], []
-    for part, patch in zip(block.shards, patches, strict=True):
-        region = bounds([t.box for t in part])
-        # A view: the writes read strided arrays as they are (the whole region when one shard)
-        within = region.relative_to(prediction.region)
-        probabilities = prediction.probabilities[(slice(None), *within)]
+    ):
+        n = regions.index(prediction.region)
+        part, patch, region = block.shards[n], patches[n], prediction.region
         labels = []
         if patch is not None and arrays.foreground is not None:
             with stage.io_section():
                 labels.append((arrays.foreground, patch.pixels(region)))
         mask = write_block(
-            job.output, region, probabilities, step=step, arrays=arrays.levels, labels=labels
+            job.output,
+            region,
+            prediction.probabilities,
+            step=step,
+            arrays=arrays.levels,
+            labels=labels,
         )
         with stage.io_section():
             for t in part:
                 tile_mask = mask[t.box.relative_to(region)].ravel()
                 counts.append(np.bincount(tile_mask, minlength=job.num_classes).astype(np.int64))
                 indices.append(t.index)
-    return BlockResult(tuple(indices), tuple(counts), prediction.windows)
+        windows = prediction.windows
+    return BlockResult(tuple(indices), tuple(counts), windows)
 
 
 # Blend tasks cover at least this many pixels a side: a window across a task's edge is

@@ -58,8 +58,9 @@ class Sink(Protocol):
     def add(self, window: Window, probabilities: np.ndarray) -> None:
         """``probabilities``: (C, h, w) model output for ``window``, already cropped."""
 
-    def result(self) -> np.ndarray:
-        """(C, y, x) float32 over the region."""
+    def result(self, part: Box | None = None) -> np.ndarray:
+        """(C, y, x) float32 over ``part`` of the region (default: all of it), once every
+        window over it was added."""
 
 
 class CropSink:
@@ -97,16 +98,21 @@ class CropSink:
         if self._covered is not None:
             self._covered[part.relative_to(self.region)] = True
 
-    def result(self) -> np.ndarray:
-        """(C, y, x) float32 over the region (possibly a view of a window's output)."""
+    def result(self, part: Box | None = None) -> np.ndarray:
+        """(C, y, x) float32 over ``part`` of the region (default: all of it; a view of the
+        sink's array, or of a window's output)."""
+        part = part or self.region
+        at = part.relative_to(self.region)
+        computed = None if self.computed is None else self.computed[at]
         if self._out is None or (
             self._covered is not None
-            and not self._covered[slice(None) if self.computed is None else self.computed].all()
+            and not self._covered[at][slice(None) if computed is None else computed].all()
         ):
-            raise RuntimeError(f"windows left pixels of {self.region} uncovered")
-        if self.computed is not None:
-            self._out[:, ~self.computed] = 0
-        return self._out
+            raise RuntimeError(f"windows left pixels of {part} uncovered")
+        out = self._out[(slice(None), *at)]
+        if computed is not None:
+            out[:, ~computed] = 0
+        return out
 
 
 class BlendSink:
@@ -140,15 +146,19 @@ class BlendSink:
         self._sum[(slice(None), *dst)] += src * weights
         self._weight[dst] += weights
 
-    def result(self) -> np.ndarray:
+    def result(self, part: Box | None = None) -> np.ndarray:
+        part = part or self.region
+        at = part.relative_to(self.region)
+        total, weight = self._sum[(slice(None), *at)], self._weight[at]
         if self.computed is None:
-            if not (self._weight > 0).all():
-                raise RuntimeError(f"windows left pixels of {self.region} uncovered")
-            return self._sum / self._weight
-        if not (self._weight[self.computed] > 0).all():
-            raise RuntimeError(f"windows left pixels of {self.region} uncovered")
-        out = np.zeros_like(self._sum)
-        np.divide(self._sum, self._weight, out=out, where=self.computed)
+            if not (weight > 0).all():
+                raise RuntimeError(f"windows left pixels of {part} uncovered")
+            return total / weight
+        computed = self.computed[at]
+        if not (weight[computed] > 0).all():
+            raise RuntimeError(f"windows left pixels of {part} uncovered")
+        out = np.zeros_like(total)
+        np.divide(total, weight, out=out, where=computed)
         return out
 
 
