@@ -345,10 +345,13 @@ def test_blend_is_at_least_as_accurate_as_monai(shape):
     assert np.abs(ours - reference).mean() <= np.abs(theirs - reference).mean()
 
 
-@pytest.mark.parametrize("mode", ["exact", "blend"])
+@pytest.mark.parametrize("mode", ["exact", "exact-boxes", "blend"])
 def test_parts_are_given_as_soon_as_their_windows_are_stitched(mode):
     """predict_parts gives each part (a task's shard blocks) once, equal to the whole
-    region's prediction there, and before the windows of later parts are predicted."""
+    region's prediction there, and before the windows of later parts are predicted; with
+    boxes (a foreground's), a part no box touches is given too, all 0."""
+    boxes = [Box(0, 48, 0, 32), Box(48, 96, 32, 64)] if mode == "exact-boxes" else None
+    mode = mode.split("-")[0]
     torch.manual_seed(0)
     net = models.build(
         "unet", class_names=CLASSES, width=4, depth=2, padding="same", dropout=0.0
@@ -366,12 +369,12 @@ def test_parts_are_given_as_soon_as_their_windows_are_stitched(mode):
         predicted.append(len(windows))
         return predictor(windows)
 
-    whole = predict_region(tiles, ArrayReader(image), predict, stitching, batch_size=2)
+    whole = predict_region(tiles, ArrayReader(image), predict, stitching, batch_size=2, boxes=boxes)
     total, predicted[:] = sum(predicted), []
     parts = [Box(0, 48, 0, 48), Box(0, 48, 48, 80), Box(48, 96, 0, 48), Box(48, 96, 48, 80)]
     given, seen = [], []
     for part in predict_parts(
-        tiles, ArrayReader(image), predict, stitching, parts=parts, batch_size=2
+        tiles, ArrayReader(image), predict, stitching, parts=parts, batch_size=2, boxes=boxes
     ):
         given.append(part.region)
         seen.append(sum(predicted))
@@ -382,6 +385,9 @@ def test_parts_are_given_as_soon_as_their_windows_are_stitched(mode):
     assert sorted(given, key=parts.index) == parts
     assert seen[0] < total, "the first part came before the last window was predicted"
     assert seen[-1] == total
+    if boxes is not None:
+        assert given[-1] == Box(0, 48, 48, 80)  # no box there: no window, given last
+        np.testing.assert_array_equal(whole.probabilities[:, :48, 64:], 0)
 
 
 def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):

@@ -89,7 +89,9 @@ def test_a_mask_patch_gives_its_box_as_the_whole_mask_does(mask, ny, nx, cut):
 
     box = within(0, ny, 0, nx, *cut[:4])
     patch = MaskPatch.of(mask, (ny, nx), box)
-    assert patch.cells.size <= mask.size
+    rows, cols = mask_rows(ny, mask.shape[0])[box.y0 : box.y1], mask_rows(nx, mask.shape[1])
+    cols = cols[box.x0 : box.x1]
+    assert patch.cells.shape == (rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1), "only its cells"
     inner = within(box.y0, box.y1, box.x0, box.x1, *cut[4:])
     np.testing.assert_array_equal(
         patch.pixels(inner), upsample_mask(mask, (ny, nx), (inner.y0, inner.y1, inner.x0, inner.x1))

@@ -333,6 +333,49 @@ def test_pyramid_tasks_are_whole_shards(tmp_path):
     ], "one write per level-2 shard, the last ones cut by the level's end"
 
 
+def test_the_pyramid_pass_writes_whole_shards_the_same_on_any_number_of_threads(
+    tmp_path, monkeypatch
+):
+    """Every shard the pass writes is encoded whole by results.shards (none left to Zarr's
+    partial writes); one thread or four give the same arrays; a failing write is raised."""
+    from segpipe.results import pyramid, shards
+
+    m = meta(shape=(300, 262), tile=16, task_tiles=2, min_level_size=16)
+    assert levels_in_blocks(m) == 1
+    paths, encoded, to_zarr = [], [], []
+    shard_write = shards.shard_write
+
+    def spy(array, selection, values, cache):
+        written = shard_write(array, selection, values, cache)
+        (encoded if written is not None else to_zarr).append(array.path)
+        return written
+
+    for threads in (1, 4):
+        path = tmp_path / f"{threads}.zarr"
+        prepare_result(path, m)
+        probs = random_probabilities(m.shape, seed=9)
+        for block in tile_grid(m.shape, m.tile).blocks(2):
+            box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+            write_block(path, box, probs[(slice(None), *box.slices)])
+        encoded.clear()
+        monkeypatch.setattr(shards, "shard_write", spy)
+        pyramid.build_pyramid(path, threads=threads)
+        monkeypatch.undo()
+        assert encoded and not to_zarr
+        assert {p.split("/")[0] for p in encoded} >= {"2", "3", "labels"}
+        paths.append(path)
+    for name in ("2/mask", "3/probabilities", label_path("mask", 3, layout=m.layout)):
+        a, b = (zarr.open_array(p, path=name, mode="r")[...] for p in paths)
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+    def failing(writes):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pyramid, "write_together", failing)
+    with pytest.raises(OSError, match="disk full"):
+        pyramid.build_pyramid(paths[0], threads=2)
+
+
 @pytest.mark.parametrize(
     ("shape", "tile", "task_tiles", "min_level_size", "levels", "tiling"),
     [

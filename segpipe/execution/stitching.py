@@ -1,12 +1,13 @@
 """The overlap-tile stitcher: the one place windows are cut, predicted and joined.
 
-:func:`predict_region` takes the tiles of a region (and, where a foreground mask chose them,
+:func:`predict_parts` takes the tiles of a region (and, where a foreground mask chose them,
 the boxes of them to compute), reads the input their windows need once (mirrored at the image
-border), runs a :data:`~segpipe.execution.predictor.WindowPredictor` on the windows in batches
-and joins the outputs through a sink (exact or blend, :class:`Stitching`). Its callers are a
-Dask task (:func:`segpipe.execution.tasks.segment_block`) and :func:`predict_labels`, a whole
-in-memory image predicted by a model as it is: training validation, evaluation and
-benchmarks.
+border), runs a :data:`~segpipe.execution.predictor.WindowPredictor` on the windows in batches,
+joins the outputs through a sink (exact or blend, :class:`Stitching`) and gives each part of
+the region as soon as its windows are joined. Its callers are a Dask task
+(:func:`segpipe.execution.tasks.segment_block`, a part per shard block) and, through
+:func:`predict_region` (one part, the region), :func:`predict_labels`: a whole in-memory image
+predicted by a model as it is, for training validation, evaluation and benchmarks.
 """
 
 from __future__ import annotations
@@ -198,51 +199,54 @@ def predict_parts(
         _check_pixels(pixels, reader, source_box, level)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])
-    # Windows still to come over each part: a part is given when its count reaches 0.
-    over = {id(w): [i for i, p in enumerate(parts) if w.output.intersect(p)] for w in windows}
-    remaining = [0] * len(parts)
-    for touched in over.values():
-        for i in touched:
-            remaining[i] += 1
+    # Windows still to come over each part (by the window's index): a part is given when its
+    # count reaches 0.
+    over = [[i for i, p in enumerate(parts) if w.output.intersect(p)] for w in windows]
+    remaining = [sum(i in touched for touched in over) for i in range(len(parts))]
     # Batches of one window shape (a region's cut last windows and boxes' windows differ).
     # Exact windows agree where they overlap (to float rounding), and blend windows share one
     # shape, so the order changes no value beyond rounding.
-    by_shape: dict[tuple[int, int], list[Window]] = {}
-    for w in windows:
-        by_shape.setdefault(w.input.shape, []).append(w)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for n, w in enumerate(windows):
+        by_shape.setdefault(w.input.shape, []).append(n)
     chunks = [
         group[i : i + batch_size]
         for group in by_shape.values()
         for i in range(0, len(group), batch_size)
     ]
+    source = [pixels]  # let go once the last window is cut: parts are written after it
 
     def stacks() -> Iterator[np.ndarray]:
-        for c in chunks:
+        for k, c in enumerate(chunks):
             with section():
-                stack = np.stack([pixels[w.input.relative_to(source_box)] for w in c])
+                cut = [source[0][windows[n].input.relative_to(source_box)] for n in c]
+                stack = np.stack(cut)
+                if k == len(chunks) - 1:
+                    source.clear()
             yield stack
 
     def stitched(i: int) -> RegionPrediction:
         with section():
             return RegionPrediction(parts[i], sink.result(parts[i]), len(windows))
 
+    del pixels
     given = set()
     for chunk, probabilities in zip(chunks, _predicted(predict, stacks()), strict=True):
         with section():
             finite = np.isfinite(probabilities).reshape(len(chunk), -1).all(axis=1)
             if not finite.all():
-                bad = chunk[int(np.argmin(finite))]
+                bad = windows[chunk[int(np.argmin(finite))]]
                 raise PredictionError(
                     f"{reader.path}: the model's output is NaN or infinite for the window whose "
                     f"output is y {bad.output.y0}:{bad.output.y1}, x {bad.output.x0}:"
                     f"{bad.output.x1} of level {level}; no tile of this block is recorded done"
                 )
-            for w, p in zip(chunk, probabilities, strict=True):
+            done = []
+            for n, p in zip(chunk, probabilities, strict=True):
+                w = windows[n]
                 h, wd = w.output.shape
                 sink.add(w, p[:, w.crop : w.crop + h, w.crop : w.crop + wd])
-            done = []
-            for w in chunk:
-                for i in over[id(w)]:
+                for i in over[n]:
                     remaining[i] -= 1
                     done += [i] if remaining[i] == 0 else []
         for i in done:

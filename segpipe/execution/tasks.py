@@ -1,10 +1,11 @@
 """The unit of work of a Dask task: one block of tiles predicted, stitched and written.
 
 :func:`segment_block` takes a :class:`Block` (``task_tiles`` x ``task_tiles`` tiles, one Zarr
-shard), predicts it with the worker's model through the stitcher
-(:func:`segpipe.execution.stitching.predict_region`), writes it to the result and returns the
-block's per-tile class counts. Tasks carry paths and geometry, never pixel arrays, so the
-graph stays small for any image size. A task's thread reads and writes; its forward passes
+shard; in blend mode several), predicts it with the worker's model through the stitcher
+(:func:`segpipe.execution.stitching.predict_parts`), writes each shard block to the result as
+soon as it is stitched and returns the block's per-tile class counts. Tasks carry paths,
+geometry and a few kilobytes of the foreground mask, never pixel arrays, so the graph stays
+small for any image size. A task's thread reads and writes; its forward passes
 run on the process's model thread (:mod:`segpipe.execution.pipeline`), shared by all tasks.
 """
 
@@ -93,6 +94,13 @@ class Block:
     shards: tuple[tuple[Tile, ...], ...]
     boxes: tuple[Box, ...] | None = None
     foreground: tuple[MaskPatch, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.foreground is not None and len(self.foreground) != len(self.shards):
+            raise ValueError(
+                f"a block of {len(self.shards)} shard blocks needs as many foreground patches, "
+                f"got {len(self.foreground)}"
+            )
 
     @property
     def tiles(self) -> tuple[Tile, ...]:

@@ -193,7 +193,7 @@ def upsample_mask(
     return MaskPatch(np.asarray(mask, dtype=bool), (0, 0), mask.shape, shape).pixels(area)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an array field: compared by identity, hashable
 class MaskPatch:
     """The cells of a whole level's low-resolution mask that a box of the level needs: what
     a task carries to write its block of the mask (kilobytes, where the block's pixels are

@@ -24,6 +24,7 @@ from typing import Any, cast
 
 import numpy as np
 import zarr
+from dask.system import CPU_COUNT
 
 from segpipe.geometry.pixels import downsample_mean_2x
 from segpipe.geometry.tiling import Box
@@ -148,10 +149,10 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
     first = levels_in_blocks(meta) + 1
     if first >= n_levels:  # the tasks wrote every level
         return
-    with (
-        stage("pyramid", total=n_levels - first, unit="level") as progress,
-        ThreadPoolExecutor(threads or os.cpu_count() or 1, "segpipe-pyramid") as pool,
-    ):
+    # Dask's count, as its threaded scheduler built the pyramid before: it honours the
+    # process's CPU affinity and cgroup limits, where os.cpu_count() gives the host's.
+    pool = ThreadPoolExecutor(threads or CPU_COUNT, "segpipe-pyramid")
+    with pool, stage("pyramid", total=n_levels - first, unit="level") as progress:
         for k in range(first, n_levels):
             # (source at level k - 1, kind, targets at level k): the mask's label image gets
             # the mask's values, encoded once.
@@ -165,7 +166,11 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
             # Each array's shards apart: the few shards of a slide's upper levels still keep
             # every thread busy.
             units = [(group, box) for box in boxes for group in groups]
-            list(pool.map(lambda unit: _halve_into(*unit), units))  # raises the first failure
+            try:
+                list(pool.map(lambda unit: _halve_into(*unit), units))
+            except BaseException:  # the first failure, without waiting for the queued units
+                pool.shutdown(cancel_futures=True)
+                raise
             progress.advance()
 
 

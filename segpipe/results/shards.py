@@ -8,7 +8,8 @@ took 51-71 ms of CPU to store that way against 35-40 ms here, for the same bytes
 ``write_block`` on real probabilities 103-118 ms against 71-85 ms. Only the formats segpipe's
 layouts create are encoded here (:meth:`ShardFormat.of` says which: ``bytes`` then optionally
 ``zstd`` inside the shard, its index ``bytes`` then ``crc32c`` at its end); anything else, and
-any write that is not one whole shard, goes through Zarr.
+any write that is not one whole shard, goes through Zarr. :func:`write_together` is how the
+tasks (``write_block``) and the pyramid pass write: many arrays' shards in one trip.
 """
 
 from __future__ import annotations
