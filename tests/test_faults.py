@@ -29,7 +29,14 @@ SETTINGS["foreground"] = "none"  # every tile a block of its own (masks: test_fo
 RANDOM_KILLS = 3
 
 
-def _run(source: Path, output: Path, model: Path, fault: str | None = None, skip: int = 0):
+def _run(
+    source: Path,
+    output: Path,
+    model: Path,
+    fault: str | None = None,
+    skip: int = 0,
+    settings: dict | None = None,
+):
     """``segpipe.segment`` in a fresh process (optionally with a fault armed)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGPIPE_FAULT")}
     if fault:
@@ -37,7 +44,7 @@ def _run(source: Path, output: Path, model: Path, fault: str | None = None, skip
     code = (
         "import segpipe, sys; "
         f"segpipe.segment({str(source)!r}, {str(output)!r}, {str(model)!r}, "
-        f"scheduler='sync', **{SETTINGS!r})"
+        f"scheduler='sync', **{settings or SETTINGS!r})"
     )
     return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
 
@@ -109,6 +116,26 @@ def test_kill_at_each_transition_then_rerun_is_bit_identical(
         in_flight = plan_for_device("cpu").threads_per_worker
         assert _SKIPS[point] + 1 - in_flight <= int(tiles_done(out).sum()) <= _SKIPS[point]
     _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+
+
+def test_a_blend_task_killed_after_some_of_its_shards_is_redone_whole(
+    small_slide, random_checkpoint, tmp_path
+):
+    """A blend task writes each shard block as soon as it is stitched (here one task joins
+    all 100 of them): killed after its 4th write, it has recorded nothing, and the re-run
+    computes every tile again and ends bit-identical to a run never interrupted."""
+    blend = {**SETTINGS, "mode": "blend", "window": 32}
+    ref = tmp_path / "ref.seg.zarr"
+    assert _run(small_slide.image, ref, random_checkpoint, settings=blend).wait() == 0
+    out = tmp_path / "r.seg.zarr"
+    proc = _run(small_slide.image, out, random_checkpoint, "block.written", 3, settings=blend)
+    assert proc.wait() == -signal.SIGKILL, "the armed fault point was never reached"
+    assert int(tiles_done(out).sum()) == 0
+    shards = [f for f in (out / "0" / "probabilities" / "c").rglob("*") if f.is_file()]
+    assert 4 <= len(shards) < 100, "the task's first shard blocks were written, not the rest"
+    segpipe.segment(small_slide.image, out, random_checkpoint, scheduler="sync", **blend)
+    assert read_meta(out).summary.tiles_computed == read_meta(out).summary.tiles_total
+    assert _arrays(out) == _arrays(ref)
 
 
 def test_overwrite_after_a_kill_mid_delete_recovers(

@@ -322,7 +322,9 @@ def select_tiles(
     mode) every tile the foreground touches is computed whole. Called on every run, resumed or
     not: the mask is a function of the image, so a resumed run chooses the same tiles. Tiles
     ``done`` (``(tile_y, tile_x)`` bool) keep their record: a result begun by an older
-    release, which chose tiles otherwise, keeps the counts of what it wrote.
+    release, which chose tiles otherwise, keeps the counts of what it wrote, and its blocks
+    done keep the foreground label image that release wrote (each task writes its own block
+    of it; a release that made the mask otherwise would leave the two mixed).
     """
     if mode == "none":  # no stage to announce
         return TileSelection(np.ones(grid.grid_shape, dtype=bool))
