@@ -366,6 +366,48 @@ def test_a_mostly_glass_slide_computes_boxes_around_its_tissue(tmp_path, monkeyp
     assert not (computed & far).any()
 
 
+def test_a_block_of_some_computed_tiles_is_written_as_whole_shards_unless_resumed(
+    known_slide, tmp_path, monkeypatch
+):
+    """A fresh run writes a block whose tissue is in some of its tiles as its whole shard
+    (the others 0, the fill value) through segpipe's encoder, never Zarr's partial writes; a
+    resumed run writes only its tiles, so what an earlier run stored beside them stays."""
+    from segpipe.results import shards
+
+    written, partial = [], []
+    shard_write = shards.shard_write
+
+    def spy(array, selection, values, cache):
+        out = shard_write(array, selection, values, cache)
+        (written if out is not None else partial).append(array.path)
+        return out
+
+    monkeypatch.setattr(shards, "shard_write", spy)
+    fresh = run(known_slide, tmp_path / "fresh.zarr")
+    assert written and not partial, partial[:3]
+    # Tile (7, 0) is the only tissue of its block (tiles 6-7, 0-1): stop after the first
+    # block is recorded, plant a value in tile (6, 0), left out, then resume.
+    calls = []
+
+    def stop(done, total):
+        calls.append(done)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "resumed.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        run(known_slide, out, on_progress=stop)
+    assert not tiles_done(out)[7, 0]
+    mask = zarr.open_group(out, mode="r+")["0/mask"]
+    mask[6 * TILE : 7 * TILE, 0:TILE] = 2
+    written.clear()
+    run(known_slide, out)
+    assert partial, "a resumed run writes its tiles only"
+    stored = segpipe.open_result(out)["mask"].values
+    assert (stored[6 * TILE : 7 * TILE, 0:TILE] == 2).all(), "an earlier run's tile was lost"
+    expected = segpipe.open_result(fresh)["mask"].values
+    np.testing.assert_array_equal(stored[7 * TILE :, :TILE], expected[7 * TILE :, :TILE])
+
+
 def test_tiles_already_done_keep_their_counts_when_the_selection_leaves_them_out(
     known_slide, tmp_path
 ):

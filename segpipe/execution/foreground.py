@@ -134,9 +134,9 @@ class TileSelection:
             if not kept:
                 continue
             patch = None
-            if self.foreground is not None:
+            if self.foreground is not None:  # over the whole shard block: it is written whole
                 fg = self.foreground
-                patch = (MaskPatch.of(fg.mask, fg.shape, bounds([t.box for t in kept])),)
+                patch = (MaskPatch.of(fg.mask, fg.shape, bounds([t.box for t in b])),)
             blocks.append(Block((kept,), self.boxes.get(b[0].index), patch))
         return blocks
 

@@ -234,6 +234,9 @@ def segment(
             level=level,
             output=output if isinstance(output, URLPath) else str(output),
             predictor_key=run_key(meta.model_sha256),
+            # A fresh result: the tiles a block leaves out were never written (background of
+            # this run, the fill value); a resumed one may hold an earlier run's tiles there.
+            whole_shards=not done.any(),
             mode=config.mode,
             tile=tile,
             geometry=geometry,
