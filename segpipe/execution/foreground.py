@@ -101,9 +101,9 @@ class Foreground:
         """``(tile_y, tile_x)`` bool: the tiles of ``tile`` pixels holding foreground."""
         return tiles_touching(self.mask, self.shape, tile)
 
-    def block(self, box: Box) -> np.ndarray:
-        """The level's ``box`` of the mask, ``(y, x)`` uint8 0/1."""
-        return upsample_mask(self.mask, self.shape, (box.y0, box.y1, box.x0, box.x1))
+    def patch(self, box: Box) -> MaskPatch:
+        """The mask's cells over the level's ``box``: what a task carries to write its block."""
+        return MaskPatch.of(self.mask, self.shape, box)
 
 
 @dataclass(frozen=True)
@@ -135,8 +135,7 @@ class TileSelection:
                 continue
             patch = None
             if self.foreground is not None:  # over the whole shard block: it is written whole
-                fg = self.foreground
-                patch = (MaskPatch.of(fg.mask, fg.shape, bounds([t.box for t in b])),)
+                patch = (self.foreground.patch(bounds([t.box for t in b])),)
             blocks.append(Block((kept,), self.boxes.get(b[0].index), patch))
         return blocks
 

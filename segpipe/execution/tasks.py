@@ -29,7 +29,7 @@ from segpipe.geometry.tiling import Box, Tile, exact_side
 from segpipe.io.files import URLPath
 from segpipe.io.readers import Reader
 from segpipe.results import FOREGROUND_LABEL, write_block
-from segpipe.results.labels import label_block_arrays
+from segpipe.results.labels import label_block_arrays, label_images
 from segpipe.results.layout import block_level_arrays
 
 __all__ = [
@@ -59,7 +59,7 @@ _STAGES: dict[str, ModelStage] = {}
 @dataclass(frozen=True)
 class _RunArrays:
     """The arrays a run's blocks write: each level's mask, probabilities and mask label, and
-    the foreground label's levels (where the run's blocks carry a foreground)."""
+    the foreground label's levels (where the result has one)."""
 
     levels: list[tuple[zarr.Array, zarr.Array, zarr.Array]]
     foreground: list[zarr.Array] | None
@@ -189,7 +189,7 @@ def segment_block(block: Block, job: Job) -> BlockResult:
         job = dataclasses.replace(job, exact_side=side)
     # One write per shard block, in steps a forward pass may come between, each as soon as
     # its windows are stitched (a blend task's first shards while its last windows run).
-    arrays, step = _result_arrays(job, block.foreground is not None), stage.io_section
+    arrays, step = _result_arrays(job), stage.io_section
     patches = block.foreground or (None,) * len(block.shards)
     regions = [bounds([t.box for t in part]) for part in block.shards]
     indices, counts, windows = [], [], 0
@@ -271,14 +271,13 @@ def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> li
     return joined
 
 
-def _result_arrays(job: Job, foreground: bool) -> _RunArrays:
+def _result_arrays(job: Job) -> _RunArrays:
     """The arrays each block of ``job``'s run writes, opened once per run in this process."""
     with _REGISTRY_LOCK:
-        arrays = _ARRAYS.get(job.predictor_key)
-        store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
-        if arrays is None:
-            arrays = _RunArrays(block_level_arrays(store), None)
-        if foreground and arrays.foreground is None:
-            arrays = _RunArrays(arrays.levels, label_block_arrays(store, FOREGROUND_LABEL))
-        _ARRAYS[job.predictor_key] = arrays
-        return arrays
+        if job.predictor_key not in _ARRAYS:
+            store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
+            foreground = None
+            if FOREGROUND_LABEL in label_images(store):
+                foreground = label_block_arrays(store, FOREGROUND_LABEL)
+            _ARRAYS[job.predictor_key] = _RunArrays(block_level_arrays(store), foreground)
+        return _ARRAYS[job.predictor_key]
