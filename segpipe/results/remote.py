@@ -4,7 +4,7 @@ A store is a segpipe result when its root ``zarr.json`` carries the ``segpipe`` 
 (:func:`segpipe.results.schema.is_result`), and an object store shows every object whole or not
 at all (one PUT). So the order of the writes does what a rename does on a local disk:
 
-- creating: the skeleton is built in a local temporary folder, every object but the root
+- creating: the skeleton is made in memory, every object but the root
   ``zarr.json`` is uploaded, the root ``zarr.json`` last;
 - deleting: the root ``zarr.json`` goes first (the prefix stops being a result), then the rest.
 
@@ -16,12 +16,9 @@ marker and without a result's root are someone's data, which segpipe never delet
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 from segpipe.faults import fault_point
 from segpipe.io.files import URLPath
-from segpipe.results.layout import create_layout
+from segpipe.results.layout import layout_documents
 from segpipe.results.schema import ResultMeta
 
 __all__ = ["create", "delete", "remove_leftovers"]
@@ -37,14 +34,7 @@ def create(url: URLPath, meta: ResultMeta) -> None:
     """Create the empty result of ``meta`` at ``url``, its root ``zarr.json`` written last."""
     marker = _marker(url, "creating")
     marker.write_bytes(b"")
-    with tempfile.TemporaryDirectory(prefix="segpipe-skeleton-") as tmp:
-        skeleton = Path(tmp, "result")
-        create_layout(skeleton, meta)
-        objects = {
-            f.relative_to(skeleton).as_posix(): f.read_bytes()
-            for f in sorted(skeleton.rglob("*"))
-            if f.is_file()
-        }
+    objects = layout_documents(meta)
     root_json = objects.pop(_ROOT)
     fs, root = url.filesystem()
     root = root.rstrip("/")
