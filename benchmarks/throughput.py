@@ -1,8 +1,8 @@
 """Throughput of `segment` beside its model's bare forward, in one table (run by hand).
 
     python benchmarks/throughput.py [--size 4096] [--device cpu|cuda] [--blend-size 2048]
-                                    [--tissue-size N] [--keep DIR] [--rows pipeline,tissue,blend]
-                                    [--repeat N]
+                                    [--tissue-size N] [--gigapixel-size N] [--keep DIR]
+                                    [--rows pipeline,tissue,blend,gigapixel] [--repeat N]
 
 For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Zarr), prints:
 
@@ -25,6 +25,10 @@ For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Z
   weights), at ``--blend-size`` (the whole-image reference pass must fit in memory): time
   and mean absolute error of the probabilities against one forward pass over the whole
   image, overall, within 64 px of the image's border, and inside;
+* **gigapixel** (only when asked for in ``--rows``): the 30%-tissue demo slide at
+  ``--gigapixel-size`` (default 32768: 1.07 gigapixels) end to end once, foreground on, the
+  default scheduler: the GPU target's run (under 60 s on one H100-class GPU), with the time
+  the slide took to make;
 * **peak RSS** of this process after the segpipe rows;
 * with ``--device cuda``, the device's busy fraction during each segpipe run (CUDA events
   around every forward pass, over wall time).
@@ -431,12 +435,39 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
     )
 
 
+def gigapixel_row(size: int, device: str, work: Path, model: Any) -> None:
+    """The 30%-tissue demo slide at ``size`` (a pyramidal OME-TIFF, seed 2) segmented once,
+    foreground on, the default scheduler: the time, the device's busy fraction (CUDA) and
+    the tiles computed."""
+    from segpipe.results import read_meta
+    from segpipe.synthetic.demo import make_demo_slide
+
+    made = time.perf_counter()
+    slide = make_demo_slide(work / "slides", size=size, seed=2, tissue_fraction=0.3)
+    made = time.perf_counter() - made
+    timer = DeviceTimer() if device == "cuda" else None
+    seconds, busy, cpu = run_segment(
+        slide.image, work / "gigapixel.zarr", model, device, timer, foreground="tissue"
+    )
+    summary = read_meta(work / f"gigapixel-{RUNS}.zarr").summary
+    assert summary is not None
+    row(
+        f"30% tissue slide, {size}^2 ({size * size / 1e9:.2f} Gpx)",
+        f"{seconds:.1f} s",
+        f"{size * size / 1e6 / seconds:.0f} Mpx/s, {cpu:.0f} CPU s"
+        + (f", device busy {busy:.0%}" if busy is not None else "")
+        + f"; {summary.tiles_computed} of {summary.tiles_total} tiles computed; "
+        f"target < 60 s on one H100-class GPU; the slide took {made:.0f} s to make",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--blend-size", type=int, default=2048)
     parser.add_argument("--tissue-size", type=int, default=None, help="default: --size")
+    parser.add_argument("--gigapixel-size", type=int, default=32768)
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
     parser.add_argument(
         "--repeat",
@@ -450,7 +481,7 @@ def main() -> None:
         "--rows",
         default="pipeline,tissue,blend",
         help="which groups of rows, comma-separated: pipeline (bare forward, end to end, "
-        "null model, peak RSS), tissue, blend",
+        "null model, peak RSS), tissue, blend, gigapixel (not by default)",
     )
     add_plain_malloc(parser)
     args = parser.parse_args()
@@ -484,6 +515,8 @@ def main() -> None:
         tissue_rows(args.tissue_size or size, device, work, shipped, args.repeat)
     if "blend" in rows:
         blend_vs_monai(args.blend_size, device, work)
+    if "gigapixel" in rows:
+        gigapixel_row(args.gigapixel_size, device, work, shipped)
 
     print(f"\nload average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("\n| measure | value | note |\n|---|---|---|")
