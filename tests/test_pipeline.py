@@ -261,8 +261,10 @@ def test_stage_with_lanes_equals_the_predictor(lanes):
     )
     results = outputs_from_threads(stage, inputs)
     stage.close()
+    # Float rounding apart: oneDNN's convolutions may round differently for other batch sizes
+    # and thread counts on some CPUs (up to 1.5e-6 here on an AMD EPYC without AVX-512).
     for i, want in enumerate(expected):
-        np.testing.assert_allclose(results[i], want, atol=1e-6)
+        np.testing.assert_allclose(results[i], want, rtol=0, atol=1e-5)
     assert torch.get_num_threads() == 2, "the stage leaves torch's threads as it found them"
 
 
@@ -372,8 +374,9 @@ def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
         Predictor(net, InferenceConfig(device="cpu", amp=False)),
         Stitching("exact", 8, net.geometry, len(CLASSES)),
     )
-    np.testing.assert_array_equal(
-        segpipe.open_result(out)["probabilities"].values, serial.probabilities
+    # To float rounding: the serial stitcher batches windows by four, the run one a pass.
+    np.testing.assert_allclose(
+        segpipe.open_result(out)["probabilities"].values, serial.probabilities, rtol=0, atol=1e-5
     )
     assert tasks._STAGES == {}, "the model thread stopped with the run"
 
@@ -408,7 +411,8 @@ def test_a_run_with_narrow_passes_equals_one_with_one_thread(tmp_path, recorded_
     assert narrow._plans and all(p.narrow and p.threads == 1 for p in narrow._plans.values())
     assert not any(p.narrow for p in single._plans.values())
     assert narrow.stats.windows == single.stats.windows > 0
-    np.testing.assert_allclose(results[0], results[1], atol=1e-6)
+    # Float rounding apart (one and two torch threads, batches of one and more).
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -34,10 +34,13 @@ def _stored(result: Path) -> dict[str, np.ndarray]:
 
 
 def _assert_same(result: Path, reference: Path) -> None:
-    """Bit for bit: the workers run the same model with the same torch thread count."""
+    """The same mask, and probabilities to float rounding: a worker process of one torch
+    thread runs wide passes, this process narrow ones of one window, and on some CPUs
+    oneDNN's convolutions round differently for other batch sizes (an AMD EPYC without
+    AVX-512: up to 5e-7 here)."""
     got, want = _stored(result), _stored(reference)
     np.testing.assert_array_equal(got["mask"], want["mask"])
-    np.testing.assert_array_equal(got["probabilities"], want["probabilities"])
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=0, atol=1e-5)
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
