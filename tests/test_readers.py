@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 import tifffile
 import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from segpipe.io.readers import ImageReadError, Reader, open_image, pillow
+from segpipe.io.readers import ArrayReader, ImageReadError, Reader, open_image, pillow
+from segpipe.io.readers.cached import CachedReader, cached_reads
 
 SHAPE = (300, 517)  # sides deliberately not multiples of the 64 px tiles
 
@@ -516,3 +519,100 @@ def test_level_computes_in_worker_processes(tmp_path: Path) -> None:
     reader = open_image(write_ome_tiff(tmp_path / "p.ome.tif", _rgb()))
     out = reader.level(0).compute(scheduler="processes", num_workers=2)
     np.testing.assert_array_equal(out, _rgb())
+
+
+# -- cached reads (segpipe.io.readers.cached) -----------------------------------------------
+
+
+def _recording(reader: Reader) -> list[tuple[int, int, int, int]]:
+    """Record the windows ``reader.read`` is asked for, from now on."""
+    calls: list[tuple[int, int, int, int]] = []
+    read = reader.read
+
+    def recorded(y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        calls.append((y0, y1, x0, x1))
+        return read(y0, y1, x0, x1, level)
+
+    reader.read = recorded  # type: ignore[method-assign]
+    return calls
+
+
+@pytest.fixture(params=["tiff", "zarr"])
+def tiled(request: pytest.FixtureRequest, tmp_path: Path) -> Reader:
+    """The test image as a TIFF of 64 px tiles or a C-first Zarr of 50 px chunks."""
+    if request.param == "tiff":
+        return open_image(write_ome_tiff(tmp_path / "t.ome.tif", _rgb()))
+    return open_image(_zarr_array(("c", "y", "x"))(tmp_path, _rgb()))
+
+
+# The reader is only read: one per test serves every example.
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(windows=st.lists(st.tuples(*[st.floats(0, 1)] * 4), min_size=1, max_size=12))
+def test_cached_reads_give_the_readers_pixels_within_the_budget(tiled, windows) -> None:
+    ty, tx = tiled.chunk_shape(0)
+    tile_bytes = ty * tx * 3
+    cached = CachedReader(tiled, max_bytes=tile_bytes * 40)  # fewer tiles than the image's
+    ny, nx, _ = tiled.shape
+    for a, b, c, d in windows:
+        y0, x0 = int(a * (ny - 1)), int(c * (nx - 1))
+        y1, x1 = y0 + 1 + int(b * (ny - 1 - y0)), x0 + 1 + int(d * (nx - 1 - x0))
+        np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), tiled.read(y0, y1, x0, x1))
+        assert cached.cached_bytes <= cached.max_bytes
+
+
+def test_cached_reads_decode_a_neighbours_halo_tiles_once(tmp_path: Path) -> None:
+    reader = open_image(write_ome_tiff(tmp_path / "t.ome.tif", _rgb()))
+    cached = CachedReader(reader)
+    calls = _recording(reader)
+    # Two blocks of 128 px side by side, each with a 10 px halo, as exact-mode windows read.
+    first = cached.read(0, 138, 0, 138)
+    assert calls == [(0, 192, 0, 192)]  # the 64 px tiles the window touches, whole
+    second = cached.read(0, 138, 118, 266)
+    assert calls[1:] == [(0, 192, 192, 320)]  # only the tiles the first did not decode
+    cached.read(0, 138, 118, 266)
+    assert len(calls) == 2  # a window read again decodes nothing
+    np.testing.assert_array_equal(first, _rgb()[:138, :138])
+    np.testing.assert_array_equal(second, _rgb()[:138, 118:266])
+
+
+def test_cached_reads_leave_arrays_and_whole_width_tiles_alone(tmp_path: Path) -> None:
+    image = ArrayReader(_rgb())
+    assert cached_reads(image) is image  # nothing to decode
+    tifffile.imwrite(tmp_path / "strips.tif", _rgb(), photometric="rgb", rowsperstrip=16)
+    strips = open_image(tmp_path / "strips.tif")  # untiled: strips of the whole width
+    assert strips.chunk_shape(0) == (16, SHAPE[1])
+    cached = CachedReader(strips, max_bytes=strips.chunk_shape(0)[0] * SHAPE[1] * 3 * 8)
+    calls = _recording(strips)
+    cached.read(10, 20, 30, 40)
+    assert calls == [(10, 20, 30, 40)] and cached.cached_bytes == 0
+
+
+def test_cached_reads_refuse_windows_outside_the_image_naming_the_file(tiled: Reader) -> None:
+    with pytest.raises(ImageReadError, match=str(tiled.path).replace(".", r"\.")):
+        CachedReader(tiled).read(0, SHAPE[0] + 1, 0, 10)
+
+
+def test_cached_reads_from_threads(tiled: Reader) -> None:
+    cached = CachedReader(tiled, max_bytes=tiled.chunk_shape(0)[0] ** 2 * 3 * 40)
+    rng = np.random.default_rng(3)
+    boxes = [
+        (y, y + int(rng.integers(1, 120)), x, x + int(rng.integers(1, 200)))
+        for y, x in zip(rng.integers(0, 180, 64), rng.integers(0, 317, 64), strict=True)
+    ]
+    failures: list[BaseException] = []
+
+    def work(part: list[tuple[int, int, int, int]]) -> None:
+        try:
+            for y0, y1, x0, x1 in part:
+                np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), _rgb()[y0:y1, x0:x1])
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(boxes[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[0]

@@ -28,6 +28,7 @@ from segpipe.geometry.foreground import MaskPatch
 from segpipe.geometry.tiling import Box, Tile, exact_side
 from segpipe.io.files import URLPath
 from segpipe.io.readers import Reader
+from segpipe.io.readers.cached import cached_reads
 from segpipe.results import FOREGROUND_LABEL, write_block
 from segpipe.results.labels import label_block_arrays, label_images
 from segpipe.results.layout import block_level_arrays
@@ -68,6 +69,9 @@ class _RunArrays:
 # Each run's result arrays, opened by its first task here (a few dozen small reads): keyed by
 # the run, never by path alone, so a later run that replaced the result opens it afresh.
 _ARRAYS: dict[str, _RunArrays] = {}
+# Each run's image with the tiles its tasks decoded kept (neighbouring blocks read each
+# other's as halo): per run, like the arrays, so a changed file is never read from here.
+_READERS: dict[str, Reader] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -143,6 +147,7 @@ def remove_predictor(key: str) -> None:
         if predictor is None or holders <= 1:
             _PREDICTORS.pop(key, None)
             _ARRAYS.pop(key, None)
+            _READERS.pop(key, None)
             stage = _STAGES.pop(key, None)
         else:
             _PREDICTORS[key] = (predictor, holders - 1)
@@ -195,7 +200,7 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     indices, counts, windows = [], [], 0
     for prediction in predict_parts(
         tiles,
-        job.reader,
+        _run_reader(job, block),
         stage,
         job,
         parts=regions,
@@ -269,6 +274,16 @@ def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> li
         patches = [p for b in group for p in b.foreground or ()]
         joined.append(Block(shards, None, tuple(patches) if patches else None))
     return joined
+
+
+def _run_reader(job: Job, block: Block) -> Reader:
+    """``job``'s image for its run's tasks in this process, the tiles they decode kept, as
+    many as a row of blocks like ``block`` needs."""
+    with _REGISTRY_LOCK:
+        if job.predictor_key not in _READERS:
+            band = bounds([t.box for t in block.tiles]).shape[0]
+            _READERS[job.predictor_key] = cached_reads(job.reader, band, level=job.level)
+        return _READERS[job.predictor_key]
 
 
 def _result_arrays(job: Job) -> _RunArrays:

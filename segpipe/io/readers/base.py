@@ -291,6 +291,13 @@ class BaseReader:
         )
         return to_yxc(self._read_native(level, key), axes)
 
+    def chunk_shape(self, level: int = 0) -> tuple[int, int]:
+        """``(Y, X)`` pixels of the file's tiles (chunks, strips) at ``level``: what one
+        decode gives; a read decodes every tile it touches whole."""
+        self._check_level(level)
+        cy, cx, _ = yxc_shape(self._native_chunks[level], self._axes[level])
+        return cy, cx
+
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
         """``(y1 - y0, x1 - x0)`` bool, True where ``[y0:y1, x0:x1]`` of ``level`` holds data
         (not nodata, not masked, not transparent); None when the file marks no pixel invalid
