@@ -573,6 +573,14 @@ def test_cached_reads_decode_a_neighbours_halo_tiles_once(tmp_path: Path) -> Non
     assert calls[1:] == [(0, 192, 192, 320)]  # only the tiles the first did not decode
     cached.read(0, 138, 118, 266)
     assert len(calls) == 2  # a window read again decodes nothing
+    # A block below and right of the first: its tiles kept are a corner; the rest, an L, is
+    # read as two rectangles (their bounding box would decode the corner again).
+    fresh = CachedReader(reader)
+    fresh.read(0, 138, 0, 138)
+    del calls[:]
+    below = fresh.read(118, 266, 118, 266)
+    assert calls == [(64, 192, 192, 320), (192, 300, 64, 320)]
+    np.testing.assert_array_equal(below, _rgb()[118:266, 118:266])
     np.testing.assert_array_equal(first, _rgb()[:138, :138])
     np.testing.assert_array_equal(second, _rgb()[:138, 118:266])
 

@@ -9,6 +9,7 @@ Neighbouring blocks read each other's tiles as halo, so a run keeps the tiles it
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections import OrderedDict
 
@@ -20,9 +21,11 @@ from segpipe.io.readers.base import BaseReader, Reader
 
 __all__ = ["CachedReader", "cached_reads"]
 
-# Per run and process: two rows of 1024 px chunks of an RGB slide 40k px wide, or of 256 px
-# tiles one 170k px wide, so a block's halo above finds the row above's tiles still here.
-DEFAULT_CACHE_BYTES = 256 << 20
+# Per run and process, at most. A row of 1024 px blocks of an RGB image in 1024 px chunks
+# keeps three rows of chunks (72 MiB at 8192 px wide), so a block's halo above finds the row
+# above's tiles still here; on a wider image the budget keeps the latest blocks' tiles, and
+# a block decodes the column right of it and the row below (3 tiles of 9 instead of 1).
+DEFAULT_CACHE_BYTES = 96 << 20
 # Levels whose tiles are larger than this share of the budget are read as they are: a
 # stripped or untiled file's "tile" is a band of the whole width, or the whole image.
 _MIN_TILES = 32
@@ -31,8 +34,8 @@ _MIN_TILES = 32
 class CachedReader:
     """``reader``'s pixels, each of its tiles decoded once while ``max_bytes`` (the decoded
     tiles kept, bytes) allow: :meth:`read` takes the tiles it finds kept, waits for those
-    another thread is decoding, and reads the rest in one aligned read. The same pixels as
-    ``reader.read``; safe to share between threads.
+    another thread is decoding, and reads the rest in rectangles of whole tiles. The same
+    pixels as ``reader.read``; safe to share between threads.
     """
 
     def __init__(self, reader: BaseReader, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
@@ -90,18 +93,17 @@ class CachedReader:
                         self._decoding[key] = mine
                         missing.append((r, c))
         try:
-            if missing:
-                # One read of the missing tiles' bounding box (halo reads leave an L or a band
-                # missing: mostly a box); tiles in it found or waited for are decoded again.
-                r0, r1 = min(r for r, _ in missing), max(r for r, _ in missing) + 1
-                c0, c1 = min(c for _, c in missing), max(c for _, c in missing) + 1
+            for r0, r1, c0, c1 in _rectangles(missing):
                 pixels = self.reader.read(
                     r0 * ty, min(r1 * ty, ny), c0 * tx, min(c1 * tx, nx), level
                 )
-                for r, c in missing:
-                    ry, rx = (r - r0) * ty, (c - c0) * tx
-                    found[r, c] = np.ascontiguousarray(pixels[ry : ry + ty, rx : rx + tx])
-                self._keep(level, {rc: found[rc] for rc in missing})
+                decoded = {}
+                for r in range(r0, r1):
+                    for c in range(c0, c1):
+                        ry, rx = (r - r0) * ty, (c - c0) * tx
+                        decoded[r, c] = _own_pages(pixels[ry : ry + ty, rx : rx + tx])
+                found.update(decoded)
+                self._keep(level, decoded)
         finally:
             with self._lock:
                 for r, c in missing:
@@ -151,8 +153,7 @@ def cached_reads(
 
     ``band``: the height (pixels of ``level``) of the rows of blocks read one after another,
     left to right: the budget is what a band and its halo tiles hold across the level's width
-    (the band above is still there for the halo of the one below), at most ``max_bytes``. At
-    16384² (RGB, 1024 px blocks and chunks) that is 144 MiB.
+    (the band above is still there for the halo of the one below), at most ``max_bytes``.
     """
     if not isinstance(reader, BaseReader) or isinstance(reader, ArrayReader):
         return reader
@@ -164,3 +165,39 @@ def cached_reads(
         needed = max((band + 2 * ty) * nx * pixel, _MIN_TILES * ty * tx * pixel)
         max_bytes = min(max_bytes, needed)
     return reader if max_bytes <= 0 else CachedReader(reader, max_bytes)
+
+
+def _own_pages(pixels: np.ndarray) -> np.ndarray:
+    """A copy of ``pixels`` in memory mapped for it alone, given back to the system when it is
+    dropped: kept tiles outlive the blocks' buffers around them, and from malloc's heap (which
+    segpipe tells to keep freed memory) they pinned it, 220 MiB more at 16384² for a 96 MiB
+    budget."""
+    pages = mmap.mmap(-1, max(pixels.nbytes, 1))
+    copy = np.frombuffer(pages, dtype=pixels.dtype, count=pixels.size).reshape(pixels.shape)
+    copy[...] = pixels
+    return copy
+
+
+def _rectangles(tiles: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    """``tiles`` (row, column) as few ``(r0, r1, c0, c1)`` rectangles, one read each: runs of
+    adjacent columns in a row, joined with the same run in the rows below. A halo's missing
+    tiles are an L or a band; their bounding box would decode tiles kept already.
+
+    >>> _rectangles([(0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)])
+    [(0, 1, 2, 3), (1, 3, 0, 3)]
+    """
+    runs: list[tuple[int, int, int]] = []  # (row, c0, c1)
+    for r, c in sorted(tiles):
+        if runs and runs[-1][0] == r and runs[-1][2] == c:
+            runs[-1] = (r, runs[-1][1], c + 1)
+        else:
+            runs.append((r, c, c + 1))
+    rects: list[tuple[int, int, int, int]] = []
+    for r, c0, c1 in runs:
+        for i, (q0, q1, d0, d1) in enumerate(rects):
+            if q1 == r and (d0, d1) == (c0, c1):
+                rects[i] = (q0, r + 1, d0, d1)
+                break
+        else:
+            rects.append((r, r + 1, c0, c1))
+    return rects
