@@ -121,7 +121,7 @@ def layout_documents(meta: ResultMeta) -> dict[str, bytes]:
     Every level's arrays and coordinates, the mask's label image, the driver's bookkeeping
     arrays, and the OME (``multiscales``, ``omero``) and ``segpipe`` attributes. Made in
     memory and written by the caller in one go: Zarr writing each of the ~70 objects to its
-    store in turn took 0.17 s at 8192² against 0.06 s this way.
+    store in turn took 0.15 s at 8192² against 0.05 s this way.
     """
     objects: dict[str, Buffer] = {}
     _build_layout(zarr.storage.MemoryStore(objects), meta)

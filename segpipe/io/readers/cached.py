@@ -130,10 +130,9 @@ class CachedReader:
     def _keep(self, level: int, tiles: dict[tuple[int, int], np.ndarray]) -> None:
         with self._lock:
             for (r, c), tile in tiles.items():
+                # read() keeps no tile above max_bytes / _MIN_TILES: each fits.
                 old = self._tiles.pop((level, r, c), None)
                 self._bytes -= 0 if old is None else old.nbytes
-                if tile.nbytes > self.max_bytes:
-                    continue
                 self._tiles[level, r, c] = tile
                 self._bytes += tile.nbytes
             while self._bytes > self.max_bytes:
