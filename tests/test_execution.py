@@ -294,6 +294,55 @@ def test_model_is_loaded_once_per_process_not_per_tile(reader, tmp_path, monkeyp
     assert tasks._READERS == {} and tasks._ARRAYS == {}, "the run's tiles and arrays too"
 
 
+def test_a_task_of_an_ended_run_leaves_nothing_behind(reader):
+    """A task still running when its run ended (cancelled, a sibling failed) must not make the
+    run's cached reader, arrays or model thread again: nothing would drop them."""
+    from types import SimpleNamespace
+
+    r, _ = reader
+    key = "ended-run"
+    tasks.install_predictor(key, object)
+    job = SimpleNamespace(predictor_key=key, reader=r, level=0, output="unused.zarr")
+    cached = tasks._run_reader(job, 16)
+    assert tasks._run_reader(job, 16) is cached
+    tasks.remove_predictor(key)
+    assert key not in tasks._READERS
+    for late in (
+        lambda: tasks._run_reader(job, 16),
+        lambda: tasks._result_arrays(job),
+        lambda: tasks.stage_for(key),
+    ):
+        with pytest.raises(RuntimeError, match="not loaded in this process"):
+            late()
+    assert key not in tasks._READERS and key not in tasks._ARRAYS and key not in tasks._STAGES
+
+
+def test_the_tile_cache_is_sized_for_whole_shard_blocks(reader, tmp_path, monkeypatch):
+    """With a foreground mask a block holds its computed tiles only: the first one may be a
+    tile high. The run's cache is sized for rows of whole shard blocks all the same."""
+    from PIL import Image
+
+    r, image = reader
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[10:14, 10:14] = 255  # inside tile (1, 1) of 8 px: the first block's lower row only
+    path = tmp_path / "mask.png"
+    Image.fromarray(mask).save(path)
+    bands = []
+
+    def recording(reader, band, *, level=0):
+        bands.append(band)
+        return reader
+
+    monkeypatch.setattr(tasks, "cached_reads", recording)
+    torch.manual_seed(0)
+    net = models.build("unet", width=4, depth=2)
+    out = segpipe.segment(
+        r, tmp_path / "r.zarr", net, tile=8, task_tiles=2, scheduler="sync", foreground=str(path)
+    )
+    assert read_meta(out).summary.tiles_computed == 1
+    assert bands == [16]  # a shard block's rows, not the one computed tile's 8
+
+
 def test_a_run_decodes_each_tile_of_its_image_once(reader, tmp_path, monkeypatch):
     r, _ = reader
     ty, tx = r.chunk_shape(0)
@@ -427,6 +476,27 @@ def test_parts_are_given_as_soon_as_their_windows_are_stitched(mode):
         np.testing.assert_array_equal(whole.probabilities[:, :48, 64:], 0)
 
 
+@pytest.mark.parametrize(
+    ("block", "classes", "side"),
+    [
+        (1024, 3, 4096),  # capped: a window in 21 per axis computed twice
+        (1024, 9, 2048),  # 44 bytes a pixel: 4096² would take 704 MiB
+        (512, 30, 1536),
+        (768, 2, 3840),
+        (1024, 200, 1024),  # never less than a block
+    ],
+)
+def test_blend_task_side_fits_memory(block, classes, side):
+    from segpipe.execution.tasks import BLEND_TASK_BYTES, blend_task_side
+
+    got = blend_task_side(block, classes)
+    assert got == side
+    assert got % block == 0
+    if got > block:  # what it holds fits the budget, and one more block would not
+        assert 4 * (classes + 2) * got**2 <= BLEND_TASK_BYTES
+        assert 4 * (classes + 2) * (got + block) ** 2 > BLEND_TASK_BYTES or got + block > 4096
+
+
 def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):
     """Blend tasks cover squares of shard blocks (a window across a task's edge is computed by
     both tasks): fewer windows, and every pixel the same to the bit, since each pixel sums the
@@ -440,7 +510,7 @@ def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):
     image = tissue_slide((96, 80), seed=5).image
     results, windows = [], []
     for side in (1, 32, 2048):  # blocks of 16 px alone, in 2 x 2 squares, all in one task
-        monkeypatch.setattr(segment_module, "BLEND_TASK_SIDE", side)
+        monkeypatch.setattr(segment_module, "blend_task_side", lambda *_, side=side: side)
         out = segpipe.segment(
             ArrayReader(image), tmp_path / f"{side}.zarr", net, tile=16, task_tiles=1,
             mode="blend", window=16, overlap=0.25, probability_dtype="float32",

@@ -624,3 +624,75 @@ def test_cached_reads_from_threads(tiled: Reader) -> None:
     for t in threads:
         t.join()
     assert not failures, failures[0]
+
+
+def test_a_region_reader_giving_short_regions_is_refused_naming_the_file() -> None:
+    """OpenSlide and wsidicom read regions; one that comes back smaller than asked (a lying
+    or damaged file) is an error, never pixels padded with whatever the cache's buffer held."""
+    from segpipe.io.readers.base import BaseReader, RegionLevel
+
+    full = _rgb()
+
+    class ShortRegions(BaseReader):
+        def __init__(self) -> None:
+            super().__init__(Path("short.svs"), None)
+            ny, nx, nc = full.shape
+            self._set_layout(["YXC"], [(ny, nx, nc)], [(64, 64, nc)], full.dtype)
+
+        def _open_level(self, level: int) -> RegionLevel:
+            def region(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+                return full[y0 : max(y0 + 1, y1 - 8), x0:x1]  # 8 rows short where it can be
+
+            return RegionLevel(self.level_shapes[0], self.dtype, region)
+
+    reader = ShortRegions()
+    for read in (reader.read, CachedReader(reader).read):
+        with pytest.raises(ImageReadError, match=r"short\.svs: cannot read level 0 .*came back"):
+            read(0, 100, 0, 100)
+
+
+@pytest.mark.parametrize(("tile", "held"), [(16, 16 * 16 * 3), (160, 19 * 4096)])
+def test_cached_tiles_count_the_memory_they_hold(tmp_path: Path, tile: int, held: int) -> None:
+    """A small tile is copied on the heap and counts its bytes; a large one gets pages of its
+    own and counts them whole (160 x 160 x 3 = 76800 bytes take 19 pages of 4 KiB)."""
+    import mmap
+
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(path, _rgb(), tile=(tile, tile), photometric="rgb")
+    cached = CachedReader(open_image(path), max_bytes=1 << 24)
+    np.testing.assert_array_equal(cached.read(0, 5, 0, 5), _rgb()[:5, :5])
+    assert mmap.PAGESIZE != 4096 or cached.cached_bytes == held
+    (owner,) = cached._tiles.values()
+    while isinstance(owner, np.ndarray) and owner.base is not None:
+        owner = owner.base
+    owner = owner.obj if isinstance(owner, memoryview) else owner
+    assert isinstance(owner, mmap.mmap) == (tile == 160)
+
+
+def test_a_sharded_zarr_is_cached_by_its_inner_chunks(tmp_path: Path) -> None:
+    """A read decodes a sharded array's inner chunks, not its shards: those are its tiles
+    (a 128 px shard of 3 channels would be more than a 32nd of a small budget, and pass by)."""
+    path = tmp_path / "sharded.zarr"
+    array = zarr.create_array(
+        path,
+        shape=(*SHAPE, 3),
+        chunks=(32, 32, 3),
+        shards=(128, 128, 3),
+        dtype="uint8",
+        dimension_names=("y", "x", "c"),
+    )
+    array[...] = _rgb()
+    reader = open_image(path)
+    assert reader.chunk_shape(0) == (32, 32)
+    assert reader.level(0).chunks[0][0] == 128  # Dask still takes a shard a task
+    cached = CachedReader(reader, max_bytes=32 * 32 * 3 * 64)
+    np.testing.assert_array_equal(cached.read(40, 100, 70, 200), _rgb()[40:100, 70:200])
+    assert cached.cached_bytes == 3 * 5 * 32 * 32 * 3  # rows 32-127, columns 64-223
+
+
+def test_a_cached_reader_says_what_its_reader_says(tiled: Reader) -> None:
+    cached = CachedReader(tiled)
+    assert cached.chunk_shape(0) == tiled.chunk_shape(0)
+    assert (cached.mask_kind, cached.nodata) == (tiled.mask_kind, tiled.nodata)
+    with pytest.raises(AttributeError):
+        cached.no_such_attribute  # noqa: B018

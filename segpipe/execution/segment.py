@@ -23,7 +23,7 @@ from segpipe.execution.cluster import (
 )
 from segpipe.execution.foreground import resolve_foreground, select_tiles
 from segpipe.execution.predictor import InferenceConfig
-from segpipe.execution.tasks import BLEND_TASK_SIDE, BlockResult, Job, group_blocks
+from segpipe.execution.tasks import BlockResult, Job, blend_task_side, group_blocks
 from segpipe.execution.workers import resolve_amp, run_key
 from segpipe.geometry.blending import blend_lattice
 from segpipe.geometry.tiling import tile_grid
@@ -218,7 +218,9 @@ def segment(
         blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
         n_todo = sum(len(b.tiles) for b in blocks)
         if config.mode == "blend":  # fewer windows computed twice, at tasks' edges
-            blocks = group_blocks(blocks, tile * config.task_tiles, BLEND_TASK_SIDE)
+            block_side = tile * config.task_tiles
+            side = blend_task_side(block_side, len(class_names))
+            blocks = group_blocks(blocks, block_side, side)
         log.info(
             "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
             reader.path,

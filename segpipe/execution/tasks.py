@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import zarr
@@ -34,10 +36,11 @@ from segpipe.results.labels import label_block_arrays, label_images
 from segpipe.results.layout import block_level_arrays
 
 __all__ = [
-    "BLEND_TASK_SIDE",
+    "BLEND_TASK_BYTES",
     "Block",
     "BlockResult",
     "Job",
+    "blend_task_side",
     "group_blocks",
     "install_predictor",
     "predictor_for",
@@ -47,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Models ready on this process, by run (model fingerprint + run id, so runs sharing a cluster
 # never touch each other's): filled by ModelPlugin.setup (or by the driver when it runs tasks
@@ -155,14 +159,23 @@ def remove_predictor(key: str) -> None:
         stage.close()
 
 
+def _per_run(registry: dict[str, T], key: str, make: Callable[[], T]) -> T:
+    """``registry``'s entry for run ``key``, made by ``make()`` on first use, only while the
+    run's predictor is installed here: a task still running when its run ended (cancelled,
+    or a sibling failed) and :func:`remove_predictor` dropped the run's entries would
+    otherwise make one again that nothing drops (its decoded tiles and open file kept for
+    the worker's life). It raises instead; its run has no use for its result."""
+    with _REGISTRY_LOCK:
+        if key not in _PREDICTORS:
+            predictor_for(key)  # raises, naming the run and the process
+        if key not in registry:
+            registry[key] = make()
+        return registry[key]
+
+
 def stage_for(key: str) -> ModelStage:
     """The model thread of run ``key`` in this process, fed by every task of the run."""
-    predictor = predictor_for(key)
-    with _REGISTRY_LOCK:
-        stage = _STAGES.get(key)
-        if stage is None:
-            stage = _STAGES[key] = ModelStage(predictor)
-        return stage
+    return _per_run(_STAGES, key, lambda: ModelStage(_PREDICTORS[key][0]))
 
 
 def predictor_for(key: str) -> Predictor:
@@ -200,7 +213,9 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     indices, counts, windows = [], [], 0
     for prediction in predict_parts(
         tiles,
-        _run_reader(job, block),
+        # A block holds its computed tiles only (a tissue edge's may be one tile high): the
+        # cache is sized for the rows of whole shard blocks the tasks go through.
+        _run_reader(job, max(bounds([t.box for t in tiles]).shape[0], _shard_rows(arrays))),
         stage,
         job,
         parts=regions,
@@ -247,9 +262,26 @@ def _whole_shard(array: zarr.Array, prediction: RegionPrediction) -> tuple[Box, 
     return whole, padded
 
 
-# Blend tasks cover at least this many pixels a side: a window across a task's edge is
-# computed by both tasks, about one window in (side / stride) more along each axis.
-BLEND_TASK_SIDE = 2048
+# What a blend task's square may hold: a window across a task's edge is computed by both
+# tasks, about one window in (side / stride) more along each axis, so the larger the better
+# up to memory. 8192² with 256 px windows every 192 px (3 classes, 2 cores): 2116 windows
+# and 60.8 s at 2048 px tasks (peak RSS 940 MiB), 1936 and 54.1 s at 4096 (1390 MiB).
+BLEND_TASK_BYTES = 384 * 2**20
+BLEND_TASK_MAX_SIDE = 4096
+
+
+def blend_task_side(block_side: int, num_classes: int) -> int:
+    """The side, pixels, of a blend task's square of shard blocks of ``block_side``: the most
+    blocks whose weighted sums (``num_classes`` float32 and the weight a pixel) and read
+    pixels, about ``4 (num_classes + 2)`` bytes a pixel, fit :data:`BLEND_TASK_BYTES`, at
+    most 4096 px, at least one block.
+
+    >>> blend_task_side(1024, 3), blend_task_side(1024, 9), blend_task_side(512, 30)
+    (4096, 2048, 1536)
+    """
+    per_pixel = 4 * (num_classes + 2)
+    side = min(math.isqrt(BLEND_TASK_BYTES // per_pixel), BLEND_TASK_MAX_SIDE)
+    return max(block_side, side // block_side * block_side)
 
 
 def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> list[Block]:
@@ -276,23 +308,28 @@ def group_blocks(blocks: Sequence[Block], block_side: int, task_side: int) -> li
     return joined
 
 
-def _run_reader(job: Job, block: Block) -> Reader:
+def _run_reader(job: Job, rows: int) -> Reader:
     """``job``'s image for its run's tasks in this process, the tiles they decode kept, as
-    many as a row of blocks like ``block`` needs."""
-    with _REGISTRY_LOCK:
-        if job.predictor_key not in _READERS:
-            band = bounds([t.box for t in block.tiles]).shape[0]
-            _READERS[job.predictor_key] = cached_reads(job.reader, band, level=job.level)
-        return _READERS[job.predictor_key]
+    many as a row of blocks ``rows`` pixels high needs."""
+    return _per_run(
+        _READERS, job.predictor_key, lambda: cached_reads(job.reader, rows, level=job.level)
+    )
+
+
+def _shard_rows(arrays: _RunArrays) -> int:
+    """Rows of one shard block of the result (level 0)."""
+    mask = arrays.levels[0][0]
+    return int((mask.shards or mask.chunks)[-2])
 
 
 def _result_arrays(job: Job) -> _RunArrays:
     """The arrays each block of ``job``'s run writes, opened once per run in this process."""
-    with _REGISTRY_LOCK:
-        if job.predictor_key not in _ARRAYS:
-            store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
-            foreground = None
-            if FOREGROUND_LABEL in label_images(store):
-                foreground = label_block_arrays(store, FOREGROUND_LABEL)
-            _ARRAYS[job.predictor_key] = _RunArrays(block_level_arrays(store), foreground)
-        return _ARRAYS[job.predictor_key]
+
+    def open_arrays() -> _RunArrays:
+        store = job.output if isinstance(job.output, URLPath) else os.fspath(job.output)
+        foreground = None
+        if FOREGROUND_LABEL in label_images(store):
+            foreground = label_block_arrays(store, FOREGROUND_LABEL)
+        return _RunArrays(block_level_arrays(store), foreground)
+
+    return _per_run(_ARRAYS, job.predictor_key, open_arrays)

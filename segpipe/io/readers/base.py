@@ -134,10 +134,9 @@ class Reader(Protocol):
 
 class RegionLevel:
     """One level of a library that reads regions (OpenSlide, wsidicom) as something
-    ``BaseReader`` slices ``[y0:y1, x0:x1, c]``.
-
-    ``region(y0, y1, x0, x1)`` gives ``(y1 - y0, x1 - x0, C)`` pixels of the level for a
-    non-empty window inside it; an empty window is answered here.
+    ``BaseReader`` slices ``[y0:y1, x0:x1, c]``: ``region(y0, y1, x0, x1)`` gives
+    ``(y1 - y0, x1 - x0, C)`` pixels of a non-empty window inside the level (checked: a
+    short answer is refused); an empty window is answered here.
     """
 
     def __init__(
@@ -151,11 +150,13 @@ class RegionLevel:
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         ny, nx, nc = self.shape
         ys, xs, cs = (*key, slice(None))[:3]
-        y0, y1, _ = ys.indices(ny)
-        x0, x1, _ = xs.indices(nx)
+        (y0, y1, _), (x0, x1, _) = ys.indices(ny), xs.indices(nx)
         if y1 <= y0 or x1 <= x0:
             return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), nc), self.dtype)[..., cs]
-        return self.region(y0, y1, x0, x1)[..., cs]
+        pixels = self.region(y0, y1, x0, x1)
+        if pixels.shape[:2] != (y1 - y0, x1 - x0):  # the tile cache would keep garbage
+            raise ValueError(f"its region y {y0}:{y1}, x {x0}:{x1} came back {pixels.shape}")
+        return pixels[..., cs]
 
 
 class _LevelSource:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -29,6 +30,8 @@ DEFAULT_CACHE_BYTES = 96 << 20
 # Levels whose tiles are larger than this share of the budget are read as they are: a
 # stripped or untiled file's "tile" is a band of the whole width, or the whole image.
 _MIN_TILES = 32
+# Kept tiles of at least this many bytes get pages of their own (_own_pages): 16 pages.
+_OWN_PAGES_FROM = 16 * mmap.PAGESIZE
 
 
 class CachedReader:
@@ -56,6 +59,13 @@ class CachedReader:
     def shape(self) -> tuple[int, int, int]:
         """``(Y, X, C)`` of level 0."""
         return self.reader.shape
+
+    def __getattr__(self, name: str) -> Any:
+        # The rest of what a reader says of itself (nodata, mask_kind, georeference,
+        # valid_mask, chunk_shape...) is the reader's own, uncached.
+        if name == "reader":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.reader, name)
 
     @property
     def cached_bytes(self) -> int:
@@ -132,12 +142,12 @@ class CachedReader:
             for (r, c), tile in tiles.items():
                 # read() keeps no tile above max_bytes / _MIN_TILES: each fits.
                 old = self._tiles.pop((level, r, c), None)
-                self._bytes -= 0 if old is None else old.nbytes
+                self._bytes -= 0 if old is None else _held(old)
                 self._tiles[level, r, c] = tile
-                self._bytes += tile.nbytes
+                self._bytes += _held(tile)
             while self._bytes > self.max_bytes:
                 _, dropped = self._tiles.popitem(last=False)
-                self._bytes -= dropped.nbytes
+                self._bytes -= _held(dropped)
 
     def __repr__(self) -> str:
         return f"CachedReader({self.reader!r}, max_bytes={self.max_bytes})"
@@ -170,11 +180,21 @@ def _own_pages(pixels: np.ndarray) -> np.ndarray:
     """A copy of ``pixels`` in memory mapped for it alone, given back to the system when it is
     dropped: kept tiles outlive the blocks' buffers around them, and from malloc's heap (which
     segpipe tells to keep freed memory) they pinned it, 220 MiB more at 16384² for a 96 MiB
-    budget."""
-    pages = mmap.mmap(-1, max(pixels.nbytes, 1))
+    budget. Tiles under :data:`_OWN_PAGES_FROM` bytes are copied on the heap: a mapping each
+    would round them up to whole pages and could reach the kernel's limit on mappings."""
+    if pixels.nbytes < _OWN_PAGES_FROM:
+        return pixels.copy()
+    pages = mmap.mmap(-1, pixels.nbytes)
     copy = np.frombuffer(pages, dtype=pixels.dtype, count=pixels.size).reshape(pixels.shape)
     copy[...] = pixels
     return copy
+
+
+def _held(tile: np.ndarray) -> int:
+    """Bytes ``tile`` holds: its own pages, whole (:func:`_own_pages`), or its size."""
+    if tile.nbytes < _OWN_PAGES_FROM:
+        return tile.nbytes
+    return -(-tile.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _rectangles(tiles: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:

@@ -10,6 +10,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from segpipe.geometry.pixels import yxc_shape
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
@@ -44,7 +45,8 @@ class ZarrReader(BaseReader):
                 file_px = None
             else:
                 arrays, axes, file_px = self._open_multiscale(node)
-            chunks = [tuple(a.shards or a.chunks) for a in arrays]
+            chunks = [tuple(a.shards or a.chunks) for a in arrays]  # Dask's: one task a shard
+            self._inner_chunks = tuple(tuple(a.chunks) for a in arrays)  # what a read decodes
             shapes = [tuple(a.shape) for a in arrays]
             dtype = np.dtype(arrays[0].dtype)
         except ImageReadError:
@@ -97,6 +99,13 @@ class ZarrReader(BaseReader):
                 ) from exc
         axes = [self._dimension_letters(a, axis_names or None) for a in arrays]
         return arrays, axes, self._ome_pixel_size_um(ms, axis_meta, axis_names)
+
+    def chunk_shape(self, level: int = 0) -> tuple[int, int]:
+        """``(Y, X)`` pixels of ``level``'s chunks: a sharded array's inner ones, which a read
+        decodes each whole (a shard is only the unit of storing)."""
+        self._check_level(level)
+        cy, cx, _ = yxc_shape(self._inner_chunks[level], self._axes[level])
+        return cy, cx
 
     def _dimension_letters(self, array: Any, fallback: list[str] | None) -> str:
         names = getattr(array.metadata, "dimension_names", None) or fallback
