@@ -325,11 +325,11 @@ def test_plain_script_without_main_guard(image_path, checkpoints, tmp_path):
 
             logging.basicConfig(level=logging.INFO)
             in_tasks = []
-            predictor_for = tasks.predictor_for
+            stage_for = tasks.stage_for
             def spy(key):
                 in_tasks.append(torch.get_num_threads())
-                return predictor_for(key)
-            tasks.predictor_for = spy
+                return stage_for(key)
+            tasks.stage_for = spy
             before = torch.get_num_threads()
             segpipe.segment({str(image_path)!r}, {str(tmp_path / "r.zarr")!r},
                             {str(checkpoints[0])!r}, tile=16)
