@@ -497,6 +497,35 @@ def test_blend_task_side_fits_memory(block, classes, side):
         assert 4 * (classes + 2) * (got + block) ** 2 > BLEND_TASK_BYTES or got + block > 4096
 
 
+@pytest.mark.parametrize("classes", [3, 12])
+def test_a_blend_task_holds_what_its_side_assumes(tmp_path, monkeypatch, classes):
+    """blend_task_side budgets 4 (classes + 2) bytes a pixel of a task's square: doubling the
+    side of the one task over an image must not cost more than that a pixel added (NumPy's
+    buffers, traced: the sums, the weights, the pixels read, what is written)."""
+    import tracemalloc
+
+    import segpipe.execution.segment as segment_module
+
+    torch.manual_seed(0)
+    names = tuple(f"class {i}" for i in range(classes))
+    net = models.build("unet", class_names=names, width=4, depth=2, padding="same", dropout=0.0)
+    image = tissue_slide((384, 384), seed=5).image
+    peaks = {}
+    for side in (192, 384):
+        monkeypatch.setattr(segment_module, "blend_task_side", lambda *_, side=side: side)
+        tracemalloc.start()
+        try:
+            segpipe.segment(
+                ArrayReader(image), tmp_path / f"{side}.zarr", net.eval(), tile=64,
+                task_tiles=1, mode="blend", window=32, overlap=0.25, scheduler="sync",
+            )  # fmt: skip
+            peaks[side] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    per_pixel = (peaks[384] - peaks[192]) / (384**2 - 192**2)
+    assert 0 < per_pixel <= 4 * (classes + 2)
+
+
 def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):
     """Blend tasks cover squares of shard blocks (a window across a task's edge is computed by
     both tasks): fewer windows, and every pixel the same to the bit, since each pixel sums the
