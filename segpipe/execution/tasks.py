@@ -264,8 +264,9 @@ def _whole_shard(array: zarr.Array, prediction: RegionPrediction) -> tuple[Box, 
 
 # What a blend task's square may hold: a window across a task's edge is computed by both
 # tasks, about one window in (side / stride) more along each axis, so the larger the better
-# up to memory. 8192² with 256 px windows every 192 px (3 classes, 2 cores): 2116 windows
-# and 60.8 s at 2048 px tasks (peak RSS 940 MiB), 1936 and 54.1 s at 4096 (1390 MiB).
+# up to memory. 8192² with 256 px windows every 192 px (3 classes, 2 cores, alternating):
+# 2116 windows and 59.9-60.9 s at 2048 px tasks (peak RSS 928-941 MiB), 1936 windows and
+# 56.7-57.3 s at 4096 (1349-1374 MiB).
 BLEND_TASK_BYTES = 384 * 2**20
 BLEND_TASK_MAX_SIDE = 4096
 
