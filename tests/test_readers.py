@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -696,3 +697,39 @@ def test_a_cached_reader_says_what_its_reader_says(tiled: Reader) -> None:
     assert (cached.mask_kind, cached.nodata) == (tiled.mask_kind, tiled.nodata)
     with pytest.raises(AttributeError):
         cached.no_such_attribute  # noqa: B018
+
+
+@pytest.mark.parametrize("tiled", ["tiff"], indirect=True)
+def test_a_read_waits_for_the_rectangle_it_needs_only(tiled: Reader) -> None:
+    """A thread needing a tile another read is decoding waits for that tile's rectangle, not
+    for the other read's whole set (which may go on decoding a slow row below)."""
+    cached = CachedReader(tiled, max_bytes=1 << 24)
+    cached.read(0, 64, 0, 64)  # tile (0, 0) kept: the next read's missing tiles are an L
+    gates = {0: threading.Event(), 64: threading.Event()}  # by the rows a rectangle starts at
+    original = tiled.read
+
+    def gated(y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        assert gates[y0].wait(10), "never released"
+        return original(y0, y1, x0, x1, level)
+
+    tiled.read = gated  # type: ignore[method-assign]
+    results: dict[str, np.ndarray] = {}
+
+    def read(name: str, *window: int) -> None:
+        results[name] = cached.read(*window)
+
+    first = threading.Thread(target=read, args=("L", 0, 128, 0, 128))
+    first.start()  # decodes tile (0, 1), then tiles (1, 0) and (1, 1)
+    deadline = time.monotonic() + 10
+    while (0, 0, 1) not in cached._decoding and time.monotonic() < deadline:
+        time.sleep(0.001)
+    second = threading.Thread(target=read, args=("tile", 0, 64, 64, 128))
+    second.start()  # waits for tile (0, 1)
+    time.sleep(0.2)  # for it to reach the wait (were it later, it would find the tile kept)
+    gates[0].set()
+    second.join(5)
+    assert not second.is_alive(), "it waited for the row below too"
+    gates[64].set()
+    first.join(10)
+    np.testing.assert_array_equal(results["L"], _rgb()[:128, :128])
+    np.testing.assert_array_equal(results["tile"], _rgb()[:64, 64:128])

@@ -89,7 +89,6 @@ class CachedReader:
         found: dict[tuple[int, int], np.ndarray] = {}
         waiting: dict[tuple[int, int], threading.Event] = {}  # tiles another read is decoding
         missing: list[tuple[int, int]] = []
-        mine = threading.Event()
         with self._lock:
             for r in rows:
                 for c in cols:
@@ -100,25 +99,31 @@ class CachedReader:
                     elif (other := self._decoding.get(key)) is not None:
                         waiting[r, c] = other
                     else:
-                        self._decoding[key] = mine
                         missing.append((r, c))
+            # One event a rectangle: a read waiting for one tile waits for its rectangle only.
+            rects = [(rect, threading.Event()) for rect in _rectangles(missing)]
+            for rect, event in rects:
+                for r, c in _tiles_of(rect):
+                    self._decoding[level, r, c] = event
         try:
-            for r0, r1, c0, c1 in _rectangles(missing):
+            for (r0, r1, c0, c1), event in rects:
                 pixels = self.reader.read(
                     r0 * ty, min(r1 * ty, ny), c0 * tx, min(c1 * tx, nx), level
                 )
                 decoded = {}
-                for r in range(r0, r1):
-                    for c in range(c0, c1):
-                        ry, rx = (r - r0) * ty, (c - c0) * tx
-                        decoded[r, c] = _own_pages(pixels[ry : ry + ty, rx : rx + tx])
+                for r, c in _tiles_of((r0, r1, c0, c1)):
+                    ry, rx = (r - r0) * ty, (c - c0) * tx
+                    decoded[r, c] = _own_pages(pixels[ry : ry + ty, rx : rx + tx])
                 found.update(decoded)
-                self._keep(level, decoded)
-        finally:
+                self._keep(level, decoded, event)
+        finally:  # a read that failed: its waiters decode those tiles themselves
             with self._lock:
-                for r, c in missing:
-                    self._decoding.pop((level, r, c), None)
-            mine.set()
+                for rect, event in rects:
+                    for r, c in _tiles_of(rect):
+                        if self._decoding.get((level, r, c)) is event:
+                            del self._decoding[level, r, c]
+            for _, event in rects:
+                event.set()
         for (r, c), event in waiting.items():
             event.wait()
             with self._lock:
@@ -137,7 +142,11 @@ class CachedReader:
             ]
         return out
 
-    def _keep(self, level: int, tiles: dict[tuple[int, int], np.ndarray]) -> None:
+    def _keep(
+        self, level: int, tiles: dict[tuple[int, int], np.ndarray], event: threading.Event
+    ) -> None:
+        """Keep ``tiles`` (dropping the least recently used over the budget), no longer
+        decoding, and wake the reads waiting for them (``event``)."""
         with self._lock:
             for (r, c), tile in tiles.items():
                 # read() keeps no tile above max_bytes / _MIN_TILES: each fits.
@@ -145,9 +154,12 @@ class CachedReader:
                 self._bytes -= 0 if old is None else _held(old)
                 self._tiles[level, r, c] = tile
                 self._bytes += _held(tile)
+                if self._decoding.get((level, r, c)) is event:
+                    del self._decoding[level, r, c]
             while self._bytes > self.max_bytes:
                 _, dropped = self._tiles.popitem(last=False)
                 self._bytes -= _held(dropped)
+        event.set()
 
     def __repr__(self) -> str:
         return f"CachedReader({self.reader!r}, max_bytes={self.max_bytes})"
@@ -195,6 +207,12 @@ def _held(tile: np.ndarray) -> int:
     if tile.nbytes < _OWN_PAGES_FROM:
         return tile.nbytes
     return -(-tile.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _tiles_of(rect: tuple[int, int, int, int]) -> list[tuple[int, int]]:
+    """The (row, column) tiles of ``(r0, r1, c0, c1)``."""
+    r0, r1, c0, c1 = rect
+    return [(r, c) for r in range(r0, r1) for c in range(c0, c1)]
 
 
 def _rectangles(tiles: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
