@@ -310,10 +310,12 @@ def blend_vs_monai(size: int, device: str, work: Path, rounds: int = 2) -> None:
                 x, (256, 256), 4, probabilities, overlap=0.25, mode="gaussian", sigma_scale=0.125
             )
 
+    out = work / "blend.zarr"
+
     def run_ours() -> float:
         return run_segment(
             ArrayReader(image),
-            work / "blend.zarr",
+            out,
             ours_net,
             device,
             None,
@@ -334,7 +336,6 @@ def blend_vs_monai(size: int, device: str, work: Path, rounds: int = 2) -> None:
         seg_times.append(run_ours())
     monai_s, seg_s = min(monai_times), min(seg_times)
     monai = run_monai()[0].cpu().numpy()
-    out = work / "blend.zarr"
     result = out.with_name(f"{out.stem}-{RUNS}.zarr")
     ours = segpipe.open_result(result)["probabilities"].values
     from segpipe.results import read_meta

@@ -733,3 +733,41 @@ def test_a_read_waits_for_the_rectangle_it_needs_only(tiled: Reader) -> None:
     first.join(10)
     np.testing.assert_array_equal(results["L"], _rgb()[:128, :128])
     np.testing.assert_array_equal(results["tile"], _rgb()[:64, 64:128])
+
+
+@pytest.mark.parametrize("tiled", ["tiff"], indirect=True)
+def test_a_read_waiting_on_a_failed_read_decodes_the_tile_itself(tiled: Reader) -> None:
+    cached = CachedReader(tiled, max_bytes=1 << 24)
+    release, failed = threading.Event(), []
+    original = tiled.read
+
+    def failing_once(y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        if not failed:
+            failed.append(True)
+            assert release.wait(10)
+            raise ImageReadError("t.tif: damaged tile")
+        return original(y0, y1, x0, x1, level)
+
+    tiled.read = failing_once  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def first() -> None:
+        try:
+            cached.read(0, 64, 0, 64)
+        except ImageReadError as exc:
+            errors.append(exc)
+
+    reader = threading.Thread(target=first)
+    reader.start()
+    deadline = time.monotonic() + 10
+    while (0, 0, 0) not in cached._decoding and time.monotonic() < deadline:
+        time.sleep(0.001)
+    waiter_result: list[np.ndarray] = []
+    waiter = threading.Thread(target=lambda: waiter_result.append(cached.read(0, 64, 0, 64)))
+    waiter.start()
+    time.sleep(0.2)  # for it to reach the wait
+    release.set()
+    reader.join(10)
+    waiter.join(10)
+    assert len(errors) == 1 and cached._decoding == {}
+    np.testing.assert_array_equal(waiter_result[0], _rgb()[:64, :64])

@@ -105,6 +105,7 @@ class CachedReader:
             for rect, event in rects:
                 for r, c in _tiles_of(rect):
                     self._decoding[level, r, c] = event
+        kept = 0
         try:
             for (r0, r1, c0, c1), event in rects:
                 pixels = self.reader.read(
@@ -116,13 +117,13 @@ class CachedReader:
                     decoded[r, c] = _own_pages(pixels[ry : ry + ty, rx : rx + tx])
                 found.update(decoded)
                 self._keep(level, decoded, event)
-        finally:  # a read that failed: its waiters decode those tiles themselves
+                kept += 1
+        finally:  # rectangles a failed read left: their waiters decode them themselves
             with self._lock:
-                for rect, event in rects:
+                for rect, _ in rects[kept:]:
                     for r, c in _tiles_of(rect):
-                        if self._decoding.get((level, r, c)) is event:
-                            del self._decoding[level, r, c]
-            for _, event in rects:
+                        del self._decoding[level, r, c]
+            for _, event in rects[kept:]:
                 event.set()
         for (r, c), event in waiting.items():
             event.wait()
