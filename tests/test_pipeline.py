@@ -12,7 +12,7 @@ from test_execution import CLASSES, one_torch_thread, tiny_unet  # noqa: F401 (a
 
 import segpipe
 from segpipe.execution import cluster, pipeline, stitching, tasks
-from segpipe.execution.pipeline import ModelStage, run_in_process
+from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import (
     CPU_FORWARD_BUDGET,
     InferenceConfig,
@@ -304,28 +304,6 @@ def test_narrow_passes_run_side_by_side_and_wide_ones_alone():
     assert torch.get_num_threads() == 2
 
 
-def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():
-    in_flight, peak, lock = [0], [0], threading.Lock()
-
-    def work(i):
-        with lock:
-            in_flight[0] += 1
-            peak[0] = max(peak[0], in_flight[0])
-        time.sleep(0.01)
-        with lock:
-            in_flight[0] -= 1
-        if i == 13:
-            raise RuntimeError("item 13")
-        return i
-
-    done = []
-    run_in_process(work, range(12), done.append, threads=3)
-    assert sorted(done) == list(range(12))
-    assert peak[0] <= 3
-    with pytest.raises(RuntimeError, match="item 13"):
-        run_in_process(work, range(40), done.append, threads=2)
-
-
 def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
     tmp_path, monkeypatch, recorded_stages
 ):
@@ -416,17 +394,28 @@ def test_a_run_with_narrow_passes_equals_one_with_one_thread(tmp_path, recorded_
 
 
 @pytest.mark.parametrize(
-    ("device", "amp", "bf16", "expected"),
+    ("device", "amp", "expected"),
     [
-        ("cuda", True, True, torch.bfloat16),
-        ("cuda", True, False, torch.float16),
-        ("cuda", False, True, None),
-        ("cpu", False, True, None),
-        ("cpu", True, False, torch.bfloat16),
+        ("cuda", True, torch.float16),  # the current device, 0: a V100
+        ("cuda:0", True, torch.float16),
+        ("cuda:1", True, torch.bfloat16),  # an A100
+        ("cuda:1", False, None),
+        ("cpu", False, None),
+        ("cpu", True, torch.bfloat16),
     ],
 )
-def test_autocast_dtype(monkeypatch, device, amp, bf16, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+def test_autocast_dtype_is_bf16_only_on_gpus_with_bf16_units(monkeypatch, device, amp, expected):
+    """A V100 emulates bfloat16 (``is_bf16_supported()`` says yes, as it does by default): it
+    gets float16; the device asked about decides, not the current one."""
+    from types import SimpleNamespace
+
+    majors = {0: 7, 1: 8}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda i: SimpleNamespace(major=majors[int(i)])
+    )
     assert autocast_dtype(torch.device(device), amp) is expected
 
 
@@ -464,3 +453,132 @@ def test_results_still_on_their_way_are_delivered_after_the_next_batch_or_when_i
     assert [f.result(10)[0, 0, 0, 0] for f in futures] == list(range(6))
     assert stage(windows(9))[0, 0, 0, 0] == 9, "a lone batch is delivered once the queue is idle"
     stage.close()
+
+
+def model_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("segpipe-model")]
+
+
+def test_a_closed_stage_takes_no_more_windows():
+    """A task still running when its run ended must not start the model threads again: they
+    would hold the model (a GPU's memory) for the worker's life."""
+    stage = ModelStage(FakePredictor())
+    np.testing.assert_allclose(stage(windows(1.0)).ravel(), [1.0])
+    stage.close()
+    with pytest.raises(pipeline.StageClosed, match="closed"):
+        stage.submit(windows(2.0))
+    assert not model_threads()
+
+
+def test_close_waits_for_submitters_blocked_on_a_full_queue():
+    """Submitters blocked on a full queue when the stage closes: their windows still run (no
+    chunk is queued behind the stops, where no lane would take it), close returns, later
+    submitters are refused, and no model thread is left."""
+    fake = FakePredictor(batch_size=1)
+    fake.hold.clear()  # the lane holds its first window, the queue fills behind it
+    # No core gate (a GPU's stage): with one, the submitters would wait for the held pass's
+    # cores before their puts.
+    stage = ModelStage(fake, max_queued=1, lanes=1, share_cores=False)
+    outcomes: dict[int, object] = {}
+
+    def submit(i):
+        try:
+            outcomes[i] = float(stage.submit(windows(float(i))).result(20).ravel()[0])
+        except pipeline.StageClosed as err:
+            outcomes[i] = err
+
+    submitters = [threading.Thread(target=submit, args=(i,)) for i in range(4)]
+    for t in submitters:
+        t.start()
+    deadline = time.monotonic() + 10
+    while stage._submitting < 2 and time.monotonic() < deadline:  # one held, one queued,
+        time.sleep(0.01)  # two blocked
+    closer = threading.Thread(target=stage.close)
+    closer.start()
+    time.sleep(0.1)
+    assert closer.is_alive(), "close waits for the blocked submitters"
+    fake.hold.set()
+    closer.join(10)
+    for t in submitters:
+        t.join(10)
+    assert not closer.is_alive() and not any(t.is_alive() for t in submitters)
+    assert outcomes == {i: float(i) for i in range(4)}
+    with pytest.raises(pipeline.StageClosed):
+        stage.submit(windows(5.0))
+    assert not model_threads()
+
+
+class FailingReadback(PendingProbabilities):
+    def is_ready(self) -> bool:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_lane_that_fails_outside_the_forward_fails_its_batch_and_lives_on(monkeypatch):
+    """A CUDA error raised while asking whether a batch is back, or a batch too large to
+    join in memory: the batch's submitters get the error; the lane, still alive, runs what
+    comes next (before, it died and every later submitter waited for ever)."""
+    fake = FakePredictor(batch_size=4)
+    forward = fake.forward
+    failing = [True]
+
+    def forward_once_failing(batch):
+        pending = forward(batch)
+        if failing[0]:
+            failing[0] = False
+            return FailingReadback(pending._host, None)
+        return pending
+
+    monkeypatch.setattr(fake, "forward", forward_once_failing)
+    stage = ModelStage(fake, lanes=1)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        stage.submit(windows(1.0)).result(10)
+    np.testing.assert_allclose(stage.submit(windows(2.0)).result(10).ravel(), [2.0])
+
+    class NoMemoryToJoin:
+        def __getattr__(self, name):
+            return getattr(np, name)
+
+        @staticmethod
+        def concatenate(*args, **kwargs):
+            raise MemoryError("joining the batch")
+
+    fake.hold.clear()
+    first = stage.submit(windows(3.0))  # the lane holds it ...
+    time.sleep(0.1)
+    joined = [stage.submit(windows(4.0)), stage.submit(windows(5.0))]  # ... these wait, one batch
+    monkeypatch.setattr(pipeline, "np", NoMemoryToJoin())
+    fake.hold.set()
+    np.testing.assert_allclose(first.result(10).ravel(), [3.0])
+    for f in joined:
+        with pytest.raises(MemoryError):
+            f.result(10)
+    with pytest.raises(MemoryError):  # more windows than a batch: parts joined on delivery
+        stage.submit(windows(6.0, n=6)).result(10)
+    monkeypatch.setattr(pipeline, "np", np)
+    np.testing.assert_allclose(stage.submit(windows(7.0, n=6)).result(10).ravel(), [7.0] * 6)
+    stage.close()
+    assert not model_threads()
+
+
+def test_a_stage_made_beside_narrow_passes_takes_the_process_threads():
+    """Narrow passes set torch's thread count to one, which a new thread reads too: a stage
+    made then (a second run on a shared worker) takes the open stage's count, not one."""
+    torch.set_num_threads(2)
+    fake = FakePredictor(batch_size=1)
+    fake.hold.clear()
+    a = ModelStage(fake)  # two lanes, one thread each
+    pending = [a.submit(windows(1.0)), a.submit(windows(2.0))]
+    deadline = time.monotonic() + 10
+    while torch.get_num_threads() != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    made: list[ModelStage] = []
+    maker = threading.Thread(target=lambda: made.append(ModelStage(FakePredictor())))
+    maker.start()
+    maker.join(10)
+    fake.hold.set()
+    for p in pending:
+        p.result(10)
+    a.close()
+    assert made[0]._torch_threads == 2 and made[0].lanes == 2
+    made[0].close()
+    assert torch.get_num_threads() == 2

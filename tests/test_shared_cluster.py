@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import dask
 import distributed
@@ -129,6 +130,45 @@ def test_concurrent_runs_on_one_cluster_equal_runs_one_after_another(
     # Every run removed its own plugin, and only its own.
     plugins = shared_client.run(lambda dask_worker: list(dask_worker.plugins))
     assert not any("segpipe" in p for names in plugins.values() for p in names)
+
+
+def test_a_task_still_running_when_its_run_failed_writes_nothing_after(
+    image_path, checkpoints, threaded_client, tmp_path, monkeypatch
+):
+    """Block (0, 0) fails while block (0, 1) is still on its way to predicting: segment
+    raises, and the task Dask could not stop writes nothing afterwards (a new run may have
+    made a result at the same path by then) nor starts the run's model thread again."""
+    predict_parts, write_block = tasks.predict_parts, tasks.write_block
+    started, go_on = threading.Event(), threading.Event()
+
+    def parts(tiles, *args, **kwargs):
+        if tiles[0].index == (0, 0):
+            started.wait(10)
+            raise RuntimeError("block (0, 0) fails")
+        if tiles[0].index == (0, 1):
+            started.set()
+            go_on.wait(10)  # until the run has raised
+        yield from predict_parts(tiles, *args, **kwargs)
+
+    writes: list[float] = []
+
+    def recording(*args, **kwargs):
+        writes.append(time.monotonic())
+        return write_block(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "predict_parts", parts)
+    monkeypatch.setattr(tasks, "write_block", recording)
+    with pytest.raises(RuntimeError, match=r"block \(0, 0\) fails"):
+        segpipe.segment(
+            image_path, tmp_path / "r.zarr", checkpoints[0], scheduler=threaded_client, **SETTINGS
+        )
+    raised = time.monotonic()
+    assert started.is_set(), "block (0, 1) was running when the run failed"
+    go_on.set()
+    time.sleep(1.0)  # the task runs on, to its end
+    assert not [t for t in writes if t > raised]
+    assert not [t for t in threading.enumerate() if t.name.startswith("segpipe-model")]
+    assert not tasks._LEASES and not tasks._STAGES
 
 
 def test_each_run_has_its_own_predictor_and_threaded_workers_share_it(monkeypatch):

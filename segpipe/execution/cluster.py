@@ -16,7 +16,7 @@ import dask
 import distributed
 import torch
 
-from segpipe.execution.pipeline import run_in_process
+from segpipe.execution.inprocess import run_in_process
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import (
     Block,

@@ -1,7 +1,8 @@
 """The pipelined worker: I/O threads feed the model threads through bounded queues.
 
 One :class:`ModelStage` per model per process (per GPU: one worker process each). The threads
-that run tasks (Dask's worker threads, or :func:`run_in_process`'s) are the I/O threads: each
+that run tasks (Dask's worker threads, or
+:func:`~segpipe.execution.inprocess.run_in_process`'s) are the I/O threads: each
 reads, decodes, mirrors and normalises its block's windows, hands them to the stage, and
 stitches, encodes and writes what comes back, while the stage's model thread keeps the device
 busy with batches that may mix windows of several blocks::
@@ -30,10 +31,11 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -41,10 +43,7 @@ import torch
 from segpipe.execution.gate import CoreGate
 from segpipe.execution.predictor import PendingProbabilities, Predictor
 
-__all__ = ["ModelStage", "PassPlan", "StageStats", "run_in_process"]
-
-T = TypeVar("T")
-R = TypeVar("R")
+__all__ = ["ModelStage", "PassPlan", "StageClosed", "StageStats"]
 
 
 @dataclass
@@ -54,7 +53,11 @@ class StageStats:
     batches: int = 0
     windows: int = 0
     busy_seconds: float = 0.0  # in forward calls, summed over model threads (GPU: + launching)
-    peak_queued: int = 0  # chunks waiting at once, at most ``max_queued`` in each queue
+    peak_queued: int = 0  # chunks waiting at once in one queue, at most ``max_queued``
+
+
+class StageClosed(RuntimeError):
+    """The stage was closed (its run ended): it takes no more windows."""
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,12 @@ class ModelStage:
         self._lock = threading.Lock()
         self._threads: dict[bool, list[threading.Thread]] = {False: [], True: []}
         self._plans: dict[tuple[int, ...], PassPlan] = {}
-        # The predictor's torch threads, else the setting of the thread that made the stage.
-        self._torch_threads = predictor.config.threads or torch.get_num_threads()
+        self._closed = False
+        self._submitting = 0  # submitters between their check and their last put
+        self._idle = threading.Condition(self._lock)
+        self._torch_threads = predictor.config.threads or _process_torch_threads()
+        with _OPEN_LOCK:
+            _OPEN_STAGES.add(self)
         if share_cores is None:
             share_cores = predictor.device.type == "cpu"
         self.gate = CoreGate(self._torch_threads) if share_cores else None
@@ -164,10 +171,21 @@ class ModelStage:
         parts = [
             _Chunk(prepared[i : i + step], plan, Future()) for i in range(0, len(prepared), step)
         ]
-        self._start(plan.narrow)
-        for part in parts:
-            self._queues[plan.narrow].put(part)
-            self.stats.peak_queued = max(self.stats.peak_queued, self.queued())
+        todo = self._queues[plan.narrow]
+        with self._lock:
+            if self._closed:
+                raise StageClosed("the model stage is closed: its run has ended")
+            self._start(plan.narrow)
+            self._submitting += 1
+        try:  # close() waits for this: no chunk is queued behind its stops
+            for part in parts:
+                todo.put(part)
+                with self._lock:
+                    self.stats.peak_queued = max(self.stats.peak_queued, todo.qsize())
+        finally:
+            with self._lock:
+                self._submitting -= 1
+                self._idle.notify_all()
         if len(parts) == 1:
             return parts[0].future
         joined: Future[np.ndarray] = Future()
@@ -194,8 +212,12 @@ class ModelStage:
         return plan
 
     def close(self) -> None:
-        """Stop the model threads once the queued windows are done."""
+        """Stop the model threads once the queued windows are done; later submits raise
+        :class:`StageClosed` (a task of a run that ended must not start the threads again)."""
         with self._lock:
+            self._closed = True
+            while self._submitting:  # their puts go before the stops
+                self._idle.wait()
             threads, self._threads = self._threads, {False: [], True: []}
         for narrow, started in threads.items():
             for _ in started:
@@ -204,21 +226,21 @@ class ModelStage:
             thread.join()
         if threads[True]:
             torch.set_num_threads(self._torch_threads)  # as a wide pass leaves it
+        with _OPEN_LOCK:
+            _OPEN_STAGES.discard(self)
 
     def _start(self, narrow: bool) -> None:
-        with self._lock:
-            if not self._threads[narrow]:
-                names = (
-                    [f"segpipe-model-{i}" for i in range(self.lanes)]
-                    if narrow
-                    else ["segpipe-model"]
-                )
-                self._threads[narrow] = [
-                    threading.Thread(target=self._run, args=(narrow,), name=name, daemon=True)
-                    for name in names
-                ]
-                for thread in self._threads[narrow]:
-                    thread.start()
+        # Under self._lock.
+        if not self._threads[narrow]:
+            names = (
+                [f"segpipe-model-{i}" for i in range(self.lanes)] if narrow else ["segpipe-model"]
+            )
+            self._threads[narrow] = [
+                threading.Thread(target=self._run, args=(narrow,), name=name, daemon=True)
+                for name in names
+            ]
+            for thread in self._threads[narrow]:
+                thread.start()
 
     def _run(self, narrow: bool) -> None:
         if self.gate is None:  # else each pass sets its own, under the gate (``_pass``)
@@ -242,10 +264,16 @@ class ModelStage:
             if previous is not None:
                 _deliver(*previous)
                 previous = None
-            if pending is not None and pending.is_ready():
-                _deliver(chunks, pending)
-            elif pending is not None:
-                previous = (chunks, pending)
+            if pending is not None:
+                try:
+                    ready = pending.is_ready()  # a CUDA error raises here
+                except BaseException as err:  # the lane must live: submitters wait on it
+                    _fail(chunks, err)
+                    continue
+                if ready:
+                    _deliver(chunks, pending)
+                else:
+                    previous = (chunks, pending)
         if previous is not None:
             _deliver(*previous)
 
@@ -253,18 +281,20 @@ class ModelStage:
         live = [c for c in chunks if c.future.set_running_or_notify_cancel()]
         if not live:
             return None
-        batch = live[0].windows if len(live) == 1 else np.concatenate([c.windows for c in live])
-        started = time.perf_counter()
+        started = None
         try:
+            # Joined here, not before: a MemoryError must fail the batch, not end the lane.
+            batch = live[0].windows if len(live) == 1 else np.concatenate([c.windows for c in live])
             with self._pass(live[0].plan.threads):
+                started = time.perf_counter()  # busy from here, not while waiting for cores
                 pending = self.predictor.forward(batch)
         except BaseException as err:  # the submitters raise it, the stage lives on
-            for c in live:
-                c.future.set_exception(err)
+            _fail(live, err)
             return None
         finally:
-            with self._lock:
-                self.stats.busy_seconds += time.perf_counter() - started
+            if started is not None:
+                with self._lock:
+                    self.stats.busy_seconds += time.perf_counter() - started
         with self._lock:
             self.stats.batches += 1
             self.stats.windows += len(batch)
@@ -313,12 +343,17 @@ def _next_batch(
     return chunks, None, False
 
 
+def _fail(chunks: list[_Chunk], err: BaseException) -> None:
+    for c in chunks:
+        if not c.future.done():
+            c.future.set_exception(err)
+
+
 def _deliver(chunks: list[_Chunk], pending: PendingProbabilities) -> None:
     try:
         probabilities = pending.result()
     except BaseException as err:
-        for c in chunks:
-            c.future.set_exception(err)
+        _fail(chunks, err)
         return
     start = 0
     for c in chunks:
@@ -339,51 +374,26 @@ def _join_when_done(parts: list[Future[np.ndarray]], joined: Future[np.ndarray])
         errors = [p.exception() for p in parts if p.exception() is not None]
         if errors:
             joined.set_exception(errors[0])
-        else:
-            joined.set_result(np.concatenate([p.result() for p in parts], axis=0))
+            return
+        try:  # a callback's exception would be logged and lost, its waiter left waiting
+            result = np.concatenate([p.result() for p in parts], axis=0)
+        except BaseException as err:
+            joined.set_exception(err)
+            return
+        joined.set_result(result)
 
     for p in parts:
         p.add_done_callback(one_done)
 
 
-def run_in_process(
-    work: Callable[[T], R],
-    items: Iterable[T],
-    on_result: Callable[[R], None],
-    *,
-    threads: int,
-) -> None:
-    """``on_result(work(item))`` for every item, ``threads`` items at a time, in this process.
-
-    At most ``threads`` items are in flight (so memory stays flat however many there are);
-    ``on_result`` runs in the calling thread as each finishes. After the first failure no
-    item starts; those running finish and are reported (a re-run resumes from them), then
-    the failure is raised.
-    """
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
-    todo: Iterator[T] = iter(items)
-    failure: BaseException | None = None
-    with ThreadPoolExecutor(threads, thread_name_prefix="segpipe-io") as pool:
-        running: set[Future[R]] = set()
-        while True:
-            while failure is None and len(running) < threads:
-                item = next(todo, _STOP)
-                if item is _STOP:
-                    break
-                running.add(pool.submit(work, cast(T, item)))
-            if not running:
-                break
-            finished, running = _wait_one(running)
-            for fut in finished:
-                if fut.exception() is not None:
-                    failure = failure or fut.exception()
-                else:
-                    on_result(fut.result())
-    if failure is not None:
-        raise failure
+# Stages open in this process: while one runs narrow passes, torch's thread count (which
+# ``torch.set_num_threads`` sets for every thread) may read one; a stage made then takes an
+# open stage's count instead, or a second run on a shared worker would run every pass on one
+# core. Closed stages have restored it.
+_OPEN_STAGES: weakref.WeakSet[ModelStage] = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
 
 
-def _wait_one(running: set[Future[R]]) -> tuple[set[Future[R]], set[Future[R]]]:
-    done, not_done = wait(running, return_when=FIRST_COMPLETED)
-    return set(done), set(not_done)
+def _process_torch_threads() -> int:
+    with _OPEN_LOCK:
+        return next((s._torch_threads for s in _OPEN_STAGES), None) or torch.get_num_threads()

@@ -141,7 +141,7 @@ class Predictor:
             probabilities = self._probabilities(staged.to(self.device, non_blocking=True))
             host = torch.empty(probabilities.shape, dtype=torch.float32, pin_memory=True)
             host.copy_(probabilities, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # result() sleeps, not spins a core
             done.record(self.stream)
         return PendingProbabilities(host, done)
 
@@ -204,13 +204,17 @@ class PendingProbabilities:
 def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """The autocast dtype of a forward pass, None for plain float32.
 
-    On CUDA bfloat16 where the GPU supports it (Ampere and later), else float16. On the CPU
-    only when asked (``amp=True``): most CPUs lack bfloat16 units and run it far slower.
+    On CUDA bfloat16 where ``device`` has bfloat16 units (compute capability 8.0, Ampere, and
+    later; ROCm), else float16: ``torch.cuda.is_bf16_supported()`` asks about the current
+    device and by default also says yes where bfloat16 is only emulated (a T4, a V100), far
+    slower. On the CPU only when asked (``amp=True``): most CPUs lack bfloat16 units too.
     """
     if not amp:
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        native = bool(torch.version.hip) or torch.cuda.get_device_properties(index).major >= 8
+        return torch.bfloat16 if native else torch.float16
     return torch.bfloat16
 
 

@@ -11,12 +11,13 @@ run on the process's model thread (:mod:`segpipe.execution.pipeline`), shared by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -40,6 +41,7 @@ __all__ = [
     "Block",
     "BlockResult",
     "Job",
+    "RunEnded",
     "blend_task_side",
     "group_blocks",
     "install_predictor",
@@ -77,6 +79,48 @@ _ARRAYS: dict[str, _RunArrays] = {}
 # other's as halo): per run, like the arrays, so a changed file is never read from here.
 _READERS: dict[str, Reader] = {}
 _REGISTRY_LOCK = threading.Lock()
+
+
+class RunEnded(RuntimeError):
+    """The task's run has ended in this process (done, failed or cancelled): it writes no more."""
+
+
+class _Lease:
+    """A run's writes in this process. Dask cannot stop a task that is running when its run
+    fails: left alone it would go on writing, maybe into the result a new run has made at the
+    same path since. Tasks write under the lease; the run's end waits for the writes in flight
+    and refuses the later ones."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._changed = threading.Condition()
+        self._writing = 0
+        self._ended = False
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._changed:
+            if self._ended:
+                raise RunEnded(
+                    f"run {self.key} has ended in this process (pid {os.getpid()}): its "
+                    "tasks write nothing more"
+                )
+            self._writing += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._writing -= 1
+                self._changed.notify_all()
+
+    def end(self) -> None:
+        with self._changed:
+            self._ended = True
+            while self._writing:
+                self._changed.wait()
+
+
+_LEASES: dict[str, _Lease] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,18 +187,21 @@ def install_predictor(key: str, make: Callable[[], Predictor]) -> None:
 
 
 def remove_predictor(key: str) -> None:
-    """Release one hold on run ``key``'s predictor; the last one frees its memory and stops
-    its model thread."""
-    stage = None
+    """Release one hold on run ``key``'s predictor; the last one waits for the run's writes
+    in flight here and refuses later ones (:class:`RunEnded`), frees its memory and stops its
+    model thread."""
+    stage = lease = None
     with _REGISTRY_LOCK:
         predictor, holders = _PREDICTORS.get(key, (None, 0))
         if predictor is None or holders <= 1:
             _PREDICTORS.pop(key, None)
             _ARRAYS.pop(key, None)
             _READERS.pop(key, None)
-            stage = _STAGES.pop(key, None)
+            stage, lease = _STAGES.pop(key, None), _LEASES.pop(key, None)
         else:
             _PREDICTORS[key] = (predictor, holders - 1)
+    if lease is not None:
+        lease.end()
     if stage is not None:
         stage.close()
 
@@ -199,6 +246,7 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     large as the device's memory allows, up to the whole block, unless the job sets them.
     """
     stage = stage_for(job.predictor_key)
+    lease = _per_run(_LEASES, job.predictor_key, lambda: _Lease(job.predictor_key))
     predictor = stage.predictor
     tiles = block.tiles
     if job.mode == "exact" and job.exact_side is None:
@@ -232,9 +280,10 @@ def segment_block(block: Block, job: Job) -> BlockResult:
             labels = []
             if patch is not None and arrays.foreground is not None:
                 labels.append((arrays.foreground, patch.pixels(region)))
-        mask = write_block(
-            job.output, region, probabilities, step=step, arrays=arrays.levels, labels=labels
-        )
+        with lease.writing():
+            mask = write_block(
+                job.output, region, probabilities, step=step, arrays=arrays.levels, labels=labels
+            )
         with stage.io_section():
             for t in part:
                 tile_mask = mask[t.box.relative_to(region)].ravel()

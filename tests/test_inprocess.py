@@ -1,0 +1,31 @@
+"""Items run in this process's threads: a bounded number in flight, the first failure raised
+after the running ones finish."""
+
+import threading
+import time
+
+import pytest
+
+from segpipe.execution.inprocess import run_in_process
+
+
+def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():
+    in_flight, peak, lock = [0], [0], threading.Lock()
+
+    def work(i):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+        time.sleep(0.01)
+        with lock:
+            in_flight[0] -= 1
+        if i == 13:
+            raise RuntimeError("item 13")
+        return i
+
+    done = []
+    run_in_process(work, range(12), done.append, threads=3)
+    assert sorted(done) == list(range(12))
+    assert peak[0] <= 3
+    with pytest.raises(RuntimeError, match="item 13"):
+        run_in_process(work, range(40), done.append, threads=2)
