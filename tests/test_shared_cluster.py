@@ -3,6 +3,7 @@ the workers, the order in which a scheduler is chosen, and the default local clu
 from a plain script."""
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -169,6 +170,43 @@ def test_a_task_still_running_when_its_run_failed_writes_nothing_after(
     assert not [t for t in writes if t > raised]
     assert not [t for t in threading.enumerate() if t.name.startswith("segpipe-model")]
     assert not tasks._LEASES and not tasks._STAGES
+
+
+@pytest.mark.integration
+def test_the_plugin_of_a_killed_driver_is_dropped_by_the_next_run(
+    image_path, checkpoints, shared_client, tmp_path
+):
+    """A driver SIGKILLed mid-run never unregisters its plugin: the workers would hold its
+    model for ever and load it on every worker that joins. The next run on the cluster drops
+    it (its client has left the scheduler), and only it."""
+    address = shared_client.scheduler.address
+    script = (
+        f"import segpipe; segpipe.segment({str(image_path)!r}, {str(tmp_path / 'a.zarr')!r}, "
+        f"{str(checkpoints[0])!r}, scheduler={address!r}, **{SETTINGS!r})"
+    )
+    env = {**os.environ, "SEGPIPE_FAULT": "block.recorded:kill"}  # after its first block
+    killed = subprocess.run([sys.executable, "-c", script], env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+
+    def loaded():
+        return {
+            k for keys in shared_client.run(lambda: list(tasks._PREDICTORS)).values() for k in keys
+        }
+
+    deadline = time.monotonic() + 30
+    while not shared_client.run_on_scheduler(workers.orphaned_plugins):
+        assert time.monotonic() < deadline, "the scheduler still lists the killed client"
+        time.sleep(0.2)
+    assert loaded(), "the killed run's model is still on the workers"
+    segpipe.segment(
+        image_path, tmp_path / "b.zarr", checkpoints[0], scheduler=shared_client, **SETTINGS
+    )
+    names = shared_client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.worker_plugins)
+    )
+    assert not [n for n in names if n.startswith(workers.PLUGIN_PREFIX)]
+    assert not loaded()
+    assert is_complete(tmp_path / "b.zarr")
 
 
 def test_each_run_has_its_own_predictor_and_threaded_workers_share_it(monkeypatch):

@@ -24,7 +24,7 @@ from segpipe.execution.tasks import (
     Job,
     segment_block,
 )
-from segpipe.execution.workers import ModelPlugin
+from segpipe.execution.workers import ModelPlugin, orphaned_plugins
 
 __all__ = [
     "ClusterPlan",
@@ -323,7 +323,7 @@ def run_blocks(
     A failing task cancels the rest and raises; blocks finished before it have been reported,
     so a re-run resumes from them.
     """
-    plugin = ModelPlugin(job.predictor_key, model, config)
+    plugin = ModelPlugin(job.predictor_key, model, config, owner=getattr(client, "id", None))
     if client is None:
         # In this process: blocks in I/O threads feeding one model thread, as on a worker.
         threads = io_threads or plan_for_device(config.device).threads_per_worker
@@ -335,7 +335,18 @@ def run_blocks(
         return
 
     # Registered for this run only, by the run's name: the workers of a shared cluster get
-    # their memory back, and other runs' plugins are left alone.
+    # their memory back, and other runs' plugins are left alone, but for those of killed
+    # drivers, which nothing else would ever unregister (their models, cached tiles and
+    # open files held, and loaded again by every worker that joins).
+    try:
+        orphans = client.run_on_scheduler(orphaned_plugins)
+    except Exception as err:  # a scheduler without segpipe installed: nothing to sweep by
+        log.debug("could not look for orphaned segpipe plugins: %s", err)
+        orphans = []
+    for name in orphans:
+        log.warning("dropping %s: the run that registered it has no client any more", name)
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name)
     try:
         client.register_plugin(plugin, name=plugin.name)
     except BaseException:

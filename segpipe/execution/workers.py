@@ -15,7 +15,7 @@ from segpipe import models
 from segpipe.execution.predictor import InferenceConfig, Predictor, resolve_device
 from segpipe.execution.tasks import install_predictor, remove_predictor
 
-__all__ = ["ModelPlugin", "has_cuda", "resolve_amp", "run_key"]
+__all__ = ["ModelPlugin", "has_cuda", "orphaned_plugins", "resolve_amp", "run_key"]
 
 
 def run_key(model_sha256: str) -> str:
@@ -27,6 +27,22 @@ def run_key(model_sha256: str) -> str:
     return f"{model_sha256[:16]}-{uuid.uuid4().hex[:12]}"
 
 
+PLUGIN_PREFIX = "segpipe-model-"
+OWNER_MARK = "@"
+
+
+def orphaned_plugins(dask_scheduler: Any) -> list[str]:
+    """The names of segpipe plugins whose registering client has left the scheduler: runs
+    whose driver was killed (run on the scheduler by ``client.run_on_scheduler``)."""
+    return [
+        name
+        for name in dask_scheduler.worker_plugins
+        if name.startswith(PLUGIN_PREFIX)
+        and OWNER_MARK in name
+        and name.rsplit(OWNER_MARK, 1)[1] not in dask_scheduler.clients
+    ]
+
+
 class ModelPlugin(distributed.WorkerPlugin):
     """Loads a run's model once per worker process, not once per tile.
 
@@ -34,11 +50,19 @@ class ModelPlugin(distributed.WorkerPlugin):
     one, whatever the driver has.
     """
 
-    def __init__(self, key: str, source: str | torch.nn.Module, config: InferenceConfig) -> None:
+    def __init__(
+        self,
+        key: str,
+        source: str | torch.nn.Module,
+        config: InferenceConfig,
+        owner: str | None = None,
+    ) -> None:
         self.key = key
         self.source = source
         self.config = config
-        self.name = f"segpipe-model-{key}"
+        # The registering client's id (``Client.id``) in the name: a driver killed before it
+        # unregistered leaves a plugin the next run drops (:func:`orphaned_plugins`).
+        self.name = PLUGIN_PREFIX + key + (f"{OWNER_MARK}{owner}" if owner else "")
 
     def setup(self, worker: Any = None) -> None:
         try:
