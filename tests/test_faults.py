@@ -79,8 +79,9 @@ def _finish_and_compare(out: Path, source: Path, model: Path, reference) -> None
     assert meta.complete and meta.summary is not None
     if complete_before:  # the kill came after the end: nothing to redo, nothing redone
         assert meta.summary == summary_before
-    else:  # only what was not recorded as done is computed again
-        assert meta.summary.tiles_computed == meta.summary.tiles_total - done_before
+    else:  # only what was not recorded as done is computed again; the summary counts all
+        assert meta.summary.tiles_computed == meta.summary.tiles_total
+        assert meta.summary.tiles_skipped == done_before
     arrays, _ = reference
     got = _arrays(out)
     assert got.keys() == arrays.keys()
@@ -170,6 +171,33 @@ def test_kill_at_random_instants_then_rerun_is_bit_identical(
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+
+
+@pytest.mark.parametrize("point", ["result.pyramid", "result.consolidated"])
+def test_a_result_finished_by_a_rerun_has_a_clean_runs_summary(
+    point, small_slide, random_checkpoint, tmp_path, monkeypatch
+):
+    """A run that fails after every tile is done (the result left ``finalising``) is finished
+    by the next, which computes nothing: its summary still counts the result's tiles as a
+    run never interrupted does; the windows are the last run's (none)."""
+    settings = {**SETTINGS, "foreground": "tissue"}  # some tiles background, not computed
+
+    def run(out):
+        segpipe.segment(small_slide.image, out, random_checkpoint, scheduler="sync", **settings)
+        return read_meta(out).summary
+
+    clean = run(tmp_path / "clean.seg.zarr")
+    assert clean.tiles_background > 0 and clean.tiles_skipped == 0
+    out = tmp_path / "r.seg.zarr"
+    monkeypatch.setenv("SEGPIPE_FAULT", f"{point}:raise")
+    with pytest.raises(InjectedFault):
+        run(out)
+    monkeypatch.delenv("SEGPIPE_FAULT")
+    assert read_meta(out).state == "finalising"
+    s = run(out)
+    counts = ("tiles_total", "tiles_computed", "tiles_background", "class_pixels")
+    assert [getattr(s, k) for k in counts] == [getattr(clean, k) for k in counts]
+    assert (s.tiles_skipped, s.windows) == (s.tiles_computed, 0)
 
 
 def test_fault_points_raise_when_asked_and_refuse_unknown_names(monkeypatch):

@@ -1,6 +1,8 @@
 """Foreground masks: tissue detection, which tiles a mask selects, and segment() computing
 exactly those tiles, the others reading as class 0 with the mask stored beside the result."""
 
+import hashlib
+import itertools
 import json
 
 import numpy as np
@@ -16,8 +18,11 @@ from segpipe import models
 from segpipe.analysis.summary import summarise
 from segpipe.execution.foreground import (
     FOREGROUND_LABEL,
+    compute_foreground,
     low_resolution,
+    read_mask_file,
     resolve_foreground,
+    valid_low_resolution,
 )
 from segpipe.geometry.foreground import (
     MaskPatch,
@@ -26,6 +31,7 @@ from segpipe.geometry.foreground import (
     foreground_pixels,
     mask_rows,
     otsu_threshold,
+    pool_mask,
     saturation,
     tiles_touching,
     tissue_mask,
@@ -33,8 +39,15 @@ from segpipe.geometry.foreground import (
 )
 from segpipe.geometry.pixels import downsample_mean_2x
 from segpipe.geometry.tiling import Box, tile_grid
+from segpipe.io import maskfiles
 from segpipe.io.readers import ArrayReader
-from segpipe.results import read_meta, result_levels, tiles_done
+from segpipe.results import (
+    ResultMismatchError,
+    read_attrs,
+    read_meta,
+    result_levels,
+    tiles_done,
+)
 from segpipe.results.schema import label_path
 from segpipe.synthetic import tissue_slide
 
@@ -101,6 +114,31 @@ def test_a_mask_patch_gives_its_box_as_the_whole_mask_does(mask, ny, nx, cut):
         outside = Box(0, ny, box.x0, box.x1)
         with pytest.raises(ValueError, match="outside the mask patch"):
             patch.pixels(outside)
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    ny=st.integers(1, 60),
+    nx=st.integers(1, 60),
+    my=st.integers(1, 12),
+    mx=st.integers(1, 12),
+    cuts=st.lists(st.floats(0, 1), max_size=3),
+)
+def test_pool_mask_ors_each_pixel_into_the_cell_that_reads_it_back(seed, ny, nx, my, mx, cuts):
+    """Pooled in strips cut anywhere (a cell's rows split between two), each cell is the OR
+    of the level pixels nearest-neighbour upsampling gives it: no foreground pixel is lost."""
+    level = np.random.default_rng(seed).random((ny, nx)) < 0.05
+    rows, cols = mask_rows(ny, my), mask_rows(nx, mx)
+    expected = np.array(
+        [[level[rows == i][:, cols == j].any() for j in range(mx)] for i in range(my)]
+    )
+    edges = sorted({0, ny, *(round(c * ny) for c in cuts)})
+    pooled = np.zeros((my, mx), bool)
+    for y0, y1 in itertools.pairwise(edges):
+        if y1 > y0:
+            pool_mask(pooled, level[y0:y1], (ny, nx), y0)
+    np.testing.assert_array_equal(pooled, expected)
+    assert upsample_mask(pooled, (ny, nx))[level].all()
 
 
 def window_cost(boxes, halo):
@@ -537,7 +575,7 @@ def test_an_interrupted_run_resumes_with_the_same_tiles(known_slide, tmp_path):
     assert 0 < before < expected.sum()
     run(known_slide, out)
     s = read_meta(out).summary
-    assert (s.tiles_computed, s.tiles_skipped) == (expected.sum() - before, before)
+    assert (s.tiles_computed, s.tiles_skipped) == (expected.sum(), before)
     assert s.tiles_background == (~expected).sum()
     np.testing.assert_array_equal(
         segpipe.open_result(out)["probabilities"].values,
@@ -558,3 +596,223 @@ def test_the_mask_is_a_stage_of_the_run(known_slide, tmp_path):
     with reporting(events.append):
         run(known_slide, tmp_path / "none.zarr", foreground="none")
     assert "tissue mask" not in {e.stage for e in events}
+
+
+# -- nodata and mask files: read at full resolution, pooled by the tiles' rule -------------
+
+
+def test_nodata_is_read_at_the_level_not_a_nearest_overview(tmp_path):
+    """A GeoTIFF's nearest-neighbour overviews drop a one-pixel valid column; the mask,
+    pooled from level 0 itself, keeps it, and its tiles are computed."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.transform import Affine
+
+    from segpipe.io.readers import open_image
+
+    side = 4096
+    data = np.zeros((1, side, side), np.uint8)
+    data[0, :, 1001] = 7
+    path = tmp_path / "strip.tif"
+    profile = dict(driver="GTiff", width=side, height=side, count=1, dtype="uint8", nodata=0)
+    with rasterio.open(
+        path, "w", crs="EPSG:32633", transform=Affine(1, 0, 5e5, 0, -1, 5e6), tiled=True,
+        compress="deflate", **profile,
+    ) as ds:  # fmt: skip
+        ds.write(data)
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.nearest)
+    reader = open_image(path)
+    assert len(reader.level_shapes) == 3 and reader.mask_kind == "nodata"
+    assert not reader.valid_mask(0, 1024, 0, 1024, 2).any(), "the overview lost the column"
+    mask = valid_low_resolution(reader, 0)
+    expected = np.zeros((1024, 1024), bool)
+    expected[:, 1001 * 1024 // side] = True
+    np.testing.assert_array_equal(mask, expected)
+    tiles = compute_foreground(reader, 0, "nodata").tiles(512)
+    np.testing.assert_array_equal(tiles, np.arange(8)[None, :].repeat(8, 0) == 1)
+
+
+@pytest.mark.parametrize("strip_pixels", [1 << 24, 5121 * 3])
+def test_nodata_cells_follow_the_rule_the_tiles_read_them_by(monkeypatch, strip_pixels):
+    """5121 px wide: cells are not whole blocks of 5 px. A valid pixel at x = 3584 (the
+    first of tile 7) must land in the cell tile 7 reads it back from, in one strip or many:
+    tile 7 is computed (and tile 6, whose last pixels share that cell)."""
+    monkeypatch.setattr(maskfiles, "STRIP_PIXELS", strip_pixels)
+    image = np.zeros((8, 5121, 1), np.uint8)
+    image[:, 3584] = 1
+    reader = ArrayReader(image)
+    reader.mask_kind, reader.nodata = "nodata", (0.0,)
+    foreground = compute_foreground(reader, 0, "nodata")
+    tiles = foreground.tiles(512)
+    cols = mask_rows(5121, foreground.mask.shape[1])
+    sharing = set(np.flatnonzero(cols == cols[3584]) // 512)
+    assert sharing == {6, 7}
+    assert tiles.shape == (1, 11)
+    assert set(np.flatnonzero(tiles[0])) == sharing
+    assert foreground.pixels >= 8, "the valid column itself is foreground"
+
+
+def mask_tiles(path, side=SIDE, tile=TILE):
+    """The (tile_y, tile_x) tiles a mask file selects over a side x side image."""
+    reader = ArrayReader(np.broadcast_to(np.uint8(0), (side, side, 3)))
+    mask = read_mask_file(path, reader, (side // 8, side // 8))
+    return tiles_touching(mask, (side, side), tile)
+
+
+ONLY_1_5 = np.zeros((8, 8), bool)
+ONLY_1_5[1, 5] = True
+
+
+@pytest.mark.parametrize(
+    ("mode", "colour", "alpha"),
+    [
+        ("RGBA", 255, "region"),  # a white image whose alpha cuts out the region
+        ("LA", 200, "region"),
+        ("RGBA", "region", 255),  # opaque: alpha says nothing, the colours do
+        ("RGBA", "region", 0),  # fully transparent export: the colours still do
+    ],
+)
+def test_a_mask_image_with_alpha_uses_the_alpha_when_it_varies(tmp_path, mode, colour, alpha):
+    channels = len(mode)
+    pixels = np.zeros((64, 64, channels), np.uint8)
+    region = (slice(8, 16), slice(40, 48))  # tile (1, 5) of the 512 px slide
+    for index, value in ((slice(0, channels - 1), colour), (channels - 1, alpha)):
+        if value == "region":
+            pixels[(*region, index)] = 255
+        else:
+            pixels[..., index] = value
+    path = tmp_path / "mask.png"
+    Image.fromarray(pixels, mode).save(path)
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+@pytest.mark.parametrize("strip_pixels", [1 << 24, 4096 * 1024])
+def test_a_large_mask_image_is_pooled_in_strips_not_thinned(tmp_path, monkeypatch, strip_pixels):
+    """A 4096 px mask over a 1024-cell mask: 3 x 3 pixels off the nearest-neighbour grid,
+    and one at the bottom right, all kept, whether read in one strip or four."""
+    monkeypatch.setattr(maskfiles, "STRIP_PIXELS", strip_pixels)
+    side = 4096
+    pixels = np.zeros((side, side), np.uint8)
+    pixels[1:4, 1:4] = 1
+    pixels[-1, -1] = 1
+    path = tmp_path / "big.png"
+    Image.fromarray(pixels).save(path)
+    reads = []
+    monkeypatch.setattr(maskfiles, "open_image", lambda p: spy_reads(segpipe.open_image(p), reads))
+    reader = ArrayReader(np.broadcast_to(np.uint8(0), (side, side, 3)))
+    mask = read_mask_file(path, reader, (1024, 1024))
+    expected = np.zeros((1024, 1024), bool)
+    expected[0, 0] = expected[-1, -1] = True
+    np.testing.assert_array_equal(mask, expected)
+    assert len(reads) == side * side // strip_pixels
+    assert all(y1 - y0 <= strip_pixels // side for y0, y1 in reads)
+
+
+def spy_reads(reader, reads):
+    read = reader.read
+
+    def spied(y0, y1, x0, x1, level=0):
+        reads.append((y0, y1))
+        return read(y0, y1, x0, x1, level)
+
+    reader.read = spied
+    return reader
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (64, 62)])
+def test_a_mask_image_of_another_aspect_ratio_is_refused(tmp_path, shape):
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.full(shape, 255, np.uint8)).save(path)
+    with pytest.raises(ValueError, match=rf"wide\.png.*{shape[0]} x {shape[1]}.*512 x 512"):
+        mask_tiles(path)
+
+
+@pytest.mark.parametrize("shape", [(64, 65), (63, 64), (512, 509), (1, 1)])
+def test_a_mask_image_within_rounding_of_the_aspect_ratio_is_taken(tmp_path, shape):
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.full(shape, 255, np.uint8)).save(path)
+    assert mask_tiles(path).all()
+
+
+def square(x0, y0, x1, y1):
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ([square(0, 0, 10, 10)], r"the top level is \[\{"),
+        ({"type": "FeatureCollection", "features": [square(0, 0, 9, 9), None]}, "feature 1"),
+        ({"type": "FeatureCollection", "features": [{"geometry": 5}]}, "feature 0"),
+        ({"type": "FeatureCollection", "features": 7}, "feature 0 is 7"),
+        ({"type": "Polygon", "coordinates": None}, ""),  # whatever rasterio says of it
+        ({"type": "FeatureCollection", "features": []}, "no Polygon"),
+    ],
+)
+def test_malformed_geojson_is_refused_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "mask.geojson"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"mask\.geojson: .*{message}"):
+        mask_tiles(path)
+
+
+@pytest.mark.parametrize(
+    "feature",
+    [
+        square(2000, 100, 2400, 300),  # microns of a 0.25 um/px slide
+        square(100, -300, 300, -100),  # GIS: y up
+    ],
+)
+def test_geojson_polygons_outside_the_image_are_refused(tmp_path, feature):
+    path = tmp_path / "mask.geojson"
+    inside = square(330, 70, 370, 120)  # tile (1, 5)
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    with pytest.raises(ValueError, match=r"mask\.geojson: no polygon overlaps.*level-0 pixels"):
+        mask_tiles(path)
+    # One polygon overlapping is enough; the others mark nothing.
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature, inside]}))
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+def test_an_edited_mask_file_is_another_result(known_slide, tmp_path):
+    """The mask file's content is part of the result's identity: rewritten, the same output
+    is refused rather than returned; unchanged, the complete result is returned."""
+    path = tmp_path / "mask.png"
+    small = np.zeros((64, 64), np.uint8)
+    small[8:16, 40:48] = 255  # tile (1, 5)
+    Image.fromarray(small).save(path)
+    out = run(known_slide, tmp_path / "r.zarr", foreground=str(path))
+    identity = read_attrs(out)["identity"]
+    assert identity["foreground_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    run(known_slide, out, foreground=str(path))  # the same file: already complete
+    small[:] = 0
+    small[48:56, 16:24] = 255  # tile (6, 2)
+    Image.fromarray(small).save(path)
+    with pytest.raises(ResultMismatchError, match="foreground_sha256"):
+        run(known_slide, out, foreground=str(path))
+    assert read_meta(out).summary.tiles_computed == 1
+
+
+def test_a_result_without_a_mask_file_keeps_its_identity(known_slide, tmp_path):
+    out = run(known_slide, tmp_path / "r.zarr", foreground="tissue")
+    identity = read_attrs(out)["identity"]
+    assert identity["foreground"] == "tissue" and "foreground_sha256" not in identity
+
+
+def test_auto_means_tissue_for_a_slide_that_marks_empty_space_by_alpha():
+    """OpenSlide's readers mark a scanner's empty space by alpha (``mask_kind``); a slide
+    is still a slide. Without a pixel size, or not 8-bit RGB, alpha means nodata."""
+
+    def reader(channels=3, dtype=np.uint8, names=None, **kwargs):
+        r = ArrayReader(np.zeros((32, 32, channels), dtype), **kwargs)
+        r.mask_kind, r.channel_names = "alpha", names
+        return r
+
+    rgba = ("red", "green", "blue", "alpha")
+    assert resolve_foreground("auto", reader(pixel_size_um=0.25)) == "tissue"
+    assert resolve_foreground("auto", reader(4, names=rgba, pixel_size_um=0.25)) == "tissue"
+    assert resolve_foreground("auto", reader()) == "nodata"
+    assert resolve_foreground("auto", reader(4, np.uint16, rgba, pixel_size_um=0.25)) == "nodata"
+    assert resolve_foreground("auto", reader(4, pixel_size_um=0.25)) == "nodata"

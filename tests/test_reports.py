@@ -33,7 +33,7 @@ def test_report_gives_areas_fractions_tiles_and_speed(segmented):
     text = reports.image_report(result, image="day-1/s.ome.tif")
     assert text.startswith("# segpipe: day-1/s.ome.tif")
     assert "| size | 256 x 256 px at level 0, 0.5 µm/px |" in text
-    assert "| tiles | 16 computed, 0 skipped (resumed), 16 in all |" in text
+    assert "| tiles | 16 computed (0 of them by an earlier, resumed run), 16 in all |" in text
     assert "megapixels/s" in text
     assert "| class | pixels | area (µm²) | fraction |" in text  # 16 384 µm² in all
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()}

@@ -389,6 +389,12 @@ def test_the_pyramid_pass_writes_whole_shards_the_same_on_any_number_of_threads(
         ((4096, 4096), 512, 1, 256, 1, [(512, 512), (256, 256), (512, 512)]),
         # the pyramid's own end comes first
         ((100, 70), 16, 4, 32, 1, [(16, 64), (16, 32)]),
+        # an odd block: 768 px halves into 384 px, not whole 512 px chunks: level 0 only
+        ((8192, 8192), 512, 3, 256, 0, [(512, 1536), (512, 1536)]),
+        ((8192, 8192), 256, 5, 256, 0, [(256, 1280), (256, 1280)]),
+        # 6 tiles halve once into whole chunks (3 of them), not twice
+        ((8192, 8192), 256, 6, 256, 1, [(256, 1536), (256, 768), (256, 1536)]),
+        ((300, 300), 32, 3, 32, 0, [(32, 96), (32, 96)]),
     ],
 )
 def test_block_levels_and_their_tiling(shape, tile, task_tiles, min_level_size, levels, tiling):
@@ -788,3 +794,89 @@ def test_no_pyramid_stage_when_the_tasks_wrote_every_level(tmp_path):
     assert not [e for e in events if e.stage == "pyramid"]
     expected = brute_mode_2x(np.argmax(probs, axis=0).astype(np.uint8))
     np.testing.assert_array_equal(open_result(path, level=1)["mask"].values, expected)
+
+
+@pytest.mark.parametrize("task_tiles", [3, 5, 6])
+def test_results_of_blocks_of_any_number_of_tiles_are_created_and_read_back(tmp_path, task_tiles):
+    """Blocks of 3, 5 or 6 tiles (shards that halve into parts of a chunk) make results whose
+    every level holds the same mask as blocks of one tile give, whichever of the tasks and
+    the pass after them writes it."""
+    probs = random_probabilities((300, 262), seed=5)
+    masks = []
+    for tt in (1, task_tiles):
+        path = tmp_path / f"r{tt}.zarr"
+        m = meta(shape=(300, 262), tile=16, task_tiles=tt, min_level_size=16)
+        prepare_result(path, m)
+        write_everywhere(path, m, probs)
+        finalize_result(path, run_summary(path))
+        levels = range(len(pyramid_shapes(m.shape, m.config.min_level_size)))
+        masks.append([open_result(path, level=k)["mask"].values for k in levels])
+    assert len(masks[1]) == 5
+    for k, (one, many) in enumerate(zip(*masks, strict=True)):
+        np.testing.assert_array_equal(many, one, err_msg=f"level {k}")
+
+
+def _label_levels(path, m, name):
+    return [
+        zarr.open_array(path, path=label_path(name, k, layout=m.layout), mode="r")
+        for k in range(len(pyramid_shapes(m.shape, m.config.min_level_size)))
+    ]
+
+
+def test_a_label_image_killed_while_it_is_created_is_finished_by_the_next_call(
+    tmp_path, monkeypatch
+):
+    """A run killed while it adds a label image leaves it unlisted (listed last); the next
+    call makes the arrays still missing, and the tasks then find every level they write."""
+    from segpipe.results import labels, layout
+
+    path = tmp_path / "r.zarr"
+    m = meta(shape=(200, 140), tile=16, task_tiles=2, min_level_size=16)
+    prepare_result(path, m)
+    real, made = layout._label_array, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(made) == 2:
+            raise KeyboardInterrupt("killed")
+        made.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layout, "_label_array", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        labels.add_label_image(path, "extra", ("none", "a"), long_name="x")
+    assert labels.label_images(path) == ["mask"], "listed before its arrays were made"
+    monkeypatch.setattr(layout, "_label_array", real)
+    labels.add_label_image(path, "extra", ("none", "a"), long_name="x")
+    assert labels.label_images(path) == ["mask", "extra"]
+    arrays = labels.label_block_arrays(path, "extra")
+    assert len(arrays) == levels_in_blocks(m) + 1 == 2
+    values = np.ones((32, 32), np.uint8)
+    write_block(path, Box(0, 32, 0, 32), random_probabilities((32, 32)), labels=[(arrays, values)])
+    finalize_result(path, run_summary(path))
+    stored = _label_levels(path, m, "extra")
+    assert len(stored) == 4
+    assert stored[0][:32, :32].all() and not stored[0][32:, :].any()
+    assert stored[2][:8, :8].all() and stored[2].attrs["flag_meanings"] == "none a"
+
+
+def test_a_label_image_listed_before_its_arrays_is_finished_keeping_what_was_written(tmp_path):
+    """A release that listed a label first, killed before its arrays were all made: the name
+    is listed, its upper levels missing (one cut short). Adding it again makes them, keeps the
+    level the tasks already wrote, and the pyramid pass then finds every level."""
+    from segpipe.results import labels
+
+    path = tmp_path / "r.zarr"
+    m = meta(shape=(200, 140), tile=16, task_tiles=2, min_level_size=16)
+    prepare_result(path, m)
+    labels.add_label_image(path, "extra", ("none", "a"), long_name="x")
+    arrays = labels.label_block_arrays(path, "extra")
+    values = np.ones((32, 32), np.uint8)
+    write_block(path, Box(0, 32, 0, 32), random_probabilities((32, 32)), labels=[(arrays, values)])
+    shutil.rmtree(path / label_path("extra", 3, layout=m.layout))
+    (path / label_path("extra", 2, layout=m.layout) / "zarr.json").write_text('{"zarr_fo')
+    labels.add_label_image(path, "extra", ("none", "a"), long_name="x")
+    assert labels.label_images(path) == ["mask", "extra"]
+    finalize_result(path, run_summary(path))
+    stored = _label_levels(path, m, "extra")
+    assert stored[0][:32, :32].all() and not stored[0][32:, :].any()
+    assert stored[3][:4, :4].all() and not stored[3][4:, :].any()

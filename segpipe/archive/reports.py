@@ -83,8 +83,8 @@ def image_report(
         f"| model | {meta.model_name} (sha256 `{meta.model_sha256[:12]}`) |",
         f"| size | {ny} x {nx} px at level {meta.config.level}"
         + (f", {px:.4g} µm/px |" if px else ", pixel size unknown |"),
-        f"| tiles | {summary.tiles_computed} computed, {summary.tiles_skipped} skipped"
-        f" (resumed), {summary.tiles_total} in all |",
+        f"| tiles | {summary.tiles_computed} computed ({summary.tiles_skipped} of them by an"
+        f" earlier, resumed run), {summary.tiles_total} in all |",
         f"| time | {summary.seconds:.1f} s, {summary.megapixels_per_second:.3g} megapixels/s |",
         f"| finished | {meta.finished} |",
         "",

@@ -5,34 +5,35 @@
 * ``"tissue"``: stained tissue of a brightfield slide, found on a small image of the whole
   scan (:func:`segpipe.geometry.foreground.tissue_mask`);
 * ``"nodata"``: the valid pixels of a raster that declares nodata, a mask band or alpha;
-* a file: a mask image (nonzero: compute; any size, stretched over the image) or GeoJSON
-  polygons in level-0 pixels (QuPath's convention, :mod:`segpipe.analysis.vectors`'s
-  ``coords="pixel"``);
+* a file (its sha256 part of the result's identity): GeoJSON polygons in level-0 pixels, x
+  right, y down (QuPath's convention, :mod:`segpipe.analysis.vectors`'s ``coords="pixel"``),
+  or a mask image of the image's aspect ratio, stretched over it: foreground where its alpha
+  (the channel named ``"alpha"``, else the last of LA or RGBA) is nonzero if not constant,
+  else where any other channel is;
 * ``"none"``: every tile;
-* ``"auto"`` (the default): ``"tissue"`` for an RGB uint8 image with a pixel size (a slide),
-  ``"nodata"`` for an image that declares nodata, else ``"none"``. :func:`resolve_foreground`
-  settles it before the result's identity is taken, like ``amp``.
+* ``"auto"`` (the default): ``"tissue"`` for an RGB(A) uint8 image with a pixel size, not
+  georeferenced (a slide), else ``"nodata"`` for an image that declares nodata, else
+  ``"none"``. :func:`resolve_foreground` settles it before the result's identity is taken.
 
-The mask is made at the coarsest pyramid level whose longer side is at least
-:data:`MASK_SIDE` pixels, block-averaged down to 1-2 times that when the image has no such
-level. In exact mode each task's block computes boxes of small cells around its foreground
-(:func:`choose_boxes`): the foreground's bounding box, cut in two where the halves' windows
-cost fewer pixels, again and again; a tile is computed when a box touches it, and its pixels
-outside the boxes are left out like glass. In blend mode a tile is computed when it holds a
-foreground pixel. A tile left out is never read or predicted: it is recorded done with all
-its pixels in class 0 (the shipped models' ``background``; for another model, whatever its
-class 0 is), and its mask and probabilities keep the store's fill value, 0: a computed
-pixel's probabilities sum to one, a left-out pixel's to zero. The mask itself is stored with
-the result as the label image :data:`FOREGROUND_LABEL` (1: foreground), so a reader can tell
-tissue area from glass.
+The mask has 1-2 times :data:`MASK_SIDE` cells along its longer side. Tissue is found on the
+coarsest pyramid level at least that, block-averaged; nodata and mask images are read whole,
+in strips, and OR-pooled into the cells (:func:`~segpipe.geometry.foreground.pool_mask`), as
+a nearest-neighbour overview drops thin strips. In exact mode each task's block computes
+boxes of small cells around its foreground (:func:`choose_boxes`): the foreground's bounding
+box, cut in two where the halves' windows cost fewer pixels, again and again; a tile is
+computed when a box touches it, and its pixels outside the boxes are left out like glass.
+In blend mode a tile is computed when it holds a foreground pixel. A tile left out is never
+read or predicted: it is recorded done with all its pixels in class 0 (the shipped models'
+``background``; for another model, whatever its class 0 is), and its mask and probabilities
+keep the store's fill value, 0: a computed pixel's probabilities sum to one, a left-out
+pixel's to zero. The mask itself is stored with the result as the label image
+:data:`FOREGROUND_LABEL` (1: foreground), so a reader can tell tissue area from glass.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,14 +45,16 @@ from segpipe.execution.stitching import bounds
 from segpipe.execution.tasks import Block
 from segpipe.geometry.foreground import (
     MaskPatch,
+    block_mean,
     cover_boxes,
     foreground_pixels,
+    pool_mask,
     tiles_touching,
     tissue_mask,
-    upsample_mask,
 )
 from segpipe.geometry.tiling import Box, Geometry, TileGrid
-from segpipe.io.readers import Reader, open_image
+from segpipe.io.maskfiles import mask_file_sha256, read_mask_file, row_strips
+from segpipe.io.readers import Reader
 from segpipe.progress import stage
 from segpipe.results import FOREGROUND_LABEL, mark_tiles_done
 from segpipe.results.labels import add_label_image
@@ -66,6 +69,7 @@ __all__ = [
     "choose_boxes",
     "compute_foreground",
     "low_resolution",
+    "mask_file_sha256",
     "read_mask_file",
     "resolve_foreground",
     "select_tiles",
@@ -146,9 +150,11 @@ def resolve_foreground(setting: str, reader: Reader) -> str:
     if setting in FOREGROUND_MODES[1:]:
         return setting
     if setting == "auto":
-        if _declares_nodata(reader):
-            return "nodata"
-        return "tissue" if _is_brightfield(reader) else "none"
+        # A slide before nodata: OpenSlide marks a scanner's empty space by alpha, and tissue
+        # detection leaves that out (black has no saturation) as it leaves out glass.
+        if _is_brightfield(reader):
+            return "tissue"
+        return "nodata" if _declares_nodata(reader) else "none"
     if not Path(setting).exists():
         raise FileNotFoundError(
             f"foreground mask {setting!r} does not exist; foreground must be one of "
@@ -158,12 +164,14 @@ def resolve_foreground(setting: str, reader: Reader) -> str:
 
 
 def _is_brightfield(reader: Reader) -> bool:
-    # A slide: RGB uint8 with a physical pixel size, not georeferenced. Fluorescence
-    # (uint16, many channels) and aerial images (no microns) are not told apart from
-    # their own empty areas this way.
+    # A slide: RGB uint8 (an alpha after it allowed) with a physical pixel size, not
+    # georeferenced. Fluorescence (uint16, many channels) and aerial images (no microns)
+    # are not told apart from their own empty areas this way.
+    names = tuple(getattr(reader, "channel_names", None) or ())
+    channels = reader.level_shapes[0][2]
     return (
         reader.pixel_size_um is not None
-        and reader.level_shapes[0][2] == 3
+        and (channels == 3 or (channels == 4 and names[3:] == ("alpha",)))
         and np.dtype(reader.dtype) == np.uint8
         and getattr(reader, "georeference", None) is None
     )
@@ -177,26 +185,9 @@ def _declares_nodata(reader: Reader) -> bool:
 
 
 def _mask_level(reader: Reader, level: int) -> int:
-    """The coarsest level at or below ``level`` whose longer side is >= MASK_SIDE, else
-    ``level`` itself."""
-    usable = [
-        k
-        for k in range(level, len(reader.level_shapes))
-        if max(reader.level_shapes[k][:2]) >= MASK_SIDE
-    ]
-    return usable[-1] if usable else level
-
-
-def _block_mean(block: np.ndarray, f: int) -> np.ndarray:
-    """Mean of each ``f x f`` block of ``(y, x, C)``; a partial last block averages what it
-    has."""
-    h, w = block.shape[:2]
-    ny, nx = -(-h // f), -(-w // f)
-    padded = np.zeros((ny * f, nx * f, *block.shape[2:]), dtype=np.float32)
-    padded[:h, :w] = block
-    sums = padded.reshape(ny, f, nx, f, *block.shape[2:]).sum(axis=(1, 3))
-    counts = np.outer(np.minimum(f, h - f * np.arange(ny)), np.minimum(f, w - f * np.arange(nx)))
-    return (sums / counts.reshape(ny, nx, *([1] * (block.ndim - 2)))).astype(np.float32)
+    """The coarsest level from ``level`` on with a longer side >= MASK_SIDE, else ``level``."""
+    sides = [max(s[:2]) for s in reader.level_shapes]
+    return max((k for k in range(level, len(sides)) if sides[k] >= MASK_SIDE), default=level)
 
 
 def low_resolution(reader: Reader, level: int) -> np.ndarray:
@@ -210,29 +201,21 @@ def low_resolution(reader: Reader, level: int) -> np.ndarray:
         return np.asarray(arr.compute(scheduler="threads"), dtype=np.float32)
     arr = arr.rechunk({0: max(f, arr.chunksize[0] // f * f), 1: max(f, arr.chunksize[1] // f * f)})
     chunks = tuple(tuple(-(-c // f) for c in cs) for cs in arr.chunks[:2]) + arr.chunks[2:]
-    small = da.map_blocks(_block_mean, arr, f, chunks=chunks, dtype=np.float32)
+    small = da.map_blocks(block_mean, arr, f, chunks=chunks, dtype=np.float32)
     return np.asarray(small.compute(scheduler="threads"))
 
 
 def valid_low_resolution(reader: Reader, level: int) -> np.ndarray:
-    """``(y, x)`` bool over the whole of ``level``: True where a block of the level chosen as
-    in :func:`low_resolution` holds any valid pixel (``reader.valid_mask``), read in strips
-    of about 16 M pixels."""
-    k = _mask_level(reader, level)
-    ny, nx = reader.level_shapes[k][:2]
-    f = max(1, max(ny, nx) // MASK_SIDE)
-    rows = f * max(1, (1 << 24) // (nx * f))
-    out = np.zeros((-(-ny // f), -(-nx // f)), dtype=bool)
+    """``(my, mx)`` bool over the whole of ``level`` (1-2 times :data:`MASK_SIDE`): True
+    where a cell holds any valid pixel (``reader.valid_mask``) of the level itself."""
+    ny, nx = reader.level_shapes[level][:2]
+    out = np.zeros(_mask_shape((ny, nx)), dtype=bool)
     valid_mask = cast(Any, reader).valid_mask  # BaseReader has it; the protocol does not
-    for y0 in range(0, ny, rows):
-        y1 = min(ny, y0 + rows)
-        strip = valid_mask(y0, y1, 0, nx, k)
+    for y0, y1 in row_strips(reader, level):
+        strip = valid_mask(y0, y1, 0, nx, level)
         if strip is None:  # the file marks no pixel invalid
             return np.ones_like(out)
-        padded = np.zeros((-(-(y1 - y0) // f) * f, out.shape[1] * f), dtype=bool)
-        padded[: y1 - y0, :nx] = strip
-        h = padded.shape[0] // f
-        out[y0 // f : y0 // f + h] = padded.reshape(h, f, -1, f).any(axis=(1, 3))
+        pool_mask(out, strip, (ny, nx), y0)
     return out
 
 
@@ -256,48 +239,6 @@ def compute_foreground(reader: Reader, level: int, mode: str) -> Foreground | No
             )
         return Foreground("nodata", valid_low_resolution(reader, level), shape)
     return Foreground("file", read_mask_file(mode, reader, _mask_shape(shape)), shape)
-
-
-def read_mask_file(path: str | os.PathLike, reader: Reader, shape: tuple[int, int]) -> np.ndarray:
-    """A user's mask file as a ``shape`` bool mask over the whole image: an image (nonzero is
-    foreground; its own size stretched over the image) or GeoJSON polygons whose coordinates
-    are level-0 pixels (x right, y down)."""
-    path = Path(path)
-    if path.suffix.lower() in (".geojson", ".json"):
-        return _rasterize_geojson(path, reader.level_shapes[0][:2], shape)
-    image = open_image(path)
-    k = len(image.level_shapes) - 1
-    while k > 0 and max(image.level_shapes[k][:2]) < max(shape):
-        k -= 1
-    pixels = np.asarray(image.level(k).compute(scheduler="threads"))
-    mask = (pixels != 0).any(axis=2)
-    return upsample_mask(mask, shape).astype(bool)
-
-
-def _rasterize_geojson(path: Path, level0: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
-    from rasterio.features import rasterize
-    from rasterio.transform import Affine
-
-    try:
-        data: Any = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"foreground mask {path}: not readable GeoJSON ({e})") from e
-    if data.get("type") == "FeatureCollection":
-        geometries = [f.get("geometry") for f in data.get("features", [])]
-    elif data.get("type") == "Feature":
-        geometries = [data.get("geometry")]
-    else:
-        geometries = [data]
-    polygons = [g for g in geometries if g and g.get("type") in ("Polygon", "MultiPolygon")]
-    if not polygons:
-        raise ValueError(f"foreground mask {path}: no Polygon or MultiPolygon geometries")
-    # Mask pixel (i, j) is level-0 box [j * sx, (j + 1) * sx) x [i * sy, (i + 1) * sy).
-    sx, sy = level0[1] / shape[1], level0[0] / shape[0]
-    burned = rasterize(
-        polygons, out_shape=shape, transform=Affine(sx, 0, 0, 0, sy, 0), fill=0,
-        default_value=1, all_touched=True, dtype="uint8",
-    )  # fmt: skip
-    return np.asarray(burned, dtype=bool)
 
 
 def select_tiles(

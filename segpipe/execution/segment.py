@@ -21,7 +21,7 @@ from segpipe.execution.cluster import (
     plan_for_device,
     run_blocks,
 )
-from segpipe.execution.foreground import resolve_foreground, select_tiles
+from segpipe.execution.foreground import mask_file_sha256, resolve_foreground, select_tiles
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job, blend_task_side, group_blocks
 from segpipe.execution.workers import resolve_amp, run_key
@@ -76,7 +76,11 @@ def segment(
         An image path (TIFF/SVS/OME-TIFF, Zarr/OME-Zarr, PNG/JPEG) or an open ``Reader``.
     output
         The result's Zarr directory. An unfinished result of the same inputs is resumed
-        (only missing tiles are computed); a complete one is returned as it is.
+        (only missing tiles are computed); a complete one is returned as it is. Its summary
+        (``read_meta(path).summary``) counts the result's tiles whichever runs computed
+        them; ``windows``, ``seconds`` and ``megapixels_per_second`` are the last run's, and
+        ``tiles_skipped`` the computed tiles it found done by an earlier one. A relative
+        ``source`` or ``output`` is made absolute here, as Dask workers must open it.
     model
         A shipped model's name (``segpipe.models.shipped()``), a checkpoint path, or a
         ``torch.nn.Module`` with a ``geometry`` attribute.
@@ -124,6 +128,9 @@ def segment(
         config, scheduler = config.replace(scheduler=scheduler), None
     if scheduler is None:
         scheduler = config.scheduler
+    # Dask workers open the source and the result by these paths, in their own working folders.
+    source = _absolute(source) if isinstance(source, str | os.PathLike) else source
+    output = _absolute(output)
     reader = (
         source
         if not isinstance(source, str | os.PathLike | URLPath)
@@ -198,6 +205,7 @@ def segment(
             model_sha256=models.fingerprint(net),
             halo=geometry.halo,
             config=config,
+            foreground_sha256=mask_file_sha256(config.foreground),
             **_georeference_at(reader, level),
         )
         output = location(output, storage_options)
@@ -265,10 +273,15 @@ def segment(
             run_blocks(blocks, job, client=client, model=net, config=inference, on_result=recorder)
 
     seconds = time.perf_counter() - started
+    # The result's tiles, whichever attempts computed them (every tile is done now: computed
+    # or recorded as background), so a resumed result reads as one never interrupted; the
+    # figures of this attempt alone are the windows, seconds and megapixels per second, and
+    # the tiles it found done (``tiles_skipped``: this attempt computed the difference).
+    computed = len(grid) - selection.background
     summary = RunSummary(
         tiles_total=len(grid),
-        tiles_computed=n_todo,
-        tiles_skipped=len(grid) - n_todo - selection.background,
+        tiles_computed=computed,
+        tiles_skipped=computed - n_todo,
         windows=recorder.windows,
         seconds=round(seconds, 3),
         megapixels_per_second=round(ny * nx * n_todo / len(grid) / 1e6 / seconds, 4),
@@ -277,8 +290,22 @@ def segment(
         foreground_pixels=selection.foreground_pixels,
     )
     finalize_result(output, summary)
-    log.info("%s complete: %d tiles in %.1f s", output, n_todo, seconds)
+    log.info("%s complete: %d tiles computed in %.1f s this run", output, n_todo, seconds)
     return output
+
+
+def _absolute(path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """A relative local path made absolute (against this process's working folder); an
+    absolute one, a URL (``"s3://..."``, ``"file://..."``) or a :class:`URLPath` as it is,
+    so a result made with an absolute path keeps its identity.
+
+    >>> _absolute("/data/a.svs"), _absolute("s3://bucket/a.svs")
+    ('/data/a.svs', 's3://bucket/a.svs')
+    """
+    if isinstance(path, URLPath) or "://" in os.fspath(path) or os.path.isabs(path):
+        return path
+    absolute = os.path.abspath(path)
+    return absolute if isinstance(path, str) else Path(absolute)
 
 
 def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:

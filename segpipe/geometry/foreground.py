@@ -2,7 +2,7 @@
 
 A slide is mostly glass, a raster often mostly nodata. Before segmenting, a mask of the
 foreground is made on a small image of the whole scan (a low pyramid level), and only what
-it touches is computed. Two halves, no I/O in either:
+it touches is computed. No I/O here, in any of the parts:
 
 * **Masks**: :func:`tissue_mask` finds stained tissue in an RGB brightfield image (Otsu on
   the HSV saturation, clamped so an all-glass or all-tissue image is not split in two; holes
@@ -11,7 +11,8 @@ it touches is computed. Two halves, no I/O in either:
 * **Selection**: a mask of ``(my, mx)`` pixels covers the whole segmented level of
   ``(ny, nx)`` pixels. Level pixel ``(y, x)`` takes the value of mask pixel
   ``(y * my // ny, x * mx // nx)`` (:func:`mask_rows`, :func:`upsample_mask`): nearest
-  neighbour, integer arithmetic, the same in every function here. :func:`tiles_touching`
+  neighbour, integer arithmetic, the same in every function here; :func:`pool_mask` goes the
+  other way, a mask cell True where any level pixel it takes is. :func:`tiles_touching`
   finds the tiles (or finer cells) holding a foreground pixel; :func:`cover_boxes` chooses,
   in each task's block, the boxes of cells it computes: the foreground's bounding box, cut
   in two (again and again) where the halves' windows cost fewer pixels. The model's halo plays no
@@ -35,11 +36,13 @@ from segpipe.geometry.tiling import Box
 
 __all__ = [
     "MaskPatch",
+    "block_mean",
     "clean_mask",
     "cover_boxes",
     "foreground_pixels",
     "mask_rows",
     "otsu_threshold",
+    "pool_mask",
     "saturation",
     "tiles_touching",
     "tissue_mask",
@@ -171,6 +174,22 @@ def tissue_mask(
     )
 
 
+def block_mean(block: np.ndarray, f: int) -> np.ndarray:
+    """Mean of each ``f x f`` block of ``(y, x, C)``, float32; a partial last block averages
+    what it has.
+
+    >>> block_mean(np.arange(6.0).reshape(2, 3, 1), 2)[..., 0].tolist()
+    [[2.0, 3.5]]
+    """
+    h, w = block.shape[:2]
+    ny, nx = -(-h // f), -(-w // f)
+    padded = np.zeros((ny * f, nx * f, *block.shape[2:]), dtype=np.float32)
+    padded[:h, :w] = block
+    sums = padded.reshape(ny, f, nx, f, *block.shape[2:]).sum(axis=(1, 3))
+    counts = np.outer(np.minimum(f, h - f * np.arange(ny)), np.minimum(f, w - f * np.arange(nx)))
+    return (sums / counts.reshape(ny, nx, *([1] * (block.ndim - 2)))).astype(np.float32)
+
+
 def mask_rows(n: int, m: int) -> np.ndarray:
     """Mask index of each of ``n`` level pixels along an axis the mask covers with ``m``:
     ``i * m // n`` (nearest neighbour; integer arithmetic, so exact for any ratio).
@@ -194,6 +213,31 @@ def upsample_mask(
     """
     area = Box(*box) if box is not None else Box(0, shape[0], 0, shape[1])
     return MaskPatch(np.asarray(mask, dtype=bool), (0, 0), mask.shape, shape).pixels(area)
+
+
+def pool_mask(
+    mask: np.ndarray, strip: np.ndarray, shape: tuple[int, int], y0: int = 0
+) -> np.ndarray:
+    """OR level rows ``y0 : y0 + h`` (``strip``, ``(h, nx, ...)`` bool) into ``mask``
+    (``(my, mx, ...)`` bool over the whole level of ``shape`` ``(ny, nx)``), in place, and
+    return it: each pixel goes to the cell :func:`upsample_mask` reads it back from, so no
+    foreground pixel is lost. Strips may split a cell's rows: each ORs its share.
+
+    >>> pool_mask(np.zeros((2, 4), bool), np.eye(3, 6, 5, dtype=bool), (6, 6), 3).astype(int)
+    array([[0, 0, 0, 0],
+           [0, 0, 0, 1]])
+    """
+    h = strip.shape[0]
+    if strip.ndim < 2 or strip.shape[1] != shape[1] or not 0 <= y0 < y0 + h <= shape[0]:
+        raise ValueError(f"a strip of {strip.shape} at row {y0} is not rows of a {shape} level")
+    rows = np.arange(y0, y0 + h, dtype=np.int64) * mask.shape[0] // shape[0]
+    cols = mask_rows(shape[1], mask.shape[1])
+    # Each run of equal indices is one cell's pixels: reduce the runs, columns then rows.
+    r = np.flatnonzero(np.diff(rows, prepend=-1))
+    c = np.flatnonzero(np.diff(cols, prepend=-1))
+    cells = np.logical_or.reduceat(np.logical_or.reduceat(strip, c, axis=1), r, axis=0)
+    mask[np.ix_(rows[r], cols[c])] |= cells
+    return mask
 
 
 @dataclass(frozen=True, eq=False)  # an array field: compared by identity, hashable

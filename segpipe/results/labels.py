@@ -41,13 +41,16 @@ def add_label_image(
 ) -> None:
     """Create label image ``name`` of the result at ``path`` (every pyramid level, fill 0;
     value ``i`` meaning ``meanings[i]``) unless the result has it already. Called by the
-    driver before the tasks, which write it."""
-    if name in label_images(path):
-        return
+    driver before the tasks, which write it.
+
+    A label a killed call left unfinished is finished: unlisted with some of its arrays (the
+    name is listed last), or, made by a release that listed it first, listed with arrays
+    missing. The arrays already there are kept.
+    """
     root = _open(path, "r+")
     meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
     shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
-    create_label_image(root, name, shapes, meta, meanings, long_name=long_name)
+    create_label_image(root, name, shapes, meta, meanings, long_name=long_name, exist_ok=True)
 
 
 def label_block_arrays(path: str | os.PathLike, name: str) -> list[zarr.Array]:

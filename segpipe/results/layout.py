@@ -62,14 +62,20 @@ def levels_in_blocks(meta: ResultMeta) -> int:
     """Pyramid levels above 0 each task writes with its block (layout 3; 0 before).
 
     Level ``k`` qualifies while ``2**k`` divides the tile (so blocks and rectangles of tiles
-    halve exactly, as the whole level does) and the block halved ``k`` times, the level's
-    shard side, is still at least ``min(tile, MIN_BLOCK_SHARD)`` pixels.
+    halve exactly, as the whole level does), the block halved ``k`` times, the level's
+    shard side, is still at least ``min(tile, MIN_BLOCK_SHARD)`` pixels, and that shard is
+    whole chunks (:func:`level_tiling`'s chunk, the tile or the shard if smaller): a block of
+    3 tiles of 512 px halves into shards of 768 px, not whole 512 px chunks, so it writes
+    level 0 only.
     """
     if meta.layout < 3:
         return 0
     n = len(pyramid_shapes(meta.shape, meta.config.min_level_size)) - 1
     k, floor = 0, min(meta.tile, MIN_BLOCK_SHARD)
-    while k < n and meta.tile % 2 ** (k + 1) == 0 and meta.shard >> (k + 1) >= floor:
+    while k < n and meta.tile % 2 ** (k + 1) == 0:
+        shard = meta.shard >> (k + 1)
+        if shard < floor or shard % min(meta.tile, shard):
+            break
         k += 1
     return k
 
@@ -188,6 +194,7 @@ def create_label_image(
     meanings: Sequence[str],
     *,
     long_name: str,
+    exist_ok: bool = False,
 ) -> None:
     """Add label image ``name`` to the result ``root``: one (y, x) uint8 array per pyramid level.
 
@@ -197,12 +204,19 @@ def create_label_image(
     arrays' CF ``flag_meanings`` say. The label joins the ``labels`` group's list, so a result
     can carry several (each is one call); :func:`segpipe.results.pyramid.build_pyramid` fills
     levels 1.. of every label listed by 2x2 mode.
+
+    The name is listed last, after the arrays and the group's attributes: a label listed is
+    whole, and a call killed part-way leaves it unlisted, for the next call to finish. Arrays
+    already there with the shape and tiling asked for are kept (a killed call's, or what the
+    tasks wrote into a listed one), others made anew. A label already listed is an error
+    unless ``exist_ok``; then its missing arrays are made (a label listed by a release that
+    listed it first and was killed before its arrays were all made).
     """
     labels = root.require_group("labels")
-    listed = cast(Mapping[str, Any], labels.attrs.get("ome", {})).get("labels", [])
-    if name in listed:
-        raise ValueError(f"the result already has a label image {name!r} (labels: {listed})")
-    labels.attrs["ome"] = {"version": OME_VERSION, "labels": [*listed, name]}
+    if name in _listed(labels) and not exist_ok:
+        raise ValueError(
+            f"the result already has a label image {name!r} (labels: {_listed(labels)})"
+        )
     group = label_path(name)
     paths = [label_path(name, k, layout=meta.layout) for k in range(len(shapes))]
     grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform)
@@ -213,10 +227,45 @@ def create_label_image(
         grid.ome_unit,
         meanings,
     )
-    root.require_group(group).attrs["ome"] = attrs
+    whole = name in _listed(labels)
     for k, (path, shape) in enumerate(zip(paths, shapes, strict=True)):
+        if _is_label_array(root, path, shape, level_tiling(meta, k)):
+            continue
+        # Replacing what is there: a killed call's array, cut short or of other settings.
         parent, array = posixpath.split(path)
-        _label_array(_group(root, parent), array, k, shape, meta, meanings, long_name)
+        _label_array(
+            _group(root, parent), array, k, shape, meta, meanings, long_name, overwrite=True
+        )
+        whole = False
+    image = root.require_group(group)
+    if not whole or "ome" not in image.attrs:  # a resumed run's label: nothing to write
+        image.attrs["ome"] = attrs
+    if name not in _listed(labels):
+        labels.attrs["ome"] = {"version": OME_VERSION, "labels": [*_listed(labels), name]}
+
+
+def _listed(labels: zarr.Group) -> list[str]:
+    return list(cast(Mapping[str, Any], labels.attrs.get("ome", {})).get("labels", []))
+
+
+def _is_label_array(
+    root: zarr.Group, path: str, shape: tuple[int, int], tiling: tuple[int, int]
+) -> bool:
+    """Whether ``path`` below ``root`` is a label array of ``shape`` and ``(chunk, shard)``
+    sides ``tiling`` (False where missing, or left unreadable by a killed write)."""
+    try:
+        node = root.get(path)
+    except ValueError:  # a zarr.json cut short (JSONDecodeError) or not an array's
+        return False
+    if not isinstance(node, zarr.Array):
+        return False
+    chunk, shard = tiling
+    return (
+        node.shape == shape
+        and node.dtype == np.dtype("uint8")
+        and node.chunks == (chunk, chunk)
+        and node.shards == (shard, shard)
+    )
 
 
 def _label_array(
@@ -228,6 +277,8 @@ def _label_array(
     meanings: Sequence[str],
     long_name: str,
     extra: dict[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
 ) -> None:
     t, s = level_tiling(meta, level)
     group.create_array(
@@ -246,6 +297,7 @@ def _label_array(
             "flag_meanings": " ".join(meanings),
             **(extra or {}),
         },
+        overwrite=overwrite,
     )
 
 

@@ -75,9 +75,9 @@ class RunSummary:
     """What a finished run did: tiles, time and per-class pixel counts of the mask."""
 
     tiles_total: int
-    tiles_computed: int
-    tiles_skipped: int
-    windows: int
+    tiles_computed: int  # the result's computed tiles, by whichever runs (not background)
+    tiles_skipped: int  # of those, the ones this run found done by an earlier, resumed one
+    windows: int  # this run's, as the two below
     seconds: float
     megapixels_per_second: float
     class_pixels: tuple[int, ...]  # (C,) pixels of each class in the mask
@@ -139,6 +139,7 @@ class ResultMeta:
     config: SegmentConfig = field(default_factory=SegmentConfig)
     crs: str | None = None  # georeferenced input: "EPSG:..." or WKT, and the segmented level's
     transform: tuple[float, ...] | None = None  # pixel-corner affine (a, b, c, d, e, f)
+    foreground_sha256: str | None = None  # of the mask file, when config.foreground is one
     version: str | None = None
     state: State = "computing"
     started: str | None = None
@@ -180,7 +181,7 @@ class ResultMeta:
         if c.mode == "blend":
             params = {"window": c.window, "overlap": c.overlap, "sigma_scale": c.sigma_scale}
         params["amp"] = c.amp
-        return {
+        ident: dict[str, Any] = {
             "source": self.source,
             "shape": list(self.shape),
             "level": c.level,
@@ -200,6 +201,11 @@ class ResultMeta:
             # Results without a foreground mask keep the identity they always had.
             **({"foreground": c.foreground} if c.foreground != "none" else {}),
         }
+        if self.foreground_sha256 is not None:
+            # A mask file is an input like the image: by its path alone an edited file would
+            # return the old result, or a resumed run mix two masks.
+            ident["foreground_sha256"] = self.foreground_sha256
+        return ident
 
     def to_attrs(self) -> dict[str, Any]:
         """The result's ``segpipe`` attribute: identity, provenance, the run's summary.
@@ -286,6 +292,7 @@ class ResultMeta:
             config=config,
             crs=ident.get("crs"),
             transform=tuple(transform) if transform else None,
+            foreground_sha256=ident.get("foreground_sha256"),
             version=attrs.get("version"),
             state=_state_of(attrs),
             started=attrs.get("started"),

@@ -233,6 +233,13 @@ def _store(path: str | os.PathLike) -> Any:
 def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     """Float probabilities in the stored dtype (uint8: ``round(p * 255)``).
 
+    The mask (level 0) is the argmax of the float32 probabilities (:func:`class_map`),
+    taken before they are encoded. Rounding to float16 or uint8 can make near-equal classes
+    equal, so the argmax of the stored probabilities may differ from the mask on such
+    near-ties (``[0.4999, 0.5001]``, mask 1, is stored in float16 as ``[0.5, 0.5]``, whose
+    first-on-ties argmax is 0); rounding is monotone, so it is never a strict reversal: no
+    stored class is above the mask's class at that pixel.
+
     >>> encode_probabilities(np.array([0.0, 0.5, 1.0]), "uint8").tolist()
     [0, 128, 255]
     """

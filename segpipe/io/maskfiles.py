@@ -1,0 +1,139 @@
+"""A user's foreground mask file read as a boolean mask over an image, and its fingerprint.
+
+The file is an image (any format :func:`~segpipe.io.readers.open_image` reads) of the
+image's aspect ratio, stretched over it, or GeoJSON polygons in level-0 pixels; which of its
+pixels are foreground is said in :mod:`segpipe.execution.foreground`'s docstring. Images are
+read in strips and OR-pooled into the mask's cells (a nearest-neighbour shrink would drop
+thin strokes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from segpipe.geometry.foreground import pool_mask, upsample_mask
+from segpipe.io.readers import Reader, open_image
+
+__all__ = ["STRIP_PIXELS", "mask_file_sha256", "read_mask_file", "row_strips"]
+
+# Pixels read at a time where a mask is pooled from a whole level: tens of megabytes.
+STRIP_PIXELS = 1 << 24
+
+
+def mask_file_sha256(foreground: str) -> str | None:
+    """The sha256 of the mask file ``foreground`` names (part of a result's identity: an
+    edited file is another result); None for the modes that name no file."""
+    if foreground in ("auto", "tissue", "nodata", "none"):
+        return None
+    with open(foreground, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def row_strips(reader: Reader, level: int) -> list[tuple[int, int]]:
+    """Rows ``(y0, y1)`` of ``level``: about :data:`STRIP_PIXELS`, whole rows of chunks."""
+    ny, nx = reader.level_shapes[level][:2]
+    cy = int(cast(Any, reader).chunk_shape(level)[0])  # BaseReader's; not in the protocol
+    rows = cy * max(1, STRIP_PIXELS // (nx * cy))
+    return [(y0, min(ny, y0 + rows)) for y0 in range(0, ny, rows)]
+
+
+def read_mask_file(path: str | os.PathLike, reader: Reader, shape: tuple[int, int]) -> np.ndarray:
+    """A user's mask file as a ``shape`` bool mask over the whole image of ``reader``: an
+    image or GeoJSON polygons in level-0 pixels (:mod:`segpipe.execution.foreground` says
+    which pixels)."""
+    path = Path(path)
+    if path.suffix.lower() in (".geojson", ".json"):
+        return _rasterize_geojson(path, reader.level_shapes[0][:2], shape)
+    image = open_image(path)
+    try:
+        return _read_mask_image(image, path, reader, shape)
+    finally:
+        cast(Any, image).close()  # BaseReader's; not in the protocol
+
+
+def _read_mask_image(
+    image: Reader, path: Path, reader: Reader, shape: tuple[int, int]
+) -> np.ndarray:
+    (my, mx), (ny, nx) = image.level_shapes[0][:2], reader.level_shapes[0][:2]
+    # Stretched, it must have the image's aspect: either side within 2%, or a pixel (a small
+    # mask rounds its sides), of what the other gives.
+    if abs(mx - my * nx / ny) > max(1, mx / 50) and abs(my - mx * ny / nx) > max(1, my / 50):
+        raise ValueError(
+            f"foreground mask {path} is {my} x {mx} pixels (y, x), another aspect ratio than "
+            f"the image's {ny} x {nx}: make it the image's shape or a scaled copy of it"
+        )
+    # Its coarsest level at least the mask, pooled; a smaller image is stretched.
+    fits = [k for k, s in enumerate(image.level_shapes) if s[0] >= shape[0] and s[1] >= shape[1]]
+    iy, ix, channels = image.level_shapes[k := max(fits, default=0)]
+    cells = shape if iy >= shape[0] and ix >= shape[1] else (iy, ix)
+    names = tuple(getattr(image, "channel_names", None) or ())
+    alpha = names.index("alpha") if "alpha" in names else channels - 1 if channels in (2, 4) else -1
+    nonzero = np.zeros((*cells, channels), dtype=bool)  # each channel's, pooled
+    alphas: set[float] = set()  # each strip's least and greatest alpha
+    for y0, y1 in row_strips(image, k):
+        pixels = image.read(y0, y1, 0, ix, k)
+        pool_mask(nonzero, pixels != 0, (iy, ix), y0)
+        if alpha >= 0:
+            alphas |= {float(pixels[..., alpha].min()), float(pixels[..., alpha].max())}
+    # An alpha of one value (an opaque RGBA export) says nothing: the colours do.
+    colour = np.asarray(nonzero[..., [c for c in range(channels) if c != alpha]].any(axis=2))
+    mask = nonzero[..., alpha] if len(alphas) > 1 else colour
+    return mask if cells == shape else upsample_mask(mask, shape).astype(bool)
+
+
+def _rasterize_geojson(path: Path, level0: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
+    from rasterio.features import bounds as polygon_bounds
+    from rasterio.features import rasterize
+    from rasterio.transform import Affine
+
+    try:
+        data: Any = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"foreground mask {path}: not readable GeoJSON ({e})") from e
+    # Mask pixel (i, j) is level-0 box [j * sx, (j + 1) * sx) x [i * sy, (i + 1) * sy).
+    sx, sy = level0[1] / shape[1], level0[0] / shape[0]
+    try:
+        polygons = _geojson_polygons(data)
+        burned = rasterize(
+            polygons, out_shape=shape, transform=Affine(sx, 0, 0, 0, sy, 0), fill=0,
+            default_value=1, all_touched=True, dtype="uint8",
+        )  # fmt: skip
+        spans = np.array([polygon_bounds(p) for p in polygons])  # (x0, y0, x1, y1) each
+    except (ValueError, TypeError, KeyError, IndexError) as e:  # bad structure, coordinates
+        raise ValueError(f"foreground mask {path}: {e}") from e
+    if not burned.any():  # all_touched: a polygon overlapping the image burns a pixel
+        (x0, y0), (x1, y1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
+        raise ValueError(
+            f"foreground mask {path}: no polygon overlaps the image (x 0..{level0[1]}, y 0.."
+            f"{level0[0]}); they span x {x0:g}..{x1:g}, y {y0:g}..{y1:g}. Coordinates must be "
+            "level-0 pixels, x right, y down (QuPath's), not microns or map coordinates (y up)"
+        )
+    return np.asarray(burned, dtype=bool)
+
+
+def _geojson_polygons(data: object) -> list[dict[str, Any]]:
+    """The Polygon and MultiPolygon geometries of parsed GeoJSON: a FeatureCollection, a
+    Feature or a geometry (a feature's geometry may be null: GeoJSON's unlocated feature).
+    ValueError, saying what and where, for another structure or no polygon."""
+    collection = isinstance(data, dict) and data.get("type") == "FeatureCollection"
+    features = data.get("features") if isinstance(data, dict) and collection else [data]
+    geometries = []
+    for i, f in enumerate(features if isinstance(features, list) else [features]):
+        geometry = f.get("geometry", f) if isinstance(f, dict) else f
+        if not isinstance(f, dict) or not isinstance(geometry, dict | None):
+            raise ValueError(
+                f"not GeoJSON ({f'feature {i}' if collection else 'the top level'} is "
+                f"{json.dumps(f)[:60]}); expected a FeatureCollection, a Feature or a Polygon"
+            )
+        geometries.append(geometry)
+    polygons = [g for g in geometries if g and g.get("type") in ("Polygon", "MultiPolygon")]
+    if not polygons:
+        raise ValueError("no Polygon or MultiPolygon geometries")
+    return polygons
