@@ -25,6 +25,19 @@ def test_gaussian_weights_follow_sigma():
     np.testing.assert_allclose(w[50], np.exp(-(r**2) / (2 * 10.1**2)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("sigma_scale", [0.01, 0.03, 0.05])
+def test_a_narrow_gaussian_still_weighs_every_pixel_of_its_window(sigma_scale):
+    """Below a sigma_scale of about 0.05 the corners' float64 weights are 0 in float32: a pixel
+    covered only by a window's corner (the image's own corner, on MONAI's lattice) had no
+    weight and the sink refused it as uncovered."""
+    w = gaussian_weights(64, sigma_scale)
+    assert (w >= np.float32(1e-20)).all() and w.max() == 1.0
+    sink = BlendSink(Box(0, 64, 0, 64), 2, sigma_scale=sigma_scale)
+    p = np.random.default_rng(0).random((2, 64, 64)).astype(np.float32)
+    sink.add(Window(Box(0, 64, 0, 64), Box(0, 64, 0, 64), 0), p)
+    np.testing.assert_allclose(sink.result(), p, rtol=1e-6)
+
+
 @given(
     origins=st.lists(st.tuples(st.integers(-8, 24), st.integers(-8, 24)), min_size=1, max_size=6),
 )

@@ -543,7 +543,7 @@ def test_blend_tasks_join_blocks_without_changing_a_bit(tmp_path, monkeypatch):
         out = segpipe.segment(
             ArrayReader(image), tmp_path / f"{side}.zarr", net, tile=16, task_tiles=1,
             mode="blend", window=16, overlap=0.25, probability_dtype="float32",
-            scheduler="sync",
+            scheduler="sync", batch_size=1,  # a window's bits depend on its batch's size
         )  # fmt: skip
         results.append(segpipe.open_result(out)["probabilities"].values)
         windows.append(read_meta(out).summary.windows)

@@ -231,6 +231,24 @@ def test_class_areas_whole_and_region(corners):
     np.testing.assert_allclose(part["fraction"].sum(), 1.0)
 
 
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("thin", ["row", "column"])
+def test_a_region_one_pixel_thin_has_its_pixels_area(corners, level, thin):
+    """A region holding one row (or column) of pixel centres: its area is its pixels times
+    the level's pixel area (0.25 µm² at level 0, 1 µm² at level 1), not the other axis's
+    step alone (a one-pixel coordinate has no spacing of its own). Objects there too."""
+    path = corners[0]
+    ds = segpipe.open_result(path, level=level)
+    y, x = float(ds["y"][8]), float(ds["x"][8])
+    region = (x - 0.01, y - 0.01, x + 6.0, y + 0.01)
+    if thin == "column":
+        region = (x - 0.01, y - 0.01, x + 0.01, y + 6.0)
+    part = query.class_areas(path, region=region, level=level).compute()
+    pixel = 0.25 * 4**level
+    assert int(part["pixels"].sum()) > 1
+    np.testing.assert_allclose(part["area"].values, part["pixels"].values * pixel)
+
+
 def test_region_outside_the_image_is_refused(corners):
     path = corners[0]
     with pytest.raises(ValueError, match="holds no pixel"):

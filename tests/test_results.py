@@ -34,7 +34,7 @@ from segpipe.results import (
     write_tiles,
 )
 from segpipe.results.layout import level_tiling, levels_in_blocks
-from segpipe.results.schema import label_path
+from segpipe.results.schema import label_path, result_levels
 from segpipe.results.store import quiet_consolidated
 
 # Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
@@ -880,3 +880,33 @@ def test_a_label_image_listed_before_its_arrays_is_finished_keeping_what_was_wri
     stored = _label_levels(path, m, "extra")
     assert stored[0][:32, :32].all() and not stored[0][32:, :].any()
     assert stored[3][:4, :4].all() and not stored[3][4:, :].any()
+
+
+@pytest.mark.parametrize("shape", [(33, 40), (65, 98), (34, 35), (96, 67)])
+def test_images_just_past_a_shard_write_every_level_they_reach(tmp_path, shape):
+    """An image 1-3 px past a shard (32 px here) has a last row or column of blocks that
+    halving empties after a level or two: the tasks write the levels it reaches and the rest
+    stays the whole level's (before, halving 1 px raised). Every level equals the level below
+    halved by 2x2 mode, odd last rows and columns dropped."""
+    from segpipe.results.pyramid import mode_2x
+
+    probs = random_probabilities(shape, c=3, seed=7)
+    path = tmp_path / "r.zarr"
+    m = meta(shape=shape, tile=16, task_tiles=2, min_level_size=4)
+    prepare_result(path, m)
+    write_everywhere(path, m, probs)
+    finalize_result(path, run_summary(path))
+    levels = [open_result(path, level=k)["mask"].values for k in range(len(result_levels(path)))]
+    assert len(levels) >= 3
+    np.testing.assert_array_equal(levels[0], np.argmax(probs, axis=0))
+    for k in range(1, len(levels)):
+        below = levels[k - 1]
+        even = below[: below.shape[0] // 2 * 2, : below.shape[1] // 2 * 2]
+        np.testing.assert_array_equal(levels[k], mode_2x(even), err_msg=f"level {k}")
+
+
+def test_mode_2x_refuses_labels_it_cannot_score():
+    from segpipe.results.pyramid import mode_2x
+
+    with pytest.raises(TypeError, match="uint8"):
+        mode_2x(np.array([[300, 0], [300, 0]], dtype=np.uint16))

@@ -44,10 +44,14 @@ def as_dataset(result: str | os.PathLike | xr.Dataset, level: int) -> xr.Dataset
 
 
 def coordinate_step(coord: xr.DataArray) -> float:
-    """Spacing of a regular coordinate (signed: y of a north-up georeferenced image falls)."""
+    """Spacing of a regular coordinate (signed: y of a north-up georeferenced image falls).
+
+    A coordinate of one pixel has no spacing of its own: a region of ``select_region``
+    carries its level's in the ``step`` attribute (else 1).
+    """
     if coord.size >= 2:
         return float(coord[1] - coord[0])
-    return 1.0
+    return float(coord.attrs.get("step", 1.0))
 
 
 def pixel_area(ds: xr.Dataset) -> float:
@@ -72,8 +76,11 @@ def select_region(ds: xr.Dataset, region: Region | None) -> xr.Dataset:
     if not (x0 <= x1 and y0 <= y1):
         raise ValueError(f"region {region} must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
     # Georeferenced results count y downwards from the north: slice in coordinate order.
-    ys = slice(y1, y0) if coordinate_step(ds["y"]) < 0 else slice(y0, y1)
+    sy, sx = coordinate_step(ds["y"]), coordinate_step(ds["x"])
+    ys = slice(y1, y0) if sy < 0 else slice(y0, y1)
     out = ds.sel(y=ys, x=slice(x0, x1))
+    # A region one pixel high or wide keeps its level's spacing: its pixels' area.
+    out = out.assign_coords(y=out["y"].assign_attrs(step=sy), x=out["x"].assign_attrs(step=sx))
     if out.sizes["y"] == 0 or out.sizes["x"] == 0:
         units = ds["x"].attrs.get("units", "")
         raise ValueError(

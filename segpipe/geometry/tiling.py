@@ -11,7 +11,9 @@ Two ways to cover an image, one per stitching mode:
   forward pass over the whole mirrored image gives.
 * **blend** (MONAI / nnU-Net sliding window): windows on one global lattice overlap; their
   predictions are averaged with a smooth weight. The lattice depends only on the image shape,
-  so whichever task computes a pixel sees the same windows and tiles agree to the last bit.
+  so whichever task computes a pixel sees the same windows and sums them in the same order:
+  tiles agree to the last bit where each window's pass is the same (the model's last bits
+  can change with the size of the batch a window rides in).
 """
 
 from __future__ import annotations

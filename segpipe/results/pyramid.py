@@ -40,11 +40,14 @@ def mode_2x(labels: np.ndarray) -> np.ndarray:
     Ties go to the block's top-left pixel when it is among the most frequent, else to the
     smaller value, so the result is deterministic. Labels under 16 (every shipped model's)
     are looked up: the four pixels of a block packed into 16 bits index a table of every
-    block's mode, made once by the general rule; about 5x faster, the same values.
+    block's mode, made once by the general rule; about 5x faster, the same values. Labels
+    are uint8 (every label array a result holds): the scores below have room for 256 values.
 
     >>> mode_2x(np.array([[1, 2, 3, 3], [2, 1, 0, 3]], dtype=np.uint8))
     array([[1, 3]], dtype=uint8)
     """
+    if labels.dtype != np.uint8:
+        raise TypeError(f"mode_2x halves uint8 labels, got {labels.dtype}")
     corners = [labels[dy::2, dx::2][: labels.shape[0] // 2, : labels.shape[1] // 2]
                for dy in (0, 1) for dx in (0, 1)]  # fmt: skip
     if labels.dtype == np.uint8 and labels.size and int(labels.max()) < 16:
@@ -85,7 +88,8 @@ def _mode_of_corners(corners: list[np.ndarray], dtype: np.dtype[Any]) -> np.ndar
 def block_levels(
     box: Box, values: np.ndarray, kind: str, levels: int
 ) -> Iterator[tuple[Box, np.ndarray]]:
-    """``(box, values)`` of a block at level 0, then the same block at levels 1..``levels``.
+    """``(box, values)`` of a block at level 0, then the same block at levels 1..``levels``,
+    as far as :func:`box_levels` says it reaches.
 
     ``values`` is ``(…, y, x)`` over ``box`` (pixels of level 0), halved by ``kind``
     (``"mean"`` or ``"mode"``) at each level, its box with it. ``box`` must start on a
@@ -93,11 +97,22 @@ def block_levels(
     level is that box's part of the whole level halved (odd last rows and columns dropped
     where the level's are).
     """
-    for k in range(levels + 1):
+    for k in range(box_levels(box, levels) + 1):
         if k:
             values = halve(values, kind)
             box = Box(box.y0 // 2, box.y1 // 2, box.x0 // 2, box.x1 // 2)
         yield box, values
+
+
+def box_levels(box: Box, levels: int) -> int:
+    """How many of levels 1..``levels`` hold some of ``box`` (level-0 pixels, starting on a
+    multiple of ``2**levels``): a last block 1-3 px high or wide (an image 1-3 px past a
+    shard) has nothing left after a halving or two, and the whole level has no pixels there.
+
+    >>> box_levels(Box(0, 1024, 0, 1024), 2), box_levels(Box(1024, 1027, 0, 1024), 2)
+    (2, 1)
+    """
+    return min(levels, min(box.shape).bit_length() - 1)
 
 
 KINDS = ("mean", "mode")

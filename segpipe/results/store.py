@@ -33,7 +33,7 @@ from segpipe.results.layout import (
     block_level_arrays,
     create_layout,
 )
-from segpipe.results.pyramid import block_levels, build_pyramid
+from segpipe.results.pyramid import block_levels, box_levels, build_pyramid
 from segpipe.results.schema import (
     ResultMeta,
     ResultMismatchError,
@@ -306,7 +306,8 @@ def write_block(
         if arrays is None:
             arrays = block_level_arrays(_store(path))
         mask = class_map(probabilities)
-        levels = len(arrays) - 1
+        levels = box_levels(box, len(arrays) - 1)
+        arrays = arrays[: levels + 1]
         writes: list[tuple[zarr.Array, tuple[slice, ...], np.ndarray]] = []
         for (mask_arr, prob_arr, label_arr), (at, p), (_, m) in zip(
             arrays,
@@ -321,7 +322,8 @@ def write_block(
             if values.shape != box.shape:
                 raise ValueError(f"label values {values.shape} do not cover the block {box}")
             halved = block_levels(box, np.asarray(values, dtype=np.uint8), "mode", levels)
-            writes += [(a, at.slices, v) for a, (at, v) in zip(label_arrays, halved, strict=True)]
+            pairs = zip(label_arrays[: levels + 1], halved, strict=True)
+            writes += [(a, at.slices, v) for a, (at, v) in pairs]
     with step():
         write_together(writes)
     fault_point("block.written")
