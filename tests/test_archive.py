@@ -8,6 +8,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -81,6 +82,43 @@ def test_discover_and_fingerprint_through_fsspec():
         assert fingerprint_image(image).size == 3000
     finally:
         fs.rm("/scans-test", recursive=True)
+
+
+def test_discover_follows_symlinked_files_and_folders_without_looping(tmp_path):
+    _touch(tmp_path / "archive" / "a.svs")
+    _touch(tmp_path / "elsewhere" / "b.svs")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "archive" / "day-2")
+    os.symlink(tmp_path / "elsewhere" / "b.svs", tmp_path / "archive" / "c.svs")
+    os.symlink(tmp_path / "archive", tmp_path / "archive" / "day-2-loop")  # a link loop
+    os.symlink(tmp_path / "gone.svs", tmp_path / "archive" / "dangling.svs")
+    found = discover_images(tmp_path / "archive")
+    assert [i.key for i in found] == ["a.svs", "c.svs", "day-2/b.svs"]
+    assert found[2].url == str(tmp_path / "archive" / "day-2" / "b.svs")
+    assert found[1].size == 1
+
+
+def test_discover_excludes_output_root_however_it_is_spelled(tmp_path):
+    _touch(tmp_path / "archive" / "a.svs")
+    _touch(tmp_path / "archive" / "out" / "a.svs.thumb.png")
+    _touch(tmp_path / "archive" / "outside" / "b.svs")  # shares a prefix with "out" only
+    os.symlink(tmp_path / "archive", tmp_path / "link")
+    expected = ["a.svs", "outside/b.svs"]
+    for source, exclude in [
+        (tmp_path / "link", tmp_path / "archive" / "out"),
+        (tmp_path / "archive", tmp_path / "link" / "out"),
+        (tmp_path / "archive", str(tmp_path / "archive" / "out") + "/"),
+    ]:
+        assert [i.key for i in discover_images(source, exclude=exclude)] == expected, exclude
+
+
+@pytest.mark.parametrize("spelling", ["archive", ".", "link"])
+def test_discover_refuses_an_output_root_that_is_or_holds_the_archive(tmp_path, spelling):
+    _touch(tmp_path / "archive" / "a.svs")
+    os.symlink(tmp_path / "archive", tmp_path / "link")
+    exclude = tmp_path / spelling
+    with pytest.raises(ValueError, match="is the archive") as err:
+        discover_images(tmp_path / "archive", exclude=exclude)
+    assert str(exclude) in str(err.value) and str(tmp_path / "archive") in str(err.value)
 
 
 # -- fingerprints --------------------------------------------------------------------------
@@ -227,6 +265,69 @@ def test_a_stale_lock_is_reclaimed_and_its_owner_finds_out(tmp_path):
     new.release()
 
 
+@pytest.mark.parametrize("content", [b"", b'{"owner": "killed", "tok'], ids=["empty", "truncated"])
+def test_an_unwritten_or_truncated_lock_goes_stale_after_the_ttl(tmp_path, content):
+    # Its claimer died (or ran out of disk) between creating the lock and writing it.
+    lock = tmp_path / "a.lock"
+    lock.write_bytes(content)
+    assert try_claim(lock, ttl_s=60) is None, "it may be being written right now"
+    os.utime(lock, (0, 0))
+    with try_claim(lock, ttl_s=1, owner="next") as claim:
+        assert claim is not None and claim.is_held()
+        assert json.loads(lock.read_text())["owner"] == "next"
+    assert not list(tmp_path.glob("*.reclaim-*"))
+
+
+def test_a_lock_whose_record_cannot_be_written_is_removed(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        try_claim(tmp_path / "a.lock")
+    assert not (tmp_path / "a.lock").exists()
+
+
+def _failing_reads(monkeypatch, times):
+    """Make the claims' lock reads fail ``times`` times (ESTALE, as NFS says), then work."""
+    from segpipe.archive import claims
+
+    real, calls = claims.read_lock, []
+
+    def flaky(path):
+        calls.append(path)
+        if len(calls) <= times:
+            raise OSError(116, "Stale file handle")
+        return real(path)
+
+    monkeypatch.setattr(claims, "read_lock", flaky)
+    return calls
+
+
+def test_a_failed_heartbeat_is_retried(tmp_path, monkeypatch):
+    lock = tmp_path / "a.lock"
+    with try_claim(lock, ttl_s=1.0) as claim:
+        calls = _failing_reads(monkeypatch, times=1)
+        time.sleep(1.5)  # the failed beat, then good ones (every 0.25 s) past the ttl
+        assert len(calls) > 2
+        assert claim._thread.is_alive()
+        assert time.time() - lock.stat().st_mtime < 1.0, "heartbeats went on"
+        claim.check()
+
+
+def test_a_claim_without_a_heartbeat_for_its_ttl_is_lost(tmp_path, monkeypatch):
+    lock = tmp_path / "a.lock"
+    with try_claim(lock, ttl_s=0.4) as claim:
+        _failing_reads(monkeypatch, times=10**6)
+        claim._thread.join(timeout=5)
+        assert not claim._thread.is_alive()
+        with pytest.raises(ClaimLostError):
+            claim.check()
+        monkeypatch.undo()
+
+
 def _claim_many(lock, n, barrier=None):
     def attempt(i):
         if barrier is not None:
@@ -347,6 +448,35 @@ def test_a_changed_image_is_segmented_again(tmp_path, slide, random_checkpoint):
     record = catalog.read_records(out)[0]
     assert record["fingerprint"]["size"] == image.size
     assert read_meta(image_paths(out, "a.ome.tif").result).finished >= finished
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+def test_a_result_deletion_killed_halfway_is_finished_by_the_next_run(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    with open(source / "a.ome.tif", "ab") as f:
+        f.write(b"\0" * 10)  # changed: the old result must go
+    (image,) = discover_images(source)
+
+    def killed_halfway(path, *args, **kwargs):
+        (Path(path) / "zarr.json").unlink()  # what made it a result goes; chunks stay
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed_halfway)
+        with pytest.raises(_Killed):
+            process_image(image, out, random_checkpoint, config=CONFIG)
+
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("segmented", "image changed")
+    assert (again.tiles_computed, again.tiles_skipped) == (4, 0)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
 def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(

@@ -82,6 +82,18 @@ def test_second_run_segments_nothing_and_a_new_image_is_the_only_one_processed(
     assert "1 segmented, 2 up to date" in latest.description
 
 
+def test_an_output_root_that_is_the_archive_is_refused_before_anything_is_written(
+    prefect_harness, slides, random_checkpoint, tmp_path
+):
+    source = tmp_path / "archive"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    for out in (source, tmp_path):  # the archive itself, or a folder that holds it
+        with pytest.raises(ValueError, match="is the archive"):
+            _run(source, out, random_checkpoint)
+    assert sorted(p.name for p in source.iterdir()) == ["a.ome.tif"]
+
+
 def test_a_corrupt_file_is_reported_by_name_and_reason_and_the_others_finish(
     prefect_harness, slides, random_checkpoint, tmp_path
 ):

@@ -48,3 +48,13 @@ def test_segment_slide_ingests_segments_and_summarises(
         config={"tile": 64, "scheduler": "sync"},
     )
     assert again["seconds"] == summary["seconds"]
+
+
+@pytest.mark.parametrize("output", ["s3://bucket/out/a.seg.zarr", "memory://out/a.seg.zarr"])
+def test_the_default_image_store_of_a_url_output_is_a_url_beside_it(output):
+    from segpipe.flows.segment_slide import default_image_store
+    from segpipe.io.files import URLPath
+
+    store = default_image_store(output)
+    assert isinstance(store, URLPath)
+    assert str(store) == output.replace("a.seg.zarr", "a.seg.image.zarr")

@@ -80,12 +80,24 @@ class Claim:
         self._thread.start()
 
     def _beat(self) -> None:
+        renewed = time.monotonic()
         while not self._stop.wait(self.ttl_s / 4):
-            if not self.is_held():
-                self._lost = True
-                log.error("%s: claim lost (lock taken over after it went stale)", self.path)
-                return
-            self._touch()
+            try:
+                if not self.is_held():
+                    self._lost = True
+                    log.error("%s: claim lost (lock taken over after it went stale)", self.path)
+                    return
+                self._touch()
+            except Exception:
+                # A failed beat (stale NFS handle, network error) may heal: keep beating. But
+                # after a ttl without one, another run may take the lock: count it as lost.
+                if time.monotonic() - renewed > self.ttl_s:
+                    self._lost = True
+                    log.exception("%s: claim lost (no heartbeat for %.0f s)", self.path, self.ttl_s)
+                    return
+                log.warning("%s: heartbeat failed, retrying", self.path, exc_info=True)
+                continue
+            renewed = time.monotonic()
 
     def _touch(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -172,27 +184,34 @@ def try_claim(
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if not _reclaim_if_stale(path):
+            if not _reclaim_if_stale(path, ttl_s):
                 return None
             continue
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            # A lock without a token would block the image until it goes stale.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise
         return Claim(path, token, owner, ttl_s)
     return None
 
 
 def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The lock file's record (owner, token, host, pid, acquired, ttl_s); None when there is no
-    lock, ``{}`` while its claimer has created it but not yet written it."""
+    lock, ``{}`` when it is unreadable: its claimer has created it but not yet written it, or
+    died (or ran out of disk) before it wrote it whole."""
     try:
-        return json.loads(location(path).read_bytes())
+        data = json.loads(location(path).read_bytes())
     except FileNotFoundError:
         return None
     except ValueError:
-        # Created but not yet written by its claimer: treat it as fresh, never stale.
         return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _lock_token(path: Path | URLPath) -> str | None:
@@ -200,38 +219,59 @@ def _lock_token(path: Path | URLPath) -> str | None:
     return data.get("token") if data else None
 
 
-def _is_stale(path: Path, data: Mapping[str, Any]) -> bool:
+def _is_stale(path: Path, data: Mapping[str, Any], ttl_s: float) -> bool:
+    """Whether the lock has had no heartbeat for its ttl; an unreadable lock (no token, no
+    ttl of its own) may be one being written right now, so it gets the claimer's ``ttl_s``."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
-    return "token" in data and age > float(data.get("ttl_s", 600.0))
+    return age > float(data.get("ttl_s", 600.0) if "token" in data else ttl_s)
 
 
-def _reclaim_if_stale(path: Path) -> bool:
+def _lock_id(path: Path, data: Mapping[str, Any]) -> str | None:
+    """What names this version of the lock: its token, or for an unreadable lock its inode and
+    mtime (None when it is gone)."""
+    if "token" in data:
+        return str(data["token"])
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return f"unreadable-{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
     """Remove ``path`` if it is a stale lock; True when the caller should try to create it.
 
-    Only the claimer that creates the guard file ``<lock>.reclaim-<stale token>`` (``O_EXCL``
-    again) may remove the stale lock, so a lock is never removed by someone who read an older
-    one: all others back off. A guard left by a claimer that died mid-reclaim is removed once
-    it is older than the lock's ttl.
+    Only the claimer that creates the guard file ``<lock>.reclaim-<stale lock's id>``
+    (``O_EXCL`` again) may remove the stale lock, so a lock is never removed by someone who
+    read an older one: all others back off. A guard left by a claimer that died mid-reclaim is
+    removed once it is older than the lock's ttl.
     """
     data = read_lock(path)
     if data is None:
         return True  # released meanwhile
-    if not _is_stale(path, data):
+    stale_id = _lock_id(path, data)
+    if stale_id is None:
+        return True
+    if not _is_stale(path, data, ttl_s):
         return False
-    guard = path.with_name(f"{path.name}.reclaim-{data['token']}")
+    guard = path.with_name(f"{path.name}.reclaim-{stale_id}")
     try:
         os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         with contextlib.suppress(FileNotFoundError):
-            if time.time() - guard.stat().st_mtime > float(data.get("ttl_s", 600.0)):
+            if time.time() - guard.stat().st_mtime > float(data.get("ttl_s", ttl_s)):
                 guard.unlink()
         return False
     try:
         current = read_lock(path)
-        if current and current.get("token") == data["token"] and _is_stale(path, current):
+        if (
+            current is not None
+            and _lock_id(path, current) == stale_id
+            and _is_stale(path, current, ttl_s)
+        ):
             log.warning("%s: reclaiming stale lock of %s", path, data.get("owner"))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -99,22 +99,24 @@ def discover_images(
         writing them.
     exclude
         A folder to leave out, e.g. ``output_root`` when it lies inside the archive (its
-        thumbnails are PNGs).
+        thumbnails are PNGs); local paths are compared resolved, so any spelling of it
+        through symbolic links counts. ValueError when it is the archive or holds it.
     storage_options
         Passed to fsspec for remote URLs (credentials, endpoint).
 
-    Hidden files and folders (a name starting with ``.``) are ignored.
+    Hidden files and folders (a name starting with ``.``) are ignored. Local symbolic links
+    to files and folders are followed, each real folder listed once.
     """
     fs, root = filesystem(str(source), storage_options)
     if not fs.isdir(root):
         raise FileNotFoundError(f"archive {source}: no such folder (or bucket prefix)")
     root = root.rstrip("/")
-    skip = filesystem(str(exclude), storage_options)[1].rstrip("/") + "/" if exclude else None
+    local = _is_local(fs)
+    skip = _excluded_folder(fs, root, exclude, storage_options)
+    files = _local_files(root, skip) if local else _remote_files(fs, root, skip)
     now = time.time()
     found = []
-    for path, info in fs.find(root, detail=True).items():
-        if info.get("type") != "file" or (skip and path.startswith(skip)):
-            continue
+    for path, size, mtime in files:
         key = str(PurePosixPath(path).relative_to(root))
         if any(part.startswith(".") for part in key.split("/")):
             continue
@@ -122,13 +124,85 @@ def discover_images(
             continue
         if not fnmatch.fnmatch(key, pattern):
             continue
-        mtime = mtime_of(info)
         if min_age_s and now - mtime < min_age_s:
             log.info("%s: modified %.0f s ago, left for a later run", key, now - mtime)
             continue
-        url = path if _is_local(fs) else fs.unstrip_protocol(path)
-        found.append(ArchiveImage(url=url, key=key, size=int(info["size"]), mtime=mtime))
+        url = path if local else fs.unstrip_protocol(path)
+        found.append(ArchiveImage(url=url, key=key, size=size, mtime=mtime))
     return sorted(found, key=lambda image: image.key)
+
+
+def _excluded_folder(
+    fs: Any,
+    root: str,
+    exclude: str | os.PathLike[str] | None,
+    storage_options: Mapping[str, Any] | None,
+) -> str | None:
+    """``exclude`` as ``root`` is spelled (resolved, for local paths), or None when it lies in
+    another store; ValueError when it is the archive or holds it (its outputs would then be
+    all there is to find, and the archive's images none)."""
+    if exclude is None:
+        return None
+    other_fs, skip = filesystem(str(exclude), storage_options)
+    if other_fs.protocol != fs.protocol:
+        return None
+    if _is_local(fs):
+        skip, where = os.path.realpath(skip), os.path.realpath(root)
+    else:
+        skip, where = skip.rstrip("/"), root
+    if _within(where, skip):
+        raise ValueError(
+            f"output_root {exclude} is the archive {root} or contains it; put the outputs "
+            "in a folder of their own, beside the archive or inside it"
+        )
+    return skip
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (by whole names, not a string prefix).
+
+    >>> _within("/data/out/a.png", "/data/out"), _within("/data/outputs", "/data/out")
+    (True, False)
+    """
+    return PurePosixPath(path).is_relative_to(PurePosixPath(folder))
+
+
+def _remote_files(fs: Any, root: str, skip: str | None) -> Iterator[tuple[str, int, float]]:
+    for path, info in fs.find(root, detail=True).items():
+        if info.get("type") == "file" and not (skip and _within(path, skip)):
+            yield path, int(info["size"]), mtime_of(info)
+
+
+def _local_files(root: str, skip: str | None) -> Iterator[tuple[str, int, float]]:
+    """(path, size, mtime) of the files under ``root``, through symbolic links to files and
+    folders (fsspec's ``find`` skips both), each real folder once: a link loop ends there.
+
+    Paths keep the spelling under ``root``; ``skip`` is a resolved folder.
+    """
+    seen: set[str] = set()
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        real = os.path.realpath(folder)
+        if real in seen or (skip and _within(real, skip)):
+            continue
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name, reverse=True)
+        except OSError as exc:
+            log.warning("%s: cannot list it (%s), left out", folder, exc)
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue  # hidden: never an image of the archive (and maybe a huge .snapshot)
+            try:
+                if entry.is_dir():  # follows links, as is_file does
+                    folders.append(entry.path)
+                elif entry.is_file() and not (skip and _within(os.path.realpath(entry), skip)):
+                    st = entry.stat()
+                    yield entry.path, st.st_size, st.st_mtime
+            except OSError:  # a dangling link, or a file gone meanwhile
+                continue
 
 
 def fingerprint_image(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +23,7 @@ from segpipe.archive.state import (
 )
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath, location, utc_now, write_json_atomic
-from segpipe.results import read_meta
-from segpipe.results import remote as remote_result
+from segpipe.results import ResultMismatchError, delete_result, read_meta
 
 if TYPE_CHECKING:
     import torch
@@ -216,16 +214,9 @@ def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> Im
 
 
 def _remove_result(result: Path | URLPath) -> None:
-    """Delete a stale result of older inputs; refuse anything that is not a segpipe result."""
-    if not result.exists():
-        return
+    """Delete a stale result of older inputs (:func:`segpipe.results.delete_result`: a kill
+    at any instant never leaves it half-deleted); refuse anything that is not a result."""
     try:
-        read_meta(result)
-    except (FileNotFoundError, ValueError) as exc:
-        raise FileExistsError(
-            f"{result} exists and is not a segpipe result; move it away, segpipe will not delete it"
-        ) from exc
-    if isinstance(result, URLPath):
-        remote_result.delete(result)
-    else:
-        shutil.rmtree(result)
+        delete_result(result)
+    except ResultMismatchError as exc:  # the archive's wording: the user's data, kept
+        raise FileExistsError(str(exc)) from exc

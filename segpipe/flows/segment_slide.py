@@ -19,15 +19,17 @@ import segpipe
 from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
 from segpipe.flows.progress import ProgressArtifacts
+from segpipe.io.files import URLPath, location
 from segpipe.io.ingest import ingested_image
 from segpipe.progress import also_reporting, showing
 
 __all__ = ["default_image_store", "segment_slide", "segment_task"]
 
 
-def default_image_store(output: str | Path) -> Path:
-    """Where the ingested OME-Zarr image goes: beside the result, ``<name>.image.zarr``."""
-    out = Path(output)
+def default_image_store(output: str | Path) -> Path | URLPath:
+    """Where the ingested OME-Zarr image goes: beside the result, ``<name>.image.zarr`` (at
+    the same URL when ``output`` is one)."""
+    out = location(output)
     return out.with_name(out.name.removesuffix(".zarr") + ".image.zarr")
 
 

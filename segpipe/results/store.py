@@ -47,6 +47,7 @@ __all__ = [
     "TileRecord",
     "class_map",
     "class_pixels",
+    "delete_result",
     "encode_probabilities",
     "finalize_result",
     "mark_tiles_done",
@@ -110,6 +111,22 @@ def prepare_result(
     _create(path, meta)
     fault_point("result.created")
     return tiles_done(path)
+
+
+def delete_result(path: str | os.PathLike | URLPath) -> None:
+    """Delete the segpipe result at ``path`` as a replaced one is: what a deletion killed
+    part-way left removed first, then renamed aside and deleted (at a URL, its root
+    ``zarr.json`` first), so a kill at any instant never leaves a half-deleted store there.
+    Nothing at ``path``: nothing to do; anything but a segpipe result: refused."""
+    path = path if isinstance(path, URLPath) else Path(path)
+    _remove_leftovers(path)
+    if not path.exists():
+        return
+    if not is_result(path):
+        raise ResultMismatchError(
+            f"{path} exists and is not a segpipe result; move it away, segpipe will not delete it"
+        )
+    _delete(path)
 
 
 def _delete(path: Path | URLPath) -> None:
