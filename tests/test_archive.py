@@ -390,6 +390,42 @@ def _archive(tmp_path, slide, *names):
     return source
 
 
+def test_another_archives_image_under_the_same_key_is_refused_and_its_result_kept(
+    tmp_path, slide, random_checkpoint
+):
+    """Two archives writing to one output root, each with an a.ome.tif: the second's image
+    is not a change of the first's (deleting its result every run, each in turn) but a
+    conflict, refused naming both; the first's result and state stay as they were."""
+    first = _archive(tmp_path, slide, "a.ome.tif")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(slide, other / "a.ome.tif")
+    with open(other / "a.ome.tif", "ab") as f:
+        f.write(b"\0" * 10)  # another image, the same key
+    out = tmp_path / "out"
+    (image,) = discover_images(first)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    paths = image_paths(out, "a.ome.tif")
+    finished = read_meta(paths.result).finished
+    (theirs,) = discover_images(other)
+    with pytest.raises(archive.SourceConflictError, match="own output root"):
+        process_image(theirs, out, random_checkpoint, config=CONFIG)
+    assert is_complete(paths.result) and read_meta(paths.result).finished == finished
+    assert archive.read_state(paths.state)["source"] == image.url
+
+
+def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_checkpoint):
+    """The archive remounted elsewhere (the same files, the same fingerprints): its complete
+    results are kept, not recomputed."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    moved = source.rename(tmp_path / "remounted")
+    (image,) = discover_images(moved)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert again.status == "skipped" and again.reason.startswith("up to date (moved from")
+
+
 def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, random_checkpoint):
     source, out = _archive(tmp_path, slide, "day-1/a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)

@@ -114,7 +114,7 @@ def process_image(
     source = location(image.url, storage_options)
     paths = image_paths(output_root, image.key)
     fingerprint = fingerprint_image(image, storage_options=storage_options)
-    decision = decide(paths, fingerprint, loaded.sha256, config)
+    decision = decide(paths, fingerprint, loaded.sha256, config, source=image.url)
     if not decision.process:
         if not catalog.record_path(output_root, image.key).exists():
             # e.g. the catalog folder was deleted: index the result again, no claim needed
@@ -132,7 +132,7 @@ def process_image(
         return ImageOutcome(image.key, "busy", f"claimed by {holder}")
     with claim:
         # Decide again under the claim: another run may have finished it since.
-        decision = decide(paths, fingerprint, loaded.sha256, config)
+        decision = decide(paths, fingerprint, loaded.sha256, config, source=image.url)
         if not decision.process:
             return _skipped(image.key, paths, decision.reason)
         log.info("%s: segmenting (%s)", image.key, decision.reason)

@@ -26,6 +26,7 @@ __all__ = [
     "Decision",
     "ImageOutcome",
     "ImagePaths",
+    "SourceConflictError",
     "Status",
     "decide",
     "image_paths",
@@ -99,15 +100,38 @@ def state_params(config: SegmentConfig) -> dict[str, Any]:
     return config.result_settings()
 
 
+class SourceConflictError(FileExistsError):
+    """An output root's result for a key was made from another image (another archive)."""
+
+
 def decide(
-    paths: ImagePaths, fingerprint: Fingerprint, model_sha: str, config: SegmentConfig
+    paths: ImagePaths,
+    fingerprint: Fingerprint,
+    model_sha: str,
+    config: SegmentConfig,
+    *,
+    source: str | None = None,
 ) -> Decision:
     """Skip an image whose complete result was made from the same fingerprint, model and
     result settings; otherwise say why it is due, resuming an unfinished run of the same
-    inputs. ``config``'s execution settings play no part."""
+    inputs. ``config``'s execution settings play no part.
+
+    ``source``, the image's URL: a result recorded for another URL is that image's, moved
+    (the archive remounted: the same fingerprint), or another archive's that maps to the same
+    key (:class:`SourceConflictError`: never replaced, it is not this archive's to delete).
+    """
     state = read_state(paths.state)
     if state is None:
         return Decision(True, "new image")
+    moved = ""
+    old_source = state.get("source")
+    if source is not None and old_source not in (None, source):
+        if state.get("fingerprint") != fingerprint.as_dict():
+            raise SourceConflictError(
+                f"{paths.result} is the result of {old_source}, another image than {source} "
+                "(whose key maps to the same place): give each archive its own output root"
+            )
+        moved = f" (moved from {old_source})"
     params = state.get("params")
     if isinstance(params, dict):
         # A sidecar written before a setting existed ran with that setting's default.
@@ -131,9 +155,11 @@ def decide(
     complete = is_complete(paths.result)
     if complete and previous == "complete":
         if read_meta(paths.result).model_sha256 == model_sha:
-            return Decision(False, "up to date")
+            return Decision(False, "up to date" + moved)
         return Decision(True, "result made by another model")
     if paths.result.exists():
+        if moved:  # its identity names the old URL: it cannot be resumed from the new one
+            return Decision(True, f"previous run {previous}{moved}: starting again")
         return Decision(True, f"previous run {previous}: resuming", resume=True)
     return Decision(
         True, f"previous run {previous}" if previous != "complete" else "result missing"
