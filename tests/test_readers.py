@@ -771,3 +771,49 @@ def test_a_read_waiting_on_a_failed_read_decodes_the_tile_itself(tiled: Reader) 
     waiter.join(10)
     assert len(errors) == 1 and cached._decoding == {}
     np.testing.assert_array_equal(waiter_result[0], _rgb()[:64, :64])
+
+
+def _relevel(path: Path, level: int, data: np.ndarray) -> None:
+    """Replace ``level``'s array of a write_ome_zarr image with ``data`` (c, y, x)."""
+    root = zarr.open_group(str(path), mode="r+")
+    root.create_array(f"s{level}", data=data, chunks=data.shape, overwrite=True)
+
+
+def test_an_ome_zarr_level_of_another_dtype_is_refused(tmp_path: Path) -> None:
+    """Level 1 float32 under a uint8 level 0: read through the reader's uint8 buffers (the
+    tile cache), 0.7 became 0 without a word."""
+    path = write_ome_zarr(tmp_path / "a.ome.zarr", _rgb()[:64, :48])
+    _relevel(path, 1, np.full((3, 32, 24), 0.7, np.float32))
+    with pytest.raises(ImageReadError, match=r"a\.ome\.zarr.*different dtypes"):
+        open_image(path)
+
+
+def test_ome_zarr_levels_listed_smallest_first_are_refused(tmp_path: Path) -> None:
+    """A file listing its thumbnail first would be read as a thumbnail-sized image."""
+    path = write_ome_zarr(tmp_path / "b.ome.zarr", _rgb()[:64, :48])
+    _relevel(path, 0, np.zeros((3, 16, 12), np.uint8))
+    with pytest.raises(ImageReadError, match=r"b\.ome\.zarr.*level 1 .*not a reduction"):
+        open_image(path)
+
+
+def test_an_ome_physical_size_that_is_no_number_names_the_file_and_gives_way(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.ome.tif"
+    meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+    tifffile.imwrite(path, _rgb(), photometric="rgb", metadata=meta, ome=True)
+    data = path.read_bytes()
+    assert data.count(b'PhysicalSizeX="0.5"') == 1  # replaced by as many bytes
+    path.write_bytes(data.replace(b'PhysicalSizeX="0.5"', b'PhysicalSizeX="abc"'))
+    with pytest.raises(ImageReadError, match=r"c\.ome\.tif.*PhysicalSizeX 'abc' is not a number"):
+        open_image(path)
+    with pytest.warns(UserWarning, match="is not a number; using pixel_size_um=0.25"):
+        assert open_image(path, pixel_size_um=0.25).pixel_size_um == 0.25
+
+
+def test_ome_imperial_length_units_are_lengths(tmp_path: Path) -> None:
+    path = tmp_path / "d.ome.tif"
+    meta = {"axes": "YXS", "PhysicalSizeX": 2e-5, "PhysicalSizeXUnit": "in"}
+    meta |= {"PhysicalSizeY": 2e-5, "PhysicalSizeYUnit": "in"}
+    tifffile.imwrite(path, _rgb(), photometric="rgb", metadata=meta, ome=True)
+    assert open_image(path).pixel_size_um == pytest.approx(0.508)

@@ -17,7 +17,12 @@ UM_PER_UNIT = {
     "um": 1.0,
     "mm": 1e3,
     "cm": 1e4,
+    "dm": 1e5,
     "m": 1e6,
+    "thou": 25.4,  # OME's imperial units
+    "in": 25400.0,
+    "ft": 304800.0,
+    "yd": 914400.0,
     "picometer": 1e-6,
     "angstrom": 1e-4,
     "nanometer": 1e-3,
@@ -26,6 +31,7 @@ UM_PER_UNIT = {
     "millimeter": 1e3,
     "centimeter": 1e4,
     "meter": 1e6,
+    "inch": 25400.0,
 }
 
 

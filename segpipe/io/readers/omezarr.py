@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
 
@@ -56,7 +57,20 @@ class ZarrReader(BaseReader):
                 f"{self.path}: Zarr metadata that cannot be read as an image "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
+        if len({np.dtype(a.dtype) for a in arrays}) > 1:
+            raise ImageReadError(
+                f"{self.path}: pyramid levels of different dtypes "
+                f"({', '.join(str(np.dtype(a.dtype)) for a in arrays)}); a level must hold "
+                "the same kind of pixels as level 0"
+            )
         self._set_layout(axes, shapes, chunks, dtype)
+        for k, (above, level) in enumerate(pairwise(self.level_shapes), start=1):
+            if level[0] > above[0] or level[1] > above[1] or level[2] != above[2]:
+                raise ImageReadError(
+                    f"{self.path}: pyramid level {k} ({level[0]} x {level[1]} x {level[2]}, "
+                    f"y x c) is not a reduction of level {k - 1} ({above[0]} x {above[1]} x "
+                    f"{above[2]}); OME-Zarr lists its datasets largest first"
+                )
         if self.pixel_size_um is None:
             self.pixel_size_um = file_px
 

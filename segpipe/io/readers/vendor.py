@@ -216,5 +216,6 @@ def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | Non
         if unit not in UM_PER_UNIT:
             warnings.warn(f"{path}: OME PhysicalSize unit {unit!r} is not a length", stacklevel=3)
             return None
-        sizes[axis] = float(value) * UM_PER_UNIT[unit]
+        # ImageReadError for a value that is no number: a given pixel_size_um may stand in.
+        sizes[axis] = _number(value, path, f"OME PhysicalSize{axis}") * UM_PER_UNIT[unit]
     return pixel_size_of_xy(sizes.get("X"), sizes.get("Y"), path, "OME PhysicalSize")
