@@ -211,3 +211,49 @@ def test_ingested_image_passes_the_strict_ome_validator(tmp_path: Path) -> None:
     image = open_ome_zarr(zarr.open_group(str(out), mode="r"))
     assert isinstance(image, Image)
     assert len(image.ome_attributes.multiscales[0].datasets) == 3
+
+
+@pytest.mark.parametrize(("dtype", "nodata"), [("int16", -9999.0), ("float32", np.nan)])
+def test_reduced_levels_average_only_valid_pixels(
+    tmp_path: Path, dtype: str, nodata: float
+) -> None:
+    """The footprint's edge: a level-1 pixel is nodata (no valid pixel below it) or the mean
+    of the valid pixels below it, never a mix of data and nodata that reads as valid."""
+    rasterio = pytest.importorskip("rasterio")
+    rng = np.random.default_rng(3)
+    data = rng.integers(1000, 3001, (2, 70, 90)).astype(dtype)
+    yy, xx = np.mgrid[:70, :90]
+    outside = (yy > 40) | (xx + yy > 100)  # odd last row, and a diagonal: 1 to 4 valid of 4
+    data[:, outside] = nodata
+    src = tmp_path / "dem.tif"
+    profile = {"driver": "GTiff", "width": 90, "height": 70, "count": 2, "dtype": dtype}
+    with rasterio.open(
+        src,
+        "w",
+        nodata=nodata,
+        transform=rasterio.Affine(2, 0, 4e5, 0, -2, 5e6),
+        crs="EPSG:32632",
+        **profile,
+    ) as ds:
+        ds.write(data)
+
+    out = ingest(src, tmp_path / "dem.zarr", chunk=33, min_level_size=16)
+    level1 = zarr.open_group(str(out), mode="r")["1"][:]
+
+    blocks = data.reshape(2, 35, 2, 45, 2).astype(np.float64)
+    valid = ~outside.reshape(35, 2, 45, 2)
+    count = valid.sum(axis=(1, 3))
+    mean = np.where(valid, blocks, 0).sum(axis=(2, 4)) / np.maximum(count, 1)
+    expected = np.floor(mean + 0.5) if dtype == "int16" else mean
+    expected = np.where(count > 0, expected, nodata).astype(dtype)
+    assert ((count > 0) & (count < 4)).any() and (count == 0).any()  # mixed and empty blocks
+    np.testing.assert_array_equal(level1, expected)
+
+    is_nodata = np.isnan(level1) if np.isnan(nodata) else level1 == nodata
+    in_range = (level1 >= 1000) & (level1 <= 3000)
+    assert (is_nodata.all(axis=0) | in_range.all(axis=0)).all()
+    # a block of rows 40 (valid) and 41 (nodata): the mean of its two valid pixels
+    np.testing.assert_allclose(
+        level1[:, 20, 0], data[:, 40, 0:2].astype(float).mean(axis=1), atol=0.5
+    )
+    np.testing.assert_array_equal(open_image(out).valid_mask(0, 35, 0, 45, level=1), count > 0)

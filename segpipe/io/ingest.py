@@ -6,7 +6,8 @@ Layout written (``output/``)::
                                       "segpipe": {"kind": "image", "complete": ...}}
     0/zarr.json    (C, Y, X) array, dimension_names ("c", "y", "x"), chunks (C, chunk, chunk)
     1/ ...         each level the 2x2 mean of the one before, until the smaller side would
-                   drop below min_level_size
+                   drop below min_level_size; with per-band nodata, the mean of each block's
+                   valid pixels, and nodata where it has none
 
 Metadata for every level is written first, then the pixels, and ``segpipe.complete`` becomes
 true only after the last level: an interrupted ingest never looks finished, and
@@ -38,6 +39,7 @@ from dask.callbacks import Callback
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
 from segpipe.io.ome import OME_VERSION, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
+from segpipe.io.readers.masks import pixel_valid_mask
 from segpipe.io.units import check_pixel_size
 from segpipe.progress import Stage, progress_option, stage
 
@@ -109,6 +111,7 @@ def ingest(
     from zarr.codecs import ZstdCodec
 
     ny, nx, nc = reader.shape
+    nodata = getattr(reader, "nodata", None)
     shapes = pyramid_shapes((ny, nx), min_level_size)
     root = zarr.create_group(
         str(out),
@@ -140,8 +143,7 @@ def ingest(
             else:
                 # read back the level just written: bounded memory, and each level is the mean
                 # of exactly what is stored below it
-                previous = da.from_zarr(arrays[k - 1])
-                level = downsample_mean_2x(previous, yx_axes=(1, 2))
+                level = _halve(da.from_zarr(arrays[k - 1]), nodata)
             counter = _ChunkCounter(written, level_chunks[k])
             # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
             da.store(
@@ -153,6 +155,49 @@ def ingest(
             counter.finish()
 
     root.update_attributes({"segpipe": _segpipe_attributes(reader, px, complete=True)})
+    return out
+
+
+def _halve(level: da.Array, nodata: tuple[float | None, ...] | None) -> da.Array:
+    """The next ``(C, Y, X)`` level: the plain 2x2 mean, or with nodata in every band the mean
+    of each block's valid pixels (:func:`~segpipe.io.readers.masks.pixel_valid_mask`) and
+    nodata where the block has none, so the footprint's edge never mixes data and nodata."""
+    if nodata is None or any(value is None for value in nodata):
+        # a band without nodata makes every pixel valid: the plain mean, bit for bit as before
+        return downsample_mean_2x(level, yx_axes=(1, 2))
+    nc, ny, nx = level.shape
+    side = max(2, level.chunksize[1] + level.chunksize[1] % 2)  # even chunks: whole blocks
+    even = level[:, : ny // 2 * 2, : nx // 2 * 2].rechunk((nc, side, side))
+    return even.map_blocks(
+        _valid_mean_2x,
+        nodata,
+        chunks=tuple(
+            cs if axis == 0 else tuple(c // 2 for c in cs) for axis, cs in enumerate(even.chunks)
+        ),
+        dtype=even.dtype,
+        meta=np.empty((0, 0, 0), even.dtype),
+    )
+
+
+def _valid_mean_2x(block: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray:
+    """2x2 mean of the valid pixels of ``(C, Y, X)`` with even sides; integers round half up.
+
+    >>> _valid_mean_2x(np.array([[[1, 2, -1, -1], [-1, 4, -1, -1]]]), (-1.0,)).tolist()
+    [[[2, -1]]]
+    """
+    valid = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
+    assert valid is not None  # mask kind "nodata" with a value for every band
+    kind = block.dtype.kind
+    wide = np.int64 if kind in "uib" else np.float64
+    data = np.where(valid, block, 0).astype(wide)
+    total = data[:, 0::2, 0::2] + data[:, 0::2, 1::2] + data[:, 1::2, 0::2] + data[:, 1::2, 1::2]
+    count = valid.astype(np.int64)
+    count = count[0::2, 0::2] + count[0::2, 1::2] + count[1::2, 0::2] + count[1::2, 1::2]
+    n = np.maximum(count, 1)
+    mean = (2 * total + n) // (2 * n) if kind in "uib" else total / n
+    out = mean.astype(block.dtype)
+    if (empty := count == 0).any():
+        out[:, empty] = np.asarray(nodata, dtype=np.float64).astype(block.dtype)[:, None]
     return out
 
 
