@@ -515,6 +515,33 @@ def test_a_result_deletion_killed_halfway_is_finished_by_the_next_run(
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+def test_a_report_that_cannot_be_written_fails_the_image_with_its_reason(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    """The result is complete but its report fails (a full disk, a bad template): the image
+    is failed with that reason, not left "running" with none, and the next run finishes it
+    without computing again."""
+    from segpipe.archive import reports
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(reports, "image_report", no_space)
+        with pytest.raises(OSError, match="No space"):
+            process_image(image, out, random_checkpoint, config=CONFIG)
+    state = archive.read_state(paths.state)
+    assert state["status"] == "failed" and "No space left on device" in state["reason"]
+    assert not paths.lock.exists() and catalog.read_records(out) == []
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert again.status == "segmented" and paths.report.is_file()
+    assert archive.read_state(paths.state)["status"] == "complete"
+
+
 def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
     tmp_path, slide, random_checkpoint
 ):

@@ -22,7 +22,7 @@ from segpipe.archive.state import (
     state_params,
 )
 from segpipe.config import SegmentConfig
-from segpipe.io.files import URLPath, location, utc_now, write_json_atomic
+from segpipe.io.files import URLPath, location, utc_now, write_json_atomic, write_text_atomic
 from segpipe.results import ResultMismatchError, delete_result, read_meta
 
 if TYPE_CHECKING:
@@ -162,6 +162,18 @@ def process_image(
             claim.check()
             level = read_meta(paths.result).config.level or 0  # the level segment() chose
             reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
+            claim.check()
+            # Inside the try: a report or catalog that cannot be written fails the image with
+            # its reason, where it left the state "running" for good.
+            text = reports.image_report(paths.result, image=image.key, thumbnail=paths.thumbnail)
+            write_text_atomic(paths.report, text)
+            catalog.record_result(
+                output_root,
+                image.key,
+                paths.result,
+                source=image.url,
+                fingerprint=fingerprint.as_dict(),
+            )
         except BaseException as exc:
             if claim.is_held():
                 write_json_atomic(
@@ -169,16 +181,6 @@ def process_image(
                     state | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"},
                 )
             raise
-        claim.check()
-        text = reports.image_report(paths.result, image=image.key, thumbnail=paths.thumbnail)
-        paths.report.write_text(text, encoding="utf-8")
-        catalog.record_result(
-            output_root,
-            image.key,
-            paths.result,
-            source=image.url,
-            fingerprint=fingerprint.as_dict(),
-        )
         write_json_atomic(paths.state, state | {"status": "complete", "updated": utc_now()})
     return _from_result(image.key, paths, "segmented", decision.reason)
 

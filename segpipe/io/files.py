@@ -32,6 +32,7 @@ __all__ = [
     "mtime_of",
     "utc_now",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 # Bytes fetched ahead of each read from a URL: tifffile reads a TIFF's header in many small
@@ -223,7 +224,13 @@ def mtime_of(info: Mapping[str, Any]) -> float:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> Path | URLPath:
-    """Write ``data`` as JSON so that readers see the old file or the new one, never half.
+    """Write ``data`` as JSON so that readers see the old file or the new one, never half
+    (:func:`write_text_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath:
+    """Write ``text`` (UTF-8) so that readers see the old file or the new one, never half.
 
     Locally the text goes to a temporary file in the same directory, then replaces ``path``
     in one rename (atomic on POSIX file systems); a failure leaves no temporary file behind.
@@ -232,14 +239,14 @@ def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
     """
     if isinstance(path, URLPath) or is_url(path):
         target = location(path)
-        target.write_text(json.dumps(data, indent=1, sort_keys=True))
+        target.write_text(text)
         return target
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
