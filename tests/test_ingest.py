@@ -257,3 +257,7 @@ def test_reduced_levels_average_only_valid_pixels(
         level1[:, 20, 0], data[:, 40, 0:2].astype(float).mean(axis=1), atol=0.5
     )
     np.testing.assert_array_equal(open_image(out).valid_mask(0, 35, 0, 45, level=1), count > 0)
+    # The metadata is strict JSON (no bare NaN, which other tools refuse), read back as NaN.
+    text = (out / "zarr.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in zarr.json"))
+    assert np.array_equal(open_image(out).nodata, (nodata, nodata), equal_nan=True)

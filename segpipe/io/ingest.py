@@ -293,7 +293,8 @@ def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> 
     # and which pixels hold no data: the ZarrReader's valid_mask reads these back
     for key in ("nodata", "channel_names"):
         if (value := getattr(reader, key, None)) is not None:
-            attrs[key] = list(value)
+            # NaN as the string "NaN" (float() reads it back): a bare NaN is not JSON.
+            attrs[key] = [v if not isinstance(v, float) or v == v else "NaN" for v in value]
     return attrs
 
 
