@@ -582,3 +582,34 @@ def test_a_stage_made_beside_narrow_passes_takes_the_process_threads():
     assert made[0]._torch_threads == 2 and made[0].lanes == 2
     made[0].close()
     assert torch.get_num_threads() == 2
+
+
+def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves(monkeypatch):
+    """A batch joined from several blocks may not fit where each block's did (a GPU shared
+    with another process): it runs again in halves, every window's probabilities delivered,
+    and later batches of that shape are no larger than what fitted; a single window that
+    does not fit fails as before."""
+    fake = FakePredictor(batch_size=8)
+    forward = fake.forward
+    tried: list[int] = []
+
+    def at_most_two(batch):
+        tried.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(batch)
+
+    monkeypatch.setattr(fake, "forward", at_most_two)
+    stage = ModelStage(fake, lanes=1, share_cores=False)
+    values = np.arange(6, dtype=np.float32).reshape(6, 1, 1, 1) * np.ones((6, 4, 4, 1), np.float32)
+    np.testing.assert_allclose(stage.submit(values).result(10).ravel(), np.arange(6))
+    assert tried == [6, 3, 2, 1, 3, 2, 1]
+    assert stage.pass_plan((4, 4, 1)).limit == 2  # halved twice: 8 -> 3 -> 2
+
+    def never(batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(fake, "forward", never)
+    with pytest.raises(torch.OutOfMemoryError):
+        stage.submit(windows(1.0)).result(10)
+    stage.close()

@@ -28,6 +28,7 @@ narrow pass leaves free.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import queue
 import threading
 import time
@@ -287,7 +288,7 @@ class ModelStage:
             batch = live[0].windows if len(live) == 1 else np.concatenate([c.windows for c in live])
             with self._pass(live[0].plan.threads):
                 started = time.perf_counter()  # busy from here, not while waiting for cores
-                pending = self.predictor.forward(batch)
+                pending = self._forward_fitting(batch, live[0].plan)
         except BaseException as err:  # the submitters raise it, the stage lives on
             _fail(live, err)
             return None
@@ -300,6 +301,26 @@ class ModelStage:
             self.stats.windows += len(batch)
         chunks[:] = live
         return pending
+
+    def _forward_fitting(self, batch: np.ndarray, plan: PassPlan) -> PendingProbabilities:
+        """The forward of ``batch``; where the device runs out of memory (a batch joined from
+        several blocks' windows, beside another process's tensors), again in halves, each
+        waited for, and the shape's later batches no larger than a half."""
+        try:
+            return self.predictor.forward(batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+        if self.predictor.device.type == "cuda":
+            torch.cuda.empty_cache()  # the failed pass's blocks, cached
+        half = (len(batch) + 1) // 2
+        with self._lock:
+            self._plans[batch.shape[1:]] = dataclasses.replace(plan, limit=min(plan.limit, half))
+        parts = [
+            self._forward_fitting(batch[i : i + half], plan).result()
+            for i in range(0, len(batch), half)
+        ]
+        return PendingProbabilities(torch.from_numpy(np.concatenate(parts)), None)
 
     @contextlib.contextmanager
     def _pass(self, threads: int) -> Iterator[None]:
