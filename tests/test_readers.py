@@ -817,3 +817,19 @@ def test_ome_imperial_length_units_are_lengths(tmp_path: Path) -> None:
     meta |= {"PhysicalSizeY": 2e-5, "PhysicalSizeYUnit": "in"}
     tifffile.imwrite(path, _rgb(), photometric="rgb", metadata=meta, ome=True)
     assert open_image(path).pixel_size_um == pytest.approx(0.508)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_a_16_bit_colour_png_keeps_its_16_bits(tmp_path: Path, channels: int) -> None:
+    """Pillow reads 16-bit RGB(A) PNGs as 8 bits (60000 became 234): segpipe decodes them
+    itself, every value as written; 8-bit PNGs stay Pillow's."""
+    import imagecodecs
+
+    pixels = np.random.default_rng(2).integers(0, 65536, (40, 50, channels), dtype=np.uint16)
+    path = tmp_path / "wide.png"
+    path.write_bytes(imagecodecs.png_encode(pixels))
+    reader = open_image(path)
+    assert reader.dtype == np.uint16 and reader.shape == (40, 50, channels)
+    np.testing.assert_array_equal(reader.read(0, 40, 0, 50), pixels)
+    narrow = open_image(_png(tmp_path, _rgb()))
+    assert narrow.dtype == np.uint8

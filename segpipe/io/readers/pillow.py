@@ -50,6 +50,12 @@ class PillowReader(BaseReader):
                     img = img.convert("RGBA" if has_alpha else "RGB")
                 elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
                     img = img.convert("RGB")
+                elif (
+                    img.format == "PNG"
+                    and img.mode in ("RGB", "RGBA")
+                    and (wide := _png16(img)) is not None
+                ):
+                    return wide
                 img.load()
                 return np.asarray(img)
         except Image.DecompressionBombError as exc:
@@ -72,3 +78,16 @@ class PillowReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_data": None}
+
+
+def _png16(img: Any) -> np.ndarray | None:
+    """A 16-bit colour PNG's pixels, decoded by imagecodecs (Pillow hands them out as 8
+    bits, and its mode does not show it); None for 8 bits. The IHDR's bit depth is the byte
+    after the signature, the chunk's length and type, the width and the height."""
+    img.fp.seek(24)
+    if img.fp.read(1) != b"\x10":
+        return None
+    import imagecodecs
+
+    img.fp.seek(0)
+    return np.asarray(imagecodecs.png_decode(img.fp.read()))
