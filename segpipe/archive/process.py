@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from segpipe.archive import catalog, reports
 from segpipe.archive.claims import read_lock, try_claim
-from segpipe.archive.discover import ArchiveImage, fingerprint_image
+from segpipe.archive.discover import ArchiveImage, Fingerprint, fingerprint_image
 from segpipe.archive.state import (
     STATE_VERSION,
     ImageOutcome,
@@ -118,13 +118,7 @@ def process_image(
     if not decision.process:
         if not catalog.record_path(output_root, image.key).exists():
             # e.g. the catalog folder was deleted: index the result again, no claim needed
-            catalog.record_result(
-                output_root,
-                image.key,
-                paths.result,
-                source=image.url,
-                fingerprint=fingerprint.as_dict(),
-            )
+            _index(output_root, image, paths, fingerprint)
         return _skipped(image.key, paths, decision.reason)
     claim = try_claim(paths.lock, owner=owner, ttl_s=ttl_s)
     if claim is None:
@@ -167,13 +161,7 @@ def process_image(
             # its reason, where it left the state "running" for good.
             text = reports.image_report(paths.result, image=image.key, thumbnail=paths.thumbnail)
             write_text_atomic(paths.report, text)
-            catalog.record_result(
-                output_root,
-                image.key,
-                paths.result,
-                source=image.url,
-                fingerprint=fingerprint.as_dict(),
-            )
+            _index(output_root, image, paths, fingerprint)
         except BaseException as exc:
             if claim.is_held():
                 write_json_atomic(
@@ -183,6 +171,15 @@ def process_image(
             raise
         write_json_atomic(paths.state, state | {"status": "complete", "updated": utc_now()})
     return _from_result(image.key, paths, "segmented", decision.reason)
+
+
+def _index(
+    output_root: Path | URLPath, image: ArchiveImage, paths: ImagePaths, fingerprint: Fingerprint
+) -> None:
+    """Record ``image``'s result in the archive's catalog."""
+    catalog.record_result(
+        output_root, image.key, paths.result, source=image.url, fingerprint=fingerprint.as_dict()
+    )
 
 
 def _library_segment() -> SegmentFn:

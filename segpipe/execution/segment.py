@@ -21,7 +21,12 @@ from segpipe.execution.cluster import (
     plan_for_device,
     run_blocks,
 )
-from segpipe.execution.foreground import mask_file_sha256, resolve_foreground, select_tiles
+from segpipe.execution.foreground import (
+    FOREGROUND_MODES,
+    mask_file_sha256,
+    resolve_foreground,
+    select_tiles,
+)
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job, blend_task_side, group_blocks
 from segpipe.execution.workers import resolve_amp, run_key
@@ -205,7 +210,11 @@ def segment(
             model_sha256=models.fingerprint(net),
             halo=geometry.halo,
             config=config,
-            foreground_sha256=mask_file_sha256(config.foreground),
+            foreground_sha256=(
+                None
+                if config.foreground in FOREGROUND_MODES
+                else mask_file_sha256(config.foreground)
+            ),
             **_georeference_at(reader, level),
         )
         output = location(output, storage_options)

@@ -27,12 +27,10 @@ __all__ = ["STRIP_PIXELS", "mask_file_sha256", "read_mask_file", "row_strips"]
 STRIP_PIXELS = 1 << 24
 
 
-def mask_file_sha256(foreground: str) -> str | None:
-    """The sha256 of the mask file ``foreground`` names (part of a result's identity: an
-    edited file is another result); None for the modes that name no file."""
-    if foreground in ("auto", "tissue", "nodata", "none"):
-        return None
-    with open(foreground, "rb") as f:
+def mask_file_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 of the mask file at ``path`` (part of a result's identity: an edited file
+    is another result)."""
+    with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
