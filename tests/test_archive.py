@@ -181,15 +181,16 @@ def test_decide_says_why_an_image_is_due(tmp_path):
     fp = Fingerprint(10, 1.0, "abc")
     assert decide(paths, fp, "m1", CONFIG).reason == "new image"
     state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": CONFIG.result_settings()}
-    paths.state.write_text(json.dumps(state | {"status": "failed"}))
-    assert decide(paths, fp, "m1", CONFIG) == archive.Decision(True, "previous run failed")
+    paths.state.write_text(json.dumps(state | {"status": "failed"}))  # no time: due now
+    once_failed = archive.Decision(True, "previous run failed", failures=1)
+    assert decide(paths, fp, "m1", CONFIG) == once_failed
     assert decide(paths, Fingerprint(11, 1.0, "abc"), "m1", CONFIG).reason == "image changed"
     assert decide(paths, fp, "m2", CONFIG.replace(tile=128)).reason == (
         "model changed, parameters changed"
     )
     # Execution settings never make an image due (every setting: tests/test_config.py).
     faster = CONFIG.replace(batch_size=16, device="cpu", n_workers=8, scheduler=None)
-    assert decide(paths, fp, "m1", faster) == archive.Decision(True, "previous run failed")
+    assert decide(paths, fp, "m1", faster) == once_failed
 
 
 def test_a_sidecar_from_before_segment_config_still_matches(tmp_path):
@@ -537,6 +538,7 @@ def test_a_report_that_cannot_be_written_fails_the_image_with_its_reason(
     state = archive.read_state(paths.state)
     assert state["status"] == "failed" and "No space left on device" in state["reason"]
     assert not paths.lock.exists() and catalog.read_records(out) == []
+    _age_failure(paths, 3600)  # the next run, past the retry delay
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert again.status == "segmented" and paths.report.is_file()
     assert archive.read_state(paths.state)["status"] == "complete"
@@ -568,6 +570,7 @@ def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
     assert archive.read_state(paths.state)["reason"] == "OSError: worker lost"
     assert catalog.read_records(out) == []
 
+    _age_failure(paths, 3600)  # the next run, past the retry delay
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
     assert again.tiles_skipped > 0
@@ -614,7 +617,7 @@ def test_a_report_failure_after_segmenting_is_finished_by_the_next_run(
     assert is_complete(paths.result), "the segmentation itself finished"
     finished = read_meta(paths.result).finished
 
-    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    again = process_image(image, out, random_checkpoint, config=CONFIG, retry_failed=True)
     assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
     assert read_meta(paths.result).finished == finished, "nothing was segmented again"
     assert paths.report.is_file() and paths.thumbnail.is_file()
@@ -629,3 +632,179 @@ def test_a_deleted_catalog_is_rebuilt_by_the_next_run(tmp_path, slide, random_ch
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert again.status == "skipped"
     assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]
+
+
+# -- failures back off, a lost claim stops, the catalog under the claim, a moving image ----
+
+
+def _age_failure(paths, seconds):
+    """Move the recorded failure ``seconds`` into the past: the next run, that much later."""
+    from datetime import datetime, timedelta
+
+    state = archive.read_state(paths.state)
+    failed_at = datetime.fromisoformat(state["failed_at"]) - timedelta(seconds=seconds)
+    paths.state.write_text(json.dumps(state | {"failed_at": failed_at.isoformat()}))
+
+
+def test_a_failing_image_backs_off_then_is_left_alone_until_it_changes(
+    tmp_path, slide, random_checkpoint
+):
+    from segpipe.archive import reports
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    paths = image_paths(out, "a.ome.tif")
+    attempts = []
+
+    def corrupt(*args, **kwargs):
+        attempts.append(1)
+        raise ValueError("corrupt tile directory")
+
+    def run(**kw):
+        (image,) = discover_images(source)
+        return process_image(image, out, random_checkpoint, config=CONFIG, **kw)
+
+    def fails(**kw):
+        with pytest.raises(ValueError, match="corrupt"):
+            run(run_segment=corrupt, **kw)
+
+    fails()
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"]) == ("failed", 1) and state["failed_at"]
+    held = run(run_segment=corrupt)  # the next run, at once: nothing read, nothing tried
+    assert (held.status, len(attempts)) == ("held", 1)
+    assert "failed 1 time" in held.reason and "corrupt tile directory" in held.reason
+    _age_failure(paths, 11 * 60)  # past the first delay (10 minutes)
+    fails()
+    assert archive.read_state(paths.state)["failures"] == 2
+    _age_failure(paths, 11 * 60)  # the second delay is twice as long
+    assert run(run_segment=corrupt).status == "held" and len(attempts) == 2
+    _age_failure(paths, 10 * 60)
+    fails()
+    _age_failure(paths, 30 * 24 * 3600)  # however long it waits, three failures are enough
+    given_up = run(run_segment=corrupt)
+    assert (given_up.status, len(attempts)) == ("held", 3)
+    assert "failed 3 times; change the file or pass retry_failed" in given_up.reason
+    assert "1 held after failing (a.ome.tif)" in reports.describe_run([given_up])
+    assert "retry_failed" in reports.run_markdown([given_up])
+
+    fails(retry_failed=True)  # the user asks
+    assert archive.read_state(paths.state)["failures"] == 4
+    with open(source / "a.ome.tif", "ab") as f:
+        f.write(b"\0" * 10)  # a new file: a fresh start
+    again = run()
+    assert (again.status, again.reason) == ("segmented", "image changed")
+    assert archive.read_state(paths.state)["failures"] == 0
+
+
+def test_a_failed_sidecar_of_the_previous_release_still_reads(tmp_path):
+    """Before failure counts, a failed sidecar had a reason and the run's start time only:
+    one failure, as old as that time."""
+    from datetime import UTC, datetime, timedelta
+
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    state = {
+        "version": 2,
+        "fingerprint": fp.as_dict(),
+        "model_sha256": "m1",
+        "params": CONFIG.result_settings(),
+        "status": "failed",
+        "reason": "OSError: worker lost",
+    }
+    for age_s, due in [(60, False), (3600, True)]:
+        updated = (datetime.now(UTC) - timedelta(seconds=age_s)).isoformat(timespec="seconds")
+        paths.state.write_text(json.dumps(state | {"updated": updated}))
+        decision = decide(paths, fp, "m1", CONFIG)
+        assert decision.process is due, decision
+        assert decision.process or "failed 1 time; next attempt after" in decision.reason
+        assert decision.process or "(last: OSError: worker lost)" in decision.reason
+    assert decide(paths, fp, "m1", CONFIG, retry_failed=True).process
+
+
+def test_a_lost_claim_stops_segmenting_within_a_task(tmp_path, slide, random_checkpoint):
+    """Another run takes the image over (our lock had gone stale) after the first task: the
+    real segment stops there, nothing more is recorded, and the new owner's lock stays."""
+    import segpipe
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    theirs = {"owner": "the other run", "token": "theirs", "ttl_s": 600.0}
+    reported = []
+
+    def taken_over(source, output, model, config, *, on_progress=None, **kw):
+        def after_each_task(done, todo):
+            reported.append(done)
+            paths.lock.write_text(json.dumps(theirs))
+            if on_progress is not None:
+                on_progress(done, todo)
+
+        return segpipe.segment(source, output, model, config, on_progress=after_each_task, **kw)
+
+    one_tile_a_task = CONFIG.replace(task_tiles=1)  # 4 tasks of the 128 px slide
+    with pytest.raises(ClaimLostError):
+        process_image(image, out, random_checkpoint, config=one_tile_a_task, run_segment=taken_over)
+    assert reported == [1], "no task reported after the first"
+    assert not is_complete(paths.result)
+    assert json.loads(paths.lock.read_text())["token"] == "theirs"
+    assert archive.read_state(paths.state)["status"] == "running", "not ours to write"
+
+
+def test_a_missing_catalog_record_is_written_only_under_the_claim(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    from segpipe.archive import process
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    claims = []
+    real_claim = process.try_claim
+    monkeypatch.setattr(
+        process, "try_claim", lambda *a, **k: claims.append(1) or real_claim(*a, **k)
+    )
+    assert process_image(image, out, random_checkpoint, config=CONFIG).status == "skipped"
+    assert claims == [], "an up-to-date image with its record takes no lock"
+
+    shutil.rmtree(out / catalog.CATALOG_DIR)
+    with try_claim(image_paths(out, "a.ome.tif").lock, owner="the other run"):
+        # The other run may be replacing the result: its record is the other run's to write.
+        held = process_image(image, out, random_checkpoint, config=CONFIG)
+        assert held.status == "skipped"
+        assert catalog.read_records(out) == []
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert again.status == "skipped" and len(claims) == 2
+    assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]
+
+
+def test_an_image_that_changes_while_it_is_segmented_is_done_again(
+    tmp_path, slide, random_checkpoint
+):
+    import segpipe
+    from segpipe.archive import reports
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+
+    def scanner_still_writing(source, output, model, config, **kw):
+        result = segpipe.segment(source, output, model, config, **kw)
+        with open(source, "ab") as f:
+            f.write(b"\0" * 10)
+        return result
+
+    moved = process_image(
+        image, out, random_checkpoint, config=CONFIG, run_segment=scanner_still_writing
+    )
+    assert (moved.status, moved.reason) == ("changed", "image changed while segmenting")
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["reason"]) == ("changed", "image changed while segmenting")
+    assert catalog.read_records(out) == [] and not paths.report.exists()
+    summary = reports.describe_run([moved])
+    assert summary.endswith(", 1 changed while segmenting, due again (a.ome.tif)")
+
+    (image,) = discover_images(source)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("segmented", "image changed")
+    assert (again.tiles_computed, again.tiles_skipped) == (4, 0)
+    assert archive.read_state(paths.state)["fingerprint"]["size"] == image.size

@@ -427,3 +427,34 @@ def test_one_local_cluster_serves_the_run_and_a_finished_image_frees_its_slot_at
     )
     with pytest.raises(OSError, match="Timed out trying to connect"):
         distributed.Client(address, timeout="2s")  # closed with the run
+
+
+def test_a_flow_run_that_lost_its_claim_stops_segmenting(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """The flow's segment task hands segment the archive's claim check: another run taking
+    the image over after the first task stops this one there, not when segment returns."""
+    import json
+
+    from segpipe.archive import image_paths
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    lock = image_paths(out, "a.ome.tif").lock
+    real, reported = segpipe.segment, []
+
+    def taken_over(*args, on_progress=None, **kwargs):
+        def after_each_task(done, todo):
+            reported.append(done)
+            lock.write_text(json.dumps({"owner": "the other run", "token": "theirs"}))
+            if on_progress is not None:
+                on_progress(done, todo)
+
+        return real(*args, on_progress=after_each_task, **kwargs)
+
+    monkeypatch.setattr(segpipe, "segment", taken_over)
+    result = _run(source, out, random_checkpoint, CONFIG.replace(task_tiles=1))
+    assert "ClaimLostError" in result["failed"]["a.ome.tif"]
+    assert reported == [1], "no task reported after the first"
+    assert read_state(image_paths(out, "a.ome.tif").state)["status"] == "running"

@@ -44,7 +44,7 @@ def write_raster(path, data, *, crs=CUSTOM, overviews=(2,), **profile):
         "height": data.shape[1],
         "count": data.shape[0],
         "dtype": data.dtype,
-        "crs": CRS.from_user_input(crs),
+        "crs": None if crs is None else CRS.from_user_input(crs),
         "transform": TRANSFORM,
         "tiled": True,
         "blockxsize": 64,
@@ -183,11 +183,15 @@ def test_plain_tiff_has_no_mask(tmp_path):
     assert valid_mask(reader, Box(0, 10, 0, 10)).all()
 
 
-def test_rotated_geotiff_is_refused(tmp_path):
-    path = write_raster(tmp_path / "rot.tif", _bands(1, "uint8"), overviews=())
+@pytest.mark.parametrize("crs", [CUSTOM, None], ids=["crs", "no-crs"])
+@pytest.mark.parametrize("affine", [(2.0, 0.5, 0.5, -2.0), (2.0, 0.3, 0.0, -2.0)])
+def test_rotated_or_sheared_geotiff_is_refused(tmp_path, crs, affine):
+    """Without a CRS the transform still says the pixels lie on a rotated grid."""
+    a, b, d, e = affine
+    path = write_raster(tmp_path / "rot.tif", _bands(1, "uint8"), crs=crs, overviews=())
     with rasterio.open(path, "r+") as ds:
-        ds.transform = rasterio.Affine(2.0, 0.5, 512_000.0, 0.5, -2.0, 5_403_000.0)
-    with pytest.raises(ImageReadError, match=r"rot\.tif: rotated/sheared"):
+        ds.transform = rasterio.Affine(a, b, 512_000.0, d, e, 5_403_000.0)
+    with pytest.raises(ImageReadError, match=r"rot\.tif: rotated/sheared GeoTIFF"):
         open_image(path)
 
 

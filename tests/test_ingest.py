@@ -261,3 +261,76 @@ def test_reduced_levels_average_only_valid_pixels(
     text = (out / "zarr.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in zarr.json"))
     assert np.array_equal(open_image(out).nodata, (nodata, nodata), equal_nan=True)
+
+
+def _geotiff(path: Path, data: np.ndarray, valid: np.ndarray, mask_band: bool) -> Path:
+    """A GeoTIFF of ``data`` (C, Y, X) uint8 and ``valid`` as its internal mask band, or as
+    an alpha band (0 / 255) after ``data``'s RGB."""
+    rasterio = pytest.importorskip("rasterio")
+    alpha = valid.astype(np.uint8) * 255
+    bands = data if mask_band else np.concatenate([data, alpha[None]])
+    profile: dict[str, Any] = {"width": data.shape[2], "height": data.shape[1], "tiled": True}
+    if not mask_band:
+        profile |= {"photometric": "RGB", "alpha": "YES"}
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+        rasterio.open(
+            path, "w", driver="GTiff", count=len(bands), dtype="uint8", crs="EPSG:32633",
+            transform=rasterio.Affine(2, 0, 5e5, 0, -2, 5e6), **profile,
+        ) as ds,
+    ):  # fmt: skip
+        ds.write(bands)
+        if mask_band:
+            ds.write_mask(alpha)
+    return path
+
+
+def _rgba_png(path: Path, data: np.ndarray, valid: np.ndarray) -> Path:
+    from PIL import Image
+
+    alpha = valid.astype(np.uint8) * 255
+    Image.fromarray(np.dstack([data.transpose(1, 2, 0), alpha])).save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("write", "kind"),
+    [
+        pytest.param(lambda t, d, v: _geotiff(t / "m.tif", d, v, True), "mask", id="mask-band"),
+        pytest.param(lambda t, d, v: _geotiff(t / "a.tif", d, v, False), "alpha", id="geo-alpha"),
+        pytest.param(lambda t, d, v: _rgba_png(t / "a.png", d, v), "alpha", id="png-alpha"),
+    ],
+)
+def test_a_mask_band_or_alpha_is_carried_and_reduced_levels_follow_it(
+    tmp_path: Path, write: Any, kind: str
+) -> None:
+    """The OME-Zarr copy says which pixels hold data as its source does, with the source's own
+    bands (a mask band apart from them), and a level-1 pixel is valid where any of its 2x2
+    is, each band the mean of those (0 where none is)."""
+    from ome_zarr_models import open_ome_zarr
+
+    data = np.random.default_rng(4).integers(0, 256, (3, 70, 90), dtype=np.uint8)
+    yy, xx = np.mgrid[:70, :90]
+    valid = ~((yy < 30) & (xx < 41) | (xx + yy > 120))  # an odd edge: 1 to 4 valid of 4
+    source = open_image(write(tmp_path, data, valid))
+    assert source.mask_kind == kind
+    np.testing.assert_array_equal(source.valid_mask(0, 70, 0, 90), valid)
+    bands = data if kind == "mask" else np.concatenate([data, valid[None] * np.uint8(255)])
+
+    out = ingest(source, tmp_path / "m.zarr", chunk=32, min_level_size=16)
+    store = open_image(out)
+    assert store.shape == (70, 90, len(bands)) and store.mask_kind == kind
+    np.testing.assert_array_equal(store.read(0, 70, 0, 90), bands.transpose(1, 2, 0))
+    np.testing.assert_array_equal(store.valid_mask(0, 70, 0, 90), valid)
+    np.testing.assert_array_equal(store.valid_mask(10, 50, 20, 77), valid[10:50, 20:77])
+
+    blocks = valid.reshape(35, 2, 45, 2)
+    count = blocks.sum(axis=(1, 3))
+    total = np.where(blocks, bands.reshape(-1, 35, 2, 45, 2), 0).sum(axis=(2, 4))
+    mean = np.where(count > 0, np.floor(total / np.maximum(count, 1) + 0.5), 0).astype(np.uint8)
+    assert ((count > 0) & (count < 4)).any() and (count == 0).any()  # mixed and empty blocks
+    np.testing.assert_array_equal(store.valid_mask(0, 35, 0, 45, level=1), count > 0)
+    np.testing.assert_array_equal(store.read(0, 35, 0, 45, level=1), mean.transpose(1, 2, 0))
+    if kind == "mask":  # the image and its label image pass the strict OME validator
+        for group in (out, out / "labels" / "valid"):
+            open_ome_zarr(zarr.open_group(str(group), mode="r"))

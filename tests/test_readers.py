@@ -822,14 +822,185 @@ def test_ome_imperial_length_units_are_lengths(tmp_path: Path) -> None:
 @pytest.mark.parametrize("channels", [3, 4])
 def test_a_16_bit_colour_png_keeps_its_16_bits(tmp_path: Path, channels: int) -> None:
     """Pillow reads 16-bit RGB(A) PNGs as 8 bits (60000 became 234): segpipe decodes them
-    itself, every value as written; 8-bit PNGs stay Pillow's."""
+    itself, every value as written; 8-bit PNGs stay Pillow's. A 16-bit alpha marks nodata."""
     import imagecodecs
 
     pixels = np.random.default_rng(2).integers(0, 65536, (40, 50, channels), dtype=np.uint16)
+    if channels == 4:
+        pixels[:5, :7, 3] = 0
     path = tmp_path / "wide.png"
     path.write_bytes(imagecodecs.png_encode(pixels))
     reader = open_image(path)
     assert reader.dtype == np.uint16 and reader.shape == (40, 50, channels)
     np.testing.assert_array_equal(reader.read(0, 40, 0, 50), pixels)
+    if channels == 4:
+        assert reader.mask_kind == "alpha"
+        np.testing.assert_array_equal(reader.valid_mask(0, 40, 0, 50), pixels[..., 3] > 0)
     narrow = open_image(_png(tmp_path, _rgb()))
     assert narrow.dtype == np.uint8
+
+
+# -- alpha as the validity mask, EXIF orientation -----------------------------------------------
+
+
+def _with_alpha(channels: int) -> np.ndarray:
+    """(60, 90, channels) uint8 whose last channel is an alpha with a transparent corner and
+    a half-transparent (still valid) band."""
+    alpha = np.full((60, 90), 255, np.uint8)
+    alpha[:25, :40] = 0
+    alpha[40:45] = 128
+    return np.dstack([_rgb()[:60, :90, : channels - 1], alpha])
+
+
+def _png_alpha(tmp: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(pixels, "RGBA" if pixels.shape[2] == 4 else "LA").save(tmp / "a.png")
+    return tmp / "a.png"
+
+
+def _tiff_alpha(planar: bool, extra: str) -> Callable[[Path, np.ndarray], Path]:
+    def write(tmp: Path, pixels: np.ndarray) -> Path:
+        tifffile.imwrite(
+            tmp / "a.tif",
+            pixels.transpose(2, 0, 1) if planar else pixels,
+            photometric="rgb" if pixels.shape[2] == 4 else "minisblack",
+            planarconfig="separate" if planar else "contig",
+            extrasamples=[extra],
+            tile=(32, 32),
+        )
+        return tmp / "a.tif"
+
+    return write
+
+
+@pytest.mark.parametrize(
+    ("write", "channels"),
+    [
+        pytest.param(_png_alpha, 4, id="png-rgba"),
+        pytest.param(_png_alpha, 2, id="png-la"),
+        pytest.param(_tiff_alpha(False, "unassalpha"), 4, id="tiff-rgba"),
+        pytest.param(_tiff_alpha(True, "assocalpha"), 4, id="tiff-planar-premultiplied"),
+        pytest.param(_tiff_alpha(False, "unassalpha"), 2, id="tiff-la"),
+    ],
+)
+def test_an_alpha_channel_marks_transparent_pixels_invalid(
+    tmp_path: Path, write: Callable[[Path, np.ndarray], Path], channels: int
+) -> None:
+    """As GDAL reads a GeoTIFF's alpha band: the channel named "alpha", 0 where no data."""
+    pixels = _with_alpha(channels)
+    reader = open_image(write(tmp_path, pixels))
+    assert reader.mask_kind == "alpha"
+    names = ("red", "green", "blue", "alpha") if channels == 4 else ("grey", "alpha")
+    assert reader.channel_names == names
+    np.testing.assert_array_equal(reader.read(0, 60, 0, 90), pixels)
+    np.testing.assert_array_equal(reader.valid_mask(0, 60, 0, 90), pixels[..., -1] > 0)
+    clone = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(clone.valid_mask(20, 30, 35, 45), pixels[20:30, 35:45, -1] > 0)
+
+
+@pytest.mark.parametrize(
+    "write", [_png_alpha, _tiff_alpha(False, "unassalpha")], ids=["png", "tiff"]
+)
+def test_tiles_wholly_transparent_are_not_computed(
+    tmp_path: Path, write: Callable[[Path, np.ndarray], Path]
+) -> None:
+    """foreground "nodata" and "auto" (no pixel size: not a slide) leave out exactly the tiles
+    with no opaque pixel; the others are segmented as without a mask."""
+    import torch
+
+    import segpipe
+    from segpipe import models
+    from segpipe.results import read_meta
+
+    pixels = _with_alpha(4)
+    pixels[:, 64:, 3] = 0  # a transparent column of tiles
+    path = write(tmp_path, pixels)
+    tile = 16
+    opaque = pixels[..., 3] > 0
+    expected = np.array(
+        [
+            [opaque[y : y + tile, x : x + tile].any() for x in range(0, 90, tile)]
+            for y in range(0, 60, tile)
+        ]
+    )
+    torch.manual_seed(0)
+    net = models.build(
+        "unet", class_names=("bg", "fg"), in_channels=4, width=4, depth=2, padding="valid"
+    ).eval()
+    settings = dict(tile=tile, task_tiles=1, level=0, scheduler="sync")
+    off = segpipe.segment(path, tmp_path / "off.zarr", net, foreground="none", **settings)
+    where = np.kron(expected, np.ones((tile, tile), bool))[:60, :90]
+    for mode in ("nodata", "auto"):
+        on = segpipe.segment(path, tmp_path / f"{mode}.zarr", net, foreground=mode, **settings)
+        meta = read_meta(on)
+        assert meta.config.foreground == "nodata"
+        assert (meta.summary.tiles_computed, meta.summary.tiles_background) == (
+            expected.sum(),
+            (~expected).sum(),
+        )
+        m_on, m_off = segpipe.open_result(on)["mask"].values, segpipe.open_result(off)["mask"]
+        np.testing.assert_array_equal(m_on[where], m_off.values[where])
+        assert (m_on[~where] == 0).all()
+
+
+def test_an_opaque_png_alpha_marks_nothing(tmp_path: Path) -> None:
+    """Checked once as the PNG is decoded: no mask pass where no pixel is transparent."""
+    pixels = _with_alpha(4)
+    pixels[..., 3] = np.maximum(pixels[..., 3], 1)
+    reader = open_image(_png_alpha(tmp_path, pixels))
+    assert reader.mask_kind is None and reader.valid_mask(0, 60, 0, 90) is None
+    assert reader.channel_names == ("red", "green", "blue", "alpha")
+
+
+def _png16_with_exif(path: Path, pixels: np.ndarray, exif: Image.Exif) -> Path:
+    """A 16-bit PNG (Pillow writes none) with an eXIf chunk before its pixels."""
+    import zlib
+
+    import imagecodecs
+
+    png = bytes(imagecodecs.png_encode(pixels))
+    body = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = b"eXIf" + body
+    at = png.index(b"IDAT") - 4
+    path.write_bytes(
+        png[:at] + len(body).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+        + png[at:]
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("bits", [8, 16])
+def test_exif_orientation_turns_the_pixels_as_viewers_show_them(
+    tmp_path: Path, orientation: int, bits: int
+) -> None:
+    from PIL import ImageOps
+
+    pixels = _rgb()[:30, :50]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    with Image.open(path) as img:  # as viewers show it
+        shown = np.asarray(ImageOps.exif_transpose(img))
+    if bits == 16:  # Pillow writes no 16-bit colour PNG, nor turns one
+        path = _png16_with_exif(tmp_path / "turned16.png", pixels.astype(np.uint16) * 257, exif)
+        shown = shown.astype(np.uint16) * 257
+    reader = open_image(path)
+    assert reader.shape == shown.shape
+    np.testing.assert_array_equal(reader.read(0, shown.shape[0], 0, shown.shape[1]), shown)
+
+
+def test_a_jpeg_photo_taken_sideways_reads_upright(tmp_path: Path) -> None:
+    """Orientation 6: stored 40 x 60, shown 60 x 40 turned clockwise, the bright quadrant
+    (stored top left) shown top right."""
+    stored = np.full((40, 60, 3), 30, np.uint8)
+    stored[:20, :30] = 220
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    shown = np.rot90(stored, -1)
+    reader = open_image(tmp_path / "photo.jpg")
+    assert reader.shape == shown.shape == (60, 40, 3)
+    pixels = reader.read(0, 60, 0, 40).astype(int)
+    assert np.abs(pixels - shown).mean() < 3
+    assert pixels[:30, 20:].min() > 150 and pixels[30:, :].max() < 100

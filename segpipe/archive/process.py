@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.archive import catalog, reports
-from segpipe.archive.claims import read_lock, try_claim
+from segpipe.archive.claims import Claim, read_lock, try_claim
 from segpipe.archive.discover import ArchiveImage, Fingerprint, fingerprint_image
 from segpipe.archive.state import (
     STATE_VERSION,
+    Decision,
     ImageOutcome,
     ImagePaths,
     Status,
@@ -33,6 +36,10 @@ __all__ = ["LoadedModel", "load_model", "process_image"]
 log = logging.getLogger("segpipe.archive")
 
 SegmentFn = Callable[..., Any]
+
+# How often a run checks, as its tasks finish, that it still holds its claim: a check reads
+# the lock (a GET on S3), and a task takes seconds, so this costs next to nothing.
+CLAIM_CHECK_INTERVAL_S = 2.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,6 +75,7 @@ def process_image(
     ttl_s: float = 600.0,
     storage_options: Mapping[str, Any] | None = None,
     run_segment: SegmentFn | None = None,
+    retry_failed: bool = False,
 ) -> ImageOutcome:
     """Fingerprint, decide, claim, segment, report and catalog one image.
 
@@ -94,12 +102,19 @@ def process_image(
     run_segment
         Called like :func:`segpipe.segment`, as ``run_segment(source, output, module, config,
         model_name=name)`` with the loaded module; default :func:`segpipe.segment`. Flows
-        pass a Prefect task here, for its retries.
+        pass a Prefect task here, for its retries. One that names an ``on_progress``
+        parameter gets the claim check that stops a run which lost its claim.
+    retry_failed
+        Try an image that failed with the same inputs now, whatever its failures and retry
+        delay (:func:`~segpipe.archive.state.decide`).
 
     Returns
     -------
     ImageOutcome
-        ``segmented``, ``skipped`` (up to date) or ``busy`` (another run holds the claim).
+        ``segmented``, ``skipped`` (up to date), ``busy`` (another run holds the claim),
+        ``held`` (failed before with the same inputs: waiting for its retry delay, or left
+        alone after :data:`~segpipe.archive.state.MAX_ATTEMPTS`) or ``changed`` (the file
+        changed while it was segmented: nothing recorded, the next run does it again).
 
     Raises
     ------
@@ -114,21 +129,33 @@ def process_image(
     source = location(image.url, storage_options)
     paths = image_paths(output_root, image.key)
     fingerprint = fingerprint_image(image, storage_options=storage_options)
-    decision = decide(paths, fingerprint, loaded.sha256, config, source=image.url)
-    if not decision.process:
-        if not catalog.record_path(output_root, image.key).exists():
-            # e.g. the catalog folder was deleted: index the result again, no claim needed
-            _index(output_root, image, paths, fingerprint)
-        return _skipped(image.key, paths, decision.reason)
+
+    def due() -> Decision:
+        return decide(
+            paths, fingerprint, loaded.sha256, config, source=image.url, retry_failed=retry_failed
+        )
+
+    decision = due()
+    if not decision.process and (
+        decision.held or catalog.record_path(output_root, image.key).exists()
+    ):
+        return _not_processed(image.key, paths, decision)
+    # Due, or up to date but missing from the catalog (its folder deleted): either way the
+    # catalog is written under the claim, as a run replacing the result may be removing it.
     claim = try_claim(paths.lock, owner=owner, ttl_s=ttl_s)
     if claim is None:
+        if not decision.process:  # the holder or the next run records it
+            return _not_processed(image.key, paths, decision)
         holder = (read_lock(paths.lock) or {}).get("owner", "another run")
         return ImageOutcome(image.key, "busy", f"claimed by {holder}")
     with claim:
         # Decide again under the claim: another run may have finished it since.
-        decision = decide(paths, fingerprint, loaded.sha256, config, source=image.url)
+        decision = due()
         if not decision.process:
-            return _skipped(image.key, paths, decision.reason)
+            if not decision.held and not catalog.record_path(output_root, image.key).exists():
+                claim.check()
+                _index(output_root, image, paths, fingerprint)
+            return _not_processed(image.key, paths, decision)
         log.info("%s: segmenting (%s)", image.key, decision.reason)
         if not decision.resume:
             catalog.remove_record(output_root, image.key)
@@ -142,18 +169,28 @@ def process_image(
             "model_sha256": loaded.sha256,
             "params": state_params(config),
             "status": "running",
+            "failures": decision.failures,  # kept through a killed run
             "owner": claim.owner,
             "updated": utc_now(),
         }
         write_json_atomic(paths.state, state)
         segment = run_segment or _library_segment()
         # Only when given: a run_segment written before storage options need not take them.
-        remote = {"storage_options": dict(storage_options)} if storage_options else {}
+        extra: dict[str, Any] = (
+            {"storage_options": dict(storage_options)} if storage_options else {}
+        )
+        if run_segment is None or _names_parameter(run_segment, "on_progress"):
+            extra["on_progress"] = _stop_when_lost(claim, CLAIM_CHECK_INTERVAL_S)
         try:
-            segment(
-                image.url, paths.result, loaded.module, config, model_name=loaded.name, **remote
-            )
+            segment(image.url, paths.result, loaded.module, config, model_name=loaded.name, **extra)
             claim.check()
+            # A file still being written (a scanner, a copy) would be recorded with the
+            # fingerprint taken before and look up to date for good.
+            if fingerprint_image(image, storage_options=storage_options) != fingerprint:
+                write_json_atomic(paths.state, state | _changed_meanwhile())
+                changed = _from_result(image.key, paths, "changed", _CHANGED)
+                # A report or thumbnail there is an older result's, not this one's.
+                return replace(changed, report=None, thumbnail=None)
             level = read_meta(paths.result).config.level or 0  # the level segment() chose
             reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
             claim.check()
@@ -164,13 +201,58 @@ def process_image(
             _index(output_root, image, paths, fingerprint)
         except BaseException as exc:
             if claim.is_held():
-                write_json_atomic(
-                    paths.state,
-                    state | {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"},
-                )
+                write_json_atomic(paths.state, state | _failed(exc, decision.failures + 1))
             raise
-        write_json_atomic(paths.state, state | {"status": "complete", "updated": utc_now()})
+        write_json_atomic(
+            paths.state, state | {"status": "complete", "failures": 0, "updated": utc_now()}
+        )
     return _from_result(image.key, paths, "segmented", decision.reason)
+
+
+_CHANGED = "image changed while segmenting"
+
+
+def _changed_meanwhile() -> dict[str, Any]:
+    """The state of a result made while its image changed: not complete, so due again (its
+    fingerprint is no longer the recorded one); no failure, so no retry delay."""
+    return {"status": "changed", "reason": _CHANGED, "updated": utc_now()}
+
+
+def _failed(exc: BaseException, failures: int) -> dict[str, Any]:
+    return {
+        "status": "failed",
+        "reason": f"{type(exc).__name__}: {exc}",
+        "failures": failures,
+        "failed_at": utc_now(),
+    }
+
+
+def _stop_when_lost(claim: Claim, interval_s: float) -> Callable[[int, int], None]:
+    """An ``on_progress`` that raises :class:`~segpipe.archive.claims.ClaimLostError` once
+    ``claim`` is lost, checking at most every ``interval_s``: segment then starts no more
+    tasks and waits for the writes in flight (:func:`segpipe.execution.cluster.run_blocks`)."""
+    last = -float("inf")
+
+    def check(tiles_done: int, tiles_to_do: int) -> None:
+        nonlocal last
+        if time.monotonic() - last >= interval_s:
+            last = time.monotonic()
+            claim.check()
+
+    return check
+
+
+def _names_parameter(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` by name (``**kwargs`` alone does not count:
+    it may pass them on to something that does not take it, or sets it itself)."""
+    try:
+        parameter = inspect.signature(fn).parameters.get(name)
+    except (TypeError, ValueError):  # no signature to read (some builtins, C callables)
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
 
 
 def _index(
@@ -188,6 +270,13 @@ def _library_segment() -> SegmentFn:
     )
 
     return segment
+
+
+def _not_processed(key: str, paths: ImagePaths, decision: Decision) -> ImageOutcome:
+    """A held image's outcome (it may have no result at all), or an up-to-date one's."""
+    if decision.held:
+        return ImageOutcome(key, "held", decision.reason)
+    return _skipped(key, paths, decision.reason)
 
 
 def _skipped(key: str, paths: ImagePaths, reason: str) -> ImageOutcome:

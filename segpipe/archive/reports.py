@@ -226,23 +226,32 @@ def describe_run(outcomes: Sequence[ImageOutcome]) -> str:
     """One sentence on what a run did, e.g. ``"3 images: nothing to segment, 3 up to date"``."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("segmented", "skipped")}
     busy = sum(o.status == "busy" for o in outcomes)
-    failed = [o.image for o in outcomes if o.status == "failed"]
     parts = [
         f"{counts['segmented']} segmented" if counts["segmented"] else "nothing to segment",
         f"{counts['skipped']} up to date",
     ]
     if busy:
         parts.append(f"{busy} busy in another run")
-    if failed:
-        parts.append(f"{len(failed)} failed ({', '.join(failed)})")
+    for status, what in _LISTED:
+        if keys := [o.image for o in outcomes if o.status == status]:
+            parts.append(f"{len(keys)} {what} ({', '.join(keys)})")
     return f"{len(outcomes)} images: " + ", ".join(parts)
 
 
+# Statuses a run's summary names image by image, and how (the markdown gives their reasons).
+_LISTED = (
+    ("failed", "failed"),
+    ("held", "held after failing"),
+    ("changed", "changed while segmenting, due again"),
+)
+
+
 def run_markdown(outcomes: Sequence[ImageOutcome]) -> str:
-    """Markdown summary of a run: the sentence, then each failure with its reason."""
+    """Markdown summary of a run: the sentence, then each image failed, held back after
+    failing or changed while segmenting, with its reason."""
     lines = [describe_run(outcomes)]
-    failures = [o for o in outcomes if o.status == "failed"]
-    if failures:
-        lines += ["", "## Failed", ""]
-        lines += [f"- `{o.image}`: {o.reason}" for o in failures]
+    for status, what in _LISTED:
+        if listed := [o for o in outcomes if o.status == status]:
+            lines += ["", f"## {what.capitalize()}", ""]
+            lines += [f"- `{o.image}`: {o.reason}" for o in listed]
     return "\n".join(lines) + "\n"

@@ -5,10 +5,16 @@ image's key alone (:func:`image_paths`); the sidecar records the fingerprint, mo
 result settings of its last run (``SegmentConfig.result_settings()``), so :func:`decide` can
 skip what is up to date. Execution settings (batch size, device, workers, scheduler) never make
 an image due: they do not change the numbers.
+
+A failure of the same inputs is retried with a growing delay, in wall time whatever the
+schedule (:func:`retry_delay_s`), and after :data:`MAX_ATTEMPTS` not at all until the image,
+model or result settings change or a run passes ``retry_failed``: a corrupt file would
+otherwise be read, fail and fill the logs on every run.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -22,6 +28,9 @@ from segpipe.io.files import URLPath, location
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
+    "MAX_ATTEMPTS",
+    "RETRY_BASE_DELAY_S",
+    "RETRY_MAX_DELAY_S",
     "STATE_VERSION",
     "Decision",
     "ImageOutcome",
@@ -31,13 +40,30 @@ __all__ = [
     "decide",
     "image_paths",
     "read_state",
+    "retry_delay_s",
     "state_params",
 ]
 
 log = logging.getLogger("segpipe.archive")
 
 # 2: SegmentConfig.level may be None (the level closest to the model's pixel size)
-STATE_VERSION = 2
+# 3: "failures" (consecutive failures of the same inputs) and "failed_at"
+STATE_VERSION = 3
+
+# Attempts of the same inputs before an image is left alone, and the wait after the first
+# failure, doubling after each (a scanner's copy finishing, a share coming back: minutes).
+MAX_ATTEMPTS = 3
+RETRY_BASE_DELAY_S = 600.0
+RETRY_MAX_DELAY_S = 6 * 3600.0
+
+
+def retry_delay_s(failures: int) -> float:
+    """Seconds after the ``failures``-th failure of the same inputs before the next attempt.
+
+    >>> [retry_delay_s(n) for n in (1, 2, 3, 10)]
+    [600.0, 1200.0, 2400.0, 21600.0]
+    """
+    return min(RETRY_BASE_DELAY_S * 2 ** (failures - 1), RETRY_MAX_DELAY_S)
 
 
 @dataclass(frozen=True)
@@ -77,11 +103,15 @@ def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether an image needs segmenting, and why; ``resume`` keeps an unfinished result."""
+    """Whether an image needs segmenting, and why; ``resume`` keeps an unfinished result,
+    ``held`` says it is not processed because it failed before (see the module doc), and
+    ``failures`` counts the consecutive failures of these same inputs so far."""
 
     process: bool
     reason: str
     resume: bool = False
+    held: bool = False
+    failures: int = 0
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -111,10 +141,14 @@ def decide(
     config: SegmentConfig,
     *,
     source: str | None = None,
+    retry_failed: bool = False,
 ) -> Decision:
     """Skip an image whose complete result was made from the same fingerprint, model and
     result settings; otherwise say why it is due, resuming an unfinished run of the same
     inputs. ``config``'s execution settings play no part.
+
+    An image whose last run of the same inputs failed is held back until its retry delay has
+    passed, and for good after :data:`MAX_ATTEMPTS` failures; ``retry_failed`` tries it now.
 
     ``source``, the image's URL: a result recorded for another URL is that image's, moved
     (the archive remounted: the same fingerprint), or another archive's that maps to the same
@@ -152,6 +186,11 @@ def decide(
     if changes:
         return Decision(True, ", ".join(changes))
     previous = state.get("status", "unfinished")
+    # A failed sidecar without a count (written before counts were) is one failure.
+    failures = int(state.get("failures", 1 if previous == "failed" else 0))
+    held = _held_back(state, failures) if previous == "failed" and not retry_failed else None
+    if held is not None:
+        return Decision(False, held, held=True, failures=failures)
     complete = is_complete(paths.result)
     if complete and previous == "complete":
         if read_meta(paths.result).model_sha256 == model_sha:
@@ -159,14 +198,41 @@ def decide(
         return Decision(True, "result made by another model")
     if paths.result.exists():
         if moved:  # its identity names the old URL: it cannot be resumed from the new one
-            return Decision(True, f"previous run {previous}{moved}: starting again")
-        return Decision(True, f"previous run {previous}: resuming", resume=True)
+            return Decision(
+                True, f"previous run {previous}{moved}: starting again", failures=failures
+            )
+        return Decision(True, f"previous run {previous}: resuming", resume=True, failures=failures)
     return Decision(
-        True, f"previous run {previous}" if previous != "complete" else "result missing"
+        True,
+        f"previous run {previous}" if previous != "complete" else "result missing",
+        failures=failures,
     )
 
 
-Status = Literal["segmented", "skipped", "busy", "failed"]
+def _held_back(state: dict[str, Any], failures: int) -> str | None:
+    """Why a failed image is not tried again yet, or None when its delay has passed."""
+    last = state.get("reason", "no reason recorded")
+    times = "time" if failures == 1 else "times"
+    if failures >= MAX_ATTEMPTS:
+        return f"failed {failures} {times}; change the file or pass retry_failed (last: {last})"
+    # Before failed_at was recorded, "updated" was the failed run's start: a bit earlier.
+    when = state.get("failed_at") or state.get("updated")
+    try:
+        failed_at = dt.datetime.fromisoformat(when) if isinstance(when, str) else None
+    except ValueError:
+        failed_at = None
+    if failed_at is None or failed_at.tzinfo is None:
+        return None  # no time to count from: try now rather than never
+    retry_at = failed_at + dt.timedelta(seconds=retry_delay_s(failures))
+    if dt.datetime.now(dt.UTC) >= retry_at:
+        return None
+    at = retry_at.isoformat(timespec="seconds")
+    return f"failed {failures} {times}; next attempt after {at} (last: {last})"
+
+
+# held: failed before with the same inputs, waiting for its retry delay or left alone;
+# changed: segmented, but the image changed meanwhile: not recorded, due again next run.
+Status = Literal["segmented", "skipped", "busy", "failed", "held", "changed"]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ __all__ = ["add_archive", "add_serve"]
 def add_archive(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     arc = sub.add_parser("archive", help="segment the new or changed images of a folder, once")
     _archive_options(arc)
+    arc.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="retry failed images now (else after a growing delay, and never after 3 failures)",
+    )
     arc.add_argument("--json", action="store_true", help="print JSON instead of text")
     arc.set_defaults(run=_archive)
 
@@ -98,14 +103,19 @@ def _archive(args: argparse.Namespace) -> int:
     from segpipe.flows.archive import process_archive
 
     summary = process_archive(
-        args.source, args.output_root, args.model, **_archive_parameters(args)
+        args.source,
+        args.output_root,
+        args.model,
+        retry_failed=args.retry_failed,
+        **_archive_parameters(args),
     )
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(summary["summary"])
-        for image, reason in summary["failed"].items():
-            print(f"  failed: {image}: {reason}")
+        for status in ("failed", "held"):
+            for image, reason in summary[status].items():
+                print(f"  {status}: {image}: {reason}")
     return 1 if summary.get("failed") else 0
 
 

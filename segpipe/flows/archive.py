@@ -7,7 +7,9 @@ is a call into :mod:`segpipe.archive`; the same work runs without Prefect throug
 :func:`segpipe.archive.process_image`.
 
 A failing image (a corrupt file, a model that does not fit) fails its own task only: the run
-goes on with the others, and its table names the file and the reason. Run it on a schedule with
+goes on with the others, and its table names the file and the reason. Later runs retry it after
+a growing delay and leave it alone after a few failures (``held``), until it changes or a run
+passes ``retry_failed`` (:mod:`segpipe.archive.state`). Run it on a schedule with
 :func:`serve_archive` (``flow.serve``) or ``deploy/prefect.yaml`` (a work pool and a worker).
 """
 
@@ -84,7 +86,8 @@ def discover_task(
 @dataclass(frozen=True)
 class RunPolicy:
     """How a run treats each image (the flow's parameters of the same names): retries of a
-    transient failure, the claim's owner and timeout, a global concurrency limit."""
+    transient failure, the claim's owner and timeout, a global concurrency limit, whether
+    images held back after failing are tried anyway."""
 
     retries: int
     retry_delay_s: float
@@ -92,6 +95,7 @@ class RunPolicy:
     owner: str
     concurrency_limit: str | None = None
     storage_options: dict[str, Any] | None = None
+    retry_failed: bool = False
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
@@ -121,10 +125,17 @@ def image_task(
     limit = policy.concurrency_limit
 
     def run_segment(
-        source: str, output: Path, module: torch.nn.Module, config: SegmentConfig, **kw: Any
+        source: str,
+        output: Path,
+        module: torch.nn.Module,
+        config: SegmentConfig,
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+        **kw: Any,
     ) -> str:
+        # on_progress named: process_image passes it only to a run_segment that names it
         with _global_slot(limit):
-            return segment(str(source), str(output), module, config, **kw)
+            return segment(str(source), str(output), module, config, on_progress=on_progress, **kw)
 
     outcome = archive.process_image(
         image,
@@ -135,6 +146,7 @@ def image_task(
         ttl_s=policy.lock_ttl_s,
         storage_options=policy.storage_options,
         run_segment=run_segment,
+        retry_failed=policy.retry_failed,
     )
     logger.info("%s: %s (%s)", image.key, outcome.status, outcome.reason)
     if outcome.status == "segmented":
@@ -175,6 +187,7 @@ def process_archive(
     min_age_s: float = 0.0,
     storage_options: dict[str, Any] | None = None,
     fail_on_error: bool = False,
+    retry_failed: bool = False,
 ) -> dict[str, Any]:
     """Segment the images of ``source`` that have no up-to-date result under ``output_root``.
 
@@ -208,13 +221,18 @@ def process_archive(
     lock_ttl_s
         Seconds without a heartbeat after which another run may take over an image's claim.
     fail_on_error
-        End the run Failed when any image failed (after all the others are done).
+        End the run Failed when any image failed in this run (after all the others are done);
+        images held back after failing in earlier runs do not count.
+    retry_failed
+        Try images that failed before with the same inputs now: those waiting for their retry
+        delay and those left alone after too many failures (``held``).
 
     Returns
     -------
     dict
-        ``summary`` (one sentence), ``segmented``/``skipped``/``busy`` (image keys) and
-        ``failed`` (key -> reason).
+        ``summary`` (one sentence), ``segmented``/``skipped``/``busy``/``changed`` (image
+        keys; ``changed``: the file changed while it was segmented, due again), ``failed``
+        and ``held`` (key -> reason).
     """
     logger = get_run_logger()
     if max_concurrent < 1:
@@ -230,6 +248,7 @@ def process_archive(
         owner=_owner(),
         concurrency_limit=concurrency_limit,
         storage_options=storage_options,
+        retry_failed=retry_failed,
     )
 
     with contextlib.ExitStack() as run_cluster:
@@ -259,10 +278,13 @@ def process_archive(
     logger.info("%s", summary)
     result = {
         "summary": summary,
-        "failed": {o.image: o.reason for o in outcomes if o.status == "failed"},
+        **{
+            status: {o.image: o.reason for o in outcomes if o.status == status}
+            for status in ("failed", "held")
+        },
         **{
             status: [o.image for o in outcomes if o.status == status]
-            for status in ("segmented", "skipped", "busy")
+            for status in ("segmented", "skipped", "busy", "changed")
         },
     }
     if fail_on_error and result["failed"]:

@@ -8,6 +8,7 @@ Prefect. With no ``PREFECT_API_URL`` the flow runs on Prefect's temporary local 
 # annotations, and a deployment run loads this file by path, where string annotations may not
 # resolve (see segpipe/flows/archive.py).
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +55,12 @@ def segment_task(
     overwrite: bool = False,
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """:func:`segpipe.segment`, its stages (segment, pyramid) progress artifacts of
-    ``output`` and a log line every tenth; ``progress`` also shows them on stderr."""
+    ``output`` and a log line every tenth; ``progress`` also shows them on stderr.
+    ``on_progress`` goes to :func:`segpipe.segment` (the archive's claim check: raising
+    there stops the run)."""
     with showing(progress), also_reporting(ProgressArtifacts(output)):
         # Looked up on the package at call time, so a test can stand in for it.
         result = segpipe.segment(
@@ -67,6 +71,7 @@ def segment_task(
             model_name=model_name,
             overwrite=overwrite,
             storage_options=storage_options,
+            on_progress=on_progress,
         )
     return str(result)
 

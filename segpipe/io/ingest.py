@@ -6,8 +6,12 @@ Layout written (``output/``)::
                                       "segpipe": {"kind": "image", "complete": ...}}
     0/zarr.json    (C, Y, X) array, dimension_names ("c", "y", "x"), chunks (C, chunk, chunk)
     1/ ...         each level the 2x2 mean of the one before, until the smaller side would
-                   drop below min_level_size; with per-band nodata, the mean of each block's
-                   valid pixels, and nodata where it has none
+                   drop below min_level_size; with per-band nodata, a mask or an alpha channel,
+                   the mean of each block's valid pixels, and nodata (else 0) where it has none
+    labels/valid/  only for a source that marks invalid pixels apart from its pixels (a
+                   GeoTIFF's mask band, OpenSlide's alpha): an OME-Zarr label image, (Y, X)
+                   uint8 per level, 1 where the pixel holds data; a reduced pixel is valid
+                   where any of its 2x2 is (the mean above has a value there)
 
 Metadata for every level is written first, then the pixels, and ``segpipe.complete`` becomes
 true only after the last level: an interrupted ingest never looks finished, and
@@ -28,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +42,9 @@ import numpy as np
 from dask.callbacks import Callback
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
-from segpipe.io.ome import OME_VERSION, multiscale_attributes
+from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
-from segpipe.io.readers.masks import pixel_valid_mask
+from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
 from segpipe.io.units import check_pixel_size
 from segpipe.progress import Stage, progress_option, stage
 
@@ -108,31 +113,25 @@ def ingest(
     _clear_output(out, overwrite=overwrite)
 
     import zarr
-    from zarr.codecs import ZstdCodec
 
     ny, nx, nc = reader.shape
     nodata = getattr(reader, "nodata", None)
     shapes = pyramid_shapes((ny, nx), min_level_size)
+    kind, names = getattr(reader, "mask_kind", None), getattr(reader, "channel_names", None) or ()
+    # Invalid pixels marked apart from the pixels (a mask band, OpenSlide's alpha) go to a label
+    # image; nodata and an alpha channel travel with the pixels.
+    alpha = names.index("alpha") if kind == "alpha" and "alpha" in names else None
+    masked = kind == "mask" or (kind == "alpha" and alpha is None)
     root = zarr.create_group(
         str(out),
         zarr_format=3,
         attributes={
             "ome": _ome_attributes(Path(reader.path).name, len(shapes), px),
-            "segpipe": _segpipe_attributes(reader, px, complete=False),
+            "segpipe": _segpipe_attributes(reader, px, complete=False, masked=masked),
         },
     )
-    arrays = [
-        root.create_array(
-            str(k),
-            shape=(nc, ly, lx),
-            chunks=(nc, chunk, chunk),
-            dtype=reader.dtype,
-            fill_value=0,
-            compressors=ZstdCodec(level=_ZSTD_LEVEL),
-            dimension_names=("c", "y", "x"),
-        )
-        for k, (ly, lx) in enumerate(shapes)
-    ]
+    arrays = _create_levels(root, shapes, chunk, reader.dtype, nc)
+    masks = _create_mask(root, shapes, chunk, px) if masked else []
 
     zarr_chunks = (nc, chunk, chunk)
     level_chunks = [-(-ly // chunk) * -(-lx // chunk) for ly, lx in shapes]
@@ -140,37 +139,108 @@ def ingest(
         for k, target in enumerate(arrays):
             if k == 0:
                 level = reader.level(0).transpose(2, 0, 1)
+                valid = valid_mask_array(reader, chunk) if masked else None
             else:
                 # read back the level just written: bounded memory, and each level is the mean
                 # of exactly what is stored below it
-                level = _halve(da.from_zarr(arrays[k - 1]), nodata)
+                stored = da.from_zarr(arrays[k - 1])
+                below = da.from_zarr(masks[k - 1]) if masked else None
+                level = _halve(stored, nodata, below if alpha is None else stored[alpha])
+                valid = None if below is None else _halve_mask(below)
+            sources, targets = [level.rechunk(zarr_chunks)], [target]
+            if valid is not None:
+                sources, targets = [*sources, valid.rechunk((chunk, chunk))], [target, masks[k]]
             counter = _ChunkCounter(written, level_chunks[k])
             # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
             da.store(
-                level.rechunk(zarr_chunks),
-                target,  # type: ignore[arg-type]
+                sources,
+                targets,  # type: ignore[arg-type]
                 lock=False,
                 **counter.compute_options(),
             )
             counter.finish()
 
-    root.update_attributes({"segpipe": _segpipe_attributes(reader, px, complete=True)})
+    root.update_attributes(
+        {"segpipe": _segpipe_attributes(reader, px, complete=True, masked=masked)}
+    )
     return out
 
 
-def _halve(level: da.Array, nodata: tuple[float | None, ...] | None) -> da.Array:
-    """The next ``(C, Y, X)`` level: the plain 2x2 mean, or with nodata in every band the mean
-    of each block's valid pixels (:func:`~segpipe.io.readers.masks.pixel_valid_mask`) and
-    nodata where the block has none, so the footprint's edge never mixes data and nodata."""
-    if nodata is None or any(value is None for value in nodata):
+# The label image of the pixels holding data, within the ingest's group.
+_MASK = "labels/valid"
+
+
+def _create_levels(
+    group: Any, shapes: Sequence[tuple[int, int]], chunk: int, dtype: Any, nc: int | None
+) -> list[Any]:
+    """Empty arrays ``"0"``, ``"1"``, ... of ``group``: ``(C, Y, X)`` of ``nc`` channels, or
+    ``(Y, X)`` for ``nc`` None, chunked ``chunk`` pixels a side."""
+    from zarr.codecs import ZstdCodec
+
+    lead = () if nc is None else (nc,)
+    return [
+        group.create_array(
+            str(k),
+            shape=(*lead, ly, lx),
+            chunks=(*lead, chunk, chunk),
+            dtype=dtype,
+            fill_value=0,
+            compressors=ZstdCodec(level=_ZSTD_LEVEL),
+            dimension_names=("c", "y", "x")[-2 - len(lead) :],
+        )
+        for k, (ly, lx) in enumerate(shapes)
+    ]
+
+
+def _create_mask(
+    root: Any, shapes: Sequence[tuple[int, int]], chunk: int, px: float | None
+) -> list[Any]:
+    """The empty levels of the label image :data:`_MASK`, with its OME metadata."""
+    labels, name = _MASK.split("/")
+    step, unit = (1.0, None) if px is None else (float(px), "micrometer")
+    paths = [str(k) for k in range(len(shapes))]
+    ome = label_attributes(name, paths, (step, step), unit, ("nodata", "valid"))
+    # a pixel is valid where any of the 2x2 below is: their max, not the labels' usual mode
+    ome["multiscales"] = [
+        multiscale_attributes(name, paths, (step, step), unit, channel=None, method="max")
+    ]
+    group = root.create_group(
+        labels, attributes={"ome": {"version": OME_VERSION, "labels": [name]}}
+    )
+    return _create_levels(
+        group.create_group(name, attributes={"ome": ome}), shapes, chunk, np.uint8, None
+    )
+
+
+def _halve_mask(valid: da.Array) -> da.Array:
+    """The next ``(Y, X)`` uint8 validity mask: 1 where any pixel of the 2x2 block is."""
+    ny, nx = valid.shape
+    side = max(2, valid.chunksize[0] + valid.chunksize[0] % 2)  # even chunks: whole blocks
+    even = valid[: ny // 2 * 2, : nx // 2 * 2].rechunk((side, side))
+    return da.coarsen(np.max, even, {0: 2, 1: 2})
+
+
+def _halve(
+    level: da.Array, nodata: tuple[float | None, ...] | None, valid: da.Array | None = None
+) -> da.Array:
+    """The next ``(C, Y, X)`` level: the plain 2x2 mean, or where invalid pixels are marked
+    (nodata in every band, or ``valid``: the level's ``(Y, X)`` mask or alpha, 0 where
+    invalid) the mean of each block's valid pixels and nodata (else 0) where it has none,
+    so the footprint's edge never mixes data and nodata."""
+    has_nodata = nodata is not None and all(value is not None for value in nodata)
+    if valid is None and not has_nodata:
         # a band without nodata makes every pixel valid: the plain mean, bit for bit as before
         return downsample_mean_2x(level, yx_axes=(1, 2))
     nc, ny, nx = level.shape
     side = max(2, level.chunksize[1] + level.chunksize[1] % 2)  # even chunks: whole blocks
     even = level[:, : ny // 2 * 2, : nx // 2 * 2].rechunk((nc, side, side))
-    return even.map_blocks(
+    if valid is not None:
+        valid = valid[None, : ny // 2 * 2, : nx // 2 * 2].rechunk((1, side, side))
+    return da.map_blocks(
         _valid_mean_2x,
-        nodata,
+        even,
+        nodata if has_nodata else (0.0,) * nc,
+        valid,
         chunks=tuple(
             cs if axis == 0 else tuple(c // 2 for c in cs) for axis, cs in enumerate(even.chunks)
         ),
@@ -179,13 +249,19 @@ def _halve(level: da.Array, nodata: tuple[float | None, ...] | None) -> da.Array
     )
 
 
-def _valid_mean_2x(block: np.ndarray, nodata: tuple[float, ...]) -> np.ndarray:
+def _valid_mean_2x(
+    block: np.ndarray, nodata: tuple[float, ...], valid: np.ndarray | None = None
+) -> np.ndarray:
     """2x2 mean of the valid pixels of ``(C, Y, X)`` with even sides; integers round half up.
+    Valid: where ``valid`` (``(1, Y, X)``) is not 0, else where not every band is nodata.
 
     >>> _valid_mean_2x(np.array([[[1, 2, -1, -1], [-1, 4, -1, -1]]]), (-1.0,)).tolist()
     [[[2, -1]]]
     """
-    valid = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
+    if valid is not None:
+        valid = valid[0] > 0
+    else:
+        valid = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
     assert valid is not None  # mask kind "nodata" with a value for every band
     kind = block.dtype.kind
     wide = np.int64 if kind in "uib" else np.float64
@@ -279,8 +355,10 @@ def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> di
     }
 
 
-def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> dict[str, Any]:
-    attrs = {
+def _segpipe_attributes(
+    reader: Reader, px: float | None, *, complete: bool, masked: bool
+) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
         "kind": "image",
         "complete": complete,
         "source": str(reader.path),
@@ -295,6 +373,8 @@ def _segpipe_attributes(reader: Reader, px: float | None, *, complete: bool) -> 
         if (value := getattr(reader, key, None)) is not None:
             # NaN as the string "NaN" (float() reads it back): a bare NaN is not JSON.
             attrs[key] = [v if not isinstance(v, float) or v == v else "NaN" for v in value]
+    if masked:
+        attrs["valid_mask"] = _MASK
     return attrs
 
 

@@ -67,7 +67,7 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
     ------
     ImageReadError
         The file does not open in GDAL, its CRS does not parse, or its transform is rotated
-        or sheared (segpipe's tiles and results are north-up grids).
+        or sheared, with a CRS or without (segpipe's tiles and results are north-up grids).
     """
     from rasterio.enums import ColorInterp, MaskFlags
 
@@ -113,16 +113,16 @@ def raster_valid_mask(
 
 
 def _georeference(ds: Any, path: str) -> Georeference | None:
-    if ds.crs is None:
-        return None
     t = ds.transform
-    if t.is_identity:  # GDAL's default for a raster without geotransform
-        return None
+    # Refused without a CRS too: the transform still puts the pixels on a rotated grid,
+    # which a north-up result would silently drop.
     if t.b != 0 or t.d != 0:
         raise ImageReadError(
             f"{path}: rotated/sheared GeoTIFF (transform {tuple(t)[:6]}) is not supported; "
             "warp it north-up first (gdalwarp)"
         )
+    if ds.crs is None or t.is_identity:  # identity: GDAL's default without a geotransform
+        return None
     from rasterio.errors import CRSError
 
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import dask.array as da
 import numpy as np
 
 from segpipe.geometry.tiling import Box, mirror_indices
@@ -21,7 +22,7 @@ from segpipe.geometry.tiling import Box, mirror_indices
 if TYPE_CHECKING:
     from segpipe.io.readers.base import Reader
 
-__all__ = ["pixel_valid_mask", "valid_mask"]
+__all__ = ["pixel_valid_mask", "valid_mask", "valid_mask_array"]
 
 
 def pixel_valid_mask(
@@ -70,3 +71,27 @@ def valid_mask(reader: Reader, box: Box, level: int = 0) -> np.ndarray:
     if src is None:
         return np.ones((len(iy), len(ix)), dtype=bool)
     return np.asarray(src, dtype=bool)[np.ix_(iy - y0, ix - x0)]
+
+
+def valid_mask_array(reader: Reader, chunk: int, level: int = 0) -> da.Array:
+    """Lazy ``(Y, X)`` uint8 of ``level``, ``chunk`` pixels a side: 1 where the pixel holds
+    data (``reader.valid_mask``; everywhere when it marks nothing), else 0."""
+    source = _ValidSource(reader, level)
+    return da.from_array(source, (chunk, chunk), name=False, meta=np.empty((0, 0), np.uint8))
+
+
+class _ValidSource:
+    """``reader.valid_mask`` of a level as an array-like for ``da.from_array``; pickles as its
+    reader."""
+
+    def __init__(self, reader: Reader, level: int) -> None:
+        self.reader, self.level = reader, level
+        self.shape, self.dtype, self.ndim = reader.level_shapes[level][:2], np.dtype(np.uint8), 2
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        (y0, y1, _), (x0, x1, _) = (k.indices(n) for k, n in zip(key, self.shape, strict=True))
+        valid = getattr(self.reader, "valid_mask", None)
+        if valid is None or y1 <= y0 or x1 <= x0:  # no mask, or nothing to ask one of
+            return np.ones((max(y1 - y0, 0), max(x1 - x0, 0)), np.uint8)
+        mask = valid(y0, y1, x0, x1, self.level)
+        return np.ones((y1 - y0, x1 - x0), np.uint8) if mask is None else mask.astype(np.uint8)

@@ -1,5 +1,10 @@
 """Zarr v3 images: OME-Zarr 0.5 multiscales (segpipe's ingest writes them) or a plain array
-with ``dimension_names``."""
+with ``dimension_names``.
+
+An ingest says which pixels hold data as its source did: per-band nodata, an ``"alpha"``
+channel, or a label image of its own (``segpipe.valid_mask``, 1 where valid; a GeoTIFF's mask
+band, OpenSlide's alpha), which :meth:`ZarrReader.valid_mask` reads level by level.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ class ZarrReader(BaseReader):
     Axis names come from each array's ``dimension_names`` (or the OME ``axes``), e.g.
     ``("c", "y", "x")``; the pixel size from level 0's ``scale`` and the x axis' ``unit``.
     """
+
+    _mask_path: str | None = None  # the group of an ingest's valid-pixel label image
+    _masks: dict[int, Any]
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
@@ -92,6 +100,8 @@ class ZarrReader(BaseReader):
             self.mask_kind = "nodata"
         elif "alpha" in (self.channel_names or ()):
             self.mask_kind = "alpha"
+        if mask := segpipe.get("valid_mask"):
+            self._mask_path, self.mask_kind, self._masks = str(mask), "mask", {}
         ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 put it at the top
         multiscales = ome.get("multiscales")
         if not multiscales:
@@ -158,6 +168,40 @@ class ZarrReader(BaseReader):
             i = axis_names.index(name)
             per_axis[name] = math.prod(float(s[i]) for s in scales) * UM_PER_UNIT[unit]
         return pixel_size_of_xy(per_axis.get("x"), per_axis.get("y"), self.path, "OME-Zarr scale")
+
+    def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
+        """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: the ingest's label
+        image at ``level`` where it has one, else nodata or alpha from the pixels."""
+        if self._mask_path is None:
+            return super().valid_mask(y0, y1, x0, x1, level)
+        self._check_level(level)
+        ny, nx, _ = self.level_shapes[level]
+        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+            raise ImageReadError(
+                f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is empty or outside level "
+                f"{level} of shape (Y, X) = ({ny}, {nx})"
+            )
+        import zarr
+
+        path = f"{self._mask_path}/{self._array_paths[level]}"
+        try:
+            with self._lock:
+                if level not in self._masks:
+                    group = cast("zarr.Group", zarr.open(self.url or self.path, mode="r"))
+                    self._masks[level] = group[path]
+            return np.asarray(self._masks[level][y0:y1, x0:x1]) > 0
+        except (FileNotFoundError, *DECODE_ERRORS) as exc:
+            raise ImageReadError(
+                f"{self.path}: cannot read its valid-pixel mask {path!r} at y {y0}:{y1}, "
+                f"x {x0}:{x1} ({type(exc).__name__}: {exc})"
+            ) from exc
+
+    def _close_handles(self) -> None:
+        if self._mask_path is not None:
+            self._masks = {}
+
+    def _handle_state(self) -> dict[str, Any]:
+        return {"_masks": {}} if self._mask_path is not None else {}
 
     def _open_level(self, level: int) -> Any:
         import zarr

@@ -1,4 +1,8 @@
-"""Small PNG/JPEG images through Pillow, decoded whole (tiled TIFF is for anything large)."""
+"""Small PNG/JPEG images through Pillow, decoded whole (tiled TIFF is for anything large).
+
+Pixels are turned as the EXIF orientation says, as every viewer shows them; an alpha channel
+marks the transparent pixels as invalid (``mask_kind = "alpha"``, as a GeoTIFF's alpha band).
+"""
 
 from __future__ import annotations
 
@@ -16,23 +20,32 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Pillow images are decoded whole into memory; anything bigger belongs in a tiled TIFF.
 MAX_PILLOW_PIXELS = 20_000 * 20_000
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 class PillowReader(BaseReader):
     """A small PNG or JPEG, decoded whole into memory by Pillow (one level).
 
-    Palette, CMYK and YCbCr images are converted to RGB(A); grey stays one channel.
+    Palette, CMYK and YCbCr images are converted to RGB(A); grey stays one channel. The
+    alpha of RGBA or LA is the channel named ``"alpha"``; a pixel where it is 0 holds no data
+    (:meth:`valid_mask`), unless no pixel is transparent: then it marks nothing.
     """
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
-        data = self._decode()
+        data, has_alpha = self._decode()
         axes = "YX" if data.ndim == 2 else "YXC"
         self._data: np.ndarray | None = data
+        if has_alpha:
+            rgba = data.shape[2] == 4
+            self.channel_names = ("red", "green", "blue", "alpha") if rgba else ("grey", "alpha")
+            # Checked once, as the image is in memory: an opaque alpha costs no mask pass.
+            self.mask_kind = None if data[..., -1].all() else "alpha"
         chunk = tuple(min(n, 1024) for n in data.shape[:2]) + data.shape[2:]
         self._set_layout([axes], [data.shape], [chunk], data.dtype)
 
-    def _decode(self) -> np.ndarray:
+    def _decode(self) -> tuple[np.ndarray, bool]:
+        """The pixels as viewers show them, and whether the last channel is alpha."""
         from PIL import Image
 
         too_big = (
@@ -55,9 +68,13 @@ class PillowReader(BaseReader):
                     and img.mode in ("RGB", "RGBA")
                     and (wide := _png16(img)) is not None
                 ):
-                    return wide
+                    # An eXIf after the pixels is found only by Pillow decoding them (at 8
+                    # bits, for nothing); one before them (Pillow writes it there) is read.
+                    turn = img.getexif().get(_ORIENTATION, 1) if "exif" in img.info else 1
+                    return _orient(wide, turn), img.mode == "RGBA"
                 img.load()
-                return np.asarray(img)
+                turn = img.getexif().get(_ORIENTATION, 1)
+                return _orient(np.asarray(img), turn), img.mode in ("RGBA", "LA")
         except Image.DecompressionBombError as exc:
             raise ImageReadError(f"{too_big} ({exc})") from exc
         except (OSError, ValueError, SyntaxError) as exc:
@@ -70,7 +87,7 @@ class PillowReader(BaseReader):
 
     def _open_level(self, level: int) -> np.ndarray:
         if self._data is None:
-            self._data = self._decode()
+            self._data = self._decode()[0]
         return self._data
 
     def _close_handles(self) -> None:
@@ -91,3 +108,18 @@ def _png16(img: Any) -> np.ndarray | None:
 
     img.fp.seek(0)
     return np.asarray(imagecodecs.png_decode(img.fp.read()))
+
+
+def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """``(Y, X[, C])`` pixels as viewers show a file with this EXIF orientation (1 as stored,
+    6 turned clockwise, ...; what ``PIL.ImageOps.exif_transpose`` does, for 16-bit pixels too).
+
+    >>> _orient(np.array([[1, 2, 3], [4, 5, 6]]), 6).tolist()
+    [[4, 1], [5, 2], [6, 3]]
+    """
+    if orientation in (5, 6, 7, 8):  # stored on its side
+        pixels = pixels.swapaxes(0, 1)
+        flip_y, flip_x = orientation in (7, 8), orientation in (6, 7)
+    else:
+        flip_y, flip_x = orientation in (3, 4), orientation in (2, 3)
+    return np.ascontiguousarray(pixels[:: -1 if flip_y else 1, :: -1 if flip_x else 1])

@@ -3,7 +3,9 @@ slide formats (Aperio SVS, Hamamatsu NDPI, Leica SCN, Philips TIFF, Ventana BIF)
 
 Pixels come through tifffile's Zarr view of the main series (one level per pyramid level);
 the vendor, pixel size and magnification from :mod:`segpipe.io.readers.vendor`; a GeoTIFF's
-CRS, affine, nodata and masks from GDAL (:mod:`segpipe.io.readers.geotiff`).
+CRS, affine, nodata and masks from GDAL (:mod:`segpipe.io.readers.geotiff`). Any other TIFF's
+alpha sample (ExtraSamples: associated or unassociated alpha) is the channel named ``"alpha"``,
+and a pixel where it is 0 holds no data, as GDAL reads it in a GeoTIFF.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ __all__ = ["TIFF_SUFFIXES", "TiffReader"]
 # .svs Aperio, .ndpi Hamamatsu, .scn Leica, .bif Ventana; Philips writes .tiff
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8", ".tf2")
 
-# GDAL writes nodata as this private tag; a TIFF with it (or GeoKeys) goes through GDAL too.
-_GDAL_NODATA = 42113
+# GDAL writes nodata as this private tag; a TIFF with it, GeoKeys or an affine without a CRS
+# (ModelPixelScale, ModelTiepoint, ModelTransformation) goes through GDAL too.
+_GDAL_TAGS = (42113, 33550, 33922, 34264)
+# ExtraSamples values: associated (premultiplied) and unassociated alpha
+_ALPHA_SAMPLES = (1, 2)
 
 
 class TiffReader(BaseReader):
@@ -74,12 +79,14 @@ class TiffReader(BaseReader):
                 slide.pixel_size_um,
             )
             first = series.levels[0].keyframe
-            if getattr(first, "is_geotiff", False) or _GDAL_NODATA in first.tags:
+            if getattr(first, "is_geotiff", False) or any(t in first.tags for t in _GDAL_TAGS):
                 raster = raster_metadata(self.url or self.path)
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
                 if self.georeference is not None:
                     self.vendor = "geotiff"
+            elif (names := _alpha_channel_names(first, axes[0])) is not None:
+                self.mask_kind, self.channel_names = "alpha", names
             self._set_layout(axes, shapes, chunks, dtype)
         except ImageReadError:
             self.close()
@@ -140,6 +147,24 @@ def _main_series(series: list[Any]) -> int:
     (GDAL's internal mask band is a series of its own, as large as the image)."""
     images = [i for i, s in enumerate(series) if not s.keyframe.is_mask] or list(range(len(series)))
     return max(images, key=lambda i: math.prod(series[i].shape))
+
+
+def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
+    """A name per sample of ``page`` (``"alpha"`` for the first extra sample that is one, as
+    GDAL takes it), or None without an alpha sample."""
+    extra = [int(e) for e in page.extrasamples]
+    alphas = [i for i, e in enumerate(extra) if e in _ALPHA_SAMPLES]
+    if "S" not in axes or not alphas:
+        return None
+    n = int(page.samplesperpixel)
+    colour = n - len(extra)
+    names = [f"band {i + 1}" for i in range(n)]
+    if page.photometric == 2 and colour == 3:  # RGB
+        names[:3] = ["red", "green", "blue"]
+    elif page.photometric in (0, 1) and colour == 1:  # grey: min-is-white or min-is-black
+        names[0] = "grey"
+    names[colour + alphas[0]] = "alpha"
+    return tuple(names)
 
 
 def _check_declared_data(series: Any, file_size: int, path: str) -> None:
