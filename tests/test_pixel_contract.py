@@ -4,12 +4,14 @@ training and inference, and the checks that refuse images a model cannot take.""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 import torch
+from PIL import Image
 
 import segpipe
 from segpipe import models, training
@@ -25,6 +27,7 @@ from segpipe.models import (
     choose_level,
     measure_contract,
 )
+from segpipe.models.contract import channels_taken
 
 PX = 0.65  # µm per pixel of the generated 16-bit images
 
@@ -304,3 +307,132 @@ def test_the_level_closest_to_the_model_pixel_size_is_segmented(
     assert meta.pixel_size_um == pytest.approx(PX)
     with pytest.raises(PixelContractError, match=r"level 0 has 0.325 µm.*--level"):
         segpipe.segment(pyramid, tmp_path / "r0.zarr", path, scheduler="sync", tile=32, level=0)
+
+
+# -- an alpha channel is a validity mask, not image content ------------------------------------
+
+
+class _WithAlpha(_Pyramid):
+    """A 4-channel reader-shaped value: grey 128 and a last channel 255, named as given."""
+
+    def __init__(self, names: tuple[str, ...], mask_kind: str | None = "alpha") -> None:
+        super().__init__(None, len(names))
+        self.channel_names, self.mask_kind = names, mask_kind
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        pixels = super().read(y0, y1, x0, x1, level)
+        pixels[..., -1] = 255
+        return pixels
+
+
+_RGBA = ("red", "green", "blue", "alpha")
+
+
+@pytest.mark.parametrize(
+    ("names", "mask_kind", "model_channels", "taken"),
+    [
+        (_RGBA, "alpha", 3, 3),
+        (_RGBA, None, 3, 3),  # an opaque RGBA PNG (its alpha marks nothing) is still RGBA
+        (("grey", "alpha"), "alpha", 1, 1),
+        (_RGBA, "alpha", 4, 4),  # a model trained on RGBA keeps its alpha
+        (_RGBA, "alpha", None, 4),  # a plain module that says nothing: all, as before
+        (("red", "green", "blue", "nir"), None, 3, None),
+        (("red", "green", "blue", "nir"), "alpha", 3, None),
+        (_RGBA, "alpha", 2, None),
+    ],
+)
+def test_an_alpha_channel_is_left_out_for_a_model_taking_one_channel_fewer(
+    names: tuple[str, ...], mask_kind: str | None, model_channels: int | None, taken: int | None
+) -> None:
+    """The model gets the leading channels it takes; anything else is refused as before. The
+    intensity check samples the model's channels only: an opaque alpha (1.0 scaled) beside
+    them would read as a bright image."""
+    reader = _WithAlpha(names, mask_kind)
+    c = None
+    if model_channels is not None:
+        # grey 128 scaled is 0.5; an opaque alpha, where the model takes one, 1.0
+        mean = tuple(1.0 if k == 3 else 0.5 for k in range(model_channels))
+        c = PixelContract(channels=model_channels, mean=mean, std=(0.05,) * model_channels)
+    if taken is None:
+        with pytest.raises(PixelContractError, match="has 4 channels but model 'm' was trained"):
+            check_source(c, reader, 0, model="m")
+        return
+    assert channels_taken(c, reader, 0) == taken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_source(c, reader, 0, model="m")
+
+
+def _rgba_scene(shape: tuple[int, int] = (60, 90)) -> np.ndarray:
+    """``shape`` RGBA uint8: noise with a bright square, a transparent column of 16 px tiles
+    (x 64:), a transparent corner and a half-transparent (still valid) band."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 120, (*shape, 3), dtype=np.uint8)
+    rgb[20:40, 10:50] = 220
+    alpha = np.full(shape, 255, np.uint8)
+    alpha[40:45] = 128
+    alpha[:, 64:] = 0
+    alpha[:25, :20] = 0
+    # Transparent pixels keep their colours, as many exports do (the RGB reference has them).
+    return np.dstack([rgb, alpha])
+
+
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    Image.fromarray(pixels, "RGBA" if pixels.shape[2] == 4 else "RGB").save(path)
+    return path
+
+
+def _tiff(path: Path, pixels: np.ndarray) -> Path:
+    extra = {"extrasamples": ["unassalpha"]} if pixels.shape[2] == 4 else {}
+    tifffile.imwrite(path, pixels, photometric="rgb", tile=(32, 32), **extra)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+@pytest.mark.parametrize("write", [_png, _tiff], ids=["png", "tiff"])
+def test_an_rgba_image_is_segmented_by_an_rgb_model_as_its_rgb(
+    tmp_path: Path, write: Callable[[Path, np.ndarray], Path], mode: str
+) -> None:
+    """The same probabilities as the image's RGB alone, wherever a tile is computed; with
+    foreground "nodata" and "auto" (no pixel size: not a slide) a wholly transparent tile is
+    not computed."""
+    pixels = _rgba_scene()
+    suffix = ".png" if write is _png else ".tif"
+    rgba = write(tmp_path / f"rgba{suffix}", pixels)
+    rgb = _png(tmp_path / "rgb.png", pixels[..., :3])
+    torch.manual_seed(0)
+    net = models.build(
+        "unet", class_names=("bg", "fg"), in_channels=3, width=4, depth=2, padding="valid"
+    ).eval()
+    net.pixel_contract = measure_contract([pixels[..., :3]])  # mean and std: the sample checked
+    assert net.pixel_contract.channels == 3
+    tile = 16
+    settings = dict(tile=tile, task_tiles=1, mode=mode, scheduler="sync")
+    reference = segpipe.segment(rgb, tmp_path / "rgb.zarr", net, foreground="none", **settings)
+    expected = segpipe.open_result(reference)["probabilities"].values
+    opaque = pixels[..., 3] > 0
+    has_data = np.array(
+        [
+            [opaque[y : y + tile, x : x + tile].any() for x in range(0, 90, tile)]
+            for y in range(0, 60, tile)
+        ]
+    )
+    for foreground in ("none", "nodata", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", OutOfDistributionWarning)
+            out = segpipe.segment(
+                rgba, tmp_path / f"{foreground}.zarr", net, foreground=foreground, **settings
+            )
+        got = segpipe.open_result(out)["probabilities"].values
+        meta = segpipe.results.read_meta(out)
+        assert meta.config.foreground == ("none" if foreground == "none" else "nodata")
+        summary = meta.summary
+        assert summary is not None
+        if foreground == "none":
+            np.testing.assert_array_equal(got, expected)
+            continue
+        computed = got.sum(axis=0) > 0  # a computed pixel's probabilities sum to one
+        assert computed[opaque].all()
+        np.testing.assert_array_equal(got[:, computed], expected[:, computed])
+        assert summary.tiles_background == (~has_data).sum()
+        assert not computed[:, 64:].any()

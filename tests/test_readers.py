@@ -904,11 +904,13 @@ def test_tiles_wholly_transparent_are_not_computed(
     tmp_path: Path, write: Callable[[Path, np.ndarray], Path]
 ) -> None:
     """foreground "nodata" and "auto" (no pixel size: not a slide) leave out exactly the tiles
-    with no opaque pixel; the others are segmented as without a mask."""
+    with no opaque pixel; the others are segmented as without a mask, by an RGB model (the
+    alpha marks data, the model does not see it)."""
     import torch
 
     import segpipe
     from segpipe import models
+    from segpipe.models import PixelContract
     from segpipe.results import read_meta
 
     pixels = _with_alpha(4)
@@ -924,8 +926,9 @@ def test_tiles_wholly_transparent_are_not_computed(
     )
     torch.manual_seed(0)
     net = models.build(
-        "unet", class_names=("bg", "fg"), in_channels=4, width=4, depth=2, padding="valid"
+        "unet", class_names=("bg", "fg"), in_channels=3, width=4, depth=2, padding="valid"
     ).eval()
+    net.pixel_contract = PixelContract(channels=3, dtype="uint8")
     settings = dict(tile=tile, task_tiles=1, level=0, scheduler="sync")
     off = segpipe.segment(path, tmp_path / "off.zarr", net, foreground="none", **settings)
     where = np.kron(expected, np.ones((tile, tile), bool))[:60, :90]

@@ -262,6 +262,7 @@ def segment(
             num_classes=len(class_names),
             lattice=lattice,
             sigma_scale=config.sigma_scale,
+            channels=models.channels_taken(contract, reader, level),
         )
         inference = InferenceConfig(
             device=config.device,

@@ -177,11 +177,13 @@ def predict_parts(
     level: int = 0,
     batch_size: int = 4,
     boxes: Sequence[Box] | None = None,
+    channels: int | None = None,
 ) -> Iterator[RegionPrediction]:
     """:func:`predict_region`, giving each of ``parts`` (boxes of the region; default the
     whole region) as soon as every window over it is stitched, while later windows are
     predicted: a task writes its first shards while the model works on its last (each
-    prediction's ``windows`` counts the whole call's)."""
+    prediction's ``windows`` counts the whole call's). ``channels``: the leading channels of
+    the pixels the model takes (None: all; an RGB model leaves an RGBA image's alpha out)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 window, got {batch_size}")
     if boxes is not None and stitching.mode != "exact":
@@ -195,7 +197,7 @@ def predict_parts(
         region = bounds([t.box for t in tiles])
         windows = stitching.windows(tiles, region, boxes)
         source_box = bounds([w.input for w in windows])
-        pixels = read_mirrored(reader, source_box, level)
+        pixels = read_mirrored(reader, source_box, level)[..., :channels]
         _check_pixels(pixels, reader, source_box, level)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])

@@ -135,6 +135,9 @@ class Job(Stitching):
     # Whether a task may write each of its shard blocks whole, the tiles it does not compute
     # as 0: true unless the run resumes a result whose recorded tiles it must keep as stored.
     whole_shards: bool = False
+    # The leading channels of the pixels the model takes (an RGB model leaves an RGBA image's
+    # alpha out: models.contract.channels_taken); None: all of them.
+    channels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,7 @@ def segment_block(block: Block, job: Job) -> BlockResult:
         level=job.level,
         batch_size=predictor.config.batch_size,
         boxes=block.boxes,
+        channels=job.channels,
     ):
         n = regions.index(prediction.region)
         part, patch = block.shards[n], patches[n]

@@ -13,7 +13,7 @@ scale pixels with :meth:`PixelContract.scale`, the one place that does it.
 [[0.0, 1.0]]
 
 Pure numpy; the checks take anything shaped like a reader (``level_shapes``, ``dtype``,
-``pixel_size_um``, ``read``) without importing :mod:`segpipe.io`.
+``pixel_size_um``, ``read``, maybe ``channel_names``) without importing :mod:`segpipe.io`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "OutOfDistributionWarning",
     "PixelContract",
     "PixelContractError",
+    "channels_taken",
     "check_source",
     "choose_level",
     "measure_contract",
@@ -307,6 +308,27 @@ def choose_level(contract: PixelContract | None, reader: Any) -> int:
     return min(range(len(sizes)), key=lambda k: abs(math.log(float(sizes[k] or 1.0) / target)))
 
 
+def channels_taken(contract: PixelContract | None, reader: Any, level: int = 0) -> int:
+    """How many leading channels of ``reader``'s ``level`` the model takes: all, or all but
+    the last where that is the image's alpha (named ``"alpha"``) and the model takes one fewer.
+
+    An alpha marks which pixels hold data (``valid_mask``), it is no image content: an RGB
+    model segments an RGBA PNG or GeoTIFF as its RGB, whatever ``mask_kind`` says (None for
+    an opaque PNG alpha). A model trained on RGBA keeps it.
+
+    >>> class R:
+    ...     level_shapes, channel_names = ((8, 8, 4),), ("red", "green", "blue", "alpha")
+    >>> [channels_taken(PixelContract(channels=c), R()) for c in (3, 4)]
+    [3, 4]
+    """
+    channels = int(reader.level_shapes[level][2])
+    names = tuple(getattr(reader, "channel_names", None) or ())
+    is_alpha_last = len(names) == channels and names[-1:] == ("alpha",)
+    if contract is not None and is_alpha_last and contract.channels == channels - 1:
+        return channels - 1
+    return channels
+
+
 def check_source(
     contract: PixelContract | None,
     reader: Any,
@@ -322,13 +344,14 @@ def check_source(
     value range does not fit, or a level whose pixel size differs from the model's by more
     than the tolerance. Warns (:class:`OutOfDistributionWarning`) when the pixel size is
     unknown on one side, or a sample of the image is far from the training statistics.
-    A None contract (a plain module that does not say what it takes) checks nothing.
+    A None contract (a plain module that does not say what it takes) checks nothing. An
+    alpha the model does not take is left out (:func:`channels_taken`).
     """
     if contract is None:
         return
     path = reader.path
     channels = reader.level_shapes[level][2]
-    if channels != contract.channels:
+    if channels_taken(contract, reader, level) != contract.channels:
         names = f" ({', '.join(contract.channel_names)})" if contract.channel_names else ""
         raise PixelContractError(
             f"{path} has {_CHANNEL_WORDS.get(channels, f'{channels} channels')} but model "
@@ -377,8 +400,8 @@ def _warn_if_unusual(contract: PixelContract, reader: Any, model: str) -> None:
     side = 512
     y0, x0 = max(0, (ny - side) // 2), max(0, (nx - side) // 2)
     sample = reader.read(y0, min(ny, y0 + side), x0, min(nx, x0 + side), k)
-    scaled = np.asarray(contract.scale(sample), dtype=np.float64).reshape(-1, contract.channels)
-    mean = scaled.mean(axis=0)
+    scaled = contract.scale(sample[..., : channels_taken(contract, reader, k)])  # no alpha
+    mean = np.asarray(scaled, dtype=np.float64).reshape(-1, contract.channels).mean(axis=0)
     far = [
         f"channel {c}: mean {mean[c]:.3g} vs {contract.mean[c]:.3g} ± {contract.std[c]:.3g}"
         for c in range(contract.channels)
