@@ -62,7 +62,7 @@ def meta(**kw):
 
 def test_new_resumed_and_complete(tmp_path):
     path = tmp_path / "r.zarr"
-    done = prepare_result(path, meta())
+    done = prepare_result(path, meta(source_shape=(400, 280)))
     assert done.shape == (4, 3) and not done.any()
     mark_tiles_done(path, {(0, 0): np.array([5, 6]), (3, 2): np.array([1, 0])})
     again = prepare_result(path, meta())
@@ -71,6 +71,11 @@ def test_new_resumed_and_complete(tmp_path):
     assert not is_complete(path)
     finalize_result(path, run_summary(path))
     assert read_meta(path).summary.tiles_total == 12
+    # Provenance, not identity: kept through finalising, and a run that does not say it
+    # (a release before it) resumes the same result.
+    assert read_meta(path).source_shape == (400, 280)
+    assert read_attrs(path)["source_shape"] == [400, 280]
+    assert read_meta(path).identity() == meta().identity()
     assert is_complete(path)
     assert tiles_done(path).all()
 
@@ -484,11 +489,12 @@ def test_a_result_written_before_segment_config_still_opens_and_resumes(tmp_path
     settings = {"tile": 64, "mode": "blend", "window": 32, "task_tiles": 1}
     segpipe.segment(small_slide.image, out, scheduler="sync", **settings)
     current = read_attrs(out)
-    legacy = {k: v for k, v in current.items() if k not in ("config", "state")}
+    assert current["source_shape"] == [300, 300]  # the source's level 0
+    legacy = {k: v for k, v in current.items() if k not in ("config", "state", "source_shape")}
     zarr.open_group(out, mode="r+").attrs["segpipe"] = legacy
 
     meta = read_meta(out)
-    assert meta.complete and meta.state == "complete"
+    assert meta.complete and meta.state == "complete" and meta.source_shape is None
     written = current["config"]  # the resolved settings (the window snapped to the model)
     rebuilt = meta.config.result_settings()
     assert rebuilt == {k: written[k] for k in rebuilt}

@@ -1,16 +1,24 @@
 """GeoJSON polygons: one per object, exact pixel outlines, rasterised back to the mask."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+import torch
+import zarr
 from rasterio import features
+from scipy import ndimage
 from shapely import affinity
 from shapely.geometry import shape
 from test_query import make_result, squares_on_chunk_corners
 
+import segpipe
 from segpipe import open_result, query, vectors
+from segpipe.geometry.tiling import Geometry
+from segpipe.io.writers import write_pyramidal_tiff
 from segpipe.palette import class_color
+from segpipe.results import FOREGROUND_LABEL, label_path, read_meta
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +151,106 @@ def test_detections_carry_measurements_read_back_from_the_file(result, tmp_path,
         assert m["mean_probability"] == pytest.approx(probs[2][pixels].mean())
         for k, name in enumerate(names):
             assert m[f"mean_probability {name}"] == pytest.approx(probs[k][pixels].mean())
+
+
+# -- a source level > 0 segmented ------------------------------------------------------------
+
+SOURCE = (203, 149)  # (y, x) level 0; level 1 is 101 x 74, neither side an exact half
+LEVEL1 = (101, 74)
+# Rectangles (y0, y1, x0, x1) of level 1, painted at twice that on level 0; the second
+# crosses chunk corners, the last reaches level 1's bottom and right edges.
+OBJECTS = [(10, 20, 5, 15), (30, 50, 25, 45), (75, 95, 30, 50), (60, 101, 60, 74)]
+RUN = {"level": 1, "tile": 16, "task_tiles": 1, "scheduler": "sync"}
+
+
+class Bright(torch.nn.Module):
+    """Class 1 where the first channel is above half its range, class 0 elsewhere."""
+
+    geometry = Geometry(halo=0, multiple=1)
+    class_names = ("background", "object")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x[:, :1] > 0.5).float()
+        return torch.cat([1 - bright, bright], dim=1)
+
+
+def expected_bounds():
+    """Each object's level-1 box in the source's level-0 pixels, scaled per axis."""
+    ry, rx = SOURCE[0] / LEVEL1[0], SOURCE[1] / LEVEL1[1]
+    return np.array(sorted((x0 * rx, y0 * ry, x1 * rx, y1 * ry) for y0, y1, x0, x1 in OBJECTS))
+
+
+def bounds(result):
+    feats = vectors.class_features(result, "object", coords="pixel")
+    return np.array(sorted(shape(f["geometry"]).bounds for f in feats))
+
+
+@pytest.fixture(scope="module")
+def level1_run(tmp_path_factory):
+    """(result, source): a two-level OME-TIFF with bright rectangles, segmented at level 1."""
+    folder = tmp_path_factory.mktemp("level1")
+    image = np.zeros((*SOURCE, 3), np.uint8)
+    for y0, y1, x0, x1 in OBJECTS:
+        image[2 * y0 : 2 * y1, 2 * x0 : 2 * x1] = 255
+    source = write_pyramidal_tiff(
+        folder / "slide.ome.tif", image, pixel_size_um=0.25, tile=32, min_level_size=64
+    )
+    result = segpipe.segment(source, folder / "r.zarr", Bright(), foreground="none", **RUN)
+    level1 = np.zeros(LEVEL1, bool)
+    for y0, y1, x0, x1 in OBJECTS:
+        level1[y0:y1, x0:x1] = True
+    # The reference holds: the result is level 1, its objects the rectangles.
+    np.testing.assert_array_equal(open_result(result)["mask"].values == 1, level1)
+    return result, source
+
+
+def test_pixel_coordinates_of_a_coarser_level_are_the_sources_level_0(level1_run):
+    result, _ = level1_run
+    np.testing.assert_allclose(bounds(result), expected_bounds(), rtol=0, atol=1e-9)
+    assert bounds(result)[:, 2:].max(axis=0) == pytest.approx([149, 203])  # the image's edges
+    feats = vectors.class_features(result, "object", coords="pixel")
+    # Rectangles, each still one polygon; area_px stays pixels of the segmented level.
+    for f in feats:
+        x0, y0, x1, y1 = shape(f["geometry"]).bounds
+        assert shape(f["geometry"]).area == pytest.approx((x1 - x0) * (y1 - y0))
+        ratio = (SOURCE[0] / LEVEL1[0]) * (SOURCE[1] / LEVEL1[1])
+        assert f["properties"]["measurements"]["area_px"] == round((x1 - x0) * (y1 - y0) / ratio)
+
+
+def test_the_polygons_fed_back_as_a_foreground_file_choose_their_objects(level1_run, tmp_path):
+    result, source = level1_run
+    polygons = vectors.export_geojson(result, tmp_path / "objects.geojson", coords="pixel")
+    again = segpipe.segment(
+        source, tmp_path / "again.zarr", Bright(), foreground=str(polygons), **RUN
+    )
+    objects = open_result(result)["mask"].values == 1
+    meta = read_meta(again)
+    chosen = zarr.open_group(again, mode="r")[label_path(FOREGROUND_LABEL, 0, layout=meta.layout)]
+    chosen = chosen[...] == 1
+    # Every object pixel, and none beyond the pixels its outline touches.
+    assert chosen[objects].all()
+    assert not (chosen & ~ndimage.binary_dilation(objects, np.ones((3, 3), bool))).any()
+    np.testing.assert_array_equal(open_result(again)["mask"].values == 1, objects)
+    assert meta.summary.tiles_background > 0
+
+
+def test_a_result_not_recording_the_source_size_reads_it_from_the_source(level1_run, tmp_path):
+    result, _ = level1_run
+    old = shutil.copytree(result, tmp_path / "old.zarr")
+    group = zarr.open_group(old, mode="r+")
+    attrs = {k: v for k, v in group.attrs["segpipe"].items() if k != "source_shape"}
+    group.attrs["segpipe"] = attrs
+    np.testing.assert_allclose(bounds(old), expected_bounds(), rtol=0, atol=1e-9)
+    assert read_meta(old).source_shape is None
+
+    def moved_to(path):
+        group.attrs["segpipe"] = {**attrs, "identity": {**attrs["identity"], "source": str(path)}}
+
+    moved_to(tmp_path / "gone.ome.tif")
+    with pytest.raises(ValueError, match=r"old\.zarr .*gone\.ome\.tif.*coords='micron'"):
+        bounds(old)
+    assert vectors.class_features(old, "object", coords="micron")  # needs no source
+    other = np.zeros((50, 60, 3), np.uint8)  # another image at the path: no level 1
+    moved_to(write_pyramidal_tiff(tmp_path / "other.ome.tif", other, pixel_size_um=0.25))
+    with pytest.raises(ValueError, match="not the image segmented"):
+        bounds(old)

@@ -7,8 +7,14 @@ across chunk borders) becomes one Feature. Polygons are traced per chunk along p
 
 Coordinates (``coords``):
 
-- ``"pixel"``: level-0 pixels of the segmented image, pixel ``(i, j)`` the square
-  ``[j, j + 1] x [i, i + 1]`` (QuPath's convention; polygons from coarser levels are scaled);
+- ``"pixel"``: level-0 pixels of the source image, pixel ``(i, j)`` the square
+  ``[j, j + 1] x [i, i + 1]`` (QuPath's convention, and what a foreground mask file of
+  :func:`segpipe.segment` takes). Polygons of a coarser level are scaled: by ``2**k`` from
+  result level ``k`` to the segmented level, then, where a run segmented a source level > 0,
+  each axis by the source's level-0 size over the segmented level's (a level of odd side
+  is not an exact half; OpenSlide's downsamples are these ratios, averaged). A result
+  written before results recorded that size (:attr:`ResultMeta.source_shape`) has its
+  source opened to read it;
 - ``"micron"``: the result's ``x``/``y`` coordinates, whose values are pixel centres, so
   pixel ``(i, j)`` spans ``[(j - 0.5) s, (j + 0.5) s]``;
 - ``"crs"``: the coordinate reference system of a georeferenced input (GeoTIFF), through
@@ -22,7 +28,7 @@ import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask
 import numpy as np
@@ -30,6 +36,7 @@ import numpy as np
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
 from segpipe.io.ome import PixelGrid
+from segpipe.io.readers import open_image
 from segpipe.palette import class_color
 from segpipe.results import ResultMeta, open_result, read_meta
 
@@ -76,7 +83,7 @@ def _base_transform(coords: str, meta: ResultMeta, result: Any) -> Any:
     from affine import Affine
 
     if coords == "pixel":
-        return Affine.identity()
+        return Affine.scale(*_level0_per_pixel(meta, result))
     if coords == "micron":
         s = meta.pixel_size_um
         if not s:
@@ -89,6 +96,38 @@ def _base_transform(coords: str, meta: ResultMeta, result: Any) -> Any:
     if not transform:
         raise ValueError(f"{result} is not georeferenced; use coords='micron' or 'pixel'")
     return Affine(*transform[:6])
+
+
+def _level0_per_pixel(meta: ResultMeta, result: Any) -> tuple[float, float]:
+    """(x, y) pixels of the source's level 0 per pixel of the segmented level."""
+    level = meta.config.level or 0
+    level0 = meta.source_shape or (_source_level0(meta, result) if level else meta.shape)
+    return level0[1] / meta.shape[1], level0[0] / meta.shape[0]
+
+
+def _source_level0(meta: ResultMeta, result: Any) -> tuple[int, int]:
+    """(y, x) pixels of level 0 of the image a result not recording them was made from."""
+    level = meta.config.level or 0
+    try:
+        reader = open_image(meta.source)
+    except (OSError, ValueError) as e:  # ImageReadError is a ValueError
+        raise ValueError(
+            f"{result} holds level {level} of {meta.source} but not that image's level-0 size "
+            f"(it predates results recording it), which coords='pixel' needs, and the image "
+            f"cannot be opened ({e}). Use coords='micron', or segment the image again with "
+            "overwrite=True to record its size"
+        ) from e
+    try:
+        shapes = [tuple(int(n) for n in s[:2]) for s in reader.level_shapes]
+    finally:
+        cast(Any, reader).close()  # BaseReader's; not in the protocol
+    if level >= len(shapes) or shapes[level] != meta.shape:
+        raise ValueError(
+            f"{result} holds level {level} of {meta.source}, {meta.shape} px (y, x), but that "
+            f"image's levels are now {shapes}: it is not the image segmented. Use "
+            "coords='micron', or segment the image again with overwrite=True"
+        )
+    return shapes[0][0], shapes[0][1]
 
 
 def _area_units(meta: ResultMeta) -> str:
@@ -115,8 +154,10 @@ def class_features(
     (``"detection"``: many small objects such as nuclei; ``"annotation"``: a few large
     regions such as tissue), ``name``, ``classification`` (name and palette colour) and
     ``measurements``: ``label``, ``area`` (µm², CRS units² or px: the result's units),
-    ``area_px``, ``mean_probability`` (of ``class_name`` over the object's pixels) and
-    ``mean_probability <class>`` for every class.
+    ``area_px`` (pixels of result level ``level``, so of the segmented level at ``level=0``:
+    not of the source's level 0, in which ``coords="pixel"`` polygons are), ``mean_probability``
+    (of ``class_name`` over the object's pixels) and ``mean_probability <class>`` for every
+    class.
     """
     import shapely
     from affine import Affine

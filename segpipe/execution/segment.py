@@ -216,6 +216,7 @@ def segment(
                 else mask_file_sha256(config.foreground)
             ),
             **_georeference_at(reader, level),
+            source_shape=(int(reader.level_shapes[0][0]), int(reader.level_shapes[0][1])),
         )
         output = location(output, storage_options)
         done = prepare_result(output, meta, overwrite=overwrite)

@@ -146,6 +146,9 @@ class ResultMeta:
     finished: str | None = None
     summary: RunSummary | None = None
     layout: int = LAYOUT  # where the arrays lie (see LAYOUTS); not part of the identity
+    # (y, x) pixels of the source's level 0 (``shape`` is config.level's): None in results
+    # written before it. Provenance, not identity, so those results still resume.
+    source_shape: tuple[int, int] | None = None
 
     @property
     def tile(self) -> int:
@@ -220,6 +223,7 @@ class ResultMeta:
             "identity": self.identity(),
             "config": self.config.as_dict(),
             "source": self.source,
+            "source_shape": list(self.source_shape) if self.source_shape else None,
             "model": self.model_name,
             "model_sha256": self.model_sha256,
             "tile": self.config.tile,
@@ -280,7 +284,7 @@ class ResultMeta:
                 tiles_background=int(attrs.get("tiles_background", 0)),
                 foreground_pixels=attrs.get("foreground_pixels"),
             )
-        transform = ident.get("transform")
+        transform, source_shape = ident.get("transform"), attrs.get("source_shape")
         return cls(
             source=str(ident["source"]),
             shape=(int(ident["shape"][0]), int(ident["shape"][1])),
@@ -299,6 +303,7 @@ class ResultMeta:
             finished=attrs.get("finished"),
             summary=summary,
             layout=layout_of(attrs),
+            source_shape=(int(source_shape[0]), int(source_shape[1])) if source_shape else None,
         )
 
 
