@@ -121,7 +121,8 @@ def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--coords",
         choices=("pixel", "micron", "crs"),
         default="pixel",
-        help="coordinates of the polygons",
+        help="coordinates of the polygons: level-0 pixels of the source image (QuPath's, and "
+        "what --foreground takes), microns, or the image's CRS",
     )
     ex.add_argument(
         "--threshold",
