@@ -13,6 +13,8 @@ import zarr
 import segpipe
 from segpipe import models
 from segpipe.geometry.tiling import mirror_indices
+from segpipe.io.identity import pixel_sample_sha256
+from segpipe.io.readers import ArrayReader
 from segpipe.results import IncompleteResultError, ResultMismatchError, read_meta
 
 CLASSES = ("background", "tissue", "nucleus")
@@ -375,3 +377,94 @@ def test_local_cluster_matches_in_process(source, image, tmp_path):
     got = zarr.open_array(out / "0" / "probabilities", mode="r")[...]
     assert np.abs(got - expected).max() <= 1e-4
     assert read_meta(out).summary.tiles_computed == 35
+
+
+# --- a source replaced at its path ------------------------------------------------------------
+
+SAME = dict(tile=32, task_tiles=1, scheduler="sync", probability_dtype="float32")
+
+
+def interrupted(source, out, net, windows=6):
+    """Start a run of ``net`` that crashes after the memory probe and ``windows - 1`` blocks."""
+    flaky = FailingUNet(net.config, class_names=CLASSES)
+    flaky.load_state_dict(net.state_dict())
+    flaky.eval()
+    FailingUNet.budget = windows
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            segpipe.segment(source, out, flaky, batch_size=1, **SAME)
+    finally:
+        FailingUNet.budget = 10**9
+    assert not read_meta(out).complete
+
+
+def rewrite(path, pixels, chunk=64):
+    """Save ``pixels`` at ``path`` in place of what was there (a re-scan under its name)."""
+    shutil.rmtree(path)
+    arr = zarr.create_array(
+        path, shape=pixels.shape, chunks=(chunk, chunk, 3), dtype=pixels.dtype,
+        dimension_names=("y", "x", "c"),
+    )  # fmt: skip
+    arr[...] = pixels
+
+
+def test_an_unfinished_result_of_a_replaced_source_is_refused(source, image, tmp_path):
+    """Another image of the same shape saved at the source's path would mix two images' tiles
+    in one result if resumed: refused naming the key; overwrite makes the new image's result."""
+    net, src, out = unet("valid"), tmp_path / "image.zarr", tmp_path / "r.zarr"
+    shutil.copytree(source, src)
+    interrupted(src, out, net)
+    other = image[::-1].copy()  # same shape, same values, other pixels
+    rewrite(src, other)
+    with pytest.raises(ResultMismatchError, match=r"differs in: source_sha256 \(the source's pix"):
+        segpipe.segment(src, out, net, **SAME)
+    assert not read_meta(out).complete  # left as it was
+    segpipe.segment(src, out, net, overwrite=True, **SAME)
+    meta = read_meta(out)
+    assert meta.summary.tiles_skipped == 0
+    got = zarr.open_array(out / "0" / "probabilities", mode="r")[...]
+    assert np.abs(got - whole_image_probabilities(net, other, 0)).max() <= 1e-4
+
+
+def test_a_complete_result_of_a_replaced_source_is_not_returned(source, image, tmp_path):
+    net, src, out = unet("valid"), tmp_path / "image.zarr", tmp_path / "r.zarr"
+    shutil.copytree(source, src)
+    finished = read_meta(segpipe.segment(src, out, net, **SAME)).finished
+    rewrite(src, np.ascontiguousarray(image[:, ::-1]))
+    with pytest.raises(ResultMismatchError, match="source_sha256"):
+        segpipe.segment(src, out, net, **SAME)
+    assert read_meta(out).finished == finished
+
+
+def test_a_source_saved_again_with_the_same_pixels_resumes_and_returns(source, image, tmp_path):
+    """Equal pixels are the same source, however they are stored (other chunks here)."""
+    net, src, out = unet("valid"), tmp_path / "image.zarr", tmp_path / "r.zarr"
+    shutil.copytree(source, src)
+    interrupted(src, out, net)
+    rewrite(src, image, chunk=32)
+    segpipe.segment(src, out, net, **SAME)
+    meta = read_meta(out)
+    assert meta.complete and meta.summary.tiles_skipped == 5
+    assert meta.source_sha256 == pixel_sample_sha256(ArrayReader(image))  # in any format
+    rewrite(src, image, chunk=48)
+    segpipe.segment(src, out, net, **SAME)
+    assert read_meta(out).finished == meta.finished  # returned as it is
+
+
+def test_a_result_from_before_source_sha256_still_resumes(source, image, tmp_path):
+    """An unfinished result whose identity has no source_sha256 (written by a release before
+    it) is resumed, not refused as another result, and keeps the identity it had."""
+    net, out = unet("valid"), tmp_path / "r.zarr"
+    interrupted(source, out, net)
+    group = zarr.open_group(out, mode="r+")
+    attrs = group.attrs["segpipe"]
+    identity = {k: v for k, v in attrs["identity"].items() if k != "source_sha256"}
+    assert identity != attrs["identity"]
+    group.attrs["segpipe"] = {**attrs, "identity": identity}
+    segpipe.segment(source, out, net, **SAME)
+    meta = read_meta(out)
+    assert meta.complete and meta.summary.tiles_skipped == 5 and meta.source_sha256 is None
+    got = zarr.open_array(out / "0" / "probabilities", mode="r")[...]
+    assert np.abs(got - whole_image_probabilities(net, image, 0)).max() <= 1e-4
+    segpipe.segment(source, out, net, **SAME)
+    assert read_meta(out).finished == meta.finished

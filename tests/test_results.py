@@ -229,6 +229,34 @@ def test_mismatch_and_foreign_directories(tmp_path):
     assert zarr.open_array(tmp_path / "user.zarr")[...].tolist() == [7] * 4
 
 
+def test_identity_keys_of_later_releases_are_compared_only_where_stored(tmp_path):
+    """A result whose identity lacks source_sha256 (made before it existed) resumes with a run
+    that has it; one that has it is refused, naming the key, by a run whose pixels differ."""
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    prepare_result(old, meta())
+    mark_tiles_done(old, {(1, 2): np.array([3, 4])})
+    assert "source_sha256" not in read_attrs(old)["identity"]
+    done = prepare_result(old, meta(source_sha256="a" * 64))
+    assert done.sum() == 1 and done[1, 2]
+    with pytest.raises(ResultMismatchError, match="differs in: halo"):  # others still count
+        prepare_result(old, meta(source_sha256="a" * 64, halo=8))
+
+    prepare_result(new, meta(source_sha256="a" * 64))
+    mark_tiles_done(new, {(0, 0): np.array([1, 1])})
+    finalize_result(new, run_summary(new))
+    assert read_meta(new).source_sha256 == "a" * 64  # kept through finalising
+    assert prepare_result(new, meta(source_sha256="a" * 64)).all()
+    for other in (meta(source_sha256="b" * 64), meta()):
+        with pytest.raises(
+            ResultMismatchError,
+            match=r"differs in: source_sha256 \(the source's pixels differ from those the",
+        ):
+            prepare_result(new, other)
+    prepare_result(new, meta(source_sha256="b" * 64), overwrite=True)
+    assert read_attrs(new)["identity"]["source_sha256"] == "b" * 64
+    assert not tiles_done(new).any()
+
+
 def test_open_result_coordinates_without_pixel_size(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta(pixel_size_um=None))

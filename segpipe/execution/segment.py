@@ -33,6 +33,7 @@ from segpipe.execution.workers import resolve_amp, run_key
 from segpipe.geometry.blending import blend_lattice
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location
+from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import Reader, open_image
 from segpipe.progress import Stage, progress_option, stage
 from segpipe.results import (
@@ -217,6 +218,7 @@ def segment(
             ),
             **_georeference_at(reader, level),
             source_shape=(int(reader.level_shapes[0][0]), int(reader.level_shapes[0][1])),
+            source_sha256=pixel_sample_sha256(reader),  # a sample of its pixels
         )
         output = location(output, storage_options)
         done = prepare_result(output, meta, overwrite=overwrite)

@@ -17,6 +17,7 @@ from segpipe.version import __version__
 __all__ = [
     "FOREGROUND_LABEL",
     "LABEL_NAME",
+    "LATER_IDENTITY_KEYS",
     "LAYOUT",
     "LAYOUTS",
     "PROBABILITY_DTYPES",
@@ -60,6 +61,10 @@ State = Literal["computing", "finalising", "complete"]
 #   finalising  every tile done; the pyramid and consolidated metadata are being written
 #   complete    the last write of a run: everything reading needs is there
 STATES: tuple[State, ...] = ("computing", "finalising", "complete")
+
+# Identity keys added after the first release, oldest first. A stored identity lacking one was
+# written before it existed: compared without it (results.store), so the result still resumes.
+LATER_IDENTITY_KEYS = ("source_sha256",)
 
 
 class IncompleteResultError(RuntimeError):
@@ -140,6 +145,7 @@ class ResultMeta:
     crs: str | None = None  # georeferenced input: "EPSG:..." or WKT, and the segmented level's
     transform: tuple[float, ...] | None = None  # pixel-corner affine (a, b, c, d, e, f)
     foreground_sha256: str | None = None  # of the mask file, when config.foreground is one
+    source_sha256: str | None = None  # of a sample of the source's pixels (io.identity)
     version: str | None = None
     state: State = "computing"
     started: str | None = None
@@ -204,10 +210,9 @@ class ResultMeta:
             # Results without a foreground mask keep the identity they always had.
             **({"foreground": c.foreground} if c.foreground != "none" else {}),
         }
-        if self.foreground_sha256 is not None:
-            # A mask file is an input like the image: by its path alone an edited file would
-            # return the old result, or a resumed run mix two masks.
-            ident["foreground_sha256"] = self.foreground_sha256
+        # Contents, not paths only: an input replaced must not resume or return the old result.
+        sha = {"foreground_sha256": self.foreground_sha256, "source_sha256": self.source_sha256}
+        ident.update({k: v for k, v in sha.items() if v is not None})
         return ident
 
     def to_attrs(self) -> dict[str, Any]:
@@ -297,6 +302,7 @@ class ResultMeta:
             crs=ident.get("crs"),
             transform=tuple(transform) if transform else None,
             foreground_sha256=ident.get("foreground_sha256"),
+            source_sha256=ident.get("source_sha256"),
             version=attrs.get("version"),
             state=_state_of(attrs),
             started=attrs.get("started"),

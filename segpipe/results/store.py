@@ -14,7 +14,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -35,6 +35,7 @@ from segpipe.results.layout import (
 )
 from segpipe.results.pyramid import block_levels, box_levels, build_pyramid
 from segpipe.results.schema import (
+    LATER_IDENTITY_KEYS,
     ResultMeta,
     ResultMismatchError,
     RunSummary,
@@ -96,21 +97,42 @@ def prepare_result(
                 "Choose another output path."
             )
         old = read_attrs(path)
-        if old.get("identity") == meta.identity():
+        changed = _identity_differences(old.get("identity", {}), meta.identity())
+        if not changed:
             return tiles_done(path)
         if not overwrite:
-            changed = sorted(
-                k for k, v in meta.identity().items() if old.get("identity", {}).get(k) != v
-            )
             raise ResultMismatchError(
                 f"{path} holds a segpipe result made with other inputs or parameters "
-                f"(differs in: {', '.join(changed)}); pass overwrite=True (--overwrite) to "
-                "replace it, or choose another output path."
+                f"(differs in: {', '.join(_WHY.get(k, k) for k in changed)}); pass "
+                "overwrite=True (--overwrite) to replace it, or choose another output path."
             )
         _delete(path)
     _create(path, meta)
     fault_point("result.created")
     return tiles_done(path)
+
+
+# A differing identity key as the mismatch error names it, where its name alone says little.
+_WHY = {
+    "source_sha256": "source_sha256 (the source's pixels differ from those the result was made "
+    "from: another image saved at the same path?)",
+    "foreground_sha256": "foreground_sha256 (the mask file's contents differ from those the "
+    "result was made with)",
+}
+
+
+def _identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The keys, sorted, in which a stored result's identity and a run's differ (none: the
+    run makes that result). A key of :data:`~segpipe.results.schema.LATER_IDENTITY_KEYS`
+    the stored identity lacks is left out: a release before the key wrote it, and it resumes.
+
+    >>> _identity_differences({"tile": 256}, {"tile": 256, "source_sha256": "ab12"})
+    []
+    >>> _identity_differences({"tile": 256, "source_sha256": "ab12"}, {"tile": 512})
+    ['source_sha256', 'tile']
+    """
+    keys = set(stored) | (set(current) - {k for k in LATER_IDENTITY_KEYS if k not in stored})
+    return sorted(k for k in keys if k not in stored or k not in current or stored[k] != current[k])
 
 
 def delete_result(path: str | os.PathLike | URLPath) -> None:

@@ -1,0 +1,135 @@
+"""pixel_sample_sha256: a digest of a few regions of an image's pixels, through the Reader
+protocol alone, equal for equal pixels in any format and cheap for any size."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from segpipe.io.identity import SAMPLE_SIDE, pixel_sample_sha256, sample_level, sample_spans
+from segpipe.io.readers import ArrayReader, open_image
+
+
+class CountingReader:
+    """A reader's pixels, counting what is read and at which levels."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.path, self.pixel_size_um = reader.path, reader.pixel_size_um
+        self.level_shapes, self.dtype = reader.level_shapes, reader.dtype
+        self.pixels, self.levels = 0, set()
+
+    def read(self, y0, y1, x0, x1, level=0):
+        self.pixels += (y1 - y0) * (x1 - x0)
+        self.levels.add(level)
+        return self.reader.read(y0, y1, x0, x1, level)
+
+
+class PyramidReader:
+    """Levels given as arrays: a pyramid of any shapes, for the level the sample picks."""
+
+    path, pixel_size_um = "<pyramid>", None
+
+    def __init__(self, levels):
+        self.levels = levels
+        self.level_shapes = tuple(a.shape for a in levels)
+        self.dtype = levels[0].dtype
+
+    def read(self, y0, y1, x0, x1, level=0):
+        return self.levels[level][y0:y1, x0:x1]
+
+
+def image(shape=(300, 400, 3), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_equal_pixels_digest_alike_in_every_format_and_call(tmp_path):
+    pixels = image()
+    tifffile.imwrite(tmp_path / "a.tif", pixels, tile=(64, 64), photometric="rgb")
+    arr = zarr.create_array(
+        tmp_path / "a.zarr", shape=pixels.shape, chunks=(32, 32, 3), dtype="uint8",
+        dimension_names=("y", "x", "c"),
+    )  # fmt: skip
+    arr[...] = pixels
+    readers = [
+        ArrayReader(pixels),
+        ArrayReader(pixels.copy()),
+        open_image(tmp_path / "a.tif"),
+        open_image(tmp_path / "a.zarr"),
+    ]
+    digests = {pixel_sample_sha256(r) for r in readers} | {pixel_sample_sha256(readers[0])}
+    assert len(digests) == 1
+    # Byte order is the file's business, not the pixels': equal values digest alike.
+    wide = pixels.astype("<u2") * 257
+    assert pixel_sample_sha256(ArrayReader(wide)) == pixel_sample_sha256(
+        ArrayReader(wide.astype(">u2"))
+    )
+
+
+def test_a_changed_sampled_pixel_changes_the_digest_and_one_outside_the_sample_does_not():
+    pixels = image()
+    before = pixel_sample_sha256(ArrayReader(pixels))
+    (y0, _), (x0, _) = sample_spans(300)[1], sample_spans(400)[2]
+    inside = pixels.copy()
+    inside[y0 + 5, x0 + 7, 1] ^= 1
+    assert pixel_sample_sha256(ArrayReader(inside)) != before
+    # The price of reading regions only: a pixel between them is not seen.
+    outside = pixels.copy()
+    outside[299, 399, 0] ^= 1
+    assert max(sample_spans(300))[1] <= 299 and max(sample_spans(400))[1] <= 399
+    assert pixel_sample_sha256(ArrayReader(outside)) == before
+
+
+def test_the_shapes_and_dtype_are_part_of_the_digest():
+    pixels = image()
+    base = pixel_sample_sha256(ArrayReader(pixels))
+    assert pixel_sample_sha256(ArrayReader(pixels.astype(np.uint16))) != base
+    # Wider, with the same pixels where the sample of the narrower one lies: other shapes.
+    wider = np.concatenate([pixels, pixels[:, :8]], axis=1)
+    assert pixel_sample_sha256(ArrayReader(wider)) != base
+    two_levels = PyramidReader([pixels, pixels[::2, ::2]])
+    assert pixel_sample_sha256(two_levels) != base
+
+
+def test_the_digest_is_of_the_regions_an_independent_slicing_gives():
+    # Pinned on purpose: another digest of the same pixels is another source_sha256, and
+    # every result made before it would stop resuming.
+    pixels = image()
+    h = hashlib.sha256()
+    h.update(b'{"v": "segpipe-pixel-sample-1", "levels": [[300, 400, 3]], "dtype": "|u1"}')
+    for y0, y1 in [(18, 82), (118, 182), (218, 282)]:
+        for x0, x1 in [(34, 98), (168, 232), (301, 365)]:
+            h.update(pixels[y0:y1, x0:x1].tobytes())
+    assert pixel_sample_sha256(ArrayReader(pixels)) == h.hexdigest()
+
+
+def test_a_100k_px_single_level_image_is_sampled_by_nine_small_regions():
+    huge = np.broadcast_to(np.arange(3, dtype=np.uint8), (100_000, 100_000, 3))
+    counting = CountingReader(ArrayReader(huge))
+    pixel_sample_sha256(counting)
+    assert counting.pixels == 9 * SAMPLE_SIDE**2 and counting.levels == {0}
+
+
+def test_a_pyramid_is_sampled_at_its_coarsest_level_that_holds_the_grid():
+    pixels = image((800, 1000, 3))
+    levels = [pixels, pixels[::2, ::2], pixels[::4, ::4], pixels[::8, ::8]]  # 400, 200, 100 px
+    counting = CountingReader(PyramidReader(levels))
+    pixel_sample_sha256(counting)
+    assert counting.levels == {2} and counting.pixels == 9 * SAMPLE_SIDE**2
+    assert sample_level(((150, 203, 3),)) == 0  # none holds it: level 0 whole
+
+
+@pytest.mark.parametrize(
+    ("n", "spans"),
+    [
+        (192, [(0, 64), (64, 128), (128, 192)]),
+        (1000, [(134, 198), (468, 532), (801, 865)]),
+        (100, [(0, 64), (18, 82), (36, 100)]),
+        (40, [(0, 40)]),
+        (1, [(0, 1)]),
+    ],
+)
+def test_sample_spans_lie_inside_the_axis_centred_in_its_thirds(n, spans):
+    assert sample_spans(n) == spans
