@@ -51,6 +51,31 @@ def test_read_folder_without_instances_or_class_names(tmp_path: Path) -> None:
     assert item.class_names == ("class_0", "class_1", "class_2")  # up to the largest id
 
 
+@pytest.mark.parametrize("form", ["rgba-tiff", "rgb-nir-tiff", "rgba16-png"])
+def test_read_folder_leaves_out_an_alpha_channel_only(tmp_path: Path, form: str) -> None:
+    """An alpha marks pixels, it is no image content (what segment feeds a model, too); a
+    fourth band that is not alpha (near infrared) is kept."""
+    import tifffile
+
+    slide = tissue_slide(64, seed=1)
+    write_folder(tmp_path, [slide])
+    four = np.concatenate([slide.image, np.full((64, 64, 1), 255, np.uint8)], axis=2)
+    (tmp_path / "images" / "img0.png").unlink()
+    image = tmp_path / "images" / ("img0.png" if form.endswith("png") else "img0.tif")
+    if form == "rgba-tiff":
+        tifffile.imwrite(image, four, photometric="rgb", extrasamples=["unassalpha"])
+    elif form == "rgb-nir-tiff":
+        tifffile.imwrite(image, four, photometric="rgb", extrasamples=["unspecified"])
+    else:
+        import imagecodecs
+
+        image.write_bytes(imagecodecs.png_encode(four.astype(np.uint16) * 257))
+    (item,) = read_folder(tmp_path)
+    expected = four if form == "rgb-nir-tiff" else four[..., :3]
+    factor = 257 if form == "rgba16-png" else 1
+    np.testing.assert_array_equal(item.image, expected.astype(item.image.dtype) * factor)
+
+
 def test_read_folder_names_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="images"):
         read_folder(tmp_path)

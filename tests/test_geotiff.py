@@ -165,6 +165,24 @@ def test_alpha_band(tmp_path):
         np.testing.assert_array_equal(ds.dataset_mask() > 0, data[3] > 0)
 
 
+def test_an_alpha_band_described_otherwise_is_still_the_alpha(tmp_path):
+    """GDAL's colour interpretation, not a band's description, says which band is alpha: an
+    RGB model then leaves it out (models.channels_taken)."""
+    from segpipe.models import PixelContract, channels_taken
+
+    data = _bands(4, "uint8")
+    data[3] = 255
+    data[3, :30, :45] = 0
+    path = write_raster(tmp_path / "rgba.tif", data, overviews=(), photometric="RGB", alpha="YES")
+    with rasterio.open(path, "r+") as ds:
+        ds.set_band_description(4, "Alpha (scanner mask)")
+        ds.set_band_description(1, "Red")
+    reader = open_image(path)
+    assert reader.channel_names == ("Red", "green", "blue", "alpha")
+    assert channels_taken(PixelContract(channels=3), reader) == 3
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), data[3] > 0)
+
+
 def test_float32_single_band_nodata(tmp_path):
     data = _bands(1, "float32")
     data[0, 150:, :] = -9999.0

@@ -334,3 +334,30 @@ def test_a_mask_band_or_alpha_is_carried_and_reduced_levels_follow_it(
     if kind == "mask":  # the image and its label image pass the strict OME validator
         for group in (out, out / "labels" / "valid"):
             open_ome_zarr(zarr.open_group(str(group), mode="r"))
+
+
+def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: Path) -> None:
+    """A complete ingest of the same path is reused; one of another image saved at that path,
+    or one an older ingest version wrote (no mask label image, unnamed alpha...), is redone."""
+    from segpipe.io.ingest import INGEST_VERSION, ingested_image
+
+    img = _image()
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
+    out = ingested_image(src, store)
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    assert ingested_image(src, store) == out
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"
+
+    group = zarr.open_group(out, mode="r+")
+    attrs = dict(group.attrs["segpipe"])
+    assert attrs["version"] == INGEST_VERSION
+    group.attrs["segpipe"] = {k: v for k, v in attrs.items() if k != "version"}  # older
+    ingested_image(src, store)
+    assert zarr.open_group(out, mode="r").attrs["segpipe"]["version"] == INGEST_VERSION
+
+    other = img.copy()
+    other[: img.shape[0] // 2] = 255 - other[: img.shape[0] // 2]
+    _ome_tiff(src, other)  # another image at the same path, same shape
+    np.testing.assert_array_equal(
+        open_image(ingested_image(src, store)).read(0, 4, 0, 4), other[:4, :4]
+    )

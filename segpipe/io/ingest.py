@@ -42,6 +42,7 @@ import numpy as np
 from dask.callbacks import Callback
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
+from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
@@ -168,6 +169,8 @@ def ingest(
 
 # The label image of the pixels holding data, within the ingest's group.
 _MASK = "labels/valid"
+# 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample: redo older ingests
+INGEST_VERSION = 2
 
 
 def _create_levels(
@@ -364,6 +367,8 @@ def _segpipe_attributes(
         "source": str(reader.path),
         "pixel_size_um": px,
         "dtype": np.dtype(reader.dtype).name,
+        "version": INGEST_VERSION,
+        "source_sha256": pixel_sample_sha256(reader),
     }
     # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
     if (geo := getattr(reader, "georeference", None)) is not None:
@@ -388,9 +393,9 @@ def ingested_image(
 ) -> Path:
     """The OME-Zarr image to segment for ``source``, ingesting it into ``store`` if needed.
 
-    A source that already is a segpipe image is used as it is; a complete ingest of the same
-    source at ``store`` is reused; an unfinished one is redone. Anything else at ``store`` is
-    refused by :func:`ingest`.
+    A source that already is a segpipe image is used as it is; a complete ingest at ``store``
+    of the same source (path and pixel sample) by this ingest version is reused; any other
+    segpipe image there is redone. Anything else at ``store`` is refused by :func:`ingest`.
     """
     if is_segpipe_image(source):
         return Path(source)
@@ -399,14 +404,14 @@ def ingested_image(
         attrs = json.loads((store / "zarr.json").read_text(encoding="utf-8"))["attributes"]
         previous = attrs["segpipe"]
         same = Path(str(previous.get("source"))).resolve() == Path(source).resolve()
-        if previous.get("complete") and same:
-            return store
-        return ingest(
-            source,
-            store,
-            chunk=chunk,
-            pixel_size_um=pixel_size_um,
-            overwrite=True,
-            progress=progress,
-        )
-    return ingest(source, store, chunk=chunk, pixel_size_um=pixel_size_um, progress=progress)
+        if previous.get("complete") and same and previous.get("version") == INGEST_VERSION:
+            reader = open_image(source, pixel_size_um=pixel_size_um)
+            try:
+                if previous.get("source_sha256") == pixel_sample_sha256(reader):
+                    return store
+            finally:
+                getattr(reader, "close", lambda: None)()
+    redo = is_segpipe_image(store)  # another ingest's, or an unfinished one: replaced
+    return ingest(
+        source, store, chunk=chunk, pixel_size_um=pixel_size_um, overwrite=redo, progress=progress
+    )

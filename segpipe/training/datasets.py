@@ -144,8 +144,9 @@ def _read_plane(path: Path, what: str) -> np.ndarray:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    """``(Y, X, C)`` pixels in the file's dtype; only an 8-bit PNG's alpha is dropped (a
-    4-band TIFF is four bands, e.g. RGB + near infrared)."""
+    """``(Y, X, C)`` pixels in the file's dtype, without a channel the reader names
+    ``"alpha"`` (a 4-band TIFF whose fourth sample is not alpha is four bands, e.g. RGB +
+    near infrared)."""
     reader = open_image(path)
     image = reader.read(0, reader.shape[0], 0, reader.shape[1])
     if image.dtype.kind not in "uif":
@@ -155,8 +156,8 @@ def _read_image(path: Path) -> np.ndarray:
         )
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError(f"{path}: NaN or infinite pixels; fill them before training")
-    if image.shape[2] == 4 and image.dtype == np.uint8 and path.suffix.lower() == ".png":
-        image = image[..., :3]  # RGBA: drop alpha
+    if (getattr(reader, "channel_names", None) or ())[-1:] == ("alpha",):
+        image = image[..., :-1]  # RGBA, LA: alpha marks pixels, it is no image content
     return np.ascontiguousarray(image)
 
 

@@ -76,8 +76,13 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
         nodata = tuple(None if v is None else float(v) for v in ds.nodatavals)
         flags = {f for band in ds.mask_flag_enums for f in band}
         interp = tuple(ds.colorinterp)
+        # GDAL's alpha band is "alpha" whatever its description says ("Alpha", "mask"):
+        # the name is how segpipe leaves it out of what a model sees (channels_taken).
         names = tuple(
-            d or (c.name if c not in (ColorInterp.undefined, ColorInterp.gray) else f"band {i + 1}")
+            "alpha"
+            if c == ColorInterp.alpha
+            else d
+            or (c.name if c not in (ColorInterp.undefined, ColorInterp.gray) else f"band {i + 1}")
             for i, (d, c) in enumerate(zip(ds.descriptions, interp, strict=True))
         )
     if MaskFlags.alpha in flags:
