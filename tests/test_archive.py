@@ -25,6 +25,7 @@ from segpipe.archive import (
     process_image,
 )
 from segpipe.archive.claims import ClaimLostError, try_claim
+from segpipe.archive.state import MAX_KILLED_ATTEMPTS, retry_delay_s
 from segpipe.config import SegmentConfig
 from segpipe.results import is_complete, read_meta
 
@@ -156,6 +157,37 @@ def test_small_files_are_hashed_whole(tmp_path):
     _touch(tmp_path / "a.tif", b"hello", mtime=5.0)
     fp = fingerprint_image(_image(tmp_path / "a.tif"))
     assert fp == Fingerprint(5, 5.0, hashlib.sha256(b"5\nhello").hexdigest())
+
+
+def test_the_fingerprint_reads_past_a_listing_cache(tmp_path, monkeypatch):
+    """s3fs answers ``info`` from the listing discovery cached: the fingerprint taken after
+    segmenting must see a file changed since, so it asks the store again."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from segpipe.archive import discover
+
+    path = tmp_path / "a.tif"
+    _touch(path, b"hello", mtime=5.0)
+    image = _image(path)
+
+    class ListingCached(LocalFileSystem):
+        cachable = False  # fsspec's instance cache: a fresh listing for this test
+
+        def __init__(self):
+            super().__init__()
+            self.listing = {str(path): super().info(str(path))}
+
+        def info(self, p, **kwargs):
+            return self.listing.get(p) or super().info(p, **kwargs)
+
+        def invalidate_cache(self, p=None):
+            self.listing.clear()
+
+    fs = ListingCached()
+    _touch(path, b"hello, world", mtime=6.0)
+    monkeypatch.setattr(discover, "filesystem", lambda url, options: (fs, str(path)))
+    fp = fingerprint_image(image)
+    assert (fp.size, fp.mtime) == (12, 6.0)
 
 
 # -- paths and decisions -------------------------------------------------------------------
@@ -638,17 +670,24 @@ def test_a_deleted_catalog_is_rebuilt_by_the_next_run(tmp_path, slide, random_ch
 
 
 def _age_failure(paths, seconds):
-    """Move the recorded failure ``seconds`` into the past: the next run, that much later."""
+    """Move the recorded failure (or a run's start, for one that never ended) ``seconds``
+    into the past: the next run, that much later."""
     from datetime import datetime, timedelta
 
     state = archive.read_state(paths.state)
-    failed_at = datetime.fromisoformat(state["failed_at"]) - timedelta(seconds=seconds)
-    paths.state.write_text(json.dumps(state | {"failed_at": failed_at.isoformat()}))
+    field = "updated" if state["status"] == "running" else "failed_at"
+    when = datetime.fromisoformat(state[field]) - timedelta(seconds=seconds)
+    paths.state.write_text(json.dumps(state | {field: when.isoformat()}))
 
 
-def test_a_failing_image_backs_off_then_is_left_alone_until_it_changes(
-    tmp_path, slide, random_checkpoint
-):
+def _ago(seconds):
+    """The sidecar's spelling of a time ``seconds`` ago."""
+    from datetime import UTC, datetime, timedelta
+
+    return (datetime.now(UTC) - timedelta(seconds=seconds)).isoformat(timespec="seconds")
+
+
+def test_a_failing_image_backs_off_for_ever_until_it_changes(tmp_path, slide, random_checkpoint):
     from segpipe.archive import reports
 
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
@@ -680,15 +719,19 @@ def test_a_failing_image_backs_off_then_is_left_alone_until_it_changes(
     assert run(run_segment=corrupt).status == "held" and len(attempts) == 2
     _age_failure(paths, 10 * 60)
     fails()
-    _age_failure(paths, 30 * 24 * 3600)  # however long it waits, three failures are enough
-    given_up = run(run_segment=corrupt)
-    assert (given_up.status, len(attempts)) == ("held", 3)
-    assert "failed 3 times; change the file or pass retry_failed" in given_up.reason
-    assert "1 held after failing (a.ome.tif)" in reports.describe_run([given_up])
-    assert "retry_failed" in reports.run_markdown([given_up])
+    _age_failure(paths, 30 * 60)  # the third delay: 40 minutes
+    held = run(run_segment=corrupt)
+    assert (held.status, len(attempts)) == ("held", 3)
+    assert "failed 3 times; next attempt after" in held.reason
+    assert "(or pass retry_failed); last: ValueError: corrupt tile directory" in held.reason
+    assert "1 held after failing (a.ome.tif)" in reports.describe_run([held])
+    assert "retry_failed" in reports.run_markdown([held])
+    _age_failure(paths, 30 * 24 * 3600)  # an outage, say: not given up, tried again
+    fails()
+    assert (archive.read_state(paths.state)["failures"], len(attempts)) == (4, 4)
 
     fails(retry_failed=True)  # the user asks
-    assert archive.read_state(paths.state)["failures"] == 4
+    assert archive.read_state(paths.state)["failures"] == 5
     with open(source / "a.ome.tif", "ab") as f:
         f.write(b"\0" * 10)  # a new file: a fresh start
     again = run()
@@ -717,8 +760,156 @@ def test_a_failed_sidecar_of_the_previous_release_still_reads(tmp_path):
         decision = decide(paths, fp, "m1", CONFIG)
         assert decision.process is due, decision
         assert decision.process or "failed 1 time; next attempt after" in decision.reason
-        assert decision.process or "(last: OSError: worker lost)" in decision.reason
+        assert decision.process or decision.reason.endswith("; last: OSError: worker lost")
     assert decide(paths, fp, "m1", CONFIG, retry_failed=True).process
+
+
+@pytest.mark.parametrize(
+    ("failures", "delay_s"), [(4, 80 * 60), (9, 6 * 3600), (50, 6 * 3600), (5000, 6 * 3600)]
+)
+def test_a_failed_image_is_retried_for_ever_at_most_six_hours_apart(tmp_path, failures, delay_s):
+    """However often the same inputs failed (an outage of the output disk, a share, the GPU),
+    the image is tried again after its delay, which doubles up to 6 hours and stays there."""
+    from datetime import datetime, timedelta
+
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    state = {
+        "fingerprint": fp.as_dict(),
+        "model_sha256": "m1",
+        "params": CONFIG.result_settings(),
+        "status": "failed",
+        "reason": "OSError: share gone",
+        "failures": failures,
+    }
+    assert retry_delay_s(failures) == delay_s
+    failed_at = _ago(delay_s - 60)
+    paths.state.write_text(json.dumps(state | {"failed_at": failed_at}))
+    held = decide(paths, fp, "m1", CONFIG)
+    retry_at = datetime.fromisoformat(failed_at) + timedelta(seconds=delay_s)
+    assert (held.process, held.held, held.failures) == (False, True, failures)
+    assert held.reason == (
+        f"failed {failures} times; next attempt after {retry_at:%Y-%m-%d %H:%M:%S} UTC "
+        "(or pass retry_failed); last: OSError: share gone"
+    )
+    assert decide(paths, fp, "m1", CONFIG, retry_failed=True).process
+    paths.state.write_text(json.dumps(state | {"failed_at": _ago(delay_s + 60)}))
+    assert decide(paths, fp, "m1", CONFIG) == archive.Decision(
+        True, "previous run failed", failures=failures
+    )
+
+
+@pytest.mark.parametrize("alive", [False, True], ids=["killed", "still-running"])
+def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path, alive):
+    """A run that never ended (killed, or still running) is resumed at once while its count
+    is below MAX_KILLED_ATTEMPTS, then waits its retry delay from its start like a failure."""
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    state = {
+        "fingerprint": fp.as_dict(),
+        "model_sha256": "m1",
+        "params": CONFIG.result_settings(),
+        "status": "running",
+        "owner": "run-7",
+        "updated": _ago(60 if alive else 3 * 60),
+    }
+    paths.state.write_text(json.dumps(state | {"failures": MAX_KILLED_ATTEMPTS - 1}))
+    assert decide(paths, fp, "m1", CONFIG) == archive.Decision(
+        True, "previous run running", failures=MAX_KILLED_ATTEMPTS - 1
+    )
+    paths.state.write_text(json.dumps(state | {"failures": MAX_KILLED_ATTEMPTS}))
+    held = decide(paths, fp, "m1", CONFIG)
+    assert (held.process, held.held) == (False, True)
+    assert held.reason.startswith(f"failed {MAX_KILLED_ATTEMPTS} times; next attempt after")
+    assert held.reason.endswith("last: started by run-7, never ended (killed, or still running)")
+    assert decide(paths, fp, "m1", CONFIG, retry_failed=True).process
+    delay_s = retry_delay_s(MAX_KILLED_ATTEMPTS)
+    paths.state.write_text(
+        json.dumps(state | {"failures": MAX_KILLED_ATTEMPTS, "updated": _ago(delay_s + 60)})
+    )
+    assert decide(paths, fp, "m1", CONFIG).process
+
+
+def test_a_run_killed_without_a_word_counts_as_a_failure(tmp_path, slide, random_checkpoint):
+    """SIGKILL, the OOM killer, a crash in a C decoder: nothing after it runs, so the
+    "running" sidecar written at the start counts the attempt. Killed runs are resumed at once
+    until MAX_KILLED_ATTEMPTS, then the image backs off; a completed run resets the count."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    left = []
+
+    def killed(*args, **kwargs):
+        left.append(paths.state.read_text())  # the sidecar as a kill here leaves it
+        raise RuntimeError("stands in for SIGKILL")
+
+    for attempt in range(1, MAX_KILLED_ATTEMPTS + 1):
+        with pytest.raises(RuntimeError, match="SIGKILL"):
+            process_image(image, out, random_checkpoint, config=CONFIG, run_segment=killed)
+        paths.state.write_text(left[-1])  # what ran after the kill, undone
+        assert archive.read_state(paths.state)["failures"] == attempt
+    held = process_image(image, out, random_checkpoint, config=CONFIG, run_segment=killed)
+    assert (held.status, len(left)) == ("held", MAX_KILLED_ATTEMPTS)
+    assert "never ended (killed, or still running)" in held.reason
+    _age_failure(paths, retry_delay_s(MAX_KILLED_ATTEMPTS) + 60)
+    done = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (done.status, done.reason) == ("segmented", "previous run running")
+    assert archive.read_state(paths.state)["failures"] == 0
+
+
+def test_a_failure_is_counted_once(tmp_path, slide, random_checkpoint):
+    """The attempt counted at its start is the failure: an Exception adds nothing more."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    seen = []
+
+    def corrupt(*args, **kwargs):
+        seen.append(archive.read_state(paths.state)["failures"])
+        raise ValueError("corrupt tile directory")
+
+    with pytest.raises(ValueError, match="corrupt"):
+        process_image(image, out, random_checkpoint, config=CONFIG, run_segment=corrupt)
+    state = archive.read_state(paths.state)
+    assert seen == [1] and (state["status"], state["failures"]) == ("failed", 1)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_an_interrupted_run_is_no_failure_and_resumes_at_once(
+    tmp_path, slide, random_checkpoint, stop
+):
+    """Ctrl-C, a shutdown, a Prefect cancellation stop the run, not the image: "interrupted",
+    the count as it was before the attempt, and the next run resumes it at once."""
+    import segpipe
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+
+    def corrupt(*args, **kwargs):
+        raise ValueError("share gone")
+
+    def stopped_after_the_first_task(source, output, model, config, **kw):
+        def stop_now(done, todo):
+            raise stop()
+
+        return segpipe.segment(source, output, model, config, on_progress=stop_now, **kw)
+
+    with pytest.raises(ValueError, match="share gone"):
+        process_image(image, out, random_checkpoint, config=CONFIG, run_segment=corrupt)
+    _age_failure(paths, 3600)
+    with pytest.raises(stop):
+        process_image(
+            image, out, random_checkpoint, config=CONFIG, run_segment=stopped_after_the_first_task
+        )
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"]) == ("interrupted", 1)
+    assert state["reason"].startswith(stop.__name__)
+    assert not paths.lock.exists()
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("segmented", "previous run interrupted: resuming")
+    assert again.tiles_skipped > 0
+    assert archive.read_state(paths.state)["failures"] == 0
 
 
 def test_a_lost_claim_stops_segmenting_within_a_task(tmp_path, slide, random_checkpoint):

@@ -214,10 +214,13 @@ def fingerprint_image(
 ) -> Fingerprint:
     """The image's :class:`Fingerprint`, reading at most ``blocks * block_bytes`` bytes.
 
-    Size and mtime are read again (not taken from discovery), so a file replaced since it was
-    listed gets its new identity.
+    Size and mtime are read again (not taken from discovery, nor from the file system's
+    listing cache), so a file replaced since it was listed gets its new identity.
     """
     fs, path = filesystem(image.url, storage_options)
+    # s3fs (and others) answer info from the listing that discovery cached: a file changed
+    # since (the re-fingerprint after segmenting looks for just that) would not show.
+    fs.invalidate_cache(path)
     info = fs.info(path)
     size = int(info["size"])
     h = hashlib.sha256(f"{size}\n".encode())

@@ -112,8 +112,8 @@ def process_image(
     -------
     ImageOutcome
         ``segmented``, ``skipped`` (up to date), ``busy`` (another run holds the claim),
-        ``held`` (failed before with the same inputs: waiting for its retry delay, or left
-        alone after :data:`~segpipe.archive.state.MAX_ATTEMPTS`) or ``changed`` (the file
+        ``held`` (failed, or killed :data:`~segpipe.archive.state.MAX_KILLED_ATTEMPTS`
+        times, with the same inputs: waiting for its retry delay) or ``changed`` (the file
         changed while it was segmented: nothing recorded, the next run does it again).
 
     Raises
@@ -122,6 +122,9 @@ def process_image(
         Whatever segmenting raised (e.g. :class:`~segpipe.io.readers.ImageReadError` naming a
         corrupt file), after the failure is written to the state sidecar and the claim is
         released.
+    BaseException
+        KeyboardInterrupt, SystemExit, a cancellation: the sidecar says "interrupted", the
+        attempt is not counted as a failure, and the next run resumes the image at once.
     """
     config = config or SegmentConfig()
     loaded = load_model(model)
@@ -169,7 +172,9 @@ def process_image(
             "model_sha256": loaded.sha256,
             "params": state_params(config),
             "status": "running",
-            "failures": decision.failures,  # kept through a killed run
+            # The attempt counts as a failure until it ends: a run killed without a word (a
+            # SIGKILL, the OOM killer, a crash in a C decoder) is counted too.
+            "failures": decision.failures + 1,
             "owner": claim.owner,
             "updated": utc_now(),
         }
@@ -187,7 +192,7 @@ def process_image(
             # A file still being written (a scanner, a copy) would be recorded with the
             # fingerprint taken before and look up to date for good.
             if fingerprint_image(image, storage_options=storage_options) != fingerprint:
-                write_json_atomic(paths.state, state | _changed_meanwhile())
+                write_json_atomic(paths.state, state | _changed_meanwhile(decision.failures))
                 changed = _from_result(image.key, paths, "changed", _CHANGED)
                 # A report or thumbnail there is an older result's, not this one's.
                 return replace(changed, report=None, thumbnail=None)
@@ -201,7 +206,7 @@ def process_image(
             _index(output_root, image, paths, fingerprint)
         except BaseException as exc:
             if claim.is_held():
-                write_json_atomic(paths.state, state | _failed(exc, decision.failures + 1))
+                write_json_atomic(paths.state, state | _ended_by(exc, decision.failures))
             raise
         write_json_atomic(
             paths.state, state | {"status": "complete", "failures": 0, "updated": utc_now()}
@@ -212,25 +217,39 @@ def process_image(
 _CHANGED = "image changed while segmenting"
 
 
-def _changed_meanwhile() -> dict[str, Any]:
+def _changed_meanwhile(failures_before: int) -> dict[str, Any]:
     """The state of a result made while its image changed: not complete, so due again (its
-    fingerprint is no longer the recorded one); no failure, so no retry delay."""
-    return {"status": "changed", "reason": _CHANGED, "updated": utc_now()}
-
-
-def _failed(exc: BaseException, failures: int) -> dict[str, Any]:
+    fingerprint is no longer the recorded one); not a failure, so not counted as one."""
     return {
-        "status": "failed",
-        "reason": f"{type(exc).__name__}: {exc}",
-        "failures": failures,
-        "failed_at": utc_now(),
+        "status": "changed",
+        "reason": _CHANGED,
+        "failures": failures_before,
+        "updated": utc_now(),
+    }
+
+
+def _ended_by(exc: BaseException, failures_before: int) -> dict[str, Any]:
+    """The state of an attempt that raised ``exc``. An Exception is the image's failure,
+    counted already (the "running" state counts the attempt); anything else (KeyboardInterrupt,
+    SystemExit, a Prefect cancellation) stopped the run, not the image: "interrupted", with
+    the count before the attempt, resumed at once by the next run."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, Exception):
+        return {"status": "failed", "reason": reason, "failed_at": utc_now()}
+    return {
+        "status": "interrupted",
+        "reason": reason,
+        "failures": failures_before,
+        "updated": utc_now(),
     }
 
 
 def _stop_when_lost(claim: Claim, interval_s: float) -> Callable[[int, int], None]:
     """An ``on_progress`` that raises :class:`~segpipe.archive.claims.ClaimLostError` once
     ``claim`` is lost, checking at most every ``interval_s``: segment then starts no more
-    tasks and waits for the writes in flight (:func:`segpipe.execution.cluster.run_blocks`)."""
+    tasks (:func:`segpipe.execution.cluster.run_blocks`). In this process it waits for the
+    writes in flight; on a distributed cluster ``client.cancel`` returns at once, and tasks
+    already running still finish their block's write, which nothing records."""
     last = -float("inf")
 
     def check(tiles_done: int, tiles_to_do: int) -> None:

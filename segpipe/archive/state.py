@@ -7,9 +7,17 @@ skip what is up to date. Execution settings (batch size, device, workers, schedu
 an image due: they do not change the numbers.
 
 A failure of the same inputs is retried with a growing delay, in wall time whatever the
-schedule (:func:`retry_delay_s`), and after :data:`MAX_ATTEMPTS` not at all until the image,
-model or result settings change or a run passes ``retry_failed``: a corrupt file would
-otherwise be read, fail and fill the logs on every run.
+schedule (:func:`retry_delay_s`: 10, 20, 40 minutes ... at most :data:`RETRY_MAX_DELAY_S`), for
+ever, until the image, model or result settings change or a run passes ``retry_failed``: a
+corrupt file would otherwise be read, fail and fill the logs on every run, and an outage (the
+output disk, a share, the GPU) would otherwise hold the archive for good.
+
+An attempt counts as a failure from its start (the "running" sidecar), so a run killed without
+a word (SIGKILL, the OOM killer, a crash in a C decoder) counts too; completing resets the count.
+A "running" sidecar is resumed at once until :data:`MAX_KILLED_ATTEMPTS` attempts of the same
+inputs have failed or died so, then backs off like a failure. An interrupted run
+(KeyboardInterrupt, SystemExit, a cancellation) is the run's end, not the image's fault: not
+counted, resumed at once.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from segpipe.io.files import URLPath, location
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
-    "MAX_ATTEMPTS",
+    "MAX_KILLED_ATTEMPTS",
     "RETRY_BASE_DELAY_S",
     "RETRY_MAX_DELAY_S",
     "STATE_VERSION",
@@ -50,9 +58,12 @@ log = logging.getLogger("segpipe.archive")
 # 3: "failures" (consecutive failures of the same inputs) and "failed_at"
 STATE_VERSION = 3
 
-# Attempts of the same inputs before an image is left alone, and the wait after the first
-# failure, doubling after each (a scanner's copy finishing, a share coming back: minutes).
-MAX_ATTEMPTS = 3
+# Attempts of the same inputs (failed, or killed without a word: left "running") after which
+# one left "running" also waits its retry delay instead of being resumed at once: a kill by a
+# scheduler or a restart is worth resuming now, a file that crashes its decoder every time is not.
+MAX_KILLED_ATTEMPTS = 3
+# The wait after the first failure, doubling after each up to the cap (a scanner's copy
+# finishing, a share coming back: minutes; an outage: hours, retried for ever).
 RETRY_BASE_DELAY_S = 600.0
 RETRY_MAX_DELAY_S = 6 * 3600.0
 
@@ -60,10 +71,11 @@ RETRY_MAX_DELAY_S = 6 * 3600.0
 def retry_delay_s(failures: int) -> float:
     """Seconds after the ``failures``-th failure of the same inputs before the next attempt.
 
-    >>> [retry_delay_s(n) for n in (1, 2, 3, 10)]
-    [600.0, 1200.0, 2400.0, 21600.0]
+    >>> [retry_delay_s(n) for n in (1, 2, 3, 10, 5000)]
+    [600.0, 1200.0, 2400.0, 21600.0, 21600.0]
     """
-    return min(RETRY_BASE_DELAY_S * 2 ** (failures - 1), RETRY_MAX_DELAY_S)
+    # The exponent capped: retried for ever, a count past ~1000 would overflow a float.
+    return min(RETRY_BASE_DELAY_S * 2.0 ** min(failures - 1, 64), RETRY_MAX_DELAY_S)
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,11 @@ def decide(
     inputs. ``config``'s execution settings play no part.
 
     An image whose last run of the same inputs failed is held back until its retry delay has
-    passed, and for good after :data:`MAX_ATTEMPTS` failures; ``retry_failed`` tries it now.
+    passed (:func:`retry_delay_s` of its failures, counted from ``failed_at``), however many
+    times it failed; one whose last run never ended ("running": killed, or still running) is
+    resumed at once, or held the same way (counted from its start, ``updated``) once it holds
+    :data:`MAX_KILLED_ATTEMPTS` failures; an interrupted one is resumed at once.
+    ``retry_failed`` tries a held image now.
 
     ``source``, the image's URL: a result recorded for another URL is that image's, moved
     (the archive remounted: the same fingerprint), or another archive's that maps to the same
@@ -188,7 +204,8 @@ def decide(
     previous = state.get("status", "unfinished")
     # A failed sidecar without a count (written before counts were) is one failure.
     failures = int(state.get("failures", 1 if previous == "failed" else 0))
-    held = _held_back(state, failures) if previous == "failed" and not retry_failed else None
+    backs_off = previous == "failed" or (previous == "running" and failures >= MAX_KILLED_ATTEMPTS)
+    held = _held_back(state, failures) if backs_off and not retry_failed else None
     if held is not None:
         return Decision(False, held, held=True, failures=failures)
     complete = is_complete(paths.result)
@@ -210,28 +227,35 @@ def decide(
 
 
 def _held_back(state: dict[str, Any], failures: int) -> str | None:
-    """Why a failed image is not tried again yet, or None when its delay has passed."""
-    last = state.get("reason", "no reason recorded")
-    times = "time" if failures == 1 else "times"
-    if failures >= MAX_ATTEMPTS:
-        return f"failed {failures} {times}; change the file or pass retry_failed (last: {last})"
-    # Before failed_at was recorded, "updated" was the failed run's start: a bit earlier.
-    when = state.get("failed_at") or state.get("updated")
+    """Why a failed (or killed) image is not tried again yet, or None when its delay has
+    passed: counted from the failure, or from the start of a run that never ended."""
+    if state.get("status") == "running":
+        owner = state.get("owner", "a run")
+        last = f"started by {owner}, never ended (killed, or still running)"
+        when = state.get("updated")
+    else:
+        last = state.get("reason", "no reason recorded")
+        # Before failed_at was recorded, "updated" was the failed run's start: a bit earlier.
+        when = state.get("failed_at") or state.get("updated")
     try:
-        failed_at = dt.datetime.fromisoformat(when) if isinstance(when, str) else None
+        since = dt.datetime.fromisoformat(when) if isinstance(when, str) else None
     except ValueError:
-        failed_at = None
-    if failed_at is None or failed_at.tzinfo is None:
+        since = None
+    if since is None or since.tzinfo is None:
         return None  # no time to count from: try now rather than never
-    retry_at = failed_at + dt.timedelta(seconds=retry_delay_s(failures))
+    retry_at = since + dt.timedelta(seconds=retry_delay_s(failures))
     if dt.datetime.now(dt.UTC) >= retry_at:
         return None
-    at = retry_at.isoformat(timespec="seconds")
-    return f"failed {failures} {times}; next attempt after {at} (last: {last})"
+    at = retry_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    times = "time" if failures == 1 else "times"
+    return (
+        f"failed {failures} {times}; next attempt after {at} (or pass retry_failed); last: {last}"
+    )
 
 
-# held: failed before with the same inputs, waiting for its retry delay or left alone;
-# changed: segmented, but the image changed meanwhile: not recorded, due again next run.
+# held: failed (or killed, see MAX_KILLED_ATTEMPTS) with the same inputs, waiting for its
+# retry delay; changed: segmented, but the image changed meanwhile: not recorded, due again
+# next run.
 Status = Literal["segmented", "skipped", "busy", "failed", "held", "changed"]
 
 

@@ -20,7 +20,7 @@ def add_archive(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     arc.add_argument(
         "--retry-failed",
         action="store_true",
-        help="retry failed images now (else after a growing delay, and never after 3 failures)",
+        help="retry failed images now (else after a growing delay, at most 6 hours)",
     )
     arc.add_argument("--json", action="store_true", help="print JSON instead of text")
     arc.set_defaults(run=_archive)

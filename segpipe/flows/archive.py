@@ -8,8 +8,8 @@ is a call into :mod:`segpipe.archive`; the same work runs without Prefect throug
 
 A failing image (a corrupt file, a model that does not fit) fails its own task only: the run
 goes on with the others, and its table names the file and the reason. Later runs retry it after
-a growing delay and leave it alone after a few failures (``held``), until it changes or a run
-passes ``retry_failed`` (:mod:`segpipe.archive.state`). Run it on a schedule with
+a growing delay, at most 6 hours apart (``held`` meanwhile), until it changes or a run passes
+``retry_failed`` (:mod:`segpipe.archive.state`). Run it on a schedule with
 :func:`serve_archive` (``flow.serve``) or ``deploy/prefect.yaml`` (a work pool and a worker).
 """
 
@@ -224,8 +224,8 @@ def process_archive(
         End the run Failed when any image failed in this run (after all the others are done);
         images held back after failing in earlier runs do not count.
     retry_failed
-        Try images that failed before with the same inputs now: those waiting for their retry
-        delay and those left alone after too many failures (``held``).
+        Try images that failed before with the same inputs now, not after their retry delay
+        (``held`` meanwhile).
 
     Returns
     -------
