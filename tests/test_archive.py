@@ -799,10 +799,10 @@ def test_a_failed_image_is_retried_for_ever_at_most_six_hours_apart(tmp_path, fa
     )
 
 
-@pytest.mark.parametrize("alive", [False, True], ids=["killed", "still-running"])
-def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path, alive):
-    """A run that never ended (killed, or still running) is resumed at once while its count
-    is below MAX_KILLED_ATTEMPTS, then waits its retry delay from its start like a failure."""
+def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path):
+    """A run that never ended (killed, or still running: decide cannot tell, the claim does)
+    is resumed at once while its count is below MAX_KILLED_ATTEMPTS, then waits its retry
+    delay from its start like a failure."""
     paths = image_paths(tmp_path, "a.tif")
     fp = Fingerprint(10, 1.0, "abc")
     state = {
@@ -811,7 +811,7 @@ def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path
         "params": CONFIG.result_settings(),
         "status": "running",
         "owner": "run-7",
-        "updated": _ago(60 if alive else 3 * 60),
+        "updated": _ago(3 * 60),
     }
     paths.state.write_text(json.dumps(state | {"failures": MAX_KILLED_ATTEMPTS - 1}))
     assert decide(paths, fp, "m1", CONFIG) == archive.Decision(
@@ -999,3 +999,36 @@ def test_an_image_that_changes_while_it_is_segmented_is_done_again(
     assert (again.status, again.reason) == ("segmented", "image changed")
     assert (again.tiles_computed, again.tiles_skipped) == (4, 0)
     assert archive.read_state(paths.state)["fingerprint"]["size"] == image.size
+
+
+def test_a_resume_that_segment_refuses_starts_again_instead_of_failing_every_run(
+    tmp_path, slide, random_checkpoint
+):
+    """The archive's fingerprint says resume, but segment refuses the result (its recorded
+    pixel sample differs: another release, another decoder): the archive's own result is
+    replaced and the image segmented, not failed on every run for good."""
+    import zarr
+
+    import segpipe
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+
+    def stopped(source, output, model, config, **kw):
+        def stop_now(done, todo):
+            raise KeyboardInterrupt
+
+        return segpipe.segment(source, output, model, config, on_progress=stop_now, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        process_image(image, out, random_checkpoint, config=CONFIG, run_segment=stopped)
+    group = zarr.open_group(paths.result, mode="r+")
+    attrs = dict(group.attrs["segpipe"])
+    attrs["identity"] = attrs["identity"] | {"source_sha256": "0" * 64}
+    group.attrs["segpipe"] = attrs
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("segmented", "previous run interrupted: resuming")
+    assert again.tiles_skipped == 0, "started again: no tile of the refused result kept"
+    assert is_complete(paths.result)
+    assert read_meta(paths.result).source_sha256 != "0" * 64

@@ -361,3 +361,15 @@ def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: 
     np.testing.assert_array_equal(
         open_image(ingested_image(src, store)).read(0, 4, 0, 4), other[:4, :4]
     )
+
+
+def test_a_complete_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Path) -> None:
+    from segpipe.io.ingest import ingested_image
+
+    img = _image()
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
+    out = ingested_image(src, store)
+    src.unlink()
+    with pytest.warns(UserWarning, match="is gone"):
+        assert ingested_image(src, store) == out
+    np.testing.assert_array_equal(open_image(out).read(0, 8, 0, 8), img[:8, :8])

@@ -186,8 +186,19 @@ def process_image(
         )
         if run_segment is None or _names_parameter(run_segment, "on_progress"):
             extra["on_progress"] = _stop_when_lost(claim, CLAIM_CHECK_INTERVAL_S)
+        args = (image.url, paths.result, loaded.module, config)
         try:
-            segment(image.url, paths.result, loaded.module, config, model_name=loaded.name, **extra)
+            try:
+                segment(*args, model_name=loaded.name, **extra)
+            except ResultMismatchError as exc:
+                if not decision.resume:
+                    raise
+                # Resumable by the archive's fingerprint, yet refused by segment (its pixel
+                # sample, or a setting resolved otherwise by this release): the result is the
+                # archive's own to replace, so start again rather than fail every run.
+                log.warning("%s: %s; starting again", image.key, exc)
+                _remove_result(paths.result)
+                segment(*args, model_name=loaded.name, **extra)
             claim.check()
             # A file still being written (a scanner, a copy) would be recorded with the
             # fingerprint taken before and look up to date for good.

@@ -17,7 +17,7 @@ import numpy as np
 
 from segpipe.io.readers import Reader
 
-__all__ = ["SAMPLE_GRID", "SAMPLE_SIDE", "pixel_sample_sha256", "sample_level", "sample_spans"]
+__all__ = ["SAMPLE_GRID", "SAMPLE_SIDE", "pixel_sample_sha256", "sample_spans"]
 
 # A SAMPLE_GRID x SAMPLE_GRID grid of regions of SAMPLE_SIDE px: at most 36,864 pixels read
 # (plus the whole tiles or strips they touch), whatever the image's size. Changing any of these
@@ -44,32 +44,18 @@ def sample_spans(n: int, side: int = SAMPLE_SIDE, grid: int = SAMPLE_GRID) -> li
     return [(a, a + s) for a in sorted(starts)]
 
 
-def sample_level(level_shapes: tuple[tuple[int, int, int], ...]) -> int:
-    """The level sampled: the coarsest whose sides both hold the grid's regions side by side
-    (``SAMPLE_GRID * SAMPLE_SIDE`` px), else level 0. A pyramid's coarsest level may be a few
-    pixels, each the average of a large area, which a local change (one re-scanned region)
-    hardly moves.
-
-    >>> sample_level(((4000, 3000, 3), (1000, 750, 3), (250, 187, 3), (62, 46, 3)))
-    1
-    >>> sample_level(((150, 203, 3),))
-    0
-    """
-    least = SAMPLE_GRID * SAMPLE_SIDE
-    fitting = [k for k, (y, x, _) in enumerate(level_shapes) if min(y, x) >= least]
-    return max(fitting, default=0)
-
-
 def pixel_sample_sha256(reader: Reader) -> str:
-    """SHA-256 hex digest of ``reader``'s level shapes ``(Y, X, C)``, dtype, and the pixels of
-    a grid of small regions of one level (:func:`sample_level`): ``SAMPLE_GRID`` x
-    ``SAMPLE_GRID`` regions of ``SAMPLE_SIDE`` x ``SAMPLE_SIDE`` px (fewer and smaller on a
-    level under ``SAMPLE_GRID * SAMPLE_SIDE`` px), centred in the level's equal parts.
+    """SHA-256 hex digest of ``reader``'s level-0 shape ``(Y, X, C)``, dtype, and the pixels
+    of ``SAMPLE_GRID`` x ``SAMPLE_GRID`` regions of ``SAMPLE_SIDE`` x ``SAMPLE_SIDE`` px of
+    level 0 (fewer and smaller on an image under ``SAMPLE_GRID * SAMPLE_SIDE`` px), centred in
+    its equal parts (:func:`sample_spans`).
 
-    Reads those regions only, whatever the image's size (a 100k px single-level TIFF: nine
-    64 px regions of level 0), so two images of the same shape that differ outside them digest
-    alike: a cheap guard against a replaced file, not a checksum of every pixel. Deterministic;
-    the pixels are hashed little-endian, so equal pixels in any format digest alike.
+    Level 0 only: the image's own pixels, not a pyramid some tool computed from them (an
+    ingest, ``gdaladdo``), which can be rebuilt otherwise without the image changing. Reads
+    those regions only, whatever the image's size, so two images of the same shape that
+    differ outside them digest alike: a cheap guard against a replaced file, not a checksum
+    of every pixel. Deterministic; the pixels are hashed little-endian, so equal pixels in
+    any format digest alike.
 
     >>> from segpipe.io.readers import ArrayReader
     >>> a = ArrayReader(np.zeros((100, 70, 3), np.uint8))
@@ -77,14 +63,12 @@ def pixel_sample_sha256(reader: Reader) -> str:
     True
     """
     dtype = np.dtype(reader.dtype).newbyteorder("<")
-    shapes = [[int(n) for n in shape] for shape in reader.level_shapes]
+    ny, nx, nc = (int(n) for n in reader.level_shapes[0])
     h = hashlib.sha256(
-        json.dumps({"v": _DIGEST_VERSION, "levels": shapes, "dtype": dtype.str}).encode()
+        json.dumps({"v": _DIGEST_VERSION, "shape": [ny, nx, nc], "dtype": dtype.str}).encode()
     )
-    level = sample_level(reader.level_shapes)
-    ny, nx, _ = reader.level_shapes[level]
     for y0, y1 in sample_spans(ny):
         for x0, x1 in sample_spans(nx):
-            pixels = reader.read(y0, y1, x0, x1, level)
+            pixels = reader.read(y0, y1, x0, x1, 0)
             h.update(np.ascontiguousarray(pixels, dtype=dtype).tobytes())
     return h.hexdigest()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -401,10 +402,12 @@ def ingested_image(
         return Path(source)
     store = Path(store)
     if is_segpipe_image(store):
-        attrs = json.loads((store / "zarr.json").read_text(encoding="utf-8"))["attributes"]
-        previous = attrs["segpipe"]
+        previous = json.loads((store / "zarr.json").read_text("utf-8"))["attributes"]["segpipe"]
         same = Path(str(previous.get("source"))).resolve() == Path(source).resolve()
         if previous.get("complete") and same and previous.get("version") == INGEST_VERSION:
+            if not Path(source).exists():  # nothing to compare with: the copy is all there is
+                warnings.warn(f"{source} is gone; using its ingested copy {store}", stacklevel=2)
+                return store
             reader = open_image(source, pixel_size_um=pixel_size_um)
             try:
                 if previous.get("source_sha256") == pixel_sample_sha256(reader):
