@@ -13,6 +13,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import sys
 import textwrap
 import traceback
@@ -204,8 +205,17 @@ def _freeze_imports() -> None:
 
 def command() -> NoReturn:
     """The ``segpipe`` executable and ``python -m segpipe.cli``: run the command line's command
-    in a process of its own, and exit with the code :func:`main` would return."""
+    in a process of its own, and exit with the code :func:`main` would return; SIGTERM ends
+    it as Ctrl-C would (:func:`_terminated`), with exit code 143."""
+    signal.signal(signal.SIGTERM, _terminated)
     sys.exit(_run(sys.argv[1:], own_process=True))
+
+
+def _terminated(signum: int, frame: object) -> NoReturn:
+    # A service manager's stop (systemd, Kubernetes, a Prefect worker cancelling its run)
+    # sends SIGTERM: leave through every cleanup on the way out (a run's end waits for its
+    # writes; an archive records the image "interrupted", not killed), not mid-write.
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
