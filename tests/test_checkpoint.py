@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -180,3 +184,71 @@ def test_fingerprint_covers_class_names_and_normalisation(net: UNet) -> None:
     )
     renamed.load_state_dict(net.state_dict())
     assert fingerprint(renamed) != fingerprint(net)
+
+
+def zero_middle(data: bytes) -> bytes:
+    mid = len(data) // 2
+    assert any(data[mid : mid + 64]), "the damage must change the file"
+    return data[:mid] + bytes(64) + data[mid + 64 :]
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        pytest.param(zero_middle, "damaged", id="64-bytes-zeroed-in-the-middle"),
+        pytest.param(lambda data: data[: len(data) // 2], "cut short", id="truncated-to-half"),
+        pytest.param(lambda data: data[:10], "cut short", id="truncated-to-10-bytes"),
+    ],
+)
+def test_damaged_files_are_refused(
+    net: UNet, tmp_path: Path, damage: Callable[[bytes], bytes], problem: str
+) -> None:
+    path = save(net, tmp_path / "net.pt")
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=rf"(?s){re.escape(str(path))}.*{problem}"):
+        load(path)
+
+
+def as_int64(payload: dict[str, Any]) -> None:
+    payload["state_dict"] = {k: v.to(torch.int64) for k, v in payload["state_dict"].items()}
+    del payload["weights_dtype"]  # even a file that does not say must hold floating weights
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        pytest.param(as_int64, "int64", id="int64-weights"),
+        pytest.param({"input_mean": [0.8, math.nan, 0.7]}, "input_mean", id="nan-mean"),
+        pytest.param({"input_std": [0.1, math.inf, 0.12]}, "input_std", id="inf-std"),
+        pytest.param({"input_std": [0.1, 0.0, 0.12]}, "input_std", id="zero-std"),
+        pytest.param({"input_std": "wide"}, "input_std", id="text-std"),
+        pytest.param({"weights_dtype": "float16"}, "weights_dtype", id="weights-dtype-lies"),
+        pytest.param({"weights_dtype": "uint8"}, "weights_dtype", id="weights-dtype-not-float"),
+        pytest.param({"state_dict": [1.0, 2.0]}, "state_dict", id="list-state-dict"),
+        pytest.param({"state_dict": {"x": 1.0}}, "state_dict", id="number-in-state-dict"),
+        pytest.param({"metrics": [0.5]}, "metrics", id="list-metrics"),
+        pytest.param({"name": ["unet"]}, "name", id="list-name"),
+    ],
+)
+def test_bad_entries_are_refused(
+    net: UNet,
+    tmp_path: Path,
+    edit: dict[str, Any] | Callable[[dict[str, Any]], None],
+    problem: str,
+) -> None:
+    path = save(net, tmp_path / "net.pt")
+    payload = torch.load(path, weights_only=True)
+    if callable(edit):
+        edit(payload)
+    else:
+        payload.update(edit)
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"(?s){re.escape(str(path))}.*{problem}"):
+        load(path)
+
+
+@pytest.mark.parametrize("name", sorted(models.shipped()))
+def test_shipped_models_load(name: str) -> None:
+    model = models.load(name)
+    assert model.checkpoint_metrics
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -839,3 +839,22 @@ def test_train_takes_model_and_the_old_architecture(capsys):
     assert "--architecture is deprecated; use --model" in capsys.readouterr().err
     assert build_parser().parse_args(["train", "x.pt"]).model == "unet"
     assert build_parser().parse_args(["train", "x.pt", "--model", "fcn"]).model == "fcn"
+
+
+@pytest.mark.integration
+def test_archive_fail_on_error_exits_1_with_the_table_not_a_traceback(
+    prefect_harness, random_checkpoint, tmp_path, capsys
+):
+    from segpipe.synthetic.demo import make_demo_slide
+
+    archive = tmp_path / "archive"
+    make_demo_slide(archive, size=128, seed=1)
+    for truth in archive.glob("*.truth.zarr"):
+        shutil.rmtree(truth)
+    (archive / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+    out = tmp_path / "results"
+    args = ["archive", str(archive), str(out), "--model", str(random_checkpoint)]
+    args += ["--scheduler", "sync", "--tile", "64", "--fail-on-error"]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert "1 segmented" in printed and "failed: broken.tif" in printed, printed

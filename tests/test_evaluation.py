@@ -123,6 +123,28 @@ def test_evaluate_a_model_and_its_result_store(random_checkpoint: Path, tmp_path
         evaluate(str(random_checkpoint), truth)
 
 
+def test_evaluate_a_result_at_a_url_as_segment_returns_it() -> None:
+    """A remote result given as the URLPath segment() returns is scored, not taken for a
+    model."""
+    import fsspec
+    from test_query import make_result
+
+    from segpipe.io.files import location
+
+    truth, inst = scene()
+    pred = truth.copy()
+    pred[2:8, 8] = 0
+    url = location("memory://evaluate-url/r.zarr")
+    try:
+        make_result(url, pred, tile=16, classes=NAMES)
+        got = evaluate(url, truth, instances=inst)
+    finally:
+        fsspec.filesystem("memory").rm("/evaluate-url", recursive=True)
+    want = evaluate_labels(pred, truth, class_names=NAMES, instances=inst)
+    np.testing.assert_array_equal(got.confusion, want.confusion)
+    assert got.objects == want.objects
+
+
 def test_specks_below_min_size_are_not_objects() -> None:
     truth, inst = scene()
     pred = truth.copy()
@@ -179,6 +201,19 @@ def test_an_evaluation_round_trips_through_plain_data() -> None:
         Evaluation.from_dict({"class_names": ["a", "b"]})
     with pytest.raises(ValueError, match="2 classes"):
         Evaluation.from_dict({"class_names": ["a", "b"], "confusion": [[1]]})
+
+
+def test_as_dict_is_strict_json_with_none_for_undefined_scores() -> None:
+    """A class absent from truth and prediction, and no predicted object, have no score:
+    None (JSON null), never NaN, which json.dumps writes as a bare ``NaN`` no JSON reader
+    takes."""
+    truth, inst = scene()
+    e = evaluate_labels(np.zeros_like(truth), truth, class_names=(*NAMES, "absent"), instances=inst)
+    data = json.loads(json.dumps(e.as_dict(), allow_nan=False))
+    assert data["iou"]["absent"] is None and data["dice"]["absent"] is None
+    assert data["iou"]["cell"] == 0.0
+    assert data["objects"]["precision"] is None and data["objects"]["recall"] == 0.0
+    assert Evaluation.from_dict(data).as_dict() == data
 
 
 def test_scoring_a_result_needs_neither_training_nor_torch() -> None:

@@ -1,13 +1,52 @@
 """The NGFF 0.4 copy for QuPath: readers of 0.4 find image and labels, values unchanged."""
 
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import fsspec
 import numpy as np
 import pytest
 import zarr
+from fsspec.implementations.memory import MemoryFileSystem
 from test_query import make_result, squares_on_chunk_corners
 
 from segpipe import open_result
 from segpipe.analysis.ngff import export_ngff04
+from segpipe.io.files import URLPath
 from segpipe.results import LABEL_NAME, result_levels
+
+
+class GuardedFileSystem(MemoryFileSystem):
+    """An in-memory object store reached only with its ``storage_options`` (``key``), as S3
+    is with its endpoint and credentials: code that drops a URLPath's options fails here."""
+
+    protocol = "guarded"
+    store: ClassVar[dict[str, Any]] = {}
+    pseudo_dirs: ClassVar[list[str]] = [""]
+
+    def __init__(self, *args: Any, key: str | None = None, **kwargs: Any) -> None:
+        if key != "k":
+            raise PermissionError("guarded:// is reached with storage_options {'key': 'k'}")
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path: Any) -> str:
+        return super()._strip_protocol(str(path).removeprefix("guarded://"))
+
+
+fsspec.register_implementation("guarded", GuardedFileSystem, clobber=True)
+
+
+def guarded(key: str) -> URLPath:
+    """``guarded://<key>`` with the storage options that reach it."""
+    return URLPath(f"guarded://{key}", {"key": "k"})
+
+
+@pytest.fixture
+def guarded_store() -> Iterator[None]:
+    yield
+    GuardedFileSystem.store.clear()
+    GuardedFileSystem.pseudo_dirs[1:] = []
 
 
 @pytest.fixture(scope="module", params=["float16", "uint8"])
@@ -77,6 +116,31 @@ def test_existing_output_needs_overwrite(result, copy):
     with pytest.raises(FileExistsError, match="overwrite"):
         export_ngff04(result, copy)
     assert export_ngff04(result, copy, overwrite=True) == copy
+
+
+def test_export_from_and_to_urls_keeps_their_storage_options(guarded_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where a URL taken for a local path would land
+    labels, _ = squares_on_chunk_corners()
+    source = make_result(guarded("ngff/r.zarr"), labels)[0]
+    want = source_levels(source, "probabilities")
+    local = export_ngff04(source, tmp_path / "local.zarr")
+    remote = export_ngff04(source, guarded("ngff/r04.zarr"))
+    assert remote == guarded("ngff/r04.zarr")
+    memory = export_ngff04(source, "memory://segpipe-ngff-test/r04.zarr")
+    try:
+        assert isinstance(memory, URLPath)
+        for copy in (local, remote, memory):
+            group = zarr.open_group(copy, mode="r")
+            assert group.attrs["multiscales"][0]["version"] == "0.4"
+            np.testing.assert_array_equal(group["0"][...], want[0])
+            np.testing.assert_array_equal(group[f"labels/{LABEL_NAME}/0"][...], labels)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["local.zarr"]
+        with pytest.raises(FileExistsError, match="overwrite"):
+            export_ngff04(source, remote)
+        assert export_ngff04(source, remote, overwrite=True) == remote
+        np.testing.assert_array_equal(zarr.open_group(remote, mode="r")["0"][...], want[0])
+    finally:
+        fsspec.filesystem("memory").rm("/segpipe-ngff-test", recursive=True)
 
 
 def test_cli_export_ngff_and_annotations(result, tmp_path, capsys):

@@ -224,9 +224,11 @@ def test_class_areas_whole_and_region(corners):
     np.testing.assert_allclose(areas["area"].values, counts * 0.25)
     assert areas["area"].attrs["units"] == "micrometer**2"
     np.testing.assert_allclose(areas["fraction"].values, counts / labels.size)
-    # Region in microns: pixel centres 10..20 um in x (pixels 20..40), 5..15 um in y (10..30).
+    # Region in microns: pixel centres in [10, 20) um in x (pixels 20..39), [5, 15) um in y
+    # (10..29): 20 x 20 pixels of 0.25 um^2, 100 um^2 like the region.
     part = query.class_areas(path, region=(10.0, 5.0, 20.0, 15.0)).compute()
-    sub = labels[10:31, 20:41]
+    sub = labels[10:30, 20:40]
+    assert float(part["area"].sum()) == 100.0
     np.testing.assert_array_equal(part["pixels"].values, np.bincount(sub.ravel(), minlength=3))
     np.testing.assert_allclose(part["fraction"].sum(), 1.0)
 
@@ -247,6 +249,44 @@ def test_a_region_one_pixel_thin_has_its_pixels_area(corners, level, thin):
     pixel = 0.25 * 4**level
     assert int(part["pixels"].sum()) > 1
     np.testing.assert_allclose(part["area"].values, part["pixels"].values * pixel)
+
+
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("cut", [20.0, 20.1, 20.25])  # on a pixel centre, beside, between
+def test_abutting_regions_share_no_pixel(corners, axis, cut):
+    """Two halves meeting at ``cut`` (µm) hold every pixel of the image once: their pixels
+    and areas add up to the whole's exactly, whether the cut falls on a pixel centre or not."""
+    path, labels, _, _ = corners
+    whole = query.class_areas(path).compute()
+    end = (40.0, 32.0)  # past the last pixel centres, 39.5 and 31.5 µm
+    if axis == "x":
+        halves = [(0.0, 0.0, cut, end[1]), (cut, 0.0, *end)]
+    else:
+        halves = [(0.0, 0.0, end[0], cut), (0.0, cut, *end)]
+    parts = [query.class_areas(path, region=h).compute() for h in halves]
+    np.testing.assert_array_equal(sum(p["pixels"].values for p in parts), whole["pixels"].values)
+    np.testing.assert_array_equal(sum(p["area"].values for p in parts), whole["area"].values)
+    # The first half: the pixels whose centre (0.5 µm apart from 0) lies before the cut.
+    n = int(np.ceil(cut / 0.5))
+    first = labels[:, :n] if axis == "x" else labels[:n]
+    np.testing.assert_array_equal(
+        parts[0]["pixels"].values, np.bincount(first.ravel(), minlength=3)
+    )
+
+
+@pytest.mark.parametrize("geo", [False, True])
+def test_a_region_inside_one_pixel_keeps_that_pixel(tmp_path, geo):
+    """A region thinner than a pixel that holds no pixel centre keeps the pixel it lies in."""
+    labels = np.arange(6 * 8).reshape(6, 8) % 3
+    kw = {"pixel_size_um": None, **UTM} if geo else {}
+    path, _ = make_result(tmp_path / "r.zarr", labels.astype(np.uint8), tile=8, **kw)
+    ds = segpipe.open_result(path)
+    y, x = float(ds["y"][2]), float(ds["x"][5])
+    step = 2.0 if geo else 0.5
+    region = (x + 0.1 * step, y + 0.1 * step, x + 0.3 * step, y + 0.2 * step)
+    part = query.class_areas(path, region=region).compute()
+    assert part["pixels"].values.tolist() == np.bincount([labels[2, 5]], minlength=3).tolist()
+    assert float(part["area"].sum()) == step * step
 
 
 def test_region_outside_the_image_is_refused(corners):
@@ -330,8 +370,9 @@ def test_georeferenced_areas_and_regions_in_crs_units(tmp_path):
     # Pixels 20..40 in x and 10..30 in y: their centres in metres; y falls southwards.
     region = (500041.0, 5400000 - 61.0, 500081.0, 5400000 - 21.0)
     part = query.class_areas(path, region=region).compute()
+    # Centres in [y0, y1): y0 (row 30) in, y1 (row 10) out; x: columns 20..39.
     np.testing.assert_array_equal(
-        part["pixels"].values, np.bincount(labels[10:31, 20:41].ravel(), minlength=3)
+        part["pixels"].values, np.bincount(labels[11:31, 20:40].ravel(), minlength=3)
     )
     (clipped,) = query.object_table(path, "tissue", region=region).itertuples()
     assert (clipped.bbox_y0, clipped.bbox_x0, clipped.bbox_y1, clipped.bbox_x1) == (26, 26, 31, 38)

@@ -65,8 +65,15 @@ def test_probe_finds_a_conv_stack_halo() -> None:
 
 @pytest.mark.parametrize("depth", [1, 3])
 def test_probe_agrees_with_the_unet_formula(depth: int) -> None:
+    """Every time: a max pooling passes its gradient to one input of its window, chosen by
+    the probe's random pixels, so probing through it undercounted the halo now and then (2 in
+    10 probes of the depth-3 net); the probe averages over the window instead."""
     unet = models.build("unet", class_names=["a", "b"], width=2, depth=depth, padding="same")
-    assert models.measure_geometry(unet, 3) == unet.geometry
+    measured = set()
+    for seed in range(20):  # the probe's pixels come from torch's global generator
+        torch.manual_seed(seed)
+        measured.add(models.measure_geometry(unet, 3))
+    assert measured == {unet.geometry}
 
 
 def test_a_global_receptive_field_asks_for_a_halo() -> None:

@@ -39,6 +39,7 @@ from scipy import ndimage
 
 from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
 from segpipe.analysis.summary import confusion_against
+from segpipe.io.files import URLPath, location
 from segpipe.io.readers import open_image
 from segpipe.results import is_result, open_result, read_meta
 
@@ -248,7 +249,8 @@ def evaluate(
     Parameters
     ----------
     prediction
-        A complete segpipe result store (read lazily with :func:`segpipe.open_result`), or a
+        A complete segpipe result store (read lazily with :func:`segpipe.open_result`; a
+        path, an fsspec URL or the :class:`~segpipe.io.files.URLPath` segment returns), or a
         model (shipped name, checkpoint path, or ``torch.nn.Module``) to run over ``image``
         with :func:`segpipe.segment` first.
     ground_truth
@@ -261,7 +263,8 @@ def evaluate(
     object_class, iou_threshold, min_size_px
         As in :func:`evaluate_labels`.
     output
-        Where the model's result store goes (default: a temporary directory, removed after).
+        Where the model's result store goes, a path or URL (default: a temporary directory,
+        removed after).
     tile, scheduler
         Passed to :func:`segpipe.segment` when running a model (``"sync"``: in this process).
     """
@@ -273,7 +276,8 @@ def evaluate(
     inst = instances
     if inst is not None and not isinstance(inst, np.ndarray):
         inst = _read_plane(inst, "instances").compute()
-    if isinstance(prediction, str | os.PathLike) and is_result(prediction):
+    # A URLPath (what segment() returns for s3://...) is no os.PathLike at run time.
+    if isinstance(prediction, str | os.PathLike | URLPath) and is_result(prediction):
         return _evaluate_result(prediction, truth, inst, object_class, iou_threshold, min_size_px)
     if image is None:
         raise ValueError(
@@ -283,7 +287,7 @@ def evaluate(
     from segpipe.execution.segment import segment
 
     with tempfile.TemporaryDirectory(prefix="segpipe-evaluate-") as tmp:
-        out = Path(output) if output is not None else Path(tmp) / "result.zarr"
+        out = location(output) if output is not None else Path(tmp) / "result.zarr"
         segment(image, out, prediction, tile=tile, scheduler=scheduler, overwrite=True)
         return _evaluate_result(out, truth, inst, object_class, iou_threshold, min_size_px)
 

@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from segpipe.io.files import URLPath, location
 from segpipe.io.ome import ngff04_attributes
 from segpipe.results import label_path, open_result
 
@@ -63,20 +64,22 @@ def _ome(group: zarr.Group, where: str) -> dict[str, Any]:
 
 def export_ngff04(
     result: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False
-) -> Path:
+) -> Path | URLPath:
     """Write the probability and label pyramids of ``result`` as NGFF 0.4 at ``output``.
 
-    ``overwrite`` replaces an existing ``output``; otherwise it must not exist. Returns the
-    path written. Values equal the result's (float16 probabilities are widened to float32;
-    uint8 ones stay packed, ``round(255 p)``).
+    Either may be a local path or an fsspec URL (a :class:`~segpipe.io.files.URLPath` keeps
+    its ``storage_options``). ``overwrite`` replaces an existing ``output``; otherwise it must
+    not exist. Returns the location written. Values equal the result's (float16
+    probabilities are widened to float32; uint8 ones stay packed, ``round(255 p)``).
     """
     open_result(result)  # an incomplete or foreign store fails here, before anything is written
-    output = Path(output)
-    if output.exists():
+    target = location(output)
+    if target.exists():
         if not overwrite:
-            raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace")
-        shutil.rmtree(output)
-    source = zarr.open_group(str(result), mode="r")
+            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace")
+        _remove(target)
+    # location() keeps a URLPath as it is: str() would drop its storage options.
+    source = zarr.open_group(location(result), mode="r")
     ome = _ome(source, str(result))
     (multiscale,) = ome["multiscales"]
     paths = [d["path"] for d in multiscale["datasets"]]
@@ -84,7 +87,7 @@ def export_ngff04(
     axes = [{**a, "name": "c"} if a["type"] == "channel" else a for a in multiscale["axes"]]
     datasets = [{**d, "path": str(k)} for k, d in enumerate(multiscale["datasets"])]
     ome["multiscales"] = [{**multiscale, "axes": axes, "datasets": datasets}]
-    root = zarr.create_group(str(output), zarr_format=2, attributes=ngff04_attributes(ome))
+    root = zarr.create_group(target, zarr_format=2, attributes=ngff04_attributes(ome))
     for k, path in enumerate(paths):
         _copy_array(source[path], root, str(k))  # type: ignore[arg-type]
 
@@ -99,4 +102,13 @@ def export_ngff04(
         label = labels.create_group(name, attributes=ngff04_attributes(attrs))
         for k, d in enumerate(multiscale["datasets"]):
             _copy_array(src[d["path"]], label, str(k))  # type: ignore[index,arg-type]
-    return output
+    return target
+
+
+def _remove(path: Path | URLPath) -> None:
+    """Delete the folder (or, at a URL, every object under the prefix) at ``path``."""
+    if isinstance(path, URLPath):
+        fs, root = path.filesystem()
+        fs.rm(root, recursive=True)
+    else:
+        shutil.rmtree(path)

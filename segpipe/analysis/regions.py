@@ -11,8 +11,11 @@ units and hold for any region and level; the finished run's whole-image areas in
 from its counts through :func:`segpipe.results.class_areas_um2`, and the two agree on level 0.
 
 Regions are ``(x0, y0, x1, y1)`` in the result's coordinates (microns; CRS units for a
-georeferenced input; pixels when the pixel size is unknown), GeoJSON bbox order, bounds
-inclusive of the pixel centres they hold.
+georeferenced input; pixels when the pixel size is unknown), GeoJSON bbox order. A region holds
+the pixels whose centres lie in ``[x0, x1)`` and ``[y0, y1)``, half-open like numpy slicing, so
+a 50 µm wide region at 0.5 µm/px holds 100 pixels and two abutting regions share none (xarray's
+``ds.sel(x=slice(x0, x1))`` keeps both ends). A region thinner than a pixel keeps the pixel it
+lies in.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "class_index",
     "coordinate_step",
     "pixel_area",
+    "region_slice",
     "select_region",
     "threshold_mask",
 ]
@@ -63,22 +67,45 @@ def pixel_area(ds: xr.Dataset) -> float:
     return abs(coordinate_step(ds["y"]) * coordinate_step(ds["x"]))
 
 
+def region_slice(centres: np.ndarray, lo: float, hi: float, step: float) -> slice:
+    """Index range of the regular, monotonic ``centres`` that lie in ``[lo, hi)``; when none
+    does, the pixel (of width ``|step|``) that holds the middle of ``[lo, hi]``, if any.
+
+    >>> centres = np.arange(6) * 0.5
+    >>> region_slice(centres, 0.5, 1.5, 0.5), region_slice(centres, 0.6, 0.7, 0.5)
+    (slice(1, 3, None), slice(1, 2, None))
+    >>> region_slice(centres[::-1], 0.5, 1.5, -0.5)  # falling (north-up y): same pixels
+    slice(3, 5, None)
+    """
+    n = centres.size
+    ascending = centres if step >= 0 else centres[::-1]
+    i0, i1 = np.searchsorted(ascending, [lo, hi], side="left")
+    if i0 == i1:
+        # Thinner than a pixel between two centres: the pixel whose footprint holds it.
+        i0 = int(np.floor(((lo + hi) / 2 - ascending[0]) / abs(step) + 0.5)) if n else 0
+        i1 = i0 + 1 if 0 <= i0 < n else i0
+    i0, i1 = int(np.clip(i0, 0, n)), int(np.clip(i1, 0, n))
+    return slice(i0, i1) if step >= 0 else slice(n - i1, n - i0)
+
+
 def select_region(ds: xr.Dataset, region: Region | None) -> xr.Dataset:
-    """The pixels of ``ds`` whose centres lie in ``region`` ``(x0, y0, x1, y1)``.
+    """The pixels of ``ds`` whose centres lie in ``region`` ``(x0, y0, x1, y1)``, half-open:
+    ``x0 <= x < x1`` and ``y0 <= y < y1`` (a region thinner than a pixel: the pixel it lies in).
 
     >>> ds = xr.Dataset(coords={"y": np.arange(4) * 0.5, "x": np.arange(6) * 0.5})
     >>> select_region(ds, (0.5, 0.0, 1.5, 0.6)).sizes
-    Frozen({'y': 2, 'x': 3})
+    Frozen({'y': 2, 'x': 2})
     """
     if region is None:
         return ds
     x0, y0, x1, y1 = (float(v) for v in region)
     if not (x0 <= x1 and y0 <= y1):
         raise ValueError(f"region {region} must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1")
-    # Georeferenced results count y downwards from the north: slice in coordinate order.
+    # Georeferenced results count y downwards from the north: region_slice takes either order.
     sy, sx = coordinate_step(ds["y"]), coordinate_step(ds["x"])
-    ys = slice(y1, y0) if sy < 0 else slice(y0, y1)
-    out = ds.sel(y=ys, x=slice(x0, x1))
+    out = ds.isel(
+        y=region_slice(ds["y"].values, y0, y1, sy), x=region_slice(ds["x"].values, x0, x1, sx)
+    )
     # A region one pixel high or wide keeps its level's spacing: its pixels' area.
     out = out.assign_coords(y=out["y"].assign_attrs(step=sy), x=out["x"].assign_attrs(step=sx))
     if out.sizes["y"] == 0 or out.sizes["x"] == 0:

@@ -47,7 +47,9 @@ class ObjectScore:
         return _ratio(2 * tp, 2 * tp + fp + fn)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "precision": self.precision, "recall": self.recall, "f1": self.f1}
+        """Plain data, strict JSON: an undefined (NaN) score is None."""
+        scores = {"precision": self.precision, "recall": self.recall, "f1": self.f1}
+        return {**asdict(self), **{k: _or_none(v) for k, v in scores.items()}}
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,15 @@ class Evaluation:
         return metrics.mean_dice(self.confusion, classes=range(1, len(self.class_names)))
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain data (JSON- and checkpoint-ready)."""
+        """Plain data (strict JSON- and checkpoint-ready): a score that is NaN here (a class
+        absent from truth and prediction) is None, JSON's null, since ``json.dumps`` would
+        write NaN as a bare ``NaN`` that strict JSON readers refuse."""
         return {
             "class_names": list(self.class_names),
-            "iou": self.iou,
-            "dice": self.dice,
-            "mean_iou": self.mean_iou,
-            "mean_dice": self.mean_dice,
+            "iou": {k: _or_none(v) for k, v in self.iou.items()},
+            "dice": {k: _or_none(v) for k, v in self.dice.items()},
+            "mean_iou": _or_none(self.mean_iou),
+            "mean_dice": _or_none(self.mean_dice),
             "confusion": self.confusion.tolist(),
             "objects": None if self.objects is None else self.objects.as_dict(),
         }
@@ -137,6 +141,15 @@ class Evaluation:
 
 def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
+
+
+def _or_none(score: float) -> float | None:
+    """``score``, or None for NaN (an undefined score, JSON's null).
+
+    >>> _or_none(0.5), _or_none(float("nan"))
+    (0.5, None)
+    """
+    return None if np.isnan(score) else float(score)
 
 
 def match_objects(

@@ -35,6 +35,7 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
+from segpipe.io.files import URLPath, location
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
@@ -263,9 +264,10 @@ def export_geojson(
     connectivity: int = 1,
     min_area: float = 0.0,
     object_type: str = "detection",
-) -> Path:
+) -> Path | URLPath:
     """Write the objects of ``classes`` (default: every class but the first, background) as
-    one GeoJSON FeatureCollection at ``output`` and return its path.
+    one GeoJSON FeatureCollection at ``output`` (a path, or an fsspec URL: a
+    :class:`~segpipe.io.files.URLPath` keeps its ``storage_options``) and return its location.
 
     ``object_type``: ``"detection"`` (QuPath's type for many small objects, e.g. nuclei) or
     ``"annotation"`` (a few large, editable regions, e.g. tissue); see :func:`class_features`.
@@ -308,6 +310,6 @@ def export_geojson(
             "type": "name",
             "properties": {"name": f"urn:ogc:def:crs:{authority}::{code}"},
         }
-    output = Path(output)
-    output.write_text(json.dumps(collection), encoding="utf-8")
-    return output
+    target = location(output)  # a URL's text goes to its store, not a local folder "s3:"
+    target.write_text(json.dumps(collection), encoding="utf-8")
+    return target

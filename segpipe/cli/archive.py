@@ -100,15 +100,18 @@ def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _archive(args: argparse.Namespace) -> int:
-    from segpipe.flows.archive import process_archive
+    from segpipe.flows.archive import ArchiveFailedError, process_archive
 
-    summary = process_archive(
-        args.source,
-        args.output_root,
-        args.model,
-        retry_failed=args.retry_failed,
-        **_archive_parameters(args),
-    )
+    try:
+        summary = process_archive(
+            args.source,
+            args.output_root,
+            args.model,
+            retry_failed=args.retry_failed,
+            **_archive_parameters(args),
+        )
+    except ArchiveFailedError as failed:  # --fail-on-error: the flow run failed, as asked
+        summary = failed.summary
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:

@@ -44,7 +44,7 @@ from segpipe.io.files import is_url, location
 from segpipe.io.readers import ImageReadError
 from segpipe.progress import also_reporting, stage
 
-__all__ = ["artifact_key", "process_archive", "serve_archive"]
+__all__ = ["ArchiveFailedError", "artifact_key", "process_archive", "serve_archive"]
 
 # Errors that another attempt cannot fix: retrying a corrupt file only delays the report.
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -288,8 +288,17 @@ def process_archive(
         },
     }
     if fail_on_error and result["failed"]:
-        raise RuntimeError(f"{len(result['failed'])} image(s) failed: {result['failed']}")
+        raise ArchiveFailedError(result)
     return result
+
+
+class ArchiveFailedError(RuntimeError):
+    """Raised by ``process_archive(fail_on_error=True)`` once every image is done, some of
+    them failed; ``summary`` is what the run would have returned."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        super().__init__(f"{len(summary['failed'])} image(s) failed: {summary['failed']}")
+        self.summary = summary
 
 
 def _submit_refilling(

@@ -9,7 +9,9 @@ when they are not given, the way the model tests check segpipe's own architectur
   with the input (a network with ``p`` 2x2 poolings is equivariant to shifts of ``2**p``);
 * the **halo** is the farthest an input pixel lies from an output pixel that depends on it, for
   every pooling phase and both axes, found with autograd on a copy whose weights are made
-  positive (so nothing cancels and every ReLU passes its gradient) and whose per-tile
+  positive (so nothing cancels and every ReLU passes its gradient), whose max poolings are
+  average poolings of the same window (a max passes its gradient to one input of its window,
+  which one depending on the probe's pixels: the farthest could go unseen) and whose per-tile
   normalisations (InstanceNorm, GroupNorm) are removed (they make every pixel depend on all).
 
 Exact mode with the measured halo then equals a whole-image pass over the mirrored image; a
@@ -239,15 +241,36 @@ def measure_geometry(
     return Geometry(halo=int(halo), multiple=int(multiple), input_offset=0, shrinks=False)
 
 
+_AVG_POOLS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.MaxPool1d: nn.AvgPool1d,
+    nn.MaxPool2d: nn.AvgPool2d,
+    nn.MaxPool3d: nn.AvgPool3d,
+}
+
+
+def _average_twin(sub: nn.Module) -> nn.Module | None:
+    """The average pooling over ``sub``'s windows, for a max pooling that has one (not one
+    with dilation, nor one whose indices a max unpooling needs); else None."""
+    if type(sub) not in _AVG_POOLS or getattr(sub, "return_indices", True):
+        return None
+    dilation = sub.dilation if isinstance(sub.dilation, tuple) else (sub.dilation,)
+    if any(d != 1 for d in dilation):
+        return None
+    return _AVG_POOLS[type(sub)](sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode)
+
+
 def _probe_copy(module: nn.Module) -> nn.Module:
     """A float64 eval copy with positive averaging weights and no per-tile normalisation."""
     probe = copy.deepcopy(module)
     _set_mode(probe, False)
-    for name in uses_tile_statistics(probe):
-        if name:
-            parent_name, _, child = name.rpartition(".")
-            parent = probe.get_submodule(parent_name) if parent_name else probe
-            setattr(parent, child, nn.Identity())
+    swaps: dict[str, nn.Module] = {n: nn.Identity() for n in uses_tile_statistics(probe) if n}
+    for name, sub in probe.named_modules():
+        if name and (twin := _average_twin(sub)) is not None:
+            swaps[name] = twin
+    for name, replacement in swaps.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = probe.get_submodule(parent_name) if parent_name else probe
+        setattr(parent, child, replacement)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for sub in probe.modules():

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from dask.base import tokenize
 
 from segpipe.io.files import location
 from segpipe.results.schema import (
@@ -85,12 +86,35 @@ def open_result(
 
 
 def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunks: Any) -> Any:
-    kw: dict[str, Any] = {"chunks": chunks} if chunks is not None else {}
     group = level_path(level, layout=layout_of(meta)) or None  # layout 1: level 0 is the root
-    with quiet_consolidated():
-        ds = xr.open_zarr(path, group=group, consolidated=bool(meta.get("complete")), **kw)
+
+    def opened(**kw: Any) -> Any:
+        consolidated = bool(meta.get("complete"))
+        with quiet_consolidated():
+            return xr.open_dataset(
+                path, engine="zarr", group=group, consolidated=consolidated, **kw
+            )
+
+    # Dask names of this run's arrays, not of the path: xarray names a local store's chunks
+    # by its path and modification time, and a URL's by the URL alone, so a remote result
+    # overwritten by another run would share the old one's names (a client's persisted
+    # chunks, dask's caches would serve the old pixels).
+    lazy = opened(chunks=None, cache=False)
+    sizes = _preferred(lazy) if chunks is None else opened(chunks=chunks).chunksizes
+    token = tokenize(str(path), level, meta.get("identity"), meta.get("started"))
+    ds = lazy.chunk(dict(sizes), token=token, name_prefix="segpipe-")
     ds.attrs = {"segpipe": meta, "level": level}
     if ds["probabilities"].encoding.get("dtype") == np.uint8:
         # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.
         ds["probabilities"] = ds["probabilities"].astype(np.float32)
     return ds
+
+
+def _preferred(ds: Any) -> dict[str, int]:
+    """Each dimension's chunk size as the data arrays store it (their ``preferred_chunks``;
+    a coordinate's is its whole length)."""
+    return {
+        dim: size
+        for variable in ds.data_vars.values()
+        for dim, size in variable.encoding.get("preferred_chunks", {}).items()
+    }
