@@ -124,3 +124,13 @@ def test_explicit_class_weights_and_labels() -> None:
     np.testing.assert_array_equal(w, np.where(inst > 0, 3.0, 0.5).astype(np.float32))
     with pytest.raises(ValueError, match="one weight per class"):
         unet_weight_map(inst, labels=labels, class_weights=np.array([1.0, 1.0]))
+
+
+@pytest.mark.parametrize("w0", [1e-9, 5e-7, 1e-6])
+def test_a_border_weight_below_the_tolerance_is_accepted(w0: float) -> None:
+    # The border term is dropped where it is below 1e-6; with so small a w0 it is everywhere.
+    inst = _two_touching_objects()
+    w = unet_weight_map(inst, w0=w0, sigma=5.0)
+    np.testing.assert_allclose(
+        w, _brute_force_weights(inst, w0, 5.0, np.ones(inst.shape)), rtol=0, atol=1e-6
+    )

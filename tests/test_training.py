@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,17 +52,17 @@ def slide() -> SyntheticSlide:
     return tissue_slide((160, 192), seed=11)
 
 
-def tiny_unet(depth: int = 2) -> SegmentationModel:
+def tiny_unet(depth: int = 2, *, width: int = 4, dropout: float = 0.0) -> SegmentationModel:
     from segpipe import models  # imported only by the tests that need a model
 
     return models.build(
         "unet",
         class_names=("background", "tissue", "nucleus"),
         in_channels=3,
-        width=4,
+        width=width,
         depth=depth,
         padding="valid",
-        dropout=0.0,
+        dropout=dropout,
     )
 
 
@@ -238,13 +239,15 @@ def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path) -> No
     from segpipe import models
     from segpipe.training import state_path
 
-    config = TrainConfig(
-        **TINY, epochs=2, elastic_std_px=2.0, jitter=0.1, checkpoint_dir=str(tmp_path)
-    )
+    # Dropout draws from torch's generator, and log_every=3 leaves a loss window open at the
+    # epoch-1 checkpoint (step 2): the resume must restore both to end bit for bit the same.
+    settings = {**TINY, "log_every": 3, "epochs": 2, "elastic_std_px": 2.0, "jitter": 0.1}
+    config = TrainConfig(**settings, checkpoint_dir=str(tmp_path))
     torch.manual_seed(0)
-    straight = tiny_unet()
+    straight = tiny_unet(dropout=0.3)
     result = train(straight, config)
     assert [e["step"] for e in result["epochs"]] == [2, 4]
+    assert len(result["loss_history"]) == 2  # steps 1-3 and step 4
     assert result["checkpoint"] == str(tmp_path / "epoch-002.pt")
     first = tmp_path / "epoch-001.pt"
     # Both files load with weights_only (models.load uses it).
@@ -252,11 +255,8 @@ def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path) -> No
     torch.load(state_path(first), weights_only=True)
 
     torch.manual_seed(123)  # other initial weights: the checkpoint's must replace them
-    resumed = tiny_unet()
-    again = train(
-        resumed,
-        TrainConfig(**TINY, epochs=2, elastic_std_px=2.0, jitter=0.1, resume_from=str(first)),
-    )
+    resumed = tiny_unet(dropout=0.3)
+    again = train(resumed, TrainConfig(**settings, resume_from=str(first)))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert again["loss_history"] == result["loss_history"]
@@ -269,6 +269,130 @@ def test_resume_without_its_state_file_is_refused(tmp_path) -> None:
     path = models.save(tiny_unet(), tmp_path / "plain.pt")
     with pytest.raises(FileNotFoundError, match="optimiser state"):
         train(tiny_unet(), TrainConfig(**TINY, resume_from=str(path)))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainConfig, dict]:
+    """A two-epoch run that wrote ``epoch-001.pt`` and ``epoch-002.pt``, and its result."""
+    config = TrainConfig(**TINY, epochs=2, checkpoint_dir=str(tmp_path_factory.mktemp("run")))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    result = train(tiny_unet(), config)
+    torch.set_num_threads(previous)
+    return config, result
+
+
+def _resume(config: TrainConfig, epoch: int, **changes: object) -> TrainConfig:
+    checkpoint = f"{config.checkpoint_dir}/epoch-{epoch:03d}.pt"
+    return replace(config, checkpoint_dir=None, resume_from=checkpoint, **changes)
+
+
+def test_resume_from_the_final_checkpoint_returns_the_finished_result(finished_run) -> None:
+    from segpipe.training import format_report
+
+    config, result = finished_run
+    again = train(tiny_unet(), _resume(config, 2))
+    # Nothing left to train: the run's last validation, epochs and losses, as it ended.
+    for key in ("confusion", "dice", "iou", "class_names", "epochs", "loss_history"):
+        assert again[key] == result[key], key
+    assert again["final_loss"] == result["final_loss"]
+    assert format_report(again).splitlines()[:5] == format_report(result).splitlines()[:5]
+
+
+def test_resume_from_a_final_state_without_its_validation_validates(finished_run, tmp_path) -> None:
+    import shutil
+
+    from segpipe.training import state_path
+
+    config, result = finished_run
+    copy = tmp_path / "epoch-002.pt"
+    shutil.copy(f"{config.checkpoint_dir}/epoch-002.pt", copy)
+    # A state written before the validation was kept in it.
+    state = torch.load(state_path(f"{config.checkpoint_dir}/epoch-002.pt"), weights_only=True)
+    del state["evaluation"]
+    torch.save(state, state_path(copy))
+    again = train(tiny_unet(), replace(config, checkpoint_dir=None, resume_from=str(copy)))
+    assert again["confusion"] == result["confusion"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"steps": 8}, {"lr": 0.5}, {"loss_weights": "balanced"}, {"steps": 8, "lr": 0.5}],
+)
+def test_resume_with_other_training_settings_is_refused(finished_run, changes: dict) -> None:
+    config, _ = finished_run
+    with pytest.raises(ValueError, match=r"epoch-001\.pt") as err:
+        train(tiny_unet(), _resume(config, 1, **changes))
+    for name, value in changes.items():
+        assert f"{name}={value!r}" in str(err.value)
+        assert f"{name}={getattr(config, name)!r}" in str(err.value)
+
+
+def test_resume_may_change_where_and_how_it_runs(finished_run) -> None:
+    config, _ = finished_run
+    # Threads, progress and the checkpoint folder cannot change the numbers: accepted.
+    result = train(tiny_unet(), _resume(config, 1, num_threads=2, progress=False))
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("other", "shown"),
+    # Weights of another shape; and weights of the same shapes, in another model.
+    [({"width": 8}, "'width': 8"), ({"dropout": 0.5}, "'dropout': 0.5")],
+)
+def test_resume_into_another_architecture_names_the_checkpoint(
+    finished_run, other: dict, shown: str
+) -> None:
+    from segpipe.models import CheckpointError
+
+    config, _ = finished_run
+    with pytest.raises(CheckpointError, match=r"epoch-001\.pt") as err:
+        train(tiny_unet(**other), _resume(config, 1))
+    assert shown in str(err.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "junk", "first half", "last bytes cut"])
+def test_resume_from_a_damaged_state_file_names_it(finished_run, tmp_path, damage: str) -> None:
+    import shutil
+
+    from segpipe.models import CheckpointError
+    from segpipe.training import state_path
+
+    config, _ = finished_run
+    copy = tmp_path / "epoch-001.pt"
+    shutil.copy(f"{config.checkpoint_dir}/epoch-001.pt", copy)
+    data = state_path(f"{config.checkpoint_dir}/epoch-001.pt").read_bytes()
+    damaged = {
+        "empty": b"",
+        "junk": b"not a torch file",
+        "first half": data[: len(data) // 2],
+        "last bytes cut": data[:-10],
+    }
+    state_path(copy).write_bytes(damaged[damage])
+    with pytest.raises(CheckpointError, match=r"epoch-001\.state\.pt"):
+        train(tiny_unet(), TrainConfig(**TINY, epochs=2, resume_from=str(copy)))
+
+
+def test_intensity_jitter_does_not_clip_what_the_contract_leaves_unclipped() -> None:
+    from segpipe.models.contract import PixelContract
+    from segpipe.training import intensity_jitter
+
+    # 16-bit pixels scaled by percentiles: the brightest lie above 1 at inference too.
+    contract = PixelContract(channels=1, dtype="uint16", scaling="range", lo=(0.0,), hi=(4000.0,))
+    pixels = np.linspace(0, 6000, 64, dtype=np.float32).astype(np.uint16).reshape(8, 8, 1)
+    image = contract.scale(pixels).transpose(2, 0, 1)
+    assert image.max() > 1.4
+    out = intensity_jitter(image, np.random.default_rng(3), 0.2)
+    # An affine change of the grey values, all of them: a straight-line fit is exact.
+    slope, offset = np.polyfit(image.ravel(), out.ravel(), 1)
+    np.testing.assert_allclose(out, slope * image + offset, atol=1e-5)
+    assert out.max() > 1.2
+    # 8-bit data, scaled into [0, 1], moves no further than the strength allows.
+    grey = np.linspace(0, 1, 3 * 64, dtype=np.float32).reshape(3, 8, 8)
+    for seed in range(20):
+        changed = intensity_jitter(grey, np.random.default_rng(seed), 0.2)
+        assert np.abs(changed - grey).max() <= 2 * 0.2 + 0.2**2 / 2
 
 
 def test_train_on_aerial_scenes_with_border_weights() -> None:
@@ -315,6 +439,20 @@ def test_format_report_lists_classes_and_epochs() -> None:
     result = train(tiny_unet(), TrainConfig(**TINY, epochs=2))
     text = format_report(result)
     assert "nucleus" in text and "epoch   2" in text
+
+
+def test_train_help_describes_steps_as_the_config_counts_them() -> None:
+    import argparse
+
+    from segpipe.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {a.dest: a.help or "" for a in sub.choices["train"]._actions}
+    # --steps 6 --epochs 3: six steps in all, validated every two.
+    config = TrainConfig(steps=6, epochs=3)
+    assert config.steps_per_epoch == 2
+    assert "in all" in helps["steps"] and "per epoch" not in helps["steps"]
+    assert "ceil(steps / N)" in helps["epochs"]
 
 
 @pytest.mark.parametrize(

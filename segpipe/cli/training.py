@@ -39,8 +39,20 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument(
         "--val-folder", default=None, metavar="DIR", help="validation pairs, same layout"
     )
-    tr.add_argument("--steps", type=int, default=500, metavar="N", help="optimiser steps per epoch")
-    tr.add_argument("--epochs", type=int, default=1, metavar="N", help="passes of --steps")
+    tr.add_argument(
+        "--steps",
+        type=int,
+        default=500,
+        metavar="N",
+        help="optimiser steps in all (over all epochs)",
+    )
+    tr.add_argument(
+        "--epochs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="validate and checkpoint N times, every ceil(steps / N) steps",
+    )
     tr.add_argument("--batch-size", type=int, default=8, metavar="N", help="patches per step")
     tr.add_argument(
         "--patch", type=int, default=92, metavar="PIXELS", help="label crop side, pixels"
@@ -101,7 +113,7 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         dest="resume_from",
         metavar="CHECKPOINT",
-        help="continue from this epoch checkpoint",
+        help="continue from this epoch checkpoint (with the options its run had)",
     )
     tr.add_argument(
         "--width", type=int, default=None, metavar="N", help="channels of the first block"

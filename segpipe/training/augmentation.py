@@ -102,8 +102,16 @@ def elastic_deformation(
 
 
 def intensity_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
-    """Random grey-value change of a ``(C, n, n)`` [0, 1] image: per-channel gain within
-    ``±strength / 2``, contrast about the mean and brightness within ``±strength``, clipped."""
+    """Random grey-value change of a ``(C, n, n)`` scaled image: per-channel gain within
+    ``±strength / 2``, contrast about the mean within ``±strength`` and brightness within
+    ``±strength / 2``; an affine change per channel.
+
+    Not clipped: inference clips nothing either. The pixel contract maps a range or percentile
+    range onto 0..1 and leaves the pixels beyond it above 1 or below 0
+    (:meth:`segpipe.models.PixelContract.scale`), so a clip here would flatten the brightest
+    pixels in training only. Data scaled by its dtype (8-bit: ``/ 255``) comes in within
+    [0, 1], and no value moves by more than ``2 * strength + strength**2 / 2``.
+    """
     c = image.shape[0]
     gain = 1 + rng.uniform(-strength / 2, strength / 2, size=(c, 1, 1))
     contrast = 1 + rng.uniform(-strength, strength)
@@ -111,4 +119,4 @@ def intensity_jitter(image: np.ndarray, rng: np.random.Generator, strength: floa
     out = image * gain
     mean = out.mean()
     out = (out - mean) * contrast + mean + brightness
-    return np.clip(out, 0, 1).astype(np.float32)
+    return out.astype(np.float32)

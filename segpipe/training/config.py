@@ -108,8 +108,9 @@ class TrainConfig:
     elastic_grid
         Points per side of the displacement grid (cubic interpolation between them).
     jitter
-        Intensity jitter strength: contrast and brightness drawn within ``±jitter``, channel
-        gains within ``±jitter / 2``; 0 turns it off.
+        Intensity jitter strength: contrast within ``±jitter``, brightness and channel gains
+        within ``±jitter / 2``, on the scaled pixels, not clipped (as the scaling is not);
+        0 turns it off.
     separate_touching
         Draw a gap between touching objects in the **training** labels
         (:func:`segpipe.training.datasets.separate_touching`), as the U-Net paper's annotations
@@ -121,6 +122,8 @@ class TrainConfig:
     resume_from
         A checkpoint written by this loop (``.../epoch-NNN.pt``): its weights, optimiser,
         schedule, random state and history are restored and training continues from there.
+        Every other setting must be the checkpoint's run's, but for those in
+        :data:`segpipe.training.state.RESUME_MAY_CHANGE` (where and how it runs).
     """
 
     steps: int = 500

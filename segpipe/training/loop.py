@@ -103,8 +103,9 @@ def train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     Seeds torch and numpy from ``config.seed`` for sampling, augmentation and dropout; the
     initial weights were drawn when the model was built, so seed torch before building it
     (``torch.manual_seed(config.seed)``, or :func:`initial_model`) for a run that reproduces
-    bit for bit. A run resumed from one of its checkpoints ends with the same weights as an
-    uninterrupted one.
+    bit for bit. A run resumed from one of its checkpoints (``config.resume_from``, the
+    other settings those of the run that wrote it) ends with the same weights as an
+    uninterrupted one; resumed from the last, it trains nothing and returns the run's result.
 
     Returns
     -------
@@ -150,19 +151,22 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     window_losses: list[float] = []
     epochs: list[dict[str, Any]] = []
     first_step, seconds_before = 0, 0.0
+    scores: Evaluation | None = None
     if config.resume_from:
-        state = load_state(config.resume_from, model, optimiser, schedule, rng)
+        state = load_state(config.resume_from, model, optimiser, schedule, rng, config)
         first_step, seconds_before = state["step"], state["train_seconds"]
         history, window_losses, epochs = (
             state["loss_history"],
             state["window_losses"],
             state["epochs"],
         )
+        # The checkpoint's validation: the result, should no step be left to train.
+        if state["evaluation"] is not None:
+            scores = Evaluation.from_dict(state["evaluation"])
 
     model.train()
     start = time.perf_counter()
     checkpoint: Path | None = None
-    scores: Evaluation | None = None
     epoch_losses: list[float] = []
     for step, steps in _steps(first_step, config.steps):
         batch = sample_pairs(
@@ -215,12 +219,16 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
                     history,
                     window_losses,
                     epochs,
+                    scores.as_dict(),
                 )
     train_seconds = seconds_before + time.perf_counter() - start
+    if scores is None:
+        # Resumed from a last checkpoint whose state predates the kept validation.
+        scores = evaluate_model(model, val_slides, tile=config.val_tile)
 
     model.eval()
     result: dict[str, Any] = {
-        **({} if scores is None else scores.as_dict()),
+        **scores.as_dict(),
         "epochs": epochs,
         "loss_history": history,
         "final_loss": history[-1],

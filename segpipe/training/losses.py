@@ -137,6 +137,7 @@ def unet_weight_map(
     One distance transform per object, each on a box around the object grown by the distance
     beyond which the border term is below 1e-6; a pixel outside an object's box is farther
     than that from it. Cost grows with the number of objects times the box area, not the image.
+    A ``w0`` of 1e-6 or less keeps the term below 1e-6 everywhere: ``w = w_c``.
 
     Examples
     --------
@@ -161,7 +162,9 @@ def unet_weight_map(
     if labels.shape != instances.shape:
         raise ValueError(f"labels {labels.shape} and instances {instances.shape} differ in shape")
     weights = _class_weight_map(labels, class_weights)
-    if w0 == 0:
+    if w0 <= _BORDER_TOLERANCE:
+        # The border term never exceeds w0, so it is below the tolerance everywhere (and
+        # reach's logarithm would be negative): dropped, as it is beyond reach for larger w0.
         return weights
     d1, d2 = _two_nearest_distances(
         instances, reach=sigma * math.sqrt(2 * math.log(w0 / _BORDER_TOLERANCE))

@@ -4,14 +4,22 @@ After each epoch :func:`segpipe.training.train` writes ``epoch-NNN.pt`` (the mod
 :func:`segpipe.models.save`) and beside it ``epoch-NNN.state.pt`` (:func:`state_path`): the
 optimiser and schedule, both random generators, the step, the time spent and the loss and epoch
 history, so that a run resumed from it ends with the same weights as an uninterrupted one.
-Tensors and plain data only, so both files load with ``weights_only=True``.
+Tensors and plain data only, so both files load with ``weights_only=True``. The state keeps
+the epoch's validation too, so a run resumed from its last checkpoint, with nothing left to
+train, returns what the run returned when it ended.
+
+A resume continues the run it comes from: :func:`load_state` refuses a config whose training
+settings differ from those the checkpoint records (all but :data:`RESUME_MAY_CHANGE`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+import pickle
+import struct
+import zipfile
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +27,32 @@ import numpy as np
 import torch
 from torch import nn
 
+from segpipe.models.checkpoint import CheckpointError
+
 if TYPE_CHECKING:
     from segpipe.training.config import TrainConfig
 
-__all__ = ["load_state", "save_state", "state_path"]
+__all__ = ["RESUME_MAY_CHANGE", "load_state", "save_state", "state_path"]
+
+# The TrainConfig fields a resumed run may set otherwise than the run it continues: where it
+# writes, what it resumes from, what it shows, and how many CPU threads compute (another count,
+# like another machine, may round the last bits differently but computes the same thing). Every
+# other field changes the data, the batches, the loss, the schedule or the validation: a
+# different value would silently mix two runs (e.g. a longer `steps` keeps the saved cosine
+# schedule's length, and a new `lr` loses to the saved optimiser's).
+RESUME_MAY_CHANGE = ("checkpoint_dir", "resume_from", "progress", "num_threads")
+
+_STATE_ENTRIES = (
+    "step",
+    "optimizer",
+    "scheduler",
+    "numpy_rng",
+    "torch_rng",
+    "train_seconds",
+    "loss_history",
+    "window_losses",
+    "epochs",
+)
 
 
 def state_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -42,9 +72,11 @@ def save_state(
     history: list[float],
     window_losses: list[float],
     epochs: list[dict[str, Any]],
+    evaluation: dict[str, Any],
 ) -> Path:
     """``epoch-NNN.pt`` (the model, :func:`segpipe.models.save`) and ``epoch-NNN.state.pt``
-    (everything else a resume needs; tensors and plain data, so weights-only loadable)."""
+    (everything else a resume needs, and ``evaluation``, the epoch's validation as
+    ``Evaluation.as_dict()``; tensors and plain data, so weights-only loadable)."""
     from segpipe import models
 
     if not isinstance(model, models.SegmentationModel):
@@ -65,6 +97,7 @@ def save_state(
             "loss_history": list(history),
             "window_losses": list(window_losses),
             "epochs": json.dumps(epochs),
+            "evaluation": json.dumps(evaluation),
         },
         state_path(path),
     )
@@ -77,9 +110,17 @@ def load_state(
     optimiser: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     rng: np.random.Generator,
+    config: TrainConfig,
 ) -> dict[str, Any]:
     """Restore ``model``, ``optimiser``, ``schedule`` and ``rng`` (and torch's random state) from
-    ``checkpoint`` and its :func:`state_path`; return that state, its ``epochs`` decoded."""
+    ``checkpoint`` and its :func:`state_path`; return that state, its ``epochs`` (and its
+    ``evaluation``, None in files written before it was kept) decoded.
+
+    Raises ValueError when ``config`` differs from the checkpoint's run in a setting outside
+    :data:`RESUME_MAY_CHANGE`, and :class:`~segpipe.models.CheckpointError` naming the file
+    when either file cannot be read or the weights do not fit ``model`` (all checked before
+    anything is restored).
+    """
     from segpipe import models
 
     state_file = state_path(checkpoint)
@@ -88,10 +129,96 @@ def load_state(
             f"cannot resume from {checkpoint}: its optimiser state {state_file} is missing "
             "(resume needs a checkpoint written by segpipe.training.train)"
         )
-    model.load_state_dict(models.load(checkpoint).state_dict(), strict=True)
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
-    optimiser.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["scheduler"])
-    rng.bit_generator.state = json.loads(state["numpy_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    return {**state, "epochs": json.loads(state["epochs"])}
+    saved = models.load(checkpoint)
+    _check_settings(checkpoint, (saved.checkpoint_metrics or {}).get("config"), config)
+    state = _read_state(state_file)
+    mismatch = (
+        f"cannot resume from {checkpoint}: it holds {_architecture(saved)}, the model to "
+        f"train is {_architecture(model)}; build the model as that run did"
+    )
+    # Same-shaped weights can belong to another model (padding, dropout): compare configs.
+    if isinstance(model, models.SegmentationModel) and _architecture(model) != _architecture(saved):
+        raise CheckpointError(mismatch)
+    try:
+        model.load_state_dict(saved.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f"{mismatch} ({err})") from err
+    try:
+        optimiser.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        rng.bit_generator.state = json.loads(state["numpy_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        epochs = json.loads(state["epochs"])
+        evaluation = json.loads(state["evaluation"]) if "evaluation" in state else None
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"cannot resume from {state_file}: its state does not fit this run ({err!r}); "
+            "resume needs the state segpipe.training.train wrote beside the checkpoint"
+        ) from err
+    return {**state, "epochs": epochs, "evaluation": evaluation}
+
+
+def _architecture(model: nn.Module) -> str:
+    """``'unet' model with {config}`` (plain data, as a checkpoint holds it), or the class."""
+    config = getattr(model, "config", None)
+    if not is_dataclass(config) or isinstance(config, type):
+        return f"a {type(model).__name__}"
+    return f"a {getattr(model, 'name', type(model).__name__)!r} model with {_plain(asdict(config))}"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it comes back from JSON, or from a checkpoint's metrics: lists for tuples."""
+    return json.loads(json.dumps(value))
+
+
+def _read_state(state_file: Path) -> dict[str, Any]:
+    """The state file's dict, or CheckpointError naming the file."""
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+    # What torch.load raises for an empty, cut-off or foreign file (OSError: a zip archive
+    # cut short, as well as an unreadable file).
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        struct.error,
+        zipfile.BadZipFile,
+    ) as err:
+        raise CheckpointError(
+            f"cannot resume: torch cannot read the training state {state_file} "
+            f"({type(err).__name__}: {err}); a file cut short or overwritten: resume from "
+            "another epoch's checkpoint"
+        ) from err
+    missing = [k for k in _STATE_ENTRIES if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(
+            f"cannot resume: {state_file} lacks the entries {missing} of a training state "
+            "(segpipe.training.train writes them)"
+        )
+    return state
+
+
+def _check_settings(checkpoint: str, saved: Any, config: TrainConfig) -> None:
+    """ValueError naming ``checkpoint`` and each setting in which ``config`` differs from the
+    ``saved`` config (``asdict`` as the checkpoint's metrics hold it: lists for tuples)."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: its metrics record no training config "
+            "(resume needs a checkpoint written by segpipe.training.train)"
+        )
+    wanted = _plain(asdict(config))
+    differ = [
+        (f.name, saved.get(f.name, f.default), wanted[f.name])
+        for f in fields(config)
+        if f.name not in RESUME_MAY_CHANGE and saved.get(f.name, f.default) != wanted[f.name]
+    ]
+    if differ:
+        was = ", ".join(f"{name}={old!r}" for name, old, _ in differ)
+        now = ", ".join(f"{name}={new!r}" for name, _, new in differ)
+        raise ValueError(
+            f"cannot resume from {checkpoint}: its run trained with {was}, this config asks "
+            f"for {now}. A resume continues that run: give it the same settings (only "
+            f"{', '.join(RESUME_MAY_CHANGE)} may change), or train a new run without resuming"
+        )
