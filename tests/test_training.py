@@ -374,25 +374,36 @@ def test_resume_from_a_damaged_state_file_names_it(finished_run, tmp_path, damag
         train(tiny_unet(), TrainConfig(**TINY, epochs=2, resume_from=str(copy)))
 
 
-def test_intensity_jitter_does_not_clip_what_the_contract_leaves_unclipped() -> None:
+def test_intensity_jitter_clips_to_what_a_saturated_scan_reaches() -> None:
+    """Bounds: the pixels' dtype's range as the model scales it. 16-bit pixels scaled by a
+    range keep their brightest above 1 (as at inference) up to 65535's scaled value; 8-bit
+    pixels scaled by their dtype stay in [0, 1] (the shipped aerial model trained so)."""
+    from segpipe.geometry.pixels import to_float01
     from segpipe.models.contract import PixelContract
     from segpipe.training import intensity_jitter
+    from segpipe.training.augmentation import scaled_dtype_range
 
-    # 16-bit pixels scaled by percentiles: the brightest lie above 1 at inference too.
     contract = PixelContract(channels=1, dtype="uint16", scaling="range", lo=(0.0,), hi=(4000.0,))
+    bounds = scaled_dtype_range(np.dtype("uint16"), 1, contract.scale)
+    np.testing.assert_allclose(bounds, ([0.0], [65535 / 4000]))
     pixels = np.linspace(0, 6000, 64, dtype=np.float32).astype(np.uint16).reshape(8, 8, 1)
     image = contract.scale(pixels).transpose(2, 0, 1)
     assert image.max() > 1.4
-    out = intensity_jitter(image, np.random.default_rng(3), 0.2)
+    out = intensity_jitter(image, np.random.default_rng(3), 0.2, bounds)
     # An affine change of the grey values, all of them: a straight-line fit is exact.
     slope, offset = np.polyfit(image.ravel(), out.ravel(), 1)
     np.testing.assert_allclose(out, slope * image + offset, atol=1e-5)
     assert out.max() > 1.2
-    # 8-bit data, scaled into [0, 1], moves no further than the strength allows.
+    # 8-bit data scaled by its dtype: clipped to [0, 1], as the scan saturates at 255.
+    low, high = scaled_dtype_range(np.dtype("uint8"), 3, to_float01)
+    np.testing.assert_array_equal(low, 0.0)
+    np.testing.assert_array_equal(high, 1.0)
     grey = np.linspace(0, 1, 3 * 64, dtype=np.float32).reshape(3, 8, 8)
-    for seed in range(20):
-        changed = intensity_jitter(grey, np.random.default_rng(seed), 0.2)
-        assert np.abs(changed - grey).max() <= 2 * 0.2 + 0.2**2 / 2
+    clipped = [
+        intensity_jitter(grey, np.random.default_rng(seed), 0.2, (low, high)) for seed in range(20)
+    ]
+    assert all(c.min() >= 0 and c.max() <= 1 for c in clipped)
+    assert any(c.max() == 1 for c in clipped) and any(c.min() == 0 for c in clipped)
 
 
 def test_train_on_aerial_scenes_with_border_weights() -> None:

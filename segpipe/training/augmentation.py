@@ -10,6 +10,7 @@ it is learnt: a random elastic deformation (:func:`elastic_deformation`), a rand
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -20,6 +21,7 @@ __all__ = [
     "elastic_deformation",
     "flip_rotate",
     "intensity_jitter",
+    "scaled_dtype_range",
 ]
 
 
@@ -101,16 +103,22 @@ def elastic_deformation(
     return np.stack(warped).astype(np.float32), out_labels, out_weights
 
 
-def intensity_jitter(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+def intensity_jitter(
+    image: np.ndarray,
+    rng: np.random.Generator,
+    strength: float,
+    bounds: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
     """Random grey-value change of a ``(C, n, n)`` scaled image: per-channel gain within
     ``±strength / 2``, contrast about the mean within ``±strength`` and brightness within
-    ``±strength / 2``; an affine change per channel.
+    ``±strength / 2``; an affine change per channel, clipped to ``bounds`` (per channel, low
+    and high, or one value each; None: not clipped).
 
-    Not clipped: inference clips nothing either. The pixel contract maps a range or percentile
-    range onto 0..1 and leaves the pixels beyond it above 1 or below 0
-    (:meth:`segpipe.models.PixelContract.scale`), so a clip here would flatten the brightest
-    pixels in training only. Data scaled by its dtype (8-bit: ``/ 255``) comes in within
-    [0, 1], and no value moves by more than ``2 * strength + strength**2 / 2``.
+    ``bounds`` are what a brighter or darker scan could reach: the pixels' dtype's range,
+    scaled as the model scales it (:func:`scaled_dtype_range`). Data scaled by its dtype
+    (8-bit: ``/ 255``) is clipped to [0, 1]; a range or percentile scaling leaves the
+    brightest pixels above 1 at inference too, and clipping them at 1 here would flatten
+    them in training only.
     """
     c = image.shape[0]
     gain = 1 + rng.uniform(-strength / 2, strength / 2, size=(c, 1, 1))
@@ -119,4 +127,20 @@ def intensity_jitter(image: np.ndarray, rng: np.random.Generator, strength: floa
     out = image * gain
     mean = out.mean()
     out = (out - mean) * contrast + mean + brightness
+    if bounds is not None:
+        low, high = (np.asarray(b, dtype=np.float64).reshape(-1, 1, 1) for b in bounds)
+        out = np.clip(out, low, high)
     return out.astype(np.float32)
+
+
+def scaled_dtype_range(dtype: np.dtype, channels: int, scale: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(low, high)``, ``(channels,)`` each: the smallest and largest value ``dtype`` holds,
+    scaled by ``scale`` (a ``(..., C)`` pixels to float callable): the range a saturated
+    scan reaches. A float dtype's is unbounded (``±inf``)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.full(channels, -np.inf), np.full(channels, np.inf)
+    info = np.iinfo(dtype)
+    ends = np.array([[info.min] * channels, [info.max] * channels], dtype=dtype)[None]
+    scaled = np.asarray(scale(ends), dtype=np.float64)[0]
+    return np.minimum(scaled[0], scaled[1]), np.maximum(scaled[0], scaled[1])

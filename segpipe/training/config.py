@@ -109,8 +109,8 @@ class TrainConfig:
         Points per side of the displacement grid (cubic interpolation between them).
     jitter
         Intensity jitter strength: contrast within ``±jitter``, brightness and channel gains
-        within ``±jitter / 2``, on the scaled pixels, not clipped (as the scaling is not);
-        0 turns it off.
+        within ``±jitter / 2``, on the scaled pixels, clipped to the scaled range of their
+        dtype (:func:`segpipe.training.augmentation.scaled_dtype_range`); 0 turns it off.
     separate_touching
         Draw a gap between touching objects in the **training** labels
         (:func:`segpipe.training.datasets.separate_touching`), as the U-Net paper's annotations

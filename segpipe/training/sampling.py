@@ -25,6 +25,7 @@ from segpipe.training.augmentation import (
     elastic_deformation,
     flip_rotate,
     intensity_jitter,
+    scaled_dtype_range,
 )
 
 __all__ = ["Batch", "patch_pair", "sample_batch", "sample_pairs"]
@@ -174,7 +175,8 @@ def sample_pairs(
             )
             weight = rest[0] if rest else None
         if augmentation is not None and augmentation.jitter > 0:
-            image = intensity_jitter(image, rng, augmentation.jitter)
+            bounds = scaled_dtype_range(slide.image.dtype, image.shape[0], scale or to_float01)
+            image = intensity_jitter(image, rng, augmentation.jitter, bounds)
         images.append(image)
         labels.append(np.ascontiguousarray(label))
         if weight is not None:
