@@ -265,3 +265,33 @@ def test_a_result_not_recording_the_source_size_reads_it_from_the_source(level1_
     moved_to(write_pyramidal_tiff(tmp_path / "other.ome.tif", other, pixel_size_um=0.25))
     with pytest.raises(ValueError, match="not the image segmented"):
         bounds(old)
+
+
+def test_a_coarser_source_level_sits_where_the_finer_results_pyramid_puts_it(tmp_path):
+    """Microns: a result segmented at source level 1 has its first pixel at the centre of
+    the 2 x 2 source pixels it covers, as level 1 of the level-0 result has; its micron
+    polygons are its level-0-pixel polygons in microns, and OME says the same."""
+    import json
+
+    image = np.zeros((128, 96, 3), np.uint8)
+    image[20:60, 30:70] = 255
+    source = write_pyramidal_tiff(
+        tmp_path / "even.ome.tif", image, pixel_size_um=0.5, tile=32, min_level_size=32
+    )
+    settings = {"tile": 16, "task_tiles": 1, "scheduler": "sync", "foreground": "none"}
+    settings["min_level_size"] = 32  # the fine result has a level 1 to compare with
+    fine = segpipe.segment(source, tmp_path / "fine.zarr", Bright(), level=0, **settings)
+    coarse = segpipe.segment(source, tmp_path / "coarse.zarr", Bright(), level=1, **settings)
+    a, b = open_result(fine, level=1), open_result(coarse)
+    np.testing.assert_allclose(b.x.values, a.x.values[: b.sizes["x"]])
+    np.testing.assert_allclose(b.y.values, a.y.values[: b.sizes["y"]])
+    assert b.x.values[0] == pytest.approx(0.25)  # (2 - 1) / 2 source pixels of 0.5 µm
+    pixel = vectors.class_features(coarse, "object", coords="pixel")
+    micron = vectors.class_features(coarse, "object", coords="micron")
+    for p, m in zip(pixel, micron, strict=True):
+        x0, y0, x1, y1 = shape(p["geometry"]).bounds  # level-0 pixel edges
+        expected = (x0 * 0.5 - 0.25, y0 * 0.5 - 0.25, x1 * 0.5 - 0.25, y1 * 0.5 - 0.25)
+        assert shape(m["geometry"]).bounds == pytest.approx(expected)
+    ome = json.loads((tmp_path / "coarse.zarr" / "zarr.json").read_text())["attributes"]["ome"]
+    level0 = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert level0[1] == {"type": "translation", "translation": [0.0, 0.25, 0.25]}

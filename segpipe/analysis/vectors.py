@@ -40,6 +40,7 @@ from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
 from segpipe.results import ResultMeta, open_result, read_meta
+from segpipe.results.layout import source_origin_um
 
 __all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]
 
@@ -92,7 +93,8 @@ def _base_transform(coords: str, meta: ResultMeta, result: Any) -> Any:
                 f"{result} has no pixel size, so no micron coordinates; use coords='pixel'"
                 + (" or 'crs'" if meta.crs else "")
             )
-        return Affine(s, 0, -s / 2, 0, s, -s / 2)
+        oy, ox = source_origin_um(meta)  # the first pixel's centre, as the result's x and y
+        return Affine(s, 0, ox - s / 2, 0, s, oy - s / 2)
     transform = meta.transform
     if not transform:
         raise ValueError(f"{result} is not georeferenced; use coords='micron' or 'pixel'")

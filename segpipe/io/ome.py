@@ -72,7 +72,11 @@ class PixelGrid:
         pixel_size_um: float | None,
         crs: str | None,
         transform: tuple[float, ...] | None,
+        origin_um: tuple[float, float] = (0.0, 0.0),
     ) -> PixelGrid:
+        """``origin_um``: (y, x) microns of the first pixel's centre, for an image with a
+        pixel size and no georeference (a coarser level of a source: see
+        ``segpipe.results.layout.source_origin_um``)."""
         if transform is not None and crs is not None:
             from rasterio.crs import CRS
 
@@ -83,7 +87,7 @@ class PixelGrid:
             # The affine maps pixel corners; coordinates are pixel centres, half a pixel in.
             return cls((f + e / 2, c + a / 2), (e, a), units, ome, ref.to_wkt(), transform)
         if pixel_size_um:
-            return cls((0.0, 0.0), (pixel_size_um, pixel_size_um), "micrometer", "micrometer")
+            return cls(origin_um, (pixel_size_um, pixel_size_um), "micrometer", "micrometer")
         return cls((0.0, 0.0), (1.0, 1.0), "pixel", None)
 
     def coordinates(self, axis: int, n: int, level: int) -> np.ndarray:
@@ -92,14 +96,17 @@ class PixelGrid:
 
 
 def _datasets(
-    paths: list[str], pixel_size: tuple[float, float], leading: int
+    paths: list[str],
+    pixel_size: tuple[float, float],
+    leading: int,
+    origin: tuple[float, float] = (0.0, 0.0),
 ) -> list[dict[str, Any]]:
     out = []
     for k, path in enumerate(paths):
         step = [p * 2**k for p in pixel_size]
         transforms: list[dict[str, Any]] = [{"type": "scale", "scale": [1.0] * leading + step}]
-        if k:
-            shift = [p * (2**k - 1) / 2 for p in pixel_size]
+        shift = [o + p * (2**k - 1) / 2 for o, p in zip(origin, pixel_size, strict=True)]
+        if any(shift):
             transforms.append({"type": "translation", "translation": [0.0] * leading + shift})
         out.append({"path": path, "coordinateTransformations": transforms})
     return out
@@ -121,16 +128,18 @@ def multiscale_attributes(
     *,
     channel: str | None,
     method: str,
+    origin: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """One OME-Zarr 0.5 ``multiscales`` entry over ``paths`` (level 0 first).
 
     ``channel`` names the leading channel axis (``None`` for a (y, x) label image);
-    ``pixel_size`` is level 0's (y, x), in ``unit`` (``None``: level-0 pixels, no unit).
+    ``pixel_size`` is level 0's (y, x), in ``unit`` (``None``: level-0 pixels, no unit), and
+    ``origin`` its first pixel's centre (a translation where it is not 0).
     """
     return {
         "name": name,
         "axes": _axes(unit, channel),
-        "datasets": _datasets(paths, pixel_size, 1 if channel else 0),
+        "datasets": _datasets(paths, pixel_size, 1 if channel else 0, origin),
         "type": method,
         "metadata": {
             "description": f"{method} of 2x2 blocks; an odd last row or column is dropped"
@@ -144,6 +153,7 @@ def label_attributes(
     pixel_size: tuple[float, float],
     unit: str | None,
     class_names: Sequence[str],
+    origin: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """The ``ome`` attribute of label image ``labels/<name>`` whose levels lie at ``paths``
     (relative to its group, level 0 first); label value ``i`` means ``class_names[i]``."""
@@ -158,6 +168,7 @@ def label_attributes(
                 unit,
                 channel=None,
                 method="mode",
+                origin=origin,
             )
         ],
         "image-label": {

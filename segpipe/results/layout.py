@@ -136,7 +136,7 @@ def layout_documents(meta: ResultMeta) -> dict[str, bytes]:
 
 def _build_layout(store: zarr.storage.MemoryStore, meta: ResultMeta) -> None:
     shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
-    grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform)
+    grid = pixel_grid(meta)
     ome = {
         "version": OME_VERSION,
         "multiscales": [
@@ -147,6 +147,7 @@ def _build_layout(store: zarr.storage.MemoryStore, meta: ResultMeta) -> None:
                 grid.ome_unit,
                 channel="class",
                 method="mean",
+                origin=_ome_origin(grid),
             )
         ],
         # Channel names and colours for viewers (napari's layers), from the one palette.
@@ -186,6 +187,35 @@ def _pixel_step(grid: PixelGrid) -> tuple[float, float]:
     return (abs(grid.step[0]), abs(grid.step[1]))
 
 
+def _ome_origin(grid: PixelGrid) -> tuple[float, float]:
+    # OME-Zarr has no CRS: a georeferenced result's OME coordinates stay pixels from 0.
+    return grid.origin if grid.units == "micrometer" else (0.0, 0.0)
+
+
+def pixel_grid(meta: ResultMeta) -> PixelGrid:
+    """The coordinates of ``meta``'s result: CRS units, microns (:func:`source_origin_um`
+    for the first pixel's centre) or pixels."""
+    return PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform, source_origin_um(meta))
+
+
+def source_origin_um(meta: ResultMeta) -> tuple[float, float]:
+    """(y, x) microns of a result's first pixel centre: the centre of the source pixels it
+    covers, ``(r - 1) / 2`` of them in (``r`` the segmented level's downsample along the
+    axis), as the result pyramid's levels place theirs, so results of any source level line
+    up. 0 at level 0, without a pixel size, or for a result that predates ``source_shape``.
+
+    >>> from segpipe.results.schema import ResultMeta
+    >>> m = ResultMeta("s.tif", (50, 40), 1.0, ("a",), "m", "0", 0, source_shape=(100, 80))
+    >>> source_origin_um(m)
+    (0.25, 0.25)
+    """
+    if not meta.pixel_size_um or meta.source_shape is None:
+        return (0.0, 0.0)
+    ry, rx = (n / m for n, m in zip(meta.source_shape, meta.shape, strict=True))
+    level0 = meta.pixel_size_um / ry  # the segmented level's size is level 0's times ry
+    return ((ry - 1) / 2 * level0, (rx - 1) / 2 * level0)
+
+
 def create_label_image(
     root: zarr.Group,
     name: str,
@@ -219,13 +249,14 @@ def create_label_image(
         )
     group = label_path(name)
     paths = [label_path(name, k, layout=meta.layout) for k in range(len(shapes))]
-    grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform)
+    grid = pixel_grid(meta)
     attrs = label_attributes(
         name,
         [posixpath.relpath(p, group) for p in paths],
         _pixel_step(grid),
         grid.ome_unit,
         meanings,
+        origin=_ome_origin(grid),
     )
     whole = name in _listed(labels)
     for k, (path, shape) in enumerate(zip(paths, shapes, strict=True)):
