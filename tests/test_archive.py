@@ -857,6 +857,31 @@ def test_a_run_killed_without_a_word_counts_as_a_failure(tmp_path, slide, random
     assert archive.read_state(paths.state)["failures"] == 0
 
 
+def test_a_live_run_past_max_killed_attempts_is_busy_and_a_dead_one_held(
+    tmp_path, slide, random_checkpoint
+):
+    """A "running" sidecar at MAX_KILLED_ATTEMPTS is a dead run's or a live one's; the claim
+    tells them apart: held while the lock is stale or gone, busy while its run holds it."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    left = []
+
+    def killed(*args, **kwargs):
+        left.append(paths.state.read_text())
+        raise RuntimeError("stands in for SIGKILL")
+
+    for _ in range(MAX_KILLED_ATTEMPTS):
+        with pytest.raises(RuntimeError):
+            process_image(image, out, random_checkpoint, config=CONFIG, run_segment=killed)
+        paths.state.write_text(left[-1])
+    assert process_image(image, out, random_checkpoint, config=CONFIG).status == "held"
+    assert not paths.lock.exists(), "a held image's claim is let go"
+    with try_claim(paths.lock, owner="the live run"):
+        busy = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (busy.status, busy.reason) == ("busy", "claimed by the live run")
+
+
 def test_a_failure_is_counted_once(tmp_path, slide, random_checkpoint):
     """The attempt counted at its start is the failure: an Exception adds nothing more."""
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"

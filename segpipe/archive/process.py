@@ -22,6 +22,7 @@ from segpipe.archive.state import (
     Status,
     decide,
     image_paths,
+    read_state,
     state_params,
 )
 from segpipe.config import SegmentConfig
@@ -139,15 +140,20 @@ def process_image(
         )
 
     decision = due()
-    if not decision.process and (
-        decision.held or catalog.record_path(output_root, image.key).exists()
+    # A "running" sidecar held back may be a live run's (its attempts counted as they start):
+    # the claim tells a live run (busy) from a dead one (held).
+    running = decision.held and (read_state(paths.state) or {}).get("status") == "running"
+    if (
+        not decision.process
+        and not running
+        and (decision.held or catalog.record_path(output_root, image.key).exists())
     ):
         return _not_processed(image.key, paths, decision)
     # Due, or up to date but missing from the catalog (its folder deleted): either way the
     # catalog is written under the claim, as a run replacing the result may be removing it.
     claim = try_claim(paths.lock, owner=owner, ttl_s=ttl_s)
     if claim is None:
-        if not decision.process:  # the holder or the next run records it
+        if not decision.process and not running:  # the holder or the next run records it
             return _not_processed(image.key, paths, decision)
         holder = (read_lock(paths.lock) or {}).get("owner", "another run")
         return ImageOutcome(image.key, "busy", f"claimed by {holder}")
