@@ -124,12 +124,13 @@ def ingest(
     # image; nodata and an alpha channel travel with the pixels.
     alpha = names.index("alpha") if kind == "alpha" and "alpha" in names else None
     masked = kind == "mask" or (kind == "alpha" and alpha is None)
+    sample = pixel_sample_sha256(reader)
     root = zarr.create_group(
         str(out),
         zarr_format=3,
         attributes={
             "ome": _ome_attributes(Path(reader.path).name, len(shapes), px),
-            "segpipe": _segpipe_attributes(reader, px, complete=False, masked=masked),
+            "segpipe": _segpipe_attributes(reader, px, sample, complete=False, masked=masked),
         },
     )
     arrays = _create_levels(root, shapes, chunk, reader.dtype, nc)
@@ -163,7 +164,7 @@ def ingest(
             counter.finish()
 
     root.update_attributes(
-        {"segpipe": _segpipe_attributes(reader, px, complete=True, masked=masked)}
+        {"segpipe": _segpipe_attributes(reader, px, sample, complete=True, masked=masked)}
     )
     return out
 
@@ -203,11 +204,8 @@ def _create_mask(
     labels, name = _MASK.split("/")
     step, unit = (1.0, None) if px is None else (float(px), "micrometer")
     paths = [str(k) for k in range(len(shapes))]
-    ome = label_attributes(name, paths, (step, step), unit, ("nodata", "valid"))
     # a pixel is valid where any of the 2x2 below is: their max, not the labels' usual mode
-    ome["multiscales"] = [
-        multiscale_attributes(name, paths, (step, step), unit, channel=None, method="max")
-    ]
+    ome = label_attributes(name, paths, (step, step), unit, ("nodata", "valid"), method="max")
     group = root.create_group(
         labels, attributes={"ome": {"version": OME_VERSION, "labels": [name]}}
     )
@@ -360,7 +358,7 @@ def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> di
 
 
 def _segpipe_attributes(
-    reader: Reader, px: float | None, *, complete: bool, masked: bool
+    reader: Reader, px: float | None, sample: str, *, complete: bool, masked: bool
 ) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "kind": "image",
@@ -369,7 +367,7 @@ def _segpipe_attributes(
         "pixel_size_um": px,
         "dtype": np.dtype(reader.dtype).name,
         "version": INGEST_VERSION,
-        "source_sha256": pixel_sample_sha256(reader),
+        "source_sha256": sample,  # io.identity.pixel_sample_sha256
     }
     # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
     if (geo := getattr(reader, "georeference", None)) is not None:
@@ -401,7 +399,8 @@ def ingested_image(
     if is_segpipe_image(source):
         return Path(source)
     store = Path(store)
-    if is_segpipe_image(store):
+    existing = is_segpipe_image(store)  # another ingest's, or an unfinished one: replaced
+    if existing:
         previous = json.loads((store / "zarr.json").read_text("utf-8"))["attributes"]["segpipe"]
         same = Path(str(previous.get("source"))).resolve() == Path(source).resolve()
         if previous.get("complete") and same and previous.get("version") == INGEST_VERSION:
@@ -414,7 +413,11 @@ def ingested_image(
                     return store
             finally:
                 getattr(reader, "close", lambda: None)()
-    redo = is_segpipe_image(store)  # another ingest's, or an unfinished one: replaced
     return ingest(
-        source, store, chunk=chunk, pixel_size_um=pixel_size_um, overwrite=redo, progress=progress
+        source,
+        store,
+        chunk=chunk,
+        pixel_size_um=pixel_size_um,
+        overwrite=existing,
+        progress=progress,
     )

@@ -154,9 +154,11 @@ def label_attributes(
     unit: str | None,
     class_names: Sequence[str],
     origin: tuple[float, float] = (0.0, 0.0),
+    method: str = "mode",
 ) -> dict[str, Any]:
     """The ``ome`` attribute of label image ``labels/<name>`` whose levels lie at ``paths``
-    (relative to its group, level 0 first); label value ``i`` means ``class_names[i]``."""
+    (relative to its group, level 0 first, each the ``method`` of 2x2 blocks of the one
+    before); label value ``i`` means ``class_names[i]``."""
     colors = class_colors(len(class_names))
     return {
         "version": OME_VERSION,
@@ -167,7 +169,7 @@ def label_attributes(
                 pixel_size,
                 unit,
                 channel=None,
-                method="mode",
+                method=method,
                 origin=origin,
             )
         ],

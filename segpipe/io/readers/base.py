@@ -274,17 +274,9 @@ class BaseReader:
         return to_yxc(native, self._axes[level])
 
     def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
-        """Pixels ``[y0:y1, x0:x1]`` of ``level`` as a ``(y1 - y0, x1 - x0, C)`` array.
-
-        Only the tiles or chunks that intersect the window are read and decoded.
-        """
-        self._check_level(level)
-        ny, nx, _ = self.level_shapes[level]
-        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
-            raise ImageReadError(
-                f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is empty or outside level "
-                f"{level} of shape (Y, X) = ({ny}, {nx})"
-            )
+        """Pixels ``[y0:y1, x0:x1]`` of ``level`` as a ``(y1 - y0, x1 - x0, C)`` array; only
+        the tiles or chunks that intersect the window are read and decoded."""
+        self._check_window(y0, y1, x0, x1, level)
         axes = self._axes[level]
         key = tuple(
             slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None)
@@ -342,6 +334,15 @@ class BaseReader:
             raise ImageReadError(
                 f"{self.path}: level {level!r} out of range; the file has "
                 f"{len(self.level_shapes)} level(s), 0 to {len(self.level_shapes) - 1}"
+            )
+
+    def _check_window(self, y0: int, y1: int, x0: int, x1: int, level: int) -> None:
+        self._check_level(level)
+        ny, nx, _ = self.level_shapes[level]
+        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
+            raise ImageReadError(
+                f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is empty or outside level "
+                f"{level} of shape (Y, X) = ({ny}, {nx})"
             )
 
     def _level_array(self, level: int) -> Any:

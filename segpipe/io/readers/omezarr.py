@@ -174,13 +174,7 @@ class ZarrReader(BaseReader):
         image at ``level`` where it has one, else nodata or alpha from the pixels."""
         if self._mask_path is None:
             return super().valid_mask(y0, y1, x0, x1, level)
-        self._check_level(level)
-        ny, nx, _ = self.level_shapes[level]
-        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
-            raise ImageReadError(
-                f"{self.path}: window y {y0}:{y1}, x {x0}:{x1} is empty or outside level "
-                f"{level} of shape (Y, X) = ({ny}, {nx})"
-            )
+        self._check_window(y0, y1, x0, x1, level)
         import zarr
 
         path = f"{self._mask_path}/{self._array_paths[level]}"
