@@ -22,7 +22,6 @@ from segpipe.archive.state import (
     Status,
     decide,
     image_paths,
-    read_state,
     state_params,
 )
 from segpipe.config import SegmentConfig
@@ -142,7 +141,7 @@ def process_image(
     decision = due()
     # A "running" sidecar held back may be a live run's (its attempts counted as they start):
     # the claim tells a live run (busy) from a dead one (held).
-    running = decision.held and (read_state(paths.state) or {}).get("status") == "running"
+    running = decision.held and decision.previous == "running"
     if (
         not decision.process
         and not running

@@ -117,13 +117,16 @@ def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
 class Decision:
     """Whether an image needs segmenting, and why; ``resume`` keeps an unfinished result,
     ``held`` says it is not processed because it failed before (see the module doc), and
-    ``failures`` counts the consecutive failures of these same inputs so far."""
+    ``failures`` counts the consecutive failures of these same inputs so far; ``previous``,
+    for a held image, the status its sidecar records ("failed", or "running": a run that
+    died, or one still going, which only its claim tells apart)."""
 
     process: bool
     reason: str
     resume: bool = False
     held: bool = False
     failures: int = 0
+    previous: str | None = None
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -207,7 +210,7 @@ def decide(
     backs_off = previous == "failed" or (previous == "running" and failures >= MAX_KILLED_ATTEMPTS)
     held = _held_back(state, failures) if backs_off and not retry_failed else None
     if held is not None:
-        return Decision(False, held, held=True, failures=failures)
+        return Decision(False, held, held=True, failures=failures, previous=previous)
     complete = is_complete(paths.result)
     if complete and previous == "complete":
         if read_meta(paths.result).model_sha256 == model_sha:

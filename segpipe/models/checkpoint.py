@@ -27,7 +27,15 @@ import torch
 from segpipe.models.base import REGISTRY, SegmentationModel
 from segpipe.models.contract import PixelContract
 
-__all__ = ["FORMAT", "CheckpointError", "fingerprint", "load", "looks_scripted", "save"]
+__all__ = [
+    "FORMAT",
+    "CheckpointError",
+    "fingerprint",
+    "load",
+    "looks_scripted",
+    "read_payload",
+    "save",
+]
 
 FORMAT = "segpipe-checkpoint/1"
 
@@ -103,21 +111,7 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    data = _read_archive(path)
-    try:
-        # From the bytes just checked, so what loads is what was verified.
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses anything but tensors and plain containers; a file that has
-        # them is either not ours or was written with arbitrary objects inside.
-        raise CheckpointError(
-            f"{path} is not a segpipe checkpoint, or holds Python objects that weights-only "
-            f"loading refuses to unpickle (segpipe never runs code from a checkpoint): {err}"
-        ) from err
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
-        raise CheckpointError(
-            f"{path} is not a segpipe checkpoint (torch.load cannot read it: {err})"
-        ) from err
+    payload = read_payload(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
@@ -182,6 +176,27 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
     model.checkpoint_metrics = dict(metrics or {})
     model.pixel_contract = _contract(payload.get("pixel_contract"), model.in_channels, path)
     return model.eval()
+
+
+def read_payload(path: Path) -> Any:
+    """What ``torch.load(..., weights_only=True)`` gives for segpipe's torch file at ``path``
+    (a checkpoint, a training state), read from bytes checked whole and undamaged
+    (:func:`_read_archive`), so what loads is what was verified; :class:`CheckpointError`
+    naming the file when it cannot be read."""
+    data = _read_archive(path)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # weights_only refuses anything but tensors and plain containers; a file that has
+        # them is either not ours or was written with arbitrary objects inside.
+        raise CheckpointError(
+            f"{path} is not a segpipe checkpoint, or holds Python objects that weights-only "
+            f"loading refuses to unpickle (segpipe never runs code from a checkpoint): {err}"
+        ) from err
+    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"{path} is not a segpipe checkpoint (torch.load cannot read it: {err})"
+        ) from err
 
 
 def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:

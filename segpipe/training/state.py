@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import struct
-import zipfile
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.models.checkpoint import CheckpointError
+from segpipe.models.checkpoint import CheckpointError, read_payload
 
 if TYPE_CHECKING:
     from segpipe.training.config import TrainConfig
@@ -173,24 +170,7 @@ def _plain(value: Any) -> Any:
 
 def _read_state(state_file: Path) -> dict[str, Any]:
     """The state file's dict, or CheckpointError naming the file."""
-    try:
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-    # What torch.load raises for an empty, cut-off or foreign file (OSError: a zip archive
-    # cut short, as well as an unreadable file).
-    except (
-        pickle.UnpicklingError,
-        RuntimeError,
-        EOFError,
-        OSError,
-        ValueError,
-        struct.error,
-        zipfile.BadZipFile,
-    ) as err:
-        raise CheckpointError(
-            f"cannot resume: torch cannot read the training state {state_file} "
-            f"({type(err).__name__}: {err}); a file cut short or overwritten: resume from "
-            "another epoch's checkpoint"
-        ) from err
+    state = read_payload(state_file)  # whole and undamaged, or CheckpointError naming it
     missing = [k for k in _STATE_ENTRIES if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(
