@@ -423,6 +423,13 @@ def _archive(tmp_path, slide, *names):
     return source
 
 
+def _one_image(tmp_path, slide):
+    """An archive of one slide, a.ome.tif: its image, the output root and the image's paths."""
+    (image,) = discover_images(_archive(tmp_path, slide, "a.ome.tif"))
+    out = tmp_path / "out"
+    return image, out, image_paths(out, "a.ome.tif")
+
+
 def test_another_archives_image_under_the_same_key_is_refused_and_its_result_kept(
     tmp_path, slide, random_checkpoint
 ):
@@ -556,9 +563,7 @@ def test_a_report_that_cannot_be_written_fails_the_image_with_its_reason(
     without computing again."""
     from segpipe.archive import reports
 
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -581,9 +586,7 @@ def test_a_failure_is_recorded_releases_the_claim_and_the_next_run_resumes(
 ):
     import segpipe
 
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
 
     def flaky(source, output, model, config, **kw):
         # write part of the result, then die the way a lost worker would
@@ -639,9 +642,7 @@ def test_a_report_failure_after_segmenting_is_finished_by_the_next_run(
 ):
     from segpipe.archive import reports
 
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
     with monkeypatch.context() as m:
         m.setattr(reports, "write_thumbnail", lambda *a, **k: 1 / 0)
         with pytest.raises(ZeroDivisionError):
@@ -834,9 +835,7 @@ def test_a_run_killed_without_a_word_counts_as_a_failure(tmp_path, slide, random
     """SIGKILL, the OOM killer, a crash in a C decoder: nothing after it runs, so the
     "running" sidecar written at the start counts the attempt. Killed runs are resumed at once
     until MAX_KILLED_ATTEMPTS, then the image backs off; a completed run resets the count."""
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
     left = []
 
     def killed(*args, **kwargs):
@@ -862,9 +861,7 @@ def test_a_live_run_past_max_killed_attempts_is_busy_and_a_dead_one_held(
 ):
     """A "running" sidecar at MAX_KILLED_ATTEMPTS is a dead run's or a live one's; the claim
     tells them apart: held while the lock is stale or gone, busy while its run holds it."""
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
     left = []
 
     def killed(*args, **kwargs):
@@ -884,9 +881,7 @@ def test_a_live_run_past_max_killed_attempts_is_busy_and_a_dead_one_held(
 
 def test_a_failure_is_counted_once(tmp_path, slide, random_checkpoint):
     """The attempt counted at its start is the failure: an Exception adds nothing more."""
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
     seen = []
 
     def corrupt(*args, **kwargs):
@@ -907,9 +902,7 @@ def test_an_interrupted_run_is_no_failure_and_resumes_at_once(
     the count as it was before the attempt, and the next run resumes it at once."""
     import segpipe
 
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
 
     def corrupt(*args, **kwargs):
         raise ValueError("share gone")
@@ -942,9 +935,7 @@ def test_a_lost_claim_stops_segmenting_within_a_task(tmp_path, slide, random_che
     real segment stops there, nothing more is recorded, and the new owner's lock stays."""
     import segpipe
 
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
     theirs = {"owner": "the other run", "token": "theirs", "ttl_s": 600.0}
     reported = []
 
@@ -1036,9 +1027,7 @@ def test_a_resume_that_segment_refuses_starts_again_instead_of_failing_every_run
 
     import segpipe
 
-    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
-    (image,) = discover_images(source)
-    paths = image_paths(out, "a.ome.tif")
+    image, out, paths = _one_image(tmp_path, slide)
 
     def stopped(source, output, model, config, **kw):
         def stop_now(done, todo):
