@@ -413,11 +413,5 @@ def ingested_image(
                     return store
             finally:
                 getattr(reader, "close", lambda: None)()
-    return ingest(
-        source,
-        store,
-        chunk=chunk,
-        pixel_size_um=pixel_size_um,
-        overwrite=existing,
-        progress=progress,
-    )
+    options: dict[str, Any] = {"chunk": chunk, "pixel_size_um": pixel_size_um, "progress": progress}
+    return ingest(source, store, overwrite=existing, **options)
