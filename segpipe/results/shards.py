@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
 import numpy as np
 import zarr
+from dask.system import CPU_COUNT
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -35,6 +39,33 @@ __all__ = ["Encoded", "ShardFormat", "ShardWrite", "shard_write", "write_togethe
 log = logging.getLogger("segpipe")
 
 _EMPTY = np.iinfo(np.uint64).max  # an index entry's offset and length for a chunk not stored
+_ENCODERS: ThreadPoolExecutor | None = None  # see _encoders
+_ENCODERS_LOCK = threading.Lock()
+
+
+def _encoders() -> ThreadPoolExecutor:
+    """The process's threads that zstd a shard's chunks, one per core (Dask's count).
+
+    zstd lets go of the GIL, and an I/O section's encoding has the cores to itself: a wide
+    forward pass waits for the section to end (``CoreGate``), so the cores the section does
+    not hold would only idle. At 8192² end to end went from 1.15x to 1.11x the bare forward.
+    """
+    global _ENCODERS
+    with _ENCODERS_LOCK:
+        if _ENCODERS is None:
+            _ENCODERS = ThreadPoolExecutor(CPU_COUNT, "segpipe-encode")
+        return _ENCODERS
+
+
+def _forget_encoders() -> None:
+    # A forked child has none of its parent's threads, and its copy of the lock may be held
+    # by one of them: it makes its own.
+    global _ENCODERS, _ENCODERS_LOCK
+    _ENCODERS, _ENCODERS_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_encoders)
 
 
 try:  # chunks follow one another in Zarr's order, so a shard is byte for byte Zarr's
@@ -115,8 +146,7 @@ class ShardFormat:
         zstd = None if self.zstd is None else Zstd(level=self.zstd[0], checksum=self.zstd[1])
         counts = tuple(s // c for s, c in zip(self.shard, self.chunk, strict=True))
         index = np.full((*counts, 2), _EMPTY, dtype="<u8")
-        parts: list[bytes] = []
-        offset = 0
+        chunks: list[tuple[tuple[int, ...], np.ndarray]] = []
         for coords in _morton(counts):
             start = [i * c for i, c in zip(coords, self.chunk, strict=True)]
             if any(s >= n for s, n in zip(start, values.shape, strict=True)):
@@ -128,11 +158,18 @@ class ShardFormat:
                 padded = np.full(self.chunk, self.fill, dtype=self.dtype)
                 padded[tuple(slice(0, n) for n in part.shape)] = part
                 part = padded
-            data = np.ascontiguousarray(part)
-            encoded = zstd.encode(data) if zstd is not None else data.tobytes()
+            chunks.append((coords, np.ascontiguousarray(part)))
+        parts: list[bytes]
+        if zstd is None:
+            parts = [data.tobytes() for _, data in chunks]
+        elif len(chunks) <= 1 or CPU_COUNT == 1:
+            parts = [zstd.encode(data) for _, data in chunks]
+        else:
+            parts = list(_encoders().map(lambda chunk: zstd.encode(chunk[1]), chunks))
+        offset = 0
+        for (coords, _), encoded in zip(chunks, parts, strict=True):
             index[coords] = (offset, len(encoded))
             offset += len(encoded)
-            parts.append(encoded)
         if not parts:
             return None
         index_bytes = index.tobytes()
@@ -209,8 +246,8 @@ def _shape(array: zarr.Array, selection: tuple[slice, ...]) -> tuple[int, ...] |
 
 def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
     """``array[selection] = values`` for each write, in one trip to the stores. A write of one
-    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
-    caller's thread (the one core an I/O section holds), and only stored in the trip; others
+    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, its chunks
+    on every core (:func:`_encoders`), and only stored in the trip; others
     go to Zarr, whose threads encode them side by side. Each write must be whole shards no
     other write of the call touches. Returns when every write has ended; raises the failure
     of the first write that failed, in the order given."""
