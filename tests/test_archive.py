@@ -8,11 +8,13 @@ import shutil
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import fsspec
 import pytest
 
+import segpipe.archive.process as archive_process
 from segpipe import archive
 from segpipe.archive import (
     ArchiveImage,
@@ -829,6 +831,50 @@ def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path
         json.dumps(state | {"failures": MAX_KILLED_ATTEMPTS, "updated": _ago(delay_s + 60)})
     )
     assert decide(paths, fp, "m1", CONFIG).process
+
+
+def test_a_killed_run_waits_from_its_last_sign_of_life(tmp_path):
+    """A run killed hours after it started waits its retry delay from its last "alive", not
+    from its start: counted from the start it would be resumed at once."""
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    delay_s = retry_delay_s(MAX_KILLED_ATTEMPTS)
+    state = {
+        "fingerprint": fp.as_dict(),
+        "model_sha256": "m1",
+        "params": CONFIG.result_settings(),
+        "status": "running",
+        "owner": "run-7",
+        "failures": MAX_KILLED_ATTEMPTS,
+        "updated": _ago(delay_s + 3600),
+    }
+    paths.state.write_text(json.dumps(state))
+    assert decide(paths, fp, "m1", CONFIG).process
+    paths.state.write_text(json.dumps(state | {"alive": _ago(60)}))
+    held = decide(paths, fp, "m1", CONFIG)
+    assert (held.process, held.held) == (False, True)
+    paths.state.write_text(json.dumps(state | {"alive": _ago(delay_s + 60)}))
+    assert decide(paths, fp, "m1", CONFIG).process
+
+
+def test_a_running_sidecar_records_signs_of_life(tmp_path, slide, random_checkpoint, monkeypatch):
+    """While segment reports progress, the claim holder's sidecar gets a fresh "alive"."""
+    monkeypatch.setattr(archive_process, "ALIVE_INTERVAL_S", 0.0)
+    image, out, paths = _one_image(tmp_path, slide)
+    seen = []
+
+    def segment(*args, on_progress, **kwargs):
+        before = archive.read_state(paths.state)
+        on_progress(1, 2)
+        seen.append((before, archive.read_state(paths.state)))
+        raise RuntimeError("stands in for SIGKILL")
+
+    with pytest.raises(RuntimeError, match="SIGKILL"):
+        process_image(image, out, random_checkpoint, config=CONFIG, run_segment=segment)
+    ((before, after),) = seen
+    assert "alive" not in before and after["status"] == "running"
+    assert after == before | {"alive": after["alive"]}
+    assert datetime.fromisoformat(after["alive"]) >= datetime.fromisoformat(before["updated"])
 
 
 def test_a_run_killed_without_a_word_counts_as_a_failure(tmp_path, slide, random_checkpoint):

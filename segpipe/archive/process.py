@@ -40,6 +40,9 @@ SegmentFn = Callable[..., Any]
 # How often a run checks, as its tasks finish, that it still holds its claim: a check reads
 # the lock (a GET on S3), and a task takes seconds, so this costs next to nothing.
 CLAIM_CHECK_INTERVAL_S = 2.0
+# How often a run's "running" sidecar records that the run is alive ("alive"): a killed run's
+# retry delay counts from its last sign of life, not from its start hours before.
+ALIVE_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,7 +193,11 @@ def process_image(
             {"storage_options": dict(storage_options)} if storage_options else {}
         )
         if run_segment is None or _names_parameter(run_segment, "on_progress"):
-            extra["on_progress"] = _stop_when_lost(claim, CLAIM_CHECK_INTERVAL_S)
+            extra["on_progress"] = _stop_when_lost(
+                claim,
+                CLAIM_CHECK_INTERVAL_S,
+                alive=lambda: write_json_atomic(paths.state, state | {"alive": utc_now()}),
+            )
         args = (image.url, paths.result, loaded.module, config)
         try:
             try:
@@ -260,19 +267,29 @@ def _ended_by(exc: BaseException, failures_before: int) -> dict[str, Any]:
     }
 
 
-def _stop_when_lost(claim: Claim, interval_s: float) -> Callable[[int, int], None]:
+def _stop_when_lost(
+    claim: Claim, interval_s: float, *, alive: Callable[[], None] | None = None
+) -> Callable[[int, int], None]:
     """An ``on_progress`` that raises :class:`~segpipe.archive.claims.ClaimLostError` once
     ``claim`` is lost, checking at most every ``interval_s``: segment then starts no more
     tasks (:func:`segpipe.execution.cluster.run_blocks`). In this process it waits for the
     writes in flight; on a distributed cluster ``client.cancel`` returns at once, and tasks
-    already running still finish their block's write, which nothing records."""
+    already running still finish their block's write, which nothing records. While the claim
+    holds, ``alive()`` runs at most every :data:`ALIVE_INTERVAL_S` (the sidecar's sign of
+    life)."""
     last = -float("inf")
+    last_alive = time.monotonic()
 
     def check(tiles_done: int, tiles_to_do: int) -> None:
-        nonlocal last
-        if time.monotonic() - last >= interval_s:
-            last = time.monotonic()
+        nonlocal last, last_alive
+        now = time.monotonic()
+        if now - last >= interval_s:
+            last = now
             claim.check()
+        if alive is not None and now - last_alive >= ALIVE_INTERVAL_S:
+            last_alive = now
+            claim.check()  # only the holder writes the sidecar
+            alive()
 
     return check
 

@@ -15,7 +15,8 @@ output disk, a share, the GPU) would otherwise hold the archive for good.
 An attempt counts as a failure from its start (the "running" sidecar), so a run killed without
 a word (SIGKILL, the OOM killer, a crash in a C decoder) counts too; completing resets the count.
 A "running" sidecar is resumed at once until :data:`MAX_KILLED_ATTEMPTS` attempts of the same
-inputs have failed or died so, then backs off like a failure. An interrupted run
+inputs have failed or died so, then backs off like a failure, from the run's last sign of life
+(the sidecar's ``alive``, refreshed while it runs). An interrupted run
 (KeyboardInterrupt, SystemExit, a cancellation) is the run's end, not the image's fault: not
 counted, resumed at once.
 """
@@ -165,7 +166,8 @@ def decide(
     An image whose last run of the same inputs failed is held back until its retry delay has
     passed (:func:`retry_delay_s` of its failures, counted from ``failed_at``), however many
     times it failed; one whose last run never ended ("running": killed, or still running) is
-    resumed at once, or held the same way (counted from its start, ``updated``) once it holds
+    resumed at once, or held the same way (counted from its last sign of life, ``alive``, else
+    its start, ``updated``) once it holds
     :data:`MAX_KILLED_ATTEMPTS` failures; an interrupted one is resumed at once.
     ``retry_failed`` tries a held image now.
 
@@ -231,11 +233,12 @@ def decide(
 
 def _held_back(state: dict[str, Any], failures: int) -> str | None:
     """Why a failed (or killed) image is not tried again yet, or None when its delay has
-    passed: counted from the failure, or from the start of a run that never ended."""
+    passed: counted from the failure, or from the last sign of life of a run that never ended
+    (its start, where it recorded none)."""
     if state.get("status") == "running":
         owner = state.get("owner", "a run")
         last = f"started by {owner}, never ended (killed, or still running)"
-        when = state.get("updated")
+        when = state.get("alive") or state.get("updated")
     else:
         last = state.get("reason", "no reason recorded")
         # Before failed_at was recorded, "updated" was the failed run's start: a bit earlier.
