@@ -268,7 +268,7 @@ def _ended_by(exc: BaseException, failures_before: int) -> dict[str, Any]:
 
 
 def _stop_when_lost(
-    claim: Claim, interval_s: float, *, alive: Callable[[], None] | None = None
+    claim: Claim, interval_s: float, *, alive: Callable[[], object] | None = None
 ) -> Callable[[int, int], None]:
     """An ``on_progress`` that raises :class:`~segpipe.archive.claims.ClaimLostError` once
     ``claim`` is lost, checking at most every ``interval_s``: segment then starts no more
