@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,8 @@ import tifffile
 import zarr
 
 import segpipe.io.ingest
-from segpipe.io.ingest import ingest, is_segpipe_image
+from segpipe.io.files import URLPath
+from segpipe.io.ingest import ingest, ingested_image, is_segpipe_image
 from segpipe.io.readers import ImageReadError, open_image
 
 
@@ -42,8 +48,8 @@ def _ome_tiff(path: Path, img: np.ndarray, pixel_size_um: float | None = 0.5) ->
     return path
 
 
-def _attrs(path: Path) -> dict[str, Any]:
-    return json.loads((path / "zarr.json").read_text())["attributes"]
+def _attrs(path: Path | URLPath) -> dict[str, Any]:
+    return json.loads(path.joinpath("zarr.json").read_text())["attributes"]
 
 
 @pytest.mark.parametrize("chunk", [128, 100])
@@ -339,7 +345,7 @@ def test_a_mask_band_or_alpha_is_carried_and_reduced_levels_follow_it(
 def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: Path) -> None:
     """A complete ingest of the same path is reused; one of another image saved at that path,
     or one an older ingest version wrote (no mask label image, unnamed alpha...), is redone."""
-    from segpipe.io.ingest import INGEST_VERSION, ingested_image
+    from segpipe.io.ingest import INGEST_VERSION
 
     img = _image()
     src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
@@ -364,8 +370,6 @@ def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: 
 
 
 def test_a_complete_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Path) -> None:
-    from segpipe.io.ingest import ingested_image
-
     img = _image()
     src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
     out = ingested_image(src, store)
@@ -373,3 +377,147 @@ def test_a_complete_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Pat
     with pytest.warns(UserWarning, match="is gone"):
         assert ingested_image(src, store) == out
     np.testing.assert_array_equal(open_image(out).read(0, 8, 0, 8), img[:8, :8])
+
+
+@pytest.fixture
+def memory_url() -> Iterator[str]:
+    """A prefix of its own in fsspec's in-memory file system (one per process), removed after."""
+    import fsspec
+
+    name = f"segpipe-ingest-{uuid.uuid4().hex[:8]}"
+    yield f"memory://{name}"
+    fs = fsspec.filesystem("memory")
+    if fs.exists(f"/{name}"):
+        fs.rm(f"/{name}", recursive=True)
+
+
+def _put_tiff(url: str, img: np.ndarray) -> str:
+    """``img`` as a tiled TIFF object at ``url`` (an in-memory fsspec URL)."""
+    import fsspec
+
+    data = io.BytesIO()
+    tifffile.imwrite(data, img, tile=(64, 64), photometric="rgb")
+    fsspec.filesystem("memory").pipe(url.removeprefix("memory:/"), data.getvalue())
+    return url
+
+
+def test_an_ingest_into_a_url_is_written_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory_url: str
+) -> None:
+    """A URL store (segment_slide puts the image beside a URL result) is written through
+    fsspec, never into a local folder named ``memory:``, and reused and replaced there."""
+    img = _image()
+    src = _ome_tiff(tmp_path / "in.ome.tif", img)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    store = f"{memory_url}/a.image.zarr"
+    out = ingested_image(src, store, chunk=128)
+    assert isinstance(out, URLPath) and str(out) == store
+    assert not any(cwd.iterdir())
+    np.testing.assert_array_equal(open_image(out).read(0, 300, 0, 517), img)
+    created = out.joinpath("zarr.json").modified()
+    assert ingested_image(src, store, chunk=128) == out
+    assert out.joinpath("zarr.json").modified() == created, "reused, not written again"
+
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ingest(src, store)
+    ingest(src, store, overwrite=True, pixel_size_um=2.0, min_level_size=64)
+    replaced = open_image(out)
+    assert replaced.pixel_size_um == 2.0 and len(replaced.level_shapes) == 3
+    np.testing.assert_array_equal(replaced.read(0, 300, 0, 517), img)
+    assert not any(cwd.iterdir())
+
+
+def _delete_half(files: list[Path], metadata_first: bool) -> None:
+    """Delete half of ``files`` as a kill part-way would leave them: the ``zarr.json`` files
+    first or last, as a listing's order may have it."""
+    files = sorted(files, key=lambda f: (f.name == "zarr.json") != metadata_first)
+    for f in files[: len(files) // 2]:
+        f.unlink()
+    raise RuntimeError("killed while deleting")
+
+
+@pytest.mark.parametrize("metadata_first", [False, True], ids=["chunks-first", "zarr.json-first"])
+def test_an_overwrite_killed_while_deleting_is_redone_not_read_as_zeros(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, metadata_first: bool
+) -> None:
+    """A deletion killed half-way never leaves a store that reads as complete with chunks
+    gone (they read as 0) nor a folder both ``overwrite`` settings refuse: the next call
+    ingests again."""
+    img = _image()
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
+    ingest(src, store, chunk=64)
+
+    def killed(path: str | Path, *args: object, **kwargs: object) -> None:
+        _delete_half([f for f in Path(path).rglob("*") if f.is_file()], metadata_first)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            ingest(src, store, chunk=64, overwrite=True)
+
+    out = ingested_image(src, store, chunk=64)
+    np.testing.assert_array_equal(open_image(out).read(0, 300, 0, 517), img)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.image.zarr", "in.ome.tif"]
+
+
+def test_a_url_overwrite_killed_while_deleting_is_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory_url: str
+) -> None:
+    import fsspec
+
+    img = _image()
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", img), f"{memory_url}/in.image.zarr"
+    ingest(src, store, chunk=64)
+    fs = fsspec.filesystem("memory")
+
+    def killed(_: object, paths: str | list[str], *args: object, **kwargs: object) -> None:
+        keys = fs.expand_path(paths, recursive=True)
+        for key in sorted(k for k in keys if fs.isfile(k))[: len(keys) // 2]:
+            fs.rm_file(key)
+        raise RuntimeError("killed while deleting")
+
+    with monkeypatch.context() as m:
+        m.setattr(type(fs), "rm", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            ingest(src, store, chunk=64, overwrite=True)
+
+    with pytest.raises(ImageReadError, match="never finished"):
+        open_image(store)  # the root was marked before any chunk went
+    np.testing.assert_array_equal(
+        open_image(ingested_image(src, store, chunk=64)).read(0, 300, 0, 517), img
+    )
+
+
+def test_a_url_source_is_compared_again(tmp_path: Path, memory_url: str) -> None:
+    """A source at a URL is there (pixels compared, not "gone"), and another image saved at
+    that URL is ingested again."""
+    src, store = f"{memory_url}/a.tif", tmp_path / "a.image.zarr"
+    _put_tiff(src, np.full((70, 90, 3), 10, np.uint8))
+    assert open_image(ingested_image(src, store)).read(0, 2, 0, 2).tolist() == [[[10] * 3] * 2] * 2
+    _put_tiff(src, np.full((70, 90, 3), 200, np.uint8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = ingested_image(src, store)
+    assert open_image(out).read(0, 2, 0, 2).tolist() == [[[200] * 3] * 2] * 2
+    assert _attrs(out)["segpipe"]["source"] == src
+
+    URLPath(src).unlink()
+    with pytest.warns(UserWarning, match="is gone"):
+        assert ingested_image(src, store) == out
+
+
+def test_reuse_follows_the_pixel_size_and_chunk_asked_for(tmp_path: Path) -> None:
+    """A store is reused only where an ingest now would write the same: the pixel size asked
+    for (else the file's) and the chunk side."""
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "in.image.zarr"
+    assert open_image(ingested_image(src, store, pixel_size_um=0.25)).pixel_size_um == 0.25
+    assert open_image(ingested_image(src, store)).pixel_size_um == 0.5
+    stamp = (store / "zarr.json").stat().st_mtime_ns
+    ingested_image(src, store, pixel_size_um=0.5)  # the file's own: the same store
+    assert (store / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"
+
+    out = ingested_image(src, store, chunk=64)
+    assert zarr.open_array(str(store / "0"), mode="r").chunks == (3, 64, 64)
+    assert _attrs(out)["segpipe"]["chunk"] == 64

@@ -29,10 +29,7 @@ have no ``unit`` (the 0.5 spec makes it optional) and the scale is in level-0 pi
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +40,15 @@ import numpy as np
 from dask.callbacks import Callback
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
+from segpipe.io.files import URLPath, location
 from segpipe.io.identity import pixel_sample_sha256
+from segpipe.io.imagestore import (
+    INGEST_VERSION,
+    clear_image_store,
+    is_reusable,
+    is_same_location,
+    is_segpipe_image,
+)
 from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
@@ -64,7 +69,7 @@ def ingest(
     pixel_size_um: float | None = None,
     overwrite: bool = False,
     progress: bool = False,
-) -> Path:
+) -> Path | URLPath:
     """Copy an image into an OME-Zarr 0.5 multiscale image (Zarr v3, zstd).
 
     Parameters
@@ -73,7 +78,8 @@ def ingest(
         A path :func:`~segpipe.io.readers.open_image` reads (TIFF, SVS, OME-TIFF, Zarr, PNG,
         JPEG) or an open :class:`~segpipe.io.readers.Reader`.
     output
-        Directory to create, e.g. ``slide.ome.zarr``.
+        Directory to create, e.g. ``slide.ome.zarr``, or an fsspec URL
+        (``s3://bucket/slide.ome.zarr``, a :class:`~segpipe.io.files.URLPath` with its options).
     chunk
         Zarr chunk side in pixels (y and x); each chunk holds all channels.
     min_level_size
@@ -82,16 +88,16 @@ def ingest(
     pixel_size_um
         Microns per pixel at level 0; overrides what the source says.
     overwrite
-        Replace ``output`` if it is a previous segpipe image ingest (complete or not). Any
-        other existing path is never deleted.
+        Replace ``output`` if it is a previous segpipe image ingest (complete or not), as
+        :mod:`segpipe.io.imagestore` deletes one. Any other existing path is never deleted.
     progress
         Show the ingest's progress on stderr, unless a listener is installed already
         (:func:`segpipe.progress.reporting`), which shows it. Dask's own bars never print.
 
     Returns
     -------
-    Path
-        ``output``.
+    Path or URLPath
+        ``output`` (:func:`~segpipe.io.files.location`).
 
     Raises
     ------
@@ -109,10 +115,10 @@ def ingest(
     px = reader.pixel_size_um
     if pixel_size_um is not None:
         px = check_pixel_size(pixel_size_um, "pixel_size_um")
-    out = Path(output)
-    if out.resolve() == Path(reader.path).resolve():
+    out = location(output)
+    if is_same_location(out, reader.path):
         raise ValueError(f"ingest output {out} is the source itself; choose another path")
-    _clear_output(out, overwrite=overwrite)
+    clear_image_store(out, overwrite=overwrite)
 
     import zarr
 
@@ -124,13 +130,14 @@ def ingest(
     # image; nodata and an alpha channel travel with the pixels.
     alpha = names.index("alpha") if kind == "alpha" and "alpha" in names else None
     masked = kind == "mask" or (kind == "alpha" and alpha is None)
-    sample = pixel_sample_sha256(reader)
+    attrs = _segpipe_attributes(reader, px, pixel_sample_sha256(reader), chunk, masked=masked)
+    # the location itself, not str(): a URLPath keeps its storage options
     root = zarr.create_group(
-        str(out),
+        out,
         zarr_format=3,
         attributes={
             "ome": _ome_attributes(Path(reader.path).name, len(shapes), px),
-            "segpipe": _segpipe_attributes(reader, px, sample, complete=False, masked=masked),
+            "segpipe": {**attrs, "complete": False},
         },
     )
     arrays = _create_levels(root, shapes, chunk, reader.dtype, nc)
@@ -163,16 +170,12 @@ def ingest(
             )
             counter.finish()
 
-    root.update_attributes(
-        {"segpipe": _segpipe_attributes(reader, px, sample, complete=True, masked=masked)}
-    )
+    root.update_attributes({"segpipe": {**attrs, "complete": True}})
     return out
 
 
 # The label image of the pixels holding data, within the ingest's group.
 _MASK = "labels/valid"
-# 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample: redo older ingests
-INGEST_VERSION = 2
 
 
 def _create_levels(
@@ -316,34 +319,6 @@ class _ChunkCounter(Callback):
             self.counted = chunks
 
 
-def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a Zarr group that segpipe's :func:`ingest` wrote (done or not)."""
-    meta = Path(path) / "zarr.json"
-    try:
-        attrs = json.loads(meta.read_text(encoding="utf-8")).get("attributes", {})
-    except (OSError, ValueError, AttributeError):
-        return False
-    segpipe = attrs.get("segpipe") if isinstance(attrs, dict) else None
-    return isinstance(segpipe, dict) and segpipe.get("kind") == "image"
-
-
-def _clear_output(out: Path, *, overwrite: bool) -> None:
-    if not out.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(
-            f"ingest output {out} already exists; pass overwrite=True to replace a previous "
-            f"segpipe ingest, or choose another path"
-        )
-    if not (out.is_dir() and is_segpipe_image(out)):
-        raise FileExistsError(
-            f"ingest output {out} exists and is not a segpipe image ingest (no "
-            f"'segpipe': {{'kind': 'image'}} attribute in its zarr.json); refusing to delete "
-            f"it even with overwrite=True: choose another path or remove it yourself"
-        )
-    shutil.rmtree(out)
-
-
 def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> dict[str, Any]:
     """The ``ome`` attribute of an OME-Zarr 0.5 image with ``n_levels`` 2x levels."""
     step = 1.0 if pixel_size_um is None else float(pixel_size_um)
@@ -358,13 +333,15 @@ def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> di
 
 
 def _segpipe_attributes(
-    reader: Reader, px: float | None, sample: str, *, complete: bool, masked: bool
+    reader: Reader, px: float | None, sample: str, chunk: int, *, masked: bool
 ) -> dict[str, Any]:
+    """The ``segpipe`` attribute, but ``complete``; ``source``, ``pixel_size_um``, ``chunk``
+    (pixels), ``version`` and ``source_sha256`` decide reuse (:func:`.imagestore.is_reusable`)."""
     attrs: dict[str, Any] = {
         "kind": "image",
-        "complete": complete,
         "source": str(reader.path),
         "pixel_size_um": px,
+        "chunk": chunk,
         "dtype": np.dtype(reader.dtype).name,
         "version": INGEST_VERSION,
         "source_sha256": sample,  # io.identity.pixel_sample_sha256
@@ -389,29 +366,18 @@ def ingested_image(
     chunk: int = 512,
     pixel_size_um: float | None = None,
     progress: bool = False,
-) -> Path:
+) -> Path | URLPath:
     """The OME-Zarr image to segment for ``source``, ingesting it into ``store`` if needed.
 
     A source that already is a segpipe image is used as it is; a complete ingest at ``store``
-    of the same source (path and pixel sample) by this ingest version is reused; any other
-    segpipe image there is redone. Anything else at ``store`` is refused by :func:`ingest`.
+    of the same source with the same options (:func:`.imagestore.is_reusable`) is reused; any
+    other segpipe image there is redone. Anything else at ``store`` is refused by :func:`ingest`.
     """
     if is_segpipe_image(source):
-        return Path(source)
-    store = Path(store)
-    existing = is_segpipe_image(store)  # another ingest's, or an unfinished one: replaced
-    if existing:
-        previous = json.loads((store / "zarr.json").read_text("utf-8"))["attributes"]["segpipe"]
-        same = Path(str(previous.get("source"))).resolve() == Path(source).resolve()
-        if previous.get("complete") and same and previous.get("version") == INGEST_VERSION:
-            if not Path(source).exists():  # nothing to compare with: the copy is all there is
-                warnings.warn(f"{source} is gone; using its ingested copy {store}", stacklevel=2)
-                return store
-            reader = open_image(source, pixel_size_um=pixel_size_um)
-            try:
-                if previous.get("source_sha256") == pixel_sample_sha256(reader):
-                    return store
-            finally:
-                getattr(reader, "close", lambda: None)()
+        return location(source)
+    store = location(store)
+    if is_reusable(store, source, chunk=chunk, pixel_size_um=pixel_size_um):
+        return store
+    # another ingest's, or an unfinished one: replaced
     options: dict[str, Any] = {"chunk": chunk, "pixel_size_um": pixel_size_um, "progress": progress}
-    return ingest(source, store, overwrite=existing, **options)
+    return ingest(source, store, overwrite=is_segpipe_image(store), **options)

@@ -1,0 +1,151 @@
+"""The image stores :func:`segpipe.io.ingest.ingest` writes: which locations hold one, when one
+still stands for its source, and how one is replaced.
+
+A location holds a segpipe image when its root ``zarr.json`` carries ``segpipe.kind ==
+"image"``; ``segpipe.complete`` says whether all its pixels are there. Replacing one never
+leaves a store that reads as complete with chunks missing (a missing chunk reads as the fill
+value, 0, without an error), nor a folder that is no segpipe image and still in the way:
+
+- locally it is renamed aside in one step, to ``.<name>.deleting-<hex>`` beside it, and
+  deleted there (as :mod:`segpipe.results.store` deletes a result); what a killed deletion
+  left is removed by the next ingest to that location;
+- at an fsspec URL (object stores cannot rename) its root ``zarr.json`` is first rewritten
+  with ``complete: false`` (one PUT), then its other objects go and the root last: a deletion
+  killed halfway leaves an unfinished ingest, which the next ingest replaces.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+from segpipe.io.files import URLPath, is_url, location
+from segpipe.io.identity import pixel_sample_sha256
+from segpipe.io.readers import open_image
+from segpipe.io.units import check_pixel_size
+
+__all__ = [
+    "INGEST_VERSION",
+    "clear_image_store",
+    "is_reusable",
+    "is_same_location",
+    "is_segpipe_image",
+]
+
+# 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample; 3: the chunk side,
+# which reuse compares: redo older ingests
+INGEST_VERSION = 3
+_ROOT = "zarr.json"
+
+
+def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a Zarr group that segpipe's ingest wrote (done or not)."""
+    return _segpipe_attributes(location(path)) is not None
+
+
+def _segpipe_attributes(path: Path | URLPath) -> dict[str, Any] | None:
+    """The ``segpipe`` attributes of the ingest at ``path``, or None where there is none."""
+    try:
+        attrs = json.loads(path.joinpath(_ROOT).read_text(encoding="utf-8")).get("attributes")
+    except (OSError, ValueError, AttributeError):
+        return None
+    segpipe = attrs.get("segpipe") if isinstance(attrs, dict) else None
+    is_image = isinstance(segpipe, dict) and segpipe.get("kind") == "image"
+    return segpipe if is_image else None
+
+
+def is_same_location(path: Path | URLPath, other: str) -> bool:
+    """Whether ``other`` (a path or URL as a reader or a store's attributes name it) is
+    ``path``: URLs compared as written, local paths resolved."""
+    if isinstance(path, URLPath) or is_url(other):
+        return str(path) == other.rstrip("/")
+    return path.resolve() == Path(other).resolve()
+
+
+def is_reusable(
+    store: Path | URLPath,
+    source: str | os.PathLike[str],
+    *,
+    chunk: int,
+    pixel_size_um: float | None,
+) -> bool:
+    """Whether the ingest at ``store`` stands for ``source`` ingested with ``chunk`` (pixels)
+    and ``pixel_size_um`` (µm, None: the source's own): a complete ingest of this version, of
+    the same location and chunk side, whose pixel sample and pixel size are the source's.
+
+    A source gone leaves nothing to compare with: its copy is reused, with a warning, unless
+    ``pixel_size_um`` asks for another pixel size (then the ingest fails naming the source).
+    """
+    previous = _segpipe_attributes(store)
+    if previous is None or not previous.get("complete"):
+        return False
+    here = location(source)
+    same = is_same_location(here, str(previous.get("source")))
+    if not same or (previous.get("version"), previous.get("chunk")) != (INGEST_VERSION, chunk):
+        return False
+    if not here.exists():
+        wanted = None if pixel_size_um is None else check_pixel_size(pixel_size_um, "pixel_size_um")
+        if wanted not in (None, previous.get("pixel_size_um")):
+            return False
+        warnings.warn(f"{source} is gone; using its ingested copy {store}", stacklevel=3)
+        return True
+    reader = open_image(here, pixel_size_um=pixel_size_um)
+    try:
+        # the size an ingest now would write: the override, else what the file says today
+        if previous.get("pixel_size_um") != reader.pixel_size_um:
+            return False
+        return bool(previous.get("source_sha256") == pixel_sample_sha256(reader))
+    finally:
+        getattr(reader, "close", lambda: None)()
+
+
+def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
+    """Make way for an ingest at ``out``: nothing there, or a segpipe image that ``overwrite``
+    allows deleting (deleted as the module says, never leaving a half-deleted image there).
+
+    Raises FileExistsError for anything else at ``out``, which is never deleted.
+    """
+    if isinstance(out, Path):
+        # what a killed deletion left beside it (a URL's is the store itself, unfinished)
+        for old in out.parent.glob(glob.escape(f".{out.name}.deleting-") + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+    if not out.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"ingest output {out} already exists; pass overwrite=True to replace a previous "
+            f"segpipe ingest, or choose another path"
+        )
+    if not (out.is_dir() and is_segpipe_image(out)):
+        raise FileExistsError(
+            f"ingest output {out} exists and is not a segpipe image ingest (no "
+            f"'segpipe': {{'kind': 'image'}} attribute in its zarr.json); refusing to delete "
+            f"it even with overwrite=True: choose another path or remove it yourself"
+        )
+    if isinstance(out, URLPath):
+        _delete_at_url(out)
+        return
+    trash = out.with_name(f".{out.name}.deleting-{uuid.uuid4().hex[:12]}")
+    os.rename(out, trash)
+    shutil.rmtree(trash)
+
+
+def _delete_at_url(url: URLPath) -> None:
+    """Delete the image at ``url``: marked unfinished first, its root ``zarr.json`` last."""
+    root = url.joinpath(_ROOT)
+    document = json.loads(root.read_text())
+    document["attributes"]["segpipe"]["complete"] = False
+    root.write_text(json.dumps(document))  # one PUT: from here on it reads as unfinished
+    fs, path = url.filesystem()
+    path = path.rstrip("/")
+    if rest := [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{_ROOT}"]:
+        fs.rm(rest)
+    root.unlink()
+    if fs.exists(path):  # the folders a file system (not an object store) keeps
+        fs.rm(path, recursive=True)
