@@ -8,22 +8,28 @@ the server, not by the client library.
 
 from __future__ import annotations
 
+import datetime as dt
 import http.client
+import re
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import numpy as np
 import pytest
 import tifffile
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
+
+from test_results import meta  # noqa: E402
 
 import segpipe  # noqa: E402
 from segpipe.archive import discover_images, process_image, read_state  # noqa: E402
@@ -38,7 +44,14 @@ from segpipe.config import SegmentConfig  # noqa: E402
 from segpipe.faults import InjectedFault  # noqa: E402
 from segpipe.io.files import URLPath, location  # noqa: E402
 from segpipe.io.readers import open_image  # noqa: E402
-from segpipe.results import ResultMismatchError, is_result, read_meta  # noqa: E402
+from segpipe.results import (  # noqa: E402
+    ResultMismatchError,
+    delete_result,
+    is_result,
+    prepare_result,
+    read_meta,
+    remote,
+)
 
 BUCKET = "segpipe-test"
 CONFIG = SegmentConfig(
@@ -253,7 +266,7 @@ def test_the_archive_flow_runs_from_an_s3_archive_into_an_s3_output_root(
     assert again.result == str(result)
 
 
-def test_a_result_interrupted_while_created_on_s3_is_no_result_and_the_next_run_finishes(
+def test_a_result_failing_while_created_on_s3_leaves_nothing_and_the_next_run_finishes(
     s3, small_slide, random_checkpoint, reference, monkeypatch
 ):
     source = s3.upload(small_slide.image, "fault/slide.ome.tif")
@@ -261,9 +274,9 @@ def test_a_result_interrupted_while_created_on_s3_is_no_result_and_the_next_run_
     monkeypatch.setenv("SEGPIPE_FAULT", "result.skeleton:raise")
     with pytest.raises(InjectedFault):
         segpipe.segment(source, out, str(random_checkpoint), CONFIG, storage_options=s3.options)
-    # Every array's metadata is there, the root that makes it a result is not.
-    assert s3.fs.exists(f"{BUCKET}/fault/slide.seg.zarr/_segpipe/tiles_done/zarr.json")
-    assert not is_result(location(out, s3.options))
+    # The skeleton's objects were uploaded, the root that makes them a result was not: removed.
+    assert not s3.fs.find(f"{BUCKET}/fault/slide.seg.zarr")
+    assert not s3.fs.exists(f"{BUCKET}/fault/.slide.seg.zarr.creating")
 
     monkeypatch.delenv("SEGPIPE_FAULT")
     done = segpipe.segment(source, out, str(random_checkpoint), CONFIG, storage_options=s3.options)
@@ -348,3 +361,64 @@ def test_an_s3_result_is_replaced_only_when_asked_and_other_data_never(
             storage_options=s3.options,
         )
     assert s3.fs.cat_file(f"{BUCKET}/replace/data.zarr/notes.txt") == b"mine"
+
+
+# --- results at a URL, in fsspec's memory store ---------------------------------------------
+
+
+def _bucket() -> tuple[Any, str]:
+    """fsspec's memory file system (one per process) and a bucket of this test's own there."""
+    return fsspec.filesystem("memory"), f"/segpipe-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.mark.parametrize("name", ["res[1A].zarr", "res*.zarr", "res?.zarr"])
+def test_a_result_url_with_glob_characters_is_refused_and_other_data_kept(name):
+    """fsspec reads [ ] * ? in a path as a glob pattern, in rm too: deleting ``res[1A]``
+    deleted ``res1``'s and ``resA``'s objects and kept its own. Refused before any write."""
+    fs, bucket = _bucket()
+    users = {f"{bucket}/{n}/data.bin": n.encode() for n in ("res1.zarr", "resA.zarr", "re.zarr")}
+    fs.pipe(users)
+    url = URLPath(f"memory://{bucket}/{name}")
+    for call in (lambda: prepare_result(url, meta()), lambda: delete_result(url)):
+        with pytest.raises(ValueError, match=rf"{re.escape(str(url))}: .*glob pattern"):
+            call()
+    assert fs.find(bucket) == sorted(users)
+    assert all(fs.cat_file(key) == data for key, data in users.items())
+
+
+def test_a_create_at_a_url_that_fails_removes_what_it_wrote(monkeypatch):
+    fs, bucket = _bucket()
+    monkeypatch.setenv("SEGPIPE_FAULT", "result.skeleton:raise")
+    with pytest.raises(InjectedFault):
+        prepare_result(URLPath(f"memory://{bucket}/r.zarr"), meta())
+    assert not fs.find(bucket)
+
+
+def test_a_killed_create_at_a_url_is_removed_once_old_and_nothing_else_there(monkeypatch):
+    """A kill leaves the objects a create wrote and its marker. The next run removed
+    everything at the prefix whenever the root was missing: a run creating it right now, or
+    data written there since. Now only the objects the marker lists, once it is old."""
+    fs, bucket = _bucket()
+    url = URLPath(f"memory://{bucket}/r.zarr")
+    monkeypatch.setenv("SEGPIPE_FAULT", "result.skeleton:raise")
+    monkeypatch.setattr(remote, "_remove_creation", lambda url, keys: None)  # killed: no clean-up
+    with pytest.raises(InjectedFault):
+        prepare_result(url, meta())
+    monkeypatch.undo()
+    marker = f"{bucket}/.r.zarr.creating"
+    skeleton = set(fs.find(f"{bucket}/r.zarr"))
+    assert f"{bucket}/r.zarr/_segpipe/tiles_done/zarr.json" in skeleton
+    fs.pipe_file(f"{bucket}/r.zarr/notes.txt", b"mine")  # someone's, written since
+
+    # A young marker may be a run creating the result now: nothing removed, the prefix refused.
+    with pytest.raises(ResultMismatchError, match="being created by another run, or was left"):
+        prepare_result(url, meta())
+    assert set(fs.find(bucket)) == {*skeleton, marker, f"{bucket}/r.zarr/notes.txt"}
+
+    fs.store[marker].created -= dt.timedelta(hours=1)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        prepare_result(url, meta())
+    assert fs.find(bucket) == [f"{bucket}/r.zarr/notes.txt"]
+    fs.rm_file(f"{bucket}/r.zarr/notes.txt")
+    assert not prepare_result(url, meta()).any()
+    assert is_result(url) and not fs.exists(marker)

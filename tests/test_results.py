@@ -2,6 +2,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -22,6 +23,7 @@ from segpipe.results import (
     ResultMismatchError,
     TileRecord,
     class_pixels,
+    delete_result,
     finalize_result,
     is_complete,
     mark_tiles_done,
@@ -975,3 +977,82 @@ def test_a_result_overwritten_by_another_run_reads_as_the_new_one(tmp_path, wher
     assert (old.mask.values == 0).all() and (new.mask.values == 1).all()
     assert old.mask.data.name != new.mask.data.name
     assert not bool((old.mask == new.mask).any())
+
+
+def test_leftovers_of_other_names_are_kept_for_a_name_with_glob_characters(tmp_path):
+    """``r[1A].zarr``'s leftovers were looked up with its name as a glob pattern, which
+    matched (and deleted) those of ``r1.zarr`` and ``rA.zarr``."""
+    others = [tmp_path / f".r{c}.zarr.deleting-0123456789ab" for c in "1A"]
+    for other in others:
+        other.mkdir()
+        (other / "zarr.json").write_text("{}")
+    delete_result(tmp_path / "r[1A].zarr")
+    assert all((other / "zarr.json").exists() for other in others)
+
+
+def test_a_result_opened_unfinished_is_read_anew_once_finished(tmp_path):
+    """Dask names a result's chunks: an unfinished result's names were those it kept when
+    finished, so a client that had persisted it served the zeros of then. An unfinished
+    result is named anew at each open (its pixels change while its run goes on), a finished
+    one after the run that finished it."""
+    import distributed
+
+    path = tmp_path / "r.zarr"
+    m = meta()
+    prepare_result(path, m)
+    probs = random_probabilities(m.shape)
+    with distributed.Client(processes=False, n_workers=1, dashboard_address=":0"):
+        early = open_result(path, allow_incomplete=True).persist()
+        assert not early.mask.values.any()
+        write_everywhere(path, m, probs)
+        again = open_result(path, allow_incomplete=True)
+        np.testing.assert_array_equal(again.mask.values, probs.argmax(0))
+        finalize_result(path, run_summary(path))
+        done = open_result(path)
+        np.testing.assert_array_equal(done.mask.values, probs.argmax(0))
+        assert again.mask.data.name != early.mask.data.name
+        assert done.mask.data.name not in (early.mask.data.name, again.mask.data.name)
+        assert done.mask.data.name == open_result(path).mask.data.name
+
+
+def test_a_model_of_more_classes_than_a_uint8_mask_holds_is_refused_before_any_store(tmp_path):
+    """Masks and label images are uint8: 257 classes failed only in the tasks, the store
+    made."""
+    names = tuple(f"c{i}" for i in range(257))
+    with pytest.raises(ValueError, match=r"257 classes.*at most 256"):
+        prepare_result(tmp_path / "r.zarr", meta(class_names=names))
+    assert not (tmp_path / "r.zarr").exists()
+    prepare_result(tmp_path / "r.zarr", meta(class_names=names[:256]))
+    assert read_meta(tmp_path / "r.zarr").class_names == names[:256]
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [lambda path: prepare_result(path, meta(tile=64), overwrite=True), delete_result],
+    ids=["overwrite", "delete"],
+)
+def test_a_result_reached_through_a_symbolic_link_is_never_renamed_or_deleted(tmp_path, replace):
+    """Replacing or deleting renames the result aside: through a link, the link went aside,
+    rmtree refused it, and the next runs hid that error for good. Refused, naming both."""
+    target, link = tmp_path / "real.zarr", tmp_path / "r.zarr"
+    prepare_result(target, meta())
+    link.symlink_to(target, target_is_directory=True)
+    mark_tiles_done(link, {(0, 0): np.array([1, 2])})  # resuming through a link writes in place
+    with pytest.raises(
+        ResultMismatchError, match=re.escape(f"{link} is a symbolic link to {target}")
+    ):
+        replace(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr", "real.zarr"]
+    assert link.is_symlink() and read_meta(link).tile == 32 and tiles_done(link)[0, 0]
+
+
+def test_a_pyramid_the_tasks_wrote_whole_needs_no_label_list(tmp_path):
+    """build_pyramid read the label list before it found it had nothing to build."""
+    from segpipe.results import build_pyramid
+
+    path = tmp_path / "r.zarr"
+    m = meta(tile=16, task_tiles=4, min_level_size=32)  # every level in the blocks
+    prepare_result(path, m)
+    write_everywhere(path, m, random_probabilities(m.shape))
+    shutil.rmtree(path / "labels")
+    build_pyramid(path)

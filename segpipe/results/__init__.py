@@ -74,9 +74,6 @@ from segpipe.results.schema import (
     IncompleteResultError,
     ResultMeta,
     ResultMismatchError,
-    RunSummary,
-    class_areas_um2,
-    class_fractions,
     is_complete,
     is_result,
     label_path,
@@ -100,6 +97,7 @@ from segpipe.results.store import (
     write_block,
     write_tiles,
 )
+from segpipe.results.summary import RunSummary, class_areas_um2, class_fractions
 
 __all__ = [
     "FOREGROUND_LABEL",

@@ -12,25 +12,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import zarr
 
 from segpipe.geometry.pixels import pyramid_shapes
-from segpipe.io.files import URLPath
 from segpipe.results.layout import create_label_image, levels_in_blocks
-from segpipe.results.schema import ResultMeta, label_path
+from segpipe.results.schema import label_path, open_root, store_of
 
 __all__ = ["add_label_image", "label_block_arrays", "label_images"]
 
 
-def _open(path: str | os.PathLike, mode: Literal["r", "r+"]) -> zarr.Group:
-    return zarr.open_group(path if isinstance(path, URLPath) else os.fspath(path), mode=mode)
-
-
 def label_images(path: str | os.PathLike) -> list[str]:
     """The label images the result at ``path`` lists (``"mask"`` first)."""
-    labels = _open(path, "r").get("labels")
+    labels = zarr.open_group(store_of(path), mode="r").get("labels")
     if labels is None:
         return []
     return list(cast(Mapping[str, Any], labels.attrs.get("ome", {})).get("labels", []))
@@ -47,8 +42,7 @@ def add_label_image(
     name is listed last), or, made by a release that listed it first, listed with arrays
     missing. The arrays already there are kept.
     """
-    root = _open(path, "r+")
-    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    root, meta = open_root(path, "r+")
     shapes = pyramid_shapes(meta.shape, meta.config.min_level_size)
     create_label_image(root, name, shapes, meta, meanings, long_name=long_name, exist_ok=True)
 
@@ -56,8 +50,7 @@ def add_label_image(
 def label_block_arrays(path: str | os.PathLike, name: str) -> list[zarr.Array]:
     """Label image ``name``'s arrays at the levels a task writes with its block (level 0,
     then 1..``layout.levels_in_blocks``); for ``write_block(labels=...)``."""
-    root = _open(path, "r+")
-    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    root, meta = open_root(path, "r+")
     arrays = []
     for k in range(levels_in_blocks(meta) + 1):
         array = root[label_path(name, k, layout=meta.layout)]

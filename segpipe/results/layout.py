@@ -29,13 +29,14 @@ from segpipe.io.ome import (
     multiscale_attributes,
     omero_attributes,
 )
-from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path
+from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path, open_root
 from segpipe.version import __version__
 
 __all__ = [
     "COUNTS",
     "MIN_BLOCK_SHARD",
     "PROGRESS",
+    "PROGRESS_CHUNKS",
     "UINT8_SCALE",
     "block_level_arrays",
     "create_label_image",
@@ -47,7 +48,7 @@ __all__ = [
 
 PROGRESS = "_segpipe/tiles_done"
 COUNTS = "_segpipe/class_pixels"
-_PROGRESS_CHUNKS = (64, 64)
+PROGRESS_CHUNKS = (64, 64)  # tiles per chunk of the two above
 UINT8_SCALE = 1 / 255
 # Level 1: a third less time than 3 for 2-3% more bytes on float16 probabilities, which
 # compress poorly at any level (tasks spend it beside the model, on its cores).
@@ -168,7 +169,7 @@ def _build_layout(store: zarr.storage.MemoryStore, meta: ResultMeta) -> None:
     root.create_array(
         PROGRESS,
         shape=tiles,
-        chunks=_PROGRESS_CHUNKS,
+        chunks=PROGRESS_CHUNKS,
         dtype="uint8",
         fill_value=0,
         dimension_names=("tile_y", "tile_x"),
@@ -176,7 +177,7 @@ def _build_layout(store: zarr.storage.MemoryStore, meta: ResultMeta) -> None:
     root.create_array(
         COUNTS,
         shape=(*tiles, len(meta.class_names)),
-        chunks=(*_PROGRESS_CHUNKS, len(meta.class_names)),
+        chunks=(*PROGRESS_CHUNKS, len(meta.class_names)),
         dtype="int64",
         fill_value=0,
         dimension_names=("tile_y", "tile_x", "class"),
@@ -383,8 +384,7 @@ def block_level_arrays(path: str | URLPath) -> list[tuple[zarr.Array, zarr.Array
     # Never cached by path: a cached handle outlives an overwrite of the result and would
     # write the new store in the old layout. A caller writing many blocks keeps them per run
     # (execution.tasks).
-    root = zarr.open_group(path, mode="r+")
-    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    root, meta = open_root(path, "r+")
     return [
         (
             root[level_path(k, "mask", layout=meta.layout)],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -29,8 +29,9 @@ from dask.system import CPU_COUNT
 from segpipe.geometry.pixels import downsample_mean_2x
 from segpipe.geometry.tiling import Box
 from segpipe.progress import stage
+from segpipe.results.labels import label_images
 from segpipe.results.layout import levels_in_blocks
-from segpipe.results.schema import LABEL_NAME, ResultMeta, label_path, level_path, result_levels
+from segpipe.results.schema import LABEL_NAME, label_path, level_path, open_root, result_levels
 from segpipe.results.shards import write_together
 
 
@@ -141,12 +142,8 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
     (:func:`segpipe.results.shards.write_together`). Announced as the stage ``"pyramid"``
     (:mod:`segpipe.progress`), one unit per level, when there is one.
     """
-    root = zarr.open_group(path, mode="r+")
-    meta = ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    root, meta = open_root(path, "r+")
     layout = meta.layout
-    ome = cast(Mapping[str, Any], root["labels"].attrs.get("ome", {}))
-    # The mask's label image repeats the level's mask: it gets the same reduction.
-    others = [name for name in ome.get("labels", []) if name != LABEL_NAME]
 
     def array(name: str) -> zarr.Array:
         node = root[name]
@@ -164,6 +161,8 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
     first = levels_in_blocks(meta) + 1
     if first >= n_levels:  # the tasks wrote every level
         return
+    # The mask's label image repeats the level's mask: it gets the same reduction.
+    others = [name for name in label_images(path) if name != LABEL_NAME]
     # Dask's count, as its threaded scheduler built the pyramid before: it honours the
     # process's CPU affinity and cgroup limits, where os.cpu_count() gives the host's.
     pool = ThreadPoolExecutor(threads or CPU_COUNT, "segpipe-pyramid")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import numpy as np
@@ -98,10 +99,13 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     # Dask names of this run's arrays, not of the path: xarray names a local store's chunks
     # by its path and modification time, and a URL's by the URL alone, so a remote result
     # overwritten by another run would share the old one's names (a client's persisted
-    # chunks, dask's caches would serve the old pixels).
+    # chunks, dask's caches would serve the old pixels). A finished result is named by the
+    # run that finished it; an unfinished one anew at each open, as its pixels change while
+    # its run goes on (persisted while unfinished, its zeros were served once it finished).
     lazy = opened(chunks=None, cache=False)
     sizes = _preferred(lazy) if chunks is None else opened(chunks=chunks).chunksizes
-    token = tokenize(str(path), level, meta.get("identity"), meta.get("started"))
+    state = (meta.get("state"), meta.get("finished")) if meta.get("complete") else uuid.uuid4()
+    token = tokenize(str(path), level, meta.get("identity"), meta.get("started"), state)
     ds = lazy.chunk(dict(sizes), token=token, name_prefix="segpipe-")
     ds.attrs = {"segpipe": meta, "level": level}
     if ds["probabilities"].encoding.get("dtype") == np.uint8:

@@ -8,22 +8,30 @@ at all (one PUT). So the order of the writes does what a rename does on a local 
   ``zarr.json`` is uploaded, the root ``zarr.json`` last;
 - deleting: the root ``zarr.json`` goes first (the prefix stops being a result), then the rest.
 
-A marker object beside the result, ``.<name>.creating`` or ``.<name>.deleting``, is written
-before either starts and removed after it. The objects a run killed halfway leaves are known by
-it and removed by the next run (:func:`remove_leftovers`); objects at the prefix without a
-marker and without a result's root are someone's data, which segpipe never deletes.
+A marker object beside the result, ``.<name>.creating`` (listing the keys the creation
+writes) or ``.<name>.deleting``, is written before either starts and removed after it. A
+creation that fails removes what it wrote; what a run killed halfway leaves is known by its
+marker and removed by a later run (:func:`remove_leftovers`). Objects at the prefix that no
+marker lists and no result's root holds are someone's data, which segpipe never deletes.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Iterable
+
 from segpipe.faults import fault_point
 from segpipe.io.files import URLPath
 from segpipe.results.layout import layout_documents
-from segpipe.results.schema import ResultMeta
+from segpipe.results.schema import ResultMeta, ResultMismatchError
 
 __all__ = ["create", "delete", "remove_leftovers"]
 
 _ROOT = "zarr.json"
+# fsspec reads these in a path as a glob pattern, in rm too: deleting ``res[1A]`` deleted the
+# objects of ``res1`` and ``resA``, and left its own.
+_GLOB_CHARACTERS = "[]*?"
 
 
 def _marker(url: URLPath, kind: str) -> URLPath:
@@ -32,43 +40,81 @@ def _marker(url: URLPath, kind: str) -> URLPath:
 
 def create(url: URLPath, meta: ResultMeta) -> None:
     """Create the empty result of ``meta`` at ``url``, its root ``zarr.json`` written last."""
-    marker = _marker(url, "creating")
-    marker.write_bytes(b"")
+    _check_literal(url)
     objects = layout_documents(meta)
+    marker = _marker(url, "creating")
+    # Listed before any is written: a kill's leftovers are these, nothing else at the prefix.
+    marker.write_text(json.dumps(sorted(objects)))
     root_json = objects.pop(_ROOT)
     fs, root = url.filesystem()
     root = root.rstrip("/")
-    fs.pipe({f"{root}/{key}": data for key, data in objects.items()})
-    fault_point("result.skeleton")
-    fs.pipe_file(f"{root}/{_ROOT}", root_json)
+    try:
+        fs.pipe({f"{root}/{key}": data for key, data in objects.items()})
+        fault_point("result.skeleton")
+        fs.pipe_file(f"{root}/{_ROOT}", root_json)
+    except BaseException:
+        _remove_creation(url, [_ROOT, *objects])
+        raise
     marker.unlink(missing_ok=True)
 
 
 def delete(url: URLPath) -> None:
     """Delete the result at ``url``: its root ``zarr.json`` first, then every other object."""
+    _check_literal(url)
     marker = _marker(url, "deleting")
     marker.write_bytes(b"")
     _remove_all(url)
     marker.unlink(missing_ok=True)
 
 
-def remove_leftovers(url: URLPath) -> None:
+def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
     """Remove what a killed run left at ``url``: a half-deleted or a half-created result.
 
-    Unlike a local skeleton, which is built beside its path, a half-created result lies at
-    ``url`` itself and would block every later run, so it is removed whatever its age. A run
-    creating the same result right now writes the same skeleton again (runs of one image are
-    kept apart by the archive's claims).
+    A half-created one lies at ``url`` itself: once its marker is older than ``older_than_s``
+    the objects the marker lists are removed (anything written at the prefix since is kept);
+    a younger one may be a run creating the result right now, and is refused.
     """
+    _check_literal(url)
     if _marker(url, "deleting").exists():
         delete(url)
     creating = _marker(url, "creating")
-    if not creating.exists():
+    try:
+        age = time.time() - creating.modified()
+        # A marker of a release before the list is empty: its objects are kept.
+        keys = json.loads(creating.read_bytes() or b"[]")
+    except FileNotFoundError:
         return
-    if not url.joinpath(_ROOT).exists():
-        _remove_all(url)
-    # else the root was written and only the marker's removal was lost
-    creating.unlink(missing_ok=True)
+    if url.joinpath(_ROOT).exists():  # only the marker's removal was lost
+        creating.unlink(missing_ok=True)
+        return
+    if age <= older_than_s:
+        raise ResultMismatchError(
+            f"{url} is being created by another run, or was left half-created by a run "
+            f"killed {age:.0f} s ago (marker {creating}); if no run is creating it, run "
+            f"again in {older_than_s - age:.0f} s, when its objects are removed"
+        )
+    _remove_creation(url, keys)
+
+
+def _check_literal(url: URLPath) -> None:
+    if any(c in _GLOB_CHARACTERS for c in str(url)):
+        raise ValueError(
+            f"{url}: a result's URL may not contain [, ], * or ?: fsspec reads them as a glob "
+            "pattern, so deleting the result could delete other objects; choose a name "
+            "without them"
+        )
+
+
+def _remove_creation(url: URLPath, keys: Iterable[str]) -> None:
+    """Remove the objects of ``keys`` (below ``url``) a creation wrote, and nothing else
+    there, then its marker."""
+    fs, root = url.filesystem()
+    root = root.rstrip("/")
+    there = set(fs.find(root))
+    paths = [path for path in (f"{root}/{key}" for key in keys) if path in there]
+    if paths:
+        fs.rm(paths)
+    _marker(url, "creating").unlink(missing_ok=True)
 
 
 def _remove_all(url: URLPath) -> None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
-import numpy as np
 import zarr
 
 from segpipe.config import PROBABILITY_DTYPES, SegmentConfig
 from segpipe.geometry.pixels import pyramid_shapes
+from segpipe.io.files import URLPath
+from segpipe.results.summary import RunSummary, class_areas_um2
 from segpipe.version import __version__
 
 __all__ = [
@@ -20,23 +21,23 @@ __all__ = [
     "LATER_IDENTITY_KEYS",
     "LAYOUT",
     "LAYOUTS",
+    "MAX_CLASSES",
     "PROBABILITY_DTYPES",
     "STATES",
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",
-    "RunSummary",
-    "class_areas_um2",
-    "class_fractions",
     "is_complete",
     "is_result",
     "label_path",
     "layout_of",
     "level_path",
+    "open_root",
     "read_attrs",
     "read_meta",
     "result_layout",
     "result_levels",
+    "store_of",
 ]
 
 LABEL_NAME = "mask"
@@ -53,6 +54,8 @@ FOREGROUND_LABEL = "foreground"
 #      times, each task writing its share (layouts 1-2 build every level after the tasks)
 LAYOUT = 3
 LAYOUTS = (1, 2, 3)
+# Masks and label images are uint8 (results.layout): class i is stored as the value i.
+MAX_CLASSES = 256
 
 State = Literal["computing", "finalising", "complete"]
 # A result's life. "creating" has no entry: a store being created is built beside its path
@@ -73,51 +76,6 @@ class IncompleteResultError(RuntimeError):
 
 class ResultMismatchError(FileExistsError):
     """The output path holds something this run must not overwrite."""
-
-
-@dataclass(frozen=True)
-class RunSummary:
-    """What a finished run did: tiles, time and per-class pixel counts of the mask."""
-
-    tiles_total: int
-    tiles_computed: int  # the result's computed tiles, by whichever runs (not background)
-    tiles_skipped: int  # of those, the ones this run found done by an earlier, resumed one
-    windows: int  # this run's, as the two below
-    seconds: float
-    megapixels_per_second: float
-    class_pixels: tuple[int, ...]  # (C,) pixels of each class in the mask
-    # Foreground masks (config.foreground): tiles with no foreground are not computed and read
-    # as class 0 (counted in class_pixels); foreground_pixels is None when there was no mask.
-    tiles_background: int = 0
-    foreground_pixels: int | None = None
-
-    @property
-    def class_fraction(self) -> tuple[float, ...]:
-        """(C,) share of the mask's pixels per class."""
-        return class_fractions(self.class_pixels)
-
-
-def class_fractions(class_pixels: Sequence[int] | np.ndarray) -> tuple[float, ...]:
-    """(C,) share of each class in ``class_pixels`` (all zeros when no pixel is counted).
-
-    >>> class_fractions([1, 0, 3])
-    (0.25, 0.0, 0.75)
-    """
-    counts = np.asarray(class_pixels, dtype=np.int64)
-    return tuple((counts / max(1, int(counts.sum()))).tolist())
-
-
-def class_areas_um2(
-    class_pixels: Sequence[int] | np.ndarray, pixel_size_um: float | None
-) -> tuple[float, ...] | None:
-    """(C,) area of each class in square microns; None when the pixel size is unknown.
-
-    >>> class_areas_um2([4, 0, 8], 0.5)
-    (1.0, 0.0, 2.0)
-    """
-    if not pixel_size_um:
-        return None
-    return tuple(float(n) * pixel_size_um**2 for n in class_pixels)
 
 
 @dataclass(frozen=True)
@@ -155,6 +113,14 @@ class ResultMeta:
     # (y, x) pixels of the source's level 0 (``shape`` is config.level's): None in results
     # written before it. Provenance, not identity, so those results still resume.
     source_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) > MAX_CLASSES:
+            raise ValueError(
+                f"model {self.model_name!r} has {len(self.class_names)} classes; a result's "
+                f"mask is uint8 and holds at most {MAX_CLASSES}: segment with a model of "
+                f"at most {MAX_CLASSES} classes"
+            )
 
     @property
     def tile(self) -> int:
@@ -350,6 +316,17 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
 def read_meta(path: str | os.PathLike) -> ResultMeta:
     """The typed metadata of the result at ``path`` (provenance, settings, ``complete``)."""
     return ResultMeta.from_attrs(read_attrs(path))
+
+
+def open_root(path: str | os.PathLike, mode: Literal["r", "r+"]) -> tuple[zarr.Group, ResultMeta]:
+    """The root group of the result at ``path``, opened in ``mode``, and its metadata."""
+    root = zarr.open_group(store_of(path), mode=mode)
+    return root, ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+
+
+def store_of(path: str | os.PathLike) -> Any:
+    """What Zarr opens: a local path as a string, a URLPath (its store and options) as it is."""
+    return path if isinstance(path, URLPath) else os.fspath(path)
 
 
 def is_complete(path: str | os.PathLike) -> bool:

@@ -8,6 +8,7 @@ writers safe in Zarr v3. The driver alone writes the ``_segpipe`` bookkeeping ar
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import zarr
@@ -29,6 +30,7 @@ from segpipe.results import remote
 from segpipe.results.layout import (
     COUNTS,
     PROGRESS,
+    PROGRESS_CHUNKS,
     UINT8_SCALE,
     block_level_arrays,
     create_layout,
@@ -38,11 +40,13 @@ from segpipe.results.schema import (
     LATER_IDENTITY_KEYS,
     ResultMeta,
     ResultMismatchError,
-    RunSummary,
     is_result,
+    open_root,
     read_attrs,
+    store_of,
 )
 from segpipe.results.shards import write_together
+from segpipe.results.summary import RunSummary
 
 __all__ = [
     "TileRecord",
@@ -60,8 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("segpipe")
-
-_PROGRESS_CHUNKS = (64, 64)  # as results.layout creates the bookkeeping arrays
 
 
 def prepare_result(
@@ -155,6 +157,7 @@ def _delete(path: Path | URLPath) -> None:
     if isinstance(path, URLPath):
         remote.delete(path)
         return
+    _check_not_link(path)
     trash = _sibling(path, "deleting")
     os.rename(path, trash)
     shutil.rmtree(trash)
@@ -164,6 +167,7 @@ def _create(path: Path | URLPath, meta: ResultMeta) -> None:
     if isinstance(path, URLPath):
         remote.create(path, meta)
         return
+    _check_not_link(path)
     building = _sibling(path, "creating")
     try:
         create_layout(building, meta)
@@ -172,6 +176,18 @@ def _create(path: Path | URLPath, meta: ResultMeta) -> None:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+
+
+def _check_not_link(path: Path) -> None:
+    # A result is renamed into place and aside: through a link, the link would be moved and
+    # the result kept (rmtree refuses links). Following the link would replace or delete
+    # whatever it points to, on whichever disk, which other links may share: refused.
+    if path.is_symlink():
+        raise ResultMismatchError(
+            f"{path} is a symbolic link to {os.readlink(path)}; segpipe creates, replaces and "
+            "deletes a result by renaming it, which would move the link, not the result: "
+            "give the link's target as the output path, or remove the link"
+        )
 
 
 # Leftovers of a killed run beside a result: a half-built skeleton or a half-deleted result.
@@ -195,13 +211,13 @@ def _sibling(path: Path, kind: str) -> Path:
 
 def _remove_leftovers(path: Path | URLPath) -> None:
     if isinstance(path, URLPath):
-        remote.remove_leftovers(path)
+        remote.remove_leftovers(path, older_than_s=_LEFTOVER_AGE_S)
         return
     if not path.parent.is_dir():
         return
     now = time.time()
     for kind in _LEFTOVER_KINDS:
-        for old in path.parent.glob(f".{path.name}.{kind}-*"):
+        for old in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
             with contextlib.suppress(OSError):
                 if kind == "deleting" or now - old.stat().st_mtime > _LEFTOVER_AGE_S:
                     shutil.rmtree(old)
@@ -209,7 +225,7 @@ def _remove_leftovers(path: Path | URLPath) -> None:
 
 def tiles_done(path: str | os.PathLike) -> np.ndarray:
     """(tile_y, tile_x) bool: which tiles of the result at ``path`` are written."""
-    arr = zarr.open_array(_store(path), path=PROGRESS, mode="r")
+    arr = zarr.open_array(store_of(path), path=PROGRESS, mode="r")
     if read_attrs(path).get("complete"):
         return np.ones(arr.shape, dtype=bool)
     return np.asarray(arr[...]).astype(bool)
@@ -233,15 +249,15 @@ class TileRecord:
     record cost two opens, two reads and two writes; now the two writes)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self._done = zarr.open_array(_store(path), path=PROGRESS, mode="r+")
-        self._counts = zarr.open_array(_store(path), path=COUNTS, mode="r+")
+        self._done = zarr.open_array(store_of(path), path=PROGRESS, mode="r+")
+        self._counts = zarr.open_array(store_of(path), path=COUNTS, mode="r+")
         self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def mark(self, tile_counts: dict[tuple[int, int], np.ndarray]) -> None:
         """Record ``tile_counts``' tiles (``(tile_y, tile_x)``) as written, with their counts."""
         if not tile_counts:
             return
-        cy, cx = _PROGRESS_CHUNKS
+        cy, cx = PROGRESS_CHUNKS
         by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for iy, ix in tile_counts:
             by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
@@ -261,12 +277,7 @@ class TileRecord:
 
 def class_pixels(path: str | os.PathLike) -> np.ndarray:
     """(C,) int64 pixels of each class over the tiles written so far."""
-    return np.asarray(zarr.open_array(_store(path), path=COUNTS, mode="r")[...]).sum(axis=(0, 1))
-
-
-def _store(path: str | os.PathLike) -> Any:
-    # What Zarr opens: a local path as a string, a URLPath (its store and options) as it is.
-    return path if isinstance(path, URLPath) else os.fspath(path)
+    return np.asarray(zarr.open_array(store_of(path), path=COUNTS, mode="r")[...]).sum(axis=(0, 1))
 
 
 def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -343,7 +354,7 @@ def write_block(
     """
     with step():
         if arrays is None:
-            arrays = block_level_arrays(_store(path))
+            arrays = block_level_arrays(store_of(path))
         mask = class_map(probabilities)
         levels = box_levels(box, len(arrays) - 1)
         arrays = arrays[: levels + 1]
@@ -383,8 +394,7 @@ def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
     after an interruption redoes the same steps with the same outcome. Returns the result's
     metadata as now stored.
     """
-    group = zarr.open_group(path, mode="r+")
-    meta = ResultMeta.from_attrs(cast(dict[str, Any], group.attrs["segpipe"]))
+    group, meta = open_root(path, "r+")
     group.attrs["segpipe"] = replace(meta, state="finalising").to_attrs()
     build_pyramid(path)
     fault_point("result.pyramid")

@@ -1,0 +1,55 @@
+"""What a finished run did, and the shares and areas of its mask's classes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RunSummary", "class_areas_um2", "class_fractions"]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a finished run did: tiles, time and per-class pixel counts of the mask."""
+
+    tiles_total: int
+    tiles_computed: int  # the result's computed tiles, by whichever runs (not background)
+    tiles_skipped: int  # of those, the ones this run found done by an earlier, resumed one
+    windows: int  # this run's, as the two below
+    seconds: float
+    megapixels_per_second: float
+    class_pixels: tuple[int, ...]  # (C,) pixels of each class in the mask
+    # Foreground masks (config.foreground): tiles with no foreground are not computed and read
+    # as class 0 (counted in class_pixels); foreground_pixels is None when there was no mask.
+    tiles_background: int = 0
+    foreground_pixels: int | None = None
+
+    @property
+    def class_fraction(self) -> tuple[float, ...]:
+        """(C,) share of the mask's pixels per class."""
+        return class_fractions(self.class_pixels)
+
+
+def class_fractions(class_pixels: Sequence[int] | np.ndarray) -> tuple[float, ...]:
+    """(C,) share of each class in ``class_pixels`` (all zeros when no pixel is counted).
+
+    >>> class_fractions([1, 0, 3])
+    (0.25, 0.0, 0.75)
+    """
+    counts = np.asarray(class_pixels, dtype=np.int64)
+    return tuple((counts / max(1, int(counts.sum()))).tolist())
+
+
+def class_areas_um2(
+    class_pixels: Sequence[int] | np.ndarray, pixel_size_um: float | None
+) -> tuple[float, ...] | None:
+    """(C,) area of each class in square microns; None when the pixel size is unknown.
+
+    >>> class_areas_um2([4, 0, 8], 0.5)
+    (1.0, 0.0, 2.0)
+    """
+    if not pixel_size_um:
+        return None
+    return tuple(float(n) * pixel_size_um**2 for n in class_pixels)
