@@ -18,6 +18,7 @@ from segpipe.results import (
     finalize_result,
     mark_tiles_done,
     prepare_result,
+    read_meta,
     tiles_done,
     write_tiles,
 )
@@ -76,8 +77,17 @@ def make_result(
         )
         counts = write_tiles(path, box, probs[(slice(None), *box.slices)])
         mark_tiles_done(path, {block[0].index: counts})
-    finalize_result(path, run_summary(path))
+    finish(path)
     return path, probs
+
+
+def finish(path):
+    """Finalise a result as segment's driver does once every tile is recorded: the tiles
+    these tests wrote without recording them are recorded first (no counts)."""
+    todo = np.argwhere(~tiles_done(path))
+    classes = len(read_meta(path).class_names)
+    mark_tiles_done(path, {(int(y), int(x)): np.zeros(classes, np.int64) for y, x in todo})
+    return finalize_result(path, run_summary(path))
 
 
 def run_summary(path):

@@ -11,7 +11,7 @@ import xarray as xr
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_query import run_summary
+from test_query import finish, run_summary
 from zarr.storage import StorePath
 
 from segpipe.config import SegmentConfig
@@ -71,7 +71,7 @@ def test_new_resumed_and_complete(tmp_path):
     assert again.sum() == 2 and again[0, 0] and again[3, 2]
     np.testing.assert_array_equal(class_pixels(path), [6, 6])
     assert not is_complete(path)
-    finalize_result(path, run_summary(path))
+    finish(path)
     assert read_meta(path).summary.tiles_total == 12
     # Provenance, not identity: kept through finalising, and a run that does not say it
     # (a release before it) resumes the same result.
@@ -80,6 +80,32 @@ def test_new_resumed_and_complete(tmp_path):
     assert read_meta(path).identity() == meta().identity()
     assert is_complete(path)
     assert tiles_done(path).all()
+
+
+def test_a_result_with_tiles_not_written_is_not_finalised(tmp_path):
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    mark_tiles_done(path, {(0, 0): np.array([5, 6])})
+    with pytest.raises(IncompleteResultError, match="11 of 12 tiles are not written"):
+        finalize_result(path, run_summary(path))
+    assert not is_complete(path) and read_attrs(path)["state"] == "computing"
+
+
+def test_a_run_replaced_by_another_records_and_finalises_nothing_there(tmp_path):
+    """Run A's driver keeps its record of the result while run B replaces it (overwrite, other
+    settings) at the same path, even within the same second: A's next record and its
+    finalising are refused, and B's result keeps its own tiles and stays unfinished."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    record = TileRecord(path)
+    record.mark({(0, 0): np.array([5, 6])})
+    prepare_result(path, meta(halo=8), overwrite=True)  # run B
+    with pytest.raises(ResultMismatchError, match="replaced by another run"):
+        record.mark({(1, 0): np.array([5, 6])})
+    assert not tiles_done(path).any()
+    with pytest.raises(IncompleteResultError):
+        finalize_result(path, run_summary(path))
+    assert not is_complete(path) and read_meta(path).halo == 8
 
 
 def test_tile_record_writes_through_and_keeps_earlier_marks(tmp_path):
@@ -169,7 +195,7 @@ def test_label_images_are_written_with_the_blocks_at_every_level(tmp_path):
         expected[box.slices] = values
         write_block(path, box, random_probabilities(box.shape), labels=[(arrays, values)])
     labels.add_label_image(path, "extra", ("none", "a", "b"), long_name="x")
-    finalize_result(path, run_summary(path))
+    finish(path)
     assert labels.label_images(path) == ["mask", "extra"]
     level = expected
     shapes = pyramid_shapes(m.shape, m.config.min_level_size)
@@ -245,7 +271,7 @@ def test_identity_keys_of_later_releases_are_compared_only_where_stored(tmp_path
 
     prepare_result(new, meta(source_sha256="a" * 64))
     mark_tiles_done(new, {(0, 0): np.array([1, 1])})
-    finalize_result(new, run_summary(new))
+    finish(new)
     assert read_meta(new).source_sha256 == "a" * 64  # kept through finalising
     assert prepare_result(new, meta(source_sha256="a" * 64)).all()
     for other in (meta(source_sha256="b" * 64), meta()):
@@ -262,7 +288,7 @@ def test_identity_keys_of_later_releases_are_compared_only_where_stored(tmp_path
 def test_open_result_coordinates_without_pixel_size(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta(pixel_size_um=None))
-    finalize_result(path, run_summary(path))
+    finish(path)
     ds = open_result(path)
     assert ds["x"].attrs["units"] == "pixel"
     np.testing.assert_array_equal(ds["x"].values[:3], [0, 1, 2])
@@ -290,7 +316,7 @@ def test_uint8_probabilities_decode_with_xarray_to_within_1_255(tmp_path):
     prepare_result(path, m)
     probs = random_probabilities(m.shape)
     write_everywhere(path, m, probs)
-    finalize_result(path, run_summary(path))
+    finish(path)
     stored = zarr.open_array(path / "0" / "probabilities")
     assert stored.dtype == np.uint8
     assert stored.attrs["scale_factor"] == pytest.approx(1 / 255)
@@ -325,7 +351,7 @@ def test_levels_and_tree(tmp_path):
     prepare_result(path, m)
     probs = random_probabilities(m.shape)
     write_everywhere(path, m, probs)
-    finalize_result(path, run_summary(path))
+    finish(path)
     tree = open_result(path, tree=True)
     assert [tree[k].sizes["x"] for k in tree.children] == [70, 35, 17]
     level2 = open_result(path, level=2)
@@ -470,7 +496,7 @@ def test_levels_the_tasks_write_match_the_pass_after_them(tmp_path, dtype):
     before = {a: zarr.open_array(paths[3] / a)[...] for a in arrays}
     assert before["1/probabilities"].any() and before["labels/mask/1/mask"].any()
     for path in paths.values():
-        finalize_result(path, run_summary(path))
+        finish(path)
     assert read_meta(paths[2]).layout == 2 and read_meta(paths[3]).layout == 3
     for k in range(5):
         new, old = open_result(paths[3], level=k), open_result(paths[2], level=k)
@@ -503,7 +529,7 @@ def test_an_unfinished_layout_2_result_resumes_without_block_levels(tmp_path):
     assert prepare_result(old, m).sum() == sum(len(b) for b in blocks[:2])  # resumed
     write_blocks(old, m, probs, blocks[2:])
     assert not zarr.open_array(old / "1" / "mask")[...].any(), "level 1 waits for the pass"
-    finalize_result(old, run_summary(old))
+    finish(old)
     assert read_meta(old).layout == 2
     assert zarr.open_array(old / "1" / "mask").shards == (128, 128)
     alike_levels(old, reference, n=5)
@@ -617,7 +643,7 @@ def complete_result(path, m):
     probs = random_probabilities(m.shape)
     prepare_result(path, m)
     write_blocks(path, m, probs, tile_grid(m.shape, m.tile).blocks(m.config.task_tiles))
-    finalize_result(path, run_summary(path))
+    finish(path)
     return probs
 
 
@@ -667,7 +693,7 @@ def test_pyramid_is_announced_as_a_stage_of_levels(tmp_path):
     prepare_result(path, meta(min_level_size=16))
     events = []
     with reporting(events.append):
-        finalize_result(path, run_summary(path))
+        finish(path)
     pyramid = [(e.kind, e.done, e.total) for e in events if e.stage == "pyramid"]
     assert pyramid == [("start", 0, 2), ("advance", 1, 2), ("advance", 2, 2), ("end", 2, 2)]
 
@@ -719,7 +745,7 @@ def test_an_unfinished_layout_1_result_is_finished_in_its_own_layout(tmp_path):
     with pytest.raises(IncompleteResultError):
         open_result(old)
     write_blocks(old, m, probs, blocks[3:])
-    finalize_result(old, run_summary(old))
+    finish(old)
     assert stored_arrays(old) == LAYOUT_1, "no layout-2 array appeared"
     assert read_meta(old).complete and read_meta(old).layout == 1
     alike_levels(old, reference)
@@ -826,7 +852,7 @@ def test_no_pyramid_stage_when_the_tasks_wrote_every_level(tmp_path):
     write_everywhere(path, m, probs)
     events = []
     with reporting(events.append):
-        finalize_result(path, run_summary(path))
+        finish(path)
     assert not [e for e in events if e.stage == "pyramid"]
     expected = brute_mode_2x(np.argmax(probs, axis=0).astype(np.uint8))
     np.testing.assert_array_equal(open_result(path, level=1)["mask"].values, expected)
@@ -844,7 +870,7 @@ def test_results_of_blocks_of_any_number_of_tiles_are_created_and_read_back(tmp_
         m = meta(shape=(300, 262), tile=16, task_tiles=tt, min_level_size=16)
         prepare_result(path, m)
         write_everywhere(path, m, probs)
-        finalize_result(path, run_summary(path))
+        finish(path)
         levels = range(len(pyramid_shapes(m.shape, m.config.min_level_size)))
         masks.append([open_result(path, level=k)["mask"].values for k in levels])
     assert len(masks[1]) == 5
@@ -888,7 +914,7 @@ def test_a_label_image_killed_while_it_is_created_is_finished_by_the_next_call(
     assert len(arrays) == levels_in_blocks(m) + 1 == 2
     values = np.ones((32, 32), np.uint8)
     write_block(path, Box(0, 32, 0, 32), random_probabilities((32, 32)), labels=[(arrays, values)])
-    finalize_result(path, run_summary(path))
+    finish(path)
     stored = _label_levels(path, m, "extra")
     assert len(stored) == 4
     assert stored[0][:32, :32].all() and not stored[0][32:, :].any()
@@ -912,7 +938,7 @@ def test_a_label_image_listed_before_its_arrays_is_finished_keeping_what_was_wri
     (path / label_path("extra", 2, layout=m.layout) / "zarr.json").write_text('{"zarr_fo')
     labels.add_label_image(path, "extra", ("none", "a"), long_name="x")
     assert labels.label_images(path) == ["mask", "extra"]
-    finalize_result(path, run_summary(path))
+    finish(path)
     stored = _label_levels(path, m, "extra")
     assert stored[0][:32, :32].all() and not stored[0][32:, :].any()
     assert stored[3][:4, :4].all() and not stored[3][4:, :].any()
@@ -931,7 +957,7 @@ def test_images_just_past_a_shard_write_every_level_they_reach(tmp_path, shape):
     m = meta(shape=shape, tile=16, task_tiles=2, min_level_size=4)
     prepare_result(path, m)
     write_everywhere(path, m, probs)
-    finalize_result(path, run_summary(path))
+    finish(path)
     levels = [open_result(path, level=k)["mask"].values for k in range(len(result_levels(path)))]
     assert len(levels) >= 3
     np.testing.assert_array_equal(levels[0], np.argmax(probs, axis=0))
@@ -1007,7 +1033,7 @@ def test_a_result_opened_unfinished_is_read_anew_once_finished(tmp_path):
         write_everywhere(path, m, probs)
         again = open_result(path, allow_incomplete=True)
         np.testing.assert_array_equal(again.mask.values, probs.argmax(0))
-        finalize_result(path, run_summary(path))
+        finish(path)
         done = open_result(path)
         np.testing.assert_array_equal(done.mask.values, probs.argmax(0))
         assert again.mask.data.name != early.mask.data.name

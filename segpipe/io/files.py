@@ -40,9 +40,10 @@ __all__ = [
 REMOTE_READ_BLOCK = 2**18
 
 
-def utc_now() -> str:
-    """The current UTC time, ISO 8601 to the second (``"2026-11-29T17:20:00+00:00"``)."""
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+def utc_now(timespec: str = "seconds") -> str:
+    """The current UTC time, ISO 8601 to the second (``"2026-11-29T17:20:00+00:00"``) or as
+    ``timespec`` says (:meth:`datetime.datetime.isoformat`'s)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec=timespec)
 
 
 def is_url(path: object) -> bool:

@@ -85,19 +85,16 @@ from segpipe.results.schema import (
     result_levels,
 )
 from segpipe.results.store import (
-    TileRecord,
     class_map,
-    class_pixels,
     delete_result,
     encode_probabilities,
     finalize_result,
-    mark_tiles_done,
     prepare_result,
-    tiles_done,
     write_block,
     write_tiles,
 )
 from segpipe.results.summary import RunSummary, class_areas_um2, class_fractions
+from segpipe.results.tiles import TileRecord, class_pixels, mark_tiles_done, tiles_done
 
 __all__ = [
     "FOREGROUND_LABEL",

@@ -96,7 +96,9 @@ def _provenance(meta: ResultMeta) -> dict[str, Any]:
         meta,
         version=__version__,
         state="computing",
-        started=utc_now(),
+        # To the microsecond: it names this result apart from one made at the same path in the
+        # same second (a run it replaced, whose driver must not record into it: TileRecord).
+        started=utc_now("microseconds"),
         finished=None,
         summary=None,
     ).to_attrs()

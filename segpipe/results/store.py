@@ -1,4 +1,5 @@
-"""Writing a result: create or resume the store, write whole shards, record progress, finish.
+"""Writing a result: create or resume the store, write whole shards, finish (the driver's
+record of the tiles written: :mod:`segpipe.results.tiles`).
 
 Arrays are chunked like the output tiles and sharded by one task's block of tiles
 (``task_tiles * tile`` pixels): every task writes whole shards, which is what makes concurrent
@@ -27,17 +28,11 @@ from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath, utc_now
 from segpipe.results import remote
-from segpipe.results.layout import (
-    COUNTS,
-    PROGRESS,
-    PROGRESS_CHUNKS,
-    UINT8_SCALE,
-    block_level_arrays,
-    create_layout,
-)
+from segpipe.results.layout import UINT8_SCALE, block_level_arrays, create_layout
 from segpipe.results.pyramid import block_levels, box_levels, build_pyramid
 from segpipe.results.schema import (
     LATER_IDENTITY_KEYS,
+    IncompleteResultError,
     ResultMeta,
     ResultMismatchError,
     is_result,
@@ -47,18 +42,15 @@ from segpipe.results.schema import (
 )
 from segpipe.results.shards import write_together
 from segpipe.results.summary import RunSummary
+from segpipe.results.tiles import tiles_done
 
 __all__ = [
-    "TileRecord",
     "class_map",
-    "class_pixels",
     "delete_result",
     "encode_probabilities",
     "finalize_result",
-    "mark_tiles_done",
     "prepare_result",
     "quiet_consolidated",
-    "tiles_done",
     "write_block",
     "write_tiles",
 ]
@@ -223,63 +215,6 @@ def _remove_leftovers(path: Path | URLPath) -> None:
                     shutil.rmtree(old)
 
 
-def tiles_done(path: str | os.PathLike) -> np.ndarray:
-    """(tile_y, tile_x) bool: which tiles of the result at ``path`` are written."""
-    arr = zarr.open_array(store_of(path), path=PROGRESS, mode="r")
-    if read_attrs(path).get("complete"):
-        return np.ones(arr.shape, dtype=bool)
-    return np.asarray(arr[...]).astype(bool)
-
-
-def mark_tiles_done(
-    path: str | os.PathLike, tile_counts: dict[tuple[int, int], np.ndarray]
-) -> None:
-    """Record tiles as written, with their (C,) class pixel counts.
-
-    Called by the driver only, so the bookkeeping arrays have one writer. A driver that
-    records many blocks of a run keeps one :class:`TileRecord` instead.
-    """
-    if tile_counts:  # nothing to open for (a remote store's round trips) otherwise
-        TileRecord(path).mark(tile_counts)
-
-
-class TileRecord:
-    """A result's tiles-done flags and class pixel counts, as their one writer (the driver)
-    keeps them during a run: each chunk is read once, then written from memory (a block's
-    record cost two opens, two reads and two writes; now the two writes)."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self._done = zarr.open_array(store_of(path), path=PROGRESS, mode="r+")
-        self._counts = zarr.open_array(store_of(path), path=COUNTS, mode="r+")
-        self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def mark(self, tile_counts: dict[tuple[int, int], np.ndarray]) -> None:
-        """Record ``tile_counts``' tiles (``(tile_y, tile_x)``) as written, with their counts."""
-        if not tile_counts:
-            return
-        cy, cx = PROGRESS_CHUNKS
-        by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for iy, ix in tile_counts:
-            by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
-        for (ky, kx), members in by_chunk.items():
-            sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
-            if (ky, kx) not in self._chunks:
-                self._chunks[ky, kx] = (np.asarray(self._done[sl]), np.asarray(self._counts[sl]))
-            d, c = self._chunks[ky, kx]
-            for iy, ix in members:
-                d[iy - ky * cy, ix - kx * cx] = 1
-                c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
-            # Counts before flags: a tile flagged done always has its counts.
-            self._counts[sl] = c
-            self._done[sl] = d
-        fault_point("block.recorded")
-
-
-def class_pixels(path: str | os.PathLike) -> np.ndarray:
-    """(C,) int64 pixels of each class over the tiles written so far."""
-    return np.asarray(zarr.open_array(store_of(path), path=COUNTS, mode="r")[...]).sum(axis=(0, 1))
-
-
 def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     """Float probabilities in the stored dtype (uint8: ``round(p * 255)``).
 
@@ -392,8 +327,16 @@ def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
     ``complete`` is the last thing written, in one atomic write of the root ``zarr.json``
     (which keeps the consolidated metadata), after everything reading needs. Finalising again
     after an interruption redoes the same steps with the same outcome. Returns the result's
-    metadata as now stored.
+    metadata as now stored. A result with tiles not written is refused
+    (:class:`~segpipe.results.schema.IncompleteResultError`), as is, in :class:`~segpipe.results.tiles.TileRecord`,
+    recording into a result another run made at the same path since.
     """
+    missing = ~tiles_done(path)
+    if missing.any():  # e.g. a run that another replaced: it must not mark that one complete
+        raise IncompleteResultError(
+            f"{path}: {int(missing.sum())} of {missing.size} tiles are not written, so it is "
+            "not finalised (was it replaced by another run while this one wrote it?)"
+        )
     group, meta = open_root(path, "r+")
     group.attrs["segpipe"] = replace(meta, state="finalising").to_attrs()
     build_pyramid(path)

@@ -1,0 +1,83 @@
+"""Which tiles of a result are written, and their class pixel counts: the ``_segpipe``
+bookkeeping arrays, which the driver alone writes (the tasks write pixels, never these).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import zarr
+
+from segpipe.faults import fault_point
+from segpipe.results.layout import COUNTS, PROGRESS, PROGRESS_CHUNKS
+from segpipe.results.schema import ResultMismatchError, read_attrs, store_of
+
+__all__ = ["TileRecord", "class_pixels", "mark_tiles_done", "tiles_done"]
+
+
+def tiles_done(path: str | os.PathLike) -> np.ndarray:
+    """(tile_y, tile_x) bool: which tiles of the result at ``path`` are written."""
+    arr = zarr.open_array(store_of(path), path=PROGRESS, mode="r")
+    if read_attrs(path).get("complete"):
+        return np.ones(arr.shape, dtype=bool)
+    return np.asarray(arr[...]).astype(bool)
+
+
+def mark_tiles_done(
+    path: str | os.PathLike, tile_counts: dict[tuple[int, int], np.ndarray]
+) -> None:
+    """Record tiles as written, with their (C,) class pixel counts.
+
+    Called by the driver only, so the bookkeeping arrays have one writer. A driver that
+    records many blocks of a run keeps one :class:`TileRecord` instead.
+    """
+    if tile_counts:  # nothing to open for (a remote store's round trips) otherwise
+        TileRecord(path).mark(tile_counts)
+
+
+class TileRecord:
+    """A result's tiles-done flags and class pixel counts, as their one writer (the driver)
+    keeps them during a run: each chunk is read once, then written from memory (a block's
+    record cost two opens, two reads and two writes; now the two writes)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._path = path
+        # The result this run records into: a run that replaced it (overwrite) made another.
+        self._started = read_attrs(path).get("started")
+        self._done = zarr.open_array(store_of(path), path=PROGRESS, mode="r+")
+        self._counts = zarr.open_array(store_of(path), path=COUNTS, mode="r+")
+        self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+    def mark(self, tile_counts: dict[tuple[int, int], np.ndarray]) -> None:
+        """Record ``tile_counts``' tiles (``(tile_y, tile_x)``) as written, with their counts."""
+        if not tile_counts:
+            return
+        started = read_attrs(self._path).get("started")
+        if started != self._started:
+            raise ResultMismatchError(
+                f"{self._path} was replaced by another run (its result started {started}) "
+                f"while this run wrote the one started {self._started}: this run stops and "
+                "records nothing there"
+            )
+        cy, cx = PROGRESS_CHUNKS
+        by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for iy, ix in tile_counts:
+            by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
+        for (ky, kx), members in by_chunk.items():
+            sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
+            if (ky, kx) not in self._chunks:
+                self._chunks[ky, kx] = (np.asarray(self._done[sl]), np.asarray(self._counts[sl]))
+            d, c = self._chunks[ky, kx]
+            for iy, ix in members:
+                d[iy - ky * cy, ix - kx * cx] = 1
+                c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
+            # Counts before flags: a tile flagged done always has its counts.
+            self._counts[sl] = c
+            self._done[sl] = d
+        fault_point("block.recorded")
+
+
+def class_pixels(path: str | os.PathLike) -> np.ndarray:
+    """(C,) int64 pixels of each class over the tiles written so far."""
+    return np.asarray(zarr.open_array(store_of(path), path=COUNTS, mode="r")[...]).sum(axis=(0, 1))
