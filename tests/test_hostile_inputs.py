@@ -151,6 +151,34 @@ def test_zero_size_image_is_refused_naming_the_file(tmp_path: Path, kind: str) -
     assert not out.exists()
 
 
+def _cut_pyramid(path: Path, where: str) -> int:
+    """Write a 4-level pyramidal OME-TIFF and cut it ``where``: amid the tiles of level 1 or
+    2 (``"tiles 1"``), or at level 2's IFD, its tiles and level 1's whole (``"ifd 2"``).
+    Returns the level cut."""
+    from segpipe.io.writers import write_pyramidal_tiff
+
+    pixels = np.random.default_rng(1).integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    write_pyramidal_tiff(path, pixels, pixel_size_um=0.5, tile=64, min_level_size=64)
+    data = path.read_bytes()
+    kind, level = where.split()
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.series[0].levels) == 4
+        page = tif.series[0].levels[int(level)].keyframe
+        start, end = int(min(page.dataoffsets)), int(max(page.dataoffsets))
+        cut = page.offset if kind == "ifd" else (start + end) // 2
+    path.write_bytes(data[:cut])
+    return int(level)
+
+
+@pytest.mark.parametrize("where", ["tiles 1", "tiles 2", "tiles 3", "ifd 2"])
+def test_a_pyramid_cut_short_is_refused_at_open_naming_the_level(tmp_path: Path, where) -> None:
+    path = tmp_path / "cut.ome.tif"
+    level = _cut_pyramid(path, where)
+    with pytest.raises(ImageReadError, match=f"level {level}.*truncated") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
 # --- fuzz: mangled bytes of each format ------------------------------------------------------
 
 _FUZZ = settings(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import threading
 import time
+import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask.array as da
@@ -17,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from segpipe.io.maskfiles import mask_file_sha256, read_mask_file
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, open_image, pillow
 from segpipe.io.readers.cached import CachedReader, cached_reads
 
@@ -255,8 +259,23 @@ def test_pickled_reader_reads(
 
 
 def test_svs_picks_main_pyramid_not_thumbnail_label_macro(tmp_path: Path) -> None:
-    reader = open_image(write_svs(tmp_path / "s.svs", _rgb()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a scanner's extra images, no news
+        reader = open_image(write_svs(tmp_path / "s.svs", _rgb()))
     assert reader.level_shapes == ((300, 517, 3), (150, 259, 3))
+
+
+def test_a_file_of_several_images_warns_naming_those_left_out(tmp_path: Path) -> None:
+    path = tmp_path / "three.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        for side in (64, 256, 200):
+            tif.write(np.zeros((side, side), np.uint8))
+    with pytest.warns(UserWarning, match=r"three\.ome\.tif: holds 3 images") as caught:
+        reader = open_image(path)
+    assert reader.shape == (256, 256, 1)
+    (message,) = [str(w.message) for w in caught if "holds 3 images" in str(w.message)]
+    assert "series 1 'Image1' (256x256)" in message
+    assert "leaving out series 0 'Image0' (64x64), series 2 'Image2' (200x200)" in message
 
 
 def test_tiff_chunks_follow_tiles(tmp_path: Path) -> None:
@@ -486,6 +505,27 @@ def test_png_too_large_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert str(path) in str(info.value)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # past the limit
+def test_the_png_size_limit_applied_is_segpipes_not_pillows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Pillow's own limit far under the image, as its 179 million pixels are under segpipe's
+    # 400 million: Pillow refuses twice Image.MAX_IMAGE_PIXELS.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = _png(tmp_path, _rgb())
+    with ThreadPoolExecutor(4) as pool:
+        for reader in pool.map(lambda _: open_image(path), range(8)):
+            np.testing.assert_array_equal(reader.read(0, 300, 0, 517), _rgb())
+    assert Image.MAX_IMAGE_PIXELS == 1000  # as it was, for other code
+    monkeypatch.setattr(pillow, "MAX_PILLOW_PIXELS", 100_000)  # 517 x 300 = 155,100
+    with pytest.raises(ImageReadError, match=r"limit 100,000 pixels.*got 517x300"):
+        open_image(path)
+    monkeypatch.setattr(pillow, "MAX_PILLOW_PIXELS", 50_000)  # Pillow refuses past twice it
+    with pytest.raises(ImageReadError, match=r"limit 50,000 pixels.*more than 100,000"):
+        open_image(path)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
 @pytest.mark.parametrize("level", [-1, 2, 5])
 def test_level_out_of_range(tmp_path: Path, level: int) -> None:
     path = write_ome_tiff(tmp_path / "l.ome.tif", _rgb())
@@ -601,6 +641,13 @@ def test_cached_reads_leave_arrays_and_whole_width_tiles_alone(tmp_path: Path) -
 def test_cached_reads_refuse_windows_outside_the_image_naming_the_file(tiled: Reader) -> None:
     with pytest.raises(ImageReadError, match=str(tiled.path).replace(".", r"\.")):
         CachedReader(tiled).read(0, SHAPE[0] + 1, 0, 10)
+
+
+@pytest.mark.parametrize("level", [0.5, 1.0, 2])
+def test_cached_reads_refuse_levels_as_the_reader_does(tiled: Reader, level: float) -> None:
+    with pytest.raises(ImageReadError, match=f"level {level!r} out of range") as info:
+        CachedReader(tiled).read(0, 10, 0, 10, level)  # type: ignore[arg-type]
+    assert str(tiled.path) in str(info.value)
 
 
 def test_cached_reads_from_threads(tiled: Reader) -> None:
@@ -1007,3 +1054,137 @@ def test_a_jpeg_photo_taken_sideways_reads_upright(tmp_path: Path) -> None:
     pixels = reader.read(0, 60, 0, 40).astype(int)
     assert np.abs(pixels - shown).mean() < 3
     assert pixels[:30, 20:].min() > 150 and pixels[30:, :].max() < 100
+
+
+# -- what a TIFF's samples mean (PhotometricInterpretation) ----------------------------------
+
+
+def test_a_palette_tiff_reads_as_its_colormaps_rgb_at_every_level(tmp_path: Path) -> None:
+    indices = (_rgb()[..., 0] + _rgb()[..., 1]).astype(np.uint8)
+    colormap = np.random.default_rng(5).integers(0, 65536, (3, 256)).astype(np.uint16)
+    path = tmp_path / "palette.tif"
+    kw = {"photometric": "palette", "colormap": colormap, "tile": (64, 64)}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(indices, subifds=1, **kw)
+        tif.write(_half(indices), subfiletype=1, **kw)
+    expected = np.moveaxis(colormap[:, indices], 0, -1)  # 16-bit RGB, the colormap's own
+    reader = open_image(path)
+    assert reader.level_shapes == ((300, 517, 3), (150, 259, 3))
+    assert (reader.dtype, reader.channel_names) == (np.uint16, ("red", "green", "blue"))
+    np.testing.assert_array_equal(reader.read(37, 211, 101, 450), expected[37:211, 101:450])
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517)[..., 1:2], expected[..., 1:2])
+    np.testing.assert_array_equal(reader.level(1).compute(), _half(expected))
+    with Image.open(path) as img:  # Pillow shows the colormap's top 8 bits
+        shown = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517) >> 8, shown)
+
+
+def test_a_palette_geotiffs_nodata_index_marks_the_pixels_without_data(tmp_path: Path) -> None:
+    import rasterio
+    from rasterio.transform import Affine
+
+    indices = (np.arange(64 * 96).reshape(64, 96) % 4).astype(np.uint8)
+    colours = {0: (0, 0, 0, 255), 1: (255, 0, 0, 255), 2: (0, 255, 0, 255), 3: (0, 0, 255, 255)}
+    path = tmp_path / "classes.tif"
+    shape = {"width": 96, "height": 64, "count": 1, "dtype": "uint8", "photometric": "palette"}
+    place = {"crs": "EPSG:32633", "transform": Affine(1, 0, 5e5, 0, -1, 0), "nodata": 0}
+    with rasterio.open(path, "w", driver="GTiff", **shape, **place) as ds:
+        ds.write(indices[None])
+        ds.write_colormap(1, colours)
+    reader = open_image(path)
+    rgb = np.array([colours[i][:3] for i in range(4)], np.uint16) * 257  # GDAL writes 16 bits
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 96), rgb[indices])
+    np.testing.assert_array_equal(reader.valid_mask(0, 64, 0, 96), indices != 0)
+
+
+def _inverted(stored: np.ndarray) -> np.ndarray:
+    """Min-is-white samples as min-is-black, computed apart from segpipe."""
+    if stored.dtype == bool:
+        return ~stored
+    if stored.dtype.kind == "f":
+        return 1 - stored
+    info = np.iinfo(stored.dtype)
+    return (info.max + info.min - stored.astype(np.int64)).astype(stored.dtype)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.uint16, np.int16, np.float32])
+def test_min_is_white_reads_as_viewers_show_it(tmp_path: Path, dtype: type) -> None:
+    grey = _rgb()[..., 0]
+    stored = {bool: grey > 100, np.float32: grey / 255}.get(dtype, grey).astype(dtype)
+    if dtype is np.int16:
+        stored = (grey.astype(np.int16) - 128) * 200
+    path = tmp_path / "white.tif"
+    tifffile.imwrite(path, stored, photometric="miniswhite", tile=(64, 64))
+    reader = open_image(path)
+    assert reader.dtype == stored.dtype
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517)[..., 0], _inverted(stored))
+
+
+def test_min_is_white_levels_and_alpha(tmp_path: Path) -> None:
+    """Each level's grey is inverted, its alpha not; the alpha still marks what is empty."""
+    stored = _with_alpha(2)
+    path = tmp_path / "white_alpha.tif"
+    kw = {"photometric": "miniswhite", "extrasamples": ["unassalpha"], "tile": (16, 16)}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(stored, subifds=1, **kw)
+        tif.write(_half(stored), subfiletype=1, **kw)
+    expected = np.stack([255 - stored[..., 0], stored[..., 1]], axis=-1)
+    reader = open_image(path)
+    assert reader.channel_names == ("grey", "alpha")
+    np.testing.assert_array_equal(reader.read(0, 60, 0, 90), expected)
+    np.testing.assert_array_equal(reader.read(0, 60, 0, 90)[..., 1:], expected[..., 1:])
+    np.testing.assert_array_equal(reader.read(5, 25, 7, 40, level=1), _half(expected)[5:25, 7:40])
+    np.testing.assert_array_equal(reader.valid_mask(0, 60, 0, 90), stored[..., 1] > 0)
+
+
+def test_a_min_is_white_mask_file_marks_what_shows_white(tmp_path: Path) -> None:
+    shows_white = np.zeros((60, 90), bool)
+    shows_white[10:30, 20:50] = True
+    mask = tmp_path / "mask.tif"
+    tifffile.imwrite(mask, ~shows_white, photometric="miniswhite")  # a set bit shows black
+    image = ArrayReader(np.zeros((60, 90, 3), np.uint8))
+    np.testing.assert_array_equal(read_mask_file(mask, image, (60, 90)), shows_white)
+
+
+@pytest.mark.parametrize(
+    ("photometric", "samples", "named"),
+    [("separated", 4, "CMYK"), ("cielab", 3, "CIELAB"), ("ycbcr", 3, "YCbCr")],
+)
+def test_tiffs_of_colours_segpipe_cannot_show_are_refused_naming_file_and_kind(
+    tmp_path: Path, photometric: str, samples: int, named: str
+) -> None:
+    path = tmp_path / f"{photometric}.tif"
+    tifffile.imwrite(path, np.zeros((40, 50, samples), np.uint8), photometric=photometric)
+    with pytest.raises(ImageReadError, match=f"{named}.*PhotometricInterpretation") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+    image = ArrayReader(np.zeros((40, 50, 3), np.uint8))
+    with pytest.raises(ImageReadError, match=named):  # nor is its ink taken for an alpha
+        read_mask_file(path, image, (40, 50))
+
+
+# -- mask files' identity (segpipe.io.maskfiles) ---------------------------------------------
+
+
+def _mask_store(path: Path, pixels: np.ndarray) -> Path:
+    arr = zarr.create_array(
+        str(path), shape=pixels.shape, chunks=(32, 32), dtype=pixels.dtype,
+        dimension_names=("y", "x"),
+    )  # fmt: skip
+    arr[:] = pixels
+    return path
+
+
+def test_a_mask_directory_hashes_by_its_files_names_and_bytes(tmp_path: Path) -> None:
+    pixels = (_rgb()[:64, :96, 1] > 20).astype(np.uint8)
+    first = mask_file_sha256(_mask_store(tmp_path / "a.zarr", pixels))
+    assert first == mask_file_sha256(_mask_store(tmp_path / "b.zarr", pixels))
+    edited = pixels.copy()
+    edited[40, 70] ^= 1
+    assert mask_file_sha256(_mask_store(tmp_path / "c.zarr", edited)) != first
+    moved = _mask_store(tmp_path / "d.zarr", pixels)
+    chunk = next(p for p in sorted(moved.rglob("*")) if p.is_file() and p.name != "zarr.json")
+    chunk.rename(chunk.with_name("9"))  # the same bytes under another name
+    assert mask_file_sha256(moved) != first
+    png = _png(tmp_path, _rgb())  # a file: its bytes' sha256, as before
+    assert mask_file_sha256(png) == hashlib.sha256(png.read_bytes()).hexdigest()

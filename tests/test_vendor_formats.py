@@ -215,7 +215,9 @@ IDS = [v[0] for v in VENDORS]
 @pytest.mark.parametrize(("name", "write", "vendor", "px", "mag"), VENDORS, ids=IDS)
 def test_vendor_slide_reads_back_with_pixel_size_and_levels(tmp_path, name, write, vendor, px, mag):
     img = _image()
-    reader = open_image(write(tmp_path, img))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the macro, label, map: no news
+        reader = open_image(write(tmp_path, img))
     assert reader.vendor == vendor
     assert reader.pixel_size_um == pytest.approx(px, rel=1e-6)
     assert reader.magnification == mag
@@ -282,6 +284,70 @@ def test_describe_a_slide(tmp_path):
 def test_pixel_size_argument_overrides_the_vendors(tmp_path):
     path = write_bif(tmp_path / "s.bif", _image())
     assert open_image(path, pixel_size_um=0.5).pixel_size_um == 0.5
+
+
+# --- resolution tags -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("per_unit", "unit", "px"),
+    [
+        (72, "INCH", None),  # a photo's, a screen's
+        (600, "INCH", None),  # a document scanner's
+        (2540, "INCH", 10.0),
+        (101_600, "INCH", 0.25),  # a slide scanner's, in inches
+        (400, "CENTIMETER", 25.0),  # centimetres are taken at their word
+    ],
+)
+def test_an_inch_resolution_coarser_than_a_microscopes_is_a_print_resolution(
+    tmp_path, per_unit, unit, px
+):
+    path = tmp_path / "photo.tif"
+    tifffile.imwrite(path, _image(), resolution=(per_unit, per_unit), resolutionunit=unit, **KW)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reader = open_image(path)
+    said = [str(w.message) for w in caught if "print or scan resolution" in str(w.message)]
+    if px is None:
+        assert reader.pixel_size_um is None
+        assert len(said) == 1 and said[0].startswith(f"{path}: its resolution of {per_unit} ")
+    else:
+        assert reader.pixel_size_um == pytest.approx(px) and not said
+
+
+@pytest.mark.parametrize(
+    ("unit", "px"),
+    [
+        ("um", 0.5),
+        ("micron", 0.5),
+        ("\\u00B5m", 0.5),  # how ImageJ writes µm
+        ("nm", 0.0005),
+        ("mm", 500.0),
+        ("cm", 5000.0),
+        ("pixel", None),  # uncalibrated
+    ],
+)
+def test_imagej_calibration_gives_the_pixel_size(tmp_path, unit, px):
+    path = tmp_path / "imagej.tif"
+    grey = _image()[..., 0]
+    tifffile.imwrite(path, grey, imagej=True, resolution=(2, 2), metadata={"unit": unit})
+    with tifffile.TiffFile(path) as tif:  # ImageJ's way: the unit in the description
+        assert tif.pages.first.tags["ResolutionUnit"].value == 1  # none
+    reader = open_image(path)
+    assert reader.pixel_size_um == (None if px is None else pytest.approx(px))
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384)[..., 0], grey)
+
+
+def test_a_magnification_that_is_no_finite_number_is_unknown_to_both_readers(tmp_path):
+    path = tmp_path / "a.svs"
+    desc = "Aperio Image Library v12.0.15 \r\n384x256 (64x64) RGB|AppMag = inf|MPP = 0.5"
+    tifffile.imwrite(path, _image(), tile=(64, 64), description=desc, **KW)
+    assert open_image(path).magnification is None
+    pytest.importorskip("openslide")
+    from segpipe.io.readers import OpenSlideReader
+
+    slide = OpenSlideReader(path)  # OpenSlide passes AppMag on as it is
+    assert (slide.magnification, slide.pixel_size_um) == (None, 0.5)
 
 
 # --- bad vendor metadata -----------------------------------------------------------------------

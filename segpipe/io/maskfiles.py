@@ -29,9 +29,22 @@ STRIP_PIXELS = 1 << 24
 
 def mask_file_sha256(path: str | os.PathLike[str]) -> str:
     """The sha256 of the mask file at ``path`` (part of a result's identity: an edited file
-    is another result)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    is another result): a file's bytes; a directory's (a Zarr store) files in the order of
+    their paths relative to it, each its path, size and bytes, so equal directories hash
+    equal wherever they lie."""
+    root = Path(path)
+    if not root.is_dir():
+        with open(root, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    digest = hashlib.sha256()
+    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+    for name, file in files:
+        # The size ends each name: no two directories give the same stream of bytes.
+        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
+        with open(file, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def row_strips(reader: Reader, level: int) -> list[tuple[int, int]]:

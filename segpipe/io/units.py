@@ -50,8 +50,24 @@ def pixel_size_of_xy(x: float | None, y: float | None, path: str, what: str) -> 
     return None if x is None else positive_or_none(x, path, what)
 
 
-def positive_or_none(value: float, path: str, what: str) -> float | None:
-    if math.isfinite(value) and value > 0:
-        return value
-    warnings.warn(f"{path}: ignoring {what} {value}; pixel size unknown", stacklevel=4)
+def positive_or_none(
+    value: float | str | None, path: str | None = None, what: str = ""
+) -> float | None:
+    """``value`` (a number, or its text in a file's metadata) as a finite number > 0, else
+    None: quietly for a value that is absent (None), with a warning naming ``path`` and
+    ``what`` for one that is present but no positive number, when ``path`` is given.
+
+    >>> positive_or_none("20"), positive_or_none(None), positive_or_none("inf")
+    (20.0, None, None)
+    """
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isfinite(number) and number > 0:
+        return number
+    if path is not None:
+        warnings.warn(f"{path}: ignoring {what} {value!r}: not a positive number", stacklevel=4)
     return None

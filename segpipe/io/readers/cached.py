@@ -79,9 +79,8 @@ class CachedReader:
     def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
         """Pixels ``[y0:y1, x0:x1]`` of ``level`` as ``(y1 - y0, x1 - x0, C)``, as
         ``reader.read`` gives them."""
-        ny, nx, nc = self.level_shapes[level] if 0 <= level < len(self.level_shapes) else (0,) * 3
-        if not (0 <= y0 < y1 <= ny and 0 <= x0 < x1 <= nx):
-            return self.reader.read(y0, y1, x0, x1, level)  # its error names the file
+        self.reader._check_window(y0, y1, x0, x1, level)
+        ny, nx, nc = self.level_shapes[level]
         ty, tx = self.reader.chunk_shape(level)
         if ty * tx * nc * self.dtype.itemsize > self.max_bytes // _MIN_TILES:
             return self.reader.read(y0, y1, x0, x1, level)  # strips, an untiled file

@@ -16,6 +16,7 @@ import numpy as np
 
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
+from segpipe.io.units import positive_or_none
 
 __all__ = ["OPENSLIDE_SUFFIXES", "OpenSlideReader"]
 
@@ -47,7 +48,7 @@ class OpenSlideReader(BaseReader):
             tw = int(props.get(f"openslide.level[{k}].tile-width", 0)) or 512
             chunks.append((min(h, max(th, 256)), min(w, max(tw, 256)), 3))
         self.vendor = props.get("openslide.vendor")
-        self.magnification = _float(props.get("openslide.objective-power"))
+        self.magnification = positive_or_none(props.get("openslide.objective-power"))
         self.channel_names = ("red", "green", "blue")
         self.mask_kind = "alpha"
         self._downsamples = tuple(float(d) for d in slide.level_downsamples)
@@ -55,7 +56,8 @@ class OpenSlideReader(BaseReader):
             ["YXC"] * len(dims), [(h, w, 3) for h, w in dims], chunks, np.dtype(np.uint8)
         )
         if self.pixel_size_um is None:
-            self.pixel_size_um = _float(props.get("openslide.mpp-x"))
+            mpp = props.get("openslide.mpp-x")
+            self.pixel_size_um = positive_or_none(mpp, self.path, "openslide.mpp-x")
 
     def _open(self) -> Any:
         try:
@@ -104,11 +106,3 @@ class OpenSlideReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_slide": None}
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        number = float(value) if value is not None else None
-    except ValueError:
-        return None
-    return number if number is not None and number > 0 else None

@@ -6,6 +6,9 @@ marks the transparent pixels as invalid (``mask_kind = "alpha"``, as a GeoTIFF's
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Pillow images are decoded whole into memory; anything bigger belongs in a tiled TIFF.
 MAX_PILLOW_PIXELS = 20_000 * 20_000
 _ORIENTATION = 0x0112  # the EXIF tag
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 class PillowReader(BaseReader):
@@ -55,7 +59,9 @@ class PillowReader(BaseReader):
         )
         img: Image.Image
         try:
-            with Image.open(self._file()) as img:
+            with _pillow_limit():
+                opened = Image.open(self._file())
+            with opened as img:
                 if img.width * img.height > MAX_PILLOW_PIXELS:
                     raise ImageReadError(f"{too_big} (got {img.width}x{img.height})")
                 if img.mode in ("P", "PA"):
@@ -75,8 +81,10 @@ class PillowReader(BaseReader):
                 img.load()
                 turn = img.getexif().get(_ORIENTATION, 1)
                 return _orient(np.asarray(img), turn), img.mode in ("RGBA", "LA")
-        except Image.DecompressionBombError as exc:
-            raise ImageReadError(f"{too_big} ({exc})") from exc
+        except Image.DecompressionBombError as exc:  # over twice the limit: no size said
+            raise ImageReadError(
+                f"{too_big} (got more than {2 * MAX_PILLOW_PIXELS:,} pixels)"
+            ) from exc
         except (OSError, ValueError, SyntaxError) as exc:
             if isinstance(exc, ImageReadError):
                 raise
@@ -95,6 +103,25 @@ class PillowReader(BaseReader):
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_data": None}
+
+
+@contextmanager
+def _pillow_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb limit set to segpipe's, :data:`MAX_PILLOW_PIXELS`, while
+    an image opens (Pillow checks it there): Pillow's own default refuses 179 million pixels,
+    under segpipe's limit, so the limit a refusal stated was not the one applied. Set back
+    after; the lock keeps two opens from setting back each other's value (other code that
+    opens an image meanwhile sees segpipe's limit)."""
+    from PIL import Image
+
+    with _PILLOW_LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        # Pillow warns above the value and refuses twice it; ours refuses above it.
+        Image.MAX_IMAGE_PIXELS = MAX_PILLOW_PIXELS
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
 
 
 def _png16(img: Any) -> np.ndarray | None:

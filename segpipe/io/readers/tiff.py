@@ -1,7 +1,9 @@
 """TIFF family through tifffile: plain TIFF, BigTIFF, OME-TIFF, GeoTIFF and the TIFF-based
 slide formats (Aperio SVS, Hamamatsu NDPI, Leica SCN, Philips TIFF, Ventana BIF).
 
-Pixels come through tifffile's Zarr view of the main series (one level per pyramid level);
+Pixels come through tifffile's Zarr view of the main series (one level per pyramid level),
+as viewers show them (:mod:`segpipe.io.readers.photometric`: a palette expanded to RGB,
+min-is-white grey inverted, CMYK and other colour spaces refused);
 the vendor, pixel size and magnification from :mod:`segpipe.io.readers.vendor`; a GeoTIFF's
 CRS, affine, nodata and masks from GDAL (:mod:`segpipe.io.readers.geotiff`). Any other TIFF's
 alpha sample (ExtraSamples: associated or unassociated alpha) is the channel named ``"alpha"``,
@@ -20,6 +22,7 @@ import numpy as np
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
+from segpipe.io.readers.photometric import Photometric, level_photometric
 from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -30,6 +33,8 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8
 # GDAL writes nodata as this private tag; a TIFF with it, GeoKeys or an affine without a CRS
 # (ModelPixelScale, ModelTiepoint, ModelTransformation) goes through GDAL too.
 _GDAL_TAGS = (42113, 33550, 33922, 34264)
+# Series that scanners write beside the slide (tifffile's names for them)
+_VENDOR_EXTRAS = ("thumbnail", "label", "macro", "map", "overview", "mask")
 # ExtraSamples values: associated (premultiplied) and unassociated alpha
 _ALPHA_SAMPLES = (1, 2)
 
@@ -39,8 +44,8 @@ class TiffReader(BaseReader):
 
     The main pyramid is the series with the most level-0 pixels (in an SVS, the baseline,
     not the thumbnail, label or macro images; in an NDPI not the macro or map; in an SCN the
-    scanned region, not the macro image of the whole slide). Tiles are decoded on demand; a
-    level is never read whole.
+    scanned region, not the macro image of the whole slide); other images it leaves out are
+    warned of. Tiles are decoded on demand; a level is never read whole.
     """
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
@@ -53,16 +58,17 @@ class TiffReader(BaseReader):
             tif = self._tif
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
-            self._series = _main_series(tif.series)
+            self._series = _main_series(tif.series, self.path)
             series = tif.series[self._series]
             _check_declared_data(series, self._file_size(), self.path)
             levels = series.levels
-            axes = [lv.axes for lv in levels]
-            shapes = [tuple(lv.shape) for lv in levels]
+            self._photometric = tuple(
+                level_photometric(lv.keyframe, self.path, k) for k, lv in enumerate(levels)
+            )
+            axes, shapes, dtype = _pixel_layout(levels, self._photometric, self.path)
             # opening each level's Zarr view reads metadata only; its chunks are the tiles
             self._native_shapes = tuple(shapes)
             chunks = [tuple(self._level_array(i).chunks) for i in range(len(levels))]
-            dtype = np.dtype(series.dtype)
             try:
                 slide = slide_metadata(tif, self._series, self.path)
             except ImageReadError as exc:
@@ -79,14 +85,21 @@ class TiffReader(BaseReader):
                 slide.pixel_size_um,
             )
             first = series.levels[0].keyframe
+            photometric = self._photometric[0]
             if getattr(first, "is_geotiff", False) or any(t in first.tags for t in _GDAL_TAGS):
                 raster = raster_metadata(self.url or self.path)
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
                 if self.georeference is not None:
                     self.vendor = "geotiff"
+                if self.mask_kind == "nodata" and not photometric.is_as_stored:
+                    # GDAL's nodata is a stored value (an index, white as 0); the pixels
+                    # given out are not, so GDAL's dataset mask says which hold data.
+                    self.nodata, self.mask_kind = None, "mask"
             elif (names := _alpha_channel_names(first, axes[0])) is not None:
                 self.mask_kind, self.channel_names = "alpha", names
+            if photometric.palette is not None:
+                self.channel_names = ("red", "green", "blue")
             self._set_layout(axes, shapes, chunks, dtype)
         except ImageReadError:
             self.close()
@@ -114,7 +127,8 @@ class TiffReader(BaseReader):
         # two). Read-only whatever the file handle says (an fsspec memory file claims writable).
         threads = {"maxworkers": 2} if series.levels[level].keyframe.maxworkers > 0 else {}
         store = series.aszarr(level=level, read_only=True, **threads)
-        array = cast("zarr.Array", zarr.open(store, mode="r"))
+        stored = cast("zarr.Array", zarr.open(store, mode="r"))
+        array = self._photometric[level].view(stored, series.levels[level].axes)
         if tuple(array.shape) != self._native_shapes[level]:
             raise ImageReadError(
                 f"{self.path}: level {level} reads as shape {array.shape}, expected "
@@ -142,11 +156,51 @@ class TiffReader(BaseReader):
         return {"_tif": None}
 
 
-def _main_series(series: list[Any]) -> int:
+def _main_series(series: list[Any], path: str) -> int:
     """Index of the series with the most level-0 pixels, passing over transparency masks
-    (GDAL's internal mask band is a series of its own, as large as the image)."""
+    (GDAL's internal mask band is a series of its own, as large as the image).
+
+    Other images left out are warned of, naming them, unless a scanner or GDAL adds them
+    beside every slide (thumbnail, label, macro, map, overview, mask)."""
     images = [i for i, s in enumerate(series) if not s.keyframe.is_mask] or list(range(len(series)))
-    return max(images, key=lambda i: math.prod(series[i].shape))
+    main = max(images, key=lambda i: math.prod(series[i].shape))
+    left = [
+        _series_text(i, s)
+        for i, s in enumerate(series)
+        if i != main and not s.keyframe.is_mask and s.name.lower() not in _VENDOR_EXTRAS
+    ]
+    if left:
+        warnings.warn(
+            f"{path}: holds {len(left) + 1} images; reading the largest, "
+            f"{_series_text(main, series[main])}, and leaving out {', '.join(left)}; to read "
+            "one of those, save it as a file of its own",
+            stacklevel=4,
+        )
+    return main
+
+
+def _series_text(index: int, series: Any) -> str:
+    name = f" {series.name!r}" if series.name else ""
+    return f"series {index}{name} ({'x'.join(map(str, series.shape))})"
+
+
+def _pixel_layout(
+    levels: list[Any], photometric: tuple[Photometric, ...], path: str
+) -> tuple[list[str], list[tuple[int, ...]], np.dtype[Any]]:
+    """Axes and shape of each level's pixels (a palette's RGB included), and their dtype;
+    refused when a level's pixels come out in another dtype than level 0's."""
+    axes, shapes, dtypes = [], [], []
+    for lv, p in zip(levels, photometric, strict=True):
+        ax, shape, _, dtype = p.layout(lv.axes, tuple(lv.shape), (), np.dtype(lv.dtype))
+        axes.append(ax)
+        shapes.append(shape)
+        dtypes.append(dtype)
+    for k, dtype in enumerate(dtypes):
+        if dtype != dtypes[0]:  # a palette level beside an RGB one, say
+            raise ImageReadError(
+                f"{path}: level {k} reads as {dtype} pixels, level 0 as {dtypes[0]}"
+            )
+    return axes, shapes, dtypes[0]
 
 
 def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
@@ -168,24 +222,36 @@ def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
 
 
 def _check_declared_data(series: Any, file_size: int, path: str) -> None:
-    """Refuse a TIFF whose level 0 points at no pixel data, or at data past the file's end.
+    """Refuse a TIFF whose level 0 points at no pixel data, or any level at data past the
+    file's end, or whose level 0 lists reduced levels (SubIFDs) past it.
 
     Checked from the IFDs alone (no pixel is decoded): a header may declare any size, but the
-    tiles or strips it lists must exist in the file.
+    tiles or strips it lists must exist in the file. A truncated pyramid is refused at open,
+    not when a reduced level is read (tifffile drops a level whose IFD is cut off, and the
+    OME-XML written after it, without a word).
     """
     if 0 in series.shape:
         raise ImageReadError(f"{path}: the image is empty (shape {series.shape})")
-    pages = [p for p in series.levels[0].pages if p is not None]
-    offsets = [int(o) for p in pages for o in getattr(p, "dataoffsets", ())]
-    counts = [int(c) for p in pages for c in getattr(p, "databytecounts", ())]
-    if not counts or not any(counts):
+    for k, level in enumerate(series.levels):
+        pages = [p for p in level.pages if p is not None]
+        offsets = [int(o) for p in pages for o in getattr(p, "dataoffsets", ())]
+        counts = [int(c) for p in pages for c in getattr(p, "databytecounts", ())]
+        if k == 0 and (not counts or not any(counts)):
+            raise ImageReadError(
+                f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no "
+                "pixel data (no tile or strip byte counts); the file is truncated or its "
+                "header is wrong"
+            )
+        end = max((o + c for o, c in zip(offsets, counts, strict=False) if c), default=0)
+        if end > file_size:
+            raise ImageReadError(
+                f"{path}: the tiles or strips of level {k} extend to byte {end:,} but the "
+                f"file has {file_size:,} bytes; the file is truncated"
+            )
+    subifds = [int(o) for o in series.levels[0].keyframe.subifds or ()]
+    if any(o >= file_size for o in subifds):
+        lost = next(i for i, o in enumerate(subifds) if o >= file_size) + 1
         raise ImageReadError(
-            f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no pixel "
-            "data (no tile or strip byte counts); the file is truncated or its header is wrong"
-        )
-    end = max((o + c for o, c in zip(offsets, counts, strict=False) if c), default=0)
-    if end > file_size:
-        raise ImageReadError(
-            f"{path}: its tiles or strips extend to byte {end:,} but the file has "
+            f"{path}: level {lost}'s IFD lies at byte {subifds[lost - 1]:,}, past the file's "
             f"{file_size:,} bytes; the file is truncated"
         )

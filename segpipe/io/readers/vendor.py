@@ -12,7 +12,9 @@ Leica SCN      XML ImageDescription: the image's ``view/@sizeX`` (nm) over its r
 Philips TIFF   XML ImageDescription: the first ``DICOM_PIXEL_SPACING`` ("row col", mm)
 Ventana BIF    XMP (tag 700) of the level-0 page: ``iScan/@ScanRes`` (µm)
 OME-TIFF       OME-XML ``Pixels/@PhysicalSizeX`` with its unit
-any TIFF       X/YResolution with ResolutionUnit inch, centimetre, millimetre or micrometre
+any TIFF       X/YResolution with ResolutionUnit inch (finer than 10 µm: else a print
+               resolution), centimetre, millimetre or micrometre
+ImageJ TIFF    X/YResolution in the ``unit`` of its ImageDescription (ResolutionUnit none)
 =============  ==========================================================================
 
 Metadata that is present but unreadable (XML that does not parse, a spacing that is not a
@@ -26,16 +28,18 @@ import math
 import re
 import warnings
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
-from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
+from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
 
 __all__ = ["SlideMetadata", "slide_metadata"]
 
 # TIFF ResolutionUnit: 2 inch, 3 centimetre (baseline); 4 mm, 5 µm (DNG, tifffile).
 _UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}
+# Microns per pixel at 2540 dpi: no print or document scan is finer, no slide scanner coarser.
+_FINEST_PRINT_UM = 10.0
 _NDPI_MAGNIFICATION = 65421
 _XMP = 700
 
@@ -56,32 +60,34 @@ class SlideMetadata:
 
 def slide_metadata(tif: Any, series_index: int, path: str) -> SlideMetadata:
     """The vendor, pixel size and magnification of series ``series_index`` of a tifffile
-    ``TiffFile``; raises :class:`ImageReadError` on vendor metadata that cannot be read."""
-    series = tif.series[series_index]
-    keyframe = series.levels[0].keyframe
-    resolution = _resolution_tags_um(keyframe)
+    ``TiffFile``; raises :class:`ImageReadError` on vendor metadata that cannot be read.
+
+    A pixel size the vendor's metadata does not give comes from the resolution tags."""
+    keyframe = tif.series[series_index].levels[0].keyframe
+    found = _vendor_metadata(tif, series_index, keyframe, path)
+    if found.pixel_size_um is not None:
+        return found
+    return replace(found, pixel_size_um=_resolution_tags_um(tif, keyframe, path))
+
+
+def _vendor_metadata(tif: Any, series_index: int, keyframe: Any, path: str) -> SlideMetadata:
     if tif.is_svs:
         desc = tif.pages.first.description or ""
         mpp = _aperio_field(desc, "MPP")
         px = None if mpp is None else _number(mpp, path, "Aperio MPP")
-        return SlideMetadata("aperio", px or resolution, _positive(_aperio_field(desc, "AppMag")))
+        return SlideMetadata("aperio", px, positive_or_none(_aperio_field(desc, "AppMag")))
     if tif.is_ome and tif.ome_metadata:
-        px = _ome_xml_pixel_size_um(tif.ome_metadata, series_index, path)
-        return SlideMetadata("ome", px or resolution)
+        return SlideMetadata("ome", _ome_xml_pixel_size_um(tif.ome_metadata, series_index, path))
     if tif.is_ndpi:
         mag = keyframe.tags.valueof(_NDPI_MAGNIFICATION)
-        return SlideMetadata("hamamatsu", resolution, _positive(mag))
+        return SlideMetadata("hamamatsu", None, positive_or_none(mag))
     if tif.is_scn:
-        px, mag = _leica_scn(tif.pages.first.description, series_index, path)
-        return SlideMetadata("leica", px or resolution, mag)
+        return SlideMetadata("leica", *_leica_scn(tif.pages.first.description, series_index, path))
     if tif.is_philips:
-        return SlideMetadata(
-            "philips", _philips_spacing_um(tif.philips_metadata, path) or resolution
-        )
+        return SlideMetadata("philips", _philips_spacing_um(tif.philips_metadata, path))
     if tif.is_bif:
-        px, mag = _ventana_xmp(keyframe.tags.valueof(_XMP), path)
-        return SlideMetadata("ventana", px or resolution, mag)
-    return SlideMetadata("generic-tiff", resolution)
+        return SlideMetadata("ventana", *_ventana_xmp(keyframe.tags.valueof(_XMP), path))
+    return SlideMetadata("generic-tiff", None)
 
 
 def _number(text: str, path: str, what: str) -> float:
@@ -92,14 +98,6 @@ def _number(text: str, path: str, what: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ImageReadError(f"{path}: {what} {text!r} is not a positive number")
     return value
-
-
-def _positive(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) and number > 0 else None
 
 
 def _xml(text: str | bytes | None, path: str, what: str) -> ET.Element | None:
@@ -115,15 +113,41 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _resolution_tags_um(page: Any) -> float | None:
+def _resolution_tags_um(tif: Any, page: Any, path: str) -> float | None:
+    """Microns per pixel from XResolution (pixels per unit) in ResolutionUnit, or, in a file
+    ImageJ wrote (ResolutionUnit none), in the ``unit`` of its ImageDescription.
+
+    An inch resolution coarser than :data:`_FINEST_PRINT_UM` is a document's print or scan
+    resolution (72, 300, 600 dpi: photos, scans, drawings), not a microscope's pixel size;
+    it leaves the pixel size unknown, with a warning."""
     unit_tag, x_tag = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
-    if unit_tag is None or x_tag is None:
+    unit = None if unit_tag is None else int(unit_tag.value)
+    if tif.is_imagej and unit in (None, 1):
+        um_per_unit = _imagej_um_per_unit(str((tif.imagej_metadata or {}).get("unit", "")))
+    else:
+        um_per_unit = _UM_PER_RESUNIT.get(unit or 0)
+    if x_tag is None or um_per_unit is None:
         return None
-    um_per_unit = _UM_PER_RESUNIT.get(int(unit_tag.value))
     num, den = x_tag.value
-    if um_per_unit is None or num <= 0 or den <= 0:
+    if num <= 0 or den <= 0:
         return None
-    return um_per_unit * den / num
+    px = um_per_unit * den / num
+    if um_per_unit == UM_PER_UNIT["inch"] and px > _FINEST_PRINT_UM:
+        warnings.warn(
+            f"{path}: its resolution of {num / den:g} pixels per inch ({px:.4g} µm per "
+            "pixel) is a print or scan resolution, not a microscope's; pixel size unknown "
+            "(give it as pixel_size_um or --pixel-size if the image has one)",
+            stacklevel=5,
+        )
+        return None
+    return px
+
+
+def _imagej_um_per_unit(name: str) -> float | None:
+    """Microns per ImageJ calibration unit (``micron``, ``um``, ``\\u00B5m`` as ImageJ
+    escapes µm, ``mm``, ``nm``, ``cm``, ``inch``); None for ``pixel`` or an unknown unit."""
+    name = name.strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ")
+    return UM_PER_UNIT.get(name, UM_PER_UNIT.get(name.lower()))
 
 
 def _aperio_field(desc: str, key: str) -> str | None:
@@ -162,7 +186,7 @@ def _leica_scn(desc: str, series_index: int, path: str) -> tuple[float | None, f
         "Leica SCN pixel size",
     )
     objective = next((e.text for e in image.iter() if _local(e.tag) == "objective"), None)
-    return px, _positive(objective)
+    return px, positive_or_none(objective)
 
 
 def _philips_spacing_um(xml: str | None, path: str) -> float | None:
@@ -194,14 +218,14 @@ def _ventana_xmp(xmp: bytes | str | None, path: str) -> tuple[float | None, floa
         return None, None
     res = scan.get("ScanRes")
     px = None if res is None else _number(res, path, "Ventana iScan ScanRes")
-    return px, _positive(scan.get("Magnification"))
+    return px, positive_or_none(scan.get("Magnification"))
 
 
 def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | None:
     try:
         root = ET.fromstring(xml)
     except ET.ParseError:
-        warnings.warn(f"{path}: OME-XML does not parse; pixel size unknown", stacklevel=3)
+        warnings.warn(f"{path}: OME-XML does not parse; pixel size unknown", stacklevel=4)
         return None
     pixels = [el for el in root.iter() if _local(el.tag) == "Pixels"]
     if not pixels:
@@ -214,7 +238,7 @@ def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | Non
             continue
         unit = attrs.get(f"PhysicalSize{axis}Unit", "µm")  # the OME schema's default
         if unit not in UM_PER_UNIT:
-            warnings.warn(f"{path}: OME PhysicalSize unit {unit!r} is not a length", stacklevel=3)
+            warnings.warn(f"{path}: OME PhysicalSize unit {unit!r} is not a length", stacklevel=4)
             return None
         # ImageReadError for a value that is no number: a given pixel_size_um may stand in.
         sizes[axis] = _number(value, path, f"OME PhysicalSize{axis}") * UM_PER_UNIT[unit]
