@@ -219,6 +219,12 @@ def test_blend_mode_same_padding_error_is_bounded_and_seamless(source, image, tm
         assert err[on].mean() <= 2 * err[~on].mean()
 
 
+def test_a_blend_window_off_the_size_rule_is_the_next_one_on_it(source, tmp_path):
+    """Same padding, halo 23 and multiple 4: a 30 px window is 32, not grown by the halo."""
+    out = blend(source, tmp_path / "r.zarr", unet("same"), tile=48, window=30)
+    assert read_meta(out).config.window == 32
+
+
 def test_blend_mode_does_not_depend_on_tiling(source, tmp_path):
     """Windows lie on one global lattice, so chunk borders cannot show: any tiling agrees."""
     net = unet("same")
@@ -305,6 +311,29 @@ def test_interrupted_run_resumes_only_missing_tiles(source, image, tmp_path):
     # A complete result is not recomputed.
     segpipe.segment(source, out, net, tile=32, task_tiles=1, scheduler="sync")
     assert read_meta(out).finished == meta.finished
+
+
+def test_segment_closes_the_image_it_opened_and_only_that(source, tmp_path, monkeypatch):
+    """An image given by path is opened by segment and closed when the run ends, finished or
+    refused; a Reader given is the caller's."""
+    segment_module = importlib.import_module("segpipe.execution.segment")
+    open_image, closed = segment_module.open_image, []
+
+    def spied(*args, **kwargs):
+        reader = open_image(*args, **kwargs)
+        reader.close = lambda: closed.append(reader)
+        return reader
+
+    monkeypatch.setattr(segment_module, "open_image", spied)
+    net = unet("valid")
+    segpipe.segment(source, tmp_path / "a.zarr", net, tile=32, scheduler="sync")
+    assert len(closed) == 1
+    with pytest.raises(ValueError, match="level 3 does not exist"):
+        segpipe.segment(source, tmp_path / "b.zarr", net, tile=32, level=3, scheduler="sync")
+    assert len(closed) == 2
+    given = spied(source)
+    segpipe.segment(given, tmp_path / "c.zarr", net, tile=32, scheduler="sync")
+    assert len(closed) == 2, "the caller's reader is left open"
 
 
 def test_keywords_and_a_config_make_the_same_result(source, tmp_path):

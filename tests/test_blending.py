@@ -3,8 +3,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segpipe.geometry.blending import BlendSink, CropSink, gaussian_weights
-from segpipe.geometry.tiling import Box, Window
+from segpipe.geometry.blending import (
+    BlendSink,
+    CropSink,
+    blend_lattice,
+    blend_window_side,
+    gaussian_weights,
+)
+from segpipe.geometry.tiling import Box, Geometry, Window
 
 
 @pytest.mark.parametrize("side", [1, 2, 7, 64])
@@ -119,3 +125,28 @@ def test_crop_sink_copies_what_it_cannot_keep_as_float32_it_may_write(dtype):
     result = sink.result()
     assert result.dtype == np.float32 and not np.shares_memory(result, output)
     np.testing.assert_array_equal(result[0], np.eye(4))
+
+
+@given(
+    st.integers(0, 60),
+    st.sampled_from([1, 2, 4, 8, 16]),
+    st.integers(0, 15),
+    st.booleans(),
+    st.integers(1, 300),
+)
+def test_blend_window_side_is_the_smallest_the_model_takes(halo, multiple, offset, shrinks, window):
+    g = Geometry(halo=halo, multiple=multiple, input_offset=offset, shrinks=shrinks)
+    side = blend_window_side(g, window)
+    pad = halo if shrinks else 0
+    assert window <= side < window + multiple
+    assert g.accepts(side + 2 * pad)
+    assert all(not g.accepts(w + 2 * pad) for w in range(window, side))
+    if shrinks:  # a valid model's window input is the one input_size gives
+        assert side + 2 * halo == g.input_size(window)
+
+
+def test_a_blend_window_off_the_size_rule_is_refused_naming_the_next_one():
+    same = Geometry(halo=23, multiple=4)  # the depth-2 same-padding U-Net's and FCN's
+    assert blend_window_side(same, 30) == 32
+    with pytest.raises(ValueError, match="use 32"):
+        blend_lattice((100, 100), same, window=30)

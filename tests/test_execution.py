@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import segpipe
 from segpipe import models
@@ -15,14 +17,16 @@ from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
 from segpipe.execution.predictor import InferenceConfig, Predictor
 from segpipe.execution.stitching import (
     Stitching,
+    bounds,
     predict_labels,
     predict_parts,
     predict_probabilities,
     predict_region,
 )
 from segpipe.geometry.blending import blend_lattice
-from segpipe.geometry.tiling import Box, Geometry, tile_grid
-from segpipe.io.readers import ArrayReader, open_image, read_mirrored
+from segpipe.geometry.tiling import Box, Geometry, exact_side, exact_windows, tile_grid
+from segpipe.io.readers import ArrayReader, ImageReadError, open_image, read_mirrored
+from segpipe.models.contract import measure_contract
 from segpipe.results import read_meta
 from segpipe.synthetic import tissue_slide
 
@@ -192,13 +196,86 @@ def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, 
 
     monkeypatch.setattr(tasks, "predict_parts", spy)
     segpipe.segment(r, tmp_path / "a.zarr", net, tile=8, task_tiles=4, scheduler="sync")
-    # 37 x 53 px in blocks of 32: the CPU's budget holds a whole block; the last, 5 x 21 px,
-    # needs three tiles a side
-    assert sorted(set(sides)) == [24, 32]
+    # 37 x 53 px in blocks of 32: the CPU's budget holds a whole block, for every block (the
+    # last, 5 x 21 px, has its windows cut to it)
+    assert set(sides) == {32}
+    # One window per block (the blocks' windows are cut to them): 2 x 2 blocks.
+    assert read_meta(tmp_path / "a.zarr").summary.windows == 4
     sides.clear()
     monkeypatch.setattr(Predictor, "memory_budget", lambda self: 1)
     segpipe.segment(r, tmp_path / "b.zarr", net, tile=8, task_tiles=4, scheduler="sync")
     assert set(sides) == {8}, "no room: one window per tile"
+
+
+def test_a_run_decides_its_window_side_once(reader, tmp_path, monkeypatch):
+    """A GPU's free memory shrinks as its allocator caches: blocks that each measured it
+    would cut their windows in different shapes. The run measures it once, before any."""
+    r, _ = reader
+    sides = []
+    predict = tasks.predict_parts
+
+    def spy(tiles, reader, predictor, job, **kwargs):
+        sides.append(job.exact_side)
+        return predict(tiles, reader, predictor, job, **kwargs)
+
+    monkeypatch.setattr(tasks, "predict_parts", spy)
+    budgets = iter([10**9])  # room for a block's window at first, then none
+    monkeypatch.setattr(Predictor, "memory_budget", lambda self: next(budgets, 1))
+    segpipe.segment(r, tmp_path / "a.zarr", tiny_unet(), tile=8, task_tiles=4, scheduler="sync")
+    assert len(sides) == 4 and set(sides) == {32}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.integers(1, 60) | st.just(10**9),
+)
+def test_a_side_for_the_run_cuts_each_block_as_a_side_of_its_own(by, bx, ey, ex, budget):
+    """The run's side (from its largest block) gives every block the windows the side of the
+    block alone would: the same windows as when each block measured the budget itself."""
+    g = Geometry(halo=6, multiple=4, input_offset=0, shrinks=True)
+    tile, task_tiles = 8, 6
+    grid = tile_grid((task_tiles * tile + ey * tile - 3, task_tiles * tile + ex * tile - 5), tile)
+    blocks = [tasks.Block((tuple(b),)) for b in grid.blocks(task_tiles)]
+    # A resumed run whose only block left is the top-left by x bx tiles of one.
+    part = tuple(t for t in blocks[0].tiles if t.index[0] < by and t.index[1] < bx)
+    small = [tasks.Block((part,))]
+    job = tasks.Job(
+        reader=None, level=0, output="", predictor_key="", mode="exact", tile=tile,
+        geometry=g, num_classes=2,
+    )  # fmt: skip
+    for run_blocks in (blocks, small):
+        side = tasks.with_exact_side(job, run_blocks, budget * 100).exact_side
+        for b in run_blocks:
+            region = bounds([t.box for t in b.tiles])
+            own = exact_side(region, tile, g, budget * 100)
+            assert exact_windows(region, side, g) == exact_windows(region, own, g)
+
+
+def test_a_float_model_takes_floats_in_the_range_it_was_trained_on(tmp_path) -> None:
+    """A contract that scales floats from their own range (measure_contract's percentiles for
+    floats outside [0, 1]) takes them so; [0, 1] holds for the dtype rule, NaN for all."""
+    net = tiny_unet()
+    image = np.random.default_rng(0).uniform(0, 3000, (24, 40, 3)).astype(np.float32)
+    net.pixel_contract = measure_contract([image])
+    assert net.pixel_contract.scaling == "percentile"
+    out = segpipe.segment(
+        ArrayReader(image), tmp_path / "f.zarr", net, tile=8, device="cpu", scheduler="sync",
+        probability_dtype="float32",
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        segpipe.open_result(out)["probabilities"].values,
+        predict_probabilities(net, image, tile=8),
+        atol=1e-5,
+    )
+    with pytest.raises(ImageReadError, match=r"must lie in \[0, 1\]"):
+        predict_probabilities(tiny_unet(), image, tile=8)
+    image[3, 5] = np.nan
+    with pytest.raises(ImageReadError, match="NaN"):
+        predict_probabilities(net, image, tile=8)
 
 
 def test_predict_labels_equals_one_pass_over_the_mirrored_image() -> None:
@@ -238,6 +315,19 @@ def test_in_memory_prediction_leaves_the_model_as_it_is() -> None:
     assert model.training
     for key, value in model.state_dict().items():
         assert value.is_contiguous(), key
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_segment_leaves_the_callers_model_as_it_is(reader, tmp_path) -> None:
+    """Segmenting mid-training: the module keeps its mode (Dropout on), memory layout and
+    weights; the run's predictor works on a copy, as a worker's does on the pickled one."""
+    r, _ = reader
+    model = tiny_unet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    segpipe.segment(r, tmp_path / "r.zarr", model, tile=8, device="cpu", scheduler="sync")
+    assert all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert value.is_contiguous(), f"{key} made channels-last"
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 

@@ -502,6 +502,32 @@ def test_auto_means_tissue_for_slides_only(tmp_path):
         resolve_foreground(str(tmp_path / "missing.png"), ArrayReader(rgb))
 
 
+def test_tissue_on_an_image_without_colour_is_refused_before_anything_is_made(tmp_path):
+    """Tissue is found by colour: a one-channel image is refused naming the file and what to
+    use instead, before the result exists."""
+    gray = np.full((32, 32, 1), 200, np.uint8)
+    source = tmp_path / "gray.zarr"
+    zarr.create_array(source, data=gray, chunks=(16, 16, 1), dimension_names=("y", "x", "c"))
+    torch.manual_seed(0)
+    net = models.build("unet", class_names=CLASSES, in_channels=1, width=4, depth=2).eval()
+    out = tmp_path / "r.zarr"
+    with pytest.raises(ValueError, match=rf"{source}.*1 channel.*'none'.*'nodata'"):
+        segpipe.segment(source, out, net, tile=16, foreground="tissue", scheduler="sync")
+    assert not out.exists()
+
+
+def test_an_image_smaller_than_the_mask_keeps_its_tissue(tmp_path):
+    """At or below MASK_SIDE the mask is the image itself: its dust and hole sizes shrink with
+    it, or a small image's tissue would all be dust (a 3 x 3 px one had nothing computed)."""
+    pink = np.full((3, 3, 3), (230, 120, 200), np.uint8)
+    reader = ArrayReader(pink, pixel_size_um=0.5)
+    assert compute_foreground(reader, 0, "tissue").mask.all()
+    out = segpipe.segment(reader, tmp_path / "r.zarr", tiny_unet(), tile=8, scheduler="sync")
+    s = read_meta(out).summary
+    assert (s.tiles_computed, s.foreground_pixels) == (1, 9)
+    assert read_meta(out).config.foreground == "tissue"
+
+
 def test_low_resolution_is_a_block_mean(monkeypatch):
     import segpipe.execution.foreground as fg
 

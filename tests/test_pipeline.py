@@ -470,6 +470,17 @@ def test_a_closed_stage_takes_no_more_windows():
     assert not model_threads()
 
 
+def test_no_windows_are_refused_not_left_waiting():
+    """No chunk would ever complete the future of an empty submit: its waiter would hang."""
+    stage = ModelStage(FakePredictor())
+    try:
+        with pytest.raises(ValueError, match="at least one window"):
+            stage.submit(windows(1.0, n=0)).result(timeout=10)
+        np.testing.assert_allclose(stage(windows(2.0)).ravel(), [2.0])  # and lives on
+    finally:
+        stage.close()
+
+
 def test_close_waits_for_submitters_blocked_on_a_full_queue():
     """Submitters blocked on a full queue when the stage closes: their windows still run (no
     chunk is queued behind the stops, where no lane would take it), close returns, later

@@ -343,6 +343,49 @@ def test_segment_uses_the_configured_address(image_path, checkpoints, no_config_
     assert is_complete(out)
 
 
+def test_segment_inside_a_task_gives_its_thread_back(
+    image_path, checkpoints, no_config_address, tmp_path
+):
+    """A prefect-dask task runner calls segment inside a Dask task: with no scheduler given it
+    takes the worker's client, and its blocks need a thread of that worker. On a worker of
+    one thread a task that waited in it would wait for ever."""
+    no_config_address.setattr(cluster, "_start_local_cluster", _no_local_cluster)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+        ) as local,
+        distributed.Client(local) as client,
+    ):
+        run = client.submit(
+            segpipe.segment, image_path, tmp_path / "r.zarr", checkpoints[0], pure=False, **SETTINGS
+        )
+        out = run.result(timeout=60)
+    assert is_complete(out)
+
+
+def test_a_run_whose_tasks_cannot_be_sent_leaves_no_plugin(
+    image_path, checkpoints, threaded_client, monkeypatch, tmp_path
+):
+    """client.map pickles the tasks in the driver and may raise: the plugin registered just
+    before is dropped all the same."""
+
+    def unsendable(*args, **kwargs):
+        raise TypeError("cannot pickle '_thread.lock' object")
+
+    monkeypatch.setattr(threaded_client, "map", unsendable)
+    with pytest.raises(TypeError, match="cannot pickle"):
+        segpipe.segment(
+            image_path, tmp_path / "r.zarr", checkpoints[0], scheduler=threaded_client, **SETTINGS
+        )
+    names = threaded_client.run_on_scheduler(
+        lambda dask_scheduler: list(dask_scheduler.worker_plugins)
+    )
+    assert not [n for n in names if n.startswith(workers.PLUGIN_PREFIX)]
+    assert not {
+        k for keys in threaded_client.run(lambda: list(tasks._PREDICTORS)).values() for k in keys
+    }
+
+
 # -- 4 and 5. the default local cluster from a plain script ------------------------------------
 
 

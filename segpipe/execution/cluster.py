@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import copy
 import logging
 import os
 import threading
@@ -23,6 +24,8 @@ from segpipe.execution.tasks import (
     BlockResult,
     Job,
     segment_block,
+    window_budget,
+    with_exact_side,
 )
 from segpipe.execution.workers import ModelPlugin, orphaned_plugins
 
@@ -321,18 +324,24 @@ def run_blocks(
     local plan's I/O threads), in order of submission.
 
     A failing task cancels the rest and raises; blocks finished before it have been reported,
-    so a re-run resumes from them.
+    so a re-run resumes from them. The caller's ``model`` is left as it is: the workers'
+    predictors put a copy in eval mode, on their device, channels-last.
     """
-    plugin = ModelPlugin(job.predictor_key, model, config, owner=getattr(client, "id", None))
     if client is None:
-        # In this process: blocks in I/O threads feeding one model thread, as on a worker.
+        # In this process: blocks in I/O threads feeding one model thread, as on a worker. A
+        # module is the caller's (segmenting mid-training must not leave it in eval mode):
+        # the predictor takes a copy, as a worker takes the pickled one.
+        model = copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model
+        plugin = ModelPlugin(job.predictor_key, model, config)
         threads = io_threads or plan_for_device(config.device).threads_per_worker
         plugin.setup()
         try:
+            job = with_exact_side(job, blocks, window_budget(job.predictor_key))
             run_in_process(lambda b: segment_block(b, job), blocks, on_result, threads=threads)
         finally:
             plugin.teardown()
         return
+    plugin = ModelPlugin(job.predictor_key, model, config, owner=client.id)
 
     # Registered for this run only, by the run's name: the workers of a shared cluster get
     # their memory back, and other runs' plugins are left alone, but for those of killed
@@ -355,12 +364,29 @@ def run_blocks(
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(plugin.name)
         raise
-    gpu = _gpu_resources(client) if config.device != "cpu" else None
-    keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
-    futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)
-    try:
-        for fut in distributed.as_completed(futures, loop=client.loop):
-            on_result(fut.result())
+    futures: list[Any] = []
+    try:  # from here on the plugin is unregistered whatever fails (client.map pickles here)
+        # The least any worker's device allows (none up yet: a window per tile).
+        budgets = client.run(window_budget, job.predictor_key) if job.mode == "exact" else {}
+        if budgets:
+            job = with_exact_side(job, blocks, min(budgets.values()))
+        gpu = _gpu_resources(client) if config.device != "cpu" else None
+        keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
+        futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)
+        with _thread_given_back():
+            for fut in distributed.as_completed(futures, loop=client.loop):
+                on_result(fut.result())
     finally:
         client.cancel(futures)
         client.unregister_worker_plugin(plugin.name)
+
+
+def _thread_given_back() -> contextlib.AbstractContextManager[Any]:
+    """Inside a Dask task (``segment`` called from one: a prefect-dask task runner's), the
+    task's thread seceded from its worker's pool while the blocks run, so they can run on
+    that worker; on one of a single thread they would wait for it forever."""
+    try:
+        distributed.get_worker()
+    except ValueError:  # not in a task: the driver's own thread
+        return contextlib.nullcontext()
+    return distributed.worker_client()

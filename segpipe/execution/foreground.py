@@ -146,7 +146,14 @@ class TileSelection:
 
 def resolve_foreground(setting: str, reader: Reader) -> str:
     """What ``"auto"`` means for ``reader`` (``"tissue"``, ``"nodata"`` or ``"none"``); any
-    other mode as it is; a mask file's path, checked to exist."""
+    other mode as it is, ``"tissue"`` checked to have colour to go by; a mask file's path,
+    checked to exist."""
+    if setting == "tissue" and (channels := reader.level_shapes[0][2]) < 3:
+        raise ValueError(
+            f"{reader.path}: foreground='tissue' finds stained tissue by its colour "
+            f"(saturation of RGB), and the image has {channels} channel(s); use "
+            "foreground='none', or 'nodata' where the image marks its empty areas"
+        )
     if setting in FOREGROUND_MODES[1:]:
         return setting
     if setting == "auto":
@@ -230,7 +237,8 @@ def compute_foreground(reader: Reader, level: int, mode: str) -> Foreground | No
     if mode == "none":
         return None
     if mode == "tissue":
-        return Foreground("tissue", tissue_mask(low_resolution(reader, level)), shape)
+        small = low_resolution(reader, level)
+        return Foreground("tissue", tissue_mask(small, sizes_at=MASK_SIDE), shape)
     if mode == "nodata":
         if not _declares_nodata(reader):
             raise ValueError(

@@ -165,6 +165,8 @@ class ModelStage:
     def submit(self, windows: np.ndarray) -> Future[np.ndarray]:
         """Queue ``windows`` (prepared here, in the caller's thread); the future gives their
         probabilities. Blocks while the queue is full."""
+        if not len(windows):  # no chunk would ever complete the future
+            raise ValueError(f"submit needs at least one window, got shape {windows.shape}")
         with self.io_section():
             prepared = self.predictor.prepare(windows)
         plan = self.pass_plan(prepared.shape[1:])
@@ -392,16 +394,12 @@ def _join_when_done(parts: list[Future[np.ndarray]], joined: Future[np.ndarray])
             remaining[0] -= 1
             if remaining[0]:
                 return
-        errors = [p.exception() for p in parts if p.exception() is not None]
-        if errors:
-            joined.set_exception(errors[0])
-            return
-        try:  # a callback's exception would be logged and lost, its waiter left waiting
-            result = np.concatenate([p.result() for p in parts], axis=0)
+        # The first part's error, or the join's: a callback's exception would be logged and
+        # lost, its waiter left waiting.
+        try:
+            joined.set_result(np.concatenate([p.result() for p in parts], axis=0))
         except BaseException as err:
             joined.set_exception(err)
-            return
-        joined.set_result(result)
 
     for p in parts:
         p.add_done_callback(one_done)

@@ -95,6 +95,7 @@ class Predictor:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
         self.geometry = geometry_of(model)
+        self.contract = pixel_contract_of(model)  # what its float pixels mean (stitching)
         self.scale = _scaler(model)
         self._uint8_scaling = _uint8_scaling(model, self.device)
         self.amp = self.config.amp if self.config.amp is not None else self.device.type == "cuda"
@@ -156,8 +157,7 @@ class Predictor:
         enabled = self.amp_dtype is not None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled):
             logits = self.model(x)
-        # Softmax in float32 whatever autocast did: low-precision probabilities lose small classes.
-        return torch.softmax(logits.float(), dim=1)
+        return _softmax(logits)
 
     def bytes_per_pixel(self) -> float:
         """Activation bytes per input pixel of one forward pass (an upper bound: the sum of
@@ -260,7 +260,7 @@ def window_probabilities(model: nn.Module, windows: np.ndarray) -> np.ndarray:
         raise ValueError(f"windows must be (N, Y, X, C), got shape {windows.shape}")
     x = torch.from_numpy(np.ascontiguousarray(_scaler(model)(windows).transpose(0, 3, 1, 2)))
     weight = next(model.parameters(), None)
-    return _softmax(model(x if weight is None else x.to(weight.device)))
+    return _softmax(model(x if weight is None else x.to(weight.device))).cpu().numpy()
 
 
 def _scaler(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -276,6 +276,7 @@ def _uint8_scaling(model: nn.Module, device: torch.device) -> tuple[torch.Tensor
     return torch.from_numpy(lo).to(device), torch.from_numpy(span).to(device)
 
 
-def _softmax(logits: torch.Tensor) -> np.ndarray:
-    # Softmax in float32 whatever autocast did: bf16 probabilities lose the small classes.
-    return torch.softmax(logits.float(), dim=1).cpu().numpy()
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of ``(N, classes, y, x)`` logits, where they are."""
+    # In float32 whatever autocast did: low-precision probabilities lose the small classes.
+    return torch.softmax(logits.float(), dim=1)

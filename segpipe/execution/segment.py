@@ -30,7 +30,7 @@ from segpipe.execution.foreground import (
 from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job, blend_task_side, group_blocks
 from segpipe.execution.workers import resolve_amp, run_key
-from segpipe.geometry.blending import blend_lattice
+from segpipe.geometry.blending import blend_lattice, blend_window_side
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location
 from segpipe.io.identity import pixel_sample_sha256
@@ -137,68 +137,69 @@ def segment(
     # Dask workers open the source and the result by these paths, in their own working folders.
     source = _absolute(source) if isinstance(source, str | os.PathLike) else source
     output = _absolute(output)
-    reader = (
-        source
-        if not isinstance(source, str | os.PathLike | URLPath)
-        else open_image(source, pixel_size_um=config.pixel_size_um, storage_options=storage_options)
-    )
-    net = model if isinstance(model, torch.nn.Module) else models.load(model)
-    # What the model was trained on; with no level given, segment the level closest to its
-    # training pixel size (level 0 when either pixel size is unknown).
-    contract = models.pixel_contract_of(net)
-    level_fixed = config.level is not None
-    level = config.level if config.level is not None else models.choose_level(contract, reader)
-    tile = config.tile
-    if not 0 <= level < len(reader.level_shapes):
-        raise ValueError(
-            f"{reader.path}: level {level} does not exist "
-            f"(levels 0..{len(reader.level_shapes) - 1})"
+    with contextlib.ExitStack() as run:
+        if isinstance(source, str | os.PathLike | URLPath):
+            reader = open_image(
+                source, pixel_size_um=config.pixel_size_um, storage_options=storage_options
+            )
+            run.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
+        else:
+            reader = source
+        net = model if isinstance(model, torch.nn.Module) else models.load(model)
+        label = model_name or _model_label(model, net)
+        # What the model was trained on; with no level given, segment the level closest to its
+        # training pixel size (level 0 when either pixel size is unknown).
+        contract = models.pixel_contract_of(net)
+        level_fixed = config.level is not None
+        level = config.level if config.level is not None else models.choose_level(contract, reader)
+        tile = config.tile
+        if not 0 <= level < len(reader.level_shapes):
+            raise ValueError(
+                f"{reader.path}: level {level} does not exist "
+                f"(levels 0..{len(reader.level_shapes) - 1})"
+            )
+        config = config.replace(level=level)
+        geometry = models.geometry_of(net)
+        if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
+            raise ValueError(
+                f"model {label!r} normalises with per-tile statistics ({', '.join(offenders)}), "
+                "so tiles disagree whatever the halo and 'exact' mode cannot be exact; use "
+                "mode='blend', or put BatchNorm layers in eval mode"
+            )
+        if tile % geometry.multiple:
+            raise ValueError(
+                f"tile {tile} px is not a multiple of the model's size multiple "
+                f"{geometry.multiple}; try {tile + (-tile) % geometry.multiple}"
+            )
+        ny, nx, _ = reader.level_shapes[level]
+        # Before any work: channels, dtype and pixel size the model takes (PixelContractError).
+        models.check_source(contract, reader, level, model=label, level_fixed=level_fixed)
+        # Resolved before the identity is taken ("auto" must not make two results look alike),
+        # and refused before a cluster starts or the result is made.
+        config = config.replace(foreground=resolve_foreground(config.foreground, reader))
+        class_names = tuple(
+            getattr(net, "class_names", None)
+            or (f"class_{i}" for i in range(cast(int, net.num_classes)))
         )
-    config = config.replace(level=level)
-    geometry = models.geometry_of(net)
-    if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
-        raise ValueError(
-            f"model {model_name or _model_label(model, net)!r} normalises with per-tile statistics "
-            f"({', '.join(offenders)}), so tiles disagree whatever the halo and 'exact' mode "
-            "cannot be exact; use mode='blend', or put BatchNorm layers in eval mode"
-        )
-    if tile % geometry.multiple:
-        raise ValueError(
-            f"tile {tile} px is not a multiple of the model's size multiple {geometry.multiple}"
-            f"; try {tile + (-tile) % geometry.multiple}"
-        )
-    ny, nx, _ = reader.level_shapes[level]
-    # Before any work: channels, dtype and pixel size the model takes (PixelContractError).
-    label = model_name or _model_label(model, net)
-    models.check_source(contract, reader, level, model=label, level_fixed=level_fixed)
-    class_names = tuple(
-        getattr(net, "class_names", None)
-        or (f"class_{i}" for i in range(cast(int, net.num_classes)))
-    )
-    lattice = None
-    if config.mode == "blend":
-        pad = geometry.halo if geometry.shrinks else 0
-        w = config.window or max(
-            geometry.multiple, (tile // 2) // geometry.multiple * geometry.multiple
-        )
-        w = geometry.input_size(w) - 2 * pad if not geometry.accepts(w + 2 * pad) else w
-        lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
-        config = config.replace(window=w)
+        lattice = None
+        if config.mode == "blend":
+            m = geometry.multiple
+            w = blend_window_side(geometry, config.window or max(m, (tile // 2) // m * m))
+            lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
+            config = config.replace(window=w)
 
-    plan = plan_for_device(config.device, config.n_workers)
-    scheduler = choose_scheduler(scheduler)
-    with contextlib.ExitStack() as connection:
+        plan = plan_for_device(config.device, config.n_workers)
+        scheduler = choose_scheduler(scheduler)
         # A running cluster is asked now for the amp its workers will apply; for a local
         # cluster (this machine) or "sync" (this process) this process answers, and a local
         # cluster starts only when there is work.
         client = (
-            connection.enter_context(connect(scheduler, plan))
+            run.enter_context(connect(scheduler, plan))
             if scheduler is not None and scheduler != "sync"
             else None
         )
         # Resolved before the identity is taken: "auto" must not make two results look alike.
         config = config.replace(amp=resolve_amp(config.amp, config.device, client))
-        config = config.replace(foreground=resolve_foreground(config.foreground, reader))
         level_px = (
             reader.pixel_size_um * reader.level_shapes[0][0] / ny if reader.pixel_size_um else None
         )
@@ -207,7 +208,7 @@ def segment(
             shape=(ny, nx),
             pixel_size_um=level_px,
             class_names=class_names,
-            model_name=model_name or _model_label(model, net),
+            model_name=label,
             model_sha256=models.fingerprint(net),
             halo=geometry.halo,
             config=config,
@@ -278,9 +279,9 @@ def segment(
         if client is None:
             # Sync and the threaded local cluster run in this process, and torch's thread count
             # is process-wide: give the caller's back when the run ends.
-            connection.callback(torch.set_num_threads, torch.get_num_threads())
+            run.callback(torch.set_num_threads, torch.get_num_threads())
             if scheduler != "sync" and not in_process_is_cheaper(plan, n_todo * tile * tile):
-                client = connection.enter_context(connect(scheduler, plan))
+                client = run.enter_context(connect(scheduler, plan))
         with stage("segment", total=n_todo, unit="tile") as tiles:
             recorder = _TileRecorder(output, tiles, on_progress)
             run_blocks(blocks, job, client=client, model=net, config=inference, on_result=recorder)

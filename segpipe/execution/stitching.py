@@ -26,7 +26,7 @@ from segpipe.execution.predictor import WindowPredictor, window_probabilities
 from segpipe.geometry.blending import BlendLattice, BlendSink, CropSink, Sink, blend_windows
 from segpipe.geometry.tiling import Box, Geometry, Tile, Window, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
-from segpipe.models import geometry_of
+from segpipe.models import PixelContract, geometry_of, pixel_contract_of
 from segpipe.results import class_map
 
 __all__ = [
@@ -133,6 +133,7 @@ def predict_region(
     level: int = 0,
     batch_size: int = 4,
     boxes: Sequence[Box] | None = None,
+    contract: PixelContract | None = None,
 ) -> RegionPrediction:
     """Predict ``tiles`` of ``reader``'s ``level`` and stitch them: the overlap-tile stitcher.
 
@@ -160,9 +161,20 @@ def predict_region(
         Exact mode only: the boxes of the tiles to compute (level pixels, on the pooling
         phase), where a foreground mask chose them; the region's other pixels are 0 (not
         computed). By default every pixel of ``tiles``.
+    contract
+        The model's pixel contract (``models.pixel_contract_of``): float pixels must lie in
+        [0, 1] only under the dtype rule (None, or ``scaling="dtype"``); a contract that
+        scales from its own range takes them as they are.
     """
     (whole,) = predict_parts(
-        tiles, reader, predict, stitching, level=level, batch_size=batch_size, boxes=boxes
+        tiles,
+        reader,
+        predict,
+        stitching,
+        level=level,
+        batch_size=batch_size,
+        boxes=boxes,
+        contract=contract,
     )
     return whole
 
@@ -178,6 +190,7 @@ def predict_parts(
     batch_size: int = 4,
     boxes: Sequence[Box] | None = None,
     channels: int | None = None,
+    contract: PixelContract | None = None,
 ) -> Iterator[RegionPrediction]:
     """:func:`predict_region`, giving each of ``parts`` (boxes of the region; default the
     whole region) as soon as every window over it is stitched, while later windows are
@@ -198,7 +211,7 @@ def predict_parts(
         windows = stitching.windows(tiles, region, boxes)
         source_box = bounds([w.input for w in windows])
         pixels = read_mirrored(reader, source_box, level)[..., :channels]
-        _check_pixels(pixels, reader, source_box, level)
+        _check_pixels(pixels, reader, source_box, level, contract)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])
     # Windows still to come over each part (by the window's index): a part is given when its
@@ -294,8 +307,11 @@ class PredictionError(RuntimeError):
 _FLOAT_RANGE = (-0.01, 1.01)
 
 
-def _check_pixels(pixels: np.ndarray, reader: Reader, box: Box, level: int) -> None:
-    """Refuse float pixels that are NaN/inf or outside [0, 1], naming file and region."""
+def _check_pixels(
+    pixels: np.ndarray, reader: Reader, box: Box, level: int, contract: PixelContract | None
+) -> None:
+    """Refuse float pixels that are NaN/inf, or outside [0, 1] where the model takes floats as
+    they are (no ``contract``, or its dtype rule), naming file and region."""
     if pixels.dtype.kind != "f":
         return
     where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
@@ -304,6 +320,8 @@ def _check_pixels(pixels: np.ndarray, reader: Reader, box: Box, level: int) -> N
             f"{reader.path}: NaN or infinite pixels at {where}; fill them (nodata) before "
             "segmenting"
         )
+    if contract is not None and contract.scaling != "dtype":
+        return  # scaled from the range the model was trained on (Predictor.prepare)
     lo, hi = float(pixels.min()), float(pixels.max())
     if lo < _FLOAT_RANGE[0] or hi > _FLOAT_RANGE[1]:
         raise ImageReadError(
@@ -334,7 +352,10 @@ def predict_probabilities(
     tiles = list(tile_grid(reader.shape[:2], tile))
     stitching = Stitching("exact", tile, geometry_of(model), int(classes))
     predict = functools.partial(window_probabilities, model)
-    return predict_region(tiles, reader, predict, stitching, batch_size=batch_size).probabilities
+    contract = pixel_contract_of(model)
+    return predict_region(
+        tiles, reader, predict, stitching, batch_size=batch_size, contract=contract
+    ).probabilities
 
 
 def predict_labels(

@@ -49,6 +49,8 @@ __all__ = [
     "remove_predictor",
     "segment_block",
     "stage_for",
+    "window_budget",
+    "with_exact_side",
 ]
 
 log = logging.getLogger(__name__)
@@ -245,17 +247,13 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     task's block may join several shard blocks (:func:`group_blocks`): each is written apart.
 
     The calling thread reads and writes; the forward passes run on the process's model
-    thread (:func:`stage_for`), batched with other tasks' windows. Exact-mode windows are as
-    large as the device's memory allows, up to the whole block, unless the job sets them.
+    thread (:func:`stage_for`), batched with other tasks' windows. Exact-mode windows are
+    ``job.exact_side`` (:func:`with_exact_side`: decided once for the run).
     """
     stage = stage_for(job.predictor_key)
     lease = _per_run(_LEASES, job.predictor_key, lambda: _Lease(job.predictor_key))
     predictor = stage.predictor
     tiles = block.tiles
-    if job.mode == "exact" and job.exact_side is None:
-        budget = predictor.memory_budget() / predictor.bytes_per_pixel()
-        side = exact_side(bounds([t.box for t in tiles]), job.tile, job.geometry, int(budget))
-        job = dataclasses.replace(job, exact_side=side)
     # One write per shard block, in steps a forward pass may come between, each as soon as
     # its windows are stitched (a blend task's first shards while its last windows run).
     arrays, step = _result_arrays(job), stage.io_section
@@ -274,6 +272,7 @@ def segment_block(block: Block, job: Job) -> BlockResult:
         batch_size=predictor.config.batch_size,
         boxes=block.boxes,
         channels=job.channels,
+        contract=predictor.contract,
     ):
         n = regions.index(prediction.region)
         part, patch = block.shards[n], patches[n]
@@ -295,6 +294,26 @@ def segment_block(block: Block, job: Job) -> BlockResult:
                 indices.append(t.index)
         windows = prediction.windows
     return BlockResult(tuple(indices), tuple(counts), windows)
+
+
+def window_budget(key: str) -> int:
+    """Input pixels an exact window of run ``key`` may have in this process: its predictor's
+    memory budget over its activation bytes per pixel (run on each worker by the driver)."""
+    predictor = predictor_for(key)
+    return int(predictor.memory_budget() / predictor.bytes_per_pixel())
+
+
+def with_exact_side(job: Job, blocks: Sequence[Block], max_input_pixels: int) -> Job:
+    """``job`` with the side of its exact windows decided for the run: the largest that fits
+    ``max_input_pixels`` (:func:`window_budget`), up to the largest of ``blocks``. Decided
+    once, in the driver: a GPU's free memory shrinks as its allocator caches, and blocks
+    measuring it each would cut their windows in different shapes. A block smaller than the
+    side gets the windows it would get from a side of its own (they are cut to the block)."""
+    if job.mode != "exact" or job.exact_side is not None or not blocks:
+        return job
+    extent = max(max(bounds([t.box for t in b.tiles]).shape) for b in blocks)
+    side = exact_side(Box(0, extent, 0, extent), job.tile, job.geometry, max_input_pixels)
+    return dataclasses.replace(job, exact_side=side)
 
 
 def _whole_shard(array: zarr.Array, prediction: RegionPrediction) -> tuple[Box, np.ndarray]:

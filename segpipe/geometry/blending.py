@@ -24,6 +24,7 @@ __all__ = [
     "CropSink",
     "Sink",
     "blend_lattice",
+    "blend_window_side",
     "blend_windows",
     "gaussian_weights",
 ]
@@ -205,12 +206,32 @@ class BlendLattice:
         return [o for o in self.axis_origins(axis) if o < hi and o + self.window > lo]
 
     def window_at(self, y: int, x: int) -> Window:
-        g = self.geometry
-        # Same-padding models see the window itself; valid ones need their halo around it.
-        pad = g.halo if g.shrinks else 0
+        pad = _pad(self.geometry)
         n = self.window + 2 * pad
         inp = Box(y - pad, y - pad + n, x - pad, x - pad + n)
         return Window(inp, Box(y, y + self.window, x, x + self.window), 0)
+
+
+def _pad(geometry: Geometry) -> int:
+    # Same-padding models see the window itself; valid ones need their halo around it.
+    return geometry.halo if geometry.shrinks else 0
+
+
+def blend_window_side(geometry: Geometry, window: int) -> int:
+    """The smallest blend window side (output pixels) of at least ``window`` whose input the
+    model accepts: the window itself for a same-padding model, grown by the halo for a valid
+    one, snapped up to the size rule.
+
+    >>> blend_window_side(Geometry(halo=23, multiple=4), 30)
+    32
+    >>> blend_window_side(Geometry(halo=44, multiple=8, input_offset=4, shrinks=True), 61)
+    68
+    """
+    if window < 1:
+        raise ValueError(f"blend window must be >= 1 pixel, got {window}")
+    pad = _pad(geometry)
+    n = window + 2 * pad
+    return n + (geometry.input_offset - n) % geometry.multiple - 2 * pad
 
 
 def blend_lattice(
@@ -228,12 +249,10 @@ def blend_lattice(
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     g = geometry
-    pad = g.halo if g.shrinks else 0
-    n = window + 2 * pad
-    if not g.accepts(n):
+    if not g.accepts(window + 2 * _pad(g)):
         raise ValueError(
             f"blend window {window} px does not fit the model's geometry {g}: use "
-            f"{g.input_size(window) - 2 * pad}"
+            f"{blend_window_side(g, window)}"
         )
     m = g.multiple
     if window < m:

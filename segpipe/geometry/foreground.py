@@ -28,6 +28,7 @@ it touches is computed. No I/O here, in any of the parts:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -48,6 +49,8 @@ __all__ = [
     "tissue_mask",
     "upsample_mask",
 ]
+
+S = TypeVar("S", int, np.ndarray)
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -141,6 +144,7 @@ def tissue_mask(
     min_object_px: int = 16,
     max_hole_px: int = 64,
     grow_px: int = 2,
+    sizes_at: int | None = None,
 ) -> np.ndarray:
     """Stained tissue (H&E, IHC) in a low-resolution ``(y, x, 3)`` brightfield image.
 
@@ -149,7 +153,9 @@ def tissue_mask(
     Otsu's, clamped to ``threshold_range``: an image that is all glass (Otsu splits the
     noise) or all tissue (Otsu splits pale from dense stain) keeps a sensible cut. Then
     :func:`clean_mask` with ``min_object_px``, ``max_hole_px`` and ``grow_px`` (pixels of
-    this image). Pass ``threshold`` to skip Otsu.
+    this image; with ``sizes_at``, of an image of that longer side: a smaller one scales
+    them down with its side, areas by its square, so they stay the same fraction of the
+    image and a small image's tissue is not taken for dust). Pass ``threshold`` to skip Otsu.
 
     Returns
     -------
@@ -165,7 +171,13 @@ def tissue_mask(
     (256, True)
     >>> int(tissue_mask(np.full((8, 8, 3), 245, np.uint8)).sum())  # all glass
     0
+    >>> pink = np.full((3, 3, 3), (230, 120, 200), np.uint8)
+    >>> int(tissue_mask(pink).sum()), int(tissue_mask(pink, sizes_at=1024).sum())
+    (0, 9)
     """
+    if sizes_at is not None and (f := max(rgb.shape[:2]) / sizes_at) < 1:
+        min_object_px, max_hole_px = round(min_object_px * f * f), round(max_hole_px * f * f)
+        grow_px = round(grow_px * f)
     sat = saturation(rgb)
     lo, hi = threshold_range
     cut = threshold if threshold is not None else min(max(otsu_threshold(sat), lo), hi)
@@ -260,8 +272,7 @@ class MaskPatch:
     def of(cls, mask: np.ndarray, shape: tuple[int, int], box: Box) -> MaskPatch:
         """The cells of ``mask`` (covering the level of ``shape``) that ``box`` needs."""
         (my, mx), (ny, nx) = mask.shape, shape
-        r0, r1 = box.y0 * my // ny, (box.y1 - 1) * my // ny + 1
-        c0, c1 = box.x0 * mx // nx, (box.x1 - 1) * mx // nx + 1
+        (r0, r1), (c0, c1) = _mask_span(box.y0, box.y1, ny, my), _mask_span(box.x0, box.x1, nx, mx)
         cells = np.array(mask[r0:r1, c0:c1], dtype=bool)
         return cls(cells, (r0, c0), (my, mx), shape)
 
@@ -312,13 +323,10 @@ def tiles_touching(mask: np.ndarray, shape: tuple[int, int], tile: int) -> np.nd
     # Summed-area table of the mask: any foreground in a tile's mask rectangle in O(1).
     table = np.zeros((my + 1, mx + 1), dtype=np.int64)
     table[1:, 1:] = np.asarray(mask, dtype=np.int64).cumsum(0).cumsum(1)
-    # The mask rows (cols) a tile spans: those of its first and last pixel, and between.
     starts_y = np.arange(0, ny, tile, dtype=np.int64)
     starts_x = np.arange(0, nx, tile, dtype=np.int64)
-    r0 = starts_y * my // ny
-    r1 = (np.minimum(starts_y + tile, ny) - 1) * my // ny + 1
-    c0 = starts_x * mx // nx
-    c1 = (np.minimum(starts_x + tile, nx) - 1) * mx // nx + 1
+    r0, r1 = _mask_span(starts_y, np.minimum(starts_y + tile, ny), ny, my)
+    c0, c1 = _mask_span(starts_x, np.minimum(starts_x + tile, nx), nx, mx)
     total = (
         table[np.ix_(r1, c1)]
         - table[np.ix_(r0, c1)]
@@ -326,6 +334,17 @@ def tiles_touching(mask: np.ndarray, shape: tuple[int, int], tile: int) -> np.nd
         + table[np.ix_(r0, c0)]
     )
     return np.asarray(total > 0)
+
+
+def _mask_span(start: S, stop: S, n: int, m: int) -> tuple[S, S]:
+    """The mask indices ``[first, last + 1)`` that level pixels ``[start, stop)`` read
+    (:func:`mask_rows`: those of the first and the last pixel, and between) along an axis of
+    ``n`` level and ``m`` mask pixels; ints, or int arrays of spans.
+
+    >>> _mask_span(2, 5, 6, 4)
+    (1, 3)
+    """
+    return start * m // n, (stop - 1) * m // n + 1
 
 
 def cover_boxes(cells: np.ndarray, cell: int, region: Box, halo: int) -> list[Box]:
