@@ -295,3 +295,22 @@ def test_a_coarser_source_level_sits_where_the_finer_results_pyramid_puts_it(tmp
     ome = json.loads((tmp_path / "coarse.zarr" / "zarr.json").read_text())["attributes"]["ome"]
     level0 = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert level0[1] == {"type": "translation", "translation": [0.0, 0.25, 0.25]}
+
+
+@pytest.mark.usefixtures("guarded_store")
+def test_an_old_url_result_opens_its_url_source_with_the_results_options(level1_run):
+    """A URL result written before results recorded the source's size reads it from its
+    source; a source on the result's file system is reached with the result's options."""
+    from test_ngff import GuardedFileSystem
+
+    result, source = level1_run
+    fs = GuardedFileSystem(key="k")
+    fs.put(str(source), "/in/slide.ome.tif")
+    fs.put(str(result), "/old.zarr", recursive=True)
+    old = guarded("old.zarr")
+    group = zarr.open_group(old, mode="r+")
+    attrs = {k: v for k, v in group.attrs["segpipe"].items() if k != "source_shape"}
+    identity = {**attrs["identity"], "source": "guarded://in/slide.ome.tif"}
+    group.attrs["segpipe"] = {**attrs, "identity": identity}
+    assert read_meta(old).source_shape is None
+    np.testing.assert_allclose(bounds(old), expected_bounds(), rtol=0, atol=1e-9)

@@ -35,7 +35,7 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
@@ -111,8 +111,12 @@ def _level0_per_pixel(meta: ResultMeta, result: Any) -> tuple[float, float]:
 def _source_level0(meta: ResultMeta, result: Any) -> tuple[int, int]:
     """(y, x) pixels of level 0 of the image a result not recording them was made from."""
     level = meta.config.level or 0
+    # A source at a URL of the result's file system takes the result's options (credentials,
+    # endpoint): the caller gave no others.
+    options = getattr(result, "storage_options", None)
+    same_fs = is_url(meta.source) and str(result).split("://")[0] == meta.source.split("://")[0]
     try:
-        reader = open_image(meta.source)
+        reader = open_image(meta.source, storage_options=options if same_fs else None)
     except (OSError, ValueError) as e:  # ImageReadError is a ValueError
         raise ValueError(
             f"{result} holds level {level} of {meta.source} but not that image's level-0 size "
