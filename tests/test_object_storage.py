@@ -379,11 +379,32 @@ def test_a_result_url_with_glob_characters_is_refused_and_other_data_kept(name):
     users = {f"{bucket}/{n}/data.bin": n.encode() for n in ("res1.zarr", "resA.zarr", "re.zarr")}
     fs.pipe(users)
     url = URLPath(f"memory://{bucket}/{name}")
-    for call in (lambda: prepare_result(url, meta()), lambda: delete_result(url)):
-        with pytest.raises(ValueError, match=rf"{re.escape(str(url))}: .*glob pattern"):
-            call()
+    refused = rf"{re.escape(str(url))}: .*glob pattern"
+    with pytest.raises(ValueError, match=refused):
+        prepare_result(url, meta())
     assert fs.find(bucket) == sorted(users)
+    # One an earlier release made there resumes (nothing is deleted), but is never deleted.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(remote, "_check_literal", lambda url: None)
+        prepare_result(url, meta())
+    made = set(fs.find(bucket)) - set(users)
+    assert made and not prepare_result(url, meta()).any()
+    with pytest.raises(ValueError, match=refused):
+        delete_result(url)
+    assert set(fs.find(bucket)) == made | set(users)
     assert all(fs.cat_file(key) == data for key, data in users.items())
+
+
+def test_an_earlier_releases_creation_marker_removes_its_prefix_once_old():
+    """A marker of a release before markers listed their keys is empty: once old, what lies
+    at the prefix without a root is that creation's, removed as that release did."""
+    fs, bucket = _bucket()
+    url = URLPath(f"memory://{bucket}/r.zarr")
+    marker = f"{bucket}/.r.zarr.creating"
+    fs.pipe({marker: b"", f"{bucket}/r.zarr/0/mask/zarr.json": b"{}"})
+    fs.store[marker].created -= dt.timedelta(hours=1)
+    assert not prepare_result(url, meta()).any()
+    assert is_result(url) and not fs.exists(marker)
 
 
 def test_a_create_at_a_url_that_fails_removes_what_it_wrote(monkeypatch):

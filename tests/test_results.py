@@ -21,6 +21,7 @@ from segpipe.results import (
     IncompleteResultError,
     ResultMeta,
     ResultMismatchError,
+    ResultReplacedError,
     TileRecord,
     class_pixels,
     delete_result,
@@ -100,8 +101,10 @@ def test_a_run_replaced_by_another_records_and_finalises_nothing_there(tmp_path)
     record = TileRecord(path)
     record.mark({(0, 0): np.array([5, 6])})
     prepare_result(path, meta(halo=8), overwrite=True)  # run B
-    with pytest.raises(ResultMismatchError, match="replaced by another run"):
+    with pytest.raises(ResultReplacedError, match="replaced by another run") as raised:
         record.mark({(1, 0): np.array([5, 6])})
+    # Not a mismatch, which callers answer by replacing the result: B's, here.
+    assert not isinstance(raised.value, ResultMismatchError)
     assert not tiles_done(path).any()
     with pytest.raises(IncompleteResultError):
         finalize_result(path, run_summary(path))

@@ -94,7 +94,13 @@ from segpipe.results.store import (
     write_tiles,
 )
 from segpipe.results.summary import RunSummary, class_areas_um2, class_fractions
-from segpipe.results.tiles import TileRecord, class_pixels, mark_tiles_done, tiles_done
+from segpipe.results.tiles import (
+    ResultReplacedError,
+    TileRecord,
+    class_pixels,
+    mark_tiles_done,
+    tiles_done,
+)
 
 __all__ = [
     "FOREGROUND_LABEL",
@@ -106,6 +112,7 @@ __all__ = [
     "IncompleteResultError",
     "ResultMeta",
     "ResultMismatchError",
+    "ResultReplacedError",
     "RunSummary",
     "TileRecord",
     "build_pyramid",

@@ -72,16 +72,18 @@ def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
 
     A half-created one lies at ``url`` itself: once its marker is older than ``older_than_s``
     the objects the marker lists are removed (anything written at the prefix since is kept);
-    a younger one may be a run creating the result right now, and is refused.
+    a younger one may be a run creating the result right now, and is refused. An earlier
+    release's marker lists nothing: once old, everything at the prefix is removed, as that
+    release did. Only removing refuses a URL with glob characters: a result made there by
+    an earlier release still resumes.
     """
-    _check_literal(url)
     if _marker(url, "deleting").exists():
         delete(url)
     creating = _marker(url, "creating")
     try:
         age = time.time() - creating.modified()
-        # A marker of a release before the list is empty: its objects are kept.
-        keys = json.loads(creating.read_bytes() or b"[]")
+        # A marker of a release before the list is empty (None: what was at the prefix).
+        keys = json.loads(creating.read_bytes() or b"null")
     except FileNotFoundError:
         return
     if url.joinpath(_ROOT).exists():  # only the marker's removal was lost
@@ -93,6 +95,11 @@ def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
             f"killed {age:.0f} s ago (marker {creating}); if no run is creating it, run "
             f"again in {older_than_s - age:.0f} s, when its objects are removed"
         )
+    if keys is None:  # that release's rule, once old: the prefix was its creation's alone
+        _check_literal(url)
+        _remove_all(url)
+        creating.unlink(missing_ok=True)
+        return
     _remove_creation(url, keys)
 
 
@@ -108,6 +115,7 @@ def _check_literal(url: URLPath) -> None:
 def _remove_creation(url: URLPath, keys: Iterable[str]) -> None:
     """Remove the objects of ``keys`` (below ``url``) a creation wrote, and nothing else
     there, then its marker."""
+    _check_literal(url)
     fs, root = url.filesystem()
     root = root.rstrip("/")
     there = set(fs.find(root))

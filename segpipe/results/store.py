@@ -328,8 +328,8 @@ def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
     (which keeps the consolidated metadata), after everything reading needs. Finalising again
     after an interruption redoes the same steps with the same outcome. Returns the result's
     metadata as now stored. A result with tiles not written is refused
-    (:class:`~segpipe.results.schema.IncompleteResultError`), as is, in :class:`~segpipe.results.tiles.TileRecord`,
-    recording into a result another run made at the same path since.
+    (:class:`~segpipe.results.schema.IncompleteResultError`): a run whose result another
+    run replaced (see :class:`~segpipe.results.tiles.TileRecord`) must not mark it complete.
     """
     missing = ~tiles_done(path)
     if missing.any():  # e.g. a run that another replaced: it must not mark that one complete

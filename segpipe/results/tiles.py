@@ -11,9 +11,15 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.results.layout import COUNTS, PROGRESS, PROGRESS_CHUNKS
-from segpipe.results.schema import ResultMismatchError, read_attrs, store_of
+from segpipe.results.schema import read_attrs, store_of
 
-__all__ = ["TileRecord", "class_pixels", "mark_tiles_done", "tiles_done"]
+__all__ = ["ResultReplacedError", "TileRecord", "class_pixels", "mark_tiles_done", "tiles_done"]
+
+
+class ResultReplacedError(RuntimeError):
+    """Another run replaced the result this run was writing (an overwrite at the same path):
+    this run stops. Not a :class:`~segpipe.results.schema.ResultMismatchError`, which callers
+    answer by replacing what is at the path: here that is the other run's result."""
 
 
 def tiles_done(path: str | os.PathLike) -> np.ndarray:
@@ -55,7 +61,7 @@ class TileRecord:
             return
         started = read_attrs(self._path).get("started")
         if started != self._started:
-            raise ResultMismatchError(
+            raise ResultReplacedError(
                 f"{self._path} was replaced by another run (its result started {started}) "
                 f"while this run wrote the one started {self._started}: this run stops and "
                 "records nothing there"
