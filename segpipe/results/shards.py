@@ -158,14 +158,17 @@ class ShardFormat:
                 padded = np.full(self.chunk, self.fill, dtype=self.dtype)
                 padded[tuple(slice(0, n) for n in part.shape)] = part
                 part = padded
-            chunks.append((coords, np.ascontiguousarray(part)))
+            chunks.append((coords, part))  # a view: copied contiguous one at a time, below
+
+        def stored(chunk: tuple[tuple[int, ...], np.ndarray]) -> bytes:
+            data = np.ascontiguousarray(chunk[1])
+            return data.tobytes() if zstd is None else bytes(zstd.encode(data))
+
         parts: list[bytes]
-        if zstd is None:
-            parts = [data.tobytes() for _, data in chunks]
-        elif len(chunks) <= 1 or CPU_COUNT == 1:
-            parts = [zstd.encode(data) for _, data in chunks]
+        if zstd is None or len(chunks) <= 1 or CPU_COUNT == 1:
+            parts = [stored(chunk) for chunk in chunks]
         else:
-            parts = list(_encoders().map(lambda chunk: zstd.encode(chunk[1]), chunks))
+            parts = list(_encoders().map(stored, chunks))
         offset = 0
         for (coords, _), encoded in zip(chunks, parts, strict=True):
             index[coords] = (offset, len(encoded))
