@@ -521,3 +521,100 @@ def test_reuse_follows_the_pixel_size_and_chunk_asked_for(tmp_path: Path) -> Non
     out = ingested_image(src, store, chunk=64)
     assert zarr.open_array(str(store / "0"), mode="r").chunks == (3, 64, 64)
     assert _attrs(out)["segpipe"]["chunk"] == 64
+
+
+def test_an_ingest_url_fsspec_would_read_as_a_glob_is_refused(
+    tmp_path: Path, memory_url: str
+) -> None:
+    """fsspec reads [ ] * ? in a path it deletes as a pattern: replacing ``img[1]`` deleted
+    ``img1``. Such a URL is refused before anything is written or deleted there."""
+    import fsspec
+
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    neighbour = ingest(src, f"{memory_url}/img1.ome.zarr", chunk=128, min_level_size=512)
+    fs = fsspec.filesystem("memory")
+    prefix = memory_url.removeprefix("memory:/")
+    # an ingest at img[1], as a release before the rule could write it
+    keys = fs.find(f"{prefix}/img1.ome.zarr")
+    fs.pipe({key.replace("img1", "img[1]"): fs.cat_file(key) for key in keys})
+    before = {key: fs.cat_file(key) for key in fs.find(prefix)}
+    for name, overwrite in [("img[1].ome.zarr", True), ("img*.ome.zarr", False)]:
+        url = f"{memory_url}/{name}"
+        with pytest.raises(ValueError, match=r"may not contain \[, \], \* or \?") as info:
+            ingest(src, url, chunk=128, overwrite=overwrite)
+        assert str(info.value).startswith(f"{url}: ")
+    assert {key: fs.cat_file(key) for key in fs.find(prefix)} == before
+    np.testing.assert_array_equal(open_image(neighbour).read(0, 300, 0, 517), _image())
+
+
+def test_a_symlinked_ingest_output_is_refused_never_moved(tmp_path: Path) -> None:
+    """Replacing an ingest renames it aside: through a link that moved the link, which the
+    deletion then refused and the next ingest silently left. A link is refused, naming it and
+    its target, with or without ``overwrite``; neither the link nor its target changes."""
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    target = ingest(src, tmp_path / "target.zarr", chunk=128, min_level_size=512)
+    link, dangling = tmp_path / "link.zarr", tmp_path / "dangling.zarr"
+    link.symlink_to(target, target_is_directory=True)
+    dangling.symlink_to(tmp_path / "nowhere.zarr", target_is_directory=True)
+    before = sorted(tmp_path.rglob("*"))
+    for path, to in [(link, target), (dangling, tmp_path / "nowhere.zarr")]:
+        for overwrite in (False, True):
+            with pytest.raises(FileExistsError, match="symbolic link") as info:
+                ingest(src, path, chunk=64, overwrite=overwrite)
+            assert f"{path} is a symbolic link to {to}" in str(info.value)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        ingested_image(src, link, chunk=64)  # not reusable (another chunk side): replaced
+    assert sorted(tmp_path.rglob("*")) == before
+    assert link.readlink() == target and _attrs(target)["segpipe"]["chunk"] == 128
+
+
+def _as_version(store: Path, version: int) -> None:
+    """Make the ingest at ``store`` read as an older version wrote it (no ``chunk`` before 3)."""
+    group = zarr.open_group(store, mode="r+")
+    attrs = {k: v for k, v in group.attrs["segpipe"].items() if k != "chunk"}
+    group.attrs["segpipe"] = {**attrs, "version": version}
+
+
+def test_a_version_2_ingest_is_reused_for_its_stored_chunk_side(tmp_path: Path) -> None:
+    """Version 2 recorded no chunk side: its level-0 array says it. A version-1 ingest (no
+    mask label image, unnamed alpha...) is redone."""
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "in.image.zarr"
+    ingested_image(src, store, chunk=128)
+    _as_version(store, 2)
+    stamp = (store / "zarr.json").stat().st_mtime_ns
+    assert ingested_image(src, store, chunk=128) == store
+    assert (store / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"
+
+    ingested_image(src, store, chunk=64)  # another chunk side: redone
+    assert (_attrs(store)["segpipe"]["version"], _attrs(store)["segpipe"]["chunk"]) == (3, 64)
+    _as_version(store, 1)
+    ingested_image(src, store, chunk=64)
+    assert _attrs(store)["segpipe"]["version"] == 3
+
+
+def test_a_version_2_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Path) -> None:
+    """The copy is all there is, whatever its chunk side; a version-1 copy is not used."""
+    img = _image()
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
+    ingested_image(src, store, chunk=128)
+    _as_version(store, 2)
+    src.unlink()
+    with pytest.warns(UserWarning, match="is gone"):
+        assert ingested_image(src, store) == store
+    np.testing.assert_array_equal(open_image(store).read(0, 8, 0, 8), img[:8, :8])
+    _as_version(store, 1)
+    with pytest.raises(ImageReadError, match=str(src)):
+        ingested_image(src, store)
+
+
+@pytest.mark.parametrize("given_reader", [False, True])
+def test_ingest_closes_only_the_reader_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, given_reader: bool
+) -> None:
+    src = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    reader = open_image(src)
+    closed: list[object] = []
+    close = type(reader).close
+    monkeypatch.setattr(type(reader), "close", lambda self: closed.append(self) or close(self))
+    ingest(reader if given_reader else src, tmp_path / "out.zarr", min_level_size=512)
+    assert len(closed) == (0 if given_reader else 1)

@@ -1120,6 +1120,22 @@ def test_min_is_white_reads_as_viewers_show_it(tmp_path: Path, dtype: type) -> N
     np.testing.assert_array_equal(reader.read(0, 300, 0, 517)[..., 0], _inverted(stored))
 
 
+@pytest.mark.parametrize(("dtype", "bits"), [(np.uint16, 12), (np.uint8, 4)])
+def test_min_is_white_is_inverted_within_its_bits_per_sample(
+    tmp_path: Path, dtype: type, bits: int
+) -> None:
+    """A 12-bit sample is stored in a uint16: white is 4095, not 65535."""
+    stored = (_rgb(np.uint16)[..., 0] >> (16 - bits)).astype(dtype)
+    path = tmp_path / "white.tif"
+    tifffile.imwrite(path, stored, photometric="miniswhite", bitspersample=bits, tile=(64, 64))
+    with tifffile.TiffFile(path) as tif:
+        assert (tif.pages.first.bitspersample, tif.pages.first.dtype) == (bits, stored.dtype)
+    reader = open_image(path)
+    assert reader.dtype == stored.dtype
+    white = 2**bits - 1
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517)[..., 0], white - stored)
+
+
 def test_min_is_white_levels_and_alpha(tmp_path: Path) -> None:
     """Each level's grey is inverted, its alpha not; the alpha still marks what is empty."""
     stored = _with_alpha(2)

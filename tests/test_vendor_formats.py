@@ -296,10 +296,13 @@ def test_pixel_size_argument_overrides_the_vendors(tmp_path):
         (600, "INCH", None),  # a document scanner's
         (2540, "INCH", 10.0),
         (101_600, "INCH", 0.25),  # a slide scanner's, in inches
-        (400, "CENTIMETER", 25.0),  # centimetres are taken at their word
+        (28.35, "CENTIMETER", None),  # 72 dpi, as a writer in centimetres says it
+        (400, "CENTIMETER", None),  # 1016 dpi: 25 µm per pixel
+        (1000, "CENTIMETER", 10.0),
+        (40_000, "CENTIMETER", 0.25),
     ],
 )
-def test_an_inch_resolution_coarser_than_a_microscopes_is_a_print_resolution(
+def test_a_resolution_coarser_than_a_microscopes_is_a_print_resolution(
     tmp_path, per_unit, unit, px
 ):
     path = tmp_path / "photo.tif"

@@ -27,6 +27,7 @@ from zarr.storage import FsspecStore, StorePath
 __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
+    "check_literal_url",
     "is_url",
     "location",
     "mtime_of",
@@ -38,6 +39,8 @@ __all__ = [
 # Bytes fetched ahead of each read from a URL: tifffile reads a TIFF's header in many small
 # pieces and its tiles one by one, each a ranged GET that brings this much more with it.
 REMOTE_READ_BLOCK = 2**18
+# What fsspec reads as a glob pattern in a path it is given to list or delete.
+_GLOB_CHARACTERS = "[]*?"
 
 
 def utc_now(timespec: str = "seconds") -> str:
@@ -56,6 +59,16 @@ def is_url(path: object) -> bool:
     if isinstance(path, URLPath):
         return True
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+def check_literal_url(url: URLPath, what: str) -> None:
+    """Refuse ``url``, the location of ``what`` (``"an ingest"``), if it holds a glob
+    character: fsspec would read it as a pattern, and deleting ``what`` could delete others."""
+    if any(c in _GLOB_CHARACTERS for c in str(url)):
+        raise ValueError(
+            f"{url}: {what}'s URL may not contain [, ], * or ?: fsspec reads them as a glob "
+            "pattern, so deleting it could delete other objects; choose a name without them"
+        )
 
 
 def location(

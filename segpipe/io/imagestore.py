@@ -12,6 +12,10 @@ value, 0, without an error), nor a folder that is no segpipe image and still in 
 - at an fsspec URL (object stores cannot rename) its root ``zarr.json`` is first rewritten
   with ``complete: false`` (one PUT), then its other objects go and the root last: a deletion
   killed halfway leaves an unfinished ingest, which the next ingest replaces.
+
+Neither can be done safely everywhere, so some locations are refused before anything is
+written or deleted there: a local symbolic link (renaming it aside would move the link, not
+the image), and a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a pattern).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segpipe.io.files import URLPath, is_url, location
+from segpipe.io.files import URLPath, check_literal_url, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import open_image
 from segpipe.io.units import check_pixel_size
@@ -38,9 +42,10 @@ __all__ = [
     "is_segpipe_image",
 ]
 
-# 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample; 3: the chunk side,
-# which reuse compares: redo older ingests
+# 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample; 3: the chunk side
+# recorded (a version 2's is read from its level 0). Older ingests are redone.
 INGEST_VERSION = 3
+_REUSABLE_VERSIONS = (2, INGEST_VERSION)
 _ROOT = "zarr.json"
 
 
@@ -76,18 +81,20 @@ def is_reusable(
     pixel_size_um: float | None,
 ) -> bool:
     """Whether the ingest at ``store`` stands for ``source`` ingested with ``chunk`` (pixels)
-    and ``pixel_size_um`` (µm, None: the source's own): a complete ingest of this version, of
-    the same location and chunk side, whose pixel sample and pixel size are the source's.
+    and ``pixel_size_um`` (µm, None: the source's own): a complete ingest of this version or
+    version 2, of the same location and chunk side, whose pixel sample and pixel size are the
+    source's.
 
-    A source gone leaves nothing to compare with: its copy is reused, with a warning, unless
-    ``pixel_size_um`` asks for another pixel size (then the ingest fails naming the source).
+    A source gone leaves nothing to compare with: its copy (of either version, any chunk
+    side) is reused, with a warning, unless ``pixel_size_um`` asks for another pixel size
+    (then the ingest fails naming the source).
     """
     previous = _segpipe_attributes(store)
     if previous is None or not previous.get("complete"):
         return False
     here = location(source)
     same = is_same_location(here, str(previous.get("source")))
-    if not same or (previous.get("version"), previous.get("chunk")) != (INGEST_VERSION, chunk):
+    if not same or previous.get("version") not in _REUSABLE_VERSIONS:
         return False
     if not here.exists():
         wanted = None if pixel_size_um is None else check_pixel_size(pixel_size_um, "pixel_size_um")
@@ -95,6 +102,8 @@ def is_reusable(
             return False
         warnings.warn(f"{source} is gone; using its ingested copy {store}", stacklevel=3)
         return True
+    if _chunk_side(store, previous) != chunk:
+        return False
     reader = open_image(here, pixel_size_um=pixel_size_um)
     try:
         # the size an ingest now would write: the override, else what the file says today
@@ -105,13 +114,30 @@ def is_reusable(
         getattr(reader, "close", lambda: None)()
 
 
+def _chunk_side(store: Path | URLPath, previous: dict[str, Any]) -> int | None:
+    """The chunk side (pixels) of the ingest at ``store`` with ``segpipe`` attributes
+    ``previous``: recorded there since version 3, else its level-0 array's chunks'."""
+    if previous.get("version") == INGEST_VERSION:
+        return previous.get("chunk")
+    try:
+        meta = json.loads(store.joinpath("0", _ROOT).read_text(encoding="utf-8"))
+        *_, ny, nx = meta["chunk_grid"]["configuration"]["chunk_shape"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return ny if isinstance(ny, int) and ny == nx else None
+
+
 def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     """Make way for an ingest at ``out``: nothing there, or a segpipe image that ``overwrite``
     allows deleting (deleted as the module says, never leaving a half-deleted image there).
 
-    Raises FileExistsError for anything else at ``out``, which is never deleted.
+    Raises FileExistsError for anything else at ``out``, which is never deleted, and for a
+    symbolic link; ValueError for a URL with a glob character (:func:`.check_literal_url`).
     """
-    if isinstance(out, Path):
+    if isinstance(out, URLPath):
+        check_literal_url(out, "an ingest")
+    else:
+        _check_not_link(out)
         # what a killed deletion left beside it (a URL's is the store itself, unfinished)
         for old in out.parent.glob(glob.escape(f".{out.name}.deleting-") + "*"):
             shutil.rmtree(old, ignore_errors=True)
@@ -136,8 +162,21 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     shutil.rmtree(trash)
 
 
+def _check_not_link(out: Path) -> None:
+    # An ingest is replaced by renaming it aside: through a link, the link would be moved and
+    # the image kept (rmtree refuses links). Following the link would write or delete
+    # whatever it points to, which other links may share: refused, as results refuse theirs.
+    if out.is_symlink():
+        raise FileExistsError(
+            f"ingest output {out} is a symbolic link to {os.readlink(out)}; segpipe replaces "
+            "an ingest by renaming it aside, which would move the link, not the image: give "
+            "the link's target as the output path, or remove the link"
+        )
+
+
 def _delete_at_url(url: URLPath) -> None:
     """Delete the image at ``url``: marked unfinished first, its root ``zarr.json`` last."""
+    check_literal_url(url, "an ingest")  # fs.rm globs: img[1] would delete img1
     root = url.joinpath(_ROOT)
     document = json.loads(root.read_text())
     document["attributes"]["segpipe"]["complete"] = False

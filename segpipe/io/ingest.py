@@ -29,10 +29,11 @@ have no ``unit`` (the 0.5 spec makes it optional) and the scale is in level-0 pi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import dask.base
@@ -102,24 +103,37 @@ def ingest(
     Raises
     ------
     FileExistsError
-        ``output`` exists and ``overwrite`` is False, or it is not a segpipe ingest.
+        ``output`` exists and ``overwrite`` is False, or it is not a segpipe ingest, or it is
+        a symbolic link.
+    ValueError
+        ``output`` is a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a glob).
     ImageReadError
         The source cannot be read.
     """
     if chunk < 2:
         raise ValueError(f"chunk must be >= 2 pixels, got {chunk}")
-    if isinstance(source, str | os.PathLike):
-        reader = open_image(source, pixel_size_um=pixel_size_um)
-    else:
-        reader = source
-    px = reader.pixel_size_um
-    if pixel_size_um is not None:
-        px = check_pixel_size(pixel_size_um, "pixel_size_um")
-    out = location(output)
-    if is_same_location(out, reader.path):
-        raise ValueError(f"ingest output {out} is the source itself; choose another path")
-    clear_image_store(out, overwrite=overwrite)
+    with contextlib.ExitStack() as opened:
+        if isinstance(source, str | os.PathLike):
+            reader = open_image(source, pixel_size_um=pixel_size_um)
+            opened.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
+        else:
+            reader = source
+        px = reader.pixel_size_um
+        if pixel_size_um is not None:
+            px = check_pixel_size(pixel_size_um, "pixel_size_um")
+        out = location(output)
+        if is_same_location(out, reader.path):
+            raise ValueError(f"ingest output {out} is the source itself; choose another path")
+        clear_image_store(out, overwrite=overwrite)
+        _copy(reader, out, px, chunk=chunk, min_level_size=min_level_size)
+    return out
 
+
+def _copy(
+    reader: Reader, out: Path | URLPath, px: float | None, *, chunk: int, min_level_size: int
+) -> None:
+    """Write ``reader``'s pixels at ``out`` (nothing there) as :func:`ingest` says, with
+    pixel size ``px`` (µm)."""
     import zarr
 
     ny, nx, nc = reader.shape
@@ -171,7 +185,6 @@ def ingest(
             counter.finish()
 
     root.update_attributes({"segpipe": {**attrs, "complete": True}})
-    return out
 
 
 # The label image of the pixels holding data, within the ingest's group.

@@ -36,13 +36,13 @@ class Photometric:
 
     ``palette``: ``(N, 3)`` RGB of each of the ``N`` indices; the indices are expanded through
     it, adding a trailing sample axis ``S`` of 3. ``inverted``: how many leading samples are
-    min-is-white grey, turned into min-is-black (the dtype's maximum plus minimum minus the
-    value, ``~v``: booleans negated; ``1 - v`` for floats, taken in [0, 1]). Neither: the
-    samples as stored.
+    min-is-white grey, turned into min-is-black (:func:`_invert`; ``bits_per_sample``, the
+    TIFF's BitsPerSample, says where white is). Neither: the samples as stored.
     """
 
     palette: np.ndarray | None = None
     inverted: int = 0
+    bits_per_sample: int | None = None
 
     @property
     def is_as_stored(self) -> bool:
@@ -83,23 +83,34 @@ class _PixelView:
         palette, s = self.photometric.palette, self._samples
         if palette is not None:  # an index past the palette's end is an IndexError: corrupt
             return np.take(palette, np.asarray(self.array[key[:-1]]), axis=0)[..., key[-1]]
+        bits = self.photometric.bits_per_sample
         if s < 0:
-            return _invert(np.asarray(self.array[key]))
+            return _invert(np.asarray(self.array[key]), bits)
         # Every sample of the window, so the grey ones are known whatever the key keeps.
         stored = np.asarray(self.array[(*key[:s], slice(None), *key[s + 1 :])])
         n = self.photometric.inverted
         grey, rest = np.split(stored, [n], axis=s)
-        pixels = np.concatenate([_invert(grey), rest], axis=s)
+        pixels = np.concatenate([_invert(grey, bits), rest], axis=s)
         return pixels[(slice(None),) * s + (key[s],)]
 
 
-def _invert(grey: np.ndarray) -> np.ndarray:
-    """Min-is-white grey as min-is-black.
+def _invert(grey: np.ndarray, bits_per_sample: int | None) -> np.ndarray:
+    """Min-is-white grey as min-is-black: ``2**bits_per_sample - 1 - v`` for unsigned
+    integers (a 12-bit sample in a uint16 has its white at 4095, not 65535), the dtype's
+    maximum plus minimum minus the value (``~v``) for signed ones, booleans negated and
+    ``1 - v`` for floats, taken in [0, 1].
 
-    >>> _invert(np.array([0, 10, 255], np.uint8)).tolist(), _invert(np.array([True])).tolist()
+    >>> _invert(np.array([0, 10, 255], np.uint8), 8).tolist(), _invert(np.array([True]), 1).tolist()
     ([255, 245, 0], [False])
+    >>> _invert(np.array([0, 10, 4095], np.uint16), 12).tolist()
+    [4095, 4085, 0]
     """
-    return 1 - grey if grey.dtype.kind == "f" else np.invert(grey)
+    if grey.dtype.kind == "f":
+        return 1 - grey
+    if grey.dtype.kind == "u" and bits_per_sample is not None:
+        # decoded samples of that many bits never pass white: no wrap-around
+        return (2**bits_per_sample - 1) - grey
+    return np.invert(grey)
 
 
 def level_photometric(page: Any, path: str, level: int) -> Photometric:
@@ -123,7 +134,7 @@ def level_photometric(page: Any, path: str, level: int) -> Photometric:
     ):
         return Photometric()
     if kind == _MINISWHITE and colour >= 1:
-        return Photometric(inverted=colour)
+        return Photometric(inverted=colour, bits_per_sample=int(page.bitspersample))
     colormap = page.colormap if kind == _PALETTE else None
     if colormap is not None and colour == 1 and not page.extrasamples:
         colormap = np.asarray(colormap)

@@ -40,6 +40,8 @@ __all__ = ["SlideMetadata", "slide_metadata"]
 _UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}
 # Microns per pixel at 2540 dpi: no print or document scan is finer, no slide scanner coarser.
 _FINEST_PRINT_UM = 10.0
+# The ResolutionUnits a print or scan resolution is written in (TIFF 6.0 has no other).
+_PRINT_RESUNITS = {2: "inch", 3: "centimetre"}
 _NDPI_MAGNIFICATION = 65421
 _XMP = 700
 
@@ -117,9 +119,9 @@ def _resolution_tags_um(tif: Any, page: Any, path: str) -> float | None:
     """Microns per pixel from XResolution (pixels per unit) in ResolutionUnit, or, in a file
     ImageJ wrote (ResolutionUnit none), in the ``unit`` of its ImageDescription.
 
-    An inch resolution coarser than :data:`_FINEST_PRINT_UM` is a document's print or scan
-    resolution (72, 300, 600 dpi: photos, scans, drawings), not a microscope's pixel size;
-    it leaves the pixel size unknown, with a warning."""
+    An inch or centimetre resolution coarser than :data:`_FINEST_PRINT_UM` is a document's
+    print or scan resolution (72, 300, 600 dpi: photos, scans, drawings), not a microscope's
+    pixel size; it leaves the pixel size unknown, with a warning."""
     unit_tag, x_tag = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
     unit = None if unit_tag is None else int(unit_tag.value)
     if tif.is_imagej and unit in (None, 1):
@@ -132,9 +134,10 @@ def _resolution_tags_um(tif: Any, page: Any, path: str) -> float | None:
     if num <= 0 or den <= 0:
         return None
     px = um_per_unit * den / num
-    if um_per_unit == UM_PER_UNIT["inch"] and px > _FINEST_PRINT_UM:
+    # only a ResolutionUnit tag's: ImageJ's calibration (unit none) is measured, any unit
+    if (name := _PRINT_RESUNITS.get(unit or 0)) and px > _FINEST_PRINT_UM:
         warnings.warn(
-            f"{path}: its resolution of {num / den:g} pixels per inch ({px:.4g} µm per "
+            f"{path}: its resolution of {num / den:g} pixels per {name} ({px:.4g} µm per "
             "pixel) is a print or scan resolution, not a microscope's; pixel size unknown "
             "(give it as pixel_size_um or --pixel-size if the image has one)",
             stacklevel=5,
