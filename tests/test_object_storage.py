@@ -385,7 +385,7 @@ def test_a_result_url_with_glob_characters_is_refused_and_other_data_kept(name):
     assert fs.find(bucket) == sorted(users)
     # One an earlier release made there resumes (nothing is deleted), but is never deleted.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(remote, "_check_literal", lambda url: None)
+        patch.setattr(remote, "check_literal_url", lambda url, what: None)
         prepare_result(url, meta())
     made = set(fs.find(bucket)) - set(users)
     assert made and not prepare_result(url, meta()).any()

@@ -63,7 +63,8 @@ def is_url(path: object) -> bool:
 
 def check_literal_url(url: URLPath, what: str) -> None:
     """Refuse ``url``, the location of ``what`` (``"an ingest"``), if it holds a glob
-    character: fsspec would read it as a pattern, and deleting ``what`` could delete others."""
+    character: fsspec reads one as a pattern, in ``rm`` too (deleting a result at ``res[1A]``
+    deleted the objects of ``res1`` and ``resA``, and left its own)."""
     if any(c in _GLOB_CHARACTERS for c in str(url)):
         raise ValueError(
             f"{url}: {what}'s URL may not contain [, ], * or ?: fsspec reads them as a glob "

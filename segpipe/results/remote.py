@@ -22,16 +22,13 @@ import time
 from collections.abc import Iterable
 
 from segpipe.faults import fault_point
-from segpipe.io.files import URLPath
+from segpipe.io.files import URLPath, check_literal_url
 from segpipe.results.layout import layout_documents
 from segpipe.results.schema import ResultMeta, ResultMismatchError
 
 __all__ = ["create", "delete", "remove_leftovers"]
 
 _ROOT = "zarr.json"
-# fsspec reads these in a path as a glob pattern, in rm too: deleting ``res[1A]`` deleted the
-# objects of ``res1`` and ``resA``, and left its own.
-_GLOB_CHARACTERS = "[]*?"
 
 
 def _marker(url: URLPath, kind: str) -> URLPath:
@@ -40,7 +37,7 @@ def _marker(url: URLPath, kind: str) -> URLPath:
 
 def create(url: URLPath, meta: ResultMeta) -> None:
     """Create the empty result of ``meta`` at ``url``, its root ``zarr.json`` written last."""
-    _check_literal(url)
+    check_literal_url(url, "a result")
     objects = layout_documents(meta)
     marker = _marker(url, "creating")
     # Listed before any is written: a kill's leftovers are these, nothing else at the prefix.
@@ -60,7 +57,7 @@ def create(url: URLPath, meta: ResultMeta) -> None:
 
 def delete(url: URLPath) -> None:
     """Delete the result at ``url``: its root ``zarr.json`` first, then every other object."""
-    _check_literal(url)
+    check_literal_url(url, "a result")
     marker = _marker(url, "deleting")
     marker.write_bytes(b"")
     _remove_all(url)
@@ -96,26 +93,17 @@ def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
             f"again in {older_than_s - age:.0f} s, when its objects are removed"
         )
     if keys is None:  # that release's rule, once old: the prefix was its creation's alone
-        _check_literal(url)
+        check_literal_url(url, "a result")
         _remove_all(url)
         creating.unlink(missing_ok=True)
         return
     _remove_creation(url, keys)
 
 
-def _check_literal(url: URLPath) -> None:
-    if any(c in _GLOB_CHARACTERS for c in str(url)):
-        raise ValueError(
-            f"{url}: a result's URL may not contain [, ], * or ?: fsspec reads them as a glob "
-            "pattern, so deleting the result could delete other objects; choose a name "
-            "without them"
-        )
-
-
 def _remove_creation(url: URLPath, keys: Iterable[str]) -> None:
     """Remove the objects of ``keys`` (below ``url``) a creation wrote, and nothing else
     there, then its marker."""
-    _check_literal(url)
+    check_literal_url(url, "a result")
     fs, root = url.filesystem()
     root = root.rstrip("/")
     there = set(fs.find(root))
