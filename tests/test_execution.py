@@ -2,6 +2,8 @@
 overlap-tile stitcher against the pipeline and a whole-image pass, cluster layout,
 per-worker models, external schedulers."""
 
+import threading
+
 import distributed
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ import segpipe
 from segpipe import models
 from segpipe.execution import cluster, tasks
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
-from segpipe.execution.predictor import InferenceConfig, Predictor
+from segpipe.execution.predictor import InferenceConfig, Predictor, model_given_back
 from segpipe.execution.stitching import (
     Stitching,
     bounds,
@@ -196,10 +198,9 @@ def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, 
 
     monkeypatch.setattr(tasks, "predict_parts", spy)
     segpipe.segment(r, tmp_path / "a.zarr", net, tile=8, task_tiles=4, scheduler="sync")
-    # 37 x 53 px in blocks of 32: the CPU's budget holds a whole block, for every block (the
-    # last, 5 x 21 px, has its windows cut to it)
-    assert set(sides) == {32}
-    # One window per block (the blocks' windows are cut to them): 2 x 2 blocks.
+    # 37 x 53 px in blocks of 32: the CPU's budget holds the whole level, so every block (the
+    # last, 5 x 21 px, too) has one window, cut to it: 2 x 2 blocks.
+    assert set(sides) == {56}
     assert read_meta(tmp_path / "a.zarr").summary.windows == 4
     sides.clear()
     monkeypatch.setattr(Predictor, "memory_budget", lambda self: 1)
@@ -222,7 +223,8 @@ def test_a_run_decides_its_window_side_once(reader, tmp_path, monkeypatch):
     budgets = iter([10**9])  # room for a block's window at first, then none
     monkeypatch.setattr(Predictor, "memory_budget", lambda self: next(budgets, 1))
     segpipe.segment(r, tmp_path / "a.zarr", tiny_unet(), tile=8, task_tiles=4, scheduler="sync")
-    assert len(sides) == 4 and set(sides) == {32}
+    assert len(sides) == 4 and set(sides) == {56}
+    assert read_meta(tmp_path / "a.zarr").summary.windows == 4, "a window per block"
 
 
 @settings(max_examples=200, deadline=None)
@@ -234,21 +236,22 @@ def test_a_run_decides_its_window_side_once(reader, tmp_path, monkeypatch):
     st.integers(1, 60) | st.just(10**9),
 )
 def test_a_side_for_the_run_cuts_each_block_as_a_side_of_its_own(by, bx, ey, ex, budget):
-    """The run's side (from its largest block) gives every block the windows the side of the
+    """The run's side (up to the whole level) gives every block the windows the side of the
     block alone would: the same windows as when each block measured the budget itself."""
     g = Geometry(halo=6, multiple=4, input_offset=0, shrinks=True)
     tile, task_tiles = 8, 6
-    grid = tile_grid((task_tiles * tile + ey * tile - 3, task_tiles * tile + ex * tile - 5), tile)
+    shape = (task_tiles * tile + ey * tile - 3, task_tiles * tile + ex * tile - 5)
+    grid = tile_grid(shape, tile)
     blocks = [tasks.Block((tuple(b),)) for b in grid.blocks(task_tiles)]
     # A resumed run whose only block left is the top-left by x bx tiles of one.
     part = tuple(t for t in blocks[0].tiles if t.index[0] < by and t.index[1] < bx)
     small = [tasks.Block((part,))]
     job = tasks.Job(
-        reader=None, level=0, output="", predictor_key="", mode="exact", tile=tile,
-        geometry=g, num_classes=2,
+        reader=ArrayReader(np.zeros((*shape, 1), np.uint8)), level=0, output="",
+        predictor_key="", mode="exact", tile=tile, geometry=g, num_classes=2,
     )  # fmt: skip
+    side = tasks.with_exact_side(job, budget * 100).exact_side
     for run_blocks in (blocks, small):
-        side = tasks.with_exact_side(job, run_blocks, budget * 100).exact_side
         for b in run_blocks:
             region = bounds([t.box for t in b.tiles])
             own = exact_side(region, tile, g, budget * 100)
@@ -328,6 +331,54 @@ def test_segment_leaves_the_callers_model_as_it_is(reader, tmp_path) -> None:
     assert all(m.training for m in model.modules())
     for key, value in model.state_dict().items():
         assert value.is_contiguous(), f"{key} made channels-last"
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_a_module_that_cannot_be_copied_segments(reader, tmp_path) -> None:
+    """The run uses the caller's module itself (given back as it was), not a copy: one that
+    holds a lock, which deepcopy refuses, segments like any other."""
+    r, image = reader
+    model = tiny_unet().train()
+    model.lock = threading.Lock()
+    out = segpipe.segment(
+        r, tmp_path / "r.zarr", model, tile=8, device="cpu", scheduler="sync",
+        probability_dtype="float32",
+    )  # fmt: skip
+    assert all(m.training for m in model.modules())
+    np.testing.assert_allclose(
+        segpipe.open_result(out)["probabilities"].values,
+        predict_probabilities(tiny_unet(), image, tile=8),
+        atol=1e-5,
+    )
+
+
+def test_a_model_lent_to_runs_side_by_side_is_given_back_by_the_last() -> None:
+    """Runs in this process share the caller's module (an archive's images, one loaded model):
+    the last to end, however it ends, gives it back as it was (modes; parameters, gradients
+    and buffers on their device, in their layout, the parameters themselves an optimizer
+    holds); an earlier one leaves it to the runs still using it."""
+    model = tiny_unet().train()
+    side = model.geometry.input_size(8)
+    model(torch.rand(1, 3, side, side)).sum().backward()  # mid-training: gradients
+    params = list(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def runs_side_by_side() -> None:
+        with model_given_back(model):
+            with model_given_back(model):
+                Predictor(model, InferenceConfig(device="cpu"))
+            assert not model.training, "still lent to the first run"
+            assert not all(p.is_contiguous() for p in model.parameters()), "channels-last"
+            raise RuntimeError("the first run failed")
+
+    with pytest.raises(RuntimeError, match="failed"):
+        runs_side_by_side()
+    assert all(m.training for m in model.modules())
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    for p in params:
+        assert p.is_contiguous() and p.grad is not None and p.grad.is_contiguous()
+    for key, value in model.state_dict().items():
+        assert value.is_contiguous(), key
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 

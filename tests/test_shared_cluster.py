@@ -2,6 +2,7 @@
 the workers, the order in which a scheduler is chosen, and the default local cluster started
 from a plain script."""
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -289,6 +290,30 @@ def test_amp_of_a_cluster_without_workers_must_be_given():
         with pytest.raises(ValueError, match="no workers yet"):
             resolve_amp(None, "auto", client)
         assert resolve_amp(True, "auto", client) is True
+
+
+def test_exact_windows_are_sized_by_workers_that_join_after_the_run_started(
+    image_path, checkpoints, tmp_path
+):
+    """A scheduler whose workers are not up yet when the run starts (adaptive, starting): each
+    worker sizes the run's windows from its own device when it joins, one side for all its
+    blocks, not a window per tile for the whole run."""
+    settings = {**SETTINGS, "task_tiles": 2, "device": "cpu"}
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local,
+        concurrent.futures.ThreadPoolExecutor(1) as driver,
+    ):
+        run = driver.submit(
+            segpipe.segment, image_path, tmp_path / "r.zarr", checkpoints[0],
+            scheduler=local.scheduler_address, **settings,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not local.scheduler.tasks and not run.done() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the blocks sent, to no worker
+        local.scale(1)
+        out = run.result(timeout=60)
+    # 48 x 80 px in blocks of 2 x 2 tiles of 16 px: 2 x 3 blocks, a window each (15 tiles).
+    assert read_meta(out).summary.windows == 6
 
 
 # -- 3. which scheduler ----------------------------------------------------------------------

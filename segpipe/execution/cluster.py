@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import copy
 import logging
 import os
 import threading
@@ -18,15 +17,8 @@ import distributed
 import torch
 
 from segpipe.execution.inprocess import run_in_process
-from segpipe.execution.predictor import InferenceConfig
-from segpipe.execution.tasks import (
-    Block,
-    BlockResult,
-    Job,
-    segment_block,
-    window_budget,
-    with_exact_side,
-)
+from segpipe.execution.predictor import InferenceConfig, model_given_back
+from segpipe.execution.tasks import Block, BlockResult, Job, segment_block
 from segpipe.execution.workers import ModelPlugin, orphaned_plugins
 
 __all__ = [
@@ -324,22 +316,21 @@ def run_blocks(
     local plan's I/O threads), in order of submission.
 
     A failing task cancels the rest and raises; blocks finished before it have been reported,
-    so a re-run resumes from them. The caller's ``model`` is left as it is: the workers'
-    predictors put a copy in eval mode, on their device, channels-last.
+    so a re-run resumes from them. The caller's ``model`` is left as it is: workers' predictors
+    put their pickled copy in eval mode, on their device, channels-last; this process's
+    predictor puts the module itself so, and it is given back as it was when the run ends.
     """
     if client is None:
         # In this process: blocks in I/O threads feeding one model thread, as on a worker. A
-        # module is the caller's (segmenting mid-training must not leave it in eval mode):
-        # the predictor takes a copy, as a worker takes the pickled one.
-        model = copy.deepcopy(model) if isinstance(model, torch.nn.Module) else model
+        # module is the caller's (segmenting mid-training must not leave it in eval mode).
         plugin = ModelPlugin(job.predictor_key, model, config)
         threads = io_threads or plan_for_device(config.device).threads_per_worker
-        plugin.setup()
-        try:
-            job = with_exact_side(job, blocks, window_budget(job.predictor_key))
+        with contextlib.ExitStack() as lent:
+            if isinstance(model, torch.nn.Module):
+                lent.enter_context(model_given_back(model))
+            plugin.setup()
+            lent.callback(plugin.teardown)  # the model thread stopped before it is given back
             run_in_process(lambda b: segment_block(b, job), blocks, on_result, threads=threads)
-        finally:
-            plugin.teardown()
         return
     plugin = ModelPlugin(job.predictor_key, model, config, owner=client.id)
 
@@ -366,10 +357,6 @@ def run_blocks(
         raise
     futures: list[Any] = []
     try:  # from here on the plugin is unregistered whatever fails (client.map pickles here)
-        # The least any worker's device allows (none up yet: a window per tile).
-        budgets = client.run(window_budget, job.predictor_key) if job.mode == "exact" else {}
-        if budgets:
-            job = with_exact_side(job, blocks, min(budgets.values()))
         gpu = _gpu_resources(client) if config.device != "cpu" else None
         keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
         futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)

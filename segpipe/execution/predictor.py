@@ -11,8 +11,9 @@ probabilities is a :data:`WindowPredictor`; there are two:
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "WindowPredictor",
     "activation_bytes_per_pixel",
     "autocast_dtype",
+    "model_given_back",
     "resolve_device",
     "window_probabilities",
 ]
@@ -176,6 +178,62 @@ class Predictor:
             free, _ = torch.cuda.mem_get_info(self.device)
             return int(free * 0.4)
         return CPU_FORWARD_BUDGET
+
+
+# The callers' modules lent to predictors of this process, by id: holders and how to give each
+# back. Runs side by side may share one (an archive's images, one loaded model): the last to
+# end gives it back, not the first, under another's forward passes.
+_LENT: dict[int, tuple[int, Callable[[], None]]] = {}
+_LENT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_given_back(model: nn.Module) -> Iterator[nn.Module]:
+    """``model``, for this process's predictors to put in eval mode, on their device,
+    channels-last; given back as it was when the last run holding it ends, however it ends:
+    every submodule's mode, every parameter's, gradient's and buffer's device and layout.
+
+    Not a copy: that would hold a CUDA model twice on its GPU while the run measures its
+    free memory, and fail on modules that cannot be copied (a lock, an open file).
+    """
+    with _LENT_LOCK:
+        holders, give_back = _LENT.get(id(model), (0, None))
+        _LENT[id(model)] = (holders + 1, give_back or _as_it_is(model))
+    try:
+        yield model
+    finally:
+        with _LENT_LOCK:  # a run starting meanwhile must not record the lent state
+            holders, give_back = _LENT.pop(id(model))
+            if holders > 1:
+                _LENT[id(model)] = (holders - 1, give_back)
+            else:
+                give_back()
+
+
+def _as_it_is(model: nn.Module) -> Callable[[], None]:
+    """What puts ``model`` back as it is now (:func:`model_given_back`)."""
+    modes = [(m, m.training) for m in model.modules()]
+    # Module.to converts each parameter's data in place (the caller's optimizer keeps its
+    # parameters), its gradient's too, and replaces the buffers: put back by name.
+    layouts = [
+        (m, name, grad, t.device, t.stride())
+        for m in model.modules()
+        for name, p in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        for grad, t in ((False, p), (True, p.grad))
+        if t is not None
+    ]
+
+    def give_back() -> None:
+        for m, training in modes:
+            m.training = training
+        with torch.no_grad():
+            for m, name, grad, device, stride in layouts:
+                t = getattr(m, name).grad if grad else getattr(m, name)
+                if t is not None and (t.device != device or t.stride() != stride):
+                    was = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=device)
+                    t.data = was.copy_(t)
+
+    return give_back
 
 
 CPU_FORWARD_BUDGET = 2 << 30

@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import zarr
@@ -49,7 +49,6 @@ __all__ = [
     "remove_predictor",
     "segment_block",
     "stage_for",
-    "window_budget",
     "with_exact_side",
 ]
 
@@ -80,6 +79,8 @@ _ARRAYS: dict[str, _RunArrays] = {}
 # Each run's image with the tiles its tasks decoded kept (neighbouring blocks read each
 # other's as halo): per run, like the arrays, so a changed file is never read from here.
 _READERS: dict[str, Reader] = {}
+# Each run's exact window side in this process (:func:`_run_side`), decided by its first task.
+_SIDES: dict[str, int] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -202,6 +203,7 @@ def remove_predictor(key: str) -> None:
             _PREDICTORS.pop(key, None)
             _ARRAYS.pop(key, None)
             _READERS.pop(key, None)
+            _SIDES.pop(key, None)
             stage, lease = _STAGES.pop(key, None), _LEASES.pop(key, None)
         else:
             _PREDICTORS[key] = (predictor, holders - 1)
@@ -248,11 +250,12 @@ def segment_block(block: Block, job: Job) -> BlockResult:
 
     The calling thread reads and writes; the forward passes run on the process's model
     thread (:func:`stage_for`), batched with other tasks' windows. Exact-mode windows are
-    ``job.exact_side`` (:func:`with_exact_side`: decided once for the run).
+    ``job.exact_side``, or as large as this process's device allows (:func:`_run_side`).
     """
     stage = stage_for(job.predictor_key)
     lease = _per_run(_LEASES, job.predictor_key, lambda: _Lease(job.predictor_key))
     predictor = stage.predictor
+    job = _run_side(job, predictor)
     tiles = block.tiles
     # One write per shard block, in steps a forward pass may come between, each as soon as
     # its windows are stitched (a blend task's first shards while its last windows run).
@@ -296,24 +299,32 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     return BlockResult(tuple(indices), tuple(counts), windows)
 
 
-def window_budget(key: str) -> int:
-    """Input pixels an exact window of run ``key`` may have in this process: its predictor's
-    memory budget over its activation bytes per pixel (run on each worker by the driver)."""
-    predictor = predictor_for(key)
-    return int(predictor.memory_budget() / predictor.bytes_per_pixel())
-
-
-def with_exact_side(job: Job, blocks: Sequence[Block], max_input_pixels: int) -> Job:
-    """``job`` with the side of its exact windows decided for the run: the largest that fits
-    ``max_input_pixels`` (:func:`window_budget`), up to the largest of ``blocks``. Decided
-    once, in the driver: a GPU's free memory shrinks as its allocator caches, and blocks
-    measuring it each would cut their windows in different shapes. A block smaller than the
-    side gets the windows it would get from a side of its own (they are cut to the block)."""
-    if job.mode != "exact" or job.exact_side is not None or not blocks:
+def with_exact_side(job: Job, max_input_pixels: int) -> Job:
+    """``job`` with the side of its exact windows: the most tiles whose window's input fits
+    ``max_input_pixels``, up to the whole level. A side past a block's is cut to the block
+    (``exact_windows``): each block gets the windows a side of its own would give it, and the
+    blocks of one size one shape."""
+    if job.mode != "exact" or job.exact_side is not None:
         return job
-    extent = max(max(bounds([t.box for t in b.tiles]).shape) for b in blocks)
-    side = exact_side(Box(0, extent, 0, extent), job.tile, job.geometry, max_input_pixels)
+    ny, nx = job.reader.level_shapes[job.level][:2]
+    side = exact_side(Box(0, ny, 0, nx), job.tile, job.geometry, max_input_pixels)
     return dataclasses.replace(job, exact_side=side)
+
+
+def _run_side(job: Job, predictor: Predictor) -> Job:
+    """``job`` with its run's exact side in this process (:func:`with_exact_side`), from the
+    device's memory as the run's first task here measured it. Once: a GPU's free memory
+    shrinks as its allocator caches (blocks measuring it each would cut different shapes).
+    Here, not in the driver: each worker's device is its own, and may join after the start."""
+    if job.mode != "exact" or job.exact_side is not None:
+        return job
+    per_pixel = predictor.bytes_per_pixel()  # a forward pass, once: not under the registry's lock
+
+    def decide() -> int:
+        budget = int(predictor.memory_budget() / per_pixel)
+        return cast(int, with_exact_side(job, budget).exact_side)
+
+    return dataclasses.replace(job, exact_side=_per_run(_SIDES, job.predictor_key, decide))
 
 
 def _whole_shard(array: zarr.Array, prediction: RegionPrediction) -> tuple[Box, np.ndarray]:
