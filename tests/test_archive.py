@@ -300,6 +300,59 @@ def test_a_stale_lock_is_reclaimed_and_its_owner_finds_out(tmp_path):
     new.release()
 
 
+def _frozen_stale_claim(lock):
+    """A claim whose owner froze (no more heartbeats) long enough for its lock to go stale."""
+    claim = try_claim(lock, ttl_s=60)
+    claim._stop.set()
+    claim._thread.join()
+    os.utime(lock, (time.time() - 120, time.time() - 120))
+    return claim
+
+
+def test_a_release_never_removes_the_lock_of_a_run_that_took_it_over_meanwhile(
+    tmp_path, monkeypatch
+):
+    """The owner of a stale lock releases it just as another run takes it over: between the
+    release's read of its token and its unlink. The new owner keeps its lock (or the takeover
+    waits for the release), so no third run can claim the image beside it."""
+    from segpipe.archive import claims
+
+    lock = tmp_path / "a.lock"
+    old = _frozen_stale_claim(lock)
+    real_read, taken = claims.read_lock, []
+
+    def takeover_after_the_first_read(path):
+        data = real_read(path)
+        if not taken:  # the release's read: another run takes over right after it
+            taken.append(None)
+            taken[0] = try_claim(lock, owner="new")
+        return data
+
+    monkeypatch.setattr(claims, "read_lock", takeover_after_the_first_read)
+    old.release()
+    monkeypatch.undo()
+    (new,) = taken
+    if new is None:  # the release held the takeover off, then removed its own lock
+        assert not lock.exists()
+    else:
+        assert new.is_held(), "the release removed the new owner's lock"
+        assert try_claim(lock, owner="third") is None
+        new.release()
+    assert not list(tmp_path.glob("*.reclaim-*"))
+
+
+def test_a_lost_claim_leaves_the_lock_on_release(tmp_path):
+    """A claim that counts itself lost (no heartbeat for its ttl) removes nothing: another run
+    may be taking the lock over right now; a lock left behind goes stale and is reclaimed."""
+    lock = tmp_path / "a.lock"
+    claim = _frozen_stale_claim(lock)
+    claim._lost = True  # as its heartbeat thread decides after a ttl of failed beats
+    claim.release()
+    assert lock.exists()
+    with try_claim(lock, owner="next") as claim:
+        assert claim is not None and claim.is_held()
+
+
 @pytest.mark.parametrize("content", [b"", b'{"owner": "killed", "tok'], ids=["empty", "truncated"])
 def test_an_unwritten_or_truncated_lock_goes_stale_after_the_ttl(tmp_path, content):
     # Its claimer died (or ran out of disk) between creating the lock and writing it.
@@ -1092,3 +1145,155 @@ def test_a_resume_that_segment_refuses_starts_again_instead_of_failing_every_run
     assert again.tiles_skipped == 0, "started again: no tile of the refused result kept"
     assert is_complete(paths.result)
     assert read_meta(paths.result).source_sha256 != "0" * 64
+
+
+@pytest.mark.parametrize(
+    "error",
+    [PermissionError(13, "Permission denied"), FileNotFoundError(2, "No such file or directory")],
+    ids=["permission", "vanished"],
+)
+def test_an_unreadable_image_backs_off_like_a_failure_and_is_tried_once_it_reads(
+    tmp_path, slide, random_checkpoint, monkeypatch, error
+):
+    """An image that cannot even be fingerprinted (its permissions, an I/O error, gone since
+    it was listed) is recorded failed under the claim and held until its retry delay, not
+    read and failed again by every run; once it reads again it is segmented at once."""
+    image, out, paths = _one_image(tmp_path, slide)
+
+    def unreadable(*args, **kwargs):
+        raise error
+
+    def run():
+        return process_image(image, out, random_checkpoint, config=CONFIG)
+
+    with monkeypatch.context() as m:
+        m.setattr(archive_process, "fingerprint_image", unreadable)
+        with pytest.raises(type(error)):
+            run()
+        state = archive.read_state(paths.state)
+        assert (state["status"], state["failures"]) == ("failed", 1)
+        assert state["reason"] == f"{type(error).__name__}: {error}"
+        assert not paths.lock.exists() and not paths.result.exists()
+        held = run()
+        assert held.status == "held" and "failed 1 time" in held.reason
+        _age_failure(paths, 11 * 60)  # past the first delay: tried, and counted, again
+        with pytest.raises(type(error)):
+            run()
+        assert archive.read_state(paths.state)["failures"] == 2
+        assert run().status == "held"
+    done = run()  # it reads again, within its delay
+    assert (done.status, done.reason) == ("segmented", "image changed")
+    assert archive.read_state(paths.state)["failures"] == 0
+
+
+def test_a_resume_started_again_leaves_no_record_of_the_result_it_deleted(
+    tmp_path, slide, random_checkpoint
+):
+    """A run indexed its result, then died before writing "complete". The next run resumes,
+    segment refuses the result, which is deleted to start again: should that attempt fail
+    too, the catalog keeps no record of the deleted result."""
+    from segpipe.results import ResultMismatchError
+
+    image, out, paths = _one_image(tmp_path, slide)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    state = archive.read_state(paths.state)
+    paths.state.write_text(json.dumps(state | {"status": "interrupted"}))
+    calls = []
+
+    def refused_then_failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ResultMismatchError(f"{paths.result}: made from other pixels")
+        raise OSError("worker lost")
+
+    with pytest.raises(OSError, match="worker lost"):
+        process_image(
+            image, out, random_checkpoint, config=CONFIG, run_segment=refused_then_failing
+        )
+    assert len(calls) == 2 and not paths.result.exists()
+    assert catalog.read_records(out) == []
+
+
+@pytest.mark.parametrize("during", ["report", "catalog"])
+def test_a_claim_lost_while_reporting_commits_nothing_after_it(
+    tmp_path, slide, random_checkpoint, monkeypatch, during
+):
+    """Another run takes the image over while the report (or the catalog record) is written:
+    no catalog record after a lost report, no "complete" sidecar after either."""
+    from segpipe.archive import reports
+
+    image, out, paths = _one_image(tmp_path, slide)
+    module, name = (reports, "image_report") if during == "report" else (catalog, "record_result")
+    real = getattr(module, name)
+
+    def taken_over(*args, **kwargs):
+        paths.lock.write_text(json.dumps({"owner": "the other run", "token": "theirs"}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, taken_over)
+    with pytest.raises(ClaimLostError):
+        process_image(image, out, random_checkpoint, config=CONFIG)
+    assert archive.read_state(paths.state)["status"] == "running", "not ours to write"
+    assert json.loads(paths.lock.read_text())["token"] == "theirs"
+    if during == "report":
+        assert catalog.read_records(out) == []
+
+
+def test_a_stopped_run_stops_its_image_which_is_interrupted_not_failed(
+    tmp_path, slide, random_checkpoint
+):
+    """The run's main thread got Ctrl-C (or SIGTERM, a cancellation) and set ``stop``: the
+    image segmenting in another thread stops at its next progress report, "interrupted" and
+    not counted; an image not started yet is not started."""
+    import segpipe
+
+    image, out, paths = _one_image(tmp_path, slide)
+    stop, reported = threading.Event(), []
+
+    def stopped_meanwhile(source, output, model, config, *, on_progress, **kw):
+        def after_each_task(done, todo):
+            reported.append(done)
+            stop.set()
+            on_progress(done, todo)
+
+        return segpipe.segment(source, output, model, config, on_progress=after_each_task, **kw)
+
+    one_tile_a_task = CONFIG.replace(task_tiles=1)
+    with pytest.raises(archive.RunStopped):
+        process_image(
+            image,
+            out,
+            random_checkpoint,
+            config=one_tile_a_task,
+            run_segment=stopped_meanwhile,
+            stop=stop,
+        )
+    assert reported == [1]
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"]) == ("interrupted", 0)
+    assert not paths.lock.exists()
+    with pytest.raises(archive.RunStopped):
+        process_image(image, out, random_checkpoint, config=CONFIG, stop=stop)
+    assert archive.read_state(paths.state) == state, "not started, nothing recorded"
+
+
+def test_the_thumbnail_closes_the_image_it_opened(tmp_path, slide, random_checkpoint, monkeypatch):
+    import segpipe
+    from segpipe.archive import reports
+
+    result = segpipe.segment(slide, tmp_path / "a.seg.zarr", random_checkpoint, CONFIG)
+    real_open, closed = reports.open_image, []
+
+    def tracked(*args, **kwargs):
+        reader = real_open(*args, **kwargs)
+        real_close = reader.close
+        reader.close = lambda: closed.append(1) or real_close()
+        return reader
+
+    monkeypatch.setattr(reports, "open_image", tracked)
+    reports.write_thumbnail(slide, result, tmp_path / "a.thumb.png")
+    assert closed == [1]
+    monkeypatch.setattr(reports, "thumbnail_level", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        reports.write_thumbnail(slide, result, tmp_path / "b.thumb.png")
+    assert closed == [1, 1]

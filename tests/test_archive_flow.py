@@ -458,3 +458,135 @@ def test_a_flow_run_that_lost_its_claim_stops_segmenting(
     assert "ClaimLostError" in result["failed"]["a.ome.tif"]
     assert reported == [1], "no task reported after the first"
     assert read_state(image_paths(out, "a.ome.tif").state)["status"] == "running"
+
+
+# -- run-wide checks, a stopped run, artifacts that cannot be made -------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lock_ttl_s": 0}, "lock_ttl_s must be > 0 seconds, got 0"),
+        ({"retries": -1}, "retries must be >= 0, got -1"),
+        ({"retry_delay_s": -1.0}, "retry_delay_s must be >= 0 seconds, got -1.0"),
+        ({"max_concurrent": 0}, "max_concurrent must be >= 1, got 0"),
+        ({"concurrency_limit": "no-such-gpu"}, "concurrency limit 'no-such-gpu' does not exist"),
+    ],
+)
+def test_a_run_wide_mistake_fails_the_run_once_before_any_image(
+    prefect_harness, slides, random_checkpoint, tmp_path, options, message
+):
+    """Not one failure per image (each recorded and held back for hours): the run fails at
+    its start, naming the parameter (or the limit), and writes nothing."""
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    with pytest.raises(ValueError, match=message):
+        _run(source, out, random_checkpoint, **options)
+    assert not out.exists()
+
+
+def test_an_output_root_that_cannot_be_written_fails_the_run_once(
+    prefect_harness, slides, random_checkpoint, tmp_path
+):
+    source = tmp_path / "archive"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(OSError, match=r"output_root .*a-file/out cannot be written"):
+        _run(source, tmp_path / "a-file" / "out", random_checkpoint)
+
+
+def test_a_limit_is_taken_leniently_and_the_wait_for_a_slot_gives_way_to_a_stop(monkeypatch):
+    """The run checked the limit exists: a slot is taken without strict (a limit deleted since
+    fails no image after its "running" sidecar, a failed lease renewal cancels no
+    segmentation in its middle); waiting for one ends when the run stops."""
+    import contextlib
+    import threading
+
+    import prefect.concurrency.sync
+
+    from segpipe.archive import RunStopped
+    from segpipe.flows.limits import global_slot
+
+    calls, stop = [], threading.Event()
+
+    @contextlib.contextmanager
+    def concurrency(name, **kwargs):
+        calls.append(kwargs)
+        if len(calls) > 1:  # the first is free, then all are taken until the run stops
+            if len(calls) == 3:
+                stop.set()
+            raise TimeoutError("no slot free")
+        yield
+
+    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", concurrency)
+    with global_slot("gpu", stop):
+        pass
+    assert calls[0]["strict"] is False
+    assert calls[0]["raise_on_lease_renewal_failure"] is False
+    with pytest.raises(RunStopped), global_slot("gpu", stop):
+        pytest.fail("no slot was free")
+    assert len(calls) == 3
+
+
+@pytest.mark.slow
+def test_a_stopped_run_waits_for_its_images_which_are_interrupted_not_failed(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """Ctrl-C (SIGTERM, a cancellation) reaches the flow's main thread only: the image
+    segmenting in a task thread stops at its next progress report and is recorded
+    "interrupted", not counted, before the run's local cluster is closed under it."""
+    import signal
+    import threading
+    import time
+
+    from segpipe.archive import image_paths
+
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    real, reported = segpipe.segment, []
+
+    def interrupted(*args, on_progress=None, **kwargs):
+        def after_each_task(done, todo):
+            reported.append(done)
+            if len(reported) == 1:  # Ctrl-C, as the terminal sends it
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                time.sleep(0.5)
+            on_progress(done, todo)
+
+        return real(*args, on_progress=after_each_task, **kwargs)
+
+    monkeypatch.setattr(segpipe, "segment", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _run(source, out, random_checkpoint, SegmentConfig(tile=64, task_tiles=1))
+    paths = image_paths(out, "a.ome.tif")
+    state = read_state(paths.state)
+    assert (state["status"], state["failures"]) == ("interrupted", 0), state
+    assert state["reason"].startswith("RunStopped")
+    assert not is_complete(paths.result) and not paths.lock.exists()
+    assert len(reported) < 9, "stopped before its last task"
+
+
+def test_an_artifact_the_api_refuses_changes_no_image_outcome(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """A report artifact is only a view of what the run recorded: the API failing it leaves
+    the segmented image segmented (its sidecar says complete) and a failed one failed."""
+    import segpipe.flows.archive
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "good.ome.tif")
+    (source / "broken.tif").write_bytes(b"II*\x00 not a tiff")
+
+    def api_down(*args, **kwargs):
+        raise RuntimeError("503 Service Unavailable")
+
+    monkeypatch.setattr(segpipe.flows.archive, "create_markdown_artifact", api_down)
+    result = _run(source, out, random_checkpoint, retry_delay_s=0)
+    assert result["segmented"] == ["good.ome.tif"]
+    assert list(result["failed"]) == ["broken.tif"]
+    assert read_state(out / "good.ome.tif.seg.json")["status"] == "complete"

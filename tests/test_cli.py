@@ -858,3 +858,76 @@ def test_archive_fail_on_error_exits_1_with_the_table_not_a_traceback(
     assert main(args) == 1
     printed = capsys.readouterr().out
     assert "1 segmented" in printed and "failed: broken.tif" in printed, printed
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--lock-ttl", "0"], "--lock-ttl must be > 0 seconds, got 0.0"),
+        (["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
+        (["--retries", "-1"], "--retries must be >= 0, got -1"),
+        (["--retry-delay", "-5"], "--retry-delay must be >= 0 seconds, got -5.0"),
+    ],
+)
+@pytest.mark.parametrize("command", ["archive", "serve"])
+def test_a_bad_run_option_is_refused_once_naming_it(
+    command, option, message, tmp_path, capsys, monkeypatch
+):
+    """Not one failure per image, nor the flow's parameter name: one line naming the option,
+    exit code 2, before Prefect or any image is touched."""
+    import segpipe.flows.archive
+
+    ran = []
+    monkeypatch.setattr(segpipe.flows.archive, "process_archive", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(segpipe.flows.archive, "serve_archive", lambda *a, **k: ran.append(a))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    code = main([command, str(tmp_path), str(tmp_path / "out"), *option])
+    assert (code, capsys.readouterr().err) == (2, f"segpipe {command}: error: {message}\n")
+    assert ran == []
+
+
+def test_serve_takes_the_prefect_server_from_the_profile_not_only_the_environment(
+    tmp_path, capsys, monkeypatch
+):
+    """`prefect config set PREFECT_API_URL=...` or `prefect cloud login` put the URL in the
+    profile, not the environment: serve uses it; with none anywhere it says what to do."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import segpipe.flows.archive
+
+    served = []
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(segpipe.flows.archive, "serve_archive", lambda *a, **k: served.append(a))
+    argv = ["serve", str(tmp_path), str(tmp_path / "out")]
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as a profile sets it
+        assert main(argv) == 0
+    assert served == [(str(tmp_path), str(tmp_path / "out"), "tissue-unet")]
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(argv) == 2
+    assert "a schedule needs a Prefect server" in capsys.readouterr().err
+    assert len(served) == 1
+
+
+def test_query_refuses_a_table_without_objects(tmp_path, capsys):
+    """The table is the objects' (--objects): without it nothing would be written, silently."""
+    code = main(["query", str(tmp_path / "r.zarr"), "--class", "nucleus", "--table", "t.csv"])
+    assert code == 2
+    assert "--table t.csv writes the object table of --objects; add it" in capsys.readouterr().err
+
+
+def test_info_on_a_result_at_a_url(small_slide, random_checkpoint, tmp_path, capsys):
+    import fsspec
+
+    local = segpipe.segment(
+        small_slide.image, tmp_path / "r.seg.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    fs = fsspec.filesystem("memory")
+    fs.put(str(local), "/info-test/r.seg.zarr", recursive=True)
+    try:
+        assert main(["info", "memory://info-test/r.seg.zarr", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["summary"]["shape"] == [300, 300]
+        assert main(["info", "memory://info-test/r.seg.zarr"]) == 0
+        assert "INCOMPLETE" not in capsys.readouterr().out
+    finally:
+        fs.rm("/info-test", recursive=True)

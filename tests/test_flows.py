@@ -58,3 +58,23 @@ def test_the_default_image_store_of_a_url_output_is_a_url_beside_it(output):
     store = default_image_store(output)
     assert isinstance(store, URLPath)
     assert str(store) == output.replace("a.seg.zarr", "a.seg.image.zarr")
+
+
+@pytest.mark.parametrize("module", ["archive", "segment_slide", "train_model"])
+def test_no_task_taking_a_model_hashes_it_for_a_cache(module):
+    """Prefect's default cache key hashes every input at every call: a model's weights for a
+    cache no run hits (results are not persisted). A task taking one has no cache key."""
+    import importlib
+    import inspect
+
+    from prefect import Task
+    from prefect.cache_policies import NO_CACHE
+
+    tasks = vars(importlib.import_module(f"segpipe.flows.{module}")).values()
+    policies = {
+        t.name: t.cache_policy
+        for t in tasks
+        if isinstance(t, Task) and "model" in inspect.signature(t.fn).parameters
+    }
+    assert policies
+    assert policies == dict.fromkeys(policies, NO_CACHE)

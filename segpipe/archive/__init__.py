@@ -34,12 +34,13 @@ from segpipe.archive.discover import (
     discover_images,
     fingerprint_image,
 )
-from segpipe.archive.process import LoadedModel, load_model, process_image
+from segpipe.archive.process import LoadedModel, RunStopped, load_model, process_image
 from segpipe.archive.state import (
     Decision,
     ImageOutcome,
     ImagePaths,
     SourceConflictError,
+    check_output_root,
     decide,
     image_paths,
     read_state,
@@ -56,7 +57,9 @@ __all__ = [
     "ImageOutcome",
     "ImagePaths",
     "LoadedModel",
+    "RunStopped",
     "SourceConflictError",
+    "check_output_root",
     "decide",
     "discover_images",
     "fingerprint_image",

@@ -32,7 +32,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -104,9 +104,14 @@ class Claim:
             os.utime(self.path)
 
     def _remove(self) -> None:
-        if _lock_token(self.path) == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.path)
+        # Under the guard a takeover of this lock's version needs (_reclaim_if_stale): a read
+        # of our token, then a takeover, then our unlink would remove the new owner's lock.
+        # A guard already there is a takeover under way: the lock is no longer ours to remove.
+        path = Path(self.path)
+        with _guard(path, self.token) as guarded:
+            if guarded and _lock_token(path) == self.token:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def is_held(self) -> bool:
         """Whether the lock file still carries this claim's token."""
@@ -123,11 +128,13 @@ class Claim:
             )
 
     def release(self) -> None:
-        """Stop the heartbeat and remove the lock, if it is still ours."""
+        """Stop the heartbeat and remove the lock, if it is still ours: never once the claim
+        is lost (another run may be taking it over; a lock left behind goes stale)."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
-        self._remove()
+        if not self._lost:
+            self._remove()
 
     def __enter__(self) -> Claim:
         return self
@@ -246,7 +253,8 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
 
     Only the claimer that creates the guard file ``<lock>.reclaim-<stale lock's id>``
     (``O_EXCL`` again) may remove the stale lock, so a lock is never removed by someone who
-    read an older one: all others back off. A guard left by a claimer that died mid-reclaim is
+    read an older one: all others back off, and so does its owner's release, which takes the
+    same guard (:meth:`Claim.release`). A guard left by a claimer that died mid-reclaim is
     removed once it is older than the lock's ttl.
     """
     data = read_lock(path)
@@ -257,15 +265,13 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
         return True
     if not _is_stale(path, data, ttl_s):
         return False
-    guard = path.with_name(f"{path.name}.reclaim-{stale_id}")
-    try:
-        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - guard.stat().st_mtime > float(data.get("ttl_s", ttl_s)):
-                guard.unlink()
-        return False
-    try:
+    with _guard(path, stale_id) as guarded:
+        if not guarded:
+            guard = _guard_path(path, stale_id)
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - guard.stat().st_mtime > float(data.get("ttl_s", ttl_s)):
+                    guard.unlink()
+            return False
         current = read_lock(path)
         if (
             current is not None
@@ -275,9 +281,30 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
             log.warning("%s: reclaiming stale lock of %s", path, data.get("owner"))
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-    finally:
-        guard.unlink()
     return True
+
+
+def _guard_path(path: Path, lock_id: str) -> Path:
+    return path.with_name(f"{path.name}.reclaim-{lock_id}")
+
+
+@contextlib.contextmanager
+def _guard(path: Path, lock_id: str) -> Iterator[bool]:
+    """Hold the guard file ``<lock>.reclaim-<lock_id>`` (``O_EXCL``) while the body runs:
+    True, or False when another holds it. Only its holder may remove that version of the
+    lock: a claimer reclaiming it stale, or its owner releasing it."""
+    guard = _guard_path(path, lock_id)
+    try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        held = False
+    else:
+        held = True
+    try:
+        yield held
+    finally:
+        if held:
+            guard.unlink()
 
 
 # (endpoint, bucket) -> whether the store honours If-None-Match; checked once per process

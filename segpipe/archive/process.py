@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from segpipe.results import ResultMismatchError, delete_result, read_meta
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["LoadedModel", "load_model", "process_image"]
+__all__ = ["LoadedModel", "RunStopped", "load_model", "process_image"]
 
 log = logging.getLogger("segpipe.archive")
 
@@ -43,6 +44,20 @@ CLAIM_CHECK_INTERVAL_S = 2.0
 # How often a run's "running" sidecar records that the run is alive ("alive"): a killed run's
 # retry delay counts from its last sign of life, not from its start hours before.
 ALIVE_INTERVAL_S = 60.0
+# The sampled hash a failed sidecar of an unreadable image records: no real hash is this, so
+# the image counts as changed once it reads again.
+_UNREADABLE = "unreadable"
+
+
+class RunStopped(BaseException):
+    """The run was stopped (Ctrl-C, SIGTERM, a cancellation: all raised in its main thread
+    only), so an image in another thread stops too. A BaseException, like KeyboardInterrupt:
+    the image is recorded "interrupted", not failed."""
+
+    def __init__(
+        self, message: str = "the run was stopped (Ctrl-C, SIGTERM, a cancellation)"
+    ) -> None:
+        super().__init__(message)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,6 +94,7 @@ def process_image(
     storage_options: Mapping[str, Any] | None = None,
     run_segment: SegmentFn | None = None,
     retry_failed: bool = False,
+    stop: threading.Event | None = None,
 ) -> ImageOutcome:
     """Fingerprint, decide, claim, segment, report and catalog one image.
 
@@ -110,6 +126,10 @@ def process_image(
     retry_failed
         Try an image that failed with the same inputs now, whatever its failures and retry
         delay (:func:`~segpipe.archive.state.decide`).
+    stop
+        Set by the caller when its run stops, from another thread: the image stops before it
+        starts segmenting or at segment's next progress report (with the ``on_progress`` as
+        for ``run_segment``), raising :class:`RunStopped`.
 
     Returns
     -------
@@ -126,15 +146,24 @@ def process_image(
         corrupt file), after the failure is written to the state sidecar and the claim is
         released.
     BaseException
-        KeyboardInterrupt, SystemExit, a cancellation: the sidecar says "interrupted", the
-        attempt is not counted as a failure, and the next run resumes the image at once.
+        KeyboardInterrupt, SystemExit, a cancellation, :class:`RunStopped`: the sidecar says
+        "interrupted", the attempt is not counted as a failure, and the next run resumes the
+        image at once.
     """
     config = config or SegmentConfig()
     loaded = load_model(model)
     output_root = location(output_root, storage_options)
     source = location(image.url, storage_options)
     paths = image_paths(output_root, image.key)
-    fingerprint = fingerprint_image(image, storage_options=storage_options)
+    unreadable: OSError | None = None
+    try:
+        fingerprint = fingerprint_image(image, storage_options=storage_options)
+    except OSError as exc:
+        # Unreadable (permissions, an I/O error, gone since it was listed): a failure like any
+        # other, recorded under the identity discovery listed, so it backs off instead of
+        # failing every run; once it reads, its real fingerprint differs: tried at once.
+        fingerprint = Fingerprint(image.size, image.mtime, _UNREADABLE)
+        unreadable = exc
 
     def due() -> Decision:
         return decide(
@@ -167,10 +196,6 @@ def process_image(
                 claim.check()
                 _index(output_root, image, paths, fingerprint)
             return _not_processed(image.key, paths, decision)
-        log.info("%s: segmenting (%s)", image.key, decision.reason)
-        if not decision.resume:
-            catalog.remove_record(output_root, image.key)
-            _remove_result(paths.result)
         state = {
             "version": STATE_VERSION,
             "image": image.key,
@@ -186,6 +211,15 @@ def process_image(
             "owner": claim.owner,
             "updated": utc_now(),
         }
+        if unreadable is not None:
+            write_json_atomic(paths.state, state | _ended_by(unreadable, decision.failures))
+            raise unreadable
+        if stop is not None and stop.is_set():
+            raise RunStopped
+        log.info("%s: segmenting (%s)", image.key, decision.reason)
+        if not decision.resume:
+            catalog.remove_record(output_root, image.key)
+            _remove_result(paths.result)
         write_json_atomic(paths.state, state)
         segment = run_segment or _library_segment()
         # Only when given: a run_segment written before storage options need not take them.
@@ -197,6 +231,7 @@ def process_image(
                 claim,
                 CLAIM_CHECK_INTERVAL_S,
                 alive=lambda: write_json_atomic(paths.state, state | {"alive": utc_now()}),
+                stop=stop,
             )
         args = (image.url, paths.result, loaded.module, config)
         try:
@@ -209,6 +244,7 @@ def process_image(
                 # sample, or a setting resolved otherwise by this release): the result is the
                 # archive's own to replace, so start again rather than fail every run.
                 log.warning("%s: %s; starting again", image.key, exc)
+                catalog.remove_record(output_root, image.key)  # a record of what goes now
                 _remove_result(paths.result)
                 segment(*args, model_name=loaded.name, **extra)
             claim.check()
@@ -226,11 +262,13 @@ def process_image(
             # its reason, where it left the state "running" for good.
             text = reports.image_report(paths.result, image=image.key, thumbnail=paths.thumbnail)
             write_text_atomic(paths.report, text)
+            claim.check()
             _index(output_root, image, paths, fingerprint)
         except BaseException as exc:
             if claim.is_held():
                 write_json_atomic(paths.state, state | _ended_by(exc, decision.failures))
             raise
+        claim.check()  # "complete" is the holder's word only
         write_json_atomic(
             paths.state, state | {"status": "complete", "failures": 0, "updated": utc_now()}
         )
@@ -268,12 +306,17 @@ def _ended_by(exc: BaseException, failures_before: int) -> dict[str, Any]:
 
 
 def _stop_when_lost(
-    claim: Claim, interval_s: float, *, alive: Callable[[], object] | None = None
+    claim: Claim,
+    interval_s: float,
+    *,
+    alive: Callable[[], object] | None = None,
+    stop: threading.Event | None = None,
 ) -> Callable[[int, int], None]:
     """An ``on_progress`` that raises :class:`~segpipe.archive.claims.ClaimLostError` once
-    ``claim`` is lost, checking at most every ``interval_s``: segment then starts no more
-    tasks (:func:`segpipe.execution.cluster.run_blocks`). In this process it waits for the
-    writes in flight; on a distributed cluster ``client.cancel`` returns at once, and tasks
+    ``claim`` is lost, checking at most every ``interval_s``, and :class:`RunStopped` once
+    ``stop`` is set: segment then starts no more tasks
+    (:func:`segpipe.execution.cluster.run_blocks`). In this process it waits for the writes in
+    flight; on a distributed cluster ``client.cancel`` returns at once, and tasks
     already running still finish their block's write, which nothing records. While the claim
     holds, ``alive()`` runs at most every :data:`ALIVE_INTERVAL_S` (the sidecar's sign of
     life)."""
@@ -282,6 +325,8 @@ def _stop_when_lost(
 
     def check(tiles_done: int, tiles_to_do: int) -> None:
         nonlocal last, last_alive
+        if stop is not None and stop.is_set():
+            raise RunStopped
         now = time.monotonic()
         if now - last >= interval_s:
             last = now

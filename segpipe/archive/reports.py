@@ -16,7 +16,7 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -164,12 +164,15 @@ def write_thumbnail(
     ty, tx = small.shape
 
     reader = open_image(image)
-    k = thumbnail_level(reader.level_shapes, level, max_side)
-    ly, lx, _ = reader.level_shapes[k]
-    # Stride the chosen level down to about the thumbnail's size; Pillow does the last bit.
-    stride = max(1, min(ly // ty, lx // tx))
-    pixels = reader.level(k)[::stride, ::stride]
-    rgb = np.asarray(to_float01(pixels).compute(scheduler="sync"))
+    try:
+        k = thumbnail_level(reader.level_shapes, level, max_side)
+        ly, lx, _ = reader.level_shapes[k]
+        # Stride the chosen level down to about the thumbnail's size; Pillow does the last bit.
+        stride = max(1, min(ly // ty, lx // tx))
+        pixels = reader.level(k)[::stride, ::stride]
+        rgb = np.asarray(to_float01(pixels).compute(scheduler="sync"))
+    finally:
+        cast(Any, reader).close()  # opened here: closed here (BaseReader's), not by the GC
     rgb = _as_rgb(rgb)
     level_image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8), "RGB")
     base = np.asarray(level_image.resize((tx, ty), Image.Resampling.BILINEAR), dtype=np.float32)

@@ -84,8 +84,21 @@ def _archive_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The run options the flow checks before any image, and what this command calls them.
+_RUN_OPTIONS = {
+    "max_concurrent": "--max-concurrent",
+    "retries": "--retries",
+    "retry_delay_s": "--retry-delay",
+    "lock_ttl_s": "--lock-ttl",
+}
+
+
 def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``process_archive`` parameters after ``source``, ``output_root`` and ``model``."""
+    """The ``process_archive`` parameters after ``source``, ``output_root`` and ``model``; the
+    run options checked here first, naming this command's options (and before Prefect starts)."""
+    from segpipe.flows.limits import check_run_options
+
+    check_run_options(**{name: getattr(args, name) for name in _RUN_OPTIONS}, names=_RUN_OPTIONS)
     return {
         "config": config_from_args(args),
         "pattern": args.pattern,
@@ -123,10 +136,16 @@ def _archive(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if not os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import get_current_settings
+
+    parameters = _archive_parameters(args)
+    # Prefect's settings hold the profile's URL (`prefect config set`, `prefect cloud login`)
+    # and the environment's as it was when Prefect was imported; a host (a notebook, a test)
+    # may have set the environment's since.
+    if not (os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
         print(
             "segpipe serve: error: a schedule needs a Prefect server: run `prefect server start` "
-            "and export PREFECT_API_URL=http://127.0.0.1:4200/api",
+            "and export PREFECT_API_URL=http://127.0.0.1:4200/api (or `prefect config set` it)",
             file=sys.stderr,
         )
         return 2
@@ -140,6 +159,6 @@ def _serve(args: argparse.Namespace) -> int:
         timezone=args.timezone,
         name=args.name,
         paused=args.paused,
-        **_archive_parameters(args),
+        **parameters,
     )
     return 0

@@ -155,6 +155,10 @@ def _query(args: argparse.Namespace) -> int:
     classes = args.classes or []
     if len(classes) > 1 and (args.threshold is not None or args.objects):
         raise ValueError("--threshold and --objects work on one class; give --class once")
+    # Refused, not implied: --objects labels every object of the class, which a typo in a
+    # script should not start (and --table alone would write nothing).
+    if args.table and not args.objects:
+        raise ValueError(f"--table {args.table} writes the object table of --objects; add it")
     report = region_report(
         args.result,
         class_name=classes[0] if len(classes) == 1 else None,

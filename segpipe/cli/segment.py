@@ -253,9 +253,10 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from segpipe.io.files import location
     from segpipe.results import read_meta
 
-    path = Path(args.path)
+    path = location(args.path)  # a result or image at a URL too (s3://bucket/a.seg.zarr)
     try:
         meta = read_meta(path)
     except (FileNotFoundError, ValueError):

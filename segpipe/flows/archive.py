@@ -9,8 +9,10 @@ is a call into :mod:`segpipe.archive`; the same work runs without Prefect throug
 A failing image (a corrupt file, a model that does not fit) fails its own task only: the run
 goes on with the others, and its table names the file and the reason. Later runs retry it after
 a growing delay, at most 6 hours apart (``held`` meanwhile), until it changes or a run passes
-``retry_failed`` (:mod:`segpipe.archive.state`). Run it on a schedule with
-:func:`serve_archive` (``flow.serve``) or ``deploy/prefect.yaml`` (a work pool and a worker).
+``retry_failed`` (:mod:`segpipe.archive.state`). A stopped run (Ctrl-C, SIGTERM, a
+cancellation) stops its images at their next progress report: "interrupted", resumed by the
+next run. Run it on a schedule with :func:`serve_archive` (``flow.serve``) or
+``deploy/prefect.yaml`` (a work pool and a worker).
 """
 
 # No `from __future__ import annotations` here: a served run loads this file by path and
@@ -20,7 +22,8 @@ a growing delay, at most 6 hours apart (``held`` meanwhile), until it changes or
 import contextlib
 import os
 import socket
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +37,11 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.states import State
 
 from segpipe import archive
-from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, reports
+from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped, reports
 from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import choose_scheduler, local_cluster, plan_for_device
+from segpipe.flows.limits import check_run_options, global_slot, require_limit
 from segpipe.flows.progress import ProgressArtifacts, artifact_key
 from segpipe.flows.segment_slide import segment_task
 from segpipe.io.files import is_url, location
@@ -114,15 +118,16 @@ def image_task(
     model: LoadedModel,
     config: SegmentConfig,
     policy: RunPolicy,
+    stop: threading.Event,
 ) -> ImageOutcome:
-    """One image start to finish (:func:`segpipe.archive.process_image`), plus its artifact."""
+    """One image start to finish (:func:`segpipe.archive.process_image`), plus its artifact;
+    ``stop``, set when the run stops, stops it too."""
     logger = get_run_logger()
     segment = segment_task.with_options(
         retries=policy.retries,
         retry_delay_seconds=policy.retry_delay_s,
         retry_condition_fn=is_transient,
     )
-    limit = policy.concurrency_limit
 
     def run_segment(
         source: str,
@@ -134,7 +139,7 @@ def image_task(
         **kw: Any,
     ) -> str:
         # on_progress named: process_image passes it only to a run_segment that names it
-        with _global_slot(limit):
+        with global_slot(policy.concurrency_limit, stop):
             return segment(str(source), str(output), module, config, on_progress=on_progress, **kw)
 
     outcome = archive.process_image(
@@ -147,28 +152,27 @@ def image_task(
         storage_options=policy.storage_options,
         run_segment=run_segment,
         retry_failed=policy.retry_failed,
+        stop=stop,
     )
     logger.info("%s: %s (%s)", image.key, outcome.status, outcome.reason)
     if outcome.status == "segmented":
-        create_markdown_artifact(
-            location(outcome.report or "", policy.storage_options).read_text(encoding="utf-8"),
-            key=artifact_key("report", output_root, image.key),
-            description=f"segpipe report of {image.key}",
-        )
+        report = location(outcome.report or "", policy.storage_options)
+        _report_artifact(image.key, output_root, lambda: report.read_text("utf-8"), "report")
     return outcome
 
 
-@contextlib.contextmanager
-def _global_slot(name: str | None) -> Iterator[None]:
-    """A slot of the Prefect global concurrency limit ``name`` (shared by every run on the
-    server, e.g. one per GPU), or nothing when no name is given."""
-    if not name:
-        yield
-        return
-    from prefect.concurrency.sync import concurrency
-
-    with concurrency(name, occupy=1, strict=True):
-        yield
+def _report_artifact(key: str, root: str, markdown: Callable[[], str], what: str) -> None:
+    """The image's report (or failure) as a markdown artifact. Only a view of what the run
+    recorded: an error here (the API, reading the report) is logged and changes no outcome
+    (a complete image reported failed would be skipped by the next run as up to date)."""
+    try:
+        create_markdown_artifact(
+            markdown(),
+            key=artifact_key("report", root, key),
+            description=f"segpipe {what} of {key}",
+        )
+    except Exception:
+        get_run_logger().warning("%s: no %s artifact", key, what, exc_info=True)
 
 
 @flow(name="process-archive")
@@ -215,7 +219,8 @@ def process_archive(
         Images in flight at once in this run; another starts as soon as one finishes.
     concurrency_limit
         Name of a Prefect global concurrency limit every segmentation takes a slot of, shared
-        by all runs on the server (create it first: ``prefect gcl create NAME --limit 1``).
+        by all runs on the server (create it first: ``prefect gcl create NAME --limit 1``; a
+        run refuses a name the server does not have).
     retries, retry_delay_s
         Prefect retries of a segmentation that failed with a transient error.
     lock_ttl_s
@@ -235,10 +240,18 @@ def process_archive(
         and ``held`` (key -> reason).
     """
     logger = get_run_logger()
-    if max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+    # Run-wide mistakes fail the run here, once, before any image is read or recorded.
+    check_run_options(
+        max_concurrent=max_concurrent,
+        retries=retries,
+        retry_delay_s=retry_delay_s,
+        lock_ttl_s=lock_ttl_s,
+    )
+    if concurrency_limit:
+        require_limit(concurrency_limit)
     config = config or SegmentConfig()
     root = output_root if is_url(output_root) else str(Path(output_root).absolute())
+    archive.check_output_root(root, storage_options)
     images = discover_task(source, pattern, min_age_s, root, storage_options)
     loaded = load_model_task(model)
     policy = RunPolicy(
@@ -313,18 +326,30 @@ def _submit_refilling(
     """Submit an image task for each image, at most ``max_concurrent`` in flight: a new one
     starts as soon as any one finishes (not the oldest: a large slide would hold its slot's
     neighbours back). Calls ``on_finished()`` (in this thread) as each one finishes and
-    returns when all have, with every image and its future, in the order of ``images``."""
+    returns when all have, with every image and its future, in the order of ``images``.
+
+    Stopped (Ctrl-C, SIGTERM, a cancellation: raised in this thread only), it stops the
+    images in flight and waits for them before it raises: each records "interrupted" (not
+    failed) and the run's cluster is closed after them, not under them."""
     submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
     in_flight: set[PrefectFuture[ImageOutcome]] = set()
-    for image in images:
-        if len(in_flight) >= max_concurrent:
-            in_flight.remove(next(as_completed(list(in_flight))))
+    stop = threading.Event()
+    try:
+        for image in images:
+            if len(in_flight) >= max_concurrent:
+                in_flight.remove(next(as_completed(list(in_flight))))
+                on_finished()
+            future = image_task.submit(image, root, loaded, config, policy, stop)
+            submitted.append((image, future))
+            in_flight.add(future)
+        for _ in as_completed(list(in_flight)):
             on_finished()
-        future = image_task.submit(image, root, loaded, config, policy)
-        submitted.append((image, future))
-        in_flight.add(future)
-    for _ in as_completed(list(in_flight)):
-        on_finished()
+    except BaseException:
+        stop.set()
+        for future in in_flight:
+            with contextlib.suppress(RunStopped):  # raised by the image, as asked
+                future.wait()  # a second Ctrl-C ends the wait
+        raise
     return submitted
 
 
@@ -340,11 +365,8 @@ def _outcome(image: ArchiveImage, future: PrefectFuture[ImageOutcome], root: str
         else ImageOutcome(image.key, "failed", future.state.message or "failed")
     )
     get_run_logger().error("%s failed: %s", image.key, outcome.reason)
-    create_markdown_artifact(
-        f"# segpipe: {image.key} failed\n\n`{image.url}`\n\n{outcome.reason}\n",
-        key=artifact_key("report", root, image.key),
-        description=f"segpipe failure of {image.key}",
-    )
+    text = f"# segpipe: {image.key} failed\n\n`{image.url}`\n\n{outcome.reason}\n"
+    _report_artifact(image.key, root, lambda: text, "failure")
     return outcome
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from segpipe.analysis.evaluation import Evaluation
 from segpipe.models import SegmentationModel
@@ -36,7 +37,9 @@ def build_task(
     return initial_model(architecture, class_names=class_names, seed=seed, **options)
 
 
-@task(name="train")
+# No cache key for the tasks taking the model: Prefect would hash its weights at every call
+# for a cache that no run hits (results are not persisted).
+@task(name="train", cache_policy=NO_CACHE)
 def train_task(model: SegmentationModel, config: TrainConfig) -> dict[str, Any]:
     result = train(model, config)
     get_run_logger().info(
@@ -48,7 +51,7 @@ def train_task(model: SegmentationModel, config: TrainConfig) -> dict[str, Any]:
     return result
 
 
-@task(name="save")
+@task(name="save", cache_policy=NO_CACHE)
 def save_task(
     model: SegmentationModel,
     config: TrainConfig,

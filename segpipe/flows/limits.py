@@ -1,0 +1,88 @@
+"""What a run of ``process-archive`` is limited by: bounds on its options, and a Prefect global
+concurrency limit shared by every run on the server (e.g. one slot per GPU). Both are checked
+once, before any image: each image would otherwise fail on them with the same reason."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
+
+from segpipe.archive import RunStopped
+
+__all__ = ["SLOT_POLL_S", "check_run_options", "global_slot", "require_limit"]
+
+# Seconds an image waits for a global concurrency slot before it looks whether its run stops.
+SLOT_POLL_S = 5.0
+
+
+@contextlib.contextmanager
+def global_slot(name: str | None, stop: threading.Event) -> Iterator[None]:
+    """A slot of the Prefect global concurrency limit ``name`` (shared by every run on the
+    server, e.g. one per GPU), or nothing when no name is given; the wait for it ends with
+    :class:`~segpipe.archive.RunStopped` once ``stop`` is set.
+
+    Not ``strict``: the run checked that the limit exists (:func:`require_limit`), and
+    strict would fail the image, after its "running" sidecar, on a limit deleted since, and
+    cancel a segmentation in its middle when a lease renewal fails (an API hiccup)."""
+    if not name:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with contextlib.ExitStack() as slot:
+        while True:
+            if stop.is_set():
+                raise RunStopped
+            try:
+                slot.enter_context(
+                    concurrency(
+                        name,
+                        occupy=1,
+                        timeout_seconds=SLOT_POLL_S,
+                        strict=False,
+                        raise_on_lease_renewal_failure=False,
+                    )
+                )
+            except TimeoutError:  # Prefect's: no slot free yet
+                continue
+            break
+        yield
+
+
+def require_limit(name: str) -> None:
+    """Refuse a global concurrency limit the Prefect server does not have, before any image:
+    taken leniently by each image (:func:`global_slot`), a misspelt one would limit nothing."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            raise ValueError(
+                f"concurrency limit {name!r} does not exist on the Prefect server "
+                f"{client.api_url}: create it (`prefect gcl create {name} --limit 1`) or "
+                "check its spelling"
+            ) from None
+
+
+def check_run_options(
+    *,
+    max_concurrent: int,
+    retries: int,
+    retry_delay_s: float,
+    lock_ttl_s: float,
+    names: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a run's bad options (the flow's parameters of these names), once: each image
+    would otherwise fail on them with the same reason. ``names``: what the caller calls them
+    (the CLI's options)."""
+    for name, value, rule, ok in (
+        ("max_concurrent", max_concurrent, ">= 1", max_concurrent >= 1),
+        ("retries", retries, ">= 0", retries >= 0),
+        ("retry_delay_s", retry_delay_s, ">= 0 seconds", retry_delay_s >= 0),
+        ("lock_ttl_s", lock_ttl_s, "> 0 seconds", lock_ttl_s > 0),
+    ):
+        if not ok:
+            raise ValueError(f"{(names or {}).get(name, name)} must be {rule}, got {value}")
