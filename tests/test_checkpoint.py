@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from segpipe import models
+from segpipe.geometry.tiling import Geometry
+from segpipe.models import PixelContract
 from segpipe.models.checkpoint import FORMAT, CheckpointError, fingerprint, load, save
 from segpipe.models.unet import UNet
 
@@ -228,6 +230,19 @@ def as_int64(payload: dict[str, Any]) -> None:
         pytest.param({"state_dict": {"x": 1.0}}, "state_dict", id="number-in-state-dict"),
         pytest.param({"metrics": [0.5]}, "metrics", id="list-metrics"),
         pytest.param({"name": ["unet"]}, "name", id="list-name"),
+        pytest.param(
+            {
+                "pixel_contract": {
+                    "channels": 3,
+                    "scaling": "range",
+                    "lo": [0.0, -math.inf, 0.0],
+                    "hi": [1.0, 1.0, 1.0],
+                    "mean": [0.5, math.nan, 0.5],
+                }
+            },
+            "lo must be finite",
+            id="infinite-contract",
+        ),
     ],
 )
 def test_bad_entries_are_refused(
@@ -252,3 +267,85 @@ def test_shipped_models_load(name: str) -> None:
     model = models.load(name)
     assert model.checkpoint_metrics
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# Pinned: results and archives key on the shipped models' fingerprints.
+SHIPPED_FINGERPRINTS = {
+    "aerial-unet": "9d6af53f7763b9778f0391b160ff1f7ba3ae2db29102807d77820cfe0ef10f3e",
+    "tissue-unet": "aa88c337874e852f37d4ab765391434ae9b740ec11579dce5d97118e79b62188",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_FINGERPRINTS))
+def test_shipped_fingerprints_do_not_change(name: str) -> None:
+    assert fingerprint(models.load(name)) == SHIPPED_FINGERPRINTS[name]
+
+
+def _last(activation: torch.nn.Module) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), activation)
+
+
+@pytest.mark.parametrize(
+    "kind", ["eager", "wrapped", "traced", "scripted", "exported", "plain traced"]
+)
+def test_fingerprint_of_foreign_code_covers_the_code(kind: str) -> None:
+    """The same weights behind other code (a ReLU or a Sigmoid after them): other outputs,
+    another fingerprint; the same code again: the same."""
+    x = torch.rand(1, 1, 4, 4)
+
+    def prepared(activation: torch.nn.Module) -> torch.nn.Module:
+        net: torch.nn.Module = _last(activation)
+        if kind in ("traced", "plain traced"):
+            net = torch.jit.trace(net, x)
+        elif kind == "scripted":
+            net = torch.jit.script(net)
+        elif kind == "exported":
+            net = torch.export.export(net, (x,)).module()
+        if kind != "plain traced":  # a plain module, with a geometry, as segment() takes it
+            return models.wrap(net, class_names=["a", "b"], geometry=Geometry(halo=0))
+        net.geometry = Geometry(halo=0)  # type: ignore[assignment]
+        return net
+
+    relu, sigmoid = prepared(torch.nn.ReLU()), prepared(torch.nn.Sigmoid())
+    with torch.no_grad():
+        assert not torch.equal(relu(x), sigmoid(x))
+    assert fingerprint(relu) != fingerprint(sigmoid)
+    assert fingerprint(relu) == fingerprint(prepared(torch.nn.ReLU()))
+
+
+def test_a_subclass_of_a_registry_model_is_not_saved_as_its_parent(
+    net: UNet, tmp_path: Path
+) -> None:
+    """It would load back as the parent, without its own logits."""
+
+    class Negated(UNet):
+        def logits(self, x: torch.Tensor) -> torch.Tensor:
+            return -super().logits(x)
+
+    with pytest.raises(
+        TypeError, match=r"Negated subclasses UNet and would load back as that.*never carries"
+    ):
+        save(Negated(net.config), tmp_path / "negated.pt")
+    assert not (tmp_path / "negated.pt").exists()
+
+
+def test_weights_beyond_float16_are_not_saved_as_half(net: UNet, tmp_path: Path) -> None:
+    """float16 would store them as inf, which load() refuses: refused before writing."""
+    with torch.no_grad():
+        net.head.conv.bias[0] = 1e5
+    with pytest.raises(ValueError, match=r"'head\.conv\.bias' reaches 100000.*half=False"):
+        save(net, tmp_path / "half.pt", half=True)
+    assert not (tmp_path / "half.pt").exists()
+    assert load(save(net, tmp_path / "full.pt")).head.conv.bias[0] == 1e5
+    with torch.no_grad():
+        net.head.conv.bias[0] = math.nan
+    with pytest.raises(ValueError, match=r"'head\.conv\.bias' holds NaN"):
+        save(net, tmp_path / "nan.pt")
+
+
+def test_a_contract_for_other_channels_is_not_saved(net: UNet, tmp_path: Path) -> None:
+    net.pixel_contract = PixelContract(channels=1)  # the net takes 3
+    with pytest.raises(ValueError, match=r"names 1 channels, the model takes 3"):
+        save(net, tmp_path / "net.pt")
+    assert not (tmp_path / "net.pt").exists()

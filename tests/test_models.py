@@ -310,3 +310,44 @@ def test_uses_tile_statistics() -> None:
     tracked = nn.InstanceNorm2d(4, track_running_stats=True)
     assert uses_tile_statistics(tracked.eval()) == []
     assert uses_tile_statistics(small_unet(4, "valid").train()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "training"),
+    # an exported program's mode is fixed at export, and segpipe runs models in eval mode
+    [
+        ("traced", True),
+        ("traced", False),
+        ("scripted", True),
+        ("scripted", False),
+        ("exported", False),
+    ],
+)
+def test_uses_tile_statistics_of_torchscript_and_exported_modules(
+    kind: str, training: bool
+) -> None:
+    """The same layers flagged as in the eager module they were made from (a traced module's
+    mode is the one it was traced in), so exact mode refuses them too."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.InstanceNorm2d(4),
+        nn.BatchNorm2d(4),
+        nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)),
+        nn.LayerNorm([4, 8, 8]),
+        nn.LayerNorm(8),  # over the last axis only: not flagged
+        nn.InstanceNorm2d(4, track_running_stats=True),
+    ).train(training)
+    x = torch.rand(2, 1, 10, 10)
+    converted = {
+        "traced": lambda: torch.jit.trace(net, x),
+        "scripted": lambda: torch.jit.script(net),
+        "exported": lambda: torch.export.export(net, (x,)).module(),
+    }[kind]()
+    expected = uses_tile_statistics(net)
+    assert expected == (["1", "2", "3", "4.0", "5", "7"] if training else ["1", "2", "4.0", "5"])
+    assert uses_tile_statistics(converted) == expected
+    wrapped = models.wrap(converted, class_names=list("abcd"), in_channels=1, halo=1, multiple=1)
+    # in eval mode now, as wrap() leaves it: a scripted BatchNorm then uses running statistics
+    assert uses_tile_statistics(wrapped) == [f"module.{n}" for n in uses_tile_statistics(converted)]

@@ -3,6 +3,8 @@ training and inference, and the checks that refuse images a model cannot take.""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +29,7 @@ from segpipe.models import (
     choose_level,
     measure_contract,
 )
-from segpipe.models.contract import channels_taken
+from segpipe.models.source_checks import channels_taken
 
 PX = 0.65  # µm per pixel of the generated 16-bit images
 
@@ -104,6 +106,30 @@ def test_as_dict_round_trips_and_bad_contracts_are_refused() -> None:
         PixelContract(channels=1, scaling="range", lo=(5.0,), hi=(5.0,))
     with pytest.raises(ValueError, match="unknown pixel contract entries"):
         PixelContract.from_dict({"channels": 1, "gamma": 2})
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", ["lo", "hi", "percentiles", "mean", "std"])
+def test_non_finite_contract_values_are_refused(name: str, bad: float) -> None:
+    """They would scale every pixel to NaN (and load from a checkpoint without a word)."""
+    values = {"lo": (0.0,), "hi": (1.0,), "percentiles": (1.0, 99.0), "mean": (0.5,), "std": (0.2,)}
+    values[name] = (bad,) * len(values[name])
+    with pytest.raises(ValueError, match=rf"PixelContract\.{name} must be finite numbers"):
+        PixelContract(channels=1, scaling="percentile", **values)  # type: ignore[arg-type]
+
+
+def test_non_finite_training_pixels_are_left_out() -> None:
+    """NaN and inf (a float raster's no-data) are not measured: the contract is the one of
+    the pixels finite in every channel. A channel with nothing else is refused."""
+    image = (np.random.default_rng(0).random((64, 64, 2)) * 3).astype(np.float32)
+    image[0, :40] = np.nan
+    image[5, :7, 1] = -np.inf
+    finite = image.reshape(-1, 2)[np.isfinite(image.reshape(-1, 2)).all(axis=1)]
+    assert len(finite) == 64 * 64 - 47
+    assert measure_contract([image]) == measure_contract([finite[:, None, :]])
+    image[..., 1] = np.nan
+    with pytest.raises(ValueError, match=r"no pixel with finite values.*infinite: \[1\]"):
+        measure_contract([image])
 
 
 def test_training_folders_keep_dtype_and_channels(tmp_path: Path) -> None:
@@ -210,6 +236,38 @@ def test_a_fixed_range_model_refuses_another_dtype() -> None:
     c = PixelContract(channels=3, dtype="uint16", scaling="range", lo=(0.0,) * 3, hi=(4095.0,) * 3)
     with pytest.raises(PixelContractError, match=r"stores uint8 pixels.*uint16"):
         check_source(c, _Pyramid(), 0, model="m")
+
+
+class _FloatPyramid(_Pyramid):
+    dtype = np.dtype(np.float64)
+
+    def read(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
+        return np.full((y1 - y0, x1 - x0, self.level_shapes[0][2]), 0.5, np.float64)
+
+
+def test_a_fixed_range_float_model_takes_floats_of_any_width() -> None:
+    """float64 pixels are the same numbers as float32 ones (scaled as float32 either way);
+    integers of another width, or floats for an integer model, are not."""
+    c = PixelContract(channels=3, dtype="float32", scaling="range", lo=(0.0,) * 3, hi=(2.0,) * 3)
+    check_source(c, _FloatPyramid(), 0, model="m")
+    as_uint16 = dataclasses.replace(c, dtype="uint16")
+    with pytest.raises(PixelContractError, match=r"stores float64 pixels.*uint16"):
+        check_source(as_uint16, _FloatPyramid(), 0, model="m")
+
+
+@pytest.mark.parametrize(
+    ("pixel_size_um", "fits"), [(0.37, False), (0.375, True), (0.625, True), (0.63, False)]
+)
+def test_pixel_size_tolerance_is_relative_to_the_model_pixel_size(
+    pixel_size_um: float, fits: bool
+) -> None:
+    """0.25: 0.375 to 0.625 µm for a 0.5 µm model, as PixelContract's docstring says."""
+    c = PixelContract(channels=3, pixel_size_um=0.5)
+    if fits:
+        check_source(c, _Pyramid(pixel_size_um), 0, model="m")
+    else:
+        with pytest.raises(PixelContractError, match="tolerance ±25%"):
+            check_source(c, _Pyramid(pixel_size_um), 0, model="m")
 
 
 # -- end to end: a 16-bit grey folder, trained and segmented without conversion -----------------

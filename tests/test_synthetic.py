@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
+from segpipe.io.readers import open_image
 from segpipe.synthetic import (
     AERIAL_CLASS_NAMES,
     CLASS_NAMES,
@@ -13,6 +17,7 @@ from segpipe.synthetic import (
     aerial_scene,
     tissue_slide,
 )
+from segpipe.synthetic.demo import make_demo_slide
 
 SEEDS = (0, 1, 7)
 
@@ -218,3 +223,34 @@ def test_aerial_building_size_follows_pixel_size() -> None:
 def test_aerial_bad_arguments_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         aerial_scene(**kwargs)
+
+
+# -- the demo slide's cache --------------------------------------------------------------------
+
+
+def test_demo_slides_are_cached_under_every_parameter(tmp_path: Path) -> None:
+    """The file name is the cache key: another pixel size or tissue fraction is another slide
+    (0.5 µm was served 0.25 µm's file; 0.301 and 0.304 of tissue shared one). The defaults
+    and whole percents keep the names they had, so existing caches stay valid."""
+    fine = make_demo_slide(tmp_path, size=128, pixel_size_um=0.25)
+    default = make_demo_slide(tmp_path, size=128)
+    assert default.image.name == "synthetic-128px-seed0.ome.tif"
+    assert fine.image != default.image
+    for slide in (fine, default):
+        assert open_image(slide.image).pixel_size_um == pytest.approx(slide.pixel_size_um)
+    fractions = [make_demo_slide(tmp_path, size=128, tissue_fraction=f) for f in (0.301, 0.304)]
+    assert fractions[0].image != fractions[1].image
+    assert make_demo_slide(tmp_path, size=128, tissue_fraction=0.3).image.name == (
+        "synthetic-128px-seed0-tissue30.ome.tif"
+    )
+
+
+def test_a_demo_slide_cached_at_another_pixel_size_is_made_again(tmp_path: Path) -> None:
+    """A 0.25 µm slide under the default (0.5 µm) name, as the cache made before pixel sizes
+    were in names, is not served as a 0.5 µm one."""
+    fine = make_demo_slide(tmp_path / "fine", size=128, pixel_size_um=0.25)
+    (tmp_path / "cache").mkdir()
+    shutil.copy(fine.image, tmp_path / "cache" / "synthetic-128px-seed0.ome.tif")
+    shutil.copytree(fine.truth, tmp_path / "cache" / "synthetic-128px-seed0.truth.zarr")
+    default = make_demo_slide(tmp_path / "cache", size=128)
+    assert open_image(default.image).pixel_size_um == pytest.approx(0.5)

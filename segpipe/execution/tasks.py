@@ -139,7 +139,7 @@ class Job(Stitching):
     # as 0: true unless the run resumes a result whose recorded tiles it must keep as stored.
     whole_shards: bool = False
     # The leading channels of the pixels the model takes (an RGB model leaves an RGBA image's
-    # alpha out: models.contract.channels_taken); None: all of them.
+    # alpha out: models.source_checks.channels_taken); None: all of them.
     channels: int | None = None
 
 

@@ -41,12 +41,10 @@ from segpipe.models.contract import (
     OutOfDistributionWarning,
     PixelContract,
     PixelContractError,
-    channels_taken,
-    check_source,
-    choose_level,
     measure_contract,
 )
 from segpipe.models.foreign import is_foreign, load_foreign, write_sidecar
+from segpipe.models.source_checks import channels_taken, check_source, choose_level
 from segpipe.models.wrapped import WrappedModel, measure_geometry, wrap
 
 __all__ = [

@@ -25,7 +25,9 @@ __all__ = [
     "DEFAULT_INPUT_STD",
     "REGISTRY",
     "SegmentationModel",
+    "code_of",
     "geometry_of",
+    "is_registered",
     "pixel_contract_of",
     "register",
     "uses_tile_statistics",
@@ -205,16 +207,35 @@ def register(cls: M) -> M:
         raise TypeError(f"{cls.__qualname__} needs a class attribute name: str to be registered")
     taken = REGISTRY.get(name)
     # The same class defined again (importlib.reload) replaces itself; another class may not.
-    if taken is not None and (taken.__module__, taken.__qualname__) != (
-        cls.__module__,
-        cls.__qualname__,
-    ):
+    if taken is not None and _class_path(taken) != _class_path(cls):
         raise ValueError(
             f"model name {name!r} is taken by {REGISTRY[name].__module__}."
             f"{REGISTRY[name].__qualname__}; pick another for {cls.__qualname__}"
         )
     REGISTRY[name] = cls
     return cls
+
+
+def is_registered(model: SegmentationModel) -> bool:
+    """Whether ``model``'s class is the one its name registers (a subclass is not: its code is
+    not the registry's). Compared by module and name, as :func:`register` does."""
+    registered = REGISTRY.get(model.name)
+    return _class_path(registered) == _class_path(type(model)) if registered else False
+
+
+def _class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def code_of(module: nn.Module) -> str:
+    """What ``module`` computes, beside its weights, as text: its TorchScript code (each
+    submodule's ``forward``; a container has none) or its exported graph's code, else its
+    class and repr (layers and their settings). For fingerprints of networks not segpipe's."""
+    if isinstance(module, torch.fx.GraphModule):
+        return str(module.code)
+    if isinstance(module, torch.jit.ScriptModule):
+        return "\n".join(f"{n}:{getattr(sub, 'code', '')}" for n, sub in module.named_modules())
+    return f"{_class_path(type(module))}\n{module!r}"
 
 
 def geometry_of(module: nn.Module) -> Geometry:
@@ -252,23 +273,32 @@ def pixel_contract_of(module: nn.Module) -> PixelContract | None:
     return None
 
 
-_BATCH_NORMS: tuple[type[nn.Module], ...] = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.LazyBatchNorm1d,
-    nn.LazyBatchNorm2d,
-    nn.LazyBatchNorm3d,
-)
-_INSTANCE_NORMS: tuple[type[nn.Module], ...] = (
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-    nn.LazyInstanceNorm1d,
-    nn.LazyInstanceNorm2d,
-    nn.LazyInstanceNorm3d,
-)
+# Normalisation layers by class name: how TorchScript keeps a module's class (``original_name``),
+# and what an eager module's class or one of its torch bases is called.
+_NORM_KINDS: dict[str, str] = {
+    "GroupNorm": "group",
+    "LayerNorm": "layer",
+    "SyncBatchNorm": "running",
+    **{
+        f"{lazy}{norm}{d}d": "running"
+        for lazy in ("", "Lazy")
+        for norm in ("BatchNorm", "InstanceNorm")
+        for d in (1, 2, 3)
+    },
+}
+# The same layers as the operators of an exported graph (torch.export), by operator name.
+_NORM_OPS: dict[str, str] = {
+    "group_norm": "group",
+    "native_group_norm": "group",
+    "layer_norm": "layer",
+    "native_layer_norm": "layer",
+    "instance_norm": "running",
+    "batch_norm": "running",
+    "native_batch_norm": "running",
+    "_native_batch_norm_legit": "running",
+    "_native_batch_norm_legit_functional": "running",
+    "_native_batch_norm_legit_no_training": "running",
+}
 
 
 def uses_tile_statistics(module: nn.Module) -> list[str]:
@@ -285,17 +315,77 @@ def uses_tile_statistics(module: nn.Module) -> list[str]:
       maps that spans the pixels. A one-dimensional LayerNorm is taken to be the per-pixel
       channel norm of channels-last blocks (ConvNeXt) and is not flagged.
 
-    Normalisation done with ``torch.nn.functional`` calls inside ``forward`` cannot be seen.
-    The root module itself, if it is such a layer, is reported as ``""``.
+    Eager modules are matched by class, TorchScript ones (traced or scripted) by the class
+    they were made from, and an exported program's module (``torch.export``) by the
+    normalisation operators in its graph, named after the module they came from. Normalisation
+    done with ``torch.nn.functional`` calls inside an eager ``forward`` cannot be seen. The
+    root module itself, if it is such a layer, is reported as ``""``.
     """
     flagged = []
     for qualified_name, sub in module.named_modules():
-        if isinstance(sub, nn.GroupNorm):
+        if isinstance(sub, torch.fx.GraphModule):
+            prefix = f"{qualified_name}." if qualified_name else ""
+            flagged += [prefix + name for name in _graph_tile_norms(sub)]
+        elif _is_tile_norm(sub):
             flagged.append(qualified_name)
-        elif isinstance(sub, _INSTANCE_NORMS + _BATCH_NORMS):
-            has_running = sub.track_running_stats and sub.running_mean is not None
-            if sub.training or not has_running:
-                flagged.append(qualified_name)
-        elif isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) >= 2:
-            flagged.append(qualified_name)
+    return flagged
+
+
+def _is_tile_norm(sub: nn.Module) -> bool:
+    if isinstance(sub, torch.jit.ScriptModule):
+        names = [str(getattr(sub, "original_name", ""))]
+    else:  # the class or a torch base of it: a user's subclass of GroupNorm is one too
+        names = [c.__name__ for c in type(sub).__mro__ if c.__module__.startswith("torch.nn")]
+    kind = next((_NORM_KINDS[n] for n in names if n in _NORM_KINDS), None)
+    if kind == "group":
+        return True
+    if kind == "layer":
+        shape = getattr(sub, "normalized_shape", None)
+        if shape is None:  # traced: the shape is a constant of the graph
+            shape = _traced_norm_argument(sub, 1)
+        return not isinstance(shape, Sequence) or len(shape) >= 2
+    if kind == "running":
+        tracks = getattr(sub, "track_running_stats", None)
+        if tracks is None:  # traced: whether it uses the input's statistics was fixed then
+            return _traced_norm_argument(sub, 5) is not False
+        return bool(sub.training or not tracks or getattr(sub, "running_mean", None) is None)
+    return False
+
+
+def _traced_norm_argument(sub: nn.Module, index: int) -> Any:
+    """Argument ``index`` of the normalisation call in a traced module's graph, when it is a
+    constant (a list of constants for a shape); None when there is none."""
+    if not isinstance(sub, torch.jit.ScriptModule):
+        return None
+    for node in sub.graph.nodes():
+        if node.kind().startswith("aten::") and node.kind().endswith("_norm"):
+            value = list(node.inputs())[index]
+            maker = value.node()
+            if maker.kind() == "prim::Constant":
+                return value.toIValue()
+            if maker.kind() == "prim::ListConstruct":
+                return [v.toIValue() for v in maker.inputs()]
+    return None
+
+
+def _graph_tile_norms(graph_module: torch.fx.GraphModule) -> list[str]:
+    """Per-tile normalisations among an exported graph's operators, by the module each came
+    from (the node's name when the graph does not say)."""
+    flagged = []
+    for node in graph_module.graph.nodes:
+        op = getattr(node.target, "__name__", "").split(".")[0]  # "instance_norm.default"
+        kind = _NORM_OPS.get(op) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        if kind == "layer":
+            shape = node.args[1]
+            per_tile = not isinstance(shape, Sequence) or len(shape) >= 2
+        elif kind == "running":
+            # the first flag is training / use_input_stats (none: eval-mode batch norm)
+            per_tile = next((a for a in node.args if isinstance(a, bool)), False)
+        else:
+            per_tile = True
+        if per_tile:
+            stack = node.meta.get("nn_module_stack") or {}
+            flagged.append(next(reversed(stack.values()))[0] if stack else node.name)
     return flagged

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from segpipe.models.base import REGISTRY, SegmentationModel
+from segpipe.models.base import REGISTRY, SegmentationModel, code_of, is_registered
 from segpipe.models.contract import PixelContract
+from segpipe.models.wrapped import WrappedModel
 
 __all__ = [
     "FORMAT",
@@ -66,21 +67,36 @@ def save(
             f"save() takes a segpipe SegmentationModel, got {type(model).__name__}; build one "
             "with segpipe.models.build()"
         )
-    if model.name not in REGISTRY:
+    if not is_registered(model):
+        parent = REGISTRY.get(model.name)
         raise TypeError(
-            f"save() writes registry architectures only, and {type(model).__name__} "
-            f"({model.name!r}) is not one: a checkpoint never carries code. Save a wrapped "
-            "network as TorchScript or torch.export with a JSON sidecar instead "
-            "(segpipe.models.write_sidecar)"
-        )
+            f"save() writes registry architectures only: {type(model).__qualname__} "
+            + (f"subclasses {parent.__qualname__} and would load back as that" if parent
+               else f"({model.name!r}) is not one")
+            + ". A checkpoint never carries code: save it as TorchScript or torch.export with a "
+            "JSON sidecar (segpipe.models.write_sidecar), or register it under a name of its own "
+            "(segpipe.models.base.register) in a module imported before loading"
+        )  # fmt: skip
     path = Path(path)
+    contract = model.pixel_contract
+    # load() refuses both; refused here, before anything is written.
+    if contract is not None and contract.channels != model.in_channels:
+        raise ValueError(
+            f"{path} not written: the model's pixel contract names {contract.channels} "
+            f"channels, the model takes {model.in_channels}; give it a matching one"
+        )
     weights_dtype = torch.float16 if half else torch.float32
-    state_dict = {
-        key: (t.detach().to("cpu", weights_dtype) if t.is_floating_point() else t.detach().cpu())
-        .clone()
-        .contiguous()
-        for key, t in model.state_dict().items()
-    }
+    state_dict = {}
+    for key, t in model.state_dict().items():
+        stored = t.detach().to("cpu", weights_dtype) if t.is_floating_point() else t.detach().cpu()
+        if stored.is_floating_point() and not bool(torch.isfinite(stored).all()):
+            why = (
+                f"reaches {float(t.abs().max()):g}, beyond float16's 65504: save with half=False"
+                if bool(torch.isfinite(t).all())
+                else "holds NaN or infinite values (did training diverge?)"
+            )
+            raise ValueError(f"{path} not written: weight {key!r} {why}")
+        state_dict[key] = stored.clone().contiguous()
     payload = {
         "format": FORMAT,
         "name": model.name,
@@ -340,8 +356,9 @@ def fingerprint(model: torch.nn.Module) -> str:
 
     Covers the name, config, class names, input normalisation, and every state-dict tensor
     (sorted keys, shapes, bytes of float32 CPU copies). A model and the same model saved and
-    loaded give the same fingerprint; changing any weight changes it. A plain
-    ``torch.nn.Module`` (a user's own network) is identified by its class and state dict.
+    loaded give the same fingerprint; changing any weight changes it. A network that is not
+    segpipe's (wrapped, or a plain ``torch.nn.Module``) is identified by its code too
+    (:func:`~segpipe.models.base.code_of`); a plain module also by its class.
     """
     h = hashlib.sha256()
     if isinstance(model, SegmentationModel):
@@ -355,12 +372,16 @@ def fingerprint(model: torch.nn.Module) -> str:
         # Only when there is one: models without a contract keep their fingerprints.
         if model.pixel_contract is not None:
             header["pixel_contract"] = model.pixel_contract.as_dict()
+        # Not segpipe's code (two nn.Sequential may differ): only wrapped models get it hashed.
+        if isinstance(model, WrappedModel):
+            header["code"] = code_of(model.module)
     else:
         cls = type(model)
         header = {
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "class_names": list(getattr(model, "class_names", None) or []),
             "geometry": repr(getattr(model, "geometry", None)),
+            "code": code_of(model),
         }
     h.update(json.dumps(header, sort_keys=True).encode())
     for key, tensor in sorted(model.state_dict().items()):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +130,16 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
 
 
 def _read_sidecar(side: Path) -> dict[str, Any]:
-    text = side.read_text(encoding="utf-8")
-    try:
-        if side.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml  # type: ignore[import-untyped]
+    # json.JSONDecodeError and UnicodeDecodeError (not a text file) are ValueErrors; YAML's are not.
+    errors: tuple[type[Exception], ...] = (ValueError,)
+    parse: Callable[[str], Any] = json.loads
+    if side.suffix != ".json":
+        import yaml  # type: ignore[import-untyped]
 
-            data = yaml.safe_load(text)
-    except ValueError as err:  # json.JSONDecodeError and yaml.YAMLError's parse errors
+        parse, errors = yaml.safe_load, (ValueError, yaml.YAMLError)
+    try:
+        data = parse(side.read_text(encoding="utf-8"))
+    except errors as err:
         raise ValueError(f"{side}: not a readable sidecar: {err}") from err
     if not isinstance(data, Mapping) or not data.get("class_names"):
         raise ValueError(f"{side}: a sidecar is a mapping with at least class_names")
@@ -162,14 +163,19 @@ def _load_module(path: Path, declared: str | None) -> torch.nn.Module:
 
 
 def _sniff(path: Path) -> str:
-    """``"torchscript"`` or ``"torch.export"`` from the zip archive's entries."""
+    """``"torchscript"`` or ``"torch.export"`` from the zip archive's entries.
+
+    Both put everything under one top folder. TorchScript has ``code/`` (its Python-like
+    source, in folders named after the network's packages: ``code/__torch__/timm/models/...``)
+    and ``constants.pkl``; an exported program has ``archive_format`` and ``models/``.
+    """
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
+            tops = {tuple(n.split("/")[1:2]) for n in z.namelist()}
     except (OSError, zipfile.BadZipFile) as err:
         raise ValueError(f"{path}: not a TorchScript or torch.export file: {err}") from err
-    if any(n.endswith("archive_format") or "/models/" in n for n in names):
-        return "torch.export"
-    if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+    if {("code",), ("constants.pkl",)} <= tops:
         return "torchscript"
+    if ("archive_format",) in tops or ("models",) in tops:
+        return "torch.export"
     return "unknown"

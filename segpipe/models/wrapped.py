@@ -13,6 +13,8 @@ when they are not given, the way the model tests check segpipe's own architectur
   average poolings of the same window (a max passes its gradient to one input of its window,
   which one depending on the probe's pixels: the farthest could go unseen) and whose per-tile
   normalisations (InstanceNorm, GroupNorm) are removed (they make every pixel depend on all).
+  Only eager layers can be swapped; through the max poolings of TorchScript, of an exported
+  graph or of ``F.max_pool2d`` the halo is the farthest of 8 probes with fixed pixels.
 
 Exact mode with the measured halo then equals a whole-image pass over the mirrored image; a
 network with per-tile normalisation is refused by exact mode and runs in blend mode, where the
@@ -31,9 +33,12 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.fx import GraphModule
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, uses_tile_statistics
@@ -43,6 +48,9 @@ __all__ = ["WrappedConfig", "WrappedModel", "measure_geometry", "wrap"]
 
 _MAX_MULTIPLE = 64
 _MAX_PROBE = 4096  # pixels: a receptive field beyond this is taken to be global
+# Probes through max poolings that cannot be swapped: 1 in ~10 undercounts a traced U-Net's halo
+# by a pixel or two, so 8 that all do are ~1e-8 (independent pixels).
+_MAX_POOL_PROBES = 8
 
 
 @dataclass(frozen=True)
@@ -210,11 +218,13 @@ def measure_geometry(
         attention: give ``halo=`` and use blend mode).
     """
     probe = _probe_copy(module)
-    rows = _MAX_MULTIPLE
+    rows, side = _MAX_MULTIPLE, 256
     if halo is None:
-        side, first = 256, None
+        # Max poolings left in the probe (see the module doc): the farthest of several probes.
+        seeds = range(_MAX_POOL_PROBES if _runs_max_pooling(probe, in_channels, rows, side) else 1)
+        first = None
         while first is None:
-            first = _margins(probe, in_channels, rows, side, 1)
+            first = _margins(probe, in_channels, rows, side, 1, seeds=seeds)
             if first is None:
                 side *= 2
                 if side > _MAX_PROBE:
@@ -234,7 +244,10 @@ def measure_geometry(
         width = need + (-need) % (2 * multiple)
         # A strip a few multiples high is enough: rows only have to be accepted by the network.
         rows = max(2 * multiple, 8)
-        phased = [_margins(probe, in_channels, rows, width, multiple, axis) for axis in (3, 2)]
+        phased = [
+            _margins(probe, in_channels, rows, width, multiple, axis, seeds=seeds)
+            for axis in (3, 2)
+        ]
         if any(m is None for m in phased):
             raise ValueError(f"{type(module).__name__}: the receptive field did not settle")
         halo = max(int(m or 0) for m in phased)
@@ -260,17 +273,22 @@ def _average_twin(sub: nn.Module) -> nn.Module | None:
 
 
 def _probe_copy(module: nn.Module) -> nn.Module:
-    """A float64 eval copy with positive averaging weights and no per-tile normalisation."""
+    """A float64 eval copy with positive averaging weights and no per-tile normalisation.
+
+    Only an eager module's layers are swapped (see :func:`_runs_max_pooling`)."""
     probe = copy.deepcopy(module)
     _set_mode(probe, False)
     swaps: dict[str, nn.Module] = {n: nn.Identity() for n in uses_tile_statistics(probe) if n}
-    for name, sub in probe.named_modules():
+    modules = dict(probe.named_modules())
+    for name, sub in modules.items():
         if name and (twin := _average_twin(sub)) is not None:
             swaps[name] = twin
+    # TorchScript's and exported graphs' layers stay (their code calls them, not the parent's).
+    frozen = [n for n, m in modules.items() if isinstance(m, torch.jit.ScriptModule | GraphModule)]
     for name, replacement in swaps.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = probe.get_submodule(parent_name) if parent_name else probe
-        setattr(parent, child, replacement)
+        if not any(f == "" or name.startswith(f + ".") for f in frozen):
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name], child, replacement)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for sub in probe.modules():
@@ -292,6 +310,28 @@ def _probe_copy(module: nn.Module) -> nn.Module:
     return probe.double()
 
 
+class _MaxPoolSeen(TorchDispatchMode):
+    """Notes whether any max pooling operator runs, however it was called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.seen = self.seen or "max_pool" in str(func)
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def _runs_max_pooling(probe: nn.Module, channels: int, rows: int, cols: int) -> bool:
+    """Whether the probe still max-pools: in TorchScript or an exported graph, whose layers
+    cannot be swapped, or with ``F.max_pool2d`` in a ``forward``. Seen at the operators, below
+    every way of calling them."""
+    with _MaxPoolSeen() as mode:
+        _run(probe, torch.full((1, channels, rows, cols), 0.5, dtype=torch.float64))
+    return mode.seen
+
+
 def _run(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = probe(x)
     if not isinstance(y, torch.Tensor):
@@ -307,29 +347,41 @@ def _run(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _margins(
-    probe: nn.Module, channels: int, rows: int, cols: int, phases: int, axis: int = 3
+    probe: nn.Module,
+    channels: int,
+    rows: int,
+    cols: int,
+    phases: int,
+    axis: int = 3,
+    *,
+    seeds: Sequence[int] = (0,),
 ) -> int | None:
     """Largest input distance of ``phases`` neighbouring output pixels (along ``axis``: 3 for
     columns, 2 for rows) in the middle of a ``rows x cols`` strip, from the input pixels their
-    gradient touches; None when some touch the strip's end (the strip is too short)."""
+    gradient touches, over probes with pixels drawn from each of ``seeds``; None when some
+    touch the strip's end (the strip is too short)."""
     shape = (phases, channels, rows, cols) if axis == 3 else (phases, channels, cols, rows)
-    x = (0.5 + 0.5 * torch.rand(shape, dtype=torch.float64)).requires_grad_(True)
-    y = _run(probe, x)
     mid, centre = cols // 2, rows // 2
-    picks = [
-        # every class: a network may route some inputs to some classes only
-        y[b, :, centre, mid + b].sum() if axis == 3 else y[b, :, mid + b, centre].sum()
-        for b in range(phases)
-    ]
-    (grad,) = torch.autograd.grad(torch.stack(picks).sum(), x)
     margin = 0
-    for b in range(phases):
-        g = grad[b].abs().sum(dim=(0, 1) if axis == 3 else (0, 2))
-        touched = torch.nonzero(g).flatten()
-        lo, hi = int(touched.min()), int(touched.max())
-        if lo == 0 or hi == cols - 1:
-            return None
-        margin = max(margin, mid + b - lo, hi - mid - b)
+    for seed in seeds:
+        pixels = torch.rand(
+            shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
+        )
+        x = (0.5 + 0.5 * pixels).requires_grad_(True)
+        y = _run(probe, x)
+        picks = [
+            # every class: a network may route some inputs to some classes only
+            y[b, :, centre, mid + b].sum() if axis == 3 else y[b, :, mid + b, centre].sum()
+            for b in range(phases)
+        ]
+        (grad,) = torch.autograd.grad(torch.stack(picks).sum(), x)
+        for b in range(phases):
+            g = grad[b].abs().sum(dim=(0, 1) if axis == 3 else (0, 2))
+            touched = torch.nonzero(g).flatten()
+            lo, hi = int(touched.min()), int(touched.max())
+            if lo == 0 or hi == cols - 1:
+                return None
+            margin = max(margin, mid + b - lo, hi - mid - b)
     return margin
 
 
@@ -338,7 +390,10 @@ def _multiple(probe: nn.Module, channels: int, rows: int, margin: int) -> int:
     """Smallest power-of-two shift under which the probe's output moves with its input."""
     pad = margin + _MAX_MULTIPLE  # beyond any phase's reach
     width = 2 ** math.ceil(math.log2(2 * pad + _MAX_MULTIPLE))
-    x = torch.rand(1, channels, rows, width + _MAX_MULTIPLE, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(
+        1, channels, rows, width + _MAX_MULTIPLE, dtype=torch.float64, generator=generator
+    )
     base = _run(probe, x[..., :width])[..., pad : width - pad]
     shift = 1
     while shift <= _MAX_MULTIPLE:

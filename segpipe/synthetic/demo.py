@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import cast
 
 import zarr
 
+from segpipe.io.readers import open_image
 from segpipe.io.writers import write_pyramidal_tiff
 from segpipe.synthetic import tissue_slide
 
 __all__ = ["DemoSlide", "make_demo_slide"]
+
+_DEFAULT_PIXEL_SIZE_UM = 0.5
 
 
 @dataclass(frozen=True)
@@ -28,7 +33,7 @@ def make_demo_slide(
     *,
     size: int = 8192,
     seed: int = 0,
-    pixel_size_um: float = 0.5,
+    pixel_size_um: float = _DEFAULT_PIXEL_SIZE_UM,
     tissue_fraction: float | None = None,
 ) -> DemoSlide:
     """Generate a ``size`` x ``size`` synthetic slide into ``directory`` (reused if present).
@@ -38,12 +43,17 @@ def make_demo_slide(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    # The name is the cache key, so it holds every parameter exactly. Names made before stay
+    # valid: the default pixel size adds nothing, a whole percent of tissue reads "-tissue30".
     stem = f"synthetic-{size}px-seed{seed}"
+    if pixel_size_um != _DEFAULT_PIXEL_SIZE_UM:
+        stem += f"-{_exact(pixel_size_um)}um"
     if tissue_fraction is not None:
-        stem += f"-tissue{round(100 * tissue_fraction)}"
+        stem += f"-tissue{_exact(tissue_fraction, 100)}"
     image, truth = directory / f"{stem}.ome.tif", directory / f"{stem}.truth.zarr"
-    # The image is renamed into place last: if it exists, the truth is complete too.
-    if not image.exists():
+    # The image is renamed into place last: if it exists, the truth is complete too. One made
+    # at another pixel size under a default name (before pixel sizes were in names) is redone.
+    if not image.exists() or not _is_at(image, pixel_size_um):
         slide = tissue_slide(
             size, seed=seed, pixel_size_um=pixel_size_um, tissue_fraction=tissue_fraction
         )
@@ -62,3 +72,19 @@ def make_demo_slide(
         os.replace(partial, image)
     names = tuple(cast(list[str], zarr.open_array(truth, mode="r").attrs["class_names"]))
     return DemoSlide(image, truth, pixel_size_um, names)
+
+
+def _exact(value: float, scale: int = 1) -> str:
+    """``value * scale`` in decimal, exactly: from the float's shortest repr, so two floats
+    never share a name (rounding 0.301 and 0.304 to percent did).
+
+    >>> _exact(0.301, 100), _exact(0.3, 100), _exact(1.0, 100), _exact(0.25)
+    ('30.1', '30', '100', '0.25')
+    """
+    return format((Decimal(repr(float(value))) * scale).normalize(), "f")
+
+
+def _is_at(image: Path, pixel_size_um: float) -> bool:
+    """Whether the OME-TIFF ``image`` says it has ``pixel_size_um`` pixels."""
+    found = open_image(image).pixel_size_um
+    return found is not None and math.isclose(found, pixel_size_um, rel_tol=1e-6)
