@@ -17,14 +17,17 @@ GEOMETRY = Geometry(halo=20, multiple=4, input_offset=0, shrinks=True)  # valid 
 PALETTE = np.array([[250, 250, 250], [200, 60, 150], [40, 30, 120]], dtype=np.uint8)
 
 
-def write_folder(root: Path, slides: list[SyntheticSlide], *, instances: bool = True) -> Path:
+def write_folder(
+    root: Path, slides: list[SyntheticSlide], *, instances: bool = True, prefix: str = "img"
+) -> Path:
     for d in ("images", "labels", "instances"):
         (root / d).mkdir(parents=True, exist_ok=True)
     for i, s in enumerate(slides):
-        Image.fromarray(s.image).save(root / "images" / f"img{i}.png")
-        Image.fromarray(s.labels).save(root / "labels" / f"img{i}.png")
+        name = f"{prefix}{i}.png"
+        Image.fromarray(s.image).save(root / "images" / name)
+        Image.fromarray(s.labels).save(root / "labels" / name)
         if instances:
-            Image.fromarray(s.instances.astype(np.uint16)).save(root / "instances" / f"img{i}.png")
+            Image.fromarray(s.instances.astype(np.uint16)).save(root / "instances" / name)
     (root / "classes.txt").write_text("background\ntissue\nnucleus\n")
     return root
 
@@ -88,6 +91,63 @@ def test_read_folder_names_what_is_missing(tmp_path: Path) -> None:
         read_folder(tmp_path, class_names=["a", "b"])
 
 
+@pytest.mark.parametrize("what", ["labels", "instances"])
+@pytest.mark.parametrize("value", [-1, -300])
+def test_read_folder_refuses_negative_ids(tmp_path: Path, what: str, value: int) -> None:
+    """A signed mask's -1 would become class 255 (or a huge object id) far from the file."""
+    import tifffile
+
+    slide = tissue_slide(64, seed=0)
+    write_folder(tmp_path, [slide])
+    signed = (slide.labels if what == "labels" else slide.instances).astype(np.int16)
+    signed[3, 5] = value
+    (tmp_path / what / "img0.png").unlink()
+    tifffile.imwrite(tmp_path / what / "img0.tif", signed)
+    with pytest.raises(ValueError, match=rf"{what}.img0\.tif.*{value}"):
+        read_folder(tmp_path)
+
+
+def test_read_folder_refuses_labels_that_are_not_integers(tmp_path: Path) -> None:
+    import tifffile
+
+    slide = tissue_slide(64, seed=0)
+    write_folder(tmp_path, [slide])
+    (tmp_path / "labels" / "img0.png").unlink()
+    tifffile.imwrite(tmp_path / "labels" / "img0.tif", slide.labels.astype(np.float32))
+    with pytest.raises(ValueError, match=r"img0\.tif.*integer ids.*float32"):
+        read_folder(tmp_path)
+
+
+def test_validation_folder_must_be_held_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation on training images would report what the model memorised: the same folder,
+    or a training image's pixels under another name, are refused, naming both files; another
+    image named like a training one (folders numbered alike) is held out."""
+    import shutil
+
+    from segpipe.training import TrainConfig, make_slides
+
+    train = write_folder(tmp_path / "train", [tissue_slide(48, seed=s) for s in (1, 2)])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="val_folder 'train/' is the training folder"):
+        TrainConfig(dataset="folder", train_folder=str(train), val_folder="train/")
+
+    val = write_folder(tmp_path / "val", [tissue_slide(48, seed=9)], prefix="val")
+    config = TrainConfig(dataset="folder", train_folder=str(train), val_folder=str(val))
+    assert len(make_slides(config)[1]) == 1  # held out: accepted
+    for sub in ("images", "labels", "instances"):
+        shutil.copy(train / sub / "img1.png", val / sub / "copy.png")
+    with pytest.raises(
+        ValueError, match=r"val.images.copy\.png .*same pixels.*train.images.img1\.png"
+    ):
+        make_slides(config)
+    for sub in ("images", "labels", "instances"):
+        (val / sub / "copy.png").unlink()
+    write_folder(val, [tissue_slide(48, seed=5)])  # another image, named like a training one
+    assert len(make_slides(config)[1]) == 2
+
+
 def test_train_from_folders(tmp_path: Path) -> None:
     import torch
 
@@ -96,7 +156,7 @@ def test_train_from_folders(tmp_path: Path) -> None:
 
     torch.set_num_threads(1)
     train_dir = write_folder(tmp_path / "train", [tissue_slide(64, seed=s) for s in (1, 2)])
-    val_dir = write_folder(tmp_path / "val", [tissue_slide(48, seed=9)])
+    val_dir = write_folder(tmp_path / "val", [tissue_slide(48, seed=9)], prefix="val")
     config = TrainConfig(
         steps=2,
         batch_size=2,
@@ -195,3 +255,25 @@ def test_separate_touching_draws_a_gap_between_touching_objects_only() -> None:
     assert (out.instances[expected] == 0).all()
     np.testing.assert_array_equal(out.instances[~expected], inst[~expected])
     np.testing.assert_array_equal(item.labels, labels)  # the input is left alone
+
+
+@pytest.mark.parametrize(
+    "geometry",
+    [GEOMETRY, Geometry(halo=12, multiple=4, shrinks=False)],
+    ids=["valid", "same"],
+)
+def test_patch_pair_labels_are_what_the_model_predicts(geometry: Geometry) -> None:
+    """As segpipe.training.sampling says: a valid model's labels are the crop inside the
+    halo; a same-padding model's are its whole input window, halo included."""
+    from segpipe.training import patch_pair
+
+    slide = tissue_slide(96, seed=2)
+    y, x = 30, 25
+    image, labels = patch_pair(slide, y, x, geometry, 16)
+    n = geometry.input_size(16)
+    margin = geometry.halo if geometry.shrinks else 0
+    o = n - 2 * margin
+    assert image.shape == (3, n, n)
+    np.testing.assert_array_equal(labels, slide.labels[y : y + o, x : x + o])
+    window = slide.image[y - margin : y - margin + n, x - margin : x - margin + n]
+    np.testing.assert_allclose(image, window.transpose(2, 0, 1) / 255, atol=1e-6)

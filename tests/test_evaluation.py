@@ -66,6 +66,23 @@ def test_a_blob_matches_at_most_one_of_two_touching_objects() -> None:
     assert (o.true_positives, o.false_positives, o.false_negatives) == (3, 0, 0)
 
 
+def test_objects_are_matched_only_to_instances_of_the_object_class() -> None:
+    """Instances of another class (a tissue region beside the nuclei) are neither matched
+    nor missed: a perfect prediction of the nuclei scores recall 1."""
+    inst = np.zeros((20, 30), dtype=np.int32)
+    inst[2:8, 2:8], inst[2:8, 10:14], inst[12:17, 20:25] = 1, 2, 3
+    truth = np.where(inst == 3, 2, inst > 0).astype(np.uint8)  # nuclei 1, 2; tissue 3
+    names = ("bg", "nucleus", "tissue")
+    o = evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="nucleus")
+    counts = (o.objects.true_positives, o.objects.false_positives, o.objects.false_negatives)
+    assert counts == (2, 0, 0)
+    assert o.objects.recall == 1.0
+    # An instance of mixed truth is one of the class most of its pixels have.
+    truth[12, 20:25] = 1  # 5 of the region's 25 pixels nucleus: still tissue
+    o = evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="tissue")
+    assert (o.objects.true_positives, o.objects.false_negatives) == (1, 0)
+
+
 def test_pixel_scores_equal_hand_counts() -> None:
     truth, _ = scene()
     pred = np.zeros_like(truth)

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import shapely
 import torch
 import zarr
 from rasterio import features
@@ -314,3 +315,23 @@ def test_an_old_url_result_opens_its_url_source_with_the_results_options(level1_
     group.attrs["segpipe"] = {**attrs, "identity": identity}
     assert read_meta(old).source_shape is None
     np.testing.assert_allclose(bounds(old), expected_bounds(), rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("connectivity", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_polygons_of_random_objects_are_valid_and_rasterise_back(tmp_path, connectivity, seed):
+    """Speckle full of corner-touching pixels, cut by 16-pixel chunks: every outline is a
+    valid (Multi)Polygon (QuPath, JTS and GEOS refuse self-touching rings), one per
+    component, and each burns back to exactly its component's pixels."""
+    labels = np.where(np.random.default_rng(seed).random((40, 48)) < 0.45, 2, 0).astype(np.uint8)
+    path, _ = make_result(tmp_path / "r.zarr", labels)
+    feats = vectors.class_features(path, "nucleus", coords="pixel", connectivity=connectivity)
+    components, n = ndimage.label(
+        labels == 2, structure=ndimage.generate_binary_structure(2, connectivity)
+    )
+    assert len(feats) == n
+    invalid = [shapely.is_valid_reason(shape(f["geometry"])) for f in feats]
+    assert [r for r in invalid if r != "Valid Geometry"] == []
+    burnt = sorted(tuple(np.flatnonzero(rasterise([f], labels.shape))) for f in feats)
+    expected = sorted(tuple(np.flatnonzero(components == k)) for k in range(1, n + 1))
+    assert burnt == expected

@@ -11,7 +11,8 @@ Two kinds of score:
   (:func:`segpipe.analysis.summary.confusion_against`), so a gigapixel result is never whole
   in memory.
 * **Objects**: the connected components of one predicted class, matched one-to-one to the
-  ground-truth instances at IoU >= 0.5, give precision, recall and F1. This is the score that
+  ground-truth instances of that class (those whose pixels are mostly that class in the
+  ground truth) at IoU >= 0.5, give precision, recall and F1. This is the score that
   sees whether touching objects were kept apart: two touching nuclei predicted as one blob are
   at most one match (and none if the blob's IoU with either is below 0.5), where pixel Dice
   would barely notice. The object class's mask is loaded whole for the labelling (one byte per
@@ -109,6 +110,8 @@ def evaluate_labels(
         One per class id.
     instances
         ``(Y, X)`` ground-truth object ids (0 outside objects); turns on the object score.
+        Only the instances whose pixels are mostly ``object_class`` in ``ground_truth`` are
+        objects to find; the others are ignored.
     object_class
         The class (id or name) whose connected components are the predicted objects; default
         the class most ground-truth instance pixels have.
@@ -127,8 +130,13 @@ def evaluate_labels(
     objects = None
     if instances is not None:
         inst = np.asarray(instances)
+        truth_np = np.asarray(truth)
+        if inst.shape != truth_np.shape:
+            raise ValueError(
+                f"instances {inst.shape} and ground truth {truth_np.shape} differ in shape"
+            )
         if object_class is None:
-            under = np.asarray(truth)[inst > 0]
+            under = truth_np[inst > 0]
             if under.size == 0:
                 raise ValueError(
                     "instances holds no object, so the object class cannot be inferred: "
@@ -146,9 +154,29 @@ def evaluate_labels(
             small = np.bincount(components.ravel()) < min_size_px
             small[0] = False
             components[small[components]] = 0
+        # Instances of other classes are no objects to find: matched against, they would
+        # count as misses however good the prediction.
+        inst = _instances_of(inst, truth_np, cls)
         tp, fp, fn = match_objects(components, inst, iou_threshold=iou_threshold)
         objects = ObjectScore(names[cls], iou_threshold, tp, fp, fn)
     return Evaluation(names, confusion, objects)
+
+
+def _instances_of(instances: np.ndarray, truth: np.ndarray, cls: int) -> np.ndarray:
+    """``instances`` with every instance whose most frequent ``truth`` class is not ``cls``
+    set to 0 (ties go to the lower class id).
+
+    >>> inst = np.array([[1, 1, 2, 2, 2]]); truth = np.array([[1, 1, 2, 2, 1]])
+    >>> _instances_of(inst, truth, 2).tolist()
+    [[0, 0, 2, 2, 2]]
+    """
+    ids, index = np.unique(instances, return_inverse=True)
+    index = index.reshape(-1)
+    labels = truth.reshape(-1).astype(np.int64)
+    n = int(labels.max(initial=0)) + 1
+    counts = np.bincount(index * n + labels, minlength=len(ids) * n).reshape(len(ids), n)
+    kept = counts.argmax(axis=1) == cls
+    return np.where(kept[index].reshape(instances.shape), instances, 0)
 
 
 def evaluate_model(

@@ -2,8 +2,11 @@
 
 Each object of a class (:func:`segpipe.query.object_labels`: connected components, merged
 across chunk borders) becomes one Feature. Polygons are traced per chunk along pixel edges
-(``rasterio.features.shapes``) and the pieces of an object cut by chunk borders are unioned
-(``shapely``), so the outline is exact and no chunk needs its neighbours' pixels.
+(``rasterio.features.shapes``) and the pieces of an object are unioned (``shapely``), so the
+outline is exact and no chunk needs its neighbours' pixels. Pieces are always traced
+4-connected: an object joined across corners (``connectivity=2``) is a union of pieces that
+touch at points, a valid MultiPolygon, where an 8-connected trace gives a self-touching ring
+that GEOS, JTS and QuPath refuse.
 
 Coordinates (``coords``):
 
@@ -51,10 +54,13 @@ OBJECT_TYPES = ("detection", "annotation")
 
 
 def _chunk_shapes(
-    labels: np.ndarray, probabilities: np.ndarray, transform: Any, connectivity: int
+    labels: np.ndarray, probabilities: np.ndarray, transform: Any
 ) -> tuple[list[tuple[int, Any]], np.ndarray, np.ndarray]:
     """(label, polygon) pieces of one chunk of object labels, the labels present and their
-    per-class probability sums, ``(n_labels, class)``, from the ``(class, y, x)`` chunk."""
+    per-class probability sums, ``(n_labels, class)``, from the ``(class, y, x)`` chunk.
+
+    Pieces are 4-connected whatever the objects' connectivity (see the module docstring).
+    """
     from rasterio import features
     from shapely.geometry import shape
 
@@ -66,7 +72,7 @@ def _chunk_shapes(
     pieces = features.shapes(
         local.reshape(labels.shape).astype(np.int32),
         mask=present,
-        connectivity=4 if connectivity == 1 else 8,
+        connectivity=4,
         transform=transform,
     )
     polygons = [(int(values[int(v)]), shape(g)) for g, v in pieces]
@@ -206,7 +212,6 @@ def class_features(
             blocks[i, j],
             probs[0, i, j],
             base @ Affine(f, 0, f * int(starts_x[j]), 0, f, f * int(starts_y[i])),
-            connectivity,
         )
         for i in range(blocks.shape[0])
         for j in range(blocks.shape[1])
@@ -232,6 +237,7 @@ def class_features(
     features = []
     for row in keep.itertuples(index=False):
         label = int(row.label)
+        # Also for pieces of one chunk: those of an object joined only across corners.
         geom = shapely.union_all(pieces[label])
         means = sums[label] / int(row.area_px)
         features.append(

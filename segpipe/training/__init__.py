@@ -7,9 +7,10 @@ A deliberately small loop, readable top to bottom:
    different seeds, or the (image, labels) pairs of two folders (``"folder"``,
    :func:`segpipe.training.datasets.read_folder`);
 2. sample batches of (input window, label crop) pairs that follow the model's geometry: the
-   labels are the pixels the model predicts, the input is that crop plus the model's context
-   (its halo, mirrored at image borders as in the U-Net paper), see :func:`patch_pair`
-   (:mod:`segpipe.training.sampling`);
+   labels are the pixels the model predicts. For a valid-padding model the input is that crop
+   plus the model's context (its halo, mirrored at image borders as in the U-Net paper); a
+   same-padding model predicts its whole input, so the labels are the whole window, halo
+   included. See :func:`patch_pair` (:mod:`segpipe.training.sampling`);
 3. augment each pair, the same way on image and labels: a random elastic deformation
    (optional), a random flip and 90° rotation, an intensity jitter (optional), see
    :class:`Augmentation` (:mod:`segpipe.training.augmentation`);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,7 +22,7 @@ from segpipe.analysis.evaluation import LabelledImage
 from segpipe.models.contract import PixelContract, measure_contract
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.training.augmentation import Augmentation
-from segpipe.training.datasets import class_names_of, read_folder
+from segpipe.training.datasets import check_held_out, class_names_of, read_folder
 from segpipe.training.losses import balanced_class_weights, unet_weight_map
 
 __all__ = [
@@ -52,9 +53,11 @@ class TrainConfig:
     batch_size
         Pairs per batch.
     patch
-        Side of the label crop in pixels (the model's output); the input window is
-        ``geometry.input_size(patch)`` a side, so the crop actually used may be a few pixels
-        larger, ``geometry.output_size(input side)``.
+        Side of the label crop asked for, in pixels; the input window is
+        ``geometry.input_size(patch)`` a side and the labels are
+        ``geometry.output_size(input side)``: for a valid-padding model the crop, a few pixels
+        larger than ``patch``; for a same-padding model the whole window, ``patch`` plus twice
+        the halo, rounded up to the size rule (:mod:`segpipe.training.sampling` says why).
     lr
         Adam learning rate (cosine decay to zero over ``steps``).
     seed
@@ -175,11 +178,19 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.dataset must be 'tissue', 'aerial' or 'folder', got {self.dataset!r}"
             )
-        if self.dataset == "folder" and not (self.train_folder and self.val_folder):
-            raise ValueError(
-                "TrainConfig.dataset='folder' needs train_folder and val_folder, got "
-                f"{self.train_folder!r} and {self.val_folder!r}"
-            )
+        if self.dataset == "folder":
+            if not (self.train_folder and self.val_folder):
+                raise ValueError(
+                    "TrainConfig.dataset='folder' needs train_folder and val_folder, got "
+                    f"{self.train_folder!r} and {self.val_folder!r}"
+                )
+            if Path(self.val_folder).resolve() == Path(self.train_folder).resolve():
+                raise ValueError(
+                    f"TrainConfig.val_folder {self.val_folder!r} is the training folder "
+                    f"{self.train_folder!r}: validation images must be held out, or the "
+                    "validation scores are those of images the model was trained on; give a "
+                    "folder of other images"
+                )
         if self.loss_weights not in ("none", "balanced", "unet"):
             raise ValueError(
                 "TrainConfig.loss_weights must be 'none', 'balanced' or 'unet', "
@@ -329,11 +340,17 @@ def training_contract(
 
 
 def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[LabelledImage]]:
-    """The training images and the held-out validation images that ``config`` names."""
+    """The training images and the held-out validation images that ``config`` names.
+
+    Folder data: a validation image named like a training image, or with its pixels, is
+    refused (:func:`~segpipe.training.datasets.check_held_out`).
+    """
     if config.dataset == "folder":
         pairs = read_folder(str(config.train_folder))
         names = pairs[0].class_names
-        return list(pairs), list(read_folder(str(config.val_folder), class_names=names))
+        val = read_folder(str(config.val_folder), class_names=names)
+        check_held_out(pairs, val)
+        return list(pairs), list(val)
     scene = tissue_slide if config.dataset == "tissue" else aerial_scene
     px = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
     slides = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]

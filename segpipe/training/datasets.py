@@ -18,12 +18,14 @@ the training images (:func:`segpipe.training.config.pixel_contract_for`). All im
 folder must share one dtype and one channel count.
 
 Training draws (input window, label crop) pairs from such images
-(:mod:`segpipe.training.sampling`) and augments them (:mod:`segpipe.training.augmentation`).
+(:mod:`segpipe.training.sampling`) and augments them (:mod:`segpipe.training.augmentation`);
+its validation images must be held out (:func:`check_held_out`).
 :func:`separate_touching` gives the labels the U-Net paper's gaps between touching objects.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +40,7 @@ from segpipe.io.readers import open_image
 
 __all__ = [
     "FolderImage",
+    "check_held_out",
     "class_names_of",
     "read_folder",
     "separate_touching",
@@ -60,6 +63,7 @@ class FolderImage:
     class_names: tuple[str, ...]
     name: str
     pixel_size_um: float | None = None
+    path: Path | None = None  # the image file, named in messages
 
     def __post_init__(self) -> None:
         shape = self.labels.shape
@@ -140,6 +144,12 @@ def _read_plane(path: Path, what: str) -> np.ndarray:
     plane = reader.read(0, reader.shape[0], 0, reader.shape[1])[..., 0]
     if not np.issubdtype(plane.dtype, np.integer) and plane.dtype != bool:
         raise ValueError(f"{path}: {what} must hold integer ids, got dtype {plane.dtype}")
+    # A signed mask's -1 ("ignore" in some tools) would wrap to id 255 in the uint8 labels.
+    if plane.size and np.issubdtype(plane.dtype, np.signedinteger) and plane.min() < 0:
+        raise ValueError(
+            f"{path}: {what} must be ids >= 0, found {int(plane.min())}; give every pixel a "
+            "class (0 for background)"
+        )
     return plane
 
 
@@ -171,6 +181,29 @@ def _check_alike(items: Sequence[FolderImage], root: Path) -> None:
         )
 
 
+def _pixel_digest(image: np.ndarray) -> str:
+    """SHA-256 of decoded pixels with their dtype and shape: the same image in any file format."""
+    digest = hashlib.sha256(f"{image.dtype.str} {image.shape}".encode())
+    digest.update(np.ascontiguousarray(image).data)
+    return digest.hexdigest()
+
+
+def check_held_out(train: Sequence[FolderImage], val: Sequence[FolderImage]) -> None:
+    """Raise ValueError when a validation image has the pixels of a training one, whatever
+    its name (validation on training images reports what the model memorised, not how it
+    does on new images). Names are not compared: folders numbered alike (``001.png`` in
+    both) hold different images."""
+    by_pixels = {_pixel_digest(t.image): t for t in train}
+    for v in val:
+        twin = by_pixels.get(_pixel_digest(v.image))
+        if twin is not None:
+            raise ValueError(
+                f"validation image {v.path or v.name} has the same pixels as training image "
+                f"{twin.path or twin.name}: validation images must be held out; remove it from "
+                "one folder"
+            )
+
+
 def class_names_of(folder: str | os.PathLike[str]) -> tuple[str, ...] | None:
     """The names in ``folder/classes.txt`` (one per line, blank lines skipped), or None."""
     path = Path(folder) / "classes.txt"
@@ -200,7 +233,8 @@ def read_folder(
     FileNotFoundError
         No ``images``/``labels`` directory, or an image without its label file.
     ValueError
-        Shapes that differ, a label id beyond the class names, masks with several channels.
+        Shapes that differ, a label id beyond the class names, a negative or non-integer id,
+        masks with several channels.
     """
     root = Path(folder)
     images_dir, labels_dir, instances_dir = (root / d for d in ("images", "labels", "instances"))
@@ -237,6 +271,7 @@ def read_folder(
                 class_names=names,
                 name=stem,
                 pixel_size_um=open_image(path).pixel_size_um,
+                path=path,
             )
         )
     _check_alike(out, root)

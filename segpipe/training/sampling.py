@@ -1,9 +1,16 @@
 """Training pairs shaped by the model's geometry: (input window, label crop), in batches.
 
-A pair's labels are the pixels the model predicts; its input is that crop grown by the model's
-context (the halo), read with :func:`segpipe.io.readers.read_mirrored` as the pipeline reads
-its windows, so the context is mirrored at image borders as in the U-Net paper and as it is at
-inference. :func:`sample_pairs` draws a batch at random positions and augments each pair
+A pair's labels are the pixels the model predicts for its input window:
+
+- valid padding (``Geometry.shrinks``): the label crop, and the input is that crop grown by the
+  model's context (the halo) on every side;
+- same padding: every pixel of the window, halo included (no context is added). Its outer
+  pixels are learnt as the model sees them, next to its own zero padding, which is how blend
+  windows (:mod:`segpipe.geometry.blending`) meet them at inference; exact tiles crop them off.
+
+Windows are read with :func:`segpipe.io.readers.read_mirrored` as the pipeline reads its
+windows, so what leaves the image is mirrored as in the U-Net paper and as it is at inference.
+:func:`sample_pairs` draws a batch at random positions and augments each pair
 (:mod:`segpipe.training.augmentation`). Pixels become model input through ``scale``, the
 model's pixel contract (:meth:`segpipe.models.PixelContract.scale`), the very function the
 predictor applies at inference; the dtype rule (``pixels.to_float01``) when none is given.
@@ -101,6 +108,9 @@ def patch_pair(
         |   | side         |   |
         |   +--------------+   |
         +----------------------+
+
+    For a same-padding model ``o == n``: the labels are the whole window, which starts at
+    ``(y, x)`` (see the module docstring).
 
     Parameters
     ----------
