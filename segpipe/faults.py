@@ -18,6 +18,7 @@ __all__ = ["FAULT_POINTS", "InjectedFault", "fault_point"]
 
 # Every point the code declares, in the order a run passes them.
 FAULT_POINTS = (
+    "result.deleting",  # a replaced result is renamed aside, not yet deleted (overwrite only)
     "result.skeleton",  # the new store is built beside its path, not yet renamed into place
     "result.created",  # the store is at its path, nothing computed
     "block.written",  # a block's shard is written, not yet recorded as done

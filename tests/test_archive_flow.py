@@ -560,8 +560,14 @@ def test_a_stopped_run_waits_for_its_images_which_are_interrupted_not_failed(
         return real(*args, on_progress=after_each_task, **kwargs)
 
     monkeypatch.setattr(segpipe, "segment", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _run(source, out, random_checkpoint, SegmentConfig(tile=64, task_tiles=1))
+    # Python's own Ctrl-C handler: a process started in the background by a non-interactive
+    # shell (CI's, nohup's) inherits SIGINT ignored, and Python then installs none.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(source, out, random_checkpoint, SegmentConfig(tile=64, task_tiles=1))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     paths = image_paths(out, "a.ome.tif")
     state = read_state(paths.state)
     assert (state["status"], state["failures"]) == ("interrupted", 0), state

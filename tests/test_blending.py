@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from segpipe.geometry.blending import (
@@ -44,36 +44,68 @@ def test_a_narrow_gaussian_still_weighs_every_pixel_of_its_window(sigma_scale):
     np.testing.assert_allclose(sink.result(), p, rtol=1e-6)
 
 
-@given(
-    origins=st.lists(st.tuples(st.integers(-8, 24), st.integers(-8, 24)), min_size=1, max_size=6),
-)
-def test_blend_sink_is_the_weighted_mean(origins):
-    region = Box(0, 20, 0, 20)
-    side = 16
-    rng = np.random.default_rng(len(origins))
-    sink = BlendSink(region, 2)
-    num = np.zeros((2, 20, 20))
-    den = np.zeros((20, 20))
+_REGION, _SIDE = Box(0, 20, 0, 20), 16
+_origin = st.tuples(st.integers(-8, 24), st.integers(-8, 24))
+
+
+def _blend(origins: list[tuple[int, int]], seed: int) -> tuple[BlendSink, np.ndarray, np.ndarray]:
+    """A sink given a random ``_SIDE`` window at each origin, and the weighted sum and the
+    weights an independent reference gets by pasting each window into a big canvas."""
+    rng = np.random.default_rng(seed)
+    sink = BlendSink(_REGION, 2)
+    num, den = np.zeros((2, 20, 20)), np.zeros((20, 20))
+    side = _SIDE
     for y, x in origins:
         p = rng.random((2, side, side)).astype(np.float32)
         win = Window(Box(y, y + side, x, x + side), Box(y, y + side, x, x + side), 0)
         sink.add(win, p)
-        # independent reference: paste into a big canvas, then cut the region
         canvas_n, canvas_d = np.zeros((2, 60, 60)), np.zeros((60, 60))
         canvas_n[:, y + 20 : y + 20 + side, x + 20 : x + 20 + side] = p * gaussian_weights(side)
         canvas_d[y + 20 : y + 20 + side, x + 20 : x + 20 + side] = gaussian_weights(side)
         num += canvas_n[:, 20:40, 20:40]
         den += canvas_d[20:40, 20:40]
+    return sink, num, den
+
+
+def _axis(start: int, step: int) -> list[int]:
+    """Origins from ``start`` every ``step`` until a window reaches the region's end."""
+    return list(range(start, 20 - _SIDE + step, step))
+
+
+@st.composite
+def _covering(draw: st.DrawFn) -> list[tuple[int, int]]:
+    """A lattice of windows covering the region (steps up to the window's side, starting at or
+    before its first pixel) plus random extra windows, in a random order."""
+    ys = _axis(draw(st.integers(-8, 0)), draw(st.integers(4, _SIDE)))
+    xs = _axis(draw(st.integers(-8, 0)), draw(st.integers(4, _SIDE)))
+    extra = draw(st.lists(_origin, max_size=4))
+    return draw(st.permutations([(y, x) for y in ys for x in xs] + extra))
+
+
+@given(origins=_covering(), seed=st.integers(0, 2**16))
+def test_blend_sink_is_the_weighted_mean(origins, seed):
+    """Every example covers the region, so the weighted mean (and a part of it, cut from the
+    region's result) is checked each time; overlaps weigh each window by its Gaussian."""
+    sink, num, den = _blend(origins, seed)
+    assert (den > 0).all()
+    np.testing.assert_allclose(sink.result(), num / den, rtol=1e-5)
     part = Box(5, 15, 3, 20)
-    if (den > 0).all():
-        np.testing.assert_allclose(sink.result(), num / den, rtol=1e-5)
-        np.testing.assert_array_equal(sink.result(part), sink.result()[:, 5:15, 3:20])
-    else:
-        if (den[5:15, 3:20] > 0).all():  # a part all covered is given while others are not
-            expected = num[:, 5:15, 3:20] / den[5:15, 3:20]
-            np.testing.assert_allclose(sink.result(part), expected, rtol=1e-5)
-        with pytest.raises(RuntimeError, match="uncovered"):
-            sink.result()
+    np.testing.assert_allclose(sink.result(part), num[:, 5:15, 3:20] / den[5:15, 3:20], rtol=1e-5)
+    np.testing.assert_array_equal(sink.result(part), sink.result()[:, 5:15, 3:20])
+
+
+@given(origins=st.lists(_origin, min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_blend_sink_refuses_an_uncovered_region_but_gives_a_covered_part(origins, seed):
+    """Random windows seldom cover the region: the sink refuses the whole, yet gives the
+    weighted mean of a part they do cover."""
+    sink, num, den = _blend(origins, seed)
+    assume(not (den > 0).all())
+    part = Box(5, 15, 3, 20)
+    if (den[5:15, 3:20] > 0).all():  # a part all covered is given while others are not
+        expected = num[:, 5:15, 3:20] / den[5:15, 3:20]
+        np.testing.assert_allclose(sink.result(part), expected, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="uncovered"):
+        sink.result()
 
 
 def test_crop_sink_keeps_each_tile_from_its_own_window():

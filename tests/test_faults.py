@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import zarr
 import segpipe
 from segpipe.execution.cluster import plan_for_device
 from segpipe.faults import FAULT_POINTS, InjectedFault, fault_point
-from segpipe.results import is_complete, read_meta, result_levels, tiles_done
+from segpipe.results import RunSummary, is_complete, read_meta, tiles_done
 
 pytestmark = [pytest.mark.slow]
 
@@ -49,28 +50,75 @@ def _run(
     return subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
 
 
-def _arrays(path: Path) -> dict[str, bytes]:
-    """Every array a reader sees, as raw bytes (bit-identity, not closeness)."""
-    root = zarr.open_group(path, mode="r")
+def _arrays(path: Path) -> dict[str, tuple[str, tuple[int, ...], bytes]]:
+    """Every array of the store, walked, as dtype, shape and raw bytes (bit-identity, not
+    closeness): each level's mask and probabilities, coordinates and class names, the label
+    image, and the per-tile class counts the summary is summed from. Not ``tiles_done``, the
+    runs' bookkeeping (a complete result reads as all done whatever its flags)."""
     out = {}
-    for k in range(len(result_levels(path))):
-        for name in (f"{k}/mask", f"{k}/probabilities", f"labels/mask/{k}/mask"):
-            out[name] = np.asarray(root[name][...]).tobytes()
+    for name, node in zarr.open_group(path, mode="r").members(max_depth=None):
+        if isinstance(node, zarr.Array) and name != "_segpipe/tiles_done":
+            a = np.asarray(node[...])
+            raw = repr(a.tolist()).encode() if a.dtype.kind in "OTU" else a.tobytes()
+            out[name] = (str(a.dtype), a.shape, raw)
     return out
 
 
+# The summary's figures that depend on the result alone, not on the runs that made it.
+_RESULT_FIGURES = (
+    "tiles_total",
+    "tiles_computed",
+    "tiles_background",
+    "foreground_pixels",
+    "class_pixels",
+)
+
+
+def _figures(summary: RunSummary) -> dict:
+    return {k: getattr(summary, k) for k in _RESULT_FIGURES}
+
+
+def _recorded(path: Path) -> int | None:
+    """How many tiles a running run has recorded: 0 before its store exists, None while the
+    record is being rewritten (read again)."""
+    try:
+        record = zarr.open_array(path / "_segpipe" / "tiles_done", mode="r")
+        return int(np.asarray(record[...]).sum())
+    except FileNotFoundError:
+        return 0
+    except Exception:  # a chunk caught mid-write
+        return None
+
+
+class Reference(NamedTuple):
+    arrays: dict[str, tuple[str, tuple[int, ...], bytes]]
+    summary: RunSummary
+    tiles_seconds: float  # from the first tile recorded to the last, as seen from outside
+
+
 @pytest.fixture(scope="module")
-def reference(small_slide, random_checkpoint, tmp_path_factory):
-    """An uninterrupted run: its arrays and how long it took."""
+def reference(small_slide, random_checkpoint, tmp_path_factory) -> Reference:
+    """An uninterrupted run: its arrays, its summary, and how long its tiles took (watched
+    from here, as the random kills time themselves)."""
     out = tmp_path_factory.mktemp("ref") / "ref.seg.zarr"
-    started = time.perf_counter()
     proc = _run(small_slide.image, out, random_checkpoint)
+    first = last = None
+    while proc.poll() is None:
+        done, now = _recorded(out), time.perf_counter()
+        if done and first is None:
+            first = now
+        if done == 100 and last is None:
+            last = now
+        time.sleep(0.01)
     assert proc.wait() == 0, proc.stderr.read().decode() if proc.stderr else ""
     assert is_complete(out)
-    return _arrays(out), time.perf_counter() - started
+    assert first is not None and last is not None, "the tiles were never seen being recorded"
+    return Reference(_arrays(out), read_meta(out).summary, last - first)
 
 
-def _finish_and_compare(out: Path, source: Path, model: Path, reference) -> None:
+def _finish_and_compare(out: Path, source: Path, model: Path, reference: Reference) -> None:
+    """Run again to the end: only what was not recorded is computed, and every array and the
+    summary's figures of the result equal an uninterrupted run's."""
     done_before = int(tiles_done(out).sum()) if out.exists() else 0
     complete_before = is_complete(out)
     summary_before = read_meta(out).summary if complete_before else None
@@ -82,10 +130,10 @@ def _finish_and_compare(out: Path, source: Path, model: Path, reference) -> None
     else:  # only what was not recorded as done is computed again; the summary counts all
         assert meta.summary.tiles_computed == meta.summary.tiles_total
         assert meta.summary.tiles_skipped == done_before
-    arrays, _ = reference
+    assert _figures(meta.summary) == _figures(reference.summary)
     got = _arrays(out)
-    assert got.keys() == arrays.keys()
-    differing = [k for k in arrays if got[k] != arrays[k]]
+    assert got.keys() == reference.arrays.keys()
+    differing = [k for k in reference.arrays if got[k] != reference.arrays[k]]
     assert not differing, f"not bit-identical to an uninterrupted run: {differing}"
     segpipe.open_result(out)  # opens as a complete result (consolidated metadata present)
 
@@ -94,7 +142,11 @@ def _finish_and_compare(out: Path, source: Path, model: Path, reference) -> None
 _SKIPS = {"block.written": 7, "block.recorded": 7}
 
 
-@pytest.mark.parametrize("point", FAULT_POINTS)
+# Passed only when a result is replaced: its own test below.
+_RUN_POINTS = [p for p in FAULT_POINTS if p != "result.deleting"]
+
+
+@pytest.mark.parametrize("point", _RUN_POINTS)
 def test_kill_at_each_transition_then_rerun_is_bit_identical(
     point, small_slide, random_checkpoint, reference, tmp_path
 ):
@@ -156,41 +208,76 @@ def test_a_blend_task_killed_after_some_of_its_shards_is_redone_whole(
     assert 4 <= len(shards) < 100, "the task's first shard blocks were written, not the rest"
     segpipe.segment(small_slide.image, out, random_checkpoint, scheduler="sync", **blend)
     assert read_meta(out).summary.tiles_computed == read_meta(out).summary.tiles_total
+    assert _figures(read_meta(out).summary) == _figures(read_meta(ref).summary)
     assert _arrays(out) == _arrays(ref)
 
 
-def test_overwrite_after_a_kill_mid_delete_recovers(
-    small_slide, random_checkpoint, reference, tmp_path
-):
-    # A result of other settings, then an overwrite killed right after its skeleton is built:
-    # the old result is already gone, the new one not in place; the next run starts clean.
-    out = tmp_path / "r.seg.zarr"
-    segpipe.segment(
-        small_slide.image, out, random_checkpoint, scheduler="sync", **{**SETTINGS, "tile": 64}
-    )
+def _overwrite(out: Path, source: Path, model: Path, fault: str) -> None:
+    """A result of other settings (64 px tiles) at ``out``, then an overwrite in a fresh
+    process killed at ``fault``."""
+    segpipe.segment(source, out, model, scheduler="sync", **{**SETTINGS, "tile": 64})
     code = (
         "import segpipe; "
-        f"segpipe.segment({str(small_slide.image)!r}, {str(out)!r}, "
-        f"{str(random_checkpoint)!r}, scheduler='sync', overwrite=True, **{SETTINGS!r})"
+        f"segpipe.segment({str(source)!r}, {str(out)!r}, "
+        f"{str(model)!r}, scheduler='sync', overwrite=True, **{SETTINGS!r})"
     )
-    env = os.environ | {"SEGPIPE_FAULT": "result.skeleton"}
+    env = os.environ | {"SEGPIPE_FAULT": fault}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == -signal.SIGKILL
+
+
+def test_overwrite_killed_mid_delete_leaves_the_old_result_aside_and_recovers(
+    small_slide, random_checkpoint, reference, tmp_path
+):
+    """Killed after the replaced result is renamed aside, before it is deleted: nothing sits
+    at the path, the old result whole beside it; the next run removes that leftover and ends
+    bit-identical to an uninterrupted run."""
+    out = tmp_path / "r.seg.zarr"
+    _overwrite(out, small_slide.image, random_checkpoint, "result.deleting")
     assert not out.exists()
+    (aside,) = tmp_path.glob(".r.seg.zarr.deleting-*")
+    assert read_meta(aside).tile == 64 and is_complete(aside)
+    _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.seg.zarr"]
+
+
+def test_overwrite_killed_before_its_skeleton_is_in_place_starts_clean(
+    small_slide, random_checkpoint, reference, tmp_path
+):
+    """Killed right after the new skeleton is built: the old result is already gone, the new
+    one not in place; the next run starts clean."""
+    out = tmp_path / "r.seg.zarr"
+    _overwrite(out, small_slide.image, random_checkpoint, "result.skeleton")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".r.seg.zarr.deleting-*"))
     _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
 
 
 def test_kill_at_random_instants_then_rerun_is_bit_identical(
     small_slide, random_checkpoint, reference, tmp_path
 ):
-    _, seconds = reference  # of the whole subprocess, start-up (imports) included
+    """Killed at random instants while its tiles are computed, timed from its first recorded
+    tile over the span the reference's tiles took: every kill lands before the run ends and
+    after a tile is recorded, most amid the tiles (a run faster than the reference's may be
+    finishing), and each re-run ends bit-identical."""
     rng = random.Random(11)
+    amid_tiles = []
     for i in range(RANDOM_KILLS):
         out = tmp_path / f"r{i}.seg.zarr"
         proc = _run(small_slide.image, out, random_checkpoint)
-        time.sleep(rng.uniform(0.3, 0.95) * seconds)
+        deadline = time.monotonic() + 300
+        while not _recorded(out):
+            assert proc.poll() is None, "the run ended before a tile was seen recorded"
+            assert time.monotonic() < deadline, "no tile recorded in 300 s"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.95) * reference.tiles_seconds)
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        assert proc.wait() == -signal.SIGKILL, "the run had ended before the kill"
+        assert not is_complete(out)
+        done = int(tiles_done(out).sum())
+        assert done > 0
+        amid_tiles.append(done < 100)
         _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
+    assert sum(amid_tiles) > RANDOM_KILLS // 2, f"kills amid the tiles: {amid_tiles}"
 
 
 @pytest.mark.parametrize("point", ["result.pyramid", "result.consolidated"])

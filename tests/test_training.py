@@ -172,7 +172,37 @@ def test_a_tiny_unet_overfits_one_batch(slide: SyntheticSlide) -> None:
     assert losses[-1] <= 0.5 * losses[0], losses
 
 
+def _fixed_batch_loss(model: SegmentationModel, config: TrainConfig) -> float:
+    """The model's cross-entropy, in eval mode, on one fixed unaugmented batch of the
+    config's training slides: the same pixels before and after training, so a lower value is
+    learning, not a luckier draw of batches (which the loss history alone could be)."""
+    images, labels = sample_batch(
+        make_slides(config)[0], model.geometry, 24, 8, np.random.default_rng(7), is_augmented=False
+    )
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(images)), torch.from_numpy(labels)
+        )
+    model.train(was_training)
+    return loss.item()
+
+
+def _assert_trained(before: list[torch.Tensor], model: SegmentationModel) -> None:
+    """Every weight moved from ``before``: equal runs are then equal learning, not two runs
+    that never updated their weights."""
+    unchanged = [
+        name
+        for (name, p), b in zip(model.named_parameters(), before, strict=True)
+        if torch.equal(p.detach(), b)
+    ]
+    assert not unchanged, f"training left these weights as they were: {unchanged}"
+
+
 def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
+    """Two runs from the same seed end with the same weights and losses; and the run learns:
+    every weight moves and the loss on one fixed batch falls."""
     config = TrainConfig(
         steps=4,
         batch_size=2,
@@ -189,9 +219,13 @@ def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
     for _ in range(2):
         torch.manual_seed(config.seed)  # the initial weights are the caller's to seed
         model = tiny_unet()
+        initial = [p.detach().clone() for p in model.parameters()]
+        loss_before = _fixed_batch_loss(model, config)
         results.append(train(model, config))
         weights.append([p.detach().clone() for p in model.parameters()])
         assert not model.training
+        _assert_trained(initial, model)
+        assert _fixed_batch_loss(model, config) < 0.95 * loss_before
     result = results[0]
     assert set(result["dice"]) == {"background", "tissue", "nucleus"}
     assert len(result["loss_history"]) == 2
@@ -245,7 +279,9 @@ def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path) -> No
     config = TrainConfig(**settings, checkpoint_dir=str(tmp_path))
     torch.manual_seed(0)
     straight = tiny_unet(dropout=0.3)
+    initial = [p.detach().clone() for p in straight.parameters()]
     result = train(straight, config)
+    _assert_trained(initial, straight)
     assert [e["step"] for e in result["epochs"]] == [2, 4]
     assert len(result["loss_history"]) == 2  # steps 1-3 and step 4
     assert result["checkpoint"] == str(tmp_path / "epoch-002.pt")
@@ -259,6 +295,8 @@ def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path) -> No
     again = train(resumed, TrainConfig(**settings, resume_from=str(first)))
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The resumed run trained on from the checkpoint's weights, not merely loaded them.
+    _assert_trained([p.detach() for p in models.load(first).parameters()], resumed)
     assert again["loss_history"] == result["loss_history"]
     assert [e["epoch"] for e in again["epochs"]] == [1, 2]
 

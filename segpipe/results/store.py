@@ -152,6 +152,7 @@ def _delete(path: Path | URLPath) -> None:
     _check_not_link(path)
     trash = _sibling(path, "deleting")
     os.rename(path, trash)
+    fault_point("result.deleting")
     shutil.rmtree(trash)
 
 
