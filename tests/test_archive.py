@@ -5,6 +5,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -26,10 +29,10 @@ from segpipe.archive import (
     image_paths,
     process_image,
 )
-from segpipe.archive.claims import ClaimLostError, try_claim
+from segpipe.archive.claims import ClaimLostError, read_lock, try_claim
 from segpipe.archive.state import MAX_KILLED_ATTEMPTS, retry_delay_s
 from segpipe.config import SegmentConfig
-from segpipe.results import is_complete, read_meta
+from segpipe.results import is_complete, read_meta, result_levels, tiles_done
 
 CONFIG = SegmentConfig(tile=64, scheduler="sync")
 
@@ -953,6 +956,83 @@ def test_a_run_killed_without_a_word_counts_as_a_failure(tmp_path, slide, random
     done = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (done.status, done.reason) == ("segmented", "previous run running")
     assert archive.read_state(paths.state)["failures"] == 0
+
+
+def _process_in_a_subprocess(source, out, model, config, *, owner, ttl_s, fault, skip=0):
+    """``process_image`` on the one image of ``source``, in a fresh process with ``fault``
+    armed (:mod:`segpipe.faults`); returns the finished ``Popen`` and its stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGPIPE_FAULT")}
+    env |= {"SEGPIPE_FAULT": fault, "SEGPIPE_FAULT_SKIP": str(skip)}
+    code = (
+        "from segpipe.archive import discover_images, process_image; "
+        "from segpipe.config import SegmentConfig; "
+        f"(image,) = discover_images({str(source)!r}); "
+        f"process_image(image, {str(out)!r}, {str(model)!r}, "
+        f"config=SegmentConfig(**{config.as_dict()!r}), owner={owner!r}, ttl_s={ttl_s!r})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE)
+    _, stderr = proc.communicate(timeout=300)
+    return proc, stderr.decode()
+
+
+def _result_arrays(result):
+    """Every level's mask and probabilities as raw bytes (bit-identity, not closeness)."""
+    import segpipe
+
+    out = {}
+    for level in range(len(result_levels(result))):
+        ds = segpipe.open_result(result, level)
+        for name in ("mask", "probabilities"):
+            out[f"{level}/{name}"] = (ds[name].dtype, ds[name].shape, ds[name].values.tobytes())
+    return out
+
+
+@pytest.mark.slow
+def test_a_sigkilled_run_is_reclaimed_once_stale_resumed_and_bit_identical(
+    tmp_path, slide, random_checkpoint
+):
+    """A real SIGKILL (segpipe.faults) right after the second of four blocks is recorded:
+    nothing after it runs. The sidecar says "running" with the attempt counted, the lock
+    stays with no heartbeat; the image is busy until the lock's ttl passes, then the next run
+    reclaims the lock, resumes the blocks left and ends bit-identical to a run never killed."""
+    config = SegmentConfig(tile=64, task_tiles=1, probability_dtype="float32", scheduler="sync")
+    ttl_s = 3.0  # heartbeats every 0.75 s: fresh well past the checks right after the kill
+    image, out, paths = _one_image(tmp_path, slide)
+    model = archive.load_model(random_checkpoint)  # the checks after the kill take no time
+    killed, stderr = _process_in_a_subprocess(
+        tmp_path / "archive",
+        out,
+        random_checkpoint,
+        config,
+        owner="killed run",
+        ttl_s=ttl_s,
+        fault="block.recorded",
+        skip=1,
+    )
+    assert killed.returncode == -signal.SIGKILL, f"the fault point was never reached: {stderr}"
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"], state["owner"]) == ("running", 1, "killed run")
+    assert (read_lock(paths.lock) or {}).get("pid") == killed.pid, "the dead run's lock stays"
+    assert read_meta(paths.result).state == "computing"
+    assert int(tiles_done(paths.result).sum()) == 2
+    busy = process_image(image, out, model, config=config, owner="next run", ttl_s=ttl_s)
+    assert (busy.status, busy.reason) == ("busy", "claimed by killed run")
+
+    heartbeat = paths.lock.stat().st_mtime
+    time.sleep(max(0.0, heartbeat + ttl_s + 0.2 - time.time()))
+    assert paths.lock.stat().st_mtime == heartbeat, "a dead run's lock has no heartbeat"
+    done = process_image(image, out, model, config=config, owner="next run", ttl_s=ttl_s)
+    assert (done.status, done.reason) == ("segmented", "previous run running: resuming")
+    assert (done.tiles_computed, done.tiles_skipped) == (4, 2), "only the 2 blocks left"
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"], state["owner"]) == ("complete", 0, "next run")
+    assert not paths.lock.exists() and not list(out.glob("*.reclaim-*"))
+    assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]
+
+    reference, reference_out, reference_paths = _one_image(tmp_path / "uninterrupted", slide)
+    process_image(reference, reference_out, model, config=config)
+    expected = _result_arrays(reference_paths.result)
+    assert _result_arrays(paths.result) == expected, "not bit-identical to an uninterrupted run"
 
 
 def test_a_live_run_past_max_killed_attempts_is_busy_and_a_dead_one_held(

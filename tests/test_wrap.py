@@ -17,7 +17,6 @@ from torch import nn
 import segpipe
 from segpipe import models
 from segpipe.cli import main
-from segpipe.execution.predictor import window_probabilities
 from segpipe.geometry.tiling import Geometry
 from segpipe.models import CheckpointError, PixelContract, WrappedModel, wrap, write_sidecar
 
@@ -32,14 +31,18 @@ def _image(path: Path, shape: tuple[int, int] = (150, 112)) -> np.ndarray:
     return image[..., None]
 
 
-def _whole_image_pass(net: nn.Module, image: np.ndarray, g: Geometry) -> np.ndarray:
-    """Probabilities ``(C, Y, X)`` of one forward pass over the image mirrored by the halo (and
-    to the size multiple): what exact-mode tiles must reproduce."""
+def _whole_image_pass(module: nn.Module, image: np.ndarray, g: Geometry) -> np.ndarray:
+    """Probabilities ``(C, Y, X)`` of one forward pass of the user's own network over the image
+    mirrored by the halo (and to the size multiple): what exact-mode tiles must reproduce.
+    Independent of segpipe's scaling and softmax: uint8 / 255 and ``torch.softmax`` here."""
     h, m = g.halo, g.multiple
     ny, nx = image.shape[:2]
     after = [h + (-(n + 2 * h)) % m for n in (ny, nx)]
     padded = np.pad(image, ((h, after[0]), (h, after[1]), (0, 0)), mode="reflect")
-    return window_probabilities(net, padded[None])[0][:, h : h + ny, h : h + nx]
+    x = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).float() / 255
+    with torch.inference_mode():
+        p = torch.softmax(module(x), 1)[0].numpy()
+    return p[:, h : h + ny, h : h + nx]
 
 
 def _segmented(image: Path, out: Path, net: nn.Module | str, **settings: object) -> np.ndarray:
@@ -136,7 +139,7 @@ def test_monai_basic_unet_exact_equals_a_whole_image_pass(
     assert (g.multiple, g.shrinks) == (16, False)
     image = _image(tmp_path / "grey.tif")
     tiles = _segmented(tmp_path / "grey.tif", tmp_path / "r.zarr", monai_batch, tile=64)
-    np.testing.assert_allclose(tiles, _whole_image_pass(monai_batch, image, g), atol=2e-5)
+    np.testing.assert_allclose(tiles, _whole_image_pass(monai_batch.module, image, g), atol=2e-5)
     # One pixel less of halo and the tiles no longer agree: the measured halo is the least.
     short = wrap(monai_batch.module, class_names=["a", "b"], halo=g.halo - 1, multiple=g.multiple)
     shorter = _segmented(tmp_path / "grey.tif", tmp_path / "s.zarr", short, tile=64)
@@ -145,14 +148,45 @@ def test_monai_basic_unet_exact_equals_a_whole_image_pass(
 
 @pytest.mark.slow
 def test_monai_instance_norm_runs_in_blend_mode(tmp_path: Path) -> None:
+    """Blend mode equals MONAI's sliding_window_inference with the same window, overlap and
+    sigma. The image is windows apart (160 = 64 + 2 * 48, 112 = 64 + 48), so segpipe's last
+    window, snapped to the pooling multiple, ends at the edge where MONAI's does. MONAI's own
+    map clamps Gaussian weights to at least 1e-3, which turns the rims of overlapping windows
+    into a plain mean; segpipe keeps the Gaussian there, so MONAI gets it as ``roi_weight_map``."""
+    inferers = pytest.importorskip("monai.inferers")
     net = wrap(_basic_unet("instance"), class_names=["background", "foreground"])
     assert net.geometry.halo > 0  # measured without the InstanceNorms, which see whole tiles
-    _image(tmp_path / "grey.tif")
+    image = _image(tmp_path / "grey.tif", shape=(160, 112))
     with pytest.raises(ValueError, match="blend"):
         _segmented(tmp_path / "grey.tif", tmp_path / "x.zarr", net, tile=64)
-    probabilities = _segmented(tmp_path / "grey.tif", tmp_path / "b.zarr", net, mode="blend")
-    assert probabilities.shape == (2, 150, 112)
-    np.testing.assert_allclose(probabilities.sum(axis=0), 1, atol=1e-5)
+    window, overlap, sigma_scale = 64, 0.25, 0.125
+    probabilities = _segmented(
+        tmp_path / "grey.tif",
+        tmp_path / "b.zarr",
+        net,
+        mode="blend",
+        tile=64,
+        window=window,
+        overlap=overlap,
+        sigma_scale=sigma_scale,
+    )
+    x = torch.from_numpy(image.transpose(2, 0, 1)[None].copy()).float() / 255
+    r = torch.arange(window) - (window - 1) / 2
+    gaussian = torch.exp(-(r**2) / (2 * (sigma_scale * window) ** 2))
+    with torch.inference_mode():
+        theirs = inferers.sliding_window_inference(
+            x,
+            (window, window),
+            4,
+            lambda t: torch.softmax(net.module(t), 1),
+            overlap=overlap,
+            mode="gaussian",
+            sigma_scale=sigma_scale,
+            roi_weight_map=torch.outer(gaussian, gaussian),
+        )[0].numpy()
+    # Windows that disagree (InstanceNorm over other pixels) differ by up to 0.3 where they
+    # overlap: a window moved or weighed otherwise shows; float rounding (1e-6 here) does not.
+    np.testing.assert_allclose(probabilities, theirs, rtol=0, atol=2e-5)
 
 
 @pytest.mark.slow
@@ -179,7 +213,7 @@ def test_torchscript_file_with_a_sidecar_runs_through_the_cli(
         main([*argv, "--tile", "64", "--scheduler", "sync", "--probability-dtype", "float32"]) == 0
     )
     probabilities = segpipe.open_result(out)["probabilities"].values
-    expected = _whole_image_pass(monai_batch, image, monai_batch.geometry)
+    expected = _whole_image_pass(monai_batch.module, image, monai_batch.geometry)
     np.testing.assert_allclose(probabilities, expected, atol=2e-5)
 
 
@@ -244,4 +278,4 @@ def test_smp_unet_exact_equals_a_whole_image_pass(tmp_path: Path) -> None:
     assert net.geometry.multiple == 8
     image = _image(tmp_path / "grey.tif")
     tiles = _segmented(tmp_path / "grey.tif", tmp_path / "r.zarr", net, tile=64)
-    np.testing.assert_allclose(tiles, _whole_image_pass(net, image, net.geometry), atol=2e-5)
+    np.testing.assert_allclose(tiles, _whole_image_pass(net.module, image, net.geometry), atol=2e-5)
