@@ -168,31 +168,3 @@ def test_the_same_values_in_the_same_format_are_encoded_once(monkeypatch):
     assert len(calls) == 2
     assert stored(mask, "c/1/0") == stored(label, "c/1/0") == stored(other, "c/1/0")
     np.testing.assert_array_equal(label[where], values)
-
-
-def _encode_in_child(form: ShardFormat, values: np.ndarray, out) -> None:
-    out.put(form.encode(values))
-
-
-def test_a_forked_child_encodes_on_threads_of_its_own():
-    # The chunks of a shard are zstd'ed on a pool of threads; a forked child (a Dask nanny's
-    # worker on fork, a user's multiprocessing) has none of them and must not wait on them.
-    import multiprocessing
-
-    if "fork" not in multiprocessing.get_all_start_methods():
-        pytest.skip("no fork on this platform")
-    array = create(MemoryStore(), "a", (16, 16), (4, 4), (8, 8), "float32")
-    form = ShardFormat.of(array)
-    assert form is not None
-    values = np.random.default_rng(0).random((8, 8), dtype=np.float32)
-    here = form.encode(values)  # starts the parent's pool
-    context = multiprocessing.get_context("fork")
-    out = context.Queue()
-    child = context.Process(target=_encode_in_child, args=(form, values, out))
-    child.start()
-    child.join(timeout=60)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child's encode waited on its parent's threads")
-    assert child.exitcode == 0
-    assert out.get(timeout=5) == here

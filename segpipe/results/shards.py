@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import threading
 from collections.abc import Coroutine, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import google_crc32c
 import numpy as np
 import zarr
-from dask.system import CPU_COUNT
 from numcodecs.zstd import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
@@ -39,33 +35,6 @@ __all__ = ["Encoded", "ShardFormat", "ShardWrite", "shard_write", "write_togethe
 log = logging.getLogger("segpipe")
 
 _EMPTY = np.iinfo(np.uint64).max  # an index entry's offset and length for a chunk not stored
-_ENCODERS: ThreadPoolExecutor | None = None  # see _encoders
-_ENCODERS_LOCK = threading.Lock()
-
-
-def _encoders() -> ThreadPoolExecutor:
-    """The process's threads that zstd a shard's chunks, one per core (Dask's count).
-
-    zstd lets go of the GIL, and an I/O section's encoding has the cores to itself: a wide
-    forward pass waits for the section to end (``CoreGate``), so the cores the section does
-    not hold would only idle. At 8192² end to end went from 1.15x to 1.11x the bare forward.
-    """
-    global _ENCODERS
-    with _ENCODERS_LOCK:
-        if _ENCODERS is None:
-            _ENCODERS = ThreadPoolExecutor(CPU_COUNT, "segpipe-encode")
-        return _ENCODERS
-
-
-def _forget_encoders() -> None:
-    # A forked child has none of its parent's threads, and its copy of the lock may be held
-    # by one of them: it makes its own.
-    global _ENCODERS, _ENCODERS_LOCK
-    _ENCODERS, _ENCODERS_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_encoders)
 
 
 try:  # chunks follow one another in Zarr's order, so a shard is byte for byte Zarr's
@@ -158,17 +127,14 @@ class ShardFormat:
                 padded = np.full(self.chunk, self.fill, dtype=self.dtype)
                 padded[tuple(slice(0, n) for n in part.shape)] = part
                 part = padded
-            chunks.append((coords, part))  # a view: copied contiguous one at a time, below
-
-        def stored(chunk: tuple[tuple[int, ...], np.ndarray]) -> bytes:
-            data = np.ascontiguousarray(chunk[1])
-            return data.tobytes() if zstd is None else bytes(zstd.encode(data))
-
-        parts: list[bytes]
-        if zstd is None or len(chunks) <= 1 or CPU_COUNT == 1:
-            parts = [stored(chunk) for chunk in chunks]
-        else:
-            parts = list(_encoders().map(stored, chunks))
+            chunks.append((coords, part))
+        # One chunk copied contiguous at a time. Not on a thread per core: zstd lets go of the
+        # GIL, and a chunk pool was 1.8x faster alone, but end to end at 8192² (2 cores) it
+        # changed nothing measurable, and a forked child would need its own pool.
+        parts = [
+            data.tobytes() if zstd is None else zstd.encode(data)
+            for data in (np.ascontiguousarray(part) for _, part in chunks)
+        ]
         offset = 0
         for (coords, _), encoded in zip(chunks, parts, strict=True):
             index[coords] = (offset, len(encoded))
@@ -249,8 +215,8 @@ def _shape(array: zarr.Array, selection: tuple[slice, ...]) -> tuple[int, ...] |
 
 def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
     """``array[selection] = values`` for each write, in one trip to the stores. A write of one
-    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, its chunks
-    on every core (:func:`_encoders`), and only stored in the trip; others
+    whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
+    caller's thread (the one core an I/O section holds), and only stored in the trip; others
     go to Zarr, whose threads encode them side by side. Each write must be whole shards no
     other write of the call touches. Returns when every write has ended; raises the failure
     of the first write that failed, in the order given."""
