@@ -579,8 +579,9 @@ def test_a_stopped_run_waits_for_its_images_which_are_interrupted_not_failed(
 def test_an_artifact_the_api_refuses_changes_no_image_outcome(
     prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
 ):
-    """A report artifact is only a view of what the run recorded: the API failing it leaves
-    the segmented image segmented (its sidecar says complete) and a failed one failed."""
+    """Report and run-table artifacts are only views of what the run recorded: the API
+    failing them leaves the segmented image segmented (its sidecar says complete) and a
+    failed one failed, and the run ends with its result."""
     import segpipe.flows.archive
 
     source, out = tmp_path / "archive", tmp_path / "out"
@@ -592,6 +593,7 @@ def test_an_artifact_the_api_refuses_changes_no_image_outcome(
         raise RuntimeError("503 Service Unavailable")
 
     monkeypatch.setattr(segpipe.flows.archive, "create_markdown_artifact", api_down)
+    monkeypatch.setattr(segpipe.flows.archive, "create_table_artifact", api_down)
     result = _run(source, out, random_checkpoint, retry_delay_s=0)
     assert result["segmented"] == ["good.ome.tif"]
     assert list(result["failed"]) == ["broken.tif"]

@@ -282,11 +282,14 @@ def process_archive(
             )
         outcomes = [_outcome(image, future, root) for image, future in submitted]
 
-    create_table_artifact(
-        reports.run_table(outcomes),
-        key=artifact_key("archive", root),
-        description=reports.run_markdown(outcomes),
-    )
+    try:  # a view of the outcomes, as the images' reports: the API failing it fails no run
+        create_table_artifact(
+            reports.run_table(outcomes),
+            key=artifact_key("archive", root),
+            description=reports.run_markdown(outcomes),
+        )
+    except Exception:
+        logger.warning("no run table artifact", exc_info=True)
     summary = reports.describe_run(outcomes)
     logger.info("%s", summary)
     result = {
