@@ -315,6 +315,25 @@ def test_a_claim_that_lost_its_lock_neither_refreshes_nor_removes_the_new_one(s3
     assert (read_lock(lock) or {}).get("owner") == "new"
 
 
+def test_claims_on_a_store_that_ignores_if_match_on_writes_are_refused(s3, monkeypatch):
+    """A claim's heartbeat writes If-Match its last ETag: on a store that ignored it, a run
+    that lost its lock would overwrite the new owner's. The store is probed once, refused."""
+    from segpipe.archive import claims
+
+    monkeypatch.setattr(claims, "_CONDITIONAL_WRITES", {})
+    lock = location(s3.url("claims/c.svs.lock"), s3.options)
+    fs, _ = lock.filesystem()  # fsspec's one instance for these options
+    real = fs.pipe_file
+
+    def ignoring_if_match(path, data, *args, IfMatch=None, **kwargs):
+        return real(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(fs, "pipe_file", ignoring_if_match)
+    with pytest.raises(UnsupportedStoreError, match="If-Match"):
+        try_claim(lock, owner="me")
+    assert not s3.fs.find(f"{BUCKET}/claims", prefix=".segpipe-probe")
+
+
 def test_claims_where_the_store_cannot_create_atomically_fail_with_what_to_do():
     with pytest.raises(UnsupportedStoreError, match="local or shared file system"):
         try_claim("memory://segpipe/claims/a.lock", owner="me")

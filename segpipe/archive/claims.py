@@ -366,16 +366,13 @@ class _ObjectClaim(Claim):
             probe = f"{key.rsplit('/', 1)[0]}/.segpipe-probe-{uuid.uuid4().hex}"
             fs.pipe_file(probe, b"", mode="create")
             try:
-                fs.pipe_file(probe, b"", mode="create")
-                honoured = False
-            except FileExistsError:
-                honoured = True
+                _CONDITIONAL_WRITES[endpoint, bucket] = _honours_conditions(fs, probe)
             finally:
                 fs.rm_file(probe)
-            _CONDITIONAL_WRITES[endpoint, bucket] = honoured
         if not _CONDITIONAL_WRITES[endpoint, bucket]:
             raise UnsupportedStoreError(
-                f"{path}: this S3 store ignores conditional writes (If-None-Match), so two "
+                f"{path}: this S3 store ignores conditional writes (If-None-Match, or "
+                "If-Match on a write or a delete), so two "
                 "runs could claim one image; use a store that supports them (AWS S3, recent "
                 "MinIO), put output_root on a local or shared file system, or run one runner "
                 "at a time"
@@ -396,3 +393,25 @@ class _ObjectClaim(Claim):
         with contextlib.suppress(OSError, FileNotFoundError):  # gone, or no longer ours
             fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=self._etag)
         fs.invalidate_cache(key)
+
+
+def _honours_conditions(fs: Any, probe: str) -> bool:
+    """Whether the S3 store refuses, on the existing object ``probe``, a create
+    (``If-None-Match: *``), and a write and a delete whose ``If-Match`` ETag is not the
+    object's: a claim's heartbeat and release rely on the last two as its take-over on the
+    first; a store that ignored them would let a run that lost its lock overwrite or delete
+    the new owner's."""
+    stale = '"00000000000000000000000000000000"'
+    bucket, _, name = probe.partition("/")
+    for attempt in (
+        lambda: fs.pipe_file(probe, b"", mode="create"),
+        lambda: fs.pipe_file(probe, b"", IfMatch=stale),
+        lambda: fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=stale),
+    ):
+        try:
+            attempt()
+        except (OSError, FileNotFoundError):  # refused (FileExistsError is an OSError)
+            continue
+        return False
+    fs.invalidate_cache(probe)
+    return bool(fs.exists(probe))
