@@ -16,7 +16,12 @@ import segpipe
 from segpipe import models
 from segpipe.execution import cluster, tasks
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
-from segpipe.execution.predictor import InferenceConfig, Predictor, model_given_back
+from segpipe.execution.predictor import (
+    InferenceConfig,
+    Predictor,
+    activation_bytes_per_pixel,
+    model_given_back,
+)
 from segpipe.execution.stitching import (
     Stitching,
     bounds,
@@ -380,6 +385,47 @@ def test_a_model_lent_to_runs_side_by_side_is_given_back_by_the_last() -> None:
     for key, value in model.state_dict().items():
         assert value.is_contiguous(), key
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_segmenting_under_inference_mode_leaves_the_model_trainable(reader, tmp_path) -> None:
+    """A caller inside ``torch.inference_mode()`` (validating mid-training): the lent module's
+    parameters and buffers are put on their device and back as ordinary tensors, not inference
+    tensors the next backward could not save."""
+    r, _ = reader
+    model = tiny_unet().train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torch.inference_mode():
+        segpipe.segment(r, tmp_path / "r.zarr", model, tile=8, device="cpu", scheduler="sync")
+    assert not any(t.is_inference() for t in [*model.parameters(), *model.buffers()])
+    side = model.geometry.input_size(8)
+    model(torch.rand(1, 3, side, side)).sum().backward()
+    optimizer.step()
+
+
+def test_bytes_per_pixel_count_only_the_probing_threads_forward() -> None:
+    """Runs side by side share the caller's module: another run's forward pass on its own
+    model thread, while this one probes, adds nothing to this one's bytes per pixel."""
+    model = tiny_unet()
+    alone = activation_bytes_per_pixel(model, torch.device("cpu"))
+    side = model.geometry.input_size(8)
+    prober = threading.get_ident()
+
+    def forward() -> None:
+        with torch.inference_mode():
+            model(torch.rand(1, 3, side, side))
+
+    def another_runs_forward(module: torch.nn.Module, args: object) -> None:
+        if threading.get_ident() == prober:  # mid-probe: a whole pass on another thread
+            other = threading.Thread(target=forward)
+            other.start()
+            other.join()
+
+    first_leaf = next(m for m in model.modules() if not list(m.children()))
+    handle = first_leaf.register_forward_pre_hook(another_runs_forward)
+    try:
+        assert activation_bytes_per_pixel(model, torch.device("cpu")) == alone
+    finally:
+        handle.remove()
 
 
 def test_stitching_refuses_what_it_cannot_do() -> None:

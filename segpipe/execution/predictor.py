@@ -102,8 +102,11 @@ class Predictor:
         self._uint8_scaling = _uint8_scaling(model, self.device)
         self.amp = self.config.amp if self.config.amp is not None else self.device.type == "cuda"
         self.amp_dtype = autocast_dtype(self.device, self.amp)
-        # torch's stubs leave memory_format out of Module.to; the call accepts it
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
+        # Outside inference mode whatever the caller's: a lent module's new parameters must
+        # stay ordinary tensors its next backward can save. torch's stubs leave memory_format
+        # out of Module.to; the call accepts it.
+        with torch.inference_mode(False):
+            self.model = model.eval().to(self.device, memory_format=torch.channels_last)  # type: ignore[call-overload]
         # A stream of its own on a GPU: copies and kernels of batch n+1 queue up behind
         # batch n's without waiting for the host to read n's probabilities.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -226,7 +229,7 @@ def _as_it_is(model: nn.Module) -> Callable[[], None]:
     def give_back() -> None:
         for m, training in modes:
             m.training = training
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as in __init__
             for m, name, grad, device, stride in layouts:
                 t = getattr(m, name).grad if grad else getattr(m, name)
                 if t is not None and (t.device != device or t.stride() != stride):
@@ -282,10 +285,13 @@ def activation_bytes_per_pixel(model: nn.Module, device: torch.device) -> float:
     geometry = geometry_of(model)
     side = geometry.input_size(8 * geometry.multiple)
     total = 0
+    # The hooks are on a module runs side by side may share: count this thread's pass only,
+    # not another run's forward on its model thread meanwhile.
+    prober = threading.get_ident()
 
     def count(module: nn.Module, args: object, output: object) -> None:
         nonlocal total
-        if isinstance(output, torch.Tensor):
+        if isinstance(output, torch.Tensor) and threading.get_ident() == prober:
             total += output.numel() * output.element_size()
 
     # TorchScript modules take no hooks (a wrapped TorchScript file counts only what it returns)
