@@ -381,6 +381,31 @@ def test_a_lock_whose_record_cannot_be_written_is_removed(tmp_path, monkeypatch)
     assert not (tmp_path / "a.lock").exists()
 
 
+def test_a_release_that_cannot_take_its_guard_leaves_the_lock_and_the_works_error(
+    tmp_path, monkeypatch
+):
+    """A full disk (or a read-only folder) refuses the release's guard file: the lock is left
+    to go stale, and the caller sees the error of its work, not one of the release."""
+    import errno
+
+    lock, real_open = tmp_path / "a.lock", os.open
+
+    def disk_full(path, *args, **kwargs):
+        if ".reclaim-" in os.fspath(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    def work(claim):
+        with claim:
+            monkeypatch.setattr(os, "open", disk_full)  # the disk fills up meanwhile
+            raise ValueError("segmenting failed")
+
+    with pytest.raises(ValueError, match="segmenting failed"):
+        work(try_claim(lock, ttl_s=60))
+    monkeypatch.undo()
+    assert lock.exists() and not list(tmp_path.glob("*.reclaim-*"))
+
+
 def _failing_reads(monkeypatch, times):
     """Make the claims' lock reads fail ``times`` times (ESTALE, as NFS says), then work."""
     from segpipe.archive import claims
@@ -734,6 +759,12 @@ def _age_failure(paths, seconds):
     from datetime import datetime, timedelta
 
     state = archive.read_state(paths.state)
+    if "unreadable" in state:  # a read failure, recorded apart
+        failure = state["unreadable"]
+        when = datetime.fromisoformat(failure["failed_at"]) - timedelta(seconds=seconds)
+        failure["failed_at"] = when.isoformat()
+        paths.state.write_text(json.dumps(state))
+        return
     field = "updated" if state["status"] == "running" else "failed_at"
     when = datetime.fromisoformat(state[field]) - timedelta(seconds=seconds)
     paths.state.write_text(json.dumps(state | {field: when.isoformat()}))
@@ -1250,20 +1281,50 @@ def test_an_unreadable_image_backs_off_like_a_failure_and_is_tried_once_it_reads
         m.setattr(archive_process, "fingerprint_image", unreadable)
         with pytest.raises(type(error)):
             run()
-        state = archive.read_state(paths.state)
-        assert (state["status"], state["failures"]) == ("failed", 1)
-        assert state["reason"] == f"{type(error).__name__}: {error}"
+        # Recorded beside the sidecar's fingerprint and status (none here: a new image).
+        failure = archive.read_state(paths.state)["unreadable"]
+        assert failure["failures"] == 1
+        assert failure["reason"] == f"{type(error).__name__}: {error}"
         assert not paths.lock.exists() and not paths.result.exists()
         held = run()
         assert held.status == "held" and "failed 1 time" in held.reason
         _age_failure(paths, 11 * 60)  # past the first delay: tried, and counted, again
         with pytest.raises(type(error)):
             run()
-        assert archive.read_state(paths.state)["failures"] == 2
+        assert archive.read_state(paths.state)["unreadable"]["failures"] == 2
         assert run().status == "held"
-    done = run()  # it reads again, within its delay
-    assert (done.status, done.reason) == ("segmented", "image changed")
+    done = run()  # it reads again, within its delay: never segmented, so new
+    assert (done.status, done.reason) == ("segmented", "new image")
     assert archive.read_state(paths.state)["failures"] == 0
+
+
+def test_an_image_unreadable_for_one_run_keeps_its_complete_result(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    """A complete image that cannot be read for one run (an I/O error, its permissions taken
+    away and given back) has not changed: once it reads again it is up to date, its result
+    neither deleted nor segmented again."""
+    import errno
+
+    image, out, paths = _one_image(tmp_path, slide)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    fingerprint = archive.read_state(paths.state)["fingerprint"]
+    before = (paths.result / "zarr.json").stat()
+
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with monkeypatch.context() as m:
+        m.setattr(archive_process, "fingerprint_image", unreadable)
+        with pytest.raises(OSError, match="Input/output error"):
+            process_image(image, out, random_checkpoint, config=CONFIG)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("skipped", "up to date")
+    after = (paths.result / "zarr.json").stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["fingerprint"]) == ("complete", fingerprint)
+    assert state["unreadable"]["failures"] == 1
 
 
 def test_a_resume_started_again_leaves_no_record_of_the_result_it_deleted(

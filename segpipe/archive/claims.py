@@ -108,10 +108,14 @@ class Claim:
         # of our token, then a takeover, then our unlink would remove the new owner's lock.
         # A guard already there is a takeover under way: the lock is no longer ours to remove.
         path = Path(self.path)
-        with _guard(path, self.token) as guarded:
-            if guarded and _lock_token(path) == self.token:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        try:
+            with _guard(path, self.token) as guarded:
+                if guarded and _lock_token(path) == self.token:
+                    path.unlink(missing_ok=True)
+        except OSError:
+            # No guard (a full disk, a read-only folder): left to go stale like a dead run's
+            # lock; raising would replace the error of the work in the `with claim:` block.
+            log.warning("%s: lock not released, stale in %.0f s", path, self.ttl_s, exc_info=True)
 
     def is_held(self) -> bool:
         """Whether the lock file still carries this claim's token."""
@@ -201,8 +205,7 @@ def try_claim(
                 os.fsync(f.fileno())
         except BaseException:
             # A lock without a token would block the image until it goes stale.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            path.unlink(missing_ok=True)
             raise
         return Claim(path, token, owner, ttl_s)
     return None
@@ -279,8 +282,7 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
             and _is_stale(path, current, ttl_s)
         ):
             log.warning("%s: reclaiming stale lock of %s", path, data.get("owner"))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            path.unlink(missing_ok=True)
     return True
 
 
@@ -294,12 +296,11 @@ def _guard(path: Path, lock_id: str) -> Iterator[bool]:
     True, or False when another holds it. Only its holder may remove that version of the
     lock: a claimer reclaiming it stale, or its owner releasing it."""
     guard = _guard_path(path, lock_id)
+    held = True
     try:
         os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
         held = False
-    else:
-        held = True
     try:
         yield held
     finally:

@@ -22,8 +22,10 @@ from segpipe.archive.state import (
     ImagePaths,
     Status,
     decide,
+    decide_unreadable,
     image_paths,
     state_params,
+    unreadable_state,
 )
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath, location, utc_now, write_json_atomic, write_text_atomic
@@ -44,8 +46,8 @@ CLAIM_CHECK_INTERVAL_S = 2.0
 # How often a run's "running" sidecar records that the run is alive ("alive"): a killed run's
 # retry delay counts from its last sign of life, not from its start hours before.
 ALIVE_INTERVAL_S = 60.0
-# The sampled hash a failed sidecar of an unreadable image records: no real hash is this, so
-# the image counts as changed once it reads again.
+# The sampled hash of an unreadable image's fingerprint: a placeholder, never recorded (the
+# sidecar keeps the last real one) nor compared (decide_unreadable).
 _UNREADABLE = "unreadable"
 
 
@@ -159,13 +161,15 @@ def process_image(
     try:
         fingerprint = fingerprint_image(image, storage_options=storage_options)
     except OSError as exc:
-        # Unreadable (permissions, an I/O error, gone since it was listed): a failure like any
-        # other, recorded under the identity discovery listed, so it backs off instead of
-        # failing every run; once it reads, its real fingerprint differs: tried at once.
+        # Unreadable (permissions, an I/O error, gone since it was listed): a failure that backs
+        # off like any other, but recorded beside the sidecar's fingerprint and status, not over
+        # them: once it reads again unchanged, a complete result is up to date, not deleted.
         fingerprint = Fingerprint(image.size, image.mtime, _UNREADABLE)
         unreadable = exc
 
     def due() -> Decision:
+        if unreadable is not None:
+            return decide_unreadable(paths, retry_failed=retry_failed)
         return decide(
             paths, fingerprint, loaded.sha256, config, source=image.url, retry_failed=retry_failed
         )
@@ -196,6 +200,10 @@ def process_image(
                 claim.check()
                 _index(output_root, image, paths, fingerprint)
             return _not_processed(image.key, paths, decision)
+        if unreadable is not None:
+            failed = unreadable_state(paths, image.key, image.url, unreadable, decision.failures)
+            write_json_atomic(paths.state, failed)
+            raise unreadable
         state = {
             "version": STATE_VERSION,
             "image": image.key,
@@ -211,9 +219,6 @@ def process_image(
             "owner": claim.owner,
             "updated": utc_now(),
         }
-        if unreadable is not None:
-            write_json_atomic(paths.state, state | _ended_by(unreadable, decision.failures))
-            raise unreadable
         if stop is not None and stop.is_set():
             raise RunStopped
         log.info("%s: segmenting (%s)", image.key, decision.reason)

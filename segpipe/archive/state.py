@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, location, utc_now
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
@@ -50,10 +50,12 @@ __all__ = [
     "Status",
     "check_output_root",
     "decide",
+    "decide_unreadable",
     "image_paths",
     "read_state",
     "retry_delay_s",
     "state_params",
+    "unreadable_state",
 ]
 
 log = logging.getLogger("segpipe.archive")
@@ -197,7 +199,7 @@ def decide(
     key (:class:`SourceConflictError`: never replaced, it is not this archive's to delete).
     """
     state = read_state(paths.state)
-    if state is None:
+    if state is None or "fingerprint" not in state:  # or a read failure all it records
         return Decision(True, "new image")
     moved = ""
     old_source = state.get("source")
@@ -250,6 +252,31 @@ def decide(
         f"previous run {previous}" if previous != "complete" else "result missing",
         failures=failures,
     )
+
+
+def decide_unreadable(paths: ImagePaths, *, retry_failed: bool = False) -> Decision:
+    """Whether to try an image that cannot even be fingerprinted (its permissions, an I/O
+    error, gone since it was listed): held like a failure, by the read failures in a row its
+    sidecar records apart (``unreadable``: failures, failed_at, reason), so that its
+    fingerprint and status stay those of its last run and :func:`decide` finds it as it was
+    once it reads again."""
+    record = (read_state(paths.state) or {}).get("unreadable") or {}
+    failures = int(record.get("failures", 0))
+    held = _held_back(record, failures) if failures and not retry_failed else None
+    if held is not None:
+        return Decision(False, held, held=True, failures=failures, previous="unreadable")
+    return Decision(True, "unreadable", failures=failures)
+
+
+def unreadable_state(
+    paths: ImagePaths, key: str, source: str, error: OSError, failures_before: int
+) -> dict[str, Any]:
+    """The sidecar of an image that could not be read: its last run's as it was (the file may
+    be unchanged: an I/O error, a permission restored), the read failures in a row apart."""
+    state = read_state(paths.state) or {"version": STATE_VERSION, "image": key, "source": source}
+    reason = f"{type(error).__name__}: {error}"
+    failure = {"failures": failures_before + 1, "reason": reason, "failed_at": utc_now()}
+    return state | {"unreadable": failure}
 
 
 def _held_back(state: dict[str, Any], failures: int) -> str | None:
