@@ -709,18 +709,22 @@ def test_a_blend_task_holds_what_its_side_assumes(tmp_path, monkeypatch, classes
     names = tuple(f"class {i}" for i in range(classes))
     net = models.build("unet", class_names=names, width=4, depth=2, padding="same", dropout=0.0)
     image = tissue_slide((384, 384), seed=5).image
-    peaks = {}
-    for side in (192, 384):
-        monkeypatch.setattr(segment_module, "blend_task_side", lambda *_, side=side: side)
-        tracemalloc.start()
-        try:
-            segpipe.segment(
-                ArrayReader(image), tmp_path / f"{side}.zarr", net.eval(), tile=64,
-                task_tiles=1, mode="blend", window=32, overlap=0.25, scheduler="sync",
-            )  # fmt: skip
-            peaks[side] = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+    # The least of three runs a side, interleaved: a run's peak also holds whatever windows
+    # the I/O and model threads have in flight at that instant, which moves it by +-0.5 MB.
+    peaks: dict[int, int] = {}
+    for run in range(3):
+        for side in (192, 384):
+            monkeypatch.setattr(segment_module, "blend_task_side", lambda *_, side=side: side)
+            tracemalloc.start()
+            try:
+                segpipe.segment(
+                    ArrayReader(image), tmp_path / f"{side}-{run}.zarr", net.eval(), tile=64,
+                    task_tiles=1, mode="blend", window=32, overlap=0.25, scheduler="sync",
+                )  # fmt: skip
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            peaks[side] = min(peaks.get(side, peak), peak)
     per_pixel = (peaks[384] - peaks[192]) / (384**2 - 192**2)
     assert 0 < per_pixel <= 4 * (classes + 2)
 
