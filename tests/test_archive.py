@@ -770,6 +770,14 @@ def _age_failure(paths, seconds):
     paths.state.write_text(json.dumps(state | {field: when.isoformat()}))
 
 
+def _sidecar(tmp_path):
+    """An image's paths, its fingerprint and the sidecar fields of its last run's inputs (the
+    model "m1", CONFIG's settings), for a test to add the run's status to."""
+    fp = Fingerprint(10, 1.0, "abc")
+    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": CONFIG.result_settings()}
+    return image_paths(tmp_path, "a.tif"), fp, state
+
+
 def _ago(seconds):
     """The sidecar's spelling of a time ``seconds`` ago."""
     from datetime import UTC, datetime, timedelta
@@ -834,13 +842,9 @@ def test_a_failed_sidecar_of_the_previous_release_still_reads(tmp_path):
     one failure, as old as that time."""
     from datetime import UTC, datetime, timedelta
 
-    paths = image_paths(tmp_path, "a.tif")
-    fp = Fingerprint(10, 1.0, "abc")
-    state = {
+    paths, fp, state = _sidecar(tmp_path)
+    state |= {
         "version": 2,
-        "fingerprint": fp.as_dict(),
-        "model_sha256": "m1",
-        "params": CONFIG.result_settings(),
         "status": "failed",
         "reason": "OSError: worker lost",
     }
@@ -862,12 +866,8 @@ def test_a_failed_image_is_retried_for_ever_at_most_six_hours_apart(tmp_path, fa
     the image is tried again after its delay, which doubles up to 6 hours and stays there."""
     from datetime import datetime, timedelta
 
-    paths = image_paths(tmp_path, "a.tif")
-    fp = Fingerprint(10, 1.0, "abc")
-    state = {
-        "fingerprint": fp.as_dict(),
-        "model_sha256": "m1",
-        "params": CONFIG.result_settings(),
+    paths, fp, state = _sidecar(tmp_path)
+    state |= {
         "status": "failed",
         "reason": "OSError: share gone",
         "failures": failures,
@@ -893,12 +893,8 @@ def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path
     """A run that never ended (killed, or still running: decide cannot tell, the claim does)
     is resumed at once while its count is below MAX_KILLED_ATTEMPTS, then waits its retry
     delay from its start like a failure."""
-    paths = image_paths(tmp_path, "a.tif")
-    fp = Fingerprint(10, 1.0, "abc")
-    state = {
-        "fingerprint": fp.as_dict(),
-        "model_sha256": "m1",
-        "params": CONFIG.result_settings(),
+    paths, fp, state = _sidecar(tmp_path)
+    state |= {
         "status": "running",
         "owner": "run-7",
         "updated": _ago(3 * 60),
@@ -923,13 +919,9 @@ def test_a_running_sidecar_is_resumed_at_once_until_max_killed_attempts(tmp_path
 def test_a_killed_run_waits_from_its_last_sign_of_life(tmp_path):
     """A run killed hours after it started waits its retry delay from its last "alive", not
     from its start: counted from the start it would be resumed at once."""
-    paths = image_paths(tmp_path, "a.tif")
-    fp = Fingerprint(10, 1.0, "abc")
+    paths, fp, state = _sidecar(tmp_path)
     delay_s = retry_delay_s(MAX_KILLED_ATTEMPTS)
-    state = {
-        "fingerprint": fp.as_dict(),
-        "model_sha256": "m1",
-        "params": CONFIG.result_settings(),
+    state |= {
         "status": "running",
         "owner": "run-7",
         "failures": MAX_KILLED_ATTEMPTS,

@@ -191,17 +191,23 @@ def test_windows_larger_than_tiles_equal_a_whole_image_pass(reader, tmp_path, si
     )
 
 
-def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, monkeypatch):
-    r, _ = reader
-    net = tiny_unet()
-    sides = []
+@pytest.fixture
+def sides(monkeypatch: pytest.MonkeyPatch) -> list[int | None]:
+    """The exact window side of every region a task predicts, as the tasks see it."""
+    seen: list[int | None] = []
     predict = tasks.predict_parts
 
     def spy(tiles, reader, predictor, job, **kwargs):
-        sides.append(job.exact_side)
+        seen.append(job.exact_side)
         return predict(tiles, reader, predictor, job, **kwargs)
 
     monkeypatch.setattr(tasks, "predict_parts", spy)
+    return seen
+
+
+def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, monkeypatch, sides):
+    r, _ = reader
+    net = tiny_unet()
     segpipe.segment(r, tmp_path / "a.zarr", net, tile=8, task_tiles=4, scheduler="sync")
     # 37 x 53 px in blocks of 32: the CPU's budget holds the whole level, so every block (the
     # last, 5 x 21 px, too) has one window, cut to it: 2 x 2 blocks.
@@ -213,18 +219,10 @@ def test_segment_blocks_take_the_largest_window_memory_allows(reader, tmp_path, 
     assert set(sides) == {8}, "no room: one window per tile"
 
 
-def test_a_run_decides_its_window_side_once(reader, tmp_path, monkeypatch):
+def test_a_run_decides_its_window_side_once(reader, tmp_path, monkeypatch, sides):
     """A GPU's free memory shrinks as its allocator caches: blocks that each measured it
     would cut their windows in different shapes. The run measures it once, before any."""
     r, _ = reader
-    sides = []
-    predict = tasks.predict_parts
-
-    def spy(tiles, reader, predictor, job, **kwargs):
-        sides.append(job.exact_side)
-        return predict(tiles, reader, predictor, job, **kwargs)
-
-    monkeypatch.setattr(tasks, "predict_parts", spy)
     budgets = iter([10**9])  # room for a block's window at first, then none
     monkeypatch.setattr(Predictor, "memory_budget", lambda self: next(budgets, 1))
     segpipe.segment(r, tmp_path / "a.zarr", tiny_unet(), tile=8, task_tiles=4, scheduler="sync")

@@ -294,16 +294,22 @@ def test_geometry_of() -> None:
     assert geometry_of(conv).halo == 1
 
 
-def test_uses_tile_statistics() -> None:
-    net = nn.Sequential(
+def _norms(*more: nn.Module) -> nn.Sequential:
+    """A conv and one normalisation layer of each kind, then ``more``: flagged in training
+    mode "1".."5", in eval mode all but the tracked BatchNorm "3"."""
+    return nn.Sequential(
         nn.Conv2d(1, 4, 3),
         nn.GroupNorm(2, 4),
         nn.InstanceNorm2d(4),
         nn.BatchNorm2d(4),
         nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)),
         nn.LayerNorm([4, 8, 8]),
-        nn.LayerNorm(4),  # channels-last per-pixel norm: not flagged
+        *more,
     )
+
+
+def test_uses_tile_statistics() -> None:
+    net = _norms(nn.LayerNorm(4))  # channels-last per-pixel norm: not flagged
     assert uses_tile_statistics(net.train()) == ["1", "2", "3", "4.0", "5"]
     # Eval-mode BatchNorm uses its running statistics: the same for every tile.
     assert uses_tile_statistics(net.eval()) == ["1", "2", "4.0", "5"]
@@ -329,13 +335,7 @@ def test_uses_tile_statistics_of_torchscript_and_exported_modules(
     """The same layers flagged as in the eager module they were made from (a traced module's
     mode is the one it was traced in), so exact mode refuses them too."""
     torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 3),
-        nn.GroupNorm(2, 4),
-        nn.InstanceNorm2d(4),
-        nn.BatchNorm2d(4),
-        nn.Sequential(nn.BatchNorm2d(4, track_running_stats=False)),
-        nn.LayerNorm([4, 8, 8]),
+    net = _norms(
         nn.LayerNorm(8),  # over the last axis only: not flagged
         nn.InstanceNorm2d(4, track_running_stats=True),
     ).train(training)
