@@ -162,17 +162,18 @@ def image_task(
 
 
 def _report_artifact(key: str, root: str, markdown: Callable[[], str], what: str) -> None:
-    """The image's report (or failure) as a markdown artifact. Only a view of what the run
-    recorded: an error here (the API, reading the report) is logged and changes no outcome
-    (a complete image reported failed would be skipped by the next run as up to date)."""
+    """The image's report (or failure) as a markdown artifact (:func:`_artifact`)."""
+    where = {"key": artifact_key("report", root, key), "description": f"segpipe {what} of {key}"}
+    _artifact(f"{what} of {key}", lambda: create_markdown_artifact(markdown(), **where))
+
+
+def _artifact(what: str, create: Callable[[], object]) -> None:
+    """``create()`` an artifact, only a view of what the run recorded: an error there (the
+    API, reading a report) is logged and changes no outcome or run."""
     try:
-        create_markdown_artifact(
-            markdown(),
-            key=artifact_key("report", root, key),
-            description=f"segpipe {what} of {key}",
-        )
+        create()
     except Exception:
-        get_run_logger().warning("%s: no %s artifact", key, what, exc_info=True)
+        get_run_logger().warning("no %s artifact", what, exc_info=True)
 
 
 @flow(name="process-archive")
@@ -282,14 +283,14 @@ def process_archive(
             )
         outcomes = [_outcome(image, future, root) for image, future in submitted]
 
-    try:  # a view of the outcomes, as the images' reports: the API failing it fails no run
-        create_table_artifact(
+    _artifact(
+        "run table",
+        lambda: create_table_artifact(
             reports.run_table(outcomes),
             key=artifact_key("archive", root),
             description=reports.run_markdown(outcomes),
-        )
-    except Exception:
-        logger.warning("no run table artifact", exc_info=True)
+        ),
+    )
     summary = reports.describe_run(outcomes)
     logger.info("%s", summary)
     result = {
