@@ -598,3 +598,23 @@ def test_an_artifact_the_api_refuses_changes_no_image_outcome(
     assert result["segmented"] == ["good.ome.tif"]
     assert list(result["failed"]) == ["broken.tif"]
     assert read_state(out / "good.ome.tif.seg.json")["status"] == "complete"
+
+
+def test_images_run_in_other_processes_whose_task_runner_pickles_their_parameters(
+    prefect_harness, slides, random_checkpoint, tmp_path
+):
+    """deploy/README.md's "images on the cluster": a task runner that sends the image tasks to
+    other processes (prefect-dask's, here Prefect's process pool) pickles their parameters.
+    The run's stop goes by a key (an Event cannot be pickled, and setting it would not reach
+    another process)."""
+    from prefect.task_runners import ProcessPoolTaskRunner
+
+    from segpipe.flows.archive import process_archive
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    run = process_archive.with_options(task_runner=ProcessPoolTaskRunner(max_workers=1))
+    summary = run(str(source), str(out), str(random_checkpoint), CONFIG)
+    assert (summary["segmented"], summary["failed"]) == (["a.ome.tif"], {})
+    assert read_meta(out / "a.ome.tif.seg.zarr").summary.tiles_computed > 0

@@ -359,3 +359,19 @@ def test_an_archive_run_counts_its_images_in_a_progress_artifact(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
         )
     assert found.type == "progress" and float(found.data) == 100.0
+
+
+@pytest.mark.parametrize("kind", ["report", "archive", "segment"])
+def test_an_artifact_key_keeps_its_kind_and_tells_images_apart_however_long_their_paths(kind):
+    """The Artifacts page is searched by the key's start (``report-``); a long output root or
+    image key must not push it out, and keys stay within Prefect's rules."""
+    from segpipe.flows.progress import artifact_key
+
+    root = "/mnt/lab-shared/pathology/segpipe-results/" + "deep/" * 20
+    keys = [artifact_key(kind, root, f"2024/scanner-2/day-14/slide-{i:05d}.svs") for i in (1, 2)]
+    for key in keys:
+        assert key.startswith(f"{kind}-") and len(key) <= 71, key
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", key), key
+        assert "slide-0000" in key  # the end of the image key, the part that differs
+    assert keys[0] != keys[1]
+    assert artifact_key(kind, root, "a.svs") == artifact_key(kind, root, "a.svs")

@@ -95,7 +95,7 @@ def segment(
         ``mode`` (``"exact"`` overlap-tile or ``"blend"``), ``window``/``overlap``/
         ``sigma_scale`` (blend), ``level``, ``pixel_size_um``, ``probability_dtype``,
         ``task_tiles``, ``min_level_size``, ``amp``, ``foreground``, ``batch_size``, ``device``,
-        ``n_workers``, ``scheduler``. Each field's doc is in ``SegmentConfig``.
+        ``n_workers``, ``scheduler``, ``threads``. Each field's doc is in ``SegmentConfig``.
     model_name
         The model's name as the result records it (part of its identity). Default: ``model``
         when a name or path, the module's ``name`` (its architecture) when a module; give it

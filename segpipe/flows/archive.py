@@ -22,7 +22,6 @@ next run. Run it on a schedule with :func:`serve_archive` (``flow.serve``) or
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped,
 from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import choose_scheduler, local_cluster, plan_for_device
-from segpipe.flows.limits import check_run_options, global_slot, require_limit
+from segpipe.flows.limits import check_run_options, global_slot, require_limit, run_stop, stop_of
 from segpipe.flows.progress import ProgressArtifacts, artifact_key
 from segpipe.flows.segment_slide import segment_task
 from segpipe.io.files import is_url, location
@@ -118,11 +117,11 @@ def image_task(
     model: LoadedModel,
     config: SegmentConfig,
     policy: RunPolicy,
-    stop: threading.Event,
+    stop_key: str,
 ) -> ImageOutcome:
     """One image start to finish (:func:`segpipe.archive.process_image`), plus its artifact;
-    ``stop``, set when the run stops, stops it too."""
-    logger = get_run_logger()
+    the run's stop (:func:`~segpipe.flows.limits.stop_of` ``stop_key``) stops it too."""
+    logger, stop = get_run_logger(), stop_of(stop_key)
     segment = segment_task.with_options(
         retries=policy.retries,
         retry_delay_seconds=policy.retry_delay_s,
@@ -337,23 +336,23 @@ def _submit_refilling(
     failed) and the run's cluster is closed after them, not under them."""
     submitted: list[tuple[ArchiveImage, PrefectFuture[ImageOutcome]]] = []
     in_flight: set[PrefectFuture[ImageOutcome]] = set()
-    stop = threading.Event()
-    try:
-        for image in images:
-            if len(in_flight) >= max_concurrent:
-                in_flight.remove(next(as_completed(list(in_flight))))
+    with run_stop() as (stop_key, stop):
+        try:
+            for image in images:
+                if len(in_flight) >= max_concurrent:
+                    in_flight.remove(next(as_completed(list(in_flight))))
+                    on_finished()
+                future = image_task.submit(image, root, loaded, config, policy, stop_key)
+                submitted.append((image, future))
+                in_flight.add(future)
+            for _ in as_completed(list(in_flight)):
                 on_finished()
-            future = image_task.submit(image, root, loaded, config, policy, stop)
-            submitted.append((image, future))
-            in_flight.add(future)
-        for _ in as_completed(list(in_flight)):
-            on_finished()
-    except BaseException:
-        stop.set()
-        for future in in_flight:
-            with contextlib.suppress(RunStopped):  # raised by the image, as asked
-                future.wait()  # a second Ctrl-C ends the wait
-        raise
+        except BaseException:
+            stop.set()
+            for future in in_flight:
+                with contextlib.suppress(RunStopped):  # raised by the image, as asked
+                    future.wait()  # a second Ctrl-C ends the wait
+            raise
     return submitted
 
 

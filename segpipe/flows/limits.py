@@ -1,16 +1,48 @@
-"""What a run of ``process-archive`` is limited by: bounds on its options, and a Prefect global
-concurrency limit shared by every run on the server (e.g. one slot per GPU). Both are checked
-once, before any image: each image would otherwise fail on them with the same reason."""
+"""What a run of ``process-archive`` is limited by: bounds on its options, a Prefect global
+concurrency limit shared by every run on the server (e.g. one slot per GPU), both checked once,
+before any image (each image would otherwise fail on them with the same reason), and the run's
+stop."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 
 from segpipe.archive import RunStopped
 
-__all__ = ["SLOT_POLL_S", "check_run_options", "global_slot", "require_limit"]
+__all__ = [
+    "SLOT_POLL_S",
+    "check_run_options",
+    "global_slot",
+    "require_limit",
+    "run_stop",
+    "stop_of",
+]
+
+# Open runs' stop events by key. The image tasks get the key, not the event: a task runner
+# that sends tasks to other processes (prefect-dask, ProcessPoolTaskRunner) pickles their
+# parameters, and an Event cannot be pickled, nor would setting it here reach them.
+_STOPS: dict[str, threading.Event] = {}
+
+
+@contextlib.contextmanager
+def run_stop() -> Iterator[tuple[str, threading.Event]]:
+    """A run's stop event, and the key :func:`stop_of` finds it by while this is open."""
+    key = uuid.uuid4().hex
+    _STOPS[key] = event = threading.Event()
+    try:
+        yield key, event
+    finally:
+        del _STOPS[key]
+
+
+def stop_of(key: str) -> threading.Event:
+    """The stop event of the run of ``key`` (:func:`run_stop`); in another process than the
+    run's (an image sent to a remote worker), one never set: a stop does not reach it."""
+    return _STOPS.get(key) or threading.Event()
+
 
 # Seconds an image waits for a global concurrency slot before it looks whether its run stops.
 SLOT_POLL_S = 5.0

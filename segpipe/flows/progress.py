@@ -28,12 +28,23 @@ def artifact_key(*parts: str) -> str:
     slug plus a hash of the parts, so that different images never share a key and the same
     image keeps its key from run to run (Prefect groups an artifact's versions by key).
 
+    A long slug keeps its first part (what the artifact is: ``report-``, ``archive-``, which
+    the Artifacts page is searched by) and the end of the rest.
+
     >>> artifact_key("report", "/data/out", "Day 1/Slide_A.svs")[:27]
     'report-data-out-day-1-slide'
+    >>> artifact_key("report", "/mnt/lab/pathology/results", "2024/scanner-2/slide-00123.svs")
+    'report-lab-pathology-results-2024-scanner-2-slide-00123-svs-dbfe5333d8'
     """
-    slug = re.sub(r"[^a-z0-9]+", "-", "-".join(parts).lower()).strip("-")
+
+    def slug(text: str) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+    head, rest = slug(parts[0]) if parts else "", slug("-".join(parts[1:]))
+    room = max(60 - len(head) - 1, 0)
+    rest = rest[-room:].strip("-") if len(rest) > room else rest
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:10]
-    return f"{slug[-60:].strip('-')}-{digest}" if len(slug) > 60 else f"{slug}-{digest}"
+    return "-".join(p for p in (head, rest, digest) if p)
 
 
 class ProgressArtifacts:
