@@ -136,3 +136,104 @@ def test_a_pyramid_is_sampled_at_level_0_whatever_its_overviews():
 )
 def test_sample_spans_lie_inside_the_axis_centred_in_its_thirds(n, spans):
     assert sample_spans(n) == spans
+
+
+def pattern(shape):
+    """(Y, X, C) uint8 pixels, a formula of their place: the same on any machine or numpy."""
+    yy, xx, cc = np.indices(shape)
+    return ((yy * 7 + xx * 3 + cc * 11 + (yy * xx) % 13) % 256).astype(np.uint8)
+
+
+# Computed by the nine-reads code before strips were read once a band: a digest recorded then
+# must match now, whatever the layout of the file it is read from.
+PINNED_RGB = "5865a8b630dca2da6c98f97a84cecb53fb41fca0e58eae61cc66e7f9d808dce2"
+PINNED_U16 = "db559e0225bdd976476f4af457b539db143a1992c01c77beb1a00e61c87c9940"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [{"rowsperstrip": 16}, {"rowsperstrip": 128}, {"rowsperstrip": 300}, {"tile": (64, 64)}],
+    ids=["strips-16", "strips-128", "one-strip", "tiles-64"],
+)
+def test_digests_recorded_before_still_match(tmp_path, layout):
+    pixels = pattern((300, 1000, 3))
+    tifffile.imwrite(tmp_path / "p.tif", pixels, photometric="rgb", **layout)
+    assert pixel_sample_sha256(open_image(tmp_path / "p.tif")) == PINNED_RGB
+    assert pixel_sample_sha256(ArrayReader(pixels)) == PINNED_RGB
+    yy, xx = np.indices((250, 700))
+    grey = (yy * 257 + xx * 31).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "g.tif", grey, rowsperstrip=24, byteorder=">")
+    assert pixel_sample_sha256(open_image(tmp_path / "g.tif")) == PINNED_U16
+
+
+@pytest.fixture
+def decoded_segments(monkeypatch):
+    """The index of every strip or tile tifffile decodes from now on, in order."""
+    indices = []
+    build = tifffile.TiffPage.decode.func
+
+    def counting(page):
+        decode = build(page)
+
+        def wrapped(data, index, **kwargs):
+            indices.append(index)
+            return decode(data, index, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(tifffile.TiffPage, "decode", property(counting))
+    return indices
+
+
+def recorded_reads(reader):
+    """``reader`` with the windows its reads ask for recorded in the returned list."""
+    windows = []
+    read = reader.read
+
+    def recording(y0, y1, x0, x1, level=0):
+        windows.append((y0, y1, x0, x1))
+        return read(y0, y1, x0, x1, level)
+
+    reader.read = recording
+    return windows
+
+
+# sample_spans(300) and sample_spans(1000), as pinned above
+ROWS, COLS = [(18, 82), (118, 182), (218, 282)], [(134, 198), (468, 532), (801, 865)]
+
+
+@pytest.mark.parametrize("rows_per_strip", [16, 128, 300])
+def test_a_stripped_tiff_decodes_each_strip_it_samples_once(
+    tmp_path, decoded_segments, rows_per_strip
+):
+    """Three regions side by side share whole-width strips: read one by one, each strip of a
+    band was decoded three times (19 MB a region at 100k px wide)."""
+    tifffile.imwrite(
+        tmp_path / "s.tif", pattern((300, 1000, 3)), photometric="rgb",
+        rowsperstrip=rows_per_strip, compression="zlib",
+    )  # fmt: skip
+    reader = open_image(tmp_path / "s.tif")
+    decoded_segments.clear()
+    assert pixel_sample_sha256(reader) == PINNED_RGB
+    sampled = {y // rows_per_strip for y0, y1 in ROWS for y in range(y0, y1)}
+    assert sorted(decoded_segments) == sorted(sampled)
+
+
+def test_a_tiled_tiff_is_read_region_by_region(tmp_path, decoded_segments):
+    """Region by region, as before: each read decodes the tiles under its region only."""
+    tifffile.imwrite(
+        tmp_path / "t.tif", pattern((300, 1000, 3)), photometric="rgb", tile=(64, 64),
+        compression="zlib",
+    )  # fmt: skip
+    reader = open_image(tmp_path / "t.tif")
+    windows = recorded_reads(reader)
+    decoded_segments.clear()
+    assert pixel_sample_sha256(reader) == PINNED_RGB
+    assert windows == [(y0, y1, x0, x1) for y0, y1 in ROWS for x0, x1 in COLS]
+    # each region decodes the (up to four) tiles under its corners, as it always did
+    under = [
+        {(y // 64, x // 64) for y in (y0, y1 - 1) for x in (x0, x1 - 1)}
+        for y0, y1 in ROWS
+        for x0, x1 in COLS
+    ]
+    assert len(decoded_segments) == sum(map(len, under))

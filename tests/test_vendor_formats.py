@@ -1,4 +1,5 @@
-"""Scanner formats read through segpipe.io.readers: NDPI, Leica SCN, Philips TIFF, Ventana BIF.
+"""Scanner formats read through segpipe.io.readers: NDPI, Leica SCN, Philips TIFF, Ventana BIF,
+and which OME Image an OME-TIFF's pixel size comes from.
 
 Each test writes a small slide with tifffile, laid out and tagged as the vendor's scanners do,
 and reads it back against the pixels written and the pixel size written; OpenSlide and tiffslide
@@ -392,6 +393,95 @@ def test_scn_xml_that_does_not_parse_is_refused(tmp_path):
         tif.write(img, tile=(64, 64), description="<scn><collection><image></scn>", **KW)
     with pytest.raises(ImageReadError, match=r"broken\.scn"):
         open_image(path)
+
+
+# --- OME-TIFF: the OME Image that is the series read ---------------------------------------------
+
+OME_NS = "http://www.openmicroscopy.org/Schemas/OME/2016-06"
+
+
+def ome_image(index: int, name: str, shape: tuple[int, int], px: float, tiffdata: str) -> str:
+    """An OME ``Image`` of RGB pixels ``shape`` (y, x) of ``px`` µm, its planes at
+    ``tiffdata`` (TiffData elements; none: pixels the file does not hold)."""
+    (y, x), i = shape, index
+    return (
+        f'<Image ID="Image:{i}" Name="{name}"><Pixels ID="Pixels:{i}" DimensionOrder="XYCZT" '
+        f'Type="uint8" SizeX="{x}" SizeY="{y}" SizeC="3" SizeZ="1" SizeT="1" '
+        f'PhysicalSizeX="{px}" PhysicalSizeY="{px}"><Channel ID="Channel:{i}:0" '
+        f'SamplesPerPixel="3"/>{tiffdata}</Pixels></Image>'
+    )
+
+
+def ome_xml(*images: str, uuid: str = "urn:uuid:0") -> str:
+    return f'<?xml version="1.0" encoding="UTF-8"?><OME xmlns="{OME_NS}" UUID="{uuid}">' + (
+        "".join(images) + "</OME>"
+    )
+
+
+def in_file(name: str, uuid: str, ifd: int = 0) -> str:
+    """TiffData of IFD ``ifd`` of file ``name`` of a multi-file set."""
+    return f'<TiffData IFD="{ifd}" PlaneCount="1"><UUID FileName="{name}">{uuid}</UUID></TiffData>'
+
+
+def test_ome_pixel_size_is_the_slide_images_when_an_image_before_it_has_no_pixels(tmp_path):
+    """tifffile makes no series of an Image without TiffData: the slide is series 0 but
+    Image 1, and Image 0's size (a label's, here) is not the slide's."""
+    path, img = tmp_path / "skipped.ome.tif", _image()
+    xml = ome_xml(
+        ome_image(0, "label", (40, 60), 5.0, ""),
+        ome_image(1, "slide", SHAPE, 0.25, '<TiffData IFD="0" PlaneCount="1"/>'),
+    )
+    tifffile.imwrite(path, img, description=xml, **KW)
+    with tifffile.TiffFile(path) as tif:  # the premise
+        assert [s.name for s in tif.series] == ["slide"]
+    reader = open_image(path)
+    assert (reader.vendor, reader.pixel_size_um) == ("ome", 0.25)
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), img)
+
+
+def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_file(tmp_path):
+    """Image 0's file is missing (tifffile skips it); the label is IFD 0 of the file opened,
+    the slide IFD 0 of another: only the file tells the two Images apart, and the i-th series
+    (the slide is series 1) is Image 2."""
+    slide = np.broadcast_to(_image()[:1], (*SHAPE, 3)).copy()  # small once compressed
+    xml = ome_xml(
+        ome_image(0, "gone", (40, 60), 7.0, in_file("missing.ome.tif", "urn:uuid:9")),
+        ome_image(1, "label", (40, 60), 5.0, in_file("set.ome.tif", "urn:uuid:1")),
+        ome_image(2, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2")),
+        uuid="urn:uuid:1",
+    )
+    # A label of noise, stored raw, makes the file opened larger than the slide's data in the
+    # other: the reader checks every series' data against the size of the file opened.
+    label = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+    tifffile.imwrite(
+        tmp_path / "set.ome.tif", label, description=xml, **{**KW, "compression": None}
+    )
+    tifffile.imwrite(tmp_path / "set_1.ome.tif", slide, **KW)
+    with tifffile.TiffFile(tmp_path / "set.ome.tif") as tif:  # the premise
+        assert [(s.name, s.keyframe.index) for s in tif.series] == [("label", 0), ("slide", 0)]
+    reader = open_image(tmp_path / "set.ome.tif")
+    assert reader.pixel_size_um == 0.25
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), slide)
+
+
+def test_ome_pixel_size_of_several_series_tifffile_wrote_is_the_slides(tmp_path):
+    path = tmp_path / "three.ome.tif"
+    label, slide = np.zeros((40, 60, 3), np.uint8), _image()
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(label, photometric="rgb", metadata={"Name": "label", "PhysicalSizeX": 5.0})
+        tif.write(slide, photometric="rgb", metadata={"Name": "slide", "PhysicalSizeX": 0.25})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a label beside the slide: no news
+        assert open_image(path).pixel_size_um == 0.25
+
+
+def test_ome_tiffdata_that_list_no_ifd_read_give_the_image_in_series_order(tmp_path):
+    """TiffData pointing past the file's IFDs: tifffile reads the pages as a series of its
+    own, which no Image lists; the Image in the series' place gives the size, as before."""
+    path = tmp_path / "nowhere.ome.tif"
+    xml = ome_xml(ome_image(0, "slide", SHAPE, 0.5, '<TiffData IFD="7" PlaneCount="1"/>'))
+    tifffile.imwrite(path, _image(), description=xml, **KW)
+    assert open_image(path).pixel_size_um == 0.5
 
 
 # --- OpenSlide, for the formats tifffile cannot read (MRXS, VMS, ...) ---------------------------

@@ -19,12 +19,14 @@ from segpipe.io.readers import Reader
 
 __all__ = ["SAMPLE_GRID", "SAMPLE_SIDE", "pixel_sample_sha256", "sample_spans"]
 
-# A SAMPLE_GRID x SAMPLE_GRID grid of regions of SAMPLE_SIDE px: at most 36,864 pixels read
-# (plus the whole tiles or strips they touch), whatever the image's size. Changing any of these
-# changes every result's ``source_sha256``, so results made before would no longer resume.
+# A SAMPLE_GRID x SAMPLE_GRID grid of regions of SAMPLE_SIDE px: at most 36,864 pixels hashed
+# (read with the whole tiles or strips they touch), whatever the image's size. Changing any of
+# these changes every result's ``source_sha256``, so results made before would no longer resume.
 SAMPLE_GRID = 3
 SAMPLE_SIDE = 64
 _DIGEST_VERSION = "segpipe-pixel-sample-1"
+
+Window = tuple[int, int, int, int]  # (y0, y1, x0, x1), pixels of level 0
 
 
 def sample_spans(n: int, side: int = SAMPLE_SIDE, grid: int = SAMPLE_GRID) -> list[tuple[int, int]]:
@@ -51,9 +53,10 @@ def pixel_sample_sha256(reader: Reader) -> str:
     its equal parts (:func:`sample_spans`).
 
     Level 0 only: the image's own pixels, not a pyramid some tool computed from them (an
-    ingest, ``gdaladdo``), which can be rebuilt otherwise without the image changing. Reads
-    those regions only, whatever the image's size, so two images of the same shape that
-    differ outside them digest alike: a cheap guard against a replaced file, not a checksum
+    ingest, ``gdaladdo``), which can be rebuilt otherwise without the image changing. Hashes
+    those regions only (reading the tiles or strips under them: :func:`_sample_reads`),
+    whatever the image's size, so two images of the same shape that differ outside them
+    digest alike: a cheap guard against a replaced file, not a checksum
     of every pixel. Deterministic; the pixels are hashed little-endian, so equal pixels in
     any format digest alike.
 
@@ -67,8 +70,39 @@ def pixel_sample_sha256(reader: Reader) -> str:
     h = hashlib.sha256(
         json.dumps({"v": _DIGEST_VERSION, "shape": [ny, nx, nc], "dtype": dtype.str}).encode()
     )
-    for y0, y1 in sample_spans(ny):
-        for x0, x1 in sample_spans(nx):
-            pixels = reader.read(y0, y1, x0, x1, 0)
-            h.update(np.ascontiguousarray(pixels, dtype=dtype).tobytes())
+    for (wy0, wy1, wx0, wx1), regions in _sample_reads(reader):
+        pixels = reader.read(wy0, wy1, wx0, wx1, 0)
+        for y0, y1, x0, x1 in regions:
+            region = pixels[y0 - wy0 : y1 - wy0, x0 - wx0 : x1 - wx0]
+            h.update(np.ascontiguousarray(region, dtype=dtype).tobytes())
     return h.hexdigest()
+
+
+def _sample_reads(reader: Reader) -> list[tuple[Window, list[Window]]]:
+    """The windows of level 0 that :func:`pixel_sample_sha256` reads, each with the sampled
+    regions cut from it, in the digest's order (by row, then column).
+
+    A level in tiles reads each region alone: it decodes only the tiles under it. A level in
+    strips (chunks as wide as the level: a stripped or untiled TIFF) decodes whole-width
+    strips for any region, so the regions whose strips overlap are one window, each strip
+    decoded once: one by one, the three regions of a row decoded its strips three times
+    (19 MB of an RGB image 100k px wide, for each 64 px region). A reader without
+    ``chunk_shape`` (not a :class:`~segpipe.io.readers.base.BaseReader`) reads region by
+    region.
+    """
+    ny, nx, _ = reader.level_shapes[0]
+    ys, xs = sample_spans(ny), sample_spans(nx)
+    chunk_shape = getattr(reader, "chunk_shape", None)  # BaseReader's; not in the protocol
+    if chunk_shape is None or chunk_shape(0)[1] < nx:
+        return [((y0, y1, x0, x1), [(y0, y1, x0, x1)]) for y0, y1 in ys for x0, x1 in xs]
+    cy = chunk_shape(0)[0]
+    bands: list[list[tuple[int, int]]] = []
+    for y0, y1 in ys:  # sorted and of one height: a band's last span ends furthest down
+        if bands and y0 // cy <= (bands[-1][-1][1] - 1) // cy:
+            bands[-1].append((y0, y1))
+        else:
+            bands.append([(y0, y1)])
+    x0, x1 = xs[0][0], xs[-1][1]
+    return [
+        ((b[0][0], b[-1][1], x0, x1), [(y0, y1, *x) for y0, y1 in b for x in xs]) for b in bands
+    ]

@@ -11,7 +11,8 @@ Leica SCN      XML ImageDescription: the image's ``view/@sizeX`` (nm) over its r
                ``dimension/@sizeX`` (pixels)
 Philips TIFF   XML ImageDescription: the first ``DICOM_PIXEL_SPACING`` ("row col", mm)
 Ventana BIF    XMP (tag 700) of the level-0 page: ``iScan/@ScanRes`` (µm)
-OME-TIFF       OME-XML ``Pixels/@PhysicalSizeX`` with its unit
+OME-TIFF       OME-XML ``Pixels/@PhysicalSizeX`` with its unit, of the Image whose TiffData
+               list the series' first IFD
 any TIFF       X/YResolution with ResolutionUnit inch (finer than 10 µm: else a print
                resolution), centimetre, millimetre or micrometre
 ImageJ TIFF    X/YResolution in the ``unit`` of its ImageDescription (ResolutionUnit none)
@@ -25,6 +26,7 @@ pixel size unknown (the resolution tags are tried next).
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -79,7 +81,7 @@ def _vendor_metadata(tif: Any, series_index: int, keyframe: Any, path: str) -> S
         px = None if mpp is None else _number(mpp, path, "Aperio MPP")
         return SlideMetadata("aperio", px, positive_or_none(_aperio_field(desc, "AppMag")))
     if tif.is_ome and tif.ome_metadata:
-        return SlideMetadata("ome", _ome_xml_pixel_size_um(tif.ome_metadata, series_index, path))
+        return SlideMetadata("ome", _ome_pixel_size_um(tif, series_index, keyframe, path))
     if tif.is_ndpi:
         mag = keyframe.tags.valueof(_NDPI_MAGNIFICATION)
         return SlideMetadata("hamamatsu", None, positive_or_none(mag))
@@ -224,16 +226,18 @@ def _ventana_xmp(xmp: bytes | str | None, path: str) -> tuple[float | None, floa
     return px, positive_or_none(scan.get("Magnification"))
 
 
-def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | None:
+def _ome_pixel_size_um(tif: Any, series_index: int, keyframe: Any, path: str) -> float | None:
+    """``PhysicalSizeX/Y`` of the OME Image that is series ``series_index`` (level-0 keyframe
+    ``keyframe``), in microns."""
     try:
-        root = ET.fromstring(xml)
+        root = ET.fromstring(tif.ome_metadata)
     except ET.ParseError:
         warnings.warn(f"{path}: OME-XML does not parse; pixel size unknown", stacklevel=4)
         return None
-    pixels = [el for el in root.iter() if _local(el.tag) == "Pixels"]
-    if not pixels:
+    pixels = _ome_series_pixels(root, tif, series_index, keyframe)
+    if pixels is None:
         return None
-    attrs = pixels[image_index if image_index < len(pixels) else 0].attrib
+    attrs = pixels.attrib
     sizes = {}
     for axis in "XY":
         value = attrs.get(f"PhysicalSize{axis}")
@@ -246,3 +250,52 @@ def _ome_xml_pixel_size_um(xml: str, image_index: int, path: str) -> float | Non
         # ImageReadError for a value that is no number: a given pixel_size_um may stand in.
         sizes[axis] = _number(value, path, f"OME PhysicalSize{axis}") * UM_PER_UNIT[unit]
     return pixel_size_of_xy(sizes.get("X"), sizes.get("Y"), path, "OME PhysicalSize")
+
+
+def _ome_series_pixels(
+    root: ET.Element, tif: Any, series_index: int, keyframe: Any
+) -> ET.Element | None:
+    """The ``Pixels`` of the OME ``Image`` that tifffile made series ``series_index``.
+
+    tifffile makes a series of each Image in document order but skips those it finds no pages
+    for (no TiffData, a missing file of a multi-file set, pages of another shape), so the
+    i-th series need not be the i-th Image. The Image is the one whose TiffData list the
+    series' level-0 keyframe (its IFD number in its file); only where none or several do,
+    the ``series_index``-th Pixels (the first past the end).
+    """
+    where = (keyframe.parent.filename.lower(), keyframe.index)
+    own = (tif.filename.lower(), root.get("UUID"))
+    found = [
+        pixels
+        for image in root
+        if _local(image.tag) == "Image"
+        for pixels in image
+        if _local(pixels.tag) == "Pixels"
+        and any(_tiffdata_holds(d, where, own) for d in pixels if _local(d.tag) == "TiffData")
+    ]
+    if len(found) == 1:
+        return found[0]
+    listed = [e for e in root.iter() if _local(e.tag) == "Pixels"]
+    return listed[series_index if series_index < len(listed) else 0] if listed else None
+
+
+def _tiffdata_holds(data: ET.Element, where: tuple[str, Any], own: tuple[str, str | None]) -> bool:
+    """Whether OME ``TiffData`` ``data`` lists IFD ``where = (file name, IFD number)``;
+    ``own``: the name and OME UUID of the file whose OME-XML it is (names lower case).
+
+    Read as tifffile reads it: ``IFD`` (0) is the first, ``PlaneCount`` or ``NumPlanes`` (1
+    with an ``IFD``, else every IFD to the end) how many; a ``UUID`` child's ``FileName``
+    names another file of the set, unless that UUID is the OME's own."""
+    file, ifd = where
+    uuid = next((e for e in data if _local(e.tag) == "UUID"), None)
+    name = own[0]
+    if uuid is not None and uuid.text != own[1] and uuid.get("FileName"):
+        name = posixpath.basename(str(uuid.get("FileName")).replace("\\", "/")).lower()
+    try:
+        first = int(data.get("IFD", 0))
+        count = int(data.get("PlaneCount", data.get("NumPlanes", 1 if "IFD" in data.attrib else 0)))
+    except ValueError:  # tifffile could not read it either
+        return False
+    # a SubIFD's index is a tuple: no TiffData lists it
+    in_range = isinstance(ifd, int) and first <= ifd and (not count or ifd < first + count)
+    return name == file and in_range
