@@ -385,6 +385,21 @@ def test_a_model_lent_to_runs_side_by_side_is_given_back_by_the_last() -> None:
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 
+def test_runs_sharing_a_module_on_two_devices_are_refused() -> None:
+    """One module lent to two runs of this process cannot be on two devices: the second run's
+    predictor would move it from under the first's passes. The meta device stands in for a
+    GPU; the refused run leaves the first one's loan as it was."""
+    model = tiny_unet().train()
+    with model_given_back(model, torch.device("cpu")):
+        refused = pytest.raises(ValueError, match="another run in this process on cpu")
+        with refused, model_given_back(model, torch.device("meta")):
+            pass
+        with model_given_back(model, torch.device("cpu")):  # the same device: shared
+            model.eval()
+        assert not model.training, "still lent to the first run"
+    assert model.training, "given back by the last run"
+
+
 def test_segmenting_under_inference_mode_leaves_the_model_trainable(reader, tmp_path) -> None:
     """A caller inside ``torch.inference_mode()`` (validating mid-training): the lent module's
     parameters and buffers are put on their device and back as ordinary tensors, not inference

@@ -17,7 +17,7 @@ import distributed
 import torch
 
 from segpipe.execution.inprocess import run_in_process
-from segpipe.execution.predictor import InferenceConfig, model_given_back
+from segpipe.execution.predictor import InferenceConfig, model_given_back, resolve_device
 from segpipe.execution.tasks import Block, BlockResult, Job, segment_block
 from segpipe.execution.workers import ModelPlugin, orphaned_plugins
 
@@ -327,7 +327,7 @@ def run_blocks(
         threads = io_threads or plan_for_device(config.device).threads_per_worker
         with contextlib.ExitStack() as lent:
             if isinstance(model, torch.nn.Module):
-                lent.enter_context(model_given_back(model))
+                lent.enter_context(model_given_back(model, resolve_device(config.device)))
             plugin.setup()
             lent.callback(plugin.teardown)  # the model thread stopped before it is given back
             run_in_process(lambda b: segment_block(b, job), blocks, on_result, threads=threads)

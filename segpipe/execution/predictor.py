@@ -183,32 +183,43 @@ class Predictor:
         return CPU_FORWARD_BUDGET
 
 
-# The callers' modules lent to predictors of this process, by id: holders and how to give each
-# back. Runs side by side may share one (an archive's images, one loaded model): the last to
-# end gives it back, not the first, under another's forward passes.
-_LENT: dict[int, tuple[int, Callable[[], None]]] = {}
+# The callers' modules lent to predictors of this process, by id: holders, how to give each
+# back, and the device the holders run it on. Runs side by side may share one (an archive's
+# images, one loaded model): the last to end gives it back, not the first, under another's
+# forward passes.
+_LENT: dict[int, tuple[int, Callable[[], None], torch.device | None]] = {}
 _LENT_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def model_given_back(model: nn.Module) -> Iterator[nn.Module]:
-    """``model``, for this process's predictors to put in eval mode, on their device,
+def model_given_back(model: nn.Module, device: torch.device | None = None) -> Iterator[nn.Module]:
+    """``model``, for this process's predictors to put in eval mode, on their ``device``,
     channels-last; given back as it was when the last run holding it ends, however it ends:
     every submodule's mode, every parameter's, gradient's and buffer's device and layout.
 
     Not a copy: that would hold a CUDA model twice on its GPU while the run measures its
-    free memory, and fail on modules that cannot be copied (a lock, an open file).
+    free memory, and fail on modules that cannot be copied (a lock, an open file). So runs
+    sharing it must share its device: another is refused (ValueError), as each run would
+    move it from under the other's forward passes.
     """
+    if device is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" is "cuda:0" there
     with _LENT_LOCK:
-        holders, give_back = _LENT.get(id(model), (0, None))
-        _LENT[id(model)] = (holders + 1, give_back or _as_it_is(model))
+        holders, give_back, on = _LENT.get(id(model), (0, None, device))
+        if holders and device is not None and on is not None and device != on:
+            raise ValueError(
+                f"this {type(model).__name__} module is in use by another run in this process "
+                f"on {on}, and this run asks for {device}: one module cannot run on two "
+                "devices at once; give this run a copy (copy.deepcopy) or the same device"
+            )
+        _LENT[id(model)] = (holders + 1, give_back or _as_it_is(model), on or device)
     try:
         yield model
     finally:
         with _LENT_LOCK:  # a run starting meanwhile must not record the lent state
-            holders, give_back = _LENT.pop(id(model))
+            holders, give_back, on = _LENT.pop(id(model))
             if holders > 1:
-                _LENT[id(model)] = (holders - 1, give_back)
+                _LENT[id(model)] = (holders - 1, give_back, on)
             else:
                 give_back()
 
