@@ -919,18 +919,32 @@ def _tiff_alpha(planar: bool, extra: str) -> Callable[[Path, np.ndarray], Path]:
     return write
 
 
+def _unpremultiplied(stored: np.ndarray, white: float) -> np.ndarray:
+    """``(..., C + 1)`` colour stored premultiplied by its last channel, the alpha, as viewers
+    show it, computed apart from segpipe (in float64, exact for these integers): colour *
+    white / alpha rounded down (as openslide-python does), at most white; floats not rounded;
+    as stored where the alpha is 0."""
+    colour, alpha = stored[..., :-1].astype(np.float64), stored[..., -1:].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shown = colour * white / alpha
+    if stored.dtype.kind != "f":
+        shown = np.minimum(np.floor(shown), white)
+    shown = np.where(alpha > 0, shown, colour)
+    return np.concatenate([shown, alpha], axis=-1).astype(stored.dtype)
+
+
 @pytest.mark.parametrize(
-    ("write", "channels"),
+    ("write", "channels", "premultiplied"),
     [
-        pytest.param(_png_alpha, 4, id="png-rgba"),
-        pytest.param(_png_alpha, 2, id="png-la"),
-        pytest.param(_tiff_alpha(False, "unassalpha"), 4, id="tiff-rgba"),
-        pytest.param(_tiff_alpha(True, "assocalpha"), 4, id="tiff-planar-premultiplied"),
-        pytest.param(_tiff_alpha(False, "unassalpha"), 2, id="tiff-la"),
+        pytest.param(_png_alpha, 4, False, id="png-rgba"),
+        pytest.param(_png_alpha, 2, False, id="png-la"),
+        pytest.param(_tiff_alpha(False, "unassalpha"), 4, False, id="tiff-rgba"),
+        pytest.param(_tiff_alpha(True, "assocalpha"), 4, True, id="tiff-planar-premultiplied"),
+        pytest.param(_tiff_alpha(False, "unassalpha"), 2, False, id="tiff-la"),
     ],
 )
 def test_an_alpha_channel_marks_transparent_pixels_invalid(
-    tmp_path: Path, write: Callable[[Path, np.ndarray], Path], channels: int
+    tmp_path: Path, write: Callable[[Path, np.ndarray], Path], channels: int, premultiplied: bool
 ) -> None:
     """As GDAL reads a GeoTIFF's alpha band: the channel named "alpha", 0 where no data."""
     pixels = _with_alpha(channels)
@@ -938,7 +952,8 @@ def test_an_alpha_channel_marks_transparent_pixels_invalid(
     assert reader.mask_kind == "alpha"
     names = ("red", "green", "blue", "alpha") if channels == 4 else ("grey", "alpha")
     assert reader.channel_names == names
-    np.testing.assert_array_equal(reader.read(0, 60, 0, 90), pixels)
+    shown = _unpremultiplied(pixels, 255) if premultiplied else pixels
+    np.testing.assert_array_equal(reader.read(0, 60, 0, 90), shown)
     np.testing.assert_array_equal(reader.valid_mask(0, 60, 0, 90), pixels[..., -1] > 0)
     clone = pickle.loads(pickle.dumps(reader))
     np.testing.assert_array_equal(clone.valid_mask(20, 30, 35, 45), pixels[20:30, 35:45, -1] > 0)
@@ -1054,6 +1069,219 @@ def test_a_jpeg_photo_taken_sideways_reads_upright(tmp_path: Path) -> None:
     pixels = reader.read(0, 60, 0, 40).astype(int)
     assert np.abs(pixels - shown).mean() < 3
     assert pixels[:30, 20:].min() > 150 and pixels[30:, :].max() < 100
+
+
+# -- a TIFF's Orientation (tag 274) -----------------------------------------------------------
+
+# TIFF 6.0's Orientation table: where the stored row 0 and column 0 are shown, by numpy alone.
+_SHOWN: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    1: lambda a: a,  # row 0 top, column 0 left
+    2: lambda a: a[:, ::-1],  # row 0 top, column 0 right
+    3: lambda a: np.rot90(a, 2),  # row 0 bottom, column 0 right
+    4: lambda a: a[::-1],  # row 0 bottom, column 0 left
+    5: lambda a: a.swapaxes(0, 1),  # row 0 left, column 0 top
+    6: lambda a: np.rot90(a, -1),  # row 0 right, column 0 top
+    7: lambda a: np.rot90(a, -1)[::-1],  # row 0 right, column 0 bottom
+    8: lambda a: np.rot90(a, 1),  # row 0 left, column 0 bottom
+}
+
+
+def _turned_tiff(path: Path, stored: np.ndarray, orientation: int, **kw: object) -> Path:
+    tifffile.imwrite(path, stored, extratags=[(274, "H", 1, orientation, True)], **kw)
+    return path
+
+
+def test_the_orientation_table_is_what_viewers_show() -> None:
+    """The reference of the tests below agrees with Pillow's exif_transpose."""
+    from PIL import ImageOps
+
+    stored = _rgb()[:30, :50]
+    for orientation, shown in _SHOWN.items():
+        img = Image.fromarray(stored)
+        img.getexif()[0x0112] = orientation
+        np.testing.assert_array_equal(shown(stored), np.asarray(ImageOps.exif_transpose(img)))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("layout", ["tiled-pyramid", "stripped"])
+def test_a_tiff_orientation_turns_every_level_as_viewers_show_it(
+    tmp_path: Path, orientation: int, layout: str
+) -> None:
+    """Shapes, whole levels and windows of every level as the stored pixels turned; sides
+    that are no multiple of the tiles or strips, rows and columns of different lengths."""
+    stored = _rgb()[:90, :130]
+    path = tmp_path / "turned.tif"
+    turn = [(274, "H", 1, orientation, True)]
+    if layout == "stripped":
+        tifffile.imwrite(path, stored, photometric="rgb", rowsperstrip=16, extratags=turn)
+        levels = [stored]
+    else:
+        levels = [stored, _half(stored), _half(_half(stored))]
+        kw = {"photometric": "rgb", "tile": (32, 32), "extratags": turn}
+        with tifffile.TiffWriter(path) as tif:
+            tif.write(stored, subifds=2, **kw)
+            for reduced in levels[1:]:
+                tif.write(reduced, subfiletype=1, **kw)
+    reader = open_image(path)
+    shown = [_SHOWN[orientation](level) for level in levels]
+    assert reader.level_shapes == tuple(s.shape for s in shown)
+    for k, pixels in enumerate(shown):
+        np.testing.assert_array_equal(reader.level(k).compute(), pixels)
+        h, w, _ = pixels.shape
+        y0, y1, x0, x1 = h // 5, h - h // 3, w // 7, w - w // 4
+        np.testing.assert_array_equal(reader.read(y0, y1, x0, x1, level=k), pixels[y0:y1, x0:x1])
+        np.testing.assert_array_equal(reader.read(0, 1, 0, 1, level=k), pixels[:1, :1])
+    clone = pickle.loads(pickle.dumps(reader))  # as a Dask worker gets it
+    np.testing.assert_array_equal(clone.read(0, 9, 0, 5, level=0), shown[0][:9, :5])
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_turned_window_decodes_only_the_stored_tiles_under_it(
+    tmp_path: Path, orientation: int
+) -> None:
+    """Every tile but those the window's pixels are stored in is garbage: the window reads,
+    the whole level does not."""
+    stored = _rgb()[:70, :100]
+    path = _turned_tiff(
+        tmp_path / "t.tif", stored, orientation, photometric="rgb", tile=(16, 16),
+        compression="zlib",
+    )  # fmt: skip
+    ny, nx = 5, 7  # tiles down and across
+    where = np.arange(70 * 100).reshape(70, 100)  # each shown pixel's stored index
+    y0, y1, x0, x1 = 3, 20, 40, 47
+    used = _SHOWN[orientation](where)[y0:y1, x0:x1].ravel()
+    tiles = set((used // 100 // 16 * nx + used % 100 // 16).tolist())
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+    assert len(spans) == ny * nx and len(tiles) < len(spans) // 2
+    data = bytearray(path.read_bytes())
+    for i, (offset, count) in enumerate(spans):
+        if i not in tiles:
+            data[offset : offset + count] = b"\xff" * count
+    path.write_bytes(bytes(data))
+    reader = open_image(path)
+    np.testing.assert_array_equal(
+        reader.read(y0, y1, x0, x1), _SHOWN[orientation](stored)[y0:y1, x0:x1]
+    )
+    with pytest.raises(ImageReadError, match="corrupt"):
+        reader.level(0).compute()
+
+
+@pytest.mark.parametrize("reduced", [None, 3])
+def test_a_pyramid_is_turned_as_its_level_0_says(tmp_path: Path, reduced: int | None) -> None:
+    """A reduced level without the tag is turned as level 0; one stating another orientation
+    is refused, naming the file and both."""
+    stored = _rgb()[:64, :96]
+    path = tmp_path / "p.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(stored, subifds=1, tile=(16, 16), extratags=[(274, "H", 1, 6, True)])
+        extra = [] if reduced is None else [(274, "H", 1, reduced, True)]
+        tif.write(_half(stored), subfiletype=1, tile=(16, 16), extratags=extra)
+    if reduced is not None:
+        with pytest.raises(ImageReadError, match=r"level 1 states Orientation 3.*level 0 6") as e:
+            open_image(path)
+        assert str(path) in str(e.value)
+        return
+    reader = open_image(path)
+    assert reader.level_shapes == ((96, 64, 3), (48, 32, 3))
+    np.testing.assert_array_equal(reader.read(0, 48, 0, 32, level=1), _SHOWN[6](_half(stored)))
+
+
+def test_a_geotiff_with_an_orientation_is_refused(tmp_path: Path) -> None:
+    """GDAL places a GeoTIFF's stored raster by its georeference, ignoring the tag."""
+    nodata = (42113, "s", 0, "0", True)  # GDAL's nodata tag: the reader goes through GDAL
+    path = tmp_path / "geo.tif"
+    tifffile.imwrite(
+        path, _rgb()[:40, :50, 0], extratags=[(274, "H", 1, 8, True), nodata]
+    )  # fmt: skip
+    with pytest.raises(ImageReadError, match=r"GeoTIFF.*Orientation 8") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+    tifffile.imwrite(path, _rgb()[:40, :50, 0], extratags=[(274, "H", 1, 1, True), nodata])
+    assert open_image(path).shape == (40, 50, 1)
+
+
+# -- associated (premultiplied) alpha ---------------------------------------------------------
+
+
+def _premultiplied_rgba(dtype: type) -> np.ndarray:
+    """(60, 90, 4) RGBA of ``dtype`` stored premultiplied: colour at most its alpha (a few
+    above it, as a careless writer stores them), alpha 0 over colour in a corner."""
+    white = 1.0 if np.dtype(dtype).kind == "f" else np.iinfo(dtype).max
+    rng = np.random.default_rng(3)
+    alpha = rng.uniform(0, 1, (60, 90, 1))
+    alpha[:10, :20] = 0
+    alpha[20:25] = 1
+    colour = rng.uniform(0, 1, (60, 90, 3)) * alpha
+    colour[:10, :20] = 0.3  # colour where nothing is opaque: stays as stored
+    colour[50:] = np.minimum(colour[50:] * 1.5, 1)
+    pixels = np.concatenate([colour, alpha], axis=-1) * white
+    return pixels.astype(dtype) if white == 1.0 else np.round(pixels).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("extra", ["assocalpha", "unassalpha"])
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_associated_alpha_colour_reads_divided_by_its_alpha(
+    tmp_path: Path, dtype: type, extra: str, orientation: int
+) -> None:
+    """Premultiplied colour as viewers show it, at every level and in every window, the
+    alpha as stored; unassociated alpha's colour as stored."""
+    stored = _premultiplied_rgba(dtype)
+    white = 1.0 if np.dtype(dtype).kind == "f" else np.iinfo(dtype).max
+    path = tmp_path / "rgba.tif"
+    kw = {
+        "photometric": "rgb",
+        "extrasamples": [extra],
+        "tile": (16, 16),
+        "extratags": [(274, "H", 1, orientation, True)],
+    }
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(stored, subifds=1, **kw)
+        tif.write(_half(stored), subfiletype=1, **kw)
+    expected = _unpremultiplied(stored, white) if extra == "assocalpha" else stored
+    shown = [_SHOWN[orientation](a) for a in (expected, _half(expected))]
+    reader = open_image(path)
+    assert reader.dtype == dtype and reader.channel_names == ("red", "green", "blue", "alpha")
+    np.testing.assert_array_equal(reader.level(0).compute(), shown[0])
+    np.testing.assert_array_equal(reader.read(7, 25, 3, 28, level=1), shown[1][7:25, 3:28])
+    np.testing.assert_array_equal(reader.read(3, 50, 5, 40)[..., 1:3], shown[0][3:50, 5:40, 1:3])
+    valid = _SHOWN[orientation](stored[..., 3] > 0)
+    np.testing.assert_array_equal(reader.valid_mask(0, *valid.shape[:1], 0, valid.shape[1]), valid)
+    if extra == "assocalpha":  # the test sees colour that was changed
+        assert not np.array_equal(expected[..., :3], stored[..., :3])
+
+
+def test_premultiplied_colour_is_rounded_as_openslide_python_rounds_it(tmp_path: Path) -> None:
+    """Every 8-bit colour of every alpha, against openslide-python's own un-premultiplying of
+    OpenSlide's ARGB (what segpipe's OpenSlide reader hands out)."""
+    convert = pytest.importorskip("openslide._convert")
+    import ctypes
+
+    alpha, colour = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    colour = np.minimum(colour, alpha)  # premultiplied colour never passes its alpha
+    rgba = np.stack([colour, colour, colour, alpha], axis=-1).astype(np.uint8)
+    argb = (alpha << 24 | colour << 16 | colour << 8 | colour).astype(np.uint32).ravel()
+    buffer = (ctypes.c_uint32 * argb.size).from_buffer(argb)
+    convert.argb2rgba(buffer)
+    openslide_rgba = argb.view(np.uint8).reshape(256, 256, 4)
+    tifffile.imwrite(
+        tmp_path / "all.tif", rgba, photometric="rgb", extrasamples=["assocalpha"],
+        tile=(64, 64),
+    )  # fmt: skip
+    read = open_image(tmp_path / "all.tif").read(0, 256, 0, 256)
+    np.testing.assert_array_equal(read, openslide_rgba)
+
+
+def test_associated_alpha_of_signed_samples_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "signed.tif"
+    tifffile.imwrite(
+        path, np.zeros((20, 30, 4), np.int16), photometric="rgb", extrasamples=["assocalpha"]
+    )  # fmt: skip
+    with pytest.raises(ImageReadError, match="associated alpha in int16") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
 
 
 # -- what a TIFF's samples mean (PhotometricInterpretation) ----------------------------------

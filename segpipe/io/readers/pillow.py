@@ -16,6 +16,7 @@ import numpy as np
 
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import BaseReader, ImageReadError
+from segpipe.io.readers.photometric import ORIENTATION_TAG, orient
 
 __all__ = ["MAX_PILLOW_PIXELS", "PILLOW_SUFFIXES", "PillowReader"]
 
@@ -23,7 +24,6 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Pillow images are decoded whole into memory; anything bigger belongs in a tiled TIFF.
 MAX_PILLOW_PIXELS = 20_000 * 20_000
-_ORIENTATION = 0x0112  # the EXIF tag
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
@@ -76,11 +76,11 @@ class PillowReader(BaseReader):
                 ):
                     # An eXIf after the pixels is found only by Pillow decoding them (at 8
                     # bits, for nothing); one before them (Pillow writes it there) is read.
-                    turn = img.getexif().get(_ORIENTATION, 1) if "exif" in img.info else 1
-                    return _orient(wide, turn), img.mode == "RGBA"
+                    turn = img.getexif().get(ORIENTATION_TAG, 1) if "exif" in img.info else 1
+                    return orient(wide, turn), img.mode == "RGBA"
                 img.load()
-                turn = img.getexif().get(_ORIENTATION, 1)
-                return _orient(np.asarray(img), turn), img.mode in ("RGBA", "LA")
+                turn = img.getexif().get(ORIENTATION_TAG, 1)
+                return orient(np.asarray(img), turn), img.mode in ("RGBA", "LA")
         except Image.DecompressionBombError as exc:  # over twice the limit: no size said
             raise ImageReadError(
                 f"{too_big} (got more than {2 * MAX_PILLOW_PIXELS:,} pixels)"
@@ -135,18 +135,3 @@ def _png16(img: Any) -> np.ndarray | None:
 
     img.fp.seek(0)
     return np.asarray(imagecodecs.png_decode(img.fp.read()))
-
-
-def _orient(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """``(Y, X[, C])`` pixels as viewers show a file with this EXIF orientation (1 as stored,
-    6 turned clockwise, ...; what ``PIL.ImageOps.exif_transpose`` does, for 16-bit pixels too).
-
-    >>> _orient(np.array([[1, 2, 3], [4, 5, 6]]), 6).tolist()
-    [[4, 1], [5, 2], [6, 3]]
-    """
-    if orientation in (5, 6, 7, 8):  # stored on its side
-        pixels = pixels.swapaxes(0, 1)
-        flip_y, flip_x = orientation in (7, 8), orientation in (6, 7)
-    else:
-        flip_y, flip_x = orientation in (3, 4), orientation in (2, 3)
-    return np.ascontiguousarray(pixels[:: -1 if flip_y else 1, :: -1 if flip_x else 1])

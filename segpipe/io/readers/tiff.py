@@ -3,17 +3,23 @@ slide formats (Aperio SVS, Hamamatsu NDPI, Leica SCN, Philips TIFF, Ventana BIF)
 
 Pixels come through tifffile's Zarr view of the main series (one level per pyramid level),
 as viewers show them (:mod:`segpipe.io.readers.photometric`: a palette expanded to RGB,
-min-is-white grey inverted, CMYK and other colour spaces refused);
+min-is-white grey inverted, colour premultiplied by an associated alpha divided by it, CMYK and
+other colour spaces refused; every level turned as level 0's Orientation tag says, a window at a
+time);
 the vendor, pixel size and magnification from :mod:`segpipe.io.readers.vendor`; a GeoTIFF's
 CRS, affine, nodata and masks from GDAL (:mod:`segpipe.io.readers.geotiff`). Any other TIFF's
 alpha sample (ExtraSamples: associated or unassociated alpha) is the channel named ``"alpha"``,
 and a pixel where it is 0 holds no data, as GDAL reads it in a GeoTIFF.
+
+A TIFF that goes through GDAL is refused if its Orientation is not 1: GDAL, and the GIS viewers
+on it, place the stored rows and columns by the georeference and ignore the tag.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,7 +28,12 @@ import numpy as np
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
-from segpipe.io.readers.photometric import Photometric, level_photometric
+from segpipe.io.readers.photometric import (
+    ALPHA_SAMPLES,
+    ORIENTATION_TAG,
+    Photometric,
+    level_photometric,
+)
 from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -35,8 +46,6 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8
 _GDAL_TAGS = (42113, 33550, 33922, 34264)
 # Series that scanners write beside the slide (tifffile's names for them)
 _VENDOR_EXTRAS = ("thumbnail", "label", "macro", "map", "overview", "mask")
-# ExtraSamples values: associated (premultiplied) and unassociated alpha
-_ALPHA_SAMPLES = (1, 2)
 
 
 class TiffReader(BaseReader):
@@ -45,7 +54,9 @@ class TiffReader(BaseReader):
     The main pyramid is the series with the most level-0 pixels (in an SVS, the baseline,
     not the thumbnail, label or macro images; in an NDPI not the macro or map; in an SCN the
     scanned region, not the macro image of the whole slide); other images it leaves out are
-    warned of. Tiles are decoded on demand; a level is never read whole.
+    warned of. Tiles are decoded on demand; a level is never read whole. Levels, their shapes
+    and windows are as viewers show the image: a TIFF stored on its side (Orientation 5 to 8)
+    has its rows and columns swapped.
     """
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
@@ -62,8 +73,10 @@ class TiffReader(BaseReader):
             series = tif.series[self._series]
             _check_declared_data(series, self._file_size(), self.path)
             levels = series.levels
+            turn = _orientation(levels, self.path)
             self._photometric = tuple(
-                level_photometric(lv.keyframe, self.path, k) for k, lv in enumerate(levels)
+                replace(level_photometric(lv.keyframe, self.path, k), orientation=turn)
+                for k, lv in enumerate(levels)
             )
             axes, shapes, dtype = _pixel_layout(levels, self._photometric, self.path)
             # opening each level's Zarr view reads metadata only; its chunks are the tiles
@@ -87,6 +100,15 @@ class TiffReader(BaseReader):
             first = series.levels[0].keyframe
             photometric = self._photometric[0]
             if getattr(first, "is_geotiff", False) or any(t in first.tags for t in _GDAL_TAGS):
+                if turn != 1:
+                    raise ImageReadError(
+                        f"{self.path}: a GeoTIFF (GDAL's tags) with Orientation {turn} (TIFF "
+                        "tag 274): GDAL and GIS viewers place its stored rows and columns by "
+                        "its georeference, ignoring the tag, while image viewers turn it; "
+                        "segpipe will not guess which is meant. Rewrite it without the tag "
+                        "(gdal_translate in.tif out.tif writes it as GDAL reads it) or turned "
+                        "and with Orientation 1"
+                    )
                 raster = raster_metadata(self.url or self.path)
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
@@ -184,6 +206,29 @@ def _series_text(index: int, series: Any) -> str:
     return f"series {index}{name} ({'x'.join(map(str, series.shape))})"
 
 
+def _orientation(levels: list[Any], path: str) -> int:
+    """The Orientation (TIFF tag 274, 1 to 8) of every level: level 0's, which a reduced
+    level without the tag shares (the levels are one image, reduced); a value outside 1 to 8
+    is 1 (libtiff refuses it and keeps its default, 1). Refused when a reduced level states
+    another."""
+
+    def stated(level: Any) -> int | None:
+        value = level.keyframe.tags.valueof(ORIENTATION_TAG)
+        if value is None:
+            return None
+        return int(value) if 1 <= int(value) <= 8 else 1
+
+    turn = stated(levels[0]) or 1
+    for k, level in enumerate(levels[1:], 1):
+        if (own := stated(level)) not in (None, turn):
+            raise ImageReadError(
+                f"{path}: level {k} states Orientation {own} (TIFF tag 274), level 0 {turn}; "
+                "a pyramid's levels are one image turned one way: rewrite the file with the "
+                "levels stored alike"
+            )
+    return turn
+
+
 def _pixel_layout(
     levels: list[Any], photometric: tuple[Photometric, ...], path: str
 ) -> tuple[list[str], list[tuple[int, ...]], np.dtype[Any]]:
@@ -207,7 +252,7 @@ def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
     """A name per sample of ``page`` (``"alpha"`` for the first extra sample that is one, as
     GDAL takes it), or None without an alpha sample."""
     extra = [int(e) for e in page.extrasamples]
-    alphas = [i for i, e in enumerate(extra) if e in _ALPHA_SAMPLES]
+    alphas = [i for i, e in enumerate(extra) if e in ALPHA_SAMPLES]
     if "S" not in axes or not alphas:
         return None
     n = int(page.samplesperpixel)
