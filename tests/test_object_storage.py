@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
-import re
 import socket
 import threading
 import time
@@ -390,30 +389,6 @@ def _bucket() -> tuple[Any, str]:
     return fsspec.filesystem("memory"), f"/segpipe-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.mark.parametrize("name", ["res[1A].zarr", "res*.zarr", "res?.zarr"])
-def test_a_result_url_with_glob_characters_is_refused_and_other_data_kept(name):
-    """fsspec reads [ ] * ? in a path as a glob pattern, in rm too: deleting ``res[1A]``
-    deleted ``res1``'s and ``resA``'s objects and kept its own. Refused before any write."""
-    fs, bucket = _bucket()
-    users = {f"{bucket}/{n}/data.bin": n.encode() for n in ("res1.zarr", "resA.zarr", "re.zarr")}
-    fs.pipe(users)
-    url = URLPath(f"memory://{bucket}/{name}")
-    refused = rf"{re.escape(str(url))}: .*glob pattern"
-    with pytest.raises(ValueError, match=refused):
-        prepare_result(url, meta())
-    assert fs.find(bucket) == sorted(users)
-    # One an earlier release made there resumes (nothing is deleted), but is never deleted.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(remote, "check_literal_url", lambda url, what: None)
-        prepare_result(url, meta())
-    made = set(fs.find(bucket)) - set(users)
-    assert made and not prepare_result(url, meta()).any()
-    with pytest.raises(ValueError, match=refused):
-        delete_result(url)
-    assert set(fs.find(bucket)) == made | set(users)
-    assert all(fs.cat_file(key) == data for key, data in users.items())
-
-
 def test_an_earlier_releases_creation_marker_removes_its_prefix_once_old():
     """A marker of a release before markers listed their keys is empty: once old, what lies
     at the prefix without a root is that creation's, removed as that release did."""
@@ -462,3 +437,227 @@ def test_a_killed_create_at_a_url_is_removed_once_old_and_nothing_else_there(mon
     fs.rm_file(f"{bucket}/r.zarr/notes.txt")
     assert not prepare_result(url, meta()).any()
     assert is_result(url) and not fs.exists(marker)
+
+
+# --- names fsspec reads as a glob pattern ([ ] * ?) ------------------------------------------
+
+# Each matches res1.zarr and resA.zarr as a pattern (fsspec's rm deleted those, kept its own).
+GLOB_NAMES = ["res[1A].zarr", "res*.zarr", "res?.zarr"]
+
+
+@pytest.fixture(scope="module")
+def background_checkpoint(tmp_path_factory) -> Path:
+    """A U-Net that calls every pixel background: its mask shards are all 0, and Zarr deletes
+    such a shard as it writes it (``write_empty_chunks=False``), through the store."""
+    import torch
+
+    from segpipe import models
+
+    net = models.build("unet", class_names=("background", "tissue", "nucleus"), width=4, depth=2)
+    with torch.no_grad():
+        net.head.conv.weight.zero_()
+        net.head.conv.bias.copy_(torch.tensor([8.0, 0.0, 0.0]))
+    return models.save(net, tmp_path_factory.mktemp("ckpt") / "background-unet.pt")
+
+
+def _tiny_image(path: Path, seed: int = 5, *, zero_corner: bool = False) -> Path:
+    """A 128 x 128 RGB TIFF of random pixels (its top-left 64 x 64 all 0 if asked)."""
+    pixels = np.random.default_rng(seed).integers(1, 255, (128, 128, 3), dtype=np.uint8)
+    if zero_corner:
+        pixels[:64, :64] = 0
+    tifffile.imwrite(path, pixels, photometric="rgb")
+    return path
+
+
+def _objects(fs: Any, folder: str) -> dict[str, bytes]:
+    """Every object below ``folder``, by key."""
+    return {key: fs.cat_file(key) for key in fs.find(folder)}
+
+
+def _copy(fs: Any, source: str, target: str) -> None:
+    fs.pipe({key.replace(source, target, 1): data for key, data in _objects(fs, source).items()})
+
+
+def _without(objects: dict[str, bytes], folder: str) -> dict[str, bytes]:
+    return {key: data for key, data in objects.items() if not key.startswith(f"{folder}/")}
+
+
+def _check_result_at_a_glob_name(
+    fs: Any, folder: str, url: str, name: str, image: str, checkpoints: tuple[Path, Path], options
+) -> None:
+    """Results ``res1.zarr`` and ``resA.zarr`` in ``folder`` (``url`` the folder's URL); one
+    at ``name`` created, resumed, overwritten, deleted: theirs stay byte for byte."""
+    random, background = (str(c) for c in checkpoints)
+    segpipe.segment(image, f"{url}/res1.zarr", random, CONFIG, storage_options=options)
+    _copy(fs, f"{folder}/res1.zarr", f"{folder}/resA.zarr")
+    before, mine = _objects(fs, folder), f"{folder}/{name}"
+
+    # Every mask shard of this one is empty: Zarr deletes it, at the siblings' keys too.
+    out = segpipe.segment(image, f"{url}/{name}", background, CONFIG, storage_options=options)
+    assert str(out) == f"{url}/{name}" and read_meta(out).complete
+    assert not segpipe.open_result(out)["mask"].values.any()
+    assert fs.find(mine) and _without(_objects(fs, folder), mine) == before
+    resumed = segpipe.segment(image, out, background, CONFIG, storage_options=options)
+    assert read_meta(resumed).complete and _without(_objects(fs, folder), mine) == before
+
+    uint8 = CONFIG.replace(probability_dtype="uint8")
+    segpipe.segment(image, out, background, uint8, overwrite=True, storage_options=options)
+    assert read_meta(out).config.probability_dtype == "uint8"
+    assert _without(_objects(fs, folder), mine) == before
+
+    delete_result(out)
+    assert _objects(fs, folder) == before  # its objects and its marker gone, nothing else
+
+
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_a_result_at_a_glob_name_touches_no_result_the_pattern_matches(
+    name, random_checkpoint, background_checkpoint, tmp_path
+):
+    fs, bucket = _bucket()
+    image = str(_tiny_image(tmp_path / "tiny.tif"))
+    checkpoints = (random_checkpoint, background_checkpoint)
+    _check_result_at_a_glob_name(fs, bucket, f"memory://{bucket}", name, image, checkpoints, None)
+
+
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_a_result_at_a_glob_name_on_s3_touches_no_result_the_pattern_matches(
+    s3, name, random_checkpoint, background_checkpoint, tmp_path
+):
+    folder = f"glob-{uuid.uuid4().hex[:8]}"
+    image = s3.upload(_tiny_image(tmp_path / "tiny.tif"), f"{folder}/tiny.tif")
+    checkpoints = (random_checkpoint, background_checkpoint)
+    _check_result_at_a_glob_name(
+        s3.fs, f"{BUCKET}/{folder}", s3.url(folder), name, image, checkpoints, s3.options
+    )
+
+
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_a_killed_create_at_a_glob_name_removes_its_own_objects_only(name, monkeypatch):
+    fs, bucket = _bucket()
+    prepare_result(URLPath(f"memory://{bucket}/res1.zarr"), meta())
+    _copy(fs, f"{bucket}/res1.zarr", f"{bucket}/resA.zarr")
+    before = _objects(fs, bucket)
+    monkeypatch.setenv("SEGPIPE_FAULT", "result.skeleton:raise")
+    with pytest.raises(InjectedFault):
+        prepare_result(URLPath(f"memory://{bucket}/{name}"), meta())
+    assert _objects(fs, bucket) == before
+
+
+def _check_ingest_at_a_glob_name(
+    fs: Any, folder: str, url: str, name: str, tmp_path: Path, options: dict[str, Any] | None
+) -> None:
+    """Ingests ``res1.zarr`` and ``resA.zarr`` in ``folder`` (``url`` the folder's URL); one
+    at ``name`` created, reused and replaced: theirs stay byte for byte."""
+    from segpipe.io.ingest import ingest, ingested_image
+
+    settings: dict[str, Any] = {"chunk": 64, "min_level_size": 64, "pixel_size_um": 0.5}
+    sibling = URLPath(f"{url}/res1.zarr", options)
+    ingest(_tiny_image(tmp_path / "other.tif", seed=1), sibling, **settings)
+    _copy(fs, f"{folder}/res1.zarr", f"{folder}/resA.zarr")
+    before, mine = _objects(fs, folder), f"{folder}/{name}"
+
+    # Its first chunk is 0: Zarr deletes such a chunk as it writes it, at the siblings' keys too.
+    source = _tiny_image(tmp_path / "tiny.tif", zero_corner=True)
+    pixels = tifffile.imread(source)
+    out = ingest(source, URLPath(f"{url}/{name}", options), **settings)
+    assert str(out) == f"{url}/{name}"
+    np.testing.assert_array_equal(open_image(out).read(0, 128, 0, 128), pixels)
+    assert _without(_objects(fs, folder), mine) == before
+    created = out.joinpath("zarr.json").modified()
+    assert ingested_image(source, out, chunk=64, pixel_size_um=0.5) == out
+    assert out.joinpath("zarr.json").modified() == created, "reused, not written again"
+
+    replaced = ingest(source, out, **(settings | {"pixel_size_um": 2.0}), overwrite=True)
+    assert open_image(replaced).pixel_size_um == 2.0
+    np.testing.assert_array_equal(open_image(replaced).read(0, 128, 0, 128), pixels)
+    assert _without(_objects(fs, folder), mine) == before
+
+
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_an_ingest_at_a_glob_name_touches_no_ingest_the_pattern_matches(name, tmp_path):
+    fs, bucket = _bucket()
+    _check_ingest_at_a_glob_name(fs, bucket, f"memory://{bucket}", name, tmp_path, None)
+
+
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_an_ingest_at_a_glob_name_on_s3_touches_no_ingest_the_pattern_matches(s3, name, tmp_path):
+    folder = f"glob-{uuid.uuid4().hex[:8]}"
+    folder_url = s3.url(folder)
+    _check_ingest_at_a_glob_name(
+        s3.fs, f"{BUCKET}/{folder}", folder_url, name, tmp_path, s3.options
+    )
+
+
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_remove_literal_deletes_the_paths_named_and_none_their_pattern_matches(
+    protocol, name, tmp_path
+):
+    from segpipe.io.files import remove_literal
+
+    if protocol == "file":
+        fs, folder = fsspec.filesystem("file", auto_mkdir=True), str(tmp_path)
+    else:
+        fs, folder = _bucket()
+    mine = f"{folder}/{name}"
+    names = ("res1.zarr", "resA.zarr", name)
+    fs.pipe({f"{folder}/{n}/{key}": n.encode() for n in names for key in ("zarr.json", "0/c/0")})
+    fs.makedirs(f"{mine}/empty")  # a folder the file system keeps with no file in it
+    others = _without(_objects(fs, folder), mine)
+
+    remove_literal(fs, [f"{mine}/0/c/0", f"{mine}/gone"])  # one gone already: no error
+    assert fs.find(mine) == [f"{mine}/zarr.json"]
+    assert _without(_objects(fs, folder), mine) == others
+    remove_literal(fs, mine, recursive=True)
+    assert not fs.exists(mine), "its folders are gone too"
+    assert _objects(fs, folder) == others
+    remove_literal(fs, mine, recursive=True)  # nothing there: nothing to do
+
+
+def test_a_url_folder_with_glob_characters_lists_only_its_own_objects():
+    fs, bucket = _bucket()
+    fs.pipe({f"{bucket}/{key}": b"" for key in ("out[1]/a.json", "out[1]/b.txt", "out1/c.json")})
+    folder = URLPath(f"memory://{bucket}/out[1]")
+    assert folder.glob("*.json") == [folder.joinpath("a.json")]
+    assert URLPath(f"memory://{bucket}/nothing").glob("*") == []
+
+
+@pytest.mark.parametrize("name", GLOB_NAMES)
+def test_an_export_at_a_glob_name_replaces_no_export_the_pattern_matches(name, reference):
+    from segpipe.analysis.ngff import export_ngff04
+
+    fs, bucket = _bucket()
+    export_ngff04(reference, f"memory://{bucket}/res1.zarr")
+    _copy(fs, f"{bucket}/res1.zarr", f"{bucket}/resA.zarr")
+    before, mine = _objects(fs, bucket), f"{bucket}/{name}"
+    export_ngff04(reference, f"memory://{bucket}/{name}")
+    exported = _objects(fs, mine)
+    assert exported and _without(_objects(fs, bucket), mine) == before
+    export_ngff04(reference, f"memory://{bucket}/{name}", overwrite=True)
+    assert _objects(fs, mine) == exported
+    assert _without(_objects(fs, bucket), mine) == before
+
+
+def test_an_s3_archive_image_with_glob_characters_is_segmented_and_replaced_alone(
+    s3, random_checkpoint, tmp_path
+):
+    """``slide [1].tif`` was failed (its result URL refused); as a pattern it matches
+    ``slide 1.tif``, whose result its replacement must never touch."""
+    folder = f"archive-{uuid.uuid4().hex[:8]}"
+    for name, seed in [("slide 1.tif", 1), ("slide [1].tif", 2)]:
+        s3.upload(_tiny_image(tmp_path / f"{seed}.tif", seed), f"{folder}/in/{name}")
+    images = discover_images(s3.url(f"{folder}/in"), storage_options=s3.options)
+    assert [i.key for i in images] == ["slide 1.tif", "slide [1].tif"]
+    root, checkpoint = s3.url(f"{folder}/out"), str(random_checkpoint)
+    for image in images:
+        done = process_image(image, root, checkpoint, config=CONFIG, storage_options=s3.options)
+        assert done.status == "segmented", done
+    plain = f"{BUCKET}/{folder}/out/slide 1.tif.seg.zarr"
+    before = _objects(s3.fs, plain)
+
+    uint8 = CONFIG.replace(probability_dtype="uint8")  # a result setting: due again
+    again = process_image(images[1], root, checkpoint, config=uint8, storage_options=s3.options)
+    assert again.status == "segmented", again
+    assert again.result == f"{root}/slide [1].tif.seg.zarr"
+    assert read_meta(location(again.result, s3.options)).config.probability_dtype == "uint8"
+    assert _objects(s3.fs, plain) == before

@@ -26,7 +26,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, location, remove_literal
 from segpipe.io.ome import ngff04_attributes
 from segpipe.results import label_path, open_result
 
@@ -109,6 +109,6 @@ def _remove(path: Path | URLPath) -> None:
     """Delete the folder (or, at a URL, every object under the prefix) at ``path``."""
     if isinstance(path, URLPath):
         fs, root = path.filesystem()
-        fs.rm(root, recursive=True)
+        remove_literal(fs, root, recursive=True)
     else:
         shutil.rmtree(path)

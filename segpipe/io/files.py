@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fnmatch
+import functools
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from zarr.abc.store import Store
 from zarr.storage import FsspecStore, StorePath
 
 __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
-    "check_literal_url",
     "is_url",
     "location",
     "mtime_of",
+    "remove_literal",
     "utc_now",
     "write_json_atomic",
     "write_text_atomic",
@@ -39,8 +43,9 @@ __all__ = [
 # Bytes fetched ahead of each read from a URL: tifffile reads a TIFF's header in many small
 # pieces and its tiles one by one, each a ranged GET that brings this much more with it.
 REMOTE_READ_BLOCK = 2**18
-# What fsspec reads as a glob pattern in a path it is given to list or delete.
-_GLOB_CHARACTERS = "[]*?"
+# Deletions in flight at once: an object store takes one request per key (S3's 20-50 ms
+# each), and a result holds a few thousand.
+_DELETES_IN_FLIGHT = 16
 
 
 def utc_now(timespec: str = "seconds") -> str:
@@ -59,17 +64,6 @@ def is_url(path: object) -> bool:
     if isinstance(path, URLPath):
         return True
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
-
-
-def check_literal_url(url: URLPath, what: str) -> None:
-    """Refuse ``url``, the location of ``what`` (``"an ingest"``), if it holds a glob
-    character: fsspec reads one as a pattern, in ``rm`` too (deleting a result at ``res[1A]``
-    deleted the objects of ``res1`` and ``resA``, and left its own)."""
-    if any(c in _GLOB_CHARACTERS for c in str(url)):
-        raise ValueError(
-            f"{url}: {what}'s URL may not contain [, ], * or ?: fsspec reads them as a glob "
-            "pattern, so deleting it could delete other objects; choose a name without them"
-        )
 
 
 def location(
@@ -104,7 +98,7 @@ class URLPath(StorePath):
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
-        store = FsspecStore.from_url(self.url, storage_options=dict(self.storage_options))
+        store = _LiteralFsspecStore.from_url(self.url, storage_options=dict(self.storage_options))
         super().__init__(store, "")
 
     if TYPE_CHECKING:
@@ -207,16 +201,84 @@ class URLPath(StorePath):
                 raise
 
     def glob(self, pattern: str) -> list[URLPath]:
-        """Objects directly under this prefix whose names match ``pattern``."""
+        """Objects directly under this prefix whose names match ``pattern`` (:mod:`fnmatch`'s
+        rules); the prefix is taken as written, never as a pattern (``fs.glob`` reads the
+        ``[1]`` of ``out[1]/`` as one, and lists ``out1/``)."""
         fs, path = self.filesystem()
-        names = fs.glob(f"{path.rstrip('/')}/{pattern}")
-        return [self.joinpath(str(n).rsplit("/", 1)[-1]) for n in names]
+        try:
+            listed = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        names = (str(n).rstrip("/").rsplit("/", 1)[-1] for n in listed)
+        return [self.joinpath(n) for n in names if fnmatch.fnmatchcase(n, pattern)]
 
     def open_read(self) -> Any:
         """A seekable binary file over this URL that fetches byte ranges on demand
         (:data:`REMOTE_READ_BLOCK` ahead of each read), never the whole object."""
         fs, path = self.filesystem()
         return fs.open(path, "rb", block_size=REMOTE_READ_BLOCK, cache_type="readahead")
+
+
+class _LiteralFsspecStore(FsspecStore):
+    """Zarr's ``FsspecStore``, deleting each key as named.
+
+    Zarr deletes a chunk written empty (``write_empty_chunks=False``) and what it overwrites
+    through fsspec's ``rm``, which reads ``[ ] * ?`` as a glob pattern: the empty mask shard
+    of a result at ``res[1A].zarr`` deleted that shard of ``res1.zarr`` and ``resA.zarr``.
+    """
+
+    async def delete(self, key: str) -> None:
+        self._check_writable()
+        path = f"{self.path.rstrip('/')}/{key}".rstrip("/")
+        with contextlib.suppress(FileNotFoundError, *self.allowed_exceptions):
+            await self.fs._rm_file(path)
+
+    async def delete_dir(self, prefix: str) -> None:
+        # Zarr's generic one: the keys listed below the prefix (a listing, never a pattern),
+        # each deleted by delete() above.
+        await Store.delete_dir(self, prefix)
+
+    async def clear(self) -> None:
+        await Store.clear(self)
+
+
+def remove_literal(fs: Any, paths: str | Iterable[str], *, recursive: bool = False) -> None:
+    """Delete ``paths`` from the fsspec file system ``fs``, each as named, never as a pattern.
+
+    fsspec's ``rm`` (through ``expand_path``) reads ``[``, ``]``, ``*`` and ``?`` in a path as
+    a glob pattern: ``rm("out/res[1A].zarr", recursive=True)`` deleted ``out/res1.zarr`` and
+    ``out/resA.zarr`` and kept ``out/res[1A].zarr``. Here each path is one file, removed with
+    ``rm_file`` (one DELETE of that key on S3); with ``recursive`` each is a folder (a key
+    prefix): every file ``find`` lists below it (a listing by prefix), then the empty folders
+    a file system keeps (local, memory; an object store keeps none). The files go in no
+    particular order: a caller that needs one deletes in steps. A path already gone is no
+    error.
+    """
+    roots = [paths] if isinstance(paths, str) else list(paths)
+    files = [f for root in roots for f in fs.find(root)] if recursive else roots
+    if files:
+        with ThreadPoolExecutor(min(len(files), _DELETES_IN_FLIGHT)) as pool:
+            list(pool.map(functools.partial(_remove_file, fs), files))
+    if recursive:
+        for root in roots:
+            _remove_folders(fs, root)
+
+
+def _remove_file(fs: Any, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(path)
+
+
+def _remove_folders(fs: Any, root: str) -> None:
+    """Remove the empty folders at and below ``root``, each before its parent."""
+    if not fs.isdir(root):
+        return
+    listed = fs.find(root, withdirs=True, detail=True)
+    folders = [name for name, info in listed.items() if info.get("type") == "directory"]
+    for folder in sorted(folders, reverse=True):
+        # A memory file system's folder implied by files vanished with them.
+        with contextlib.suppress(FileNotFoundError):
+            fs.rmdir(folder)
 
 
 def mtime_of(info: Mapping[str, Any]) -> float:

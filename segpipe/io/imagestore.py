@@ -13,9 +13,10 @@ value, 0, without an error), nor a folder that is no segpipe image and still in 
   with ``complete: false`` (one PUT), then its other objects go and the root last: a deletion
   killed halfway leaves an unfinished ingest, which the next ingest replaces.
 
-Neither can be done safely everywhere, so some locations are refused before anything is
-written or deleted there: a local symbolic link (renaming it aside would move the link, not
-the image), and a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a pattern).
+A local symbolic link is refused before anything is written or deleted there: renaming it
+aside would move the link, not the image. A URL's objects are deleted each by its key
+(:func:`.remove_literal`): one with ``[``, ``]``, ``*`` or ``?`` never deletes another that
+fsspec's pattern would match.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segpipe.io.files import URLPath, check_literal_url, is_url, location
+from segpipe.io.files import URLPath, is_url, location, remove_literal
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import open_image
 from segpipe.io.units import check_pixel_size
@@ -132,11 +133,9 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     allows deleting (deleted as the module says, never leaving a half-deleted image there).
 
     Raises FileExistsError for anything else at ``out``, which is never deleted, and for a
-    symbolic link; ValueError for a URL with a glob character (:func:`.check_literal_url`).
+    symbolic link.
     """
-    if isinstance(out, URLPath):
-        check_literal_url(out, "an ingest")
-    else:
+    if not isinstance(out, URLPath):
         _check_not_link(out)
         # what a killed deletion left beside it (a URL's is the store itself, unfinished)
         for old in out.parent.glob(glob.escape(f".{out.name}.deleting-") + "*"):
@@ -176,15 +175,12 @@ def _check_not_link(out: Path) -> None:
 
 def _delete_at_url(url: URLPath) -> None:
     """Delete the image at ``url``: marked unfinished first, its root ``zarr.json`` last."""
-    check_literal_url(url, "an ingest")  # fs.rm globs: img[1] would delete img1
     root = url.joinpath(_ROOT)
     document = json.loads(root.read_text())
     document["attributes"]["segpipe"]["complete"] = False
     root.write_text(json.dumps(document))  # one PUT: from here on it reads as unfinished
     fs, path = url.filesystem()
     path = path.rstrip("/")
-    if rest := [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{_ROOT}"]:
-        fs.rm(rest)
+    remove_literal(fs, [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{_ROOT}"])
     root.unlink()
-    if fs.exists(path):  # the folders a file system (not an object store) keeps
-        fs.rm(path, recursive=True)
+    remove_literal(fs, path, recursive=True)  # the folders a file system (not a bucket) keeps

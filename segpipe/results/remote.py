@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterable
 
 from segpipe.faults import fault_point
-from segpipe.io.files import URLPath, check_literal_url
+from segpipe.io.files import URLPath, remove_literal
 from segpipe.results.layout import layout_documents
 from segpipe.results.schema import ResultMeta, ResultMismatchError
 
@@ -37,7 +37,6 @@ def _marker(url: URLPath, kind: str) -> URLPath:
 
 def create(url: URLPath, meta: ResultMeta) -> None:
     """Create the empty result of ``meta`` at ``url``, its root ``zarr.json`` written last."""
-    check_literal_url(url, "a result")
     objects = layout_documents(meta)
     marker = _marker(url, "creating")
     # Listed before any is written: a kill's leftovers are these, nothing else at the prefix.
@@ -57,7 +56,6 @@ def create(url: URLPath, meta: ResultMeta) -> None:
 
 def delete(url: URLPath) -> None:
     """Delete the result at ``url``: its root ``zarr.json`` first, then every other object."""
-    check_literal_url(url, "a result")
     marker = _marker(url, "deleting")
     marker.write_bytes(b"")
     _remove_all(url)
@@ -71,8 +69,7 @@ def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
     the objects the marker lists are removed (anything written at the prefix since is kept);
     a younger one may be a run creating the result right now, and is refused. An earlier
     release's marker lists nothing: once old, everything at the prefix is removed, as that
-    release did. Only removing refuses a URL with glob characters: a result made there by
-    an earlier release still resumes.
+    release did.
     """
     if _marker(url, "deleting").exists():
         delete(url)
@@ -93,7 +90,6 @@ def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
             f"again in {older_than_s - age:.0f} s, when its objects are removed"
         )
     if keys is None:  # that release's rule, once old: the prefix was its creation's alone
-        check_literal_url(url, "a result")
         _remove_all(url)
         creating.unlink(missing_ok=True)
         return
@@ -103,19 +99,14 @@ def remove_leftovers(url: URLPath, *, older_than_s: float) -> None:
 def _remove_creation(url: URLPath, keys: Iterable[str]) -> None:
     """Remove the objects of ``keys`` (below ``url``) a creation wrote, and nothing else
     there, then its marker."""
-    check_literal_url(url, "a result")
     fs, root = url.filesystem()
     root = root.rstrip("/")
-    there = set(fs.find(root))
-    paths = [path for path in (f"{root}/{key}" for key in keys) if path in there]
-    if paths:
-        fs.rm(paths)
+    there = set(fs.find(root))  # one listing, not a request for each key the marker lists
+    remove_literal(fs, [path for path in (f"{root}/{key}" for key in keys) if path in there])
     _marker(url, "creating").unlink(missing_ok=True)
 
 
 def _remove_all(url: URLPath) -> None:
     fs, root = url.filesystem()
-    root = root.rstrip("/")
     url.joinpath(_ROOT).unlink(missing_ok=True)
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
+    remove_literal(fs, root.rstrip("/"), recursive=True)
