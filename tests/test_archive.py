@@ -1,6 +1,7 @@
 """segpipe.archive (discover, state, claims, process): discovery, fingerprints, decisions,
 claims, and one image start to finish."""
 
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -30,7 +31,12 @@ from segpipe.archive import (
     process_image,
 )
 from segpipe.archive.claims import ClaimLostError, read_lock, try_claim
-from segpipe.archive.state import MAX_KILLED_ATTEMPTS, retry_delay_s
+from segpipe.archive.state import (
+    MAX_KILLED_ATTEMPTS,
+    decide_unreadable,
+    retry_delay_s,
+    undecided_state,
+)
 from segpipe.config import SegmentConfig
 from segpipe.results import is_complete, read_meta, result_levels, tiles_done
 
@@ -1252,15 +1258,20 @@ def test_a_resume_that_segment_refuses_starts_again_instead_of_failing_every_run
 
 @pytest.mark.parametrize(
     "error",
-    [PermissionError(13, "Permission denied"), FileNotFoundError(2, "No such file or directory")],
-    ids=["permission", "vanished"],
+    [
+        PermissionError(13, "Permission denied"),
+        FileNotFoundError(2, "No such file or directory"),
+        RuntimeError("s3://scans: no credentials found"),
+    ],
+    ids=["permission", "vanished", "store-error"],
 )
 def test_an_unreadable_image_backs_off_like_a_failure_and_is_tried_once_it_reads(
     tmp_path, slide, random_checkpoint, monkeypatch, error
 ):
     """An image that cannot even be fingerprinted (its permissions, an I/O error, gone since
-    it was listed) is recorded failed under the claim and held until its retry delay, not
-    read and failed again by every run; once it reads again it is segmented at once."""
+    it was listed, a store's own error) is recorded failed under the claim and held until its
+    retry delay, not read and failed again by every run; once it reads again it is segmented
+    at once."""
     image, out, paths = _one_image(tmp_path, slide)
 
     def unreadable(*args, **kwargs):
@@ -1287,36 +1298,177 @@ def test_an_unreadable_image_backs_off_like_a_failure_and_is_tried_once_it_reads
         assert run().status == "held"
     done = run()  # it reads again, within its delay: never segmented, so new
     assert (done.status, done.reason) == ("segmented", "new image")
-    assert archive.read_state(paths.state)["failures"] == 0
+    state = archive.read_state(paths.state)
+    assert state["failures"] == 0 and "unreadable" not in state
 
 
-def test_an_image_unreadable_for_one_run_keeps_its_complete_result(
+def test_an_image_unreadable_for_a_while_keeps_its_result_and_its_read_failures_end(
     tmp_path, slide, random_checkpoint, monkeypatch
 ):
-    """A complete image that cannot be read for one run (an I/O error, its permissions taken
+    """A complete image that cannot be read for a while (an I/O error, its permissions taken
     away and given back) has not changed: once it reads again it is up to date, its result
-    neither deleted nor segmented again."""
+    neither deleted nor segmented again, and its read failures are over: unreadable again
+    later, it counts from one and waits the first retry delay, not the third."""
     import errno
+    from datetime import datetime, timedelta
 
     image, out, paths = _one_image(tmp_path, slide)
-    process_image(image, out, random_checkpoint, config=CONFIG)
-    fingerprint = archive.read_state(paths.state)["fingerprint"]
-    before = (paths.result / "zarr.json").stat()
+    readable, real = [True], archive_process.fingerprint_image
 
-    def unreadable(*args, **kwargs):
+    def fingerprint(*args, **kwargs):
+        if readable[0]:
+            return real(*args, **kwargs)
         raise OSError(errno.EIO, "Input/output error")
 
-    with monkeypatch.context() as m:
-        m.setattr(archive_process, "fingerprint_image", unreadable)
+    def run():
+        return process_image(image, out, random_checkpoint, config=CONFIG)
+
+    def fails_to_read():
+        readable[0] = False
         with pytest.raises(OSError, match="Input/output error"):
-            process_image(image, out, random_checkpoint, config=CONFIG)
-    again = process_image(image, out, random_checkpoint, config=CONFIG)
+            run()
+        readable[0] = True
+        return archive.read_state(paths.state)["unreadable"]
+
+    monkeypatch.setattr(archive_process, "fingerprint_image", fingerprint)
+    run()
+    complete = archive.read_state(paths.state)
+    before = (paths.result / "zarr.json").stat()
+    assert fails_to_read()["failures"] == 1
+    _age_failure(paths, 11 * 60)  # past the first delay
+    assert fails_to_read()["failures"] == 2
+    again = run()
     assert (again.status, again.reason) == ("skipped", "up to date")
     after = (paths.result / "zarr.json").stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert archive.read_state(paths.state) == complete, "the read failures gone, the rest kept"
+    sidecar = paths.state.stat()
+    assert run().status == "skipped"
+    after = paths.state.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (sidecar.st_ino, sidecar.st_mtime_ns), (
+        "nothing to clear: not written"
+    )
+
+    failure = fails_to_read()
+    assert failure["failures"] == 1
+    readable[0] = False
+    held = run()
+    retry_at = datetime.fromisoformat(failure["failed_at"]) + timedelta(seconds=retry_delay_s(1))
+    assert held.status == "held"
+    assert f"failed 1 time; next attempt after {retry_at:%Y-%m-%d %H:%M:%S} UTC" in held.reason
+
+
+def test_a_result_whose_metadata_cannot_be_read_fails_the_image_which_backs_off(
+    tmp_path, slide, random_checkpoint
+):
+    """A result whose metadata is damaged makes deciding raise: a failure of the image like
+    any other, recorded (count, time, a reason naming the result), held by the next runs for
+    its retry delay, tried again with retry_failed, and the result left where it is."""
+    image, out, paths = _one_image(tmp_path, slide)
+
+    def run(**kw):
+        return process_image(image, out, random_checkpoint, config=CONFIG, **kw)
+
+    run()
+    meta = paths.result / "zarr.json"
+    meta.write_text("[]")  # JSON, but no Zarr metadata
+    with try_claim(paths.lock, owner="the other run"):
+        assert run().status == "busy"  # its holder decides again, and records what it finds
+    assert archive.read_state(paths.state)["status"] == "complete"
+    with pytest.raises(ValueError, match="its result metadata cannot be read") as raised:
+        run()
     state = archive.read_state(paths.state)
-    assert (state["status"], state["fingerprint"]) == ("complete", fingerprint)
-    assert state["unreadable"]["failures"] == 1
+    assert (state["status"], state["failures"]) == ("failed", 1) and state["failed_at"]
+    assert state["reason"] == f"ValueError: {raised.value}" and str(paths.result) in state["reason"]
+    assert not paths.lock.exists()
+    held = run()
+    assert held.status == "held" and "failed 1 time" in held.reason
+    with pytest.raises(TypeError):  # tried: segment finds the same damage
+        run(retry_failed=True)
+    assert archive.read_state(paths.state)["failures"] == 2
+    assert meta.read_text() == "[]" and paths.report.is_file() and paths.thumbnail.is_file()
+
+
+def test_a_sidecar_field_deciding_fails_on_is_recorded_over_and_the_image_backs_off(
+    tmp_path, slide, random_checkpoint
+):
+    """A sidecar field of the wrong type makes deciding raise: recorded as a failure in a
+    sidecar the next runs can read (so they hold the image for its retry delay, not fail on
+    it at once), and retry_failed tries the image again."""
+    image, out, paths = _one_image(tmp_path, slide)
+
+    def run(**kw):
+        return process_image(image, out, random_checkpoint, config=CONFIG, **kw)
+
+    run()
+    state = archive.read_state(paths.state)
+    paths.state.write_text(json.dumps(state | {"version": "3"}))
+    with pytest.raises(TypeError):
+        run()
+    failed = archive.read_state(paths.state)
+    assert (failed["status"], failed["failures"], failed["version"]) == ("failed", 1, 3)
+    assert failed["fingerprint"] == state["fingerprint"] and failed["reason"].startswith("Type")
+    assert run().status == "held"
+    again = run(retry_failed=True)
+    assert again.status == "segmented" and is_complete(paths.result)
+    assert archive.read_state(paths.state)["status"] == "complete"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "failures"),
+    [
+        ({"status": "failed", "failures": 4}, 5),
+        ({"status": "failed"}, 2),  # written before counts were: one failure
+        ({"status": "complete", "failures": 0}, 1),
+        ({"status": "failed", "failures": "four"}, 1),  # the field deciding failed on
+        ({"status": "failed", "failures": 4, "model_sha256": "m0"}, 1),  # other inputs
+    ],
+)
+def test_an_error_deciding_counts_on_from_the_failures_of_the_same_inputs(
+    tmp_path, recorded, failures
+):
+    paths, fp, state = _sidecar(tmp_path)
+    paths.state.write_text(json.dumps(state | recorded))
+    run = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": CONFIG.result_settings()}
+    failed = undecided_state(paths, run, ValueError("damaged"), unreadable=False)
+    assert (failed["status"], failed["failures"]) == ("failed", failures)
+    assert failed["reason"] == "ValueError: damaged" and failed["failed_at"]
+    paths.state.write_text(json.dumps(failed))
+    assert decide(paths, fp, "m1", CONFIG).held
+
+
+@pytest.mark.parametrize(
+    "stop", [KeyboardInterrupt, archive.RunStopped, concurrent.futures.CancelledError]
+)
+@pytest.mark.parametrize("when", ["before the claim", "under the claim"])
+def test_a_stop_while_deciding_is_no_failure_and_records_nothing(
+    tmp_path, slide, random_checkpoint, monkeypatch, stop, when
+):
+    """The run's stop raised while an image is decided (Ctrl-C; RunStopped; a cancelled
+    future, an Exception) passes through as it is: not the image's failure, nothing recorded."""
+    image, out, paths = _one_image(tmp_path, slide)
+    calls = []
+
+    def stopped(*args, **kwargs):
+        calls.append(1)
+        if when == "before the claim" or len(calls) > 1:
+            raise stop
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(archive_process, "decide", stopped)
+    with pytest.raises(stop):
+        process_image(image, out, random_checkpoint, config=CONFIG)
+    assert len(calls) == (1 if when == "before the claim" else 2)
+    assert not paths.state.exists() and not paths.lock.exists()
+
+
+@pytest.mark.parametrize("text", ["5", "[1]", '"complete"'])
+def test_a_sidecar_that_is_no_json_object_is_read_as_none(tmp_path, text):
+    paths, fp, _ = _sidecar(tmp_path)
+    paths.state.write_text(text)
+    assert archive.read_state(paths.state) is None
+    assert decide(paths, fp, "m1", CONFIG).reason == "new image"
+    assert decide_unreadable(paths).process
 
 
 def test_a_resume_started_again_leaves_no_record_of_the_result_it_deleted(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import logging
 import os
@@ -20,11 +21,15 @@ from segpipe.archive.state import (
     Decision,
     ImageOutcome,
     ImagePaths,
+    SourceConflictError,
     Status,
     decide,
     decide_unreadable,
+    ended_state,
     image_paths,
+    readable_state,
     state_params,
+    undecided_state,
     unreadable_state,
 )
 from segpipe.config import SegmentConfig
@@ -49,6 +54,9 @@ ALIVE_INTERVAL_S = 60.0
 # The sampled hash of an unreadable image's fingerprint: a placeholder, never recorded (the
 # sidecar keeps the last real one) nor compared (decide_unreadable).
 _UNREADABLE = "unreadable"
+# Raised while reading or deciding, yet no failure of the image: another archive's result (its
+# sidecar is not this run's to write), the run's stop (a cancelled future is an Exception).
+_NOT_THE_IMAGES = (SourceConflictError, concurrent.futures.CancelledError)
 
 
 class RunStopped(BaseException):
@@ -144,9 +152,9 @@ def process_image(
     Raises
     ------
     Exception
-        Whatever segmenting raised (e.g. :class:`~segpipe.io.readers.ImageReadError` naming a
-        corrupt file), after the failure is written to the state sidecar and the claim is
-        released.
+        Whatever reading the image, deciding (a damaged result or sidecar) or segmenting raised
+        (e.g. :class:`~segpipe.io.readers.ImageReadError` naming a corrupt file), after the
+        failure is written to the state sidecar and the claim is released.
     BaseException
         KeyboardInterrupt, SystemExit, a cancellation, :class:`RunStopped`: the sidecar says
         "interrupted", the attempt is not counted as a failure, and the next run resumes the
@@ -157,13 +165,15 @@ def process_image(
     output_root = location(output_root, storage_options)
     source = location(image.url, storage_options)
     paths = image_paths(output_root, image.key)
-    unreadable: OSError | None = None
+    unreadable: Exception | None = None
     try:
         fingerprint = fingerprint_image(image, storage_options=storage_options)
-    except OSError as exc:
-        # Unreadable (permissions, an I/O error, gone since it was listed): a failure that backs
-        # off like any other, but recorded beside the sidecar's fingerprint and status, not over
-        # them: once it reads again unchanged, a complete result is up to date, not deleted.
+    except _NOT_THE_IMAGES:
+        raise
+    except Exception as exc:
+        # Unreadable (permissions, an I/O error, gone since it was listed, a store's error): a
+        # failure that backs off like any other, but recorded beside the sidecar's fingerprint
+        # and status, not over them: once it reads again unchanged, its result is up to date.
         fingerprint = Fingerprint(image.size, image.mtime, _UNREADABLE)
         unreadable = exc
 
@@ -174,13 +184,19 @@ def process_image(
             paths, fingerprint, loaded.sha256, config, source=image.url, retry_failed=retry_failed
         )
 
-    decision = due()
+    try:
+        decision = due()
+    except _NOT_THE_IMAGES:
+        raise
+    except Exception:  # the image's failure: its claim's holder decides again and records it
+        decision = Decision(True, "deciding failed")
     # A "running" sidecar held back may be a live run's (its attempts counted as they start):
     # the claim tells a live run (busy) from a dead one (held).
     running = decision.held and decision.previous == "running"
     if (
         not decision.process
         and not running
+        and not decision.recovered
         and (decision.held or catalog.record_path(output_root, image.key).exists())
     ):
         return _not_processed(image.key, paths, decision)
@@ -193,8 +209,27 @@ def process_image(
         holder = (read_lock(paths.lock) or {}).get("owner", "another run")
         return ImageOutcome(image.key, "busy", f"claimed by {holder}")
     with claim:
+        run = {  # the inputs a run records in the sidecar
+            "version": STATE_VERSION,
+            "image": image.key,
+            "source": image.url,
+            "fingerprint": fingerprint.as_dict(),
+            "model": loaded.name,
+            "model_sha256": loaded.sha256,
+            "params": state_params(config),
+            "owner": claim.owner,
+        }
         # Decide again under the claim: another run may have finished it since.
-        decision = due()
+        try:
+            decision = due()
+        except _NOT_THE_IMAGES:
+            raise
+        except Exception as exc:  # a failure like any other: recorded, so that it backs off
+            failed = undecided_state(paths, run, exc, unreadable=unreadable is not None)
+            write_json_atomic(paths.state, failed)
+            raise
+        if decision.recovered and (readable := readable_state(paths)) is not None:
+            write_json_atomic(paths.state, readable)
         if not decision.process:
             if not decision.held and not catalog.record_path(output_root, image.key).exists():
                 claim.check()
@@ -204,21 +239,9 @@ def process_image(
             failed = unreadable_state(paths, image.key, image.url, unreadable, decision.failures)
             write_json_atomic(paths.state, failed)
             raise unreadable
-        state = {
-            "version": STATE_VERSION,
-            "image": image.key,
-            "source": image.url,
-            "fingerprint": fingerprint.as_dict(),
-            "model": loaded.name,
-            "model_sha256": loaded.sha256,
-            "params": state_params(config),
-            "status": "running",
-            # The attempt counts as a failure until it ends: a run killed without a word (a
-            # SIGKILL, the OOM killer, a crash in a C decoder) is counted too.
-            "failures": decision.failures + 1,
-            "owner": claim.owner,
-            "updated": utc_now(),
-        }
+        # The attempt counts as a failure until it ends: a run killed without a word (a
+        # SIGKILL, the OOM killer, a crash in a C decoder) is counted too.
+        state = run | {"status": "running", "failures": decision.failures + 1, "updated": utc_now()}
         if stop is not None and stop.is_set():
             raise RunStopped
         log.info("%s: segmenting (%s)", image.key, decision.reason)
@@ -271,7 +294,7 @@ def process_image(
             _index(output_root, image, paths, fingerprint)
         except BaseException as exc:
             if claim.is_held():
-                write_json_atomic(paths.state, state | _ended_by(exc, decision.failures))
+                write_json_atomic(paths.state, state | ended_state(exc, decision.failures))
             raise
         claim.check()  # "complete" is the holder's word only
         write_json_atomic(
@@ -289,22 +312,6 @@ def _changed_meanwhile(failures_before: int) -> dict[str, Any]:
     return {
         "status": "changed",
         "reason": _CHANGED,
-        "failures": failures_before,
-        "updated": utc_now(),
-    }
-
-
-def _ended_by(exc: BaseException, failures_before: int) -> dict[str, Any]:
-    """The state of an attempt that raised ``exc``. An Exception is the image's failure,
-    counted already (the "running" state counts the attempt); anything else (KeyboardInterrupt,
-    SystemExit, a Prefect cancellation) stopped the run, not the image: "interrupted", with
-    the count before the attempt, resumed at once by the next run."""
-    reason = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, Exception):
-        return {"status": "failed", "reason": reason, "failed_at": utc_now()}
-    return {
-        "status": "interrupted",
-        "reason": reason,
         "failures": failures_before,
         "updated": utc_now(),
     }

@@ -29,7 +29,7 @@ import logging
 import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -51,10 +51,13 @@ __all__ = [
     "check_output_root",
     "decide",
     "decide_unreadable",
+    "ended_state",
     "image_paths",
     "read_state",
+    "readable_state",
     "retry_delay_s",
     "state_params",
+    "undecided_state",
     "unreadable_state",
 ]
 
@@ -143,7 +146,9 @@ class Decision:
     ``held`` says it is not processed because it failed before (see the module doc), and
     ``failures`` counts the consecutive failures of these same inputs so far; ``previous``,
     for a held image, the status its sidecar records ("failed", or "running": a run that
-    died, or one still going, which only its claim tells apart)."""
+    died, or one still going, which only its claim tells apart). ``recovered``: the image
+    read, and its sidecar still holds read failures of earlier runs (``unreadable``), for
+    this run to clear (:func:`readable_state`)."""
 
     process: bool
     reason: str
@@ -151,17 +156,21 @@ class Decision:
     held: bool = False
     failures: int = 0
     previous: str | None = None
+    recovered: bool = False
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The state sidecar of an image (``ImagePaths.state``), None when there is none."""
     try:
-        return json.loads(location(path).read_text(encoding="utf-8"))
+        state = json.loads(location(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
     except ValueError:
+        state = None
+    if not isinstance(state, dict):  # unparseable, or JSON but not an object
         log.warning("%s: unreadable state sidecar, treating the image as new", path)
         return None
+    return state
 
 
 def state_params(config: SegmentConfig) -> dict[str, Any]:
@@ -197,8 +206,26 @@ def decide(
     ``source``, the image's URL: a result recorded for another URL is that image's, moved
     (the archive remounted: the same fingerprint), or another archive's that maps to the same
     key (:class:`SourceConflictError`: never replaced, it is not this archive's to delete).
+
+    Raises :class:`SourceConflictError`, and what reading a damaged sidecar or result raises
+    (an ``OSError``, a ``ValueError`` naming the result, a sidecar field's ``TypeError``).
     """
     state = read_state(paths.state)
+    decision = _decide(state, paths, fingerprint, model_sha, config, source, retry_failed)
+    # The image read: read failures recorded by earlier runs are over (readable_state).
+    return replace(decision, recovered=True) if state and "unreadable" in state else decision
+
+
+def _decide(
+    state: dict[str, Any] | None,
+    paths: ImagePaths,
+    fingerprint: Fingerprint,
+    model_sha: str,
+    config: SegmentConfig,
+    source: str | None,
+    retry_failed: bool,
+) -> Decision:
+    """:func:`decide` from the sidecar's ``state``, as read."""
     if state is None or "fingerprint" not in state:  # or a read failure all it records
         return Decision(True, "new image")
     moved = ""
@@ -230,15 +257,22 @@ def decide(
     if changes:
         return Decision(True, ", ".join(changes))
     previous = state.get("status", "unfinished")
-    # A failed sidecar without a count (written before counts were) is one failure.
-    failures = int(state.get("failures", 1 if previous == "failed" else 0))
+    failures = _failures(state)
     backs_off = previous == "failed" or (previous == "running" and failures >= MAX_KILLED_ATTEMPTS)
     held = _held_back(state, failures) if backs_off and not retry_failed else None
     if held is not None:
         return Decision(False, held, held=True, failures=failures, previous=previous)
-    complete = is_complete(paths.result)
-    if complete and previous == "complete":
-        if read_meta(paths.result).model_sha256 == model_sha:
+    try:
+        # A store that is no result is not complete (is_complete's ValueError); a damaged one:
+        complete = previous == "complete" and is_complete(paths.result)
+        made_by = read_meta(paths.result).model_sha256 if complete else None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{paths.result}: its result metadata cannot be read ({type(exc).__name__}: "
+            f"{exc}); if it is damaged, move it away and the next attempt segments the image"
+        ) from exc
+    if complete:
+        if made_by == model_sha:
             return Decision(False, "up to date" + moved)
         return Decision(True, "result made by another model")
     if paths.result.exists():
@@ -254,12 +288,17 @@ def decide(
     )
 
 
+def _failures(state: Mapping[str, Any]) -> int:
+    """The failures in a row a sidecar records (a failed one written before counts were: 1)."""
+    return int(state.get("failures", 1 if state.get("status") == "failed" else 0))
+
+
 def decide_unreadable(paths: ImagePaths, *, retry_failed: bool = False) -> Decision:
     """Whether to try an image that cannot even be fingerprinted (its permissions, an I/O
-    error, gone since it was listed): held like a failure, by the read failures in a row its
-    sidecar records apart (``unreadable``: failures, failed_at, reason), so that its
-    fingerprint and status stay those of its last run and :func:`decide` finds it as it was
-    once it reads again."""
+    error, gone since it was listed, a store's own error): held like a failure, by the read
+    failures in a row its sidecar records apart (``unreadable``: failures, failed_at, reason),
+    so that its fingerprint and status stay those of its last run and :func:`decide` finds it
+    as it was once it reads again."""
     record = (read_state(paths.state) or {}).get("unreadable") or {}
     failures = int(record.get("failures", 0))
     held = _held_back(record, failures) if failures and not retry_failed else None
@@ -269,7 +308,7 @@ def decide_unreadable(paths: ImagePaths, *, retry_failed: bool = False) -> Decis
 
 
 def unreadable_state(
-    paths: ImagePaths, key: str, source: str, error: OSError, failures_before: int
+    paths: ImagePaths, key: str, source: str, error: Exception, failures_before: int
 ) -> dict[str, Any]:
     """The sidecar of an image that could not be read: its last run's as it was (the file may
     be unchanged: an I/O error, a permission restored), the read failures in a row apart."""
@@ -277,6 +316,49 @@ def unreadable_state(
     reason = f"{type(error).__name__}: {error}"
     failure = {"failures": failures_before + 1, "reason": reason, "failed_at": utc_now()}
     return state | {"unreadable": failure}
+
+
+def readable_state(paths: ImagePaths) -> dict[str, Any] | None:
+    """The sidecar of an image that reads again: as it is, less the read failures of earlier
+    runs (``unreadable``), so that a later one counts from one again; None when it records
+    none (nothing to write)."""
+    state = read_state(paths.state) or {}
+    return {k: v for k, v in state.items() if k != "unreadable"} if "unreadable" in state else None
+
+
+def undecided_state(
+    paths: ImagePaths, run: Mapping[str, Any], error: Exception, *, unreadable: bool
+) -> dict[str, Any]:
+    """The sidecar of an image whose :func:`decide` raised ``error`` (a result or sidecar that
+    cannot be read): a failed run of ``run``'s inputs (a starting run's sidecar less its
+    status and count), counted on from the failures the sidecar records for the same inputs,
+    so that it backs off like any failure; for an ``unreadable`` image (its inputs unknown), a
+    read failure (:func:`unreadable_state`). Its result is left as it is."""
+    if unreadable:
+        return unreadable_state(paths, run["image"], run["source"], error, 0)
+    state = read_state(paths.state) or {}
+    same = all(state.get(k) == run[k] for k in ("fingerprint", "model_sha256", "params"))
+    try:
+        before = _failures(state) if same else 0
+    except (TypeError, ValueError):  # the field deciding failed on, maybe
+        before = 0
+    return {**run, "failures": before + 1, "updated": utc_now(), **ended_state(error, before)}
+
+
+def ended_state(exc: BaseException, failures_before: int) -> dict[str, Any]:
+    """The state of an attempt that raised ``exc``. An Exception is the image's failure,
+    counted already (the "running" state counts the attempt); anything else (KeyboardInterrupt,
+    SystemExit, a Prefect cancellation) stopped the run, not the image: "interrupted", with
+    the count before the attempt, resumed at once by the next run."""
+    reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, Exception):
+        return {"status": "failed", "reason": reason, "failed_at": utc_now()}
+    return {
+        "status": "interrupted",
+        "reason": reason,
+        "failures": failures_before,
+        "updated": utc_now(),
+    }
 
 
 def _held_back(state: dict[str, Any], failures: int) -> str | None:
