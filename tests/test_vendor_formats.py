@@ -319,6 +319,74 @@ def test_a_resolution_coarser_than_a_microscopes_is_a_print_resolution(
         assert reader.pixel_size_um == pytest.approx(px) and not said
 
 
+# Stored 0.25 µm per pixel along X (its columns), 0.5 µm along Y (its rows).
+_STORED_XY_UM = (0.25, 0.5)
+
+
+def _xy_warning(path: Path, what: str, orientation: int) -> str:
+    """The warning about X and Y sizes of ``_STORED_XY_UM`` as an image of ``orientation``
+    is shown: on its side (5 to 8) its stored Y is the X shown."""
+    x, y = _STORED_XY_UM[::-1] if orientation >= 5 else _STORED_XY_UM
+    if orientation >= 5:
+        what += " of an image stored on its side (Orientation 5 to 8: its Y shown as X)"
+    return f"{path}: {what} differs in X ({x} µm) and Y ({y} µm); using X"
+
+
+def _write_tiff_xy(path: Path, orientation: int) -> Path:
+    x, y = _STORED_XY_UM
+    per_cm = (round(10_000 / x), round(10_000 / y))
+    turn = [(274, "H", 1, orientation, True)]
+    tifffile.imwrite(
+        path, _image(), resolution=per_cm, resolutionunit="CENTIMETER", extratags=turn, **KW
+    )
+    return path
+
+
+def _write_ome_xy(path: Path, orientation: int) -> Path:
+    x, y = _STORED_XY_UM
+    image = ome_image(0, "slide", SHAPE, x, '<TiffData IFD="0" PlaneCount="1"/>')
+    image = image.replace(f'PhysicalSizeY="{x}"', f'PhysicalSizeY="{y}"')
+    turn = [(274, "H", 1, orientation, True)]
+    tifffile.imwrite(path, _image(), description=ome_xml(image), extratags=turn, **KW)
+    return path
+
+
+def _write_philips_xy(path: Path, orientation: int) -> Path:
+    x, y = (f"{um / 1000:g}" for um in _STORED_XY_UM)
+    xml = philips_xml([x]).replace(
+        f"&quot;{x}&quot; &quot;{x}&quot;", f"&quot;{y}&quot; &quot;{x}&quot;"
+    )
+    assert f"&quot;{y}&quot; &quot;{x}&quot;" in xml  # row, column
+    turn = [(274, "H", 1, orientation, True)]
+    tifffile.imwrite(
+        path, _image(), description=xml, software="Philips DP v1.0", extratags=turn, **KW
+    )
+    return path
+
+
+@pytest.mark.parametrize("orientation", [1, 2, 5, 6, 8])
+@pytest.mark.parametrize(
+    ("write", "what"),
+    [
+        (_write_tiff_xy, "TIFF X/YResolution"),
+        (_write_ome_xy, "OME PhysicalSize"),
+        (_write_philips_xy, "Philips DICOM_PIXEL_SPACING"),
+    ],
+    ids=["resolution-tags", "ome", "philips"],
+)
+def test_x_and_y_pixel_sizes_are_those_of_the_axes_shown(tmp_path, write, what, orientation):
+    """An image stored on its side (Orientation 5 to 8) is shown with its rows and columns
+    swapped: the X shown is the stored Y, and its size is the pixel size."""
+    path = write(tmp_path / "xy.tif", orientation)
+    with pytest.warns(UserWarning, match="differs in X") as caught:
+        reader = open_image(path)
+    shown = (SHAPE[::-1] if orientation >= 5 else SHAPE) + (3,)
+    assert reader.level_shapes[0] == shown  # the premise: turned as shown
+    assert reader.pixel_size_um == _STORED_XY_UM[orientation >= 5]
+    said = [str(w.message) for w in caught if "differs in X" in str(w.message)]
+    assert said == [_xy_warning(path, what, orientation)]
+
+
 @pytest.mark.parametrize(
     ("unit", "px"),
     [
@@ -450,11 +518,8 @@ def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_f
         ome_image(2, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2")),
         uuid="urn:uuid:1",
     )
-    # A label of noise, stored raw, makes the file opened larger than the slide's data in the
-    # other: the reader checks every series' data against the size of the file opened.
-    label = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
     tifffile.imwrite(
-        tmp_path / "set.ome.tif", label, description=xml, **{**KW, "compression": None}
+        tmp_path / "set.ome.tif", np.zeros((40, 60, 3), np.uint8), description=xml, **KW
     )
     tifffile.imwrite(tmp_path / "set_1.ome.tif", slide, **KW)
     with tifffile.TiffFile(tmp_path / "set.ome.tif") as tif:  # the premise
@@ -462,6 +527,61 @@ def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_f
     reader = open_image(tmp_path / "set.ome.tif")
     assert reader.pixel_size_um == 0.25
     np.testing.assert_array_equal(reader.read(0, 256, 0, 384), slide)
+
+
+def write_two_file_set(tmp_path: Path, *, pyramid: bool) -> tuple[Path, Path]:
+    """An OME-TIFF set of two files: the one opened, ``set.ome.tif``, holds the OME-XML and a
+    small label, the slide (:func:`_image`, stored raw, reduced by 2 in a SubIFD if
+    ``pyramid``) is IFD 0 of ``set_1.ome.tif``, a file many times larger."""
+    xml = ome_xml(
+        ome_image(0, "label", (40, 60), 5.0, in_file("set.ome.tif", "urn:uuid:1")),
+        ome_image(1, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2")),
+        uuid="urn:uuid:1",
+    )
+    opened, other = tmp_path / "set.ome.tif", tmp_path / "set_1.ome.tif"
+    tifffile.imwrite(opened, np.zeros((40, 60, 3), np.uint8), description=xml, **KW)
+    raw = {**KW, "compression": None, "tile": (64, 64)}
+    with tifffile.TiffWriter(other) as tif:
+        tif.write(_image(), subifds=int(pyramid), **raw)
+        if pyramid:
+            tif.write(_image()[::2, ::2], subfiletype=1, **raw)
+    return opened, other
+
+
+@pytest.mark.parametrize("pyramid", [False, True])
+def test_a_multi_file_ome_set_whose_slide_is_in_a_larger_file_reads(tmp_path, pyramid):
+    """Each level's tiles are checked against the size of the file that holds them, not that
+    of the file opened."""
+    opened, other = write_two_file_set(tmp_path, pyramid=pyramid)
+    with tifffile.TiffFile(opened) as tif:  # the premise: the slide's data lie past its end
+        page = tif.series[1].keyframe
+        assert page.parent.filehandle.size == other.stat().st_size
+        assert page.dataoffsets[-1] > opened.stat().st_size
+    reader = open_image(opened)
+    assert reader.pixel_size_um == 0.25
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), _image())
+    if pyramid:
+        np.testing.assert_array_equal(reader.level(1).compute(), _image()[::2, ::2])
+
+
+@pytest.mark.parametrize(("pyramid", "level"), [(False, 0), (True, 1)])
+def test_a_multi_file_ome_set_with_a_truncated_file_is_refused_naming_it(tmp_path, pyramid, level):
+    """The last 1000 bytes of the slide's file cut off: the tiles of its last level (the
+    SubIFD's, whose IFD is whole, in a pyramid)."""
+    opened, other = write_two_file_set(tmp_path, pyramid=pyramid)
+    with tifffile.TiffFile(opened) as tif:
+        page = tif.series[1].levels[level].keyframe
+        end = max(o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True))
+    keep = other.stat().st_size - 1000
+    assert keep < end  # the premise
+    with open(other, "r+b") as f:
+        f.truncate(keep)
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value) == (
+        f"{other} (a file of {opened}'s OME-TIFF set): the tiles or strips of level {level} "
+        f"extend to byte {end:,} but the file has {keep:,} bytes; the file is truncated"
+    )
 
 
 def test_ome_pixel_size_of_several_series_tifffile_wrote_is_the_slides(tmp_path):

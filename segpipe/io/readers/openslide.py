@@ -1,10 +1,12 @@
 """Slide formats tifffile cannot read (3DHISTECH MRXS, Hamamatsu VMS/VMU, Sakura SVSLIDE),
 through OpenSlide (``pip install segpipe[slides]``: openslide-python and openslide-bin).
 
-OpenSlide hands out RGBA regions: premultiplied RGB, and alpha 0 where the scanner recorded
-nothing (MRXS slides are mostly such empty space). The reader gives the RGB channels as pixels
-and the alpha as its validity mask (``mask_kind = "alpha"``; see :meth:`valid_mask`), so
-tissue-free empty space can be skipped like a GeoTIFF's nodata.
+OpenSlide's C library hands out premultiplied ARGB; openslide-python's ``read_region`` divides
+the colour by the alpha (``_convert.argb2rgba``) and gives RGBA regions of straight colour,
+with alpha 0 and black where the scanner recorded nothing (MRXS slides are mostly such empty
+space). The reader gives the RGB channels as pixels and the alpha as its validity mask
+(``mask_kind = "alpha"``; see :meth:`valid_mask`), so tissue-free empty space can be skipped
+like a GeoTIFF's nodata.
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ class TiffReader(BaseReader):
             self._native_shapes = tuple(shapes)
             chunks = [tuple(self._level_array(i).chunks) for i in range(len(levels))]
             try:
-                slide = slide_metadata(tif, self._series, self.path)
+                # Orientation 5 to 8: stored on its side, its stored Y shown as X
+                slide = slide_metadata(tif, self._series, self.path, is_transposed=turn >= 5)
             except ImageReadError as exc:
                 if self.pixel_size_um is None:
                     raise ImageReadError(
@@ -267,8 +268,12 @@ def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
 
 
 def _check_declared_data(series: Any, file_size: int, path: str) -> None:
-    """Refuse a TIFF whose level 0 points at no pixel data, or any level at data past the
-    file's end, or whose level 0 lists reduced levels (SubIFDs) past it.
+    """Refuse a TIFF whose level 0 points at no pixel data, or any level at data past the end
+    of the file it is stored in, or whose level 0 lists reduced levels (SubIFDs) past it.
+
+    ``file_size``: bytes of the file opened (``series.parent``). A page of another file of a
+    multi-file OME-TIFF set (which tifffile opens by its path, beside a local file only) is
+    checked against that file's size, and an error names that file.
 
     Checked from the IFDs alone (no pixel is decoded): a header may declare any size, but the
     tiles or strips it lists must exist in the file. A truncated pyramid is refused at open,
@@ -277,26 +282,41 @@ def _check_declared_data(series: Any, file_size: int, path: str) -> None:
     """
     if 0 in series.shape:
         raise ImageReadError(f"{path}: the image is empty (shape {series.shape})")
+
+    def stored_in(page: Any) -> tuple[str, int]:
+        """The file holding ``page`` as an error names it, and its size in bytes."""
+        if page.parent is series.parent:
+            return path, file_size
+        handle = page.parent.filehandle  # its size measured when tifffile opened it
+        return f"{handle.path} (a file of {path}'s OME-TIFF set)", int(handle.size)
+
     for k, level in enumerate(series.levels):
         pages = [p for p in level.pages if p is not None]
-        offsets = [int(o) for p in pages for o in getattr(p, "dataoffsets", ())]
-        counts = [int(c) for p in pages for c in getattr(p, "databytecounts", ())]
-        if k == 0 and (not counts or not any(counts)):
+        if k == 0 and not any(int(c) for p in pages for c in getattr(p, "databytecounts", ())):
             raise ImageReadError(
                 f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no "
                 "pixel data (no tile or strip byte counts); the file is truncated or its "
                 "header is wrong"
             )
-        end = max((o + c for o, c in zip(offsets, counts, strict=False) if c), default=0)
-        if end > file_size:
-            raise ImageReadError(
-                f"{path}: the tiles or strips of level {k} extend to byte {end:,} but the "
-                f"file has {file_size:,} bytes; the file is truncated"
-            )
-    subifds = [int(o) for o in series.levels[0].keyframe.subifds or ()]
-    if any(o >= file_size for o in subifds):
-        lost = next(i for i, o in enumerate(subifds) if o >= file_size) + 1
+        ends: dict[tuple[str, int], int] = {}
+        for p in pages:
+            counts = getattr(p, "databytecounts", ())
+            spans = zip(getattr(p, "dataoffsets", ()), counts, strict=False)
+            end = max((int(o) + int(c) for o, c in spans if c), default=0)
+            file = stored_in(p)
+            ends[file] = max(ends.get(file, 0), end)
+        for (name, size), end in ends.items():
+            if end > size:
+                raise ImageReadError(
+                    f"{name}: the tiles or strips of level {k} extend to byte {end:,} but "
+                    f"the file has {size:,} bytes; the file is truncated"
+                )
+    keyframe = series.levels[0].keyframe
+    subifds = [int(o) for o in keyframe.subifds or ()]
+    name, size = stored_in(keyframe)
+    if any(o >= size for o in subifds):
+        lost = next(i for i, o in enumerate(subifds) if o >= size) + 1
         raise ImageReadError(
-            f"{path}: level {lost}'s IFD lies at byte {subifds[lost - 1]:,}, past the file's "
-            f"{file_size:,} bytes; the file is truncated"
+            f"{name}: level {lost}'s IFD lies at byte {subifds[lost - 1]:,}, past the "
+            f"file's {size:,} bytes; the file is truncated"
         )

@@ -18,6 +18,10 @@ any TIFF       X/YResolution with ResolutionUnit inch (finer than 10 µm: else a
 ImageJ TIFF    X/YResolution in the ``unit`` of its ImageDescription (ResolutionUnit none)
 =============  ==========================================================================
 
+Files give X and Y sizes along the stored columns and rows; where they differ the shown X's
+is used (with a warning), which in an image stored on its side (TIFF Orientation 5 to 8,
+shown with rows and columns swapped) is the stored Y's.
+
 Metadata that is present but unreadable (XML that does not parse, a spacing that is not a
 number) is an :class:`ImageReadError` naming the file; metadata that is absent leaves the
 pixel size unknown (the resolution tags are tried next).
@@ -62,33 +66,43 @@ class SlideMetadata:
     magnification: float | None = None
 
 
-def slide_metadata(tif: Any, series_index: int, path: str) -> SlideMetadata:
+def slide_metadata(
+    tif: Any, series_index: int, path: str, *, is_transposed: bool = False
+) -> SlideMetadata:
     """The vendor, pixel size and magnification of series ``series_index`` of a tifffile
     ``TiffFile``; raises :class:`ImageReadError` on vendor metadata that cannot be read.
 
-    A pixel size the vendor's metadata does not give comes from the resolution tags."""
+    A pixel size the vendor's metadata does not give comes from the resolution tags.
+    ``is_transposed``: the image is shown with its stored rows and columns swapped (TIFF
+    Orientation 5 to 8), so a size along its stored Y is the shown X's."""
     keyframe = tif.series[series_index].levels[0].keyframe
-    found = _vendor_metadata(tif, series_index, keyframe, path)
+    found = _vendor_metadata(tif, series_index, keyframe, path, is_transposed)
     if found.pixel_size_um is not None:
         return found
-    return replace(found, pixel_size_um=_resolution_tags_um(tif, keyframe, path))
+    px = _resolution_tags_um(tif, keyframe, path, is_transposed)
+    return replace(found, pixel_size_um=px)
 
 
-def _vendor_metadata(tif: Any, series_index: int, keyframe: Any, path: str) -> SlideMetadata:
+def _vendor_metadata(
+    tif: Any, series_index: int, keyframe: Any, path: str, is_transposed: bool
+) -> SlideMetadata:
     if tif.is_svs:
         desc = tif.pages.first.description or ""
         mpp = _aperio_field(desc, "MPP")
         px = None if mpp is None else _number(mpp, path, "Aperio MPP")
         return SlideMetadata("aperio", px, positive_or_none(_aperio_field(desc, "AppMag")))
     if tif.is_ome and tif.ome_metadata:
-        return SlideMetadata("ome", _ome_pixel_size_um(tif, series_index, keyframe, path))
+        px = _ome_pixel_size_um(tif, series_index, keyframe, path, is_transposed)
+        return SlideMetadata("ome", px)
     if tif.is_ndpi:
         mag = keyframe.tags.valueof(_NDPI_MAGNIFICATION)
         return SlideMetadata("hamamatsu", None, positive_or_none(mag))
     if tif.is_scn:
-        return SlideMetadata("leica", *_leica_scn(tif.pages.first.description, series_index, path))
+        desc = tif.pages.first.description
+        return SlideMetadata("leica", *_leica_scn(desc, series_index, path, is_transposed))
     if tif.is_philips:
-        return SlideMetadata("philips", _philips_spacing_um(tif.philips_metadata, path))
+        px = _philips_spacing_um(tif.philips_metadata, path, is_transposed)
+        return SlideMetadata("philips", px)
     if tif.is_bif:
         return SlideMetadata("ventana", *_ventana_xmp(keyframe.tags.valueof(_XMP), path))
     return SlideMetadata("generic-tiff", None)
@@ -117,35 +131,55 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def _resolution_tags_um(tif: Any, page: Any, path: str) -> float | None:
-    """Microns per pixel from XResolution (pixels per unit) in ResolutionUnit, or, in a file
-    ImageJ wrote (ResolutionUnit none), in the ``unit`` of its ImageDescription.
+def _resolution_tags_um(tif: Any, page: Any, path: str, is_transposed: bool) -> float | None:
+    """Microns per pixel from X/YResolution (pixels per unit) in ResolutionUnit, or, in a file
+    ImageJ wrote (ResolutionUnit none), in the ``unit`` of its ImageDescription; of the X
+    shown (YResolution's in an image stored on its side, ``is_transposed``).
 
     An inch or centimetre resolution coarser than :data:`_FINEST_PRINT_UM` is a document's
     print or scan resolution (72, 300, 600 dpi: photos, scans, drawings), not a microscope's
     pixel size; it leaves the pixel size unknown, with a warning."""
-    unit_tag, x_tag = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
+    unit_tag = page.tags.get("ResolutionUnit")
     unit = None if unit_tag is None else int(unit_tag.value)
     if tif.is_imagej and unit in (None, 1):
         um_per_unit = _imagej_um_per_unit(str((tif.imagej_metadata or {}).get("unit", "")))
     else:
         um_per_unit = _UM_PER_RESUNIT.get(unit or 0)
-    if x_tag is None or um_per_unit is None:
+    if um_per_unit is None:
         return None
-    num, den = x_tag.value
-    if num <= 0 or den <= 0:
+    per_unit = {}  # pixels per unit along the stored X and Y, as (numerator, denominator)
+    for axis in "XY":
+        tag = page.tags.get(f"{axis}Resolution")
+        num, den = (0, 0) if tag is None else tag.value
+        if num > 0 and den > 0:
+            per_unit[axis] = (num, den)
+    um = {axis: um_per_unit * den / num for axis, (num, den) in per_unit.items()}
+    shown_x = next((a for a in ("YX" if is_transposed else "XY") if a in um), None)
+    if shown_x is None:
         return None
-    px = um_per_unit * den / num
     # only a ResolutionUnit tag's: ImageJ's calibration (unit none) is measured, any unit
-    if (name := _PRINT_RESUNITS.get(unit or 0)) and px > _FINEST_PRINT_UM:
+    if (name := _PRINT_RESUNITS.get(unit or 0)) and um[shown_x] > _FINEST_PRINT_UM:
+        num, den = per_unit[shown_x]
         warnings.warn(
-            f"{path}: its resolution of {num / den:g} pixels per {name} ({px:.4g} µm per "
-            "pixel) is a print or scan resolution, not a microscope's; pixel size unknown "
+            f"{path}: its resolution of {num / den:g} pixels per {name} ({um[shown_x]:.4g} µm "
+            "per pixel) is a print or scan resolution, not a microscope's; pixel size unknown "
             "(give it as pixel_size_um or --pixel-size if the image has one)",
             stacklevel=5,
         )
         return None
-    return px
+    return _shown_pixel_size(um.get("X"), um.get("Y"), path, "TIFF X/YResolution", is_transposed)
+
+
+def _shown_pixel_size(
+    x: float | None, y: float | None, path: str, what: str, is_transposed: bool
+) -> float | None:
+    """:func:`~segpipe.io.units.pixel_size_of_xy` of ``x`` and ``y``, microns per pixel along
+    the stored X and Y (``what``, in ``path``), taken along the axes shown: an image stored on
+    its side (``is_transposed``: TIFF Orientation 5 to 8) shows its stored Y as X."""
+    if not is_transposed:
+        return pixel_size_of_xy(x, y, path, what)
+    turned = f"{what} of an image stored on its side (Orientation 5 to 8: its Y shown as X)"
+    return pixel_size_of_xy(y, x, path, turned)
 
 
 def _imagej_um_per_unit(name: str) -> float | None:
@@ -161,7 +195,9 @@ def _aperio_field(desc: str, key: str) -> str | None:
     return None if match is None else match.group(1)
 
 
-def _leica_scn(desc: str, series_index: int, path: str) -> tuple[float | None, float | None]:
+def _leica_scn(
+    desc: str, series_index: int, path: str, is_transposed: bool
+) -> tuple[float | None, float | None]:
     """Pixel size and objective of the SCN image that tifffile made series ``series_index``.
 
     tifffile makes one series per ``image`` element that lists ``pixels/dimension`` entries,
@@ -184,17 +220,18 @@ def _leica_scn(desc: str, series_index: int, path: str) -> tuple[float | None, f
         if extent is not None and count is not None:
             what = f"Leica SCN view/dimension size{axis}"
             nm_per_px[axis] = _number(extent, path, what) / _number(count, path, what)
-    px = pixel_size_of_xy(
+    px = _shown_pixel_size(
         nm_per_px["X"] / 1000 if "X" in nm_per_px else None,
         nm_per_px["Y"] / 1000 if "Y" in nm_per_px else None,
         path,
         "Leica SCN pixel size",
+        is_transposed,
     )
     objective = next((e.text for e in image.iter() if _local(e.tag) == "objective"), None)
     return px, positive_or_none(objective)
 
 
-def _philips_spacing_um(xml: str | None, path: str) -> float | None:
+def _philips_spacing_um(xml: str | None, path: str, is_transposed: bool) -> float | None:
     root = _xml(xml, path, "Philips TIFF ImageDescription")
     if root is None:
         return None
@@ -209,7 +246,8 @@ def _philips_spacing_um(xml: str | None, path: str) -> float | None:
             f"{path}: Philips DICOM_PIXEL_SPACING {spacing!r} is not two numbers (row, column)"
         )
     row, col = (_number(v, path, "Philips DICOM_PIXEL_SPACING") for v in values)
-    return pixel_size_of_xy(col * 1000, row * 1000, path, "Philips DICOM_PIXEL_SPACING")
+    what = "Philips DICOM_PIXEL_SPACING"
+    return _shown_pixel_size(col * 1000, row * 1000, path, what, is_transposed)
 
 
 def _ventana_xmp(xmp: bytes | str | None, path: str) -> tuple[float | None, float | None]:
@@ -226,7 +264,9 @@ def _ventana_xmp(xmp: bytes | str | None, path: str) -> tuple[float | None, floa
     return px, positive_or_none(scan.get("Magnification"))
 
 
-def _ome_pixel_size_um(tif: Any, series_index: int, keyframe: Any, path: str) -> float | None:
+def _ome_pixel_size_um(
+    tif: Any, series_index: int, keyframe: Any, path: str, is_transposed: bool
+) -> float | None:
     """``PhysicalSizeX/Y`` of the OME Image that is series ``series_index`` (level-0 keyframe
     ``keyframe``), in microns."""
     try:
@@ -249,7 +289,9 @@ def _ome_pixel_size_um(tif: Any, series_index: int, keyframe: Any, path: str) ->
             return None
         # ImageReadError for a value that is no number: a given pixel_size_um may stand in.
         sizes[axis] = _number(value, path, f"OME PhysicalSize{axis}") * UM_PER_UNIT[unit]
-    return pixel_size_of_xy(sizes.get("X"), sizes.get("Y"), path, "OME PhysicalSize")
+    return _shown_pixel_size(
+        sizes.get("X"), sizes.get("Y"), path, "OME PhysicalSize", is_transposed
+    )
 
 
 def _ome_series_pixels(
