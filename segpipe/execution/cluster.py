@@ -327,7 +327,11 @@ def run_blocks(
         threads = io_threads or plan_for_device(config.device).threads_per_worker
         with contextlib.ExitStack() as lent:
             if isinstance(model, torch.nn.Module):
-                lent.enter_context(model_given_back(model, resolve_device(config.device)))
+                # Named, not resolved: a device this process lacks is refused by the
+                # plugin's setup, which says where.
+                named = "cpu" if config.device == "auto" else config.device
+                dev = resolve_device() if named == "cpu" else torch.device(named)
+                lent.enter_context(model_given_back(model, dev))
             plugin.setup()
             lent.callback(plugin.teardown)  # the model thread stopped before it is given back
             run_in_process(lambda b: segment_block(b, job), blocks, on_result, threads=threads)

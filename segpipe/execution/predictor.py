@@ -203,7 +203,9 @@ def model_given_back(model: nn.Module, device: torch.device | None = None) -> It
     move it from under the other's forward passes.
     """
     if device is not None and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" is "cuda:0" there
+        # "cuda" is "cuda:0" there; with no GPU the run's predictor refuses it, naming where
+        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        device = torch.device("cuda", index)
     with _LENT_LOCK:
         holders, give_back, on = _LENT.get(id(model), (0, None, device))
         if holders and device is not None and on is not None and device != on:
