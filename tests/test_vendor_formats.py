@@ -508,12 +508,12 @@ def test_ome_pixel_size_is_the_slide_images_when_an_image_before_it_has_no_pixel
 
 
 def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_file(tmp_path):
-    """Image 0's file is missing (tifffile skips it); the label is IFD 0 of the file opened,
-    the slide IFD 0 of another: only the file tells the two Images apart, and the i-th series
-    (the slide is series 1) is Image 2."""
+    """Image 0 names IFD 1 of a file with one IFD (tifffile skips it); the label is IFD 0 of
+    the file opened, the slide IFD 0 of another: only the file tells the two Images apart, and
+    the i-th series (the slide is series 1) is Image 2."""
     slide = np.broadcast_to(_image()[:1], (*SHAPE, 3)).copy()  # small once compressed
     xml = ome_xml(
-        ome_image(0, "gone", (40, 60), 7.0, in_file("missing.ome.tif", "urn:uuid:9")),
+        ome_image(0, "gone", (40, 60), 7.0, in_file("set_1.ome.tif", "urn:uuid:2", ifd=1)),
         ome_image(1, "label", (40, 60), 5.0, in_file("set.ome.tif", "urn:uuid:1")),
         ome_image(2, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2")),
         uuid="urn:uuid:1",
@@ -581,6 +581,137 @@ def test_a_multi_file_ome_set_with_a_truncated_file_is_refused_naming_it(tmp_pat
     assert str(info.value) == (
         f"{other} (a file of {opened}'s OME-TIFF set): the tiles or strips of level {level} "
         f"extend to byte {end:,} but the file has {keep:,} bytes; the file is truncated"
+    )
+
+
+def ome_channels(tiffdata: str) -> str:
+    """An OME ``Image`` of two uint8 channels of ``SHAPE`` (C, y, x), its planes at
+    ``tiffdata``."""
+    (y, x), channels = SHAPE, "".join(f'<Channel ID="Channel:0:{c}"/>' for c in range(2))
+    return (
+        f'<Image ID="Image:0" Name="fluo"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" '
+        f'Type="uint8" SizeX="{x}" SizeY="{y}" SizeC="2" SizeZ="1" SizeT="1" '
+        f'PhysicalSizeX="0.5" PhysicalSizeY="0.5">{channels}{tiffdata}</Pixels></Image>'
+    )
+
+
+def write_channel_set(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    """A fluorescence OME-TIFF set: channel c of :func:`ome_channels` is IFD 0 of
+    ``c{c}.ome.tif`` (the first holds the OME-XML), each reduced by 2 in a SubIFD; returns
+    the two files and the (y, x, channel) pixels."""
+    planes = _image()[..., :2]
+    xml = ome_xml(
+        ome_channels(
+            "".join(
+                f'<TiffData FirstC="{c}" IFD="0" PlaneCount="1">'
+                f'<UUID FileName="c{c}.ome.tif">urn:uuid:{c + 1}</UUID></TiffData>'
+                for c in range(2)
+            )
+        ),
+        uuid="urn:uuid:1",
+    )
+    raw = {"photometric": "minisblack", "metadata": None, "compression": None, "tile": (64, 64)}
+    for c, description in enumerate((xml, None)):
+        # c1.ome.tif gets tifffile's own OME-XML, with a UUID of its own: read all the same
+        with tifffile.TiffWriter(tmp_path / f"c{c}.ome.tif") as tif:
+            tif.write(planes[..., c], subifds=1, description=description, **raw)
+            tif.write(planes[::2, ::2, c], subfiletype=1, **raw)
+    return tmp_path / "c0.ome.tif", tmp_path / "c1.ome.tif", planes
+
+
+def test_a_multi_file_ome_set_with_a_channel_per_file_reads_every_channel(tmp_path):
+    opened, _, planes = write_channel_set(tmp_path)
+    reader = open_image(opened)
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), planes)
+    np.testing.assert_array_equal(reader.level(1).compute(), planes[::2, ::2])
+
+
+@pytest.mark.parametrize("how", ["missing", "no TIFF"])
+@pytest.mark.parametrize("layout", ["slide", "pyramid", "channel"])
+def test_a_multi_file_ome_set_without_one_of_its_files_is_refused_naming_it(tmp_path, layout, how):
+    """tifffile leaves out the slide's Image (the label was read as the image) or zeroes the
+    channel in the file it cannot open, with a log message only."""
+    if layout == "channel":
+        opened, other, _ = write_channel_set(tmp_path)
+    else:
+        opened, other = write_two_file_set(tmp_path, pyramid=layout == "pyramid")
+    if how == "missing":
+        other.unlink()
+    else:
+        other.write_bytes(b"not a TIFF " * 100)
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    problem = "is not there" if how == "missing" else "was not read (no TIFF, or without the IFDs"
+    assert str(info.value).startswith(
+        f"{opened}: one file of an OME-TIFF set whose OME-XML places image planes in "
+        f"'{other.name}', in {tmp_path.resolve()}; '{other.name}' {problem}"
+    )
+    assert str(info.value).endswith(
+        "put the set's files together again in one folder, as they were written, and open "
+        "this file there"
+    )
+
+
+def test_a_multi_file_ome_set_opened_at_a_url_is_refused(tmp_path):
+    """tifffile opens a set's other files beside a local file only."""
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    for file in write_two_file_set(tmp_path, pyramid=False):
+        memory.pipe(f"/segpipe-ome-set/{file.name}", file.read_bytes())
+    try:
+        with pytest.raises(ImageReadError) as info:
+            open_image("memory://segpipe-ome-set/set.ome.tif")
+    finally:
+        memory.rm("/segpipe-ome-set", recursive=True)
+    assert str(info.value) == (
+        "memory://segpipe-ome-set/set.ome.tif: one file of an OME-TIFF set whose OME-XML "
+        "places image planes in 'set_1.ome.tif', opened at a URL, where tifffile opens none of "
+        "a set's other files; copy the set's files into one local folder and open this file "
+        "there"
+    )
+
+
+def test_a_file_of_an_ome_set_whose_xml_is_in_a_companion_file_is_refused(tmp_path):
+    """tifffile reads no companion OME-XML: it read this file's one channel as the image."""
+    path = tmp_path / "c1.ome.tif"
+    xml = (
+        f'<?xml version="1.0" encoding="UTF-8"?><OME xmlns="{OME_NS}" UUID="urn:uuid:2">'
+        '<BinaryOnly MetadataFile="set.companion.ome" UUID="urn:uuid:0"/></OME>'
+    )
+    tifffile.imwrite(path, _image()[..., 1], metadata=None, description=xml)
+    with pytest.raises(ImageReadError) as info:
+        open_image(path)
+    assert str(info.value) == (
+        f"{path}: one file of an OME-TIFF set whose OME-XML is in 'set.companion.ome' "
+        "(BinaryOnly), which tifffile does not read: only this file's planes would be read, "
+        "as an image of their own. Convert the set into one OME-TIFF (bfconvert "
+        "set.companion.ome out.ome.tif) and open that"
+    )
+
+
+@pytest.mark.parametrize(
+    "tiffdata",
+    [
+        '<TiffData IFD="0" PlaneCount="1"/>',  # two channels, one plane listed
+        '<TiffData FirstC="0" IFD="0" PlaneCount="1"/><TiffData FirstC="1" IFD="4" '
+        'PlaneCount="1"/>',  # the second at an IFD past the file's one
+    ],
+)
+def test_an_ome_tiff_declaring_planes_it_does_not_hold_is_refused(tmp_path, tiffdata):
+    """tifffile gives the channel it finds no IFD for as zeros."""
+    path = tmp_path / "one.ome.tif"
+    tifffile.imwrite(
+        path,
+        _image()[..., 0],
+        photometric="minisblack",
+        metadata=None,
+        description=ome_xml(ome_channels(tiffdata)),
+    )
+    with pytest.raises(ImageReadError) as info:
+        open_image(path)
+    assert str(info.value).startswith(
+        f"{path}: 1 of the 2 image planes (channels, Z, T) of level 0 are in no IFD"
     )
 
 

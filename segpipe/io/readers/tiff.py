@@ -18,7 +18,9 @@ on it, place the stored rows and columns by the georeference and ignore the tag.
 from __future__ import annotations
 
 import math
+import os
 import warnings
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -69,6 +71,7 @@ class TiffReader(BaseReader):
             tif = self._tif
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
+            _check_ome_set(tif, self.path)
             self._series = _main_series(tif.series, self.path)
             series = tif.series[self._series]
             _check_declared_data(series, self._file_size(), self.path)
@@ -269,7 +272,8 @@ def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
 
 def _check_declared_data(series: Any, file_size: int, path: str) -> None:
     """Refuse a TIFF whose level 0 points at no pixel data, or any level at data past the end
-    of the file it is stored in, or whose level 0 lists reduced levels (SubIFDs) past it.
+    of the file it is stored in, or whose level 0 lists reduced levels (SubIFDs) past it, or
+    any level planes its metadata declares but no IFD holds (tifffile would give zeros).
 
     ``file_size``: bytes of the file opened (``series.parent``). A page of another file of a
     multi-file OME-TIFF set (which tifffile opens by its path, beside a local file only) is
@@ -292,6 +296,13 @@ def _check_declared_data(series: Any, file_size: int, path: str) -> None:
 
     for k, level in enumerate(series.levels):
         pages = [p for p in level.pages if p is not None]
+        if len(pages) < len(level.pages):  # tifffile's placeholder for a plane it lacks
+            raise ImageReadError(
+                f"{path}: {len(level.pages) - len(pages)} of the {len(level.pages)} image "
+                f"planes (channels, Z, T) of level {k} are in no IFD: its metadata declares "
+                "planes that the file (or its OME-TIFF set) does not hold, which would read as "
+                "zeros; write the file again with every plane, or without those it lacks"
+            )
         if k == 0 and not any(int(c) for p in pages for c in getattr(p, "databytecounts", ())):
             raise ImageReadError(
                 f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no "
@@ -319,4 +330,64 @@ def _check_declared_data(series: Any, file_size: int, path: str) -> None:
         raise ImageReadError(
             f"{name}: level {lost}'s IFD lies at byte {subifds[lost - 1]:,}, past the "
             f"file's {size:,} bytes; the file is truncated"
+        )
+
+
+def _check_ome_set(tif: Any, path: str) -> None:
+    """Refuse an OME-TIFF whose OME-XML places image planes in other files (a multi-file set)
+    when tifffile read no page of one of them: it is missing, no TIFF, or lacks the IFDs
+    named, or the set is opened at a URL (tifffile opens a set's other files by path only);
+    and a file of a set whose OME-XML is in a companion file (BinaryOnly).
+
+    tifffile logs such a file and zeroes the planes named in it, or leaves out an Image whose
+    planes were all there, and another Image is read in the slide's place. A file's UUID is
+    not compared with the one the set names for it: tifffile and Bio-Formats find the files
+    by name, and tifffile writes a fresh UUID into each ``.ome.tif`` it writes."""
+    if not tif.is_ome or not tif.ome_metadata:
+        return
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:  # tifffile reads no OME series then: no set
+        return
+    for e in root:
+        if e.tag.rsplit("}", 1)[-1] == "BinaryOnly":
+            xml = e.get("MetadataFile", "")
+            raise ImageReadError(
+                f"{path}: one file of an OME-TIFF set whose OME-XML is in {xml!r} "
+                "(BinaryOnly), which tifffile does not read: only this file's planes would "
+                "be read, as an image of their own. Convert the set into one OME-TIFF "
+                f"(bfconvert {xml} out.ome.tif) and open that"
+            )
+    named = {
+        name
+        for e in root.iter()
+        if e.tag.rsplit("}", 1)[-1] == "UUID"
+        and (name := e.get("FileName", ""))
+        and e.text != root.get("UUID")
+        and name.lower() != tif.filename.lower()
+    }
+    if not named:
+        return
+    listed = ", ".join(map(repr, sorted(named)))
+    if not tif.filehandle.is_file:
+        raise ImageReadError(
+            f"{path}: one file of an OME-TIFF set whose OME-XML places image planes in "
+            f"{listed}, opened at a URL, where tifffile opens none of a set's other files; "
+            "copy the set's files into one local folder and open this file there"
+        )
+    read = {p.parent.filehandle.path for s in tif.series for p in s.pages if p is not None}
+    folder = tif.filehandle.dirname
+    problems = [
+        f"{name!r} is not there"
+        if not os.path.exists(file)
+        else f"{name!r} was not read (no TIFF, or without the IFDs named)"
+        for name in sorted(named)
+        if (file := os.path.realpath(os.path.join(folder, name))) not in read
+    ]
+    if problems:
+        raise ImageReadError(
+            f"{path}: one file of an OME-TIFF set whose OME-XML places image planes in "
+            f"{listed}, in {folder}; {'; '.join(problems)}. tifffile would read zeros or "
+            "another image in their place: put the set's files together again in one "
+            "folder, as they were written, and open this file there"
         )
