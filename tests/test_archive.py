@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from distributed.client import FutureCancelledError
 
 import segpipe.archive.process as archive_process
 from segpipe import archive
@@ -31,12 +33,8 @@ from segpipe.archive import (
     process_image,
 )
 from segpipe.archive.claims import ClaimLostError, read_lock, try_claim
-from segpipe.archive.state import (
-    MAX_KILLED_ATTEMPTS,
-    decide_unreadable,
-    retry_delay_s,
-    undecided_state,
-)
+from segpipe.archive.sidecars import undecided_state
+from segpipe.archive.state import MAX_KILLED_ATTEMPTS, decide_unreadable, retry_delay_s
 from segpipe.config import SegmentConfig
 from segpipe.results import is_complete, read_meta, result_levels, tiles_done
 
@@ -615,6 +613,61 @@ def test_a_changed_image_is_segmented_again(tmp_path, slide, random_checkpoint):
     assert read_meta(image_paths(out, "a.ome.tif").result).finished >= finished
 
 
+def _files(root):
+    """{path under ``root``: bytes} of every file below ``root``."""
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("theirs", ["folder", "file", "link to a result"])
+def test_the_users_data_at_a_changed_images_result_path_fails_it_and_is_kept(
+    tmp_path, slide, random_checkpoint, theirs
+):
+    """What the user put at a changed image's result path (a folder, a file; a link, which
+    segpipe never deletes through) cannot be replaced: the image's failure, recorded under
+    its claim (count, time, a reason naming the path), held by the next run, tried again
+    with retry_failed, never resumed (the result the link leads to, made before the image
+    changed, would pass for this one), and the user's data untouched throughout."""
+    image, out, paths = _one_image(tmp_path, slide)
+
+    def run(**kw):
+        return process_image(image, out, random_checkpoint, config=CONFIG, **kw)
+
+    run()
+    kept = tmp_path / "kept.zarr"
+    paths.result.rename(kept)
+    if theirs == "folder":
+        paths.result.mkdir()
+        (paths.result / "notes.txt").write_text("mine")
+    elif theirs == "file":
+        paths.result.write_text("mine")
+    else:
+        paths.result.symlink_to(kept, target_is_directory=True)
+    with open(image.url, "ab") as f:
+        f.write(b"\0" * 10)  # still a valid TIFF with the same pixels, other bytes
+    (image,) = discover_images(tmp_path / "archive")
+
+    def users_data():
+        where = paths.result
+        if where.is_symlink():
+            return os.readlink(where), _files(kept)
+        return _files(where) if where.is_dir() else where.read_bytes()
+
+    before = users_data()
+    with pytest.raises(FileExistsError, match=re.escape(str(paths.result))) as raised:
+        run()
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"]) == ("failed", 1) and state["failed_at"]
+    assert state["reason"] == f"FileExistsError: {raised.value}"
+    assert state["fingerprint"]["size"] == image.size, "the inputs it failed with"
+    assert not paths.lock.exists() and users_data() == before
+    held = run()
+    assert held.status == "held" and "failed 1 time" in held.reason
+    with pytest.raises(FileExistsError, match=re.escape(str(paths.result))):
+        run(retry_failed=True)
+    assert archive.read_state(paths.state)["failures"] == 2
+    assert users_data() == before and not paths.lock.exists()
+
+
 class _Killed(BaseException):
     """Stands in for SIGKILL: nothing after it runs."""
 
@@ -1102,12 +1155,22 @@ def test_a_failure_is_counted_once(tmp_path, slide, random_checkpoint):
     assert seen == [1] and (state["status"], state["failures"]) == ("failed", 1)
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize(
+    "stop",
+    [
+        KeyboardInterrupt(),
+        SystemExit(),
+        concurrent.futures.CancelledError(),
+        FutureCancelledError("segpipe-block-0", "client-close"),
+    ],
+    ids=["ctrl-c", "exit", "cancelled", "dask-cancelled"],
+)
 def test_an_interrupted_run_is_no_failure_and_resumes_at_once(
     tmp_path, slide, random_checkpoint, stop
 ):
-    """Ctrl-C, a shutdown, a Prefect cancellation stop the run, not the image: "interrupted",
-    the count as it was before the attempt, and the next run resumes it at once."""
+    """Ctrl-C, a shutdown, a Prefect cancellation, a future cancelled as the run's cluster
+    closes (an Exception, as when deciding) stop the run, not the image: "interrupted", the
+    count as it was before the attempt, and the next run resumes it at once."""
     import segpipe
 
     image, out, paths = _one_image(tmp_path, slide)
@@ -1117,20 +1180,20 @@ def test_an_interrupted_run_is_no_failure_and_resumes_at_once(
 
     def stopped_after_the_first_task(source, output, model, config, **kw):
         def stop_now(done, todo):
-            raise stop()
+            raise stop
 
         return segpipe.segment(source, output, model, config, on_progress=stop_now, **kw)
 
     with pytest.raises(ValueError, match="share gone"):
         process_image(image, out, random_checkpoint, config=CONFIG, run_segment=corrupt)
     _age_failure(paths, 3600)
-    with pytest.raises(stop):
+    with pytest.raises(type(stop)):
         process_image(
             image, out, random_checkpoint, config=CONFIG, run_segment=stopped_after_the_first_task
         )
     state = archive.read_state(paths.state)
     assert (state["status"], state["failures"]) == ("interrupted", 1)
-    assert state["reason"].startswith(stop.__name__)
+    assert state["reason"].startswith(type(stop).__name__)
     assert not paths.lock.exists()
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason) == ("segmented", "previous run interrupted: resuming")
@@ -1358,12 +1421,24 @@ def test_an_image_unreadable_for_a_while_keeps_its_result_and_its_read_failures_
     assert f"failed 1 time; next attempt after {retry_at:%Y-%m-%d %H:%M:%S} UTC" in held.reason
 
 
+@pytest.mark.parametrize(
+    ("damage", "error", "message"),
+    [
+        # Deciding fails on it: a result, its metadata unreadable (a state of no release).
+        ({"state": "bogus"}, ValueError, "its result metadata cannot be read"),
+        # JSON, but no Zarr metadata: no result any more, so never deleted; segment refuses it.
+        ([], FileExistsError, "is not a segpipe result"),
+    ],
+    ids=["unreadable-state", "no-zarr-metadata"],
+)
 def test_a_result_whose_metadata_cannot_be_read_fails_the_image_which_backs_off(
-    tmp_path, slide, random_checkpoint
+    tmp_path, slide, random_checkpoint, damage, error, message
 ):
-    """A result whose metadata is damaged makes deciding raise: a failure of the image like
-    any other, recorded (count, time, a reason naming the result), held by the next runs for
-    its retry delay, tried again with retry_failed, and the result left where it is."""
+    """A result whose metadata is damaged fails the image like any other failure, recorded
+    (count, time, a reason naming the result), held by the next runs for its retry delay,
+    tried again with retry_failed, and the result left where it is."""
+    import zarr
+
     image, out, paths = _one_image(tmp_path, slide)
 
     def run(**kw):
@@ -1371,22 +1446,28 @@ def test_a_result_whose_metadata_cannot_be_read_fails_the_image_which_backs_off(
 
     run()
     meta = paths.result / "zarr.json"
-    meta.write_text("[]")  # JSON, but no Zarr metadata
+    if isinstance(damage, dict):
+        group = zarr.open_group(paths.result, mode="r+")
+        group.attrs["segpipe"] = dict(group.attrs["segpipe"]) | damage
+    else:
+        meta.write_text(json.dumps(damage))
+    damaged = meta.read_bytes()
     with try_claim(paths.lock, owner="the other run"):
         assert run().status == "busy"  # its holder decides again, and records what it finds
     assert archive.read_state(paths.state)["status"] == "complete"
-    with pytest.raises(ValueError, match="its result metadata cannot be read") as raised:
+    with pytest.raises(error, match=message) as raised:
         run()
     state = archive.read_state(paths.state)
     assert (state["status"], state["failures"]) == ("failed", 1) and state["failed_at"]
-    assert state["reason"] == f"ValueError: {raised.value}" and str(paths.result) in state["reason"]
+    reason = f"{error.__name__}: {raised.value}"
+    assert state["reason"] == reason and str(paths.result) in reason
     assert not paths.lock.exists()
     held = run()
     assert held.status == "held" and "failed 1 time" in held.reason
-    with pytest.raises(TypeError):  # tried: segment finds the same damage
+    with pytest.raises(error, match=re.escape(str(paths.result))):  # tried: the same damage
         run(retry_failed=True)
     assert archive.read_state(paths.state)["failures"] == 2
-    assert meta.read_text() == "[]" and paths.report.is_file() and paths.thumbnail.is_file()
+    assert meta.read_bytes() == damaged and paths.report.is_file() and paths.thumbnail.is_file()
 
 
 def test_a_sidecar_field_deciding_fails_on_is_recorded_over_and_the_image_backs_off(
@@ -1415,17 +1496,19 @@ def test_a_sidecar_field_deciding_fails_on_is_recorded_over_and_the_image_backs_
 
 
 @pytest.mark.parametrize(
-    ("recorded", "failures"),
+    ("recorded", "failures", "stale"),
     [
-        ({"status": "failed", "failures": 4}, 5),
-        ({"status": "failed"}, 2),  # written before counts were: one failure
-        ({"status": "complete", "failures": 0}, 1),
-        ({"status": "failed", "failures": "four"}, 1),  # the field deciding failed on
-        ({"status": "failed", "failures": 4, "model_sha256": "m0"}, 1),  # other inputs
+        ({"status": "failed", "failures": 4}, 5, False),
+        ({"status": "failed"}, 2, False),  # written before counts were: one failure
+        ({"status": "complete", "failures": 0}, 1, False),
+        ({"status": "failed", "failures": "four"}, 1, False),  # the field deciding failed on
+        # Other inputs: a result there is theirs, which these must not resume.
+        ({"status": "failed", "failures": 4, "model_sha256": "m0"}, 1, True),
+        ({"status": "failed", "failures": 1, "stale_result": True}, 2, True),
     ],
 )
 def test_an_error_deciding_counts_on_from_the_failures_of_the_same_inputs(
-    tmp_path, recorded, failures
+    tmp_path, recorded, failures, stale
 ):
     paths, fp, state = _sidecar(tmp_path)
     paths.state.write_text(json.dumps(state | recorded))
@@ -1433,8 +1516,16 @@ def test_an_error_deciding_counts_on_from_the_failures_of_the_same_inputs(
     failed = undecided_state(paths, run, ValueError("damaged"), unreadable=False)
     assert (failed["status"], failed["failures"]) == ("failed", failures)
     assert failed["reason"] == "ValueError: damaged" and failed["failed_at"]
+    assert failed.get("stale_result", False) is stale
     paths.state.write_text(json.dumps(failed))
     assert decide(paths, fp, "m1", CONFIG).held
+    paths.result.mkdir()
+    again = decide(paths, fp, "m1", CONFIG, retry_failed=True)
+    assert (again.resume, again.reason) == (
+        (False, "previous run failed: starting again")
+        if stale
+        else (True, "previous run failed: resuming")
+    )
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from segpipe.results import (
     delete_result,
     finalize_result,
     is_complete,
+    is_result,
     mark_tiles_done,
     open_result,
     prepare_result,
@@ -258,6 +259,51 @@ def test_mismatch_and_foreign_directories(tmp_path):
     with pytest.raises(ResultMismatchError, match="not a segpipe result"):
         prepare_result(tmp_path / "user.zarr", meta(), overwrite=True)
     assert zarr.open_array(tmp_path / "user.zarr")[...].tolist() == [7] * 4
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[]",
+        "5",
+        "null",
+        '{"zarr_format": "x"}',
+        '{"zarr_format": 3, "node_ty',  # no JSON: a write cut short
+        '{"zarr_format": 3, "node_type": "group", "attributes": 5}',
+        '{"zarr_format": 3, "node_type": "group", "attributes": {"segpipe": 5}}',
+    ],
+)
+def test_a_zarr_json_of_no_group_metadata_is_no_result_and_reading_it_names_it(tmp_path, text):
+    """A result's zarr.json that is JSON but no Zarr group metadata (or no JSON, or a
+    segpipe attribute that is no object) makes no result: is_result and is_complete say
+    False; reading it raises a ValueError naming it; nothing replaces or deletes it."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    (path / "zarr.json").write_text(text)
+    assert not is_result(path) and not is_complete(path)
+    for read in (read_attrs, read_meta, result_levels):
+        with pytest.raises(
+            ValueError, match=re.escape(str(path)) + " is (no|a Zarr group but not)"
+        ):
+            read(path)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        prepare_result(path, meta(), overwrite=True)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        delete_result(path)
+    assert (path / "zarr.json").read_text() == text and (path / "0").is_dir()
+
+
+def test_metadata_a_release_cannot_read_names_the_result(tmp_path):
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    group = zarr.open_group(path, mode="r+")
+    group.attrs["segpipe"] = {**read_attrs(path), "state": "bogus"}
+    with pytest.raises(ValueError, match=re.escape(f"{path}: unreadable") + ".*'bogus'"):
+        read_meta(path)
+    del group.attrs["segpipe"]  # what was a result is another Zarr group now
+    assert not is_result(path) and not is_complete(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} is a Zarr group but not")):
+        read_attrs(path)
 
 
 def test_identity_keys_of_later_releases_are_compared_only_where_stored(tmp_path):

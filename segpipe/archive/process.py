@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import inspect
 import logging
 import os
@@ -16,6 +15,15 @@ from typing import TYPE_CHECKING, Any
 from segpipe.archive import catalog, reports
 from segpipe.archive.claims import Claim, read_lock, try_claim
 from segpipe.archive.discover import ArchiveImage, Fingerprint, fingerprint_image
+from segpipe.archive.sidecars import (
+    RUN_STOPS,
+    changed_state,
+    ended_state,
+    readable_state,
+    stale_state,
+    undecided_state,
+    unreadable_state,
+)
 from segpipe.archive.state import (
     STATE_VERSION,
     Decision,
@@ -25,12 +33,8 @@ from segpipe.archive.state import (
     Status,
     decide,
     decide_unreadable,
-    ended_state,
     image_paths,
-    readable_state,
     state_params,
-    undecided_state,
-    unreadable_state,
 )
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath, location, utc_now, write_json_atomic, write_text_atomic
@@ -56,7 +60,7 @@ ALIVE_INTERVAL_S = 60.0
 _UNREADABLE = "unreadable"
 # Raised while reading or deciding, yet no failure of the image: another archive's result (its
 # sidecar is not this run's to write), the run's stop (a cancelled future is an Exception).
-_NOT_THE_IMAGES = (SourceConflictError, concurrent.futures.CancelledError)
+_NOT_THE_IMAGES: tuple[type[Exception], ...] = (SourceConflictError, *RUN_STOPS)
 
 
 class RunStopped(BaseException):
@@ -152,13 +156,14 @@ def process_image(
     Raises
     ------
     Exception
-        Whatever reading the image, deciding (a damaged result or sidecar) or segmenting raised
-        (e.g. :class:`~segpipe.io.readers.ImageReadError` naming a corrupt file), after the
-        failure is written to the state sidecar and the claim is released.
+        Whatever reading the image, deciding (a damaged result or sidecar), removing an older
+        result (``FileExistsError``: no segpipe result there, kept) or segmenting raised (e.g.
+        :class:`~segpipe.io.readers.ImageReadError` naming a corrupt file), after the failure
+        is written to the state sidecar and the claim is released.
     BaseException
-        KeyboardInterrupt, SystemExit, a cancellation, :class:`RunStopped`: the sidecar says
-        "interrupted", the attempt is not counted as a failure, and the next run resumes the
-        image at once.
+        KeyboardInterrupt, SystemExit, a cancellation, :class:`RunStopped` (and a cancelled
+        future, an Exception): the sidecar says "interrupted", the attempt is not counted as a
+        failure, and the next run resumes the image at once.
     """
     config = config or SegmentConfig()
     loaded = load_model(model)
@@ -246,8 +251,15 @@ def process_image(
             raise RunStopped
         log.info("%s: segmenting (%s)", image.key, decision.reason)
         if not decision.resume:
-            catalog.remove_record(output_root, image.key)
-            _remove_result(paths.result)
+            # Gone before "running" says these inputs may resume it; else a failure like any
+            # other (the user's data there, a store's error), its result marked stale.
+            try:
+                catalog.remove_record(output_root, image.key)  # a record of what goes now
+                _remove_result(paths.result)
+            except Exception as exc:
+                if claim.is_held():
+                    write_json_atomic(paths.state, stale_state(state, exc, decision.failures))
+                raise
         write_json_atomic(paths.state, state)
         segment = run_segment or _library_segment()
         # Only when given: a run_segment written before storage options need not take them.
@@ -279,8 +291,9 @@ def process_image(
             # A file still being written (a scanner, a copy) would be recorded with the
             # fingerprint taken before and look up to date for good.
             if fingerprint_image(image, storage_options=storage_options) != fingerprint:
-                write_json_atomic(paths.state, state | _changed_meanwhile(decision.failures))
-                changed = _from_result(image.key, paths, "changed", _CHANGED)
+                meanwhile = changed_state(decision.failures)
+                write_json_atomic(paths.state, state | meanwhile)
+                changed = _from_result(image.key, paths, "changed", meanwhile["reason"])
                 # A report or thumbnail there is an older result's, not this one's.
                 return replace(changed, report=None, thumbnail=None)
             level = read_meta(paths.result).config.level or 0  # the level segment() chose
@@ -301,20 +314,6 @@ def process_image(
             paths.state, state | {"status": "complete", "failures": 0, "updated": utc_now()}
         )
     return _from_result(image.key, paths, "segmented", decision.reason)
-
-
-_CHANGED = "image changed while segmenting"
-
-
-def _changed_meanwhile(failures_before: int) -> dict[str, Any]:
-    """The state of a result made while its image changed: not complete, so due again (its
-    fingerprint is no longer the recorded one); not a failure, so not counted as one."""
-    return {
-        "status": "changed",
-        "reason": _CHANGED,
-        "failures": failures_before,
-        "updated": utc_now(),
-    }
 
 
 def _stop_when_lost(

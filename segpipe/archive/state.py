@@ -18,7 +18,9 @@ A "running" sidecar is resumed at once until :data:`MAX_KILLED_ATTEMPTS` attempt
 inputs have failed or died so, then backs off like a failure, from the run's last sign of life
 (the sidecar's ``alive``, refreshed while it runs). An interrupted run
 (KeyboardInterrupt, SystemExit, a cancellation) is the run's end, not the image's fault: not
-counted, resumed at once.
+counted, resumed at once. A result of other inputs goes before a "running" sidecar of these
+says it may be resumed; one that could not go is ``stale_result``: replaced, never resumed.
+:mod:`segpipe.archive.sidecars` builds what an attempt records as it ends.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any, Literal
 
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
-from segpipe.io.files import URLPath, location, utc_now
+from segpipe.io.files import URLPath, location
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
@@ -51,14 +53,11 @@ __all__ = [
     "check_output_root",
     "decide",
     "decide_unreadable",
-    "ended_state",
     "image_paths",
     "read_state",
-    "readable_state",
+    "recorded_failures",
     "retry_delay_s",
     "state_params",
-    "undecided_state",
-    "unreadable_state",
 ]
 
 log = logging.getLogger("segpipe.archive")
@@ -148,7 +147,7 @@ class Decision:
     for a held image, the status its sidecar records ("failed", or "running": a run that
     died, or one still going, which only its claim tells apart). ``recovered``: the image
     read, and its sidecar still holds read failures of earlier runs (``unreadable``), for
-    this run to clear (:func:`readable_state`)."""
+    this run to clear (:func:`~segpipe.archive.sidecars.readable_state`)."""
 
     process: bool
     reason: str
@@ -257,7 +256,7 @@ def _decide(
     if changes:
         return Decision(True, ", ".join(changes))
     previous = state.get("status", "unfinished")
-    failures = _failures(state)
+    failures = recorded_failures(state)
     backs_off = previous == "failed" or (previous == "running" and failures >= MAX_KILLED_ATTEMPTS)
     held = _held_back(state, failures) if backs_off and not retry_failed else None
     if held is not None:
@@ -276,7 +275,9 @@ def _decide(
             return Decision(False, "up to date" + moved)
         return Decision(True, "result made by another model")
     if paths.result.exists():
-        if moved:  # its identity names the old URL: it cannot be resumed from the new one
+        # Not resumable: its identity names the old URL (moved), or it is older inputs' and
+        # its removal failed (stale_result): its identity (a pixel sample) may not tell.
+        if moved or state.get("stale_result"):
             return Decision(
                 True, f"previous run {previous}{moved}: starting again", failures=failures
             )
@@ -288,7 +289,7 @@ def _decide(
     )
 
 
-def _failures(state: Mapping[str, Any]) -> int:
+def recorded_failures(state: Mapping[str, Any]) -> int:
     """The failures in a row a sidecar records (a failed one written before counts were: 1)."""
     return int(state.get("failures", 1 if state.get("status") == "failed" else 0))
 
@@ -305,60 +306,6 @@ def decide_unreadable(paths: ImagePaths, *, retry_failed: bool = False) -> Decis
     if held is not None:
         return Decision(False, held, held=True, failures=failures, previous="unreadable")
     return Decision(True, "unreadable", failures=failures)
-
-
-def unreadable_state(
-    paths: ImagePaths, key: str, source: str, error: Exception, failures_before: int
-) -> dict[str, Any]:
-    """The sidecar of an image that could not be read: its last run's as it was (the file may
-    be unchanged: an I/O error, a permission restored), the read failures in a row apart."""
-    state = read_state(paths.state) or {"version": STATE_VERSION, "image": key, "source": source}
-    reason = f"{type(error).__name__}: {error}"
-    failure = {"failures": failures_before + 1, "reason": reason, "failed_at": utc_now()}
-    return state | {"unreadable": failure}
-
-
-def readable_state(paths: ImagePaths) -> dict[str, Any] | None:
-    """The sidecar of an image that reads again: as it is, less the read failures of earlier
-    runs (``unreadable``), so that a later one counts from one again; None when it records
-    none (nothing to write)."""
-    state = read_state(paths.state) or {}
-    return {k: v for k, v in state.items() if k != "unreadable"} if "unreadable" in state else None
-
-
-def undecided_state(
-    paths: ImagePaths, run: Mapping[str, Any], error: Exception, *, unreadable: bool
-) -> dict[str, Any]:
-    """The sidecar of an image whose :func:`decide` raised ``error`` (a result or sidecar that
-    cannot be read): a failed run of ``run``'s inputs (a starting run's sidecar less its
-    status and count), counted on from the failures the sidecar records for the same inputs,
-    so that it backs off like any failure; for an ``unreadable`` image (its inputs unknown), a
-    read failure (:func:`unreadable_state`). Its result is left as it is."""
-    if unreadable:
-        return unreadable_state(paths, run["image"], run["source"], error, 0)
-    state = read_state(paths.state) or {}
-    same = all(state.get(k) == run[k] for k in ("fingerprint", "model_sha256", "params"))
-    try:
-        before = _failures(state) if same else 0
-    except (TypeError, ValueError):  # the field deciding failed on, maybe
-        before = 0
-    return {**run, "failures": before + 1, "updated": utc_now(), **ended_state(error, before)}
-
-
-def ended_state(exc: BaseException, failures_before: int) -> dict[str, Any]:
-    """The state of an attempt that raised ``exc``. An Exception is the image's failure,
-    counted already (the "running" state counts the attempt); anything else (KeyboardInterrupt,
-    SystemExit, a Prefect cancellation) stopped the run, not the image: "interrupted", with
-    the count before the attempt, resumed at once by the next run."""
-    reason = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, Exception):
-        return {"status": "failed", "reason": reason, "failed_at": utc_now()}
-    return {
-        "status": "interrupted",
-        "reason": reason,
-        "failures": failures_before,
-        "updated": utc_now(),
-    }
 
 
 def _held_back(state: dict[str, Any], failures: int) -> str | None:

@@ -289,39 +289,61 @@ def _state_of(attrs: Mapping[str, Any]) -> State:
 
 
 def is_result(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a segpipe result (complete or not)."""
+    """Whether ``path`` is a segpipe result (complete or not): :func:`read_attrs` reads it.
+    Anything else (a ``zarr.json`` of no Zarr group too) is never overwritten or deleted."""
     try:
-        attrs = zarr.open_group(path, mode="r").attrs.get("segpipe")
-    except (FileNotFoundError, ValueError, KeyError, zarr.errors.GroupNotFoundError):
+        read_attrs(path)
+    except (FileNotFoundError, ValueError, KeyError):
         return False
-    # An ingested image carries a "segpipe" attribute too (kind "image"); a result has an
-    # identity. Only a result may ever be overwritten.
-    return isinstance(attrs, dict) and "identity" in attrs
+    return True
 
 
 def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw ``segpipe`` attribute of a result, as stored (JSON)."""
+    """The raw ``segpipe`` attribute of a result, as stored (JSON). Raises ``FileNotFoundError``
+    (nothing there) or ``ValueError`` naming ``path`` (no result, or no Zarr group metadata)."""
+    return _result_attrs(path, _group_attrs(path))
+
+
+def _result_attrs(path: str | os.PathLike, group_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``segpipe`` attribute among a group's ``group_attrs``; a ValueError where it is
+    no result's. An ingested image carries one too (kind "image"); a result has an identity.
+    Only a result may ever be overwritten."""
+    attrs = group_attrs.get("segpipe")
+    if not isinstance(attrs, dict) or "identity" not in attrs:
+        why = "no 'segpipe' result attribute: an ingested image or other data"
+        raise ValueError(f"{path} is a Zarr group but not a segpipe result ({why})")
+    return dict(attrs)
+
+
+def _group_attrs(path: str | os.PathLike) -> dict[str, Any]:
+    """The attributes of the Zarr group at ``path``; for a ``zarr.json`` that is no JSON, JSON of
+    another shape (``[]``, ``5``) or an array's, one ValueError naming it, not Zarr's three."""
     try:
-        attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
+        return zarr.open_group(path, mode="r").attrs.asdict()
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
         raise FileNotFoundError(f"no segpipe result at {path}") from e
-    if "identity" not in attrs.get("segpipe", {}):
-        raise ValueError(
-            f"{path} is a Zarr group but not a segpipe result (no 'segpipe' result "
-            "attribute: an ingested image or other data)"
-        )
-    return dict(attrs["segpipe"])
+    except (AttributeError, TypeError, ValueError) as e:
+        why = f"its zarr.json is no Zarr group metadata ({type(e).__name__}: {e})"
+        raise ValueError(f"{path} is no segpipe result: {why}; if damaged, move it away") from e
 
 
 def read_meta(path: str | os.PathLike) -> ResultMeta:
     """The typed metadata of the result at ``path`` (provenance, settings, ``complete``)."""
-    return ResultMeta.from_attrs(read_attrs(path))
+    return _parsed(path, read_attrs(path))
 
 
 def open_root(path: str | os.PathLike, mode: Literal["r", "r+"]) -> tuple[zarr.Group, ResultMeta]:
     """The root group of the result at ``path``, opened in ``mode``, and its metadata."""
     root = zarr.open_group(store_of(path), mode=mode)
-    return root, ResultMeta.from_attrs(cast(Mapping[str, Any], root.attrs["segpipe"]))
+    return root, _parsed(path, cast(Mapping[str, Any], root.attrs["segpipe"]))
+
+
+def _parsed(path: str | os.PathLike, attrs: Mapping[str, Any]) -> ResultMeta:
+    """:meth:`ResultMeta.from_attrs`, its error naming the result at ``path``."""
+    try:
+        return ResultMeta.from_attrs(attrs)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable segpipe metadata ({type(e).__name__}: {e})") from e
 
 
 def store_of(path: str | os.PathLike) -> Any:
@@ -391,7 +413,7 @@ def result_levels(path: str | os.PathLike) -> list[tuple[int, int]]:
     The number of levels is what the store's OME metadata lists (one, for a result written
     before results had pyramids).
     """
-    attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
-    ident = attrs["segpipe"]["identity"]
+    attrs = _group_attrs(path)
+    ident = _result_attrs(path, attrs)["identity"]
     datasets = attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [None])
     return list(pyramid_shapes(tuple(ident["shape"]), 1)[: len(datasets)])
