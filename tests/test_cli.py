@@ -931,3 +931,20 @@ def test_info_on_a_result_at_a_url(small_slide, random_checkpoint, tmp_path, cap
         assert "INCOMPLETE" not in capsys.readouterr().out
     finally:
         fs.rm("/info-test", recursive=True)
+
+
+def test_info_on_a_result_this_release_cannot_read_says_why(
+    small_slide, random_checkpoint, tmp_path, capsys
+):
+    """A result whose metadata cannot be parsed is refused naming it and the field, not
+    described as an image (which failed with an unrelated message about dimension names)."""
+    import zarr
+
+    out = segpipe.segment(
+        small_slide.image, tmp_path / "r.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    group = zarr.open_group(out, mode="r+")
+    group.attrs["segpipe"] = group.attrs["segpipe"] | {"state": "bogus"}
+    assert main(["info", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "bogus" in err, err

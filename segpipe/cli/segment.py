@@ -254,13 +254,12 @@ def _segment(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from segpipe.io.files import location
-    from segpipe.results import read_meta
+    from segpipe.results import is_result, read_meta
 
     path = location(args.path)  # a result or image at a URL too (s3://bucket/a.seg.zarr)
-    try:
-        meta = read_meta(path)
-    except (FileNotFoundError, ValueError):
-        meta = None
+    # A result whose metadata this release cannot read is refused naming why, not described
+    # as an image.
+    meta = read_meta(path) if is_result(path) else None
     if meta is None:
         from segpipe.io.describe import describe_image
 
