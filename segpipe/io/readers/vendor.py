@@ -300,10 +300,11 @@ def _ome_series_pixels(
     """The ``Pixels`` of the OME ``Image`` that tifffile made series ``series_index``.
 
     tifffile makes a series of each Image in document order but skips those it finds no pages
-    for (no TiffData, a missing file of a multi-file set, pages of another shape), so the
-    i-th series need not be the i-th Image. The Image is the one whose TiffData list the
-    series' level-0 keyframe (its IFD number in its file); only where none or several do,
-    the ``series_index``-th Pixels (the first past the end).
+    for (no TiffData, IFDs past the end, pages of another shape; a set missing a file is
+    refused before this, by the TIFF reader), so the i-th series need not be the i-th Image.
+    The Image is the one whose TiffData list the series' level-0 keyframe (its IFD number in
+    its file); only where none or several do, the ``series_index``-th Pixels (the first past
+    the end).
     """
     where = (keyframe.parent.filename.lower(), keyframe.index)
     own = (tif.filename.lower(), root.get("UUID"))
