@@ -400,6 +400,27 @@ def test_runs_sharing_a_module_on_two_devices_are_refused() -> None:
     assert model.training, "given back by the last run"
 
 
+@pytest.mark.parametrize(
+    ("device", "gpu", "lent_on"), [("cpu", True, "cpu"), ("auto", False, "cpu")]
+)
+def test_a_module_is_lent_on_the_device_the_run_names(
+    reader, tmp_path, monkeypatch, device, gpu, lent_on
+) -> None:
+    """The device a run holds a shared module on is the one it runs on: "cpu" on a machine
+    with a GPU too (a run on "cuda" beside it must be refused)."""
+    lent, give = [], cluster.model_given_back
+
+    def spy(model, device=None):
+        lent.append(str(device))
+        return give(model, device)
+
+    monkeypatch.setattr(cluster, "model_given_back", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    r, _ = reader
+    segpipe.segment(r, tmp_path / "r.zarr", tiny_unet(), tile=8, device=device, scheduler="sync")
+    assert lent == [lent_on]
+
+
 def test_segmenting_under_inference_mode_leaves_the_model_trainable(reader, tmp_path) -> None:
     """A caller inside ``torch.inference_mode()`` (validating mid-training): the lent module's
     parameters and buffers are put on their device and back as ordinary tensors, not inference

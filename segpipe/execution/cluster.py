@@ -329,8 +329,8 @@ def run_blocks(
             if isinstance(model, torch.nn.Module):
                 # Named, not resolved: a device this process lacks is refused by the
                 # plugin's setup, which says where.
-                named = "cpu" if config.device == "auto" else config.device
-                dev = resolve_device() if named == "cpu" else torch.device(named)
+                auto = config.device == "auto"
+                dev = resolve_device() if auto else torch.device(config.device)
                 lent.enter_context(model_given_back(model, dev))
             plugin.setup()
             lent.callback(plugin.teardown)  # the model thread stopped before it is given back
