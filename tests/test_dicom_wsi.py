@@ -25,21 +25,45 @@ def _image() -> np.ndarray:
     return np.stack([yy, xx * 0.8, (yy + xx) * 0.5], axis=-1).astype(np.uint8)
 
 
-def write_dicom_wsi(folder: Path, img: np.ndarray, mpp: float = 0.25, tile: int = 64) -> Path:
-    """One DICOM instance per level (level k = ``img[::2**k, ::2**k]``), tiles row by row."""
+def write_dicom_wsi(
+    folder: Path,
+    img: np.ndarray,
+    mpp: float = 0.25,
+    tile: int = 64,
+    *,
+    name: str = "level",
+    optical_paths: list[tuple[str, str | None]] | None = None,
+    focal_planes: int = 1,
+    pixel_spacing: bool = True,
+    levels: tuple[int, ...] = (0, 1),
+    uids: tuple[str, str, str] | None = None,
+) -> Path:
+    """One DICOM instance per level (level k = ``img[::2**k, ::2**k]``), tiles row by row,
+    files ``{name}{k}.dcm``, a new series unless ``uids`` (study, series, frame of
+    reference) names one.
+
+    ``img`` is ``(Y, X, S * P)``: S samples (3: RGB, 1: grey) for each of the P
+    ``optical_paths`` (``(identifier, description)`` each; one unnamed path by default);
+    each path's tiles are repeated on ``focal_planes`` planes 1 um apart.
+    ``pixel_spacing=False`` leaves PixelSpacing out.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
     from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStorage, generate_uid
 
     folder.mkdir(parents=True, exist_ok=True)
-    study, series, frame_of_reference = generate_uid(), generate_uid(), generate_uid()
-    for k in range(2):
+    study, series, frame_of_reference = uids or (generate_uid(), generate_uid(), generate_uid())
+    paths = optical_paths or [("0", None)]
+    samples = img.shape[2] // len(paths)
+    for k in levels:
         level, spacing_mm = img[:: 2**k, :: 2**k], mpp * 2**k / 1000
-        ny, nx, _ = level.shape
+        ny, nx, nc = level.shape
         ty, tx = -(-ny // tile), -(-nx // tile)
-        padded = np.zeros((ty * tile, tx * tile, 3), np.uint8)
+        padded = np.zeros((ty * tile, tx * tile, nc), img.dtype)
         padded[:ny, :nx] = level
-        frames = padded.reshape(ty, tile, tx, tile, 3).swapaxes(1, 2)
+        tiles = padded.reshape(ty, tile, tx, tile, len(paths), samples).transpose(4, 0, 2, 1, 3, 5)
+        # TILED_FULL order: tiles row by row, then focal planes, then optical paths
+        frames = np.repeat(tiles[:, None], focal_planes, axis=1)
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         uid = generate_uid()
@@ -56,25 +80,42 @@ def write_dicom_wsi(folder: Path, img: np.ndarray, mpp: float = 0.25, tile: int 
         )
         ds.Rows = ds.Columns = tile
         ds.TotalPixelMatrixRows, ds.TotalPixelMatrixColumns = ny, nx
-        ds.TotalPixelMatrixFocalPlanes, ds.NumberOfFrames = 1, ty * tx
+        ds.TotalPixelMatrixFocalPlanes = focal_planes
+        ds.NumberOfFrames = ty * tx * focal_planes * len(paths)
         ds.DimensionOrganizationType = "TILED_FULL"
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        if samples == 3:
+            ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        else:
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        bits = img.dtype.itemsize * 8
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+            bits,
+            bits,
+            bits - 1,
+            0,
+        )
         ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = nx * spacing_mm, ny * spacing_mm
         ds.ImagedVolumeDepth = 0.001
-        measures = Dataset()
-        measures.PixelSpacing, measures.SliceThickness = [spacing_mm, spacing_mm], 0.001
-        shared = Dataset()
-        shared.PixelMeasuresSequence = Sequence([measures])
-        ds.SharedFunctionalGroupsSequence = Sequence([shared])
+        if pixel_spacing:
+            measures = Dataset()
+            measures.PixelSpacing, measures.SliceThickness = [spacing_mm, spacing_mm], 0.001
+            measures.SpacingBetweenSlices = 0.001
+            shared = Dataset()
+            shared.PixelMeasuresSequence = Sequence([measures])
+            ds.SharedFunctionalGroupsSequence = Sequence([shared])
         origin = Dataset()
         origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.0, 40.0
         ds.TotalPixelMatrixOriginSequence = Sequence([origin])
-        optical_path = Dataset()
-        optical_path.OpticalPathIdentifier = "0"
-        ds.OpticalPathSequence, ds.NumberOfOpticalPaths = Sequence([optical_path]), 1
+        items = []
+        for identifier, description in paths:
+            item = Dataset()
+            item.OpticalPathIdentifier = identifier
+            if description is not None:
+                item.OpticalPathDescription = description
+            items.append(item)
+        ds.OpticalPathSequence, ds.NumberOfOpticalPaths = Sequence(items), len(paths)
         ds.PixelData = frames.tobytes()
-        ds.save_as(folder / f"level{k}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{name}{k}.dcm", enforce_file_format=True)
     return folder
 
 
@@ -88,7 +129,7 @@ def test_dicom_wsi_reads_back(slide, by):
     img = _image()
     reader = open_image(slide if by == "folder" else slide / "level1.dcm")
     assert isinstance(reader, DicomReader)
-    assert reader.path == str(slide)
+    assert reader.path == str(slide if by == "folder" else slide / "level1.dcm")
     assert reader.pixel_size_um == pytest.approx(0.25)
     assert reader.level_shapes == ((200, 300, 3), (100, 150, 3))
     assert reader.dtype == np.uint8
@@ -114,3 +155,144 @@ def test_a_folder_without_a_wsi_series_is_refused(tmp_path):
     (tmp_path / "notes" / "a.dcm").write_bytes(b"not dicom")
     with pytest.raises(ImageReadError, match="notes: no readable DICOM WSI series"):
         open_image(tmp_path / "notes")
+
+
+def _other_image() -> np.ndarray:
+    return np.random.default_rng(3).integers(0, 255, (140, 90, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def two_slides(tmp_path):
+    """Two slides (series) in one folder: a0/a1.dcm of _image(), b0/b1.dcm of _other_image()."""
+    write_dicom_wsi(tmp_path / "two", _image(), name="a")
+    return write_dicom_wsi(tmp_path / "two", _other_image(), name="b")
+
+
+@pytest.mark.parametrize(("file", "img"), [("b0.dcm", _other_image()), ("a1.dcm", _image())])
+def test_a_file_reads_its_own_series_beside_another(two_slides, file, img):
+    reader = open_image(two_slides / file)
+    assert reader.level_shapes == (img.shape, img[::2, ::2].shape)
+    np.testing.assert_array_equal(reader.read(0, img.shape[0], 0, img.shape[1]), img)
+    assert reader.path == str(two_slides / file)
+    clone = pickle.loads(pickle.dumps(reader))
+    np.testing.assert_array_equal(clone.level(1).compute(), img[::2, ::2])
+
+
+def test_a_folder_of_two_series_is_refused_naming_them(two_slides):
+    uids = {pydicom.dcmread(two_slides / f).SeriesInstanceUID for f in ("a0.dcm", "b0.dcm")}
+    with pytest.raises(ImageReadError) as info:
+        open_image(two_slides)
+    message = str(info.value)
+    assert message.startswith(f"{two_slides}: holds 2 DICOM WSI series")
+    assert all(uid in message for uid in uids)
+    assert "200 x 300 px" in message and "140 x 90 px" in message
+    assert "pass one file of the wanted slide" in message
+
+
+@pytest.mark.parametrize(
+    ("paths", "samples", "dtype", "names"),
+    [
+        ([("b", "DAPI"), ("a", "FITC")], 1, np.uint16, ("DAPI", "FITC")),
+        ([("b", None), ("a", None)], 1, np.uint8, ("b", "a")),
+        (
+            [("b", "BF"), ("a", "BF")],  # descriptions alike: named by identifier
+            3,
+            np.uint8,
+            ("b red", "b green", "b blue", "a red", "a green", "a blue"),
+        ),
+    ],
+)
+def test_optical_paths_are_read_as_channels(tmp_path, paths, samples, dtype, names):
+    """One optical path each (fluorescence), in the order the file lists them, named by
+    their descriptions where those are distinct."""
+    nc = samples * len(paths)
+    img = np.random.default_rng(5).integers(0, 250, (130, 150, nc)).astype(dtype)
+    reader = open_image(write_dicom_wsi(tmp_path / "fl", img, optical_paths=paths))
+    assert reader.level_shapes == ((130, 150, nc), (65, 75, nc))
+    assert reader.channel_names == names
+    assert reader.dtype == dtype
+    np.testing.assert_array_equal(reader.read(0, 130, 0, 150), img)
+    np.testing.assert_array_equal(reader.read(10, 60, 20, 70, level=1), img[::2, ::2][10:60, 20:70])
+
+
+def _paths_in_two_instances(folder: Path, second_dtype: type, second_levels: tuple[int, ...]):
+    """Optical path "0" (uint8, levels 0 and 1) and "1" in instances of their own, one series."""
+    from pydicom.uid import generate_uid
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    first = np.random.default_rng(8).integers(0, 250, (130, 150, 1), dtype=np.uint8)
+    second = (first.astype(np.uint16) * 3).astype(second_dtype)
+    write_dicom_wsi(folder, first, optical_paths=[("0", None)], uids=uids, name="p0_")
+    write_dicom_wsi(
+        folder, second, optical_paths=[("1", None)], uids=uids, name="p1_", levels=second_levels
+    )
+    return np.concatenate([first, second], axis=2)
+
+
+def test_only_levels_holding_every_optical_path_are_read(tmp_path):
+    img = _paths_in_two_instances(tmp_path / "paths", np.uint8, second_levels=(0,))
+    reader = open_image(tmp_path / "paths" / "p1_0.dcm")
+    assert reader.level_shapes == ((130, 150, 2),)
+    np.testing.assert_array_equal(reader.read(0, 130, 0, 150), img)
+
+
+def test_optical_paths_of_different_dtypes_are_refused(tmp_path):
+    _paths_in_two_instances(tmp_path / "mixed", np.uint16, second_levels=(0, 1))
+    with pytest.raises(ImageReadError, match=r"mixed: optical paths 0, 1 of different pixel"):
+        open_image(tmp_path / "mixed")
+
+
+def test_focal_planes_are_refused_as_a_stack(tmp_path):
+    folder = write_dicom_wsi(tmp_path / "z", _image(), focal_planes=3)
+    with pytest.raises(ImageReadError, match=r"z: 3 focal planes .* not stacks; export one"):
+        open_image(folder)
+
+
+@pytest.mark.parametrize("pixel_size_um", [None, 0.5])
+def test_a_slide_without_pixel_spacing_is_refused_naming_it(tmp_path, pixel_size_um):
+    folder = write_dicom_wsi(tmp_path / "nompp", _image(), pixel_spacing=False)
+    with pytest.raises(ImageReadError, match=r"nompp: the slide states no PixelSpacing"):
+        open_image(folder, pixel_size_um=pixel_size_um)
+
+
+def test_dicom_files_without_extension_are_recognised(tmp_path):
+    """As on DICOM media: IM0, IM1 (the folder or one file); a file without extension that
+    is no DICOM is still an unknown format."""
+    folder = write_dicom_wsi(tmp_path / "media", _image())
+    for k in range(2):
+        (folder / f"level{k}.dcm").rename(folder / f"IM{k}")
+    for path in (folder, folder / "IM0"):
+        np.testing.assert_array_equal(open_image(path).read(0, 200, 0, 300), _image())
+    (tmp_path / "notes").write_bytes(b"x" * 200)
+    with pytest.raises(ImageReadError, match="unknown image format"):
+        open_image(tmp_path / "notes")
+
+
+@pytest.mark.parametrize("damage", [b"UL\x03\x00", b"ZZ\x04\x00"])  # a short value, a bad VR
+def test_a_damaged_dicom_file_beside_the_slide_is_named(slide, tmp_path, damage):
+    """Whether it belongs to the slide cannot be told, so it is not passed over."""
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for f in slide.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    rows = b"\x48\x00\x07\x00UL\x04\x00"  # TotalPixelMatrixRows, explicit VR
+    header = (slide / "level1.dcm").read_bytes()
+    assert header.count(rows) == 1
+    (folder / "extra.dcm").write_bytes(header.replace(rows, rows[:4] + damage))
+    with pytest.raises(ImageReadError, match=r"extra\.dcm: a damaged DICOM header"):
+        open_image(folder / "level0.dcm")
+
+
+def test_rewriting_another_file_of_the_series_changes_the_token(slide, tmp_path):
+    """A file's series is all its files: a level rewritten in place is new pixels to dask."""
+    import os
+
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for f in slide.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    before = open_image(folder / "level0.dcm").level(1).name
+    level1 = folder / "level1.dcm"
+    stat = level1.stat()
+    os.utime(level1, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert open_image(folder / "level0.dcm").level(1).name != before

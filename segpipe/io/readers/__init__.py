@@ -32,7 +32,7 @@ from segpipe.io.readers.base import (
     Reader,
     read_mirrored,
 )
-from segpipe.io.readers.dicom import DICOM_SUFFIXES, DicomReader, is_dicom_folder
+from segpipe.io.readers.dicom import DICOM_SUFFIXES, DicomReader, is_dicom_file, is_dicom_folder
 from segpipe.io.readers.masks import valid_mask
 from segpipe.io.readers.omezarr import ZARR_SUFFIXES, ZarrReader
 from segpipe.io.readers.openslide import OPENSLIDE_SUFFIXES, OpenSlideReader
@@ -80,8 +80,8 @@ def open_image(
         ``.tif``/``.tiff``/``.ome.tif``/``.btf`` (TIFF, BigTIFF, OME-TIFF, GeoTIFF, Philips
         TIFF), ``.svs`` (Aperio), ``.ndpi`` (Hamamatsu), ``.scn`` (Leica), ``.bif`` (Ventana),
         ``.mrxs``/``.vms``/``.vmu``/``.svslide`` through OpenSlide (``segpipe[slides]``),
-        a DICOM WSI folder of ``.dcm`` files (or one of them) through wsidicom
-        (``segpipe[dicom]``),
+        a DICOM WSI file (``.dcm`` or without extension; its series is read) or a folder of
+        one series through wsidicom (``segpipe[dicom]``),
         a Zarr v3 store (a directory, usually ``.zarr``: an OME-Zarr 0.5 image or a plain
         array with ``dimension_names``), or a small ``.png``/``.jpg``.
     pixel_size_um
@@ -121,6 +121,8 @@ def open_image(
         return OpenSlideReader(p, pixel_size_um=pixel_size_um)
     if name.endswith(PILLOW_SUFFIXES):
         return PillowReader(p, pixel_size_um=pixel_size_um)
+    if isinstance(p, Path) and is_dicom_file(p):  # DICOM media name files without extension
+        return DicomReader(p, pixel_size_um=pixel_size_um)
     raise ImageReadError(
         f"{p}: unknown image format {p.suffix!r}; segpipe reads "
         f"{', '.join(IMAGE_SUFFIXES + ZARR_SUFFIXES)} "

@@ -1,13 +1,20 @@
 """DICOM whole-slide images (VL Whole Slide Microscopy, one instance per pyramid level)
 through wsidicom (``pip install segpipe[dicom]``).
 
-A DICOM slide is a folder of ``.dcm`` files (one series); :func:`open_image` takes the folder
-or any ``.dcm`` file in it. Pixels come as ``(Y, X, 3)`` RGB or ``(Y, X, 1)`` grey, read by
-wsidicom region by region; the pixel size is the base level's ``PixelSpacing`` (mm).
+A DICOM slide is one series of files (``.dcm``, or without extension as on DICOM media) in a
+folder; :func:`open_image` takes one file of the slide, and reads the files of its folder that
+share its SeriesInstanceUID, or the folder when it holds one series (a folder of several is
+refused, naming them). Pixels come as ``(Y, X, 3)`` RGB or ``(Y, X, 1)`` grey per optical
+path, read by wsidicom region by region; several optical paths (fluorescence channels) are
+stacked as channels in the order the files list them. Several focal planes are refused as a
+stack. The pixel size is the base level's ``PixelSpacing`` (mm), which wsidicom requires.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,59 +23,200 @@ import numpy as np
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError, RegionLevel
 
-__all__ = ["DICOM_SUFFIXES", "DicomReader", "is_dicom_folder"]
+__all__ = ["DICOM_SUFFIXES", "DicomReader", "is_dicom_file", "is_dicom_folder"]
 
 DICOM_SUFFIXES = (".dcm",)
+# Files of a folder without ``.dcm`` names that is_dicom_folder opens: a DICOM folder holds
+# little else, and a large folder of other files must not be read through to say no.
+_SNIFFED_FILES = 4
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` is a local file that starts as DICOM files do: ``b"DICM"`` after the
+    128-byte preamble (its first 132 bytes read)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def is_dicom_folder(path: Path) -> bool:
-    """Whether ``path`` is a local folder holding ``.dcm`` files (and is no Zarr store)."""
-    return (
-        path.is_dir()
-        and not (path / "zarr.json").exists()
-        and any(p.suffix.lower() in DICOM_SUFFIXES for p in path.iterdir())
+    """Whether ``path`` is a local folder (no Zarr store) holding ``.dcm`` files or, as DICOM
+    media name them, files without extension of which one of the first few is DICOM."""
+    if not path.is_dir() or (path / "zarr.json").exists():
+        return False
+    entries = sorted(path.iterdir())
+    if any(p.suffix.lower() in DICOM_SUFFIXES for p in entries):
+        return True
+    files = (p for p in entries if p.is_file())
+    return any(is_dicom_file(p) for p in itertools.islice(files, _SNIFFED_FILES))
+
+
+@dataclass(frozen=True)
+class _Instance:
+    """What one DICOM WSI file's header says about the slide it belongs to."""
+
+    path: Path
+    series_uid: str
+    shape: tuple[int, int]  # (Y, X) pixels of its total pixel matrix
+    optical_paths: tuple[tuple[str, str | None], ...]  # (identifier, description) each
+
+
+def _read_instance(path: Path) -> _Instance | None:
+    """The header of ``path`` (no pixel data read) when it is a DICOM VL Whole Slide
+    Microscopy file; None when it is no DICOM file or another kind of one."""
+    if not is_dicom_file(path):
+        return None
+    import pydicom
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+    from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+
+    tags = ["SeriesInstanceUID", "TotalPixelMatrixRows", "TotalPixelMatrixColumns"]
+    try:
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=[*tags, "OpticalPathSequence"]
+        )
+        if ds.file_meta.get("MediaStorageSOPClassUID") != VLWholeSlideMicroscopyImageStorage:
+            return None
+        uid, ny, nx = (ds.get(tag) for tag in tags)
+        paths = tuple(
+            (str(p.get("OpticalPathIdentifier", "")), p.get("OpticalPathDescription") or None)
+            for p in ds.get("OpticalPathSequence", [])
+        )
+        return _Instance(path, str(uid or ""), (int(ny or 0), int(nx or 0)), paths)
+    except (InvalidDicomError, BytesLengthException, *DECODE_ERRORS) as exc:
+        raise ImageReadError(
+            f"{path}: a damaged DICOM header ({type(exc).__name__}: {exc}); move it out of "
+            "the slide's folder if it is no part of the slide"
+        ) from exc
+
+
+def _series(path: Path) -> list[_Instance]:
+    """The files of the slide ``path`` names: those of its folder sharing a file's
+    SeriesInstanceUID, or a folder's files when they are of one series."""
+    named = None if path.is_dir() else path.name
+    folder = path.parent if named else path
+    instances = [
+        i for p in sorted(folder.iterdir()) if p.is_file() and (i := _read_instance(p)) is not None
+    ]
+    if named:
+        own = next((i for i in instances if i.path.name == named), None)
+        if own is None:
+            raise ImageReadError(
+                f"{path}: no readable DICOM WSI series: the file is no DICOM VL Whole Slide "
+                "Microscopy image"
+            )
+        return [i for i in instances if i.series_uid == own.series_uid]
+    series: dict[str, list[_Instance]] = {}
+    for i in instances:
+        series.setdefault(i.series_uid, []).append(i)
+    if not series:
+        raise ImageReadError(
+            f"{path}: no readable DICOM WSI series: no file in it is a DICOM VL Whole Slide "
+            "Microscopy image"
+        )
+    if len(series) > 1:
+        sizes = {
+            uid: max((i.shape for i in members), key=np.prod) for uid, members in series.items()
+        }
+        listing = "; ".join(
+            f"{uid} ({sizes[uid][0]} x {sizes[uid][1]} px (Y x X), e.g. {members[0].path.name})"
+            for uid, members in series.items()
+        )
+        raise ImageReadError(
+            f"{path}: holds {len(series)} DICOM WSI series (slides): {listing}; pass one file "
+            "of the wanted slide to read its series"
+        )
+    return instances
+
+
+def _path_order(present: list[str], instances: list[_Instance]) -> tuple[list[str], list[str]]:
+    """The optical paths wsidicom found (in a set's order) in the order the files' headers
+    list them, and a name for each: its description where every path has a distinct one,
+    else its identifier."""
+    described: dict[str, str | None] = {}
+    for instance in instances:
+        for identifier, description in instance.optical_paths:
+            described.setdefault(identifier, description)
+    order = [p for p in described if p in present] + sorted(set(present) - described.keys())
+    descriptions = [described.get(p) for p in order]
+    if all(descriptions) and len(set(descriptions)) == len(order):
+        return order, [str(d) for d in descriptions]
+    return order, order
+
+
+def _channel_names(path_names: list[str], samples: int) -> tuple[str, ...] | None:
+    colours = ("red", "green", "blue") if samples == 3 else None
+    if len(path_names) == 1:
+        return colours
+    if samples == 1:  # grey per path: fluorescence channels
+        return tuple(path_names)
+    if colours is None:
+        return None
+    return tuple(f"{name} {colour}" for name in path_names for colour in colours)
+
+
+def _wsidicom_errors() -> tuple[type[Exception], ...]:
+    from wsidicom import errors  # type: ignore[import-untyped]
+
+    # wsidicom's errors share no base class beyond Exception
+    return tuple(
+        e for e in vars(errors).values() if isinstance(e, type) and issubclass(e, Exception)
     )
 
 
 class DicomReader(BaseReader):
-    """A DICOM WSI series through wsidicom: each pyramid level of its selected pyramid a level.
+    """A DICOM WSI series through wsidicom: each level of its pyramid a level, each optical
+    path's samples channels.
 
-    ``path`` is the folder; a ``.dcm`` file stands for the folder it is in.
+    ``path`` is one file of the slide (its series is read) or a folder of one series.
     """
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         if isinstance(path, URLPath):
             raise ImageReadError(f"{path}: DICOM slides are read from a local folder only")
-        folder = path.parent if path.suffix.lower() in DICOM_SUFFIXES else path
-        super().__init__(folder, pixel_size_um)
+        super().__init__(path, pixel_size_um)
         self._slide: Any = None
+        self._wsidicom()  # before pydicom, which comes with it, reads the headers
+        instances = _series(path)
+        self._instance_files = tuple(str(i.path) for i in instances)
         slide = self._open()
-        from wsidicom import errors  # type: ignore[import-untyped]
-
-        # wsidicom's errors share no base class beyond Exception
-        wsidicom_errors = (
-            errors.WsiDicomError,
-            errors.WsiDicomFileError,
-            errors.WsiDicomMatchError,
-            errors.WsiDicomNotFoundError,
-            errors.WsiDicomNoResolutionError,
-            errors.WsiDicomNotSupportedError,
-            errors.WsiDicomStrictRequirementError,
-        )
         try:
-            levels = list(slide.pyramid.levels)
-            self._pyramid_levels = tuple(int(lv.level) for lv in levels)
-            corner = np.asarray(
-                slide.read_region((0, 0), self._pyramid_levels[0], (1, 1), as_array=True)
-            )
+            base = slide.pyramid.base_level
+            paths, path_names = _path_order(list(base.optical_paths), instances)
+            focal_planes = list(base.focal_planes)
+            levels = [lv for lv in slide.pyramid.levels if set(paths) <= set(lv.optical_paths)]
+            corners = [
+                np.asarray(slide.read_region((0, 0), base.level, (1, 1), path=p, as_array=True))
+                for p in paths
+            ]
             mpp = slide.mpp.width
-        except (*wsidicom_errors, *DECODE_ERRORS) as exc:
+        except _wsidicom_errors() + DECODE_ERRORS as exc:
             self.close()
             raise ImageReadError(
                 f"{self.path}: DICOM WSI metadata that wsidicom cannot use "
                 f"({type(exc).__name__}: {exc})"
             ) from exc
-        channels = corner.shape[2] if corner.ndim == 3 else 1
+        if len(focal_planes) > 1:
+            self.close()
+            planes = ", ".join(f"{z:g}" for z in focal_planes)
+            raise ImageReadError(
+                f"{self.path}: {len(focal_planes)} focal planes (z = {planes} um): segpipe "
+                "segments 2D images, not stacks; export one focal plane (e.g. the best focus) "
+                "first"
+            )
+        if len({(c.dtype, c.shape) for c in corners}) > 1:
+            self.close()
+            raise ImageReadError(
+                f"{self.path}: optical paths {', '.join(paths)} of different pixel types "
+                f"({', '.join(f'{c.dtype} x {c.size}' for c in corners)} samples); segpipe "
+                "stacks paths as channels of one dtype: export them alike first"
+            )
+        self._optical_paths = tuple(paths)
+        self._pyramid_levels = tuple(int(lv.level) for lv in levels)
+        samples = corners[0].shape[2] if corners[0].ndim == 3 else 1
+        channels = samples * len(paths)
         shapes: list[tuple[int, ...]] = [
             (int(lv.size.height), int(lv.size.width), channels) for lv in levels
         ]
@@ -77,12 +225,12 @@ class DicomReader(BaseReader):
             for (h, w, _), lv in zip(shapes, levels, strict=True)
         ]
         self.vendor = "dicom"
-        self.channel_names = ("red", "green", "blue") if channels == 3 else None
-        self._set_layout(["YXC"] * len(shapes), shapes, chunks, corner.dtype)
+        self.channel_names = _channel_names(path_names, samples)
+        self._set_layout(["YXC"] * len(shapes), shapes, chunks, corners[0].dtype)
         if self.pixel_size_um is None and mpp:
             self.pixel_size_um = float(mpp)
 
-    def _open(self) -> Any:
+    def _wsidicom(self) -> Any:
         try:
             import wsidicom  # type: ignore[import-untyped]
         except ImportError as exc:
@@ -90,10 +238,21 @@ class DicomReader(BaseReader):
                 f"{self.path}: DICOM slides need wsidicom; install it with "
                 "pip install 'segpipe[dicom]'"
             ) from exc
+        return wsidicom
+
+    def _open(self) -> Any:
+        wsidicom = self._wsidicom()
         if self._slide is None:
             try:
-                self._slide = wsidicom.WsiDicom.open(self.path)
-            except (wsidicom.errors.WsiDicomNotFoundError, *DECODE_ERRORS) as exc:
+                self._slide = wsidicom.WsiDicom.open(list(self._instance_files))
+            except wsidicom.errors.WsiDicomNoResolutionError as exc:
+                raise ImageReadError(
+                    f"{self.path}: the slide states no PixelSpacing (Pixel Measures of its "
+                    "Shared Functional Groups), without which wsidicom cannot build its "
+                    "pyramid, so pixel_size_um cannot stand in for it; add PixelSpacing to "
+                    "the files (e.g. with pydicom) or convert the slide to OME-TIFF"
+                ) from exc
+            except _wsidicom_errors() + DECODE_ERRORS as exc:
                 raise ImageReadError(
                     f"{self.path}: no readable DICOM WSI series ({type(exc).__name__}: {exc})"
                 ) from exc
@@ -107,11 +266,39 @@ class DicomReader(BaseReader):
         )
 
     def _region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        pixels = self._open().read_region(
-            (x0, y0), self._pyramid_levels[level], (x1 - x0, y1 - y0), as_array=True
-        )
-        pixels = np.asarray(pixels)
-        return pixels if pixels.ndim == 3 else pixels[..., None]
+        slide = self._open()
+        try:
+            planes = [
+                np.asarray(
+                    slide.read_region(
+                        (x0, y0),
+                        self._pyramid_levels[level],
+                        (x1 - x0, y1 - y0),
+                        path=p,
+                        as_array=True,
+                    )
+                )
+                for p in self._optical_paths
+            ]
+        except _wsidicom_errors() as exc:
+            raise ImageReadError(
+                f"{self.path}: cannot read level {level} at y {y0}:{y1}, x {x0}:{x1} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
+        planes = [p if p.ndim == 3 else p[..., None] for p in planes]
+        return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)
+
+    def _token(self) -> tuple[Any, ...]:
+        # The slide is its series' files, not the one named nor the folder (whose stamp
+        # does not change when a file in it is rewritten).
+        stamps: list[tuple[Any, ...]] = []
+        for f in self._instance_files:
+            try:
+                stat = os.stat(f)
+                stamps.append((f, stat.st_mtime_ns, stat.st_size))
+            except OSError:
+                stamps.append((f,))
+        return (type(self).__name__, self.path, *stamps)
 
     def _close_handles(self) -> None:
         if self._slide is not None:
