@@ -281,3 +281,67 @@ def test_geotiff_at_a_url_keeps_crs_nodata_and_mask(multiband):
     assert reader.georeference == open_image(path).georeference
     assert reader.nodata == (0.0, 0.0, 0.0, 0.0)
     np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), (data != 0).any(axis=0))
+
+
+# GeoKey directory naming EPSG:32633 (GTModelType projected, ProjectedCSType 32633).
+_UTM_KEYS = (34735, 3, 8, (1, 1, 0, 1, 3072, 0, 1, 32633))
+
+
+def _scale_tie(sx, sy, x=500_000.0, y=5_000_000.0):
+    return [(33550, 12, 3, (sx, sy, 0.0)), (33922, 12, 6, (0, 0, 0, x, y, 0))]
+
+
+def _model_transform(a, e):
+    return [(34264, 12, 16, (a, 0, 0, 500_000.0, 0, e, 0, 5_000_000.0, *[0] * 7, 1))]
+
+
+@pytest.mark.parametrize(
+    ("tags", "crs"),
+    [
+        pytest.param(_scale_tie(float("nan"), 10.0), "EPSG:32633", id="nan-pixel-scale"),
+        pytest.param(_scale_tie(float("nan"), 10.0), None, id="nan-pixel-scale-no-crs"),
+        pytest.param(_scale_tie(10.0, 10.0, x=float("nan")), "EPSG:32633", id="nan-tiepoint"),
+        pytest.param(_model_transform(float("inf"), -10.0), "EPSG:32633", id="inf-transform"),
+        pytest.param(_model_transform(0.0, -10.0), "EPSG:32633", id="zero-pixel-size"),
+    ],
+)
+def test_a_geotransform_not_finite_or_of_pixel_size_0_is_refused(tmp_path, tags, crs):
+    """A NaN transform reached results and zarr.json (as bare NaN, not JSON); none of these
+    places any pixel anywhere."""
+    path = tmp_path / "broken.tif"
+    keys = [_UTM_KEYS] if crs else []
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=tags + keys)
+    with rasterio.open(path) as ds:  # GDAL does hand the broken transform on
+        a, _, c, _, e, f = tuple(ds.transform)[:6]
+        assert not all(np.isfinite([a, c, e, f])) or a == 0
+        assert (ds.crs is None) == (crs is None)
+    with pytest.raises(
+        ImageReadError, match=r"broken\.tif: geotransform .* not finite or has a pixel size of 0"
+    ):
+        open_image(path)
+
+
+def test_an_overview_without_a_mask_of_its_own_takes_level_0s(tmp_path):
+    """A mask band added after the overviews were built has no overview masks: GDAL calls
+    every pixel of the overview valid (and still flags it per_dataset)."""
+    data = _bands(3, "uint8")
+    mask = np.full(SHAPE, 255, np.uint8)
+    mask[:, 120:] = 0
+    mask[40:80, 20:60] = 0  # even edges: any nearest overview of it is mask[::2, ::2]
+    path = write_raster(tmp_path / "late_mask.tif", data, overviews=())
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2], Resampling.nearest)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as ds:
+        ds.write_mask(mask)
+    with rasterio.open(path, overview_level=0) as ds:  # the defect this works around
+        assert (ds.dataset_mask() > 0).all()
+    assert sum(p.is_mask for p in tifffile.TiffFile(path).pages) == 1  # level 0's only
+    reader = open_image(path)
+    assert reader.mask_kind == "mask"
+    expected = mask[::2, ::2] > 0
+    np.testing.assert_array_equal(reader.valid_mask(0, 100, 0, 150, level=1), expected)
+    # A narrow window samples the same level-0 pixels as the whole level does.
+    np.testing.assert_array_equal(
+        reader.valid_mask(30, 45, 59, 61, level=1), expected[30:45, 59:61]
+    )
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), mask > 0)

@@ -1,4 +1,5 @@
-"""The NGFF 0.4 copy for QuPath: readers of 0.4 find image and labels, values unchanged."""
+"""The NGFF 0.4 copy for QuPath: readers of 0.4 find image and labels, values unchanged; and
+segpipe reading OME-Zarr that others wrote (bioformats2raw, missing scales) or that was edited."""
 
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -13,6 +14,7 @@ from test_query import make_result, squares_on_chunk_corners
 from segpipe import open_result
 from segpipe.analysis.ngff import export_ngff04
 from segpipe.io.files import URLPath
+from segpipe.io.readers import Georeference, ImageReadError, open_image
 from segpipe.results import LABEL_NAME, result_levels
 
 
@@ -162,3 +164,118 @@ def test_cli_export_ngff_and_annotations(result, tmp_path, capsys):
     assert main([*args, "--object-type", "annotation"]) == 0
     (ring,) = json.loads(geojson.read_text(encoding="utf-8"))["features"]
     assert ring["properties"]["objectType"] == "annotation"
+
+
+# ---- reading OME-Zarr (segpipe.io.readers.ZarrReader) ---------------------------------------
+# (most of it is tested in tests/test_readers.py and tests/test_ingest.py)
+
+
+def _ome_image(path, *, version="0.5", transforms=None, segpipe=None):
+    """A one-level (c, y, x) uint8 OME-Zarr image with micrometer axes (0.4: Zarr v2, else
+    v3); ``transforms``: level 0's coordinateTransformations, none when None."""
+    axes = [{"name": "c", "type": "channel"}]
+    axes += [{"name": n, "type": "space", "unit": "micrometer"} for n in "yx"]
+    dataset = {"path": "0"}
+    if transforms is not None:
+        dataset["coordinateTransformations"] = transforms
+    ms = {"axes": axes, "datasets": [dataset]}
+    v2 = version == "0.4"  # 0.4 puts its metadata at the top, 0.5 under "ome"
+    if v2:
+        attrs = {"multiscales": [{"version": version, **ms}]}
+    else:
+        attrs = {
+            "ome": {"version": version, "multiscales": [ms]} if version else {"multiscales": [ms]}
+        }
+    if segpipe is not None:
+        attrs["segpipe"] = segpipe
+    root = zarr.open_group(path, mode="w", zarr_format=2 if v2 else 3, attributes=attrs)
+    data = np.arange(3 * 16 * 24, dtype=np.uint8).reshape(3, 16, 24)
+    names = {} if v2 else {"dimension_names": ("c", "y", "x")}
+    root.create_array("0", data=data, chunks=(3, 16, 16), **names)
+    return path
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_an_ome_zarr_without_the_scale_ngff_requires_is_refused(tmp_path, version):
+    """Units and no scale read as 1 µm a pixel (the product of no scales)."""
+    path = _ome_image(tmp_path / "noscale.zarr", version=version)
+    with pytest.raises(
+        ImageReadError, match=rf"noscale\.zarr: OME-Zarr {version} dataset '0' has no 'scale'"
+    ):
+        open_image(path)
+    with pytest.warns(UserWarning, match="has no 'scale'.*using pixel_size_um=0.3"):
+        reader = open_image(path, pixel_size_um=0.3)
+    assert reader.pixel_size_um == 0.3
+    assert reader.shape == (16, 24, 3)
+
+
+def test_an_ome_zarr_of_no_version_without_scale_has_no_pixel_size(tmp_path):
+    path = _ome_image(tmp_path / "old.zarr", version="")
+    assert open_image(path).pixel_size_um is None
+    # A scale for the whole multiscale (beside the datasets') still says it.
+    group = zarr.open_group(path, mode="r+")
+    ome = group.attrs.asdict()["ome"]
+    ome["multiscales"][0]["coordinateTransformations"] = [{"type": "scale", "scale": [1, 2, 2]}]
+    group.update_attributes({"ome": ome})
+    assert open_image(path).pixel_size_um == 2.0
+    scaled = [{"type": "scale", "scale": [1.0, 0.25, 0.25]}]
+    assert open_image(_ome_image(tmp_path / "s.zarr", transforms=scaled)).pixel_size_um == 0.25
+
+
+_UNIT_SCALE = [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]
+_GOOD_TRANSFORM = [2.0, 0.0, 500_000.0, 0.0, -2.0, 5_000_000.0]
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform", "fragment"),
+    [
+        pytest.param("EPSG:999999", _GOOD_TRANSFORM, "crs 'EPSG:999999' is no CRS", id="crs"),
+        pytest.param("EPSG:32633", [2.0, 0.0, 5.0, 0.0, -2.0], "not six numbers", id="five"),
+        pytest.param("EPSG:32633", [2.0, 0, "x", 0, -2.0, 1.0], "not six numbers", id="text"),
+        pytest.param("EPSG:32633", [None, 0, 5.0, 0, -2.0, 1.0], "not six numbers", id="null"),
+        pytest.param(
+            "EPSG:32633", [2.0, 0, 5.0, 0, 0.0, 1.0], "not finite or has a pixel size of 0", id="e0"
+        ),
+    ],
+)
+def test_an_ingests_georeference_that_is_no_georeference_is_refused(
+    tmp_path, crs, transform, fragment
+):
+    """Found only when describe or a result's coordinates parsed it, as rasterio's error."""
+    geo = {"georeference": {"crs": crs, "transform": transform}}
+    path = _ome_image(tmp_path / "geo.zarr", transforms=_UNIT_SCALE, segpipe=geo)
+    with pytest.raises(ImageReadError, match=rf"geo\.zarr: segpipe\.georeference.*{fragment}"):
+        open_image(path)
+
+
+def test_an_ingests_georeference_reads_back(tmp_path):
+    geo = {"georeference": {"crs": "EPSG:32633", "transform": _GOOD_TRANSFORM}}
+    path = _ome_image(tmp_path / "geo.zarr", transforms=_UNIT_SCALE, segpipe=geo)
+    assert open_image(path).georeference == Georeference("EPSG:32633", tuple(_GOOD_TRANSFORM))
+
+
+def test_a_bioformats2raw_root_names_its_images(tmp_path):
+    """bioformats2raw writes one image a group (0, 1, ...) beside an OME metadata group."""
+    root = zarr.open_group(tmp_path / "b2r.zarr", mode="w")
+    root.update_attributes({"ome": {"version": "0.5", "bioformats2raw.layout": 3}})
+    scaled = [{"type": "scale", "scale": [1.0, 0.5, 0.5]}]
+    for image in ("0", "1", "10", "2"):
+        _ome_image(tmp_path / "b2r.zarr" / image, transforms=scaled)
+    root.create_group("OME")
+    with pytest.raises(ImageReadError) as info:
+        open_image(tmp_path / "b2r.zarr")
+    message = str(info.value)
+    assert "bioformats2raw" in message
+    assert "['0', '1', '2', '10']" in message
+    assert f"open one of them, e.g. {tmp_path / 'b2r.zarr' / '0'}" in message
+    assert open_image(tmp_path / "b2r.zarr" / "0").pixel_size_um == 0.5
+
+
+def test_a_group_without_multiscales_lists_its_arrays_and_groups(tmp_path):
+    root = zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    root.create_array("a", shape=(4, 4), dtype="u1", dimension_names=("y", "x"))
+    root.create_group("images")
+    with pytest.raises(
+        ImageReadError, match=r"plain\.zarr: .*arrays: \['a'\], groups: \['images'\]"
+    ):
+        open_image(tmp_path / "plain.zarr")

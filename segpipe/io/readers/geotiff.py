@@ -9,9 +9,10 @@ reduced-resolution IFDs that tifffile reads as pyramid levels 1, 2, ...
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy as np
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import Georeference, ImageReadError
 
-__all__ = ["RasterMetadata", "raster_metadata", "raster_valid_mask"]
+__all__ = ["RasterMetadata", "checked_transform", "raster_metadata", "raster_valid_mask"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,9 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
     Raises
     ------
     ImageReadError
-        The file does not open in GDAL, its CRS does not parse, or its transform is rotated
-        or sheared, with a CRS or without (segpipe's tiles and results are north-up grids).
+        The file does not open in GDAL, its CRS does not parse, or its transform is not
+        finite, has a pixel size of 0, or is rotated or sheared, with a CRS or without
+        (segpipe's tiles and results are north-up grids).
     """
     from rasterio.enums import ColorInterp, MaskFlags
 
@@ -108,22 +110,72 @@ def raster_valid_mask(
     """``(y1 - y0, x1 - x0)`` bool: True where level ``level`` of the raster holds data.
 
     GDAL's dataset mask: a pixel is invalid where the mask band or the alpha band is 0, or
-    where every band holds its nodata value.
+    where every band holds its nodata value. An overview without a mask of its own (the mask
+    was added after the overviews were built) takes level 0's mask, sampled nearest.
     """
     from rasterio.windows import Window
 
     with _open(source, level) as ds:
-        mask = ds.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0))
+        if level == 0 or not _lacks_own_mask(source, (ds.height, ds.width)):
+            return np.asarray(ds.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0))) > 0
+        height, width = ds.height, ds.width
+    with _open(source) as ds:
+        sy, sx = ds.height / height, ds.width / width
+        window = Window(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy)
+        mask = ds.dataset_mask(window=window, out_shape=(y1 - y0, x1 - x0))
     return np.asarray(mask) > 0
+
+
+def _lacks_own_mask(source: str | URLPath, shape: tuple[int, int]) -> bool:
+    """Whether the TIFF holds level 0's mask but none of ``shape`` (y, x pixels): GDAL then
+    calls every pixel of that overview valid, and says nothing of it (its mask flags are
+    still level 0's). A sidecar mask (``.msk``) is left to GDAL."""
+    import tifffile
+
+    with ExitStack() as stack:
+        file = stack.enter_context(source.open_read()) if isinstance(source, URLPath) else source
+        tif = stack.enter_context(tifffile.TiffFile(file))
+        pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
+        masks = {(p.imagelength, p.imagewidth) for p in pages if p.is_mask}
+        first = tif.pages.first
+        return (first.imagelength, first.imagewidth) in masks and shape not in masks
+
+
+def checked_transform(
+    values: Any, where: str, remedy: str
+) -> tuple[float, float, float, float, float, float]:
+    """The affine ``(a, b, c, d, e, f)`` of :class:`Georeference` as six finite floats with
+    pixel sizes ``a`` and ``e`` not 0; else ImageReadError starting ``where`` (the file and
+    the field), ending ``remedy``.
+
+    >>> checked_transform([2, 0, 500, 0, -2, 900], "dem.tif: geotransform", "")
+    (2.0, 0.0, 500.0, 0.0, -2.0, 900.0)
+    """
+    try:
+        a, b, c, d, e, f = (float(v) for v in values)
+    except (TypeError, ValueError) as exc:
+        raise ImageReadError(f"{where} {values!r} is not six numbers; {remedy}") from exc
+    # NaN would reach every result's coordinates, and JSON metadata as a bare NaN that
+    # strict readers refuse; a pixel size of 0 puts the whole image on one line.
+    if not all(math.isfinite(v) for v in (a, b, c, d, e, f)) or a == 0 or e == 0:
+        raise ImageReadError(
+            f"{where} {(a, b, c, d, e, f)} is not finite or has a pixel size of 0; {remedy}"
+        )
+    return a, b, c, d, e, f
 
 
 def _georeference(ds: Any, path: str) -> Georeference | None:
     t = ds.transform
-    # Refused without a CRS too: the transform still puts the pixels on a rotated grid,
-    # which a north-up result would silently drop.
+    # Refused without a CRS too: a broken transform, or one that puts the pixels on a
+    # rotated grid, which a north-up result would silently drop.
+    transform = checked_transform(
+        tuple(t)[:6],
+        f"{path}: geotransform",
+        "fix or drop its georeference (gdal_edit.py -a_ullr, or -unsetgt)",
+    )
     if t.b != 0 or t.d != 0:
         raise ImageReadError(
-            f"{path}: rotated/sheared GeoTIFF (transform {tuple(t)[:6]}) is not supported; "
+            f"{path}: rotated/sheared GeoTIFF (transform {transform}) is not supported; "
             "warp it north-up first (gdalwarp)"
         )
     if ds.crs is None or t.is_identity:  # identity: GDAL's default without a geotransform
@@ -137,4 +189,4 @@ def _georeference(ds: Any, path: str) -> Georeference | None:
         crs = ":".join(authority) if authority else ds.crs.to_wkt()
     except CRSError as exc:
         raise ImageReadError(f"{path}: its CRS cannot be read ({exc})") from exc
-    return Georeference(crs, (t.a, t.b, t.c, t.d, t.e, t.f))
+    return Georeference(crs, transform)

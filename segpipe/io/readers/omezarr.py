@@ -19,6 +19,7 @@ import numpy as np
 from segpipe.geometry.pixels import yxc_shape
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
+from segpipe.io.readers.geotiff import checked_transform
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
 
 __all__ = ["ZARR_SUFFIXES", "ZarrReader"]
@@ -91,7 +92,7 @@ class ZarrReader(BaseReader):
                 f"segpipe.complete is false); run the ingest again with overwrite=True"
             )
         if geo := segpipe.get("georeference"):  # carried over from a GeoTIFF by ingest
-            self.georeference = Georeference(str(geo["crs"]), tuple(geo["transform"]))
+            self.georeference = self._checked_georeference(geo)
         # also carried over by ingest: which pixels are invalid (BaseReader.valid_mask)
         if names := segpipe.get("channel_names"):
             self.channel_names = tuple(str(n) for n in names)
@@ -105,11 +106,20 @@ class ZarrReader(BaseReader):
         ome = attrs.get("ome", attrs)  # 0.5 nests under "ome"; 0.4 put it at the top
         multiscales = ome.get("multiscales")
         if not multiscales:
+            groups = sorted(group.group_keys())
+            if "bioformats2raw.layout" in ome:  # an image a group, often several: not ours to pick
+                images = sorted((g for g in groups if g.isdigit()), key=int)  # not "OME"
+                raise ImageReadError(
+                    f"{self.path}: a bioformats2raw root, whose images are its groups "
+                    f"{images}; open one of them, e.g. {self.path}/{images[0] if images else 0}"
+                )
             raise ImageReadError(
-                f"{self.path}: a Zarr group without OME-Zarr 'multiscales' metadata; "
-                f"open one of its arrays instead (members: {sorted(group.array_keys())})"
+                f"{self.path}: a Zarr group without OME-Zarr 'multiscales' metadata; open one "
+                f"of its arrays or image groups instead (arrays: {sorted(group.array_keys())}, "
+                f"groups: {groups})"
             )
         ms = multiscales[0]
+        version = str(ome.get("version") or ms.get("version") or "")
         axis_meta = ms.get("axes", [])
         axis_names = [a["name"] if isinstance(a, dict) else str(a) for a in axis_meta]
         self._array_paths = tuple(d["path"] for d in ms["datasets"])
@@ -122,7 +132,7 @@ class ZarrReader(BaseReader):
                     f"{self.path}: multiscales lists dataset {p!r} that the group lacks"
                 ) from exc
         axes = [self._dimension_letters(a, axis_names or None) for a in arrays]
-        return arrays, axes, self._ome_pixel_size_um(ms, axis_meta, axis_names)
+        return arrays, axes, self._ome_pixel_size_um(ms, axis_meta, axis_names, version)
 
     def chunk_shape(self, level: int = 0) -> tuple[int, int]:
         """``(Y, X)`` pixels of ``level``'s chunks: a sharded array's inner ones, which a read
@@ -145,17 +155,47 @@ class ZarrReader(BaseReader):
             )
         return "".join(names).upper()
 
+    def _checked_georeference(self, geo: dict[str, Any]) -> Georeference:
+        from rasterio.crs import CRS
+        from rasterio.errors import CRSError
+
+        crs = str(geo["crs"])
+        try:
+            CRS.from_user_input(crs)
+        except CRSError as exc:  # else describe and every result fail on it later
+            raise ImageReadError(
+                f"{self.path}: segpipe.georeference.crs {crs!r} is no CRS ({exc}); "
+                "ingest the source again"
+            ) from exc
+        where = f"{self.path}: segpipe.georeference.transform"
+        transform = checked_transform(geo["transform"], where, "ingest the source again")
+        return Georeference(crs, transform)
+
     def _ome_pixel_size_um(
-        self, ms: dict[str, Any], axis_meta: list[Any], axis_names: list[str]
+        self, ms: dict[str, Any], axis_meta: list[Any], axis_names: list[str], version: str
     ) -> float | None:
         if "x" not in axis_names:
             return None
-        scales = []
-        for transforms in (
-            ms["datasets"][0].get("coordinateTransformations", []),
-            ms.get("coordinateTransformations", []),
-        ):
-            scales += [t["scale"] for t in transforms if t.get("type") == "scale"]
+        level0 = ms["datasets"][0].get("coordinateTransformations", [])
+        scales = [
+            t["scale"]
+            for t in (*level0, *ms.get("coordinateTransformations", []))
+            if t.get("type") == "scale"
+        ]
+        if version in ("0.4", "0.5") and not any(t.get("type") == "scale" for t in level0):
+            problem = (
+                f"{self.path}: OME-Zarr {version} dataset {ms['datasets'][0]['path']!r} has "
+                "no 'scale' coordinate transformation, which NGFF requires"
+            )
+            if self.pixel_size_um is None:
+                raise ImageReadError(
+                    f"{problem}; give the pixel size yourself (pixel_size_um, --pixel-size) "
+                    "to read the image anyway"
+                )
+            warnings.warn(f"{problem}; using pixel_size_um={self.pixel_size_um}", stacklevel=4)
+            return None
+        if not scales:  # older NGFF: the product of no scales is no pixel size of 1 µm
+            return None
         units = {a["name"]: a.get("unit") for a in axis_meta if isinstance(a, dict)}
         per_axis = {}
         for name in ("x", "y"):
