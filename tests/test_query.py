@@ -24,6 +24,7 @@ from segpipe.results import (
 )
 
 CLASSES = ("background", "tissue", "nucleus")
+UTM = {"crs": "EPSG:32633", "transform": (2.0, 0.0, 500000.0, 0.0, -2.0, 5400000.0)}
 
 
 def make_result(
@@ -36,6 +37,7 @@ def make_result(
     dtype="float32",
     seed=0,
     classes=CLASSES,
+    min_level_size=8,
     **meta_kw,
 ):
     """A complete result whose mask is ``labels``, written block by block as segment does.
@@ -63,7 +65,7 @@ def make_result(
             level=0,
             probability_dtype=dtype,
             task_tiles=task_tiles,
-            min_level_size=8,
+            min_level_size=min_level_size,
         ),
         **meta_kw,
     )
@@ -243,6 +245,48 @@ def test_class_areas_whole_and_region(corners):
     np.testing.assert_allclose(part["fraction"].sum(), 1.0)
 
 
+def test_class_areas_are_not_described_as_classes(corners):
+    """The counts carry their own names and units, none of the mask's CF flag attributes
+    (``flag_values``, ``flag_meanings``), which CF-aware tools would read as class codes;
+    nor is a thresholded mask described as a probability."""
+    areas = query.class_areas(corners[0])
+    assert areas["pixels"].attrs == {"long_name": "pixels of the class"}
+    assert areas["area"].attrs == {"long_name": "area of the class", "units": "micrometer**2"}
+    assert areas["fraction"].attrs["units"] == "1"
+    assert all("flag" not in key for v in areas.data_vars.values() for key in v.attrs)
+    above = query.threshold_mask(corners[0], "nucleus", 0.75)
+    assert above.attrs == {"long_name": "nucleus probability above 0.75"}
+
+
+@pytest.mark.parametrize(
+    ("grid", "step"),
+    [({}, 0.5), ({"pixel_size_um": None}, 1.0), ({"pixel_size_um": None, **UTM}, 2.0)],
+    ids=["micron", "pixel", "crs"],
+)
+@pytest.mark.parametrize("shape", [(1, 40), (16, 40)], ids=["one-row", "pyramid"])
+def test_a_level_one_pixel_high_has_its_pixels_area(tmp_path, grid, step, shape):
+    """Every level of a result, down to the top of a pyramid built to one pixel (16 x 40:
+    its level 4 is 1 x 2) and a one-row image, knows the spacing of an axis one pixel long:
+    class and object areas are pixels times the level's pixel area (``step * 2**k``
+    squared), not that of the other axis's step alone."""
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 4:30] = 1
+    labels[:, 10:12] = 2
+    path, _ = make_result(tmp_path / "r.zarr", labels, min_level_size=1, **grid)
+    levels = segpipe.results.result_levels(path)
+    assert levels[-1][0] == 1  # an axis of one pixel at the top
+    for k in range(len(levels)):
+        ds = segpipe.open_result(path, level=k)
+        side = step * 2**k
+        assert ds["x"].attrs["step"] == side
+        assert ds["y"].attrs["step"] == (-side if "crs" in grid else side)  # north up
+        counts = np.bincount(ds["mask"].values.ravel(), minlength=3)
+        areas = query.class_areas(ds).compute()
+        np.testing.assert_allclose(areas["area"].values, counts * side**2)
+        table = query.object_table(ds, "tissue")
+        np.testing.assert_allclose(table["area"], table["area_px"] * side**2)
+
+
 @pytest.mark.parametrize("level", [0, 1])
 @pytest.mark.parametrize("thin", ["row", "column"])
 def test_a_region_one_pixel_thin_has_its_pixels_area(corners, level, thin):
@@ -363,9 +407,6 @@ def test_describe_and_region_report(corners, tmp_path):
     )
     info = query.describe(unfinished)
     assert (info["complete"], info["tiles_done"], info["tiles_total"]) == (False, 0, 9)
-
-
-UTM = {"crs": "EPSG:32633", "transform": (2.0, 0.0, 500000.0, 0.0, -2.0, 5400000.0)}
 
 
 def test_georeferenced_areas_and_regions_in_crs_units(tmp_path):

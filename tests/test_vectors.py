@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import shapely
 import torch
+import xarray as xr
 import zarr
 from rasterio import features
 from scipy import ndimage
@@ -167,7 +168,7 @@ def test_detections_carry_measurements_read_back_from_the_file(result, tmp_path,
 
 # -- a source level > 0 segmented ------------------------------------------------------------
 
-SOURCE = (203, 149)  # (y, x) level 0; level 1 is 101 x 74, neither side an exact half
+SOURCE = (203, 149)  # (y, x) level 0; level 1 is 101 x 74, the odd last row and column dropped
 LEVEL1 = (101, 74)
 # Rectangles (y0, y1, x0, x1) of level 1, painted at twice that on level 0; the second
 # crosses chunk corners, the last reaches level 1's bottom and right edges.
@@ -187,9 +188,9 @@ class Bright(torch.nn.Module):
 
 
 def expected_bounds():
-    """Each object's level-1 box in the source's level-0 pixels, scaled per axis."""
-    ry, rx = SOURCE[0] / LEVEL1[0], SOURCE[1] / LEVEL1[1]
-    return np.array(sorted((x0 * rx, y0 * ry, x1 * rx, y1 * ry) for y0, y1, x0, x1 in OBJECTS))
+    """Each object's level-1 box in the source's level-0 pixels: twice its level-1 pixels,
+    as level 1 was made (2 x 2 source pixels each), not the size ratio 203 / 101."""
+    return np.array(sorted((2 * x0, 2 * y0, 2 * x1, 2 * y1) for y0, y1, x0, x1 in OBJECTS))
 
 
 def bounds(result):
@@ -219,14 +220,14 @@ def level1_run(tmp_path_factory):
 def test_pixel_coordinates_of_a_coarser_level_are_the_sources_level_0(level1_run):
     result, _ = level1_run
     np.testing.assert_allclose(bounds(result), expected_bounds(), rtol=0, atol=1e-9)
-    assert bounds(result)[:, 2:].max(axis=0) == pytest.approx([149, 203])  # the image's edges
+    # Level 1's edges: the source's last column and row (148, 202) are in no level-1 pixel.
+    assert bounds(result)[:, 2:].max(axis=0) == pytest.approx([148, 202])
     feats = vectors.class_features(result, "object", coords="pixel")
     # Rectangles, each still one polygon; area_px stays pixels of the segmented level.
     for f in feats:
         x0, y0, x1, y1 = shape(f["geometry"]).bounds
         assert shape(f["geometry"]).area == pytest.approx((x1 - x0) * (y1 - y0))
-        ratio = (SOURCE[0] / LEVEL1[0]) * (SOURCE[1] / LEVEL1[1])
-        assert f["properties"]["measurements"]["area_px"] == round((x1 - x0) * (y1 - y0) / ratio)
+        assert f["properties"]["measurements"]["area_px"] == (x1 - x0) * (y1 - y0) / 4
 
 
 def test_the_polygons_fed_back_as_a_foreground_file_choose_their_objects(level1_run, tmp_path):
@@ -296,6 +297,35 @@ def test_a_coarser_source_level_sits_where_the_finer_results_pyramid_puts_it(tmp
     ome = json.loads((tmp_path / "coarse.zarr" / "zarr.json").read_text())["attributes"]["ome"]
     level0 = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert level0[1] == {"type": "translation", "translation": [0.0, 0.25, 0.25]}
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(128, 99), (129, 96), (129, 99)],
+    ids=["x", "y", "xy"],
+)
+def test_a_coarser_level_of_odd_side_lines_up_with_the_finer_results_pyramid(tmp_path, size):
+    """Level 1 of an odd side (99 -> 49) is made of 2 x 2 source pixels, the last column
+    dropped: a result segmented there has exactly the coordinates of level 1 of the level-0
+    result (not steps of 99 / 49 source pixels), and its pixel and micron polygons agree,
+    up to the far edge (column 98 of level 0, not 99)."""
+    image = np.zeros((*size, 3), np.uint8)
+    image[20 : size[0], 30 : size[1]] = 255  # reaches the bottom and right edges
+    source = write_pyramidal_tiff(
+        tmp_path / "odd.ome.tif", image, pixel_size_um=0.5, tile=32, min_level_size=32
+    )
+    settings = {"tile": 16, "task_tiles": 1, "scheduler": "sync", "foreground": "none"}
+    settings["min_level_size"] = 32
+    fine = segpipe.segment(source, tmp_path / "fine.zarr", Bright(), level=0, **settings)
+    coarse = segpipe.segment(source, tmp_path / "coarse.zarr", Bright(), level=1, **settings)
+    _, b = xr.align(open_result(fine, level=1), open_result(coarse), join="exact")
+    assert dict(b.sizes) == {"y": size[0] // 2, "x": size[1] // 2, "class": 2}
+    (pixel,) = vectors.class_features(coarse, "object", coords="pixel")
+    (micron,) = vectors.class_features(coarse, "object", coords="micron")
+    x0, y0, x1, y1 = shape(pixel["geometry"]).bounds  # level-0 pixel edges
+    assert (x0, y0, x1, y1) == (30, 20, size[1] // 2 * 2, size[0] // 2 * 2)
+    expected = (x0 * 0.5 - 0.25, y0 * 0.5 - 0.25, x1 * 0.5 - 0.25, y1 * 0.5 - 0.25)
+    assert shape(micron["geometry"]).bounds == pytest.approx(expected, abs=1e-9)
 
 
 @pytest.mark.usefixtures("guarded_store")

@@ -50,8 +50,8 @@ def as_dataset(result: str | os.PathLike | xr.Dataset, level: int) -> xr.Dataset
 def coordinate_step(coord: xr.DataArray) -> float:
     """Spacing of a regular coordinate (signed: y of a north-up georeferenced image falls).
 
-    A coordinate of one pixel has no spacing of its own: a region of ``select_region``
-    carries its level's in the ``step`` attribute (else 1).
+    A coordinate of one pixel has no spacing of its own: a level of :func:`open_result` and
+    a region of :func:`select_region` carry theirs in the ``step`` attribute (else 1).
     """
     if coord.size >= 2:
         return float(coord[1] - coord[0])
@@ -143,11 +143,15 @@ def class_areas(
     ds = select_region(as_dataset(result, level), region)
     classes = ds["class"]
     ids = xr.DataArray(np.arange(classes.size), dims="class", coords={"class": classes})
-    pixels = (ds["mask"] == ids).sum(("y", "x"))
     unit = ds["x"].attrs.get("units", "pixel")
-    area = pixels * pixel_area(ds)
-    area.attrs["units"] = f"{unit}**2"
-    fraction = pixels / (ds.sizes["y"] * ds.sizes["x"])
+    # Counts, not classes: none of the mask's CF flag attributes (xarray would keep them).
+    with xr.set_options(keep_attrs=False):
+        pixels = (ds["mask"] == ids).sum(("y", "x"))
+        area = pixels * pixel_area(ds)
+        fraction = pixels / (ds.sizes["y"] * ds.sizes["x"])
+    pixels.attrs = {"long_name": "pixels of the class"}
+    area.attrs = {"long_name": "area of the class", "units": f"{unit}**2"}
+    fraction.attrs = {"long_name": "fraction of the region's pixels in the class", "units": "1"}
     return xr.Dataset({"pixels": pixels, "area": area, "fraction": fraction}, attrs=ds.attrs)
 
 
@@ -164,5 +168,7 @@ def threshold_mask(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     ds = select_region(as_dataset(result, level), region)
     class_index(ds, class_name)
-    out = ds["probabilities"].sel({"class": class_name}, drop=True) > threshold
+    with xr.set_options(keep_attrs=False):  # a bool image, not a probability
+        out = ds["probabilities"].sel({"class": class_name}, drop=True) > threshold
+    out.attrs = {"long_name": f"{class_name} probability above {threshold}"}
     return out.rename(f"{class_name}>{threshold}")

@@ -14,10 +14,10 @@ Coordinates (``coords``):
   ``[j, j + 1] x [i, i + 1]`` (QuPath's convention, and what a foreground mask file of
   :func:`segpipe.segment` takes). Polygons of a coarser level are scaled: by ``2**k`` from
   result level ``k`` to the segmented level, then, where a run segmented a source level > 0,
-  each axis by the source's level-0 size over the segmented level's (a level of odd side
-  is not an exact half; OpenSlide's downsamples are these ratios, averaged). A result
-  written before results recorded that size (:attr:`ResultMeta.source_shape`) has its
-  source opened to read it;
+  each axis by that level's downsample (:func:`~segpipe.results.layout.source_downsample`:
+  2 for a level 1 of 258 px under 517, as its ``micron`` coordinates step; the size ratio
+  for a georeferenced result, as its transform). A result written before results recorded
+  the source's size (:attr:`ResultMeta.source_shape`) has its source opened to read it;
 - ``"micron"``: the result's ``x``/``y`` coordinates, whose values are pixel centres, so
   pixel ``(i, j)`` spans ``[(j - 0.5) s, (j + 0.5) s]``;
 - ``"crs"``: the coordinate reference system of a georeferenced input (GeoTIFF), through
@@ -43,7 +43,7 @@ from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
 from segpipe.results import ResultMeta, open_result, read_meta
-from segpipe.results.layout import source_origin_um
+from segpipe.results.layout import source_downsample, source_origin_um
 
 __all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]
 
@@ -111,7 +111,8 @@ def _level0_per_pixel(meta: ResultMeta, result: Any) -> tuple[float, float]:
     """(x, y) pixels of the source's level 0 per pixel of the segmented level."""
     level = meta.config.level or 0
     level0 = meta.source_shape or (_source_level0(meta, result) if level else meta.shape)
-    return level0[1] / meta.shape[1], level0[0] / meta.shape[0]
+    dy, dx = source_downsample(meta, level0)
+    return dx, dy
 
 
 def _source_level0(meta: ResultMeta, result: Any) -> tuple[int, int]:

@@ -45,6 +45,7 @@ from segpipe.results import (
     is_complete,
     prepare_result,
 )
+from segpipe.results.layout import level_downsample
 
 __all__ = ["segment"]
 
@@ -200,8 +201,11 @@ def segment(
         )
         # Resolved before the identity is taken: "auto" must not make two results look alike.
         config = config.replace(amp=resolve_amp(config.amp, config.device, client))
+        # A whole factor where one fits: a level of a pyramid whose sides were odd is not
+        # exactly half as tall (517 rows, 258), and its pixels are 2x level 0's.
+        level0 = reader.level_shapes[0][0]
         level_px = (
-            reader.pixel_size_um * reader.level_shapes[0][0] / ny if reader.pixel_size_um else None
+            reader.pixel_size_um * level_downsample(level0, ny) if reader.pixel_size_um else None
         )
         meta = ResultMeta(
             source=str(reader.path),

@@ -42,8 +42,10 @@ __all__ = [
     "create_label_image",
     "create_layout",
     "layout_documents",
+    "level_downsample",
     "level_tiling",
     "levels_in_blocks",
+    "source_downsample",
 ]
 
 PROGRESS = "_segpipe/tiles_done"
@@ -203,20 +205,41 @@ def pixel_grid(meta: ResultMeta) -> PixelGrid:
 
 def source_origin_um(meta: ResultMeta) -> tuple[float, float]:
     """(y, x) microns of a result's first pixel centre: the centre of the source pixels it
-    covers, ``(r - 1) / 2`` of them in (``r`` the segmented level's downsample along the
-    axis), as the result pyramid's levels place theirs, so results of any source level line
-    up. 0 at level 0, without a pixel size, or for a result that predates ``source_shape``.
+    covers, ``(d - 1) / 2`` of them in (``d``: :func:`source_downsample` on the axis), as the
+    result pyramid's levels place theirs, so results of any source level line up. 0 at level
+    0, without a pixel size, or for a result that predates ``source_shape``.
 
     >>> from segpipe.results.schema import ResultMeta
-    >>> m = ResultMeta("s.tif", (50, 40), 1.0, ("a",), "m", "0", 0, source_shape=(100, 80))
+    >>> m = ResultMeta("s.tif", (50, 40), 1.0, ("a",), "m", "0", 0, source_shape=(100, 81))
     >>> source_origin_um(m)
     (0.25, 0.25)
     """
     if not meta.pixel_size_um or meta.source_shape is None:
         return (0.0, 0.0)
-    ry, rx = (n / m for n, m in zip(meta.source_shape, meta.shape, strict=True))
-    level0 = meta.pixel_size_um / ry  # the segmented level's size is level 0's times ry
-    return ((ry - 1) / 2 * level0, (rx - 1) / 2 * level0)
+    dy, dx = source_downsample(meta, meta.source_shape)
+    level0 = meta.pixel_size_um / dy  # the segmented level's pixel is dy of level 0's
+    return ((dy - 1) / 2 * level0, (dx - 1) / 2 * level0)
+
+
+def source_downsample(meta: ResultMeta, level0: tuple[int, int]) -> tuple[float, float]:
+    """(y, x) pixels of the source's level 0 (``level0``, (y, x) pixels) per pixel of
+    ``meta``'s segmented level: :func:`level_downsample` per axis, or for a georeferenced
+    result the size ratio, which its transform was scaled by (as GDAL scales an overview's)."""
+    pairs = zip(level0, meta.shape, strict=True)
+    dy, dx = (n / m if meta.transform else level_downsample(n, m) for n, m in pairs)
+    return dy, dx
+
+
+def level_downsample(level0: int, n: int) -> float:
+    """Level-0 pixels per pixel of a pyramid level ``n`` pixels long on an axis ``level0``
+    long: the whole factor ``d`` it was made with, its side ``level0 // d`` or ``ceil(level0 /
+    d)`` (517 -> 258 is a half, as the result pyramid's own levels are), else the size ratio.
+
+    >>> level_downsample(517, 258), level_downsample(517, 259), level_downsample(100, 30)
+    (2, 2, 3.3333333333333335)
+    """
+    d = max(1, round(level0 / n))
+    return d if level0 // d == n or -(-level0 // d) == n else level0 / n
 
 
 def create_label_image(

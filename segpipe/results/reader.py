@@ -11,10 +11,12 @@ import xarray as xr
 from dask.base import tokenize
 
 from segpipe.io.files import location
+from segpipe.results.layout import pixel_grid
 from segpipe.results.schema import (
     IncompleteResultError,
     layout_of,
     level_path,
+    parse_meta,
     read_attrs,
     result_levels,
 )
@@ -57,9 +59,10 @@ def open_result(
         Dask-backed ``mask`` (y, x) and ``probabilities`` (class, y, x) (uint8 storage decoded
         to float32); coordinates ``y``/``x`` at pixel centres in microns (``units``
         attribute; the CRS's units with a ``spatial_ref`` grid mapping, which rioxarray
-        reads, for a georeferenced input; pixels when the source did not say) and ``class``
-        holding the class names. Provenance is in ``attrs["segpipe"]``, the level in
-        ``attrs["level"]``.
+        reads, for a georeferenced input; pixels when the source did not say), each with
+        its level's signed pixel spacing in a ``step`` attribute (an axis of one pixel has
+        it too), and ``class`` holding the class names. Provenance is in
+        ``attrs["segpipe"]``, the level in ``attrs["level"]``.
 
     Examples
     --------
@@ -108,6 +111,10 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     token = tokenize(str(path), level, meta.get("identity"), meta.get("started"), state)
     ds = lazy.chunk(dict(sizes), token=token, name_prefix="segpipe-")
     ds.attrs = {"segpipe": meta, "level": level}
+    # A one-pixel axis (an upper level, a one-row image) has no spacing of its own to read
+    # from its coordinate: its pixels' size, which areas need, rides along as an attribute.
+    sy, sx = (s * 2**level for s in pixel_grid(parse_meta(path, meta)).step)
+    ds = ds.assign_coords(y=ds["y"].assign_attrs(step=sy), x=ds["x"].assign_attrs(step=sx))
     if ds["probabilities"].encoding.get("dtype") == np.uint8:
         # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.
         ds["probabilities"] = ds["probabilities"].astype(np.float32)

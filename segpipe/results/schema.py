@@ -33,6 +33,7 @@ __all__ = [
     "layout_of",
     "level_path",
     "open_root",
+    "parse_meta",
     "read_attrs",
     "read_meta",
     "result_layout",
@@ -329,16 +330,16 @@ def _group_attrs(path: str | os.PathLike) -> dict[str, Any]:
 
 def read_meta(path: str | os.PathLike) -> ResultMeta:
     """The typed metadata of the result at ``path`` (provenance, settings, ``complete``)."""
-    return _parsed(path, read_attrs(path))
+    return parse_meta(path, read_attrs(path))
 
 
 def open_root(path: str | os.PathLike, mode: Literal["r", "r+"]) -> tuple[zarr.Group, ResultMeta]:
     """The root group of the result at ``path``, opened in ``mode``, and its metadata."""
     root = zarr.open_group(store_of(path), mode=mode)
-    return root, _parsed(path, cast(Mapping[str, Any], root.attrs["segpipe"]))
+    return root, parse_meta(path, cast(Mapping[str, Any], root.attrs["segpipe"]))
 
 
-def _parsed(path: str | os.PathLike, attrs: Mapping[str, Any]) -> ResultMeta:
+def parse_meta(path: str | os.PathLike, attrs: Mapping[str, Any]) -> ResultMeta:
     """:meth:`ResultMeta.from_attrs`, its error naming the result at ``path``."""
     try:
         return ResultMeta.from_attrs(attrs)
