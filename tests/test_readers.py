@@ -384,6 +384,26 @@ def _not_a_png(tmp: Path) -> Path:
     return path
 
 
+def _damaged_png16(how: str) -> Callable[[Path], Path]:
+    """A 16-bit RGB PNG (segpipe decodes those with imagecodecs) cut short, or with bytes of
+    its compressed pixels inverted."""
+
+    def write(tmp: Path) -> Path:
+        import imagecodecs
+
+        data = bytearray(imagecodecs.png_encode(_rgb(np.uint16)))
+        if how == "truncated":
+            data = data[: len(data) * 9 // 10]
+        else:
+            middle = len(data) // 2
+            data[middle : middle + 50] = bytes(b ^ 0xFF for b in data[middle : middle + 50])
+        path = tmp / f"{how}16.png"
+        path.write_bytes(bytes(data))
+        return path
+
+    return write
+
+
 def _z_stack(tmp: Path) -> Path:
     path = tmp / "stack.tif"
     tifffile.imwrite(
@@ -451,6 +471,8 @@ def _incomplete_ingest(tmp: Path) -> Path:
         pytest.param(_unknown_ext, "unknown image format", id="unknown-extension"),
         pytest.param(_random_bytes_tif, "not a readable TIFF", id="random-bytes-tif"),
         pytest.param(_not_a_png, "not a readable PNG", id="corrupt-png"),
+        pytest.param(_damaged_png16("truncated"), "not a readable PNG", id="truncated-png16"),
+        pytest.param(_damaged_png16("corrupt"), "not a readable PNG", id="corrupt-png16"),
         pytest.param(_z_stack, "Z=3", id="z-stack"),
         pytest.param(_t_series_zarr, "T=2", id="t-series-zarr"),
         pytest.param(_complex_tiff, "complex64", id="complex-tiff"),
@@ -1016,14 +1038,82 @@ def test_an_opaque_png_alpha_marks_nothing(tmp_path: Path) -> None:
     assert reader.channel_names == ("red", "green", "blue", "alpha")
 
 
-def _png16_with_exif(path: Path, pixels: np.ndarray, exif: Image.Exif) -> Path:
+def _png_with_trns(path: Path, samples: np.ndarray, bits: int, trns: tuple[int, ...]) -> Path:
+    """A grey or RGB PNG of ``(Y, X, C)`` ``samples`` at ``bits`` per sample with a tRNS
+    colour, written chunk by chunk (Pillow writes neither 16-bit RGB nor 2-bit grey)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    ny, nx, nc = samples.shape
+    if bits < 8:  # packed, leftmost pixel in the high bits
+        per = 8 // bits
+        v = samples[..., 0].astype(np.uint8).reshape(ny, nx // per, per)
+        rows = sum(v[..., i] << (8 - bits * (i + 1)) for i in range(per)).astype(np.uint8)
+    else:
+        rows = samples.astype(">u2" if bits == 16 else np.uint8).reshape(ny, -1)
+    raw = b"".join(b"\x00" + row.tobytes() for row in rows)
+    ihdr = struct.pack(">IIBBBBB", nx, ny, bits, 2 if nc == 3 else 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"tRNS", struct.pack(f">{nc}H", *trns))
+        + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize(
+    ("bits", "channels", "shown"),
+    [
+        pytest.param(8, 1, 1, id="grey8"),
+        pytest.param(16, 1, 1, id="grey16"),
+        pytest.param(2, 1, 85, id="grey2"),  # Pillow shows 0-3 as 0-255, the tRNS as stored
+        pytest.param(8, 3, 1, id="rgb8"),
+        pytest.param(16, 3, 1, id="rgb16"),
+    ],
+)
+def test_a_png_trns_colour_marks_its_pixels_invalid_as_gdal_does(
+    tmp_path: Path, bits: int, channels: int, shown: int
+) -> None:
+    """A pixel holding the tRNS colour on every channel holds no data (as GDAL reads it); one
+    matching on some channels only is valid. Pixels read as written, channels as written."""
+    top = 2**bits - 1
+    samples = np.random.default_rng(4).integers(0, top + 1, (24, 32, channels))
+    key = (top // 3,) * channels
+    samples[:6, :8] = key  # a transparent corner
+    samples[10, 3:6, 0] = key[0]  # some channels only, for RGB
+    path = _png_with_trns(tmp_path / "keyed.png", samples, bits, key)
+    reader = open_image(path)
+    expected = ~(samples == key[0]).all(axis=-1)
+    assert reader.shape == (24, 32, channels) and reader.mask_kind == "nodata"
+    np.testing.assert_array_equal(reader.read(0, 24, 0, 32), samples * shown)
+    np.testing.assert_array_equal(reader.valid_mask(0, 24, 0, 32), expected)
+    rasterio = pytest.importorskip("rasterio")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NotGeoreferencedWarning
+        with rasterio.open(path) as ds:
+            np.testing.assert_array_equal(reader.valid_mask(0, 24, 0, 32), ds.dataset_mask() > 0)
+
+
+def test_a_png_trns_colour_no_pixel_holds_marks_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "grey.png"
+    Image.fromarray(_rgb()[:20, :30, 0] | 1, "L").save(path, transparency=0)
+    reader = open_image(path)
+    assert reader.nodata == (0.0,) and reader.mask_kind is None
+    assert reader.valid_mask(0, 20, 0, 30) is None
+
+
+def _png16_with_exif(path: Path, pixels: np.ndarray, exif: Image.Exif | bytes) -> Path:
     """A 16-bit PNG (Pillow writes none) with an eXIf chunk before its pixels."""
     import zlib
 
     import imagecodecs
 
     png = bytes(imagecodecs.png_encode(pixels))
-    body = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    body = (exif if isinstance(exif, bytes) else exif.tobytes()).removeprefix(b"Exif\x00\x00")
     chunk = b"eXIf" + body
     at = png.index(b"IDAT") - 4
     path.write_bytes(
@@ -1053,6 +1143,34 @@ def test_exif_orientation_turns_the_pixels_as_viewers_show_them(
     reader = open_image(path)
     assert reader.shape == shown.shape
     np.testing.assert_array_equal(reader.read(0, shown.shape[0], 0, shown.shape[1]), shown)
+
+
+@pytest.mark.parametrize(
+    "exif",
+    [
+        pytest.param(b"Exif\x00\x00MM\x00*\x00\x00\x00", id="ifd-offset-cut-short"),
+        pytest.param(b"Exif\x00\x00XX\x00*\x00\x00\x00\x08", id="not-a-tiff-header"),
+    ],
+)
+@pytest.mark.parametrize("bits", [8, 16])
+def test_an_exif_that_does_not_parse_reads_as_stored_with_a_warning(
+    tmp_path: Path, exif: bytes, bits: int
+) -> None:
+    """Pillow decodes such a PNG and viewers show it as stored: orientation 1, not a refusal;
+    the warning names the file, once (not again as the reader re-opens)."""
+    pixels = _rgb()[:30, :50]
+    path = tmp_path / "odd_exif.png"
+    if bits == 8:
+        Image.fromarray(pixels).save(path, exif=exif)
+    else:
+        pixels = pixels.astype(np.uint16) * 257
+        _png16_with_exif(path, pixels, exif)
+    with pytest.warns(UserWarning, match=r"odd_exif\.png: its EXIF does not parse"):
+        reader = open_image(path)
+    reader.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(reader.read(0, 30, 0, 50), pixels)
 
 
 def test_a_jpeg_photo_taken_sideways_reads_upright(tmp_path: Path) -> None:
@@ -1432,3 +1550,89 @@ def test_a_mask_directory_hashes_by_its_files_names_and_bytes(tmp_path: Path) ->
     assert mask_file_sha256(moved) != first
     png = _png(tmp_path, _rgb())  # a file: its bytes' sha256, as before
     assert mask_file_sha256(png) == hashlib.sha256(png.read_bytes()).hexdigest()
+
+
+# ---- OpenSlide -------------------------------------------------------------------------------
+
+
+def _generic_tiled_tiff(path: Path, shape: tuple[int, int]) -> list[np.ndarray]:
+    """A tiled pyramid TIFF OpenSlide opens as generic-tiff: levels of halved sides, rounded
+    down; the levels as stored."""
+    ny, nx = shape
+    img = np.random.default_rng(8).integers(0, 256, (ny, nx, 3), dtype=np.uint8)
+    levels = [img[:: 2**k, :: 2**k][: ny // 2**k, : nx // 2**k] for k in range(3)]
+    with tifffile.TiffWriter(path) as tif:
+        for k, level in enumerate(levels):
+            tif.write(
+                level, tile=(64, 64), photometric="rgb", compression="zlib", subfiletype=int(k > 0)
+            )
+    return levels
+
+
+@pytest.mark.parametrize(
+    ("shape", "kept"),
+    [
+        pytest.param((304, 512), 3, id="sides-halve-exactly"),
+        pytest.param((301, 517), 1, id="downsample-2.005"),  # OpenSlide would resample
+    ],
+)
+def test_openslide_levels_are_the_stored_levels(
+    tmp_path: Path, shape: tuple[int, int], kept: int
+) -> None:
+    pytest.importorskip("openslide")
+    from segpipe.io.readers import OpenSlideReader
+
+    stored = _generic_tiled_tiff(tmp_path / "pyramid.tif", shape)
+    reader = OpenSlideReader(tmp_path / "pyramid.tif")
+    for k, shape in enumerate(reader.level_shapes):
+        level = next(level for level in stored if level.shape == shape)
+        np.testing.assert_array_equal(reader.level(k).compute(), level)
+        np.testing.assert_array_equal(reader.read(37, 54, 91, 110, k), level[37:54, 91:110])
+    assert reader.level_shapes == tuple(level.shape for level in stored[:kept])
+
+
+def test_a_corrupt_openslide_tile_names_the_window_and_spares_the_others(tmp_path: Path) -> None:
+    """OpenSlide keeps a decoding error on its handle: the reader opens a new one."""
+    pytest.importorskip("openslide")
+    from segpipe.io.readers import OpenSlideReader
+
+    path = tmp_path / "bad.tif"
+    stored = _generic_tiled_tiff(path, (304, 512))
+    with tifffile.TiffFile(path) as tif:
+        offset, size = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + size] = b"\xff" * size  # level 0, tile y 0:64, x 320:384
+    path.write_bytes(bytes(data))
+    reader = OpenSlideReader(path)
+    match = r"bad\.tif: OpenSlide cannot read level 0 at y 0:64, x 320:384"
+    with pytest.raises(ImageReadError, match=match):
+        reader.read(0, 64, 320, 384)
+    with pytest.raises(ImageReadError, match=match):
+        reader.valid_mask(0, 64, 320, 384)
+    np.testing.assert_array_equal(reader.read(100, 164, 0, 64), stored[0][100:164, :64])
+    assert reader.valid_mask(100, 164, 0, 64).all()
+
+
+# ---- describe_image ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts /proc/self/fd")
+def test_describing_a_file_leaves_no_file_open(tmp_path: Path) -> None:
+    import gc
+
+    from segpipe.io.describe import describe_image
+
+    path = write_svs(tmp_path / "slide.svs", _rgb())
+    describe_image(path)  # imports done
+
+    def open_files() -> int:
+        return len(list(Path("/proc/self/fd").iterdir()))
+
+    gc.disable()  # the cycle collector would close what is left open
+    try:
+        before = open_files()
+        infos = [describe_image(path) for _ in range(10)]
+        assert open_files() == before
+    finally:
+        gc.enable()
+    assert infos[0].levels == ((300, 517, 3), (150, 259, 3))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 from segpipe.io.readers import Reader, open_image
 
@@ -109,11 +109,16 @@ def describe_image(
     ImageReadError
         As ``open_image``: naming the file and what is wrong with it.
     """
-    reader = (
-        open_image(image, pixel_size_um=pixel_size_um)
-        if isinstance(image, str | os.PathLike)
-        else image
-    )
+    if not isinstance(image, str | os.PathLike):
+        return _described(image)
+    reader = open_image(image, pixel_size_um=pixel_size_um)
+    try:
+        return _described(reader)
+    finally:
+        cast(Any, reader).close()  # opened here: closed here (BaseReader's), not by the GC
+
+
+def _described(reader: Reader) -> ImageInfo:
     geo = getattr(reader, "georeference", None)
     return ImageInfo(
         path=str(reader.path),

@@ -11,6 +11,7 @@ like a GeoTIFF's nodata.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ __all__ = ["OPENSLIDE_SUFFIXES", "OpenSlideReader"]
 
 OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 
+log = logging.getLogger(__name__)
+
 
 class OpenSlideReader(BaseReader):
     """A slide through OpenSlide: each OpenSlide level a pyramid level, ``(Y, X, 3)`` uint8.
@@ -31,6 +34,12 @@ class OpenSlideReader(BaseReader):
     Any file OpenSlide opens works (it also reads SVS, NDPI, SCN, BIF, Philips TIFF and
     generic tiled TIFF); :func:`~segpipe.io.readers.open_image` sends it only the formats
     tifffile cannot read. The pixel size is OpenSlide's ``openslide.mpp-x``.
+
+    Only OpenSlide's levels of a whole-number downsample are levels here (MRXS and SVSLIDE
+    declare powers of two; VMS levels are JPEG scalings by 2, 4, 8). OpenSlide places a
+    window of a level by its level-0 corner divided by the downsample; for one such as
+    2.0017 (a generic TIFF's level of 751 of 1503 pixels) that lands between the stored
+    pixels, and OpenSlide resamples them.
     """
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
@@ -43,9 +52,21 @@ class OpenSlideReader(BaseReader):
         self._slide: Any = None
         slide = self._open()
         props = slide.properties
-        dims = [(int(h), int(w)) for w, h in slide.level_dimensions]
+        downsamples = [float(d) for d in slide.level_downsamples]
+        # OpenSlide's index and downsample of each level kept (level 0's is 1)
+        self._slide_levels = tuple((k, int(d)) for k, d in enumerate(downsamples) if d.is_integer())
+        if len(self._slide_levels) < len(downsamples):
+            log.debug(
+                "%s: leaving out OpenSlide's levels of downsamples %s: not whole numbers, "
+                "OpenSlide would resample their pixels",
+                self.path,
+                [d for d in downsamples if not d.is_integer()],
+            )
+        dims = [
+            (int(h), int(w)) for w, h in (slide.level_dimensions[k] for k, _ in self._slide_levels)
+        ]
         chunks: list[tuple[int, ...]] = []
-        for k, (h, w) in enumerate(dims):
+        for (k, _), (h, w) in zip(self._slide_levels, dims, strict=True):
             th = int(props.get(f"openslide.level[{k}].tile-height", 0)) or 512
             tw = int(props.get(f"openslide.level[{k}].tile-width", 0)) or 512
             chunks.append((min(h, max(th, 256)), min(w, max(tw, 256)), 3))
@@ -53,7 +74,6 @@ class OpenSlideReader(BaseReader):
         self.magnification = positive_or_none(props.get("openslide.objective-power"))
         self.channel_names = ("red", "green", "blue")
         self.mask_kind = "alpha"
-        self._downsamples = tuple(float(d) for d in slide.level_downsamples)
         self._set_layout(
             ["YXC"] * len(dims), [(h, w, 3) for h, w in dims], chunks, np.dtype(np.uint8)
         )
@@ -92,8 +112,23 @@ class OpenSlideReader(BaseReader):
         top-left corner in level-0 pixels)."""
         if y1 <= y0 or x1 <= x0:
             return np.zeros((max(y1 - y0, 0), max(x1 - x0, 0), 4), dtype=np.uint8)
-        d = self._downsamples[level]
-        image = self._open().read_region((round(x0 * d), round(y0 * d)), level, (x1 - x0, y1 - y0))
+        import openslide
+
+        k, d = self._slide_levels[level]
+        slide = self._open()
+        try:
+            image = slide.read_region((x0 * d, y0 * d), k, (x1 - x0, y1 - y0))
+        except openslide.OpenSlideError as exc:
+            # OpenSlide keeps the error on the handle and fails every later read of it: drop
+            # it so the next read opens afresh. Not closed here: another thread may be inside
+            # read_region on it; openslide-python closes it when the last reference goes.
+            with self._lock:
+                if self._slide is slide:
+                    self._slide = None
+            raise ImageReadError(
+                f"{self.path}: OpenSlide cannot read level {level} at y {y0}:{y1}, x {x0}:{x1}: "
+                f"the slide may be corrupt or truncated ({exc})"
+            ) from exc
         return np.asarray(image)
 
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:

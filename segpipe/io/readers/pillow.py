@@ -1,12 +1,15 @@
 """Small PNG/JPEG images through Pillow, decoded whole (tiled TIFF is for anything large).
 
 Pixels are turned as the EXIF orientation says, as every viewer shows them; an alpha channel
-marks the transparent pixels as invalid (``mask_kind = "alpha"``, as a GeoTIFF's alpha band).
+marks the transparent pixels as invalid (``mask_kind = "alpha"``, as a GeoTIFF's alpha band),
+and so does a grey or RGB PNG's tRNS colour (``mask_kind = "nodata"``, as GDAL reads it).
 """
 
 from __future__ import annotations
 
+import struct
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.io.files import URLPath
-from segpipe.io.readers.base import BaseReader, ImageReadError
+from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.photometric import ORIENTATION_TAG, orient
 
 __all__ = ["MAX_PILLOW_PIXELS", "PILLOW_SUFFIXES", "PillowReader"]
@@ -32,24 +35,32 @@ class PillowReader(BaseReader):
 
     Palette, CMYK and YCbCr images are converted to RGB(A); grey stays one channel. The
     alpha of RGBA or LA is the channel named ``"alpha"``; a pixel where it is 0 holds no data
-    (:meth:`valid_mask`), unless no pixel is transparent: then it marks nothing.
+    (:meth:`valid_mask`), unless no pixel is transparent: then it marks nothing. A grey or
+    RGB PNG's tRNS colour is its ``nodata`` (a pixel holding it on every channel holds no
+    data), marking nothing in the same way where no pixel holds it.
     """
 
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
-        data, has_alpha = self._decode()
+        data, has_alpha, nodata = self._decode()
         axes = "YX" if data.ndim == 2 else "YXC"
         self._data: np.ndarray | None = data
+        # Checked once, as the image is in memory: an opaque image costs no mask pass.
         if has_alpha:
             rgba = data.shape[2] == 4
             self.channel_names = ("red", "green", "blue", "alpha") if rgba else ("grey", "alpha")
-            # Checked once, as the image is in memory: an opaque alpha costs no mask pass.
             self.mask_kind = None if data[..., -1].all() else "alpha"
+        elif nodata is not None:
+            self.nodata = nodata
+            keyed = np.all(data.reshape(*data.shape[:2], -1) == np.array(nodata), axis=-1)
+            self.mask_kind = "nodata" if keyed.any() else None
         chunk = tuple(min(n, 1024) for n in data.shape[:2]) + data.shape[2:]
         self._set_layout([axes], [data.shape], [chunk], data.dtype)
 
-    def _decode(self) -> tuple[np.ndarray, bool]:
-        """The pixels as viewers show them, and whether the last channel is alpha."""
+    def _decode(self, *, warn: bool = True) -> tuple[np.ndarray, bool, tuple[float, ...] | None]:
+        """The pixels as viewers show them, whether the last channel is alpha, and the tRNS
+        colour as per-channel nodata (None without one); ``warn``: about an EXIF that does not
+        parse (once, not again as the reader re-opens)."""
         from PIL import Image
 
         too_big = (
@@ -64,6 +75,7 @@ class PillowReader(BaseReader):
             with opened as img:
                 if img.width * img.height > MAX_PILLOW_PIXELS:
                     raise ImageReadError(f"{too_big} (got {img.width}x{img.height})")
+                nodata = _trns_nodata(img)
                 if img.mode in ("P", "PA"):
                     has_alpha = img.mode == "PA" or "transparency" in img.info
                     img = img.convert("RGBA" if has_alpha else "RGB")
@@ -76,16 +88,17 @@ class PillowReader(BaseReader):
                 ):
                     # An eXIf after the pixels is found only by Pillow decoding them (at 8
                     # bits, for nothing); one before them (Pillow writes it there) is read.
-                    turn = img.getexif().get(ORIENTATION_TAG, 1) if "exif" in img.info else 1
-                    return orient(wide, turn), img.mode == "RGBA"
+                    turn = self._orientation(img, warn) if "exif" in img.info else 1
+                    # imagecodecs adds an alpha of its own for a tRNS; that is nodata here
+                    return orient(wide[..., : len(img.mode)], turn), img.mode == "RGBA", nodata
                 img.load()
-                turn = img.getexif().get(ORIENTATION_TAG, 1)
-                return orient(np.asarray(img), turn), img.mode in ("RGBA", "LA")
+                turn = self._orientation(img, warn)
+                return orient(np.asarray(img), turn), img.mode in ("RGBA", "LA"), nodata
         except Image.DecompressionBombError as exc:  # over twice the limit: no size said
             raise ImageReadError(
                 f"{too_big} (got more than {2 * MAX_PILLOW_PIXELS:,} pixels)"
             ) from exc
-        except (OSError, ValueError, SyntaxError) as exc:
+        except (SyntaxError, *DECODE_ERRORS) as exc:  # imagecodecs.PngError is a RuntimeError
             if isinstance(exc, ImageReadError):
                 raise
             raise ImageReadError(
@@ -93,9 +106,23 @@ class PillowReader(BaseReader):
                 f"format): {type(exc).__name__}: {exc}"
             ) from exc
 
+    def _orientation(self, img: Any, warn: bool) -> Any:
+        """The EXIF orientation, 1 where there is none, and 1 where the EXIF does not parse:
+        browsers and viewers show such a file as stored rather than refuse it."""
+        try:
+            return img.getexif().get(ORIENTATION_TAG, 1)
+        except (struct.error, SyntaxError, *DECODE_ERRORS) as exc:
+            if warn:
+                warnings.warn(
+                    f"{self.path}: its EXIF does not parse ({type(exc).__name__}: {exc}); "
+                    "reading the pixels as stored (orientation 1), as viewers show them",
+                    stacklevel=5,
+                )
+            return 1
+
     def _open_level(self, level: int) -> np.ndarray:
         if self._data is None:
-            self._data = self._decode()[0]
+            self._data = self._decode(warn=False)[0]
         return self._data
 
     def _close_handles(self) -> None:
@@ -124,12 +151,32 @@ def _pillow_limit() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = before
 
 
+def _trns_nodata(img: Any) -> tuple[float, ...] | None:
+    """A grey or RGB PNG's tRNS colour as per-channel nodata in the pixels Pillow gives (a
+    palette's tRNS becomes an alpha channel instead); None without one. Pillow gives 1-bit
+    grey as bool and 2- or 4-bit grey scaled to 0-255, but the tRNS as stored."""
+    key = img.info.get("transparency") if img.format == "PNG" else None
+    if key is None or img.mode not in ("1", "L", "I;16", "RGB"):
+        return None
+    if img.mode == "RGB":
+        return tuple(float(v) for v in key)
+    if img.mode == "1":
+        return (float(key != 0),)
+    bits = _png_bit_depth(img)
+    return (float(key * (255 // (2**bits - 1)) if bits < 8 else key),)
+
+
+def _png_bit_depth(img: Any) -> int:
+    """A PNG's bits per sample: the IHDR's byte after the signature, the chunk's length and
+    type, the width and the height (read before Pillow decodes and closes the file)."""
+    img.fp.seek(24)
+    return int(img.fp.read(1)[0])
+
+
 def _png16(img: Any) -> np.ndarray | None:
     """A 16-bit colour PNG's pixels, decoded by imagecodecs (Pillow hands them out as 8
-    bits, and its mode does not show it); None for 8 bits. The IHDR's bit depth is the byte
-    after the signature, the chunk's length and type, the width and the height."""
-    img.fp.seek(24)
-    if img.fp.read(1) != b"\x10":
+    bits, and its mode does not show it); None for 8 bits."""
+    if _png_bit_depth(img) != 16:
         return None
     import imagecodecs
 
