@@ -1495,6 +1495,12 @@ def test_a_sidecar_field_deciding_fails_on_is_recorded_over_and_the_image_backs_
     assert archive.read_state(paths.state)["status"] == "complete"
 
 
+# Result settings as older releases recorded them: before task_tiles was one (it ran with its
+# default), and the level of a version 1 sidecar (0, the default then: None now).
+_WITHOUT_TASK_TILES = {k: v for k, v in CONFIG.result_settings().items() if k != "task_tiles"}
+_V1_LEVEL_0 = CONFIG.result_settings() | {"level": 0}
+
+
 @pytest.mark.parametrize(
     ("recorded", "failures", "stale"),
     [
@@ -1505,6 +1511,10 @@ def test_a_sidecar_field_deciding_fails_on_is_recorded_over_and_the_image_backs_
         # Other inputs: a result there is theirs, which these must not resume.
         ({"status": "failed", "failures": 4, "model_sha256": "m0"}, 1, True),
         ({"status": "failed", "failures": 1, "stale_result": True}, 2, True),
+        # An older release's sidecar, as decide reads it: the same inputs.
+        ({"status": "failed", "failures": 2, "params": _WITHOUT_TASK_TILES}, 3, False),
+        ({"status": "failed", "version": 1, "params": _V1_LEVEL_0}, 2, False),
+        ({"status": "failed", "version": "one", "params": _V1_LEVEL_0}, 1, True),
     ],
 )
 def test_an_error_deciding_counts_on_from_the_failures_of_the_same_inputs(
@@ -1526,6 +1536,41 @@ def test_an_error_deciding_counts_on_from_the_failures_of_the_same_inputs(
         if stale
         else (True, "previous run failed: resuming")
     )
+
+
+def test_an_older_sidecars_result_outlives_an_error_deciding(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    """A complete result whose sidecar an older release wrote (without a setting added since)
+    is up to date; a store's error while deciding fails the image, and the retry resumes the
+    result (every tile done) rather than deleting and computing it anew."""
+    import segpipe.archive.state as archive_state
+
+    image, out, paths = _one_image(tmp_path, slide)
+
+    def run(**kw):
+        return process_image(image, out, random_checkpoint, config=CONFIG, **kw)
+
+    assert run().status == "segmented"
+    state = archive.read_state(paths.state)
+    paths.state.write_text(json.dumps(state | {"params": _WITHOUT_TASK_TILES}))
+    assert run().status == "skipped"
+    made = (paths.result / "zarr.json").stat().st_mtime_ns
+    real, errors = archive_state.is_complete, [2]  # before the claim, and under it
+
+    def flaky(path):
+        if errors[0]:
+            errors[0] -= 1
+            raise OSError("503 Slow Down")
+        return real(path)
+
+    monkeypatch.setattr(archive_state, "is_complete", flaky)
+    with pytest.raises(OSError, match="Slow Down"):
+        run()
+    assert not archive.read_state(paths.state).get("stale_result")
+    again = run(retry_failed=True)
+    assert (again.status, again.reason) == ("segmented", "previous run failed: resuming")
+    assert (paths.result / "zarr.json").stat().st_mtime_ns == made
 
 
 @pytest.mark.parametrize(

@@ -237,3 +237,23 @@ def test_a_tiled_tiff_is_read_region_by_region(tmp_path, decoded_segments):
         for x0, x1 in COLS
     ]
     assert len(decoded_segments) == sum(map(len, under))
+
+
+def test_a_single_strip_tiffs_sample_windows_stay_under_a_quarter_of_its_strip(
+    tmp_path, decoded_segments
+):
+    """One strip of 2000 x 2000 RGB (12 MB): a window is held whole beside the strip decoded
+    into it, and one over the three row spans was 5.9 MB; the first two spans make one of
+    3.1 MB (at most a quarter of the strip, or 4 MiB), the last its own, the strip decoded
+    for each. The digest is the region-by-region one."""
+    pixels = pattern((2000, 2000, 3))
+    tifffile.imwrite(tmp_path / "one.tif", pixels, photometric="rgb", rowsperstrip=2000)
+    reader = open_image(tmp_path / "one.tif")
+    windows = recorded_reads(reader)
+    decoded_segments.clear()
+    assert pixel_sample_sha256(reader) == pixel_sample_sha256(PyramidReader([pixels]))
+    (top, _), (_, middle), (last, bottom) = sample_spans(2000)
+    assert windows == [(top, middle, top, bottom), (last, bottom, top, bottom)]
+    assert decoded_segments == [0, 0]
+    largest = max((y1 - y0) * (x1 - x0) * 3 for y0, y1, x0, x1 in windows)
+    assert largest <= max(pixels.nbytes // 4, 4 * 2**20)

@@ -614,6 +614,68 @@ def test_remove_literal_deletes_the_paths_named_and_none_their_pattern_matches(
     remove_literal(fs, mine, recursive=True)  # nothing there: nothing to do
 
 
+def test_remove_literal_deletes_plain_names_in_bulk_and_the_others_key_by_key_on_s3(s3):
+    """S3: a folder of 300 plain keys goes in one bulk request (DeleteObjects), not one
+    DELETE each; one with ``[1]`` key by key, its sibling the pattern matches kept."""
+    from segpipe.io.files import remove_literal
+
+    fs = s3fs.S3FileSystem(**s3.counted)
+    folder = f"{BUCKET}/bulk-{uuid.uuid4().hex[:8]}"
+    plain, named = f"{folder}/res1.zarr", f"{folder}/res[1].zarr"
+    fs.pipe(
+        {f"{plain}/c/{i}": b"x" for i in range(300)} | {f"{named}/c/{i}": b"y" for i in range(3)}
+    )
+
+    def deletes() -> tuple[int, int]:
+        """(bulk deletes, single deletes) since the last call."""
+        sent = [(method, path) for method, path, _ in s3.proxy.requests]
+        s3.proxy.requests.clear()
+        bulk = sum(method == "POST" and path.endswith("?delete") for method, path in sent)
+        return bulk, sum(method == "DELETE" for method, _ in sent)
+
+    s3.proxy.requests.clear()
+    remove_literal(fs, named, recursive=True)
+    assert deletes() == (0, 3)
+    assert not fs.find(named) and len(fs.find(plain)) == 300
+    remove_literal(fs, plain, recursive=True)
+    assert deletes() == (1, 0)
+    assert not fs.find(folder)
+
+
+@pytest.mark.parametrize("denied", [False, True])
+def test_remove_literal_deletes_key_by_key_what_a_bulk_delete_left(monkeypatch, denied):
+    """s3fs's bulk delete ignores a key it failed to delete (no error, no report): what is
+    still listed after it is deleted key by key, whose error (here: denied) is raised."""
+    from segpipe.io.files import remove_literal
+
+    fs, bucket = _bucket()
+    keys = [f"{bucket}/res/c/{i}" for i in range(5)]
+    fs.pipe(dict.fromkeys(keys, b"x"))
+    rm_file, bulk, single = fs.rm_file, [], []
+
+    def forgetful(paths: list[str]) -> None:
+        bulk.append(paths)
+        for path in paths[1:]:  # the first one kept, without a word
+            rm_file(path)
+
+    def delete(path: str) -> None:
+        single.append(path)
+        if denied:
+            raise PermissionError(f"{path}: Access Denied")
+        rm_file(path)
+
+    monkeypatch.setattr(fs, "rm", forgetful)
+    monkeypatch.setattr(fs, "rm_file", delete)
+    if denied:
+        with pytest.raises(PermissionError, match="Access Denied"):
+            remove_literal(fs, f"{bucket}/res", recursive=True)
+        assert fs.find(f"{bucket}/res") == keys[:1]
+    else:
+        remove_literal(fs, f"{bucket}/res", recursive=True)
+        assert not fs.exists(f"{bucket}/res")
+    assert (bulk, single) == ([keys], keys[:1])
+
+
 def test_a_url_folder_with_glob_characters_lists_only_its_own_objects():
     fs, bucket = _bucket()
     fs.pipe({f"{bucket}/{key}": b"" for key in ("out[1]/a.json", "out[1]/b.txt", "out1/c.json")})

@@ -480,8 +480,10 @@ def ome_image(index: int, name: str, shape: tuple[int, int], px: float, tiffdata
     )
 
 
-def ome_xml(*images: str, uuid: str = "urn:uuid:0") -> str:
-    return f'<?xml version="1.0" encoding="UTF-8"?><OME xmlns="{OME_NS}" UUID="{uuid}">' + (
+def ome_xml(*images: str, uuid: str | None = "urn:uuid:0") -> str:
+    """OME-XML of ``images``; ``uuid``, the file's own (optional in OME: None, none)."""
+    own = f' UUID="{uuid}"' if uuid else ""
+    return f'<?xml version="1.0" encoding="UTF-8"?><OME xmlns="{OME_NS}"{own}>' + (
         "".join(images) + "</OME>"
     )
 
@@ -650,6 +652,49 @@ def test_a_multi_file_ome_set_without_one_of_its_files_is_refused_naming_it(tmp_
         "put the set's files together again in one folder, as they were written, and open "
         "this file there"
     )
+
+
+def test_a_renamed_ome_tiff_without_a_uuid_of_its_own_reads(tmp_path):
+    """Its OME-XML knows its planes by the file's old name alone (no root UUID): tifffile,
+    finding no such file, reads this file's pages, which are the image."""
+    path, img = tmp_path / "renamed.ome.tif", _image()
+    slide = ome_image(0, "slide", SHAPE, 0.25, in_file("orig.ome.tif", "urn:uuid:1"))
+    tifffile.imwrite(path, img, description=ome_xml(slide, uuid=None), **KW)
+    reader = open_image(path)
+    assert (reader.vendor, reader.pixel_size_um) == ("ome", 0.25)
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), img)
+
+
+_SLIDE_ELSEWHERE = ome_image(1, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2"))
+
+
+@pytest.mark.parametrize(
+    ("images", "pixels"),
+    [
+        # A placeholder of the label's size, the label an Image of no pixels.
+        ((ome_image(0, "label", (40, 60), 5.0, ""), _SLIDE_ELSEWHERE), (40, 60)),
+        # An Image in this file (a TiffData without UUID), another of its size in another.
+        ((ome_image(0, "slide 0", SHAPE, 0.25, '<TiffData IFD="0"/>'), _SLIDE_ELSEWHERE), SHAPE),
+        # Images of this file's size in two other files.
+        (
+            (
+                ome_image(0, "slide 0", SHAPE, 0.25, in_file("set_2.ome.tif", "urn:uuid:3")),
+                _SLIDE_ELSEWHERE,
+            ),
+            SHAPE,
+        ),
+        # The slide at IFD 1 of its file: not this file, of one IFD.
+        ((ome_image(0, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2", 1)),), SHAPE),
+    ],
+)
+def test_a_set_without_uuids_missing_the_file_of_its_slide_is_refused(tmp_path, images, pixels):
+    """Not a renamed file (:func:`test_a_renamed_ome_tiff_without_a_uuid_of_its_own_reads`):
+    this one does not hold the slide its OME-XML, of no UUID of its own, places elsewhere."""
+    path = tmp_path / "set.ome.tif"
+    xml = ome_xml(*images, uuid=None)
+    tifffile.imwrite(path, np.zeros((*pixels, 3), np.uint8), description=xml, **KW)
+    with pytest.raises(ImageReadError, match=r"'set_1\.ome\.tif' is not there"):
+        open_image(path)
 
 
 def test_a_multi_file_ome_set_opened_at_a_url_is_refused(tmp_path):

@@ -12,7 +12,13 @@ import concurrent.futures
 from collections.abc import Mapping
 from typing import Any
 
-from segpipe.archive.state import STATE_VERSION, ImagePaths, read_state, recorded_failures
+from segpipe.archive.state import (
+    STATE_VERSION,
+    ImagePaths,
+    read_state,
+    recorded_failures,
+    recorded_params,
+)
 from segpipe.io.files import utc_now
 
 __all__ = [
@@ -100,7 +106,13 @@ def undecided_state(
     if unreadable:
         return unreadable_state(paths, run["image"], run["source"], error, 0)
     state = read_state(paths.state) or {}
-    same = all(state.get(k) == run[k] for k in ("fingerprint", "model_sha256", "params"))
+    try:
+        # As decide compares them: an older release's sidecar records the same inputs too.
+        same = recorded_params(state) == run["params"] and all(
+            state.get(k) == run[k] for k in ("fingerprint", "model_sha256")
+        )
+    except TypeError:  # a version that is no number: the field deciding failed on, maybe
+        same = False
     try:
         before = recorded_failures(state) if same else 0
     except (TypeError, ValueError):  # the field deciding failed on, maybe

@@ -56,6 +56,7 @@ __all__ = [
     "image_paths",
     "read_state",
     "recorded_failures",
+    "recorded_params",
     "retry_delay_s",
     "state_params",
 ]
@@ -177,6 +178,23 @@ def state_params(config: SegmentConfig) -> dict[str, Any]:
     return config.result_settings()
 
 
+def recorded_params(state: Mapping[str, Any]) -> Any:
+    """The result settings a sidecar records (``params``) as :func:`state_params` writes them
+    now, to compare with a run's: a sidecar written before a setting existed ran with that
+    setting's default. Anything but a dict is returned as it is (it matches no run's).
+
+    Raises ``TypeError`` for a ``version`` that is not a number.
+    """
+    params = state.get("params")
+    if not isinstance(params, dict):
+        return params
+    if state.get("version", 1) < 2 and params.get("level") == 0:
+        # Level 0 was the default then; now it is None, which for the models of then (no
+        # pixel contract, so no pixel size to match) is level 0 too.
+        params = params | {"level": None}
+    return SegmentConfig().result_settings() | params
+
+
 class SourceConflictError(FileExistsError):
     """An output root's result for a key was made from another image (another archive)."""
 
@@ -236,20 +254,12 @@ def _decide(
                 "(whose key maps to the same place): give each archive its own output root"
             )
         moved = f" (moved from {old_source})"
-    params = state.get("params")
-    if isinstance(params, dict):
-        # A sidecar written before a setting existed ran with that setting's default.
-        if state.get("version", 1) < 2 and params.get("level") == 0:
-            # Level 0 was the default then; now it is None, which for the models of then
-            # (no pixel contract, so no pixel size to match) is level 0 too.
-            params = params | {"level": None}
-        params = SegmentConfig().result_settings() | params
     changes = [
         what
         for what, old, new in (
             ("image changed", state.get("fingerprint"), fingerprint.as_dict()),
             ("model changed", state.get("model_sha256"), model_sha),
-            ("parameters changed", params, state_params(config)),
+            ("parameters changed", recorded_params(state), state_params(config)),
         )
         if old != new
     ]

@@ -19,6 +19,7 @@ import fnmatch
 import functools
 import json
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +44,11 @@ __all__ = [
 # Bytes fetched ahead of each read from a URL: tifffile reads a TIFF's header in many small
 # pieces and its tiles one by one, each a ranged GET that brings this much more with it.
 REMOTE_READ_BLOCK = 2**18
-# Deletions in flight at once: an object store takes one request per key (S3's 20-50 ms
-# each), and a result holds a few thousand.
+# Deletions in flight at once of the keys deleted one by one: an object store takes one
+# request per key (S3's 20-50 ms each), and a result holds a few thousand.
 _DELETES_IN_FLIGHT = 16
+# What fsspec's expand_path (glob.has_magic: * ? [) and its glob read as a pattern.
+_GLOB_CHARACTERS = frozenset("[]*?")
 
 
 def utc_now(timespec: str = "seconds") -> str:
@@ -243,19 +246,33 @@ class _LiteralFsspecStore(FsspecStore):
 
 
 def remove_literal(fs: Any, paths: str | Iterable[str], *, recursive: bool = False) -> None:
-    """Delete ``paths`` from the fsspec file system ``fs``, each as named, never as a pattern.
+    """Delete ``paths`` (as ``fs.find`` names them) from the fsspec file system ``fs``, each
+    as named, never as a pattern.
 
     fsspec's ``rm`` (through ``expand_path``) reads ``[``, ``]``, ``*`` and ``?`` in a path as
     a glob pattern: ``rm("out/res[1A].zarr", recursive=True)`` deleted ``out/res1.zarr`` and
-    ``out/resA.zarr`` and kept ``out/res[1A].zarr``. Here each path is one file, removed with
-    ``rm_file`` (one DELETE of that key on S3); with ``recursive`` each is a folder (a key
-    prefix): every file ``find`` lists below it (a listing by prefix), then the empty folders
-    a file system keeps (local, memory; an object store keeps none). The files go in no
-    particular order: a caller that needs one deletes in steps. A path already gone is no
-    error.
+    ``out/resA.zarr`` and kept ``out/res[1A].zarr``. Here each path is one file; with
+    ``recursive`` each is a folder (a key prefix): every file ``find`` lists below it (a
+    listing by prefix), then the empty folders a file system keeps (local, memory; an object
+    store keeps none). The files without those characters go in one ``rm`` of their list,
+    which ``expand_path`` takes literally (S3: one request per 1000 keys); the others one by
+    one with ``rm_file`` (one DELETE of that key). s3fs's bulk delete ignores a key it failed
+    to delete, so one listing then finds those left, deleted one by one too (raising that
+    key's error). The files go in no particular order: a caller that needs one deletes in
+    steps. A path already gone is no error.
     """
     roots = [paths] if isinstance(paths, str) else list(paths)
     files = [f for root in roots for f in fs.find(root)] if recursive else roots
+    plain = {f for f in files if not _GLOB_CHARACTERS.intersection(f)}
+    if plain:
+        # What rm left (it stops at a file gone already, locally and in memory; a folder
+        # named, which rm_file refuses as before) is listed, then deleted one by one.
+        with contextlib.suppress(OSError, ValueError):
+            fs.rm(sorted(plain))
+        common = posixpath.commonpath(plain)
+        fs.invalidate_cache(common)
+        there = set(fs.find(common, withdirs=True))
+        files = [f for f in files if f not in plain or f in there]
     if files:
         with ThreadPoolExecutor(min(len(files), _DELETES_IN_FLIGHT)) as pool:
             list(pool.map(functools.partial(_remove_file, fs), files))

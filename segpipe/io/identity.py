@@ -25,6 +25,9 @@ __all__ = ["SAMPLE_GRID", "SAMPLE_SIDE", "pixel_sample_sha256", "sample_spans"]
 SAMPLE_GRID = 3
 SAMPLE_SIDE = 64
 _DIGEST_VERSION = "segpipe-pixel-sample-1"
+# A window of several row spans of a stripped image is read whole up to this size, whatever
+# its strips' (a small image's: a few MB on top of its strips saves decoding them again).
+_MERGED_WINDOW_MIN_BYTES = 4 * 2**20
 
 Window = tuple[int, int, int, int]  # (y0, y1, x0, x1), pixels of level 0
 
@@ -86,23 +89,33 @@ def _sample_reads(reader: Reader) -> list[tuple[Window, list[Window]]]:
     strips (chunks as wide as the level: a stripped or untiled TIFF) decodes whole-width
     strips for any region, so the regions whose strips overlap are one window, each strip
     decoded once: one by one, the three regions of a row decoded its strips three times
-    (19 MB of an RGB image 100k px wide, for each 64 px region). A reader without
+    (19 MB of an RGB image 100k px wide, for each 64 px region). Row spans sharing a strip
+    (a TIFF of one or a few strips) are one window while it holds at most a quarter of one
+    strip's bytes (or :data:`_MERGED_WINDOW_MIN_BYTES`, if more): a window is held whole
+    beside the strips decoded into it, and one over the three row spans of a 6000 px RGB
+    image in one strip (108 MB) held 50 MB more; past that, a span's band is read alone,
+    its strips decoded again. A reader without
     ``chunk_shape`` (not a :class:`~segpipe.io.readers.base.BaseReader`) reads region by
     region.
     """
-    ny, nx, _ = reader.level_shapes[0]
+    ny, nx, nc = reader.level_shapes[0]
     ys, xs = sample_spans(ny), sample_spans(nx)
     chunk_shape = getattr(reader, "chunk_shape", None)  # BaseReader's; not in the protocol
     if chunk_shape is None or chunk_shape(0)[1] < nx:
         return [((y0, y1, x0, x1), [(y0, y1, x0, x1)]) for y0, y1 in ys for x0, x1 in xs]
-    cy = chunk_shape(0)[0]
+    cy, x0, x1 = chunk_shape(0)[0], xs[0][0], xs[-1][1]
+    pixel = nc * np.dtype(reader.dtype).itemsize  # bytes
+    budget = max(cy * nx * pixel // 4, _MERGED_WINDOW_MIN_BYTES)
     bands: list[list[tuple[int, int]]] = []
     for y0, y1 in ys:  # sorted and of one height: a band's last span ends furthest down
-        if bands and y0 // cy <= (bands[-1][-1][1] - 1) // cy:
+        if (
+            bands
+            and y0 // cy <= (bands[-1][-1][1] - 1) // cy
+            and (y1 - bands[-1][0][0]) * (x1 - x0) * pixel <= budget
+        ):
             bands[-1].append((y0, y1))
         else:
             bands.append([(y0, y1)])
-    x0, x1 = xs[0][0], xs[-1][1]
     return [
         ((b[0][0], b[-1][1], x0, x1), [(y0, y1, *x) for y0, y1 in b for x in xs]) for b in bands
     ]

@@ -337,7 +337,8 @@ def _check_ome_set(tif: Any, path: str) -> None:
     """Refuse an OME-TIFF whose OME-XML places image planes in other files (a multi-file set)
     when tifffile read no page of one of them: it is missing, no TIFF, or lacks the IFDs
     named, or the set is opened at a URL (tifffile opens a set's other files by path only);
-    and a file of a set whose OME-XML is in a companion file (BinaryOnly).
+    and a file of a set whose OME-XML is in a companion file (BinaryOnly). A single file
+    renamed since written (:func:`_is_renamed`) is no set.
 
     tifffile logs such a file and zeroes the planes named in it, or leaves out an Image whose
     planes were all there, and another Image is read in the slide's place. A file's UUID is
@@ -358,15 +359,14 @@ def _check_ome_set(tif: Any, path: str) -> None:
                 "be read, as an image of their own. Convert the set into one OME-TIFF "
                 f"(bfconvert {xml} out.ome.tif) and open that"
             )
+    uuids = [e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "UUID" and e.get("FileName")]
     named = {
         name
-        for e in root.iter()
-        if e.tag.rsplit("}", 1)[-1] == "UUID"
-        and (name := e.get("FileName", ""))
-        and e.text != root.get("UUID")
-        and name.lower() != tif.filename.lower()
+        for e in uuids
+        if e.text != root.get("UUID")
+        and (name := e.get("FileName", "")).lower() != tif.filename.lower()
     }
-    if not named:
+    if not named or _is_renamed(tif, root, uuids):
         return
     listed = ", ".join(map(repr, sorted(named)))
     if not tif.filehandle.is_file:
@@ -391,3 +391,28 @@ def _check_ome_set(tif: Any, path: str) -> None:
             "another image in their place: put the set's files together again in one "
             "folder, as they were written, and open this file there"
         )
+
+
+def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
+    """Whether an OME-TIFF whose planes (``uuids``: its TiffData's UUID elements) are all in
+    one other file is a single-file OME-TIFF renamed: its OME-XML has no UUID of its own
+    (optional), so names it by its old name alone; tifffile, finding no such file, reads its
+    pages (a generic series). They are the image if the file holds every IFD named and its
+    largest page is the largest Image's size; a placeholder in a set file is not."""
+    # tifffile built an OME series from this file's planes (a TiffData without UUID): a set.
+    if "UUID" in root.attrib or any(s.kind == "ome" for s in tif.series):
+        return False
+    tags = [(e.tag.rsplit("}", 1)[-1], e) for e in root.iter()]
+    ifds = [e.get("IFD", "0") for t, e in tags if t == "TiffData"]
+    sizes = [(e.get("SizeY", ""), e.get("SizeX", "")) for t, e in tags if t == "Pixels"]
+    declared = max(
+        ((int(y), int(x)) for y, x in sizes if y.isdigit() and x.isdigit()),
+        key=math.prod,
+        default=None,
+    )
+    held = max(((s.keyframe.imagelength, s.keyframe.imagewidth) for s in tif.series), key=math.prod)
+    return (
+        len({(e.get("FileName"), e.text) for e in uuids}) == 1
+        and all(i.isdigit() and int(i) < len(tif.pages) for i in ifds)
+        and declared == held
+    )
