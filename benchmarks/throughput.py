@@ -209,7 +209,7 @@ def bare_forward(
     their count."""
     predictor = Predictor(model, InferenceConfig(device=device, batch_size=config.batch_size))
     grid = tile_grid(shape, config.tile)
-    budget = predictor.memory_budget() / predictor.bytes_per_pixel()
+    budget = predictor.memory_budget() / predictor.bytes_per_pixel(image.shape[2])
     windows = []
     for block in grid.blocks(config.task_tiles):
         region = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)

@@ -2,6 +2,7 @@
 overlap-tile stitcher against the pipeline and a whole-image pass, cluster layout,
 per-worker models, external schedulers."""
 
+import re
 import threading
 
 import distributed
@@ -16,6 +17,7 @@ import segpipe
 from segpipe import models
 from segpipe.execution import cluster, tasks
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
+from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import (
     InferenceConfig,
     Predictor,
@@ -23,6 +25,7 @@ from segpipe.execution.predictor import (
     model_given_back,
 )
 from segpipe.execution.stitching import (
+    PredictionError,
     Stitching,
     bounds,
     predict_labels,
@@ -31,6 +34,7 @@ from segpipe.execution.stitching import (
     predict_region,
 )
 from segpipe.geometry.blending import blend_lattice
+from segpipe.geometry.pixels import to_float01
 from segpipe.geometry.tiling import Box, Geometry, exact_side, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader, ImageReadError, open_image, read_mirrored
 from segpipe.models.contract import measure_contract
@@ -152,7 +156,7 @@ def whole_image_pass(model, image: np.ndarray) -> np.ndarray:
     if not g.shrinks:  # same padding: the output keeps the input's size, crop the halo
         py, px = py + halo, px + halo
     padded = np.pad(image, ((halo, py), (halo, px), (0, 0)), mode="reflect")
-    x = torch.from_numpy(padded.transpose(2, 0, 1)[None].copy()).float() / 255
+    x = torch.from_numpy(to_float01(padded).transpose(2, 0, 1)[None].copy())
     with torch.inference_mode():
         p = torch.softmax(model(x), 1)[0].numpy()
     c = g.crop
@@ -440,7 +444,7 @@ def test_bytes_per_pixel_count_only_the_probing_threads_forward() -> None:
     """Runs side by side share the caller's module: another run's forward pass on its own
     model thread, while this one probes, adds nothing to this one's bytes per pixel."""
     model = tiny_unet()
-    alone = activation_bytes_per_pixel(model, torch.device("cpu"))
+    alone = activation_bytes_per_pixel(model, torch.device("cpu"), 3)
     side = model.geometry.input_size(8)
     prober = threading.get_ident()
 
@@ -457,9 +461,158 @@ def test_bytes_per_pixel_count_only_the_probing_threads_forward() -> None:
     first_leaf = next(m for m in model.modules() if not list(m.children()))
     handle = first_leaf.register_forward_pre_hook(another_runs_forward)
     try:
-        assert activation_bytes_per_pixel(model, torch.device("cpu")) == alone
+        assert activation_bytes_per_pixel(model, torch.device("cpu"), 3) == alone
     finally:
         handle.remove()
+
+
+class PlainModule(torch.nn.Module):
+    """A module as segment() takes one: geometry and classes, nothing said of its channels."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.geometry, self.num_classes = net, net.geometry, net.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+def test_a_module_that_does_not_say_its_channels_segments_any_image(tmp_path, channels, mode):
+    """The memory probe runs the model on the image's channels, not on 3: a plain module
+    without ``in_channels`` segments a grey or a 4-band image like one pass over it."""
+    torch.manual_seed(channels)
+    net = models.build(
+        "unet", class_names=CLASSES, in_channels=channels, width=4, depth=2, padding="valid",
+        dropout=0.0,
+    ).eval()  # fmt: skip
+    model = PlainModule(net)
+    assert not hasattr(model, "in_channels")
+    image = np.random.default_rng(channels).integers(0, 256, (40, 30, channels), dtype=np.uint8)
+    out = segpipe.segment(
+        ArrayReader(image, name="img.tif"), tmp_path / "r.zarr", model, tile=16, mode=mode,
+        probability_dtype="float32", device="cpu", scheduler="sync",
+    )  # fmt: skip
+    np.testing.assert_allclose(
+        segpipe.open_result(out)["probabilities"].values, whole_image_pass(net, image), atol=1e-5
+    )
+
+
+def float_geotiff(path, image: np.ndarray, nodata: float | None) -> None:
+    """``image`` (Y, X, C) float32 as a tiled GeoTIFF declaring ``nodata``."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    ny, nx, nc = image.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", height=ny, width=nx, count=nc, dtype="float32",
+        nodata=nodata, crs="EPSG:32633", transform=Affine(1, 0, 500000, 0, -1, 5000000),
+    ) as ds:  # fmt: skip
+        ds.write(image.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("foreground", ["nodata", "none"])
+def test_a_float_raster_with_nan_as_nodata_segments(tmp_path, foreground):
+    """NaN is a float raster's usual nodata: where the file declares it, the pixels it marks
+    reach the model as 0 (a computed tile's halo, a tile partly nodata) and every computed
+    pixel equals one pass over the image with NaN as 0; undeclared NaN is still refused."""
+    image = np.random.default_rng(7).random((56, 48, 3)).astype(np.float32)
+    image[:24, :20] = np.nan
+    float_geotiff(tmp_path / "nan.tif", image, nodata=np.nan)
+    net = tiny_unet(seed=3)
+    tile = 16
+    out = segpipe.segment(
+        tmp_path / "nan.tif", tmp_path / "r.zarr", net, tile=tile, task_tiles=1,
+        foreground=foreground, probability_dtype="float32", device="cpu", scheduler="sync",
+    )  # fmt: skip
+    probabilities = segpipe.open_result(out)["probabilities"].values
+    reference = whole_image_pass(net, np.nan_to_num(image, nan=0.0))
+    # Every tile holding data computed; with foreground "nodata" the all-NaN tile not.
+    computed = np.ones(image.shape[:2], bool)
+    if foreground == "nodata":
+        computed[:tile, :tile] = False
+    np.testing.assert_array_equal(probabilities.sum(0) > 0, computed)
+    np.testing.assert_allclose(probabilities[:, computed], reference[:, computed], atol=2e-6)
+    # NaN the file does not mark: none declared, or one band of a pixel (GDAL: all bands).
+    partial = image.copy()
+    partial[40, 30, 1] = np.nan
+    float_geotiff(tmp_path / "undeclared.tif", image, nodata=None)
+    float_geotiff(tmp_path / "partial.tif", partial, nodata=np.nan)
+    for name in ("undeclared.tif", "partial.tif"):
+        with pytest.raises(ImageReadError, match=f"{name}: NaN or infinite pixels .* not mark"):
+            segpipe.segment(
+                tmp_path / name, tmp_path / f"{name}.zarr", net, tile=tile, device="cpu",
+                scheduler="sync", foreground="none",
+            )  # fmt: skip
+
+
+class Failing(PlainModule):
+    """Raises ``error`` on any input with a pixel of ``value`` in every channel."""
+
+    def __init__(self, net: torch.nn.Module, error: BaseException, value: float) -> None:
+        super().__init__(net)
+        self.error, self.value = error, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x == self.value).all(dim=1).any():
+            raise self.error
+        return self.net(x)
+
+
+class Interrupted(BaseException):
+    """As a KeyboardInterrupt or a run's stop: no error of the model's."""
+
+
+@pytest.mark.parametrize("through", ["segment", "predictor", "stage"])
+def test_a_models_error_names_the_file_and_the_window(tmp_path, through):
+    """An error inside the model's forward (a kernel's, a shape's, memory at one window) is a
+    PredictionError naming the file, the window and the level, the model's error its cause;
+    BaseExceptions (an interrupt, a run's stop) go through as they are."""
+    image = np.random.default_rng(0).integers(1, 200, (40, 48, 3), dtype=np.uint8)
+    image[30, 37] = 255
+    net = tiny_unet()
+    model = Failing(net, RuntimeError("kernel failed"), value=1.0)
+    reader = ArrayReader(image, name="slide.tif")
+    tiles = list(tile_grid(image.shape[:2], 8))
+    stitching = Stitching("exact", 8, net.geometry, len(CLASSES))
+    predictor = Predictor(model, InferenceConfig(device="cpu"))
+    stage = ModelStage(predictor)
+    predict = stage if through == "stage" else predictor
+
+    def run() -> object:
+        if through == "segment":
+            out = tmp_path / "r.zarr"
+            return segpipe.segment(reader, out, model, tile=8, device="cpu", scheduler="sync")
+        return predict_region(tiles, reader, predict, stitching, batch_size=1)
+
+    try:
+        with pytest.raises(PredictionError, match=r"slide.tif: the model failed on the") as err:
+            run()
+        assert "RuntimeError: kernel failed" in str(err.value)
+        assert isinstance(err.value.__cause__, RuntimeError)
+        found = re.search(r"y (\d+):(\d+), x (\d+):(\d+) of level 0", str(err.value))
+        assert found, err.value
+        y0, y1, x0, x1 = map(int, found.groups())
+        halo = net.geometry.halo  # the white pixel is in the named windows' input
+        assert y0 - halo <= 30 < y1 + halo and x0 - halo <= 37 < x1 + halo
+        model.error = Interrupted()
+        with pytest.raises(Interrupted):
+            run()
+    finally:
+        stage.close()
+
+
+def test_a_model_failing_its_memory_probe_is_named(tmp_path):
+    """The run's first forward pass, on zeros, measures the model's memory: its failure names
+    the file and the probe."""
+    image = np.random.default_rng(0).integers(1, 200, (40, 48, 3), dtype=np.uint8)
+    model = Failing(tiny_unet(), RuntimeError("kernel failed"), value=0.0)
+    with pytest.raises(PredictionError, match=r"slide.tif: the model failed on its memory probe"):
+        segpipe.segment(
+            ArrayReader(image, name="slide.tif"), tmp_path / "r.zarr", model, tile=8,
+            device="cpu", scheduler="sync",
+        )  # fmt: skip
 
 
 def test_stitching_refuses_what_it_cannot_do() -> None:

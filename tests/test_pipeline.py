@@ -67,7 +67,7 @@ class FakePredictor:
         out = batch.mean(axis=(1, 2, 3)).reshape(-1, 1, 1, 1)
         return PendingProbabilities(torch.from_numpy(np.ascontiguousarray(out)), None)
 
-    def bytes_per_pixel(self):
+    def bytes_per_pixel(self, channels):
         return 1.0
 
     def memory_budget(self):
@@ -424,7 +424,7 @@ def test_the_cpu_never_autocasts_by_default():
     assert predictor.amp is False and predictor.amp_dtype is None
     assert predictor.stream is None, "no CUDA stream off the GPU"
     assert predictor.memory_budget() == CPU_FORWARD_BUDGET
-    assert predictor.bytes_per_pixel() > 4 * len(CLASSES)
+    assert predictor.bytes_per_pixel(3) > 4 * len(CLASSES)
 
 
 class NotYetPending(PendingProbabilities):

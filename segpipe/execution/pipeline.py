@@ -201,7 +201,8 @@ class ModelStage:
         windows as ``max_batch`` and the whole budget allow."""
         plan = self._plans.get(window_shape)
         if plan is None:
-            one = window_shape[0] * window_shape[1] * self.predictor.bytes_per_pixel()
+            ny, nx, channels = window_shape
+            one = ny * nx * self.predictor.bytes_per_pixel(channels)
             budget = self.predictor.memory_budget()
             if self.lanes > 1 and one * self.lanes <= budget:
                 # One window a pass: the lanes are the parallelism, and a pass's activations

@@ -110,7 +110,7 @@ class Predictor:
         # A stream of its own on a GPU: copies and kernels of batch n+1 queue up behind
         # batch n's without waiting for the host to read n's probabilities.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._bytes_per_pixel: float | None = None
+        self._bytes_per_pixel: dict[int, float] = {}  # by the windows' channels
         self._probe_lock = threading.Lock()
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
@@ -164,13 +164,15 @@ class Predictor:
             logits = self.model(x)
         return _softmax(logits)
 
-    def bytes_per_pixel(self) -> float:
-        """Activation bytes per input pixel of one forward pass (an upper bound: the sum of
-        every layer's output, measured once on a small window)."""
+    def bytes_per_pixel(self, channels: int) -> float:
+        """Activation bytes per input pixel of one forward pass over windows of ``channels``
+        (an upper bound: the sum of every layer's output, measured once per channel count on
+        a small window)."""
         with self._probe_lock:  # the first tasks of a run ask at once: probe once
-            if self._bytes_per_pixel is None:
-                self._bytes_per_pixel = activation_bytes_per_pixel(self.model, self.device)
-            return self._bytes_per_pixel
+            if channels not in self._bytes_per_pixel:
+                probed = activation_bytes_per_pixel(self.model, self.device, channels)
+                self._bytes_per_pixel[channels] = probed
+            return self._bytes_per_pixel[channels]
 
     def memory_budget(self) -> int:
         """Bytes of activations the forward passes running at once may take: 40% of the GPU's
@@ -293,8 +295,9 @@ def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
 
 
 @torch.inference_mode()
-def activation_bytes_per_pixel(model: nn.Module, device: torch.device) -> float:
-    """Sum of the output bytes of every leaf layer per input pixel, from one small forward."""
+def activation_bytes_per_pixel(model: nn.Module, device: torch.device, channels: int) -> float:
+    """Sum of the output bytes of every leaf layer per input pixel, from one small forward
+    over ``channels`` channels (the image's the model takes: a module need not say its own)."""
     geometry = geometry_of(model)
     side = geometry.input_size(8 * geometry.multiple)
     total = 0
@@ -315,7 +318,6 @@ def activation_bytes_per_pixel(model: nn.Module, device: torch.device) -> float:
     ]
     hooks = [m.register_forward_hook(count) for m in leaves]
     try:
-        channels = int(getattr(model, "in_channels", 3))
         model(torch.zeros((1, channels, side, side), device=device))
     finally:
         for hook in hooks:

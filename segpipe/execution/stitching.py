@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from segpipe.execution.pipeline import StageClosed
 from segpipe.execution.predictor import WindowPredictor, window_probabilities
 from segpipe.geometry.blending import BlendLattice, BlendSink, CropSink, Sink, blend_windows
 from segpipe.geometry.tiling import Box, Geometry, Tile, Window, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
+from segpipe.io.readers.masks import valid_mask
 from segpipe.models import PixelContract, geometry_of, pixel_contract_of
 from segpipe.results import class_map
 
@@ -35,6 +37,7 @@ __all__ = [
     "RegionPrediction",
     "Stitching",
     "bounds",
+    "model_errors",
     "predict_labels",
     "predict_parts",
     "predict_probabilities",
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 MODES = ("exact", "blend")
+_Guard = contextlib.AbstractContextManager[None]
 
 
 @dataclass(frozen=True)
@@ -211,7 +215,7 @@ def predict_parts(
         windows = stitching.windows(tiles, region, boxes)
         source_box = bounds([w.input for w in windows])
         pixels = read_mirrored(reader, source_box, level)[..., :channels]
-        _check_pixels(pixels, reader, source_box, level, contract)
+        pixels = _checked_pixels(pixels, reader, source_box, level, contract)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])
     # Windows still to come over each part (by the window's index): a part is given when its
@@ -240,13 +244,20 @@ def predict_parts(
                     source.clear()
             yield stack
 
+    def failed_on(k: int) -> _Guard:
+        b, n = bounds([windows[i].output for i in chunks[k]]), len(chunks[k])
+        which = "the window whose output is" if n == 1 else f"the {n} windows in"
+        return model_errors(
+            reader.path, f"{which} y {b.y0}:{b.y1}, x {b.x0}:{b.x1} of level {level}"
+        )
+
     def stitched(i: int) -> RegionPrediction:
         with section():
             return RegionPrediction(parts[i], sink.result(parts[i]), len(windows))
 
     del pixels
     given = set()
-    for chunk, probabilities in zip(chunks, _predicted(predict, stacks()), strict=True):
+    for chunk, probabilities in zip(chunks, _predicted(predict, stacks(), failed_on), strict=True):
         with section():
             finite = np.isfinite(probabilities).reshape(len(chunk), -1).all(axis=1)
             if not finite.all():
@@ -282,24 +293,51 @@ def _computed(region: Box, areas: Sequence[Box]) -> np.ndarray | None:
     return computed
 
 
-def _predicted(predict: WindowPredictor, stacks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
-    """``predict`` over ``stacks`` in order; a pipeline stage (``submit``) gets the next batch
-    before this one is stitched, so the model never waits for this thread."""
+def _predicted(
+    predict: WindowPredictor, stacks: Iterator[np.ndarray], errors: Callable[[int], _Guard]
+) -> Iterator[np.ndarray]:
+    """``predict`` over ``stacks`` in order, the model's errors on the ``k``-th raised within
+    ``errors(k)``; a pipeline stage (``submit``) gets the next batch before this one is
+    stitched, so the model never waits for this thread."""
     submit = getattr(predict, "submit", None)
     if submit is None:
-        yield from (np.asarray(predict(stack)) for stack in stacks)
+        for k, stack in enumerate(stacks):
+            with errors(k):
+                probabilities = np.asarray(predict(stack))
+            yield probabilities
         return
-    ahead: deque[Future[np.ndarray]] = deque()
-    for stack in stacks:
-        ahead.append(submit(stack))
+    ahead: deque[tuple[int, Future[np.ndarray]]] = deque()
+
+    def result() -> np.ndarray:
+        k, future = ahead.popleft()
+        with errors(k):  # a failed pass fails every chunk in it (pipeline._fail)
+            return future.result()
+
+    for k, stack in enumerate(stacks):
+        with errors(k):  # a shape's first stack probes the model's memory (pass_plan)
+            ahead.append((k, submit(stack)))
         if len(ahead) > 1:
-            yield ahead.popleft().result()
+            yield result()
     while ahead:
-        yield ahead.popleft().result()
+        yield result()
+
+
+@contextlib.contextmanager
+def model_errors(path: str, what: str) -> Iterator[None]:
+    """An error of the model's (a kernel's, a shape's, memory at one window) raised as a
+    :class:`PredictionError` naming ``path`` and ``what`` it ran on; the pipeline's own
+    (PredictionError, ImageReadError, StageClosed) and BaseExceptions pass as they are."""
+    try:
+        yield
+    except (PredictionError, ImageReadError, StageClosed):
+        raise
+    except Exception as err:
+        failure = f"the model failed on {what}: {type(err).__name__}: {err}"
+        raise PredictionError(f"{path}: {failure}") from err
 
 
 class PredictionError(RuntimeError):
-    """The model gave NaN or infinite probabilities; the message names the image and window."""
+    """The model failed on windows or gave NaN/inf probabilities; names image and windows."""
 
 
 # segpipe's float pixel convention is [0, 1] (geometry.pixels.to_float01); a little slack for
@@ -307,27 +345,35 @@ class PredictionError(RuntimeError):
 _FLOAT_RANGE = (-0.01, 1.01)
 
 
-def _check_pixels(
+def _checked_pixels(
     pixels: np.ndarray, reader: Reader, box: Box, level: int, contract: PixelContract | None
-) -> None:
-    """Refuse float pixels that are NaN/inf, or outside [0, 1] where the model takes floats as
-    they are (no ``contract``, or its dtype rule), naming file and region."""
+) -> np.ndarray:
+    """``pixels`` of ``box`` (mirrored) for the model: float NaN/inf filled with 0 where the
+    file marks the pixel invalid (NaN is a float raster's usual nodata; a halo reaches into
+    it), refused elsewhere, and refused outside [0, 1] where the model takes floats as they
+    are (no ``contract``, or its dtype rule), naming file and region."""
     if pixels.dtype.kind != "f":
-        return
+        return pixels
     where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
-    if not np.isfinite(pixels).all():
-        raise ImageReadError(
-            f"{reader.path}: NaN or infinite pixels at {where}; fill them (nodata) before "
-            "segmenting"
-        )
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        if not (finite | ~valid_mask(reader, box, level)[..., None]).all():
+            raise ImageReadError(
+                f"{reader.path}: NaN or infinite pixels at {where} that the file does not mark "
+                "invalid (nodata, mask, alpha); fill them or declare them nodata first"
+            )
+        # 0, as where a nodata value has no finite stand-in (io.ingest); a new array, as the
+        # read may be a view of the reader's own (read_mirrored).
+        pixels = np.where(finite, pixels, pixels.dtype.type(0))
     if contract is not None and contract.scaling != "dtype":
-        return  # scaled from the range the model was trained on (Predictor.prepare)
+        return pixels  # scaled from the range the model was trained on (Predictor.prepare)
     lo, hi = float(pixels.min()), float(pixels.max())
     if lo < _FLOAT_RANGE[0] or hi > _FLOAT_RANGE[1]:
         raise ImageReadError(
             f"{reader.path}: float pixels must lie in [0, 1], found {lo:g}..{hi:g} at {where}; "
             "rescale them to [0, 1] or store integers (uint8/uint16)"
         )
+    return pixels
 
 
 def predict_probabilities(

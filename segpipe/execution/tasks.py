@@ -11,22 +11,28 @@ run on the process's model thread (:mod:`segpipe.execution.pipeline`), shared by
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import numpy as np
 import zarr
 
+from segpipe.execution.lease import Lease, RunEnded
 from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import Predictor
-from segpipe.execution.stitching import RegionPrediction, Stitching, bounds, predict_parts
+from segpipe.execution.stitching import (
+    RegionPrediction,
+    Stitching,
+    bounds,
+    model_errors,
+    predict_parts,
+)
 from segpipe.geometry.foreground import MaskPatch
 from segpipe.geometry.tiling import Box, Tile, exact_side
 from segpipe.io.files import URLPath
@@ -84,46 +90,8 @@ _SIDES: dict[str, int] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
-class RunEnded(RuntimeError):
-    """The task's run has ended in this process (done, failed or cancelled): it writes no more."""
-
-
-class _Lease:
-    """A run's writes in this process. Dask cannot stop a task that is running when its run
-    fails: left alone it would go on writing, maybe into the result a new run has made at the
-    same path since. Tasks write under the lease; the run's end waits for the writes in flight
-    and refuses the later ones."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-        self._changed = threading.Condition()
-        self._writing = 0
-        self._ended = False
-
-    @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        with self._changed:
-            if self._ended:
-                raise RunEnded(
-                    f"run {self.key} has ended in this process (pid {os.getpid()}): its "
-                    "tasks write nothing more"
-                )
-            self._writing += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._writing -= 1
-                self._changed.notify_all()
-
-    def end(self) -> None:
-        with self._changed:
-            self._ended = True
-            while self._writing:
-                self._changed.wait()
-
-
-_LEASES: dict[str, _Lease] = {}
+# Each run's writes in this process (segment_block), ended by remove_predictor.
+_LEASES: dict[str, Lease] = {}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,7 +221,7 @@ def segment_block(block: Block, job: Job) -> BlockResult:
     ``job.exact_side``, or as large as this process's device allows (:func:`_run_side`).
     """
     stage = stage_for(job.predictor_key)
-    lease = _per_run(_LEASES, job.predictor_key, lambda: _Lease(job.predictor_key))
+    lease = _per_run(_LEASES, job.predictor_key, lambda: Lease(job.predictor_key))
     predictor = stage.predictor
     job = _run_side(job, predictor)
     tiles = block.tiles
@@ -318,7 +286,10 @@ def _run_side(job: Job, predictor: Predictor) -> Job:
     Here, not in the driver: each worker's device is its own, and may join after the start."""
     if job.mode != "exact" or job.exact_side is not None:
         return job
-    per_pixel = predictor.bytes_per_pixel()  # a forward pass, once: not under the registry's lock
+    # A forward pass, once, on the channels the model takes: not under the registry's lock.
+    channels = job.channels or job.reader.level_shapes[job.level][2]
+    with model_errors(job.reader.path, f"its memory probe, zeros of {channels} channels"):
+        per_pixel = predictor.bytes_per_pixel(channels)
 
     def decide() -> int:
         budget = int(predictor.memory_budget() / per_pixel)
