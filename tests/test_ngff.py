@@ -1,6 +1,7 @@
 """The NGFF 0.4 copy for QuPath: readers of 0.4 find image and labels, values unchanged; and
 segpipe reading OME-Zarr that others wrote (bioformats2raw, missing scales) or that was edited."""
 
+import re
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import zarr
 from fsspec.implementations.memory import MemoryFileSystem
-from test_query import make_result, squares_on_chunk_corners
+from test_query import file_tree, make_result, squares_on_chunk_corners
 
 from segpipe import open_result
+from segpipe.analysis import ngff
 from segpipe.analysis.ngff import export_ngff04
 from segpipe.io.files import URLPath
 from segpipe.io.readers import Georeference, ImageReadError, open_image
@@ -164,6 +166,125 @@ def test_cli_export_ngff_and_annotations(result, tmp_path, capsys):
     assert main([*args, "--object-type", "annotation"]) == 0
     (ring,) = json.loads(geojson.read_text(encoding="utf-8"))["features"]
     assert ring["properties"]["objectType"] == "annotation"
+
+
+# ---- replacing only what an export wrote, whole ----------------------------------------------
+
+
+def _objects():
+    """Every object of the guarded:// store and its bytes."""
+    return {k: bytes(v.getvalue()) for k, v in GuardedFileSystem.store.items()}
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A result of this test's own, ``tmp_path/in/r.zarr``."""
+    labels, _ = squares_on_chunk_corners()
+    return make_result(tmp_path / "in" / "r.zarr", labels)[0]
+
+
+def _interrupt_the_second_copy(monkeypatch):
+    """The export stops (Ctrl-C) after its first array is copied."""
+    real = ngff._copy_array
+    copied = []
+
+    def copy_one(*args):
+        if copied:
+            raise KeyboardInterrupt
+        real(*args)
+        copied.append(args)
+
+    monkeypatch.setattr(ngff, "_copy_array", copy_one)
+
+
+@pytest.mark.parametrize(
+    ("cwd", "output", "error", "message"),
+    [
+        (".", "userdir", FileExistsError, "userdir exists and is not a segpipe NGFF export"),
+        ("userdir", ".", FileExistsError, "output . exists and is not a segpipe NGFF export"),
+        (".", "keep.png", FileExistsError, "keep.png exists and is not a segpipe NGFF export"),
+        (".", "theirs04.zarr", FileExistsError, "theirs04.zarr exists and is not a segpipe NGFF"),
+        (".", "in/r.zarr", ValueError, "output in/r.zarr is the result"),
+        (".", "in/r.zarr/labels/x.zarr", ValueError, "x.zarr is inside the result"),
+        (".", "in", ValueError, "output in holds the result"),
+        ("in", ".", ValueError, "output . holds the result"),
+    ],
+)
+def test_overwrite_replaces_nothing_but_an_earlier_export(
+    fresh, tmp_path, monkeypatch, cwd, output, error, message
+):
+    (tmp_path / "userdir").mkdir()
+    (tmp_path / "userdir" / "a.txt").write_text("mine")
+    (tmp_path / "keep.png").write_bytes(b"\x89PNG\r\n\x1a\n not a copy")
+    _ome_image(tmp_path / "theirs04.zarr", version="0.4")  # someone's NGFF 0.4, not an export
+    before = file_tree(tmp_path)
+    monkeypatch.chdir(tmp_path / cwd)
+    with pytest.raises(error, match=re.escape(message)):
+        export_ngff04(fresh, output, overwrite=True)
+    assert file_tree(tmp_path) == before
+
+
+def test_overwrite_replaces_an_earlier_export_whole(fresh, tmp_path):
+    out = tmp_path / "e.zarr"
+    export_ngff04(fresh, out)
+    (out / "stale").write_text("in the earlier export only")
+    (tmp_path / ".e.zarr.exporting-0123456789ab").mkdir()  # what a killed export left
+    assert export_ngff04(fresh, out, overwrite=True) == out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr", "in"]
+    assert not (out / "stale").exists()
+    group = zarr.open_group(out, mode="r")
+    assert group.attrs["segpipe"] == {"kind": "ngff-export", "version": "0.4", "complete": True}
+    np.testing.assert_array_equal(group["1"][...], source_levels(fresh, "probabilities")[1])
+
+
+def test_a_link_to_an_export_is_refused(fresh, tmp_path):
+    export_ngff04(fresh, tmp_path / "e.zarr")
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "e.zarr")
+    before = file_tree(tmp_path)
+    with pytest.raises(FileExistsError, match=r"link\.zarr is a symbolic link"):
+        export_ngff04(fresh, tmp_path / "link.zarr", overwrite=True)
+    assert file_tree(tmp_path) == before and (tmp_path / "link.zarr").is_symlink()
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "over-an-earlier-export"])
+def test_an_interrupted_export_leaves_the_output_as_it_was(fresh, tmp_path, monkeypatch, earlier):
+    out = tmp_path / "e.zarr"
+    if earlier:
+        export_ngff04(fresh, out)
+    before = file_tree(tmp_path)
+    _interrupt_the_second_copy(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        export_ngff04(fresh, out, overwrite=True)
+    assert file_tree(tmp_path) == before  # no folder listing a missing level, nothing beside it
+
+
+def test_at_a_url_only_an_export_is_replaced_and_a_failed_one_removed(
+    fresh, guarded_store, monkeypatch
+):
+    guarded("b/user/a.txt").write_bytes(b"mine")
+    before = _objects()
+    with pytest.raises(FileExistsError, match="user exists and is not a segpipe NGFF export"):
+        export_ngff04(fresh, guarded("b/user"), overwrite=True)
+    out = guarded("b/e.zarr")
+    with monkeypatch.context() as patch:
+        _interrupt_the_second_copy(patch)
+        with pytest.raises(KeyboardInterrupt):
+            export_ngff04(fresh, out)
+    assert _objects() == before
+    with monkeypatch.context() as patch:  # killed: nothing ran after the interruption
+        _interrupt_the_second_copy(patch)
+        patch.setattr(ngff, "_delete_at_url", lambda url: None)
+        with pytest.raises(KeyboardInterrupt):
+            export_ngff04(fresh, out)
+    left = zarr.open_group(out, mode="r").attrs.asdict()
+    assert "multiscales" not in left and left["segpipe"]["complete"] is False
+    with pytest.raises(FileExistsError, match=r"an unfinished segpipe NGFF export.*overwrite"):
+        export_ngff04(fresh, out)
+    assert export_ngff04(fresh, out, overwrite=True) == out
+    group = zarr.open_group(out, mode="r")
+    assert group.attrs["segpipe"]["complete"] is True
+    np.testing.assert_array_equal(group["1"][...], source_levels(fresh, "probabilities")[1])
+    assert guarded("b/user/a.txt").read_bytes() == b"mine"
 
 
 # ---- reading OME-Zarr (segpipe.io.readers.ZarrReader) ---------------------------------------

@@ -723,3 +723,17 @@ def test_an_s3_archive_image_with_glob_characters_is_segmented_and_replaced_alon
     assert again.result == f"{root}/slide [1].tif.seg.zarr"
     assert read_meta(location(again.result, s3.options)).config.probability_dtype == "uint8"
     assert _objects(s3.fs, plain) == before
+
+
+def test_a_file_written_atomically_has_the_mode_of_any_file_the_user_writes(tmp_path):
+    """mkstemp makes its file 0600; the renamed file is the user's usual 0666 less umask, as a
+    report, a sidecar or a table written in a shared output root must be readable by others."""
+    import os
+
+    from segpipe.io.files import write_text_atomic
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    out = write_text_atomic(tmp_path / "table.csv", "a,b\n")
+    (tmp_path / "plain.csv").write_text("a,b\n")
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain.csv").stat().st_mode & 0o777

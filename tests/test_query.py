@@ -1,5 +1,7 @@
 """Queries against numpy/scipy on the whole image: areas, thresholds, objects across chunks."""
 
+import json
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -430,3 +432,75 @@ def test_georeferenced_areas_and_regions_in_crs_units(tmp_path):
     ring = query.object_table(path, "tissue").iloc[0]
     assert ring.centroid_y == pytest.approx(5400000.0 - 2 * 32.0)
     assert ring.area == pytest.approx(108 * 4.0)
+
+
+# ---- the CLI's query and export: an existing output is refused unless --overwrite ------------
+
+
+def _cli(*argv):
+    from segpipe.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A result, a user's folder and a PNG beside it, in ``tmp_path``."""
+    labels, _ = squares_on_chunk_corners()
+    path, _ = make_result(tmp_path / "r.seg.zarr", labels)
+    (tmp_path / "userdir").mkdir()
+    (tmp_path / "userdir" / "a.txt").write_text("mine")
+    (tmp_path / "keep.png").write_bytes(b"\x89PNG\r\n\x1a\n not a table")
+    return path
+
+
+def file_tree(path):
+    """Every file (its bytes) and folder (None) under ``path``: what "left as it was" means."""
+    return {
+        str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
+        for p in sorted(path.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("userdir", "userdir exists and is not a segpipe NGFF export"),
+        ("r.seg.zarr", "output r.seg.zarr is the result r.seg.zarr"),
+        (".", "output . holds the result r.seg.zarr"),
+    ],
+)
+def test_cli_export_overwrite_deletes_no_folder_an_export_did_not_write(
+    small, tmp_path, monkeypatch, capsys, output, message
+):
+    monkeypatch.chdir(tmp_path)
+    before = file_tree(tmp_path)
+    assert _cli("-q", "export", small.name, output, "--format", "ngff-0.4", "--overwrite") == 2
+    assert message in capsys.readouterr().err
+    assert file_tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{result}", "{target}", "--format", "geojson"],
+        ["export", "{result}", "--geojson", "{target}"],  # the deprecated spelling
+        ["query", "{result}", "--class", "nucleus", "--objects", "--table", "{target}"],
+    ],
+    ids=["export", "export-geojson-flag", "query-table"],
+)
+def test_cli_replaces_an_existing_file_only_with_overwrite(small, tmp_path, capsys, argv):
+    target = tmp_path / "keep.png"
+    argv = [a.format(result=small, target=target) for a in argv]
+    before = file_tree(tmp_path)
+    assert _cli("-q", *argv) == 2
+    assert f"{target} exists; pass " in capsys.readouterr().err
+    assert file_tree(tmp_path) == before
+    assert _cli("-q", *argv, "--overwrite") == 0
+    text = target.read_text(encoding="utf-8")
+    if argv[0] == "query":
+        assert text.splitlines()[0].startswith("label,")
+        assert len(text.splitlines()) == 1 + len(squares_on_chunk_corners()[1])
+    else:
+        assert json.loads(text)["type"] == "FeatureCollection"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "r.seg.zarr", "userdir"]

@@ -5,7 +5,7 @@ at ``<k>``) and every label pyramid under ``labels/<name>/<k>``, with the same
 ``coordinateTransformations``, units, class colours and channel names as the 0.5 result::
 
     out.zarr/
-        .zattrs        multiscales (version "0.4"), omero channels
+        .zattrs        multiscales (version "0.4"), omero channels, segpipe (the marker)
         0, 1, ...      (c, y, x) probabilities, level k
         labels/mask/   image-label, multiscales; 0, 1, ... (y, x) uint8
 
@@ -13,13 +13,31 @@ Where the result keeps its arrays (its layout, see :data:`segpipe.results.LAYOUT
 from its own OME metadata, so results of every layout export alike; the copy always uses the
 flat ``<k>`` paths 0.4 readers expect. Arrays are copied level by level through dask, one
 source shard at a time, so no level is ever whole in memory.
+
+An export is known by ``"segpipe": {"kind": "ngff-export", ...}`` in its root ``.zattrs``;
+``overwrite`` replaces only a folder carrying it, never anything else at the output (a
+user's folder, a result), and never the result itself, a folder inside it or one holding it.
+Each group's metadata is written after its arrays, the root's last, so no reader sees a
+level listed before it is there:
+
+- locally the copy is built beside the output, in ``.<name>.exporting-<hex>``, and renamed
+  to it whole (an earlier export renamed aside first, to ``.<name>.deleting-<hex>``, then
+  deleted): an interrupted export leaves nothing at the output, and what a killed one left
+  beside it is removed by the next export to that name;
+- at an fsspec URL (object stores cannot rename) the export is written in place, its root
+  marked ``complete: false`` until the root metadata is written, last; one that fails is
+  deleted, one killed stays marked unfinished, and an earlier export is deleted as
+  :mod:`segpipe.io.imagestore` deletes an ingest (marked unfinished first, its root last).
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
-from pathlib import Path
+import uuid
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, cast
 
 import dask.array as da
@@ -33,6 +51,8 @@ from segpipe.results import label_path, open_result
 __all__ = ["NGFF_VERSIONS", "export_ngff04"]
 
 NGFF_VERSIONS = ("0.4",)
+_KIND = "ngff-export"
+_ROOT = ".zattrs"
 
 
 def _copy_array(source: zarr.Array, group: zarr.Group, name: str) -> None:
@@ -62,53 +82,167 @@ def _ome(group: zarr.Group, where: str) -> dict[str, Any]:
     return dict(cast(dict[str, Any], attrs["ome"]))
 
 
+def _marker(path: Path | URLPath) -> dict[str, Any] | None:
+    """The ``segpipe`` attribute of the export (finished or not) at ``path``, or None where
+    there is none."""
+    try:
+        attrs = json.loads(path.joinpath(_ROOT).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    segpipe = attrs.get("segpipe") if isinstance(attrs, dict) else None
+    return segpipe if isinstance(segpipe, dict) and segpipe.get("kind") == _KIND else None
+
+
 def export_ngff04(
     result: str | os.PathLike, output: str | os.PathLike, *, overwrite: bool = False
 ) -> Path | URLPath:
     """Write the probability and label pyramids of ``result`` as NGFF 0.4 at ``output``.
 
     Either may be a local path or an fsspec URL (a :class:`~segpipe.io.files.URLPath` keeps
-    its ``storage_options``). ``overwrite`` replaces an existing ``output``; otherwise it must
-    not exist. Returns the location written. Values equal the result's (float16
+    its ``storage_options``). ``output`` must not exist, or, with ``overwrite``, be an earlier
+    export (see the module docstring); anything else there raises ``FileExistsError`` and is
+    left as it is. Returns the location written. Values equal the result's (float16
     probabilities are widened to float32; uint8 ones stay packed, ``round(255 p)``).
     """
     open_result(result)  # an incomplete or foreign store fails here, before anything is written
     target = location(output)
-    if target.exists():
-        if not overwrite:
-            raise FileExistsError(f"{target} exists; pass overwrite=True (--overwrite) to replace")
-        _remove(target)
     # location() keeps a URLPath as it is: str() would drop its storage options.
-    source = zarr.open_group(location(result), mode="r")
-    ome = _ome(source, str(result))
+    source_at = location(result)
+    _check_output(target, source_at, overwrite=overwrite)
+    source = zarr.open_group(source_at, mode="r")
+    if isinstance(target, URLPath):
+        if target.exists():
+            _delete_at_url(target)
+        try:
+            _write(source, str(result), target)
+        except BaseException:
+            if _marker(target) is not None:
+                _delete_at_url(target)
+            raise
+        return target
+    _export_locally(source, str(result), target, source_at, overwrite=overwrite)
+    return target
+
+
+def _export_locally(
+    source: zarr.Group, result: str, target: Path, source_at: Path | URLPath, *, overwrite: bool
+) -> None:
+    """Build the export beside ``target``, then rename it there (see the module docstring)."""
+    # Resolved: "." has no name to build beside, and a parent may be a link.
+    here = target.resolve()
+    for old in _beside(here, "exporting") + _beside(here, "deleting"):
+        shutil.rmtree(old, ignore_errors=True)  # what a killed export left
+    building = here.with_name(f".{here.name}.exporting-{uuid.uuid4().hex[:12]}")
+    try:
+        _write(source, result, building)
+        # Checked again: the copy took a while, and something may be at the output now.
+        _check_output(target, source_at, overwrite=overwrite)
+        if not here.exists():
+            os.rename(building, here)  # fails on anything there now but an empty folder
+            return
+        trash = here.with_name(f".{here.name}.deleting-{uuid.uuid4().hex[:12]}")
+        os.rename(here, trash)
+        try:
+            os.rename(building, here)
+        except BaseException:
+            os.rename(trash, here)  # the earlier export back, not lost with the new one
+            raise
+        shutil.rmtree(trash)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+
+
+def _beside(path: Path, kind: str) -> list[Path]:
+    return list(path.parent.glob(glob.escape(f".{path.name}.{kind}-") + "*"))
+
+
+def _check_output(target: Path | URLPath, result: Path | URLPath, *, overwrite: bool) -> None:
+    """Refuse ``target`` (FileExistsError, ValueError) unless it is free, or an earlier
+    export that ``overwrite`` allows replacing; never the result or what holds it."""
+    if isinstance(target, Path) and target.is_symlink():
+        raise FileExistsError(
+            f"export output {target} is a symbolic link to {os.readlink(target)}; an export "
+            "is replaced by renaming, which would replace the link, not its target: give the "
+            "link's target as the output path, or remove the link"
+        )
+    if relation := _relation(target, result):
+        raise ValueError(
+            f"export output {target} {relation} the result {result}: writing there would "
+            "replace the result; choose another path"
+        )
+    if not target.exists():
+        return
+    marker = _marker(target)
+    if marker is None:
+        raise FileExistsError(
+            f"export output {target} exists and is not a segpipe NGFF export (no 'segpipe': "
+            f"{{'kind': '{_KIND}'}} attribute in its {_ROOT}); refusing to replace it, even "
+            "with overwrite=True (--overwrite): choose another path or remove it yourself"
+        )
+    if not overwrite:
+        state = "an unfinished" if marker.get("complete") is False else "an earlier"
+        raise FileExistsError(
+            f"export output {target} exists ({state} segpipe NGFF export); pass "
+            "overwrite=True (--overwrite) to replace it"
+        )
+
+
+def _relation(a: Path | URLPath, b: Path | URLPath) -> str | None:
+    """How location ``a`` overlaps ``b`` ("is", "is inside", "holds"), or None."""
+    x: PurePath
+    y: PurePath
+    if isinstance(a, URLPath) and isinstance(b, URLPath):
+        x, y = PurePosixPath(str(a)), PurePosixPath(str(b))  # "s3:/bucket/key": parts compare
+    elif isinstance(a, Path) and isinstance(b, Path):
+        x, y = a.resolve(), b.resolve()
+    else:
+        return None
+    if x == y:
+        return "is"
+    return "is inside" if y in x.parents else "holds" if x in y.parents else None
+
+
+def _write(source: zarr.Group, result: str, target: Path | URLPath) -> None:
+    """Write the export of ``source`` (the result named ``result``) at ``target``."""
+    ome = _ome(source, result)
     (multiscale,) = ome["multiscales"]
     paths = [d["path"] for d in multiscale["datasets"]]
     # QuPath finds channels by the axis name "c"; the 0.5 result calls it "class".
     axes = [{**a, "name": "c"} if a["type"] == "channel" else a for a in multiscale["axes"]]
     datasets = [{**d, "path": str(k)} for k, d in enumerate(multiscale["datasets"])]
     ome["multiscales"] = [{**multiscale, "axes": axes, "datasets": datasets}]
-    root = zarr.create_group(target, zarr_format=2, attributes=ngff04_attributes(ome))
+    marker = {"kind": _KIND, "version": NGFF_VERSIONS[0]}
+    root = zarr.create_group(
+        target, zarr_format=2, attributes={"segpipe": {**marker, "complete": False}}
+    )
     for k, path in enumerate(paths):
         _copy_array(source[path], root, str(k))  # type: ignore[arg-type]
 
     label_names = list(_ome(source["labels"], f"{result}/labels")["labels"])  # type: ignore[arg-type]
-    labels = root.create_group("labels", attributes={"labels": label_names})
+    labels = root.create_group("labels")
     for name in label_names:
         src = source[label_path(name)]
         attrs = _ome(src, f"{result}/{label_path(name)}")  # type: ignore[arg-type]
         (multiscale,) = attrs["multiscales"]
         datasets = [{**d, "path": str(k)} for k, d in enumerate(multiscale["datasets"])]
         attrs["multiscales"] = [{**multiscale, "datasets": datasets}]
-        label = labels.create_group(name, attributes=ngff04_attributes(attrs))
+        label = labels.create_group(name)
         for k, d in enumerate(multiscale["datasets"]):
             _copy_array(src[d["path"]], label, str(k))  # type: ignore[index,arg-type]
-    return target
+        label.update_attributes(ngff04_attributes(attrs))
+    labels.update_attributes({"labels": label_names})
+    # Last, one write: an image to readers, and a finished export to segpipe.
+    root.update_attributes({**ngff04_attributes(ome), "segpipe": {**marker, "complete": True}})
 
 
-def _remove(path: Path | URLPath) -> None:
-    """Delete the folder (or, at a URL, every object under the prefix) at ``path``."""
-    if isinstance(path, URLPath):
-        fs, root = path.filesystem()
-        remove_literal(fs, root, recursive=True)
-    else:
-        shutil.rmtree(path)
+def _delete_at_url(url: URLPath) -> None:
+    """Delete the export at ``url``: marked unfinished first, its root ``.zattrs`` last."""
+    root = url.joinpath(_ROOT)
+    document = json.loads(root.read_text())
+    document["segpipe"]["complete"] = False
+    root.write_text(json.dumps(document))  # one PUT: from here on it reads as unfinished
+    fs, path = url.filesystem()
+    path = path.rstrip("/")
+    remove_literal(fs, [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{_ROOT}"])
+    root.unlink()
+    remove_literal(fs, path, recursive=True)  # the folders a file system (not a bucket) keeps

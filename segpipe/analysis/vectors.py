@@ -38,7 +38,7 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
-from segpipe.io.files import URLPath, is_url, location
+from segpipe.io.files import URLPath, is_url, location, write_text_atomic
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
@@ -277,15 +277,27 @@ def export_geojson(
     connectivity: int = 1,
     min_area: float = 0.0,
     object_type: str = "detection",
+    overwrite: bool = False,
 ) -> Path | URLPath:
     """Write the objects of ``classes`` (default: every class but the first, background) as
     one GeoJSON FeatureCollection at ``output`` (a path, or an fsspec URL: a
     :class:`~segpipe.io.files.URLPath` keeps its ``storage_options``) and return its location.
 
+    An existing ``output`` raises ``FileExistsError`` unless ``overwrite``; the file is
+    written whole or not at all (:func:`~segpipe.io.files.write_text_atomic`).
+
     ``object_type``: ``"detection"`` (QuPath's type for many small objects, e.g. nuclei) or
     ``"annotation"`` (a few large, editable regions, e.g. tissue); see :func:`class_features`.
     """
     open_result(result, level)  # an incomplete result or a missing level fails here, early
+    target = location(output)  # a URL's text goes to its store, not a local folder "s3:"
+    # Checked before the polygons are traced, which may take long.
+    if target.is_dir():
+        raise IsADirectoryError(f"GeoJSON output {target} is a folder; name a .geojson file")
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"GeoJSON output {target} exists; pass overwrite=True (--overwrite) to replace it"
+        )
     meta = read_meta(result)
     names = list(meta.class_names)
     for name in classes or []:
@@ -323,6 +335,4 @@ def export_geojson(
             "type": "name",
             "properties": {"name": f"urn:ogc:def:crs:{authority}::{code}"},
         }
-    target = location(output)  # a URL's text goes to its store, not a local folder "s3:"
-    target.write_text(json.dumps(collection), encoding="utf-8")
-    return target
+    return write_text_atomic(target, json.dumps(collection))

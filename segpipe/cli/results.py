@@ -52,6 +52,7 @@ def add_query(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="1: objects touch by edges, 2: also by corners",
     )
     q.add_argument("--table", default=None, metavar="CSV", help="write the object table")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing --table file")
     q.add_argument("--json", action="store_true", help="print JSON instead of text")
     q.set_defaults(run=_query)
 
@@ -90,7 +91,10 @@ def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         new="write `segpipe export RESULT OUT.zarr` (or --format ngff-0.4)",
     )
     ex.add_argument(
-        "--overwrite", action="store_true", help="replace an existing OME-NGFF output folder"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output: a GeoJSON file, or a folder an earlier export wrote "
+        "(nothing else is deleted)",
     )
     ex.add_argument(
         "--object-type",
@@ -150,6 +154,7 @@ def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _query(args: argparse.Namespace) -> int:
+    from segpipe.io.files import write_text_atomic
     from segpipe.query import region_report
 
     classes = args.classes or []
@@ -159,6 +164,8 @@ def _query(args: argparse.Namespace) -> int:
     # script should not start (and --table alone would write nothing).
     if args.table and not args.objects:
         raise ValueError(f"--table {args.table} writes the object table of --objects; add it")
+    if args.table:
+        _check_table(args.table, overwrite=args.overwrite)
     report = region_report(
         args.result,
         class_name=classes[0] if len(classes) == 1 else None,
@@ -174,7 +181,8 @@ def _query(args: argparse.Namespace) -> int:
     if args.table and table is not None:
         import pandas as pd
 
-        pd.DataFrame(table).to_csv(args.table, index=False)
+        # Whole or not at all: a failed write never leaves half a table, nor a half-replaced one.
+        write_text_atomic(args.table, pd.DataFrame(table).to_csv(index=False))
     units = report.pop("area_units")
     if args.json:
         # The unit in the key (`area_um2`), as `info --json` has `class_area_um2`.
@@ -199,6 +207,18 @@ def _query(args: argparse.Namespace) -> int:
             + (f" (table: {args.table})" if args.table else "")
         )
     return 0
+
+
+def _check_table(table: str, *, overwrite: bool) -> None:
+    """Refuse ``--table`` where it is a folder, or a file and not ``overwrite``: before the
+    objects are labelled, which may take long."""
+    from segpipe.io.files import location
+
+    where = location(table)
+    if where.is_dir():
+        raise IsADirectoryError(f"--table {table} is a folder; name a .csv file")
+    if where.exists() and not overwrite:
+        raise FileExistsError(f"--table {table} exists; pass --overwrite to replace it")
 
 
 def _only(classes: list[dict[str, Any]], names: list[str], result: str) -> list[dict[str, Any]]:
@@ -268,6 +288,7 @@ def _export(args: argparse.Namespace) -> int:
                 connectivity=args.connectivity,
                 min_area=args.min_area,
                 object_type=args.object_type,
+                overwrite=args.overwrite,
             )
         )
     return 0

@@ -323,6 +323,17 @@ def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
     return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
+def _read_umask() -> int:
+    """The process's umask (read by setting it and putting it back: done once, at import,
+    since another thread creating a file in between would get the one set)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath:
     """Write ``text`` (UTF-8) so that readers see the old file or the new one, never half.
 
@@ -339,6 +350,9 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
+        # other the user writes (a shared output root's reports, sidecars and tables).
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
