@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,83 @@ def test_damaged_files_are_refused(
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(CheckpointError, match=rf"(?s){re.escape(str(path))}.*{problem}"):
         load(path)
+
+
+def test_a_flipped_byte_anywhere_is_refused_or_harmless(tmp_path: Path) -> None:
+    """One byte flipped in a small checkpoint: load() refuses it naming the file, or (a flip
+    in padding) loads the very model saved, never another one nor another error. An even
+    stride over the whole file, and each entry's attributes in the zip's central directory
+    (torch's reader takes an entry marked a folder for an empty one)."""
+    torch.manual_seed(0)
+    small = models.build("unet", class_names=["a", "b"], width=2, depth=1, padding="valid")
+    path = save(small, tmp_path / "small.pt", metrics={"dice": 0.5})
+    data = path.read_bytes()
+    end = data.rfind(b"PK\x05\x06")  # the end-of-central-directory record
+    at, attributes = int.from_bytes(data[end + 16 : end + 20], "little"), []
+    # Each central directory entry: 46 bytes (attributes at 38), a name, an extra field, a comment.
+    while data[at : at + 4] == b"PK\x01\x02":
+        attributes.append(at + 38)
+        at += 46 + sum(int.from_bytes(data[at + k : at + k + 2], "little") for k in (28, 30, 32))
+    assert len(attributes) == len(zipfile.ZipFile(path).infolist())
+    offsets = sorted({*range(0, len(data), len(data) // 400 + 1), *attributes})
+    flipped = tmp_path / "flipped.pt"
+    saved, wrong = (fingerprint(small), {"dice": 0.5}), []
+    for i in offsets:
+        flipped.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
+        try:
+            loaded = load(flipped)
+        except CheckpointError as err:
+            if str(flipped) not in str(err):
+                wrong.append((i, f"unnamed: {err}"))
+        except Exception as err:  # the test's point: no other class escapes
+            wrong.append((i, repr(err)))
+        else:
+            if (fingerprint(loaded), loaded.checkpoint_metrics) != saved:
+                wrong.append((i, "loaded another model"))
+    assert not wrong, f"{len(wrong)} flips of {len(offsets)}, e.g. {wrong[:3]}"
+
+
+def test_save_replaces_a_file_whole_or_not_at_all(
+    net: UNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted save leaves the old file as it was (and no scratch file); a completed
+    one replaces it."""
+    from segpipe.models import checkpoint
+
+    path = save(net, tmp_path / "net.pt", metrics={"run": 1})
+    before = path.read_bytes()
+
+    def interrupted(payload: object, file: Path) -> None:
+        Path(file).write_bytes(b"PK half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save(net, path, metrics={"run": 2})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
+    save(net, path, metrics={"run": 2})
+    assert load(path).checkpoint_metrics == {"run": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt"]
+
+
+def test_save_refuses_urls_and_names_unwritable_paths(
+    net: UNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for url in ("s3://bucket/net.pt", "memory://net.pt"):
+        with pytest.raises(ValueError, match=re.escape(url) + ".*local files"):
+            save(net, url)
+    assert list(tmp_path.iterdir()) == [], "no local folder named s3: or memory:"
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(OSError, match=r"folder\.pt"):
+        save(net, tmp_path / "folder.pt")
+    assert (tmp_path / "folder.pt").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pt"]
+    if Path("/proc/self").is_dir():  # a folder that takes no new files, even from root
+        with pytest.raises(CheckpointError, match=r"/proc/segpipe-test\.pt cannot be written"):
+            save(net, "/proc/segpipe-test.pt")
 
 
 def as_int64(payload: dict[str, Any]) -> None:

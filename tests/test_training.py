@@ -7,8 +7,9 @@ Validation's inference (the overlap-tile stitcher) is tested in test_execution.p
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -517,3 +518,205 @@ def test_train_help_describes_steps_as_the_config_counts_them() -> None:
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+# --- what training reads and writes: folders, outputs, checkpoint folders ----------------
+
+
+def _tiff_folder(root: Path, slides: list[SyntheticSlide], pixels: Callable) -> Path:
+    """``root/images`` (``pixels(slide.image)``) and ``root/labels`` as TIFFs, named after
+    ``root`` (training and validation names differ), and the tissue class names."""
+    import tifffile
+
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True)
+    for i, s in enumerate(slides):
+        tifffile.imwrite(root / "images" / f"{root.name}{i}.tif", pixels(s.image))
+        tifffile.imwrite(root / "labels" / f"{root.name}{i}.tif", s.labels)
+    (root / "classes.txt").write_text("background\ntissue\nnucleus\n")
+    return root
+
+
+def _twelve_bit(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.uint16) * 16
+
+
+@pytest.mark.parametrize(
+    ("pixels", "kind"),
+    [
+        # The same scenes as 8-bit: scored with the 12-bit scaling, Dice 0.05 instead of 0.95.
+        pytest.param(lambda image: image, r"uint8, 3 channel\(s\)", id="uint8"),
+        pytest.param(lambda image: _twelve_bit(image[..., 0]), r"uint16, 1 channel", id="grey"),
+    ],
+)
+def test_validation_images_of_another_kind_are_refused_before_training(
+    tmp_path: Path, pixels: Callable, kind: str
+) -> None:
+    from segpipe.training import class_names_for, initial_model, pixel_contract_for
+
+    slides = [tissue_slide(48, seed=s) for s in (1, 2, 9)]
+    config = TrainConfig(
+        **TINY,
+        dataset="folder",
+        train_folder=str(_tiff_folder(tmp_path / "train", slides[:2], _twelve_bit)),
+        val_folder=str(_tiff_folder(tmp_path / "val", slides[2:], pixels)),
+    )
+    model = initial_model(
+        "unet",
+        class_names=class_names_for(config),
+        contract=pixel_contract_for(config),
+        width=4,
+        depth=2,
+        padding="valid",
+    )
+    initial = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=rf"val.images.val0\.tif is {kind}.*train are uint16, 3 channel\(s\)"
+    ):
+        train(model, config)
+    for a, b in zip(initial, model.parameters(), strict=True):
+        assert torch.equal(a, b), "refused before any step"
+
+
+def test_folders_are_read_with_the_folder_dataset_only() -> None:
+    with pytest.raises(ValueError, match=r"train_folder='a'.*dataset='folder', not 'tissue'"):
+        TrainConfig(train_folder="a", val_folder="b")
+    with pytest.raises(ValueError, match=r"val_folder='b'.*not 'aerial'"):
+        TrainConfig(dataset="aerial", val_folder="b")
+
+
+def _cli_train(output: Path | str, *options: str) -> list[str]:
+    """``segpipe train`` arguments for a tiny run on synthetic tissue."""
+    tiny = "--steps 2 --batch-size 2 --patch 16 --slide-size 96 --num-slides 1 --val-size 48"
+    return ["train", str(output), *tiny.split(), *options]
+
+
+TINY_UNET = ("--width", "4", "--depth", "2")
+
+
+def test_cli_folder_options_train_on_the_folders(tmp_path: Path, capsys) -> None:
+    from segpipe import models
+    from segpipe.cli import main
+
+    slides = [tissue_slide(48, seed=s) for s in (1, 2, 9)]
+    train_dir = _tiff_folder(tmp_path / "train", slides[:2], _twelve_bit)
+    val_dir = _tiff_folder(tmp_path / "val", slides[2:], _twelve_bit)
+    folders = ["--train-folder", str(train_dir), "--val-folder", str(val_dir)]
+    out = tmp_path / "m.pt"
+    assert main(_cli_train(out, *TINY_UNET, *folders, "--full-precision")) == 0
+    metrics = models.load(out).checkpoint_metrics
+    assert metrics["validation"] == {
+        "dataset": "folder",
+        "train": str(train_dir),
+        "val": str(val_dir),
+    }
+    assert metrics["confusion"] and sum(map(sum, metrics["confusion"])) == 48 * 48
+    capsys.readouterr()
+    assert main(_cli_train(tmp_path / "n.pt", "--dataset", "tissue", *folders)) == 2
+    assert "dataset='folder', not 'tissue'" in capsys.readouterr().err
+    assert not (tmp_path / "n.pt").exists()
+
+
+def test_cli_checks_its_output_before_training(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An existing file needs --overwrite (a fine-tune in place too), a folder, a URL or an
+    unwritable place is refused, each before a step is trained; nothing is written."""
+    from segpipe import models
+    from segpipe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    picture = tmp_path / "picture.png"
+    picture.write_bytes(b"\x89PNG not a checkpoint")
+    (tmp_path / "folder.pt").mkdir()
+    needs_overwrite = (
+        "picture.png exists: replace it with overwrite=True (segpipe train --overwrite)"
+    )
+    refused = {
+        str(picture): needs_overwrite,
+        str(tmp_path / "folder.pt"): "folder.pt exists and is not a file",
+        "s3://bucket/m.pt": "s3://bucket/m.pt: checkpoints are local files",
+        "memory://m.pt": "memory://m.pt: checkpoints are local files",
+    }
+    if Path("/proc/self").is_dir():  # takes no new files, even from root
+        refused["/proc/segpipe-test.pt"] = "segpipe-test.pt: cannot be written: /proc takes no"
+    for output, message in refused.items():
+        assert main(_cli_train(output)) == 2, output
+        err = capsys.readouterr().err
+        assert message in err, err
+        assert "0/2 steps" not in err, "refused before training"
+    assert picture.read_bytes() == b"\x89PNG not a checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pt", "picture.png"]
+
+    # A fine-tune in place replaces its original only when told to.
+    torch.manual_seed(0)
+    original = models.save(tiny_unet(), tmp_path / "m.pt", metrics={"original": True})
+    before = original.read_bytes()
+    assert main(_cli_train(original, "--model", str(original))) == 2
+    assert "m.pt exists" in capsys.readouterr().err
+    assert original.read_bytes() == before
+    assert main(_cli_train(original, "--model", str(original), "--overwrite")) == 0
+    assert "original" not in models.load(original).checkpoint_metrics
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.pt", "m.pt", "picture.png"]
+
+
+def test_save_trained_replaces_its_output_with_the_final_file_only(
+    finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted while it scores the float16 weights, save_trained leaves a fine-tune's
+    original as it was, and no file without metrics; done, it replaced it."""
+    from segpipe import models
+    from segpipe.training import loop, save_trained
+
+    config, result = finished_run
+    torch.manual_seed(0)
+    original = models.save(tiny_unet(), tmp_path / "m.pt", metrics={"original": True})
+    before = original.read_bytes()
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "evaluate_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_trained(models.load(original), config, result, original)
+    assert original.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+    monkeypatch.undo()
+    saved = save_trained(models.load(original), config, result, original)
+    assert models.load(original).checkpoint_metrics["confusion"] == saved["confusion"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_a_run_does_not_write_over_another_runs_checkpoints(finished_run, tmp_path: Path) -> None:
+    """A folder holding epoch checkpoints takes only those of the run they are: refused
+    before training for a new run (even with the same settings: it is not told to continue)
+    and for a resume whose files there are another run's; a resume of their run continues."""
+    import re
+    import shutil
+
+    config, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(str(config.checkpoint_dir), run)
+    mine = replace(config, checkpoint_dir=str(run))
+    files = {p.name: p.read_bytes() for p in run.iterdir()}
+    folder = re.escape(str(run))
+    for other in (replace(mine, seed=7), mine):
+        model = tiny_unet()
+        initial = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(
+            ValueError, match=rf"{folder} already holds epoch-001\.pt.*checkpoint-dir.*--resume"
+        ):
+            train(model, other)
+        assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters(), strict=True))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == files
+
+    resume = replace(mine, resume_from=str(run / "epoch-001.pt"))
+    assert train(tiny_unet(), resume)["checkpoint"] == str(run / "epoch-002.pt")
+    # epoch-002.pt of a seed-7 run: the resume of the seed-0 one must not replace it.
+    payload = torch.load(run / "epoch-002.pt", weights_only=True)
+    payload["metrics"]["config"]["seed"] = 7
+    torch.save(payload, run / "epoch-002.pt")
+    seven = (run / "epoch-002.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"epoch-002\.pt, of another run: it trained with seed=7"):
+        train(tiny_unet(), resume)
+    assert (run / "epoch-002.pt").read_bytes() == seven

@@ -18,7 +18,16 @@ __all__ = ["add_evaluate", "add_train"]
 
 def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr = sub.add_parser("train", help="train a model on synthetic scenes or a folder of pairs")
-    tr.add_argument("output", metavar="CHECKPOINT", help="checkpoint to write (.pt)")
+    tr.add_argument(
+        "output",
+        metavar="CHECKPOINT",
+        help="checkpoint to write (.pt), a local file; checked before training",
+    )
+    tr.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace CHECKPOINT if it exists (also to fine-tune --model CHECKPOINT in place)",
+    )
     tr.add_argument(
         "--model",
         default="unet",
@@ -30,14 +39,21 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument(
         "--dataset",
         choices=("tissue", "aerial", "folder"),
-        default="tissue",
-        help="synthetic tissue or aerial scenes, or pairs from --train-folder",
+        default=None,
+        help="synthetic tissue or aerial scenes, or pairs from --train-folder (default: "
+        "folder with --train-folder or --val-folder, else tissue)",
     )
     tr.add_argument(
-        "--train-folder", default=None, metavar="DIR", help="images/ labels/ [instances/] folder"
+        "--train-folder",
+        default=None,
+        metavar="DIR",
+        help="images/ labels/ [instances/] folder; implies --dataset folder",
     )
     tr.add_argument(
-        "--val-folder", default=None, metavar="DIR", help="validation pairs, same layout"
+        "--val-folder",
+        default=None,
+        metavar="DIR",
+        help="held-out validation pairs, same layout, dtype and channels",
     )
     tr.add_argument(
         "--steps",
@@ -106,7 +122,10 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--jitter", type=float, default=0.0, metavar="AMOUNT", help="intensity jitter (0 = off)"
     )
     tr.add_argument(
-        "--checkpoint-dir", default=None, metavar="DIR", help="a checkpoint per epoch here"
+        "--checkpoint-dir",
+        default=None,
+        metavar="DIR",
+        help="a checkpoint per epoch here (a folder of no other run's, or the resumed run's)",
     )
     tr.add_argument(
         "--resume",
@@ -173,7 +192,11 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _train(args: argparse.Namespace) -> int:
     from segpipe import training
     from segpipe.analysis.evaluation import Evaluation
+    from segpipe.training.loop import check_output
 
+    # Refused now, not after the training: an existing file, a folder, a URL, no write access.
+    output = check_output(args.output, overwrite=args.overwrite)
+    folders = args.train_folder is not None or args.val_folder is not None
     config = training.TrainConfig(
         steps=args.steps,
         epochs=args.epochs,
@@ -184,7 +207,7 @@ def _train(args: argparse.Namespace) -> int:
         slide_size=args.slide_size,
         num_slides=args.num_slides,
         val_size=args.val_size,
-        dataset=args.dataset,
+        dataset=args.dataset or ("folder" if folders else "tissue"),
         train_folder=args.train_folder,
         val_folder=args.val_folder,
         loss_weights=args.loss_weights,
@@ -210,7 +233,7 @@ def _train(args: argparse.Namespace) -> int:
         model,
         config,
         result,
-        args.output,
+        output,
         half=not args.full_precision,
         extra={"command": " ".join(sys.argv)},
     )

@@ -33,7 +33,6 @@ __all__ = [
     "CheckpointError",
     "fingerprint",
     "load",
-    "looks_scripted",
     "read_payload",
     "save",
 ]
@@ -42,7 +41,14 @@ FORMAT = "segpipe-checkpoint/1"
 
 
 class CheckpointError(ValueError):
-    """A file that is not a usable segpipe checkpoint; the message names the file."""
+    """A file that is not a usable segpipe checkpoint, or cannot be written; names the file."""
+
+
+# What zipfile and torch.load raise on bytes that are not what they expect: a flipped byte in
+# a zip header reaches zipfile's name decoding (UnicodeDecodeError, a ValueError), a size
+# (OverflowError, a negative seek) or torch's record parsing (ValueError, IndexError).
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, LookupError, OverflowError,
+               zlib.error, zipfile.BadZipFile)  # fmt: skip
 
 
 def save(
@@ -52,7 +58,8 @@ def save(
     metrics: Mapping[str, Any] | None = None,
     half: bool = False,
 ) -> Path:
-    """Write ``model`` to ``path`` and return the path.
+    """Write ``model`` to ``path`` (a local file, replaced whole: written beside it, then
+    renamed over it) and return the path.
 
     The file holds ``{"format", "name", "config", "class_names", "input_mean", "input_std",
     "state_dict", "metrics", "weights_dtype"}`` and, for a model that has one, its
@@ -77,6 +84,9 @@ def save(
             "JSON sidecar (segpipe.models.write_sidecar), or register it under a name of its own "
             "(segpipe.models.base.register) in a module imported before loading"
         )  # fmt: skip
+    if "://" in os.fspath(path):
+        # Path() would make "s3://b/m.pt" the local folders s3:/b.
+        raise ValueError(f"{os.fspath(path)} not written: save() writes local files only")
     path = Path(path)
     contract = model.pixel_contract
     # load() refuses both; refused here, before anything is written.
@@ -110,8 +120,16 @@ def save(
     }
     if model.pixel_contract is not None:
         payload["pixel_contract"] = model.pixel_contract.as_dict()
+    # Readers of the old file never see a half-written one, nor an interrupted save a loss.
+    part = path.with_name(f".{path.name[:200]}.{os.getpid()}.part")  # within NAME_MAX
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, path)
+    try:
+        torch.save(payload, part)
+        os.replace(part, path)
+    except RuntimeError as err:  # torch's writer reports an unwritable file so
+        raise CheckpointError(f"{path} cannot be written: {err}") from err
+    finally:
+        part.unlink(missing_ok=True)
     return path
 
 
@@ -134,10 +152,8 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
             f"{path} is not a segpipe checkpoint: expected format {FORMAT!r}, found {found!r}. "
             "Write checkpoints with segpipe.models.save()."
         )
-    missing = {"name", "config", "class_names", "input_mean", "input_std", "state_dict"} - set(
-        payload
-    )
-    if missing:
+    entries = {"name", "config", "class_names", "input_mean", "input_std", "state_dict"}
+    if missing := entries - set(payload):
         raise CheckpointError(f"{path} lacks the entries {sorted(missing)}")
     name = payload["name"]
     if not isinstance(name, str) or name not in REGISTRY:
@@ -209,7 +225,7 @@ def read_payload(path: Path) -> Any:
             f"{path} is not a segpipe checkpoint, or holds Python objects that weights-only "
             f"loading refuses to unpickle (segpipe never runs code from a checkpoint): {err}"
         ) from err
-    except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as err:
+    except _UNREADABLE as err:
         raise CheckpointError(
             f"{path} is not a segpipe checkpoint (torch.load cannot read it: {err})"
         ) from err
@@ -231,20 +247,6 @@ def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:
     return contract
 
 
-def looks_scripted(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript or ``torch.export`` archive (by its zip entries)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return False
-    return _names_scripted(names)
-
-
-def _names_scripted(names: list[str]) -> bool:
-    return any("/code/" in n or n.endswith("archive_format") for n in names)
-
-
 def _read_archive(path: Path) -> bytes:
     """The bytes of ``path``, a whole zip archive whose every entry passes its CRC-32 check."""
     try:
@@ -253,32 +255,30 @@ def _read_archive(path: Path) -> bytes:
         raise CheckpointError(f"{path} cannot be read: {err}") from err
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            if _names_scripted(archive.namelist()):
-                # torch.load would hand a TorchScript archive to torch.jit.load, even weights-only.
-                raise CheckpointError(
-                    f"{path} is a TorchScript or torch.export file, not a checkpoint: describe "
-                    f"it in a sidecar {path.name}.json (segpipe.models.write_sidecar: "
-                    "class_names, geometry, pixel contract) to load it as a model"
-                )
             # Under 1 ms per MB (0.5 ms for tissue-unet): the bytes are in memory already.
             damaged = archive.testzip()
-    except (
-        zipfile.BadZipFile,
-        OSError,
-        EOFError,
-        RuntimeError,
-        NotImplementedError,
-        zlib.error,
-    ) as err:
+            # torch's reader (miniz) takes an entry with the MS-DOS folder bit for a folder and
+            # reads nothing into its tensor: one flipped bit, and other weights load.
+            folders = [i.filename for i in archive.infolist() if i.external_attr & 0x10]
+            names = archive.namelist()
+    except _UNREADABLE as err:
         raise CheckpointError(
             f"{path} is not a segpipe checkpoint, or is cut short (a half-written file from an "
             f"interrupted save looks like this): it is not a whole zip archive as torch.save "
             f"writes ({err}). Save the model again or copy the file again from its source."
         ) from err
-    if damaged is not None:
+    if any("/code/" in n or n.endswith("archive_format") for n in names):
+        # torch.load would hand a TorchScript archive to torch.jit.load, even weights-only.
         raise CheckpointError(
-            f"{path} is damaged: its entry {damaged!r} fails its CRC check, so its bytes changed "
-            "after torch.save wrote them. Copy the file again from its source or save it again."
+            f"{path} is a TorchScript or torch.export file, not a checkpoint: describe "
+            f"it in a sidecar {path.name}.json (segpipe.models.write_sidecar: "
+            "class_names, geometry, pixel contract) to load it as a model"
+        )
+    if damaged is not None or folders:
+        raise CheckpointError(
+            f"{path} is damaged: its entry {damaged or folders[0]!r} fails its CRC check or is "
+            "marked a folder, so its bytes changed after torch.save wrote them. Copy the file "
+            "again from its source or save it again."
         )
     return data
 

@@ -96,7 +96,8 @@ class TrainConfig:
         ``"tissue"`` or ``"aerial"`` (synthetic, :mod:`segpipe.synthetic`), or ``"folder"``:
         ``train_folder`` and ``val_folder``, laid out as :mod:`segpipe.training.datasets` describes.
     train_folder, val_folder
-        Folders of (image, labels[, instances]) files, for ``dataset="folder"``.
+        Folders of (image, labels[, instances]) files, for ``dataset="folder"`` (and only for
+        it: refused with another dataset); their images share one dtype and channel count.
     epochs
         Validation (and checkpoint) points: an epoch is ``ceil(steps / epochs)`` steps.
     loss_weights
@@ -191,6 +192,13 @@ class TrainConfig:
                     "validation scores are those of images the model was trained on; give a "
                     "folder of other images"
                 )
+        elif self.train_folder or self.val_folder:
+            raise ValueError(
+                f"TrainConfig.train_folder={self.train_folder!r} and val_folder="
+                f"{self.val_folder!r} are read only with dataset='folder', not "
+                f"{self.dataset!r}: set dataset='folder', or leave them out to train on "
+                "synthetic scenes"
+            )
         if self.loss_weights not in ("none", "balanced", "unet"):
             raise ValueError(
                 "TrainConfig.loss_weights must be 'none', 'balanced' or 'unet', "
@@ -342,19 +350,35 @@ def training_contract(
 def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[LabelledImage]]:
     """The training images and the held-out validation images that ``config`` names.
 
-    Folder data: a validation image named like a training image, or with its pixels, is
-    refused (:func:`~segpipe.training.datasets.check_held_out`).
+    Folder data: a validation image with a training image's pixels is refused
+    (:func:`~segpipe.training.datasets.check_held_out`), and so is one of another dtype or
+    channel count than the training images.
     """
     if config.dataset == "folder":
         pairs = read_folder(str(config.train_folder))
         names = pairs[0].class_names
         val = read_folder(str(config.val_folder), class_names=names)
         check_held_out(pairs, val)
+        # Validation scales its pixels by the contract measured on the training images: other
+        # pixels would be scored wrongly (uint8 read as 12-bit), or fail after an epoch.
+        kind = _pixel_kind(pairs[0].image)
+        for v in val:
+            if _pixel_kind(v.image) != kind:
+                raise ValueError(
+                    f"validation image {v.path or v.name} is {_pixel_kind(v.image)}, the "
+                    f"training images of {config.train_folder} are {kind}: the model would "
+                    "score it with the training images' pixel scaling; convert it to theirs"
+                )
         return list(pairs), list(val)
     scene = tissue_slide if config.dataset == "tissue" else aerial_scene
     px = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
     slides = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]
     return list(slides), [scene(config.val_size, seed=config.val_seed, pixel_size_um=px)]
+
+
+def _pixel_kind(image: np.ndarray) -> str:
+    """``"uint16, 3 channel(s)"`` for a ``(Y, X, C)`` image, as read_folder compares them."""
+    return f"{image.dtype}, {image.shape[2]} channel(s)"
 
 
 def loss_weight_maps(

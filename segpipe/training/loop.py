@@ -8,6 +8,7 @@ caller uses, predicting through the pipeline's overlap-tile stitcher; a result h
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
+from segpipe.io.files import location
 from segpipe.models.base import geometry_of
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
@@ -30,13 +32,13 @@ from segpipe.training.config import (
 from segpipe.training.datasets import separate_touching
 from segpipe.training.losses import softmax_cross_entropy
 from segpipe.training.sampling import sample_pairs
-from segpipe.training.state import load_state, save_state
+from segpipe.training.state import check_checkpoint_dir, load_state, save_state
 
 if TYPE_CHECKING:
     from segpipe.models import SegmentationModel
     from segpipe.models.contract import PixelContract
 
-__all__ = ["format_report", "initial_model", "save_trained", "train"]
+__all__ = ["check_output", "format_report", "initial_model", "save_trained", "train"]
 
 
 def initial_model(
@@ -163,6 +165,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
         # The checkpoint's validation: the result, should no step be left to train.
         if state["evaluation"] is not None:
             scores = Evaluation.from_dict(state["evaluation"])
+    check_checkpoint_dir(config, len(epochs))
 
     model.train()
     start = time.perf_counter()
@@ -249,6 +252,37 @@ def _steps(first: int, last: int) -> Iterator[tuple[int, Stage]]:
             steps.advance()
 
 
+def check_output(output: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """The local checkpoint file ``output`` names, checked before anything is trained for it.
+
+    Raises ValueError for a URL (checkpoints are local files) or an existing folder or other
+    non-file, FileExistsError for an existing file unless ``overwrite``, and OSError naming
+    it when no file can be made in its nearest existing folder (:func:`save_trained` makes
+    the missing ones).
+    """
+    path = location(output)
+    if not isinstance(path, Path):
+        raise ValueError(f"{output}: checkpoints are local files; write one here, then copy it")
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path} exists and is not a file: name a checkpoint file to write")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} exists: replace it with overwrite=True (segpipe train --overwrite), or "
+            "name another file"
+        )
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        # A test write: as root, os.access says yes to /proc and to read-only mounts.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        why = f"cannot be written: {folder} takes no new files ({err.strerror})"
+        raise OSError(err.errno, why, str(path)) from err
+    return path
+
+
 def save_trained(
     model: SegmentationModel,
     config: TrainConfig,
@@ -266,14 +300,19 @@ def save_trained(
     with ``half=False`` the training's own validation is kept (nothing is scored twice). The
     metrics hold those scores (``Evaluation.as_dict``), the validation data, the loss history,
     the training config and ``extra`` (e.g. the command that reproduces the file). Returns the
-    metrics saved.
+    metrics saved. ``output`` is :func:`check_output`'s, overwritten when it exists, and only
+    by the final file: until it is written, an old one (a fine-tune's original) stays as it was.
     """
     import platform
 
     from segpipe import models
 
-    models.save(model, output, half=half)
-    saved = models.load(output)
+    path = check_output(output, overwrite=True)
+    unscored = path.with_name(f".{path.name[:200]}.{os.getpid()}.unscored.pt")
+    try:
+        saved = models.load(models.save(model, unscored, half=half))
+    finally:
+        unscored.unlink(missing_ok=True)
     scores = (
         evaluate_model(saved, make_slides(config)[1], tile=config.val_tile)
         if half
@@ -297,5 +336,5 @@ def save_trained(
         "python": platform.python_version(),
         **(extra or {}),
     }
-    models.save(saved, output, metrics=saved_metrics, half=half)
+    models.save(saved, path, metrics=saved_metrics, half=half)
     return saved_metrics

@@ -9,12 +9,14 @@ the epoch's validation too, so a run resumed from its last checkpoint, with noth
 train, returns what the run returned when it ended.
 
 A resume continues the run it comes from: :func:`load_state` refuses a config whose training
-settings differ from those the checkpoint records (all but :data:`RESUME_MAY_CHANGE`).
+settings differ from those the checkpoint records (all but :data:`RESUME_MAY_CHANGE`). By the
+same rule, :func:`check_checkpoint_dir` keeps a run from writing over another run's files.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from segpipe.models.checkpoint import CheckpointError, read_payload
 if TYPE_CHECKING:
     from segpipe.training.config import TrainConfig
 
-__all__ = ["RESUME_MAY_CHANGE", "load_state", "save_state", "state_path"]
+__all__ = ["RESUME_MAY_CHANGE", "check_checkpoint_dir", "load_state", "save_state", "state_path"]
 
 # The TrainConfig fields a resumed run may set otherwise than the run it continues: where it
 # writes, what it resumes from, what it shows, and how many CPU threads compute (another count,
@@ -56,6 +58,44 @@ def state_path(checkpoint: str | os.PathLike[str]) -> Path:
     """The optimiser state written beside a training checkpoint: ``x.pt`` -> ``x.state.pt``."""
     p = Path(checkpoint)
     return p.with_name(p.name.removesuffix(".pt") + ".state.pt")
+
+
+def check_checkpoint_dir(config: TrainConfig, done: int) -> None:
+    """Refuse, before training, to write over another run's epoch checkpoints.
+
+    A run ``done`` epochs in writes ``epoch-NNN.pt`` for the epochs after; each that exists
+    already in ``config.checkpoint_dir`` must be the resumed run's (its recorded settings
+    those of ``config``, as :func:`load_state` compares them), else ValueError naming the folder.
+    """
+    from segpipe import models
+
+    if not config.checkpoint_dir:
+        return
+    folder = Path(config.checkpoint_dir)
+    for epoch in range(done + 1, math.ceil(config.steps / config.steps_per_epoch) + 1):
+        path = folder / f"epoch-{epoch:03d}.pt"
+        found = next((p for p in (path, state_path(path)) if p.exists()), None)
+        if found is None:
+            continue
+        why = "of another training run, or of an earlier one with these settings"
+        if config.resume_from and path.is_file():
+            try:
+                differ = _differences(
+                    (models.load(path).checkpoint_metrics or {}).get("config"), config
+                )
+            except ValueError as err:  # CheckpointError, or no checkpoint at all
+                differ, why = None, f"which is no checkpoint of this run ({err})"
+            if differ == []:
+                continue  # the resumed run's own: it writes the same again
+            if differ:
+                why = "of another run: it trained with " + ", ".join(
+                    f"{n}={old!r}" for n, old, _ in differ
+                )
+        raise ValueError(
+            f"{folder} already holds {found.name}, {why}; this run would write over it. Give "
+            "another checkpoint_dir (segpipe train --checkpoint-dir), or continue that run "
+            "from its last checkpoint (resume_from, --resume)"
+        )
 
 
 def save_state(
@@ -180,20 +220,29 @@ def _read_state(state_file: Path) -> dict[str, Any]:
     return state
 
 
-def _check_settings(checkpoint: str, saved: Any, config: TrainConfig) -> None:
-    """ValueError naming ``checkpoint`` and each setting in which ``config`` differs from the
-    ``saved`` config (``asdict`` as the checkpoint's metrics hold it: lists for tuples)."""
+def _differences(saved: Any, config: TrainConfig) -> list[tuple[str, Any, Any]] | None:
+    """``(name, saved value, config's value)`` of each setting outside
+    :data:`RESUME_MAY_CHANGE` in which ``config`` differs from ``saved`` (``asdict`` as a
+    checkpoint's metrics hold it: lists for tuples); None when ``saved`` is no config."""
     if not isinstance(saved, dict):
-        raise CheckpointError(
-            f"cannot resume from {checkpoint}: its metrics record no training config "
-            "(resume needs a checkpoint written by segpipe.training.train)"
-        )
+        return None
     wanted = _plain(asdict(config))
-    differ = [
+    return [
         (f.name, saved.get(f.name, f.default), wanted[f.name])
         for f in fields(config)
         if f.name not in RESUME_MAY_CHANGE and saved.get(f.name, f.default) != wanted[f.name]
     ]
+
+
+def _check_settings(checkpoint: str, saved: Any, config: TrainConfig) -> None:
+    """ValueError naming ``checkpoint`` and each setting in which ``config`` differs from the
+    ``saved`` config (:func:`_differences`)."""
+    differ = _differences(saved, config)
+    if differ is None:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: its metrics record no training config "
+            "(resume needs a checkpoint written by segpipe.training.train)"
+        )
     if differ:
         was = ", ".join(f"{name}={old!r}" for name, old, _ in differ)
         now = ", ".join(f"{name}={new!r}" for name, _, new in differ)
