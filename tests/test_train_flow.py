@@ -66,3 +66,19 @@ def test_train_model_flow_trains_evaluates_and_saves(prefect_harness, tmp_path: 
     expected = _scored_by_one_forward_pass(model, TrainConfig(**train_options))
     assert summary["evaluation"]["confusion"] == expected
     assert stored["confusion"] == expected
+
+
+def test_an_output_it_cannot_write_is_refused_before_training(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """A URL or a folder as the checkpoint is refused at the flow's start, not after the
+    training it would have thrown away."""
+    from segpipe.flows import train_model as flow_module
+
+    trained = []
+    monkeypatch.setattr(flow_module, "train", lambda *a, **k: trained.append(1))
+    (tmp_path / "folder.pt").mkdir()
+    for output in ("memory://models/m.pt", str(tmp_path / "folder.pt")):
+        with pytest.raises(ValueError, match=r"m\.pt|folder\.pt"):
+            flow_module.train_model(output, model_options=MODEL, train_options=TRAIN)
+    assert not trained

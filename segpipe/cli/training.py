@@ -192,7 +192,7 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 def _train(args: argparse.Namespace) -> int:
     from segpipe import training
     from segpipe.analysis.evaluation import Evaluation
-    from segpipe.training.loop import check_output
+    from segpipe.training import check_output
 
     # Refused now, not after the training: an existing file, a folder, a URL, no write access.
     output = check_output(args.output, overwrite=args.overwrite)

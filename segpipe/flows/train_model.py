@@ -21,6 +21,7 @@ from segpipe.analysis.evaluation import Evaluation
 from segpipe.models import SegmentationModel
 from segpipe.training import (
     TrainConfig,
+    check_output,
     class_names_for,
     initial_model,
     pixel_contract_for,
@@ -97,6 +98,8 @@ def train_model(
         validation images}`` (the last epoch's validation).
     """
     config = TrainConfig(**(train_options or {}))
+    # A URL, a folder or an unwritable place is refused before the training, not after it.
+    check_output(output, overwrite=True)
     # The data's channels, dtype and scaling size a fresh model (initial_model's contract=).
     options = {"contract": pixel_contract_for(config), **(model_options or {})}
     model = build_task(architecture, class_names_for(config), config.seed, options)

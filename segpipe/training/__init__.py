@@ -47,7 +47,7 @@ from segpipe.training.config import (
     make_slides,
     pixel_contract_for,
 )
-from segpipe.training.loop import format_report, initial_model, save_trained, train
+from segpipe.training.loop import check_output, format_report, initial_model, save_trained, train
 from segpipe.training.sampling import Batch, patch_pair, sample_batch, sample_pairs
 from segpipe.training.state import state_path
 
@@ -56,6 +56,7 @@ __all__ = [
     "Batch",
     "TrainConfig",
     "augment",
+    "check_output",
     "class_names_for",
     "elastic_deformation",
     "format_report",
