@@ -228,7 +228,7 @@ def _check_names(data: Mapping[str, Any]) -> None:
     known = {f.name for f in settings()}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise TypeError(
+        raise ValueError(
             f"unknown segment setting(s) {', '.join(map(repr, unknown))}; the settings are: "
             f"{', '.join(sorted(known))}"
         )

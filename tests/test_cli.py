@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -281,39 +282,31 @@ def test_unknown_model_lists_the_shipped_ones(small_slide, tmp_path, capsys):
     assert "no shipped model or checkpoint file 'no-such-model'" in capsys.readouterr().err
 
 
-@pytest.mark.integration
-def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, tmp_path):
-    """The real command in a fresh process, on Prefect's temporary local server, its stdout and
-    stderr pipes (no terminal): each stage as plain lines, never Dask's progress bars."""
+def _demo_process(out: Path, model: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    """``segpipe demo`` in a fresh process, on Prefect's temporary local server (its home in
+    ``out``), its stdout and stderr pipes (no terminal)."""
     env = {
         **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_HOME": str(out / "prefect"),
         # As the flow tests' harness: a loaded CI machine starts the server slowly.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "segpipe.cli",
-            "demo",
-            "--size",
-            "1024",
-            "--out",
-            str(tmp_path),
-            "--model",
-            str(random_checkpoint),
-            "--tile",
-            "256",
-            "--workers",
-            "1",
-        ],
+    demo = [sys.executable, "-m", "segpipe.cli", "demo", "--out", str(out), "--model", str(model)]
+    return subprocess.run(
+        [*demo, "--workers", "1", *options],
         capture_output=True,
         text=True,
         env=env,
         timeout=600,
         check=False,
     )
+
+
+@pytest.mark.integration
+def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, tmp_path):
+    """The real command in a fresh process: each stage as plain lines, never Dask's progress
+    bars."""
+    run = _demo_process(tmp_path, random_checkpoint, "--size", "1024", "--tile", "256")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "mean Dice (tissue, nucleus)" in run.stdout
     assert "µm²" in run.stdout
@@ -334,6 +327,31 @@ def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, tmp_path):
     for bar in ("[#", "Completed |", "\r", "it/s]"):
         assert bar not in run.stderr, f"a progress bar ({bar!r}) in a pipe"
     assert "Beginning flow run" not in run.stderr, "Prefect's INFO lines only with -v"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
+def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
+    verbose, random_checkpoint, tmp_path
+):
+    """The demo's result path taken by a folder that is no result: the flow's task refuses it.
+    Prefect's one-line error and state lines, then the error once more as the last line, exit
+    code 2; the tracebacks (Prefect's of the task and of the flow, and ours) only with -v."""
+    taken = tmp_path / "synthetic-256px-seed0.seg.zarr"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("not a segpipe result")
+    verbosity = ["-v"] if verbose else []
+    run = _demo_process(tmp_path, random_checkpoint, "--size", "256", "--tile", "128", *verbosity)
+    assert run.returncode == 2, run.stderr[-3000:]
+    error = f"segpipe demo: error: {taken} exists and is not a segpipe result"
+    assert error in run.stderr
+    failed = "prefect.task_runs: Task run failed with exception: ResultMismatchError("
+    assert failed in run.stderr, "Prefect's own line stays"
+    assert ("Traceback" in run.stderr) is verbose, run.stderr[-3000:]
+    if not verbose:
+        lines = [x for x in run.stderr.splitlines() if not re.match(r"\w+: \d+/\d+ ", x)]
+        assert lines[-1].startswith(error)
+        assert all(" ERROR prefect." in x for x in lines[:-1]), lines
 
 
 @pytest.mark.integration
@@ -605,10 +623,67 @@ def test_verbose_adds_the_traceback(where, failing_segment, tmp_path, capsys):
     )
 
 
-def test_a_bug_keeps_its_traceback(failing_segment, tmp_path):
-    failing_segment.append(ZeroDivisionError("a bug in segpipe"))
-    with pytest.raises(ZeroDivisionError, match="a bug in segpipe"):
+@pytest.mark.parametrize(
+    "bug",
+    [
+        ZeroDivisionError("a bug in segpipe"),
+        # A call with the wrong arguments is segpipe's mistake, not the user's.
+        TypeError("segment() missing 1 required positional argument: 'model'"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_a_bug_keeps_its_traceback(bug, failing_segment, tmp_path):
+    failing_segment.append(bug)
+    with pytest.raises(type(bug), match=re.escape(str(bug))):
         main(["segment", "in.tif", str(tmp_path / "out.zarr")])
+
+
+def test_an_unknown_setting_reaching_the_library_is_one_line(monkeypatch, tmp_path, capsys):
+    """A setting's name the library does not know (a JSON config, a Prefect parameter) is
+    the user's value, not a bug."""
+    from segpipe.config import SegmentConfig
+
+    monkeypatch.setattr(
+        "segpipe.execution.segment.segment",
+        lambda *args, **kwargs: SegmentConfig.from_dict({"tile": 256, "tiles": 256}),
+    )
+    assert main(["segment", "in.tif", str(tmp_path / "out.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("segpipe segment: error: unknown segment setting(s) 'tiles'; ")
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
+def test_prefect_logs_a_user_errors_traceback_only_with_verbose_and_a_bugs_always(
+    verbose, monkeypatch, tmp_path, caplog
+):
+    """What a flow's failing task logs on Prefect's run loggers: a user error's traceback goes
+    with -v only; a bug's stays (an archive run records a failed image and goes on, so that
+    log is where it shows). The loggers are as they were once the command is done."""
+    loggers = [logging.getLogger(n) for n in ("prefect.task_runs", "prefect.flow_runs")]
+    before = [list(x.filters) for x in loggers]
+    user_error = FileNotFoundError(2, "No such file or directory", "/data/missing.tif")
+
+    def failing_task(*args: object, **kwargs: object) -> None:
+        for logger in loggers:
+            for error in (ZeroDivisionError("a bug in segpipe"), user_error):
+                try:
+                    raise error
+                except Exception:
+                    # send_to_api: no Prefect run here to send it to
+                    logger.error("failed", exc_info=True, extra={"send_to_api": False})
+        raise user_error
+
+    monkeypatch.setattr("segpipe.execution.segment.segment", failing_task)
+    argv = ["segment", "in.tif", str(tmp_path / "out.zarr"), *(["-v"] if verbose else [])]
+    assert main(argv) == 2
+    records = [r for r in caplog.records if r.name.startswith("prefect.")]
+    assert [r.name for r in records] == ["prefect.task_runs"] * 2 + ["prefect.flow_runs"] * 2
+    for bug, user in zip(records[::2], records[1::2], strict=True):
+        assert bug.exc_info is not None and bug.exc_info[0] is ZeroDivisionError
+        assert (user.exc_info is not None) is verbose
+        assert user.getMessage() == "failed"
+    assert [list(x.filters) for x in loggers] == before
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])

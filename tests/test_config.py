@@ -111,7 +111,7 @@ def test_replace_validates_too():
     ids=["replace", "from_dict"],
 )
 def test_unknown_names_are_refused_and_the_known_ones_listed(build):
-    with pytest.raises(TypeError, match=r"unknown segment setting\(s\) 'tiles'.*batch_size"):
+    with pytest.raises(ValueError, match=r"unknown segment setting\(s\) 'tiles'.*batch_size"):
         build()
 
 
@@ -360,7 +360,7 @@ def test_python_api_keywords_override_the_config(pyramid, random_checkpoint, tmp
             pyramid, tmp_path / "r.zarr", random_checkpoint, SegmentConfig(tile=128), tile=64
         )
     assert seen[0].tile == 64
-    with pytest.raises(TypeError, match=r"unknown segment setting.*'tiles'"):
+    with pytest.raises(ValueError, match=r"unknown segment setting.*'tiles'"):
         segpipe.segment(pyramid, tmp_path / "r.zarr", random_checkpoint, tiles=64)
 
 

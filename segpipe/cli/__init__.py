@@ -70,9 +70,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     """The exceptions :func:`main` reports as one line and exit code 2.
 
     segpipe's own refusals (each names the file and what to do), the validation errors of
-    ``SegmentConfig`` (ValueError/TypeError naming the setting), and the operating system's
-    (a missing or unreadable file, a full disk): all are about the input or the machine, not
-    about segpipe's code. Anything else is a bug and keeps its traceback.
+    ``SegmentConfig`` (ValueError naming the setting), and the operating system's (a missing or
+    unreadable file, a full disk): all are about the input or the machine, not about segpipe's
+    code. Anything else is a bug and keeps its traceback: TypeError too, which is what a call
+    with the wrong arguments raises (segpipe raises ValueError for a user's bad value).
     """
     # Imported here: `segpipe --help` must not pay for torch or zarr.
     from segpipe.io.readers import ImageReadError
@@ -85,7 +86,6 @@ def user_errors() -> tuple[type[Exception], ...]:
         ResultMismatchError,
         IncompleteResultError,
         ValueError,
-        TypeError,
         OSError,
     )
 
@@ -158,14 +158,32 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split()) or type(err).__name__
 
 
+# Where Prefect logs a run's failure ("Task run failed with exception: ...", "Encountered
+# exception during execution: ..."), each with its traceback: a flow's failed task, twice.
+_PREFECT_RUN_LOGGERS = ("prefect.task_runs", "prefect.flow_runs")
+
+
+class _NoUserErrorTraceback(logging.Filter):
+    """Keeps a record of a user error (:func:`user_errors`) but drops its traceback: the error
+    is said again in one line (:func:`main`'s last, or an archive run's list of failed
+    images). A bug's record keeps its traceback: an archive run records a failed image and
+    goes on, so Prefect's log is the only place it shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], user_errors()):
+            record.exc_info = record.exc_text = record.stack_info = None
+        return True
+
+
 @contextlib.contextmanager
 def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
     """Environment for the libraries a command imports (the handlers import Prefect and
     distributed lazily, so they read it): no telemetry from a machine that may be offline, time
     for Prefect's temporary server to start, no cluster start/stop chatter unless ``-v``,
-    Prefect errors only with ``-q``. Variables the user set win; the caller's environment is
-    given back afterwards (``main`` may run in a notebook or a test, not only as the
-    ``segpipe`` process)."""
+    Prefect errors only with ``-q``, and no traceback of a user error in Prefect's run logs
+    unless ``-v`` (:class:`_NoUserErrorTraceback`). Variables the user set win; the caller's
+    environment and loggers are given back afterwards (``main`` may run in a notebook or a
+    test, not only as the ``segpipe`` process)."""
     wanted = {
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
@@ -179,11 +197,19 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
         wanted["PREFECT_LOGGING_LEVEL"] = "ERROR"
     added = [k for k in wanted if k not in os.environ]
     os.environ.update({k: wanted[k] for k in added})
+    # On the loggers, not a handler: Prefect's console handler or the host's print them too.
+    # Prefect's logging setup, run when a handler imports it, keeps a logger's filters.
+    short = [] if verbose else [logging.getLogger(name) for name in _PREFECT_RUN_LOGGERS]
+    no_traceback = _NoUserErrorTraceback()
+    for logger in short:
+        logger.addFilter(no_traceback)
     try:
         yield
     finally:
         for k in added:
             os.environ.pop(k, None)
+        for logger in short:
+            logger.removeFilter(no_traceback)
 
 
 # Commands that run forward passes: on the CPU they gain from malloc keeping freed memory;
