@@ -244,3 +244,17 @@ def test_scoring_a_result_needs_neither_training_nor_torch() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_a_float_ground_truth_is_refused_naming_it(tmp_path):
+    """Ground truth holds integer class ids: a float image is a user's mistake, named as such
+    (it reached the metrics as a TypeError naming no file)."""
+    import numpy as np
+    import tifffile
+
+    from segpipe.analysis.evaluation import _read_plane
+
+    path = tmp_path / "truth.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.float32))
+    with pytest.raises(ValueError, match=r"truth\.tif: ground truth must be .* dtype float32"):
+        _read_plane(path, "ground truth")

@@ -262,7 +262,7 @@ def test_build_rejects_bad_requests() -> None:
         models.build("resnet")
     with pytest.raises(ValueError, match="num_classes=2 but 3 class names"):
         models.build("unet", class_names=["a", "b", "c"], num_classes=2)
-    with pytest.raises(TypeError, match="UNetConfig takes"):
+    with pytest.raises(ValueError, match="UNetConfig takes"):
         models.build("unet", widht=8)
     with pytest.raises(ValueError, match="padding"):
         models.build("unet", padding="reflect")

@@ -256,6 +256,10 @@ def _read_plane(path: str | os.PathLike[str], what: str) -> da.Array:
             f"{path}: {what} must be a one-channel image of integer ids, got "
             f"{reader.shape[2]} channels"
         )
+    if not (np.issubdtype(reader.dtype, np.integer) or reader.dtype == bool):
+        raise ValueError(
+            f"{path}: {what} must be a one-channel image of integer ids, got dtype {reader.dtype}"
+        )
     return reader.level(0)[..., 0]
 
 

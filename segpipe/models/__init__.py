@@ -128,7 +128,7 @@ def build(
         cfg = cls.config_class(**config)
     except TypeError as err:
         fields = [f.name for f in dataclasses.fields(cls.config_class)]
-        raise TypeError(
+        raise ValueError(  # the user's options: a one-line error in the CLI, not a bug's
             f"build({name!r}): bad config {config}; {cls.config_class.__name__} takes {fields}"
         ) from err
     return cls(cfg, class_names=class_names, input_mean=input_mean, input_std=input_std)
