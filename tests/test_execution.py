@@ -547,6 +547,28 @@ def test_a_float_raster_with_nan_as_nodata_segments(tmp_path, foreground):
             )  # fmt: skip
 
 
+def test_a_float_raster_with_a_finite_nodata_value_segments(tmp_path):
+    """A finite nodata value (-9999) outside the [0, 1] a float model takes: where the file
+    declares it, it reaches the model as 0, as NaN does; an undeclared one is still refused."""
+    image = np.random.default_rng(8).random((56, 48, 3)).astype(np.float32)
+    image[:24, :20] = -9999
+    float_geotiff(tmp_path / "nodata.tif", image, nodata=-9999)
+    float_geotiff(tmp_path / "undeclared.tif", image, nodata=None)
+    net = tiny_unet(seed=3)
+    out = segpipe.segment(
+        tmp_path / "nodata.tif", tmp_path / "r.zarr", net, tile=16, task_tiles=1,
+        foreground="none", probability_dtype="float32", device="cpu", scheduler="sync",
+    )  # fmt: skip
+    reference = whole_image_pass(net, np.where(image == -9999, 0, image))
+    probabilities = segpipe.open_result(out)["probabilities"].values
+    np.testing.assert_allclose(probabilities, reference, atol=2e-6)
+    with pytest.raises(ImageReadError, match=r"undeclared\.tif: float pixels must lie in"):
+        segpipe.segment(
+            tmp_path / "undeclared.tif", tmp_path / "u.zarr", net, tile=16, device="cpu",
+            scheduler="sync", foreground="none",
+        )  # fmt: skip
+
+
 class Failing(PlainModule):
     """Raises ``error`` on any input with a pixel of ``value`` in every channel."""
 

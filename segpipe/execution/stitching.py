@@ -348,32 +348,32 @@ _FLOAT_RANGE = (-0.01, 1.01)
 def _checked_pixels(
     pixels: np.ndarray, reader: Reader, box: Box, level: int, contract: PixelContract | None
 ) -> np.ndarray:
-    """``pixels`` of ``box`` (mirrored) for the model: float NaN/inf filled with 0 where the
-    file marks the pixel invalid (NaN is a float raster's usual nodata; a halo reaches into
-    it), refused elsewhere, and refused outside [0, 1] where the model takes floats as they
-    are (no ``contract``, or its dtype rule), naming file and region."""
+    """``pixels`` of ``box`` (mirrored) for the model: float pixels the model refuses (NaN or
+    infinite; outside [0, 1] where it takes floats as they are: no ``contract``, or its dtype
+    rule) filled with 0 where the file marks them invalid (a halo reaches into nodata: NaN,
+    -9999), refused elsewhere, naming file and region."""
     if pixels.dtype.kind != "f":
         return pixels
+    as_they_are = contract is None or contract.scaling == "dtype"
+    lo, hi = _FLOAT_RANGE
+    refused = ~((pixels >= lo) & (pixels <= hi)) if as_they_are else ~np.isfinite(pixels)
+    if not refused.any():
+        return pixels
     where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
-    finite = np.isfinite(pixels)
-    if not finite.all():
-        if not (finite | ~valid_mask(reader, box, level)[..., None]).all():
-            raise ImageReadError(
-                f"{reader.path}: NaN or infinite pixels at {where} that the file does not mark "
-                "invalid (nodata, mask, alpha); fill them or declare them nodata first"
-            )
-        # 0, as where a nodata value has no finite stand-in (io.ingest); a new array, as the
-        # read may be a view of the reader's own (read_mirrored).
-        pixels = np.where(finite, pixels, pixels.dtype.type(0))
-    if contract is not None and contract.scaling != "dtype":
-        return pixels  # scaled from the range the model was trained on (Predictor.prepare)
-    lo, hi = float(pixels.min()), float(pixels.max())
-    if lo < _FLOAT_RANGE[0] or hi > _FLOAT_RANGE[1]:
+    kept = refused & valid_mask(reader, box, level)[..., None]
+    if not np.isfinite(pixels[kept]).all():
         raise ImageReadError(
-            f"{reader.path}: float pixels must lie in [0, 1], found {lo:g}..{hi:g} at {where}; "
-            "rescale them to [0, 1] or store integers (uint8/uint16)"
+            f"{reader.path}: NaN or infinite pixels at {where} that the file does not mark "
+            "invalid (nodata, mask, alpha); fill them or declare them nodata first"
         )
-    return pixels
+    if kept.any():
+        raise ImageReadError(
+            f"{reader.path}: float pixels must lie in [0, 1], found {pixels[kept].min():g}.."
+            f"{pixels[kept].max():g} at {where}; rescale them to [0, 1] or store integers"
+        )
+    # 0, as where a nodata value has no finite stand-in (io.ingest); a new array, as the read
+    # may be a view of the reader's own (read_mirrored).
+    return np.where(refused, pixels.dtype.type(0), pixels)
 
 
 def predict_probabilities(
