@@ -31,12 +31,15 @@ class RasterMetadata:
     ``nodata`` holds one value per band (None for a band without one), or is None when no
     band has one; ``mask_kind`` says where invalid pixels are marked: ``"nodata"``,
     ``"mask"`` (an internal or sidecar mask band), ``"alpha"`` or None (every pixel valid).
+    ``mask_shapes``: the ``(y, x)`` sizes of the TIFF's own mask pages (with ``"mask"``, when
+    level 0 has one), which :func:`raster_valid_mask` takes to find the overviews without.
     """
 
     georeference: Georeference | None
     nodata: tuple[float | None, ...] | None
     mask_kind: str | None
     channel_names: tuple[str, ...] | None
+    mask_shapes: frozenset[tuple[int, int]] = frozenset()
 
 
 @contextmanager
@@ -74,6 +77,7 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
     from rasterio.enums import ColorInterp, MaskFlags
 
     with _open(source) as ds:
+        level0 = (ds.height, ds.width)
         georeference = _georeference(ds, str(source))
         nodata = tuple(None if v is None else float(v) for v in ds.nodatavals)
         flags = {f for band in ds.mask_flag_enums for f in band}
@@ -101,22 +105,30 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
         nodata if any(v is not None for v in nodata) else None,
         kind,
         names if has_names else None,
+        _mask_shapes(source, level0) if kind == "mask" else frozenset(),
     )
 
 
 def raster_valid_mask(
-    source: str | URLPath, level: int, y0: int, y1: int, x0: int, x1: int
+    source: str | URLPath,
+    level: int,
+    y0: int,
+    y1: int,
+    x0: int,
+    x1: int,
+    mask_shapes: frozenset[tuple[int, int]] = frozenset(),
 ) -> np.ndarray:
     """``(y1 - y0, x1 - x0)`` bool: True where level ``level`` of the raster holds data.
 
     GDAL's dataset mask: a pixel is invalid where the mask band or the alpha band is 0, or
     where every band holds its nodata value. An overview without a mask of its own (the mask
-    was added after the overviews were built) takes level 0's mask, sampled nearest.
+    was added after the overviews were built; ``mask_shapes``: the sizes of the file's mask
+    pages, :class:`RasterMetadata`'s) takes level 0's mask, sampled nearest.
     """
     from rasterio.windows import Window
 
     with _open(source, level) as ds:
-        if level == 0 or not _lacks_own_mask(source, (ds.height, ds.width)):
+        if level == 0 or not mask_shapes or (ds.height, ds.width) in mask_shapes:
             return np.asarray(ds.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0))) > 0
         height, width = ds.height, ds.width
     with _open(source) as ds:
@@ -126,19 +138,19 @@ def raster_valid_mask(
     return np.asarray(mask) > 0
 
 
-def _lacks_own_mask(source: str | URLPath, shape: tuple[int, int]) -> bool:
-    """Whether the TIFF holds level 0's mask but none of ``shape`` (y, x pixels): GDAL then
-    calls every pixel of that overview valid, and says nothing of it (its mask flags are
-    still level 0's). A sidecar mask (``.msk``) is left to GDAL."""
+def _mask_shapes(source: str | URLPath, level0: tuple[int, int]) -> frozenset[tuple[int, int]]:
+    """The ``(y, x)`` sizes of the TIFF's own mask pages where level 0 (``level0``) has one,
+    else none (a sidecar ``.msk`` is GDAL's to read): read once, at open. An overview of
+    another size takes level 0's mask (:func:`raster_valid_mask`), since GDAL then calls
+    every pixel valid and says nothing of it (its mask flags are still level 0's)."""
     import tifffile
 
     with ExitStack() as stack:
         file = stack.enter_context(source.open_read()) if isinstance(source, URLPath) else source
         tif = stack.enter_context(tifffile.TiffFile(file))
         pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
-        masks = {(p.imagelength, p.imagewidth) for p in pages if p.is_mask}
-        first = tif.pages.first
-        return (first.imagelength, first.imagewidth) in masks and shape not in masks
+        shapes = frozenset((p.imagelength, p.imagewidth) for p in pages if p.is_mask)
+    return shapes if level0 in shapes else frozenset()
 
 
 def checked_transform(

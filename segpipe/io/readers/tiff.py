@@ -116,6 +116,7 @@ class TiffReader(BaseReader):
                 raster = raster_metadata(self.url or self.path)
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
+                self._mask_shapes = raster.mask_shapes
                 if self.georeference is not None:
                     self.vendor = "geotiff"
                 if self.mask_kind == "nodata" and not photometric.is_as_stored:
@@ -171,7 +172,7 @@ class TiffReader(BaseReader):
         if self.mask_kind != "mask":
             return super().valid_mask(y0, y1, x0, x1, level)
         self._check_level(level)
-        return raster_valid_mask(self.url or self.path, level, y0, y1, x0, x1)
+        return raster_valid_mask(self.url or self.path, level, y0, y1, x0, x1, self._mask_shapes)
 
     def _close_handles(self) -> None:
         if self._tif is not None:
