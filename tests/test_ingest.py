@@ -467,7 +467,7 @@ def test_a_url_overwrite_killed_while_deleting_is_redone(
 ) -> None:
     import fsspec
 
-    from segpipe.io import imagestore
+    from segpipe.io import files
 
     img = _image()
     src, store = _ome_tiff(tmp_path / "in.ome.tif", img), f"{memory_url}/in.image.zarr"
@@ -480,7 +480,7 @@ def test_a_url_overwrite_killed_while_deleting_is_redone(
         raise RuntimeError("killed while deleting")
 
     with monkeypatch.context() as m:
-        m.setattr(imagestore, "remove_literal", killed)
+        m.setattr(files, "remove_literal", killed)
         with pytest.raises(RuntimeError, match="killed"):
             ingest(src, store, chunk=64, overwrite=True)
 

@@ -44,7 +44,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.io.files import URLPath, location, remove_literal
+from segpipe.io.files import URLPath, delete_marked_store, location
 from segpipe.io.ome import ngff04_attributes
 from segpipe.results import label_path, open_result
 
@@ -112,12 +112,12 @@ def export_ngff04(
     source = zarr.open_group(source_at, mode="r")
     if isinstance(target, URLPath):
         if target.exists():
-            _delete_at_url(target)
+            delete_marked_store(target, _ROOT, ("segpipe",))
         try:
             _write(source, str(result), target)
         except BaseException:
             if _marker(target) is not None:
-                _delete_at_url(target)
+                delete_marked_store(target, _ROOT, ("segpipe",))
             raise
         return target
     _export_locally(source, str(result), target, source_at, overwrite=overwrite)
@@ -233,16 +233,3 @@ def _write(source: zarr.Group, result: str, target: Path | URLPath) -> None:
     labels.update_attributes({"labels": label_names})
     # Last, one write: an image to readers, and a finished export to segpipe.
     root.update_attributes({**ngff04_attributes(ome), "segpipe": {**marker, "complete": True}})
-
-
-def _delete_at_url(url: URLPath) -> None:
-    """Delete the export at ``url``: marked unfinished first, its root ``.zattrs`` last."""
-    root = url.joinpath(_ROOT)
-    document = json.loads(root.read_text())
-    document["segpipe"]["complete"] = False
-    root.write_text(json.dumps(document))  # one PUT: from here on it reads as unfinished
-    fs, path = url.filesystem()
-    path = path.rstrip("/")
-    remove_literal(fs, [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{_ROOT}"])
-    root.unlink()
-    remove_literal(fs, path, recursive=True)  # the folders a file system (not a bucket) keeps

@@ -32,6 +32,7 @@ from zarr.storage import FsspecStore, StorePath
 __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
+    "delete_marked_store",
     "is_url",
     "location",
     "mtime_of",
@@ -296,6 +297,26 @@ def _remove_folders(fs: Any, root: str) -> None:
         # A memory file system's folder implied by files vanished with them.
         with contextlib.suppress(FileNotFoundError):
             fs.rmdir(folder)
+
+
+def delete_marked_store(url: URLPath, root: str, marker: tuple[str, ...]) -> None:
+    """Delete the store at ``url`` so that a kill at any instant leaves it reading as
+    unfinished, never as complete with objects missing: its root document ``root`` first
+    marked ``complete: false`` (at the keys ``marker``, e.g. ``("attributes", "segpipe")``;
+    one PUT), then every other object, the root document last, then the folders a file
+    system (not a bucket) keeps."""
+    document_path = url.joinpath(root)
+    document = json.loads(document_path.read_text())
+    node = document
+    for key in marker:
+        node = node[key]
+    node["complete"] = False
+    document_path.write_text(json.dumps(document))
+    fs, path = url.filesystem()
+    path = path.rstrip("/")
+    remove_literal(fs, [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{root}"])
+    document_path.unlink()
+    remove_literal(fs, path, recursive=True)
 
 
 def mtime_of(info: Mapping[str, Any]) -> float:

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from segpipe.io.files import URLPath, is_url, location, remove_literal
+from segpipe.io.files import URLPath, delete_marked_store, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import open_image
 from segpipe.io.units import check_pixel_size
@@ -154,7 +154,7 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
             f"it even with overwrite=True: choose another path or remove it yourself"
         )
     if isinstance(out, URLPath):
-        _delete_at_url(out)
+        delete_marked_store(out, _ROOT, ("attributes", "segpipe"))
         return
     trash = out.with_name(f".{out.name}.deleting-{uuid.uuid4().hex[:12]}")
     os.rename(out, trash)
@@ -171,16 +171,3 @@ def _check_not_link(out: Path) -> None:
             "an ingest by renaming it aside, which would move the link, not the image: give "
             "the link's target as the output path, or remove the link"
         )
-
-
-def _delete_at_url(url: URLPath) -> None:
-    """Delete the image at ``url``: marked unfinished first, its root ``zarr.json`` last."""
-    root = url.joinpath(_ROOT)
-    document = json.loads(root.read_text())
-    document["attributes"]["segpipe"]["complete"] = False
-    root.write_text(json.dumps(document))  # one PUT: from here on it reads as unfinished
-    fs, path = url.filesystem()
-    path = path.rstrip("/")
-    remove_literal(fs, [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{_ROOT}"])
-    root.unlink()
-    remove_literal(fs, path, recursive=True)  # the folders a file system (not a bucket) keeps
