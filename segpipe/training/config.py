@@ -22,7 +22,7 @@ from segpipe.analysis.evaluation import LabelledImage
 from segpipe.models.contract import PixelContract, measure_contract
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.training.augmentation import Augmentation
-from segpipe.training.datasets import check_held_out, class_names_of, read_folder
+from segpipe.training.datasets import check_held_out, class_names_of, pixel_kind, read_folder
 from segpipe.training.losses import balanced_class_weights, unet_weight_map
 
 __all__ = [
@@ -361,11 +361,11 @@ def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[Labelled
         check_held_out(pairs, val)
         # Validation scales its pixels by the contract measured on the training images: other
         # pixels would be scored wrongly (uint8 read as 12-bit), or fail after an epoch.
-        kind = _pixel_kind(pairs[0].image)
+        kind = pixel_kind(pairs[0].image)
         for v in val:
-            if _pixel_kind(v.image) != kind:
+            if pixel_kind(v.image) != kind:
                 raise ValueError(
-                    f"validation image {v.path or v.name} is {_pixel_kind(v.image)}, the "
+                    f"validation image {v.path or v.name} is {pixel_kind(v.image)}, the "
                     f"training images of {config.train_folder} are {kind}: the model would "
                     "score it with the training images' pixel scaling; convert it to theirs"
                 )
@@ -374,11 +374,6 @@ def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[Labelled
     px = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
     slides = [scene(config.slide_size, seed=s, pixel_size_um=px) for s in config.train_seeds]
     return list(slides), [scene(config.val_size, seed=config.val_seed, pixel_size_um=px)]
-
-
-def _pixel_kind(image: np.ndarray) -> str:
-    """``"uint16, 3 channel(s)"`` for a ``(Y, X, C)`` image, as read_folder compares them."""
-    return f"{image.dtype}, {image.shape[2]} channel(s)"
 
 
 def loss_weight_maps(

@@ -42,6 +42,7 @@ __all__ = [
     "FolderImage",
     "check_held_out",
     "class_names_of",
+    "pixel_kind",
     "read_folder",
     "separate_touching",
     "touching_borders",
@@ -171,8 +172,13 @@ def _read_image(path: Path) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+def pixel_kind(image: np.ndarray) -> str:
+    """``"uint16, 3 channel(s)"`` for a ``(Y, X, C)`` image: what a folder's images share."""
+    return f"{image.dtype}, {image.shape[2]} channel(s)"
+
+
 def _check_alike(items: Sequence[FolderImage], root: Path) -> None:
-    seen = {f"{i.image.dtype}, {i.image.shape[2]} channel(s)": i.name for i in items}
+    seen = {pixel_kind(i.image): i.name for i in items}
     if len(seen) > 1:
         raise ValueError(
             f"{root}: images must share one dtype and channel count, found "
