@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 
@@ -493,6 +494,12 @@ def in_file(name: str, uuid: str, ifd: int = 0) -> str:
     return f'<TiffData IFD="{ifd}" PlaneCount="1"><UUID FileName="{name}">{uuid}</UUID></TiffData>'
 
 
+def named_as(uuid: str) -> dict[str, object]:
+    """tifffile keywords writing a file of a multi-file set whose own OME-XML states ``uuid``,
+    the UUID the set names it by (tifffile gives each ``.ome.tif`` a fresh one otherwise)."""
+    return {"metadata": {"UUID": uuid}}
+
+
 def test_ome_pixel_size_is_the_slide_images_when_an_image_before_it_has_no_pixels(tmp_path):
     """tifffile makes no series of an Image without TiffData: the slide is series 0 but
     Image 1, and Image 0's size (a label's, here) is not the slide's."""
@@ -523,7 +530,7 @@ def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_f
     tifffile.imwrite(
         tmp_path / "set.ome.tif", np.zeros((40, 60, 3), np.uint8), description=xml, **KW
     )
-    tifffile.imwrite(tmp_path / "set_1.ome.tif", slide, **KW)
+    tifffile.imwrite(tmp_path / "set_1.ome.tif", slide, **{**KW, **named_as("urn:uuid:2")})
     with tifffile.TiffFile(tmp_path / "set.ome.tif") as tif:  # the premise
         assert [(s.name, s.keyframe.index) for s in tif.series] == [("label", 0), ("slide", 0)]
     reader = open_image(tmp_path / "set.ome.tif")
@@ -531,10 +538,13 @@ def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_f
     np.testing.assert_array_equal(reader.read(0, 256, 0, 384), slide)
 
 
-def write_two_file_set(tmp_path: Path, *, pyramid: bool) -> tuple[Path, Path]:
+def write_two_file_set(
+    tmp_path: Path, *, pyramid: bool, own: dict[str, object] | None = None
+) -> tuple[Path, Path]:
     """An OME-TIFF set of two files: the one opened, ``set.ome.tif``, holds the OME-XML and a
     small label, the slide (:func:`_image`, stored raw, reduced by 2 in a SubIFD if
-    ``pyramid``) is IFD 0 of ``set_1.ome.tif``, a file many times larger."""
+    ``pyramid``) is IFD 0 of ``set_1.ome.tif``, a file many times larger. ``own``: tifffile
+    keywords of that file's own OME-XML (:func:`named_as` the set's ``urn:uuid:2``)."""
     xml = ome_xml(
         ome_image(0, "label", (40, 60), 5.0, in_file("set.ome.tif", "urn:uuid:1")),
         ome_image(1, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2")),
@@ -543,8 +553,9 @@ def write_two_file_set(tmp_path: Path, *, pyramid: bool) -> tuple[Path, Path]:
     opened, other = tmp_path / "set.ome.tif", tmp_path / "set_1.ome.tif"
     tifffile.imwrite(opened, np.zeros((40, 60, 3), np.uint8), description=xml, **KW)
     raw = {**KW, "compression": None, "tile": (64, 64)}
+    own = named_as("urn:uuid:2") if own is None else own
     with tifffile.TiffWriter(other) as tif:
-        tif.write(_image(), subifds=int(pyramid), **raw)
+        tif.write(_image(), subifds=int(pyramid), **{**raw, **own})
         if pyramid:
             tif.write(_image()[::2, ::2], subfiletype=1, **raw)
     return opened, other
@@ -597,10 +608,13 @@ def ome_channels(tiffdata: str) -> str:
     )
 
 
-def write_channel_set(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+def write_channel_set(
+    tmp_path: Path, own: dict[str, object] | None = None
+) -> tuple[Path, Path, np.ndarray]:
     """A fluorescence OME-TIFF set: channel c of :func:`ome_channels` is IFD 0 of
     ``c{c}.ome.tif`` (the first holds the OME-XML), each reduced by 2 in a SubIFD; returns
-    the two files and the (y, x, channel) pixels."""
+    the two files and the (y, x, channel) pixels. ``own``: tifffile keywords of
+    ``c1.ome.tif``'s own OME-XML (:func:`named_as` the set's ``urn:uuid:2``)."""
     planes = _image()[..., :2]
     xml = ome_xml(
         ome_channels(
@@ -613,10 +627,10 @@ def write_channel_set(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
         uuid="urn:uuid:1",
     )
     raw = {"photometric": "minisblack", "metadata": None, "compression": None, "tile": (64, 64)}
-    for c, description in enumerate((xml, None)):
-        # c1.ome.tif gets tifffile's own OME-XML, with a UUID of its own: read all the same
+    own = named_as("urn:uuid:2") if own is None else own
+    for c, first in enumerate(({"description": xml}, own)):
         with tifffile.TiffWriter(tmp_path / f"c{c}.ome.tif") as tif:
-            tif.write(planes[..., c], subifds=1, description=description, **raw)
+            tif.write(planes[..., c], subifds=1, **{**raw, **first})
             tif.write(planes[::2, ::2, c], subfiletype=1, **raw)
     return tmp_path / "c0.ome.tif", tmp_path / "c1.ome.tif", planes
 
@@ -652,6 +666,65 @@ def test_a_multi_file_ome_set_without_one_of_its_files_is_refused_naming_it(tmp_
         "put the set's files together again in one folder, as they were written, and open "
         "this file there"
     )
+
+
+def _of_another_set(layout: str) -> str:
+    """OME-XML of a file of another export of the set (its own UUID ``urn:uuid:9``), as
+    Bio-Formats writes each file of a set: the whole set's XML, or ``BinaryOnly``."""
+    if layout == "binary only":
+        return ome_xml(
+            '<BinaryOnly MetadataFile="set.companion.ome" UUID="urn:uuid:8"/>', uuid="urn:uuid:9"
+        )
+    slide = ome_image(0, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:9"))
+    return ome_xml(slide, uuid="urn:uuid:9")
+
+
+@pytest.mark.parametrize("layout", ["whole XML", "binary only"])
+def test_a_multi_file_ome_set_with_a_file_of_another_set_is_refused_naming_both(tmp_path, layout):
+    """The file under a name the set gives is a file of another set (its OME-XML names files
+    by UUID, its own another): another acquisition or export saved under that name. tifffile
+    reads its planes as the set's all the same."""
+    own = {"description": _of_another_set(layout)}
+    opened, other = write_two_file_set(tmp_path, pyramid=False, own=own)
+    with tifffile.TiffFile(opened) as tif:  # the premise: tifffile reads it as the set's
+        assert other.name in {p.parent.filename for s in tif.series for p in s.pages}
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value).startswith(
+        f"{opened}: one file of an OME-TIFF set whose OME-XML names its files by UUID; it "
+        f"gives '{other.name}' as urn:uuid:2, but {other.resolve()} is urn:uuid:9 (the UUID "
+        "of that file's own OME-XML, which names a set of its own): a file of another"
+    )
+
+
+_SLIDE_HERE = ome_image(0, "slide", SHAPE, 0.25, '<TiffData IFD="0" PlaneCount="1"/>')
+
+
+@pytest.mark.parametrize(
+    ("description", "is_ome"),
+    [
+        ("set_1, the slide", False),  # no OME-XML
+        (ome_xml(_SLIDE_HERE, uuid=None), True),  # OME-XML of no UUID of its own
+        (ome_xml(_SLIDE_HERE, uuid="urn:uuid:7"), True),  # tifffile's: of no set
+        (_of_another_set("whole XML").replace("urn:uuid:9", "URN:UUID:2"), True),
+    ],
+    ids=["no OME-XML", "no UUID of its own", "of no set", "the set's UUID in capitals"],
+)
+def test_a_multi_file_ome_set_whose_file_states_no_other_uuid_reads(tmp_path, description, is_ome):
+    opened, other = write_two_file_set(tmp_path, pyramid=False, own={"description": description})
+    with tifffile.TiffFile(other) as tif:  # the premise: tifffile wrote no OME-XML of its own
+        assert (tif.is_ome, tif.pages.first.description) == (is_ome, description)
+    reader = open_image(opened)
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), _image())
+
+
+def test_a_multi_file_ome_set_put_together_by_hand_with_tifffile_reads(tmp_path):
+    """c1.ome.tif gets tifffile's own OME-XML, with a fresh UUID of its own (tifffile's author
+    builds sets so): no set's file, so read as the set's, as tifffile and Bio-Formats read it."""
+    opened, other, planes = write_channel_set(tmp_path, own={})
+    with tifffile.TiffFile(other) as tif:  # the premise
+        assert tif.is_ome and ET.fromstring(tif.ome_metadata).get("UUID") != "urn:uuid:2"
+    np.testing.assert_array_equal(open_image(opened).read(0, 256, 0, 384), planes)
 
 
 def test_a_renamed_ome_tiff_without_a_uuid_of_its_own_reads(tmp_path):

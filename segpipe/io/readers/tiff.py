@@ -36,7 +36,7 @@ from segpipe.io.readers.photometric import (
     Photometric,
     level_photometric,
 )
-from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
+from segpipe.io.readers.vendor import SlideMetadata, check_ome_set_uuids, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
 
@@ -96,11 +96,8 @@ class TiffReader(BaseReader):
                     ) from exc
                 warnings.warn(f"{exc}; using pixel_size_um={self.pixel_size_um}", stacklevel=3)
                 slide = SlideMetadata("unknown", None)
-            self.vendor, self.magnification, file_px = (
-                slide.vendor,
-                slide.magnification,
-                slide.pixel_size_um,
-            )
+            self.vendor, self.magnification = slide.vendor, slide.magnification
+            file_px = slide.pixel_size_um
             first = series.levels[0].keyframe
             photometric = self._photometric[0]
             if getattr(first, "is_geotiff", False) or any(t in first.tags for t in _GDAL_TAGS):
@@ -342,9 +339,8 @@ def _check_ome_set(tif: Any, path: str) -> None:
     renamed since written (:func:`_is_renamed`) is no set.
 
     tifffile logs such a file and zeroes the planes named in it, or leaves out an Image whose
-    planes were all there, and another Image is read in the slide's place. A file's UUID is
-    not compared with the one the set names for it: tifffile and Bio-Formats find the files
-    by name, and tifffile writes a fresh UUID into each ``.ome.tif`` it writes."""
+    planes were all there, and another Image is read in the slide's place. A file of another
+    set found under a name the set gives is refused by :func:`check_ome_set_uuids`."""
     if not tif.is_ome or not tif.ome_metadata:
         return
     try:
@@ -376,14 +372,17 @@ def _check_ome_set(tif: Any, path: str) -> None:
             f"{listed}, opened at a URL, where tifffile opens none of a set's other files; "
             "copy the set's files into one local folder and open this file there"
         )
-    read = {p.parent.filehandle.path for s in tif.series for p in s.pages if p is not None}
+    read = {
+        p.parent.filehandle.path: p.parent for s in tif.series for p in s.pages if p is not None
+    }
     folder = tif.filehandle.dirname
+    files = {name: os.path.realpath(os.path.join(folder, name)) for name in sorted(named)}
     problems = [
         f"{name!r} is not there"
         if not os.path.exists(file)
         else f"{name!r} was not read (no TIFF, or without the IFDs named)"
-        for name in sorted(named)
-        if (file := os.path.realpath(os.path.join(folder, name))) not in read
+        for name, file in files.items()
+        if file not in read
     ]
     if problems:
         raise ImageReadError(
@@ -392,6 +391,7 @@ def _check_ome_set(tif: Any, path: str) -> None:
             "another image in their place: put the set's files together again in one "
             "folder, as they were written, and open this file there"
         )
+    check_ome_set_uuids(root, {name: read[file] for name, file in files.items()}, path)
 
 
 def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:

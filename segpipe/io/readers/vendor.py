@@ -24,7 +24,8 @@ shown with rows and columns swapped) is the stored Y's.
 
 Metadata that is present but unreadable (XML that does not parse, a spacing that is not a
 number) is an :class:`ImageReadError` naming the file; metadata that is absent leaves the
-pixel size unknown (the resolution tags are tried next).
+pixel size unknown (the resolution tags are tried next). The files of a multi-file OME-TIFF
+set are checked to be the ones its OME-XML names (:func:`check_ome_set_uuids`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 from segpipe.io.readers.base import ImageReadError
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
 
-__all__ = ["SlideMetadata", "slide_metadata"]
+__all__ = ["SlideMetadata", "check_ome_set_uuids", "slide_metadata"]
 
 # TIFF ResolutionUnit: 2 inch, 3 centimetre (baseline); 4 mm, 5 µm (DNG, tifffile).
 _UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}
@@ -342,3 +343,49 @@ def _tiffdata_holds(data: ET.Element, where: tuple[str, Any], own: tuple[str, st
     # a SubIFD's index is a tuple: no TiffData lists it
     in_range = isinstance(ifd, int) and first <= ifd and (not count or ifd < first + count)
     return name == file and in_range
+
+
+def check_ome_set_uuids(root: ET.Element, companions: dict[str, Any], path: str) -> None:
+    """Refuse a file of a multi-file OME-TIFF set (``path``; ``root``, its OME-XML) another of
+    whose files is not the one the set means: ``companions`` (the tifffile ``TiffFile`` read
+    under each file name the set gives) holds a file of a set of its own (:func:`_set_uuid`)
+    whose UUID is not the one the set's ``UUID`` elements give for that name: a file of another
+    acquisition or export saved under the set's name. tifffile and Bio-Formats find the files
+    by name alone and would read its planes as the set's. A file of no set of its own (one
+    tifffile wrote, with a fresh UUID, as sets are put together by hand) is taken as the set's.
+    Reads no pixel: tifffile read the files' IFDs."""
+    owns = {name: _set_uuid(tif) for name, tif in companions.items()}
+    wrong = {}
+    for e in root.iter():
+        name, named = e.get("FileName", ""), (e.text or "").strip()
+        own = owns.get(name)
+        if _local(e.tag) == "UUID" and own and named and own.lower() != named.lower():
+            file = companions[name].filehandle.path
+            wrong[name] = f"it gives {name!r} as {named}, but {file} is {own}"
+    if wrong:
+        raise ImageReadError(
+            f"{path}: one file of an OME-TIFF set whose OME-XML names its files by UUID; "
+            f"{'; '.join(wrong.values())} (the UUID of that file's own OME-XML, which names "
+            "a set of its own): a file of another acquisition or export saved under the "
+            "set's name, whose planes would be read as the set's. Put the set's own files "
+            "together again in one folder, as they were written, and open this file there"
+        )
+
+
+def _set_uuid(tif: Any) -> str | None:
+    """The root ``UUID`` of ``tif``'s OME-XML (its first IFD's description, in memory since
+    tifffile read the IFDs) where that XML is a set's: it names files by UUID or is
+    ``BinaryOnly``, as Bio-Formats, OMERO and Micro-Manager write each file of a set. None
+    otherwise: tifffile gives every ``.ome.tif`` it writes a fresh UUID of no meaning."""
+    if not tif.is_ome:
+        return None
+    try:
+        own = ET.fromstring(tif.pages.first.description)
+    except ET.ParseError:
+        return None
+    in_a_set = any(
+        _local(e.tag) == "BinaryOnly" or (_local(e.tag) == "UUID" and e.get("FileName"))
+        for e in own.iter()
+    )
+    uuid = own.get("UUID")
+    return uuid.strip() if in_a_set and uuid is not None else None
