@@ -7,7 +7,11 @@ groups) and reads it back against the pixels and the pixel spacing written.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +41,8 @@ def write_dicom_wsi(
     pixel_spacing: bool = True,
     levels: tuple[int, ...] = (0, 1),
     uids: tuple[str, str, str] | None = None,
+    origin_mm: tuple[float, float] = (20.0, 40.0),
+    grey: str = "MONOCHROME2",
 ) -> Path:
     """One DICOM instance per level (level k = ``img[::2**k, ::2**k]``), tiles row by row,
     files ``{name}{k}.dcm``, a new series unless ``uids`` (study, series, frame of
@@ -45,7 +51,9 @@ def write_dicom_wsi(
     ``img`` is ``(Y, X, S * P)``: S samples (3: RGB, 1: grey) for each of the P
     ``optical_paths`` (``(identifier, description)`` each; one unnamed path by default);
     each path's tiles are repeated on ``focal_planes`` planes 1 um apart.
-    ``pixel_spacing=False`` leaves PixelSpacing out.
+    ``pixel_spacing=False`` leaves PixelSpacing out. ``origin_mm``: (x, y) of the image's
+    top-left corner on the slide; wsidicom makes images of one series at other origins
+    pyramids of their own. ``grey``: the PhotometricInterpretation of grey samples.
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -86,7 +94,7 @@ def write_dicom_wsi(
         if samples == 3:
             ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
         else:
-            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+            ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, grey
         bits = img.dtype.itemsize * 8
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
             bits,
@@ -104,8 +112,9 @@ def write_dicom_wsi(
             shared.PixelMeasuresSequence = Sequence([measures])
             ds.SharedFunctionalGroupsSequence = Sequence([shared])
         origin = Dataset()
-        origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.0, 40.0
+        origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = origin_mm
         ds.TotalPixelMatrixOriginSequence = Sequence([origin])
+        ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]  # the label on the left
         items = []
         for identifier, description in paths:
             item = Dataset()
@@ -296,3 +305,113 @@ def test_rewriting_another_file_of_the_series_changes_the_token(slide, tmp_path)
     stat = level1.stat()
     os.utime(level1, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert open_image(folder / "level0.dcm").level(1).name != before
+
+
+def _taller_image() -> np.ndarray:
+    """Narrower than _image() (240 < 300 px) but of more pixels (320 x 240 > 200 x 300):
+    wsidicom, which orders images by width, makes its pyramid the second."""
+    return np.random.default_rng(4).integers(0, 255, (320, 240, 3), dtype=np.uint8)
+
+
+def _one_series(
+    folder: Path, *slides: tuple[str, np.ndarray, tuple[float, float], tuple[int, ...]]
+):
+    """Images (file name prefix, pixels, origin in mm, levels) as one series in ``folder``."""
+    from pydicom.uid import generate_uid
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    for name, img, origin_mm, levels in slides:
+        write_dicom_wsi(folder, img, name=name, uids=uids, origin_mm=origin_mm, levels=levels)
+    return folder
+
+
+def test_of_several_pyramids_the_largest_is_read_naming_the_others(tmp_path):
+    """As the TIFF reader does with a file of several images; moving a pyramid's files to a
+    folder of their own reads it."""
+    folder = _one_series(
+        tmp_path / "regions",
+        ("a", _image(), (20.0, 40.0), (0, 1)),
+        ("b", _taller_image(), (5.0, 40.0), (0, 1)),
+    )
+    with pytest.warns(UserWarning, match="holds 2 pyramids") as caught:
+        reader = open_image(folder / "a0.dcm")
+    assert [str(w.message) for w in caught] == [
+        f"{folder / 'a0.dcm'}: holds 2 pyramids (images of other places on the slide or depths "
+        "of field); reading the largest, pyramid 1 (320 x 240 px (Y x X), origin x 5, y 40 mm: "
+        "b0.dcm, b1.dcm), and leaving out pyramid 0 (200 x 300 px (Y x X), origin x 20, y 40 "
+        "mm: a0.dcm, a1.dcm); to read one of those, move its files to a folder of their own"
+    ]
+    taller = _taller_image()
+    assert reader.level_shapes == (taller.shape, taller[::2, ::2].shape)
+    np.testing.assert_array_equal(reader.read(0, 320, 0, 240), taller)
+    (tmp_path / "a").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clone (a worker's) reopens the series without a word
+        clone = pickle.loads(pickle.dumps(reader))
+        np.testing.assert_array_equal(clone.level(1).compute(), taller[::2, ::2])
+        for f in ("a0.dcm", "a1.dcm"):
+            (folder / f).rename(tmp_path / "a" / f)
+        np.testing.assert_array_equal(open_image(tmp_path / "a").read(0, 200, 0, 300), _image())
+
+
+def test_a_level_file_wsidicom_places_in_no_pyramid_is_refused_naming_it(tmp_path):
+    """Two images at one place of the slide: wsidicom keeps one file per pixel spacing, here
+    b0 as level 0 and a1 as level 1, which read on would be levels of two images."""
+    folder = _one_series(
+        tmp_path / "rescan",
+        ("a", _image(), (20.0, 40.0), (0, 1)),
+        ("b", _other_image(), (20.0, 40.0), (0,)),
+    )
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder)
+    assert str(info.value).startswith(
+        f"{folder}: wsidicom places a0.dcm in no pyramid of the series: files it cannot read"
+    )
+    assert "move the files that are no part of the slide out of its folder" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("levels", "named"),
+    [
+        ((0, 1), "level0.dcm and level1.dcm"),  # wsidicom: "Level files not found"
+        ((1,), "level1.dcm"),  # wsidicom: level 1 passed over, a pyramid of one level
+    ],
+)
+def test_min_is_white_dicom_is_refused_naming_the_files(tmp_path, levels, named):
+    """wsidicom does not read MONOCHROME1 (the DICOM WSI IOD does not allow it), and says so
+    nowhere: the refusal names the files and the photometric interpretation."""
+    folder = write_dicom_wsi(tmp_path / "m1", _image()[..., :1])
+    for k in levels:
+        ds = pydicom.dcmread(folder / f"level{k}.dcm")
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.save_as(folder / f"level{k}.dcm")
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder)
+    assert str(info.value).startswith(
+        f"{folder}/{named}: PhotometricInterpretation MONOCHROME1 (grey, white at 0), which "
+        "wsidicom does not read"
+    )
+    assert "rewrite the files as MONOCHROME2" in str(info.value)
+
+
+def test_threads_reading_an_unpickled_reader_open_the_series_once(slide, monkeypatch):
+    """As dask's threads do with a reader that came to a worker pickled, handle-less."""
+    import wsidicom
+
+    reader = pickle.loads(pickle.dumps(open_image(slide)))
+    opened, open_series = [], wsidicom.WsiDicom.open
+    together = threading.Barrier(3, timeout=1)  # a reader opening unlocked: each thread opens
+
+    def counted_open(files):
+        opened.append(files)
+        with contextlib.suppress(threading.BrokenBarrierError):  # one let in, as it should be
+            together.wait()
+        return open_series(files)
+
+    monkeypatch.setattr(wsidicom.WsiDicom, "open", counted_open)
+    boxes = [(0, 64, 0, 64), (64, 128, 64, 128), (136, 200, 236, 300)]
+    with ThreadPoolExecutor(len(boxes)) as pool:
+        reads = list(pool.map(lambda box: reader.read(*box), boxes))
+    for pixels, (y0, y1, x0, x1) in zip(reads, boxes, strict=True):
+        np.testing.assert_array_equal(pixels, _image()[y0:y1, x0:x1])
+    assert len(opened) == 1

@@ -8,12 +8,19 @@ refused, naming them). Pixels come as ``(Y, X, 3)`` RGB or ``(Y, X, 1)`` grey pe
 path, read by wsidicom region by region; several optical paths (fluorescence channels) are
 stacked as channels in the order the files list them. Several focal planes are refused as a
 stack. The pixel size is the base level's ``PixelSpacing`` (mm), which wsidicom requires.
+
+wsidicom groups a series' levels into pyramids by their place on the slide (and depth of
+field); of several, the one of the most base-level pixels is read and the others are warned
+of, as the TIFF reader does with a file of several images. A level file wsidicom places in
+no pyramid (one it cannot read, or a second image of a level's pixel spacing that it cannot
+tell apart and overwrites) is refused, naming it: the pyramid read could mix two images.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +66,9 @@ class _Instance:
 
     path: Path
     series_uid: str
+    instance_uid: str  # SOPInstanceUID
+    image_type: str  # ImageType value 3: VOLUME (a pyramid level), LABEL, OVERVIEW, THUMBNAIL
+    photometric: str  # PhotometricInterpretation
     shape: tuple[int, int]  # (Y, X) pixels of its total pixel matrix
     optical_paths: tuple[tuple[str, str | None], ...]  # (identifier, description) each
 
@@ -72,19 +82,25 @@ def _read_instance(path: Path) -> _Instance | None:
     from pydicom.errors import BytesLengthException, InvalidDicomError
     from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
-    tags = ["SeriesInstanceUID", "TotalPixelMatrixRows", "TotalPixelMatrixColumns"]
+    tags = ["SeriesInstanceUID", "SOPInstanceUID", "PhotometricInterpretation"]
+    sizes = ["TotalPixelMatrixRows", "TotalPixelMatrixColumns"]
     try:
         ds = pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=[*tags, "OpticalPathSequence"]
+            path,
+            stop_before_pixels=True,
+            specific_tags=[*tags, *sizes, "ImageType", "OpticalPathSequence"],
         )
         if ds.file_meta.get("MediaStorageSOPClassUID") != VLWholeSlideMicroscopyImageStorage:
             return None
-        uid, ny, nx = (ds.get(tag) for tag in tags)
+        series_uid, instance_uid, photometric = (str(ds.get(tag) or "") for tag in tags)
+        ny, nx = (int(ds.get(tag) or 0) for tag in sizes)
+        image_type = list(ds.get("ImageType") or [])
         paths = tuple(
             (str(p.get("OpticalPathIdentifier", "")), p.get("OpticalPathDescription") or None)
             for p in ds.get("OpticalPathSequence", [])
         )
-        return _Instance(path, str(uid or ""), (int(ny or 0), int(nx or 0)), paths)
+        kind = str(image_type[2]) if len(image_type) > 2 else ""
+        return _Instance(path, series_uid, instance_uid, kind, photometric, (ny, nx), paths)
     except (InvalidDicomError, BytesLengthException, *DECODE_ERRORS) as exc:
         raise ImageReadError(
             f"{path}: a damaged DICOM header ({type(exc).__name__}: {exc}); move it out of "
@@ -157,6 +173,67 @@ def _channel_names(path_names: list[str], samples: int) -> tuple[str, ...] | Non
     return tuple(f"{name} {colour}" for name in path_names for colour in colours)
 
 
+def _refuse_min_is_white(instances: list[_Instance]) -> None:
+    """Refuse level files of MONOCHROME1 grey, which wsidicom passes over without a word
+    (its error would be that the series has no level, or a level would be missing)."""
+    files = [
+        i.path for i in instances if i.image_type == "VOLUME" and i.photometric == "MONOCHROME1"
+    ]
+    if files:
+        more = f" and {', '.join(f.name for f in files[1:])}" if files[1:] else ""
+        raise ImageReadError(
+            f"{files[0]}{more}: PhotometricInterpretation MONOCHROME1 (grey, white at 0), "
+            "which wsidicom does not read (the DICOM WSI IOD takes MONOCHROME2 for grey); "
+            "rewrite the files as MONOCHROME2, each value v as 2**BitsStored - 1 - v (e.g. "
+            "with pydicom), or convert the slide to OME-TIFF"
+        )
+
+
+def _main_pyramid(pyramids: list[Any], instances: list[_Instance], path: str) -> int:
+    """Index of wsidicom's pyramid of the most base-level pixels; the others are warned of,
+    naming their files. Level files in no pyramid are refused, naming them."""
+    uids = [{d.instance_uid for lv in p.levels for d in lv.datasets} for p in pyramids]
+    left = [
+        i.path.name
+        for i in instances
+        if i.image_type == "VOLUME" and not any(i.instance_uid in u for u in uids)
+    ]
+    if left:
+        raise ImageReadError(
+            f"{path}: wsidicom places {', '.join(left)} in no pyramid of the series: files "
+            "it cannot read (of a pixel type, photometric interpretation or planar "
+            "configuration it does not take), or a second image at the pixel spacing and "
+            "place on the slide of another file's (the same origin, or no "
+            "ImageOrientationSlide), of which it keeps one; move the files that are no part "
+            "of the slide out of its folder"
+        )
+    main = max(range(len(pyramids)), key=lambda k: pyramids[k].size.area)
+    if len(pyramids) > 1:
+        text = [
+            _pyramid_text(k, p, [i.path.name for i in instances if i.instance_uid in uids[k]])
+            for k, p in enumerate(pyramids)
+        ]
+        warnings.warn(
+            f"{path}: holds {len(pyramids)} pyramids (images of other places on the slide or "
+            f"depths of field); reading the largest, {text[main]}, and leaving out "
+            f"{', '.join(t for k, t in enumerate(text) if k != main)}; to read one of those, "
+            "move its files to a folder of their own",
+            stacklevel=4,
+        )
+    return main
+
+
+def _pyramid_text(index: int, pyramid: Any, files: list[str]) -> str:
+    where = pyramid.image_coordinate_system
+    at = (
+        f", origin x {float(where.origin.x):g}, y {float(where.origin.y):g} mm"
+        if where is not None
+        else ""
+    )
+    size = pyramid.size
+    return f"pyramid {index} ({size.height} x {size.width} px (Y x X){at}: {', '.join(files)})"
+
+
 def _wsidicom_errors() -> tuple[type[Exception], ...]:
     from wsidicom import errors  # type: ignore[import-untyped]
 
@@ -180,18 +257,21 @@ class DicomReader(BaseReader):
         self._slide: Any = None
         self._wsidicom()  # before pydicom, which comes with it, reads the headers
         instances = _series(path)
+        _refuse_min_is_white(instances)
         self._instance_files = tuple(str(i.path) for i in instances)
         slide = self._open()
         try:
-            base = slide.pyramid.base_level
+            self._pyramid = _main_pyramid(list(slide.pyramids), instances, self.path)
+            pyramid = slide.pyramids[self._pyramid]
+            base = pyramid.base_level
             paths, path_names = _path_order(list(base.optical_paths), instances)
             focal_planes = list(base.focal_planes)
-            levels = [lv for lv in slide.pyramid.levels if set(paths) <= set(lv.optical_paths)]
-            corners = [
-                np.asarray(slide.read_region((0, 0), base.level, (1, 1), path=p, as_array=True))
-                for p in paths
-            ]
-            mpp = slide.mpp.width
+            levels = [lv for lv in pyramid.levels if set(paths) <= set(lv.optical_paths)]
+            corners = [np.asarray(self._read(slide, base.level, p, (0, 0), (1, 1))) for p in paths]
+            mpp = pyramid.mpp.width
+        except ImageReadError:
+            self.close()
+            raise
         except _wsidicom_errors() + DECODE_ERRORS as exc:
             self.close()
             raise ImageReadError(
@@ -242,7 +322,10 @@ class DicomReader(BaseReader):
 
     def _open(self) -> Any:
         wsidicom = self._wsidicom()
-        if self._slide is None:
+        # Under the lock: threads reading a reader just unpickled would each open the series.
+        with self._lock:
+            if self._slide is not None:
+                return self._slide
             try:
                 self._slide = wsidicom.WsiDicom.open(list(self._instance_files))
             except wsidicom.errors.WsiDicomNoResolutionError as exc:
@@ -256,7 +339,14 @@ class DicomReader(BaseReader):
                 raise ImageReadError(
                     f"{self.path}: no readable DICOM WSI series ({type(exc).__name__}: {exc})"
                 ) from exc
-        return self._slide
+            return self._slide
+
+    def _read(
+        self, slide: Any, level: int, path: str, xy: tuple[int, int], size: tuple[int, int]
+    ) -> Any:
+        """A region of ``path`` (an optical path) of the pyramid read: ``xy`` its top-left
+        corner, ``size`` its (width, height), in pixels of ``level`` (wsidicom's number)."""
+        return slide.read_region(xy, level, size, path=path, pyramid=self._pyramid, as_array=True)
 
     def _open_level(self, level: int) -> RegionLevel:
         return RegionLevel(
@@ -270,13 +360,7 @@ class DicomReader(BaseReader):
         try:
             planes = [
                 np.asarray(
-                    slide.read_region(
-                        (x0, y0),
-                        self._pyramid_levels[level],
-                        (x1 - x0, y1 - y0),
-                        path=p,
-                        as_array=True,
-                    )
+                    self._read(slide, self._pyramid_levels[level], p, (x0, y0), (x1 - x0, y1 - y0))
                 )
                 for p in self._optical_paths
             ]

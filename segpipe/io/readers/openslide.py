@@ -7,6 +7,10 @@ with alpha 0 and black where the scanner recorded nothing (MRXS slides are mostl
 space). The reader gives the RGB channels as pixels and the alpha as its validity mask
 (``mask_kind = "alpha"``; see :meth:`valid_mask`), so tissue-free empty space can be skipped
 like a GeoTIFF's nodata.
+
+OpenSlide reads regions of one handle from several threads at once, so reads are not
+serialised; the handle itself is opened, dropped (after an error) and closed under the
+reader's lock, and a read holds its own reference to the handle it reads.
 """
 
 from __future__ import annotations
@@ -89,14 +93,17 @@ class OpenSlideReader(BaseReader):
                 f"{self.path}: this slide format needs OpenSlide; install it with "
                 "pip install 'segpipe[slides]' (openslide-python and openslide-bin)"
             ) from exc
-        if self._slide is None:
-            try:
-                self._slide = openslide.OpenSlide(self.path)
-            except (openslide.OpenSlideError, OSError) as exc:
-                raise ImageReadError(
-                    f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})"
-                ) from exc
-        return self._slide
+        # Under the lock: threads reading a reader just unpickled (or one whose handle an
+        # error dropped) would each open a handle, all but one left to the garbage collector.
+        with self._lock:
+            if self._slide is None:
+                try:
+                    self._slide = openslide.OpenSlide(self.path)
+                except (openslide.OpenSlideError, OSError) as exc:
+                    raise ImageReadError(
+                        f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})"
+                    ) from exc
+            return self._slide
 
     def _open_level(self, level: int) -> RegionLevel:
         # RGB of OpenSlide's region: empty space reads as its transparent black; the alpha
@@ -137,9 +144,10 @@ class OpenSlideReader(BaseReader):
         return self._rgba(level, y0, y1, x0, x1)[..., 3] > 0
 
     def _close_handles(self) -> None:
-        if self._slide is not None:
-            self._slide.close()
-            self._slide = None
+        # Dropped, not closed: a read in another thread may be inside read_region on it,
+        # which closing would free under it. openslide-python closes it as its last reference
+        # goes: here, or as such a read ends (it holds no reference cycle to wait for the GC).
+        self._slide = None
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_slide": None}
