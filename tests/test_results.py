@@ -37,9 +37,10 @@ from segpipe.results import (
     write_block,
     write_tiles,
 )
-from segpipe.results.layout import level_tiling, levels_in_blocks
+from segpipe.results.layout import block_level_arrays, level_tiling, levels_in_blocks
 from segpipe.results.schema import label_path, level_path, result_levels
 from segpipe.results.store import quiet_consolidated
+from segpipe.results.tiles import result_started
 
 # Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
 SETTINGS = {f.name for f in dataclasses.fields(SegmentConfig)} - {
@@ -99,6 +100,7 @@ def test_a_run_replaced_by_another_records_and_finalises_nothing_there(tmp_path)
     finalising are refused, and B's result keeps its own tiles and stays unfinished."""
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
+    ours = result_started(path)
     record = TileRecord(path)
     record.mark({(0, 0): np.array([5, 6])})
     prepare_result(path, meta(halo=8), overwrite=True)  # run B
@@ -110,6 +112,129 @@ def test_a_run_replaced_by_another_records_and_finalises_nothing_there(tmp_path)
     with pytest.raises(IncompleteResultError):
         finalize_result(path, run_summary(path))
     assert not is_complete(path) and read_meta(path).halo == 8
+    # A record opened after B came, with the stamp A read when it prepared its result.
+    with pytest.raises(ResultReplacedError, match="replaced by another run"):
+        mark_tiles_done(path, {(1, 0): np.array([5, 6])}, started=ours)
+    assert not tiles_done(path).any()
+
+
+def store_files(path, *, but=()):
+    """Every file of the store at ``path`` (none: nothing there), by relative path, as bytes;
+    ``but``: relative paths left out."""
+    return {
+        f.relative_to(path).as_posix(): f.read_bytes()
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and f.relative_to(path).as_posix() not in but
+    }
+
+
+@pytest.mark.parametrize("then", ["replaced", "deleted"])
+def test_a_block_of_a_run_whose_result_was_replaced_is_not_written(tmp_path, then):
+    """A task of run A still running when run B replaced (or deleted) A's result at the same
+    path writes by path: fenced by A's stamp, it raises and writes nothing, so B's block
+    (another model's pixels, recorded done by B) stays byte for byte; a deleted result's path
+    stays empty (a write there would also block B's rename into place)."""
+    path, box = tmp_path / "r.zarr", Box(0, 64, 0, 64)
+    prepare_result(path, meta(task_tiles=2))
+    ours = result_started(path)
+    arrays = block_level_arrays(path)  # opened by A's first task, before B came
+    if then == "replaced":
+        prepare_result(path, meta(task_tiles=2, halo=8), overwrite=True)
+        write_block(path, box, random_probabilities((64, 64), seed=1))  # B's block
+    else:
+        delete_result(path)
+    before = store_files(path)
+    theirs = result_started(path) if then == "replaced" else "is gone"
+    assert theirs != ours
+    with pytest.raises(ResultReplacedError) as raised:
+        write_block(path, box, random_probabilities((64, 64), seed=2), arrays=arrays, started=ours)
+    assert all(s in str(raised.value) for s in (str(path), ours, theirs)), raised.value
+    assert store_files(path) == before
+    assert path.exists() == (then == "replaced")
+
+
+def test_a_block_fenced_by_its_results_own_stamp_is_written_as_without_one(tmp_path, monkeypatch):
+    """With the stamp of the result at the path, write_block writes the same bytes as without
+    one, at the cost of one read of the root zarr.json, from the store at every block (a
+    handle opened earlier would still hold a replaced result's metadata)."""
+    from zarr.storage import LocalStore
+
+    m, box, probs = meta(task_tiles=2), Box(0, 64, 0, 64), random_probabilities((64, 64))
+    fenced, plain = tmp_path / "fenced.zarr", tmp_path / "plain.zarr"
+    for p in (fenced, plain):
+        prepare_result(p, m)
+    arrays = block_level_arrays(fenced)
+    reads = []
+    get = LocalStore.get
+
+    async def counting(self, key, *args, **kw):
+        reads.append(key)
+        return await get(self, key, *args, **kw)
+
+    ours = read_attrs(fenced)["started"]
+    monkeypatch.setattr(LocalStore, "get", counting)
+    for _ in range(2):
+        write_block(fenced, box, probs, arrays=arrays, started=ours)
+    assert reads == ["zarr.json", "zarr.json"]
+    write_block(plain, box, probs)
+    monkeypatch.undo()
+    assert store_files(fenced, but={"zarr.json"}) == store_files(plain, but={"zarr.json"})
+    np.testing.assert_array_equal(zarr.open_array(fenced / "0" / "mask")[:64, :64], probs.argmax(0))
+
+
+def test_a_run_replaced_mid_run_leaves_the_replacing_runs_result_as_if_alone(
+    tmp_path, monkeypatch, small_slide, random_checkpoint
+):
+    """Run A's result is replaced by run B (another model, overwrite) once A's first block is
+    written: A's blocks in flight then are fenced, A stops with ResultReplacedError, and B's
+    result is bit-identical to B's run made alone (A's pixels in none of B's blocks)."""
+    import itertools
+    import threading
+
+    import torch
+
+    import segpipe
+    from segpipe import models
+    from segpipe.execution import cluster, tasks
+
+    torch.manual_seed(1)
+    other = models.build("unet", class_names=("a", "b", "c"), width=4, depth=2)
+    other = models.save(other, tmp_path / "other-unet.pt")
+    settings = {"tile": 64, "task_tiles": 1, "foreground": "none", "scheduler": "sync"}
+    out, alone = tmp_path / "r.seg.zarr", tmp_path / "alone.seg.zarr"
+    segpipe.segment(small_slide.image, alone, other, min_level_size=64, **settings)
+
+    a_run, a_blocks, lock = [], itertools.count(), threading.Lock()
+    first_written, replaced = threading.Event(), threading.Event()
+
+    def block_of_a_or_b(block, job):  # segment_block as run_blocks calls it
+        with lock:
+            a_run[:] = a_run or [job.predictor_key]  # A's blocks come first
+            n = next(a_blocks) if job.predictor_key == a_run[0] else None
+        if n is None:  # B's own blocks
+            return tasks.segment_block(block, job)
+        if n > 0:  # A's second block runs B whole once A's first is written; the rest wait
+            first_written.wait()
+            if n == 1:
+                segpipe.segment(
+                    small_slide.image, out, other, overwrite=True, min_level_size=64, **settings
+                )
+                replaced.set()
+            replaced.wait()
+        try:
+            return tasks.segment_block(block, job)
+        finally:
+            first_written.set()
+
+    monkeypatch.setattr(cluster, "segment_block", block_of_a_or_b)
+    with pytest.raises(ResultReplacedError, match="replaced by another run") as raised:
+        segpipe.segment(small_slide.image, out, random_checkpoint, min_level_size=64, **settings)
+    assert replaced.is_set() and is_complete(out)
+    got, expected = store_files(out, but={"zarr.json"}), store_files(alone, but={"zarr.json"})
+    assert got.keys() == expected.keys()
+    differing = [k for k in expected if got[k] != expected[k]]
+    assert not differing, f"B's result is not what B alone made: {differing}"
+    assert any(e.name == "write_block" for e in raised.traceback), "not from A's tasks"
 
 
 def test_tile_record_writes_through_and_keeps_earlier_marks(tmp_path):

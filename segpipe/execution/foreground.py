@@ -260,6 +260,7 @@ def select_tiles(
     num_classes: int,
     geometry: Geometry | None = None,
     done: np.ndarray | None = None,
+    started: str | None = None,
 ) -> TileSelection:
     """Make the foreground mask (stage ``"tissue mask"``), choose the tiles to compute, and
     record the others in the result at ``output`` as done, all class 0.
@@ -272,7 +273,9 @@ def select_tiles(
     ``done`` (``(tile_y, tile_x)`` bool) keep their record: a result begun by an older
     release, which chose tiles otherwise, keeps the counts of what it wrote, and its blocks
     done keep the foreground label image that release wrote (each task writes its own block
-    of it; a release that made the mask otherwise would leave the two mixed).
+    of it; a release that made the mask otherwise would leave the two mixed). ``started``: the
+    stamp of the result the run prepared, which the record checks it is still writing into
+    (:func:`~segpipe.results.tiles.check_not_replaced`).
     """
     if mode == "none":  # no stage to announce
         return TileSelection(np.ones(grid.grid_shape, dtype=bool))
@@ -292,7 +295,7 @@ def select_tiles(
         counts = np.zeros(num_classes, dtype=np.int64)
         counts[0] = tile.box.shape[0] * tile.box.shape[1]
         background[tile.index] = counts
-    mark_tiles_done(output, background)
+    mark_tiles_done(output, background, started=started)
     _add_foreground_label(output, foreground)
     return selection
 

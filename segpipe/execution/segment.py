@@ -46,6 +46,7 @@ from segpipe.results import (
     prepare_result,
 )
 from segpipe.results.layout import level_downsample
+from segpipe.results.tiles import result_started
 
 __all__ = ["segment"]
 
@@ -227,6 +228,9 @@ def segment(
         )
         output = location(output, storage_options)
         done = prepare_result(output, meta, overwrite=overwrite)
+        # The result this run made or resumes: its tasks write, and its driver records, only
+        # while the one at the path is still this one (another run may replace it).
+        stamp = result_started(output)
         if is_complete(output):
             log.info("%s is already complete; nothing to compute", output)
             return output
@@ -236,7 +240,7 @@ def segment(
         selection = select_tiles(
             reader, level, grid, output, config.foreground,
             task_tiles=config.task_tiles, num_classes=len(class_names),
-            geometry=geometry if config.mode == "exact" else None, done=done,
+            geometry=geometry if config.mode == "exact" else None, done=done, started=stamp,
         )  # fmt: skip
         # A block is one shard, the unit of writing: a partly done block is redone whole.
         blocks = selection.blocks(grid, config.task_tiles)
@@ -271,6 +275,7 @@ def segment(
             lattice=lattice,
             sigma_scale=config.sigma_scale,
             channels=models.channels_taken(contract, reader, level),
+            started=stamp,
         )
         inference = InferenceConfig(
             device=config.device,
@@ -287,7 +292,7 @@ def segment(
             if scheduler != "sync" and not in_process_is_cheaper(plan, n_todo * tile * tile):
                 client = run.enter_context(connect(scheduler, plan))
         with stage("segment", total=n_todo, unit="tile") as tiles:
-            recorder = _TileRecorder(output, tiles, on_progress)
+            recorder = _TileRecorder(output, stamp, tiles, on_progress)
             run_blocks(blocks, job, client=client, model=net, config=inference, on_result=recorder)
 
     seconds = time.perf_counter() - started
@@ -344,10 +349,11 @@ class _TileRecorder:
     def __init__(
         self,
         output: Path | URLPath,
+        started: str | None,
         tiles: Stage,
         on_progress: Callable[[int, int], None] | None,
     ) -> None:
-        self.record = TileRecord(output)
+        self.record = TileRecord(output, started=started)
         self.tiles = tiles
         self.on_progress = on_progress
         self.windows = 0

@@ -3,10 +3,11 @@
 :func:`segment_block` takes a :class:`Block` (``task_tiles`` x ``task_tiles`` tiles, one Zarr
 shard; in blend mode several), predicts it with the worker's model through the stitcher
 (:func:`segpipe.execution.stitching.predict_parts`), writes each shard block to the result as
-soon as it is stitched and returns the block's per-tile class counts. Tasks carry paths,
-geometry and a few kilobytes of the foreground mask, never pixel arrays, so the graph stays
-small for any image size. A task's thread reads and writes; its forward passes
-run on the process's model thread (:mod:`segpipe.execution.pipeline`), shared by all tasks.
+soon as it is stitched (while the result is still the run's: ``Job.started``) and returns the
+block's per-tile class counts. Tasks carry paths, geometry and a few kilobytes of the
+foreground mask, never pixel arrays, so the graph stays small for any image size. A task's
+thread reads and writes; its forward passes run on the process's model thread
+(:mod:`segpipe.execution.pipeline`), shared by all tasks.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ class Job(Stitching):
     # The leading channels of the pixels the model takes (an RGB model leaves an RGBA image's
     # alpha out: models.source_checks.channels_taken); None: all of them.
     channels: int | None = None
+    # The ``started`` stamp of the result the driver prepared: each block is written only
+    # while the result at ``output`` still carries it (another run may replace it mid-run:
+    # write_block checks). None: not checked.
+    started: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +261,13 @@ def segment_block(block: Block, job: Job) -> BlockResult:
                 labels.append((arrays.foreground, patch.pixels(region)))
         with lease.writing():
             mask = write_block(
-                job.output, region, probabilities, step=step, arrays=arrays.levels, labels=labels
+                job.output,
+                region,
+                probabilities,
+                step=step,
+                arrays=arrays.levels,
+                labels=labels,
+                started=job.started,
             )
         with stage.io_section():
             for t in part:

@@ -42,7 +42,7 @@ from segpipe.results.schema import (
 )
 from segpipe.results.shards import write_together
 from segpipe.results.summary import RunSummary
-from segpipe.results.tiles import tiles_done
+from segpipe.results.tiles import check_not_replaced, tiles_done
 
 __all__ = [
     "class_map",
@@ -273,6 +273,7 @@ def write_block(
     step: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     arrays: Sequence[tuple[zarr.Array, zarr.Array, zarr.Array]] | None = None,
     labels: Sequence[tuple[Sequence[zarr.Array], np.ndarray]] = (),
+    started: str | None = None,
 ) -> np.ndarray:
     """Write (C, y, x) float probabilities over ``box`` and their argmax mask, at level 0 and
     at the pyramid levels the result's tasks write (``layout.levels_in_blocks``): there, the
@@ -286,7 +287,11 @@ def write_block(
     caller that writes many blocks of one run (default: opened here). ``labels``: other label
     images' (y, x) uint8 values over ``box``, each with its arrays at those levels
     (:func:`segpipe.results.labels.label_block_arrays`), halved by mode and written in the
-    same trip. Returns the (y, x) uint8 mask written at level 0.
+    same trip. ``started``: the ``started`` stamp of the result the caller's run prepared;
+    just before the shards are written the result's own is read (one read of its root
+    ``zarr.json``) and, where another run has replaced the result since, nothing is written
+    and :class:`~segpipe.results.tiles.ResultReplacedError` is raised. None: not checked.
+    Returns the (y, x) uint8 mask written at level 0.
     """
     with step():
         if arrays is None:
@@ -311,6 +316,11 @@ def write_block(
             pairs = zip(label_arrays[: levels + 1], halved, strict=True)
             writes += [(a, at.slices, v) for a, (at, v) in pairs]
     with step():
+        # Checked here, after the values are computed and right before they are stored: a
+        # task still running when another run replaced the result writes by path, so its
+        # shards would land in the new result, which may hold that block already.
+        if started is not None:
+            check_not_replaced(path, started)
         write_together(writes)
     fault_point("block.written")
     return mask

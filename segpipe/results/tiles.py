@@ -1,5 +1,7 @@
 """Which tiles of a result are written, and their class pixel counts: the ``_segpipe``
-bookkeeping arrays, which the driver alone writes (the tasks write pixels, never these).
+bookkeeping arrays, which the driver alone writes (the tasks write pixels, never these); and
+the fence both keep, the driver before each record and the tasks before each block's shards:
+the result at the path must still be the one the run prepared (:func:`check_not_replaced`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,53 @@ from segpipe.faults import fault_point
 from segpipe.results.layout import COUNTS, PROGRESS, PROGRESS_CHUNKS
 from segpipe.results.schema import read_attrs, store_of
 
-__all__ = ["ResultReplacedError", "TileRecord", "class_pixels", "mark_tiles_done", "tiles_done"]
+__all__ = [
+    "ResultReplacedError",
+    "TileRecord",
+    "check_not_replaced",
+    "class_pixels",
+    "mark_tiles_done",
+    "result_started",
+    "tiles_done",
+]
 
 
 class ResultReplacedError(RuntimeError):
     """Another run replaced the result this run was writing (an overwrite at the same path):
     this run stops. Not a :class:`~segpipe.results.schema.ResultMismatchError`, which callers
     answer by replacing what is at the path: here that is the other run's result."""
+
+
+def result_started(path: str | os.PathLike) -> str | None:
+    """The ``started`` stamp (an ISO 8601 time to the microsecond) of the result at ``path``,
+    as its root ``zarr.json`` says now: one read of that one file (``read_attrs`` asks for
+    Zarr v2's three files besides), from the store each time, never from a handle opened
+    earlier (Zarr handles keep the metadata they read). ``FileNotFoundError``: nothing there."""
+    try:
+        group = zarr.open_group(store_of(path), mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+        raise FileNotFoundError(f"no segpipe result at {path}") from e
+    attrs = group.attrs.get("segpipe")
+    return attrs.get("started") if isinstance(attrs, dict) else None
+
+
+def check_not_replaced(path: str | os.PathLike, started: str | None) -> None:
+    """Raise :class:`ResultReplacedError` unless the result at ``path`` is still the one
+    stamped ``started`` (:func:`result_started`): the one this run prepared, not one another
+    run has put there since (an overwrite at the same path, even within the same second)."""
+    try:
+        now = result_started(path)
+    except FileNotFoundError:
+        raise ResultReplacedError(
+            f"{path} is gone (deleted, or being replaced by another run) while this run wrote "
+            f"the result started {started} there: this run stops and writes nothing more there"
+        ) from None
+    if now != started:
+        raise ResultReplacedError(
+            f"{path} was replaced by another run (the result there now started {now}) while "
+            f"this run wrote the one started {started}: this run stops and writes nothing "
+            "more there"
+        )
 
 
 def tiles_done(path: str | os.PathLike) -> np.ndarray:
@@ -31,26 +73,32 @@ def tiles_done(path: str | os.PathLike) -> np.ndarray:
 
 
 def mark_tiles_done(
-    path: str | os.PathLike, tile_counts: dict[tuple[int, int], np.ndarray]
+    path: str | os.PathLike,
+    tile_counts: dict[tuple[int, int], np.ndarray],
+    *,
+    started: str | None = None,
 ) -> None:
-    """Record tiles as written, with their (C,) class pixel counts.
+    """Record tiles as written, with their (C,) class pixel counts, into the result stamped
+    ``started`` (:class:`TileRecord`).
 
     Called by the driver only, so the bookkeeping arrays have one writer. A driver that
     records many blocks of a run keeps one :class:`TileRecord` instead.
     """
     if tile_counts:  # nothing to open for (a remote store's round trips) otherwise
-        TileRecord(path).mark(tile_counts)
+        TileRecord(path, started=started).mark(tile_counts)
 
 
 class TileRecord:
     """A result's tiles-done flags and class pixel counts, as their one writer (the driver)
     keeps them during a run: each chunk is read once, then written from memory (a block's
-    record cost two opens, two reads and two writes; now the two writes)."""
+    record cost two opens, two reads and two writes; now the two writes). ``started``: the
+    stamp of the result the run prepared (:func:`result_started` then), so its record and
+    its tasks' writes are fenced alike; None: the stamp of the result at ``path`` now."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, started: str | None = None) -> None:
         self._path = path
         # The result this run records into: a run that replaced it (overwrite) made another.
-        self._started = read_attrs(path).get("started")
+        self._started = started if started is not None else result_started(path)
         self._done = zarr.open_array(store_of(path), path=PROGRESS, mode="r+")
         self._counts = zarr.open_array(store_of(path), path=COUNTS, mode="r+")
         self._chunks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
@@ -59,13 +107,7 @@ class TileRecord:
         """Record ``tile_counts``' tiles (``(tile_y, tile_x)``) as written, with their counts."""
         if not tile_counts:
             return
-        started = read_attrs(self._path).get("started")
-        if started != self._started:
-            raise ResultReplacedError(
-                f"{self._path} was replaced by another run (its result started {started}) "
-                f"while this run wrote the one started {self._started}: this run stops and "
-                "records nothing there"
-            )
+        check_not_replaced(self._path, self._started)
         cy, cx = PROGRESS_CHUNKS
         by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for iy, ix in tile_counts:
