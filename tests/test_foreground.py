@@ -842,3 +842,67 @@ def test_auto_means_tissue_for_a_slide_that_marks_empty_space_by_alpha():
     assert resolve_foreground("auto", reader()) == "nodata"
     assert resolve_foreground("auto", reader(4, np.uint16, rgba, pixel_size_um=0.25)) == "nodata"
     assert resolve_foreground("auto", reader(4, pixel_size_um=0.25)) == "nodata"
+
+
+def touched(n, size, lo, hi):
+    """Which of ``n`` pixels, each ``size`` level-0 pixels from 0, the span ``lo..hi`` (level-0
+    pixels, no edge on a pixel's) reaches into."""
+    starts = np.arange(n) * size
+    return (starts + size > lo) & (starts < hi)
+
+
+def test_a_geojson_mask_at_a_coarser_level_of_odd_side_uses_its_whole_downsample(tmp_path):
+    """Level 1 of a 301 x 517 image is 150 x 258, each pixel 2 x 2 of level 0's (level 0's
+    last row and column in none), as the result's pixel polygons and microns place it. A
+    polygon's edge burns the level-1 pixel holding it, not the one the size ratio (517 / 258,
+    301 / 150) would: x 402.5 is in column 201 ([402, 404)), not 200 ([400.8, 402.8))."""
+    from segpipe.io.writers import write_pyramidal_tiff
+
+    source = write_pyramidal_tiff(
+        tmp_path / "odd.ome.tif", np.zeros((301, 517, 3), np.uint8), pixel_size_um=0.5,
+        tile=64, min_level_size=64,
+    )  # fmt: skip
+    reader = segpipe.open_image(source)
+    assert reader.level_shapes[1][:2] == (150, 258)
+    x0, y0, x1, y1 = 402.5, 102.2, 600.0, 250.3
+    assert 200 * 517 / 258 < x0 < 201 * 517 / 258  # size ratio: in column 200
+    assert y1 < 125 * 301 / 150 and 50 * 301 / 150 < y0 < 51 * 301 / 150  # rows 50..124
+    path = tmp_path / "mask.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [square(x0, y0, x1, y1)]}))
+    expected = np.outer(touched(150, 2, y0, y1), touched(258, 2, x0, x1))  # rows 51..125
+    level0 = read_mask_file(path, reader, (301, 517))
+    halved = level0[:300, :516].reshape(150, 2, 258, 2).any(axis=(1, 3))
+    np.testing.assert_array_equal(halved, expected)  # the reference agrees with level 0
+    np.testing.assert_array_equal(read_mask_file(path, reader, (150, 258), level=1), expected)
+    # Cells of 2 x 2 level-1 pixels: each holds what its pixels hold.
+    cells = read_mask_file(path, reader, (75, 129), level=1)
+    np.testing.assert_array_equal(cells, expected.reshape(75, 2, 129, 2).any(axis=(1, 3)))
+    # A run at level 1 takes the same mask (the level reaches the mask file).
+    foreground = compute_foreground(reader, 1, str(path))
+    assert foreground is not None and foreground.shape == (150, 258)
+    np.testing.assert_array_equal(upsample_mask(foreground.mask, (150, 258)), expected)
+
+
+def test_a_geojson_mask_at_a_gdal_overview_uses_its_size_ratio(tmp_path):
+    """A georeferenced level is GDAL's overview, 151 x 259 under 301 x 517, whose transform
+    (and so the result's pixel polygons) GDAL scales by the size ratio: the mask follows it.
+    x 401.5 is in column 201 by the ratio ([401.2, 403.2)), in 200 by the whole factor."""
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.transform import Affine
+
+    path = tmp_path / "odd.tif"
+    profile = dict(driver="GTiff", width=517, height=301, count=1, dtype="uint8")
+    with rasterio.open(
+        path, "w", crs="EPSG:32633", transform=Affine(1, 0, 5e5, 0, -1, 5e6), **profile
+    ) as ds:
+        ds.write(np.ones((1, 301, 517), np.uint8))
+        ds.build_overviews([2], Resampling.nearest)
+    reader = segpipe.open_image(path)
+    assert reader.georeference is not None and reader.level_shapes[1][:2] == (151, 259)
+    x0, y0, x1, y1 = 401.5, 101.8, 600.0, 250.3
+    mask = tmp_path / "mask.geojson"
+    mask.write_text(json.dumps({"type": "FeatureCollection", "features": [square(x0, y0, x1, y1)]}))
+    expected = np.outer(touched(151, 301 / 151, y0, y1), touched(259, 517 / 259, x0, x1))
+    assert not expected[:, 200].any() and expected[:, 201].any()
+    np.testing.assert_array_equal(read_mask_file(mask, reader, (151, 259), level=1), expected)

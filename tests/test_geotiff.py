@@ -21,7 +21,13 @@ from segpipe import models
 from segpipe.geometry.tiling import Box
 from segpipe.io.describe import describe_image
 from segpipe.io.ome import PixelGrid
-from segpipe.io.readers import ImageReadError, open_image, read_mirrored, valid_mask
+from segpipe.io.readers import (
+    Georeference,
+    ImageReadError,
+    open_image,
+    read_mirrored,
+    valid_mask,
+)
 
 # A transverse Mercator no EPSG code names (GRS80, central meridian 10.5°, false easting 400 km).
 CUSTOM = "+proj=tmerc +lat_0=0 +lon_0=10.5 +k=0.9996 +x_0=400000 +y_0=0 +ellps=GRS80 +units=m"
@@ -345,3 +351,156 @@ def test_an_overview_without_a_mask_of_its_own_takes_level_0s(tmp_path):
         reader.valid_mask(30, 45, 59, 61, level=1), expected[30:45, 59:61]
     )
     np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), mask > 0)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_south_up_geotiff_keeps_its_rows_going_north_end_to_end(tmp_path, level):
+    """A positive y pixel size (row 0 the southernmost): the result's y coordinates grow down
+    the rows, its transform is GDAL's for the level, and the crs polygons, areas and regions
+    lie where the pixels are, not mirrored about the middle row."""
+    import rioxarray  # noqa: F401  (registers .rio)
+    from shapely.geometry import shape
+    from test_vectors import Bright
+
+    from segpipe import vectors
+    from segpipe.analysis.regions import select_region
+
+    south_up = rasterio.Affine(2.0, 0.0, 512_000.0, 0.0, 2.0, 5_000_000.0)
+    data = np.zeros((3, 64, 96), np.uint8)
+    data[:, 10:20, 30:50] = 255  # even edges: level 1's rows 5..10, columns 15..25
+    path = write_raster(tmp_path / "south.tif", data, crs="EPSG:32633", transform=south_up)
+    out = segpipe.segment(
+        path, tmp_path / "r.zarr", Bright(), foreground="none", tile=16, task_tiles=1,
+        scheduler="sync", level=level,
+    )  # fmt: skip
+    ds = segpipe.open_result(out)
+    with rasterio.open(path, **({"overview_level": level - 1} if level else {})) as src:
+        gdal = src.transform
+        rows, cols = np.arange(src.height), np.arange(src.width)
+    assert gdal.e > 0  # the reference: GDAL reads it south-up at this level too
+    _, y = rasterio.transform.xy(gdal, rows, np.zeros_like(rows))
+    x, _ = rasterio.transform.xy(gdal, np.zeros_like(cols), cols)
+    np.testing.assert_allclose(ds["y"].values, y)  # pixel centres, growing northwards
+    np.testing.assert_allclose(ds["x"].values, x)
+    assert tuple(ds.rio.transform())[:6] == pytest.approx(tuple(gdal)[:6])
+    # The bright block's corners through the file's own transform, as GDAL places them.
+    (x0, y0), (x1, y1) = south_up @ (30, 10), south_up @ (50, 20)
+    assert y0 < y1  # row 10 south of row 20
+    (feature,) = vectors.class_features(out, "object", coords="crs")
+    assert shape(feature["geometry"]).bounds == (x0, y0, x1, y1)
+    assert feature["properties"]["measurements"]["area"] == pytest.approx(20 * 10 * 4.0)
+    inside = select_region(ds, (x0, y0, x1, y1))
+    assert inside.sizes["y"] * inside.sizes["x"] == 200 // 4**level
+    assert (inside["mask"].values == 1).all()
+
+
+# The RPC tag of a scene (92 values: 12 offsets and scales, then the numerator and
+# denominator of line and of sample, 20 terms each: line ~ latitude, sample ~ longitude) and
+# the GeoKeys naming WGS 84 (GTModelType 2, geographic; GeographicType 4326).
+_RPC = np.zeros(92)
+_RPC[:12] = (0, 0, 32, 32, 45.0, 10.0, 100.0, 32, 32, 0.01, 0.01, 100.0)
+_RPC[[14, 32, 53, 72]] = 1
+_WGS84_KEYS = (34735, 3, 12, (1, 1, 0, 2, 1024, 0, 1, 2, 2048, 0, 1, 4326))
+
+
+def _tiepoints(*points):
+    return (33922, 12, 6 * len(points), tuple(v for p in points for v in p))
+
+
+_TIE = (0, 0, 0, 500_000.0, 5_000_000.0, 0)
+_SCALE = (33550, 12, 3, (10.0, 10.0, 0.0))
+
+
+@pytest.mark.parametrize(
+    "tags",
+    [
+        pytest.param([_SCALE, _tiepoints(_TIE)], id="tiepoint-and-scale"),
+        pytest.param([_SCALE, _tiepoints((5, 3, 0, 500_000.0, 5_000_000.0, 0))], id="off-corner"),
+        # GDAL takes the first tiepoint with the scale and leaves the rest: an affine still.
+        pytest.param(
+            [_SCALE, _tiepoints(_TIE, (64, 64, 0, 500_640.0, 4_999_360.0, 0))], id="two-and-scale"
+        ),
+        pytest.param([(33550, 12, 2, (10.0, 10.0)), _tiepoints(_TIE)], id="scale-of-2"),
+        # A tiepoint tag of 7 values: GDAL reads the first 6 as one tiepoint.
+        pytest.param([_SCALE, (33922, 12, 7, (*_TIE, 9.0))], id="7-value-tiepoint"),
+        pytest.param(_model_transform(10.0, -10.0), id="model-transformation"),
+    ],
+)
+def test_a_geotransform_is_read_as_gdal_reads_it(tmp_path, tags):
+    path = tmp_path / "placed.tif"
+    tifffile.imwrite(
+        path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=[*tags, _UTM_KEYS]
+    )
+    geo = open_image(path).georeference
+    with rasterio.open(path) as ds:
+        assert not ds.gcps[0]
+        assert geo == Georeference("EPSG:32633", tuple(ds.transform)[:6])
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the reference's
+@pytest.mark.parametrize("crs", [True, False], ids=["crs", "no-crs"])
+@pytest.mark.parametrize(
+    ("tags", "message"),
+    [
+        # GDAL makes ground control points of tiepoints without a usable pixel scale.
+        pytest.param([_tiepoints(_TIE)], "1 ground control point", id="tiepoint-no-scale"),
+        pytest.param(
+            [
+                _tiepoints(
+                    *[(i, j, 0, 5e5 + 10 * i, 5e6 - 10 * j, 0) for i in (0, 64) for j in (0, 64)]
+                )
+            ],
+            "4 ground control point",
+            id="gcps",
+        ),
+        pytest.param(
+            [(33550, 12, 1, (10.0,)), _tiepoints(_TIE)], "1 ground control point", id="scale-of-1"
+        ),
+        # Tags GDAL makes nothing of: it hands on the scale alone, at 0, 0, or the identity.
+        pytest.param(
+            [_SCALE, (33922, 12, 2, (5e5, 5e6))],
+            "ModelPixelScaleTag of 3 value.*ModelTiepointTag of 2 value",
+            id="2-value-tiepoint",
+        ),
+        pytest.param(
+            [_SCALE, (33922, 12, 5, _TIE[:5])], "ModelTiepointTag of 5 value", id="5-value-tiepoint"
+        ),
+        pytest.param([(33922, 12, 2, (5e5, 5e6))], "ModelTiepointTag of 2", id="2-values-no-scale"),
+        pytest.param([_SCALE], "no geotransform of its ModelPixelScaleTag", id="scale-no-tiepoint"),
+        pytest.param(
+            [(34264, 12, 6, (10.0, 0, 5e5, 0, -10.0, 5e6))],
+            "ModelTransformationTag of 6",
+            id="6-value-model-transformation",
+        ),
+    ],
+)
+def test_a_georeference_that_is_no_affine_is_refused_naming_the_file(tmp_path, tags, message, crs):
+    """Read as not georeferenced (GCPs) or at 0, 0 (a scale without a tiepoint), these lost or
+    misplaced where their pixels lie without a word."""
+    path = tmp_path / "unplaced.tif"
+    keys = [_UTM_KEYS] if crs else []
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=tags + keys)
+    with rasterio.open(path) as ds:  # the reference: GDAL has no geotransform of them
+        assert ds.gcps[0] or ds.transform.is_identity or (ds.transform.c, ds.transform.f) == (0, 0)
+    with pytest.raises(ImageReadError, match=rf"unplaced\.tif: .*{message}"):
+        open_image(path)
+
+
+@pytest.mark.parametrize("geokeys", [True, False], ids=["with GeoKeys", "RPCs alone"])
+def test_a_scene_placed_by_rpcs_is_refused(tmp_path, geokeys):
+    path = tmp_path / "scene.tif"
+    tags = [(50844, 12, 92, tuple(_RPC)), *([_WGS84_KEYS] if geokeys else [])]
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=tags)
+    with rasterio.open(path) as ds:
+        assert ds.rpcs is not None and ds.transform.is_identity
+    with pytest.raises(ImageReadError, match=r"scene\.tif: placed by rational polynomial"):
+        open_image(path)
+
+
+def test_a_tiff_with_gdal_tags_but_no_placement_is_still_read_unplaced(tmp_path):
+    """GDAL's nodata tag alone sends a TIFF through GDAL, which finds no geotransform: no tag
+    placed it, so it is read, not georeferenced."""
+    path = tmp_path / "nodata.tif"
+    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), extratags=[(42113, 2, 2, "0", True)])
+    reader = open_image(path)
+    assert reader.georeference is None and reader.nodata == (0.0,)

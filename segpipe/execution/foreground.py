@@ -246,7 +246,7 @@ def compute_foreground(reader: Reader, level: int, mode: str) -> Foreground | No
                 "foreground='nodata' has nothing to go by; use 'none' or a mask file"
             )
         return Foreground("nodata", valid_low_resolution(reader, level), shape)
-    return Foreground("file", read_mask_file(mode, reader, _mask_shape(shape)), shape)
+    return Foreground("file", read_mask_file(mode, reader, _mask_shape(shape), level), shape)
 
 
 def select_tiles(

@@ -31,6 +31,7 @@ from segpipe.execution.predictor import InferenceConfig
 from segpipe.execution.tasks import BlockResult, Job, blend_task_side, group_blocks
 from segpipe.execution.workers import resolve_amp, run_key
 from segpipe.geometry.blending import blend_lattice, blend_window_side
+from segpipe.geometry.pixels import level_downsample
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location
 from segpipe.io.identity import pixel_sample_sha256
@@ -45,7 +46,6 @@ from segpipe.results import (
     is_complete,
     prepare_result,
 )
-from segpipe.results.layout import level_downsample
 from segpipe.results.tiles import result_started
 
 __all__ = ["segment"]

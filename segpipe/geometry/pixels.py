@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "downsample_mean_2x",
+    "level_downsample",
     "pyramid_shapes",
     "to_float01",
     "to_yxc",
@@ -179,6 +180,18 @@ def to_float01(array: A) -> A:
     if scale != 1.0:
         out = out / np.float32(scale)
     return out
+
+
+def level_downsample(level0: int, n: int) -> float:
+    """Level-0 pixels per pixel of a pyramid level ``n`` pixels long on an axis ``level0``
+    long: the whole factor ``d`` it was made with, its side ``level0 // d`` or ``ceil(level0 /
+    d)`` (517 -> 258 is a half, as the result pyramid's own levels are), else the size ratio.
+
+    >>> level_downsample(517, 258), level_downsample(517, 259), level_downsample(100, 30)
+    (2, 2, 3.3333333333333335)
+    """
+    d = max(1, round(level0 / n))
+    return d if level0 // d == n or -(-level0 // d) == n else level0 / n
 
 
 def pyramid_shapes(shape_yx: tuple[int, int], min_level_size: int) -> tuple[tuple[int, int], ...]:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
 from segpipe.geometry.foreground import pool_mask, upsample_mask
+from segpipe.geometry.pixels import level_downsample
 from segpipe.io.readers import Reader, open_image
 
 __all__ = ["STRIP_PIXELS", "mask_file_sha256", "read_mask_file", "row_strips"]
@@ -55,13 +55,16 @@ def row_strips(reader: Reader, level: int) -> list[tuple[int, int]]:
     return [(y0, min(ny, y0 + rows)) for y0 in range(0, ny, rows)]
 
 
-def read_mask_file(path: str | os.PathLike, reader: Reader, shape: tuple[int, int]) -> np.ndarray:
-    """A user's mask file as a ``shape`` bool mask over the whole image of ``reader``: an
-    image or GeoJSON polygons in level-0 pixels (:mod:`segpipe.execution.foreground` says
-    which pixels)."""
+def read_mask_file(
+    path: str | os.PathLike, reader: Reader, shape: tuple[int, int], level: int = 0
+) -> np.ndarray:
+    """A user's mask file as a ``shape`` ``(my, mx)`` bool mask over the whole of ``reader``'s
+    ``level`` of ``(ny, nx)`` pixels, level pixel ``(y, x)`` in mask pixel ``(y * my // ny,
+    x * mx // nx)``: an image, stretched, or GeoJSON polygons in level-0 pixels, mapped by
+    the level's downsample (:mod:`segpipe.execution.foreground` says which pixels)."""
     path = Path(path)
     if path.suffix.lower() in (".geojson", ".json"):
-        return _rasterize_geojson(path, reader.level_shapes[0][:2], shape)
+        return _rasterize_geojson(path, reader, level, shape)
     image = open_image(path)
     try:
         return _read_mask_image(image, path, reader, shape)
@@ -99,7 +102,9 @@ def _read_mask_image(
     return mask if cells == shape else upsample_mask(mask, shape).astype(bool)
 
 
-def _rasterize_geojson(path: Path, level0: Sequence[int], shape: tuple[int, int]) -> np.ndarray:
+def _rasterize_geojson(
+    path: Path, reader: Reader, level: int, shape: tuple[int, int]
+) -> np.ndarray:
     from rasterio.features import bounds as polygon_bounds
     from rasterio.features import rasterize
     from rasterio.transform import Affine
@@ -108,8 +113,16 @@ def _rasterize_geojson(path: Path, level0: Sequence[int], shape: tuple[int, int]
         data: Any = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"foreground mask {path}: not readable GeoJSON ({e})") from e
+    level0, (ny, nx) = reader.level_shapes[0][:2], reader.level_shapes[level][:2]
+    # A level's pixel is the whole factor it was made with in level-0 pixels (a level of
+    # 258 under 517 is half, not 517 / 258), as results and their polygons place it; a
+    # georeferenced one the size ratio, as GDAL makes its overviews and scales their transform.
+    geo = getattr(reader, "georeference", None) is not None
+    dy, dx = (
+        n0 / n if geo else level_downsample(n0, n) for n0, n in zip(level0, (ny, nx), strict=True)
+    )
     # Mask pixel (i, j) is level-0 box [j * sx, (j + 1) * sx) x [i * sy, (i + 1) * sy).
-    sx, sy = level0[1] / shape[1], level0[0] / shape[0]
+    sx, sy = dx * nx / shape[1], dy * ny / shape[0]
     try:
         polygons = _geojson_polygons(data)
         burned = rasterize(

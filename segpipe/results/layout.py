@@ -20,7 +20,7 @@ from zarr.codecs import ZstdCodec
 from zarr.core.array_spec import ArrayConfigParams
 from zarr.core.buffer import Buffer
 
-from segpipe.geometry.pixels import pyramid_shapes
+from segpipe.geometry.pixels import level_downsample, pyramid_shapes
 from segpipe.io.files import URLPath, utc_now
 from segpipe.io.ome import (
     OME_VERSION,
@@ -42,7 +42,6 @@ __all__ = [
     "create_label_image",
     "create_layout",
     "layout_documents",
-    "level_downsample",
     "level_tiling",
     "levels_in_blocks",
     "source_downsample",
@@ -228,18 +227,6 @@ def source_downsample(meta: ResultMeta, level0: tuple[int, int]) -> tuple[float,
     pairs = zip(level0, meta.shape, strict=True)
     dy, dx = (n / m if meta.transform else level_downsample(n, m) for n, m in pairs)
     return dy, dx
-
-
-def level_downsample(level0: int, n: int) -> float:
-    """Level-0 pixels per pixel of a pyramid level ``n`` pixels long on an axis ``level0``
-    long: the whole factor ``d`` it was made with, its side ``level0 // d`` or ``ceil(level0 /
-    d)`` (517 -> 258 is a half, as the result pyramid's own levels are), else the size ratio.
-
-    >>> level_downsample(517, 258), level_downsample(517, 259), level_downsample(100, 30)
-    (2, 2, 3.3333333333333335)
-    """
-    d = max(1, round(level0 / n))
-    return d if level0 // d == n or -(-level0 // d) == n else level0 / n
 
 
 def create_label_image(

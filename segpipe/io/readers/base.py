@@ -62,7 +62,7 @@ class ImageReadError(ValueError):
 
 @dataclass(frozen=True)
 class Georeference:
-    """Where level-0 pixels lie in a coordinate reference system (a north-up GeoTIFF).
+    """Where level-0 pixels lie in a coordinate reference system (a GeoTIFF, south-up too).
 
     ``transform`` is the affine ``(a, b, c, d, e, f)`` (rasterio/affine order) from pixel
     corner ``(col, row)`` to ``x = a * col + c``, ``y = e * row + f`` (``b = d = 0``; ``e``

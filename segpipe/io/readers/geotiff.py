@@ -72,13 +72,15 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
     ImageReadError
         The file does not open in GDAL, its CRS does not parse, or its transform is not
         finite, has a pixel size of 0, or is rotated or sheared, with a CRS or without
-        (segpipe's tiles and results are north-up grids).
+        (segpipe's tiles and results are grids of rows and columns: north-up, or south-up
+        with a positive y pixel size); or it is placed otherwise than by an affine
+        transform (ground control points, RPCs), or by GeoTIFF tags GDAL makes none of.
     """
     from rasterio.enums import ColorInterp, MaskFlags
 
     with _open(source) as ds:
         level0 = (ds.height, ds.width)
-        georeference = _georeference(ds, str(source))
+        georeference = _georeference(ds, source)
         nodata = tuple(None if v is None else float(v) for v in ds.nodatavals)
         flags = {f for band in ds.mask_flag_enums for f in band}
         interp = tuple(ds.colorinterp)
@@ -145,12 +147,20 @@ def _mask_shapes(source: str | URLPath, level0: tuple[int, int]) -> frozenset[tu
     every pixel valid and says nothing of it (its mask flags are still level 0's)."""
     import tifffile
 
-    with ExitStack() as stack:
-        file = stack.enter_context(source.open_read()) if isinstance(source, URLPath) else source
-        tif = stack.enter_context(tifffile.TiffFile(file))
+    with _tiff(source) as tif:
         pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
         shapes = frozenset((p.imagelength, p.imagewidth) for p in pages if p.is_mask)
     return shapes if level0 in shapes else frozenset()
+
+
+@contextmanager
+def _tiff(source: str | URLPath) -> Iterator[Any]:
+    """The TIFF at ``source`` (a local path or an fsspec URL) open in tifffile."""
+    import tifffile
+
+    with ExitStack() as stack:
+        file = stack.enter_context(source.open_read()) if isinstance(source, URLPath) else source
+        yield stack.enter_context(tifffile.TiffFile(file))
 
 
 def checked_transform(
@@ -176,10 +186,21 @@ def checked_transform(
     return a, b, c, d, e, f
 
 
-def _georeference(ds: Any, path: str) -> Georeference | None:
-    t = ds.transform
+def _georeference(ds: Any, source: str | URLPath) -> Georeference | None:
+    from rasterio.errors import CRSError, NotGeoreferencedWarning
+    from rasterio.transform import Affine
+
+    path = str(source)
+    # Read again, not ds.transform (kept from the open, whose warning _open silences): the
+    # warning is rasterio's only sign that GDAL found no geotransform. GDAL then hands on
+    # the identity, or a pixel scale without a usable tiepoint placed at 0, 0.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NotGeoreferencedWarning)
+        t = Affine.from_gdal(*ds.read_transform())
+    found = not any(issubclass(w.category, NotGeoreferencedWarning) for w in caught)
     # Refused without a CRS too: a broken transform, or one that puts the pixels on a
-    # rotated grid, which a north-up result would silently drop.
+    # rotated grid, which a result's rows and columns would silently drop. A positive y
+    # pixel size (south-up) is kept: results, coordinates and polygons follow its sign.
     transform = checked_transform(
         tuple(t)[:6],
         f"{path}: geotransform",
@@ -190,10 +211,11 @@ def _georeference(ds: Any, path: str) -> Georeference | None:
             f"{path}: rotated/sheared GeoTIFF (transform {transform}) is not supported; "
             "warp it north-up first (gdalwarp)"
         )
-    if ds.crs is None or t.is_identity:  # identity: GDAL's default without a geotransform
+    if not found or t.is_identity:  # identity: GDAL's default without a geotransform
+        _refuse_other_placement(ds, source, found)
         return None
-    from rasterio.errors import CRSError
-
+    if ds.crs is None:
+        return None
     try:
         # An authority code only when it names exactly this CRS; anything else (a custom
         # projection, a local engineering CRS) travels as WKT, which keeps every parameter.
@@ -202,3 +224,45 @@ def _georeference(ds: Any, path: str) -> Georeference | None:
     except CRSError as exc:
         raise ImageReadError(f"{path}: its CRS cannot be read ({exc})") from exc
     return Georeference(crs, transform)
+
+
+# GeoTIFF's tags that place the pixels, and what GDAL makes an affine geotransform of.
+_PLACEMENT_TAGS = {
+    33550: "ModelPixelScaleTag",
+    33922: "ModelTiepointTag",
+    34264: "ModelTransformationTag",
+}
+
+
+def _refuse_other_placement(ds: Any, source: str | URLPath, found: bool) -> None:
+    """ImageReadError where a raster GDAL gives no affine geotransform (none, or the
+    identity: ``found``) still places its pixels: by ground control points (tiepoints without
+    a pixel scale GDAL can use), by RPCs, or by tags GDAL makes none of (a tiepoint of fewer
+    than 6 values, a scale without a tiepoint). Read as not georeferenced, each would lose
+    where its pixels lie without a word."""
+    how = ""
+    if gcps := ds.gcps[0]:
+        how = f"{len(gcps)} ground control point(s) (tiepoints without a pixel scale GDAL can use)"
+    elif ds.rpcs is not None:
+        how = "rational polynomial coefficients (RPCs)"
+    if how:
+        raise ImageReadError(
+            f"{source}: placed by {how}, not by an affine geotransform, so its pixels lie on "
+            "no grid a result can carry; warp it onto a north-up one first (gdalwarp)"
+        )
+    if found:
+        return
+    with _tiff(source) as tif:
+        tags = tif.pages.first.tags
+        present = [
+            f"{name} of {tags[code].count} value(s)"
+            for code, name in _PLACEMENT_TAGS.items()
+            if code in tags
+        ]
+    if present:
+        raise ImageReadError(
+            f"{source}: GDAL makes no geotransform of its {', '.join(present)}: it takes a "
+            "ModelTiepointTag of 6 values (pixel i, j, k at x, y, z) with a ModelPixelScaleTag "
+            "(x, y, z sizes), or a ModelTransformationTag of 16; fix them (gdal_edit.py -a_ullr) "
+            "or drop them (gdal_edit.py -unsetgt)"
+        )

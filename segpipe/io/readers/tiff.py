@@ -45,7 +45,7 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8
 
 # GDAL writes nodata as this private tag; a TIFF with it, GeoKeys or an affine without a CRS
 # (ModelPixelScale, ModelTiepoint, ModelTransformation) goes through GDAL too.
-_GDAL_TAGS = (42113, 33550, 33922, 34264)
+_GDAL_TAGS = (42113, 33550, 33922, 34264, 50844)  # and RPCs (50844): refused there
 # Series that scanners write beside the slide (tifffile's names for them)
 _VENDOR_EXTRAS = ("thumbnail", "label", "macro", "map", "overview", "mask")
 
