@@ -1,6 +1,9 @@
 """Shards encoded by segpipe.results.shards are the bytes Zarr itself stores for the same
 write, and writes it does not know go to Zarr."""
 
+import gc
+import warnings
+
 import numpy as np
 import pytest
 import zarr
@@ -168,3 +171,44 @@ def test_the_same_values_in_the_same_format_are_encoded_once(monkeypatch):
     assert len(calls) == 2
     assert stored(mask, "c/1/0") == stored(label, "c/1/0") == stored(other, "c/1/0")
     np.testing.assert_array_equal(label[where], values)
+
+
+class _Refused(Exception):
+    pass
+
+
+def test_what_runs_before_storing_sees_the_shards_encoded_and_may_store_nothing(monkeypatch):
+    store = MemoryStore()
+    ours = create(store, "a", (16, 16), (4, 4), (8, 8), "uint8")
+    kw = dict(shape=(16, 16), chunks=(4, 4), shards=(8, 8), dtype="uint8", fill_value=0)
+    theirs = zarr.create_array(store, name="b", compressors=BloscCodec(), **kw)  # Zarr encodes
+    events = []
+    encode = ShardFormat.encode
+    monkeypatch.setattr(
+        ShardFormat,
+        "encode",
+        lambda self, v, **kw: events.append("encoded") or encode(self, v, **kw),
+    )
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    where = (slice(0, 8), slice(8, 16))
+    writes = [(ours, where, values), (theirs, where, values)]
+
+    def refuse() -> None:
+        events.append("checked")
+        raise _Refused
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(_Refused):
+            write_together(writes, before_storing=refuse)
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert events == ["encoded", "checked"]
+    assert sorted(sync(_keys(store))) == ["a/zarr.json", "b/zarr.json", "zarr.json"]
+    write_together(writes, before_storing=lambda: events.append("checked"))
+    np.testing.assert_array_equal(ours[where], values)
+    np.testing.assert_array_equal(theirs[where], values)
+
+
+async def _keys(store: MemoryStore) -> list[str]:
+    return [k async for k in store.list()]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,13 +213,18 @@ def _shape(array: zarr.Array, selection: tuple[slice, ...]) -> tuple[int, ...] |
     return tuple(len(range(*s.indices(n))) for s, n in zip(selection, array.shape, strict=True))
 
 
-def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]]) -> None:
+def write_together(
+    writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndarray]],
+    *,
+    before_storing: Callable[[], object] | None = None,
+) -> None:
     """``array[selection] = values`` for each write, in one trip to the stores. A write of one
     whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
     caller's thread (the one core an I/O section holds), and only stored in the trip; others
     go to Zarr, whose threads encode them side by side. Each write must be whole shards no
     other write of the call touches. Returns when every write has ended; raises the failure
-    of the first write that failed, in the order given."""
+    of the first write that failed, in the order given. ``before_storing`` runs once the
+    shards are encoded, right before the trip: what it raises is raised, nothing stored."""
     outcomes: list[BaseException | None] = [None] * len(writes)
     pending: dict[int, Coroutine[Any, Any, None]] = {}
     encoded: Encoded = {}
@@ -232,6 +237,14 @@ def write_together(writes: Sequence[tuple[zarr.Array, tuple[slice, ...], np.ndar
         pending[i] = (
             shard.run() if shard is not None else array.async_array.setitem(selection, values)
         )
+
+    if before_storing is not None:
+        try:
+            before_storing()
+        except BaseException:
+            for coroutine in pending.values():  # never to be awaited
+                coroutine.close()
+            raise
 
     async def write_all() -> list[BaseException | None]:
         return await asyncio.gather(*pending.values(), return_exceptions=True)

@@ -316,12 +316,11 @@ def write_block(
             pairs = zip(label_arrays[: levels + 1], halved, strict=True)
             writes += [(a, at.slices, v) for a, (at, v) in pairs]
     with step():
-        # Checked here, after the values are computed and right before they are stored: a
-        # task still running when another run replaced the result writes by path, so its
-        # shards would land in the new result, which may hold that block already.
-        if started is not None:
-            check_not_replaced(path, started)
-        write_together(writes)
+        # Checked once the shards are encoded, right before they are stored: a task still
+        # running when another run replaced the result writes by path, so its shards would
+        # land in the new result, which may hold that block already.
+        fence = None if started is None else (lambda: check_not_replaced(path, started))
+        write_together(writes, before_storing=fence)
     fault_point("block.written")
     return mask
 
