@@ -365,9 +365,44 @@ def test_a_level_file_wsidicom_places_in_no_pyramid_is_refused_naming_it(tmp_pat
     with pytest.raises(ImageReadError) as info:
         open_image(folder)
     assert str(info.value).startswith(
-        f"{folder}: wsidicom places a0.dcm in no pyramid of the series: files it cannot read"
+        f"{folder}: wsidicom places a0.dcm in no pyramid of the series, though a level it "
+        "reads has its pixel spacing: a second image at the pixel spacing"
     )
     assert "move the files that are no part of the slide out of its folder" in str(info.value)
+
+
+def test_a_level_of_its_own_tile_size_is_read(tmp_path):
+    """Bio-Formats writes levels smaller than a tile with smaller tiles; wsidicom's strict
+    default leaves such a level out."""
+    from pydicom.uid import generate_uid
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    folder = write_dicom_wsi(tmp_path / "s", _image(), tile=64, levels=(0, 1), uids=uids)
+    write_dicom_wsi(folder, _image(), tile=32, levels=(2,), uids=uids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reader = open_image(folder)
+    assert len(reader.level_shapes) == 3
+    np.testing.assert_array_equal(reader.read(0, 50, 0, 75, level=2), _image()[::4, ::4])
+
+
+def test_a_level_file_wsidicom_cannot_decode_is_left_out_with_a_warning(tmp_path):
+    """A level of its own pixel spacing in a codec wsidicom does not take: read without it,
+    as wsidicom reads the slide, and said."""
+    folder = write_dicom_wsi(tmp_path / "s", _image(), levels=(0, 1, 2))
+    ds = pydicom.dcmread(folder / "level2.dcm")
+    from pydicom.encaps import encapsulate
+
+    n = int(ds.NumberOfFrames)
+    size = len(ds.PixelData) // n
+    ds.PixelData = encapsulate([ds.PixelData[k * size : (k + 1) * size] for k in range(n)])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2
+    ds.save_as(folder / "level2.dcm", enforce_file_format=True)
+    with pytest.warns(UserWarning, match=r"wsidicom reads no pyramid level from level2\.dcm"):
+        reader = open_image(folder)
+    assert reader.level_shapes == (_image().shape, _image()[::2, ::2].shape)
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), _image())
 
 
 @pytest.mark.parametrize(
@@ -402,11 +437,11 @@ def test_threads_reading_an_unpickled_reader_open_the_series_once(slide, monkeyp
     opened, open_series = [], wsidicom.WsiDicom.open
     together = threading.Barrier(3, timeout=1)  # a reader opening unlocked: each thread opens
 
-    def counted_open(files):
+    def counted_open(files, **kw):
         opened.append(files)
         with contextlib.suppress(threading.BrokenBarrierError):  # one let in, as it should be
             together.wait()
-        return open_series(files)
+        return open_series(files, **kw)
 
     monkeypatch.setattr(wsidicom.WsiDicom, "open", counted_open)
     boxes = [(0, 64, 0, 64), (64, 128, 64, 128), (136, 200, 236, 300)]

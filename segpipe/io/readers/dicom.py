@@ -9,19 +9,14 @@ path, read by wsidicom region by region; several optical paths (fluorescence cha
 stacked as channels in the order the files list them. Several focal planes are refused as a
 stack. The pixel size is the base level's ``PixelSpacing`` (mm), which wsidicom requires.
 
-wsidicom groups a series' levels into pyramids by their place on the slide (and depth of
-field); of several, the one of the most base-level pixels is read and the others are warned
-of, as the TIFF reader does with a file of several images. A level file wsidicom places in
-no pyramid (one it cannot read, or a second image of a level's pixel spacing that it cannot
-tell apart and overwrites) is refused, naming it: the pyramid read could mix two images.
+Which files make the slide, and which of wsidicom's pyramids of them is read:
+:mod:`segpipe.io.readers.dicom_series`.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import warnings
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,125 +24,20 @@ import numpy as np
 
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError, RegionLevel
+from segpipe.io.readers.dicom_series import (
+    DICOM_SUFFIXES,
+    DicomInstance,
+    is_dicom_file,
+    is_dicom_folder,
+    main_pyramid,
+    refuse_min_is_white,
+    series_instances,
+)
 
 __all__ = ["DICOM_SUFFIXES", "DicomReader", "is_dicom_file", "is_dicom_folder"]
 
-DICOM_SUFFIXES = (".dcm",)
-# Files of a folder without ``.dcm`` names that is_dicom_folder opens: a DICOM folder holds
-# little else, and a large folder of other files must not be read through to say no.
-_SNIFFED_FILES = 4
 
-
-def is_dicom_file(path: Path) -> bool:
-    """Whether ``path`` is a local file that starts as DICOM files do: ``b"DICM"`` after the
-    128-byte preamble (its first 132 bytes read)."""
-    try:
-        with path.open("rb") as f:
-            return f.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
-def is_dicom_folder(path: Path) -> bool:
-    """Whether ``path`` is a local folder (no Zarr store) holding ``.dcm`` files or, as DICOM
-    media name them, files without extension of which one of the first few is DICOM."""
-    if not path.is_dir() or (path / "zarr.json").exists():
-        return False
-    entries = sorted(path.iterdir())
-    if any(p.suffix.lower() in DICOM_SUFFIXES for p in entries):
-        return True
-    files = (p for p in entries if p.is_file())
-    return any(is_dicom_file(p) for p in itertools.islice(files, _SNIFFED_FILES))
-
-
-@dataclass(frozen=True)
-class _Instance:
-    """What one DICOM WSI file's header says about the slide it belongs to."""
-
-    path: Path
-    series_uid: str
-    instance_uid: str  # SOPInstanceUID
-    image_type: str  # ImageType value 3: VOLUME (a pyramid level), LABEL, OVERVIEW, THUMBNAIL
-    photometric: str  # PhotometricInterpretation
-    shape: tuple[int, int]  # (Y, X) pixels of its total pixel matrix
-    optical_paths: tuple[tuple[str, str | None], ...]  # (identifier, description) each
-
-
-def _read_instance(path: Path) -> _Instance | None:
-    """The header of ``path`` (no pixel data read) when it is a DICOM VL Whole Slide
-    Microscopy file; None when it is no DICOM file or another kind of one."""
-    if not is_dicom_file(path):
-        return None
-    import pydicom
-    from pydicom.errors import BytesLengthException, InvalidDicomError
-    from pydicom.uid import VLWholeSlideMicroscopyImageStorage
-
-    tags = ["SeriesInstanceUID", "SOPInstanceUID", "PhotometricInterpretation"]
-    sizes = ["TotalPixelMatrixRows", "TotalPixelMatrixColumns"]
-    try:
-        ds = pydicom.dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=[*tags, *sizes, "ImageType", "OpticalPathSequence"],
-        )
-        if ds.file_meta.get("MediaStorageSOPClassUID") != VLWholeSlideMicroscopyImageStorage:
-            return None
-        series_uid, instance_uid, photometric = (str(ds.get(tag) or "") for tag in tags)
-        ny, nx = (int(ds.get(tag) or 0) for tag in sizes)
-        image_type = list(ds.get("ImageType") or [])
-        paths = tuple(
-            (str(p.get("OpticalPathIdentifier", "")), p.get("OpticalPathDescription") or None)
-            for p in ds.get("OpticalPathSequence", [])
-        )
-        kind = str(image_type[2]) if len(image_type) > 2 else ""
-        return _Instance(path, series_uid, instance_uid, kind, photometric, (ny, nx), paths)
-    except (InvalidDicomError, BytesLengthException, *DECODE_ERRORS) as exc:
-        raise ImageReadError(
-            f"{path}: a damaged DICOM header ({type(exc).__name__}: {exc}); move it out of "
-            "the slide's folder if it is no part of the slide"
-        ) from exc
-
-
-def _series(path: Path) -> list[_Instance]:
-    """The files of the slide ``path`` names: those of its folder sharing a file's
-    SeriesInstanceUID, or a folder's files when they are of one series."""
-    named = None if path.is_dir() else path.name
-    folder = path.parent if named else path
-    instances = [
-        i for p in sorted(folder.iterdir()) if p.is_file() and (i := _read_instance(p)) is not None
-    ]
-    if named:
-        own = next((i for i in instances if i.path.name == named), None)
-        if own is None:
-            raise ImageReadError(
-                f"{path}: no readable DICOM WSI series: the file is no DICOM VL Whole Slide "
-                "Microscopy image"
-            )
-        return [i for i in instances if i.series_uid == own.series_uid]
-    series: dict[str, list[_Instance]] = {}
-    for i in instances:
-        series.setdefault(i.series_uid, []).append(i)
-    if not series:
-        raise ImageReadError(
-            f"{path}: no readable DICOM WSI series: no file in it is a DICOM VL Whole Slide "
-            "Microscopy image"
-        )
-    if len(series) > 1:
-        sizes = {
-            uid: max((i.shape for i in members), key=np.prod) for uid, members in series.items()
-        }
-        listing = "; ".join(
-            f"{uid} ({sizes[uid][0]} x {sizes[uid][1]} px (Y x X), e.g. {members[0].path.name})"
-            for uid, members in series.items()
-        )
-        raise ImageReadError(
-            f"{path}: holds {len(series)} DICOM WSI series (slides): {listing}; pass one file "
-            "of the wanted slide to read its series"
-        )
-    return instances
-
-
-def _path_order(present: list[str], instances: list[_Instance]) -> tuple[list[str], list[str]]:
+def _path_order(present: list[str], instances: list[DicomInstance]) -> tuple[list[str], list[str]]:
     """The optical paths wsidicom found (in a set's order) in the order the files' headers
     list them, and a name for each: its description where every path has a distinct one,
     else its identifier."""
@@ -173,67 +63,6 @@ def _channel_names(path_names: list[str], samples: int) -> tuple[str, ...] | Non
     return tuple(f"{name} {colour}" for name in path_names for colour in colours)
 
 
-def _refuse_min_is_white(instances: list[_Instance]) -> None:
-    """Refuse level files of MONOCHROME1 grey, which wsidicom passes over without a word
-    (its error would be that the series has no level, or a level would be missing)."""
-    files = [
-        i.path for i in instances if i.image_type == "VOLUME" and i.photometric == "MONOCHROME1"
-    ]
-    if files:
-        more = f" and {', '.join(f.name for f in files[1:])}" if files[1:] else ""
-        raise ImageReadError(
-            f"{files[0]}{more}: PhotometricInterpretation MONOCHROME1 (grey, white at 0), "
-            "which wsidicom does not read (the DICOM WSI IOD takes MONOCHROME2 for grey); "
-            "rewrite the files as MONOCHROME2, each value v as 2**BitsStored - 1 - v (e.g. "
-            "with pydicom), or convert the slide to OME-TIFF"
-        )
-
-
-def _main_pyramid(pyramids: list[Any], instances: list[_Instance], path: str) -> int:
-    """Index of wsidicom's pyramid of the most base-level pixels; the others are warned of,
-    naming their files. Level files in no pyramid are refused, naming them."""
-    uids = [{d.instance_uid for lv in p.levels for d in lv.datasets} for p in pyramids]
-    left = [
-        i.path.name
-        for i in instances
-        if i.image_type == "VOLUME" and not any(i.instance_uid in u for u in uids)
-    ]
-    if left:
-        raise ImageReadError(
-            f"{path}: wsidicom places {', '.join(left)} in no pyramid of the series: files "
-            "it cannot read (of a pixel type, photometric interpretation or planar "
-            "configuration it does not take), or a second image at the pixel spacing and "
-            "place on the slide of another file's (the same origin, or no "
-            "ImageOrientationSlide), of which it keeps one; move the files that are no part "
-            "of the slide out of its folder"
-        )
-    main = max(range(len(pyramids)), key=lambda k: pyramids[k].size.area)
-    if len(pyramids) > 1:
-        text = [
-            _pyramid_text(k, p, [i.path.name for i in instances if i.instance_uid in uids[k]])
-            for k, p in enumerate(pyramids)
-        ]
-        warnings.warn(
-            f"{path}: holds {len(pyramids)} pyramids (images of other places on the slide or "
-            f"depths of field); reading the largest, {text[main]}, and leaving out "
-            f"{', '.join(t for k, t in enumerate(text) if k != main)}; to read one of those, "
-            "move its files to a folder of their own",
-            stacklevel=4,
-        )
-    return main
-
-
-def _pyramid_text(index: int, pyramid: Any, files: list[str]) -> str:
-    where = pyramid.image_coordinate_system
-    at = (
-        f", origin x {float(where.origin.x):g}, y {float(where.origin.y):g} mm"
-        if where is not None
-        else ""
-    )
-    size = pyramid.size
-    return f"pyramid {index} ({size.height} x {size.width} px (Y x X){at}: {', '.join(files)})"
-
-
 def _wsidicom_errors() -> tuple[type[Exception], ...]:
     from wsidicom import errors  # type: ignore[import-untyped]
 
@@ -256,12 +85,12 @@ class DicomReader(BaseReader):
         super().__init__(path, pixel_size_um)
         self._slide: Any = None
         self._wsidicom()  # before pydicom, which comes with it, reads the headers
-        instances = _series(path)
-        _refuse_min_is_white(instances)
+        instances = series_instances(path)
+        refuse_min_is_white(instances)
         self._instance_files = tuple(str(i.path) for i in instances)
         slide = self._open()
         try:
-            self._pyramid = _main_pyramid(list(slide.pyramids), instances, self.path)
+            self._pyramid = main_pyramid(list(slide.pyramids), instances, self.path)
             pyramid = slide.pyramids[self._pyramid]
             base = pyramid.base_level
             paths, path_names = _path_order(list(base.optical_paths), instances)
@@ -327,7 +156,10 @@ class DicomReader(BaseReader):
             if self._slide is not None:
                 return self._slide
             try:
-                self._slide = wsidicom.WsiDicom.open(list(self._instance_files))
+                # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
+                # read, not left out as wsidicom's strict default leaves them.
+                lenient = replace(wsidicom.config.get_settings(), strict_tile_size_check=False)
+                self._slide = wsidicom.WsiDicom.open(list(self._instance_files), settings=lenient)
             except wsidicom.errors.WsiDicomNoResolutionError as exc:
                 raise ImageReadError(
                     f"{self.path}: the slide states no PixelSpacing (Pixel Measures of its "

@@ -1,0 +1,244 @@
+"""The files of a DICOM whole-slide series, from their headers alone (no pixel data read):
+which files are DICOM, which make one slide, and which of wsidicom's pyramids of them
+:class:`~segpipe.io.readers.dicom.DicomReader` reads.
+
+wsidicom groups a series' levels into pyramids by their place on the slide (and depth of
+field); of several, the one of the most base-level pixels is read and the others are warned
+of, as the TIFF reader does with a file of several images. A level file wsidicom places in
+no pyramid is refused, naming it, where a level read has its pixel spacing (wsidicom keeps
+one image a level: the pyramid read could mix two images); else (a codec wsidicom does not
+decode) the slide is read without it, with a warning naming it. MONOCHROME1 levels, which
+wsidicom passes over without a word, are refused naming them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from segpipe.io.readers.base import DECODE_ERRORS, ImageReadError
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "DicomInstance",
+    "is_dicom_file",
+    "is_dicom_folder",
+    "main_pyramid",
+    "refuse_min_is_white",
+    "series_instances",
+]
+
+DICOM_SUFFIXES = (".dcm",)
+# Files of a folder without ``.dcm`` names that is_dicom_folder opens: a DICOM folder holds
+# little else, and a large folder of other files must not be read through to say no.
+_SNIFFED_FILES = 4
+
+
+def is_dicom_file(path: Path) -> bool:
+    """Whether ``path`` is a local file that starts as DICOM files do: ``b"DICM"`` after the
+    128-byte preamble (its first 132 bytes read)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_dicom_folder(path: Path) -> bool:
+    """Whether ``path`` is a local folder (no Zarr store) holding ``.dcm`` files or, as DICOM
+    media name them, files without extension of which one of the first few is DICOM."""
+    if not path.is_dir() or (path / "zarr.json").exists():
+        return False
+    entries = sorted(path.iterdir())
+    if any(p.suffix.lower() in DICOM_SUFFIXES for p in entries):
+        return True
+    files = (p for p in entries if p.is_file())
+    return any(is_dicom_file(p) for p in itertools.islice(files, _SNIFFED_FILES))
+
+
+@dataclass(frozen=True)
+class DicomInstance:
+    """What one DICOM WSI file's header says about the slide it belongs to."""
+
+    path: Path
+    series_uid: str
+    instance_uid: str  # SOPInstanceUID
+    image_type: str  # ImageType value 3: VOLUME (a pyramid level), LABEL, OVERVIEW, THUMBNAIL
+    photometric: str  # PhotometricInterpretation
+    shape: tuple[int, int]  # (Y, X) pixels of its total pixel matrix
+    optical_paths: tuple[tuple[str, str | None], ...]  # (identifier, description) each
+    spacing: float | None = None  # mm between rows (shared PixelMeasures' PixelSpacing)
+
+
+_SHARED = "SharedFunctionalGroupsSequence"
+
+
+def _row_spacing(ds: Any) -> float | None:
+    """The shared PixelMeasures' PixelSpacing between rows (mm), None where not stated."""
+    try:
+        value = float(ds.get(_SHARED)[0].PixelMeasuresSequence[0].PixelSpacing[0])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+def read_instance(path: Path) -> DicomInstance | None:
+    """The header of ``path`` (no pixel data read) when it is a DICOM VL Whole Slide
+    Microscopy file; None when it is no DICOM file or another kind of one."""
+    if not is_dicom_file(path):
+        return None
+    import pydicom
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+    from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+
+    tags = ["SeriesInstanceUID", "SOPInstanceUID", "PhotometricInterpretation"]
+    sizes = ["TotalPixelMatrixRows", "TotalPixelMatrixColumns"]
+    try:
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=[*tags, *sizes, "ImageType", "OpticalPathSequence", _SHARED],
+        )
+        if ds.file_meta.get("MediaStorageSOPClassUID") != VLWholeSlideMicroscopyImageStorage:
+            return None
+        series_uid, instance_uid, photometric = (str(ds.get(tag) or "") for tag in tags)
+        ny, nx = (int(ds.get(tag) or 0) for tag in sizes)
+        image_type = list(ds.get("ImageType") or [])
+        paths = tuple(
+            (str(p.get("OpticalPathIdentifier", "")), p.get("OpticalPathDescription") or None)
+            for p in ds.get("OpticalPathSequence", [])
+        )
+        kind = str(image_type[2]) if len(image_type) > 2 else ""
+        spacing = _row_spacing(ds)
+        return DicomInstance(
+            path, series_uid, instance_uid, kind, photometric, (ny, nx), paths, spacing
+        )
+    except (InvalidDicomError, BytesLengthException, *DECODE_ERRORS) as exc:
+        raise ImageReadError(
+            f"{path}: a damaged DICOM header ({type(exc).__name__}: {exc}); move it out of "
+            "the slide's folder if it is no part of the slide"
+        ) from exc
+
+
+def series_instances(path: Path) -> list[DicomInstance]:
+    """The files of the slide ``path`` names: those of its folder sharing a file's
+    SeriesInstanceUID, or a folder's files when they are of one series."""
+    named = None if path.is_dir() else path.name
+    folder = path.parent if named else path
+    instances = [
+        i for p in sorted(folder.iterdir()) if p.is_file() and (i := read_instance(p)) is not None
+    ]
+    if named:
+        own = next((i for i in instances if i.path.name == named), None)
+        if own is None:
+            raise ImageReadError(
+                f"{path}: no readable DICOM WSI series: the file is no DICOM VL Whole Slide "
+                "Microscopy image"
+            )
+        return [i for i in instances if i.series_uid == own.series_uid]
+    series: dict[str, list[DicomInstance]] = {}
+    for i in instances:
+        series.setdefault(i.series_uid, []).append(i)
+    if not series:
+        raise ImageReadError(
+            f"{path}: no readable DICOM WSI series: no file in it is a DICOM VL Whole Slide "
+            "Microscopy image"
+        )
+    if len(series) > 1:
+        sizes = {
+            uid: max((i.shape for i in members), key=np.prod) for uid, members in series.items()
+        }
+        listing = "; ".join(
+            f"{uid} ({sizes[uid][0]} x {sizes[uid][1]} px (Y x X), e.g. {members[0].path.name})"
+            for uid, members in series.items()
+        )
+        raise ImageReadError(
+            f"{path}: holds {len(series)} DICOM WSI series (slides): {listing}; pass one file "
+            "of the wanted slide to read its series"
+        )
+    return instances
+
+
+def refuse_min_is_white(instances: list[DicomInstance]) -> None:
+    """Refuse level files of MONOCHROME1 grey, which wsidicom passes over without a word
+    (its error would be that the series has no level, or a level would be missing)."""
+    files = [
+        i.path for i in instances if i.image_type == "VOLUME" and i.photometric == "MONOCHROME1"
+    ]
+    if files:
+        more = "".join(f", {f.name}" for f in files[1:-1])
+        more += f" and {files[-1].name}" if files[1:] else ""
+        raise ImageReadError(
+            f"{files[0]}{more}: PhotometricInterpretation MONOCHROME1 (grey, white at 0), "
+            "which wsidicom does not read (the DICOM WSI IOD takes MONOCHROME2 for grey); "
+            "rewrite the files as MONOCHROME2, each value v as 2**BitsStored - 1 - v (e.g. "
+            "with pydicom), or convert the slide to OME-TIFF"
+        )
+
+
+def main_pyramid(pyramids: list[Any], instances: list[DicomInstance], path: str) -> int:
+    """Index of wsidicom's pyramid of the most base-level pixels; the others are warned of,
+    naming their files. Level files in no pyramid are refused, naming them, where a level
+    read has their pixel spacing (wsidicom keeps one image a level, by spacing: the pyramid
+    could mix two images) or they state none; else warned of and left out (a codec wsidicom
+    does not decode), as wsidicom leaves them."""
+    uids = [{d.instance_uid for lv in p.levels for d in lv.datasets} for p in pyramids]
+    spacings = [float(lv.pixel_spacing.height) for p in pyramids for lv in p.levels]
+    left = [
+        i
+        for i in instances
+        if i.image_type == "VOLUME" and not any(i.instance_uid in u for u in uids)
+    ]
+    # wsidicom's level of a spacing is its whole power of two over the base's: one level
+    # within a factor of sqrt(2).
+    twins = [
+        i.path.name
+        for i in left
+        if i.spacing is None or any(abs(math.log2(i.spacing / s)) < 0.5 for s in spacings)
+    ]
+    if twins:
+        raise ImageReadError(
+            f"{path}: wsidicom places {', '.join(twins)} in no pyramid of the series, though "
+            "a level it reads has its pixel spacing: a second image at the pixel spacing and "
+            "place on the slide of another file's (the same origin, or no "
+            "ImageOrientationSlide), of which it keeps one; move the files that are no part "
+            "of the slide out of its folder"
+        )
+    if left:
+        warnings.warn(
+            f"{path}: wsidicom reads no pyramid level from {', '.join(i.path.name for i in left)} "
+            "(of a pixel type, codec, photometric interpretation or planar configuration it "
+            "does not take); the slide is read without them",
+            stacklevel=4,
+        )
+    main = max(range(len(pyramids)), key=lambda k: pyramids[k].size.area)
+    if len(pyramids) > 1:
+        text = [
+            _pyramid_text(k, p, [i.path.name for i in instances if i.instance_uid in uids[k]])
+            for k, p in enumerate(pyramids)
+        ]
+        warnings.warn(
+            f"{path}: holds {len(pyramids)} pyramids (images of other places on the slide or "
+            f"depths of field); reading the largest, {text[main]}, and leaving out "
+            f"{', '.join(t for k, t in enumerate(text) if k != main)}; to read one of those, "
+            "move its files to a folder of their own",
+            stacklevel=4,
+        )
+    return main
+
+
+def _pyramid_text(index: int, pyramid: Any, files: list[str]) -> str:
+    where = pyramid.image_coordinate_system
+    at = (
+        f", origin x {float(where.origin.x):g}, y {float(where.origin.y):g} mm"
+        if where is not None
+        else ""
+    )
+    size = pyramid.size
+    return f"pyramid {index} ({size.height} x {size.width} px (Y x X){at}: {', '.join(files)})"
