@@ -400,7 +400,6 @@ def test_a_south_up_geotiff_keeps_its_rows_going_north_end_to_end(tmp_path, leve
 _RPC = np.zeros(92)
 _RPC[:12] = (0, 0, 32, 32, 45.0, 10.0, 100.0, 32, 32, 0.01, 0.01, 100.0)
 _RPC[[14, 32, 53, 72]] = 1
-_WGS84_KEYS = (34735, 3, 12, (1, 1, 0, 2, 1024, 0, 1, 2, 2048, 0, 1, 4326))
 
 
 def _tiepoints(*points):
@@ -437,25 +436,43 @@ def test_a_geotransform_is_read_as_gdal_reads_it(tmp_path, tags):
         assert geo == Georeference("EPSG:32633", tuple(ds.transform)[:6])
 
 
+_GCPS = [(i, j, 0, 5e5 + 10 * i, 5e6 - 10 * j, 0) for i in (0, 64) for j in (0, 64)]
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the reference's
+@pytest.mark.parametrize("crs", [True, False], ids=["crs", "no-crs"])
+@pytest.mark.parametrize(
+    ("tags", "how"),
+    [
+        # GDAL makes ground control points of tiepoints without a usable pixel scale.
+        pytest.param([_tiepoints(_TIE)], "1 ground control point", id="tiepoint-no-scale"),
+        pytest.param([_tiepoints(*_GCPS)], "4 ground control point", id="gcps"),
+        pytest.param(
+            [(33550, 12, 1, (10.0,)), _tiepoints(_TIE)], "1 ground control point", id="scale-of-1"
+        ),
+        pytest.param([(50844, 12, 92, tuple(_RPC))], "RPCs", id="rpcs"),
+    ],
+)
+def test_a_raster_placed_by_gcps_or_rpcs_is_read_unplaced_with_a_warning(tmp_path, tags, how, crs):
+    """Pixels in a sensor's geometry (a Sentinel-1 GRD, an L1 scene) are still an image to
+    segment: read unplaced (results in pixels), and said, not refused."""
+    path = tmp_path / "scene.tif"
+    keys = [_UTM_KEYS] if crs else []
+    image = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    tifffile.imwrite(path, image, tile=(32, 32), extratags=tags + keys)
+    with rasterio.open(path) as ds:  # the reference: GDAL has no geotransform of them
+        assert (ds.gcps[0] or ds.rpcs) and ds.transform.is_identity
+    with pytest.warns(UserWarning, match=rf"scene\.tif: placed by {how}.*read unplaced"):
+        reader = open_image(path)
+    assert reader.georeference is None
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 64)[..., 0], image)
+
+
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the reference's
 @pytest.mark.parametrize("crs", [True, False], ids=["crs", "no-crs"])
 @pytest.mark.parametrize(
     ("tags", "message"),
     [
-        # GDAL makes ground control points of tiepoints without a usable pixel scale.
-        pytest.param([_tiepoints(_TIE)], "1 ground control point", id="tiepoint-no-scale"),
-        pytest.param(
-            [
-                _tiepoints(
-                    *[(i, j, 0, 5e5 + 10 * i, 5e6 - 10 * j, 0) for i in (0, 64) for j in (0, 64)]
-                )
-            ],
-            "4 ground control point",
-            id="gcps",
-        ),
-        pytest.param(
-            [(33550, 12, 1, (10.0,)), _tiepoints(_TIE)], "1 ground control point", id="scale-of-1"
-        ),
         # Tags GDAL makes nothing of: it hands on the scale alone, at 0, 0, or the identity.
         pytest.param(
             [_SCALE, (33922, 12, 2, (5e5, 5e6))],
@@ -475,25 +492,14 @@ def test_a_geotransform_is_read_as_gdal_reads_it(tmp_path, tags):
     ],
 )
 def test_a_georeference_that_is_no_affine_is_refused_naming_the_file(tmp_path, tags, message, crs):
-    """Read as not georeferenced (GCPs) or at 0, 0 (a scale without a tiepoint), these lost or
+    """Read as not georeferenced, or at 0, 0 (a scale without a tiepoint), these lost or
     misplaced where their pixels lie without a word."""
     path = tmp_path / "unplaced.tif"
     keys = [_UTM_KEYS] if crs else []
     tifffile.imwrite(path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=tags + keys)
     with rasterio.open(path) as ds:  # the reference: GDAL has no geotransform of them
-        assert ds.gcps[0] or ds.transform.is_identity or (ds.transform.c, ds.transform.f) == (0, 0)
+        assert ds.transform.is_identity or (ds.transform.c, ds.transform.f) == (0, 0)
     with pytest.raises(ImageReadError, match=rf"unplaced\.tif: .*{message}"):
-        open_image(path)
-
-
-@pytest.mark.parametrize("geokeys", [True, False], ids=["with GeoKeys", "RPCs alone"])
-def test_a_scene_placed_by_rpcs_is_refused(tmp_path, geokeys):
-    path = tmp_path / "scene.tif"
-    tags = [(50844, 12, 92, tuple(_RPC)), *([_WGS84_KEYS] if geokeys else [])]
-    tifffile.imwrite(path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=tags)
-    with rasterio.open(path) as ds:
-        assert ds.rpcs is not None and ds.transform.is_identity
-    with pytest.raises(ImageReadError, match=r"scene\.tif: placed by rational polynomial"):
         open_image(path)
 
 

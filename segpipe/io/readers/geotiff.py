@@ -73,8 +73,9 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
         The file does not open in GDAL, its CRS does not parse, or its transform is not
         finite, has a pixel size of 0, or is rotated or sheared, with a CRS or without
         (segpipe's tiles and results are grids of rows and columns: north-up, or south-up
-        with a positive y pixel size); or it is placed otherwise than by an affine
-        transform (ground control points, RPCs), or by GeoTIFF tags GDAL makes none of.
+        with a positive y pixel size); or GeoTIFF tags place it that GDAL makes no
+        geotransform of. One placed by ground control points or RPCs reads unplaced, with a
+        warning.
     """
     from rasterio.enums import ColorInterp, MaskFlags
 
@@ -187,17 +188,14 @@ def checked_transform(
 
 
 def _georeference(ds: Any, source: str | URLPath) -> Georeference | None:
-    from rasterio.errors import CRSError, NotGeoreferencedWarning
-    from rasterio.transform import Affine
+    from rasterio.errors import CRSError
 
     path = str(source)
-    # Read again, not ds.transform (kept from the open, whose warning _open silences): the
-    # warning is rasterio's only sign that GDAL found no geotransform. GDAL then hands on
-    # the identity, or a pixel scale without a usable tiepoint placed at 0, 0.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", NotGeoreferencedWarning)
-        t = Affine.from_gdal(*ds.read_transform())
-    found = not any(issubclass(w.category, NotGeoreferencedWarning) for w in caught)
+    t = ds.transform
+    # Decided from the file's tags, not from rasterio's NotGeoreferencedWarning: warning
+    # filters are the process's, and other threads opening rasters change them.
+    if not _placed_by_affine(ds, source):
+        return None
     # Refused without a CRS too: a broken transform, or one that puts the pixels on a
     # rotated grid, which a result's rows and columns would silently drop. A positive y
     # pixel size (south-up) is kept: results, coordinates and polygons follow its sign.
@@ -211,10 +209,7 @@ def _georeference(ds: Any, source: str | URLPath) -> Georeference | None:
             f"{path}: rotated/sheared GeoTIFF (transform {transform}) is not supported; "
             "warp it north-up first (gdalwarp)"
         )
-    if not found or t.is_identity:  # identity: GDAL's default without a geotransform
-        _refuse_other_placement(ds, source, found)
-        return None
-    if ds.crs is None:
+    if ds.crs is None or t.is_identity:  # identity: GDAL's default without a geotransform
         return None
     try:
         # An authority code only when it names exactly this CRS; anything else (a custom
@@ -234,35 +229,35 @@ _PLACEMENT_TAGS = {
 }
 
 
-def _refuse_other_placement(ds: Any, source: str | URLPath, found: bool) -> None:
-    """ImageReadError where a raster GDAL gives no affine geotransform (none, or the
-    identity: ``found``) still places its pixels: by ground control points (tiepoints without
-    a pixel scale GDAL can use), by RPCs, or by tags GDAL makes none of (a tiepoint of fewer
-    than 6 values, a scale without a tiepoint). Read as not georeferenced, each would lose
-    where its pixels lie without a word."""
-    how = ""
-    if gcps := ds.gcps[0]:
-        how = f"{len(gcps)} ground control point(s) (tiepoints without a pixel scale GDAL can use)"
-    elif ds.rpcs is not None:
-        how = "rational polynomial coefficients (RPCs)"
-    if how:
-        raise ImageReadError(
-            f"{source}: placed by {how}, not by an affine geotransform, so its pixels lie on "
-            "no grid a result can carry; warp it onto a north-up one first (gdalwarp)"
-        )
-    if found:
-        return
+def _placed_by_affine(ds: Any, source: str | URLPath) -> bool:
+    """Whether GDAL's geotransform of ``ds`` places its pixels: made of GeoTIFF tags GDAL
+    reads so (a 16-value ModelTransformationTag, or a tiepoint of 6 values or more with a
+    ModelPixelScaleTag of 2 or more), or of no tag (a world file, none). Placed by ground
+    control points (tiepoints without such a scale) or RPCs, it is read unplaced, with a
+    warning: pixels in the sensor's geometry are still an image to segment. Refused, naming
+    the file and the tags, where tags place it that GDAL makes nothing of (a tiepoint of
+    fewer than 6 values, a scale without a tiepoint), which rasterio hands on as a
+    transform at 0, 0."""
     with _tiff(source) as tif:
         tags = tif.pages.first.tags
-        present = [
-            f"{name} of {tags[code].count} value(s)"
-            for code, name in _PLACEMENT_TAGS.items()
-            if code in tags
-        ]
-    if present:
+        counts = {name: tags[code].count for code, name in _PLACEMENT_TAGS.items() if code in tags}
+    tie, scale = counts.get("ModelTiepointTag", 0), counts.get("ModelPixelScaleTag", 0)
+    affine = counts.get("ModelTransformationTag") == 16 or (tie >= 6 and scale >= 2)
+    gcps = not affine and tie >= 6 and tie % 6 == 0
+    if gcps or (not affine and ds.rpcs is not None):
+        how = f"{tie // 6} ground control point(s)" if gcps else "RPCs"
+        warnings.warn(
+            f"{source}: placed by {how}, not by an affine geotransform: read unplaced, its "
+            "results in pixels; warp it onto a grid first (gdalwarp) for results in its CRS",
+            stacklevel=5,
+        )
+        return False
+    if counts and not affine:
+        listed = ", ".join(f"{name} of {n} value(s)" for name, n in counts.items())
         raise ImageReadError(
-            f"{source}: GDAL makes no geotransform of its {', '.join(present)}: it takes a "
+            f"{source}: GDAL makes no geotransform of its {listed}: it takes a "
             "ModelTiepointTag of 6 values (pixel i, j, k at x, y, z) with a ModelPixelScaleTag "
             "(x, y, z sizes), or a ModelTransformationTag of 16; fix them (gdal_edit.py -a_ullr) "
             "or drop them (gdal_edit.py -unsetgt)"
         )
+    return True
