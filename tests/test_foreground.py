@@ -472,6 +472,29 @@ def test_tiles_already_done_keep_their_counts_when_the_selection_leaves_them_out
     np.testing.assert_array_equal(counts[0, 0], [TILE * TILE, 0, 0])
 
 
+def test_a_selection_for_a_result_another_run_replaced_writes_nothing_there(known_slide, tmp_path):
+    """The run's stamp is not the result's (another run replaced it): neither the background
+    record nor the foreground label image is written into the other run's result."""
+    from segpipe.execution.foreground import select_tiles
+    from segpipe.results import ResultReplacedError
+
+    out = run(known_slide, tmp_path / "r.zarr")
+    before = {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    small = np.zeros((64, 64), np.uint8)
+    small[8:16, 40:48] = 255
+    mask = tmp_path / "mask.png"
+    Image.fromarray(small).save(mask)
+    reader = ArrayReader(known_slide.image, pixel_size_um=known_slide.pixel_size_um)
+    grid = tile_grid((SIDE, SIDE), TILE)
+    common = dict(task_tiles=BLOCK, num_classes=3, geometry=tiny_unet().geometry)
+    for done in (np.ones(grid.grid_shape, bool), None):  # nothing to record; the background
+        with pytest.raises(ResultReplacedError, match="replaced by another run"):
+            select_tiles(
+                reader, 0, grid, out, str(mask), done=done, started="another run's", **common
+            )
+    assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+
+
 @pytest.mark.parametrize("kind", ["png", "geojson"])
 def test_a_user_mask_file_selects_its_tiles(known_slide, tmp_path, kind):
     if kind == "png":

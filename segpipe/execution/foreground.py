@@ -58,6 +58,7 @@ from segpipe.io.readers import Reader
 from segpipe.progress import stage
 from segpipe.results import FOREGROUND_LABEL, mark_tiles_done
 from segpipe.results.labels import add_label_image
+from segpipe.results.tiles import check_not_replaced
 
 __all__ = [
     "FOREGROUND_LABEL",
@@ -296,6 +297,8 @@ def select_tiles(
         counts[0] = tile.box.shape[0] * tile.box.shape[1]
         background[tile.index] = counts
     mark_tiles_done(output, background, started=started)
+    if started is not None:  # the label image is made in the run's result, not another's
+        check_not_replaced(output, started)
     _add_foreground_label(output, foreground)
     return selection
 
