@@ -277,13 +277,25 @@ def test_dicom_files_without_extension_are_recognised(tmp_path):
         open_image(tmp_path / "notes")
 
 
-@pytest.mark.parametrize("damage", [b"UL\x03\x00", b"ZZ\x04\x00"])  # a short value, a bad VR
-def test_a_damaged_dicom_file_beside_the_slide_is_named(slide, tmp_path, damage):
-    """Whether it belongs to the slide cannot be told, so it is not passed over."""
-    folder = tmp_path / "damaged"
+def _copy_of(slide: Path, folder: Path) -> Path:
     folder.mkdir()
     for f in slide.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def _patch(path: Path, marker: bytes, offset: int, new: bytes) -> None:
+    """Overwrite ``path`` with ``new`` at ``offset`` bytes past ``marker``'s first place."""
+    data = bytearray(path.read_bytes())
+    at = data.index(marker) + offset
+    data[at : at + len(new)] = new
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [b"UL\x03\x00", b"ZZ\x04\x00"])  # a short value, a bad VR
+def test_a_damaged_dicom_file_beside_the_slide_is_named(slide, tmp_path, damage):
+    """Whether it belongs to the slide cannot be told, so it is not passed over."""
+    folder = _copy_of(slide, tmp_path / "damaged")
     rows = b"\x48\x00\x07\x00UL\x04\x00"  # TotalPixelMatrixRows, explicit VR
     header = (slide / "level1.dcm").read_bytes()
     assert header.count(rows) == 1
@@ -292,14 +304,147 @@ def test_a_damaged_dicom_file_beside_the_slide_is_named(slide, tmp_path, damage)
         open_image(folder / "level0.dcm")
 
 
+def _set(path: Path, **elements) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in elements.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=False)  # as it is, an empty value too
+
+
+def _damage_header(path: Path, damage: str) -> None:
+    if damage == "meta length":  # FileMetaInformationVersion's length past the file's end
+        _patch(path, b"\x02\x00\x01\x00OB\x00\x00", 8, (0x7FFFFFF0).to_bytes(4, "little"))
+    elif damage == "cut":  # inside the header: SeriesInstanceUID and what follows lost
+        path.write_bytes(path.read_bytes()[:529])
+    elif damage == "class":  # a byte of MediaStorageSOPClassUID (the file meta's, ahead)
+        _patch(path, b"1.2.840.10008.5.1.4.1.1.77.1.6", 28, b"?")
+    elif damage == "series":
+        _patch(path, str(pydicom.dcmread(path).SeriesInstanceUID).encode(), 0, b"?")
+    elif damage == "kind":
+        _set(path, ImageType=["ORIGINAL", "PRIMARY", "VOLUMF", "NONE"])
+    else:  # a size wsidicom needs
+        _set(path, Rows=None)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # pydicom's, reading on
+@pytest.mark.parametrize("by", ["folder", "level1.dcm"])
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        ("meta length", "no MediaStorageSOPClassUID, StudyInstanceUID"),
+        ("cut", "no SeriesInstanceUID, Rows"),
+        ("class", "garbled MediaStorageSOPClassUID '1.2.840.10008.5.1.4.1.1.77.1?6'"),
+        ("series", "garbled SeriesInstanceUID '?."),
+        ("kind", "garbled ImageType ['ORIGINAL', 'PRIMARY', 'VOLUMF', 'NONE']"),
+        ("rows", "no Rows)"),
+    ],
+)
+def test_a_damaged_base_level_is_refused_not_left_out(slide, tmp_path, damage, problem, by):
+    """Passed over (by pydicom's reading, or wsidicom's), the slide would read at level 1:
+    half the size at twice the pixel size, without a word."""
+    folder = _copy_of(slide, tmp_path / "s")
+    _damage_header(folder / "level0.dcm", damage)
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder if by == "folder" else folder / "level1.dcm")
+    assert str(info.value).startswith(f"{folder / 'level0.dcm'}: a damaged DICOM header (")
+    assert problem in str(info.value)
+
+
+def _other_dicom(path: Path, sop_class: str, *, in_meta: bool = True) -> None:
+    """A sound DICOM file of another SOP class; ``in_meta=False`` states it in the dataset
+    alone (no MediaStorageSOPClassUID), as careless writers do."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.preamble = b"\0" * 128
+    if in_meta:
+        ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    else:
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, generate_uid()
+    ds.PatientName = "other"
+    ds.save_as(path, enforce_file_format=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "sop_class", "in_meta"),
+    [
+        ("DICOMDIR", "1.2.840.10008.1.3.10", True),  # Media Storage Directory
+        ("capture.dcm", "1.2.840.10008.5.1.4.1.1.7", True),  # Secondary Capture
+        ("capture.dcm", "1.2.840.10008.5.1.4.1.1.7", False),
+    ],
+)
+def test_another_kind_of_dicom_file_beside_the_slide_is_passed_over(
+    slide, tmp_path, name, sop_class, in_meta
+):
+    folder = _copy_of(slide, tmp_path / "s")
+    _other_dicom(folder / name, sop_class, in_meta=in_meta)
+    reader = open_image(folder)
+    assert reader.level_shapes == ((200, 300, 3), (100, 150, 3))
+
+
+def test_a_value_pydicom_cannot_unpack_is_a_damaged_header(slide, tmp_path):
+    """OpticalPathIdentifier's VR SH made SV, whose 4-byte length pydicom unpacks from a
+    short read (struct.error)."""
+    folder = _copy_of(slide, tmp_path / "s")
+    _patch(folder / "level0.dcm", b"\x48\x00\x06\x01SH", 5, b"V")
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder / "level0.dcm")
+    assert str(info.value).startswith(
+        f"{folder / 'level0.dcm'}: a damaged DICOM header (struct.error: unpack requires"
+    )
+
+
+@pytest.mark.parametrize("damage", ["no orientation", "length"])
+def test_a_header_wsidicom_cannot_load_is_named(slide, tmp_path, damage):
+    """Damage pydicom reads past and wsidicom does not: an empty ImageOrientationSlide
+    (marshmallow's ValidationError), NumberOfOpticalPaths of length 11 (pydicom's
+    BytesLengthException, parsing it for wsidicom)."""
+    folder = _copy_of(slide, tmp_path / "s")
+    if damage == "no orientation":
+        _set(folder / "level1.dcm", ImageOrientationSlide=[])
+        error = "ValidationError: {'ImageOrientationSlide'"
+    else:
+        _patch(folder / "level1.dcm", b"\x48\x00\x02\x03UL\x04\x00", 6, b"\x0b")
+        error = "BytesLengthException: Expected total bytes"
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder / "level0.dcm")
+    assert str(info.value).startswith(
+        f"{folder / 'level0.dcm'}: no readable DICOM WSI series: wsidicom cannot open "
+        f"level1.dcm ({error}"
+    )
+
+
+def test_a_region_wsidicom_cannot_read_names_the_level_and_window(slide, monkeypatch):
+    """As pydicom fails parsing a value wsidicom reads on the way to the pixels."""
+    import wsidicom
+    from pydicom.errors import BytesLengthException
+
+    reader = open_image(slide)
+
+    def damaged(*args, **kwargs):
+        raise BytesLengthException("Expected total bytes to be an even multiple")
+
+    monkeypatch.setattr(wsidicom.WsiDicom, "read_region", damaged)
+    with pytest.raises(ImageReadError) as info:
+        reader.read(10, 40, 20, 70, level=1)
+    assert str(info.value) == (
+        f"{slide}: cannot read level 1 at y 10:40, x 20:70 (BytesLengthException: Expected "
+        "total bytes to be an even multiple)"
+    )
+
+
 def test_rewriting_another_file_of_the_series_changes_the_token(slide, tmp_path):
     """A file's series is all its files: a level rewritten in place is new pixels to dask."""
     import os
 
-    folder = tmp_path / "copy"
-    folder.mkdir()
-    for f in slide.iterdir():
-        (folder / f.name).write_bytes(f.read_bytes())
+    folder = _copy_of(slide, tmp_path / "copy")
     before = open_image(folder / "level0.dcm").level(1).name
     level1 = folder / "level1.dcm"
     stat = level1.stat()

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 
 from segpipe.io.files import URLPath
-from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError, RegionLevel
+from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
 from segpipe.io.readers.dicom_series import (
     DICOM_SUFFIXES,
     DicomInstance,
+    error_text,
+    header_errors,
     is_dicom_file,
     is_dicom_folder,
     main_pyramid,
@@ -72,6 +74,14 @@ def _wsidicom_errors() -> tuple[type[Exception], ...]:
     )
 
 
+def _dicom_errors() -> tuple[type[Exception], ...]:
+    """What wsidicom raises opening or reading a damaged series: its own errors, pydicom's
+    (see header_errors) and marshmallow's (wsidicom loads metadata through its schemas)."""
+    from marshmallow.exceptions import MarshmallowError
+
+    return (*_wsidicom_errors(), *header_errors(), MarshmallowError)
+
+
 class DicomReader(BaseReader):
     """A DICOM WSI series through wsidicom: each level of its pyramid a level, each optical
     path's samples channels.
@@ -101,11 +111,10 @@ class DicomReader(BaseReader):
         except ImageReadError:
             self.close()
             raise
-        except _wsidicom_errors() + DECODE_ERRORS as exc:
+        except _dicom_errors() as exc:
             self.close()
             raise ImageReadError(
-                f"{self.path}: DICOM WSI metadata that wsidicom cannot use "
-                f"({type(exc).__name__}: {exc})"
+                f"{self.path}: DICOM WSI metadata that wsidicom cannot use ({error_text(exc)})"
             ) from exc
         if len(focal_planes) > 1:
             self.close()
@@ -155,10 +164,10 @@ class DicomReader(BaseReader):
         with self._lock:
             if self._slide is not None:
                 return self._slide
+            # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
+            # read, not left out as wsidicom's strict default leaves them.
+            lenient = replace(wsidicom.config.get_settings(), strict_tile_size_check=False)
             try:
-                # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
-                # read, not left out as wsidicom's strict default leaves them.
-                lenient = replace(wsidicom.config.get_settings(), strict_tile_size_check=False)
                 self._slide = wsidicom.WsiDicom.open(list(self._instance_files), settings=lenient)
             except wsidicom.errors.WsiDicomNoResolutionError as exc:
                 raise ImageReadError(
@@ -167,11 +176,29 @@ class DicomReader(BaseReader):
                     "pyramid, so pixel_size_um cannot stand in for it; add PixelSpacing to "
                     "the files (e.g. with pydicom) or convert the slide to OME-TIFF"
                 ) from exc
-            except _wsidicom_errors() + DECODE_ERRORS as exc:
+            except _dicom_errors() as exc:
+                files = self._failing_alone(exc, lenient)
+                where = f": wsidicom cannot open {', '.join(files)}" if files else ""
                 raise ImageReadError(
-                    f"{self.path}: no readable DICOM WSI series ({type(exc).__name__}: {exc})"
+                    f"{self.path}: no readable DICOM WSI series{where} ({error_text(exc)})"
                 ) from exc
             return self._slide
+
+    def _failing_alone(self, exc: Exception, settings: Any) -> list[str]:
+        """Names of the series' files that, opened alone, fail as the series did with
+        ``exc``: the file whose header holds what wsidicom cannot use. Empty for wsidicom's
+        own errors, which a file alone raises for its own reasons (a label has no level)."""
+        if isinstance(exc, _wsidicom_errors()):
+            return []
+        wsidicom = self._wsidicom()
+        files = []
+        for f in self._instance_files:
+            try:
+                wsidicom.WsiDicom.open([f], settings=settings).close()
+            except _dicom_errors() as alone:
+                if type(alone) is type(exc) and str(alone) == str(exc):
+                    files.append(Path(f).name)
+        return files
 
     def _read(
         self, slide: Any, level: int, path: str, xy: tuple[int, int], size: tuple[int, int]
@@ -196,10 +223,10 @@ class DicomReader(BaseReader):
                 )
                 for p in self._optical_paths
             ]
-        except _wsidicom_errors() as exc:
+        except _dicom_errors() as exc:
             raise ImageReadError(
                 f"{self.path}: cannot read level {level} at y {y0}:{y1}, x {x0}:{x1} "
-                f"({type(exc).__name__}: {exc})"
+                f"({error_text(exc)})"
             ) from exc
         planes = [p if p.ndim == 3 else p[..., None] for p in planes]
         return planes[0] if len(planes) == 1 else np.concatenate(planes, axis=2)

@@ -8,13 +8,16 @@ of, as the TIFF reader does with a file of several images. A level file wsidicom
 no pyramid is refused, naming it, where a level read has its pixel spacing (wsidicom keeps
 one image a level: the pyramid read could mix two images); else (a codec wsidicom does not
 decode) the slide is read without it, with a warning naming it. MONOCHROME1 levels, which
-wsidicom passes over without a word, are refused naming them.
+wsidicom passes over without a word, are refused naming them, as are files that start as DICOM
+files do but whose header is damaged (wsidicom passes over those too).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import re
+import struct
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,8 @@ from segpipe.io.readers.base import DECODE_ERRORS, ImageReadError
 __all__ = [
     "DICOM_SUFFIXES",
     "DicomInstance",
+    "error_text",
+    "header_errors",
     "is_dicom_file",
     "is_dicom_folder",
     "main_pyramid",
@@ -77,6 +82,23 @@ class DicomInstance:
 
 
 _SHARED = "SharedFunctionalGroupsSequence"
+_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+_SIZES = ("Rows", "Columns", "TotalPixelMatrixRows", "TotalPixelMatrixColumns")
+# What wsidicom reads of every WSI file it opens (its WsiDataset.REQUIRED_ATTRIBUTES): it
+# leaves a file that lacks one out with no more than a log line, so a damaged base level
+# would have the slide read at its next level, at twice the pixel size.
+_REQUIRED = (
+    *_UIDS,
+    *_SIZES,
+    "ImageType",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsStored",
+)
+# ImageType value 3 as the WSI IOD defines it
+_KINDS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL", "LOCALIZER")
+# The characters of a UID (VR UI); a non-conformant one (leading zeros) is still of these
+_UID = re.compile(r"[0-9.]+")
 
 
 def _row_spacing(ds: Any) -> float | None:
@@ -88,42 +110,102 @@ def _row_spacing(ds: Any) -> float | None:
     return value if value > 0 else None
 
 
+def header_errors() -> tuple[type[Exception], ...]:
+    """What pydicom raises parsing a damaged header: its own errors, struct's (a value's
+    length unpacked from a short read) and DECODE_ERRORS."""
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    return (InvalidDicomError, BytesLengthException, struct.error, *DECODE_ERRORS)
+
+
+def error_text(exc: Exception) -> str:
+    """``exc`` as ``"Name: message"``, struct's ``error`` as ``struct.error``."""
+    name = "struct.error" if isinstance(exc, struct.error) else type(exc).__name__
+    return f"{name}: {exc}"
+
+
+def _damaged(path: Path, problem: str) -> ImageReadError:
+    return ImageReadError(
+        f"{path}: a damaged DICOM header ({problem}); move it out of the slide's folder if it "
+        "is no part of the slide"
+    )
+
+
 def read_instance(path: Path) -> DicomInstance | None:
     """The header of ``path`` (no pixel data read) when it is a DICOM VL Whole Slide
-    Microscopy file; None when it is no DICOM file or another kind of one."""
+    Microscopy file; None when it is no DICOM file or, by the SOP class it states, another
+    kind of one (a DICOMDIR, an annotation). A file that starts as DICOM files do but does
+    not state its SOP class, or states the WSI one but lacks or garbles what wsidicom needs,
+    is refused as damaged: it may be a level of the slide, which would be left out."""
     if not is_dicom_file(path):
         return None
     import pydicom
-    from pydicom.errors import BytesLengthException, InvalidDicomError
     from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
-    tags = ["SeriesInstanceUID", "SOPInstanceUID", "PhotometricInterpretation"]
-    sizes = ["TotalPixelMatrixRows", "TotalPixelMatrixColumns"]
     try:
         ds = pydicom.dcmread(
             path,
             stop_before_pixels=True,
-            specific_tags=[*tags, *sizes, "ImageType", "OpticalPathSequence", _SHARED],
+            specific_tags=[*_REQUIRED, "SOPClassUID", "OpticalPathSequence", _SHARED],
         )
-        if ds.file_meta.get("MediaStorageSOPClassUID") != VLWholeSlideMicroscopyImageStorage:
+        media_class = ds.file_meta.get("MediaStorageSOPClassUID")
+        classes = [str(c) for c in (media_class, ds.get("SOPClassUID")) if c]
+        if classes and all(
+            _UID.fullmatch(c) and c != VLWholeSlideMicroscopyImageStorage for c in classes
+        ):
             return None
-        series_uid, instance_uid, photometric = (str(ds.get(tag) or "") for tag in tags)
-        ny, nx = (int(ds.get(tag) or 0) for tag in sizes)
-        image_type = list(ds.get("ImageType") or [])
+        values = {key: ds.get(key) for key in _REQUIRED}
         paths = tuple(
             (str(p.get("OpticalPathIdentifier", "")), p.get("OpticalPathDescription") or None)
             for p in ds.get("OpticalPathSequence", [])
         )
-        kind = str(image_type[2]) if len(image_type) > 2 else ""
         spacing = _row_spacing(ds)
-        return DicomInstance(
-            path, series_uid, instance_uid, kind, photometric, (ny, nx), paths, spacing
-        )
-    except (InvalidDicomError, BytesLengthException, *DECODE_ERRORS) as exc:
-        raise ImageReadError(
-            f"{path}: a damaged DICOM header ({type(exc).__name__}: {exc}); move it out of "
-            "the slide's folder if it is no part of the slide"
-        ) from exc
+    except header_errors() as exc:
+        raise _damaged(path, error_text(exc)) from exc
+    problems = _header_problems({"MediaStorageSOPClassUID": media_class, **values})
+    if problems:
+        raise _damaged(path, problems)
+    image_type = [str(v) for v in values["ImageType"]]
+    ny, nx = values["TotalPixelMatrixRows"], values["TotalPixelMatrixColumns"]
+    return DicomInstance(
+        path,
+        str(values["SeriesInstanceUID"]),
+        str(values["SOPInstanceUID"]),
+        image_type[2],
+        str(values["PhotometricInterpretation"]),
+        (ny, nx),
+        paths,
+        spacing,
+    )
+
+
+def _header_problems(values: dict[str, Any]) -> str:
+    """What of ``values`` (keyword: value, None where absent) a WSI file could not state,
+    e.g. ``"no SeriesInstanceUID; garbled Rows 0"``; empty when none."""
+    from pydicom.uid import VLWholeSlideMicroscopyImageStorage
+
+    missing, garbled = [], []
+    for key, value in values.items():
+        if value is None or (not isinstance(value, int) and not value):
+            missing.append(key)
+            continue
+        if key == "MediaStorageSOPClassUID":
+            is_sound = value == VLWholeSlideMicroscopyImageStorage
+        elif key in _UIDS:
+            is_sound = _UID.fullmatch(str(value)) is not None
+        elif key in _SIZES:
+            is_sound = isinstance(value, int) and value > 0
+        elif key == "ImageType":
+            kinds = [value] if isinstance(value, str | int) else list(value)
+            is_sound = len(kinds) > 2 and str(kinds[2]) in _KINDS
+        else:
+            is_sound = True
+        if not is_sound:
+            garbled.append(f"{key} {value!r}")
+    parts = ([f"no {', '.join(missing)}"] if missing else []) + (
+        [f"garbled {', '.join(garbled)}"] if garbled else []
+    )
+    return "; ".join(parts)
 
 
 def series_instances(path: Path) -> list[DicomInstance]:
