@@ -510,3 +510,69 @@ def test_a_tiff_with_gdal_tags_but_no_placement_is_still_read_unplaced(tmp_path)
     tifffile.imwrite(path, np.zeros((64, 64), np.uint16), extratags=[(42113, 2, 2, "0", True)])
     reader = open_image(path)
     assert reader.georeference is None and reader.nodata == (0.0,)
+
+
+def _masked_raster(path, *, overviews_first=False):
+    """A GeoTIFF with an internal mask band (GDAL_TIFF_INTERNAL_MASK) and one overview, built
+    before the mask (which then has no overview mask) or after it."""
+    data = _bands(3, "uint8")
+    mask = np.full(SHAPE, 255, np.uint8)
+    mask[100:, 200:] = 0
+    kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+        rasterio.open(path, "w", crs=CUSTOM, transform=TRANSFORM, **kw) as ds,
+    ):
+        ds.write(data)
+        if overviews_first:
+            ds.build_overviews([2], Resampling.nearest)
+        ds.write_mask(mask)
+        if not overviews_first:
+            ds.build_overviews([2], Resampling.nearest)
+    return path
+
+
+def _overwrite(path, at, value: bytes):
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(value)
+
+
+@pytest.mark.parametrize("damage", ["mask-tile-width-0", "overview-bits-per-sample-255"])
+def test_a_directory_gdal_refuses_fails_at_open_naming_the_file(tmp_path, damage):
+    """GDAL's own errors (CPLE_AppDefinedError, CPLE_NotSupportedError) are no RasterioError:
+    raised from a dataset's properties, not from rasterio.open, they escaped as they were."""
+    path = _masked_raster(tmp_path / "damaged.tif")
+    with tifffile.TiffFile(path) as tif:
+        pages = list(tif.pages)
+        mask = next(p for p in pages if p.is_mask and p.shape[:2] == SHAPE)
+        overview = next(p for p in pages if not p.is_mask and p.shape[:2] == (100, 150))
+        if damage == "mask-tile-width-0":
+            at, value = mask.tags[322].valueoffset, bytes(4)
+        else:  # 3 samples: BitsPerSample's values lie outside the entry
+            at, value = overview.tags[258].valueoffset, np.full(3, 255, "<u2").tobytes()
+    _overwrite(path, at, value)
+    with pytest.raises(ImageReadError, match=r"damaged\.tif: GDAL cannot read its metadata"):
+        open_image(path)
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_a_damaged_mask_tile_fails_naming_the_file_level_and_window(tmp_path, level):
+    """The pixels read; the mask band's tiles do not decode: rasterio's RasterioIOError (whose
+    cause is GDAL's CPLE error) escaped valid_mask naming neither the file nor the window.
+    Level 1 has no mask of its own, so it reads level 0's."""
+    path = _masked_raster(tmp_path / "badmask.tif", overviews_first=True)
+    with tifffile.TiffFile(path) as tif:
+        mask = next(p for p in tif.pages if p.is_mask)
+        tiles = list(zip(mask.dataoffsets, mask.databytecounts, strict=True))
+    for offset, count in tiles:
+        _overwrite(path, offset, b"\xff" * count)
+    reader = open_image(path)
+    assert reader.mask_kind == "mask"
+    reader.read(0, 32, 0, 32, level=level)  # the pixels are whole
+    with pytest.raises(
+        ImageReadError,
+        match=rf"badmask\.tif: GDAL cannot read the valid-pixel mask of level {level} at "
+        r"y 0:32, x 0:32.*CPLE_",
+    ):
+        reader.valid_mask(0, 32, 0, 32, level=level)

@@ -392,3 +392,109 @@ def test_nan_model_output_fails_with_the_window_and_nothing_is_complete(
     assert not is_complete(out)
     with pytest.raises(segpipe.results.IncompleteResultError):
         segpipe.open_result(out)
+
+
+# --- lying segpipe ingests and PNG chunks ---------------------------------------------------
+
+
+def _ingest(tmp_path: Path, *, masked: bool) -> Path:
+    """A segpipe ingest (OME-Zarr, levels of 128, 64 and 32 px) of an RGB TIFF, or of a GeoTIFF
+    with an internal mask band, which the ingest keeps as its label image labels/valid."""
+    from segpipe.io.ingest import ingest
+
+    source = tmp_path / "source.tif"
+    pixels = _rgb(128, 128)
+    if masked:
+        import rasterio
+        from rasterio.transform import from_origin
+
+        with (
+            rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+            rasterio.open(
+                source, "w", driver="GTiff", width=128, height=128, count=3, dtype="uint8",
+                crs="EPSG:32633", transform=from_origin(500_000, 6_000_000, 2, 2),
+                tiled=True, blockxsize=32, blockysize=32,
+            ) as ds,
+        ):  # fmt: skip
+            ds.write(np.moveaxis(pixels, -1, 0))
+            mask = np.full((128, 128), 255, np.uint8)
+            mask[:30, 60:] = 0
+            ds.write_mask(mask)
+    else:
+        tifffile.imwrite(source, pixels, photometric="rgb")
+    store = tmp_path / "image.zarr"
+    ingest(source, store, chunk=32, min_level_size=32)
+    return store
+
+
+def _edit_json(path: Path, edit) -> None:
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("shape", [[32, 32], [128, 128]])
+def test_an_ingest_whose_mask_level_is_not_its_levels_shape_is_refused(tmp_path: Path, shape):
+    """Level 1 is 64 x 64: a smaller mask gave short masks that no longer lined up with the
+    pixels (an IndexError in valid_mask), a larger one masks of another resolution, silently."""
+    store = _ingest(tmp_path, masked=True)
+    assert open_image(store).mask_kind == "mask"
+    _edit_json(store / "labels/valid/1/zarr.json", lambda meta: meta.update(shape=shape))
+    with pytest.raises(
+        ImageReadError, match=r"valid-pixel mask 'labels/valid/1' has shape .* not level 1's"
+    ) as info:
+        open_image(store)
+    assert str(store) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [("nodata", [0]), ("channel_names", ["alpha"]), ("channel_names", ["r", "g", "b", "alpha"])],
+)
+def test_an_ingest_whose_channel_attributes_miscount_its_channels_is_refused(
+    tmp_path: Path, name, values
+):
+    """A short nodata failed each mask read with a bare ValueError; a lone "alpha" made red
+    the alpha, calling every pixel whose red is 0 invalid; a fourth name an IndexError."""
+    store = _ingest(tmp_path, masked=False)
+    _edit_json(
+        store / "zarr.json", lambda meta: meta["attributes"]["segpipe"].update({name: values})
+    )
+    with pytest.raises(
+        ImageReadError, match=rf"segpipe\.{name} holds {len(values)} value\(s\) .* 3 channel"
+    ) as info:
+        open_image(store)
+    assert str(store) in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["rgb8", "grey16"])
+def test_a_png_chunk_stating_more_than_the_file_holds_is_refused_at_once(tmp_path: Path, mode):
+    """Pillow read the rest of an IDAT stated 0xFFFFFFFF bytes long in one read, allocating
+    4 GiB (a MemoryError under an address-space limit) for a 3 KiB image."""
+    path = tmp_path / "lying.png"
+    if mode == "rgb8":
+        _png(path)
+    else:
+        Image.fromarray(_rgb()[..., 0].astype(np.uint16) * 250).save(path)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"IDAT") - 4
+    data[at : at + 4] = (0xFFFFFFFF).to_bytes(4, "big")
+    path.write_bytes(bytes(data))
+    with (
+        _no_big_allocation(),
+        pytest.raises(ImageReadError, match=r"'IDAT' chunk .* states 4,294,967,295 bytes") as info,
+    ):
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(("level", "shape"), [(1, [3, 0, 64]), (2, [3, 32, 0])])
+def test_an_ingest_with_an_empty_reduced_level_is_refused_naming_it(tmp_path: Path, level, shape):
+    """The last level empty opened, promising a level no window reads from; a middle one was
+    refused as the next level being no reduction of it. BaseReader's layout check sees every
+    level, Zarr's as any format's."""
+    store = _ingest(tmp_path, masked=False)
+    _edit_json(store / f"{level}/zarr.json", lambda meta: meta.update(shape=shape))
+    with pytest.raises(ImageReadError, match=rf"level {level} .* is empty") as info:
+        open_image(store)
+    assert str(store) in str(info.value)

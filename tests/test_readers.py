@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import struct
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -1636,3 +1639,335 @@ def test_describing_a_file_leaves_no_file_open(tmp_path: Path) -> None:
     finally:
         gc.enable()
     assert infos[0].levels == ((300, 517, 3), (150, 259, 3))
+
+
+# ---- damaged and lying TIFF structure: refused at open, naming the file and the tag ----------
+
+
+def _tiled(path: Path, side: int = 64, **kw: object) -> Path:
+    """A classic tiled RGB TIFF, ``side`` px square in 32 px tiles, written by tifffile."""
+    rgb = np.random.default_rng(0).integers(1, 255, (side, side, 3), dtype=np.uint8)
+    tifffile.imwrite(path, rgb, **{"tile": (32, 32), "photometric": "rgb", "metadata": None, **kw})
+    return path
+
+
+def _pyramid(path: Path, levels: int = 3, *, bigtiff: bool = False) -> Path:
+    """A 128 x 160 RGB OME-TIFF with ``levels - 1`` reduced levels as SubIFDs of level 0."""
+    rgb = np.random.default_rng(1).integers(1, 255, (128, 160, 3), dtype=np.uint8)
+    kw = {"tile": (32, 32), "photometric": "rgb"}
+    with tifffile.TiffWriter(path, bigtiff=bigtiff, ome=True) as tif:
+        tif.write(rgb, subifds=levels - 1, metadata={"axes": "YXS"}, **kw)
+        for k in range(1, levels):
+            tif.write(rgb[:: 2**k, :: 2**k], subfiletype=1, **kw)
+    return path
+
+
+def _tag(path: Path, code: int, level: int = 0) -> tuple[int, int, bool]:
+    """Where tag ``code`` of ``level``'s first IFD is: its entry's offset, its value's offset,
+    and whether the file is a BigTIFF."""
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.series[0].levels[level].keyframe.tags[code]
+        return tag.offset, tag.valueoffset, tif.is_bigtiff
+
+
+def _set_tag(path: Path, code: int, count: int, value: int, level: int = 0) -> None:
+    """Overwrite the IFD entry of tag ``code`` of ``level``: a LONG (or LONG8 in a BigTIFF) of
+    ``count`` values, ``value`` itself or where they are."""
+    entry, _, big = _tag(path, code, level)
+    packed = struct.pack("<HHQQ", code, 16, count, value) if big else None
+    data = bytearray(path.read_bytes())
+    data[entry : entry + (20 if big else 12)] = packed or struct.pack(
+        "<HHII", code, 4, count, value
+    )
+    path.write_bytes(bytes(data))
+
+
+def _refused(path: Path, *fragments: str) -> str:
+    """Open ``path``; it must be refused with ImageReadError naming it and ``fragments``."""
+    with pytest.raises(ImageReadError) as info:
+        open_image(path)
+    message = str(info.value)
+    assert str(path) in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def _header_cut(tmp: Path) -> Path:
+    path = _tiled(tmp / "cut.tif", bigtiff=True)
+    path.write_bytes(path.read_bytes()[:7])  # b"II+\0\x08\0\0": inside the BigTIFF header
+    return path
+
+
+def _ifd_claiming_4096_tags(tmp: Path) -> Path:
+    path = tmp / "lying_count.ome.tif"
+    planes = np.zeros((3, 64, 64), np.uint16)
+    tifffile.imwrite(path, planes, ome=True, metadata={"axes": "CYX"}, tile=(32, 32))
+    with tifffile.TiffFile(path) as tif:
+        second = tif.pages[1].offset
+    data = bytearray(path.read_bytes())
+    data[second : second + 2] = struct.pack("<H", 4096)  # 49 KB of entries in a 26 KB file
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragments"),
+    [
+        pytest.param(_header_cut, ["not a readable TIFF"], id="bigtiff-header-cut"),
+        pytest.param(_ifd_claiming_4096_tags, ["IFD 1", "truncated"], id="ifd-count-lies"),
+    ],
+)
+def test_a_tiff_cut_in_its_header_or_ifd_is_refused_naming_the_file(
+    tmp_path: Path, damage: Callable[[Path], Path], fragments: list[str]
+) -> None:
+    """tifffile unpacks the cut bytes with struct (struct.error, no ValueError)."""
+    _refused(damage(tmp_path), *fragments)
+
+
+def test_a_reader_reopening_a_tiff_cut_since_names_the_file(tmp_path: Path) -> None:
+    path = _tiled(tmp_path / "gone.tif")
+    reader = pickle.loads(pickle.dumps(open_image(path)))  # re-opens the file on first read
+    path.write_bytes(path.read_bytes()[:7])
+    with pytest.raises(ImageReadError, match=r"gone\.tif: cannot read level 0"):
+        reader.read(0, 8, 0, 8)
+
+
+def _chain(path: Path, pages: int) -> list[int]:
+    """Write a tiled RGB image and ``pages - 1`` reduced images of it as a chain of IFDs, with
+    no metadata saying what they are; their offsets."""
+    rgb = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    kw = {"tile": (32, 32), "photometric": "rgb", "metadata": None}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, **kw)
+        for _ in range(pages - 1):
+            tif.write(rgb[::2, ::2], subfiletype=1, **kw)
+    with tifffile.TiffFile(path) as tif:
+        return [page.offset for page in tif.pages]
+
+
+_OPEN = (
+    "import sys\n"
+    "from segpipe.io.readers import ImageReadError, open_image\n"
+    "try:\n"
+    "    open_image(sys.argv[1])\n"
+    "except ImageReadError as exc:\n"
+    "    print(exc)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("pages", "last_to"),
+    [(2, 1), (2, 0), (150, 60)],  # the last cycle past the 100th IFD, where tifffile looks
+    ids=["itself", "ifd-0", "ifd-60-of-150"],
+)
+def test_a_tiff_whose_ifd_chain_loops_is_refused_at_once(
+    tmp_path: Path, pages: int, last_to: int
+) -> None:
+    path = tmp_path / "loop.tif"
+    offsets = _chain(path, pages)
+    data = bytearray(path.read_bytes())
+    last = offsets[-1]
+    at = last + 2 + 12 * struct.unpack("<H", data[last : last + 2])[0]
+    data[at : at + 4] = struct.pack("<I", offsets[last_to])  # the last IFD's next pointer
+    path.write_bytes(bytes(data))
+    # tifffile walks such a chain forever: a process of its own, killed if it does
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN, str(path)], capture_output=True, text=True, timeout=20
+    )
+    assert str(path) in done.stdout and "loops back" in done.stdout, done.stdout + done.stderr
+    assert f"IFD {pages - 1} gives IFD {last_to}" in done.stdout
+
+
+def _cut_at_tile_offsets(tmp: Path) -> Path:
+    path = _tiled(tmp / "tiled.tif")
+    path.write_bytes(path.read_bytes()[: _tag(path, 324)[1]])  # the IFD whole, no offsets
+    return path
+
+
+def _cut_at_strip_offsets(tmp: Path) -> Path:
+    path = _tiled(tmp / "stripped.tif", tile=None, rowsperstrip=16)
+    path.write_bytes(path.read_bytes()[: _tag(path, 273)[1]])
+    return path
+
+
+def _reduced_offsets_past_the_end(tmp: Path) -> Path:
+    path = _pyramid(tmp / "pyramid.tif")
+    _set_tag(path, 324, 6, 0xFFFFFF00, level=1)  # level 1's TileOffsets: unreadable
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        pytest.param(_cut_at_tile_offsets, "level 0 lists 0 of the 4 tiles", id="tiles"),
+        pytest.param(_cut_at_strip_offsets, "level 0 lists 0 of the 4 strips", id="strips"),
+        pytest.param(_reduced_offsets_past_the_end, "level 1 lists 0 of the 6 tiles", id="level-1"),
+    ],
+)
+def test_a_tiff_listing_fewer_tiles_than_its_size_needs_is_refused(
+    tmp_path: Path, damage: Callable[[Path], Path], fragment: str
+) -> None:
+    """tifffile reads a page without its offsets tag (cut off, or its value past the end) as
+    zeros, and estimates a byte count for it."""
+    _refused(damage(tmp_path), fragment, "would read as zeros")
+
+
+@pytest.mark.parametrize("kind", ["tiff", "zarr"])
+def test_an_empty_reduced_level_is_refused_naming_it(tmp_path: Path, kind: str) -> None:
+    if kind == "tiff":
+        path = _pyramid(tmp_path / "pyramid.tif", bigtiff=True)
+        _set_tag(path, 257, 1, 0, level=2)  # level 2's ImageLength
+    else:
+        path = write_ome_zarr(tmp_path / "a.ome.zarr", _rgb()[:64, :48])
+        root = zarr.open_group(str(path), mode="r+")
+        root.create_array("s1", shape=(3, 0, 24), chunks=(3, 8, 8), dtype="u1", overwrite=True)
+    level = 2 if kind == "tiff" else 1
+    _refused(path, f"pyramid level {level} (0, ", "is empty")
+
+
+def _svs_chain(path: Path) -> Path:
+    """Baseline, thumbnail and two reduced levels, each an IFD of the main chain (Aperio)."""
+    base = np.random.default_rng(7).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    kw = {"photometric": "rgb", "metadata": None}
+    head = "Aperio Image Library v12.0.5\r\n256x256 [0,0 256x256] (32x32) RAW|MPP = 0.4990"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(base, tile=(32, 32), description=head, **kw)
+        tif.write(base[::4, ::4], description="Aperio thumbnail", **kw)
+        tif.write(base[::2, ::2], tile=(32, 32), description="Aperio level 1", **kw)
+        tif.write(base[::4, ::4], tile=(32, 32), description="Aperio level 2", **kw)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["subifds", "ifd-chain"])
+def test_a_pyramid_cut_inside_a_level_ifd_is_refused_not_read_short(
+    tmp_path: Path, layout: str
+) -> None:
+    """Cut 2 bytes into the last SubIFD (tifffile drops it, and reads the file as one of 2
+    levels), or at the thumbnail's IFD of an SVS (tifffile reads the baseline alone)."""
+    if layout == "subifds":
+        path = _pyramid(tmp_path / "pyramid.tif", bigtiff=True)
+        with tifffile.TiffFile(path) as tif:
+            cut = tif.series[0].levels[2].keyframe.offset + 2
+        fragments = ["level 2's IFD at byte", "truncated"]
+    else:
+        path = _svs_chain(tmp_path / "slide.svs")
+        with tifffile.TiffFile(path) as tif:
+            assert len(tif.series[0].levels) == 3
+            cut = tif.pages[1].offset
+        fragments = [f"IFD 1 lies at byte {cut:,}, past the file's {cut:,} bytes", "truncated"]
+    path.write_bytes(path.read_bytes()[:cut])
+    _refused(path, *fragments)
+
+
+def _wider_than_its_tiles(tmp: Path) -> Path:
+    path = _tiled(tmp / "wide.tif")
+    _set_tag(path, 256, 1, 2**31 - 1)  # ImageWidth
+    return path
+
+
+def _reduced_level_taller_than_level_0(tmp: Path) -> Path:
+    path = _pyramid(tmp / "pyramid.tif")
+    _set_tag(path, 257, 1, 0xFFFFFFFF, level=1)  # ImageLength
+    return path
+
+
+def _level_1_larger(tmp: Path) -> Path:
+    """A whole level 1, every tile listed, larger than level 0 (an OME-TIFF: tifffile takes
+    a larger SubIFD of another TIFF for another image)."""
+    path = tmp / "larger.ome.tif"
+    kw = {"tile": (32, 32), "photometric": "rgb"}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(np.zeros((64, 64, 3), np.uint8), subifds=1, metadata={"axes": "YXS"}, **kw)
+        tif.write(np.zeros((128, 96, 3), np.uint8), subfiletype=1, **kw)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        pytest.param(_wider_than_its_tiles, "lists 4 of the 134,217,728 tiles", id="width"),
+        pytest.param(_reduced_level_taller_than_level_0, "level 1 lists 6 of the", id="level-1"),
+        pytest.param(_level_1_larger, "level 1 (128, 96, 3) (y, x, c) is not a reduction", id="up"),
+    ],
+)
+def test_a_tiff_declaring_a_level_larger_than_it_holds_is_refused(
+    tmp_path: Path, damage: Callable[[Path], Path], fragment: str
+) -> None:
+    """Without a refusal, building the dask grid of the declared size exhausts memory."""
+    _refused(damage(tmp_path), fragment)
+
+
+@pytest.mark.parametrize(
+    ("code", "value", "fragments"),
+    [
+        pytest.param(277, 0xFFFFFFFF, ["4,294,967,295 samples", "SamplesPerPixel"], id="samples"),
+        pytest.param(322, 0xFFFFFFFF, ["more than any writer writes", "TileWidth"], id="tile"),
+        pytest.param(322, 2**22, ["larger than the level", "TileWidth"], id="tile-4m"),
+    ],
+)
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_a_tiff_declaring_samples_or_tiles_no_image_has_is_refused(
+    tmp_path: Path, code: int, value: int, fragments: list[str], compression: str | None
+) -> None:
+    """Reading one pixel of either would allocate gigabytes (a MemoryError)."""
+    path = _tiled(tmp_path / "lying.tif", compression=compression)
+    _set_tag(path, code, 1, value)
+    _refused(path, "level 0", *fragments)
+
+
+@pytest.mark.parametrize(
+    ("layout", "code", "value"),
+    [
+        pytest.param({"tile": None, "rowsperstrip": 16}, 256, 2**31 - 1, id="strip-width"),
+        pytest.param({}, 277, 2**16 - 1, id="tile-samples"),  # a SHORT, as TIFF has it
+    ],
+)
+@pytest.mark.parametrize("compression", [None, "zlib", "packbits"])
+def test_a_tiff_declaring_more_pixels_than_its_bytes_can_hold_is_refused(
+    tmp_path: Path, layout: dict[str, object], code: int, value: int, compression: str | None
+) -> None:
+    """A lie the tile sizes alone do not show (a strip's width; samples within TIFF's range):
+    decoded, one strip or tile would be gigabytes, from a few kB stored."""
+    path = _tiled(tmp_path / "lying.tif", compression=compression, **layout)
+    _set_tag(path, code, 1, value)
+    _refused(path, "level 0", "bytes stored for one", "is damaged")
+
+
+def test_tiles_larger_than_a_small_image_are_read(tmp_path: Path) -> None:
+    """A COG or a pyramid's smallest level keeps its tile size past the image's sides."""
+    rgb = np.random.default_rng(2).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    path = tmp_path / "small.tif"
+    tifffile.imwrite(path, rgb, tile=(512, 512), photometric="rgb", compression="zlib")
+    np.testing.assert_array_equal(open_image(path).read(0, 40, 0, 50), rgb)
+
+
+@pytest.mark.parametrize("count", [769, 765], ids=["flat", "short"])
+def test_a_palette_tiff_whose_colormap_has_the_wrong_count_is_refused(
+    tmp_path: Path, count: int
+) -> None:
+    """769 values come back flat from tifffile (not 3 x N); 765 leave index 255 colourless."""
+    path = tmp_path / "palette.tif"
+    colormap = np.random.default_rng(3).integers(0, 65535, (3, 256)).astype(np.uint16)
+    indices = np.arange(64 * 64).reshape(64, 64).astype(np.uint8)
+    tifffile.imwrite(path, indices, photometric="palette", colormap=colormap, tile=(32, 32))
+    entry, values, _ = _tag(path, 320)
+    data = bytearray(path.read_bytes())
+    data[entry : entry + 12] = struct.pack("<HHII", 320, 3, count, values)
+    path.write_bytes(bytes(data))
+    _refused(path, f"ColorMap (TIFF tag 320) holds {count} values", "needs 3 x 256")
+
+
+def test_pixels_not_of_the_declared_layout_are_refused_naming_the_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a palette level whose colormap is 1-D gave (y, x) for its (y, x, 3)."""
+
+    class Flat:
+        def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+            return np.zeros((8, 8), np.uint8)
+
+    reader = ArrayReader(np.zeros((8, 8, 3), np.uint8), name="mem.npy")
+    monkeypatch.setattr(reader, "_open_level", lambda level: Flat())
+    with pytest.raises(ImageReadError, match=r"mem\.npy: level 0 reads wrongly"):
+        reader.read(0, 8, 0, 8)

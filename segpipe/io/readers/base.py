@@ -9,9 +9,11 @@ file on first use after unpickling (tifffile and Pillow handles cannot be pickle
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,20 +42,10 @@ __all__ = [
 # is a lying header, and building its tile grid alone would exhaust memory.
 MAX_IMAGE_PIXELS = 10**12 // 4
 
-# What decoding a damaged file, or parsing lying metadata, raises varies by codec and library
-# (zlib, JPEG, tifffile, zarr's metadata parsers); readers turn each into an ImageReadError.
-DECODE_ERRORS = (
-    OSError,
-    ValueError,
-    RuntimeError,
-    KeyError,
-    EOFError,
-    IndexError,
-    TypeError,
-    AttributeError,
-    ZeroDivisionError,
-    OverflowError,
-)
+# What decoding a damaged file, or parsing lying metadata, raises varies by codec and library (zlib,
+# JPEG, tifffile, zarr, struct: a header cut short); readers turn each into an ImageReadError.
+DECODE_ERRORS = (OSError, ValueError, RuntimeError, KeyError, EOFError, IndexError, TypeError,
+                 AttributeError, ZeroDivisionError, OverflowError, struct.error)  # fmt: skip
 
 
 class ImageReadError(ValueError):
@@ -166,10 +158,8 @@ class _LevelSource:
     """
 
     def __init__(self, reader: BaseReader, level: int) -> None:
-        self.reader = reader
-        self.level = level
+        self.reader, self.level, self.dtype = reader, level, reader.dtype
         self.shape = reader._native_shapes[level]
-        self.dtype = reader.dtype
         self.ndim = len(self.shape)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
@@ -240,6 +230,12 @@ class BaseReader:
             shapes = tuple(yxc_shape(s, a) for s, a in zip(native_shapes, axes, strict=True))
         except ValueError as exc:
             raise ImageReadError(f"{self.path}: {exc}") from exc
+        for k, (above, shape) in enumerate(pairwise(shapes), 1):  # a larger level: a lie
+            if 0 in shape or shape[0] > above[0] or shape[1] > above[1] or shape[2] != above[2]:
+                what = "is empty" if 0 in shape else f"is not a reduction of level {k - 1} {above}"
+                raise ImageReadError(
+                    f"{self.path}: pyramid level {k} {shape} (y, x, c) {what}; the file is damaged"
+                )
         ny, nx, _ = shapes[0]
         if ny * nx > MAX_IMAGE_PIXELS:
             raise ImageReadError(
@@ -282,7 +278,11 @@ class BaseReader:
             slice(y0, y1) if a == "Y" else slice(x0, x1) if a == "X" else slice(None)
             for a in axes.upper()
         )
-        return to_yxc(self._read_native(level, key), axes)
+        pixels = self._read_native(level, key)
+        try:
+            return to_yxc(pixels, axes)
+        except ValueError as exc:  # a reader whose pixels are not laid out as it declared
+            raise ImageReadError(f"{self.path}: level {level} reads wrongly: {exc}") from exc
 
     def chunk_shape(self, level: int = 0) -> tuple[int, int]:
         """``(Y, X)`` pixels of the file's tiles (chunks, strips) at ``level``: what one

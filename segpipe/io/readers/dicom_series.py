@@ -115,7 +115,7 @@ def header_errors() -> tuple[type[Exception], ...]:
     length unpacked from a short read) and DECODE_ERRORS."""
     from pydicom.errors import BytesLengthException, InvalidDicomError
 
-    return (InvalidDicomError, BytesLengthException, struct.error, *DECODE_ERRORS)
+    return (InvalidDicomError, BytesLengthException, *DECODE_ERRORS)
 
 
 def error_text(exc: Exception) -> str:

@@ -43,24 +43,47 @@ class RasterMetadata:
 
 
 @contextmanager
-def _open(source: str | URLPath, level: int = 0) -> Iterator[Any]:
+def _open(source: str | URLPath, level: int = 0, *, doing: str = "its metadata") -> Iterator[Any]:
+    """The raster at ``source`` open in rasterio (``level`` > 0: that overview); whatever GDAL
+    raises while it opens, or while the block reads ``doing`` (which names the level and
+    window) from it, an ImageReadError naming the file."""
     import rasterio
+    from rasterio._err import CPLE_BaseError
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
+    # GDAL's own errors (CPLE_*: a damaged directory, an unsupported BitsPerSample) reach
+    # Python from properties and reads as CPLE_BaseError, which is no RasterioError; rasterio
+    # has no public name for it (its own tests import it from rasterio._err).
+    gdal_errors = (RasterioError, CPLE_BaseError)
     kwargs: dict[str, Any] = {"overview_level": level - 1} if level > 0 else {}
     path = str(source)
     if isinstance(source, URLPath):  # GDAL reads byte ranges through fsspec, as tifffile does
         fs, path = source.filesystem()
         kwargs["opener"] = fs
+    where = f" (overview for level {level})" if level else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             ds = rasterio.open(path, **kwargs)
-    except RasterioError as exc:
-        where = f" (overview for level {level})" if level else ""
-        raise ImageReadError(f"{source}: GDAL cannot open the raster{where}: {exc}") from exc
+    except gdal_errors as exc:
+        raise ImageReadError(
+            f"{source}: GDAL cannot open the raster{where} to read {doing}: {exc}"
+        ) from exc
     with ds:
-        yield ds
+        try:
+            yield ds
+        except gdal_errors as exc:
+            raise ImageReadError(
+                f"{source}: GDAL cannot read {doing}; the file may be corrupt or "
+                f"truncated ({_gdal_message(exc)})"
+            ) from exc
+
+
+def _gdal_message(exc: BaseException) -> str:
+    """What GDAL said of ``exc``: rasterio's read errors say only "Read failed. See previous
+    exception for details", the CPLE_* error that says why being their cause."""
+    said = exc.__cause__ if exc.__cause__ is not None else exc
+    return f"{type(said).__name__}: {said}"
 
 
 def raster_metadata(source: str | URLPath) -> RasterMetadata:
@@ -130,11 +153,12 @@ def raster_valid_mask(
     """
     from rasterio.windows import Window
 
-    with _open(source, level) as ds:
+    doing = f"the valid-pixel mask of level {level} at y {y0}:{y1}, x {x0}:{x1}"
+    with _open(source, level, doing=doing) as ds:
         if level == 0 or not mask_shapes or (ds.height, ds.width) in mask_shapes:
             return np.asarray(ds.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0))) > 0
         height, width = ds.height, ds.width
-    with _open(source) as ds:
+    with _open(source, doing=f"{doing} (from level 0's mask)") as ds:
         sy, sx = ds.height / height, ds.width / width
         window = Window(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy)
         mask = ds.dataset_mask(window=window, out_shape=(y1 - y0, x1 - x0))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from itertools import pairwise
 from pathlib import Path
 from typing import Any, cast
 
@@ -73,15 +72,48 @@ class ZarrReader(BaseReader):
                 "the same kind of pixels as level 0"
             )
         self._set_layout(axes, shapes, chunks, dtype)
-        for k, (above, level) in enumerate(pairwise(self.level_shapes), start=1):
-            if level[0] > above[0] or level[1] > above[1] or level[2] != above[2]:
-                raise ImageReadError(
-                    f"{self.path}: pyramid level {k} ({level[0]} x {level[1]} x {level[2]}, "
-                    f"y x c) is not a reduction of level {k - 1} ({above[0]} x {above[1]} x "
-                    f"{above[2]}); OME-Zarr lists its datasets largest first"
-                )
+        self._check_channel_attributes()
+        if self._mask_path is not None:
+            self._masks = self._mask_levels(node)
         if self.pixel_size_um is None:
             self.pixel_size_um = file_px
+
+    def _check_channel_attributes(self) -> None:
+        """Refuse ``segpipe.nodata`` or ``segpipe.channel_names`` of another length than the
+        image's channels: a short nodata failed every mask read with a bare ValueError, and a
+        lone ``"alpha"`` name made the red channel the alpha."""
+        nc = self.level_shapes[0][2]
+        for name, values in (("nodata", self.nodata), ("channel_names", self.channel_names)):
+            if values is not None and len(values) != nc:
+                raise ImageReadError(
+                    f"{self.path}: attribute segpipe.{name} holds {len(values)} value(s) "
+                    f"{list(values)} for an image of {nc} channel(s); ingest the source again"
+                )
+
+    def _mask_levels(self, group: Any) -> dict[int, Any]:
+        """Level -> the ``(Y, X)`` array of the ingest's valid-pixel label image, each checked
+        against its level at open: a smaller one gave masks that no longer lined up with the
+        pixels they mask (a slice past its end comes back short, without an error)."""
+        masks = {}
+        for level, (shape, path) in enumerate(
+            zip(self.level_shapes, self._array_paths, strict=True)
+        ):
+            where = f"{self._mask_path}/{path}"
+            try:
+                mask = group[where]
+            except (FileNotFoundError, *DECODE_ERRORS) as exc:
+                raise ImageReadError(
+                    f"{self.path}: cannot open level {level} of its valid-pixel mask, {where!r} "
+                    f"({type(exc).__name__}: {exc}); ingest the source again"
+                ) from exc
+            found = getattr(mask, "shape", None)  # None: a group where the array should be
+            if found is None or tuple(found) != shape[:2]:
+                raise ImageReadError(
+                    f"{self.path}: its valid-pixel mask {where!r} has shape {found}, not level "
+                    f"{level}'s ({shape[0]}, {shape[1]}) (y, x); ingest the source again"
+                )
+            masks[level] = mask
+        return masks
 
     def _open_multiscale(self, group: Any) -> tuple[list[Any], list[str], float | None]:
         attrs = dict(group.attrs)

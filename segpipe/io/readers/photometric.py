@@ -274,6 +274,15 @@ def level_photometric(page: Any, path: str, level: int) -> Photometric:
     colormap = page.colormap if kind == _PALETTE else None
     if colormap is not None and colour == 1 and not page.extrasamples:
         colormap = np.asarray(colormap)
+        entries = 2 ** int(page.bitspersample)  # one RGB per index a sample can hold
+        # TIFF 6.0's count is 3 x 2**BitsPerSample. tifffile gives one not divisible by 3 flat;
+        # a shorter one leaves indices without a colour; a longer one is read by its first.
+        if colormap.ndim != 2 or colormap.shape[0] != 3 or colormap.shape[1] < entries:
+            raise ImageReadError(
+                f"{path}: level {level}'s ColorMap (TIFF tag 320) holds {colormap.size:,} "
+                f"values; a palette of {page.bitspersample}-bit indices needs 3 x {entries:,} "
+                "(red, green, blue of each index): the file is damaged"
+            )
         # 16 bits a value, as TIFF says; one of values up to 255 was written in 8 bits by its
         # writer (tifffile's asrgb takes it so too), and expands to 8-bit RGB.
         dtype = np.uint8 if colormap.max() <= 255 else np.uint16

@@ -12,7 +12,9 @@ alpha sample (ExtraSamples: associated or unassociated alpha) is the channel nam
 and a pixel where it is 0 holds no data, as GDAL reads it in a GeoTIFF.
 
 A TIFF that goes through GDAL is refused if its Orientation is not 1: GDAL, and the GIS viewers
-on it, place the stored rows and columns by the georeference and ignore the tag.
+on it, place the stored rows and columns by the georeference and ignore the tag. A damaged or
+lying structure (a looping or truncated chain of IFDs, tiles missing, sizes no image has) is
+refused at open by :mod:`segpipe.io.readers.tiff_checks`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from segpipe.io.readers.photometric import (
     Photometric,
     level_photometric,
 )
+from segpipe.io.readers.tiff_checks import check_declared_data, check_ifd_chain
 from segpipe.io.readers.vendor import SlideMetadata, check_ome_set_uuids, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -68,13 +71,14 @@ class TiffReader(BaseReader):
 
         try:
             self._tif = tifffile.TiffFile(self._file())
-            tif = self._tif
+            tif, size = self._tif, self._file_size()
+            check_ifd_chain(tif, size, self.path)  # before tifffile walks it
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
             _check_ome_set(tif, self.path)
             self._series = _main_series(tif.series, self.path)
             series = tif.series[self._series]
-            _check_declared_data(series, self._file_size(), self.path)
+            check_declared_data(series, size, self.path)
             levels = series.levels
             turn = _orientation(levels, self.path)
             self._photometric = tuple(
@@ -266,69 +270,6 @@ def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
         names[0] = "grey"
     names[colour + alphas[0]] = "alpha"
     return tuple(names)
-
-
-def _check_declared_data(series: Any, file_size: int, path: str) -> None:
-    """Refuse a TIFF whose level 0 points at no pixel data, or any level at data past the end
-    of the file it is stored in, or whose level 0 lists reduced levels (SubIFDs) past it, or
-    any level planes its metadata declares but no IFD holds (tifffile would give zeros).
-
-    ``file_size``: bytes of the file opened (``series.parent``). A page of another file of a
-    multi-file OME-TIFF set (which tifffile opens by its path, beside a local file only) is
-    checked against that file's size, and an error names that file.
-
-    Checked from the IFDs alone (no pixel is decoded): a header may declare any size, but the
-    tiles or strips it lists must exist in the file. A truncated pyramid is refused at open,
-    not when a reduced level is read (tifffile drops a level whose IFD is cut off, and the
-    OME-XML written after it, without a word).
-    """
-    if 0 in series.shape:
-        raise ImageReadError(f"{path}: the image is empty (shape {series.shape})")
-
-    def stored_in(page: Any) -> tuple[str, int]:
-        """The file holding ``page`` as an error names it, and its size in bytes."""
-        if page.parent is series.parent:
-            return path, file_size
-        handle = page.parent.filehandle  # its size measured when tifffile opened it
-        return f"{handle.path} (a file of {path}'s OME-TIFF set)", int(handle.size)
-
-    for k, level in enumerate(series.levels):
-        pages = [p for p in level.pages if p is not None]
-        if len(pages) < len(level.pages):  # tifffile's placeholder for a plane it lacks
-            raise ImageReadError(
-                f"{path}: {len(level.pages) - len(pages)} of the {len(level.pages)} image "
-                f"planes (channels, Z, T) of level {k} are in no IFD: its metadata declares "
-                "planes that the file (or its OME-TIFF set) does not hold, which would read as "
-                "zeros; write the file again with every plane, or without those it lacks"
-            )
-        if k == 0 and not any(int(c) for p in pages for c in getattr(p, "databytecounts", ())):
-            raise ImageReadError(
-                f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no "
-                "pixel data (no tile or strip byte counts); the file is truncated or its "
-                "header is wrong"
-            )
-        ends: dict[tuple[str, int], int] = {}
-        for p in pages:
-            counts = getattr(p, "databytecounts", ())
-            spans = zip(getattr(p, "dataoffsets", ()), counts, strict=False)
-            end = max((int(o) + int(c) for o, c in spans if c), default=0)
-            file = stored_in(p)
-            ends[file] = max(ends.get(file, 0), end)
-        for (name, size), end in ends.items():
-            if end > size:
-                raise ImageReadError(
-                    f"{name}: the tiles or strips of level {k} extend to byte {end:,} but "
-                    f"the file has {size:,} bytes; the file is truncated"
-                )
-    keyframe = series.levels[0].keyframe
-    subifds = [int(o) for o in keyframe.subifds or ()]
-    name, size = stored_in(keyframe)
-    if any(o >= size for o in subifds):
-        lost = next(i for i, o in enumerate(subifds) if o >= size) + 1
-        raise ImageReadError(
-            f"{name}: level {lost}'s IFD lies at byte {subifds[lost - 1]:,}, past the "
-            f"file's {size:,} bytes; the file is truncated"
-        )
 
 
 def _check_ome_set(tif: Any, path: str) -> None:

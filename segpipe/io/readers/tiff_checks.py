@@ -1,0 +1,229 @@
+"""Checks of a TIFF's structure made at open, from its IFDs alone (no pixel is decoded): the
+chain of IFDs ends inside the file, every level lists the tiles or strips its size needs and
+they lie inside the file, and no level declares tiles or samples no image has.
+
+tifffile reads what it can of a damaged file and says so only in its log: a chain of IFDs
+that loops is walked forever, an IFD past the end (a file cut short) ends the pyramid there,
+a tile it finds no offset for reads as zeros. A lying header makes it allocate what the
+header declares. Each is refused here, naming the file, the level and the tag.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any
+
+from segpipe.io.readers.base import ImageReadError
+
+__all__ = ["check_declared_data", "check_ifd_chain"]
+
+# TiffPage refuses an IFD of more tags than this (tifffile's own bound; the TIFF tags defined
+# by all specifications together are a few hundred).
+_MAX_TAGS = 4096
+# SamplesPerPixel is a SHORT (TIFF 6.0, section 8): no TIFF holds more samples.
+_MAX_SAMPLES = 2**16 - 1
+# One tile decodes into memory whole. A tile larger than its level (a small level of a
+# pyramid, a small COG, keeps the tile size of level 0) is a few MiB in any file written; one
+# of more bytes than this is a lying TileWidth, TileLength or SamplesPerPixel. Tiles are made
+# small to be read one at a time: one of over 2 GiB decoded is a lie whatever the level.
+_MAX_OVERSIZED_TILE_BYTES = 2**26
+_MAX_TILE_BYTES = 2**31
+# Compression: the most bytes its decoding gives per byte stored (none: 1; deflate: 1032, zlib's
+# limit; PackBits: 128 from 2). A tile or strip declared far larger than the most its bytes can
+# give is a lying size; one of another codec is bounded by the tile sizes above alone.
+_MOST_EXPANDED = {1: 1, 8: 1032, 32946: 1032, 32773: 64}
+
+
+def check_ifd_chain(tif: Any, file_size: int, path: str) -> None:
+    """Refuse a TIFF whose chain of IFDs (the images of the file, a level each in an SVS or
+    NDPI) loops back on itself, or leads past the end of the file or to an IFD cut off by it.
+
+    tifffile walks a loop forever (it looks for one only at the 100th IFD, and not at all as
+    it iterates pages) and ends the chain, only logging it, at an IFD past the end: the
+    levels after it would be missing.
+    ``tif``: an open ``tifffile.TiffFile``; ``file_size``: bytes of its file.
+    """
+    seen: dict[int, int] = {}
+    offset = int(tif.pages.first.offset)
+    while offset:
+        k = len(seen)
+        if offset in seen:
+            raise ImageReadError(
+                f"{path}: IFD {k - 1} gives IFD {seen[offset]} (byte {offset:,}) as the next "
+                "one: the file's chain of IFDs loops back on itself and would never end; the "
+                "file is damaged"
+            )
+        seen[offset] = k
+        offset = _next_ifd(tif, offset, file_size, path, f"IFD {k}")
+
+
+def _next_ifd(tif: Any, offset: int, file_size: int, path: str, name: str) -> int:
+    """The offset of the IFD after the one at ``offset`` (0: none), refusing one that lies
+    past the end of the file, is cut off by it, or lists more tags than any IFD has."""
+    fmt, fh = tif.tiff, tif.filehandle
+    if offset >= file_size:
+        raise ImageReadError(
+            f"{path}: {name} lies at byte {offset:,}, past the file's {file_size:,} bytes; "
+            "the file is truncated"
+        )
+    fh.seek(offset)
+    head = fh.read(fmt.tagnosize)
+    tags = struct.unpack(fmt.tagnoformat, head)[0] if len(head) == fmt.tagnosize else 0
+    end = offset + fmt.tagnosize + tags * fmt.tagsize + fmt.offsetsize
+    if tags > _MAX_TAGS:
+        raise ImageReadError(
+            f"{path}: {name} (at byte {offset:,}) claims {tags:,} tags, more than any IFD "
+            f"holds ({_MAX_TAGS}); the file is damaged"
+        )
+    if end > file_size:
+        raise ImageReadError(
+            f"{path}: {name} at byte {offset:,} runs past the end of the file ({file_size:,} "
+            "bytes); the file is truncated"
+        )
+    fh.seek(end - fmt.offsetsize)
+    return int(struct.unpack(fmt.offsetformat, fh.read(fmt.offsetsize))[0])
+
+
+def check_declared_data(series: Any, file_size: int, path: str) -> None:
+    """Refuse a TIFF whose level 0 points at no pixel data, or any level lists fewer tiles or
+    strips than its size needs, or points at data past the end of the file it is stored in,
+    or declares samples or tiles no image has, or whose level 0 lists reduced levels (SubIFDs)
+    past it, or any level planes its metadata declares but no IFD holds (tifffile would give
+    zeros, or allocate what the header declares).
+
+    ``file_size``: bytes of the file opened (``series.parent``). A page of another file of a
+    multi-file OME-TIFF set (which tifffile opens by its path, beside a local file only) is
+    checked against that file's size, and an error names that file.
+
+    Checked from the IFDs alone (no pixel is decoded): a header may declare any size, but the
+    tiles or strips it lists must exist in the file. A truncated pyramid is refused at open,
+    not when a reduced level is read (tifffile drops a level whose IFD is cut off, and the
+    OME-XML written after it, without a word).
+    """
+    if 0 in series.shape:
+        raise ImageReadError(f"{path}: the image is empty (shape {series.shape})")
+
+    def stored_in(page: Any) -> tuple[str, int]:
+        """The file holding ``page`` as an error names it, and its size in bytes."""
+        if page.parent is series.parent:
+            return path, file_size
+        handle = page.parent.filehandle  # its size measured when tifffile opened it
+        return f"{handle.path} (a file of {path}'s OME-TIFF set)", int(handle.size)
+
+    for k, level in enumerate(series.levels):
+        pages = [p for p in level.pages if p is not None]
+        if len(pages) < len(level.pages):  # tifffile's placeholder for a plane it lacks
+            raise ImageReadError(
+                f"{path}: {len(level.pages) - len(pages)} of the {len(level.pages)} image "
+                f"planes (channels, Z, T) of level {k} are in no IFD: its metadata declares "
+                "planes that the file (or its OME-TIFF set) does not hold, which would read as "
+                "zeros; write the file again with every plane, or without those it lacks"
+            )
+        if k == 0 and not any(int(c) for p in pages for c in getattr(p, "databytecounts", ())):
+            raise ImageReadError(
+                f"{path}: declares a {'x'.join(map(str, series.shape))} image but lists no "
+                "pixel data (no tile or strip byte counts); the file is truncated or its "
+                "header is wrong"
+            )
+        _check_chunks(level.keyframe, k, path)
+        ends: dict[tuple[str, int], int] = {}
+        for p in pages:
+            file = stored_in(p)
+            _check_listed(p, level.keyframe, k, file[0])
+            spans = zip(p.dataoffsets, p.databytecounts, strict=False)
+            end = max((int(o) + int(c) for o, c in spans if c), default=0)
+            ends[file] = max(ends.get(file, 0), end)
+        for (name, size), end in ends.items():
+            if end > size:
+                raise ImageReadError(
+                    f"{name}: the tiles or strips of level {k} extend to byte {end:,} but "
+                    f"the file has {size:,} bytes; the file is truncated"
+                )
+    _check_subifds(series, *stored_in(series.levels[0].keyframe))
+
+
+def _check_listed(page: Any, keyframe: Any, level: int, path: str) -> None:
+    """Refuse ``page`` (of ``level``, whose ``keyframe`` says its size and tiling) if it lists
+    fewer tiles or strips (offsets and byte counts) than its size needs: tifffile reads those
+    it lacks as zeros. More are harmless (tifffile leaves them out; a Philips level's size is
+    cut below its tags')."""
+    need = math.prod(keyframe.chunked)  # tiles or strips per axis, planes of planar files too
+    listed = min(len(page.dataoffsets), len(page.databytecounts))
+    if listed < need:
+        tiled = keyframe.is_tiled
+        kind, tags, numbers = (
+            ("tiles", "Tile", "324, 325") if tiled else ("strips", "Strip", "273, 279")
+        )
+        raise ImageReadError(
+            f"{path}: level {level} lists {listed:,} of the {need:,} {kind} that its size "
+            f"({keyframe.imagelength:,} x {keyframe.imagewidth:,} pixels) needs ({tags}Offsets, "
+            f"{tags}ByteCounts: TIFF tags {numbers}); the file is truncated or its header is "
+            "wrong, and the rest would read as zeros"
+        )
+
+
+def _check_chunks(page: Any, level: int, path: str) -> None:
+    """Refuse a keyframe declaring more samples per pixel than a TIFF holds, tiles no writer
+    writes (over 2 GiB decoded, or larger than the level and over 64 MiB), or tiles or strips
+    far larger decoded than the most the bytes it stores for one can give."""
+    samples = int(page.samplesperpixel)
+    if samples > _MAX_SAMPLES:
+        raise ImageReadError(
+            f"{path}: level {level} declares {samples:,} samples per pixel (SamplesPerPixel, "
+            f"TIFF tag 277), more than the {_MAX_SAMPLES:,} a TIFF can hold; its header is "
+            "damaged"
+        )
+    bits = max(page.bitspersample) if isinstance(page.bitspersample, tuple) else page.bitspersample
+    nbytes = -(-math.prod(page.chunks) * int(bits) // 8)  # one tile or strip, decoded
+    side = (page.imagelength, page.imagewidth)
+    if page.is_tiled:
+        chunk, tags = (
+            f"tiles of {page.tilelength:,} x {page.tilewidth:,} pixels",
+            "TileLength, TileWidth (TIFF tags 323, 322)",
+        )
+    else:  # a strip is at most the level's width and height: no larger than the level
+        chunk, tags = (
+            f"strips of {page.chunks[0]:,} rows",
+            "ImageWidth, RowsPerStrip (TIFF tags 256, 278)",
+        )
+    larger = page.is_tiled and any(
+        t > -(-s // 16) * 16 for t, s in zip((page.tilelength, page.tilewidth), side, strict=True)
+    )
+    ratio = _MOST_EXPANDED.get(int(page.compression))
+    stored = max((int(c) for c in page.databytecounts), default=0)
+    if page.is_tiled and nbytes > _MAX_TILE_BYTES:
+        why = "more than any writer writes"
+    elif larger and nbytes > _MAX_OVERSIZED_TILE_BYTES:
+        why = "larger than the level"
+    elif ratio and stored and nbytes > 4 * ratio * stored + 2**20:  # ample: lies are 1000-fold
+        why = f"from at most {stored:,} bytes stored for one"
+    else:
+        return
+    raise ImageReadError(
+        f"{path}: level {level} ({side[0]:,} x {side[1]:,} pixels) declares {chunk} of "
+        f"{samples} samples, {nbytes / 2**20:,.0f} MiB each decoded, {why}; its {tags}, "
+        "SamplesPerPixel (277) or BitsPerSample (258) is damaged"
+    )
+
+
+def _check_subifds(series: Any, name: str, size: int) -> None:
+    """Refuse level 0 (in the file ``name`` of ``size`` bytes) listing reduced levels
+    (SubIFDs) whose IFD lies past the end of the file or is cut off by it, or of an OME-TIFF
+    that tifffile read fewer of (it leaves out a level it finds no plane of)."""
+    keyframe = series.levels[0].keyframe
+    subifds = [int(o) for o in keyframe.subifds or ()]
+    for k, offset in enumerate(subifds, 1):
+        if offset >= size:
+            raise ImageReadError(
+                f"{name}: level {k}'s IFD lies at byte {offset:,}, past the file's {size:,} "
+                "bytes; the file is truncated"
+            )
+        if keyframe.parent is series.parent:  # another file of a set may be closed by now
+            _next_ifd(keyframe.parent, offset, size, name, f"level {k}'s IFD")
+    if series.kind == "ome" and len(series.levels) <= len(subifds):
+        raise ImageReadError(
+            f"{name}: level 0 lists {len(subifds)} reduced levels (SubIFDs) but tifffile read "
+            f"{len(series.levels) - 1}: level {len(series.levels)} holds none of the image's "
+            "planes; the file is damaged"
+        )
