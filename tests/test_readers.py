@@ -1971,3 +1971,33 @@ def test_pixels_not_of_the_declared_layout_are_refused_naming_the_file(
     monkeypatch.setattr(reader, "_open_level", lambda level: Flat())
     with pytest.raises(ImageReadError, match=r"mem\.npy: level 0 reads wrongly"):
         reader.read(0, 8, 0, 8)
+
+
+def test_an_ome_xml_declaring_more_planes_than_the_file_holds_is_refused_before_tifffile(
+    tmp_path: Path,
+) -> None:
+    """tifffile lists a page for each plane the OME-XML declares (SizeT 2**31: 16 GiB of
+    them); the declared planes are bounded by the bytes of the file first."""
+    path = tmp_path / "lying.ome.tif"
+    planes = np.zeros((2, 32, 32), np.uint8)
+    tifffile.imwrite(path, planes, metadata={"axes": "TYX"})
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.pages.first.description.replace('SizeT="2"', 'SizeT="16777216"')
+    assert 'SizeT="16777216"' in xml
+    tifffile.imwrite(path, planes, description=xml, metadata=None)
+    with pytest.raises(ImageReadError, match=r"lying\.ome\.tif: its OME-XML declares an image "):
+        open_image(path)
+
+
+def test_gdal_nodata_for_another_band_count_than_the_channels_read_is_refused(
+    tmp_path: Path,
+) -> None:
+    """GDAL reads an OME-TIFF of planar channels as its first page, one band: its one nodata
+    value would be matched to three channels."""
+    path = tmp_path / "cyx.ome.tif"
+    tifffile.imwrite(
+        path, np.zeros((3, 32, 32), np.uint8), metadata={"axes": "CYX"},
+        extratags=[(42113, "s", 0, "255", True)],
+    )  # fmt: skip
+    with pytest.raises(ImageReadError, match=r"cyx\.ome\.tif: GDAL gives 1 nodata values"):
+        open_image(path)

@@ -38,7 +38,11 @@ from segpipe.io.readers.photometric import (
     Photometric,
     level_photometric,
 )
-from segpipe.io.readers.tiff_checks import check_declared_data, check_ifd_chain
+from segpipe.io.readers.tiff_checks import (
+    check_declared_data,
+    check_ifd_chain,
+    check_ome_planes,
+)
 from segpipe.io.readers.vendor import SlideMetadata, check_ome_set_uuids, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -73,6 +77,7 @@ class TiffReader(BaseReader):
             self._tif = tifffile.TiffFile(self._file())
             tif, size = self._tif, self._file_size()
             check_ifd_chain(tif, size, self.path)  # before tifffile walks it
+            check_ome_planes(tif, size, self.path)  # before tifffile lists them
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
             _check_ome_set(tif, self.path)
@@ -129,6 +134,7 @@ class TiffReader(BaseReader):
             if photometric.palette is not None:
                 self.channel_names = ("red", "green", "blue")
             self._set_layout(axes, shapes, chunks, dtype)
+            _check_gdal_bands(self)
         except ImageReadError:
             self.close()
             raise
@@ -358,3 +364,17 @@ def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
         and all(i.isdigit() and int(i) < len(tif.pages) for i in ifds)
         and declared == held
     )
+
+
+def _check_gdal_bands(reader: TiffReader) -> None:
+    """Refuse GDAL's nodata values or band names for another number of bands than the image
+    read has channels (GDAL's view of a file tifffile reads as an OME series of channels, say):
+    they would be matched to the wrong channels."""
+    channels = reader.level_shapes[0][2]
+    for what, values in (("nodata values", reader.nodata), ("band names", reader.channel_names)):
+        if values is not None and len(values) != channels:
+            raise ImageReadError(
+                f"{reader.path}: GDAL gives {len(values)} {what} {list(values)} for an image "
+                f"of {channels} channel(s) as segpipe reads it: GDAL sees another image of the "
+                "file; rewrite it with GDAL (gdal_translate) or without GDAL's tags"
+            )

@@ -11,12 +11,14 @@ header declares. Each is refused here, naming the file, the level and the tag.
 from __future__ import annotations
 
 import math
+import os
+import re
 import struct
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
 
-__all__ = ["check_declared_data", "check_ifd_chain"]
+__all__ = ["check_declared_data", "check_ifd_chain", "check_ome_planes"]
 
 # TiffPage refuses an IFD of more tags than this (tifffile's own bound; the TIFF tags defined
 # by all specifications together are a few hundred).
@@ -227,3 +229,32 @@ def _check_subifds(series: Any, name: str, size: int) -> None:
             f"{len(series.levels) - 1}: level {len(series.levels)} holds none of the image's "
             "planes; the file is damaged"
         )
+
+
+# The fewest bytes of an IFD (its tag count, one entry, the next offset): no file of n bytes
+# holds more than n / this pages.
+_MIN_IFD_BYTES = 2 + 12 + 4
+_SIZE_ATTRIBUTES = re.compile(r'\bSize([CZT])\s*=\s*"\s*(\d+)\s*"')
+
+
+def check_ome_planes(tif: Any, file_size: int, path: str) -> None:
+    """Refuse an OME-TIFF whose OME-XML declares an image of more planes (SizeC x SizeZ x
+    SizeT) than the set's files could hold pages: tifffile lists a page for each (a SizeT
+    of 2**31 took 16 GiB before anything was checked). ``file_size``: bytes of ``tif``'s
+    file; the set's other files, where present beside it, add theirs."""
+    if not tif.is_ome or not tif.pages.first.description:
+        return
+    xml = tif.pages.first.description
+    folder = os.path.dirname(str(tif.filehandle.path))
+    others = set(re.findall(r'FileName\s*=\s*"([^"]+)"', xml)) - {tif.filehandle.name}
+    total = file_size + sum(
+        os.path.getsize(f) for n in others if os.path.isfile(f := os.path.join(folder, n))
+    )
+    for pixels in re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", xml):
+        sizes = dict(_SIZE_ATTRIBUTES.findall(pixels))
+        planes = math.prod(int(sizes.get(k, 1)) for k in "CZT")
+        if planes > total // _MIN_IFD_BYTES + 1:
+            raise ImageReadError(
+                f"{path}: its OME-XML declares an image of {planes:,} planes (SizeC x SizeZ x "
+                f"SizeT), more than its {total:,} bytes could hold; the OME-XML is damaged"
+            )
