@@ -412,7 +412,7 @@ def test_a_run_whose_tasks_cannot_be_sent_leaves_no_plugin(
 
 
 def test_a_run_whose_plugin_cannot_be_unregistered_still_succeeds(
-    image_path, checkpoints, threaded_client, monkeypatch, tmp_path, caplog
+    image_path, checkpoints, threaded_client, monkeypatch, tmp_path
 ):
     """A worker killed after the last block fails the scheduler's broadcast of the plugin's
     removal (CommClosedError): the run's result is complete all the same, and said."""
@@ -421,12 +421,14 @@ def test_a_run_whose_plugin_cannot_be_unregistered_still_succeeds(
     def closed(name, *args, **kwargs):
         raise CommClosedError("in <TCP (closed) ...>: Stream is closed")
 
+    said = []  # not caplog: the CLI's tests leave segpipe's loggers not propagating
     monkeypatch.setattr(threaded_client, "unregister_worker_plugin", closed)
+    monkeypatch.setattr(cluster.log, "warning", lambda *args: said.append(args[0] % args[1:]))
     out = segpipe.segment(
         image_path, tmp_path / "r.zarr", checkpoints[0], scheduler=threaded_client, **SETTINGS
     )
     assert segpipe.results.is_complete(out)
-    assert "could not unregister segpipe" in caplog.text
+    assert any(line.startswith("could not unregister segpipe-model-") for line in said)
 
 
 # -- 4 and 5. the default local cluster from a plain script ------------------------------------
