@@ -237,7 +237,8 @@ def test_overwrite_killed_mid_delete_leaves_the_old_result_aside_and_recovers(
     (aside,) = tmp_path.glob(".r.seg.zarr.deleting-*")
     assert read_meta(aside).tile == 64 and is_complete(aside)
     _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.seg.zarr"]
+    # beside it, the run lock it was written under (never deleted: segpipe.results.lock)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.seg.zarr.lock", "r.seg.zarr"]
 
 
 def test_overwrite_killed_before_its_skeleton_is_in_place_starts_clean(

@@ -187,7 +187,10 @@ def test_a_run_replaced_mid_run_leaves_the_replacing_runs_result_as_if_alone(
 ):
     """Run A's result is replaced by run B (another model, overwrite) once A's first block is
     written: A's blocks in flight then are fenced, A stops with ResultReplacedError, and B's
-    result is bit-identical to B's run made alone (A's pixels in none of B's blocks)."""
+    result is bit-identical to B's run made alone (A's pixels in none of B's blocks). B takes
+    no run lock here: it stands in for a run after A's driver died (its lock gone with it)
+    while A's tasks go on, on a shared cluster; with A's driver alive B would be refused."""
+    import contextlib
     import itertools
     import threading
 
@@ -196,6 +199,7 @@ def test_a_run_replaced_mid_run_leaves_the_replacing_runs_result_as_if_alone(
     import segpipe
     from segpipe import models
     from segpipe.execution import cluster, tasks
+    from segpipe.execution import segment as segment_module
 
     torch.manual_seed(1)
     other = models.build("unet", class_names=("a", "b", "c"), width=4, depth=2)
@@ -216,16 +220,22 @@ def test_a_run_replaced_mid_run_leaves_the_replacing_runs_result_as_if_alone(
         if n > 0:  # A's second block runs B whole once A's first is written; the rest wait
             first_written.wait()
             if n == 1:
-                segpipe.segment(
-                    small_slide.image, out, other, overwrite=True, min_level_size=64, **settings
-                )
-                replaced.set()
+                try:
+                    segpipe.segment(
+                        small_slide.image, out, other, overwrite=True, min_level_size=64, **settings
+                    )
+                finally:  # B failing must not leave A's blocks waiting for ever
+                    replaced.set()
             replaced.wait()
         try:
             return tasks.segment_block(block, job)
         finally:
             first_written.set()
 
+    run_lock = segment_module.result_lock
+    monkeypatch.setattr(
+        segment_module, "result_lock", lambda p: contextlib.nullcontext() if a_run else run_lock(p)
+    )
     monkeypatch.setattr(cluster, "segment_block", block_of_a_or_b)
     with pytest.raises(ResultReplacedError, match="replaced by another run") as raised:
         segpipe.segment(small_slide.image, out, random_checkpoint, min_level_size=64, **settings)
@@ -1282,7 +1292,9 @@ def test_a_result_reached_through_a_symbolic_link_is_never_renamed_or_deleted(tm
         ResultMismatchError, match=re.escape(f"{link} is a symbolic link to {target}")
     ):
         replace(link)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.zarr", "real.zarr"]
+    # (deleting locks the result, in a file beside the link's target: lock.lock_path)
+    beside = sorted(p.name for p in tmp_path.iterdir() if p.name != ".real.zarr.lock")
+    assert beside == ["r.zarr", "real.zarr"]
     assert link.is_symlink() and read_meta(link).tile == 32 and tiles_done(link)[0, 0]
 
 
@@ -1296,3 +1308,161 @@ def test_a_pyramid_the_tasks_wrote_whole_needs_no_label_list(tmp_path):
     write_everywhere(path, m, random_probabilities(m.shape))
     shutil.rmtree(path / "labels")
     build_pyramid(path)
+
+
+def record_every_tile(path):
+    """Record every tile not recorded yet as done (no counts), as a run that wrote them."""
+    todo = np.argwhere(~tiles_done(path))
+    classes = len(read_meta(path).class_names)
+    mark_tiles_done(path, {(int(y), int(x)): np.zeros(classes, np.int64) for y, x in todo})
+
+
+@pytest.mark.parametrize("when", ["before", "result.pyramid", "result.consolidated"])
+def test_a_run_replaced_while_it_finalises_leaves_the_replacing_runs_result_untouched(
+    tmp_path, monkeypatch, when
+):
+    """Run B (overwrite, other settings) replaces run A's result, every tile of A recorded:
+    before A finalises, once A's pyramid is built, or once A's metadata is consolidated. A
+    raises ResultReplacedError at its next root write, and B's result (every tile written and
+    recorded, not finalised) stays byte for byte, not complete: A consolidated it and marked
+    it complete with A's summary, or went on finalising it as its own."""
+    from segpipe.results import store
+
+    path, m, b = tmp_path / "r.zarr", meta(min_level_size=16), meta(halo=8, min_level_size=16)
+    prepare_result(path, m)
+    ours = result_started(path)
+    write_everywhere(path, m, random_probabilities(m.shape))
+    record_every_tile(path)
+    summary = run_summary(path)
+    before = {}
+
+    def run_b():
+        prepare_result(path, b, overwrite=True)
+        write_everywhere(path, b, random_probabilities(b.shape, seed=1))
+        record_every_tile(path)
+        before.update(store_files(path))
+
+    if when == "before":
+        run_b()
+    else:
+        point = store.fault_point
+
+        def b_comes(name):
+            if name == when:
+                run_b()
+            point(name)
+
+        monkeypatch.setattr(store, "fault_point", b_comes)
+    with pytest.raises(ResultReplacedError, match="replaced by another run") as raised:
+        finalize_result(path, summary, started=ours)
+    assert ours in str(raised.value)
+    assert before and store_files(path) == before
+    assert not is_complete(path) and read_attrs(path)["state"] == "computing"
+    assert read_meta(path).halo == 8
+
+
+def debris_at(path):
+    """What a replaced run's late writes leave at ``path``: its result renamed away (by the run
+    replacing it) and deleted, then a block and a record written by path from the arrays it
+    opened before (past its fence): the folders of their chunks and a chunk write cut short,
+    no ``zarr.json``."""
+    from segpipe.results.layout import PROGRESS
+
+    prepare_result(path, meta(task_tiles=2))
+    arrays = block_level_arrays(path)
+    record = zarr.open_array(path / PROGRESS, mode="r+")
+    aside = path.with_name(f".{path.name}.deleting-0123456789ab")
+    path.rename(aside)
+    shutil.rmtree(aside)
+    write_block(path, Box(0, 64, 0, 64), random_probabilities((64, 64)), arrays=arrays)
+    record[0, 0] = 1
+    (path / "0" / "probabilities" / "c" / "0" / "0" / f"1.{'ab' * 16}.partial").write_bytes(b"x")
+    assert not (path / "zarr.json").exists() and not is_result(path)
+    assert {"0/mask/c/0/0", "_segpipe/tiles_done/c/0/0"} <= set(store_files(path))
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["resume", "overwrite"])
+def test_chunks_a_replaced_run_wrote_late_are_removed_and_the_next_run_completes(
+    tmp_path, small_slide, random_checkpoint, overwrite
+):
+    """Such a folder was refused as "not a segpipe result", overwrite or not: the path was
+    stuck until removed by hand. It is removed, and the run ends as one at an empty path."""
+    import segpipe
+
+    settings = {"tile": 64, "task_tiles": 1, "foreground": "none", "scheduler": "sync"}
+    out, clean = tmp_path / "r.seg.zarr", tmp_path / "clean.seg.zarr"
+    debris_at(out)
+    segpipe.segment(small_slide.image, out, random_checkpoint, overwrite=overwrite, **settings)
+    segpipe.segment(small_slide.image, clean, random_checkpoint, **settings)
+    assert is_complete(out)
+    assert store_files(out, but={"zarr.json"}) == store_files(clean, but={"zarr.json"})
+    names = {p.name for p in tmp_path.iterdir()} - {"clean.seg.zarr", ".clean.seg.zarr.lock"}
+    assert names == {"r.seg.zarr", ".r.seg.zarr.lock"}
+
+
+def test_delete_result_removes_chunks_a_replaced_run_wrote_late(tmp_path):
+    path = tmp_path / "r.zarr"
+    debris_at(path)
+    delete_result(path)
+    assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [".r.zarr.lock"]
+
+
+def test_chunks_written_late_while_a_new_skeleton_is_built_are_removed_before_it_goes_in(
+    tmp_path, monkeypatch
+):
+    """Run A's block write past its fence lands after run B renamed A's result away and
+    before B's skeleton is renamed into place: that rename failed (ENOTEMPTY), and the path
+    was left stuck. B removes the chunks and renames again: its store as if A never wrote."""
+    from segpipe.results import store
+
+    path, fresh = tmp_path / "r.zarr", tmp_path / "fresh.zarr"
+    prepare_result(path, meta(task_tiles=2))
+    arrays = block_level_arrays(path)  # opened by A's task before B came
+    point = store.fault_point
+
+    def late_write(name):
+        if name == "result.skeleton":
+            write_block(path, Box(0, 64, 0, 64), random_probabilities((64, 64)), arrays=arrays)
+            assert (path / "0" / "mask" / "c" / "0" / "0").exists()
+        point(name)
+
+    monkeypatch.setattr(store, "fault_point", late_write)
+    prepare_result(path, meta(task_tiles=2, halo=8), overwrite=True)
+    monkeypatch.undo()
+    prepare_result(fresh, meta(task_tiles=2, halo=8))
+    assert read_meta(path).halo == 8 and not tiles_done(path).any()
+    assert store_files(path, but={"zarr.json"}) == store_files(fresh, but={"zarr.json"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.zarr", "r.zarr"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "notes.txt",
+        "0/photo.png",
+        "0/mask/c/0/notes",
+        "labels/zarr.json",  # a user's group, in the folder
+        "0/mask/zarr.json",
+        "_segpipe/zarr.json",
+        "link",
+    ],
+)
+def test_chunks_beside_anything_else_are_refused_and_kept(tmp_path, extra):
+    """Only a folder of nothing but those chunks is removed: anything else (a user's file, a
+    Zarr group's metadata, a link) makes it someone's data, refused and kept."""
+    path = tmp_path / "r.zarr"
+    debris_at(path)
+    if extra == "link":
+        (tmp_path / "user.bin").write_bytes(b"user's")
+        (path / "0" / "mask" / "c" / "0" / "7").symlink_to(tmp_path / "user.bin")
+    else:
+        (path / extra).parent.mkdir(parents=True, exist_ok=True)
+        (path / extra).write_text("user's")
+    before = store_files(path)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        prepare_result(path, meta(), overwrite=True)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        delete_result(path)
+    assert store_files(path) == before
+    assert (tmp_path / "user.bin").exists() or extra != "link"

@@ -78,13 +78,20 @@ def user_errors() -> tuple[type[Exception], ...]:
     # Imported here: `segpipe --help` must not pay for torch or zarr.
     from segpipe.io.readers import ImageReadError
     from segpipe.models import CheckpointError
-    from segpipe.results import IncompleteResultError, ResultMismatchError
+    from segpipe.results import (
+        IncompleteResultError,
+        ResultBusyError,
+        ResultMismatchError,
+        ResultReplacedError,
+    )
 
     return (
         ImageReadError,
         CheckpointError,
         ResultMismatchError,
         IncompleteResultError,
+        ResultBusyError,
+        ResultReplacedError,
         ValueError,
         OSError,
     )

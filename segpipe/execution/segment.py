@@ -46,6 +46,8 @@ from segpipe.results import (
     is_complete,
     prepare_result,
 )
+from segpipe.results.lock import result_lock
+from segpipe.results.store import check_not_source
 from segpipe.results.tiles import result_started
 
 __all__ = ["segment"]
@@ -139,180 +141,192 @@ def segment(
     # Dask workers open the source and the result by these paths, in their own working folders.
     source = _absolute(source) if isinstance(source, str | os.PathLike) else source
     output = _absolute(output)
-    with contextlib.ExitStack() as run:
-        if isinstance(source, str | os.PathLike | URLPath):
-            reader = open_image(
-                source, pixel_size_um=config.pixel_size_um, storage_options=storage_options
+    with contextlib.ExitStack() as locked:  # the result's run lock, until it is finalised
+        with contextlib.ExitStack() as run:
+            if isinstance(source, str | os.PathLike | URLPath):
+                reader = open_image(
+                    source, pixel_size_um=config.pixel_size_um, storage_options=storage_options
+                )
+                run.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
+            else:
+                reader = source
+            net = model if isinstance(model, torch.nn.Module) else models.load(model)
+            label = model_name or _model_label(model, net)
+            # What the model was trained on; with no level given, segment the level closest to its
+            # training pixel size (level 0 when either pixel size is unknown).
+            contract = models.pixel_contract_of(net)
+            level_fixed = config.level is not None
+            level = (
+                config.level if config.level is not None else models.choose_level(contract, reader)
             )
-            run.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
-        else:
-            reader = source
-        net = model if isinstance(model, torch.nn.Module) else models.load(model)
-        label = model_name or _model_label(model, net)
-        # What the model was trained on; with no level given, segment the level closest to its
-        # training pixel size (level 0 when either pixel size is unknown).
-        contract = models.pixel_contract_of(net)
-        level_fixed = config.level is not None
-        level = config.level if config.level is not None else models.choose_level(contract, reader)
-        tile = config.tile
-        if not 0 <= level < len(reader.level_shapes):
-            raise ValueError(
-                f"{reader.path}: level {level} does not exist "
-                f"(levels 0..{len(reader.level_shapes) - 1})"
+            tile = config.tile
+            if not 0 <= level < len(reader.level_shapes):
+                raise ValueError(
+                    f"{reader.path}: level {level} does not exist "
+                    f"(levels 0..{len(reader.level_shapes) - 1})"
+                )
+            config = config.replace(level=level)
+            geometry = models.geometry_of(net)
+            if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
+                raise ValueError(
+                    f"model {label!r} normalises with per-tile statistics "
+                    f"({', '.join(offenders)}), so tiles disagree whatever the halo and 'exact' "
+                    "mode cannot be exact; use mode='blend', or put BatchNorm layers in eval mode"
+                )
+            if tile % geometry.multiple:
+                raise ValueError(
+                    f"tile {tile} px is not a multiple of the model's size multiple "
+                    f"{geometry.multiple}; try {tile + (-tile) % geometry.multiple}"
+                )
+            ny, nx, _ = reader.level_shapes[level]
+            # Before any work: channels, dtype and pixel size the model takes (PixelContractError).
+            models.check_source(contract, reader, level, model=label, level_fixed=level_fixed)
+            # Resolved before the identity is taken ("auto" must not make two results look alike),
+            # and refused before a cluster starts or the result is made.
+            config = config.replace(foreground=resolve_foreground(config.foreground, reader))
+            class_names = tuple(
+                getattr(net, "class_names", None)
+                or (f"class_{i}" for i in range(cast(int, net.num_classes)))
             )
-        config = config.replace(level=level)
-        geometry = models.geometry_of(net)
-        if config.mode == "exact" and (offenders := models.uses_tile_statistics(net)):
-            raise ValueError(
-                f"model {label!r} normalises with per-tile statistics ({', '.join(offenders)}), "
-                "so tiles disagree whatever the halo and 'exact' mode cannot be exact; use "
-                "mode='blend', or put BatchNorm layers in eval mode"
-            )
-        if tile % geometry.multiple:
-            raise ValueError(
-                f"tile {tile} px is not a multiple of the model's size multiple "
-                f"{geometry.multiple}; try {tile + (-tile) % geometry.multiple}"
-            )
-        ny, nx, _ = reader.level_shapes[level]
-        # Before any work: channels, dtype and pixel size the model takes (PixelContractError).
-        models.check_source(contract, reader, level, model=label, level_fixed=level_fixed)
-        # Resolved before the identity is taken ("auto" must not make two results look alike),
-        # and refused before a cluster starts or the result is made.
-        config = config.replace(foreground=resolve_foreground(config.foreground, reader))
-        class_names = tuple(
-            getattr(net, "class_names", None)
-            or (f"class_{i}" for i in range(cast(int, net.num_classes)))
-        )
-        lattice = None
-        if config.mode == "blend":
-            m = geometry.multiple
-            w = blend_window_side(geometry, config.window or max(m, (tile // 2) // m * m))
-            lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
-            config = config.replace(window=w)
+            lattice = None
+            if config.mode == "blend":
+                m = geometry.multiple
+                w = blend_window_side(geometry, config.window or max(m, (tile // 2) // m * m))
+                lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
+                config = config.replace(window=w)
 
-        plan = plan_for_device(config.device, config.n_workers)
-        scheduler = choose_scheduler(scheduler)
-        # A running cluster is asked now for the amp its workers will apply; for a local
-        # cluster (this machine) or "sync" (this process) this process answers, and a local
-        # cluster starts only when there is work.
-        client = (
-            run.enter_context(connect(scheduler, plan))
-            if scheduler is not None and scheduler != "sync"
-            else None
-        )
-        # Resolved before the identity is taken: "auto" must not make two results look alike.
-        config = config.replace(amp=resolve_amp(config.amp, config.device, client))
-        # A whole factor where one fits: a level of a pyramid whose sides were odd is not
-        # exactly half as tall (517 rows, 258), and its pixels are 2x level 0's.
-        level0 = reader.level_shapes[0][0]
-        level_px = (
-            reader.pixel_size_um * level_downsample(level0, ny) if reader.pixel_size_um else None
-        )
-        meta = ResultMeta(
-            source=str(reader.path),
-            shape=(ny, nx),
-            pixel_size_um=level_px,
-            class_names=class_names,
-            model_name=label,
-            model_sha256=models.fingerprint(net),
-            halo=geometry.halo,
-            config=config,
-            foreground_sha256=(
-                None
-                if config.foreground in FOREGROUND_MODES
-                else mask_file_sha256(config.foreground)
-            ),
-            **_georeference_at(reader, level),
-            source_shape=(int(reader.level_shapes[0][0]), int(reader.level_shapes[0][1])),
-            source_sha256=pixel_sample_sha256(reader),  # a sample of its pixels
-        )
-        output = location(output, storage_options)
-        done = prepare_result(output, meta, overwrite=overwrite)
-        # The result this run made or resumes: its tasks write, and its driver records, only
-        # while the one at the path is still this one (another run may replace it).
-        stamp = result_started(output)
-        if is_complete(output):
-            log.info("%s is already complete; nothing to compute", output)
-            return output
+            plan = plan_for_device(config.device, config.n_workers)
+            scheduler = choose_scheduler(scheduler)
+            # A running cluster is asked now for the amp its workers will apply; for a local
+            # cluster (this machine) or "sync" (this process) this process answers, and a local
+            # cluster starts only when there is work.
+            client = (
+                run.enter_context(connect(scheduler, plan))
+                if scheduler is not None and scheduler != "sync"
+                else None
+            )
+            # Resolved before the identity is taken: "auto" must not make two results look alike.
+            config = config.replace(amp=resolve_amp(config.amp, config.device, client))
+            # A whole factor where one fits: a level of a pyramid whose sides were odd is not
+            # exactly half as tall (517 rows, 258), and its pixels are 2x level 0's.
+            level0 = reader.level_shapes[0][0]
+            level_px = (
+                reader.pixel_size_um * level_downsample(level0, ny)
+                if reader.pixel_size_um
+                else None
+            )
+            meta = ResultMeta(
+                source=str(reader.path),
+                shape=(ny, nx),
+                pixel_size_um=level_px,
+                class_names=class_names,
+                model_name=label,
+                model_sha256=models.fingerprint(net),
+                halo=geometry.halo,
+                config=config,
+                foreground_sha256=(
+                    None
+                    if config.foreground in FOREGROUND_MODES
+                    else mask_file_sha256(config.foreground)
+                ),
+                **_georeference_at(reader, level),
+                source_shape=(int(reader.level_shapes[0][0]), int(reader.level_shapes[0][1])),
+                source_sha256=pixel_sample_sha256(reader),  # a sample of its pixels
+            )
+            output = location(output, storage_options)
+            # One run at a time writes a local result, from before it is prepared until it is
+            # finalised: no other run replaces it under this one (segpipe.results.lock). Its
+            # lock file goes beside the result: never into the source image.
+            check_not_source(output, meta.source)
+            locked.enter_context(result_lock(output))
+            done = prepare_result(output, meta, overwrite=overwrite)
+            # The result this run made or resumes: its tasks write, and its driver records, only
+            # while the one at the path is still this one (another run may replace it).
+            stamp = result_started(output)
+            if is_complete(output):
+                log.info("%s is already complete; nothing to compute", output)
+                return output
 
-        grid = tile_grid((ny, nx), tile)
-        # Tiles without foreground (glass, nodata) are recorded done as class 0, not computed.
-        selection = select_tiles(
-            reader, level, grid, output, config.foreground,
-            task_tiles=config.task_tiles, num_classes=len(class_names),
-            geometry=geometry if config.mode == "exact" else None, done=done, started=stamp,
-        )  # fmt: skip
-        # A block is one shard, the unit of writing: a partly done block is redone whole.
-        blocks = selection.blocks(grid, config.task_tiles)
-        blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
-        n_todo = sum(len(b.tiles) for b in blocks)
-        if config.mode == "blend":  # fewer windows computed twice, at tasks' edges
-            block_side = tile * config.task_tiles
-            side = blend_task_side(block_side, len(class_names))
-            blocks = group_blocks(blocks, block_side, side)
-        log.info(
-            "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
-            reader.path,
-            ny,
-            nx,
-            output,
-            len(grid),
-            n_todo,
-            config.mode,
-        )
-        job = Job(
-            reader=reader,
-            level=level,
-            output=output if isinstance(output, URLPath) else str(output),
-            predictor_key=run_key(meta.model_sha256),
-            # A fresh result: the tiles a block leaves out were never written (background of
-            # this run, the fill value); a resumed one may hold an earlier run's tiles there.
-            whole_shards=not done.any(),
-            mode=config.mode,
-            tile=tile,
-            geometry=geometry,
-            num_classes=len(class_names),
-            lattice=lattice,
-            sigma_scale=config.sigma_scale,
-            channels=models.channels_taken(contract, reader, level),
-            started=stamp,
-        )
-        inference = InferenceConfig(
-            device=config.device,
-            batch_size=config.batch_size,
-            amp=config.amp,
-            # A running cluster's workers keep their own thread settings unless the config
-            # names a count: this machine's cores say nothing of theirs.
-            threads=config.threads or (plan.torch_threads if client is None else None),
-        )
-        if client is None:
-            # Sync and the threaded local cluster run in this process, and torch's thread count
-            # is process-wide: give the caller's back when the run ends.
-            run.callback(torch.set_num_threads, torch.get_num_threads())
-            if scheduler != "sync" and not in_process_is_cheaper(plan, n_todo * tile * tile):
-                client = run.enter_context(connect(scheduler, plan))
-        with stage("segment", total=n_todo, unit="tile") as tiles:
-            recorder = _TileRecorder(output, stamp, tiles, on_progress)
-            run_blocks(blocks, job, client=client, model=net, config=inference, on_result=recorder)
+            grid = tile_grid((ny, nx), tile)
+            # Tiles without foreground (glass, nodata) are recorded done as class 0, not computed.
+            selection = select_tiles(
+                reader, level, grid, output, config.foreground,
+                task_tiles=config.task_tiles, num_classes=len(class_names),
+                geometry=geometry if config.mode == "exact" else None, done=done, started=stamp,
+            )  # fmt: skip
+            # A block is one shard, the unit of writing: a partly done block is redone whole.
+            blocks = selection.blocks(grid, config.task_tiles)
+            blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
+            n_todo = sum(len(b.tiles) for b in blocks)
+            if config.mode == "blend":  # fewer windows computed twice, at tasks' edges
+                block_side = tile * config.task_tiles
+                side = blend_task_side(block_side, len(class_names))
+                blocks = group_blocks(blocks, block_side, side)
+            log.info(
+                "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
+                reader.path,
+                ny,
+                nx,
+                output,
+                len(grid),
+                n_todo,
+                config.mode,
+            )
+            job = Job(
+                reader=reader,
+                level=level,
+                output=output if isinstance(output, URLPath) else str(output),
+                predictor_key=run_key(meta.model_sha256),
+                # A fresh result: the tiles a block leaves out were never written (background of
+                # this run, the fill value); a resumed one may hold an earlier run's tiles there.
+                whole_shards=not done.any(),
+                mode=config.mode,
+                tile=tile,
+                geometry=geometry,
+                num_classes=len(class_names),
+                lattice=lattice,
+                sigma_scale=config.sigma_scale,
+                channels=models.channels_taken(contract, reader, level),
+                started=stamp,
+            )
+            inference = InferenceConfig(
+                device=config.device,
+                batch_size=config.batch_size,
+                amp=config.amp,
+                # A running cluster's workers keep their own thread settings unless the config
+                # names a count: this machine's cores say nothing of theirs.
+                threads=config.threads or (plan.torch_threads if client is None else None),
+            )
+            if client is None:
+                # Sync and the threaded local cluster run in this process, and torch's thread count
+                # is process-wide: give the caller's back when the run ends.
+                run.callback(torch.set_num_threads, torch.get_num_threads())
+                if scheduler != "sync" and not in_process_is_cheaper(plan, n_todo * tile * tile):
+                    client = run.enter_context(connect(scheduler, plan))
+            with stage("segment", total=n_todo, unit="tile") as tiles:
+                recorder = _TileRecorder(output, stamp, tiles, on_progress)
+                run_blocks(
+                    blocks, job, client=client, model=net, config=inference, on_result=recorder
+                )
 
-    seconds = time.perf_counter() - started
-    # The result's tiles, whichever attempts computed them (every tile is done now: computed
-    # or recorded as background), so a resumed result reads as one never interrupted; the
-    # figures of this attempt alone are the windows, seconds and megapixels per second, and
-    # the tiles it found done (``tiles_skipped``: this attempt computed the difference).
-    computed = len(grid) - selection.background
-    summary = RunSummary(
-        tiles_total=len(grid),
-        tiles_computed=computed,
-        tiles_skipped=computed - n_todo,
-        windows=recorder.windows,
-        seconds=round(seconds, 3),
-        megapixels_per_second=round(ny * nx * n_todo / len(grid) / 1e6 / seconds, 4),
-        class_pixels=tuple(int(n) for n in class_pixels(output)),
-        tiles_background=selection.background,
-        foreground_pixels=selection.foreground_pixels,
-    )
-    finalize_result(output, summary)
+        seconds = time.perf_counter() - started
+        # The result's tiles, whichever attempts computed them (every tile is done now: computed
+        # or recorded as background), so a resumed result reads as one never interrupted; the
+        # figures of this attempt alone are the windows, seconds and megapixels per second, and
+        # the tiles it found done (``tiles_skipped``: this attempt computed the difference).
+        computed = len(grid) - selection.background
+        summary = RunSummary(
+            tiles_total=len(grid),
+            tiles_computed=computed,
+            tiles_skipped=computed - n_todo,
+            windows=recorder.windows,
+            seconds=round(seconds, 3),
+            megapixels_per_second=round(ny * nx * n_todo / len(grid) / 1e6 / seconds, 4),
+            class_pixels=tuple(int(n) for n in class_pixels(output)),
+            tiles_background=selection.background,
+            foreground_pixels=selection.foreground_pixels,
+        )
+        finalize_result(output, summary, started=stamp)
     log.info("%s complete: %d tiles computed in %.1f s this run", output, n_todo, seconds)
     return output
 

@@ -62,6 +62,7 @@ recorded are computed again) or, with other inputs and ``overwrite``, cleanly re
 
 from __future__ import annotations
 
+from segpipe.results.lock import ResultBusyError, result_lock
 from segpipe.results.pyramid import build_pyramid
 from segpipe.results.reader import open_result
 from segpipe.results.schema import (
@@ -110,6 +111,7 @@ __all__ = [
     "PROBABILITY_DTYPES",
     "STATES",
     "IncompleteResultError",
+    "ResultBusyError",
     "ResultMeta",
     "ResultMismatchError",
     "ResultReplacedError",
@@ -135,6 +137,7 @@ __all__ = [
     "read_meta",
     "result_layout",
     "result_levels",
+    "result_lock",
     "tiles_done",
     "write_block",
     "write_tiles",

@@ -9,6 +9,7 @@ writers safe in Zarr v3. The driver alone writes the ``_segpipe`` bookkeeping ar
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -29,6 +30,7 @@ from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath, utc_now
 from segpipe.results import remote
 from segpipe.results.layout import UINT8_SCALE, block_level_arrays, create_layout
+from segpipe.results.lock import is_debris, result_lock
 from segpipe.results.pyramid import block_levels, box_levels, build_pyramid
 from segpipe.results.schema import (
     LATER_IDENTITY_KEYS,
@@ -45,6 +47,7 @@ from segpipe.results.summary import RunSummary
 from segpipe.results.tiles import check_not_replaced, tiles_done
 
 __all__ = [
+    "check_not_source",
     "class_map",
     "delete_result",
     "encode_probabilities",
@@ -75,14 +78,12 @@ def prepare_result(
     killed at any instant leaves either nothing, the old result, or the new skeleton. At an
     fsspec URL (a :class:`~segpipe.io.files.URLPath`: object stores cannot rename) the order
     of the writes does it instead, the root ``zarr.json`` that makes a result written last
-    and deleted first (:mod:`segpipe.results.remote`).
+    and deleted first (:mod:`segpipe.results.remote`). A local folder at ``path`` of chunks
+    alone (late writes of a run replaced there: :func:`~segpipe.results.lock.is_debris`) is
+    removed first. :func:`segpipe.segment` holds the result's run lock around all this.
     """
     path = path if isinstance(path, URLPath) else Path(path)
-    if _is_source(path, meta.source):
-        raise ResultMismatchError(
-            f"{path} is the source image {meta.source} or lies inside it; a result must go "
-            "elsewhere (writing there could destroy the image)"
-        )
+    check_not_source(path, meta.source)
     _remove_leftovers(path)
     if path.exists():
         if not is_result(path):
@@ -133,16 +134,23 @@ def delete_result(path: str | os.PathLike | URLPath) -> None:
     """Delete the segpipe result at ``path`` as a replaced one is: what a deletion killed
     part-way left removed first, then renamed aside and deleted (at a URL, its root
     ``zarr.json`` first), so a kill at any instant never leaves a half-deleted store there.
-    Nothing at ``path``: nothing to do; anything but a segpipe result: refused."""
+    Nothing at ``path``: nothing to do; anything but a segpipe result (or the chunks late
+    writes left, :func:`~segpipe.results.lock.is_debris`): refused. A local result is deleted
+    under its run lock (:class:`~segpipe.results.lock.ResultBusyError` while a run writes
+    it); one at a URL takes none."""
     path = path if isinstance(path, URLPath) else Path(path)
-    _remove_leftovers(path)
-    if not path.exists():
-        return
-    if not is_result(path):
-        raise ResultMismatchError(
-            f"{path} exists and is not a segpipe result; move it away, segpipe will not delete it"
-        )
-    _delete(path)
+    if isinstance(path, Path) and not path.parent.is_dir():
+        return  # nothing there, and no folder to make for a lock
+    with result_lock(path):
+        _remove_leftovers(path)
+        if not path.exists():
+            return
+        if not is_result(path):
+            raise ResultMismatchError(
+                f"{path} exists and is not a segpipe result; move it away, segpipe will not "
+                "delete it"
+            )
+        _delete(path)
 
 
 def _delete(path: Path | URLPath) -> None:
@@ -165,7 +173,14 @@ def _create(path: Path | URLPath, meta: ResultMeta) -> None:
     try:
         create_layout(building, meta)
         fault_point("result.skeleton")
-        os.rename(building, path)
+        try:
+            os.rename(building, path)
+        except OSError as e:
+            # A late write of a run replaced here (its tasks write by path) made the folder
+            # anew since prepare_result looked: once removed, the rename is tried again.
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not _remove_debris(path):
+                raise
+            os.rename(building, path)
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
@@ -187,6 +202,16 @@ def _check_not_link(path: Path) -> None:
 _LEFTOVER_KINDS = ("creating", "deleting")
 # A skeleton younger than this may belong to a run creating it right now.
 _LEFTOVER_AGE_S = 600.0
+
+
+def check_not_source(path: Path | URLPath, source: str) -> None:
+    """Raise ``ResultMismatchError`` where ``path`` is the image ``source`` or lies inside it:
+    refused before anything is written there, a run's lock file too."""
+    if _is_source(path, source):
+        raise ResultMismatchError(
+            f"{path} is the source image {source} or lies inside it; a result must go "
+            "elsewhere (writing there could destroy the image)"
+        )
 
 
 def _is_source(path: Path | URLPath, source: str) -> bool:
@@ -214,6 +239,16 @@ def _remove_leftovers(path: Path | URLPath) -> None:
             with contextlib.suppress(OSError):
                 if kind == "deleting" or now - old.stat().st_mtime > _LEFTOVER_AGE_S:
                     shutil.rmtree(old)
+    _remove_debris(path)
+
+
+def _remove_debris(path: Path) -> bool:
+    """Remove ``path`` where late writes left chunks alone (:func:`is_debris`); whether it did."""
+    if not is_debris(path):
+        return False
+    log.warning("%s held only chunks a replaced run wrote there late: removed", path)
+    _delete(path)
+    return True
 
 
 def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
@@ -331,7 +366,9 @@ def write_tiles(path: str | os.PathLike, box: Box, probabilities: np.ndarray) ->
     return np.bincount(mask.ravel(), minlength=probabilities.shape[0]).astype(np.int64)
 
 
-def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
+def finalize_result(
+    path: str | os.PathLike, summary: RunSummary, *, started: str | None = None
+) -> ResultMeta:
     """Build the pyramid, consolidate the metadata, then mark the result complete.
 
     ``complete`` is the last thing written, in one atomic write of the root ``zarr.json``
@@ -340,7 +377,17 @@ def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
     metadata as now stored. A result with tiles not written is refused
     (:class:`~segpipe.results.schema.IncompleteResultError`): a run whose result another
     run replaced (see :class:`~segpipe.results.tiles.TileRecord`) must not mark it complete.
+    ``started``: the stamp of the result the caller's run prepared, checked before each root
+    write (``finalising``, the consolidated metadata, ``complete``): where another run has
+    replaced the result since, :class:`~segpipe.results.tiles.ResultReplacedError` is raised
+    and the other run's result is not marked. None: not checked.
     """
+
+    def fence() -> None:
+        if started is not None:
+            check_not_replaced(path, started)
+
+    fence()  # first: a result replaced since has tiles not written, but is not this run's
     missing = ~tiles_done(path)
     if missing.any():  # e.g. a run that another replaced: it must not mark that one complete
         raise IncompleteResultError(
@@ -351,11 +398,13 @@ def finalize_result(path: str | os.PathLike, summary: RunSummary) -> ResultMeta:
     group.attrs["segpipe"] = replace(meta, state="finalising").to_attrs()
     build_pyramid(path)
     fault_point("result.pyramid")
+    fence()
     with quiet_consolidated():
         zarr.consolidate_metadata(path)
         group = zarr.open_group(path, mode="r+")
     fault_point("result.consolidated")
     meta = replace(meta, state="complete", finished=utc_now(), summary=summary)
+    fence()
     group.attrs["segpipe"] = meta.to_attrs()
     return meta
 

@@ -2,6 +2,9 @@
 bookkeeping arrays, which the driver alone writes (the tasks write pixels, never these); and
 the fence both keep, the driver before each record and the tasks before each block's shards:
 the result at the path must still be the one the run prepared (:func:`check_not_replaced`).
+Two runs of :func:`segpipe.segment` on one local result never get that far: its run lock
+keeps them apart (:mod:`segpipe.results.lock`). The fence stops what that cannot: a run at a
+URL, and the tasks of a run whose driver died while they go on.
 """
 
 from __future__ import annotations
