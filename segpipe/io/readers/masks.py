@@ -12,7 +12,8 @@ it for a tile's box, mirrored like its pixels.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -22,7 +23,7 @@ from segpipe.geometry.tiling import Box, mirror_indices
 if TYPE_CHECKING:
     from segpipe.io.readers.base import Reader
 
-__all__ = ["pixel_valid_mask", "valid_mask", "valid_mask_array"]
+__all__ = ["check_per_channel", "pixel_valid_mask", "valid_mask", "valid_mask_array"]
 
 
 def pixel_valid_mask(
@@ -95,3 +96,23 @@ class _ValidSource:
             return np.ones((max(y1 - y0, 0), max(x1 - x0, 0)), np.uint8)
         mask = valid(y0, y1, x0, x1, self.level)
         return np.ones((y1 - y0, x1 - x0), np.uint8) if mask is None else mask.astype(np.uint8)
+
+
+def check_per_channel(
+    path: str,
+    channels: int,
+    labelled: Iterable[tuple[str, Sequence[Any] | None]],
+    remedy: str,
+) -> None:
+    """Refuse a reader's per-channel values (nodata, channel names) of another count than its
+    ``channels``: a short nodata failed every mask read with a bare ValueError, and a lone
+    ``"alpha"`` name made the red channel the alpha. ``labelled``: ``(label, values)`` pairs,
+    each label saying where the values come from, with ``{n}`` for their count."""
+    from segpipe.io.readers.base import ImageReadError  # base imports this module
+
+    for label, values in labelled:
+        if values is not None and len(values) != channels:
+            raise ImageReadError(
+                f"{path}: {label.format(n=len(values))} {list(values)} for an image of "
+                f"{channels} channel(s) as segpipe reads it; {remedy}"
+            )

@@ -19,6 +19,7 @@ from segpipe.geometry.pixels import yxc_shape
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
 from segpipe.io.readers.geotiff import checked_transform
+from segpipe.io.readers.masks import check_per_channel
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
 
 __all__ = ["ZARR_SUFFIXES", "ZarrReader"]
@@ -72,23 +73,17 @@ class ZarrReader(BaseReader):
                 "the same kind of pixels as level 0"
             )
         self._set_layout(axes, shapes, chunks, dtype)
-        self._check_channel_attributes()
+        check_per_channel(
+            self.path,
+            self.level_shapes[0][2],
+            [(f"attribute segpipe.{name} holds {{n}} value(s)", getattr(self, name))
+             for name in ("nodata", "channel_names")],
+            "ingest the source again",
+        )  # fmt: skip
         if self._mask_path is not None:
             self._masks = self._mask_levels(node)
         if self.pixel_size_um is None:
             self.pixel_size_um = file_px
-
-    def _check_channel_attributes(self) -> None:
-        """Refuse ``segpipe.nodata`` or ``segpipe.channel_names`` of another length than the
-        image's channels: a short nodata failed every mask read with a bare ValueError, and a
-        lone ``"alpha"`` name made the red channel the alpha."""
-        nc = self.level_shapes[0][2]
-        for name, values in (("nodata", self.nodata), ("channel_names", self.channel_names)):
-            if values is not None and len(values) != nc:
-                raise ImageReadError(
-                    f"{self.path}: attribute segpipe.{name} holds {len(values)} value(s) "
-                    f"{list(values)} for an image of {nc} channel(s); ingest the source again"
-                )
 
     def _mask_levels(self, group: Any) -> dict[int, Any]:
         """Level -> the ``(Y, X)`` array of the ingest's valid-pixel label image, each checked

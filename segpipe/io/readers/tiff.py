@@ -32,6 +32,7 @@ import numpy as np
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
+from segpipe.io.readers.masks import check_per_channel
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
     ORIENTATION_TAG,
@@ -134,7 +135,16 @@ class TiffReader(BaseReader):
             if photometric.palette is not None:
                 self.channel_names = ("red", "green", "blue")
             self._set_layout(axes, shapes, chunks, dtype)
-            _check_gdal_bands(self)
+            # GDAL's view of a file tifffile reads otherwise (an OME series of channels) has
+            # its own band count: its values would be matched to the wrong channels.
+            check_per_channel(
+                self.path,
+                self.level_shapes[0][2],
+                [("GDAL gives {n} nodata values", self.nodata),
+                 ("GDAL gives {n} band names", self.channel_names)],
+                "GDAL sees another image of the file; rewrite it with GDAL (gdal_translate) "
+                "or without GDAL's tags",
+            )  # fmt: skip
         except ImageReadError:
             self.close()
             raise
@@ -364,17 +374,3 @@ def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
         and all(i.isdigit() and int(i) < len(tif.pages) for i in ifds)
         and declared == held
     )
-
-
-def _check_gdal_bands(reader: TiffReader) -> None:
-    """Refuse GDAL's nodata values or band names for another number of bands than the image
-    read has channels (GDAL's view of a file tifffile reads as an OME series of channels, say):
-    they would be matched to the wrong channels."""
-    channels = reader.level_shapes[0][2]
-    for what, values in (("nodata values", reader.nodata), ("band names", reader.channel_names)):
-        if values is not None and len(values) != channels:
-            raise ImageReadError(
-                f"{reader.path}: GDAL gives {len(values)} {what} {list(values)} for an image "
-                f"of {channels} channel(s) as segpipe reads it: GDAL sees another image of the "
-                "file; rewrite it with GDAL (gdal_translate) or without GDAL's tags"
-            )
