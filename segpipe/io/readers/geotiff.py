@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +86,10 @@ def _gdal_message(exc: BaseException) -> str:
     return f"{type(said).__name__}: {said}"
 
 
-def raster_metadata(source: str | URLPath) -> RasterMetadata:
+def raster_metadata(source: str | URLPath, tif: Any) -> RasterMetadata:
     """Georeference, nodata, mask kind and band names of the raster at ``source`` (a local
-    path or an fsspec URL).
+    path or an fsspec URL); ``tif``: the same file, open in tifffile (its first IFD's tags
+    and its mask pages are read from it, not from a second open).
 
     Raises
     ------
@@ -104,7 +105,7 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
 
     with _open(source) as ds:
         level0 = (ds.height, ds.width)
-        georeference = _georeference(ds, source)
+        georeference = _georeference(ds, source, tif.pages.first.tags)
         nodata = tuple(None if v is None else float(v) for v in ds.nodatavals)
         flags = {f for band in ds.mask_flag_enums for f in band}
         interp = tuple(ds.colorinterp)
@@ -131,7 +132,7 @@ def raster_metadata(source: str | URLPath) -> RasterMetadata:
         nodata if any(v is not None for v in nodata) else None,
         kind,
         names if has_names else None,
-        _mask_shapes(source, level0) if kind == "mask" else frozenset(),
+        _mask_shapes(tif, level0) if kind == "mask" else frozenset(),
     )
 
 
@@ -165,27 +166,16 @@ def raster_valid_mask(
     return np.asarray(mask) > 0
 
 
-def _mask_shapes(source: str | URLPath, level0: tuple[int, int]) -> frozenset[tuple[int, int]]:
-    """The ``(y, x)`` sizes of the TIFF's own mask pages where level 0 (``level0``) has one,
-    else none (a sidecar ``.msk`` is GDAL's to read): read once, at open. An overview of
-    another size takes level 0's mask (:func:`raster_valid_mask`), since GDAL then calls
-    every pixel valid and says nothing of it (its mask flags are still level 0's)."""
+def _mask_shapes(tif: Any, level0: tuple[int, int]) -> frozenset[tuple[int, int]]:
+    """The ``(y, x)`` sizes of the TIFF's own mask pages (``tif``: open in tifffile) where
+    level 0 (``level0``) has one, else none (a sidecar ``.msk`` is GDAL's to read): at open.
+    An overview of another size takes level 0's mask (:func:`raster_valid_mask`), since GDAL
+    then calls every pixel valid and says nothing of it (its mask flags are still level 0's)."""
     import tifffile
 
-    with _tiff(source) as tif:
-        pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
-        shapes = frozenset((p.imagelength, p.imagewidth) for p in pages if p.is_mask)
+    pages = [p for p in tif.pages if isinstance(p, tifffile.TiffPage)]
+    shapes = frozenset((p.imagelength, p.imagewidth) for p in pages if p.is_mask)
     return shapes if level0 in shapes else frozenset()
-
-
-@contextmanager
-def _tiff(source: str | URLPath) -> Iterator[Any]:
-    """The TIFF at ``source`` (a local path or an fsspec URL) open in tifffile."""
-    import tifffile
-
-    with ExitStack() as stack:
-        file = stack.enter_context(source.open_read()) if isinstance(source, URLPath) else source
-        yield stack.enter_context(tifffile.TiffFile(file))
 
 
 def checked_transform(
@@ -211,14 +201,14 @@ def checked_transform(
     return a, b, c, d, e, f
 
 
-def _georeference(ds: Any, source: str | URLPath) -> Georeference | None:
+def _georeference(ds: Any, source: str | URLPath, tags: Any) -> Georeference | None:
     from rasterio.errors import CRSError
 
     path = str(source)
     t = ds.transform
     # Decided from the file's tags, not from rasterio's NotGeoreferencedWarning: warning
     # filters are the process's, and other threads opening rasters change them.
-    if not _placed_by_affine(ds, source):
+    if not _placed_by_affine(ds, source, tags):
         return None
     # Refused without a CRS too: a broken transform, or one that puts the pixels on a
     # rotated grid, which a result's rows and columns would silently drop. A positive y
@@ -253,7 +243,7 @@ _PLACEMENT_TAGS = {
 }
 
 
-def _placed_by_affine(ds: Any, source: str | URLPath) -> bool:
+def _placed_by_affine(ds: Any, source: str | URLPath, tags: Any) -> bool:
     """Whether GDAL's geotransform of ``ds`` places its pixels: made of GeoTIFF tags GDAL
     reads so (a 16-value ModelTransformationTag, or a tiepoint of 6 values or more with a
     ModelPixelScaleTag of 2 or more), or of no tag (a world file, none). Placed by ground
@@ -262,9 +252,7 @@ def _placed_by_affine(ds: Any, source: str | URLPath) -> bool:
     the file and the tags, where tags place it that GDAL makes nothing of (a tiepoint of
     fewer than 6 values, a scale without a tiepoint), which rasterio hands on as a
     transform at 0, 0."""
-    with _tiff(source) as tif:
-        tags = tif.pages.first.tags
-        counts = {name: tags[code].count for code, name in _PLACEMENT_TAGS.items() if code in tags}
+    counts = {name: tags[code].count for code, name in _PLACEMENT_TAGS.items() if code in tags}
     tie, scale = counts.get("ModelTiepointTag", 0), counts.get("ModelPixelScaleTag", 0)
     affine = counts.get("ModelTransformationTag") == 16 or (tie >= 6 and scale >= 2)
     gcps = not affine and tie >= 6 and tie % 6 == 0

@@ -120,7 +120,7 @@ class TiffReader(BaseReader):
                         "(gdal_translate in.tif out.tif writes it as GDAL reads it) or turned "
                         "and with Orientation 1"
                     )
-                raster = raster_metadata(self.url or self.path)
+                raster = raster_metadata(self.url or self.path, tif)
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
                 self._mask_shapes = raster.mask_shapes
