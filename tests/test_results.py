@@ -1033,7 +1033,7 @@ def test_mode_2x_table_holds_every_block_of_values_under_16():
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 6), st.integers(0, 2**32 - 1), st.booleans())
 def test_class_map_is_argmax_with_ties_to_the_first(classes, seed, coarse):
-    from segpipe.results.store import class_map
+    from segpipe.results.encoding import class_map
 
     rng = np.random.default_rng(seed)
     p = rng.random((classes, 17, 9)).astype(np.float32)
@@ -1043,7 +1043,7 @@ def test_class_map_is_argmax_with_ties_to_the_first(classes, seed, coarse):
 
 
 def test_float16_encoding_is_numpys_cast_bit_for_bit():
-    from segpipe.results.store import encode_probabilities
+    from segpipe.results.encoding import encode_probabilities
 
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 15, (3, 64, 64))

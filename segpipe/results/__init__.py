@@ -62,6 +62,7 @@ recorded are computed again) or, with other inputs and ``overwrite``, cleanly re
 
 from __future__ import annotations
 
+from segpipe.results.encoding import class_map, encode_probabilities
 from segpipe.results.lock import ResultBusyError, result_lock
 from segpipe.results.pyramid import build_pyramid
 from segpipe.results.reader import open_result
@@ -86,9 +87,7 @@ from segpipe.results.schema import (
     result_levels,
 )
 from segpipe.results.store import (
-    class_map,
     delete_result,
-    encode_probabilities,
     finalize_result,
     prepare_result,
     write_block,

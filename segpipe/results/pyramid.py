@@ -30,6 +30,7 @@ from dask.system import CPU_COUNT
 from segpipe.geometry.pixels import downsample_mean_2x
 from segpipe.geometry.tiling import Box
 from segpipe.progress import stage
+from segpipe.results.encoding import as_float16, as_float32
 from segpipe.results.labels import label_images
 from segpipe.results.layout import levels_in_blocks
 from segpipe.results.schema import LABEL_NAME, label_path, level_path, open_root, result_levels
@@ -127,12 +128,29 @@ def halve(values: np.ndarray, kind: str) -> np.ndarray:
         raise ValueError(f"kind must be 'mean' or 'mode', got {kind!r}")
     if kind == "mean" and values.dtype.kind == "u":
         return _mean_2x_half_even(values)
+    if kind == "mean" and values.dtype == np.float16:
+        return _mean_2x_float16(values)
     if kind == "mean":
         # Probabilities: finite, in [0, 1], so a float32 sum is within 2 ulps, and every task
         # halves its block twice (7.0 ms in float64 for (3, 1024, 1024), 2.1 ms in float32).
         yx = (values.ndim - 2, values.ndim - 1)
         return downsample_mean_2x(values, yx_axes=yx, float32_sum=True)
     return mode_2x(values)
+
+
+def _mean_2x_float16(values: np.ndarray) -> np.ndarray:
+    """The 2x2 block mean of float16 ``(…, y, x)`` values (probabilities as stored), odd
+    last rows and columns dropped, as ``pixels.downsample_mean_2x`` gives it bit for bit: the
+    sum of four float16 exact in float64, rounded once. The casts are torch's
+    (``encoding``): numpy's took 0.20 s of the 0.23 s a (3, 2048, 2048) level took to halve,
+    in the pyramid pass that ends every run."""
+    ny, nx = values.shape[-2] // 2 * 2, values.shape[-1] // 2 * 2
+    wide = as_float32(values[..., :ny, :nx])
+    summed = wide[..., 0::2, 0::2].astype(np.float64)
+    for dy, dx in ((0, 1), (1, 0), (1, 1)):
+        summed += wide[..., dy::2, dx::2]
+    summed *= 0.25  # exact: a power of two
+    return as_float16(summed)
 
 
 def _mean_2x_half_even(values: np.ndarray) -> np.ndarray:

@@ -29,7 +29,8 @@ from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath, utc_now
 from segpipe.results import remote
-from segpipe.results.layout import UINT8_SCALE, block_level_arrays, create_layout
+from segpipe.results.encoding import class_map, encode_probabilities
+from segpipe.results.layout import block_level_arrays, create_layout
 from segpipe.results.lock import is_debris, result_lock
 from segpipe.results.pyramid import block_levels, box_levels, build_pyramid
 from segpipe.results.schema import (
@@ -48,9 +49,7 @@ from segpipe.results.tiles import check_not_replaced, tiles_done
 
 __all__ = [
     "check_not_source",
-    "class_map",
     "delete_result",
-    "encode_probabilities",
     "finalize_result",
     "prepare_result",
     "quiet_consolidated",
@@ -249,55 +248,6 @@ def _remove_debris(path: Path) -> bool:
     log.warning("%s held only chunks a replaced run wrote there late: removed", path)
     _delete(path)
     return True
-
-
-def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
-    """Float probabilities in the stored dtype (uint8: ``round(p * 255)``).
-
-    The mask (level 0) is the argmax of the float32 probabilities (:func:`class_map`),
-    taken before they are encoded. Rounding to float16 or uint8 can make near-equal classes
-    equal, so the argmax of the stored probabilities may differ from the mask on such
-    near-ties (``[0.4999, 0.5001]``, mask 1, is stored in float16 as ``[0.5, 0.5]``, whose
-    first-on-ties argmax is 0); rounding is monotone, so it is never a strict reversal: no
-    stored class is above the mask's class at that pixel.
-
-    >>> encode_probabilities(np.array([0.0, 0.5, 1.0]), "uint8").tolist()
-    [0, 128, 255]
-    """
-    if dtype == "uint8":
-        return np.rint(np.clip(probabilities, 0.0, 1.0) / UINT8_SCALE).astype(np.uint8)
-    if dtype == "float16" and probabilities.dtype == np.float32:
-        # numpy converts values below float16's normal range (softmax tails: about half the
-        # values) one by one, 120 ms per 1024^2 x 3 block; torch's vectorised cast gives the
-        # same bits in 2 ms. Imported here: reading results needs no torch.
-        import torch
-
-        # torch reads a strided view (a window's crop) as it is, no contiguous copy first;
-        # it takes no negative strides (a reversed view) and warns on read-only memory.
-        if min(probabilities.strides) < 0 or not probabilities.flags.writeable:
-            probabilities = np.array(probabilities, order="C")  # a writeable copy
-        half = torch.from_numpy(probabilities).to(
-            torch.float16, memory_format=torch.contiguous_format
-        )
-        return half.numpy()
-    return probabilities.astype(dtype)
-
-
-def class_map(probabilities: np.ndarray) -> np.ndarray:
-    """``(y, x)`` uint8 index of each pixel's most probable class in ``(C, y, x)``
-    probabilities, the first on ties: ``np.argmax(probabilities, axis=0)``, twice as fast
-    (one pass per class instead of a strided reduction).
-
-    >>> class_map(np.array([[[0.2, 0.5]], [[0.7, 0.5]], [[0.1, 0.0]]])).tolist()
-    [[1, 0]]
-    """
-    best = probabilities[0]
-    index = np.zeros(best.shape, dtype=np.uint8)
-    for c in range(1, probabilities.shape[0]):
-        higher = probabilities[c] > best
-        index[higher] = c
-        best = np.maximum(best, probabilities[c])
-    return index
 
 
 def write_block(
