@@ -198,6 +198,58 @@ def test_a_folder_of_two_series_is_refused_naming_them(two_slides):
     assert "pass one file of the wanted slide" in message
 
 
+def _garbled(uid: str) -> str:
+    """``uid`` with its last digit changed, as a bit flipped in a copy would."""
+    return uid[:-1] + ("2" if uid[-1] == "1" else "1")
+
+
+@pytest.mark.parametrize(
+    ("file", "stray", "read"), [("level0.dcm", "level1.dcm", 0), ("level1.dcm", "level0.dcm", 1)]
+)
+def test_a_level_of_the_slide_in_another_series_is_warned_of_naming_it(tmp_path, file, stray, read):
+    """A SeriesInstanceUID garbled by a digit makes a level of the slide a series of its
+    own: the file's series is read, and the level left out is named, with its series."""
+    from pydicom.uid import generate_uid
+
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder = write_dicom_wsi(tmp_path / "slide", _image(), levels=(0,), uids=(study, series, frame))
+    write_dicom_wsi(folder, _image(), levels=(1,), uids=(study, _garbled(series), frame))
+    own, other = (series, _garbled(series)) if read == 0 else (_garbled(series), series)
+    with pytest.warns(UserWarning, match="in other series are left out") as record:
+        reader = open_image(folder / file)
+    assert reader.level_shapes == (_image()[:: 2**read, :: 2**read].shape,)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert str(record[0].message).startswith(
+        f"{folder / file}: reading its series {own} only; pyramid level files beside it of "
+        f"its slide (its study and frame of reference) in other series are left out: {stray} "
+        f"of series {other}; if they belong to it"
+    )
+
+
+@pytest.mark.parametrize("other", ["label", "another container", "no frame of reference"])
+def test_another_series_not_of_the_slides_levels_is_passed_over_quietly(tmp_path, other):
+    """A slide's label in a series of its own, or another slide of the study (its own
+    container, or a frame of reference that would tell them apart not stated): no stray."""
+    from pydicom.uid import generate_uid
+
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    folder = write_dicom_wsi(tmp_path / "slide", _image(), uids=(study, series, frame))
+    write_dicom_wsi(
+        folder, _image(), levels=(0,), name="other", uids=(study, _garbled(series), frame)
+    )
+    if other == "label":
+        _set(folder / "other0.dcm", ImageType=["ORIGINAL", "PRIMARY", "LABEL", "NONE"])
+    for f in sorted(folder.iterdir()):
+        if other == "another container":
+            _set(f, ContainerIdentifier="B 7" if f.name == "other0.dcm" else "A 1")
+        elif other == "no frame of reference":
+            _set(f, FrameOfReferenceUID=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reader = open_image(folder / "level0.dcm")
+    assert reader.level_shapes == ((200, 300, 3), (100, 150, 3))
+
+
 @pytest.mark.parametrize(
     ("paths", "samples", "dtype", "names"),
     [
@@ -595,3 +647,38 @@ def test_threads_reading_an_unpickled_reader_open_the_series_once(slide, monkeyp
     for pixels, (y0, y1, x0, x1) in zip(reads, boxes, strict=True):
         np.testing.assert_array_equal(pixels, _image()[y0:y1, x0:x1])
     assert len(opened) == 1
+
+
+def test_close_under_a_read_leaves_the_handle_to_the_read(slide, monkeypatch):
+    """As a pipeline closing its reader while a dask thread is still inside a read: the read
+    gives its pixels (closed under it, it failed as if the file were damaged), the handle is
+    closed as it ends, and a read after close opens the series again."""
+    import wsidicom
+
+    reader = open_image(slide)
+    inside, go, closed = threading.Event(), threading.Event(), []
+    read_region, close = wsidicom.WsiDicom.read_region, wsidicom.WsiDicom.close
+
+    def slow_read(self, *args, **kwargs):
+        inside.set()
+        go.wait(timeout=5)
+        return read_region(self, *args, **kwargs)
+
+    def counted_close(self):
+        closed.append(self)
+        close(self)
+
+    monkeypatch.setattr(wsidicom.WsiDicom, "read_region", slow_read)
+    monkeypatch.setattr(wsidicom.WsiDicom, "close", counted_close)
+    with ThreadPoolExecutor(1) as pool:
+        # tiles opening did not read (it read the top-left), so read from the files
+        read = pool.submit(reader.read, 136, 200, 236, 300)
+        assert inside.wait(timeout=5)
+        reader.close()
+        closed_by_close = list(closed)
+        go.set()
+        np.testing.assert_array_equal(read.result(timeout=10), _image()[136:200, 236:300])
+    assert closed_by_close == [] and len(closed) == 1  # by the read, as it ended
+    np.testing.assert_array_equal(reader.read(64, 128, 0, 64), _image()[64:128, :64])
+    reader.close()
+    assert len(closed) == 2 and closed[0] is not closed[1]

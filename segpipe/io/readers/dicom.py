@@ -9,6 +9,12 @@ path, read by wsidicom region by region; several optical paths (fluorescence cha
 stacked as channels in the order the files list them. Several focal planes are refused as a
 stack. The pixel size is the base level's ``PixelSpacing`` (mm), which wsidicom requires.
 
+Threads read one wsidicom handle at once (wsidicom locks each file's stream). The handle is
+opened under the reader's lock and counted while a read is inside it: :meth:`close` closes a
+handle no read is in, and leaves one that reads are in to the last of them to close (closing
+it under a read fails the read as if the file were damaged). A read after ``close`` opens
+the series again.
+
 Which files make the slide, and which of wsidicom's pyramids of them is read:
 :mod:`segpipe.io.readers.dicom_series`.
 """
@@ -16,6 +22,9 @@ Which files make the slide, and which of wsidicom's pyramids of them is read:
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -94,6 +103,7 @@ class DicomReader(BaseReader):
             raise ImageReadError(f"{path}: DICOM slides are read from a local folder only")
         super().__init__(path, pixel_size_um)
         self._slide: Any = None
+        self._reads: Counter[int] = Counter()  # reads in flight, by id() of their handle
         self._wsidicom()  # before pydicom, which comes with it, reads the headers
         instances = series_instances(path)
         refuse_min_is_white(instances)
@@ -159,30 +169,51 @@ class DicomReader(BaseReader):
         return wsidicom
 
     def _open(self) -> Any:
-        wsidicom = self._wsidicom()
         # Under the lock: threads reading a reader just unpickled would each open the series.
         with self._lock:
-            if self._slide is not None:
-                return self._slide
-            # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
-            # read, not left out as wsidicom's strict default leaves them.
-            lenient = replace(wsidicom.config.get_settings(), strict_tile_size_check=False)
-            try:
-                self._slide = wsidicom.WsiDicom.open(list(self._instance_files), settings=lenient)
-            except wsidicom.errors.WsiDicomNoResolutionError as exc:
-                raise ImageReadError(
-                    f"{self.path}: the slide states no PixelSpacing (Pixel Measures of its "
-                    "Shared Functional Groups), without which wsidicom cannot build its "
-                    "pyramid, so pixel_size_um cannot stand in for it; add PixelSpacing to "
-                    "the files (e.g. with pydicom) or convert the slide to OME-TIFF"
-                ) from exc
-            except _dicom_errors() as exc:
-                files = self._failing_alone(exc, lenient)
-                where = f": wsidicom cannot open {', '.join(files)}" if files else ""
-                raise ImageReadError(
-                    f"{self.path}: no readable DICOM WSI series{where} ({error_text(exc)})"
-                ) from exc
+            return self._open_locked()
+
+    @contextmanager
+    def _reading(self) -> Iterator[Any]:
+        """The open handle, counted as read until the block ends: :meth:`close` leaves it
+        open under the read, and the read closes it if ``close`` came meanwhile."""
+        with self._lock:
+            slide = self._open_locked()
+            self._reads[id(slide)] += 1
+        try:
+            yield slide
+        finally:
+            with self._lock:
+                self._reads[id(slide)] -= 1
+                if not self._reads[id(slide)]:
+                    del self._reads[id(slide)]
+                    if slide is not self._slide:
+                        slide.close()
+
+    def _open_locked(self) -> Any:
+        """The handle, opened if closed; the caller holds the reader's lock."""
+        if self._slide is not None:
             return self._slide
+        wsidicom = self._wsidicom()
+        # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
+        # read, not left out as wsidicom's strict default leaves them.
+        lenient = replace(wsidicom.config.get_settings(), strict_tile_size_check=False)
+        try:
+            self._slide = wsidicom.WsiDicom.open(list(self._instance_files), settings=lenient)
+        except wsidicom.errors.WsiDicomNoResolutionError as exc:
+            raise ImageReadError(
+                f"{self.path}: the slide states no PixelSpacing (Pixel Measures of its "
+                "Shared Functional Groups), without which wsidicom cannot build its "
+                "pyramid, so pixel_size_um cannot stand in for it; add PixelSpacing to "
+                "the files (e.g. with pydicom) or convert the slide to OME-TIFF"
+            ) from exc
+        except _dicom_errors() as exc:
+            files = self._failing_alone(exc, lenient)
+            where = f": wsidicom cannot open {', '.join(files)}" if files else ""
+            raise ImageReadError(
+                f"{self.path}: no readable DICOM WSI series{where} ({error_text(exc)})"
+            ) from exc
+        return self._slide
 
     def _failing_alone(self, exc: Exception, settings: Any) -> list[str]:
         """Names of the series' files that, opened alone, fail as the series did with
@@ -215,14 +246,18 @@ class DicomReader(BaseReader):
         )
 
     def _region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        slide = self._open()
         try:
-            planes = [
-                np.asarray(
-                    self._read(slide, self._pyramid_levels[level], p, (x0, y0), (x1 - x0, y1 - y0))
-                )
-                for p in self._optical_paths
-            ]
+            with self._reading() as slide:
+                planes = [
+                    np.asarray(
+                        self._read(
+                            slide, self._pyramid_levels[level], p, (x0, y0), (x1 - x0, y1 - y0)
+                        )
+                    )
+                    for p in self._optical_paths
+                ]
+        except ImageReadError:  # opening the series again, which names its own problem
+            raise
         except _dicom_errors() as exc:
             raise ImageReadError(
                 f"{self.path}: cannot read level {level} at y {y0}:{y1}, x {x0}:{x1} "
@@ -244,9 +279,10 @@ class DicomReader(BaseReader):
         return (type(self).__name__, self.path, *stamps)
 
     def _close_handles(self) -> None:
-        if self._slide is not None:
+        # A handle reads are in is dropped, left to the last of them to close (_reading).
+        if self._slide is not None and not self._reads[id(self._slide)]:
             self._slide.close()
-            self._slide = None
+        self._slide = None
 
     def _handle_state(self) -> dict[str, Any]:
-        return {"_slide": None}
+        return {"_slide": None, "_reads": Counter()}

@@ -9,7 +9,9 @@ no pyramid is refused, naming it, where a level read has its pixel spacing (wsid
 one image a level: the pyramid read could mix two images); else (a codec wsidicom does not
 decode) the slide is read without it, with a warning naming it. MONOCHROME1 levels, which
 wsidicom passes over without a word, are refused naming them, as are files that start as DICOM
-files do but whose header is damaged (wsidicom passes over those too).
+files do but whose header is damaged (wsidicom passes over those too). Level files beside a
+file opened that are of its slide (study, frame of reference and container) but of another
+series, as a garbled SeriesInstanceUID makes one, are left out with a warning naming them.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class DicomInstance:
     shape: tuple[int, int]  # (Y, X) pixels of its total pixel matrix
     optical_paths: tuple[tuple[str, str | None], ...]  # (identifier, description) each
     spacing: float | None = None  # mm between rows (shared PixelMeasures' PixelSpacing)
+    # The slide apart from the series: StudyInstanceUID, FrameOfReferenceUID (the slide's
+    # coordinates) and ContainerIdentifier (the slide's label); None where not stated.
+    slide: tuple[str, str | None, str | None] = ("", None, None)
 
 
 _SHARED = "SharedFunctionalGroupsSequence"
@@ -95,6 +100,8 @@ _REQUIRED = (
     "PhotometricInterpretation",
     "BitsStored",
 )
+# What identifies the slide beside the study, read to find levels of it in another series
+_SLIDE = ("FrameOfReferenceUID", "ContainerIdentifier")
 # ImageType value 3 as the WSI IOD defines it
 _KINDS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL", "LOCALIZER")
 # The characters of a UID (VR UI); a non-conformant one (leading zeros) is still of these
@@ -146,7 +153,7 @@ def read_instance(path: Path) -> DicomInstance | None:
         ds = pydicom.dcmread(
             path,
             stop_before_pixels=True,
-            specific_tags=[*_REQUIRED, "SOPClassUID", "OpticalPathSequence", _SHARED],
+            specific_tags=[*_REQUIRED, *_SLIDE, "SOPClassUID", "OpticalPathSequence", _SHARED],
         )
         media_class = ds.file_meta.get("MediaStorageSOPClassUID")
         classes = [str(c) for c in (media_class, ds.get("SOPClassUID")) if c]
@@ -160,6 +167,7 @@ def read_instance(path: Path) -> DicomInstance | None:
             for p in ds.get("OpticalPathSequence", [])
         )
         spacing = _row_spacing(ds)
+        slide = tuple(str(v) if (v := ds.get(key)) else None for key in _SLIDE)
     except header_errors() as exc:
         raise _damaged(path, error_text(exc)) from exc
     problems = _header_problems({"MediaStorageSOPClassUID": media_class, **values})
@@ -176,6 +184,7 @@ def read_instance(path: Path) -> DicomInstance | None:
         (ny, nx),
         paths,
         spacing,
+        (str(values["StudyInstanceUID"]), slide[0], slide[1]),
     )
 
 
@@ -223,6 +232,7 @@ def series_instances(path: Path) -> list[DicomInstance]:
                 f"{path}: no readable DICOM WSI series: the file is no DICOM VL Whole Slide "
                 "Microscopy image"
             )
+        _warn_of_strays(path, own, instances)
         return [i for i in instances if i.series_uid == own.series_uid]
     series: dict[str, list[DicomInstance]] = {}
     for i in instances:
@@ -245,6 +255,29 @@ def series_instances(path: Path) -> list[DicomInstance]:
             "of the wanted slide to read its series"
         )
     return instances
+
+
+def _warn_of_strays(path: Path, own: DicomInstance, instances: list[DicomInstance]) -> None:
+    """Warn of level files of ``own``'s slide (its study, stated frame of reference and
+    container) in other series, which a garbled SeriesInstanceUID makes of a level or an
+    optical path of it: they are left out. A slide's label or overview in a series of its
+    own is no level, and no stray."""
+    if own.slide[1] is None:  # without it, every slide of a study would be one
+        return
+    strays: dict[str, list[str]] = {}
+    for i in instances:
+        if i.series_uid != own.series_uid and i.image_type == "VOLUME" and i.slide == own.slide:
+            strays.setdefault(i.series_uid, []).append(i.path.name)
+    if not strays:
+        return
+    listing = "; ".join(f"{', '.join(names)} of series {uid}" for uid, names in strays.items())
+    warnings.warn(
+        f"{path}: reading its series {own.series_uid} only; pyramid level files beside it of "
+        f"its slide (its study and frame of reference) in other series are left out: "
+        f"{listing}; if they belong to it (a garbled SeriesInstanceUID, or optical paths kept "
+        "in series of their own), give them its SeriesInstanceUID (e.g. with pydicom)",
+        stacklevel=5,  # open_image's caller, as main_pyramid's warnings
+    )
 
 
 def refuse_min_is_white(instances: list[DicomInstance]) -> None:
