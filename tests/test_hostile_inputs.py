@@ -10,6 +10,7 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 import tifffile
@@ -498,3 +499,209 @@ def test_an_ingest_with_an_empty_reduced_level_is_refused_naming_it(tmp_path: Pa
     with pytest.raises(ImageReadError, match=rf"level {level} .* is empty") as info:
         open_image(store)
     assert str(store) in str(info.value)
+
+
+# --- tiles and strips declared larger than their codec's bytes decode to ---------------------
+
+
+def _set_long(path: Path, code: int, value: int, level: int = 0) -> None:
+    """Overwrite the IFD entry of tag ``code`` of ``level``'s first IFD (a classic TIFF) with
+    one LONG, ``value``."""
+    import struct
+
+    with tifffile.TiffFile(path) as tif:
+        entry = tif.series[0].levels[level].keyframe.tags[code].offset
+    data = bytearray(path.read_bytes())
+    data[entry : entry + 12] = struct.pack("<HHII", code, 4, 1, value)
+    path.write_bytes(bytes(data))
+
+
+def _two_levels(path: Path, compression: str, layout: str) -> Path:
+    """An RGB OME-TIFF of 128 x 128 and 64 x 64 pixels (a SubIFD), in tiles of 32 x 32 or
+    strips of 16 rows."""
+    rgb = _rgb(128, 128)
+    kw = {"tile": (32, 32)} if layout == "tiles" else {"rowsperstrip": 16}
+    kw |= {"photometric": "rgb", "compression": compression}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(rgb, subifds=1, metadata={"axes": "YXS"}, **kw)
+        tif.write(rgb[::2, ::2], subfiletype=1, **kw)
+    return path
+
+
+# Lies within the other checks' bounds (tiles of at most 2 GiB, no larger than the level, as
+# many listed as the size needs): tiles of 1,024 x 524,288 pixels (1.5 GiB) in 2 x 2; strips
+# of 2**31 - 1 pixels (96 GiB). Tag numbers: ImageWidth, ImageLength, TileWidth, TileLength.
+_LIES = {
+    "tiles": {256: 2**20, 257: 2**11, 322: 2**19, 323: 2**10},
+    "strips": {256: 2**31 - 1},
+}
+
+
+# A level 0 lying about its size no longer matches the OME-XML: tifffile reads two images.
+@pytest.mark.filterwarnings("ignore:.*holds 2 images:UserWarning")
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize("layout", ["tiles", "strips"])
+@pytest.mark.parametrize(
+    ("compression", "fragment"),
+    [
+        ("lzw", "bytes stored for one"),
+        ("zstd", "bytes stored for one"),
+        ("lzma", "bytes stored for one"),
+        ("jpeg", "is a JPEG stream of"),
+    ],
+)
+def test_tiles_or_strips_declared_far_larger_than_their_stream_are_refused_at_open(
+    tmp_path: Path, compression: str, fragment: str, layout: str, level: int
+) -> None:
+    """LZW, zstd and LZMA were given a buffer of the declared size to decode into (1.5 GiB a
+    tile; a strip's 96 GiB a MemoryError) before the data was found short; JPEG decoded the
+    32 px stream into the declared tile, 1.5 GiB filled with grey, and read it."""
+    path = _two_levels(tmp_path / "lying.ome.tif", compression, layout)
+    for code, value in _LIES[layout].items():
+        _set_long(path, code, value, level)
+    with (
+        _no_big_allocation(),
+        pytest.raises(ImageReadError, match=rf"level {level} .*{fragment}") as info,
+    ):
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+# Each bounded codec at its encoder's highest level (where it has levels)
+_BOUNDED = {"lzw": None, "zstd": 22, "lzma": 9, "zlib": 9, "packbits": None, None: None}
+
+
+def _zeros(path: Path, compression: str | None, layout: str) -> Path:
+    """1024 x 1024 RGB zeros (3 MiB) in one tile or one strip: the most any honest tile or
+    strip of that size gives from its bytes."""
+    level = _BOUNDED.get(compression)
+    tifffile.imwrite(
+        path, np.zeros((1024, 1024, 3), np.uint8), photometric="rgb", metadata=None,
+        compression=compression, compressionargs={"level": level} if level else None,
+        **({"tile": (1024, 1024)} if layout == "tile" else {"rowsperstrip": 1024}),
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("layout", ["tile", "strip"])
+@pytest.mark.parametrize("compression", [*_BOUNDED, "jpeg", "webp", "jpeg2000"])
+def test_zero_tiles_and_strips_the_best_compressed_open_and_read(
+    tmp_path: Path, compression: str | None, layout: str
+) -> None:
+    path = _zeros(tmp_path / "zeros.tif", compression, layout)
+    with contextlib.closing(open_image(path)) as reader:
+        pixels = reader.read(0, 1024, 0, 1024)
+    assert pixels.shape == (1024, 1024, 3)
+    assert not pixels.any()
+
+
+@pytest.mark.parametrize("compression", list(_BOUNDED))
+def test_a_strip_of_zeros_declared_a_thousand_times_wider_is_refused(
+    tmp_path: Path, compression: str | None
+) -> None:
+    path = _zeros(tmp_path / "zeros.tif", compression, "strip")
+    _set_long(path, 256, 1024 * 1000)  # ImageWidth
+    with pytest.raises(ImageReadError, match=r"level 0 .* bytes stored for one") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("code", "encode"),
+    [
+        pytest.param(5, lambda data: imagecodecs.lzw_encode(data), id="lzw"),
+        pytest.param(50000, lambda data: imagecodecs.zstd_encode(data, level=22), id="zstd"),
+        pytest.param(34925, lambda data: imagecodecs.lzma_encode(data, level=9), id="lzma"),
+    ],
+)
+def test_each_codec_bound_holds_for_its_encoder_and_refuses_a_thousandfold_lie(
+    code: int, encode
+) -> None:
+    """64 MiB of zeros, the most compressible input, at the encoder's highest level: its
+    bytes must give no more than the bound says, and 1000 times as much must be refused
+    (by _check_chunks' test: over 4 times the bound's bytes and 1 MiB)."""
+    from segpipe.io.readers.tiff_checks import _MOST_EXPANDED
+
+    decoded = 2**26
+    stored = len(encode(bytes(decoded)))
+    assert decoded <= _MOST_EXPANDED[code] * stored
+    assert 1000 * decoded > 4 * _MOST_EXPANDED[code] * stored + 2**20
+
+
+def _first_sof(path: Path) -> int:
+    """Offset in the file of the height in the first tile's JPEG frame header (SOF0)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages.first
+        start = int(page.dataoffsets[0])
+    return start + path.read_bytes()[start:].index(b"\xff\xc0") + 5
+
+
+def test_a_jpeg_tile_whose_frame_header_lies_is_refused_at_open(tmp_path: Path) -> None:
+    """Decoding it allocated and zeroed 10 GiB for 60,000 x 60,000 RGB pixels, then failed."""
+    path = tmp_path / "sof.tif"
+    tifffile.imwrite(path, _rgb(64, 64), tile=(32, 32), photometric="rgb", compression="jpeg")
+    at = _first_sof(path)
+    data = bytearray(path.read_bytes())
+    data[at : at + 4] = (60_000).to_bytes(2, "big") * 2  # height, width
+    path.write_bytes(bytes(data))
+    with (
+        _no_big_allocation(),
+        pytest.raises(ImageReadError, match=r"level 0 .*60,000 x 60,000 pixels") as info,
+    ):
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+def _cropped_jpeg(path: Path, pixels: np.ndarray) -> Path:
+    """A 32 px tile holding an image smaller than it, its JPEG stream of the image's size (as
+    some writers write the tiles at an image's edge)."""
+    tifffile.imwrite(
+        path, iter([imagecodecs.jpeg_encode(pixels, level=95)]), shape=pixels.shape,
+        dtype=np.uint8, tile=(32, 32), photometric="rgb", compression="jpeg",
+    )  # fmt: skip
+    return path
+
+
+def _sparse_jpeg(path: Path, pixels: np.ndarray) -> Path:
+    """A GDAL JPEG TIFF of 32 px tiles whose first two tiles (all zeros) are not stored."""
+    import rasterio
+
+    ny, nx, _ = pixels.shape
+    with rasterio.open(
+        path, "w", driver="GTiff", width=nx, height=ny, count=3, dtype="uint8",
+        compress="JPEG", tiled=True, blockxsize=32, blockysize=32, sparse_ok=True,
+    ) as ds:  # fmt: skip
+        ds.write(np.moveaxis(pixels, -1, 0))
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("write", [_cropped_jpeg, _sparse_jpeg])
+def test_jpeg_tiles_cropped_to_the_image_or_stored_sparsely_are_read(tmp_path: Path, write):
+    """The frame header looked at is the first stored tile's, of the size of that tile's part
+    inside the image where a writer crops it."""
+    shape = (20, 25, 3) if write is _cropped_jpeg else (70, 90, 3)
+    pixels = np.zeros(shape, np.uint8)
+    pixels[...] = np.linspace(0, 250, shape[1], dtype=np.uint8)[None, :, None]  # smooth: JPEG
+    if write is _sparse_jpeg:
+        pixels[:32, :64] = 0
+    path = write(tmp_path / "honest.tif", pixels)
+    with tifffile.TiffFile(path) as tif:
+        first = next(i for i, c in enumerate(tif.pages.first.databytecounts) if c)
+    assert first == (0 if write is _cropped_jpeg else 2)
+    with contextlib.closing(open_image(path)) as reader:
+        read = reader.read(0, shape[0], 0, shape[1])
+    assert np.abs(read.astype(int) - pixels).mean() < 4
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_sparse_jpeg_tiff_lying_about_its_tiles_is_refused(tmp_path: Path) -> None:
+    """Its first tiles store nothing: the frame header compared is the first stored one's."""
+    pixels = _rgb(70, 90)
+    pixels[:32, :64] = 0
+    path = _sparse_jpeg(tmp_path / "sparse.tif", pixels)
+    for code, value in _LIES["tiles"].items():
+        _set_long(path, code, value)
+    with pytest.raises(ImageReadError, match=r"level 0 .* its tile 2 is a JPEG stream") as info:
+        open_image(path)
+    assert str(path) in str(info.value)

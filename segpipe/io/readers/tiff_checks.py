@@ -1,6 +1,7 @@
-"""Checks of a TIFF's structure made at open, from its IFDs alone (no pixel is decoded): the
-chain of IFDs ends inside the file, every level lists the tiles or strips its size needs and
-they lie inside the file, and no level declares tiles or samples no image has.
+"""Checks of a TIFF's structure made at open, from its IFDs (and of a JPEG level the header of
+one tile's stream; no pixel is decoded): the chain of IFDs ends inside the file, every level
+lists the tiles or strips its size needs and they lie inside the file, and no level declares
+tiles or samples no image has, or larger than its bytes can give.
 
 tifffile reads what it can of a damaged file and says so only in its log: a chain of IFDs
 that loops is walked forever, an IFD past the end (a file cut short) ends the pyramid there,
@@ -31,10 +32,33 @@ _MAX_SAMPLES = 2**16 - 1
 # small to be read one at a time: one of over 2 GiB decoded is a lie whatever the level.
 _MAX_OVERSIZED_TILE_BYTES = 2**26
 _MAX_TILE_BYTES = 2**31
-# Compression: the most bytes its decoding gives per byte stored (none: 1; deflate: 1032, zlib's
-# limit; PackBits: 128 from 2). A tile or strip declared far larger than the most its bytes can
-# give is a lying size; one of another codec is bounded by the tile sizes above alone.
-_MOST_EXPANDED = {1: 1, 8: 1032, 32946: 1032, 32773: 64}
+# Compression: the most bytes its decoding gives per byte stored. A tile or strip declared far
+# larger than the most its bytes can give is a lying size; one of another codec is bounded by
+# the tile sizes above alone, and (JPEG) by the size its own stream states. None: 1; deflate:
+# 1032, zlib's limit; PackBits: 128 from 2.
+# LZW (TIFF 6.0, section 13): a code names an entry of its table, and entry i (from 258, after
+# the 256 single bytes, Clear and EOI) is an earlier entry and one byte more: at most i - 256
+# bytes. A code of w bits (9 to 12) names one below 2**w, at most 2**w - 257 bytes; the most
+# for its bits at 12: 3839 bytes from 1.5, 2560 a byte. (A code cut off by the end is EOI.)
+# zstd (RFC 8878, 3.1.1.2): a block is a 3-byte header and at least 1 byte (an RLE block's one
+# byte, repeated) and gives at most Block_Maximum_Size, 128 KiB. (libzstd's one-shot decoder
+# takes RLE blocks of up to 2 MiB, which the format forbids and no encoder writes.)
+# LZMA (xz): a match gives at most 273 bytes, from 14 binary decisions at the fewest (the last
+# distance again, the longest length), and each decision narrows the range coder's range to
+# 2017/2048 of it at the most (its probabilities stay 31/2048 from 0 and 1): 0.022 bits, so
+# 273 * 8 / (14 * 0.022) = 7090 bytes a byte. imagecodecs' encoders give 1355 (LZW), 32696
+# (zstd) and 6851 (xz; LZMA1, not in TIFF: 7073) from 256 MiB of zeros.
+_MOST_EXPANDED = {
+    1: 1, 5: 2560, 8: 1032, 32946: 1032, 32773: 64, 34925: 7091, 34926: 32768, 50000: 32768,
+}  # fmt: skip
+# JPEG (TIFF's, Aperio's alternative, DNG's lossy): each tile or strip is a JPEG stream whose
+# frame header (SOF marker) gives the size the decoder allocates and fills, whatever the tags
+# say; a stream smaller than a tile declared 65,500 pixels or more a side is decoded into one
+# that large, the rest filled in (grey). Writers put the SOF after a few table segments,
+# hundreds of bytes in: it is looked for in a tile's first bytes alone.
+_JPEG = (7, 33007, 34892)
+_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
+_JPEG_HEAD_BYTES = 2**16
 
 
 def check_ifd_chain(tif: Any, file_size: int, path: str) -> None:
@@ -98,10 +122,10 @@ def check_declared_data(series: Any, file_size: int, path: str) -> None:
     multi-file OME-TIFF set (which tifffile opens by its path, beside a local file only) is
     checked against that file's size, and an error names that file.
 
-    Checked from the IFDs alone (no pixel is decoded): a header may declare any size, but the
-    tiles or strips it lists must exist in the file. A truncated pyramid is refused at open,
-    not when a reduced level is read (tifffile drops a level whose IFD is cut off, and the
-    OME-XML written after it, without a word).
+    Checked from the IFDs (and a JPEG level's first stream header; no pixel is decoded): a
+    header may declare any size, but the tiles or strips it lists must exist in the file. A
+    truncated pyramid is refused at open, not when a reduced level is read (tifffile drops a
+    level whose IFD is cut off, and the OME-XML written after it, without a word).
     """
     if 0 in series.shape:
         raise ImageReadError(f"{path}: the image is empty (shape {series.shape})")
@@ -167,8 +191,9 @@ def _check_listed(page: Any, keyframe: Any, level: int, path: str) -> None:
 
 def _check_chunks(page: Any, level: int, path: str) -> None:
     """Refuse a keyframe declaring more samples per pixel than a TIFF holds, tiles no writer
-    writes (over 2 GiB decoded, or larger than the level and over 64 MiB), or tiles or strips
-    far larger decoded than the most the bytes it stores for one can give."""
+    writes (over 2 GiB decoded, or larger than the level and over 64 MiB), tiles or strips
+    far larger decoded than the most the bytes it stores for one can give, or (JPEG) of
+    another size than the stream of its first stored one states."""
     samples = int(page.samplesperpixel)
     if samples > _MAX_SAMPLES:
         raise ImageReadError(
@@ -201,12 +226,73 @@ def _check_chunks(page: Any, level: int, path: str) -> None:
     elif ratio and stored and nbytes > 4 * ratio * stored + 2**20:  # ample: lies are 1000-fold
         why = f"from at most {stored:,} bytes stored for one"
     else:
+        _check_jpeg_frame(page, level, path, f"{chunk} in its {tags}")
         return
     raise ImageReadError(
         f"{path}: level {level} ({side[0]:,} x {side[1]:,} pixels) declares {chunk} of "
         f"{samples} samples, {nbytes / 2**20:,.0f} MiB each decoded, {why}; its {tags}, "
         "SamplesPerPixel (277) or BitsPerSample (258) is damaged"
     )
+
+
+def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
+    """Refuse a JPEG-compressed keyframe whose first stored tile or strip is a JPEG stream of
+    another size (its SOF marker's) than the tile or strip, or its part inside the image.
+
+    ``declared``: the tiles or strips and their tags, as an error names them. One read of at
+    most ``_JPEG_HEAD_BYTES``; a stream not begun by SOI (an NDPI's, whose header tifffile
+    keeps apart) or with no SOF in them is left to the decoder."""
+    counts, fh = page.databytecounts, page.parent.filehandle
+    first = next((i for i, c in enumerate(counts) if c), None)
+    if int(page.compression) not in _JPEG or page.imagedepth != 1 or first is None or fh.closed:
+        return
+    if int(page.dataoffsets[first]) >= fh.size:  # past the end: refused as truncated
+        return
+    fh.seek(int(page.dataoffsets[first]))
+    frame = _jpeg_frame(fh.read(min(int(counts[first]), _JPEG_HEAD_BYTES)))
+    if frame is None:
+        return
+    length, width = page.imagelength, page.imagewidth
+    if page.is_tiled:  # tiles run across, then down, in each plane
+        rows, cols = page.tilelength, page.tilewidth
+        across = -(-width // cols)
+        k = first % (across * -(-length // rows))
+        y, x = k // across * rows, k % across * cols
+    else:
+        rows, cols = page.chunks[0], width
+        y, x = first % -(-length // rows) * rows, 0
+    if frame[0] in (rows, min(rows, length - y)) and frame[1] in (cols, min(cols, width - x)):
+        return
+    kind = "tile" if page.is_tiled else "strip"
+    raise ImageReadError(
+        f"{path}: level {level} ({length:,} x {width:,} pixels) declares {declared}, but its "
+        f"{kind} {first} is a JPEG stream of {frame[0]:,} x {frame[1]:,} pixels (its SOF "
+        "marker): the tags or the stream are damaged"
+    )
+
+
+def _jpeg_frame(head: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` in pixels that the JPEG stream beginning with ``head`` states in its
+    frame header (SOF marker); None if ``head`` begins no JPEG stream or holds no SOF."""
+    if head[:2] != b"\xff\xd8":  # SOI
+        return None
+    at = 2
+    while (at := head.find(b"\xff", at)) >= 0 and at + 4 <= len(head):
+        marker = head[at + 1]
+        if marker in _SOF:  # FF Cn, length, precision, height, width
+            if at + 9 > len(head):
+                return None
+            height, width = struct.unpack(">HH", head[at + 5 : at + 9])
+            return int(height), int(width)
+        if marker in (0xD9, 0xDA):  # EOI, or a scan before any frame header
+            return None
+        if marker == 0xFF:  # a fill byte before a marker
+            at += 1
+        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # RSTn, SOI, TEM: no length
+            at += 2
+        else:
+            at += 2 + int.from_bytes(head[at + 2 : at + 4], "big")
+    return None
 
 
 def _check_subifds(series: Any, name: str, size: int) -> None:
