@@ -539,12 +539,16 @@ def test_ome_pixel_size_in_a_multi_file_set_is_that_of_the_image_in_the_slides_f
 
 
 def write_two_file_set(
-    tmp_path: Path, *, pyramid: bool, own: dict[str, object] | None = None
+    tmp_path: Path,
+    *,
+    pyramid: bool,
+    own: dict[str, object] | None = None,
+    compression: str | None = None,
 ) -> tuple[Path, Path]:
     """An OME-TIFF set of two files: the one opened, ``set.ome.tif``, holds the OME-XML and a
-    small label, the slide (:func:`_image`, stored raw, reduced by 2 in a SubIFD if
-    ``pyramid``) is IFD 0 of ``set_1.ome.tif``, a file many times larger. ``own``: tifffile
-    keywords of that file's own OME-XML (:func:`named_as` the set's ``urn:uuid:2``)."""
+    small label, the slide (:func:`_image`, stored raw or in ``compression``, reduced by 2 in
+    a SubIFD if ``pyramid``) is IFD 0 of ``set_1.ome.tif``, a file many times larger. ``own``:
+    tifffile keywords of that file's own OME-XML (:func:`named_as` the set's ``urn:uuid:2``)."""
     xml = ome_xml(
         ome_image(0, "label", (40, 60), 5.0, in_file("set.ome.tif", "urn:uuid:1")),
         ome_image(1, "slide", SHAPE, 0.25, in_file("set_1.ome.tif", "urn:uuid:2")),
@@ -552,7 +556,7 @@ def write_two_file_set(
     )
     opened, other = tmp_path / "set.ome.tif", tmp_path / "set_1.ome.tif"
     tifffile.imwrite(opened, np.zeros((40, 60, 3), np.uint8), description=xml, **KW)
-    raw = {**KW, "compression": None, "tile": (64, 64)}
+    raw = {**KW, "compression": compression, "tile": (64, 64)}
     own = named_as("urn:uuid:2") if own is None else own
     with tifffile.TiffWriter(other) as tif:
         tif.write(_image(), subifds=int(pyramid), **{**raw, **own})
@@ -642,6 +646,17 @@ def test_a_multi_file_ome_set_with_a_channel_per_file_reads_every_channel(tmp_pa
     np.testing.assert_array_equal(reader.level(1).compute(), planes[::2, ::2])
 
 
+def test_a_multi_file_ome_set_whose_slide_is_in_jpeg_in_another_file_reads(tmp_path):
+    """tifffile looks into a JPEG level's first tile (is it JFIF?) when it first decodes one,
+    and had closed the set's other files once it had read their IFDs: an AssertionError at
+    open. Compared with tifffile's decoding of the slide's file on its own."""
+    opened, other = write_two_file_set(tmp_path, pyramid=True, compression="jpeg")
+    reader = open_image(opened)
+    for level in (0, 1):
+        want = tifffile.imread(other, is_ome=False, level=level)
+        np.testing.assert_array_equal(reader.level(level).compute(), want)
+
+
 @pytest.mark.parametrize("how", ["missing", "no TIFF"])
 @pytest.mark.parametrize("layout", ["slide", "pyramid", "channel"])
 def test_a_multi_file_ome_set_without_one_of_its_files_is_refused_naming_it(tmp_path, layout, how):
@@ -725,6 +740,133 @@ def test_a_multi_file_ome_set_put_together_by_hand_with_tifffile_reads(tmp_path)
     with tifffile.TiffFile(other) as tif:  # the premise
         assert tif.is_ome and ET.fromstring(tif.ome_metadata).get("UUID") != "urn:uuid:2"
     np.testing.assert_array_equal(open_image(opened).read(0, 256, 0, 384), planes)
+
+
+def edit_description(path: Path, old: str, new: str) -> None:
+    """Replace ``old`` (which must be there) with ``new`` in the first IFD's ImageDescription
+    of ``path``, in place, as a hand edit or a damaged copy would leave the OME-XML."""
+    with tifffile.TiffFile(path, mode="r+b") as tif:
+        tag = tif.pages.first.tags["ImageDescription"]
+        assert old in tag.value  # the premise
+        tag.overwrite(tag.value.replace(old, new))
+
+
+def _trade_names(a: Path, b: Path) -> None:
+    a.rename(a.with_name("trading"))
+    b.rename(a)
+    a.with_name("trading").rename(b)
+
+
+@pytest.mark.parametrize(
+    ("layout", "edit", "conflict"),
+    [
+        (
+            "channel",
+            ('"c1.ome.tif">urn:uuid:2', '"c1.ome.tif">urn:uuid:1'),
+            "urn:uuid:1: 'c0.ome.tif' (this file), 'c1.ome.tif'",
+        ),
+        (
+            "channel",
+            ('"c1.ome.tif">urn:uuid:2', '"c0.ome.tif">urn:uuid:2'),
+            "'c0.ome.tif' (this file): urn:uuid:1, urn:uuid:2",
+        ),
+        (
+            "renamed",
+            None,
+            "'c1.ome.tif' (this file): urn:uuid:1, urn:uuid:2; "
+            "urn:uuid:1: 'c0.ome.tif', 'c1.ome.tif' (this file)",
+        ),
+        (
+            "pyramid",
+            ('"set_1.ome.tif">urn:uuid:2', '"set_1.ome.tif">urn:uuid:1'),
+            "urn:uuid:1: 'set.ome.tif' (this file), 'set_1.ome.tif'",
+        ),
+    ],
+    ids=["its own UUID to another", "two UUIDs to itself", "two files renamed", "slide's"],
+)
+def test_a_multi_file_ome_set_whose_xml_names_its_files_at_odds_is_refused(
+    tmp_path, layout, edit, conflict
+):
+    """tifffile finds a set's files by UUID (the OME element's is the file opened; the first
+    name given for another), Bio-Formats by name. Where they disagree tifffile read one file's
+    planes as another's without a word: channel 0 twice, or (the slide's UUID the label's) the
+    label in the slide's place. "renamed": c0.ome.tif and c1.ome.tif trade names."""
+    if layout == "pyramid":
+        opened, _ = write_two_file_set(tmp_path, pyramid=True)
+    else:
+        opened, other, _ = write_channel_set(tmp_path)
+    if layout == "renamed":
+        _trade_names(opened, other)
+        opened = other
+    else:
+        edit_description(opened, *edit)
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value) == (
+        f"{opened}: one file of an OME-TIFF set whose OME-XML gives a file two UUIDs or a UUID "
+        f"two files ({conflict}): tifffile finds the files by UUID, Bio-Formats by name, and "
+        "would read one file's planes as another's. Put the set's files together again under "
+        "the names they were written with, or correct the OME-XML"
+    )
+
+
+@pytest.mark.parametrize("keep", [8, 1000], ids=["its header", "its IFD, not its values"])
+def test_a_multi_file_ome_set_with_a_file_tifffile_fails_on_names_the_set(tmp_path, keep):
+    """tifffile raises (not logs) on some files of a set cut short, as it lists the set's
+    planes: the error named the file opened alone, which is whole, as not a TIFF."""
+    opened, other, _ = write_channel_set(tmp_path)
+    other.write_bytes(other.read_bytes()[:keep])
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value).startswith(
+        f"{opened}: not a readable TIFF, or a file of its OME-TIFF set ('c1.ome.tif') is not "
+        "(corrupt, truncated or another format): "
+    )
+
+
+def test_a_multi_file_ome_set_naming_a_file_by_an_empty_name_is_refused(tmp_path):
+    """tifffile cannot open the folder it names: it leaves out the slide's Image, and the
+    label was read in its place."""
+    opened, _ = write_two_file_set(tmp_path, pyramid=False)
+    edit_description(opened, 'FileName="set_1.ome.tif"', 'FileName=""')
+    with pytest.raises(ImageReadError, match=r"places image planes in '', in .*; '' was not"):
+        open_image(opened)
+
+
+def test_a_renamed_ome_tiff_naming_itself_by_its_old_name_and_own_uuid_reads(tmp_path):
+    """Bio-Formats names a single file's own planes by its name and UUID: renamed, the name
+    is of no file beside it, and tifffile and Bio-Formats both read this file by the UUID."""
+    path, img = tmp_path / "renamed.ome.tif", _image()
+    slide = ome_image(0, "slide", SHAPE, 0.25, in_file("orig.ome.tif", "urn:uuid:1"))
+    tifffile.imwrite(path, img, description=ome_xml(slide, uuid="urn:uuid:1"), **KW)
+    np.testing.assert_array_equal(open_image(path).read(0, 256, 0, 384), img)
+
+
+@pytest.mark.parametrize(
+    ("layout", "damage"),
+    [
+        ("pyramid", "cut short"),  # tifffile takes it for no OME-XML: the label is read
+        ("channel", "cut short"),  # channel 0 alone is read
+        ("channel", "not well-formed"),  # channel 0 alone is read, warned of as no pixel size
+    ],
+)
+def test_a_multi_file_ome_set_whose_xml_is_damaged_is_refused(tmp_path, layout, damage):
+    if layout == "pyramid":
+        opened, other = write_two_file_set(tmp_path, pyramid=True)
+    else:
+        opened, other, _ = write_channel_set(tmp_path)
+    with tifffile.TiffFile(opened) as tif:
+        xml = tif.pages.first.description
+    edit = xml[-40:] if damage == "cut short" else "</Pixels>"
+    edit_description(opened, edit, "" if damage == "cut short" else "</Pixel>")
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value) == (
+        f"{opened}: its OME-XML is damaged ({damage}) and names other files of an OME-TIFF "
+        f"set ('{other.name}'): only this file's own planes would be read, as an image of "
+        "their own. Restore the OME-XML from a copy of the set as written, or open the set "
+        "converted into one OME-TIFF"
+    )
 
 
 def test_a_renamed_ome_tiff_without_a_uuid_of_its_own_reads(tmp_path):

@@ -1,4 +1,5 @@
-"""OME-Zarr 0.5 metadata: where each pyramid level lies, and the multiscales/label attributes.
+"""OME-Zarr 0.5 metadata: where each pyramid level lies, and the multiscales/label attributes;
+and where the OME-XML of a multi-file OME-TIFF set contradicts itself (:func:`set_file_conflicts`).
 
 Level ``k`` halves level ``k - 1`` (an odd last row or column is dropped, as
 :func:`segpipe.geometry.pixels.pyramid_shapes` does), so its pixel ``i`` covers level-0 pixels
@@ -14,6 +15,7 @@ images and results both describe their levels through :func:`multiscale_attribut
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +32,7 @@ __all__ = [
     "multiscale_attributes",
     "ngff04_attributes",
     "omero_attributes",
+    "set_file_conflicts",
 ]
 
 OME_VERSION = "0.5"
@@ -224,3 +227,33 @@ def ngff04_attributes(ome: dict[str, Any]) -> dict[str, Any]:
     if "image-label" in out:
         out["image-label"] = {**out["image-label"], "version": "0.4"}
     return out
+
+
+def set_file_conflicts(
+    folder: str, this: str, own: str | None, named: list[tuple[str, str | None]]
+) -> list[str]:
+    """Where an OME-TIFF set's OME-XML gives a file two UUIDs, or a UUID two files, as phrases.
+
+    ``this``: the name of the file holding the XML, in ``folder``; ``own``: its UUID (the OME
+    element's, optional); ``named``: (FileName, UUID text) of the XML's UUID elements. UUIDs
+    compare in any case. A name of no file in ``folder`` is left out: a file renamed since
+    written names itself by its old name (and a missing file is no conflict).
+
+    >>> set_file_conflicts("/nowhere", "a.ome.tif", "urn:uuid:1", [("a.ome.tif", "urn:uuid:2")])
+    ["'a.ome.tif' (this file): urn:uuid:1, urn:uuid:2"]
+    """
+    here = os.path.realpath(os.path.join(folder, this))
+    of_file: dict[str, set[str]] = {}  # a file, as named -> its UUIDs
+    of_uuid: dict[str, set[str]] = {}  # a UUID -> its files, as named
+    for name, uuid in ([(this, own)] if own is not None else []) + named:
+        file, key = os.path.realpath(os.path.join(folder, name)), (uuid or "").strip().lower()
+        if file == here or os.path.exists(file):
+            shown = f"{name!r} (this file)" if file == here else repr(name)
+            of_file.setdefault(shown, set()).add(key)
+            of_uuid.setdefault(key, set()).add(shown)
+    return [
+        f"{k or 'no UUID'}: {', '.join(sorted(v))}"
+        for found in (of_file, of_uuid)
+        for k, v in found.items()
+        if len(v) > 1
+    ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import replace
@@ -30,6 +31,7 @@ from typing import Any, cast
 import numpy as np
 
 from segpipe.io.files import URLPath
+from segpipe.io.ome import set_file_conflicts
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
@@ -149,10 +151,13 @@ class TiffReader(BaseReader):
             self.close()
             raise
         except (tifffile.TiffFileError, SyntaxError, NotImplementedError, *DECODE_ERRORS) as exc:
+            # tifffile raises on some files of an OME-TIFF set as it lists the set's planes
+            others = "" if self._tif is None else ", ".join(map(repr, _named_files(self._tif)))
+            either = f", or a file of its OME-TIFF set ({others}) is not" if others else ""
             self.close()
             raise ImageReadError(
-                f"{self.path}: not a readable TIFF (corrupt, truncated or another format): "
-                f"{type(exc).__name__}: {exc}"
+                f"{self.path}: not a readable TIFF{either} (corrupt, truncated or another "
+                f"format): {type(exc).__name__}: {exc}"
             ) from exc
         if self.pixel_size_um is None:
             self.pixel_size_um = file_px
@@ -170,6 +175,15 @@ class TiffReader(BaseReader):
         # of 1116^2 from 2 threads of a deflate OME-TIFF: 0.52 s of one core, 0.45 s over
         # two). Read-only whatever the file handle says (an fsspec memory file claims writable).
         threads = {"maxworkers": 2} if series.levels[level].keyframe.maxworkers > 0 else {}
+        # tifffile picks a JPEG level's decoder as it first decodes, looking into its first tile
+        # through its file's handle, which it closed for a set's other files: open it for that
+        for page in {id(p.keyframe): p.keyframe for p in series.levels[level].pages if p}.values():
+            if (fh := page.parent.filehandle).closed:
+                fh.open()
+                try:
+                    _ = page.decode  # a cached property
+                finally:
+                    fh.close()
         store = series.aszarr(level=level, read_only=True, **threads)
         stored = cast("zarr.Array", zarr.open(store, mode="r"))
         array = self._photometric[level].view(stored, series.levels[level].axes)
@@ -292,17 +306,27 @@ def _check_ome_set(tif: Any, path: str) -> None:
     """Refuse an OME-TIFF whose OME-XML places image planes in other files (a multi-file set)
     when tifffile read no page of one of them: it is missing, no TIFF, or lacks the IFDs
     named, or the set is opened at a URL (tifffile opens a set's other files by path only);
-    and a file of a set whose OME-XML is in a companion file (BinaryOnly). A single file
-    renamed since written (:func:`_is_renamed`) is no set.
+    and a file of a set whose OME-XML is in a companion file (BinaryOnly), is damaged (cut
+    short or not well-formed) yet names other files, or gives a file two UUIDs or a UUID two
+    files (:func:`set_file_conflicts`). A single file renamed since written
+    (:func:`_is_renamed`) is no set.
 
     tifffile logs such a file and zeroes the planes named in it, or leaves out an Image whose
     planes were all there, and another Image is read in the slide's place. A file of another
     set found under a name the set gives is refused by :func:`check_ome_set_uuids`."""
-    if not tif.is_ome or not tif.ome_metadata:
-        return
     try:
-        root = ET.fromstring(tif.ome_metadata)
-    except ET.ParseError:  # tifffile reads no OME series then: no set
+        root = ET.fromstring(tif.ome_metadata) if tif.is_ome and tif.ome_metadata else None
+    except ET.ParseError:
+        root = None
+    if root is None:  # no OME series: tifffile reads this file's pages alone
+        if names := _named_files(tif):
+            damage = "not well-formed" if tif.is_ome else "cut short"
+            raise ImageReadError(
+                f"{path}: its OME-XML is damaged ({damage}) and names other files of an "
+                f"OME-TIFF set ({', '.join(map(repr, names))}): only this file's own "
+                "planes would be read, as an image of their own. Restore the OME-XML from a "
+                "copy of the set as written, or open the set converted into one OME-TIFF"
+            )
         return
     for e in root:
         if e.tag.rsplit("}", 1)[-1] == "BinaryOnly":
@@ -313,12 +337,26 @@ def _check_ome_set(tif: Any, path: str) -> None:
                 "be read, as an image of their own. Convert the set into one OME-TIFF "
                 f"(bfconvert {xml} out.ome.tif) and open that"
             )
-    uuids = [e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "UUID" and e.get("FileName")]
+    # FileName="" too: tifffile tries to open the folder, fails, and leaves out the Image
+    uuids = [
+        e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "UUID" and "FileName" in e.attrib
+    ]
+    own = root.get("UUID")
+    # tifffile finds a set's files by UUID (the first name given), Bio-Formats by name: files
+    # renamed or an XML edited have one file's planes read as another's.
+    pairs = [(e.get("FileName", ""), e.text) for e in uuids]
+    folder = tif.filehandle.dirname
+    if tif.filehandle.is_file and (odd := set_file_conflicts(folder, tif.filename, own, pairs)):
+        raise ImageReadError(
+            f"{path}: one file of an OME-TIFF set whose OME-XML gives a file two UUIDs or a "
+            f"UUID two files ({'; '.join(odd)}): tifffile finds the files by UUID, Bio-Formats "
+            "by name, and would read one file's planes as another's. Put the set's files "
+            "together again under the names they were written with, or correct the OME-XML"
+        )
     named = {
         name
         for e in uuids
-        if e.text != root.get("UUID")
-        and (name := e.get("FileName", "")).lower() != tif.filename.lower()
+        if e.text != own and (name := e.get("FileName", "")).lower() != tif.filename.lower()
     }
     if not named or _is_renamed(tif, root, uuids):
         return
@@ -332,7 +370,6 @@ def _check_ome_set(tif: Any, path: str) -> None:
     read = {
         p.parent.filehandle.path: p.parent for s in tif.series for p in s.pages if p is not None
     }
-    folder = tif.filehandle.dirname
     files = {name: os.path.realpath(os.path.join(folder, name)) for name in sorted(named)}
     problems = [
         f"{name!r} is not there"
@@ -349,6 +386,13 @@ def _check_ome_set(tif: Any, path: str) -> None:
             "folder, as they were written, and open this file there"
         )
     check_ome_set_uuids(root, {name: read[file] for name, file in files.items()}, path)
+
+
+def _named_files(tif: Any) -> list[str]:
+    """The other files that the OME-XML in ``tif``'s first IFD, parsed or not, names."""
+    text = tif.pages.first.description or ""
+    names = set(re.findall(r'FileName\s*=\s*"([^"]*)"', text)) - {tif.filename}
+    return sorted(names) if "<OME" in text else []
 
 
 def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
