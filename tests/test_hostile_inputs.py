@@ -18,6 +18,7 @@ import zarr
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_vendor_formats import write_channel_set
 
 import segpipe
 from segpipe.io.readers import ImageReadError, open_image
@@ -705,3 +706,33 @@ def test_a_sparse_jpeg_tiff_lying_about_its_tiles_is_refused(tmp_path: Path) -> 
     with pytest.raises(ImageReadError, match=r"level 0 .* its tile 2 is a JPEG stream") as info:
         open_image(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("layout", "tag", "value", "stored"),
+    [
+        ({"tile": (64, 64)}, 322, 2**31, "256x384 pixels of uint8 in tiles of 64x2147483648"),
+        (
+            {"rowsperstrip": 16},
+            256,
+            2**31 - 1,
+            "256x2147483647 pixels of uint8 in strips of 16x2147483647",
+        ),
+    ],
+    ids=["TileWidth", "ImageWidth of strips"],
+)
+def test_a_file_of_an_ome_set_lying_about_its_tiles_is_refused_at_open(
+    tmp_path: Path, layout: dict[str, object], tag: int, value: int, stored: str
+) -> None:
+    """tifffile decodes each file's tiles by that file's own keyframe; the level's alone (in
+    the file opened) was checked: 128 GiB a tile, 32 GiB a strip, allocated at the first
+    read (a MemoryError under an address-space limit)."""
+    zlib = {"compression": "zlib", **layout}
+    opened, other, _ = write_channel_set(tmp_path, layouts=(zlib, zlib))
+    with tifffile.TiffFile(other, mode="r+b") as tif:
+        tif.pages.first.tags[tag].overwrite(value)
+    with _no_big_allocation(), pytest.raises(ImageReadError) as info:
+        open_image(opened).read(0, 256, 0, 384)
+    assert str(info.value).startswith(
+        f"{other} (a file of {opened}'s OME-TIFF set): level 0 is {stored}, in {opened} "
+    )

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+import zarr
 
 from segpipe.io.describe import describe_image
 from segpipe.io.readers import ImageReadError, open_image
@@ -612,13 +613,19 @@ def ome_channels(tiffdata: str) -> str:
     )
 
 
+_RAW_TILES = {"compression": None, "tile": (64, 64)}
+
+
 def write_channel_set(
-    tmp_path: Path, own: dict[str, object] | None = None
+    tmp_path: Path,
+    own: dict[str, object] | None = None,
+    layouts: tuple[dict[str, object], dict[str, object]] = (_RAW_TILES, _RAW_TILES),
 ) -> tuple[Path, Path, np.ndarray]:
     """A fluorescence OME-TIFF set: channel c of :func:`ome_channels` is IFD 0 of
     ``c{c}.ome.tif`` (the first holds the OME-XML), each reduced by 2 in a SubIFD; returns
     the two files and the (y, x, channel) pixels. ``own``: tifffile keywords of
-    ``c1.ome.tif``'s own OME-XML (:func:`named_as` the set's ``urn:uuid:2``)."""
+    ``c1.ome.tif``'s own OME-XML (:func:`named_as` the set's ``urn:uuid:2``); ``layouts``:
+    tifffile keywords storing each file's IFD 0 (its SubIFD: raw 64 x 64 tiles)."""
     planes = _image()[..., :2]
     xml = ome_xml(
         ome_channels(
@@ -630,11 +637,12 @@ def write_channel_set(
         ),
         uuid="urn:uuid:1",
     )
-    raw = {"photometric": "minisblack", "metadata": None, "compression": None, "tile": (64, 64)}
+    raw = {"photometric": "minisblack", "metadata": None, **_RAW_TILES}
     own = named_as("urn:uuid:2") if own is None else own
     for c, first in enumerate(({"description": xml}, own)):
+        stored = {"photometric": "minisblack", "metadata": None, **layouts[c], **first}
         with tifffile.TiffWriter(tmp_path / f"c{c}.ome.tif") as tif:
-            tif.write(planes[..., c], subifds=1, **{**raw, **first})
+            tif.write(planes[..., c], subifds=1, **stored)
             tif.write(planes[::2, ::2, c], subfiletype=1, **raw)
     return tmp_path / "c0.ome.tif", tmp_path / "c1.ome.tif", planes
 
@@ -655,6 +663,56 @@ def test_a_multi_file_ome_set_whose_slide_is_in_jpeg_in_another_file_reads(tmp_p
     for level in (0, 1):
         want = tifffile.imread(other, is_ome=False, level=level)
         np.testing.assert_array_equal(reader.level(level).compute(), want)
+
+
+def test_a_multi_file_ome_set_whose_files_differ_in_compression_alone_reads(tmp_path):
+    """tifffile decodes each file's tiles by that file's own keyframe: its compression."""
+    zlib = {**_RAW_TILES, "compression": "zlib"}
+    opened, _, planes = write_channel_set(tmp_path, layouts=(_RAW_TILES, zlib))
+    reader = open_image(opened)
+    np.testing.assert_array_equal(reader.read(0, 256, 0, 384), planes)
+    np.testing.assert_array_equal(reader.level(1).compute(), planes[::2, ::2])
+
+
+@pytest.mark.parametrize(
+    ("layout", "stored"),
+    [({"tile": (32, 32)}, "tiles of 32x32"), ({"rowsperstrip": 16}, "strips of 16x384")],
+    ids=["tiles", "strips"],
+)
+def test_a_multi_file_ome_set_whose_files_are_tiled_unalike_is_refused_naming_one(
+    tmp_path, layout, stored
+):
+    """tifffile's Zarr view, which segpipe reads, places every file's tiles by the level's
+    tile grid (its first file's), though it decodes each by its own file's keyframe: a
+    reshape error at the first read, or (strips) "the file is truncated" for a whole file.
+    tifffile's own asarray, plane by plane, reads the set right."""
+    opened, other, planes = write_channel_set(
+        tmp_path, layouts=(_RAW_TILES, {"compression": None, **layout})
+    )
+    with tifffile.TiffFile(opened) as tif:  # the premise
+        np.testing.assert_array_equal(tif.series[0].asarray(), planes.transpose(2, 0, 1))
+        with pytest.raises(ValueError, match="cannot reshape"):
+            zarr.open(tif.series[0].aszarr(level=0), mode="r")[:]
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value).startswith(
+        f"{other} (a file of {opened}'s OME-TIFF set): level 0 is 256x384 pixels of uint8 in "
+        f"{stored}, in {opened} 256x384 pixels of uint8 in tiles of 64x64; tifffile reads "
+        "every file of the set by one tile grid and pixel type. Its ImageWidth, ImageLength "
+    )
+
+
+def test_a_multi_file_ome_set_whose_level_is_of_another_dtype_names_its_file(tmp_path):
+    """The slide's levels are in set_1.ome.tif: the error named the file opened alone."""
+    opened, other = write_two_file_set(tmp_path, pyramid=True)
+    with tifffile.TiffWriter(other) as tif:
+        tif.write(_image(), subifds=1, tile=(64, 64), **{**KW, **named_as("urn:uuid:2")})
+        tif.write(_image()[::2, ::2].astype(np.uint16), subfiletype=1, tile=(64, 64), **KW)
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value) == (
+        f"{opened}: level 1 (stored in {other}) reads as uint16 pixels, level 0 as uint8"
+    )
 
 
 @pytest.mark.parametrize("how", ["missing", "no TIFF"])
@@ -808,6 +866,41 @@ def test_a_multi_file_ome_set_whose_xml_names_its_files_at_odds_is_refused(
         "would read one file's planes as another's. Put the set's files together again under "
         "the names they were written with, or correct the OME-XML"
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "damage"),
+    [
+        (  # channel 1's TiffData without its UUID: IFD 0 of the file opened, channel 0 again
+            '<UUID FileName="c1.ome.tif">urn:uuid:2</UUID>',
+            "",
+            "level 0 reads IFD 0 of {opened} as two of its planes (0 and 1 of 2: channels, "
+            "Z, T); the OME-XML is damaged",
+        ),
+        (  # tifffile indexes a file's pages by it, as Python does: -1 is the last
+            'FirstC="1" IFD="0"',
+            'FirstC="1" IFD="-1"',
+            "its OME-XML places a plane at IFD -1 (TiffData), a negative one, which tifffile "
+            "counts from the last IFD; the OME-XML is damaged",
+        ),
+        (  # without C both TiffData place their plane at index 0: one channel of two read
+            'DimensionOrder="XYCZT"',
+            'DimensionOrder="XYZT"',
+            "its OME-XML gives DimensionOrder 'XYZT', not one of XYZCT, XYZTC, XYCTZ, XYCZT, "
+            "XYTCZ, XYTZC: tifffile would read one plane in place of several; the OME-XML is "
+            "damaged",
+        ),
+    ],
+    ids=["one IFD for two planes", "negative IFD", "DimensionOrder without C"],
+)
+def test_a_multi_file_ome_set_whose_xml_places_planes_at_odds_is_refused(
+    tmp_path, old, new, damage
+):
+    opened, _, _ = write_channel_set(tmp_path)
+    edit_description(opened, old, new)
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value) == f"{opened}: " + damage.format(opened=opened)
 
 
 @pytest.mark.parametrize("keep", [8, 1000], ids=["its header", "its IFD, not its values"])

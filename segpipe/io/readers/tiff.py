@@ -14,16 +14,14 @@ and a pixel where it is 0 holds no data, as GDAL reads it in a GeoTIFF.
 A TIFF that goes through GDAL is refused if its Orientation is not 1: GDAL, and the GIS viewers
 on it, place the stored rows and columns by the georeference and ignore the tag. A damaged or
 lying structure (a looping or truncated chain of IFDs, tiles missing, sizes no image has) is
-refused at open by :mod:`segpipe.io.readers.tiff_checks`.
+refused at open by :mod:`segpipe.io.readers.tiff_checks`; a multi-file OME-TIFF set missing a
+file, or whose files are not the set's, by :mod:`segpipe.io.readers.ome_sets`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
 import warnings
-import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -31,10 +29,10 @@ from typing import Any, cast
 import numpy as np
 
 from segpipe.io.files import URLPath
-from segpipe.io.ome import set_file_conflicts
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
+from segpipe.io.readers.ome_sets import check_ome_set, named_files
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
     ORIENTATION_TAG,
@@ -46,7 +44,7 @@ from segpipe.io.readers.tiff_checks import (
     check_ifd_chain,
     check_ome_planes,
 )
-from segpipe.io.readers.vendor import SlideMetadata, check_ome_set_uuids, slide_metadata
+from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
 
@@ -83,7 +81,7 @@ class TiffReader(BaseReader):
             check_ome_planes(tif, size, self.path)  # before tifffile lists them
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
-            _check_ome_set(tif, self.path)
+            check_ome_set(tif, self.path)
             self._series = _main_series(tif.series, self.path)
             series = tif.series[self._series]
             check_declared_data(series, size, self.path)
@@ -152,7 +150,7 @@ class TiffReader(BaseReader):
             raise
         except (tifffile.TiffFileError, SyntaxError, NotImplementedError, *DECODE_ERRORS) as exc:
             # tifffile raises on some files of an OME-TIFF set as it lists the set's planes
-            others = "" if self._tif is None else ", ".join(map(repr, _named_files(self._tif)))
+            others = "" if self._tif is None else ", ".join(map(repr, named_files(self._tif)))
             either = f", or a file of its OME-TIFF set ({others}) is not" if others else ""
             self.close()
             raise ImageReadError(
@@ -269,7 +267,8 @@ def _pixel_layout(
     levels: list[Any], photometric: tuple[Photometric, ...], path: str
 ) -> tuple[list[str], list[tuple[int, ...]], np.dtype[Any]]:
     """Axes and shape of each level's pixels (a palette's RGB included), and their dtype;
-    refused when a level's pixels come out in another dtype than level 0's."""
+    refused when a level's pixels come out in another dtype than level 0's, naming the file
+    of an OME-TIFF set that holds the level."""
     axes, shapes, dtypes = [], [], []
     for lv, p in zip(levels, photometric, strict=True):
         ax, shape, _, dtype = p.layout(lv.axes, tuple(lv.shape), (), np.dtype(lv.dtype))
@@ -278,8 +277,10 @@ def _pixel_layout(
         dtypes.append(dtype)
     for k, dtype in enumerate(dtypes):
         if dtype != dtypes[0]:  # a palette level beside an RGB one, say
+            held = levels[k].keyframe.parent
+            where = "" if held is levels[k].parent else f" (stored in {held.filehandle.path})"
             raise ImageReadError(
-                f"{path}: level {k} reads as {dtype} pixels, level 0 as {dtypes[0]}"
+                f"{path}: level {k}{where} reads as {dtype} pixels, level 0 as {dtypes[0]}"
             )
     return axes, shapes, dtypes[0]
 
@@ -300,121 +301,3 @@ def _alpha_channel_names(page: Any, axes: str) -> tuple[str, ...] | None:
         names[0] = "grey"
     names[colour + alphas[0]] = "alpha"
     return tuple(names)
-
-
-def _check_ome_set(tif: Any, path: str) -> None:
-    """Refuse an OME-TIFF whose OME-XML places image planes in other files (a multi-file set)
-    when tifffile read no page of one of them: it is missing, no TIFF, or lacks the IFDs
-    named, or the set is opened at a URL (tifffile opens a set's other files by path only);
-    and a file of a set whose OME-XML is in a companion file (BinaryOnly), is damaged (cut
-    short or not well-formed) yet names other files, or gives a file two UUIDs or a UUID two
-    files (:func:`set_file_conflicts`). A single file renamed since written
-    (:func:`_is_renamed`) is no set.
-
-    tifffile logs such a file and zeroes the planes named in it, or leaves out an Image whose
-    planes were all there, and another Image is read in the slide's place. A file of another
-    set found under a name the set gives is refused by :func:`check_ome_set_uuids`."""
-    try:
-        root = ET.fromstring(tif.ome_metadata) if tif.is_ome and tif.ome_metadata else None
-    except ET.ParseError:
-        root = None
-    if root is None:  # no OME series: tifffile reads this file's pages alone
-        if names := _named_files(tif):
-            damage = "not well-formed" if tif.is_ome else "cut short"
-            raise ImageReadError(
-                f"{path}: its OME-XML is damaged ({damage}) and names other files of an "
-                f"OME-TIFF set ({', '.join(map(repr, names))}): only this file's own "
-                "planes would be read, as an image of their own. Restore the OME-XML from a "
-                "copy of the set as written, or open the set converted into one OME-TIFF"
-            )
-        return
-    for e in root:
-        if e.tag.rsplit("}", 1)[-1] == "BinaryOnly":
-            xml = e.get("MetadataFile", "")
-            raise ImageReadError(
-                f"{path}: one file of an OME-TIFF set whose OME-XML is in {xml!r} "
-                "(BinaryOnly), which tifffile does not read: only this file's planes would "
-                "be read, as an image of their own. Convert the set into one OME-TIFF "
-                f"(bfconvert {xml} out.ome.tif) and open that"
-            )
-    # FileName="" too: tifffile tries to open the folder, fails, and leaves out the Image
-    uuids = [
-        e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "UUID" and "FileName" in e.attrib
-    ]
-    own = root.get("UUID")
-    # tifffile finds a set's files by UUID (the first name given), Bio-Formats by name: files
-    # renamed or an XML edited have one file's planes read as another's.
-    pairs = [(e.get("FileName", ""), e.text) for e in uuids]
-    folder = tif.filehandle.dirname
-    if tif.filehandle.is_file and (odd := set_file_conflicts(folder, tif.filename, own, pairs)):
-        raise ImageReadError(
-            f"{path}: one file of an OME-TIFF set whose OME-XML gives a file two UUIDs or a "
-            f"UUID two files ({'; '.join(odd)}): tifffile finds the files by UUID, Bio-Formats "
-            "by name, and would read one file's planes as another's. Put the set's files "
-            "together again under the names they were written with, or correct the OME-XML"
-        )
-    named = {
-        name
-        for e in uuids
-        if e.text != own and (name := e.get("FileName", "")).lower() != tif.filename.lower()
-    }
-    if not named or _is_renamed(tif, root, uuids):
-        return
-    listed = ", ".join(map(repr, sorted(named)))
-    if not tif.filehandle.is_file:
-        raise ImageReadError(
-            f"{path}: one file of an OME-TIFF set whose OME-XML places image planes in "
-            f"{listed}, opened at a URL, where tifffile opens none of a set's other files; "
-            "copy the set's files into one local folder and open this file there"
-        )
-    read = {
-        p.parent.filehandle.path: p.parent for s in tif.series for p in s.pages if p is not None
-    }
-    files = {name: os.path.realpath(os.path.join(folder, name)) for name in sorted(named)}
-    problems = [
-        f"{name!r} is not there"
-        if not os.path.exists(file)
-        else f"{name!r} was not read (no TIFF, or without the IFDs named)"
-        for name, file in files.items()
-        if file not in read
-    ]
-    if problems:
-        raise ImageReadError(
-            f"{path}: one file of an OME-TIFF set whose OME-XML places image planes in "
-            f"{listed}, in {folder}; {'; '.join(problems)}. tifffile would read zeros or "
-            "another image in their place: put the set's files together again in one "
-            "folder, as they were written, and open this file there"
-        )
-    check_ome_set_uuids(root, {name: read[file] for name, file in files.items()}, path)
-
-
-def _named_files(tif: Any) -> list[str]:
-    """The other files that the OME-XML in ``tif``'s first IFD, parsed or not, names."""
-    text = tif.pages.first.description or ""
-    names = set(re.findall(r'FileName\s*=\s*"([^"]*)"', text)) - {tif.filename}
-    return sorted(names) if "<OME" in text else []
-
-
-def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
-    """Whether an OME-TIFF whose planes (``uuids``: its TiffData's UUID elements) are all in
-    one other file is a single-file OME-TIFF renamed: its OME-XML has no UUID of its own
-    (optional), so names it by its old name alone; tifffile, finding no such file, reads its
-    pages (a generic series). They are the image if the file holds every IFD named and its
-    largest page is the largest Image's size; a placeholder in a set file is not."""
-    # tifffile built an OME series from this file's planes (a TiffData without UUID): a set.
-    if "UUID" in root.attrib or any(s.kind == "ome" for s in tif.series):
-        return False
-    tags = [(e.tag.rsplit("}", 1)[-1], e) for e in root.iter()]
-    ifds = [e.get("IFD", "0") for t, e in tags if t == "TiffData"]
-    sizes = [(e.get("SizeY", ""), e.get("SizeX", "")) for t, e in tags if t == "Pixels"]
-    declared = max(
-        ((int(y), int(x)) for y, x in sizes if y.isdigit() and x.isdigit()),
-        key=math.prod,
-        default=None,
-    )
-    held = max(((s.keyframe.imagelength, s.keyframe.imagewidth) for s in tif.series), key=math.prod)
-    return (
-        len({(e.get("FileName"), e.text) for e in uuids}) == 1
-        and all(i.isdigit() and int(i) < len(tif.pages) for i in ifds)
-        and declared == held
-    )

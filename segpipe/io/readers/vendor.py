@@ -24,8 +24,7 @@ shown with rows and columns swapped) is the stored Y's.
 
 Metadata that is present but unreadable (XML that does not parse, a spacing that is not a
 number) is an :class:`ImageReadError` naming the file; metadata that is absent leaves the
-pixel size unknown (the resolution tags are tried next). The files of a multi-file OME-TIFF
-set are checked to be the ones its OME-XML names (:func:`check_ome_set_uuids`).
+pixel size unknown (the resolution tags are tried next).
 """
 
 from __future__ import annotations
@@ -39,9 +38,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
+from segpipe.io.readers.ome_sets import local_name
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
 
-__all__ = ["SlideMetadata", "check_ome_set_uuids", "slide_metadata"]
+__all__ = ["SlideMetadata", "slide_metadata"]
 
 # TIFF ResolutionUnit: 2 inch, 3 centimetre (baseline); 4 mm, 5 µm (DNG, tifffile).
 _UM_PER_RESUNIT = {2: 25_400.0, 3: 10_000.0, 4: 1_000.0, 5: 1.0}
@@ -128,10 +128,6 @@ def _xml(text: str | bytes | None, path: str, what: str) -> ET.Element | None:
         raise ImageReadError(f"{path}: the {what} does not parse as XML ({exc})") from exc
 
 
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
 def _resolution_tags_um(tif: Any, page: Any, path: str, is_transposed: bool) -> float | None:
     """Microns per pixel from X/YResolution (pixels per unit) in ResolutionUnit, or, in a file
     ImageJ wrote (ResolutionUnit none), in the ``unit`` of its ImageDescription; of the X
@@ -205,13 +201,13 @@ def _leica_scn(
     in document order; the image's ``view`` gives its extent on the slide in nanometres.
     """
     root = _xml(desc, path, "Leica SCN ImageDescription")
-    images = [] if root is None else [e for e in root.iter() if _local(e.tag) == "image"]
-    images = [im for im in images if any(_local(e.tag) == "dimension" for e in im.iter())]
+    images = [] if root is None else [e for e in root.iter() if local_name(e.tag) == "image"]
+    images = [im for im in images if any(local_name(e.tag) == "dimension" for e in im.iter())]
     if series_index >= len(images):
         return None, None
     image = images[series_index]
-    view = next((e for e in image if _local(e.tag) == "view"), None)
-    dims = [e for e in image.iter() if _local(e.tag) == "dimension"]
+    view = next((e for e in image if local_name(e.tag) == "view"), None)
+    dims = [e for e in image.iter() if local_name(e.tag) == "dimension"]
     full = [d for d in dims if d.get("r", "0") == "0" and d.get("z", "0") == "0"] or dims
     if view is None:
         return None, None
@@ -228,7 +224,7 @@ def _leica_scn(
         "Leica SCN pixel size",
         is_transposed,
     )
-    objective = next((e.text for e in image.iter() if _local(e.tag) == "objective"), None)
+    objective = next((e.text for e in image.iter() if local_name(e.tag) == "objective"), None)
     return px, positive_or_none(objective)
 
 
@@ -256,7 +252,9 @@ def _ventana_xmp(xmp: bytes | str | None, path: str) -> tuple[float | None, floa
         xmp = xmp.rstrip(b"\0").decode("utf-8", errors="replace")
     root = _xml(xmp, path, "Ventana BIF XMP (tag 700)")
     scan = (
-        None if root is None else next((e for e in root.iter() if _local(e.tag) == "iScan"), None)
+        None
+        if root is None
+        else next((e for e in root.iter() if local_name(e.tag) == "iScan"), None)
     )
     if scan is None:
         return None, None
@@ -312,14 +310,14 @@ def _ome_series_pixels(
     found = [
         pixels
         for image in root
-        if _local(image.tag) == "Image"
+        if local_name(image.tag) == "Image"
         for pixels in image
-        if _local(pixels.tag) == "Pixels"
-        and any(_tiffdata_holds(d, where, own) for d in pixels if _local(d.tag) == "TiffData")
+        if local_name(pixels.tag) == "Pixels"
+        and any(_tiffdata_holds(d, where, own) for d in pixels if local_name(d.tag) == "TiffData")
     ]
     if len(found) == 1:
         return found[0]
-    listed = [e for e in root.iter() if _local(e.tag) == "Pixels"]
+    listed = [e for e in root.iter() if local_name(e.tag) == "Pixels"]
     return listed[series_index if series_index < len(listed) else 0] if listed else None
 
 
@@ -331,7 +329,7 @@ def _tiffdata_holds(data: ET.Element, where: tuple[str, Any], own: tuple[str, st
     with an ``IFD``, else every IFD to the end) how many; a ``UUID`` child's ``FileName``
     names another file of the set, unless that UUID is the OME's own."""
     file, ifd = where
-    uuid = next((e for e in data if _local(e.tag) == "UUID"), None)
+    uuid = next((e for e in data if local_name(e.tag) == "UUID"), None)
     name = own[0]
     if uuid is not None and uuid.text != own[1] and uuid.get("FileName"):
         name = posixpath.basename(str(uuid.get("FileName")).replace("\\", "/")).lower()
@@ -343,49 +341,3 @@ def _tiffdata_holds(data: ET.Element, where: tuple[str, Any], own: tuple[str, st
     # a SubIFD's index is a tuple: no TiffData lists it
     in_range = isinstance(ifd, int) and first <= ifd and (not count or ifd < first + count)
     return name == file and in_range
-
-
-def check_ome_set_uuids(root: ET.Element, companions: dict[str, Any], path: str) -> None:
-    """Refuse a file of a multi-file OME-TIFF set (``path``; ``root``, its OME-XML) another of
-    whose files is not the one the set means: ``companions`` (the tifffile ``TiffFile`` read
-    under each file name the set gives) holds a file of a set of its own (:func:`_set_uuid`)
-    whose UUID is not the one the set's ``UUID`` elements give for that name: a file of another
-    acquisition or export saved under the set's name. tifffile and Bio-Formats find the files
-    by name alone and would read its planes as the set's. A file of no set of its own (one
-    tifffile wrote, with a fresh UUID, as sets are put together by hand) is taken as the set's.
-    Reads no pixel: tifffile read the files' IFDs."""
-    owns = {name: _set_uuid(tif) for name, tif in companions.items()}
-    wrong = {}
-    for e in root.iter():
-        name, named = e.get("FileName", ""), (e.text or "").strip()
-        own = owns.get(name)
-        if _local(e.tag) == "UUID" and own and named and own.lower() != named.lower():
-            file = companions[name].filehandle.path
-            wrong[name] = f"it gives {name!r} as {named}, but {file} is {own}"
-    if wrong:
-        raise ImageReadError(
-            f"{path}: one file of an OME-TIFF set whose OME-XML names its files by UUID; "
-            f"{'; '.join(wrong.values())} (the UUID of that file's own OME-XML, which names "
-            "a set of its own): a file of another acquisition or export saved under the "
-            "set's name, whose planes would be read as the set's. Put the set's own files "
-            "together again in one folder, as they were written, and open this file there"
-        )
-
-
-def _set_uuid(tif: Any) -> str | None:
-    """The root ``UUID`` of ``tif``'s OME-XML (its first IFD's description, in memory since
-    tifffile read the IFDs) where that XML is a set's: it names files by UUID or is
-    ``BinaryOnly``, as Bio-Formats, OMERO and Micro-Manager write each file of a set. None
-    otherwise: tifffile gives every ``.ome.tif`` it writes a fresh UUID of no meaning."""
-    if not tif.is_ome:
-        return None
-    try:
-        own = ET.fromstring(tif.pages.first.description)
-    except ET.ParseError:
-        return None
-    in_a_set = any(
-        _local(e.tag) == "BinaryOnly" or (_local(e.tag) == "UUID" and e.get("FileName"))
-        for e in own.iter()
-    )
-    uuid = own.get("UUID")
-    return uuid.strip() if in_a_set and uuid is not None else None
