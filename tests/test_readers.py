@@ -580,6 +580,64 @@ def test_reader_reopens_after_close(tmp_path: Path) -> None:
     np.testing.assert_array_equal(reader.read(0, 64, 0, 64), first)
 
 
+def _record_closes(monkeypatch: pytest.MonkeyPatch, cls: type, closes: list[object]) -> None:
+    """Append to ``closes`` each handle of ``cls`` closed while open (an fsspec file is
+    closed again as it is collected, a TiffFile states no ``closed``)."""
+    close = cls.close
+
+    def recording(self: object) -> None:
+        if not getattr(self, "closed", False):
+            closes.append(self)
+        close(self)
+
+    monkeypatch.setattr(cls, "close", recording)
+
+
+@pytest.mark.parametrize("is_url", [False, True], ids=["local", "url"])
+def test_close_under_a_read_leaves_the_handles_to_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, is_url: bool
+) -> None:
+    """As a pipeline closing its reader while a dask thread is still reading tiles: the read
+    gives its pixels (closed under it, it failed as if the file were damaged), its handles
+    (the TiffFile; for a URL, the fsspec file too) are closed once, as it ends, and a read
+    after close opens the file again."""
+    import fsspec.implementations.local
+
+    from segpipe.io.files import URLPath
+
+    img = _rgb()
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", compression="zlib")
+    closes: list[object] = []
+    _record_closes(monkeypatch, tifffile.TiffFile, closes)
+    _record_closes(monkeypatch, fsspec.implementations.local.LocalFileOpener, closes)
+    reader = open_image(URLPath(f"file://{path}") if is_url else path)
+    assert reader.read(0, 64, 0, 64).shape == (64, 64, 3)  # the file handle in tifffile's cache
+    inside, go, read_bytes = threading.Event(), threading.Event(), tifffile.FileCache.read
+
+    def held_read(self: object, *args: object, **kwargs: object) -> bytes:
+        inside.set()
+        go.wait(timeout=5)
+        return read_bytes(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(tifffile.FileCache, "read", held_read)
+    handles = 2 if is_url else 1
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(reader.read, 128, 192, 256, 320)
+        assert inside.wait(timeout=5)
+        reader.close()
+        closed_by_close = list(closes)
+        go.set()
+        np.testing.assert_array_equal(read.result(timeout=10), img[128:192, 256:320])
+    assert closed_by_close == [] and len(closes) == handles  # by the read, as it ended
+    assert isinstance(closes[0], tifffile.TiffFile)
+    np.testing.assert_array_equal(reader.read(64, 128, 0, 64), img[64:128, :64])
+    reader.close()  # no read in it: at once
+    assert len(closes) == 2 * handles and not set(map(id, closes[:handles])) & set(
+        map(id, closes[handles:])
+    )
+
+
 @pytest.mark.slow
 def test_level_computes_in_worker_processes(tmp_path: Path) -> None:
     reader = open_image(write_ome_tiff(tmp_path / "p.ome.tif", _rgb()))

@@ -620,12 +620,14 @@ def write_channel_set(
     tmp_path: Path,
     own: dict[str, object] | None = None,
     layouts: tuple[dict[str, object], dict[str, object]] = (_RAW_TILES, _RAW_TILES),
+    reduced: tuple[dict[str, object], dict[str, object]] = ({}, {}),
 ) -> tuple[Path, Path, np.ndarray]:
     """A fluorescence OME-TIFF set: channel c of :func:`ome_channels` is IFD 0 of
     ``c{c}.ome.tif`` (the first holds the OME-XML), each reduced by 2 in a SubIFD; returns
     the two files and the (y, x, channel) pixels. ``own``: tifffile keywords of
     ``c1.ome.tif``'s own OME-XML (:func:`named_as` the set's ``urn:uuid:2``); ``layouts``:
-    tifffile keywords storing each file's IFD 0 (its SubIFD: raw 64 x 64 tiles)."""
+    tifffile keywords storing each file's IFD 0; ``reduced``: its SubIFD (raw 64 x 64 tiles
+    but for these)."""
     planes = _image()[..., :2]
     xml = ome_xml(
         ome_channels(
@@ -643,7 +645,7 @@ def write_channel_set(
         stored = {"photometric": "minisblack", "metadata": None, **layouts[c], **first}
         with tifffile.TiffWriter(tmp_path / f"c{c}.ome.tif") as tif:
             tif.write(planes[..., c], subifds=1, **stored)
-            tif.write(planes[::2, ::2, c], subfiletype=1, **raw)
+            tif.write(planes[::2, ::2, c], subfiletype=1, **{**raw, **reduced[c]})
     return tmp_path / "c0.ome.tif", tmp_path / "c1.ome.tif", planes
 
 
@@ -699,6 +701,75 @@ def test_a_multi_file_ome_set_whose_files_are_tiled_unalike_is_refused_naming_on
         f"{other} (a file of {opened}'s OME-TIFF set): level 0 is 256x384 pixels of uint8 in "
         f"{stored}, in {opened} 256x384 pixels of uint8 in tiles of 64x64; tifffile reads "
         "every file of the set by one tile grid and pixel type. Its ImageWidth, ImageLength "
+    )
+
+
+_TURNED = {"extratags": [(274, "H", 1, 3, True)]}  # Orientation 3: stored upside down
+
+
+@pytest.mark.parametrize("level", [0, 1])
+@pytest.mark.parametrize(
+    ("stored", "stated"),
+    [
+        ({"photometric": "miniswhite"}, "PhotometricInterpretation (TIFF tag 262) 0 (MINISWHITE)"),
+        (_TURNED, "Orientation (TIFF tag 274) 3"),
+    ],
+    ids=["min-is-white", "turned"],
+)
+def test_a_multi_file_ome_set_whose_file_is_shown_unlike_the_first_is_refused_naming_it(
+    tmp_path, level, stored, stated
+):
+    """segpipe inverts min-is-white grey and turns an image as its Orientation says, from each
+    level's keyframe, the first file's: c1 stored min-is-white or upside down beside a c0
+    stored as is was read as stored, silently wrong."""
+    raw = {**_RAW_TILES, **stored}
+    opened, other, _ = write_channel_set(
+        tmp_path,
+        layouts=(_RAW_TILES, raw if level == 0 else _RAW_TILES),
+        reduced=({}, stored if level == 1 else {}),
+    )
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value).startswith(
+        f"{other} (a file of {opened}'s OME-TIFF set): level {level} has {stated}"
+    )
+    assert "segpipe shows every file of the set's level as the first file's" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("c0", "c1", "stated"),
+    [
+        ({}, {"compression": "zlib"}, "Compression (TIFF tag 259) 8 (ADOBE_DEFLATE), in"),
+        (
+            {"compression": "zlib"},
+            {"compression": "zlib", "predictor": True},
+            "Predictor (TIFF tag 317) 2",
+        ),
+        ({}, {"tile": (128, 32)}, "128x192 pixels of uint8 in tiles of 128x32, in"),
+    ],
+    ids=["compression", "predictor", "tiles"],
+)
+def test_a_multi_file_ome_set_whose_reduced_level_is_stored_unlike_the_first_is_refused(
+    tmp_path, c0, c1, stated
+):
+    """tifffile reads every file's SubIFD of a level by the first file's (its keyframe),
+    whatever the file's own tags say: another compression failed at read as "may be
+    corrupt", another predictor or tile shape (as many tiles) read silently wrong. Each file's
+    own SubIFD is compared at open. (At level 0 each file is decoded by its own keyframe.)"""
+    opened, other, _ = write_channel_set(tmp_path, reduced=(c0, c1))
+    own = tifffile.imread(other, is_ome=False, level=1)  # c1's level 1, by its own tags
+    with tifffile.TiffFile(opened) as tif:  # the premise: through the set, read otherwise
+        try:
+            in_set = zarr.open(tif.series[0].aszarr(level=1), mode="r")[1]
+        except (ValueError, tifffile.TiffFileError):  # a tile decoded as another compression
+            in_set = None
+        assert in_set is None or not np.array_equal(in_set, own)
+    with pytest.raises(ImageReadError) as info:
+        open_image(opened)
+    assert str(info.value).startswith(
+        f"{other} (a file of {opened}'s OME-TIFF set): level 1 has {stated}"
+        if "pixels" not in stated
+        else f"{other} (a file of {opened}'s OME-TIFF set): level 1 is {stated}"
     )
 
 

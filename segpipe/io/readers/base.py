@@ -3,14 +3,14 @@
 A reader gives lazy ``(Y, X, C)`` pixels per pyramid level in the file's own dtype; each format
 knows its file's axis letters and hands them to :func:`segpipe.geometry.pixels.to_yxc`. Readers
 are shipped to Dask worker processes: they pickle as their path and parameters and re-open the
-file on first use after unpickling (tifffile and Pillow handles cannot be pickled).
+file on first use after unpickling (tifffile and Pillow handles cannot be pickled). Threads
+share a reader: its handles are closed under no read (:mod:`segpipe.io.readers.handles`).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -24,6 +24,7 @@ from dask.base import tokenize
 from segpipe.geometry.pixels import to_yxc, unit_scale, yxc_shape
 from segpipe.geometry.tiling import Box, mirror_indices
 from segpipe.io.files import URLPath
+from segpipe.io.readers.handles import SharedHandles
 from segpipe.io.readers.masks import pixel_valid_mask
 
 __all__ = [
@@ -169,12 +170,14 @@ class _LevelSource:
         return (type(self).__name__, self.reader._token(), self.level)
 
 
-class BaseReader:
-    """Shared machinery: level/window checks, dask wrapping, pickling without handles.
+class BaseReader(SharedHandles):
+    """Shared machinery: level/window checks, dask wrapping, handles shared by threads
+    and left out when pickled (:class:`~segpipe.io.readers.handles.SharedHandles`).
 
     A subclass sets ``path``, ``pixel_size_um``, ``dtype``, ``_axes`` (letters per level),
     ``_native_shapes`` and ``_native_chunks`` in ``__init__`` and implements
-    ``_open_level(level)`` returning something sliceable (a zarr array, a numpy array).
+    ``_open_level(level)`` returning something sliceable (a zarr array, a numpy array);
+    a read through a handle outside ``_read_native`` is made inside ``_reading``.
     """
 
     path: str
@@ -196,20 +199,16 @@ class BaseReader:
     _native_chunks: tuple[tuple[int, ...], ...]
 
     def __init__(self, path: Path | URLPath, pixel_size_um: float | None) -> None:
+        super().__init__()
         self.path = str(path)
         # An fsspec URL (with its storage options) is read by byte ranges, never downloaded.
         self.url = path if isinstance(path, URLPath) else None
         self.pixel_size_um = pixel_size_um
-        self._lock = threading.Lock()
         self._levels: dict[int, Any] = {}
-        self._files: list[Any] = []
 
     # -- subclass hooks -------------------------------------------------------------------
     def _open_level(self, level: int) -> Any:
         raise NotImplementedError
-
-    def _close_handles(self) -> None:
-        """Close file handles held by the subclass (called under the lock)."""
 
     # -- construction helpers -------------------------------------------------------------
     def _set_layout(
@@ -304,13 +303,9 @@ class BaseReader:
         pixels = self.read(y0, y1, x0, x1, level)
         return pixel_valid_mask(pixels, self.nodata, self.mask_kind, self.channel_names)
 
-    def close(self) -> None:
-        """Close open file handles; the reader re-opens them on next use."""
-        with self._lock:
-            self._levels.clear()
-            self._close_handles()
-            while self._files:
-                self._files.pop().close()
+    def _close_locked(self) -> None:
+        self._levels = {}  # views over the handles closed
+        super()._close_locked()
 
     def _file(self) -> Any:
         """What a format library opens: the local path, or for a URL a seekable file that
@@ -346,14 +341,15 @@ class BaseReader:
             )
 
     def _level_array(self, level: int) -> Any:
-        with self._lock:
-            if level not in self._levels:
-                self._levels[level] = self._open_level(level)
-            return self._levels[level]
+        """The level opened, if not yet; the caller holds the lock."""
+        if level not in self._levels:
+            self._levels[level] = self._open_level(level)
+        return self._levels[level]
 
     def _read_native(self, level: int, key: tuple[slice, ...]) -> np.ndarray:
         try:
-            return np.asarray(self._level_array(level)[key])
+            with self._reading(lambda: self._level_array(level)) as array:
+                return np.asarray(array[key])
         except ImageReadError:
             raise
         except DECODE_ERRORS as exc:
@@ -375,20 +371,7 @@ class BaseReader:
         return (type(self).__name__, self.path, *stamp)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_lock")
-        state["_levels"] = {}
-        state["_files"] = []
-        state.update(self._handle_state())
-        return state
-
-    def _handle_state(self) -> dict[str, Any]:
-        """Attributes to replace when pickling (the subclass's handles, set to None)."""
-        return {}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
+        return {**super().__getstate__(), "_levels": {}}
 
     def __repr__(self) -> str:
         return (

@@ -9,11 +9,9 @@ path, read by wsidicom region by region; several optical paths (fluorescence cha
 stacked as channels in the order the files list them. Several focal planes are refused as a
 stack. The pixel size is the base level's ``PixelSpacing`` (mm), which wsidicom requires.
 
-Threads read one wsidicom handle at once (wsidicom locks each file's stream). The handle is
-opened under the reader's lock and counted while a read is inside it: :meth:`close` closes a
-handle no read is in, and leaves one that reads are in to the last of them to close (closing
-it under a read fails the read as if the file were damaged). A read after ``close`` opens
-the series again.
+Threads read one wsidicom handle at once (wsidicom locks each file's stream); closing it
+leaves it open under the reads in it (:mod:`segpipe.io.readers.handles`). A read after
+``close`` opens the series again.
 
 Which files make the slide, and which of wsidicom's pyramids of them is read:
 :mod:`segpipe.io.readers.dicom_series`.
@@ -22,9 +20,6 @@ Which files make the slide, and which of wsidicom's pyramids of them is read:
 from __future__ import annotations
 
 import os
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -103,7 +98,6 @@ class DicomReader(BaseReader):
             raise ImageReadError(f"{path}: DICOM slides are read from a local folder only")
         super().__init__(path, pixel_size_um)
         self._slide: Any = None
-        self._reads: Counter[int] = Counter()  # reads in flight, by id() of their handle
         self._wsidicom()  # before pydicom, which comes with it, reads the headers
         instances = series_instances(path)
         refuse_min_is_white(instances)
@@ -173,23 +167,6 @@ class DicomReader(BaseReader):
         with self._lock:
             return self._open_locked()
 
-    @contextmanager
-    def _reading(self) -> Iterator[Any]:
-        """The open handle, counted as read until the block ends: :meth:`close` leaves it
-        open under the read, and the read closes it if ``close`` came meanwhile."""
-        with self._lock:
-            slide = self._open_locked()
-            self._reads[id(slide)] += 1
-        try:
-            yield slide
-        finally:
-            with self._lock:
-                self._reads[id(slide)] -= 1
-                if not self._reads[id(slide)]:
-                    del self._reads[id(slide)]
-                    if slide is not self._slide:
-                        slide.close()
-
     def _open_locked(self) -> Any:
         """The handle, opened if closed; the caller holds the reader's lock."""
         if self._slide is not None:
@@ -247,7 +224,7 @@ class DicomReader(BaseReader):
 
     def _region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         try:
-            with self._reading() as slide:
+            with self._reading(self._open_locked) as slide:
                 planes = [
                     np.asarray(
                         self._read(
@@ -278,11 +255,5 @@ class DicomReader(BaseReader):
                 stamps.append((f,))
         return (type(self).__name__, self.path, *stamps)
 
-    def _close_handles(self) -> None:
-        # A handle reads are in is dropped, left to the last of them to close (_reading).
-        if self._slide is not None and not self._reads[id(self._slide)]:
-            self._slide.close()
-        self._slide = None
-
     def _handle_state(self) -> dict[str, Any]:
-        return {"_slide": None, "_reads": Counter()}
+        return {"_slide": None}

@@ -5,7 +5,8 @@ tifffile finds a set's files by UUID and logs (not raises) what it cannot read, 
 planes or leaving out an Image, so another is read in the slide's place. Refused here, naming
 the files: a file named that is missing or unread, a set opened at a URL, an OME-XML that is in
 a companion file, damaged or names its files at odds, and a file of another set under a name
-the set gives. The planes' own structure is checked by :mod:`segpipe.io.readers.tiff_checks`.
+the set gives. The planes' own structure is checked by :mod:`segpipe.io.readers.tiff_checks`
+and :mod:`segpipe.io.readers.ome_planes`.
 """
 
 from __future__ import annotations

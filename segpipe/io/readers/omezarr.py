@@ -246,20 +246,17 @@ class ZarrReader(BaseReader):
 
         path = f"{self._mask_path}/{self._array_paths[level]}"
         try:
-            with self._lock:
+            with self._lock:  # taken here: a close() in another thread empties the dict
                 if level not in self._masks:
                     group = cast("zarr.Group", zarr.open(self.url or self.path, mode="r"))
                     self._masks[level] = group[path]
-            return np.asarray(self._masks[level][y0:y1, x0:x1]) > 0
+                mask = self._masks[level]
+            return np.asarray(mask[y0:y1, x0:x1]) > 0
         except (FileNotFoundError, *DECODE_ERRORS) as exc:
             raise ImageReadError(
                 f"{self.path}: cannot read its valid-pixel mask {path!r} at y {y0}:{y1}, "
                 f"x {x0}:{x1} ({type(exc).__name__}: {exc})"
             ) from exc
-
-    def _close_handles(self) -> None:
-        if self._mask_path is not None:
-            self._masks = {}
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_masks": {}} if self._mask_path is not None else {}

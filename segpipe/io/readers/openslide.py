@@ -9,8 +9,8 @@ space). The reader gives the RGB channels as pixels and the alpha as its validit
 like a GeoTIFF's nodata.
 
 OpenSlide reads regions of one handle from several threads at once, so reads are not
-serialised; the handle itself is opened, dropped (after an error) and closed under the
-reader's lock, and a read holds its own reference to the handle it reads.
+serialised; the handle is opened under the reader's lock, and closing it (on :meth:`close`,
+or after an error) leaves it open under the reads in it (:mod:`segpipe.io.readers.handles`).
 """
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ class OpenSlideReader(BaseReader):
             self.pixel_size_um = positive_or_none(mpp, self.path, "openslide.mpp-x")
 
     def _open(self) -> Any:
+        # Under the lock: threads reading a reader just unpickled (or one whose handle an
+        # error closed) would each open a handle, all but one left to the garbage collector.
+        with self._lock:
+            return self._open_locked()
+
+    def _open_locked(self) -> Any:
+        """The handle, opened if closed; the caller holds the reader's lock."""
+        if self._slide is not None:
+            return self._slide
         try:
             import openslide
         except ImportError as exc:
@@ -93,17 +102,13 @@ class OpenSlideReader(BaseReader):
                 f"{self.path}: this slide format needs OpenSlide; install it with "
                 "pip install 'segpipe[slides]' (openslide-python and openslide-bin)"
             ) from exc
-        # Under the lock: threads reading a reader just unpickled (or one whose handle an
-        # error dropped) would each open a handle, all but one left to the garbage collector.
-        with self._lock:
-            if self._slide is None:
-                try:
-                    self._slide = openslide.OpenSlide(self.path)
-                except (openslide.OpenSlideError, OSError) as exc:
-                    raise ImageReadError(
-                        f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})"
-                    ) from exc
-            return self._slide
+        try:
+            self._slide = openslide.OpenSlide(self.path)
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise ImageReadError(
+                f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})"
+            ) from exc
+        return self._slide
 
     def _open_level(self, level: int) -> RegionLevel:
         # RGB of OpenSlide's region: empty space reads as its transparent black; the alpha
@@ -122,32 +127,26 @@ class OpenSlideReader(BaseReader):
         import openslide
 
         k, d = self._slide_levels[level]
-        slide = self._open()
-        try:
-            image = slide.read_region((x0 * d, y0 * d), k, (x1 - x0, y1 - y0))
-        except openslide.OpenSlideError as exc:
-            # OpenSlide keeps the error on the handle and fails every later read of it: drop
-            # it so the next read opens afresh. Not closed here: another thread may be inside
-            # read_region on it; openslide-python closes it when the last reference goes.
-            with self._lock:
-                if self._slide is slide:
-                    self._slide = None
-            raise ImageReadError(
-                f"{self.path}: OpenSlide cannot read level {level} at y {y0}:{y1}, x {x0}:{x1}: "
-                f"the slide may be corrupt or truncated ({exc})"
-            ) from exc
+        with self._reading(self._open_locked) as slide:
+            try:
+                image = slide.read_region((x0 * d, y0 * d), k, (x1 - x0, y1 - y0))
+            except openslide.OpenSlideError as exc:
+                # OpenSlide keeps the error on the handle and fails every later read of it:
+                # closed (as the reads in it end) so that the next read opens afresh, once
+                # (another failing read may find a new handle already).
+                with self._lock:
+                    if self._slide is slide:
+                        self._close_locked()
+                raise ImageReadError(
+                    f"{self.path}: OpenSlide cannot read level {level} at y {y0}:{y1}, "
+                    f"x {x0}:{x1}: the slide may be corrupt or truncated ({exc})"
+                ) from exc
         return np.asarray(image)
 
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray:
         """``(y1 - y0, x1 - x0)`` bool: True where the scanner recorded pixels (alpha > 0)."""
         self._check_level(level)
         return self._rgba(level, y0, y1, x0, x1)[..., 3] > 0
-
-    def _close_handles(self) -> None:
-        # Dropped, not closed: a read in another thread may be inside read_region on it,
-        # which closing would free under it. openslide-python closes it as its last reference
-        # goes: here, or as such a read ends (it holds no reference cycle to wait for the GC).
-        self._slide = None
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_slide": None}

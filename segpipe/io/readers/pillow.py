@@ -127,9 +127,6 @@ class PillowReader(BaseReader):
             self._data = self._decode(warn=False)[0]
         return self._data
 
-    def _close_handles(self) -> None:
-        self._data = None
-
     def _handle_state(self) -> dict[str, Any]:
         return {"_data": None}
 

@@ -32,6 +32,7 @@ from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
+from segpipe.io.readers.ome_planes import check_ome_planes
 from segpipe.io.readers.ome_sets import check_ome_set, named_files
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
@@ -39,11 +40,7 @@ from segpipe.io.readers.photometric import (
     Photometric,
     level_photometric,
 )
-from segpipe.io.readers.tiff_checks import (
-    check_declared_data,
-    check_ifd_chain,
-    check_ome_planes,
-)
+from segpipe.io.readers.tiff_checks import check_declared_data, check_ifd_chain
 from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -94,7 +91,8 @@ class TiffReader(BaseReader):
             axes, shapes, dtype = _pixel_layout(levels, self._photometric, self.path)
             # opening each level's Zarr view reads metadata only; its chunks are the tiles
             self._native_shapes = tuple(shapes)
-            chunks = [tuple(self._level_array(i).chunks) for i in range(len(levels))]
+            with self._lock:
+                chunks = [tuple(self._level_array(i).chunks) for i in range(len(levels))]
             try:
                 # Orientation 5 to 8: stored on its side, its stored Y shown as X
                 slide = slide_metadata(tif, self._series, self.path, is_transposed=turn >= 5)
@@ -202,11 +200,6 @@ class TiffReader(BaseReader):
             return super().valid_mask(y0, y1, x0, x1, level)
         self._check_level(level)
         return raster_valid_mask(self.url or self.path, level, y0, y1, x0, x1, self._mask_shapes)
-
-    def _close_handles(self) -> None:
-        if self._tif is not None:
-            self._tif.close()
-            self._tif = None
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_tif": None}

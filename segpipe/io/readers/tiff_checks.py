@@ -12,14 +12,16 @@ header declares. Each is refused here, naming the file, the level and the tag.
 from __future__ import annotations
 
 import math
-import os
-import re
 import struct
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
+from segpipe.io.readers.ome_planes import (
+    check_level_files,
+    check_planes_read_once,
+)
 
-__all__ = ["check_declared_data", "check_ifd_chain", "check_ome_planes"]
+__all__ = ["check_declared_data", "check_ifd_chain"]
 
 # TiffPage refuses an IFD of more tags than this (tifffile's own bound; the TIFF tags defined
 # by all specifications together are a few hundred).
@@ -120,8 +122,8 @@ def check_declared_data(series: Any, file_size: int, path: str) -> None:
 
     ``file_size``: bytes of the file opened (``series.parent``). A page of another file of a
     multi-file OME-TIFF set (which tifffile opens by its path, beside a local file only) is
-    checked against that file's size, its file's keyframe against the level's, and an error
-    names that file.
+    checked against that file's size, its file's own IFD of the level against the level's
+    keyframe (:func:`check_level_files`), and an error names that file.
 
     Checked from the IFDs (and a JPEG level's first stream header; no pixel is decoded): a
     header may declare any size, but the tiles or strips it lists must exist in the file. A
@@ -153,16 +155,14 @@ def check_declared_data(series: Any, file_size: int, path: str) -> None:
                 "pixel data (no tile or strip byte counts); the file is truncated or its "
                 "header is wrong"
             )
-        _check_planes_read_once(pages, k, path)
-        # tifffile decodes each file's tiles of a set by that file's keyframe, placed by the
-        # level's (the first file's): a lying tag in another file is allocated as it says
-        keyframes = {id(level.keyframe): level.keyframe}
-        keyframes |= {id(p.keyframe): p.keyframe for p in pages if p.keyframe is not None}
-        for keyframe in keyframes.values():
-            name = stored_in(keyframe)[0]
+        check_planes_read_once(pages, k, path)
+        _check_chunks(level.keyframe, k, stored_in(level.keyframe)[0])
+        check_level_files(series, k, lambda page: stored_in(page)[0])
+        # tifffile decodes each file's tiles of a set by that file's keyframe at level 0: its
+        # lying byte counts or JPEG stream are its own
+        for keyframe in {id(p.keyframe): p.keyframe for p in pages if p.keyframe}.values():
             if keyframe is not level.keyframe:
-                _check_like_level(keyframe, level.keyframe, k, name, stored_in(level.keyframe)[0])
-            _check_chunks(keyframe, k, name)
+                _check_chunks(keyframe, k, stored_in(keyframe)[0])
         ends: dict[tuple[str, int], int] = {}
         for p in pages:
             file = stored_in(p)
@@ -177,49 +177,6 @@ def check_declared_data(series: Any, file_size: int, path: str) -> None:
                     f"the file has {size:,} bytes; the file is truncated"
                 )
     _check_subifds(series, *stored_in(series.levels[0].keyframe))
-
-
-def _check_planes_read_once(pages: list[Any], level: int, path: str) -> None:
-    """Refuse a level two of whose planes ``pages`` are one IFD of one file: an OME-XML naming
-    one IFD for two planes (a TiffData without a UUID in a set is the IFD of the file opened),
-    which tifffile reads as both."""
-    first: dict[tuple[str, Any], int] = {}
-    for i, p in enumerate(pages):
-        where = (str(p.parent.filehandle.path), p.index)
-        if where in first:
-            ifd = where[1] if isinstance(where[1], int) else where[1][0]  # a SubIFD's: (IFD, k)
-            raise ImageReadError(
-                f"{path}: level {level} reads IFD {ifd} of {where[0]} as two of its planes "
-                f"({first[where]} and {i} of {len(pages)}: channels, Z, T); the OME-XML is "
-                "damaged"
-            )
-        first[where] = i
-
-
-def _check_like_level(keyframe: Any, level_keyframe: Any, level: int, name: str, own: str) -> None:
-    """Refuse ``keyframe``, of a file (``name``) of a multi-file OME-TIFF set, whose size,
-    tiles or strips, or dtype differ from those of ``level_keyframe`` (in ``own``): tifffile's
-    Zarr view places every file's tiles by the level's tile grid and decodes them by their
-    file's keyframe, which reshape fails on, or allocates what a lying tag declares."""
-
-    def layout(page: Any) -> tuple[Any, ...]:
-        return tuple(page.shape), tuple(page.chunks), page.dtype
-
-    if layout(keyframe) == layout(level_keyframe):
-        return
-
-    def text(page: Any) -> str:
-        kind = "tiles" if page.is_tiled else "strips"
-        shape, chunks = ("x".join(map(str, s)) for s in (page.shape, page.chunks))
-        return f"{shape} pixels of {page.dtype} in {kind} of {chunks}"
-
-    raise ImageReadError(
-        f"{name}: level {level} is {text(keyframe)}, in {own} {text(level_keyframe)}; "
-        "tifffile reads every file of the set by one tile grid and pixel type. Its ImageWidth, "
-        "ImageLength (TIFF tags 256, 257), TileWidth, TileLength (322, 323), RowsPerStrip "
-        "(278), SamplesPerPixel (277), BitsPerSample (258) or SampleFormat (339) is damaged, "
-        "or the set's files were written unalike: write them again alike"
-    )
 
 
 def _check_listed(page: Any, keyframe: Any, level: int, path: str) -> None:
@@ -368,52 +325,3 @@ def _check_subifds(series: Any, name: str, size: int) -> None:
             f"{len(series.levels) - 1}: level {len(series.levels)} holds none of the image's "
             "planes; the file is damaged"
         )
-
-
-# The fewest bytes of an IFD (its tag count, one entry, the next offset): no file of n bytes
-# holds more than n / this pages.
-_MIN_IFD_BYTES = 2 + 12 + 4
-_SIZE_ATTRIBUTES = re.compile(r'\bSize([CZT])\s*=\s*"\s*(\d+)\s*"')
-_DIMENSION_ORDER = re.compile(r"""\bDimensionOrder\s*=\s*(["'])(.*?)\1""")
-_IFD_ATTRIBUTE = re.compile(r"""\bIFD\s*=\s*(["'])(.*?)\1""")
-# OME's DimensionOrder: X and Y first; tifffile takes the letters as they stand
-_DIMENSION_ORDERS = ("XYZCT", "XYZTC", "XYCTZ", "XYCZT", "XYTCZ", "XYTZC")
-
-
-def check_ome_planes(tif: Any, file_size: int, path: str) -> None:
-    """Refuse an OME-TIFF whose OME-XML declares an image of more planes (SizeC x SizeZ x
-    SizeT) than the set's files could hold pages: tifffile lists a page for each (a SizeT
-    of 2**31 took 16 GiB before anything was checked). ``file_size``: bytes of ``tif``'s
-    file; the set's other files, where present beside it, add theirs. Refused too: a
-    DimensionOrder not one of OME's six (tifffile then places several planes at one) and a
-    negative TiffData IFD (tifffile indexes pages from the end by it)."""
-    if not tif.is_ome or not tif.pages.first.description:
-        return
-    xml = tif.pages.first.description
-    folder = os.path.dirname(str(tif.filehandle.path))
-    others = set(re.findall(r'FileName\s*=\s*"([^"]+)"', xml)) - {tif.filehandle.name}
-    total = file_size + sum(
-        os.path.getsize(f) for n in others if os.path.isfile(f := os.path.join(folder, n))
-    )
-    for pixels in re.findall(r"<(?:\w+:)?Pixels\b[^>]*>", xml):
-        order = _DIMENSION_ORDER.search(pixels)
-        if order is not None and order.group(2) not in _DIMENSION_ORDERS:
-            raise ImageReadError(
-                f"{path}: its OME-XML gives DimensionOrder {order.group(2)!r}, not one of "
-                f"{', '.join(_DIMENSION_ORDERS)}: tifffile would read one plane in place of "
-                "several; the OME-XML is damaged"
-            )
-        sizes = dict(_SIZE_ATTRIBUTES.findall(pixels))
-        planes = math.prod(int(sizes.get(k, 1)) for k in "CZT")
-        if planes > total // _MIN_IFD_BYTES + 1:
-            raise ImageReadError(
-                f"{path}: its OME-XML declares an image of {planes:,} planes (SizeC x SizeZ x "
-                f"SizeT), more than its {total:,} bytes could hold; the OME-XML is damaged"
-            )
-    for tiffdata in re.findall(r"<(?:\w+:)?TiffData\b[^>]*>", xml):
-        ifd = _IFD_ATTRIBUTE.search(tiffdata)
-        if ifd is not None and ifd.group(2).strip().startswith("-"):
-            raise ImageReadError(
-                f"{path}: its OME-XML places a plane at IFD {ifd.group(2).strip()} (TiffData), "
-                "a negative one, which tifffile counts from the last IFD; the OME-XML is damaged"
-            )
