@@ -151,6 +151,18 @@ def _lying_tiff(path: Path, side: int, tile: int = 4096) -> Path:
     return path
 
 
+@pytest.mark.parametrize("bigtiff", [False, True])
+def test_a_tiff_cut_to_its_header_is_refused_naming_it(tmp_path: Path, bigtiff: bool) -> None:
+    """No IFD at all (found by the fuzzer): the error that names a set's files must not fail
+    itself on a file with no first page (an IndexError escaped)."""
+    path = tmp_path / "cut.ome.tif"
+    tifffile.imwrite(path, _rgb(64, 64), photometric="rgb", tile=(32, 32), bigtiff=bigtiff)
+    path.write_bytes(path.read_bytes()[: 16 if bigtiff else 8])
+    with pytest.raises(ImageReadError, match="not a readable TIFF") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
 def test_tiff_declaring_a_huge_image_with_no_data_is_refused_at_once(tmp_path: Path) -> None:
     path = _lying_tiff(tmp_path / "huge.tif", 1_000_000)
     assert path.stat().st_size < 1_000_000

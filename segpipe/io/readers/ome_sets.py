@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from typing import Any
 
 from segpipe.io.ome import set_file_conflicts
-from segpipe.io.readers.base import ImageReadError
+from segpipe.io.readers.base import DECODE_ERRORS, ImageReadError
 
 __all__ = ["check_ome_set", "check_ome_set_uuids", "local_name", "named_files"]
 
@@ -113,8 +113,12 @@ def check_ome_set(tif: Any, path: str) -> None:
 
 
 def named_files(tif: Any) -> list[str]:
-    """The other files that the OME-XML in ``tif``'s first IFD, parsed or not, names."""
-    text = tif.pages.first.description or ""
+    """The other files that the OME-XML in ``tif``'s first IFD, parsed or not, names; none
+    where the file has no first IFD to read."""
+    try:
+        text = tif.pages.first.description or ""
+    except DECODE_ERRORS:  # a file cut short in its header (no IFD), which the caller reports
+        return []
     names = set(re.findall(r'FileName\s*=\s*"([^"]*)"', text)) - {tif.filename}
     return sorted(names) if "<OME" in text else []
 
