@@ -11,7 +11,7 @@ import torch
 from test_execution import CLASSES, one_torch_thread, tiny_unet  # noqa: F401 (autouse fixture)
 
 import segpipe
-from segpipe.execution import cluster, pipeline, stitching, tasks
+from segpipe.execution import cluster, futures, pipeline, stitching, tasks
 from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import (
     CPU_FORWARD_BUDGET,
@@ -174,6 +174,29 @@ def test_a_failing_batch_fails_its_submitters_and_the_stage_lives_on():
         stage(windows(7))
     assert stage(windows(2))[0, 0, 0, 0] == 2
     stage.close()
+
+
+def test_a_joined_batch_that_fails_runs_each_submitters_windows_alone():
+    """A pass joining several submitters' windows fails on one of them: each submitter gets
+    its own outcome, so the error reaches (and names the windows of) the one whose window
+    failed; a stitcher waiting on another block's windows would otherwise name those."""
+    fake = FakePredictor(batch_size=4, fail_on=7)
+    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
+    fake.hold.clear()
+    first = stage.submit(windows(0))  # taken by the model thread, which is held
+    deadline = time.monotonic() + 10
+    while stage.queued() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    later = [stage.submit(windows(v)) for v in (1, 7, 3)]  # queued meanwhile: one batch
+    fake.hold.set()
+    assert first.result(10)[0, 0, 0, 0] == 0
+    assert later[0].result(10)[0, 0, 0, 0] == 1
+    with pytest.raises(ValueError, match="bad window"):
+        later[1].result(10)
+    assert later[2].result(10)[0, 0, 0, 0] == 3
+    assert stage(windows(2))[0, 0, 0, 0] == 2  # the stage lives on
+    stage.close()
+    assert fake.batches == [1, 1, 1, 1], "the failed batch of three ran again window by window"
 
 
 def test_the_queue_bound_holds_while_submitters_outrun_the_model():
@@ -525,9 +548,10 @@ class FailingReadback(PendingProbabilities):
 
 
 def test_a_lane_that_fails_outside_the_forward_fails_its_batch_and_lives_on(monkeypatch):
-    """A CUDA error raised while asking whether a batch is back, or a batch too large to
-    join in memory: the batch's submitters get the error; the lane, still alive, runs what
-    comes next (before, it died and every later submitter waited for ever)."""
+    """A CUDA error raised while asking whether a batch is back, or parts too large to join
+    in memory: the batch's submitters get the error; the lane, still alive, runs what comes
+    next (before, it died and every later submitter waited for ever). A batch of several
+    submitters' windows too large to join runs each submitter's alone."""
     fake = FakePredictor(batch_size=4)
     forward = fake.forward
     failing = [True]
@@ -558,14 +582,15 @@ def test_a_lane_that_fails_outside_the_forward_fails_its_batch_and_lives_on(monk
     time.sleep(0.1)
     joined = [stage.submit(windows(4.0)), stage.submit(windows(5.0))]  # ... these wait, one batch
     monkeypatch.setattr(pipeline, "np", NoMemoryToJoin())
+    monkeypatch.setattr(futures, "np", NoMemoryToJoin())
     fake.hold.set()
     np.testing.assert_allclose(first.result(10).ravel(), [3.0])
-    for f in joined:
-        with pytest.raises(MemoryError):
-            f.result(10)
+    for f, value in zip(joined, (4.0, 5.0), strict=True):  # each alone: no join needed
+        np.testing.assert_allclose(f.result(10).ravel(), [value])
     with pytest.raises(MemoryError):  # more windows than a batch: parts joined on delivery
         stage.submit(windows(6.0, n=6)).result(10)
     monkeypatch.setattr(pipeline, "np", np)
+    monkeypatch.setattr(futures, "np", np)
     np.testing.assert_allclose(stage.submit(windows(7.0, n=6)).result(10).ravel(), [7.0] * 6)
     stage.close()
     assert not model_threads()

@@ -11,18 +11,17 @@ busy with batches that may mix windows of several blocks::
     I/O thread 2:            read+prepare B --submit--> ...wait...         <-- stitch+write B
     model thread:                    [ batch: A0 A1 B0 B1 ][ batch: B2 ... ]
 
-Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), each of
-the two queues (wide and narrow passes) holds at most ``max_queued`` batches' worth of prepared
-windows, and a submitter blocks while its queue is full. On a GPU the model thread only
-launches kernels and copies, so the device never waits for a read. On a CPU a wide pass runs
-torch's intra-op team on every core, and the I/O threads take only what it leaves: their CPU
-work runs in :meth:`ModelStage.io_section`, which a wide pass never overlaps
-(:class:`CoreGate`). Beside a pass, an I/O thread does not use a spare core, there is none: it
-takes one of the team's, and the whole team waits at its next barrier for the thread it lost
-(at 4096² the shipped model's passes took 13.6 s beside the I/O threads, 9.5 s with them held
-off). Windows small enough for the memory budget run narrow instead: one pass per core, side by
-side, each on one torch thread (no team, no barrier), and an I/O section may take the core a
-narrow pass leaves free.
+Memory stays flat: at most ``io_threads`` blocks are in flight (their input and sink), each of the
+two queues (wide and narrow passes) holds at most ``max_queued`` batches' worth of prepared
+windows, and a submitter blocks while its queue is full. On a GPU the model thread only launches
+kernels and copies, so the device never waits for a read. On a CPU a wide pass runs torch's
+intra-op team on every core, and the I/O threads take only what it leaves: their CPU work runs in
+:meth:`ModelStage.io_section`, which a wide pass never overlaps (:class:`CoreGate`). Beside a pass,
+an I/O thread does not use a spare core, there is none: it takes one of the team's, and the whole
+team waits at its next barrier for the thread it lost (at 4096² the shipped model's passes took
+13.6 s beside the I/O threads, 9.5 s with them held off). Windows small enough for the memory
+budget run narrow instead: one pass per core, side by side, each on one torch thread (no team, no
+barrier), and an I/O section may take the core a narrow pass leaves free.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from segpipe.execution.futures import concatenated
 from segpipe.execution.gate import CoreGate
 from segpipe.execution.predictor import PendingProbabilities, Predictor
 
@@ -191,9 +191,7 @@ class ModelStage:
                 self._idle.notify_all()
         if len(parts) == 1:
             return parts[0].future
-        joined: Future[np.ndarray] = Future()
-        _join_when_done([p.future for p in parts], joined)
-        return joined
+        return concatenated([p.future for p in parts])
 
     def pass_plan(self, window_shape: tuple[int, ...]) -> PassPlan:
         """How windows of ``window_shape`` (Y, X, C) run: narrow, one window a pass, when
@@ -292,7 +290,18 @@ class ModelStage:
             with self._pass(live[0].plan.threads):
                 started = time.perf_counter()  # busy from here, not while waiting for cores
                 pending = self._forward_fitting(batch, live[0].plan)
-        except BaseException as err:  # the submitters raise it, the stage lives on
+        except Exception as err:  # the submitters raise it, the stage lives on
+            if len(live) == 1:
+                _fail(live, err)
+                return None
+            for c in live:  # joined chunks: each alone, so an error names its own windows
+                try:
+                    with self._pass(c.plan.threads):
+                        c.future.set_result(self._forward_fitting(c.windows, c.plan).result())
+                except BaseException as alone:
+                    c.future.set_exception(alone)
+            return None
+        except BaseException as err:
             _fail(live, err)
             return None
         finally:
@@ -384,26 +393,6 @@ def _deliver(chunks: list[_Chunk], pending: PendingProbabilities) -> None:
         # A view: it keeps the batch's (pinned) buffer alive until its last reader is done.
         c.future.set_result(probabilities[start : start + len(c.windows)])
         start += len(c.windows)
-
-
-def _join_when_done(parts: list[Future[np.ndarray]], joined: Future[np.ndarray]) -> None:
-    remaining = [len(parts)]
-    lock = threading.Lock()
-
-    def one_done(_: Future[np.ndarray]) -> None:
-        with lock:
-            remaining[0] -= 1
-            if remaining[0]:
-                return
-        # The first part's error, or the join's: a callback's exception would be logged and
-        # lost, its waiter left waiting.
-        try:
-            joined.set_result(np.concatenate([p.result() for p in parts], axis=0))
-        except BaseException as err:
-            joined.set_exception(err)
-
-    for p in parts:
-        p.add_done_callback(one_done)
 
 
 # Stages open in this process: while one runs narrow passes, torch's thread count (which

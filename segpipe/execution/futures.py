@@ -1,0 +1,35 @@
+"""Futures of arrays joined from futures of their parts."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import numpy as np
+
+__all__ = ["concatenated"]
+
+
+def concatenated(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
+    """A future of the parts' results joined along their first axis, set once the last part
+    is done; the first failed part's error instead (or the join's)."""
+    joined: Future[np.ndarray] = Future()
+    remaining = [len(parts)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[np.ndarray]) -> None:
+        with lock:
+            remaining[0] -= 1
+            if remaining[0]:
+                return
+        # Set here, whatever happens: a callback's exception would be logged and lost, its
+        # waiter left waiting.
+        try:
+            joined.set_result(np.concatenate([p.result() for p in parts], axis=0))
+        except BaseException as err:
+            joined.set_exception(err)
+
+    for p in parts:
+        p.add_done_callback(one_done)
+    return joined
