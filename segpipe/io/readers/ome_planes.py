@@ -14,15 +14,16 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import numpy as np
 
 from segpipe.io.readers.base import ImageReadError
-from segpipe.io.readers.photometric import ORIENTATION_TAG, level_photometric
+from segpipe.io.readers.photometric import level_photometric, stated_orientation
 
-__all__ = ["check_level_files", "check_ome_planes", "check_planes_read_once"]
+__all__ = ["check_level_files", "check_ome_planes", "check_planes_read_once", "file_open"]
 
 # The fewest bytes of an IFD (its tag count, one entry, the next offset): no file of n bytes
 # holds more than n / this pages.
@@ -140,12 +141,20 @@ def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) ->
 
 def _own_ifd(frame: Any) -> Any:
     """``frame``'s IFD read as a tifffile ``TiffPage``: its own tags, not its keyframe's."""
-    handle = frame.parent.filehandle
+    with file_open(frame):
+        return frame.aspage()
+
+
+@contextmanager
+def file_open(page: Any) -> Iterator[None]:
+    """The file holding ``page`` (a tifffile page or frame) open for the block: tifffile closes
+    a set's other files once it has read their IFDs; closed again after, if it was."""
+    handle = page.parent.filehandle
     closed = handle.closed
-    if closed:  # tifffile closes a set's other files once it has read their IFDs
+    if closed:
         handle.open()
     try:
-        return frame.aspage()
+        yield
     finally:
         if closed:
             handle.close()
@@ -185,12 +194,10 @@ def _interpretation(page: Any) -> str:
 
 
 def _orientation(page: Any, unstated: int) -> int:
-    """``page``'s Orientation (TIFF tag 274) as the TIFF reader takes it: one outside 1 to 8
-    is 1 (libtiff's default), none is ``unstated``."""
-    value = page.tags.valueof(ORIENTATION_TAG)
-    if value is None:
-        return unstated
-    return int(value) if 1 <= int(value) <= 8 else 1
+    """``page``'s Orientation (TIFF tag 274) as the TIFF reader takes it, ``unstated`` where
+    it states none."""
+    stated = stated_orientation(page)
+    return unstated if stated is None else stated
 
 
 def _check_like_level(keyframe: Any, level_keyframe: Any, level: int, name: str, own: str) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "Photometric",
     "level_photometric",
     "orient",
+    "stated_orientation",
     "unpremultiply",
 ]
 
@@ -244,6 +245,15 @@ def _invert(grey: np.ndarray, bits_per_sample: int | None) -> np.ndarray:
         # decoded samples of that many bits never pass white: no wrap-around
         return (2**bits_per_sample - 1) - grey
     return np.invert(grey)
+
+
+def stated_orientation(page: Any) -> int | None:
+    """``page``'s Orientation (TIFF tag 274), None where it states none; a value outside 1 to 8
+    is 1 (libtiff refuses it and keeps its default, 1)."""
+    value = page.tags.valueof(ORIENTATION_TAG)
+    if value is None:
+        return None
+    return int(value) if 1 <= int(value) <= 8 else 1
 
 
 def level_photometric(page: Any, path: str, level: int) -> Photometric:

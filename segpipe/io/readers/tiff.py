@@ -32,13 +32,13 @@ from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
-from segpipe.io.readers.ome_planes import check_ome_planes
+from segpipe.io.readers.ome_planes import check_ome_planes, file_open
 from segpipe.io.readers.ome_sets import check_ome_set, named_files
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
-    ORIENTATION_TAG,
     Photometric,
     level_photometric,
+    stated_orientation,
 )
 from segpipe.io.readers.tiff_checks import check_declared_data, check_ifd_chain
 from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
@@ -174,12 +174,8 @@ class TiffReader(BaseReader):
         # tifffile picks a JPEG level's decoder as it first decodes, looking into its first tile
         # through its file's handle, which it closed for a set's other files: open it for that
         for page in {id(p.keyframe): p.keyframe for p in series.levels[level].pages if p}.values():
-            if (fh := page.parent.filehandle).closed:
-                fh.open()
-                try:
-                    _ = page.decode  # a cached property
-                finally:
-                    fh.close()
+            with file_open(page):
+                _ = page.decode  # a cached property
         store = series.aszarr(level=level, read_only=True, **threads)
         stored = cast("zarr.Array", zarr.open(store, mode="r"))
         array = self._photometric[level].view(stored, series.levels[level].axes)
@@ -238,16 +234,9 @@ def _orientation(levels: list[Any], path: str) -> int:
     level without the tag shares (the levels are one image, reduced); a value outside 1 to 8
     is 1 (libtiff refuses it and keeps its default, 1). Refused when a reduced level states
     another."""
-
-    def stated(level: Any) -> int | None:
-        value = level.keyframe.tags.valueof(ORIENTATION_TAG)
-        if value is None:
-            return None
-        return int(value) if 1 <= int(value) <= 8 else 1
-
-    turn = stated(levels[0]) or 1
+    turn = stated_orientation(levels[0].keyframe) or 1
     for k, level in enumerate(levels[1:], 1):
-        if (own := stated(level)) not in (None, turn):
+        if (own := stated_orientation(level.keyframe)) not in (None, turn):
             raise ImageReadError(
                 f"{path}: level {k} states Orientation {own} (TIFF tag 274), level 0 {turn}; "
                 "a pyramid's levels are one image turned one way: rewrite the file with the "
