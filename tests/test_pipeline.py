@@ -4,6 +4,7 @@ slow the writer; failures reach the task that submitted the windows."""
 
 import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -120,17 +121,26 @@ def test_stage_equals_the_predictor_whatever_the_threads():
     assert stage.stats.windows == sum(len(x) for x in inputs)
 
 
-def test_batches_join_windows_of_several_submitters():
-    fake = FakePredictor(batch_size=4)
-    # Cores not shared: a held pass must not hold up the submitters' preparing (as on a GPU).
+def queued_behind_a_held_pass(
+    fake: FakePredictor, later: list[np.ndarray]
+) -> tuple[ModelStage, Future, list[Future]]:
+    """A stage whose model thread holds a first window's pass while ``later`` are submitted,
+    so that they wait in its queue together; the pass goes on once they are all queued. Cores
+    not shared: a held pass must not hold up the submitters' preparing (as on a GPU)."""
     stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
     fake.hold.clear()
     first = stage.submit(windows(0))  # taken by the model thread, which is held
     deadline = time.monotonic() + 10
     while stage.queued() and time.monotonic() < deadline:
         time.sleep(0.01)
-    later = [stage.submit(windows(v)) for v in (1, 2, 3)]  # queued meanwhile
+    queued = [stage.submit(w) for w in later]
     fake.hold.set()
+    return stage, first, queued
+
+
+def test_batches_join_windows_of_several_submitters():
+    fake = FakePredictor(batch_size=4)
+    stage, first, later = queued_behind_a_held_pass(fake, [windows(v) for v in (1, 2, 3)])
     assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
     stage.close()
     assert fake.batches == [1, 3], "the three queued windows ran as one batch"
@@ -140,18 +150,8 @@ def test_batches_never_join_uint8_windows_with_float_ones():
     """uint8 windows are scaled by the forward pass and float32 ones already are: one batch of
     both would scale neither or both."""
     fake = FakePredictor(batch_size=4)
-    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
-    fake.hold.clear()
-    first = stage.submit(windows(0))
-    deadline = time.monotonic() + 10
-    while stage.queued() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    later = [
-        stage.submit(windows(1)),
-        stage.submit(windows(2).astype(np.uint8)),
-        stage.submit(windows(3).astype(np.uint8)),
-    ]
-    fake.hold.set()
+    uint8 = [windows(v).astype(np.uint8) for v in (2, 3)]
+    stage, first, later = queued_behind_a_held_pass(fake, [windows(1), *uint8])
     assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
     stage.close()
     assert fake.batches == [1, 1, 2], "float32 and uint8 ran apart"
@@ -181,14 +181,7 @@ def test_a_joined_batch_that_fails_runs_each_submitters_windows_alone():
     its own outcome, so the error reaches (and names the windows of) the one whose window
     failed; a stitcher waiting on another block's windows would otherwise name those."""
     fake = FakePredictor(batch_size=4, fail_on=7)
-    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
-    fake.hold.clear()
-    first = stage.submit(windows(0))  # taken by the model thread, which is held
-    deadline = time.monotonic() + 10
-    while stage.queued() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    later = [stage.submit(windows(v)) for v in (1, 7, 3)]  # queued meanwhile: one batch
-    fake.hold.set()
+    stage, first, later = queued_behind_a_held_pass(fake, [windows(v) for v in (1, 7, 3)])
     assert first.result(10)[0, 0, 0, 0] == 0
     assert later[0].result(10)[0, 0, 0, 0] == 1
     with pytest.raises(ValueError, match="bad window"):
