@@ -90,13 +90,13 @@ def check_planes_read_once(pages: list[Any], level: int, path: str) -> None:
     """Refuse a level two of whose planes ``pages`` are one IFD of one file: an OME-XML naming
     one IFD for two planes (a TiffData without a UUID in a set is the IFD of the file opened),
     which tifffile reads as both."""
-    first: dict[tuple[str, Any], int] = {}
+    first: dict[tuple[str, tuple[int, ...]], int] = {}
     for i, p in enumerate(pages):
-        where = (str(p.parent.filehandle.path), p.index)
+        # not p.index: a SubIFD's is its level's number alone, the same for every plane
+        where = (str(p.parent.filehandle.path), tuple(p.treeindex))
         if where in first:
-            ifd = where[1] if isinstance(where[1], int) else where[1][0]  # a SubIFD's: (IFD, k)
             raise ImageReadError(
-                f"{path}: level {level} reads IFD {ifd} of {where[0]} as two of its planes "
+                f"{path}: level {level} reads {_ifd(p)} of {where[0]} as two of its planes "
                 f"({first[where]} and {i} of {len(pages)}: channels, Z, T); the OME-XML is "
                 "damaged"
             )
@@ -104,39 +104,93 @@ def check_planes_read_once(pages: list[Any], level: int, path: str) -> None:
 
 
 def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) -> None:
-    """Refuse level ``level`` of ``series`` (a tifffile ``TiffPageSeries``) where a file of its
-    multi-file OME-TIFF set stores it unlike the level's keyframe (in its first file): in its
-    size, tiles or strips, or dtype, which tifffile's Zarr view takes from that keyframe; in
-    how its samples are shown (PhotometricInterpretation, ColorMap, ExtraSamples, Orientation),
-    which segpipe takes from it; and at a reduced level, in how its tiles are decoded
-    (:data:`_DECODED_BY`), which tifffile takes from it too.
+    """Refuse level ``level`` of ``series`` (a tifffile ``TiffPageSeries``) where a plane's own
+    IFD stores it unlike what it is read by. Unlike the level's keyframe (its first plane, in
+    a multi-file OME-TIFF set its first file's): in its size, tiles or strips, or dtype, which
+    tifffile's Zarr view takes from that keyframe; in how its samples are shown
+    (PhotometricInterpretation, ColorMap, ExtraSamples, Orientation), which segpipe takes from
+    it. Unlike the keyframe tifffile decodes the plane's tiles by (the first plane of its file
+    at level 0, the level's keyframe above): in how they are decoded (:data:`_DECODED_BY`).
+    tifffile reads only the offsets and byte counts of a plane after a file's first, so
+    without this check, a plane stored otherwise reads silently wrong.
 
-    ``name_of``: the file holding a page, as an error names it. At a reduced level a file's
-    own tags are read from its first page's IFD (its file opened for that if tifffile closed
-    it): one IFD a file."""
+    ``name_of``: the file holding a page, as an error names it. One IFD read a plane (its file
+    opened for that if tifffile closed it)."""
     keyframe = series.levels[level].keyframe
     pages = [p for p in series.levels[level].pages if p is not None and p.keyframe is not None]
-    theirs = {name_of(keyframe): keyframe}
-    for p in pages:
-        if level == 0:
-            theirs.setdefault(name_of(p.keyframe), p.keyframe)
-        elif (name := name_of(p)) not in theirs:
-            theirs[name] = _own_ifd(p)
-    own = name_of(keyframe)
     turn = _orientation(series.levels[0].keyframe, 1)
-    for name, page in theirs.items():
+    firsts: set[str] = set()
+    for i, p in enumerate(pages):
+        name = name_of(p)
+        subject = f"{name}: level {level}"
+        if name in firsts:
+            subject = f"{name}: plane {i + 1} of {len(pages)} of level {level} ({_ifd(p)})"
+        firsts.add(name)
+        page = _own_ifd(p)
         if page is keyframe:
             continue
-        _check_like_level(page, keyframe, level, name, own)
-        showing = "segpipe shows every file of the set's level as"
-        if _shown(page, name, level) != _shown(keyframe, own, level):
-            _refuse(name, level, _interpretation(page), own, _interpretation(keyframe), showing)
+        target = _Target(keyframe, name, name_of(keyframe))
+        _check_like_level(page, subject, target)
+        if _shown(page, name, level) != _shown(keyframe, target.name, level):
+            target.refuse(subject, _interpretation(page), _interpretation(keyframe), "shows")
         if (a := _orientation(page, turn)) != (b := _orientation(keyframe, turn)):
-            _refuse(name, level, f"Orientation (TIFF tag 274) {a}", own, str(b), showing)
-        reading = "tifffile decodes the tiles of every file of the set at a reduced level by"
-        for label, value in _DECODED_BY if level else ():
-            if (a := value(page)) != (b := value(keyframe)):
-                _refuse(name, level, f"{label} {_text(a)}", own, _text(b), reading)
+            target.refuse(subject, f"Orientation (TIFF tag 274) {a}", str(b), "shows")
+        decoder = p.keyframe  # what tifffile decodes the plane's tiles by
+        if page is decoder:
+            continue
+        target = _Target(decoder, name, name_of(decoder))
+        for label, value in _DECODED_BY:
+            if (a := value(page)) != (b := value(decoder)):
+                target.refuse(subject, f"{label} {_text(a)}", _text(b), "decodes")
+
+
+class _Target:
+    """The page (``page``, in file ``name``) a plane of file ``plane_file`` is compared with,
+    as an error words it: the level's keyframe in the set's first file, or a plane of the
+    plane's own file."""
+
+    def __init__(self, page: Any, plane_file: str, name: str) -> None:
+        self.page, self.name = page, name
+        self.same_file = name == plane_file
+
+    @property
+    def where(self) -> str:
+        return f"its {_ifd(self.page)} has" if self.same_file else f"in {self.name}"
+
+    @property
+    def alike(self) -> tuple[str, str]:
+        """What is read alike (every one of them), and what to write alike."""
+        if self.same_file:
+            return "plane of the level", "the level's planes"
+        return "file of the set", "the set's files"
+
+    def refuse(self, subject: str, stated: str, there: str, how: str) -> NoReturn:
+        """Refuse ``subject``, which has ``stated`` where the target has ``there``; ``how``:
+        ``"shows"`` (segpipe shows the level as its keyframe says) or ``"decodes"`` (tifffile
+        decodes the plane's tiles by the target's tags)."""
+        if self.same_file and how == "shows":
+            reads = f"segpipe shows every plane of the level as its {_ifd(self.page)} says"
+        elif self.same_file:
+            reads = "tifffile decodes the tiles of every plane of a file's level by the tags of "
+            reads += f"its {_ifd(self.page)}"
+        elif how == "shows":
+            reads = "segpipe shows every file of the set's level as the first file's"
+        else:
+            reads = "tifffile decodes the tiles of every file of the set at a reduced level by "
+            reads += "the first file's"
+        if not self.same_file:
+            reads += " (the level's keyframe)"
+        raise ImageReadError(
+            f"{subject} has {stated}, {self.where} {there}; {reads} and would read this one "
+            f"wrong: write {self.alike[1]} alike"
+        )
+
+
+def _ifd(page: Any) -> str:
+    """``page``'s place in its file, as an error gives it: ``IFD i``, or a SubIFD's ``SubIFD of
+    IFD i`` (tifffile's tree index of it, ``(i, level)``, names the level, not the SubIFD)."""
+    tree = tuple(page.treeindex)
+    return f"IFD {tree[0]}" if len(tree) == 1 else f"SubIFD of IFD {tree[0]}"
 
 
 def _own_ifd(frame: Any) -> Any:
@@ -158,15 +212,6 @@ def file_open(page: Any) -> Iterator[None]:
     finally:
         if closed:
             handle.close()
-
-
-def _refuse(name: str, level: int, stated: str, own: str, there: str, reads: str) -> NoReturn:
-    """Refuse ``name``'s ``level``, which ``stated``, ``own`` (the level keyframe's file)
-    ``there``; ``reads``: who reads every file by the keyframe, and how."""
-    raise ImageReadError(
-        f"{name}: level {level} has {stated}, in {own} {there}; {reads} the first file's "
-        "(the level's keyframe) and would read this one wrong: write the set's files alike"
-    )
 
 
 def _text(value: Any) -> str:
@@ -200,16 +245,16 @@ def _orientation(page: Any, unstated: int) -> int:
     return unstated if stated is None else stated
 
 
-def _check_like_level(keyframe: Any, level_keyframe: Any, level: int, name: str, own: str) -> None:
-    """Refuse ``keyframe``, of a file (``name``) of a multi-file OME-TIFF set, whose size,
-    tiles or strips, or dtype differ from those of ``level_keyframe`` (in ``own``): tifffile's
-    Zarr view places every file's tiles by the level's tile grid and decodes them by their
-    file's keyframe, which reshape fails on, or allocates what a lying tag declares."""
+def _check_like_level(page: Any, subject: str, target: _Target) -> None:
+    """Refuse ``page``, a plane's own IFD (``subject`` in an error), whose size, tiles or
+    strips, or dtype differ from those of the level's keyframe (``target``): tifffile's Zarr
+    view places every plane's tiles by the level's tile grid and decodes them by their
+    keyframe, which reshape fails on, or allocates what a lying tag declares."""
 
     def layout(page: Any) -> tuple[Any, ...]:
         return tuple(page.shape), tuple(page.chunks), page.dtype
 
-    if layout(keyframe) == layout(level_keyframe):
+    if layout(page) == layout(target.page):
         return
 
     def text(page: Any) -> str:
@@ -217,10 +262,11 @@ def _check_like_level(keyframe: Any, level_keyframe: Any, level: int, name: str,
         shape, chunks = ("x".join(map(str, s)) for s in (page.shape, page.chunks))
         return f"{shape} pixels of {page.dtype} in {kind} of {chunks}"
 
+    every, fix = target.alike
     raise ImageReadError(
-        f"{name}: level {level} is {text(keyframe)}, in {own} {text(level_keyframe)}; "
-        "tifffile reads every file of the set by one tile grid and pixel type. Its ImageWidth, "
-        "ImageLength (TIFF tags 256, 257), TileWidth, TileLength (322, 323), RowsPerStrip "
-        "(278), SamplesPerPixel (277), BitsPerSample (258) or SampleFormat (339) is damaged, "
-        "or the set's files were written unalike: write them again alike"
+        f"{subject} is {text(page)}, {target.where} {text(target.page)}; tifffile reads every "
+        f"{every} by one tile grid and pixel type. Its ImageWidth, ImageLength (TIFF tags "
+        "256, 257), TileWidth, TileLength (322, 323), RowsPerStrip (278), SamplesPerPixel "
+        "(277), BitsPerSample (258) or SampleFormat (339) is damaged, or "
+        f"{fix} were written unalike: write them again alike"
     )
