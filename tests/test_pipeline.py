@@ -570,16 +570,16 @@ def test_a_lane_that_fails_outside_the_forward_fails_its_batch_and_lives_on(monk
         def concatenate(*args, **kwargs):
             raise MemoryError("joining the batch")
 
-    fake.hold.clear()
-    first = stage.submit(windows(3.0))  # the lane holds it ...
-    time.sleep(0.1)
-    joined = [stage.submit(windows(4.0)), stage.submit(windows(5.0))]  # ... these wait, one batch
     monkeypatch.setattr(pipeline, "np", NoMemoryToJoin())
     monkeypatch.setattr(futures, "np", NoMemoryToJoin())
-    fake.hold.set()
-    np.testing.assert_allclose(first.result(10).ravel(), [3.0])
+    # Two submitters' windows queued together, one batch (without the failing join: 1, 2)
+    other = FakePredictor(batch_size=4)
+    held, first, joined = queued_behind_a_held_pass(other, [windows(4.0), windows(5.0)])
+    np.testing.assert_allclose(first.result(10).ravel(), [0.0])
     for f, value in zip(joined, (4.0, 5.0), strict=True):  # each alone: no join needed
         np.testing.assert_allclose(f.result(10).ravel(), [value])
+    held.close()
+    assert other.batches == [1, 1, 1]
     with pytest.raises(MemoryError):  # more windows than a batch: parts joined on delivery
         stage.submit(windows(6.0, n=6)).result(10)
     monkeypatch.setattr(pipeline, "np", np)
@@ -590,16 +590,16 @@ def test_a_lane_that_fails_outside_the_forward_fails_its_batch_and_lives_on(monk
 
 
 def test_a_stage_made_beside_narrow_passes_takes_the_process_threads():
-    """Narrow passes set torch's thread count to one, which a new thread reads too: a stage
-    made then (a second run on a shared worker) takes the open stage's count, not one."""
+    """Narrow passes set torch's thread count to one, which other threads may then read (torch
+    2.13 here: from some threads, not from others): a stage made while one runs (a second run
+    on a shared worker) takes the open stage's count, not one. The count is set to one here,
+    as a narrow pass may leave it, where waiting for the lanes to do it waited in vain."""
     torch.set_num_threads(2)
     fake = FakePredictor(batch_size=1)
     fake.hold.clear()
     a = ModelStage(fake)  # two lanes, one thread each
     pending = [a.submit(windows(1.0)), a.submit(windows(2.0))]
-    deadline = time.monotonic() + 10
-    while torch.get_num_threads() != 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    torch.set_num_threads(1)
     made: list[ModelStage] = []
     maker = threading.Thread(target=lambda: made.append(ModelStage(FakePredictor())))
     maker.start()
@@ -607,6 +607,7 @@ def test_a_stage_made_beside_narrow_passes_takes_the_process_threads():
     fake.hold.set()
     for p in pending:
         p.result(10)
+    assert sorted(threads for _, threads, _ in fake.passes) == [1, 1], "narrow passes"
     a.close()
     assert made[0]._torch_threads == 2 and made[0].lanes == 2
     made[0].close()
