@@ -641,11 +641,11 @@ def test_each_codec_bound_holds_for_its_encoder_and_refuses_a_thousandfold_lie(
     assert 1000 * decoded > 4 * _MOST_EXPANDED[code] * stored + 2**20
 
 
-def _first_sof(path: Path) -> int:
-    """Offset in the file of the height in the first tile's JPEG frame header (SOF0)."""
+def _first_sof(path: Path, tile: int = 0) -> int:
+    """Offset in the file of the height in a tile's JPEG frame header (SOF0)."""
     with tifffile.TiffFile(path) as tif:
         page = tif.pages.first
-        start = int(page.dataoffsets[0])
+        start = int(page.dataoffsets[tile])
     return start + path.read_bytes()[start:].index(b"\xff\xc0") + 5
 
 
@@ -663,6 +663,30 @@ def test_a_jpeg_tile_whose_frame_header_lies_is_refused_at_open(tmp_path: Path) 
     ):
         open_image(path)
     assert str(path) in str(info.value)
+
+
+def test_a_later_jpeg_tile_whose_frame_header_lies_is_refused_as_it_is_read(tmp_path: Path):
+    """The open looks at the first stored tile's frame header alone; a later tile's is looked
+    at as it is decoded, before the decoder allocates the 20,000 x 20,000 pixels (1.1 GiB) it
+    states. The tiles beside it still read."""
+    path = tmp_path / "sof3.tif"
+    pixels = _rgb(64, 64)
+    tifffile.imwrite(path, pixels, tile=(32, 32), photometric="rgb", compression="jpeg")
+    at = _first_sof(path, tile=3)
+    data = bytearray(path.read_bytes())
+    data[at : at + 4] = (20_000).to_bytes(2, "big") * 2  # height, width
+    path.write_bytes(bytes(data))
+    with contextlib.closing(open_image(path)) as reader:
+        with tifffile.TiffFile(path) as tif:  # tiles 0 and 1 alone, by tifffile
+            want = zarr.open(tif.series[0].aszarr(), mode="r")[:32]
+        np.testing.assert_array_equal(reader.read(0, 32, 0, 64), want)
+        with (
+            _no_big_allocation(),
+            pytest.raises(ImageReadError, match="may be corrupt") as info,
+        ):
+            reader.read(32, 64, 0, 64)
+    assert str(path) in str(info.value)
+    assert "tile 3 is a JPEG stream of 20,000 x 20,000 pixels (its SOF marker)" in str(info.value)
 
 
 def _cropped_jpeg(path: Path, pixels: np.ndarray) -> Path:

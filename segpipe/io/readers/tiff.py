@@ -40,7 +40,11 @@ from segpipe.io.readers.photometric import (
     level_photometric,
     stated_orientation,
 )
-from segpipe.io.readers.tiff_checks import check_declared_data, check_ifd_chain
+from segpipe.io.readers.tiff_checks import (
+    check_declared_data,
+    check_ifd_chain,
+    guard_jpeg_frames,
+)
 from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -176,6 +180,7 @@ class TiffReader(BaseReader):
         for page in {id(p.keyframe): p.keyframe for p in series.levels[level].pages if p}.values():
             with file_open(page):
                 _ = page.decode  # a cached property
+            guard_jpeg_frames(page)
         store = series.aszarr(level=level, read_only=True, **threads)
         stored = cast("zarr.Array", zarr.open(store, mode="r"))
         array = self._photometric[level].view(stored, series.levels[level].axes)

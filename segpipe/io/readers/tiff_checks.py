@@ -21,7 +21,7 @@ from segpipe.io.readers.ome_planes import (
     check_planes_read_once,
 )
 
-__all__ = ["check_declared_data", "check_ifd_chain"]
+__all__ = ["check_declared_data", "check_ifd_chain", "guard_jpeg_frames"]
 
 # TiffPage refuses an IFD of more tags than this (tifffile's own bound; the TIFF tags defined
 # by all specifications together are a few hundred).
@@ -251,7 +251,8 @@ def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
 
     ``declared``: the tiles or strips and their tags, as an error names them. One read of at
     most ``_JPEG_HEAD_BYTES``; a stream not begun by SOI (an NDPI's, whose header tifffile
-    keeps apart) or with no SOF in them is left to the decoder."""
+    keeps apart) or with no SOF in them is left to the decoder. The others are checked as
+    they are read (:func:`guard_jpeg_frames`)."""
     counts, fh = page.databytecounts, page.parent.filehandle
     first = next((i for i, c in enumerate(counts) if c), None)
     if int(page.compression) not in _JPEG or page.imagedepth != 1 or first is None or fh.closed:
@@ -260,25 +261,65 @@ def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
         return
     fh.seek(int(page.dataoffsets[first]))
     frame = _jpeg_frame(fh.read(min(int(counts[first]), _JPEG_HEAD_BYTES)))
-    if frame is None:
+    if frame is None or _frame_fits(page, first, frame):
         return
+    length, width = page.imagelength, page.imagewidth
+    raise ImageReadError(
+        f"{path}: level {level} ({length:,} x {width:,} pixels) declares {declared}, but its "
+        f"{_frame_misfit(page, first, frame)}: the tags or the stream are damaged"
+    )
+
+
+def guard_jpeg_frames(page: Any) -> None:
+    """Make tifffile's decoder of ``page`` (a keyframe; JPEG-compressed, else nothing is done)
+    refuse, before decoding, a tile or strip whose JPEG stream states another size than it:
+    the decoder allocates and fills the size the stream's SOF marker states (60,000 x 60,000
+    took 10 GiB), and :func:`_check_jpeg_frame` looked at the first stored one alone.
+
+    tifffile makes the decoder once a keyframe, a closure cached on the page (a
+    ``functools.cached_property``); every frame of the keyframe and tifffile's Zarr view
+    decode through it, so the check wraps it there. It raises ``ValueError``, which a read
+    reports as a damaged file. A cheap look: a stream's markers up to its SOF, hundreds of
+    bytes."""
+    if int(page.compression) not in _JPEG or page.imagedepth != 1:
+        return
+    decode = page.decode
+    if getattr(decode, "_guards_jpeg_frames", False):
+        return
+
+    def checked(data: bytes | None, index: int, /, **kwargs: Any) -> Any:
+        if data is not None:
+            frame = _jpeg_frame(bytes(data[:_JPEG_HEAD_BYTES]))
+            if frame is not None and not _frame_fits(page, index, frame):
+                raise ValueError(
+                    f"its {_frame_misfit(page, index, frame)}; the stream or the file's tags "
+                    "are damaged"
+                )
+        return decode(data, index, **kwargs)
+
+    checked._guards_jpeg_frames = True  # type: ignore[attr-defined]
+    page.__dict__["decode"] = checked
+
+
+def _frame_fits(page: Any, index: int, frame: tuple[int, int]) -> bool:
+    """Whether a JPEG stream of ``frame`` (height, width) pixels fits tile or strip ``index``
+    of ``page``: of its size, or of its part inside the image (as some writers crop the tiles
+    at the image's edge)."""
     length, width = page.imagelength, page.imagewidth
     if page.is_tiled:  # tiles run across, then down, in each plane
         rows, cols = page.tilelength, page.tilewidth
         across = -(-width // cols)
-        k = first % (across * -(-length // rows))
+        k = index % (across * -(-length // rows))
         y, x = k // across * rows, k % across * cols
     else:
         rows, cols = page.chunks[0], width
-        y, x = first % -(-length // rows) * rows, 0
-    if frame[0] in (rows, min(rows, length - y)) and frame[1] in (cols, min(cols, width - x)):
-        return
+        y, x = index % -(-length // rows) * rows, 0
+    return frame[0] in (rows, min(rows, length - y)) and frame[1] in (cols, min(cols, width - x))
+
+
+def _frame_misfit(page: Any, index: int, frame: tuple[int, int]) -> str:
     kind = "tile" if page.is_tiled else "strip"
-    raise ImageReadError(
-        f"{path}: level {level} ({length:,} x {width:,} pixels) declares {declared}, but its "
-        f"{kind} {first} is a JPEG stream of {frame[0]:,} x {frame[1]:,} pixels (its SOF "
-        "marker): the tags or the stream are damaged"
-    )
+    return f"{kind} {index} is a JPEG stream of {frame[0]:,} x {frame[1]:,} pixels (its SOF marker)"
 
 
 def _jpeg_frame(head: bytes) -> tuple[int, int] | None:
