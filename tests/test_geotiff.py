@@ -576,3 +576,25 @@ def test_a_damaged_mask_tile_fails_naming_the_file_level_and_window(tmp_path, le
         r"y 0:32, x 0:32.*CPLE_",
     ):
         reader.valid_mask(0, 32, 0, 32, level=level)
+
+
+@pytest.mark.parametrize("interleave", ["band", "pixel"])
+def test_a_jpeg_geotiff_of_rgb_bands_reads_as_gdal_reads_it(tmp_path, interleave):
+    """Band-interleaved, GDAL writes each band a one-component JPEG stream, which tifffile
+    decoded as RGB: "Bogus JPEG colorspace" at the first read. Both interleavings read to the
+    bit as GDAL reads them, overviews too."""
+    smooth = np.clip(_bands(3, "float64") / 9, 0, 255).astype(np.uint8)  # JPEG: no noise
+    path = write_raster(
+        tmp_path / f"{interleave}.tif", smooth, compress="jpeg", interleave=interleave
+    )
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages.first.planarconfig == (2 if interleave == "band" else 1)
+    reader = open_image(path)
+    with rasterio.open(path) as ds:
+        np.testing.assert_array_equal(
+            reader.read(0, SHAPE[0], 0, SHAPE[1]), np.moveaxis(ds.read(), 0, -1)
+        )
+        with rasterio.open(path, overview_level=0) as overview:
+            ny, nx = overview.height, overview.width
+            want = np.moveaxis(overview.read(), 0, -1)
+    np.testing.assert_array_equal(reader.read(0, ny, 0, nx, level=1), want)

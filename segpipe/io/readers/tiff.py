@@ -179,8 +179,7 @@ class TiffReader(BaseReader):
         # through its file's handle, which it closed for a set's other files: open it for that
         for page in {id(p.keyframe): p.keyframe for p in series.levels[level].pages if p}.values():
             with file_open(page):
-                _ = page.decode  # a cached property
-            guard_jpeg_frames(page)
+                guard_jpeg_frames(page)  # builds the decoder (a cached property)
         store = series.aszarr(level=level, read_only=True, **threads)
         stored = cast("zarr.Array", zarr.open(store, mode="r"))
         array = self._photometric[level].view(stored, series.levels[level].axes)

@@ -271,19 +271,30 @@ def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
 
 
 def guard_jpeg_frames(page: Any) -> None:
-    """Make tifffile's decoder of ``page`` (a keyframe; JPEG-compressed, else nothing is done)
-    refuse, before decoding, a tile or strip whose JPEG stream states another size than it:
-    the decoder allocates and fills the size the stream's SOF marker states (60,000 x 60,000
-    took 10 GiB), and :func:`_check_jpeg_frame` looked at the first stored one alone.
+    """Build tifffile's decoder of ``page`` (a keyframe; its file open), and for a JPEG one,
+    make it refuse, before decoding, a tile or strip whose JPEG stream states another size
+    than it: the decoder allocates and fills the size the stream's SOF marker states (60,000
+    x 60,000 took 10 GiB), and :func:`_check_jpeg_frame` looked at the first stored one alone.
 
     tifffile makes the decoder once a keyframe, a closure cached on the page (a
     ``functools.cached_property``); every frame of the keyframe and tifffile's Zarr view
     decode through it, so the check wraps it there. It raises ``ValueError``, which a read
     reports as a damaged file. A cheap look: a stream's markers up to its SOF, hundreds of
-    bytes."""
+    bytes.
+
+    Planar (band-interleaved) RGB JPEG, as GDAL writes it: each plane is a one-component
+    stream, which tifffile 2026.3 decodes as RGB unless the stream has a JFIF marker ("Bogus
+    JPEG colorspace"); told it has one before it builds the decoder, it decodes the planes
+    as grey, as GDAL does."""
+    if (
+        int(page.compression) in _JPEG
+        and int(page.planarconfig) == 2
+        and "decode" not in vars(page)
+    ):
+        page.__dict__["is_jfif"] = True  # a cached property too: read by the decoder alone
+    decode = page.decode
     if int(page.compression) not in _JPEG or page.imagedepth != 1:
         return
-    decode = page.decode
     if getattr(decode, "_guards_jpeg_frames", False):
         return
 
