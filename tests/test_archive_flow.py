@@ -312,6 +312,8 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
+        # the served runner asks for scheduled runs each second, not each 10 (Prefect's default)
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
     }
     env.pop("PREFECT_API_KEY", None)
     server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"

@@ -282,12 +282,21 @@ def test_unknown_model_lists_the_shipped_ones(small_slide, tmp_path, capsys):
     assert "no shipped model or checkpoint file 'no-such-model'" in capsys.readouterr().err
 
 
-def _demo_process(out: Path, model: Path, *options: str) -> subprocess.CompletedProcess[str]:
-    """``segpipe demo`` in a fresh process, on Prefect's temporary local server (its home in
-    ``out``), its stdout and stderr pipes (no terminal)."""
+@pytest.fixture(scope="module")
+def demo_prefect_home(tmp_path_factory) -> Path:
+    """One Prefect home for this module's ``segpipe demo`` processes, which run one after
+    another: its database is made (migrated) by the first, in about 7 s, not by each."""
+    return tmp_path_factory.mktemp("demo-prefect-home")
+
+
+def _demo_process(
+    out: Path, home: Path, model: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """``segpipe demo`` in a fresh process, on Prefect's temporary local server (its home
+    ``home``), its stdout and stderr pipes (no terminal)."""
     env = {
         **os.environ,
-        "PREFECT_HOME": str(out / "prefect"),
+        "PREFECT_HOME": str(home),
         # As the flow tests' harness: a loaded CI machine starts the server slowly.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
@@ -303,10 +312,11 @@ def _demo_process(out: Path, model: Path, *options: str) -> subprocess.Completed
 
 
 @pytest.mark.integration
-def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, tmp_path):
+def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, demo_prefect_home, tmp_path):
     """The real command in a fresh process: each stage as plain lines, never Dask's progress
     bars."""
-    run = _demo_process(tmp_path, random_checkpoint, "--size", "1024", "--tile", "256")
+    options = ("--size", "1024", "--tile", "256")
+    run = _demo_process(tmp_path, demo_prefect_home, random_checkpoint, *options)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "mean Dice (tissue, nucleus)" in run.stdout
     assert "µm²" in run.stdout
@@ -332,7 +342,7 @@ def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
 def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
-    verbose, random_checkpoint, tmp_path
+    verbose, random_checkpoint, demo_prefect_home, tmp_path
 ):
     """The demo's result path taken by a folder that is no result: the flow's task refuses it.
     Prefect's one-line error and state lines, then the error once more as the last line, exit
@@ -341,7 +351,8 @@ def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
     taken.mkdir()
     (taken / "notes.txt").write_text("not a segpipe result")
     verbosity = ["-v"] if verbose else []
-    run = _demo_process(tmp_path, random_checkpoint, "--size", "256", "--tile", "128", *verbosity)
+    options = ("--size", "256", "--tile", "128", *verbosity)
+    run = _demo_process(tmp_path, demo_prefect_home, random_checkpoint, *options)
     assert run.returncode == 2, run.stderr[-3000:]
     error = f"segpipe demo: error: {taken} exists and is not a segpipe result"
     assert error in run.stderr
