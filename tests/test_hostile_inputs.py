@@ -665,26 +665,46 @@ def test_a_jpeg_tile_whose_frame_header_lies_is_refused_at_open(tmp_path: Path) 
     assert str(path) in str(info.value)
 
 
-def test_a_later_jpeg_tile_whose_frame_header_lies_is_refused_as_it_is_read(tmp_path: Path):
+def _lying_fourth_tile(path: Path, padding: int) -> Path:
+    """A 512 x 512 RGB JPEG TIFF of 256 px tiles whose tile 3 states 20,000 x 20,000 pixels
+    in its frame header, after an application segment (APP1) of ``padding`` bytes (0: none).
+    (Tiles of 256 px: for smaller ones tifffile stores the byte counts as SHORTs.)"""
+    pixels = _rgb(512, 512)
+    tiles = [
+        bytearray(imagecodecs.jpeg_encode(pixels[y : y + 256, x : x + 256], level=90))
+        for y in (0, 256)
+        for x in (0, 256)
+    ]
+    sof = tiles[3].index(b"\xff\xc0") + 5
+    tiles[3][sof : sof + 4] = (20_000).to_bytes(2, "big") * 2  # height, width
+    if padding:
+        app1 = b"\xff\xe1" + (padding - 2).to_bytes(2, "big") + bytes(padding - 4)
+        tiles[3][2:2] = app1  # after SOI
+    tifffile.imwrite(
+        path, iter(bytes(t) for t in tiles), shape=pixels.shape, dtype=np.uint8,
+        tile=(256, 256), photometric="rgb", compression="jpeg",
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("padding", [0, 65_535], ids=["sof-first", "sof-past-64-kib"])
+def test_a_later_jpeg_tile_whose_frame_header_lies_is_refused_as_it_is_read(
+    tmp_path: Path, padding: int
+):
     """The open looks at the first stored tile's frame header alone; a later tile's is looked
-    at as it is decoded, before the decoder allocates the 20,000 x 20,000 pixels (1.1 GiB) it
-    states. The tiles beside it still read."""
-    path = tmp_path / "sof3.tif"
-    pixels = _rgb(64, 64)
-    tifffile.imwrite(path, pixels, tile=(32, 32), photometric="rgb", compression="jpeg")
-    at = _first_sof(path, tile=3)
-    data = bytearray(path.read_bytes())
-    data[at : at + 4] = (20_000).to_bytes(2, "big") * 2  # height, width
-    path.write_bytes(bytes(data))
+    at as it is decoded, in its whole stream (an application segment may push the header past
+    64 KiB), before the decoder allocates the 20,000 x 20,000 pixels (1.1 GiB) it states. The
+    tiles beside it still read."""
+    path = _lying_fourth_tile(tmp_path / "sof3.tif", padding)
     with contextlib.closing(open_image(path)) as reader:
         with tifffile.TiffFile(path) as tif:  # tiles 0 and 1 alone, by tifffile
-            want = zarr.open(tif.series[0].aszarr(), mode="r")[:32]
-        np.testing.assert_array_equal(reader.read(0, 32, 0, 64), want)
+            want = zarr.open(tif.series[0].aszarr(), mode="r")[:256]
+        np.testing.assert_array_equal(reader.read(0, 256, 0, 512), want)
         with (
             _no_big_allocation(),
             pytest.raises(ImageReadError, match="may be corrupt") as info,
         ):
-            reader.read(32, 64, 0, 64)
+            reader.read(256, 512, 0, 512)
     assert str(path) in str(info.value)
     assert "tile 3 is a JPEG stream of 20,000 x 20,000 pixels (its SOF marker)" in str(info.value)
 

@@ -151,3 +151,24 @@ def test_a_channel_ome_tiff_written_by_tifffile_reads(tmp_path):
     reader = open_image(path, pixel_size_um=0.5)
     np.testing.assert_array_equal(reader.read(0, SHAPE[0], 0, SHAPE[1]), planes.transpose(1, 2, 0))
     np.testing.assert_array_equal(reader.level(1).compute(), planes[:, ::2, ::2].transpose(1, 2, 0))
+
+
+def test_a_plane_without_an_ifd_of_its_own_is_read_by_its_keyframe(tmp_path):
+    """tifffile makes some planes from an index, not an IFD (Micro-Manager NDTiff, a
+    contiguous series): a virtual frame, read by its keyframe alone, with no IFD to compare.
+    Reading one as a page raised ValueError, refusing the file as unreadable."""
+    from types import SimpleNamespace
+
+    from segpipe.io.readers.ome_planes import check_level_files
+
+    path = tmp_path / "planes.ome.tif"
+    write_planes(path, [_RAW] * CHANNELS)
+    with tifffile.TiffFile(path) as tif:
+        keyframe = tif.pages.first
+        virtual = tifffile.TiffFrame(
+            tif, 1, offset=None, keyframe=keyframe,
+            dataoffsets=keyframe.dataoffsets, databytecounts=keyframe.databytecounts,
+        )  # fmt: skip
+        assert virtual.is_virtual
+        level = SimpleNamespace(keyframe=keyframe, pages=[keyframe, virtual])
+        check_level_files(SimpleNamespace(levels=[level]), 0, lambda page: str(path))

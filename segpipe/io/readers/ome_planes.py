@@ -23,7 +23,13 @@ import numpy as np
 from segpipe.io.readers.base import ImageReadError
 from segpipe.io.readers.photometric import level_photometric, stated_orientation
 
-__all__ = ["check_level_files", "check_ome_planes", "check_planes_read_once", "file_open"]
+__all__ = [
+    "JPEG_COMPRESSIONS",
+    "check_level_files",
+    "check_ome_planes",
+    "check_planes_read_once",
+    "file_open",
+]
 
 # The fewest bytes of an IFD (its tag count, one entry, the next offset): no file of n bytes
 # holds more than n / this pages.
@@ -41,9 +47,17 @@ _DECODED_BY: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("Predictor (TIFF tag 317)", lambda p: p.predictor),
     ("FillOrder (TIFF tag 266)", lambda p: p.fillorder),
     ("BitsPerSample (TIFF tag 258)", lambda p: p.bitspersample),
-    ("PhotometricInterpretation (TIFF tag 262)", lambda p: p.tags.valueof(262)),
+    ("PhotometricInterpretation (TIFF tag 262)", lambda p: p.photometric),
     ("ExtraSamples (TIFF tag 338)", lambda p: tuple(p.extrasamples)),
     ("YCbCrSubSampling (TIFF tag 530)", lambda p: p.subsampling),
+)
+# TIFF's JPEG compressions (JPEG, Aperio's alternative, lossy DNG): tifffile decodes their
+# streams whole, by their own tables and frame header; the tags below play no part.
+JPEG_COMPRESSIONS = (7, 33007, 34892)
+_NOT_IN_JPEG = (
+    "Predictor (TIFF tag 317)",
+    "FillOrder (TIFF tag 266)",
+    "YCbCrSubSampling (TIFF tag 530)",
 )
 
 
@@ -90,10 +104,11 @@ def check_planes_read_once(pages: list[Any], level: int, path: str) -> None:
     """Refuse a level two of whose planes ``pages`` are one IFD of one file: an OME-XML naming
     one IFD for two planes (a TiffData without a UUID in a set is the IFD of the file opened),
     which tifffile reads as both."""
-    first: dict[tuple[str, tuple[int, ...]], int] = {}
+    first: dict[tuple[str, Any], int] = {}
     for i, p in enumerate(pages):
-        # not p.index: a SubIFD's is its level's number alone, the same for every plane
-        where = (str(p.parent.filehandle.path), tuple(p.treeindex))
+        # By the IFD's offset (a SubIFD's index is its level's number alone, the same for
+        # every plane); a frame with no IFD of its own by its place in the tree.
+        where = (str(p.parent.filehandle.path), p.offset or tuple(p.treeindex))
         if where in first:
             raise ImageReadError(
                 f"{path}: level {level} reads {_ifd(p)} of {where[0]} as two of its planes "
@@ -126,6 +141,8 @@ def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) ->
         if name in firsts:
             subject = f"{name}: plane {i + 1} of {len(pages)} of level {level} ({_ifd(p)})"
         firsts.add(name)
+        if getattr(p, "is_virtual", False):  # no IFD of its own (NDTiff, contiguous data)
+            continue
         page = _own_ifd(p)
         if page is keyframe:
             continue
@@ -139,7 +156,10 @@ def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) ->
         if page is decoder:
             continue
         target = _Target(decoder, name, name_of(decoder))
+        jpeg = {int(page.compression), int(decoder.compression)} <= set(JPEG_COMPRESSIONS)
         for label, value in _DECODED_BY:
+            if jpeg and label in _NOT_IN_JPEG:
+                continue
             if (a := value(page)) != (b := value(decoder)):
                 target.refuse(subject, f"{label} {_text(a)}", _text(b), "decodes")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
 from segpipe.io.readers.ome_planes import (
+    JPEG_COMPRESSIONS,
     check_level_files,
     check_planes_read_once,
 )
@@ -53,12 +54,12 @@ _MAX_TILE_BYTES = 2**31
 _MOST_EXPANDED = {
     1: 1, 5: 2560, 8: 1032, 32946: 1032, 32773: 64, 34925: 7091, 34926: 32768, 50000: 32768,
 }  # fmt: skip
-# JPEG (TIFF's, Aperio's alternative, DNG's lossy): each tile or strip is a JPEG stream whose
-# frame header (SOF marker) gives the size the decoder allocates and fills, whatever the tags
-# say; a stream smaller than a tile declared 65,500 pixels or more a side is decoded into one
-# that large, the rest filled in (grey). Writers put the SOF after a few table segments,
-# hundreds of bytes in: it is looked for in a tile's first bytes alone.
-_JPEG = (7, 33007, 34892)
+# JPEG (JPEG_COMPRESSIONS): each tile or strip is a JPEG stream whose frame header (SOF
+# marker) gives the size the decoder allocates and fills, whatever the tags say; a stream
+# smaller than a tile declared 65,500 pixels or more a side is decoded into one that large,
+# the rest filled in (grey). Writers put the SOF after a few table segments, hundreds of bytes
+# in: at open it is looked for in the first stored tile's first bytes alone, as each tile is
+# decoded in its whole stream (an application segment of 64 KiB may come first).
 _SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
 _JPEG_HEAD_BYTES = 2**16
 
@@ -255,7 +256,12 @@ def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
     they are read (:func:`guard_jpeg_frames`)."""
     counts, fh = page.databytecounts, page.parent.filehandle
     first = next((i for i, c in enumerate(counts) if c), None)
-    if int(page.compression) not in _JPEG or page.imagedepth != 1 or first is None or fh.closed:
+    if (
+        int(page.compression) not in JPEG_COMPRESSIONS
+        or page.imagedepth != 1
+        or first is None
+        or fh.closed
+    ):
         return
     if int(page.dataoffsets[first]) >= fh.size:  # past the end: refused as truncated
         return
@@ -287,20 +293,21 @@ def guard_jpeg_frames(page: Any) -> None:
     JPEG colorspace"); told it has one before it builds the decoder, it decodes the planes
     as grey, as GDAL does."""
     if (
-        int(page.compression) in _JPEG
+        int(page.compression) in JPEG_COMPRESSIONS
         and int(page.planarconfig) == 2
         and "decode" not in vars(page)
     ):
         page.__dict__["is_jfif"] = True  # a cached property too: read by the decoder alone
     decode = page.decode
-    if int(page.compression) not in _JPEG or page.imagedepth != 1:
+    if int(page.compression) not in JPEG_COMPRESSIONS or page.imagedepth != 1:
         return
     if getattr(decode, "_guards_jpeg_frames", False):
         return
 
     def checked(data: bytes | None, index: int, /, **kwargs: Any) -> Any:
         if data is not None:
-            frame = _jpeg_frame(bytes(data[:_JPEG_HEAD_BYTES]))
+            # the whole stream: an application segment may put its SOF past the first 64 KiB
+            frame = _jpeg_frame(data if isinstance(data, bytes) else bytes(data))
             if frame is not None and not _frame_fits(page, index, frame):
                 raise ValueError(
                     f"its {_frame_misfit(page, index, frame)}; the stream or the file's tags "
