@@ -172,3 +172,23 @@ def test_a_plane_without_an_ifd_of_its_own_is_read_by_its_keyframe(tmp_path):
         assert virtual.is_virtual
         level = SimpleNamespace(keyframe=keyframe, pages=[keyframe, virtual])
         check_level_files(SimpleNamespace(levels=[level]), 0, lambda page: str(path))
+
+
+def test_two_planes_whose_subifds_are_one_ifd_are_refused(tmp_path):
+    """Plane 2's SubIFDs tag pointed at plane 1's SubIFD: tifffile reads that IFD as both
+    planes' level 1 (its tree index tells them apart, its offset does not)."""
+    path = tmp_path / "planes.ome.tif"
+    write_planes(path, [_RAW] * CHANNELS, reduced=[{}] * CHANNELS)
+    with tifffile.TiffFile(path) as tif:
+        first, tag = tif.pages[0].subifds[0], tif.pages[1].tags[330]
+        assert tag.count == 1 and tif.tiff.offsetsize == 4
+        at = tag.valueoffset  # one offset: in the tag's own entry
+    data = bytearray(path.read_bytes())
+    data[at : at + 4] = first.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError) as info:
+        open_image(path)
+    assert str(info.value) == (
+        f"{path}: level 1 reads SubIFD of IFD 1 of {path} as two of its planes (0 and 1 of 3: "
+        "channels, Z, T); its SubIFDs (TIFF tag 330) are damaged"
+    )

@@ -101,19 +101,19 @@ def check_ome_planes(tif: Any, file_size: int, path: str) -> None:
 
 
 def check_planes_read_once(pages: list[Any], level: int, path: str) -> None:
-    """Refuse a level two of whose planes ``pages`` are one IFD of one file: an OME-XML naming
-    one IFD for two planes (a TiffData without a UUID in a set is the IFD of the file opened),
-    which tifffile reads as both."""
+    """Refuse a level two of whose planes ``pages`` are one IFD of one file, which tifffile
+    reads as both: an OME-XML naming one IFD for two planes (a TiffData without a UUID in a
+    set is the IFD of the file opened), or two planes' SubIFDs tags pointing at one IFD."""
     first: dict[tuple[str, Any], int] = {}
     for i, p in enumerate(pages):
         # By the IFD's offset (a SubIFD's index is its level's number alone, the same for
         # every plane); a frame with no IFD of its own by its place in the tree.
         where = (str(p.parent.filehandle.path), p.offset or tuple(p.treeindex))
         if where in first:
+            damaged = "its SubIFDs (TIFF tag 330) are" if level else "the OME-XML is"
             raise ImageReadError(
                 f"{path}: level {level} reads {_ifd(p)} of {where[0]} as two of its planes "
-                f"({first[where]} and {i} of {len(pages)}: channels, Z, T); the OME-XML is "
-                "damaged"
+                f"({first[where]} and {i} of {len(pages)}: channels, Z, T); {damaged} damaged"
             )
         first[where] = i
 
