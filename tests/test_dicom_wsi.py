@@ -405,6 +405,28 @@ def test_a_damaged_base_level_is_refused_not_left_out(slide, tmp_path, damage, p
     assert problem in str(info.value)
 
 
+def test_a_header_element_stating_4_gib_is_refused_without_allocating_them(slide, tmp_path):
+    """pydicom reads an element's value in one read of its stated length, which allocated
+    4 GiB (a MemoryError under an address-space limit) for a FileMetaInformationVersion
+    stating 0xFFFFFFF0 bytes; reads are held to the file's bytes."""
+    import tracemalloc
+
+    folder = _copy_of(slide, tmp_path / "s")
+    data = bytearray((folder / "level0.dcm").read_bytes())
+    at = data.index(b"\x02\x00\x01\x00OB\x00\x00") + 8  # its 4-byte length
+    data[at : at + 4] = (0xFFFFFFF0).to_bytes(4, "little")
+    (folder / "level0.dcm").write_bytes(bytes(data))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageReadError) as info:
+            open_image(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(info.value).startswith(f"{folder / 'level0.dcm'}: a damaged DICOM header (")
+    assert peak < 2**28, f"{peak / 2**20:,.0f} MiB allocated at the peak"
+
+
 def _other_dicom(path: Path, sop_class: str, *, in_meta: bool = True) -> None:
     """A sound DICOM file of another SOP class; ``in_meta=False`` states it in the dataset
     alone (no MediaStorageSOPClassUID), as careless writers do."""

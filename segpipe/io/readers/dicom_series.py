@@ -138,6 +138,26 @@ def _damaged(path: Path, problem: str) -> ImageReadError:
     )
 
 
+class _ReadsWithinTheFile:
+    """A binary file (``size`` bytes) whose ``read(n)`` asks for no more than the bytes left.
+
+    pydicom reads an element's value in one ``read`` of the length its header states, and a
+    read allocates what it asks for before it reads: a damaged length of 0xFFFFFFF0 took 4 GiB
+    (a MemoryError under an address-space limit) for a header of a few hundred bytes. Read so,
+    the header parses as the file holds it, and is refused for what it lacks."""
+
+    def __init__(self, file: Any, size: int) -> None:
+        self._file, self._size = file, size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:
+            return bytes(self._file.read())
+        return bytes(self._file.read(min(n, max(0, self._size - self._file.tell()))))
+
+    def __getattr__(self, name: str) -> Any:  # seek, tell, name: the file's own
+        return getattr(self._file, name)
+
+
 def read_instance(path: Path) -> DicomInstance | None:
     """The header of ``path`` (no pixel data read) when it is a DICOM VL Whole Slide
     Microscopy file; None when it is no DICOM file or, by the SOP class it states, another
@@ -150,11 +170,12 @@ def read_instance(path: Path) -> DicomInstance | None:
     from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
     try:
-        ds = pydicom.dcmread(
-            path,
-            stop_before_pixels=True,
-            specific_tags=[*_REQUIRED, *_SLIDE, "SOPClassUID", "OpticalPathSequence", _SHARED],
-        )
+        with path.open("rb") as f:
+            ds = pydicom.dcmread(
+                _ReadsWithinTheFile(f, path.stat().st_size),
+                stop_before_pixels=True,
+                specific_tags=[*_REQUIRED, *_SLIDE, "SOPClassUID", "OpticalPathSequence", _SHARED],
+            )
         media_class = ds.file_meta.get("MediaStorageSOPClassUID")
         classes = [str(c) for c in (media_class, ds.get("SOPClassUID")) if c]
         if classes and all(
