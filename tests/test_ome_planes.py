@@ -80,13 +80,19 @@ _TURNED = {"extratags": [(274, "H", 1, 3, True)]}  # Orientation 3: stored upsid
             "write the level's planes alike",
         ),
         (
+            {**_RAW, "photometric": "cfa"},  # samples segpipe cannot show: this plane's alone
+            "has PhotometricInterpretation (TIFF tag 262) 32803 (CFA), of 8-bit samples, its "
+            "IFD 0 has PhotometricInterpretation (TIFF tag 262) 1 (MINISBLACK)",
+            "write the level's planes alike",
+        ),
+        (
             {"compression": None, "tile": (128, 32)},  # as many tiles: tifffile takes it
             "is 128x192 pixels of uint8 in tiles of 128x32, its IFD 0 has 128x192 pixels of "
             "uint8 in tiles of 64x64; tifffile reads every plane of the level by one tile grid",
             "the level's planes were written unalike: write them again alike",
         ),
     ],
-    ids=["compression", "min-is-white", "turned", "tiles"],
+    ids=["compression", "min-is-white", "turned", "cfa", "tiles"],
 )
 def test_a_plane_stored_unlike_its_files_first_is_refused_naming_it(tmp_path, third, stated, fix):
     """Compression and tiles: tifffile decodes the third plane by IFD 0's tags (the premise,

@@ -148,7 +148,8 @@ def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) ->
             continue
         target = _Target(keyframe, name, name_of(keyframe))
         _check_like_level(page, subject, target)
-        if _shown(page, name, level) != _shown(keyframe, target.name, level):
+        shown = _shown(keyframe, target.name, level)
+        if _shown(page, name, level, plane=True) != shown:
             target.refuse(subject, _interpretation(page), _interpretation(keyframe), "shows")
         if (a := _orientation(page, turn)) != (b := _orientation(keyframe, turn)):
             target.refuse(subject, f"Orientation (TIFF tag 274) {a}", str(b), "shows")
@@ -240,9 +241,16 @@ def _text(value: Any) -> str:
     return str(value) if name is None else f"{int(value)} ({name})"
 
 
-def _shown(page: Any, name: str, level: int) -> tuple[Any, ...]:
-    """What segpipe does to ``page``'s samples to show them (:func:`level_photometric`)."""
-    shown = level_photometric(page, name, level)
+def _shown(page: Any, name: str, level: int, *, plane: bool = False) -> tuple[Any, ...] | None:
+    """What segpipe does to ``page``'s samples to show them (:func:`level_photometric`). For
+    samples it cannot show (CMYK, CFA, ...) the level is refused, naming them; for those of
+    one ``plane`` of a level unlike its keyframe, None: the plane is refused as unlike it."""
+    try:
+        shown = level_photometric(page, name, level)
+    except ImageReadError:
+        if not plane:
+            raise
+        return None
     palette = None if shown.palette is None else (shown.palette.shape, shown.palette.tobytes())
     return palette, shown.inverted, shown.bits_per_sample, shown.premultiplied, shown.alpha
 
