@@ -21,10 +21,13 @@ from typing import Any, NoReturn
 import numpy as np
 
 from segpipe.io.readers.base import ImageReadError
-from segpipe.io.readers.photometric import level_photometric, stated_orientation
+from segpipe.io.readers.photometric import (
+    JPEG_COMPRESSIONS,
+    level_photometric,
+    stated_orientation,
+)
 
 __all__ = [
-    "JPEG_COMPRESSIONS",
     "check_level_files",
     "check_ome_planes",
     "check_planes_read_once",
@@ -51,9 +54,7 @@ _DECODED_BY: tuple[tuple[str, Callable[[Any], Any]], ...] = (
     ("ExtraSamples (TIFF tag 338)", lambda p: tuple(p.extrasamples)),
     ("YCbCrSubSampling (TIFF tag 530)", lambda p: p.subsampling),
 )
-# TIFF's JPEG compressions (JPEG, Aperio's alternative, lossy DNG): tifffile decodes their
-# streams whole, by their own tables and frame header; the tags below play no part.
-JPEG_COMPRESSIONS = (7, 33007, 34892)
+# tifffile decodes a JPEG stream by its own tables and frame header: these tags play no part
 _NOT_IN_JPEG = (
     "Predictor (TIFF tag 317)",
     "FillOrder (TIFF tag 266)",
@@ -134,6 +135,8 @@ def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) ->
     keyframe = series.levels[level].keyframe
     pages = [p for p in series.levels[level].pages if p is not None and p.keyframe is not None]
     turn = _orientation(series.levels[0].keyframe, 1)
+    own, upright = name_of(keyframe), _orientation(keyframe, turn)
+    shown = None  # the keyframe's, made when a first plane is compared with it
     firsts: set[str] = set()
     for i, p in enumerate(pages):
         name = name_of(p)
@@ -146,13 +149,13 @@ def check_level_files(series: Any, level: int, name_of: Callable[[Any], str]) ->
         page = _own_ifd(p)
         if page is keyframe:
             continue
-        target = _Target(keyframe, name, name_of(keyframe))
+        target = _Target(keyframe, name, own)
         _check_like_level(page, subject, target)
-        shown = _shown(keyframe, target.name, level)
+        shown = shown or _shown(keyframe, own, level)
         if _shown(page, name, level, plane=True) != shown:
             target.refuse(subject, _interpretation(page), _interpretation(keyframe), "shows")
-        if (a := _orientation(page, turn)) != (b := _orientation(keyframe, turn)):
-            target.refuse(subject, f"Orientation (TIFF tag 274) {a}", str(b), "shows")
+        if (a := _orientation(page, turn)) != upright:
+            target.refuse(subject, f"Orientation (TIFF tag 274) {a}", str(upright), "shows")
         decoder = p.keyframe  # what tifffile decodes the plane's tiles by
         if page is decoder:
             continue

@@ -28,6 +28,7 @@ from segpipe.io.readers.base import ImageReadError
 
 __all__ = [
     "ALPHA_SAMPLES",
+    "JPEG_COMPRESSIONS",
     "ORIENTATION_TAG",
     "Photometric",
     "level_photometric",
@@ -38,9 +39,12 @@ __all__ = [
 
 # PhotometricInterpretation values (TIFF 6.0, section 8; tifffile.PHOTOMETRIC)
 _MINISWHITE, _MINISBLACK, _RGB, _PALETTE, _MASK, _YCBCR = 0, 1, 2, 3, 4, 6
-# Compressions whose codec turns YCbCr into RGB as it decodes (old JPEG, JPEG, lossy DNG
-# JPEG, Aperio's alternative JPEG): tifffile's own set. Other YCbCr comes out as Y, Cb, Cr.
-_RGB_DECODING = (6, 7, 34892, 33007)
+# TIFF's JPEG compressions (JPEG, lossy DNG JPEG, Aperio's alternative JPEG): each tile or
+# strip a whole JPEG stream, decoded by its own tables and frame header.
+JPEG_COMPRESSIONS = (7, 34892, 33007)
+# Compressions whose codec turns YCbCr into RGB as it decodes (old JPEG and the JPEGs):
+# tifffile's own set. Other YCbCr comes out as Y, Cb, Cr.
+_RGB_DECODING = (6, *JPEG_COMPRESSIONS)
 _PHOTOMETRIC_TAG = 262
 # TIFF's Orientation (section 8) and EXIF's (0x0112) are one tag with the same 8 values.
 ORIENTATION_TAG = 274

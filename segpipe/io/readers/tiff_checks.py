@@ -17,10 +17,10 @@ from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
 from segpipe.io.readers.ome_planes import (
-    JPEG_COMPRESSIONS,
     check_level_files,
     check_planes_read_once,
 )
+from segpipe.io.readers.photometric import JPEG_COMPRESSIONS
 
 __all__ = ["check_declared_data", "check_ifd_chain", "guard_jpeg_frames"]
 
