@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_readers import closed_during_a_held_read
 
 from segpipe.io.describe import describe_image
 from segpipe.io.readers import DicomReader, ImageReadError, open_image
@@ -692,14 +693,10 @@ def test_close_under_a_read_leaves_the_handle_to_the_read(slide, monkeypatch):
 
     monkeypatch.setattr(wsidicom.WsiDicom, "read_region", slow_read)
     monkeypatch.setattr(wsidicom.WsiDicom, "close", counted_close)
-    with ThreadPoolExecutor(1) as pool:
-        # tiles opening did not read (it read the top-left), so read from the files
-        read = pool.submit(reader.read, 136, 200, 236, 300)
-        assert inside.wait(timeout=5)
-        reader.close()
-        closed_by_close = list(closed)
-        go.set()
-        np.testing.assert_array_equal(read.result(timeout=10), _image()[136:200, 236:300])
+    # tiles opening did not read (it read the top-left), so read from the files
+    window = (136, 200, 236, 300)
+    closed_by_close, pixels = closed_during_a_held_read(reader, window, inside, go, closed)
+    np.testing.assert_array_equal(pixels, _image()[136:200, 236:300])
     assert closed_by_close == [] and len(closed) == 1  # by the read, as it ended
     np.testing.assert_array_equal(reader.read(64, 128, 0, 64), _image()[64:128, :64])
     reader.close()

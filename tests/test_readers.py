@@ -593,6 +593,25 @@ def _record_closes(monkeypatch: pytest.MonkeyPatch, cls: type, closes: list[obje
     monkeypatch.setattr(cls, "close", recording)
 
 
+def closed_during_a_held_read(
+    reader: Reader,
+    window: tuple[int, int, int, int],
+    inside: threading.Event,
+    go: threading.Event,
+    closes: list,
+) -> tuple[list, np.ndarray]:
+    """``reader.close()`` while another thread's read of ``window`` (y0, y1, x0, x1) is held
+    (the test's hook sets ``inside`` there and waits for ``go``): the handles ``closes`` had
+    recorded right after the close, and the read's pixels once it is let go."""
+    with ThreadPoolExecutor(1) as pool:
+        read = pool.submit(reader.read, *window)
+        assert inside.wait(timeout=5)
+        reader.close()
+        closed_by_close = list(closes)
+        go.set()
+        return closed_by_close, read.result(timeout=10)
+
+
 @pytest.mark.parametrize("is_url", [False, True], ids=["local", "url"])
 def test_close_under_a_read_leaves_the_handles_to_the_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, is_url: bool
@@ -622,13 +641,10 @@ def test_close_under_a_read_leaves_the_handles_to_the_read(
 
     monkeypatch.setattr(tifffile.FileCache, "read", held_read)
     handles = 2 if is_url else 1
-    with ThreadPoolExecutor(1) as pool:
-        read = pool.submit(reader.read, 128, 192, 256, 320)
-        assert inside.wait(timeout=5)
-        reader.close()
-        closed_by_close = list(closes)
-        go.set()
-        np.testing.assert_array_equal(read.result(timeout=10), img[128:192, 256:320])
+    closed_by_close, pixels = closed_during_a_held_read(
+        reader, (128, 192, 256, 320), inside, go, closes
+    )
+    np.testing.assert_array_equal(pixels, img[128:192, 256:320])
     assert closed_by_close == [] and len(closes) == handles  # by the read, as it ended
     assert isinstance(closes[0], tifffile.TiffFile)
     np.testing.assert_array_equal(reader.read(64, 128, 0, 64), img[64:128, :64])
