@@ -365,6 +365,20 @@ def test_threshold_mask_and_objects_from_it(corners):
     assert len(table) == n
 
 
+@pytest.mark.parametrize("threshold", [0.7, 0.62])
+def test_a_threshold_compares_stored_float16_with_the_threshold_itself(tmp_path, threshold):
+    """float16 rounds 0.7 up to 0.70020 (0.62 to 0.62012): a pixel stored at that value is
+    above the threshold, and NumPy's own float16 comparison would leave it out."""
+    path = tmp_path / "f16.zarr"
+    make_result(path, np.ones((64, 64), dtype=np.uint8), dtype="float16")
+    stored = segpipe.open_result(path)["probabilities"].sel({"class": "tissue"}).values
+    assert stored.dtype == np.float16
+    rounded = np.float16(threshold)
+    assert float(rounded) > threshold and (stored == rounded).any(), "the case this test is about"
+    above = query.threshold_mask(path, "tissue", threshold).values
+    np.testing.assert_array_equal(above, stored.astype(np.float64) > threshold)
+
+
 def test_objects_in_a_region_keep_level_pixel_indices(corners):
     path = corners[0]
     # x 20..30 um, y 4..12 um: pixels x 40..60, y 8..24 hold the square centred on (16, 48).

@@ -168,7 +168,10 @@ def threshold_mask(
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold}")
     ds = select_region(as_dataset(result, level), region)
     class_index(ds, class_name)
+    probability = ds["probabilities"].sel({"class": class_name}, drop=True)
     with xr.set_options(keep_attrs=False):  # a bool image, not a probability
-        out = ds["probabilities"].sel({"class": class_name}, drop=True) > threshold
+        # In float64: NumPy compares a float16 array with the threshold rounded to float16
+        # (0.3 becomes 0.30005), which leaves out the pixels stored between the two.
+        out = probability.astype(np.float64) > threshold
     out.attrs = {"long_name": f"{class_name} probability above {threshold}"}
     return out.rename(f"{class_name}>{threshold}")
