@@ -1288,6 +1288,18 @@ def test_a_model_of_more_classes_than_a_uint8_mask_holds_is_refused_before_any_s
     assert read_meta(tmp_path / "r.zarr").class_names == names[:256]
 
 
+def test_class_names_with_blanks_are_one_cf_flag_meaning_each(tmp_path):
+    """CF reads ``flag_meanings`` as blank-separated words, one per flag value: a class named
+    "tumor stroma" gave four words for three values."""
+    path = tmp_path / "r.zarr"
+    m = meta(class_names=("background", "tumor stroma", "nucleus\tcell"))
+    prepare_result(path, m)
+    for k, level in enumerate(_label_levels(path, m, "mask")):
+        words = level.attrs["flag_meanings"].split()
+        assert len(words) == len(level.attrs["flag_values"]) == 3, k
+        assert words == ["background", "tumor_stroma", "nucleus_cell"]
+
+
 @pytest.mark.parametrize(
     "replace",
     [lambda path: prepare_result(path, meta(tile=64), overwrite=True), delete_result],

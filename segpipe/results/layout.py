@@ -338,7 +338,8 @@ def _label_array(
         attributes={
             "long_name": long_name,
             "flag_values": list(range(len(meanings))),
-            "flag_meanings": " ".join(meanings),
+            # CF's meanings are blank-separated words: a class named "tumor stroma" is one.
+            "flag_meanings": " ".join("_".join(m.split()) for m in meanings),
             **(extra or {}),
         },
         overwrite=overwrite,
