@@ -234,6 +234,23 @@ def test_decide_says_why_an_image_is_due(tmp_path):
     assert decide(paths, fp, "m1", faster) == once_failed
 
 
+def test_an_edited_foreground_mask_file_makes_an_image_due(tmp_path):
+    """A mask file's contents are part of a result's identity, as ``segment`` keeps them: the
+    archive recorded its path alone, and left a result made with the old mask up to date."""
+    from segpipe.archive.state import state_params
+
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    mask = tmp_path / "mask.png"
+    mask.write_bytes(b"one mask")
+    config = CONFIG.replace(foreground=str(mask))
+    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "params": state_params(config)}
+    paths.state.write_text(json.dumps(state | {"status": "failed"}))
+    assert decide(paths, fp, "m1", config).reason == "previous run failed"
+    mask.write_bytes(b"another mask")
+    assert decide(paths, fp, "m1", config).reason == "parameters changed"
+
+
 def test_a_sidecar_from_before_segment_config_still_matches(tmp_path):
     """Sidecars written before SegmentConfig recorded only the settings there were; the others
     ran with their defaults, so an image with such a sidecar is not due again."""

@@ -37,7 +37,9 @@ from typing import Any, Literal
 
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
+from segpipe.execution.foreground import FOREGROUND_MODES
 from segpipe.io.files import URLPath, location
+from segpipe.io.maskfiles import mask_file_sha256
 from segpipe.results import is_complete, read_meta
 
 __all__ = [
@@ -174,8 +176,13 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def state_params(config: SegmentConfig) -> dict[str, Any]:
-    """What a state sidecar records as ``params``: the result settings of ``config``."""
-    return config.result_settings()
+    """What a state sidecar records as ``params``: the result settings of ``config`` and,
+    where its foreground is a mask file, that file's sha256 (``foreground_sha256``): as for a
+    result's identity, an edited mask makes another result, though its path is the same."""
+    params = config.result_settings()
+    if config.foreground not in FOREGROUND_MODES:
+        params["foreground_sha256"] = mask_file_sha256(config.foreground)
+    return params
 
 
 def recorded_params(state: Mapping[str, Any]) -> Any:
