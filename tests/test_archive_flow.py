@@ -488,6 +488,28 @@ def test_a_run_wide_mistake_fails_the_run_once_before_any_image(
     assert not out.exists()
 
 
+def test_a_scheduler_no_one_answers_fails_the_run_once_before_any_image(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """Each image failed on it in turn (30 s each, more with retries), was recorded as failed
+    and then held back for hours once the cluster was up again."""
+    import socket
+
+    from segpipe.execution import cluster
+
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    for name in ("a.ome.tif", "b.ome.tif"):
+        shutil.copy(slides[0], source / name)
+    with pytest.raises(ConnectionError, match=f"cannot reach the Dask scheduler at {address}"):
+        _run(source, out, random_checkpoint, CONFIG.replace(scheduler=address))
+    assert not list(out.glob("*.seg.*")), "no image recorded"
+
+
 def test_an_output_root_that_cannot_be_written_fails_the_run_once(
     prefect_harness, slides, random_checkpoint, tmp_path
 ):

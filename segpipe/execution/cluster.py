@@ -31,10 +31,14 @@ __all__ = [
     "local_cluster_config",
     "plan_for_device",
     "plan_local_cluster",
+    "reachable_scheduler",
     "run_blocks",
 ]
 
 log = logging.getLogger(__name__)
+
+# How long a client keeps trying to reach a scheduler given by address.
+CONNECT_TIMEOUT = "30s"
 
 
 @dataclass(frozen=True)
@@ -200,6 +204,24 @@ def choose_scheduler(scheduler: Any = None) -> Any:
     return dask.config.get("scheduler-address", None)
 
 
+def reachable_scheduler(scheduler: Any = None) -> Any:
+    """The scheduler :func:`choose_scheduler` picks for ``scheduler``; where it is an
+    address, first connected to (as :func:`connect` does, for :data:`CONNECT_TIMEOUT` at
+    most), and ``ConnectionError`` naming it when that fails: a run of many images checks
+    once, rather than have each image fail on it in turn."""
+    address = choose_scheduler(scheduler)
+    if isinstance(address, str) and address != "sync":
+        try:
+            with distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False):
+                pass
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionError(
+                f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}: {exc}): "
+                "start it, or leave the scheduler unset for a local cluster"
+            ) from exc
+    return address
+
+
 @contextlib.contextmanager
 def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler``, or None to run tasks in this process.
@@ -222,7 +244,7 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
         # Not the process's default client: runs in threads side by side (the images of an
         # archive run) would each set and reset Dask's global scheduler, and another run's
         # plain dask compute (the pyramid) would find a closed client or none.
-        with distributed.Client(scheduler, timeout="30s", set_as_default=False) as client:
+        with distributed.Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False) as client:
             log.info("connected to %s; dashboard: %s", scheduler, client.dashboard_link)
             yield client
     else:

@@ -39,7 +39,7 @@ from segpipe import archive
 from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped, reports
 from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
-from segpipe.execution.cluster import choose_scheduler, local_cluster, plan_for_device
+from segpipe.execution.cluster import local_cluster, plan_for_device, reachable_scheduler
 from segpipe.flows.limits import check_run_options, global_slot, require_limit, run_stop, stop_of
 from segpipe.flows.progress import ProgressArtifacts, artifact_key
 from segpipe.flows.segment_slide import segment_task
@@ -265,7 +265,8 @@ def process_archive(
     )
 
     with contextlib.ExitStack() as run_cluster:
-        if images and choose_scheduler(config.scheduler) is None:
+        # A scheduler no one answers fails the run here, once, not each image in turn.
+        if images and reachable_scheduler(config.scheduler) is None:
             # One cluster for the run, shared by its images: a cluster per image would size
             # itself to the whole machine, max_concurrent of them at once. The scheduler is an
             # execution setting, so the address leaves every result's identity as it is.
