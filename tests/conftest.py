@@ -53,6 +53,27 @@ def prefect_harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def answering_prefect_url():
+    """An API URL on 127.0.0.1 whose every GET answers 200, as a Prefect server's ``/health``
+    does: for commands that check the server is up, then never run a flow on it."""
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        yield f"http://127.0.0.1:{server.server_address[1]}/api"
+        server.shutdown()
+
+
+@pytest.fixture(scope="session")
 def random_checkpoint(tmp_path_factory) -> Path:
     """A small valid-padding U-Net with random weights, saved as a checkpoint."""
     from segpipe import models

@@ -973,7 +973,7 @@ def test_a_bad_run_option_is_refused_once_naming_it(
 
 
 def test_serve_takes_the_prefect_server_from_the_profile_not_only_the_environment(
-    tmp_path, capsys, monkeypatch
+    tmp_path, capsys, monkeypatch, answering_prefect_url
 ):
     """`prefect config set PREFECT_API_URL=...` or `prefect cloud login` put the URL in the
     profile, not the environment: serve uses it; with none anywhere it says what to do."""
@@ -985,13 +985,39 @@ def test_serve_takes_the_prefect_server_from_the_profile_not_only_the_environmen
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     monkeypatch.setattr(segpipe.flows.archive, "serve_archive", lambda *a, **k: served.append(a))
     argv = ["serve", str(tmp_path), str(tmp_path / "out")]
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as a profile sets it
+    with temporary_settings({PREFECT_API_URL: answering_prefect_url}):  # as a profile sets it
         assert main(argv) == 0
     assert served == [(str(tmp_path), str(tmp_path / "out"), "tissue-unet")]
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         assert main(argv) == 2
     assert "a schedule needs a Prefect server" in capsys.readouterr().err
     assert len(served) == 1
+
+
+@pytest.mark.parametrize("command", ["archive", "serve"])
+@pytest.mark.parametrize("where", ["environment", "profile"])
+def test_a_prefect_server_that_does_not_answer_is_one_line_and_exit_2(
+    command, where, tmp_path, capsys, monkeypatch
+):
+    """Prefect's first call to it failed in a hundred lines of traceback, exit code 1 (which
+    says "done, with failed images")."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import segpipe.flows.archive
+
+    ran = []
+    monkeypatch.setattr(segpipe.flows.archive, "process_archive", lambda *a, **k: ran.append(a))
+    monkeypatch.setattr(segpipe.flows.archive, "serve_archive", lambda *a, **k: ran.append(a))
+    down = "http://127.0.0.1:9/api"  # the discard port: nothing listens
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings({PREFECT_API_URL: down} if where == "profile" else {}):
+        if where == "environment":
+            monkeypatch.setenv("PREFECT_API_URL", down)
+        code = main([command, str(tmp_path), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and ran == []
+    assert err.startswith(f"segpipe {command}: error: cannot reach the Prefect server at {down}")
+    assert len(err.splitlines()) == 1, err
 
 
 def test_query_refuses_a_table_without_objects(tmp_path, capsys):

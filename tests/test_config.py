@@ -219,12 +219,12 @@ def test_cli_segment_defaults_are_the_config_defaults(captured, small_slide, tmp
 
 
 @pytest.mark.parametrize(("name", "value"), CASES)
-def test_cli_serve_passes_every_setting(name, value, tmp_path, monkeypatch):
+def test_cli_serve_passes_every_setting(name, value, tmp_path, monkeypatch, answering_prefect_url):
     import segpipe.flows.archive
     from segpipe.cli import main
 
     served = []
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # never reached
+    monkeypatch.setenv("PREFECT_API_URL", answering_prefect_url)  # checked, never used
     monkeypatch.setattr(segpipe.flows.archive, "serve_archive", lambda *a, **kw: served.append(kw))
     assert main(["serve", str(tmp_path), str(tmp_path / "out"), *_cli_args(name, value)]) == 0
     assert served[0]["config"] == SegmentConfig(**{name: value})

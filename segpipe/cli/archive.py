@@ -95,10 +95,12 @@ _RUN_OPTIONS = {
 
 def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The ``process_archive`` parameters after ``source``, ``output_root`` and ``model``; the
-    run options checked here first, naming this command's options (and before Prefect starts)."""
-    from segpipe.flows.limits import check_run_options
+    run options checked here first, naming this command's options, and the Prefect server
+    where one is named (before Prefect starts)."""
+    from segpipe.flows.limits import check_run_options, require_server
 
     check_run_options(**{name: getattr(args, name) for name in _RUN_OPTIONS}, names=_RUN_OPTIONS)
+    require_server()
     return {
         "config": config_from_args(args),
         "pattern": args.pattern,

@@ -204,8 +204,10 @@ def _demo(args: argparse.Namespace) -> int:
         )
     slide = make_demo_slide(out, size=args.size, seed=args.seed)
     result = out / f"{slide.image.name.removesuffix('.ome.tif')}.seg.zarr"
+    from segpipe.flows.limits import require_server
     from segpipe.flows.segment_slide import segment_slide
 
+    require_server()
     summary = segment_slide(
         str(slide.image),
         str(result),

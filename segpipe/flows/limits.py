@@ -1,11 +1,12 @@
 """What a run of ``process-archive`` is limited by: bounds on its options, a Prefect global
 concurrency limit shared by every run on the server (e.g. one slot per GPU), both checked once,
-before any image (each image would otherwise fail on them with the same reason), and the run's
-stop."""
+before any image (each image would otherwise fail on them with the same reason), the server
+itself, and the run's stop."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -17,6 +18,7 @@ __all__ = [
     "check_run_options",
     "global_slot",
     "require_limit",
+    "require_server",
     "run_stop",
     "stop_of",
 ]
@@ -97,6 +99,26 @@ def require_limit(name: str) -> None:
                 f"{client.api_url}: create it (`prefect gcl create {name} --limit 1`) or "
                 "check its spelling"
             ) from None
+
+
+def require_server() -> None:
+    """Refuse to start a flow when the Prefect server named by ``PREFECT_API_URL`` (the
+    environment's, else the profile's) does not answer: the flow's first call to it would
+    fail in a page of traceback. None named: a flow call starts a temporary local server."""
+    import httpx
+    from prefect.settings import get_current_settings
+
+    # The environment first: Prefect's settings hold it as it was when Prefect was imported.
+    url = os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
+    if not url:
+        return
+    try:  # any answer will do (Prefect Cloud's may be 401 without the key): it is up
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10)
+    except httpx.TransportError as exc:
+        raise ConnectionError(
+            f"cannot reach the Prefect server at {url} ({type(exc).__name__}: {exc}): start "
+            "it (`prefect server start`), or point PREFECT_API_URL at one that runs"
+        ) from None
 
 
 def check_run_options(
