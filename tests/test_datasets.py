@@ -107,6 +107,33 @@ def test_read_folder_refuses_negative_ids(tmp_path: Path, what: str, value: int)
         read_folder(tmp_path)
 
 
+def test_read_folder_refuses_ids_its_arrays_cannot_hold(tmp_path: Path) -> None:
+    """Labels are kept as uint8 and instances as int32: class 300 read as 44 and object
+    2**31 as a negative id, silently."""
+    import tifffile
+
+    slide = tissue_slide(64, seed=0)
+    write_folder(tmp_path, [slide])
+    labels = slide.labels.astype(np.uint16)
+    labels[3, 5] = 300
+    (tmp_path / "labels" / "img0.png").unlink()
+    tifffile.imwrite(tmp_path / "labels" / "img0.tif", labels)
+    names = [f"c{i}" for i in range(301)]
+    with pytest.raises(ValueError, match=r"301 classes.*at most 256"):
+        read_folder(tmp_path, class_names=names)
+    labels[3, 5] = 255
+    tifffile.imwrite(tmp_path / "labels" / "img0.tif", labels)
+    (item,) = read_folder(tmp_path, class_names=names[:256])
+    assert item.labels[3, 5] == 255
+
+    instances = slide.instances.astype(np.uint32)
+    instances[3, 5] = 2**31
+    (tmp_path / "instances" / "img0.png").unlink()
+    tifffile.imwrite(tmp_path / "instances" / "img0.tif", instances)
+    with pytest.raises(ValueError, match=r"img0\.tif: object id 2147483648"):
+        read_folder(tmp_path, class_names=names[:256])
+
+
 def test_read_folder_refuses_labels_that_are_not_integers(tmp_path: Path) -> None:
     import tifffile
 

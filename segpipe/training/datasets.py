@@ -37,6 +37,7 @@ from scipy import ndimage
 
 from segpipe.analysis.evaluation import LabelledImage
 from segpipe.io.readers import open_image
+from segpipe.results.schema import MAX_CLASSES
 
 __all__ = [
     "FolderImage",
@@ -240,7 +241,8 @@ def read_folder(
         No ``images``/``labels`` directory, or an image without its label file.
     ValueError
         Shapes that differ, a label id beyond the class names, a negative or non-integer id,
-        masks with several channels.
+        more than 256 classes (uint8 labels), an object id beyond int32, masks with several
+        channels.
     """
     root = Path(folder)
     images_dir, labels_dir, instances_dir = (root / d for d in ("images", "labels", "instances"))
@@ -266,9 +268,19 @@ def read_folder(
         raise ValueError(
             f"{labels_dir}: label id {top} found but only {len(names)} class names {names}"
         )
+    if len(names) > MAX_CLASSES:  # the labels are kept as uint8: id 300 would read as 44
+        raise ValueError(
+            f"{root}: {len(names)} classes, but segpipe's masks are uint8 and hold at most "
+            f"{MAX_CLASSES}: merge classes"
+        )
     out = []
     for stem, path in images.items():
         inst = _read_plane(instances[stem], "instances") if stem in instances else None
+        if inst is not None and inst.size and int(inst.max()) > np.iinfo(np.int32).max:
+            raise ValueError(  # kept as int32: a larger id would wrap to a negative one
+                f"{instances[stem]}: object id {int(inst.max())} is larger than "
+                f"{np.iinfo(np.int32).max}; number the objects from 1"
+            )
         out.append(
             FolderImage(
                 image=_read_image(path),
