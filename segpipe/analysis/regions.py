@@ -50,8 +50,9 @@ def as_dataset(result: str | os.PathLike | xr.Dataset, level: int) -> xr.Dataset
 def coordinate_step(coord: xr.DataArray) -> float:
     """Spacing of a regular coordinate (signed: y of a north-up georeferenced image falls).
 
-    A coordinate of one pixel has no spacing of its own: a level of :func:`open_result` and
-    a region of :func:`select_region` carry theirs in the ``step`` attribute (else 1).
+    A coordinate of one pixel has no spacing of its own: a result's levels (as stored, so
+    with plain xarray too) and a region of :func:`select_region` carry theirs in the
+    ``step`` attribute (else 1).
     """
     if coord.size >= 2:
         return float(coord[1] - coord[0])

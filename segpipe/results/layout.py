@@ -381,9 +381,12 @@ def _create_level(
         attributes=attrs,
     )
     for axis, (dim, n) in enumerate((("y", ny), ("x", nx))):
+        # ``step``: the spacing, which a one-pixel axis (an upper level, a one-row image)
+        # cannot show; areas need it (analysis.regions.coordinate_step), with plain xarray too.
+        step = grid.step[axis] * 2**k
         coord = group.create_array(
             dim, shape=(n,), chunks=(n,), dtype="float64", dimension_names=(dim,),
-            attributes={"units": grid.units, "long_name": f"{dim} of pixel centre"},
+            attributes={"units": grid.units, "long_name": f"{dim} of pixel centre", "step": step},
         )  # fmt: skip
         coord[:] = grid.coordinates(axis, n, k)
     names = group.create_array("class", shape=(c,), dtype=str, dimension_names=("class",))

@@ -112,7 +112,8 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     ds = lazy.chunk(dict(sizes), token=token, name_prefix="segpipe-")
     ds.attrs = {"segpipe": meta, "level": level}
     # A one-pixel axis (an upper level, a one-row image) has no spacing of its own to read
-    # from its coordinate: its pixels' size, which areas need, rides along as an attribute.
+    # from its coordinate: its pixels' size, which areas need, rides along as an attribute
+    # (stored with the coordinate now; set here too, for the results written before).
     sy, sx = (s * 2**level for s in pixel_grid(parse_meta(path, meta)).step)
     ds = ds.assign_coords(y=ds["y"].assign_attrs(step=sy), x=ds["x"].assign_attrs(step=sx))
     if ds["probabilities"].encoding.get("dtype") == np.uint8:
