@@ -28,3 +28,28 @@ def test_summary_refuses_multichannel_truth(small_slide, random_checkpoint, tmp_
     )
     with pytest.raises(ValueError, match="one-channel label image"):
         summarise(out, small_slide.image)
+
+
+@pytest.mark.parametrize(
+    ("truth", "message"),
+    [
+        (np.full((300, 300), 7, np.uint8), r"class ids in \[7, 7\], outside \[0, 3\)"),
+        (np.zeros((300, 299), np.uint8), "ground truth of 300 x 299 px, but the result .* is 300"),
+        (np.zeros((300, 300), np.float32), "must hold integer class ids, got float32"),
+    ],
+    ids=["class-ids", "shape", "float"],
+)
+def test_a_bad_ground_truth_is_refused_naming_its_file(
+    small_slide, random_checkpoint, tmp_path, truth, message
+):
+    import re
+
+    import tifffile
+
+    out = segpipe.segment(
+        small_slide.image, tmp_path / "r.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    path = tmp_path / "truth.tif"
+    tifffile.imwrite(path, truth)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}.*{message}"):
+        summarise(out, path)

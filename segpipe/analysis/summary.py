@@ -91,8 +91,20 @@ def summarise(
                 f"{ground_truth}: ground truth must be a one-channel label image, "
                 f"got {reader.shape[2]} channels"
             )
-        n = len(meta.class_names)
-        conf = confusion_against(ds["mask"].data, reader.level(0)[..., 0], n)
+        truth, n = reader.level(0)[..., 0], len(meta.class_names)
+        if truth.shape != ds["mask"].shape:
+            raise ValueError(
+                f"{ground_truth}: ground truth of {truth.shape[0]} x {truth.shape[1]} px, but "
+                f"the result {result} is {meta.shape[0]} x {meta.shape[1]} px"
+            )
+        if not (np.issubdtype(truth.dtype, np.integer) or truth.dtype == bool):
+            raise ValueError(
+                f"{ground_truth}: ground truth must hold integer class ids, got {truth.dtype}"
+            )
+        try:
+            conf = confusion_against(ds["mask"].data, truth, n)
+        except ValueError as exc:  # class ids outside the result's classes
+            raise ValueError(f"{ground_truth} (ground truth of {result}): {exc}") from None
         scores = {"dice": tuple(dice(conf).tolist()), "iou": tuple(iou(conf).tolist())}
     return ResultSummary(
         path=str(result if is_url(result) else Path(result)),
