@@ -71,6 +71,23 @@ def test_discover_finds_images_recursively_by_key_and_leaves_the_rest(tmp_path):
     ]
 
 
+@pytest.mark.parametrize(
+    ("pattern", "keys"),
+    [
+        ("c*", ["c.svs", "day-1/c-2.tif"]),  # a name alone, in any folder
+        ("*.tif", ["day-1/a.tif", "day-1/c-2.tif"]),
+        ("day-1/c*", ["day-1/c-2.tif"]),  # with a /: the path under the archive
+        ("day-*", ["day-1/a.tif", "day-1/c-2.tif"]),  # a folder's prefix: * crosses folders
+        ("a", []),
+    ],
+)
+def test_a_pattern_matches_a_files_path_or_its_name_alone(tmp_path, pattern, keys):
+    """The CLI's --pattern is "a file name glob": 'c*' found nothing in a dated folder."""
+    for name in ["c.svs", "day-1/a.tif", "day-1/c-2.tif"]:
+        _touch(tmp_path / name)
+    assert [i.key for i in discover_images(tmp_path, pattern=pattern)] == keys
+
+
 def test_discover_leaves_files_still_being_written(tmp_path):
     _touch(tmp_path / "old.tif", mtime=time.time() - 3600)
     _touch(tmp_path / "new.tif")

@@ -90,7 +90,9 @@ def discover_images(
         A local folder or an fsspec URL of one (``s3://bucket/scans``); listed recursively.
     pattern
         ``fnmatch`` pattern over the key (the path relative to ``source``); ``*`` also crosses
-        folders, so ``"2026-*/*.svs"`` and ``"*.svs"`` both reach nested files.
+        folders, so ``"2026-*/*.svs"`` and ``"*.svs"`` both reach nested files. A pattern
+        without ``/`` also matches the file's name alone: ``"case-1*"`` finds
+        ``day-2/case-17.svs``.
     suffixes
         File name endings to keep (case-insensitive); default every format segpipe reads
         from a single file (Zarr stores are directories and are not discovered).
@@ -122,7 +124,8 @@ def discover_images(
             continue
         if not key.lower().endswith(tuple(s.lower() for s in suffixes)):
             continue
-        if not fnmatch.fnmatch(key, pattern):
+        by_name = "/" not in pattern and fnmatch.fnmatch(key.rsplit("/", 1)[-1], pattern)
+        if not (by_name or fnmatch.fnmatch(key, pattern)):
             continue
         if min_age_s and now - mtime < min_age_s:
             log.info("%s: modified %.0f s ago, left for a later run", key, now - mtime)

@@ -42,7 +42,13 @@ def _archive_options(p: argparse.ArgumentParser) -> None:
         "output_root", metavar="OUTPUT", help="folder of results, reports, locks and the catalog"
     )
     add_segment_options(p, overwrite=False)
-    p.add_argument("--pattern", default="*", metavar="GLOB", help="file name glob")
+    p.add_argument(
+        "--pattern",
+        default="*",
+        metavar="GLOB",
+        help="glob over each file's path under SOURCE, or its name alone (without a /): "
+        "'*.svs', 'case-1*', '2026-*/*.svs'",
+    )
     p.add_argument(
         "--min-age",
         type=float,
