@@ -275,6 +275,8 @@ def test_segment_slide_flow_passes_every_setting(
         return source
 
     monkeypatch.setattr(module, "ingested_image", fake_ingest)
+    # The source stands for its copy here: its level is the copy's (tests/test_flows.py).
+    monkeypatch.setattr(module, "ingested_level", lambda source, image, level: level)
     # As a deployment gives it: JSON, parsed and validated by Prefect into a SegmentConfig.
     with pytest.raises(Captured):
         module.segment_slide(

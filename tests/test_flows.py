@@ -50,6 +50,24 @@ def test_segment_slide_ingests_segments_and_summarises(
     assert again["seconds"] == summary["seconds"]
 
 
+def test_segment_slide_segments_the_level_of_the_source_asked_for(
+    prefect_harness, random_checkpoint, tmp_path
+):
+    """The source's pyramid steps 4x, the ingested copy's 2x: level 1 is the source's 4x
+    level, as segment gives it, not the copy's 2x one."""
+    from test_ingest import _pyramid_tiff
+
+    from segpipe.flows.segment_slide import segment_slide
+
+    source = _pyramid_tiff(tmp_path / "s.tif", 1024, 4, 2)
+    config = SegmentConfig(tile=64, scheduler="sync", level=1, foreground="none")
+    summary = segment_slide(
+        str(source), str(tmp_path / "flow.zarr"), str(random_checkpoint), config
+    )
+    direct = segpipe.segment(source, tmp_path / "direct.zarr", random_checkpoint, config)
+    assert summary["shape"] == segpipe.open_result(direct)["mask"].shape == (256, 256)
+
+
 @pytest.mark.parametrize("output", ["s3://bucket/out/a.seg.zarr", "memory://out/a.seg.zarr"])
 def test_the_default_image_store_of_a_url_output_is_a_url_beside_it(output):
     from segpipe.flows.segment_slide import default_image_store

@@ -595,3 +595,45 @@ def test_ingest_closes_only_the_reader_it_opened(
     monkeypatch.setattr(type(reader), "close", lambda self: closed.append(self) or close(self))
     ingest(reader if given_reader else src, tmp_path / "out.zarr", min_level_size=512)
     assert len(closed) == (0 if given_reader else 1)
+
+
+def _pyramid_tiff(path: Path, side: int, factor: int, levels: int) -> Path:
+    """An RGB TIFF of ``side`` px with ``levels - 1`` SubIFD levels, each ``factor`` x smaller."""
+    img = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, subifds=levels - 1, tile=(64, 64), photometric="rgb")
+        for k in range(1, levels):
+            tw.write(img[:: factor**k, :: factor**k], subfiletype=1, tile=(64, 64))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("factor", "level", "expected"),
+    [(4, 1, 2), (2, 1, 1), (2, 2, 2), (4, None, None), (4, 0, 0)],
+)
+def test_a_source_level_is_the_ingested_level_of_its_pixel_size(
+    tmp_path: Path, factor: int, level: int | None, expected: int | None
+) -> None:
+    """The copy's pyramid steps 2x: a scanner's 4x level 1 is its level 2 (the flow
+    segmented the copy's level 1, pixels half the size asked for)."""
+    from segpipe.io.imagestore import ingested_level
+
+    source = _pyramid_tiff(tmp_path / "s.tif", 1024, factor, 3 if factor == 2 else 2)
+    image = ingested_image(source, tmp_path / "s.zarr")
+    assert [s[:2] for s in open_image(image).level_shapes] == [(1024, 1024), (512, 512), (256, 256)]
+    assert ingested_level(source, image, level) == expected
+
+
+@pytest.mark.parametrize(
+    ("factor", "level", "message"),
+    [(3, 1, r"level 1 is a 3x downsample, .* levels of 1x, 2x, 4x only"), (4, 2, "levels 0-1")],
+)
+def test_a_source_level_the_ingested_copy_lacks_is_refused(
+    tmp_path: Path, factor: int, level: int, message: str
+) -> None:
+    from segpipe.io.imagestore import ingested_level
+
+    source = _pyramid_tiff(tmp_path / "s.tif", 1024, factor, 2)
+    image = ingested_image(source, tmp_path / "s.zarr")
+    with pytest.raises(ValueError, match=rf"^{source}: .*{message}|^{source} has {message}"):
+        ingested_level(source, image, level)

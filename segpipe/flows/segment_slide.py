@@ -21,6 +21,7 @@ from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
 from segpipe.flows.progress import ProgressArtifacts
 from segpipe.io.files import URLPath, location
+from segpipe.io.imagestore import ingested_level
 from segpipe.io.ingest import ingested_image
 from segpipe.progress import also_reporting, showing
 
@@ -100,11 +101,14 @@ def segment_slide(
     ``config`` holds every setting of the segmentation (default ``SegmentConfig()``); as a
     deployment parameter it is a JSON object of the settings to change, ``{"tile": 256}``,
     which Prefect validates into a ``SegmentConfig``. Its ``pixel_size_um`` also goes to the
-    ingest. ``image_store`` is where the OME-Zarr copy goes (default
-    :func:`default_image_store`).
+    ingest; its ``level`` is the source's, segmented as the copy's level of the same pixel
+    size (:func:`segpipe.io.imagestore.ingested_level`). ``image_store`` is where the
+    OME-Zarr copy goes (default :func:`default_image_store`).
     """
     config = config or SegmentConfig()
     store = image_store or str(default_image_store(output))
     image = ingest_task(source, store, config.pixel_size_um, progress)
+    # ``level`` is the source's: the copy's pyramid steps 2x, a scanner's often 4x.
+    config = config.replace(level=ingested_level(source, image, config.level))
     result = segment_task(image, output, model, config, overwrite=overwrite, progress=progress)
     return summarise_task(result, ground_truth)

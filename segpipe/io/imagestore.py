@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from segpipe.geometry.pixels import level_downsample
 from segpipe.io.files import URLPath, delete_marked_store, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import open_image
@@ -38,6 +39,7 @@ from segpipe.io.units import check_pixel_size
 __all__ = [
     "INGEST_VERSION",
     "clear_image_store",
+    "ingested_level",
     "is_reusable",
     "is_same_location",
     "is_segpipe_image",
@@ -113,6 +115,34 @@ def is_reusable(
         return bool(previous.get("source_sha256") == pixel_sample_sha256(reader))
     finally:
         getattr(reader, "close", lambda: None)()
+
+
+def ingested_level(
+    source: str | os.PathLike[str], image: str | os.PathLike[str], level: int | None
+) -> int | None:
+    """The level of ``image``, ``source`` as ingested (its levels 2x steps), whose pixels are
+    those of ``source``'s ``level`` (a scanner's pyramid often steps 4x: its level 1 is the
+    copy's level 2); None and 0 as they are.
+
+    Raises ``ValueError`` naming ``source`` where it has no such level, or the copy none of
+    that downsample (a 3x level; one below the copy's smallest).
+    """
+    if not level:
+        return level
+    theirs, ours = open_image(source).level_shapes, open_image(image).level_shapes
+    if level >= len(theirs):
+        raise ValueError(f"{source} has levels 0-{len(theirs) - 1}, not level {level}")
+    wanted = [level_downsample(theirs[0][a], theirs[level][a]) for a in (0, 1)]
+    for k, shape in enumerate(ours):
+        d = [level_downsample(ours[0][a], shape[a]) for a in (0, 1)]
+        if all(abs(d[a] / wanted[a] - 1) < 0.01 for a in (0, 1)):
+            return k
+    raise ValueError(
+        f"{source}: its level {level} is a {wanted[1]:.4g}x downsample, and the ingested copy "
+        f"{image} has levels of {', '.join(f'{2**k}x' for k in range(len(ours)))} only: "
+        "segment the source itself (segpipe segment), or leave the level unset for the one "
+        "the model's pixel size picks"
+    )
 
 
 def _chunk_side(store: Path | URLPath, previous: dict[str, Any]) -> int | None:
