@@ -81,4 +81,10 @@ def test_an_output_it_cannot_write_is_refused_before_training(
     for output in ("memory://models/m.pt", str(tmp_path / "folder.pt")):
         with pytest.raises(ValueError, match=r"m\.pt|folder\.pt"):
             flow_module.train_model(output, model_options=MODEL, train_options=TRAIN)
+    # A checkpoint already there is kept unless asked (as `segpipe train` keeps it): the flow
+    # replaced it, silently.
+    (tmp_path / "kept.pt").write_bytes(b"a user's checkpoint")
+    with pytest.raises(FileExistsError, match=r"kept\.pt exists"):
+        flow_module.train_model(str(tmp_path / "kept.pt"), model_options=MODEL, train_options=TRAIN)
+    assert (tmp_path / "kept.pt").read_bytes() == b"a user's checkpoint"
     assert not trained

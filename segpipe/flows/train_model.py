@@ -72,6 +72,7 @@ def train_model(
     model_options: dict[str, Any] | None = None,
     train_options: dict[str, Any] | None = None,
     half: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Train a model on the data ``train_options`` names and save it at ``output``.
 
@@ -89,6 +90,9 @@ def train_model(
         "steps": 400, "loss_weights": "unet"}``.
     half
         Save float16 weights (half the file).
+    overwrite
+        Replace a checkpoint already at ``output`` (else refused before training, as
+        ``segpipe train`` refuses without ``--overwrite``).
 
     Returns
     -------
@@ -99,7 +103,7 @@ def train_model(
     """
     config = TrainConfig(**(train_options or {}))
     # A URL, a folder or an unwritable place is refused before the training, not after it.
-    check_output(output, overwrite=True)
+    check_output(output, overwrite=overwrite)
     # The data's channels, dtype and scaling size a fresh model (initial_model's contract=).
     options = {"contract": pixel_contract_for(config), **(model_options or {})}
     model = build_task(architecture, class_names_for(config), config.seed, options)
