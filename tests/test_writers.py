@@ -103,3 +103,24 @@ def test_rejects_bad_input(
         write_pyramidal_tiff(path, image, **kwargs)
     assert str(path) in str(info.value)
     assert not path.exists()
+
+
+def test_a_file_is_replaced_whole_even_from_its_own_pixels(tmp_path: Path) -> None:
+    """Written beside and renamed in: tifffile truncated the file at the path first, so
+    re-pyramiding a slide in place read its pixels from a 16-byte file, and a failure
+    midway left a truncated file where the old one was."""
+    path = tmp_path / "slide.ome.tif"
+    rgb = np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    write_pyramidal_tiff(path, rgb, pixel_size_um=0.5, tile=64, min_level_size=64)
+    write_pyramidal_tiff(path, open_image(path).level(0), pixel_size_um=0.5, tile=32)
+    np.testing.assert_array_equal(open_image(path).level(0).compute(), rgb)
+    before = path.read_bytes()
+
+    def fails(block: np.ndarray) -> np.ndarray:
+        raise OSError("the disk is full")
+
+    failing = da.from_array(rgb, chunks=(100, 200, 3)).map_blocks(fails, dtype=np.uint8)
+    with pytest.raises(OSError, match="the disk is full"):
+        write_pyramidal_tiff(path, failing, pixel_size_um=0.5, tile=32)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["slide.ome.tif"], "no scratch left"

@@ -16,7 +16,7 @@ import itertools
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,8 @@ def write_pyramidal_tiff(
     Parameters
     ----------
     path
-        Output file, usually ``*.ome.tif``; replaced if it exists.
+        Output file, usually ``*.ome.tif``; replaced whole if it exists (written beside it,
+        then renamed over it: ``image`` may be read from it).
     image
         ``(Y, X, C)`` numpy or dask array, normally uint8 RGB (``C == 3``); ``C == 1`` is
         written as greyscale. Other integer and float dtypes are written as they are.
@@ -104,33 +105,51 @@ def write_pyramidal_tiff(
         "PhysicalSizeYUnit": "µm",
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch,
-        tifffile.TiffWriter(out, bigtiff=True, ome=True) as tif,
-    ):
-        source: Any = image
-        for k, (ly, lx) in enumerate(levels):
-            reduced = None
-            if k + 1 < len(levels):
-                ry, rx = levels[k + 1]
-                reduced = np.lib.format.open_memmap(
-                    Path(scratch) / f"level{k + 1}.npy", mode="w+", dtype=dtype, shape=(ry, rx, nc)
-                )
-            px = pixel_size_um * 2**k
-            level_shape = (ly, lx, nc) if nc > 1 else (ly, lx)
-            tif.write(
-                _tiles(_bands(source, tile), tile, reduced, nc),
-                shape=level_shape,
-                resolution=(1e4 / px, 1e4 / px),
-                subifds=len(levels) - 1 if k == 0 and len(levels) > 1 else None,
-                subfiletype=1 if k > 0 else 0,
-                metadata=metadata if k == 0 else None,
-                **options,
-            )
-            if reduced is not None:
-                reduced.flush()
-            source = reduced
+    # Written beside ``out`` and renamed over it whole: a failure, or ``image`` read from the
+    # file at ``out`` itself, would otherwise leave a truncated file where the old one was.
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
+        written = Path(scratch) / out.name
+        with tifffile.TiffWriter(written, bigtiff=True, ome=True) as tif:
+            _write_levels(tif, image, levels, Path(scratch), tile, pixel_size_um, metadata, options)
+        os.replace(written, out)
     return out
+
+
+def _write_levels(
+    tif: Any,
+    image: Any,
+    levels: Sequence[tuple[int, int]],
+    scratch: Path,
+    tile: int,
+    pixel_size_um: float,
+    metadata: dict[str, Any],
+    options: dict[str, Any],
+) -> None:
+    """Each of ``levels`` into ``tif``: level 0 from ``image``, each next one the last halved
+    on its way into the file, kept memory-mapped in ``scratch``."""
+    dtype, nc = options["dtype"], int(image.shape[2])
+    source: Any = image
+    for k, (ly, lx) in enumerate(levels):
+        reduced = None
+        if k + 1 < len(levels):
+            ry, rx = levels[k + 1]
+            reduced = np.lib.format.open_memmap(
+                scratch / f"level{k + 1}.npy", mode="w+", dtype=dtype, shape=(ry, rx, nc)
+            )
+        px = pixel_size_um * 2**k
+        level_shape = (ly, lx, nc) if nc > 1 else (ly, lx)
+        tif.write(
+            _tiles(_bands(source, tile), tile, reduced, nc),
+            shape=level_shape,
+            resolution=(1e4 / px, 1e4 / px),
+            subifds=len(levels) - 1 if k == 0 and len(levels) > 1 else None,
+            subfiletype=1 if k > 0 else 0,
+            metadata=metadata if k == 0 else None,
+            **options,
+        )
+        if reduced is not None:
+            reduced.flush()
+        source = reduced
 
 
 def _bands(image: Any, height: int) -> Iterator[np.ndarray]:
