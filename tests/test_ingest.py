@@ -637,3 +637,55 @@ def test_a_source_level_the_ingested_copy_lacks_is_refused(
     image = ingested_image(source, tmp_path / "s.zarr")
     with pytest.raises(ValueError, match=rf"^{source}: .*{message}|^{source} has {message}"):
         ingested_level(source, image, level)
+
+
+@pytest.mark.parametrize("change", ["nodata", "crs"])
+def test_an_ingest_is_redone_when_its_source_changed_what_the_copy_keeps(
+    tmp_path: Path, change: str
+) -> None:
+    """A GeoTIFF's nodata or CRS fixed in place (gdal_edit.py) changes no pixel: the copy of
+    the old metadata was reused, its CRS going into results and its glass computed."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    src, store = tmp_path / "dem.tif", tmp_path / "dem.zarr"
+    data = np.arange(1, 300 * 300 + 1, dtype=np.float32).reshape(1, 300, 300)
+    data[0, :50] = -9999.0
+    profile = {"driver": "GTiff", "width": 300, "height": 300, "count": 1, "dtype": "float32"}
+    transform = from_origin(500000, 5400000, 10, 10)
+    with rasterio.open(src, "w", crs="EPSG:32633", transform=transform, **profile) as ds:
+        ds.write(data)
+    ingested_image(src, store)
+    assert open_image(store).nodata is None
+    with rasterio.open(src, "r+") as ds:
+        if change == "nodata":
+            ds.nodata = -9999.0
+        else:
+            ds.crs = rasterio.crs.CRS.from_epsg(32632)
+    source, copy = open_image(src), open_image(ingested_image(src, store))
+    assert copy.nodata == source.nodata
+    assert copy.georeference.crs_name == source.georeference.crs_name
+    before = _attrs(store)["segpipe"]
+    ingested_image(src, store)
+    assert _attrs(store)["segpipe"] == before, "reused once it stands for the source again"
+
+
+def test_an_ingest_names_its_source_by_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recorded as typed ("slide.ome.tif"), the source was another file seen from another
+    working folder: the same unchanged file's copy was deleted and written again."""
+    _ome_tiff(tmp_path / "slide.ome.tif", _image())
+    monkeypatch.chdir(tmp_path)
+    ingested_image("slide.ome.tif", "slide.zarr")
+    assert _attrs(tmp_path / "slide.zarr")["segpipe"]["source"] == str(tmp_path / "slide.ome.tif")
+    monkeypatch.chdir(tmp_path.parent)
+
+    def redone(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("ingested again")
+
+    monkeypatch.setattr(segpipe.io.ingest, "ingest", redone)
+    assert (
+        ingested_image(tmp_path / "slide.ome.tif", tmp_path / "slide.zarr")
+        == tmp_path / "slide.zarr"
+    )

@@ -33,16 +33,19 @@ from typing import Any
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.files import URLPath, delete_marked_store, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
-from segpipe.io.readers import open_image
+from segpipe.io.readers import Reader, open_image
 from segpipe.io.units import check_pixel_size
 
 __all__ = [
     "INGEST_VERSION",
+    "VALID_MASK",
     "clear_image_store",
     "ingested_level",
     "is_reusable",
     "is_same_location",
     "is_segpipe_image",
+    "records_mask",
+    "source_attributes",
 ]
 
 # 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample; 3: the chunk side
@@ -50,6 +53,10 @@ __all__ = [
 INGEST_VERSION = 3
 _REUSABLE_VERSIONS = (2, INGEST_VERSION)
 _ROOT = "zarr.json"
+# The label image of the pixels that hold data, where a source marks them apart.
+VALID_MASK = "labels/valid"
+# What a copy keeps of its source besides the pixels (source_attributes): any change redoes it.
+_KEPT = ("georeference", "nodata", "channel_names", "valid_mask")
 
 
 def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
@@ -112,6 +119,9 @@ def is_reusable(
         # the size an ingest now would write: the override, else what the file says today
         if previous.get("pixel_size_um") != reader.pixel_size_um:
             return False
+        kept = source_attributes(reader)
+        if any(previous.get(k) != kept.get(k) for k in _KEPT):
+            return False
         return bool(previous.get("source_sha256") == pixel_sample_sha256(reader))
     finally:
         getattr(reader, "close", lambda: None)()
@@ -143,6 +153,34 @@ def ingested_level(
         "segment the source itself (segpipe segment), or leave the level unset for the one "
         "the model's pixel size picks"
     )
+
+
+def source_attributes(reader: Reader) -> dict[str, Any]:
+    """What an ingest records of ``reader`` besides its pixels, as JSON: its location (a local
+    path absolute, so another working folder names the same file), and the georeference,
+    nodata, channel names and mask its copy keeps. A copy whose source now says otherwise
+    is not reused (:func:`is_reusable`): a nodata or CRS fixed in place changes no pixel."""
+    path = str(reader.path)
+    attrs: dict[str, Any] = {"source": path if is_url(path) else os.path.abspath(path)}
+    # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
+    if (geo := getattr(reader, "georeference", None)) is not None:
+        attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
+    # and which pixels hold no data: the ZarrReader's valid_mask reads these back
+    for key in ("nodata", "channel_names"):
+        if (value := getattr(reader, key, None)) is not None:
+            # NaN as the string "NaN" (float() reads it back): a bare NaN is not JSON.
+            attrs[key] = [v if not isinstance(v, float) or v == v else "NaN" for v in value]
+    if records_mask(reader):
+        attrs["valid_mask"] = VALID_MASK
+    return attrs
+
+
+def records_mask(reader: Reader) -> bool:
+    """Whether ``reader``'s invalid pixels are marked apart from its pixels (a mask band, an
+    alpha OpenSlide makes), so its ingest keeps them as the label image :data:`VALID_MASK`;
+    nodata and an alpha channel travel with the pixels."""
+    kind, names = getattr(reader, "mask_kind", None), getattr(reader, "channel_names", None) or ()
+    return kind == "mask" or (kind == "alpha" and "alpha" not in names)
 
 
 def _chunk_side(store: Path | URLPath, previous: dict[str, Any]) -> int | None:

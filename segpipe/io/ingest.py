@@ -45,10 +45,13 @@ from segpipe.io.files import URLPath, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import (
     INGEST_VERSION,
+    VALID_MASK,
     clear_image_store,
     is_reusable,
     is_same_location,
     is_segpipe_image,
+    records_mask,
+    source_attributes,
 )
 from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
@@ -140,11 +143,9 @@ def _copy(
     nodata = getattr(reader, "nodata", None)
     shapes = pyramid_shapes((ny, nx), min_level_size)
     kind, names = getattr(reader, "mask_kind", None), getattr(reader, "channel_names", None) or ()
-    # Invalid pixels marked apart from the pixels (a mask band, OpenSlide's alpha) go to a label
-    # image; nodata and an alpha channel travel with the pixels.
     alpha = names.index("alpha") if kind == "alpha" and "alpha" in names else None
-    masked = kind == "mask" or (kind == "alpha" and alpha is None)
-    attrs = _segpipe_attributes(reader, px, pixel_sample_sha256(reader), chunk, masked=masked)
+    masked = records_mask(reader)
+    attrs = _segpipe_attributes(reader, px, pixel_sample_sha256(reader), chunk)
     # the location itself, not str(): a URLPath keeps its storage options
     root = zarr.create_group(
         out,
@@ -188,7 +189,6 @@ def _copy(
 
 
 # The label image of the pixels holding data, within the ingest's group.
-_MASK = "labels/valid"
 
 
 def _create_levels(
@@ -216,8 +216,8 @@ def _create_levels(
 def _create_mask(
     root: Any, shapes: Sequence[tuple[int, int]], chunk: int, px: float | None
 ) -> list[Any]:
-    """The empty levels of the label image :data:`_MASK`, with its OME metadata."""
-    labels, name = _MASK.split("/")
+    """The empty levels of the label image :data:`VALID_MASK`, with its OME metadata."""
+    labels, name = VALID_MASK.split("/")
     step, unit = (1.0, None) if px is None else (float(px), "micrometer")
     paths = [str(k) for k in range(len(shapes))]
     # a pixel is valid where any of the 2x2 below is: their max, not the labels' usual mode
@@ -346,30 +346,20 @@ def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> di
 
 
 def _segpipe_attributes(
-    reader: Reader, px: float | None, sample: str, chunk: int, *, masked: bool
+    reader: Reader, px: float | None, sample: str, chunk: int
 ) -> dict[str, Any]:
     """The ``segpipe`` attribute, but ``complete``; ``source``, ``pixel_size_um``, ``chunk``
-    (pixels), ``version`` and ``source_sha256`` decide reuse (:func:`.imagestore.is_reusable`)."""
-    attrs: dict[str, Any] = {
+    (pixels), ``version``, ``source_sha256`` and what the copy keeps of its source decide
+    reuse (:func:`.imagestore.is_reusable`)."""
+    return {
         "kind": "image",
-        "source": str(reader.path),
         "pixel_size_um": px,
         "chunk": chunk,
         "dtype": np.dtype(reader.dtype).name,
         "version": INGEST_VERSION,
         "source_sha256": sample,  # io.identity.pixel_sample_sha256
+        **source_attributes(reader),
     }
-    # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
-    if (geo := getattr(reader, "georeference", None)) is not None:
-        attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
-    # and which pixels hold no data: the ZarrReader's valid_mask reads these back
-    for key in ("nodata", "channel_names"):
-        if (value := getattr(reader, key, None)) is not None:
-            # NaN as the string "NaN" (float() reads it back): a bare NaN is not JSON.
-            attrs[key] = [v if not isinstance(v, float) or v == v else "NaN" for v in value]
-    if masked:
-        attrs["valid_mask"] = _MASK
-    return attrs
 
 
 def ingested_image(
