@@ -4,6 +4,7 @@ per-worker models, external schedulers."""
 
 import re
 import threading
+import time
 
 import distributed
 import numpy as np
@@ -795,7 +796,6 @@ def test_existing_scheduler_by_address(reader, tmp_path):
         ) as local,
         distributed.Client(local) as client,
     ):
-        assert cluster._gpu_resources(client) == {"GPU": 1}
         out = segpipe.segment(
             r, tmp_path / "r.zarr", net, tile=16, scheduler=local.scheduler_address
         )
@@ -806,6 +806,42 @@ def test_existing_scheduler_by_address(reader, tmp_path):
         segpipe.open_result(out)["probabilities"].values,
         segpipe.open_result(ref)["probabilities"].values,
     )
+
+
+@pytest.mark.integration
+def test_a_worker_advertising_a_gpu_runs_as_many_blocks_as_it_has_threads(
+    reader, tmp_path, monkeypatch
+):
+    """Its I/O threads feed its one model thread: tasks asked for the workers' GPU=1 (as
+    dask-cuda and segpipe's own GPU clusters declare it), so each worker ran one block at a
+    time, its device idle while that block read, stitched and wrote."""
+    r, _ = reader
+    net = models.build("unet", width=4, depth=2)
+    live, peak, lock = [0], [0], threading.Lock()
+    predict_parts = tasks.predict_parts
+
+    def counted(*args, **kwargs):  # a block's passes, in its task (the workers are threads)
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        try:
+            time.sleep(0.2)  # long enough for the other threads' blocks to start
+            yield from predict_parts(*args, **kwargs)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    monkeypatch.setattr(tasks, "predict_parts", counted)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=3, processes=False, dashboard_address=None,
+        resources={"GPU": 1},
+    ) as local, distributed.Client(local, set_as_default=False) as client:  # fmt: skip
+        out = segpipe.segment(
+            r, tmp_path / "r.zarr", net, tile=16, task_tiles=1, device="auto", amp=False,
+            scheduler=client,
+        )  # fmt: skip
+    assert segpipe.open_result(out).attrs["segpipe"]["complete"]
+    assert peak[0] == 3
 
 
 @pytest.mark.parametrize("shape", [(96, 128), (100, 76)])

@@ -315,13 +315,6 @@ def in_process_is_cheaper(plan: ClusterPlan, pixels: int) -> bool:
     return plan.gpus > 0 and plan not in _LOCAL and pixels < IN_PROCESS_BELOW_PX
 
 
-def _gpu_resources(client: Any) -> dict[str, int] | None:
-    workers = client.scheduler_info().get("workers", {}).values()
-    if workers and all(w.get("resources", {}).get("GPU") for w in workers):
-        return {"GPU": 1}
-    return None
-
-
 def run_blocks(
     blocks: list[Block],
     job: Job,
@@ -383,9 +376,11 @@ def run_blocks(
         raise
     futures: list[Any] = []
     try:  # from here on the plugin is unregistered whatever fails (client.map pickles here)
-        gpu = _gpu_resources(client) if config.device != "cpu" else None
         keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
-        futures = client.map(segment_block, blocks, job=job, pure=False, resources=gpu, key=keys)
+        # No task resources (a worker's GPU=1 would let it run one block at a time, its I/O
+        # threads idle and its device waiting on them): each worker takes as many blocks as
+        # it has threads, all feeding its one model thread; each decides its own device.
+        futures = client.map(segment_block, blocks, job=job, pure=False, key=keys)
         with _thread_given_back():
             for fut in distributed.as_completed(futures, loop=client.loop):
                 on_result(fut.result())
