@@ -736,6 +736,38 @@ def test_a_mask_image_with_alpha_uses_the_alpha_when_it_varies(tmp_path, mode, c
     np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
 
 
+@pytest.mark.parametrize("row", [504, 505])
+def test_a_mask_longer_on_one_axis_and_shorter_on_the_other_keeps_every_row(tmp_path, row):
+    """1010 x 995 px over 1000 x 1000 cells (an aspect within 2%): its rows were thinned by
+    nearest neighbour to stretch its columns, and a one-pixel stroke on row 504 was lost."""
+    pixels = np.zeros((1010, 995), np.uint8)
+    pixels[row, 100:900] = 255
+    Image.fromarray(pixels).save(tmp_path / "mask.png")
+    reader = ArrayReader(np.broadcast_to(np.uint8(0), (1000, 1000, 3)))
+    mask = read_mask_file(tmp_path / "mask.png", reader, (1000, 1000))
+    assert mask.any(axis=1).sum() == 1 and mask.sum() >= 800
+
+
+def test_a_mask_tiff_is_read_at_its_level_0_not_a_reduced_level_another_tool_made(tmp_path):
+    """Its overviews (GDAL's default: nearest neighbour) had lost a one-pixel stroke, and the
+    coarsest level at least the mask's size was the one read: no foreground at all."""
+    import tifffile
+
+    pixels = np.zeros((4096, 4096), np.uint8)
+    pixels[1001, 500:3500] = 255
+    flat, pyramid = tmp_path / "flat.tif", tmp_path / "pyramid.tif"
+    tifffile.imwrite(flat, pixels, tile=(256, 256))
+    with tifffile.TiffWriter(pyramid) as tif:
+        tif.write(pixels, tile=(256, 256), subifds=2)
+        for step in (2, 4):
+            tif.write(pixels[::step, ::step], tile=(256, 256), subfiletype=1)
+    assert not pixels[::4, ::4].any(), "the stroke is gone from the overview"
+    reader = ArrayReader(np.broadcast_to(np.uint8(0), (4096, 4096, 1)))
+    expected = read_mask_file(flat, reader, (1024, 1024))
+    assert expected.sum() == 750
+    np.testing.assert_array_equal(read_mask_file(pyramid, reader, (1024, 1024)), expected)
+
+
 @pytest.mark.parametrize("strip_pixels", [1 << 24, 4096 * 1024])
 def test_a_large_mask_image_is_pooled_in_strips_not_thinned(tmp_path, monkeypatch, strip_pixels):
     """A 4096 px mask over a 1024-cell mask: 3 x 3 pixels off the nearest-neighbour grid,

@@ -83,10 +83,11 @@ def _read_mask_image(
             f"foreground mask {path} is {my} x {mx} pixels (y, x), another aspect ratio than "
             f"the image's {ny} x {nx}: make it the image's shape or a scaled copy of it"
         )
-    # Its coarsest level at least the mask, pooled; a smaller image is stretched.
-    fits = [k for k, s in enumerate(image.level_shapes) if s[0] >= shape[0] and s[1] >= shape[1]]
-    iy, ix, channels = image.level_shapes[k := max(fits, default=0)]
-    cells = shape if iy >= shape[0] and ix >= shape[1] else (iy, ix)
+    # Its level 0, never a reduced level some tool made (by nearest neighbour, or a mean that
+    # rounds 0/1 to 0: a thin stroke gone), OR-pooled on each axis longer than the mask's
+    # and stretched on one shorter, so no foreground pixel is lost.
+    iy, ix, channels = image.level_shapes[k := 0]
+    cells = (min(iy, shape[0]), min(ix, shape[1]))
     names = tuple(getattr(image, "channel_names", None) or ())
     alpha = names.index("alpha") if "alpha" in names else channels - 1 if channels in (2, 4) else -1
     nonzero = np.zeros((*cells, channels), dtype=bool)  # each channel's, pooled
