@@ -2,7 +2,10 @@
 overlap-tile stitcher against the pipeline and a whole-image pass, cluster layout,
 per-worker models, external schedulers."""
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -662,6 +665,22 @@ def test_cluster_plan(device, cpus, gpus, workers, expected):
     plan = plan_local_cluster(torch.device(device), cpus=cpus, gpus=gpus, n_workers=workers)
     assert plan == expected
     assert plan.resources == ({"GPU": 1} if gpus else {})
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="sets CPU affinity (Linux)")
+def test_a_cpu_plan_takes_the_cores_the_process_may_use_not_the_hosts():
+    """Under taskset, Slurm or docker --cpuset-cpus: os.cpu_count() gave the host's cores,
+    and 4 allowed cores of 64 ran 64 torch threads (and lanes) on 4."""
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from segpipe.execution.cluster import plan_for_device; "
+        "print(plan_for_device('cpu').torch_threads, os.cpu_count())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    threads, host = map(int, out.stdout.split())
+    if host == 1:
+        pytest.skip("one core: the host's count is the allowed one")
+    assert threads == 1
 
 
 def test_connect_rejects_unknown_schedulers():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 import dask
 import distributed
 import torch
+from dask.system import CPU_COUNT
 
 from segpipe.execution.inprocess import run_in_process
 from segpipe.execution.predictor import InferenceConfig, model_given_back, resolve_device
@@ -77,7 +77,9 @@ def plan_local_cluster(
     >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2)
     ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2)
     """
-    cpus = cpus or os.cpu_count() or 1
+    # Dask's count honours the process's CPU affinity and cgroup quota (taskset, Slurm,
+    # docker --cpus); os.cpu_count() gives the host's, so 4 allowed cores of 64 ran 64 threads.
+    cpus = cpus or CPU_COUNT
     if device.type == "cuda":
         gpus = gpus if gpus is not None else torch.cuda.device_count()
         gpus = max(gpus, 1)
