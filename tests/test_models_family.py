@@ -110,6 +110,42 @@ def test_transposed_convolution_kernel_2_tiles_without_overlap() -> None:
     np.testing.assert_allclose(got, np.kron(x, np.ones((2, 2))) * np.tile(kernel, (3, 4)))
 
 
+def _inputs_per_output(m: nn.Module) -> float:
+    """N of the U-Net paper's init, counted: the (channel, pixel) inputs that reach one output
+    pixel, on average over an interior that holds whole periods of the stride."""
+    ones = torch.ones(1, m.in_channels, 12, 12)
+    if isinstance(m, nn.ConvTranspose2d):
+        w = torch.ones(m.in_channels, 1, *m.kernel_size)
+        count = F.conv_transpose2d(ones, w, stride=m.stride)
+    else:
+        count = F.conv2d(ones, torch.ones(1, m.in_channels, *m.kernel_size), stride=m.stride)
+    return count[0, 0, 4:8, 4:8].mean().item()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        {"name": "unet", "width": 16, "depth": 3},
+        {"name": "fcn-updown", "width": 32, "upsample": "transpose", "transpose_kernel": 2},
+        {"name": "fcn-updown", "width": 32, "upsample": "transpose", "transpose_kernel": 3},
+    ],
+    ids=["unet", "updown-k2", "updown-k3"],
+)
+def test_every_conv_starts_with_the_papers_he_init(kind: dict) -> None:
+    """std sqrt(2 / N), N the inputs of one output unit counted by convolving ones: torch's
+    fan-in gave the 2x2 stride-2 up-convolutions half (U-Net) and a quarter (fcn-updown) of
+    that variance."""
+    torch.manual_seed(0)
+    net = models.build(kind.pop("name"), class_names=("a", "b", "c"), **kind)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in convs)
+    for m in convs:
+        assert not m.bias.any()
+        if m.weight.numel() >= 1000:  # a sample's std within a few % (the 1x1 head: 48)
+            expected = math.sqrt(2 / _inputs_per_output(m))
+            assert m.weight.std().item() == pytest.approx(expected, rel=0.1), m
+
+
 def test_max_unpooling_puts_values_back_at_argmax() -> None:
     x = torch.randperm(6 * 8, generator=torch.Generator().manual_seed(0)).float().view(1, 1, 6, 8)
     pool = pooling("max", return_indices=True)

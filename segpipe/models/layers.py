@@ -24,6 +24,8 @@ Example
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,10 +92,27 @@ class UpConv2d(nn.Module):
 
 def he_init(module: nn.Module) -> None:
     """He (Kaiming) normal weights and zero biases for every conv and linear layer: the
-    initialisation the U-Net paper uses (std ``sqrt(2 / fan_in)``), so ReLU stacks neither die
-    nor explode."""
+    initialisation the U-Net paper uses, std ``sqrt(2 / N)`` with N the inputs of one output
+    unit, so ReLU stacks neither die nor explode.
+
+    A transposed convolution's N is its input channels (per group) times the kernel taps
+    that reach one output pixel: ``k / s`` per axis (at least 1), on average. torch's fan-in
+    counts the whole kernel, which for the 2x2 stride-2 up-convolutions gave 1/2 and 1/4
+    of the paper's variance (U-Net, fcn-updown).
+
+    >>> up = nn.ConvTranspose2d(512, 256, kernel_size=2, stride=2)
+    >>> he_init(up)
+    >>> round(up.weight.std().item() / (2 / 512) ** 0.5, 1)
+    1.0
+    """
     for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+        if isinstance(m, nn.ConvTranspose2d):
+            taps = math.prod(max(1.0, k / s) for k, s in zip(m.kernel_size, m.stride, strict=True))
+            with torch.no_grad():  # one draw, as kaiming_normal_'s: the same random stream
+                m.weight.normal_(0.0, math.sqrt(2.0 / (m.in_channels // m.groups * taps)))
+        elif isinstance(m, nn.Conv2d | nn.Linear):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

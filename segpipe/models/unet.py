@@ -26,13 +26,14 @@ torch.Size([1, 2, 20, 20])
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, register
+from segpipe.models.layers import he_init
 
 __all__ = ["Bottleneck", "DownBlock", "Head", "UNet", "UNetConfig", "UpBlock"]
 
@@ -184,10 +185,7 @@ class UNet(SegmentationModel):
     def _init_weights(self) -> None:
         # The paper draws weights from a Gaussian with std sqrt(2 / N), N the inputs of one
         # neuron (He et al.): keeps activations from dying or exploding through ReLU layers.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                nn.init.zeros_(cast(torch.Tensor, m.bias))  # every conv here has a bias
+        he_init(self)
 
     @property
     def geometry(self) -> Geometry:
