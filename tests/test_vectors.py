@@ -100,6 +100,10 @@ def test_export_geojson_file(result, tmp_path):
     assert kept["properties"]["measurements"]["area_px"] == 120
     with pytest.raises(ValueError, match="no class 'stroma'"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=["stroma"])
+    # An empty list asks for no class: it exported every class but background, as None does.
+    with pytest.raises(ValueError, match="no classes to export"):
+        vectors.export_geojson(path, tmp_path / "x.geojson", classes=[])
+    assert not (tmp_path / "x.geojson").exists()
     with pytest.raises(ValueError, match="coords must be one of"):
         vectors.class_features(path, "nucleus", coords="lonlat")
 

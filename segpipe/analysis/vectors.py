@@ -300,11 +300,13 @@ def export_geojson(
         )
     meta = read_meta(result)
     names = list(meta.class_names)
+    if classes is not None and not classes:  # not the default: none asked for is no export
+        raise ValueError(f"no classes to export from {result}; classes: {', '.join(names)}")
     for name in classes or []:
         if name not in names:
             raise ValueError(f"no class {name!r} in {result}; classes: {', '.join(names)}")
     features: list[dict[str, Any]] = []
-    for name in classes or names[1:]:
+    for name in names[1:] if classes is None else classes:
         features += class_features(
             result,
             name,
