@@ -351,8 +351,8 @@ def test_shipped_models_load(name: str) -> None:
 
 # Pinned: results and archives key on the shipped models' fingerprints.
 SHIPPED_FINGERPRINTS = {
-    "aerial-unet": "0abbdc05b181c3b782155aefade4996c2e761436ca4d207e6d6190c964b70521",
-    "tissue-unet": "a0d89600cf8befb34c9ef8e53256d0df55bbefe0950d08a2396b32e1f56a2774",
+    "aerial-unet": "12738cff30acd59c036cf2617f051c8806d943eaaf3bc4d7900bc1d92c5e0188",
+    "tissue-unet": "aa7a1d8a1f60bf22798b51ab7fc64b9c430d5cbc1d99bff22ce8a4a967a6f3e8",
 }
 
 

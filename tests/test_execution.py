@@ -537,7 +537,8 @@ def test_a_float_raster_with_nan_as_nodata_segments(tmp_path, foreground):
     if foreground == "nodata":
         computed[:tile, :tile] = False
     np.testing.assert_array_equal(probabilities.sum(0) > 0, computed)
-    np.testing.assert_allclose(probabilities[:, computed], reference[:, computed], atol=2e-6)
+    # float32 sums in another order per window: ~1e-6 of logits that reach ~15 (He init)
+    np.testing.assert_allclose(probabilities[:, computed], reference[:, computed], atol=1e-5)
     # NaN the file does not mark: none declared, or one band of a pixel (GDAL: all bands).
     partial = image.copy()
     partial[40, 30, 1] = np.nan
@@ -565,7 +566,7 @@ def test_a_float_raster_with_a_finite_nodata_value_segments(tmp_path):
     )  # fmt: skip
     reference = whole_image_pass(net, np.where(image == -9999, 0, image))
     probabilities = segpipe.open_result(out)["probabilities"].values
-    np.testing.assert_allclose(probabilities, reference, atol=2e-6)
+    np.testing.assert_allclose(probabilities, reference, atol=1e-5)  # as the NaN case
     with pytest.raises(ImageReadError, match=r"undeclared\.tif: float pixels must lie in"):
         segpipe.segment(
             tmp_path / "undeclared.tif", tmp_path / "u.zarr", net, tile=16, device="cpu",

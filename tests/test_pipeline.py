@@ -117,7 +117,8 @@ def test_stage_equals_the_predictor_whatever_the_threads():
     results = outputs_from_threads(stage, inputs)
     stage.close()
     for i, x in enumerate(inputs):
-        np.testing.assert_allclose(results[i], predictor(x), atol=1e-6)
+        # batches of other sizes sum in other orders: ~1e-6 of the logits (~15 here)
+        np.testing.assert_allclose(results[i], predictor(x), atol=5e-6)
     assert stage.stats.windows == sum(len(x) for x in inputs)
 
 
