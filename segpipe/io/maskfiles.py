@@ -75,7 +75,10 @@ def read_mask_file(
 def _read_mask_image(
     image: Reader, path: Path, reader: Reader, shape: tuple[int, int]
 ) -> np.ndarray:
-    (my, mx), (ny, nx) = image.level_shapes[0][:2], reader.level_shapes[0][:2]
+    # Its level 0, never a reduced level some tool made (by nearest neighbour, or a mean that
+    # rounds 0/1 to 0: a thin stroke gone), OR-pooled on each axis longer than the mask's
+    # and stretched on one shorter, so no foreground pixel is lost.
+    (my, mx, channels), (ny, nx) = image.level_shapes[0], reader.level_shapes[0][:2]
     # Stretched, it must have the image's aspect: either side within 2%, or a pixel (a small
     # mask rounds its sides), of what the other gives.
     if abs(mx - my * nx / ny) > max(1, mx / 50) and abs(my - mx * ny / nx) > max(1, my / 50):
@@ -83,18 +86,14 @@ def _read_mask_image(
             f"foreground mask {path} is {my} x {mx} pixels (y, x), another aspect ratio than "
             f"the image's {ny} x {nx}: make it the image's shape or a scaled copy of it"
         )
-    # Its level 0, never a reduced level some tool made (by nearest neighbour, or a mean that
-    # rounds 0/1 to 0: a thin stroke gone), OR-pooled on each axis longer than the mask's
-    # and stretched on one shorter, so no foreground pixel is lost.
-    iy, ix, channels = image.level_shapes[k := 0]
-    cells = (min(iy, shape[0]), min(ix, shape[1]))
+    cells = (min(my, shape[0]), min(mx, shape[1]))
     names = tuple(getattr(image, "channel_names", None) or ())
     alpha = names.index("alpha") if "alpha" in names else channels - 1 if channels in (2, 4) else -1
     nonzero = np.zeros((*cells, channels), dtype=bool)  # each channel's, pooled
     alphas: set[float] = set()  # each strip's least and greatest alpha
-    for y0, y1 in row_strips(image, k):
-        pixels = image.read(y0, y1, 0, ix, k)
-        pool_mask(nonzero, pixels != 0, (iy, ix), y0)
+    for y0, y1 in row_strips(image, 0):
+        pixels = image.read(y0, y1, 0, mx, 0)
+        pool_mask(nonzero, pixels != 0, (my, mx), y0)
         if alpha >= 0:
             alphas |= {float(pixels[..., alpha].min()), float(pixels[..., alpha].max())}
     # An alpha of one value (an opaque RGBA export) says nothing: the colours do.
