@@ -252,9 +252,9 @@ def test_a_float_ground_truth_is_refused_naming_it(tmp_path):
     import numpy as np
     import tifffile
 
-    from segpipe.analysis.evaluation import _read_plane
+    from segpipe.analysis.summary import label_plane
 
     path = tmp_path / "truth.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.float32))
     with pytest.raises(ValueError, match=r"truth\.tif: ground truth must be .* dtype float32"):
-        _read_plane(path, "ground truth")
+        label_plane(path, "ground truth")

@@ -39,9 +39,8 @@ import numpy as np
 from scipy import ndimage
 
 from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
-from segpipe.analysis.summary import confusion_against
+from segpipe.analysis.summary import confusion_against, label_plane
 from segpipe.io.files import URLPath, location
-from segpipe.io.readers import open_image
 from segpipe.results import is_result, open_result, read_meta
 
 if TYPE_CHECKING:
@@ -249,20 +248,6 @@ def evaluate_model(
     return Evaluation(names, confusion, objects)
 
 
-def _read_plane(path: str | os.PathLike[str], what: str) -> da.Array:
-    reader = open_image(path)
-    if reader.shape[2] != 1:
-        raise ValueError(
-            f"{path}: {what} must be a one-channel image of integer ids, got "
-            f"{reader.shape[2]} channels"
-        )
-    if not (np.issubdtype(reader.dtype, np.integer) or reader.dtype == bool):
-        raise ValueError(
-            f"{path}: {what} must be a one-channel image of integer ids, got dtype {reader.dtype}"
-        )
-    return reader.level(0)[..., 0]
-
-
 def evaluate(
     prediction: str | os.PathLike[str] | nn.Module,
     ground_truth: str | os.PathLike[str] | np.ndarray,
@@ -303,11 +288,11 @@ def evaluate(
     truth = (
         ground_truth
         if isinstance(ground_truth, np.ndarray)
-        else _read_plane(ground_truth, "ground truth")
+        else label_plane(ground_truth, "ground truth")
     )
     inst = instances
     if inst is not None and not isinstance(inst, np.ndarray):
-        inst = _read_plane(inst, "instances").compute()
+        inst = label_plane(inst, "instances").compute()
     # A URLPath (what segment() returns for s3://...) is no os.PathLike at run time.
     if isinstance(prediction, str | os.PathLike | URLPath) and is_result(prediction):
         return _evaluate_result(prediction, truth, inst, object_class, iou_threshold, min_size_px)

@@ -22,7 +22,7 @@ from segpipe.io.files import is_url
 from segpipe.io.readers import open_image
 from segpipe.results import class_fractions, open_result, read_meta
 
-__all__ = ["ResultSummary", "confusion_against", "summarise"]
+__all__ = ["ResultSummary", "confusion_against", "label_plane", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,23 @@ def confusion_against(mask: da.Array, truth: da.Array, num_classes: int) -> np.n
     return np.sum(dask.compute(*parts), axis=0)
 
 
+def label_plane(path: str | os.PathLike[str], what: str) -> da.Array:
+    """Lazy ``(Y, X)`` level 0 of the one-channel image of integer ids at ``path`` (ground
+    truth, instances); ``ValueError`` naming ``path`` and ``what`` for anything else."""
+    reader = open_image(path)
+    if reader.shape[2] != 1:
+        raise ValueError(
+            f"{path}: {what} must be a one-channel label image of integer class ids, got "
+            f"{reader.shape[2]} channels"
+        )
+    if not (np.issubdtype(reader.dtype, np.integer) or reader.dtype == bool):
+        raise ValueError(
+            f"{path}: {what} must be a one-channel label image and must hold integer class "
+            f"ids, got {reader.dtype} (a dtype {reader.dtype} image holds no class ids)"
+        )
+    return reader.level(0)[..., 0]
+
+
 def summarise(
     result: str | os.PathLike, ground_truth: str | os.PathLike | None = None
 ) -> ResultSummary:
@@ -85,21 +102,11 @@ def summarise(
         )
     scores: dict[str, Any] = {}
     if ground_truth is not None:
-        reader = open_image(ground_truth)
-        if reader.shape[2] != 1:
-            raise ValueError(
-                f"{ground_truth}: ground truth must be a one-channel label image, "
-                f"got {reader.shape[2]} channels"
-            )
-        truth, n = reader.level(0)[..., 0], len(meta.class_names)
+        truth, n = label_plane(ground_truth, "ground truth"), len(meta.class_names)
         if truth.shape != ds["mask"].shape:
             raise ValueError(
                 f"{ground_truth}: ground truth of {truth.shape[0]} x {truth.shape[1]} px, but "
                 f"the result {result} is {meta.shape[0]} x {meta.shape[1]} px"
-            )
-        if not (np.issubdtype(truth.dtype, np.integer) or truth.dtype == bool):
-            raise ValueError(
-                f"{ground_truth}: ground truth must hold integer class ids, got {truth.dtype}"
             )
         try:
             conf = confusion_against(ds["mask"].data, truth, n)
