@@ -13,6 +13,7 @@ from test_results import meta, store_files
 
 import segpipe
 from segpipe.io.files import URLPath
+from segpipe.io.locks import lock_path
 from segpipe.results import (
     ResultBusyError,
     delete_result,
@@ -21,7 +22,6 @@ from segpipe.results import (
     read_meta,
     result_lock,
 )
-from segpipe.results.lock import lock_path
 
 # A run holding the lock in another process until its stdin closes (or it is killed).
 HOLDER = """

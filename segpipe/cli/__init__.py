@@ -76,11 +76,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     with the wrong arguments raises (segpipe raises ValueError for a user's bad value).
     """
     # Imported here: `segpipe --help` must not pay for torch or zarr.
+    from segpipe.io.locks import StoreBusyError
     from segpipe.io.readers import ImageReadError
     from segpipe.models import CheckpointError
     from segpipe.results import (
         IncompleteResultError,
-        ResultBusyError,
         ResultMismatchError,
         ResultReplacedError,
     )
@@ -90,7 +90,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         CheckpointError,
         ResultMismatchError,
         IncompleteResultError,
-        ResultBusyError,
+        StoreBusyError,  # ResultBusyError and an ingest's
         ResultReplacedError,
         ValueError,
         OSError,

@@ -35,6 +35,8 @@ from segpipe.geometry.pixels import level_downsample
 from segpipe.geometry.tiling import tile_grid
 from segpipe.io.files import URLPath, location
 from segpipe.io.identity import pixel_sample_sha256
+from segpipe.io.imagestore import is_segpipe_image
+from segpipe.io.locks import store_lock
 from segpipe.io.readers import Reader, open_image
 from segpipe.progress import Stage, progress_option, stage
 from segpipe.results import (
@@ -143,6 +145,10 @@ def segment(
     output = _absolute(output)
     with contextlib.ExitStack() as locked:  # the result's run lock, until it is finalised
         with contextlib.ExitStack() as run:
+            if isinstance(source, str | os.PathLike) and is_segpipe_image(source):
+                # Read by this run's tasks until it ends: no ingest replaces it meanwhile (other
+                # runs may read it too), and none in progress is read (segpipe.io.locks).
+                locked.enter_context(store_lock(source, shared=True))
             if isinstance(source, str | os.PathLike | URLPath):
                 reader = open_image(
                     source, pixel_size_um=config.pixel_size_um, storage_options=storage_options

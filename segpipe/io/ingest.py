@@ -53,14 +53,16 @@ from segpipe.io.imagestore import (
     records_mask,
     source_attributes,
 )
+from segpipe.io.locks import store_lock
 from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
 from segpipe.io.units import check_pixel_size
-from segpipe.progress import Stage, progress_option, stage
+from segpipe.progress import Stage, progress_option, showing, stage
 
 __all__ = ["ingest", "ingested_image", "is_segpipe_image"]
 _ZSTD_LEVEL = 3
+_MIN_LEVEL_SIZE = 256  # px: the smaller side of the smallest level
 
 
 @progress_option
@@ -69,7 +71,7 @@ def ingest(
     output: str | os.PathLike[str],
     *,
     chunk: int = 512,
-    min_level_size: int = 256,
+    min_level_size: int = _MIN_LEVEL_SIZE,
     pixel_size_um: float | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -112,7 +114,27 @@ def ingest(
         ``output`` is a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a glob).
     ImageReadError
         The source cannot be read.
+    StoreBusyError
+        Another run ingests into ``output`` or segments it now (:mod:`segpipe.io.locks`).
     """
+    out = location(output)
+    with store_lock(out, after_kill=_AFTER_KILL):  # one ingest at a time writes a store
+        return _ingest(source, out, overwrite, chunk, min_level_size, pixel_size_um)
+
+
+# What the busy message adds: what a killed ingest leaves.
+_AFTER_KILL = ", and the next ingest redoes what it left unfinished"
+
+
+def _ingest(
+    source: str | os.PathLike[str] | Reader,
+    out: Path | URLPath,
+    overwrite: bool,
+    chunk: int,
+    min_level_size: int,
+    pixel_size_um: float | None,
+) -> Path | URLPath:
+    """:func:`ingest` under the store's lock, held by the caller."""
     if chunk < 2:
         raise ValueError(f"chunk must be >= 2 pixels, got {chunk}")
     with contextlib.ExitStack() as opened:
@@ -124,7 +146,6 @@ def ingest(
         px = reader.pixel_size_um
         if pixel_size_um is not None:
             px = check_pixel_size(pixel_size_um, "pixel_size_um")
-        out = location(output)
         if is_same_location(out, reader.path):
             raise ValueError(f"ingest output {out} is the source itself; choose another path")
         clear_image_store(out, overwrite=overwrite)
@@ -379,8 +400,11 @@ def ingested_image(
     if is_segpipe_image(source):
         return location(source)
     store = location(store)
-    if is_reusable(store, source, chunk=chunk, pixel_size_um=pixel_size_um):
-        return store
-    # another ingest's, or an unfinished one: replaced
-    options: dict[str, Any] = {"chunk": chunk, "pixel_size_um": pixel_size_um, "progress": progress}
-    return ingest(source, store, overwrite=is_segpipe_image(store), **options)
+    # Looked at under the lock: two runs ingesting one source into one store, the second
+    # stops at once (StoreBusyError) rather than replacing the copy the first is writing.
+    with store_lock(store, after_kill=_AFTER_KILL), showing(progress):
+        if is_reusable(store, source, chunk=chunk, pixel_size_um=pixel_size_um):
+            return store
+        # another ingest's, or an unfinished one: replaced
+        overwrite = is_segpipe_image(store)
+        return _ingest(source, store, overwrite, chunk, _MIN_LEVEL_SIZE, pixel_size_um)

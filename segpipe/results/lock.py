@@ -1,4 +1,4 @@
-"""One run at a time per local result (an exclusive ``flock`` on a lock file beside it), and
+"""One run at a time per local result (an exclusive :func:`segpipe.io.locks.store_lock`), and
 what a write that got past it leaves at the result's path (:func:`is_debris`).
 
 The ``started`` stamp (:func:`~segpipe.results.tiles.check_not_replaced`) lets a run notice,
@@ -21,116 +21,30 @@ with no ``zarr.json``, which the next run recognises (:func:`is_debris`) and rem
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
-import logging
 import os
 import re
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-from segpipe.io.files import URLPath, utc_now
+from segpipe.io.files import URLPath
+from segpipe.io.locks import StoreBusyError, store_lock
 
-__all__ = ["ResultBusyError", "is_debris", "lock_path", "result_lock"]
-
-log = logging.getLogger("segpipe")
+__all__ = ["ResultBusyError", "is_debris", "result_lock"]
 
 
-class ResultBusyError(RuntimeError):
+class ResultBusyError(StoreBusyError):
     """Another run holds the lock of the result asked for: it is writing or deleting that
     result now (:func:`result_lock`)."""
 
 
-def lock_path(path: str | os.PathLike[str]) -> Path:
-    """The lock file of the local result at ``path``: ``.<name>.lock`` in its folder (named
-    like the ``.<name>.creating-*`` and ``.<name>.deleting-*`` siblings a run makes), beside
-    the real path, so every symbolic link to a result shares its one lock.
-
-    >>> lock_path("/data/slide.seg.zarr").name
-    '.slide.seg.zarr.lock'
-    """
-    real = Path(os.path.realpath(path))
-    return real.with_name(f".{real.name}.lock")
-
-
-# A file system that cannot flock (NFS without a lock manager, some FUSE mounts) says so with
-# these: runs there go on unlocked, guarded by the stamp alone, as a URL result is.
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-
-
-@contextlib.contextmanager
-def result_lock(path: str | os.PathLike[str] | URLPath) -> Iterator[None]:
-    """Hold the run lock of the result at ``path`` while the body runs.
-
-    Raises :class:`ResultBusyError` at once (it never waits) where another run holds it: in
-    another process, on any machine that shares the file system, or in this process (each
-    call opens the lock file anew, and ``flock`` locks per open file). The holder's pid, host
-    and start time are written into the lock file for that message. The file
-    (:func:`lock_path`, made with its folder if missing) is never deleted: a run removing it
-    while another opens it would let a third lock a new file of the same name alongside.
+def result_lock(path: str | os.PathLike[str] | URLPath) -> contextlib.AbstractContextManager[None]:
+    """Hold the run lock of the result at ``path`` while the body runs: exclusively, as
+    :func:`segpipe.io.locks.store_lock` holds one (its file ``.<name>.lock`` beside the
+    result), raising :class:`ResultBusyError` at once where another run holds it.
 
     A result at a URL (:class:`~segpipe.io.files.URLPath`, object storage) takes no lock:
     the body runs unguarded by one, and the ``started`` stamp is its only protection.
     """
-    if isinstance(path, URLPath):
-        yield
-        return
-    lock = lock_path(path)
-    fd = _open(lock)
-    if fd is None:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ResultBusyError(
-                f"{path} is in use by another segpipe run ({_holder(fd)}; lock file {lock}): "
-                "wait for that run to end, or stop it, then run again (a run that is killed "
-                "releases the lock at once, and its result resumes)"
-            ) from None
-        except OSError as e:
-            if e.errno not in _NO_FLOCK:
-                raise
-            log.warning("%s: the file system cannot lock (%s); running without a lock", lock, e)
-        else:
-            with contextlib.suppress(OSError):  # a read-only lock file: the lock still holds
-                holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_now()}
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(holder).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _open(lock: Path) -> int | None:
-    """A new descriptor of ``lock``, created if missing; None where it cannot be created
-    because its folder is read-only to this process, which then cannot write a result
-    there either (a complete result is still read; anything else fails where it writes)."""
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            raise
-    try:  # a lock file another user made: a read-only descriptor locks it as well
-        return os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-
-
-def _holder(fd: int) -> str:
-    """Who holds the lock, as its holder wrote into the file."""
-    try:
-        data = json.loads(os.pread(fd, 4096, 0))
-        who = f"pid {int(data['pid'])} on {data['host']}, since {data['since']}"
-    except (ValueError, KeyError, TypeError, OSError):
-        return "a run that has not written who it is yet"
-    if data["pid"] == os.getpid() and data["host"] == socket.gethostname():
-        who += ": another run in this process"
-    return who
+    return store_lock(path, busy=ResultBusyError, after_kill=", and its result resumes")
 
 
 # The arrays whose chunks a run writes after its skeleton, in any layout (schema.level_path,

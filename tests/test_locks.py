@@ -1,0 +1,145 @@
+"""The locks of local stores (segpipe.io.locks): a writer excludes everyone, readers share; an
+ingest writes its store under one, and a run segmenting an ingested image reads under one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+import segpipe
+from segpipe.io.ingest import ingest, ingested_image
+from segpipe.io.locks import StoreBusyError, lock_path, store_lock
+from segpipe.io.readers import open_image
+from segpipe.results import ResultBusyError, result_lock
+
+# Another process holding the lock of argv[1] (shared when argv[2] is "shared") until its
+# stdin closes or it is killed.
+HOLDER = """
+import sys
+from segpipe.io.locks import store_lock
+with store_lock(sys.argv[1], shared=sys.argv[2] == "shared"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def held_elsewhere():
+    procs = []
+
+    def hold(path, *, shared=False):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), "shared" if shared else "excl"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_readers_share_a_lock_and_a_writer_excludes_them(tmp_path):
+    path = tmp_path / "s.zarr"
+    reading = pytest.raises(StoreBusyError, match=r", reading it: another run in this process")
+    # two readers, then a writer
+    with store_lock(path, shared=True), store_lock(path, shared=True), reading, store_lock(path):
+        pass
+    writing = pytest.raises(StoreBusyError, match=r", writing it: another run in this process")
+    with store_lock(path), writing, store_lock(path, shared=True):
+        pass
+    with store_lock(path), store_lock(tmp_path / "other.zarr"):  # released; others apart
+        pass
+
+
+def test_the_busy_message_names_the_store_the_holder_and_what_a_kill_leaves(
+    tmp_path, held_elsewhere
+):
+    path = tmp_path / "s.zarr"
+    holder = held_elsewhere(path, shared=True)
+    with pytest.raises(ResultBusyError) as raised, result_lock(path):
+        pass
+    message = str(raised.value)
+    for part in (str(path), f"pid {holder.pid} ", "reading it", str(lock_path(path))):
+        assert part in message, message
+    assert message.endswith("releases the lock at once, and its result resumes)"), message
+    with store_lock(path, shared=True):  # another reader: shares it
+        pass
+    assert json.loads(lock_path(path).read_text())["use"] == "reading"
+
+
+def _tiff(path: Path, seed: int = 0) -> Path:
+    img = np.random.default_rng(seed).integers(0, 256, (96, 130, 3), dtype=np.uint8)
+    tifffile.imwrite(path, img, photometric="rgb")
+    return path
+
+
+@pytest.mark.parametrize("call", ["ingest", "ingested_image"])
+def test_an_ingest_into_a_store_another_run_writes_stops_before_touching_it(
+    tmp_path, held_elsewhere, call
+):
+    """Run A's unfinished ingest stays as it is while A holds its lock (B, asked to replace
+    it, used to rename it aside and write its own copy under A's feet); once A is gone, B
+    redoes it."""
+    src, out = _tiff(tmp_path / "a.tif"), tmp_path / "a.ome.zarr"
+    ingest(src, out)
+    root = json.loads((out / "zarr.json").read_text())
+    root["attributes"]["segpipe"]["complete"] = False  # A's, still being written
+    (out / "zarr.json").write_text(json.dumps(root))
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    inode = out.stat().st_ino
+
+    holder = held_elsewhere(out)
+    again = {
+        "ingest": lambda: ingest(src, out, overwrite=True),
+        "ingested_image": lambda: ingested_image(src, out),
+    }[call]
+    with pytest.raises(StoreBusyError, match=f"pid {holder.pid} .*, writing it.*unfinished"):
+        again()
+    assert out.stat().st_ino == inode
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.ome.zarr.lock", "a.ome.zarr", "a.tif"]
+    holder.kill()
+    holder.wait()
+    again()
+    reader = open_image(out)  # a complete ingest again
+    np.testing.assert_array_equal(reader.read(0, 96, 0, 130), tifffile.imread(src))
+    reader.close()
+
+
+def test_an_image_a_run_segments_is_not_replaced_and_one_being_ingested_is_not_read(
+    tmp_path, held_elsewhere, random_checkpoint
+):
+    src, image = _tiff(tmp_path / "a.tif"), tmp_path / "a.ome.zarr"
+    ingest(src, image)
+    settings = {"tile": 64, "task_tiles": 1, "foreground": "none", "scheduler": "sync"}
+
+    reader = held_elsewhere(image, shared=True)  # a run segmenting it, elsewhere
+    with pytest.raises(StoreBusyError, match=f"pid {reader.pid} .*, reading it"):
+        ingest(_tiff(tmp_path / "b.tif", seed=1), image, overwrite=True)
+    out = segpipe.segment(image, tmp_path / "r.seg.zarr", random_checkpoint, **settings)
+    assert segpipe.open_result(out).mask.shape == (96, 130), "readers share the image"
+    reader.kill()
+    reader.wait()
+
+    writer = held_elsewhere(image)  # an ingest into it, elsewhere
+    with pytest.raises(StoreBusyError, match=f"pid {writer.pid} .*, writing it"):
+        segpipe.segment(image, tmp_path / "r2.seg.zarr", random_checkpoint, **settings)
+    assert not (tmp_path / "r2.seg.zarr").exists()
+
+
+def test_segmenting_a_file_that_is_no_ingest_leaves_no_lock_beside_it(tmp_path, random_checkpoint):
+    src = _tiff(tmp_path / "a.tif")
+    settings = {"tile": 64, "task_tiles": 1, "foreground": "none", "scheduler": "sync"}
+    segpipe.segment(src, tmp_path / "out" / "r.seg.zarr", random_checkpoint, **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "out"]
