@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
+from segpipe.execution.inputs import model_pixels
 from segpipe.execution.pipeline import StageClosed
 from segpipe.execution.predictor import WindowPredictor, window_probabilities
 from segpipe.geometry.blending import BlendLattice, BlendSink, CropSink, Sink, blend_windows
 from segpipe.geometry.tiling import Box, Geometry, Tile, Window, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, read_mirrored
-from segpipe.io.readers.masks import valid_mask
 from segpipe.models import PixelContract, geometry_of, pixel_contract_of
 from segpipe.results import class_map
 
@@ -214,8 +214,8 @@ def predict_parts(
         region = bounds([t.box for t in tiles])
         windows = stitching.windows(tiles, region, boxes)
         source_box = bounds([w.input for w in windows])
-        pixels = read_mirrored(reader, source_box, level)[..., :channels]
-        pixels = _checked_pixels(pixels, reader, source_box, level, contract)
+        pixels = read_mirrored(reader, source_box, level)
+        pixels = model_pixels(pixels, reader, source_box, level, contract, channels)
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])
     # Windows still to come over each part (by the window's index): a part is given when its
@@ -338,42 +338,6 @@ def model_errors(path: str, what: str) -> Iterator[None]:
 
 class PredictionError(RuntimeError):
     """The model failed on windows or gave NaN/inf probabilities; names image and windows."""
-
-
-# segpipe's float pixel convention is [0, 1] (geometry.pixels.to_float01); a little slack for
-# resampling overshoot, none for [0, 255] data stored as float.
-_FLOAT_RANGE = (-0.01, 1.01)
-
-
-def _checked_pixels(
-    pixels: np.ndarray, reader: Reader, box: Box, level: int, contract: PixelContract | None
-) -> np.ndarray:
-    """``pixels`` of ``box`` (mirrored) for the model: float pixels the model refuses (NaN or
-    infinite; outside [0, 1] where it takes floats as they are: no ``contract``, or its dtype
-    rule) filled with 0 where the file marks them invalid (a halo reaches into nodata: NaN,
-    -9999), refused elsewhere, naming file and region."""
-    if pixels.dtype.kind != "f":
-        return pixels
-    as_they_are = contract is None or contract.scaling == "dtype"
-    lo, hi = _FLOAT_RANGE
-    refused = ~((pixels >= lo) & (pixels <= hi)) if as_they_are else ~np.isfinite(pixels)
-    if not refused.any():
-        return pixels
-    where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
-    kept = refused & valid_mask(reader, box, level)[..., None]
-    if not np.isfinite(pixels[kept]).all():
-        raise ImageReadError(
-            f"{reader.path}: NaN or infinite pixels at {where} that the file does not mark "
-            "invalid (nodata, mask, alpha); fill them or declare them nodata first"
-        )
-    if kept.any():
-        raise ImageReadError(
-            f"{reader.path}: float pixels must lie in [0, 1], found {pixels[kept].min():g}.."
-            f"{pixels[kept].max():g} at {where}; rescale them to [0, 1] or store integers"
-        )
-    # 0, as where a nodata value has no finite stand-in (io.ingest); a new array, as the read
-    # may be a view of the reader's own (read_mirrored).
-    return np.where(refused, pixels.dtype.type(0), pixels)
 
 
 def predict_probabilities(
