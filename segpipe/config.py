@@ -152,7 +152,7 @@ class SegmentConfig:
             _check_int(name, getattr(self, name), minimum=1)
         if self.level is not None:
             _check_int("level", self.level, minimum=0)
-        for name in ("window", "n_workers"):
+        for name in ("window", "n_workers", "threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_choice("mode", self.mode, _MODES)

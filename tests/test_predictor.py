@@ -64,6 +64,9 @@ def test_auto_device_and_refusals(net):
             resolve_device("cuda")
     with pytest.raises(ValueError, match="batch_size"):
         InferenceConfig(batch_size=0)
+    for threads in (0, -1, 2.5, "2", True):  # torch's refusal named no setting, at the run
+        with pytest.raises(ValueError, match=f"threads must be .*got {threads!r}"):
+            InferenceConfig(threads=threads)
     with pytest.raises(ValueError, match=r"\(N, Y, X, C\)"):
         Predictor(net, InferenceConfig(device="cpu"))(np.zeros((4, 4, 3), np.uint8))
 

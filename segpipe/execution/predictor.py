@@ -73,6 +73,9 @@ class InferenceConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        # torch's own refusal names no setting, and comes once the run has made its result
+        if self.threads is not None and not (type(self.threads) is int and self.threads >= 1):
+            raise ValueError(f"threads must be a whole number >= 1 or None, got {self.threads!r}")
 
 
 class Predictor:
