@@ -734,6 +734,29 @@ def test_a_task_of_an_ended_run_leaves_nothing_behind(reader):
     assert key not in tasks._READERS and key not in tasks._ARRAYS and key not in tasks._STAGES
 
 
+def test_the_file_of_an_ended_run_is_closed_on_its_workers(tmp_path):
+    """Dropped from the run's registry, its reader kept the file open until a collection:
+    a long-lived worker of an archive run held every finished image's file."""
+    from types import SimpleNamespace
+
+    import tifffile
+
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), tile=(16, 16), photometric="rgb")
+
+    def open_on_it() -> int:
+        fds = [f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd")]
+        return sum(1 for fd in fds if os.path.exists(fd) and os.path.realpath(fd) == str(path))
+
+    key = "closed-run"
+    tasks.install_predictor(key, object)
+    job = SimpleNamespace(predictor_key=key, reader=open_image(path), level=0, output="unused")
+    tasks._run_reader(job, 16).read(0, 16, 0, 16)
+    assert open_on_it() == 1
+    tasks.remove_predictor(key)
+    assert open_on_it() == 0
+
+
 def test_the_tile_cache_is_sized_for_whole_shard_blocks(reader, tmp_path, monkeypatch):
     """With a foreground mask a block holds its computed tiles only: the first one may be a
     tile high. The run's cache is sized for rows of whole shard blocks all the same."""

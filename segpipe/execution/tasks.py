@@ -169,13 +169,13 @@ def remove_predictor(key: str) -> None:
     """Release one hold on run ``key``'s predictor; the last one waits for the run's writes
     in flight here and refuses later ones (:class:`RunEnded`), frees its memory and stops its
     model thread."""
-    stage = lease = None
+    stage = lease = reader = None
     with _REGISTRY_LOCK:
         predictor, holders = _PREDICTORS.get(key, (None, 0))
         if predictor is None or holders <= 1:
             _PREDICTORS.pop(key, None)
             _ARRAYS.pop(key, None)
-            _READERS.pop(key, None)
+            reader = _READERS.pop(key, None)
             _SIDES.pop(key, None)
             stage, lease = _STAGES.pop(key, None), _LEASES.pop(key, None)
         else:
@@ -184,6 +184,11 @@ def remove_predictor(key: str) -> None:
         lease.end()
     if stage is not None:
         stage.close()
+    # Its file closed now, not when a collection finds it: a long-lived worker of an archive
+    # run would hold every finished image's file open (a read still going reopens it).
+    close = getattr(reader, "close", None)
+    if callable(close):
+        close()
 
 
 def _per_run(registry: dict[str, T], key: str, make: Callable[[], T]) -> T:
