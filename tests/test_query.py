@@ -385,6 +385,21 @@ def test_a_threshold_compares_stored_float16_with_the_threshold_itself(tmp_path,
     np.testing.assert_array_equal(above, stored.astype(np.float64) > threshold)
 
 
+@pytest.mark.parametrize("threshold", [0.8, 0.6])
+def test_a_threshold_compares_stored_uint8_codes_as_their_exact_fraction(tmp_path, threshold):
+    """A uint8 code k stands for k/255; read back as float32, 204 (exactly 0.8) became
+    0.80000001, "above 0.8", for 254 of the 256 codes' thresholds."""
+    import zarr
+
+    path = tmp_path / "u8.zarr"
+    make_result(path, np.ones((64, 64), dtype=np.uint8), dtype="uint8")
+    codes = zarr.open_array(path / "0" / "probabilities")[list(CLASSES).index("tissue")]
+    assert codes.dtype == np.uint8
+    assert (codes == round(threshold * 255)).any(), "the case this test is about"
+    above = query.threshold_mask(path, "tissue", threshold).values
+    np.testing.assert_array_equal(above, codes / 255 > threshold)
+
+
 def test_objects_in_a_region_keep_level_pixel_indices(corners):
     path = corners[0]
     # x 20..30 um, y 4..12 um: pixels x 40..60, y 8..24 hold the square centred on (16, 48).

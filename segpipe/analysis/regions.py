@@ -173,6 +173,11 @@ def threshold_mask(
     with xr.set_options(keep_attrs=False):  # a bool image, not a probability
         # In float64: NumPy compares a float16 array with the threshold rounded to float16
         # (0.3 becomes 0.30005), which leaves out the pixels stored between the two.
-        out = probability.astype(np.float64) > threshold
+        value = probability.astype(np.float64)
+        if ds.attrs.get("segpipe", {}).get("config", {}).get("probability_dtype") == "uint8":
+            # Stored as codes k of k/255, read as float32, which rounds most k/255 up: a code
+            # of exactly 0.8 (204) was "above 0.8". Compared as the exact k/255 instead.
+            value = (value * 255).round() / 255
+        out = value > threshold
     out.attrs = {"long_name": f"{class_name} probability above {threshold}"}
     return out.rename(f"{class_name}>{threshold}")
