@@ -470,6 +470,19 @@ def test_identity_keys_of_later_releases_are_compared_only_where_stored(tmp_path
     assert not tiles_done(new).any()
 
 
+def test_a_result_made_before_mask_files_were_hashed_resumes_with_its_mask(tmp_path):
+    """A mask-file foreground joined the identity a release before its contents' hash did:
+    such a result was refused as if "the mask file's contents differ"."""
+    old = tmp_path / "old.zarr"
+    prepare_result(old, meta(foreground="tissue.png"))
+    mark_tiles_done(old, {(1, 2): np.array([3, 4])})
+    assert "foreground_sha256" not in read_attrs(old)["identity"]
+    done = prepare_result(old, meta(foreground="tissue.png", foreground_sha256="c" * 64))
+    assert done.sum() == 1 and done[1, 2]
+    with pytest.raises(ResultMismatchError, match="differs in: foreground"):  # the path counts
+        prepare_result(old, meta(foreground="other.png", foreground_sha256="c" * 64))
+
+
 def test_open_result_coordinates_without_pixel_size(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta(pixel_size_um=None))

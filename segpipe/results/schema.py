@@ -68,7 +68,7 @@ STATES: tuple[State, ...] = ("computing", "finalising", "complete")
 
 # Identity keys added after the first release, oldest first. A stored identity lacking one was
 # written before it existed: compared without it (results.store), so the result still resumes.
-LATER_IDENTITY_KEYS = ("source_sha256",)
+LATER_IDENTITY_KEYS = ("foreground_sha256", "source_sha256")
 
 
 class IncompleteResultError(RuntimeError):
