@@ -40,6 +40,8 @@ __all__ = ["EXECUTION", "PROBABILITY_DTYPES", "RESULT", "SegmentConfig", "settin
 PROBABILITY_DTYPES = ("float16", "float32", "uint8")
 _MODES = ("exact", "blend")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# 'sync', or an address Dask connects to: scheme://location, or host:port (a TCP default)
+_SCHEDULER = re.compile(r"^(sync|[a-z][a-z0-9+.-]*://\S+|\S+:\d+)$")
 
 RESULT = "result"
 EXECUTION = "execution"
@@ -178,12 +180,25 @@ class SegmentConfig:
                 "SegmentConfig.foreground must be 'auto', 'tissue', 'nodata', 'none' or a mask "
                 f"file's path, got {self.foreground!r}"
             )
-        if self.scheduler is not None and not isinstance(self.scheduler, str):
+        if self.scheduler is not None and not (
+            isinstance(self.scheduler, str) and _SCHEDULER.match(self.scheduler)
+        ):
+            # Dask's own refusal names no setting, after a minute's wait for the address
             raise ValueError(
-                "SegmentConfig.scheduler must be an address, 'sync' or None, got "
-                f"{self.scheduler!r}; pass a running distributed.Client to "
-                "segment(scheduler=...) instead"
+                "SegmentConfig.scheduler must be a running scheduler's address "
+                f"(tcp://host:8786, host:8786), 'sync' or None, got {self.scheduler!r}; pass a "
+                "running distributed.Client to segment(scheduler=...) instead"
             )
+
+    def ignored_settings(self) -> tuple[str, ...]:
+        """The settings away from their defaults that this ``mode`` does not use (blend's
+        window, overlap and sigma_scale in exact mode): a run refuses them rather than
+        record settings that changed nothing."""
+        if self.mode != "exact":
+            return ()
+        default = SegmentConfig()
+        blend = ("window", "overlap", "sigma_scale")
+        return tuple(name for name in blend if getattr(self, name) != getattr(default, name))
 
     # --- construction and views -------------------------------------------------------------
 

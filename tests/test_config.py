@@ -90,6 +90,9 @@ def test_the_generic_values_are_valid_and_not_defaults():
         ("amp", "yes"),
         ("device", "gpu"),
         ("scheduler", 8786),
+        ("scheduler", "foo"),
+        ("scheduler", ""),
+        ("scheduler", "tcp://"),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_field_and_the_value(name, value):
@@ -98,6 +101,34 @@ def test_a_bad_value_is_refused_naming_the_field_and_the_value(name, value):
     message = str(info.value)
     assert message.startswith(f"SegmentConfig.{name} ")
     assert repr(value) in message or str(value) in message
+
+
+@pytest.mark.parametrize(
+    "address", ["sync", "tcp://127.0.0.1:8786", "127.0.0.1:8786", "[::1]:8786", "inproc://h/1/2"]
+)
+def test_a_scheduler_address_dask_takes_is_accepted(address):
+    assert SegmentConfig(scheduler=address).scheduler == address
+
+
+@pytest.mark.parametrize(
+    ("changes", "ignored"),
+    [
+        ({"window": 64}, ("window",)),
+        ({"overlap": 0.5, "sigma_scale": 0.25}, ("overlap", "sigma_scale")),
+        ({"window": 64, "mode": "blend"}, ()),
+        ({}, ()),
+    ],
+)
+def test_blend_settings_are_ignored_in_exact_mode_and_a_run_refuses_them(
+    changes, ignored, tmp_path
+):
+    """Recorded in the result, they changed no pixel: a run refuses them, naming them."""
+    config = SegmentConfig(**changes)
+    assert config.ignored_settings() == ignored
+    if ignored:
+        with pytest.raises(ValueError, match=rf"^{', '.join(ignored)} set, but mode='exact'"):
+            segpipe.segment(tmp_path / "slide.tif", tmp_path / "r.zarr", "tissue-unet", config)
+        assert not (tmp_path / "r.zarr").exists()
 
 
 def test_replace_validates_too():
@@ -325,6 +356,7 @@ def pyramid(small_slide, tmp_path_factory):
 # whether autocast is on, the level (closest to the model's pixel size when not given), and
 # what foreground "auto" means for the image.
 RESOLVED = ("window", "amp", "level", "foreground")
+BLEND_ONLY = ("window", "overlap", "sigma_scale")
 
 
 @pytest.mark.parametrize("form", ["keywords", "config"])
@@ -343,12 +375,20 @@ def test_python_api_passes_every_setting(
         raise Captured("prepared")
 
     monkeypatch.setattr(module, "prepare_result", stop)
-    expected = SegmentConfig(**{name: value})
-    given = {name: value} if form == "keywords" else {"config": expected}
+    # blend's settings with blend mode: exact mode refuses them (SegmentConfig.ignored_settings)
+    settings = {name: value, **({"mode": "blend"} if name in BLEND_ONLY else {})}
+    expected = SegmentConfig(**settings)
+    given = settings if form == "keywords" else {"config": expected}
     with pytest.raises(Captured):
         segpipe.segment(pyramid, tmp_path / "r.zarr", random_checkpoint, **given)
     (config,) = seen
-    assert getattr(config, name) == value
+    if name == "window":  # recorded as blend mode takes it: snapped to the model
+        from segpipe import models
+        from segpipe.geometry.blending import blend_window_side
+
+        geometry = models.geometry_of(models.load(random_checkpoint))
+        expected = expected.replace(window=blend_window_side(geometry, value))
+    assert getattr(config, name) == getattr(expected, name)
     resolved = {k: getattr(expected, k) for k in RESOLVED if k != name}
     assert config.replace(**resolved) == expected
 

@@ -136,6 +136,11 @@ def segment(
     """
     started = time.perf_counter()
     config = (config or SegmentConfig()).replace(**settings)
+    if ignored := config.ignored_settings():
+        raise ValueError(
+            f"{', '.join(ignored)} set, but mode={config.mode!r} does not use them (blend mode "
+            "does): leave them unset, or segment with mode='blend'"
+        )
     if isinstance(scheduler, str):
         config, scheduler = config.replace(scheduler=scheduler), None
     if scheduler is None:
