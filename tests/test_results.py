@@ -483,6 +483,16 @@ def test_a_result_made_before_mask_files_were_hashed_resumes_with_its_mask(tmp_p
         prepare_result(old, meta(foreground="other.png", foreground_sha256="c" * 64))
 
 
+def test_a_result_recorded_with_threads_0_still_reads(tmp_path):
+    """threads=0 meant torch's default, and was recorded so, before it was refused."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    group = zarr.open_group(path, mode="r+")
+    attrs = group.attrs["segpipe"]
+    group.attrs["segpipe"] = {**attrs, "config": {**attrs["config"], "threads": 0}}
+    assert read_meta(path).config.threads is None
+
+
 def test_open_result_coordinates_without_pixel_size(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta(pixel_size_um=None))

@@ -226,9 +226,9 @@ class ResultMeta:
         params = ident.get("params") or {}
         if "config" in attrs:
             # A config written before the foreground setting: every tile was computed.
-            config = SegmentConfig.from_dict(
-                {"foreground": ident.get("foreground", "none"), **attrs["config"]}
-            )
+            stored = {"foreground": ident.get("foreground", "none"), **attrs["config"]}
+            # threads 0 was torch's default before it was refused
+            config = SegmentConfig.from_dict({**stored, "threads": stored.get("threads") or None})
         else:  # written before SegmentConfig: rebuild its result settings from the identity
             config = SegmentConfig(
                 tile=int(ident["tile"]),
