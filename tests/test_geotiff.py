@@ -327,6 +327,47 @@ def test_a_geotransform_not_finite_or_of_pixel_size_0_is_refused(tmp_path, tags,
         open_image(path)
 
 
+def _two_geotiffs(path):
+    """A TIFF of two GeoTIFF images: a 32 x 32 one at 4 m and nodata 1 first (not flagged
+    reduced), the 128 x 128 one at 1 m and nodata 0, left half 0, second."""
+    big = np.full((128, 128), 9, np.uint8)
+    big[:, :64] = 0
+    with tifffile.TiffWriter(path) as tif:
+        for image, scale, nodata in ((np.full((32, 32), 7, np.uint8), 4.0, "1"), (big, 1.0, "0")):
+            tags = [*_scale_tie(scale, scale), _UTM_KEYS, (42113, 2, 0, nodata)]
+            tif.write(image, extratags=tags, metadata=None)
+    return path, big
+
+
+def test_a_geotiff_of_several_images_is_placed_by_the_image_read(tmp_path):
+    """GDAL reads a file's first image: the largest, second, was read with the first's
+    transform (4 m pixels, 4x its extent) and nodata."""
+    path, big = _two_geotiffs(tmp_path / "two.tif")
+    with pytest.warns(UserWarning, match="holds 2 images"):
+        reader = open_image(path)
+    assert reader.level_shapes == ((128, 128, 1),)
+    with rasterio.open(f"GTIFF_DIR:2:{path}") as ds:
+        assert reader.georeference == Georeference("EPSG:32633", tuple(ds.transform)[:6])
+    assert reader.georeference.transform[0] == 1.0
+    assert reader.nodata == (0.0,)
+    np.testing.assert_array_equal(reader.valid_mask(0, 128, 0, 128), big != 0)
+
+
+@pytest.mark.filterwarnings("ignore:.*holds 2 images:UserWarning")
+def test_a_geotiff_of_several_images_gdal_cannot_open_the_read_one_of_is_refused(tmp_path):
+    """At a URL GDAL cannot be pointed at a later IFD: refused, naming both images."""
+    import fsspec
+
+    path, _ = _two_geotiffs(tmp_path / "two.tif")
+    fsspec.filesystem("memory").pipe("/segpipe-geotiff/two.tif", path.read_bytes())
+    with pytest.raises(ImageReadError) as info:
+        open_image("memory://segpipe-geotiff/two.tif")
+    message = str(info.value)
+    assert message.startswith("memory://segpipe-geotiff/two.tif: ")
+    assert "128 x 128 px" in message
+    assert "32 x 32 px" in message
+
+
 def test_an_overview_without_a_mask_of_its_own_takes_level_0s(tmp_path):
     """A mask band added after the overviews were built has no overview masks: GDAL calls
     every pixel of the overview valid (and still flags it per_dataset)."""

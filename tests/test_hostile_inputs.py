@@ -792,3 +792,29 @@ def test_a_file_of_an_ome_set_lying_about_its_tiles_is_refused_at_open(
     assert str(info.value).startswith(
         f"{other} (a file of {opened}'s OME-TIFF set): level 0 is {stored}, in {opened} "
     )
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_an_image_whose_size_tag_tifffile_drops_is_refused_not_passed_over(
+    tmp_path: Path, level: int
+) -> None:
+    """An ImageWidth entry whose count is damaged: tifffile drops the tag and lists a series
+    of width 0, which was passed over, its 2x reduced level (another series) read as the
+    whole image; a reduced level's, and the pyramid was read without it."""
+    import struct
+
+    path = tmp_path / "damaged.tif"
+    rgb = _rgb(200, 300)
+    kw = {"tile": (64, 64), "photometric": "rgb", "compression": "zlib", "metadata": None}
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, subifds=1, **kw)
+        tif.write(rgb[::2, ::2], subfiletype=1, **kw)
+    with tifffile.TiffFile(path) as tif:
+        keyframe = tif.series[0].levels[level].keyframe
+        entry = keyframe.tags["ImageWidth"].offset
+    data = bytearray(path.read_bytes())
+    data[entry + 4 : entry + 8] = struct.pack("<I", 0x0C000001)  # its count: the tag is dropped
+    path.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=r"\(\d+x0x3\) is empty: a size tag") as info:
+        open_image(path)
+    assert str(info.value).startswith(f"{path}: series ")

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -279,6 +280,32 @@ def test_a_file_of_several_images_warns_naming_those_left_out(tmp_path: Path) ->
     (message,) = [str(w.message) for w in caught if "holds 3 images" in str(w.message)]
     assert "series 1 'Image1' (256x256)" in message
     assert "leaving out series 0 'Image0' (64x64), series 2 'Image2' (200x200)" in message
+
+
+@pytest.mark.parametrize(
+    ("other", "kw"),
+    [
+        (np.zeros((60, 60, 3), np.uint8), {"photometric": "rgb"}),  # 10,800 values
+        # a stack, refused when read
+        (
+            np.zeros((4, 60, 60), np.uint8),
+            {"photometric": "minisblack", "metadata": {"axes": "ZYX"}},
+        ),
+    ],
+)
+def test_a_file_of_several_images_reads_the_one_of_most_pixels_not_values(
+    tmp_path: Path, other: np.ndarray, kw: dict[str, Any]
+) -> None:
+    """Samples and Z planes were counted as pixels: a 60 x 60 RGB image was read, not the
+    100 x 100 grey one beside it, and a 4-plane stack beside it was read and refused."""
+    path = tmp_path / "two.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.full((100, 100), 7, np.uint8), photometric="minisblack")
+        tif.write(other, **kw)
+    with pytest.warns(UserWarning, match=r"reading the largest, series 0 \(100x100\)"):
+        reader = open_image(path)
+    assert reader.shape == (100, 100, 1)
+    reader.close()
 
 
 def test_tiff_chunks_follow_tiles(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ class RasterMetadata:
     ``"mask"`` (an internal or sidecar mask band), ``"alpha"`` or None (every pixel valid).
     ``mask_shapes``: the ``(y, x)`` sizes of the TIFF's own mask pages (with ``"mask"``, when
     level 0 has one), which :func:`raster_valid_mask` takes to find the overviews without.
+    ``gdal_name``: what GDAL opens the image by where it is not the file's first
+    (``GTIFF_DIR:<n>:<path>``, the n-th IFD), else None.
     """
 
     georeference: Georeference | None
@@ -40,6 +42,7 @@ class RasterMetadata:
     mask_kind: str | None
     channel_names: tuple[str, ...] | None
     mask_shapes: frozenset[tuple[int, int]] = frozenset()
+    gdal_name: str | None = None
 
 
 @contextmanager
@@ -86,15 +89,20 @@ def _gdal_message(exc: BaseException) -> str:
     return f"{type(said).__name__}: {said}"
 
 
-def raster_metadata(source: str | URLPath, tif: Any) -> RasterMetadata:
+def raster_metadata(source: str | URLPath, tif: Any, keyframe: Any) -> RasterMetadata:
     """Georeference, nodata, mask kind and band names of the raster at ``source`` (a local
-    path or an fsspec URL); ``tif``: the same file, open in tifffile (its first IFD's tags
-    and its mask pages are read from it, not from a second open).
+    path or an fsspec URL); ``tif``: the same file, open in tifffile (the tags of the image's
+    level-0 IFD, ``keyframe``, and its mask pages are read from it, not from a second open).
+
+    GDAL reads a file's first IFD; an image in a later one (a file of several images, the
+    largest not the first) is opened as ``GTIFF_DIR:<n>:<path>``.
 
     Raises
     ------
     ImageReadError
-        The file does not open in GDAL, its CRS does not parse, or its transform is not
+        The file does not open in GDAL, GDAL reads an image of another size than
+        ``keyframe``'s (or cannot be pointed at it: in a SubIFD, at a URL), its CRS does
+        not parse, or its transform is not
         finite, has a pixel size of 0, or is rotated or sheared, with a CRS or without
         (segpipe's tiles and results are grids of rows and columns: north-up, or south-up
         with a positive y pixel size); or GeoTIFF tags place it that GDAL makes no
@@ -103,9 +111,18 @@ def raster_metadata(source: str | URLPath, tif: Any) -> RasterMetadata:
     """
     from rasterio.enums import ColorInterp, MaskFlags
 
-    with _open(source) as ds:
+    name = _gdal_name(source, tif, keyframe)
+    with _open(name or source) as ds:
         level0 = (ds.height, ds.width)
-        georeference = _georeference(ds, source, tif.pages.first.tags)
+        # the pixels are tifffile's: GDAL's placement, nodata and masks of an image of
+        # another size would be another image's
+        if level0 != (keyframe.imagelength, keyframe.imagewidth):
+            raise ImageReadError(
+                f"{source}: GDAL reads {name or 'its first image'} as {_px(level0)}, the image "
+                f"read is {_px((keyframe.imagelength, keyframe.imagewidth))}: the georeference, "
+                "nodata and masks are another image's; save the image as a file of its own"
+            )
+        georeference = _georeference(ds, source, keyframe.tags)
         nodata = tuple(None if v is None else float(v) for v in ds.nodatavals)
         flags = {f for band in ds.mask_flag_enums for f in band}
         interp = tuple(ds.colorinterp)
@@ -133,6 +150,35 @@ def raster_metadata(source: str | URLPath, tif: Any) -> RasterMetadata:
         kind,
         names if has_names else None,
         _mask_shapes(tif, level0) if kind == "mask" else frozenset(),
+        name,
+    )
+
+
+def _px(shape: tuple[int, int]) -> str:
+    return f"{shape[0]} x {shape[1]} px (Y x X)"
+
+
+def _gdal_name(source: str | URLPath, tif: Any, keyframe: Any) -> str | None:
+    """GDAL's name for the IFD ``keyframe`` (of ``tif``, the file at ``source``) where it is
+    not the file's first (``GTIFF_DIR:<n>:<path>``, n from 1), else None; refused naming
+    both images where GDAL cannot open it so."""
+    index = keyframe.index
+    if index == 0 and keyframe.parent is tif:
+        return None
+    if isinstance(index, int) and keyframe.parent is tif and not isinstance(source, URLPath):
+        return f"GTIFF_DIR:{index + 1}:{source}"
+    # a SubIFD has no GTIFF_DIR number; a URL's opener takes no GTIFF_DIR prefix
+    with _open(source) as ds:
+        first = (ds.height, ds.width)
+    where, why = (
+        (f"IFD {index}", "at a URL (a local copy reads)")
+        if isinstance(index, int)
+        else ("a SubIFD", "in a SubIFD")
+    )
+    raise ImageReadError(
+        f"{source}: the image read, {_px((keyframe.imagelength, keyframe.imagewidth))} in "
+        f"{where}, is not its first, {_px(first)}, and GDAL, which reads the georeference, "
+        f"nodata and masks, cannot open it {why}; save the image as a file of its own"
     )
 
 

@@ -73,6 +73,7 @@ class TiffReader(BaseReader):
     def __init__(self, path: Path | URLPath, *, pixel_size_um: float | None = None) -> None:
         super().__init__(path, pixel_size_um)
         self._tif: Any = None
+        self._gdal_name: str | None = None  # GDAL's name for the image, if not the file's
         import tifffile
 
         try:
@@ -122,7 +123,8 @@ class TiffReader(BaseReader):
                         "(gdal_translate in.tif out.tif writes it as GDAL reads it) or turned "
                         "and with Orientation 1"
                     )
-                raster = raster_metadata(self.url or self.path, tif)
+                raster = raster_metadata(self.url or self.path, tif, first)
+                self._gdal_name = raster.gdal_name
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
                 self._mask_shapes = raster.mask_shapes
@@ -199,20 +201,36 @@ class TiffReader(BaseReader):
         if self.mask_kind != "mask":
             return super().valid_mask(y0, y1, x0, x1, level)
         self._check_level(level)
-        return raster_valid_mask(self.url or self.path, level, y0, y1, x0, x1, self._mask_shapes)
+        source = self._gdal_name or self.url or self.path
+        return raster_valid_mask(source, level, y0, y1, x0, x1, self._mask_shapes)
 
     def _handle_state(self) -> dict[str, Any]:
         return {"_tif": None}
 
 
 def _main_series(series: list[Any], path: str) -> int:
-    """Index of the series with the most level-0 pixels, passing over transparency masks
-    (GDAL's internal mask band is a series of its own, as large as the image).
+    """Index of the series with the most level-0 pixels (Y x X; of two alike, the one with
+    more samples, channels or planes), passing over transparency masks (GDAL's internal mask
+    band is a series of its own, as large as the image). Refused where one of several series
+    has a size of 0: a damaged file.
 
     Other images left out are warned of, naming them, unless a scanner or GDAL adds them
     beside every slide (thumbnail, label, macro, map, overview, mask)."""
+    # tifffile drops a size tag it cannot read (ImageWidth 0): passed over, that image's
+    # reduced level, or another image, would be read as the whole (a lone image's emptiness
+    # is refused as it is laid out)
+    for i, s in enumerate(series if len(series) > 1 else ()):
+        for k, lv in enumerate(s.levels):
+            if 0 in lv.shape:
+                level = f" level {k} ({'x'.join(map(str, lv.shape))})" if k else ""
+                raise ImageReadError(
+                    f"{path}: {_series_text(i, s)}{level} is empty: a size tag (ImageWidth, "
+                    "ImageLength, SamplesPerPixel) is damaged; the file cannot be read as it is"
+                )
     images = [i for i, s in enumerate(series) if not s.keyframe.is_mask] or list(range(len(series)))
-    main = max(images, key=lambda i: math.prod(series[i].shape))
+    # samples, channels and Z planes are no pixels: a 600 x 600 RGB image is smaller than a
+    # 1000 x 1000 grey one
+    main = max(images, key=lambda i: (_plane_pixels(series[i]), math.prod(series[i].shape)))
     left = [
         _series_text(i, s)
         for i, s in enumerate(series)
@@ -226,6 +244,12 @@ def _main_series(series: list[Any], path: str) -> int:
             stacklevel=4,
         )
     return main
+
+
+def _plane_pixels(series: Any) -> int:
+    """Y x X pixels of ``series``' level 0."""
+    sizes = dict(zip(series.axes, series.shape, strict=False))
+    return int(sizes.get("Y", 1)) * int(sizes.get("X", 1))
 
 
 def _series_text(index: int, series: Any) -> str:
