@@ -645,6 +645,31 @@ def test_a_source_level_the_ingested_copy_lacks_is_refused(
         ingested_level(source, image, level)
 
 
+def test_ingested_level_closes_the_readers_it_opens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each call left the source's and the copy's files open until the garbage collector
+    came by: a long run of queries ran out of file descriptors."""
+    from segpipe.io import imagestore
+
+    source = _pyramid_tiff(tmp_path / "s.tif", 1024, 2, 2)
+    image = ingested_image(source, tmp_path / "s.zarr")
+    opened: list[Any] = []
+    closed: list[Any] = []
+
+    def spying(path: Any, **kwargs: Any) -> Any:
+        reader = open_image(path, **kwargs)
+        close = reader.close  # type: ignore[attr-defined]
+        monkeypatch.setattr(reader, "close", lambda: closed.append(reader) or close())
+        opened.append(reader)
+        return reader
+
+    monkeypatch.setattr(imagestore, "open_image", spying)
+    assert imagestore.ingested_level(source, image, 1) == 1
+    assert len(opened) == 2
+    assert {id(r) for r in closed} == {id(r) for r in opened}
+
+
 @pytest.mark.parametrize("change", ["nodata", "crs"])
 def test_an_ingest_is_redone_when_its_source_changed_what_the_copy_keeps(
     tmp_path: Path, change: str

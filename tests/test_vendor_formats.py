@@ -394,6 +394,11 @@ def test_x_and_y_pixel_sizes_are_those_of_the_axes_shown(tmp_path, write, what, 
     [
         ("um", 0.5),
         ("micron", 0.5),
+        ("microns", 0.5),  # as users type it into ImageJ's Set Scale
+        ("Microns", 0.5),
+        ("micrometre", 0.5),
+        ("micrometres", 0.5),
+        ("micrometers", 0.5),
         ("\\u00B5m", 0.5),  # how ImageJ writes µm
         ("nm", 0.0005),
         ("mm", 500.0),
@@ -410,6 +415,29 @@ def test_imagej_calibration_gives_the_pixel_size(tmp_path, unit, px):
     reader = open_image(path)
     assert reader.pixel_size_um == (None if px is None else pytest.approx(px))
     np.testing.assert_array_equal(reader.read(0, 256, 0, 384)[..., 0], grey)
+
+
+@pytest.mark.parametrize("unit", ["furlong", "px2"])
+def test_an_imagej_unit_segpipe_does_not_know_is_warned_of(tmp_path, unit):
+    """A calibration in a unit segpipe cannot convert left the pixel size unknown without a
+    word, as if the image were uncalibrated."""
+    path = tmp_path / "imagej.tif"
+    grey = _image()[..., 0]
+    tifffile.imwrite(path, grey, imagej=True, resolution=(2, 2), metadata={"unit": unit})
+    with pytest.warns(UserWarning, match=rf"^{path}: ImageJ calibration unit '{unit}' unknown"):
+        reader = open_image(path)
+    assert reader.pixel_size_um is None
+    reader.close()
+
+
+def test_an_uncalibrated_imagej_file_is_not_warned_of(tmp_path):
+    path = tmp_path / "imagej.tif"
+    tifffile.imwrite(path, _image()[..., 0], imagej=True, metadata={"unit": "pixel"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        reader = open_image(path)
+    assert reader.pixel_size_um is None
+    reader.close()
 
 
 def test_a_magnification_that_is_no_finite_number_is_unknown_to_both_readers(tmp_path):

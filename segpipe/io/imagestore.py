@@ -21,6 +21,7 @@ fsspec's pattern would match.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -139,7 +140,9 @@ def ingested_level(
     """
     if not level:
         return level
-    theirs, ours = open_image(source).level_shapes, open_image(image).level_shapes
+    with contextlib.ExitStack() as opened:  # each reader holds its file open
+        theirs = _opened(opened, source).level_shapes
+        ours = _opened(opened, image).level_shapes
     if level >= len(theirs):
         raise ValueError(f"{source} has levels 0-{len(theirs) - 1}, not level {level}")
     wanted = [level_downsample(theirs[0][a], theirs[level][a]) for a in (0, 1)]
@@ -153,6 +156,13 @@ def ingested_level(
         "segment the source itself (segpipe segment), or leave the level unset for the one "
         "the model's pixel size picks"
     )
+
+
+def _opened(stack: contextlib.ExitStack, path: str | os.PathLike[str]) -> Reader:
+    """``path`` open, closed as ``stack`` closes."""
+    reader = open_image(path)
+    stack.callback(getattr(reader, "close", lambda: None))  # not in the Reader protocol
+    return reader
 
 
 def source_attributes(reader: Reader) -> dict[str, Any]:

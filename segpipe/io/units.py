@@ -7,7 +7,7 @@ import warnings
 
 __all__ = ["UM_PER_UNIT", "check_pixel_size", "pixel_size_of_xy", "positive_or_none"]
 
-# Length units to micrometres: OME-XML symbols and OME-Zarr (UDUNITS-2) names.
+# Length units to micrometres: OME-XML symbols, OME-Zarr (UDUNITS-2) names and ImageJ's.
 UM_PER_UNIT = {
     "pm": 1e-6,
     "Å": 1e-4,
@@ -27,7 +27,11 @@ UM_PER_UNIT = {
     "angstrom": 1e-4,
     "nanometer": 1e-3,
     "micrometer": 1.0,
+    "micrometers": 1.0,  # UDUNITS-2 takes plurals and British spellings too
+    "micrometre": 1.0,
+    "micrometres": 1.0,
     "micron": 1.0,
+    "microns": 1.0,  # ImageJ's calibration unit as users type it
     "millimeter": 1e3,
     "centimeter": 1e4,
     "meter": 1e6,

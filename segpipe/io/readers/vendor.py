@@ -139,7 +139,15 @@ def _resolution_tags_um(tif: Any, page: Any, path: str, is_transposed: bool) -> 
     unit_tag = page.tags.get("ResolutionUnit")
     unit = None if unit_tag is None else int(unit_tag.value)
     if tif.is_imagej and unit in (None, 1):
-        um_per_unit = _imagej_um_per_unit(str((tif.imagej_metadata or {}).get("unit", "")))
+        calibration = str((tif.imagej_metadata or {}).get("unit", ""))
+        um_per_unit = _imagej_um_per_unit(calibration)
+        # a calibration segpipe cannot read is no uncalibrated image: say why the size is lost
+        if um_per_unit is None and calibration.strip().lower() not in ("", "pixel", "pixels"):
+            warnings.warn(
+                f"{path}: ImageJ calibration unit {calibration!r} unknown; pixel size unknown "
+                "(give it as pixel_size_um or --pixel-size)",
+                stacklevel=5,
+            )
     else:
         um_per_unit = _UM_PER_RESUNIT.get(unit or 0)
     if um_per_unit is None:
@@ -180,7 +188,7 @@ def _shown_pixel_size(
 
 
 def _imagej_um_per_unit(name: str) -> float | None:
-    """Microns per ImageJ calibration unit (``micron``, ``um``, ``\\u00B5m`` as ImageJ
+    """Microns per ImageJ calibration unit (``micron(s)``, ``um``, ``\\u00B5m`` as ImageJ
     escapes µm, ``mm``, ``nm``, ``cm``, ``inch``); None for ``pixel`` or an unknown unit."""
     name = name.strip().replace("\\u00B5", "µ").replace("\\u00b5", "µ")
     return UM_PER_UNIT.get(name, UM_PER_UNIT.get(name.lower()))
