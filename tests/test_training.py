@@ -391,6 +391,90 @@ def test_resume_into_another_architecture_names_the_checkpoint(
     assert shown in str(err.value)
 
 
+def _with_range_scaling(model: SegmentationModel) -> SegmentationModel:
+    from segpipe.models.contract import PixelContract
+
+    model.pixel_contract = PixelContract(
+        channels=3, dtype="uint8", scaling="range", lo=(0.0,) * 3, hi=(200.0,) * 3
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: _models_build(input_mean=0.2, input_std=0.6), "input_mean"),
+        (lambda: _models_build(class_names=("x", "y", "z")), "class_names"),
+        (lambda: _with_range_scaling(tiny_unet()), "pixel_contract"),
+    ],
+    ids=["normalisation", "class names", "pixel scaling"],
+)
+def test_resume_into_a_model_fed_or_named_otherwise_is_refused(
+    finished_run, build: Callable[[], SegmentationModel], field: str
+) -> None:
+    """Same architecture, other input or output: resuming would silently train (and save)
+    the run's weights under another contract than they learnt."""
+    from segpipe import models
+    from segpipe.models import CheckpointError
+
+    config, _ = finished_run
+    with pytest.raises(CheckpointError, match=r"epoch-001\.pt") as err:
+        train(build(), _resume(config, 1))
+    saved = models.load(f"{config.checkpoint_dir}/epoch-001.pt")
+    kept = getattr(saved, field)
+    shown = kept.as_dict() if field == "pixel_contract" else list(kept)
+    assert f"{field}={shown!r}" in str(err.value)
+
+
+def _models_build(**kwargs: object) -> SegmentationModel:
+    from segpipe import models
+
+    options: dict = {"class_names": ("background", "tissue", "nucleus"), **kwargs}
+    return models.build("unet", width=4, depth=2, padding="valid", dropout=0.0, **options)
+
+
+def test_an_interrupted_state_write_keeps_the_previous_state(
+    finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill or a full disk while ``epoch-NNN.state.pt`` is written must leave the one a
+    resume wrote before whole, and no stray temporary file."""
+    import shutil
+
+    from segpipe import models
+    from segpipe.models import CheckpointError
+    from segpipe.training import state_path
+    from segpipe.training.state import save_state
+
+    config, _ = finished_run
+    for name in ("epoch-001.pt", "epoch-001.state.pt"):
+        shutil.copy(f"{config.checkpoint_dir}/{name}", tmp_path / name)
+    before = state_path(tmp_path / "epoch-001.pt").read_bytes()
+    model = tiny_unet()
+    optimiser = torch.optim.Adam(model.parameters())
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=config.steps)
+    rerun = replace(config, checkpoint_dir=str(tmp_path))
+    real_save = torch.save
+
+    def torn_save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if isinstance(obj, dict) and "optimizer" in obj:  # the state, not the model
+            if isinstance(f, (str, Path)):
+                Path(f).write_bytes(b"PK\x03\x04 torn")
+            else:
+                f.write(b"PK\x03\x04 torn")  # type: ignore[attr-defined]
+            raise RuntimeError("disk full")
+        real_save(obj, f, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises((CheckpointError, RuntimeError), match="disk full"):
+        save_state(
+            model, optimiser, schedule, np.random.default_rng(0), rerun, 2, 1.0, [], [],
+            [{"epoch": 1, "step": 2}], {},
+        )  # fmt: skip
+    assert state_path(tmp_path / "epoch-001.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-001.pt", "epoch-001.state.pt"]
+    models.load(tmp_path / "epoch-001.pt")
+
+
 @pytest.mark.parametrize("damage", ["empty", "junk", "first half", "last bytes cut"])
 def test_resume_from_a_damaged_state_file_names_it(finished_run, tmp_path, damage: str) -> None:
     import shutil
@@ -518,6 +602,24 @@ def test_train_help_describes_steps_as_the_config_counts_them() -> None:
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("steps", "epochs", "match"),
+    [(10, 6, r"epochs=6 with steps=10 makes 5 epochs.*epochs=5 or 10, or steps=12"), (7, 5, "4")],
+)
+def test_epochs_that_would_end_early_are_refused(steps: int, epochs: int, match: str) -> None:
+    """Epochs of ceil(steps / epochs) steps: 10 steps in epochs of 2 are 5 validations, not
+    the 6 asked for. Every accepted count is the count the loop validates at."""
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(steps=steps, epochs=epochs)
+    for n in range(1, 31):
+        for e in range(1, n + 1):
+            try:
+                per = TrainConfig(steps=n, epochs=e).steps_per_epoch
+            except ValueError:
+                continue
+            assert len([s for s in range(1, n + 1) if s % per == 0 or s == n]) == e
 
 
 # --- what training reads and writes: folders, outputs, checkpoint folders ----------------

@@ -122,7 +122,7 @@ def save_state(
         )
     path = Path(str(config.checkpoint_dir)) / f"epoch-{len(epochs):03d}.pt"
     models.save(model, path, metrics={**epochs[-1], "config": asdict(config)})
-    torch.save(
+    _save_atomic(
         {
             "step": step,
             "optimizer": optimiser.state_dict(),
@@ -141,6 +141,22 @@ def save_state(
     return path
 
 
+def _save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path`` whole or not at all, as :func:`segpipe.models.save` writes:
+    a kill mid-write must leave the previous state (a resume's) readable, not a torn file."""
+    part = path.with_name(f".{path.name[:200]}.{os.getpid()}.part")  # within NAME_MAX
+    try:
+        with open(part, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+    except RuntimeError as err:  # torch's writer reports a full disk so
+        raise CheckpointError(f"{path} cannot be written: {err}") from err
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def load_state(
     checkpoint: str,
     model: nn.Module,
@@ -155,7 +171,8 @@ def load_state(
 
     Raises ValueError when ``config`` differs from the checkpoint's run in a setting outside
     :data:`RESUME_MAY_CHANGE`, and :class:`~segpipe.models.CheckpointError` naming the file
-    when either file cannot be read or the weights do not fit ``model`` (all checked before
+    when either file cannot be read, the weights do not fit ``model``, or its class names,
+    input normalisation or pixel contract differ from the checkpoint's (all checked before
     anything is restored).
     """
     from segpipe import models
@@ -176,6 +193,22 @@ def load_state(
     # Same-shaped weights can belong to another model (padding, dropout): compare configs.
     if isinstance(model, models.SegmentationModel) and _architecture(model) != _architecture(saved):
         raise CheckpointError(mismatch)
+    # The same weights fed other pixels (normalisation, scaling) or naming other classes
+    # would train another model than the run's, and save it under the wrong contract.
+    differ = [
+        (name, old, new)
+        for name, old, new in ((n, _io_of(saved, n), _io_of(model, n)) for n in _MODEL_IO)
+        if old is not None and new != old and isinstance(model, models.SegmentationModel)
+    ]
+    if differ:
+        raise CheckpointError(
+            f"cannot resume from {checkpoint}: its model has "
+            + ", ".join(f"{name}={old!r}" for name, old, _ in differ)
+            + "; the model to train has "
+            + ", ".join(f"{name}={new!r}" for name, _, new in differ)
+            + ". Build the model as that run did (class names, input_mean, input_std), on "
+            "training images of the same pixels"
+        )
     try:
         model.load_state_dict(saved.state_dict(), strict=True)
     except RuntimeError as err:
@@ -193,6 +226,16 @@ def load_state(
             "resume needs the state segpipe.training.train wrote beside the checkpoint"
         ) from err
     return {**state, "epochs": epochs, "evaluation": evaluation}
+
+
+# What models.save records beside the architecture: how pixels become input, what comes out.
+_MODEL_IO = ("class_names", "input_mean", "input_std", "pixel_contract")
+
+
+def _io_of(model: nn.Module, name: str) -> Any:
+    """``model``'s ``name`` (:data:`_MODEL_IO`) as plain data; None where it has none."""
+    value: Any = getattr(model, name, None)
+    return _plain(value.as_dict() if hasattr(value, "as_dict") else value)
 
 
 def _architecture(model: nn.Module) -> str:
