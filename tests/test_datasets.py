@@ -304,3 +304,52 @@ def test_patch_pair_labels_are_what_the_model_predicts(geometry: Geometry) -> No
     np.testing.assert_array_equal(labels, slide.labels[y : y + o, x : x + o])
     window = slide.image[y - margin : y - margin + n, x - margin : x - margin + n]
     np.testing.assert_allclose(image, window.transpose(2, 0, 1) / 255, atol=1e-6)
+
+
+def _plain_folder(root: Path, stems: tuple[str, ...] = ("a", "b", "c")) -> Path:
+    """8x8 black images with all-background labels, ``classes.txt`` naming two classes."""
+    for d in ("images", "labels"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for stem in stems:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / f"{stem}.png")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "labels" / f"{stem}.png")
+    (root / "classes.txt").write_text("bg\nfg\n")
+    return root
+
+
+def test_read_folder_names_the_label_file_with_an_unnamed_class(tmp_path: Path) -> None:
+    """Among many label files, the one to fix, not the folder."""
+    root = _plain_folder(tmp_path)
+    Image.fromarray(np.full((8, 8), 2, np.uint8)).save(root / "labels" / "b.png")
+    with pytest.raises(ValueError, match="label id 2") as err:
+        read_folder(root)
+    assert str(root / "labels" / "b.png") in str(err.value)
+
+
+@pytest.mark.parametrize("what", ["labels", "instances"])
+def test_read_folder_names_both_files_whose_shapes_differ(tmp_path: Path, what: str) -> None:
+    root = _plain_folder(tmp_path)
+    (root / "instances").mkdir()
+    for stem in ("a", "b", "c"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "instances" / f"{stem}.png")
+    Image.fromarray(np.zeros((8, 9), np.uint8)).save(root / what / "b.png")
+    with pytest.raises(ValueError, match="8x9") as err:
+        read_folder(root)
+    assert str(root / what / "b.png") in str(err.value)
+    assert str(root / "images" / "b.png") in str(err.value)
+
+
+def test_instance_needs_name_the_image_without_them(tmp_path: Path) -> None:
+    """separate_touching and the U-Net weights need instances: the message names the file
+    that has none, not its place in a list."""
+    from segpipe.training import TrainConfig, loss_weight_maps
+    from segpipe.training.datasets import separate_touching
+
+    items = read_folder(_plain_folder(tmp_path))
+    with pytest.raises(ValueError, match="separate_touching") as err:
+        separate_touching(items[1])
+    assert str(tmp_path / "images" / "b.png") in str(err.value)
+    config = TrainConfig(steps=4, loss_weights="unet")
+    with pytest.raises(ValueError, match="loss_weights='unet'") as err:
+        loss_weight_maps(items, config)
+    assert str(tmp_path / "images" / "a.png") in str(err.value)

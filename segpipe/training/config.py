@@ -173,8 +173,17 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.num_threads must be >= 1 or None, got {self.num_threads}"
             )
-        if self.epochs > self.steps:
-            raise ValueError(f"TrainConfig.epochs={self.epochs} exceeds steps={self.steps}")
+        per, n, steps = self.steps_per_epoch, self.epochs, self.steps
+        if n > steps or math.ceil(steps / per) != n:
+            # Epochs of ceil(steps / epochs) steps can end early (10 steps in epochs of 2 make
+            # 5, not 6): refused rather than re-spaced, so every valid run trains as it did.
+            fits = [e for e in range(1, steps + 1) if math.ceil(steps / e) * (e - 1) < steps]
+            near = [*[e for e in fits if e < n][-1:], *[e for e in fits if e > n][:1]]
+            raise ValueError(
+                f"TrainConfig.epochs={n} with steps={steps} makes {math.ceil(steps / per)} "
+                f"epochs of ceil(steps / epochs) = {per} steps; ask for epochs="
+                f"{' or '.join(map(str, near))}, or steps={n * per}"
+            )
         if self.dataset not in ("tissue", "aerial", "folder"):
             raise ValueError(
                 f"TrainConfig.dataset must be 'tissue', 'aerial' or 'folder', got {self.dataset!r}"
@@ -391,9 +400,10 @@ def loss_weight_maps(
     maps = []
     for i, s in enumerate(slides):
         if s.instances is None:
+            name = getattr(s, "path", None) or getattr(s, "name", None) or f"training image {i}"
             raise ValueError(
-                f"loss_weights='unet' needs instance labels, and training image {i} has none "
-                "(add an instances/ folder, or use loss_weights='balanced')"
+                f"loss_weights='unet' needs instance labels, and {name} has none (add its "
+                "instances/ file, or use loss_weights='balanced')"
             )
         maps.append(
             unet_weight_map(

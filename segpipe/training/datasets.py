@@ -72,9 +72,10 @@ class FolderImage:
         if self.image.shape[:2] != shape or (
             self.instances is not None and self.instances.shape != shape
         ):
+            instances = None if self.instances is None else self.instances.shape
             raise ValueError(
-                f"{self.name}: image {self.image.shape[:2]}, labels {shape} and instances "
-                f"{None if self.instances is None else self.instances.shape} differ in shape"
+                f"{self.path or self.name}: image {self.image.shape[:2]}, labels {shape} and "
+                f"instances {instances} differ in shape"
             )
 
     @property
@@ -108,7 +109,11 @@ def separate_touching(item: T) -> T:
     The U-Net border weights then weigh exactly these gap pixels.
     """
     if item.instances is None:
-        raise ValueError("separate_touching needs instance labels")
+        name = getattr(item, "path", None) or getattr(item, "name", None) or "the image"
+        raise ValueError(
+            f"separate_touching needs instance labels, and {name} has none (add its "
+            "instances/ file, or train without separate_touching)"
+        )
     border = touching_borders(item.instances)
     grown = ndimage.binary_dilation(item.instances > 0) & (item.instances == 0)
     around = item.labels[grown]
@@ -265,8 +270,10 @@ def read_folder(
     if names is None:
         names = tuple(f"class_{k}" for k in range(max(top + 1, 2)))
     if top >= len(names):
+        stem = next(k for k, p in planes.items() if int(p.max()) >= len(names))
         raise ValueError(
-            f"{labels_dir}: label id {top} found but only {len(names)} class names {names}"
+            f"{labels[stem]}: label id {int(planes[stem].max())} found but only {len(names)} "
+            f"class names {names}; fix the labels, or name every class (classes.txt)"
         )
     if len(names) > MAX_CLASSES:  # the labels are kept as uint8: id 300 would read as 44
         raise ValueError(
@@ -276,6 +283,14 @@ def read_folder(
     out = []
     for stem, path in images.items():
         inst = _read_plane(instances[stem], "instances") if stem in instances else None
+        image = _read_image(path)
+        for other, plane in ((labels[stem], planes[stem]), (instances.get(stem), inst)):
+            if plane is not None and plane.shape != image.shape[:2]:
+                raise ValueError(
+                    f"{other}: {plane.shape[0]}x{plane.shape[1]} pixels, its image {path} "
+                    f"{image.shape[0]}x{image.shape[1]}; masks must match their image pixel "
+                    "for pixel"
+                )
         if inst is not None and inst.size and int(inst.max()) > np.iinfo(np.int32).max:
             raise ValueError(  # kept as int32: a larger id would wrap to a negative one
                 f"{instances[stem]}: object id {int(inst.max())} is larger than "
@@ -283,7 +298,7 @@ def read_folder(
             )
         out.append(
             FolderImage(
-                image=_read_image(path),
+                image=image,
                 labels=planes[stem].astype(np.uint8),
                 instances=None if inst is None else inst.astype(np.int32),
                 class_names=names,
