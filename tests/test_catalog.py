@@ -2,6 +2,7 @@
 along image."""
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -113,3 +114,22 @@ def test_an_incomplete_result_is_refused(tmp_path, result):
     group.attrs["segpipe"] = {**group.attrs["segpipe"], "complete": False}
     with pytest.raises(ValueError, match="not complete"):
         catalog.record_result(tmp_path, "a.svs", copy)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ('{"image": "b.svs", "class_na', r"cannot be parsed \(.*line 1 column"),
+        ('{"result": "b.svs.seg.zarr"}', "no image key"),
+        ('["b.svs"]', "no image key"),
+    ],
+    ids=["torn", "no-image", "no-object"],
+)
+def test_a_damaged_record_is_refused_naming_its_file(tmp_path, text, problem):
+    """One damaged record fails the catalog naming its file and what is wrong with it, not
+    with a bare JSONDecodeError or KeyError that names neither."""
+    _write_record(tmp_path, "a.svs", [0.5, 0.4, 0.1])
+    damaged = catalog.record_path(tmp_path, "b.svs")
+    damaged.write_text(text)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(damaged))}: .*{problem}"):
+        catalog.open_catalog(tmp_path)

@@ -141,8 +141,29 @@ def read_records(
     paths: list[Path | URLPath] = sorted(folder.glob("*.json"), key=str)
     for path in paths:
         with contextlib.suppress(FileNotFoundError):  # removed while we listed
-            records.append(json.loads(path.read_text(encoding="utf-8")))
+            records.append(_read_record(path))
     return sorted(records, key=lambda r: r["image"])
+
+
+def _read_record(path: Path | URLPath) -> dict[str, Any]:
+    """One record file, or a ``ValueError`` naming it and what is wrong with it.
+
+    Records are replaced whole (a rename, a PUT), never appended to, so a damaged one is no
+    torn tail a killed writer leaves, to skip: it is a file damaged since (a disk, an edit).
+    Skipping it would drop its image from every answer without a word, and it is never
+    rewritten while it exists (a run rewrites missing records only), so it is refused, with
+    the cure.
+    """
+    cure = "delete it, and the next run over its image writes it again"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError (its line and column), UnicodeDecodeError
+        raise ValueError(f"{path}: catalog record cannot be parsed ({exc}); {cure}") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+        raise ValueError(f"{path}: catalog record with no image key; {cure}")
+    if not isinstance(record.get("class_names"), list):
+        raise ValueError(f"{path}: catalog record of {record['image']} has no class_names; {cure}")
+    return record
 
 
 def open_catalog(
