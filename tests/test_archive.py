@@ -2,6 +2,7 @@
 claims, and one image start to finish."""
 
 import concurrent.futures
+import hashlib
 import json
 import multiprocessing
 import os
@@ -12,13 +13,15 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fsspec
 import pytest
 from distributed.client import FutureCancelledError
+from fsspec.implementations.memory import MemoryFileSystem
 
 import segpipe.archive.process as archive_process
 from segpipe import archive
@@ -407,6 +410,56 @@ def test_an_unwritten_or_truncated_lock_goes_stale_after_the_ttl(tmp_path, conte
     assert not list(tmp_path.glob("*.reclaim-*"))
 
 
+class _ConditionalMemoryFS(MemoryFileSystem):
+    """In memory, S3's conditional writes as object claims use them: a create refused where
+    the key exists, a write or delete refused unless ``IfMatch`` is the object's ETag."""
+
+    protocol = ("condmem", "s3")
+    store: dict = {}  # noqa: RUF012 (fsspec's own layout: one store per class)
+    pseudo_dirs = [""]  # noqa: RUF012
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("condmem://"))
+
+    def etag(self, path):
+        return hashlib.md5(self.cat_file(path)).hexdigest()
+
+    def pipe_file(self, path, value, mode="overwrite", IfMatch=None, **kwargs):
+        if IfMatch is not None and (not self.exists(path) or self.etag(path) != IfMatch):
+            raise OSError(f"{path}: precondition failed")
+        super().pipe_file(path, value, mode=mode)
+        return {"ETag": self.etag(path)}
+
+    def info(self, path, **kwargs):
+        info = super().info(path, **kwargs)
+        return info | {"ETag": self.etag(path)} if info["type"] == "file" else info
+
+    def call_s3(self, method, Bucket, Key, IfMatch):
+        assert method == "delete_object"
+        if self.etag(f"{Bucket}/{Key}") != IfMatch:
+            raise OSError(f"{Bucket}/{Key}: precondition failed")
+        self.rm_file(f"{Bucket}/{Key}")
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b'{"owner": "someone"}'])
+def test_an_object_lock_without_a_token_goes_stale_after_the_ttl(content):
+    """A lock object without a token (empty, garbage, a record without one) blocks its image
+    only for the claimer's ttl, as a local lock file does, never for good."""
+    fsspec.register_implementation("condmem", _ConditionalMemoryFS, clobber=True)
+    fs = fsspec.filesystem("condmem")
+    key = f"/claims-{uuid.uuid4().hex}/a.lock"
+    url = f"condmem:/{key}"
+    fs.pipe_file(key, content)
+    assert try_claim(url, ttl_s=60) is None, "as young as its ttl: maybe a live claimer's"
+    fs.store[key].created = datetime(2000, 1, 1, tzinfo=UTC)
+    claim = try_claim(url, ttl_s=60, owner="next")
+    assert claim is not None, "a token-less lock older than the ttl must be reclaimed"
+    assert claim.is_held() and read_lock(url)["owner"] == "next"
+    claim.release()
+    assert not fs.exists(key)
+
+
 def test_a_lock_whose_record_cannot_be_written_is_removed(tmp_path, monkeypatch):
     import errno
 
@@ -573,6 +626,39 @@ def test_another_archives_image_under_the_same_key_is_refused_and_its_result_kep
         process_image(theirs, out, random_checkpoint, config=CONFIG)
     assert is_complete(paths.result) and read_meta(paths.result).finished == finished
     assert archive.read_state(paths.state)["source"] == image.url
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"status": "compl', "[]", '{"image": "a.ome.tif", "unreadable": {"failures": 1}}'],
+    ids=["torn", "no-object", "read-failures-only"],
+)
+def test_an_unreadable_sidecar_never_deletes_another_archives_result(
+    tmp_path, slide, random_checkpoint, text
+):
+    """A sidecar that cannot be read (or records read failures only, as one written over an
+    unreadable one does) cannot say whose the result beside it is: a result made from another
+    image (another archive under the same key) is kept and the image refused, naming the
+    sidecar; nothing is written over that sidecar either."""
+    first = _archive(tmp_path, slide, "a.ome.tif")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(slide, other / "a.ome.tif")
+    out = tmp_path / "out"
+    (image,) = discover_images(first)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    paths = image_paths(out, "a.ome.tif")
+    finished = read_meta(paths.result).finished
+    paths.state.write_text(text)
+    (theirs,) = discover_images(other)
+    with pytest.raises(archive.SourceConflictError, match=re.escape(str(paths.state))):
+        process_image(theirs, out, random_checkpoint, config=CONFIG)
+    assert is_complete(paths.result) and read_meta(paths.result).finished == finished
+    assert read_meta(paths.result).source == image.url
+    assert paths.state.read_text() == text
+    # The result's own image: provably its result (the URL it records), replaced as new.
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("segmented", "new image")
 
 
 def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_checkpoint):

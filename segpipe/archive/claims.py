@@ -63,9 +63,8 @@ class Claim:
     """A held per-image lock file; release it with :meth:`release` or as a context manager.
 
     The file holds the owner and a random token; its mtime is the heartbeat, refreshed by a
-    daemon thread every ``ttl_s / 4`` seconds. A lock whose mtime is older than its ``ttl_s``
-    is stale (its owner died) and :func:`try_claim` may reclaim it.
-    """
+    daemon thread every ``ttl_s / 4`` seconds: without one for ``ttl_s`` it is stale (its
+    owner died) and :func:`try_claim` may reclaim it."""
 
     def __init__(self, path: Path | URLPath, token: str, owner: str, ttl_s: float) -> None:
         self.path = path
@@ -225,8 +224,7 @@ def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def _lock_token(path: Path | URLPath) -> str | None:
-    data = read_lock(path)
-    return data.get("token") if data else None
+    return (read_lock(path) or {}).get("token")
 
 
 def _is_stale(path: Path, data: Mapping[str, Any], ttl_s: float) -> bool:
@@ -340,9 +338,12 @@ class _ObjectClaim(Claim):
                 info = fs.info(key)
             except FileNotFoundError:
                 continue  # released meanwhile
-            data = read_lock(path) or {}
-            age = time.time() - mtime_of(info)
-            if "token" not in data or age <= float(data.get("ttl_s", 600.0)):
+            data = read_lock(path)
+            if data is None:
+                continue  # released meanwhile
+            # A lock without a token (empty, garbage) gets this claimer's ttl, as a local one.
+            ttl = float(data.get("ttl_s", 600.0)) if "token" in data else record["ttl_s"]
+            if time.time() - mtime_of(info) <= ttl:
                 return None
             try:  # take over exactly the stale version read, or nothing
                 out = fs.pipe_file(key, json.dumps(record).encode(), IfMatch=info["ETag"])

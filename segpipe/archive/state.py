@@ -40,7 +40,7 @@ from segpipe.config import SegmentConfig
 from segpipe.execution.foreground import FOREGROUND_MODES
 from segpipe.io.files import URLPath, location
 from segpipe.io.maskfiles import mask_file_sha256
-from segpipe.results import is_complete, read_meta
+from segpipe.results import is_complete, is_result, read_meta
 
 __all__ = [
     "MAX_KILLED_ATTEMPTS",
@@ -203,7 +203,8 @@ def recorded_params(state: Mapping[str, Any]) -> Any:
 
 
 class SourceConflictError(FileExistsError):
-    """An output root's result for a key was made from another image (another archive)."""
+    """An output root's result for a key was made from another image (another archive), or
+    nothing proves it this image's (its sidecar unreadable, its metadata too)."""
 
 
 def decide(
@@ -229,7 +230,8 @@ def decide(
 
     ``source``, the image's URL: a result recorded for another URL is that image's, moved
     (the archive remounted: the same fingerprint), or another archive's that maps to the same
-    key (:class:`SourceConflictError`: never replaced, it is not this archive's to delete).
+    key (:class:`SourceConflictError`: never replaced, it is not this archive's to delete);
+    so is a result no readable sidecar records, unless it records ``source`` itself.
 
     Raises :class:`SourceConflictError`, and what reading a damaged sidecar or result raises
     (an ``OSError``, a ``ValueError`` naming the result, a sidecar field's ``TypeError``).
@@ -251,6 +253,8 @@ def _decide(
 ) -> Decision:
     """:func:`decide` from the sidecar's ``state``, as read."""
     if state is None or "fingerprint" not in state:  # or a read failure all it records
+        if source is not None:
+            _check_unrecorded_result(paths, source)
         return Decision(True, "new image")
     moved = ""
     old_source = state.get("source")
@@ -304,6 +308,25 @@ def _decide(
         f"previous run {previous}" if previous != "complete" else "result missing",
         failures=failures,
     )
+
+
+def _check_unrecorded_result(paths: ImagePaths, source: str) -> None:
+    """Raise :class:`SourceConflictError` for a result that no sidecar records (none, one that
+    cannot be read, one of read failures only) unless the result itself records ``source``:
+    a new image's result is deleted, and with its sidecar gone only the result can tell that
+    it is this image's. Anything but a result is left to delete_result, which refuses it."""
+    try:
+        if not is_result(paths.result):
+            return
+        made_from: str | None = read_meta(paths.result).source
+    except (OSError, KeyError, TypeError, ValueError):  # damaged: it tells nothing
+        made_from = None
+    if made_from != source:
+        raise SourceConflictError(
+            f"{paths.state}: no readable state sidecar records the result {paths.result}, made "
+            f"from {made_from or 'an image its metadata does not tell'}, not {source}: it may be "
+            "another archive's; restore the sidecar, or move the result away to segment again"
+        )
 
 
 def recorded_failures(state: Mapping[str, Any]) -> int:
