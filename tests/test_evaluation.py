@@ -258,3 +258,71 @@ def test_a_float_ground_truth_is_refused_naming_it(tmp_path):
     tifffile.imwrite(path, np.zeros((16, 16), np.float32))
     with pytest.raises(ValueError, match=r"truth\.tif: ground truth must be .* dtype float32"):
         label_plane(path, "ground truth")
+
+
+def _result_and_truth(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    from test_query import make_result
+
+    truth, inst = scene()
+    path, _ = make_result(tmp_path / "r.seg.zarr", truth, tile=16, classes=NAMES)
+    return path, truth, inst
+
+
+def test_a_truth_of_another_size_is_refused_before_the_model_runs(
+    random_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checked against the level the model would segment, naming both, before it runs: a
+    whole slide segmented only to be told the truth was of another image is hours lost."""
+    import segpipe.execution.segment as segment_module
+
+    def segment(*args: object, **kw: object) -> None:
+        raise AssertionError("segmented before the truth's shape was checked")
+
+    monkeypatch.setattr(segment_module, "segment", segment)
+    image = _write(tmp_path / "image.png", np.zeros((20, 30, 3), np.uint8))
+    truth = _write(tmp_path / "truth.png", np.zeros((20, 31), np.uint8))
+    with pytest.raises(ValueError, match=r"truth\.png: ground truth of 20 x 31 px, but .*image"):
+        evaluate(str(random_checkpoint), truth, image=image)
+    good = _write(tmp_path / "good.png", np.zeros((20, 30), np.uint8))
+    inst = _write(tmp_path / "inst.png", np.zeros((21, 30), np.uint16))
+    with pytest.raises(ValueError, match=r"inst\.png: instances of 21 x 30 px"):
+        evaluate(str(random_checkpoint), good, image=image, instances=inst)
+
+
+def test_a_bad_truth_of_a_result_is_refused_naming_it_and_the_result(tmp_path: Path) -> None:
+    path, truth, _ = _result_and_truth(tmp_path)
+    wide = _write(tmp_path / "wide.png", np.zeros((20, 31), np.uint8))
+    with pytest.raises(ValueError, match=rf"wide\.png: .* but the result {path} is 20 x 30"):
+        evaluate(path, wide)
+    ids = _write(tmp_path / "ids.png", truth * 5)  # class 5 of a two-class result
+    with pytest.raises(ValueError, match=rf"^.*ids\.png \(ground truth of the result {path}\)"):
+        evaluate(path, ids)
+
+
+def test_object_score_options_are_checked(tmp_path: Path) -> None:
+    path, truth, inst = _result_and_truth(tmp_path)
+    for bad in (7.0, 0.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"iou_threshold \(--iou-threshold\) must be in"):
+            evaluate_labels(truth, truth, class_names=NAMES, instances=inst, iou_threshold=bad)
+        with pytest.raises(ValueError, match="iou_threshold"):
+            evaluate(path, truth, instances=inst, iou_threshold=bad)
+    with pytest.raises(ValueError, match=r"min_size_px \(--min-size\) must be 0 or more"):
+        evaluate(path, truth, instances=inst, min_size_px=-4)
+    assert evaluate(path, truth, instances=inst, iou_threshold=1.0).objects is not None
+    # Without instances there is no object score for object_class to pick the class of.
+    with pytest.raises(ValueError, match="needs the true objects: give instances= / --instances"):
+        evaluate(path, truth, object_class="cell")
+    # A result is segmented already: an image given with it would be silently ignored.
+    image = _write(tmp_path / "image.png", np.zeros((20, 30, 3), np.uint8))
+    with pytest.raises(ValueError, match="is a result store, already segmented"):
+        evaluate(path, truth, image=image)
+
+
+def test_a_mistyped_result_is_not_taken_for_a_model(random_checkpoint: Path, tmp_path: Path):
+    truth, _ = scene()
+    typo = tmp_path / "typo.seg.zarr"
+    with pytest.raises(ValueError, match=f"^no such result or checkpoint: {typo}"):
+        evaluate(typo, truth)
+    # A model that is there but has no image: the hint names the option of both interfaces.
+    with pytest.raises(ValueError, match=r"image= / --image"):
+        evaluate(str(random_checkpoint), truth)

@@ -32,7 +32,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import dask.array as da
 import numpy as np
@@ -40,7 +40,7 @@ from scipy import ndimage
 
 from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
 from segpipe.analysis.summary import confusion_against, label_plane
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, is_url, location
 from segpipe.results import is_result, open_result, read_meta
 
 if TYPE_CHECKING:
@@ -122,6 +122,7 @@ def evaluate_labels(
         Predicted components smaller than this many pixels are dropped before matching (not
         counted as false positives): the usual clean-up of speckle; 0 keeps all.
     """
+    _check_scoring(iou_threshold, min_size_px)
     names = tuple(str(c) for c in class_names)
     mask = prediction if isinstance(prediction, da.Array) else da.from_array(prediction, 2048)
     truth = da.asarray(ground_truth)
@@ -272,58 +273,140 @@ def evaluate(
         with :func:`segpipe.segment` first.
     ground_truth
         ``(Y, X)`` class ids: a one-channel label image any segpipe reader opens (PNG, TIFF,
-        Zarr), or an array. Same shape as the prediction.
+        Zarr), or an array. Same shape as the prediction: for a model, as the level of
+        ``image`` it segments (checked before it runs).
     image
-        The image to segment when ``prediction`` is a model.
+        The image to segment when ``prediction`` is a model (refused with a result store).
     instances
         Ground-truth object ids (image path or array), for the object score.
     object_class, iou_threshold, min_size_px
-        As in :func:`evaluate_labels`.
+        As in :func:`evaluate_labels`; ``object_class`` needs ``instances``.
     output
         Where the model's result store goes, a path or URL (default: a temporary directory,
         removed after).
     tile, scheduler
         Passed to :func:`segpipe.segment` when running a model (``"sync"``: in this process).
     """
-    truth = (
-        ground_truth
-        if isinstance(ground_truth, np.ndarray)
-        else label_plane(ground_truth, "ground truth")
-    )
-    inst = instances
-    if inst is not None and not isinstance(inst, np.ndarray):
-        inst = label_plane(inst, "instances").compute()
+    _check_scoring(iou_threshold, min_size_px)
+    if object_class is not None and instances is None:
+        raise ValueError(
+            f"object_class (--object-class) {object_class!r} picks the class of the object "
+            "score, which needs the true objects: give instances= / --instances too"
+        )
+    net = None
     # A URLPath (what segment() returns for s3://...) is no os.PathLike at run time.
     if isinstance(prediction, str | os.PathLike | URLPath) and is_result(prediction):
-        return _evaluate_result(prediction, truth, inst, object_class, iou_threshold, min_size_px)
-    if image is None:
+        if image is not None:
+            raise ValueError(
+                f"{prediction} is a result store, already segmented: image= / --image "
+                f"{image} is for a model; drop it, or give a model to run over the image"
+            )
+        result, where = prediction, f"the result {prediction}"
+        shape = open_result(prediction)["mask"].shape  # refuses an incomplete result
+    elif isinstance(prediction, str | os.PathLike) and not _model_exists(prediction):
+        raise ValueError(
+            f"no such result or checkpoint: {prediction} (nor a shipped model's name); give "
+            "a finished result store, a checkpoint file or a shipped model's name"
+        )
+    elif image is None:
         raise ValueError(
             f"{prediction!r} is not a segpipe result store, so it is taken as a model; give the "
-            "image to run it on (image=...), or pass a finished result store"
+            "image to run it on (image= / --image), or pass a finished result store"
         )
-    from segpipe.execution.segment import segment
-
+    else:
+        net, shape, where = _model_at_level(prediction, image)
+    # Read lazily: a truth of the wrong size is refused before any segmenting or reading.
+    truth = _plane(ground_truth, "ground truth", shape, where)
+    inst = None if instances is None else _plane(instances, "instances", shape, where)
     with tempfile.TemporaryDirectory(prefix="segpipe-evaluate-") as tmp:
-        out = location(output) if output is not None else Path(tmp) / "result.zarr"
-        segment(image, out, prediction, tile=tile, scheduler=scheduler, overwrite=True)
-        return _evaluate_result(out, truth, inst, object_class, iou_threshold, min_size_px)
+        if net is not None:
+            from segpipe.execution.segment import segment
+
+            result = location(output) if output is not None else Path(tmp) / "result.zarr"
+            # The module loaded once; the result records the name, as segment(.., name) would.
+            named = isinstance(prediction, str | os.PathLike)
+            label = str(prediction) if named else None
+            source = cast("str | os.PathLike[str]", image)  # given, with a model
+            segment(
+                source,
+                result,
+                net,
+                model_name=label,
+                tile=tile,
+                scheduler=scheduler,
+                overwrite=True,
+            )
+        try:
+            return evaluate_labels(
+                open_result(result)["mask"].data,
+                truth,
+                class_names=read_meta(result).class_names,
+                instances=inst,
+                object_class=object_class,
+                iou_threshold=iou_threshold,
+                min_size_px=min_size_px,
+            )
+        except ValueError as exc:  # class ids outside the result's, an unknown object class
+            name = (
+                "the ground truth array" if isinstance(ground_truth, np.ndarray) else ground_truth
+            )
+            raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
 
 
-def _evaluate_result(
-    path: str | os.PathLike[str],
-    truth: np.ndarray | da.Array,
-    instances: np.ndarray | None,
-    object_class: int | str | None,
-    iou_threshold: float,
-    min_size_px: int,
-) -> Evaluation:
-    mask = open_result(path)["mask"].data  # refuses an incomplete result
-    return evaluate_labels(
-        mask,
-        truth,
-        class_names=read_meta(path).class_names,
-        instances=instances,
-        object_class=object_class,
-        iou_threshold=iou_threshold,
-        min_size_px=min_size_px,
-    )
+def _check_scoring(iou_threshold: float, min_size_px: int) -> None:
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(
+            f"iou_threshold (--iou-threshold) must be in (0, 1], got {iou_threshold}: the "
+            "least IoU of a match (0.5 is usual)"
+        )
+    if min_size_px < 0:
+        raise ValueError(
+            f"min_size_px (--min-size) must be 0 or more pixels, got {min_size_px} (0 keeps "
+            "every predicted object)"
+        )
+
+
+def _model_exists(model: str | os.PathLike[str]) -> bool:
+    """Whether ``model`` can name a model: a shipped one's name, or something at that path
+    (a URL is left to the loader to judge)."""
+    if is_url(model) or location(model).exists():
+        return True
+    from segpipe import models  # torch, only for a name that is no file
+
+    return str(model) in models.shipped()
+
+
+def _model_at_level(
+    model: str | os.PathLike[str] | nn.Module, image: str | os.PathLike[str]
+) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The model loaded, the ``(Y, X)`` of the level of ``image`` segment() will run it on
+    (it is given no level: the one closest to the model's pixel size), and those in words."""
+    from segpipe import models
+    from segpipe.io.readers import open_image
+
+    named = isinstance(model, str | os.PathLike)
+    net = models.load(model) if isinstance(model, str | os.PathLike) else model
+    reader: Any = open_image(image)
+    try:
+        level = models.choose_level(models.pixel_contract_of(net), reader)
+        shape = tuple(reader.level_shapes[level][:2])
+    finally:
+        reader.close()
+    label = model if named else getattr(net, "name", type(net).__name__)
+    return net, shape, f"{image} at level {level}, as model {label} segments it"
+
+
+def _plane(
+    given: str | os.PathLike[str] | np.ndarray, what: str, shape: tuple[int, ...], where: str
+) -> np.ndarray | da.Array:
+    """``given`` (a label image, read lazily, or an array), refused unless its shape is
+    ``shape``, that of what is scored (``where``)."""
+    plane = given if isinstance(given, np.ndarray) else label_plane(given, what)
+    if tuple(plane.shape) != tuple(shape):
+        name = f"the {what} array" if isinstance(given, np.ndarray) else given
+        size = " x ".join(str(n) for n in plane.shape)
+        raise ValueError(
+            f"{name}: {what} of {size} px, but {where} is {shape[0]} x {shape[1]} px; give "
+            f"the {what} of that image"
+        )
+    return plane

@@ -155,20 +155,26 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     ev.add_argument("ground_truth", metavar="TRUTH", help="one-channel label image (class ids)")
     ev.add_argument(
-        "--image", default=None, metavar="IMAGE", help="image to segment when PREDICTION is a model"
+        "--image",
+        default=None,
+        metavar="IMAGE",
+        help="image to segment when PREDICTION is a model (refused with a result)",
     )
     ev.add_argument(
         "--instances", default=None, metavar="IMAGE", help="ground-truth object ids, for object F1"
     )
     ev.add_argument(
-        "--object-class", default=None, metavar="NAME", help="class whose objects are scored"
+        "--object-class",
+        default=None,
+        metavar="NAME",
+        help="class whose objects are scored (needs --instances)",
     )
     ev.add_argument(
         "--iou-threshold",
         type=float,
         default=0.5,
         metavar="IOU",
-        help="a predicted object matches a true one above this IoU",
+        help="a predicted object matches a true one at this IoU or above, in (0, 1]",
     )
     ev.add_argument(
         "--min-size",
@@ -253,7 +259,14 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from segpipe.analysis.evaluation import evaluate
+    from segpipe.results import is_result
 
+    # --tile has a default, so the library cannot tell it was given; --image it refuses itself.
+    if args.tile != SegmentConfig().tile and is_result(args.prediction):
+        raise ValueError(
+            f"--tile is for a model PREDICTION; {args.prediction} is a result store, already "
+            "segmented: drop --tile"
+        )
     scores = evaluate(
         args.prediction,
         args.ground_truth,
