@@ -1060,3 +1060,80 @@ def test_info_on_a_result_this_release_cannot_read_says_why(
     assert main(["info", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "bogus" in err, err
+
+
+def _small_result(tmp_path, **kw):
+    from test_query import make_result
+
+    labels = np.zeros((40, 56), np.uint8)
+    labels[10:20, 30:40] = 2
+    labels[25:35, 5:45] = 1
+    path, _ = make_result(tmp_path / "r.seg.zarr", labels, tile=8, task_tiles=1, **kw)
+    return path, labels
+
+
+def test_export_to_ngff_refuses_the_geojson_options(tmp_path, capsys):
+    """An NGFF copy is of the whole result: an option of the polygons there would be ignored."""
+    path, _ = _small_result(tmp_path)
+    out = tmp_path / "copy.zarr"
+    for option in (
+        ["--class", "nucleus"],
+        ["--region", "0", "0", "5", "5"],
+        ["--level", "1"],
+        ["--coords", "micron"],
+        ["--threshold", "0.9"],
+        ["--connectivity", "2"],
+        ["--min-area", "10"],
+        ["--object-type", "annotation"],
+    ):
+        assert main(["export", str(path), str(out), *option]) == 2, option
+        err = capsys.readouterr().err
+        assert f"{option[0]} applies to GeoJSON export only" in err, err
+        assert len(err.splitlines()) == 1 and not out.exists()
+    # Their defaults, spelled out, ask for nothing the copy ignores.
+    assert main(["export", str(path), str(out), "--level", "0", "--coords", "pixel"]) == 0
+
+
+def test_evaluate_refuses_options_it_would_ignore(tmp_path, capsys):
+    from PIL import Image
+
+    path, labels = _small_result(tmp_path)
+    truth, image = tmp_path / "truth.png", tmp_path / "image.png"
+    Image.fromarray(labels).save(truth)
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(image)
+    cases = {
+        "--object-class needs --instances": (["--object-class", "nucleus"], "--instances too"),
+        "an IoU above 1": (["--iou-threshold", "7"], "--iou-threshold) must be in (0, 1]"),
+        "a negative size": (["--min-size", "-4"], "--min-size) must be 0 or more"),
+        "--image with a result": (["--image", str(image)], "already segmented"),
+        "--tile with a result": (["--tile", "64"], "--tile is for a model PREDICTION"),
+    }
+    for why, (option, message) in cases.items():
+        assert main(["evaluate", str(path), str(truth), *option]) == 2, why
+        assert message in capsys.readouterr().err, why
+    typo = tmp_path / "typo.seg.zarr"
+    assert main(["evaluate", str(typo), str(truth)]) == 2
+    assert f"no such result or checkpoint: {typo}" in capsys.readouterr().err
+    assert main(["evaluate", str(path), str(truth), "--json"]) == 0
+
+
+def test_query_reports_a_class_given_twice_once(tmp_path, capsys):
+    path, labels = _small_result(tmp_path)
+    argv = ["query", str(path), "--class", "nucleus", "--class", "nucleus", "--json"]
+    assert main(argv) == 0
+    (nucleus,) = json.loads(capsys.readouterr().out)["classes"]
+    assert nucleus["pixels"] == int((labels == 2).sum())
+    assert main([*argv[:-1], "--objects", "--json"]) == 0  # still the one class it needs
+
+
+def test_areas_in_units_segpipe_does_not_know_are_not_rounded_to_zero(tmp_path, capsys):
+    """A geographic CRS's pixels are 1e-8 degrees², which one decimal printed as 0.0."""
+    path, _ = _small_result(
+        tmp_path,
+        pixel_size_um=None,
+        crs="EPSG:4326",
+        transform=(0.0001, 0.0, 10.0, 0.0, -0.0001, 50.0),
+    )
+    assert main(["query", str(path), "--class", "nucleus"]) == 0
+    out = capsys.readouterr().out
+    assert "1e-06 " in out and " 0.0 " not in out, out

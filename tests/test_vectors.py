@@ -369,3 +369,15 @@ def test_polygons_of_random_objects_are_valid_and_rasterise_back(tmp_path, conne
     burnt = sorted(tuple(np.flatnonzero(rasterise([f], labels.shape))) for f in feats)
     expected = sorted(tuple(np.flatnonzero(components == k)) for k in range(1, n + 1))
     assert burnt == expected
+
+
+def test_a_class_given_twice_is_exported_once(result, tmp_path):
+    path = result[0]
+    once = vectors.export_geojson(path, tmp_path / "1.geojson", classes=["nucleus"])
+    twice = vectors.export_geojson(
+        path, tmp_path / "2.geojson", classes=["nucleus", "tissue", "nucleus"]
+    )
+    feats = json.loads(twice.read_text())["features"]
+    names = [f["properties"]["classification"]["name"] for f in feats]
+    assert names == ["nucleus"] * 5 + ["tissue"]  # in the order first asked
+    assert feats[:5] == json.loads(once.read_text())["features"]

@@ -306,7 +306,8 @@ def export_geojson(
         if name not in names:
             raise ValueError(f"no class {name!r} in {result}; classes: {', '.join(names)}")
     features: list[dict[str, Any]] = []
-    for name in names[1:] if classes is None else classes:
+    # A class given twice (--class a --class a) is exported once, not as duplicate polygons.
+    for name in names[1:] if classes is None else dict.fromkeys(classes):
         features += class_features(
             result,
             name,

@@ -157,7 +157,8 @@ def _query(args: argparse.Namespace) -> int:
     from segpipe.io.files import write_text_atomic
     from segpipe.query import region_report
 
-    classes = args.classes or []
+    # A class given twice is reported once (and is still the one class --objects needs).
+    classes = list(dict.fromkeys(args.classes or []))
     if len(classes) > 1 and (args.threshold is not None or args.objects):
         raise ValueError("--threshold and --objects work on one class; give --class once")
     # Refused, not implied: --objects labels every object of the class, which a typo in a
@@ -267,11 +268,37 @@ def _format_of(output: str) -> str:
     )
 
 
+# The options only the polygons take, with their defaults: an NGFF copy is of the whole
+# result, every class and level, so one of these given there would be silently ignored.
+_GEOJSON_ONLY = {
+    "classes": ("--class", None),
+    "region": ("--region", None),
+    "level": ("--level", 0),
+    "coords": ("--coords", "pixel"),
+    "threshold": ("--threshold", None),
+    "connectivity": ("--connectivity", 1),
+    "min_area": ("--min-area", 0.0),
+    "object_type": ("--object-type", "detection"),
+}
+
+
+def _refuse_geojson_options(args: argparse.Namespace) -> None:
+    for dest, (option, default) in _GEOJSON_ONLY.items():
+        if getattr(args, dest) != default:
+            raise ValueError(
+                f"{option} applies to GeoJSON export only; an OME-NGFF copy holds the whole "
+                "result: drop it, or export to a .geojson file"
+            )
+
+
 def _export(args: argparse.Namespace) -> int:
     from segpipe.analysis.ngff import export_ngff04
     from segpipe.vectors import export_geojson
 
-    for kind, output in _export_targets(args):
+    targets = _export_targets(args)
+    if all(kind != "geojson" for kind, _ in targets):
+        _refuse_geojson_options(args)
+    for kind, output in targets:
         if kind == "ngff-0.4":
             print(export_ngff04(args.result, output, overwrite=args.overwrite))
             continue

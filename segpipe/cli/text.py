@@ -31,9 +31,17 @@ def area_text(value: float, units: str = "micrometer**2") -> str:
     '1,234,567.2 µm²'
     >>> area_text(12.0, "pixel**2")
     '12 px'
+    >>> area_text(1e-06, "unknown**2"), area_text(0.25)
+    ('1e-06 unknown**2', '0.25 µm²')
     """
     suffix, text = _AREA_UNITS.get(units, ("", units))
-    return f"{value:,.0f} {text}" if suffix == "px" else f"{value:,.1f} {text}"
+    if suffix == "px":
+        return f"{value:,.0f} {text}"
+    # Significant figures where one decimal would round a real area to 0.0 or blur it: in units
+    # segpipe does not know (a geographic CRS's degrees²), or below one unit.
+    if not suffix or 0 < abs(value) < 1:
+        return f"{value:.4g} {text}"
+    return f"{value:,.1f} {text}"
 
 
 def print_summary(s: Mapping[str, Any]) -> None:
