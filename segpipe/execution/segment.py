@@ -33,7 +33,7 @@ from segpipe.execution.workers import resolve_amp, run_key
 from segpipe.geometry.blending import blend_lattice, blend_window_side
 from segpipe.geometry.pixels import level_downsample
 from segpipe.geometry.tiling import tile_grid
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import is_segpipe_image
 from segpipe.io.locks import store_lock
@@ -150,10 +150,12 @@ def segment(
     output = _absolute(output)
     with contextlib.ExitStack() as locked:  # the result's run lock, until it is finalised
         with contextlib.ExitStack() as run:
-            if isinstance(source, str | os.PathLike) and is_segpipe_image(source):
+            # Not a URL's: object storage has no locks (and its zarr.json needs its options).
+            local = source if isinstance(source, str | os.PathLike) else None
+            if local is not None and not is_url(local) and is_segpipe_image(local):
                 # Read by this run's tasks until it ends: no ingest replaces it meanwhile (other
                 # runs may read it too), and none in progress is read (segpipe.io.locks).
-                locked.enter_context(store_lock(source, shared=True))
+                locked.enter_context(store_lock(location(local), shared=True))
             if isinstance(source, str | os.PathLike | URLPath):
                 reader = open_image(
                     source, pixel_size_um=config.pixel_size_um, storage_options=storage_options
