@@ -737,6 +737,7 @@ def test_a_task_of_an_ended_run_leaves_nothing_behind(reader):
 def test_the_file_of_an_ended_run_is_closed_on_its_workers(tmp_path):
     """Dropped from the run's registry, its reader kept the file open until a collection:
     a long-lived worker of an archive run held every finished image's file."""
+    import pickle
     from types import SimpleNamespace
 
     import tifffile
@@ -748,13 +749,18 @@ def test_the_file_of_an_ended_run_is_closed_on_its_workers(tmp_path):
         fds = [f"/proc/self/fd/{fd}" for fd in os.listdir("/proc/self/fd")]
         return sum(1 for fd in fds if os.path.exists(fd) and os.path.realpath(fd) == str(path))
 
-    key = "closed-run"
-    tasks.install_predictor(key, object)
-    job = SimpleNamespace(predictor_key=key, reader=open_image(path), level=0, output="unused")
-    tasks._run_reader(job, 16).read(0, 16, 0, 16)
-    assert open_on_it() == 1
-    tasks.remove_predictor(key)
-    assert open_on_it() == 0
+    original = open_image(path)
+    original.read(0, 16, 0, 16)
+    for copy in (True, False):  # a worker's copy; a "sync" run's reader, its opener's
+        key = f"closed-run-{copy}"
+        tasks.install_predictor(key, object)
+        reader = pickle.loads(pickle.dumps(original)) if copy else original
+        job = SimpleNamespace(predictor_key=key, reader=reader, level=0, output="unused")
+        tasks._run_reader(job, 16).read(0, 16, 16, 32)
+        assert open_on_it() == 1 + copy
+        tasks.remove_predictor(key)
+        assert open_on_it() == 1
+    original.close()
 
 
 def test_the_tile_cache_is_sized_for_whole_shard_blocks(reader, tmp_path, monkeypatch):

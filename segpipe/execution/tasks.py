@@ -19,7 +19,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import zarr
@@ -184,11 +184,11 @@ def remove_predictor(key: str) -> None:
         lease.end()
     if stage is not None:
         stage.close()
-    # Its file closed now, not when a collection finds it: a long-lived worker of an archive
-    # run would hold every finished image's file open (a read still going reopens it).
-    close = getattr(reader, "close", None)
-    if callable(close):
-        close()
+    # A worker's copy closed now, not when a collection finds it: a long-lived worker of an
+    # archive run held every finished image's file open. A reader of this process's own (a
+    # "sync" run's) is its opener's to close.
+    if getattr(reader, "unpickled", False):
+        cast(Any, reader).close()
 
 
 def _per_run(registry: dict[str, T], key: str, make: Callable[[], T]) -> T:

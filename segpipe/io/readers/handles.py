@@ -98,6 +98,9 @@ class SharedHandles:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._generation = _Generation()
+        # A copy (a Dask worker's): nobody else holds it, so its user closes it when done;
+        # the original is its opener's to close.
+        self.unpickled = True
 
 
 def _close_all(handles: list[Any]) -> None:
