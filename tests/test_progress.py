@@ -3,6 +3,7 @@ bars, Prefect progress artifacts. Listeners are fed made-up events; the library'
 checked against counts computed here from the shapes."""
 
 import io
+import logging
 import math
 import re
 
@@ -279,6 +280,9 @@ def test_progress_artifacts_never_fail_the_work(monkeypatch, caplog):
         raise ConnectionError("server went away")
 
     monkeypatch.setattr(prefect.artifacts, "create_progress_artifact", broken)
+    # Its own level: a CLI test before, in this process, may have left the root's at ERROR.
+    caplog.set_level(logging.WARNING, logger="segpipe")
+    monkeypatch.setattr(logging.getLogger("segpipe"), "propagate", True)
     listener = ProgressArtifacts("out", logger=_Log())
     listener(_event("start", 0))
     listener(_event("advance", 20))
