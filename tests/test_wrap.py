@@ -110,6 +110,46 @@ def test_a_global_receptive_field_asks_for_a_halo() -> None:
     )
 
 
+class _Vertical(nn.Module):
+    """Reaches 8 rows but 1 column: a first probe along the columns alone sized the row probe
+    too short, and measuring failed ("the receptive field did not settle")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, (9, 1), padding=(4, 0))
+        self.b = nn.Conv2d(4, 2, (9, 3), padding=(4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    ("net", "halo"),
+    [
+        (nn.Conv2d(1, 2, (7, 1), padding=(3, 0)), 3),
+        (nn.Conv2d(1, 2, (1, 7), padding=(0, 3)), 3),
+        (_Vertical(), 8),
+    ],
+)
+def test_probe_measures_each_axis_by_its_own_reach(net: nn.Module, halo: int) -> None:
+    assert wrap(net, class_names=["a", "b"]).geometry == Geometry(halo=halo, multiple=1)
+
+
+@pytest.mark.parametrize(
+    "given", [{}, {"halo": 1, "multiple": 1}, {"geometry": Geometry(halo=1)}], ids=str
+)
+@pytest.mark.parametrize(("outputs", "names"), [(3, ["a", "b"]), (2, ["a", "b", "c"])])
+def test_outputs_must_match_the_class_names(
+    given: dict[str, object], outputs: int, names: list[str]
+) -> None:
+    """More outputs than names were softmaxed together and cut to the first ones (stored
+    probabilities summing to less than 1); fewer failed mid-run. Now wrap() refuses both,
+    whether the geometry is measured (its probe's pass tells) or given (one small pass)."""
+    net = nn.Conv2d(1, outputs, 3, padding=1)
+    with pytest.raises(ValueError, match=rf"Conv2d gives {outputs} output channels, but there are"):
+        wrap(net, class_names=names, **given)  # type: ignore[arg-type]
+
+
 def test_wrapped_models_are_not_saved_as_checkpoints(tmp_path: Path) -> None:
     net = wrap(nn.Conv2d(1, 2, 1), class_names=["a", "b"])
     with pytest.raises(TypeError, match="never carries code"):
@@ -279,3 +319,53 @@ def test_smp_unet_exact_equals_a_whole_image_pass(tmp_path: Path) -> None:
     image = _image(tmp_path / "grey.tif")
     tiles = _segmented(tmp_path / "grey.tif", tmp_path / "r.zarr", net, tile=64)
     np.testing.assert_allclose(tiles, _whole_image_pass(net.module, image, net.geometry), atol=2e-5)
+
+
+# -- sidecars: what they must say, what they may leave out ----------------------------------------
+
+
+def test_a_sidecar_whose_class_names_do_not_fit_is_named(tmp_path: Path) -> None:
+    """A bare string passed as one name per letter; a count unlike the outputs was not checked.
+    The exported graph has its input size fixed: its recorded output says how many there are."""
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(1, 5, 1)), str(path))
+    side = path.with_name(path.name + ".json")
+    side.write_text(json.dumps({"class_names": "tumor"}), "utf-8")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(side))}: class_names 'tumor' is not a"):
+        models.load(path)
+    write_sidecar(path, class_names=["a", "b"])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} .*gives 5 output channels"):
+        models.load(path)
+    exported = tmp_path / "net.pt2"
+    example = (torch.rand(1, 1, 20, 20),)
+    torch.export.save(torch.export.export(nn.Conv2d(1, 3, 1), example), str(exported))
+    write_sidecar(exported, class_names=["a", "b"], geometry=Geometry(halo=0), in_channels=1)
+    with pytest.raises(ValueError, match="gives 3 output channels, but there are 2 class names"):
+        models.load(exported)
+
+
+def test_a_sidecar_geometry_in_part_has_the_rest_measured(tmp_path: Path) -> None:
+    """``{"halo": 8}`` was completed with defaults (multiple=1), so tiles of a pooling network
+    came out at the wrong phase; now the multiple is measured, as wrap(halo=8) does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(2), nn.Upsample(scale_factor=2))
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    side = path.with_name(path.name + ".json")
+    for given, expected in (({"halo": 8}, Geometry(8, 2)), ({"multiple": 2}, Geometry(2, 2))):
+        side.write_text(json.dumps({"class_names": ["a", "b"], "geometry": given}), "utf-8")
+        assert models.load(path).geometry == expected
+    side.write_text(json.dumps({"class_names": ["a", "b"], "geometry": {"shrinks": True}}))
+    with pytest.raises(ValueError, match="without both halo and multiple"):
+        models.load(path)
+
+
+def test_a_sidecar_takes_normalisation_from_arrays(tmp_path: Path) -> None:
+    mean = np.array([0.485, 0.456, 0.406])
+    side = write_sidecar(
+        tmp_path / "net.pt", class_names=["a"], input_mean=mean, input_std=torch.tensor([0.25])
+    )
+    data = json.loads(side.read_text())
+    assert (data["input_mean"], data["input_std"]) == (mean.tolist(), [0.25])
+    side = write_sidecar(tmp_path / "net.pt", class_names=["a"], input_std=np.float32(0.5))
+    assert json.loads(side.read_text())["input_std"] == 0.5

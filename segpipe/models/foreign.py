@@ -8,7 +8,7 @@ dimension: the last batch of a run may be smaller) and described by a sidecar be
     {
       "class_names": ["background", "nucleus"],          required
       "in_channels": 1,                                  default: the contract's, else measured
-      "geometry": {"halo": 44, "multiple": 16},          default: measured (gradient probe)
+      "geometry": {"halo": 44, "multiple": 16},          default: measured; keys left out too
       "input_mean": [0.5], "input_std": [0.25],          default: 0 and 1 (none)
       "pixel_contract": {"channels": 1, "dtype": "uint16", "scaling": "range",
                          "lo": [0], "hi": [4095], "pixel_size_um": 0.65}
@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from segpipe.geometry.tiling import Geometry
@@ -79,7 +80,9 @@ def write_sidecar(
         }
     for key, value in (("input_mean", input_mean), ("input_std", input_std)):
         if value is not None:
-            data[key] = [float(v) for v in value] if isinstance(value, Sequence) else float(value)
+            # Any array-like (a list, a numpy array, a CPU tensor) becomes a JSON list.
+            array = np.asarray(value, dtype=float)
+            data[key] = array.ravel().tolist() if array.ndim else float(array)
     if pixel_contract is not None:
         data["pixel_contract"] = pixel_contract.as_dict()
     out = Path(path)
@@ -103,12 +106,7 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
         )
     spec = _read_sidecar(side)
     module = _load_module(p, spec.get("format"))
-    geometry = None
-    if "geometry" in spec:
-        try:
-            geometry = Geometry(**spec["geometry"])
-        except TypeError as err:
-            raise ValueError(f"{side}: geometry {spec['geometry']!r} is not valid: {err}") from err
+    geometry, measured = _geometry(side, spec.get("geometry"))
     contract = None
     if spec.get("pixel_contract") is not None:
         try:
@@ -121,12 +119,32 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
             class_names=[str(c) for c in spec["class_names"]],
             in_channels=spec.get("in_channels"),
             geometry=geometry,
+            **measured,
             input_mean=spec.get("input_mean"),
             input_std=spec.get("input_std"),
             pixel_contract=contract,
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"{p} (sidecar {side}): {err}") from err
+
+
+def _geometry(side: Path, given: Any) -> tuple[Geometry | None, dict[str, Any]]:
+    """The sidecar's geometry when it is whole; else the halo or multiple it gives, for
+    :func:`wrap` to keep while it measures the rest (not defaults, which tile wrongly)."""
+    if given is None:
+        return None, {}
+    if isinstance(given, Mapping) and not {"halo", "multiple"} <= set(given):
+        extra = sorted(set(given) - {"halo", "multiple"})
+        if extra:
+            raise ValueError(
+                f"{side}: geometry {dict(given)!r} gives {extra} without both halo and multiple; "
+                "give all of them, or only halo or multiple (the rest is measured)"
+            )
+        return None, dict(given)
+    try:
+        return Geometry(**given), {}
+    except TypeError as err:
+        raise ValueError(f"{side}: geometry {given!r} is not valid: {err}") from err
 
 
 def _read_sidecar(side: Path) -> dict[str, Any]:
@@ -143,6 +161,13 @@ def _read_sidecar(side: Path) -> dict[str, Any]:
         raise ValueError(f"{side}: not a readable sidecar: {err}") from err
     if not isinstance(data, Mapping) or not data.get("class_names"):
         raise ValueError(f"{side}: a sidecar is a mapping with at least class_names")
+    names = data["class_names"]
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        # A bare string would pass as a sequence of one-letter names.
+        raise ValueError(
+            f"{side}: class_names {names!r} is not a list of strings: give one name per "
+            'output channel, e.g. ["background", "tumor"]'
+        )
     unknown = sorted(set(data) - _KEYS)
     if unknown:
         raise ValueError(f"{side}: unknown entries {unknown}; known: {sorted(_KEYS)}")

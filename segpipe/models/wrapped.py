@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel, uses_tile_statistics
 from segpipe.models.contract import PixelContract
+from segpipe.models.module_io import check_classes, first_conv_channels
 
 __all__ = ["WrappedConfig", "WrappedModel", "measure_geometry", "wrap"]
 
@@ -154,22 +157,21 @@ def wrap(
     channels = (
         in_channels
         or (pixel_contract.channels if pixel_contract is not None else None)
-        or _first_conv_channels(module)
+        or first_conv_channels(module)
     )
     if channels is None:
         raise ValueError(
             f"cannot tell how many channels {type(module).__name__} takes: pass in_channels="
         )
+    classes = None
     if geometry is None:
-        geometry = measure_geometry(module, channels, halo=halo, multiple=multiple)
+        geometry, classes = _measure(module, channels, halo, multiple)
+    check_classes(module, int(channels), geometry, class_names, classes)
     config = WrappedConfig(
         in_channels=int(channels),
         num_classes=len(class_names),
         module=f"{type(module).__module__}.{type(module).__qualname__}",
-        halo=geometry.halo,
-        multiple=geometry.multiple,
-        input_offset=geometry.input_offset,
-        shrinks=geometry.shrinks,
+        **dataclasses.asdict(geometry),
     )
     net = WrappedModel(
         module, config, class_names=class_names, input_mean=input_mean, input_std=input_std
@@ -186,16 +188,6 @@ def _set_mode(module: nn.Module, training: bool) -> None:
     # An exported program's module refuses: its mode was fixed at export.
     with contextlib.suppress(NotImplementedError):
         module.train(training)
-
-
-def _first_conv_channels(module: nn.Module) -> int | None:
-    for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
-            return int(sub.in_channels)
-    for p in module.parameters():  # TorchScript and exported modules: the first 4-D weight
-        if p.ndim == 4:
-            return int(p.shape[1])
-    return None
 
 
 def measure_geometry(
@@ -217,25 +209,22 @@ def measure_geometry(
         ``geometry=``), or the receptive field exceeds 4096 pixels (global pooling or
         attention: give ``halo=`` and use blend mode).
     """
-    probe = _probe_copy(module)
+    return _measure(module, in_channels, halo, multiple)[0]
+
+
+def _measure(
+    module: nn.Module, in_channels: int, halo: int | None, multiple: int | None
+) -> tuple[Geometry, int | None]:
+    """:func:`measure_geometry`, and the class scores the probe gave (None: nothing ran)."""
+    if halo is not None and multiple is not None:
+        return Geometry(halo=int(halo), multiple=int(multiple)), None
+    probe, name = _probe_copy(module), type(module).__name__
     rows, side = _MAX_MULTIPLE, 256
-    if halo is None:
-        # Max poolings left in the probe (see the module doc): the farthest of several probes.
-        seeds = range(_MAX_POOL_PROBES if _runs_max_pooling(probe, in_channels, rows, side) else 1)
-        first = None
-        while first is None:
-            first = _margins(probe, in_channels, rows, side, 1, seeds=seeds)
-            if first is None:
-                side *= 2
-                if side > _MAX_PROBE:
-                    raise ValueError(
-                        f"{type(module).__name__}: some output pixels depend on input more than "
-                        f"{_MAX_PROBE // 2} pixels away (global pooling or attention?), so no "
-                        "halo makes tiles exact; pass halo= (the context you want) and use "
-                        "mode='blend'"
-                    )
-    else:
-        first = halo
+    # Max poolings left in the probe (see the module doc): the farthest of several probes.
+    pooled, classes = _first_pass(probe, in_channels, rows, side)
+    seeds = range(_MAX_POOL_PROBES if pooled else 1)
+    strip = functools.partial(_margins, probe, in_channels, seeds=seeds)
+    first = _settled(name, functools.partial(strip, rows, phases=1), side) if halo is None else halo
     if multiple is None:
         multiple = _multiple(probe, in_channels, rows, first)
     if halo is None:
@@ -244,14 +233,25 @@ def measure_geometry(
         width = need + (-need) % (2 * multiple)
         # A strip a few multiples high is enough: rows only have to be accepted by the network.
         rows = max(2 * multiple, 8)
-        phased = [
-            _margins(probe, in_channels, rows, width, multiple, axis, seeds=seeds)
-            for axis in (3, 2)
-        ]
-        if any(m is None for m in phased):
-            raise ValueError(f"{type(module).__name__}: the receptive field did not settle")
-        halo = max(int(m or 0) for m in phased)
-    return Geometry(halo=int(halo), multiple=int(multiple), input_offset=0, shrinks=False)
+        # Each axis grows its own strip: the first probe saw the columns' reach only.
+        halo = max(
+            _settled(name, functools.partial(strip, rows, phases=multiple, axis=a), width)
+            for a in (3, 2)
+        )
+    return Geometry(halo=int(halo), multiple=int(multiple)), classes
+
+
+def _settled(name: str, margins: Callable[[int], int | None], cols: int) -> int:
+    """``margins(cols)`` (:func:`_margins`), the strip doubled until the receptive field fits."""
+    while (margin := margins(cols)) is None:
+        cols *= 2
+        if cols > _MAX_PROBE:
+            raise ValueError(
+                f"{name}: some output pixels depend on input more than {_MAX_PROBE // 2} pixels "
+                "away (global pooling or attention?), so no halo makes tiles exact; pass halo= "
+                "(the context you want) and use mode='blend'"
+            )
+    return margin
 
 
 _AVG_POOLS: dict[type[nn.Module], type[nn.Module]] = {
@@ -275,7 +275,7 @@ def _average_twin(sub: nn.Module) -> nn.Module | None:
 def _probe_copy(module: nn.Module) -> nn.Module:
     """A float64 eval copy with positive averaging weights and no per-tile normalisation.
 
-    Only an eager module's layers are swapped (see :func:`_runs_max_pooling`)."""
+    Only an eager module's layers are swapped (see :func:`_first_pass`)."""
     probe = copy.deepcopy(module)
     _set_mode(probe, False)
     swaps: dict[str, nn.Module] = {n: nn.Identity() for n in uses_tile_statistics(probe) if n}
@@ -323,13 +323,13 @@ class _MaxPoolSeen(TorchDispatchMode):
 
 
 @torch.no_grad()
-def _runs_max_pooling(probe: nn.Module, channels: int, rows: int, cols: int) -> bool:
+def _first_pass(probe: nn.Module, channels: int, rows: int, cols: int) -> tuple[bool, int]:
     """Whether the probe still max-pools: in TorchScript or an exported graph, whose layers
-    cannot be swapped, or with ``F.max_pool2d`` in a ``forward``. Seen at the operators, below
-    every way of calling them."""
+    cannot be swapped, or with ``F.max_pool2d`` in a ``forward`` (seen at the operators, below
+    every way of calling them); and how many class scores it gives."""
     with _MaxPoolSeen() as mode:
-        _run(probe, torch.full((1, channels, rows, cols), 0.5, dtype=torch.float64))
-    return mode.seen
+        y = _run(probe, torch.full((1, channels, rows, cols), 0.5, dtype=torch.float64))
+    return mode.seen, int(y.shape[1])
 
 
 def _run(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
