@@ -124,3 +124,23 @@ def test_a_file_is_replaced_whole_even_from_its_own_pixels(tmp_path: Path) -> No
         write_pyramidal_tiff(path, failing, pixel_size_um=0.5, tile=32)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["slide.ome.tif"], "no scratch left"
+
+
+@pytest.mark.parametrize("channels", [4, 2, 5])
+def test_channels_beyond_rgb_are_data_bands_not_alpha(tmp_path: Path, channels: int) -> None:
+    """A 4-band image (RGB + NIR, a 4-plex) was written as RGB with an unassociated alpha,
+    so readers took its 4th band for a validity mask: every band reads back as data."""
+    img = _image(channels)
+    img[:50, :60, -1] = 0  # a last band of zeros would mark these pixels invalid as alpha
+    path = write_pyramidal_tiff(
+        tmp_path / "bands.ome.tif", img, pixel_size_um=0.5, tile=64, min_level_size=64
+    )
+    with tifffile.TiffFile(path) as tif:
+        page = tif.series[0].levels[0].keyframe
+        assert page.photometric == tifffile.PHOTOMETRIC.MINISBLACK
+        assert tuple(page.extrasamples) == (tifffile.EXTRASAMPLE.UNSPECIFIED,) * (channels - 1)
+    reader = open_image(path)
+    assert reader.mask_kind is None
+    assert "alpha" not in (reader.channel_names or ())
+    assert reader.level_shapes[0] == img.shape
+    np.testing.assert_array_equal(reader.level(0).compute(), img)

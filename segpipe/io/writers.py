@@ -44,8 +44,9 @@ def write_pyramidal_tiff(
         Output file, usually ``*.ome.tif``; replaced whole if it exists (written beside it,
         then renamed over it: ``image`` may be read from it).
     image
-        ``(Y, X, C)`` numpy or dask array, normally uint8 RGB (``C == 3``); ``C == 1`` is
-        written as greyscale. Other integer and float dtypes are written as they are.
+        ``(Y, X, C)`` numpy or dask array, normally uint8 RGB (``C == 3``); any other ``C``
+        is written as greyscale samples, none of them alpha (4 channels are 4 bands, not
+        RGBA). Other integer and float dtypes are written as they are.
     pixel_size_um
         Microns per pixel at level 0 (> 0); level ``k`` gets ``pixel_size_um * 2**k``.
     tile
@@ -87,11 +88,15 @@ def write_pyramidal_tiff(
 
     ny, nx, nc = shape
     levels = pyramid_shapes((ny, nx), min_level_size)
-    photometric = "rgb" if nc in (3, 4) else "minisblack"
+    # RGB only for exactly three channels: tifffile marks a 4th sample beside RGB as an
+    # unassociated alpha, and readers (segpipe, GDAL, QuPath) then take a 4th band (NIR, a
+    # 4-plex) as a validity mask. Any other count is grey with unspecified extra samples.
+    photometric = "rgb" if nc == 3 else "minisblack"
     axes = "YXS" if nc > 1 else "YX"
     options: dict[str, Any] = {
         "photometric": photometric,
         "planarconfig": "contig" if nc > 1 else None,
+        "extrasamples": (0,) * (nc - 1) if photometric == "minisblack" and nc > 1 else None,
         "tile": (tile, tile),
         "compression": compression,
         "resolutionunit": "CENTIMETER",
