@@ -88,6 +88,23 @@ def test_measured_percentiles_match_numpy() -> None:
     np.testing.assert_allclose(c.std, scaled.std(0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("width", [100, 101])
+def test_a_sample_of_large_images_sees_every_column(width: int) -> None:
+    """Every k-th pixel of an image k divides the width of is the same columns of every row:
+    an image of alternating dark and bright columns was measured as all dark. The sample
+    stays deterministic, and the same from a dask array."""
+    import dask.array as da
+
+    image = np.zeros((200, width, 1), np.uint16)
+    image[:, 1::2] = 1000
+    c = measure_contract([image], percentiles=(0, 100), max_samples=10_000)
+    assert (c.lo, c.hi) == ((0.0,), (1000.0,))
+    assert c.mean is not None and c.mean[0] == pytest.approx(0.5, abs=0.02)
+    assert measure_contract([image], percentiles=(0, 100), max_samples=10_000) == c
+    lazy = da.from_array(image, chunks=(64, 48, 1))
+    assert measure_contract([lazy], percentiles=(0, 100), max_samples=10_000) == c
+
+
 @pytest.mark.parametrize(
     ("dtype", "high", "scaling"),
     [("uint8", 255, "dtype"), ("uint16", 4095, "percentile"), ("float32", 1, "dtype")],

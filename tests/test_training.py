@@ -822,3 +822,23 @@ def test_a_run_does_not_write_over_another_runs_checkpoints(finished_run, tmp_pa
     with pytest.raises(ValueError, match=r"epoch-002\.pt, of another run: it trained with seed=7"):
         train(tiny_unet(), resume)
     assert (run / "epoch-002.pt").read_bytes() == seven
+
+
+def test_a_fine_tuned_contract_measures_every_column_of_large_images():
+    """Its statistics took every k-th pixel: where k divides the width, the same columns of
+    every row (here the dark ones only: mean 0, not 0.5)."""
+    from types import SimpleNamespace
+
+    from segpipe import models
+    from segpipe.models.contract import PixelContract
+    from segpipe.training.config import training_contract
+
+    image = np.zeros((1000, 2000, 1), np.uint16)  # 2 M px: above the million sampled
+    image[:, 1::2] = 1000
+    net = models.build("unet", class_names=("a", "b"), in_channels=1, width=4, depth=2)
+    net.pixel_contract = PixelContract(
+        channels=1, dtype="uint16", scaling="range", lo=(0.0,), hi=(1000.0,)
+    )
+    contract = training_contract(net, TrainConfig(), [SimpleNamespace(image=image)])
+    assert contract.mean == pytest.approx((0.5,), abs=0.01)
+    assert contract.std == pytest.approx((0.5,), abs=0.01)

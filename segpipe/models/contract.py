@@ -33,6 +33,7 @@ __all__ = [
     "PixelContract",
     "PixelContractError",
     "measure_contract",
+    "sampled_pixels",
     "scaling_affine",
 ]
 
@@ -220,7 +221,8 @@ def measure_contract(
     ``scaling="auto"`` keeps the dtype rule for uint8 and for floats within ``[0, 1]``, and
     measures ``percentiles`` per channel otherwise (16-bit cameras rarely fill 0..65535).
     ``"range"`` maps ``value_range`` onto 0..1 for every channel. Statistics are taken on up
-    to ``max_samples`` pixels per image, evenly strided, so the result is deterministic.
+    to ``max_samples`` pixels per image, one drawn with a fixed seed from each of as many
+    equal runs of its pixels, so the result is deterministic and no column pattern skews it.
 
     >>> img = np.arange(4096, dtype=np.uint16).reshape(64, 64, 1)
     >>> c = measure_contract([img], percentiles=(0, 100))
@@ -237,7 +239,7 @@ def measure_contract(
             f"{sorted(dtypes)} and channel counts {sorted(counts)}"
         )
     dtype, channels = dtypes.pop(), counts.pop()
-    samples = np.concatenate([_strided(i, max_samples, channels) for i in images])
+    samples = np.concatenate([sampled_pixels(i, max_samples, channels) for i in images])
     # NaN and inf (a float raster's no-data) say nothing of the values: measure the pixels
     # finite in every channel, and refuse a channel that has none.
     finite = np.isfinite(samples)
@@ -288,7 +290,24 @@ def measure_contract(
     return dataclasses.replace(base, mean=mean, std=std)
 
 
-def _strided(image: np.ndarray, max_samples: int, channels: int) -> np.ndarray:
-    flat = image.reshape(-1, channels)
-    step = max(1, math.ceil(len(flat) / max_samples))
-    return flat[::step]
+def sampled_pixels(image: Any, max_samples: int, channels: int) -> np.ndarray:
+    """``(n, channels)`` pixels of ``image``: all of them, or one drawn (a fixed seed) from
+    each of ``max_samples`` equal runs of its pixels in row-major order.
+
+    Not every ``k``-th pixel: where ``k`` divides the width that is the same columns of
+    every row, and a column pattern (stripes, a camera's odd/even readout) is measured from
+    a part of it. Drawing within each run keeps the sample deterministic, spread over the
+    whole image, and never more than ``max_samples``; a dask image gives only those pixels.
+    """
+    ny, nx = int(image.shape[0]), int(image.shape[1])
+    n, m = ny * nx, max(1, int(max_samples))
+    if n <= m:
+        return np.asarray(image).reshape(-1, channels)
+    # Run edges n * i // m, without forming n * i (which overflows int64 on huge images).
+    q, r = divmod(n, m)
+    i = np.arange(m + 1, dtype=np.int64)
+    edges = i * q + i * r // m
+    rng = np.random.default_rng(0)
+    ys, xs = np.divmod(edges[:-1] + rng.integers(0, np.diff(edges)), nx)
+    picked = image.vindex[ys, xs] if hasattr(image, "vindex") else np.asarray(image)[ys, xs]
+    return np.asarray(picked).reshape(-1, channels)

@@ -19,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from segpipe.analysis.evaluation import LabelledImage
-from segpipe.models.contract import PixelContract, measure_contract
+from segpipe.models.contract import PixelContract, measure_contract, sampled_pixels
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.training.augmentation import Augmentation
 from segpipe.training.datasets import check_held_out, class_names_of, pixel_kind, read_folder
@@ -339,11 +339,9 @@ def training_contract(
                 f"the model was trained on {own.dtype} pixels scaled {own.describe_scaling()}, "
                 f"the training images are {measured.dtype}: convert them, or train a new model"
             )
-        flat = [np.asarray(s.image).reshape(-1, own.channels) for s in slides]
-        # About a million pixels per image, evenly strided, as measure_contract takes.
-        scaled = np.concatenate(
-            [np.asarray(own.scale(f[:: max(1, len(f) // 1_000_000)])) for f in flat]
-        )
+        # Up to a million pixels per image, sampled as measure_contract samples them.
+        sample = [sampled_pixels(s.image, 1_000_000, own.channels) for s in slides]
+        scaled = np.concatenate([np.asarray(own.scale(f)) for f in sample])
         contract = replace(
             own,
             dtype=own.dtype or measured.dtype,
