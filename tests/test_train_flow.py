@@ -88,3 +88,24 @@ def test_an_output_it_cannot_write_is_refused_before_training(
         flow_module.train_model(str(tmp_path / "kept.pt"), model_options=MODEL, train_options=TRAIN)
     assert (tmp_path / "kept.pt").read_bytes() == b"a user's checkpoint"
     assert not trained
+
+
+def test_the_training_is_a_progress_artifact_of_the_checkpoint(prefect_harness, tmp_path):
+    """As every stage of a flow (README): the train stage had a terminal bar and no artifact
+    nor log line, so a run's page showed nothing of a long training."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from segpipe.flows.progress import artifact_key
+    from segpipe.flows.train_model import train_model
+
+    torch.set_num_threads(1)
+    out = str(tmp_path / "tracked.pt")
+    train_model(out, model_options=MODEL, train_options={**TRAIN, "steps": 1}, half=False)
+    key = artifact_key("train", out)
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert [(a.type, a.data) for a in found] == [("progress", 100.0)]
+    assert "train: 1/1 step (100%)" in (found[0].description or "")

@@ -2,7 +2,8 @@
 
 Each task is one library call, so the CLI, a notebook or a test runs the same code without
 Prefect. With no ``PREFECT_API_URL`` the flow runs on Prefect's temporary local server. The
-model travels between tasks in this process (tasks here are not cached or persisted).
+model travels between tasks in this process (tasks here are not cached or persisted). The
+training's steps are a progress artifact keyed by the checkpoint (``segpipe.flows.progress``).
 
 Validation is scored by training itself (:func:`segpipe.analysis.evaluation.evaluate_model`
 after each epoch); the flow reports that evaluation rather than scoring the same weights on
@@ -18,7 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from segpipe.analysis.evaluation import Evaluation
+from segpipe.flows.progress import ProgressArtifacts
 from segpipe.models import SegmentationModel
+from segpipe.progress import also_reporting, showing
 from segpipe.training import (
     TrainConfig,
     check_output,
@@ -41,8 +44,12 @@ def build_task(
 # No cache key for the tasks taking the model: Prefect would hash its weights at every call
 # for a cache that no run hits (results are not persisted).
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(model: SegmentationModel, config: TrainConfig) -> dict[str, Any]:
-    result = train(model, config)
+def train_task(model: SegmentationModel, config: TrainConfig, output: str) -> dict[str, Any]:
+    """:func:`segpipe.training.train`, its stage a progress artifact of ``output`` and a log
+    line every tenth; ``config.progress`` also shows it on stderr."""
+    # showing() outside: inside train(), the artifacts' listener would keep the bar off stderr.
+    with showing(config.progress), also_reporting(ProgressArtifacts(output)):
+        result = train(model, config)
     get_run_logger().info(
         "trained %d steps in %.1f s; validation:\n%s",
         config.steps,
@@ -107,7 +114,7 @@ def train_model(
     # The data's channels, dtype and scaling size a fresh model (initial_model's contract=).
     options = {"contract": pixel_contract_for(config), **(model_options or {})}
     model = build_task(architecture, class_names_for(config), config.seed, options)
-    result = train_task(model, config)
+    result = train_task(model, config, output)
     path = save_task(model, config, result, output, half)
     return {
         "checkpoint": path,
