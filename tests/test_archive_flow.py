@@ -472,6 +472,7 @@ def test_a_flow_run_that_lost_its_claim_stops_segmenting(
         ({"retries": -1}, "retries must be >= 0, got -1"),
         ({"retry_delay_s": -1.0}, "retry_delay_s must be >= 0 seconds, got -1.0"),
         ({"max_concurrent": 0}, "max_concurrent must be >= 1, got 0"),
+        ({"min_age_s": -5}, "min_age_s must be >= 0 seconds, got -5"),
         ({"concurrency_limit": "no-such-gpu"}, "concurrency limit 'no-such-gpu' does not exist"),
     ],
 )
@@ -486,6 +487,89 @@ def test_a_run_wide_mistake_fails_the_run_once_before_any_image(
     with pytest.raises(ValueError, match=message):
         _run(source, out, random_checkpoint, **options)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"max_concurrent": 0}, ValueError, "max_concurrent must be >= 1, got 0"),
+        ({"min_age_s": -5}, ValueError, "min_age_s must be >= 0 seconds, got -5"),
+        ({"lock_ttl_s": 0}, ValueError, "lock_ttl_s must be > 0 seconds, got 0"),
+        ({"concurrency_limit": "no-such-gpu"}, ValueError, "'no-such-gpu' does not exist"),
+        ({"output_root": "a-file/out"}, OSError, r"output_root .*a-file/out cannot be written"),
+    ],
+)
+def test_serve_refuses_what_a_run_would_refuse_before_serving(
+    prefect_harness, tmp_path, monkeypatch, options, error, message
+):
+    """Only the parameters' types were checked: a misspelt limit or a bad option was found
+    by the first scheduled run, at 2 a.m., while the served process looked fine."""
+    from segpipe.flows.archive import process_archive, serve_archive
+
+    served = []
+    monkeypatch.setattr(process_archive, "serve", lambda **kw: served.append(kw))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    given = {"output_root": str(tmp_path / "out"), **options}
+    with pytest.raises(error, match=message):
+        serve_archive(str(tmp_path), model="tissue-unet", **given)
+    assert served == []
+    # The same parameters, right, are served.
+    serve_archive(str(tmp_path), str(tmp_path / "out"), config={"tile": 256}, min_age_s=60)
+    assert served[0]["parameters"]["min_age_s"] == 60
+    assert served[0]["parameters"]["config"]["tile"] == 256
+
+
+def test_a_missing_limit_without_a_prefect_server_says_a_limit_needs_one(monkeypatch):
+    """With no PREFECT_API_URL each run starts a temporary server of its own: "create it
+    with prefect gcl create" was advice that could not make a limit shared by runs."""
+    import contextlib
+
+    import prefect.client.orchestration
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from segpipe.flows.limits import require_limit
+
+    class NoLimits:
+        api_url = "http://ephemeral-prefect/api"
+
+        def read_global_concurrency_limit_by_name(self, name):
+            raise ObjectNotFound(http_exc=Exception("404"))
+
+    @contextlib.contextmanager
+    def get_client(sync_client=False):
+        yield NoLimits()
+
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", get_client)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with (
+        temporary_settings(restore_defaults={PREFECT_API_URL}),
+        pytest.raises(
+            ValueError, match=r"'gpu': a concurrency limit needs a running Prefect"
+        ) as err,
+    ):
+        require_limit("gpu")
+    assert "PREFECT_API_URL" in str(err.value)
+    with (
+        temporary_settings({PREFECT_API_URL: "http://prefect:4200/api"}),
+        pytest.raises(ValueError, match="does not exist on the Prefect server"),
+    ):
+        require_limit("gpu")
+
+
+def test_an_archive_failed_error_survives_pickling():
+    """Prefect pickles a failed run's exception into its result: unpickling it called
+    __init__ with the message, not the summary, and the run's result could not be read."""
+    import pickle
+
+    from segpipe.flows.archive import ArchiveFailedError
+
+    summary = {"failed": {"x.tif": "ImageReadError: not a TIFF"}, "summary": "1 failed"}
+    copy = pickle.loads(pickle.dumps(ArchiveFailedError(summary)))
+    assert isinstance(copy, ArchiveFailedError)
+    assert copy.summary == summary
+    assert str(copy) == str(ArchiveFailedError(summary))
 
 
 def test_a_scheduler_no_one_answers_fails_the_run_once_before_any_image(

@@ -96,6 +96,7 @@ _RUN_OPTIONS = {
     "retries": "--retries",
     "retry_delay_s": "--retry-delay",
     "lock_ttl_s": "--lock-ttl",
+    "min_age_s": "--min-age",
 }
 
 

@@ -3,16 +3,14 @@
 discover -> for each image (at most ``max_concurrent`` at a time) one task that fingerprints,
 claims, segments (a nested task with Prefect retries for transient failures), writes the report
 and thumbnail and indexes the result in the catalog -> a table artifact for the run. Each task
-is a call into :mod:`segpipe.archive`; the same work runs without Prefect through
-:func:`segpipe.archive.process_image`.
+calls :mod:`segpipe.archive` (:func:`~segpipe.archive.process_image`: the same without Prefect).
 
 A failing image (a corrupt file, a model that does not fit) fails its own task only: the run
-goes on with the others, and its table names the file and the reason. Later runs retry it after
-a growing delay, at most 6 hours apart (``held`` meanwhile), until it changes or a run passes
-``retry_failed`` (:mod:`segpipe.archive.state`). A stopped run (Ctrl-C, SIGTERM, a
-cancellation) stops its images at their next progress report: "interrupted", resumed by the
-next run. Run it on a schedule with :func:`serve_archive` (``flow.serve``) or
-``deploy/prefect.yaml`` (a work pool and a worker).
+goes on, its table naming the file and the reason; later runs retry it after a growing delay,
+at most 6 hours apart (``held`` meanwhile), until it changes or a run passes ``retry_failed``
+(:mod:`segpipe.archive.state`). A stopped run (Ctrl-C, SIGTERM, a cancellation) stops its
+images at their next progress report ("interrupted": the next run resumes them). On a schedule:
+:func:`serve_archive` (``flow.serve``) or ``deploy/prefect.yaml`` (a work pool and a worker).
 """
 
 # No `from __future__ import annotations` here: a served run loads this file by path and
@@ -40,7 +38,7 @@ from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped,
 from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import local_cluster, plan_for_device, reachable_scheduler
-from segpipe.flows.limits import check_run_options, global_slot, require_limit, run_stop, stop_of
+from segpipe.flows.limits import RUN_OPTIONS, check_run_options, global_slot, run_stop, stop_of
 from segpipe.flows.progress import ProgressArtifacts, artifact_key
 from segpipe.flows.segment_slide import segment_task
 from segpipe.io.files import is_url, location
@@ -205,22 +203,20 @@ def process_archive(
         Shipped model name or checkpoint path; loaded and hashed once per run.
     config
         Every setting of the segmentation (default ``SegmentConfig()``); as a deployment
-        parameter, a JSON object of the settings to change (``{"tile": 256, "scheduler":
-        "tcp://dask-scheduler:8786"}``), validated into a ``SegmentConfig`` by Prefect.
-        Changing a result setting (``tile``, ``mode``, ``window``, ``level``...) makes every
-        image due again; changing an execution setting (``batch_size``, ``device``,
-        ``n_workers``, ``scheduler``) does not. ``scheduler`` None (and no
-        ``DASK_SCHEDULER_ADDRESS``) starts one local Dask cluster for the run, shared by its
-        images and closed at its end; ``"sync"`` runs in the task's thread;
-        ``"tcp://host:8786"`` uses a running cluster shared by all images.
+        parameter, a JSON object (``{"tile": 256}``) validated into a ``SegmentConfig``, the
+        settings it leaves out at their defaults (a run's replaces the deployment's whole).
+        A result setting (``tile``, ``mode``, ``window``, ``level``...) changed makes every
+        image due again; an execution setting (``batch_size``, ``device``, ``n_workers``,
+        ``scheduler``) does not. ``scheduler`` None (and no ``DASK_SCHEDULER_ADDRESS``): one
+        local Dask cluster for the run, shared by its images and closed at its end; ``"sync"``:
+        in the task's thread; ``"tcp://host:8786"``: a running cluster shared by all images.
     pattern, min_age_s, storage_options
         Which files count (:func:`segpipe.archive.discover_images`).
     max_concurrent
         Images in flight at once in this run; another starts as soon as one finishes.
     concurrency_limit
-        Name of a Prefect global concurrency limit every segmentation takes a slot of, shared
-        by all runs on the server (create it first: ``prefect gcl create NAME --limit 1``; a
-        run refuses a name the server does not have).
+        A Prefect global concurrency limit every segmentation takes a slot of, shared by all
+        runs on the server (``prefect gcl create NAME --limit 1``); a name it lacks is refused.
     retries, retry_delay_s
         Prefect retries of a segmentation that failed with a transient error.
     lock_ttl_s
@@ -229,8 +225,7 @@ def process_archive(
         End the run Failed when any image failed in this run (after all the others are done);
         images held back after failing in earlier runs do not count.
     retry_failed
-        Try images that failed before with the same inputs now, not after their retry delay
-        (``held`` meanwhile).
+        Try images that failed before with the same inputs now, not after their retry delay.
 
     Returns
     -------
@@ -246,9 +241,9 @@ def process_archive(
         retries=retries,
         retry_delay_s=retry_delay_s,
         lock_ttl_s=lock_ttl_s,
+        min_age_s=min_age_s,
+        concurrency_limit=concurrency_limit,
     )
-    if concurrency_limit:
-        require_limit(concurrency_limit)
     config = config or SegmentConfig()
     root = output_root if is_url(output_root) else str(Path(output_root).absolute())
     archive.check_output_root(root, storage_options)
@@ -316,6 +311,10 @@ class ArchiveFailedError(RuntimeError):
     def __init__(self, summary: dict[str, Any]) -> None:
         super().__init__(f"{len(summary['failed'])} image(s) failed: {summary['failed']}")
         self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Prefect pickles a failed run's exception; the default would pass back the message.
+        return type(self), (self.summary,)
 
 
 def _submit_refilling(
@@ -398,22 +397,23 @@ def serve_archive(
     (``process-archive/<name>``) execute here, one at a time. Needs a Prefect server
     (``PREFECT_API_URL``). ``config`` (a ``SegmentConfig`` or a mapping of settings) and the
     other keyword arguments (``pattern``, ``max_concurrent``...) become the runs' default
-    parameters.
+    parameters, refused (ValueError, OSError) as a run's first checks would refuse them.
     """
     from prefect.schedules import Cron
 
-    if config is not None:
-        # Checked here, not at the first scheduled run; stored as JSON in the deployment.
+    if config is not None:  # stored as JSON in the deployment
         config = config if isinstance(config, SegmentConfig) else SegmentConfig.from_dict(config)
         parameters["config"] = config.as_dict()
-    process_archive.validate_parameters(
-        {"source": source, "output_root": output_root, "model": model, **parameters}
-    )
+    parameters = {"source": source, "output_root": output_root, "model": model, **parameters}
+    # Checked now: a scheduled run would find a mistake only at its hour, perhaps in the night.
+    run = process_archive.validate_parameters(parameters)
+    check_run_options(**{name: run[name] for name in RUN_OPTIONS})
+    archive.check_output_root(output_root, run["storage_options"])
     process_archive.serve(
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
         paused=paused,
-        parameters={"source": source, "output_root": output_root, "model": model, **parameters},
+        parameters=parameters,
         description="Segment new and changed images of an archive (segpipe)",
         tags=["segpipe"],
         limit=1,

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from segpipe.archive import RunStopped
 
 __all__ = [
+    "RUN_OPTIONS",
     "SLOT_POLL_S",
     "check_run_options",
     "global_slot",
@@ -89,11 +90,21 @@ def require_limit(name: str) -> None:
     taken leniently by each image (:func:`global_slot`), a misspelt one would limit nothing."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
 
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
+            # With no server named, each process starts a temporary one of its own: a limit
+            # the runs share needs one server that they all (and `prefect gcl`) talk to.
+            if not (os.environ.get("PREFECT_API_URL") or get_current_settings().api.url):
+                raise ValueError(
+                    f"concurrency limit {name!r}: a concurrency limit needs a running Prefect "
+                    "server, and no PREFECT_API_URL names one: start it (`prefect server "
+                    "start`), export PREFECT_API_URL=http://127.0.0.1:4200/api and create the "
+                    f"limit there (`prefect gcl create {name} --limit 1`)"
+                ) from None
             raise ValueError(
                 f"concurrency limit {name!r} does not exist on the Prefect server "
                 f"{client.api_url}: create it (`prefect gcl create {name} --limit 1`) or "
@@ -121,22 +132,39 @@ def require_server() -> None:
         ) from None
 
 
+# The parameters of process-archive that check_run_options checks.
+RUN_OPTIONS = (
+    "max_concurrent",
+    "retries",
+    "retry_delay_s",
+    "lock_ttl_s",
+    "min_age_s",
+    "concurrency_limit",
+)
+
+
 def check_run_options(
     *,
     max_concurrent: int,
     retries: int,
     retry_delay_s: float,
     lock_ttl_s: float,
+    min_age_s: float = 0.0,
+    concurrency_limit: str | None = None,
     names: Mapping[str, str] | None = None,
 ) -> None:
     """Refuse a run's bad options (the flow's parameters of these names), once: each image
-    would otherwise fail on them with the same reason. ``names``: what the caller calls them
-    (the CLI's options)."""
+    would otherwise fail on them with the same reason. A ``concurrency_limit`` must exist on
+    the Prefect server (:func:`require_limit`). ``names``: what the caller calls them (the
+    CLI's options)."""
     for name, value, rule, ok in (
         ("max_concurrent", max_concurrent, ">= 1", max_concurrent >= 1),
         ("retries", retries, ">= 0", retries >= 0),
         ("retry_delay_s", retry_delay_s, ">= 0 seconds", retry_delay_s >= 0),
         ("lock_ttl_s", lock_ttl_s, "> 0 seconds", lock_ttl_s > 0),
+        ("min_age_s", min_age_s, ">= 0 seconds", min_age_s >= 0),
     ):
         if not ok:
             raise ValueError(f"{(names or {}).get(name, name)} must be {rule}, got {value}")
+    if concurrency_limit:
+        require_limit(concurrency_limit)

@@ -99,11 +99,12 @@ def segment_slide(
     """Segment one slide into ``output`` and return its summary (areas, Dice if truth given).
 
     ``config`` holds every setting of the segmentation (default ``SegmentConfig()``); as a
-    deployment parameter it is a JSON object of the settings to change, ``{"tile": 256}``,
-    which Prefect validates into a ``SegmentConfig``. Its ``pixel_size_um`` also goes to the
-    ingest; its ``level`` is the source's, segmented as the copy's level of the same pixel
-    size (:func:`segpipe.io.imagestore.ingested_level`). ``image_store`` is where the
-    OME-Zarr copy goes (default :func:`default_image_store`).
+    deployment parameter it is a JSON object, ``{"tile": 256}``, which Prefect validates into
+    a ``SegmentConfig``, the settings it leaves out at their defaults (a run's replaces the
+    deployment's whole). Its ``pixel_size_um`` also goes to the ingest; its ``level`` is the
+    source's, segmented as the copy's level of the same pixel size
+    (:func:`segpipe.io.imagestore.ingested_level`). ``image_store`` is where the OME-Zarr copy
+    goes (default :func:`default_image_store`).
     """
     config = config or SegmentConfig()
     store = image_store or str(default_image_store(output))
