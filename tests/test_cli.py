@@ -209,9 +209,9 @@ def test_help_lists_every_setting_with_its_default(command, capsys):
 @pytest.mark.parametrize(
     ("option", "message"),
     [
-        (["--tile", "0"], "SegmentConfig.tile must be >= 1, got 0"),
-        (["--overlap", "1"], "SegmentConfig.overlap must be in [0, 1), got 1.0"),
-        (["--device", "gpu"], "SegmentConfig.device must be 'auto', 'cpu'"),
+        (["--tile", "0"], "--tile must be >= 1, got 0"),
+        (["--overlap", "1"], "--overlap must be in [0, 1), got 1.0"),
+        (["--device", "gpu"], "--device must be 'auto', 'cpu'"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(option, message, small_slide, tmp_path, capsys):
@@ -221,6 +221,54 @@ def test_a_bad_setting_is_one_line_naming_it(option, message, small_slide, tmp_p
     assert err.startswith(f"segpipe segment: error: {message}")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--workers", "0"], "--workers must be >= 1, got 0"),
+        (["--pixel-size", "-1"], "--pixel-size must be a positive number of microns, got -1.0"),
+        (["--min-level-size", "0"], "--min-level-size must be >= 1, got 0"),
+    ],
+)
+@pytest.mark.parametrize("command", ["segment", "archive"])
+def test_a_bad_setting_names_the_option_typed_not_the_field(
+    command, option, message, tmp_path, capsys, monkeypatch
+):
+    """ "SegmentConfig.n_workers must be >= 1" named no option of the command (--workers);
+    the library's message still names its field."""
+    import segpipe.flows.archive
+    from segpipe.config import SegmentConfig
+
+    ran = []
+    monkeypatch.setattr(segpipe.flows.archive, "process_archive", lambda *a, **k: ran.append(a))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code = main([command, str(tmp_path / "in.tif"), str(tmp_path / "out"), *option])
+    assert (code, capsys.readouterr().err) == (2, f"segpipe {command}: error: {message}\n")
+    assert ran == []
+    with pytest.raises(ValueError, match=r"^SegmentConfig\.n_workers must be >= 1, got 0"):
+        SegmentConfig(n_workers=0)
+
+
+def test_demo_finds_a_prefect_server_that_is_down_before_making_its_slide(
+    tmp_path, capsys, monkeypatch
+):
+    """The slide (8192 px by default) was made first: a long wait, then "cannot reach"."""
+    import types
+
+    import segpipe.synthetic.demo
+
+    made = []
+
+    def make_demo_slide(out, **kwargs):
+        made.append(out)
+        return types.SimpleNamespace(image=out / "s.ome.tif", truth=out / "s.truth.zarr")
+
+    monkeypatch.setattr(segpipe.synthetic.demo, "make_demo_slide", make_demo_slide)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the discard port
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in capsys.readouterr().err
+    assert made == []
 
 
 def test_info_on_an_image(small_slide, capsys):
@@ -744,7 +792,7 @@ def test_device_cuda_with_a_scheduler_address_from_dask_config(monkeypatch):
 def test_device_foo_is_one_line(tmp_path, capsys):
     assert main(["segment", "in.tif", str(tmp_path / "out.zarr"), "--device", "foo"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("segpipe segment: error: SegmentConfig.device must be")
+    assert err.startswith("segpipe segment: error: --device must be")
     assert "'foo'" in err and len(err.strip().splitlines()) == 1
 
 
@@ -953,6 +1001,7 @@ def test_archive_fail_on_error_exits_1_with_the_table_not_a_traceback(
         (["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
         (["--retries", "-1"], "--retries must be >= 0, got -1"),
         (["--retry-delay", "-5"], "--retry-delay must be >= 0 seconds, got -5.0"),
+        (["--min-age", "-5"], "--min-age must be >= 0 seconds, got -5.0"),
     ],
 )
 @pytest.mark.parametrize("command", ["archive", "serve"])

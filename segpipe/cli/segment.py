@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import time
 import types
 import typing
@@ -37,7 +39,7 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
     annotations = typing.get_type_hints(SegmentConfig)
     defaults = SegmentConfig()
     for f in settings():
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flag = _flag(f)
         default = getattr(defaults, f.name)
         group.add_argument(
             flag,
@@ -46,6 +48,10 @@ def add_config_options(p: argparse.ArgumentParser) -> None:
             help=_option_help(str(f.metadata["help"]), default),
             **_option_kind(f.name, annotations[f.name], flag),
         )
+
+
+def _flag(f: dataclasses.Field[Any]) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _option_help(text: str, default: Any) -> str:
@@ -99,8 +105,15 @@ def _metavar(name: str, annotation: Any) -> str:
 
 def config_from_args(args: argparse.Namespace) -> SegmentConfig:
     """The :class:`~segpipe.config.SegmentConfig` of options added by
-    :func:`add_config_options` (validated: a bad value raises ``ValueError`` naming it)."""
-    config = SegmentConfig(**{f.name: getattr(args, f.name) for f in settings()})
+    :func:`add_config_options` (validated: a bad value raises ``ValueError`` naming its
+    option)."""
+    try:
+        config = SegmentConfig(**{f.name: getattr(args, f.name) for f in settings()})
+    except ValueError as err:
+        # The library names the field (SegmentConfig.n_workers); the shell's user typed --workers.
+        flags = {f.name: _flag(f) for f in settings()}
+        text = re.sub(r"SegmentConfig\.(\w+)", lambda m: flags.get(m[1], m[0]), str(err))
+        raise ValueError(text) from err
     _check_device(config)
     return config
 
@@ -193,21 +206,22 @@ def add_info(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from segpipe.flows.limits import require_server
+    from segpipe.flows.segment_slide import segment_slide
     from segpipe.synthetic.demo import make_demo_slide
 
     t0 = time.perf_counter()
     out = Path(args.out)
     config = config_from_args(args)
+    # Before the slide: making it is a long wait at the default size, for nothing if the
+    # server named is down.
+    require_server()
     if not args.quiet:
         print(
             f"generating a {args.size} x {args.size} px synthetic slide in {out}/ ...", flush=True
         )
     slide = make_demo_slide(out, size=args.size, seed=args.seed)
     result = out / f"{slide.image.name.removesuffix('.ome.tif')}.seg.zarr"
-    from segpipe.flows.limits import require_server
-    from segpipe.flows.segment_slide import segment_slide
-
-    require_server()
     summary = segment_slide(
         str(slide.image),
         str(result),
