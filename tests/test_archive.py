@@ -180,6 +180,15 @@ def test_fingerprint_reads_only_sampled_blocks_and_sees_changes_in_them(tmp_path
     assert between != base
 
 
+@pytest.mark.parametrize(("blocks", "block_bytes"), [(1, 1000), (0, 1000), (4, 0)])
+def test_a_fingerprint_that_cannot_sample_both_ends_is_refused(tmp_path, blocks, block_bytes):
+    """One block divided by zero; none, or empty ones, hashed the size alone."""
+    path = tmp_path / "big.tif"
+    _touch(path, os.urandom(10_000), mtime=1e9)
+    with pytest.raises(ValueError, match=r"blocks must be >= 2 and block_bytes >= 1"):
+        fingerprint_image(_image(path), blocks=blocks, block_bytes=block_bytes)
+
+
 def test_small_files_are_hashed_whole(tmp_path):
     import hashlib
 

@@ -219,7 +219,11 @@ def fingerprint_image(
 
     Size and mtime are read again (not taken from discovery, nor from the file system's
     listing cache), so a file replaced since it was listed gets its new identity.
+    ``blocks`` >= 2 (the first and the last bytes among them), ``block_bytes`` >= 1.
     """
+    # one block could not reach both ends (and divided by zero); none sampled no content
+    if blocks < 2 or block_bytes < 1:
+        raise ValueError(f"blocks must be >= 2 and block_bytes >= 1, got {blocks}, {block_bytes}")
     fs, path = filesystem(image.url, storage_options)
     # s3fs (and others) answer info from the listing that discovery cached: a file changed
     # since (the re-fingerprint after segmenting looks for just that) would not show.
