@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import struct
 import subprocess
@@ -1654,6 +1655,38 @@ def test_a_mask_directory_hashes_by_its_files_names_and_bytes(tmp_path: Path) ->
     assert mask_file_sha256(moved) != first
     png = _png(tmp_path, _rgb())  # a file: its bytes' sha256, as before
     assert mask_file_sha256(png) == hashlib.sha256(png.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["file", "directory"])
+def test_a_mask_is_hashed_once_until_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """An archive run asked for one mask's hash three or four times per image; an edit
+    keeping the size and the mtime (set back) still changes the ctime, and the hash."""
+    pixels = (_rgb()[:64, :96, 1] > 20).astype(np.uint8)
+    mask = _png(tmp_path, _rgb()) if kind == "file" else _mask_store(tmp_path / "m.zarr", pixels)
+    target = mask if kind == "file" else next(p for p in mask.rglob("c/*/*") if p.is_file())
+    reads: list[object] = []
+    real_open = open
+
+    def counted(file: object, *args: object, **kwargs: object) -> object:
+        reads.append(file)
+        return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr("builtins.open", counted)
+    first = mask_file_sha256(mask)
+    opened = len(reads)
+    assert opened and mask_file_sha256(mask) == first and len(reads) == opened
+    before = target.stat()
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    time.sleep(0.01)
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (
+        target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    )
+    assert mask_file_sha256(mask) != first
 
 
 # ---- OpenSlide -------------------------------------------------------------------------------

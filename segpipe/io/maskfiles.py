@@ -31,20 +31,47 @@ def mask_file_sha256(path: str | os.PathLike[str]) -> str:
     """The sha256 of the mask file at ``path`` (part of a result's identity: an edited file
     is another result): a file's bytes; a directory's (a Zarr store) files in the order of
     their paths relative to it, each its path, size and bytes, so equal directories hash
-    equal wherever they lie."""
+    equal wherever they lie.
+
+    Kept per file state (device, inode, size, mtime and ctime in ns, of every file): an
+    archive run asks for one mask's hash several times per image, and a whole-slide mask
+    may be large. Any write changes a file's ctime, which no one can set back.
+    """
     root = Path(path)
+    files = (
+        sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+        if root.is_dir()
+        else [("", root)]
+    )
+    stats = [(name, os.stat(file)) for name, file in files]
+    key = (
+        os.path.realpath(root),
+        root.is_dir(),
+        tuple((n, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats),
+    )
+    if (known := _HASHES.get(key)) is not None:
+        return known
     if not root.is_dir():
         with open(root, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
-    digest = hashlib.sha256()
-    files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
-    for name, file in files:
-        # The size ends each name: no two directories give the same stream of bytes.
-        digest.update(f"{name}\0{file.stat().st_size}\0".encode())
-        with open(file, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+    else:
+        h = hashlib.sha256()
+        for (name, file), (_, stat) in zip(files, stats, strict=True):
+            # The size ends each name: no two directories give the same stream of bytes.
+            h.update(f"{name}\0{stat.st_size}\0".encode())
+            with open(file, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+        digest = h.hexdigest()
+    if len(_HASHES) >= _KEPT_HASHES:
+        _HASHES.pop(next(iter(_HASHES)))
+    _HASHES[key] = digest
+    return digest
+
+
+# Hashes of mask files by their state (mask_file_sha256), oldest first.
+_HASHES: dict[tuple[Any, ...], str] = {}
+_KEPT_HASHES = 64
 
 
 def row_strips(reader: Reader, level: int) -> list[tuple[int, int]]:
