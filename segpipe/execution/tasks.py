@@ -216,9 +216,10 @@ def predictor_for(key: str) -> Predictor:
         return _PREDICTORS[key][0]
     except KeyError:
         raise RuntimeError(
-            f"the model of run {key} is not loaded in this process (pid {os.getpid()}); "
-            "segment registers it on every worker: was the worker started afterwards "
-            "without the segpipe plugin?"
+            f"the model of run {key} is not loaded in this process (pid {os.getpid()}): the "
+            "run has ended here (finished, cancelled, or a sibling task failed), or its "
+            "setup (segpipe's worker plugin, which every worker joining gets) failed on this "
+            "worker: see the worker's log"
         ) from None
 
 
