@@ -1,5 +1,6 @@
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +90,38 @@ def small_slide(tmp_path_factory):
     from segpipe.synthetic.demo import make_demo_slide
 
     return make_demo_slide(tmp_path_factory.mktemp("slide"), size=300, seed=1)
+
+
+# Another process holding the lock of argv[1] (shared when argv[2] is "shared") until its
+# stdin closes or it is killed.
+HOLDER = """
+import sys
+from segpipe.io.locks import store_lock
+with store_lock(sys.argv[1], shared=sys.argv[2] == "shared"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def held_elsewhere():
+    """``hold(path, shared=False)`` starts a process holding the store lock of ``path``
+    (segpipe.io.locks; a result's run lock exclusively) and returns it once it holds it."""
+    procs = []
+
+    def hold(path, *, shared=False):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), "shared" if shared else "excl"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -5,8 +5,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 from test_results import meta, store_files
@@ -22,38 +20,6 @@ from segpipe.results import (
     read_meta,
     result_lock,
 )
-
-# A run holding the lock in another process until its stdin closes (or it is killed).
-HOLDER = """
-import sys
-from segpipe.results import result_lock
-with result_lock(sys.argv[1]):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def held_elsewhere(tmp_path):
-    """Start a process holding the lock of ``path``; yields it once it holds the lock."""
-    procs = []
-
-    def hold(path):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "held"
-        return proc
-
-    yield hold
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_a_second_run_in_another_process_is_refused_naming_the_holder(tmp_path, held_elsewhere):

@@ -2,8 +2,6 @@
 ingest writes its store under one, and a run segmenting an ingested image reads under one."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,38 +13,6 @@ from segpipe.io.ingest import ingest, ingested_image
 from segpipe.io.locks import StoreBusyError, lock_path, store_lock
 from segpipe.io.readers import open_image
 from segpipe.results import ResultBusyError, result_lock
-
-# Another process holding the lock of argv[1] (shared when argv[2] is "shared") until its
-# stdin closes or it is killed.
-HOLDER = """
-import sys
-from segpipe.io.locks import store_lock
-with store_lock(sys.argv[1], shared=sys.argv[2] == "shared"):
-    print("held", flush=True)
-    sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def held_elsewhere():
-    procs = []
-
-    def hold(path, *, shared=False):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(path), "shared" if shared else "excl"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(proc)
-        assert proc.stdout.readline().strip() == "held"
-        return proc
-
-    yield hold
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_readers_share_a_lock_and_a_writer_excludes_them(tmp_path):
