@@ -38,20 +38,21 @@ def mask_file_sha256(path: str | os.PathLike[str]) -> str:
     may be large. Any write changes a file's ctime, which no one can set back.
     """
     root = Path(path)
+    folder = root.is_dir()
     files = (
         sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
-        if root.is_dir()
+        if folder
         else [("", root)]
     )
     stats = [(name, os.stat(file)) for name, file in files]
     key = (
         os.path.realpath(root),
-        root.is_dir(),
+        folder,
         tuple((n, s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns) for n, s in stats),
     )
     if (known := _HASHES.get(key)) is not None:
         return known
-    if not root.is_dir():
+    if not folder:
         with open(root, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
     else:
