@@ -101,7 +101,7 @@ def test_runs_finishing_at_once_lose_no_record(tmp_path, result):
         list(pool.map(lambda k: catalog.record_result(tmp_path, k, result), keys + keys))
     ds = catalog.open_catalog(tmp_path)
     assert sorted(ds["image"].values) == sorted(keys)
-    assert not list((tmp_path / catalog.CATALOG_DIR).rglob(".*.tmp"))
+    assert not list((tmp_path / catalog.CATALOG_DIR).rglob(".*.part"))
 
 
 def test_an_incomplete_result_is_refused(tmp_path, result):

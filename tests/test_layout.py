@@ -16,7 +16,14 @@ PACKAGE = Path(segpipe.__file__).parent
 
 # Lowest first; a module may import from its own layer and the layers before it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("segpipe.version", "segpipe.config", "segpipe.palette", "segpipe.faults", "segpipe.progress"),
+    (
+        "segpipe.version",
+        "segpipe.config",
+        "segpipe.palette",
+        "segpipe.faults",
+        "segpipe.progress",
+        "segpipe.atomic",
+    ),
     ("segpipe.geometry",),
     ("segpipe.models",),
     ("segpipe.io",),

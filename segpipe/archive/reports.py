@@ -22,6 +22,7 @@ import numpy as np
 
 from segpipe.analysis.summary import summarise
 from segpipe.archive.state import ImageOutcome
+from segpipe.atomic import replaced_file
 from segpipe.io.files import URLPath, location
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
@@ -188,10 +189,8 @@ def write_thumbnail(
         Image.fromarray(blended, "RGB").save(png, format="PNG")
         out.write_bytes(png.getvalue())
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    Image.fromarray(blended, "RGB").save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with replaced_file(out) as tmp:
+        Image.fromarray(blended, "RGB").save(tmp, format="PNG")
     return out
 
 

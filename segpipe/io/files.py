@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import posixpath
-import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, StorePath
+
+from segpipe.atomic import replaced_file
 
 __all__ = [
     "REMOTE_READ_BLOCK",
@@ -344,17 +345,6 @@ def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
     return write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
-def _read_umask() -> int:
-    """The process's umask (read by setting it and putting it back: done once, at import,
-    since another thread creating a file in between would get the one set)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
-
-
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath:
     """Write ``text`` (UTF-8) so that readers see the old file or the new one, never half.
 
@@ -368,17 +358,6 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath
         target.write_text(text)
         return target
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
-        # other the user writes (a shared output root's reports, sidecars and tables).
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with replaced_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from segpipe.atomic import replaced_file
 from segpipe.models.base import REGISTRY, SegmentationModel, code_of, is_registered
 from segpipe.models.contract import PixelContract
 from segpipe.models.wrapped import WrappedModel
@@ -120,16 +121,11 @@ def save(
     }
     if model.pixel_contract is not None:
         payload["pixel_contract"] = model.pixel_contract.as_dict()
-    # Readers of the old file never see a half-written one, nor an interrupted save a loss.
-    part = path.with_name(f".{path.name[:200]}.{os.getpid()}.part")  # within NAME_MAX
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.save(payload, part)
-        os.replace(part, path)
-    except RuntimeError as err:  # torch's writer reports an unwritable file so
+    try:  # readers of the old file never see a half-written one, nor a failed save a loss
+        with replaced_file(path) as part:
+            torch.save(payload, part)
+    except RuntimeError as err:  # torch's writer reports a full disk so (OSErrors name path)
         raise CheckpointError(f"{path} cannot be written: {err}") from err
-    finally:
-        part.unlink(missing_ok=True)
     return path
 
 

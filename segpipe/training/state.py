@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from segpipe.atomic import replaced_file
 from segpipe.models.checkpoint import CheckpointError, read_payload
 
 if TYPE_CHECKING:
@@ -144,17 +145,11 @@ def save_state(
 def _save_atomic(payload: dict[str, Any], path: Path) -> None:
     """``torch.save`` to ``path`` whole or not at all, as :func:`segpipe.models.save` writes:
     a kill mid-write must leave the previous state (a resume's) readable, not a torn file."""
-    part = path.with_name(f".{path.name[:200]}.{os.getpid()}.part")  # within NAME_MAX
     try:
-        with open(part, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-    except RuntimeError as err:  # torch's writer reports a full disk so
+        with replaced_file(path) as part:
+            torch.save(payload, part)
+    except RuntimeError as err:  # torch's writer reports a full disk so (OSErrors name path)
         raise CheckpointError(f"{path} cannot be written: {err}") from err
-    finally:
-        part.unlink(missing_ok=True)
 
 
 def load_state(

@@ -1,0 +1,65 @@
+"""Local files replaced whole: readers see the old file or the new one, never half of one.
+
+Every local file segpipe writes in one piece (checkpoints, training state, JSON, reports,
+PNG overlays) is written beside its target and renamed over it, so a kill, a full disk or an
+exception mid-write leaves the file that was there before, readable, and no stray copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["replaced_file"]
+
+
+def _read_umask() -> int:
+    """The process's umask (read by setting it and putting it back: done once, at import,
+    since another thread creating a file in between would get the one set)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+@contextlib.contextmanager
+def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for the caller to write; when the block ends,
+    flush it to disk and rename it over ``path`` in one step (atomic on POSIX file systems).
+
+    If the block raises, the temporary file is removed and ``path`` is left as it was. The
+    folder is created when missing. An OSError of the file system names ``path``. Each call
+    gets a name of its own, so threads and processes writing the same ``path`` at once do not
+    share one; the last rename wins.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Within NAME_MAX (255 bytes) whatever the target's name: mkstemp adds 8 characters.
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".part")
+    except OSError as err:  # it names the temporary file, which the user never asked for
+        raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
+    tmp = Path(name)
+    try:
+        # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
+        # other the user writes (a shared output root's reports, sidecars and checkpoints).
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+        finally:
+            os.close(fd)
+        yield tmp
+        # After a power cut the rename may reach the disk before the data: fsync first.
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # a folder there, a read-only file system
+            raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,0 +1,117 @@
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from segpipe.atomic import replaced_file
+
+
+def _litter(folder):
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_the_written_file_replaces_the_old_one_with_the_users_permissions(tmp_path):
+    target = tmp_path / "new" / "folder" / "model.pt"  # folders made as needed
+    script = textwrap.dedent(
+        f"""
+        from pathlib import Path
+        from segpipe.atomic import replaced_file
+        target = Path({str(target)!r})
+        for text in ("first", "second"):
+            with replaced_file(target) as part:
+                assert part.parent == target.parent and part != target
+                part.write_text(text)
+                assert not target.exists() or target.read_text() == "first"
+            assert target.read_text() == text
+        """
+    )
+    # The umask is read at import (reading it sets it): a process of its own sets it first.
+    subprocess.run([sys.executable, "-c", script], check=True, umask=0o027)
+    assert target.read_text() == "second"
+    # mkstemp's 0600 would hide a shared root's checkpoint from the group; the umask decides.
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert _litter(target.parent) == []
+
+
+def test_an_unwritable_place_is_named_not_the_temporary_file(tmp_path):
+    (tmp_path / "folder.pt").mkdir()
+    with (
+        pytest.raises(IsADirectoryError, match=r"\S*/folder\.pt cannot be written: Is a dir"),
+        replaced_file(tmp_path / "folder.pt") as part,
+    ):
+        part.write_text("x")
+    assert [p.name for p in tmp_path.iterdir()] == ["folder.pt"]
+    if os.path.isdir("/proc/self"):  # takes no new files, even from root
+        with (
+            pytest.raises(FileNotFoundError, match=r"^\[Errno 2\] /proc/x\.pt cannot be wr"),
+            replaced_file("/proc/x.pt") as part,
+        ):
+            part.write_text("x")
+
+
+@pytest.mark.parametrize("error", [ValueError("bad payload"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_old_file_and_no_copy(tmp_path, error):
+    target = tmp_path / "state.json"
+    target.write_text("old")
+
+    def write_then_fail():
+        with replaced_file(target) as part:
+            part.write_text("half of the ne")
+            raise error
+
+    with pytest.raises(type(error)):
+        write_then_fail()
+    assert target.read_text() == "old"
+    assert _litter(tmp_path) == []
+
+
+def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
+    target = tmp_path / "weights.pt"
+    target.write_bytes(b"old weights")
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from segpipe.atomic import replaced_file
+        with replaced_file({str(target)!r}) as part:
+            with open(part, "wb") as f:
+                f.write(b"new wei")
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], check=False)
+    assert run.returncode == -signal.SIGKILL
+    assert target.read_bytes() == b"old weights"
+    # The killed write's copy stays (nothing ran to remove it), under a name of its own that
+    # the next write neither reads nor collides with.
+    (left,) = _litter(tmp_path)
+    assert left.startswith(".weights.pt.") and left.endswith(".part")
+    with replaced_file(target) as part:
+        part.write_bytes(b"new weights")
+    assert target.read_bytes() == b"new weights"
+
+
+def test_writers_at_once_each_land_whole(tmp_path):
+    target = tmp_path / "report.txt"
+    payloads = [str(i) * 100_000 for i in range(10)]
+
+    def write(text):
+        with replaced_file(target) as part:
+            part.write_text(text)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, payloads * 3))
+    assert target.read_text() in payloads
+    assert _litter(tmp_path) == []
+
+
+def test_a_long_name_fits_the_file_systems_limit(tmp_path):
+    target = tmp_path / ("n" * 250 + ".pt")  # a temporary name of 1 + 250 + 13 would not fit
+    with replaced_file(target) as part:
+        part.write_bytes(b"x")
+    assert target.read_bytes() == b"x"
