@@ -225,6 +225,34 @@ def test_ingested_image_passes_the_strict_ome_validator(tmp_path: Path) -> None:
     assert len(image.ome_attributes.multiscales[0].datasets) == 3
 
 
+@pytest.mark.parametrize("dtype", ["q", "Q"])
+def test_64_bit_integer_tiffs_ingest_with_exact_levels(tmp_path: Path, dtype: str) -> None:
+    # tifffile gives 64-bit integers as C's long long ("q"), which zarr has no type for.
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(4)
+    data = rng.integers(info.max // 2, info.max, (40, 60), dtype=np.dtype(dtype).str)
+    data[:2, :2] = info.max  # a sum of four overflows 64 bits
+    tifffile.imwrite(tmp_path / "labels.tif", data.astype(dtype), tile=(16, 16))
+    assert tifffile.imread(tmp_path / "labels.tif").dtype.char == dtype
+
+    out = ingest(tmp_path / "labels.tif", tmp_path / "labels.zarr", chunk=16, min_level_size=8)
+    group = zarr.open_group(str(out), mode="r")
+    level0, level1 = group["0"][0], group["1"][0]
+    assert level0.dtype == np.dtype(dtype).str
+    np.testing.assert_array_equal(level0, data)
+    blocks = data.reshape(20, 2, 30, 2).transpose(0, 2, 1, 3).reshape(20, 30, 4)
+    expected = [[(sum(map(int, four)) + 2) // 4 for four in row] for row in blocks]
+    assert [[int(v) for v in row] for row in level1] == expected
+
+
+def test_a_64_bit_footprints_edge_averages_its_valid_pixels_exactly() -> None:
+    big = np.iinfo(np.int64).max
+    block = np.array([[[big, big, -1, 5], [big, -1, -1, 7]]], dtype=np.int64)
+    out = segpipe.io.ingest._valid_mean_2x(block, (-1.0,))
+    assert out.dtype == np.int64
+    assert out.tolist() == [[[big, 6]]]  # three valid values of 2**63 - 1; (5 + 7) / 2
+
+
 @pytest.mark.parametrize(("dtype", "nodata"), [("int16", -9999.0), ("float32", np.nan)])
 def test_reduced_levels_average_only_valid_pixels(
     tmp_path: Path, dtype: str, nodata: float
@@ -433,6 +461,37 @@ def test_an_ingest_into_a_url_is_written_there(
     assert replaced.pixel_size_um == 2.0 and len(replaced.level_shapes) == 3
     np.testing.assert_array_equal(replaced.read(0, 300, 0, 517), img)
     assert not any(cwd.iterdir())
+
+
+def test_an_ingest_killed_part_way_is_redone_by_the_next_without_overwrite(
+    tmp_path: Path,
+) -> None:
+    """A killed ingest leaves an unfinished store of its own (``complete: false``); the next
+    plain ingest redoes it, as the busy message promises, to the same bytes as one never
+    killed. A finished one still needs ``overwrite``."""
+    import signal
+    import subprocess
+    import sys
+
+    img = _image()
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", img), tmp_path / "in.image.zarr"
+    killed_after_level_0 = (
+        "import os, signal, segpipe.io.ingest as m; "
+        "m._halve = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); "
+        f"m.ingest({str(src)!r}, {str(store)!r}, chunk=64, min_level_size=64)"
+    )
+    run = subprocess.run([sys.executable, "-c", killed_after_level_0], check=False)
+    assert run.returncode == -signal.SIGKILL
+    assert _attrs(store)["segpipe"]["complete"] is False and (store / "0" / "c").is_dir()
+
+    ingest(src, store, chunk=64, min_level_size=64)
+    assert _attrs(store)["segpipe"]["complete"] is True
+    fresh = ingest(src, tmp_path / "fresh.image.zarr", chunk=64, min_level_size=64)
+    for level in ("0", "1", "2"):
+        a, b = zarr.open_array(store / level, mode="r"), zarr.open_array(fresh / level, mode="r")
+        np.testing.assert_array_equal(a[:], b[:])
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ingest(src, store, chunk=64, min_level_size=64)
 
 
 def _delete_half(files: list[Path], metadata_first: bool) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -145,6 +147,24 @@ def test_downsample_numpy_matches_reference(dtype: type) -> None:
     info = np.iinfo(dtype)
     a = rng.integers(info.min, info.max, (31, 17, 3), dtype=dtype, endpoint=True)
     np.testing.assert_array_equal(downsample_mean_2x(a), _mean2x_reference(a))
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.dtype("q"), np.dtype("Q")])
+def test_downsample_of_64_bit_integers_is_exact_at_their_extremes(dtype: Any) -> None:
+    # Four int64s overflow an int64 sum, and float64 rounds them: Python's integers are exact.
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(2)
+    a = rng.integers(info.min, info.max, (6, 10), dtype=np.dtype(dtype).str, endpoint=True)
+    a[:2, :2], a[2:4, :2] = info.max, info.min
+    a = a.astype(dtype)
+    out = downsample_mean_2x(a[..., None])[..., 0]
+    expected = [
+        [(sum(int(v) for v in a[y : y + 2, x : x + 2].ravel()) + 2) // 4 for x in range(0, 10, 2)]
+        for y in range(0, 6, 2)
+    ]
+    assert out.dtype == a.dtype
+    assert [[int(v) for v in row] for row in out] == expected
+    assert out[0, 0] == info.max and out[1, 0] == info.min
 
 
 def test_downsample_float_and_bool() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "downsample_mean_2x",
+    "exact_sum_dtype",
     "level_downsample",
     "pyramid_shapes",
     "to_float01",
@@ -274,7 +275,8 @@ def _downsample_numpy(array: np.ndarray, ay: int, ax: int, float32_sum: bool = F
     # The four corners added in place: a few times faster than a reshape and a sum over two
     # small axes, and exact for every integer and float16 input (float32: up to the last bit
     # of float64, unless summed in float32).
-    total = np.float32 if float32_sum and array.dtype == np.float32 else _sum_dtype(array.dtype)
+    f32 = float32_sum and array.dtype == np.float32
+    total = np.dtype(np.float32) if f32 else exact_sum_dtype(array.dtype)
     summed = corner(0, 0).astype(total)
     for dy, dx in ((0, 1), (1, 0), (1, 1)):
         summed += corner(dy, dx)
@@ -305,7 +307,11 @@ def _downsample_dask(array: Any, ay: int, ax: int, float32_sum: bool) -> Any:
     )
 
 
-def _sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+def exact_sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """A type that holds the sum of four ``dtype`` values exactly (Python's integers for
+    64-bit ones: four int64s overflow int64, and float64 rounds them)."""
+    if dtype.kind in "ui" and dtype.itemsize == 8:
+        return np.dtype(object)
     return np.dtype(np.int64) if dtype.kind in "uib" else np.dtype(np.float64)
 
 

@@ -207,8 +207,9 @@ def _chunk_side(store: Path | URLPath, previous: dict[str, Any]) -> int | None:
 
 
 def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
-    """Make way for an ingest at ``out``: nothing there, or a segpipe image that ``overwrite``
-    allows deleting (deleted as the module says, never leaving a half-deleted image there).
+    """Make way for an ingest at ``out``: nothing there, an unfinished segpipe ingest (one
+    killed or failed: the next ingest redoes it), or a segpipe image that ``overwrite`` allows
+    deleting (deleted as the module says, never leaving a half-deleted image there).
 
     Raises FileExistsError for anything else at ``out``, which is never deleted, and for a
     symbolic link.
@@ -220,12 +221,13 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
             shutil.rmtree(old, ignore_errors=True)
     if not out.exists():
         return
-    if not overwrite:
+    previous = _segpipe_attributes(out)
+    if not overwrite and (previous is None or previous.get("complete")):
         raise FileExistsError(
             f"ingest output {out} already exists; pass overwrite=True to replace a previous "
             f"segpipe ingest, or choose another path"
         )
-    if not (out.is_dir() and is_segpipe_image(out)):
+    if not (out.is_dir() and previous is not None):
         raise FileExistsError(
             f"ingest output {out} exists and is not a segpipe image ingest (no "
             f"'segpipe': {{'kind': 'image'}} attribute in its zarr.json); refusing to delete "

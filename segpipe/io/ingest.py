@@ -40,7 +40,7 @@ import dask.base
 import numpy as np
 from dask.callbacks import Callback
 
-from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
+from segpipe.geometry.pixels import downsample_mean_2x, exact_sum_dtype, pyramid_shapes
 from segpipe.io.files import URLPath, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import (
@@ -94,8 +94,9 @@ def ingest(
     pixel_size_um
         Microns per pixel at level 0; overrides what the source says.
     overwrite
-        Replace ``output`` if it is a previous segpipe image ingest (complete or not), as
-        :mod:`segpipe.io.imagestore` deletes one. Any other existing path is never deleted.
+        Replace ``output`` if it is a previous segpipe image ingest, as
+        :mod:`segpipe.io.imagestore` deletes one. An unfinished one (a killed or failed
+        ingest's) is replaced without it. Any other existing path is never deleted.
     progress
         Show the ingest's progress on stderr, unless a listener is installed already
         (:func:`segpipe.progress.reporting`), which shows it. Dask's own bars never print.
@@ -108,8 +109,8 @@ def ingest(
     Raises
     ------
     FileExistsError
-        ``output`` exists and ``overwrite`` is False, or it is not a segpipe ingest, or it is
-        a symbolic link.
+        ``output`` holds a finished ingest and ``overwrite`` is False, or it is not a
+        segpipe ingest, or it is a symbolic link.
     ValueError
         ``output`` is a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a glob).
     ImageReadError
@@ -303,8 +304,7 @@ def _valid_mean_2x(
         valid = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
     assert valid is not None  # mask kind "nodata" with a value for every band
     kind = block.dtype.kind
-    wide = np.int64 if kind in "uib" else np.float64
-    data = np.where(valid, block, 0).astype(wide)
+    data = np.where(valid, block, 0).astype(exact_sum_dtype(block.dtype))
     total = data[:, 0::2, 0::2] + data[:, 0::2, 1::2] + data[:, 1::2, 0::2] + data[:, 1::2, 1::2]
     count = valid.astype(np.int64)
     count = count[0::2, 0::2] + count[0::2, 1::2] + count[1::2, 0::2] + count[1::2, 1::2]

@@ -242,7 +242,9 @@ class BaseReader(SharedHandles):
                 f"MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS:,}); if the file really holds that much, "
                 "raise the limit"
             )
-        self.dtype = np.dtype(dtype)
+        # numpy's own name of the type: C's "long long" ("q", as tifffile gives 64-bit
+        # integers) is int64 to numpy but has no Zarr data type.
+        self.dtype = np.dtype(np.dtype(dtype).str)
         self._axes = tuple(axes)
         self._native_shapes = tuple(tuple(int(n) for n in s) for s in native_shapes)
         self._native_chunks = tuple(tuple(int(n) for n in c) for c in native_chunks)
@@ -349,7 +351,8 @@ class BaseReader(SharedHandles):
     def _read_native(self, level: int, key: tuple[slice, ...]) -> np.ndarray:
         try:
             with self._reading(lambda: self._level_array(level)) as array:
-                return np.asarray(array[key])
+                # a view in the dtype said (tifffile's 64-bit "q" is a type zarr refuses)
+                return np.asarray(array[key]).view(self.dtype)
         except ImageReadError:
             raise
         except DECODE_ERRORS as exc:
