@@ -299,6 +299,69 @@ def test_torch_export_file_with_a_sidecar(monai_batch: WrappedModel, tmp_path: P
         torch.testing.assert_close(loaded(x), monai_batch(x), rtol=1e-5, atol=1e-5)
 
 
+def _foreign_file(net: WrappedModel, kind: str, folder: Path) -> Path:
+    """``net``'s module saved as TorchScript or an exported program (batch, height and width
+    dynamic), with its sidecar."""
+    path = folder / f"net-{kind}.pt"
+    side = net.geometry.input_size(32)
+    example = torch.rand(2, 1, side, side)
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.trace(net.module, example), str(path))
+    else:
+        dynamic = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC}
+        dynamic[3] = torch.export.Dim.DYNAMIC
+        program = torch.export.export(net.module, (example,), dynamic_shapes=(dynamic,))
+        torch.export.save(program, str(path))
+    write_sidecar(path, class_names=net.class_names, geometry=net.geometry, in_channels=1)
+    return path
+
+
+def test_a_foreign_file_pickles_as_its_bytes(monai_batch: WrappedModel, tmp_path: Path) -> None:
+    """A TorchScript module does not pickle (a Dask worker gets its model pickled): the file
+    goes instead, each copy loading its own network, in the mode of the one pickled."""
+    import pickle
+
+    loaded = models.load(_foreign_file(monai_batch, "torchscript", tmp_path))
+    copy = pickle.loads(pickle.dumps(loaded))
+    assert copy.module is not loaded.module and not copy.training
+    x = torch.rand(3, 1, 48, 64)  # not the size exported with
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), loaded(x), rtol=0, atol=0)
+        torch.testing.assert_close(copy(x), monai_batch(x), rtol=1e-5, atol=1e-5)
+    traced = torch.jit.trace(monai_batch.module, x)
+    scripted = wrap(traced, class_names=["a", "b"], geometry=monai_batch.geometry)
+    assert scripted.saved is None  # a user's own TorchScript module: saved as it pickles
+    with torch.no_grad():
+        torch.testing.assert_close(pickle.loads(pickle.dumps(scripted))(x), scripted(x))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["torchscript", "torch.export"])
+def test_a_foreign_file_segments_on_a_dask_cluster(
+    monai_batch: WrappedModel, tmp_path: Path, kind: str
+) -> None:
+    """A cluster's workers get the model pickled: TorchScript and exported modules refused to
+    be (RuntimeError / TypeError), so only ``scheduler="sync"`` ran them."""
+    import distributed
+
+    image = _image(tmp_path / "grey.tif")
+    path = _foreign_file(monai_batch, kind, tmp_path)
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as local:
+        segpipe.segment(
+            tmp_path / "grey.tif",
+            tmp_path / "r.zarr",
+            str(path),
+            scheduler=local.scheduler_address,
+            tile=64,
+            probability_dtype="float32",
+        )
+    probabilities = segpipe.open_result(tmp_path / "r.zarr")["probabilities"].values
+    expected = _whole_image_pass(monai_batch.module, image, monai_batch.geometry)
+    np.testing.assert_allclose(probabilities, expected, atol=2e-5)
+
+
 # -- segmentation_models.pytorch ------------------------------------------------------------------
 
 

@@ -44,8 +44,9 @@ from segpipe.models.contract import (
     measure_contract,
 )
 from segpipe.models.foreign import is_foreign, load_foreign, write_sidecar
+from segpipe.models.probe import measure_geometry
 from segpipe.models.source_checks import channels_taken, check_source, choose_level
-from segpipe.models.wrapped import WrappedModel, measure_geometry, wrap
+from segpipe.models.wrapped import WrappedModel, wrap
 
 __all__ = [
     "CheckpointError",

@@ -1,9 +1,9 @@
 """TorchScript and ``torch.export`` files as segpipe models, described by a sidecar.
 
 A network trained anywhere can be segmented with by path once it is saved as TorchScript
-(``torch.jit.save``) or as an exported program (``torch.export.save``, with a dynamic batch
-dimension: the last batch of a run may be smaller) and described by a sidecar beside it,
-``<file>.json`` (or ``<file>.yaml``)::
+(``torch.jit.save``) or as an exported program (``torch.export.save``, with dynamic batch,
+height and width dimensions: the last batch of a run may be smaller, and windows vary in
+size) and described by a sidecar beside it, ``<file>.json`` (or ``<file>.yaml``)::
 
     {
       "class_names": ["background", "nucleus"],          required
@@ -33,7 +33,7 @@ import torch
 
 from segpipe.geometry.tiling import Geometry
 from segpipe.models.contract import PixelContract
-from segpipe.models.wrapped import WrappedModel, wrap
+from segpipe.models.wrapped import SavedModule, WrappedModel, wrap
 
 __all__ = ["SIDECAR_SUFFIXES", "is_foreign", "load_foreign", "sidecar_of", "write_sidecar"]
 
@@ -105,7 +105,7 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
             "(class_names, and optionally geometry and pixel_contract)"
         )
     spec = _read_sidecar(side)
-    module = _load_module(p, spec.get("format"))
+    module, saved = _load_module(p, spec.get("format"))
     geometry, measured = _geometry(side, spec.get("geometry"))
     contract = None
     if spec.get("pixel_contract") is not None:
@@ -114,7 +114,7 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{side}: pixel_contract is not valid: {err}") from err
     try:
-        return wrap(
+        net = wrap(
             module,
             class_names=[str(c) for c in spec["class_names"]],
             in_channels=spec.get("in_channels"),
@@ -126,6 +126,8 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
         )
     except (TypeError, ValueError) as err:
         raise ValueError(f"{p} (sidecar {side}): {err}") from err
+    net.saved = saved  # what it pickles as: an exported module does not pickle
+    return net
 
 
 def _geometry(side: Path, given: Any) -> tuple[Geometry | None, dict[str, Any]]:
@@ -174,17 +176,15 @@ def _read_sidecar(side: Path) -> dict[str, Any]:
     return dict(data)
 
 
-def _load_module(path: Path, declared: str | None) -> torch.nn.Module:
+def _load_module(path: Path, declared: str | None) -> tuple[torch.nn.Module, SavedModule]:
     kind = declared or _sniff(path)
-    if kind == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu")
-    if kind == "torch.export":
-        program = torch.export.load(str(path))
-        return program.module()
-    raise ValueError(
-        f"{path}: format {kind!r} is neither 'torchscript' nor 'torch.export'; a segpipe "
-        "checkpoint needs no sidecar (remove it)"
-    )
+    if kind not in ("torchscript", "torch.export"):
+        raise ValueError(
+            f"{path}: format {kind!r} is neither 'torchscript' nor 'torch.export'; a segpipe "
+            "checkpoint needs no sidecar (remove it)"
+        )
+    saved = SavedModule(path.read_bytes(), kind)
+    return saved.load(), saved
 
 
 def _sniff(path: Path) -> str:

@@ -3,6 +3,7 @@ against the class names before a run rather than found out in one."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -11,7 +12,7 @@ from torch.fx import GraphModule
 
 from segpipe.geometry.tiling import Geometry
 
-__all__ = ["check_classes", "first_conv_channels"]
+__all__ = ["check_classes", "first_conv_channels", "set_mode"]
 
 
 def first_conv_channels(module: nn.Module) -> int | None:
@@ -66,3 +67,10 @@ def check_classes(
             f"{type(module).__name__} gives {classes} output channels, but there are "
             f"{len(class_names)} class names {list(class_names)}: give one name per channel"
         )
+
+
+def set_mode(module: nn.Module, training: bool) -> None:
+    """``module.train(training)``, where it can be: an exported program's module refuses, its
+    mode fixed at export."""
+    with contextlib.suppress(NotImplementedError):
+        module.train(training)

@@ -2,23 +2,8 @@
 
 A MONAI ``BasicUNet``, a segmentation_models.pytorch ``Unet``, a TorchScript file: anything that
 maps ``(N, C, H, W)`` to class scores ``(N, classes, H, W)``. The tiler needs the network's
-geometry (its halo and size multiple); :func:`measure_geometry` finds them with a gradient probe
-when they are not given, the way the model tests check segpipe's own architectures:
-
-* the **multiple** is the smallest shift (1, 2, 4, ... 64 pixels) under which the output shifts
-  with the input (a network with ``p`` 2x2 poolings is equivariant to shifts of ``2**p``);
-* the **halo** is the farthest an input pixel lies from an output pixel that depends on it, for
-  every pooling phase and both axes, found with autograd on a copy whose weights are made
-  positive (so nothing cancels and every ReLU passes its gradient), whose max poolings are
-  average poolings of the same window (a max passes its gradient to one input of its window,
-  which one depending on the probe's pixels: the farthest could go unseen) and whose per-tile
-  normalisations (InstanceNorm, GroupNorm) are removed (they make every pixel depend on all).
-  Only eager layers can be swapped; through the max poolings of TorchScript, of an exported
-  graph or of ``F.max_pool2d`` the halo is the farthest of 8 probes with fixed pixels.
-
-Exact mode with the measured halo then equals a whole-image pass over the mirrored image; a
-network with per-tile normalisation is refused by exact mode and runs in blend mode, where the
-halo still says how much context a window needs.
+geometry (its halo and size multiple); :func:`~segpipe.models.probe.measure_geometry` finds
+them with a gradient probe when they are not given.
 
 >>> from torch import nn
 >>> net = wrap(nn.Conv2d(3, 2, 5, padding=2), class_names=["bg", "fg"])
@@ -28,32 +13,22 @@ Geometry(halo=2, multiple=1, input_offset=0, shrinks=False)
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import functools
-import math
-from collections.abc import Callable, Sequence
+import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from segpipe.geometry.tiling import Geometry
-from segpipe.models.base import SegmentationModel, uses_tile_statistics
+from segpipe.models.base import SegmentationModel
 from segpipe.models.contract import PixelContract
-from segpipe.models.module_io import check_classes, first_conv_channels
+from segpipe.models.module_io import check_classes, first_conv_channels, set_mode
+from segpipe.models.probe import measured_geometry
 
-__all__ = ["WrappedConfig", "WrappedModel", "measure_geometry", "wrap"]
-
-_MAX_MULTIPLE = 64
-_MAX_PROBE = 4096  # pixels: a receptive field beyond this is taken to be global
-# Probes through max poolings that cannot be swapped: 1 in ~10 undercounts a traced U-Net's halo
-# by a pixel or two, so 8 that all do are ~1e-8 (independent pixels).
-_MAX_POOL_PROBES = 8
+__all__ = ["SavedModule", "WrappedConfig", "WrappedModel", "wrap"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +44,33 @@ class WrappedConfig:
     shrinks: bool = False
 
 
+@dataclass(frozen=True, repr=False)
+class SavedModule:
+    """A TorchScript or ``torch.export`` file's bytes (``kind``: ``"torchscript"`` or
+    ``"torch.export"``). Neither module pickles, so a :class:`WrappedModel` of one pickles
+    this in its place: a Dask worker loads a copy of its own."""
+
+    data: bytes
+    kind: str
+
+    @classmethod
+    def of(cls, module: nn.Module) -> SavedModule | None:
+        """A TorchScript module saved; None for any other (eager ones pickle as they are)."""
+        if not isinstance(module, torch.jit.ScriptModule):
+            return None
+        buffer = io.BytesIO()
+        torch.jit.save(module, buffer)
+        return cls(buffer.getvalue(), "torchscript")
+
+    def load(self) -> nn.Module:
+        """The module, on the CPU."""
+        if self.kind == "torchscript":
+            return torch.jit.load(io.BytesIO(self.data), map_location="cpu")
+        if self.kind == "torch.export":
+            return torch.export.load(io.BytesIO(self.data)).module()
+        raise ValueError(f"format {self.kind!r} is neither 'torchscript' nor 'torch.export'")
+
+
 class WrappedModel(SegmentationModel):
     """A foreign ``nn.Module`` behind the :class:`SegmentationModel` interface.
 
@@ -79,6 +81,8 @@ class WrappedModel(SegmentationModel):
 
     name = "wrapped"
     config_class = WrappedConfig
+    #: The module's file, where the module does not pickle (:class:`SavedModule`).
+    saved: SavedModule | None = None
 
     def __init__(
         self,
@@ -97,10 +101,24 @@ class WrappedModel(SegmentationModel):
         )
         self.module = module
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        saved = self.saved or SavedModule.of(self.module)
+        if saved is not None:  # the file goes in the module's place, loaded on unpickling
+            state["_modules"] = {**state["_modules"], "module": None}
+            state["saved"] = saved
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.saved is not None:
+            self.module = self.saved.load()
+            set_mode(self.module, self.training)
+
     def train(self, mode: bool = True) -> WrappedModel:
         """Set train/eval mode; a ``torch.export`` module has its mode fixed at export."""
         self.training = mode
-        _set_mode(self.module, mode)
+        set_mode(self.module, mode)
         return self
 
     @property
@@ -144,7 +162,7 @@ def wrap(
         Input channels; default: the contract's, else the first convolution's.
     halo, multiple
         Context in pixels each output pixel needs, and the size multiple; measured with
-        :func:`measure_geometry` when not given.
+        :func:`~segpipe.models.probe.measure_geometry` when not given.
     geometry
         The whole geometry instead (e.g. for a valid-padding network, which the probe does
         not measure).
@@ -153,7 +171,7 @@ def wrap(
     pixel_contract
         How image pixels become the module's input, and what images it takes.
     """
-    _set_mode(module, False)
+    set_mode(module, False)
     channels = (
         in_channels
         or (pixel_contract.channels if pixel_contract is not None else None)
@@ -165,7 +183,7 @@ def wrap(
         )
     classes = None
     if geometry is None:
-        geometry, classes = _measure(module, channels, halo, multiple)
+        geometry, classes = measured_geometry(module, channels, halo, multiple)
     check_classes(module, int(channels), geometry, class_names, classes)
     config = WrappedConfig(
         in_channels=int(channels),
@@ -182,228 +200,3 @@ def wrap(
         )
     net.pixel_contract = pixel_contract
     return net.eval()
-
-
-def _set_mode(module: nn.Module, training: bool) -> None:
-    # An exported program's module refuses: its mode was fixed at export.
-    with contextlib.suppress(NotImplementedError):
-        module.train(training)
-
-
-def measure_geometry(
-    module: nn.Module,
-    in_channels: int,
-    *,
-    halo: int | None = None,
-    multiple: int | None = None,
-) -> Geometry:
-    """The halo and size multiple of a same-padding network, by gradient probe.
-
-    Works on a float64 copy with positive weights (see the module doc); the module itself is
-    left alone. ``halo`` or ``multiple``, when given, are taken as they are.
-
-    Raises
-    ------
-    ValueError
-        When the output is not the input's size (a valid-padding network: give
-        ``geometry=``), or the receptive field exceeds 4096 pixels (global pooling or
-        attention: give ``halo=`` and use blend mode).
-    """
-    return _measure(module, in_channels, halo, multiple)[0]
-
-
-def _measure(
-    module: nn.Module, in_channels: int, halo: int | None, multiple: int | None
-) -> tuple[Geometry, int | None]:
-    """:func:`measure_geometry`, and the class scores the probe gave (None: nothing ran)."""
-    if halo is not None and multiple is not None:
-        return Geometry(halo=int(halo), multiple=int(multiple)), None
-    probe, name = _probe_copy(module), type(module).__name__
-    rows, side = _MAX_MULTIPLE, 256
-    # Max poolings left in the probe (see the module doc): the farthest of several probes.
-    pooled, classes = _first_pass(probe, in_channels, rows, side)
-    seeds = range(_MAX_POOL_PROBES if pooled else 1)
-    strip = functools.partial(_margins, probe, in_channels, seeds=seeds)
-    first = _settled(name, functools.partial(strip, rows, phases=1), side) if halo is None else halo
-    if multiple is None:
-        multiple = _multiple(probe, in_channels, rows, first)
-    if halo is None:
-        # Room for the farthest phase on both sides; mid (width // 2) on the pooling lattice.
-        need = 2 * (first + multiple) + 4 * multiple
-        width = need + (-need) % (2 * multiple)
-        # A strip a few multiples high is enough: rows only have to be accepted by the network.
-        rows = max(2 * multiple, 8)
-        # Each axis grows its own strip: the first probe saw the columns' reach only.
-        halo = max(
-            _settled(name, functools.partial(strip, rows, phases=multiple, axis=a), width)
-            for a in (3, 2)
-        )
-    return Geometry(halo=int(halo), multiple=int(multiple)), classes
-
-
-def _settled(name: str, margins: Callable[[int], int | None], cols: int) -> int:
-    """``margins(cols)`` (:func:`_margins`), the strip doubled until the receptive field fits."""
-    while (margin := margins(cols)) is None:
-        cols *= 2
-        if cols > _MAX_PROBE:
-            raise ValueError(
-                f"{name}: some output pixels depend on input more than {_MAX_PROBE // 2} pixels "
-                "away (global pooling or attention?), so no halo makes tiles exact; pass halo= "
-                "(the context you want) and use mode='blend'"
-            )
-    return margin
-
-
-_AVG_POOLS: dict[type[nn.Module], type[nn.Module]] = {
-    nn.MaxPool1d: nn.AvgPool1d,
-    nn.MaxPool2d: nn.AvgPool2d,
-    nn.MaxPool3d: nn.AvgPool3d,
-}
-
-
-def _average_twin(sub: nn.Module) -> nn.Module | None:
-    """The average pooling over ``sub``'s windows, for a max pooling that has one (not one
-    with dilation, nor one whose indices a max unpooling needs); else None."""
-    if type(sub) not in _AVG_POOLS or getattr(sub, "return_indices", True):
-        return None
-    dilation = sub.dilation if isinstance(sub.dilation, tuple) else (sub.dilation,)
-    if any(d != 1 for d in dilation):
-        return None
-    return _AVG_POOLS[type(sub)](sub.kernel_size, sub.stride, sub.padding, ceil_mode=sub.ceil_mode)
-
-
-def _probe_copy(module: nn.Module) -> nn.Module:
-    """A float64 eval copy with positive averaging weights and no per-tile normalisation.
-
-    Only an eager module's layers are swapped (see :func:`_first_pass`)."""
-    probe = copy.deepcopy(module)
-    _set_mode(probe, False)
-    swaps: dict[str, nn.Module] = {n: nn.Identity() for n in uses_tile_statistics(probe) if n}
-    modules = dict(probe.named_modules())
-    for name, sub in modules.items():
-        if name and (twin := _average_twin(sub)) is not None:
-            swaps[name] = twin
-    # TorchScript's and exported graphs' layers stay (their code calls them, not the parent's).
-    frozen = [n for n, m in modules.items() if isinstance(m, torch.jit.ScriptModule | GraphModule)]
-    for name, replacement in swaps.items():
-        if not any(f == "" or name.startswith(f + ".") for f in frozen):
-            parent_name, _, child = name.rpartition(".")
-            setattr(modules[parent_name], child, replacement)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for sub in probe.modules():
-            weight = getattr(sub, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.ndim >= 2:
-                # Positive and averaging (sum of weights ~1 per output): values stay O(1)
-                # however deep the network, and no two paths cancel.
-                fan_in = weight[0].numel()
-                weight.copy_((0.5 + torch.rand(weight.shape, generator=generator)) / fan_in)
-            elif isinstance(weight, torch.Tensor):
-                weight.fill_(1.0)
-            bias = getattr(sub, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.fill_(0.01)
-            for stat, value in (("running_mean", 0.0), ("running_var", 1.0)):
-                buffer = getattr(sub, stat, None)
-                if isinstance(buffer, torch.Tensor):
-                    buffer.fill_(value)
-    return probe.double()
-
-
-class _MaxPoolSeen(TorchDispatchMode):
-    """Notes whether any max pooling operator runs, however it was called."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen = False
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        self.seen = self.seen or "max_pool" in str(func)
-        return func(*args, **(kwargs or {}))
-
-
-@torch.no_grad()
-def _first_pass(probe: nn.Module, channels: int, rows: int, cols: int) -> tuple[bool, int]:
-    """Whether the probe still max-pools: in TorchScript or an exported graph, whose layers
-    cannot be swapped, or with ``F.max_pool2d`` in a ``forward`` (seen at the operators, below
-    every way of calling them); and how many class scores it gives."""
-    with _MaxPoolSeen() as mode:
-        y = _run(probe, torch.full((1, channels, rows, cols), 0.5, dtype=torch.float64))
-    return mode.seen, int(y.shape[1])
-
-
-def _run(probe: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    y = probe(x)
-    if not isinstance(y, torch.Tensor):
-        raise TypeError(f"the module returned {type(y).__name__}, not a tensor of class scores")
-    if y.shape[2:] != x.shape[2:]:
-        raise ValueError(
-            f"the module maps an input of {tuple(x.shape[2:])} to an output of "
-            f"{tuple(y.shape[2:])}: only same-size (same-padding) networks are measured; "
-            "give geometry=segpipe.geometry.tiling.Geometry(halo, multiple, input_offset, "
-            "shrinks=True) for a valid-padding one"
-        )
-    return y
-
-
-def _margins(
-    probe: nn.Module,
-    channels: int,
-    rows: int,
-    cols: int,
-    phases: int,
-    axis: int = 3,
-    *,
-    seeds: Sequence[int] = (0,),
-) -> int | None:
-    """Largest input distance of ``phases`` neighbouring output pixels (along ``axis``: 3 for
-    columns, 2 for rows) in the middle of a ``rows x cols`` strip, from the input pixels their
-    gradient touches, over probes with pixels drawn from each of ``seeds``; None when some
-    touch the strip's end (the strip is too short)."""
-    shape = (phases, channels, rows, cols) if axis == 3 else (phases, channels, cols, rows)
-    mid, centre = cols // 2, rows // 2
-    margin = 0
-    for seed in seeds:
-        pixels = torch.rand(
-            shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
-        )
-        x = (0.5 + 0.5 * pixels).requires_grad_(True)
-        y = _run(probe, x)
-        picks = [
-            # every class: a network may route some inputs to some classes only
-            y[b, :, centre, mid + b].sum() if axis == 3 else y[b, :, mid + b, centre].sum()
-            for b in range(phases)
-        ]
-        (grad,) = torch.autograd.grad(torch.stack(picks).sum(), x)
-        for b in range(phases):
-            g = grad[b].abs().sum(dim=(0, 1) if axis == 3 else (0, 2))
-            touched = torch.nonzero(g).flatten()
-            lo, hi = int(touched.min()), int(touched.max())
-            if lo == 0 or hi == cols - 1:
-                return None
-            margin = max(margin, mid + b - lo, hi - mid - b)
-    return margin
-
-
-@torch.no_grad()
-def _multiple(probe: nn.Module, channels: int, rows: int, margin: int) -> int:
-    """Smallest power-of-two shift under which the probe's output moves with its input."""
-    pad = margin + _MAX_MULTIPLE  # beyond any phase's reach
-    width = 2 ** math.ceil(math.log2(2 * pad + _MAX_MULTIPLE))
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(
-        1, channels, rows, width + _MAX_MULTIPLE, dtype=torch.float64, generator=generator
-    )
-    base = _run(probe, x[..., :width])[..., pad : width - pad]
-    shift = 1
-    while shift <= _MAX_MULTIPLE:
-        moved = _run(probe, x[..., shift : shift + width])
-        if torch.allclose(
-            moved[..., pad - shift : width - pad - shift], base, rtol=1e-9, atol=1e-12
-        ):
-            return shift
-        shift *= 2
-    raise ValueError(
-        f"the output does not follow shifts of the input up to {_MAX_MULTIPLE} pixels: "
-        "pass multiple= (the network's total stride)"
-    )
