@@ -146,7 +146,8 @@ class SegmentConfig:
         None,
         EXECUTION,
         "torch intra-op threads of each CPU worker (default: a local cluster's share of the "
-        "cores; a running cluster's workers keep their own); equal counts give equal bits",
+        "cores; a running cluster's workers keep their own); equal counts of two or more give "
+        "equal bits on CPUs",
     )
 
     def __post_init__(self) -> None:
@@ -161,8 +162,9 @@ class SegmentConfig:
         _check_choice("probability_dtype", self.probability_dtype, PROBABILITY_DTYPES)
         if not (isinstance(self.overlap, int | float) and 0 <= self.overlap < 1):
             raise ValueError(f"SegmentConfig.overlap must be in [0, 1), got {self.overlap!r}")
-        if not (isinstance(self.sigma_scale, int | float) and self.sigma_scale > 0):
-            raise ValueError(f"SegmentConfig.sigma_scale must be > 0, got {self.sigma_scale!r}")
+        sigma = self.sigma_scale
+        if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"SegmentConfig.sigma_scale must be finite and > 0, got {sigma!r}")
         px = self.pixel_size_um
         if px is not None and not (isinstance(px, int | float) and math.isfinite(px) and px > 0):
             raise ValueError(

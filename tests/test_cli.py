@@ -745,21 +745,47 @@ def test_prefect_logs_a_user_errors_traceback_only_with_verbose_and_a_bugs_alway
     assert [list(x.filters) for x in loggers] == before
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_device_cuda_without_cuda_is_a_user_error(device, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("device", "gpus", "missing"),
+    [
+        ("cuda", 0, "torch sees no CUDA GPU"),
+        ("cuda:1", 0, "torch sees no CUDA GPU"),
+        ("cuda:2", 2, "torch sees 2 CUDA GPU(s), cuda:0 to cuda:1"),
+        ("mps", 0, "torch sees no Apple MPS device"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_a_user_error(
+    device, gpus, missing, monkeypatch, tmp_path, capsys
+):
     import torch
 
     called = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr("segpipe.execution.segment.segment", lambda *a, **kw: called.append(a))
     code = main(["segment", "in.tif", str(tmp_path / "out.zarr"), "--device", device])
     err = capsys.readouterr().err
     assert code == 2
     assert err == (
-        f"segpipe segment: error: --device {device}: torch sees no CUDA GPU on this machine; "
+        f"segpipe segment: error: --device {device}: {missing} on this machine; "
         "use --device cpu or --device auto\n"
     )
     assert not called, "refused before any work"
+
+
+def test_a_run_on_mps_without_it_names_the_device(tmp_path, random_checkpoint, small_slide):
+    # Before, the predictor's setup passed it and torch failed moving a tensor there, with a
+    # bare "PyTorch is not linked with support for mps devices".
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    with pytest.raises(RuntimeError, match=r"pid \d+: device 'mps' asked for, but torch sees no"):
+        segpipe.segment(
+            small_slide.image, tmp_path / "r.zarr", random_checkpoint, device="mps",
+            scheduler="sync", tile=64,
+        )  # fmt: skip
 
 
 def test_device_cuda_with_a_remote_scheduler_is_left_to_its_workers(monkeypatch, tmp_path):

@@ -85,6 +85,9 @@ def test_the_generic_values_are_valid_and_not_defaults():
         ("overlap", 1.0),
         ("overlap", -0.1),
         ("sigma_scale", 0),
+        ("sigma_scale", math.inf),  # stored in zarr.json as Infinity, which is not JSON
+        ("sigma_scale", math.nan),
+        ("overlap", math.nan),
         ("pixel_size_um", -0.5),
         ("pixel_size_um", math.inf),
         ("amp", "yes"),

@@ -119,24 +119,25 @@ def config_from_args(args: argparse.Namespace) -> SegmentConfig:
 
 
 def _check_device(config: SegmentConfig) -> None:
-    """Refuse ``--device cuda`` here, before any work, on a machine without CUDA.
+    """Refuse a ``--device`` this machine lacks (``cuda`` without a GPU, ``cuda:3`` with two,
+    ``mps`` off a Mac) here, before any work.
 
     Only where the work runs in this process or on a local cluster: a remote scheduler's
     workers (``--scheduler tcp://...`` or dask's ``scheduler-address``, which
     DASK_SCHEDULER_ADDRESS sets) may have the GPU this machine lacks.
     """
-    if not config.device.startswith("cuda") or config.scheduler not in (None, "sync"):
+    if config.device in ("auto", "cpu") or config.scheduler not in (None, "sync"):
         return
     import dask.config
 
     if config.scheduler is None and dask.config.get("scheduler-address", None):
         return
-    import torch
+    from segpipe.execution.predictor import missing_device
 
-    if not torch.cuda.is_available():
+    if (missing := missing_device(config.device)) is not None:
         raise ValueError(
-            f"--device {config.device}: torch sees no CUDA GPU on this machine; "
-            "use --device cpu or --device auto"
+            f"--device {config.device}: {missing} on this machine; use --device cpu or "
+            "--device auto"
         )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "WindowPredictor",
     "activation_bytes_per_pixel",
     "autocast_dtype",
+    "missing_device",
     "model_given_back",
     "resolve_device",
     "window_probabilities",
@@ -45,13 +46,29 @@ in a new array each call (an exact sink keeps a view of it, not a copy)."""
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) is the first CUDA GPU when there is one, else the CPU."""
+    """``"auto"`` (or None) is the first CUDA GPU when there is one, else the CPU.
+
+    Raises RuntimeError for a device this process lacks (:func:`missing_device`)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if (missing := missing_device(dev)) is not None:
+        raise RuntimeError(f"device {str(device)!r} asked for, but {missing}")
     return dev
+
+
+def missing_device(device: str | torch.device) -> str | None:
+    """Why torch in this process cannot run on ``device`` (not "auto"), or None when it can."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return "torch sees no CUDA GPU"
+        if dev.index is not None and dev.index >= count:
+            return f"torch sees {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        return "torch sees no Apple MPS device"
+    return None
 
 
 @dataclass(frozen=True)

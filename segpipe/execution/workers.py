@@ -70,7 +70,7 @@ class ModelPlugin(distributed.WorkerPlugin):
         except RuntimeError as err:
             where = f"worker {worker.address}" if worker is not None else f"pid {os.getpid()}"
             raise RuntimeError(
-                f"{where}: {err}; run on workers with a CUDA GPU, or use device='auto' or 'cpu'"
+                f"{where}: {err}; run on workers that have it, or use device='auto' or 'cpu'"
             ) from None
         config = dataclasses.replace(self.config, device=str(device))
 
