@@ -223,6 +223,19 @@ class SegmentConfig:
         """The settings that change the numbers: part of a result's identity."""
         return {f.name: getattr(self, f.name) for f in settings(RESULT)}
 
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> SegmentConfig:
+        """:meth:`from_dict` of the config a result stores: an execution setting that an
+        earlier release let through and this one refuses (``threads`` 0, -1 or 2.5) is left
+        at its default, as it never changed the numbers. Result settings must be valid."""
+        kept = dict(data)
+        for f in settings(EXECUTION):
+            try:
+                cls.from_dict({f.name: kept[f.name]} if f.name in kept else {})
+            except ValueError:
+                del kept[f.name]
+        return cls.from_dict(kept)
+
     def execution_settings(self) -> dict[str, Any]:
         """The settings that change only how the numbers are computed."""
         return {f.name: getattr(self, f.name) for f in settings(EXECUTION)}

@@ -377,7 +377,7 @@ def test_refuses_to_clobber(source, tmp_path):
     assert (user_dir / "notes.txt").read_text() == "mine"
 
     out = segpipe.segment(source, tmp_path / "r.zarr", net, tile=32, scheduler="sync")
-    with pytest.raises(ResultMismatchError, match="differs in: tile"):
+    with pytest.raises(ResultMismatchError, match=r"differs in: tile: 32 stored, 64 in this run\)"):
         segpipe.segment(source, out, net, tile=64, scheduler="sync")
     segpipe.segment(source, out, net, tile=64, scheduler="sync", overwrite=True)
     assert read_meta(out).tile == 64

@@ -385,8 +385,13 @@ def test_a_blocks_writes_skip_zarrs_chunk_comparison(tmp_path, monkeypatch):
 def test_mismatch_and_foreign_directories(tmp_path):
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
-    with pytest.raises(ResultMismatchError, match="differs in: model_sha256, tile"):
+    # Each key with both values, so the user sees which run asks for what; long ones cut.
+    zeros, ones = "'" + "0" * 64 + "'", "'" + "1" * 64 + "'"
+    why = f"differs in: model_sha256: {zeros} stored, {ones} in this run; tile: 32 stored, 64 in"
+    with pytest.raises(ResultMismatchError, match=re.escape(why)):
         prepare_result(path, meta(tile=64, model_sha256="1" * 64))
+    with pytest.raises(ResultMismatchError, match=r"model_name: 'm' stored, '/m{75}\.\.\. in th"):
+        prepare_result(path, meta(model_name="/" + "m" * 100 + ".pt"))
     prepare_result(path, meta(tile=64), overwrite=True)
     assert zarr.open_array(path / "0" / "mask").chunks == (64, 64)
 
@@ -483,14 +488,27 @@ def test_a_result_made_before_mask_files_were_hashed_resumes_with_its_mask(tmp_p
         prepare_result(old, meta(foreground="other.png", foreground_sha256="c" * 64))
 
 
-def test_a_result_recorded_with_threads_0_still_reads(tmp_path):
-    """threads=0 meant torch's default, and was recorded so, before it was refused."""
+@pytest.mark.parametrize(
+    "stored",
+    [{"threads": 0}, {"threads": -1}, {"threads": 2.5}, {"batch_size": 0, "n_workers": -2}],
+)
+def test_a_result_recorded_with_execution_settings_now_refused_still_reads(tmp_path, stored):
+    """threads=0 meant torch's default, and was recorded so, before it was refused; -1 and 2.5
+    were recorded by releases that failed in torch once the result was made. They never
+    changed the numbers: the result reads, resumes and is replaced, with their defaults."""
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
+    mark_tiles_done(path, {(1, 2): np.array([3, 4])})
     group = zarr.open_group(path, mode="r+")
     attrs = group.attrs["segpipe"]
-    group.attrs["segpipe"] = {**attrs, "config": {**attrs["config"], "threads": 0}}
-    assert read_meta(path).config.threads is None
+    group.attrs["segpipe"] = {**attrs, "config": {**attrs["config"], **stored}}
+    config = read_meta(path).config
+    assert all(getattr(config, k) == getattr(SegmentConfig(), k) for k in stored)
+    assert prepare_result(path, meta()).sum() == 1  # resumed
+    prepare_result(path, meta(tile=64), overwrite=True)
+    group.attrs["segpipe"] = {**attrs, "config": {**attrs["config"], "tile": -1}}
+    with pytest.raises(ValueError, match=r"unreadable segpipe metadata.*tile must be >= 1"):
+        read_meta(path)  # a result setting is never guessed
 
 
 def test_open_result_coordinates_without_pixel_size(tmp_path):

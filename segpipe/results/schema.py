@@ -227,8 +227,7 @@ class ResultMeta:
         if "config" in attrs:
             # A config written before the foreground setting: every tile was computed.
             stored = {"foreground": ident.get("foreground", "none"), **attrs["config"]}
-            # threads 0 was torch's default before it was refused
-            config = SegmentConfig.from_dict({**stored, "threads": stored.get("threads") or None})
+            config = SegmentConfig.from_stored(stored)
         else:  # written before SegmentConfig: rebuild its result settings from the identity
             config = SegmentConfig(
                 tile=int(ident["tile"]),

@@ -90,14 +90,15 @@ def prepare_result(
                 f"{path} exists and is not a segpipe result; refusing to write into it. "
                 "Choose another output path."
             )
-        old = read_attrs(path)
-        changed = _identity_differences(old.get("identity", {}), meta.identity())
+        stored, current = read_attrs(path).get("identity", {}), meta.identity()
+        changed = _identity_differences(stored, current)
         if not changed:
             return tiles_done(path)
         if not overwrite:
+            values = (_WHY.get(k, _stored_and_now(k, stored, current)) for k in changed)
             raise ResultMismatchError(
                 f"{path} holds a segpipe result made with other inputs or parameters "
-                f"(differs in: {', '.join(_WHY.get(k, k) for k in changed)}); pass "
+                f"(differs in: {'; '.join(values)}); pass "
                 "overwrite=True (--overwrite) to replace it, or choose another output path."
             )
         _delete(path)
@@ -113,6 +114,17 @@ _WHY = {
     "foreground_sha256": "foreground_sha256 (the mask file's contents differ from those the "
     "result was made with)",
 }
+
+
+def _stored_and_now(key: str, stored: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """``key`` with the stored result's value and this run's, as the mismatch error names
+    them (a value too long to read is cut: a source's path, a model's)."""
+
+    def shown(identity: Mapping[str, Any]) -> str:
+        text = repr(identity[key]) if key in identity else "not recorded"
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return f"{key}: {shown(stored)} stored, {shown(current)} in this run"
 
 
 def _identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
