@@ -138,7 +138,10 @@ def test_export_from_and_to_urls_keeps_their_storage_options(guarded_store, tmp_
             assert group.attrs["multiscales"][0]["version"] == "0.4"
             np.testing.assert_array_equal(group["0"][...], want[0])
             np.testing.assert_array_equal(group[f"labels/{LABEL_NAME}/0"][...], labels)
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["local.zarr"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            ".local.zarr.lock",
+            "local.zarr",
+        ]  # no s3: folders
         with pytest.raises(FileExistsError, match="overwrite"):
             export_ngff04(source, remote)
         assert export_ngff04(source, remote, overwrite=True) == remote
@@ -230,7 +233,7 @@ def test_overwrite_replaces_an_earlier_export_whole(fresh, tmp_path):
     (out / "stale").write_text("in the earlier export only")
     (tmp_path / ".e.zarr.exporting-0123456789ab").mkdir()  # what a killed export left
     assert export_ngff04(fresh, out, overwrite=True) == out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr", "in"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".e.zarr.lock", "e.zarr", "in"]
     assert not (out / "stale").exists()
     group = zarr.open_group(out, mode="r")
     assert group.attrs["segpipe"] == {"kind": "ngff-export", "version": "0.4", "complete": True}
@@ -244,6 +247,28 @@ def test_a_link_to_an_export_is_refused(fresh, tmp_path):
     with pytest.raises(FileExistsError, match=r"link\.zarr is a symbolic link"):
         export_ngff04(fresh, tmp_path / "link.zarr", overwrite=True)
     assert file_tree(tmp_path) == before and (tmp_path / "link.zarr").is_symlink()
+
+
+def test_an_export_under_way_is_not_touched_by_another(fresh, tmp_path, held_elsewhere):
+    """Two exports to one output: the second took the first's copy under way for one a killed
+    export left and deleted it, and the first then published an export missing levels."""
+    from segpipe.io.locks import StoreBusyError
+
+    out = tmp_path / "e.zarr"
+    building = tmp_path / ".e.zarr.exporting-0123456789ab"
+    building.mkdir()
+    (building / "zarr.json").write_text("{}")
+    proc = held_elsewhere(out)  # as the first export holds it
+    with pytest.raises(StoreBusyError, match=r"e\.zarr is in use by another segpipe run"):
+        export_ngff04(fresh, out)
+    assert (building / "zarr.json").exists() and not out.exists()
+    proc.kill()
+    proc.wait()
+    assert export_ngff04(fresh, out) == out  # a killed export's leftovers are cleared
+    assert not building.exists()
+    np.testing.assert_array_equal(
+        zarr.open_group(out, mode="r")["0"][...], source_levels(fresh, "probabilities")[0]
+    )
 
 
 @pytest.mark.parametrize("earlier", [False, True], ids=["new", "over-an-earlier-export"])

@@ -490,10 +490,12 @@ def small(tmp_path):
 
 
 def file_tree(path):
-    """Every file (its bytes) and folder (None) under ``path``: what "left as it was" means."""
+    """Every file (its bytes) and folder (None) under ``path``: what "left as it was" means.
+    Lock files are segpipe's own (segpipe.io.locks: kept, their holder rewritten by each run)."""
     return {
         str(p.relative_to(path)): p.read_bytes() if p.is_file() else None
         for p in sorted(path.rglob("*"))
+        if not (p.name.startswith(".") and p.name.endswith(".lock"))
     }
 
 

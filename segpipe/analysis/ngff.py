@@ -45,6 +45,7 @@ import numpy as np
 import zarr
 
 from segpipe.io.files import URLPath, delete_marked_store, location
+from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
 from segpipe.results import label_path, open_result
 
@@ -108,19 +109,23 @@ def export_ngff04(
     target = location(output)
     # location() keeps a URLPath as it is: str() would drop its storage options.
     source_at = location(result)
-    _check_output(target, source_at, overwrite=overwrite)
-    source = zarr.open_group(source_at, mode="r")
-    if isinstance(target, URLPath):
-        if target.exists():
-            delete_marked_store(target, _ROOT, ("segpipe",))
-        try:
-            _write(source, str(result), target)
-        except BaseException:
-            if _marker(target) is not None:
+    _check_output(target, source_at, overwrite=overwrite)  # no lock file beside a refused path
+    # One export at a time writes an output: the second would take the first's half-built
+    # copy for a killed export's and delete it, and the first then publish what was left.
+    with store_lock(target, after_kill=", and the next export clears what it left"):
+        _check_output(target, source_at, overwrite=overwrite)  # as it is now, under the lock
+        source = zarr.open_group(source_at, mode="r")
+        if isinstance(target, URLPath):
+            if target.exists():
                 delete_marked_store(target, _ROOT, ("segpipe",))
-            raise
-        return target
-    _export_locally(source, str(result), target, source_at, overwrite=overwrite)
+            try:
+                _write(source, str(result), target)
+            except BaseException:
+                if _marker(target) is not None:
+                    delete_marked_store(target, _ROOT, ("segpipe",))
+                raise
+            return target
+        _export_locally(source, str(result), target, source_at, overwrite=overwrite)
     return target
 
 
