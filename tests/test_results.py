@@ -390,8 +390,8 @@ def test_mismatch_and_foreign_directories(tmp_path):
     why = f"differs in: model_sha256: {zeros} stored, {ones} in this run; tile: 32 stored, 64 in"
     with pytest.raises(ResultMismatchError, match=re.escape(why)):
         prepare_result(path, meta(tile=64, model_sha256="1" * 64))
-    with pytest.raises(ResultMismatchError, match=r"model_name: 'm' stored, '/m{75}\.\.\. in th"):
-        prepare_result(path, meta(model_name="/" + "m" * 100 + ".pt"))
+    with pytest.raises(ResultMismatchError, match=r"source: 's.tif' stored, '/s{75}\.\.\. in th"):
+        prepare_result(path, meta(source="/" + "s" * 100 + ".tif"))
     prepare_result(path, meta(tile=64), overwrite=True)
     assert zarr.open_array(path / "0" / "mask").chunks == (64, 64)
 
@@ -473,6 +473,22 @@ def test_identity_keys_of_later_releases_are_compared_only_where_stored(tmp_path
     prepare_result(new, meta(source_sha256="b" * 64), overwrite=True)
     assert read_attrs(new)["identity"]["source_sha256"] == "b" * 64
     assert not tiles_done(new).any()
+
+
+def test_a_checkpoint_or_mask_spelt_otherwise_resumes_by_its_contents(tmp_path):
+    """The same checkpoint and mask given from another folder (``../model.pt``), or copied:
+    a killed run was refused as "another result", and only --overwrite (losing its finished
+    blocks) went on. Their hashes decide; a changed file still does not resume."""
+    path = tmp_path / "r.zarr"
+    made = dict(model_name="model.pt", foreground="mask.png", foreground_sha256="c" * 64)
+    prepare_result(path, meta(**made))
+    mark_tiles_done(path, {(1, 2): np.array([3, 4])})
+    elsewhere = dict(made, model_name="../model.pt", foreground="/data/copy-of-mask.png")
+    assert prepare_result(path, meta(**elsewhere)).sum() == 1
+    with pytest.raises(ResultMismatchError, match=r"differs in: foreground_sha256 \(the mask"):
+        prepare_result(path, meta(**dict(elsewhere, foreground_sha256="d" * 64)))
+    with pytest.raises(ResultMismatchError, match=r"differs in: model_sha256: "):
+        prepare_result(path, meta(**dict(elsewhere, model_sha256="1" * 64)))
 
 
 def test_a_result_made_before_mask_files_were_hashed_resumes_with_its_mask(tmp_path):

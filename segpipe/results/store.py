@@ -136,9 +136,18 @@ def _identity_differences(stored: Mapping[str, Any], current: Mapping[str, Any])
     []
     >>> _identity_differences({"tile": 256, "source_sha256": "ab12"}, {"tile": 512})
     ['source_sha256', 'tile']
+    >>> here, there = {"model_name": "m.pt", "model_sha256": "0f"}, {"model_name": "../m.pt"}
+    >>> _identity_differences(here, {**there, "model_sha256": "0f"})
+    []
     """
     keys = set(stored) | (set(current) - {k for k in LATER_IDENTITY_KEYS if k not in stored})
+    # A name whose contents both hash beside it (a checkpoint's path, a mask file's) decides
+    # nothing: the same file spelt from another folder, or copied, makes the same numbers.
+    keys -= {k for k, sha in _NAMED_BY.items() if sha in stored and sha in current}
     return sorted(k for k in keys if k not in stored or k not in current or stored[k] != current[k])
+
+
+_NAMED_BY = {"model_name": "model_sha256", "foreground": "foreground_sha256"}
 
 
 def delete_result(path: str | os.PathLike | URLPath) -> None:
