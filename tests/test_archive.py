@@ -680,6 +680,16 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     (image,) = discover_images(moved)
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert again.status == "skipped" and again.reason.startswith("up to date (moved from")
+    # Rescanned there later: a change of its own image (the old place is gone), not another
+    # archive's; it was refused as a conflict on every run, --retry-failed too.
+    with open(moved / "a.ome.tif", "ab") as f:
+        f.write(b"\0" * 10)
+    (image,) = discover_images(moved)
+    changed = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (changed.status, changed.reason) == ("segmented", "image changed")
+    paths = image_paths(out, "a.ome.tif")
+    assert archive.read_state(paths.state)["source"] == image.url
+    assert read_meta(paths.result).source == image.url and is_complete(paths.result)
 
 
 def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, random_checkpoint):
@@ -1205,8 +1215,9 @@ def test_a_sigkilled_run_is_reclaimed_once_stale_resumed_and_bit_identical(
 ):
     """A real SIGKILL (segpipe.faults) right after the second of four blocks is recorded:
     nothing after it runs. The sidecar says "running" with the attempt counted, the lock
-    stays with no heartbeat; the image is busy until the lock's ttl passes, then the next run
-    reclaims the lock, resumes the blocks left and ends bit-identical to a run never killed."""
+    stays with no heartbeat. Were its run on another machine, the image would be busy until
+    the lock's ttl passed; its owner died on this one, so the next run reclaims the lock at
+    once, resumes the blocks left and ends bit-identical to a run never killed."""
     config = SegmentConfig(tile=64, task_tiles=1, probability_dtype="float32", scheduler="sync")
     ttl_s = 3.0  # heartbeats every 0.75 s: fresh well past the checks right after the kill
     image, out, paths = _one_image(tmp_path, slide)
@@ -1227,12 +1238,12 @@ def test_a_sigkilled_run_is_reclaimed_once_stale_resumed_and_bit_identical(
     assert (read_lock(paths.lock) or {}).get("pid") == killed.pid, "the dead run's lock stays"
     assert read_meta(paths.result).state == "computing"
     assert int(tiles_done(paths.result).sum()) == 2
+    record = paths.lock.read_text()
+    paths.lock.write_text(json.dumps({**json.loads(record), "host": "another-machine"}))
     busy = process_image(image, out, model, config=config, owner="next run", ttl_s=ttl_s)
     assert (busy.status, busy.reason) == ("busy", "claimed by killed run")
 
-    heartbeat = paths.lock.stat().st_mtime
-    time.sleep(max(0.0, heartbeat + ttl_s + 0.2 - time.time()))
-    assert paths.lock.stat().st_mtime == heartbeat, "a dead run's lock has no heartbeat"
+    paths.lock.write_text(record)  # a fresh heartbeat, but no process behind it
     done = process_image(image, out, model, config=config, owner="next run", ttl_s=ttl_s)
     assert (done.status, done.reason) == ("segmented", "previous run running: resuming")
     assert (done.tiles_computed, done.tiles_skipped) == (4, 2), "only the 2 blocks left"

@@ -317,9 +317,9 @@ def test_a_claim_that_lost_its_lock_neither_refreshes_nor_removes_the_new_one(s3
 def test_claims_on_a_store_that_ignores_if_match_on_writes_are_refused(s3, monkeypatch):
     """A claim's heartbeat writes If-Match its last ETag: on a store that ignored it, a run
     that lost its lock would overwrite the new owner's. The store is probed once, refused."""
-    from segpipe.archive import claims
+    from segpipe.archive import object_claims
 
-    monkeypatch.setattr(claims, "_CONDITIONAL_WRITES", {})
+    monkeypatch.setattr(object_claims, "_CONDITIONAL_WRITES", {})
     lock = location(s3.url("claims/c.svs.lock"), s3.options)
     fs, _ = lock.filesystem()  # fsspec's one instance for these options
     real = fs.pipe_file

@@ -242,6 +242,15 @@ def decide(
     return replace(decision, recovered=True) if state and "unreadable" in state else decision
 
 
+def _still_there(source: str) -> bool:
+    """Whether the image a sidecar records is still at its place (True when that cannot be
+    told: a URL without its storage options, an unreachable host)."""
+    try:
+        return location(source).exists()
+    except Exception:  # fsspec's errors are its backends' own: anything unknown counts
+        return True
+
+
 def _decide(
     state: dict[str, Any] | None,
     paths: ImagePaths,
@@ -259,7 +268,9 @@ def _decide(
     moved = ""
     old_source = state.get("source")
     if source is not None and old_source not in (None, source):
-        if state.get("fingerprint") != fingerprint.as_dict():
+        # Another image than the recorded one's, unless that one is gone: the archive was
+        # moved, and this image changed since (a rescan under the same name).
+        if state.get("fingerprint") != fingerprint.as_dict() and _still_there(old_source):
             raise SourceConflictError(
                 f"{paths.result} is the result of {old_source}, another image than {source} "
                 "(whose key maps to the same place): give each archive its own output root"
