@@ -399,9 +399,21 @@ def test_killed_dask_worker_is_replaced_and_the_result_is_bit_identical(
         )
         victims = list(client.run(os.getpid).values())
         killed: list[int] = []
+        forgotten: list[int] = []
+
+        def blocks_held(dask_scheduler) -> int:
+            return sum(str(key).startswith("segpipe-block-") for key in dask_scheduler.tasks)
 
         def kill_one_worker(done: int, total: int) -> None:
             if done >= 20 and not killed:
+                # The blocks recorded are let go: the scheduler kept each result (to compute
+                # again if its worker died) while the run held all its futures to the end.
+                deadline = time.monotonic() + 10
+                while (held := client.run_on_scheduler(blocks_held)) > total - (done - 2):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                forgotten.append(total - held)
                 os.kill(victims[0], signal.SIGKILL)  # the nanny starts a new worker
                 killed.append(victims[0])
 
@@ -415,6 +427,7 @@ def test_killed_dask_worker_is_replaced_and_the_result_is_bit_identical(
             **SETTINGS,
         )
         assert killed
+        assert forgotten[0] >= 18, f"{forgotten[0]} of the 20 blocks recorded were let go"
         assert victims[0] not in client.run(os.getpid).values()
     assert read_meta(out).complete
     assert _arrays(out) == _arrays(reference)

@@ -253,7 +253,7 @@ def test_cuda_asked_of_workers_without_one_fails_there(
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
     out = tmp_path / "r.zarr"
-    with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers with"):
+    with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers that have"):
         segpipe.segment(
             image_path, out, checkpoints[0], device="cuda", scheduler=threaded_client, **SETTINGS
         )
@@ -522,5 +522,5 @@ def test_cuda_on_a_machine_without_one_fails_on_the_local_workers(
 ):
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers with"):
+    with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers that have"):
         segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], device="cuda", **SETTINGS)

@@ -376,18 +376,26 @@ def run_blocks(
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(plugin.name)
         raise
-    futures: list[Any] = []
+    pending: dict[str, Any] = {}
     try:  # from here on the plugin is unregistered whatever fails (client.map pickles here)
         keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
         # No task resources (a worker's GPU=1 would let it run one block at a time, its I/O
         # threads idle and its device waiting on them): each worker takes as many blocks as
         # it has threads, all feeding its one model thread; each decides its own device.
         futures = client.map(segment_block, blocks, job=job, pure=False, key=keys)
+        pending = {f.key: f for f in futures}
+        completed = distributed.as_completed(futures, loop=client.loop)
+        del futures
         with _thread_given_back():
-            for fut in distributed.as_completed(futures, loop=client.loop):
-                on_result(fut.result())
+            for fut in completed:
+                result = fut.result()
+                # Let go of at once: the scheduler keeps a result while a future refers to
+                # it, and recomputes it if its worker dies, a block already recorded.
+                del pending[fut.key]
+                fut.release()
+                on_result(result)
     finally:
-        client.cancel(futures)
+        client.cancel(list(pending.values()))
         # A worker killed mid-run fails the scheduler's broadcast: the run's own outcome
         # stands. A plugin left behind is dropped by a later run once this client is gone.
         try:
