@@ -2135,3 +2135,38 @@ def test_gdal_nodata_for_another_band_count_than_the_channels_read_is_refused(
     )  # fmt: skip
     with pytest.raises(ImageReadError, match=r"cyx\.ome\.tif: GDAL gives 1 nodata values"):
         open_image(path)
+
+
+def _two_level_ome_tiff(path: Path, top: tuple[int, int], reduced: tuple[int, int]) -> Path:
+    rng = np.random.default_rng(0)
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        meta = {"PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5}
+        tw.write(rng.integers(0, 255, top, np.uint8), tile=(16, 16), subifds=1, metadata=meta)
+        tw.write(rng.integers(0, 255, reduced, np.uint8), tile=(16, 16), subfiletype=1)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("top", "reduced"),
+    [
+        ((1024, 1024), (512, 512)),
+        ((1001, 301), (501, 151)),
+        ((16, 4000), (1, 63)),
+        ((7, 9), (3, 5)),
+    ],
+)
+def test_a_level_reduced_alike_on_both_axes_is_read(tmp_path, top, reduced):
+    reader = open_image(_two_level_ome_tiff(tmp_path / "a.ome.tif", top, reduced))
+    assert [s[:2] for s in reader.level_shapes] == [top, reduced]
+
+
+@pytest.mark.parametrize(("top", "reduced"), [((1024, 1024), (512, 256)), ((300, 40), (300, 20))])
+def test_a_level_reduced_otherwise_on_each_axis_is_refused(tmp_path, top, reduced):
+    """A level's pixel size is one number, taken from its rows: a level halved in y and
+    quartered in x was read, a run there reporting half the area."""
+    path = _two_level_ome_tiff(tmp_path / "a.ome.tif", top, reduced)
+    ratio = rf"{top[0] / reduced[0]:.4g} in y and {top[1] / reduced[1]:.4g} in x"
+    with pytest.raises(
+        ImageReadError, match=rf"a\.ome\.tif: pyramid level 1 .* reduced by {ratio}"
+    ):
+        open_image(path)

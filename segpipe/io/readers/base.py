@@ -235,6 +235,16 @@ class BaseReader(SharedHandles):
                 raise ImageReadError(
                     f"{self.path}: pyramid level {k} {shape} (y, x, c) {what}; the file is damaged"
                 )
+            (ny, nx, _), (ly, lx, _) = shapes[0], shape
+            # Reduced alike on both axes, to a pixel of rounding (checked on the shorter side
+            # reduced by the longer's factor): a level's pixel size is one number.
+            if abs(nx * ly / ny - lx) > 1 and abs(ny * lx / nx - ly) > 1:
+                raise ImageReadError(
+                    f"{self.path}: pyramid level {k} {shape} (y, x, c) is reduced by "
+                    f"{ny / ly:.4g} in y and {nx / lx:.4g} in x from level 0 {shapes[0]}: "
+                    "segpipe reads levels reduced alike on both axes; the file is damaged or "
+                    "its pyramid needs rebuilding"
+                )
         ny, nx, _ = shapes[0]
         if ny * nx > MAX_IMAGE_PIXELS:
             raise ImageReadError(
