@@ -768,6 +768,26 @@ def test_a_mask_tiff_is_read_at_its_level_0_not_a_reduced_level_another_tool_mad
     np.testing.assert_array_equal(read_mask_file(pyramid, reader, (1024, 1024)), expected)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "photometric"),
+    [(bool, None), (np.uint8, "miniswhite"), (np.uint16, "miniswhite"), (np.uint8, "minisblack")],
+)
+def test_a_mask_tiff_is_read_as_stored_as_gdal_and_tifffile_read_it(tmp_path, dtype, photometric):
+    """tifffile writes a bool array as 1-bit min-is-white: shown (as PIL shows it), the mask
+    was its inverse, and a run computed what the user marked as glass and left the tissue."""
+    import tifffile
+
+    rasterio = pytest.importorskip("rasterio")
+    stored = np.zeros((64, 96), dtype)
+    stored[8:24, 16:40] = 1
+    tifffile.imwrite(tmp_path / "m.tif", stored, photometric=photometric)
+    with rasterio.open(tmp_path / "m.tif") as gdal:
+        independent = gdal.read(1) != 0
+    np.testing.assert_array_equal(independent, stored != 0)
+    reader = ArrayReader(np.broadcast_to(np.uint8(0), (64, 96, 3)))
+    np.testing.assert_array_equal(read_mask_file(tmp_path / "m.tif", reader, (64, 96)), independent)
+
+
 @pytest.mark.parametrize("strip_pixels", [1 << 24, 4096 * 1024])
 def test_a_large_mask_image_is_pooled_in_strips_not_thinned(tmp_path, monkeypatch, strip_pixels):
     """A 4096 px mask over a 1024-cell mask: 3 x 3 pixels off the nearest-neighbour grid,

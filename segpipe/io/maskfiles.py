@@ -20,6 +20,7 @@ import numpy as np
 from segpipe.geometry.foreground import pool_mask, upsample_mask
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.readers import Reader, open_image
+from segpipe.io.readers.photometric import min_is_black
 
 __all__ = ["STRIP_PIXELS", "mask_file_sha256", "read_mask_file", "row_strips"]
 
@@ -117,10 +118,17 @@ def _read_mask_image(
     cells = (min(my, shape[0]), min(mx, shape[1]))
     names = tuple(getattr(image, "channel_names", None) or ())
     alpha = names.index("alpha") if "alpha" in names else channels - 1 if channels in (2, 4) else -1
+    # Min-is-white grey is read as stored, as GDAL and tifffile read it (tifffile writes a
+    # bool array so): not as shown, which would make what the user marked glass the mask.
+    shown = getattr(image, "photometric", None)  # TiffReader's
+    inverted = shown(0) if callable(shown) else None
     nonzero = np.zeros((*cells, channels), dtype=bool)  # each channel's, pooled
     alphas: set[float] = set()  # each strip's least and greatest alpha
     for y0, y1 in row_strips(image, 0):
         pixels = image.read(y0, y1, 0, mx, 0)
+        if inverted is not None and (n := inverted.inverted):
+            stored = min_is_black(pixels[..., :n], inverted.bits_per_sample)
+            pixels = np.concatenate([stored, pixels[..., n:]], axis=-1)
         pool_mask(nonzero, pixels != 0, (my, mx), y0)
         if alpha >= 0:
             alphas |= {float(pixels[..., alpha].min()), float(pixels[..., alpha].max())}

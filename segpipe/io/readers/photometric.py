@@ -32,6 +32,7 @@ __all__ = [
     "ORIENTATION_TAG",
     "Photometric",
     "level_photometric",
+    "min_is_black",
     "orient",
     "stated_orientation",
     "unpremultiply",
@@ -59,7 +60,7 @@ class Photometric:
 
     ``palette``: ``(N, 3)`` RGB of each of the ``N`` indices; the indices are expanded through
     it, adding a trailing sample axis ``S`` of 3. ``inverted``: how many leading samples are
-    min-is-white grey, turned into min-is-black (:func:`_invert`; ``bits_per_sample``, the
+    min-is-white grey, turned into min-is-black (:func:`min_is_black`; ``bits_per_sample``, the
     TIFF's BitsPerSample, says where white is). ``premultiplied``: how many leading samples are
     colour multiplied by the associated alpha, sample ``alpha``, and divided by it
     (:func:`unpremultiply`). ``orientation``: the TIFF Orientation (1 to 8), rows and columns
@@ -137,7 +138,7 @@ class _PixelView:
             return np.take(p.palette, np.asarray(self.array[key[:-1]]), axis=0)[..., key[-1]]
         if s < 0:
             stored = np.asarray(self.array[key])
-            return _invert(stored, p.bits_per_sample) if p.inverted else stored
+            return min_is_black(stored, p.bits_per_sample) if p.inverted else stored
         if not (p.inverted or p.premultiplied):
             return np.asarray(self.array[key])
         # Every sample of the window, so the grey, colour and alpha are known whatever the key
@@ -150,7 +151,7 @@ class _PixelView:
             pixels = np.concatenate([unpremultiply(colour, alpha, white), rest], axis=s)
         if p.inverted:
             grey, rest = np.split(pixels, [p.inverted], axis=s)
-            pixels = np.concatenate([_invert(grey, p.bits_per_sample), rest], axis=s)
+            pixels = np.concatenate([min_is_black(grey, p.bits_per_sample), rest], axis=s)
         return pixels[(slice(None),) * s + (key[s],)]
 
 
@@ -232,15 +233,17 @@ def unpremultiply(colour: np.ndarray, alpha: np.ndarray, white: float) -> np.nda
     return np.where(np.greater(opacity, 0), shown, colour).astype(colour.dtype)
 
 
-def _invert(grey: np.ndarray, bits_per_sample: int | None) -> np.ndarray:
+def min_is_black(grey: np.ndarray, bits_per_sample: int | None) -> np.ndarray:
     """Min-is-white grey as min-is-black: ``2**bits_per_sample - 1 - v`` for unsigned
     integers (a 12-bit sample in a uint16 has its white at 4095, not 65535), the dtype's
     maximum plus minimum minus the value (``~v``) for signed ones, booleans negated and
     ``1 - v`` for floats, taken in [0, 1].
 
-    >>> _invert(np.array([0, 10, 255], np.uint8), 8).tolist(), _invert(np.array([True]), 1).tolist()
-    ([255, 245, 0], [False])
-    >>> _invert(np.array([0, 10, 4095], np.uint16), 12).tolist()
+    >>> min_is_black(np.array([0, 10, 255], np.uint8), 8).tolist()
+    [255, 245, 0]
+    >>> min_is_black(np.array([True]), 1).tolist()
+    [False]
+    >>> min_is_black(np.array([0, 10, 4095], np.uint16), 12).tolist()
     [4095, 4085, 0]
     """
     if grey.dtype.kind == "f":

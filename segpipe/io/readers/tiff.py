@@ -192,6 +192,12 @@ class TiffReader(BaseReader):
             )
         return array
 
+    def photometric(self, level: int = 0) -> Photometric:
+        """How ``level``'s stored samples become its pixels (min-is-white grey inverted, a
+        palette expanded, ...): what a reader of stored values undoes."""
+        self._check_level(level)
+        return self._photometric[level]
+
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
         """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: GDAL's dataset mask
         (mask band, alpha band, or all bands at nodata); None without any of them.
