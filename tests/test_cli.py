@@ -469,6 +469,15 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
     _, count = ndimage.label(mask == 2)
     assert report["objects"]["count"] == count
     assert len(csv.read_text().strip().splitlines()) == count + 1
+    # No object in the region: the table keeps its columns (a bare newline before)
+    empty = tmp_path / "none.csv"
+    args = ["query", str(out), "--class", "nucleus", "--objects", "--table", str(empty)]
+    assert main([*args, "--region", "0", "0", "0.5", "0.5"]) == 0
+    capsys.readouterr()
+    import pandas as pd
+
+    assert list(pd.read_csv(empty).columns) == list(pd.read_csv(csv).columns)
+    assert len(pd.read_csv(empty)) == 0
 
     assert main(["query", str(out), "--class", "nucleus"]) == 0  # text by default
     text = capsys.readouterr().out

@@ -27,9 +27,10 @@ from segpipe.analysis.regions import (
     threshold_mask,
 )
 
-__all__ = ["UnionFind", "object_labels", "object_table"]
+__all__ = ["OBJECT_COLUMNS", "UnionFind", "object_labels", "object_table"]
 
-_TABLE_COLUMNS = (
+# The columns of object_table, in order (an empty table keeps them).
+OBJECT_COLUMNS = (
     "label",
     "area_px",
     "area",
@@ -256,7 +257,7 @@ def _find_objects(
                 "bbox_x1": extreme("x1", np.maximum, 0),
                 "mean_probability": total("sum_p") / area,
             },
-            columns=list(_TABLE_COLUMNS),
+            columns=list(OBJECT_COLUMNS),
         )
     table.attrs["units"] = ds["x"].attrs.get("units", "pixel")
     return _Objects(table, ids, final, offsets, fg.chunks)

@@ -182,8 +182,12 @@ def _query(args: argparse.Namespace) -> int:
     if args.table and table is not None:
         import pandas as pd
 
+        from segpipe.analysis.objects import OBJECT_COLUMNS
+
         # Whole or not at all: a failed write never leaves half a table, nor a half-replaced one.
-        write_text_atomic(args.table, pd.DataFrame(table).to_csv(index=False))
+        # Its header even with no object: a CSV reader refuses a file of no columns.
+        csv = pd.DataFrame(table, columns=list(OBJECT_COLUMNS)).to_csv(index=False)
+        write_text_atomic(args.table, csv)
     units = report.pop("area_units")
     if args.json:
         # The unit in the key (`area_um2`), as `info --json` has `class_area_um2`.
