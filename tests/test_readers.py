@@ -2170,3 +2170,19 @@ def test_a_level_reduced_otherwise_on_each_axis_is_refused(tmp_path, top, reduce
         ImageReadError, match=rf"a\.ome\.tif: pyramid level 1 .* reduced by {ratio}"
     ):
         open_image(path)
+
+
+def test_a_file_url_is_decoded_as_rfc_8089_says(tmp_path):
+    """Path.as_uri() percent-encodes (a space is %20) and file://localhost/ is this machine:
+    both were taken literally, and the file not found."""
+    from segpipe.io.files import location
+
+    folder = tmp_path / "a folder #1"
+    folder.mkdir()
+    path = folder / "slide ü.tif"
+    tifffile.imwrite(path, np.zeros((8, 8), np.uint8))
+    assert location(path.as_uri()) == path
+    assert location(path.as_uri().replace("file://", "file://localhost")) == path
+    assert open_image(path.as_uri()).shape == (8, 8, 1)
+    with pytest.raises(ValueError, match="another host"):
+        location("file://scanner-7/share/a.tif")

@@ -81,7 +81,14 @@ def location(
     if is_url(path):
         return URLPath(str(path), storage_options)
     if isinstance(path, str) and path.startswith("file://"):
-        return Path(path.removeprefix("file://"))
+        # RFC 8089, as Path.as_uri() writes it: percent-encoded, an empty or localhost host
+        from urllib.parse import urlsplit
+        from urllib.request import url2pathname
+
+        url = urlsplit(path)
+        if url.netloc not in ("", "localhost"):
+            raise ValueError(f"{path}: a file URL of another host ({url.netloc}) is not local")
+        return Path(url2pathname(url.path))
     return Path(path)
 
 
