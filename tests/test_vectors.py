@@ -369,6 +369,14 @@ def test_polygons_of_random_objects_are_valid_and_rasterise_back(tmp_path, conne
     burnt = sorted(tuple(np.flatnonzero(rasterise([f], labels.shape))) for f in feats)
     expected = sorted(tuple(np.flatnonzero(components == k)) for k in range(1, n + 1))
     assert burnt == expected
+    # RFC 7946 3.1.6: exteriors counter-clockwise, holes clockwise, in every feature (the
+    # union of an object's pieces across chunks reversed some; pieces of one kept rasterio's)
+    parts = [
+        p for f in feats for p in getattr(shape(f["geometry"]), "geoms", [shape(f["geometry"])])
+    ]
+    assert parts and all(p.exterior.is_ccw for p in parts)
+    holes = [ring for p in parts for ring in p.interiors]
+    assert holes and not any(ring.is_ccw for ring in holes)
 
 
 def test_a_class_given_twice_is_exported_once(result, tmp_path):

@@ -238,8 +238,9 @@ def class_features(
     features = []
     for row in keep.itertuples(index=False):
         label = int(row.label)
-        # Also for pieces of one chunk: those of an object joined only across corners.
-        geom = shapely.union_all(pieces[label])
+        # Also for pieces of one chunk: those of an object joined only across corners. The
+        # union orients rings its own way: RFC 7946's made again (exteriors counter-clockwise).
+        geom = shapely.orient_polygons(shapely.union_all(pieces[label]))
         means = sums[label] / int(row.area_px)
         features.append(
             {
