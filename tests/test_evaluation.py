@@ -299,6 +299,24 @@ def test_a_bad_truth_of_a_result_is_refused_naming_it_and_the_result(tmp_path: P
         evaluate(path, ids)
 
 
+def test_a_damaged_result_is_not_blamed_on_its_ground_truth(tmp_path: Path) -> None:
+    """A result's mask chunk cut short: zarr's checksum error was reported as the (intact)
+    ground truth's, naming only the truth file."""
+    from segpipe.analysis.summary import summarise
+
+    path, truth, _ = _result_and_truth(tmp_path)
+    good = _write(tmp_path / "truth.png", truth)
+    assert evaluate(path, good).mean_dice == 1.0
+    chunks = [f for f in (path / "0" / "mask" / "c").rglob("*") if f.is_file()]
+    with open(chunks[0], "r+b") as f:
+        f.truncate(max(1, chunks[0].stat().st_size // 2))
+    blamed = rf"the result {path} or its ground truth .*truth\.png cannot be read: "
+    with pytest.raises(ValueError, match=blamed):
+        evaluate(path, good)
+    with pytest.raises(ValueError, match=rf"{path} or its ground truth .*truth\.png cannot be"):
+        summarise(path, ground_truth=good)
+
+
 def test_object_score_options_are_checked(tmp_path: Path) -> None:
     path, truth, inst = _result_and_truth(tmp_path)
     for bad in (7.0, 0.0, -0.5, float("nan")):

@@ -38,6 +38,7 @@ import dask.array as da
 import numpy as np
 from scipy import ndimage
 
+from segpipe.analysis.metrics import LabelError
 from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
 from segpipe.analysis.summary import confusion_against, label_plane
 from segpipe.io.files import URLPath, is_url, location
@@ -144,10 +145,10 @@ def evaluate_labels(
                 )
             object_class = int(np.bincount(under.astype(np.int64)).argmax())
         if isinstance(object_class, str) and object_class not in names:
-            raise ValueError(f"object_class {object_class!r} is not one of the classes {names}")
+            raise LabelError(f"object_class {object_class!r} is not one of the classes {names}")
         cls = names.index(object_class) if isinstance(object_class, str) else int(object_class)
         if not 0 <= cls < len(names):
-            raise ValueError(f"object_class {cls} is not a class id of {names}")
+            raise LabelError(f"object_class {cls} is not a class id of {names}")
         structure = ndimage.generate_binary_structure(2, connectivity)
         components, _ = ndimage.label(np.asarray(mask == cls), structure=structure)
         if min_size_px > 0:
@@ -346,11 +347,15 @@ def evaluate(
                 iou_threshold=iou_threshold,
                 min_size_px=min_size_px,
             )
-        except ValueError as exc:  # class ids outside the result's, an unknown object class
+        except ValueError as exc:
             name = (
                 "the ground truth array" if isinstance(ground_truth, np.ndarray) else ground_truth
             )
-            raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
+            if isinstance(exc, LabelError):  # class ids outside the result's, an unknown class
+                raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
+            # A read failed (a damaged chunk): the result's or the truth's, which zarr's
+            # message does not say.
+            raise ValueError(f"{where} or its ground truth {name} cannot be read: {exc}") from exc
 
 
 def _check_scoring(iou_threshold: float, min_size_px: int) -> None:

@@ -27,7 +27,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["confusion_matrix", "dice", "iou", "mean_dice"]
+
+class LabelError(ValueError):
+    """Labels that do not fit the classes: class ids outside them, an object class that is
+    none of them (a fault of the labels given, not of reading them)."""
+
+
+__all__ = ["LabelError", "confusion_matrix", "dice", "iou", "mean_dice"]
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -60,7 +66,7 @@ def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> n
         if not np.issubdtype(a.dtype, np.integer) and a.dtype != bool:
             raise TypeError(f"{name} must hold integer class ids, got dtype {a.dtype}")
         if a.size and (int(a.min()) < 0 or int(a.max()) >= num_classes):
-            raise ValueError(
+            raise LabelError(
                 f"{name} holds class ids in [{int(a.min())}, {int(a.max())}], outside "
                 f"[0, {num_classes}); pass the right num_classes or map ignored pixels first"
             )

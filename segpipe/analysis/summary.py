@@ -17,7 +17,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from segpipe.analysis.metrics import confusion_matrix, dice, iou
+from segpipe.analysis.metrics import LabelError, confusion_matrix, dice, iou
 from segpipe.io.files import is_url
 from segpipe.io.readers import open_image
 from segpipe.results import class_fractions, open_result, read_meta
@@ -110,8 +110,11 @@ def summarise(
             )
         try:
             conf = confusion_against(ds["mask"].data, truth, n)
-        except ValueError as exc:  # class ids outside the result's classes
+        except LabelError as exc:  # class ids outside the result's classes
             raise ValueError(f"{ground_truth} (ground truth of {result}): {exc}") from None
+        except ValueError as exc:  # a damaged chunk of either: zarr's message names neither
+            what = f"{result} or its ground truth {ground_truth}"
+            raise ValueError(f"{what} cannot be read: {exc}") from exc
         scores = {"dice": tuple(dice(conf).tolist()), "iou": tuple(iou(conf).tolist())}
     return ResultSummary(
         path=str(result if is_url(result) else Path(result)),
