@@ -123,7 +123,37 @@ def test_a_file_is_replaced_whole_even_from_its_own_pixels(tmp_path: Path) -> No
     with pytest.raises(OSError, match="the disk is full"):
         write_pyramidal_tiff(path, failing, pixel_size_um=0.5, tile=32)
     assert path.read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["slide.ome.tif"], "no scratch left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".slide.ome.tif.lock", "slide.ome.tif"]
+
+
+def test_a_killed_writes_scratch_is_removed_by_the_next_write(tmp_path: Path) -> None:
+    """SIGKILL skips the scratch folder's clean-up: each killed write left one of about the
+    image's size, hidden beside it, for ever."""
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "slide.ome.tif"
+    killed = (
+        "import os, signal, numpy as np, segpipe.io.writers as w\n"
+        "real = w._write_levels\n"
+        "def levels(tif, image, levels, scratch, *rest):\n"
+        "    (scratch / 'level1.npy').write_bytes(b'0' * 4096)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "w._write_levels = levels\n"
+        f"w.write_pyramidal_tiff({str(path)!r}, np.zeros((64, 64, 3), np.uint8), pixel_size_um=1)"
+    )
+    left = []
+    for _ in range(2):  # the second removes the first's, then leaves its own
+        run = subprocess.run([sys.executable, "-c", killed], check=False)
+        assert run.returncode == -signal.SIGKILL
+        left.append([p for p in tmp_path.iterdir() if p.name.startswith(".slide.ome.tif.wri")])
+    assert [len(names) for names in left] == [1, 1] and left[0] != left[1]
+    assert not path.exists()
+    rgb = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    write_pyramidal_tiff(path, rgb, pixel_size_um=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".slide.ome.tif.lock", "slide.ome.tif"]
+    np.testing.assert_array_equal(open_image(path).read(0, 64, 0, 64), rgb)
 
 
 @pytest.mark.parametrize("channels", [4, 2, 5])

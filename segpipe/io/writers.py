@@ -12,9 +12,11 @@ wait in a temporary memory-mapped file beside the output, never as whole arrays 
 
 from __future__ import annotations
 
+import glob
 import itertools
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
+from segpipe.io.locks import store_lock
 
 __all__ = ["write_pyramidal_tiff"]
 
@@ -112,11 +115,19 @@ def write_pyramidal_tiff(
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside ``out`` and renamed over it whole: a failure, or ``image`` read from the
     # file at ``out`` itself, would otherwise leave a truncated file where the old one was.
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as scratch:
-        written = Path(scratch) / out.name
-        with tifffile.TiffWriter(written, bigtiff=True, ome=True) as tif:
-            _write_levels(tif, image, levels, Path(scratch), tile, pixel_size_um, metadata, options)
-        os.replace(written, out)
+    # One writer of ``out`` at a time, so the scratch folders beside it now are killed
+    # writers' (an image's size each), never a live one's.
+    prefix = f".{out.name}.writing-"
+    with store_lock(out, after_kill=", and the next write removes what it left"):
+        for old in out.parent.glob(glob.escape(prefix) + "*"):
+            shutil.rmtree(old, ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as scratch:
+            written = Path(scratch) / out.name
+            with tifffile.TiffWriter(written, bigtiff=True, ome=True) as tif:
+                _write_levels(
+                    tif, image, levels, Path(scratch), tile, pixel_size_um, metadata, options
+                )
+            os.replace(written, out)
     return out
 
 
