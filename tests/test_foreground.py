@@ -515,6 +515,39 @@ def test_a_user_mask_file_selects_its_tiles(known_slide, tmp_path, kind):
     assert computed[1, 5] and computed.sum() == 1
 
 
+@pytest.mark.parametrize("mode", ["exact", "blend"])
+def test_scattered_foreground_is_read_without_the_glass_between(
+    known_slide, tmp_path, monkeypatch, mode
+):
+    """Two corner tiles of one task: blend mode read the bounds of all the task's windows,
+    the whole image between them ("the other tiles are never read")."""
+    from segpipe.execution import stitching
+
+    small = np.zeros((64, 64), np.uint8)
+    small[1:7, 1:7] = small[57:63, 57:63] = 255  # tiles (0, 0) and (7, 7)
+    Image.fromarray(small).save(tmp_path / "corners.png")
+    reader = ArrayReader(known_slide.image, pixel_size_um=known_slide.pixel_size_um)
+    read, pixels = stitching.read_mirrored, []
+
+    def spied(reader, box, level=0):
+        pixels.append(box.shape[0] * box.shape[1])
+        return read(reader, box, level)
+
+    monkeypatch.setattr(stitching, "read_mirrored", spied)
+    extra = {"window": 32, "overlap": 0.25} if mode == "blend" else {}
+    out = segpipe.segment(
+        reader, tmp_path / "r.zarr", tiny_unet("same" if mode == "blend" else "valid"),
+        tile=TILE, task_tiles=BLOCK, mode=mode, scheduler="sync", probability_dtype="float32",
+        foreground=str(tmp_path / "corners.png"), **extra,
+    )  # fmt: skip
+    assert read_meta(out).summary.tiles_computed == 2
+    assert sum(pixels) < 0.1 * SIDE * SIDE, f"read {sum(pixels)} px of {SIDE * SIDE}"
+    whole = run(known_slide, tmp_path / "whole.zarr", mode, foreground="none")
+    p, q = (segpipe.open_result(r)["probabilities"].values for r in (out, whole))
+    for sl in (np.s_[:, :TILE, :TILE], np.s_[:, -TILE:, -TILE:]):
+        np.testing.assert_allclose(p[sl], q[sl], rtol=0, atol=1e-5)
+
+
 def test_auto_means_tissue_for_slides_only(tmp_path):
     rgb = np.zeros((32, 32, 3), np.uint8)
     assert resolve_foreground("auto", ArrayReader(rgb, pixel_size_um=0.5)) == "tissue"

@@ -38,6 +38,7 @@ __all__ = [
     "Stitching",
     "bounds",
     "model_errors",
+    "overlap_groups",
     "predict_labels",
     "predict_parts",
     "predict_probabilities",
@@ -128,6 +129,30 @@ def bounds(boxes: Sequence[Box]) -> Box:
     )
 
 
+def overlap_groups(boxes: Sequence[Box]) -> list[tuple[Box, list[int]]]:
+    """The indices of ``boxes`` in groups, each with the bounds of its boxes, no two groups'
+    bounds overlapping: what one read covers, so that a task's scattered foreground is read
+    without the glass between its parts.
+
+    >>> overlap_groups([Box(0, 4, 0, 4), Box(2, 6, 2, 6), Box(0, 2, 10, 12)])
+    [(Box(y0=0, y1=6, x0=0, x1=6), [0, 1]), (Box(y0=0, y1=2, x0=10, x1=12), [2])]
+    """
+    groups: list[tuple[Box, list[int]]] = []
+    for n, box in enumerate(boxes):
+        members = [n]
+        merged = True
+        while merged:  # a grown box may now overlap groups it missed
+            merged, kept = False, []
+            for other, theirs in groups:
+                if other.intersect(box) is not None:
+                    box, members, merged = bounds([box, other]), theirs + members, True
+                else:
+                    kept.append((other, theirs))
+            groups = kept
+        groups.append((box, sorted(members)))
+    return sorted(groups, key=lambda g: g[1][0])
+
+
 def predict_region(
     tiles: Sequence[Tile],
     reader: Reader,
@@ -213,9 +238,14 @@ def predict_parts(
     with section():
         region = bounds([t.box for t in tiles])
         windows = stitching.windows(tiles, region, boxes)
-        source_box = bounds([w.input for w in windows])
-        pixels = read_mirrored(reader, source_box, level)
-        pixels = model_pixels(pixels, reader, source_box, level, contract, channels)
+        # Read per group of overlapping windows: one read of their bounds (a halo read once
+        # for neighbours), none of the glass between a task's scattered foreground.
+        groups = overlap_groups([w.input for w in windows])
+        group_of = {n: g for g, (_, members) in enumerate(groups) for n in members}
+        sources = []
+        for box, _ in groups:
+            pixels = read_mirrored(reader, box, level)
+            sources.append(model_pixels(pixels, reader, box, level, contract, channels))
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])
     # Windows still to come over each part (by the window's index): a part is given when its
@@ -233,15 +263,17 @@ def predict_parts(
         for group in by_shape.values()
         for i in range(0, len(group), batch_size)
     ]
-    source = [pixels]  # let go once the last window is cut: parts are written after it
 
     def stacks() -> Iterator[np.ndarray]:
         for k, c in enumerate(chunks):
             with section():
-                cut = [source[0][windows[n].input.relative_to(source_box)] for n in c]
+                cut = [
+                    sources[group_of[n]][windows[n].input.relative_to(groups[group_of[n]][0])]
+                    for n in c
+                ]
                 stack = np.stack(cut)
                 if k == len(chunks) - 1:
-                    source.clear()
+                    sources.clear()  # let go once the last window is cut: parts come after
             yield stack
 
     def failed_on(k: int) -> _Guard:
@@ -255,7 +287,6 @@ def predict_parts(
         with section():
             return RegionPrediction(parts[i], sink.result(parts[i]), len(windows))
 
-    del pixels
     given = set()
     for chunk, probabilities in zip(chunks, _predicted(predict, stacks(), failed_on), strict=True):
         with section():
