@@ -1221,3 +1221,21 @@ def test_areas_in_units_segpipe_does_not_know_are_not_rounded_to_zero(tmp_path, 
     assert main(["query", str(path), "--class", "nucleus"]) == 0
     out = capsys.readouterr().out
     assert "1e-06 " in out and " 0.0 " not in out, out
+
+
+def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level_0(
+    tmp_path, capsys
+):
+    """The area of a result without microns is in pixels of level 0 at any level: both it
+    and the level's pixel count were "px" (3,552 px beside 888 px at level 1)."""
+    from test_query import make_result
+
+    labels = np.zeros((32, 48), np.uint8)
+    labels[8:24, 8:40] = 2
+    path, _ = make_result(tmp_path / "r.zarr", labels, pixel_size_um=None)
+    assert main(["query", str(path), "--class", "nucleus", "--level", "1"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if "nucleus" in s)
+    assert "512 level-0 px²  (128 px)" in line  # 16 x 32 px at level 0, 8 x 16 at level 1
+    assert main(["query", str(path), "--class", "nucleus", "--level", "1", "--json"]) == 0
+    (nucleus,) = json.loads(capsys.readouterr().out)["classes"]
+    assert (nucleus["area_px"], nucleus["pixels"]) == (512, 128)

@@ -15,12 +15,15 @@ _AREA_UNITS = {
     "micrometer**2": ("um2", "µm²"),
     "metre**2": ("m2", "m²"),
     "meter**2": ("m2", "m²"),
-    "pixel**2": ("px", "px"),
+    # A result without a pixel size measures areas in pixels of level 0 (its x and y are),
+    # whatever level is read: its level-1 pixel is 4 of them.
+    "pixel**2": ("px", "level-0 px²"),
 }
 
 
 def area_key(units: str) -> str:
-    """The JSON key of an area in ``units``: ``area_um2``, ``area_m2``, ``area_px``."""
+    """The JSON key of an area in ``units``: ``area_um2``, ``area_m2``, ``area_px`` (pixels
+    of level 0, as ``area_text`` says)."""
     return "area_" + _AREA_UNITS.get(units, (units.replace("**", ""), ""))[0]
 
 
@@ -30,7 +33,7 @@ def area_text(value: float, units: str = "micrometer**2") -> str:
     >>> area_text(1234567.25)
     '1,234,567.2 µm²'
     >>> area_text(12.0, "pixel**2")
-    '12 px'
+    '12 level-0 px²'
     >>> area_text(1e-06, "unknown**2"), area_text(0.25)
     ('1e-06 unknown**2', '0.25 µm²')
     """
