@@ -497,6 +497,7 @@ def test_a_run_wide_mistake_fails_the_run_once_before_any_image(
         ({"lock_ttl_s": 0}, ValueError, "lock_ttl_s must be > 0 seconds, got 0"),
         ({"concurrency_limit": "no-such-gpu"}, ValueError, "'no-such-gpu' does not exist"),
         ({"output_root": "a-file/out"}, OSError, r"output_root .*a-file/out cannot be written"),
+        ({"config": {"foreground": "gone.png"}}, OSError, "foreground mask gone.png cannot be"),
     ],
 )
 def test_serve_refuses_what_a_run_would_refuse_before_serving(
@@ -603,6 +604,20 @@ def test_an_output_root_that_cannot_be_written_fails_the_run_once(
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(OSError, match=r"output_root .*a-file/out cannot be written"):
         _run(source, tmp_path / "a-file" / "out", random_checkpoint)
+
+
+def test_a_missing_foreground_mask_fails_the_run_once(
+    prefect_harness, slides, random_checkpoint, tmp_path
+):
+    """Each image hashed the mask before its sidecar was written: every image failed, every
+    run, with nothing recorded to back off by."""
+    source = tmp_path / "archive"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    config = CONFIG.replace(foreground=str(tmp_path / "gone.png"))
+    with pytest.raises(FileNotFoundError, match=r"foreground mask .*gone\.png cannot be read"):
+        _run(source, tmp_path / "out", random_checkpoint, config)
+    assert not list((tmp_path / "out").rglob("*.seg.*"))
 
 
 def test_a_limit_is_taken_leniently_and_the_wait_for_a_slot_gives_way_to_a_stop(monkeypatch):

@@ -27,6 +27,7 @@ atomically created lock file first (:func:`segpipe.archive.claims.try_claim`).
 
 from __future__ import annotations
 
+from segpipe.archive.checks import check_output_root, check_run_inputs
 from segpipe.archive.claims import Claim, ClaimLostError, try_claim
 from segpipe.archive.discover import (
     ArchiveImage,
@@ -40,7 +41,6 @@ from segpipe.archive.state import (
     ImageOutcome,
     ImagePaths,
     SourceConflictError,
-    check_output_root,
     decide,
     image_paths,
     read_state,
@@ -60,6 +60,7 @@ __all__ = [
     "RunStopped",
     "SourceConflictError",
     "check_output_root",
+    "check_run_inputs",
     "decide",
     "discover_images",
     "fingerprint_image",

@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import logging
 import os
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
@@ -52,7 +51,6 @@ __all__ = [
     "ImagePaths",
     "SourceConflictError",
     "Status",
-    "check_output_root",
     "decide",
     "decide_unreadable",
     "image_paths",
@@ -122,24 +120,6 @@ def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
         thumbnail=base.with_name(base.name + ".thumb.png"),
         lock=base.with_name(base.name + ".lock"),
     )
-
-
-def check_output_root(
-    output_root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
-) -> None:
-    """Refuse an output root that cannot be written, once for a run (each image would fail on
-    it with the same reason): creates it, then writes and removes a hidden probe file."""
-    root = location(output_root, storage_options)
-    probe = root.joinpath(f".segpipe-probe-{uuid.uuid4().hex}")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OSError(
-            f"output_root {root} cannot be written ({exc.strerror or exc}); give a folder "
-            "this run may write to"
-        ) from exc
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def process_archive(
     )
     config = config or SegmentConfig()
     root = output_root if is_url(output_root) else str(Path(output_root).absolute())
-    archive.check_output_root(root, storage_options)
+    archive.check_run_inputs(root, config, storage_options)
     images = discover_task(source, pattern, min_age_s, root, storage_options)
     loaded = load_model_task(model)
     policy = RunPolicy(
@@ -408,7 +408,7 @@ def serve_archive(
     # Checked now: a scheduled run would find a mistake only at its hour, perhaps in the night.
     run = process_archive.validate_parameters(parameters)
     check_run_options(**{name: run[name] for name in RUN_OPTIONS})
-    archive.check_output_root(output_root, run["storage_options"])
+    archive.check_run_inputs(output_root, config, run["storage_options"])
     process_archive.serve(
         name=name,
         schedules=[Cron(cron, timezone=timezone)],
