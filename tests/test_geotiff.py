@@ -639,3 +639,26 @@ def test_a_jpeg_geotiff_of_rgb_bands_reads_as_gdal_reads_it(tmp_path, interleave
             ny, nx = overview.height, overview.width
             want = np.moveaxis(overview.read(), 0, -1)
     np.testing.assert_array_equal(reader.read(0, ny, 0, nx, level=1), want)
+
+
+def test_overviews_of_a_second_gdaladdo_run_are_named_as_overviews_left_out(tmp_path):
+    """A second gdaladdo run appends its overviews after the first's (512, 128, 256): tifffile
+    puts the 256 apart, and the warning said "holds 2 images ... save it as a file of its
+    own", which no user could make sense of. The levels read agree with GDAL's."""
+    path = tmp_path / "twice.tif"
+    profile = dict(
+        driver="GTiff", height=512, width=512, count=1, dtype="uint8", crs="EPSG:32633",
+        transform=from_origin(5e5, 4e6, 2.0, 2.0), tiled=True, blockxsize=64, blockysize=64,
+    )  # fmt: skip
+    data = np.random.default_rng(0).integers(1, 200, (1, 512, 512)).astype("uint8")
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+        ds.build_overviews([4], Resampling.average)
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2], Resampling.average)
+    with pytest.warns(UserWarning, match=r"leaving out the overview series 1 \(256x256\), st"):
+        reader = open_image(path)
+    assert [s[:2] for s in reader.level_shapes] == [(512, 512), (128, 128)]
+    with rasterio.open(path) as ds:
+        quarter = ds.read(1, out_shape=(128, 128))
+    np.testing.assert_array_equal(reader.read(0, 128, 0, 128, level=1)[..., 0], quarter)

@@ -238,14 +238,26 @@ def _main_series(series: list[Any], path: str) -> int:
     # 1000 x 1000 grey one
     main = max(images, key=lambda i: (_plane_pixels(series[i]), math.prod(series[i].shape)))
     left = [
-        _series_text(i, s)
+        i
         for i, s in enumerate(series)
         if i != main and not s.keyframe.is_mask and s.name.lower() not in _VENDOR_EXTRAS
     ]
-    if left:
+    # A reduced-resolution image out of the pyramid's order (a second gdaladdo run appends
+    # its overviews after the first's) is no other image: its own series, left out.
+    overviews = [_series_text(i, series[i]) for i in left if series[i].keyframe.is_reduced]
+    others = [_series_text(i, series[i]) for i in left if not series[i].keyframe.is_reduced]
+    if overviews:
         warnings.warn(
-            f"{path}: holds {len(left) + 1} images; reading the largest, "
-            f"{_series_text(main, series[main])}, and leaving out {', '.join(left)}; to read "
+            f"{path}: leaving out the overview{'s' if len(overviews) > 1 else ''} "
+            f"{', '.join(overviews)}, stored out of the pyramid's order (as overviews added by "
+            "a second gdaladdo run are); rebuild them in one run (gdaladdo -clean, then "
+            "gdaladdo with every factor) for segpipe to read them",
+            stacklevel=4,
+        )
+    if others:
+        warnings.warn(
+            f"{path}: holds {len(others) + 1} images; reading the largest, "
+            f"{_series_text(main, series[main])}, and leaving out {', '.join(others)}; to read "
             "one of those, save it as a file of its own",
             stacklevel=4,
         )
