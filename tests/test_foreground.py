@@ -805,9 +805,11 @@ def test_a_mask_tiff_is_read_at_its_level_0_not_a_reduced_level_another_tool_mad
     ("dtype", "photometric"),
     [(bool, None), (np.uint8, "miniswhite"), (np.uint16, "miniswhite"), (np.uint8, "minisblack")],
 )
-def test_a_mask_tiff_is_read_as_stored_as_gdal_and_tifffile_read_it(tmp_path, dtype, photometric):
+def test_a_mask_tiff_tifffile_wrote_from_an_array_is_that_array(tmp_path, dtype, photometric):
     """tifffile writes a bool array as 1-bit min-is-white: shown (as PIL shows it), the mask
-    was its inverse, and a run computed what the user marked as glass and left the tissue."""
+    was its inverse, and a run computed what the user marked as glass and left the tissue.
+    Read as stored, as tifffile and GDAL read it. (A mask drawn in a viewer is taken as it
+    shows: test_readers.py.)"""
     import tifffile
 
     rasterio = pytest.importorskip("rasterio")

@@ -1605,10 +1605,13 @@ def test_min_is_white_levels_and_alpha(tmp_path: Path) -> None:
 
 
 def test_a_min_is_white_mask_file_marks_what_shows_white(tmp_path: Path) -> None:
+    """A mask drawn in a viewer: what shows white is marked. (One tifffile wrote from an
+    array is read as stored: test_foreground.py.)"""
     shows_white = np.zeros((60, 90), bool)
     shows_white[10:30, 20:50] = True
     mask = tmp_path / "mask.tif"
-    tifffile.imwrite(mask, ~shows_white, photometric="miniswhite")  # a set bit shows black
+    # a set bit shows black; no tifffile JSON description, as an imaging program writes it
+    tifffile.imwrite(mask, ~shows_white, photometric="miniswhite", metadata=None)
     image = ArrayReader(np.zeros((60, 90, 3), np.uint8))
     np.testing.assert_array_equal(read_mask_file(mask, image, (60, 90)), shows_white)
 

@@ -20,7 +20,7 @@ import numpy as np
 from segpipe.geometry.foreground import pool_mask, upsample_mask
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.readers import Reader, open_image
-from segpipe.io.readers.photometric import min_is_black
+from segpipe.io.readers.photometric import Photometric, min_is_black
 
 __all__ = ["STRIP_PIXELS", "mask_file_sha256", "read_mask_file", "row_strips"]
 
@@ -118,10 +118,7 @@ def _read_mask_image(
     cells = (min(my, shape[0]), min(mx, shape[1]))
     names = tuple(getattr(image, "channel_names", None) or ())
     alpha = names.index("alpha") if "alpha" in names else channels - 1 if channels in (2, 4) else -1
-    # Min-is-white grey is read as stored, as GDAL and tifffile read it (tifffile writes a
-    # bool array so): not as shown, which would make what the user marked glass the mask.
-    shown = getattr(image, "photometric", None)  # TiffReader's
-    inverted = shown(0) if callable(shown) else None
+    inverted = _array_inversion(path, image)
     nonzero = np.zeros((*cells, channels), dtype=bool)  # each channel's, pooled
     alphas: set[float] = set()  # each strip's least and greatest alpha
     for y0, y1 in row_strips(image, 0):
@@ -136,6 +133,21 @@ def _read_mask_image(
     colour = np.asarray(nonzero[..., [c for c in range(channels) if c != alpha]].any(axis=2))
     mask = nonzero[..., alpha] if len(alphas) > 1 else colour
     return mask if cells == shape else upsample_mask(mask, shape).astype(bool)
+
+
+def _array_inversion(path: Path, image: Reader) -> Photometric | None:
+    """How ``image`` inverts its min-is-white grey, where the mask is rather what is stored:
+    a TIFF that tifffile wrote from an array (its JSON description), which writes a bool
+    array as 1-bit min-is-white and reads it back as stored, as GDAL does. Any other mask
+    is taken as it shows (one drawn white in a viewer). None: nothing to undo."""
+    shown = getattr(image, "photometric", None)  # TiffReader's
+    inverted = shown(0) if callable(shown) else None
+    if inverted is None or not inverted.inverted:
+        return None
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return inverted if tif.pages.first.is_shaped else None
 
 
 def _rasterize_geojson(
