@@ -21,6 +21,7 @@ checkpoint (:mod:`segpipe.models.checkpoint`) still never runs code.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -183,8 +184,25 @@ def _load_module(path: Path, declared: str | None) -> tuple[torch.nn.Module, Sav
             f"{path}: format {kind!r} is neither 'torchscript' nor 'torch.export'; a segpipe "
             "checkpoint needs no sidecar (remove it)"
         )
-    saved = SavedModule(path.read_bytes(), kind)
-    return saved.load(), saved
+    data = path.read_bytes()
+    # torch's loaders take a damaged archive without a check: a flipped bit loads another
+    # network without a word, or kills the process (SIGSEGV). Each entry's CRC says.
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # a central dir torn
+        raise ValueError(
+            f"{path}: not a readable {kind} file (damaged or truncated): {err}"
+        ) from err
+    if bad is not None:
+        raise ValueError(f"{path}: damaged: its entry {bad!r} fails its CRC check")
+    saved = SavedModule(data, kind)
+    try:
+        return saved.load(), saved
+    except Exception as err:  # torch's loaders raise anything (IndexError, MemoryError, ...)
+        raise ValueError(
+            f"{path}: cannot be loaded as {kind}: {type(err).__name__}: {err}"
+        ) from err
 
 
 def _sniff(path: Path) -> str:
