@@ -155,6 +155,15 @@ def test_config_mismatch(net: UNet, tmp_path: Path) -> None:
         load(edited(net, tmp_path, class_names=["only one"]))
 
 
+@pytest.mark.parametrize("lie", [{"width": 2**29}, {"depth": 40}])
+def test_a_config_whose_sizes_overflow_is_refused(net: UNet, tmp_path: Path, lie) -> None:
+    """torch refuses such a build with RuntimeError ("Storage size calculation overflowed"),
+    which went out bare, naming no file."""
+    config = {**torch.load(save(net, tmp_path / "a.pt"), weights_only=True)["config"], **lie}
+    with pytest.raises(CheckpointError, match=r"net\.pt: its config .* does not fit"):
+        load(edited(net, tmp_path, config=config))
+
+
 def test_state_dict_mismatch(net: UNet, tmp_path: Path) -> None:
     state = dict(net.state_dict())
     state.pop("head.conv.bias")

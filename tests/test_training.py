@@ -842,3 +842,19 @@ def test_a_fine_tuned_contract_measures_every_column_of_large_images():
     contract = training_contract(net, TrainConfig(), [SimpleNamespace(image=image)])
     assert contract.mean == pytest.approx((0.5,), abs=0.01)
     assert contract.std == pytest.approx((0.5,), abs=0.01)
+
+
+def test_a_foreign_model_is_refused_before_training_not_when_saved(tmp_path: Path) -> None:
+    """A TorchScript file with a sidecar loads wherever a checkpoint goes, but training can
+    only save segpipe's own architectures: the run trained to its end, then failed to save
+    (TypeError, a traceback), its training lost."""
+    from torch import nn
+
+    from segpipe.models import write_sidecar
+    from segpipe.training import initial_model
+
+    path = tmp_path / "theirs.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(3, 2, 1)), str(path))
+    write_sidecar(path, class_names=["a", "b"], geometry=Geometry(halo=0))
+    with pytest.raises(ValueError, match=r"theirs\.pt is a WrappedModel .*fine-tune it where"):
+        initial_model(str(path), class_names=["a", "b"])

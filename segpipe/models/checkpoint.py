@@ -185,7 +185,7 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
         # size (width=200000) is refused here instead of by the allocator.
         with torch.device("meta"):
             skeleton = build()
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # sizes overflowing
         raise CheckpointError(
             f"{path}: its config {payload['config']} does not fit model {name!r} "
             f"({cls.config_class.__name__}): {err}"

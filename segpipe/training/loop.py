@@ -21,7 +21,7 @@ from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.io.files import location
-from segpipe.models.base import geometry_of
+from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
     TrainConfig,
@@ -74,6 +74,11 @@ def initial_model(
             f"options {sorted(options)} cannot apply"
         )
     model = models.load(name_or_checkpoint)
+    if not is_registered(model):  # refused now, not by the save after training
+        raise ValueError(
+            f"{name_or_checkpoint} is a {type(model).__name__} (TorchScript or torch.export): "
+            "segpipe trains and saves its own architectures; fine-tune it where it was made"
+        )
     if tuple(model.class_names) != tuple(class_names):
         raise ValueError(
             f"{name_or_checkpoint} predicts {model.class_names}, the data has {tuple(class_names)}"
