@@ -97,6 +97,23 @@ def test_weight_map_matches_brute_force(class_weights: str | None) -> None:
     np.testing.assert_allclose(w, _brute_force_weights(inst, 10.0, 5.0, wc), rtol=1e-5, atol=1e-5)
 
 
+def test_weight_map_of_sparse_huge_ids_is_that_of_dense_ones() -> None:
+    """A tile of a slide's instance map keeps its global ids: find_objects kept a slot per id
+    up to the largest, and three objects of ids near 1.5e9 ran out of memory."""
+    import tracemalloc
+
+    inst = _two_touching_objects()
+    huge = np.select([inst == 1, inst == 2, inst == 3], [1_500_000_007, 7, 2_000_000_001], 0)
+    tracemalloc.start()
+    try:
+        w = unet_weight_map(huge.astype(np.int64), w0=10.0, sigma=5.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(w, unet_weight_map(inst, w0=10.0, sigma=5.0))
+    assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB for a 24 x 40 map"
+
+
 def test_weight_map_peaks_in_the_gap_and_is_w_c_far_away() -> None:
     inst = np.zeros((40, 80), dtype=np.int32)
     inst[10:20, 5:20] = 1

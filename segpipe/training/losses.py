@@ -202,6 +202,13 @@ def _two_nearest_distances(instances: np.ndarray, reach: float) -> tuple[np.ndar
     shape = instances.shape
     d1 = np.full(shape, np.inf, dtype=np.float32)
     d2 = np.full(shape, np.inf, dtype=np.float32)
+    if instances.size == 0:
+        return d1, d2
+    # Ids made dense (0 stays background): find_objects keeps a slot per id up to the
+    # largest, and a tile cut from a slide's instance map keeps its global ids (three
+    # objects of ids near 1.5e9 ran out of memory).
+    present, dense = np.unique(instances, return_inverse=True)
+    instances = dense.reshape(shape) + int(present[0] != 0)
     grow = math.ceil(reach) + 1
     for index, box in enumerate(ndimage.find_objects(instances), start=1):
         if box is None:
