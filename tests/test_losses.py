@@ -151,3 +151,17 @@ def test_a_border_weight_below_the_tolerance_is_accepted(w0: float) -> None:
     np.testing.assert_allclose(
         w, _brute_force_weights(inst, w0, 5.0, np.ones(inst.shape)), rtol=0, atol=1e-6
     )
+
+
+def test_class_weights_from_counts_are_those_of_the_labels() -> None:
+    """A training set's class weights come from its per-image counts: an int64 array of all
+    its labels (8 bytes a training pixel) was built only to be counted again."""
+    from segpipe.training.losses import counted_class_weights
+
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 3, size) for size in (50, 70, 1)]  # class 3 absent
+    counts = sum(np.bincount(p, minlength=4) for p in parts)
+    np.testing.assert_array_equal(
+        counted_class_weights(counts), balanced_class_weights(np.concatenate(parts), 4)
+    )
+    assert counted_class_weights(counts)[3] == 0

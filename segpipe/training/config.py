@@ -23,7 +23,7 @@ from segpipe.models.contract import PixelContract, measure_contract, sampled_pix
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.training.augmentation import Augmentation
 from segpipe.training.datasets import check_held_out, class_names_of, pixel_kind, read_folder
-from segpipe.training.losses import balanced_class_weights, unet_weight_map
+from segpipe.training.losses import counted_class_weights, unet_weight_map
 
 __all__ = [
     "TrainConfig",
@@ -392,7 +392,7 @@ def loss_weight_maps(
         return None
     num_classes = len(slides[0].class_names)
     counts = sum(np.bincount(s.labels.ravel(), minlength=num_classes) for s in slides)
-    table = balanced_class_weights(np.repeat(np.arange(num_classes), counts), num_classes)
+    table = counted_class_weights(np.asarray(counts))
     if config.loss_weights == "balanced":
         return [table.astype(np.float32)[s.labels] for s in slides]
     maps = []

@@ -24,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-__all__ = ["balanced_class_weights", "softmax_cross_entropy", "unet_weight_map"]
+__all__ = [
+    "balanced_class_weights",
+    "counted_class_weights",
+    "softmax_cross_entropy",
+    "unet_weight_map",
+]
 
 # The border term is dropped where it is below this (absolute, in weight units): it lets each
 # object's distance transform run on a box around the object instead of the whole image.
@@ -91,10 +96,22 @@ def balanced_class_weights(labels: np.ndarray, num_classes: int | None = None) -
     [0.6666666666666666, 2.0]
     """
     labels = np.asarray(labels)
-    counts = np.bincount(labels.ravel().astype(np.int64), minlength=num_classes or 0)
+    return counted_class_weights(
+        np.bincount(labels.ravel().astype(np.int64), minlength=num_classes or 0)
+    )
+
+
+def counted_class_weights(counts: np.ndarray) -> np.ndarray:
+    """:func:`balanced_class_weights` of labels whose class ``k`` has ``counts[k]`` pixels
+    (a training set's, summed image by image: no array of all its labels).
+
+    >>> counted_class_weights(np.array([3, 1])).tolist()
+    [0.6666666666666666, 2.0]
+    """
+    counts = np.asarray(counts, dtype=np.int64)
     present = counts > 0
     weights = np.zeros(len(counts), dtype=np.float64)
-    weights[present] = labels.size / (present.sum() * counts[present])
+    weights[present] = counts.sum() / (present.sum() * counts[present])
     return weights
 
 
