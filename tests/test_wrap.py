@@ -461,3 +461,13 @@ def test_a_sidecar_takes_normalisation_from_arrays(tmp_path: Path) -> None:
     assert (data["input_mean"], data["input_std"]) == (mean.tolist(), [0.25])
     side = write_sidecar(tmp_path / "net.pt", class_names=["a"], input_std=np.float32(0.5))
     assert json.loads(side.read_text())["input_std"] == 0.5
+
+
+def test_a_sidecar_of_the_wrong_channel_count_is_named(tmp_path: Path) -> None:
+    """The probe of a TorchScript module given 4 channels for its 3 failed in the
+    interpreter: torch's bare RuntimeError, naming neither file."""
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(3, 2, 3, padding=1)), str(path))
+    side = write_sidecar(path, class_names=["a", "b"], in_channels=4)
+    with pytest.raises(ValueError, match=rf"net\.pt \(sidecar {re.escape(str(side))}\): "):
+        models.load(path)

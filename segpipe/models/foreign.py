@@ -125,7 +125,7 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
             input_std=spec.get("input_std"),
             pixel_contract=contract,
         )
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, RuntimeError) as err:  # TorchScript's probe: RuntimeError
         raise ValueError(f"{p} (sidecar {side}): {err}") from err
     net.saved = saved  # what it pickles as: an exported module does not pickle
     return net
