@@ -312,6 +312,14 @@ def as_int64(payload: dict[str, Any]) -> None:
         pytest.param({"input_mean": [0.8, math.nan, 0.7]}, "input_mean", id="nan-mean"),
         pytest.param({"input_std": [0.1, math.inf, 0.12]}, "input_std", id="inf-std"),
         pytest.param({"input_std": [0.1, 0.0, 0.12]}, "input_std", id="zero-std"),
+        # Bare errors before: OverflowError, one name a letter, NotImplementedError
+        pytest.param({"input_std": 10**400}, "input_std .* NaN or infinite", id="huge-int-std"),
+        pytest.param({"class_names": "ab"}, "class_names 'ab' are not a list", id="str-names"),
+        pytest.param(
+            lambda p: p["state_dict"].update(x=p["state_dict"]["head.conv.bias"].to_sparse()),
+            "not a dict of named dense tensors",
+            id="sparse-tensor",
+        ),
         pytest.param({"input_std": "wide"}, "input_std", id="text-std"),
         pytest.param({"weights_dtype": "float16"}, "weights_dtype", id="weights-dtype-lies"),
         pytest.param({"weights_dtype": "uint8"}, "weights_dtype", id="weights-dtype-not-float"),

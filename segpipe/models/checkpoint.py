@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import io
 import json
-import math
 import os
 import pickle
 import zipfile
@@ -159,11 +158,13 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
         )
     cls = REGISTRY[name]
     state = payload["state_dict"]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
+    tensors = all(  # a sparse or meta tensor fails every check after this one
+        isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta
+        for v in (state.values() if isinstance(state, dict) else ())
+    )
+    if not isinstance(state, dict) or not tensors or not all(isinstance(k, str) for k in state):
         raise CheckpointError(
-            f"{path}: its state_dict is a {type(state).__name__}, not a dict of named tensors"
+            f"{path}: its state_dict is a {type(state).__name__}, not a dict of named dense tensors"
         )
     metrics = payload.get("metrics")
     if not isinstance(metrics, dict | None):
@@ -171,6 +172,10 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
     weights_dtype = _weights_dtype(payload.get("weights_dtype"), path)
     for what in ("input_mean", "input_std"):
         _check_statistic(what, payload[what], path)
+    if not isinstance(names := payload["class_names"], list | tuple | None) or any(
+        not isinstance(c, str) for c in names or ()
+    ):  # a bare string would be one name a letter
+        raise CheckpointError(f"{path}: its class_names {names!r} are not a list of names")
 
     def build() -> SegmentationModel:
         return cls(
@@ -296,7 +301,7 @@ def _check_statistic(what: str, value: Any, path: Path) -> None:
     values = value if isinstance(value, list | tuple) else [value]
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         raise CheckpointError(f"{path}: its {what} {value!r} is not a number or list of numbers")
-    if not all(math.isfinite(v) for v in values):
+    if not all(-1e300 < v < 1e300 for v in values):  # an int past float's range is refused
         raise CheckpointError(f"{path}: its {what} {value!r} holds NaN or infinite values")
     if what == "input_std" and not all(v > 0 for v in values):
         raise CheckpointError(f"{path}: its input_std {value!r} must be > 0 for every channel")
