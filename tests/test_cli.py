@@ -1239,3 +1239,16 @@ def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level
     assert main(["query", str(path), "--class", "nucleus", "--level", "1", "--json"]) == 0
     (nucleus,) = json.loads(capsys.readouterr().out)["classes"]
     assert (nucleus["area_px"], nucleus["pixels"]) == (512, 128)
+
+
+def test_train_depth_is_the_down_sampling_steps_of_fcn_updown(tmp_path, capsys):
+    """fcn-updown calls them levels: --depth, whose help says "down-sampling steps", was
+    refused with a list of its settings."""
+    from segpipe import models
+
+    ckpt = tmp_path / "updown.pt"
+    tiny = ["--steps", "1", "--slide-size", "64", "--num-slides", "1", "--val-size", "64"]
+    tiny += ["--batch-size", "1", "--patch", "16", "--width", "4"]
+    assert main(["train", str(ckpt), "--model", "fcn-updown", "--depth", "2", *tiny]) == 0
+    capsys.readouterr()
+    assert models.load(ckpt).config.levels == 2

@@ -226,7 +226,10 @@ def _train(args: argparse.Namespace) -> int:
         resume_from=args.resume_from,
         progress=False,  # the command's own display (segpipe.cli.main) shows the stage
     )
-    options = {k: getattr(args, k) for k in ("width", "depth", "padding")}
+    # fcn-updown calls its down-sampling steps levels; --depth is refused by an architecture
+    # without them (fcn), naming its settings.
+    depth = "levels" if args.model == "fcn-updown" else "depth"
+    options = {"width": args.width, depth: args.depth, "padding": args.padding}
     model = training.initial_model(
         args.model,
         class_names=training.class_names_for(config),
