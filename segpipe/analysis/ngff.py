@@ -32,7 +32,6 @@ level listed before it is there:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.io.files import URLPath, delete_marked_store, location
+from segpipe.io.files import URLPath, delete_marked_store, location, siblings
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
 from segpipe.results import label_path, open_result
@@ -135,7 +134,7 @@ def _export_locally(
     """Build the export beside ``target``, then rename it there (see the module docstring)."""
     # Resolved: "." has no name to build beside, and a parent may be a link.
     here = target.resolve()
-    for old in _beside(here, "exporting") + _beside(here, "deleting"):
+    for old in siblings(here, "exporting") + siblings(here, "deleting"):
         shutil.rmtree(old, ignore_errors=True)  # what a killed export left
     building = here.with_name(f".{here.name}.exporting-{uuid.uuid4().hex[:12]}")
     try:
@@ -155,10 +154,6 @@ def _export_locally(
         shutil.rmtree(trash)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-
-
-def _beside(path: Path, kind: str) -> list[Path]:
-    return list(path.parent.glob(glob.escape(f".{path.name}.{kind}-") + "*"))
 
 
 def _check_output(target: Path | URLPath, result: Path | URLPath, *, overwrite: bool) -> None:

@@ -22,7 +22,6 @@ fsspec's pattern would match.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.geometry.pixels import level_downsample
-from segpipe.io.files import URLPath, delete_marked_store, is_url, location
+from segpipe.io.files import URLPath, delete_marked_store, is_url, location, siblings
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.units import check_pixel_size
@@ -217,7 +216,7 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     if not isinstance(out, URLPath):
         _check_not_link(out)
         # what a killed deletion left beside it (a URL's is the store itself, unfinished)
-        for old in out.parent.glob(glob.escape(f".{out.name}.deleting-") + "*"):
+        for old in siblings(out, "deleting"):
             shutil.rmtree(old, ignore_errors=True)
     if not out.exists():
         return

@@ -12,7 +12,6 @@ wait in a temporary memory-mapped file beside the output, never as whole arrays 
 
 from __future__ import annotations
 
-import glob
 import itertools
 import math
 import os
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
+from segpipe.io.files import siblings
 from segpipe.io.locks import store_lock
 
 __all__ = ["write_pyramidal_tiff"]
@@ -117,10 +117,10 @@ def write_pyramidal_tiff(
     # file at ``out`` itself, would otherwise leave a truncated file where the old one was.
     # One writer of ``out`` at a time, so the scratch folders beside it now are killed
     # writers' (an image's size each), never a live one's.
-    prefix = f".{out.name}.writing-"
     with store_lock(out, after_kill=", and the next write removes what it left"):
-        for old in out.parent.glob(glob.escape(prefix) + "*"):
+        for old in siblings(out, "writing"):
             shutil.rmtree(old, ignore_errors=True)
+        prefix = f".{out.name}.writing-"
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as scratch:
             written = Path(scratch) / out.name
             with tifffile.TiffWriter(written, bigtiff=True, ome=True) as tif:

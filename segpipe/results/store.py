@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import logging
 import os
 import shutil
@@ -27,7 +26,7 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
-from segpipe.io.files import URLPath, utc_now
+from segpipe.io.files import URLPath, siblings, utc_now
 from segpipe.results import remote
 from segpipe.results.encoding import class_map, encode_probabilities
 from segpipe.results.layout import block_level_arrays, create_layout
@@ -255,7 +254,7 @@ def _remove_leftovers(path: Path | URLPath) -> None:
         return
     now = time.time()
     for kind in _LEFTOVER_KINDS:
-        for old in path.parent.glob(f".{glob.escape(path.name)}.{kind}-*"):
+        for old in siblings(path, kind):
             with contextlib.suppress(OSError):
                 if kind == "deleting" or now - old.stat().st_mtime > _LEFTOVER_AGE_S:
                     shutil.rmtree(old)
