@@ -541,3 +541,36 @@ def test_cli_replaces_an_existing_file_only_with_overwrite(small, tmp_path, caps
     else:
         assert json.loads(text)["type"] == "FeatureCollection"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.png", "r.seg.zarr", "userdir"]
+
+
+def test_a_damaged_result_is_named_by_query_and_export(tmp_path):
+    """A result's chunk cut short: zarr's "Stored and computed checksum do not match" named
+    neither the result nor the array; query and both exports now name the result. An error
+    of segpipe's own (an unknown class) passes as it is, and no export is left behind."""
+    from segpipe.analysis.ngff import export_ngff04
+    from segpipe.results import DamagedResultError
+    from segpipe.vectors import export_geojson
+
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:20, 5:20], labels[25:35, 10:30] = 1, 2
+    path, _ = make_result(tmp_path / "r.seg.zarr", labels)
+    # An own error raised while the reads are watched is not taken for damage.
+    with pytest.raises(ValueError, match="no class 'stroma'") as own:
+        query.region_report(path, class_name="stroma")
+    assert not isinstance(own.value, DamagedResultError)
+    for array in ("mask", "probabilities"):
+        chunk = next(f for f in sorted((path / "0" / array / "c").rglob("*")) if f.is_file())
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    damaged = rf"^{path} is damaged: a stored chunk cannot be read \(ValueError: .*checksum"
+    for report in (
+        lambda: query.region_report(path),
+        lambda: query.region_report(path, class_name="nucleus", threshold=0.5),
+        lambda: query.region_report(path, class_name="tissue", objects=True),
+    ):
+        with pytest.raises(DamagedResultError, match=damaged):
+            report()
+    with pytest.raises(DamagedResultError, match=damaged):
+        export_geojson(path, tmp_path / "o.geojson")
+    with pytest.raises(DamagedResultError, match=damaged):
+        export_ngff04(path, tmp_path / "o.zarr")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.zarr.lock", "r.seg.zarr"]

@@ -46,7 +46,7 @@ import zarr
 from segpipe.io.files import URLPath, delete_marked_store, location, siblings
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
-from segpipe.results import label_path, open_result
+from segpipe.results import label_path, naming_damage, open_result
 
 __all__ = ["NGFF_VERSIONS", "export_ngff04"]
 
@@ -215,8 +215,9 @@ def _write(source: zarr.Group, result: str, target: Path | URLPath) -> None:
     root = zarr.create_group(
         target, zarr_format=2, attributes={"segpipe": {**marker, "complete": False}}
     )
-    for k, path in enumerate(paths):
-        _copy_array(source[path], root, str(k))  # type: ignore[arg-type]
+    with naming_damage(result):  # a chunk of the result that cannot be read
+        for k, path in enumerate(paths):
+            _copy_array(source[path], root, str(k))  # type: ignore[arg-type]
 
     label_names = list(_ome(source["labels"], f"{result}/labels")["labels"])  # type: ignore[arg-type]
     labels = root.create_group("labels")
@@ -227,8 +228,9 @@ def _write(source: zarr.Group, result: str, target: Path | URLPath) -> None:
         datasets = [{**d, "path": str(k)} for k, d in enumerate(multiscale["datasets"])]
         attrs["multiscales"] = [{**multiscale, "datasets": datasets}]
         label = labels.create_group(name)
-        for k, d in enumerate(multiscale["datasets"]):
-            _copy_array(src[d["path"]], label, str(k))  # type: ignore[index,arg-type]
+        with naming_damage(result):
+            for k, d in enumerate(multiscale["datasets"]):
+                _copy_array(src[d["path"]], label, str(k))  # type: ignore[index,arg-type]
         label.update_attributes(ngff04_attributes(attrs))
     labels.update_attributes({"labels": label_names})
     # Last, one write: an image to readers, and a finished export to segpipe.

@@ -11,6 +11,7 @@ from segpipe.results import (
     class_areas_um2,
     class_fractions,
     class_pixels,
+    naming_damage,
     open_result,
     read_meta,
     result_levels,
@@ -29,8 +30,9 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
     is the result's ``segpipe`` attribute (JSON), as :meth:`ResultMeta.to_attrs` writes it.
     """
     meta = read_meta(path)
-    counts = class_pixels(path)
-    done = tiles_done(path)
+    with naming_damage(path):
+        counts = class_pixels(path)
+        done = tiles_done(path)
     areas = class_areas_um2(counts, meta.pixel_size_um)
     fractions = class_fractions(counts)
     return {
@@ -68,6 +70,19 @@ def region_report(
 ) -> dict[str, Any]:
     """What ``segpipe query`` prints: class areas over ``region`` (all classes, or one), and
     with ``objects`` the object count and table of ``class_name``."""
+    with naming_damage(path):
+        return _region_report(path, class_name, region, level, threshold, objects, connectivity)
+
+
+def _region_report(
+    path: str | os.PathLike,
+    class_name: str | None,
+    region: Region | None,
+    level: int,
+    threshold: float | None,
+    objects: bool,
+    connectivity: int,
+) -> dict[str, Any]:
     ds = open_result(path, level)
     areas = class_areas(ds, region=region).compute()
     if class_name is not None:

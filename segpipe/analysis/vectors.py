@@ -42,7 +42,7 @@ from segpipe.io.files import URLPath, is_url, location, write_text_atomic
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
-from segpipe.results import ResultMeta, open_result, read_meta
+from segpipe.results import ResultMeta, naming_damage, open_result, read_meta
 from segpipe.results.layout import source_downsample, source_origin_um
 
 __all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]
@@ -309,17 +309,18 @@ def export_geojson(
     features: list[dict[str, Any]] = []
     # A class given twice (--class a --class a) is exported once, not as duplicate polygons.
     for name in names[1:] if classes is None else dict.fromkeys(classes):
-        features += class_features(
-            result,
-            name,
-            level=level,
-            region=region,
-            coords=coords,
-            threshold=threshold,
-            connectivity=connectivity,
-            min_area=min_area,
-            object_type=object_type,
-        )
+        with naming_damage(result):
+            features += class_features(
+                result,
+                name,
+                level=level,
+                region=region,
+                coords=coords,
+                threshold=threshold,
+                connectivity=connectivity,
+                min_area=min_area,
+                object_type=object_type,
+            )
     collection: dict[str, Any] = {
         "type": "FeatureCollection",
         "features": features,

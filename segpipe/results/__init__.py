@@ -65,7 +65,7 @@ from __future__ import annotations
 from segpipe.results.encoding import class_map, encode_probabilities
 from segpipe.results.lock import ResultBusyError, result_lock
 from segpipe.results.pyramid import build_pyramid
-from segpipe.results.reader import open_result
+from segpipe.results.reader import DamagedResultError, naming_damage, open_result
 from segpipe.results.schema import (
     FOREGROUND_LABEL,
     LABEL_NAME,
@@ -109,6 +109,7 @@ __all__ = [
     "LAYOUTS",
     "PROBABILITY_DTYPES",
     "STATES",
+    "DamagedResultError",
     "IncompleteResultError",
     "ResultBusyError",
     "ResultMeta",
@@ -130,6 +131,7 @@ __all__ = [
     "layout_of",
     "level_path",
     "mark_tiles_done",
+    "naming_damage",
     "open_result",
     "prepare_result",
     "read_attrs",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -120,6 +122,40 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
         # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.
         ds["probabilities"] = ds["probabilities"].astype(np.float32)
     return ds
+
+
+class DamagedResultError(ValueError):
+    """A result's stored chunk cannot be read: cut short, or failing its checksum."""
+
+
+@contextmanager
+def naming_damage(path: str | os.PathLike) -> Iterator[None]:
+    """Reads of ``path`` inside this block that fail in Zarr's decoding raise
+    :class:`DamagedResultError` naming ``path``.
+
+    Zarr's own message ("Stored and computed checksum do not match") names neither the store
+    nor the array, and a lazy read fails far from the ``open_result`` that named them. Only
+    errors raised inside zarr are renamed: a caller's own ``ValueError`` passes as it is.
+    """
+    try:
+        yield
+    except (ValueError, RuntimeError) as exc:  # an OSError names its file already
+        if not _raised_in_zarr(exc):
+            raise
+        raise DamagedResultError(
+            f"{path} is damaged: a stored chunk cannot be read ({type(exc).__name__}: {exc}); "
+            "segment it again with overwrite to rebuild it"
+        ) from exc
+
+
+def _raised_in_zarr(exc: BaseException) -> bool:
+    """Whether ``exc`` passed through zarr or its codecs (numcodecs) on its way up."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_globals.get("__name__", "").split(".")[0] in {"zarr", "numcodecs"}:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _preferred(ds: Any) -> dict[str, int]:
