@@ -44,6 +44,7 @@ def write_dicom_wsi(
     uids: tuple[str, str, str] | None = None,
     origin_mm: tuple[float, float] = (20.0, 40.0),
     grey: str = "MONOCHROME2",
+    x_mpp: float | None = None,
 ) -> Path:
     """One DICOM instance per level (level k = ``img[::2**k, ::2**k]``), tiles row by row,
     files ``{name}{k}.dcm``, a new series unless ``uids`` (study, series, frame of
@@ -55,6 +56,7 @@ def write_dicom_wsi(
     ``pixel_spacing=False`` leaves PixelSpacing out. ``origin_mm``: (x, y) of the image's
     top-left corner on the slide; wsidicom makes images of one series at other origins
     pyramids of their own. ``grey``: the PhotometricInterpretation of grey samples.
+    ``x_mpp``: the columns' spacing, when not ``mpp`` (the rows').
     """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -107,7 +109,9 @@ def write_dicom_wsi(
         ds.ImagedVolumeDepth = 0.001
         if pixel_spacing:
             measures = Dataset()
-            measures.PixelSpacing, measures.SliceThickness = [spacing_mm, spacing_mm], 0.001
+            x_mm = spacing_mm if x_mpp is None else x_mpp * 2**k / 1000
+            # PixelSpacing is (rows, columns): the spacing along y, then along x.
+            measures.PixelSpacing, measures.SliceThickness = [spacing_mm, x_mm], 0.001
             measures.SpacingBetweenSlices = 0.001
             shared = Dataset()
             shared.PixelMeasuresSequence = Sequence([measures])
@@ -701,3 +705,11 @@ def test_close_under_a_read_leaves_the_handle_to_the_read(slide, monkeypatch):
     np.testing.assert_array_equal(reader.read(64, 128, 0, 64), _image()[64:128, :64])
     reader.close()
     assert len(closed) == 2 and closed[0] is not closed[1]
+
+
+def test_a_spacing_that_differs_in_x_and_y_is_warned_of_and_x_is_used(tmp_path):
+    """As every other reader does: DICOM alone took the columns' spacing without a word."""
+    folder = write_dicom_wsi(tmp_path / "s", _image(), mpp=0.25, x_mpp=0.5)
+    with pytest.warns(UserWarning, match=r"s: PixelSpacing differs in X \(0\.5 µm\) and Y \(0\.25"):
+        reader = open_image(folder)
+    assert reader.pixel_size_um == 0.5

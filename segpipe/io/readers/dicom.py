@@ -39,6 +39,7 @@ from segpipe.io.readers.dicom_series import (
     refuse_min_is_white,
     series_instances,
 )
+from segpipe.io.units import pixel_size_of_xy
 
 __all__ = ["DICOM_SUFFIXES", "DicomReader", "is_dicom_file", "is_dicom_folder"]
 
@@ -111,7 +112,10 @@ class DicomReader(BaseReader):
             focal_planes = list(base.focal_planes)
             levels = [lv for lv in pyramid.levels if set(paths) <= set(lv.optical_paths)]
             corners = [np.asarray(self._read(slide, base.level, p, (0, 0), (1, 1))) for p in paths]
-            mpp = pyramid.mpp.width
+            # Along x, as every reader takes a pixel size that differs in X and Y (warned of).
+            mpp = pixel_size_of_xy(
+                pyramid.mpp.width, pyramid.mpp.height, str(self.path), "PixelSpacing"
+            )
         except ImageReadError:
             self.close()
             raise
