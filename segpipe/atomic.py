@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["replaced_file"]
+__all__ = ["check_writable", "replaced_file"]
 
 
 def _read_umask() -> int:
@@ -63,3 +63,22 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Refuse, before long work, a local ``path`` (a file or folder to be made) below which
+    nothing can be written: OSError naming it when its nearest existing folder takes no new
+    file. Makes nothing."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{path} cannot be written: {folder} is a file, not a folder")
+    try:
+        # A test write: as root, os.access says yes to /proc and to read-only mounts.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        why = f"cannot be written: {folder} takes no new files ({err.strerror})"
+        raise OSError(err.errno, why, str(path)) from err

@@ -7,6 +7,7 @@ Validation's inference (the overlap-tile stitcher) is tested in test_execution.p
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -300,6 +301,13 @@ def test_resume_from_a_checkpoint_ends_like_an_uninterrupted_run(tmp_path) -> No
     _assert_trained([p.detach() for p in models.load(first).parameters()], resumed)
     assert again["loss_history"] == result["loss_history"]
     assert [e["epoch"] for e in again["epochs"]] == [1, 2]
+    # Into its own folder, epoch-002.pt still there: checking that file is this run's built
+    # its model, which drew from the generator just restored (other dropout masks, 4e-3 off).
+    torch.manual_seed(5)
+    in_place = tiny_unet(dropout=0.3)
+    train(in_place, TrainConfig(**settings, checkpoint_dir=str(tmp_path), resume_from=str(first)))
+    for a, b in zip(straight.parameters(), in_place.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_resume_without_its_state_file_is_refused(tmp_path) -> None:
@@ -597,6 +605,12 @@ def test_train_help_describes_steps_as_the_config_counts_them() -> None:
         ({"loss_weights": "paper"}, "loss_weights"),
         ({"epochs": 600}, "epochs"),
         ({"jitter": 1.5}, "jitter"),
+        # Infinite: w0 and sigma failed deep in the weight map (OverflowError), an elastic
+        # std trained on all-zero pairs; one past the patch scrambles it as surely.
+        ({"w0": math.inf}, r"finite w0 >= 0 and sigma_px > 0, got inf, 5\.0"),
+        ({"sigma_px": math.inf}, r"finite w0 >= 0 and sigma_px > 0, got 10\.0, inf"),
+        ({"elastic_std_px": math.inf}, r"elastic_std_px <= patch.*got inf \(patch 92\)"),
+        ({"elastic_std_px": 93.0}, r"elastic_std_px <= patch.*got 93\.0 \(patch 92\)"),
     ],
 )
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
@@ -824,6 +838,24 @@ def test_a_run_does_not_write_over_another_runs_checkpoints(finished_run, tmp_pa
     assert (run / "epoch-002.pt").read_bytes() == seven
 
 
+def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(tmp_path) -> None:
+    """Found at the first epoch's end before, after the training: with one epoch, the model
+    was never saved."""
+    a_file = tmp_path / "notadir"
+    a_file.write_bytes(b"")
+    model = tiny_unet()
+    initial = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        ValueError, match=r"checkpoint_dir .*notadir \(--checkpoint-dir\) is a file"
+    ):
+        train(model, TrainConfig(**TINY, checkpoint_dir=str(a_file)))
+    with pytest.raises(
+        NotADirectoryError, match=r"notadir/run cannot be written: .*notadir is a file"
+    ):
+        train(model, TrainConfig(**TINY, checkpoint_dir=str(a_file / "run")))
+    assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters(), strict=True))
+
+
 def test_a_fine_tuned_contract_measures_every_column_of_large_images():
     """Its statistics took every k-th pixel: where k divides the width, the same columns of
     every row (here the dark ones only: mean 0, not 0.5)."""
@@ -858,3 +890,38 @@ def test_a_foreign_model_is_refused_before_training_not_when_saved(tmp_path: Pat
     write_sidecar(path, class_names=["a", "b"], geometry=Geometry(halo=0))
     with pytest.raises(ValueError, match=r"theirs\.pt is a WrappedModel .*fine-tune it where"):
         initial_model(str(path), class_names=["a", "b"])
+
+
+def test_a_diverged_run_stops_at_its_first_non_finite_loss() -> None:
+    """It trained on to validation, which failed with the model's NaN output (a traceback
+    naming an in-memory array); nothing said the run had diverged."""
+    with pytest.raises(ValueError, match=r"diverged at step \d: the loss is nan.*lr=1e\+30, --lr"):
+        train(tiny_unet(), TrainConfig(**{**TINY, "lr": 1e30}))
+
+
+def test_weights_beyond_float16_are_saved_as_float32_with_a_warning(
+    finished_run, tmp_path: Path
+) -> None:
+    """A trained model float16 cannot hold was lost at the save, after its training, with an
+    error naming a hidden temporary file."""
+    from segpipe import models
+    from segpipe.training import save_trained
+
+    config, result = finished_run
+    model = tiny_unet()
+    key, weight = next((k, t) for k, t in model.state_dict().items() if t.ndim == 4)
+    with torch.no_grad():
+        weight.view(-1)[0] = 1e5
+    out = tmp_path / "big.pt"
+    with pytest.warns(UserWarning, match=rf"big\.pt: weight '{key}' .* beyond float16's 65504"):
+        save_trained(model, config, result, out)
+    saved = models.load(out)
+    assert saved.state_dict()[key].view(-1)[0] == 1e5
+    torch.testing.assert_close(saved.state_dict()[key], model.state_dict()[key], rtol=0, atol=0)
+
+
+def test_options_for_a_model_that_does_not_exist_say_it_does_not() -> None:
+    from segpipe.training import initial_model
+
+    with pytest.raises(ValueError, match=r"no shipped model or checkpoint file 'nosuch'"):
+        initial_model("nosuch", class_names=["a", "b"], width=2)

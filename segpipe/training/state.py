@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.atomic import replaced_file
+from segpipe.atomic import check_writable, replaced_file
 from segpipe.models.checkpoint import CheckpointError, read_payload
 
 if TYPE_CHECKING:
@@ -73,6 +73,13 @@ def check_checkpoint_dir(config: TrainConfig, done: int) -> None:
     if not config.checkpoint_dir:
         return
     folder = Path(config.checkpoint_dir)
+    # Here, not at the first epoch's end: a run of one epoch saved its model after that.
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(
+            f"checkpoint_dir {folder} (--checkpoint-dir) is a file: name a folder for the "
+            "epoch checkpoints"
+        )
+    check_writable(folder)
     for epoch in range(done + 1, math.ceil(config.steps / config.steps_per_epoch) + 1):
         path = folder / f"epoch-{epoch:03d}.pt"
         found = next((p for p in (path, state_path(path)) if p.exists()), None)
@@ -81,9 +88,11 @@ def check_checkpoint_dir(config: TrainConfig, done: int) -> None:
         why = "of another training run, or of an earlier one with these settings"
         if config.resume_from and path.is_file():
             try:
-                differ = _differences(
-                    (models.load(path).checkpoint_metrics or {}).get("config"), config
-                )
+                # Building the model draws its initial weights from torch's generator, which
+                # the resumed run has just restored: its dropout masks would be another run's.
+                with torch.random.fork_rng(devices=[]):
+                    recorded = models.load(path).checkpoint_metrics or {}
+                differ = _differences(recorded.get("config"), config)
             except ValueError as err:  # CheckpointError, or no checkpoint at all
                 differ, why = None, f"which is no checkpoint of this run ({err})"
             if differ == []:
