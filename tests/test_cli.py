@@ -648,6 +648,7 @@ def failing_segment(monkeypatch):
 
 
 def _user_error_cases():
+    from segpipe.execution.stitching import PredictionError
     from segpipe.io.readers import ImageReadError
     from segpipe.models import CheckpointError
     from segpipe.results import IncompleteResultError, ResultMismatchError
@@ -657,6 +658,7 @@ def _user_error_cases():
         ResultMismatchError("/data/out.zarr holds something else; pass --overwrite\nor move it"),
         IncompleteResultError("/data/out.zarr: 3/16 tiles written; re-run to finish"),
         CheckpointError("/models/m.pt: not a segpipe checkpoint"),
+        PredictionError("/data/slide.svs: the model's output is NaN or infinite for the window"),
         FileNotFoundError(2, "No such file or directory", "/data/missing.tif"),
     ]
 

@@ -76,6 +76,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     with the wrong arguments raises (segpipe raises ValueError for a user's bad value).
     """
     # Imported here: `segpipe --help` must not pay for torch or zarr.
+    from segpipe.execution.stitching import PredictionError
     from segpipe.io.locks import StoreBusyError
     from segpipe.io.readers import ImageReadError
     from segpipe.models import CheckpointError
@@ -92,6 +93,9 @@ def user_errors() -> tuple[type[Exception], ...]:
         IncompleteResultError,
         StoreBusyError,  # ResultBusyError and an ingest's
         ResultReplacedError,
+        # The model's failure or NaN output at named windows of a named image (its own
+        # traceback with --verbose): the model is the user's input as much as the image.
+        PredictionError,
         ValueError,
         OSError,
     )

@@ -108,7 +108,8 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tr.add_argument(
         "--separate-touching",
         action="store_true",
-        help="cut one-pixel gaps between touching objects in the training labels",
+        help="cut gaps between touching objects in the training labels: each object's pixels "
+        "that touch another take the surrounding class (a gap two pixels wide, one of each)",
     )
     tr.add_argument(
         "--elastic-std",

@@ -213,14 +213,22 @@ class TrainConfig:
                 "TrainConfig.loss_weights must be 'none', 'balanced' or 'unet', "
                 f"got {self.loss_weights!r}"
             )
-        if not (self.w0 >= 0 and self.sigma_px > 0):
+        # Finite: an infinite w0 or sigma_px failed deep in the weight map, and an infinite
+        # displacement made every training pair zeros.
+        if not (0 <= self.w0 < math.inf and 0 < self.sigma_px < math.inf):
             raise ValueError(
-                f"TrainConfig needs w0 >= 0 and sigma_px > 0, got {self.w0}, {self.sigma_px}"
+                "TrainConfig needs a finite w0 >= 0 and sigma_px > 0, got "
+                f"{self.w0}, {self.sigma_px}"
             )
-        if not (self.elastic_std_px >= 0 and self.elastic_grid >= 2 and 0 <= self.jitter < 1):
+        if not (
+            0 <= self.elastic_std_px <= self.patch
+            and self.elastic_grid >= 2
+            and 0 <= self.jitter < 1
+        ):
             raise ValueError(
-                "TrainConfig needs elastic_std_px >= 0, elastic_grid >= 2 and 0 <= jitter < 1, "
-                f"got {self.elastic_std_px}, {self.elastic_grid}, {self.jitter}"
+                "TrainConfig needs 0 <= elastic_std_px <= patch, elastic_grid >= 2 and "
+                f"0 <= jitter < 1, got {self.elastic_std_px} (patch {self.patch}), "
+                f"{self.elastic_grid}, {self.jitter}"
             )
         if self.pixel_size_um is not None and not (
             math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0

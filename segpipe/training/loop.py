@@ -8,8 +8,8 @@ caller uses, predicting through the pipeline's overlap-tile stitcher; a result h
 from __future__ import annotations
 
 import os
-import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
+from segpipe.atomic import check_writable
 from segpipe.io.files import location
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
@@ -68,12 +69,12 @@ def initial_model(
         model = models.build(name_or_checkpoint, class_names=class_names, **options)
         model.pixel_contract = contract
         return model
+    model = models.load(name_or_checkpoint)  # first: a name of nothing is said to be that
     if options:
         raise ValueError(
             f"{name_or_checkpoint!r} is a trained model; its architecture is fixed, so the "
             f"options {sorted(options)} cannot apply"
         )
-    model = models.load(name_or_checkpoint)
     if not is_registered(model):  # refused now, not by the save after training
         raise ValueError(
             f"{name_or_checkpoint} is a {type(model).__name__} (TorchScript or torch.export): "
@@ -190,11 +191,16 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
         logits = model(torch.from_numpy(batch.images))
         weights = None if batch.weights is None else torch.from_numpy(batch.weights)
         loss = softmax_cross_entropy(logits, torch.from_numpy(batch.labels), weights)
+        window_losses.append(loss.item())
+        if not np.isfinite(window_losses[-1]):  # every step after would be NaN
+            raise ValueError(
+                f"training diverged at step {step + 1}: the loss is {window_losses[-1]}; "
+                f"lower the learning rate (lr={config.lr:g}, --lr)"
+            )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        window_losses.append(loss.item())
         epoch_losses.append(window_losses[-1])
         if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
             history.append(float(np.mean(window_losses)))
@@ -275,16 +281,7 @@ def check_output(output: str | os.PathLike[str], *, overwrite: bool = False) -> 
             f"{path} exists: replace it with overwrite=True (segpipe train --overwrite), or "
             "name another file"
         )
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    try:
-        # A test write: as root, os.access says yes to /proc and to read-only mounts.
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        why = f"cannot be written: {folder} takes no new files ({err.strerror})"
-        raise OSError(err.errno, why, str(path)) from err
+    check_writable(path)
     return path
 
 
@@ -313,6 +310,14 @@ def save_trained(
     from segpipe import models
 
     path = check_output(output, overwrite=True)
+    if half and (key := _beyond_half(model)) is not None:
+        # Hours of training are not thrown away at the last step for a storage format.
+        warnings.warn(
+            f"{path}: weight {key!r} of the trained model lies beyond float16's 65504; saving "
+            "float32 weights (as full_precision, --full-precision, does)",
+            stacklevel=2,
+        )
+        half = False
     unscored = path.with_name(f".{path.name[:200]}.{os.getpid()}.unscored.pt")
     try:
         saved = models.load(models.save(model, unscored, half=half))
@@ -343,3 +348,12 @@ def save_trained(
     }
     models.save(saved, path, metrics=saved_metrics, half=half)
     return saved_metrics
+
+
+def _beyond_half(model: nn.Module) -> str | None:
+    """The name of a finite floating-point weight of ``model`` that float16 cannot hold."""
+    for key, t in model.state_dict().items():
+        finite = t.is_floating_point() and bool(torch.isfinite(t).all())
+        if finite and not bool(torch.isfinite(t.detach().to(torch.float16)).all()):
+            return key
+    return None
