@@ -1547,3 +1547,20 @@ def test_chunks_beside_anything_else_are_refused_and_kept(tmp_path, extra):
         delete_result(path)
     assert store_files(path) == before
     assert (tmp_path / "user.bin").exists() or extra != "link"
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        # A chunk is padded to its whole size: 2 classes x 10⁶² px float16 is 3.6 TiB.
+        ({"tile": 1_000_000}, r"tile 1000000 px \(--tile\) makes result chunks of 3,725"),
+        ({"tile": 16_384, "probability_dtype": "float32"}, r"chunks of 2\.0 GiB"),
+        ({"task_tiles": 1_000_000}, r"task_tiles 1000000 \(--task-tiles\) is more than 2048"),
+    ],
+)
+def test_tiles_no_store_can_hold_are_refused_before_anything_is_made(tmp_path, settings, match):
+    """They failed after the model ran, allocating terabytes (a MemoryError traceback)."""
+    with pytest.raises(ValueError, match=match):
+        prepare_result(tmp_path / "r.zarr", meta(**settings))
+    assert list(tmp_path.iterdir()) == []
+    prepare_result(tmp_path / "ok.zarr", meta(tile=16_384, probability_dtype="float16"))

@@ -82,6 +82,7 @@ def prepare_result(
     """
     path = path if isinstance(path, URLPath) else Path(path)
     check_not_source(path, meta.source)
+    _check_sizes(meta)
     _remove_leftovers(path)
     if path.exists():
         if not is_result(path):
@@ -107,6 +108,30 @@ def prepare_result(
 
 
 # A differing identity key as the mismatch error names it, where its name alone says little.
+_MAX_CHUNK_BYTES = 2**30  # a chunk is encoded, and read, whole
+_MAX_TASK_TILES = 2048  # a shard's index: 16 bytes a chunk, task_tiles² chunks
+
+
+def _check_sizes(meta: ResultMeta) -> None:
+    """Refuse, before any work, a tile or task_tiles no store can hold: a chunk is padded to
+    its full size, so --tile 1000000 on a 300 px image failed after the model ran, allocating
+    5.5 TiB (a MemoryError traceback)."""
+    c = meta.config
+    chunk = len(meta.class_names) * c.tile**2 * np.dtype(c.probability_dtype).itemsize
+    if chunk > _MAX_CHUNK_BYTES:
+        raise ValueError(
+            f"tile {c.tile} px (--tile) makes result chunks of {chunk / 2**30:,.1f} GiB "
+            f"({len(meta.class_names)} classes x {c.tile}² px {c.probability_dtype}), each "
+            "written and read whole; give a smaller tile (the default is 512)"
+        )
+    if c.task_tiles > _MAX_TASK_TILES:
+        raise ValueError(
+            f"task_tiles {c.task_tiles} (--task-tiles) is more than {_MAX_TASK_TILES}: a shard's "
+            f"index alone would take {16 * c.task_tiles**2 / 2**30:,.1f} GiB; give fewer "
+            "(the default is 2)"
+        )
+
+
 _WHY = {
     "source_sha256": "source_sha256 (the source's pixels differ from those the result was made "
     "from: another image saved at the same path?)",
