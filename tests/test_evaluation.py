@@ -138,6 +138,20 @@ def test_evaluate_a_model_and_its_result_store(random_checkpoint: Path, tmp_path
     np.testing.assert_array_equal(in_memory.confusion, by_model.confusion)
     with pytest.raises(ValueError, match="image"):
         evaluate(str(random_checkpoint), truth)
+    # Another run's settings at the output: refused, not replaced (as segment refuses it).
+    from segpipe.results import ResultMismatchError, read_attrs
+
+    started = read_attrs(out)["started"]
+    with pytest.raises(
+        ResultMismatchError, match=r"result\.zarr holds .* \(differs in: tile: 32 stored, 16"
+    ):
+        evaluate(str(random_checkpoint), truth, image=image, output=out, tile=16)
+    assert read_attrs(out)["started"] == started
+    again = evaluate(
+        str(random_checkpoint), truth, image=image, output=out, tile=16, overwrite=True
+    )
+    assert read_attrs(out)["started"] != started
+    assert again.confusion.sum() == by_model.confusion.sum()
 
 
 def test_evaluate_a_result_at_a_url_as_segment_returns_it() -> None:

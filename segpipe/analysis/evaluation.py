@@ -262,6 +262,7 @@ def evaluate(
     output: str | os.PathLike[str] | None = None,
     tile: int = 256,
     scheduler: Any = "sync",
+    overwrite: bool = False,
 ) -> Evaluation:
     """Score a result store, or a model run over an image, against ground truth.
 
@@ -284,8 +285,9 @@ def evaluate(
         As in :func:`evaluate_labels`; ``object_class`` needs ``instances``.
     output
         Where the model's result store goes, a path or URL (default: a temporary directory,
-        removed after).
-    tile, scheduler
+        removed after). An unfinished one of the same run is finished; one of other inputs
+        or settings is refused (``ResultMismatchError``) unless ``overwrite``.
+    tile, scheduler, overwrite
         Passed to :func:`segpipe.segment` when running a model (``"sync"``: in this process).
     """
     _check_scoring(iou_threshold, min_size_px)
@@ -335,7 +337,7 @@ def evaluate(
                 model_name=label,
                 tile=tile,
                 scheduler=scheduler,
-                overwrite=True,
+                overwrite=overwrite,
             )
         try:
             return evaluate_labels(
