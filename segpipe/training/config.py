@@ -216,15 +216,10 @@ class TrainConfig:
         # Finite: an infinite w0 or sigma_px failed deep in the weight map, and an infinite
         # displacement made every training pair zeros.
         if not (0 <= self.w0 < math.inf and 0 < self.sigma_px < math.inf):
-            raise ValueError(
-                "TrainConfig needs a finite w0 >= 0 and sigma_px > 0, got "
-                f"{self.w0}, {self.sigma_px}"
-            )
-        if not (
-            0 <= self.elastic_std_px <= self.patch
-            and self.elastic_grid >= 2
-            and 0 <= self.jitter < 1
-        ):
+            raise ValueError(f"TrainConfig needs a finite w0 >= 0 and sigma_px > 0, got "
+                             f"{self.w0}, {self.sigma_px}")  # fmt: skip
+        if not (0 <= self.elastic_std_px <= self.patch and self.elastic_grid >= 2
+                and 0 <= self.jitter < 1):  # fmt: skip
             raise ValueError(
                 "TrainConfig needs 0 <= elastic_std_px <= patch, elastic_grid >= 2 and "
                 f"0 <= jitter < 1, got {self.elastic_std_px} (patch {self.patch}), "
