@@ -26,19 +26,16 @@ from segpipe.execution.foreground import (
 )
 from segpipe.geometry.foreground import (
     MaskPatch,
-    clean_mask,
     cover_boxes,
     foreground_pixels,
     mask_rows,
-    otsu_threshold,
     pool_mask,
-    saturation,
     tiles_touching,
-    tissue_mask,
     upsample_mask,
 )
 from segpipe.geometry.pixels import downsample_mean_2x
 from segpipe.geometry.tiling import Box, tile_grid
+from segpipe.geometry.tissue import clean_mask, otsu_threshold, saturation, tissue_mask
 from segpipe.io import maskfiles
 from segpipe.io.readers import ArrayReader
 from segpipe.results import (
@@ -466,9 +463,10 @@ def test_tiles_already_done_keep_their_counts_when_the_selection_leaves_them_out
     grid = tile_grid((SIDE, SIDE), TILE)
     common = dict(task_tiles=BLOCK, num_classes=3, geometry=tiny_unet().geometry)
     done = np.ones(grid.grid_shape, bool)
-    select_tiles(reader, 0, grid, out, str(mask), done=done, **common)
+    foreground = compute_foreground(reader, 0, str(mask))
+    select_tiles(grid, out, foreground, done=done, **common)
     np.testing.assert_array_equal(counts[0, 0], before)
-    select_tiles(reader, 0, grid, out, str(mask), **common)  # nothing done: all recorded
+    select_tiles(grid, out, foreground, **common)  # nothing done: all recorded
     np.testing.assert_array_equal(counts[0, 0], [TILE * TILE, 0, 0])
 
 
@@ -490,7 +488,12 @@ def test_a_selection_for_a_result_another_run_replaced_writes_nothing_there(know
     for done in (np.ones(grid.grid_shape, bool), None):  # nothing to record; the background
         with pytest.raises(ResultReplacedError, match="replaced by another run"):
             select_tiles(
-                reader, 0, grid, out, str(mask), done=done, started="another run's", **common
+                grid,
+                out,
+                compute_foreground(reader, 0, str(mask)),
+                done=done,
+                started="another run's",
+                **common,
             )
     assert {f: f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
 
@@ -1016,3 +1019,52 @@ def test_a_geojson_mask_at_a_gdal_overview_uses_its_size_ratio(tmp_path):
     expected = np.outer(touched(151, 301 / 151, y0, y1), touched(259, 517 / 259, x0, x1))
     assert not expected[:, 200].any() and expected[:, 201].any()
     np.testing.assert_array_equal(read_mask_file(mask, reader, (151, 259), level=1), expected)
+
+
+@pytest.mark.parametrize(
+    ("level", "mask"),
+    # (rows, cols) of the segmented level and of the mask file, of one aspect: masks smaller
+    # than the run's cells (about 1024 a side) and larger, at ratios that are no integer.
+    [((3001, 50), (1234, 21)), ((100_000, 100), (1000, 1)), ((60_000, 80), (1500, 2))],
+)
+def test_a_mask_file_selects_every_cell_a_level_pixel_it_marks_lies_in(tmp_path, level, mask):
+    """Stretched to the cells, then the cells over the level, the mask was rounded twice:
+    a mask row stretching over level rows 127-128 was read at 128-129, and up to half the
+    rows a sparse mask marked on a 100 000 px level were never computed."""
+    from types import SimpleNamespace
+
+    from segpipe.execution.foreground import _mask_shape
+
+    rng = np.random.default_rng(sum(level))
+    user = rng.random(mask) < 0.02
+    Image.fromarray(user.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    cells = _mask_shape(level)
+    reader = SimpleNamespace(level_shapes=((*level, 3),))
+    got = read_mask_file(tmp_path / "m.png", reader, cells)
+    # Independently: the level's pixels as the mask shows them, each cell True where one is.
+    shown = user[mask_rows(level[0], mask[0])][:, mask_rows(level[1], mask[1])]
+    cell_y, cell_x = mask_rows(level[0], cells[0]), mask_rows(level[1], cells[1])
+    want = np.zeros(cells, bool)
+    ys, xs = np.nonzero(shown)
+    want[cell_y[ys], cell_x[xs]] = True
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_mask_file_that_cannot_be_used_leaves_nothing_at_the_output(known_slide, tmp_path):
+    """It was read after the result was made, whose identity held the bad file's hash: the
+    corrected run was refused as another result, though nothing had been computed."""
+    outside = [[5000, 5000], [5100, 5000], [5100, 5100], [5000, 5000]]
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [outside]}}
+    bad = tmp_path / "bad.geojson"
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.full((10, 40), 255, np.uint8)).save(wide)
+    out = tmp_path / "r.zarr"
+    for mask, why in ((bad, "no polygon overlaps the image"), (wide, "another aspect ratio")):
+        with pytest.raises(ValueError, match=why):
+            run(known_slide, out, foreground=str(mask))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.geojson", "wide.png"]
+    ring = [[330, 70], [370, 70], [370, 120], [330, 120], [330, 70]]
+    feature["geometry"]["coordinates"] = [ring]
+    bad.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    assert read_meta(run(known_slide, out, foreground=str(bad))).summary.tiles_computed == 1

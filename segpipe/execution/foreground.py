@@ -3,7 +3,7 @@
 ``SegmentConfig.foreground`` says where the mask comes from:
 
 * ``"tissue"``: stained tissue of a brightfield slide, found on a small image of the whole
-  scan (:func:`segpipe.geometry.foreground.tissue_mask`);
+  scan (:func:`segpipe.geometry.tissue.tissue_mask`);
 * ``"nodata"``: the valid pixels of a raster that declares nodata, a mask band or alpha;
 * a file (its sha256 part of the result's identity): GeoJSON polygons in level-0 pixels, x
   right, y down (QuPath's convention, :mod:`segpipe.analysis.vectors`'s ``coords="pixel"``),
@@ -45,14 +45,13 @@ from segpipe.execution.stitching import bounds
 from segpipe.execution.tasks import Block
 from segpipe.geometry.foreground import (
     MaskPatch,
-    block_mean,
     cover_boxes,
     foreground_pixels,
     pool_mask,
     tiles_touching,
-    tissue_mask,
 )
 from segpipe.geometry.tiling import Box, Geometry, TileGrid
+from segpipe.geometry.tissue import block_mean, tissue_mask
 from segpipe.io.maskfiles import mask_file_sha256, read_mask_file, row_strips
 from segpipe.io.readers import Reader
 from segpipe.progress import stage
@@ -69,6 +68,7 @@ __all__ = [
     "cell_side",
     "choose_boxes",
     "compute_foreground",
+    "foreground_of",
     "low_resolution",
     "mask_file_sha256",
     "read_mask_file",
@@ -250,12 +250,23 @@ def compute_foreground(reader: Reader, level: int, mode: str) -> Foreground | No
     return Foreground("file", read_mask_file(mode, reader, _mask_shape(shape), level), shape)
 
 
+def foreground_of(reader: Reader, level: int, mode: str) -> Foreground | None:
+    """:func:`compute_foreground` as a run's stage ``"tissue mask"``. A run calls it before
+    it makes its result: a mask file that cannot be read, or nodata the image does not
+    declare, leaves nothing at the output (a result skeleton there, whose identity holds the
+    bad file's hash, refused the corrected run as another result)."""
+    if mode == "none":  # no stage to announce
+        return None
+    with stage("tissue mask", total=1, unit="mask") as progress:
+        foreground = compute_foreground(reader, level, mode)
+        progress.advance()
+    return foreground
+
+
 def select_tiles(
-    reader: Reader,
-    level: int,
     grid: TileGrid,
     output: str | os.PathLike,
-    mode: str,
+    foreground: Foreground | None,
     *,
     task_tiles: int,
     num_classes: int,
@@ -263,10 +274,11 @@ def select_tiles(
     done: np.ndarray | None = None,
     started: str | None = None,
 ) -> TileSelection:
-    """Make the foreground mask (stage ``"tissue mask"``), choose the tiles to compute, and
-    record the others in the result at ``output`` as done, all class 0.
+    """Choose the tiles to compute from the run's ``foreground`` (:func:`foreground_of`;
+    None: every tile), and record the others in the result at ``output`` as done, all
+    class 0.
 
-    ``mode`` is resolved (:func:`resolve_foreground`). With the model's ``geometry`` (exact
+    With the model's ``geometry`` (exact
     mode), each block computes only boxes of cells around its foreground
     (:func:`choose_boxes`), and the tiles those boxes touch are the computed ones; else (blend
     mode) every tile the foreground touches is computed whole. Called on every run, resumed or
@@ -278,11 +290,6 @@ def select_tiles(
     stamp of the result the run prepared, which the record checks it is still writing into
     (:func:`~segpipe.results.tiles.check_not_replaced`).
     """
-    if mode == "none":  # no stage to announce
-        return TileSelection(np.ones(grid.grid_shape, dtype=bool))
-    with stage("tissue mask", total=1, unit="mask") as progress:
-        foreground = compute_foreground(reader, level, mode)
-        progress.advance()
     if foreground is None:
         return TileSelection(np.ones(grid.grid_shape, dtype=bool))
     if geometry is None:

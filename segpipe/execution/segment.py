@@ -23,6 +23,7 @@ from segpipe.execution.cluster import (
 )
 from segpipe.execution.foreground import (
     FOREGROUND_MODES,
+    foreground_of,
     mask_file_sha256,
     resolve_foreground,
     select_tiles,
@@ -197,6 +198,7 @@ def segment(
             # Resolved before the identity is taken ("auto" must not make two results look alike),
             # and refused before a cluster starts or the result is made.
             config = config.replace(foreground=resolve_foreground(config.foreground, reader))
+            foreground = foreground_of(reader, level, config.foreground)  # before the result
             class_names = tuple(
                 getattr(net, "class_names", None)
                 or (f"class_{i}" for i in range(cast(int, net.num_classes)))
@@ -263,7 +265,7 @@ def segment(
             grid = tile_grid((ny, nx), tile)
             # Tiles without foreground (glass, nodata) are recorded done as class 0, not computed.
             selection = select_tiles(
-                reader, level, grid, output, config.foreground,
+                grid, output, foreground,
                 task_tiles=config.task_tiles, num_classes=len(class_names),
                 geometry=geometry if config.mode == "exact" else None, done=done, started=stamp,
             )  # fmt: skip

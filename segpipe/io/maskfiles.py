@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from segpipe.geometry.foreground import pool_mask, upsample_mask
+from segpipe.geometry.foreground import pool_mask
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.readers.photometric import Photometric, min_is_black
@@ -96,17 +96,19 @@ def read_mask_file(
         return _rasterize_geojson(path, reader, level, shape)
     image = open_image(path)
     try:
-        return _read_mask_image(image, path, reader, shape)
+        return _read_mask_image(image, path, reader, shape, level)
     finally:
         cast(Any, image).close()  # BaseReader's; not in the protocol
 
 
 def _read_mask_image(
-    image: Reader, path: Path, reader: Reader, shape: tuple[int, int]
+    image: Reader, path: Path, reader: Reader, shape: tuple[int, int], level: int
 ) -> np.ndarray:
     # Its level 0, never a reduced level some tool made (by nearest neighbour, or a mean that
-    # rounds 0/1 to 0: a thin stroke gone), OR-pooled on each axis longer than the mask's
-    # and stretched on one shorter, so no foreground pixel is lost.
+    # rounds 0/1 to 0: a thin stroke gone), stretched over the level and OR-pooled into the
+    # cells through the level's pixels, so no pixel the level shows foreground is lost (a
+    # stretch to the cells first, then the cells over the level, rounded twice and dropped
+    # a mask pixel's rows here and there).
     (my, mx, channels), (ny, nx) = image.level_shapes[0], reader.level_shapes[0][:2]
     # Stretched, it must have the image's aspect: either side within 2%, or a pixel (a small
     # mask rounds its sides), of what the other gives.
@@ -115,24 +117,23 @@ def _read_mask_image(
             f"foreground mask {path} is {my} x {mx} pixels (y, x), another aspect ratio than "
             f"the image's {ny} x {nx}: make it the image's shape or a scaled copy of it"
         )
-    cells = (min(my, shape[0]), min(mx, shape[1]))
+    segmented = (int(reader.level_shapes[level][0]), int(reader.level_shapes[level][1]))
     names = tuple(getattr(image, "channel_names", None) or ())
     alpha = names.index("alpha") if "alpha" in names else channels - 1 if channels in (2, 4) else -1
     inverted = _array_inversion(path, image)
-    nonzero = np.zeros((*cells, channels), dtype=bool)  # each channel's, pooled
+    nonzero = np.zeros((*shape, channels), dtype=bool)  # each channel's, pooled
     alphas: set[float] = set()  # each strip's least and greatest alpha
     for y0, y1 in row_strips(image, 0):
         pixels = image.read(y0, y1, 0, mx, 0)
         if inverted is not None and (n := inverted.inverted):
             stored = min_is_black(pixels[..., :n], inverted.bits_per_sample)
             pixels = np.concatenate([stored, pixels[..., n:]], axis=-1)
-        pool_mask(nonzero, pixels != 0, (my, mx), y0)
+        pool_mask(nonzero, pixels != 0, (my, mx), y0, level=segmented)
         if alpha >= 0:
             alphas |= {float(pixels[..., alpha].min()), float(pixels[..., alpha].max())}
     # An alpha of one value (an opaque RGBA export) says nothing: the colours do.
     colour = np.asarray(nonzero[..., [c for c in range(channels) if c != alpha]].any(axis=2))
-    mask = nonzero[..., alpha] if len(alphas) > 1 else colour
-    return mask if cells == shape else upsample_mask(mask, shape).astype(bool)
+    return nonzero[..., alpha] if len(alphas) > 1 else colour
 
 
 def _array_inversion(path: Path, image: Reader) -> Photometric | None:
