@@ -2189,3 +2189,50 @@ def test_a_file_url_is_decoded_as_rfc_8089_says(tmp_path):
     assert open_image(path.as_uri()).shape == (8, 8, 1)
     with pytest.raises(ValueError, match="another host"):
         location("file://scanner-7/share/a.tif")
+
+
+# ---- non-finite values in metadata --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nodata", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_nodata_describes_as_strict_json(tmp_path: Path, nodata: float) -> None:
+    """``segpipe info --json`` printed a NaN nodata as a bare NaN, which strict JSON parsers
+    reject: it is the text an ingest records for it, which float() reads back."""
+    import json
+
+    import rasterio
+    from rasterio.transform import Affine
+
+    from segpipe.io.describe import describe_image
+
+    path = tmp_path / "nodata.tif"
+    place = {"crs": "EPSG:32633", "transform": Affine(1, 0, 500000, 0, -1, 5000000)}
+    with rasterio.open(
+        path, "w", driver="GTiff", height=8, width=8, count=1, dtype="float32",
+        nodata=nodata, **place,
+    ) as ds:  # fmt: skip
+        ds.write(np.zeros((1, 8, 8), np.float32))
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not strict JSON: {constant}")
+
+    info = describe_image(path)
+    assert info.nodata is not None and np.isnan(info.nodata[0]) == np.isnan(nodata)
+    (recorded,) = json.loads(json.dumps(info.to_dict()), parse_constant=refuse)["nodata"]
+    assert isinstance(recorded, str)
+    np.testing.assert_equal(float(recorded), nodata)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), 0.0, -1.0])
+def test_an_ome_zarr_scale_that_is_no_positive_number_names_the_store_and_gives_way(
+    tmp_path: Path, scale: float
+) -> None:
+    """A NaN, 0 or negative scale opened with its pixel size unknown and a warning that X and
+    Y differ, where a text one was refused: refused as the OME-TIFF's, naming the store."""
+    path = write_ome_zarr(tmp_path / "s.ome.zarr", _rgb()[:64, :48], scale=scale)
+    with pytest.raises(
+        ImageReadError, match=rf"s\.ome\.zarr: OME-Zarr scale of axis x is {scale}, not a pos"
+    ):
+        open_image(path)
+    with pytest.warns(UserWarning, match=r"s\.ome\.zarr: .*; using pixel_size_um=0.25"):
+        assert open_image(path, pixel_size_um=0.25).pixel_size_um == 0.25

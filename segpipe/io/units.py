@@ -49,7 +49,12 @@ def check_pixel_size(value: float, what: str) -> float:
 def pixel_size_of_xy(x: float | None, y: float | None, path: str, what: str) -> float | None:
     if x is None:
         x = y
-    elif y is not None and not math.isclose(x, y, rel_tol=1e-3):
+    elif (
+        y is not None
+        and math.isfinite(x)
+        and math.isfinite(y)  # NaN is close to nothing, itself included: no "differs"
+        and not math.isclose(x, y, rel_tol=1e-3)
+    ):
         warnings.warn(f"{path}: {what} differs in X ({x} µm) and Y ({y} µm); using X", stacklevel=4)
     return None if x is None else positive_or_none(x, path, what)
 

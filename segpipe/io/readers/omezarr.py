@@ -20,7 +20,7 @@ from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
 from segpipe.io.readers.geotiff import checked_transform
 from segpipe.io.readers.masks import check_per_channel
-from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy
+from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
 
 __all__ = ["ZARR_SUFFIXES", "ZarrReader"]
 
@@ -210,16 +210,10 @@ class ZarrReader(BaseReader):
             if t.get("type") == "scale"
         ]
         if version in ("0.4", "0.5") and not any(t.get("type") == "scale" for t in level0):
-            problem = (
+            self._refuse_unless_given(
                 f"{self.path}: OME-Zarr {version} dataset {ms['datasets'][0]['path']!r} has "
                 "no 'scale' coordinate transformation, which NGFF requires"
             )
-            if self.pixel_size_um is None:
-                raise ImageReadError(
-                    f"{problem}; give the pixel size yourself (pixel_size_um, --pixel-size) "
-                    "to read the image anyway"
-                )
-            warnings.warn(f"{problem}; using pixel_size_um={self.pixel_size_um}", stacklevel=4)
             return None
         if not scales:  # older NGFF: the product of no scales is no pixel size of 1 µm
             return None
@@ -233,8 +227,26 @@ class ZarrReader(BaseReader):
                 warnings.warn(f"{self.path}: axis {name} unit {unit!r} unknown", stacklevel=3)
                 continue
             i = axis_names.index(name)
-            per_axis[name] = math.prod(float(s[i]) for s in scales) * UM_PER_UNIT[unit]
+            given = [s[i] for s in scales]
+            if any(positive_or_none(v) is None for v in given):
+                # not "pixel size unknown": a NaN, 0 or -1 is as wrong as text, which is refused
+                self._refuse_unless_given(
+                    f"{self.path}: OME-Zarr scale of axis {name} is "
+                    f"{given[0] if len(given) == 1 else given!r}, not a positive number"
+                )
+                return None
+            per_axis[name] = math.prod(float(v) for v in given) * UM_PER_UNIT[unit]
         return pixel_size_of_xy(per_axis.get("x"), per_axis.get("y"), self.path, "OME-Zarr scale")
+
+    def _refuse_unless_given(self, problem: str) -> None:
+        """Refuse a pixel size the file gets wrong, unless the user gave one (as the TIFF
+        reader does): then warn and read the image with theirs."""
+        if self.pixel_size_um is None:
+            raise ImageReadError(
+                f"{problem}; give the pixel size yourself (pixel_size_um, --pixel-size) "
+                "to read the image anyway"
+            )
+        warnings.warn(f"{problem}; using pixel_size_um={self.pixel_size_um}", stacklevel=5)
 
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
         """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: the ingest's label
