@@ -4,6 +4,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from segpipe.geometry.blending import (
+    RIM_FLOOR,
     BlendSink,
     CropSink,
     blend_lattice,
@@ -42,6 +43,37 @@ def test_a_narrow_gaussian_still_weighs_every_pixel_of_its_window(sigma_scale):
     p = np.random.default_rng(0).random((2, 64, 64)).astype(np.float32)
     sink.add(Window(Box(0, 64, 0, 64), Box(0, 64, 0, 64), 0), p)
     np.testing.assert_allclose(sink.result(), p, rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", [1, 2, 7, 32, 33, 64])
+@pytest.mark.parametrize("sigma_scale", [1e-4, 4e-4, 1e-12, 1e-200, 5e-324])
+def test_a_vanishing_gaussian_keeps_its_centre_and_the_floor(side, sigma_scale):
+    """A sigma of under about 0.018 px made an even window's centre weigh 0 in float64 (and
+    any window's, once sigma² is 0): the map was NaN and the sink refused every pixel as
+    uncovered (a 32 px window at 0.0004)."""
+    w = gaussian_weights(side, sigma_scale)
+    assert np.isfinite(w).all() and w.max() == 1.0 and w.min() >= np.float32(RIM_FLOOR)
+    centre = slice((side - 1) // 2, side // 2 + 1)  # one pixel, or four for an even side
+    expected = np.full((side, side), np.float32(RIM_FLOOR))
+    expected[centre, centre] = 1.0
+    np.testing.assert_array_equal(w, expected)
+    sink = BlendSink(Box(0, side, 0, side), 2, sigma_scale=sigma_scale)
+    p = np.random.default_rng(0).random((2, side, side)).astype(np.float32)
+    sink.add(Window(Box(0, side, 0, side), Box(0, side, 0, side), 0), p)
+    np.testing.assert_allclose(sink.result(), p, rtol=1e-6)
+
+
+@pytest.mark.parametrize("side", [2, 7, 32, 64, 255, 1408])
+@pytest.mark.parametrize("sigma_scale", [0.125, 0.05, 0.25])
+def test_ordinary_gaussian_weights_are_the_plain_formula_to_the_bit(side, sigma_scale):
+    """Blended results are compared with MONAI and with stored runs: an ordinary sigma must
+    give exactly exp(-r² / 2 sigma²) over its peak, floored (1408 px at the default sigma is
+    where weights relative to the largest exponent would round 8 weights differently)."""
+    r = np.arange(side) - (side - 1) / 2
+    g = np.exp(-(r**2) / (2 * (sigma_scale * side) ** 2))
+    ref = np.outer(g, g)
+    ref = np.maximum(ref / ref.max(), 1e-20).astype(np.float32)
+    np.testing.assert_array_equal(gaussian_weights(side, sigma_scale), ref)
 
 
 _REGION, _SIDE = Box(0, 20, 0, 20), 16

@@ -42,19 +42,38 @@ def gaussian_weights(side: int, sigma_scale: float = 0.125) -> np.ndarray:
     :data:`RIM_FLOOR`, so a pixel covered only by window rims still gets a finite average: below
     a ``sigma_scale`` of about 0.05 a corner's weight, about ``exp(-1 / (4 sigma_scale²))``,
     is 0 in float32 (a 64 px window at 0.03 had 1680 zero weights), and below about 0.07 its
-    products with probabilities would leave float32's normal range.
+    products with probabilities would leave float32's normal range. This holds for any
+    ``sigma_scale`` > 0, however small: the weights are then 1 at the centre pixel (four
+    pixels, for an even side) and :data:`RIM_FLOOR` elsewhere.
 
     >>> w = gaussian_weights(8)
     >>> w.shape, float(w.max()), bool(w[0, 0] > 0)
     ((8, 8), 1.0, True)
+    >>> w = gaussian_weights(32, 1e-4)
+    >>> float(w.max()), float(w.min()) == float(np.float32(RIM_FLOOR))
+    (1.0, True)
     """
     if side < 1 or sigma_scale <= 0:
         raise ValueError(f"need side >= 1 and sigma_scale > 0, got {side}, {sigma_scale}")
     centre = (side - 1) / 2.0
     r = np.arange(side, dtype=np.float64) - centre
-    g = np.exp(-(r**2) / (2.0 * (sigma_scale * side) ** 2))
+    with np.errstate(divide="ignore", invalid="ignore"):  # sigma² is 0 below about 1e-162 px
+        g = np.exp(-(r**2) / (2.0 * (sigma_scale * side) ** 2))
     w = np.outer(g, g)
-    w /= w.max()
+    peak = w.max()
+    if peak > 0:
+        w /= peak
+    else:
+        # An even side's centre pixels sit half a pixel off the peak: below a sigma of about
+        # 0.018 px (a 32 px window at sigma_scale 0.0004) their weight exp(-1 / (8 sigma²))²
+        # is 0 in float64 (NaN for any side once sigma² is), and dividing by it gave NaN
+        # weights. Relative to the centre every other pixel then weighs at most
+        # exp(-1 / sigma²), 0 in float64 too, so the map is the centre alone: what weights
+        # relative to the largest exponent give, without computing them. Only here, not
+        # always: that way rounds differently, and ordinary maps must stay as they were (at
+        # the default sigma a 1408 px window would change 8 weights by a float32 ulp).
+        g = (np.abs(r) == np.abs(r).min()).astype(np.float64)
+        w = np.outer(g, g)
     w = np.maximum(w, RIM_FLOOR).astype(np.float32)
     w.setflags(write=False)
     return w
