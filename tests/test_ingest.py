@@ -9,7 +9,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -19,6 +19,7 @@ import zarr
 import segpipe.io.ingest
 from segpipe.io.files import URLPath
 from segpipe.io.ingest import ingest, ingested_image, is_segpipe_image
+from segpipe.io.locks import StoreBusyError, store_lock
 from segpipe.io.readers import ImageReadError, open_image
 
 
@@ -52,6 +53,15 @@ def _unlocked(paths: Iterator[Path]) -> list[Path]:
     """``paths`` sorted, without the lock files an ingest leaves beside its output (never
     deleted: segpipe.io.locks), even one it then refuses."""
     return sorted(p for p in paths if not (p.name.startswith(".") and p.name.endswith(".lock")))
+
+
+def _files(root: Path) -> dict[str, bytes | None]:
+    """Everything under ``root``, lock files included, by relative path: a file's bytes, or
+    None for a folder or a link."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        for p in root.rglob("*")
+    }
 
 
 def _attrs(path: Path | URLPath) -> dict[str, Any]:
@@ -165,8 +175,91 @@ def test_overwrite_never_deletes_unrelated_paths(tmp_path: Path, kind: str) -> N
 
 def test_refuses_to_write_over_its_source(tmp_path: Path) -> None:
     out = ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "a.zarr")
-    with pytest.raises(ValueError, match="is the source itself"):
+    with pytest.raises(ValueError, match="overlaps its source"):
         ingest(out, out, overwrite=True)
+
+
+@pytest.mark.parametrize(
+    ("source", "output", "via"),
+    [
+        ("x.zarr/0", "x.zarr", ingest),
+        ("link.zarr/0", "x.zarr", ingest),
+        ("x.zarr", "x.zarr/copy.zarr", ingest),
+        ("x.zarr", "link.zarr/copy.zarr", ingest),
+        ("x.zarr/0", "x.zarr", ingested_image),
+    ],
+)
+def test_an_output_inside_its_source_or_holding_it_is_refused_before_anything_changes(
+    tmp_path: Path, source: str, output: str, via: Any
+) -> None:
+    """Re-chunking an ingest from its own level 0 (``x.zarr/0`` into ``x.zarr``) cleared the
+    output, and the source with it, before a pixel was read: both were lost. An output that
+    holds its source or lies in it, through a link too, is refused naming both, before
+    anything is deleted or created."""
+    ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "x.zarr", chunk=128)
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "x.zarr", target_is_directory=True)
+    before = _files(tmp_path)
+    options = {"overwrite": True} if via is ingest else {}
+    with pytest.raises(ValueError, match="overlaps its source") as info:
+        via(tmp_path / source, tmp_path / output, chunk=256, **options)
+    assert f"output {tmp_path / output} overlaps its source {tmp_path / source};" in str(info.value)
+    assert _files(tmp_path) == before
+
+
+def test_a_url_output_inside_its_source_or_holding_it_is_refused(
+    tmp_path: Path, memory_url: str
+) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    store = f"{memory_url}/x.zarr"
+    ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), store, chunk=128)
+    before = {path: fs.cat_file(path) for path in fs.find(memory_url)}
+    for source, output in [(f"{store}/0", store), (store, f"{store}/copy.zarr/")]:
+        with pytest.raises(ValueError, match="overlaps its source") as info:
+            ingest(source, output, chunk=256, overwrite=True)
+        assert source in str(info.value) and output.rstrip("/") in str(info.value)
+    assert {path: fs.cat_file(path) for path in fs.find(memory_url)} == before
+
+
+@pytest.mark.parametrize("opened", [False, True])
+def test_an_ingested_image_replaced_meanwhile_is_not_copied(tmp_path: Path, opened: bool) -> None:
+    """Copying an ingested image took no lock on it: a re-ingest replacing it meanwhile went
+    on, and the copy was marked complete with zeros where its chunks had gone. The copy holds
+    its source's lock shared, as a segmentation does: a run writing the source stops it at
+    once, before it makes anything."""
+    src = ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "src.zarr", chunk=128)
+    source = open_image(src) if opened else src
+    out = tmp_path / "out.zarr"
+    with store_lock(src), pytest.raises(StoreBusyError, match="writing it") as info:
+        ingest(source, out)
+    assert f"{src} is in use by another segpipe run" in str(info.value)
+    assert not out.exists()
+    if opened:
+        cast(Any, source).close()
+
+
+def test_an_ingested_image_being_copied_is_not_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While an ingest copies an ingested image, a re-ingest into that image (``--overwrite``)
+    stops at once naming the reader, and the copy is the source's pixels."""
+    tif = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    src, out = ingest(tif, tmp_path / "src.zarr", chunk=128), tmp_path / "out.zarr"
+    before, copy, refused = _files(src), segpipe.io.ingest._copy, []
+
+    def replaced_meanwhile(reader: Any, to: Path, *args: Any, **kwargs: Any) -> None:
+        if to == out:  # the copy has begun: another run (here, its own lock) replaces src
+            with pytest.raises(StoreBusyError, match="reading it") as info:
+                ingest(tif, src, chunk=64, overwrite=True)
+            refused.append(info.value)
+        copy(reader, to, *args, **kwargs)
+
+    monkeypatch.setattr(segpipe.io.ingest, "_copy", replaced_meanwhile)
+    ingest(src, out, chunk=128)
+    assert len(refused) == 1 and f"{src} is in use" in str(refused[0])
+    assert _files(src) == before
+    np.testing.assert_array_equal(open_image(out).read(0, 300, 0, 517), _image())
 
 
 def test_interrupted_ingest_is_marked_incomplete(

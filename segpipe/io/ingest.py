@@ -41,14 +41,13 @@ import numpy as np
 from dask.callbacks import Callback
 
 from segpipe.geometry.pixels import downsample_mean_2x, exact_sum_dtype, pyramid_shapes
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import (
     INGEST_VERSION,
     VALID_MASK,
     clear_image_store,
     is_reusable,
-    is_same_location,
     is_segpipe_image,
     records_mask,
     source_attributes,
@@ -112,15 +111,30 @@ def ingest(
         ``output`` holds a finished ingest and ``overwrite`` is False, or it is not a
         segpipe ingest, or it is a symbolic link.
     ValueError
-        ``output`` is a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a glob).
+        ``output`` is a URL with ``[``, ``]``, ``*`` or ``?`` (fsspec deletes them as a glob),
+        or it is the source, lies inside it or holds it.
     ImageReadError
         The source cannot be read.
     StoreBusyError
-        Another run ingests into ``output`` or segments it now (:mod:`segpipe.io.locks`).
+        Another run ingests into ``output`` or segments it, or into the source (:mod:`.locks`).
     """
     out = location(output)
-    with store_lock(out, after_kill=_AFTER_KILL):  # one ingest at a time writes a store
+    where = source if isinstance(source, str | os.PathLike) else source.path
+    _check_apart(out, where)
+    with contextlib.ExitStack() as locked:
+        if not is_url(where) and is_segpipe_image(where):
+            # shared till the copy ends, as segment holds it: a re-ingest would leave zeros
+            locked.enter_context(store_lock(location(where), shared=True))
+        locked.enter_context(store_lock(out, after_kill=_AFTER_KILL))  # one writer a store
         return _ingest(source, out, overwrite, chunk, min_level_size, pixel_size_um)
+
+
+def _check_apart(out: Path | URLPath, source: str | os.PathLike[str]) -> None:
+    """Refuse an output that is ``source``, in it or holding it: clearing it deletes both."""
+    url = isinstance(out, URLPath) or is_url(source)
+    a, b = (str(p).rstrip("/") if url else os.path.realpath(location(p)) for p in (out, source))
+    if any(x == y or x.startswith(y.rstrip("/") + "/") for x, y in ((a, b), (b, a))):
+        raise ValueError(f"ingest output {out} overlaps its source {source}; choose another path")
 
 
 # What the busy message adds: what a killed ingest leaves.
@@ -147,8 +161,6 @@ def _ingest(
         px = reader.pixel_size_um
         if pixel_size_um is not None:
             px = check_pixel_size(pixel_size_um, "pixel_size_um")
-        if is_same_location(out, reader.path):
-            raise ValueError(f"ingest output {out} is the source itself; choose another path")
         clear_image_store(out, overwrite=overwrite)
         _copy(reader, out, px, chunk=chunk, min_level_size=min_level_size)
     return out
@@ -208,9 +220,6 @@ def _copy(
             counter.finish()
 
     root.update_attributes({"segpipe": {**attrs, "complete": True}})
-
-
-# The label image of the pixels holding data, within the ingest's group.
 
 
 def _create_levels(
@@ -400,6 +409,7 @@ def ingested_image(
     if is_segpipe_image(source):
         return location(source)
     store = location(store)
+    _check_apart(store, source)
     # Looked at under the lock: two runs ingesting one source into one store, the second
     # stops at once (StoreBusyError) rather than replacing the copy the first is writing.
     with store_lock(store, after_kill=_AFTER_KILL), showing(progress):
