@@ -266,7 +266,7 @@ def test_a_float_ground_truth_is_refused_naming_it(tmp_path):
     import numpy as np
     import tifffile
 
-    from segpipe.analysis.summary import label_plane
+    from segpipe.io.labelfiles import label_plane
 
     path = tmp_path / "truth.tif"
     tifffile.imwrite(path, np.zeros((16, 16), np.float32))

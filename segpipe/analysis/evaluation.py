@@ -40,8 +40,9 @@ from scipy import ndimage
 
 from segpipe.analysis.metrics import LabelError
 from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
-from segpipe.analysis.summary import confusion_against, label_plane
+from segpipe.analysis.summary import confusion_against
 from segpipe.io.files import URLPath, is_url, location
+from segpipe.io.labelfiles import label_plane
 from segpipe.results import is_result, open_result, read_meta
 
 if TYPE_CHECKING:
@@ -275,8 +276,10 @@ def evaluate(
         with :func:`segpipe.segment` first.
     ground_truth
         ``(Y, X)`` class ids: a one-channel label image any segpipe reader opens (PNG, TIFF,
-        Zarr), or an array. Same shape as the prediction: for a model, as the level of
-        ``image`` it segments (checked before it runs).
+        Zarr; a palette image's indices, min-is-white grey as stored:
+        :func:`segpipe.io.labelfiles.label_plane`), or an array. Same shape as the
+        prediction: for a model, as the level of ``image`` it segments (checked before it
+        runs).
     image
         The image to segment when ``prediction`` is a model (refused with a result store).
     instances

@@ -19,10 +19,10 @@ import numpy as np
 
 from segpipe.analysis.metrics import LabelError, confusion_matrix, dice, iou
 from segpipe.io.files import is_url
-from segpipe.io.readers import open_image
+from segpipe.io.labelfiles import label_plane
 from segpipe.results import class_fractions, open_result, read_meta
 
-__all__ = ["ResultSummary", "confusion_against", "label_plane", "summarise"]
+__all__ = ["ResultSummary", "confusion_against", "summarise"]
 
 
 @dataclass(frozen=True)
@@ -68,23 +68,6 @@ def confusion_against(mask: da.Array, truth: da.Array, num_classes: int) -> np.n
         for m, t in zip(mask.to_delayed().ravel(), truth.to_delayed().ravel(), strict=True)
     ]
     return np.sum(dask.compute(*parts), axis=0)
-
-
-def label_plane(path: str | os.PathLike[str], what: str) -> da.Array:
-    """Lazy ``(Y, X)`` level 0 of the one-channel image of integer ids at ``path`` (ground
-    truth, instances); ``ValueError`` naming ``path`` and ``what`` for anything else."""
-    reader = open_image(path)
-    if reader.shape[2] != 1:
-        raise ValueError(
-            f"{path}: {what} must be a one-channel label image of integer class ids, got "
-            f"{reader.shape[2]} channels"
-        )
-    if not (np.issubdtype(reader.dtype, np.integer) or reader.dtype == bool):
-        raise ValueError(
-            f"{path}: {what} must be a one-channel label image and must hold integer class "
-            f"ids, got {reader.dtype} (a dtype {reader.dtype} image holds no class ids)"
-        )
-    return reader.level(0)[..., 0]
 
 
 def summarise(
