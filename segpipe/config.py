@@ -146,8 +146,8 @@ class SegmentConfig:
         None,
         EXECUTION,
         "torch intra-op threads of each CPU worker (default: a local cluster's share of the "
-        "cores; a running cluster's workers keep their own); equal counts of two or more give "
-        "equal bits on CPUs",
+        "cores; a running cluster's workers keep their own); equal counts give equal bits "
+        "on CPUs",
     )
 
     def __post_init__(self) -> None:

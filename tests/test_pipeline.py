@@ -13,7 +13,7 @@ from test_execution import CLASSES, one_torch_thread, tiny_unet  # noqa: F401 (a
 
 import segpipe
 from segpipe.execution import cluster, futures, pipeline, stitching, tasks
-from segpipe.execution.pipeline import ModelStage
+from segpipe.execution.pipeline import ModelStage, PassPlan
 from segpipe.execution.predictor import (
     CPU_FORWARD_BUDGET,
     InferenceConfig,
@@ -145,6 +145,25 @@ def test_batches_join_windows_of_several_submitters():
     assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
     stage.close()
     assert fake.batches == [1, 3], "the three queued windows ran as one batch"
+
+
+def test_on_the_cpu_a_pass_takes_one_submits_windows_only():
+    """Wide passes (4 lanes, a budget of 3 windows) joined whatever other blocks had queued,
+    which differs from run to run: on an 8-core CPU three runs gave three results. Windows
+    queued together still run one submit at a time; one submit's several windows together."""
+    fake = FakePredictor(batch_size=4, budget=48, threads=4)  # 4 x 4 px windows: 16 bytes
+    stage = ModelStage(fake, max_queued=4, lanes=4)  # type: ignore[arg-type]
+    assert stage.pass_plan((4, 4, 1)) == PassPlan(3, 4, narrow=False, joins=False)
+    fake.hold.clear()
+    first = stage.submit(windows(0))
+    deadline = time.monotonic() + 10
+    while stage.queued() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    later = [stage.submit(w) for w in (windows(1), windows(2), windows(3, n=2))]
+    fake.hold.set()
+    assert [f.result(10)[0, 0, 0, 0] for f in [first, *later]] == [0, 1, 2, 3]
+    stage.close()
+    assert fake.batches == [1, 1, 1, 2]
 
 
 def test_batches_never_join_uint8_windows_with_float_ones():

@@ -69,6 +69,7 @@ class PassPlan:
     limit: int
     threads: int
     narrow: bool = False
+    joins: bool = False  # whether a pass takes windows of other submits queued behind
 
 
 @dataclass
@@ -91,8 +92,9 @@ class ModelStage:
     max_batch
         Windows per wide forward pass at most (default ``predictor.config.batch_size``),
         fewer where the windows are large for the device's memory
-        (``predictor.memory_budget``); a batch takes what is queued, so it may join windows
-        of several blocks. Narrow passes take one window.
+        (``predictor.memory_budget``); off the CPU a batch takes what is queued, so it may
+        join windows of several blocks (on the CPU, one submit's: equal bits in every run).
+        Narrow passes take one window.
     max_queued
         Chunks (of up to ``max_batch`` windows) waiting at once; ``submit`` blocks beyond it.
     share_cores
@@ -209,7 +211,11 @@ class ModelStage:
                 plan = PassPlan(1, max(1, self._torch_threads // self.lanes), narrow=True)
             else:
                 limit = max(1, min(self.max_batch, int(budget // one)))
-                plan = PassPlan(limit, self._torch_threads)
+                # Not on the CPU: the windows queued behind a pass, of other blocks, differ
+                # from run to run, and a batch's size changes the last bits of each window's
+                # sums (an 8-core run's three runs gave three results, 6e-8 apart). A pass of
+                # one submit's windows is the same pass in every run.
+                plan = PassPlan(limit, self._torch_threads, joins=self.gate is None)
             self._plans[window_shape] = plan
         return plan
 
@@ -356,7 +362,7 @@ def _next_batch(
         return [], None, True
     head = cast(_Chunk, first)
     chunks, size = [head], len(head.windows)
-    while size < head.plan.limit:
+    while head.plan.joins and size < head.plan.limit:
         try:
             item = todo.get_nowait()
         except queue.Empty:
