@@ -275,11 +275,9 @@ def evaluate(
         model (shipped name, checkpoint path, or ``torch.nn.Module``) to run over ``image``
         with :func:`segpipe.segment` first.
     ground_truth
-        ``(Y, X)`` class ids: a one-channel label image any segpipe reader opens (PNG, TIFF,
-        Zarr; a palette image's indices, min-is-white grey as stored:
-        :func:`segpipe.io.labelfiles.label_plane`), or an array. Same shape as the
-        prediction: for a model, as the level of ``image`` it segments (checked before it
-        runs).
+        ``(Y, X)`` class ids, an array or a label image read as stored
+        (:func:`~segpipe.io.labelfiles.label_plane`). Same shape as the prediction: for a
+        model, as the level of ``image`` it segments (checked before it runs).
     image
         The image to segment when ``prediction`` is a model (refused with a result store).
     instances
@@ -288,8 +286,7 @@ def evaluate(
         As in :func:`evaluate_labels`; ``object_class`` needs ``instances``.
     output
         Where the model's result store goes, a path or URL (default: a temporary directory,
-        removed after). An unfinished one of the same run is finished; one of other inputs
-        or settings is refused (``ResultMismatchError``) unless ``overwrite``.
+        removed after); one of other settings is refused unless ``overwrite``.
     tile, scheduler, overwrite
         Passed to :func:`segpipe.segment` when running a model (``"sync"``: in this process).
     """
