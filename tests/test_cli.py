@@ -408,7 +408,7 @@ def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
     assert failed in run.stderr, "Prefect's own line stays"
     assert ("Traceback" in run.stderr) is verbose, run.stderr[-3000:]
     if not verbose:
-        lines = [x for x in run.stderr.splitlines() if not re.match(r"\w+: \d+/\d+ ", x)]
+        lines = [x for x in run.stderr.splitlines() if not re.match(r"[\w ]+: \d+/\d+ ", x)]
         assert lines[-1].startswith(error)
         assert all(" ERROR prefect." in x for x in lines[:-1]), lines
 

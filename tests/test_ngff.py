@@ -425,3 +425,43 @@ def test_a_group_without_multiscales_lists_its_arrays_and_groups(tmp_path):
         ImageReadError, match=r"plain\.zarr: .*arrays: \['a'\], groups: \['images'\]"
     ):
         open_image(tmp_path / "plain.zarr")
+
+
+def _restamp(result) -> None:
+    """What a run replacing ``result`` leaves: its own ``started`` stamp."""
+    group = zarr.open_group(result, mode="r+")
+    group.attrs["segpipe"] = {**group.attrs["segpipe"], "started": "another run's"}
+
+
+def test_a_result_being_exported_is_held_and_one_replaced_meanwhile_is_not_published(
+    fresh, tmp_path, monkeypatch
+):
+    """Replaced after level 0 was copied (segment with overwrite), the copy's upper levels
+    came from the new, empty result, and it was published complete."""
+    from segpipe.results import ResultBusyError, ResultReplacedError, delete_result
+
+    real, refused = ngff._copy_array, []
+
+    def copy_then_replace(*args):
+        real(*args)
+        if not refused:
+            with pytest.raises(ResultBusyError) as busy:
+                delete_result(fresh)  # what segment's overwrite does first
+            refused.append(busy.value)
+
+    monkeypatch.setattr(ngff, "_copy_array", copy_then_replace)
+    out = export_ngff04(fresh, tmp_path / "e.zarr")
+    assert refused and open_result(fresh) is not None
+    np.testing.assert_array_equal(
+        zarr.open_group(out, mode="r")["1"][...], source_levels(fresh, "probabilities")[1]
+    )
+
+    # No lock stops a run elsewhere (a result at a URL): its stamp is checked before publishing.
+    def copy_then_restamp(*args):
+        real(*args)
+        _restamp(fresh)
+
+    monkeypatch.setattr(ngff, "_copy_array", copy_then_restamp)
+    with pytest.raises(ResultReplacedError):
+        export_ngff04(fresh, tmp_path / "f.zarr")
+    assert not (tmp_path / "f.zarr").exists()

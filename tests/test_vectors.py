@@ -389,3 +389,37 @@ def test_a_class_given_twice_is_exported_once(result, tmp_path):
     names = [f["properties"]["classification"]["name"] for f in feats]
     assert names == ["nucleus"] * 5 + ["tissue"]  # in the order first asked
     assert feats[:5] == json.loads(once.read_text())["features"]
+
+
+def test_a_result_being_exported_to_geojson_is_held_and_one_replaced_is_not_written(
+    tmp_path, monkeypatch
+):
+    """Replaced between two classes, the export mixed two results, or failed with a bare
+    KeyError."""
+    from test_ngff import _restamp
+
+    from segpipe.analysis import vectors as module
+    from segpipe.results import ResultBusyError, ResultReplacedError, delete_result
+
+    labels, _ = squares_on_chunk_corners()
+    path, _ = make_result(tmp_path / "r.zarr", labels)
+    real, refused = module.class_features, []
+
+    def features_then_replace(*args, **kwargs):
+        with pytest.raises(ResultBusyError) as busy:
+            delete_result(path)
+        refused.append(busy.value)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "class_features", features_then_replace)
+    out = vectors.export_geojson(path, tmp_path / "o.geojson")
+    assert len(refused) == 2 and json.loads(out.read_text())["features"]
+
+    def features_then_restamp(*args, **kwargs):
+        _restamp(path)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "class_features", features_then_restamp)
+    with pytest.raises(ResultReplacedError):
+        vectors.export_geojson(path, tmp_path / "p.geojson")
+    assert not (tmp_path / "p.geojson").exists()

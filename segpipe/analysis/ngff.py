@@ -32,10 +32,13 @@ level listed before it is there:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, cast
 
@@ -46,7 +49,8 @@ import zarr
 from segpipe.io.files import URLPath, delete_marked_store, location, siblings
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
-from segpipe.results import label_path, naming_damage, open_result
+from segpipe.results import ResultBusyError, label_path, naming_damage, open_result
+from segpipe.results.tiles import check_not_replaced, result_started
 
 __all__ = ["NGFF_VERSIONS", "export_ngff04"]
 
@@ -72,7 +76,13 @@ def _copy_array(source: zarr.Array, group: zarr.Group, name: str) -> None:
     )
     # Dask blocks of whole source shards: each reads one shard and writes whole chunks.
     blocks = da.from_zarr(source, chunks=source.shards or source.chunks)
-    da.store(blocks.astype(dtype), cast(Any, target), lock=False)
+    # A pool of our own, waited for: when a block fails (a damaged chunk), dask raises at
+    # once while the others go on writing, and they made the copy's folders again after
+    # the failed export had removed them.
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        da.store(
+            blocks.astype(dtype), cast(Any, target), lock=False, scheduler="threads", pool=pool
+        )
 
 
 def _ome(group: zarr.Group, where: str) -> dict[str, Any]:
@@ -111,25 +121,39 @@ def export_ngff04(
     _check_output(target, source_at, overwrite=overwrite)  # no lock file beside a refused path
     # One export at a time writes an output: the second would take the first's half-built
     # copy for a killed export's and delete it, and the first then publish what was left.
-    with store_lock(target, after_kill=", and the next export clears what it left"):
+    # The result held shared, as a run holds the image it reads: replaced mid-copy (segment
+    # with overwrite), its upper levels were read from the new, empty one, and the copy was
+    # published complete. A result at a URL has no lock: its stamp is checked before then.
+    started = result_started(source_at)
+    with (
+        store_lock(source_at, shared=True, busy=ResultBusyError),
+        store_lock(target, after_kill=", and the next export clears what it left"),
+    ):
         _check_output(target, source_at, overwrite=overwrite)  # as it is now, under the lock
         source = zarr.open_group(source_at, mode="r")
+        still = functools.partial(check_not_replaced, source_at, started)
         if isinstance(target, URLPath):
             if target.exists():
                 delete_marked_store(target, _ROOT, ("segpipe",))
             try:
-                _write(source, str(result), target)
+                _write(source, str(result), target, still)
             except BaseException:
                 if _marker(target) is not None:
                     delete_marked_store(target, _ROOT, ("segpipe",))
                 raise
             return target
-        _export_locally(source, str(result), target, source_at, overwrite=overwrite)
+        _export_locally(source, str(result), target, source_at, still, overwrite=overwrite)
     return target
 
 
 def _export_locally(
-    source: zarr.Group, result: str, target: Path, source_at: Path | URLPath, *, overwrite: bool
+    source: zarr.Group,
+    result: str,
+    target: Path,
+    source_at: Path | URLPath,
+    still: Callable[[], None],
+    *,
+    overwrite: bool,
 ) -> None:
     """Build the export beside ``target``, then rename it there (see the module docstring)."""
     # Resolved: "." has no name to build beside, and a parent may be a link.
@@ -138,7 +162,7 @@ def _export_locally(
         shutil.rmtree(old, ignore_errors=True)  # what a killed export left
     building = here.with_name(f".{here.name}.exporting-{uuid.uuid4().hex[:12]}")
     try:
-        _write(source, result, building)
+        _write(source, result, building, still)
         # Checked again: the copy took a while, and something may be at the output now.
         _check_output(target, source_at, overwrite=overwrite)
         if not here.exists():
@@ -202,8 +226,11 @@ def _relation(a: Path | URLPath, b: Path | URLPath) -> str | None:
     return "is inside" if y in x.parents else "holds" if x in y.parents else None
 
 
-def _write(source: zarr.Group, result: str, target: Path | URLPath) -> None:
-    """Write the export of ``source`` (the result named ``result``) at ``target``."""
+def _write(
+    source: zarr.Group, result: str, target: Path | URLPath, still: Callable[[], None]
+) -> None:
+    """Write the export of ``source`` (the result named ``result``) at ``target``, marked
+    complete only if ``still`` (that the result is the one the export began with) passes."""
     ome = _ome(source, result)
     (multiscale,) = ome["multiscales"]
     paths = [d["path"] for d in multiscale["datasets"]]
@@ -233,5 +260,6 @@ def _write(source: zarr.Group, result: str, target: Path | URLPath) -> None:
                 _copy_array(src[d["path"]], label, str(k))  # type: ignore[index,arg-type]
         label.update_attributes(ngff04_attributes(attrs))
     labels.update_attributes({"labels": label_names})
+    still()
     # Last, one write: an image to readers, and a finished export to segpipe.
     root.update_attributes({**ngff04_attributes(ome), "segpipe": {**marker, "complete": True}})

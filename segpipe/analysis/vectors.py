@@ -39,11 +39,13 @@ import numpy as np
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
 from segpipe.io.files import URLPath, is_url, location, write_text_atomic
+from segpipe.io.locks import store_lock
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
-from segpipe.results import ResultMeta, naming_damage, open_result, read_meta
+from segpipe.results import ResultBusyError, ResultMeta, naming_damage, open_result, read_meta
 from segpipe.results.layout import source_downsample, source_origin_um
+from segpipe.results.tiles import check_not_replaced, result_started
 
 __all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]
 
@@ -307,20 +309,29 @@ def export_geojson(
         if name not in names:
             raise ValueError(f"no class {name!r} in {result}; classes: {', '.join(names)}")
     features: list[dict[str, Any]] = []
-    # A class given twice (--class a --class a) is exported once, not as duplicate polygons.
-    for name in names[1:] if classes is None else dict.fromkeys(classes):
-        with naming_damage(result):
-            features += class_features(
-                result,
-                name,
-                level=level,
-                region=region,
-                coords=coords,
-                threshold=threshold,
-                connectivity=connectivity,
-                min_area=min_area,
-                object_type=object_type,
-            )
+    # Held shared, as the NGFF export holds it: replaced meanwhile (segment with overwrite),
+    # the classes came from two results, or a read failed with a bare KeyError. A result at
+    # a URL has no lock: its stamp says whether that is what happened.
+    at = location(result)
+    started = result_started(at)
+    with store_lock(at, shared=True, busy=ResultBusyError):
+        try:
+            # A class given twice (--class a --class a) is exported once, not as duplicates.
+            for name in names[1:] if classes is None else dict.fromkeys(classes):
+                with naming_damage(result):
+                    features += class_features(
+                        result,
+                        name,
+                        level=level,
+                        region=region,
+                        coords=coords,
+                        threshold=threshold,
+                        connectivity=connectivity,
+                        min_area=min_area,
+                        object_type=object_type,
+                    )
+        finally:
+            check_not_replaced(at, started)
     collection: dict[str, Any] = {
         "type": "FeatureCollection",
         "features": features,
