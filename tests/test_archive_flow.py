@@ -3,10 +3,12 @@
 import shutil
 
 import pytest
+import torch
 
 import segpipe
 from segpipe.archive import catalog, read_state
 from segpipe.config import SegmentConfig
+from segpipe.execution.stitching import PredictionError
 from segpipe.io.readers import ImageReadError
 from segpipe.results import is_complete, read_meta
 
@@ -211,6 +213,14 @@ def test_a_run_loads_the_model_once_and_only_result_settings_make_images_due(
     assert read_state(out / "a.ome.tif.seg.json")["params"] == other.result_settings()
 
 
+def _wrapped(cause: Exception) -> PredictionError:
+    """What stitching.model_errors raises for an error of the model's at a window."""
+    try:
+        raise PredictionError("/in/a.tif: the model failed on window 3") from cause
+    except PredictionError as error:
+        return error
+
+
 @pytest.mark.parametrize(
     ("error", "retry"),
     [
@@ -218,12 +228,16 @@ def test_a_run_loads_the_model_once_and_only_result_settings_make_images_due(
         (RuntimeError("worker died"), True),
         (ImageReadError("/in/a.tif: corrupt"), False),
         (ValueError("tile 500 px is not a multiple"), False),
+        # The model's NaN or failure at a window: the same again (it ran three times).
+        (PredictionError("/in/a.tif: the model's output is NaN"), False),
+        (_wrapped(torch.OutOfMemoryError("CUDA out of memory")), True),  # other jobs may end
+        (_wrapped(RuntimeError("shape mismatch")), False),
     ],
 )
 def test_only_transient_errors_are_retried(error, retry):
     from prefect.states import Failed
 
-    from segpipe.flows.archive import is_transient
+    from segpipe.flows.retries import is_transient
 
     assert is_transient(None, None, Failed(data=error)) is retry
 

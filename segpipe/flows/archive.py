@@ -29,40 +29,20 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture, as_completed
-from prefect.states import State
 
 from segpipe import archive
 from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped, reports
-from segpipe.archive.claims import ClaimLostError
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import local_cluster, plan_for_device, reachable_scheduler
 from segpipe.flows.limits import RUN_OPTIONS, check_run_options, global_slot, run_stop, stop_of
 from segpipe.flows.progress import ProgressArtifacts, artifact_key
+from segpipe.flows.retries import is_transient
 from segpipe.flows.segment_slide import segment_task
 from segpipe.io.files import is_url, location
-from segpipe.io.readers import ImageReadError
 from segpipe.progress import also_reporting, stage
 
 __all__ = ["ArchiveFailedError", "artifact_key", "process_archive", "serve_archive"]
-
-# Errors that another attempt cannot fix: retrying a corrupt file only delays the report.
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
-    ImageReadError,
-    ValueError,
-    TypeError,
-    FileExistsError,
-    FileNotFoundError,
-    ClaimLostError,
-)
-
-
-def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
-    """Prefect ``retry_condition_fn``: retry unless the failure is one of
-    :data:`PERMANENT_ERRORS` (bad input never heals; I/O hiccups and lost workers may)."""
-    error = state.result(raise_on_failure=False)
-    return not isinstance(error, PERMANENT_ERRORS)
 
 
 @task(name="discover-images")

@@ -1,0 +1,44 @@
+"""Which failures of an image's task Prefect retries: the transient ones only.
+
+Bad input never heals, and a model that fails on a window, or gives NaN there, fails there
+again: retried, a gigapixel slide was computed three times (``deploy/prefect.yaml``: two
+retries) before it was reported. I/O hiccups, lost workers and a device out of memory (other
+jobs on the GPU) may pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from segpipe.archive.claims import ClaimLostError
+from segpipe.execution.stitching import PredictionError
+from segpipe.io.readers import ImageReadError
+
+__all__ = ["PERMANENT_ERRORS", "is_transient"]
+
+# Errors that another attempt cannot fix: retrying a corrupt file only delays the report.
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
+    ImageReadError,
+    ValueError,
+    TypeError,
+    FileExistsError,
+    FileNotFoundError,
+    ClaimLostError,
+    PredictionError,
+)
+
+# What a PredictionError wraps when the device ran out of memory, which another attempt may not.
+_OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+
+def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is one of
+    :data:`PERMANENT_ERRORS`, a model's failure out of memory excepted."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, PredictionError) and isinstance(error.__cause__, _OUT_OF_MEMORY):
+        return True
+    return not isinstance(error, PERMANENT_ERRORS)
