@@ -755,3 +755,44 @@ def test_images_run_in_other_processes_whose_task_runner_pickles_their_parameter
     summary = run(str(source), str(out), str(random_checkpoint), CONFIG)
     assert (summary["segmented"], summary["failed"]) == (["a.ome.tif"], {})
     assert read_meta(out / "a.ome.tif.seg.zarr").summary.tiles_computed > 0
+
+
+def test_an_image_that_killed_a_run_goes_last_in_the_next(
+    slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """First in order, a file that kills the process (the OOM killer, a crash in a C decoder)
+    killed every night's run before the images after it: they were never segmented."""
+    from pathlib import Path
+
+    from segpipe import archive
+    from segpipe.archive import discover_images, image_paths
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    for name, slide in zip(("a.ome.tif", "b.ome.tif", "c.ome.tif"), slides, strict=True):
+        shutil.copy(slide, source / name)
+    state = image_paths(out, "a.ome.tif").state
+    left: list[str] = []
+
+    def dies(*args, **kwargs):  # the sidecar as a SIGKILL here would leave it
+        left.append(state.read_text())
+        raise RuntimeError("killed")
+
+    (first, *_) = discover_images(str(source))
+    loaded = archive.load_model(random_checkpoint)
+    with monkeypatch.context() as patch:
+        patch.setattr("segpipe.execution.segment.segment", dies)
+        with pytest.raises(RuntimeError, match="killed"):
+            archive.process_image(first, out, loaded, config=CONFIG)
+    state.write_text(left[0])
+    assert read_state(state)["status"] == "running"
+    real, order = segpipe.segment, []
+
+    def recorded(src, *args, **kwargs):
+        order.append(Path(str(src)).name)
+        return real(src, *args, **kwargs)
+
+    monkeypatch.setattr(segpipe, "segment", recorded)
+    result = _run(source, out, random_checkpoint, max_concurrent=1)
+    assert order == ["b.ome.tif", "c.ome.tif", "a.ome.tif"]
+    assert result["segmented"] == ["a.ome.tif", "b.ome.tif", "c.ome.tif"], "reported as found"

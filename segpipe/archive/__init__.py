@@ -43,6 +43,7 @@ from segpipe.archive.state import (
     SourceConflictError,
     decide,
     image_paths,
+    killed_last,
     read_state,
 )
 from segpipe.io.readers import IMAGE_SUFFIXES
@@ -65,6 +66,7 @@ __all__ = [
     "discover_images",
     "fingerprint_image",
     "image_paths",
+    "killed_last",
     "load_model",
     "process_image",
     "read_state",

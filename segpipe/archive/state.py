@@ -54,6 +54,7 @@ __all__ = [
     "decide",
     "decide_unreadable",
     "image_paths",
+    "killed_last",
     "read_state",
     "recorded_failures",
     "recorded_params",
@@ -153,6 +154,18 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         log.warning("%s: unreadable state sidecar, treating the image as new", path)
         return None
     return state
+
+
+def killed_last(images: list[Any], output_root: str | os.PathLike[str]) -> list[Any]:
+    """``images`` (each with a ``key``), those whose last attempt never ended moved to the end
+    (a "running" sidecar: killed, say by the OOM killer or a crash in a C decoder): first in
+    order, such a file killed every run before the images after it could start."""
+
+    def died(image: Any) -> bool:
+        state = read_state(image_paths(output_root, image.key).state) or {}
+        return state.get("status") == "running"
+
+    return sorted(images, key=died)  # stable: the others keep their order
 
 
 def state_params(config: SegmentConfig) -> dict[str, Any]:

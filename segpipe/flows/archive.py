@@ -253,9 +253,13 @@ def process_archive(
             also_reporting(ProgressArtifacts("progress", root, stages=("archive",))),
             stage("archive", total=len(images), unit="image") as finished,
         ):
+            # An image that killed an earlier run goes last: it would kill this one too.
+            order = archive.killed_last(images, location(root, storage_options))
             submitted = _submit_refilling(
-                images, max_concurrent, root, loaded, config, policy, finished.advance
+                order, max_concurrent, root, loaded, config, policy, finished.advance
             )
+        found = {image.key: n for n, image in enumerate(images)}  # reported as found
+        submitted.sort(key=lambda pair: found[pair[0].key])
         outcomes = [_outcome(image, future, root) for image, future in submitted]
 
     _artifact(
