@@ -1859,3 +1859,23 @@ def test_the_thumbnail_closes_the_image_it_opened(tmp_path, slide, random_checkp
     with pytest.raises(ZeroDivisionError):
         reports.write_thumbnail(slide, result, tmp_path / "b.thumb.png")
     assert closed == [1, 1]
+
+
+def test_a_changed_image_that_fails_leaves_no_report_of_the_result_deleted(
+    tmp_path, slide, random_checkpoint
+):
+    """Re-scanned and cut short: its result and catalog record went, but its report and
+    thumbnail stayed, showing a deleted result's class table."""
+    image, out, paths = _one_image(tmp_path, slide)
+    assert process_image(image, out, random_checkpoint, config=CONFIG).status == "segmented"
+    assert paths.report.is_file() and paths.thumbnail.is_file()
+    whole = Path(image.url).read_bytes()
+    Path(image.url).write_bytes(whole[: len(whole) // 3])
+    (changed,) = discover_images(tmp_path / "archive")
+    from segpipe.io.readers import ImageReadError
+
+    with pytest.raises(ImageReadError, match=r"a\.ome\.tif"):
+        process_image(changed, out, random_checkpoint, config=CONFIG)
+    assert not paths.result.exists() and catalog.read_records(out) == []
+    assert not paths.report.exists() and not paths.thumbnail.exists()
+    assert archive.read_state(paths.state)["status"] == "failed"

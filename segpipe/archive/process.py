@@ -255,7 +255,7 @@ def process_image(
             # other (the user's data there, a store's error), its result marked stale.
             try:
                 catalog.remove_record(output_root, image.key)  # a record of what goes now
-                _remove_result(paths.result)
+                _remove_result(paths)
             except Exception as exc:
                 if claim.is_held():
                     write_json_atomic(paths.state, stale_state(state, exc, decision.failures))
@@ -285,7 +285,7 @@ def process_image(
                 # archive's own to replace, so start again rather than fail every run.
                 log.warning("%s: %s; starting again", image.key, exc)
                 catalog.remove_record(output_root, image.key)  # a record of what goes now
-                _remove_result(paths.result)
+                _remove_result(paths)
                 segment(*args, model_name=loaded.name, **extra)
             claim.check()
             # A file still being written (a scanner, a copy) would be recorded with the
@@ -409,10 +409,12 @@ def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> Im
     )
 
 
-def _remove_result(result: Path | URLPath) -> None:
-    """Delete a stale result of older inputs (:func:`segpipe.results.delete_result`: a kill
-    at any instant never leaves it half-deleted); refuse anything that is not a result."""
+def _remove_result(paths: ImagePaths) -> None:
+    """Delete a stale result (:func:`segpipe.results.delete_result`: never half-deleted), then
+    its report and thumbnail (a deleted result's numbers); refuse what is not a result."""
     try:
-        delete_result(result)
+        delete_result(paths.result)
     except ResultMismatchError as exc:  # the archive's wording: the user's data, kept
         raise FileExistsError(str(exc)) from exc
+    for made in (paths.report, paths.thumbnail):
+        made.unlink(missing_ok=True)
