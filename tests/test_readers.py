@@ -263,6 +263,30 @@ def test_pickled_reader_reads(
     np.testing.assert_array_equal(lazy.compute(), reader.level(n_levels - 1).compute())
 
 
+@pytest.mark.parametrize("kind", ["tiff", "png"])
+def test_a_reader_reopened_after_its_file_was_replaced_refuses_to_read(tmp_path, kind):
+    """A worker's copy opens by path: a re-scan saved over the source after the run had
+    checked it (source_sha256) was segmented, the result recording the first image."""
+    path = tmp_path / f"scan.{'tif' if kind == 'tiff' else 'png'}"
+
+    def save(value: int) -> None:
+        pixels = np.full((64, 96, 3), value, np.uint8)
+        part = path.with_name(f"new{path.suffix}")
+        if kind == "tiff":
+            tifffile.imwrite(part, pixels)
+        else:
+            Image.fromarray(pixels).save(part)
+        os.replace(part, path)  # as a scanner or a copy saves over it
+
+    save(200)
+    reader = open_image(path)
+    shipped = pickle.dumps(reader)
+    save(10)
+    with pytest.raises(ImageReadError, match=r"scan\.\w+ changed since it was opened"):
+        pickle.loads(shipped).read(0, 4, 0, 4)
+    assert open_image(path).read(0, 1, 0, 1).ravel().tolist() == [10, 10, 10]
+
+
 def test_svs_picks_main_pyramid_not_thumbnail_label_macro(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # a scanner's extra images, no news
@@ -1866,7 +1890,7 @@ def test_a_reader_reopening_a_tiff_cut_since_names_the_file(tmp_path: Path) -> N
     path = _tiled(tmp_path / "gone.tif")
     reader = pickle.loads(pickle.dumps(open_image(path)))  # re-opens the file on first read
     path.write_bytes(path.read_bytes()[:7])
-    with pytest.raises(ImageReadError, match=r"gone\.tif: cannot read level 0"):
+    with pytest.raises(ImageReadError, match=r"gone\.tif changed since it was opened"):
         reader.read(0, 8, 0, 8)
 
 

@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import posixpath
+import stat
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
     "delete_marked_store",
+    "file_state",
     "is_url",
     "location",
     "mtime_of",
@@ -333,6 +335,16 @@ def delete_marked_store(url: URLPath, root: str, marker: tuple[str, ...]) -> Non
     remove_literal(fs, [key for key in fs.find(path) if key.rstrip("/") != f"{path}/{root}"])
     document_path.unlink()
     remove_literal(fs, path, recursive=True)
+
+
+def file_state(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """``(device, inode, size, mtime in ns)`` of the regular file at ``path``: what changes
+    when it is rewritten or another file is saved over it; None for anything else."""
+    try:
+        s = os.stat(path)
+    except OSError:
+        return None
+    return (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) if stat.S_ISREG(s.st_mode) else None
 
 
 def mtime_of(info: Mapping[str, Any]) -> float:

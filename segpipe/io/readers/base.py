@@ -23,7 +23,7 @@ from dask.base import tokenize
 
 from segpipe.geometry.pixels import to_yxc, unit_scale, yxc_shape
 from segpipe.geometry.tiling import Box, mirror_indices
-from segpipe.io.files import URLPath
+from segpipe.io.files import URLPath, file_state
 from segpipe.io.readers.handles import SharedHandles
 from segpipe.io.readers.masks import pixel_valid_mask
 
@@ -205,6 +205,7 @@ class BaseReader(SharedHandles):
         self.url = path if isinstance(path, URLPath) else None
         self.pixel_size_um = pixel_size_um
         self._levels: dict[int, Any] = {}
+        self._opened = None if self.url else file_state(self.path)  # checked at each open
 
     # -- subclass hooks -------------------------------------------------------------------
     def _open_level(self, level: int) -> Any:
@@ -324,6 +325,9 @@ class BaseReader(SharedHandles):
         fetches byte ranges as they are read (:meth:`URLPath.open_read`), closed by
         :meth:`close`."""
         if self.url is None:
+            # A worker's copy (pickled) opens by path: a scan saved over it since was read.
+            if file_state(self.path) != self._opened:
+                raise ImageReadError(f"{self.path} changed since it was opened; run again")
             return self.path
         f = self.url.open_read()
         self._files.append(f)
