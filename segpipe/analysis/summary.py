@@ -45,8 +45,10 @@ class ResultSummary:
     iou: tuple[float, ...] | None = None
     # The foreground mask (SegmentConfig.foreground), None without one. Tiles without
     # foreground were not computed: their pixels count as class 0 in class_pixels, so class
-    # fractions are of the whole image; a class's share of the tissue is its pixels over
-    # foreground_pixels (object queries see no objects there).
+    # fractions are of the whole image. The pixels computed are the boxes of cells around
+    # the foreground, more than foreground_pixels: a class's pixels over foreground_pixels
+    # is no share of the tissue (it passed 1); count the mask where the result's
+    # labels/foreground label image is 1 for that.
     tiles_background: int = 0
     foreground_pixels: int | None = None
     foreground_area_um2: float | None = None
