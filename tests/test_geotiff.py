@@ -662,3 +662,33 @@ def test_overviews_of_a_second_gdaladdo_run_are_named_as_overviews_left_out(tmp_
     with rasterio.open(path) as ds:
         quarter = ds.read(1, out_shape=(128, 128))
     np.testing.assert_array_equal(reader.read(0, 128, 0, 128, level=1)[..., 0], quarter)
+
+
+@pytest.mark.parametrize("source", ["gdal overview", "ingest"])
+def test_a_reduced_level_of_odd_size_is_georeferenced_as_it_was_made(tmp_path, source):
+    """GDAL's overview of 123 px is 62 px spanning the whole extent (the ratio); an ingest's
+    level is 61 exact 2 x 2 means, the odd column dropped (twice the pixel): given the ratio,
+    its last pixel lay half a level-0 pixel off."""
+    import rioxarray  # noqa: F401  (registers .rio)
+    from test_vectors import Bright
+
+    from segpipe.io.ingest import ingest
+
+    utm = from_origin(500_000.0, 5_400_000.0, 0.5, 0.5)
+    data = np.zeros((3, 101, 123), np.uint8)
+    path = write_raster(tmp_path / "odd.tif", data, crs="EPSG:32633", transform=utm)
+    if source == "ingest":
+        path = ingest(path, tmp_path / "odd.zarr", chunk=32, min_level_size=16)
+    reader = open_image(path)
+    out = segpipe.segment(
+        reader, tmp_path / "r.zarr", Bright(), foreground="none", tile=16, task_tiles=1,
+        scheduler="sync", level=1,
+    )  # fmt: skip
+    got = segpipe.open_result(out).rio.transform()
+    if source == "ingest":
+        assert reader.level_shapes[1][:2] == (50, 61)
+        assert (got.a, got.e) == (2 * utm.a, 2 * utm.e)
+    else:
+        with rasterio.open(path, overview_level=0) as src:
+            assert (src.height, src.width) == (51, 62)
+            assert tuple(got)[:6] == pytest.approx(tuple(src.transform)[:6])

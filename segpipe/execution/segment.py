@@ -367,7 +367,17 @@ def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:
         return {}
     (y0, x0, _), (y, x, _) = reader.level_shapes[0], reader.level_shapes[level]
     a, b, c, d, e, f = geo.transform
-    return {"crs": geo.crs, "transform": (a * x0 / x, b, c, d, e * y0 / y, f)}
+    return {"crs": geo.crs, "transform": (a * _scale(x0, x), b, c, d, e * _scale(y0, y), f)}
+
+
+def _scale(n0: int, n: int) -> float:
+    """Level-0 pixels per pixel of a level ``n`` long of an axis ``n0`` long: a whole factor
+    for a level halved dropping the odd edge (an ingest's, as the result's own are), whose
+    pixels are exactly that; else the size ratio, GDAL's rule for its overviews (the last
+    pixel rounded up), which span the whole extent. (The ratio put an ingest's last level-1
+    pixel of a 1203 px raster half a level-0 pixel off.)"""
+    d = max(1, round(n0 / n))
+    return d if n0 // d == n else n0 / n
 
 
 class _TileRecorder:
