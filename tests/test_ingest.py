@@ -870,3 +870,23 @@ def test_an_ingest_names_its_source_by_an_absolute_path(
         ingested_image(tmp_path / "slide.ome.tif", tmp_path / "slide.zarr")
         == tmp_path / "slide.zarr"
     )
+
+
+def test_a_source_store_moved_away_mid_copy_leaves_no_complete_copy(tmp_path: Path) -> None:
+    """Renamed aside (moved by the user, or by another tool) after the copy began: its
+    chunks read as zeros without an error, and the copy was marked complete."""
+    src = ingest(_ome_tiff(tmp_path / "s.ome.tif", _image()), tmp_path / "src.zarr", chunk=64)
+    reader = open_image(src)
+    real, reads = reader._read_native, []
+
+    def moved_after_a_few(level: int, key: Any) -> np.ndarray:
+        reads.append(level)
+        if len(reads) == 20:
+            src.rename(tmp_path / "moved.zarr")
+        return real(level, key)
+
+    reader._read_native = moved_after_a_few  # type: ignore[method-assign]
+    with pytest.raises(ImageReadError, match=r"src\.zarr changed while it was ingested"):
+        ingest(reader, tmp_path / "out.zarr", chunk=64)
+    assert len(reads) > 20, "read on after the move, as zeros"
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["segpipe"]["complete"] is False

@@ -54,7 +54,7 @@ from segpipe.io.imagestore import (
 )
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
-from segpipe.io.readers import Reader, open_image
+from segpipe.io.readers import ImageReadError, Reader, open_image
 from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
 from segpipe.io.units import check_pixel_size
 from segpipe.progress import Stage, progress_option, showing, stage
@@ -179,7 +179,8 @@ def _copy(
     kind, names = getattr(reader, "mask_kind", None), getattr(reader, "channel_names", None) or ()
     alpha = names.index("alpha") if kind == "alpha" and "alpha" in names else None
     masked = records_mask(reader)
-    attrs = _segpipe_attributes(reader, px, pixel_sample_sha256(reader), chunk)
+    sample = pixel_sample_sha256(reader)
+    attrs = _segpipe_attributes(reader, px, sample, chunk)
     # the location itself, not str(): a URLPath keeps its storage options
     root = zarr.create_group(
         out,
@@ -211,14 +212,12 @@ def _copy(
                 sources, targets = [*sources, valid.rechunk((chunk, chunk))], [target, masks[k]]
             counter = _ChunkCounter(written, level_chunks[k])
             # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
-            da.store(
-                sources,
-                targets,  # type: ignore[arg-type]
-                lock=False,
-                **counter.compute_options(),
-            )
+            da.store(sources, cast(Any, targets), lock=False, **counter.compute_options())
             counter.finish()
-
+    # A source moved or deleted meanwhile (a store's chunks then read as zeros, no error)
+    # must not make a copy marked complete: its pixel sample is taken again.
+    if pixel_sample_sha256(reader) != sample:
+        raise ImageReadError(f"{reader.path} changed while it was ingested; ingest it again")
     root.update_attributes({"segpipe": {**attrs, "complete": True}})
 
 
