@@ -611,6 +611,9 @@ def test_train_help_describes_steps_as_the_config_counts_them() -> None:
         ({"sigma_px": math.inf}, r"finite w0 >= 0 and sigma_px > 0, got 10\.0, inf"),
         ({"elastic_std_px": math.inf}, r"elastic_std_px <= patch.*got inf \(patch 92\)"),
         ({"elastic_std_px": 93.0}, r"elastic_std_px <= patch.*got 93\.0 \(patch 92\)"),
+        # numpy's "expected non-negative integer" named no setting (segpipe train --seed -1)
+        ({"seed": -1}, r"TrainConfig\.seed \(--seed\) and val_seed must be >= 0, got -1, "),
+        ({"seed": 9998}, r"val_seed=10000 is also .* pick another seed \(--seed\) or val_seed"),
     ],
 )
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:

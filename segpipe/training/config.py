@@ -118,8 +118,7 @@ class TrainConfig:
     separate_touching
         Draw a gap between touching objects in the **training** labels
         (:func:`segpipe.training.datasets.separate_touching`), as the U-Net paper's annotations
-        have,
-        so that the model can learn to keep them apart; validation keeps the true labels.
+        have, so that the model can learn to keep them apart; validation keeps the labels.
     checkpoint_dir
         Where ``epoch-NNN.pt`` (:func:`segpipe.models.save`, weights-only loadable) and its
         optimiser state ``epoch-NNN.state.pt`` are written after each epoch; None: nowhere.
@@ -170,9 +169,10 @@ class TrainConfig:
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
         if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(
-                f"TrainConfig.num_threads must be >= 1 or None, got {self.num_threads}"
-            )
+            raise ValueError(f"TrainConfig.num_threads must be >= 1 or None: {self.num_threads}")
+        if min(self.seed, self.val_seed) < 0:  # numpy's message named neither (--seed -1)
+            raise ValueError(f"TrainConfig.seed (--seed) and val_seed must be >= 0, got "
+                             f"{self.seed}, {self.val_seed}")  # fmt: skip
         per, n, steps = self.steps_per_epoch, self.epochs, self.steps
         if n > steps or math.ceil(steps / per) != n:
             # Epochs of ceil(steps / epochs) steps can end early (10 steps in epochs of 2 make
@@ -253,7 +253,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.val_seed={self.val_seed} is also a training slide's seed "
                 f"(seeds {self.seed}..{self.seed + self.num_slides - 1}); the validation slide "
-                "must be held out: pick another val_seed"
+                "must be held out: pick another seed (--seed) or val_seed"
             )
 
     @property
