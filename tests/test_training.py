@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -928,3 +929,22 @@ def test_options_for_a_model_that_does_not_exist_say_it_does_not() -> None:
 
     with pytest.raises(ValueError, match=r"no shipped model or checkpoint file 'nosuch'"):
         initial_model("nosuch", class_names=["a", "b"], width=2)
+
+
+def test_a_killed_saves_copy_is_cleared_by_the_next_save(finished_run, tmp_path: Path) -> None:
+    """Killed while it scored the float16 weights, a save left a whole model beside the
+    output, hidden, for good. Another live process's copy is its own, and stays."""
+    import subprocess
+    import sys
+
+    from segpipe.training import save_trained
+
+    config, result = finished_run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    left = tmp_path / f".m.pt.unscored-{dead}.pt"
+    live = tmp_path / f".m.pt.unscored-{os.getppid()}.pt"
+    for copy in (left, live):
+        copy.write_bytes(b"a model")
+    save_trained(tiny_unet(), config, result, tmp_path / "m.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "m.pt"]

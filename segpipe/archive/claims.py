@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.io.files import URLPath, location, utc_now
+from segpipe.io.locks import process_gone
 
 __all__ = [
     "Claim",
@@ -233,24 +234,17 @@ def _is_stale(path: Path, data: Mapping[str, Any], ttl_s: float) -> bool:
     """Whether the lock has had no heartbeat for its ttl, or its owner died on this machine
     (no heartbeat will come); an unreadable lock (no token, no ttl of its own) may be one
     being written right now, so it gets the claimer's ``ttl_s``."""
-    if "token" in data and data.get("host") == socket.gethostname() and _died(data.get("pid")):
+    if (
+        "token" in data
+        and data.get("host") == socket.gethostname()
+        and process_gone(data.get("pid"))
+    ):
         return True
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return False
     return age > float(data.get("ttl_s", 600.0) if "token" in data else ttl_s)
-
-
-def _died(pid: Any) -> bool:
-    """Whether no process ``pid`` runs on this machine (False where that cannot be told)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, TypeError, ValueError, OverflowError):  # another user's; no pid
-        pass
-    return False
 
 
 def _lock_id(path: Path, data: Mapping[str, Any]) -> str | None:

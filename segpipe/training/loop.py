@@ -7,6 +7,7 @@ caller uses, predicting through the pipeline's overlap-tile stitcher; a result h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -21,7 +22,8 @@ from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.atomic import check_writable
-from segpipe.io.files import location
+from segpipe.io.files import location, siblings
+from segpipe.io.locks import process_gone
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
@@ -318,7 +320,11 @@ def save_trained(
             stacklevel=2,
         )
         half = False
-    unscored = path.with_name(f".{path.name[:200]}.{os.getpid()}.unscored.pt")
+    for left in siblings(path, "unscored"):  # a killed save's copy: a whole model each
+        with contextlib.suppress(ValueError, OSError):
+            if process_gone(left.name.rsplit("-", 1)[1].split(".")[0]):
+                left.unlink()
+    unscored = path.with_name(f".{path.name}.unscored-{os.getpid()}.pt")
     try:
         saved = models.load(models.save(model, unscored, half=half))
     finally:
