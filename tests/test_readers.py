@@ -2245,6 +2245,12 @@ def test_a_non_finite_nodata_describes_as_strict_json(tmp_path: Path, nodata: fl
     (recorded,) = json.loads(json.dumps(info.to_dict()), parse_constant=refuse)["nodata"]
     assert isinstance(recorded, str)
     np.testing.assert_equal(float(recorded), nodata)
+    # An ingest's zarr.json too (an infinity went in bare), and its reader reads it back.
+    from segpipe.io.ingest import ingest
+
+    store = ingest(path, tmp_path / "nodata.zarr", chunk=8)
+    json.loads((store / "zarr.json").read_text(), parse_constant=refuse)
+    np.testing.assert_equal(open_image(store).nodata, (nodata,))
 
 
 @pytest.mark.parametrize("scale", [float("nan"), 0.0, -1.0])

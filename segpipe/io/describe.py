@@ -9,11 +9,11 @@ levels: 0: 256 x 384, 1: 128 x 192
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
+from segpipe.io.files import json_number
 from segpipe.io.readers import Reader, open_image
 
 __all__ = ["ImageInfo", "describe_image"]
@@ -71,7 +71,7 @@ class ImageInfo:
         text, ``"NaN"``, ``"Infinity"``, ``"-Infinity"``); ``kind`` is ``"image"``."""
         out = {"kind": "image", **asdict(self)}
         if self.nodata is not None:
-            out["nodata"] = tuple(_json_number(v) for v in self.nodata)
+            out["nodata"] = tuple(json_number(v) for v in self.nodata)
         return {k: _listed(v) for k, v in out.items()}
 
     def lines(self) -> list[str]:
@@ -146,17 +146,6 @@ def _listed(value: Any) -> Any:
     if isinstance(value, tuple | list):
         return [_listed(v) for v in value]
     return value
-
-
-def _json_number(value: float | None) -> float | str | None:
-    """``value``, a non-finite one as text: strict JSON has no NaN or infinity. An ingest
-    records a NaN nodata as ``"NaN"`` too (``imagestore.source_attributes``); ``float()``
-    reads each back."""
-    if value is None or math.isfinite(value):
-        return value
-    if math.isnan(value):
-        return "NaN"
-    return "Infinity" if value > 0 else "-Infinity"
 
 
 def _nodata_text(values: tuple[float | None, ...]) -> str:

@@ -19,6 +19,7 @@ import fnmatch
 import functools
 import glob
 import json
+import math
 import os
 import posixpath
 import stat
@@ -38,6 +39,7 @@ __all__ = [
     "delete_marked_store",
     "file_state",
     "is_url",
+    "json_number",
     "location",
     "mtime_of",
     "remove_literal",
@@ -345,6 +347,14 @@ def file_state(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) if stat.S_ISREG(s.st_mode) else None
+
+
+def json_number(value: Any) -> Any:
+    """``value``, a non-finite float as its text (``"NaN"``, ``"Infinity"``, ``"-Infinity"``,
+    which ``float()`` reads back): strict JSON, and so a Zarr attribute, has none of them."""
+    if not isinstance(value, float) or math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
 
 
 def mtime_of(info: Mapping[str, Any]) -> float:

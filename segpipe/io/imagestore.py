@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.geometry.pixels import level_downsample
-from segpipe.io.files import URLPath, delete_marked_store, is_url, location, siblings
+from segpipe.io.files import URLPath, delete_marked_store, is_url, json_number, location, siblings
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.units import check_pixel_size
@@ -177,8 +177,8 @@ def source_attributes(reader: Reader) -> dict[str, Any]:
     # and which pixels hold no data: the ZarrReader's valid_mask reads these back
     for key in ("nodata", "channel_names"):
         if (value := getattr(reader, key, None)) is not None:
-            # NaN as the string "NaN" (float() reads it back): a bare NaN is not JSON.
-            attrs[key] = [v if not isinstance(v, float) or v == v else "NaN" for v in value]
+            # NaN and infinities as text (float() reads them back): bare, they are no JSON.
+            attrs[key] = [json_number(v) for v in value]
     if records_mask(reader):
         attrs["valid_mask"] = VALID_MASK
     return attrs
