@@ -48,7 +48,8 @@ def open_result(
         Return an ``xarray.DataTree`` whose children ``"0"``, ``"1"``, ... are the levels.
     allow_incomplete
         Open a result whose run has not finished (``IncompleteResultError`` otherwise);
-        its levels above 0 are empty until the run's end builds them.
+        its levels hold the blocks written so far (the first few levels are written with
+        each block), and the smallest ones nothing until the run's end builds them.
     chunks
         Dask chunks (default: the stored chunks).
     storage_options
