@@ -581,3 +581,31 @@ def test_a_damaged_result_is_named_by_query_and_export(tmp_path):
         ".r.seg.zarr.lock",
         "r.seg.zarr",
     ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{result}", "{target}", "--format", "geojson", "--overwrite"],
+        [
+            "query",
+            "{result}",
+            "--class",
+            "nucleus",
+            "--objects",
+            "--table",
+            "{target}",
+            "--overwrite",
+        ],
+    ],
+    ids=["export", "query-table"],
+)
+def test_an_output_in_the_result_is_refused(small, tmp_path, capsys, argv):
+    """``RESULT/zarr.json`` with --overwrite replaced the result's root with a table or a
+    GeoJSON: the result was gone."""
+    target = small / "zarr.json"
+    before = file_tree(tmp_path)
+    argv = [a.format(result=small, target=target) for a in argv]
+    assert _cli("-q", *argv) == 2
+    assert f"{target} is inside the result {small}" in capsys.readouterr().err
+    assert file_tree(tmp_path) == before

@@ -39,14 +39,14 @@ import shutil
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePath, PurePosixPath
+from pathlib import Path
 from typing import Any, cast
 
 import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.io.files import URLPath, delete_marked_store, location, siblings
+from segpipe.io.files import URLPath, delete_marked_store, location, overlap, siblings
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
 from segpipe.results import ResultBusyError, label_path, naming_damage, open_result
@@ -189,7 +189,7 @@ def _check_output(target: Path | URLPath, result: Path | URLPath, *, overwrite: 
             "is replaced by renaming, which would replace the link, not its target: give the "
             "link's target as the output path, or remove the link"
         )
-    if relation := _relation(target, result):
+    if relation := overlap(target, result):
         raise ValueError(
             f"export output {target} {relation} the result {result}: writing there would "
             "replace the result; choose another path"
@@ -209,21 +209,6 @@ def _check_output(target: Path | URLPath, result: Path | URLPath, *, overwrite: 
             f"export output {target} exists ({state} segpipe NGFF export); pass "
             "overwrite=True (--overwrite) to replace it"
         )
-
-
-def _relation(a: Path | URLPath, b: Path | URLPath) -> str | None:
-    """How location ``a`` overlaps ``b`` ("is", "is inside", "holds"), or None."""
-    x: PurePath
-    y: PurePath
-    if isinstance(a, URLPath) and isinstance(b, URLPath):
-        x, y = PurePosixPath(str(a)), PurePosixPath(str(b))  # "s3:/bucket/key": parts compare
-    elif isinstance(a, Path) and isinstance(b, Path):
-        x, y = a.resolve(), b.resolve()
-    else:
-        return None
-    if x == y:
-        return "is"
-    return "is inside" if y in x.parents else "holds" if x in y.parents else None
 
 
 def _write(

@@ -38,7 +38,7 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
-from segpipe.io.files import URLPath, is_url, location, write_text_atomic
+from segpipe.io.files import URLPath, is_url, location, overlap, write_text_atomic
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
@@ -295,6 +295,8 @@ def export_geojson(
     open_result(result, level)  # an incomplete result or a missing level fails here, early
     target = location(output)  # a URL's text goes to its store, not a local folder "s3:"
     # Checked before the polygons are traced, which may take long.
+    if relation := overlap(target, result):  # its zarr.json, with overwrite: the result gone
+        raise ValueError(f"GeoJSON output {target} {relation} the result {result}; choose another")
     if target.is_dir():
         raise IsADirectoryError(f"GeoJSON output {target} is a folder; name a .geojson file")
     if target.exists() and not overwrite:

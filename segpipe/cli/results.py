@@ -166,7 +166,7 @@ def _query(args: argparse.Namespace) -> int:
     if args.table and not args.objects:
         raise ValueError(f"--table {args.table} writes the object table of --objects; add it")
     if args.table:
-        _check_table(args.table, overwrite=args.overwrite)
+        _check_table(args.table, args.result, overwrite=args.overwrite)
     report = region_report(
         args.result,
         class_name=classes[0] if len(classes) == 1 else None,
@@ -214,12 +214,14 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_table(table: str, *, overwrite: bool) -> None:
-    """Refuse ``--table`` where it is a folder, or a file and not ``overwrite``: before the
-    objects are labelled, which may take long."""
-    from segpipe.io.files import location
+def _check_table(table: str, result: str, *, overwrite: bool) -> None:
+    """Refuse ``--table`` where it is a folder, or a file and not ``overwrite``, or in the
+    result: before the objects are labelled, which may take long."""
+    from segpipe.io.files import location, overlap
 
     where = location(table)
+    if relation := overlap(where, result):
+        raise ValueError(f"--table {table} {relation} the result {result}; name another file")
     if where.is_dir():
         raise IsADirectoryError(f"--table {table} is a folder; name a .csv file")
     if where.exists() and not overwrite:

@@ -25,7 +25,7 @@ import posixpath
 import stat
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from zarr.abc.store import Store
@@ -42,6 +42,7 @@ __all__ = [
     "json_number",
     "location",
     "mtime_of",
+    "overlap",
     "remove_literal",
     "siblings",
     "utc_now",
@@ -347,6 +348,22 @@ def file_state(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) if stat.S_ISREG(s.st_mode) else None
+
+
+def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
+    """How location ``a`` overlaps ``b`` ("is", "is inside", "holds"), or None: what an output
+    must not do to an input it would replace or clear (links resolved; URLs by their path)."""
+    x, y = location(a), location(b)
+    if isinstance(x, URLPath) != isinstance(y, URLPath):
+        return None
+    p, q = (
+        (PurePosixPath(str(x)), PurePosixPath(str(y)))  # "s3:/bucket/key": parts compare
+        if isinstance(x, URLPath)
+        else (Path(x).resolve(), Path(y).resolve())
+    )
+    if p == q:
+        return "is"
+    return "is inside" if q in p.parents else "holds" if p in q.parents else None
 
 
 def json_number(value: Any) -> Any:

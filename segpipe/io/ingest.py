@@ -41,7 +41,7 @@ import numpy as np
 from dask.callbacks import Callback
 
 from segpipe.geometry.pixels import downsample_mean_2x, exact_sum_dtype, pyramid_shapes
-from segpipe.io.files import URLPath, is_url, location
+from segpipe.io.files import URLPath, is_url, location, overlap
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import (
     INGEST_VERSION,
@@ -131,9 +131,7 @@ def ingest(
 
 def _check_apart(out: Path | URLPath, source: str | os.PathLike[str]) -> None:
     """Refuse an output that is ``source``, in it or holding it: clearing it deletes both."""
-    url = isinstance(out, URLPath) or is_url(source)
-    a, b = (str(p).rstrip("/") if url else os.path.realpath(location(p)) for p in (out, source))
-    if any(x == y or x.startswith(y.rstrip("/") + "/") for x, y in ((a, b), (b, a))):
+    if overlap(out, source):
         raise ValueError(f"ingest output {out} overlaps its source {source}; choose another path")
 
 
