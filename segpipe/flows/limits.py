@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 
 from segpipe.archive import RunStopped
+from segpipe.flows.server_guard import guard_temporary_server
 
 __all__ = [
     "RUN_OPTIONS",
@@ -115,13 +116,15 @@ def require_limit(name: str) -> None:
 def require_server() -> None:
     """Refuse to start a flow when the Prefect server named by ``PREFECT_API_URL`` (the
     environment's, else the profile's) does not answer: the flow's first call to it would
-    fail in a page of traceback. None named: a flow call starts a temporary local server."""
+    fail in a page of traceback. None named: a flow call starts a temporary local server,
+    which ends with this process however it ends (:mod:`segpipe.flows.server_guard`)."""
     import httpx
     from prefect.settings import get_current_settings
 
     # The environment first: Prefect's settings hold it as it was when Prefect was imported.
     url = os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
     if not url:
+        guard_temporary_server()  # a kill of this process must not leave it running
         return
     try:  # any answer will do (Prefect Cloud's may be 401 without the key): it is up
         httpx.get(f"{url.rstrip('/')}/health", timeout=10)

@@ -1,0 +1,71 @@
+"""Prefect's temporary API server, made to end with the process that started it.
+
+With no ``PREFECT_API_URL``, Prefect 3 serves its API from a child process (uvicorn) for the
+run, and stops it as the run exits. A run killed outright (SIGKILL, the OOM killer) cannot stop
+it: the server lived on, 200 MB, holding the command's stdout and stderr open, so ``| tee`` or
+a cron wrapper reading them waited for ever. :func:`guard_temporary_server` has Prefect start
+that child through :func:`main` instead: its output goes nowhere (Prefect logs its own side),
+and a thread ends it once its parent is gone. A thread, not ``PR_SET_PDEATHSIG``: that fires
+when the *thread* that started the child ends, which may be a task's.
+
+This module imports nothing heavy: the child runs it before uvicorn.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+import threading
+import time
+import types
+from typing import Any
+
+__all__ = ["guard_temporary_server", "main"]
+
+# Seconds between the child's looks at its parent.
+_POLL_S = 0.5
+
+
+def guard_temporary_server() -> None:
+    """Start Prefect's temporary server (if it starts one) through :func:`main`; idempotent."""
+    from prefect.server.api import server
+
+    if not isinstance(server.subprocess, _GuardedSubprocess):
+        server.subprocess = _GuardedSubprocess()  # its module's own name for subprocess
+
+
+class _GuardedSubprocess(types.ModuleType):
+    """``subprocess`` as Prefect's server module sees it, but for one call: Popen of uvicorn."""
+
+    def __init__(self) -> None:
+        super().__init__("subprocess")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+    def Popen(self, args: list[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        if list(args[1:3]) == ["-m", "uvicorn"]:
+            args = [args[0], "-m", __name__, str(os.getpid()), *args[3:]]
+            devnull = subprocess.DEVNULL
+            kwargs = {**kwargs, "stdin": devnull, "stdout": devnull, "stderr": devnull}
+        return subprocess.Popen(args, **kwargs)
+
+
+def main() -> None:
+    """``python -m segpipe.flows.server_guard PARENT_PID UVICORN_ARGS...``: uvicorn, ended
+    (exit 0) as soon as process ``PARENT_PID`` is no longer its parent."""
+    parent, sys.argv = int(sys.argv[1]), ["uvicorn", *sys.argv[2:]]
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_POLL_S)
+        os._exit(0)  # the server's own shutdown would wait on its clients
+
+    threading.Thread(target=watch, name="segpipe-parent-watch", daemon=True).start()
+    runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()

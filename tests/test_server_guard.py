@@ -1,0 +1,77 @@
+"""segpipe.flows.server_guard: Prefect's temporary server ends with the process that started
+it, however that process ends. The run is a real process, its server a real uvicorn, and the
+kill a real SIGKILL."""
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+RUN = textwrap.dedent(
+    """
+    import sys, time
+    from segpipe.flows.limits import require_server
+    require_server()  # no server named: guards the temporary one
+    from prefect import flow
+    from prefect.server.api.server import SubprocessASGIServer
+
+    @flow
+    def one():
+        return 1
+
+    assert one() == 1
+    (server,) = [s for s in SubprocessASGIServer._instances.values() if s.server_process]
+    print(server.server_process.pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def _read_to_end(stream, timeout_s: float) -> bool:
+    """Whether ``stream`` reaches its end (every writer gone) within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
+        if ready and not os.read(stream.fileno(), 65536):
+            return True
+    return False
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "State:\tZ" not in f.read()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.integration
+def test_a_killed_run_leaves_no_server_holding_its_output(tmp_path):
+    """SIGKILLed (the OOM killer), the run left Prefect's uvicorn running, 200 MB, with the
+    command's stdout open: a `| tee` or a cron wrapper reading it waited for ever."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    run = subprocess.Popen(
+        [sys.executable, "-c", RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
+    try:
+        line = run.stdout.readline()
+        assert line.strip().isdigit(), run.stderr.read().decode()[-3000:]
+        server = int(line)
+        assert _running(server)
+        os.kill(run.pid, signal.SIGKILL)
+        run.wait(30)
+        assert _read_to_end(run.stdout, 30), "the server holds the run's stdout"
+        deadline = time.monotonic() + 30
+        while _running(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(server)
+    finally:
+        run.kill()
+        if "server" in locals() and _running(server):
+            os.kill(server, signal.SIGKILL)
