@@ -177,3 +177,15 @@ def test_closing_an_idle_reader_closes_its_handle(fake, tmp_path: Path) -> None:
     assert fake.closed == {0}
     reader.read(0, 5, 0, 5)
     assert len(fake.opened) == 2
+
+
+def test_a_slide_replaced_since_it_was_opened_is_refused(fake, tmp_path: Path) -> None:
+    """A worker's copy re-opens by path: OpenSlide read a slide saved over the one the run
+    checked, where the TIFF and PNG readers refused it."""
+    path = tmp_path / "slide.mrxs"
+    path.write_bytes(b"the slide the run checked")
+    shipped = pickle.dumps(OpenSlideReader(path))
+    path.write_bytes(b"another scan, saved over it")
+    with pytest.raises(ImageReadError, match=r"slide\.mrxs changed since it was opened"):
+        pickle.loads(shipped).read(0, 4, 0, 4)
+    np.testing.assert_array_equal(OpenSlideReader(path).read(0, 4, 0, 4), RGBA[:4, :4, :3])

@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import dask.array as da
@@ -285,6 +286,27 @@ def test_a_reader_reopened_after_its_file_was_replaced_refuses_to_read(tmp_path,
     with pytest.raises(ImageReadError, match=r"scan\.\w+ changed since it was opened"):
         pickle.loads(shipped).read(0, 4, 0, 4)
     assert open_image(path).read(0, 1, 0, 1).ravel().tolist() == [10, 10, 10]
+
+
+def test_a_worker_on_another_machine_reads_the_file_it_was_sent(tmp_path, monkeypatch):
+    """Each machine of a cluster numbers an NFS mount (st_dev) its own way: compared, every
+    worker copy on another node was refused as a changed file."""
+    path = tmp_path / "scan.tif"
+    tifffile.imwrite(path, np.full((64, 96, 3), 7, np.uint8))
+    shipped = pickle.dumps(open_image(path))
+    from segpipe.io import files
+
+    class Elsewhere:  # os, as this machine's stat sees the mount: another device number
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        def stat(self, p, *args, **kwargs):
+            s = os.stat(p, *args, **kwargs)
+            fields = ("st_mode", "st_ino", "st_size", "st_mtime_ns", "st_mtime")
+            return SimpleNamespace(**{f: getattr(s, f) for f in fields}, st_dev=s.st_dev + 1)
+
+    monkeypatch.setattr(files, "os", Elsewhere())  # segpipe's file_state only
+    assert pickle.loads(shipped).read(0, 1, 0, 1).ravel().tolist() == [7, 7, 7]
 
 
 def test_svs_picks_main_pyramid_not_thumbnail_label_macro(tmp_path: Path) -> None:

@@ -341,13 +341,14 @@ def delete_marked_store(url: URLPath, root: str, marker: tuple[str, ...]) -> Non
 
 
 def file_state(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
-    """``(device, inode, size, mtime in ns)`` of the regular file at ``path``: what changes
-    when it is rewritten or another file is saved over it; None for anything else."""
+    """``(inode, size, mtime in ns)`` of the regular file at ``path``: what changes when it is
+    rewritten or another file is saved over it; None for anything else. Not the device: each
+    machine of a cluster numbers an NFS mount its own way."""
     try:
         s = os.stat(path)
     except OSError:
         return None
-    return (s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns) if stat.S_ISREG(s.st_mode) else None
+    return (s.st_ino, s.st_size, s.st_mtime_ns) if stat.S_ISREG(s.st_mode) else None
 
 
 def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:

@@ -103,7 +103,7 @@ class OpenSlideReader(BaseReader):
                 "pip install 'segpipe[slides]' (openslide-python and openslide-bin)"
             ) from exc
         try:
-            self._slide = openslide.OpenSlide(self.path)
+            self._slide = openslide.OpenSlide(self._file())  # refused if replaced since
         except (openslide.OpenSlideError, OSError) as exc:
             raise ImageReadError(
                 f"{self.path}: OpenSlide cannot open it ({type(exc).__name__}: {exc})"
