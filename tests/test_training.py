@@ -948,3 +948,16 @@ def test_a_killed_saves_copy_is_cleared_by_the_next_save(finished_run, tmp_path:
         copy.write_bytes(b"a model")
     save_trained(tiny_unet(), config, result, tmp_path / "m.pt")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "m.pt"]
+
+
+def test_a_model_of_a_long_name_is_saved(finished_run, tmp_path: Path) -> None:
+    """Its scored copy's name took the whole output name, past the 255 bytes a name may have:
+    the trained model was lost at the save."""
+    from segpipe import models
+    from segpipe.training import save_trained
+
+    config, result = finished_run
+    out = tmp_path / ("m" * 240 + ".pt")
+    save_trained(tiny_unet(), config, result, out)
+    assert models.load(out).checkpoint_metrics is not None
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

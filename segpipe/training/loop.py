@@ -320,11 +320,13 @@ def save_trained(
             stacklevel=2,
         )
         half = False
-    for left in siblings(path, "unscored"):  # a killed save's copy: a whole model each
+    # Within NAME_MAX (255 bytes) whatever the output's name, as atomic.replaced_file's.
+    short = path.with_name(path.name[:200])
+    for left in siblings(short, "unscored"):  # a killed save's copy: a whole model each
         with contextlib.suppress(ValueError, OSError):
             if process_gone(left.name.rsplit("-", 1)[1].split(".")[0]):
                 left.unlink()
-    unscored = path.with_name(f".{path.name}.unscored-{os.getpid()}.pt")
+    unscored = path.with_name(f".{short.name}.unscored-{os.getpid()}.pt")
     try:
         saved = models.load(models.save(model, unscored, half=half))
     finally:
