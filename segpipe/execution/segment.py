@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -376,8 +377,12 @@ def _scale(n0: int, n: int) -> float:
     pixels are exactly that; else the size ratio, GDAL's rule for its overviews (the last
     pixel rounded up), which span the whole extent. (The ratio put an ingest's last level-1
     pixel of a 1203 px raster half a level-0 pixel off.)"""
-    d = max(1, round(n0 / n))
-    return d if n0 // d == n else n0 / n
+    # A power of two first: past a few levels the ratio rounds to another whole factor that
+    # fits as well (1203 px, level 6: 18 px, a ratio of 66.8, and 1203 // 66 is 18 too).
+    for d in (2 ** round(math.log2(n0 / n)), round(n0 / n)):
+        if d >= 1 and n0 // d == n:
+            return d
+    return n0 / n
 
 
 class _TileRecorder:
