@@ -231,6 +231,8 @@ def _wrapped(cause: Exception) -> PredictionError:
         # The model's NaN or failure at a window: the same again (it ran three times).
         (PredictionError("/in/a.tif: the model's output is NaN"), False),
         (_wrapped(torch.OutOfMemoryError("CUDA out of memory")), True),  # other jobs may end
+        # torch's CPU allocator: a plain RuntimeError
+        (_wrapped(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried")), True),
         (_wrapped(RuntimeError("shape mismatch")), False),
     ],
 )

@@ -31,14 +31,19 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     PredictionError,
 )
 
-# What a PredictionError wraps when the device ran out of memory, which another attempt may not.
+# What a PredictionError wraps when the device ran out of memory, which another attempt may
+# not: torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+# memory"), a GPU's an OutOfMemoryError.
 _OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+_OUT_OF_MEMORY_TEXT = ("can't allocate memory", "out of memory")
 
 
 def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the failure is one of
     :data:`PERMANENT_ERRORS`, a model's failure out of memory excepted."""
     error = state.result(raise_on_failure=False)
-    if isinstance(error, PredictionError) and isinstance(error.__cause__, _OUT_OF_MEMORY):
-        return True
+    if isinstance(error, PredictionError) and (cause := error.__cause__) is not None:
+        text = str(cause).lower()
+        if isinstance(cause, _OUT_OF_MEMORY) or any(t in text for t in _OUT_OF_MEMORY_TEXT):
+            return True
     return not isinstance(error, PERMANENT_ERRORS)
