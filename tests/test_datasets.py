@@ -141,7 +141,7 @@ def test_read_folder_refuses_labels_that_are_not_integers(tmp_path: Path) -> Non
     write_folder(tmp_path, [slide])
     (tmp_path / "labels" / "img0.png").unlink()
     tifffile.imwrite(tmp_path / "labels" / "img0.tif", slide.labels.astype(np.float32))
-    with pytest.raises(ValueError, match=r"img0\.tif.*integer ids.*float32"):
+    with pytest.raises(ValueError, match=r"img0\.tif: labels must .* class ids, got float32"):
         read_folder(tmp_path)
 
 
@@ -353,3 +353,24 @@ def test_instance_needs_name_the_image_without_them(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="loss_weights='unet'") as err:
         loss_weight_maps(items, config)
     assert str(tmp_path / "images" / "a.png") in str(err.value)
+
+
+@pytest.mark.parametrize("form", ["bool tiff", "palette png"])
+def test_read_folder_reads_label_ids_as_stored_as_evaluate_does(tmp_path: Path, form: str) -> None:
+    """A bool mask tifffile wrote (1-bit min-is-white) trained as its inverse, and a palette
+    PNG of class ids (PASCAL VOC's format) was refused, while evaluate read both as stored."""
+    import tifffile
+
+    slide = tissue_slide(64, seed=0)
+    write_folder(tmp_path, [slide], instances=False)
+    ids = (slide.labels > 0).astype(np.uint8)
+    (tmp_path / "labels" / "img0.png").unlink()
+    if form == "bool tiff":
+        tifffile.imwrite(tmp_path / "labels" / "img0.tif", ids.astype(bool))
+    else:
+        palette = Image.fromarray(ids, mode="P")
+        palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        palette.save(tmp_path / "labels" / "img0.png")
+    (tmp_path / "classes.txt").write_text("background\nforeground\n")
+    (item,) = read_folder(tmp_path)
+    np.testing.assert_array_equal(item.labels, ids)

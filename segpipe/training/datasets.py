@@ -36,6 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from segpipe.analysis.evaluation import LabelledImage
+from segpipe.io.labelfiles import label_plane
 from segpipe.io.readers import open_image
 from segpipe.results.schema import MAX_CLASSES
 
@@ -142,15 +143,8 @@ def _by_stem(directory: Path) -> dict[str, Path]:
 
 
 def _read_plane(path: Path, what: str) -> np.ndarray:
-    reader = open_image(path)
-    if reader.shape[2] != 1:
-        raise ValueError(
-            f"{path}: {what} must be a one-channel image of integer ids, got "
-            f"{reader.shape[2]} channels (save masks as single-channel PNG/TIFF)"
-        )
-    plane = reader.read(0, reader.shape[0], 0, reader.shape[1])[..., 0]
-    if not np.issubdtype(plane.dtype, np.integer) and plane.dtype != bool:
-        raise ValueError(f"{path}: {what} must hold integer ids, got dtype {plane.dtype}")
+    # As evaluate reads truth: ids as stored (a palette's indices, a bool TIFF as written).
+    plane = np.asarray(label_plane(path, what))
     # A signed mask's -1 ("ignore" in some tools) would wrap to id 255 in the uint8 labels.
     if plane.size and np.issubdtype(plane.dtype, np.signedinteger) and plane.min() < 0:
         raise ValueError(
