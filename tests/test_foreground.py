@@ -1068,3 +1068,21 @@ def test_a_mask_file_that_cannot_be_used_leaves_nothing_at_the_output(known_slid
     feature["geometry"]["coordinates"] = [ring]
     bad.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     assert read_meta(run(known_slide, out, foreground=str(bad))).summary.tiles_computed == 1
+
+
+def test_a_polygon_inside_any_level_pixel_selects_that_pixel(tmp_path):
+    """Cells of 2049 / 1025 level pixels: a cell holds the pixels that start in it, and a
+    polygon in a cell's last pixel, past the rasteriser's cell edge, burned only the next
+    cell (307 of 2049 such pixels were never computed)."""
+    from segpipe.execution.foreground import _mask_shape
+
+    reader = ArrayReader(np.zeros((8, 2049, 3), np.uint8))
+    shape = _mask_shape((8, 2049))
+    lost = []
+    for x in range(0, 2049, 7):
+        ring = [[x + 0.3, 2.3], [x + 0.7, 2.3], [x + 0.7, 2.7], [x + 0.3, 2.7], [x + 0.3, 2.3]]
+        (tmp_path / "p.geojson").write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+        mask = read_mask_file(tmp_path / "p.geojson", reader, shape, 0)
+        if not upsample_mask(mask, (8, 2049))[2, x]:
+            lost.append(x)
+    assert lost == []

@@ -181,6 +181,13 @@ def _rasterize_geojson(
         spans = np.array([polygon_bounds(p) for p in polygons])  # (x0, y0, x1, y1) each
     except (ValueError, TypeError, KeyError, IndexError) as e:  # bad structure, coordinates
         raise ValueError(f"foreground mask {path}: {e}") from e
+    # A cell holds the level pixels that start in it (upsample_mask): where a level's side is
+    # no whole number of cells, its last pixel reaches into the next cell's span, and a
+    # polygon there burned only that next cell.
+    for axis, (n, m) in enumerate(((ny, shape[0]), (nx, shape[1]))):
+        if n % m:
+            cells = np.moveaxis(burned, axis, 0)
+            cells[:-1] |= cells[1:]
     if not burned.any():  # all_touched: a polygon overlapping the image burns a pixel
         (x0, y0), (x1, y1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
         raise ValueError(
