@@ -1879,3 +1879,19 @@ def test_a_changed_image_that_fails_leaves_no_report_of_the_result_deleted(
     assert not paths.result.exists() and catalog.read_records(out) == []
     assert not paths.report.exists() and not paths.thumbnail.exists()
     assert archive.read_state(paths.state)["status"] == "failed"
+
+
+def test_images_whose_last_attempt_never_ended_go_last_in_their_order(tmp_path):
+    """Several killed ones keep their order after the others; a sidecar that cannot be read
+    (here a folder in its place) fails nothing: that image's own attempt will say why."""
+    from types import SimpleNamespace
+
+    out = tmp_path / "out"
+    images = [SimpleNamespace(key=k) for k in ("a.tif", "b.tif", "c.tif", "d.tif", "e.tif")]
+    for key, status in (("a.tif", "running"), ("c.tif", "running"), ("d.tif", "complete")):
+        state = image_paths(out, key).state
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"status": status}))
+    image_paths(out, "e.tif").state.mkdir()
+    order = [i.key for i in archive.killed_last(images, out)]
+    assert order == ["b.tif", "d.tif", "e.tif", "a.tif", "c.tif"]

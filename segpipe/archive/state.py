@@ -162,7 +162,10 @@ def killed_last(images: list[Any], output_root: str | os.PathLike[str]) -> list[
     order, such a file killed every run before the images after it could start."""
 
     def died(image: Any) -> bool:
-        state = read_state(image_paths(output_root, image.key).state) or {}
+        try:  # unreadable here (a permission, a store's hiccup): its own attempt says so
+            state = read_state(image_paths(output_root, image.key).state) or {}
+        except OSError:
+            return False
         return state.get("status") == "running"
 
     return sorted(images, key=died)  # stable: the others keep their order
