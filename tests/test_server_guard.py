@@ -75,3 +75,21 @@ def test_a_killed_run_leaves_no_server_holding_its_output(tmp_path):
         run.kill()
         if "server" in locals() and _running(server):
             os.kill(server, signal.SIGKILL)
+
+
+def test_the_guard_is_idempotent_and_leaves_another_prefect_as_it_is(monkeypatch):
+    import subprocess as real
+
+    from prefect.server.api import server
+
+    from segpipe.flows.server_guard import guard_temporary_server
+
+    monkeypatch.setattr(server, "subprocess", real)
+    guard_temporary_server()
+    guarded = server.subprocess
+    assert guarded is not real and guarded.TimeoutExpired is real.TimeoutExpired
+    guard_temporary_server()
+    assert server.subprocess is guarded, "not wrapped twice"
+    monkeypatch.delattr(server, "subprocess")  # a release that starts its server otherwise
+    guard_temporary_server()
+    assert not hasattr(server, "subprocess")

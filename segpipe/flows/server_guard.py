@@ -32,8 +32,10 @@ def guard_temporary_server() -> None:
     """Start Prefect's temporary server (if it starts one) through :func:`main`; idempotent."""
     from prefect.server.api import server
 
-    if not isinstance(server.subprocess, _GuardedSubprocess):
-        server.subprocess = _GuardedSubprocess()  # its module's own name for subprocess
+    # Prefect 3's server module starts uvicorn with its own `subprocess.Popen`; a release that
+    # starts it otherwise is left as it is (unguarded, as before), not broken.
+    if getattr(server, "subprocess", None) is subprocess:
+        server.subprocess = _GuardedSubprocess()
 
 
 class _GuardedSubprocess(types.ModuleType):
