@@ -692,18 +692,3 @@ def test_a_reduced_level_of_odd_size_is_georeferenced_as_it_was_made(tmp_path, s
         with rasterio.open(path, overview_level=0) as src:
             assert (src.height, src.width) == (51, 62)
             assert tuple(got)[:6] == pytest.approx(tuple(src.transform)[:6])
-
-
-@pytest.mark.parametrize(
-    ("n0", "n", "scale"),
-    [
-        (1203, 601, 2), (1203, 37, 32), (1203, 18, 64), (39, 4, 8), (1000, 500, 2),
-        (1001, 501, 1001 / 501), (1001, 334, 1001 / 334),  # GDAL's, rounded up: the ratio
-    ],
-)  # fmt: skip
-def test_a_levels_pixel_is_its_whole_factor_where_it_was_halved_down(n0, n, scale):
-    """Past a few levels the ratio rounded to another factor that fits too (1203 px, level
-    6: 18 px, 66.8, and 1203 // 66 is 18): level 3 of a 39 px ingest got 4.875 m pixels."""
-    from segpipe.execution.segment import _scale
-
-    assert _scale(n0, n) == scale

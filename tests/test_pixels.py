@@ -226,3 +226,22 @@ def test_downsample_dask_matches_numpy_for_any_chunks(ny: int, nx: int, cy: int,
 def test_downsample_rejects_too_small(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match=r"cannot halve"):
         downsample_mean_2x(np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("n0", "n", "gdal", "scale"),
+    [
+        (1203, 601, 2, 2), (1203, 37, 32, 32), (1203, 18, 64, 64), (39, 4, 8, 8),
+        (1000, 500, 2, 2), (517, 259, 517 / 259, 2),
+        (1001, 501, 1001 / 501, 2), (1001, 334, 1001 / 334, 3),  # rounded up
+    ],
+)  # fmt: skip
+def test_a_levels_pixel_is_its_whole_factor(n0, n, gdal, scale):
+    """Past a few levels the ratio rounded to another factor that fits too (1203 px, level
+    6: 18 px, 66.8; ceil(1203 / 67) is 18): that level's pixel size was 67 level-0 pixels,
+    and level 3 of a 39 px ingested raster was placed at 4.875 m pixels, not 4. A level
+    rounded up is GDAL's overview, whose transform GDAL scales by the ratio."""
+    from segpipe.geometry.pixels import level_downsample
+
+    assert level_downsample(n0, n) == scale
+    assert level_downsample(n0, n, overview_ratio=True) == gdal

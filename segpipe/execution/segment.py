@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -368,21 +367,8 @@ def _georeference_at(reader: Reader, level: int) -> dict[str, Any]:
         return {}
     (y0, x0, _), (y, x, _) = reader.level_shapes[0], reader.level_shapes[level]
     a, b, c, d, e, f = geo.transform
-    return {"crs": geo.crs, "transform": (a * _scale(x0, x), b, c, d, e * _scale(y0, y), f)}
-
-
-def _scale(n0: int, n: int) -> float:
-    """Level-0 pixels per pixel of a level ``n`` long of an axis ``n0`` long: a whole factor
-    for a level halved dropping the odd edge (an ingest's, as the result's own are), whose
-    pixels are exactly that; else the size ratio, GDAL's rule for its overviews (the last
-    pixel rounded up), which span the whole extent. (The ratio put an ingest's last level-1
-    pixel of a 1203 px raster half a level-0 pixel off.)"""
-    # A power of two first: past a few levels the ratio rounds to another whole factor that
-    # fits as well (1203 px, level 6: 18 px, a ratio of 66.8, and 1203 // 66 is 18 too).
-    for d in (2 ** round(math.log2(n0 / n)), round(n0 / n)):
-        if d >= 1 and n0 // d == n:
-            return d
-    return n0 / n
+    sy, sx = (level_downsample(n0, n, overview_ratio=True) for n0, n in ((y0, y), (x0, x)))
+    return {"crs": geo.crs, "transform": (a * sx, b, c, d, e * sy, f)}
 
 
 class _TileRecorder:

@@ -11,6 +11,7 @@ non-spatial axis that must have length 1.
 
 from __future__ import annotations
 
+import math
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -183,16 +184,24 @@ def to_float01(array: A) -> A:
     return out
 
 
-def level_downsample(level0: int, n: int) -> float:
+def level_downsample(level0: int, n: int, *, overview_ratio: bool = False) -> float:
     """Level-0 pixels per pixel of a pyramid level ``n`` pixels long on an axis ``level0``
     long: the whole factor ``d`` it was made with, its side ``level0 // d`` or ``ceil(level0 /
     d)`` (517 -> 258 is a half, as the result pyramid's own levels are), else the size ratio.
+    ``overview_ratio``: a level rounded up is the size ratio, as GDAL scales the transform of
+    its overviews (which span the whole extent); one rounded down (an ingest's) stays ``d``.
 
     >>> level_downsample(517, 258), level_downsample(517, 259), level_downsample(100, 30)
     (2, 2, 3.3333333333333335)
+    >>> level_downsample(1203, 18), level_downsample(1001, 501, overview_ratio=True)
+    (64, 1.998003992015968)
     """
-    d = max(1, round(level0 / n))
-    return d if level0 // d == n or -(-level0 // d) == n else level0 / n
+    # A power of two first: past a few levels the ratio rounds to another whole factor that
+    # fits as well (1203 px, level 6: 18 px, a ratio of 66.8, and ceil(1203 / 67) is 18).
+    for d in (2 ** round(math.log2(level0 / n)), max(1, round(level0 / n))):
+        if level0 // d == n or (not overview_ratio and -(-level0 // d) == n):
+            return d
+    return level0 / n
 
 
 def pyramid_shapes(shape_yx: tuple[int, int], min_level_size: int) -> tuple[tuple[int, int], ...]:

@@ -165,10 +165,10 @@ def _rasterize_geojson(
     level0, (ny, nx) = reader.level_shapes[0][:2], reader.level_shapes[level][:2]
     # A level's pixel is the whole factor it was made with in level-0 pixels (a level of
     # 258 under 517 is half, not 517 / 258), as results and their polygons place it; a
-    # georeferenced one the size ratio, as GDAL makes its overviews and scales their transform.
+    # georeferenced one rounded up (GDAL's overview) the size ratio GDAL scales it by.
     geo = getattr(reader, "georeference", None) is not None
     dy, dx = (
-        n0 / n if geo else level_downsample(n0, n) for n0, n in zip(level0, (ny, nx), strict=True)
+        level_downsample(n0, n, overview_ratio=geo) for n0, n in zip(level0, (ny, nx), strict=True)
     )
     # Mask pixel (i, j) is level-0 box [j * sx, (j + 1) * sx) x [i * sy, (i + 1) * sy).
     sx, sy = dx * nx / shape[1], dy * ny / shape[0]

@@ -222,10 +222,11 @@ def source_origin_um(meta: ResultMeta) -> tuple[float, float]:
 
 def source_downsample(meta: ResultMeta, level0: tuple[int, int]) -> tuple[float, float]:
     """(y, x) pixels of the source's level 0 (``level0``, (y, x) pixels) per pixel of
-    ``meta``'s segmented level: :func:`level_downsample` per axis, or for a georeferenced
-    result the size ratio, which its transform was scaled by (as GDAL scales an overview's)."""
+    ``meta``'s segmented level: :func:`level_downsample` per axis, for a georeferenced result
+    with ``overview_ratio``, as its transform was scaled."""
     pairs = zip(level0, meta.shape, strict=True)
-    dy, dx = (n / m if meta.transform else level_downsample(n, m) for n, m in pairs)
+    geo = bool(meta.transform)
+    dy, dx = (level_downsample(n, m, overview_ratio=geo) for n, m in pairs)
     return dy, dx
 
 
