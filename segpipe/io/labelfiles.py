@@ -15,7 +15,7 @@ from typing import Any, cast
 import dask.array as da
 import numpy as np
 
-from segpipe.io.readers import Reader, open_image
+from segpipe.io.readers import PillowReader, Reader, open_image
 from segpipe.io.readers.photometric import min_is_black
 
 __all__ = ["label_plane"]
@@ -53,7 +53,7 @@ def _stored_ids(path: str | os.PathLike[str], reader: Reader, what: str) -> da.A
             grey = reader.level(0)[..., 0]
             return grey.map_blocks(min_is_black, p.bits_per_sample, dtype=grey.dtype)
         return None
-    if type(reader).__name__ != "PillowReader":
+    if not isinstance(reader, PillowReader):
         return None
     from PIL import Image, ImageOps
 
