@@ -32,7 +32,6 @@ level listed before it is there:
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -49,8 +48,8 @@ import zarr
 from segpipe.io.files import URLPath, delete_marked_store, location, overlap, siblings
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
-from segpipe.results import ResultBusyError, label_path, naming_damage, open_result
-from segpipe.results.tiles import check_not_replaced, result_started
+from segpipe.results import label_path, naming_damage, open_result
+from segpipe.results.lock import result_read
 
 __all__ = ["NGFF_VERSIONS", "export_ngff04"]
 
@@ -124,14 +123,12 @@ def export_ngff04(
     # The result held shared, as a run holds the image it reads: replaced mid-copy (segment
     # with overwrite), its upper levels were read from the new, empty one, and the copy was
     # published complete. A result at a URL has no lock: its stamp is checked before then.
-    started = result_started(source_at)
     with (
-        store_lock(source_at, shared=True, busy=ResultBusyError),
+        result_read(source_at) as still,
         store_lock(target, after_kill=", and the next export clears what it left"),
     ):
         _check_output(target, source_at, overwrite=overwrite)  # as it is now, under the lock
         source = zarr.open_group(source_at, mode="r")
-        still = functools.partial(check_not_replaced, source_at, started)
         if isinstance(target, URLPath):
             if target.exists():
                 delete_marked_store(target, _ROOT, ("segpipe",))

@@ -39,13 +39,12 @@ import numpy as np
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
 from segpipe.io.files import URLPath, is_url, location, overlap, write_text_atomic
-from segpipe.io.locks import store_lock
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
-from segpipe.results import ResultBusyError, ResultMeta, naming_damage, open_result, read_meta
+from segpipe.results import ResultMeta, naming_damage, open_result, read_meta
 from segpipe.results.layout import source_downsample, source_origin_um
-from segpipe.results.tiles import check_not_replaced, result_started
+from segpipe.results.lock import result_read
 
 __all__ = ["COORDINATES", "OBJECT_TYPES", "class_features", "export_geojson"]
 
@@ -314,9 +313,7 @@ def export_geojson(
     # Held shared, as the NGFF export holds it: replaced meanwhile (segment with overwrite),
     # the classes came from two results, or a read failed with a bare KeyError. A result at
     # a URL has no lock: its stamp says whether that is what happened.
-    at = location(result)
-    started = result_started(at)
-    with store_lock(at, shared=True, busy=ResultBusyError):
+    with result_read(location(result)) as still:
         try:
             # A class given twice (--class a --class a) is exported once, not as duplicates.
             for name in names[1:] if classes is None else dict.fromkeys(classes):
@@ -333,7 +330,7 @@ def export_geojson(
                         object_type=object_type,
                     )
         finally:
-            check_not_replaced(at, started)
+            still()
     collection: dict[str, Any] = {
         "type": "FeatureCollection",
         "features": features,

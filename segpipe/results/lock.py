@@ -21,14 +21,17 @@ with no ``zarr.json``, which the next run recognises (:func:`is_debris`) and rem
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from segpipe.io.files import URLPath
 from segpipe.io.locks import StoreBusyError, store_lock
+from segpipe.results.tiles import check_not_replaced, result_started
 
-__all__ = ["ResultBusyError", "is_debris", "result_lock"]
+__all__ = ["ResultBusyError", "is_debris", "result_lock", "result_read"]
 
 
 class ResultBusyError(StoreBusyError):
@@ -45,6 +48,17 @@ def result_lock(path: str | os.PathLike[str] | URLPath) -> contextlib.AbstractCo
     the body runs unguarded by one, and the ``started`` stamp is its only protection.
     """
     return store_lock(path, busy=ResultBusyError, after_kill=", and its result resumes")
+
+
+@contextlib.contextmanager
+def result_read(path: str | os.PathLike[str] | URLPath) -> Iterator[Callable[[], None]]:
+    """Hold the result at ``path`` shared while the body reads it (an export): a run that
+    would replace or delete it stops with :class:`ResultBusyError`. Yields a check, raising
+    :class:`~segpipe.results.ResultReplacedError`, that it is still the result the body began
+    with: all a result at a URL, which takes no lock, has before its reader publishes."""
+    started = result_started(path)
+    with store_lock(path, shared=True, busy=ResultBusyError):
+        yield functools.partial(check_not_replaced, path, started)
 
 
 # The arrays whose chunks a run writes after its skeleton, in any layout (schema.level_path,
