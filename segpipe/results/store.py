@@ -26,7 +26,7 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
-from segpipe.io.files import URLPath, siblings, utc_now
+from segpipe.io.files import URLPath, overlap, siblings, utc_now
 from segpipe.results import remote
 from segpipe.results.encoding import class_map, encode_probabilities
 from segpipe.results.layout import block_level_arrays, create_layout
@@ -81,7 +81,8 @@ def prepare_result(
     removed first. :func:`segpipe.segment` holds the result's run lock around all this.
     """
     path = path if isinstance(path, URLPath) else Path(path)
-    check_not_source(path, meta.source)
+    mask_file = [meta.config.foreground] if meta.foreground_sha256 else []  # a path, then
+    check_not_source(path, meta.source, *mask_file)
     _check_sizes(meta)
     _remove_leftovers(path)
     if path.exists():
@@ -101,6 +102,7 @@ def prepare_result(
                 f"(differs in: {'; '.join(values)}); pass "
                 "overwrite=True (--overwrite) to replace it, or choose another output path."
             )
+        _check_holds_no_input(path)
         _delete(path)
     _create(path, meta)
     fault_point("result.created")
@@ -194,6 +196,7 @@ def delete_result(path: str | os.PathLike | URLPath) -> None:
                 f"{path} exists and is not a segpipe result; move it away, segpipe will not "
                 "delete it"
             )
+        _check_holds_no_input(path)
         _delete(path)
 
 
@@ -248,23 +251,27 @@ _LEFTOVER_KINDS = ("creating", "deleting")
 _LEFTOVER_AGE_S = 600.0
 
 
-def check_not_source(path: Path | URLPath, source: str) -> None:
-    """Raise ``ResultMismatchError`` where ``path`` is the image ``source`` or lies inside it:
-    refused before anything is written there, a run's lock file too."""
-    if _is_source(path, source):
-        raise ResultMismatchError(
-            f"{path} is the source image {source} or lies inside it; a result must go "
-            "elsewhere (writing there could destroy the image)"
-        )
+def check_not_source(path: Path | URLPath, source: str, *inputs: str) -> None:
+    """Raise ``ResultMismatchError`` where ``path`` is the image ``source`` (or another input
+    file, e.g. a foreground mask), lies inside it or holds it: refused before anything is
+    written there, a run's lock file too (a replaced result is deleted with all it holds)."""
+    for given in (source, *inputs):
+        if relation := overlap(path, given):
+            raise ResultMismatchError(
+                f"{path} {relation} the input {given}: no result is written, replaced or "
+                "deleted there (that could destroy the input); choose another output path"
+            )
 
 
-def _is_source(path: Path | URLPath, source: str) -> bool:
-    if isinstance(path, URLPath):
-        return str(path) == source.rstrip("/") or str(path).startswith(source.rstrip("/") + "/")
-    if "://" in source:
-        return False
-    resolved = Path(source).resolve()
-    return path.resolve() == resolved or resolved in path.resolve().parents
+def _check_holds_no_input(path: Path | URLPath) -> None:
+    """Refuse to delete a result that holds the inputs it was made of (a scan filed in it)."""
+    try:
+        attrs = read_attrs(path)
+        mask = [attrs["config"]["foreground"]] if attrs["identity"].get("foreground_sha256") else []
+        inputs = [str(attrs["source"]), *map(str, mask)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # damaged metadata names no input
+    check_not_source(path, *inputs)
 
 
 def _sibling(path: Path, kind: str) -> Path:
