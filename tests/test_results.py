@@ -15,9 +15,11 @@ from hypothesis import strategies as st
 from test_query import finish, run_summary
 from zarr.storage import StorePath
 
+from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
 from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.geometry.tiling import Box, tile_grid
+from segpipe.query import class_areas
 from segpipe.results import (
     IncompleteResultError,
     ResultMeta,
@@ -400,6 +402,38 @@ def test_mismatch_and_foreign_directories(tmp_path):
     with pytest.raises(ResultMismatchError, match="not a segpipe result"):
         prepare_result(tmp_path / "user.zarr", meta(), overwrite=True)
     assert zarr.open_array(tmp_path / "user.zarr")[...].tolist() == [7] * 4
+
+
+@pytest.mark.parametrize("kept", ["source", "mask"])
+def test_a_result_holding_an_input_of_a_run_is_not_replaced(tmp_path, kept):
+    """A scan (or a foreground mask file) filed inside a result's folder went with the result
+    when a run replaced it; now that run is refused, naming both, and the file stays."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    inside = path / "scan.tif"
+    inside.write_bytes(b"the only copy")
+    given = {"source": str(inside)} if kept == "source" else {"foreground": str(inside)}
+    if kept == "mask":
+        given["foreground_sha256"] = "1" * 64
+    with pytest.raises(ResultMismatchError, match=re.escape(f"{path} holds the input {inside}")):
+        prepare_result(path, meta(**given), overwrite=True)
+    assert inside.read_bytes() == b"the only copy" and is_result(path)
+    with pytest.raises(ResultMismatchError, match=re.escape(f"{inside} is the input {inside}")):
+        prepare_result(inside, meta(**given))
+
+
+def test_a_result_holding_its_own_source_is_not_deleted(tmp_path):
+    """The stored source counts too: a result moved over its scan's folder, replaced or deleted."""
+    source = tmp_path / "x" / "scan.tif"
+    prepare_result(tmp_path / "r.zarr", meta(source=str(source)))
+    (tmp_path / "r.zarr").rename(tmp_path / "x")
+    source.write_bytes(b"the only copy")
+    why = re.escape(f"{tmp_path / 'x'} holds the input {source}")
+    with pytest.raises(ResultMismatchError, match=why):
+        prepare_result(tmp_path / "x", meta(), overwrite=True)
+    with pytest.raises(ResultMismatchError, match=why):
+        delete_result(tmp_path / "x")
+    assert source.read_bytes() == b"the only copy" and is_result(tmp_path / "x")
 
 
 @pytest.mark.parametrize(
@@ -927,6 +961,76 @@ def complete_result(path, m):
     write_blocks(path, m, probs, tile_grid(m.shape, m.tile).blocks(m.config.task_tiles))
     finish(path)
     return probs
+
+
+def _edited(path, edit):
+    """The result at ``path`` with its root ``zarr.json`` edited by ``edit(document)``."""
+    document = json.loads((path / "zarr.json").read_text())
+    edit(document)
+    (path / "zarr.json").write_text(json.dumps(document))
+    return path
+
+
+def _segpipe(document):
+    return document["attributes"]["segpipe"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda d: _segpipe(d).update(layout=9), "result layout 9 is unknown"),
+        (lambda d: d["attributes"].update(ome=[]), "unreadable OME metadata"),
+        (lambda d: d["attributes"]["ome"].update(multiscales=[]), "unreadable OME metadata"),
+        (lambda d: _segpipe(d)["identity"].update(pixel_size_um=-0.5), "not a positive number"),
+        (lambda d: _segpipe(d)["identity"].update(pixel_size_um="0.5"), "TypeError"),
+        (lambda d: _segpipe(d).update(source_shape=[0, 0]), r"source_shape \(0, 0\): no pix"),
+        (lambda d: _segpipe(d)["identity"].update(transform=[1, 2]), "not six finite numbers"),
+    ],
+)
+def test_damaged_metadata_is_refused_naming_the_result(tmp_path, edit, why):
+    """Opening and querying a result of unreadable metadata raised AttributeError, IndexError
+    or "math domain error", naming no file; now a ValueError names the result and the fault."""
+    path = tmp_path / "r.zarr"
+    complete_result(path, meta(source_shape=(400, 280)))
+    _edited(path, edit)
+    for read in (open_result, summarise, class_areas, result_levels):
+        with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + why):
+            read(path)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: _segpipe(d).update(complete="false"),  # a truthy string
+        lambda d: _segpipe(d).update(state="computing"),  # complete true, state not
+        lambda d: _segpipe(d).update(complete=1),
+    ],
+)
+def test_complete_is_one_answer_whoever_asks(tmp_path, edit):
+    """A hand-edited completeness was complete to open_result, is_complete and a resuming run
+    (every tile done) while read_meta said not: now one predicate says not complete."""
+    path = tmp_path / "r.zarr"
+    complete_result(path, meta())
+    _edited(path, edit)
+    mark_tiles_done(path, {})  # the progress array as it was when the run stopped
+    zarr.open_array(path / "_segpipe" / "tiles_done", mode="r+")[0, 0] = 0
+    assert not is_complete(path) and not read_meta(path).complete
+    assert not tiles_done(path)[0, 0] and tiles_done(path).sum() == tiles_done(path).size - 1
+    with pytest.raises(IncompleteResultError, match=re.escape(str(path))):
+        open_result(path)
+
+
+def test_a_complete_result_without_consolidated_metadata_opens(tmp_path):
+    """An attribute edit through zarr without consolidation drops the consolidated metadata:
+    the result opened with zarr's "Consolidated metadata requested ... not found"."""
+    path = tmp_path / "r.zarr"
+    probs = complete_result(path, meta())
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    root.attrs["note"] = "checked by hand"
+    assert "consolidated_metadata" not in json.loads((path / "zarr.json").read_text())
+    with pytest.warns(RuntimeWarning, match="non-consolidated"):
+        ds = open_result(path)
+    np.testing.assert_array_equal(ds["mask"].values, probs.argmax(0))
 
 
 def same_levels(a, b, n=3):

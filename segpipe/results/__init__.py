@@ -83,7 +83,6 @@ from segpipe.results.schema import (
     level_path,
     read_attrs,
     read_meta,
-    result_layout,
     result_levels,
 )
 from segpipe.results.store import (
@@ -136,7 +135,6 @@ __all__ = [
     "prepare_result",
     "read_attrs",
     "read_meta",
-    "result_layout",
     "result_levels",
     "result_lock",
     "tiles_done",

@@ -21,6 +21,7 @@ from segpipe.results.schema import (
     parse_meta,
     read_attrs,
     result_levels,
+    stored_complete,
 )
 from segpipe.results.store import quiet_consolidated
 
@@ -75,7 +76,8 @@ def open_result(
     if storage_options is not None:
         path = location(path, storage_options)
     meta = read_attrs(path)
-    if not meta.get("complete") and not allow_incomplete:
+    parse_meta(path, meta)  # damaged or unknown metadata: refused here, naming the result
+    if not stored_complete(meta) and not allow_incomplete:
         raise IncompleteResultError(
             f"{path} is an incomplete segpipe result (its run was interrupted or is still "
             "going); run segment again with the same output to finish it, or pass "
@@ -96,7 +98,8 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     group = level_path(level, layout=layout_of(meta)) or None  # layout 1: level 0 is the root
 
     def opened(**kw: Any) -> Any:
-        consolidated = bool(meta.get("complete"))
+        # A complete result's when it has them (an attribute edit may have dropped them).
+        consolidated = None if stored_complete(meta) else False
         with quiet_consolidated():
             return xr.open_dataset(
                 path, engine="zarr", group=group, consolidated=consolidated, **kw
@@ -110,7 +113,7 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     # its run goes on (persisted while unfinished, its zeros were served once it finished).
     lazy = opened(chunks=None, cache=False)
     sizes = _preferred(lazy) if chunks is None else opened(chunks=chunks).chunksizes
-    state = (meta.get("state"), meta.get("finished")) if meta.get("complete") else uuid.uuid4()
+    state = (meta.get("state"), meta.get("finished")) if stored_complete(meta) else uuid.uuid4()
     token = tokenize(str(path), level, meta.get("identity"), meta.get("started"), state)
     ds = lazy.chunk(dict(sizes), token=token, name_prefix="segpipe-")
     ds.attrs = {"segpipe": meta, "level": level}

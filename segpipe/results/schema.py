@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -36,9 +37,9 @@ __all__ = [
     "parse_meta",
     "read_attrs",
     "read_meta",
-    "result_layout",
     "result_levels",
     "store_of",
+    "stored_complete",
 ]
 
 LABEL_NAME = "mask"
@@ -116,6 +117,13 @@ class ResultMeta:
     source_shape: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
+        px, box = self.pixel_size_um, self.transform
+        if px is not None and not 0 < px < math.inf:
+            raise ValueError(f"pixel_size_um {px!r} is not a positive number of microns")
+        if box is not None and (len(box) != 6 or not all(map(math.isfinite, box))):
+            raise ValueError(f"transform {box!r} is not six finite numbers (a, b, c, d, e, f)")
+        if min(*self.shape, *(self.source_shape or ())) < 1:
+            raise ValueError(f"shape {self.shape}, source_shape {self.source_shape}: no pixels")
         if len(self.class_names) > MAX_CLASSES:
             raise ValueError(
                 f"model {self.model_name!r} has {len(self.class_names)} classes; a result's "
@@ -242,19 +250,7 @@ class ResultMeta:
                 amp=params.get("amp"),
                 foreground=ident.get("foreground", "none"),
             )
-        summary = None
-        if "tiles_total" in attrs:
-            summary = RunSummary(
-                tiles_total=int(attrs["tiles_total"]),
-                tiles_computed=int(attrs["tiles_computed"]),
-                tiles_skipped=int(attrs["tiles_skipped"]),
-                windows=int(attrs.get("windows", 0)),
-                seconds=float(attrs["seconds"]),
-                megapixels_per_second=float(attrs["megapixels_per_second"]),
-                class_pixels=tuple(int(n) for n in attrs["class_pixels"]),
-                tiles_background=int(attrs.get("tiles_background", 0)),
-                foreground_pixels=attrs.get("foreground_pixels"),
-            )
+        summary = RunSummary.from_attrs(attrs) if "tiles_total" in attrs else None
         transform, source_shape = ident.get("transform"), attrs.get("source_shape")
         return cls(
             source=str(ident["source"]),
@@ -279,8 +275,14 @@ class ResultMeta:
         )
 
 
+def stored_complete(attrs: Mapping[str, Any]) -> bool:
+    """Whether a result's ``segpipe`` attribute calls it complete: ``complete`` JSON true (not
+    a truthy string) and no other state named: one of the two edited alone is no finished run."""
+    return attrs.get("complete") is True and attrs.get("state") in (None, "", "complete")
+
+
 def _state_of(attrs: Mapping[str, Any]) -> State:
-    complete = bool(attrs.get("complete", False))
+    complete = attrs.get("complete") is True
     state = attrs.get("state") or ("complete" if complete else "computing")
     if state not in STATES:
         raise ValueError(f"unknown result state {state!r}; the states are {STATES}")
@@ -309,7 +311,7 @@ def _result_attrs(path: str | os.PathLike, group_attrs: Mapping[str, Any]) -> di
     no result's. An ingested image carries one too (kind "image"); a result has an identity.
     Only a result may ever be overwritten."""
     attrs = group_attrs.get("segpipe")
-    if not isinstance(attrs, dict) or "identity" not in attrs:
+    if not isinstance(attrs, dict) or not isinstance(attrs.get("identity"), dict):
         why = "no 'segpipe' result attribute: an ingested image or other data"
         raise ValueError(f"{path} is a Zarr group but not a segpipe result ({why})")
     return dict(attrs)
@@ -354,7 +356,7 @@ def store_of(path: str | os.PathLike) -> Any:
 def is_complete(path: str | os.PathLike) -> bool:
     """Whether the result at ``path`` exists and its last tile was written."""
     try:
-        return bool(read_attrs(path).get("complete", False))
+        return stored_complete(read_attrs(path))
     except (FileNotFoundError, ValueError):
         return False
 
@@ -373,11 +375,6 @@ def layout_of(attrs: Mapping[str, Any]) -> int:
             "upgrade segpipe to read it"
         )
     return int(layout)
-
-
-def result_layout(path: str | os.PathLike) -> int:
-    """The layout (see :data:`LAYOUTS`) of the result at ``path``."""
-    return layout_of(read_attrs(path))
 
 
 def level_path(level: int, name: str = "", *, layout: int = LAYOUT) -> str:
@@ -414,6 +411,9 @@ def result_levels(path: str | os.PathLike) -> list[tuple[int, int]]:
     before results had pyramids).
     """
     attrs = _group_attrs(path)
-    ident = _result_attrs(path, attrs)["identity"]
-    datasets = attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [None])
-    return list(pyramid_shapes(tuple(ident["shape"]), 1)[: len(datasets)])
+    shape = parse_meta(path, _result_attrs(path, attrs)).shape
+    try:
+        datasets = attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [None])
+        return list(pyramid_shapes(shape, 1)[: len(datasets)])
+    except (AttributeError, IndexError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable OME metadata ({type(e).__name__}: {e})") from e

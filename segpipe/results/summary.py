@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,21 @@ class RunSummary:
     # as class 0 (counted in class_pixels); foreground_pixels is None when there was no mask.
     tiles_background: int = 0
     foreground_pixels: int | None = None
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> RunSummary:
+        """The summary a result's ``segpipe`` attribute holds (flat keys, as written)."""
+        return cls(
+            tiles_total=int(attrs["tiles_total"]),
+            tiles_computed=int(attrs["tiles_computed"]),
+            tiles_skipped=int(attrs["tiles_skipped"]),
+            windows=int(attrs.get("windows", 0)),
+            seconds=float(attrs["seconds"]),
+            megapixels_per_second=float(attrs["megapixels_per_second"]),
+            class_pixels=tuple(int(n) for n in attrs["class_pixels"]),
+            tiles_background=int(attrs.get("tiles_background", 0)),
+            foreground_pixels=attrs.get("foreground_pixels"),
+        )
 
     @property
     def class_fraction(self) -> tuple[float, ...]:

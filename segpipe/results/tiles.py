@@ -16,7 +16,7 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.results.layout import COUNTS, PROGRESS, PROGRESS_CHUNKS
-from segpipe.results.schema import read_attrs, store_of
+from segpipe.results.schema import read_attrs, store_of, stored_complete
 
 __all__ = [
     "ResultReplacedError",
@@ -70,7 +70,7 @@ def check_not_replaced(path: str | os.PathLike, started: str | None) -> None:
 def tiles_done(path: str | os.PathLike) -> np.ndarray:
     """(tile_y, tile_x) bool: which tiles of the result at ``path`` are written."""
     arr = zarr.open_array(store_of(path), path=PROGRESS, mode="r")
-    if read_attrs(path).get("complete"):
+    if stored_complete(read_attrs(path)):
         return np.ones(arr.shape, dtype=bool)
     return np.asarray(arr[...]).astype(bool)
 
