@@ -475,6 +475,56 @@ def test_local_cluster_runs_fewer_diagnostics(n_workers):
         assert "profile" in worker.periodic_callbacks, "Dask's default, for contrast"
 
 
+def test_gpus_without_dask_cuda_get_one_worker_not_all_on_the_first(monkeypatch, caplog):
+    """Plain workers are not told their GPU apart: N of them all ran on cuda:0, each budgeting
+    its memory as if alone. Without dask-cuda one worker runs, and the log says why."""
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails
+    started = {}
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: started.update(kw))
+    plan = cluster.plan_local_cluster(torch.device("cuda"), cpus=8, gpus=2)
+    assert plan.n_workers == 2
+    with caplog.at_level("WARNING", logger=cluster.__name__):
+        cluster._new_local_cluster(plan)
+    assert started["n_workers"] == 1 and started["processes"] is True
+    assert started["resources"] == {"GPU": 1}
+    assert "one worker, on the first of 2 GPUs" in caplog.text
+
+
+@pytest.mark.integration
+def test_a_forked_child_starts_its_own_local_cluster(image_path, checkpoints, tmp_path):
+    """After a run on the default local cluster, a child forked by multiprocessing inherited
+    its client but not the threads that run it, and its own run waited forever."""
+    script = tmp_path / "fork.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import multiprocessing
+            import segpipe
+
+            def run(name):
+                segpipe.segment({str(image_path)!r}, {str(tmp_path)!r} + "/" + name,
+                                {str(checkpoints[0])!r}, tile=16)
+
+            if __name__ == "__main__":
+                run("parent.zarr")
+                child = multiprocessing.get_context("fork").Process(target=run, args=("c.zarr",))
+                child.start()
+                child.join(120)
+                print("child exit", child.exitcode)
+                if child.is_alive():
+                    child.kill()
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "child exit 0" in done.stdout, done.stderr[-3000:]
+    assert is_complete(tmp_path / "parent.zarr") and is_complete(tmp_path / "c.zarr")
+
+
 @pytest.mark.integration
 def test_plain_script_without_main_guard(image_path, checkpoints, tmp_path):
     """The default scheduler from a script with no ``if __name__ == "__main__":`` guard: worker

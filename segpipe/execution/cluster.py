@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -97,14 +98,10 @@ def _io_threads(cores: int) -> int:
 
 
 def local_cluster_config(plan: ClusterPlan) -> dict[str, Any]:
-    """Dask settings for the local clusters runs start: less of Dask's own diagnostics on
-    the event loop, whose every wake takes the GIL (a GPU's model thread needs it to launch
-    kernels) and a core (the CPU's torch team waits for it): no statistical profiler (100
-    stack samples a second), the system monitor every 2 s, no stealing with one worker. The
-    memory monitor keeps its 0.1 s (it pauses or restarts a worker before the machine runs
-    out), and the tick its 20 ms (a slower tick reports a blocked loop sooner: its limit, 3 s,
-    counts the interval in).
-    """
+    """Dask settings for the local clusters runs start: no statistical profiler, the system
+    monitor every 2 s, no stealing with one worker. Each wake of the event loop takes the GIL
+    (a GPU's model thread launches kernels with it) and a core (the CPU's torch team waits);
+    the memory monitor (0.1 s) and the tick (20 ms: its 3 s limit counts it in) are kept."""
     return {
         "distributed.worker.profile.enabled": False,
         "distributed.admin.system-monitor.interval": "2s",
@@ -129,16 +126,17 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            log.warning("dask-cuda is not installed: using one plain worker per GPU")
+            # Plain workers are not told their GPU apart: all would share the first one.
+            log.warning("dask-cuda is not installed: one worker, on the first of %d GPUs "
+                        "(pip install dask-cuda for one on each)", plan.gpus)  # fmt: skip
         else:
             return LocalCUDACluster(
                 threads_per_worker=plan.threads_per_worker,
                 resources=plan.resources,
                 dashboard_address=":0",
             )
-        # One process per GPU: a process owns its CUDA context.
-        return distributed.LocalCluster(
-            n_workers=plan.n_workers,
+        return distributed.LocalCluster(  # a process: it owns its CUDA context
+            n_workers=1,
             threads_per_worker=plan.threads_per_worker,
             processes=True,
             resources=plan.resources,
@@ -168,10 +166,8 @@ def plan_for_device(device: str, n_workers: int | None = None) -> ClusterPlan:
 @contextlib.contextmanager
 def local_cluster(plan: ClusterPlan) -> Iterator[str]:
     """A local cluster laid out by ``plan``, its workers up, yielding the scheduler's address;
-    closed on exit.
-
-    Many runs can share it by address (``SegmentConfig(scheduler=address)``), e.g. the images
-    of one archive run, instead of each starting a cluster sized to the whole machine.
+    closed on exit. Many runs can share it by address (``SegmentConfig(scheduler=address)``),
+    e.g. the images of one archive run, instead of each starting one sized to the machine.
     """
     with contextlib.ExitStack() as stack:
         cluster = stack.enter_context(_start_local_cluster(plan))
@@ -180,9 +176,8 @@ def local_cluster(plan: ClusterPlan) -> Iterator[str]:
             client.wait_for_workers(len(cluster.workers), timeout="60s")
             log.info("local Dask cluster started; dashboard: %s", client.dashboard_link)
         if not plan.gpus:
-            # The workers are threads of this process and a run connected by address leaves
-            # torch's threads alone: give each worker its share of the cores here
-            # (torch's thread count is process-wide), and the caller's back on exit.
+            # Threads of this process, and a run connected by address leaves torch's threads
+            # alone: the workers' share of the cores here (process-wide), the caller's at exit.
             stack.callback(torch.set_num_threads, torch.get_num_threads())
             torch.set_num_threads(plan.torch_threads)
         yield str(cluster.scheduler_address)
@@ -207,10 +202,9 @@ def choose_scheduler(scheduler: Any = None) -> Any:
 
 
 def reachable_scheduler(scheduler: Any = None) -> Any:
-    """The scheduler :func:`choose_scheduler` picks for ``scheduler``; where it is an
-    address, first connected to (as :func:`connect` does, for :data:`CONNECT_TIMEOUT` at
-    most), and ``ConnectionError`` naming it when that fails: a run of many images checks
-    once, rather than have each image fail on it in turn."""
+    """The scheduler :func:`choose_scheduler` picks; an address is first connected to (for
+    :data:`CONNECT_TIMEOUT` at most), ``ConnectionError`` naming it when that fails: a run of
+    many images checks once, rather than have each image fail on it in turn."""
     address = choose_scheduler(scheduler)
     if isinstance(address, str) and address != "sync":
         try:
@@ -233,7 +227,8 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     address like ``tcp://host:8786`` connects to a running scheduler; a ``Client`` is used as
     it is), else this process's active client, else Dask's ``scheduler-address`` config
     (``DASK_SCHEDULER_ADDRESS``), else a LocalCluster laid out by ``plan``, started once and
-    kept for the process's later runs (:func:`close_local_clusters`; closed at exit).
+    kept for the process's later runs (:func:`close_local_clusters`; closed at exit); None in
+    a process forked from one that ran a local cluster (Dask is not fork-safe).
     """
     scheduler = choose_scheduler(scheduler)
     if scheduler == "sync":
@@ -241,7 +236,7 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     elif isinstance(scheduler, distributed.Client):
         yield scheduler
     elif scheduler is None:
-        yield _shared_local_client(plan)
+        yield None if _FORKED else _shared_local_client(plan)
     elif isinstance(scheduler, str):
         # Not the process's default client: runs in threads side by side (the images of an
         # archive run) would each set and reset Dask's global scheduler, and another run's
@@ -256,8 +251,8 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
         )
 
 
-# Local clusters started for runs with no scheduler, one per layout, kept for the process's
-# later runs (the images of a script, a flow's tasks): their start-up is paid once.
+# Local clusters of runs with no scheduler, one per layout, kept for the process's later runs
+# (a script's images, a flow's tasks): their start-up is paid once.
 _LOCAL: dict[ClusterPlan, tuple[Any, Any]] = {}
 _LOCAL_LOCK = threading.Lock()
 
@@ -283,10 +278,24 @@ def _close_local(plan: ClusterPlan) -> None:
         cluster.close()
 
 
+def _forget_in_child() -> None:
+    # A forked child (multiprocessing's default on Linux) inherits the clients, not the
+    # threads that run them, and Dask's own executors without their threads: a cluster there
+    # waited forever. The child of a process that ran one runs its tasks in itself.
+    global _LOCAL_LOCK, _FORKED
+    _LOCAL_LOCK, _FORKED = threading.Lock(), _FORKED or bool(_LOCAL)
+    _LOCAL.clear()
+
+
+_FORKED = False
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 @atexit.register
 def _close_at_exit() -> None:
-    # Handlers (a test runner's, Prefect's) may have closed their streams by now: the
-    # cluster's goodbye messages must not print tracebacks about it.
+    # Handlers (pytest's, Prefect's) may have closed their streams: no tracebacks about it.
     if _LOCAL:
         logging.raiseExceptions = False
         close_local_clusters()
@@ -299,15 +308,13 @@ def close_local_clusters() -> None:
             _close_local(plan)
 
 
-IN_PROCESS_BELOW_PX = 4096 * 4096
-"""Work (pixels) under which a run with no scheduler skips starting worker processes."""
+IN_PROCESS_BELOW_PX = 4096 * 4096  # work (px) too small to start worker processes for
 
 
 def in_process_is_cheaper(plan: ClusterPlan, pixels: int) -> bool:
     """Whether a run with no scheduler should run in this process rather than start the local
-    cluster ``plan`` lays out: when that cluster would be worker processes (GPUs) not yet
-    started and the image is small (their start-up, seconds, would outweigh the work).
-    A threaded cluster on the CPU costs little to start and is kept for later runs.
+    cluster ``plan`` lays out: when its worker processes (GPUs) are not started yet and the
+    image is small (their start-up, seconds, would outweigh the work); threads cost little.
 
     >>> in_process_is_cheaper(ClusterPlan(1, 4, 8, gpus=1), 2048 * 2048)
     True
@@ -344,8 +351,7 @@ def run_blocks(
         threads = io_threads or plan_for_device(config.device).threads_per_worker
         with contextlib.ExitStack() as lent:
             if isinstance(model, torch.nn.Module):
-                # Named, not resolved: a device this process lacks is refused by the
-                # plugin's setup, which says where.
+                # A device this process lacks is refused by the plugin's setup, saying where.
                 auto = config.device == "auto"
                 dev = resolve_device() if auto else torch.device(config.device)
                 lent.enter_context(model_given_back(model, dev))
@@ -355,10 +361,9 @@ def run_blocks(
         return
     plugin = ModelPlugin(job.predictor_key, model, config, owner=client.id)
 
-    # Registered for this run only, by the run's name: the workers of a shared cluster get
-    # their memory back, and other runs' plugins are left alone, but for those of killed
-    # drivers, which nothing else would ever unregister (their models, cached tiles and
-    # open files held, and loaded again by every worker that joins).
+    # Registered for this run only, by its name: a shared cluster's workers get their memory
+    # back; other runs' plugins are left alone, but for killed drivers', which nothing else
+    # would unregister (their models, tiles and files held, loaded by every joining worker).
     try:
         orphans = client.run_on_scheduler(orphaned_plugins)
     except Exception as err:  # a scheduler without segpipe installed: nothing to sweep by
@@ -379,9 +384,8 @@ def run_blocks(
     pending: dict[str, Any] = {}
     try:  # from here on the plugin is unregistered whatever fails (client.map pickles here)
         keys = [f"segpipe-block-{job.predictor_key}-{b.key}" for b in blocks]
-        # No task resources (a worker's GPU=1 would let it run one block at a time, its I/O
-        # threads idle and its device waiting on them): each worker takes as many blocks as
-        # it has threads, all feeding its one model thread; each decides its own device.
+        # No task resources (GPU=1 ran one block at a time, I/O threads idle): a worker takes
+        # a block per thread, all feeding its one model thread, and decides its own device.
         futures = client.map(segment_block, blocks, job=job, pure=False, key=keys)
         pending = {f.key: f for f in futures}
         completed = distributed.as_completed(futures, loop=client.loop)
