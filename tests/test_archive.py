@@ -394,6 +394,25 @@ def test_a_release_never_removes_the_lock_of_a_run_that_took_it_over_meanwhile(
     assert not list(tmp_path.glob("*.reclaim-*"))
 
 
+def test_a_claim_killed_holding_its_guard_is_reclaimed_at_once(tmp_path):
+    """SIGKILL inside release, its guard file taken: the lock's pid and the guard's holder are
+    gone, yet the image stayed busy for the lock's whole ttl (the guard's age counted alone)."""
+    lock = tmp_path / "a.svs.lock"
+    code = f"""
+import os, signal
+import segpipe.archive.claims as claims
+claim = claims.try_claim({str(lock)!r}, ttl_s=600)
+claims._lock_token = lambda path: os.kill(os.getpid(), signal.SIGKILL)  # under the guard
+claim.release()
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert lock.exists() and len(list(tmp_path.glob("*.reclaim-*"))) == 1
+    with try_claim(lock, ttl_s=600, owner="next") as claim:
+        assert claim is not None and claim.is_held()
+    assert not list(tmp_path.glob("*.reclaim-*"))
+
+
 def test_a_lost_claim_leaves_the_lock_on_release(tmp_path):
     """A claim that counts itself lost (no heartbeat for its ttl) removes nothing: another run
     may be taking the lock over right now; a lock left behind goes stale and is reclaimed."""
@@ -635,6 +654,24 @@ def test_another_archives_image_under_the_same_key_is_refused_and_its_result_kep
         process_image(theirs, out, random_checkpoint, config=CONFIG)
     assert is_complete(paths.result) and read_meta(paths.result).finished == finished
     assert archive.read_state(paths.state)["source"] == image.url
+
+
+def test_the_same_archive_by_a_link_and_by_its_real_path_is_no_conflict(
+    tmp_path, slide, random_checkpoint
+):
+    """Run 1 lists the archive through a link (an automount), later runs by its real path:
+    once the image changed, its own result was refused as another archive's on every run."""
+    real = _archive(tmp_path, slide, "a.ome.tif")
+    (tmp_path / "link").symlink_to(real)
+    out = tmp_path / "out"
+    (linked,) = discover_images(tmp_path / "link")
+    assert process_image(linked, out, random_checkpoint, config=CONFIG).status == "segmented"
+    later = time.time() + 5
+    os.utime(real / "a.ome.tif", (later, later))  # saved again
+    (image,) = discover_images(real)
+    outcome = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert outcome.status == "segmented" and "moved" not in outcome.reason
+    assert is_complete(image_paths(out, "a.ome.tif").result)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The process-archive flow on Prefect's temporary local server, and served through a real one."""
 
+import errno
 import shutil
 
 import pytest
@@ -213,11 +214,12 @@ def test_a_run_loads_the_model_once_and_only_result_settings_make_images_due(
     assert read_state(out / "a.ome.tif.seg.json")["params"] == other.result_settings()
 
 
-def _wrapped(cause: Exception) -> PredictionError:
-    """What stitching.model_errors raises for an error of the model's at a window."""
+def _wrapped(cause: Exception, as_=PredictionError) -> Exception:
+    """What stitching.model_errors raises for an error of the model's at a window (or a
+    reader, ``as_=ImageReadError``, for an error reading a file)."""
     try:
-        raise PredictionError("/in/a.tif: the model failed on window 3") from cause
-    except PredictionError as error:
+        raise as_("/in/a.tif: the model failed on window 3") from cause
+    except as_ as error:
         return error
 
 
@@ -234,6 +236,13 @@ def _wrapped(cause: Exception) -> PredictionError:
         # torch's CPU allocator: a plain RuntimeError
         (_wrapped(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried")), True),
         (_wrapped(RuntimeError("shape mismatch")), False),
+        # A network share's or object store's read error may pass; a bad file's does not.
+        (_wrapped(OSError(errno.EIO, "Input/output error"), ImageReadError), True),
+        (_wrapped(ConnectionResetError(errno.ECONNRESET, "reset"), ImageReadError), True),
+        (_wrapped(TimeoutError("read timed out"), ImageReadError), True),
+        (_wrapped(OSError(errno.EINVAL, "Invalid argument"), ImageReadError), False),
+        (_wrapped(ValueError("buffer too small"), ImageReadError), False),
+        (_wrapped(FileNotFoundError(errno.ENOENT, "gone"), ImageReadError), False),
     ],
 )
 def test_only_transient_errors_are_retried(error, retry):

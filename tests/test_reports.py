@@ -114,6 +114,12 @@ def test_run_table_has_a_row_per_image_naming_failures():
 def test_describe_run_says_when_nothing_was_segmented():
     skipped = [ImageOutcome(k, "skipped", "up to date") for k in ("a", "b")]
     assert reports.describe_run(skipped) == "2 images: nothing to segment, 2 up to date"
+    # Due, and failed: there was something to segment.
+    failed = [ImageOutcome.failure("a", ValueError("corrupt")), ImageOutcome("b", "busy", "x")]
+    assert (
+        reports.describe_run(failed) == "2 images: 0 segmented, 0 up to date, 1 busy in "
+        "another run, 1 failed (a)"
+    )
     text = reports.run_markdown(_outcomes())
     assert text.startswith("3 images: 1 segmented, 1 up to date, 1 failed (c.tif)")
     assert "- `c.tif`: ValueError: /in/c.tif: the TIFF holds no image" in text

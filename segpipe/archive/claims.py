@@ -265,8 +265,8 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
     Only the claimer that creates the guard file ``<lock>.reclaim-<stale lock's id>``
     (``O_EXCL`` again) may remove the stale lock, so a lock is never removed by someone who
     read an older one: all others back off, and so does its owner's release, which takes the
-    same guard (:meth:`Claim.release`). A guard left by a claimer that died mid-reclaim is
-    removed once it is older than the lock's ttl.
+    same guard (:meth:`Claim.release`). A guard left by a process that died holding it is
+    removed at once where it died on this machine, else once it is older than the lock's ttl.
     """
     data = read_lock(path)
     if data is None:
@@ -280,8 +280,10 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
         if not guarded:
             guard = _guard_path(path, stale_id)
             with contextlib.suppress(FileNotFoundError):
-                if time.time() - guard.stat().st_mtime > float(data.get("ttl_s", ttl_s)):
+                old = time.time() - guard.stat().st_mtime > float(data.get("ttl_s", ttl_s))
+                if old or _guard_holder_gone(guard):
                     guard.unlink()
+                    return _reclaim_if_stale(path, ttl_s)  # the guard is free now
             return False
         current = read_lock(path)
         if (
@@ -306,11 +308,25 @@ def _guard(path: Path, lock_id: str) -> Iterator[bool]:
     guard = _guard_path(path, lock_id)
     held = True
     try:
-        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         held = False
+    else:
+        try:  # who holds it: a guard of a process killed holding it is removed at once
+            os.write(fd, f"{socket.gethostname()}\n{os.getpid()}".encode())
+        finally:
+            os.close(fd)
     try:
         yield held
     finally:
         if held:
             guard.unlink()
+
+
+def _guard_holder_gone(guard: Path) -> bool:
+    """Whether the guard file's holder died on this machine (it never removes it then)."""
+    try:
+        host, pid = guard.read_text().split("\n")
+    except (OSError, UnicodeDecodeError, ValueError):  # one being written, or gone
+        return False
+    return host == socket.gethostname() and process_gone(pid)

@@ -228,8 +228,9 @@ def describe_run(outcomes: Sequence[ImageOutcome]) -> str:
     """One sentence on what a run did, e.g. ``"3 images: nothing to segment, 3 up to date"``."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("segmented", "skipped")}
     busy = sum(o.status == "busy" for o in outcomes)
+    tried = counts["segmented"] or any(o.status in ("failed", "changed") for o in outcomes)
     parts = [
-        f"{counts['segmented']} segmented" if counts["segmented"] else "nothing to segment",
+        f"{counts['segmented']} segmented" if tried else "nothing to segment",
         f"{counts['skipped']} up to date",
     ]
     if busy:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
 from segpipe.execution.foreground import FOREGROUND_MODES
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import URLPath, location, overlap
 from segpipe.io.maskfiles import mask_file_sha256
 from segpipe.results import is_complete, is_result, read_meta
 
@@ -263,7 +263,12 @@ def _decide(
         return Decision(True, "new image")
     moved = ""
     old_source = state.get("source")
-    if source is not None and old_source not in (None, source):
+    # The same file by another path (a link, an automount) is no other image.
+    if (
+        source is not None
+        and old_source not in (None, source)
+        and overlap(old_source, source) != "is"
+    ):
         # Another image than the recorded one's, unless that one is gone: the archive was
         # moved, and this image changed since (a rescan under the same name).
         if state.get("fingerprint") != fingerprint.as_dict() and _still_there(old_source):

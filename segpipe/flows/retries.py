@@ -8,6 +8,7 @@ jobs on the GPU) may pass.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import torch
@@ -38,10 +39,23 @@ _OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
 _OUT_OF_MEMORY_TEXT = ("can't allocate memory", "out of memory")
 
 
+# A reader's error that a network share or object store may not raise again (the readers wrap
+# every OSError of a read in an ImageReadError, as they do bad bytes).
+_PASSING_IO = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                         errno.EAGAIN, errno.ESTALE, errno.ENETDOWN, errno.ENETUNREACH,
+                         errno.EHOSTUNREACH})  # fmt: skip
+
+
 def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the failure is one of
-    :data:`PERMANENT_ERRORS`, a model's failure out of memory excepted."""
+    :data:`PERMANENT_ERRORS`, a model's failure out of memory and a read's I/O error that
+    may pass (EIO, a timeout, a reset connection) excepted."""
     error = state.result(raise_on_failure=False)
+    if isinstance(error, ImageReadError) and (cause := error.__cause__) is not None:
+        if isinstance(cause, ConnectionError | TimeoutError):
+            return True
+        if isinstance(cause, OSError) and cause.errno in _PASSING_IO:
+            return True
     if isinstance(error, PredictionError) and (cause := error.__cause__) is not None:
         text = str(cause).lower()
         if isinstance(cause, _OUT_OF_MEMORY) or any(t in text for t in _OUT_OF_MEMORY_TEXT):
