@@ -139,6 +139,63 @@ def test_crs_coordinates_are_the_pixel_polygons_through_the_transform(tmp_path):
         vectors.class_features(path, "tissue", coords="micron")
 
 
+def seam_labels():
+    """A tissue ring (hole on the chunk corner (32, 32)) and a nucleus square, each across
+    3 x 3 chunks of 16 px."""
+    labels = np.zeros((64, 112), np.uint8)
+    labels[8:56, 8:56] = 1
+    labels[24:40, 24:40] = 0
+    labels[10:50, 66:106] = 2
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("grid", "coords"),
+    [
+        ({"pixel_size_um": 0.2527}, "micron"),  # Aperio 40x
+        (
+            {
+                "pixel_size_um": None,
+                "crs": "EPSG:32633",
+                "transform": (0.3, 0.0, 500000.1, 0.0, -0.3, 5400000.7),  # north up
+            },
+            "crs",
+        ),
+    ],
+    ids=["micron", "crs"],
+)
+def test_objects_across_chunks_stay_one_polygon_whatever_the_pixel_size(tmp_path, grid, coords):
+    """A pixel size that is not a power of two: the edge two chunks share came out of two
+    float transforms a last bit apart, and the object as a MultiPolygon of its chunks'
+    pieces with hairline gaps."""
+    labels = seam_labels()
+    path, _ = make_result(tmp_path / "r.zarr", labels, **grid)
+    if coords == "micron":
+        s = grid["pixel_size_um"]
+        # Pixel centres at s * i: pixel (i, j) spans [(j - 0.5) s, (j + 0.5) s].
+        to = [s, 0, 0, s, -s / 2, -s / 2]
+    else:
+        a, _, c, _, e, f = grid["transform"]
+        to = [a, 0, 0, e, c, f]
+    pixel_area = abs(to[0] * to[3])
+    for name, k, holes in [("tissue", 1, 1), ("nucleus", 2, 0)]:
+        (feat,) = vectors.class_features(path, name, coords=coords)
+        geom = shape(feat["geometry"])
+        assert geom.geom_type == "Polygon"
+        assert len(geom.interiors) == holes
+        count = int((labels == k).sum())
+        assert feat["properties"]["measurements"]["area_px"] == count
+        assert geom.area == pytest.approx(count * pixel_area, rel=1e-6)
+        # RFC 7946 also where the transform flips y: exterior counter-clockwise, holes not.
+        assert geom.exterior.is_ccw
+        assert not any(ring.is_ccw for ring in geom.interiors)
+        ys, xs = np.nonzero(labels == k)
+        box = shapely.box(xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        np.testing.assert_allclose(
+            geom.bounds, affinity.affine_transform(box, to).bounds, rtol=0, atol=1e-9
+        )
+
+
 def test_crs_needs_a_georeferenced_result(result):
     with pytest.raises(ValueError, match="not georeferenced"):
         vectors.class_features(result[0], "tissue", coords="crs")

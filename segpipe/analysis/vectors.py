@@ -3,10 +3,13 @@
 Each object of a class (:func:`segpipe.query.object_labels`: connected components, merged
 across chunk borders) becomes one Feature. Polygons are traced per chunk along pixel edges
 (``rasterio.features.shapes``) and the pieces of an object are unioned (``shapely``), so the
-outline is exact and no chunk needs its neighbours' pixels. Pieces are always traced
-4-connected: an object joined across corners (``connectivity=2``) is a union of pieces that
-touch at points, a valid MultiPolygon, where an 8-connected trace gives a self-touching ring
-that GEOS, JTS and QuPath refuse.
+outline is exact and no chunk needs its neighbours' pixels. Tracing and union are in the
+level's pixels, where the edges two chunks share have the same (integer) coordinates; the
+union is then moved to ``coords`` once. Moved per chunk, a shared edge came out of two float
+transforms a last bit apart (a 0.2527 µm pixel), and the union kept the pieces apart.
+Pieces are always traced 4-connected: an object joined across corners (``connectivity=2``)
+is a union of pieces that touch at points, a valid MultiPolygon, where an 8-connected trace
+gives a self-touching ring that GEOS, JTS and QuPath refuse.
 
 Coordinates (``coords``):
 
@@ -55,13 +58,16 @@ OBJECT_TYPES = ("detection", "annotation")
 
 
 def _chunk_shapes(
-    labels: np.ndarray, probabilities: np.ndarray, transform: Any
+    labels: np.ndarray, probabilities: np.ndarray, y0: int, x0: int
 ) -> tuple[list[tuple[int, Any]], np.ndarray, np.ndarray]:
     """(label, polygon) pieces of one chunk of object labels, the labels present and their
     per-class probability sums, ``(n_labels, class)``, from the ``(class, y, x)`` chunk.
 
-    Pieces are 4-connected whatever the objects' connectivity (see the module docstring).
+    Polygons are in pixel edges of the level, the chunk's first pixel at ``(y0, x0)``:
+    integers, so neighbouring chunks' pieces share their edges exactly. Pieces are
+    4-connected whatever the objects' connectivity (see the module docstring).
     """
+    from affine import Affine
     from rasterio import features
     from shapely.geometry import shape
 
@@ -74,7 +80,7 @@ def _chunk_shapes(
         local.reshape(labels.shape).astype(np.int32),
         mask=present,
         connectivity=4,
-        transform=transform,
+        transform=Affine.translation(x0, y0),
     )
     polygons = [(int(values[int(v)]), shape(g)) for g, v in pieces]
     sums = np.stack(
@@ -176,6 +182,7 @@ def class_features(
     """
     import shapely
     from affine import Affine
+    from shapely import affinity
     from shapely.geometry import mapping
 
     if coords not in COORDINATES:
@@ -190,7 +197,7 @@ def class_features(
     keep = table[table["area"] >= min_area]
     if keep.empty:
         return []
-    # First pixel of the (region) labels in the level, for the chunks' transforms.
+    # First pixel of the (region) labels in the level: the chunks' pixel offsets.
     y_first = int(ds.indexes["y"].get_loc(labels["y"].values[0]))
     x_first = int(ds.indexes["x"].get_loc(labels["x"].values[0]))
     chunks_y, chunks_x = labels.data.chunks
@@ -207,13 +214,11 @@ def class_features(
         .data.rechunk((-1, chunks_y, chunks_x))
         .to_delayed()
     )
-    base = _base_transform(coords, meta, result)
-    f = 2**level
+    # The level's pixel edges to coords: the level's pixels are 2**level segmented ones.
+    to = _base_transform(coords, meta, result) @ Affine.scale(2**level)
     jobs = [
         dask.delayed(_chunk_shapes)(
-            blocks[i, j],
-            probs[0, i, j],
-            base @ Affine(f, 0, f * int(starts_x[j]), 0, f, f * int(starts_y[i])),
+            blocks[i, j], probs[0, i, j], int(starts_y[i]), int(starts_x[j])
         )
         for i in range(blocks.shape[0])
         for j in range(blocks.shape[1])
@@ -239,9 +244,13 @@ def class_features(
     features = []
     for row in keep.itertuples(index=False):
         label = int(row.label)
-        # Also for pieces of one chunk: those of an object joined only across corners. The
-        # union orients rings its own way: RFC 7946's made again (exteriors counter-clockwise).
-        geom = shapely.orient_polygons(shapely.union_all(pieces[label]))
+        # Also for pieces of one chunk: those of an object joined only across corners. In
+        # pixels, then moved (see the module docstring). The union orients rings its own way,
+        # and a transform flipping y (north-up CRS) reverses them: RFC 7946's made again
+        # after both (exteriors counter-clockwise).
+        pixels = shapely.union_all(pieces[label])
+        moved = affinity.affine_transform(pixels, [to.a, to.b, to.d, to.e, to.c, to.f])
+        geom = shapely.orient_polygons(moved)
         means = sums[label] / int(row.area_px)
         features.append(
             {
