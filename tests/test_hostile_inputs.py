@@ -230,6 +230,58 @@ def test_a_pyramid_cut_short_is_refused_at_open_naming_the_level(tmp_path: Path,
     assert str(path) in str(info.value)
 
 
+def _value_past_the_end(path: Path, code: int, level: int = 0) -> None:
+    """Point tag ``code``'s out-of-line values (of ``level``'s first IFD, a classic TIFF) 1000
+    bytes past the end of the file, as a header that lies or a file cut short there does."""
+    import struct
+
+    with tifffile.TiffFile(path) as tif:
+        entry = tif.series[0].levels[level].keyframe.tags[code].offset
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, entry + 8, len(data) + 1000)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("code", "pixels", "options"),
+    [
+        # tifffile's defaults read these as uint32 bit patterns, 1-bit booleans, a plain TIFF
+        (339, np.random.default_rng(0).random((64, 64, 3), dtype=np.float32), {}),
+        (258, _rgb(64, 64), {}),
+        (270, _rgb(64, 64), {"description": "Aperio Image Library v12\n64x64 |MPP = 0.25|"}),
+    ],
+    ids=["SampleFormat", "BitsPerSample", "SVS description"],
+)
+def test_a_tag_whose_values_lie_past_the_end_is_refused(tmp_path: Path, code, pixels, options):
+    """tifffile drops a tag whose out-of-line values lie past the end of the file, only logging
+    it, and reads the image with its default: wrong pixels (or no pixel size) without a word."""
+    path = tmp_path / "lie.tif"
+    tifffile.imwrite(path, pixels, photometric="rgb", tile=(32, 32), **options)
+    _value_past_the_end(path, code)
+    with pytest.raises(ImageReadError, match=rf"tag {code} .*past the end of the file") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_a_pyramid_cut_amid_a_reduced_levels_tag_values_is_refused(tmp_path: Path) -> None:
+    """Cut inside the last SubIFD's out-of-line values (its entries whole, its tiles gone):
+    tifffile made that level a series of its own, and the pyramid opened one level short."""
+    path = tmp_path / "cut.tif"
+    rgb = _rgb(300, 260)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(64, 64), subifds=2, compression="zlib", photometric="rgb")
+        for k in (2, 4):
+            tif.write(rgb[::k, ::k], tile=(64, 64), subfiletype=1, compression="zlib",
+                      photometric="rgb")  # fmt: skip
+    with tifffile.TiffFile(path) as tif:
+        last = tif.pages.first.subifds[1]
+        tags = len(tif.series[0].levels[2].keyframe.tags)
+    path.write_bytes(path.read_bytes()[: last + 2 + 12 * tags + 4 + 2])
+    with pytest.raises(ImageReadError, match=r"IFD 0's SubIFD 1's tag 2.*truncated") as info:
+        open_image(path)
+    assert str(path) in str(info.value)
+
+
 # --- fuzz: mangled bytes of each format ------------------------------------------------------
 
 _FUZZ = settings(

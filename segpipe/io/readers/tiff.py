@@ -45,6 +45,7 @@ from segpipe.io.readers.tiff_checks import (
     check_ifd_chain,
     guard_jpeg_frames,
 )
+from segpipe.io.readers.tiff_tags import check_tag_values
 from segpipe.io.readers.vendor import SlideMetadata, slide_metadata
 
 __all__ = ["TIFF_SUFFIXES", "TiffReader"]
@@ -87,6 +88,7 @@ class TiffReader(BaseReader):
             self._series = _main_series(tif.series, self.path)
             series = tif.series[self._series]
             check_declared_data(series, size, self.path)
+            check_tag_values(tif, size, self.path)
             levels = series.levels
             turn = _orientation(levels, self.path)
             self._photometric = tuple(
