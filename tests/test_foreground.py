@@ -886,8 +886,15 @@ def square(x0, y0, x1, y1):
         ({"type": "FeatureCollection", "features": [square(0, 0, 9, 9), None]}, "feature 1"),
         ({"type": "FeatureCollection", "features": [{"geometry": 5}]}, "feature 0"),
         ({"type": "FeatureCollection", "features": 7}, "feature 0 is 7"),
-        ({"type": "Polygon", "coordinates": None}, ""),  # whatever rasterio says of it
+        ({"type": "Polygon", "coordinates": None}, "coordinates are null, not a list"),
         ({"type": "FeatureCollection", "features": []}, "no Polygon"),
+        # rasterio's bounds crashed the process (SIGSEGV) on these strings; NaN went through
+        ({"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4]]]}, r'\["a", "b"\]'),
+        ({"type": "Polygon", "coordinates": [[[float("nan"), 1], [1, 2], [3, 4]]]}, "NaN"),
+        ({"type": "Polygon", "coordinates": [[[True, 1], [1, 2], [3, 4]]]}, "true"),
+        ({"type": "Polygon", "coordinates": [[[1], [1, 2], [3, 4]]]}, r"\[1\]: not finite"),
+        ({"type": "MultiPolygon", "coordinates": [[[1, 2], [3, 4]]]}, "position 1: not"),
+        ({"type": "Polygon", "coordinates": [5]}, "coordinates are 5, not a list"),
     ],
 )
 def test_malformed_geojson_is_refused_naming_the_file(tmp_path, content, message):

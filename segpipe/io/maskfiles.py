@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, cast
@@ -212,8 +213,28 @@ def _geojson_polygons(data: object) -> list[dict[str, Any]]:
                 f"not GeoJSON ({f'feature {i}' if collection else 'the top level'} is "
                 f"{json.dumps(f)[:60]}); expected a FeatureCollection, a Feature or a Polygon"
             )
-        geometries.append(geometry)
-    polygons = [g for g in geometries if g and g.get("type") in ("Polygon", "MultiPolygon")]
-    if not polygons:
+        if geometry and geometry.get("type") in ("Polygon", "MultiPolygon"):
+            depth = 1 if geometry["type"] == "Polygon" else 2  # lists above a ring
+            _check_positions(geometry.get("coordinates"), depth, f"feature {i}")
+            geometries.append(geometry)
+    if not geometries:
         raise ValueError("no Polygon or MultiPolygon geometries")
-    return polygons
+    return geometries
+
+
+def _check_positions(value: Any, depth: int, where: str) -> None:
+    """Refuse coordinates that are not ``depth`` nested lists of rings, lists of positions of
+    two or more finite numbers: rasterio's bounds crashed the process (a segfault) on a
+    position ``["a", "b"]``."""
+    if not isinstance(value, list):
+        raise ValueError(f"{where}'s coordinates are {json.dumps(value)[:60]}, not a list")
+    for item in value:
+        if depth:
+            _check_positions(item, depth - 1, where)
+        elif not (
+            isinstance(item, list)
+            and len(item) >= 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in item)
+            and all(math.isfinite(v) for v in item)
+        ):
+            raise ValueError(f"{where} has position {json.dumps(item)[:60]}: not finite x, y")
