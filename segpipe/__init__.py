@@ -53,6 +53,8 @@ _SUBPACKAGES = frozenset(
         "geometry",
         "io",
         "models",
+        "palette",
+        "progress",
         "query",
         "results",
         "synthetic",

@@ -2,18 +2,22 @@
 
 Every local file segpipe writes in one piece (checkpoints, training state, JSON, reports,
 PNG overlays) is written beside its target and renamed over it, so a kill, a full disk or an
-exception mid-write leaves the file that was there before, readable, and no stray copy.
+exception mid-write leaves the file that was there before, readable, and no stray copy (a
+killed writer's, which nothing could remove, goes at the next write of the file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["check_writable", "replaced_file"]
+__all__ = ["check_writable", "process_gone", "replaced_file"]
 
 
 def _read_umask() -> int:
@@ -39,9 +43,13 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_copies(path)
     try:
         # Within NAME_MAX (255 bytes) whatever the target's name: mkstemp adds 8 characters.
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".part")
+        # Who writes it is in its name: a killed writer's copy is removed by the next write.
+        who = f"{socket.gethostname()[:30]}-{os.getpid()}-"
+        prefix = f".{path.name[:150]}.{who}"
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".part")
     except OSError as err:  # it names the temporary file, which the user never asked for
         raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
     tmp = Path(name)
@@ -63,6 +71,30 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _remove_killed_copies(path: Path) -> None:
+    """Remove the copies of ``path`` that writers killed on this machine left (a whole
+    checkpoint each): their pid is gone. Another machine's, on a shared folder, are left."""
+    here = f".{path.name[:150]}.{socket.gethostname()[:30]}-"
+    with contextlib.suppress(OSError):
+        for left in path.parent.glob(f"{glob.escape(here)}*.part"):
+            with contextlib.suppress(OSError, ValueError):
+                if process_gone(left.name[len(here) :].split("-", 1)[0]):
+                    left.unlink()
+
+
+def process_gone(pid: Any) -> bool:
+    """Whether no process ``pid`` runs on this machine: what a file naming its maker's pid
+    (a claim, a scratch copy) left by a killed run is known by. False where that cannot be
+    told (another user's process; no pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, TypeError, ValueError, OverflowError):
+        pass
+    return False
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:

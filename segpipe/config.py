@@ -160,13 +160,13 @@ class SegmentConfig:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_choice("mode", self.mode, _MODES)
         _check_choice("probability_dtype", self.probability_dtype, PROBABILITY_DTYPES)
-        if not (isinstance(self.overlap, int | float) and 0 <= self.overlap < 1):
+        if not (_is_number(self.overlap) and 0 <= self.overlap < 1):
             raise ValueError(f"SegmentConfig.overlap must be in [0, 1), got {self.overlap!r}")
         sigma = self.sigma_scale
-        if not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
+        if not (_is_number(sigma) and math.isfinite(sigma) and sigma > 0):
             raise ValueError(f"SegmentConfig.sigma_scale must be finite and > 0, got {sigma!r}")
         px = self.pixel_size_um
-        if px is not None and not (isinstance(px, int | float) and math.isfinite(px) and px > 0):
+        if px is not None and not (_is_number(px) and math.isfinite(px) and px > 0):
             raise ValueError(
                 f"SegmentConfig.pixel_size_um must be a positive number of microns, got {px!r}"
             )
@@ -274,3 +274,8 @@ def _check_int(name: str, value: Any, *, minimum: int) -> None:
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"SegmentConfig.{name} must be one of {choices}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float, not a bool (``True`` would be 1 µm, a 1.0 overlap)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,5 +1,6 @@
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -88,12 +89,17 @@ def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
     assert run.returncode == -signal.SIGKILL
     assert target.read_bytes() == b"old weights"
     # The killed write's copy stays (nothing ran to remove it), under a name of its own that
-    # the next write neither reads nor collides with.
+    # says who wrote it; the next write removes it (its pid is gone), not another's.
     (left,) = _litter(tmp_path)
-    assert left.startswith(".weights.pt.") and left.endswith(".part")
+    assert left.startswith(f".weights.pt.{socket.gethostname()[:30]}-") and left.endswith(".part")
+    alive = tmp_path / f".weights.pt.{socket.gethostname()[:30]}-{os.getpid()}-x.part"
+    alive.write_bytes(b"a write of this process, under way")
+    elsewhere = tmp_path / ".weights.pt.another-host-1-x.part"  # on a shared folder
+    elsewhere.write_bytes(b"another machine's write")
     with replaced_file(target) as part:
         part.write_bytes(b"new weights")
     assert target.read_bytes() == b"new weights"
+    assert sorted(_litter(tmp_path)) == sorted([alive.name, elsewhere.name])
 
 
 def test_writers_at_once_each_land_whole(tmp_path):

@@ -478,6 +478,13 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
 
     assert list(pd.read_csv(empty).columns) == list(pd.read_csv(csv).columns)
     assert len(pd.read_csv(empty)) == 0
+    # A file:// URL is the file it names: the table went to ./file:/... under the cwd.
+    spaced = tmp_path / "t x.csv"
+    assert main([*args[:-1], spaced.as_uri()]) == 0
+    assert pd.read_csv(spaced).equals(pd.read_csv(csv)) and not Path("file:").exists()
+    # Below a file: refused before the objects are labelled, naming the file in the way.
+    assert main([*args[:-1], str(csv / "t.csv")]) == 2
+    assert f"{csv} is a file, not a folder" in capsys.readouterr().err
 
     assert main(["query", str(out), "--class", "nucleus"]) == 0  # text by default
     text = capsys.readouterr().out

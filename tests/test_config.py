@@ -90,6 +90,9 @@ def test_the_generic_values_are_valid_and_not_defaults():
         ("overlap", math.nan),
         ("pixel_size_um", -0.5),
         ("pixel_size_um", math.inf),
+        ("pixel_size_um", True),  # 1 µm, silently, from a flow's JSON parameters
+        ("sigma_scale", True),
+        ("overlap", False),
         ("amp", "yes"),
         ("device", "gpu"),
         ("scheduler", 8786),

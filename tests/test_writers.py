@@ -126,6 +126,31 @@ def test_a_file_is_replaced_whole_even_from_its_own_pixels(tmp_path: Path) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == [".slide.ome.tif.lock", "slide.ome.tif"]
 
 
+def test_the_file_reaches_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """After a power cut the rename may reach the disk before the data: a slide that looks
+    written but is empty. The file is flushed to disk first, as atomic.replaced_file does."""
+    import os
+
+    out = tmp_path / "slide.ome.tif"
+    calls: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def synced(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def replaced(a, b) -> None:
+        calls.append(("replace", str(a)))
+        replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", synced)
+    monkeypatch.setattr(os, "replace", replaced)
+    write_pyramidal_tiff(out, np.zeros((64, 64, 3), np.uint8), pixel_size_um=0.5, tile=32)
+    written = next(p for kind, p in calls if kind == "replace")
+    assert ("fsync", written) in calls
+    assert calls.index(("fsync", written)) < calls.index(("replace", written))
+
+
 def test_a_killed_writes_scratch_is_removed_by_the_next_write(tmp_path: Path) -> None:
     """SIGKILL skips the scratch folder's clean-up: each killed write left one of about the
     image's size, hidden beside it, for ever."""

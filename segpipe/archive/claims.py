@@ -36,8 +36,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from segpipe.atomic import process_gone
 from segpipe.io.files import URLPath, location, utc_now
-from segpipe.io.locks import process_gone
 
 __all__ = [
     "Claim",

@@ -217,7 +217,8 @@ def _query(args: argparse.Namespace) -> int:
 def _check_table(table: str, result: str, *, overwrite: bool) -> None:
     """Refuse ``--table`` where it is a folder, or a file and not ``overwrite``, or in the
     result: before the objects are labelled, which may take long."""
-    from segpipe.io.files import location, overlap
+    from segpipe.atomic import check_writable
+    from segpipe.io.files import URLPath, location, overlap
 
     where = location(table)
     if relation := overlap(where, result):
@@ -226,6 +227,8 @@ def _check_table(table: str, result: str, *, overwrite: bool) -> None:
         raise IsADirectoryError(f"--table {table} is a folder; name a .csv file")
     if where.exists() and not overwrite:
         raise FileExistsError(f"--table {table} exists; pass --overwrite to replace it")
+    if not isinstance(where, URLPath):
+        check_writable(where)  # a file where a folder must be, a read-only folder
 
 
 def _only(classes: list[dict[str, Any]], names: list[str], result: str) -> list[dict[str, Any]]:

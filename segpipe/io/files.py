@@ -408,11 +408,10 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath
     At a URL (a :class:`URLPath`) it is one PUT of the whole object, which object stores make
     visible whole or not at all.
     """
-    if isinstance(path, URLPath) or is_url(path):
-        target = location(path)
+    target = location(path)  # a file:// URL is a local path too
+    if isinstance(target, URLPath):
         target.write_text(text)
         return target
-    path = Path(path)
-    with replaced_file(path) as tmp:
+    with replaced_file(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
-    return path
+    return target

@@ -24,11 +24,10 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from segpipe.io.files import URLPath, utc_now
 
-__all__ = ["StoreBusyError", "lock_path", "process_gone", "store_lock"]
+__all__ = ["StoreBusyError", "lock_path", "store_lock"]
 
 log = logging.getLogger("segpipe")
 
@@ -137,16 +136,3 @@ def _holder(fd: int) -> str:
     if data["pid"] == os.getpid() and data["host"] == socket.gethostname():
         who += ": another run in this process"
     return who
-
-
-def process_gone(pid: Any) -> bool:
-    """Whether no process ``pid`` runs on this machine: what a file naming its maker's pid
-    (a claim, a scratch copy) left by a killed run is known by. False where that cannot be
-    told (another user's process; no pid)."""
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, TypeError, ValueError, OverflowError):
-        pass
-    return False

@@ -127,6 +127,8 @@ def write_pyramidal_tiff(
                 _write_levels(
                     tif, image, levels, Path(scratch), tile, pixel_size_um, metadata, options
                 )
+            with open(written, "rb") as done:  # after a power cut the rename may land first
+                os.fsync(done.fileno())
             os.replace(written, out)
     return out
 

@@ -21,9 +21,8 @@ import torch
 from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
-from segpipe.atomic import check_writable
+from segpipe.atomic import check_writable, process_gone
 from segpipe.io.files import location, siblings
-from segpipe.io.locks import process_gone
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
