@@ -164,6 +164,36 @@ def test_a_config_whose_sizes_overflow_is_refused(net: UNet, tmp_path: Path, lie
         load(edited(net, tmp_path, config=config))
 
 
+@pytest.mark.parametrize(
+    ("layers", "shown"), [(300, "missing 'convs.4.weight'"), (1, "unexpected 'convs.2.bias'")]
+)
+def test_a_config_that_lies_about_its_depth_is_refused_before_it_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layers: int, shown: str
+) -> None:
+    """An FCN of 300 same-shaped layers passed the shape check (it compared shared keys only)
+    and was built in real memory, 0.7 GB at width 256, before its missing weights were seen."""
+    from segpipe.models.fcn import FCN
+
+    path = save(models.build("fcn", width=8, layers=2), tmp_path / "fcn.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["layers"] = layers
+    torch.save(payload, path)
+    built, real_init = [], FCN.__init__
+
+    def init(self: FCN, *args: Any, **kwargs: Any) -> None:
+        built.append(torch.empty(()).device.type)  # the default device it is built on
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(FCN, "__init__", init)
+    with pytest.raises(
+        CheckpointError, match=r"fcn\.pt: its weights do not match its config"
+    ) as err:
+        load(path)
+    assert shown in str(err.value)
+    assert "the file holds 6" in str(err.value)
+    assert built == ["meta"]  # refused on the skeleton, nothing allocated
+
+
 def test_state_dict_mismatch(net: UNet, tmp_path: Path) -> None:
     state = dict(net.state_dict())
     state.pop("head.conv.bias")

@@ -114,6 +114,16 @@ def test_weight_map_of_sparse_huge_ids_is_that_of_dense_ones() -> None:
     assert peak < 50 * 2**20, f"{peak / 2**20:.0f} MiB for a 24 x 40 map"
 
 
+@pytest.mark.parametrize("low", [-1, -(2**40)])
+def test_negative_instance_ids_are_refused(low: int) -> None:
+    """Densifying the ids shifted background 0 onto a non-zero id: the border weights then
+    fell on the wrong pixels, without a word."""
+    inst = _two_touching_objects().astype(np.int64)
+    inst[inst == 1] = low
+    with pytest.raises(ValueError, match=rf"instance ids must be >= 0.*got {low}"):
+        unet_weight_map(inst, w0=10.0, sigma=5.0)
+
+
 def test_weight_map_peaks_in_the_gap_and_is_w_c_far_away() -> None:
     inst = np.zeros((40, 80), dtype=np.int32)
     inst[10:20, 5:20] = 1

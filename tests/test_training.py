@@ -356,12 +356,53 @@ def test_resume_from_a_final_state_without_its_validation_validates(finished_run
     config, result = finished_run
     copy = tmp_path / "epoch-002.pt"
     shutil.copy(f"{config.checkpoint_dir}/epoch-002.pt", copy)
-    # A state written before the validation was kept in it.
+    # A state written before the validation and the checkpoint's fingerprint were kept in it.
     state = torch.load(state_path(f"{config.checkpoint_dir}/epoch-002.pt"), weights_only=True)
-    del state["evaluation"]
+    del state["evaluation"], state["fingerprint"]
     torch.save(state, state_path(copy))
     again = train(tiny_unet(), replace(config, checkpoint_dir=None, resume_from=str(copy)))
     assert again["confusion"] == result["confusion"]
+
+
+@pytest.mark.parametrize(
+    ("lie", "shown"),
+    [
+        pytest.param(None, r"state at step 4, epoch 2; .* step 2, epoch 1", id="epoch 2's state"),
+        pytest.param({"step": 0}, r"state at step 0, epoch 1; .* step 2, epoch 1", id="step 0"),
+        pytest.param({"step": -2}, "step=-2", id="step -2"),
+        pytest.param({"step": 400}, "step=400", id="step past the end"),
+        pytest.param({"step": "2"}, "step='2'", id="step a string"),
+        pytest.param({"step": 2.5}, r"step=2\.5", id="step a float"),
+        pytest.param({"loss_history": "abc"}, "loss_history='abc'", id="history a string"),
+        pytest.param({"window_losses": None}, "window_losses=None", id="window None"),
+        pytest.param({"train_seconds": math.nan}, "train_seconds=nan", id="seconds NaN"),
+        pytest.param({"epochs": json.dumps([1, 2])}, r"epochs=\[1, 2\]", id="epochs of ints"),
+        pytest.param({"evaluation": json.dumps([1])}, "evaluation", id="evaluation a list"),
+        pytest.param({"fingerprint": "0" * 64}, "other weights than", id="another fingerprint"),
+    ],
+)
+def test_resume_from_a_state_not_its_checkpoints_is_refused(
+    finished_run, tmp_path: Path, lie: dict | None, shown: str
+) -> None:
+    """Epoch 2's state beside epoch 1's weights trained nothing and reported epoch 2's scores
+    for them; a step of 0 trained an epoch twice, and a string or a float failed bare."""
+    import re
+    import shutil
+
+    from segpipe.models import CheckpointError
+    from segpipe.training import state_path
+
+    config, _ = finished_run
+    run, copy = Path(str(config.checkpoint_dir)), tmp_path / "epoch-001.pt"
+    shutil.copy(run / "epoch-001.pt", copy)
+    if lie is None:
+        shutil.copy(state_path(run / "epoch-002.pt"), state_path(copy))
+    else:
+        state = torch.load(state_path(run / "epoch-001.pt"), weights_only=True)
+        torch.save({**state, **lie}, state_path(copy))
+    with pytest.raises(CheckpointError, match=re.escape(str(state_path(copy)))) as err:
+        train(tiny_unet(), replace(config, checkpoint_dir=None, resume_from=str(copy)))
+    assert re.search(shown, str(err.value)), str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -28,14 +28,7 @@ from segpipe.models.base import REGISTRY, SegmentationModel, code_of, is_registe
 from segpipe.models.contract import PixelContract
 from segpipe.models.wrapped import WrappedModel
 
-__all__ = [
-    "FORMAT",
-    "CheckpointError",
-    "fingerprint",
-    "load",
-    "read_payload",
-    "save",
-]
+__all__ = ["FORMAT", "CheckpointError", "fingerprint", "load", "read_payload", "save"]
 
 FORMAT = "segpipe-checkpoint/1"
 
@@ -186,8 +179,8 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
         )
 
     try:
-        # Shapes first, on the meta device (nothing allocated): a config that lies about its
-        # size (width=200000) is refused here instead of by the allocator.
+        # Names and shapes first, on the meta device (nothing allocated): a config that lies
+        # about its size (width=200000, 300 layers) is refused here, not by the allocator.
         with torch.device("meta"):
             skeleton = build()
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # sizes overflowing
@@ -323,10 +316,16 @@ def _check_tensors(
     weights_dtype: torch.dtype | None,
     path: Path,
 ) -> None:
-    """Shapes as the config gives them; floating-point weights of ``weights_dtype`` (any float
-    when the file does not say), other tensors of the model's own dtype. load_state_dict would
-    cast an int64 or mislabelled tensor into the float32 parameters without a word."""
+    """The weights the config gives, of its shapes; floating-point ones of ``weights_dtype``
+    (any float when the file does not say), others of the model's own dtype. load_state_dict
+    would cast an int64 or mislabelled tensor into the float32 parameters without a word."""
     reference = skeleton.state_dict()
+    odd = [f"missing {k!r}" for k in reference if k not in state]  # in the model's order
+    if odd := odd + [f"unexpected {k!r}" for k in state if k not in reference]:
+        raise CheckpointError(
+            f"{path}: its weights do not match its config, which gives {len(reference)} weight "
+            f"tensors; the file holds {len(state)} ({len(odd)} differ: {', '.join(odd[:3])})"
+        )
     expected = {k: tuple(v.shape) for k, v in reference.items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     wrong = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])

@@ -134,7 +134,7 @@ def unet_weight_map(
     Parameters
     ----------
     instances
-        ``(Y, X)`` integer object ids, 0 outside objects.
+        ``(Y, X)`` integer object ids, 0 outside objects (ValueError for ids below 0).
     labels
         ``(Y, X)`` class ids that ``w_c`` balances; default ``instances > 0`` (background,
         object).
@@ -173,6 +173,12 @@ def unet_weight_map(
         )
     if not (w0 >= 0 and sigma > 0):
         raise ValueError(f"need w0 >= 0 and sigma > 0 pixels, got w0={w0}, sigma={sigma}")
+    if instances.size and (low := int(instances.min())) < 0:
+        # Densifying the ids keeps the smallest at 0 only when it is background's 0: a
+        # negative id would shift background onto an object's id, and its borders with it.
+        raise ValueError(
+            f"instance ids must be >= 0 (0 outside objects), got {low}; relabel the objects"
+        )
     if labels is None:
         labels = (instances > 0).astype(np.uint8)
     labels = np.asarray(labels)

@@ -6,7 +6,9 @@ optimiser and schedule, both random generators, the step, the time spent and the
 history, so that a run resumed from it ends with the same weights as an uninterrupted one.
 Tensors and plain data only, so both files load with ``weights_only=True``. The state keeps
 the epoch's validation too, so a run resumed from its last checkpoint, with nothing left to
-train, returns what the run returned when it ended.
+train, returns what the run returned when it ended; and the checkpoint's
+:func:`~segpipe.models.fingerprint`, so that, with the step and epoch count the checkpoint
+records, :func:`load_state` never restores a state beside other weights than its own.
 
 A resume continues the run it comes from: :func:`load_state` refuses a config whose training
 settings differ from those the checkpoint records (all but :data:`RESUME_MAY_CHANGE`). By the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import reprlib
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from segpipe.analysis.scores import Evaluation
 from segpipe.atomic import check_writable, replaced_file
-from segpipe.models.checkpoint import CheckpointError, read_payload
+from segpipe.models.checkpoint import CheckpointError, fingerprint, read_payload
 
 if TYPE_CHECKING:
     from segpipe.training.config import TrainConfig
@@ -145,6 +149,7 @@ def save_state(
             "window_losses": list(window_losses),
             "epochs": json.dumps(epochs),
             "evaluation": json.dumps(evaluation),
+            "fingerprint": fingerprint(model),
         },
         state_path(path),
     )
@@ -175,9 +180,10 @@ def load_state(
 
     Raises ValueError when ``config`` differs from the checkpoint's run in a setting outside
     :data:`RESUME_MAY_CHANGE`, and :class:`~segpipe.models.CheckpointError` naming the file
-    when either file cannot be read, the weights do not fit ``model``, or its class names,
-    input normalisation or pixel contract differ from the checkpoint's (all checked before
-    anything is restored).
+    when either file cannot be read, the state holds entries of other kinds than
+    :func:`save_state` writes or is not the checkpoint's (another step, epoch count or
+    fingerprint), the weights do not fit ``model``, or its class names, input normalisation
+    or pixel contract differ from the checkpoint's (all checked before anything is restored).
     """
     from segpipe import models
 
@@ -189,7 +195,7 @@ def load_state(
         )
     saved = models.load(checkpoint)
     _check_settings(checkpoint, (saved.checkpoint_metrics or {}).get("config"), config)
-    state = _read_state(state_file)
+    state = _read_state(state_file, saved, config)
     mismatch = (
         f"cannot resume from {checkpoint}: it holds {_architecture(saved)}, the model to "
         f"train is {_architecture(model)}; build the model as that run did"
@@ -222,14 +228,12 @@ def load_state(
         schedule.load_state_dict(state["scheduler"])
         rng.bit_generator.state = json.loads(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
-        epochs = json.loads(state["epochs"])
-        evaluation = json.loads(state["evaluation"]) if "evaluation" in state else None
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"cannot resume from {state_file}: its state does not fit this run ({err!r}); "
             "resume needs the state segpipe.training.train wrote beside the checkpoint"
         ) from err
-    return {**state, "epochs": epochs, "evaluation": evaluation}
+    return state
 
 
 # What models.save records beside the architecture: how pixels become input, what comes out.
@@ -255,8 +259,10 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _read_state(state_file: Path) -> dict[str, Any]:
-    """The state file's dict, or CheckpointError naming the file."""
+def _read_state(state_file: Path, saved: nn.Module, config: TrainConfig) -> dict[str, Any]:
+    """The state file's dict, its ``epochs`` and ``evaluation`` decoded (``evaluation`` None
+    where the file predates it), checked to be the state of ``saved``, the checkpoint beside
+    it; CheckpointError naming the file."""
     state = read_payload(state_file)  # whole and undamaged, or CheckpointError naming it
     missing = [k for k in _STATE_ENTRIES if not isinstance(state, dict) or k not in state]
     if missing:
@@ -264,7 +270,67 @@ def _read_state(state_file: Path) -> dict[str, Any]:
             f"cannot resume: {state_file} lacks the entries {missing} of a training state "
             "(segpipe.training.train writes them)"
         )
+    try:
+        decoded = {"epochs": json.loads(state["epochs"]), "evaluation": None}
+        if "evaluation" in state:
+            decoded["evaluation"] = json.loads(state["evaluation"])
+            Evaluation.from_dict(decoded["evaluation"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"cannot resume from {state_file}: its epochs or evaluation are not what "
+            f"segpipe.training.train writes ({err!r})"
+        ) from err
+    state = {**state, **decoded}
+    if odd := _odd_entries(state, config.steps):
+        raise CheckpointError(
+            f"cannot resume from {state_file}: it holds {', '.join(odd)}, where "
+            f"segpipe.training.train writes a step from 0 to {config.steps}, train_seconds "
+            ">= 0, lists of losses and a list of epochs; the file was edited or is no state"
+        )
+    # A state beside another epoch's or run's weights would restore its step, history and
+    # scores onto them: a run that trains nothing, or an epoch twice, and reports wrongly.
+    metrics = getattr(saved, "checkpoint_metrics", None) or {}
+    step, epoch = metrics.get("step"), metrics.get("epoch")
+    if step is not None and (state["step"], len(state["epochs"])) != (step, epoch):
+        raise CheckpointError(
+            f"cannot resume from {state_file}: it is the state at step {state['step']}, epoch "
+            f"{len(state['epochs'])}; its checkpoint holds the weights of step {step}, epoch "
+            f"{epoch}. {_ONE_PAIR}"
+        )
+    weights = fingerprint(saved)
+    if state.get("fingerprint", weights) != weights:  # states written before it: unchecked
+        raise CheckpointError(
+            f"cannot resume from {state_file}: it was written with other weights than its "
+            f"checkpoint's (their fingerprints differ). {_ONE_PAIR}"
+        )
     return state
+
+
+_ONE_PAIR = (
+    "Resume from a checkpoint and the state written with it (epoch-NNN.pt and "
+    "epoch-NNN.state.pt of one run)"
+)
+
+
+def _odd_entries(state: dict[str, Any], steps: int) -> list[str]:
+    """``name=value`` of each entry of a decoded state unlike what :func:`save_state` writes
+    for a run of ``steps`` steps."""
+
+    def is_number(v: Any) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and -math.inf < v < math.inf
+
+    step, seconds = state["step"], state["train_seconds"]
+    is_right = {
+        "step": isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= steps,
+        "train_seconds": is_number(seconds) and seconds >= 0,
+        "loss_history": isinstance(state["loss_history"], list)
+        and all(is_number(v) for v in state["loss_history"]),
+        "window_losses": isinstance(state["window_losses"], list)
+        and all(is_number(v) for v in state["window_losses"]),
+        "epochs": isinstance(state["epochs"], list)
+        and all(isinstance(e, dict) for e in state["epochs"]),
+    }
+    return [f"{name}={reprlib.repr(state[name])}" for name, ok in is_right.items() if not ok]
 
 
 def _differences(saved: Any, config: TrainConfig) -> list[tuple[str, Any, Any]] | None:
