@@ -1653,6 +1653,21 @@ def test_chunks_beside_anything_else_are_refused_and_kept(tmp_path, extra):
     assert (tmp_path / "user.bin").exists() or extra != "link"
 
 
+@pytest.mark.parametrize("folders", [["1", "2"], ["0/mask/c/0"], ["_segpipe/tiles_done/c"]])
+def test_folders_alone_named_like_a_results_are_no_debris(tmp_path, folders):
+    """A user's folder of empty subfolders named as a result's levels (1/, 2/) passed for the
+    leftovers of late chunk writes and was deleted by a run writing there: no chunk, no
+    debris. It is refused as any other folder that is not a result."""
+    path = tmp_path / "out"
+    for folder in folders:
+        (path / folder).mkdir(parents=True)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        prepare_result(path, meta(), overwrite=True)
+    with pytest.raises(ResultMismatchError, match="not a segpipe result"):
+        delete_result(path)
+    assert all((path / folder).is_dir() for folder in folders)
+
+
 @pytest.mark.parametrize(
     ("settings", "match"),
     [

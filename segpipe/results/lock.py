@@ -81,17 +81,19 @@ def is_debris(path: Path) -> bool:
     """Whether the folder at ``path`` holds nothing but what late writes by path leave there
     once the result has been renamed away: chunks of a result's arrays (``0/mask/c/1/2``,
     ``_segpipe/tiles_done/c/0/0``), a chunk write cut short, and the folders on their way;
-    no ``zarr.json`` (a root's or a user's group's) and no link anywhere. An empty folder, a
-    link, or anything else is not: never deleted as debris."""
-    if path.is_symlink() or not path.is_dir() or not any(path.iterdir()):
+    no ``zarr.json`` (a root's or a user's group's) and no link anywhere, and a chunk at least.
+    Folders alone, a link, or anything else are not: never deleted as debris."""
+    if path.is_symlink() or not path.is_dir():
         return False
+    chunks = False  # folders alone, named like a level's (1/, 2/), are a user's, empty or not
     for folder, folders, files in os.walk(path):
         for name in folders + files:
             entry = Path(folder, name)
             key = entry.relative_to(path).as_posix()
             if entry.is_symlink() or not _is_written_key(key, folder=name in folders):
                 return False
-    return True
+        chunks = chunks or bool(files)
+    return chunks
 
 
 def _is_written_key(key: str, *, folder: bool) -> bool:
