@@ -1261,3 +1261,12 @@ def test_train_depth_is_the_down_sampling_steps_of_fcn_updown(tmp_path, capsys):
     assert main(["train", str(ckpt), "--model", "fcn-updown", "--depth", "2", *tiny]) == 0
     capsys.readouterr()
     assert models.load(ckpt).config.levels == 2
+
+
+def test_train_of_a_network_too_large_is_one_line(tmp_path, capsys):
+    """--depth 12 ended in a torch allocator traceback (exit 1) or the OOM killer (137)."""
+    code = main(["train", str(tmp_path / "m.pt"), "--depth", "12", "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "parameters" in err and "give a smaller width or depth" in err
+    assert not (tmp_path / "m.pt").exists()

@@ -272,6 +272,14 @@ def test_build_rejects_bad_requests() -> None:
         models.build("unet", input_mean=[0.5, 0.5])
 
 
+@pytest.mark.parametrize(("name", "config"), [("unet", {"depth": 12}), ("fcn", {"width": 10**5})])
+def test_a_network_of_a_billion_weights_is_refused_before_it_is_allocated(name, config):
+    """--depth 12 allocated 4.5 GB of one layer's weights and died in the allocator (a
+    traceback, or the OOM killer with no word): the size is counted on the meta device."""
+    with pytest.raises(ValueError, match=rf"build\('{name}'\): .* has [\d,]+ parameters"):
+        models.build(name, **config)
+
+
 def test_load_unknown_name_lists_what_exists() -> None:
     with pytest.raises(
         ValueError, match=r"Shipped models: .*architectures for build\(\): \[.*'unet'"
