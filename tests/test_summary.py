@@ -30,14 +30,23 @@ def test_summary_refuses_multichannel_truth(small_slide, random_checkpoint, tmp_
         summarise(out, small_slide.image)
 
 
+def _ids_past_the_classes():
+    truth = np.zeros((300, 300), np.uint8)
+    truth[100:] = 3  # chunks of ids in [0, 3] and [3, 3]
+    truth[-1, -1] = 9
+    return truth
+
+
 @pytest.mark.parametrize(
     ("truth", "message"),
     [
         (np.full((300, 300), 7, np.uint8), r"class ids in \[7, 7\], outside \[0, 3\)"),
+        # The file's range, not the first chunk's that fails ([0, 3] there)
+        (_ids_past_the_classes(), r"class ids in \[0, 9\], outside \[0, 3\)"),
         (np.zeros((300, 299), np.uint8), "ground truth of 300 x 299 px, but the result .* is 300"),
         (np.zeros((300, 300), np.float32), "must hold integer class ids, got float32"),
     ],
-    ids=["class-ids", "shape", "float"],
+    ids=["class-ids", "class-ids-of-the-file", "shape", "float"],
 )
 def test_a_bad_ground_truth_is_refused_naming_its_file(
     small_slide, random_checkpoint, tmp_path, truth, message

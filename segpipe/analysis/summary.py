@@ -95,8 +95,12 @@ def summarise(
             )
         try:
             conf = confusion_against(ds["mask"].data, truth, n)
-        except LabelError as exc:  # class ids outside the result's classes
-            raise ValueError(f"{ground_truth} (ground truth of {result}): {exc}") from None
+        except LabelError:  # class ids outside the result's classes: the file's, not a chunk's
+            lo, hi = (int(v) for v in dask.compute(truth.min(), truth.max()))
+            raise ValueError(
+                f"{ground_truth} (ground truth of {result}): holds class ids in [{lo}, {hi}], "
+                f"outside [0, {n}); pass the right num_classes or map ignored pixels first"
+            ) from None
         except ValueError as exc:  # a damaged chunk of either: zarr's message names neither
             what = f"{result} or its ground truth {ground_truth}"
             raise ValueError(f"{what} cannot be read: {exc}") from exc
