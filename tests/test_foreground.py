@@ -559,6 +559,10 @@ def test_auto_means_tissue_for_slides_only(tmp_path):
     assert resolve_foreground("none", ArrayReader(rgb, pixel_size_um=0.5)) == "none"
     with pytest.raises(FileNotFoundError, match=r"missing\.png"):
         resolve_foreground(str(tmp_path / "missing.png"), ArrayReader(rgb))
+    # A file:// URL names the local file (it was refused as missing)
+    spaced = tmp_path / "a mask.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(spaced)
+    assert resolve_foreground(spaced.as_uri(), ArrayReader(rgb)) == str(spaced)
 
 
 def test_tissue_on_an_image_without_colour_is_refused_before_anything_is_made(tmp_path):

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import dask.array as da
@@ -52,6 +51,7 @@ from segpipe.geometry.foreground import (
 )
 from segpipe.geometry.tiling import Box, Geometry, TileGrid
 from segpipe.geometry.tissue import block_mean, tissue_mask
+from segpipe.io.files import URLPath, location
 from segpipe.io.maskfiles import mask_file_sha256, read_mask_file, row_strips
 from segpipe.io.readers import Reader
 from segpipe.progress import stage
@@ -163,12 +163,13 @@ def resolve_foreground(setting: str, reader: Reader) -> str:
         if _is_brightfield(reader):
             return "tissue"
         return "nodata" if _declares_nodata(reader) else "none"
-    if not Path(setting).exists():
+    where = location(setting)  # a file:// URL is the local file it names
+    if isinstance(where, URLPath) or not where.exists():
         raise FileNotFoundError(
-            f"foreground mask {setting!r} does not exist; foreground must be one of "
-            f"{', '.join(FOREGROUND_MODES)} or a mask image / GeoJSON file"
+            f"foreground mask {setting!r} does not exist (mask files are local); foreground "
+            f"must be one of {', '.join(FOREGROUND_MODES)} or a mask image / GeoJSON file"
         )
-    return setting
+    return str(where)
 
 
 def _is_brightfield(reader: Reader) -> bool:
