@@ -2,6 +2,7 @@
 
 import errno
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -185,6 +186,43 @@ def test_a_global_concurrency_limit_serialises_segmentation_across_images(
     )
     assert sorted(result["segmented"]) == ["a.ome.tif", "b.ome.tif"]
     assert most[0] == 1
+
+
+def test_an_image_waiting_to_retry_leaves_its_global_slot_to_others(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """The slot (one GPU) was held across Prefect's wait before a retry: the other image
+    waited for it the whole delay. Now the first attempt's failure frees it at once."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name="segpipe-test-retry", limit=1)
+        )
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    shutil.copy(slides[1], source / "b.ome.tif")
+    real, calls, lock = segpipe.segment, [], threading.Lock()
+
+    def first_fails(*args, **kwargs):
+        with lock:
+            calls.append(Path(args[0]).name)
+            first = len(calls) == 1
+        if first:
+            raise OSError("connection to the Dask scheduler lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(segpipe, "segment", first_fails)
+    result = _run(
+        source, out, random_checkpoint, max_concurrent=2, retry_delay_s=8,
+        concurrency_limit="segpipe-test-retry",
+    )  # fmt: skip
+    assert sorted(result["segmented"]) == ["a.ome.tif", "b.ome.tif"]
+    assert len(calls) == 3 and calls[1] != calls[0], calls  # the other, during the wait
 
 
 def test_a_run_loads_the_model_once_and_only_result_settings_make_images_due(

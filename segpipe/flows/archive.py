@@ -18,6 +18,7 @@ images at their next progress report ("interrupted": the next run resumes them).
 # (as strings, `Literal[...]` does not resolve there and every run fails validation).
 
 import contextlib
+import functools
 import os
 import socket
 from collections.abc import Callable
@@ -116,8 +117,10 @@ def image_task(
         **kw: Any,
     ) -> str:
         # on_progress named: process_image passes it only to a run_segment that names it
-        with global_slot(policy.concurrency_limit, stop):
-            return segment(str(source), str(output), module, config, on_progress=on_progress, **kw)
+        slot = functools.partial(global_slot, policy.concurrency_limit, stop)
+        return segment(
+            str(source), str(output), module, config, on_progress=on_progress, slot=slot, **kw
+        )
 
     outcome = archive.process_image(
         image,

@@ -9,6 +9,7 @@ Prefect. With no ``PREFECT_API_URL`` the flow runs on Prefect's temporary local 
 # resolve (see segpipe/flows/archive.py).
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +58,15 @@ def segment_task(
     progress: bool = False,
     storage_options: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    slot: Callable[[], AbstractContextManager[Any]] | None = None,
 ) -> str:
     """:func:`segpipe.segment`, its stages (segment, pyramid) progress artifacts of
     ``output`` and a log line every tenth; ``progress`` also shows them on stderr.
     ``on_progress`` goes to :func:`segpipe.segment` (the archive's claim check: raising
-    there stops the run)."""
-    with showing(progress), also_reporting(ProgressArtifacts(output)):
+    there stops the run). ``slot()`` is held around each attempt, not across the waits of
+    Prefect's retries (a global concurrency slot: a GPU another image may use meanwhile)."""
+    held = slot() if slot is not None else nullcontext()
+    with held, showing(progress), also_reporting(ProgressArtifacts(output)):
         # Looked up on the package at call time, so a test can stand in for it.
         result = segpipe.segment(
             image,
