@@ -130,6 +130,10 @@ class Predictor:
         # A stream of its own on a GPU: copies and kernels of batch n+1 queue up behind
         # batch n's without waiting for the host to read n's probabilities.
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if self.stream is not None:
+            # The weights' copies (and a lent module's last optimiser kernels) were queued on
+            # the current stream: the first batches must not read them before they land.
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
         self._bytes_per_pixel: dict[int, float] = {}  # by the windows' channels
         self._probe_lock = threading.Lock()
 
