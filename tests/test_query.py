@@ -24,6 +24,7 @@ from segpipe.results import (
     tiles_done,
     write_tiles,
 )
+from segpipe.results.store import quiet_consolidated
 
 CLASSES = ("background", "tissue", "nucleus")
 UTM = {"crs": "EPSG:32633", "transform": (2.0, 0.0, 500000.0, 0.0, -2.0, 5400000.0)}
@@ -396,6 +397,14 @@ def test_a_threshold_compares_stored_uint8_codes_as_their_exact_fraction(tmp_pat
     codes = zarr.open_array(path / "0" / "probabilities")[list(CLASSES).index("tissue")]
     assert codes.dtype == np.uint8
     assert (codes == round(threshold * 255)).any(), "the case this test is about"
+    above = query.threshold_mask(path, "tissue", threshold).values
+    np.testing.assert_array_equal(above, codes / 255 > threshold)
+    # A result written before SegmentConfig says its dtype in its identity alone.
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
+    legacy = {k: v for k, v in root.attrs["segpipe"].items() if k not in ("config", "state")}
+    root.attrs["segpipe"] = legacy
+    with quiet_consolidated():
+        zarr.consolidate_metadata(path)
     above = query.threshold_mask(path, "tissue", threshold).values
     np.testing.assert_array_equal(above, codes / 255 > threshold)
 

@@ -25,7 +25,7 @@ import os
 import numpy as np
 import xarray as xr
 
-from segpipe.results import open_result
+from segpipe.results import ResultMeta, open_result
 
 __all__ = [
     "Region",
@@ -174,7 +174,8 @@ def threshold_mask(
         # In float64: NumPy compares a float16 array with the threshold rounded to float16
         # (0.3 becomes 0.30005), which leaves out the pixels stored between the two.
         value = probability.astype(np.float64)
-        if ds.attrs.get("segpipe", {}).get("config", {}).get("probability_dtype") == "uint8":
+        # As stored, or for a result written before SegmentConfig, as its identity says.
+        if ResultMeta.from_attrs(ds.attrs["segpipe"]).config.probability_dtype == "uint8":
             # Stored as codes k of k/255, read as float32, which rounds most k/255 up: a code
             # of exactly 0.8 (204) was "above 0.8". Compared as the exact k/255 instead.
             value = (value * 255).round() / 255
