@@ -139,6 +139,20 @@ def test_crs_coordinates_are_the_pixel_polygons_through_the_transform(tmp_path):
         vectors.class_features(path, "tissue", coords="micron")
 
 
+def test_coordinates_a_result_cannot_give_are_refused_before_the_objects_are_found(
+    tmp_path, monkeypatch
+):
+    """ "no pixel size" came after a whole pass over the mask for the first class."""
+    labels, _ = squares_on_chunk_corners()
+    path, _ = make_result(tmp_path / "g.zarr", labels, pixel_size_um=None)
+    from segpipe.analysis import vectors as module
+
+    monkeypatch.setattr(module, "object_labels", lambda *a, **k: pytest.fail("labelled"))
+    for coords, why in (("micron", "no pixel size"), ("crs", "not georeferenced")):
+        with pytest.raises(ValueError, match=why):
+            vectors.class_features(path, "tissue", coords=coords)
+
+
 def seam_labels():
     """A tissue ring (hole on the chunk corner (32, 32)) and a nucleus square, each across
     3 x 3 chunks of 16 px."""

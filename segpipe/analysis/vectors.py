@@ -191,6 +191,9 @@ def class_features(
         raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
     ds = open_result(result, level)
     meta = read_meta(result)
+    # The level's pixel edges to coords (the level's pixels are 2**level segmented ones):
+    # "no pixel size" refused before a pass over the mask, not after.
+    to = _base_transform(coords, meta, result) @ Affine.scale(2**level)
     labels, table = object_labels(
         ds, class_name, region=region, threshold=threshold, connectivity=connectivity
     )
@@ -214,8 +217,6 @@ def class_features(
         .data.rechunk((-1, chunks_y, chunks_x))
         .to_delayed()
     )
-    # The level's pixel edges to coords: the level's pixels are 2**level segmented ones.
-    to = _base_transform(coords, meta, result) @ Affine.scale(2**level)
     jobs = [
         dask.delayed(_chunk_shapes)(
             blocks[i, j], probs[0, i, j], int(starts_y[i]), int(starts_x[j])
