@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, cast
 
@@ -66,14 +67,16 @@ def mask_file_sha256(path: str | os.PathLike[str]) -> str:
                 while block := f.read(1 << 20):
                     h.update(block)
         digest = h.hexdigest()
-    if len(_HASHES) >= _KEPT_HASHES:
-        _HASHES.pop(next(iter(_HASHES)))
-    _HASHES[key] = digest
+    with _HASHES_LOCK:  # runs in threads side by side: two evicting the same key failed
+        if len(_HASHES) >= _KEPT_HASHES:
+            _HASHES.pop(next(iter(_HASHES)))
+        _HASHES[key] = digest
     return digest
 
 
 # Hashes of mask files by their state (mask_file_sha256), oldest first.
 _HASHES: dict[tuple[Any, ...], str] = {}
+_HASHES_LOCK = threading.Lock()
 _KEPT_HASHES = 64
 
 
