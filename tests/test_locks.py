@@ -109,3 +109,21 @@ def test_segmenting_a_file_that_is_no_ingest_leaves_no_lock_beside_it(tmp_path, 
     settings = {"tile": 64, "task_tiles": 1, "foreground": "none", "scheduler": "sync"}
     segpipe.segment(src, tmp_path / "out" / "r.seg.zarr", random_checkpoint, **settings)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif", "out"]
+
+
+@pytest.mark.parametrize("size", [231, 232, 250])
+def test_a_store_name_too_long_for_its_hidden_siblings_is_refused_before_anything(
+    tmp_path, random_checkpoint, size
+):
+    """A legal 250-byte output name failed with ".NAME.lock: File name too long", naming a
+    file the user never typed (240 bytes: at ".NAME.creating-...", the lock file left)."""
+    src = _tiff(tmp_path / "a.tif")
+    out = tmp_path / ("r" * (size - 9) + ".seg.zarr")
+    settings = {"tile": 64, "task_tiles": 1, "foreground": "none", "scheduler": "sync"}
+    if size <= 231:
+        segpipe.segment(src, out, random_checkpoint, **settings)
+        assert lock_path(out).exists()
+        return
+    with pytest.raises(ValueError, match=rf"{out}: its name is {size} bytes.* at most 231"):
+        segpipe.segment(src, out, random_checkpoint, **settings)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]
