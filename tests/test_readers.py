@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import struct
@@ -288,6 +289,27 @@ def test_a_reader_reopened_after_its_file_was_replaced_refuses_to_read(tmp_path,
     assert open_image(path).read(0, 1, 0, 1).ravel().tolist() == [10, 10, 10]
 
 
+@pytest.mark.parametrize("side", [128, 256], ids=["smaller", "same-shape"])
+def test_a_zarr_store_ingested_again_is_not_read_by_a_workers_copy(tmp_path, side):
+    """A store written over after open: a worker's copy read the new array through the old
+    layout, a 100 px window coming back 28 px, or the other image's pixels without a word."""
+    import shutil
+
+    from segpipe.io.ingest import ingest
+
+    def ingested(value: int, side: int) -> Path:
+        source = tmp_path / f"src{value}.tif"
+        tifffile.imwrite(source, np.full((side, side, 3), value, np.uint8), photometric="rgb")
+        return ingest(source, tmp_path / "img.zarr", chunk=64, overwrite=True)
+
+    store = ingested(200, 256)
+    shipped = pickle.dumps(open_image(store))
+    shutil.rmtree(store)
+    ingested(10, side)
+    with pytest.raises(ImageReadError, match=r"img\.zarr changed since it was opened"):
+        pickle.loads(shipped).read(100, 200, 100, 200)
+
+
 def test_a_worker_on_another_machine_reads_the_file_it_was_sent(tmp_path, monkeypatch):
     """Each machine of a cluster numbers an NFS mount (st_dev) its own way: compared, every
     worker copy on another node was refused as a changed file."""
@@ -413,6 +435,20 @@ def test_ome_zarr_pixel_size_units(
 ) -> None:
     reader = open_image(write_ome_zarr(tmp_path / "u.zarr", _rgb(), scale=scale, unit=unit))
     assert reader.pixel_size_um == pytest.approx(expected)
+
+
+def test_ome_zarr_dimension_names_disagreeing_with_its_axes_are_refused(tmp_path: Path) -> None:
+    """Arrays named (c, x, y) under multiscales axes (c, y, x) were read transposed, with the
+    x axis's pixel size given to y (one warning that they differ): NGFF 0.5 wants them equal."""
+    path = write_ome_zarr(tmp_path / "t.zarr", _rgb())
+    for k in (0, 1):
+        meta = json.loads((path / f"s{k}" / "zarr.json").read_text())
+        meta["dimension_names"] = ["c", "x", "y"]
+        (path / f"s{k}" / "zarr.json").write_text(json.dumps(meta))
+    why = r"array 's0' names its dimensions \('c', 'x', 'y'\) and the multiscales axes"
+    with pytest.raises(ImageReadError, match=why) as info:
+        open_image(path)
+    assert str(path) in str(info.value)
 
 
 @pytest.mark.parametrize(

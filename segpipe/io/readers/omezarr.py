@@ -8,6 +8,7 @@ band, OpenSlide's alpha), which :meth:`ZarrReader.valid_mask` reads level by lev
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -73,6 +74,9 @@ class ZarrReader(BaseReader):
                 "the same kind of pixels as level 0"
             )
         self._set_layout(axes, shapes, chunks, dtype)
+        # What a worker's copy (pickled), opening the store anew, checks it still finds: a
+        # store ingested again under the name was read through this one's layout.
+        self._stamps = tuple(_stamp(node, a) for a in arrays)
         check_per_channel(
             self.path,
             self.level_shapes[0][2],
@@ -170,6 +174,12 @@ class ZarrReader(BaseReader):
 
     def _dimension_letters(self, array: Any, fallback: list[str] | None) -> str:
         names = getattr(array.metadata, "dimension_names", None) or fallback
+        if fallback and names and list(names) != fallback:  # NGFF 0.5: they must be equal
+            raise ImageReadError(
+                f"{self.path}: array {array.path or '/'!r} names its dimensions "
+                f"{tuple(names)} and the multiscales axes {tuple(fallback)}: which is y and "
+                "which x cannot be told; write them equal"
+            )
         if not names or any(n is None for n in names):
             raise ImageReadError(
                 f"{self.path}: array {array.path or '/'!r} of shape {array.shape} has no "
@@ -278,4 +288,14 @@ class ZarrReader(BaseReader):
 
         node = zarr.open(self.url or self.path, mode="r")
         path = self._array_paths[level]
-        return cast("zarr.Group", node)[path] if path else node
+        array = cast("zarr.Group", node)[path] if path else node
+        if _stamp(node, array) != self._stamps[level]:
+            raise ImageReadError(f"{self.path} changed since it was opened; run again")
+        return array
+
+
+def _stamp(node: Any, array: Any) -> tuple[Any, ...]:
+    """What tells a store from one written over it: the level's shape, dtype and chunks and
+    the root's attributes (an ingest's record of its source's pixels among them)."""
+    attrs = json.dumps(dict(node.attrs), sort_keys=True, default=str)
+    return (tuple(array.shape), str(np.dtype(array.dtype)), tuple(array.chunks), attrs)
