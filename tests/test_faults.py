@@ -176,7 +176,9 @@ def test_sigterm_ends_the_segpipe_command_cleanly_and_the_rerun_is_bit_identical
 ):
     """A service manager's stop (SIGTERM) ends the ``segpipe`` executable as Ctrl-C would:
     exit code 143 with no traceback, the blocks in flight written and recorded (the run's
-    end waits for them), the result resumable to the same bits."""
+    end waits for them: every block written is one the re-run need not compute; a process
+    that died at once would leave one written and not recorded), the result resumable to
+    the same bits."""
     out = tmp_path / "r.seg.zarr"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEGPIPE_FAULT")}
     env |= {"SEGPIPE_FAULT": "block.recorded:term", "SEGPIPE_FAULT_SKIP": "7"}
@@ -188,6 +190,8 @@ def test_sigterm_ends_the_segpipe_command_cleanly_and_the_rerun_is_bit_identical
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     assert not is_complete(out) and read_meta(out).state == "computing"
     assert 8 <= int(tiles_done(out).sum()) < 100
+    written = [f for f in (out / "0" / "probabilities" / "c").rglob("*") if f.is_file()]
+    assert int(tiles_done(out).sum()) == len(written), "a block written, not recorded"
     _finish_and_compare(out, small_slide.image, random_checkpoint, reference)
 
 

@@ -29,3 +29,29 @@ def test_run_in_process_bounds_items_in_flight_and_raises_the_first_failure():
     assert peak[0] <= 3
     with pytest.raises(RuntimeError, match="item 13"):
         run_in_process(work, range(40), done.append, threads=2)
+
+
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt(), OSError("disk full")])
+def test_items_running_when_the_caller_stops_are_reported_before_it_leaves(stop):
+    """SIGTERM's SystemExit (or Ctrl-C) raised while the first result is reported: the items
+    running then finished (the pool waited) but were never reported, so a re-run computed
+    them again. They are reported; nothing starts after the stop; the stop is raised."""
+    started, release = [], threading.Event()
+
+    def work(i):
+        started.append(i)
+        if i > 0:
+            release.wait(5)  # still running when the caller stops
+        return i
+
+    reported = []
+
+    def on_result(i):
+        reported.append(i)
+        if i == 0:
+            release.set()
+            raise stop
+
+    with pytest.raises(type(stop)):
+        run_in_process(work, range(10), on_result, threads=3)
+    assert sorted(reported) == [0, 1, 2] and sorted(started) == [0, 1, 2]

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from typing import TypeVar, cast
 
 __all__ = ["run_in_process"]
@@ -26,32 +27,39 @@ def run_in_process(
     At most ``threads`` items are in flight (so memory stays flat however many there are);
     ``on_result`` runs in the calling thread as each finishes. After the first failure no
     item starts; those running finish and are reported (a re-run resumes from them), then
-    the failure is raised.
+    the failure is raised. So too when the calling thread is stopped (Ctrl-C, SIGTERM's
+    SystemExit, an error of ``on_result``): the items running finish, as the pool waits for
+    them, and those that succeed are reported before it leaves.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     todo: Iterator[T] = iter(items)
     failure: BaseException | None = None
     with ThreadPoolExecutor(threads, thread_name_prefix="segpipe-io") as pool:
-        running: set[Future[R]] = set()
-        while True:
-            while failure is None and len(running) < threads:
-                item = next(todo, _END)
-                if item is _END:
+        pending: set[Future[R]] = set()  # submitted, not yet handled here
+        try:
+            while True:
+                while failure is None and len(pending) < threads:
+                    item = next(todo, _END)
+                    if item is _END:
+                        break
+                    pending.add(pool.submit(work, cast(T, item)))
+                if not pending:
                     break
-                running.add(pool.submit(work, cast(T, item)))
-            if not running:
-                break
-            finished, running = _wait_one(running)
-            for fut in finished:
-                if fut.exception() is not None:
-                    failure = failure or fut.exception()
-                else:
-                    on_result(fut.result())
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    pending.discard(fut)
+                    if fut.exception() is not None:
+                        failure = failure or fut.exception()
+                    else:
+                        on_result(fut.result())
+        except BaseException:
+            # Stopped: the items running finish anyway (the pool waits for them); reported,
+            # a re-run resumes from them instead of computing them again.
+            for fut in as_completed(pending):
+                if fut.exception() is None:
+                    with contextlib.suppress(Exception):  # the stop is what is raised
+                        on_result(fut.result())
+            raise
     if failure is not None:
         raise failure
-
-
-def _wait_one(running: set[Future[R]]) -> tuple[set[Future[R]], set[Future[R]]]:
-    done, not_done = wait(running, return_when=FIRST_COMPLETED)
-    return set(done), set(not_done)
