@@ -125,3 +125,17 @@ def held_elsewhere():
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def blocks_run_by(scheduler: str) -> int:
+    """How many of segpipe's block tasks (keys ``segpipe-block-*``) the Dask scheduler at
+    ``scheduler`` has run: evidence a run went there, not to a cluster of its own or into
+    its own process (which would give the same result)."""
+    import distributed
+
+    def seen(dask_scheduler):
+        keys = {str(entry[0]) for entry in dask_scheduler.transition_log}
+        return sum(k.startswith("segpipe-block-") for k in keys)
+
+    with distributed.Client(scheduler, timeout="30s", set_as_default=False) as client:
+        return int(client.run_on_scheduler(seen))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import blocks_run_by
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -848,6 +849,7 @@ def test_existing_scheduler_by_address(reader, tmp_path):
         out = segpipe.segment(
             r, tmp_path / "r.zarr", net, tile=16, scheduler=local.scheduler_address
         )
+        assert blocks_run_by(local.scheduler_address) > 0, "the run went elsewhere"
         # the run cleaned up after itself on the shared cluster
         plugins = client.run(lambda dask_worker: list(dask_worker.plugins))
         assert not any("segpipe" in p for names in plugins.values() for p in names)

@@ -11,6 +11,7 @@ import distributed
 import numpy as np
 import pytest
 import zarr
+from conftest import blocks_run_by
 
 from segpipe.config import SegmentConfig
 
@@ -112,6 +113,8 @@ def test_the_cli_and_the_archive_flow_on_a_cluster_of_processes_match_a_run_in_t
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     _assert_same(cli, reference)
+    on_cluster = blocks_run_by(process_cluster)
+    assert on_cluster > 0, "the CLI's run went elsewhere"
 
     archive, out = tmp_path / "archive", tmp_path / "out"
     archive.mkdir()
@@ -120,3 +123,4 @@ def test_the_cli_and_the_archive_flow_on_a_cluster_of_processes_match_a_run_in_t
     result = process_archive(str(archive), str(out), str(random_checkpoint), config)
     assert result["segmented"] == ["slide.ome.tif"], result
     _assert_same(out / "slide.ome.tif.seg.zarr", reference)
+    assert blocks_run_by(process_cluster) > on_cluster, "the flow's run went elsewhere"

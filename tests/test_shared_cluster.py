@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from conftest import blocks_run_by
 
 import segpipe
 from segpipe import models
@@ -352,11 +353,11 @@ def test_segment_uses_the_active_client(image_path, checkpoints, no_config_addre
     no_config_address.setattr(cluster, "_start_local_cluster", _no_local_cluster)
     with (
         distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as local,
-        distributed.Client(local) as client,
+        distributed.Client(local),  # the active client
     ):
         out = segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], **SETTINGS)
         assert is_complete(out)
-        assert client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.transition_counter)
+        assert blocks_run_by(local.scheduler_address) > 0, "the run went elsewhere"
 
 
 def test_segment_uses_the_configured_address(image_path, checkpoints, no_config_address, tmp_path):
@@ -365,6 +366,7 @@ def test_segment_uses_the_configured_address(image_path, checkpoints, no_config_
         no_config_address.setenv("DASK_SCHEDULER_ADDRESS", local.scheduler_address)
         dask.config.refresh()
         out = segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], **SETTINGS)
+        assert blocks_run_by(local.scheduler_address) > 0, "the run went elsewhere"
     assert is_complete(out)
 
 
