@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -713,3 +714,140 @@ def test_a_spacing_that_differs_in_x_and_y_is_warned_of_and_x_is_used(tmp_path):
     with pytest.warns(UserWarning, match=r"s: PixelSpacing differs in X \(0\.5 µm\) and Y \(0\.25"):
         reader = open_image(folder)
     assert reader.pixel_size_um == 0.5
+
+
+def _make_sparse(path: Path, moved: dict[int, tuple[int, int]] | None = None) -> None:
+    """Rewrite a level file of write_dicom_wsi (64 px tiles, one path) as TILED_SPARSE,
+    each frame's (column, row) stated per frame: its tile's corner, or ``moved[frame]``."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(path)
+    across = -(-ds.TotalPixelMatrixColumns // 64)
+    groups = []
+    for k in range(int(ds.NumberOfFrames)):
+        position = Dataset()
+        column, row = (moved or {}).get(k, (k % across * 64 + 1, k // across * 64 + 1))
+        position.ColumnPositionInTotalImagePixelMatrix = column
+        position.RowPositionInTotalImagePixelMatrix = row
+        position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0.0
+        position.ZOffsetInSlideCoordinateSystem = 0.0
+        path_id = Dataset()
+        path_id.OpticalPathIdentifier = "0"
+        group = Dataset()
+        group.PlanePositionSlideSequence = Sequence([position])
+        group.OpticalPathIdentificationSequence = Sequence([path_id])
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.save_as(path)
+
+
+@pytest.mark.parametrize(
+    ("moved", "problem"),
+    [
+        # the tile at column 65 stated at 71: wsidicom read it at 65, as if on the grid
+        ({1: (71, 1)}, "frame 2 states column 71, row 1 (its Plane Position (Slide)), off"),
+        # the second tile stated at the first's place: wsidicom read one over the other
+        ({1: (1, 1)}, "frames 1 and 2 state one position (column 1, row 1, and one optical"),
+    ],
+    ids=["off the grid", "one place"],
+)
+def test_sparse_frames_off_the_grid_or_at_one_place_are_refused_naming_them(
+    slide, tmp_path, moved, problem
+):
+    folder = _copy_of(slide, tmp_path / "s")
+    _make_sparse(folder / "level0.dcm", moved)
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder)
+    assert str(info.value).startswith(f"{folder / 'level0.dcm'}: {problem}")
+
+
+def _concatenate(path: Path) -> None:
+    """Split a level file into a concatenation of two, ``{stem}_part1.dcm`` and ``_part2``."""
+    import copy
+
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(path)
+    n, uid = int(ds.NumberOfFrames), generate_uid()
+    size = len(ds.PixelData) // n
+    for number, (a, b) in enumerate([(0, n // 2), (n // 2, n)], 1):
+        part = copy.deepcopy(ds)
+        part.SOPInstanceUID = part.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        part.ConcatenationUID, part.SOPInstanceUIDOfConcatenationSource = uid, ds.SOPInstanceUID
+        part.ConcatenationFrameOffsetNumber, part.InConcatenationNumber = a, number
+        part.InConcatenationTotalNumber, part.NumberOfFrames = 2, b - a
+        part.PixelData = ds.PixelData[a * size : b * size]
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            part.PerFrameFunctionalGroupsSequence = Sequence(
+                ds.PerFrameFunctionalGroupsSequence[a:b]
+            )
+        part.save_as(path.with_name(f"{path.stem}_part{number}.dcm"))
+    path.unlink()
+
+
+@pytest.mark.parametrize("organization", ["TILED_FULL", "TILED_SPARSE"])
+def test_a_concatenation_missing_a_part_is_refused_naming_it(slide, tmp_path, organization):
+    """wsidicom read a missing part's frames as blank (TILED_SPARSE) or failed at the first
+    read of them (TILED_FULL)."""
+    folder = _copy_of(slide, tmp_path / "s")
+    if organization == "TILED_SPARSE":
+        _make_sparse(folder / "level0.dcm")
+    _concatenate(folder / "level0.dcm")
+    np.testing.assert_array_equal(open_image(folder).read(0, 200, 0, 300), _image())
+    (folder / "level0_part2.dcm").unlink()
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder / "level1.dcm")
+    uid = pydicom.dcmread(folder / "level0_part1.dcm").ConcatenationUID
+    assert str(info.value).startswith(
+        f"{folder / 'level0_part1.dcm'}: part 1 of a DICOM concatenation of 2 files "
+        f"(ConcatenationUID {uid}), whose part(s) 2 are not in the series"
+    )
+
+
+def test_a_series_rewritten_since_it_was_opened_is_refused_as_tiffs_are(slide, tmp_path):
+    """A worker's copy (pickled), or a read after close, opens the files again: it read the
+    rescan saved over the slide without a word."""
+    import os
+
+    folder = _copy_of(slide, tmp_path / "s")
+    reader = open_image(folder / "level1.dcm")
+    blob = pickle.dumps(reader)
+    write_dicom_wsi(tmp_path / "rescan", 255 - _image())
+    os.replace(tmp_path / "rescan" / "level0.dcm", folder / "level0.dcm")
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 64), _image()[:64, :64])  # still open
+    changed = re.escape(f"{folder / 'level0.dcm'} changed since it was opened; run again")
+    with pytest.raises(ImageReadError, match=f"^{changed}$"):
+        pickle.loads(blob).read(0, 64, 0, 64)
+    reader.close()
+    with pytest.raises(ImageReadError, match=f"^{changed}$"):
+        reader.read(0, 64, 0, 64)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "change", "problem"),
+    [
+        (_image(), {"PhotometricInterpretation": "YBR_FULL"}, "PhotometricInterpretation "
+         "YBR_FULL uncompressed, which wsidicom does not read"),
+        (_image(), {"PlanarConfiguration": 1}, "PlanarConfiguration 1 (each colour's plane"),
+        (_image()[..., :1].astype(np.uint16), {"PixelRepresentation": 1},
+         "PixelRepresentation 1 (signed values), which wsidicom does not read"),
+        (_image()[..., :1].astype(np.uint16), {"BitsStored": 12, "HighBit": 11},
+         "BitsStored 12 of BitsAllocated 16 uncompressed, which wsidicom does not read"),
+    ],
+    ids=["YBR_FULL", "planar", "signed", "12 of 16 bits"],
+)  # fmt: skip
+def test_pixels_wsidicom_cannot_read_are_refused_naming_the_files(
+    tmp_path, pixels, change, problem
+):
+    """wsidicom passed over such levels ("Level files not found") or failed on a frame's
+    length; the refusal names the files and what of their pixels it cannot read."""
+    folder = write_dicom_wsi(tmp_path / "s", pixels)
+    for k in (0, 1):
+        _set(folder / f"level{k}.dcm", **change)
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder)
+    assert str(info.value).startswith(f"{folder}/level0.dcm and level1.dcm: {problem}")
+    assert "or convert the slide to OME-TIFF" in str(info.value)

@@ -11,7 +11,8 @@ stack. The pixel size is the base level's ``PixelSpacing`` (mm), which wsidicom 
 
 Threads read one wsidicom handle at once (wsidicom locks each file's stream); closing it
 leaves it open under the reads in it (:mod:`segpipe.io.readers.handles`). A read after
-``close`` opens the series again.
+``close``, or by a pickled copy, opens the series again, refused where a file of it changed
+since it was opened.
 
 Which files make the slide, and which of wsidicom's pyramids of them is read:
 :mod:`segpipe.io.readers.dicom_series`.
@@ -26,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.io.files import URLPath
+from segpipe.io.files import URLPath, file_state
 from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
+from segpipe.io.readers.dicom_checks import refuse_broken_concatenations, refuse_unreadable_pixels
 from segpipe.io.readers.dicom_series import (
     DICOM_SUFFIXES,
     DicomInstance,
@@ -36,7 +38,7 @@ from segpipe.io.readers.dicom_series import (
     is_dicom_file,
     is_dicom_folder,
     main_pyramid,
-    refuse_min_is_white,
+    refuse_misplaced_frames,
     series_instances,
 )
 from segpipe.io.units import pixel_size_of_xy
@@ -101,8 +103,11 @@ class DicomReader(BaseReader):
         self._slide: Any = None
         self._wsidicom()  # before pydicom, which comes with it, reads the headers
         instances = series_instances(path)
-        refuse_min_is_white(instances)
+        refuse_unreadable_pixels(instances)
+        refuse_broken_concatenations(instances)
+        refuse_misplaced_frames(instances)
         self._instance_files = tuple(str(i.path) for i in instances)
+        self._instance_states = tuple(i.state for i in instances)  # checked at each open
         slide = self._open()
         try:
             self._pyramid = main_pyramid(list(slide.pyramids), instances, self.path)
@@ -175,6 +180,11 @@ class DicomReader(BaseReader):
         """The handle, opened if closed; the caller holds the reader's lock."""
         if self._slide is not None:
             return self._slide
+        # A worker's copy (pickled), or a read after close, opens by path: a scan saved
+        # over the slide since would be read.
+        for f, state in zip(self._instance_files, self._instance_states, strict=True):
+            if file_state(f) != state:
+                raise ImageReadError(f"{f} changed since it was opened; run again")
         wsidicom = self._wsidicom()
         # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
         # read, not left out as wsidicom's strict default leaves them.

@@ -7,9 +7,10 @@ field); of several, the one of the most base-level pixels is read and the others
 of, as the TIFF reader does with a file of several images. A level file wsidicom places in
 no pyramid is refused, naming it, where a level read has its pixel spacing (wsidicom keeps
 one image a level: the pyramid read could mix two images); else (a codec wsidicom does not
-decode) the slide is read without it, with a warning naming it. MONOCHROME1 levels, which
-wsidicom passes over without a word, are refused naming them, as are files that start as DICOM
-files do but whose header is damaged (wsidicom passes over those too). Level files beside a
+decode) the slide is read without it, with a warning naming it. Files wsidicom would read
+wrongly, or refuse with a misleading error, are refused naming them
+(:mod:`segpipe.io.readers.dicom_checks`), as are files that start as DICOM files do but
+whose header is damaged (wsidicom passes over those without a word). Level files beside a
 file opened that are of its slide (study, frame of reference and container) but of another
 series, as a garbled SeriesInstanceUID makes one, are left out with a warning naming them.
 """
@@ -27,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from segpipe.io.files import file_state
 from segpipe.io.readers.base import DECODE_ERRORS, ImageReadError
+from segpipe.io.readers.dicom_checks import PIXEL_TAGS, pixel_problem, sparse_frame_problem
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -37,7 +40,7 @@ __all__ = [
     "is_dicom_file",
     "is_dicom_folder",
     "main_pyramid",
-    "refuse_min_is_white",
+    "refuse_misplaced_frames",
     "series_instances",
 ]
 
@@ -84,6 +87,13 @@ class DicomInstance:
     # The slide apart from the series: StudyInstanceUID, FrameOfReferenceUID (the slide's
     # coordinates) and ContainerIdentifier (the slide's label); None where not stated.
     slide: tuple[str, str | None, str | None] = ("", None, None)
+    pixel_problem: str = ""  # why wsidicom cannot read its pixels (dicom_checks)
+    # ConcatenationUID, InConcatenationNumber, InConcatenationTotalNumber: a part of an
+    # image split over files; None where it is a whole one
+    concatenation: tuple[str, int | None, int | None] | None = None
+    state: tuple[int, ...] | None = None  # file_state as its header was read
+    is_sparse: bool = False  # DimensionOrganizationType TILED_SPARSE: frames placed per frame
+    tile: tuple[int, int] = (0, 0)  # (Rows, Columns): a frame's pixels
 
 
 _SHARED = "SharedFunctionalGroupsSequence"
@@ -102,6 +112,17 @@ _REQUIRED = (
 )
 # What identifies the slide beside the study, read to find levels of it in another series
 _SLIDE = ("FrameOfReferenceUID", "ContainerIdentifier")
+# Read beside those: the file's kind, where it is on the slide, how its frames are laid out
+_MORE = (
+    "SOPClassUID",
+    "OpticalPathSequence",
+    _SHARED,
+    "DimensionOrganizationType",
+    "ConcatenationUID",
+    "InConcatenationNumber",
+    "InConcatenationTotalNumber",
+)
+_PER_FRAME = "PerFrameFunctionalGroupsSequence"
 # ImageType value 3 as the WSI IOD defines it
 _KINDS = ("VOLUME", "LABEL", "OVERVIEW", "THUMBNAIL", "LOCALIZER")
 # The characters of a UID (VR UI); a non-conformant one (leading zeros) is still of these
@@ -166,16 +187,11 @@ def read_instance(path: Path) -> DicomInstance | None:
     is refused as damaged: it may be a level of the slide, which would be left out."""
     if not is_dicom_file(path):
         return None
-    import pydicom
     from pydicom.uid import VLWholeSlideMicroscopyImageStorage
 
+    state = file_state(path)  # before the header: a file rewritten under it is refused
     try:
-        with path.open("rb") as f:
-            ds = pydicom.dcmread(
-                _ReadsWithinTheFile(f, path.stat().st_size),
-                stop_before_pixels=True,
-                specific_tags=[*_REQUIRED, *_SLIDE, "SOPClassUID", "OpticalPathSequence", _SHARED],
-            )
+        ds = _read_header(path, [*_REQUIRED, *_SLIDE, *_MORE, *PIXEL_TAGS])
         media_class = ds.file_meta.get("MediaStorageSOPClassUID")
         classes = [str(c) for c in (media_class, ds.get("SOPClassUID")) if c]
         if classes and all(
@@ -189,6 +205,10 @@ def read_instance(path: Path) -> DicomInstance | None:
         )
         spacing = _row_spacing(ds)
         slide = tuple(str(v) if (v := ds.get(key)) else None for key in _SLIDE)
+        uid = ds.get("ConcatenationUID")
+        number, total = ds.get("InConcatenationNumber"), ds.get("InConcatenationTotalNumber")
+        problem = pixel_problem(ds)
+        is_sparse = ds.get("DimensionOrganizationType") == "TILED_SPARSE"
     except header_errors() as exc:
         raise _damaged(path, error_text(exc)) from exc
     problems = _header_problems({"MediaStorageSOPClassUID": media_class, **values})
@@ -206,7 +226,22 @@ def read_instance(path: Path) -> DicomInstance | None:
         paths,
         spacing,
         (str(values["StudyInstanceUID"]), slide[0], slide[1]),
+        problem,
+        (str(uid), number, total) if uid else None,
+        state,
+        is_sparse,
+        (values["Rows"], values["Columns"]),
     )
+
+
+def _read_header(path: Path, tags: list[str]) -> Any:
+    """The elements ``tags`` of ``path``'s header (and its file meta); no pixel data read."""
+    import pydicom
+
+    with path.open("rb") as f:
+        return pydicom.dcmread(
+            _ReadsWithinTheFile(f, path.stat().st_size), stop_before_pixels=True, specific_tags=tags
+        )
 
 
 def _header_problems(values: dict[str, Any]) -> str:
@@ -301,21 +336,20 @@ def _warn_of_strays(path: Path, own: DicomInstance, instances: list[DicomInstanc
     )
 
 
-def refuse_min_is_white(instances: list[DicomInstance]) -> None:
-    """Refuse level files of MONOCHROME1 grey, which wsidicom passes over without a word
-    (its error would be that the series has no level, or a level would be missing)."""
-    files = [
-        i.path for i in instances if i.image_type == "VOLUME" and i.photometric == "MONOCHROME1"
-    ]
-    if files:
-        more = "".join(f", {f.name}" for f in files[1:-1])
-        more += f" and {files[-1].name}" if files[1:] else ""
-        raise ImageReadError(
-            f"{files[0]}{more}: PhotometricInterpretation MONOCHROME1 (grey, white at 0), "
-            "which wsidicom does not read (the DICOM WSI IOD takes MONOCHROME2 for grey); "
-            "rewrite the files as MONOCHROME2, each value v as 2**BitsStored - 1 - v (e.g. "
-            "with pydicom), or convert the slide to OME-TIFF"
-        )
+def refuse_misplaced_frames(instances: list[DicomInstance]) -> None:
+    """Refuse a TILED_SPARSE file of frames wsidicom would misplace (sparse_frame_problem),
+    naming it; the per-frame groups, an item a frame, are read only here, for the series'
+    sparse files."""
+    for i in instances:
+        if not i.is_sparse:
+            continue
+        try:
+            frames = _read_header(i.path, [_PER_FRAME]).get(_PER_FRAME)
+            problem = sparse_frame_problem(frames, i.tile)
+        except header_errors() as exc:
+            raise _damaged(i.path, error_text(exc)) from exc
+        if problem:
+            raise ImageReadError(f"{i.path}: {problem}")
 
 
 def main_pyramid(pyramids: list[Any], instances: list[DicomInstance], path: str) -> int:
