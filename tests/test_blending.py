@@ -127,15 +127,33 @@ def test_blend_sink_is_the_weighted_mean(origins, seed):
 
 
 @given(origins=st.lists(_origin, min_size=1, max_size=6), seed=st.integers(0, 2**16))
-def test_blend_sink_refuses_an_uncovered_region_but_gives_a_covered_part(origins, seed):
-    """Random windows seldom cover the region: the sink refuses the whole, yet gives the
-    weighted mean of a part they do cover."""
-    sink, num, den = _blend(origins, seed)
+def test_blend_sink_refuses_an_uncovered_region(origins, seed):
+    """Random windows seldom cover the region: the sink refuses the whole."""
+    sink, _, den = _blend(origins, seed)
     assume(not (den > 0).all())
-    part = Box(5, 15, 3, 20)
-    if (den[5:15, 3:20] > 0).all():  # a part all covered is given while others are not
-        expected = num[:, 5:15, 3:20] / den[5:15, 3:20]
-        np.testing.assert_allclose(sink.result(part), expected, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="uncovered"):
+        sink.result()
+
+
+@st.composite
+def _covering_a_part(draw: st.DrawFn) -> list[tuple[int, int]]:
+    """Windows covering the part rows 5..14, columns 3..19 (two side by side, overlapping or
+    touching) and none reaching row 19: the part covered, the region not."""
+    y = draw(st.integers(-1, 3))
+    left = draw(st.integers(-8, 3))
+    right = draw(st.integers(4, left + _SIDE))
+    extra = draw(st.lists(st.tuples(st.integers(-8, 3), st.integers(-8, 24)), max_size=3))
+    return draw(st.permutations([(y, left), (y, right), *extra]))
+
+
+@given(origins=_covering_a_part(), seed=st.integers(0, 2**16))
+def test_blend_sink_gives_a_covered_part_of_an_uncovered_region(origins, seed):
+    """A part all covered is given, the weighted mean there, while the region is refused
+    (every example: drawn at random, such a case came up in 0 to 5 of 100)."""
+    sink, num, den = _blend(origins, seed)
+    assert (den[5:15, 3:20] > 0).all() and not (den > 0).all()
+    expected = num[:, 5:15, 3:20] / den[5:15, 3:20]
+    np.testing.assert_allclose(sink.result(Box(5, 15, 3, 20)), expected, rtol=1e-5)
     with pytest.raises(RuntimeError, match="uncovered"):
         sink.result()
 
