@@ -91,6 +91,19 @@ def test_read_folder_names_what_is_missing(tmp_path: Path) -> None:
         read_folder(tmp_path, class_names=["a", "b"])
 
 
+@pytest.mark.parametrize("what", ["images", "labels", "instances"])
+@pytest.mark.parametrize("other", ["img0.tif", "img0.PNG"])
+def test_read_folder_refuses_two_files_of_one_name(tmp_path: Path, what: str, other: str) -> None:
+    """img0.png beside img0.tif (or img0.PNG): one was dropped, or the image trained with
+    the other file's labels, without a word."""
+    write_folder(tmp_path, [tissue_slide(64, seed=0)])
+    Image.fromarray(np.ones((64, 64), np.uint8)).save(tmp_path / what / other)
+    if not (tmp_path / what / "img0.png").exists():  # a case-insensitive file system
+        pytest.skip("img0.PNG is img0.png here")
+    with pytest.raises(ValueError, match=rf"{what}/\w+\.\w+ and \w+\.\w+ share the name"):
+        read_folder(tmp_path)
+
+
 @pytest.mark.parametrize("what", ["labels", "instances"])
 @pytest.mark.parametrize("value", [-1, -300])
 def test_read_folder_refuses_negative_ids(tmp_path: Path, what: str, value: int) -> None:

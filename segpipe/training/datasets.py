@@ -135,11 +135,18 @@ def _stem(path: Path) -> str:
 
 
 def _by_stem(directory: Path) -> dict[str, Path]:
-    return {
-        _stem(p): p
-        for p in sorted(directory.iterdir())
-        if p.name.lower().endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")
-    }
+    """The images of ``directory`` by name stem; two of one stem (a.png and a.tif, B.PNG and
+    B.png) refused: one was dropped, or paired with the other's labels, without a word."""
+    found: dict[str, Path] = {}
+    for p in sorted(directory.iterdir()):
+        if not p.name.lower().endswith(IMAGE_SUFFIXES) or p.name.startswith("."):
+            continue
+        if (other := found.setdefault(_stem(p), p)) != p:
+            raise ValueError(
+                f"{other} and {p.name} share the name {_stem(p)!r}: which one is meant "
+                "cannot be told; keep one of them"
+            )
+    return found
 
 
 def _read_plane(path: Path, what: str) -> np.ndarray:
