@@ -415,10 +415,11 @@ def test_a_result_holding_an_input_of_a_run_is_not_replaced(tmp_path, kept):
     given = {"source": str(inside)} if kept == "source" else {"foreground": str(inside)}
     if kept == "mask":
         given["foreground_sha256"] = "1" * 64
-    with pytest.raises(ResultMismatchError, match=re.escape(f"{path} holds the input {inside}")):
+    what = "source image" if kept == "source" else "input"
+    with pytest.raises(ResultMismatchError, match=re.escape(f"{path} holds the {what} {inside}")):
         prepare_result(path, meta(**given), overwrite=True)
     assert inside.read_bytes() == b"the only copy" and is_result(path)
-    with pytest.raises(ResultMismatchError, match=re.escape(f"{inside} is the input {inside}")):
+    with pytest.raises(ResultMismatchError, match=re.escape(f"{inside} is the {what} {inside}")):
         prepare_result(inside, meta(**given))
 
 
@@ -428,7 +429,7 @@ def test_a_result_holding_its_own_source_is_not_deleted(tmp_path):
     prepare_result(tmp_path / "r.zarr", meta(source=str(source)))
     (tmp_path / "r.zarr").rename(tmp_path / "x")
     source.write_bytes(b"the only copy")
-    why = re.escape(f"{tmp_path / 'x'} holds the input {source}")
+    why = re.escape(f"{tmp_path / 'x'} holds the source image {source}")
     with pytest.raises(ResultMismatchError, match=why):
         prepare_result(tmp_path / "x", meta(), overwrite=True)
     with pytest.raises(ResultMismatchError, match=why):

@@ -39,7 +39,7 @@ from segpipe.config import SegmentConfig
 from segpipe.execution.foreground import FOREGROUND_MODES
 from segpipe.io.files import URLPath, location, overlap
 from segpipe.io.maskfiles import mask_file_sha256
-from segpipe.results import is_complete, is_result, read_meta
+from segpipe.results import is_result, read_meta
 
 __all__ = [
     "MAX_KILLED_ATTEMPTS",
@@ -295,9 +295,11 @@ def _decide(
     if held is not None:
         return Decision(False, held, held=True, failures=failures, previous=previous)
     try:
-        # A store that is no result is not complete (is_complete's ValueError); a damaged one:
-        complete = previous == "complete" and is_complete(paths.result)
-        made_by = read_meta(paths.result).model_sha256 if complete else None
+        # A store that is no result is not complete; a result's metadata damaged is refused.
+        recorded = previous == "complete" and is_result(paths.result)
+        meta = read_meta(paths.result) if recorded else None
+        complete = meta is not None and meta.complete
+        made_by = meta.model_sha256 if meta is not None and complete else None
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(
             f"{paths.result}: its result metadata cannot be read ({type(exc).__name__}: "

@@ -255,11 +255,11 @@ def check_not_source(path: Path | URLPath, source: str, *inputs: str) -> None:
     """Raise ``ResultMismatchError`` where ``path`` is the image ``source`` (or another input
     file, e.g. a foreground mask), lies inside it or holds it: refused before anything is
     written there, a run's lock file too (a replaced result is deleted with all it holds)."""
-    for given in (source, *inputs):
+    for what, given in [("source image", source), *(("input", i) for i in inputs)]:
         if relation := overlap(path, given):
             raise ResultMismatchError(
-                f"{path} {relation} the input {given}: no result is written, replaced or "
-                "deleted there (that could destroy the input); choose another output path"
+                f"{path} {relation} the {what} {given}: no result is written, replaced or "
+                "deleted there (that could destroy it); choose another output path"
             )
 
 
