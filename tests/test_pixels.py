@@ -7,7 +7,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from segpipe.geometry.pixels import (
@@ -245,3 +245,18 @@ def test_a_levels_pixel_is_its_whole_factor(n0, n, gdal, scale):
 
     assert level_downsample(n0, n) == scale
     assert level_downsample(n0, n, overview_ratio=True) == gdal
+
+
+@given(st.integers(1, 100_000), st.integers(0, 16))
+@example(33, 4)  # 3 px: 11 before
+@example(129, 6)  # 3 px: 43 before
+def test_a_level_halved_k_times_is_two_to_the_k(n0, k):
+    """Every side a level halved ``k`` times can have (rounded down or up) gives 2**k, or
+    another power of two that makes that side too: 33 px at level 4 is 3 px, and its factor
+    came out 11 (the ratio), not 16."""
+    from segpipe.geometry.pixels import level_downsample
+
+    for n in {n0 // 2**k, -(-n0 // 2**k)} - {0}:
+        d = level_downsample(n0, n)
+        assert d == 2**k or (float(d).is_integer() and int(d).bit_count() == 1), (n, d)
+        assert n0 // d == n or -(-n0 // d) == n

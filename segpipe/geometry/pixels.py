@@ -195,10 +195,15 @@ def level_downsample(level0: int, n: int, *, overview_ratio: bool = False) -> fl
     (2, 2, 3.3333333333333335)
     >>> level_downsample(1203, 18), level_downsample(1001, 501, overview_ratio=True)
     (64, 1.998003992015968)
+    >>> level_downsample(33, 3), level_downsample(129, 3)
+    (16, 64)
     """
-    # A power of two first: past a few levels the ratio rounds to another whole factor that
-    # fits as well (1203 px, level 6: 18 px, a ratio of 66.8, and ceil(1203 / 67) is 18).
-    for d in (2 ** round(math.log2(level0 / n)), max(1, round(level0 / n))):
+    # A power of two first, the nearest and the two around the ratio: past a few levels the
+    # ratio rounds to another whole factor that fits as well (1203 px, level 6: 18 px, a ratio
+    # of 66.8, and ceil(1203 / 67) is 18; 33 px, a level of 3 px: 16, not 11).
+    power = math.log2(level0 / n)
+    twos = (2 ** round(power), 2 ** math.floor(power), 2 ** math.ceil(power))
+    for d in (*twos, max(1, round(level0 / n))):
         if level0 // d == n or (not overview_ratio and -(-level0 // d) == n):
             return d
     return level0 / n
