@@ -254,3 +254,43 @@ def test_a_demo_slide_cached_at_another_pixel_size_is_made_again(tmp_path: Path)
     shutil.copytree(fine.truth, tmp_path / "cache" / "synthetic-128px-seed0.truth.zarr")
     default = make_demo_slide(tmp_path / "cache", size=128)
     assert open_image(default.image).pixel_size_um == pytest.approx(0.5)
+
+
+def _make_demo(directory: str, start=None, results=None) -> str:
+    if start is not None:
+        start.wait()  # both processes ready: they make it at the same instant
+    slide = make_demo_slide(directory, size=512)
+    made = zarr_digest(slide.truth) + " " + slide.image.name
+    if results is not None:
+        results.put(made)
+    return made
+
+
+def zarr_digest(path: Path) -> str:
+    import hashlib
+
+    import zarr
+
+    return hashlib.sha256(np.asarray(zarr.open_array(path, mode="r")[...]).tobytes()).hexdigest()
+
+
+def test_two_processes_making_one_demo_slide_both_get_it_whole(tmp_path: Path) -> None:
+    """Two at once (two test workers, two demos) deleted each other's truth ("Directory not
+    empty", KeyError 'class_names') or met at the image's .partial (StoreBusyError): one
+    makes it, the other waits and takes it."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(2), context.Queue()
+    runs = [context.Process(target=_make_demo, args=(str(tmp_path), start, results)) for _ in "ab"]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(240)
+    assert [run.exitcode for run in runs] == [0, 0]
+    made = [results.get(timeout=5) for _ in runs]
+    assert made[0] == made[1] == _make_demo(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "synthetic-512px-seed0.ome.tif",
+        "synthetic-512px-seed0.truth.zarr",
+    ]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -53,25 +56,55 @@ def make_demo_slide(
     image, truth = directory / f"{stem}.ome.tif", directory / f"{stem}.truth.zarr"
     # The image is renamed into place last: if it exists, the truth is complete too. One made
     # at another pixel size under a default name (before pixel sizes were in names) is redone.
-    if not image.exists() or not _is_at(image, pixel_size_um):
-        slide = tissue_slide(
-            size, seed=seed, pixel_size_um=pixel_size_um, tissue_fraction=tissue_fraction
-        )
-        labels = zarr.create_array(
-            truth,
-            shape=slide.labels.shape,
-            chunks=(1024, 1024),
-            dtype="uint8",
-            dimension_names=("y", "x"),
-            overwrite=True,
-        )
-        labels[...] = slide.labels
-        labels.attrs["class_names"] = list(slide.class_names)
-        partial = image.with_name(image.name + ".partial")
-        write_pyramidal_tiff(partial, slide.image, pixel_size_um=pixel_size_um)
-        os.replace(partial, image)
+    # One run makes it, another waits and takes it: two at once deleted each other's truth.
+    with _waiting_lock(directory / f".{stem}.lock"):
+        if not image.exists() or not _is_at(image, pixel_size_um):
+            _generate(image, truth, size, seed, pixel_size_um, tissue_fraction)
     names = tuple(cast(list[str], zarr.open_array(truth, mode="r").attrs["class_names"]))
     return DemoSlide(image, truth, pixel_size_um, names)
+
+
+@contextlib.contextmanager
+def _waiting_lock(path: Path) -> Iterator[None]:
+    """Hold ``path`` locked (flock), waiting for another holder; released on exit or death.
+    A folder that takes no lock file takes no slide either: a made one is read unlocked."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _generate(
+    image: Path,
+    truth: Path,
+    size: int,
+    seed: int,
+    pixel_size_um: float,
+    tissue_fraction: float | None,
+) -> None:
+    """Write the slide's truth, then its image, renamed into place last."""
+    slide = tissue_slide(
+        size, seed=seed, pixel_size_um=pixel_size_um, tissue_fraction=tissue_fraction
+    )
+    labels = zarr.create_array(
+        truth,
+        shape=slide.labels.shape,
+        chunks=(1024, 1024),
+        dtype="uint8",
+        dimension_names=("y", "x"),
+        overwrite=True,
+    )
+    labels[...] = slide.labels
+    labels.attrs["class_names"] = list(slide.class_names)
+    partial = image.with_name(image.name + ".partial")
+    write_pyramidal_tiff(partial, slide.image, pixel_size_um=pixel_size_um)
+    os.replace(partial, image)
 
 
 def _exact(value: float, scale: int = 1) -> str:
