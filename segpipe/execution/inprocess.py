@@ -27,9 +27,9 @@ def run_in_process(
     At most ``threads`` items are in flight (so memory stays flat however many there are);
     ``on_result`` runs in the calling thread as each finishes. After the first failure no
     item starts; those running finish and are reported (a re-run resumes from them), then
-    the failure is raised. So too when the calling thread is stopped (Ctrl-C, SIGTERM's
-    SystemExit, an error of ``on_result``): the items running finish, as the pool waits for
-    them, and those that succeed are reported before it leaves.
+    the failure is raised. So too when the calling thread is stopped by Ctrl-C or SIGTERM's
+    SystemExit: the items running finish, as the pool waits for them, and those that succeed
+    are reported before it leaves (any other error of the caller's reports no more).
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
@@ -53,9 +53,10 @@ def run_in_process(
                         failure = failure or fut.exception()
                     else:
                         on_result(fut.result())
-        except BaseException:
-            # Stopped: the items running finish anyway (the pool waits for them); reported,
-            # a re-run resumes from them instead of computing them again.
+        except (KeyboardInterrupt, SystemExit):
+            # The process stopped (Ctrl-C, SIGTERM's SystemExit), still the result's writer:
+            # the items running finish anyway (the pool waits for them); reported, a re-run
+            # resumes from them. Other stops (a lost claim, the run's stop) report no more.
             for fut in as_completed(pending):
                 if fut.exception() is None:
                     with contextlib.suppress(Exception):  # the stop is what is raised
