@@ -3,7 +3,7 @@
 How a slide is built, coarse to fine:
 
 * **Tissue**: low-frequency noise generated on a coarse grid (at most 512 cells a side),
-  thresholded at the quantile that gives the slide's tissue fraction (40-70 %), bilinearly
+  thresholded at the quantile that gives the slide's tissue fraction (45-65 %), bilinearly
   upsampled. Large smooth irregular blobs with holes, at the cost of a few small arrays.
 * **Stain**: colours follow Beer-Lambert absorption, ``rgb = 255 * exp(-od)``, with the optical
   density a sum of hematoxylin and eosin concentrations times their Ruifrok-Johnston stain
@@ -64,8 +64,9 @@ def tissue_slide(
         typical 20x scan, 0.25 a 40x one.
     tissue_fraction
         Share of the slide covered by tissue, in (0, 1] (default: drawn from 0.45-0.65), glass
-        elsewhere: 0.3 makes a typical biopsy scan, mostly glass. The rest of the slide (stain,
-        texture, the random stream) is what the same seed gives without it.
+        elsewhere: 0.3 makes a typical biopsy scan, mostly glass. The tissue's shape is the
+        one the same seed gives without it (its edge moved); its stain, nuclei and noise are
+        drawn anew, as their number follows the tissue's area.
     tissue_region
         ``(y, x)`` bool, any size (resized to the slide by nearest neighbour,
         :func:`segpipe.geometry.foreground.upsample_mask`): tissue only where True, glass
@@ -133,7 +134,7 @@ def _tissue_alpha(
     fraction: float | None = None,
 ) -> np.ndarray:
     """Soft tissue mask, float32 in [0, 1], >= 0.5 on ``fraction`` of the slide (default:
-    40-70 %).
+    drawn from 45-65 %).
 
     A few large irregular pieces per slide; the edge ramps from glass to tissue over about a
     pixel and a half, which is the scanner's blur (the label boundary is the 0.5 level).
@@ -143,7 +144,7 @@ def _tissue_alpha(
     field = smooth_noise(rng, coarse, side / 7)
     field += 0.30 * smooth_noise(rng, coarse, max(side / 28, 1.0))
     field += 0.08 * smooth_noise(rng, coarse, max(side / 90, 0.7))
-    drawn = rng.uniform(0.45, 0.65)  # drawn always: a given fraction keeps the stream
+    drawn = rng.uniform(0.45, 0.65)  # drawn always: a given fraction keeps the tissue's shape
     threshold = np.quantile(field, 1.0 - (drawn if fraction is None else fraction))
     # The field's slope per slide pixel where it crosses the threshold sets the ramp's width.
     gy, gx = np.gradient(field)
