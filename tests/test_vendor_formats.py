@@ -610,6 +610,30 @@ def test_a_multi_file_ome_set_whose_slide_is_in_a_larger_file_reads(tmp_path, py
         np.testing.assert_array_equal(reader.level(1).compute(), _image()[::2, ::2])
 
 
+def test_a_multi_file_ome_set_whose_other_file_is_rewritten_is_refused_by_a_workers_copy(
+    tmp_path,
+):
+    """The file holding the slide saved over after open (same name and UUID): a worker's copy
+    checked only the file named and read the new pixels, under an unchanged Dask token."""
+    import os
+    import pickle
+
+    from dask.base import tokenize
+
+    opened, other = write_two_file_set(tmp_path, pyramid=False)
+    reader = open_image(opened)
+    shipped, token = pickle.dumps(reader), tokenize(reader.level(0))
+    new = other.with_suffix(".new")
+    with tifffile.TiffWriter(new) as tif:
+        tif.write(255 - _image(), **{**KW, "tile": (64, 64), **named_as("urn:uuid:2")})
+    os.replace(new, other)
+    copy = pickle.loads(shipped)
+    assert tokenize(copy.level(0)) != token
+    with pytest.raises(ImageReadError, match=r"set_1\.ome\.tif, a file of the OME-TIFF set .*"
+                       "changed since it was opened"):  # fmt: skip
+        copy.read(0, 4, 0, 4)
+
+
 @pytest.mark.parametrize(("pyramid", "level"), [(False, 0), (True, 1)])
 def test_a_multi_file_ome_set_with_a_truncated_file_is_refused_naming_it(tmp_path, pyramid, level):
     """The last 1000 bytes of the slide's file cut off: the tiles of its last level (the

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from segpipe.io.files import URLPath
+from segpipe.io.files import URLPath, file_state
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
@@ -87,6 +87,11 @@ class TiffReader(BaseReader):
             check_ome_set(tif, self.path)
             self._series = _main_series(tif.series, self.path)
             series = tif.series[self._series]
+            # An OME-TIFF set's other files, as the file itself: a worker's copy (pickled)
+            # refuses one rewritten since (it read the new pixels, its Dask token unchanged).
+            files = {str(p.parent.filehandle.path) for lv in series.levels for p in lv.pages
+                     if p is not None and p.parent is not tif}  # fmt: skip
+            self._companions = {} if self.url else {f: file_state(f) for f in sorted(files)}
             check_declared_data(series, size, self.path)
             check_tag_values(tif, size, self.path)
             levels = series.levels
@@ -172,6 +177,12 @@ class TiffReader(BaseReader):
 
         if self._tif is None:
             self._tif = tifffile.TiffFile(self._file())
+            for name, state in self._companions.items():
+                if file_state(name) != state:
+                    raise ImageReadError(
+                        f"{name}, a file of the OME-TIFF set {self.path}, changed since it was "
+                        "opened; run again"
+                    )
         series = self._tif.series[self._series]
         # Segments worth a thread (tifffile's own rule: compressed, not tiny) are decoded in
         # zarr's thread pool, not in zarr's one event-loop thread, where tifffile decodes them
@@ -193,6 +204,10 @@ class TiffReader(BaseReader):
                 f"{self._native_shapes[level]}"
             )
         return array
+
+    def _token(self) -> tuple[Any, ...]:
+        # As the file's own: now, so that a set rewritten since names other chunks.
+        return (*super()._token(), *((f, file_state(f)) for f in self._companions))
 
     def photometric(self, level: int = 0) -> Photometric:
         """How ``level``'s stored samples become its pixels (min-is-white grey inverted, a
