@@ -161,12 +161,17 @@ def _read_plane(path: Path, what: str) -> np.ndarray:
     return plane
 
 
-def _read_image(path: Path) -> np.ndarray:
+def _read_image(path: Path) -> tuple[np.ndarray, float | None]:
     """``(Y, X, C)`` pixels in the file's dtype, without a channel the reader names
     ``"alpha"`` (a 4-band TIFF whose fourth sample is not alpha is four bands, e.g. RGB +
-    near infrared)."""
+    near infrared), and the pixel size (µm) the file gives. Its file closed after: a folder
+    of thousands kept one open each until garbage collection."""
     reader = open_image(path)
-    image = reader.read(0, reader.shape[0], 0, reader.shape[1])
+    try:
+        image = reader.read(0, reader.shape[0], 0, reader.shape[1])
+        channels, pixel_size_um = getattr(reader, "channel_names", None), reader.pixel_size_um
+    finally:
+        getattr(reader, "close", lambda: None)()  # not in the Reader protocol
     if image.dtype.kind not in "uif":
         raise ValueError(
             f"{path}: images must hold integer or float pixels (uint8, uint16, float32...), "
@@ -174,9 +179,9 @@ def _read_image(path: Path) -> np.ndarray:
         )
     if image.dtype.kind == "f" and not np.isfinite(image).all():
         raise ValueError(f"{path}: NaN or infinite pixels; fill them before training")
-    if (getattr(reader, "channel_names", None) or ())[-1:] == ("alpha",):
+    if (channels or ())[-1:] == ("alpha",):
         image = image[..., :-1]  # RGBA, LA: alpha marks pixels, it is no image content
-    return np.ascontiguousarray(image)
+    return np.ascontiguousarray(image), pixel_size_um
 
 
 def pixel_kind(image: np.ndarray) -> str:
@@ -284,7 +289,7 @@ def read_folder(
     out = []
     for stem, path in images.items():
         inst = _read_plane(instances[stem], "instances") if stem in instances else None
-        image = _read_image(path)
+        image, pixel_size_um = _read_image(path)
         for other, plane in ((labels[stem], planes[stem]), (instances.get(stem), inst)):
             if plane is not None and plane.shape != image.shape[:2]:
                 raise ValueError(
@@ -304,7 +309,7 @@ def read_folder(
                 instances=None if inst is None else inst.astype(np.int32),
                 class_names=names,
                 name=stem,
-                pixel_size_um=open_image(path).pixel_size_um,
+                pixel_size_um=pixel_size_um,
                 path=path,
             )
         )
