@@ -98,6 +98,9 @@ def test_export_geojson_file(result, tmp_path):
     small = vectors.export_geojson(path, tmp_path / "s.geojson", classes=["nucleus"], min_area=10)
     (kept,) = json.loads(small.read_text())["features"]
     assert kept["properties"]["measurements"]["area_px"] == 120
+    # Below a file: refused before the objects are found (it failed after, "File exists").
+    with pytest.raises(NotADirectoryError, match=r"o\.geojson is a file, not a folder"):
+        vectors.export_geojson(path, tmp_path / "o.geojson" / "x.geojson")
     with pytest.raises(ValueError, match="no class 'stroma'"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=["stroma"])
     # An empty list asks for no class: it exported every class but background, as None does.

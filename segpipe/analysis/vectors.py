@@ -41,6 +41,7 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
+from segpipe.atomic import check_writable
 from segpipe.io.files import URLPath, is_url, location, overlap, write_text_atomic
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
@@ -312,6 +313,8 @@ def export_geojson(
         raise FileExistsError(
             f"GeoJSON output {target} exists; pass overwrite=True (--overwrite) to replace it"
         )
+    if not isinstance(target, URLPath):
+        check_writable(target)  # below a file, a read-only folder: before the objects
     meta = read_meta(result)
     names = list(meta.class_names)
     if classes is not None and not classes:  # not the default: none asked for is no export
