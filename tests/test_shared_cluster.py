@@ -495,7 +495,8 @@ def test_gpus_without_dask_cuda_get_one_worker_not_all_on_the_first(monkeypatch,
 @pytest.mark.integration
 def test_a_forked_child_starts_its_own_local_cluster(image_path, checkpoints, tmp_path):
     """After a run on the default local cluster, a child forked by multiprocessing inherited
-    its client but not the threads that run it, and its own run waited forever."""
+    its client and dask's threaded pool but not the threads that run them, and its own run
+    waited forever."""
     script = tmp_path / "fork.py"
     script.write_text(
         textwrap.dedent(
@@ -503,9 +504,9 @@ def test_a_forked_child_starts_its_own_local_cluster(image_path, checkpoints, tm
             import multiprocessing
             import segpipe
 
-            def run(name):
+            def run(name):  # a tissue mask computes on dask's threaded pool
                 segpipe.segment({str(image_path)!r}, {str(tmp_path)!r} + "/" + name,
-                                {str(checkpoints[0])!r}, tile=16)
+                                {str(checkpoints[0])!r}, tile=16, foreground="tissue")
 
             if __name__ == "__main__":
                 run("parent.zarr")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask
+import dask.threaded
 import distributed
 import torch
 from dask.system import CPU_COUNT
@@ -255,6 +256,7 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
 # (a script's images, a flow's tasks): their start-up is paid once.
 _LOCAL: dict[ClusterPlan, tuple[Any, Any]] = {}
 _LOCAL_LOCK = threading.Lock()
+_FORKED = False  # this process was forked from one that ran a local cluster
 
 
 def _shared_local_client(plan: ClusterPlan) -> Any:
@@ -279,15 +281,13 @@ def _close_local(plan: ClusterPlan) -> None:
 
 
 def _forget_in_child() -> None:
-    # A forked child (multiprocessing's default on Linux) inherits the clients, not the
-    # threads that run them, and Dask's own executors without their threads: a cluster there
-    # waited forever. The child of a process that ran one runs its tasks in itself.
+    # A forked child (multiprocessing's default on Linux) inherits clients and Dask's pools
+    # but not their threads: it waited forever. It runs tasks in itself, on pools made anew.
     global _LOCAL_LOCK, _FORKED
     _LOCAL_LOCK, _FORKED = threading.Lock(), _FORKED or bool(_LOCAL)
     _LOCAL.clear()
-
-
-_FORKED = False
+    dask.threaded.default_pool, dask.threaded.pools_lock = None, threading.Lock()
+    dask.threaded.pools.clear()  # the threaded scheduler's (a tissue mask computes on it)
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
