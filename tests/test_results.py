@@ -423,6 +423,23 @@ def test_a_result_holding_an_input_of_a_run_is_not_replaced(tmp_path, kept):
         prepare_result(inside, meta(**given))
 
 
+def test_a_local_result_of_a_url_source_is_checked_without_opening_the_url(tmp_path):
+    """The overlap check built the source URL's file system (no options): replacing or
+    deleting a local result made from gs:// failed where gcsfs is missing, ftp:// logged in."""
+    from segpipe.io.files import overlap
+    from segpipe.results.store import check_not_source
+
+    path = tmp_path / "r.zarr"
+    for source in ("gs://scans/slide.svs", "ftp://10.255.255.1/slide.svs"):
+        check_not_source(path, source)  # a URL and a local path never overlap
+    assert overlap("s3://b/r.zarr/x.tif", "s3://b/r.zarr/") == "is inside"
+    prepare_result(path, meta(source="/elsewhere/slide.svs"))
+    _edited(path, lambda d: _segpipe(d).update(source="gs://scans/slide.svs"))
+    prepare_result(path, meta(), overwrite=True)
+    delete_result(path)
+    assert not path.exists()
+
+
 def test_a_result_holding_its_own_source_is_not_deleted(tmp_path):
     """The stored source counts too: a result moved over its scan's folder, replaced or deleted."""
     source = tmp_path / "x" / "scan.tif"

@@ -354,13 +354,13 @@ def file_state(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
 def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
     """How location ``a`` overlaps ``b`` ("is", "is inside", "holds"), or None: what an output
     must not do to an input it would replace or clear (links resolved; URLs by their path)."""
-    x, y = location(a), location(b)
-    if isinstance(x, URLPath) != isinstance(y, URLPath):
+    # Told apart before location(), which builds a URL's file system (its package, a login).
+    if is_url(a) != is_url(b):
         return None
     p, q = (
-        (PurePosixPath(str(x)), PurePosixPath(str(y)))  # "s3:/bucket/key": parts compare
-        if isinstance(x, URLPath)
-        else (Path(x).resolve(), Path(y).resolve())
+        (PurePosixPath(str(a).rstrip("/")), PurePosixPath(str(b).rstrip("/")))  # "s3:/b/key"
+        if is_url(a)
+        else (Path(location(a)).resolve(), Path(location(b)).resolve())
     )
     if p == q:
         return "is"
