@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import socket
 import tempfile
@@ -47,8 +48,7 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         # Within NAME_MAX (255 bytes) whatever the target's name: mkstemp adds 8 characters.
         # Who writes it is in its name: a killed writer's copy is removed by the next write.
-        who = f"{socket.gethostname()[:30]}-{os.getpid()}-"
-        prefix = f".{path.name[:150]}.{who}"
+        prefix = f"{_copy_prefix(path)}{os.getpid()}-"
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".part")
     except OSError as err:  # it names the temporary file, which the user never asked for
         raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
@@ -73,10 +73,19 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _copy_prefix(path: Path) -> str:
+    """``.<name>.<host>-`` of this machine's copies of ``path``: the name cut to 150 bytes
+    (NAME_MAX is 255 bytes, not characters), the host as 12 hex digits of its whole name's
+    hash (pods of one deployment share their first 30 characters; "node" prefixes "node-7")."""
+    name = os.fsencode(path.name)[:150].decode("utf-8", "ignore")
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+    return f".{name}.{host}-"
+
+
 def _remove_killed_copies(path: Path) -> None:
     """Remove the copies of ``path`` that writers killed on this machine left (a whole
     checkpoint each): their pid is gone. Another machine's, on a shared folder, are left."""
-    here = f".{path.name[:150]}.{socket.gethostname()[:30]}-"
+    here = _copy_prefix(path)
     with contextlib.suppress(OSError):
         for left in path.parent.glob(f"{glob.escape(here)}*.part"):
             with contextlib.suppress(OSError, ValueError):

@@ -1,3 +1,4 @@
+import hashlib
 import os
 import signal
 import socket
@@ -91,10 +92,13 @@ def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
     # The killed write's copy stays (nothing ran to remove it), under a name of its own that
     # says who wrote it; the next write removes it (its pid is gone), not another's.
     (left,) = _litter(tmp_path)
-    assert left.startswith(f".weights.pt.{socket.gethostname()[:30]}-") and left.endswith(".part")
-    alive = tmp_path / f".weights.pt.{socket.gethostname()[:30]}-{os.getpid()}-x.part"
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+    assert left.startswith(f".weights.pt.{host}-") and left.endswith(".part")
+    alive = tmp_path / f".weights.pt.{host}-{os.getpid()}-x.part"
     alive.write_bytes(b"a write of this process, under way")
-    elsewhere = tmp_path / ".weights.pt.another-host-1-x.part"  # on a shared folder
+    # On a shared folder: another machine's, even one whose name this one's begins
+    other = hashlib.sha256(f"{socket.gethostname()}-7".encode()).hexdigest()[:12]
+    elsewhere = tmp_path / f".weights.pt.{other}-1-x.part"
     elsewhere.write_bytes(b"another machine's write")
     with replaced_file(target) as part:
         part.write_bytes(b"new weights")
@@ -116,8 +120,11 @@ def test_writers_at_once_each_land_whole(tmp_path):
     assert _litter(tmp_path) == []
 
 
-def test_a_long_name_fits_the_file_systems_limit(tmp_path):
-    target = tmp_path / ("n" * 250 + ".pt")  # a temporary name of 1 + 250 + 13 would not fit
+@pytest.mark.parametrize("name", ["n" * 250 + ".pt", "é" * 118 + ".json"], ids=["ascii", "utf-8"])
+def test_a_long_name_fits_the_file_systems_limit(tmp_path, name):
+    """A temporary name of 1 + 250 + 13 would not fit; 150 characters of 2-byte letters are
+    300 bytes (NAME_MAX counts bytes): a 241-byte name that wrote before failed."""
+    target = tmp_path / name
     with replaced_file(target) as part:
         part.write_bytes(b"x")
     assert target.read_bytes() == b"x"
