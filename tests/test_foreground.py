@@ -563,6 +563,10 @@ def test_auto_means_tissue_for_slides_only(tmp_path):
     spaced = tmp_path / "a mask.png"
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(spaced)
     assert resolve_foreground(spaced.as_uri(), ArrayReader(rgb)) == str(spaced)
+    # the archive hashes the setting as given (it failed: 'file:/tmp/.../a%20mask.png')
+    from segpipe.io.maskfiles import mask_file_sha256
+
+    assert mask_file_sha256(spaced.as_uri()) == mask_file_sha256(spaced)
 
 
 def test_tissue_on_an_image_without_colour_is_refused_before_anything_is_made(tmp_path):
@@ -890,15 +894,23 @@ def square(x0, y0, x1, y1):
         ({"type": "FeatureCollection", "features": [square(0, 0, 9, 9), None]}, "feature 1"),
         ({"type": "FeatureCollection", "features": [{"geometry": 5}]}, "feature 0"),
         ({"type": "FeatureCollection", "features": 7}, "feature 0 is 7"),
-        ({"type": "Polygon", "coordinates": None}, "coordinates are null, not a list"),
+        ({"type": "Polygon", "coordinates": None}, "coordinates hold null: not a list"),
         ({"type": "FeatureCollection", "features": []}, "no Polygon"),
+        ({"type": "Polygon", "coordinates": []}, "no Polygon"),  # empty: a null geometry
         # rasterio's bounds crashed the process (SIGSEGV) on these strings; NaN went through
-        ({"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4]]]}, r'\["a", "b"\]'),
-        ({"type": "Polygon", "coordinates": [[[float("nan"), 1], [1, 2], [3, 4]]]}, "NaN"),
-        ({"type": "Polygon", "coordinates": [[[True, 1], [1, 2], [3, 4]]]}, "true"),
-        ({"type": "Polygon", "coordinates": [[[1], [1, 2], [3, 4]]]}, r"\[1\]: not finite"),
-        ({"type": "MultiPolygon", "coordinates": [[[1, 2], [3, 4]]]}, "position 1: not"),
-        ({"type": "Polygon", "coordinates": [5]}, "coordinates are 5, not a list"),
+        (
+            {"type": "Polygon", "coordinates": [[["a", "b"], [1, 2], [3, 4], [1, 2]]]},
+            r'\["a", "b"\]',
+        ),
+        ({"type": "Polygon", "coordinates": [[[float("nan"), 1], [1, 2], [3, 4], [1, 2]]]}, "NaN"),
+        ({"type": "Polygon", "coordinates": [[[True, 1], [1, 2], [3, 4], [1, 2]]]}, "true"),
+        ({"type": "Polygon", "coordinates": [[[1], [1, 2], [3, 4], [1, 2]]]}, r"\[1\]: not finite"),
+        ({"type": "MultiPolygon", "coordinates": [[[1, 2], [3, 4]]]}, r"hold \[1, 2\]: not"),
+        ({"type": "Polygon", "coordinates": [5]}, "coordinates hold 5: not a list"),
+        # a ring of fewer than 4 positions, none at all, a 400-digit number (OverflowError)
+        ({"type": "Polygon", "coordinates": [[[1, 2], [3, 4], [1, 2]]]}, "not a ring"),
+        ({"type": "MultiPolygon", "coordinates": [[]]}, r"hold \[\]: empty"),
+        ({"type": "Polygon", "coordinates": [[[10**400, 1]] * 4]}, "not finite x, y"),
     ],
 )
 def test_malformed_geojson_is_refused_naming_the_file(tmp_path, content, message):

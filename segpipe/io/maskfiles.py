@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 from segpipe.geometry.foreground import pool_mask
 from segpipe.geometry.pixels import level_downsample
+from segpipe.io.files import location
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.readers.photometric import Photometric, min_is_black
 
@@ -40,7 +40,7 @@ def mask_file_sha256(path: str | os.PathLike[str]) -> str:
     archive run asks for one mask's hash several times per image, and a whole-slide mask
     may be large. Any write changes a file's ctime, which no one can set back.
     """
-    root = Path(path)
+    root = Path(location(path))  # a file:// URL is the local file it names
     folder = root.is_dir()
     files = (
         sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
@@ -95,7 +95,7 @@ def read_mask_file(
     ``level`` of ``(ny, nx)`` pixels, level pixel ``(y, x)`` in mask pixel ``(y * my // ny,
     x * mx // nx)``: an image, stretched, or GeoJSON polygons in level-0 pixels, mapped by
     the level's downsample (:mod:`segpipe.execution.foreground` says which pixels)."""
-    path = Path(path)
+    path = Path(location(path))
     if path.suffix.lower() in (".geojson", ".json"):
         return _rasterize_geojson(path, reader, level, shape)
     image = open_image(path)
@@ -217,6 +217,8 @@ def _geojson_polygons(data: object) -> list[dict[str, Any]]:
                 f"{json.dumps(f)[:60]}); expected a FeatureCollection, a Feature or a Polygon"
             )
         if geometry and geometry.get("type") in ("Polygon", "MultiPolygon"):
+            if geometry.get("coordinates") == []:
+                continue  # empty: RFC 7946's other way of saying a null geometry
             depth = 1 if geometry["type"] == "Polygon" else 2  # lists above a ring
             _check_positions(geometry.get("coordinates"), depth, f"feature {i}")
             geometries.append(geometry)
@@ -229,8 +231,9 @@ def _check_positions(value: Any, depth: int, where: str) -> None:
     """Refuse coordinates that are not ``depth`` nested lists of rings, lists of positions of
     two or more finite numbers: rasterio's bounds crashed the process (a segfault) on a
     position ``["a", "b"]``."""
-    if not isinstance(value, list):
-        raise ValueError(f"{where}'s coordinates are {json.dumps(value)[:60]}, not a list")
+    if not isinstance(value, list) or len(value) < (1 if depth else 4):
+        what = "not a list" if not isinstance(value, list) else "empty" if depth else "not a ring"
+        raise ValueError(f"{where}'s coordinates hold {json.dumps(value)[:60]}: {what}")
     for item in value:
         if depth:
             _check_positions(item, depth - 1, where)
@@ -238,6 +241,6 @@ def _check_positions(value: Any, depth: int, where: str) -> None:
             isinstance(item, list)
             and len(item) >= 2
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in item)
-            and all(math.isfinite(v) for v in item)
+            and all(-1e300 < v < 1e300 for v in item)  # no NaN, no inf, no 400-digit int
         ):
             raise ValueError(f"{where} has position {json.dumps(item)[:60]}: not finite x, y")
