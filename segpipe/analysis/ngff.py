@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,9 +44,15 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.io.files import URLPath, delete_marked_store, location, overlap, siblings
+from segpipe.io.files import (
+    URLPath,
+    delete_marked_store,
+    location,
+    overlap,
+)
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
+from segpipe.io.siblings import sibling_name, siblings
 from segpipe.results import label_path, naming_damage, open_result
 from segpipe.results.lock import result_read
 
@@ -157,7 +162,7 @@ def _export_locally(
     here = target.resolve()
     for old in siblings(here, "exporting") + siblings(here, "deleting"):
         shutil.rmtree(old, ignore_errors=True)  # what a killed export left
-    building = here.with_name(f".{here.name}.exporting-{uuid.uuid4().hex[:12]}")
+    building = sibling_name(here, "exporting")
     try:
         _write(source, result, building, still)
         # Checked again: the copy took a while, and something may be at the output now.
@@ -165,7 +170,7 @@ def _export_locally(
         if not here.exists():
             os.rename(building, here)  # fails on anything there now but an empty folder
             return
-        trash = here.with_name(f".{here.name}.deleting-{uuid.uuid4().hex[:12]}")
+        trash = sibling_name(here, "deleting")
         os.rename(here, trash)
         try:
             os.rename(building, here)

@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import fnmatch
 import functools
-import glob
 import json
 import math
 import os
@@ -44,7 +43,6 @@ __all__ = [
     "mtime_of",
     "overlap",
     "remove_literal",
-    "siblings",
     "utc_now",
     "write_json_atomic",
     "write_text_atomic",
@@ -312,12 +310,6 @@ def _remove_folders(fs: Any, root: str) -> None:
         # A memory file system's folder implied by files vanished with them.
         with contextlib.suppress(FileNotFoundError):
             fs.rmdir(folder)
-
-
-def siblings(path: Path, kind: str) -> list[Path]:
-    """The hidden ``.<name>.<kind>-*`` entries a run makes beside local ``path`` (a copy being
-    built, one being deleted, scratch space): what a killed run leaves there."""
-    return list(path.parent.glob(glob.escape(f".{path.name}.{kind}-") + "*"))
 
 
 def delete_marked_store(url: URLPath, root: str, marker: tuple[str, ...]) -> None:

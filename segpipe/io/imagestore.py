@@ -25,15 +25,21 @@ import contextlib
 import json
 import os
 import shutil
-import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 from segpipe.geometry.pixels import level_downsample
-from segpipe.io.files import URLPath, delete_marked_store, is_url, json_number, location, siblings
+from segpipe.io.files import (
+    URLPath,
+    delete_marked_store,
+    is_url,
+    json_number,
+    location,
+)
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import Reader, open_image
+from segpipe.io.siblings import sibling_name, siblings
 from segpipe.io.units import check_pixel_size
 
 __all__ = [
@@ -235,7 +241,7 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     if isinstance(out, URLPath):
         delete_marked_store(out, _ROOT, ("attributes", "segpipe"))
         return
-    trash = out.with_name(f".{out.name}.deleting-{uuid.uuid4().hex[:12]}")
+    trash = sibling_name(out, "deleting")
     os.rename(out, trash)
     shutil.rmtree(trash)
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from segpipe.io.files import URLPath, utc_now
+from segpipe.io.siblings import check_name_room
 
 __all__ = ["StoreBusyError", "lock_path", "store_lock"]
 
@@ -45,18 +46,8 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
     '.slide.seg.zarr.lock'
     """
     real = Path(os.path.realpath(path))
-    if (size := len(os.fsencode(real.name))) > MAX_NAME_BYTES:
-        raise ValueError(
-            f"{path}: its name is {size} bytes; segpipe keeps hidden files beside a store "
-            f"(.<name>.lock, .<name>.exporting-<id>...) and a file name holds at most 255: "
-            f"give a name of at most {MAX_NAME_BYTES} bytes"
-        )
+    check_name_room(real, 6, f".{real.name}.lock")
     return real.with_name(f".{real.name}.lock")
-
-
-# The longest name a store may have: its hidden siblings add up to 24 bytes (a leading dot,
-# ".exporting-" and 12 hex digits), and a name holds at most 255 (NAME_MAX).
-MAX_NAME_BYTES = 255 - 24
 
 
 # A file system that cannot flock (NFS without a lock manager, some FUSE mounts) says so with

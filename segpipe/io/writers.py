@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes
-from segpipe.io.files import siblings
 from segpipe.io.locks import store_lock
+from segpipe.io.siblings import check_name_room, siblings
 
 __all__ = ["write_pyramidal_tiff"]
 
@@ -121,6 +121,7 @@ def write_pyramidal_tiff(
         for old in siblings(out, "writing"):
             shutil.rmtree(old, ignore_errors=True)
         prefix = f".{out.name}.writing-"
+        check_name_room(out, len(os.fsencode(prefix)) + 8 - len(os.fsencode(out.name)), prefix)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as scratch:
             written = Path(scratch) / out.name
             with tifffile.TiffWriter(written, bigtiff=True, ome=True) as tif:

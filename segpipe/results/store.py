@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -26,7 +25,8 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
-from segpipe.io.files import URLPath, overlap, siblings, utc_now
+from segpipe.io.files import URLPath, overlap, utc_now
+from segpipe.io.siblings import sibling_name, siblings
 from segpipe.results import remote
 from segpipe.results.encoding import class_map, encode_probabilities
 from segpipe.results.layout import block_level_arrays, create_layout
@@ -205,7 +205,7 @@ def _delete(path: Path | URLPath) -> None:
         remote.delete(path)
         return
     _check_not_link(path)
-    trash = _sibling(path, "deleting")
+    trash = sibling_name(path, "deleting")
     os.rename(path, trash)
     fault_point("result.deleting")
     shutil.rmtree(trash)
@@ -216,7 +216,7 @@ def _create(path: Path | URLPath, meta: ResultMeta) -> None:
         remote.create(path, meta)
         return
     _check_not_link(path)
-    building = _sibling(path, "creating")
+    building = sibling_name(path, "creating")
     try:
         create_layout(building, meta)
         fault_point("result.skeleton")
@@ -272,10 +272,6 @@ def _check_holds_no_input(path: Path | URLPath) -> None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return  # damaged metadata names no input
     check_not_source(path, *inputs)
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    return path.with_name(f".{path.name}.{kind}-{uuid.uuid4().hex[:12]}")
 
 
 def _remove_leftovers(path: Path | URLPath) -> None:

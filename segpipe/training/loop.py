@@ -22,7 +22,8 @@ from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.atomic import check_writable, process_gone
-from segpipe.io.files import location, siblings
+from segpipe.io.files import location
+from segpipe.io.siblings import siblings
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
