@@ -310,6 +310,19 @@ def test_a_zarr_store_ingested_again_is_not_read_by_a_workers_copy(tmp_path, sid
         pickle.loads(shipped).read(100, 200, 100, 200)
 
 
+def test_an_ome_zarr_exported_again_alike_is_not_read_by_a_workers_copy(tmp_path):
+    """Written anew under its name, of the same size and metadata (attributes, shapes, chunks
+    all equal): a worker's copy read the other pixels without a word."""
+    import shutil
+
+    path = write_ome_zarr(tmp_path / "img.zarr", _rgb())
+    shipped = pickle.dumps(open_image(path))
+    shutil.rmtree(path)
+    write_ome_zarr(path, 255 - _rgb())
+    with pytest.raises(ImageReadError, match=r"img\.zarr changed since it was opened"):
+        pickle.loads(shipped).read(0, 4, 0, 4)
+
+
 def test_a_worker_on_another_machine_reads_the_file_it_was_sent(tmp_path, monkeypatch):
     """Each machine of a cluster numbers an NFS mount (st_dev) its own way: compared, every
     worker copy on another node was refused as a changed file."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -76,7 +77,7 @@ class ZarrReader(BaseReader):
         self._set_layout(axes, shapes, chunks, dtype)
         # What a worker's copy (pickled), opening the store anew, checks it still finds: a
         # store ingested again under the name was read through this one's layout.
-        self._stamps = tuple(_stamp(node, a) for a in arrays)
+        self._stamps = tuple(self._stamp(node, a) for a in arrays)
         check_per_channel(
             self.path,
             self.level_shapes[0][2],
@@ -289,13 +290,25 @@ class ZarrReader(BaseReader):
         node = zarr.open(self.url or self.path, mode="r")
         path = self._array_paths[level]
         array = cast("zarr.Group", node)[path] if path else node
-        if _stamp(node, array) != self._stamps[level]:
+        if self._stamp(node, array) != self._stamps[level]:
             raise ImageReadError(f"{self.path} changed since it was opened; run again")
         return array
 
-
-def _stamp(node: Any, array: Any) -> tuple[Any, ...]:
-    """What tells a store from one written over it: the level's shape, dtype and chunks and
-    the root's attributes (an ingest's record of its source's pixels among them)."""
-    attrs = json.dumps(dict(node.attrs), sort_keys=True, default=str)
-    return (tuple(array.shape), str(np.dtype(array.dtype)), tuple(array.chunks), attrs)
+    def _stamp(self, node: Any, array: Any) -> tuple[Any, ...]:
+        """What tells a store from one written over it: the level's shape, dtype and chunks,
+        the root's attributes (an ingest's record of its source's pixels among them) and, for
+        a local store, its root's and the level's folders (inode, mtime: a store written
+        anew under the name, of the same size and metadata). Chunks rewritten in place, the
+        metadata untouched, go unseen."""
+        attrs = json.dumps(dict(node.attrs), sort_keys=True, default=str)
+        folders: tuple[Any, ...] = ()
+        if self.url is None:
+            stats = [os.stat(self.path), os.stat(os.path.join(self.path, array.path or ""))]
+            folders = tuple((s.st_ino, s.st_mtime_ns) for s in stats)
+        return (
+            tuple(array.shape),
+            str(np.dtype(array.dtype)),
+            tuple(array.chunks),
+            attrs,
+            *folders,
+        )
