@@ -407,6 +407,11 @@ def test_a_threshold_compares_stored_uint8_codes_as_their_exact_fraction(tmp_pat
         zarr.consolidate_metadata(path)
     above = query.threshold_mask(path, "tissue", threshold).values
     np.testing.assert_array_equal(above, codes / 255 > threshold)
+    # A level opened by xarray alone (the README's open_zarr) carries no segpipe attribute.
+    with quiet_consolidated():
+        plain = xr.open_zarr(path, group="0")
+    above = query.threshold_mask(plain, "tissue", threshold).values
+    np.testing.assert_array_equal(above, codes / 255 > threshold)
 
 
 def test_objects_in_a_region_keep_level_pixel_indices(corners):

@@ -174,11 +174,20 @@ def threshold_mask(
         # In float64: NumPy compares a float16 array with the threshold rounded to float16
         # (0.3 becomes 0.30005), which leaves out the pixels stored between the two.
         value = probability.astype(np.float64)
-        # As stored, or for a result written before SegmentConfig, as its identity says.
-        if ResultMeta.from_attrs(ds.attrs["segpipe"]).config.probability_dtype == "uint8":
+        if _stored_dtype(ds) == "uint8":
             # Stored as codes k of k/255, read as float32, which rounds most k/255 up: a code
             # of exactly 0.8 (204) was "above 0.8". Compared as the exact k/255 instead.
             value = (value * 255).round() / 255
         out = value > threshold
     out.attrs = {"long_name": f"{class_name} probability above {threshold}"}
     return out.rename(f"{class_name}>{threshold}")
+
+
+def _stored_dtype(ds: xr.Dataset) -> str | None:
+    """How ``ds``'s probabilities are stored: as its result says (a result written before
+    SegmentConfig in its identity alone), or for a Dataset of ``xarray.open_zarr``, which
+    carries no segpipe attribute, its encoding."""
+    if "segpipe" in ds.attrs:
+        return ResultMeta.from_attrs(ds.attrs["segpipe"]).config.probability_dtype
+    dtype = ds["probabilities"].encoding.get("dtype")
+    return None if dtype is None else str(np.dtype(dtype))
