@@ -62,3 +62,21 @@ def test_a_bad_ground_truth_is_refused_naming_its_file(
     tifffile.imwrite(path, truth)
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}.*{message}"):
         summarise(out, path)
+
+
+def test_a_result_whose_mask_holds_ids_past_its_classes_is_named_not_the_truth(
+    small_slide, random_checkpoint, tmp_path
+):
+    """The mask's own ids out of range (a damaged result) were reported as the truth's."""
+    import tifffile
+    import zarr
+
+    out = segpipe.segment(
+        small_slide.image, tmp_path / "r.zarr", random_checkpoint, tile=64, scheduler="sync"
+    )
+    mask = zarr.open_array(out / "0" / "mask", mode="r+")
+    mask[0, 0] = 9
+    path = tmp_path / "truth.tif"
+    tifffile.imwrite(path, np.zeros((300, 300), np.uint8))
+    with pytest.raises(ValueError, match=r"r\.zarr: its mask holds class ids in \[0, 9\]"):
+        summarise(out, path)

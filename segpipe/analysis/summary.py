@@ -95,8 +95,15 @@ def summarise(
             )
         try:
             conf = confusion_against(ds["mask"].data, truth, n)
-        except LabelError:  # class ids outside the result's classes: the file's, not a chunk's
-            lo, hi = (int(v) for v in dask.compute(truth.min(), truth.max()))
+        except LabelError:  # ids outside the result's classes: the file's range, not a chunk's
+            mask = ds["mask"].data
+            lo, hi, mlo, mhi = (int(v) for v in dask.compute(truth.min(), truth.max(),
+                                                             mask.min(), mask.max()))  # fmt: skip
+            if not 0 <= mlo <= mhi < n:  # the result's own mask: damaged, not the truth
+                raise ValueError(
+                    f"{result}: its mask holds class ids in [{mlo}, {mhi}], outside its "
+                    f"{n} classes; the result is damaged: segment it again"
+                ) from None
             raise ValueError(
                 f"{ground_truth} (ground truth of {result}): holds class ids in [{lo}, {hi}], "
                 f"outside [0, {n}); pass the right num_classes or map ignored pixels first"
