@@ -263,6 +263,20 @@ def test_a_tag_whose_values_lie_past_the_end_is_refused(tmp_path: Path, code, pi
     assert str(path) in str(info.value)
 
 
+def test_a_private_tag_whose_values_lie_past_the_end_is_left_out_with_a_warning(
+    tmp_path: Path,
+) -> None:
+    """A vendor's private tag (65000) cut off changes nothing read: tifffile reads the file,
+    and so does segpipe, saying what it left out (it refused the whole image)."""
+    path = tmp_path / "private.tif"
+    pixels = _rgb(64, 64)
+    tifffile.imwrite(path, pixels, photometric="rgb", extratags=[(65000, "B", 40, b"v" * 40)])
+    _value_past_the_end(path, 65000)
+    with pytest.warns(UserWarning, match="private tag 65000 has its values past the end"):
+        reader = open_image(path)
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 64), pixels)
+
+
 def test_a_pyramid_cut_amid_a_reduced_levels_tag_values_is_refused(tmp_path: Path) -> None:
     """Cut inside the last SubIFD's out-of-line values (its entries whole, its tiles gone):
     tifffile made that level a series of its own, and the pyramid opened one level short."""

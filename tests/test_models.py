@@ -272,6 +272,36 @@ def test_build_rejects_bad_requests() -> None:
         models.build("unet", input_mean=[0.5, 0.5])
 
 
+def test_a_model_whose_init_needs_real_values_still_builds(monkeypatch):
+    """Counting on the meta device failed build() for an __init__ calling .item() (a filter
+    bank computed from data): such a model is built as before, uncounted."""
+    from torch import nn
+
+    from segpipe.geometry.tiling import Geometry
+    from segpipe.models.base import REGISTRY, SegmentationModel
+    from segpipe.models.fcn import FCNConfig
+
+    class Scaled(SegmentationModel):
+        name = "scaled-test"
+        config_class = FCNConfig
+
+        def __init__(self, config=None, **kw):
+            super().__init__(config, **kw)
+            self.conv = nn.Conv2d(self.config.in_channels, self.config.num_classes, 3, padding=1)
+            self.scale = float(torch.linspace(-2, 2, 5).abs().max())  # real values
+
+        @property
+        def geometry(self):
+            return Geometry(halo=1, multiple=1, input_offset=0, shrinks=False)
+
+        def forward(self, x):
+            return self.conv(x) * self.scale
+
+    monkeypatch.setitem(REGISTRY, "scaled-test", Scaled)
+    net = models.build("scaled-test", class_names=("a", "b"))
+    assert net.scale == 2.0 and net.conv.weight.device.type == "cpu"
+
+
 @pytest.mark.parametrize(("name", "config"), [("unet", {"depth": 12}), ("fcn", {"width": 10**5})])
 def test_a_network_of_a_billion_weights_is_refused_before_it_is_allocated(name, config):
     """--depth 12 allocated 4.5 GB of one layer's weights and died in the allocator (a

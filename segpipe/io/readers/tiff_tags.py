@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import warnings
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
@@ -43,7 +44,14 @@ def _check_tag_value(fmt: Any, entry: bytes, file_size: int, path: str, name: st
         return  # the values lie in the entry itself
     at = int(struct.unpack(fmt.offsetformat, value)[0])
     if at + size > file_size:
-        tag = tifffile.TIFF.TAGS.get(code, "an unknown tag")
+        if code not in tifffile.TIFF.TAGS:  # a vendor's private tag: nothing read changes
+            warnings.warn(
+                f"{path}: {name}'s private tag {code} has its values past the end of the "
+                "file; left out, as tifffile does",
+                stacklevel=4,
+            )
+            return
+        tag = tifffile.TIFF.TAGS[code]
         raise ImageReadError(
             f"{path}: {name}'s tag {code} ({tag}) has its {count:,} values at bytes {at:,}-"
             f"{at + size:,}, past the end of the file ({file_size:,} bytes); the file is "
