@@ -991,14 +991,15 @@ def test_a_killed_saves_copy_is_cleared_by_the_next_save(finished_run, tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "m.pt"]
 
 
-def test_a_model_of_a_long_name_is_saved(finished_run, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["m" * 240 + ".pt", "é" * 118 + ".pt"], ids=["ascii", "utf-8"])
+def test_a_model_of_a_long_name_is_saved(finished_run, tmp_path: Path, name: str) -> None:
     """Its scored copy's name took the whole output name, past the 255 bytes a name may have:
-    the trained model was lost at the save."""
+    the trained model was lost at the save (and 200 characters of 2-byte letters are 400)."""
     from segpipe import models
     from segpipe.training import save_trained
 
     config, result = finished_run
-    out = tmp_path / ("m" * 240 + ".pt")
+    out = tmp_path / name
     save_trained(tiny_unet(), config, result, out)
     assert models.load(out).checkpoint_metrics is not None
     assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -321,7 +321,7 @@ def save_trained(
         )
         half = False
     # Within NAME_MAX (255 bytes) whatever the output's name, as atomic.replaced_file's.
-    short = path.with_name(path.name[:200])
+    short = path.with_name(os.fsencode(path.name)[:200].decode("utf-8", "ignore"))  # bytes
     for left in siblings(short, "unscored"):  # a killed save's copy: a whole model each
         with contextlib.suppress(ValueError, OSError):
             if process_gone(left.name.rsplit("-", 1)[1].split(".")[0]):
