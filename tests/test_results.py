@@ -1603,6 +1603,16 @@ def test_chunks_a_replaced_run_wrote_late_are_removed_and_the_next_run_completes
     assert names == {"r.seg.zarr", ".r.seg.zarr.lock"}
 
 
+@pytest.mark.parametrize("folder", ["0/mask/c/0", "_segpipe/tiles_done/c"])
+def test_a_late_write_killed_before_its_chunk_leaves_debris_that_is_removed(tmp_path, folder):
+    """Killed between its mkdir and its chunk, a late write leaves chunk folders alone: they
+    are removed as debris, not refused as a user's folder (the path would be stuck)."""
+    path = tmp_path / "r.zarr"
+    (path / folder).mkdir(parents=True)
+    prepare_result(path, meta())
+    assert is_result(path)
+
+
 def test_delete_result_removes_chunks_a_replaced_run_wrote_late(tmp_path):
     path = tmp_path / "r.zarr"
     debris_at(path)
@@ -1671,11 +1681,11 @@ def test_chunks_beside_anything_else_are_refused_and_kept(tmp_path, extra):
     assert (tmp_path / "user.bin").exists() or extra != "link"
 
 
-@pytest.mark.parametrize("folders", [["1", "2"], ["0/mask/c/0"], ["_segpipe/tiles_done/c"]])
+@pytest.mark.parametrize("folders", [["1", "2"], ["0/mask", "1/probabilities"], ["_segpipe"]])
 def test_folders_alone_named_like_a_results_are_no_debris(tmp_path, folders):
     """A user's folder of empty subfolders named as a result's levels (1/, 2/) passed for the
-    leftovers of late chunk writes and was deleted by a run writing there: no chunk, no
-    debris. It is refused as any other folder that is not a result."""
+    leftovers of late chunk writes and was deleted by a run writing there: no chunk and no
+    chunk folder, no debris. It is refused as any other folder that is not a result."""
     path = tmp_path / "out"
     for folder in folders:
         (path / folder).mkdir(parents=True)

@@ -81,19 +81,32 @@ def is_debris(path: Path) -> bool:
     """Whether the folder at ``path`` holds nothing but what late writes by path leave there
     once the result has been renamed away: chunks of a result's arrays (``0/mask/c/1/2``,
     ``_segpipe/tiles_done/c/0/0``), a chunk write cut short, and the folders on their way;
-    no ``zarr.json`` (a root's or a user's group's) and no link anywhere, and a chunk at least.
-    Folders alone, a link, or anything else are not: never deleted as debris."""
+    no ``zarr.json`` (a root's or a user's group's) and no link anywhere, and a chunk or an
+    array's chunk folder (``0/mask/c``: a write killed between its mkdir and its chunk) at
+    least. Folders named like levels alone (``1/``, ``2/mask``: a user's), a link, or anything
+    else are not: never deleted as debris."""
     if path.is_symlink() or not path.is_dir():
         return False
-    chunks = False  # folders alone, named like a level's (1/, 2/), are a user's, empty or not
+    written = False
     for folder, folders, files in os.walk(path):
         for name in folders + files:
             entry = Path(folder, name)
             key = entry.relative_to(path).as_posix()
             if entry.is_symlink() or not _is_written_key(key, folder=name in folders):
                 return False
-        chunks = chunks or bool(files)
-    return chunks
+            written = written or name not in folders or _reaches_chunks(key)
+    return written
+
+
+def _reaches_chunks(key: str) -> bool:
+    """Whether folder ``key`` is an array's chunk folder (``<array>/c``) or one inside it."""
+    parts = key.split("/")
+    return any(
+        len(parts) > len(array)
+        and all(re.fullmatch(p, s) for p, s in zip(array, parts, strict=False))
+        and parts[len(array)] == "c"
+        for array in _WRITTEN_ARRAYS
+    )
 
 
 def _is_written_key(key: str, *, folder: bool) -> bool:
