@@ -46,7 +46,7 @@ def lock_path(path: str | os.PathLike[str]) -> Path:
     '.slide.seg.zarr.lock'
     """
     real = Path(os.path.realpath(path))
-    check_name_room(real, 6, f".{real.name}.lock")
+    check_name_room(real, f".{real.name}.lock")
     return real.with_name(f".{real.name}.lock")
 
 

@@ -121,7 +121,7 @@ def write_pyramidal_tiff(
         for old in siblings(out, "writing"):
             shutil.rmtree(old, ignore_errors=True)
         prefix = f".{out.name}.writing-"
-        check_name_room(out, len(os.fsencode(prefix)) + 8 - len(os.fsencode(out.name)), prefix)
+        check_name_room(out, prefix + "x" * 8)  # and TemporaryDirectory's 8 characters
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=prefix) as scratch:
             written = Path(scratch) / out.name
             with tifffile.TiffWriter(written, bigtiff=True, ome=True) as tif:
