@@ -35,6 +35,7 @@ from segpipe.atomic import replaced_file
 __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
+    "changed_file",
     "delete_marked_store",
     "file_state",
     "is_url",
@@ -341,6 +342,12 @@ def file_state(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
     except OSError:
         return None
     return (s.st_ino, s.st_size, s.st_mtime_ns) if stat.S_ISREG(s.st_mode) else None
+
+
+def changed_file(states: Mapping[str, tuple[int, ...] | None]) -> str | None:
+    """The first of ``states``' files (path: its :func:`file_state` when it was read) whose
+    state is another now; None when none is."""
+    return next((f for f, state in states.items() if file_state(f) != state), None)
 
 
 def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.io.files import URLPath, file_state
+from segpipe.io.files import URLPath, changed_file
 from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
 from segpipe.io.readers.dicom_checks import refuse_broken_concatenations, refuse_unreadable_pixels
 from segpipe.io.readers.dicom_series import (
@@ -107,7 +107,7 @@ class DicomReader(BaseReader):
         refuse_broken_concatenations(instances)
         refuse_misplaced_frames(instances)
         self._instance_files = tuple(str(i.path) for i in instances)
-        self._instance_states = tuple(i.state for i in instances)  # checked at each open
+        self._instance_states = {str(i.path): i.state for i in instances}  # at each open
         slide = self._open()
         try:
             self._pyramid = main_pyramid(list(slide.pyramids), instances, self.path)
@@ -182,9 +182,8 @@ class DicomReader(BaseReader):
             return self._slide
         # A worker's copy (pickled), or a read after close, opens by path: a scan saved
         # over the slide since would be read.
-        for f, state in zip(self._instance_files, self._instance_states, strict=True):
-            if file_state(f) != state:
-                raise ImageReadError(f"{f} changed since it was opened; run again")
+        if (changed := changed_file(self._instance_states)) is not None:
+            raise ImageReadError(f"{changed} changed since it was opened; run again")
         wsidicom = self._wsidicom()
         # Levels of their own tile size (Bio-Formats shrinks small levels' tiles) are
         # read, not left out as wsidicom's strict default leaves them.

@@ -28,7 +28,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from segpipe.io.files import URLPath, file_state
+from segpipe.io.files import URLPath, changed_file, file_state
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
@@ -177,12 +177,11 @@ class TiffReader(BaseReader):
 
         if self._tif is None:
             self._tif = tifffile.TiffFile(self._file())
-            for name, state in self._companions.items():
-                if file_state(name) != state:
-                    raise ImageReadError(
-                        f"{name}, a file of the OME-TIFF set {self.path}, changed since it was "
-                        "opened; run again"
-                    )
+            if (changed := changed_file(self._companions)) is not None:
+                raise ImageReadError(
+                    f"{changed}, a file of the OME-TIFF set {self.path}, changed since it was "
+                    "opened; run again"
+                )
         series = self._tif.series[self._series]
         # Segments worth a thread (tifffile's own rule: compressed, not tiny) are decoded in
         # zarr's thread pool, not in zarr's one event-loop thread, where tifffile decodes them
