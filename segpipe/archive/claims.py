@@ -234,11 +234,7 @@ def _is_stale(path: Path, data: Mapping[str, Any], ttl_s: float) -> bool:
     """Whether the lock has had no heartbeat for its ttl, or its owner died on this machine
     (no heartbeat will come); an unreadable lock (no token, no ttl of its own) may be one
     being written right now, so it gets the claimer's ``ttl_s``."""
-    if (
-        "token" in data
-        and data.get("host") == socket.gethostname()
-        and process_gone(data.get("pid"))
-    ):
+    if "token" in data and _died_here(data.get("host"), data.get("pid")):
         return True
     try:
         age = time.time() - path.stat().st_mtime
@@ -329,4 +325,9 @@ def _guard_holder_gone(guard: Path) -> bool:
         host, pid = guard.read_text().split("\n")
     except (OSError, UnicodeDecodeError, ValueError):  # one being written, or gone
         return False
+    return _died_here(host, pid)
+
+
+def _died_here(host: Any, pid: Any) -> bool:
+    """Whether process ``pid`` of machine ``host`` is gone, told on that machine alone."""
     return host == socket.gethostname() and process_gone(pid)
