@@ -434,7 +434,7 @@ def test_a_local_result_of_a_url_source_is_checked_without_opening_the_url(tmp_p
         check_not_source(path, source)  # a URL and a local path never overlap
     assert overlap("s3://b/r.zarr/x.tif", "s3://b/r.zarr/") == "is inside"
     prepare_result(path, meta(source="/elsewhere/slide.svs"))
-    _edited(path, lambda d: _segpipe(d).update(source="gs://scans/slide.svs"))
+    _edited(path, lambda d: _segpipe(d)["identity"].update(source="gs://scans/slide.svs"))
     prepare_result(path, meta(), overwrite=True)
     delete_result(path)
     assert not path.exists()

@@ -40,6 +40,7 @@ from segpipe.results.schema import (
     is_result,
     open_root,
     read_attrs,
+    read_meta,
     store_of,
 )
 from segpipe.results.shards import write_together
@@ -81,8 +82,7 @@ def prepare_result(
     removed first. :func:`segpipe.segment` holds the result's run lock around all this.
     """
     path = path if isinstance(path, URLPath) else Path(path)
-    mask_file = [meta.config.foreground] if meta.foreground_sha256 else []  # a path, then
-    check_not_source(path, meta.source, *mask_file)
+    check_not_source(path, *_inputs_of(meta))
     _check_sizes(meta)
     _remove_leftovers(path)
     if path.exists():
@@ -266,12 +266,15 @@ def check_not_source(path: Path | URLPath, source: str, *inputs: str) -> None:
 def _check_holds_no_input(path: Path | URLPath) -> None:
     """Refuse to delete a result that holds the inputs it was made of (a scan filed in it)."""
     try:
-        attrs = read_attrs(path)
-        mask = [attrs["config"]["foreground"]] if attrs["identity"].get("foreground_sha256") else []
-        inputs = [str(attrs["source"]), *map(str, mask)]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        inputs = _inputs_of(read_meta(path))
+    except (OSError, ValueError):
         return  # damaged metadata names no input
     check_not_source(path, *inputs)
+
+
+def _inputs_of(meta: ResultMeta) -> list[str]:
+    """The files a result is made of: its source image, and its mask file where it has one."""
+    return [meta.source, *([meta.config.foreground] if meta.foreground_sha256 else [])]
 
 
 def _remove_leftovers(path: Path | URLPath) -> None:
