@@ -44,12 +44,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.io.files import (
-    URLPath,
-    delete_marked_store,
-    location,
-    overlap,
-)
+from segpipe.io.files import URLPath, delete_marked_store, location, overlap
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
 from segpipe.io.siblings import sibling_name, siblings

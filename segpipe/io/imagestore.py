@@ -30,13 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from segpipe.geometry.pixels import level_downsample
-from segpipe.io.files import (
-    URLPath,
-    delete_marked_store,
-    is_url,
-    json_number,
-    location,
-)
+from segpipe.io.files import URLPath, delete_marked_store, is_url, json_number, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.siblings import sibling_name, siblings
