@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -151,6 +152,16 @@ class SegmentConfig:
     )
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            # numpy's numbers (np.int64 from a shape, np.float32 from an array) are taken as
+            # the Python number they equal: the stored config is JSON
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or type(value) in (int, float):
+                continue
+            if isinstance(value, numbers.Integral):
+                object.__setattr__(self, f.name, int(value))
+            elif isinstance(value, numbers.Real):
+                object.__setattr__(self, f.name, float(value))
         for name in ("tile", "task_tiles", "min_level_size", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
         if self.level is not None:

@@ -8,6 +8,7 @@ import types
 import typing
 from typing import Any, Literal
 
+import numpy as np
 import pytest
 
 import segpipe
@@ -107,6 +108,30 @@ def test_a_bad_value_is_refused_naming_the_field_and_the_value(name, value):
     message = str(info.value)
     assert message.startswith(f"SegmentConfig.{name} ")
     assert repr(value) in message or str(value) in message
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("tile", np.int64(256), 256),
+        ("batch_size", np.uint16(3), 3),
+        ("overlap", np.float32(0.25), 0.25),
+        ("pixel_size_um", np.float32(0.3), float(np.float32(0.3))),
+        ("sigma_scale", np.float64(0.5), 0.5),
+        ("level", np.int32(0), 0),
+    ],
+)
+def test_numpy_numbers_are_taken_as_the_python_number_they_equal(name, value, expected):
+    config = SegmentConfig(**{name: value})
+    stored = getattr(config, name)
+    assert stored == expected and type(stored) is type(expected)
+    json.dumps(config.as_dict())  # the stored config is JSON
+
+
+@pytest.mark.parametrize(("name", "value"), [("tile", np.float64(256.0)), ("amp", np.bool_(1))])
+def test_numpy_numbers_of_the_wrong_kind_are_still_refused(name, value):
+    with pytest.raises(ValueError, match=rf"SegmentConfig\.{name} "):
+        SegmentConfig(**{name: value})
 
 
 @pytest.mark.parametrize(
