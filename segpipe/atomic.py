@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_writable", "process_gone", "replaced_file"]
+__all__ = ["check_writable", "process_gone", "replaced_file", "scratch_file"]
 
 
 def _read_umask() -> int:
@@ -43,6 +43,24 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     share one; the last rename wins.
     """
     path = Path(path)
+    with scratch_file(path) as tmp:
+        yield tmp
+        # After a power cut the rename may reach the disk before the data: fsync first.
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # a folder there, a read-only file system
+            raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
+
+
+@contextlib.contextmanager
+def scratch_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty hidden file beside ``path`` (``.<name>.<host>-<pid>-*.part``, the
+    user's file mode), removed when the block ends. Copies that writers killed on this machine
+    left beside ``path`` are removed first. The folder is created when missing; an OSError
+    of the file system names ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_copies(path)
     try:
@@ -54,20 +72,13 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
     tmp = Path(name)
     try:
-        # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
+        # mkstemp's file is the owner's alone (0600); a renamed file must be readable as any
         # other the user writes (a shared output root's reports, sidecars and checkpoints).
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)
         finally:
             os.close(fd)
         yield tmp
-        # After a power cut the rename may reach the disk before the data: fsync first.
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        try:
-            os.replace(tmp, path)
-        except OSError as err:  # a folder there, a read-only file system
-            raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -87,10 +98,12 @@ def _remove_killed_copies(path: Path) -> None:
     checkpoint each): their pid is gone. Another machine's, on a shared folder, are left."""
     here = _copy_prefix(path)
     with contextlib.suppress(OSError):
-        for left in path.parent.glob(f"{glob.escape(here)}*.part"):
-            with contextlib.suppress(OSError, ValueError):
-                if process_gone(left.name[len(here) :].split("-", 1)[0]):
-                    left.unlink()
+        # A scratch file written whole (replaced_file's inside scratch_file's) leaves ".<copy>."
+        for prefix in (here, f".{here}"):
+            for left in path.parent.glob(f"{glob.escape(prefix)}*.part"):
+                with contextlib.suppress(OSError, ValueError):
+                    if process_gone(left.name[len(prefix) :].split("-", 1)[0]):
+                        left.unlink()
 
 
 def process_gone(pid: Any) -> bool:

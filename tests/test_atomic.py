@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from segpipe.atomic import replaced_file
+from segpipe.atomic import replaced_file, scratch_file
 
 
 def _litter(folder):
@@ -104,6 +104,28 @@ def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
         part.write_bytes(b"new weights")
     assert target.read_bytes() == b"new weights"
     assert sorted(_litter(tmp_path)) == sorted([alive.name, elsewhere.name])
+
+
+def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tmp_path):
+    """A scored model's copy is a scratch file written through replaced_file: a kill then
+    leaves two hidden files, the scratch and its own copy; both went for good."""
+    target = tmp_path / "m.pt"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from segpipe.atomic import replaced_file, scratch_file
+        with scratch_file({str(target)!r}) as scratch:
+            with replaced_file(scratch) as part:
+                part.write_bytes(b"half a model")
+                os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], check=False)
+    assert run.returncode == -signal.SIGKILL
+    assert len(_litter(tmp_path)) == 2
+    with scratch_file(target) as scratch:
+        assert _litter(tmp_path) == [scratch.name]
+    assert _litter(tmp_path) == []
 
 
 def test_writers_at_once_each_land_whole(tmp_path):

@@ -975,6 +975,8 @@ def test_options_for_a_model_that_does_not_exist_say_it_does_not() -> None:
 def test_a_killed_saves_copy_is_cleared_by_the_next_save(finished_run, tmp_path: Path) -> None:
     """Killed while it scored the float16 weights, a save left a whole model beside the
     output, hidden, for good. Another live process's copy is its own, and stays."""
+    import hashlib
+    import socket
     import subprocess
     import sys
 
@@ -983,8 +985,9 @@ def test_a_killed_saves_copy_is_cleared_by_the_next_save(finished_run, tmp_path:
     config, result = finished_run
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    left = tmp_path / f".m.pt.unscored-{dead}.pt"
-    live = tmp_path / f".m.pt.unscored-{os.getppid()}.pt"
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+    left = tmp_path / f".m.pt.{host}-{dead}-x.part"
+    live = tmp_path / f".m.pt.{host}-{os.getppid()}-x.part"
     for copy in (left, live):
         copy.write_bytes(b"a model")
     save_trained(tiny_unet(), config, result, tmp_path / "m.pt")

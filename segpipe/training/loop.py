@@ -7,7 +7,6 @@ caller uses, predicting through the pipeline's overlap-tile stitcher; a result h
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
@@ -21,9 +20,8 @@ import torch
 from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
-from segpipe.atomic import check_writable, process_gone
+from segpipe.atomic import check_writable, scratch_file
 from segpipe.io.files import location
-from segpipe.io.siblings import siblings
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
@@ -320,17 +318,9 @@ def save_trained(
             stacklevel=2,
         )
         half = False
-    # Within NAME_MAX (255 bytes) whatever the output's name, as atomic.replaced_file's.
-    short = path.with_name(os.fsencode(path.name)[:200].decode("utf-8", "ignore"))  # bytes
-    for left in siblings(short, "unscored"):  # a killed save's copy: a whole model each
-        with contextlib.suppress(ValueError, OSError):
-            if process_gone(left.name.rsplit("-", 1)[1].split(".")[0]):
-                left.unlink()
-    unscored = path.with_name(f".{short.name}.unscored-{os.getpid()}.pt")
-    try:
+    # The float16 weights scored are those read back from a file, as a user will read them.
+    with scratch_file(path) as unscored:
         saved = models.load(models.save(model, unscored, half=half))
-    finally:
-        unscored.unlink(missing_ok=True)
     scores = (
         evaluate_model(saved, make_slides(config)[1], tile=config.val_tile)
         if half
