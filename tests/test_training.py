@@ -518,7 +518,7 @@ def test_an_interrupted_state_write_keeps_the_previous_state(
     with pytest.raises((CheckpointError, RuntimeError), match="disk full"):
         save_state(
             model, optimiser, schedule, np.random.default_rng(0), rerun, 2, 1.0, [], [],
-            [{"epoch": 1, "step": 2}], {},
+            [{"epoch": 1, "step": 2}], {}, data_sha256="0" * 64,
         )  # fmt: skip
     assert state_path(tmp_path / "epoch-001.pt").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch-001.pt", "epoch-001.state.pt"]
@@ -737,6 +737,44 @@ def test_validation_images_of_another_kind_are_refused_before_training(
         train(model, config)
     for a, b in zip(initial, model.parameters(), strict=True):
         assert torch.equal(a, b), "refused before any step"
+
+
+def test_resume_on_changed_folder_images_is_refused(tmp_path: Path) -> None:
+    """A run resumed after its folder's images changed went on with other images, silently:
+    its weights were neither the old run's nor a run's on the new images."""
+    import tifffile
+
+    from segpipe.models import CheckpointError
+    from segpipe.training import class_names_for, initial_model, pixel_contract_for
+
+    slides = [tissue_slide(48, seed=s) for s in (1, 2, 9)]
+    config = TrainConfig(
+        **{**TINY, "epochs": 2},
+        dataset="folder",
+        train_folder=str(_tiff_folder(tmp_path / "train", slides[:2], _twelve_bit)),
+        val_folder=str(_tiff_folder(tmp_path / "val", slides[2:], _twelve_bit)),
+        checkpoint_dir=str(tmp_path / "run"),
+    )
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        names, contract = class_names_for(config), pixel_contract_for(config)
+        return initial_model(
+            "unet", class_names=names, contract=contract, width=4, depth=2, padding="valid"
+        )
+
+    straight = model()
+    train(straight, config)
+    resume = replace(config, checkpoint_dir=None, resume_from=str(tmp_path / "run/epoch-001.pt"))
+    resumed = model()
+    train(resumed, resume)  # the same images: resumed, bit for bit
+    for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    image = tmp_path / "val" / "images" / "val0.tif"
+    tifffile.imwrite(image, tifffile.imread(image)[::-1].copy())
+    with pytest.raises(CheckpointError, match=r"epoch-001\.state\.pt: its run trained on other "
+                       r"images.*images of .*train and .*val changed"):  # fmt: skip
+        train(model(), resume)
 
 
 def test_folders_are_read_with_the_folder_dataset_only() -> None:

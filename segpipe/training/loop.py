@@ -33,7 +33,12 @@ from segpipe.training.config import (
 from segpipe.training.datasets import separate_touching
 from segpipe.training.losses import softmax_cross_entropy
 from segpipe.training.sampling import sample_pairs
-from segpipe.training.state import check_checkpoint_dir, load_state, save_state
+from segpipe.training.state import (
+    check_checkpoint_dir,
+    data_fingerprint,
+    load_state,
+    save_state,
+)
 
 if TYPE_CHECKING:
     from segpipe.models import SegmentationModel
@@ -139,6 +144,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     rng = np.random.default_rng(config.seed)
     geometry = geometry_of(model)
     train_slides, val_slides = make_slides(config)
+    data_sha256 = data_fingerprint(train_slides, val_slides)
     if config.separate_touching:
         train_slides = [separate_touching(s) for s in train_slides]
     names = tuple(train_slides[0].class_names)
@@ -161,7 +167,9 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     first_step, seconds_before = 0, 0.0
     scores: Evaluation | None = None
     if config.resume_from:
-        state = load_state(config.resume_from, model, optimiser, schedule, rng, config)
+        state = load_state(
+            config.resume_from, model, optimiser, schedule, rng, config, data_sha256=data_sha256
+        )
         first_step, seconds_before = state["step"], state["train_seconds"]
         history, window_losses, epochs = (
             state["loss_history"],
@@ -234,6 +242,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
                     window_losses,
                     epochs,
                     scores.as_dict(),
+                    data_sha256=data_sha256,
                 )
     train_seconds = seconds_before + time.perf_counter() - start
     if scores is None:

@@ -17,10 +17,12 @@ same rule, :func:`check_checkpoint_dir` keeps a run from writing over another ru
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import reprlib
+from collections.abc import Sequence
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,9 +36,17 @@ from segpipe.atomic import check_writable, replaced_file
 from segpipe.models.checkpoint import CheckpointError, fingerprint, read_payload
 
 if TYPE_CHECKING:
+    from segpipe.analysis.evaluation import LabelledImage
     from segpipe.training.config import TrainConfig
 
-__all__ = ["RESUME_MAY_CHANGE", "check_checkpoint_dir", "load_state", "save_state", "state_path"]
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "check_checkpoint_dir",
+    "data_fingerprint",
+    "load_state",
+    "save_state",
+    "state_path",
+]
 
 # The TrainConfig fields a resumed run may set otherwise than the run it continues: where it
 # writes, what it resumes from, what it shows, and how many CPU threads compute (another count,
@@ -124,10 +134,13 @@ def save_state(
     window_losses: list[float],
     epochs: list[dict[str, Any]],
     evaluation: dict[str, Any],
+    *,
+    data_sha256: str,
 ) -> Path:
     """``epoch-NNN.pt`` (the model, :func:`segpipe.models.save`) and ``epoch-NNN.state.pt``
-    (everything else a resume needs, and ``evaluation``, the epoch's validation as
-    ``Evaluation.as_dict()``; tensors and plain data, so weights-only loadable)."""
+    (everything else a resume needs, ``evaluation``, the epoch's validation as
+    ``Evaluation.as_dict()``, and ``data_sha256``, the :func:`data_fingerprint` of the run's
+    images; tensors and plain data, so weights-only loadable)."""
     from segpipe import models
 
     if not isinstance(model, models.SegmentationModel):
@@ -150,10 +163,28 @@ def save_state(
             "epochs": json.dumps(epochs),
             "evaluation": json.dumps(evaluation),
             "fingerprint": fingerprint(model),
+            "data_sha256": data_sha256,
         },
         state_path(path),
     )
     return path
+
+
+def data_fingerprint(*datasets: Sequence[LabelledImage]) -> str:
+    """sha256 of the pixels, labels and instances (with their dtypes and shapes) of each image
+    of ``datasets`` in order: a run resumed on other images would mix two runs."""
+    digest = hashlib.sha256()
+    for data in datasets:
+        digest.update(b"dataset")
+        for item in data:
+            for array in (item.image, item.labels, item.instances):
+                if array is None:
+                    digest.update(b"none")
+                    continue
+                array = np.ascontiguousarray(array)
+                digest.update(f"{array.dtype.str}{array.shape}".encode())
+                digest.update(array.data)
+    return digest.hexdigest()
 
 
 def _save_atomic(payload: dict[str, Any], path: Path) -> None:
@@ -173,6 +204,8 @@ def load_state(
     schedule: torch.optim.lr_scheduler.LRScheduler,
     rng: np.random.Generator,
     config: TrainConfig,
+    *,
+    data_sha256: str,
 ) -> dict[str, Any]:
     """Restore ``model``, ``optimiser``, ``schedule`` and ``rng`` (and torch's random state) from
     ``checkpoint`` and its :func:`state_path`; return that state, its ``epochs`` (and its
@@ -182,8 +215,10 @@ def load_state(
     :data:`RESUME_MAY_CHANGE`, and :class:`~segpipe.models.CheckpointError` naming the file
     when either file cannot be read, the state holds entries of other kinds than
     :func:`save_state` writes or is not the checkpoint's (another step, epoch count or
-    fingerprint), the weights do not fit ``model``, or its class names, input normalisation
-    or pixel contract differ from the checkpoint's (all checked before anything is restored).
+    fingerprint), its run trained on other images than those ``data_sha256``
+    (:func:`data_fingerprint`) is of, the weights do not fit ``model``, or its class names,
+    input normalisation or pixel contract differ from the checkpoint's (all checked before
+    anything is restored).
     """
     from segpipe import models
 
@@ -196,6 +231,16 @@ def load_state(
     saved = models.load(checkpoint)
     _check_settings(checkpoint, (saved.checkpoint_metrics or {}).get("config"), config)
     state = _read_state(state_file, saved, config)
+    if state.get("data_sha256", data_sha256) != data_sha256:  # states before it: unchecked
+        data = (
+            f"the images of {config.train_folder} and {config.val_folder} changed"
+            if config.dataset == "folder"
+            else f"this release makes other {config.dataset} scenes of the same seeds"
+        )
+        raise CheckpointError(
+            f"cannot resume from {state_file}: its run trained on other images than this one "
+            f"would ({data} since it was written); resume on that run's images, or train anew"
+        )
     mismatch = (
         f"cannot resume from {checkpoint}: it holds {_architecture(saved)}, the model to "
         f"train is {_architecture(model)}; build the model as that run did"
