@@ -189,6 +189,30 @@ def test_an_alpha_band_described_otherwise_is_still_the_alpha(tmp_path):
     np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), data[3] > 0)
 
 
+@pytest.mark.parametrize("copy", ["file", "ingest"])
+def test_an_alpha_band_beside_a_nodata_value_is_the_mask(tmp_path, copy):
+    """With a nodata value GDAL flags every band "nodata", the alpha too: read so, transparent
+    pixels of any colour were valid, and an opaque black one invalid; GDAL's mask is the alpha."""
+    from segpipe.io.ingest import ingest
+
+    data = _bands(4, "uint8")
+    data[data == 0] = 1
+    data[3] = 255
+    data[3, :, :100] = 0  # transparent, coloured
+    data[:3, :50, :] = 0  # black (the nodata value), opaque right of column 100
+    path = write_raster(
+        tmp_path / "rgba.tif", data, overviews=(), photometric="RGB", alpha="YES", nodata=0
+    )
+    if copy == "ingest":
+        path = ingest(path, tmp_path / "rgba.zarr", chunk=64)
+    reader = open_image(path)
+    assert reader.mask_kind == "alpha"
+    np.testing.assert_array_equal(reader.valid_mask(0, 200, 0, 300), data[3] > 0)
+    with rasterio.open(write_raster(tmp_path / "again.tif", data, overviews=(), photometric="RGB",
+                                    alpha="YES", nodata=0)) as ds:  # fmt: skip
+        np.testing.assert_array_equal(ds.dataset_mask() > 0, data[3] > 0)
+
+
 def test_float32_single_band_nodata(tmp_path):
     data = _bands(1, "float32")
     data[0, 150:, :] = -9999.0

@@ -139,6 +139,10 @@ def raster_metadata(source: str | URLPath, tif: Any, keyframe: Any) -> RasterMet
         kind: str | None = "alpha"
     elif MaskFlags.per_dataset in flags:
         kind = "mask"
+    elif ColorInterp.alpha in interp:
+        # With a nodata value GDAL flags every band, the alpha too, "nodata"; its dataset mask
+        # (rasterio's dataset_mask) is still the alpha's
+        kind = "alpha"
     elif MaskFlags.nodata in flags:
         kind = "nodata"
     else:
