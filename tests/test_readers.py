@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -2218,6 +2219,23 @@ def test_an_ome_xml_declaring_more_planes_than_the_file_holds_is_refused_before_
     assert 'SizeT="16777216"' in xml
     tifffile.imwrite(path, planes, description=xml, metadata=None)
     with pytest.raises(ImageReadError, match=r"lying\.ome\.tif: its OME-XML declares an image "):
+        open_image(path)
+
+
+@pytest.mark.parametrize("lie", ['SizeX="70"', 'SizeY="20"'])
+def test_an_ome_xml_of_another_image_size_is_named_damaged_not_a_stack(
+    tmp_path: Path, lie: str
+) -> None:
+    """tifffile gives up on an OME-XML at odds with the IFDs and lists plain pages: two
+    channels were refused as "a stack, export one I plane", naming no damage."""
+    path = tmp_path / "lying.ome.tif"
+    tifffile.imwrite(path, np.zeros((2, 32, 48), np.uint16), metadata={"axes": "CYX"})
+    with tifffile.TiffFile(path) as tif:
+        xml = re.sub(lie.split("=")[0] + r'="\d+"', lie, tif.pages.first.description)
+    tifffile.imwrite(path, np.zeros((2, 32, 48), np.uint16), description=xml, metadata=None)
+    with pytest.raises(
+        ImageReadError, match=r"lying\.ome\.tif: its OME-XML does not describe its images"
+    ):
         open_image(path)
 
 

@@ -145,7 +145,19 @@ class TiffReader(BaseReader):
                 self.mask_kind, self.channel_names = "alpha", names
             if photometric.palette is not None:
                 self.channel_names = ("red", "green", "blue")
-            self._set_layout(axes, shapes, chunks, dtype)
+            try:
+                self._set_layout(axes, shapes, chunks, dtype)
+            except ImageReadError as exc:
+                if not (tif.is_ome and series.kind != "ome"):
+                    raise
+                # tifffile gave up on the OME-XML and listed plain pages: a damaged file, no
+                # stack, however the pages are then laid out
+                why = str(exc).removeprefix(f"{self.path}: ")
+                raise ImageReadError(
+                    f"{self.path}: its OME-XML does not describe its images (sizes, channels "
+                    f"or planes at odds with the TIFF tags: the metadata is damaged); read as "
+                    f"plain TIFF pages instead, {why}"
+                ) from exc
             # GDAL's view of a file tifffile reads otherwise (an OME series of channels) has
             # its own band count: its values would be matched to the wrong channels.
             check_per_channel(
