@@ -22,6 +22,7 @@ FAULT_POINTS = (
     "result.skeleton",  # the new store is built beside its path, not yet renamed into place
     "result.created",  # the store is at its path, nothing computed
     "block.written",  # a block's shard is written, not yet recorded as done
+    "block.recording",  # a block's record is written in one of the progress chunks it spans
     "block.recorded",  # a block is recorded in tiles_done
     "result.pyramid",  # every tile is done and the pyramid built, nothing consolidated
     "result.consolidated",  # metadata consolidated, ``complete`` not yet written

@@ -271,12 +271,14 @@ def segment(
             )  # fmt: skip
             # A block is one shard, the unit of writing: a partly done block is redone whole.
             blocks = selection.blocks(grid, config.task_tiles)
-            blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
-            n_todo = sum(len(b.tiles) for b in blocks)
             if config.mode == "blend":  # fewer windows computed twice, at tasks' edges
                 block_side = tile * config.task_tiles
                 side = blend_task_side(block_side, len(class_names))
+                # Grouped as in a fresh run, and a group partly recorded (its record spans
+                # two progress chunks) redone whole: a window's bits depend on its batch.
                 blocks = group_blocks(blocks, block_side, side)
+            blocks = [b for b in blocks if not all(done[t.index] for t in b.tiles)]
+            n_todo = sum(len(b.tiles) for b in blocks)
             log.info(
                 "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
                 reader.path,

@@ -126,6 +126,7 @@ class TileRecord:
             # Counts before flags: a tile flagged done always has its counts.
             self._counts[sl] = c
             self._done[sl] = d
+            fault_point("block.recording")
         fault_point("block.recorded")
 
 
