@@ -589,12 +589,50 @@ def test_a_damaged_result_is_named_by_query_and_export(tmp_path):
         export_geojson(path, tmp_path / "o.geojson")
     with pytest.raises(DamagedResultError, match=damaged):
         export_ngff04(path, tmp_path / "o.zarr")
+    # The Python functions that compute at once from a path (not a lazy Dataset) too.
+    from segpipe.analysis.objects import object_table
+    from segpipe.analysis.vectors import class_features
+
+    with pytest.raises(DamagedResultError, match=damaged):
+        object_table(path, "tissue")
+    with pytest.raises(DamagedResultError, match=damaged):
+        class_features(path, "tissue")
     # The lock files of the output and of the result (held shared while it is read).
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".o.zarr.lock",
         ".r.seg.zarr.lock",
         "r.seg.zarr",
     ]
+
+
+def test_a_damaged_result_is_rebuilt_as_its_error_says(random_checkpoint, tmp_path):
+    """The error said "segment it again with overwrite", which finds the result complete and
+    alike and computes nothing: the damage stayed. Deleting it, as it now says, rebuilds it."""
+    import segpipe
+    from segpipe.io.readers import ArrayReader
+    from segpipe.results import DamagedResultError, delete_result, open_result
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    path = tmp_path / "r.seg.zarr"
+
+    def run(**settings: object) -> None:
+        reader = ArrayReader(image, name="a.tif")
+        segpipe.segment(reader, path, random_checkpoint, scheduler="sync", tile=32, **settings)
+
+    run()
+    intact = open_result(path)["probabilities"].values
+    for array in ("mask", "probabilities"):
+        chunk = next(f for f in sorted((path / "0" / array / "c").rglob("*")) if f.is_file())
+        chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    with pytest.raises(DamagedResultError) as damaged:
+        query.region_report(path)
+    assert "delete it (segpipe.results.delete_result) and segment" in str(damaged.value)
+    run(overwrite=True)  # what it said before: nothing computed, still damaged
+    with pytest.raises(DamagedResultError):
+        query.region_report(path)
+    delete_result(path)
+    run()
+    np.testing.assert_array_equal(open_result(path)["probabilities"].values, intact)
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ object spanning many chunks is counted once.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from segpipe.analysis.regions import (
     select_region,
     threshold_mask,
 )
+from segpipe.results import naming_damage
 
 __all__ = ["OBJECT_COLUMNS", "UnionFind", "object_labels", "object_table"]
 
@@ -313,14 +315,17 @@ def object_table(
     """
     full = as_dataset(result, level)
     ds = select_region(full, region)
-    return _find_objects(
-        ds,
-        class_name,
-        threshold=threshold,
-        connectivity=connectivity,
-        chunks=chunks,
-        offset_yx=_region_offset(full, ds),
-    ).table
+    # A chunk that cannot be read is named by the result it is of, where a path says which.
+    damage = contextlib.nullcontext() if isinstance(result, xr.Dataset) else naming_damage(result)
+    with damage:
+        return _find_objects(
+            ds,
+            class_name,
+            threshold=threshold,
+            connectivity=connectivity,
+            chunks=chunks,
+            offset_yx=_region_offset(full, ds),
+        ).table
 
 
 def _relabel(

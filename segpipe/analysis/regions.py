@@ -138,8 +138,9 @@ def class_areas(
 
     Returns a Dataset over ``class`` with ``pixels`` (int), ``area`` (``units`` attribute:
     ``micrometer**2``, or ``pixel**2``) and ``fraction`` (of the region's pixels). Call
-    ``.compute()`` (or ``.values``) to reduce the chunks in parallel. Georeferenced results
-    give areas in the CRS's units (``metre**2``).
+    ``.compute()`` (or ``.values``) to reduce the chunks in parallel (inside
+    :func:`segpipe.results.naming_damage` for an error naming the result where a chunk cannot
+    be read). Georeferenced results give areas in the CRS's units (``metre**2``).
     """
     ds = select_region(as_dataset(result, level), region)
     classes = ds["class"]

@@ -83,7 +83,8 @@ def summarise(
     if run is None:
         raise ValueError(
             f"{result} is complete but holds no run summary (class pixel counts, tiles, time); "
-            "it was finished by another tool. Re-run segment with overwrite to rebuild it."
+            "it was finished by another tool. Delete it (segpipe.results.delete_result) and "
+            "segment the image again."
         )
     scores: dict[str, Any] = {}
     if ground_truth is not None:

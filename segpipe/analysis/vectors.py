@@ -136,8 +136,8 @@ def _source_level0(meta: ResultMeta, result: Any) -> tuple[int, int]:
         raise ValueError(
             f"{result} holds level {level} of {meta.source} but not that image's level-0 size "
             f"(it predates results recording it), which coords='pixel' needs, and the image "
-            f"cannot be opened ({e}). Use coords='micron', or segment the image again with "
-            "overwrite=True to record its size"
+            f"cannot be opened ({e}). Use coords='micron', or delete the result "
+            "(segpipe.results.delete_result) and segment the image again to record its size"
         ) from e
     try:
         shapes = [tuple(int(n) for n in s[:2]) for s in reader.level_shapes]
@@ -147,7 +147,8 @@ def _source_level0(meta: ResultMeta, result: Any) -> tuple[int, int]:
         raise ValueError(
             f"{result} holds level {level} of {meta.source}, {meta.shape} px (y, x), but that "
             f"image's levels are now {shapes}: it is not the image segmented. Use "
-            "coords='micron', or segment the image again with overwrite=True"
+            "coords='micron', or delete the result (segpipe.results.delete_result) and segment "
+            "the image again"
         )
     return shapes[0][0], shapes[0][1]
 
@@ -195,9 +196,10 @@ def class_features(
     # The level's pixel edges to coords (the level's pixels are 2**level segmented ones):
     # "no pixel size" refused before a pass over the mask, not after.
     to = _base_transform(coords, meta, result) @ Affine.scale(2**level)
-    labels, table = object_labels(
-        ds, class_name, region=region, threshold=threshold, connectivity=connectivity
-    )
+    with naming_damage(result):  # a chunk that cannot be read, named by its result
+        labels, table = object_labels(
+            ds, class_name, region=region, threshold=threshold, connectivity=connectivity
+        )
     keep = table[table["area"] >= min_area]
     if keep.empty:
         return []
@@ -236,7 +238,8 @@ def class_features(
         from rasterio.errors import NotGeoreferencedWarning
 
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        chunks = dask.compute(*jobs)
+        with naming_damage(result):
+            chunks = dask.compute(*jobs)
     for chunk_polygons, chunk_labels, chunk_sums in chunks:
         for label, geom in chunk_polygons:
             if label in wanted:

@@ -148,7 +148,7 @@ def naming_damage(path: str | os.PathLike) -> Iterator[None]:
             raise
         raise DamagedResultError(
             f"{path} is damaged: a stored chunk cannot be read ({type(exc).__name__}: {exc}); "
-            "segment it again with overwrite to rebuild it"
+            "delete it (segpipe.results.delete_result) and segment the image again"
         ) from exc
 
 
