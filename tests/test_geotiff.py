@@ -273,6 +273,31 @@ def test_custom_crs_result_reads_in_rioxarray(tmp_path):
     assert tuple(ds.rio.transform())[:6] == tuple(TRANSFORM)[:6]
 
 
+def test_info_gives_a_georeferenced_results_areas_in_its_crs_units(tmp_path, capsys):
+    """info showed fractions only, its JSON an area of None for every class (no µm pixel
+    size), while query gave the areas in metres²."""
+    import json
+
+    from segpipe.cli import main
+
+    torch.manual_seed(0)
+    net = models.build("unet", class_names=("bg", "fg"), width=4, depth=2, padding="valid").eval()
+    path = write_raster(tmp_path / "rgb.tif", _bands(3, "uint8")[:, :96, :128], overviews=())
+    out = segpipe.segment(path, tmp_path / "r.zarr", net, tile=32, scheduler="sync")
+    queried = segpipe.query.class_areas(out).compute()
+    expected = (queried["pixels"].values * 2.0 * 2.0).tolist()  # 2 m pixels
+    assert main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["area_units"] == "metre**2" and info["pixel_size_um"] is None
+    assert [c["area"] for c in info["classes"]] == expected
+    assert info["summary"]["class_area"] == expected
+    assert info["summary"]["area_units"] == "metre**2"
+    assert queried["area"].values.tolist() == expected
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{expected[1]:,.1f} m²" in text
+
+
 def test_ingest_keeps_nodata_and_the_valid_mask(multiband, tmp_path):
     """The flows ingest first: the OME-Zarr copy must still say which pixels hold no data."""
     from segpipe.io.ingest import ingest

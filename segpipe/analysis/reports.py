@@ -11,6 +11,7 @@ from segpipe.results import (
     class_areas_um2,
     class_fractions,
     class_pixels,
+    coordinate_areas,
     naming_damage,
     open_result,
     read_meta,
@@ -34,6 +35,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         counts = class_pixels(path)
         done = tiles_done(path)
     areas = class_areas_um2(counts, meta.pixel_size_um)
+    in_units, units = coordinate_areas(counts, meta) or (None, None)
     fractions = class_fractions(counts)
     return {
         "path": str(path),
@@ -44,6 +46,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
         "levels": [list(s) for s in result_levels(path)],
         "pixel_size_um": meta.pixel_size_um,
         "crs": meta.crs,
+        "area_units": units,  # of each class's "area": µm², or a CRS's units²
         "probability_dtype": meta.config.probability_dtype,
         "classes": [
             {
@@ -51,6 +54,7 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 "pixels": int(counts[i]),
                 "fraction": fractions[i],
                 "area_um2": areas[i] if areas is not None else None,
+                "area": in_units[i] if in_units is not None else None,
             }
             for i, name in enumerate(meta.class_names)
         ],

@@ -20,14 +20,16 @@ import numpy as np
 from segpipe.analysis.metrics import LabelError, confusion_matrix, dice, iou
 from segpipe.io.files import is_url
 from segpipe.io.labelfiles import label_plane
-from segpipe.results import class_fractions, open_result, read_meta
+from segpipe.results import class_fractions, coordinate_areas, open_result, read_meta
 
 __all__ = ["ResultSummary", "confusion_against", "summarise"]
 
 
 @dataclass(frozen=True)
 class ResultSummary:
-    """A result in numbers. Areas in square microns when the pixel size is known."""
+    """A result in numbers. Areas in square microns when the pixel size is known
+    (``class_area_um2``), and in the result's coordinate units (``class_area``, also of a
+    georeferenced result)."""
 
     path: str
     shape: tuple[int, int]  # (y, x) pixels of the segmented level
@@ -53,6 +55,9 @@ class ResultSummary:
     foreground_pixels: int | None = None
     foreground_area_um2: float | None = None
     foreground_fraction: float | None = None  # of the image's pixels
+    # Areas in the result's coordinate units (µm², a CRS's metre² or foot²), None in pixels
+    class_area: tuple[float, ...] | None = None
+    area_units: str | None = None  # "micrometer**2", "metre**2"
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (tuples stay tuples)."""
@@ -113,6 +118,7 @@ def summarise(
             what = f"{result} or its ground truth {ground_truth}"
             raise ValueError(f"{what} cannot be read: {exc}") from exc
         scores = {"dice": tuple(dice(conf).tolist()), "iou": tuple(iou(conf).tolist())}
+    areas = coordinate_areas(run.class_pixels, meta)
     return ResultSummary(
         path=str(result if is_url(result) else Path(result)),
         shape=meta.shape,
@@ -127,6 +133,8 @@ def summarise(
         seconds=run.seconds,
         megapixels_per_second=run.megapixels_per_second,
         **scores,
+        class_area=areas[0] if areas else None,
+        area_units=areas[1] if areas else None,
         **_foreground(run.foreground_pixels, run.tiles_background, meta.shape, meta.pixel_size_um),
     )
 

@@ -51,11 +51,14 @@ def print_summary(s: Mapping[str, Any]) -> None:
     """A finished result's summary (``segpipe.analysis.summary.summarise(...).as_dict()``)."""
     print(f"result: {s['path']}  ({s['shape'][0]} x {s['shape'][1]} px", end="")
     print(f", {s['pixel_size_um']} µm/px)" if s["pixel_size_um"] else ")")
-    areas = s["class_area_um2"]
+    # A georeferenced result's in its CRS units; a summary of an older release's in µm²
+    areas, units = s.get("class_area"), s.get("area_units") or "micrometer**2"
+    if areas is None:
+        areas, units = s["class_area_um2"], "micrometer**2"
     for i, name in enumerate(s["class_names"]):
         line = f"  {name:<12} {100 * s['class_fraction'][i]:6.2f} %"
         if areas:
-            line += f"  {area_text(areas[i]):>20}"
+            line += f"  {area_text(areas[i], units):>20}"
         if s.get("dice"):
             line += f"  Dice {s['dice'][i]:.4f}"
         print(line)

@@ -92,7 +92,7 @@ from segpipe.results.store import (
     write_block,
     write_tiles,
 )
-from segpipe.results.summary import RunSummary, class_areas_um2, class_fractions
+from segpipe.results.summary import RunSummary, class_areas_um2, class_fractions, coordinate_areas
 from segpipe.results.tiles import (
     ResultReplacedError,
     TileRecord,
@@ -121,6 +121,7 @@ __all__ = [
     "class_fractions",
     "class_map",
     "class_pixels",
+    "coordinate_areas",
     "delete_result",
     "encode_probabilities",
     "finalize_result",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["RunSummary", "class_areas_um2", "class_fractions"]
+if TYPE_CHECKING:
+    from segpipe.results.schema import ResultMeta
+
+__all__ = ["RunSummary", "class_areas_um2", "class_fractions", "coordinate_areas"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +72,17 @@ def class_areas_um2(
     if not pixel_size_um:
         return None
     return tuple(float(n) * pixel_size_um**2 for n in class_pixels)
+
+
+def coordinate_areas(
+    class_pixels: Sequence[int] | np.ndarray, meta: ResultMeta
+) -> tuple[tuple[float, ...], str] | None:
+    """(C,) area of each class in the units of ``meta``'s result's coordinates, and those
+    units (``"micrometer**2"``, a CRS's ``"metre**2"``); None in pixel coordinates."""
+    from segpipe.results.layout import pixel_grid
+
+    grid = pixel_grid(meta)
+    if grid.units == "pixel":
+        return None
+    pixel = abs(grid.step[0] * grid.step[1])
+    return tuple(float(n) * pixel for n in class_pixels), f"{grid.units}**2"
