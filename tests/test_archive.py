@@ -24,6 +24,7 @@ from distributed.client import FutureCancelledError
 from fsspec.implementations.memory import MemoryFileSystem
 
 import segpipe.archive.process as archive_process
+import segpipe.archive.watch as archive_watch
 from segpipe import archive
 from segpipe.archive import (
     ArchiveImage,
@@ -717,6 +718,22 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     (image,) = discover_images(moved)
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert again.status == "skipped" and again.reason.startswith("up to date (moved from")
+    paths = image_paths(out, "a.ome.tif")
+    finished = read_meta(paths.result).finished
+    # Its sidecar and catalog record name it at its new place: another image at the old one
+    # is another archive's, refused. Named at the old place, its run took the sidecar for its
+    # own and replaced the moved archive's result, which was then refused for good.
+    record = json.loads(catalog.record_path(out, "a.ome.tif").read_text())
+    assert archive.read_state(paths.state)["source"] == image.url == record["source"]
+    (source / "a.ome.tif").parent.mkdir(parents=True)
+    shutil.copy(slide, source / "a.ome.tif")
+    with open(source / "a.ome.tif", "ab") as f:
+        f.write(b"\0" * 10)  # other bytes, another image
+    (theirs,) = discover_images(source)
+    with pytest.raises(archive.SourceConflictError, match="another image than"):
+        process_image(theirs, out, random_checkpoint, config=CONFIG)
+    assert read_meta(paths.result).finished == finished and is_complete(paths.result)
+    shutil.rmtree(source)
     # Rescanned there later: a change of its own image (the old place is gone), not another
     # archive's; it was refused as a conflict on every run, --retry-failed too.
     with open(moved / "a.ome.tif", "ab") as f:
@@ -724,7 +741,6 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     (image,) = discover_images(moved)
     changed = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (changed.status, changed.reason) == ("segmented", "image changed")
-    paths = image_paths(out, "a.ome.tif")
     assert archive.read_state(paths.state)["source"] == image.url
     assert read_meta(paths.result).source == image.url and is_complete(paths.result)
 
@@ -1174,7 +1190,7 @@ def test_a_killed_run_waits_from_its_last_sign_of_life(tmp_path):
 
 def test_a_running_sidecar_records_signs_of_life(tmp_path, slide, random_checkpoint, monkeypatch):
     """While segment reports progress, the claim holder's sidecar gets a fresh "alive"."""
-    monkeypatch.setattr(archive_process, "ALIVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(archive_watch, "ALIVE_INTERVAL_S", 0.0)
     image, out, paths = _one_image(tmp_path, slide)
     seen = []
 

@@ -36,6 +36,7 @@ from segpipe.archive.discover import (
     fingerprint_image,
 )
 from segpipe.archive.process import LoadedModel, RunStopped, load_model, process_image
+from segpipe.archive.sidecars import killed_last
 from segpipe.archive.state import (
     Decision,
     ImageOutcome,
@@ -43,7 +44,6 @@ from segpipe.archive.state import (
     SourceConflictError,
     decide,
     image_paths,
-    killed_last,
     read_state,
 )
 from segpipe.io.readers import IMAGE_SUFFIXES

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.archive import catalog, reports
-from segpipe.archive.claims import Claim, read_lock, try_claim
+from segpipe.archive.claims import read_lock, try_claim
 from segpipe.archive.discover import ArchiveImage, Fingerprint, fingerprint_image
 from segpipe.archive.sidecars import (
     RUN_STOPS,
@@ -34,7 +32,14 @@ from segpipe.archive.state import (
     decide,
     decide_unreadable,
     image_paths,
+    read_state,
     state_params,
+)
+from segpipe.archive.watch import (
+    CLAIM_CHECK_INTERVAL_S,
+    RunStopped,
+    names_parameter,
+    stop_when_lost,
 )
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath, location, utc_now, write_json_atomic, write_text_atomic
@@ -49,29 +54,12 @@ log = logging.getLogger("segpipe.archive")
 
 SegmentFn = Callable[..., Any]
 
-# How often a run checks, as its tasks finish, that it still holds its claim: a check reads
-# the lock (a GET on S3), and a task takes seconds, so this costs next to nothing.
-CLAIM_CHECK_INTERVAL_S = 2.0
-# How often a run's "running" sidecar records that the run is alive ("alive"): a killed run's
-# retry delay counts from its last sign of life, not from its start hours before.
-ALIVE_INTERVAL_S = 60.0
 # The sampled hash of an unreadable image's fingerprint: a placeholder, never recorded (the
 # sidecar keeps the last real one) nor compared (decide_unreadable).
 _UNREADABLE = "unreadable"
 # Raised while reading or deciding, yet no failure of the image: another archive's result (its
 # sidecar is not this run's to write), the run's stop (a cancelled future is an Exception).
 _NOT_THE_IMAGES: tuple[type[Exception], ...] = (SourceConflictError, *RUN_STOPS)
-
-
-class RunStopped(BaseException):
-    """The run was stopped (Ctrl-C, SIGTERM, a cancellation: all raised in its main thread
-    only), so an image in another thread stops too. A BaseException, like KeyboardInterrupt:
-    the image is recorded "interrupted", not failed."""
-
-    def __init__(
-        self, message: str = "the run was stopped (Ctrl-C, SIGTERM, a cancellation)"
-    ) -> None:
-        super().__init__(message)
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,6 +190,7 @@ def process_image(
         not decision.process
         and not running
         and not decision.recovered
+        and not decision.moved
         and (decision.held or catalog.record_path(output_root, image.key).exists())
     ):
         return _not_processed(image.key, paths, decision)
@@ -233,10 +222,18 @@ def process_image(
             failed = undecided_state(paths, run, exc, unreadable=unreadable is not None)
             write_json_atomic(paths.state, failed)
             raise
+        run_source = {"source": image.url}
         if decision.recovered and (readable := readable_state(paths)) is not None:
             write_json_atomic(paths.state, readable)
         if not decision.process:
-            if not decision.held and not catalog.record_path(output_root, image.key).exists():
+            if decision.moved:
+                # Named at its new place: another image at the old one is then another
+                # archive's (SourceConflictError), never this result's replacement.
+                claim.check()
+                write_json_atomic(paths.state, (read_state(paths.state) or {}) | run_source)
+            if decision.moved or (
+                not decision.held and not catalog.record_path(output_root, image.key).exists()
+            ):
                 claim.check()
                 _index(output_root, image, paths, fingerprint)
             return _not_processed(image.key, paths, decision)
@@ -266,8 +263,8 @@ def process_image(
         extra: dict[str, Any] = (
             {"storage_options": dict(storage_options)} if storage_options else {}
         )
-        if run_segment is None or _names_parameter(run_segment, "on_progress"):
-            extra["on_progress"] = _stop_when_lost(
+        if run_segment is None or names_parameter(run_segment, "on_progress"):
+            extra["on_progress"] = stop_when_lost(
                 claim,
                 CLAIM_CHECK_INTERVAL_S,
                 alive=lambda: write_json_atomic(paths.state, state | {"alive": utc_now()}),
@@ -314,53 +311,6 @@ def process_image(
             paths.state, state | {"status": "complete", "failures": 0, "updated": utc_now()}
         )
     return _from_result(image.key, paths, "segmented", decision.reason)
-
-
-def _stop_when_lost(
-    claim: Claim,
-    interval_s: float,
-    *,
-    alive: Callable[[], object] | None = None,
-    stop: threading.Event | None = None,
-) -> Callable[[int, int], None]:
-    """An ``on_progress`` that raises :class:`~segpipe.archive.claims.ClaimLostError` once
-    ``claim`` is lost, checking at most every ``interval_s``, and :class:`RunStopped` once
-    ``stop`` is set: segment then starts no more tasks
-    (:func:`segpipe.execution.cluster.run_blocks`). In this process it waits for the writes in
-    flight; on a distributed cluster ``client.cancel`` returns at once, and tasks
-    already running still finish their block's write, which nothing records. While the claim
-    holds, ``alive()`` runs at most every :data:`ALIVE_INTERVAL_S` (the sidecar's sign of
-    life)."""
-    last = -float("inf")
-    last_alive = time.monotonic()
-
-    def check(tiles_done: int, tiles_to_do: int) -> None:
-        nonlocal last, last_alive
-        if stop is not None and stop.is_set():
-            raise RunStopped
-        now = time.monotonic()
-        if now - last >= interval_s:
-            last = now
-            claim.check()
-        if alive is not None and now - last_alive >= ALIVE_INTERVAL_S:
-            last_alive = now
-            claim.check()  # only the holder writes the sidecar
-            alive()
-
-    return check
-
-
-def _names_parameter(fn: Callable[..., Any], name: str) -> bool:
-    """Whether ``fn`` takes the keyword ``name`` by name (``**kwargs`` alone does not count:
-    it may pass them on to something that does not take it, or sets it itself)."""
-    try:
-        parameter = inspect.signature(fn).parameters.get(name)
-    except (TypeError, ValueError):  # no signature to read (some builtins, C callables)
-        return False
-    return parameter is not None and parameter.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
-    )
 
 
 def _index(

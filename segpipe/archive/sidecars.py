@@ -9,12 +9,14 @@ stale result that could not be removed, a read failure and its end.
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from segpipe.archive.state import (
     STATE_VERSION,
     ImagePaths,
+    image_paths,
     read_state,
     recorded_failures,
     recorded_params,
@@ -25,6 +27,7 @@ __all__ = [
     "RUN_STOPS",
     "changed_state",
     "ended_state",
+    "killed_last",
     "readable_state",
     "stale_state",
     "undecided_state",
@@ -121,3 +124,18 @@ def undecided_state(
     if not same or state.get("stale_result"):
         failed["stale_result"] = True
     return failed
+
+
+def killed_last(images: list[Any], output_root: str | os.PathLike[str]) -> list[Any]:
+    """``images`` (each with a ``key``), those whose last attempt never ended moved to the end
+    (a "running" sidecar: killed, say by the OOM killer or a crash in a C decoder): first in
+    order, such a file killed every run before the images after it could start."""
+
+    def died(image: Any) -> bool:
+        try:  # unreadable here (a permission, a store's hiccup): its own attempt says so
+            state = read_state(image_paths(output_root, image.key).state) or {}
+        except OSError:
+            return False
+        return state.get("status") == "running"
+
+    return sorted(images, key=died)  # stable: the others keep their order

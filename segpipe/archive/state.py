@@ -16,10 +16,10 @@ An attempt counts as a failure from its start (the "running" sidecar), so a run 
 a word (SIGKILL, the OOM killer, a crash in a C decoder) counts too; completing resets the count.
 A "running" sidecar is resumed at once until :data:`MAX_KILLED_ATTEMPTS` attempts of the same
 inputs have failed or died so, then backs off like a failure, from the run's last sign of life
-(the sidecar's ``alive``, refreshed while it runs). An interrupted run
-(KeyboardInterrupt, SystemExit, a cancellation) is the run's end, not the image's fault: not
-counted, resumed at once. A result of other inputs goes before a "running" sidecar of these
-says it may be resumed; one that could not go is ``stale_result``: replaced, never resumed.
+(the sidecar's ``alive``, refreshed while it runs). An interrupted run (KeyboardInterrupt,
+SystemExit, a cancellation) is the run's end, not the image's fault: not counted, resumed at
+once. A result of other inputs goes before a "running" sidecar of these says it may be
+resumed; one that could not go is ``stale_result``: replaced, never resumed.
 :mod:`segpipe.archive.sidecars` builds what an attempt records as it ends.
 """
 
@@ -54,7 +54,6 @@ __all__ = [
     "decide",
     "decide_unreadable",
     "image_paths",
-    "killed_last",
     "read_state",
     "recorded_failures",
     "recorded_params",
@@ -125,13 +124,13 @@ def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
 
 @dataclass(frozen=True)
 class Decision:
-    """Whether an image needs segmenting, and why; ``resume`` keeps an unfinished result,
-    ``held`` says it is not processed because it failed before (see the module doc), and
-    ``failures`` counts the consecutive failures of these same inputs so far; ``previous``,
-    for a held image, the status its sidecar records ("failed", or "running": a run that
-    died, or one still going, which only its claim tells apart). ``recovered``: the image
-    read, and its sidecar still holds read failures of earlier runs (``unreadable``), for
-    this run to clear (:func:`~segpipe.archive.sidecars.readable_state`)."""
+    """Whether an image needs segmenting, and why. ``resume`` keeps an unfinished result;
+    ``held``: not processed, it failed before (see the module doc); ``failures``: consecutive
+    failures of these same inputs so far; ``previous``, for a held image, its sidecar's status
+    ("failed", or "running": a run that died, or one still going, which only its claim tells
+    apart); ``recovered``: the image read, its sidecar holding read failures of earlier runs
+    (``unreadable``) for this run to clear (:func:`~segpipe.archive.sidecars.readable_state`);
+    ``moved``: up to date, its sidecar naming its old place (the archive moved), to mend."""
 
     process: bool
     reason: str
@@ -140,6 +139,7 @@ class Decision:
     failures: int = 0
     previous: str | None = None
     recovered: bool = False
+    moved: bool = False
 
 
 def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -154,21 +154,6 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         log.warning("%s: unreadable state sidecar, treating the image as new", path)
         return None
     return state
-
-
-def killed_last(images: list[Any], output_root: str | os.PathLike[str]) -> list[Any]:
-    """``images`` (each with a ``key``), those whose last attempt never ended moved to the end
-    (a "running" sidecar: killed, say by the OOM killer or a crash in a C decoder): first in
-    order, such a file killed every run before the images after it could start."""
-
-    def died(image: Any) -> bool:
-        try:  # unreadable here (a permission, a store's hiccup): its own attempt says so
-            state = read_state(image_paths(output_root, image.key).state) or {}
-        except OSError:
-            return False
-        return state.get("status") == "running"
-
-    return sorted(images, key=died)  # stable: the others keep their order
 
 
 def state_params(config: SegmentConfig) -> dict[str, Any]:
@@ -307,7 +292,7 @@ def _decide(
         ) from exc
     if complete:
         if made_by == model_sha:
-            return Decision(False, "up to date" + moved)
+            return Decision(False, "up to date" + moved, moved=bool(moved))
         return Decision(True, "result made by another model")
     if paths.result.exists():
         # Not resumable: its identity names the old URL (moved), or it is older inputs' and
