@@ -122,8 +122,12 @@ def test_an_incomplete_result_is_refused(tmp_path, result):
         ('{"image": "b.svs", "class_na', r"cannot be parsed \(.*line 1 column"),
         ('{"result": "b.svs.seg.zarr"}', "no image key"),
         ('["b.svs"]', "no image key"),
+        # JSON of a record, a field wrong: zip's or int()'s error named neither
+        ('{"image": "b.svs", "class_names": ["a", "b"], "class_pixels": [1]}', r"not 2 numbers"),
+        ('{"image": "b.svs", "class_names": ["a"], "class_fraction": 0.5}', r"not 1 numbers"),
+        ('{"image": "b.svs", "class_names": ["a"], "height": "128px"}', r"height '128px', not a"),
     ],
-    ids=["torn", "no-image", "no-object"],
+    ids=["torn", "no-image", "no-object", "short-list", "scalar-list", "string-height"],
 )
 def test_a_damaged_record_is_refused_naming_its_file(tmp_path, text, problem):
     """One damaged record fails the catalog naming its file and what is wrong with it, not

@@ -163,7 +163,27 @@ def _read_record(path: Path | URLPath) -> dict[str, Any]:
         raise ValueError(f"{path}: catalog record with no image key; {cure}")
     if not isinstance(record.get("class_names"), list):
         raise ValueError(f"{path}: catalog record of {record['image']} has no class_names; {cure}")
+    n = len(record["class_names"])
+    for name, _, _ in _PER_CLASS:
+        value = record.get(name)
+        if value is not None and not (
+            isinstance(value, list) and len(value) == n and all(map(_is_number, value))
+        ):
+            raise ValueError(
+                f"{path}: catalog record of {record['image']} has {name} {value!r}, not "
+                f"{n} numbers (one per class); {cure}"
+            )
+    for name, _, _ in _SCALARS:
+        if (value := record.get(name)) is not None and not _is_number(value):
+            raise ValueError(
+                f"{path}: catalog record of {record['image']} has {name} {value!r}, not a "
+                f"number; {cure}"
+            )
     return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def open_catalog(
