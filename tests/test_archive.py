@@ -745,6 +745,34 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     assert read_meta(paths.result).source == image.url and is_complete(paths.result)
 
 
+def test_the_lock_of_a_run_killed_after_its_last_write_goes_with_the_next_run(
+    tmp_path, slide, random_checkpoint
+):
+    """Killed after "complete" was written, before its claim was released: every later run
+    skipped the image before claiming it, and the lock stayed for good. A live run's stays."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    paths = image_paths(out, "a.ome.tif")
+    code = f"""
+import os, signal
+from segpipe.archive.claims import try_claim
+claim = try_claim({str(paths.lock)!r}, ttl_s=600)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and paths.lock.exists()
+    with try_claim(paths.lock, ttl_s=600, owner="live") as live:  # its holder died: taken
+        assert live is not None
+        skipped = process_image(image, out, random_checkpoint, config=CONFIG)
+        assert skipped.status == "skipped" and live.is_held()
+    assert not paths.lock.exists()
+    subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert paths.lock.exists()
+    skipped = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert skipped.status == "skipped" and not paths.lock.exists()
+
+
 def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, random_checkpoint):
     source, out = _archive(tmp_path, slide, "day-1/a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)

@@ -193,6 +193,7 @@ def process_image(
         and not decision.moved
         and (decision.held or catalog.record_path(output_root, image.key).exists())
     ):
+        _release_dead_lock(paths, owner, ttl_s)
         return _not_processed(image.key, paths, decision)
     # Due, or up to date but missing from the catalog (its folder deleted): either way the
     # catalog is written under the claim, as a run replacing the result may be removing it.
@@ -311,6 +312,13 @@ def process_image(
             paths.state, state | {"status": "complete", "failures": 0, "updated": utc_now()}
         )
     return _from_result(image.key, paths, "segmented", decision.reason)
+
+
+def _release_dead_lock(paths: ImagePaths, owner: str | None, ttl_s: float) -> None:
+    """Remove the lock of a run killed after its last write (its holder gone, or silent for
+    ``ttl_s``), which no later run would: the image is up to date. A live holder's stays."""
+    if paths.lock.exists() and (claim := try_claim(paths.lock, owner=owner, ttl_s=ttl_s)):
+        claim.release()
 
 
 def _index(
