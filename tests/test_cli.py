@@ -337,6 +337,23 @@ def demo_prefect_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("demo-prefect-home")
 
 
+@pytest.mark.parametrize("flags", [[], ["-q"]])
+def test_a_damaged_tiff_is_one_line_of_stderr(small_slide, tmp_path, flags):
+    """tifffile logged what it could not parse ("invalid value offset") above segpipe's one
+    line, even with -q; with -v it still shows."""
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(small_slide.image.read_bytes()[:1000])
+    command = [sys.executable, "-m", "segpipe.cli", *flags, "info", str(cut)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [f"segpipe info: error: {cut}: " + run.stderr.split(
+        f"{cut}: ", 1)[1].strip()]  # fmt: skip
+    assert "truncated" in run.stderr
+    loud = [sys.executable, "-m", "segpipe.cli", "-v", "info", str(cut)]
+    verbose = subprocess.run(loud, capture_output=True, text=True, timeout=300)
+    assert "tifffile" in verbose.stderr and verbose.returncode == 2
+
+
 def _demo_process(
     out: Path, home: Path, model: Path, *options: str
 ) -> subprocess.CompletedProcess[str]:

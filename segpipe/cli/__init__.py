@@ -191,8 +191,9 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
     """Environment for the libraries a command imports (the handlers import Prefect and
     distributed lazily, so they read it): no telemetry from a machine that may be offline, time
     for Prefect's temporary server to start, no cluster start/stop chatter unless ``-v``,
-    Prefect errors only with ``-q``, and no traceback of a user error in Prefect's run logs
-    unless ``-v`` (:class:`_NoUserErrorTraceback`). Variables the user set win; the caller's
+    Prefect errors only with ``-q``, no traceback of a user error in Prefect's run logs
+    unless ``-v`` (:class:`_NoUserErrorTraceback`), and tifffile's parse errors only with
+    ``-v``. Variables the user set win; the caller's
     environment and loggers are given back afterwards (``main`` may run in a notebook or a
     test, not only as the ``segpipe`` process)."""
     wanted = {
@@ -214,6 +215,12 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
     no_traceback = _NoUserErrorTraceback()
     for logger in short:
         logger.addFilter(no_traceback)
+    # tifffile logs what it cannot parse ("invalid value offset") above the one line a user
+    # error is: segpipe's readers say what is wrong with the file themselves
+    tifffile_log = logging.getLogger("tifffile")
+    tifffile_level = tifffile_log.level
+    if not verbose:
+        tifffile_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -221,6 +228,7 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
             os.environ.pop(k, None)
         for logger in short:
             logger.removeFilter(no_traceback)
+        tifffile_log.setLevel(tifffile_level)
 
 
 # Commands that run forward passes: on the CPU they gain from malloc keeping freed memory;
