@@ -6,7 +6,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -129,16 +128,33 @@ def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tm
 
 
 def test_writers_at_once_each_land_whole(tmp_path):
+    """Processes replacing one file at once, each writing it in pieces as a slow disk does,
+    while it is read over and over: every read is one writer's whole text, and nothing is
+    left beside it."""
     target = tmp_path / "report.txt"
-    payloads = [str(i) * 100_000 for i in range(10)]
-
-    def write(text):
-        with replaced_file(target) as part:
-            part.write_text(text)
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(write, payloads * 3))
-    assert target.read_text() in payloads
+    target.write_text("0" * 100_000)
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from segpipe.atomic import replaced_file
+        text = sys.argv[1] * 100_000
+        for _ in range(20):
+            with replaced_file({str(target)!r}) as part:
+                with open(part, "w") as f:
+                    for k in range(0, len(text), 10_000):
+                        f.write(text[k : k + 10_000])
+                        f.flush()
+                        time.sleep(0.001)
+        """
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(1, 4)]
+    seen = set()
+    while any(w.poll() is None for w in writers):
+        seen.add(target.read_text())
+    assert [w.wait() for w in writers] == [0, 0, 0]
+    assert seen <= {str(i) * 100_000 for i in range(4)}, "a read saw a part-written file"
+    assert len(seen) > 1, "no read came while the writers wrote"
+    assert target.read_text() in seen | {str(i) * 100_000 for i in range(1, 4)}
     assert _litter(tmp_path) == []
 
 
