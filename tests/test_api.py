@@ -383,6 +383,26 @@ def test_refuses_to_clobber(source, tmp_path):
     assert read_meta(out).tile == 64
 
 
+def test_an_output_holding_the_source_is_refused_before_any_work(image, tmp_path, monkeypatch):
+    """Refused after the image's foreground mask was computed (minutes for a slide) and the
+    model loaded: now before either."""
+    import segpipe.execution.segment as run
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    source = write_zarr_image(scans / "image.zarr", image)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work done before the output was checked")
+
+    monkeypatch.setattr(run, "foreground_of", no_work)
+    monkeypatch.setattr(run.models, "load", no_work)
+    for output, relation in [(scans, "holds"), (source, "is"), (source / "r.zarr", "is inside")]:
+        with pytest.raises(ResultMismatchError, match=f"{relation} the source image"):
+            segpipe.segment(source, output, "tissue-unet", foreground="tissue", scheduler="sync")
+    assert sorted(p.name for p in scans.iterdir()) == ["image.zarr"]
+
+
 def test_exact_mode_refuses_tile_statistics(source, tmp_path):
     net = unet("valid")
     net.head.conv = torch.nn.Sequential(torch.nn.GroupNorm(1, 4), net.head.conv)

@@ -164,6 +164,10 @@ def segment(
                 run.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
             else:
                 reader = source
+            # Before any work (a tissue mask of a whole slide): no result, and no lock file,
+            # is written where the source image is, or inside it.
+            output = location(output, storage_options)
+            check_not_source(output, str(reader.path))
             net = model if isinstance(model, torch.nn.Module) else models.load(model)
             label = model_name or _model_label(model, net)
             # What the model was trained on; with no level given, segment the level closest to its
@@ -248,11 +252,8 @@ def segment(
                 source_shape=(int(reader.level_shapes[0][0]), int(reader.level_shapes[0][1])),
                 source_sha256=pixel_sample_sha256(reader),  # a sample of its pixels
             )
-            output = location(output, storage_options)
             # One run at a time writes a local result, from before it is prepared until it is
-            # finalised: no other run replaces it under this one (segpipe.results.lock). Its
-            # lock file goes beside the result: never into the source image.
-            check_not_source(output, meta.source)
+            # finalised: no other run replaces it under this one (segpipe.results.lock).
             locked.enter_context(result_lock(output))
             done = prepare_result(output, meta, overwrite=overwrite)
             # The result this run made or resumes: its tasks write, and its driver records, only
