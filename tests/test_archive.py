@@ -1510,6 +1510,37 @@ def test_an_image_that_changes_while_it_is_segmented_is_done_again(
     assert archive.read_state(paths.state)["fingerprint"]["size"] == image.size
 
 
+def test_a_run_that_lost_its_claim_while_segmenting_writes_no_changed_state(
+    tmp_path, slide, random_checkpoint, monkeypatch
+):
+    """The "changed while segmenting" sidecar was written without checking the claim: a run
+    that lost it wrote over the new holder's state."""
+    import segpipe
+    from segpipe.archive.claims import ClaimLostError
+
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    real = archive_process.fingerprint_image
+    taken = []
+
+    def taken_over_meanwhile(image, **kw):
+        if taken:  # the second fingerprint, after segmenting: another run holds it now
+            paths.lock.unlink()
+            taken.append(try_claim(paths.lock, owner="the next run"))
+            paths.state.write_text('{"status": "the next run\'s"}')
+            with open(source / "a.ome.tif", "ab") as f:
+                f.write(b"\0" * 10)
+        taken.append(None)
+        return real(image, **kw)
+
+    monkeypatch.setattr(archive_process, "fingerprint_image", taken_over_meanwhile)
+    with pytest.raises(ClaimLostError):
+        process_image(image, out, random_checkpoint, config=CONFIG, run_segment=segpipe.segment)
+    assert paths.state.read_text() == '{"status": "the next run\'s"}'
+    taken[1].release()
+
+
 def test_a_resume_that_segment_refuses_starts_again_instead_of_failing_every_run(
     tmp_path, slide, random_checkpoint
 ):

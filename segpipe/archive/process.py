@@ -282,6 +282,7 @@ def process_image(
                 # sample, or a setting resolved otherwise by this release): the result is the
                 # archive's own to replace, so start again rather than fail every run.
                 log.warning("%s: %s; starting again", image.key, exc)
+                claim.check()  # what goes is the holder's to remove
                 catalog.remove_record(output_root, image.key)  # a record of what goes now
                 _remove_result(paths)
                 segment(*args, model_name=loaded.name, **extra)
@@ -290,6 +291,7 @@ def process_image(
             # fingerprint taken before and look up to date for good.
             if fingerprint_image(image, storage_options=storage_options) != fingerprint:
                 meanwhile = changed_state(decision.failures)
+                claim.check()  # the sidecar is the holder's to write
                 write_json_atomic(paths.state, state | meanwhile)
                 changed = _from_result(image.key, paths, "changed", meanwhile["reason"])
                 # A report or thumbnail there is an older result's, not this one's.
