@@ -1510,7 +1510,18 @@ def test_a_pyramid_the_tasks_wrote_whole_needs_no_label_list(tmp_path):
     prepare_result(path, m)
     write_everywhere(path, m, random_probabilities(m.shape))
     shutil.rmtree(path / "labels")
+
+    def levels() -> dict[str, bytes]:
+        return {
+            str(f.relative_to(path)): f.read_bytes()
+            for f in sorted(path.rglob("*"))
+            if f.is_file() and f.parts[len(path.parts)].isdigit()
+        }
+
+    written = levels()
+    assert len({k.split("/")[0] for k in written}) > 1, "the tasks wrote upper levels"
     build_pyramid(path)
+    assert levels() == written, "levels the tasks wrote whole are left as they are"
 
 
 def record_every_tile(path):
