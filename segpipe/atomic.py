@@ -12,6 +12,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -43,24 +44,6 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     share one; the last rename wins.
     """
     path = Path(path)
-    with scratch_file(path) as tmp:
-        yield tmp
-        # After a power cut the rename may reach the disk before the data: fsync first.
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        try:
-            os.replace(tmp, path)
-        except OSError as err:  # a folder there, a read-only file system
-            raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
-
-
-@contextlib.contextmanager
-def scratch_file(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a new empty hidden file beside ``path`` (``.<name>.<host>-<pid>-*.part``, the
-    user's file mode), removed when the block ends. Copies that writers killed on this machine
-    left beside ``path`` are removed first. The folder is created when missing; an OSError
-    of the file system names ``path``."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_killed_copies(path)
     try:
@@ -72,16 +55,44 @@ def scratch_file(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
     tmp = Path(name)
     try:
-        # mkstemp's file is the owner's alone (0600); a renamed file must be readable as any
+        # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
         # other the user writes (a shared output root's reports, sidecars and checkpoints).
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)
         finally:
             os.close(fd)
         yield tmp
+        # After a power cut the rename may reach the disk before the data: fsync first.
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # a folder there, a read-only file system
+            raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def scratch_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a path named as ``path`` in a new hidden folder beside it
+    (``.<name>.<host>-<pid>-*.part/``) for the caller to write, removed with all it holds when
+    the block ends: a file written whole there (:func:`replaced_file`'s copy) goes with it.
+    Folders that writers killed on this machine left beside ``path`` are removed first. The
+    folder is created when missing; an OSError of the file system names ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_copies(path)
+    try:
+        prefix = f"{_copy_prefix(path)}{os.getpid()}-"
+        folder = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".part")
+    except OSError as err:  # it names the temporary folder, which the user never asked for
+        raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
+    try:
+        yield Path(folder) / path.name
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _copy_prefix(path: Path) -> str:
@@ -98,12 +109,14 @@ def _remove_killed_copies(path: Path) -> None:
     checkpoint each): their pid is gone. Another machine's, on a shared folder, are left."""
     here = _copy_prefix(path)
     with contextlib.suppress(OSError):
-        # A scratch file written whole (replaced_file's inside scratch_file's) leaves ".<copy>."
-        for prefix in (here, f".{here}"):
-            for left in path.parent.glob(f"{glob.escape(prefix)}*.part"):
-                with contextlib.suppress(OSError, ValueError):
-                    if process_gone(left.name[len(prefix) :].split("-", 1)[0]):
-                        left.unlink()
+        for left in path.parent.glob(f"{glob.escape(here)}*.part"):
+            with contextlib.suppress(OSError, ValueError):
+                if not process_gone(left.name[len(here) :].split("-", 1)[0]):
+                    continue
+                if left.is_dir():  # scratch_file's
+                    shutil.rmtree(left)
+                else:  # replaced_file's
+                    left.unlink()
 
 
 def process_gone(pid: Any) -> bool:

@@ -105,10 +105,12 @@ def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
     assert sorted(_litter(tmp_path)) == sorted([alive.name, elsewhere.name])
 
 
-def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tmp_path):
+@pytest.mark.parametrize("name", ["m.pt", "m" * 160 + ".pt"], ids=["short", "long"])
+def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tmp_path, name):
     """A scored model's copy is a scratch file written through replaced_file: a kill then
-    leaves two hidden files, the scratch and its own copy; both went for good."""
-    target = tmp_path / "m.pt"
+    left the scratch's own copy for good (of a long name, too, cut where a glob of copies
+    of copies missed it); the scratch's folder now holds it, and goes whole."""
+    target = tmp_path / name
     script = textwrap.dedent(
         f"""
         import os, signal
@@ -121,9 +123,12 @@ def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tm
     )
     run = subprocess.run([sys.executable, "-c", script], check=False)
     assert run.returncode == -signal.SIGKILL
-    assert len(_litter(tmp_path)) == 2
+    (left,) = _litter(tmp_path)
+    (copy,) = (tmp_path / left).iterdir()  # replaced_file's copy of the scratch, killed
+    assert copy.read_bytes() == b"half a model"
     with scratch_file(target) as scratch:
-        assert _litter(tmp_path) == [scratch.name]
+        assert _litter(tmp_path) == [scratch.parent.name] and scratch.name == name
+        scratch.write_bytes(b"a model")
     assert _litter(tmp_path) == []
 
 
