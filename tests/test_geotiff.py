@@ -213,6 +213,24 @@ def test_an_alpha_band_beside_a_nodata_value_is_the_mask(tmp_path, copy):
         np.testing.assert_array_equal(ds.dataset_mask() > 0, data[3] > 0)
 
 
+def test_a_band_described_alpha_beside_nodata_is_no_alpha_in_the_copy_either(tmp_path):
+    """The ingested copy took a band whose description is "alpha" (GDAL's colour
+    interpretation says otherwise) for the alpha over the nodata value: the file and its copy
+    disagreed on which pixels hold data."""
+    from segpipe.io.ingest import ingest
+
+    data = np.full((2, 128, 128), 7, np.uint16)
+    data[:, :32] = 0  # every band at nodata: no data
+    data[1, 64:] = 0  # the band described "alpha" at 0, the other not: data
+    path = write_raster(tmp_path / "two.tif", data, overviews=(), nodata=0)
+    with rasterio.open(path, "r+") as ds:
+        ds.set_band_description(2, "alpha")
+    expected = (data != 0).any(axis=0)
+    for reader in (open_image(path), open_image(ingest(path, tmp_path / "two.zarr", chunk=64))):
+        assert reader.mask_kind == "nodata"
+        np.testing.assert_array_equal(reader.valid_mask(0, 128, 0, 128), expected)
+
+
 def test_float32_single_band_nodata(tmp_path):
     data = _bands(1, "float32")
     data[0, 150:, :] = -9999.0

@@ -56,7 +56,7 @@ _ROOT = "zarr.json"
 # The label image of the pixels that hold data, where a source marks them apart.
 VALID_MASK = "labels/valid"
 # What a copy keeps of its source besides the pixels (source_attributes): any change redoes it.
-_KEPT = ("georeference", "nodata", "channel_names", "valid_mask")
+_KEPT = ("georeference", "nodata", "channel_names", "valid_mask", "mask_kind")
 
 
 def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
@@ -181,6 +181,10 @@ def source_attributes(reader: Reader) -> dict[str, Any]:
             attrs[key] = [json_number(v) for v in value]
     if records_mask(reader):
         attrs["valid_mask"] = VALID_MASK
+    if getattr(reader, "mask_kind", None) == "alpha" and "nodata" in attrs:
+        # a GeoTIFF's alpha band beside a nodata value: the alpha marks the pixels, which the
+        # names alone cannot tell (a band described "alpha" is no alpha band)
+        attrs["mask_kind"] = "alpha"
     return attrs
 
 

@@ -140,8 +140,8 @@ def raster_metadata(source: str | URLPath, tif: Any, keyframe: Any) -> RasterMet
     elif MaskFlags.per_dataset in flags:
         kind = "mask"
     elif ColorInterp.alpha in interp:
-        # With a nodata value GDAL flags every band, the alpha too, "nodata"; its dataset mask
-        # (rasterio's dataset_mask) is still the alpha's
+        # With a nodata value GDAL flags every band, the alpha too, "nodata"; the alpha band
+        # still says which pixels hold data (rasterio's dataset_mask of an RGBA raster is it)
         kind = "alpha"
     elif MaskFlags.nodata in flags:
         kind = "nodata"

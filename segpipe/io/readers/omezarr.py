@@ -131,7 +131,9 @@ class ZarrReader(BaseReader):
         if (nodata := segpipe.get("nodata")) is not None:
             self.nodata = tuple(None if v is None else float(v) for v in nodata)
             self.mask_kind = "nodata"
-        if "alpha" in (self.channel_names or ()):  # over a nodata value, as GDAL's mask
+        elif "alpha" in (self.channel_names or ()):
+            self.mask_kind = "alpha"
+        if segpipe.get("mask_kind") == "alpha":  # an alpha band beside a nodata value
             self.mask_kind = "alpha"
         if mask := segpipe.get("valid_mask"):
             self._mask_path, self.mask_kind, self._masks = str(mask), "mask", {}

@@ -148,7 +148,8 @@ class TiffReader(BaseReader):
             try:
                 self._set_layout(axes, shapes, chunks, dtype)
             except ImageReadError as exc:
-                if not (tif.is_ome and series.kind != "ome"):
+                # tifffile's fallback: not a kind it reads first (shaped, Micro-Manager)
+                if not (tif.is_ome and series.kind in ("generic", "uniform")):
                     raise
                 # tifffile gave up on the OME-XML and listed plain pages: a damaged file, no
                 # stack, however the pages are then laid out
@@ -227,8 +228,10 @@ class TiffReader(BaseReader):
         return self._photometric[level]
 
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
-        """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: GDAL's dataset mask
-        (mask band, alpha band, or all bands at nodata); None without any of them.
+        """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: the mask band, else
+        the alpha band (GDAL's colour interpretation, beside a nodata value too, where GDAL's
+        own mask of a grey + alpha raster is the nodata's), else all bands at nodata; None
+        without any of them.
 
         Nodata and alpha follow from the pixels (tifffile reads them ten times faster than
         a GDAL open per window); a mask band is read through GDAL."""
