@@ -2239,6 +2239,21 @@ def test_an_ome_xml_of_another_image_size_is_named_damaged_not_a_stack(
         open_image(path)
 
 
+def test_a_valid_ome_xml_read_as_another_kind_is_not_called_damaged(tmp_path: Path) -> None:
+    """tifffile reads its own shape metadata before OME-XML: such a file, its OME-XML right,
+    was refused as "OME-XML damaged" (it is refused, as a stack, as it was before)."""
+    path = tmp_path / "shaped.ome.tif"
+    tifffile.imwrite(path, np.zeros((2, 32, 48), np.uint16), metadata={"axes": "CYX"})
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.pages.first.description
+    tifffile.imwrite(path, np.zeros((2, 32, 48), np.uint16), description=xml)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome and tif.series[0].kind == "shaped"
+    with pytest.raises(ImageReadError) as refused:
+        open_image(path)
+    assert "OME-XML" not in str(refused.value) and "not stacks" in str(refused.value)
+
+
 def test_gdal_nodata_for_another_band_count_than_the_channels_read_is_refused(
     tmp_path: Path,
 ) -> None:
