@@ -745,8 +745,15 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     assert read_meta(paths.result).source == image.url and is_complete(paths.result)
 
 
+def _raises(error: Exception):
+    def raising(*args, **kwargs):
+        raise error
+
+    return raising
+
+
 def test_the_lock_of_a_run_killed_after_its_last_write_goes_with_the_next_run(
-    tmp_path, slide, random_checkpoint
+    tmp_path, slide, random_checkpoint, monkeypatch
 ):
     """Killed after "complete" was written, before its claim was released: every later run
     skipped the image before claiming it, and the lock stayed for good. A live run's stays."""
@@ -769,6 +776,9 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert not paths.lock.exists()
     subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert paths.lock.exists()
+    with monkeypatch.context() as m:  # a read-only output root: still skipped, up to date
+        m.setattr(archive_process, "try_claim", _raises(PermissionError(13, "Read-only")))
+        assert process_image(image, out, random_checkpoint, config=CONFIG).status == "skipped"
     skipped = process_image(image, out, random_checkpoint, config=CONFIG)
     assert skipped.status == "skipped" and not paths.lock.exists()
 

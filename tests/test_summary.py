@@ -80,3 +80,26 @@ def test_a_result_whose_mask_holds_ids_past_its_classes_is_named_not_the_truth(
     tifffile.imwrite(path, np.zeros((300, 300), np.uint8))
     with pytest.raises(ValueError, match=r"r\.zarr: its mask holds class ids in \[0, 9\]"):
         summarise(out, path)
+
+
+@pytest.mark.parametrize(
+    ("georeference", "expected"),
+    [
+        ({"pixel_size_um": 0.5}, ((1.0, 2.0), "micrometer**2")),
+        ({"pixel_size_um": None}, None),
+        (
+            {"crs": "EPSG:32633", "transform": (2.0, 0, 500000.0, 0, -2.0, 6e6)},
+            ((16.0, 32.0), "metre**2"),
+        ),
+        # a CRS this PROJ cannot read: info and summarise still answer, without areas
+        ({"crs": "LOCAL_CS[nonsense", "transform": (2.0, 0, 0, 0, -2.0, 0)}, None),
+    ],
+)
+def test_coordinate_areas_are_in_the_results_units(georeference, expected):
+    from segpipe.config import SegmentConfig
+    from segpipe.results import ResultMeta, coordinate_areas
+
+    fields = {"pixel_size_um": None, **georeference}
+    meta = ResultMeta(source="s.tif", shape=(10, 10), class_names=("a", "b"), model_name="m",
+                      model_sha256="0" * 64, halo=0, config=SegmentConfig(), **fields)  # fmt: skip
+    assert coordinate_areas([4, 8], meta) == expected

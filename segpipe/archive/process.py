@@ -319,8 +319,11 @@ def process_image(
 def _release_dead_lock(paths: ImagePaths, owner: str | None, ttl_s: float) -> None:
     """Remove the lock of a run killed after its last write (its holder gone, or silent for
     ``ttl_s``), which no later run would: the image is up to date. A live holder's stays."""
-    if paths.lock.exists() and (claim := try_claim(paths.lock, owner=owner, ttl_s=ttl_s)):
-        claim.release()
+    try:
+        if paths.lock.exists() and (claim := try_claim(paths.lock, owner=owner, ttl_s=ttl_s)):
+            claim.release()
+    except OSError as exc:  # a read-only output root: the image is still up to date
+        log.info("%s: its dead lock cannot be removed (%s)", paths.lock, exc)
 
 
 def _index(

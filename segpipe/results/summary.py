@@ -81,7 +81,10 @@ def coordinate_areas(
     units (``"micrometer**2"``, a CRS's ``"metre**2"``); None in pixel coordinates."""
     from segpipe.results.layout import pixel_grid
 
-    grid = pixel_grid(meta)
+    try:
+        grid = pixel_grid(meta)
+    except ValueError:  # a CRS this PROJ cannot read (rasterio's CRSError): no units known
+        return None
     if grid.units == "pixel":
         return None
     pixel = abs(grid.step[0] * grid.step[1])
