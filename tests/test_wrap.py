@@ -452,6 +452,32 @@ def test_a_sidecar_geometry_in_part_has_the_rest_measured(tmp_path: Path) -> Non
         models.load(path)
 
 
+@pytest.mark.parametrize(
+    ("given", "key"),
+    [
+        ({"halo": 2.5, "multiple": 1}, "halo"),
+        ({"halo": True, "multiple": 1}, "halo"),
+        ({"halo": 2, "multiple": 1.5}, "multiple"),
+        ({"halo": 2, "multiple": 1, "input_offset": 0.5}, "input_offset"),
+        ({"halo": 2, "multiple": 1, "shrinks": "no"}, "shrinks"),
+        ({"halo": 2.0}, "halo"),
+        ({"multiple": False}, "multiple"),
+    ],
+    ids=str,
+)
+def test_a_sidecar_geometry_of_the_wrong_type_is_named(
+    tmp_path: Path, given: dict[str, object], key: str
+) -> None:
+    """halo 2.5, multiple 1.5 or input_offset 0.5 failed in torch (a float tensor size) and
+    naming no file; JSON's true was taken as a halo of 1 pixel."""
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(3, 2, 3, padding=1)), str(path))
+    side = path.with_name(path.name + ".json")
+    side.write_text(json.dumps({"class_names": ["a", "b"], "geometry": given}), "utf-8")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(side))}: geometry {key} "):
+        models.load(path)
+
+
 def test_a_sidecar_takes_normalisation_from_arrays(tmp_path: Path) -> None:
     mean = np.array([0.485, 0.456, 0.406])
     side = write_sidecar(

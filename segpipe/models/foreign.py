@@ -136,6 +136,8 @@ def _geometry(side: Path, given: Any) -> tuple[Geometry | None, dict[str, Any]]:
     :func:`wrap` to keep while it measures the rest (not defaults, which tile wrongly)."""
     if given is None:
         return None, {}
+    if isinstance(given, Mapping):
+        _check_geometry_types(side, given)
     if isinstance(given, Mapping) and not {"halo", "multiple"} <= set(given):
         extra = sorted(set(given) - {"halo", "multiple"})
         if extra:
@@ -148,6 +150,26 @@ def _geometry(side: Path, given: Any) -> tuple[Geometry | None, dict[str, Any]]:
         return Geometry(**given), {}
     except TypeError as err:
         raise ValueError(f"{side}: geometry {given!r} is not valid: {err}") from err
+
+
+def _check_geometry_types(side: Path, given: Mapping[str, Any]) -> None:
+    """Refuse a sidecar geometry entry of the wrong type: halo 2.5 failed later in torch
+    (a float tensor size), and JSON's ``true`` passed as a halo of 1 pixel."""
+    for key, value in given.items():
+        if key == "shrinks":
+            if not isinstance(value, bool):
+                raise ValueError(
+                    f"{side}: geometry shrinks {value!r} is not true or false (whether the "
+                    "output is input - 2 * halo pixels a side)"
+                )
+        # bool is an int in Python: true would be a halo of 1 pixel.
+        elif key in ("halo", "multiple", "input_offset") and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise ValueError(
+                f"{side}: geometry {key} {value!r} is not a whole number of pixels; give an "
+                "integer (2, not 2.5 or true)"
+            )
 
 
 def _read_sidecar(side: Path) -> dict[str, Any]:
