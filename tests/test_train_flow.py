@@ -109,3 +109,29 @@ def test_the_training_is_a_progress_artifact_of_the_checkpoint(prefect_harness, 
         )
     assert [(a.type, a.data) for a in found] == [("progress", 100.0)]
     assert "train: 1/1 step (100%)" in (found[0].description or "")
+
+
+def test_a_checkpoint_that_appeared_while_it_trained_is_kept(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Checked at the flow's start only, the output was then replaced by the save whatever
+    was there, overwrite=False or not."""
+    from segpipe.flows import train_model as flow_module
+
+    out = tmp_path / "m.pt"
+    real_train = flow_module.train
+
+    def others_write_meanwhile(*args: object, **kwargs: object) -> dict:
+        result = real_train(*args, **kwargs)
+        out.write_bytes(b"another run's model")
+        return result
+
+    monkeypatch.setattr(flow_module, "train", others_write_meanwhile)
+    torch.set_num_threads(1)
+    with pytest.raises(FileExistsError, match=r"m\.pt exists"):
+        flow_module.train_model(str(out), model_options=MODEL, train_options=TRAIN, half=False)
+    assert out.read_bytes() == b"another run's model"
+    flow_module.train_model(
+        str(out), model_options=MODEL, train_options=TRAIN, half=False, overwrite=True
+    )
+    assert models.load(out).checkpoint_metrics["train_config"]["steps"] == TRAIN["steps"]

@@ -877,13 +877,163 @@ def test_save_trained_replaces_its_output_with_the_final_file_only(
 
     monkeypatch.setattr(loop, "evaluate_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        save_trained(models.load(original), config, result, original)
+        save_trained(models.load(original), config, result, original, overwrite=True)
     assert original.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
     monkeypatch.undo()
-    saved = save_trained(models.load(original), config, result, original)
+    saved = save_trained(models.load(original), config, result, original, overwrite=True)
     assert models.load(original).checkpoint_metrics["confusion"] == saved["confusion"]
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_save_trained_leaves_a_file_that_appeared_while_it_trained(
+    finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """save_trained replaced its output whatever was there: a file made while the model
+    trained (another run's model, a user's file) was lost without --overwrite. Now it is
+    left as it is, also one made while the saved weights are scored, and the trained model
+    is kept beside it."""
+    from segpipe import models
+    from segpipe.training import loop, save_trained
+
+    config, result = finished_run
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"someone else's model")
+    kept = tmp_path / f"m.unsaved-{os.getpid()}.pt"
+    with pytest.raises(FileExistsError, match=rf"m\.pt exists .*{kept.name}.*overwrite=True"):
+        save_trained(tiny_unet(), config, result, out)
+    assert out.read_bytes() == b"someone else's model"
+    assert models.load(kept).checkpoint_metrics["loss_history"] == result["loss_history"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", kept.name]
+    kept.unlink()
+    out.unlink()
+
+    scored = loop.evaluate_model
+
+    def another_run_saves_meanwhile(*args: object, **kwargs: object) -> object:
+        out.write_bytes(b"another run's model")
+        return scored(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_model", another_run_saves_meanwhile)
+    with pytest.raises(FileExistsError, match=r"m\.pt exists"):
+        save_trained(tiny_unet(), config, result, out)
+    assert out.read_bytes() == b"another run's model"
+    kept.unlink()
+    save_trained(tiny_unet(), config, result, out, overwrite=True)
+    assert models.load(out).checkpoint_metrics["validation"]["dataset"] == "tissue"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_save_trained_leaves_a_file_made_at_the_last_instant(
+    finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that the output is free, then a rename over it, leaves a moment in which
+    another process's file made between the two is replaced: the file must be placed by an
+    operation that fails where a file is. Here the other file is made just before the call
+    that places the model, whichever call that is."""
+    from segpipe import models
+    from segpipe.training import save_trained
+
+    config, result = finished_run
+    out = tmp_path / "m.pt"
+    armed: list[bool] = []
+    real_save, real_link, real_replace = models.save, os.link, os.replace
+
+    def save(*args: object, **kwargs: object) -> Path:
+        written = real_save(*args, **kwargs)
+        armed.append(kwargs.get("metrics") is not None)  # the final file is written
+        return written
+
+    def another_writes_first(real: Callable) -> Callable:
+        def call(src: object, dst: object, *args: object, **kwargs: object) -> None:
+            if armed[-1:] == [True] and Path(os.fsdecode(dst)) == out and not out.exists():
+                out.write_bytes(b"made at the last instant")
+            real(src, dst, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(models, "save", save)
+    monkeypatch.setattr(os, "link", another_writes_first(real_link))
+    monkeypatch.setattr(os, "replace", another_writes_first(real_replace))
+    with pytest.raises(FileExistsError, match=r"m\.pt exists"):
+        save_trained(tiny_unet(), config, result, out, half=False)
+    assert out.read_bytes() == b"made at the last instant"
+
+
+def test_cli_train_leaves_a_file_that_appeared_while_it_trained(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output was checked before training only; the save then replaced whatever was
+    there, --overwrite or not."""
+    from segpipe import training
+    from segpipe.cli import main
+
+    out = tmp_path / "m.pt"
+    real_train = training.train
+
+    def others_write_meanwhile(*args: object, **kwargs: object) -> dict:
+        result = real_train(*args, **kwargs)
+        out.write_bytes(b"a user's file")
+        return result
+
+    monkeypatch.setattr(training, "train", others_write_meanwhile)
+    assert main(_cli_train(out, *TINY_UNET)) == 2
+    assert "m.pt exists" in capsys.readouterr().err
+    assert out.read_bytes() == b"a user's file"
+    assert main(_cli_train(out, *TINY_UNET, "--overwrite")) == 0
+    assert out.read_bytes() != b"a user's file"
+
+
+def test_a_validation_folder_numbering_classes_otherwise_is_refused(tmp_path: Path) -> None:
+    """The validation folder's classes.txt was ignored: read with the training folder's
+    names, its id 1 (stroma) was scored as nucleus, per-class Dice swapped without a word."""
+    import re
+
+    slides = [tissue_slide(48, seed=s) for s in (1, 2, 9)]
+    train_dir = _tiff_folder(tmp_path / "train", slides[:2], _twelve_bit)
+    val_dir = _tiff_folder(tmp_path / "val", slides[2:], _twelve_bit)
+    (val_dir / "classes.txt").write_text("background\nnucleus\ntissue\n")
+    config = TrainConfig(
+        **TINY, dataset="folder", train_folder=str(train_dir), val_folder=str(val_dir)
+    )
+    with pytest.raises(ValueError, match="the same id must mean the same class") as refused:
+        make_slides(config)
+    message = str(refused.value)
+    for named in (
+        f"{val_dir / 'classes.txt'} names the class ids ['background', 'nucleus', 'tissue']",
+        f"{train_dir / 'classes.txt'} names them ['background', 'tissue', 'nucleus']",
+    ):
+        assert re.search(re.escape(named), message), message
+    (val_dir / "classes.txt").write_text("background\ntissue\nnucleus\n")  # alike: read
+    assert make_slides(config)[1][0].class_names == ("background", "tissue", "nucleus")
+
+
+def test_a_val_tile_off_the_models_multiple_is_refused_before_training() -> None:
+    """Found at the first validation, after an epoch of training thrown away."""
+    model = tiny_unet()  # depth 2: multiple 4
+    initial = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"TrainConfig\.val_tile 18 px .* multiple 4; use 20"):
+        train(model, TrainConfig(**{**TINY, "val_tile": 18}))
+    assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters(), strict=True))
+
+
+def test_the_saved_model_records_what_its_weights_reproduce_on(tmp_path: Path) -> None:
+    """'threads' was torch's count at the save, which train() had put back to the caller's,
+    not the count the run trained with; the CPU's instruction set (AVX2 and AVX-512 round
+    differently) was not recorded at all."""
+    from segpipe import models
+    from segpipe.training import save_trained
+
+    assert torch.get_num_threads() == 1  # one_torch_thread
+    config = TrainConfig(**{**TINY, "num_threads": 2})
+    result = train(tiny_unet(), config)
+    assert (result["threads"], torch.get_num_threads()) == (2, 1)
+    metrics = save_trained(tiny_unet(), config, result, tmp_path / "m.pt", half=False)
+    stored = models.load(tmp_path / "m.pt").checkpoint_metrics
+    for m in (metrics, stored):
+        assert m["threads"] == 2
+        assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        assert m["numpy"] == np.__version__
 
 
 def test_a_run_does_not_write_over_another_runs_checkpoints(finished_run, tmp_path: Path) -> None:

@@ -245,6 +245,8 @@ def _train(args: argparse.Namespace) -> int:
         result,
         output,
         half=not args.full_precision,
+        # Checked before training too, but a file may appear at OUTPUT while it trains.
+        overwrite=args.overwrite,
         extra={"command": " ".join(sys.argv)},
     )
     if args.quiet:

@@ -66,8 +66,17 @@ def save_task(
     result: dict[str, Any],
     output: str,
     half: bool,
+    overwrite: bool,
 ) -> str:
-    save_trained(model, config, result, output, half=half, extra={"flow": "train_model"})
+    save_trained(
+        model,
+        config,
+        result,
+        output,
+        half=half,
+        overwrite=overwrite,
+        extra={"flow": "train_model"},
+    )
     return output
 
 
@@ -99,7 +108,8 @@ def train_model(
         Save float16 weights (half the file).
     overwrite
         Replace a checkpoint already at ``output`` (else refused before training, as
-        ``segpipe train`` refuses without ``--overwrite``).
+        ``segpipe train`` refuses without ``--overwrite``, and at the save one that
+        appeared while it trained).
 
     Returns
     -------
@@ -115,7 +125,7 @@ def train_model(
     options = {"contract": pixel_contract_for(config), **(model_options or {})}
     model = build_task(architecture, class_names_for(config), config.seed, options)
     result = train_task(model, config, output)
-    path = save_task(model, config, result, output, half)
+    path = save_task(model, config, result, output, half, overwrite)
     return {
         "checkpoint": path,
         "train": result,

@@ -28,7 +28,8 @@ Everything random comes from ``TrainConfig.seed``: the same config on the same m
 thread count gives the same weights, also across an interruption and a resume.
 
 The config and the data it names live in :mod:`segpipe.training.config`, the state a checkpoint
-keeps for a resume in :mod:`segpipe.training.state`; every name in ``__all__``
+keeps for a resume in :mod:`segpipe.training.state`, the model file's output (checked before
+training, placed after it) in :mod:`segpipe.training.output`; every name in ``__all__``
 imports from this package.
 """
 

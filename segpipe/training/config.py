@@ -367,7 +367,7 @@ def make_slides(config: TrainConfig) -> tuple[list[LabelledImage], list[Labelled
     if config.dataset == "folder":
         pairs = read_folder(str(config.train_folder))
         names = pairs[0].class_names
-        val = read_folder(str(config.val_folder), class_names=names)
+        val = read_folder(str(config.val_folder), class_names=names, names_from=config.train_folder)
         check_held_out(pairs, val)
         # Validation scales its pixels by the contract measured on the training images: other
         # pixels would be scored wrongly (uint8 read as 12-bit), or fail after an epoch.

@@ -233,8 +233,28 @@ def class_names_of(folder: str | os.PathLike[str]) -> tuple[str, ...] | None:
     return names
 
 
+def _names_differ(
+    root: Path,
+    own: tuple[str, ...],
+    given: tuple[str, ...],
+    names_from: str | os.PathLike[str],
+) -> str:
+    """The refusal of a folder whose classes.txt numbers its classes otherwise than
+    ``names_from``'s."""
+    other = Path(names_from) / "classes.txt"
+    source = str(other) if other.is_file() else f"{names_from} (no classes.txt: numbered ids)"
+    return (
+        f"{root / 'classes.txt'} names the class ids {list(own)}, but {source} names them "
+        f"{list(given)}: the same id must mean the same class in both; make the two lists "
+        "alike (same names, same order)"
+    )
+
+
 def read_folder(
-    folder: str | os.PathLike[str], *, class_names: Sequence[str] | None = None
+    folder: str | os.PathLike[str],
+    *,
+    class_names: Sequence[str] | None = None,
+    names_from: str | os.PathLike[str] | None = None,
 ) -> list[FolderImage]:
     """Every (image, labels[, instances]) triple of ``folder``, matched by file stem.
 
@@ -244,7 +264,12 @@ def read_folder(
         A directory laid out as in the module docstring.
     class_names
         Names of the class ids; default ``folder/classes.txt``, else ``class_0..class_K`` for
-        the largest id found.
+        the largest id found. Given, they override ``folder/classes.txt``, unless
+        ``names_from`` is given too.
+    names_from
+        The folder ``class_names`` are those of (a validation folder's training folder):
+        ``folder/classes.txt``, when there is one, must then name the same classes in the
+        same order, else the same id would mean two classes.
 
     Raises
     ------
@@ -253,7 +278,7 @@ def read_folder(
     ValueError
         Shapes that differ, a label id beyond the class names, a negative or non-integer id,
         more than 256 classes (uint8 labels), an object id beyond int32, masks with several
-        channels.
+        channels, a ``classes.txt`` that differs from the ``class_names`` of ``names_from``.
     """
     root = Path(folder)
     images_dir, labels_dir, instances_dir = (root / d for d in ("images", "labels", "instances"))
@@ -270,7 +295,12 @@ def read_folder(
     missing = sorted(set(images) - set(labels))
     if missing:
         raise FileNotFoundError(f"{labels_dir} lacks label files for the images {missing}")
-    names = tuple(class_names) if class_names is not None else class_names_of(root)
+    own = class_names_of(root)
+    names = tuple(class_names) if class_names is not None else own
+    if names_from is not None and own is not None and names is not None and names != own:
+        # Read with the other folder's names, this folder's id 1 would be scored as another
+        # class (per-class Dice swapped), without a word.
+        raise ValueError(_names_differ(root, own, names, names_from))
     planes = {stem: _read_plane(labels[stem], "labels") for stem in images}
     top = max(int(p.max()) for p in planes.values())
     if names is None:

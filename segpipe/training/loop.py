@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
-from segpipe.atomic import check_writable, scratch_file
-from segpipe.io.files import location
+from segpipe.atomic import scratch_file
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
@@ -32,6 +31,7 @@ from segpipe.training.config import (
 )
 from segpipe.training.datasets import separate_touching
 from segpipe.training.losses import softmax_cross_entropy
+from segpipe.training.output import check_output, place_file
 from segpipe.training.sampling import sample_pairs
 from segpipe.training.state import (
     check_checkpoint_dir,
@@ -127,22 +127,33 @@ def train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
         on the validation images, as ``Evaluation.as_dict()``), plus ``"epochs"`` (per epoch:
         step, mean loss, Dice, IoU), ``"loss_history"`` (mean loss per ``log_every`` steps),
         ``"final_loss"``, ``"train_seconds"``, ``"config"``, ``"checkpoint"`` (the last one
-        written, or None). Plain data, ready for ``segpipe.models.save(..., metrics=...)``.
+        written, or None), ``"threads"`` (torch's thread count while it trained). Plain data,
+        ready for ``segpipe.models.save(..., metrics=...)``.
     """
     threads = config.num_threads or len(os.sched_getaffinity(0))
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with showing(config.progress):
-            return _train(model, config)
+            result = _train(model, config)
     finally:
         torch.set_num_threads(previous_threads)
+    # Kept with the result: by the time the model is saved the caller's count is back, and
+    # the weights reproduce only with the count their sums were split by.
+    result["threads"] = threads
+    return result
 
 
 def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     geometry = geometry_of(model)
+    # Validation tiles the model's way (evaluate_model): refused now, not after an epoch.
+    if config.val_tile % geometry.multiple:
+        raise ValueError(
+            f"TrainConfig.val_tile {config.val_tile} px is not a multiple of the model's size "
+            f"multiple {geometry.multiple}; use {_round_up(config.val_tile, geometry.multiple)}"
+        )
     train_slides, val_slides = make_slides(config)
     data_sha256 = data_fingerprint(train_slides, val_slides)
     if config.separate_touching:
@@ -264,34 +275,17 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     return result
 
 
+def _round_up(n: int, multiple: int) -> int:
+    """The multiple of ``multiple`` at or above ``n``: ``_round_up(20, 8) == 24``."""
+    return n + (-n) % multiple
+
+
 def _steps(first: int, last: int) -> Iterator[tuple[int, Stage]]:
     """Steps ``first`` to ``last - 1`` as the "train" stage, advanced as each one ends."""
     with stage("train", total=last - first, unit="step") as steps:
         for step in range(first, last):
             yield step, steps
             steps.advance()
-
-
-def check_output(output: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """The local checkpoint file ``output`` names, checked before anything is trained for it.
-
-    Raises ValueError for a URL (checkpoints are local files) or an existing folder or other
-    non-file, FileExistsError for an existing file unless ``overwrite``, and OSError naming
-    it when no file can be made in its nearest existing folder (:func:`save_trained` makes
-    the missing ones).
-    """
-    path = location(output)
-    if not isinstance(path, Path):
-        raise ValueError(f"{output}: checkpoints are local files; write one here, then copy it")
-    if path.is_dir() or (path.exists() and not path.is_file()):
-        raise ValueError(f"{path} exists and is not a file: name a checkpoint file to write")
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} exists: replace it with overwrite=True (segpipe train --overwrite), or "
-            "name another file"
-        )
-    check_writable(path)
-    return path
 
 
 def save_trained(
@@ -301,6 +295,7 @@ def save_trained(
     output: str | os.PathLike[str],
     *,
     half: bool = True,
+    overwrite: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Save a model :func:`train` trained, with the scores of **what was saved**.
@@ -310,14 +305,21 @@ def save_trained(
     evaluated on the validation images, and the file's metrics describe exactly what ships;
     with ``half=False`` the training's own validation is kept (nothing is scored twice). The
     metrics hold those scores (``Evaluation.as_dict``), the validation data, the loss history,
-    the training config and ``extra`` (e.g. the command that reproduces the file). Returns the
-    metrics saved. ``output`` is :func:`check_output`'s, overwritten when it exists, and only
-    by the final file: until it is written, an old one (a fine-tune's original) stays as it was.
+    the training config, what the weights reproduce on (torch and numpy versions, the thread
+    count training used, the CPU's instruction set) and ``extra`` (e.g. the command that
+    reproduces the file). Returns the metrics saved.
+
+    ``output`` is :func:`check_output`'s. A file there is replaced only with ``overwrite``,
+    and only by the final file: until it is written, an old one (a fine-tune's original)
+    stays as it was. Without ``overwrite`` a file there when the model is placed (one that
+    appeared while it trained) is left as it is: FileExistsError names it, and where the
+    trained model was kept instead.
     """
     import platform
 
     from segpipe import models
 
+    # The file's existence is judged when it is placed (place_file): it may appear until then.
     path = check_output(output, overwrite=True)
     if half and (key := _beyond_half(model)) is not None:
         # Hours of training are not thrown away at the last step for a storage format.
@@ -349,11 +351,17 @@ def save_trained(
         "train_seconds": result["train_seconds"],
         "train_config": asdict(config),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+        # Kernels split their sums by thread and by vector width (AVX2 and AVX-512 round
+        # differently): the same weights come out only on the same of both.
+        "threads": result.get("threads"),  # None: a result of before train() recorded it
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         **(extra or {}),
     }
-    models.save(saved, path, metrics=saved_metrics, half=half)
+    with scratch_file(path) as final:
+        models.save(saved, final, metrics=saved_metrics, half=half)
+        place_file(final, path, overwrite=overwrite)
     return saved_metrics
 
 
