@@ -924,6 +924,33 @@ def test_save_trained_leaves_a_file_that_appeared_while_it_trained(
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
+def test_place_file_keeps_a_refused_model_of_a_long_name(tmp_path: Path) -> None:
+    """Kept beside as <stem>.unsaved-<pid><suffix>, a name past 255 bytes: "could not be
+    kept", and the model went with its scratch folder."""
+    from segpipe.training.output import place_file
+
+    out = tmp_path / ("m" * 250 + ".pt")
+    out.write_bytes(b"another run's model")
+    written = tmp_path / "written.pt"
+    written.write_bytes(b"hours of training")
+    with pytest.raises(FileExistsError, match=r"the trained model is at .*\.unsaved-\d+\.pt"):
+        place_file(written, out, overwrite=False)
+    (kept,) = tmp_path.glob("*.unsaved-*.pt")
+    assert kept.read_bytes() == b"hours of training" and len(os.fsencode(kept.name)) <= 255
+    assert out.read_bytes() == b"another run's model"
+
+
+def test_a_link_to_nothing_at_the_output_is_refused_before_training(tmp_path: Path) -> None:
+    """It passed the check (it "does not exist"), and the trained model was refused it."""
+    from segpipe.training import check_output
+
+    out = tmp_path / "m.pt"
+    out.symlink_to(tmp_path / "nowhere.pt")
+    with pytest.raises(FileExistsError, match=r"m\.pt exists"):
+        check_output(out)
+    assert check_output(out, overwrite=True) == out
+
+
 def test_save_trained_leaves_a_file_made_at_the_last_instant(
     finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1034,6 +1061,14 @@ def test_the_saved_model_records_what_its_weights_reproduce_on(tmp_path: Path) -
         assert m["threads"] == 2
         assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
         assert m["numpy"] == np.__version__
+    # A resume may train on another count: the file then records none (its weights reproduce
+    # on no one count); on the same count, that count.
+    run = TrainConfig(**{**TINY, "num_threads": 1, "epochs": 2}, checkpoint_dir=str(tmp_path / "r"))
+    train(tiny_unet(), run)
+    first = str(tmp_path / "r" / "epoch-001.pt")
+    for threads, recorded in ((1, 1), (2, None)):
+        again = replace(run, checkpoint_dir=None, resume_from=first, num_threads=threads)
+        assert train(tiny_unet(), again)["threads"] == recorded
 
 
 def test_a_run_does_not_write_over_another_runs_checkpoints(finished_run, tmp_path: Path) -> None:

@@ -135,13 +135,9 @@ def train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     torch.set_num_threads(threads)
     try:
         with showing(config.progress):
-            result = _train(model, config)
+            return _train(model, config)
     finally:
         torch.set_num_threads(previous_threads)
-    # Kept with the result: by the time the model is saved the caller's count is back, and
-    # the weights reproduce only with the count their sums were split by.
-    result["threads"] = threads
-    return result
 
 
 def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
@@ -177,6 +173,10 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     epochs: list[dict[str, Any]] = []
     first_step, seconds_before = 0, 0.0
     scores: Evaluation | None = None
+    # What the weights reproduce on: kernels split their sums by thread and by vector width
+    # (AVX2 and AVX-512 round differently). A resume may run on another count (or machine).
+    here = {"threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability()}
+    machines: list[dict[str, Any] | None] = [here]
     if config.resume_from:
         state = load_state(
             config.resume_from, model, optimiser, schedule, rng, config, data_sha256=data_sha256
@@ -187,6 +187,8 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
             state["window_losses"],
             state["epochs"],
         )
+        # States before machines were kept: trained on what no one knows
+        machines = [*state.get("machines", [None]), here]
         # The checkpoint's validation: the result, should no step be left to train.
         if state["evaluation"] is not None:
             scores = Evaluation.from_dict(state["evaluation"])
@@ -254,6 +256,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
                     epochs,
                     scores.as_dict(),
                     data_sha256=data_sha256,
+                    machines=machines,
                 )
     train_seconds = seconds_before + time.perf_counter() - start
     if scores is None:
@@ -269,10 +272,18 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
         "train_seconds": round(train_seconds, 1),
         "config": asdict(config),
         "checkpoint": None if checkpoint is None else str(checkpoint),
+        # One count and instruction set for the whole training, else None (mixed, unknown)
+        "threads": _only({m["threads"] if m else None for m in machines}),
+        "cpu_capability": _only({m["cpu"] if m else None for m in machines}),
     }
     if config.progress:
         print(format_report(result))
     return result
+
+
+def _only(values: set[Any]) -> Any:
+    """The one value of ``values``, else None."""
+    return next(iter(values)) if len(values) == 1 else None
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -354,8 +365,9 @@ def save_trained(
         "numpy": np.__version__,
         # Kernels split their sums by thread and by vector width (AVX2 and AVX-512 round
         # differently): the same weights come out only on the same of both.
-        "threads": result.get("threads"),  # None: a result of before train() recorded it
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        # None where training ran on several (a resume) or they are not known
+        "threads": result.get("threads"),
+        "cpu_capability": result.get("cpu_capability"),
         "python": platform.python_version(),
         **(extra or {}),
     }

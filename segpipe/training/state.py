@@ -136,6 +136,7 @@ def save_state(
     evaluation: dict[str, Any],
     *,
     data_sha256: str,
+    machines: list[Any] | None = None,
 ) -> Path:
     """``epoch-NNN.pt`` (the model, :func:`segpipe.models.save`) and ``epoch-NNN.state.pt``
     (everything else a resume needs, ``evaluation``, the epoch's validation as
@@ -164,6 +165,8 @@ def save_state(
             "evaluation": json.dumps(evaluation),
             "fingerprint": fingerprint(model),
             "data_sha256": data_sha256,
+            # thread counts and CPU instruction sets the run has trained on so far
+            "machines": json.dumps(machines or []),
         },
         state_path(path),
     )
@@ -320,6 +323,8 @@ def _read_state(state_file: Path, saved: nn.Module, config: TrainConfig) -> dict
         if "evaluation" in state:
             decoded["evaluation"] = json.loads(state["evaluation"])
             Evaluation.from_dict(decoded["evaluation"])
+        if "machines" in state:  # a list of {"threads", "cpu"} (or None: unknown)
+            decoded["machines"] = [dict(m) if m else None for m in json.loads(state["machines"])]
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(
             f"cannot resume from {state_file}: its epochs or evaluation are not what "
