@@ -411,3 +411,14 @@ def test_read_folder_leaves_no_file_open(tmp_path: Path) -> None:
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         gc.enable()
+
+
+def test_given_class_names_override_a_damaged_classes_file(tmp_path: Path) -> None:
+    """Given names override the folder's classes.txt, which was then read all the same: a
+    damaged one (a name twice) failed a read that does not use it."""
+    write_folder(tmp_path, [tissue_slide(32, seed=0)])
+    (tmp_path / "classes.txt").write_text("x\nx\n")
+    with pytest.raises(ValueError, match="distinct"):
+        read_folder(tmp_path)
+    (item,) = read_folder(tmp_path, class_names=["background", "tissue", "nucleus"])
+    assert item.class_names == ("background", "tissue", "nucleus")

@@ -462,6 +462,10 @@ def test_a_sidecar_geometry_in_part_has_the_rest_measured(tmp_path: Path) -> Non
         ({"halo": 2, "multiple": 1, "shrinks": "no"}, "shrinks"),
         ({"halo": 2.0}, "halo"),
         ({"multiple": False}, "multiple"),
+        # Geometry's own refusals named no file; a partial multiple 0 divided by zero
+        ({"halo": -3, "multiple": 1}, "halo"),
+        ({"halo": 2, "multiple": 0}, "multiple"),
+        ({"multiple": 0}, "multiple"),
     ],
     ids=str,
 )

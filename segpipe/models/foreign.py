@@ -148,7 +148,7 @@ def _geometry(side: Path, given: Any) -> tuple[Geometry | None, dict[str, Any]]:
         return None, dict(given)
     try:
         return Geometry(**given), {}
-    except TypeError as err:
+    except (TypeError, ValueError) as err:  # Geometry's own checks name no file
         raise ValueError(f"{side}: geometry {given!r} is not valid: {err}") from err
 
 
@@ -170,6 +170,9 @@ def _check_geometry_types(side: Path, given: Mapping[str, Any]) -> None:
                 f"{side}: geometry {key} {value!r} is not a whole number of pixels; give an "
                 "integer (2, not 2.5 or true)"
             )
+        elif key in ("halo", "multiple") and value < (1 if key == "multiple" else 0):
+            least = "1" if key == "multiple" else "0"
+            raise ValueError(f"{side}: geometry {key} {value!r} must be >= {least} pixels")
 
 
 def _read_sidecar(side: Path) -> dict[str, Any]:

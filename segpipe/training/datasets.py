@@ -295,7 +295,8 @@ def read_folder(
     missing = sorted(set(images) - set(labels))
     if missing:
         raise FileNotFoundError(f"{labels_dir} lacks label files for the images {missing}")
-    own = class_names_of(root)
+    # Given names override the folder's file, which is then not read (a damaged one too)
+    own = class_names_of(root) if class_names is None or names_from is not None else None
     names = tuple(class_names) if class_names is not None else own
     if names_from is not None and own is not None and names is not None and names != own:
         # Read with the other folder's names, this folder's id 1 would be scored as another

@@ -29,7 +29,8 @@ def check_output(output: str | os.PathLike[str], *, overwrite: bool = False) -> 
         raise ValueError(f"{output}: checkpoints are local files; write one here, then copy it")
     if path.is_dir() or (path.exists() and not path.is_file()):
         raise ValueError(f"{path} exists and is not a file: name a checkpoint file to write")
-    if path.exists() and not overwrite:
+    # A link to nothing is a name taken too: the model would be refused it after training.
+    if (path.exists() or path.is_symlink()) and not overwrite:
         raise FileExistsError(
             f"{path} exists: replace it with overwrite=True (segpipe train --overwrite), or "
             "name another file"
@@ -61,7 +62,10 @@ def place_file(written: Path, path: Path, *, overwrite: bool) -> None:
             return
     # Hours of training are not thrown away for a name: the file is kept under one of this
     # process's own (a file of that name can only be an earlier refusal's of this process).
-    kept = path.with_name(f"{path.stem}.unsaved-{os.getpid()}{path.suffix}")
+    # Cut to NAME_MAX (255 bytes) with its tag: "could not be kept" deleted the model.
+    tag = f".unsaved-{os.getpid()}{path.suffix}"
+    stem = os.fsencode(path.stem)[: 255 - len(os.fsencode(tag))].decode("utf-8", "ignore")
+    kept = path.with_name(stem + tag)
     try:
         os.replace(written, kept)
     except OSError:  # a name too long, a folder there
