@@ -56,6 +56,8 @@ def test_a_killed_run_leaves_no_server_holding_its_output(tmp_path):
     command's stdout open: a `| tee` or a cron wrapper reading it waited for ever."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    # As the flow tests' harness: a loaded CI machine starts the server in over Prefect's 20 s
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     run = subprocess.Popen(
         [sys.executable, "-c", RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     )
