@@ -313,19 +313,33 @@ def object_table(
         ``centroid_y``/``centroid_x`` (coordinates), ``bbox_y0, bbox_x0, bbox_y1, bbox_x1``
         (half-open pixel indices of the level), ``mean_probability`` (of ``class_name``).
     """
+    return _objects_of(result, class_name, region, level, threshold, connectivity, chunks)[1].table
+
+
+def _objects_of(
+    result: str | os.PathLike | xr.Dataset,
+    class_name: str,
+    region: Region | None,
+    level: int,
+    threshold: float | None,
+    connectivity: int,
+    chunks: Any,
+) -> tuple[xr.Dataset, _Objects]:
+    """The region of ``result`` the objects are found in, and its objects (computed now)."""
     full = as_dataset(result, level)
     ds = select_region(full, region)
     # A chunk that cannot be read is named by the result it is of, where a path says which.
     damage = contextlib.nullcontext() if isinstance(result, xr.Dataset) else naming_damage(result)
     with damage:
-        return _find_objects(
+        objects = _find_objects(
             ds,
             class_name,
             threshold=threshold,
             connectivity=connectivity,
             chunks=chunks,
             offset_yx=_region_offset(full, ds),
-        ).table
+        )
+    return ds, objects
 
 
 def _relabel(
@@ -358,16 +372,7 @@ def object_labels(
     The table is computed now (one pass over the chunks); each chunk's labels are computed
     again, and renumbered to the table's, when the returned array is.
     """
-    full = as_dataset(result, level)
-    ds = select_region(full, region)
-    objs = _find_objects(
-        ds,
-        class_name,
-        threshold=threshold,
-        connectivity=connectivity,
-        chunks=chunks,
-        offset_yx=_region_offset(full, ds),
-    )
+    ds, objs = _objects_of(result, class_name, region, level, threshold, connectivity, chunks)
     fg = _foreground(ds, class_name, threshold).data.rechunk(objs.chunks)
     labels = fg.map_blocks(
         _relabel,
