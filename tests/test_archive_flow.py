@@ -149,23 +149,28 @@ def test_a_transient_failure_is_retried_by_prefect(
     assert len(calls) == 2
 
 
+def _two_images_under_a_limit(tmp_path: Path, slides: list, limit: str) -> tuple[Path, Path]:
+    """An archive of two images (and its output root) and a global concurrency limit of one
+    slot named ``limit`` on the test's Prefect server."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    shutil.copy(slides[1], source / "b.ome.tif")
+    return source, out
+
+
 def test_a_global_concurrency_limit_serialises_segmentation_across_images(
     prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
 ):
     import threading
     import time
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    with get_client(sync_client=True) as client:
-        client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name="segpipe-test-gpu", limit=1)
-        )
-    source, out = tmp_path / "archive", tmp_path / "out"
-    source.mkdir()
-    shutil.copy(slides[0], source / "a.ome.tif")
-    shutil.copy(slides[1], source / "b.ome.tif")
+    source, out = _two_images_under_a_limit(tmp_path, slides, "segpipe-test-gpu")
     real, running, most = segpipe.segment, [0], [0]
     lock = threading.Lock()
 
@@ -195,17 +200,7 @@ def test_an_image_waiting_to_retry_leaves_its_global_slot_to_others(
     waited for it the whole delay. Now the first attempt's failure frees it at once."""
     import threading
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-
-    with get_client(sync_client=True) as client:
-        client.create_global_concurrency_limit(
-            GlobalConcurrencyLimitCreate(name="segpipe-test-retry", limit=1)
-        )
-    source, out = tmp_path / "archive", tmp_path / "out"
-    source.mkdir()
-    shutil.copy(slides[0], source / "a.ome.tif")
-    shutil.copy(slides[1], source / "b.ome.tif")
+    source, out = _two_images_under_a_limit(tmp_path, slides, "segpipe-test-retry")
     real, calls, lock = segpipe.segment, [], threading.Lock()
 
     def first_fails(*args, **kwargs):
