@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +44,7 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     share one; the last rename wins.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_killed_copies(path)
-    try:
-        # Within NAME_MAX (255 bytes) whatever the target's name: mkstemp adds 8 characters.
-        # Who writes it is in its name: a killed writer's copy is removed by the next write.
-        prefix = f"{_copy_prefix(path)}{os.getpid()}-"
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".part")
-    except OSError as err:  # it names the temporary file, which the user never asked for
-        raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
+    fd, name = _copy_beside(path, tempfile.mkstemp)
     tmp = Path(name)
     try:
         # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
@@ -82,17 +74,26 @@ def scratch_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     Folders that writers killed on this machine left beside ``path`` are removed first. The
     folder is created when missing; an OSError of the file system names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_killed_copies(path)
-    try:
-        prefix = f"{_copy_prefix(path)}{os.getpid()}-"
-        folder = tempfile.mkdtemp(dir=path.parent, prefix=prefix, suffix=".part")
-    except OSError as err:  # it names the temporary folder, which the user never asked for
-        raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
+    folder = _copy_beside(path, tempfile.mkdtemp)
     try:
         yield Path(folder) / path.name
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _copy_beside(path: Path, make: Callable[..., Any]) -> Any:
+    """What ``make`` (``tempfile.mkstemp``, ``mkdtemp``) returns for a hidden copy beside
+    ``path``, named for this host and process; the folder made and the copies killed writers
+    left removed first. An OSError names ``path``, not the copy the user never asked for."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_killed_copies(path)
+    try:
+        # Within NAME_MAX (255 bytes) whatever the target's name: mkstemp adds 8 characters.
+        # Who writes it is in its name: a killed writer's copy is removed by the next write.
+        prefix = f"{_copy_prefix(path)}{os.getpid()}-"
+        return make(dir=path.parent, prefix=prefix, suffix=".part")
+    except OSError as err:
+        raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
 
 
 def _copy_prefix(path: Path) -> str:
