@@ -6,12 +6,14 @@ import fnmatch
 import hashlib
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from segpipe.archive.parts import image_parts
 from segpipe.io.files import mtime_of
 from segpipe.io.readers import IMAGE_SUFFIXES
 
@@ -45,12 +47,17 @@ class ArchiveImage:
         Bytes.
     mtime
         Modification time, seconds since the epoch (as the file system reports it).
+    parts
+        The other files the image is made of (:mod:`segpipe.archive.parts`: a multi-file
+        OME-TIFF set's, an MRXS data folder's), as ``url`` is spelled; ``size`` is theirs
+        and its own summed, ``mtime`` the latest.
     """
 
     url: str
     key: str
     size: int
     mtime: float
+    parts: tuple[str, ...] = ()
 
     @property
     def is_local(self) -> bool:
@@ -107,7 +114,9 @@ def discover_images(
         Passed to fsspec for remote URLs (credentials, endpoint).
 
     Hidden files and folders (a name starting with ``.``) are ignored. Local symbolic links
-    to files and folders are followed, each real folder listed once.
+    to files and folders are followed, each real folder listed once. A multi-file OME-TIFF
+    set is one image (:mod:`segpipe.archive.parts`), found when any of its files matches
+    ``pattern`` and left for later while any is too young.
     """
     fs, root = filesystem(str(source), storage_options)
     if not fs.isdir(root):
@@ -116,23 +125,36 @@ def discover_images(
     local = _is_local(fs)
     skip = _excluded_folder(fs, root, exclude, storage_options)
     files = _local_files(root, skip) if local else _remote_files(fs, root, skip)
+    listed = {path: (size, mtime) for path, size, mtime in files}
+    ends = tuple(s.lower() for s in suffixes)
+    keys = {p: str(PurePosixPath(p).relative_to(root)) for p in listed}
+    shown = {p for p, key in keys.items() if not any(n.startswith(".") for n in key.split("/"))}
+    candidates = sorted(p for p in shown if keys[p].lower().endswith(ends))
+    made_of = image_parts(fs, candidates, shown)
+    is_candidate = set(candidates)
     now = time.time()
     found = []
-    for path, size, mtime in files:
-        key = str(PurePosixPath(path).relative_to(root))
-        if any(part.startswith(".") for part in key.split("/")):
+    for path in candidates:
+        if path in made_of.part_of:
+            continue  # its image stands for it (a JPEG of a VMS, a file of an OME-TIFF set)
+        key, parts = keys[path], made_of.parts.get(path, ())
+        if not any(_matches(keys[p], pattern) for p in (path, *parts) if p in is_candidate):
             continue
-        if not key.lower().endswith(tuple(s.lower() for s in suffixes)):
-            continue
-        by_name = "/" not in pattern and fnmatch.fnmatch(key.rsplit("/", 1)[-1], pattern)
-        if not (by_name or fnmatch.fnmatch(key, pattern)):
-            continue
+        size = sum(listed[p][0] for p in (path, *parts))
+        mtime = max(listed[p][1] for p in (path, *parts))
         if min_age_s and now - mtime < min_age_s:
             log.info("%s: modified %.0f s ago, left for a later run", key, now - mtime)
             continue
-        url = path if local else fs.unstrip_protocol(path)
-        found.append(ArchiveImage(url=url, key=key, size=size, mtime=mtime))
+        if not local:
+            path, parts = fs.unstrip_protocol(path), tuple(map(fs.unstrip_protocol, parts))
+        found.append(ArchiveImage(url=path, key=key, size=size, mtime=mtime, parts=parts))
     return sorted(found, key=lambda image: image.key)
+
+
+def _matches(key: str, pattern: str) -> bool:
+    """Whether ``key`` matches ``pattern``, or its file name alone a pattern without ``/``."""
+    by_name = "/" not in pattern and fnmatch.fnmatch(key.rsplit("/", 1)[-1], pattern)
+    return by_name or fnmatch.fnmatch(key, pattern)
 
 
 def _excluded_folder(
@@ -218,13 +240,30 @@ def fingerprint_image(
     """The image's :class:`Fingerprint`, reading at most ``blocks * block_bytes`` bytes.
 
     Size and mtime are read again (not taken from discovery, nor from the file system's
-    listing cache), so a file replaced since it was listed gets its new identity.
+    listing cache), so a file replaced since it was listed gets its new identity. An image
+    made of several files (``image.parts``) has their sizes summed, the latest mtime, and a
+    hash over each file's name (relative to the image's folder), size and sampled hash.
     ``blocks`` >= 2 (the first and the last bytes among them), ``block_bytes`` >= 1.
     """
     # one block could not reach both ends (and divided by zero); none sampled no content
     if blocks < 2 or block_bytes < 1:
         raise ValueError(f"blocks must be >= 2 and block_bytes >= 1, got {blocks}, {block_bytes}")
     fs, path = filesystem(image.url, storage_options)
+    own = _file_print(fs, path, blocks, block_bytes)
+    if not image.parts:
+        return own
+    folder, prints = posixpath.dirname(path), {".": own}
+    for part in image.parts:
+        where = filesystem(part, storage_options)[1]
+        prints[posixpath.relpath(where, folder)] = _file_print(fs, where, blocks, block_bytes)
+    h = hashlib.sha256()
+    for name, p in sorted(prints.items()):  # names relative to the image: a moved set keeps it
+        h.update(f"{name}\n{p.size}\n{p.sample_sha256}\n".encode())
+    size = sum(p.size for p in prints.values())
+    return Fingerprint(size, max(p.mtime for p in prints.values()), h.hexdigest())
+
+
+def _file_print(fs: Any, path: str, blocks: int, block_bytes: int) -> Fingerprint:
     # s3fs (and others) answer info from the listing that discovery cached: a file changed
     # since (the re-fingerprint after segmenting looks for just that) would not show.
     fs.invalidate_cache(path)

@@ -20,7 +20,7 @@ from typing import Any
 from segpipe.io.ome import set_file_conflicts
 from segpipe.io.readers.base import DECODE_ERRORS, ImageReadError
 
-__all__ = ["check_ome_set", "check_ome_set_uuids", "local_name", "named_files"]
+__all__ = ["check_ome_set", "check_ome_set_uuids", "files_named", "local_name", "named_files"]
 
 
 def local_name(tag: str) -> str:
@@ -119,8 +119,18 @@ def named_files(tif: Any) -> list[str]:
         text = tif.pages.first.description or ""
     except DECODE_ERRORS:  # a file cut short in its header (no IFD), which the caller reports
         return []
-    names = set(re.findall(r'FileName\s*=\s*"([^"]*)"', text)) - {tif.filename}
-    return sorted(names) if "<OME" in text else []
+    return files_named(text, tif.filename)
+
+
+def files_named(description: str, own: str) -> list[str]:
+    """The file names an OME-XML ``description`` (parsed or not) gives besides ``own`` (the
+    file's own name), sorted; none where it is no OME-XML.
+
+    >>> files_named('<OME><UUID FileName="a.ome.tif"/><UUID FileName="b.ome.tif"/>', "a.ome.tif")
+    ['b.ome.tif']
+    """
+    names = set(re.findall(r'FileName\s*=\s*"([^"]*)"', description)) - {own}
+    return sorted(names) if "<OME" in description else []
 
 
 def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
