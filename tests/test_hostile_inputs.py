@@ -775,6 +775,36 @@ def test_a_later_jpeg_tile_whose_frame_header_lies_is_refused_as_it_is_read(
     assert "tile 3 is a JPEG stream of 20,000 x 20,000 pixels (its SOF marker)" in str(info.value)
 
 
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_a_jpeg_tile_cut_short_is_refused_as_it_is_read_and_a_padded_one_reads(
+    tmp_path: Path, cut: float
+) -> None:
+    """libjpeg decodes a stream cut short with a warning, its missing rows grey (OpenSlide:
+    "Premature end of JPEG file"); zeros after a whole stream's end marker are padding."""
+    pixels = _rgb(512, 512)
+    tiles = [
+        imagecodecs.jpeg_encode(pixels[y : y + 256, x : x + 256], level=90)
+        for y in (0, 256)
+        for x in (0, 256)
+    ]
+    honest, cut_short = tmp_path / "padded.tif", tmp_path / "cut.tif"
+    for path, last in (
+        (honest, tiles[3] + bytes(6)),
+        (cut_short, tiles[3][: int(len(tiles[3]) * cut)]),
+    ):
+        tifffile.imwrite(
+            path, iter([*tiles[:3], last]), shape=pixels.shape, dtype=np.uint8,
+            tile=(256, 256), photometric="rgb", compression="jpeg",
+        )  # fmt: skip
+    with contextlib.closing(open_image(honest)) as reader:
+        np.testing.assert_array_equal(reader.read(0, 512, 0, 512), tifffile.imread(honest))
+    with contextlib.closing(open_image(cut_short)) as reader:
+        np.testing.assert_array_equal(reader.read(0, 256, 0, 512), tifffile.imread(honest)[:256])
+        with pytest.raises(ImageReadError, match="no end-of-image marker: it is cut short") as info:
+            reader.read(256, 512, 256, 512)
+    assert str(cut_short) in str(info.value)
+
+
 def _cropped_jpeg(path: Path, pixels: np.ndarray) -> Path:
     """A 32 px tile holding an image smaller than it, its JPEG stream of the image's size (as
     some writers write the tiles at an image's edge)."""

@@ -313,10 +313,28 @@ def guard_jpeg_frames(page: Any) -> None:
                     f"its {_frame_misfit(page, index, frame)}; the stream or the file's tags "
                     "are damaged"
                 )
+            # libjpeg only warns of a stream cut short and fills the rest grey, as the
+            # decoder gives it; OpenSlide refuses it ("Premature end of JPEG file"). An NDPI
+            # tile (a header beside it) is a run of restart intervals, with no end marker.
+            if kwargs.get("jpegheader") is None and not _ends_whole(data):
+                raise ValueError(
+                    f"its JPEG stream ({len(data):,} bytes) has no end-of-image marker: it "
+                    "is cut short (or its byte count in the file's tags is)"
+                )
         return decode(data, index, **kwargs)
 
     checked._guards_jpeg_frames = True  # type: ignore[attr-defined]
     page.__dict__["decode"] = checked
+
+
+def _ends_whole(data: bytes | memoryview) -> bool:
+    """Whether a JPEG stream ends with its end-of-image marker (FF D9), zero padding after
+    it allowed (writers align tiles to a word).
+
+    >>> [_ends_whole(s) for s in (b"..\\xff\\xd9", b"..\\xff\\xd9\\0\\0", b"\\xff\\xd8..")]
+    [True, True, False]
+    """
+    return bytes(data[-64:]).rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 def _frame_fits(page: Any, index: int, frame: tuple[int, int]) -> bool:
