@@ -53,7 +53,7 @@ PROGRESS_CHUNKS = (64, 64)  # tiles per chunk of the two above
 UINT8_SCALE = 1 / 255
 # Level 1: a third less time than 3 for 2-3% more bytes on float16 probabilities, which
 # compress poorly at any level (tasks spend it beside the model, on its cores).
-_ZSTD = ZstdCodec(level=1)
+_ZSTD = ZstdCodec(level=1, checksum=True)  # a flipped bit in a chunk is refused, not read
 _SPARSE: ArrayConfigParams = {"write_empty_chunks": False}
 # The smallest shard side (pixels) of a level the tasks write: smaller shards are many tiny
 # objects, and the pass after the tasks builds such a level from 1/4**k of level 0 anyway.
