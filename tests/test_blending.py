@@ -232,3 +232,17 @@ def test_a_blend_window_off_the_size_rule_is_refused_naming_the_next_one():
     assert blend_window_side(same, 30) == 32
     with pytest.raises(ValueError, match="use 32"):
         blend_lattice((100, 100), same, window=30)
+
+
+@pytest.mark.parametrize("rows", [64, 63, 20])
+def test_a_same_padding_lattice_starts_at_the_edges_of_a_strip_shorter_than_a_window(rows):
+    """A strip shorter than a window along y had a margin, mirrored pixels, on both axes: its
+    border columns were 18x MONAI's error against a whole pass. Now one window starts at its
+    top edge, and the windows along x stay inside, the last at the edge."""
+    same = Geometry(halo=23, multiple=8)
+    lattice = blend_lattice((rows, 200), same, window=64, overlap=0.25)
+    assert lattice.axis_origins(1) == (0, 48, 96, 136)
+    assert lattice.axis_origins(0) == (0,)
+    valid = Geometry(halo=23, multiple=8, shrinks=True)  # context past the image anyway
+    window = blend_window_side(valid, 64)
+    assert blend_lattice((rows, 200), valid, window=window).axis_origins(0)[0] < 0

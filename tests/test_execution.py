@@ -895,11 +895,12 @@ def test_a_worker_advertising_a_gpu_runs_as_many_blocks_as_it_has_threads(
     assert peak[0] == 3
 
 
-@pytest.mark.parametrize("shape", [(96, 128), (100, 76)])
+@pytest.mark.parametrize("shape", [(96, 128), (100, 76), (20, 128), (100, 28)])
 def test_blend_is_at_least_as_accurate_as_monai(shape):
     """Blend mode against one forward pass over the whole image, beside MONAI's
     sliding_window_inference with the same window, overlap and sigma: same-padding models'
-    windows stay inside the image, so border pixels see the model's own zero padding."""
+    windows stay inside the image, so border pixels see the model's own zero padding. Strips
+    shorter than a window (20, 28 px) too."""
     inferers = pytest.importorskip("monai.inferers")
     torch.manual_seed(0)
     net = models.build(

@@ -195,8 +195,9 @@ class BlendLattice:
     """Sliding windows of ``window`` output pixels every ``stride`` pixels, starting at ``-margin``.
 
     The lattice is global (a function of the image shape alone), which is what makes blended
-    tiles agree across task boundaries. With ``inside`` (same-padding models on an image at
-    least a window wide) the margin is 0 and the last window of each axis is moved back to end
+    tiles agree across task boundaries. With ``inside`` (same-padding models) the margin is 0:
+    along an axis shorter than a window one window starts at the image's edge (mirrored
+    pixels past the other), and along a longer one the last window is moved back to end
     at the image's edge (as MONAI's ``dense_patch_slices`` does), snapped up to the pooling
     multiple: border pixels are then predicted with the model's own zero padding, as a pass
     over the whole image predicts them, instead of from mirrored pixels.
@@ -209,12 +210,19 @@ class BlendLattice:
     geometry: Geometry
     inside: bool = False
 
+    def axis_margin(self, axis: int) -> int:
+        """Pixels the first window along ``axis`` starts before the image: ``margin``, or 0
+        where the windows stay inside (``inside``)."""
+        return 0 if self.inside else self.margin
+
     def axis_origins(self, axis: int) -> tuple[int, ...]:
         """Every window origin (output pixels) along ``axis``, ascending."""
-        w, s, m, n = self.window, self.stride, self.margin, self.shape[axis]
+        w, s, m, n = self.window, self.stride, self.axis_margin(axis), self.shape[axis]
         count = math.ceil(max(n + 2 * m - w, 0) / s) + 1
         origins = [-m + k * s for k in range(count)]
-        if self.inside and n >= w:
+        if self.inside and n < w:  # one window from the edge, as one pass over the axis
+            return (0,)
+        if self.inside:
             # Snapped up: at most multiple - 1 mirrored pixels past the edge keep the phase.
             last = -(-(n - w) // self.geometry.multiple) * self.geometry.multiple
             origins = [o for o in origins if o < last] + [last]
@@ -263,7 +271,7 @@ def blend_lattice(
     the pooling phase. A valid-padding model needs context past the image anyway: its windows
     start ``margin`` pixels before the image so that border pixels sit inside some window
     rather than on its low-weight rim (the mirrored image fills them). A same-padding model's
-    windows stay inside the image when it is a window wide (``BlendLattice.inside``).
+    windows start at the image's edges (``BlendLattice.inside``).
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -279,9 +287,11 @@ def blend_lattice(
     # A stride off the multiple would change the pooling phase from window to window, and one
     # longer than the window would leave gaps.
     stride = min(max(m, round(window * (1.0 - overlap) / m) * m), window // m * m)
-    inside = not g.shrinks and min(shape) >= window
-    margin = 0 if inside else max(0, (window - stride) // 2) // m * m
-    return BlendLattice((int(shape[0]), int(shape[1])), window, stride, margin, g, inside)
+    # A strip shorter than a window along one axis keeps its windows inside the image along
+    # both (BlendLattice.axis_origins): with a margin on both, its long borders were 18x
+    # MONAI's error against a whole pass; now below MONAI's, which zero-pads the short axis.
+    margin = max(0, (window - stride) // 2) // m * m
+    return BlendLattice((int(shape[0]), int(shape[1])), window, stride, margin, g, not g.shrinks)
 
 
 def blend_windows(lattice: BlendLattice, region: Box) -> list[Window]:
