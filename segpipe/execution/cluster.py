@@ -79,8 +79,7 @@ def plan_local_cluster(
     >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2)
     ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2)
     """
-    # Dask's count honours the process's CPU affinity and cgroup quota (taskset, Slurm,
-    # docker --cpus); os.cpu_count() gives the host's, so 4 allowed cores of 64 ran 64 threads.
+    # Dask's count honours CPU affinity and cgroup quotas (taskset, Slurm, docker --cpus).
     cpus = cpus or CPU_COUNT
     if device.type == "cuda":
         gpus = gpus if gpus is not None else torch.cuda.device_count()
@@ -143,13 +142,15 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
             resources=plan.resources,
             dashboard_address=":0",
         )
-    # Threads of this process: worker processes are started by spawn/forkserver, which
-    # re-imports the caller's __main__ and breaks a plain script without a main guard; torch
-    # releases the GIL in its kernels, so threads lose little.
+    # Threads of this process: worker processes (spawn/forkserver) re-import the caller's
+    # __main__, which breaks a plain script without a main guard; torch releases the GIL in
+    # its kernels. No memory limit: each worker would measure the whole process against its
+    # share of the RAM and pause at 80%, and the run hang (no nanny restarts it).
     return distributed.LocalCluster(
         n_workers=plan.n_workers,
         threads_per_worker=plan.threads_per_worker,
         processes=False,
+        memory_limit=0,
         dashboard_address=":0",
     )
 
@@ -239,9 +240,8 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     elif scheduler is None:
         yield None if _FORKED else _shared_local_client(plan)
     elif isinstance(scheduler, str):
-        # Not the process's default client: runs in threads side by side (the images of an
-        # archive run) would each set and reset Dask's global scheduler, and another run's
-        # plain dask compute (the pyramid) would find a closed client or none.
+        # Not the process's default client: runs in threads side by side (an archive's
+        # images) would each set and reset Dask's global scheduler under another's compute.
         with distributed.Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False) as client:
             log.info("connected to %s; dashboard: %s", scheduler, client.dashboard_link)
             yield client
@@ -252,8 +252,7 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
         )
 
 
-# Local clusters of runs with no scheduler, one per layout, kept for the process's later runs
-# (a script's images, a flow's tasks): their start-up is paid once.
+# Local clusters of runs with no scheduler, one per layout, kept for the process's later runs.
 _LOCAL: dict[ClusterPlan, tuple[Any, Any]] = {}
 _LOCAL_LOCK = threading.Lock()
 _FORKED = False  # this process was forked from one that ran a local cluster
@@ -263,8 +262,10 @@ def _shared_local_client(plan: ClusterPlan) -> Any:
     with _LOCAL_LOCK:
         if plan in _LOCAL:
             cluster, client = _LOCAL[plan]
-            if client.status == "running":
+            # a worker gone (an error, its ttl) has no nanny: later runs would wait for ever
+            if client.status == "running" and len(cluster.scheduler.workers) >= plan.n_workers:
                 return client
+            log.info("the kept local Dask cluster lost its workers; starting another")
             _close_local(plan)
         cluster = _start_local_cluster(plan)
         client = distributed.Client(cluster, set_as_default=False)

@@ -101,7 +101,9 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
         return amp
     if device == "cpu":
         return False
-    cuda = set(client.run(has_cuda).values()) if client is not None else {has_cuda()}
+    # a worker that died meanwhile is left out (its tasks go to the others), not a raw error
+    answers = client.run(has_cuda, on_error="ignore") if client is not None else {0: has_cuda()}
+    cuda = set(answers.values())
     if not cuda:
         raise ValueError(
             f"device {device!r} with amp=None: the cluster has no workers yet to say whether "
