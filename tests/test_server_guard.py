@@ -15,8 +15,7 @@ import pytest
 RUN = textwrap.dedent(
     """
     import sys, time
-    from segpipe.flows.limits import require_server
-    require_server()  # no server named: guards the temporary one
+    {guard}
     from prefect import flow
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -50,17 +49,26 @@ def _running(pid: int) -> bool:
         return False
 
 
+GUARDS = {
+    # the CLI's: no server named, so it guards the temporary one
+    "cli": "from segpipe.flows.limits import require_server; require_server()",
+    # a flow called from Python: importing a flow module guards it
+    "python": "import segpipe.flows.segment_slide",
+}
+
+
 @pytest.mark.integration
-def test_a_killed_run_leaves_no_server_holding_its_output(tmp_path):
+@pytest.mark.parametrize("started", list(GUARDS))
+def test_a_killed_run_leaves_no_server_holding_its_output(tmp_path, started):
     """SIGKILLed (the OOM killer), the run left Prefect's uvicorn running, 200 MB, with the
-    command's stdout open: a `| tee` or a cron wrapper reading it waited for ever."""
+    command's stdout open: a `| tee` or a cron wrapper reading it waited for ever. So did a
+    flow called from Python, which only the CLI guarded."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     # As the flow tests' harness: a loaded CI machine starts the server in over Prefect's 20 s
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    run = subprocess.Popen(
-        [sys.executable, "-c", RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
-    )
+    command = [sys.executable, "-c", RUN.format(guard=GUARDS[started])]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     try:
         line = run.stdout.readline()
         assert line.strip().isdigit(), run.stderr.read().decode()[-3000:]

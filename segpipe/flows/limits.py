@@ -19,6 +19,7 @@ __all__ = [
     "SLOT_POLL_S",
     "check_run_options",
     "global_slot",
+    "guard_when_temporary",
     "require_limit",
     "require_server",
     "run_stop",
@@ -113,18 +114,29 @@ def require_limit(name: str) -> None:
             ) from None
 
 
-def require_server() -> None:
-    """Refuse to start a flow when the Prefect server named by ``PREFECT_API_URL`` (the
-    environment's, else the profile's) does not answer: the flow's first call to it would
-    fail in a page of traceback. None named: a flow call starts a temporary local server,
-    which ends with this process however it ends (:mod:`segpipe.flows.server_guard`)."""
-    import httpx
+def guard_when_temporary() -> str | None:
+    """The Prefect server's URL that ``PREFECT_API_URL`` names (the environment's, else the
+    profile's); where none is named, a flow call starts a temporary server, and that is
+    guarded to end with this process (:mod:`segpipe.flows.server_guard`). The flow modules
+    call it as they are imported, so flows called from Python are guarded as the CLI's are."""
     from prefect.settings import get_current_settings
 
     # The environment first: Prefect's settings hold it as it was when Prefect was imported.
     url = os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
     if not url:
         guard_temporary_server()  # a kill of this process must not leave it running
+    return url or None
+
+
+def require_server() -> None:
+    """Refuse to start a flow when the Prefect server named by ``PREFECT_API_URL`` (the
+    environment's, else the profile's) does not answer: the flow's first call to it would
+    fail in a page of traceback. None named: a flow call starts a temporary local server,
+    which ends with this process however it ends (:mod:`segpipe.flows.server_guard`)."""
+    import httpx
+
+    url = guard_when_temporary()
+    if not url:
         return
     try:  # any answer will do (Prefect Cloud's may be 401 without the key): it is up
         httpx.get(f"{url.rstrip('/')}/health", timeout=10)

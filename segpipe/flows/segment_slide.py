@@ -20,11 +20,15 @@ from prefect.cache_policies import NO_CACHE
 import segpipe
 from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
+from segpipe.flows.limits import guard_when_temporary
 from segpipe.flows.progress import ProgressArtifacts
 from segpipe.io.files import URLPath, location
 from segpipe.io.imagestore import ingested_level
 from segpipe.io.ingest import ingested_image
 from segpipe.progress import also_reporting, showing
+
+# A flow called from Python (no CLI) starts its temporary server guarded too.
+guard_when_temporary()
 
 __all__ = ["default_image_store", "segment_slide", "segment_task"]
 

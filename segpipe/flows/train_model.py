@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from segpipe.analysis.evaluation import Evaluation
+from segpipe.flows.limits import guard_when_temporary
 from segpipe.flows.progress import ProgressArtifacts
 from segpipe.models import SegmentationModel
 from segpipe.progress import also_reporting, showing
@@ -31,6 +32,9 @@ from segpipe.training import (
     save_trained,
     train,
 )
+
+# A flow called from Python (no CLI) starts its temporary server guarded too.
+guard_when_temporary()
 
 
 @task(name="build-model")
