@@ -2,7 +2,8 @@
 # Both create .venv (once) and install segpipe into it.
 #
 # torch: TORCH defaults to the CPU build pinned here. For a GPU machine, install a CUDA build of
-# torch into .venv first (see README); `pip install -e .` keeps whatever torch satisfies the range.
+# torch into .venv first (see README): the torch found is a constraint of the install, so no
+# extra (MONAI 1.6 asks for torch>=2.8) replaces it. TORCH is not read once .venv has a torch.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -15,7 +16,8 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -c "import torch; print(f'torch=={torch.__version__}')" > $(VENV)/torch.txt
+	$(BIN)/python -m pip install --quiet -e ".[dev]" --constraint $(VENV)/torch.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

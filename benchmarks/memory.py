@@ -15,6 +15,7 @@ the target is <= 1.5.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -115,6 +116,8 @@ def main() -> None:
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.keep is None:  # gigabytes at the sizes measured: gone when the run ends
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     rows = []
     for size in args.sizes:
         src = work / f"input-{size}.zarr"

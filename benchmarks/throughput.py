@@ -39,6 +39,7 @@ A benchmark, not a test: it takes minutes and its numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import dataclasses
@@ -498,6 +499,8 @@ def main() -> None:
     size, device = args.size, args.device
     work = args.keep or Path(tempfile.mkdtemp(prefix="segpipe-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.keep is None:  # gigabytes at the sizes measured: gone when the run ends
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     src = work / f"input-{size}.zarr"
     if "pipeline" in rows and not src.exists():
         print(f"building {size} x {size} input ...", flush=True)

@@ -227,14 +227,15 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     previous = _segpipe_attributes(out)
     if not overwrite and (previous is None or previous.get("complete")):
         raise FileExistsError(
-            f"ingest output {out} already exists; pass overwrite=True to replace a previous "
-            f"segpipe ingest, or choose another path"
+            f"ingest output {out} already exists; pass overwrite=True (--overwrite) to "
+            f"replace a previous segpipe ingest, or choose another path"
         )
     if not (out.is_dir() and previous is not None):
         raise FileExistsError(
             f"ingest output {out} exists and is not a segpipe image ingest (no "
             f"'segpipe': {{'kind': 'image'}} attribute in its zarr.json); refusing to delete "
-            f"it even with overwrite=True: choose another path or remove it yourself"
+            f"it even with overwrite=True (--overwrite): choose another path or remove it "
+            f"yourself"
         )
     if isinstance(out, URLPath):
         delete_marked_store(out, _ROOT, ("attributes", "segpipe"))

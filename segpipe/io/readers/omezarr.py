@@ -121,7 +121,8 @@ class ZarrReader(BaseReader):
         if segpipe.get("kind") == "image" and segpipe.get("complete") is False:
             raise ImageReadError(
                 f"{self.path}: this segpipe ingest never finished (attribute "
-                f"segpipe.complete is false); run the ingest again with overwrite=True"
+                f"segpipe.complete is false); run the ingest again (an unfinished one is "
+                "replaced)"
             )
         if geo := segpipe.get("georeference"):  # carried over from a GeoTIFF by ingest
             self.georeference = self._checked_georeference(geo)
