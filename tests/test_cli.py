@@ -514,6 +514,8 @@ def test_query_and_export(small_slide, random_checkpoint, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert [c["name"] for c in report["classes"]] == ["nucleus", "background"]
     assert report["classes"][1]["pixels"] == int((mask == 0).sum())
+    assert report["classes"][1]["area_um2"] == int((mask == 0).sum()) * 0.25
+    assert report["area_units"] == "micrometer**2", "named as info --json names them"
     assert main(["query", str(out), "--class", "nucleus", "--class", "nope"]) == 2
     assert "no class 'nope'" in capsys.readouterr().err
     assert main(["query", str(out), "--class", "nucleus", "--class", "tissue", "--objects"]) == 2

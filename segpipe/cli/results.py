@@ -193,7 +193,7 @@ def _query(args: argparse.Namespace) -> int:
         # The unit in the key (`area_um2`), as `info --json` has `class_area_um2`.
         for c in report["classes"]:
             c[area_key(units)] = c.pop("area")
-        print(json.dumps(report, indent=2, default=str))
+        print(json.dumps({**report, "area_units": units}, indent=2, default=str))
         return 0
     where = f" in region {report['region']}" if report["region"] else ""
     print(f"{report['path']} (level {report['level']}){where}:")
