@@ -1722,3 +1722,19 @@ def test_tiles_no_store_can_hold_are_refused_before_anything_is_made(tmp_path, s
         prepare_result(tmp_path / "r.zarr", meta(**settings))
     assert list(tmp_path.iterdir()) == []
     prepare_result(tmp_path / "ok.zarr", meta(tile=16_384, probability_dtype="float16"))
+
+
+def test_a_result_whose_class_names_were_edited_to_fewer_than_it_counts_is_refused(tmp_path):
+    """Two names for three counted classes: info dropped a class (its fractions summed to
+    96%) and an export failed in numpy, naming nothing."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta(class_names=("bg", "fg", "x")))
+    mark_tiles_done(path, {(0, 0): np.array([5, 6, 1])})
+    finish(path)
+    assert read_meta(path).summary.class_pixels[:3] == (5, 6, 1)
+    root = path / "zarr.json"
+    stored = json.loads(root.read_text())
+    stored["attributes"]["segpipe"]["identity"]["class_names"] = ["bg", "fg"]
+    root.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match=rf"^{path}: .*class_pixels counts 3 classes, not 2"):
+        read_meta(path)

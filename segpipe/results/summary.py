@@ -32,7 +32,12 @@ class RunSummary:
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> RunSummary:
-        """The summary a result's ``segpipe`` attribute holds (flat keys, as written)."""
+        """The summary a result's ``segpipe`` attribute holds (flat keys, as written).
+        ValueError where it counts other classes than the result names (an attribute edited:
+        ``info`` dropped a class, and its fractions summed to 96%)."""
+        counts, ident = [int(n) for n in attrs["class_pixels"]], attrs.get("identity") or {}
+        if (names := ident.get("class_names")) is not None and len(counts) != len(names):
+            raise ValueError(f"class_pixels counts {len(counts)} classes, not {len(names)}")
         return cls(
             tiles_total=int(attrs["tiles_total"]),
             tiles_computed=int(attrs["tiles_computed"]),
@@ -40,7 +45,7 @@ class RunSummary:
             windows=int(attrs.get("windows", 0)),
             seconds=float(attrs["seconds"]),
             megapixels_per_second=float(attrs["megapixels_per_second"]),
-            class_pixels=tuple(int(n) for n in attrs["class_pixels"]),
+            class_pixels=tuple(counts),
             tiles_background=int(attrs.get("tiles_background", 0)),
             foreground_pixels=attrs.get("foreground_pixels"),
         )
