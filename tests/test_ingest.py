@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import uuid
 import warnings
@@ -492,6 +493,32 @@ def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: 
     np.testing.assert_array_equal(
         open_image(ingested_image(src, store)).read(0, 4, 0, 4), other[:4, :4]
     )
+
+
+def test_a_source_edited_in_place_outside_the_sampled_pixels_is_ingested_again(
+    tmp_path: Path,
+) -> None:
+    """Rows painted over away from the pixel sample's regions, saved under the same name:
+    the stale copy was reused (and segmented). The file's size and mtime now tell; an
+    ingest made before they were recorded is still reused by its sample alone."""
+    rng = np.random.default_rng(12)
+    img = rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    src, store = tmp_path / "in.tif", tmp_path / "in.image.zarr"
+    tifffile.imwrite(src, img, tile=(256, 256), photometric="rgb")
+    out = ingested_image(src, store)
+    edited = img.copy()
+    edited[:100] = 255  # e.g. a label area painted white
+    tifffile.imwrite(src, edited, tile=(256, 256), photometric="rgb")
+    np.testing.assert_array_equal(
+        open_image(ingested_image(src, store)).read(0, 100, 0, 1024), edited[:100]
+    )
+
+    group = zarr.open_group(out, mode="r+")
+    group.attrs["segpipe"] = {k: v for k, v in group.attrs["segpipe"].items() if k != "source_stat"}
+    os.utime(src, ns=(1, 1))
+    stamp = (out / "zarr.json").stat().st_mtime_ns
+    assert ingested_image(src, store) == out
+    assert (out / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"
 
 
 def test_a_complete_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def is_reusable(
     """Whether the ingest at ``store`` stands for ``source`` ingested with ``chunk`` (pixels)
     and ``pixel_size_um`` (µm, None: the source's own): a complete ingest of this version or
     version 2, of the same location and chunk side, whose pixel sample and pixel size are the
-    source's.
+    source's, and the file's size and mtime (local files) those it had.
 
     A source gone leaves nothing to compare with: its copy (of either version, any chunk
     side) is reused, with a warning, unless ``pixel_size_um`` asks for another pixel size
@@ -121,6 +121,9 @@ def is_reusable(
             return False
         kept = source_attributes(reader)
         if any(previous.get(k) != kept.get(k) for k in _KEPT):
+            return False
+        # an ingest before the file's size and mtime were recorded: the pixel sample alone
+        if "source_stat" in previous and previous["source_stat"] != kept.get("source_stat"):
             return False
         return bool(previous.get("source_sha256") == pixel_sample_sha256(reader))
     finally:
@@ -167,10 +170,15 @@ def _opened(stack: contextlib.ExitStack, path: str | os.PathLike[str]) -> Reader
 def source_attributes(reader: Reader) -> dict[str, Any]:
     """What an ingest records of ``reader`` besides its pixels, as JSON: its location (a local
     path absolute, so another working folder names the same file), and the georeference,
-    nodata, channel names and mask its copy keeps. A copy whose source now says otherwise
-    is not reused (:func:`is_reusable`): a nodata or CRS fixed in place changes no pixel."""
+    nodata, channel names and mask its copy keeps, and a local file's size and mtime (ns). A
+    copy whose source now says otherwise is not reused (:func:`is_reusable`): a nodata or CRS
+    fixed in place changes no pixel, an edit outside the sampled pixels none of the sample's."""
     path = str(reader.path)
     attrs: dict[str, Any] = {"source": path if is_url(path) else os.path.abspath(path)}
+    if not is_url(path) and os.path.isfile(path):
+        # a file edited in place outside the sampled pixels: its size or mtime tells
+        stat = os.stat(path)
+        attrs["source_stat"] = [stat.st_size, stat.st_mtime_ns]
     # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
     if (geo := getattr(reader, "georeference", None)) is not None:
         attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
