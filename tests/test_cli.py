@@ -431,6 +431,38 @@ def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
 
 
 @pytest.mark.integration
+def test_the_flow_run_processes_of_a_plain_command_print_no_prefect_info_lines(tmp_path):
+    """`segpipe serve` starts each flow run as a process of its own, which logs through
+    Prefect's console handler: its INFO lines ("Beginning flow run", "Finished in state")
+    printed without -v. The environment a plain command leaves its children keeps them
+    off the console (Prefect's server still gets them); warnings still show."""
+    from segpipe.cli import _quiet_libraries
+
+    code = textwrap.dedent(
+        """
+        from prefect import flow, get_run_logger
+
+        @flow
+        def one():
+            get_run_logger().warning("a warning of the run")
+            return 1
+
+        print("result", one())
+        """
+    )
+    with _quiet_libraries(verbose=False, quiet=False):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    printed = run.stdout + run.stderr
+    assert "result 1" in run.stdout, printed[-3000:]
+    assert "a warning of the run" in printed
+    assert "Beginning flow run" not in printed and "Finished in state" not in printed, printed
+
+
+@pytest.mark.integration
 def test_archive_command_segments_each_image_once(
     prefect_harness, random_checkpoint, tmp_path, capsys
 ):

@@ -205,6 +205,9 @@ def _quiet_libraries(*, verbose: bool, quiet: bool) -> Iterator[None]:
     }
     if not verbose:
         wanted["DASK_LOGGING__DISTRIBUTED"] = "warning"
+        # Prefect's console only (its server still gets every line): the flow runs `serve`
+        # starts are processes of their own, which log through Prefect's console handler.
+        wanted["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
     if quiet:
         wanted["PREFECT_LOGGING_LEVEL"] = "ERROR"
     added = [k for k in wanted if k not in os.environ]

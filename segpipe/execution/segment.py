@@ -189,7 +189,8 @@ def segment(
                 raise ValueError(
                     f"model {label!r} normalises with per-tile statistics "
                     f"({', '.join(offenders)}), so tiles disagree whatever the halo and 'exact' "
-                    "mode cannot be exact; use mode='blend', or put BatchNorm layers in eval mode"
+                    "mode cannot be exact; use mode='blend' (a BatchNorm or an InstanceNorm "
+                    "that tracks running statistics: put it in eval mode)"
                 )
             if tile % geometry.multiple:
                 raise ValueError(
