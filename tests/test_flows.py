@@ -96,3 +96,21 @@ def test_no_task_taking_a_model_hashes_it_for_a_cache(module):
     }
     assert policies
     assert policies == dict.fromkeys(policies, NO_CACHE)
+
+
+def test_a_scheduler_no_one_answers_is_refused_before_the_ingest(
+    prefect_harness, small_slide, random_checkpoint, tmp_path
+):
+    """It was found after the whole slide was ingested, in Dask's bare 30 s timeout."""
+    import socket
+
+    from segpipe.flows.segment_slide import default_image_store, segment_slide
+
+    with socket.socket() as s:  # a port no one listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "slide.seg.zarr"
+    config = SegmentConfig(tile=64, scheduler=f"tcp://127.0.0.1:{port}")
+    with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler at tcp://127"):
+        segment_slide(str(small_slide.image), str(out), str(random_checkpoint), config)
+    assert not default_image_store(out).exists()

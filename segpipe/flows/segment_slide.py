@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 import segpipe
 from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
+from segpipe.execution.cluster import reachable_scheduler
 from segpipe.flows.limits import guard_when_temporary
 from segpipe.flows.progress import ProgressArtifacts
 from segpipe.io.files import URLPath, location
@@ -115,6 +116,7 @@ def segment_slide(
     goes (default :func:`default_image_store`).
     """
     config = config or SegmentConfig()
+    reachable_scheduler(config.scheduler)  # one no one answers: refused before the ingest
     store = image_store or str(default_image_store(output))
     image = ingest_task(source, store, config.pixel_size_um, progress)
     # ``level`` is the source's: the copy's pyramid steps 2x, a scanner's often 4x.
