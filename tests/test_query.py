@@ -605,6 +605,27 @@ def test_a_damaged_result_is_named_by_query_and_export(tmp_path):
     ]
 
 
+@pytest.mark.parametrize("array", ["mask", "probabilities"])
+def test_a_result_missing_a_shard_of_computed_tiles_is_refused_naming_it(tmp_path, array):
+    """Zarr reads a missing shard as its fill value: a deleted file read as background
+    (probabilities 0), and every query gave other areas and objects without a word. A shard
+    of glass alone is left unwritten, and its absence is no damage."""
+    from segpipe.results import DamagedResultError, open_result
+
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:20, 5:20] = 1  # the first tile's only
+    path, _ = make_result(tmp_path / "r.seg.zarr", labels, tile=20, task_tiles=1)
+    stored = sorted(f for f in (path / "0" / array / "c").rglob("*") if f.is_file())
+    assert len(stored) == (1 if array == "mask" else 4), "glass shards are not written"
+    np.testing.assert_array_equal(open_result(path)["mask"].values, labels)
+    stored[0].unlink()
+    key = stored[0].relative_to(path).as_posix()
+    with pytest.raises(DamagedResultError, match=rf"^{path} is damaged: 1 .* \({key}\)"):
+        open_result(path)
+    with pytest.raises(DamagedResultError, match="missing"):
+        query.region_report(path)
+
+
 def test_a_damaged_result_is_rebuilt_as_its_error_says(random_checkpoint, tmp_path):
     """The error said "segment it again with overwrite", which finds the result complete and
     alike and computes nothing: the damage stayed. Deleting it, as it now says, rebuilds it."""

@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+import zarr
 from dask.base import tokenize
 
-from segpipe.io.files import location
-from segpipe.results.layout import pixel_grid
+from segpipe.io.files import URLPath, location
+from segpipe.results.layout import COUNTS, pixel_grid
 from segpipe.results.schema import (
     IncompleteResultError,
     layout_of,
@@ -83,6 +84,8 @@ def open_result(
             "going); run segment again with the same output to finish it, or pass "
             "allow_incomplete=True to look at what is there"
         )
+    if stored_complete(meta) and not isinstance(path, URLPath):
+        _check_shards_present(path, meta)
     n_levels = len(result_levels(path))
     if tree:
         levels = {str(k): _open_level(path, k, meta, chunks) for k in range(n_levels)}
@@ -92,6 +95,34 @@ def open_result(
     if not 0 <= level < n_levels:
         raise ValueError(f"{path} has pyramid levels 0..{n_levels - 1}, not level {level}")
     return _open_level(path, level, meta, chunks)
+
+
+def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None:
+    """Refuse a complete result missing a level-0 shard of a tile that holds a pixel of a
+    class above 0 (its counts say so): Zarr reads a missing shard as its fill value, 0, so a
+    deleted file read as background with probabilities 0. A shard of such a tile is never
+    empty, so never left unwritten; one of background tiles alone (glass) may be."""
+    try:
+        counts = zarr.open_array(os.fspath(path), path=COUNTS, mode="r")[...]
+    except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError):
+        return  # a result written before the counts were kept
+    tile = parse_meta(path, meta).config.tile
+    tiles = np.argwhere(np.asarray(counts)[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
+    missing = []
+    for name in ("mask", "probabilities"):
+        array = zarr.open_array(os.fspath(path), path=level_path(0, name, layout=layout_of(meta)))
+        side = np.asarray((array.shards or array.chunks)[-2:])
+        lead = (0,) * (array.ndim - 2)  # the class axis, in one shard
+        for shard in {tuple(int(i) for i in t) for t in tiles // side}:
+            key = f"{array.path}/{array.metadata.encode_chunk_key((*lead, *shard))}"
+            if not os.path.exists(os.path.join(os.fspath(path), key)):
+                missing.append(key)
+    if missing:
+        raise DamagedResultError(
+            f"{path} is damaged: {len(missing)} stored shard(s) of computed tiles are missing "
+            f"({', '.join(sorted(missing)[:3])}{', ...' if len(missing) > 3 else ''}); delete "
+            "it (segpipe.results.delete_result) and segment the image again"
+        )
 
 
 def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunks: Any) -> Any:
