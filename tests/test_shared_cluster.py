@@ -477,15 +477,40 @@ def test_a_kept_local_cluster_that_lost_its_workers_is_started_again():
         cluster._close_local(plan)
 
 
-def test_a_worker_that_died_is_left_out_of_the_question_of_amp():
-    """client.run raised the dead worker's CommClosedError, naming nothing, at a run's start."""
+def test_a_kept_process_cluster_short_of_workers_is_kept(monkeypatch):
+    """A GPU plan's workers are processes whose nanny restarts them (and without dask-cuda
+    one worker stands for all the GPUs): a run finding fewer than planned closed the cluster
+    under the runs still on it."""
+    import types
+
+    plan = cluster.ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=1, gpus=2)
+    kept = types.SimpleNamespace(status="running")
+    local = types.SimpleNamespace(scheduler=types.SimpleNamespace(workers={}))
+    monkeypatch.setitem(cluster._LOCAL, plan, (local, kept))
+    assert cluster._shared_local_client(plan) is kept
+
+
+def test_a_worker_that_died_is_left_out_of_the_question_of_amp_and_another_error_named():
+    """client.run raised a dead worker's CommClosedError, naming nothing, at a run's start;
+    a worker's own error (segpipe not installed there) must still be said, not taken for
+    "no workers yet"."""
+    from distributed.comm.core import CommClosedError
 
     class Workers:
-        def run(self, function, on_error="raise"):
-            assert on_error == "ignore"
-            return {"tcp://a": False, "tcp://b": False}
+        def __init__(self, answers):
+            self.answers = answers
 
-    assert resolve_amp(None, "auto", Workers()) is False
+        def run(self, function, on_error="raise"):
+            assert on_error == "return"
+            return self.answers
+
+    gone = CommClosedError("in <TCP (closed)>: ConnectionResetError")
+    assert resolve_amp(None, "auto", Workers({"tcp://a": False, "tcp://b": gone})) is False
+    with pytest.raises(ValueError, match="no workers yet"):
+        resolve_amp(None, "auto", Workers({"tcp://b": gone}))
+    missing = ImportError("No module named 'segpipe'")
+    with pytest.raises(RuntimeError, match=r"worker tcp://b could not say .*No module named"):
+        resolve_amp(None, "auto", Workers({"tcp://a": False, "tcp://b": missing}))
 
 
 @pytest.mark.parametrize("n_workers", [1, 2])

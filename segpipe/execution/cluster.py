@@ -262,8 +262,8 @@ def _shared_local_client(plan: ClusterPlan) -> Any:
     with _LOCAL_LOCK:
         if plan in _LOCAL:
             cluster, client = _LOCAL[plan]
-            # a worker gone (an error, its ttl) has no nanny: later runs would wait for ever
-            if client.status == "running" and len(cluster.scheduler.workers) >= plan.n_workers:
+            # threads with none left (an error, a ttl) have no nanny: later runs would hang
+            if client.status == "running" and (plan.gpus or cluster.scheduler.workers):
                 return client
             log.info("the kept local Dask cluster lost its workers; starting another")
             _close_local(plan)

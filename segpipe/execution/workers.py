@@ -101,9 +101,13 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
         return amp
     if device == "cpu":
         return False
-    # a worker that died meanwhile is left out (its tasks go to the others), not a raw error
-    answers = client.run(has_cuda, on_error="ignore") if client is not None else {0: has_cuda()}
-    cuda = set(answers.values())
+    answers = client.run(has_cuda, on_error="return") if client is not None else {0: has_cuda()}
+    for worker, answer in answers.items():
+        # a worker that died meanwhile is left out (its tasks go to the others); any other
+        # error of a worker's (segpipe not installed there) is its own to report
+        if isinstance(answer, BaseException) and not isinstance(answer, OSError):
+            raise RuntimeError(f"worker {worker} could not say whether it has a GPU: {answer!r}")
+    cuda = {a for a in answers.values() if not isinstance(a, BaseException)}
     if not cuda:
         raise ValueError(
             f"device {device!r} with amp=None: the cluster has no workers yet to say whether "
