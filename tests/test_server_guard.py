@@ -103,3 +103,24 @@ def test_the_guard_is_idempotent_and_leaves_another_prefect_as_it_is(monkeypatch
     monkeypatch.delattr(server, "subprocess")  # a release that starts its server otherwise
     guard_temporary_server()
     assert not hasattr(server, "subprocess")
+
+
+def test_the_guard_leaves_prefects_server_module_unimported_until_it_is_used():
+    """Importing a flow module imported Prefect's server (3-4 s, 85 MB) in every process,
+    one that never starts it too; now the module is patched as it is imported."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from segpipe.flows.server_guard import _GuardedSubprocess, guard_temporary_server
+        guard_temporary_server()
+        guard_temporary_server()
+        assert "prefect.server.api.server" not in sys.modules
+        from prefect.server.api import server
+        assert isinstance(server.subprocess, _GuardedSubprocess)
+        guard_temporary_server()  # once imported: patched at once, and only once
+        assert isinstance(server.subprocess, _GuardedSubprocess)
+        print("ok")
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "ok", run.stderr[-3000:]
