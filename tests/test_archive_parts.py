@@ -6,7 +6,15 @@ import shutil
 
 import numpy as np
 import pytest
-from test_vendor_formats import KW, write_channel_set, write_two_file_set
+from test_vendor_formats import (
+    KW,
+    SHAPE,
+    in_file,
+    ome_image,
+    ome_xml,
+    write_channel_set,
+    write_two_file_set,
+)
 
 from segpipe.archive import discover_images, fingerprint_image, image_paths, process_image
 from segpipe.config import SegmentConfig
@@ -41,6 +49,37 @@ def test_the_file_naming_the_set_stands_for_it_whatever_its_name(tmp_path):
     (image,) = discover_images(tmp_path)
     assert (image.key, image.parts) == ("z.ome.tif", (str(c1),))
     np.testing.assert_array_equal(open_image(image.url).read(0, 256, 0, 384), planes)
+
+
+@pytest.mark.parametrize("own", ["urn:uuid:1", None], ids=["own-uuid", "no-own-uuid"])
+def test_single_file_ome_tiffs_renamed_or_copied_are_each_an_image(tmp_path, own):
+    """Bio-Formats names a single file in its OME-XML (FileName and UUID): copies of one
+    export, renamed since, each named "image.ome.tif" and were taken for one set, all but
+    one slide never segmented."""
+    import tifffile
+
+    xml = ome_xml(ome_image(0, "s", SHAPE, 0.5, in_file("image.ome.tif", "urn:uuid:1")), uuid=own)
+    for k, name in enumerate(("image.ome.tif", "patient1.ome.tif", "patient2.ome.tif")):
+        pixels = np.full((*SHAPE, 3), 50 * k, np.uint8)
+        tifffile.imwrite(tmp_path / name, pixels, description=xml, **KW)
+    images = discover_images(tmp_path)
+    assert [(i.key, i.parts) for i in images] == [
+        ("image.ome.tif", ()),
+        ("patient1.ome.tif", ()),
+        ("patient2.ome.tif", ()),
+    ]
+
+
+def test_a_copy_of_a_sets_file_is_an_image_of_its_own(tmp_path):
+    """Every file of a Bio-Formats set names the others; a copy of the first, under another
+    name, names them too and opens the whole set: no other file names it, so it stays."""
+    opened, other = write_two_file_set(tmp_path, pyramid=False)
+    shutil.copy(opened, tmp_path / "copy.ome.tif")
+    images = discover_images(tmp_path)
+    assert [(i.key, i.parts) for i in images] == [
+        ("copy.ome.tif", (str(other),)),
+        ("set.ome.tif", (str(other),)),
+    ]
 
 
 @pytest.mark.parametrize("pattern", ["set_1*", "set.ome.tif", "*.ome.tif"])

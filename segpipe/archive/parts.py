@@ -16,8 +16,9 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from segpipe.io.files import REMOTE_READ_BLOCK
 from segpipe.io.readers.base import DECODE_ERRORS
-from segpipe.io.readers.ome_sets import files_named
+from segpipe.io.readers.ome_sets import other_set_files
 
 __all__ = ["ImageParts", "image_parts"]
 
@@ -47,17 +48,12 @@ def image_parts(fs: Any, images: list[str], listed: Collection[str]) -> ImagePar
     """
     found = ImageParts()
     listed = set(listed)
-    links: dict[str, set[str]] = {path: set() for path in images}
-    named_others: set[str] = set()
+    sets: dict[str, list[str]] = {}  # an OME-TIFF's other files of its set
     for path in images:
         lower = path.lower()
         if lower.endswith(_OME_SUFFIXES):
-            named = _listed(path, _ome_set_names(fs, path), listed)
-            if named:
-                named_others.add(path)
-            for other in named:
-                links[path].add(other)
-                links.setdefault(other, set()).add(path)
+            if named := _listed(path, _ome_set_names(fs, path), listed):
+                sets[path] = named
         elif lower.endswith(".mrxs"):
             folder = path[: -len(".mrxs")] + "/"  # its data folder, named as the slide
             if data := sorted(p for p in listed if p.startswith(folder)):
@@ -66,25 +62,19 @@ def image_parts(fs: Any, images: list[str], listed: Collection[str]) -> ImagePar
             named := _listed(path, _vms_names(fs, path), listed)
         ):
             found.parts[path] = tuple(named)
-    seen: set[str] = set()
-    for path in images:
-        if path in seen or not links[path]:
-            continue
-        members, todo = set(), [path]
-        while todo:
-            p = todo.pop()
-            if p not in members:
-                members.add(p)
-                todo.extend(links.get(p, ()))
-        seen |= members
-        # a file named but naming none (e.g. one with an OME-XML of its own plane only) opens
-        # as that plane alone: the set's first file by path that names others stands for it
-        first = min(members & named_others)
-        found.parts[first] = tuple(sorted(members - {first}))
+    # Every file of a Bio-Formats set names the others: the first by path stands for them.
+    # A file naming none (an OME-XML of its own plane only) is no image of its own; one that
+    # no other names (a copy of a set's file, under a name of its own) is.
+    for path in sorted(sets):
+        if path not in found.part_of:
+            found.parts[path] = tuple(sets[path])
+            for part in sets[path]:
+                if part not in found.parts:
+                    found.part_of.setdefault(part, path)
     for path, parts in found.parts.items():
-        for part in parts:
-            found.part_of.setdefault(part, path)
-            log.debug("%s: a part of %s, segmented as that", part, path)
+        if path.lower().endswith((".vms", ".vmu")):
+            for part in parts:
+                found.part_of.setdefault(part, path)
     return found
 
 
@@ -99,11 +89,15 @@ def _ome_set_names(fs: Any, path: str) -> list[str]:
     import tifffile
 
     try:
-        with fs.open(path, "rb") as f, tifffile.TiffFile(f) as tif:
+        # a remote file by ranges: fsspec's default block (s3fs: 50 MiB) fetched it whole
+        with (
+            fs.open(path, "rb", block_size=REMOTE_READ_BLOCK, cache_type="readahead") as f,
+            tifffile.TiffFile(f) as tif,
+        ):
             description = tif.pages.first.description or ""
     except DECODE_ERRORS:
         return []
-    return files_named(description, posixpath.basename(path))
+    return other_set_files(description, posixpath.basename(path))
 
 
 def _vms_names(fs: Any, path: str) -> list[str]:

@@ -20,7 +20,14 @@ from typing import Any
 from segpipe.io.ome import set_file_conflicts
 from segpipe.io.readers.base import DECODE_ERRORS, ImageReadError
 
-__all__ = ["check_ome_set", "check_ome_set_uuids", "files_named", "local_name", "named_files"]
+__all__ = [
+    "check_ome_set",
+    "check_ome_set_uuids",
+    "files_named",
+    "local_name",
+    "named_files",
+    "other_set_files",
+]
 
 
 def local_name(tag: str) -> str:
@@ -131,6 +138,37 @@ def files_named(description: str, own: str) -> list[str]:
     """
     names = set(re.findall(r'FileName\s*=\s*"([^"]*)"', description)) - {own}
     return sorted(names) if "<OME" in description else []
+
+
+def other_set_files(description: str, own: str) -> list[str]:
+    """The other files of the multi-file OME-TIFF set whose OME-XML is ``description``, in a
+    file named ``own``, sorted; none where it is no set's. A single-file OME-TIFF names
+    itself (Bio-Formats writes its FileName and UUID), by its old name once renamed or
+    copied: only an XML naming two files or more is a set's, and a name given the file's own
+    UUID is the file itself.
+
+    >>> a, b = '<UUID FileName="a.tif">u:1</UUID>', '<UUID FileName="b.tif">u:2</UUID>'
+    >>> xml = f'<OME UUID="u:1">{a}{b}</OME>'
+    >>> other_set_files(xml, "a.tif"), other_set_files(xml, "renamed.tif")
+    (['b.tif'], ['b.tif'])
+    >>> other_set_files(f'<OME UUID="u:1">{a}</OME>', "copy.tif")
+    []
+    """
+    try:
+        root = ET.fromstring(description)
+    except (ET.ParseError, ValueError):
+        return []
+    if local_name(root.tag) != "OME":
+        return []
+    uuid = (root.get("UUID") or "").strip().lower()
+    named = {
+        (name, (e.text or "").strip().lower())
+        for e in root.iter()
+        if local_name(e.tag) == "UUID" and (name := e.get("FileName", ""))
+    }
+    if len({name for name, _ in named}) < 2:
+        return []
+    return sorted({n for n, u in named if n.lower() != own.lower() and not (uuid and u == uuid)})
 
 
 def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
