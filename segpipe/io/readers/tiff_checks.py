@@ -328,13 +328,18 @@ def guard_jpeg_frames(page: Any) -> None:
 
 
 def _ends_whole(data: bytes | memoryview) -> bool:
-    """Whether a JPEG stream ends with its end-of-image marker (FF D9), zero padding after
-    it allowed (writers align tiles to a word).
+    """Whether a JPEG stream's last scan ends with the end-of-image marker (FF D9): byte
+    stuffing keeps it out of entropy-coded data, so anything a writer put after it (zero or
+    0xFF padding to a sector, a newline) is allowed, as libjpeg allows it. A stream with no
+    scan is left to the decoder.
 
-    >>> [_ends_whole(s) for s in (b"..\\xff\\xd9", b"..\\xff\\xd9\\0\\0", b"\\xff\\xd8..")]
+    >>> sos, eoi = b"\\xff\\xda", b"\\xff\\xd9"
+    >>> [_ends_whole(s) for s in (sos + b".." + eoi, sos + b".." + eoi + b"\\n", sos + b"..")]
     [True, True, False]
     """
-    return bytes(data[-64:]).rstrip(b"\0").endswith(b"\xff\xd9")
+    data = bytes(data)
+    scan = data.rfind(b"\xff\xda")
+    return scan < 0 or data.find(b"\xff\xd9", scan + 2) >= 0
 
 
 def _frame_fits(page: Any, index: int, frame: tuple[int, int]) -> bool:
