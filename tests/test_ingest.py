@@ -917,3 +917,23 @@ def test_a_source_store_moved_away_mid_copy_leaves_no_complete_copy(tmp_path: Pa
         ingest(reader, tmp_path / "out.zarr", chunk=64)
     assert len(reads) > 20, "read on after the move, as zeros"
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["segpipe"]["complete"] is False
+
+
+def test_a_source_file_edited_mid_copy_leaves_no_complete_copy(tmp_path: Path) -> None:
+    """Edited in place (same size) outside the sampled pixels while it was copied: the copy
+    mixed old and new pixels and was marked complete for that run."""
+    src = _ome_tiff(tmp_path / "s.ome.tif", _image())
+    reader = open_image(src)
+    real, reads = reader._read_native, []
+
+    def edited_after_a_few(level: int, key: Any) -> np.ndarray:
+        reads.append(level)
+        if len(reads) == 20:  # past the pixel sample's reads
+            os.utime(src, ns=(1, 1))  # its mtime, as an editor's save changes it
+        return real(level, key)
+
+    reader._read_native = edited_after_a_few  # type: ignore[method-assign]
+    with pytest.raises(ImageReadError, match=r"s\.ome\.tif changed while it was ingested"):
+        ingest(reader, tmp_path / "out.zarr", chunk=64)
+    assert len(reads) > 20
+    assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["segpipe"]["complete"] is False

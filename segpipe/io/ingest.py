@@ -212,9 +212,10 @@ def _copy(
             # dask types targets as numpy array-likes; a zarr.Array has the setitem it needs
             da.store(sources, cast(Any, targets), lock=False, **counter.compute_options())
             counter.finish()
-    # A source moved or deleted meanwhile (a store's chunks then read as zeros, no error)
-    # must not make a copy marked complete: its pixel sample is taken again.
-    if pixel_sample_sha256(reader) != sample:
+    # A source moved, deleted or edited meanwhile (a store's chunks then read as zeros, no
+    # error) must not make a copy marked complete: its pixel sample and stat are taken again.
+    stat = source_attributes(reader).get("source_stat")
+    if pixel_sample_sha256(reader) != sample or stat != attrs.get("source_stat"):
         raise ImageReadError(f"{reader.path} changed while it was ingested; ingest it again")
     root.update_attributes({"segpipe": {**attrs, "complete": True}})
 
