@@ -49,8 +49,8 @@ class ArchiveImage:
         Modification time, seconds since the epoch (as the file system reports it).
     parts
         The other files the image is made of (:mod:`segpipe.archive.parts`: a multi-file
-        OME-TIFF set's, an MRXS data folder's), as ``url`` is spelled; ``size`` is theirs
-        and its own summed, ``mtime`` the latest.
+        OME-TIFF set's, an MRXS data folder's, the JPEGs of a VMS), as ``url`` is spelled;
+        ``size`` is theirs and its own summed, ``mtime`` the latest.
     """
 
     url: str

@@ -10,7 +10,6 @@ part that is missing is the reader's to refuse, naming it.
 from __future__ import annotations
 
 import configparser
-import logging
 import posixpath
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ from segpipe.io.readers.base import DECODE_ERRORS
 from segpipe.io.readers.ome_sets import other_set_files
 
 __all__ = ["ImageParts", "image_parts"]
-
-log = logging.getLogger("segpipe.archive")
 
 _OME_SUFFIXES = (".ome.tif", ".ome.tiff", ".ome.tf2", ".ome.tf8", ".ome.btf")
 # Hamamatsu's index keys naming a file of the slide (OpenSlide's vms/vmu reader)
