@@ -14,7 +14,7 @@ import zarr
 from dask.base import tokenize
 
 from segpipe.io.files import URLPath, location
-from segpipe.results.layout import COUNTS, pixel_grid
+from segpipe.results.layout import pixel_grid
 from segpipe.results.schema import (
     IncompleteResultError,
     layout_of,
@@ -25,6 +25,7 @@ from segpipe.results.schema import (
     stored_complete,
 )
 from segpipe.results.store import quiet_consolidated
+from segpipe.results.tiles import tile_class_pixels
 
 
 def open_result(
@@ -103,11 +104,11 @@ def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None
     deleted file read as background with probabilities 0. A shard of such a tile is never
     empty, so never left unwritten; one of background tiles alone (glass) may be."""
     try:
-        counts = zarr.open_array(os.fspath(path), path=COUNTS, mode="r")[...]
+        counts = tile_class_pixels(path)
     except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError):
         return  # a result written before the counts were kept
     tile = parse_meta(path, meta).config.tile
-    tiles = np.argwhere(np.asarray(counts)[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
+    tiles = np.argwhere(counts[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
     missing = []
     for name in ("mask", "probabilities"):
         array = zarr.open_array(os.fspath(path), path=level_path(0, name, layout=layout_of(meta)))

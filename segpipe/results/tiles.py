@@ -25,6 +25,7 @@ __all__ = [
     "class_pixels",
     "mark_tiles_done",
     "result_started",
+    "tile_class_pixels",
     "tiles_done",
 ]
 
@@ -130,6 +131,12 @@ class TileRecord:
         fault_point("block.recorded")
 
 
+def tile_class_pixels(path: str | os.PathLike) -> np.ndarray:
+    """(tile_y, tile_x, C) int64 pixels of each class in each tile written so far (0 where
+    none is)."""
+    return np.asarray(zarr.open_array(store_of(path), path=COUNTS, mode="r")[...])
+
+
 def class_pixels(path: str | os.PathLike) -> np.ndarray:
     """(C,) int64 pixels of each class over the tiles written so far."""
-    return np.asarray(zarr.open_array(store_of(path), path=COUNTS, mode="r")[...]).sum(axis=(0, 1))
+    return tile_class_pixels(path).sum(axis=(0, 1))
