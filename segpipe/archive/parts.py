@@ -55,10 +55,9 @@ def image_parts(fs: Any, images: list[str], listed: Collection[str]) -> ImagePar
             folder = path[: -len(".mrxs")] + "/"  # its data folder, named as the slide
             if data := sorted(p for p in listed if p.startswith(folder)):
                 found.parts[path] = tuple(data)
-        elif lower.endswith((".vms", ".vmu")) and (
-            named := _listed(path, _vms_names(fs, path), listed)
-        ):
-            found.parts[path] = tuple(named)
+        elif lower.endswith((".vms", ".vmu")):
+            found.parts[path] = tuple(_listed(path, _vms_names(fs, path), listed))
+            found.part_of.update(dict.fromkeys(found.parts[path], path))
     # Every file of a Bio-Formats set names the others: the first by path stands for them.
     # A file naming none (an OME-XML of its own plane only) is no image of its own; one that
     # no other names (a copy of a set's file, under a name of its own) is.
@@ -68,10 +67,6 @@ def image_parts(fs: Any, images: list[str], listed: Collection[str]) -> ImagePar
             for part in sets[path]:
                 if part not in found.parts:
                     found.part_of.setdefault(part, path)
-    for path, parts in found.parts.items():
-        if path.lower().endswith((".vms", ".vmu")):
-            for part in parts:
-                found.part_of.setdefault(part, path)
     return found
 
 
