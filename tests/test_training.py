@@ -1229,3 +1229,25 @@ def test_a_model_of_a_long_name_is_saved(finished_run, tmp_path: Path, name: str
     save_trained(tiny_unet(), config, result, out)
     assert models.load(out).checkpoint_metrics is not None
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def test_resume_from_a_checkpoint_killed_before_its_state_names_the_one_before(
+    finished_run: tuple[TrainConfig, dict], tmp_path
+) -> None:
+    """A kill between epoch-002.pt and its state file: the message points at epoch-001.pt."""
+    import re
+    import shutil
+
+    from segpipe.training import state_path
+
+    config, _ = finished_run
+    run = Path(str(config.checkpoint_dir))
+    for name in ("epoch-001.pt", "epoch-001.state.pt", "epoch-002.pt"):
+        shutil.copy(run / name, tmp_path / name)
+    assert not state_path(tmp_path / "epoch-002.pt").exists()
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"resume from {tmp_path / 'epoch-001.pt'}")
+    ):
+        train(
+            tiny_unet(), TrainConfig(**TINY, epochs=2, resume_from=str(tmp_path / "epoch-002.pt"))
+        )

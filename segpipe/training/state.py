@@ -229,7 +229,7 @@ def load_state(
     if not state_file.is_file():
         raise FileNotFoundError(
             f"cannot resume from {checkpoint}: its optimiser state {state_file} is missing "
-            "(resume needs a checkpoint written by segpipe.training.train)"
+            f"({_without_state(Path(checkpoint))})"
         )
     saved = models.load(checkpoint)
     _check_settings(checkpoint, (saved.checkpoint_metrics or {}).get("config"), config)
@@ -282,6 +282,15 @@ def load_state(
             "resume needs the state segpipe.training.train wrote beside the checkpoint"
         ) from err
     return state
+
+
+def _without_state(checkpoint: Path) -> str:
+    """Why an epoch checkpoint may lack its state: a run killed between the two files."""
+    n = checkpoint.stem.removeprefix("epoch-")
+    before = checkpoint.with_name(f"epoch-{int(n) - 1:03d}.pt") if n.isdigit() else checkpoint
+    if before != checkpoint and state_path(before).is_file():
+        return f"its run stopped before writing it; resume from {before}"
+    return "resume needs a checkpoint written by segpipe.training.train"
 
 
 # What models.save records beside the architecture: how pixels become input, what comes out.
@@ -356,15 +365,11 @@ def _read_state(state_file: Path, saved: nn.Module, config: TrainConfig) -> dict
     return state
 
 
-_ONE_PAIR = (
-    "Resume from a checkpoint and the state written with it (epoch-NNN.pt and "
-    "epoch-NNN.state.pt of one run)"
-)
+_ONE_PAIR = "Resume from an epoch-NNN.pt and the epoch-NNN.state.pt its run wrote with it"
 
 
 def _odd_entries(state: dict[str, Any], steps: int) -> list[str]:
-    """``name=value`` of each entry of a decoded state unlike what :func:`save_state` writes
-    for a run of ``steps`` steps."""
+    """``name=value`` of each decoded entry unlike what a run of ``steps`` steps writes."""
 
     def is_number(v: Any) -> bool:
         return isinstance(v, int | float) and not isinstance(v, bool) and -math.inf < v < math.inf
@@ -384,9 +389,8 @@ def _odd_entries(state: dict[str, Any], steps: int) -> list[str]:
 
 
 def _differences(saved: Any, config: TrainConfig) -> list[tuple[str, Any, Any]] | None:
-    """``(name, saved value, config's value)`` of each setting outside
-    :data:`RESUME_MAY_CHANGE` in which ``config`` differs from ``saved`` (``asdict`` as a
-    checkpoint's metrics hold it: lists for tuples); None when ``saved`` is no config."""
+    """``(name, saved, config's)`` of each setting outside :data:`RESUME_MAY_CHANGE` that differs
+    from ``saved`` (``asdict`` as a checkpoint holds it); None when ``saved`` is no config."""
     if not isinstance(saved, dict):
         return None
     wanted = _plain(asdict(config))
