@@ -638,12 +638,12 @@ def test_a_scheduler_no_one_answers_fails_the_run_once_before_any_image(
     and then held back for hours once the cluster was up again."""
     import socket
 
-    from segpipe.execution import cluster
+    from segpipe.execution import schedulers
 
     with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(cluster, "CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr(schedulers, "CONNECT_TIMEOUT", "1s")
     source, out = tmp_path / "archive", tmp_path / "out"
     source.mkdir()
     for name in ("a.ome.tif", "b.ome.tif"):

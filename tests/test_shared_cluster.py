@@ -5,6 +5,7 @@ from a plain script."""
 import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -634,3 +635,38 @@ def test_cuda_on_a_machine_without_one_fails_on_the_local_workers(
         pytest.skip("needs a machine without CUDA")
     with pytest.raises(RuntimeError, match=r"worker .*sees no CUDA GPU; run on workers that have"):
         segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], device="cuda", **SETTINGS)
+
+
+def test_a_client_whose_scheduler_died_is_refused_naming_it(
+    image_path, checkpoints, no_config_address, tmp_path
+):
+    """The active client of a killed scheduler stays the default, reconnecting: a run on it
+    failed after Dask's 30 s connect timeout with a bare comm error, the flows after ingest."""
+    from segpipe.execution.schedulers import reachable_scheduler
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard"]
+    scheduler = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)], stderr=subprocess.DEVNULL
+    )
+    client = None
+    try:
+        client = distributed.Client(f"tcp://127.0.0.1:{port}", timeout="60s")
+        scheduler.kill()
+        scheduler.wait()
+        deadline = time.monotonic() + 30
+        while client.status == "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.status == "connecting"
+        assert choose_scheduler() is client, "still the process's default client"
+        with pytest.raises(ConnectionError, match=f"status 'connecting'.*127.0.0.1:{port}"):
+            reachable_scheduler()
+        with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+            segpipe.segment(image_path, tmp_path / "r.zarr", checkpoints[0], **SETTINGS)
+        assert not is_complete(tmp_path / "r.zarr")
+    finally:
+        scheduler.kill()
+        if client is not None:
+            client.close(timeout=5)

@@ -18,8 +18,10 @@ import distributed
 import torch
 from dask.system import CPU_COUNT
 
+from segpipe.execution import schedulers
 from segpipe.execution.inprocess import run_in_process
 from segpipe.execution.predictor import InferenceConfig, model_given_back, resolve_device
+from segpipe.execution.schedulers import choose_scheduler, live_client, reachable_scheduler
 from segpipe.execution.tasks import Block, BlockResult, Job, segment_block
 from segpipe.execution.workers import ModelPlugin, orphaned_plugins
 
@@ -38,9 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# How long a client keeps trying to reach a scheduler given by address.
-CONNECT_TIMEOUT = "30s"
 
 
 @dataclass(frozen=True)
@@ -185,41 +184,6 @@ def local_cluster(plan: ClusterPlan) -> Iterator[str]:
         yield str(cluster.scheduler_address)
 
 
-def choose_scheduler(scheduler: Any = None) -> Any:
-    """The scheduler a run uses, first match wins:
-
-    1. ``scheduler`` when given: ``"sync"``, an address, or a ``distributed.Client``;
-    2. the ``distributed`` client active in this process (``distributed.get_client()``: the
-       last one made here, or the worker's own inside a task);
-    3. the ``scheduler-address`` of Dask's config (env ``DASK_SCHEDULER_ADDRESS``);
-    4. None: a local cluster started for the run.
-    """
-    if scheduler is not None:
-        return scheduler
-    try:
-        return distributed.get_client()
-    except ValueError:  # no client in this process
-        pass
-    return dask.config.get("scheduler-address", None)
-
-
-def reachable_scheduler(scheduler: Any = None) -> Any:
-    """The scheduler :func:`choose_scheduler` picks; an address is first connected to (for
-    :data:`CONNECT_TIMEOUT` at most), ``ConnectionError`` naming it when that fails: a run of
-    many images checks once, rather than have each image fail on it in turn."""
-    address = choose_scheduler(scheduler)
-    if isinstance(address, str) and address != "sync":
-        try:
-            with distributed.Client(address, timeout=CONNECT_TIMEOUT, set_as_default=False):
-                pass
-        except (OSError, TimeoutError) as exc:
-            raise ConnectionError(
-                f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}: {exc}): "
-                "start it, or leave the scheduler unset for a local cluster"
-            ) from exc
-    return address
-
-
 @contextlib.contextmanager
 def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     """A ``distributed.Client`` for ``scheduler``, or None to run tasks in this process.
@@ -236,13 +200,15 @@ def connect(scheduler: Any, plan: ClusterPlan) -> Iterator[Any]:
     if scheduler == "sync":
         yield None
     elif isinstance(scheduler, distributed.Client):
-        yield scheduler
+        yield live_client(scheduler)
     elif scheduler is None:
         yield None if _FORKED else _shared_local_client(plan)
     elif isinstance(scheduler, str):
         # Not the process's default client: runs in threads side by side (an archive's
         # images) would each set and reset Dask's global scheduler under another's compute.
-        with distributed.Client(scheduler, timeout=CONNECT_TIMEOUT, set_as_default=False) as client:
+        with distributed.Client(
+            scheduler, timeout=schedulers.CONNECT_TIMEOUT, set_as_default=False
+        ) as client:
             log.info("connected to %s; dashboard: %s", scheduler, client.dashboard_link)
             yield client
     else:
