@@ -250,15 +250,26 @@ def test_plain_tiff_has_no_mask(tmp_path):
 
 
 @pytest.mark.parametrize("crs", [CUSTOM, None], ids=["crs", "no-crs"])
-@pytest.mark.parametrize("affine", [(2.0, 0.5, 0.5, -2.0), (2.0, 0.3, 0.0, -2.0)])
+@pytest.mark.parametrize(
+    "affine", [(2.0, 0.5, 0.5, -2.0), (2.0, 0.3, 0.0, -2.0), (0.0, 2.0, 2.0, 0.0)]
+)
 def test_rotated_or_sheared_geotiff_is_refused(tmp_path, crs, affine):
-    """Without a CRS the transform still says the pixels lie on a rotated grid."""
+    """Without a CRS the transform still says the pixels lie on a rotated grid; a turn by 90
+    degrees (pixel sizes a and e of 0) was called a broken transform."""
     a, b, d, e = affine
     path = write_raster(tmp_path / "rot.tif", _bands(1, "uint8"), crs=crs, overviews=())
     with rasterio.open(path, "r+") as ds:
         ds.transform = rasterio.Affine(a, b, 512_000.0, d, e, 5_403_000.0)
     with pytest.raises(ImageReadError, match=r"rot\.tif: rotated/sheared GeoTIFF"):
         open_image(path)
+
+
+def test_a_geotransform_without_a_crs_reads_unplaced_with_a_warning(tmp_path):
+    """It was dropped without a word: results in pixels from 0, the file placed elsewhere."""
+    path = write_raster(tmp_path / "nocrs.tif", _bands(1, "uint8"), crs=None, overviews=())
+    with pytest.warns(UserWarning, match=r"nocrs\.tif: geotransform .* without a CRS"):
+        reader = open_image(path)
+    assert reader.georeference is None and reader.pixel_size_um is None
 
 
 def test_describe_a_geotiff(multiband):

@@ -263,17 +263,25 @@ def _georeference(ds: Any, source: str | URLPath, tags: Any) -> Georeference | N
     # Refused without a CRS too: a broken transform, or one that puts the pixels on a
     # rotated grid, which a result's rows and columns would silently drop. A positive y
     # pixel size (south-up) is kept: results, coordinates and polygons follow its sign.
+    # Rotation first: a 90 degree turn has pixel sizes a and e of 0, not a broken transform.
+    if all(map(math.isfinite, tuple(t)[:6])) and (t.b != 0 or t.d != 0):
+        raise ImageReadError(
+            f"{path}: rotated/sheared GeoTIFF (transform {tuple(t)[:6]}) is not supported; "
+            "warp it north-up first (gdalwarp)"
+        )
     transform = checked_transform(
         tuple(t)[:6],
         f"{path}: geotransform",
         "fix or drop its georeference (gdal_edit.py -a_ullr, or -unsetgt)",
     )
-    if t.b != 0 or t.d != 0:
-        raise ImageReadError(
-            f"{path}: rotated/sheared GeoTIFF (transform {transform}) is not supported; "
-            "warp it north-up first (gdalwarp)"
+    if t.is_identity:  # GDAL's default without a geotransform
+        return None
+    if ds.crs is None:
+        warnings.warn(
+            f"{path}: geotransform {transform} without a CRS: read unplaced, its results in "
+            "pixels from 0; set its CRS (gdal_edit.py -a_srs) for results in map units",
+            stacklevel=4,
         )
-    if ds.crs is None or t.is_identity:  # identity: GDAL's default without a geotransform
         return None
     try:
         # An authority code only when it names exactly this CRS; anything else (a custom
