@@ -345,6 +345,25 @@ def test_a_64_bit_footprints_edge_averages_its_valid_pixels_exactly() -> None:
     assert out.tolist() == [[[big, 6]]]  # three valid values of 2**63 - 1; (5 + 7) / 2
 
 
+def test_valid_pixels_whose_mean_rounds_to_nodata_stay_valid(tmp_path: Path) -> None:
+    """Three dark valid pixels of an RGB nodata=0 raster (1,0,0), (0,1,0), (0,0,1) averaged
+    to (0,0,0): level 1 read them as nodata, and a run at level 1 left them out."""
+    rasterio = pytest.importorskip("rasterio")
+    data = np.zeros((3, 64, 64), np.uint8)
+    data[:, 10, 10], data[:, 10, 11], data[:, 11, 10] = (1, 0, 0), (0, 1, 0), (0, 0, 1)
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
+    transform = rasterio.Affine(10, 0, 5e5, 0, -10, 5e6)
+    with rasterio.open(
+        tmp_path / "dark.tif", "w", nodata=0, crs="EPSG:32633", transform=transform, **profile
+    ) as ds:
+        ds.write(data)
+    out = ingest(tmp_path / "dark.tif", tmp_path / "dark.zarr", chunk=32, min_level_size=16)
+    reader = open_image(out)
+    assert reader.read(5, 6, 5, 6, 1).ravel().tolist() == [1, 0, 0]
+    valid = reader.valid_mask(0, 32, 0, 32, level=1)
+    assert valid.sum() == 1 and valid[5, 5]
+
+
 @pytest.mark.parametrize(("dtype", "nodata"), [("int16", -9999.0), ("float32", np.nan)])
 def test_reduced_levels_average_only_valid_pixels(
     tmp_path: Path, dtype: str, nodata: float

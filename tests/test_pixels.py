@@ -16,6 +16,7 @@ from segpipe.geometry.pixels import (
     to_float01,
     to_yxc,
     unit_scale,
+    valid_mean_2x,
     yxc_shape,
 )
 
@@ -260,3 +261,26 @@ def test_a_level_halved_k_times_is_two_to_the_k(n0, k):
         d = level_downsample(n0, n)
         assert d == 2**k or (float(d).is_integer() and int(d).bit_count() == 1), (n, d)
         assert n0 // d == n or -(-n0 // d) == n
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nodata", "moved"),
+    [
+        ("uint8", 0.0, 1),
+        ("uint8", 255.0, 254),
+        ("int16", -32768.0, -32767),
+        ("float32", 0.0, np.nextafter(np.float32(0), np.float32(1))),
+        ("float32", float(np.finfo(np.float32).max), np.nextafter(np.finfo(np.float32).max, 0)),
+    ],
+)
+def test_a_valid_mean_equal_to_nodata_moves_one_step_off_it(dtype, nodata, moved) -> None:
+    """A mean that is nodata in every band would read as nodata; with one band off it, not."""
+    block = np.full((2, 2, 4), nodata, dtype=dtype)
+    valid = np.zeros((2, 4), bool)
+    valid[:, :2] = True  # left block: 4 valid pixels all of nodata's value; right: none valid
+    out = valid_mean_2x(block, valid, (nodata, nodata), off_nodata=True)
+    assert out.dtype == np.dtype(dtype)
+    assert out[:, 0, 0].tolist() == [moved, nodata]
+    assert out[:, 0, 1].tolist() == [nodata, nodata], "no valid pixel: nodata"
+    kept = valid_mean_2x(block, valid, (nodata, nodata))
+    assert kept[:, 0, 0].tolist() == [nodata, nodata], "only when asked"

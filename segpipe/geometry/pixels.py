@@ -12,6 +12,7 @@ non-spatial axis that must have length 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, TypeVar, cast
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "to_float01",
     "to_yxc",
     "unit_scale",
+    "valid_mean_2x",
     "yxc_shape",
 ]
 
@@ -327,6 +329,40 @@ def exact_sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     if dtype.kind in "ui" and dtype.itemsize == 8:
         return np.dtype(object)
     return np.dtype(np.int64) if dtype.kind in "uib" else np.dtype(np.float64)
+
+
+def valid_mean_2x(
+    block: np.ndarray, valid: np.ndarray, nodata: Sequence[float], *, off_nodata: bool = False
+) -> np.ndarray:
+    """2x2 mean of the ``valid`` (``(Y, X)`` bool) pixels of ``(C, Y, X)`` ``block`` with even
+    sides, keeping its dtype (integers round half up); ``nodata`` (one per band) where a
+    block has none. ``off_nodata``: a mean equal to ``nodata`` in every band moves one step
+    off it in its first band (as GDAL's overviews do), so it still reads as valid.
+
+    >>> valid_mean_2x(np.array([[[1, 0], [0, 0]]]), np.eye(2, dtype=bool), (0.0,)).tolist()
+    [[[1]]]
+    >>> valid_mean_2x(np.zeros((1, 2, 2), np.uint8), np.ones((2, 2), bool), (0.0,), off_nodata=True)
+    array([[[1]]], dtype=uint8)
+    """
+    kind = block.dtype.kind
+    data = np.where(valid, block, 0).astype(exact_sum_dtype(block.dtype))
+    total = data[:, 0::2, 0::2] + data[:, 0::2, 1::2] + data[:, 1::2, 0::2] + data[:, 1::2, 1::2]
+    count = valid.astype(np.int64)
+    count = count[0::2, 0::2] + count[0::2, 1::2] + count[1::2, 0::2] + count[1::2, 1::2]
+    n = np.maximum(count, 1)
+    mean = (2 * total + n) // (2 * n) if kind in "uib" else total / n
+    out = mean.astype(block.dtype)
+    value = np.asarray(nodata, dtype=np.float64).astype(block.dtype)
+    hit = (count > 0) & (out == value[:, None, None]).all(axis=0)
+    if off_nodata and hit.any():
+        v = value[0]
+        if kind in "fc":
+            out[0, hit] = np.nextafter(v, -np.inf if v == np.finfo(block.dtype).max else np.inf)
+        else:
+            out[0, hit] = v - 1 if v == np.iinfo(block.dtype).max else v + 1
+    if (empty := count == 0).any():
+        out[:, empty] = value[:, None]
+    return out
 
 
 def _finish_mean(summed: np.ndarray, *, out_dtype: np.dtype[Any]) -> np.ndarray:

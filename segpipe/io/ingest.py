@@ -40,7 +40,7 @@ import dask.base
 import numpy as np
 from dask.callbacks import Callback
 
-from segpipe.geometry.pixels import downsample_mean_2x, exact_sum_dtype, pyramid_shapes
+from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes, valid_mean_2x
 from segpipe.io.files import URLPath, is_url, location, overlap
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import (
@@ -299,28 +299,18 @@ def _halve(
 def _valid_mean_2x(
     block: np.ndarray, nodata: tuple[float, ...], valid: np.ndarray | None = None
 ) -> np.ndarray:
-    """2x2 mean of the valid pixels of ``(C, Y, X)`` with even sides; integers round half up.
-    Valid: where ``valid`` (``(1, Y, X)``) is not 0, else where not every band is nodata.
+    """:func:`~segpipe.geometry.pixels.valid_mean_2x` of ``(C, Y, X)`` with even sides.
+    Valid: where ``valid`` (``(1, Y, X)``) is not 0, else where not every band is nodata
+    (then a mean of valid pixels is kept off nodata, else it would read as nodata).
 
     >>> _valid_mean_2x(np.array([[[1, 2, -1, -1], [-1, 4, -1, -1]]]), (-1.0,)).tolist()
     [[[2, -1]]]
     """
     if valid is not None:
-        valid = valid[0] > 0
-    else:
-        valid = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
-    assert valid is not None  # mask kind "nodata" with a value for every band
-    kind = block.dtype.kind
-    data = np.where(valid, block, 0).astype(exact_sum_dtype(block.dtype))
-    total = data[:, 0::2, 0::2] + data[:, 0::2, 1::2] + data[:, 1::2, 0::2] + data[:, 1::2, 1::2]
-    count = valid.astype(np.int64)
-    count = count[0::2, 0::2] + count[0::2, 1::2] + count[1::2, 0::2] + count[1::2, 1::2]
-    n = np.maximum(count, 1)
-    mean = (2 * total + n) // (2 * n) if kind in "uib" else total / n
-    out = mean.astype(block.dtype)
-    if (empty := count == 0).any():
-        out[:, empty] = np.asarray(nodata, dtype=np.float64).astype(block.dtype)[:, None]
-    return out
+        return valid_mean_2x(block, valid[0] > 0, nodata)
+    by_value = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
+    assert by_value is not None  # mask kind "nodata" with a value for every band
+    return valid_mean_2x(block, by_value, nodata, off_nodata=block.dtype.kind != "b")
 
 
 class _ChunkCounter(Callback):
