@@ -327,6 +327,28 @@ def test_info_gives_a_georeferenced_results_areas_in_its_crs_units(tmp_path, cap
     assert f"{expected[1]:,.1f} m²" in text
 
 
+def test_info_gives_a_georeferenced_results_foreground_area_in_its_crs_units(tmp_path, capsys):
+    """Its foreground (nodata left out) had an area in µm² only: None, the CRS in metres."""
+    import json
+
+    from segpipe.cli import main
+
+    torch.manual_seed(0)
+    net = models.build("unet", class_names=("bg", "fg"), width=4, depth=2, padding="valid").eval()
+    data = _bands(3, "uint8")[:, :96, :128]
+    data[:, :, :40] = 0  # nodata
+    path = write_raster(tmp_path / "rgb.tif", data, overviews=(), nodata=0)
+    out = segpipe.segment(path, tmp_path / "r.zarr", net, tile=32, scheduler="sync")
+    assert main(["info", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["foreground_pixels"] > 0 and summary["foreground_area_um2"] is None
+    assert summary["foreground_area"] == summary["foreground_pixels"] * 2.0 * 2.0
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    area = f"{summary['foreground_area']:,.1f} m²"
+    assert f"foreground: {100 * summary['foreground_fraction']:.2f} % of the image, {area}" in text
+
+
 def test_ingest_keeps_nodata_and_the_valid_mask(multiband, tmp_path):
     """The flows ingest first: the OME-Zarr copy must still say which pixels hold no data."""
     from segpipe.io.ingest import ingest

@@ -20,7 +20,13 @@ import numpy as np
 from segpipe.analysis.metrics import LabelError, confusion_matrix, dice, iou
 from segpipe.io.files import is_url
 from segpipe.io.labelfiles import label_plane
-from segpipe.results import class_fractions, coordinate_areas, open_result, read_meta
+from segpipe.results import (
+    ResultMeta,
+    class_fractions,
+    coordinate_areas,
+    open_result,
+    read_meta,
+)
 
 __all__ = ["ResultSummary", "confusion_against", "summarise"]
 
@@ -58,6 +64,7 @@ class ResultSummary:
     # Areas in the result's coordinate units (µm², a CRS's metre² or foot²), None in pixels
     class_area: tuple[float, ...] | None = None
     area_units: str | None = None  # "micrometer**2", "metre**2"
+    foreground_area: float | None = None  # in area_units
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (tuples stay tuples)."""
@@ -135,18 +142,18 @@ def summarise(
         **scores,
         class_area=areas[0] if areas else None,
         area_units=areas[1] if areas else None,
-        **_foreground(run.foreground_pixels, run.tiles_background, meta.shape, meta.pixel_size_um),
+        **_foreground(run.foreground_pixels, run.tiles_background, meta),
     )
 
 
-def _foreground(
-    pixels: int | None, tiles: int, shape: tuple[int, int], pixel_size_um: float | None
-) -> dict[str, Any]:
+def _foreground(pixels: int | None, tiles: int, meta: ResultMeta) -> dict[str, Any]:
     if pixels is None:
         return {"tiles_background": tiles}
+    area = coordinate_areas([pixels], meta)  # a georeferenced result's in its CRS units
     return {
         "tiles_background": tiles,
         "foreground_pixels": pixels,
-        "foreground_area_um2": pixels * pixel_size_um**2 if pixel_size_um else None,
-        "foreground_fraction": pixels / (shape[0] * shape[1]),
+        "foreground_area_um2": pixels * meta.pixel_size_um**2 if meta.pixel_size_um else None,
+        "foreground_fraction": pixels / (meta.shape[0] * meta.shape[1]),
+        "foreground_area": area[0][0] if area else None,
     }

@@ -62,6 +62,13 @@ def print_summary(s: Mapping[str, Any]) -> None:
         if s.get("dice"):
             line += f"  Dice {s['dice'][i]:.4f}"
         print(line)
+    if s.get("foreground_pixels") is not None:
+        area = s.get("foreground_area")
+        print(
+            f"foreground: {100 * s['foreground_fraction']:.2f} % of the image"
+            + (f", {area_text(area, units)}" if area is not None else "")
+            + f"; {s['tiles_background']} tiles without it left as {s['class_names'][0]}"
+        )
     print(
         f"tiles: {s['tiles_computed']} computed of {s['tiles_total']}; "
         f"{s['seconds']:.1f} s segmenting ({s['megapixels_per_second']:.2f} Mpx/s)"
