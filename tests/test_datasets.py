@@ -91,6 +91,31 @@ def test_read_folder_names_what_is_missing(tmp_path: Path) -> None:
         read_folder(tmp_path, class_names=["a", "b"])
 
 
+@pytest.mark.parametrize("what", ["labels", "instances"])
+def test_read_folder_refuses_labels_without_their_image(tmp_path: Path, what: str) -> None:
+    """An image renamed or never copied left its annotated example out without a word."""
+    write_folder(tmp_path, [tissue_slide(64, seed=s) for s in (0, 1)])
+    (tmp_path / "images" / "img1.png").unlink()
+    (tmp_path / {"labels": "instances", "instances": "labels"}[what] / "img1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"images lacks .* \['img1'\]"):
+        read_folder(tmp_path)
+
+
+def test_read_folder_without_class_names_refuses_ids_that_skip_classes(tmp_path: Path) -> None:
+    """A 0/255 mask trained a model of 256 classes, 254 of them never seen."""
+    slide = tissue_slide(64, seed=0)
+    write_folder(tmp_path, [slide], instances=False)
+    (tmp_path / "classes.txt").unlink()
+    Image.fromarray(np.where(slide.labels > 0, 255, 0).astype(np.uint8)).save(
+        tmp_path / "labels" / "img0.png"
+    )
+    with pytest.raises(ValueError, match=r"labels: its labels hold the ids \[0, 255\].*255 to 1"):
+        read_folder(tmp_path)
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{i}" for i in range(256)) + "\n")
+    (item,) = read_folder(tmp_path)  # named: a class may go unlabelled
+    assert len(item.class_names) == 256
+
+
 @pytest.mark.parametrize("what", ["images", "labels", "instances"])
 @pytest.mark.parametrize("other", ["img0.tif", "img0.PNG"])
 def test_read_folder_refuses_two_files_of_one_name(tmp_path: Path, what: str, other: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -295,6 +296,12 @@ def read_folder(
     missing = sorted(set(images) - set(labels))
     if missing:
         raise FileNotFoundError(f"{labels_dir} lacks label files for the images {missing}")
+    # A label whose image was renamed or never copied would leave its example out unseen.
+    if orphans := sorted((set(labels) | set(instances)) - set(images)):
+        raise FileNotFoundError(
+            f"{images_dir} lacks the images of the label or instance files {orphans}; add "
+            "them, or move those files out"
+        )
     # Given names override the folder's file, which is then not read (a damaged one too)
     own = class_names_of(root) if class_names is None or names_from is not None else None
     names = tuple(class_names) if class_names is not None else own
@@ -305,6 +312,14 @@ def read_folder(
     planes = {stem: _read_plane(labels[stem], "labels") for stem in images}
     top = max(int(p.max()) for p in planes.values())
     if names is None:
+        ids = np.unique(np.concatenate([np.unique(p) for p in planes.values()]))
+        if len(ids) < top + 1:  # a 0/255 mask would train 256 classes, 254 never seen
+            raise ValueError(
+                f"{labels_dir}: its labels hold the ids {reprlib.repr(ids.tolist())}, none of "
+                f"{reprlib.repr(sorted(set(range(top)) - set(ids.tolist())))}: number the "
+                "classes 0, 1, 2... (a 0/255 mask: map 255 to 1), or name every class in "
+                "classes.txt"
+            )
         names = tuple(f"class_{k}" for k in range(max(top + 1, 2)))
     if top >= len(names):
         stem = next(k for k, p in planes.items() if int(p.max()) >= len(names))
