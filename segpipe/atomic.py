@@ -9,6 +9,7 @@ killed writer's, which nothing could remove, goes at the next write of the file)
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import os
@@ -19,7 +20,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_writable", "process_gone", "replaced_file", "scratch_file"]
+__all__ = [
+    "check_writable",
+    "process_gone",
+    "replaced_file",
+    "scratch_file",
+    "write_errors_named",
+]
 
 
 def _read_umask() -> int:
@@ -150,3 +157,20 @@ def check_writable(path: str | os.PathLike[str]) -> None:
     except OSError as err:
         why = f"cannot be written: {folder} takes no new files ({err.strerror})"
         raise OSError(err.errno, why, str(path)) from err
+
+
+# A write's errors of the disk, not of a file's name or rights.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+@contextlib.contextmanager
+def write_errors_named(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise a full disk's OSError (which a ``write()`` raises naming no file) naming
+    ``path``, the store being written: the output, the image and Prefect's home may each lie
+    on another disk."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno not in _DISK_ERRORS:
+            raise
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc

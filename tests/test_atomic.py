@@ -171,3 +171,27 @@ def test_a_long_name_fits_the_file_systems_limit(tmp_path, name):
     with replaced_file(target) as part:
         part.write_bytes(b"x")
     assert target.read_bytes() == b"x"
+
+
+@pytest.mark.parametrize(
+    ("error", "named"),
+    [
+        (OSError(28, "No space left on device"), True),
+        (OSError(28, "No space left on device", "/x/part"), False),  # names its file already
+        (OSError(13, "Permission denied"), False),  # not the disk's: raised as it is
+        (ConnectionError("no scheduler"), False),
+    ],
+)
+def test_a_full_disk_is_named_by_the_store_being_written(error, named):
+    import re
+
+    from segpipe.atomic import write_errors_named
+
+    with (
+        pytest.raises(OSError, match=re.escape(error.strerror or str(error))) as raised,
+        write_errors_named("/data/out.seg.zarr"),
+    ):
+        raise error
+    assert (raised.value is not error) == named
+    if named:
+        assert raised.value.filename == "/data/out.seg.zarr" and raised.value.errno == 28

@@ -16,6 +16,7 @@ import pytest
 
 import segpipe
 from segpipe.cli import main
+from segpipe.results import is_complete
 
 
 def test_segment_and_info(small_slide, random_checkpoint, tmp_path, capsys):
@@ -1321,3 +1322,22 @@ def test_train_of_a_network_too_large_is_one_line(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "parameters" in err and "give a smaller width or depth" in err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_full_disk_names_the_result_being_written(small_slide, tmp_path, capsys, monkeypatch):
+    """A failed write() names no file: "error: [Errno 28] No space left on device", while the
+    output, the image and Prefect's home may each lie on another disk."""
+    import errno
+
+    from segpipe.results import store
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(store, "write_together", full)
+    out = tmp_path / "r.zarr"
+    code = main(["segment", str(small_slide.image), str(out), "--scheduler", "sync"])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert f"error: {out}: No space left on device" in err
+    assert not is_complete(out)

@@ -13,6 +13,7 @@ from typing import Any, cast
 import torch
 
 from segpipe import models
+from segpipe.atomic import write_errors_named
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import (
     choose_scheduler,
@@ -149,7 +150,7 @@ def segment(
     # Dask workers open the source and the result by these paths, in their own working folders.
     source = _absolute(source) if isinstance(source, str | os.PathLike) else source
     output = _absolute(output)
-    with contextlib.ExitStack() as locked:  # the result's run lock, until it is finalised
+    with write_errors_named(output), contextlib.ExitStack() as locked:  # run lock till final
         with contextlib.ExitStack() as run:
             # Not a URL's: object storage has no locks (and its zarr.json needs its options).
             local = source if isinstance(source, str | os.PathLike) else None

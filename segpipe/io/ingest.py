@@ -40,6 +40,7 @@ import dask.base
 import numpy as np
 from dask.callbacks import Callback
 
+from segpipe.atomic import write_errors_named
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes, valid_mean_2x
 from segpipe.io.files import URLPath, is_url, location, overlap
 from segpipe.io.identity import pixel_sample_sha256
@@ -121,7 +122,7 @@ def ingest(
     out = location(output)
     where = source if isinstance(source, str | os.PathLike) else source.path
     _check_apart(out, where)
-    with contextlib.ExitStack() as locked:
+    with write_errors_named(out), contextlib.ExitStack() as locked:
         if not is_url(where) and is_segpipe_image(where):
             # shared till the copy ends, as segment holds it: a re-ingest would leave zeros
             locked.enter_context(store_lock(location(where), shared=True))
