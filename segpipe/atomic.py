@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import glob
 import hashlib
 import os
@@ -22,6 +23,8 @@ from typing import Any
 
 __all__ = [
     "check_writable",
+    "died_here",
+    "pid_namespace",
     "process_gone",
     "replaced_file",
     "scratch_file",
@@ -106,9 +109,11 @@ def _copy_beside(path: Path, make: Callable[..., Any]) -> Any:
 def _copy_prefix(path: Path) -> str:
     """``.<name>.<host>-`` of this machine's copies of ``path``: the name cut to 150 bytes
     (NAME_MAX is 255 bytes, not characters), the host as 12 hex digits of its whole name's
-    hash (pods of one deployment share their first 30 characters; "node" prefixes "node-7")."""
+    hash (pods of one deployment share their first 30 characters; "node" prefixes "node-7")
+    with its pid namespace (:func:`pid_namespace`)."""
     name = os.fsencode(path.name)[:150].decode("utf-8", "ignore")
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+    here = f"{socket.gethostname()}/{pid_namespace()}" if pid_namespace() else socket.gethostname()
+    host = hashlib.sha256(here.encode()).hexdigest()[:12]
     return f".{name}.{host}-"
 
 
@@ -125,6 +130,26 @@ def _remove_killed_copies(path: Path) -> None:
                     shutil.rmtree(left)
                 else:  # replaced_file's
                     left.unlink()
+
+
+@functools.cache
+def pid_namespace() -> str | None:
+    """This process's pid namespace (the boot's id and the namespace's inode), None where
+    ``/proc`` does not tell: containers sharing a host name (host networking) each number
+    their processes apart, so a pid of one means nothing in another."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def died_here(host: Any, pid: Any, namespace: Any = None) -> bool:
+    """Whether process ``pid`` of machine ``host`` (in pid ``namespace``, where its maker
+    recorded :func:`pid_namespace`) is gone, told where it ran alone (False elsewhere)."""
+    if host != socket.gethostname() or (namespace is not None and namespace != pid_namespace()):
+        return False
+    return process_gone(pid)
 
 
 def process_gone(pid: Any) -> bool:

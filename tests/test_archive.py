@@ -414,6 +414,29 @@ claim.release()
     assert not list(tmp_path.glob("*.reclaim-*"))
 
 
+@pytest.mark.parametrize("namespace", ["this", "other", "unrecorded"])
+def test_a_claim_of_a_dead_pid_is_stale_at_once_only_in_its_own_pid_namespace(tmp_path, namespace):
+    """A container sharing the host name (host networking) numbers its processes apart: a
+    live run's pid, gone here, let another container take its claim at once."""
+    import json
+    import socket
+
+    from segpipe.atomic import pid_namespace
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock = tmp_path / "a.svs.lock"
+    recorded = {"this": pid_namespace(), "other": "another-boot:4026531836", "unrecorded": None}
+    record = {"owner": "a run", "token": "t", "host": socket.gethostname(), "pid": dead.pid}
+    if namespace != "unrecorded":  # a claim of an older release: the host alone
+        record["pidns"] = recorded[namespace]
+    lock.write_text(json.dumps({**record, "acquired": "now", "ttl_s": 600}))
+    claim = try_claim(lock, ttl_s=600, owner="next")
+    assert (claim is not None) == (namespace != "other")
+    if claim is not None:
+        claim.release()
+
+
 def test_a_lost_claim_leaves_the_lock_on_release(tmp_path):
     """A claim that counts itself lost (no heartbeat for its ttl) removes nothing: another run
     may be taking the lock over right now; a lock left behind goes stale and is reclaimed."""

@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from segpipe.atomic import replaced_file, scratch_file
+from segpipe.atomic import pid_namespace, replaced_file, scratch_file
 
 
 def _litter(folder):
@@ -91,18 +91,26 @@ def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
     # The killed write's copy stays (nothing ran to remove it), under a name of its own that
     # says who wrote it; the next write removes it (its pid is gone), not another's.
     (left,) = _litter(tmp_path)
-    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+    namespace = pid_namespace()
+    here = f"{socket.gethostname()}/{namespace}" if namespace else socket.gethostname()
+    host = hashlib.sha256(here.encode()).hexdigest()[:12]
     assert left.startswith(f".weights.pt.{host}-") and left.endswith(".part")
     alive = tmp_path / f".weights.pt.{host}-{os.getpid()}-x.part"
     alive.write_bytes(b"a write of this process, under way")
-    # On a shared folder: another machine's, even one whose name this one's begins
-    other = hashlib.sha256(f"{socket.gethostname()}-7".encode()).hexdigest()[:12]
-    elsewhere = tmp_path / f".weights.pt.{other}-1-x.part"
-    elsewhere.write_bytes(b"another machine's write")
+    # On a shared folder: another machine's, even one whose name this one's begins, and
+    # another container's of this host name (its pids are not this one's)
+    others = [f"{socket.gethostname()}-7", f"{socket.gethostname()}/another-boot:4026531836"]
+    elsewhere = [tmp_path / f".weights.pt.{_hash(o)}-1-x.part" for o in others]
+    for path in elsewhere:
+        path.write_bytes(b"another machine's write")
     with replaced_file(target) as part:
         part.write_bytes(b"new weights")
     assert target.read_bytes() == b"new weights"
-    assert sorted(_litter(tmp_path)) == sorted([alive.name, elsewhere.name])
+    assert sorted(_litter(tmp_path)) == sorted([alive.name, *(p.name for p in elsewhere)])
+
+
+def _hash(host: str) -> str:
+    return hashlib.sha256(host.encode()).hexdigest()[:12]
 
 
 @pytest.mark.parametrize("name", ["m.pt", "m" * 160 + ".pt"], ids=["short", "long"])
@@ -114,7 +122,7 @@ def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tm
     script = textwrap.dedent(
         f"""
         import os, signal
-        from segpipe.atomic import replaced_file, scratch_file
+        from segpipe.atomic import pid_namespace, replaced_file, scratch_file
         with scratch_file({str(target)!r}) as scratch:
             with replaced_file(scratch) as part:
                 part.write_bytes(b"half a model")

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from segpipe.atomic import process_gone
+from segpipe.atomic import died_here, pid_namespace
 from segpipe.io.files import URLPath, location, utc_now
 
 __all__ = [
@@ -182,6 +182,7 @@ def try_claim(
         "token": token,
         "host": socket.gethostname(),
         "pid": os.getpid(),
+        "pidns": pid_namespace(),
         "acquired": utc_now(),
         "ttl_s": ttl_s,
     }
@@ -234,7 +235,7 @@ def _is_stale(path: Path, data: Mapping[str, Any], ttl_s: float) -> bool:
     """Whether the lock has had no heartbeat for its ttl, or its owner died on this machine
     (no heartbeat will come); an unreadable lock (no token, no ttl of its own) may be one
     being written right now, so it gets the claimer's ``ttl_s``."""
-    if "token" in data and _died_here(data.get("host"), data.get("pid")):
+    if "token" in data and died_here(data.get("host"), data.get("pid"), data.get("pidns")):
         return True
     try:
         age = time.time() - path.stat().st_mtime
@@ -309,7 +310,7 @@ def _guard(path: Path, lock_id: str) -> Iterator[bool]:
         held = False
     else:
         try:  # who holds it: a guard of a process killed holding it is removed at once
-            os.write(fd, f"{socket.gethostname()}\n{os.getpid()}".encode())
+            os.write(fd, f"{socket.gethostname()}\n{os.getpid()}\n{pid_namespace()}".encode())
         finally:
             os.close(fd)
     try:
@@ -321,13 +322,8 @@ def _guard(path: Path, lock_id: str) -> Iterator[bool]:
 
 def _guard_holder_gone(guard: Path) -> bool:
     """Whether the guard file's holder died on this machine (it never removes it then)."""
-    try:
-        host, pid = guard.read_text().split("\n")
+    try:  # host, pid and pid namespace ("None": /proc did not tell; older guards lack it)
+        host, pid, *namespace = guard.read_text().split("\n")
     except (OSError, UnicodeDecodeError, ValueError):  # one being written, or gone
         return False
-    return _died_here(host, pid)
-
-
-def _died_here(host: Any, pid: Any) -> bool:
-    """Whether process ``pid`` of machine ``host`` is gone, told on that machine alone."""
-    return host == socket.gethostname() and process_gone(pid)
+    return died_here(host, pid, namespace[0] if namespace and namespace[0] != "None" else None)
