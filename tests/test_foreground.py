@@ -569,6 +569,28 @@ def test_auto_means_tissue_for_slides_only(tmp_path):
     assert mask_file_sha256(spaced.as_uri()) == mask_file_sha256(spaced)
 
 
+def test_tissue_leaves_out_pixels_its_alpha_marks_transparent(tmp_path):
+    """Unassociated alpha keeps the colour under a transparent region: it was taken for
+    tissue (153,600 of 153,600 px), while the reader says none of it is valid."""
+    import tifffile
+
+    from segpipe.geometry.foreground import upsample_mask
+    from segpipe.io.readers import open_image
+
+    img = np.full((512, 768, 4), 240, np.uint8)
+    img[..., 3] = 255
+    img[100:200, 500:700, :3] = (230, 120, 200)  # tissue, opaque
+    img[:, :300, :3], img[:, :300, 3] = (200, 60, 160), 0  # stained colour, transparent
+    path = tmp_path / "rgba.tif"
+    tifffile.imwrite(path, img, photometric="rgb", extrasamples=["unassalpha"],
+                     resolution=(20000, 20000), resolutionunit="CENTIMETER")  # fmt: skip
+    reader = open_image(path)
+    assert resolve_foreground("auto", reader) == "tissue"
+    selected = upsample_mask(compute_foreground(reader, 0, "tissue").mask, (512, 768)) > 0
+    assert not selected[:, :300].any()
+    assert selected[100:200, 500:700].all()
+
+
 def test_tissue_on_an_image_without_colour_is_refused_before_anything_is_made(tmp_path):
     """Tissue is found by colour: a one-channel image is refused naming the file and what to
     use instead, before the result exists."""
@@ -890,7 +912,10 @@ def square(x0, y0, x1, y1):
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ([square(0, 0, 10, 10)], r"the top level is \[\{"),
+        (5, "the top level is 5"),
+        ([square(0, 0, 10, 10), 5], "feature 1 is 5"),  # a list: QuPath's Features
+        ({"type": "GeometryCollection", "geometries": 5}, "GeometryCollection holds 5: not"),
+        ({"type": "GeometryCollection", "geometries": [None]}, r"holds \[null\]: not a list"),
         ({"type": "FeatureCollection", "features": [square(0, 0, 9, 9), None]}, "feature 1"),
         ({"type": "FeatureCollection", "features": [{"geometry": 5}]}, "feature 0"),
         ({"type": "FeatureCollection", "features": 7}, "feature 0 is 7"),
@@ -936,6 +961,159 @@ def test_geojson_polygons_outside_the_image_are_refused(tmp_path, feature):
     # One polygon overlapping is enough; the others mark nothing.
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature, inside]}))
     np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+def test_a_top_level_list_of_features_is_a_feature_collection(tmp_path):
+    """QuPath's scripted export (no FEATURE_COLLECTION option) writes its Features as a JSON
+    array: it was refused as "not GeoJSON", though the README says QuPath's exports are read."""
+    path = tmp_path / "qupath.geojson"
+    path.write_text(json.dumps([square(330, 70, 370, 120), square(-50, -50, -10, -10)]))
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+def test_polygons_inside_a_geometry_collection_are_read(tmp_path):
+    """Only a feature's own Polygon or MultiPolygon was taken: one in a GeometryCollection
+    (nested too) was dropped without a word."""
+    inside = square(330, 70, 370, 120)["geometry"]
+    nested = {"type": "GeometryCollection", "geometries": [inside]}
+    line = {"type": "LineString", "coordinates": [[0, 0], [500, 500]]}
+    collection = {"type": "GeometryCollection", "geometries": [line, nested]}
+    path = tmp_path / "mask.geojson"
+    path.write_text(json.dumps({"type": "Feature", "geometry": collection, "properties": {}}))
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+@pytest.mark.parametrize("far", [2**31 + 100, 1e15, 1e200])
+def test_a_polygon_reaching_far_past_the_image_marks_what_it_covers(tmp_path, far):
+    """A polygon reaching past 2**31 mask cells was dropped by GDAL's rasteriser: alone, the
+    file was refused as overlapping nothing; beside another, it was silently lost."""
+    reader = ArrayReader(np.zeros((300, 400, 3), np.uint8))
+    band = square(-10, 10.5, far, 19.5)  # rows 10..19, every column, in cells of one pixel
+    small = square(300.5, 250.5, 309.5, 259.5)
+    expected = np.zeros((300, 400), bool)
+    expected[10:20] = True
+    path = tmp_path / "far.geojson"
+    for features in ([band], [band, small]):
+        path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+        mask = read_mask_file(path, reader, (300, 400))
+        np.testing.assert_array_equal(mask[:250], expected[:250])  # the band's rows
+        assert mask[250:].sum() == (100 if small in features else 0)
+
+
+@pytest.mark.parametrize(
+    ("said", "found"),
+    [
+        ({"properties": {"coordinates": "micron"}}, r'properties\.coordinates "micron"'),
+        ({"properties": {"coordinates": "crs"}}, r'properties\.coordinates "crs"'),
+        ({"crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}}}, "crs"),
+    ],
+)
+def test_geojson_that_says_its_coordinates_are_not_pixels_is_refused(tmp_path, said, found):
+    """segpipe's own export in microns or in a CRS (which writes a ``crs`` member) was taken
+    as pixels: a mask scaled by the pixel size, or flipped upside down."""
+    path = tmp_path / "mask.geojson"
+    collection = {"type": "FeatureCollection", "features": [square(330, 70, 370, 120)]}
+    path.write_text(json.dumps(collection | said))
+    with pytest.raises(ValueError, match=rf"mask\.geojson: .*{found}.*level-0 pixels"):
+        mask_tiles(path)
+    collection["crs"] = None  # GeoJSON 2008's "no CRS"; pixels said so are pixels
+    path.write_text(json.dumps(collection | {"properties": {"coordinates": "pixel"}}))
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+def test_segpipes_own_export_is_a_mask_in_pixels_only(known_slide, tmp_path):
+    from segpipe import vectors
+
+    out = run(known_slide, tmp_path / "r.zarr", foreground="none")
+    pixel, micron = tmp_path / "pixel.geojson", tmp_path / "micron.geojson"
+    vectors.export_geojson(out, pixel, coords="pixel")
+    vectors.export_geojson(out, micron, coords="micron")
+    reader = ArrayReader(known_slide.image, pixel_size_um=known_slide.pixel_size_um)
+    assert read_mask_file(pixel, reader, (SIDE, SIDE)).any()
+    with pytest.raises(ValueError, match=r"micron\.geojson: .*\"micron\".*coords='pixel'"):
+        read_mask_file(micron, reader, (SIDE, SIDE))
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels"),
+    [
+        ("zeros.png", np.zeros((64, 64), np.uint8)),
+        ("zeros.png", np.zeros((64, 64, 4), np.uint8)),  # a transparent black RGBA
+        ("zeros.tif", np.zeros((64, 64), np.float32)),
+    ],
+)
+def test_a_mask_image_that_marks_nothing_is_refused(tmp_path, name, pixels):
+    """It gave a "complete" result of no computed tile, where a GeoJSON marking nothing is
+    refused."""
+    import tifffile
+
+    path = tmp_path / name
+    if name.endswith(".png"):
+        Image.fromarray(pixels).save(path)
+    else:
+        tifffile.imwrite(path, pixels)
+    with pytest.raises(ValueError, match=rf"{name.replace('.', '[.]')} marks no foreground"):
+        mask_tiles(path)
+
+
+@pytest.mark.parametrize("where", [np.s_[:], np.s_[40:41, 3]])
+def test_a_mask_image_holding_nan_is_refused(tmp_path, where):
+    """NaN is no 0: an all-NaN float mask was taken as all foreground."""
+    import tifffile
+
+    pixels = np.zeros((64, 64), np.float32)
+    pixels[8:16, 40:48] = 1.0
+    pixels[where] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", pixels)
+    with pytest.raises(ValueError, match=r"nan\.tif holds NaN"):
+        mask_tiles(tmp_path / "nan.tif")
+
+
+def write_geotiff(path, data, transform, crs="EPSG:32633"):
+    import rasterio
+
+    profile = dict(driver="GTiff", width=data.shape[1], height=data.shape[0], count=1)
+    with rasterio.open(path, "w", dtype=data.dtype, crs=crs, transform=transform, **profile) as ds:
+        ds.write(data[None])
+    return path
+
+
+def test_a_georeferenced_mask_must_lie_on_the_georeferenced_image(tmp_path):
+    """Its CRS and transform were ignored and it was stretched over the image: a mask of
+    other ground (shifted, or in another CRS) marked the image's pixels it has no part of."""
+    from rasterio.transform import Affine
+
+    image = write_geotiff(
+        tmp_path / "image.tif", np.full((40, 60), 9, np.uint8), Affine(10, 0, 5e5, 0, -10, 5e6)
+    )
+    reader = segpipe.open_image(image)
+    half = np.zeros((20, 30), np.uint8)
+    half[:, :15] = 1  # the image's left half, on a grid of 20 m
+    expected = np.zeros((40, 60), bool)
+    expected[:, :30] = True
+    # On the image's ground: a coarser grid, or the same off by a thousandth of a pixel.
+    for name, transform in (
+        ("coarse.tif", Affine(20, 0, 5e5, 0, -20, 5e6)),
+        ("rounded.tif", Affine(20.0001, 0, 5e5 + 0.02, 0, -20, 5e6)),
+    ):
+        mask = write_geotiff(tmp_path / name, half, transform)
+        np.testing.assert_array_equal(read_mask_file(mask, reader, (40, 60)), expected)
+    for name, transform, crs in (
+        ("shifted.tif", Affine(20, 0, 5e5 + 300, 0, -20, 5e6), "EPSG:32633"),
+        ("larger.tif", Affine(21, 0, 5e5, 0, -20, 5e6), "EPSG:32633"),
+        ("flipped.tif", Affine(20, 0, 5e5, 0, 20, 5e6 - 400), "EPSG:32633"),
+        ("othercrs.tif", Affine(20, 0, 5e5, 0, -20, 5e6), "EPSG:32634"),
+    ):
+        mask = write_geotiff(tmp_path / name, half, transform, crs)
+        with pytest.raises(ValueError, match=rf"{name[:-4]}\.tif is georeferenced.*image\.tif"):
+            read_mask_file(mask, reader, (40, 60))
+    # Only one of the two georeferenced: stretched over the image, as before.
+    plain = tmp_path / "plain.png"
+    Image.fromarray(half * 255).save(plain)
+    np.testing.assert_array_equal(read_mask_file(plain, reader, (40, 60)), expected)
+    unplaced = ArrayReader(np.zeros((40, 60, 3), np.uint8))
+    shifted = tmp_path / "shifted.tif"
+    np.testing.assert_array_equal(read_mask_file(shifted, unplaced, (40, 60)), expected)
 
 
 def test_an_edited_mask_file_is_another_result(known_slide, tmp_path):

@@ -4,7 +4,7 @@ The file is an image (any format :func:`~segpipe.io.readers.open_image` reads) o
 image's aspect ratio, stretched over it, or GeoJSON polygons in level-0 pixels; which of its
 pixels are foreground is said in :mod:`segpipe.execution.foreground`'s docstring. Images are
 read in strips and OR-pooled into the mask's cells (a nearest-neighbour shrink would drop
-thin strokes).
+thin strokes). A mask that marks nothing is refused, as a run of it would compute nothing.
 """
 
 from __future__ import annotations
@@ -94,7 +94,12 @@ def read_mask_file(
     """A user's mask file as a ``shape`` ``(my, mx)`` bool mask over the whole of ``reader``'s
     ``level`` of ``(ny, nx)`` pixels, level pixel ``(y, x)`` in mask pixel ``(y * my // ny,
     x * mx // nx)``: an image, stretched, or GeoJSON polygons in level-0 pixels, mapped by
-    the level's downsample (:mod:`segpipe.execution.foreground` says which pixels)."""
+    the level's downsample (:mod:`segpipe.execution.foreground` says which pixels).
+
+    A georeferenced mask image over a georeferenced image must lie exactly on it (same CRS,
+    same extent, to a hundredth of a mask pixel); where only one of the two is georeferenced
+    the mask is stretched over the image as any other. ValueError naming the file for a mask
+    that marks nothing, holds NaN, or whose GeoJSON says its coordinates are not pixels."""
     path = Path(location(path))
     if path.suffix.lower() in (".geojson", ".json"):
         return _rasterize_geojson(path, reader, level, shape)
@@ -114,6 +119,7 @@ def _read_mask_image(
     # stretch to the cells first, then the cells over the level, rounded twice and dropped
     # a mask pixel's rows here and there).
     (my, mx, channels), (ny, nx) = image.level_shapes[0], reader.level_shapes[0][:2]
+    _check_georeference(image, path, reader)
     # Stretched, it must have the image's aspect: either side within 2%, or a pixel (a small
     # mask rounds its sides), of what the other gives.
     if abs(mx - my * nx / ny) > max(1, mx / 50) and abs(my - mx * ny / nx) > max(1, my / 50):
@@ -129,6 +135,11 @@ def _read_mask_image(
     alphas: set[float] = set()  # each strip's least and greatest alpha
     for y0, y1 in row_strips(image, 0):
         pixels = image.read(y0, y1, 0, mx, 0)
+        if pixels.dtype.kind in "fc" and np.isnan(pixels).any():  # NaN != 0: foreground
+            raise ValueError(
+                f"foreground mask {path} holds NaN (rows {y0}..{y1}): a mask's pixels are 0 "
+                "(background) or another number (foreground); write 0 or 1 where it is NaN"
+            )
         if inverted is not None and (n := inverted.inverted):
             stored = min_is_black(pixels[..., :n], inverted.bits_per_sample)
             pixels = np.concatenate([stored, pixels[..., n:]], axis=-1)
@@ -137,7 +148,46 @@ def _read_mask_image(
             alphas |= {float(pixels[..., alpha].min()), float(pixels[..., alpha].max())}
     # An alpha of one value (an opaque RGBA export) says nothing: the colours do.
     colour = np.asarray(nonzero[..., [c for c in range(channels) if c != alpha]].any(axis=2))
-    return nonzero[..., alpha] if len(alphas) > 1 else colour
+    mask = nonzero[..., alpha] if len(alphas) > 1 else colour
+    if not mask.any():  # a run would compute no tile and call itself complete
+        raise ValueError(
+            f"foreground mask {path} marks no foreground pixel (every value 0, a "
+            "constant alpha aside): nonzero pixels are foreground"
+        )
+    return mask
+
+
+def _check_georeference(image: Reader, path: Path, reader: Reader) -> None:
+    """Refuse a georeferenced mask ``image`` that does not lie exactly on the georeferenced
+    ``reader``: another CRS, or a transform that is not the image's scaled by the size ratio
+    (to a hundredth of a mask pixel); stretched, it would mark other ground. Nothing to check
+    unless both are georeferenced."""
+    mask_geo, image_geo = (
+        getattr(image, "georeference", None),
+        getattr(reader, "georeference", None),
+    )
+    if mask_geo is None or image_geo is None:
+        return
+    from rasterio.crs import CRS
+
+    (my, mx), (ny, nx) = image.level_shapes[0][:2], reader.level_shapes[0][:2]
+    a, _, c, _, e, f = image_geo.transform
+    ma, _, mc, _, me, mf = mask_geo.transform
+    # One CRS may be spelled two ways (an EPSG code, its WKT): rasterio compares what they mean.
+    crs = CRS.from_user_input(mask_geo.crs), CRS.from_user_input(image_geo.crs)
+    same_crs = mask_geo.crs == image_geo.crs or crs[0] == crs[1]
+    # Both corners within a hundredth of a mask pixel: the origin, and the far corner.
+    tx, ty = abs(ma) / 100, abs(me) / 100
+    placed = abs(mc - c) <= tx and abs(mf - f) <= ty
+    if not (same_crs and placed and abs(ma * mx - a * nx) <= tx and abs(me * my - e * ny) <= ty):
+        where = getattr(reader, "path", "the image")
+        raise ValueError(
+            f"foreground mask {path} is georeferenced ({mask_geo.crs_name}, transform "
+            f"{tuple(mask_geo.transform)}, {my} x {mx} px) but does not lie on the image "
+            f"{where} ({image_geo.crs_name}, transform {tuple(image_geo.transform)}, {ny} x "
+            f"{nx} px): warp it onto the image's grid (gdalwarp -te, -ts, -t_srs) or drop its "
+            "georeference (gdal_edit.py -unsetgt) to stretch it over the image"
+        )
 
 
 def _array_inversion(path: Path, image: Reader) -> Photometric | None:
@@ -177,12 +227,20 @@ def _rasterize_geojson(
     # Mask pixel (i, j) is level-0 box [j * sx, (j + 1) * sx) x [i * sy, (i + 1) * sy).
     sx, sy = dx * nx / shape[1], dy * ny / shape[0]
     try:
+        _check_pixel_coordinates(data)
         polygons = _geojson_polygons(data)
-        burned = rasterize(
-            polygons, out_shape=shape, transform=Affine(sx, 0, 0, 0, sy, 0), fill=0,
-            default_value=1, all_touched=True, dtype="uint8",
-        )  # fmt: skip
         spans = np.array([polygon_bounds(p) for p in polygons])  # (x0, y0, x1, y1) each
+        # Cut to a cell beyond the mask: GDAL's rasteriser dropped a polygon reaching past
+        # 2**31 cells (a "whole image" one drawn huge). The cut leaves the cells inside alone.
+        rect = (-sx, -sy, sx * (shape[1] + 1), sy * (shape[0] + 1))
+        inside = [_clipped(p, b, rect) for p, b in zip(polygons, spans, strict=True)]
+        inside = [p for p in inside if p is not None]
+        burned = np.zeros(shape, np.uint8)
+        if inside:
+            burned = rasterize(
+                inside, out_shape=shape, transform=Affine(sx, 0, 0, 0, sy, 0), fill=0,
+                default_value=1, all_touched=True, dtype="uint8",
+            )  # fmt: skip
     except (ValueError, TypeError, KeyError, IndexError) as e:  # bad structure, coordinates
         raise ValueError(f"foreground mask {path}: {e}") from e
     # A cell holds the level pixels that start in it (upsample_mask): where a level's side is
@@ -202,12 +260,48 @@ def _rasterize_geojson(
     return np.asarray(burned, dtype=bool)
 
 
+def _clipped(polygon: dict[str, Any], bounds: Any, rect: tuple[float, ...]) -> Any:
+    """``polygon`` as it is where its ``bounds`` lie within ``rect`` ``(x0, y0, x1, y1)``,
+    else cut to it (a shapely geometry), None where nothing of it is left."""
+    x0, y0, x1, y1 = rect
+    if x0 <= bounds[0] and y0 <= bounds[1] and bounds[2] <= x1 and bounds[3] <= y1:
+        return polygon
+    import shapely
+    from shapely.geometry import shape
+
+    with np.errstate(all="ignore"):  # 1e300 coordinates overflow in the cut, harmlessly
+        cut = shapely.clip_by_rect(shape(polygon), *rect)
+    return None if cut.is_empty else cut
+
+
+def _check_pixel_coordinates(data: object) -> None:
+    """Refuse GeoJSON that says its coordinates are not level-0 pixels: a top-level ``crs``
+    (GeoJSON 2008's, which GDAL and segpipe's ``coords="crs"`` export write), or top-level
+    ``properties.coordinates`` other than ``"pixel"`` (segpipe's export says which)."""
+    if not isinstance(data, dict):
+        return
+    said = data.get("properties")
+    coords = said.get("coordinates", "pixel") if isinstance(said, dict) else "pixel"
+    crs = data.get("crs")
+    if crs is not None or coords != "pixel":
+        found = f"crs {json.dumps(crs)[:80]}" if crs is not None else ""
+        found = found or f"properties.coordinates {json.dumps(coords)[:40]}"
+        raise ValueError(
+            f"it says its coordinates are not pixels ({found}): "
+            "a mask's coordinates must be level-0 pixels, x right, y down; export it with "
+            "coords='pixel' (--coords pixel)"
+        )
+
+
 def _geojson_polygons(data: object) -> list[dict[str, Any]]:
     """The Polygon and MultiPolygon geometries of parsed GeoJSON: a FeatureCollection, a
-    Feature or a geometry (a feature's geometry may be null: GeoJSON's unlocated feature).
-    ValueError, saying what and where, for another structure or no polygon."""
-    collection = isinstance(data, dict) and data.get("type") == "FeatureCollection"
-    features = data.get("features") if isinstance(data, dict) and collection else [data]
+    list of Features or geometries (QuPath's scripted export), a Feature or a geometry, a
+    GeometryCollection's members at any depth (a feature's geometry may be null: GeoJSON's
+    unlocated feature). ValueError, saying what and where, for another structure or no
+    polygon."""
+    listed = isinstance(data, list)
+    collection = listed or (isinstance(data, dict) and data.get("type") == "FeatureCollection")
+    features = data if listed else cast(dict, data).get("features") if collection else [data]
     geometries = []
     for i, f in enumerate(features if isinstance(features, list) else [features]):
         geometry = f.get("geometry", f) if isinstance(f, dict) else f
@@ -216,15 +310,30 @@ def _geojson_polygons(data: object) -> list[dict[str, Any]]:
                 f"not GeoJSON ({f'feature {i}' if collection else 'the top level'} is "
                 f"{json.dumps(f)[:60]}); expected a FeatureCollection, a Feature or a Polygon"
             )
-        if geometry and geometry.get("type") in ("Polygon", "MultiPolygon"):
-            if geometry.get("coordinates") == []:
-                continue  # empty: RFC 7946's other way of saying a null geometry
-            depth = 1 if geometry["type"] == "Polygon" else 2  # lists above a ring
-            _check_positions(geometry.get("coordinates"), depth, f"feature {i}")
-            geometries.append(geometry)
+        geometries += _polygons_in(geometry, f"feature {i}")
     if not geometries:
         raise ValueError("no Polygon or MultiPolygon geometries")
     return geometries
+
+
+def _polygons_in(geometry: dict[str, Any] | None, where: str) -> list[dict[str, Any]]:
+    """The Polygon and MultiPolygon geometries ``geometry`` is or holds (a
+    GeometryCollection's, at any depth); none for null, an empty one or another type."""
+    if not geometry:
+        return []
+    if geometry.get("type") == "GeometryCollection":
+        members = geometry.get("geometries")
+        if not isinstance(members, list) or not all(isinstance(g, dict) for g in members):
+            raise ValueError(
+                f"{where}'s GeometryCollection holds {json.dumps(members)[:60]}: not a list "
+                "of geometries"
+            )
+        return [p for member in members for p in _polygons_in(member, where)]
+    if geometry.get("type") not in ("Polygon", "MultiPolygon") or geometry.get("coordinates") == []:
+        return []  # an empty one: RFC 7946's other way of saying a null geometry
+    depth = 1 if geometry["type"] == "Polygon" else 2  # lists above a ring
+    _check_positions(geometry.get("coordinates"), depth, where)
+    return [geometry]
 
 
 def _check_positions(value: Any, depth: int, where: str) -> None:
