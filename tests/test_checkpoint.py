@@ -17,6 +17,7 @@ import torch
 from segpipe import models
 from segpipe.geometry.tiling import Geometry
 from segpipe.models import PixelContract
+from segpipe.models.base import code_of
 from segpipe.models.checkpoint import FORMAT, CheckpointError, fingerprint, load, save
 from segpipe.models.unet import UNet
 
@@ -439,6 +440,112 @@ def test_fingerprint_of_foreign_code_covers_the_code(kind: str) -> None:
         assert not torch.equal(relu(x), sigmoid(x))
     assert fingerprint(relu) != fingerprint(sigmoid)
     assert fingerprint(relu) == fingerprint(prepared(torch.nn.ReLU()))
+
+
+_USER_NET = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        act = lambda t: torch.ACTIVATION(t)  # a nested code object: its repr has an address
+        if x.dtype in {"int8", "uint8"}:  # a frozenset constant: ordered by the hash seed
+            raise TypeError(x.dtype)
+        return self.b(act(self.a(x)))
+"""
+
+
+def _user_net(folder: Path, activation: str) -> torch.nn.Module:
+    """The user's file ``user_net.py`` as edited to use ``activation``, imported afresh."""
+    import importlib.util
+
+    folder.mkdir()
+    path = folder / "user_net.py"
+    path.write_text(_USER_NET.replace("ACTIVATION", activation), "utf-8")
+    spec = importlib.util.spec_from_file_location("user_net", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    return module.Net().eval()
+
+
+def _closing_over(activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.nn.Module:
+    """One class, made in a function: its source reads the same for every activation."""
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(1, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return activation(self.a(x))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_fingerprint_of_a_wrapped_network_covers_its_forward(tmp_path: Path) -> None:
+    """Only the class path, repr and weights were hashed: a forward edited between two runs
+    (relu -> sigmoid, same weights) fingerprinted the same, and the re-run returned the old
+    network's result as complete."""
+
+    def wrapped(module: torch.nn.Module) -> str:
+        return fingerprint(models.wrap(module, class_names=["a", "b"], halo=2, multiple=1))
+
+    relu, sigmoid = _user_net(tmp_path / "v1", "relu"), _user_net(tmp_path / "v2", "sigmoid")
+    assert type(relu).__qualname__ == type(sigmoid).__qualname__ == "Net"
+    assert wrapped(relu) != wrapped(sigmoid)
+    assert wrapped(relu) == wrapped(_user_net(tmp_path / "v3", "relu"))
+    # A forward calling a function it closes over: that function's code.
+    closure = _closing_over(torch.nn.functional.relu)
+    assert fingerprint(closure) != fingerprint(_closing_over(lambda t: -torch.sigmoid(t)))
+    assert fingerprint(closure) == fingerprint(_closing_over(torch.nn.functional.relu))
+    # Layers all torch's: their code is torch's version; fingerprints made before still hold.
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU())
+    assert code_of(plain) == f"torch.nn.modules.container.Sequential\n{plain!r}"
+
+
+_EXECUTED = """
+import sys
+import torch
+from segpipe.models import fingerprint
+code = open(sys.argv[1]).read().replace("ACTIVATION", sys.argv[2])
+namespace = {"__name__": "user_code"}
+exec(compile(code, "<user code>", "exec"), namespace)  # no source to read: the bytecode
+torch.manual_seed(0)
+print(fingerprint(namespace["Net"]()))
+"""
+
+
+def test_fingerprint_of_code_without_source_is_its_bytecode(tmp_path: Path) -> None:
+    """A class whose source cannot be read (exec'd, a notebook's lost cell) is hashed by its
+    forward's bytecode, names and constants: the same in every run (no address, no set order
+    of the run's hash seed), another for another forward."""
+    import subprocess
+    import sys
+
+    (tmp_path / "net.py").write_text(_USER_NET, "utf-8")
+
+    def digest(activation: str, seed: str) -> str:
+        argv = [sys.executable, "-c", _EXECUTED, str(tmp_path / "net.py"), activation]
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+
+    assert digest("relu", "1") == digest("relu", "2") != digest("sigmoid", "1")
+
+
+def test_fingerprint_warns_of_code_it_cannot_read() -> None:
+    """Neither source nor bytecode: a warning that edits to that class go unseen."""
+    odd = type("Odd", (torch.nn.Module,), {"forward": torch.relu, "__module__": "no_such_file"})
+    with pytest.warns(UserWarning, match=r"no_such_file\.Odd: neither its source nor its"):
+        fingerprint(odd())
 
 
 def test_a_subclass_of_a_registry_model_is_not_saved_as_its_parent(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -270,6 +272,33 @@ def test_build_rejects_bad_requests() -> None:
         models.build("unet", padding="reflect")
     with pytest.raises(ValueError, match="input_mean needs 3 values"):
         models.build("unet", input_mean=[0.5, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("given", "refusal"),
+    [
+        ({"input_mean": float("nan")}, r"input_mean \(nan, nan, nan\) holds NaN or infinite"),
+        ({"input_std": [0.25, float("inf"), 0.25]}, r"input_std \(0\.25, inf, 0\.25\) holds NaN"),
+        ({"input_mean": "0.5"}, r"input_mean '0\.5' is text"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("how", ["build", "wrap"])
+def test_non_finite_input_statistics_are_refused(
+    how: str, given: dict[str, Any], refusal: str
+) -> None:
+    """NaN made every probability NaN (inf: every input the mean); a checkpoint holding
+    them was refused by load, but build(), wrap() and sidecars took them. A string was read
+    as its characters ("could not convert string to float: '.'")."""
+
+    def make() -> nn.Module:
+        if how == "build":
+            return models.build("fcn", width=2, layers=1, **given)
+        settings: dict[str, Any] = {"halo": 0, "multiple": 1, **given}
+        return models.wrap(nn.Conv2d(3, 2, 1), class_names=["a", "b"], **settings)
+
+    with pytest.raises(ValueError, match=refusal):
+        make()
 
 
 def test_a_model_whose_init_needs_real_values_still_builds(monkeypatch):

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -133,6 +135,187 @@ class _Vertical(nn.Module):
 )
 def test_probe_measures_each_axis_by_its_own_reach(net: nn.Module, halo: int) -> None:
     assert wrap(net, class_names=["a", "b"]).geometry == Geometry(halo=halo, multiple=1)
+
+
+class _Gated(nn.Module):
+    """A 9x9 branch behind a gate that is shut for the probe's pixels (0.5 to 1) but open for
+    darker ones: measured through the network's own weights, its reach goes unseen."""
+
+    def __init__(self, parametrization: Callable[[nn.Module], nn.Module] | None) -> None:
+        super().__init__()
+        self.gate, self.far = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 2, 9, padding=4)
+        self.near = nn.Conv2d(1, 2, 3, padding=1)
+        with torch.no_grad():
+            self.gate.weight.fill_(-1.0)
+            self.gate.bias.fill_(0.4)  # relu(0.4 - x)
+        if parametrization is not None:
+            self.gate, self.far = parametrization(self.gate), parametrization(self.far)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.near(x) + self.far(torch.relu(self.gate(x)))
+
+
+@pytest.mark.parametrize(
+    "parametrization",
+    [
+        None,
+        nn.utils.parametrizations.weight_norm,
+        nn.utils.parametrizations.spectral_norm,
+        nn.utils.weight_norm,  # the old hook-based one, which deepcopy refused
+        nn.utils.spectral_norm,
+    ],
+    ids=lambda p: p and f"{p.__module__}.{p.__name__}",
+)
+def test_probe_sees_through_parametrized_weights(
+    parametrization: Callable[[nn.Module], nn.Module] | None,
+) -> None:
+    """weight_norm and spectral_norm recompute ``weight`` at every forward: the probe's
+    positive weights were overwritten by the network's own, the gated 9x9 branch was not
+    seen (halo 1, not 4), and exact mode was 0.07 off a whole-image pass."""
+    torch.manual_seed(0)
+    net = _Gated(parametrization).eval()
+    x = torch.rand(1, 1, 16, 16) * 0.3
+    with torch.no_grad():
+        before = net(x)
+    assert wrap(net, class_names=["a", "b"]).geometry == Geometry(halo=4, multiple=1)
+    with torch.no_grad():  # the network itself is left as it was
+        torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("net", "halo"),
+    [
+        (nn.Conv2d(1, 2, 19, padding=9, padding_mode="reflect"), 9),
+        (nn.Conv2d(1, 2, (19, 1), padding=(9, 0), padding_mode="reflect"), 9),
+        (nn.Conv2d(1, 2, (1, 33), padding=(0, 16), padding_mode="reflect"), 16),
+    ],
+)
+def test_probe_strips_are_deep_enough_for_a_reflect_padding(net: nn.Module, halo: int) -> None:
+    """The halo strips were 8 rows: a reflect padding of 9 failed with torch's "Padding size
+    should be less than the corresponding input dimension", from a network that runs on any
+    realistic tile."""
+    assert wrap(net, class_names=["a", "b"]).geometry == Geometry(halo=halo, multiple=1)
+
+
+class _Anisotropic(nn.Module):
+    """Pools rows by ``rows`` and columns by ``cols``, and scales back up."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.a, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d((rows, cols))
+        self.b, self.head = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.scale = (rows, cols)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.b(self.pool(torch.relu(self.a(x))))
+        return self.head(nn.functional.interpolate(y, scale_factor=self.scale))
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(4, 2), (2, 4), (4, 1)])
+def test_probe_measures_the_multiple_along_both_axes(rows: int, cols: int) -> None:
+    """The multiple was the columns' only: a (4, 2) pooling got multiple 2, and exact mode
+    with tiles of 30 was 0.03 off a whole-image pass (rows off the pooling lattice)."""
+    assert wrap(_Anisotropic(rows, cols), class_names=["a", "b"]).geometry.multiple == 4
+
+
+def test_a_guessed_channel_count_that_does_not_fit_is_named() -> None:
+    """in_channels is read from the first convolution registered, here the head: torch's
+    bare "expected input[1, 8, 64, 256] to have 3 channels" said nothing of the guess."""
+
+    class HeadFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = nn.Conv2d(8, 2, 1)  # registered first, met last
+            self.body = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.body(x)))
+
+    for given in ({}, {"halo": 1, "multiple": 1}):
+        with pytest.raises(
+            ValueError,
+            match=r"HeadFirst: guessed in_channels=8 from head .*to "
+            r"have 3 channels.*pass in_channels=",
+        ):
+            wrap(HeadFirst(), class_names=["a", "b"], **given)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"HeadFirst refuses in_channels=4: .*have 3 channels"):
+        wrap(HeadFirst(), class_names=["a", "b"], in_channels=4)
+    assert wrap(HeadFirst(), class_names=["a", "b"], in_channels=3).geometry.halo == 1
+
+
+# -- a geometry given, checked against the network -----------------------------------------------
+
+
+class _Upsampling(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(self.conv(x), scale_factor=2)
+
+
+def _valid() -> nn.Module:
+    """Valid padding, halo 1 + 2."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 5))
+
+
+def _same() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+
+
+@pytest.mark.parametrize(
+    ("net", "given", "refusal"),
+    [
+        # segmented 0.10 off a whole-image pass, without a word
+        (
+            _same,
+            {"geometry": Geometry(2, shrinks=True)},
+            r"Sequential maps an input of "
+            r"20x36 pixels to an output of 20x36, .* says 16x32: a same-padding network",
+        ),
+        # segmented to wrong pixels, without a word
+        (
+            _Upsampling,
+            {"halo": 1, "multiple": 1},
+            r"_Upsampling maps an input of 18x34 "
+            r"pixels to an output of 36x68, .* says 18x34",
+        ),
+        # failed mid-run: numpy's "could not broadcast input array from shape (2,32,30)"
+        (
+            _valid,
+            {"geometry": Geometry(2, shrinks=True)},
+            r"Sequential maps an input of "
+            r"20x36 pixels to an output of 14x30, .* says 16x32: .*shrinks=True and halo=3",
+        ),
+        (_valid, {"geometry": Geometry(3)}, r"output of 16x32, .* says 22x38"),
+    ],
+    ids=["same-as-valid", "upsampling", "valid-halo-too-small", "valid-as-same"],
+)
+def test_a_geometry_given_is_checked_against_the_network(
+    net: Callable[[], nn.Module], given: dict[str, Any], refusal: str
+) -> None:
+    with pytest.raises(ValueError, match=refusal):
+        wrap(net().eval(), class_names=["a", "b"], **given)
+    right = Geometry(3, shrinks=True)
+    assert wrap(_valid().eval(), class_names=["a", "b"], geometry=right).geometry == right
+
+
+def test_a_geometry_given_needs_class_scores() -> None:
+    class Named(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"out": x}
+
+    with pytest.raises(TypeError, match="Named returned dict, not class scores"):
+        wrap(Named(), class_names=["a"], in_channels=1, geometry=Geometry(0))
+
+
+def test_a_sidecar_geometry_is_checked_against_the_network(tmp_path: Path) -> None:
+    path = tmp_path / "valid.pt"
+    torch.jit.save(torch.jit.script(_valid().eval()), str(path))
+    write_sidecar(path, class_names=["a", "b"], geometry=Geometry(2, shrinks=True))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))} .*output of 14x30, .*halo=3"):
+        models.load(path)
 
 
 @pytest.mark.parametrize(
@@ -500,4 +683,39 @@ def test_a_sidecar_of_the_wrong_channel_count_is_named(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(nn.Conv2d(3, 2, 3, padding=1)), str(path))
     side = write_sidecar(path, class_names=["a", "b"], in_channels=4)
     with pytest.raises(ValueError, match=rf"net\.pt \(sidecar {re.escape(str(side))}\): "):
+        models.load(path)
+
+
+def test_a_static_export_is_named_with_the_fix(tmp_path: Path) -> None:
+    """Exported with fixed height and width, the probe's input failed torch's guard: a bare
+    AssertionError traceback in the command line, naming neither the file nor the fix."""
+    path = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(_same().eval(), (torch.rand(1, 1, 64, 64),)), str(path))
+    write_sidecar(path, class_names=["a", "b"])
+    with pytest.raises(
+        ValueError,
+        match=rf"{re.escape(str(path))} .*AssertionError: Guard failed.*torch\.export\.Dim",
+    ):
+        models.load(path)
+    # Given a geometry, it loads (windows of the size exported with run): unchecked, and said.
+    write_sidecar(path, class_names=["a", "b"], geometry=Geometry(2))
+    with pytest.warns(UserWarning, match=r"refuses an input of 20x36 .*goes unchecked"):
+        assert models.load(path).geometry == Geometry(2)
+
+
+@pytest.mark.parametrize(
+    "statistics",
+    [{"input_mean": float("nan")}, {"input_std": [float("inf")]}, {"input_mean": "0.5"}],
+    ids=str,
+)
+def test_a_sidecar_of_non_finite_statistics_is_named(
+    tmp_path: Path, statistics: dict[str, Any]
+) -> None:
+    """NaN made every probability NaN; a checkpoint holding it was refused, a sidecar not."""
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(nn.Conv2d(1, 2, 3, padding=1)), str(path))
+    side = path.with_name(path.name + ".json")
+    side.write_text(json.dumps({"class_names": ["a", "b"], **statistics}), "utf-8")
+    field = next(iter(statistics))
+    with pytest.raises(ValueError, match=rf"sidecar {re.escape(str(side))}\): {field} "):
         models.load(path)

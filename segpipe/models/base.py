@@ -11,6 +11,7 @@ put ``@register`` above the class: adding a model is one new file in ``segpipe/m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from segpipe.geometry.tiling import Geometry
 from segpipe.models.contract import PixelContract
+from segpipe.models.eager_code import eager_code
 
 __all__ = [
     "DEFAULT_INPUT_MEAN",
@@ -183,13 +185,20 @@ def _nearest_sizes(g: Geometry, n: int) -> str:
 def _per_channel(
     what: str, values: Sequence[float] | float | None, default: float, channels: int
 ) -> tuple[float, ...]:
+    """``values`` as one float per channel; ValueError naming ``what`` unless they are finite
+    numbers (NaN made every probability NaN, as a checkpoint's would, which load refuses)."""
     if values is None:
         values = default
+    if isinstance(values, str):  # would be read as its characters: "0.5" as 0, ".", 5
+        raise ValueError(f"{what} {values!r} is text: give a number, or one per channel")
     if isinstance(values, int | float):
-        return (float(values),) * channels
-    out = tuple(float(v) for v in values)
+        out = (float(values),) * channels
+    else:
+        out = tuple(float(v) for v in values)
     if len(out) != channels:
         raise ValueError(f"{what} needs {channels} values (one per channel), got {out}")
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{what} {out} holds NaN or infinite values: give finite numbers")
     return out
 
 
@@ -230,12 +239,14 @@ def _class_path(cls: type) -> str:
 def code_of(module: nn.Module) -> str:
     """What ``module`` computes, beside its weights, as text: its TorchScript code (each
     submodule's ``forward``; a container has none) or its exported graph's code, else its
-    class and repr (layers and their settings). For fingerprints of networks not segpipe's."""
+    class and repr (layers and their settings) and the code of every class in it that is not
+    torch's (:func:`~segpipe.models.eager_code.eager_code`). For fingerprints of networks not
+    segpipe's."""
     if isinstance(module, torch.fx.GraphModule):
         return str(module.code)
     if isinstance(module, torch.jit.ScriptModule):
         return "\n".join(f"{n}:{getattr(sub, 'code', '')}" for n, sub in module.named_modules())
-    return f"{_class_path(type(module))}\n{module!r}"
+    return eager_code(module)
 
 
 def geometry_of(module: nn.Module) -> Geometry:

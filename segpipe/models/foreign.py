@@ -125,10 +125,25 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
             input_std=spec.get("input_std"),
             pixel_contract=contract,
         )
-    except (TypeError, ValueError, RuntimeError) as err:  # TorchScript's probe: RuntimeError
-        raise ValueError(f"{p} (sidecar {side}): {err}") from err
+    except Exception as err:  # the module's own code raises anything (a guard: AssertionError)
+        raise ValueError(f"{p} (sidecar {side}): {_failure(err, saved)}") from err
     net.saved = saved  # what it pickles as: an exported module does not pickle
     return net
+
+
+def _failure(err: Exception, saved: SavedModule) -> str:
+    """``err`` as words: segpipe's own checks as they are, the module's failures (measuring
+    runs it at sizes of its own) with their type and, for an exported program, the fix."""
+    if isinstance(err, ValueError | TypeError):
+        return str(err)
+    text = f"the module failed on segpipe's probe input: {type(err).__name__}: {err}"
+    if saved.kind == "torch.export":
+        # Exported with example inputs only, its height and width are fixed at theirs.
+        text += (
+            "; an exported program must take any height and width: export it with dynamic "
+            "ones (dynamic_shapes with torch.export.Dim), or give a geometry in the sidecar"
+        )
+    return text
 
 
 def _geometry(side: Path, given: Any) -> tuple[Geometry | None, dict[str, Any]]:

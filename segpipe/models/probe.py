@@ -3,13 +3,15 @@ of a same-padding network that does not say them, the way the model tests check 
 architectures:
 
 * the **multiple** is the smallest shift (1, 2, 4, ... 64 pixels) under which the output shifts
-  with the input (a network with ``p`` 2x2 poolings is equivariant to shifts of ``2**p``);
+  with the input (a network with ``p`` 2x2 poolings is equivariant to shifts of ``2**p``),
+  along the rows and along the columns (their least common multiple: a (4, 2) pooling, 4);
 * the **halo** is the farthest an input pixel lies from an output pixel that depends on it, for
   every pooling phase and both axes, found with autograd on a copy whose weights are made
   positive (so nothing cancels and every ReLU passes its gradient), whose max poolings are
   average poolings of the same window (a max passes its gradient to one input of its window,
   which one depending on the probe's pixels: the farthest could go unseen) and whose per-tile
-  normalisations (InstanceNorm, GroupNorm) are removed (they make every pixel depend on all).
+  normalisations (InstanceNorm, GroupNorm) are removed (they make every pixel depend on all),
+  as are weight_norm and spectral_norm parametrizations (which put back the own weights).
   Only eager layers can be swapped; through the max poolings of TorchScript, of an exported
   graph or of ``F.max_pool2d`` the halo is the farthest of 8 probes with fixed pixels.
 
@@ -24,11 +26,14 @@ import copy
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from segpipe.geometry.tiling import Geometry
@@ -79,21 +84,52 @@ def measured_geometry(
     pooled, classes = _first_pass(probe, in_channels, rows, side)
     seeds = range(_MAX_POOL_PROBES if pooled else 1)
     strip = functools.partial(_margins, probe, in_channels, seeds=seeds)
-    first = _settled(name, functools.partial(strip, rows, phases=1), side) if halo is None else halo
-    if multiple is None:
-        multiple = _multiple(probe, in_channels, rows, first)
+    # How far each axis reaches: the margin of its shifts, and its strip's first length (one
+    # sized by the columns' reach was too short for a 19x1 reflect padding, which torch
+    # refused). The rows' from one pixel set: the strips below settle the halo.
     if halo is None:
-        # Room for the farthest phase on both sides; mid (width // 2) on the pooling lattice.
-        need = 2 * (first + multiple) + 4 * multiple
-        width = need + (-need) % (2 * multiple)
-        # A strip a few multiples high is enough: rows only have to be accepted by the network.
-        rows = max(2 * multiple, 8)
-        # Each axis grows its own strip: the first probe saw the columns' reach only.
-        halo = max(
-            _settled(name, functools.partial(strip, rows, phases=multiple, axis=a), width)
-            for a in (3, 2)
-        )
+        rows_reach = functools.partial(_margins, probe, in_channels, rows, phases=1, axis=2)
+        reach = {
+            3: _settled(name, functools.partial(strip, rows, phases=1), side),
+            2: _settled(name, rows_reach, side),
+        }
+    else:
+        reach = {3: halo, 2: halo}
+    if multiple is None:
+        # Each axis by its own shifts: a (4, 2) pooling takes rows in 4s, columns in 2s.
+        multiple = math.lcm(*(_multiple(probe, in_channels, rows, reach[a], a) for a in (3, 2)))
+    if halo is None:
+        halo = _strip_halo(name, strip, multiple, reach)
     return Geometry(halo=int(halo), multiple=int(multiple)), classes
+
+
+def _strip_halo(
+    name: str, strip: Callable[..., int | None], multiple: int, reach: dict[int, int]
+) -> int:
+    """The halo over every pooling phase and both axes (``reach``: each one's first guess).
+
+    A strip a few multiples high is enough (rows only have to be accepted by the network);
+    one thinner than a reflect padding torch refuses, and is made deeper, up to the first
+    pass's rows (which the network took)."""
+    rows = max(2 * multiple, 8)
+    while True:
+        try:
+            return max(_axis_halo(name, strip, rows, multiple, a, reach[a]) for a in (3, 2))
+        except RuntimeError:
+            if rows >= _MAX_MULTIPLE:
+                raise
+            rows *= 2
+
+
+def _axis_halo(
+    name: str, strip: Callable[..., int | None], rows: int, multiple: int, axis: int, reach: int
+) -> int:
+    """The halo along ``axis`` over every pooling phase, from a strip that grows its length
+    from the room for ``reach`` until the receptive field fits."""
+    # Room for the farthest phase on both sides; mid (length // 2) on the pooling lattice.
+    need = 2 * (reach + multiple) + 4 * multiple
+    length = need + (-need) % (2 * multiple)
+    return _settled(name, functools.partial(strip, rows, phases=multiple, axis=axis), length)
 
 
 def _settled(name: str, margins: Callable[[int], int | None], cols: int) -> int:
@@ -131,8 +167,9 @@ def _probe_copy(module: nn.Module) -> nn.Module:
     """A float64 eval copy with positive averaging weights and no per-tile normalisation.
 
     Only an eager module's layers are swapped (see :func:`_first_pass`)."""
-    probe = copy.deepcopy(module)
+    probe = _copied(module)
     set_mode(probe, False)
+    _unparametrize(probe)
     swaps: dict[str, nn.Module] = {n: nn.Identity() for n in uses_tile_statistics(probe) if n}
     modules = dict(probe.named_modules())
     for name, sub in modules.items():
@@ -163,6 +200,42 @@ def _probe_copy(module: nn.Module) -> nn.Module:
                 if isinstance(buffer, torch.Tensor):
                     buffer.fill_(value)
     return probe.double()
+
+
+def _copied(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)``; a hook-based weight norm's weight, which its hook computes
+    (deepcopy refuses such a tensor), goes detached: the copy's hook computes it again."""
+    memo: dict[int, Any] = {}
+    for sub in module.modules():
+        for hook in sub._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm | SpectralNorm):
+                weight = getattr(sub, hook.name, None)
+                if isinstance(weight, torch.Tensor):
+                    memo[id(weight)] = weight.detach().clone()
+    return copy.deepcopy(module, memo)
+
+
+def _unparametrize(probe: nn.Module) -> None:
+    """Make parametrized weights plain ones, so that the probe's positive weights are the ones
+    that run: weight_norm and spectral_norm recompute ``weight`` from their originals at every
+    forward, and through the network's own weights a branch dead for the probe's pixels (but
+    alive for others) was not measured."""
+    for sub in list(probe.modules()):  # removing takes submodules out
+        if parametrize.is_parametrized(sub):
+            # A copy shares the original's parametrized class, from which removing deletes
+            # the weight's property: the copy gets a class of its own.
+            cls = type(sub)
+            own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            sub.__class__ = type(cls.__name__, cls.__bases__, own)
+            for name in list(cast(nn.ModuleDict, sub.parametrizations)):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+        # The old hook-based ones (torch.nn.utils.weight_norm, .spectral_norm) set ``weight``
+        # before each forward the same way.
+        for hook in list(sub._forward_pre_hooks.values()):
+            if isinstance(hook, WeightNorm):
+                nn.utils.remove_weight_norm(sub, hook.name)
+            elif isinstance(hook, SpectralNorm):
+                nn.utils.remove_spectral_norm(sub, hook.name)
 
 
 class _MaxPoolSeen(TorchDispatchMode):
@@ -241,24 +314,25 @@ def _margins(
 
 
 @torch.no_grad()
-def _multiple(probe: nn.Module, channels: int, rows: int, margin: int) -> int:
-    """Smallest power-of-two shift under which the probe's output moves with its input."""
+def _multiple(probe: nn.Module, channels: int, rows: int, margin: int, axis: int) -> int:
+    """Smallest power-of-two shift along ``axis`` (3: columns, 2: rows) under which the
+    probe's output moves with its input; ``margin``: the reach along that axis."""
     pad = margin + _MAX_MULTIPLE  # beyond any phase's reach
     width = 2 ** math.ceil(math.log2(2 * pad + _MAX_MULTIPLE))
+    shape = [1, channels, rows, rows]
+    shape[axis] = width + _MAX_MULTIPLE
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand(
-        1, channels, rows, width + _MAX_MULTIPLE, dtype=torch.float64, generator=generator
-    )
-    base = _run(probe, x[..., :width])[..., pad : width - pad]
+    x = torch.rand(shape, dtype=torch.float64, generator=generator)
+    base = _run(probe, x.narrow(axis, 0, width)).narrow(axis, pad, width - 2 * pad)
     shift = 1
     while shift <= _MAX_MULTIPLE:
-        moved = _run(probe, x[..., shift : shift + width])
+        moved = _run(probe, x.narrow(axis, shift, width))
         if torch.allclose(
-            moved[..., pad - shift : width - pad - shift], base, rtol=1e-9, atol=1e-12
+            moved.narrow(axis, pad - shift, width - 2 * pad), base, rtol=1e-9, atol=1e-12
         ):
             return shift
         shift *= 2
     raise ValueError(
-        f"the output does not follow shifts of the input up to {_MAX_MULTIPLE} pixels: "
-        "pass multiple= (the network's total stride)"
+        f"the output does not follow shifts of the input up to {_MAX_MULTIPLE} pixels along "
+        f"its {'width' if axis == 3 else 'height'}: pass multiple= (the network's total stride)"
     )

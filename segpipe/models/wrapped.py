@@ -25,7 +25,14 @@ from torch import nn
 from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import SegmentationModel
 from segpipe.models.contract import PixelContract
-from segpipe.models.module_io import check_classes, first_conv_channels, set_mode
+from segpipe.models.module_io import (
+    channel_mismatch,
+    check_classes,
+    check_geometry,
+    first_conv_channels,
+    module_name,
+    set_mode,
+)
 from segpipe.models.probe import measured_geometry
 
 __all__ = ["SavedModule", "WrappedConfig", "WrappedModel", "wrap"]
@@ -159,32 +166,44 @@ def wrap(
     class_names
         One name per output channel.
     in_channels
-        Input channels; default: the contract's, else the first convolution's.
+        Input channels; default: the contract's, else the first convolution's registered.
     halo, multiple
         Context in pixels each output pixel needs, and the size multiple; measured with
         :func:`~segpipe.models.probe.measure_geometry` when not given.
     geometry
         The whole geometry instead (e.g. for a valid-padding network, which the probe does
-        not measure).
+        not measure). A geometry given (or both halo and multiple) is checked against the
+        module's output at two input sizes (:func:`~segpipe.models.module_io.check_geometry`).
     input_mean, input_std
         Per-channel normalisation applied before the module; default 0 and 1 (none).
     pixel_contract
         How image pixels become the module's input, and what images it takes.
     """
     set_mode(module, False)
-    channels = (
-        in_channels
-        or (pixel_contract.channels if pixel_contract is not None else None)
-        or first_conv_channels(module)
-    )
+    channels = in_channels or (pixel_contract.channels if pixel_contract is not None else None)
+    guessed = None if channels else first_conv_channels(module)
+    if guessed is not None:
+        channels = guessed[0]
     if channels is None:
         raise ValueError(
-            f"cannot tell how many channels {type(module).__name__} takes: pass in_channels="
+            f"cannot tell how many channels {module_name(module)} takes: pass in_channels="
         )
-    classes = None
-    if geometry is None:
-        geometry, classes = measured_geometry(module, channels, halo, multiple)
-    check_classes(module, int(channels), geometry, class_names, classes)
+    try:
+        geometry, classes = _checked_geometry(module, int(channels), halo, multiple, geometry)
+    except RuntimeError as err:
+        if (refusal := channel_mismatch(err)) is None:
+            raise
+        if guessed is not None:
+            raise ValueError(
+                f"{module_name(module)}: guessed in_channels={channels} from {guessed[1]} (the "
+                "first convolution registered, which need not be the first the input meets), "
+                f"and it refuses that many ({refusal}): pass in_channels="
+            ) from err
+        raise ValueError(
+            f"{module_name(module)} refuses in_channels={channels}: {refusal}; pass the "
+            "channels it takes"
+        ) from err
+    check_classes(module, class_names, classes)
     config = WrappedConfig(
         in_channels=int(channels),
         num_classes=len(class_names),
@@ -200,3 +219,19 @@ def wrap(
         )
     net.pixel_contract = pixel_contract
     return net.eval()
+
+
+def _checked_geometry(
+    module: nn.Module,
+    channels: int,
+    halo: int | None,
+    multiple: int | None,
+    geometry: Geometry | None,
+) -> tuple[Geometry, int | None]:
+    """The geometry measured, or the one given checked against the module's output sizes
+    (a wrong one tiled silently wrong, or failed mid-run); and the class count seen."""
+    if geometry is None:
+        geometry, classes = measured_geometry(module, channels, halo, multiple)
+        if classes is not None:  # the probe ran, and saw output the input's size
+            return geometry, classes
+    return geometry, check_geometry(module, channels, geometry)
