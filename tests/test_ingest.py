@@ -69,6 +69,17 @@ def _attrs(path: Path | URLPath) -> dict[str, Any]:
     return json.loads(path.joinpath("zarr.json").read_text())["attributes"]
 
 
+@pytest.mark.parametrize(("chunk", "message"), [(1, "chunk must be >= 2"), (20000, "1.1 GiB")])
+def test_a_chunk_no_store_can_hold_is_refused_before_anything_is_written(
+    tmp_path: Path, chunk: int, message: str
+) -> None:
+    """--chunk 70000 on a 512 px slide grew to 22 GB before the OOM killer ended it."""
+    source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    with pytest.raises(ValueError, match=message):
+        ingest(source, tmp_path / "out.ome.zarr", chunk=chunk)
+    assert not (tmp_path / "out.ome.zarr").exists()
+
+
 @pytest.mark.parametrize("chunk", [128, 100])
 def test_round_trip_layout_and_pixels(tmp_path: Path, chunk: int) -> None:
     img = _image()

@@ -157,6 +157,14 @@ def _ingest(
             opened.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
         else:
             reader = source
+        # A chunk is read and encoded whole: --chunk 70000 took 22 GB (the OOM killer).
+        size = reader.shape[2] * chunk**2 * np.dtype(reader.dtype).itemsize
+        if size > 2**30:
+            raise ValueError(
+                f"chunk {chunk} px (--chunk) makes chunks of {size / 2**30:,.1f} GiB "
+                f"({reader.shape[2]} channels x {chunk}² px {np.dtype(reader.dtype)}), each "
+                "written and read whole; give a smaller chunk (the default is 512)"
+            )
         px = reader.pixel_size_um
         if pixel_size_um is not None:
             px = check_pixel_size(pixel_size_um, "pixel_size_um")
