@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "check_overwrite",
     "check_writable",
     "died_here",
     "pid_namespace",
@@ -199,3 +200,11 @@ def write_errors_named(path: str | os.PathLike[str]) -> Iterator[None]:
         if exc.filename is not None or exc.errno not in _DISK_ERRORS:
             raise
         raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+
+
+def check_overwrite(overwrite: object) -> bool:
+    """``overwrite`` when it is a bool; TypeError else: ``overwrite="no"`` (from a config
+    file, an environment variable) is truthy, and replaced what it was meant to keep."""
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    return overwrite

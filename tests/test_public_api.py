@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import segpipe
@@ -39,3 +40,27 @@ def test_the_modules_the_readme_names_load_after_a_bare_import():
             [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
         )
         assert run.returncode == 0, run.stderr
+
+
+@pytest.mark.parametrize("value", ["no", "False", 0, None])
+def test_overwrite_that_is_not_a_bool_is_refused_before_anything_is_replaced(tmp_path, value):
+    """overwrite="no" (from a config file, an environment variable) is truthy: it replaced a
+    result, and a user's GeoJSON file, it was meant to keep."""
+    from segpipe.analysis.vectors import export_geojson
+    from segpipe.atomic import check_overwrite
+    from segpipe.io.ingest import ingest
+    from segpipe.training.output import check_output
+
+    kept = tmp_path / "annotations.geojson"
+    kept.write_text("my annotations")
+    calls = [
+        lambda: segpipe.segment(tmp_path / "in.tif", tmp_path / "r.zarr", "x.pt", overwrite=value),
+        lambda: ingest(tmp_path / "in.tif", tmp_path / "i.zarr", overwrite=value),
+        lambda: export_geojson(tmp_path / "r.zarr", kept, overwrite=value),
+        lambda: check_output(tmp_path / "m.pt", overwrite=value),
+        lambda: check_overwrite(value),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=f"overwrite must be True or False, got {value!r}"):
+            call()
+    assert kept.read_text() == "my annotations"

@@ -44,6 +44,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from segpipe.atomic import check_overwrite
 from segpipe.io.files import URLPath, delete_marked_store, location, overlap
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
@@ -180,6 +181,7 @@ def _export_locally(
 def _check_output(target: Path | URLPath, result: Path | URLPath, *, overwrite: bool) -> None:
     """Refuse ``target`` (FileExistsError, ValueError) unless it is free, or an earlier
     export that ``overwrite`` allows replacing; never the result or what holds it."""
+    check_overwrite(overwrite)
     if isinstance(target, Path) and target.is_symlink():
         raise FileExistsError(
             f"export output {target} is a symbolic link to {os.readlink(target)}; an export "

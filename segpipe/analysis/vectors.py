@@ -41,7 +41,7 @@ import numpy as np
 
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
-from segpipe.atomic import check_writable
+from segpipe.atomic import check_overwrite, check_writable
 from segpipe.io.files import URLPath, is_url, location, overlap, write_text_atomic
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import open_image
@@ -305,6 +305,7 @@ def export_geojson(
     ``object_type``: ``"detection"`` (QuPath's type for many small objects, e.g. nuclei) or
     ``"annotation"`` (a few large, editable regions, e.g. tissue); see :func:`class_features`.
     """
+    check_overwrite(overwrite)
     open_result(result, level)  # an incomplete result or a missing level fails here, early
     target = location(output)  # a URL's text goes to its store, not a local folder "s3:"
     # Checked before the polygons are traced, which may take long.

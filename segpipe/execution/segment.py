@@ -13,7 +13,7 @@ from typing import Any, cast
 import torch
 
 from segpipe import models
-from segpipe.atomic import write_errors_named
+from segpipe.atomic import check_overwrite, write_errors_named
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import (
     choose_scheduler,
@@ -137,6 +137,7 @@ def segment(
         Any ``SegmentConfig`` field, overriding ``config`` (``segment(src, out, tile=256)``).
     """
     started = time.perf_counter()
+    check_overwrite(overwrite)  # before any work: prepare_result checks it only at the end
     config = (config or SegmentConfig()).replace(**settings)
     if ignored := config.ignored_settings():
         raise ValueError(

@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from segpipe.atomic import check_overwrite
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.files import URLPath, delete_marked_store, is_url, json_number, location
 from segpipe.io.identity import pixel_sample_sha256
@@ -225,6 +226,7 @@ def clear_image_store(out: Path | URLPath, *, overwrite: bool) -> None:
     Raises FileExistsError for anything else at ``out``, which is never deleted, and for a
     symbolic link.
     """
+    check_overwrite(overwrite)
     if not isinstance(out, URLPath):
         _check_not_link(out)
         # what a killed deletion left beside it (a URL's is the store itself, unfinished)

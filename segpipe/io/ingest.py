@@ -40,7 +40,7 @@ import dask.base
 import numpy as np
 from dask.callbacks import Callback
 
-from segpipe.atomic import write_errors_named
+from segpipe.atomic import check_overwrite, write_errors_named
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes, valid_mean_2x
 from segpipe.io.files import URLPath, is_url, location, overlap
 from segpipe.io.identity import pixel_sample_sha256
@@ -119,6 +119,7 @@ def ingest(
     StoreBusyError
         Another run ingests into ``output`` or segments it, or into the source (:mod:`.locks`).
     """
+    check_overwrite(overwrite)
     out = location(output)
     where = source if isinstance(source, str | os.PathLike) else source.path
     _check_apart(out, where)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from segpipe.atomic import check_writable
+from segpipe.atomic import check_overwrite, check_writable
 from segpipe.io.files import location
 
 __all__ = ["check_output", "place_file"]
@@ -24,6 +24,7 @@ def check_output(output: str | os.PathLike[str], *, overwrite: bool = False) -> 
     it when no file can be made in its nearest existing folder
     (:func:`~segpipe.training.save_trained` makes the missing ones).
     """
+    check_overwrite(overwrite)
     path = location(output)
     if not isinstance(path, Path):
         raise ValueError(f"{output}: checkpoints are local files; write one here, then copy it")
@@ -43,6 +44,7 @@ def place_file(written: Path, path: Path, *, overwrite: bool) -> None:
     """Put the whole file ``written`` at ``path`` (a file of its folder). Without
     ``overwrite`` a file already at ``path`` is never replaced, even one made an instant
     before: FileExistsError, ``written`` kept beside it under a name of its own."""
+    check_overwrite(overwrite)
     if overwrite:
         try:
             os.replace(written, path)
