@@ -1341,3 +1341,19 @@ def test_a_full_disk_names_the_result_being_written(small_slide, tmp_path, capsy
     assert code != 0
     assert f"error: {out}: No space left on device" in err
     assert not is_complete(out)
+
+
+@pytest.mark.parametrize("command", ["archive", "serve"])
+@pytest.mark.parametrize("source", ["missing", "a-file"])
+def test_an_archive_source_that_is_no_folder_is_one_line_before_prefect_starts(
+    command, source, tmp_path, capsys
+):
+    """archive printed Prefect's three ERROR lines first and called a file "no such folder";
+    serve registered its schedule and waited, to fail at its first run."""
+    (tmp_path / "a-file").write_text("a slide, not a folder")
+    code = main([command, str(tmp_path / source), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    what = "no such folder" if source == "missing" else "is a file, not a folder"
+    assert err.strip() == f"segpipe {command}: error: archive {tmp_path / source}: {what}"
+    assert not (tmp_path / "out").exists()

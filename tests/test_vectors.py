@@ -103,6 +103,13 @@ def test_export_geojson_file(result, tmp_path):
         vectors.export_geojson(path, tmp_path / "o.geojson" / "x.geojson")
     with pytest.raises(ValueError, match="no class 'stroma'"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=["stroma"])
+    # NaN kept no object, an empty file as if none were found
+    for bad in (float("nan"), -5.0, float("inf")):
+        with pytest.raises(
+            ValueError, match=r"min_area \(--min-area\) must be a finite number >= 0"
+        ):
+            vectors.export_geojson(path, tmp_path / "x.geojson", min_area=bad)
+    assert not (tmp_path / "x.geojson").exists()
     # An empty list asks for no class: it exported every class but background, as None does.
     with pytest.raises(ValueError, match="no classes to export"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=[])

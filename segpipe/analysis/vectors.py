@@ -30,6 +30,7 @@ Coordinates (``coords``):
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -191,6 +192,9 @@ def class_features(
         raise ValueError(f"coords must be one of {COORDINATES}, got {coords!r}")
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+    # NaN kept no object: an empty file that read as "no objects found"
+    if not (isinstance(min_area, int | float) and math.isfinite(min_area) and min_area >= 0):
+        raise ValueError(f"min_area (--min-area) must be a finite number >= 0, got {min_area!r}")
     ds = open_result(result, level)
     meta = read_meta(result)
     # The level's pixel edges to coords (the level's pixels are 2**level segmented ones):

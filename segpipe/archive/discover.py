@@ -120,7 +120,8 @@ def discover_images(
     """
     fs, root = filesystem(str(source), storage_options)
     if not fs.isdir(root):
-        raise FileNotFoundError(f"archive {source}: no such folder (or bucket prefix)")
+        what = "is a file, not a folder" if fs.isfile(root) else "no such folder (or bucket prefix)"
+        raise FileNotFoundError(f"archive {source}: {what}")
     root = root.rstrip("/")
     local = _is_local(fs)
     skip = _excluded_folder(fs, root, exclude, storage_options)

@@ -104,12 +104,23 @@ def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The ``process_archive`` parameters after ``source``, ``output_root`` and ``model``; the
     run options checked here first, naming this command's options, and the Prefect server
     where one is named (before Prefect starts)."""
+    from segpipe.atomic import check_writable
     from segpipe.flows.limits import check_run_options, require_server
+    from segpipe.io.files import URLPath, location
 
     check_run_options(**{name: getattr(args, name) for name in _RUN_OPTIONS}, names=_RUN_OPTIONS)
+    config = config_from_args(args)
+    # Before Prefect starts (its failed run logs three lines), and before `serve` waits for a
+    # schedule that would fail at its first run only. A file:// URL is the local path.
+    source, output_root = location(args.source), location(args.output_root)
+    if not isinstance(source, URLPath) and not source.is_dir():
+        what = "is a file, not a folder" if source.exists() else "no such folder"
+        raise FileNotFoundError(f"archive {args.source}: {what}")
+    if not isinstance(output_root, URLPath):
+        check_writable(output_root)
     require_server()
     return {
-        "config": config_from_args(args),
+        "config": config,
         "pattern": args.pattern,
         "min_age_s": args.min_age_s,
         "max_concurrent": args.max_concurrent,
