@@ -101,7 +101,9 @@ def _copy_beside(path: Path, make: Callable[..., Any]) -> Any:
     try:
         # Within NAME_MAX (255 bytes) whatever the target's name: mkstemp adds 8 characters.
         # Who writes it is in its name: a killed writer's copy is removed by the next write.
-        prefix = f"{_copy_prefix(path)}{os.getpid()}-"
+        key = _namespace_key(pid_namespace())
+        tag = f"{key[0]}.{key[1]}-" if key else ""  # which container's pid: see died_here
+        prefix = f"{_copy_prefix(path)}{os.getpid()}-{tag}"
         return make(dir=path.parent, prefix=prefix, suffix=".part")
     except OSError as err:
         raise OSError(err.errno, f"{path} cannot be written: {err.strerror}") from err
@@ -110,22 +112,24 @@ def _copy_beside(path: Path, make: Callable[..., Any]) -> Any:
 def _copy_prefix(path: Path) -> str:
     """``.<name>.<host>-`` of this machine's copies of ``path``: the name cut to 150 bytes
     (NAME_MAX is 255 bytes, not characters), the host as 12 hex digits of its whole name's
-    hash (pods of one deployment share their first 30 characters; "node" prefixes "node-7")
-    with its pid namespace (:func:`pid_namespace`)."""
+    hash (pods of one deployment share their first 30 characters; "node" prefixes "node-7")."""
     name = os.fsencode(path.name)[:150].decode("utf-8", "ignore")
-    here = f"{socket.gethostname()}/{pid_namespace()}" if pid_namespace() else socket.gethostname()
-    host = hashlib.sha256(here.encode()).hexdigest()[:12]
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
     return f".{name}.{host}-"
 
 
 def _remove_killed_copies(path: Path) -> None:
     """Remove the copies of ``path`` that writers killed on this machine left (a whole
-    checkpoint each): their pid is gone. Another machine's, on a shared folder, are left."""
+    checkpoint each): their pid is gone (:func:`died_here`). Another machine's, on a shared
+    folder, are left. A copy's name is ``<prefix><pid>-[<boot>.<namespace>-]<random>.part``
+    (mkstemp's random part has no ``-``; copies of older releases have no namespace)."""
     here = _copy_prefix(path)
     with contextlib.suppress(OSError):
         for left in path.parent.glob(f"{glob.escape(here)}*.part"):
             with contextlib.suppress(OSError, ValueError):
-                if not process_gone(left.name[len(here) :].split("-", 1)[0]):
+                pid, *tag, _ = left.name[len(here) :].split("-")
+                key = tuple(tag[0].split(".", 1)) if tag else None
+                if not _gone(pid, key):
                     continue
                 if left.is_dir():  # scratch_file's
                     shutil.rmtree(left)
@@ -147,9 +151,35 @@ def pid_namespace() -> str | None:
 
 def died_here(host: Any, pid: Any, namespace: Any = None) -> bool:
     """Whether process ``pid`` of machine ``host`` (in pid ``namespace``, where its maker
-    recorded :func:`pid_namespace`) is gone, told where it ran alone (False elsewhere)."""
-    if host != socket.gethostname() or (namespace is not None and namespace != pid_namespace()):
+    recorded :func:`pid_namespace`) is gone, told on that machine alone (False elsewhere):
+    every process of an earlier boot is; one of another container's namespace is not told."""
+    if host != socket.gethostname():
         return False
+    key = None if namespace is None else _namespace_key(str(namespace))
+    if namespace is not None and key is None:  # recorded, but unreadable: nothing to tell by
+        return False
+    return _gone(pid, key)
+
+
+def _namespace_key(namespace: str | None) -> tuple[str, str] | None:
+    """(12 hex digits of the boot id's hash, the namespace's inode) of a :func:`pid_namespace`."""
+    if not namespace or ":" not in namespace:
+        return None
+    boot, _, inode = namespace.rpartition(":")
+    return hashlib.sha256(boot.encode()).hexdigest()[:12], inode
+
+
+def _gone(pid: Any, recorded: tuple[str, ...] | None) -> bool:
+    """Whether process ``pid`` of this machine, of the ``recorded`` :func:`_namespace_key`
+    (None: not recorded, an older release's), is gone."""
+    if recorded is not None:
+        mine = _namespace_key(pid_namespace())
+        if mine is None:  # /proc does not tell here
+            return False
+        if recorded[0] != mine[0]:  # an earlier boot's
+            return True
+        if tuple(recorded) != mine:  # another container's pid: nothing to tell by
+            return False
     return process_gone(pid)
 
 

@@ -414,10 +414,11 @@ claim.release()
     assert not list(tmp_path.glob("*.reclaim-*"))
 
 
-@pytest.mark.parametrize("namespace", ["this", "other", "unrecorded"])
+@pytest.mark.parametrize("namespace", ["this", "other", "unrecorded", "earlier-boot"])
 def test_a_claim_of_a_dead_pid_is_stale_at_once_only_in_its_own_pid_namespace(tmp_path, namespace):
     """A container sharing the host name (host networking) numbers its processes apart: a
-    live run's pid, gone here, let another container take its claim at once."""
+    live run's pid, gone here, let another container take its claim at once. A claim of an
+    earlier boot of this machine is taken at once (its first version waited for the ttl)."""
     import json
     import socket
 
@@ -426,7 +427,13 @@ def test_a_claim_of_a_dead_pid_is_stale_at_once_only_in_its_own_pid_namespace(tm
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock = tmp_path / "a.svs.lock"
-    recorded = {"this": pid_namespace(), "other": "another-boot:4026531836", "unrecorded": None}
+    boot, _, inode = (pid_namespace() or "boot:1").rpartition(":")
+    recorded = {
+        "this": pid_namespace(),
+        "other": f"{boot}:{int(inode) + 1}",  # another container's, this boot
+        "earlier-boot": f"another-boot:{inode}",  # every process of it is gone
+        "unrecorded": None,
+    }
     record = {"owner": "a run", "token": "t", "host": socket.gethostname(), "pid": dead.pid}
     if namespace != "unrecorded":  # a claim of an older release: the host alone
         record["pidns"] = recorded[namespace]

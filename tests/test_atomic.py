@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from segpipe.atomic import pid_namespace, replaced_file, scratch_file
+from segpipe.atomic import _namespace_key, pid_namespace, replaced_file, scratch_file
 
 
 def _litter(folder):
@@ -91,22 +91,35 @@ def test_a_kill_mid_write_leaves_the_old_file_readable(tmp_path):
     # The killed write's copy stays (nothing ran to remove it), under a name of its own that
     # says who wrote it; the next write removes it (its pid is gone), not another's.
     (left,) = _litter(tmp_path)
-    namespace = pid_namespace()
-    here = f"{socket.gethostname()}/{namespace}" if namespace else socket.gethostname()
-    host = hashlib.sha256(here.encode()).hexdigest()[:12]
+    host = _hash(socket.gethostname())
     assert left.startswith(f".weights.pt.{host}-") and left.endswith(".part")
-    alive = tmp_path / f".weights.pt.{host}-{os.getpid()}-x.part"
+    boot, ns = _namespace_key(pid_namespace()) or ("", "")
+    alive = tmp_path / f".weights.pt.{host}-{os.getpid()}-{boot}.{ns}-x.part"
     alive.write_bytes(b"a write of this process, under way")
     # On a shared folder: another machine's, even one whose name this one's begins, and
     # another container's of this host name (its pids are not this one's)
-    others = [f"{socket.gethostname()}-7", f"{socket.gethostname()}/another-boot:4026531836"]
-    elsewhere = [tmp_path / f".weights.pt.{_hash(o)}-1-x.part" for o in others]
-    for path in elsewhere:
-        path.write_bytes(b"another machine's write")
+    elsewhere = [
+        tmp_path / f".weights.pt.{_hash(socket.gethostname() + '-7')}-1-x.part",
+        tmp_path / f".weights.pt.{host}-1-{boot}.1-x.part",
+    ]
+    # An earlier boot's, whatever its pid (this process's own here), and an older release's
+    # (no namespace in its name) of a pid that is gone
+    gone = [
+        tmp_path / f".weights.pt.{host}-{os.getpid()}-{_hash('another boot')}.{ns}-x.part",
+        tmp_path / f".weights.pt.{host}-{_dead_pid()}-x.part",
+    ]
+    for path in elsewhere + gone:
+        path.write_bytes(b"another's write")
     with replaced_file(target) as part:
         part.write_bytes(b"new weights")
     assert target.read_bytes() == b"new weights"
     assert sorted(_litter(tmp_path)) == sorted([alive.name, *(p.name for p in elsewhere)])
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return int(done.stdout)
 
 
 def _hash(host: str) -> str:
@@ -122,7 +135,7 @@ def test_a_scratch_file_written_whole_and_killed_is_removed_by_the_next_write(tm
     script = textwrap.dedent(
         f"""
         import os, signal
-        from segpipe.atomic import pid_namespace, replaced_file, scratch_file
+        from segpipe.atomic import _namespace_key, pid_namespace, replaced_file, scratch_file
         with scratch_file({str(target)!r}) as scratch:
             with replaced_file(scratch) as part:
                 part.write_bytes(b"half a model")
