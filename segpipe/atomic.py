@@ -216,7 +216,8 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 
 
 # A write's errors of the disk, not of a file's name or rights.
-_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+# Not EIO: a failing source's read raises it too, which would be blamed on the output.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 @contextlib.contextmanager
@@ -235,6 +236,6 @@ def write_errors_named(path: str | os.PathLike[str]) -> Iterator[None]:
 def check_overwrite(overwrite: object) -> bool:
     """``overwrite`` when it is a bool; TypeError else: ``overwrite="no"`` (from a config
     file, an environment variable) is truthy, and replaced what it was meant to keep."""
-    if not isinstance(overwrite, bool):
+    if type(overwrite).__name__ not in ("bool", "bool_"):  # numpy's np.True_ too
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
-    return overwrite
+    return bool(overwrite)

@@ -200,6 +200,7 @@ def test_a_long_name_fits_the_file_systems_limit(tmp_path, name):
         (OSError(28, "No space left on device"), True),
         (OSError(28, "No space left on device", "/x/part"), False),  # names its file already
         (OSError(13, "Permission denied"), False),  # not the disk's: raised as it is
+        (OSError(5, "Input/output error"), False),  # a failing source's read raises it too
         (ConnectionError("no scheduler"), False),
     ],
 )

@@ -1357,3 +1357,11 @@ def test_an_archive_source_that_is_no_folder_is_one_line_before_prefect_starts(
     what = "no such folder" if source == "missing" else "is a file, not a folder"
     assert err.strip() == f"segpipe {command}: error: archive {tmp_path / source}: {what}"
     assert not (tmp_path / "out").exists()
+    # an output root that is a file: refused as early (it reached Prefect, failed in the flow)
+    (tmp_path / "slides").mkdir()
+    assert main([command, str(tmp_path / "slides"), str(tmp_path / "a-file")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err
+        == f"segpipe {command}: error: output root {tmp_path / 'a-file'}: is a file, not a folder"
+    )

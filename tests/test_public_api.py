@@ -64,3 +64,12 @@ def test_overwrite_that_is_not_a_bool_is_refused_before_anything_is_replaced(tmp
         with pytest.raises(TypeError, match=f"overwrite must be True or False, got {value!r}"):
             call()
     assert kept.read_text() == "my annotations"
+
+
+def test_overwrite_of_numpy_and_min_area_of_any_real_are_taken():
+    """A value out of numpy or pandas (np.True_, np.int64) is a bool or a number alike."""
+    import numpy as np
+
+    from segpipe.atomic import check_overwrite
+
+    assert check_overwrite(np.True_) is True and check_overwrite(np.False_) is False

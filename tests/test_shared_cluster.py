@@ -670,3 +670,5 @@ def test_a_client_whose_scheduler_died_is_refused_naming_it(
         scheduler.kill()
         if client is not None:
             client.close(timeout=5)
+    with pytest.raises(ConnectionError, match=f"the Dask client {client.id} was closed"):
+        reachable_scheduler(client)

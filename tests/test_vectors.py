@@ -110,6 +110,10 @@ def test_export_geojson_file(result, tmp_path):
         ):
             vectors.export_geojson(path, tmp_path / "x.geojson", min_area=bad)
     assert not (tmp_path / "x.geojson").exists()
+    same = vectors.export_geojson(
+        path, tmp_path / "n.geojson", classes=["nucleus"], min_area=np.int64(10)
+    )
+    assert json.loads(same.read_text()) == json.loads(small.read_text())
     # An empty list asks for no class: it exported every class but background, as None does.
     with pytest.raises(ValueError, match="no classes to export"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=[])

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import warnings
@@ -193,7 +194,8 @@ def class_features(
     if object_type not in OBJECT_TYPES:
         raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
     # NaN kept no object: an empty file that read as "no objects found"
-    if not (isinstance(min_area, int | float) and math.isfinite(min_area) and min_area >= 0):
+    real = isinstance(min_area, numbers.Real) and not isinstance(min_area, bool)
+    if not (real and math.isfinite(min_area) and min_area >= 0):
         raise ValueError(f"min_area (--min-area) must be a finite number >= 0, got {min_area!r}")
     ds = open_result(result, level)
     meta = read_meta(result)

@@ -117,6 +117,8 @@ def _archive_parameters(args: argparse.Namespace) -> dict[str, Any]:
         what = "is a file, not a folder" if source.exists() else "no such folder"
         raise FileNotFoundError(f"archive {args.source}: {what}")
     if not isinstance(output_root, URLPath):
+        if output_root.exists() and not output_root.is_dir():
+            raise NotADirectoryError(f"output root {args.output_root}: is a file, not a folder")
         check_writable(output_root)
     require_server()
     return {

@@ -37,6 +37,11 @@ def live_client(client: distributed.Client) -> distributed.Client:
     A client whose cluster died stays the process's default, reconnecting ("connecting")
     for Dask's connect timeout: a run on it would fail only then, with a bare comm error.
     """
+    if client.status in ("closing", "closed"):
+        raise ConnectionError(
+            f"the Dask client {client.id} was closed: give an open client, or leave the "
+            "scheduler unset for a local cluster"
+        )
     if client.status != "running":
         address = getattr(client.scheduler, "address", None) or client.scheduler_file or "?"
         raise ConnectionError(
