@@ -1000,6 +1000,31 @@ def test_a_polygon_reaching_far_past_the_image_marks_what_it_covers(tmp_path, fa
         assert mask[250:].sum() == (100 if small in features else 0)
 
 
+@pytest.mark.parametrize("past", [200, 2**31])
+def test_a_self_crossing_polygon_past_the_image_burns_as_gdal_burns_it(tmp_path, past):
+    """Every polygon past the image's edge was cut first, and a hand-drawn outline that
+    crosses itself (an hourglass) came out garbled: 8656 cells marked for GDAL's 3010."""
+    from rasterio.features import rasterize
+
+    reader = ArrayReader(np.zeros((1000, 1000), np.uint8))
+    left = -200 if past == 200 else -past
+    ring = [[left, 100], [1200, 900], [1200, 100], [left, 900], [left, 100]]
+    geometry = {"type": "Polygon", "coordinates": [ring]}
+    path = tmp_path / "bowtie.geojson"
+    path.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": geometry}))
+    mask = read_mask_file(path, reader, (100, 100))
+    if past == 200:  # GDAL itself burns it: the reference
+        from affine import Affine
+
+        gdal = rasterize([geometry], out_shape=(100, 100), transform=Affine.scale(10),
+                         all_touched=True, dtype="uint8")  # fmt: skip
+        np.testing.assert_array_equal(mask, gdal.astype(bool))
+        assert not mask[15, 40:60].any()  # the hourglass's waist
+    else:  # its waist far to the left: in the image, the band between the two edges
+        assert mask[11:89].all() and not mask[:9].any() and not mask[91:].any()
+    assert mask[50].all() and not mask[5].any()
+
+
 @pytest.mark.parametrize(
     ("said", "found"),
     [

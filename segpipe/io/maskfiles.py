@@ -233,7 +233,8 @@ def _rasterize_geojson(
         # Cut to a cell beyond the mask: GDAL's rasteriser dropped a polygon reaching past
         # 2**31 cells (a "whole image" one drawn huge). The cut leaves the cells inside alone.
         rect = (-sx, -sy, sx * (shape[1] + 1), sy * (shape[0] + 1))
-        inside = [_clipped(p, b, rect) for p, b in zip(polygons, spans, strict=True)]
+        reach = (-_FAR * sx, -_FAR * sy, _FAR * sx, _FAR * sy)  # what GDAL burns as it is
+        inside = [_clipped(p, b, rect, reach) for p, b in zip(polygons, spans, strict=True)]
         inside = [p for p in inside if p is not None]
         burned = np.zeros(shape, np.uint8)
         if inside:
@@ -260,17 +261,24 @@ def _rasterize_geojson(
     return np.asarray(burned, dtype=bool)
 
 
-def _clipped(polygon: dict[str, Any], bounds: Any, rect: tuple[float, ...]) -> Any:
-    """``polygon`` as it is where its ``bounds`` lie within ``rect`` ``(x0, y0, x1, y1)``,
-    else cut to it (a shapely geometry), None where nothing of it is left."""
-    x0, y0, x1, y1 = rect
+# Cells from the mask's origin within which GDAL burns a polygon as it is (past 2**31 it
+# dropped one): only a polygon reaching farther is cut, its self-crossings made valid first.
+_FAR = 2**29
+
+
+def _clipped(
+    polygon: dict[str, Any], bounds: Any, rect: tuple[float, ...], reach: tuple[float, ...]
+) -> Any:
+    """``polygon`` as it is where its ``bounds`` lie within ``reach`` ``(x0, y0, x1, y1)``,
+    else cut to ``rect`` (a shapely geometry), None where nothing of it is left."""
+    x0, y0, x1, y1 = reach
     if x0 <= bounds[0] and y0 <= bounds[1] and bounds[2] <= x1 and bounds[3] <= y1:
         return polygon
     import shapely
     from shapely.geometry import shape
 
     with np.errstate(all="ignore"):  # 1e300 coordinates overflow in the cut, harmlessly
-        cut = shapely.clip_by_rect(shape(polygon), *rect)
+        cut = shapely.clip_by_rect(shapely.make_valid(shape(polygon)), *rect)
     return None if cut.is_empty else cut
 
 
