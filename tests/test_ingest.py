@@ -19,6 +19,7 @@ import zarr
 
 import segpipe.io.ingest
 from segpipe.io.files import URLPath
+from segpipe.io.imagestore import INGEST_VERSION
 from segpipe.io.ingest import ingest, ingested_image, is_segpipe_image
 from segpipe.io.locks import StoreBusyError, store_lock
 from segpipe.io.readers import ImageReadError, open_image
@@ -776,10 +777,36 @@ def test_a_version_2_ingest_is_reused_for_its_stored_chunk_side(tmp_path: Path) 
     assert (store / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"
 
     ingested_image(src, store, chunk=64)  # another chunk side: redone
-    assert (_attrs(store)["segpipe"]["version"], _attrs(store)["segpipe"]["chunk"]) == (3, 64)
+    assert (_attrs(store)["segpipe"]["version"], _attrs(store)["segpipe"]["chunk"]) == (
+        INGEST_VERSION,
+        64,
+    )
     _as_version(store, 1)
     ingested_image(src, store, chunk=64)
-    assert _attrs(store)["segpipe"]["version"] == 3
+    assert _attrs(store)["segpipe"]["version"] == INGEST_VERSION
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_an_older_ingest_of_nodata_by_value_is_redone(tmp_path: Path, version: int) -> None:
+    """Its reduced levels may read valid pixels whose mean rounded to nodata as nodata (the
+    fix of version 4): reused, a run at level 1 still left them out."""
+    rasterio = pytest.importorskip("rasterio")
+    data = np.full((3, 64, 64), 9, np.uint8)
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 3, "dtype": "uint8"}
+    src, store = tmp_path / "dem.tif", tmp_path / "dem.image.zarr"
+    transform = rasterio.Affine(10, 0, 5e5, 0, -10, 5e6)
+    with rasterio.open(src, "w", nodata=0, crs="EPSG:32633", transform=transform, **profile) as ds:
+        ds.write(data)
+    ingested_image(src, store, chunk=32)
+    _as_version(store, version)
+    if version == 3:  # _as_version drops the chunk side, which a version 3 records
+        group = zarr.open_group(store, mode="r+")
+        group.attrs["segpipe"] = {**group.attrs["segpipe"], "chunk": 32}
+    ingested_image(src, store, chunk=32)
+    assert _attrs(store)["segpipe"]["version"] == INGEST_VERSION, "redone"
+    stamp = (store / "zarr.json").stat().st_mtime_ns
+    ingested_image(src, store, chunk=32)
+    assert (store / "zarr.json").stat().st_mtime_ns == stamp, "this version's: reused"
 
 
 def test_a_version_2_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Path) -> None:

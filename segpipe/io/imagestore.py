@@ -50,9 +50,10 @@ __all__ = [
 ]
 
 # 2: labels/valid, alpha named, valid-only reduced levels, a pixel sample; 3: the chunk side
-# recorded (a version 2's is read from its level 0). Older ingests are redone.
-INGEST_VERSION = 3
-_REUSABLE_VERSIONS = (2, INGEST_VERSION)
+# recorded (a version 2's is read from its level 0); 4: a valid mean that rounds to nodata
+# moved off it (a 2 or 3 of a source with nodata by value is redone). Older ingests are redone.
+INGEST_VERSION = 4
+_REUSABLE_VERSIONS = (2, 3, INGEST_VERSION)
 _ROOT = "zarr.json"
 # The label image of the pixels that hold data, where a source marks them apart.
 VALID_MASK = "labels/valid"
@@ -126,6 +127,8 @@ def is_reusable(
         # an ingest before the file's size and mtime were recorded: the pixel sample alone
         if "source_stat" in previous and previous["source_stat"] != kept.get("source_stat"):
             return False
+        if previous.get("version") != INGEST_VERSION and _nodata_by_value(reader):
+            return False  # its reduced levels may read valid pixels as nodata
         return bool(previous.get("source_sha256") == pixel_sample_sha256(reader))
     finally:
         getattr(reader, "close", lambda: None)()
@@ -205,10 +208,18 @@ def records_mask(reader: Reader) -> bool:
     return kind == "mask" or (kind == "alpha" and "alpha" not in names)
 
 
+def _nodata_by_value(reader: Reader) -> bool:
+    """Whether ``reader``'s invalid pixels are those at nodata in every band (no mask, no
+    alpha): its ingest's reduced levels average the others (ingest's ``_halve``)."""
+    nodata = getattr(reader, "nodata", None)
+    has_nodata = nodata is not None and all(value is not None for value in nodata)
+    return has_nodata and not records_mask(reader) and getattr(reader, "mask_kind", None) != "alpha"
+
+
 def _chunk_side(store: Path | URLPath, previous: dict[str, Any]) -> int | None:
     """The chunk side (pixels) of the ingest at ``store`` with ``segpipe`` attributes
     ``previous``: recorded there since version 3, else its level-0 array's chunks'."""
-    if previous.get("version") == INGEST_VERSION:
+    if previous.get("version") in (3, INGEST_VERSION):
         return previous.get("chunk")
     try:
         meta = json.loads(store.joinpath("0", _ROOT).read_text(encoding="utf-8"))
