@@ -310,6 +310,26 @@ def test_a_geometry_given_needs_class_scores() -> None:
         wrap(Named(), class_names=["a"], in_channels=1, geometry=Geometry(0))
 
 
+def test_a_network_taking_squares_only_still_has_its_class_count_checked() -> None:
+    """Refusing the geometry check's oblong input left its class names unchecked: 3 outputs
+    under 2 names were taken (refused before the geometry was checked)."""
+
+    class SquareOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            assert x.shape[-1] == x.shape[-2], "square tiles only"
+            return self.conv(x)
+
+    with (
+        pytest.warns(UserWarning, match="unchecked but at a square input"),
+        pytest.raises(ValueError, match="SquareOnly gives 3 output channels, but there are 2"),
+    ):
+        wrap(SquareOnly(), class_names=["bg", "fg"], geometry=Geometry(halo=8, multiple=1))
+
+
 def test_a_sidecar_geometry_is_checked_against_the_network(tmp_path: Path) -> None:
     path = tmp_path / "valid.pt"
     torch.jit.save(torch.jit.script(_valid().eval()), str(path))

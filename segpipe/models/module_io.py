@@ -69,19 +69,23 @@ def check_geometry(module: nn.Module, channels: int, geometry: Geometry) -> int 
     m = geometry.multiple * -(-_CHECK_OUTPUT // geometry.multiple)
     sides = (geometry.input_size(m), geometry.input_size(2 * m))
     classes = None
-    for h, w in (sides, sides[::-1]):
+    shapes = [sides, sides[::-1]]
+    while shapes:
+        h, w = shapes.pop(0)
         try:
             out = module(_zeros(module, channels, h, w))
         except Exception as err:
             if channel_mismatch(err):
                 raise
+            if h != w and classes is None:  # one that takes squares only: they count classes
+                shapes = [(sides[0], sides[0])]
             warnings.warn(
                 f"{module_name(module)} refuses an input of {h}x{w} pixels, which its geometry "
                 f"{geometry} says it takes ({type(err).__name__}: {str(err)[:200]}), so the "
-                "geometry goes unchecked",
+                "geometry goes unchecked" + (" but at a square input" if shapes else ""),
                 stacklevel=5,  # the caller of wrap(), past no_grad's wrapper
             )
-            return None
+            continue
         y = _scores(module, out)
         expected = (geometry.output_size(h), geometry.output_size(w))
         if tuple(y.shape[2:]) != expected:
