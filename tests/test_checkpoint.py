@@ -446,6 +446,12 @@ _USER_NET = """
 import torch
 from torch import nn
 
+SCALE = 1.0
+
+
+def helper(t):
+    return torch.HELPER(t)
+
 
 class Net(nn.Module):
     def __init__(self):
@@ -457,17 +463,21 @@ class Net(nn.Module):
         act = lambda t: torch.ACTIVATION(t)  # a nested code object: its repr has an address
         if x.dtype in {"int8", "uint8"}:  # a frozenset constant: ordered by the hash seed
             raise TypeError(x.dtype)
-        return self.b(act(self.a(x)))
+        return self.b(helper(act(self.a(x)))) * SCALE
 """
 
 
-def _user_net(folder: Path, activation: str) -> torch.nn.Module:
-    """The user's file ``user_net.py`` as edited to use ``activation``, imported afresh."""
+def _user_net(
+    folder: Path, activation: str, *, scale: float = 1.0, act: str = "relu"
+) -> torch.nn.Module:
+    """The user's file ``user_net.py`` as edited to use ``activation``, its module's
+    ``helper`` ``act`` and ``SCALE`` ``scale``, imported afresh."""
     import importlib.util
 
     folder.mkdir()
     path = folder / "user_net.py"
-    path.write_text(_USER_NET.replace("ACTIVATION", activation), "utf-8")
+    code = _USER_NET.replace("ACTIVATION", activation).replace("HELPER", act)
+    path.write_text(code.replace("SCALE = 1.0", f"SCALE = {scale}"), "utf-8")
     spec = importlib.util.spec_from_file_location("user_net", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -507,6 +517,12 @@ def test_fingerprint_of_a_wrapped_network_covers_its_forward(tmp_path: Path) -> 
     closure = _closing_over(torch.nn.functional.relu)
     assert fingerprint(closure) != fingerprint(_closing_over(lambda t: -torch.sigmoid(t)))
     assert fingerprint(closure) == fingerprint(_closing_over(torch.nn.functional.relu))
+    # What forward reads of its module: a function it calls, a constant; the code running,
+    # not the file (edited since import, or mid-edit and no Python at all)
+    assert wrapped(_user_net(tmp_path / "v4", "relu", scale=3.0)) != wrapped(relu)
+    assert wrapped(_user_net(tmp_path / "v5", "relu", act="tanh")) != wrapped(relu)
+    (tmp_path / "v1" / "user_net.py").write_text("def broken(:\n", "utf-8")
+    assert wrapped(relu) == wrapped(_user_net(tmp_path / "v6", "relu"))
     # Layers all torch's: their code is torch's version; fingerprints made before still hold.
     plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU())
     assert code_of(plain) == f"torch.nn.modules.container.Sequential\n{plain!r}"
@@ -516,7 +532,7 @@ _EXECUTED = """
 import sys
 import torch
 from segpipe.models import fingerprint
-code = open(sys.argv[1]).read().replace("ACTIVATION", sys.argv[2])
+code = open(sys.argv[1]).read().replace("ACTIVATION", sys.argv[2]).replace("HELPER", "relu")
 namespace = {"__name__": "user_code"}
 exec(compile(code, "<user code>", "exec"), namespace)  # no source to read: the bytecode
 torch.manual_seed(0)
@@ -525,9 +541,9 @@ print(fingerprint(namespace["Net"]()))
 
 
 def test_fingerprint_of_code_without_source_is_its_bytecode(tmp_path: Path) -> None:
-    """A class whose source cannot be read (exec'd, a notebook's lost cell) is hashed by its
-    forward's bytecode, names and constants: the same in every run (no address, no set order
-    of the run's hash seed), another for another forward."""
+    """A class is hashed by its functions' bytecode, names and constants, a source or not
+    (exec'd, a notebook's lost cell): the same in every run (no address, no set order of the
+    run's hash seed), another for another forward."""
     import subprocess
     import sys
 
@@ -542,9 +558,9 @@ def test_fingerprint_of_code_without_source_is_its_bytecode(tmp_path: Path) -> N
 
 
 def test_fingerprint_warns_of_code_it_cannot_read() -> None:
-    """Neither source nor bytecode: a warning that edits to that class go unseen."""
+    """A forward that is no Python function (a builtin): a warning that edits go unseen."""
     odd = type("Odd", (torch.nn.Module,), {"forward": torch.relu, "__module__": "no_such_file"})
-    with pytest.warns(UserWarning, match=r"no_such_file\.Odd: neither its source nor its"):
+    with pytest.warns(UserWarning, match=r"no_such_file\.Odd: its forward's code cannot be"):
         fingerprint(odd())
 
 

@@ -3,13 +3,14 @@ network leave out its ``forward``, so an edited one (another activation, a skip 
 fingerprinted the same and a re-run returned the old network's result as complete.
 
 Layers torch defines are taken as torch's version says them; every other class a network is
-made of (the user's, MONAI's, segmentation_models.pytorch's) by its source, else by the
-bytecode of its ``forward``, and by the functions its ``forward`` closes over.
+made of (the user's, MONAI's, segmentation_models.pytorch's) by the code of its functions as
+it runs (bytecode, names and constants: the same code in another Python version reads as
+other code, and is computed again), with the module-level functions and constants they name
+and the functions they close over.
 """
 
 from __future__ import annotations
 
-import inspect
 import types
 import warnings
 from typing import Any
@@ -43,24 +44,65 @@ def _torch_or_builtin(cls: type) -> bool:
 
 
 def _class_code(cls: type) -> str:
-    """The class's source, else its ``forward``'s bytecode; and what that closes over.
-    A warning when neither can be read: edits to that class go unseen."""
-    forward = cls.__dict__.get("forward")
-    closure = _closure_text(forward) if isinstance(forward, types.FunctionType) else ""
-    try:
-        return inspect.getsource(cls) + closure
-    except (OSError, TypeError):  # defined in exec'd code, a C extension, a lost file
-        pass
-    if isinstance(forward, types.FunctionType):
-        return _code_text(forward.__code__) + closure
-    if forward is None:  # its forward is a base's, whose own code is included
-        return ""
-    warnings.warn(
-        f"{_path(cls)}: neither its source nor its forward's code can be read, so the model "
-        "fingerprint does not see edits to it: a re-run after one may keep an old result",
-        stacklevel=2,
-    )
-    return ""
+    """The code of each function ``cls`` defines (methods, properties, static and class
+    methods), as it runs (not its file, which may have been edited since it was imported),
+    with what each reads of its module: functions and constants (``forward`` calling a
+    module-level ``act``, reading ``SCALE``). A warning when there is none to read."""
+    parts = []
+    for name in sorted(cls.__dict__):
+        function = _function_of(cls.__dict__[name])
+        if function is not None:
+            parts.append(f"{name}: {_code_text(function.__code__)}{_globals_text(function)}")
+            parts.append(_closure_text(function))
+    if not parts and "forward" in cls.__dict__:
+        warnings.warn(
+            f"{_path(cls)}: its forward's code cannot be read, so the model fingerprint does "
+            "not see edits to it: a re-run after one may keep an old result",
+            stacklevel=2,
+        )
+    return "\n".join(p for p in parts if p)
+
+
+def _function_of(value: Any) -> types.FunctionType | None:
+    """The Python function behind a class attribute, None for anything else."""
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    elif isinstance(value, property):
+        value = value.fget
+    return value if isinstance(value, types.FunctionType) else None
+
+
+def _globals_text(function: types.FunctionType) -> str:
+    """The module-level functions (their code) and plain constants (their value) that
+    ``function``'s code names, one level deep; modules, classes and torch's own by name."""
+    found = []
+    for name in sorted(_names(function.__code__)):
+        if name not in function.__globals__:
+            continue  # a builtin, an attribute
+        value = function.__globals__[name]
+        if isinstance(value, types.FunctionType) and not _torch_or_builtin_module(value):
+            found.append(f"{name}={_code_text(value.__code__)}")
+        elif _is_plain(value):
+            found.append(f"{name}={value!r}")
+    return f" reads {found}" if found else ""
+
+
+def _is_plain(value: Any) -> bool:
+    """A constant whose ``repr`` is its value (no object's address, no set's order)."""
+    if isinstance(value, tuple | list):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, bool | int | float | complex | str | bytes | type(None))
+
+
+def _names(code: types.CodeType) -> set[str]:
+    """The global and attribute names ``code`` and the code nested in it use."""
+    nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
+    return set(code.co_names).union(*(_names(c) for c in nested))
+
+
+def _torch_or_builtin_module(function: types.FunctionType) -> bool:
+    module = function.__module__ or ""
+    return module in ("torch", "builtins") or module.startswith("torch.")
 
 
 def _code_text(code: types.CodeType) -> str:
