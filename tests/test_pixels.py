@@ -266,6 +266,7 @@ def test_a_level_halved_k_times_is_two_to_the_k(n0, k):
 @pytest.mark.parametrize(
     ("dtype", "nodata", "moved"),
     [
+        ("bool", 0.0, True),  # three bands of (T,F,F), (F,T,F), (F,F,T) average to False
         ("uint8", 0.0, 1),
         ("uint8", 255.0, 254),
         ("int16", -32768.0, -32767),

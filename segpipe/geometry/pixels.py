@@ -356,7 +356,9 @@ def valid_mean_2x(
     hit = (count > 0) & (out == value[:, None, None]).all(axis=0)
     if off_nodata and hit.any():
         v = value[0]
-        if kind in "fc":
+        if kind == "b":
+            out[0, hit] = not v
+        elif kind in "fc":
             out[0, hit] = np.nextafter(v, -np.inf if v == np.finfo(block.dtype).max else np.inf)
         else:
             out[0, hit] = v - 1 if v == np.iinfo(block.dtype).max else v + 1

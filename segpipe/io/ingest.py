@@ -320,7 +320,7 @@ def _valid_mean_2x(
         return valid_mean_2x(block, valid[0] > 0, nodata)
     by_value = pixel_valid_mask(np.moveaxis(block, 0, -1), nodata, "nodata", None)
     assert by_value is not None  # mask kind "nodata" with a value for every band
-    return valid_mean_2x(block, by_value, nodata, off_nodata=block.dtype.kind != "b")
+    return valid_mean_2x(block, by_value, nodata, off_nodata=True)
 
 
 class _ChunkCounter(Callback):
