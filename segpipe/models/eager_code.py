@@ -38,8 +38,9 @@ def _path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _torch_or_builtin(cls: type) -> bool:
-    module = cls.__module__ or ""
+def _torch_or_builtin(obj: type | types.FunctionType) -> bool:
+    """Whether a class or function is torch's or Python's own."""
+    module = obj.__module__ or ""
     return module in ("torch", "builtins") or module.startswith("torch.")
 
 
@@ -74,13 +75,14 @@ def _function_of(value: Any) -> types.FunctionType | None:
 
 def _globals_text(function: types.FunctionType) -> str:
     """The module-level functions (their code) and plain constants (their value) that
-    ``function``'s code names, one level deep; modules, classes and torch's own by name."""
+    ``function``'s code names, one level deep; modules, classes and torch's functions are
+    left out (their code is theirs: a library's version)."""
     found = []
     for name in sorted(_names(function.__code__)):
         if name not in function.__globals__:
             continue  # a builtin, an attribute
         value = function.__globals__[name]
-        if isinstance(value, types.FunctionType) and not _torch_or_builtin_module(value):
+        if isinstance(value, types.FunctionType) and not _torch_or_builtin(value):
             found.append(f"{name}={_code_text(value.__code__)}")
         elif _is_plain(value):
             found.append(f"{name}={value!r}")
@@ -98,11 +100,6 @@ def _names(code: types.CodeType) -> set[str]:
     """The global and attribute names ``code`` and the code nested in it use."""
     nested = (c for c in code.co_consts if isinstance(c, types.CodeType))
     return set(code.co_names).union(*(_names(c) for c in nested))
-
-
-def _torch_or_builtin_module(function: types.FunctionType) -> bool:
-    module = function.__module__ or ""
-    return module in ("torch", "builtins") or module.startswith("torch.")
 
 
 def _code_text(code: types.CodeType) -> str:
