@@ -242,11 +242,9 @@ def compute_foreground(reader: Reader, level: int, mode: str) -> Foreground | No
         small = low_resolution(reader, level)
         tissue = tissue_mask(small, sizes_at=MASK_SIDE)
         if _declares_nodata(reader):
-            # Transparent pixels may keep their colour (unassociated alpha): not tissue.
-            k = _mask_level(reader, level)
-            valid = valid_low_resolution(reader, k)
-            ky, kx = reader.level_shapes[k][:2]
-            tissue &= pool_mask(np.zeros_like(tissue), valid, valid.shape, 0, (int(ky), int(kx)))
+            # Transparent pixels may keep their colour (unassociated alpha): not tissue. Both
+            # masks are cells of the same mask level, the same shape.
+            tissue &= valid_low_resolution(reader, _mask_level(reader, level))
         return Foreground("tissue", tissue, shape)
     if mode == "nodata":
         if not _declares_nodata(reader):
