@@ -403,6 +403,26 @@ def test_an_output_holding_the_source_is_refused_before_any_work(image, tmp_path
     assert sorted(p.name for p in scans.iterdir()) == ["image.zarr"]
 
 
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"config": {"tile": 32}}, "config must be a SegmentConfig, got dict"),
+        ({"source": np.zeros((8, 8, 3), np.uint8)}, "source must be .* got ndarray .*ArrayReader"),
+        ({"source": None}, "source must be an image path or a Reader, got NoneType"),
+        ({"output": None}, "output must be a path, got NoneType"),
+        ({"model": 3}, "model must be .* got int"),
+    ],
+)
+def test_a_wrong_argument_type_is_named_before_any_work(source, tmp_path, arguments, message):
+    """A dict config failed deep in the run with 'dict' object has no attribute 'replace', an
+    array source with no attribute 'path'."""
+    given = {"source": source, "output": tmp_path / "r.zarr", "model": "tissue-unet"}
+    given.update(arguments)
+    with pytest.raises(TypeError, match=message):
+        segpipe.segment(**given, scheduler="sync")
+    assert not (tmp_path / "r.zarr").exists()
+
+
 def test_exact_mode_refuses_tile_statistics(source, tmp_path):
     net = unet("valid")
     net.head.conv = torch.nn.Sequential(torch.nn.GroupNorm(1, 4), net.head.conv)

@@ -19,6 +19,7 @@ from segpipe.analysis.evaluation import (
     evaluate_model,
     match_objects,
 )
+from segpipe.analysis.metrics import LabelError
 
 NAMES = ("background", "cell")
 
@@ -77,6 +78,12 @@ def test_objects_are_matched_only_to_instances_of_the_object_class() -> None:
     counts = (o.objects.true_positives, o.objects.false_positives, o.objects.false_negatives)
     assert counts == (2, 0, 0)
     assert o.objects.recall == 1.0
+    # An id as the CLI gives it (--object-class 1) was refused as no class name.
+    for given in (1, "1"):
+        by_id = evaluate_labels(truth, truth, class_names=names, instances=inst, object_class=given)
+        assert by_id.objects == o.objects
+    with pytest.raises(LabelError, match="object_class 3 is not a class id"):
+        evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="3")
     # An instance of mixed truth is one of the class most of its pixels have.
     truth[12, 20:25] = 1  # 5 of the region's 25 pixels nucleus: still tissue
     o = evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="tissue")

@@ -70,7 +70,10 @@ def _attrs(path: Path | URLPath) -> dict[str, Any]:
     return json.loads(path.joinpath("zarr.json").read_text())["attributes"]
 
 
-@pytest.mark.parametrize(("chunk", "message"), [(1, "chunk must be >= 2"), (20000, "1.1 GiB")])
+@pytest.mark.parametrize(
+    ("chunk", "message"),
+    [(1, "chunk must be an integer >= 2"), ("512", "integer >= 2"), (20000, "1.1 GiB")],
+)
 def test_a_chunk_no_store_can_hold_is_refused_before_anything_is_written(
     tmp_path: Path, chunk: int, message: str
 ) -> None:

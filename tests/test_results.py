@@ -654,8 +654,9 @@ def test_levels_and_tree(tmp_path):
     np.testing.assert_allclose(level2["y"].values[:2], [0.75, 2.75])
     expected = probs[:, :100, :68].reshape(2, 25, 4, 17, 4).mean(axis=(2, 4))
     np.testing.assert_allclose(level2["probabilities"].values, expected, atol=2e-3)
-    with pytest.raises(ValueError, match=r"levels 0\.\.2, not level 3"):
-        open_result(path, level=3)
+    for level in (3, -1, "1", 1.0, True):  # "1" failed as "'<=' not supported"
+        with pytest.raises(ValueError, match=rf"levels 0\.\.2, not level {level!r}"):
+            open_result(path, level=level)
 
 
 def test_incomplete_result_is_refused_at_every_level(tmp_path):

@@ -103,6 +103,9 @@ def test_export_geojson_file(result, tmp_path):
         vectors.export_geojson(path, tmp_path / "o.geojson" / "x.geojson")
     with pytest.raises(ValueError, match="no class 'stroma'"):
         vectors.export_geojson(path, tmp_path / "x.geojson", classes=["stroma"])
+    # A bare name was read letter by letter: "no class 'n'".
+    with pytest.raises(TypeError, match=r"classes must be a list of class names.*\['nucleus'\]"):
+        vectors.export_geojson(path, tmp_path / "x.geojson", classes="nucleus")
     # NaN kept no object, an empty file as if none were found
     for bad in (float("nan"), -5.0, float("inf")):
         with pytest.raises(

@@ -145,10 +145,10 @@ def evaluate_labels(
                     "pass object_class"
                 )
             object_class = int(np.bincount(under.astype(np.int64)).argmax())
-        if isinstance(object_class, str) and object_class not in names:
-            raise LabelError(f"object_class {object_class!r} is not one of the classes {names}")
-        cls = names.index(object_class) if isinstance(object_class, str) else int(object_class)
-        if not 0 <= cls < len(names):
+        cls = names.index(object_class) if object_class in names else object_class
+        if isinstance(cls, str) and not cls.isdecimal():  # "2" (--object-class 2) is an id
+            raise LabelError(f"object_class {cls!r} is not one of the classes {names}")
+        if not 0 <= (cls := int(cls)) < len(names):
             raise LabelError(f"object_class {cls} is not a class id of {names}")
         structure = ndimage.generate_binary_structure(2, connectivity)
         components, _ = ndimage.label(np.asarray(mask == cls), structure=structure)

@@ -312,6 +312,8 @@ def export_geojson(
     ``"annotation"`` (a few large, editable regions, e.g. tissue); see :func:`class_features`.
     """
     check_overwrite(overwrite)
+    if isinstance(classes, str):  # else its letters were looked up as class names
+        raise TypeError(f"classes must be a list of class names, got {classes!r}: [{classes!r}]")
     open_result(result, level)  # an incomplete result or a missing level fails here, early
     target = location(output)  # a URL's text goes to its store, not a local folder "s3:"
     # Checked before the polygons are traced, which may take long.

@@ -167,8 +167,8 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     ev.add_argument(
         "--object-class",
         default=None,
-        metavar="NAME",
-        help="class whose objects are scored (needs --instances)",
+        metavar="CLASS",
+        help="class (name or id) whose objects are scored (needs --instances)",
     )
     ev.add_argument(
         "--iou-threshold",

@@ -15,6 +15,7 @@ import torch
 from segpipe import models
 from segpipe.atomic import check_overwrite, write_errors_named
 from segpipe.config import SegmentConfig
+from segpipe.execution.arguments import check_arguments
 from segpipe.execution.cluster import (
     choose_scheduler,
     connect,
@@ -138,6 +139,7 @@ def segment(
     """
     started = time.perf_counter()
     check_overwrite(overwrite)  # before any work: prepare_result checks it only at the end
+    check_arguments(source, output, model, config)
     config = (config or SegmentConfig()).replace(**settings)
     if ignored := config.ignored_settings():
         raise ValueError(

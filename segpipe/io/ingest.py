@@ -30,6 +30,7 @@ have no ``unit`` (the 0.5 spec makes it optional) and the scale is in level-0 pi
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -150,8 +151,8 @@ def _ingest(
     pixel_size_um: float | None,
 ) -> Path | URLPath:
     """:func:`ingest` under the store's lock, held by the caller."""
-    if chunk < 2:
-        raise ValueError(f"chunk must be >= 2 pixels, got {chunk}")
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 2:
+        raise ValueError(f"chunk must be an integer >= 2 (pixels), got {chunk!r}")
     with contextlib.ExitStack() as opened:
         if isinstance(source, str | os.PathLike):
             reader = open_image(source, pixel_size_um=pixel_size_um)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import uuid
 from collections.abc import Iterator
@@ -93,8 +94,12 @@ def open_result(
         name = str(path).rstrip("/").rsplit("/", 1)[-1]  # a local path's name, or a URL's
         root = xr.Dataset(attrs={"segpipe": meta})
         return xr.DataTree.from_dict({"/": root, **levels}, name=name)
-    if not 0 <= level < n_levels:
-        raise ValueError(f"{path} has pyramid levels 0..{n_levels - 1}, not level {level}")
+    if (
+        isinstance(level, bool)
+        or not isinstance(level, numbers.Integral)
+        or level not in range(n_levels)
+    ):
+        raise ValueError(f"{path} has pyramid levels 0..{n_levels - 1}, not level {level!r}")
     return _open_level(path, level, meta, chunks)
 
 
