@@ -595,11 +595,14 @@ def test_train_then_evaluate(small_slide, tmp_path, capsys):
         "4",
         "--depth",
         "2",
+        "--pixel-size",
+        "0.55",
     ]
     assert main(args) == 0
     out, err = capsys.readouterr()
     net = models.load(ckpt)
     assert net.class_names == ("background", "tissue", "nucleus")
+    assert models.pixel_contract_of(net).pixel_size_um == 0.55  # recorded as given
     assert (net.config.width, net.config.depth) == (4, 2)
     # It ends with the report `segpipe evaluate` prints, of the weights the file holds.
     assert out.rstrip("\n").endswith(Evaluation.from_dict(net.checkpoint_metrics).report())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -447,3 +449,29 @@ def test_given_class_names_override_a_damaged_classes_file(tmp_path: Path) -> No
         read_folder(tmp_path)
     (item,) = read_folder(tmp_path, class_names=["background", "tissue", "nucleus"])
     assert item.class_names == ("background", "tissue", "nucleus")
+
+
+def test_training_images_of_two_pixel_sizes_record_none_with_a_warning(tmp_path: Path) -> None:
+    """A folder of 0.25 and 0.5 µm images recorded no pixel size, silently: segment then ran
+    the model on level 0 of every slide."""
+    from segpipe.training import TrainConfig, pixel_contract_for
+    from segpipe.training.datasets import FolderImage
+
+    def item(name: str, size: float | None) -> FolderImage:
+        image = np.full((8, 8, 3), 7, np.uint8)
+        return FolderImage(image, np.zeros((8, 8), np.uint8), None, ("bg", "fg"), name, size)
+
+    train, val = tmp_path / "train", tmp_path / "val"
+    config = TrainConfig(dataset="folder", train_folder=str(train), val_folder=str(val))
+    alike = [item("a", 0.5), item("b", 0.5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pixel_contract_for(config, alike).pixel_size_um == 0.5
+    for other in (0.25, None):
+        mixed = [*alike, item("c", other)]
+        with pytest.warns(UserWarning, match=r"pixel sizes differ \((0.25 µm, )?0.5 µm"):
+            assert pixel_contract_for(config, mixed).pixel_size_um is None
+        given = dataclasses.replace(config, pixel_size_um=0.4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the size given is recorded: nothing to say
+            assert pixel_contract_for(given, mixed).pixel_size_um == 0.4

@@ -145,6 +145,14 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         help="convolution padding (default: the architecture's)",
     )
+    tr.add_argument(
+        "--pixel-size",
+        type=float,
+        default=None,
+        dest="pixel_size_um",
+        metavar="UM",
+        help="microns per pixel the model records (default: the training images')",
+    )
     tr.add_argument("--full-precision", action="store_true", help="save float32 weights")
     tr.set_defaults(run=_train)
 
@@ -225,6 +233,7 @@ def _train(args: argparse.Namespace) -> int:
         jitter=args.jitter,
         checkpoint_dir=args.checkpoint_dir,
         resume_from=args.resume_from,
+        pixel_size_um=args.pixel_size_um,
         progress=False,  # the command's own display (segpipe.cli.main) shows the stage
     )
     # fcn-updown calls its down-sampling steps levels; --depth is refused by an architecture

@@ -22,7 +22,13 @@ from segpipe.analysis.evaluation import LabelledImage
 from segpipe.models.contract import PixelContract, measure_contract, sampled_pixels
 from segpipe.synthetic import AERIAL_CLASS_NAMES, CLASS_NAMES, aerial_scene, tissue_slide
 from segpipe.training.augmentation import Augmentation
-from segpipe.training.datasets import check_held_out, class_names_of, pixel_kind, read_folder
+from segpipe.training.datasets import (
+    check_held_out,
+    class_names_of,
+    common_pixel_size,
+    pixel_kind,
+    read_folder,
+)
 from segpipe.training.losses import counted_class_weights, unet_weight_map
 
 __all__ = [
@@ -229,11 +235,8 @@ class TrainConfig:
             math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0
         ):
             raise ValueError(f"TrainConfig.pixel_size_um must be > 0, got {self.pixel_size_um}")
-        if self.scaling not in ("auto", "dtype", "range", "percentile"):
-            raise ValueError(
-                "TrainConfig.scaling must be 'auto', 'dtype', 'range' or 'percentile', "
-                f"got {self.scaling!r}"
-            )
+        if self.scaling not in (scalings := ("auto", "dtype", "range", "percentile")):
+            raise ValueError(f"TrainConfig.scaling must be one of {scalings}, got {self.scaling!r}")
         if self.scaling == "range" and (
             self.value_range is None
             or len(self.value_range) != 2
@@ -299,10 +302,8 @@ def pixel_contract_for(
         )
     if slides is None:
         slides = read_folder(str(config.train_folder))
-    sizes = {getattr(s, "pixel_size_um", None) for s in slides}
-    pixel_size = config.pixel_size_um or (sizes.pop() if len(sizes) == 1 else None)
-    if config.dataset != "folder":
-        pixel_size = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset]
+    pixel_size = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM.get(config.dataset)
+    pixel_size = pixel_size or common_pixel_size(slides, str(config.train_folder))
     contract = measure_contract(
         [np.asarray(s.image) for s in slides],
         scaling=config.scaling,

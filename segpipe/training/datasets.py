@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 import reprlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,6 +46,7 @@ __all__ = [
     "FolderImage",
     "check_held_out",
     "class_names_of",
+    "common_pixel_size",
     "pixel_kind",
     "read_folder",
     "separate_touching",
@@ -188,6 +190,20 @@ def _read_image(path: Path) -> tuple[np.ndarray, float | None]:
 def pixel_kind(image: np.ndarray) -> str:
     """``"uint16, 3 channel(s)"`` for a ``(Y, X, C)`` image: what a folder's images share."""
     return f"{image.dtype}, {image.shape[2]} channel(s)"
+
+
+def common_pixel_size(images: Sequence[LabelledImage], where: str) -> float | None:
+    """The pixel size (µm) all ``images`` share; None, with a warning naming ``where``, when
+    they differ: a model recording none is run on level 0 of any image."""
+    sizes = {getattr(i, "pixel_size_um", None) for i in images}
+    if len(sizes) > 1:
+        known = ", ".join(sorted(f"{p:g} µm" if p else "unknown" for p in sizes))
+        warnings.warn(
+            f"{where}: the training images' pixel sizes differ ({known}), so the model records "
+            "none; give the one to record (TrainConfig.pixel_size_um, train --pixel-size)",
+            stacklevel=3,
+        )
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_alike(items: Sequence[FolderImage], root: Path) -> None:
