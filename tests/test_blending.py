@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -232,6 +234,16 @@ def test_a_blend_window_off_the_size_rule_is_refused_naming_the_next_one():
     assert blend_window_side(same, 30) == 32
     with pytest.raises(ValueError, match="use 32"):
         blend_lattice((100, 100), same, window=30)
+
+
+def test_an_overlap_near_one_warns_of_the_work_it_asks_for():
+    """--overlap 0.9999 ran windows 8 px apart, each pixel in 1024 windows, without a word."""
+    same = Geometry(halo=23, multiple=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0.875: each pixel in 64 windows, said nothing
+        assert blend_lattice((512, 512), same, window=256, overlap=0.875).stride == 32
+    with pytest.warns(UserWarning, match=r"8 px apart: each pixel is computed in about 1024 "):
+        assert blend_lattice((512, 512), same, window=256, overlap=0.9999).stride == 8
 
 
 @pytest.mark.parametrize("rows", [64, 63, 20])

@@ -10,6 +10,7 @@ sliding-window inference do, over the windows of one global :class:`BlendLattice
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -287,6 +288,12 @@ def blend_lattice(
     # A stride off the multiple would change the pooling phase from window to window, and one
     # longer than the window would leave gaps.
     stride = min(max(m, round(window * (1.0 - overlap) / m) * m), window // m * m)
+    if (per_pixel := math.ceil(window / stride) ** 2) > 64:  # MONAI's usual 0.25-0.75: 2-16
+        warnings.warn(
+            f"blend overlap {overlap} gives windows {stride} px apart: each pixel is computed "
+            f"in about {per_pixel} windows, {per_pixel}x the work of overlap 0",
+            stacklevel=2,
+        )
     # A strip shorter than a window along one axis keeps its windows inside the image along
     # both (BlendLattice.axis_origins): with a margin on both, its long borders were 18x
     # MONAI's error against a whole pass; now below MONAI's, which zero-pads the short axis.
