@@ -189,3 +189,30 @@ def test_a_slide_replaced_since_it_was_opened_is_refused(fake, tmp_path: Path) -
     with pytest.raises(ImageReadError, match=r"slide\.mrxs changed since it was opened"):
         pickle.loads(shipped).read(0, 4, 0, 4)
     np.testing.assert_array_equal(OpenSlideReader(path).read(0, 4, 0, 4), RGBA[:4, :4, :3])
+
+
+@pytest.mark.parametrize(
+    ("mpp", "expected", "warned"),
+    [
+        ({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.5"}, 0.5, False),
+        ({"openslide.mpp-x": "0.5", "openslide.mpp-y": "0.7"}, 0.5, True),
+        ({"openslide.mpp-y": "0.25"}, 0.25, False),
+    ],
+)
+def test_pixel_size_is_x_and_warned_of_where_y_differs(
+    fake: FakeOpenSlide, monkeypatch: pytest.MonkeyPatch, mpp: dict, expected: float, warned: bool
+) -> None:
+    """Non-square pixels were taken along x silently (other formats' readers warn), and a
+    slide declaring only mpp-y had no pixel size."""
+    import warnings
+
+    handle = fake.module.OpenSlide  # type: ignore[attr-defined]
+    monkeypatch.setattr(handle, "properties", {**mpp, "openslide.vendor": "fake"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reader = OpenSlideReader(Path("slide.svs"))
+    said = [str(w.message) for w in caught]
+    assert reader.pixel_size_um == expected
+    assert bool(said) == warned
+    if warned:
+        assert said == ["slide.svs: openslide.mpp differs in X (0.5 µm) and Y (0.7 µm); using X"]

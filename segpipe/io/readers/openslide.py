@@ -23,7 +23,7 @@ import numpy as np
 
 from segpipe.io.files import URLPath
 from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
-from segpipe.io.units import positive_or_none
+from segpipe.io.units import pixel_size_of_xy, positive_or_none
 
 __all__ = ["OPENSLIDE_SUFFIXES", "OpenSlideReader"]
 
@@ -31,13 +31,16 @@ OPENSLIDE_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 
 log = logging.getLogger(__name__)
 
+_MPP = ("openslide.mpp-x", "openslide.mpp-y")
+
 
 class OpenSlideReader(BaseReader):
     """A slide through OpenSlide: each OpenSlide level a pyramid level, ``(Y, X, 3)`` uint8.
 
     Any file OpenSlide opens works (it also reads SVS, NDPI, SCN, BIF, Philips TIFF and
     generic tiled TIFF); :func:`~segpipe.io.readers.open_image` sends it only the formats
-    tifffile cannot read. The pixel size is OpenSlide's ``openslide.mpp-x``.
+    tifffile cannot read. The pixel size is OpenSlide's ``openslide.mpp-x`` (warned of where
+    ``mpp-y`` differs; ``mpp-y`` where it is the only one).
 
     Only OpenSlide's levels of a whole-number downsample are levels here (MRXS and SVSLIDE
     declare powers of two; VMS levels are JPEG scalings by 2, 4, 8). OpenSlide places a
@@ -81,9 +84,9 @@ class OpenSlideReader(BaseReader):
         self._set_layout(
             ["YXC"] * len(dims), [(h, w, 3) for h, w in dims], chunks, np.dtype(np.uint8)
         )
-        if self.pixel_size_um is None:
-            mpp = props.get("openslide.mpp-x")
-            self.pixel_size_um = positive_or_none(mpp, self.path, "openslide.mpp-x")
+        if self.pixel_size_um is None:  # along x, warned of where y's differs (as elsewhere)
+            x, y = (positive_or_none(props.get(k), self.path, k) for k in _MPP)
+            self.pixel_size_um = pixel_size_of_xy(x, y, str(self.path), "openslide.mpp")
 
     def _open(self) -> Any:
         # Under the lock: threads reading a reader just unpickled (or one whose handle an
