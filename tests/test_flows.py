@@ -79,23 +79,44 @@ def test_the_default_image_store_of_a_url_output_is_a_url_beside_it(output):
 
 
 @pytest.mark.parametrize("module", ["archive", "segment_slide", "train_model"])
-def test_no_task_taking_a_model_hashes_it_for_a_cache(module):
-    """Prefect's default cache key hashes every input at every call: a model's weights for a
-    cache no run hits (results are not persisted). A task taking one has no cache key."""
+def test_every_task_runs_each_time_it_is_called(module):
+    """Prefect's default cache key hashed a model's weights at every call, and served a
+    retried run (results persisted) the ingest of an image replaced since: no task has one."""
     import importlib
-    import inspect
 
     from prefect import Task
     from prefect.cache_policies import NO_CACHE
 
     tasks = vars(importlib.import_module(f"segpipe.flows.{module}")).values()
-    policies = {
-        t.name: t.cache_policy
-        for t in tasks
-        if isinstance(t, Task) and "model" in inspect.signature(t.fn).parameters
-    }
-    assert policies
+    policies = {t.name: t.cache_policy for t in tasks if isinstance(t, Task)}
+    assert len(policies) >= 3
     assert policies == dict.fromkeys(policies, NO_CACHE)
+
+
+def test_an_ingest_called_again_in_a_run_that_persists_results_sees_the_new_image(
+    prefect_harness, tmp_path
+):
+    """With PREFECT_RESULTS_PERSIST_BY_DEFAULT a retried run got the cached ingest of the
+    image replaced meanwhile back, and segmented the old pixels."""
+    import tifffile
+    from prefect import flow
+    from prefect.settings import PREFECT_RESULTS_PERSIST_BY_DEFAULT, temporary_settings
+
+    from segpipe.flows.segment_slide import ingest_task
+
+    source, store = tmp_path / "scan.tif", tmp_path / "scan.image.zarr"
+    first, second = (np.full((64, 64, 3), v, np.uint8) for v in (10, 200))
+
+    @flow
+    def ingest_twice() -> None:
+        tifffile.imwrite(source, first)
+        ingest_task(str(source), str(store), None, False)
+        tifffile.imwrite(source, second)  # the scan is replaced between the attempts
+        ingest_task(str(source), str(store), None, False)
+
+    with temporary_settings({PREFECT_RESULTS_PERSIST_BY_DEFAULT: True}):
+        ingest_twice()
+    np.testing.assert_array_equal(segpipe.open_image(store).read(0, 64, 0, 64), second)
 
 
 def test_a_scheduler_no_one_answers_is_refused_before_the_ingest(

@@ -46,7 +46,7 @@ from segpipe.progress import also_reporting, stage
 __all__ = ["ArchiveFailedError", "artifact_key", "process_archive", "serve_archive"]
 
 
-@task(name="discover-images")
+@task(name="discover-images", cache_policy=NO_CACHE)
 def discover_task(
     source: str,
     pattern: str,
@@ -88,7 +88,7 @@ def load_model_task(model: str) -> LoadedModel:
     return loaded
 
 
-# No cache key: hashing the loaded model's weights for a cache no run hits is wasted work.
+# No cache key (segpipe.flows.segment_slide says why).
 @task(name="archive-image", task_run_name="image-{image.key}", cache_policy=NO_CACHE)
 def image_task(
     image: ArchiveImage,

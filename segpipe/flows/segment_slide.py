@@ -41,7 +41,12 @@ def default_image_store(output: str | Path) -> Path | URLPath:
     return out.with_name(out.name.removesuffix(".zarr") + ".image.zarr")
 
 
-@task(name="ingest")
+# Every task of segpipe's flows runs each time it is called (NO_CACHE): each judges for itself
+# what it may reuse (the ingest its copy by the source's stat and pixels, the segmentation its
+# result by its stamp). Prefect's default key (inputs, code, flow run) served a retried run the
+# ingest of the image replaced since, where results are persisted
+# (PREFECT_RESULTS_PERSIST_BY_DEFAULT); models also went unhashed for a cache.
+@task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(source: str, store: str, pixel_size_um: float | None, progress: bool) -> str:
     """:func:`segpipe.io.ingest.ingested_image`, its stage a progress artifact."""
     get_run_logger().info("ingesting %s into %s (if needed)", source, store)
@@ -49,8 +54,6 @@ def ingest_task(source: str, store: str, pixel_size_um: float | None, progress: 
         return str(ingested_image(source, store, pixel_size_um=pixel_size_um))
 
 
-# No cache key: a loaded model may come in as `model`, and hashing its weights for a cache that
-# a run never hits (results are not persisted) is wasted work.
 @task(name="segment", cache_policy=NO_CACHE)
 def segment_task(
     image: str,
@@ -86,7 +89,7 @@ def segment_task(
     return str(result)
 
 
-@task(name="summarise")
+@task(name="summarise", cache_policy=NO_CACHE)
 def summarise_task(result: str, ground_truth: str | None) -> dict[str, Any]:
     summary = summarise(result, ground_truth).as_dict()
     get_run_logger().info("summary of %s: %s", result, summary)

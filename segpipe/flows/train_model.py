@@ -37,7 +37,7 @@ from segpipe.training import (
 guard_when_temporary()
 
 
-@task(name="build-model")
+@task(name="build-model", cache_policy=NO_CACHE)
 def build_task(
     architecture: str, class_names: tuple[str, ...], seed: int, options: dict[str, Any]
 ) -> SegmentationModel:
@@ -45,8 +45,7 @@ def build_task(
     return initial_model(architecture, class_names=class_names, seed=seed, **options)
 
 
-# No cache key for the tasks taking the model: Prefect would hash its weights at every call
-# for a cache that no run hits (results are not persisted).
+# No cache key (segpipe.flows.segment_slide says why).
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(model: SegmentationModel, config: TrainConfig, output: str) -> dict[str, Any]:
     """:func:`segpipe.training.train`, its stage a progress artifact of ``output`` and a log
