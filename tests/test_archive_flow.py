@@ -85,6 +85,22 @@ def test_second_run_segments_nothing_and_a_new_image_is_the_only_one_processed(
     latest = max(tables, key=lambda a: a.created)
     assert "1 segmented, 2 up to date" in latest.description
 
+    # An image deleted (or renamed) is said to be gone; its record and result stay.
+    (source / "b.ome.tif").unlink()
+    fourth = _run(source, out, random_checkpoint)
+    assert fourth["gone"] == ["b.ome.tif"] and third["gone"] == []
+    assert fourth["summary"] == (
+        "2 images: nothing to segment, 2 up to date, 1 recorded but gone from the archive "
+        "(b.ome.tif)"
+    )
+    ds = catalog.open_catalog(out)
+    assert dict(zip(ds["image"].values, ds["source_exists"].values, strict=True)) == {
+        "b.ome.tif": False,
+        "day-1/a.ome.tif": True,
+        "day-1/c.ome.tif": True,
+    }
+    assert is_complete(out / "b.ome.tif.seg.zarr")
+
 
 def test_an_output_root_that_is_the_archive_is_refused_before_anything_is_written(
     prefect_harness, slides, random_checkpoint, tmp_path

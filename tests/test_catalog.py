@@ -57,6 +57,28 @@ def test_record_holds_the_results_statistics(tmp_path, result):
     assert ds["tiles_total"].values[0] == 4
 
 
+def test_records_of_images_gone_since_are_told_apart_and_kept(tmp_path):
+    """A slide renamed or deleted in the archive kept its record, counted in every statistic
+    as if it were there, with nothing to tell it apart."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for key in ("a.svs", "b.svs", "c.svs"):
+        (scans / key).write_bytes(b"scan")
+        catalog.record_path(tmp_path, key).parent.mkdir(parents=True, exist_ok=True)
+        _write_record(tmp_path, key, [0.5, 0.4, 0.1])
+        path = catalog.record_path(tmp_path, key)
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "source": str(scans / key)}))
+    (scans / "b.svs").rename(scans / "d.svs")
+    (scans / "c.svs").unlink()
+    ds = catalog.open_catalog(tmp_path)
+    assert ds["source_exists"].dtype == bool
+    assert list(ds["source_exists"].values) == [True, False, False]
+    assert catalog.gone_images(tmp_path) == ["b.svs", "c.svs"]
+    assert catalog.gone_images(tmp_path, present={"c.svs"}) == ["b.svs"]  # found: not looked at
+    assert len(catalog.read_records(tmp_path)) == 3
+
+
 def test_query_images_by_class_fraction(tmp_path):
     _write_record(tmp_path, "a.svs", [0.9, 0.09, 0.01])
     _write_record(tmp_path, "b.svs", [0.5, 0.4, 0.1])

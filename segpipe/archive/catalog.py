@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from segpipe.results import read_meta
 
 __all__ = [
     "CATALOG_DIR",
+    "gone_images",
     "open_catalog",
     "read_records",
     "record_path",
@@ -182,6 +183,25 @@ def _read_record(path: Path | URLPath) -> dict[str, Any]:
     return record
 
 
+def gone_images(
+    output_root: str | os.PathLike[str],
+    present: Collection[str] = (),
+    storage_options: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The keys of records whose source image no longer exists (renamed, moved, deleted),
+    sorted; keys in ``present`` (images just found) are not looked at. Their records and
+    results stay: a run never deletes a result whose image it cannot see."""
+    records = read_records(output_root, storage_options)
+    return [
+        r["image"] for r in records if r["image"] not in present and not _exists(r, storage_options)
+    ]
+
+
+def _exists(record: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> bool:
+    source = record.get("source")
+    return bool(source) and location(str(source), storage_options).exists()
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -193,7 +213,9 @@ def open_catalog(
 
     Variables: per image ``pixel_size_um``, ``height``/``width`` (pixels), tile counts,
     ``seconds``, ``megapixels_per_second`` and the strings ``result``, ``source``, ``model``,
-    ``model_sha256``, ``finished``, ``sample_sha256``; per image and class ``class_pixels``,
+    ``model_sha256``, ``finished``, ``sample_sha256``, and the bool ``source_exists`` (False
+    for an image renamed, moved or deleted since: its record and result stay, and
+    :func:`gone_images` lists them); per image and class ``class_pixels``,
     ``class_fraction`` and ``class_area_um2``. Results made by models with other classes share
     the union of class names; a class a model lacks reads 0 pixels and NaN fraction and area.
     An empty catalog has ``image`` of size 0. ``storage_options`` are fsspec's for an
@@ -213,6 +235,8 @@ def open_catalog(
         data[name] = (("image",), values)
     for name in _STRINGS:
         data[name] = (("image",), np.array([str(r.get(name) or "") for r in records], object))
+    exists = [_exists(r, storage_options) for r in records]
+    data["source_exists"] = (("image",), np.array(exists, dtype=bool))
     for name, dtype, fill in _PER_CLASS:
         values = np.full((n, c), fill, dtype=dtype)
         for i, r in enumerate(records):

@@ -224,8 +224,9 @@ def run_table(outcomes: Iterable[ImageOutcome]) -> list[dict[str, Any]]:
     return [{c: outcome.as_row()[c] for c in RUN_COLUMNS} for outcome in outcomes]
 
 
-def describe_run(outcomes: Sequence[ImageOutcome]) -> str:
-    """One sentence on what a run did, e.g. ``"3 images: nothing to segment, 3 up to date"``."""
+def describe_run(outcomes: Sequence[ImageOutcome], gone: Sequence[str] = ()) -> str:
+    """One sentence on what a run did, e.g. ``"3 images: nothing to segment, 3 up to date"``;
+    ``gone``: keys of the catalog's images no longer in the archive (their results stay)."""
     counts = {s: sum(o.status == s for o in outcomes) for s in ("segmented", "skipped")}
     busy = sum(o.status == "busy" for o in outcomes)
     tried = counts["segmented"] or any(o.status in ("failed", "changed") for o in outcomes)
@@ -238,6 +239,8 @@ def describe_run(outcomes: Sequence[ImageOutcome]) -> str:
     for status, what in _LISTED:
         if keys := [o.image for o in outcomes if o.status == status]:
             parts.append(f"{len(keys)} {what} ({', '.join(keys)})")
+    if gone:
+        parts.append(f"{len(gone)} recorded but gone from the archive ({', '.join(gone)})")
     return f"{len(outcomes)} images: " + ", ".join(parts)
 
 
@@ -249,10 +252,10 @@ _LISTED = (
 )
 
 
-def run_markdown(outcomes: Sequence[ImageOutcome]) -> str:
+def run_markdown(outcomes: Sequence[ImageOutcome], gone: Sequence[str] = ()) -> str:
     """Markdown summary of a run: the sentence, then each image failed, held back after
     failing or changed while segmenting, with its reason."""
-    lines = [describe_run(outcomes)]
+    lines = [describe_run(outcomes, gone)]
     for status, what in _LISTED:
         if listed := [o for o in outcomes if o.status == status]:
             lines += ["", f"## {what.capitalize()}", ""]

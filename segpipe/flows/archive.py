@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
 
 from segpipe import archive
-from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped, reports
+from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped, catalog, reports
 from segpipe.config import SegmentConfig
 from segpipe.execution.cluster import local_cluster, plan_for_device, reachable_scheduler
 from segpipe.flows.limits import RUN_OPTIONS, check_run_options, global_slot, run_stop, stop_of
@@ -215,7 +215,8 @@ def process_archive(
     dict
         ``summary`` (one sentence), ``segmented``/``skipped``/``busy``/``changed`` (image
         keys; ``changed``: the file changed while it was segmented, due again), ``failed``
-        and ``held`` (key -> reason).
+        and ``held`` (key -> reason), ``gone`` (keys the catalog holds of images renamed,
+        moved or deleted since: their records and results stay).
     """
     logger = get_run_logger()
     # Run-wide mistakes fail the run here, once, before any image is read or recorded.
@@ -264,16 +265,18 @@ def process_archive(
         found = {image.key: n for n, image in enumerate(images)}  # reported as found
         submitted.sort(key=lambda pair: found[pair[0].key])
         outcomes = [_outcome(image, future, root) for image, future in submitted]
+    # Renamed, moved or deleted since their records were written: said, never deleted.
+    gone = catalog.gone_images(root, found, storage_options)
 
     _artifact(
         "run table",
         lambda: create_table_artifact(
             reports.run_table(outcomes),
             key=artifact_key("archive", root),
-            description=reports.run_markdown(outcomes),
+            description=reports.run_markdown(outcomes, gone),
         ),
     )
-    summary = reports.describe_run(outcomes)
+    summary = reports.describe_run(outcomes, gone)
     logger.info("%s", summary)
     result = {
         "summary": summary,
@@ -285,6 +288,7 @@ def process_archive(
             status: [o.image for o in outcomes if o.status == status]
             for status in ("segmented", "skipped", "busy", "changed")
         },
+        "gone": gone,
     }
     if fail_on_error and result["failed"]:
         raise ArchiveFailedError(result)
