@@ -572,6 +572,7 @@ def test_a_run_wide_mistake_fails_the_run_once_before_any_image(
         ({"concurrency_limit": "no-such-gpu"}, ValueError, "'no-such-gpu' does not exist"),
         ({"output_root": "a-file/out"}, OSError, r"output_root .*a-file/out cannot be written"),
         ({"config": {"foreground": "gone.png"}}, OSError, "foreground mask gone.png cannot be"),
+        ({"cron": "bad cron"}, ValueError, 'Invalid cron string: "bad cron"'),
     ],
 )
 def test_serve_refuses_what_a_run_would_refuse_before_serving(
@@ -589,6 +590,7 @@ def test_serve_refuses_what_a_run_would_refuse_before_serving(
     with pytest.raises(error, match=message):
         serve_archive(str(tmp_path), model="tissue-unet", **given)
     assert served == []
+    assert not (tmp_path / "out").exists()  # a bad cron string left the output root made
     # The same parameters, right, are served.
     serve_archive(str(tmp_path), str(tmp_path / "out"), config={"tile": 256}, min_age_s=60)
     assert served[0]["parameters"]["min_age_s"] == 60

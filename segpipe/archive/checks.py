@@ -39,17 +39,17 @@ def check_run_inputs(
     config: SegmentConfig | None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """:func:`check_output_root`, and a foreground mask file of ``config`` that cannot be
-    read (each image hashes it: a missing one failed every image of every run, unrecorded)."""
-    check_output_root(output_root, storage_options)
+    """A foreground mask file of ``config`` that cannot be read (each image hashes it: a
+    missing one failed every image of every run, unrecorded), then :func:`check_output_root`
+    (last: it makes the root)."""
     foreground = (config or SegmentConfig()).foreground
-    if foreground in FOREGROUND_MODES:
-        return
-    try:
-        mask_file_sha256(foreground)
-    except OSError as exc:
-        raise OSError(
-            exc.errno,
-            f"foreground mask {foreground} cannot be read ({exc.strerror or exc}): give a mask "
-            f"image or GeoJSON file, or one of {', '.join(FOREGROUND_MODES)}",
-        ) from exc
+    if foreground not in FOREGROUND_MODES:
+        try:
+            mask_file_sha256(foreground)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"foreground mask {foreground} cannot be read ({exc.strerror or exc}): give a "
+                f"mask image or GeoJSON file, or one of {', '.join(FOREGROUND_MODES)}",
+            ) from exc
+    check_output_root(output_root, storage_options)

@@ -392,6 +392,7 @@ def serve_archive(
     """
     from prefect.schedules import Cron
 
+    schedule = Cron(cron, timezone=timezone)  # a bad cron string: before the root is made
     if config is not None:  # stored as JSON in the deployment
         config = config if isinstance(config, SegmentConfig) else SegmentConfig.from_dict(config)
         parameters["config"] = config.as_dict()
@@ -402,7 +403,7 @@ def serve_archive(
     archive.check_run_inputs(output_root, config, run["storage_options"])
     process_archive.serve(
         name=name,
-        schedules=[Cron(cron, timezone=timezone)],
+        schedules=[schedule],
         paused=paused,
         parameters=parameters,
         description="Segment new and changed images of an archive (segpipe)",
