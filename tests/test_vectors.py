@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import shapely
+import tifffile
 import torch
 import xarray as xr
 import zarr
@@ -389,6 +390,32 @@ def test_a_coarser_source_level_sits_where_the_finer_results_pyramid_puts_it(tmp
     ome = json.loads((tmp_path / "coarse.zarr" / "zarr.json").read_text())["attributes"]["ome"]
     level0 = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert level0[1] == {"type": "translation", "translation": [0.0, 0.25, 0.25]}
+
+
+def test_a_coarser_level_of_an_image_without_a_pixel_size_is_in_level_0_pixels(tmp_path):
+    """No pixel size: a result segmented at level 1 had coordinates, areas and regions in
+    its own pixels, while query said "level-0 px²" and its GeoJSON polygons were in level-0
+    pixels (their areas 4x the file's own measurements). Now all are level-0 pixels."""
+    image = np.zeros((128, 98, 3), np.uint8)
+    image[20:60, 30:70] = 255
+    source = tmp_path / "nopx.tif"  # two levels, no resolution tags
+    with tifffile.TiffWriter(source) as tif:
+        tif.write(image, tile=(32, 32), subifds=1, photometric="rgb")
+        tif.write(image[::2, ::2], tile=(32, 32), subfiletype=1, photometric="rgb")
+    settings = {"tile": 16, "task_tiles": 1, "scheduler": "sync", "foreground": "none"}
+    settings["min_level_size"] = 32
+    fine = segpipe.segment(source, tmp_path / "fine.zarr", Bright(), level=0, **settings)
+    coarse = segpipe.segment(source, tmp_path / "coarse.zarr", Bright(), level=1, **settings)
+    _, b = xr.align(open_result(fine, level=1), open_result(coarse), join="exact")
+    assert b.x.values[:2].tolist() == [0.5, 2.5] and b.x.attrs["units"] == "pixel"
+    areas = query.class_areas(coarse).sel({"class": "object"})
+    assert int(areas["pixels"]) == 20 * 20
+    assert float(areas["area"]) == 40 * 40 and areas["area"].attrs["units"] == "pixel**2"
+    (feature,) = vectors.class_features(coarse, "object", coords="pixel")
+    assert shape(feature["geometry"]).bounds == (30, 20, 70, 60)
+    assert shape(feature["geometry"]).area == feature["properties"]["measurements"]["area"]
+    region = (30.0, 20.0, 70.0, 60.0)  # the polygon's box selects the object, whole
+    assert int(query.class_areas(coarse, region=region).sel({"class": "object"})["pixels"]) == 400
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,11 @@ units and hold for any region and level; the finished run's whole-image areas in
 from its counts through :func:`segpipe.results.class_areas_um2`, and the two agree on level 0.
 
 Regions are ``(x0, y0, x1, y1)`` in the result's coordinates (microns; CRS units for a
-georeferenced input; pixels when the pixel size is unknown), GeoJSON bbox order. A region holds
-the pixels whose centres lie in ``[x0, x1)`` and ``[y0, y1)``, half-open like numpy slicing, so
-a 50 µm wide region at 0.5 µm/px holds 100 pixels and two abutting regions share none (xarray's
-``ds.sel(x=slice(x0, x1))`` keeps both ends). A region thinner than a pixel keeps the pixel it
-lies in.
+georeferenced input; pixels of the source's level 0 when the pixel size is unknown), GeoJSON
+bbox order. A region holds the pixels whose centres lie in ``[x0, x1)`` and ``[y0, y1)``,
+half-open like numpy slicing, so a 50 µm wide region at 0.5 µm/px holds 100 pixels and two
+abutting regions share none (xarray's ``ds.sel(x=slice(x0, x1))`` keeps both ends). A region
+thinner than a pixel keeps the pixel it lies in.
 """
 
 from __future__ import annotations

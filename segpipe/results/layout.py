@@ -193,13 +193,20 @@ def _pixel_step(grid: PixelGrid) -> tuple[float, float]:
 
 def _ome_origin(grid: PixelGrid) -> tuple[float, float]:
     # OME-Zarr has no CRS: a georeferenced result's OME coordinates stay pixels from 0.
-    return grid.origin if grid.units == "micrometer" else (0.0, 0.0)
+    return grid.origin if grid.units in ("micrometer", "pixel") else (0.0, 0.0)
 
 
 def pixel_grid(meta: ResultMeta) -> PixelGrid:
     """The coordinates of ``meta``'s result: CRS units, microns (:func:`source_origin_um`
-    for the first pixel's centre) or pixels."""
-    return PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform, source_origin_um(meta))
+    for the first pixel's centre) or else pixels of the source's level 0, as microns are
+    placed (a level-1 result's first pixel centred at 0.5, its step 2)."""
+    grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform, source_origin_um(meta))
+    if grid.units != "pixel" or meta.source_shape is None:
+        return grid
+    # Its areas are said to be level-0 px² and its GeoJSON polygons are in level-0 pixels:
+    # in the segmented level's pixels, its coordinates, areas and regions disagreed with both.
+    dy, dx = source_downsample(meta, meta.source_shape)
+    return PixelGrid(((dy - 1) / 2, (dx - 1) / 2), (dy, dx), "pixel", None)
 
 
 def source_origin_um(meta: ResultMeta) -> tuple[float, float]:
