@@ -320,17 +320,23 @@ def test_a_bad_truth_of_a_result_is_refused_naming_it_and_the_result(tmp_path: P
         evaluate(path, ids)
 
 
-def test_a_damaged_result_is_not_blamed_on_its_ground_truth(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["cut short", "a byte flipped"])
+def test_a_damaged_result_is_not_blamed_on_its_ground_truth(tmp_path: Path, damage: str) -> None:
     """A result's mask chunk cut short: zarr's checksum error was reported as the (intact)
-    ground truth's, naming only the truth file."""
+    ground truth's, naming only the truth file. A byte flipped: zstd's RuntimeError came out
+    raw, naming neither."""
     from segpipe.analysis.summary import summarise
 
     path, truth, _ = _result_and_truth(tmp_path)
     good = _write(tmp_path / "truth.png", truth)
     assert evaluate(path, good).mean_dice == 1.0
-    chunks = [f for f in (path / "0" / "mask" / "c").rglob("*") if f.is_file()]
-    with open(chunks[0], "r+b") as f:
-        f.truncate(max(1, chunks[0].stat().st_size // 2))
+    chunk = next(f for f in sorted((path / "0" / "mask" / "c").rglob("*")) if f.is_file())
+    data = bytearray(chunk.read_bytes())
+    if damage == "cut short":
+        data = data[: max(1, len(data) // 2)]
+    else:
+        data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
     blamed = rf"the result {path} or its ground truth .*truth\.png cannot be read: "
     with pytest.raises(ValueError, match=blamed):
         evaluate(path, good)

@@ -43,7 +43,7 @@ from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
 from segpipe.analysis.summary import confusion_against
 from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.labelfiles import label_plane
-from segpipe.results import is_result, open_result, read_meta
+from segpipe.results import is_result, naming_damage, open_result, read_meta
 
 if TYPE_CHECKING:
     from torch import nn
@@ -339,16 +339,17 @@ def evaluate(
                 scheduler=scheduler,
                 overwrite=overwrite,
             )
-        try:
-            return evaluate_labels(
-                open_result(result)["mask"].data,
-                truth,
-                class_names=read_meta(result).class_names,
-                instances=inst,
-                object_class=object_class,
-                iou_threshold=iou_threshold,
-                min_size_px=min_size_px,
-            )
+        try:  # a damaged chunk of the result named (its zstd's RuntimeError came out raw)
+            with naming_damage(result):
+                return evaluate_labels(
+                    open_result(result)["mask"].data,
+                    truth,
+                    class_names=read_meta(result).class_names,
+                    instances=inst,
+                    object_class=object_class,
+                    iou_threshold=iou_threshold,
+                    min_size_px=min_size_px,
+                )
         except ValueError as exc:
             name = (
                 "the ground truth array" if isinstance(ground_truth, np.ndarray) else ground_truth

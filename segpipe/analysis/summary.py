@@ -24,6 +24,7 @@ from segpipe.results import (
     ResultMeta,
     class_fractions,
     coordinate_areas,
+    naming_damage,
     open_result,
     read_meta,
 )
@@ -106,8 +107,9 @@ def summarise(
                 f"{ground_truth}: ground truth of {truth.shape[0]} x {truth.shape[1]} px, but "
                 f"the result {result} is {meta.shape[0]} x {meta.shape[1]} px"
             )
-        try:
-            conf = confusion_against(ds["mask"].data, truth, n)
+        try:  # a damaged chunk of the result named (its zstd's RuntimeError came out raw)
+            with naming_damage(result):
+                conf = confusion_against(ds["mask"].data, truth, n)
         except LabelError:  # ids outside the result's classes: the file's range, not a chunk's
             mask = ds["mask"].data
             lo, hi, mlo, mhi = (int(v) for v in dask.compute(truth.min(), truth.max(),
