@@ -672,3 +672,54 @@ def test_a_client_whose_scheduler_died_is_refused_naming_it(
             client.close(timeout=5)
     with pytest.raises(ConnectionError, match=f"the Dask client {client.id} was closed"):
         reachable_scheduler(client)
+
+
+@pytest.mark.integration
+def test_a_scheduler_killed_mid_run_is_named_and_the_run_resumes(image_path, checkpoints, tmp_path):
+    """Dask's "ConnectionPool.gather: Stream is closed" named neither the scheduler nor the
+    result, 30 s after the kill (the clean-up waited on the dead scheduler)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    module = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--no-dashboard"]
+    scheduler = subprocess.Popen(
+        [*module, "--host", "127.0.0.1", "--port", str(port)], stderr=subprocess.DEVNULL
+    )
+    module = [sys.executable, "-m", "distributed.cli.dask_worker", address, "--no-dashboard"]
+    worker = subprocess.Popen(
+        [*module, "--nthreads", "1", "--memory-limit", "0"],
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its nanny and worker killed together
+    )
+    out = tmp_path / "r.zarr"
+
+    def kill_the_scheduler(done: int, total: int) -> None:
+        if scheduler.poll() is None:
+            scheduler.kill()
+            scheduler.wait()
+
+    try:
+        with distributed.Client(address, timeout="60s") as client:
+            client.wait_for_workers(1, timeout=120)
+            lost = f"lost the Dask scheduler {address} while segmenting {out} .*run again"
+            with pytest.raises(ConnectionError, match=lost):
+                segpipe.segment(
+                    image_path,
+                    out,
+                    checkpoints[0],
+                    scheduler=client,
+                    on_progress=kill_the_scheduler,
+                    **SETTINGS,
+                )
+    finally:
+        scheduler.kill()
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert not is_complete(out)
+    segpipe.segment(image_path, out, checkpoints[0], scheduler="sync", **SETTINGS)
+    clean = segpipe.segment(
+        image_path, tmp_path / "clean.zarr", checkpoints[0], scheduler="sync", **SETTINGS
+    )
+    for name, values in stored(out).items():
+        np.testing.assert_array_equal(values, stored(clean)[name])

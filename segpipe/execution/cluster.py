@@ -365,14 +365,26 @@ def run_blocks(
                 del pending[fut.key]
                 fut.release()
                 on_result(result)
+    except Exception as err:  # a CommClosedError, a future "cancelled: connection lost"...
+        if client.status == "running":
+            raise
+        # The scheduler went (killed, its machine down): Dask's "ConnectionPool.gather: Stream
+        # is closed" named neither it nor the result, after 30 s more on the clean-up below.
+        raise ConnectionError(
+            f"lost the Dask scheduler {client.scheduler.address} while segmenting "
+            f"{job.output} ({type(err).__name__}: {' '.join(str(err).split())}); the blocks "
+            "finished are recorded: run again on a running cluster to resume"
+        ) from err
     finally:
-        client.cancel(list(pending.values()))
-        # A worker killed mid-run fails the scheduler's broadcast: the run's own outcome
-        # stands. A plugin left behind is dropped by a later run once this client is gone.
-        try:
-            client.unregister_worker_plugin(plugin.name)
-        except Exception as err:
-            log.warning("could not unregister %s from the workers: %r", plugin.name, err)
+        # Not with the scheduler gone: each call would wait for Dask's timeout in vain.
+        if client.status == "running":
+            client.cancel(list(pending.values()))
+            # A worker killed mid-run fails the scheduler's broadcast: the run's own outcome
+            # stands. A plugin left behind is dropped by a later run once this client is gone.
+            try:
+                client.unregister_worker_plugin(plugin.name)
+            except Exception as err:
+                log.warning("could not unregister %s from the workers: %r", plugin.name, err)
 
 
 def _thread_given_back() -> contextlib.AbstractContextManager[Any]:
