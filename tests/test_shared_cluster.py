@@ -723,3 +723,51 @@ def test_a_scheduler_killed_mid_run_is_named_and_the_run_resumes(image_path, che
     )
     for name, values in stored(out).items():
         np.testing.assert_array_equal(values, stored(clean)[name])
+
+
+def test_a_run_waiting_on_a_scheduler_without_workers_says_so_once(monkeypatch, caplog):
+    """Workers all gone (killed, scaled to 0): the run waited for ever, without a word."""
+    import types
+
+    from segpipe.execution import schedulers
+
+    monkeypatch.setattr(schedulers, "NO_WORKERS_WARNING_S", 0.24)  # polled every 0.02 s
+    workers: dict[str, int] = {"tcp://127.0.0.1:2": 1}
+    polls = []
+
+    def nthreads() -> dict[str, int]:
+        polls.append(len(workers))
+        return dict(workers)
+
+    def until(condition) -> None:
+        deadline = time.monotonic() + 60
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    client = types.SimpleNamespace(
+        nthreads=nthreads, scheduler=types.SimpleNamespace(address="tcp://127.0.0.1:1")
+    )
+    with caplog.at_level("WARNING", logger="segpipe.execution.schedulers"):
+        with schedulers.workers_watched(client, "r.zarr"):  # type: ignore[arg-type]
+            until(lambda: len(polls) >= 20)  # workers all the while: nothing said
+            assert not caplog.records
+            workers.clear()
+            until(lambda: caplog.records)  # none for 0.24 s: said
+            seen = len(polls)
+            until(lambda: len(polls) >= seen + 20)
+            assert len(caplog.records) == 1  # once
+            workers["tcp://127.0.0.1:3"] = 1
+            until(lambda: polls[-1] == 1)
+            workers.clear()
+            until(lambda: len(caplog.records) == 2)  # gone again: said again
+        stopped = len(polls)
+        time.sleep(0.2)
+    assert len(polls) <= stopped + 1  # the watch ends with the run
+    assert (
+        caplog.records[0]
+        .getMessage()
+        .startswith(
+            "r.zarr: the Dask scheduler tcp://127.0.0.1:1 has had no worker for 0 s; the run waits"
+        )
+    )

@@ -357,7 +357,7 @@ def run_blocks(
         pending = {f.key: f for f in futures}
         completed = distributed.as_completed(futures, loop=client.loop)
         del futures
-        with _thread_given_back():
+        with _thread_given_back(), schedulers.workers_watched(client, job.output):
             for fut in completed:
                 result = fut.result()
                 # Let go of at once: the scheduler keeps a result while a future refers to

@@ -1,16 +1,34 @@
-"""Which Dask scheduler a run uses, and whether it answers before the run starts."""
+"""Which Dask scheduler a run uses, whether it answers before the run starts, and whether
+it keeps workers while the run waits on them."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import dask
 import distributed
 
-__all__ = ["CONNECT_TIMEOUT", "choose_scheduler", "live_client", "reachable_scheduler"]
+__all__ = [
+    "CONNECT_TIMEOUT",
+    "NO_WORKERS_WARNING_S",
+    "choose_scheduler",
+    "live_client",
+    "reachable_scheduler",
+    "workers_watched",
+]
+
+log = logging.getLogger(__name__)
 
 # How long a client keeps trying to reach a scheduler given by address.
 CONNECT_TIMEOUT = "30s"
+# How long a run waits on a scheduler without workers before it says so.
+NO_WORKERS_WARNING_S = 60.0
 
 
 def choose_scheduler(scheduler: Any = None) -> Any:
@@ -70,3 +88,37 @@ def reachable_scheduler(scheduler: Any = None) -> Any:
                 "start it, or leave the scheduler unset for a local cluster"
             ) from exc
     return address
+
+
+@contextlib.contextmanager
+def workers_watched(client: distributed.Client, output: str | os.PathLike[str]) -> Iterator[None]:
+    """Warn, while the body runs, when ``client``'s scheduler has had no worker for
+    :data:`NO_WORKERS_WARNING_S`: Dask waits for workers to join, without a word, for ever
+    (an adaptive cluster may still be starting them, so the run goes on waiting)."""
+    done, poll_s = threading.Event(), NO_WORKERS_WARNING_S / 12
+
+    def watch() -> None:
+        since, said = time.monotonic(), False
+        while not done.wait(poll_s):
+            try:
+                workers = len(client.nthreads())
+            except Exception:  # the scheduler gone: the run's own error says so
+                return
+            if workers:
+                since, said = time.monotonic(), False
+            elif not said and time.monotonic() - since >= NO_WORKERS_WARNING_S:
+                log.warning(
+                    "%s: the Dask scheduler %s has had no worker for %.0f s; the run waits "
+                    "for workers to join (start some, or stop the run: it resumes)",
+                    output,
+                    client.scheduler.address,
+                    time.monotonic() - since,
+                )
+                said = True
+
+    watcher = threading.Thread(target=watch, name="segpipe-workers-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
