@@ -258,3 +258,23 @@ def test_a_same_padding_lattice_starts_at_the_edges_of_a_strip_shorter_than_a_wi
     valid = Geometry(halo=23, multiple=8, shrinks=True)  # context past the image anyway
     window = blend_window_side(valid, 64)
     assert blend_lattice((rows, 200), valid, window=window).axis_origins(0)[0] < 0
+
+
+@pytest.mark.parametrize(
+    ("overlap", "stride", "origins"),
+    [
+        # 256 * 0.9 = 230.4 px: of the multiples of 8 around it, 224 and 232, 232 is nearer
+        (0.1, 232, (0, 232, 464, 696, 744)),
+        # 256 * 0.8 = 204.8 px: 208 is nearer than 200
+        (0.2, 208, (0, 208, 416, 624, 744)),
+        (0.25, 192, (0, 192, 384, 576, 744)),  # 192 exactly
+    ],
+)
+def test_the_blend_stride_is_the_nearest_multiple_to_the_unshared_window(overlap, stride, origins):
+    """A stride truncated down to the multiple (200 for 204.8) shared more than --overlap."""
+    same = Geometry(halo=44, multiple=8)
+    lattice = blend_lattice((1000, 1000), same, window=256, overlap=overlap)
+    assert lattice.stride == stride
+    # Inside the image: every stride from 0, then the last window at the edge, 1000 - 256.
+    assert lattice.axis_origins(0) == origins
+    assert lattice.axis_origins(1) == origins

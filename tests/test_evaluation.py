@@ -114,6 +114,22 @@ def test_match_objects_is_one_to_one() -> None:
     assert match_objects(np.zeros((2, 2), int), np.zeros((2, 2), int)) == (0, 0, 0)
 
 
+@pytest.mark.parametrize(("a", "b"), [(1, 2), (2, 1), (7, 3)])
+def test_match_objects_takes_the_highest_iou_pairs_first(a: int, b: int) -> None:
+    """Pairs taken by increasing IoU let a weak pair use up the objects of two strong ones."""
+    truth = np.zeros((10, 40), dtype=np.int32)
+    truth[:, 0:10] = 1  # X, 100 px
+    truth[:, 20:30] = 2  # Y, 100 px
+    pred = np.zeros_like(truth)
+    pred[:, 0:26] = a  # A, 260 px: IoU(A, X) = 100/260 = 0.385, IoU(A, Y) = 60/300 = 0.2
+    pred[:, 26:30] = b  # B, 40 px inside Y: IoU(B, Y) = 40/100 = 0.4
+    # By hand, greedy by decreasing IoU: B-Y (0.4), A-X (0.385); A-Y (0.2) finds both used.
+    assert match_objects(pred, truth, iou_threshold=0.15) == (2, 0, 0)
+    # Above 0.385 only B-Y is left; above 0.4 nothing.
+    assert match_objects(pred, truth, iou_threshold=0.39) == (1, 1, 1)
+    assert match_objects(pred, truth, iou_threshold=0.41) == (0, 2, 2)
+
+
 def _write(path: Path, array: np.ndarray) -> Path:
     Image.fromarray(array).save(path)
     return path

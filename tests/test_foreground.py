@@ -212,6 +212,28 @@ def test_clean_mask_fills_holes_removes_dust_and_grows():
     assert grown.sum() == 14 * 14
 
 
+@pytest.mark.parametrize("min_object_px", [15, 16, 17])
+def test_clean_mask_keeps_an_object_of_exactly_min_object_px(min_object_px):
+    """Objects of exactly min_object_px pixels were removed as dust, not only smaller ones."""
+    m = np.zeros((32, 32), bool)
+    m[2:6, 2:6] = True  # 16 px
+    m[20:23, 20:25] = True  # 15 px
+    m[10:13, 25:31] = True  # 18 px
+    expected = np.zeros_like(m)
+    for box, size in (((slice(2, 6), slice(2, 6)), 16), ((slice(20, 23), slice(20, 25)), 15)):
+        expected[box] = size >= min_object_px
+    expected[10:13, 25:31] = True
+    np.testing.assert_array_equal(clean_mask(m, min_object_px=min_object_px), expected)
+
+
+@pytest.mark.parametrize(("rows", "cols", "found"), [(4, 4, 16), (3, 5, 0)])
+def test_tissue_mask_keeps_a_piece_of_exactly_min_object_px(rows, cols, found):
+    """Tissue of exactly min_object_px (16 px, the default) was dropped as dust, like 15 px."""
+    rgb = np.full((64, 64, 3), 245, np.uint8)  # glass
+    rgb[20 : 20 + rows, 20 : 20 + cols] = (230, 120, 200)  # stained
+    assert tissue_mask(rgb, grow_px=0).sum() == found
+
+
 @pytest.mark.parametrize("gap", [0.3, 0.6])
 def test_otsu_splits_two_modes(gap):
     rng = np.random.default_rng(0)

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from segpipe.training.losses import balanced_class_weights, softmax_cross_entropy, unet_weight_map
+from segpipe.training.losses import (
+    balanced_class_weights,
+    counted_class_weights,
+    softmax_cross_entropy,
+    unet_weight_map,
+)
 
 
 def _numpy_loss(
@@ -175,3 +180,30 @@ def test_class_weights_from_counts_are_those_of_the_labels() -> None:
         counted_class_weights(counts), balanced_class_weights(np.concatenate(parts), 4)
     )
     assert counted_class_weights(counts)[3] == 0
+
+
+@pytest.mark.parametrize(
+    ("counts", "expected"),
+    [
+        ([3, 1, 0], [2 / 3, 2.0, 0.0]),  # n = 4, K = 2 present: 4 / (2 * 3), 4 / (2 * 1)
+        ([300, 100, 0], [2 / 3, 2.0, 0.0]),
+        ([0, 5, 5, 10], [0.0, 4 / 3, 4 / 3, 2 / 3]),  # n = 20, K = 3: 20/15, 20/15, 20/30
+    ],
+)
+def test_class_weights_divide_by_the_classes_present(counts, expected) -> None:
+    """Dividing by all classes, absent ones too, shrank every weight by K / C."""
+    np.testing.assert_allclose(counted_class_weights(np.array(counts)), expected, rtol=1e-12)
+    labels = np.repeat(np.arange(len(counts)), counts)
+    np.testing.assert_allclose(balanced_class_weights(labels, len(counts)), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("gap", [21, 25])
+def test_weight_map_keeps_the_border_term_down_to_the_tolerance(gap: int) -> None:
+    """Objects' boxes grown by sigma * sqrt(log(w0 / 1e-6)), not sqrt(2 log), dropped terms
+    up to 1e-4 between objects 20-28 px apart, above the documented 1e-6."""
+    inst = np.zeros((12, 60), dtype=np.int32)
+    inst[4:8, 2:6] = 1
+    inst[4:8, 6 + gap : 10 + gap] = 2  # gap background columns between the two
+    w = unet_weight_map(inst, w0=10.0, sigma=5.0)
+    brute = _brute_force_weights(inst, 10.0, 5.0, np.ones(inst.shape))
+    np.testing.assert_allclose(w, brute, rtol=0, atol=1e-6)

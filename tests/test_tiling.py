@@ -153,6 +153,24 @@ def test_input_size(halo, multiple, offset, min_out, expected):
     assert smaller == [], "input_size is the smallest that serves min_out"
 
 
+@pytest.mark.parametrize(
+    ("halo", "multiple", "offset"), [(4, 1, 0), (0, 1, 0), (4, 4, 0), (3, 2, 0), (92, 16, 8)]
+)
+def test_a_valid_padding_model_accepts_only_inputs_with_some_output(halo, multiple, offset):
+    """An input of 2 * halo, an empty output, was accepted, and output_size gave 0."""
+    g = Geometry(halo=halo, multiple=multiple, input_offset=offset, shrinks=True)
+    for n in range(0, 2 * halo + 3 * multiple + 1):
+        # By hand: at least one output pixel, n - 2 * halo >= 1, on the size rule.
+        expected = n - 2 * halo >= 1 and (n - offset) % multiple == 0
+        assert g.accepts(n) == expected, n
+        if expected:
+            assert g.output_size(n) == n - 2 * halo
+        else:
+            with pytest.raises(ValueError, match="not accepted"):
+                g.output_size(n)
+    assert not g.accepts(2 * halo)
+
+
 @given(
     geometry=geometries,
     shape=shapes,
