@@ -828,6 +828,7 @@ def test_process_image_segments_reports_catalogs_then_skips(tmp_path, slide, ran
 
     again = process_image(image, out, random_checkpoint, config=CONFIG)
     assert (again.status, again.reason, again.tiles_computed) == ("skipped", "up to date", 0)
+    assert again.tiles_skipped is None  # not the last run's count, shown as this run's
 
 
 def test_a_model_loaded_once_serves_every_image_and_results_record_its_name(

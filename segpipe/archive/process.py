@@ -352,8 +352,11 @@ def _not_processed(key: str, paths: ImagePaths, decision: Decision) -> ImageOutc
 
 def _skipped(key: str, paths: ImagePaths, reason: str) -> ImageOutcome:
     outcome = _from_result(key, paths, "skipped", reason)
-    # A skipped image computed nothing in this run, whatever its result once took.
-    return replace(outcome, tiles_computed=0, seconds=0.0, megapixels_per_second=None)
+    # A skipped image computed nothing in this run, whatever its result once took, and looked
+    # at no tile: the tiles its last run found done were shown as this run's.
+    return replace(
+        outcome, tiles_computed=0, tiles_skipped=None, seconds=0.0, megapixels_per_second=None
+    )
 
 
 def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> ImageOutcome:
