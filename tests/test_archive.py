@@ -264,6 +264,22 @@ def test_decide_says_why_an_image_is_due(tmp_path):
     assert decide(paths, fp, "m1", faster) == once_failed
 
 
+def test_a_complete_result_replaced_by_another_models_run_is_due(tmp_path):
+    """The sidecar says complete with model m; the result at its path was since made by
+    another model (segment --overwrite into the archive's output): not up to date."""
+    import numpy as np
+    from test_query import make_result
+
+    paths = image_paths(tmp_path, "a.tif")
+    fp, made_by = Fingerprint(10, 1.0, "abc"), "0" * 64  # make_result's model
+    make_result(paths.result, np.zeros((16, 16), np.uint8), classes=("bg", "fg"))
+    config = CONFIG.replace(tile=16)
+    for model, reason in ((made_by, "up to date"), ("m1", "result made by another model")):
+        state = {"fingerprint": fp.as_dict(), "model_sha256": model, "status": "complete"}
+        paths.state.write_text(json.dumps(state | {"params": config.result_settings()}))
+        assert decide(paths, fp, model, config).reason == reason
+
+
 def test_an_edited_foreground_mask_file_makes_an_image_due(tmp_path):
     """A mask file's contents are part of a result's identity, as ``segment`` keeps them: the
     archive recorded its path alone, and left a result made with the old mask up to date."""
