@@ -3,10 +3,10 @@
 Code that changes a result's state calls :func:`fault_point` at each transition. Normally it
 does nothing (one environment lookup). With ``SEGPIPE_FAULT=<name>`` (or ``<name>:kill``) the
 process kills itself with SIGKILL there, as a crash or an OOM killer would; ``<name>:raise``
-raises :class:`InjectedFault` instead, and ``<name>:term`` sends the process SIGTERM (a
-service manager's stop). ``SEGPIPE_FAULT_SKIP=N`` lets the point pass ``N`` times
-first (e.g. kill after the third block). The fault tests run segpipe in a subprocess with these
-set and check that the re-run finishes bit-identical.
+raises :class:`InjectedFault` instead, ``<name>:term`` sends the process SIGTERM (a
+service manager's stop) and ``<name>:int`` SIGINT (Ctrl-C). ``SEGPIPE_FAULT_SKIP=N`` lets the
+point pass ``N`` times first (e.g. kill after the third block). The fault tests run segpipe in
+a subprocess with these set and check that the re-run finishes bit-identical.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def fault_point(name: str) -> None:
     if not spec:
         return
     point, _, action = spec.partition(":")
-    if point not in FAULT_POINTS or action not in ("", "kill", "raise", "term"):
+    if point not in FAULT_POINTS or action not in ("", "kill", "raise", "term", "int"):
         raise ValueError(
             f"SEGPIPE_FAULT={spec!r} names no fault point and action; the points are "
-            f"{', '.join(FAULT_POINTS)}, the actions kill (default), raise and term"
+            f"{', '.join(FAULT_POINTS)}, the actions kill (default), raise, term and int"
         )
     if point != name:
         return
@@ -54,4 +54,5 @@ def fault_point(name: str) -> None:
         return
     if action == "raise":
         raise InjectedFault(f"fault injected at {name!r}")
-    os.kill(os.getpid(), signal.SIGTERM if action == "term" else signal.SIGKILL)
+    sent = {"term": signal.SIGTERM, "int": signal.SIGINT}.get(action, signal.SIGKILL)
+    os.kill(os.getpid(), sent)
