@@ -565,6 +565,16 @@ def test_a_complete_ingest_of_a_source_gone_is_used_with_a_warning(tmp_path: Pat
     np.testing.assert_array_equal(open_image(out).read(0, 8, 0, 8), img[:8, :8])
 
 
+def test_a_copy_of_a_source_gone_is_refused_for_another_pixel_size(tmp_path: Path) -> None:
+    """A copy at 0.5 µm/px of a source gone was served where 0.25 µm/px was asked for."""
+    src, store = _ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "in.image.zarr"
+    ingested_image(src, store, pixel_size_um=0.5)
+    src.unlink()
+    with pytest.raises(ImageReadError, match=str(src)):
+        ingested_image(src, store, pixel_size_um=0.25)
+    assert _attrs(store)["segpipe"]["pixel_size_um"] == 0.5, "the copy is kept"
+
+
 @pytest.fixture
 def memory_url() -> Iterator[str]:
     """A prefix of its own in fsspec's in-memory file system (one per process), removed after."""
@@ -936,6 +946,37 @@ def test_an_ingest_is_redone_when_its_source_changed_what_the_copy_keeps(
     before = _attrs(store)["segpipe"]
     ingested_image(src, store)
     assert _attrs(store)["segpipe"] == before, "reused once it stands for the source again"
+
+
+@pytest.mark.parametrize("change", ["nodata", "crs"])
+def test_a_url_source_whose_kept_metadata_alone_changed_is_ingested_again(
+    tmp_path: Path, memory_url: str, change: str
+) -> None:
+    """A URL GeoTIFF re-uploaded with its nodata or CRS fixed (same pixels, no file stat to
+    tell) had its stale copy reused."""
+    import fsspec
+    import rasterio
+    from rasterio.transform import from_origin
+
+    src, store = f"{memory_url}/dem.tif", tmp_path / "dem.zarr"
+    data = np.arange(1, 300 * 300 + 1, dtype=np.float32).reshape(1, 300, 300)
+    data[0, :50] = -9999.0
+    profile = {"driver": "GTiff", "width": 300, "height": 300, "count": 1, "dtype": "float32"}
+    transform = from_origin(500000, 5400000, 10, 10)
+
+    def put(crs: str, nodata: float | None) -> None:
+        local = tmp_path / "upload.tif"
+        with rasterio.open(local, "w", crs=crs, transform=transform, nodata=nodata, **profile) as d:
+            d.write(data)
+        fsspec.filesystem("memory").pipe(src.removeprefix("memory:/"), local.read_bytes())
+
+    put("EPSG:32633", None)
+    ingested_image(src, store)
+    assert open_image(store).nodata is None
+    put(*(("EPSG:32633", -9999.0) if change == "nodata" else ("EPSG:32632", None)))
+    source, copy = open_image(src), open_image(ingested_image(src, store))
+    assert copy.nodata == source.nodata
+    assert copy.georeference.crs_name == source.georeference.crs_name
 
 
 def test_an_ingest_names_its_source_by_an_absolute_path(

@@ -267,6 +267,29 @@ def test_tile_record_writes_through_and_keeps_earlier_marks(tmp_path):
     np.testing.assert_array_equal(class_pixels(path), [16, 12])
 
 
+def test_a_tile_record_failing_between_its_two_writes_flags_no_tile_done(tmp_path, monkeypatch):
+    """Flags written before counts: a record cut off between them (disk full, a kill) left a
+    tile done without its class pixels, which a resumed run then trusted."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    record = TileRecord(path)
+    writes = []
+    setitem = zarr.Array.__setitem__
+
+    def second_fails(self, key, value):
+        writes.append(self.path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        return setitem(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", second_fails)
+    with pytest.raises(OSError, match="No space left"):
+        record.mark({(0, 0): np.array([1000, 24])})
+    monkeypatch.undo()
+    assert len(writes) == 2
+    assert not tiles_done(path)[0, 0] or class_pixels(path).tolist() == [1000, 24]
+
+
 def test_a_failed_write_is_raised_after_the_others_end(tmp_path, monkeypatch):
     # A block's writes go to the store together: one failing raises, but only once the others
     # have ended, so no write of the block is still running when the task reports.
@@ -1430,6 +1453,36 @@ def test_leftovers_of_other_names_are_kept_for_a_name_with_glob_characters(tmp_p
         (other / "zarr.json").write_text("{}")
     delete_result(tmp_path / "r[1A].zarr")
     assert all((other / "zarr.json").exists() for other in others)
+
+
+def test_a_skeleton_failing_part_way_leaves_no_hidden_copy_beside_the_output(tmp_path, monkeypatch):
+    """A skeleton half-built when its writing failed (disk full) was left hidden beside it."""
+    import segpipe.results.store as store
+
+    create_layout = store.create_layout
+
+    def full_disk(path, m):
+        create_layout(path, m)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "create_layout", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_result(tmp_path / "r.zarr", meta())
+    assert not list(tmp_path.glob(".r.zarr.creating-*"))
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_a_creating_leftover_is_removed_only_once_old(tmp_path):
+    """A skeleton another run is building right now beside the output was deleted under it."""
+    other = tmp_path / ".r.zarr.creating-0123456789ab"
+    other.mkdir()
+    (other / "zarr.json").write_text("{}")
+    prepare_result(tmp_path / "r.zarr", meta())
+    assert (other / "zarr.json").exists(), "a fresh one may be another run's: kept"
+    old = other.stat().st_mtime - 700  # past the 600 s a run may take to build one
+    os.utime(other, (old, old))
+    prepare_result(tmp_path / "r.zarr", meta())  # resumed
+    assert not other.exists(), "an old one is a killed run's: removed"
 
 
 def test_a_result_opened_unfinished_is_read_anew_once_finished(tmp_path):
