@@ -1284,7 +1284,8 @@ def test_areas_in_units_segpipe_does_not_know_are_not_rounded_to_zero(tmp_path, 
     )
     assert main(["query", str(path), "--class", "nucleus"]) == 0
     out = capsys.readouterr().out
-    assert "1e-06 " in out and " 0.0 " not in out, out
+    assert "1e-06 deg²" in out and " 0.0 " not in out, out  # was "1e-06 unknown**2"
+    assert segpipe.open_result(path)["x"].attrs["units"] == "degree"
 
 
 def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level_0(

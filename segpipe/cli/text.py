@@ -18,6 +18,8 @@ _AREA_UNITS = {
     # A result without a pixel size measures areas in pixels of level 0 (its x and y are),
     # whatever level is read: its level-1 pixel is 4 of them.
     "pixel**2": ("px", "level-0 px²"),
+    # A geographic CRS's: degrees² of longitude by latitude, not an area on the ground.
+    "degree**2": ("deg2", "deg²"),
 }
 
 
@@ -41,7 +43,7 @@ def area_text(value: float, units: str = "micrometer**2") -> str:
     if suffix == "px":
         return f"{value:,.0f} {text}"
     # Significant figures where one decimal would round a real area to 0.0 or blur it: in units
-    # segpipe does not know (a geographic CRS's degrees²), or below one unit.
+    # segpipe does not know, or below one unit (a geographic CRS's pixel: 1e-8 degrees²).
     if not suffix or 0 < abs(value) < 1:
         return f"{value:.4g} {text}"
     return f"{value:,.1f} {text}"

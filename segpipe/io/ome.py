@@ -85,7 +85,8 @@ class PixelGrid:
 
             ref = CRS.from_user_input(crs)
             a, _, c, _, e, f = transform
-            units = ref.linear_units or "unknown"
+            # A geographic CRS's are degrees (rasterio says "unknown": it has no linear unit).
+            units = "degree" if ref.is_geographic else ref.linear_units or "unknown"
             ome = {"metre": "meter", "meter": "meter", "foot": "foot"}.get(units)
             # The affine maps pixel corners; coordinates are pixel centres, half a pixel in.
             return cls((f + e / 2, c + a / 2), (e, a), units, ome, ref.to_wkt(), transform)
