@@ -1531,6 +1531,11 @@ def test_class_names_with_blanks_are_one_cf_flag_meaning_each(tmp_path):
         words = level.attrs["flag_meanings"].split()
         assert len(words) == len(level.attrs["flag_values"]) == 3, k
         assert words == ["background", "tumor_stroma", "nucleus_cell"]
+    # A blank name was no word at all: the meanings came out one short of the values.
+    blank = tmp_path / "blank.zarr"
+    prepare_result(blank, meta(class_names=("background", "", " ")))
+    for level in _label_levels(blank, meta(class_names=("background", "", " ")), "mask"):
+        assert level.attrs["flag_meanings"].split() == ["background", "class_1", "class_2"]
 
 
 @pytest.mark.parametrize(

@@ -95,9 +95,8 @@ class SegmentationModel(nn.Module):
                 f"{len(self.class_names)} class names {self.class_names} for a model with "
                 f"num_classes={n_classes}"
             )
-        # A blank name left the result's CF flag_meanings a word short of its classes.
-        if len(set(self.class_names)) != n_classes or not all(map(str.strip, self.class_names)):
-            raise ValueError(f"class names must be distinct and not blank, got {self.class_names}")
+        if len(set(self.class_names)) != n_classes:
+            raise ValueError(f"class names must be distinct, got {self.class_names}")
         self.input_mean = _per_channel("input_mean", input_mean, DEFAULT_INPUT_MEAN, c_in)
         self.input_std = _per_channel("input_std", input_std, DEFAULT_INPUT_STD, c_in)
         if any(s <= 0 for s in self.input_std):

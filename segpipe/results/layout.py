@@ -203,8 +203,7 @@ def pixel_grid(meta: ResultMeta) -> PixelGrid:
     grid = PixelGrid.of(meta.pixel_size_um, meta.crs, meta.transform, source_origin_um(meta))
     if grid.units != "pixel" or meta.source_shape is None:
         return grid
-    # Its areas are said to be level-0 px² and its GeoJSON polygons are in level-0 pixels:
-    # in the segmented level's pixels, its coordinates, areas and regions disagreed with both.
+    # As its areas (level-0 px²) and GeoJSON: in its own pixels they disagreed with both.
     dy, dx = source_downsample(meta, meta.source_shape)
     return PixelGrid(((dy - 1) / 2, (dx - 1) / 2), (dy, dx), "pixel", None)
 
@@ -346,8 +345,10 @@ def _label_array(
         attributes={
             "long_name": long_name,
             "flag_values": list(range(len(meanings))),
-            # CF's meanings are blank-separated words: a class named "tumor stroma" is one.
-            "flag_meanings": " ".join("_".join(m.split()) for m in meanings),
+            # CF's meanings are words: "tumor stroma" is one, a blank name class_<id> (not none).
+            "flag_meanings": " ".join(
+                "_".join(m.split()) or f"class_{k}" for k, m in enumerate(meanings)
+            ),
             **(extra or {}),
         },
         overwrite=overwrite,
