@@ -1369,3 +1369,18 @@ def test_an_archive_source_that_is_no_folder_is_one_line_before_prefect_starts(
         err
         == f"segpipe {command}: error: output root {tmp_path / 'a-file'}: is a file, not a folder"
     )
+
+
+def test_ctrl_c_while_the_libraries_import_says_interrupted(monkeypatch, capsys):
+    """Ctrl-C in a command's first seconds (torch importing) printed Python's traceback."""
+    import segpipe.cli as cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_freeze_imports", interrupted)
+    monkeypatch.setattr(cli.gc, "get_freeze_count", lambda: 0)  # so that it freezes
+    assert cli._run(["segment", "in.tif", "out.zarr"], own_process=True) == 130
+    assert capsys.readouterr().err == "segpipe segment: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):  # main() in a notebook: the caller's to handle
+        cli._run(["segment", "in.tif", "out.zarr"], own_process=False)

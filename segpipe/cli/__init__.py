@@ -301,11 +301,11 @@ def _run(argv: Sequence[str] | None, *, own_process: bool) -> int:
                 traceback.print_exc()
             print(f"segpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
             return 2
-        except KeyboardInterrupt:  # Ctrl-C: the shell's code for it, not Python's traceback
-            if not own_process:
-                raise
-            print(f"segpipe {args.command}: interrupted", file=sys.stderr)
-            return 128 + signal.SIGINT
+    except KeyboardInterrupt:  # Ctrl-C, in the imports too: the shell's code, no traceback
+        if not own_process:
+            raise
+        print(f"segpipe {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if freeze and not own_process:
             gc.unfreeze()
