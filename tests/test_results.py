@@ -1797,3 +1797,39 @@ def test_a_result_whose_class_names_were_edited_to_fewer_than_it_counts_is_refus
     root.write_text(json.dumps(stored))
     with pytest.raises(ValueError, match=rf"^{path}: .*class_pixels counts 3 classes, not 2"):
         read_meta(path)
+
+
+def test_a_result_on_an_older_releases_grid_keeps_it_for_new_labels_and_areas(tmp_path):
+    """A result without a pixel size segmented at source level 1 was, before, in its own
+    pixels (x 0, 1, 2..., OME scale 1); now source level-0 pixels (x 0.5, 2.5..., scale 2).
+    One made before: its reader's step came from today's grid (2), against its own x, and a
+    label added on resuming it (the foreground) got today's OME scale beside its image's 1."""
+    from segpipe.results import open_result
+    from segpipe.results.labels import add_label_image
+
+    path = tmp_path / "r.zarr"
+    m = meta(pixel_size_um=None, source_shape=(200, 140), level=1)
+    prepare_result(path, m)
+    root = zarr.open_group(path, mode="r+")
+    ome = root.attrs["ome"]
+    level0 = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert level0 == [
+        {"type": "scale", "scale": [1.0, 2.0, 2.0]},
+        {"type": "translation", "translation": [0.0, 0.5, 0.5]},
+    ]
+    # As the older release wrote it: its own pixels.
+    ome["multiscales"][0]["datasets"][0]["coordinateTransformations"] = [
+        {"type": "scale", "scale": [1.0, 1.0, 1.0]}
+    ]
+    root.attrs["ome"] = ome
+    for dim, n in (("y", 100), ("x", 70)):
+        coordinate = zarr.open_array(path / "0" / dim, mode="r+")
+        coordinate[:] = np.arange(n, dtype=coordinate.dtype)
+        coordinate.attrs.pop("step", None)  # as results stored before the step attribute
+    add_label_image(path, "extra", ["none", "some"], long_name="extra")
+    extra = zarr.open_group(path / "labels" / "extra", mode="r").attrs["ome"]["multiscales"][0]
+    assert extra["datasets"][0]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [1.0, 1.0]}
+    ]
+    x = open_result(path, allow_incomplete=True)["x"]
+    assert x.values[:2].tolist() == [0.0, 1.0] and x.attrs["step"] == 1.0

@@ -28,6 +28,7 @@ __all__ = [
     "OME_VERSION",
     "PixelGrid",
     "label_attributes",
+    "level0_placement",
     "level_coordinates",
     "multiscale_attributes",
     "ngff04_attributes",
@@ -114,6 +115,18 @@ def _datasets(
             transforms.append({"type": "translation", "translation": [0.0] * leading + shift})
         out.append({"path": path, "coordinateTransformations": transforms})
     return out
+
+
+def level0_placement(ome: Any) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """``(pixel_size, origin)``, each (y, x), of level 0 of the first ``multiscales`` entry of
+    an image's ``ome`` attributes, as :func:`multiscale_attributes` wrote them; None without."""
+    try:
+        transforms = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+        of = {t["type"]: [float(v) for v in t[t["type"]][-2:]] for t in transforms}
+        (sy, sx), (oy, ox) = of["scale"], of.get("translation", [0.0, 0.0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return (sy, sx), (oy, ox)
 
 
 def _axes(unit: str | None, channel: str | None) -> list[dict[str, Any]]:

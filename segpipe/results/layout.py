@@ -26,6 +26,7 @@ from segpipe.io.ome import (
     OME_VERSION,
     PixelGrid,
     label_attributes,
+    level0_placement,
     multiscale_attributes,
     omero_attributes,
 )
@@ -205,7 +206,7 @@ def pixel_grid(meta: ResultMeta) -> PixelGrid:
         return grid
     # As its areas (level-0 px²) and GeoJSON: in its own pixels they disagreed with both.
     dy, dx = source_downsample(meta, meta.source_shape)
-    return PixelGrid(((dy - 1) / 2, (dx - 1) / 2), (dy, dx), "pixel", None)
+    return PixelGrid(((dy - 1) / 2, (dx - 1) / 2), (float(dy), float(dx)), "pixel", None)
 
 
 def source_origin_um(meta: ResultMeta) -> tuple[float, float]:
@@ -269,14 +270,10 @@ def create_label_image(
         )
     group = label_path(name)
     paths = [label_path(name, k, layout=meta.layout) for k in range(len(shapes))]
-    grid = pixel_grid(meta)
+    grid = pixel_grid(meta)  # unless the image says where it lies: an older release's grid
+    step, origin = level0_placement(root.attrs.get("ome")) or (_pixel_step(grid), _ome_origin(grid))
     attrs = label_attributes(
-        name,
-        [posixpath.relpath(p, group) for p in paths],
-        _pixel_step(grid),
-        grid.ome_unit,
-        meanings,
-        origin=_ome_origin(grid),
+        name, [posixpath.relpath(p, group) for p in paths], step, grid.ome_unit, meanings, origin
     )
     whole = name in _listed(labels)
     for k, (path, shape) in enumerate(zip(paths, shapes, strict=True)):

@@ -157,12 +157,23 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     # A one-pixel axis (an upper level, a one-row image) has no spacing of its own to read
     # from its coordinate: its pixels' size, which areas need, rides along as an attribute
     # (stored with the coordinate now; set here too, for the results written before).
-    sy, sx = (s * 2**level for s in pixel_grid(parse_meta(path, meta)).step)
+    steps = (s * 2**level for s in pixel_grid(parse_meta(path, meta)).step)
+    sy, sx = (_step_of(ds[dim], s) for dim, s in zip("yx", steps, strict=True))
     ds = ds.assign_coords(y=ds["y"].assign_attrs(step=sy), x=ds["x"].assign_attrs(step=sx))
     if ds["probabilities"].encoding.get("dtype") == np.uint8:
         # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.
         ds["probabilities"] = ds["probabilities"].astype(np.float32)
     return ds
+
+
+def _step_of(coordinate: xr.DataArray, otherwise: float) -> float:
+    """The ``step`` a coordinate was stored with; else its centres' spacing (their grid may be
+    an older release's: a result without a pixel size segmented at a coarser level was in its
+    own pixels), ``otherwise`` (the grid's) for a single centre."""
+    if "step" in coordinate.attrs:
+        return float(coordinate.attrs["step"])
+    centres = coordinate.values
+    return float(centres[1] - centres[0]) if centres.size > 1 else otherwise
 
 
 class DamagedResultError(ValueError):
