@@ -1,6 +1,7 @@
 """The process-archive flow on Prefect's temporary local server, and served through a real one."""
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -93,13 +94,34 @@ def test_second_run_segments_nothing_and_a_new_image_is_the_only_one_processed(
         "2 images: nothing to segment, 2 up to date, 1 recorded but gone from the archive "
         "(b.ome.tif)"
     )
-    ds = catalog.open_catalog(out)
+    ds = catalog.open_catalog(out, check_sources=True)
     assert dict(zip(ds["image"].values, ds["source_exists"].values, strict=True)) == {
         "b.ome.tif": False,
         "day-1/a.ome.tif": True,
         "day-1/c.ome.tif": True,
     }
     assert is_complete(out / "b.ome.tif.seg.zarr")
+
+
+def test_the_list_of_images_gone_fails_no_run(
+    prefect_harness, random_checkpoint, tmp_path, monkeypatch
+):
+    """A damaged catalog record of another image (a disk, an edit) failed every run at its
+    end, after all its images were done: the list of images gone is a view, like the
+    artifacts, and no error of it fails a run."""
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    catalog.record_path(out, "a.ome.tif").parent.mkdir(parents=True)
+    catalog.record_path(out, "a.ome.tif").write_text('{"image": "a.ome.tif", "class_na')
+    gone = {"image": "b.ome.tif", "class_names": [], "source": str(source / "b.ome.tif")}
+    catalog.record_path(out, "b.ome.tif").write_text(json.dumps(gone))
+    assert _run(source, out, random_checkpoint)["gone"] == ["b.ome.tif"]
+
+    def no_answer(*args, **kw):
+        raise OSError("the catalog's store does not answer")
+
+    monkeypatch.setattr(catalog, "gone_images", no_answer)
+    assert _run(source, out, random_checkpoint)["gone"] == []
 
 
 def test_an_output_root_that_is_the_archive_is_refused_before_anything_is_written(
@@ -573,6 +595,7 @@ def test_a_run_wide_mistake_fails_the_run_once_before_any_image(
         ({"output_root": "a-file/out"}, OSError, r"output_root .*a-file/out cannot be written"),
         ({"config": {"foreground": "gone.png"}}, OSError, "foreground mask gone.png cannot be"),
         ({"cron": "bad cron"}, ValueError, 'Invalid cron string: "bad cron"'),
+        ({"timezone": "Europe/Pari"}, ValueError, "'Europe/Pari' is no IANA time zone name"),
     ],
 )
 def test_serve_refuses_what_a_run_would_refuse_before_serving(

@@ -4,6 +4,7 @@ along image."""
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,12 +72,92 @@ def test_records_of_images_gone_since_are_told_apart_and_kept(tmp_path):
         path.write_text(json.dumps({**record, "source": str(scans / key)}))
     (scans / "b.svs").rename(scans / "d.svs")
     (scans / "c.svs").unlink()
-    ds = catalog.open_catalog(tmp_path)
+    ds = catalog.open_catalog(tmp_path, check_sources=True)
     assert ds["source_exists"].dtype == bool
     assert list(ds["source_exists"].values) == [True, False, False]
     assert catalog.gone_images(tmp_path) == ["b.svs", "c.svs"]
     assert catalog.gone_images(tmp_path, present={"c.svs"}) == ["b.svs"]  # found: not looked at
     assert len(catalog.read_records(tmp_path)) == 3
+
+
+def _with_sources(root, sources):
+    """A record per key of ``sources`` (key -> its source)."""
+    for key, source in sources.items():
+        _write_record(root, key, [0.5, 0.4, 0.1])
+        path = catalog.record_path(root, key)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "source": source}))
+
+
+def test_a_damaged_record_is_left_out_of_the_gone_list_with_a_warning(tmp_path, caplog):
+    """The gone list parsed every record: one damaged record of another image (a disk, an
+    edit) failed every archive run at its end, after all its images were done."""
+    _with_sources(tmp_path, {"a.svs": str(tmp_path / "a.svs"), "b.svs": str(tmp_path / "b.svs")})
+    (tmp_path / "a.svs").write_bytes(b"scan")
+    damaged = catalog.record_path(tmp_path, "c.svs")
+    damaged.write_text('{"image": "c.svs", "class_na')
+    assert catalog.gone_images(tmp_path) == ["b.svs"]
+    assert f"{damaged}: catalog record cannot be parsed" in caplog.text
+    with pytest.raises(ValueError, match="cannot be parsed"):  # the catalog still refuses it
+        catalog.open_catalog(tmp_path)
+
+
+def test_a_source_that_cannot_be_looked_at_is_not_gone(tmp_path, monkeypatch, caplog):
+    """A folder of the archive made unreadable (a permission change): Path.exists raised
+    PermissionError, failing the gone list (and the run) and open_catalog."""
+    locked = tmp_path / "locked"
+    _with_sources(tmp_path, {k: str(locked / k) for k in ("a.svs", "b.svs")})
+    _with_sources(tmp_path, {"c.svs": str(tmp_path / "c.svs")})  # gone, and known to be
+    exists = Path.exists
+
+    def refused(self):
+        if self.parent == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return exists(self)
+
+    monkeypatch.setattr(Path, "exists", refused)
+    assert catalog.gone_images(tmp_path) == ["c.svs"]
+    ds = catalog.open_catalog(tmp_path, check_sources=True)
+    assert list(ds["source_exists"].values) == [True, True, False]  # unknown: not known gone
+    said = [r.getMessage() for r in caplog.records if "cannot tell" in r.getMessage()]
+    assert len(said) == 2  # once a call, not once a record
+    assert f"cannot tell whether {locked / 'a.svs'} exists" in said[0]
+    assert "Permission denied" in said[0] and "nor 1 other source(s)" in said[0]
+
+
+def test_open_catalog_looks_at_sources_only_when_asked(tmp_path, monkeypatch, caplog):
+    """A local catalog of an archive on S3 made a request per record, with none of the
+    archive's storage options (a raw NoCredentialsError, or requests to AWS)."""
+    from segpipe.io.files import URLPath
+
+    _with_sources(tmp_path, {k: f"s3://scans/{k}" for k in ("a.svs", "b.svs")})
+    looked = []
+
+    def no_answer(self):
+        looked.append(self.url)
+        raise RuntimeError("Unable to locate credentials")
+
+    monkeypatch.setattr(URLPath, "filesystem", no_answer)
+    ds = catalog.open_catalog(tmp_path)
+    assert looked == [] and "source_exists" not in ds
+    ds = catalog.open_catalog(tmp_path, check_sources=True)
+    assert list(ds["source_exists"].values) == [True, True]  # not known to be gone
+    assert looked == ["s3://scans/a.svs", "s3://scans/b.svs"]
+    assert "cannot tell whether s3://scans/a.svs exists (Unable to locate" in caplog.text
+    assert catalog.gone_images(tmp_path) == []
+
+
+def test_a_source_at_a_url_is_gone_when_its_store_has_no_such_file(tmp_path):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/segpipe-catalog-test/a.svs", b"scan")
+    _with_sources(tmp_path, {k: f"memory://segpipe-catalog-test/{k}" for k in ("a.svs", "b.svs")})
+    try:
+        ds = catalog.open_catalog(tmp_path, {}, check_sources=True)
+        assert list(ds["source_exists"].values) == [True, False]
+        assert catalog.gone_images(tmp_path, (), {}) == ["b.svs"]
+    finally:
+        fs.rm("/segpipe-catalog-test", recursive=True)
 
 
 def test_query_images_by_class_fraction(tmp_path):

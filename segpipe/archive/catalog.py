@@ -20,9 +20,9 @@ Assembling reads one small file per image: fine for tens of thousands of images.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Collection, Mapping
@@ -44,6 +44,8 @@ __all__ = [
     "record_result",
     "remove_record",
 ]
+
+log = logging.getLogger("segpipe.archive")
 
 CATALOG_DIR = "_catalog"
 RECORD_VERSION = 1
@@ -136,13 +138,35 @@ def read_records(
     output_root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
     """Every record under ``output_root`` (a folder or an fsspec URL), sorted by image key."""
+    return _records(output_root, storage_options, skip_unreadable=False)
+
+
+def _records(
+    output_root: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None,
+    *,
+    skip_unreadable: bool,
+) -> list[dict[str, Any]]:
+    """:func:`read_records`; ``skip_unreadable``: a record that cannot be read or is damaged
+    is left out with a warning naming its file instead of raising (for views of the
+    catalog that a run shows, which must not fail it: :func:`gone_images`)."""
     folder = location(output_root, storage_options).joinpath(CATALOG_DIR, "records")
     records = []
     # temporary files (".<name>.<random>.tmp") are left out
     paths: list[Path | URLPath] = sorted(folder.glob("*.json"), key=str)
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):  # removed while we listed
+        try:
             records.append(_read_record(path))
+        except FileNotFoundError:  # removed while we listed
+            continue
+        except ValueError as exc:
+            if not skip_unreadable:
+                raise
+            log.warning("%s (left out)", exc)  # the message names the file and the cure
+        except OSError as exc:
+            if not skip_unreadable:
+                raise
+            log.warning("%s: catalog record cannot be read (%s), left out", path, exc)
     return sorted(records, key=lambda r: r["image"])
 
 
@@ -190,16 +214,57 @@ def gone_images(
 ) -> list[str]:
     """The keys of records whose source image no longer exists (renamed, moved, deleted),
     sorted; keys in ``present`` (images just found) are not looked at. Their records and
-    results stay: a run never deletes a result whose image it cannot see."""
-    records = read_records(output_root, storage_options)
-    return [
-        r["image"] for r in records if r["image"] not in present and not _exists(r, storage_options)
+    results stay: a run never deletes a result whose image it cannot see.
+
+    A view a run shows at its end, so it fails for no single record: a damaged or unreadable
+    record is left out, and a source whose existence cannot be told (a folder that cannot be
+    read, a store that refuses or does not answer) is not gone; each with a warning.
+    ``storage_options`` reach both ``output_root`` and the sources.
+    """
+    records = [
+        r
+        for r in _records(output_root, storage_options, skip_unreadable=True)
+        if r["image"] not in present
     ]
+    exists = _sources_exist(records, storage_options)
+    return [r["image"] for r, e in zip(records, exists, strict=True) if e is False]
 
 
-def _exists(record: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> bool:
-    source = record.get("source")
-    return bool(source) and location(str(source), storage_options).exists()
+def _sources_exist(
+    records: list[dict[str, Any]], storage_options: Mapping[str, Any] | None
+) -> list[bool | None]:
+    """Whether each record's source exists; None where that cannot be told, said in one
+    warning for all of them (a folder made unreadable holds many)."""
+    states: list[bool | None] = []
+    unknown: list[tuple[str, Exception]] = []
+    for record in records:
+        source = str(record.get("source") or "")
+        try:
+            states.append(bool(source) and _exists(location(source, storage_options)))
+        except Exception as exc:  # a view: nothing a store or a folder raises may fail it
+            states.append(None)
+            unknown.append((source, exc))
+    if unknown:
+        (first, error), more = unknown[0], len(unknown) - 1
+        log.warning(
+            "cannot tell whether %s exists (%s)%s; taken as not gone",
+            first,
+            error,
+            f", nor {more} other source(s)" if more else "",
+        )
+    return states
+
+
+def _exists(where: Path | URLPath) -> bool:
+    if isinstance(where, Path):
+        return where.exists()  # False when not found; other errors (EACCES) raise
+    # Not fs.exists(): fsspec's default answers False for any error, which would read "gone".
+    fs, path = where.filesystem()
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _is_number(value: Any) -> bool:
@@ -207,19 +272,27 @@ def _is_number(value: Any) -> bool:
 
 
 def open_catalog(
-    output_root: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    output_root: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    check_sources: bool = False,
 ) -> xr.Dataset:
     """The catalog as a Dataset with dimensions ``image`` (keys) and ``class`` (names).
 
     Variables: per image ``pixel_size_um``, ``height``/``width`` (pixels), tile counts,
     ``seconds``, ``megapixels_per_second`` and the strings ``result``, ``source``, ``model``,
-    ``model_sha256``, ``finished``, ``sample_sha256``, and the bool ``source_exists`` (False
-    for an image renamed, moved or deleted since: its record and result stay, and
-    :func:`gone_images` lists them); per image and class ``class_pixels``,
+    ``model_sha256``, ``finished``, ``sample_sha256``; per image and class ``class_pixels``,
     ``class_fraction`` and ``class_area_um2``. Results made by models with other classes share
     the union of class names; a class a model lacks reads 0 pixels and NaN fraction and area.
     An empty catalog has ``image`` of size 0. ``storage_options`` are fsspec's for an
     ``output_root`` that is a URL (``s3://bucket/segpipe``).
+
+    ``check_sources``: also the bool ``source_exists``, False for an image renamed, moved or
+    deleted since (its record and result stay; :func:`gone_images` lists them). It looks at
+    every record's source, a request each where they are URLs (reached with
+    ``storage_options`` too), so only when asked; a source that cannot be looked at (a folder
+    that cannot be read, a store that refuses) reads True, not known to be gone, with a
+    warning, and never fails the call.
     """
     records = read_records(output_root, storage_options)
     classes: list[str] = []
@@ -235,8 +308,9 @@ def open_catalog(
         data[name] = (("image",), values)
     for name in _STRINGS:
         data[name] = (("image",), np.array([str(r.get(name) or "") for r in records], object))
-    exists = [_exists(r, storage_options) for r in records]
-    data["source_exists"] = (("image",), np.array(exists, dtype=bool))
+    if check_sources:
+        exists = [e is not False for e in _sources_exist(records, storage_options)]
+        data["source_exists"] = (("image",), np.array(exists, dtype=bool))
     for name, dtype, fill in _PER_CLASS:
         values = np.full((n, c), fill, dtype=dtype)
         for i, r in enumerate(records):

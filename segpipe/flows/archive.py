@@ -25,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import available_timezones
 
 import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture, as_completed
+from prefect.schedules import Cron
 
 from segpipe import archive
 from segpipe.archive import ArchiveImage, ImageOutcome, LoadedModel, RunStopped, catalog, reports
@@ -265,8 +267,11 @@ def process_archive(
         found = {image.key: n for n, image in enumerate(images)}  # reported as found
         submitted.sort(key=lambda pair: found[pair[0].key])
         outcomes = [_outcome(image, future, root) for image, future in submitted]
-    # Renamed, moved or deleted since their records were written: said, never deleted.
-    gone = catalog.gone_images(root, found, storage_options)
+    try:  # renamed, moved or deleted since: said, never deleted; a view, failing no run
+        gone = catalog.gone_images(root, found, storage_options)
+    except Exception:
+        logger.warning("no list of the images gone from the archive", exc_info=True)
+        gone = []
 
     _artifact(
         "run table",
@@ -390,8 +395,10 @@ def serve_archive(
     other keyword arguments (``pattern``, ``max_concurrent``...) become the runs' default
     parameters, refused (ValueError, OSError) as a run's first checks would refuse them.
     """
-    from prefect.schedules import Cron
-
+    if timezone not in available_timezones():  # Prefect checks it only once the root is made
+        raise ValueError(
+            f"timezone {timezone!r} is no IANA time zone name (e.g. Europe/Paris, UTC)"
+        )
     schedule = Cron(cron, timezone=timezone)  # a bad cron string: before the root is made
     if config is not None:  # stored as JSON in the deployment
         config = config if isinstance(config, SegmentConfig) else SegmentConfig.from_dict(config)
