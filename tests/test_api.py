@@ -4,6 +4,7 @@ import importlib
 import os
 import shutil
 
+import dask.array as da
 import numpy as np
 import pytest
 import torch
@@ -403,12 +404,45 @@ def test_an_output_holding_the_source_is_refused_before_any_work(image, tmp_path
     assert sorted(p.name for p in scans.iterdir()) == ["image.zarr"]
 
 
+class Shaped:
+    shape = (8, 8, 3)
+
+
+class Unread:
+    path, pixel_size_um, dtype = "<unread>", None, np.dtype(np.uint8)
+
+
+class DuckReader:
+    """What a run reads of a reader, without the rest of the Reader protocol (no ``shape``,
+    ``level``): such readers segmented, then a runtime Protocol check refused them."""
+
+    def __init__(self, image):
+        self._inner = ArrayReader(image)
+        self.path, self.pixel_size_um = "<duck>", None
+        self.level_shapes, self.dtype = self._inner.level_shapes, self._inner.dtype
+
+    def read(self, y0, y1, x0, x1, level=0):
+        return self._inner.read(y0, y1, x0, x1, level)
+
+
+def test_a_duck_typed_reader_segments(image, tmp_path):
+    net = unet("valid")
+    small = image[:64, :64]
+    out = segpipe.segment(DuckReader(small), tmp_path / "r.zarr", net, tile=32, scheduler="sync")
+    got = zarr.open_array(out / "0" / "probabilities", mode="r")[...].astype(np.float32)
+    np.testing.assert_allclose(got, whole_image_probabilities(net, small, 0), atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
         ({"config": {"tile": 32}}, "config must be a SegmentConfig, got dict"),
         ({"source": np.zeros((8, 8, 3), np.uint8)}, "source must be .* got ndarray .*ArrayReader"),
+        ({"source": da.zeros((8, 8, 3), np.uint8)}, "got Array .*ArrayReader"),
         ({"source": None}, "source must be an image path or a Reader, got NoneType"),
+        # Not an array: no ArrayReader hint; a would-be reader hears what it lacks.
+        ({"source": Shaped()}, r"a Reader, got Shaped$"),
+        ({"source": Unread()}, r"got Unread \(a Reader needs level_shapes, read\)$"),
         ({"output": None}, "output must be a path, got NoneType"),
         ({"model": 3}, "model must be .* got int"),
     ],

@@ -246,6 +246,19 @@ def test_an_overlap_near_one_warns_of_the_work_it_asks_for():
         assert blend_lattice((512, 512), same, window=256, overlap=0.9999).stride == 8
 
 
+def test_the_overlap_warning_counts_the_windows_the_image_has():
+    """A 120x120 image at overlap 0.95 was said to put each pixel in about 289 windows (17
+    along each axis); its whole lattice has 64, 8 origins along each axis."""
+    valid = Geometry(halo=44, multiple=8, input_offset=4, shrinks=True)  # tissue-unet's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        small = blend_lattice((120, 120), valid, window=260, overlap=0.95)
+    assert (len(small.axis_origins(0)), len(small.axis_origins(1)), small.stride) == (8, 8, 16)
+    # A strip as short: 17 windows along x, the 8 along y, 136 in all.
+    with pytest.warns(UserWarning, match=r"16 px apart: each pixel is computed in about 136 "):
+        blend_lattice((120, 4096), valid, window=260, overlap=0.95)
+
+
 @pytest.mark.parametrize("rows", [64, 63, 20])
 def test_a_same_padding_lattice_starts_at_the_edges_of_a_strip_shorter_than_a_window(rows):
     """A strip shorter than a window along y had a margin, mirrored pixels, on both axes: its

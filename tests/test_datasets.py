@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from pathlib import Path
 
@@ -451,27 +452,38 @@ def test_given_class_names_override_a_damaged_classes_file(tmp_path: Path) -> No
     assert item.class_names == ("background", "tissue", "nucleus")
 
 
-def test_training_images_of_two_pixel_sizes_record_none_with_a_warning(tmp_path: Path) -> None:
+def test_training_images_of_two_pixel_sizes_record_none_with_one_warning(tmp_path: Path) -> None:
     """A folder of 0.25 and 0.5 µm images recorded no pixel size, silently: segment then ran
-    the model on level 0 of every slide."""
-    from segpipe.training import TrainConfig, pixel_contract_for
+    the model on level 0 of every slide. The warning then came twice from ``segpipe train``
+    (the data's contract for the model, then training's): training alone gives it."""
+    from segpipe.training import TrainConfig, initial_model, pixel_contract_for
+    from segpipe.training.config import training_contract
     from segpipe.training.datasets import FolderImage
 
     def item(name: str, size: float | None) -> FolderImage:
         image = np.full((8, 8, 3), 7, np.uint8)
         return FolderImage(image, np.zeros((8, 8), np.uint8), None, ("bg", "fg"), name, size)
 
+    def trained_contract(config: TrainConfig, images: list[FolderImage]) -> float | None:
+        # As segpipe train does: a model of the data's contract, then training's.
+        contract = pixel_contract_for(config, images)
+        net = initial_model("unet", class_names=("bg", "fg"), contract=contract, width=2, depth=1)
+        return training_contract(net, config, images).pixel_size_um
+
     train, val = tmp_path / "train", tmp_path / "val"
     config = TrainConfig(dataset="folder", train_folder=str(train), val_folder=str(val))
     alike = [item("a", 0.5), item("b", 0.5)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert pixel_contract_for(config, alike).pixel_size_um == 0.5
+        assert trained_contract(config, alike) == 0.5
     for other in (0.25, None):
         mixed = [*alike, item("c", other)]
-        with pytest.warns(UserWarning, match=r"pixel sizes differ \((0.25 µm, )?0.5 µm"):
-            assert pixel_contract_for(config, mixed).pixel_size_um is None
+        with warnings.catch_warnings(record=True) as shown:
+            warnings.simplefilter("always")
+            assert trained_contract(config, mixed) is None
+        (warned,) = shown
+        assert re.search(r"pixel sizes differ \((0.25 µm, )?0.5 µm", str(warned.message))
         given = dataclasses.replace(config, pixel_size_um=0.4)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the size given is recorded: nothing to say
-            assert pixel_contract_for(given, mixed).pixel_size_um == 0.4
+            assert trained_contract(given, mixed) == 0.4

@@ -84,6 +84,19 @@ def test_a_chunk_no_store_can_hold_is_refused_before_anything_is_written(
     assert not (tmp_path / "out.ome.zarr").exists()
 
 
+def test_a_numpy_integer_chunk_ingests_as_the_int(tmp_path: Path) -> None:
+    """np.int64(128) passed the check, then zarr failed on it ('not JSON serializable'),
+    leaving an empty store folder that later ingests refused."""
+    source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    got = ingest(source, tmp_path / "np.zarr", chunk=np.int64(128), min_level_size=64)
+    want = ingest(source, tmp_path / "int.zarr", chunk=128, min_level_size=64)
+    assert _attrs(got) == _attrs(want)
+    a, b = zarr.open_group(str(got), mode="r"), zarr.open_group(str(want), mode="r")
+    for k in ("0", "1", "2"):
+        assert cast(zarr.Array, a[k]).chunks == cast(zarr.Array, b[k]).chunks == (3, 128, 128)
+        np.testing.assert_array_equal(a[k][...], b[k][...])
+
+
 @pytest.mark.parametrize("chunk", [128, 100])
 def test_round_trip_layout_and_pixels(tmp_path: Path, chunk: int) -> None:
     img = _image()

@@ -1144,6 +1144,40 @@ def test_a_fine_tuned_contract_measures_every_column_of_large_images():
     assert contract.std == pytest.approx((0.5,), abs=0.01)
 
 
+def test_a_fine_tune_records_the_pixel_size_given_else_its_own() -> None:
+    """train --model CKPT --pixel-size 0.25 recorded the checkpoint's 0.5; and images of
+    mixed sizes warned that the model records none, though it kept the checkpoint's."""
+    import warnings
+
+    from segpipe.models.contract import PixelContract
+    from segpipe.training.config import training_contract
+    from segpipe.training.datasets import FolderImage
+
+    def checkpoint() -> SegmentationModel:
+        net = tiny_unet()
+        rgb = ("red", "green", "blue")
+        net.pixel_contract = PixelContract(3, channel_names=rgb, dtype="uint8", pixel_size_um=0.5)
+        return net
+
+    net = checkpoint()
+    train(net, TrainConfig(**TINY, pixel_size_um=0.25))
+    assert net.pixel_contract.pixel_size_um == 0.25
+    rng = np.random.default_rng(0)
+    labels = np.zeros((16, 16), np.uint8)
+    mixed = [
+        FolderImage(
+            rng.integers(0, 255, (16, 16, 3), np.uint8), labels, None, ("a", "b", "c"), str(n), n
+        )
+        for n in (0.25, 1.0)
+    ]
+    folder = TrainConfig(dataset="folder", train_folder="train", val_folder="val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training_contract(checkpoint(), folder, mixed).pixel_size_um == 0.5
+        given = replace(folder, pixel_size_um=0.25)
+        assert training_contract(checkpoint(), given, mixed).pixel_size_um == 0.25
+
+
 def test_a_foreign_model_is_refused_before_training_not_when_saved(tmp_path: Path) -> None:
     """A TorchScript file with a sidecar loads wherever a checkpoint goes, but training can
     only save segpipe's own architectures: the run trained to its end, then failed to save

@@ -7,22 +7,31 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import dask.array as da
+import numpy as np
 import torch
 
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath
-from segpipe.io.readers import Reader
 
 __all__ = ["check_arguments"]
 
+# What every run reads of a source given as a reader. Not the whole ``Reader`` protocol:
+# duck-typed readers without ``shape`` or ``level`` segment (``level`` is read only for a
+# foreground mask computed from the pixels, "tissue" or "nodata").
+_READER_MEMBERS = ("path", "pixel_size_um", "level_shapes", "dtype", "read")
+
 
 def check_arguments(source: Any, output: Any, model: Any, config: Any) -> None:
-    """TypeError naming the argument and the type it got."""
+    """TypeError naming the argument and the type it got (and a reader's missing members)."""
     paths = (str, os.PathLike, URLPath)
-    if not isinstance(source, paths) and not isinstance(source, Reader):
-        hint = (
-            " (wrap an array in segpipe.io.readers.ArrayReader)" if hasattr(source, "shape") else ""
-        )
+    missing = [m for m in _READER_MEMBERS if not hasattr(source, m)]
+    if not isinstance(source, paths) and missing:
+        hint = ""
+        if isinstance(source, np.ndarray | da.Array):
+            hint = " (wrap an array in segpipe.io.readers.ArrayReader)"
+        elif len(missing) < len(_READER_MEMBERS):  # meant as a reader: say what it lacks
+            hint = f" (a Reader needs {', '.join(missing)})"
         raise TypeError(
             f"source must be an image path or a Reader, got {type(source).__name__}{hint}"
         )

@@ -288,17 +288,21 @@ def blend_lattice(
     # A stride off the multiple would change the pooling phase from window to window, and one
     # longer than the window would leave gaps.
     stride = min(max(m, round(window * (1.0 - overlap) / m) * m), window // m * m)
-    if (per_pixel := math.ceil(window / stride) ** 2) > 64:  # MONAI's usual 0.25-0.75: 2-16
+    # A strip shorter than a window along one axis keeps its windows inside the image along
+    # both (BlendLattice.axis_origins): with a margin on both, its long borders were 18x
+    # MONAI's error against a whole pass; now below MONAI's, which zero-pads the short axis.
+    margin = max(0, (window - stride) // 2) // m * m
+    lattice = BlendLattice((int(shape[0]), int(shape[1])), window, stride, margin, g, not g.shrinks)
+    # Counted on the lattice itself: along an axis with fewer origins than a window spans
+    # strides (an image smaller than a window) a pixel lies in fewer windows than that.
+    along = [min(math.ceil(window / stride), len(lattice.axis_origins(a))) for a in (0, 1)]
+    if (per_pixel := along[0] * along[1]) > 64:  # MONAI's usual 0.25-0.75: 2-16
         warnings.warn(
             f"blend overlap {overlap} gives windows {stride} px apart: each pixel is computed "
             f"in about {per_pixel} windows, {per_pixel}x the work of overlap 0",
             stacklevel=2,
         )
-    # A strip shorter than a window along one axis keeps its windows inside the image along
-    # both (BlendLattice.axis_origins): with a margin on both, its long borders were 18x
-    # MONAI's error against a whole pass; now below MONAI's, which zero-pads the short axis.
-    margin = max(0, (window - stride) // 2) // m * m
-    return BlendLattice((int(shape[0]), int(shape[1])), window, stride, margin, g, not g.shrinks)
+    return lattice
 
 
 def blend_windows(lattice: BlendLattice, region: Box) -> list[Window]:

@@ -153,6 +153,7 @@ def _ingest(
     """:func:`ingest` under the store's lock, held by the caller."""
     if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 2:
         raise ValueError(f"chunk must be an integer >= 2 (pixels), got {chunk!r}")
+    chunk = int(chunk)  # a numpy integer: zarr's JSON metadata cannot hold it
     with contextlib.ExitStack() as opened:
         if isinstance(source, str | os.PathLike):
             reader = open_image(source, pixel_size_um=pixel_size_um)

@@ -231,9 +231,7 @@ class TrainConfig:
                 f"0 <= jitter < 1, got {self.elastic_std_px} (patch {self.patch}), "
                 f"{self.elastic_grid}, {self.jitter}"
             )
-        if self.pixel_size_um is not None and not (
-            math.isfinite(self.pixel_size_um) and self.pixel_size_um > 0
-        ):
+        if self.pixel_size_um is not None and not 0 < self.pixel_size_um < math.inf:
             raise ValueError(f"TrainConfig.pixel_size_um must be > 0, got {self.pixel_size_um}")
         if self.scaling not in (scalings := ("auto", "dtype", "range", "percentile")):
             raise ValueError(f"TrainConfig.scaling must be one of {scalings}, got {self.scaling!r}")
@@ -300,10 +298,9 @@ def pixel_contract_for(
             dtype="uint8",
             pixel_size_um=config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM[config.dataset],
         )
-    if slides is None:
-        slides = read_folder(str(config.train_folder))
+    slides = read_folder(str(config.train_folder)) if slides is None else slides
     pixel_size = config.pixel_size_um or _DEFAULT_PIXEL_SIZE_UM.get(config.dataset)
-    pixel_size = pixel_size or common_pixel_size(slides, str(config.train_folder))
+    pixel_size = pixel_size or common_pixel_size(slides)
     contract = measure_contract(
         [np.asarray(s.image) for s in slides],
         scaling=config.scaling,
@@ -324,10 +321,12 @@ def training_contract(
     The model's own scaling when it has a contract (fine-tuning, or
     :func:`~segpipe.training.initial_model` given the data's contract), with the statistics
     of these training images; else the one measured on them (:func:`pixel_contract_for`).
+    Its pixel size is ``config.pixel_size_um``, else the model's, else the images' common one.
     Raises ValueError when the model's channels or fixed value range do not fit the images.
     """
-    measured = pixel_contract_for(config, slides)
     own = getattr(model, "pixel_contract", None)
+    size = config.pixel_size_um or getattr(own, "pixel_size_um", None)
+    measured = pixel_contract_for(replace(config, pixel_size_um=size), slides)
     channels = getattr(model, "in_channels", measured.channels)
     if channels != measured.channels:
         raise ValueError(
@@ -351,8 +350,10 @@ def training_contract(
             dtype=own.dtype or measured.dtype,
             mean=tuple(float(v) for v in scaled.mean(axis=0)),
             std=tuple(max(float(v), 1e-3) for v in scaled.std(axis=0)),
-            pixel_size_um=own.pixel_size_um or measured.pixel_size_um,
+            pixel_size_um=measured.pixel_size_um,
         )
+    if contract.pixel_size_um is None:  # here alone: once a run, only when none is kept
+        common_pixel_size(slides, str(config.train_folder))
     # nn.Module's __setattr__ is typed for tensors and modules; any value is allowed
     setattr(model, "pixel_contract", contract)  # noqa: B010
     return contract

@@ -192,11 +192,11 @@ def pixel_kind(image: np.ndarray) -> str:
     return f"{image.dtype}, {image.shape[2]} channel(s)"
 
 
-def common_pixel_size(images: Sequence[LabelledImage], where: str) -> float | None:
-    """The pixel size (µm) all ``images`` share; None, with a warning naming ``where``, when
-    they differ: a model recording none is run on level 0 of any image."""
+def common_pixel_size(images: Sequence[LabelledImage], where: str | None = None) -> float | None:
+    """The pixel size (µm) all ``images`` share, else None; when they differ, with ``where``
+    given, a warning naming it: a model recording none is run on level 0 of any image."""
     sizes = {getattr(i, "pixel_size_um", None) for i in images}
-    if len(sizes) > 1:
+    if len(sizes) > 1 and where is not None:
         known = ", ".join(sorted(f"{p:g} µm" if p else "unknown" for p in sizes))
         warnings.warn(
             f"{where}: the training images' pixel sizes differ ({known}), so the model records "
