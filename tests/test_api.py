@@ -431,6 +431,13 @@ def test_a_duck_typed_reader_segments(image, tmp_path):
     out = segpipe.segment(DuckReader(small), tmp_path / "r.zarr", net, tile=32, scheduler="sync")
     got = zarr.open_array(out / "0" / "probabilities", mode="r")[...].astype(np.float32)
     np.testing.assert_allclose(got, whole_image_probabilities(net, small, 0), atol=1e-3)
+    # A tissue mask reads its level(k): without one it failed with a bare AttributeError.
+    with pytest.raises(TypeError, match=r"<duck>: a foreground mask reads .*level\(k\), .*"
+                       r"\(DuckReader\) lacks: .*foreground='none'"):  # fmt: skip
+        segpipe.segment(
+            DuckReader(small), tmp_path / "t.zarr", net, tile=32, foreground="tissue",
+            scheduler="sync",
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -1286,6 +1286,13 @@ def test_areas_in_units_segpipe_does_not_know_are_not_rounded_to_zero(tmp_path, 
     out = capsys.readouterr().out
     assert "1e-06 deg²" in out and " 0.0 " not in out, out  # was "1e-06 unknown**2"
     assert segpipe.open_result(path)["x"].attrs["units"] == "degree"
+    import zarr
+
+    # Made before: its coordinates stored "unknown", which query's areas kept beside deg².
+    for dim in ("x", "y"):
+        zarr.open_array(path / "0" / dim, mode="r+").attrs["units"] = "unknown"
+    assert segpipe.open_result(path)["y"].attrs["units"] == "degree"
+    assert segpipe.query.class_areas(path)["area"].attrs["units"] == "degree**2"
 
 
 def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level_0(

@@ -1144,7 +1144,7 @@ def test_a_fine_tuned_contract_measures_every_column_of_large_images():
     assert contract.std == pytest.approx((0.5,), abs=0.01)
 
 
-def test_a_fine_tune_records_the_pixel_size_given_else_its_own() -> None:
+def test_a_fine_tune_records_the_pixel_size_given_else_its_images_else_its_own() -> None:
     """train --model CKPT --pixel-size 0.25 recorded the checkpoint's 0.5; and images of
     mixed sizes warned that the model records none, though it kept the checkpoint's."""
     import warnings
@@ -1176,6 +1176,10 @@ def test_a_fine_tune_records_the_pixel_size_given_else_its_own() -> None:
         assert training_contract(checkpoint(), folder, mixed).pixel_size_um == 0.5
         given = replace(folder, pixel_size_um=0.25)
         assert training_contract(checkpoint(), given, mixed).pixel_size_um == 0.25
+        # Images all of 0.25 um tune the model to 0.25 um: the checkpoint's 0.5 was kept, and
+        # segment then ran the tuned model on another pyramid level than it was tuned on.
+        alike = [replace(image, pixel_size_um=0.25) for image in mixed]
+        assert training_contract(checkpoint(), folder, alike).pixel_size_um == 0.25
 
 
 def test_a_foreign_model_is_refused_before_training_not_when_saved(tmp_path: Path) -> None:

@@ -203,6 +203,11 @@ def low_resolution(reader: Reader, level: int) -> np.ndarray:
     """A small ``(y, x, C)`` float32 image of the whole of ``level``: the coarsest pyramid
     level with a longer side of at least :data:`MASK_SIDE`, block-averaged to at most about
     twice that (an image without a pyramid is read whole, a chunk at a time)."""
+    if not hasattr(reader, "level"):  # a duck-typed reader (arguments.py): it failed raw
+        raise TypeError(
+            f"{reader.path}: a foreground mask reads the image's level(k), which its reader "
+            f"({type(reader).__name__}) lacks: give it one, or segment with foreground='none'"
+        )
     k = _mask_level(reader, level)
     arr = reader.level(k)
     f = max(1, max(arr.shape[:2]) // MASK_SIDE)

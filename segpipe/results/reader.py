@@ -157,9 +157,11 @@ def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunk
     # A one-pixel axis (an upper level, a one-row image) has no spacing of its own to read
     # from its coordinate: its pixels' size, which areas need, rides along as an attribute
     # (stored with the coordinate now; set here too, for the results written before).
-    steps = (s * 2**level for s in pixel_grid(parse_meta(path, meta)).step)
+    grid = pixel_grid(parse_meta(path, meta))  # its units too: a geographic CRS's "unknown"
+    steps = (s * 2**level for s in grid.step)
     sy, sx = (_step_of(ds[dim], s) for dim, s in zip("yx", steps, strict=True))
-    ds = ds.assign_coords(y=ds["y"].assign_attrs(step=sy), x=ds["x"].assign_attrs(step=sx))
+    y, x = (ds[d].assign_attrs(step=s, units=grid.units) for d, s in (("y", sy), ("x", sx)))
+    ds = ds.assign_coords(y=y, x=x)
     if ds["probabilities"].encoding.get("dtype") == np.uint8:
         # CF decoding multiplies by a JSON (float64) scale_factor; float32 holds 1/255 steps.
         ds["probabilities"] = ds["probabilities"].astype(np.float32)

@@ -321,11 +321,11 @@ def training_contract(
     The model's own scaling when it has a contract (fine-tuning, or
     :func:`~segpipe.training.initial_model` given the data's contract), with the statistics
     of these training images; else the one measured on them (:func:`pixel_contract_for`).
-    Its pixel size is ``config.pixel_size_um``, else the model's, else the images' common one.
+    Its pixel size is ``config.pixel_size_um``, else the images' common one, else the model's.
     Raises ValueError when the model's channels or fixed value range do not fit the images.
     """
     own = getattr(model, "pixel_contract", None)
-    size = config.pixel_size_um or getattr(own, "pixel_size_um", None)
+    size = config.pixel_size_um or common_pixel_size(slides) or getattr(own, "pixel_size_um", None)
     measured = pixel_contract_for(replace(config, pixel_size_um=size), slides)
     channels = getattr(model, "in_channels", measured.channels)
     if channels != measured.channels:
