@@ -2,6 +2,7 @@
 along image."""
 
 import json
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,6 +92,7 @@ def _with_sources(root, sources):
 def test_a_damaged_record_is_left_out_of_the_gone_list_with_a_warning(tmp_path, caplog):
     """The gone list parsed every record: one damaged record of another image (a disk, an
     edit) failed every archive run at its end, after all its images were done."""
+    caplog.set_level(logging.WARNING, logger="segpipe.archive")  # whatever ran before
     _with_sources(tmp_path, {"a.svs": str(tmp_path / "a.svs"), "b.svs": str(tmp_path / "b.svs")})
     (tmp_path / "a.svs").write_bytes(b"scan")
     damaged = catalog.record_path(tmp_path, "c.svs")
@@ -104,6 +106,7 @@ def test_a_damaged_record_is_left_out_of_the_gone_list_with_a_warning(tmp_path, 
 def test_a_source_that_cannot_be_looked_at_is_not_gone(tmp_path, monkeypatch, caplog):
     """A folder of the archive made unreadable (a permission change): Path.exists raised
     PermissionError, failing the gone list (and the run) and open_catalog."""
+    caplog.set_level(logging.WARNING, logger="segpipe.archive")  # whatever ran before
     locked = tmp_path / "locked"
     _with_sources(tmp_path, {k: str(locked / k) for k in ("a.svs", "b.svs")})
     _with_sources(tmp_path, {"c.svs": str(tmp_path / "c.svs")})  # gone, and known to be
@@ -127,6 +130,7 @@ def test_a_source_that_cannot_be_looked_at_is_not_gone(tmp_path, monkeypatch, ca
 def test_open_catalog_looks_at_sources_only_when_asked(tmp_path, monkeypatch, caplog):
     """A local catalog of an archive on S3 made a request per record, with none of the
     archive's storage options (a raw NoCredentialsError, or requests to AWS)."""
+    caplog.set_level(logging.WARNING, logger="segpipe.archive")  # whatever ran before
     from segpipe.io.files import URLPath
 
     _with_sources(tmp_path, {k: f"s3://scans/{k}" for k in ("a.svs", "b.svs")})
