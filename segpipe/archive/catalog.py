@@ -159,14 +159,10 @@ def _records(
             records.append(_read_record(path))
         except FileNotFoundError:  # removed while we listed
             continue
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # damaged (the cure is said), unreadable
             if not skip_unreadable:
                 raise
-            log.warning("%s (left out)", exc)  # the message names the file and the cure
-        except OSError as exc:
-            if not skip_unreadable:
-                raise
-            log.warning("%s: catalog record cannot be read (%s), left out", path, exc)
+            log.warning("%s: catalog record left out: %s", path, exc)
     return sorted(records, key=lambda r: r["image"])
 
 

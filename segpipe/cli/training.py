@@ -151,7 +151,8 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         default=None,
         dest="pixel_size_um",
         metavar="UM",
-        help="microns per pixel the model records (default: the training images')",
+        help="microns per pixel the model records (default: the one all training images share, "
+        "else a fine-tuned checkpoint's)",
     )
     tr.add_argument("--full-precision", action="store_true", help="save float32 weights")
     tr.set_defaults(run=_train)

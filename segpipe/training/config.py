@@ -1,10 +1,9 @@
 """What to train on and how: :class:`TrainConfig`, every knob with a default, and the data it names.
 
 :func:`make_slides` makes the training and held-out validation images a config names (synthetic
-scenes from :mod:`segpipe.synthetic`, or the pairs of two folders), :func:`class_names_for`
-gives their class names, :func:`pixel_contract_for` what their pixels are (channels, dtype,
-value scaling, pixel size: the model records it) and :func:`loss_weight_maps` the per-pixel
-loss weights the config asks for. :mod:`segpipe.training` trains with them and re-exports them all.
+scenes, or two folders' pairs), :func:`class_names_for` their classes, :func:`pixel_contract_for`
+what their pixels are (channels, dtype, scaling, pixel size: the model records it) and
+:func:`loss_weight_maps` the loss weights. :mod:`segpipe.training` re-exports them all.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from segpipe.training.datasets import (
     common_pixel_size,
     pixel_kind,
     read_folder,
+    warn_mixed_pixel_sizes,
 )
 from segpipe.training.losses import counted_class_weights, unet_weight_map
 
@@ -353,7 +353,7 @@ def training_contract(
             pixel_size_um=measured.pixel_size_um,
         )
     if contract.pixel_size_um is None:  # here alone: once a run, only when none is kept
-        common_pixel_size(slides, str(config.train_folder))
+        warn_mixed_pixel_sizes(slides, str(config.train_folder))
     # nn.Module's __setattr__ is typed for tensors and modules; any value is allowed
     setattr(model, "pixel_contract", contract)  # noqa: B010
     return contract

@@ -51,6 +51,7 @@ __all__ = [
     "read_folder",
     "separate_touching",
     "touching_borders",
+    "warn_mixed_pixel_sizes",
 ]
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".ome.tif", ".ome.tiff", ".jpg", ".jpeg", ".zarr")
@@ -192,18 +193,23 @@ def pixel_kind(image: np.ndarray) -> str:
     return f"{image.dtype}, {image.shape[2]} channel(s)"
 
 
-def common_pixel_size(images: Sequence[LabelledImage], where: str | None = None) -> float | None:
-    """The pixel size (µm) all ``images`` share, else None; when they differ, with ``where``
-    given, a warning naming it: a model recording none is run on level 0 of any image."""
+def common_pixel_size(images: Sequence[LabelledImage]) -> float | None:
+    """The pixel size (µm) all ``images`` share, else None."""
     sizes = {getattr(i, "pixel_size_um", None) for i in images}
-    if len(sizes) > 1 and where is not None:
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def warn_mixed_pixel_sizes(images: Sequence[LabelledImage], where: str) -> None:
+    """A warning naming ``where`` when ``images``' pixel sizes differ: a model recording
+    none is run on level 0 of any image."""
+    sizes = {getattr(i, "pixel_size_um", None) for i in images}
+    if len(sizes) > 1:
         known = ", ".join(sorted(f"{p:g} µm" if p else "unknown" for p in sizes))
         warnings.warn(
             f"{where}: the training images' pixel sizes differ ({known}), so the model records "
             "none; give the one to record (TrainConfig.pixel_size_um, train --pixel-size)",
             stacklevel=3,
         )
-    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_alike(items: Sequence[FolderImage], root: Path) -> None:
