@@ -9,6 +9,7 @@ thin strokes). A mask that marks nothing is refused, as a run of it would comput
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from segpipe.geometry.foreground import pool_mask
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.files import location
+from segpipe.io.polygons import FAR, cells_polygons_meet, clipped
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.readers.photometric import Photometric, min_is_black
 
@@ -209,8 +211,7 @@ def _rasterize_geojson(
     path: Path, reader: Reader, level: int, shape: tuple[int, int]
 ) -> np.ndarray:
     from rasterio.features import bounds as polygon_bounds
-    from rasterio.features import rasterize
-    from rasterio.transform import Affine
+    from shapely.errors import ShapelyError
 
     try:
         data: Any = json.loads(path.read_text())
@@ -230,28 +231,17 @@ def _rasterize_geojson(
         _check_pixel_coordinates(data)
         polygons = _geojson_polygons(data)
         spans = np.array([polygon_bounds(p) for p in polygons])  # (x0, y0, x1, y1) each
+        _check_not_map_coordinates(data, spans, reader)
         # Cut to a cell beyond the mask: GDAL's rasteriser dropped a polygon reaching past
         # 2**31 cells (a "whole image" one drawn huge). The cut leaves the cells inside alone.
         rect = (-sx, -sy, sx * (shape[1] + 1), sy * (shape[0] + 1))
-        reach = (-_FAR * sx, -_FAR * sy, _FAR * sx, _FAR * sy)  # what GDAL burns as it is
-        inside = [_clipped(p, b, rect, reach) for p, b in zip(polygons, spans, strict=True)]
+        reach = (-FAR * sx, -FAR * sy, FAR * sx, FAR * sy)  # what GDAL burns as it is
+        inside = [clipped(p, b, rect, reach) for p, b in zip(polygons, spans, strict=True)]
         inside = [p for p in inside if p is not None]
-        burned = np.zeros(shape, np.uint8)
-        if inside:
-            burned = rasterize(
-                inside, out_shape=shape, transform=Affine(sx, 0, 0, 0, sy, 0), fill=0,
-                default_value=1, all_touched=True, dtype="uint8",
-            )  # fmt: skip
-    except (ValueError, TypeError, KeyError, IndexError) as e:  # bad structure, coordinates
+        burned = cells_polygons_meet(inside, (dy, dx), (ny, nx), shape)
+    except (ValueError, TypeError, KeyError, IndexError, ShapelyError) as e:  # structure
         raise ValueError(f"foreground mask {path}: {e}") from e
-    # A cell holds the level pixels that start in it (upsample_mask): where a level's side is
-    # no whole number of cells, its last pixel reaches into the next cell's span, and a
-    # polygon there burned only that next cell.
-    for axis, (n, m) in enumerate(((ny, shape[0]), (nx, shape[1]))):
-        if n % m:
-            cells = np.moveaxis(burned, axis, 0)
-            cells[:-1] |= cells[1:]
-    if not burned.any():  # all_touched: a polygon overlapping the image burns a pixel
+    if not burned.any():  # a polygon meeting the image marks a cell
         (x0, y0), (x1, y1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
         raise ValueError(
             f"foreground mask {path}: no polygon overlaps the image (x 0..{level0[1]}, y 0.."
@@ -259,27 +249,6 @@ def _rasterize_geojson(
             "level-0 pixels, x right, y down (QuPath's), not microns or map coordinates (y up)"
         )
     return np.asarray(burned, dtype=bool)
-
-
-# Cells from the mask's origin within which GDAL burns a polygon as it is (past 2**31 it
-# dropped one): only a polygon reaching farther is cut, its self-crossings made valid first.
-_FAR = 2**29
-
-
-def _clipped(
-    polygon: dict[str, Any], bounds: Any, rect: tuple[float, ...], reach: tuple[float, ...]
-) -> Any:
-    """``polygon`` as it is where its ``bounds`` lie within ``reach`` ``(x0, y0, x1, y1)``,
-    else cut to ``rect`` (a shapely geometry), None where nothing of it is left."""
-    x0, y0, x1, y1 = reach
-    if x0 <= bounds[0] and y0 <= bounds[1] and bounds[2] <= x1 and bounds[3] <= y1:
-        return polygon
-    import shapely
-    from shapely.geometry import shape
-
-    with np.errstate(all="ignore"):  # 1e300 coordinates overflow in the cut, harmlessly
-        cut = shapely.clip_by_rect(shapely.make_valid(shape(polygon)), *rect)
-    return None if cut.is_empty else cut
 
 
 def _check_pixel_coordinates(data: object) -> None:
@@ -299,6 +268,37 @@ def _check_pixel_coordinates(data: object) -> None:
             "a mask's coordinates must be level-0 pixels, x right, y down; export it with "
             "coords='pixel' (--coords pixel)"
         )
+
+
+def _check_not_map_coordinates(data: object, spans: np.ndarray, reader: Reader) -> None:
+    """Over a georeferenced image, refuse polygons that all lie within its footprint in its
+    CRS or in longitude/latitude, unless the file says they are pixels: RFC 7946 GeoJSON
+    (geojson.io's, shapely's, QGIS's) is longitude/latitude with no ``crs`` member, and read
+    as pixels it selected a speck near the image's corner without a word."""
+    georeference = getattr(reader, "georeference", None)
+    said = data.get("properties") if isinstance(data, dict) else None
+    if georeference is None or (isinstance(said, dict) and said.get("coordinates") == "pixel"):
+        return
+    from rasterio.transform import Affine, array_bounds
+    from rasterio.warp import transform_bounds
+
+    ny, nx = reader.level_shapes[0][:2]
+    x0, y0, x1, y1 = array_bounds(ny, nx, Affine(*georeference.transform))
+    footprints = {georeference.crs_name: (x0, y0, x1, y1)}
+    with contextlib.suppress(Exception):  # a CRS with no way to degrees: its own units alone
+        footprints["longitude/latitude"] = transform_bounds(
+            georeference.crs, "EPSG:4326", x0, y0, x1, y1
+        )
+    (px0, py0), (px1, py1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
+    for name, (w, s, e, n) in footprints.items():
+        w, e, s, n = min(w, e), max(w, e), min(s, n), max(s, n)
+        if w <= px0 and px1 <= e and s <= py0 and py1 <= n:
+            raise ValueError(
+                f"its polygons (x {px0:g}..{px1:g}, y {py0:g}..{py1:g}) lie within the image's "
+                f"footprint in {name} (x {w:g}..{e:g}, y {s:g}..{n:g}): a mask's coordinates "
+                "must be level-0 pixels, x right, y down; convert them to pixels, or, if they "
+                'are pixels, say so (top-level "properties": {"coordinates": "pixel"})'
+            )
 
 
 def _geojson_polygons(data: object) -> list[dict[str, Any]]:
