@@ -129,7 +129,9 @@ class SegmentConfig:
         "windows per forward pass (on the CPU, windows small enough to run side by side, a "
         "pass per core, go one per pass)",
     )
-    device: str = _setting("auto", EXECUTION, "'auto' (CUDA when present), 'cpu', 'cuda[:N]'")
+    device: str = _setting(
+        "auto", EXECUTION, "'auto' (CUDA when present), 'cpu', 'cuda[:N]', 'mps'"
+    )
     n_workers: int | None = _setting(
         None,
         EXECUTION,

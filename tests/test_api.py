@@ -10,6 +10,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from PIL import Image
 
 import segpipe
 from segpipe import models
@@ -122,6 +123,26 @@ def test_blocks_of_an_odd_number_of_tiles_give_the_same_result(
         np.testing.assert_array_equal(got["mask"].values, expected["mask"].values)
         p, q = got["probabilities"].values, expected["probabilities"].values
         assert np.abs(p - q).max() <= 1e-5
+
+
+def test_a_relative_checkpoint_and_mask_file_are_stored_absolute(source, tmp_path, monkeypatch):
+    """The source was stored absolute but a checkpoint and a mask file as typed, relative to
+    a working folder the result does not record (``info`` showed ``tmp/.../m.pt``)."""
+    shutil.copytree(source, tmp_path / "image.zarr")
+    net = unet("valid")
+    models.save(net, tmp_path / "m.pt")
+    mask = np.zeros((150, 203), np.uint8)  # the image's shape
+    mask[20:60, 20:60] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    monkeypatch.chdir(tmp_path)
+    settings = dict(tile=32, scheduler="sync", foreground="mask.png")
+    out = segpipe.segment("image.zarr", "r.zarr", "m.pt", **settings)
+    meta = read_meta(out)
+    assert meta.model_name == str(tmp_path / "m.pt")
+    assert meta.config.foreground == str(tmp_path / "mask.png")
+    # A shipped model's name stays a name, not a path in this folder.
+    segment_module = importlib.import_module("segpipe.execution.segment")
+    assert segment_module._model_label("tissue-unet", None) == "tissue-unet"
 
 
 def test_relative_paths_reach_the_tasks_absolute_and_resume(source, tmp_path, monkeypatch):

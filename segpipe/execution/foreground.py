@@ -169,7 +169,7 @@ def resolve_foreground(setting: str, reader: Reader) -> str:
             f"foreground mask {setting!r} does not exist (mask files are local); foreground "
             f"must be one of {', '.join(FOREGROUND_MODES)} or a mask image / GeoJSON file"
         )
-    return str(where)
+    return os.path.abspath(where)  # stored with the result: found from any folder
 
 
 def _is_brightfield(reader: Reader) -> bool:
