@@ -1051,3 +1051,18 @@ def test_a_source_file_edited_mid_copy_leaves_no_complete_copy(tmp_path: Path) -
         ingest(reader, tmp_path / "out.zarr", chunk=64)
     assert len(reads) > 20
     assert zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["segpipe"]["complete"] is False
+
+
+def test_a_bit_flipped_in_an_ingested_chunk_is_refused_naming_the_store(tmp_path):
+    """Ingested chunks had no checksum (results' have): one flipped bit read back as changed
+    pixels without a word, and was segmented."""
+    image = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "s.tif", image, photometric="rgb", tile=(128, 128))
+    store = ingest(tmp_path / "s.tif", tmp_path / "s.zarr")
+    np.testing.assert_array_equal(np.asarray(open_image(store).level(0)), image)
+    chunk = Path(store) / "0" / "c" / "0" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(ImageReadError, match=f"{store}: cannot read level 0"):
+        np.asarray(open_image(store).level(0))

@@ -247,7 +247,7 @@ def _create_levels(
             chunks=(*lead, chunk, chunk),
             dtype=dtype,
             fill_value=0,
-            compressors=ZstdCodec(level=_ZSTD_LEVEL),
+            compressors=ZstdCodec(level=_ZSTD_LEVEL, checksum=True),
             dimension_names=("c", "y", "x")[-2 - len(lead) :],
         )
         for k, (ly, lx) in enumerate(shapes)
