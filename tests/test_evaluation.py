@@ -82,7 +82,7 @@ def test_objects_are_matched_only_to_instances_of_the_object_class() -> None:
     for given in (1, "1"):
         by_id = evaluate_labels(truth, truth, class_names=names, instances=inst, object_class=given)
         assert by_id.objects == o.objects
-    with pytest.raises(LabelError, match="object_class 3 is not a class id"):
+    with pytest.raises(LabelError, match=r"object_class \(--object-class\) 3 is not a class id"):
         evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="3")
     # An instance of mixed truth is one of the class most of its pixels have.
     truth[12, 20:25] = 1  # 5 of the region's 25 pixels nucleus: still tissue
@@ -387,3 +387,45 @@ def test_a_mistyped_result_is_not_taken_for_a_model(random_checkpoint: Path, tmp
     # A model that is there but has no image: the hint names the option of both interfaces.
     with pytest.raises(ValueError, match=r"image= / --image"):
         evaluate(str(random_checkpoint), truth)
+
+
+def test_negative_instance_ids_are_refused_as_training_refuses_them(tmp_path: Path) -> None:
+    """-1 ("ignore" in some tools) was taken as one object: two -1 regions far apart, one
+    true object, and a perfect prediction scored TP 2, FP 1."""
+    import tifffile
+
+    truth, inst = scene()
+    inst[inst == 2] = inst[inst == 3] = -1  # B and C, apart, marked "ignore"
+    with pytest.raises(LabelError, match=r"instances must be object ids >= 0 .* found -1"):
+        evaluate_labels(truth, truth, class_names=NAMES, instances=inst, object_class=1)
+    path, truth, _ = _result_and_truth(tmp_path)
+    tifffile.imwrite(tmp_path / "neg.tif", inst)
+    with pytest.raises(ValueError, match=r"^\S*neg\.tif: instances must be object ids >= 0"):
+        evaluate(path, truth, instances=tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"^the instances array: instances must be object"):
+        evaluate(path, truth, instances=inst, object_class="cell")
+
+
+def test_instance_and_object_class_faults_are_not_blamed_on_the_result_or_truth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Instances with no object were reported as "the result R or its ground truth T cannot
+    be read", an --object-class naming no class as the ground truth's fault."""
+    from segpipe.cli import main
+
+    path, truth, inst = _result_and_truth(tmp_path)
+    good = _write(tmp_path / "truth.png", truth)
+    empty = _write(tmp_path / "empty.png", np.zeros_like(inst, dtype=np.uint16))
+    with pytest.raises(ValueError, match=r"^\S*empty\.png: instances holds no object") as err:
+        evaluate(path, good, instances=empty)
+    assert "cannot be read" not in str(err.value) and "truth.png" not in str(err.value)
+    # Given the class, no object is a score (every predicted object a false positive).
+    assert evaluate(path, good, instances=empty, object_class="cell").objects.false_positives
+    ids = _write(tmp_path / "ids.png", inst.astype(np.uint16))
+    for given, said in (("nope", "'nope' is not one of the classes"), ("5", "5 is not a class")):
+        with pytest.raises(ValueError, match=rf"^object_class \(--object-class\) {said}") as err:
+            evaluate(path, good, instances=ids, object_class=given)
+        assert f"(those of the result {path})" in str(err.value)
+        assert "truth.png" not in str(err.value)
+    assert main(["evaluate", str(path), str(good), "--instances", str(empty)]) == 2
+    assert f"error: {empty}: instances holds no object" in capsys.readouterr().err

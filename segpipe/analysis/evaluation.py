@@ -34,12 +34,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+import dask
 import dask.array as da
 import numpy as np
-from scipy import ndimage
 
 from segpipe.analysis.metrics import LabelError
-from segpipe.analysis.scores import Evaluation, ObjectScore, match_objects
+from segpipe.analysis.scores import (
+    Evaluation,
+    InstancesError,
+    ObjectClassError,
+    ObjectScore,
+    check_instance_ids,
+    match_objects,
+    object_class_of,
+    object_score,
+)
 from segpipe.analysis.summary import confusion_against
 from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.labelfiles import label_plane
@@ -131,54 +140,23 @@ def evaluate_labels(
     confusion = confusion_against(mask, truth, len(names))
     objects = None
     if instances is not None:
-        inst = np.asarray(instances)
-        truth_np = np.asarray(truth)
+        inst, truth_np = np.asarray(instances), np.asarray(truth)
         if inst.shape != truth_np.shape:
             raise ValueError(
                 f"instances {inst.shape} and ground truth {truth_np.shape} differ in shape"
             )
-        if object_class is None:
-            under = truth_np[inst > 0]
-            if under.size == 0:
-                raise ValueError(
-                    "instances holds no object, so the object class cannot be inferred: "
-                    "pass object_class"
-                )
-            object_class = int(np.bincount(under.astype(np.int64)).argmax())
-        cls = names.index(object_class) if object_class in names else object_class
-        if isinstance(cls, str) and not cls.isdecimal():  # "2" (--object-class 2) is an id
-            raise LabelError(f"object_class {cls!r} is not one of the classes {names}")
-        if not 0 <= (cls := int(cls)) < len(names):
-            raise LabelError(f"object_class {cls} is not a class id of {names}")
-        structure = ndimage.generate_binary_structure(2, connectivity)
-        components, _ = ndimage.label(np.asarray(mask == cls), structure=structure)
-        if min_size_px > 0:
-            small = np.bincount(components.ravel()) < min_size_px
-            small[0] = False
-            components[small[components]] = 0
-        # Instances of other classes are no objects to find: matched against, they would
-        # count as misses however good the prediction.
-        inst = _instances_of(inst, truth_np, cls)
-        tp, fp, fn = match_objects(components, inst, iou_threshold=iou_threshold)
-        objects = ObjectScore(names[cls], iou_threshold, tp, fp, fn)
+        cls = object_class_of(inst, truth_np, object_class, names)
+        objects = object_score(
+            np.asarray(mask == cls),
+            inst,
+            truth_np,
+            cls,
+            names[cls],
+            iou_threshold=iou_threshold,
+            connectivity=connectivity,
+            min_size_px=min_size_px,
+        )
     return Evaluation(names, confusion, objects)
-
-
-def _instances_of(instances: np.ndarray, truth: np.ndarray, cls: int) -> np.ndarray:
-    """``instances`` with every instance whose most frequent ``truth`` class is not ``cls``
-    set to 0 (ties go to the lower class id).
-
-    >>> inst = np.array([[1, 1, 2, 2, 2]]); truth = np.array([[1, 1, 2, 2, 1]])
-    >>> _instances_of(inst, truth, 2).tolist()
-    [[0, 0, 2, 2, 2]]
-    """
-    ids, index = np.unique(instances, return_inverse=True)
-    index = index.reshape(-1)
-    labels = truth.reshape(-1).astype(np.int64)
-    n = int(labels.max(initial=0)) + 1
-    counts = np.bincount(index * n + labels, minlength=len(ids) * n).reshape(len(ids), n)
-    kept = counts.argmax(axis=1) == cls
-    return np.where(kept[index].reshape(instances.shape), instances, 0)
 
 
 def evaluate_model(
@@ -320,7 +298,10 @@ def evaluate(
         net, shape, where = _model_at_level(prediction, image)
     # Read lazily: a truth of the wrong size is refused before any segmenting or reading.
     truth = _plane(ground_truth, "ground truth", shape, where)
-    inst = None if instances is None else _plane(instances, "instances", shape, where)
+    inst = None
+    if instances is not None:
+        inst = _plane(instances, "instances", shape, where)
+        _check_instances(inst, instances, object_class)  # evaluate_labels would, unnamed
     with tempfile.TemporaryDirectory(prefix="segpipe-evaluate-") as tmp:
         if net is not None:
             from segpipe.execution.segment import segment
@@ -351,10 +332,10 @@ def evaluate(
                     min_size_px=min_size_px,
                 )
         except ValueError as exc:
-            name = (
-                "the ground truth array" if isinstance(ground_truth, np.ndarray) else ground_truth
-            )
-            if isinstance(exc, LabelError):  # class ids outside the result's, an unknown class
+            if isinstance(exc, ObjectClassError):  # the option's fault, not a file's
+                raise ValueError(f"{exc} (those of {where})") from None
+            name = _name(ground_truth, "ground truth")
+            if isinstance(exc, LabelError):  # class ids outside the result's
                 raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
             # A read failed (a damaged chunk): the result's or the truth's, which zarr's
             # message does not say.
@@ -411,10 +392,28 @@ def _plane(
     ``shape``, that of what is scored (``where``)."""
     plane = given if isinstance(given, np.ndarray) else label_plane(given, what)
     if tuple(plane.shape) != tuple(shape):
-        name = f"the {what} array" if isinstance(given, np.ndarray) else given
         size = " x ".join(str(n) for n in plane.shape)
         raise ValueError(
-            f"{name}: {what} of {size} px, but {where} is {shape[0]} x {shape[1]} px; give "
-            f"the {what} of that image"
+            f"{_name(given, what)}: {what} of {size} px, but {where} is {shape[0]} x "
+            f"{shape[1]} px; give the {what} of that image"
         )
     return plane
+
+
+def _check_instances(
+    plane: np.ndarray | da.Array,
+    given: str | os.PathLike[str] | np.ndarray | None,
+    object_class: int | str | None,
+) -> None:
+    """Refuse instances ``plane`` (from ``given``) with a negative id, or no object to infer
+    the class from, naming them: before any segmenting, chunk by chunk (not loaded whole)."""
+    lowest, highest = (int(v) for v in dask.compute(da.min(plane), da.max(plane)))
+    try:
+        check_instance_ids(lowest, highest, need_object=object_class is None)
+    except InstancesError as exc:
+        raise ValueError(f"{_name(given, 'instances')}: {exc}") from None
+
+
+def _name(given: object, what: str) -> object:
+    """``given`` (``what``: ground truth, instances) as an error names it: path, or array."""
+    return f"the {what} array" if isinstance(given, np.ndarray) else given

@@ -1,9 +1,9 @@
 """The answer of an evaluation: per-class pixel scores and the one-to-one object score.
 
 :class:`Evaluation` holds the confusion matrix and what follows from it (IoU, Dice), and
-optionally an :class:`ObjectScore`: predicted objects matched to ground-truth instances at
-IoU >= 0.5 by :func:`match_objects`. How the labels are obtained is
-:mod:`segpipe.analysis.evaluation`'s business.
+optionally an :class:`ObjectScore`: the predicted objects of one class (:func:`object_class_of`)
+matched to ground-truth instances at IoU >= 0.5 by :func:`object_score`. How the labels are
+obtained is :mod:`segpipe.analysis.evaluation`'s business.
 """
 
 from __future__ import annotations
@@ -13,10 +13,30 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from segpipe.analysis import metrics
+from segpipe.analysis.metrics import LabelError
 
-__all__ = ["Evaluation", "ObjectScore", "match_objects"]
+__all__ = [
+    "Evaluation",
+    "InstancesError",
+    "ObjectClassError",
+    "ObjectScore",
+    "check_instance_ids",
+    "match_objects",
+    "object_class_of",
+    "object_score",
+]
+
+
+class InstancesError(LabelError):
+    """Ground-truth instances that cannot be scored: negative ids, or no object to infer the
+    object class from (a fault of the instances given, not of the class labels)."""
+
+
+class ObjectClassError(LabelError):
+    """An object class that is none of the classes (a fault of the option, not the labels)."""
 
 
 @dataclass(frozen=True)
@@ -186,3 +206,89 @@ def match_objects(
             used_t.add(b)
             tp += 1
     return tp, n_pred - tp, n_true - tp
+
+
+def check_instance_ids(lowest: int, highest: int, *, need_object: bool) -> None:
+    """Refuse instances whose ids span ``[lowest, highest]`` if any is negative, or if none is
+    an object (all 0) when ``need_object`` (the object class is to be inferred from them).
+
+    Negative ids (-1, "ignore" in some tools) are refused as training refuses them: taken as
+    objects, all pixels of one such id, however far apart, were one true object.
+    """
+    if lowest < 0:
+        raise InstancesError(
+            f"instances must be object ids >= 0 (0 outside objects), found {lowest}; give "
+            "each object its own id > 0 and 0 where there is none"
+        )
+    if need_object and highest <= 0:
+        raise InstancesError(
+            "instances holds no object (all ids 0), so the object class cannot be inferred: "
+            "pass object_class (--object-class), or the instances of this image"
+        )
+
+
+def object_class_of(
+    instances: np.ndarray,
+    truth: np.ndarray,
+    object_class: int | str | None,
+    names: tuple[str, ...],
+) -> int:
+    """The class id whose objects are scored: ``object_class`` (a name, an id, or an id's
+    digits as the CLI gives it), or when None the ``truth`` class under most ``instances``
+    pixels (both ``(Y, X)``). Refuses negative instance ids first."""
+    lowest, highest = int(instances.min(initial=0)), int(instances.max(initial=0))
+    check_instance_ids(lowest, highest, need_object=object_class is None)
+    if object_class is None:
+        return int(np.bincount(truth[instances > 0].astype(np.int64)).argmax())
+    cls = names.index(object_class) if object_class in names else object_class
+    if isinstance(cls, str) and not cls.isdecimal():  # "2" (--object-class 2) is an id
+        raise ObjectClassError(
+            f"object_class (--object-class) {cls!r} is not one of the classes {names}"
+        )
+    if not 0 <= (cls := int(cls)) < len(names):
+        raise ObjectClassError(f"object_class (--object-class) {cls} is not a class id of {names}")
+    return cls
+
+
+def object_score(
+    predicted: np.ndarray,
+    instances: np.ndarray,
+    truth: np.ndarray,
+    cls: int,
+    class_name: str,
+    *,
+    iou_threshold: float = 0.5,
+    connectivity: int = 1,
+    min_size_px: int = 0,
+) -> ObjectScore:
+    """Connected components of the ``(Y, X)`` boolean ``predicted`` (pixels of class ``cls``),
+    those under ``min_size_px`` pixels dropped, matched to the ``instances`` of class ``cls``
+    in ``truth``; ``connectivity`` 1 joins across edges, 2 also across corners."""
+    structure = ndimage.generate_binary_structure(2, connectivity)
+    components, _ = ndimage.label(predicted, structure=structure)
+    if min_size_px > 0:
+        small = np.bincount(components.ravel()) < min_size_px
+        small[0] = False
+        components[small[components]] = 0
+    # Instances of other classes are no objects to find: matched against, they would count
+    # as misses however good the prediction.
+    ours = _instances_of(instances, truth, cls)
+    tp, fp, fn = match_objects(components, ours, iou_threshold=iou_threshold)
+    return ObjectScore(class_name, iou_threshold, tp, fp, fn)
+
+
+def _instances_of(instances: np.ndarray, truth: np.ndarray, cls: int) -> np.ndarray:
+    """``instances`` with every instance whose most frequent ``truth`` class is not ``cls``
+    set to 0 (ties go to the lower class id).
+
+    >>> inst = np.array([[1, 1, 2, 2, 2]]); truth = np.array([[1, 1, 2, 2, 1]])
+    >>> _instances_of(inst, truth, 2).tolist()
+    [[0, 0, 2, 2, 2]]
+    """
+    ids, index = np.unique(instances, return_inverse=True)
+    index = index.reshape(-1)
+    labels = truth.reshape(-1).astype(np.int64)
+    n = int(labels.max(initial=0)) + 1
+    counts = np.bincount(index * n + labels, minlength=len(ids) * n).reshape(len(ids), n)
+    kept = counts.argmax(axis=1) == cls
+    return np.where(kept[index].reshape(instances.shape), instances, 0)
