@@ -2064,3 +2064,24 @@ def test_images_whose_last_attempt_never_ended_go_last_in_their_order(tmp_path):
     image_paths(out, "e.tif").state.mkdir()
     order = [i.key for i in archive.killed_last(images, out)]
     assert order == ["b.tif", "d.tif", "e.tif", "a.tif", "c.tif"]
+
+
+@pytest.mark.parametrize(
+    ("status", "field", "failures"),
+    [("failed", "failed_at", 1), ("running", "updated", MAX_KILLED_ATTEMPTS)],
+)
+def test_a_sidecar_time_without_a_zone_is_no_time_to_wait_from(tmp_path, status, field, failures):
+    """A failure time written without a zone (by hand, by another tool) cannot be compared
+    with the aware now: the image is due now rather than the decision raising TypeError."""
+    paths, fp, state = _sidecar(tmp_path)
+    naive = datetime.now().isoformat(timespec="seconds")  # zoned, it would be held for its delay
+    assert datetime.fromisoformat(naive).tzinfo is None, "the case this test is about"
+    state |= {"status": status, "failures": failures, field: naive}
+    state |= {"reason": "OSError: share gone"} if status == "failed" else {"owner": "run-7"}
+    paths.state.write_text(json.dumps(state))
+    decision = decide(paths, fp, "m1", CONFIG)
+    assert (decision.process, decision.held, decision.failures) == (True, False, failures)
+    # The same for a read failure, recorded apart.
+    unreadable = {"failures": 1, "failed_at": naive, "reason": "PermissionError: denied"}
+    paths.state.write_text(json.dumps({"unreadable": unreadable}))
+    assert decide_unreadable(paths).process

@@ -465,3 +465,71 @@ def test_a_result_being_exported_is_held_and_one_replaced_meanwhile_is_not_publi
     with pytest.raises(ResultReplacedError):
         export_ngff04(fresh, tmp_path / "f.zarr")
     assert not (tmp_path / "f.zarr").exists()
+
+
+def _one_nucleus():
+    """(32, 32) labels: background and one 5 x 5 nucleus."""
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:9, 4:9] = 2
+    return labels
+
+
+@pytest.mark.parametrize(
+    ("stored", "exported"), [("float16", np.float32), ("float32", np.float32), ("uint8", np.uint8)]
+)
+def test_only_float16_probabilities_are_widened_in_the_export(tmp_path, stored, exported):
+    """Java has no half floats: QuPath reads float32; float16 widens exactly."""
+    path, _ = make_result(tmp_path / "r.zarr", _one_nucleus(), dtype=stored)
+    group = zarr.open_group(export_ngff04(path, tmp_path / "e.zarr"), mode="r")
+    levels = source_levels(path, "probabilities")
+    assert levels[0].dtype == np.dtype(stored)
+    for k, want in enumerate(levels):
+        assert group[str(k)].dtype == exported
+        np.testing.assert_array_equal(group[str(k)][...], want)
+
+
+def test_every_label_image_of_the_result_is_listed_in_the_export(tmp_path, monkeypatch):
+    """A run with a foreground mask stores it as a second label image beside the mask: a 0.4
+    reader finds labels by the list in labels/.zattrs, so both are listed."""
+    import json
+
+    import test_query
+
+    from segpipe.results.labels import add_label_image, label_images
+
+    real = test_query.prepare_result
+
+    def with_foreground(path, meta):  # as segment's driver prepares a run with a mask
+        out = real(path, meta)
+        add_label_image(path, "foreground", ["left out", "foreground"], long_name="foreground")
+        return out
+
+    monkeypatch.setattr(test_query, "prepare_result", with_foreground)
+    path, _ = make_result(tmp_path / "r.zarr", _one_nucleus())
+    names = label_images(path)
+    assert names == [LABEL_NAME, "foreground"]
+    out = export_ngff04(path, tmp_path / "e.zarr")
+    assert json.loads((out / "labels" / ".zattrs").read_text())["labels"] == names
+    for name in names:
+        assert zarr.open_group(out / "labels" / name, mode="r").attrs["image-label"]
+
+
+def test_a_failed_replacement_puts_the_earlier_export_back(fresh, tmp_path, monkeypatch):
+    """The new copy cannot be renamed into place (EACCES, EXDEV): the earlier export, moved
+    aside for it, is back at the output, not left as a hidden ".deleting-" folder."""
+    import os
+
+    out = tmp_path / "e.zarr"
+    export_ngff04(fresh, out)
+    before = file_tree(tmp_path)
+    real = os.rename
+
+    def refuse_the_new_copy(src, dst):
+        if os.path.basename(src).startswith(".e.zarr.exporting-"):
+            raise PermissionError(13, "Permission denied", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(ngff.os, "rename", refuse_the_new_copy)
+    with pytest.raises(PermissionError):
+        export_ngff04(fresh, out, overwrite=True)
+    assert file_tree(tmp_path) == before

@@ -725,3 +725,70 @@ def test_an_output_in_the_result_is_refused(small, tmp_path, capsys, argv):
     assert _cli("-q", *argv) == 2
     assert f"{target} is inside the result {small}" in capsys.readouterr().err
     assert file_tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("falling", [False, True], ids=["ascending", "falling"])
+@pytest.mark.parametrize(
+    ("lo", "hi", "pixel"),
+    [(0.80, 0.85, 2), (0.1, 0.2, 0), (-0.2, -0.1, 0), (2.6, 2.7, 5), (2.3, 2.35, 5)],
+)
+def test_a_region_between_centres_keeps_the_pixel_whose_footprint_holds_it(lo, hi, pixel, falling):
+    """Centres 0, 0.5, .. 2.5 µm, footprints ±0.25 µm: a region holding no centre keeps the
+    pixel whose footprint holds its middle, not the one below it, and the first pixel too
+    (it was refused as "holds no pixel")."""
+    from segpipe.analysis.regions import region_slice
+
+    centres = np.arange(6) * 0.5
+    assert not ((centres >= lo) & (centres < hi)).any(), "the case this test is about"
+    assert abs((lo + hi) / 2 - centres[pixel]) < 0.25  # the footprint that holds the middle
+    step = -0.5 if falling else 0.5
+    axis = centres[::-1] if falling else centres
+    assert axis[region_slice(axis, lo, hi, step)].tolist() == [centres[pixel]]
+    # The same through a Dataset: column j holds class j % 3.
+    ys = np.array([1.0, 0.5]) if falling else np.array([0.5, 1.0])
+    mask = np.broadcast_to(np.round(axis / 0.5).astype(np.uint8) % 3, (2, 6))
+    ds = xr.Dataset(
+        {"mask": (("y", "x"), mask)}, coords={"y": ys, "x": axis, "class": list(CLASSES)}
+    )
+    areas = query.class_areas(ds, region=(lo, 0.0, hi, 2.0))
+    assert areas["pixels"].values.tolist() == np.bincount([pixel % 3] * 2, minlength=3).tolist()
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_thresholds_of_zero_and_one_are_probabilities(threshold):
+    """[0, 1] is closed: 0 selects every pixel of some probability, 1 none."""
+    p = np.array([[1.0, 0.6, 0.0, 0.1]], np.float32)
+    ds = xr.Dataset(
+        {
+            "mask": (("y", "x"), np.zeros((1, 4), np.uint8)),
+            "probabilities": (("class", "y", "x"), np.stack([1 - p, p, 0 * p])),
+        },
+        coords={"y": [0.0], "x": np.arange(4.0), "class": list(CLASSES)},
+    )
+    above = query.threshold_mask(ds, "tissue", threshold).values
+    np.testing.assert_array_equal(above, p > threshold)
+    for bad in (-0.01, 1.01):
+        with pytest.raises(ValueError, match="threshold must be a probability in"):
+            query.threshold_mask(ds, "tissue", bad)
+
+
+@pytest.mark.parametrize("flip", ["none", "transpose", "left-right", "up-down"])
+def test_diagonal_touch_across_a_chunk_edge_away_from_its_corners(flip):
+    """Two blobs meeting at one corner pixel pair across a chunk edge (not at a chunk
+    corner): one 8-connected object, as scipy labels the whole image."""
+    fg = np.zeros((8, 8), bool)
+    fg[2:4, 0:2] = True  # chunk (0, 0), on its bottom edge
+    fg[4:6, 2:4] = True  # chunk (1, 0): meets it at (3, 1)-(4, 2)
+    fg = {"none": fg, "transpose": fg.T, "left-right": fg[:, ::-1], "up-down": fg[::-1]}[flip]
+    ds = xr.Dataset(
+        {
+            "mask": (("y", "x"), fg.astype(np.uint8) * 2),
+            "probabilities": (("class", "y", "x"), np.stack([1.0 - fg, 0.0 * fg, 1.0 * fg])),
+        },
+        coords={"y": np.arange(8.0), "x": np.arange(8.0), "class": list(CLASSES)},
+    ).chunk({"y": 4, "x": 4})
+    for connectivity in (1, 2):
+        lab, n = ndimage.label(fg, ndimage.generate_binary_structure(2, connectivity))
+        table = query.object_table(ds, "nucleus", connectivity=connectivity)
+        assert sorted(table["area_px"]) == sorted(np.bincount(lab.ravel())[1:].tolist())
+    assert n == 1  # the case this test is about: 8-connected, one object of 8 pixels

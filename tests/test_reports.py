@@ -123,3 +123,28 @@ def test_describe_run_says_when_nothing_was_segmented():
     text = reports.run_markdown(_outcomes())
     assert text.startswith("3 images: 1 segmented, 1 up to date, 1 failed (c.tif)")
     assert "- `c.tif`: ValueError: /in/c.tif: the TIFF holds no image" in text
+
+
+def test_report_areas_are_in_the_unit_its_header_names(tmp_path):
+    """64 x 64 px at 32 µm/px, 4.19 mm² in all: areas in mm², not µm² under an mm² header."""
+    from test_query import make_result
+
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:16] = 1  # 1024 px, 1.048576 mm²
+    path, _ = make_result(tmp_path / "r.zarr", labels, pixel_size_um=32.0)
+    text = reports.image_report(path)
+    assert "| class | pixels | area (mm²) | fraction |" in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()}
+    for name, n in (("background", 3072), ("tissue", 1024), ("nucleus", 0)):
+        pixels, area, _ = rows[name]
+        assert int(pixels) == n
+        assert float(area) == pytest.approx(n * 32.0**2 / 1e6, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("max_side", "expected"), [(2048, 0), (1024, 1), (600, 1), (512, 2), (256, 3), (255, 3)]
+)
+def test_thumbnail_level_keeps_a_level_of_exactly_max_side(max_side, expected):
+    """A level whose larger side is exactly max_side is "at least max_side": it is chosen."""
+    shapes = [(2048, 1536, 3), (1024, 768, 3), (512, 384, 3), (256, 192, 3)]
+    assert reports.thumbnail_level(shapes, 0, max_side) == expected

@@ -1833,3 +1833,15 @@ def test_a_result_on_an_older_releases_grid_keeps_it_for_new_labels_and_areas(tm
     ]
     x = open_result(path, allow_incomplete=True)["x"]
     assert x.values[:2].tolist() == [0.0, 1.0] and x.attrs["step"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mode_2x_of_labels_up_to_16_is_the_most_frequent_value(seed):
+    """A label of 16 (a model of 17 classes) does not fit the lookup table's 4-bit nibbles:
+    packed, it spills into the next pixel's, and [[16, 16], [16, 3]] would read as 1."""
+    from segpipe.results.pyramid import mode_2x
+
+    labels = np.random.default_rng(seed).integers(0, 17, (8, 8)).astype(np.uint8)
+    labels[:2, :2] = [[16, 16], [16, 3]]
+    np.testing.assert_array_equal(mode_2x(labels), brute_mode_2x(labels))
+    assert mode_2x(labels)[0, 0] == 16

@@ -103,3 +103,17 @@ def test_coordinate_areas_are_in_the_results_units(georeference, expected):
     meta = ResultMeta(source="s.tif", shape=(10, 10), class_names=("a", "b"), model_name="m",
                       model_sha256="0" * 64, halo=0, config=SegmentConfig(), **fields)  # fmt: skip
     assert coordinate_areas([4, 8], meta) == expected
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], np.zeros(2, np.int64), [0]])
+def test_class_fractions_of_no_counted_pixel_are_zero(counts):
+    """A result killed before its first block counts no pixel: its fractions are 0, not
+    NaN (what `segpipe info` and the reports show)."""
+    from segpipe.results.summary import RunSummary, class_fractions
+
+    assert class_fractions(counts) == (0.0,) * len(counts)
+    summary = RunSummary(
+        tiles_total=1, tiles_computed=0, tiles_skipped=0, windows=0, seconds=0.0,
+        megapixels_per_second=0.0, class_pixels=tuple(int(n) for n in counts),
+    )  # fmt: skip
+    assert summary.class_fraction == (0.0,) * len(counts)

@@ -538,3 +538,14 @@ def test_a_result_being_exported_to_geojson_is_held_and_one_replaced_is_not_writ
     with pytest.raises(ResultReplacedError):
         vectors.export_geojson(path, tmp_path / "p.geojson")
     assert not (tmp_path / "p.geojson").exists()
+
+
+@pytest.mark.parametrize(("min_area", "kept"), [(4, [4, 9]), (5, [9]), (9, [9]), (10, [])])
+def test_min_area_keeps_an_object_of_exactly_that_area(tmp_path, min_area, kept):
+    """min_area drops the objects smaller than it: one of exactly min_area stays."""
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:6, 4:6] = 2  # 4 px
+    labels[20:23, 20:23] = 2  # 9 px
+    path, _ = make_result(tmp_path / "r.zarr", labels, pixel_size_um=None)  # areas in pixels
+    feats = vectors.class_features(path, "nucleus", min_area=min_area)
+    assert sorted(f["properties"]["measurements"]["area"] for f in feats) == kept
