@@ -630,6 +630,18 @@ def test_a_raster_placed_by_gcps_or_rpcs_is_read_unplaced_with_a_warning(tmp_pat
             "ModelTransformationTag of 6",
             id="6-value-model-transformation",
         ),
+        # A pixel size of 0: GDAL makes a ground control point of the tiepoint, drops the
+        # CRS and hands on the identity; read unplaced without a word, results in pixels.
+        pytest.param(
+            _scale_tie(0.0, 10.0),
+            r"ModelPixelScaleTag of 3 value.*ModelTiepointTag of 6 value.*\(0\.0, 10\.0\) hold a 0",
+            id="x-pixel-scale-0",
+        ),
+        pytest.param(
+            [(33550, 12, 2, (10.0, 0.0)), _tiepoints(_TIE, (64, 64, 0, 5e5, 5e6, 0))],
+            r"ModelPixelScaleTag of 2 value.*\(10\.0, 0\.0\) hold a 0",
+            id="y-pixel-scale-0-two-tiepoints",
+        ),
     ],
 )
 def test_a_georeference_that_is_no_affine_is_refused_naming_the_file(tmp_path, tags, message, crs):

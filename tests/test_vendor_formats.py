@@ -1211,6 +1211,88 @@ def test_ome_tiffdata_that_list_no_ifd_read_give_the_image_in_series_order(tmp_p
     assert open_image(path).pixel_size_um == 0.5
 
 
+def _damage_level_0_length(path: Path, rows: int) -> Path:
+    """``path`` with its first IFD's ImageLength (TIFF tag 257) overwritten to ``rows``, as a
+    bit flip or a hand edit leaves it."""
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages.first.tags["ImageLength"]
+        at, fmt = tag.valueoffset, tif.byteorder + ("H" if tag.dtype == 3 else "I")
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(struct.pack(fmt, rows))
+    return path
+
+
+def write_svs(path: Path, img: np.ndarray, *, macro: bool = False) -> Path:
+    """Aperio SVS as scanners lay it out: the tiled baseline (MPP 0.5), a stripped thumbnail
+    (reduced by 8), a tiled level reduced by 2, and with ``macro`` a 150 x 200 macro image."""
+    aperio = "Aperio Image Library v12.0.15\r\n"
+    pages = [
+        (img, {"tile": (64, 64)}, f"{aperio}384x256 (64x64) JPEG/RGB Q=70|AppMag = 20|MPP = 0.5"),
+        (img[::8, ::8], {}, f"{aperio}thumbnail"),
+        (img[::2, ::2], {"tile": (64, 64)}, aperio),
+        *([(np.zeros((150, 200, 3), np.uint8), {}, f"{aperio}macro 200x150")] if macro else []),
+    ]
+    with tifffile.TiffWriter(path) as tif:
+        for pixels, layout, desc in pages:
+            tif.write(np.ascontiguousarray(pixels), description=desc, **layout, **KW)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore:.*holds 2 images:UserWarning")
+def test_an_ome_pyramid_whose_level_0_size_tag_is_damaged_is_refused(tmp_path):
+    """tifffile gives up on the OME-XML and lists plain pages, the reduced level (its SubIFD)
+    the largest: it was read as the whole image, at level 0's OME pixel size."""
+    path, img = tmp_path / "pyramid.ome.tif", _image()
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        meta = {"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
+        tif.write(img, subifds=1, tile=(64, 64), photometric="rgb", metadata=meta)
+        tif.write(img[::2, ::2], subfiletype=1, tile=(64, 64), photometric="rgb")
+    assert open_image(path).level_shapes == ((256, 384, 3), (128, 192, 3))
+    _damage_level_0_length(path, 7)
+    with tifffile.TiffFile(path) as tif:  # the premise: two plain series, the reduced largest
+        assert [(s.kind, s.shape) for s in tif.series] == [
+            ("generic", (7, 384, 3)),
+            ("generic", (128, 192, 3)),
+        ]
+    with pytest.raises(ImageReadError) as info:
+        open_image(path)
+    assert str(info.value).startswith(
+        f"{path}: its OME-XML does not describe its images (sizes, channels or planes at odds "
+        "with the TIFF tags: the metadata is damaged); read as plain TIFF pages instead, the "
+        "largest, series 1 (128x192x3), is of no size an OME Image has"
+    )
+
+
+@pytest.mark.parametrize(
+    ("write", "rows", "message"),
+    [
+        # The thumbnail, the largest image left, was read as the slide at the slide's MPP.
+        (
+            write_svs,
+            2,
+            r"the SVS's series 0 'Baseline' \(2x384x3\) is smaller than its series 1 "
+            r"'Thumbnail' \(32x48x3\), a reduction of it: a size tag .* is damaged",
+        ),
+        # Larger than the thumbnail, smaller than the macro, which was read as the slide.
+        (
+            lambda p, i: write_svs(p, i, macro=True),
+            40,
+            r"pyramid level 1 \(128, 192, 3\) .* is not a reduction of level 0 \(40, 384, 3\)",
+        ),
+    ],
+    ids=["svs-thumbnail", "svs-macro"],
+)
+def test_a_slide_whose_level_0_size_tag_is_damaged_is_refused_not_read_as_its_macro(
+    tmp_path, write, rows, message
+):
+    path = write(tmp_path / "slide.svs", _image())
+    assert open_image(path).level_shapes[0] == (256, 384, 3)
+    _damage_level_0_length(path, rows)
+    with pytest.raises(ImageReadError, match=rf"slide\.svs: {message}"):
+        open_image(path)
+
+
 # --- OpenSlide, for the formats tifffile cannot read (MRXS, VMS, ...) ---------------------------
 
 

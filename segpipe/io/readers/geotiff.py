@@ -308,12 +308,18 @@ def _placed_by_affine(ds: Any, source: str | URLPath, tags: Any) -> bool:
     control points (tiepoints without such a scale) or RPCs, it is read unplaced, with a
     warning: pixels in the sensor's geometry are still an image to segment. Refused, naming
     the file and the tags, where tags place it that GDAL makes nothing of (a tiepoint of
-    fewer than 6 values, a scale without a tiepoint), which rasterio hands on as a
-    transform at 0, 0."""
+    fewer than 6 values, a scale without a tiepoint or with an x or y size of 0), which
+    rasterio hands on as a transform at 0, 0 or the identity."""
     counts = {name: tags[code].count for code, name in _PLACEMENT_TAGS.items() if code in tags}
     tie, scale = counts.get("ModelTiepointTag", 0), counts.get("ModelPixelScaleTag", 0)
-    affine = counts.get("ModelTransformationTag") == 16 or (tie >= 6 and scale >= 2)
-    gcps = not affine and tie >= 6 and tie % 6 == 0
+    # GDAL takes a scale whose x or y size is 0 for none, and the tiepoints for ground
+    # control points, dropping the CRS (a NaN size it takes, and hands on)
+    sizes = tuple(tags[33550].value[:2]) if scale >= 2 else ()
+    is_size_0 = any(v == 0 for v in sizes)
+    affine = counts.get("ModelTransformationTag") == 16 or (
+        tie >= 6 and scale >= 2 and not is_size_0
+    )
+    gcps = not affine and tie >= 6 and tie % 6 == 0 and scale < 2
     if gcps or (not affine and ds.rpcs is not None):
         how = f"{tie // 6} ground control point(s)" if gcps else "RPCs"
         warnings.warn(
@@ -324,10 +330,11 @@ def _placed_by_affine(ds: Any, source: str | URLPath, tags: Any) -> bool:
         return False
     if counts and not affine:
         listed = ", ".join(f"{name} of {n} value(s)" for name, n in counts.items())
+        zero = f" (its x, y sizes {sizes} hold a 0)" if is_size_0 else ""
         raise ImageReadError(
-            f"{source}: GDAL makes no geotransform of its {listed}: it takes a "
+            f"{source}: GDAL makes no geotransform of its {listed}{zero}: it takes a "
             "ModelTiepointTag of 6 values (pixel i, j, k at x, y, z) with a ModelPixelScaleTag "
-            "(x, y, z sizes), or a ModelTransformationTag of 16; fix them (gdal_edit.py -a_ullr) "
-            "or drop them (gdal_edit.py -unsetgt)"
+            "(x, y, z sizes, x and y not 0), or a ModelTransformationTag of 16; fix them "
+            "(gdal_edit.py -a_ullr) or drop them (gdal_edit.py -unsetgt)"
         )
     return True

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -33,7 +34,7 @@ from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
 from segpipe.io.readers.ome_planes import check_ome_planes, file_open
-from segpipe.io.readers.ome_sets import check_ome_set, named_files
+from segpipe.io.readers.ome_sets import check_ome_set, local_name, named_files
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
     Photometric,
@@ -85,7 +86,7 @@ class TiffReader(BaseReader):
             if not tif.series:
                 raise ImageReadError(f"{self.path}: the TIFF holds no image")
             check_ome_set(tif, self.path)
-            self._series = _main_series(tif.series, self.path)
+            self._series = _main_series(tif, self.path)
             series = tif.series[self._series]
             # An OME-TIFF set's other files, as the file itself: a worker's copy (pickled)
             # refuses one rewritten since (it read the new pixels, its Dask token unchanged).
@@ -94,6 +95,10 @@ class TiffReader(BaseReader):
             self._companions = {} if self.url else {f: file_state(f) for f in sorted(files)}
             check_declared_data(series, size, self.path)
             check_tag_values(tif, size, self.path)
+            # tifffile's fallback: not a kind it reads first (shaped, Micro-Manager). It gave
+            # up on the OME-XML and listed plain pages (of a renamed file, or TiffData past
+            # its IFDs, still the image the OME-XML describes)
+            is_damaged_ome = tif.is_ome and series.kind in ("generic", "uniform")
             levels = series.levels
             turn = _orientation(levels, self.path)
             self._photometric = tuple(
@@ -148,17 +153,21 @@ class TiffReader(BaseReader):
             try:
                 self._set_layout(axes, shapes, chunks, dtype)
             except ImageReadError as exc:
-                # tifffile's fallback: not a kind it reads first (shaped, Micro-Manager)
-                if not (tif.is_ome and series.kind in ("generic", "uniform")):
+                if not is_damaged_ome:
                     raise
-                # tifffile gave up on the OME-XML and listed plain pages: a damaged file, no
-                # stack, however the pages are then laid out
+                # no stack, however the pages are then laid out
                 why = str(exc).removeprefix(f"{self.path}: ")
-                raise ImageReadError(
-                    f"{self.path}: its OME-XML does not describe its images (sizes, channels "
-                    f"or planes at odds with the TIFF tags: the metadata is damaged); read as "
-                    f"plain TIFF pages instead, {why}"
-                ) from exc
+                raise _damaged_ome_xml(self.path, why) from exc
+            # Level 0's size tag damaged: its reduced level the largest page, read at level 0's
+            # pixel size
+            yx = (str(series.keyframe.imagelength), str(series.keyframe.imagewidth))
+            if is_damaged_ome and yx not in _ome_image_sizes(tif.ome_metadata, default={yx}):
+                read = _series_text(self._series, series)
+                raise _damaged_ome_xml(
+                    self.path,
+                    f"the largest, {read}, is of no size an OME Image has: a reduced level or "
+                    "another image; restore the file from a copy as written",
+                )
             # GDAL's view of a file tifffile reads otherwise (an OME series of channels) has
             # its own band count: its values would be matched to the wrong channels.
             check_per_channel(
@@ -245,14 +254,36 @@ class TiffReader(BaseReader):
         return {"_tif": None}
 
 
-def _main_series(series: list[Any], path: str) -> int:
-    """Index of the series with the most level-0 pixels (Y x X; of two alike, the one with
-    more samples, channels or planes), passing over transparency masks (GDAL's internal mask
-    band is a series of its own, as large as the image). Refused where one of several series
-    has a size of 0: a damaged file.
+def _damaged_ome_xml(path: str, why: str) -> ImageReadError:
+    """The error for an OME-TIFF whose OME-XML tifffile gave up on, listing plain pages."""
+    return ImageReadError(
+        f"{path}: its OME-XML does not describe its images (sizes, channels or planes at odds "
+        f"with the TIFF tags: the metadata is damaged); read as plain TIFF pages instead, {why}"
+    )
+
+
+def _ome_image_sizes(xml: str | None, *, default: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """``(SizeY, SizeX)`` of each OME ``Pixels`` in ``xml``, as written; ``default`` where it
+    does not parse (the pixel size is then warned of as unknown)."""
+    try:
+        root = ET.fromstring(xml or "")
+    except ET.ParseError:
+        return default
+    pixels = [e for e in root.iter() if local_name(e.tag) == "Pixels"]
+    return {(e.get("SizeY", "").strip(), e.get("SizeX", "").strip()) for e in pixels}
+
+
+def _main_series(tif: Any, path: str) -> int:
+    """Index of the series of ``tif`` with the most level-0 pixels (Y x X; of two alike, the
+    one with more samples, channels or planes), passing over transparency masks (GDAL's
+    internal mask band is a series of its own, as large as the image) and the images a
+    scanner adds beside the slide (thumbnail, label, macro, map, overview). Refused where one
+    of several series has a size of 0, or an SVS's baseline is smaller than its thumbnail: a
+    damaged file.
 
     Other images left out are warned of, naming them, unless a scanner or GDAL adds them
     beside every slide (thumbnail, label, macro, map, overview, mask)."""
+    series = tif.series
     # tifffile drops a size tag it cannot read (ImageWidth 0): passed over, that image's
     # reduced level, or another image, would be read as the whole (a lone image's emptiness
     # is refused as it is laid out)
@@ -265,6 +296,21 @@ def _main_series(series: list[Any], path: str) -> int:
                     "ImageLength, SamplesPerPixel) is damaged; the file cannot be read as it is"
                 )
     images = [i for i, s in enumerate(series) if not s.keyframe.is_mask] or list(range(len(series)))
+    # A slide's size tag damaged to a few rows made its thumbnail or macro the largest: read
+    # as the slide, at the slide's pixel size. (An OME Image's name is the user's: a
+    # microscope's "overview" scan may be the image.)
+    images = [
+        i for i in images if series[i].kind == "ome" or series[i].name.lower() not in _VENDOR_EXTRAS
+    ] or images
+    if tif.is_svs and (thumbs := [s for s in series if s.name.lower() == "thumbnail"]):
+        base, thumb = series[0], thumbs[0]  # tifffile's SVS series: Baseline first
+        if any(b < t for b, t in zip(_plane_yx(base), _plane_yx(thumb), strict=True)):
+            raise ImageReadError(
+                f"{path}: the SVS's {_series_text(0, base)} is smaller than its "
+                f"{_series_text(series.index(thumb), thumb)}, a reduction of it: a size tag "
+                "(ImageWidth, ImageLength) of the slide is damaged; the file cannot be read "
+                "as it is"
+            )
     # samples, channels and Z planes are no pixels: a 600 x 600 RGB image is smaller than a
     # 1000 x 1000 grey one
     main = max(images, key=lambda i: (_plane_pixels(series[i]), math.prod(series[i].shape)))
@@ -295,10 +341,15 @@ def _main_series(series: list[Any], path: str) -> int:
     return main
 
 
+def _plane_yx(series: Any) -> tuple[int, int]:
+    """``(Y, X)`` pixels of ``series``' level 0."""
+    sizes = dict(zip(series.axes, series.shape, strict=False))
+    return int(sizes.get("Y", 1)), int(sizes.get("X", 1))
+
+
 def _plane_pixels(series: Any) -> int:
     """Y x X pixels of ``series``' level 0."""
-    sizes = dict(zip(series.axes, series.shape, strict=False))
-    return int(sizes.get("Y", 1)) * int(sizes.get("X", 1))
+    return math.prod(_plane_yx(series))
 
 
 def _series_text(index: int, series: Any) -> str:
