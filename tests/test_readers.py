@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -13,6 +14,7 @@ import sys
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -675,6 +677,117 @@ def test_the_png_size_limit_applied_is_segpipes_not_pillows(
     assert Image.MAX_IMAGE_PIXELS == 1000
 
 
+def _png_of_height(data: bytes, height: int, width: int | None = None) -> bytes:
+    """A PNG's bytes with its header (IHDR) stating ``height`` (and ``width``), CRC fixed."""
+    head = bytearray(data[:33])
+    head[16:24] = struct.pack(">II", width or struct.unpack(">I", data[16:20])[0], height)
+    head[29:33] = struct.pack(">I", zlib.crc32(bytes(head[12:29])))
+    return bytes(head) + data[33:]
+
+
+def _png_bytes(pixels: np.ndarray, how: str) -> bytes:
+    """``pixels`` as a PNG: by Pillow, or (16-bit RGB, which Pillow does not write) by
+    imagecodecs, which segpipe decodes with too."""
+    import imagecodecs
+
+    if how == "imagecodecs":
+        return bytes(imagecodecs.png_encode(pixels))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("pixels", "how"),
+    [
+        pytest.param(_rgb(), "pillow", id="rgb8"),
+        pytest.param(_rgb()[..., 0], "pillow", id="grey8"),
+        pytest.param(_rgb()[..., 0].astype(np.uint16) * 250, "pillow", id="grey16"),
+        pytest.param(_rgb(np.uint16), "imagecodecs", id="rgb16"),
+    ],
+)
+@pytest.mark.parametrize("extra_rows", [1, 300])
+def test_a_png_declaring_rows_its_data_lack_is_refused_naming_the_file(
+    tmp_path: Path, pixels: np.ndarray, how: str, extra_rows: int
+) -> None:
+    """Pillow ended the image where the data ended and read the rows after them as 0: a
+    header (IHDR) stating 600 rows over 300 read as an image, ingested and marked complete."""
+    good = _png_bytes(pixels, how)
+    (tmp_path / "good.png").write_bytes(good)
+    np.testing.assert_array_equal(
+        open_image(tmp_path / "good.png").read(0, 300, 0, 517).reshape(pixels.shape), pixels
+    )
+    path = tmp_path / "taller.png"
+    path.write_bytes(_png_of_height(good, 300 + extra_rows))
+    with pytest.raises(ImageReadError, match=r"taller\.png: its image data \(IDAT\) inflate to"):
+        open_image(path)
+
+
+def test_a_png_declaring_more_than_its_data_can_inflate_to_is_refused_undecoded(
+    tmp_path: Path,
+) -> None:
+    """A 16-bit grey PNG of 310 x 300 stating 1,000,000 rows took 35 s and 620 MB to decode
+    before anything said so; deflate gives 1032 bytes at most from one, so 20 bytes of data
+    cannot hold 4,000 x 4,000 pixels. Refused before a byte is inflated."""
+    path = tmp_path / "huge.png"
+    path.write_bytes(_png_of_height(_png_bytes(np.zeros((16, 16), np.uint8), "pillow"), 4000, 4000))
+    with pytest.raises(ImageReadError, match=r"huge\.png: the 4,000 x 4,000 pixels .* at most"):
+        open_image(path)
+
+
+def _jpeg_of_height(data: bytes, height: int) -> bytes:
+    """A JPEG's bytes with its frame header (SOF0, SOF2) stating ``height``."""
+    at = min(i for i in (data.find(b"\xff\xc0"), data.find(b"\xff\xc2")) if i >= 0)
+    return data[: at + 5] + struct.pack(">H", height) + data[at + 7 :]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param({"quality": 90}, id="baseline"),
+        pytest.param({"progressive": True}, id="progressive"),
+        pytest.param({"quality": 90, "restart_marker_rows": 1}, id="restart-intervals"),
+        pytest.param({"quality": 100, "subsampling": 0, "optimize": True}, id="444-optimized"),
+    ],
+)
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+@pytest.mark.parametrize("extra_rows", [16, 300])
+def test_a_jpeg_declaring_rows_its_scans_lack_is_refused_naming_the_file(
+    tmp_path: Path, options: dict[str, Any], grey: bool, extra_rows: int
+) -> None:
+    """libjpeg makes up the blocks past a scan's end ("Premature end of JPEG file", a warning
+    Pillow drops): a frame header (SOF) stating more rows read as an image, ingested and marked
+    complete. Restart intervals of one block row each: the lie ends at an interval's end."""
+    pixels = _rgb()[..., 0] if grey else _rgb()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", **options)
+    good = tmp_path / "good.jpg"
+    good.write_bytes(buffer.getvalue())
+    with Image.open(good) as img:
+        np.testing.assert_array_equal(
+            open_image(good).read(0, 300, 0, 517).reshape(pixels.shape), np.asarray(img)
+        )
+    path = tmp_path / "taller.jpg"
+    path.write_bytes(_jpeg_of_height(buffer.getvalue(), 300 + extra_rows))
+    with pytest.raises(ImageReadError, match=r"taller\.jpg: its coded data end before"):
+        open_image(path)
+
+
+def test_a_jpeg_declaring_more_than_its_bytes_can_code_is_refused_undecoded(
+    tmp_path: Path,
+) -> None:
+    """A Huffman-coded JPEG spends a bit at least on each 8 x 8 block: a 16 x 16 one stating
+    8,000 x 8,000 pixels was decoded into 192 MB of made-up pixels."""
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb()[:16, :16]).save(buffer, "JPEG")
+    data = _jpeg_of_height(buffer.getvalue(), 8000)
+    at = data.find(b"\xff\xc0") + 7
+    path = tmp_path / "huge.jpg"
+    path.write_bytes(data[:at] + struct.pack(">H", 8000) + data[at + 2 :])
+    with pytest.raises(ImageReadError, match=r"huge\.jpg: .* 8,000 x 8,000 pixels, more than"):
+        open_image(path)
+
+
 @pytest.mark.parametrize("level", [-1, 2, 5])
 def test_level_out_of_range(tmp_path: Path, level: int) -> None:
     path = write_ome_tiff(tmp_path / "l.ome.tif", _rgb())
@@ -1064,6 +1177,36 @@ def test_ome_zarr_levels_listed_smallest_first_are_refused(tmp_path: Path) -> No
     _relevel(path, 0, np.zeros((3, 16, 12), np.uint8))
     with pytest.raises(ImageReadError, match=r"b\.ome\.zarr.*level 1 .*not a reduction"):
         open_image(path)
+
+
+@pytest.mark.parametrize(
+    ("shards", "field", "fragment"),
+    [
+        pytest.param(None, "grid", r"chunk_grid chunk_shape of \(0, 0, 0\)", id="chunks"),
+        pytest.param((3, 32, 24), "grid", r"\(its shards\) of \(0, 0, 0\)", id="shards"),
+        pytest.param((3, 32, 24), "codec", "ZeroDivisionError", id="inner-chunks"),
+    ],
+)
+def test_an_ome_zarr_level_of_chunks_without_pixels_is_refused_at_open(
+    tmp_path: Path, shards: tuple[int, ...] | None, field: str, fragment: str
+) -> None:
+    """zarr opened a level whose zarr.json states a chunk side of 0, and every read of it
+    then divided by it: a ZeroDivisionError from Dask, naming no store (a traceback from
+    ``segpipe segment --level 1``). Its inner chunks' side: zarr divides by it at open."""
+    path = write_ome_zarr(tmp_path / "d.ome.zarr", _rgb()[:64, :48])
+    root = zarr.open_group(str(path), mode="r+")
+    level = _half(_rgb()[:64, :48]).transpose(2, 0, 1)
+    root.create_array("s1", data=level, chunks=(3, 16, 12), shards=shards, overwrite=True)
+    meta_file = path / "s1" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    if field == "grid":
+        meta["chunk_grid"]["configuration"]["chunk_shape"] = [0, 0, 0]
+    else:
+        meta["codecs"][0]["configuration"]["chunk_shape"] = [0, 0, 0]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ImageReadError, match=r"d\.ome\.zarr: level 1 \(array 's1'") as info:
+        open_image(path)
+    assert re.search(fragment, str(info.value))
 
 
 def test_an_ome_physical_size_that_is_no_number_names_the_file_and_gives_way(

@@ -57,6 +57,7 @@ class ZarrReader(BaseReader):
                 file_px = None
             else:
                 arrays, axes, file_px = self._open_multiscale(node)
+            self._check_chunk_shapes(arrays)
             chunks = [tuple(a.shards or a.chunks) for a in arrays]  # Dask's: one task a shard
             self._inner_chunks = tuple(tuple(a.chunks) for a in arrays)  # what a read decodes
             shapes = [tuple(a.shape) for a in arrays]
@@ -89,6 +90,28 @@ class ZarrReader(BaseReader):
             self._masks = self._mask_levels(node)
         if self.pixel_size_um is None:
             self.pixel_size_um = file_px
+
+    def _check_chunk_shapes(self, arrays: list[Any]) -> None:
+        """Refuse a level whose chunks or shards (zarr.json) have a side below 1 pixel: zarr
+        opens such an array, and every read of it then divides by the side (a
+        ZeroDivisionError from Dask, no store named)."""
+        for level, (path, array) in enumerate(zip(self._array_paths, arrays, strict=True)):
+            named = (
+                [("chunk_grid chunk_shape", array.chunks)]
+                if array.shards is None
+                else [
+                    ("chunk_grid chunk_shape (its shards)", array.shards),
+                    ("sharding codec's chunk_shape (its inner chunks)", array.chunks),
+                ]
+            )
+            for kind, shape in named:
+                if any(int(n) < 1 for n in shape):
+                    raise ImageReadError(
+                        f"{self.path}: level {level} (array {path or '/'!r}, shape "
+                        f"{tuple(array.shape)}) states a {kind} of {tuple(shape)} in its "
+                        "zarr.json, a side that holds no pixels; its metadata is damaged: "
+                        "write or ingest the image again"
+                    )
 
     def _mask_levels(self, group: Any) -> dict[int, Any]:
         """Level -> the ``(Y, X)`` array of the ingest's valid-pixel label image, each checked
@@ -159,12 +182,17 @@ class ZarrReader(BaseReader):
         axis_names = [a["name"] if isinstance(a, dict) else str(a) for a in axis_meta]
         self._array_paths = tuple(d["path"] for d in ms["datasets"])
         arrays = []
-        for p in self._array_paths:
+        for level, p in enumerate(self._array_paths):
             try:
                 arrays.append(group[p])
             except KeyError as exc:
                 raise ImageReadError(
                     f"{self.path}: multiscales lists dataset {p!r} that the group lacks"
+                ) from exc
+            except DECODE_ERRORS as exc:  # zarr divides by a sharded one's inner chunk sides
+                raise ImageReadError(
+                    f"{self.path}: level {level} (array {p!r}) has a zarr.json that cannot be "
+                    f"read ({type(exc).__name__}: {exc}); write or ingest the image again"
                 ) from exc
         axes = [self._dimension_letters(a, axis_names or None) for a in arrays]
         return arrays, axes, self._ome_pixel_size_um(ms, axis_meta, axis_names, version)

@@ -7,9 +7,12 @@ and so does a grey or RGB PNG's tRNS colour (``mask_kind = "nodata"``, as GDAL r
 
 from __future__ import annotations
 
+import io
+import re
 import struct
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +32,20 @@ PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg")
 MAX_PILLOW_PIXELS = 20_000 * 20_000
 _PILLOW_LIMIT_LOCK = threading.Lock()
 _UNREADABLE = "not a readable PNG/JPEG (corrupt, truncated or another format)"
+_HEADER_LIES = "the file is truncated or its header is wrong"
+# Deflate's most bytes from one stored: a 258-byte match coded in 2 bits (RFC 1951, 3.2.5).
+_DEFLATE_MOST_EXPANDED = 1032
+# PNG colour type (IHDR) -> samples a pixel; Adam7's passes as (x0, y0, dx, dy).
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+          (0, 1, 1, 2))  # fmt: skip
+# A Huffman-coded JPEG spends a bit at least on each 8 x 8 block of a component (its DC
+# difference), and a component's blocks cover at most 4 x 4 times that (sampling factors 1
+# to 4): 2048 pixels a byte. Arithmetic coding (SOF9 to SOF15) has no such floor.
+_JPEG_MOST_PIXELS_PER_BYTE = 2048
+_ARITHMETIC_SOF = {0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# Where a scan's coded data ends: a marker (FF, then neither a stuffed 00 nor a fill FF).
+_JPEG_MARKER = re.compile(rb"\xff+[^\x00\xff]")
 
 
 class PillowReader(BaseReader):
@@ -78,6 +95,8 @@ class PillowReader(BaseReader):
                     raise ImageReadError(f"{too_big} (got {img.width}x{img.height})")
                 if img.format == "PNG":
                     _check_png_chunks(img.fp, self.path)
+                elif img.format in ("JPEG", "MPO"):
+                    _check_jpeg_scans(img.fp, img.size, self.path)
                 nodata = _trns_nodata(img)
                 if img.mode in ("P", "PA"):
                     has_alpha = img.mode == "PA" or "transparency" in img.info
@@ -197,6 +216,7 @@ def _check_png_chunks(fp: Any, path: str) -> None:
     """
     here, size = fp.tell(), fp.seek(0, 2)
     at = 8  # past the signature
+    idat: list[tuple[int, int]] = []  # (offset, length): the first run of IDAT, Pillow's
     while at + 8 <= size:
         fp.seek(at)
         length, kind = struct.unpack(">I4s", fp.read(8))
@@ -209,5 +229,160 @@ def _check_png_chunks(fp: Any, path: str) -> None:
             )
         if kind == b"IEND":
             break
+        if kind == b"IDAT" and (not idat or sum(idat[-1]) + 4 == at):
+            idat.append((at + 8, length))
         at = end
+    _check_png_data(fp, idat, path)
     fp.seek(here)
+
+
+def _check_png_data(fp: Any, idat: list[tuple[int, int]], path: str) -> None:
+    """Refuse a PNG whose image data (``idat``: offset and length of each chunk) inflate to
+    fewer bytes than the rows its header (IHDR) declares: Pillow ends the image where the
+    data end and leaves the rows after them 0, without a word. Refused unread where the
+    header declares more than deflate could give from those bytes at its most; else inflated
+    once more before Pillow decodes them (some half of its time again), the output counted
+    and dropped, never held whole."""
+    fp.seek(16)
+    width, height, bits, colour, _, _, interlace = struct.unpack(">IIBBBBB", fp.read(13))
+    if colour not in _PNG_SAMPLES:
+        return  # Pillow refuses it
+    need = _png_filtered_bytes(width, height, bits * _PNG_SAMPLES[colour], interlace == 1)
+    stored = sum(length for _, length in idat)
+    declares = f"the {width:,} x {height:,} pixels its header (IHDR) declares need {need:,} bytes"
+    if need > _DEFLATE_MOST_EXPANDED * stored:
+        raise ImageReadError(
+            f"{path}: {declares} inflated, but its image data (IDAT) are {stored:,} bytes, "
+            f"which inflate to {_DEFLATE_MOST_EXPANDED * stored:,} at most; {_HEADER_LIES}"
+        )
+    inflater, got = zlib.decompressobj(), 0
+    try:
+        for offset, length in idat:
+            fp.seek(offset)
+            block = fp.read(length)
+            while block and got < need and not inflater.eof:
+                got += len(inflater.decompress(block, 2**20))  # the output at most, at once
+                block = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ImageReadError(f"{path}: {_UNREADABLE}: its image data: {exc}") from exc
+    if got < need:
+        raise ImageReadError(
+            f"{path}: its image data (IDAT) inflate to {got:,} bytes, but {declares}; the "
+            f"rows after them would read as 0; {_HEADER_LIES}"
+        )
+
+
+def _png_filtered_bytes(width: int, height: int, bits_per_pixel: int, adam7: bool) -> int:
+    """Bytes a PNG's image data inflate to: each row (of each Adam7 pass) a filter byte and
+    its pixels, whole bytes.
+
+    >>> _png_filtered_bytes(700, 600, 24, False), _png_filtered_bytes(3, 1, 1, True)
+    (1260600, 6)
+    """
+    passes = _ADAM7 if adam7 else ((0, 0, 1, 1),)
+    total = 0
+    for x0, y0, dx, dy in passes:
+        cols, rows = max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy))
+        if cols:
+            total += rows * (1 + -(-cols * bits_per_pixel // 8))
+    return total
+
+
+def _check_jpeg_scans(fp: Any, size: tuple[int, int], path: str) -> None:
+    """Refuse a JPEG (open in ``fp``) whose coded data end before the ``size`` (width, height)
+    its frame header (SOF) declares: libjpeg fills the rest in ("Premature end of JPEG file",
+    a warning Pillow drops). Refused undecoded where its bytes cannot code that many pixels.
+
+    A scan cut short is told from a whole one by what follows its coded data, as no decoder
+    says which it is: libjpeg takes a marker there for the end of the data, and skips bytes
+    between a finished scan and the next marker. With filler bytes and restart markers put
+    there (:func:`_filler`), a whole scan decodes as before and one cut short decodes the
+    filler as its rest. Both are decoded at a quarter of the size and compared: the blocks'
+    lowest frequencies (at an eighth, the DC alone, a block made up of filler can round to
+    the same), a 16th of the memory, before the whole image is; together they take some
+    0.7 (baseline) to 1.1 (progressive) times a whole decode's time.
+    """
+    fp.seek(0)
+    data = fp.read()
+    scans = _jpeg_filled_scans(data)
+    if scans is None:
+        return  # no end-of-image marker: Pillow refuses the file, waiting for more data
+    whole, filled, arithmetic = scans
+    width, height = size
+    if not arithmetic and width * height > 4 * _JPEG_MOST_PIXELS_PER_BYTE * len(data) + 2**20:
+        raise ImageReadError(
+            f"{path}: its frame header (SOF) declares {width:,} x {height:,} pixels, more "
+            f"than its {len(data):,} bytes can code (a bit at least for each 8 x 8 block); "
+            f"{_HEADER_LIES}"
+        )
+    try:
+        expected = _jpeg_draft(whole, size)
+    except DECODE_ERRORS:
+        return  # the decode to come names what is wrong
+    try:
+        same = np.array_equal(expected, _jpeg_draft(filled, size))
+    except DECODE_ERRORS:
+        same = False  # only a scan cut short reads the filler, which broke it
+    if not same:
+        raise ImageReadError(
+            f"{path}: its coded data end before the {width:,} x {height:,} pixels its frame "
+            'header (SOF) declares, and the decoder would make up the rest ("Premature end '
+            f'of JPEG file"); {_HEADER_LIES}'
+        )
+
+
+def _jpeg_filled_scans(data: bytes) -> tuple[bytes, bytes, bool] | None:
+    """``data`` to its end-of-image marker, the same with :func:`_filler` after each scan's
+    coded data, and whether it is arithmetic-coded; None without an end-of-image marker.
+
+    >>> scan = b"\\xff\\xda\\x00\\x02" + b"\\x12\\xff\\x00\\x34\\xff\\xd0\\x56"  # SOS, data, RST0
+    >>> whole, filled, _ = _jpeg_filled_scans(b"\\xff\\xd8" + scan + b"\\xff\\xd9 tail")
+    >>> whole.endswith(b"\\x56\\xff\\xd9"), filled == whole[:-2] + _filler(1) + whole[-2:]
+    (True, True)
+    """
+    parts: list[bytes] = []
+    at, start, arithmetic = 2, 0, False
+    while at + 2 <= len(data):
+        marker = data[at + 1]
+        if data[at] != 0xFF or marker == 0xFF:  # padding between segments; fill bytes
+            at += 1
+        elif marker == 0xD9:  # EOI
+            return data[: at + 2], b"".join([*parts, data[start : at + 2]]), arithmetic
+        elif 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+            at += 2
+        else:
+            arithmetic |= marker in _ARITHMETIC_SOF
+            at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+            if marker != 0xDA:  # not SOS: a segment without coded data after it
+                continue
+            restarts, found = 0, _JPEG_MARKER.search(data, at)
+            while found and 0xD0 <= found[0][-1] <= 0xD7:
+                restarts, found = restarts + 1, _JPEG_MARKER.search(data, found.end())
+            if found is None:
+                return None
+            at = found.start()
+            parts += [data[start:at], _filler(restarts)]
+            start = at
+    return None
+
+
+def _filler(restarts: int) -> bytes:
+    """What follows a scan's coded data in :func:`_check_jpeg_scans`: varied bits (no FF)
+    that a scan cut short decodes as coefficients, and among them the restart markers that
+    a scan of restart intervals expects after ``restarts`` of them (one cut short at the end
+    of an interval looks for the next, and skips bytes before it)."""
+    noise = bytes(np.random.default_rng(0).integers(0, 255, 512, dtype=np.uint8))
+    markers = [bytes((0xFF, 0xD0 + (restarts + k) % 8)) for k in range(4)]
+    return noise + noise.join(markers) + noise
+
+
+def _jpeg_draft(data: bytes, size: tuple[int, int]) -> np.ndarray:
+    """A JPEG decoded at a quarter of ``size`` (width, height)."""
+    from PIL import Image
+
+    with _pillow_limit():
+        img = Image.open(io.BytesIO(data))
+    with img:
+        img.draft(None, (max(1, size[0] // 4), max(1, size[1] // 4)))
+        img.load()
+        return np.asarray(img)
