@@ -599,3 +599,19 @@ def test_a_contract_for_other_channels_is_not_saved(net: UNet, tmp_path: Path) -
     with pytest.raises(ValueError, match=r"names 1 channels, the model takes 3"):
         save(net, tmp_path / "net.pt")
     assert not (tmp_path / "net.pt").exists()
+
+
+def test_a_checkpoint_is_recorded_by_its_absolute_path_a_shipped_model_by_name(
+    net: UNet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """segment() recorded a relative checkpoint absolute, but an archive run (its loaded
+    model's name) and evaluate() kept it as typed, relative to an unrecorded folder."""
+    from segpipe import models
+    from segpipe.archive.process import load_model
+
+    save(net, tmp_path / "net.pt")
+    monkeypatch.chdir(tmp_path)
+    assert models.label_of("net.pt") == str(tmp_path / "net.pt")
+    assert models.label_of(Path("net.pt")) == str(tmp_path / "net.pt")
+    assert models.label_of("tissue-unet") == "tissue-unet"
+    assert load_model("net.pt").name == str(tmp_path / "net.pt")

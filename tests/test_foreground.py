@@ -1393,38 +1393,118 @@ def test_a_geojson_mask_marks_exactly_the_cells_whose_pixels_it_meets(tmp_path, 
     np.testing.assert_array_equal(got, cells_meeting(blobs, pixels, cells, d))
 
 
-@pytest.mark.parametrize("units", ["lonlat", "crs"])
-def test_geojson_in_map_coordinates_over_a_georeferenced_image_is_refused(tmp_path, units):
+def georeferenced(path, crs, transform, width, height):
+    import rasterio
+
+    profile = dict(driver="GTiff", width=width, height=height, count=1, dtype="uint8")
+    with rasterio.open(path, "w", crs=crs, transform=transform, **profile) as ds:
+        ds.write(np.ones((1, height, width), np.uint8))
+    return segpipe.open_image(path)
+
+
+def polygons_file(path, *rings, **top):
+    features = [square(0, 0, 1, 1) for _ in rings]
+    for feature, ring in zip(features, rings, strict=True):
+        feature["geometry"]["coordinates"] = [[list(p) for p in ring]]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features, **top}))
+    return path
+
+
+def test_geojson_in_longitude_latitude_over_a_georeferenced_image_is_refused(tmp_path):
     """RFC 7946 GeoJSON (longitude/latitude, no ``crs`` member) over a UTM raster was read as
     pixels: the middle half of the image became a speck at pixel (15, 45), one tile of 153
     was computed and the result said complete."""
-    import rasterio
     from rasterio.transform import from_origin
     from rasterio.warp import transform as reproject
 
-    image = tmp_path / "utm.tif"
-    profile = dict(driver="GTiff", width=1031, height=517, count=1, dtype="uint8")
-    with rasterio.open(
-        image, "w", crs="EPSG:32633", transform=from_origin(5e5, 5e6, 2.0, 2.0), **profile
-    ) as ds:
-        ds.write(np.ones((1, 517, 1031), np.uint8))
-    xs = [5e5 + 2 * 1031 * f for f in (0.25, 0.75, 0.75, 0.25, 0.25)]
-    ys = [5e6 - 2 * 517 * f for f in (0.25, 0.25, 0.75, 0.75, 0.25)]
-    if units == "lonlat":
-        xs, ys = reproject("EPSG:32633", "EPSG:4326", xs, ys)
-    ring = [[x, y] for x, y in zip(xs, ys, strict=True)]
-    mask = tmp_path / "aoi.geojson"
-    collection = {"type": "FeatureCollection", "features": [square(0, 0, 1, 1)]}
-    collection["features"][0]["geometry"]["coordinates"] = [ring]
-    mask.write_text(json.dumps(collection))
-    reader = segpipe.open_image(image)
-    footprint = "longitude/latitude" if units == "lonlat" else "EPSG:32633"
-    with pytest.raises(ValueError, match=f"{mask}: its polygons .* footprint in {footprint}"):
-        read_mask_file(mask, reader, (517, 1031))
-    # Said to be pixels, they are taken as pixels (whatever they select).
-    mask.write_text(json.dumps({**collection, "properties": {"coordinates": "pixel"}}))
-    if units == "lonlat":
-        assert read_mask_file(mask, reader, (517, 1031)).sum() == 1
-    else:
-        with pytest.raises(ValueError, match="no polygon overlaps the image"):
+    reader = georeferenced(
+        tmp_path / "utm.tif", "EPSG:32633", from_origin(5e5, 5e6, 2, 2), 1031, 517
+    )
+
+    def lonlat(fy, fx):  # a ring over fractions of the image, in longitude/latitude
+        xs = [5e5 + 2 * 1031 * f for f in (fx[0], fx[1], fx[1], fx[0], fx[0])]
+        ys = [5e6 - 2 * 517 * f for f in (fy[0], fy[0], fy[1], fy[1], fy[0])]
+        return list(zip(*reproject("EPSG:32633", "EPSG:4326", xs, ys), strict=True))
+
+    middle, larger = lonlat((0.25, 0.75), (0.25, 0.75)), lonlat((-0.5, 1.5), (-0.5, 1.5))
+    far = [(16.0, 44.0), (16.1, 44.0), (16.1, 44.1), (16.0, 44.1), (16.0, 44.0)]  # 100 km
+    for rings in ([middle], [larger], [middle, far]):
+        mask = polygons_file(tmp_path / "aoi.geojson", *rings)
+        with pytest.raises(ValueError, match=f"{mask}: its polygons .* look like longitude/lat"):
             read_mask_file(mask, reader, (517, 1031))
+    # Said to be pixels, they are taken as pixels (whatever they select).
+    mask = polygons_file(tmp_path / "aoi.geojson", middle, properties={"coordinates": "pixel"})
+    assert read_mask_file(mask, reader, (517, 1031)).sum() == 1
+    # Coordinates of the image's CRS lie far from its pixels: refused as overlapping nothing.
+    xs, ys = [5e5, 5e5 + 500, 5e5 + 500, 5e5], [5e6, 5e6, 5e6 - 500, 5e6 - 500]
+    mask = polygons_file(tmp_path / "aoi.geojson", list(zip(xs, ys, strict=True)))
+    with pytest.raises(ValueError, match="no polygon overlaps the image"):
+        read_mask_file(mask, reader, (517, 1031))
+
+
+@pytest.mark.parametrize(
+    ("crs", "transform", "size"),
+    [
+        ("EPSG:4326", (0.1, 0, -180, 0, -0.1, 90), (3600, 1800)),  # the world, in degrees
+        ("EPSG:3857", (39135.76, 0, -20037508.34, 0, -39135.76, 20037508.34), (1024, 1024)),
+        (  # a local engineering CRS from 0, in metres (a site plan)
+            'ENGCRS["local",EDATUM["site"],CS[Cartesian,2],AXIS["x",east,ORDER[1],LENGTHUNIT'
+            '["metre",1]],AXIS["y",north,ORDER[2],LENGTHUNIT["metre",1]]]',
+            (1, 0, 0, 0, -1, 2000),
+            (2000, 2000),
+        ),
+    ],
+)
+def test_pixel_geojson_over_a_georeferenced_image_is_not_taken_for_degrees(
+    tmp_path, crs, transform, size
+):
+    """A check that refused polygons within the image's footprint in its own CRS refused
+    every pixel mask over a world raster, or one in a local CRS from 0."""
+    from rasterio.transform import Affine
+
+    reader = georeferenced(tmp_path / "g.tif", crs, Affine(*transform), *size)
+    box = [(20, 10), (150, 10), (150, 80), (20, 80), (20, 10)]
+    cells = (size[1] // 2, size[0] // 2)
+    mask = read_mask_file(polygons_file(tmp_path / "m.geojson", box), reader, cells)
+    assert mask.sum() == 65 * 35
+
+
+def test_an_invalid_polygons_edges_mark_only_cells_its_inside_meets(tmp_path):
+    """Every edge piece marked its cell: a spike out and back marked 19 cells outside the
+    polygon, a hole on its shell's side 90 cells inside the hole."""
+    reader = ArrayReader(np.zeros((300, 400, 3), np.uint8))
+    shell = [(5, 5), (205, 5), (205, 205), (5, 205), (5, 5)]
+    spiked = [(5, 5), (205, 5), (205, 100), (395, 100), (205, 100), (205, 205), (5, 205), (5, 5)]
+    hole = [(5, 55), (105, 55), (105, 155), (5, 155), (5, 55)]
+    expected = np.zeros((300, 400), bool)
+    expected[5:205, 5:205] = True
+    for geometry in ({"type": "Polygon", "coordinates": [spiked]},):
+        path = tmp_path / "m.geojson"
+        path.write_text(json.dumps(geometry))
+        np.testing.assert_array_equal(read_mask_file(path, reader, (300, 400)), expected)
+    expected[55:155, 5:105] = False
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [shell, hole]}))
+    np.testing.assert_array_equal(read_mask_file(path, reader, (300, 400)), expected)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.25])
+def test_tissue_mask_takes_a_saturation_at_the_threshold_for_glass(threshold):
+    """Tissue is saturation above the threshold: a pixel exactly at it is glass."""
+    rgb = np.full((8, 8, 3), 245, np.uint8)  # glass
+    rgb[2:6, 2:6] = (200, 100, 100)  # saturation 0.5
+    rgb[2:6, 6:8] = (200, 150, 150)  # saturation 0.25
+    sat = saturation(rgb)
+    assert (sat == threshold).any(), "the case this test is about"
+    got = tissue_mask(rgb, threshold=threshold, grow_px=0, min_object_px=0, max_hole_px=0)
+    np.testing.assert_array_equal(got, sat > threshold)
+
+
+@pytest.mark.parametrize(("side", "grown"), [(128, 0), (512, 1), (1024, 2), (2048, 2)])
+def test_tissue_mask_grows_tissue_by_a_margin_scaled_with_sizes_at(side, grown):
+    """grow_px (2) is pixels of an image of sizes_at's side (1024): an image 1/8 of that
+    grows by round(2/8) = 0 pixels, one of half that by 1; a larger one keeps 2."""
+    rgb = np.full((side, side, 3), 245, np.uint8)  # glass
+    rgb[40:80, 40:80] = (230, 120, 200)  # eosin-pink tissue
+    expected = np.zeros((side, side), bool)
+    expected[40 - grown : 80 + grown, 40 - grown : 80 + grown] = True  # grown 8-connected
+    np.testing.assert_array_equal(tissue_mask(rgb, sizes_at=1024), expected)

@@ -304,12 +304,13 @@ def evaluate(
         _check_instances(inst, instances, object_class)  # evaluate_labels would, unnamed
     with tempfile.TemporaryDirectory(prefix="segpipe-evaluate-") as tmp:
         if net is not None:
+            from segpipe import models
             from segpipe.execution.segment import segment
 
             result = location(output) if output is not None else Path(tmp) / "result.zarr"
             # The module loaded once; the result records the name, as segment(.., name) would.
             named = isinstance(prediction, str | os.PathLike)
-            label = str(prediction) if named else None
+            label = models.label_of(cast("str", prediction)) if named else None
             source = cast("str | os.PathLike[str]", image)  # given, with a model
             segment(
                 source,

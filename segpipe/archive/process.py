@@ -82,7 +82,7 @@ def load_model(model: str | os.PathLike[str] | LoadedModel) -> LoadedModel:
     from segpipe import models  # torch loads here, not when the archive is listed
 
     net = models.load(model)
-    return LoadedModel(name=str(model), module=net, sha256=models.fingerprint(net))
+    return LoadedModel(name=models.label_of(model), module=net, sha256=models.fingerprint(net))
 
 
 def process_image(

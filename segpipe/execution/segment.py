@@ -65,9 +65,7 @@ def _model_label(model: str | os.PathLike | torch.nn.Module, net: torch.nn.Modul
     # ("tissue-unet"): callers that load once and pass the module give the name as model_name.
     if isinstance(model, torch.nn.Module):
         return str(getattr(net, "name", type(net).__name__))
-    if isinstance(model, str) and model in models.shipped():
-        return model
-    return str(_absolute(model))  # a checkpoint's path, found from any folder (info, resume)
+    return models.label_of(model)
 
 
 @progress_option

@@ -9,7 +9,6 @@ thin strokes). A mask that marks nothing is refused, as a run of it would comput
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -231,7 +230,7 @@ def _rasterize_geojson(
         _check_pixel_coordinates(data)
         polygons = _geojson_polygons(data)
         spans = np.array([polygon_bounds(p) for p in polygons])  # (x0, y0, x1, y1) each
-        _check_not_map_coordinates(data, spans, reader)
+        _check_not_longitude_latitude(data, spans, reader)
         # Cut to a cell beyond the mask: GDAL's rasteriser dropped a polygon reaching past
         # 2**31 cells (a "whole image" one drawn huge). The cut leaves the cells inside alone.
         rect = (-sx, -sy, sx * (shape[1] + 1), sy * (shape[0] + 1))
@@ -270,35 +269,40 @@ def _check_pixel_coordinates(data: object) -> None:
         )
 
 
-def _check_not_map_coordinates(data: object, spans: np.ndarray, reader: Reader) -> None:
-    """Over a georeferenced image, refuse polygons that all lie within its footprint in its
-    CRS or in longitude/latitude, unless the file says they are pixels: RFC 7946 GeoJSON
-    (geojson.io's, shapely's, QGIS's) is longitude/latitude with no ``crs`` member, and read
-    as pixels it selected a speck near the image's corner without a word."""
+def _check_not_longitude_latitude(data: object, spans: np.ndarray, reader: Reader) -> None:
+    """Over a georeferenced image, refuse polygons that look like longitude/latitude, unless
+    the file says they are pixels: RFC 7946 GeoJSON (geojson.io's, shapely's, QGIS's) has no
+    ``crs`` member, and read as pixels it selected a speck near the image's corner without a
+    word. They look so when they lie within 10 degrees (and the footprint's size) of the
+    image's footprint in degrees and, as pixels, would span under 1% of its shorter side: a
+    mask drawn in pixels is rarely both. Map coordinates of a projected CRS lie far from the
+    pixels, refused as overlapping nothing."""
     georeference = getattr(reader, "georeference", None)
     said = data.get("properties") if isinstance(data, dict) else None
     if georeference is None or (isinstance(said, dict) and said.get("coordinates") == "pixel"):
         return
+    from rasterio.crs import CRS
     from rasterio.transform import Affine, array_bounds
     from rasterio.warp import transform_bounds
 
+    crs = CRS.from_user_input(georeference.crs)
+    if not (crs.is_geographic or crs.is_projected):  # a local CRS: no way to degrees
+        return
     ny, nx = reader.level_shapes[0][:2]
     x0, y0, x1, y1 = array_bounds(ny, nx, Affine(*georeference.transform))
-    footprints = {georeference.crs_name: (x0, y0, x1, y1)}
-    with contextlib.suppress(Exception):  # a CRS with no way to degrees: its own units alone
-        footprints["longitude/latitude"] = transform_bounds(
-            georeference.crs, "EPSG:4326", x0, y0, x1, y1
-        )
+    w, s, e, n = transform_bounds(crs, "EPSG:4326", x0, y0, x1, y1)
+    mx, my = 10 + abs(e - w), 10 + abs(n - s)  # degrees around it: sites of a region
     (px0, py0), (px1, py1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
-    for name, (w, s, e, n) in footprints.items():
-        w, e, s, n = min(w, e), max(w, e), min(s, n), max(s, n)
-        if w <= px0 and px1 <= e and s <= py0 and py1 <= n:
-            raise ValueError(
-                f"its polygons (x {px0:g}..{px1:g}, y {py0:g}..{py1:g}) lie within the image's "
-                f"footprint in {name} (x {w:g}..{e:g}, y {s:g}..{n:g}): a mask's coordinates "
-                "must be level-0 pixels, x right, y down; convert them to pixels, or, if they "
-                'are pixels, say so (top-level "properties": {"coordinates": "pixel"})'
-            )
+    near = min(w, e) - mx <= px0 and px1 <= max(w, e) + mx
+    near = near and min(s, n) - my <= py0 and py1 <= max(s, n) + my
+    if near and max(px1 - px0, py1 - py0) < 0.01 * min(ny, nx):
+        raise ValueError(
+            f"its polygons (x {px0:g}..{px1:g}, y {py0:g}..{py1:g}) look like longitude/"
+            f"latitude, near the image's footprint (longitude {w:g}..{e:g}, latitude {s:g}.."
+            f"{n:g}), and as pixels would mark a speck: a mask's coordinates must be level-0 "
+            "pixels, x right, y down; convert them to pixels, or, if they are pixels, say so "
+            '(top-level "properties": {"coordinates": "pixel"}, as segpipe\'s export writes)'
+        )
 
 
 def _geojson_polygons(data: object) -> list[dict[str, Any]]:

@@ -56,6 +56,12 @@ def cells_polygons_meet(
     burned = np.zeros(cells, dtype=bool)
     geometries = (g if isinstance(g, shapely.Geometry) else shape(g) for g in polygons)
     parts = [p for g in geometries for p in _polygon_parts(shapely.force_2d(g))]
+    # An invalid polygon's edges need not border its inside (a spike out and back, a hole
+    # on its shell's side): made valid, they do. A shell's self-crossings enclose their
+    # union (an hourglass is two triangles), and its holes are cut out of it.
+    invalid = [i for i, valid in enumerate(shapely.is_valid(parts)) if not valid]
+    for i in reversed(invalid):
+        parts[i : i + 1] = _polygon_parts(shapely.make_valid(parts[i], method="structure"))
     if not parts:
         return burned
     # All rings at once (50 000 nuclei in seconds): coordinates, where each ring starts.

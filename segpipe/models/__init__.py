@@ -64,6 +64,7 @@ __all__ = [
     "choose_level",
     "fingerprint",
     "geometry_of",
+    "label_of",
     "load",
     "measure_contract",
     "measure_geometry",
@@ -176,3 +177,12 @@ def load(name_or_path: str | os.PathLike[str]) -> SegmentationModel:
         f"no shipped model or checkpoint file {str(name_or_path)!r}. Shipped models: "
         f"{sorted(models) or 'none yet'}; architectures for build(): {available()}.{hint}"
     )
+
+
+def label_of(name_or_path: str | os.PathLike[str]) -> str:
+    """What a result records of the model :func:`load` takes: a shipped model's name as it
+    is, a checkpoint's path made absolute (relative, it named a file only from a working
+    folder nobody recorded)."""
+    if isinstance(name_or_path, str) and name_or_path in shipped():
+        return name_or_path
+    return os.path.abspath(name_or_path)
