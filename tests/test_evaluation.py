@@ -404,6 +404,12 @@ def test_negative_instance_ids_are_refused_as_training_refuses_them(tmp_path: Pa
         evaluate(path, truth, instances=tmp_path / "neg.tif")
     with pytest.raises(ValueError, match=r"^the instances array: instances must be object"):
         evaluate(path, truth, instances=inst, object_class="cell")
+    # A float array's ids (a NaN failed int() with a message naming nothing, 1.5 was an id).
+    for bad in (np.nan, 1.5):
+        floats = inst.astype(np.float32)
+        floats[0, 0] = bad
+        with pytest.raises(ValueError, match=r"^the instances array: .* integer object ids"):
+            evaluate(path, truth, instances=floats, object_class="cell")
 
 
 def test_instance_and_object_class_faults_are_not_blamed_on_the_result_or_truth(

@@ -2513,3 +2513,28 @@ def test_an_ome_zarr_scale_that_is_no_positive_number_names_the_store_and_gives_
         open_image(path)
     with pytest.warns(UserWarning, match=r"s\.ome\.zarr: .*; using pixel_size_um=0.25"):
         assert open_image(path, pixel_size_um=0.25).pixel_size_um == 0.25
+
+
+# 16 x 16 grey, progressive, arithmetic-coded (jpegtran -arithmetic -progressive): Pillow
+# and libjpeg decode it whole, without a warning.
+_ARITHMETIC_JPEG = (
+    "/9j/4AAQSkZJRgABAQAAAQABAAD/2wBDABALDA4MChAODQ4SERATGCgaGBYWGDEjJR0oOjM9PDkzODdASFxOQERX"
+    "RTc4UG1RV19iZ2hnPk1xeXBkeFxlZ2P/ygALCAAQABABAREA/8wABAAQ/9oACAEBAAAAAcH/zAAEEAX/2gAIAQEA"
+    "AQUCEOm1Lkv/zAAEEAX/2gAIAQEABj8CDgOdg+te4PfdB5TbzxL18ex0/8wABBAF/9oACAEBAAE/IdW9CoKO5XAT"
+    "jn2aOBHh00t9lr6VRskKjBJId01wZ+2YDvz92ZZd0bD/2gAIAQEAAAAQIP/MAAQQBf/aAAgBAQABPxAs49LeA0DP"
+    "lD+iaUv/AN2aihM1ziuqM8LjQmzWGqxP1XLFnqV9h0T+w6uMy46A/9k="
+)
+
+
+def test_an_arithmetic_coded_jpeg_reads_as_pillow_decodes_it(tmp_path):
+    """The check for scans cut short put filler after each scan: an arithmetic decoder reads
+    on past a whole scan, so every such file was refused as truncated."""
+    import base64
+
+    from PIL import Image
+
+    path = tmp_path / "arithmetic.jpg"
+    path.write_bytes(base64.b64decode("".join(_ARITHMETIC_JPEG)))
+    with Image.open(path) as img:
+        expected = np.asarray(img)
+    np.testing.assert_array_equal(np.asarray(open_image(path).level(0))[..., 0], expected)

@@ -1330,3 +1330,24 @@ def test_missing_openslide_says_what_to_install(tmp_path, monkeypatch):
     path.write_text("[GENERAL]\n")
     with pytest.raises(ImageReadError, match=r"slide\.mrxs: .*segpipe\[slides\]"):
         open_image(path)
+
+
+@pytest.mark.parametrize("name", ["overview", "label", "Thumbnail"])
+def test_a_plain_tiffs_image_named_like_a_scanners_extra_is_still_the_image(tmp_path, name):
+    """The names a scanner gives the images beside a slide were left out of any TIFF: a
+    user's image named "overview" was passed over for a 100 x 120 one, without a word."""
+    image = np.random.default_rng(0).integers(0, 255, (100, 120), dtype=np.uint8)
+    path = tmp_path / "named.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.kron(image, np.ones((10, 10), np.uint8)), metadata={"name": name})
+        tif.write(image, metadata={"name": "other"})
+    with pytest.warns(UserWarning, match=r"leaving out series 1 'other'"):
+        reader = open_image(path)
+    assert reader.level_shapes[0][:2] == (1000, 1200)
+    # Beside another image, an image of that name is no news, left out without a word.
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.kron(image, np.ones((10, 10), np.uint8)), metadata={"name": "slide"})
+        tif.write(image, metadata={"name": name})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert open_image(path).level_shapes[0][:2] == (1000, 1200)

@@ -8,8 +8,7 @@ training's validation, benchmarks), or a result store or a model run through the
 Two kinds of score:
 
 * **Pixels**: per-class IoU and Dice from one confusion matrix, computed chunk by chunk
-  (:func:`segpipe.analysis.summary.confusion_against`), so a gigapixel result is never whole
-  in memory.
+  (:func:`~segpipe.analysis.summary.confusion_against`): a gigapixel result is never whole.
 * **Objects**: the connected components of one predicted class, matched one-to-one to the
   ground-truth instances of that class (those whose pixels are mostly that class in the
   ground truth) at IoU >= 0.5, give precision, recall and F1. This is the score that
@@ -44,6 +43,7 @@ from segpipe.analysis.scores import (
     InstancesError,
     ObjectClassError,
     ObjectScore,
+    check_instance_dtype,
     check_instance_ids,
     match_objects,
     object_class_of,
@@ -406,10 +406,10 @@ def _check_instances(
     given: str | os.PathLike[str] | np.ndarray | None,
     object_class: int | str | None,
 ) -> None:
-    """Refuse instances ``plane`` (from ``given``) with a negative id, or no object to infer
-    the class from, naming them: before any segmenting, chunk by chunk (not loaded whole)."""
-    lowest, highest = (int(v) for v in dask.compute(da.min(plane), da.max(plane)))
+    """:func:`check_instance_ids` of ``given``'s ``plane``, chunk by chunk, naming them."""
     try:
+        check_instance_dtype(plane.dtype)  # a float array's NaN is no id (int() failed raw)
+        lowest, highest = (int(v) for v in dask.compute(da.min(plane), da.max(plane)))
         check_instance_ids(lowest, highest, need_object=object_class is None)
     except InstancesError as exc:
         raise ValueError(f"{_name(given, 'instances')}: {exc}") from None

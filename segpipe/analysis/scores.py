@@ -23,6 +23,7 @@ __all__ = [
     "InstancesError",
     "ObjectClassError",
     "ObjectScore",
+    "check_instance_dtype",
     "check_instance_ids",
     "match_objects",
     "object_class_of",
@@ -206,6 +207,12 @@ def match_objects(
             used_t.add(b)
             tp += 1
     return tp, n_pred - tp, n_true - tp
+
+
+def check_instance_dtype(dtype: np.dtype) -> None:
+    """Refuse instances of ``dtype`` unless it holds ids: integers (or bool, one object)."""
+    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)):
+        raise InstancesError(f"instances must hold integer object ids, got {dtype}")
 
 
 def check_instance_ids(lowest: int, highest: int, *, need_object: bool) -> None:

@@ -308,8 +308,10 @@ def _check_jpeg_scans(fp: Any, size: tuple[int, int], path: str) -> None:
     if scans is None:
         return  # no end-of-image marker: Pillow refuses the file, waiting for more data
     whole, filled, arithmetic = scans
+    if arithmetic:  # its decoder reads on past a whole scan, which the filler then changes
+        return
     width, height = size
-    if not arithmetic and width * height > 4 * _JPEG_MOST_PIXELS_PER_BYTE * len(data) + 2**20:
+    if width * height > 4 * _JPEG_MOST_PIXELS_PER_BYTE * len(data) + 2**20:
         raise ImageReadError(
             f"{path}: its frame header (SOF) declares {width:,} x {height:,} pixels, more "
             f"than its {len(data):,} bytes can code (a bit at least for each 8 x 8 block); "

@@ -59,6 +59,14 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif", ".btf", ".tf8
 _GDAL_TAGS = (42113, 33550, 33922, 34264, 50844)  # and RPCs (50844): refused there
 # Series that scanners write beside the slide (tifffile's names for them)
 _VENDOR_EXTRAS = ("thumbnail", "label", "macro", "map", "overview", "mask")
+# Series whose names are the user's (an OME Image's, tifffile's shaped metadata): a
+# microscope's "overview" scan may be the image.
+_USER_NAMED = ("ome", "shaped", "generic", "uniform", "imagej")
+
+
+def _vendor_extra(series: Any) -> bool:
+    """Whether ``series`` is an image a scanner adds beside a slide (its thumbnail, label)."""
+    return series.kind not in _USER_NAMED and series.name.lower() in _VENDOR_EXTRAS
 
 
 class TiffReader(BaseReader):
@@ -297,11 +305,8 @@ def _main_series(tif: Any, path: str) -> int:
                 )
     images = [i for i, s in enumerate(series) if not s.keyframe.is_mask] or list(range(len(series)))
     # A slide's size tag damaged to a few rows made its thumbnail or macro the largest: read
-    # as the slide, at the slide's pixel size. (An OME Image's name is the user's: a
-    # microscope's "overview" scan may be the image.)
-    images = [
-        i for i in images if series[i].kind == "ome" or series[i].name.lower() not in _VENDOR_EXTRAS
-    ] or images
+    # as the slide, at the slide's pixel size.
+    images = [i for i in images if not _vendor_extra(series[i])] or images
     if tif.is_svs and (thumbs := [s for s in series if s.name.lower() == "thumbnail"]):
         base, thumb = series[0], thumbs[0]  # tifffile's SVS series: Baseline first
         if any(b < t for b, t in zip(_plane_yx(base), _plane_yx(thumb), strict=True)):
