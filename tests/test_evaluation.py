@@ -410,6 +410,8 @@ def test_negative_instance_ids_are_refused_as_training_refuses_them(tmp_path: Pa
         floats[0, 0] = bad
         with pytest.raises(ValueError, match=r"^the instances array: .* integer object ids"):
             evaluate(path, truth, instances=floats, object_class="cell")
+        with pytest.raises(LabelError, match="integer object ids"):
+            evaluate_labels(truth, truth, class_names=NAMES, instances=floats, object_class=1)
 
 
 def test_instance_and_object_class_faults_are_not_blamed_on_the_result_or_truth(

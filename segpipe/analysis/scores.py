@@ -242,7 +242,8 @@ def object_class_of(
 ) -> int:
     """The class id whose objects are scored: ``object_class`` (a name, an id, or an id's
     digits as the CLI gives it), or when None the ``truth`` class under most ``instances``
-    pixels (both ``(Y, X)``). Refuses negative instance ids first."""
+    pixels (both ``(Y, X)``). Refuses instances that are no integer ids first."""
+    check_instance_dtype(instances.dtype)
     lowest, highest = int(instances.min(initial=0)), int(instances.max(initial=0))
     check_instance_ids(lowest, highest, need_object=object_class is None)
     if object_class is None:

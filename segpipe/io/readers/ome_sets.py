@@ -27,12 +27,19 @@ __all__ = [
     "local_name",
     "named_files",
     "other_set_files",
+    "pixels_sizes",
 ]
 
 
 def local_name(tag: str) -> str:
     """An XML element's tag without its namespace: ``{ns}Pixels`` is ``Pixels``."""
     return tag.rsplit("}", 1)[-1]
+
+
+def pixels_sizes(root: ET.Element) -> list[tuple[str, str]]:
+    """``(SizeY, SizeX)`` of each OME ``Pixels`` element under ``root``, as written."""
+    pixels = (e for e in root.iter() if local_name(e.tag) == "Pixels")
+    return [(e.get("SizeY", "").strip(), e.get("SizeX", "").strip()) for e in pixels]
 
 
 def check_ome_set(tif: Any, path: str) -> None:
@@ -182,7 +189,7 @@ def _is_renamed(tif: Any, root: ET.Element, uuids: list[ET.Element]) -> bool:
         return False
     tags = [(local_name(e.tag), e) for e in root.iter()]
     ifds = [e.get("IFD", "0") for t, e in tags if t == "TiffData"]
-    sizes = [(e.get("SizeY", ""), e.get("SizeX", "")) for t, e in tags if t == "Pixels"]
+    sizes = pixels_sizes(root)
     declared = max(
         ((int(y), int(x)) for y, x in sizes if y.isdigit() and x.isdigit()),
         key=math.prod,

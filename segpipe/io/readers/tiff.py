@@ -34,7 +34,7 @@ from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
 from segpipe.io.readers.ome_planes import check_ome_planes, file_open
-from segpipe.io.readers.ome_sets import check_ome_set, local_name, named_files
+from segpipe.io.readers.ome_sets import check_ome_set, named_files, pixels_sizes
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
     Photometric,
@@ -277,8 +277,7 @@ def _ome_image_sizes(xml: str | None, *, default: set[tuple[str, str]]) -> set[t
         root = ET.fromstring(xml or "")
     except ET.ParseError:
         return default
-    pixels = [e for e in root.iter() if local_name(e.tag) == "Pixels"]
-    return {(e.get("SizeY", "").strip(), e.get("SizeX", "").strip()) for e in pixels}
+    return set(pixels_sizes(root))
 
 
 def _main_series(tif: Any, path: str) -> int:
