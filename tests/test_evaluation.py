@@ -4,6 +4,7 @@ evaluate_model, the one in-memory evaluator (training's validation)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segpipe import models
 from segpipe.analysis.evaluation import (
     Evaluation,
     evaluate,
@@ -324,6 +326,14 @@ def test_a_truth_of_another_size_is_refused_before_the_model_runs(
     inst = _write(tmp_path / "inst.png", np.zeros((21, 30), np.uint16))
     with pytest.raises(ValueError, match=r"inst\.png: instances of 21 x 30 px"):
         evaluate(str(random_checkpoint), good, image=image, instances=inst)
+    # A mistyped --object-class, found only after the whole slide was segmented, was hours
+    # lost too: it is checked against the model's classes first, naming them and the image.
+    inst = _write(tmp_path / "inst2.png", np.zeros((20, 30), np.uint16))
+    names = models.load(random_checkpoint).class_names
+    typos = (("nucleu", "'nucleu' is not one of the classes"), (9, "9 is not a class id of"))
+    for given, said in typos:
+        with pytest.raises(ValueError, match=rf"{said} {re.escape(str(names))} \(those of .*image"):
+            evaluate(str(random_checkpoint), good, image=image, instances=inst, object_class=given)
 
 
 def test_a_bad_truth_of_a_result_is_refused_naming_it_and_the_result(tmp_path: Path) -> None:

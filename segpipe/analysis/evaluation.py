@@ -45,7 +45,9 @@ from segpipe.analysis.scores import (
     ObjectScore,
     check_instance_dtype,
     check_instance_ids,
+    check_scoring,
     match_objects,
+    object_class_id,
     object_class_of,
     object_score,
 )
@@ -133,7 +135,7 @@ def evaluate_labels(
         Predicted components smaller than this many pixels are dropped before matching (not
         counted as false positives): the usual clean-up of speckle; 0 keeps all.
     """
-    _check_scoring(iou_threshold, min_size_px)
+    check_scoring(iou_threshold, min_size_px)
     names = tuple(str(c) for c in class_names)
     mask = prediction if isinstance(prediction, da.Array) else da.from_array(prediction, 2048)
     truth = da.asarray(ground_truth)
@@ -268,7 +270,7 @@ def evaluate(
     tile, scheduler, overwrite
         Passed to :func:`segpipe.segment` when running a model (``"sync"``: in this process).
     """
-    _check_scoring(iou_threshold, min_size_px)
+    check_scoring(iou_threshold, min_size_px)
     if object_class is not None and instances is None:
         raise ValueError(
             f"object_class (--object-class) {object_class!r} picks the class of the object "
@@ -295,7 +297,7 @@ def evaluate(
             "image to run it on (image= / --image), or pass a finished result store"
         )
     else:
-        net, shape, where = _model_at_level(prediction, image)
+        net, shape, where = _model_at_level(prediction, image, object_class)
     # Read lazily: a truth of the wrong size is refused before any segmenting or reading.
     truth = _plane(ground_truth, "ground truth", shape, where)
     inst = None
@@ -343,19 +345,6 @@ def evaluate(
             raise ValueError(f"{where} or its ground truth {name} cannot be read: {exc}") from exc
 
 
-def _check_scoring(iou_threshold: float, min_size_px: int) -> None:
-    if not 0 < iou_threshold <= 1:
-        raise ValueError(
-            f"iou_threshold (--iou-threshold) must be in (0, 1], got {iou_threshold}: the "
-            "least IoU of a match (0.5 is usual)"
-        )
-    if min_size_px < 0:
-        raise ValueError(
-            f"min_size_px (--min-size) must be 0 or more pixels, got {min_size_px} (0 keeps "
-            "every predicted object)"
-        )
-
-
 def _model_exists(model: str | os.PathLike[str]) -> bool:
     """Whether ``model`` can name a model: a shipped one's name, or something at that path
     (a URL is left to the loader to judge)."""
@@ -367,10 +356,13 @@ def _model_exists(model: str | os.PathLike[str]) -> bool:
 
 
 def _model_at_level(
-    model: str | os.PathLike[str] | nn.Module, image: str | os.PathLike[str]
+    model: str | os.PathLike[str] | nn.Module,
+    image: str | os.PathLike[str],
+    object_class: int | str | None,
 ) -> tuple[nn.Module, tuple[int, ...], str]:
     """The model loaded, the ``(Y, X)`` of the level of ``image`` segment() will run it on
-    (it is given no level: the one closest to the model's pixel size), and those in words."""
+    (it is given no level: the one closest to the model's pixel size), and those in words.
+    A mistyped ``object_class`` is refused here, before segmenting rather than after."""
     from segpipe import models
     from segpipe.io.readers import open_image
 
@@ -383,7 +375,13 @@ def _model_at_level(
     finally:
         reader.close()
     label = model if named else getattr(net, "name", type(net).__name__)
-    return net, shape, f"{image} at level {level}, as model {label} segments it"
+    where = f"{image} at level {level}, as model {label} segments it"
+    try:
+        if object_class is not None:
+            object_class_id(object_class, models.class_names_of(net))
+    except ObjectClassError as exc:
+        raise ValueError(f"{exc} (those of {where})") from None
+    return net, shape, where
 
 
 def _plane(

@@ -25,7 +25,9 @@ __all__ = [
     "ObjectScore",
     "check_instance_dtype",
     "check_instance_ids",
+    "check_scoring",
     "match_objects",
+    "object_class_id",
     "object_class_of",
     "object_score",
 ]
@@ -234,6 +236,20 @@ def check_instance_ids(lowest: int, highest: int, *, need_object: bool) -> None:
         )
 
 
+def check_scoring(iou_threshold: float, min_size_px: int) -> None:
+    """Refuses an IoU threshold outside (0, 1] or a negative least object size (pixels)."""
+    if not 0 < iou_threshold <= 1:
+        raise ValueError(
+            f"iou_threshold (--iou-threshold) must be in (0, 1], got {iou_threshold}: the "
+            "least IoU of a match (0.5 is usual)"
+        )
+    if min_size_px < 0:
+        raise ValueError(
+            f"min_size_px (--min-size) must be 0 or more pixels, got {min_size_px} (0 keeps "
+            "every predicted object)"
+        )
+
+
 def object_class_of(
     instances: np.ndarray,
     truth: np.ndarray,
@@ -248,6 +264,12 @@ def object_class_of(
     check_instance_ids(lowest, highest, need_object=object_class is None)
     if object_class is None:
         return int(np.bincount(truth[instances > 0].astype(np.int64)).argmax())
+    return object_class_id(object_class, names)
+
+
+def object_class_id(object_class: int | str, names: tuple[str, ...]) -> int:
+    """The id of ``object_class`` among the classes ``names``: a name, an id, or an id's
+    digits as the CLI gives it; :class:`ObjectClassError` for none of them."""
     cls = names.index(object_class) if object_class in names else object_class
     if isinstance(cls, str) and not cls.isdecimal():  # "2" (--object-class 2) is an id
         raise ObjectClassError(

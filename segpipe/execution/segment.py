@@ -208,10 +208,7 @@ def segment(
             # and refused before a cluster starts or the result is made.
             config = config.replace(foreground=resolve_foreground(config.foreground, reader))
             foreground = foreground_of(reader, level, config.foreground)  # before the result
-            class_names = tuple(
-                getattr(net, "class_names", None)
-                or (f"class_{i}" for i in range(cast(int, net.num_classes)))
-            )
+            class_names = models.class_names_of(net)
             lattice = None
             if config.mode == "blend":
                 m = geometry.multiple

@@ -33,6 +33,7 @@ import torch
 from segpipe.models.base import (
     REGISTRY,
     SegmentationModel,
+    class_names_of,
     geometry_of,
     pixel_contract_of,
     uses_tile_statistics,
@@ -62,6 +63,7 @@ __all__ = [
     "channels_taken",
     "check_source",
     "choose_level",
+    "class_names_of",
     "fingerprint",
     "geometry_of",
     "label_of",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_INPUT_STD",
     "REGISTRY",
     "SegmentationModel",
+    "class_names_of",
     "code_of",
     "geometry_of",
     "is_registered",
@@ -282,6 +283,13 @@ def pixel_contract_of(module: nn.Module) -> PixelContract | None:
     if isinstance(channels, int) and not isinstance(channels, bool):
         return PixelContract(channels=channels)
     return None
+
+
+def class_names_of(module: nn.Module) -> tuple[str, ...]:
+    """The names of ``module``'s output classes, in channel order: its own ``class_names``,
+    else ``class_0 .. class_{n-1}`` for its ``num_classes``."""
+    names = getattr(module, "class_names", None)
+    return tuple(names or (f"class_{i}" for i in range(cast(int, module.num_classes))))
 
 
 # Normalisation layers by class name: how TorchScript keeps a module's class (``original_name``),
