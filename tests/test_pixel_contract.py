@@ -29,6 +29,7 @@ from segpipe.models import (
     choose_level,
     measure_contract,
 )
+from segpipe.models.contract import sampled_pixels
 from segpipe.models.source_checks import channels_taken
 
 PX = 0.65  # µm per pixel of the generated 16-bit images
@@ -112,6 +113,51 @@ def test_a_sample_of_large_images_sees_every_column(width: int) -> None:
 def test_auto_scaling_by_dtype(dtype: str, high: int, scaling: str) -> None:
     image = (np.random.default_rng(0).random((20, 20, 1)) * high).astype(dtype)
     assert measure_contract([image]).scaling == scaling
+
+
+@pytest.mark.parametrize(("low", "high"), [(0.0, 1000.0), (0.0, 1.5), (-0.5, 0.5)])
+def test_float_pixels_beyond_0_1_are_measured_not_taken_as_unit(low: float, high: float) -> None:
+    """Only floats within [0, 1] keep the dtype rule: others (a reflectance raster in
+    0..1000, a slight overshoot) would reach the model far outside its [0, 1] input."""
+    image = np.random.default_rng(0).uniform(low, high, (30, 40, 1)).astype(np.float32)
+    c = measure_contract([image])
+    assert c.scaling == "percentile"
+    flat = image.reshape(-1).astype(np.float64)
+    np.testing.assert_allclose(c.lo, [np.percentile(flat, 0.5)])
+    np.testing.assert_allclose(c.hi, [np.percentile(flat, 99.5)])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "values", "flat_hi"),
+    [("float32", (0.1, 0.6), 1.0), ("float32", (0.2, 0.25), 1.0), ("uint16", (100, 101), 65535.0)],
+)
+def test_a_narrow_channel_keeps_its_measured_range(
+    dtype: str, values: tuple[float, float], flat_hi: float
+) -> None:
+    """Only a flat channel (hi == lo) falls back to its dtype's range; one of a small spread
+    (a float channel within 0.1..0.6, integers one apart) is scaled by what was measured."""
+    rng = np.random.default_rng(0)
+    narrow = rng.choice(np.array(values, dtype=dtype), (20, 30))
+    image = np.stack([narrow, np.full_like(narrow, values[0])], axis=-1)  # narrow, flat
+    c = measure_contract([image], scaling="percentile", percentiles=(0, 100))
+    assert c.lo == (float(np.float32(values[0])),) * 2
+    assert c.hi == (float(np.float32(values[1])), float(np.float32(values[0])) + flat_hi)
+
+
+@pytest.mark.parametrize(
+    ("shape", "max_samples"), [((90, 111), 3000), ((7, 13), 4), ((64, 64), 1000)]
+)
+def test_sampled_pixels_draw_one_pixel_from_each_equal_run(
+    shape: tuple[int, int], max_samples: int
+) -> None:
+    """Run ``i`` of ``m`` covers pixels ``n * i // m`` to ``n * (i + 1) // m`` in row-major
+    order, so the runs end at the image's last pixel: the last rows are measured too."""
+    n = shape[0] * shape[1]
+    image = np.arange(n, dtype=np.int64).reshape(*shape, 1)  # each pixel holds its index
+    picked = sampled_pixels(image, max_samples, 1)[:, 0]
+    assert len(picked) == max_samples
+    starts = [n * i // max_samples for i in range(max_samples + 1)]
+    assert all(starts[i] <= v < starts[i + 1] for i, v in enumerate(picked.tolist()))
 
 
 def test_as_dict_round_trips_and_bad_contracts_are_refused() -> None:
