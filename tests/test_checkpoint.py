@@ -615,3 +615,22 @@ def test_a_checkpoint_is_recorded_by_its_absolute_path_a_shipped_model_by_name(
     assert models.label_of(Path("net.pt")) == str(tmp_path / "net.pt")
     assert models.label_of("tissue-unet") == "tissue-unet"
     assert load_model("net.pt").name == str(tmp_path / "net.pt")
+
+
+def test_fingerprint_covers_the_pixel_contract(net: UNet, tmp_path: Path) -> None:
+    """The same weights fed other pixels (another dtype and scaling, another pixel size) are
+    another model; a saved and loaded one keeps its fingerprint."""
+    rgb = PixelContract(3, dtype="uint8", pixel_size_um=0.5)
+    contracts = [
+        None,
+        rgb,
+        PixelContract(3, dtype="uint8", pixel_size_um=0.25),
+        PixelContract(3, dtype="uint16", scaling="range", lo=(0.0,) * 3, hi=(4095.0,) * 3),
+    ]
+    prints = []
+    for contract in contracts:
+        net.pixel_contract = contract
+        prints.append(fingerprint(net))
+    assert len(set(prints)) == len(contracts)
+    net.pixel_contract = rgb
+    assert fingerprint(load(save(net, tmp_path / "net.pt"))) == fingerprint(net)

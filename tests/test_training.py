@@ -248,12 +248,20 @@ def test_train_runs_reproducibly_and_returns_plain_metrics() -> None:
         ({"steps": 0}, "steps"),
         ({"lr": -1.0}, "lr"),
         ({"seed": 5, "num_slides": 3, "val_seed": 6}, "held out"),
+        # Both ends of the training seeds 5..7: the first is a training slide's too.
+        ({"seed": 5, "num_slides": 3, "val_seed": 5}, "held out"),
+        ({"seed": 5, "num_slides": 3, "val_seed": 7}, "held out"),
         ({"num_threads": 0}, "num_threads"),
     ],
 )
 def test_bad_config_is_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("val_seed", [4, 8])
+def test_a_validation_seed_next_to_the_training_seeds_is_accepted(val_seed: int) -> None:
+    assert TrainConfig(seed=5, num_slides=3, val_seed=val_seed).train_seeds == [5, 6, 7]
 
 
 # --- datasets, loss weights, epochs, checkpoints and resume -------------------------------
@@ -423,6 +431,26 @@ def test_resume_may_change_where_and_how_it_runs(finished_run) -> None:
     # Threads, progress and the checkpoint folder cannot change the numbers: accepted.
     result = train(tiny_unet(), _resume(config, 1, num_threads=2, progress=False))
     assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+
+
+def test_the_learning_rate_decays_to_zero_over_the_steps(finished_run) -> None:
+    """Cosine annealing over exactly ``steps``: after step s of S the optimiser's rate is
+    lr (1 + cos(pi s / S)) / 2, as each epoch's saved state holds it; zero after the last."""
+    from segpipe.training import state_path
+
+    config, result = finished_run
+    rates = []
+    for epoch in result["epochs"]:
+        state = torch.load(
+            state_path(f"{config.checkpoint_dir}/epoch-{epoch['epoch']:03d}.pt"), weights_only=True
+        )
+        rates.append(state["optimizer"]["param_groups"][0]["lr"])
+    expected = [
+        config.lr * (1 + math.cos(math.pi * e["step"] / config.steps)) / 2 for e in result["epochs"]
+    ]
+    assert [e["step"] for e in result["epochs"]] == [2, 4]
+    assert rates == pytest.approx(expected, abs=1e-12)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -613,6 +641,80 @@ def test_loss_weight_maps_follow_the_config() -> None:
         unet_weight_map(
             slides[1].instances, labels=slides[1].labels, w0=5.0, class_weights=expected
         ),
+    )
+
+
+@pytest.mark.parametrize("loss_weights", ["balanced", "unet"])
+def test_training_minimises_the_weighted_loss(
+    monkeypatch: pytest.MonkeyPatch, loss_weights: str
+) -> None:
+    """With loss weights the loss recorded, and the gradient the step follows, are those of
+    the weighted mean ``sum(w L) / sum(w)`` of the batch's per-pixel cross-entropy (numpy
+    here, from the logits), not of the plain mean: the border weights must be what trains."""
+    from segpipe.training import loop
+
+    batches: list = []
+    logits: list[np.ndarray] = []
+    grads: list[np.ndarray] = []
+    sample_pairs = loop.sample_pairs
+
+    def spy(*args: object, **kwargs: object) -> object:  # the batch the step was given
+        batches.append(sample_pairs(*args, **kwargs))
+        return batches[-1]
+
+    def keep(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # the training step's forward, not validation's
+            logits.append(output.detach().double().numpy())
+            output.register_hook(lambda g: grads.append(g.double().numpy()))
+
+    monkeypatch.setattr(loop, "sample_pairs", spy)
+    torch.manual_seed(0)
+    model = tiny_unet()
+    model.register_forward_hook(keep)
+    config = TrainConfig(**{**TINY, "steps": 1, "log_every": 1}, loss_weights=loss_weights)
+    result = train(model, config)
+    (batch,), (s,), (grad,) = batches, logits, grads
+    labels, w = batch.labels, batch.weights.astype(np.float64)
+    log_p = s - s.max(axis=1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+    per_pixel = -np.take_along_axis(log_p, labels[:, None], axis=1)[:, 0]
+    expected = (w * per_pixel).sum() / w.sum()
+    # Weights that make a difference: the plain mean is another number.
+    assert abs(per_pixel.mean() - expected) > 1e-3 * expected
+    assert result["loss_history"] == [pytest.approx(expected, rel=1e-5)]
+    one_hot = np.moveaxis(np.eye(s.shape[1])[labels], -1, 1)
+    np.testing.assert_allclose(
+        grad, w[:, None] * (np.exp(log_p) - one_hot) / w.sum(), rtol=1e-4, atol=1e-10
+    )
+
+
+def test_a_model_loaded_in_eval_mode_trains_with_its_dropout(tmp_path: Path) -> None:
+    """models.load returns a model in eval mode, dropout off: a fine-tune of it must train as
+    the same model in train mode does (dropout on), and end in eval mode."""
+    from segpipe import models
+
+    torch.manual_seed(0)
+    path = models.save(tiny_unet(dropout=0.5), tmp_path / "start.pt")
+    trained = []
+    for is_training in (True, False):
+        model = models.load(path)
+        assert not model.training
+        train(model.train(is_training), TrainConfig(**{**TINY, "steps": 2}))
+        assert not model.training
+        trained.append(list(model.parameters()))
+    for a, b in zip(*trained, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_epochs_loss_is_the_mean_of_all_its_steps() -> None:
+    """One history entry per step (log_every=1), two steps an epoch: each epoch's loss is the
+    mean of its two steps' losses, not of the last log window's."""
+    torch.manual_seed(0)
+    result = train(tiny_unet(), TrainConfig(**{**TINY, "log_every": 1, "epochs": 2}))
+    losses = result["loss_history"]
+    assert len(losses) == 4
+    assert [e["loss"] for e in result["epochs"]] == pytest.approx(
+        [np.mean(losses[:2]), np.mean(losses[2:])], rel=1e-12
     )
 
 
@@ -1122,6 +1224,68 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_before_training(tmp_
     ):
         train(model, TrainConfig(**TINY, checkpoint_dir=str(a_file / "run")))
     assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters(), strict=True))
+
+
+def test_a_fine_tune_on_a_constant_channel_keeps_a_std_floor() -> None:
+    """A channel of one value has std 0; the contract keeps 1e-3 for it (as measure_contract
+    does), and the other channels their statistics, computed here in numpy."""
+    from types import SimpleNamespace
+
+    from segpipe.models.contract import PixelContract
+    from segpipe.training.config import training_contract
+
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    image[..., 2] = 200
+    net = tiny_unet()
+    net.pixel_contract = PixelContract(3, dtype="uint8")
+    contract = training_contract(net, TrainConfig(), [SimpleNamespace(image=image)])
+    scaled = image.reshape(-1, 3) / 255
+    assert contract.mean == pytest.approx(tuple(scaled.mean(axis=0)), rel=1e-5)
+    assert contract.std == pytest.approx((*scaled[:, :2].std(axis=0), 1e-3), rel=1e-5)
+
+
+def test_the_validation_scene_has_its_own_size_and_seed() -> None:
+    config = TrainConfig(slide_size=96, num_slides=1, val_size=48, val_seed=3)
+    (train_slide,), (val,) = make_slides(config)
+    assert train_slide.shape == (96, 96)
+    expected = tissue_slide(48, seed=3)
+    np.testing.assert_array_equal(val.image, expected.image)
+    np.testing.assert_array_equal(val.labels, expected.labels)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "names"), [(np.uint8, ("red", "green", "blue")), (np.uint16, None)]
+)
+def test_only_8_bit_three_channel_images_are_named_red_green_blue(
+    dtype: type, names: tuple[str, ...] | None
+) -> None:
+    """A 3-band uint16 raster (e.g. near-infrared, red, green) is not taken for RGB: its
+    channels stay unnamed."""
+    from segpipe.training import pixel_contract_for
+
+    image = np.random.default_rng(0).integers(0, 200, (32, 32, 3)).astype(dtype)
+    slide = SyntheticSlide(image, np.zeros((32, 32), np.uint8), np.zeros((32, 32), np.int32))
+    contract = pixel_contract_for(TrainConfig(), [slide])
+    assert contract.dtype == np.dtype(dtype).name
+    assert contract.channel_names == names
+
+
+def test_the_data_fingerprint_tells_shapes_and_dtypes_apart() -> None:
+    """Images of the same bytes in another shape or dtype are other data (a resume on them is
+    refused); the same arrays again are the same data."""
+    from segpipe.training.state import data_fingerprint
+
+    pixels = np.arange(48, dtype=np.uint8)
+
+    def image(array: np.ndarray) -> SyntheticSlide:
+        side = array.shape[:2]
+        return SyntheticSlide(array, np.zeros(side, np.uint8), np.zeros(side, np.int32))
+
+    square, wide = pixels.reshape(4, 4, 3), pixels.reshape(2, 8, 3)
+    signed = pixels.view(np.int8).reshape(4, 4, 3)
+    prints = [data_fingerprint([image(a)]) for a in (square, wide, signed, square.copy())]
+    assert len(set(prints[:3])) == 3
+    assert prints[3] == prints[0]
 
 
 def test_a_fine_tuned_contract_measures_every_column_of_large_images():
