@@ -487,3 +487,76 @@ def test_training_images_of_two_pixel_sizes_record_none_with_one_warning(tmp_pat
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the size given is recorded: nothing to say
             assert trained_contract(given, mixed) == 0.4
+
+
+def _unnamed_folder(root: Path, labels: np.ndarray) -> Path:
+    """One 8x8 image with ``labels``, no ``classes.txt``: class names from the ids."""
+    _plain_folder(root, stems=("a",))
+    (root / "classes.txt").unlink()
+    Image.fromarray(labels.astype(np.uint8)).save(root / "labels" / "a.png")
+    return root
+
+
+@pytest.mark.parametrize(("ids", "unseen"), [((0, 2), [1]), ((0, 1, 3), [2]), ((1, 2), [0])])
+def test_read_folder_without_class_names_refuses_one_skipped_id(
+    tmp_path: Path, ids: tuple[int, ...], unseen: list[int]
+) -> None:
+    """A single id missing from 0..max is as unnamed a class as 254 of them."""
+    labels = np.resize(np.array(ids), (8, 8))
+    with pytest.raises(ValueError, match=re.escape(f"hold the ids {list(ids)}, none of {unseen}")):
+        read_folder(_unnamed_folder(tmp_path, labels))
+
+
+@pytest.mark.parametrize(("ids", "names"), [((0,), 2), ((0, 1), 2), ((0, 1, 2), 3)])
+def test_read_folder_without_class_names_numbers_at_least_two_classes(
+    tmp_path: Path, ids: tuple[int, ...], names: int
+) -> None:
+    """Labels all background still make a two-class model (background and one class): a
+    one-class model has nothing to tell apart."""
+    labels = np.resize(np.array(ids), (8, 8))
+    (item,) = read_folder(_unnamed_folder(tmp_path, labels))
+    assert item.class_names == tuple(f"class_{k}" for k in range(names))
+
+
+@pytest.mark.parametrize(("count", "is_refused"), [(256, False), (257, True)])
+def test_read_folder_holds_at_most_256_class_names(
+    tmp_path: Path, count: int, is_refused: bool
+) -> None:
+    """uint8 labels hold ids 0..255: a 257th class could never be labelled."""
+    root = _plain_folder(tmp_path, stems=("a",))
+    names = [f"c{i}" for i in range(count)]
+    if is_refused:
+        with pytest.raises(ValueError, match=r"257 classes.*at most 256"):
+            read_folder(root, class_names=names)
+    else:
+        (item,) = read_folder(root, class_names=names)
+        assert len(item.class_names) == 256
+
+
+@pytest.mark.parametrize(
+    ("image_name", "label_name"),
+    [("a.ome.tif", "a.png"), ("a.ome.tiff", "a.tif"), ("a.png", "a.ome.tif")],
+)
+def test_read_folder_pairs_ome_tiff_files_by_their_stem(
+    tmp_path: Path, image_name: str, label_name: str
+) -> None:
+    """``a.ome.tif`` is named ``a`` (the longest suffix), so its labels are ``a.png`` or
+    ``a.tif``, as with any other format."""
+    import tifffile
+
+    for d in ("images", "labels"):
+        (tmp_path / d).mkdir()
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    labels = np.eye(8, dtype=np.uint8)
+    for path, pixels in (
+        (tmp_path / "images" / image_name, image),
+        (tmp_path / "labels" / label_name, labels),
+    ):
+        if path.suffix == ".png":
+            Image.fromarray(pixels).save(path)
+        else:
+            tifffile.imwrite(path, pixels, photometric="rgb" if pixels.ndim == 3 else None)
+    (item,) = read_folder(tmp_path)
+    assert item.name == "a"
+    np.testing.assert_array_equal(item.image, image)
+    np.testing.assert_array_equal(item.labels, labels)
