@@ -33,6 +33,7 @@ from PIL import Image
 from segpipe.io.maskfiles import mask_file_sha256, read_mask_file
 from segpipe.io.readers import ArrayReader, ImageReadError, Reader, open_image, pillow
 from segpipe.io.readers.cached import CachedReader, cached_reads
+from segpipe.io.readers.photometric import unpremultiply
 
 SHAPE = (300, 517)  # sides deliberately not multiples of the 64 px tiles
 
@@ -621,15 +622,25 @@ def test_open_errors_name_the_file(
     assert str(path) in str(info.value)
 
 
-def test_truncated_tiff_is_refused_on_open_naming_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cut", ["half", "one-byte"])
+def test_truncated_tiff_is_refused_on_open_naming_the_file(tmp_path: Path, cut: str) -> None:
     path = tmp_path / "cut.tif"
     tifffile.imwrite(path, _rgb(), tile=(64, 64), compression="zlib", photometric="rgb")
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    # The IFD is at the start and still lists every tile; half of them lie past the end.
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        end = max(
+            int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)
+        )
+    assert end == len(data)  # the last tile ends the file
+    # The IFD is at the start and still lists every tile; half of them lie past the end, or
+    # the last one's last byte does.
+    path.write_bytes(data[: len(data) // 2] if cut == "half" else data[:-1])
     with pytest.raises(ImageReadError, match="truncated") as info:
         open_image(path)
     assert str(path) in str(info.value)
+    if cut == "one-byte":
+        assert f"extend to byte {end:,} but the file has {end - 1:,} bytes" in str(info.value)
 
 
 def test_corrupt_tiff_tiles_fail_on_read_naming_the_file(tmp_path: Path) -> None:
@@ -962,6 +973,53 @@ def test_cached_reads_decode_a_neighbours_halo_tiles_once(tmp_path: Path) -> Non
     np.testing.assert_array_equal(second, _rgb()[:138, 118:266])
 
 
+def test_a_cached_window_ending_on_tile_edges_decodes_no_tile_past_them(tiled: Reader) -> None:
+    ty, tx = tiled.chunk_shape(0)
+    cached = CachedReader(tiled)
+    calls = _recording(tiled)
+    window = cached.read(ty, 3 * ty, tx, 2 * tx)  # tile rows 1-2 of tile column 1, exactly
+    assert calls == [(ty, 3 * ty, tx, 2 * tx)]
+    assert cached.cached_bytes == 2 * ty * tx * 3
+    np.testing.assert_array_equal(window, _rgb()[ty : 3 * ty, tx : 2 * tx])
+
+
+@pytest.mark.parametrize("tile", [(16, 32), (32, 16)], ids=["wide", "tall"])
+def test_cached_reads_of_oblong_tiles_give_the_files_pixels(
+    tmp_path: Path, tile: tuple[int, int]
+) -> None:
+    path = tmp_path / "oblong.tif"
+    tifffile.imwrite(path, _rgb(), tile=tile, photometric="rgb")
+    cached = CachedReader(open_image(path))
+    # Many tiles a rectangle, the edge tiles cut short; then a window half of it kept.
+    for y0, y1, x0, x1 in [(5, 120, 7, 200), (0, 300, 150, 517)]:
+        np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), _rgb()[y0:y1, x0:x1])
+
+
+def test_cached_reads_for_bands_keep_the_halo_rows_above_each_band(tmp_path: Path) -> None:
+    """Blocks read in bands left to right, each with its halo (exact mode), decode every
+    tile once: the band's budget keeps the tile rows above it its halo needs, across the
+    whole width (a budget of the band alone drops them before the band below reads them)."""
+    ny, nx, t, band, halo = 96, 256, 16, 32, 4  # 16 tiles wide: the band, not _MIN_TILES
+    path = tmp_path / "wide.tif"
+    image = np.random.default_rng(7).integers(0, 256, (ny, nx, 3), dtype=np.uint8)
+    tifffile.imwrite(path, image, tile=(t, t), photometric="rgb")
+    reader = open_image(path)
+    cached = cached_reads(reader, band)
+    calls = _recording(reader)
+    for y in range(0, ny, band):
+        for x in range(0, nx, band):
+            y0, y1 = max(y - halo, 0), min(y + band + halo, ny)
+            x0, x1 = max(x - halo, 0), min(x + band + halo, nx)
+            np.testing.assert_array_equal(cached.read(y0, y1, x0, x1), image[y0:y1, x0:x1])
+    decoded = [
+        (i, j)
+        for y0, y1, x0, x1 in calls
+        for i in range(y0 // t, -(-y1 // t))
+        for j in range(x0 // t, -(-x1 // t))
+    ]
+    assert sorted(decoded) == [(i, j) for i in range(ny // t) for j in range(nx // t)]
+
+
 def test_cached_reads_leave_arrays_and_whole_width_tiles_alone(tmp_path: Path) -> None:
     image = ArrayReader(_rgb())
     assert cached_reads(image) is image  # nothing to decode
@@ -1119,7 +1177,15 @@ def test_a_read_waits_for_the_rectangle_it_needs_only(tiled: Reader) -> None:
 
 
 @pytest.mark.parametrize("tiled", ["tiff"], indirect=True)
-def test_a_read_waiting_on_a_failed_read_decodes_the_tile_itself(tiled: Reader) -> None:
+@pytest.mark.parametrize(
+    "window",
+    [(0, 64, 0, 64), (256, 300, 512, 517)],  # a tile inside; the corner tile, cut by both edges
+    ids=["inner", "corner"],
+)
+def test_a_read_waiting_on_a_failed_read_decodes_the_tile_itself(
+    tiled: Reader, window: tuple[int, int, int, int]
+) -> None:
+    key = (0, window[0] // 64, window[2] // 64)  # (level, row, column) of the window's tile
     cached = CachedReader(tiled, max_bytes=1 << 24)
     release, failed = threading.Event(), []
     original = tiled.read
@@ -1136,24 +1202,26 @@ def test_a_read_waiting_on_a_failed_read_decodes_the_tile_itself(tiled: Reader) 
 
     def first() -> None:
         try:
-            cached.read(0, 64, 0, 64)
+            cached.read(*window)
         except ImageReadError as exc:
             errors.append(exc)
 
     reader = threading.Thread(target=first)
     reader.start()
     deadline = time.monotonic() + 10
-    while (0, 0, 0) not in cached._decoding and time.monotonic() < deadline:
+    while key not in cached._decoding and time.monotonic() < deadline:
         time.sleep(0.001)
     waiter_result: list[np.ndarray] = []
-    waiter = threading.Thread(target=lambda: waiter_result.append(cached.read(0, 64, 0, 64)))
+    waiter = threading.Thread(target=lambda: waiter_result.append(cached.read(*window)))
     waiter.start()
     time.sleep(0.2)  # for it to reach the wait
     release.set()
     reader.join(10)
     waiter.join(10)
     assert len(errors) == 1 and cached._decoding == {}
-    np.testing.assert_array_equal(waiter_result[0], _rgb()[:64, :64])
+    assert waiter_result, "the waiting read failed (its error is in the warnings)"
+    y0, y1, x0, x1 = window
+    np.testing.assert_array_equal(waiter_result[0], _rgb()[y0:y1, x0:x1])
 
 
 def _relevel(path: Path, level: int, data: np.ndarray) -> None:
@@ -1736,6 +1804,17 @@ def test_premultiplied_colour_is_rounded_as_openslide_python_rounds_it(tmp_path:
     np.testing.assert_array_equal(read, openslide_rgba)
 
 
+@pytest.mark.parametrize("white", [1.0, 255.0])
+def test_unpremultiplied_float_colour_is_on_the_scale_of_its_white(white: float) -> None:
+    """Float colour comes back as colour * white / alpha: on the scale of the white given
+    (the reader gives 1; a caller whose floats run to 255 gives 255)."""
+    stored = _premultiplied_rgba(np.float32) * np.float32(white)
+    shown = unpremultiply(stored[..., :3], stored[..., 3:], white)
+    expected = _unpremultiplied(stored, white)[..., :3]
+    assert shown.dtype == np.float32
+    np.testing.assert_allclose(shown, expected, rtol=1e-6)
+
+
 def test_associated_alpha_of_signed_samples_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "signed.tif"
     tifffile.imwrite(
@@ -1767,6 +1846,25 @@ def test_a_palette_tiff_reads_as_its_colormaps_rgb_at_every_level(tmp_path: Path
     with Image.open(path) as img:  # Pillow shows the colormap's top 8 bits
         shown = np.asarray(img.convert("RGB"))
     np.testing.assert_array_equal(reader.read(0, 300, 0, 517) >> 8, shown)
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(255, np.uint8), (256, np.uint16)])
+def test_a_palette_tiff_of_8_bit_colours_reads_as_8_bit_rgb(
+    tmp_path: Path, top: int, dtype: type
+) -> None:
+    """Some writers store 8-bit colours in the 16-bit ColorMap: a colormap reaching 255 and
+    no higher is 8-bit RGB (a model would see it 257 times too dark as 16 bits); one value
+    past 255 makes it 16-bit."""
+    indices = (np.arange(40 * 50).reshape(40, 50) % 256).astype(np.uint8)
+    colormap = np.random.default_rng(6).integers(0, top, (3, 256)).astype(np.uint16)
+    colormap[1, 7] = top  # the colormap's largest value, index 7 in every row
+    path = tmp_path / "palette.tif"
+    tifffile.imwrite(path, indices, photometric="palette", colormap=colormap)
+    reader = open_image(path)
+    assert reader.dtype == dtype
+    pixels = reader.read(0, 40, 0, 50)
+    assert pixels.dtype == dtype
+    np.testing.assert_array_equal(pixels, np.moveaxis(colormap[:, indices], 0, -1))
 
 
 def test_a_palette_geotiffs_nodata_index_marks_the_pixels_without_data(tmp_path: Path) -> None:
@@ -2167,6 +2265,18 @@ def _cut_at_strip_offsets(tmp: Path) -> Path:
     return path
 
 
+def _one_short(code: int, **kw: object) -> Callable[[Path], Path]:
+    """The 4 tiles or strips of a 64 px image, tag ``code`` (TileOffsets or StripOffsets)
+    listing 3 of them: tifffile reads the fourth as zeros."""
+
+    def damage(tmp: Path) -> Path:
+        path = _tiled(tmp / "short.tif", **kw)
+        _set_tag(path, code, 3, _tag(path, code)[1])  # the same offsets, one fewer
+        return path
+
+    return damage
+
+
 def _reduced_offsets_past_the_end(tmp: Path) -> Path:
     path = _pyramid(tmp / "pyramid.tif")
     _set_tag(path, 324, 6, 0xFFFFFF00, level=1)  # level 1's TileOffsets: unreadable
@@ -2179,6 +2289,12 @@ def _reduced_offsets_past_the_end(tmp: Path) -> Path:
         pytest.param(_cut_at_tile_offsets, "level 0 lists 0 of the 4 tiles", id="tiles"),
         pytest.param(_cut_at_strip_offsets, "level 0 lists 0 of the 4 strips", id="strips"),
         pytest.param(_reduced_offsets_past_the_end, "level 1 lists 0 of the 6 tiles", id="level-1"),
+        pytest.param(_one_short(324), "level 0 lists 3 of the 4 tiles", id="tiles-one-short"),
+        pytest.param(
+            _one_short(273, tile=None, rowsperstrip=16),
+            "level 0 lists 3 of the 4 strips",
+            id="strips-one-short",
+        ),
     ],
 )
 def test_a_tiff_listing_fewer_tiles_than_its_size_needs_is_refused(
