@@ -22,6 +22,7 @@ import segpipe
 from segpipe import models
 from segpipe.execution import cluster, tasks
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
+from segpipe.execution.lease import RunEnded
 from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import (
     InferenceConfig,
@@ -43,7 +44,7 @@ from segpipe.geometry.pixels import to_float01
 from segpipe.geometry.tiling import Box, Geometry, exact_side, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader, ImageReadError, open_image, read_mirrored
 from segpipe.models.contract import measure_contract
-from segpipe.results import read_meta
+from segpipe.results import read_meta, tiles_done
 from segpipe.synthetic import tissue_slide
 
 CLASSES = ("background", "tissue", "nucleus")
@@ -629,6 +630,57 @@ def test_a_models_error_names_the_file_and_the_window(tmp_path, through):
             run()
     finally:
         stage.close()
+
+
+def test_a_non_finite_output_names_its_own_window_not_its_batchs_first():
+    """One window of a batch gives NaN: the error names that window (its input holds the
+    pixel that made it NaN), not the batch's first, far from that pixel."""
+    image = np.random.default_rng(0).integers(1, 200, (40, 48, 3), dtype=np.uint8)
+    image[33, 41] = 255
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+
+    def nan_where_white(windows: np.ndarray) -> np.ndarray:
+        p = predictor(windows)
+        p[(windows == 255).all(axis=-1).any(axis=(1, 2))] = np.nan
+        return p
+
+    tiles = list(tile_grid(image.shape[:2], 8))
+    stitching = Stitching("exact", 8, net.geometry, len(CLASSES))
+    with pytest.raises(PredictionError, match="NaN or infinite for the window whose") as err:
+        # all 30 windows in one batch, the first one's input far from the white pixel
+        predict_region(tiles, ArrayReader(image), nan_where_white, stitching, batch_size=64)
+    found = re.search(r"output is y (\d+):(\d+), x (\d+):(\d+) of level 0", str(err.value))
+    assert found, err.value
+    y0, y1, x0, x1 = map(int, found.groups())
+    halo = net.geometry.halo
+    assert y0 - halo <= 33 < y1 + halo and x0 - halo <= 41 < x1 + halo, err.value
+
+
+class EndsItsRun(PlainModule):
+    """Ends every run's lease in this process at its first forward pass inside a block, as
+    remove_predictor does when the run ends (cancelled, a sibling task failed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tasks._LEASES and not getattr(self, "ended", False):
+            for lease in list(tasks._LEASES.values()):
+                lease.end()
+            self.ended = True
+        return self.net(x)
+
+
+def test_a_block_whose_run_ended_while_it_was_predicted_is_not_written(reader, tmp_path):
+    """A task still predicting when its run ended must not write its block: a new run may
+    have made the result at that path since. It raises RunEnded, and nothing is written."""
+    r, _ = reader
+    model = EndsItsRun(tiny_unet())
+    out = tmp_path / "r.zarr"
+    with pytest.raises(RunEnded, match="has ended in this process"):
+        segpipe.segment(r, out, model, tile=8, device="cpu", scheduler="sync")
+    assert model.ended
+    assert not tiles_done(out).any()
+    assert not zarr.open_group(out, mode="r")["0/mask"][...].any()
+    assert tasks._LEASES == {}, "released after the run all the same"
 
 
 def test_a_model_failing_its_memory_probe_is_named(tmp_path):

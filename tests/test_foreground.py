@@ -492,6 +492,25 @@ def test_tiles_already_done_keep_their_counts_when_the_selection_leaves_them_out
     np.testing.assert_array_equal(counts[0, 0], [TILE * TILE, 0, 0])
 
 
+def test_left_out_edge_tiles_count_their_own_pixels_as_background(tmp_path):
+    """100 x 70 px in tiles of 32: the edge tiles are 4 px high or 6 px wide. Tiles the mask
+    leaves out are recorded as class 0 by their own h x w pixels, so the class pixels are the
+    stored mask's, summing to the image's."""
+    image = np.random.default_rng(0).integers(0, 256, (100, 70, 3), dtype=np.uint8)
+    marked = np.zeros((100, 70), np.uint8)
+    marked[:20, :20] = 255  # tile (0, 0) only
+    Image.fromarray(marked).save(tmp_path / "mask.png")
+    out = segpipe.segment(
+        ArrayReader(image), tmp_path / "r.zarr", tiny_unet(), tile=32, scheduler="sync",
+        foreground=str(tmp_path / "mask.png"),
+    )  # fmt: skip
+    s = read_meta(out).summary
+    assert (s.tiles_computed, s.tiles_background) == (1, 4 * 3 - 1)
+    stored = segpipe.open_result(out)["mask"].values
+    np.testing.assert_array_equal(s.class_pixels, np.bincount(stored.ravel(), minlength=3))
+    assert sum(s.class_pixels) == 100 * 70
+
+
 def test_a_selection_for_a_result_another_run_replaced_writes_nothing_there(known_slide, tmp_path):
     """The run's stamp is not the result's (another run replaced it): neither the background
     record nor the foreground label image is written into the other run's result."""

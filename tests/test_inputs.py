@@ -1,6 +1,8 @@
 """The pixels a model is given (segpipe.execution.inputs): pixels a file marks invalid reach
 it as the value its scaling maps to 0, however the file encodes them."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import rasterio
@@ -8,6 +10,10 @@ from rasterio.transform import Affine
 from test_execution import tiny_unet
 
 import segpipe
+from segpipe.execution.inputs import model_pixels
+from segpipe.geometry.tiling import Box
+from segpipe.io.readers import ImageReadError
+from segpipe.models import PixelContract
 from segpipe.models.contract import measure_contract, scaling_affine
 
 
@@ -66,3 +72,58 @@ def _corner(image: np.ndarray) -> np.ndarray:
     corner = np.zeros((*image.shape[:2], 1), bool)
     corner[:16, :20] = True
     return corner
+
+
+# -- model_pixels on pixels in hand ------------------------------------------------------------
+
+BOX = Box(0, 2, 0, 2)
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [(1.0, False), (1.01, False), (-0.01, False), (1.02, True), (1.09, True), (-0.02, True)],
+)
+def test_float_pixels_a_model_takes_as_they_are_lie_in_0_1_within_a_hundredth(value, refused):
+    """The dtype rule takes floats in [0, 1], with 0.01 of slack for resampling overshoot and
+    none for [0, 255] data stored as float."""
+    raw = np.full((2, 2, 3), 0.5, np.float32)
+    raw[1, 0, 2] = value
+    reader = SimpleNamespace(path="float.tif")
+    if not refused:
+        np.testing.assert_array_equal(model_pixels(raw, reader, BOX, 0, None, 3), raw)
+        return
+    with pytest.raises(ImageReadError, match=r"float\.tif: float pixels must lie in \[0, 1\]"):
+        model_pixels(raw, reader, BOX, 0, None, 3)
+
+
+def test_colours_under_alpha_0_stay_and_only_what_the_model_cannot_take_is_replaced():
+    """Under alpha 0 the colours are the file's own: they reach the model as they are; a NaN
+    there (which the model cannot take) becomes the dtype rule's 0."""
+    raw = np.array(
+        [[[0.5, 0.5, 0.5, 1.0], [0.3, 0.6, 0.9, 0.0]],
+         [[np.nan, 0.2, 0.4, 0.0], [0.5, 0.5, 0.5, 1.0]]],
+        np.float32,
+    )  # fmt: skip
+    reader = SimpleNamespace(
+        path="rgba.tif", mask_kind="alpha", nodata=None,
+        channel_names=("red", "green", "blue", "alpha"),
+    )  # fmt: skip
+    expected = np.nan_to_num(raw[..., :3], nan=0.0)
+    np.testing.assert_array_equal(model_pixels(raw, reader, BOX, 0, None, 3), expected)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "lo", "stand_in"),
+    [("uint8", 10.6, 11), ("uint8", 10.4, 10), ("uint16", 300.7, 301), ("uint8", 255.8, 255)],
+)
+def test_integer_nodata_becomes_the_integer_nearest_the_models_0(dtype, lo, stand_in):
+    """A range contract maps ``lo`` to 0: nodata pixels become the integer nearest it (clipped
+    to the dtype), not ``lo`` cut towards 0."""
+    raw = np.array([[[0], [50]], [[0], [200]]], dtype)
+    reader = SimpleNamespace(
+        path="nodata.tif", mask_kind="nodata", nodata=(0.0,), channel_names=None
+    )
+    contract = PixelContract(channels=1, dtype=dtype, scaling="range", lo=(lo,), hi=(lo + 300,))
+    got = model_pixels(raw, reader, BOX, 0, contract, 1)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got[..., 0], [[stand_in, 50], [stand_in, 200]])
