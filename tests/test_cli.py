@@ -1335,6 +1335,24 @@ def test_train_of_a_network_too_large_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.skipif(
+    Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1"
+    if Path("/proc/sys/vm/overcommit_memory").exists()
+    else True,
+    reason="the kernel must refuse a 3 TB allocation outright (it does unless it overcommits)",
+)
+def test_train_with_a_patch_too_large_for_memory_is_one_line(tmp_path, capsys):
+    """--patch 1000000 ended in numpy's traceback naming only an array shape."""
+    tiny = ["--steps", "1", "--slide-size", "64", "--num-slides", "1", "--val-size", "64"]
+    tiny += ["--batch-size", "2", "--patch", "1000000", "--width", "4", "--depth", "1"]
+    code = main(["train", str(tmp_path / "m.pt"), *tiny, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "batch of 2 (--batch-size) patches of 1000000 px (--patch" in err
+    assert "does not fit in memory" in err and "lower --patch or --batch-size" in err
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_a_full_disk_names_the_result_being_written(small_slide, tmp_path, capsys, monkeypatch):
     """A failed write() names no file: "error: [Errno 28] No space left on device", while the
     output, the image and Prefect's home may each lie on another disk."""

@@ -199,16 +199,24 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     checkpoint: Path | None = None
     epoch_losses: list[float] = []
     for step, steps in _steps(first_step, config.steps):
-        batch = sample_pairs(
-            train_slides,
-            geometry,
-            config.patch,
-            config.batch_size,
-            rng,
-            augmentation=augmentation,
-            weight_maps=weight_maps,
-            scale=contract.scale,
-        )
+        try:
+            batch = sample_pairs(
+                train_slides,
+                geometry,
+                config.patch,
+                config.batch_size,
+                rng,
+                augmentation=augmentation,
+                weight_maps=weight_maps,
+                scale=contract.scale,
+            )
+        except MemoryError as exc:  # numpy's message names an array shape, not the option
+            side = geometry.input_size(config.patch)
+            raise MemoryError(
+                f"a training batch of {config.batch_size} (--batch-size) patches of "
+                f"{config.patch} px (--patch; windows of {side} px a side with the model's "
+                f"context) does not fit in memory: {exc}; lower --patch or --batch-size"
+            ) from None
         logits = model(torch.from_numpy(batch.images))
         weights = None if batch.weights is None else torch.from_numpy(batch.weights)
         loss = softmax_cross_entropy(logits, torch.from_numpy(batch.labels), weights)
