@@ -242,6 +242,11 @@ def _rasterize_geojson(
         raise ValueError(f"foreground mask {path}: {e}") from e
     if not burned.any():  # a polygon meeting the image marks a cell
         (x0, y0), (x1, y1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
+        if min(x0, y0) >= 0 and x1 <= level0[1] and y1 <= level0[0]:  # in it, yet no cell
+            raise ValueError(
+                f"foreground mask {path}: its polygons lie in the image (x {x0:g}..{x1:g}, y "
+                f"{y0:g}..{y1:g}) but enclose no area (lines or points); draw areas"
+            )
         raise ValueError(
             f"foreground mask {path}: no polygon overlaps the image (x 0..{level0[1]}, y 0.."
             f"{level0[0]}); they span x {x0:g}..{x1:g}, y {y0:g}..{y1:g}. Coordinates must be "
