@@ -142,6 +142,37 @@ def test_report_areas_are_in_the_unit_its_header_names(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("crs", "size", "unit", "per_pixel", "shown"),
+    [
+        ("EPSG:32633", 5.0, "m²", 25.0, "5 x 5 metre/px (EPSG:32633)"),  # 102,400 m²
+        ("EPSG:32633", 500.0, "km²", 0.25, "500 x 500 metre/px (EPSG:32633)"),
+        ("EPSG:2263", 10.0, "US survey foot**2", 100.0, "10 x 10 US survey foot/px (EPSG:2263)"),
+    ],
+)
+def test_report_gives_a_georeferenced_results_areas_in_its_crs_units(
+    tmp_path, crs, size, unit, per_pixel, shown
+):
+    """It said "pixel size unknown" and "n/a (no pixel size)" for every class, where `info`
+    gives the areas in the CRS's units."""
+    from test_query import make_result
+
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:16] = 1
+    transform = (size, 0.0, 500000.0, 0.0, -size, 4000000.0)
+    path, _ = make_result(
+        tmp_path / "r.zarr", labels, pixel_size_um=None, crs=crs, transform=transform
+    )
+    text = reports.image_report(path)
+    assert f"| size | 64 x 64 px at level 0, {shown} |" in text
+    assert f"| class | pixels | area ({unit}) | fraction |" in text
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in text.splitlines()}
+    for name, n in (("background", 3072), ("tissue", 1024), ("nucleus", 0)):
+        pixels, area, _ = rows[name]
+        assert int(pixels) == n
+        assert float(area.replace(",", "")) == pytest.approx(n * per_pixel, rel=1e-3)
+
+
+@pytest.mark.parametrize(
     ("max_side", "expected"), [(2048, 0), (1024, 1), (600, 1), (512, 2), (256, 3), (255, 3)]
 )
 def test_thumbnail_level_keeps_a_level_of_exactly_max_side(max_side, expected):

@@ -26,7 +26,7 @@ from segpipe.atomic import replaced_file
 from segpipe.io.files import URLPath, location
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
-from segpipe.results import open_result, read_meta
+from segpipe.results import coordinate_areas, open_result, read_meta
 
 __all__ = [
     "area_unit",
@@ -74,6 +74,14 @@ def image_report(
     title = image or meta.source
     ny, nx = summary.shape
     px = summary.pixel_size_um
+    # A georeferenced result's areas are in its CRS's units (µm² otherwise), as `info` gives.
+    values, units = coordinate_areas(summary.class_pixels, meta) or ((), None)
+    if meta.transform and units:
+        a, e, unit = meta.transform[0], meta.transform[4], units.removesuffix("**2")
+        crs = meta.crs if len(meta.crs or "") <= 32 else "a WKT CRS"  # not the whole WKT
+        size = f"{abs(a):.4g} x {abs(e):.4g} {unit}/px ({crs}) |"
+    else:
+        size = f"{px:.4g} µm/px |" if px else "pixel size unknown |"
     lines = [
         f"# segpipe: {title}",
         "",
@@ -82,8 +90,7 @@ def image_report(
         f"| result | `{result}` |",
         f"| source | `{meta.source}` |",
         f"| model | {meta.model_name} (sha256 `{meta.model_sha256[:12]}`) |",
-        f"| size | {ny} x {nx} px at level {meta.config.level}"
-        + (f", {px:.4g} µm/px |" if px else ", pixel size unknown |"),
+        f"| size | {ny} x {nx} px at level {meta.config.level}, {size}",
         f"| tiles | {summary.tiles_computed} computed ({summary.tiles_skipped} of them by an"
         f" earlier, resumed run), {summary.tiles_total} in all |",
         f"| time | {summary.seconds:.1f} s, {summary.megapixels_per_second:.3g} megapixels/s |",
@@ -92,10 +99,15 @@ def image_report(
         "## Classes",
         "",
     ]
-    if summary.class_area_um2 is not None:
-        unit, size = area_unit(sum(summary.class_area_um2))
+    # Metres become µm² so the unit that takes fewest digits is chosen (m², km²) as for µm.
+    per_um2 = {"micrometer**2": 1.0, "metre**2": 1e12, "meter**2": 1e12}.get(units or "")
+    if units and per_um2:
+        unit, scale = area_unit(sum(values) * per_um2)
         lines += [f"| class | pixels | area ({unit}) | fraction |", "|---|---:|---:|---:|"]
-        areas: Sequence[float | None] = [a / size for a in summary.class_area_um2]
+        areas: Sequence[float | None] = [v * per_um2 / scale for v in values]
+    elif units:  # feet, degrees: as they are
+        lines += [f"| class | pixels | area ({units}) | fraction |", "|---|---:|---:|---:|"]
+        areas = list(values)
     else:
         lines += ["| class | pixels | area | fraction |", "|---|---:|---:|---:|"]
         areas = [None] * len(summary.class_names)
