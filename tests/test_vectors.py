@@ -157,6 +157,26 @@ def test_crs_coordinates_are_the_pixel_polygons_through_the_transform(tmp_path):
         vectors.class_features(path, "tissue", coords="micron")
 
 
+def test_a_crs_with_no_code_is_kept_in_the_properties(tmp_path):
+    """GeoJSON's crs member takes a URN only: a WKT CRS (no EPSG code) was written nowhere,
+    though the docstring said the FeatureCollection names the CRS."""
+    from rasterio.crs import CRS
+    from test_query import UTM
+
+    labels, _ = squares_on_chunk_corners()
+    wkt = CRS.from_proj4("+proj=tmerc +lat_0=0 +lon_0=15.5 +k=1 +x_0=0 +y_0=0 +ellps=GRS80").wkt
+    path, _ = make_result(
+        tmp_path / "g.zarr", labels, pixel_size_um=None, crs=wkt, transform=UTM["transform"]
+    )
+    written = json.loads(
+        vectors.export_geojson(path, tmp_path / "g.geojson", coords="crs").read_text()
+    )
+    assert "crs" not in written and written["properties"]["crs_wkt"] == wkt
+    assert CRS.from_wkt(written["properties"]["crs_wkt"]) == CRS.from_wkt(wkt)
+    pixel = json.loads(vectors.export_geojson(path, tmp_path / "p.geojson").read_text())
+    assert "crs_wkt" not in pixel["properties"]  # pixel coordinates are in no CRS
+
+
 def test_coordinates_a_result_cannot_give_are_refused_before_the_objects_are_found(
     tmp_path, monkeypatch
 ):

@@ -24,7 +24,9 @@ Coordinates (``coords``):
 - ``"micron"``: the result's ``x``/``y`` coordinates, whose values are pixel centres, so
   pixel ``(i, j)`` spans ``[(j - 0.5) s, (j + 0.5) s]``;
 - ``"crs"``: the coordinate reference system of a georeferenced input (GeoTIFF), through
-  its pixel-corner affine transform; the FeatureCollection names the CRS.
+  its pixel-corner affine transform. The FeatureCollection names an ``AUTHORITY:CODE`` CRS
+  (a ``crs`` member, which QGIS and GDAL read); a CRS with no code (WKT) is only in
+  ``properties.crs_wkt``, which they do not read: they take the coordinates for lon/lat.
 """
 
 from __future__ import annotations
@@ -367,8 +369,11 @@ def export_geojson(
         },
     }
     crs = meta.crs
-    # Only an "AUTHORITY:CODE" CRS has a URN; a WKT CRS is left for the reader to be told.
-    if coords == "crs" and crs and re.fullmatch(r"[A-Za-z]+:\w+", crs):
+    # Only an "AUTHORITY:CODE" CRS has a URN; a WKT one (no code) is kept in the properties,
+    # which GIS software does not read: the user must be told (the docstring, --coords help).
+    if coords == "crs" and crs and not re.fullmatch(r"[A-Za-z]+:\w+", crs):
+        collection["properties"]["crs_wkt"] = crs
+    elif coords == "crs" and crs:
         # RFC 7946 dropped "crs" (WGS 84 only), but QGIS and GDAL still read this form.
         authority, code = crs.split(":", 1)
         collection["crs"] = {

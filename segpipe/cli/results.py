@@ -126,7 +126,8 @@ def add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         choices=("pixel", "micron", "crs"),
         default="pixel",
         help="coordinates of the polygons: level-0 pixels of the source image (QuPath's, and "
-        "what --foreground takes), microns, or the image's CRS",
+        "what --foreground takes), microns, or the image's CRS (named in the file when it "
+        "has an EPSG-style code; a WKT-only CRS is not, so tell your GIS which it is)",
     )
     ex.add_argument(
         "--threshold",
