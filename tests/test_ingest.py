@@ -1066,3 +1066,59 @@ def test_a_bit_flipped_in_an_ingested_chunk_is_refused_naming_the_store(tmp_path
     chunk.write_bytes(bytes(data))
     with pytest.raises(ImageReadError, match=f"{store}: cannot read level 0"):
         np.asarray(open_image(store).level(0))
+
+
+def _translated_ome_zarr(path: Path, origin: tuple[float, float]) -> Path:
+    """A one-level (c, y, x) OME-Zarr 0.5 image of ``_image()``'s first 64 x 80 px at 0.5 µm,
+    its first pixel centred at ``origin`` (y, x) µm."""
+    space = {"type": "space", "unit": "micrometer"}
+    transforms = [
+        {"type": "scale", "scale": [1.0, 0.5, 0.5]},
+        {"type": "translation", "translation": [0.0, *origin]},
+    ]
+    ms = {
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}],
+        "datasets": [{"path": "s0", "coordinateTransformations": transforms}],
+    }
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    root.create_array("s0", data=_image()[:64, :80].transpose(2, 0, 1), dimension_names="cyx")
+    root.update_attributes({"ome": {"version": "0.5", "multiscales": [ms]}})
+    return path
+
+
+def test_an_ingest_keeps_where_its_source_lies_and_is_redone_when_that_moves(
+    tmp_path: Path,
+) -> None:
+    """An OME-Zarr's translation was dropped: the copy, and every result of it, lay at 0."""
+    src = _translated_ome_zarr(tmp_path / "t.ome.zarr", (100.0, 200.0))
+    out = ingest(src, tmp_path / "copy.zarr", chunk=32, min_level_size=16)
+    (ms,) = _attrs(out)["ome"]["multiscales"]
+    # level k's centres: the origin plus half of the 2**k - 1 level-0 pixels of 0.5 µm before
+    assert [d["coordinateTransformations"][1] for d in ms["datasets"]] == [
+        {"type": "translation", "translation": [0.0, 100.0, 200.0]},
+        {"type": "translation", "translation": [0.0, 100.25, 200.25]},
+        {"type": "translation", "translation": [0.0, 100.75, 200.75]},
+    ]
+    copy = open_image(out)
+    assert (copy.pixel_size_um, copy.origin_um) == (0.5, (100.0, 200.0))
+    np.testing.assert_array_equal(copy.read(0, 64, 0, 80), _image()[:64, :80])
+
+    store = ingested_image(src, tmp_path / "reused.zarr", chunk=32)
+    assert open_image(store).origin_um == (100.0, 200.0)
+    _translated_ome_zarr(src, (-3.0, 7.5))  # the same pixels, placed elsewhere
+    assert open_image(ingested_image(src, store, chunk=32)).origin_um == (-3.0, 7.5)
+
+
+def test_an_ingest_of_a_source_at_0_writes_no_translation_and_is_reused(tmp_path: Path) -> None:
+    """Copies of sources at 0 (all of them before translations were read) keep their
+    attributes, so they are reused as before."""
+    src = _translated_ome_zarr(tmp_path / "t.ome.zarr", (0.0, 0.0))
+    store = ingested_image(src, tmp_path / "copy.zarr", chunk=32)
+    attrs = _attrs(store)
+    assert "origin_um" not in attrs["segpipe"]
+    assert attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [1.0, 0.5, 0.5]}
+    ]
+    stamp = (store / "zarr.json").stat().st_mtime_ns
+    assert ingested_image(src, store, chunk=32) == store
+    assert (store / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"

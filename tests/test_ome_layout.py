@@ -316,3 +316,141 @@ def test_ingest_keeps_the_georeference(geotiff, net, tmp_path):
     assert via.rio.crs == direct.rio.crs
     assert tuple(via.rio.transform()) == tuple(direct.rio.transform())
     np.testing.assert_array_equal(via["mask"].values, direct["mask"].values)
+
+
+# --- a source placed by an OME-Zarr translation ------------------------------------------------
+
+ORIGIN = (100.0, 200.0)  # (y, x) µm of the source's first pixel centre
+
+
+def write_placed_ome_zarr(path, image, origin=ORIGIN):
+    """``image`` (y, x, c) as a two-level OME-Zarr 0.5 image of 0.5 µm pixels whose level 0's
+    first pixel is centred at ``origin`` (y, x) µm; level 1 the 2x2 blocks' top-left pixels,
+    placed as NGFF places a 2x level: its centres 0.25 µm further in."""
+    space = {"type": "space", "unit": "micrometer"}
+    levels = [image, image[: image.shape[0] // 2 * 2 : 2, : image.shape[1] // 2 * 2 : 2]]
+    datasets = [
+        {
+            "path": f"s{k}",
+            "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, 0.5 * 2**k, 0.5 * 2**k]},
+                {"type": "translation", "translation": [0.0, *(o + 0.25 * k for o in origin)]},
+            ],
+        }
+        for k in range(2)
+    ]
+    axes = [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}]
+    ms = {"name": "placed", "axes": axes, "datasets": datasets}
+    ome = {"version": "0.5", "multiscales": [ms]}
+    root = zarr.open_group(path, mode="w", zarr_format=3, attributes={"ome": ome})
+    for k, level in enumerate(levels):
+        root.create_array(f"s{k}", data=level.transpose(2, 0, 1), dimension_names=("c", "y", "x"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def placed(source, net, tmp_path_factory):
+    """The result of the module's image as a placed OME-Zarr, with its file's pixel size."""
+    folder = tmp_path_factory.mktemp("placed")
+    image = write_placed_ome_zarr(folder / "placed.ome.zarr", zarr.open_array(source)[...])
+    return image, run(image, folder / "placed.seg.zarr", net, pixel_size_um=None)
+
+
+def _translations(ome):
+    return [d["coordinateTransformations"][1] for d in ome["multiscales"][0]["datasets"]]
+
+
+def test_a_placed_sources_result_lies_on_it_in_ome_and_xarray(placed, result):
+    """An OME-Zarr source's translation was dropped: the result lay at 0, off its source in
+    napari, its coordinates and micron GeoJSON in another frame."""
+    _, out = placed
+    # level k: the origin plus half of the 2**k - 1 level-0 pixels (0.5 µm) it spans before
+    expected = [
+        {"type": "translation", "translation": [0.0, 100.0, 200.0]},
+        {"type": "translation", "translation": [0.0, 100.25, 200.25]},
+        {"type": "translation", "translation": [0.0, 100.75, 200.75]},
+    ]
+    assert _translations(zarr.open_group(out, mode="r").attrs["ome"]) == expected
+    label = zarr.open_group(out / "labels" / LABEL_NAME, mode="r").attrs["ome"]
+    assert _translations(label) == [{**t, "translation": t["translation"][1:]} for t in expected]
+    validated_image(out)
+    for k, (y0, x0) in enumerate([(100.0, 200.0), (100.25, 200.25)]):
+        ds, at_0 = xr.open_zarr(out, group=str(k)), xr.open_zarr(result, group=str(k))
+        assert (float(ds.y[0]), float(ds.x[0])) == (y0, x0)
+        np.testing.assert_allclose(ds.x.values, at_0.x.values + 200.0, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(ds.y.values, at_0.y.values + 100.0, rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(ds["mask"].values, at_0["mask"].values)  # same pixels
+    assert read_meta(out).origin_um == ORIGIN
+    assert read_meta(out).identity()["origin_um"] == [100.0, 200.0]
+
+
+def test_a_placed_sources_micron_geojson_is_shifted_by_its_origin(placed, result):
+    from shapely import get_coordinates
+    from shapely.geometry import shape
+
+    from segpipe.analysis.vectors import class_features
+
+    _, out = placed
+    found = 0
+    for name in CLASSES[1:]:
+        ours = class_features(out, name, coords="micron")
+        at_0 = class_features(result, name, coords="micron")
+        assert len(ours) == len(at_0)
+        for a, b in zip(ours, at_0, strict=True):
+            points = [get_coordinates(shape(f["geometry"])) for f in (a, b)]  # (n, 2): x, y
+            np.testing.assert_allclose(points[0], points[1] + (200.0, 100.0), rtol=0, atol=1e-9)
+        found += len(ours)
+    assert found, "the net found no object to compare"
+
+
+def test_a_level_1_result_lies_where_its_source_level_says(placed, net, tmp_path):
+    """The source's level 1 is centred 0.25 µm in from its origin (its own translation says
+    so): the result of that level, and its level 1, lie there and 0.5 µm further."""
+    image, _ = placed
+    out = run(image, tmp_path / "l1.zarr", net, pixel_size_um=None, level=1)
+    assert read_meta(out).pixel_size_um == 1.0
+    _, level1 = _translations(zarr.open_group(image, mode="r").attrs["ome"])
+    assert level1["translation"] == [0.0, 100.25, 200.25]
+    assert _translations(zarr.open_group(out, mode="r").attrs["ome"])[:2] == [
+        {"type": "translation", "translation": [0.0, 100.25, 200.25]},
+        {"type": "translation", "translation": [0.0, 100.75, 200.75]},
+    ]
+    ds = xr.open_zarr(out, group="0")
+    assert (float(ds.y[0]), float(ds.x[0])) == (100.25, 200.25)
+
+
+def test_a_placed_source_moved_is_another_result(source, net, tmp_path):
+    """The same pixels placed elsewhere: a result resumed would keep the old coordinates."""
+    pixels = zarr.open_array(source)[...]
+    image = write_placed_ome_zarr(tmp_path / "i.ome.zarr", pixels, origin=(0.0, 5.0))
+    out = run(image, tmp_path / "r.zarr", net, pixel_size_um=None)
+    write_placed_ome_zarr(image, pixels)  # moved to ORIGIN
+    with pytest.raises(segpipe.results.ResultMismatchError, match=r"origin_um: \[0\.0, 5\.0\]"):
+        run(image, out, net, pixel_size_um=None)
+
+
+def test_a_source_at_0_keeps_the_identity_results_had(result, source):
+    """Results of sources without a translation (all results before it was read) resume: their
+    identity is what it was, key for key."""
+    meta = read_meta(result)
+    assert meta.identity() == {
+        "source": str(source),
+        "shape": [150, 203],
+        "level": 0,
+        "pixel_size_um": 0.5,
+        "class_names": list(CLASSES),
+        "model_name": "unet",
+        "model_sha256": meta.model_sha256,
+        "tile": 32,
+        "halo": meta.halo,
+        "mode": "exact",
+        "probability_dtype": "float16",
+        "params": {"amp": meta.config.amp},
+        "task_tiles": 2,
+        "min_level_size": 32,
+        "crs": None,
+        "transform": None,
+        "source_sha256": meta.source_sha256,
+    }
+    stored = zarr.open_group(result, mode="r").attrs["ome"]["multiscales"][0]["datasets"]
+    assert stored[0]["coordinateTransformations"] == [{"type": "scale", "scale": [1.0, 0.5, 0.5]}]

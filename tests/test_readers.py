@@ -2654,3 +2654,79 @@ def test_an_arithmetic_coded_jpeg_reads_as_pillow_decodes_it(tmp_path):
     with Image.open(path) as img:
         expected = np.asarray(img)
     np.testing.assert_array_equal(np.asarray(open_image(path).level(0))[..., 0], expected)
+
+
+def _placed_ome_zarr(
+    path: Path,
+    dataset: list[dict[str, Any]],
+    multiscale: list[dict[str, Any]] | None = None,
+    unit: str | None = "micrometer",
+) -> Path:
+    """A one-level (c, y, x) OME-Zarr 0.5 image of 8 x 12 px whose level 0 has the
+    coordinateTransformations ``dataset`` (and the multiscale ``multiscale``)."""
+    space = {"type": "space", **({"unit": unit} if unit else {})}
+    ms: dict[str, Any] = {
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}],
+        "datasets": [{"path": "0", "coordinateTransformations": dataset}],
+    }
+    if multiscale is not None:
+        ms["coordinateTransformations"] = multiscale
+    root = zarr.create_group(str(path), attributes={"ome": {"version": "0.5", "multiscales": [ms]}})
+    root.create_array("0", data=np.zeros((3, 8, 12), np.uint8), dimension_names=("c", "y", "x"))
+    return path
+
+
+def _scale(*v: float) -> dict[str, Any]:
+    return {"type": "scale", "scale": list(v)}
+
+
+def _shift(*v: Any) -> dict[str, Any]:
+    return {"type": "translation", "translation": list(v)}
+
+
+@pytest.mark.parametrize(
+    ("dataset", "multiscale", "unit", "pixel_size", "origin"),
+    [
+        pytest.param([_scale(1, 0.5, 0.5), _shift(0, 100, 200)], None, "micrometer", 0.5,
+                     (100.0, 200.0), id="micrometer"),
+        pytest.param([_scale(1, 500, 500), _shift(0, 1500, -2000)], None, "nanometer", 0.5,
+                     (1.5, -2.0), id="nanometer"),
+        # NGFF applies the dataset's transforms, then the multiscale's: (10 * 2 + 1, 20 * 2 + 3)
+        pytest.param([_scale(1, 0.5, 0.5), _shift(0, 10, 20)], [_scale(1, 2, 2), _shift(0, 1, 3)],
+                     "micrometer", 1.0, (21.0, 43.0), id="composed"),
+        pytest.param([_scale(1, 0.5, 0.5)], None, "micrometer", 0.5, (0.0, 0.0), id="none"),
+        # no unit: neither the pixel size nor where the pixels lie is known in microns
+        pytest.param([_scale(1, 0.5, 0.5), _shift(0, 100, 200)], None, None, None, (0.0, 0.0),
+                     id="no-unit"),
+    ],
+)  # fmt: skip
+def test_an_ome_zarr_translation_is_where_its_first_pixel_centre_lies(
+    tmp_path: Path,
+    dataset: list[dict[str, Any]],
+    multiscale: list[dict[str, Any]] | None,
+    unit: str | None,
+    pixel_size: float | None,
+    origin: tuple[float, float],
+) -> None:
+    """Only the scale was read: a result of the image lay at 0, off its source in a viewer."""
+    reader = open_image(_placed_ome_zarr(tmp_path / "t.ome.zarr", dataset, multiscale, unit))
+    assert reader.pixel_size_um == pixel_size
+    assert reader.origin_um == origin
+    assert pickle.loads(pickle.dumps(reader)).origin_um == origin  # as Dask's workers get it
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "far", None])
+def test_an_ome_zarr_translation_that_is_no_finite_number_is_refused(
+    tmp_path: Path, value: Any
+) -> None:
+    """As a scale that is no positive number: refused naming the store, read with a warning
+    (and the first pixel at 0) where the user gives the pixel size."""
+    path = _placed_ome_zarr(tmp_path / "t.ome.zarr", [_scale(1, 0.5, 0.5), _shift(0, 4, value)])
+    with pytest.raises(
+        ImageReadError,
+        match=rf"t\.ome\.zarr: OME-Zarr translation of axis x is {re.escape(repr(value))}, not a",
+    ):
+        open_image(path)
+    with pytest.warns(UserWarning, match=r"using pixel_size_um=0.25 and an origin of 0"):
+        reader = open_image(path, pixel_size_um=0.25)
+    assert (reader.pixel_size_um, reader.origin_um) == (0.25, (0.0, 0.0))

@@ -236,6 +236,7 @@ def segment(
                 if reader.pixel_size_um
                 else None
             )
+            origin = getattr(reader, "origin_um", None)  # not in the Reader protocol
             meta = ResultMeta(
                 source=str(reader.path),
                 shape=(ny, nx),
@@ -253,6 +254,8 @@ def segment(
                 **_georeference_at(reader, level),
                 source_shape=(int(reader.level_shapes[0][0]), int(reader.level_shapes[0][1])),
                 source_sha256=pixel_sample_sha256(reader),  # a sample of its pixels
+                # where its first pixel lies (an OME-Zarr's translation), in microns
+                origin_um=origin if origin and any(origin) else None,
             )
             # One run at a time writes a local result, from before it is prepared until it is
             # finalised: no other run replaces it under this one (segpipe.results.lock).

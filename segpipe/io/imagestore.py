@@ -58,7 +58,7 @@ _ROOT = "zarr.json"
 # The label image of the pixels that hold data, where a source marks them apart.
 VALID_MASK = "labels/valid"
 # What a copy keeps of its source besides the pixels (source_attributes): any change redoes it.
-_KEPT = ("georeference", "nodata", "channel_names", "valid_mask", "mask_kind")
+_KEPT = ("georeference", "origin_um", "nodata", "channel_names", "valid_mask", "mask_kind")
 
 
 def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
@@ -174,9 +174,10 @@ def _opened(stack: contextlib.ExitStack, path: str | os.PathLike[str]) -> Reader
 def source_attributes(reader: Reader) -> dict[str, Any]:
     """What an ingest records of ``reader`` besides its pixels, as JSON: its location (a local
     path absolute, so another working folder names the same file), and the georeference,
-    nodata, channel names and mask its copy keeps, and a local file's size and mtime (ns). A
-    copy whose source now says otherwise is not reused (:func:`is_reusable`): a nodata or CRS
-    fixed in place changes no pixel, an edit outside the sampled pixels none of the sample's."""
+    origin, nodata, channel names and mask its copy keeps, and a local file's size and mtime
+    (ns). A copy whose source now says otherwise is not reused (:func:`is_reusable`): a nodata,
+    CRS or origin fixed in place changes no pixel, an edit outside the sampled pixels none of
+    the sample's."""
     path = str(reader.path)
     attrs: dict[str, Any] = {"source": path if is_url(path) else os.path.abspath(path)}
     if not is_url(path) and os.path.isfile(path):
@@ -186,6 +187,10 @@ def source_attributes(reader: Reader) -> dict[str, Any]:
     # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
     if (geo := getattr(reader, "georeference", None)) is not None:
         attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}
+    # where its first pixel lies (an OME-Zarr's translation), as its copy's levels say it;
+    # absent at 0, as ingests before it recorded none
+    if any(origin := getattr(reader, "origin_um", (0.0, 0.0))):
+        attrs["origin_um"] = [float(v) for v in origin]
     # and which pixels hold no data: the ZarrReader's valid_mask reads these back
     for key in ("nodata", "channel_names"):
         if (value := getattr(reader, key, None)) is not None:

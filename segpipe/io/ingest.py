@@ -25,6 +25,7 @@ Pixel size: with a known size ``s`` (µm), the y and x axes carry ``"unit": "mic
 level ``k`` the scale ``[1, s * 2**k, s * 2**k]``. When the size is unknown the spatial axes
 have no ``unit`` (the 0.5 spec makes it optional) and the scale is in level-0 pixels,
 ``[1, 2**k, 2**k]``; :class:`segpipe.io.readers.ZarrReader` reads that back as ``None``.
+With a size, a source's ``origin_um`` (an OME-Zarr's translation) becomes level 0's.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from segpipe.io.imagestore import (
     source_attributes,
 )
 from segpipe.io.locks import store_lock
-from segpipe.io.ome import OME_VERSION, label_attributes, multiscale_attributes
+from segpipe.io.ome import OME_VERSION, label_attributes, level0_placement, multiscale_attributes
 from segpipe.io.readers import ImageReadError, Reader, open_image
 from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
 from segpipe.io.units import check_pixel_size
@@ -191,17 +192,15 @@ def _copy(
     masked = records_mask(reader)
     sample = pixel_sample_sha256(reader)
     attrs = _segpipe_attributes(reader, px, sample, chunk)
+    # in microns: without a pixel size the levels are in pixels, and no origin has a unit
+    origin = getattr(reader, "origin_um", (0.0, 0.0)) if px else (0.0, 0.0)
+    ome = _ome_attributes(Path(reader.path).name, len(shapes), px, origin)
     # the location itself, not str(): a URLPath keeps its storage options
     root = zarr.create_group(
-        out,
-        zarr_format=3,
-        attributes={
-            "ome": _ome_attributes(Path(reader.path).name, len(shapes), px),
-            "segpipe": {**attrs, "complete": False},
-        },
+        out, zarr_format=3, attributes={"ome": ome, "segpipe": {**attrs, "complete": False}}
     )
     arrays = _create_levels(root, shapes, chunk, reader.dtype, nc)
-    masks = _create_mask(root, shapes, chunk, px) if masked else []
+    masks = _create_mask(root, shapes, chunk, ome) if masked else []
 
     zarr_chunks = (nc, chunk, chunk)
     level_chunks = [-(-ly // chunk) * -(-lx // chunk) for ly, lx in shapes]
@@ -255,14 +254,15 @@ def _create_levels(
 
 
 def _create_mask(
-    root: Any, shapes: Sequence[tuple[int, int]], chunk: int, px: float | None
+    root: Any, shapes: Sequence[tuple[int, int]], chunk: int, image: dict[str, Any]
 ) -> list[Any]:
-    """The empty levels of the label image :data:`VALID_MASK`, with its OME metadata."""
+    """The empty levels of label image :data:`VALID_MASK`, placed as the ``ome`` ``image``'s."""
     labels, name = VALID_MASK.split("/")
-    step, unit = (1.0, None) if px is None else (float(px), "micrometer")
+    step, origin = level0_placement(image) or ((1.0, 1.0), (0.0, 0.0))
+    unit = image["multiscales"][0]["axes"][-1].get("unit")
     paths = [str(k) for k in range(len(shapes))]
     # a pixel is valid where any of the 2x2 below is: their max, not the labels' usual mode
-    ome = label_attributes(name, paths, (step, step), unit, ("nodata", "valid"), method="max")
+    ome = label_attributes(name, paths, step, unit, ("nodata", "valid"), origin, method="max")
     group = root.create_group(
         labels, attributes={"ome": {"version": OME_VERSION, "labels": [name]}}
     )
@@ -362,17 +362,17 @@ class _ChunkCounter(Callback):
             self.counted = chunks
 
 
-def _ome_attributes(name: str, n_levels: int, pixel_size_um: float | None) -> dict[str, Any]:
-    """The ``ome`` attribute of an OME-Zarr 0.5 image with ``n_levels`` 2x levels."""
-    step = 1.0 if pixel_size_um is None else float(pixel_size_um)
-    unit = None if pixel_size_um is None else "micrometer"
+def _ome_attributes(
+    name: str, n_levels: int, pixel_size_um: float | None, origin_um: tuple[float, float]
+) -> dict[str, Any]:
+    """The ``ome`` attribute of an OME-Zarr 0.5 image with ``n_levels`` 2x levels, level 0's
+    first pixel centred at ``origin_um`` (y, x; µm, so (0, 0) without a pixel size)."""
+    step, unit = (1.0, None) if pixel_size_um is None else (float(pixel_size_um), "micrometer")
     paths = [str(k) for k in range(n_levels)]
-    return {
-        "version": OME_VERSION,
-        "multiscales": [
-            multiscale_attributes(name, paths, (step, step), unit, channel="c", method="mean")
-        ],
-    }
+    ms = multiscale_attributes(
+        name, paths, (step, step), unit, channel="c", method="mean", origin=origin_um
+    )
+    return {"version": OME_VERSION, "multiscales": [ms]}
 
 
 def _segpipe_attributes(

@@ -79,8 +79,8 @@ class PixelGrid:
         origin_um: tuple[float, float] = (0.0, 0.0),
     ) -> PixelGrid:
         """``origin_um``: (y, x) microns of the first pixel's centre, for an image with a
-        pixel size and no georeference (a coarser level of a source: see
-        ``segpipe.results.layout.source_origin_um``)."""
+        pixel size and no georeference (a source's translation, and a coarser level's offset
+        in it: see ``segpipe.results.layout.source_origin_um``)."""
         if transform is not None and crs is not None:
             from rasterio.crs import CRS
 

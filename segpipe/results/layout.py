@@ -210,21 +210,23 @@ def pixel_grid(meta: ResultMeta) -> PixelGrid:
 
 
 def source_origin_um(meta: ResultMeta) -> tuple[float, float]:
-    """(y, x) microns of a result's first pixel centre: the centre of the source pixels it
-    covers, ``(d - 1) / 2`` of them in (``d``: :func:`source_downsample` on the axis), as the
-    result pyramid's levels place theirs, so results of any source level line up. 0 at level
-    0, without a pixel size, or for a result that predates ``source_shape``.
+    """(y, x) microns of a result's first pixel centre: its source's (``meta.origin_um``, an
+    OME-Zarr's translation; else 0) plus the centre of the source pixels it covers, ``(d - 1)
+    / 2`` of them in (``d``: :func:`source_downsample` on the axis), as the result pyramid's
+    levels place theirs, so results of any source level line up. That offset is 0 at level
+    0 and for a result that predates ``source_shape``; all is 0 without a pixel size.
 
     >>> from segpipe.results.schema import ResultMeta
     >>> m = ResultMeta("s.tif", (50, 40), 1.0, ("a",), "m", "0", 0, source_shape=(100, 81))
-    >>> source_origin_um(m)
-    (0.25, 0.25)
+    >>> source_origin_um(m), source_origin_um(replace(m, origin_um=(100.0, -3.0)))
+    ((0.25, 0.25), (100.25, -2.75))
     """
-    if not meta.pixel_size_um or meta.source_shape is None:
+    if not meta.pixel_size_um:
         return (0.0, 0.0)
-    dy, dx = source_downsample(meta, meta.source_shape)
+    oy, ox = meta.origin_um or (0.0, 0.0)
+    dy, dx = source_downsample(meta, meta.source_shape) if meta.source_shape else (1.0, 1.0)
     level0 = meta.pixel_size_um / dy  # the segmented level's pixel is dy of level 0's
-    return ((dy - 1) / 2 * level0, (dx - 1) / 2 * level0)
+    return (oy + (dy - 1) / 2 * level0, ox + (dx - 1) / 2 * level0)
 
 
 def source_downsample(meta: ResultMeta, level0: tuple[int, int]) -> tuple[float, float]:

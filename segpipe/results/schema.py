@@ -115,13 +115,16 @@ class ResultMeta:
     # (y, x) pixels of the source's level 0 (``shape`` is config.level's): None in results
     # written before it. Provenance, not identity, so those results still resume.
     source_shape: tuple[int, int] | None = None
+    origin_um: tuple[float, float] | None = None  # (y, x) µm of the source's first pixel centre
 
     def __post_init__(self) -> None:
-        px, box = self.pixel_size_um, self.transform
+        px, box, at = self.pixel_size_um, self.transform, self.origin_um or (0.0, 0.0)
         if px is not None and not 0 < px < math.inf:
             raise ValueError(f"pixel_size_um {px!r} is not a positive number of microns")
         if box is not None and (len(box) != 6 or not all(map(math.isfinite, box))):
             raise ValueError(f"transform {box!r} is not six finite numbers (a, b, c, d, e, f)")
+        if len(at) != 2 or not all(map(math.isfinite, at)):
+            raise ValueError(f"origin_um {at!r} is not two finite numbers (y, x) of microns")
         if min(*self.shape, *(self.source_shape or ())) < 1:
             raise ValueError(f"shape {self.shape}, source_shape {self.source_shape}: no pixels")
         if len(self.class_names) > MAX_CLASSES:
@@ -161,10 +164,8 @@ class ResultMeta:
         blend mode and autocast under ``params``), so older results still resume.
         """
         c = self.config
-        params: dict[str, Any] = {}
-        if c.mode == "blend":
-            params = {"window": c.window, "overlap": c.overlap, "sigma_scale": c.sigma_scale}
-        params["amp"] = c.amp
+        blend = {"window": c.window, "overlap": c.overlap, "sigma_scale": c.sigma_scale}
+        params: dict[str, Any] = {**(blend if c.mode == "blend" else {}), "amp": c.amp}
         ident: dict[str, Any] = {
             "source": self.source,
             "shape": list(self.shape),
@@ -182,8 +183,9 @@ class ResultMeta:
             "min_level_size": c.min_level_size,
             "crs": self.crs,
             "transform": list(self.transform) if self.transform else None,
-            # Results without a foreground mask keep the identity they always had.
+            # Results without a foreground mask, or of a source at 0, keep the identity they had.
             **({"foreground": c.foreground} if c.foreground != "none" else {}),
+            **({"origin_um": list(at)} if any(at := self.origin_um or ()) else {}),
         }
         # Contents, not paths only: an input replaced must not resume or return the old result.
         sha = {"foreground_sha256": self.foreground_sha256, "source_sha256": self.source_sha256}
@@ -191,11 +193,8 @@ class ResultMeta:
         return ident
 
     def to_attrs(self) -> dict[str, Any]:
-        """The result's ``segpipe`` attribute: identity, provenance, the run's summary.
-
-        Flat keys (``model``, ``tile``, ``class_pixels``...) are kept for people who read
-        the attribute with plain xarray or zarr.
-        """
+        """The result's ``segpipe`` attribute: identity, provenance, the run's summary; flat keys
+        (``model``, ``tile``, ``class_pixels``...) for readers with plain xarray or zarr."""
         attrs: dict[str, Any] = {
             "version": self.version,
             "complete": self.complete,
@@ -252,6 +251,7 @@ class ResultMeta:
             )
         summary = RunSummary.from_attrs(attrs) if "tiles_total" in attrs else None
         transform, source_shape = ident.get("transform"), attrs.get("source_shape")
+        origin = ident.get("origin_um")
         return cls(
             source=str(ident["source"]),
             shape=(int(ident["shape"][0]), int(ident["shape"][1])),
@@ -272,6 +272,7 @@ class ResultMeta:
             summary=summary,
             layout=layout_of(attrs),
             source_shape=(int(source_shape[0]), int(source_shape[1])) if source_shape else None,
+            origin_um=(float(origin[0]), float(origin[1])) if origin else None,
         )
 
 

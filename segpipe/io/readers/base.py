@@ -185,10 +185,10 @@ class BaseReader(SharedHandles):
     dtype: np.dtype[Any]
     level_shapes: tuple[tuple[int, int, int], ...]
     georeference: Georeference | None = None  # GeoTIFFs only
+    origin_um: tuple[float, float] = (0.0, 0.0)  # (y, x) µm, level 0's first pixel centre
     # What the file says beyond pixels, where it does (None otherwise): the scanner vendor
-    # ("hamamatsu", "leica", ...), the objective's magnification, a name per channel, the
-    # nodata value of each band, and where invalid pixels are marked ("nodata", "mask",
-    # "alpha"; see valid_mask).
+    # ("hamamatsu", ...), the objective's magnification, a name per channel, the nodata value
+    # of each band, and where invalid pixels are marked ("nodata", "mask", "alpha"; valid_mask).
     vendor: str | None = None
     magnification: float | None = None
     channel_names: tuple[str, ...] | None = None

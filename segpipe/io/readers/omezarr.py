@@ -29,11 +29,20 @@ __all__ = ["ZARR_SUFFIXES", "ZarrReader"]
 ZARR_SUFFIXES = (".zarr",)
 
 
+def _finite_or_nan(value: Any) -> float:
+    """``value`` of a file's metadata as a float, NaN for text, null or a list."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 class ZarrReader(BaseReader):
     """A Zarr v3 store: an OME-Zarr 0.5 multiscale image group, or one array.
 
     Axis names come from each array's ``dimension_names`` (or the OME ``axes``), e.g.
-    ``("c", "y", "x")``; the pixel size from level 0's ``scale`` and the x axis' ``unit``.
+    ``("c", "y", "x")``; the pixel size from level 0's ``scale`` and the x axis' ``unit``,
+    and ``origin_um`` from its ``translation`` where that size is known.
     """
 
     _mask_path: str | None = None  # the group of an ingest's valid-pixel label image
@@ -195,7 +204,10 @@ class ZarrReader(BaseReader):
                     f"read ({type(exc).__name__}: {exc}); write or ingest the image again"
                 ) from exc
         axes = [self._dimension_letters(a, axis_names or None) for a in arrays]
-        return arrays, axes, self._ome_pixel_size_um(ms, axis_meta, axis_names, version)
+        px = self._ome_pixel_size_um(ms, axis_meta, axis_names, version)
+        if px is not None:  # else no unit, or a scale refused: a translation in nothing known
+            self.origin_um = self._ome_origin_um(ms, axis_meta, axis_names)
+        return arrays, axes, px
 
     def chunk_shape(self, level: int = 0) -> tuple[int, int]:
         """``(Y, X)`` pixels of ``level``'s chunks: a sharded array's inner ones, which a read
@@ -280,15 +292,49 @@ class ZarrReader(BaseReader):
             per_axis[name] = math.prod(float(v) for v in given) * UM_PER_UNIT[unit]
         return pixel_size_of_xy(per_axis.get("x"), per_axis.get("y"), self.path, "OME-Zarr scale")
 
-    def _refuse_unless_given(self, problem: str) -> None:
-        """Refuse a pixel size the file gets wrong, unless the user gave one (as the TIFF
-        reader does): then warn and read the image with theirs."""
+    def _ome_origin_um(
+        self, ms: dict[str, Any], axis_meta: list[Any], axis_names: list[str]
+    ) -> tuple[float, float]:
+        """(y, x) µm of level 0's first pixel centre: its dataset's coordinateTransformations,
+        then the multiscale's, composed as NGFF applies them (each scale scales the
+        translations before it); 0 on an axis without a known unit."""
+        units = {a["name"]: a.get("unit") for a in axis_meta if isinstance(a, dict)}
+        transforms = [
+            *ms["datasets"][0].get("coordinateTransformations", []),
+            *ms.get("coordinateTransformations", []),
+        ]
+        origin = {"y": 0.0, "x": 0.0}
+        for name in origin:
+            unit = units.get(name)
+            if name not in axis_names or unit not in UM_PER_UNIT:
+                continue
+            i, shift = axis_names.index(name), 0.0
+            for t in transforms:
+                if t.get("type") == "scale":
+                    shift *= float(t["scale"][i])
+                elif t.get("type") == "translation":
+                    shift += _finite_or_nan(t["translation"][i])
+            if not math.isfinite(shift):  # a result placed at NaN: every coordinate NaN
+                given = [t["translation"][i] for t in transforms if t.get("type") == "translation"]
+                self._refuse_unless_given(
+                    f"{self.path}: OME-Zarr translation of axis {name} is "
+                    f"{given[0] if len(given) == 1 else given!r}, not a finite number",
+                    " and an origin of 0",
+                )
+                return (0.0, 0.0)
+            origin[name] = shift * UM_PER_UNIT[unit]
+        return origin["y"], origin["x"]
+
+    def _refuse_unless_given(self, problem: str, instead: str = "") -> None:
+        """Refuse a pixel size (or origin) the file gets wrong, unless the user gave a pixel
+        size (as the TIFF reader does): then warn and read the image with theirs (and
+        ``instead``, what replaces the origin)."""
         if self.pixel_size_um is None:
             raise ImageReadError(
                 f"{problem}; give the pixel size yourself (pixel_size_um, --pixel-size) "
                 "to read the image anyway"
             )
-        warnings.warn(f"{problem}; using pixel_size_um={self.pixel_size_um}", stacklevel=5)
+        warnings.warn(f"{problem}; using pixel_size_um={self.pixel_size_um}{instead}", stacklevel=5)
 
     def valid_mask(self, y0: int, y1: int, x0: int, x1: int, level: int = 0) -> np.ndarray | None:
         """``(y1 - y0, x1 - x0)`` bool, True where the window holds data: the ingest's label
