@@ -109,7 +109,6 @@ def prepare_result(
     return tiles_done(path)
 
 
-# A differing identity key as the mismatch error names it, where its name alone says little.
 _MAX_CHUNK_BYTES = 2**30  # a chunk is encoded, and read, whole
 _MAX_TASK_TILES = 2048  # a shard's index: 16 bytes a chunk, task_tiles² chunks
 
@@ -134,6 +133,7 @@ def _check_sizes(meta: ResultMeta) -> None:
         )
 
 
+# A differing identity key as the mismatch error names it, where its name alone says little.
 _WHY = {
     "source_sha256": "source_sha256 (the source's pixels differ from those the result was made "
     "from: another image saved at the same path?)",
