@@ -7,6 +7,7 @@ import tifffile
 from PIL import Image
 
 from segpipe.io.labelfiles import label_plane
+from segpipe.io.readers import open_image
 
 
 def _ids(shape=(37, 53), n=5, seed=0) -> np.ndarray:
@@ -60,3 +61,40 @@ def test_pictures_and_floats_are_no_label_images(tmp_path):
     tifffile.imwrite(tmp_path / "f.tif", np.zeros((8, 8), np.float32), photometric="miniswhite")
     with pytest.raises(ValueError, match=r"f\.tif: instances must be .* got float32"):
         label_plane(tmp_path / "f.tif", "instances")
+
+
+PALETTE = [0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255, 255, 255, 0] + [0] * (3 * 251)
+
+
+@pytest.mark.parametrize(("orientation", "turns"), [(3, 2), (6, -1), (8, 1)])
+def test_a_palette_png_with_an_exif_orientation_reads_turned_as_the_reader_shows_it(
+    tmp_path, orientation, turns
+):
+    """The reader turns the picture by its EXIF Orientation (6: 90 degrees clockwise); its ids
+    were returned unturned, of another shape than the image or the prediction."""
+    ids = _ids(shape=(40, 60), n=5)
+    img = Image.fromarray(ids, mode="P")
+    img.putpalette(PALETTE)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "t.png", exif=exif)
+    turned = np.rot90(ids, turns)  # counter-clockwise quarter turns
+    shown = open_image(tmp_path / "t.png")
+    colours = np.asarray(PALETTE, np.uint8).reshape(-1, 3)
+    np.testing.assert_array_equal(shown.read(0, shown.shape[0], 0, shown.shape[1]), colours[turned])
+    np.testing.assert_array_equal(label_plane(tmp_path / "t.png", "ground truth"), turned)
+
+
+def test_a_palette_tiff_stored_turned_is_refused(tmp_path):
+    """Its ids are read as stored while the reader shows the image turned: refused rather than
+    scored against a prediction of the turned image."""
+    ids = _ids(shape=(40, 60), n=3)
+    colours = np.zeros((3, 256), np.uint16)
+    colours[:, 1], colours[:, 2] = (0, 65535, 0), (65535, 0, 0)
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(
+        path, ids, photometric="palette", colormap=colours, extratags=[(274, "H", 1, 6, True)]
+    )
+    assert tifffile.TiffFile(path).pages.first.tags["Orientation"].value == 6
+    with pytest.raises(ValueError, match=r"t\.tif: ground truth is a palette image stored turned"):
+        label_plane(path, "ground truth")

@@ -2,6 +2,9 @@
 ingest writes its store under one, and a run segmenting an ingested image reads under one."""
 
 import json
+import os
+import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +141,24 @@ def test_a_long_name_needing_only_a_lock_beside_it_is_written(tmp_path):
     out = tmp_path / ("t" * 227 + ".ome.tif")
     write_pyramidal_tiff(out, np.zeros((64, 64, 3), np.uint8), pixel_size_um=0.5, tile=64)
     assert open_image(out).shape == (64, 64, 3)
+
+
+def test_a_holder_record_shorter_than_the_last_ones_replaces_it_whole(tmp_path):
+    """Lock files stay beside stores, so a run's record is written over an earlier run's; a
+    shorter one left the older one's tail, the file was no JSON, and the busy message named
+    "a run that has not written who it is yet" instead of the holder."""
+    path = tmp_path / "s.zarr"
+    earlier = {
+        "pid": 4194303,
+        "host": "a-host-name-longer-than-any-linux-allows-" + "x" * 40,  # HOST_NAME_MAX 64
+        "since": "2026-01-01T00:00:00+00:00",
+        "use": "writing",
+    }
+    lock_path(path).write_text(json.dumps(earlier))
+    with store_lock(path, shared=True):
+        record = json.loads(lock_path(path).read_text())
+        assert record["pid"] == os.getpid() and record["host"] == socket.gethostname()
+        assert record["use"] == "reading"
+        holder = rf"pid {os.getpid()} on {re.escape(socket.gethostname())}, since .*, reading it"
+        with pytest.raises(StoreBusyError, match=holder), store_lock(path):
+            pass

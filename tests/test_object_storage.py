@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import json
 import socket
 import threading
 import time
@@ -437,6 +438,43 @@ def test_a_killed_create_at_a_url_is_removed_once_old_and_nothing_else_there(mon
     fs.rm_file(f"{bucket}/r.zarr/notes.txt")
     assert not prepare_result(url, meta()).any()
     assert is_result(url) and not fs.exists(marker)
+
+
+class _Killed(BaseException):
+    """The process dying mid-call: no handler of Exception runs."""
+
+
+def test_an_ingest_replaced_at_a_url_and_killed_while_deleting_never_reads_as_complete(
+    monkeypatch,
+):
+    """Object storage renames nothing: the old copy is deleted object by object. Killed
+    halfway, its root still said complete with chunks gone (read back as zeros, and reused);
+    marked unfinished first, the next ingest redoes it."""
+    from segpipe.io import files
+    from segpipe.io.ingest import ingest
+    from segpipe.io.readers import ArrayReader
+
+    fs, bucket = _bucket()
+    url = URLPath(f"memory://{bucket}/img.zarr")
+    pixels = np.random.default_rng(0).integers(1, 255, (128, 128, 3), dtype=np.uint8)
+    ingest(ArrayReader(pixels), url, chunk=32, min_level_size=32)
+    objects = len(fs.find(f"{bucket}/img.zarr"))
+    remove = files.remove_literal
+
+    def killed_halfway(fs, paths, recursive=False):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        remove(fs, paths[: len(paths) // 2], recursive=recursive)
+        raise _Killed
+
+    monkeypatch.setattr(files, "remove_literal", killed_halfway)
+    with pytest.raises(_Killed):
+        ingest(ArrayReader(pixels), url, chunk=32, min_level_size=32, overwrite=True)
+    monkeypatch.undo()
+    assert 1 < len(fs.find(f"{bucket}/img.zarr")) < objects  # half deleted
+    root = json.loads(url.joinpath("zarr.json").read_text())
+    assert root["attributes"]["segpipe"]["complete"] is False
+    again = ingest(ArrayReader(pixels), url, chunk=32, min_level_size=32)  # no overwrite asked
+    np.testing.assert_array_equal(open_image(again).read(0, 128, 0, 128), pixels)
 
 
 # --- names fsspec reads as a glob pattern ([ ] * ?) ------------------------------------------
