@@ -2,6 +2,7 @@
 protocol alone, equal for equal pixels in any format and cheap for any size."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -257,3 +258,24 @@ def test_a_single_strip_tiffs_sample_windows_stay_under_a_quarter_of_its_strip(
     assert decoded_segments == [0, 0]
     largest = max((y1 - y0) * (x1 - x0) * 3 for y0, y1, x0, x1 in windows)
     assert largest <= max(pixels.nbytes // 4, 4 * 2**20)
+
+
+@pytest.mark.parametrize("dtype", ["u2", "i4", "f4", "f8"])
+def test_pixels_digest_alike_in_either_byte_order(dtype):
+    """The pixels are hashed little-endian: an in-memory array (segpipe.segment takes one) or
+    a Zarr store may hold them big-endian. Values whose bytes differ from each other, so a
+    byte-swapped hash could not pass by chance (x * 257 reads alike either way round)."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 30_000, (200, 230, 2)).astype(np.dtype(dtype).newbyteorder("<"))
+    swapped = pixels.astype(pixels.dtype.newbyteorder(">"))
+    assert swapped.tobytes() != pixels.tobytes() and (swapped == pixels).all()
+    expected = hashlib.sha256(
+        json.dumps(
+            {"v": "segpipe-pixel-sample-1", "shape": [200, 230, 2], "dtype": "<" + dtype}
+        ).encode()
+    )
+    for y0, y1 in sample_spans(200):
+        for x0, x1 in sample_spans(230):
+            expected.update(pixels[y0:y1, x0:x1].tobytes())
+    assert pixel_sample_sha256(ArrayReader(swapped)) == expected.hexdigest()
+    assert pixel_sample_sha256(ArrayReader(pixels)) == expected.hexdigest()

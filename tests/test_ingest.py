@@ -392,7 +392,10 @@ def test_valid_pixels_whose_mean_rounds_to_nodata_stay_valid(tmp_path: Path) -> 
     assert valid.sum() == 1 and valid[5, 5]
 
 
-@pytest.mark.parametrize(("dtype", "nodata"), [("int16", -9999.0), ("float32", np.nan)])
+@pytest.mark.parametrize(
+    ("dtype", "nodata"),
+    [("int16", -9999.0), ("float32", np.nan), ("float32", -np.inf)],  # -inf: written as text
+)
 def test_reduced_levels_average_only_valid_pixels(
     tmp_path: Path, dtype: str, nodata: float
 ) -> None:
@@ -513,6 +516,31 @@ def test_a_mask_band_or_alpha_is_carried_and_reduced_levels_follow_it(
     if kind == "mask":  # the image and its label image pass the strict OME validator
         for group in (out, out / "labels" / "valid"):
             open_ome_zarr(zarr.open_group(str(group), mode="r"))
+
+
+def test_the_validity_masks_levels_are_the_max_of_2x2_and_its_metadata_says_so(
+    tmp_path: Path,
+) -> None:
+    """labels/valid: a reduced pixel is valid where any of its 2x2 is (their max), and its
+    OME type says "max"; it said the labels' usual "mode" (the majority), which a viewer or
+    a tool rebuilding the levels from it would follow."""
+    data = np.random.default_rng(6).integers(0, 256, (1, 40, 52), dtype=np.uint8)
+    yy, xx = np.mgrid[:40, :52]
+    valid = (xx + yy > 30) | ((yy % 4 == 0) & (xx % 4 == 0))  # blocks of 1 valid pixel of 4
+    out = ingest(_geotiff(tmp_path / "m.tif", data, valid, True), tmp_path / "m.zarr",
+                 chunk=16, min_level_size=8)  # fmt: skip
+    group = zarr.open_group(str(out / "labels" / "valid"), mode="r")
+    (multiscale,) = group.attrs["ome"]["multiscales"]
+    assert multiscale["type"] == "max"
+    assert multiscale["metadata"]["description"].startswith("max of 2x2 blocks")
+    expected = valid.astype(np.uint8)
+    levels = [d["path"] for d in multiscale["datasets"]]
+    assert len(levels) == 3  # 40 x 52, 20 x 26, 10 x 13
+    for path in levels:
+        np.testing.assert_array_equal(group[path][:], expected)
+        ny, nx = expected.shape
+        blocks = expected[: ny // 2 * 2, : nx // 2 * 2].reshape(ny // 2, 2, nx // 2, 2)
+        expected = blocks.max(axis=(1, 3))
 
 
 def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: Path) -> None:

@@ -182,6 +182,9 @@ def test_uint8_probabilities_decode_with_plain_xarray(source, net, tmp_path):
     floats = run(source, tmp_path / "f.zarr", net, probability_dtype="float32")
     packed = run(source, tmp_path / "u.zarr", net, probability_dtype="uint8")
     assert zarr.open_array(packed / "0" / "probabilities", mode="r").dtype == np.uint8
+    # napari's contrast limits span the stored 0..255, not 0..1 (every class saturated)
+    channels = zarr.open_group(packed, mode="r").attrs["ome"]["omero"]["channels"]
+    assert all(c["window"] == {"start": 0, "end": 255, "min": 0, "max": 255} for c in channels)
     plain = xr.open_zarr(packed, group="0")["probabilities"]
     assert plain.dtype.kind == "f"
     exact = zarr.open_array(floats / "0" / "probabilities", mode="r")[...]

@@ -199,3 +199,97 @@ def test_channels_beyond_rgb_are_data_bands_not_alpha(tmp_path: Path, channels: 
     assert "alpha" not in (reader.channel_names or ())
     assert reader.level_shapes[0] == img.shape
     np.testing.assert_array_equal(reader.level(0).compute(), img)
+
+
+@pytest.mark.parametrize("rows", [66, 130, 131])  # a last band of 2 or 3 rows (tile 64)
+def test_every_level_is_the_2x2_mean_whatever_the_last_bands_height(
+    tmp_path: Path, rows: int
+) -> None:
+    """Each band of tile rows is halved into the next level on its way out; a last band of
+    exactly 2 rows still makes the next level's last row."""
+    img = np.random.default_rng(rows).integers(1, 256, (rows, 100, 3), dtype=np.uint8)
+    path = write_pyramidal_tiff(
+        tmp_path / "r.ome.tif", img, pixel_size_um=0.5, tile=64, min_level_size=16
+    )
+    expected = [img]
+    while min(expected[-1].shape[:2]) // 2 >= 16:
+        expected.append(_mean2x_reference(expected[-1]))
+    with tifffile.TiffFile(path) as tif:
+        levels = [level.asarray() for level in tif.series[0].levels]
+    assert [a.shape for a in levels] == [e.shape for e in expected]
+    for got, want in zip(levels, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_reduced_levels_are_marked_reduced_so_gdal_sees_them_as_overviews(
+    tmp_path: Path,
+) -> None:
+    """NewSubfileType 1 on each SubIFD level: without it tifffile still finds the pyramid,
+    but GDAL (QGIS, rasterio) lists no overviews and reads level 0 to draw a zoomed-out view."""
+    import warnings
+
+    rasterio = pytest.importorskip("rasterio")
+    path = write_pyramidal_tiff(
+        tmp_path / "o.ome.tif", _image(), pixel_size_um=0.5, tile=64, min_level_size=64
+    )
+    with tifffile.TiffFile(path) as tif:
+        kinds = [level.keyframe.subfiletype for level in tif.series[0].levels]
+    assert kinds == [0, 1, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # GDAL's notes on the OME-XML it does not read
+        with rasterio.open(path) as ds:
+            assert ds.overviews(1) == [2, 4]
+
+
+def test_the_ome_xml_gives_square_pixels_of_the_size_given(tmp_path: Path) -> None:
+    import warnings
+    import xml.etree.ElementTree as ET
+
+    path = write_pyramidal_tiff(
+        tmp_path / "p.ome.tif", _image()[:64, :64], pixel_size_um=0.25, tile=64
+    )
+    with tifffile.TiffFile(path) as tif:
+        root = ET.fromstring(tif.ome_metadata)
+    pixels = next(e for e in root.iter() if e.tag.endswith("}Pixels"))
+    sizes = {k: pixels.get(k) for k in ("PhysicalSizeX", "PhysicalSizeY")}
+    units = {k: pixels.get(k) for k in ("PhysicalSizeXUnit", "PhysicalSizeYUnit")}
+    assert {k: float(v) for k, v in sizes.items()} == {"PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25}
+    assert set(units.values()) <= {"µm", None}  # None: the OME schema's default, µm
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # anisotropic pixels would warn "differs in X and Y"
+        assert open_image(path).pixel_size_um == 0.25
+
+
+def test_every_levels_resolution_tags_give_its_pixel_size_in_x_and_y(tmp_path: Path) -> None:
+    """Plain TIFF readers take each level's pixel size from its own X/YResolution (pixels
+    per centimetre): level k's pixels are 2**k times the size of level 0's, in both axes."""
+    path = write_pyramidal_tiff(
+        tmp_path / "t.ome.tif", _image(), pixel_size_um=0.25, tile=64, min_level_size=64
+    )
+    with tifffile.TiffFile(path) as tif:
+        levels = [level.keyframe.tags for level in tif.series[0].levels]
+        assert len(levels) == 3
+        for k, tags in enumerate(levels):
+            assert tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+            for name in ("XResolution", "YResolution"):
+                num, den = tags[name].value
+                assert 1e4 * den / num == pytest.approx(0.25 * 2**k), (k, name)
+
+
+@pytest.mark.parametrize("size", [237, 238, 245])
+def test_a_name_too_long_for_the_scratch_folder_beside_it_is_refused_naming_it(
+    tmp_path: Path, size: int
+) -> None:
+    """The scratch folder ``.NAME.writing-XXXXXXXX`` takes 18 bytes more than NAME, and a
+    name holds at most 255: a longer one failed with an OSError naming that hidden folder."""
+    out = tmp_path / ("a" * (size - len(".ome.tif")) + ".ome.tif")
+    assert len(out.name.encode()) == size
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    if size <= 255 - 18:
+        write_pyramidal_tiff(out, pixels, pixel_size_um=1.0, tile=16)
+        assert out.is_file()
+        return
+    with pytest.raises(ValueError, match=f"its name is {size} bytes") as info:
+        write_pyramidal_tiff(out, pixels, pixel_size_um=1.0, tile=16)
+    assert str(out) in str(info.value) and "at most 237 bytes" in str(info.value)
+    assert not any(".writing-" in p.name for p in tmp_path.iterdir())
