@@ -86,6 +86,14 @@ def test_objects_are_matched_only_to_instances_of_the_object_class() -> None:
         assert by_id.objects == o.objects
     with pytest.raises(LabelError, match=r"object_class \(--object-class\) 3 is not a class id"):
         evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="3")
+    # A float id is no id (1.7 was class 1), nor a bool; a numpy integer is one.
+    for bad in (1.7, 1.0, True):
+        with pytest.raises(LabelError, match=rf"{bad} is neither a class name nor an integer id"):
+            evaluate_labels(truth, truth, class_names=names, instances=inst, object_class=bad)
+    by_id = evaluate_labels(
+        truth, truth, class_names=names, instances=inst, object_class=np.int64(1)
+    )
+    assert by_id.objects == o.objects
     # An instance of mixed truth is one of the class most of its pixels have.
     truth[12, 20:25] = 1  # 5 of the region's 25 pixels nucleus: still tissue
     o = evaluate_labels(truth, truth, class_names=names, instances=inst, object_class="tissue")

@@ -999,11 +999,12 @@ def test_geojson_polygons_outside_the_image_are_refused(tmp_path, feature):
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
     with pytest.raises(ValueError, match=r"mask\.geojson: no polygon overlaps.*level-0 pixels"):
         mask_tiles(path)
-    # Inside the image but with no area (a line drawn as a polygon): not called outside it.
-    flat = {"type": "Polygon", "coordinates": [[[330, 70], [370, 70], [350, 70], [330, 70]]]}
-    path.write_text(json.dumps(flat))
-    with pytest.raises(ValueError, match=r"lie in the image \(x 330\.\.370, y 70\.\.70\) but en"):
-        mask_tiles(path)
+    # No area (a line drawn as a polygon), in the image or across its edge: not called outside.
+    for x0 in (330, -5):
+        line = [[x0, 70], [370, 70], [350, 70], [x0, 70]]
+        path.write_text(json.dumps({"type": "Polygon", "coordinates": [line]}))
+        with pytest.raises(ValueError, match=rf"polygons \(x {x0}\.\.370, y 70\.\.70\) enclose no"):
+            mask_tiles(path)
     # One polygon overlapping is enough; the others mark nothing.
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature, inside]}))
     np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)

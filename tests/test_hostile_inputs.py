@@ -507,6 +507,24 @@ def _ingest(tmp_path: Path, *, masked: bool) -> Path:
     return store
 
 
+def test_an_ingest_chunk_claiming_a_petabyte_is_refused_naming_the_store(tmp_path: Path) -> None:
+    """A zstd frame header stating 2**50 bytes makes numcodecs raise a bare MemoryError(''):
+    the read named neither the store nor the chunk."""
+    import struct
+
+    store = _ingest(tmp_path, masked=False)
+    chunk = store / "0" / "c" / "0" / "0" / "0"
+    data = chunk.read_bytes()
+    assert data[:4] == b"\x28\xb5\x2f\xfd" and data[4] & 0x20  # one zstd frame, one segment
+    # Frame header descriptor: an 8-byte content size (flag 3) in place of the one it had.
+    size_bytes = {0: 1, 1: 2, 2: 4, 3: 8}[data[4] >> 6]
+    header = bytes([(data[4] & 0x3F) | 0xC0]) + struct.pack("<Q", 2**50)
+    chunk.write_bytes(data[:4] + header + data[5 + size_bytes :])
+    reader = open_image(store)
+    with pytest.raises(ImageReadError, match=r"image\.zarr: cannot read level 0 at .*MemoryError"):
+        reader.read(0, 32, 0, 32)
+
+
 def _edit_json(path: Path, edit) -> None:
     meta = json.loads(path.read_text())
     edit(meta)

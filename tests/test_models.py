@@ -135,6 +135,18 @@ def test_forward_rejects_wrong_channels_and_dtype() -> None:
         net(torch.zeros(1, 1, 8, 8, dtype=torch.uint8))
 
 
+def test_class_names_of_a_module_that_says_neither_names_nor_count_is_refused() -> None:
+    """A module with the geometry geometry_of asks for but no num_classes failed with a raw
+    AttributeError in segment() and evaluate()."""
+    assert models.class_names_of(models.build("unet", num_classes=3, width=4, depth=1)) == (
+        "class_0", "class_1", "class_2")  # fmt: skip
+    plain = nn.Conv2d(3, 2, 1)
+    plain.num_classes = 2
+    assert models.class_names_of(plain) == ("class_0", "class_1")
+    with pytest.raises(TypeError, match=r"Conv2d says neither its class_names nor its num_c"):
+        models.class_names_of(nn.Conv2d(3, 2, 1))
+
+
 def test_up_block_joins_the_centre_cropped_skip_before_the_upsampled_map() -> None:
     """The paper's crop-and-copy, against a crop by hand: the skip's centre (the floor of the
     odd difference, 5 // 2 rows and 7 // 2 columns), its channels first (the order the

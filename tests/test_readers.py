@@ -2730,3 +2730,13 @@ def test_an_ome_zarr_translation_that_is_no_finite_number_is_refused(
     with pytest.warns(UserWarning, match=r"using pixel_size_um=0.25 and an origin of 0"):
         reader = open_image(path, pixel_size_um=0.25)
     assert (reader.pixel_size_um, reader.origin_um) == (0.25, (0.0, 0.0))
+
+
+def test_an_ome_zarr_translation_given_by_path_is_warned_of_not_refused(tmp_path: Path) -> None:
+    """NGFF 0.4 lets a binary array at "path" hold a translation: a valid file, refused as
+    unreadable metadata (KeyError 'translation') once translations were read."""
+    path_given = {"type": "translation", "path": "translation.bin"}
+    path = _placed_ome_zarr(tmp_path / "t.ome.zarr", [_scale(1, 0.5, 0.5), path_given])
+    with pytest.warns(UserWarning, match=r"t\.ome\.zarr: a translation given by path is not read"):
+        reader = open_image(path)
+    assert (reader.pixel_size_um, reader.origin_um) == (0.5, (0.0, 0.0))

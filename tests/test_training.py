@@ -1453,3 +1453,36 @@ def test_resume_from_a_checkpoint_killed_before_its_state_names_the_one_before(
         train(
             tiny_unet(), TrainConfig(**TINY, epochs=2, resume_from=str(tmp_path / "epoch-002.pt"))
         )
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("forward", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")),
+        ("forward", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")),
+        ("backward", RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")),
+        ("forward", RuntimeError("a bug")),  # no memory error: passes as it is
+    ],
+)
+def test_a_step_out_of_memory_names_the_options_that_size_it(
+    monkeypatch: pytest.MonkeyPatch, where: str, error: Exception
+) -> None:
+    """A batch that fits but whose forward (or backward) pass does not ended in torch's
+    allocator traceback, naming a byte count and no option."""
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise error
+
+    config = TrainConfig(steps=1, batch_size=2, patch=16, slide_size=64, num_slides=1,
+                         val_size=32, val_tile=16, progress=False)  # fmt: skip
+    model = tiny_unet()
+    side = model.geometry.input_size(16)
+    monkeypatch.setattr(*((model, "forward") if where == "forward" else (torch.Tensor, "backward")),
+                        fail)  # fmt: skip
+    if str(error) == "a bug":
+        with pytest.raises(RuntimeError, match=r"^a bug$"):
+            train(model, config)
+        return
+    said = rf"batch of 2 \(--batch-size\) patches of 16 px \(--patch; windows of {side} px a side"
+    with pytest.raises(ValueError, match=rf"{said} .* lower --patch or --batch-size"):
+        train(model, config)

@@ -175,6 +175,19 @@ def test_a_crs_with_no_code_is_kept_in_the_properties(tmp_path):
     assert CRS.from_wkt(written["properties"]["crs_wkt"]) == CRS.from_wkt(wkt)
     pixel = json.loads(vectors.export_geojson(path, tmp_path / "p.geojson").read_text())
     assert "crs_wkt" not in pixel["properties"]  # pixel coordinates are in no CRS
+    # An authority with digits and "_" in its name is a code, named as EPSG's are.
+    path, _ = make_result(
+        tmp_path / "m.zarr",
+        labels,
+        pixel_size_um=None,
+        crs="IAU_2015:30110",
+        **{"transform": UTM["transform"]},
+    )
+    written = json.loads(
+        vectors.export_geojson(path, tmp_path / "m.geojson", coords="crs").read_text()
+    )
+    assert written["crs"]["properties"]["name"] == "urn:ogc:def:crs:IAU_2015::30110"
+    assert "crs_wkt" not in written["properties"]
 
 
 def test_coordinates_a_result_cannot_give_are_refused_before_the_objects_are_found(

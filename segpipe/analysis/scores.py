@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -271,6 +272,11 @@ def object_class_id(object_class: int | str, names: tuple[str, ...]) -> int:
     """The id of ``object_class`` among the classes ``names``: a name, an id, or an id's
     digits as the CLI gives it; :class:`ObjectClassError` for none of them."""
     cls = names.index(object_class) if object_class in names else object_class
+    if not isinstance(cls, Integral | str) or isinstance(cls, bool):  # 1.7 became class 1
+        raise ObjectClassError(
+            f"object_class (--object-class) {cls!r} is neither a class name nor an integer id "
+            f"of {names}"
+        )
     if isinstance(cls, str) and not cls.isdecimal():  # "2" (--object-class 2) is an id
         raise ObjectClassError(
             f"object_class (--object-class) {cls!r} is not one of the classes {names}"

@@ -371,7 +371,7 @@ def export_geojson(
     crs = meta.crs
     # Only an "AUTHORITY:CODE" CRS has a URN; a WKT one (no code) is kept in the properties,
     # which GIS software does not read: the user must be told (the docstring, --coords help).
-    if coords == "crs" and crs and not re.fullmatch(r"[A-Za-z]+:\w+", crs):
+    if coords == "crs" and crs and not re.fullmatch(r"[A-Za-z]\w*:\w+", crs):  # IAU_2015:30110
         collection["properties"]["crs_wkt"] = crs
     elif coords == "crs" and crs:
         # RFC 7946 dropped "crs" (WGS 84 only), but QGIS and GDAL still read this form.

@@ -38,6 +38,8 @@ __all__ = [
     "write_thumbnail",
 ]
 
+# A CRS's linear units (PROJ's names) in metres, whose areas are written as microns' are.
+_METRES = {"metre": 1.0, "meter": 1.0, "kilometre": 1e3, "kilometer": 1e3, "millimetre": 1e-3}
 # (name, square microns per unit), smallest first.
 _AREA_UNITS = (("µm²", 1.0), ("mm²", 1e6), ("m²", 1e12), ("km²", 1e18))
 
@@ -76,6 +78,8 @@ def image_report(
     px = summary.pixel_size_um
     # A georeferenced result's areas are in its CRS's units (µm² otherwise), as `info` gives.
     values, units = coordinate_areas(summary.class_pixels, meta) or ((), None)
+    if units and units.startswith("unknown"):  # a local or engineering CRS PROJ cannot name
+        units = "CRS units**2"
     if meta.transform and units:
         a, e, unit = meta.transform[0], meta.transform[4], units.removesuffix("**2")
         crs = meta.crs if len(meta.crs or "") <= 32 else "a WKT CRS"  # not the whole WKT
@@ -100,7 +104,8 @@ def image_report(
         "",
     ]
     # Metres become µm² so the unit that takes fewest digits is chosen (m², km²) as for µm.
-    per_um2 = {"micrometer**2": 1.0, "metre**2": 1e12, "meter**2": 1e12}.get(units or "")
+    metres = {f"{m}**2": 1e12 * k**2 for m, k in _METRES.items()}
+    per_um2 = {"micrometer**2": 1.0, **metres}.get(units or "")
     if units and per_um2:
         unit, scale = area_unit(sum(values) * per_um2)
         lines += [f"| class | pixels | area ({unit}) | fraction |", "|---|---:|---:|---:|"]

@@ -71,10 +71,9 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     segpipe's own refusals (each names the file and what to do), the validation errors of
     ``SegmentConfig`` (ValueError naming the setting), and the operating system's (a missing or
-    unreadable file, a full disk, memory run out): all are about the input or the machine, not
-    about segpipe's code. Anything else is a bug and keeps its traceback: TypeError too, which is
-    what a call with the wrong arguments raises (segpipe raises ValueError for a user's bad
-    value).
+    unreadable file, a full disk): all are about the input or the machine, not about segpipe's
+    code. Anything else is a bug and keeps its traceback: TypeError too, which is what a call
+    with the wrong arguments raises (segpipe raises ValueError for a user's bad value).
     """
     # Imported here: `segpipe --help` must not pay for torch or zarr.
     from segpipe.execution.stitching import PredictionError
@@ -99,7 +98,6 @@ def user_errors() -> tuple[type[Exception], ...]:
         PredictionError,
         ValueError,
         OSError,
-        MemoryError,  # the machine's, like a full disk (training names --patch, --batch-size)
     )
 
 

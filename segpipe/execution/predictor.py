@@ -33,6 +33,7 @@ __all__ = [
     "WindowPredictor",
     "activation_bytes_per_pixel",
     "autocast_dtype",
+    "is_out_of_memory",
     "missing_device",
     "model_given_back",
     "resolve_device",
@@ -383,3 +384,16 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities of ``(N, classes, y, x)`` logits, where they are."""
     # In float32 whatever autocast did: low-precision probabilities lose the small classes.
     return torch.softmax(logits.float(), dim=1)
+
+
+# torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+# memory"), a GPU's an OutOfMemoryError, numpy a MemoryError.
+_OUT_OF_MEMORY_TEXT = ("can't allocate memory", "out of memory")
+
+
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says memory ran out (host or device): what fewer or smaller windows
+    may not meet again."""
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT)

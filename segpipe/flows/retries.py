@@ -11,11 +11,11 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-import torch
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from segpipe.archive.claims import ClaimLostError
+from segpipe.execution.predictor import is_out_of_memory
 from segpipe.execution.stitching import PredictionError
 from segpipe.io.readers import ImageReadError
 
@@ -31,12 +31,6 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     ClaimLostError,
     PredictionError,
 )
-
-# What a PredictionError wraps when the device ran out of memory, which another attempt may
-# not: torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate
-# memory"), a GPU's an OutOfMemoryError.
-_OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
-_OUT_OF_MEMORY_TEXT = ("can't allocate memory", "out of memory")
 
 
 # A reader's error that a network share or object store may not raise again (the readers wrap
@@ -56,8 +50,7 @@ def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
             return True
         if isinstance(cause, OSError) and cause.errno in _PASSING_IO:
             return True
-    if isinstance(error, PredictionError) and (cause := error.__cause__) is not None:
-        text = str(cause).lower()
-        if isinstance(cause, _OUT_OF_MEMORY) or any(t in text for t in _OUT_OF_MEMORY_TEXT):
-            return True
+    # A device out of memory, which another attempt (beside other work) may not be.
+    if isinstance(error, PredictionError) and is_out_of_memory(error.__cause__):
+        return True
     return not isinstance(error, PERMANENT_ERRORS)

@@ -209,8 +209,10 @@ def _array_inversion(path: Path, image: Reader) -> Photometric | None:
 def _rasterize_geojson(
     path: Path, reader: Reader, level: int, shape: tuple[int, int]
 ) -> np.ndarray:
+    import shapely
     from rasterio.features import bounds as polygon_bounds
     from shapely.errors import ShapelyError
+    from shapely.geometry import shape as shapely_of
 
     try:
         data: Any = json.loads(path.read_text())
@@ -242,10 +244,10 @@ def _rasterize_geojson(
         raise ValueError(f"foreground mask {path}: {e}") from e
     if not burned.any():  # a polygon meeting the image marks a cell
         (x0, y0), (x1, y1) = spans[:, :2].min(axis=0), spans[:, 2:].max(axis=0)
-        if min(x0, y0) >= 0 and x1 <= level0[1] and y1 <= level0[0]:  # in it, yet no cell
+        if not any(shapely.make_valid(shapely_of(p)).area for p in polygons):  # lines, points
             raise ValueError(
-                f"foreground mask {path}: its polygons lie in the image (x {x0:g}..{x1:g}, y "
-                f"{y0:g}..{y1:g}) but enclose no area (lines or points); draw areas"
+                f"foreground mask {path}: its polygons (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) "
+                "enclose no area (lines or points); draw areas"
             )
         raise ValueError(
             f"foreground mask {path}: no polygon overlaps the image (x 0..{level0[1]}, y 0.."

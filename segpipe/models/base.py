@@ -289,7 +289,12 @@ def class_names_of(module: nn.Module) -> tuple[str, ...]:
     """The names of ``module``'s output classes, in channel order: its own ``class_names``,
     else ``class_0 .. class_{n-1}`` for its ``num_classes``."""
     names = getattr(module, "class_names", None)
-    return tuple(names or (f"class_{i}" for i in range(cast(int, module.num_classes))))
+    if not names and getattr(module, "num_classes", None) is None:
+        raise TypeError(
+            f"{type(module).__name__} says neither its class_names nor its num_classes: give it "
+            "either attribute (segpipe must know how many classes its output channels are)"
+        )
+    return tuple(names or (f"class_{i}" for i in range(int(cast(int, module.num_classes)))))
 
 
 # Normalisation layers by class name: how TorchScript keeps a module's class (``original_name``),

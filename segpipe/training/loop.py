@@ -7,6 +7,7 @@ caller uses, predicting through the pipeline's overlap-tile stitcher; a result h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -21,6 +22,8 @@ from torch import nn
 
 from segpipe.analysis.evaluation import Evaluation, evaluate_model
 from segpipe.atomic import scratch_file
+from segpipe.execution.predictor import is_out_of_memory
+from segpipe.geometry.tiling import Geometry
 from segpipe.models.base import geometry_of, is_registered
 from segpipe.progress import Stage, showing, stage
 from segpipe.training.config import (
@@ -199,7 +202,7 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     checkpoint: Path | None = None
     epoch_losses: list[float] = []
     for step, steps in _steps(first_step, config.steps):
-        try:
+        with _fitting(config, geometry):
             batch = sample_pairs(
                 train_slides,
                 geometry,
@@ -210,16 +213,9 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
                 weight_maps=weight_maps,
                 scale=contract.scale,
             )
-        except MemoryError as exc:  # numpy's message names an array shape, not the option
-            side = geometry.input_size(config.patch)
-            raise MemoryError(
-                f"a training batch of {config.batch_size} (--batch-size) patches of "
-                f"{config.patch} px (--patch; windows of {side} px a side with the model's "
-                f"context) does not fit in memory: {exc}; lower --patch or --batch-size"
-            ) from None
-        logits = model(torch.from_numpy(batch.images))
-        weights = None if batch.weights is None else torch.from_numpy(batch.weights)
-        loss = softmax_cross_entropy(logits, torch.from_numpy(batch.labels), weights)
+            logits = model(torch.from_numpy(batch.images))
+            weights = None if batch.weights is None else torch.from_numpy(batch.weights)
+            loss = softmax_cross_entropy(logits, torch.from_numpy(batch.labels), weights)
         window_losses.append(loss.item())
         if not np.isfinite(window_losses[-1]):  # every step after would be NaN
             raise ValueError(
@@ -227,7 +223,8 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
                 f"lower the learning rate (lr={config.lr:g}, --lr)"
             )
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        with _fitting(config, geometry):
+            loss.backward()
         optimiser.step()
         schedule.step()
         epoch_losses.append(window_losses[-1])
@@ -287,6 +284,24 @@ def _train(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
     if config.progress:
         print(format_report(result))
     return result
+
+
+@contextlib.contextmanager
+def _fitting(config: TrainConfig, geometry: Geometry) -> Iterator[None]:
+    """A step that runs out of memory refused as the options' fault, naming them: numpy's
+    message names an array shape, torch's CPU allocator a byte count (a 60-line traceback)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        side = geometry.input_size(config.patch)
+        raise ValueError(
+            f"a training batch of {config.batch_size} (--batch-size) patches of {config.patch} "
+            f"px (--patch; windows of {side} px a side with the model's context) does not fit "
+            f"in memory ({type(exc).__name__}: {str(exc)[:200]}); lower --patch or "
+            "--batch-size, or the model's --width"
+        ) from exc
 
 
 def _only(values: set[Any]) -> Any:

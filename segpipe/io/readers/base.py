@@ -369,14 +369,14 @@ class BaseReader(SharedHandles):
                 return np.asarray(array[key]).view(self.dtype)
         except ImageReadError:
             raise
-        except DECODE_ERRORS as exc:
+        except (MemoryError, *DECODE_ERRORS) as exc:  # MemoryError: a chunk claiming 2**50 B
             where = ", ".join(
                 f"{a.lower()} {k.start or 0}:{k.stop if k.stop is not None else n}"
                 for a, k, n in zip(self._axes[level], key, self._native_shapes[level], strict=False)
             )
             raise ImageReadError(
                 f"{self.path}: cannot read level {level} at {where}: the file may be corrupt "
-                f"or truncated ({type(exc).__name__}: {exc})"
+                f"or truncated, or the window too large ({type(exc).__name__}: {exc})"
             ) from exc
 
     def _token(self) -> tuple[Any, ...]:

@@ -303,6 +303,10 @@ class ZarrReader(BaseReader):
             *ms["datasets"][0].get("coordinateTransformations", []),
             *ms.get("coordinateTransformations", []),
         ]
+        if any(t.get("type") == "translation" and "translation" not in t for t in transforms):
+            # NGFF 0.4 lets a binary array at "path" hold it; that is not read: placed at 0
+            warnings.warn(f"{self.path}: a translation given by path is not read", stacklevel=4)
+        transforms = [t for t in transforms if t.get("type") == "scale" or "translation" in t]
         origin = {"y": 0.0, "x": 0.0}
         for name in origin:
             unit = units.get(name)
