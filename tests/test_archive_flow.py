@@ -314,6 +314,12 @@ def _wrapped(cause: Exception, as_=PredictionError) -> Exception:
         (_wrapped(OSError(errno.EINVAL, "Invalid argument"), ImageReadError), False),
         (_wrapped(ValueError("buffer too small"), ImageReadError), False),
         (_wrapped(FileNotFoundError(errno.ENOENT, "gone"), ImageReadError), False),
+        # An NFS server that restarted: a stale handle, which a new open does not see again.
+        (_wrapped(OSError(errno.ESTALE, "Stale file handle"), ImageReadError), True),
+        # CUDA's own text when the caching allocator is bypassed: a plain RuntimeError.
+        (_wrapped(RuntimeError("CUDA error: out of memory")), True),
+        # A missing file, unwrapped (an OSError otherwise retried): it will not reappear.
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/a.tif"), False),
     ],
 )
 def test_only_transient_errors_are_retried(error, retry):

@@ -818,6 +818,39 @@ def test_prefect_logs_a_user_errors_traceback_only_with_verbose_and_a_bugs_alway
     assert [list(x.filters) for x in loggers] == before
 
 
+def test_a_command_keeps_the_callers_own_settings_and_gives_its_own_back(monkeypatch):
+    """main() in a notebook or a test: an environment variable the caller set wins over
+    the command's (a slow machine's longer Prefect start-up), and what the command set for
+    its run, variables and tifffile's logger level, is the caller's again afterwards."""
+    tifffile_log = logging.getLogger("tifffile")
+    monkeypatch.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    monkeypatch.delenv("DO_NOT_TRACK", raising=False)
+    during = []
+
+    def segment(*args: object, **kwargs: object) -> str:
+        during.append(
+            (
+                os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"),
+                os.environ.get("DO_NOT_TRACK"),
+                tifffile_log.level,
+            )
+        )
+        return "out.zarr"
+
+    monkeypatch.setattr("segpipe.execution.segment.segment", segment)
+    before = tifffile_log.level
+    tifffile_log.setLevel(logging.INFO)  # the caller's
+    try:
+        assert main(["segment", "in.tif", "out.zarr", "--scheduler", "sync"]) == 0
+        after = tifffile_log.level
+    finally:
+        tifffile_log.setLevel(before)
+    assert during == [("300", "1", logging.CRITICAL)]
+    assert os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] == "300"
+    assert "DO_NOT_TRACK" not in os.environ
+    assert after == logging.INFO
+
+
 @pytest.mark.parametrize(
     ("device", "gpus", "missing"),
     [
@@ -827,8 +860,10 @@ def test_prefect_logs_a_user_errors_traceback_only_with_verbose_and_a_bugs_alway
         ("mps", 0, "torch sees no Apple MPS device"),
     ],
 )
+# --scheduler sync runs in this process too: checked here as a local cluster's run is.
+@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "sync"]], ids=["local", "sync"])
 def test_a_device_this_machine_lacks_is_a_user_error(
-    device, gpus, missing, monkeypatch, tmp_path, capsys
+    device, gpus, missing, scheduler, monkeypatch, tmp_path, capsys
 ):
     import torch
 
@@ -837,7 +872,7 @@ def test_a_device_this_machine_lacks_is_a_user_error(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     monkeypatch.setattr("segpipe.execution.segment.segment", lambda *a, **kw: called.append(a))
-    code = main(["segment", "in.tif", str(tmp_path / "out.zarr"), "--device", device])
+    code = main(["segment", "in.tif", str(tmp_path / "out.zarr"), "--device", device, *scheduler])
     err = capsys.readouterr().err
     assert code == 2
     assert err == (
@@ -1120,6 +1155,37 @@ def test_a_bad_run_option_is_refused_once_naming_it(
     assert ran == []
 
 
+@pytest.mark.parametrize("command", ["archive", "serve"])
+def test_archive_and_serve_hand_every_run_option_to_the_flow(
+    command, tmp_path, monkeypatch, answering_prefect_url
+):
+    """Each option a person gives reaches process_archive (or its schedule), none replaced
+    by the flow's default (a --min-age dropped segments files still being written)."""
+    import segpipe.flows.archive
+
+    calls = []
+
+    def process_archive(source, output_root, model, **parameters):
+        calls.append((source, output_root, model, parameters))
+        return {"summary": "nothing to do", "failed": {}, "held": {}}
+
+    monkeypatch.setattr(segpipe.flows.archive, "process_archive", process_archive)
+    monkeypatch.setattr(segpipe.flows.archive, "serve_archive", process_archive)
+    monkeypatch.setenv("PREFECT_API_URL", answering_prefect_url)  # checked, never used
+    options = ["--pattern", "*.svs", "--min-age", "120", "--max-concurrent", "3"]
+    options += ["--concurrency-limit", "gpu", "--retries", "1", "--retry-delay", "5"]
+    options += ["--lock-ttl", "60", "--fail-on-error"]
+    assert main([command, str(tmp_path), str(tmp_path / "out"), *options]) == 0
+    ((source, output_root, model, parameters),) = calls
+    assert (source, output_root, model) == (str(tmp_path), str(tmp_path / "out"), "tissue-unet")
+    expected = {
+        "pattern": "*.svs", "min_age_s": 120.0, "max_concurrent": 3,
+        "concurrency_limit": "gpu", "retries": 1, "retry_delay_s": 5.0, "lock_ttl_s": 60.0,
+        "fail_on_error": True,
+    }  # fmt: skip
+    assert {k: parameters.get(k) for k in expected} == expected
+
+
 def test_serve_takes_the_prefect_server_from_the_profile_not_only_the_environment(
     tmp_path, capsys, monkeypatch, answering_prefect_url
 ):
@@ -1208,6 +1274,30 @@ def test_info_on_a_result_this_release_cannot_read_says_why(
     assert main(["info", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(out) in err and "bogus" in err, err
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_info_on_an_interrupted_result_exits_1(as_json, tmp_path, capsys):
+    """2 of 35 tiles written: exit code 1 (done, with failures), so a script that checks
+    results by the exit code finds it, in JSON as in text."""
+    from segpipe.config import SegmentConfig
+    from segpipe.results import ResultMeta, mark_tiles_done, prepare_result
+
+    path = tmp_path / "r.seg.zarr"
+    meta = ResultMeta(
+        source="s.tif", shape=(40, 56), pixel_size_um=0.5, class_names=("bg", "fg"),
+        model_name="m", model_sha256="0" * 64, halo=0,
+        config=SegmentConfig(tile=8, mode="exact", level=0, task_tiles=1),
+    )  # fmt: skip
+    prepare_result(path, meta)  # 5 x 7 tiles of 8 px
+    mark_tiles_done(path, {(0, 0): np.zeros(2, np.int64), (2, 3): np.zeros(2, np.int64)})
+    assert main(["info", str(path), *(["--json"] if as_json else [])]) == 1
+    out = capsys.readouterr().out
+    if as_json:
+        info = json.loads(out)
+        assert (info["complete"], info["tiles_done"], info["tiles_total"]) == (False, 2, 35)
+    else:
+        assert out.startswith(f"{path}: INCOMPLETE segpipe result, 2/35 tiles written")
 
 
 def _small_result(tmp_path, **kw):

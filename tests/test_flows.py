@@ -135,3 +135,26 @@ def test_a_scheduler_no_one_answers_is_refused_before_the_ingest(
     with pytest.raises(ConnectionError, match="cannot reach the Dask scheduler at tcp://127"):
         segment_slide(str(small_slide.image), str(out), str(random_checkpoint), config)
     assert not default_image_store(out).exists()
+
+
+@pytest.mark.parametrize(
+    "keywords",
+    [
+        {"overwrite": True},
+        {"model_name": "tissue-unet v2"},
+        {"storage_options": {"anon": True}},
+    ],
+    ids=lambda kw: next(iter(kw)),
+)
+def test_the_segment_task_hands_its_keywords_to_segment(keywords, monkeypatch):
+    """The task is one call into the library: what it is given reaches segpipe.segment
+    (an overwrite asked for was dropped, and the result refused as another's)."""
+    from segpipe.flows.segment_slide import segment_task
+
+    seen = []
+    monkeypatch.setattr(segpipe, "segment", lambda *args, **kw: seen.append((args, kw)) or "r")
+    config = SegmentConfig(tile=64)
+    assert segment_task.fn("in.ome.zarr", "out.seg.zarr", "m.pt", config, **keywords) == "r"
+    ((args, kw),) = seen
+    assert args == ("in.ome.zarr", "out.seg.zarr", "m.pt", config)
+    assert {k: kw[k] for k in keywords} == keywords

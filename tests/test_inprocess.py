@@ -59,3 +59,36 @@ def test_items_running_when_the_process_stops_are_reported_before_it_leaves(stop
     with pytest.raises(type(stop)):
         run_in_process(work, range(10), on_result, threads=3)
     assert sorted(seen) == reported and sorted(started) == [0, 1, 2]
+
+
+def test_after_a_failure_no_item_starts_and_the_first_failure_is_raised(monkeypatch):
+    """Item 0 fails at once; items 1 (succeeds) and 2 (fails too) finish only once the
+    caller waits again, after it has seen the first failure. Nothing starts after it, the
+    item that succeeded is reported, and the failure raised is item 0's, not the later one."""
+    import segpipe.execution.inprocess as module
+
+    waits, second_wait = [], threading.Event()
+    real_wait = module.wait
+
+    def counted_wait(futures, **kwargs):
+        waits.append(len(futures))
+        if len(waits) == 2:  # the caller has handled the first round (item 0's failure)
+            second_wait.set()
+        return real_wait(futures, **kwargs)
+
+    monkeypatch.setattr(module, "wait", counted_wait)
+    started = []
+
+    def work(i):
+        started.append(i)
+        if i > 0:
+            second_wait.wait(5)
+        if i in (0, 2):
+            raise RuntimeError(f"item {i}")
+        return i
+
+    seen = []
+    with pytest.raises(RuntimeError, match="item 0"):
+        run_in_process(work, range(10), seen.append, threads=3)
+    assert sorted(started) == [0, 1, 2]
+    assert seen == [1]

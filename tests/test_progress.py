@@ -291,6 +291,48 @@ def test_progress_artifacts_never_fail_the_work(monkeypatch, caplog):
     assert caplog.text.count("no more Prefect progress artifacts") == 1
 
 
+def test_progress_artifacts_never_pass_100_percent(fake_artifacts):
+    """A stage that counts more units than it announced (a tile counted twice on a retry)
+    still shows 100%, not 120%."""
+    from segpipe.flows.progress import ProgressArtifacts
+
+    listener = ProgressArtifacts("out", logger=_Log())
+    for event in (_event("start", 0, total=10), _event("advance", 12, total=10)):
+        listener(event)
+    listener(_event("end", 12, total=10))
+    shown = [c[:2] for c in fake_artifacts]
+    assert shown == [("create", 0.0), ("update", 100.0), ("update", 100.0)]
+
+
+@pytest.mark.parametrize("failing", ["create", "update"])
+def test_a_failing_artifact_api_is_tried_once_and_warned_about_once(
+    failing, fake_artifacts, monkeypatch, caplog
+):
+    """After a failed call (a server that went away) no stage calls the API again: not
+    each new stage's create, nor each advance's update, each waiting on a dead server."""
+    import prefect.artifacts
+
+    from segpipe.flows.progress import ProgressArtifacts
+
+    tried = []
+
+    def broken(*args, **kwargs):
+        tried.append(args)
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(prefect.artifacts, f"{failing}_progress_artifact", broken)
+    caplog.set_level(logging.WARNING, logger="segpipe")
+    monkeypatch.setattr(logging.getLogger("segpipe"), "propagate", True)
+    listener = ProgressArtifacts("out", logger=_Log())
+    for stage_id in (1, 2, 3):
+        listener(_event("start", 0, stage_id=stage_id))
+        for done in (10, 20, 30, 40):
+            listener(_event("advance", done, stage_id=stage_id))
+        listener(_event("end", 40, stage_id=stage_id))
+    assert len(tried) == 1
+    assert caplog.text.count("no more Prefect progress artifacts") == 1
+
+
 @pytest.mark.integration
 def test_segment_slide_leaves_progress_artifacts(
     prefect_harness, small_slide, random_checkpoint, tmp_path

@@ -135,3 +135,27 @@ def test_a_checkpoint_that_appeared_while_it_trained_is_kept(
         str(out), model_options=MODEL, train_options=TRAIN, half=False, overwrite=True
     )
     assert models.load(out).checkpoint_metrics["train_config"]["steps"] == TRAIN["steps"]
+
+
+def test_a_fresh_model_is_built_with_the_seed_of_the_train_options(tmp_path, monkeypatch):
+    """train_options' seed seeds the initial weights (the flow's doc), as `segpipe train
+    --seed` does, not a fixed one that starts every seed from the same weights. The flow's
+    body only (.fn, no Prefect run); a stand-in for its build task records the seed."""
+    from segpipe.flows import train_model as flow_module
+
+    class Stop(Exception):
+        pass
+
+    built = []
+
+    def build(architecture: str, class_names: tuple, seed: int, options: dict) -> None:
+        built.append((architecture, seed))
+        raise Stop
+
+    monkeypatch.setattr(flow_module, "build_task", build)
+    options = {**TRAIN, "seed": 7}
+    with pytest.raises(Stop):
+        flow_module.train_model.fn(
+            str(tmp_path / "m.pt"), model_options=MODEL, train_options=options
+        )
+    assert built == [("unet", 7)]
