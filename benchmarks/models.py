@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--only", nargs="*", help="labels to run (default all)")
     args = parser.parse_args(argv)
+    known = [label for label, *_ in variants(args.width)]
+    if unknown := sorted(set(args.only or ()) - set(known)):  # a typo ran no model, exit 0
+        parser.error(f"--only {' '.join(unknown)}: no such label; the labels are {known}")
 
     torch.set_num_threads(args.threads)
     config = TrainConfig(

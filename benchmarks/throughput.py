@@ -491,6 +491,10 @@ def main() -> None:
     )
     add_plain_malloc(parser)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():  # before minutes of input
+        parser.error("--device cuda: torch sees no CUDA GPU on this machine")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be 1 or more, got {args.repeat}")
     if args.plain_malloc:  # glibc read its settings at start; this one tells segpipe to keep out
         os.environ["MALLOC_MMAP_MAX_"] = "65536"
     # Before any thread allocates, as the segpipe command does.

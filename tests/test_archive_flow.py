@@ -318,6 +318,8 @@ def _wrapped(cause: Exception, as_=PredictionError) -> Exception:
         (_wrapped(OSError(errno.ESTALE, "Stale file handle"), ImageReadError), True),
         # CUDA's own text when the caching allocator is bypassed: a plain RuntimeError.
         (_wrapped(RuntimeError("CUDA error: out of memory")), True),
+        # The same text from a model wrapper's own exception type (TorchScript's too).
+        (_wrapped(Exception("forward failed: CUDA out of memory")), True),
         # A missing file, unwrapped (an OSError otherwise retried): it will not reappear.
         (FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/a.tif"), False),
     ],

@@ -143,8 +143,14 @@ def test_class_names_of_a_module_that_says_neither_names_nor_count_is_refused() 
     plain = nn.Conv2d(3, 2, 1)
     plain.num_classes = 2
     assert models.class_names_of(plain) == ("class_0", "class_1")
-    with pytest.raises(TypeError, match=r"Conv2d says neither its class_names nor its num_c"):
+    with pytest.raises(TypeError, match=r"Conv2d says no class_names and a num_classes of None"):
         models.class_names_of(nn.Conv2d(3, 2, 1))
+    for count, shown in ((2.9, "2.9"), (True, "True"), ("3", "'3'"), (0, "0")):
+        plain.num_classes = count  # 2.9 made 2 classes, True 1, "3" 3
+        with pytest.raises(TypeError, match=rf"a num_classes of {shown}: give"):
+            models.class_names_of(plain)
+    plain.num_classes = np.int64(2)
+    assert models.class_names_of(plain) == ("class_0", "class_1")
 
 
 def test_up_block_joins_the_centre_cropped_skip_before_the_upsampled_map() -> None:

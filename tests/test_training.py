@@ -1486,3 +1486,18 @@ def test_a_step_out_of_memory_names_the_options_that_size_it(
     said = rf"batch of 2 \(--batch-size\) patches of 16 px \(--patch; windows of {side} px a side"
     with pytest.raises(ValueError, match=rf"{said} .* lower --patch or --batch-size"):
         train(model, config)
+
+
+def test_a_resumed_step_out_of_memory_does_not_advise_options_a_resume_refuses(
+    finished_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "lower --patch or --batch-size", which the resume then refuses to change."""
+    config, _ = finished_run
+    model = tiny_unet()
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB")
+
+    monkeypatch.setattr(model, "forward", fail)
+    with pytest.raises(ValueError, match=r"give it more memory, or train anew with a lower"):
+        train(model, _resume(config, 1))

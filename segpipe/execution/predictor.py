@@ -396,4 +396,5 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
     may not meet again."""
     if isinstance(exc, MemoryError | torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT)
+    # any type: a model wrapper's or TorchScript's error may carry the allocator's text
+    return exc is not None and any(t in str(exc).lower() for t in _OUT_OF_MEMORY_TEXT)

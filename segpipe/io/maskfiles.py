@@ -249,6 +249,13 @@ def _rasterize_geojson(
                 f"foreground mask {path}: its polygons (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) "
                 "enclose no area (lines or points); draw areas"
             )
+        if min(x0, y0) >= 0 and x1 <= level0[1] and y1 <= level0[0]:  # in it, on no pixel
+            odd = f" ({ny} x {nx} px: it leaves out level 0's last odd row or column)"
+            raise ValueError(
+                f"foreground mask {path}: its polygons (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) lie "
+                f"in the image but cover no pixel of level {level}{odd if level else ''} (holes "
+                "filling them?); draw them over the pixels to segment"
+            )
         raise ValueError(
             f"foreground mask {path}: no polygon overlaps the image (x 0..{level0[1]}, y 0.."
             f"{level0[0]}); they span x {x0:g}..{x1:g}, y {y0:g}..{y1:g}. Coordinates must be "

@@ -12,6 +12,7 @@ put ``@register`` above the class: adding a model is one new file in ``segpipe/m
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -289,12 +290,19 @@ def class_names_of(module: nn.Module) -> tuple[str, ...]:
     """The names of ``module``'s output classes, in channel order: its own ``class_names``,
     else ``class_0 .. class_{n-1}`` for its ``num_classes``."""
     names = getattr(module, "class_names", None)
-    if not names and getattr(module, "num_classes", None) is None:
+    if names:
+        return tuple(names)
+    count = getattr(module, "num_classes", None)
+    try:  # an integer (numpy's, a tensor's too), not 2.9 (2 classes) nor True
+        n = -1 if isinstance(count, bool) else operator.index(cast(int, count))
+    except TypeError:
+        n = -1
+    if n < 1:
         raise TypeError(
-            f"{type(module).__name__} says neither its class_names nor its num_classes: give it "
-            "either attribute (segpipe must know how many classes its output channels are)"
+            f"{type(module).__name__} says no class_names and a num_classes of {count!r}: give "
+            "it either (segpipe must know how many classes its output channels are)"
         )
-    return tuple(names or (f"class_{i}" for i in range(int(cast(int, module.num_classes)))))
+    return tuple(f"class_{i}" for i in range(n))
 
 
 # Normalisation layers by class name: how TorchScript keeps a module's class (``original_name``),

@@ -296,11 +296,16 @@ def _fitting(config: TrainConfig, geometry: Geometry) -> Iterator[None]:
         if not is_out_of_memory(exc):
             raise
         side = geometry.input_size(config.patch)
+        # A resume keeps its run's options (load_state refuses others): more memory, or anew.
+        fix = (
+            "give it more memory, or train anew with a lower --patch or --batch-size"
+            if (config.resume_from)
+            else "lower --patch or --batch-size, or the model's --width"
+        )
         raise ValueError(
             f"a training batch of {config.batch_size} (--batch-size) patches of {config.patch} "
             f"px (--patch; windows of {side} px a side with the model's context) does not fit "
-            f"in memory ({type(exc).__name__}: {str(exc)[:200]}); lower --patch or "
-            "--batch-size, or the model's --width"
+            f"in memory ({type(exc).__name__}: {str(exc)[:200]}); {fix}"
         ) from exc
 
 
