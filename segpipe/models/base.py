@@ -289,15 +289,12 @@ def pixel_contract_of(module: nn.Module) -> PixelContract | None:
 def class_names_of(module: nn.Module) -> tuple[str, ...]:
     """The names of ``module``'s output classes, in channel order: its own ``class_names``,
     else ``class_0 .. class_{n-1}`` for its ``num_classes``."""
-    names = getattr(module, "class_names", None)
-    if names:
+    if names := getattr(module, "class_names", None):
         return tuple(names)
     count = getattr(module, "num_classes", None)
-    try:  # an integer (numpy's, a tensor's too), not 2.9 (2 classes) nor True
-        n = -1 if isinstance(count, bool) else operator.index(cast(int, count))
-    except TypeError:
-        n = -1
-    if n < 1:
+    # An integer (numpy's, a tensor's too), not 2.9 (2 classes) nor True (1).
+    integral = hasattr(count, "__index__") and not isinstance(count, bool)
+    if (n := operator.index(cast(int, count)) if integral else -1) < 1:
         raise TypeError(
             f"{type(module).__name__} says no class_names and a num_classes of {count!r}: give "
             "it either (segpipe must know how many classes its output channels are)"
