@@ -299,7 +299,7 @@ def _fitting(config: TrainConfig, geometry: Geometry) -> Iterator[None]:
         # A resume keeps its run's options (load_state refuses others): more memory, or anew.
         fix = (
             "give it more memory, or train anew with a lower --patch or --batch-size"
-            if (config.resume_from)
+            if config.resume_from
             else "lower --patch or --batch-size, or the model's --width"
         )
         raise ValueError(
