@@ -353,9 +353,16 @@ def test_segment_closes_the_image_it_opened_and_only_that(source, tmp_path, monk
     with pytest.raises(ValueError, match="level 3 does not exist"):
         segpipe.segment(source, tmp_path / "b.zarr", net, tile=32, level=3, scheduler="sync")
     assert len(closed) == 2
+    # The level just past the last: one off, it was an IndexError naming nothing.
+    probe = open_image(source)
+    last = len(probe.level_shapes)
+    probe.close()
+    with pytest.raises(ValueError, match=rf"level {last} does not exist \(levels 0\.\."):
+        segpipe.segment(source, tmp_path / "b.zarr", net, tile=32, level=last, scheduler="sync")
+    assert len(closed) == 3
     given = spied(source)
     segpipe.segment(given, tmp_path / "c.zarr", net, tile=32, scheduler="sync")
-    assert len(closed) == 2, "the caller's reader is left open"
+    assert len(closed) == 3, "the caller's reader is left open"
 
 
 def test_keywords_and_a_config_make_the_same_result(source, tmp_path):

@@ -905,6 +905,7 @@ def test_cli_folder_options_train_on_the_folders(tmp_path: Path, capsys) -> None
     folders = ["--train-folder", str(train_dir), "--val-folder", str(val_dir)]
     out = tmp_path / "m.pt"
     assert main(_cli_train(out, *TINY_UNET, *folders, "--full-precision")) == 0
+    assert torch.load(out, weights_only=True)["weights_dtype"] == "float32"  # not halved
     metrics = models.load(out).checkpoint_metrics
     assert metrics["validation"] == {
         "dataset": "folder",
