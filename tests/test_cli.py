@@ -1385,6 +1385,24 @@ def test_areas_in_units_segpipe_does_not_know_are_not_rounded_to_zero(tmp_path, 
     assert segpipe.query.class_areas(path)["area"].attrs["units"] == "degree**2"
 
 
+@pytest.mark.parametrize(
+    ("unit", "units", "shown"),
+    [("metre", "metre", "400.0 m²"), ("unknown", "unknown", "400.0 CRS units²")],
+)
+def test_info_gives_a_local_crs_areas_in_its_unit(tmp_path, capsys, unit, units, shown):
+    """rasterio calls a local CRS's unit "unknown" even where its WKT names metres: `info`
+    said "400.0 unknown**2" of a site plan in metres, and the archive report "CRS units"."""
+    crs = f'LOCAL_CS["plan",LOCAL_DATUM["d",0],UNIT["{unit}",1],AXIS["x",EAST],AXIS["y",NORTH]]'
+    path, labels = _small_result(
+        tmp_path, pixel_size_um=None, crs=crs, transform=(2.0, 0.0, 0.0, 0.0, -2.0, 80.0)
+    )
+    assert int((labels == 2).sum()) == 100  # 100 px of 2 x 2 units
+    assert main(["info", str(path)]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if "nucleus" in s)
+    assert shown in line, line
+    assert segpipe.open_result(path)["x"].attrs["units"] == units
+
+
 def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level_0(
     tmp_path, capsys
 ):

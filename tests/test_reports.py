@@ -147,9 +147,18 @@ def test_report_areas_are_in_the_unit_its_header_names(tmp_path):
         ("EPSG:32633", 5.0, "m²", 25.0, "5 x 5 metre/px (EPSG:32633)"),  # 102,400 m²
         ("EPSG:32633", 500.0, "km²", 0.25, "500 x 500 metre/px (EPSG:32633)"),
         ("EPSG:2263", 10.0, "US survey foot**2", 100.0, "10 x 10 US survey foot/px (EPSG:2263)"),
-        # PROJ names no unit of a local CRS: "unknown" is not one
+        # A local CRS in metres (rasterio's linear_units says "unknown" of it): m², not
+        # "CRS units" as it was
         (
             'LOCAL_CS["plan",LOCAL_DATUM["d",0],UNIT["metre",1],AXIS["x",EAST],AXIS["y",NORTH]]',
+            0.5,
+            "m²",
+            0.25,
+            "0.5 x 0.5 metre/px (a WKT CRS)",
+        ),
+        # One whose unit PROJ cannot name either: "unknown" is not a unit
+        (
+            'LOCAL_CS["plan",LOCAL_DATUM["d",0],UNIT["unknown",1],AXIS["x",EAST],AXIS["y",NORTH]]',
             0.5,
             "CRS units**2",
             0.25,

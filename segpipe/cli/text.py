@@ -20,6 +20,8 @@ _AREA_UNITS = {
     "pixel**2": ("px", "level-0 px²"),
     # A geographic CRS's: degrees² of longitude by latitude, not an area on the ground.
     "degree**2": ("deg2", "deg²"),
+    # A local CRS whose unit PROJ cannot name: its areas in it, as the archive report says.
+    "unknown**2": ("unknown2", "CRS units²"),
 }
 
 
@@ -36,8 +38,10 @@ def area_text(value: float, units: str = "micrometer**2") -> str:
     '1,234,567.2 µm²'
     >>> area_text(12.0, "pixel**2")
     '12 level-0 px²'
-    >>> area_text(1e-06, "unknown**2"), area_text(0.25)
-    ('1e-06 unknown**2', '0.25 µm²')
+    >>> area_text(1e-06, "furlong**2"), area_text(0.25)
+    ('1e-06 furlong**2', '0.25 µm²')
+    >>> area_text(1500.0, "unknown**2")
+    '1,500.0 CRS units²'
     """
     suffix, text = _AREA_UNITS.get(units, ("", units))
     if suffix == "px":

@@ -87,8 +87,14 @@ class PixelGrid:
             ref = CRS.from_user_input(crs)
             a, _, c, _, e, f = transform
             # A geographic CRS's are degrees (rasterio says "unknown": it has no linear unit).
-            units = "degree" if ref.is_geographic else ref.linear_units or "unknown"
-            ome = {"metre": "meter", "meter": "meter", "foot": "foot"}.get(units)
+            units = "degree" if ref.is_geographic else _linear_unit(ref)
+            ome = {
+                "metre": "meter",
+                "meter": "meter",
+                "kilometre": "kilometer",
+                "kilometer": "kilometer",
+                "foot": "foot",
+            }.get(units)
             # The affine maps pixel corners; coordinates are pixel centres, half a pixel in.
             return cls((f + e / 2, c + a / 2), (e, a), units, ome, ref.to_wkt(), transform)
         if pixel_size_um:
@@ -98,6 +104,20 @@ class PixelGrid:
     def coordinates(self, axis: int, n: int, level: int) -> np.ndarray:
         """Centres of the ``n`` pixels of ``level`` along ``axis`` (0: y, 1: x)."""
         return self.origin[axis] + level_coordinates(n, level, self.step[axis])
+
+
+def _linear_unit(ref: Any) -> str:
+    """The unit a projected or local (engineering) ``rasterio`` CRS measures in, "unknown"
+    where it names none: rasterio's ``linear_units`` is "unknown" for a local CRS even where
+    its WKT says ``UNIT["metre",1]``, which would leave a site plan's areas without a unit."""
+    from rasterio.errors import CRSError
+
+    if ref.linear_units and ref.linear_units != "unknown":
+        return str(ref.linear_units)
+    try:
+        return str(ref.units_factor[0] or "unknown")
+    except CRSError:
+        return "unknown"
 
 
 def _datasets(
