@@ -387,6 +387,20 @@ def test_a_placed_sources_result_lies_on_it_in_ome_and_xarray(placed, result):
     assert read_meta(out).identity()["origin_um"] == [100.0, 200.0]
 
 
+def test_info_says_where_a_placed_result_lies(placed, result, capsys):
+    """`segpipe info` gave no sign of the origin that moves every coordinate by 100 µm."""
+    from segpipe.analysis.summary import summarise
+    from segpipe.cli import main
+
+    _, out = placed
+    assert summarise(out).origin_um == ORIGIN
+    assert summarise(result).origin_um is None
+    assert main(["info", str(out)]) == 0
+    assert "origin: y 100, x 200 µm (the source's)" in capsys.readouterr().out.splitlines()
+    assert main(["info", str(result)]) == 0
+    assert "origin" not in capsys.readouterr().out
+
+
 def test_a_placed_sources_micron_geojson_is_shifted_by_its_origin(placed, result):
     from shapely import get_coordinates
     from shapely.geometry import shape

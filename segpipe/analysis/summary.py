@@ -66,6 +66,8 @@ class ResultSummary:
     class_area: tuple[float, ...] | None = None
     area_units: str | None = None  # "micrometer**2", "metre**2"
     foreground_area: float | None = None  # in area_units
+    # (y, x) µm where the source's level 0 lies (an OME-Zarr's translation); None at 0
+    origin_um: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, JSON-ready (tuples stay tuples)."""
@@ -145,6 +147,7 @@ def summarise(
         class_area=areas[0] if areas else None,
         area_units=areas[1] if areas else None,
         **_foreground(run.foreground_pixels, run.tiles_background, meta),
+        origin_um=meta.origin_um,
     )
 
 

@@ -57,6 +57,8 @@ def print_summary(s: Mapping[str, Any]) -> None:
     """A finished result's summary (``segpipe.analysis.summary.summarise(...).as_dict()``)."""
     print(f"result: {s['path']}  ({s['shape'][0]} x {s['shape'][1]} px", end="")
     print(f", {s['pixel_size_um']} µm/px)" if s["pixel_size_um"] else ")")
+    if s.get("origin_um"):  # where napari and the micron GeoJSON place it
+        print(f"origin: y {s['origin_um'][0]:g}, x {s['origin_um'][1]:g} µm (the source's)")
     # A georeferenced result's in its CRS units; a summary of an older release's in µm²
     areas, units = s.get("class_area"), s.get("area_units") or "micrometer**2"
     if areas is None:
