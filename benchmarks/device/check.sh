@@ -8,6 +8,10 @@
 set -uo pipefail
 out="${OUT:-device-out}"
 mkdir -p "$out"
+if ! compgen -G "${WHEELS:-.whl}/*.whl" > /dev/null; then
+    echo "no wheels in ${WHEELS:-.whl}/: run benchmarks/device/fetch_wheels.sh here first" >&2
+    exit 1
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "${WHEELS:-.whl}"/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
