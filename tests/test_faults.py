@@ -423,6 +423,60 @@ def test_progress_callback_counts_real_tiles_without_a_progress_bar(
 
 
 @pytest.mark.integration
+def test_a_block_whose_workers_all_died_names_the_result_and_the_rerun_resumes(
+    small_slide, random_checkpoint, tmp_path
+):
+    """Dask's KilledWorker came out as it is: a traceback (a bug's, in the CLI) naming a task
+    key, neither the result nor that a re-run resumes."""
+    import dask
+    import distributed
+
+    from segpipe.cli import user_errors
+    from segpipe.execution.schedulers import WorkersDiedError
+
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 0}),  # the first death
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        reference = tmp_path / "ref.seg.zarr"
+        segpipe.segment(
+            small_slide.image, reference, random_checkpoint, scheduler=client, **SETTINGS
+        )
+        killed: list[int] = []
+
+        def kill_the_worker(done: int, total: int) -> None:
+            if done >= 20 and not killed:
+                (pid,) = client.run(os.getpid).values()
+                os.kill(pid, signal.SIGKILL)  # the nanny starts another
+                killed.append(pid)
+
+        out = tmp_path / "r.seg.zarr"
+        with pytest.raises(WorkersDiedError) as caught:
+            segpipe.segment(
+                small_slide.image,
+                out,
+                random_checkpoint,
+                scheduler=client,
+                on_progress=kill_the_worker,
+                **SETTINGS,
+            )
+        assert isinstance(caught.value.__cause__, distributed.KilledWorker)
+        assert isinstance(caught.value, user_errors())  # one line in the CLI, exit 2
+        message = str(caught.value)
+        assert message.startswith(f"{out}: every Dask worker that ran one of its blocks died")
+        assert "run again to resume" in message and "--batch-size" in message
+        assert not read_meta(out).complete
+        client.wait_for_workers(1, timeout=60)
+        segpipe.segment(small_slide.image, out, random_checkpoint, scheduler=client, **SETTINGS)
+    assert read_meta(out).complete
+    assert 0 < read_meta(out).summary.tiles_skipped < 100  # resumed, not redone
+    assert _arrays(out) == _arrays(reference)
+
+
+@pytest.mark.integration
 def test_killed_dask_worker_is_replaced_and_the_result_is_bit_identical(
     small_slide, random_checkpoint, tmp_path
 ):

@@ -76,6 +76,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     with the wrong arguments raises (segpipe raises ValueError for a user's bad value).
     """
     # Imported here: `segpipe --help` must not pay for torch or zarr.
+    from segpipe.execution.schedulers import WorkersDiedError
     from segpipe.execution.stitching import PredictionError
     from segpipe.io.locks import StoreBusyError
     from segpipe.io.readers import ImageReadError
@@ -96,6 +97,7 @@ def user_errors() -> tuple[type[Exception], ...]:
         # The model's failure or NaN output at named windows of a named image (its own
         # traceback with --verbose): the model is the user's input as much as the image.
         PredictionError,
+        WorkersDiedError,  # the machine's doing (memory), and the run resumes
         ValueError,
         OSError,
     )

@@ -365,6 +365,16 @@ def run_blocks(
                 del pending[fut.key]
                 fut.release()
                 on_result(result)
+    except distributed.KilledWorker as err:
+        # Dask's message named neither the result nor that a re-run resumes; a traceback
+        # (a bug's) for what is the machine's doing: a worker killed, mostly for memory.
+        raise schedulers.WorkersDiedError(
+            f"{job.output}: every Dask worker that ran one of its blocks died "
+            f"({err.allowed_failures + 1} of them, the last {err.last_worker.address}), killed "
+            "for memory most often: see the workers' logs. The blocks finished are recorded: "
+            "run again to resume, with a smaller batch_size (--batch-size) or fewer workers "
+            "where memory ran out"
+        ) from err
     except Exception as err:  # a CommClosedError, a future "cancelled: connection lost"...
         if client.status == "running":
             raise

@@ -17,6 +17,7 @@ import distributed
 __all__ = [
     "CONNECT_TIMEOUT",
     "NO_WORKERS_WARNING_S",
+    "WorkersDiedError",
     "choose_scheduler",
     "live_client",
     "reachable_scheduler",
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = "30s"
 # How long a run waits on a scheduler without workers before it says so.
 NO_WORKERS_WARNING_S = 60.0
+
+
+class WorkersDiedError(RuntimeError):
+    """Dask gave up on a block whose workers all died running it (Dask's ``KilledWorker``:
+    killed for memory, most often); the run's finished blocks are recorded, so it resumes."""
 
 
 def choose_scheduler(scheduler: Any = None) -> Any:
