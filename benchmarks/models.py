@@ -170,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"|{'-' * 24}|{'-' * 12}|{'-' * 10}|{'-' * 10}|{'-' * 11}|{'-' * 9}|")
     for label, params, mpx, miou, f1, seconds in rows:
-        print(
-            f"| {label:<22} | {params:>10,} | {mpx:>8.3g} | {miou:>8.4f} | {f1:>9.4f} | "
-            f"{seconds:>7.0f} |"
+        # The labels' row has no model: "–" as the README writes it, not 0 and nan
+        size, speed, time = (
+            (f"{params:>10,}", f"{mpx:>8.3g}", f"{seconds:>7.0f}") if params else ("–", "–", "–")
         )
+        print(f"| {label:<22} | {size:>10} | {speed:>8} | {miou:>8.4f} | {f1:>9.4f} | {time:>7} |")
     return 0
 
 
