@@ -187,6 +187,47 @@ def test_a_transient_failure_is_retried_by_prefect(
     assert len(calls) == 2
 
 
+def test_a_failed_image_is_held_by_the_next_run_until_it_passes_retry_failed(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """The run's result names each image held back after failing, with why and until when,
+    and a held image fails no fail_on_error run (it did not fail in this one); retry_failed
+    reaches each image's task, which tries it again now, not hours later."""
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+
+    def corrupt(*args, **kwargs):
+        raise ValueError("corrupt tile directory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(segpipe, "segment", corrupt)
+        first = _run(source, out, random_checkpoint)
+    assert list(first["failed"]) == ["a.ome.tif"]
+
+    held = _run(source, out, random_checkpoint, fail_on_error=True)
+    assert (held["failed"], held["segmented"]) == ({}, [])
+    assert list(held["held"]) == ["a.ome.tif"]
+    reason = held["held"]["a.ome.tif"]
+    assert "failed 1 time" in reason and "(or pass retry_failed)" in reason
+    assert "ValueError: corrupt tile directory" in reason
+
+    again = _run(source, out, random_checkpoint, retry_failed=True)
+    assert (again["segmented"], again["held"]) == (["a.ome.tif"], {})
+
+
+def test_fail_on_error_leaves_a_run_without_failures_to_return_its_result(
+    prefect_harness, slides, random_checkpoint, tmp_path
+):
+    """fail_on_error ends a run Failed only when an image failed in it: a clean nightly run
+    raising ArchiveFailedError would page someone for nothing and fail the deployment."""
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    result = _run(source, out, random_checkpoint, fail_on_error=True)
+    assert (result["segmented"], result["failed"]) == (["a.ome.tif"], {})
+
+
 def _two_images_under_a_limit(tmp_path: Path, slides: list, limit: str) -> tuple[Path, Path]:
     """An archive of two images (and its output root) and a global concurrency limit of one
     slot named ``limit`` on the test's Prefect server."""
@@ -256,6 +297,40 @@ def test_an_image_waiting_to_retry_leaves_its_global_slot_to_others(
     )  # fmt: skip
     assert sorted(result["segmented"]) == ["a.ome.tif", "b.ome.tif"]
     assert len(calls) == 3 and calls[1] != calls[0], calls  # the other, during the wait
+
+
+def test_no_more_than_max_concurrent_images_are_in_flight_at_once(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """max_concurrent bounds the images a run segments at once (each holds its slide's tiles
+    and its share of the machine): a third image starting beside two would overcommit it."""
+    import threading
+
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    for name, slide in zip("abc", slides, strict=True):
+        shutil.copy(slide, source / f"{name}.ome.tif")
+    real, running, most = segpipe.segment, [0], [0]
+    changed = threading.Condition()
+
+    def counted(*args, **kwargs):
+        with changed:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            changed.notify_all()
+            # Held until a third image runs beside (never, max_concurrent kept) or 3 s: long
+            # enough for the second to start on a loaded machine.
+            changed.wait_for(lambda: running[0] > 2, timeout=3.0)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with changed:
+                running[0] -= 1
+
+    monkeypatch.setattr(segpipe, "segment", counted)
+    result = _run(source, out, random_checkpoint, max_concurrent=2)
+    assert result["segmented"] == ["a.ome.tif", "b.ome.tif", "c.ome.tif"]
+    assert most[0] == 2, f"{most[0]} images in flight at once, max_concurrent=2"
 
 
 def test_a_run_loads_the_model_once_and_only_result_settings_make_images_due(
@@ -744,6 +819,8 @@ def test_a_limit_is_taken_leniently_and_the_wait_for_a_slot_gives_way_to_a_stop(
     @contextlib.contextmanager
     def concurrency(name, **kwargs):
         calls.append(kwargs)
+        # A wait that misses the stop would ask for ever: end it as this test's failure.
+        assert len(calls) <= 10, "the wait for a slot went on after the run stopped"
         if len(calls) > 1:  # the first is free, then all are taken until the run stops
             if len(calls) == 3:
                 stop.set()
@@ -758,6 +835,19 @@ def test_a_limit_is_taken_leniently_and_the_wait_for_a_slot_gives_way_to_a_stop(
     with pytest.raises(RunStopped), global_slot("gpu", stop):
         pytest.fail("no slot was free")
     assert len(calls) == 3
+
+
+def test_a_finished_runs_stop_is_forgotten_and_its_key_finds_an_unset_one():
+    """Every run of a served process registers its stop: a finished run's stayed for the
+    process's life, and its key still found it, set, where the run had been stopped."""
+    from segpipe.flows import limits
+
+    with limits.run_stop() as (key, stop):
+        assert limits.stop_of(key) is stop
+        stop.set()  # the run is stopped
+    assert key not in limits._STOPS
+    assert limits.stop_of(key) is not stop
+    assert not limits.stop_of(key).is_set()
 
 
 @pytest.mark.slow

@@ -683,6 +683,34 @@ def test_a_block_whose_run_ended_while_it_was_predicted_is_not_written(reader, t
     assert tasks._LEASES == {}, "released after the run all the same"
 
 
+def test_a_resumed_runs_speed_is_over_the_tiles_it_computed(tmp_path):
+    """The summary's megapixels per second are this attempt's, as its seconds are: the pixels
+    of the tiles it computed, not the whole image's (a resume that computed a few tiles read
+    as many times faster than the machine is)."""
+    image = np.random.default_rng(1).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    model, out = tiny_unet(), tmp_path / "r.zarr"
+    settings = dict(tile=32, task_tiles=1, device="cpu", scheduler="sync", foreground="none")
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(done, total):
+        if done >= 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        segpipe.segment(
+            ArrayReader(image, name="slide.tif"), out, model, on_progress=stop_at_3, **settings
+        )
+    segpipe.segment(ArrayReader(image, name="slide.tif"), out, model, **settings)
+    s = read_meta(out).summary
+    computed = s.tiles_computed - s.tiles_skipped  # by this attempt
+    assert (s.tiles_total, s.tiles_background, s.tiles_skipped) == (9, 0, 3)
+    this_attempts = 96 * 96 * computed / s.tiles_total / 1e6
+    # abs: the figure is rounded to 4 decimals (the whole image's would be 1.5 times it)
+    assert s.megapixels_per_second == pytest.approx(this_attempts / s.seconds, rel=0.01, abs=6e-5)
+
+
 def test_a_model_failing_its_memory_probe_is_named(tmp_path):
     """The run's first forward pass, on zeros, measures the model's memory: its failure names
     the file and the probe."""

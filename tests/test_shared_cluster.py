@@ -175,6 +175,38 @@ def test_a_task_still_running_when_its_run_failed_writes_nothing_after(
     assert not tasks._LEASES and not tasks._STAGES
 
 
+def test_a_failing_block_cancels_the_runs_other_blocks(
+    image_path, checkpoints, threaded_client, tmp_path, monkeypatch
+):
+    """Block (0, 0) fails while the others wait to predict or to start: segment raises and
+    cancels them all, rather than leave a failed run's blocks taking the shared cluster's
+    threads, and the next runs' turn, for nothing."""
+    predict_parts, go_on, sent = tasks.predict_parts, threading.Event(), []
+
+    def parts(tiles, *args, **kwargs):
+        if tiles[0].index == (0, 0):
+            raise RuntimeError("block (0, 0) fails")
+        go_on.wait(10)  # until the run has raised
+        yield from predict_parts(tiles, *args, **kwargs)
+
+    def mapped(*args, real=threaded_client.map, **kwargs):
+        sent.extend(futures := real(*args, **kwargs))
+        return futures
+
+    monkeypatch.setattr(tasks, "predict_parts", parts)
+    monkeypatch.setattr(threaded_client, "map", mapped)
+    try:
+        with pytest.raises(RuntimeError, match=r"block \(0, 0\) fails"):
+            segpipe.segment(
+                image_path, tmp_path / "r.zarr", checkpoints[0], scheduler=threaded_client,
+                **SETTINGS,
+            )  # fmt: skip
+        assert len(sent) == 15, "one block per tile"
+        assert [f.key for f in sent if f.status == "pending"] == [], "left to run"
+    finally:
+        go_on.set()
+
+
 @pytest.mark.integration
 def test_the_plugin_of_a_killed_driver_is_dropped_by_the_next_run(
     image_path, checkpoints, shared_client, tmp_path
@@ -449,6 +481,21 @@ def test_a_run_in_this_process_gives_torch_threads_back(image_path, checkpoints,
         torch.set_num_threads(before)
 
 
+def test_a_cpu_local_cluster_gives_the_callers_torch_threads_back():
+    """Its workers are threads of this process, and torch's thread count is process-wide:
+    the cluster's plan sets it while the cluster is up, and the caller's count is given back
+    when it closes (an archive run's flow went on with the plan's, all the cores)."""
+    before = torch.get_num_threads()
+    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=1, torch_threads=2)
+    torch.set_num_threads(1)
+    try:
+        with cluster.local_cluster(plan):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cpu_local_cluster_is_threads_of_this_process():
     plan = cluster.ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=1)
     with cluster._start_local_cluster(plan) as local:
@@ -489,6 +536,17 @@ def test_a_kept_process_cluster_short_of_workers_is_kept(monkeypatch):
     local = types.SimpleNamespace(scheduler=types.SimpleNamespace(workers={}))
     monkeypatch.setitem(cluster._LOCAL, plan, (local, kept))
     assert cluster._shared_local_client(plan) is kept
+
+
+def test_a_small_image_takes_the_gpu_cluster_already_started_not_this_process(monkeypatch):
+    """In this process is cheaper only while a GPU plan's worker processes are not started:
+    once a run started them, a small image runs there too, not on a CUDA context of the
+    driver's beside them (its model loaded a second time, the GPU's memory shared)."""
+    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=2, torch_threads=4, gpus=1)
+    small = 512 * 512
+    assert cluster.in_process_is_cheaper(plan, small), "none started: in this process"
+    monkeypatch.setitem(cluster._LOCAL, plan, (object(), object()))  # started by a run
+    assert not cluster.in_process_is_cheaper(plan, small)
 
 
 def test_a_worker_that_died_is_left_out_of_the_question_of_amp_and_another_error_named():
