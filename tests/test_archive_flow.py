@@ -391,6 +391,9 @@ def _wrapped(cause: Exception, as_=PredictionError) -> Exception:
         (_wrapped(FileNotFoundError(errno.ENOENT, "gone"), ImageReadError), False),
         # An NFS server that restarted: a stale handle, which a new open does not see again.
         (_wrapped(OSError(errno.ESTALE, "Stale file handle"), ImageReadError), True),
+        # A read out of memory (other images beside it): an ImageReadError since a damaged
+        # chunk claiming 2**50 bytes must name its file, but memory may be free next time.
+        (_wrapped(MemoryError(), ImageReadError), True),
         # CUDA's own text when the caching allocator is bypassed: a plain RuntimeError.
         (_wrapped(RuntimeError("CUDA error: out of memory")), True),
         # The same text from a model wrapper's own exception type (TorchScript's too).

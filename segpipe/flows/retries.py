@@ -42,13 +42,17 @@ _PASSING_IO = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECO
 
 def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the failure is one of
-    :data:`PERMANENT_ERRORS`, a model's failure out of memory and a read's I/O error that
-    may pass (EIO, a timeout, a reset connection) excepted."""
+    :data:`PERMANENT_ERRORS`, a model's failure out of memory and a read's I/O error or
+    memory shortage that may pass (EIO, a timeout, a reset connection) excepted."""
     error = state.result(raise_on_failure=False)
     if isinstance(error, ImageReadError) and (cause := error.__cause__) is not None:
         if isinstance(cause, ConnectionError | TimeoutError):
             return True
         if isinstance(cause, OSError) and cause.errno in _PASSING_IO:
+            return True
+        # Memory short now, beside other images; a damaged chunk's claim of 2**50 bytes
+        # fails again at once, costing no more than its report's delay.
+        if isinstance(cause, MemoryError):
             return True
     # A device out of memory, which another attempt (beside other work) may not be.
     if isinstance(error, PredictionError) and is_out_of_memory(error.__cause__):
