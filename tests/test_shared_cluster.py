@@ -316,14 +316,32 @@ def test_amp_is_resolved_from_the_workers(threaded_client, monkeypatch):
     assert resolve_amp(False, "auto", threaded_client) is False
 
 
-def test_amp_of_a_cluster_without_workers_must_be_given():
+def test_amp_of_a_cluster_without_workers_must_be_given(monkeypatch):
+    monkeypatch.setattr(workers, "WORKERS_WAIT_S", 0.5)
     with (
         distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local,
         distributed.Client(local) as client,
     ):
-        with pytest.raises(ValueError, match="no workers yet"):
+        with pytest.raises(ValueError, match=r"has had no worker for 0\.5 s"):
             resolve_amp(None, "auto", client)
         assert resolve_amp(True, "auto", client) is True
+
+
+def test_amp_waits_for_a_worker_of_a_cluster_starting_or_restarting_them(monkeypatch):
+    """A run started while a shared cluster's nannies restart their workers (or an adaptive
+    one starts its first) failed at once: "no workers yet to say whether they have a GPU"."""
+    monkeypatch.setattr(workers, "WORKERS_WAIT_S", 60.0)
+    with (
+        distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local,
+        distributed.Client(local) as client,
+    ):
+        later = threading.Timer(0.5, local.scale, args=(1,))
+        later.start()
+        try:
+            assert resolve_amp(None, "auto", client) is False  # this CPU worker's answer
+        finally:
+            later.cancel()
+        assert len(client.nthreads()) == 1
 
 
 def test_exact_windows_are_sized_by_workers_that_join_after_the_run_started(
@@ -563,10 +581,14 @@ def test_a_worker_that_died_is_left_out_of_the_question_of_amp_and_another_error
             assert on_error == "return"
             return self.answers
 
+        def wait_for_workers(self, n, timeout):  # the dead one is still the scheduler's
+            self.waited = (n, timeout)
+
     gone = CommClosedError("in <TCP (closed)>: ConnectionResetError")
     assert resolve_amp(None, "auto", Workers({"tcp://a": False, "tcp://b": gone})) is False
-    with pytest.raises(ValueError, match="no workers yet"):
-        resolve_amp(None, "auto", Workers({"tcp://b": gone}))
+    with pytest.raises(ValueError, match="has had no worker"):
+        resolve_amp(None, "auto", only_dead := Workers({"tcp://b": gone}))
+    assert only_dead.waited == (1, workers.WORKERS_WAIT_S)
     missing = ImportError("No module named 'segpipe'")
     with pytest.raises(RuntimeError, match=r"worker tcp://b could not say .*No module named"):
         resolve_amp(None, "auto", Workers({"tcp://a": False, "tcp://b": missing}))

@@ -27,6 +27,9 @@ def run_key(model_sha256: str) -> str:
     return f"{model_sha256[:16]}-{uuid.uuid4().hex[:12]}"
 
 
+# How long a run waits for a first worker to say whether it has a GPU: a shared cluster's
+# nannies restarting theirs, an adaptive one starting it.
+WORKERS_WAIT_S = 30.0
 PLUGIN_PREFIX = "segpipe-model-"
 OWNER_MARK = "@"
 
@@ -102,6 +105,13 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
     if device == "cpu":
         return False
     answers = client.run(has_cuda, on_error="return") if client is not None else {0: has_cuda()}
+    if client is not None and all(isinstance(a, OSError) for a in answers.values()):
+        try:  # none up yet: the run would fail at once on a cluster restarting its workers
+            client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
+        except TimeoutError:
+            pass  # said below
+        else:
+            answers = client.run(has_cuda, on_error="return")
     for worker, answer in answers.items():
         # a worker that died meanwhile is left out (its tasks go to the others); any other
         # error of a worker's (segpipe not installed there) is its own to report
@@ -110,8 +120,9 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
     cuda = {a for a in answers.values() if not isinstance(a, BaseException)}
     if not cuda:
         raise ValueError(
-            f"device {device!r} with amp=None: the cluster has no workers yet to say whether "
-            "they have a GPU; set amp=True or amp=False, or start its workers first"
+            f"device {device!r} with amp=None: the cluster has had no worker for "
+            f"{WORKERS_WAIT_S:g} s to say whether they have a GPU; set amp=True or amp=False, "
+            "or start its workers first"
         )
     if len(cuda) > 1:
         raise ValueError(
