@@ -1008,7 +1008,7 @@ def test_geojson_polygons_outside_the_image_are_refused(tmp_path, feature):
     # Area, in the image, yet no pixel (a hole filling its shell): not called outside either.
     ring = square(330, 70, 370, 120)["geometry"]["coordinates"][0]
     path.write_text(json.dumps({"type": "Polygon", "coordinates": [ring, ring]}))
-    with pytest.raises(ValueError, match=r"lie in the image but cover no pixel of level 0 \(hol"):
+    with pytest.raises(ValueError, match=r"meet the image but cover no pixel of level 0 \(hol"):
         mask_tiles(path)
     # One polygon overlapping is enough; the others mark nothing.
     path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature, inside]}))

@@ -134,3 +134,30 @@ def test_zarr_masks_with_their_chunks_at_other_keys_hash_apart(tmp_path):
     assert mask_file_sha256(a) != mask_file_sha256(b)
     copy = shutil.copytree(a, tmp_path / "elsewhere" / "a.zarr")
     assert mask_file_sha256(copy) == mask_file_sha256(a)
+
+
+@pytest.mark.parametrize(
+    "x1", [64.8, 70.0], ids=["in the odd column", "across the image's edge into it"]
+)
+def test_polygons_only_in_the_column_a_coarser_level_drops_are_told_so(tmp_path, x1):
+    """Level 1 of a 65 px wide image is 32 px: level 0's last column is in none of its
+    pixels. A polygon with area only there, reaching past the image's edge, was told "no
+    polygon overlaps the image ... coordinates must be level-0 pixels", which they are."""
+    import types
+
+    reader = types.SimpleNamespace(
+        path="img.tif", level_shapes=((64, 65, 3), (32, 32, 3)), georeference=None
+    )
+    ring = [[64.2, 10], [x1, 10], [x1, 20], [64.2, 20], [64.2, 10]]
+    path = tmp_path / "m.geojson"
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    with pytest.raises(ValueError, match="cover no pixel of level 1") as refused:
+        read_mask_file(path, reader, (32, 32), level=1)
+    assert str(refused.value) == (
+        f"foreground mask {path}: its polygons (x 64.2..{x1:g}, y 10..20) meet the image but "
+        "cover no pixel of level 1 (32 x 32 px: it leaves out level 0's last odd row or "
+        "column) (holes filling them?); draw them over the pixels to segment"
+    )
+    # Level 0 has that column: the polygon marks it.
+    mask = read_mask_file(path, reader, (64, 65), level=0)
+    assert mask[10:20, 64].all() and mask.sum() == 10

@@ -249,11 +249,13 @@ def _rasterize_geojson(
                 f"foreground mask {path}: its polygons (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) "
                 "enclose no area (lines or points); draw areas"
             )
-        if min(x0, y0) >= 0 and x1 <= level0[1] and y1 <= level0[0]:  # in it, on no pixel
+        image = shapely.box(0, 0, level0[1], level0[0])
+        if any(shapely.make_valid(shapely_of(p)).intersection(image).area for p in polygons):
+            # in it, on no pixel (a part across its edge too: not "overlaps no image")
             odd = f" ({ny} x {nx} px: it leaves out level 0's last odd row or column)"
             raise ValueError(
-                f"foreground mask {path}: its polygons (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) lie "
-                f"in the image but cover no pixel of level {level}{odd if level else ''} (holes "
+                f"foreground mask {path}: its polygons (x {x0:g}..{x1:g}, y {y0:g}..{y1:g}) meet "
+                f"the image but cover no pixel of level {level}{odd if level else ''} (holes "
                 "filling them?); draw them over the pixels to segment"
             )
         raise ValueError(
