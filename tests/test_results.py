@@ -579,6 +579,20 @@ def test_a_result_made_before_mask_files_were_hashed_resumes_with_its_mask(tmp_p
         prepare_result(old, meta(foreground="other.png", foreground_sha256="c" * 64))
 
 
+def test_a_source_at_origin_zero_resumes_results_made_before_origins_counted(tmp_path):
+    """A source whose first pixel lies at (0, 0) um (a plain TIFF's reader says so) keeps the
+    identity it had before the origin joined it, no ``origin_um`` key: its results, stored
+    without one, resume. Only an origin elsewhere tells two results apart."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    mark_tiles_done(path, {(1, 2): np.array([3, 4])})
+    assert meta(origin_um=(0.0, 0.0)).identity() == meta().identity()
+    done = prepare_result(path, meta(origin_um=(0.0, 0.0)))
+    assert done.sum() == 1 and done[1, 2]
+    with pytest.raises(ResultMismatchError, match=r"differs in: origin_um"):
+        prepare_result(path, meta(origin_um=(0.0, 5.0)))
+
+
 @pytest.mark.parametrize(
     "stored",
     [{"threads": 0}, {"threads": -1}, {"threads": 2.5}, {"batch_size": 0, "n_workers": -2}],

@@ -117,3 +117,19 @@ def test_class_fractions_of_no_counted_pixel_are_zero(counts):
         megapixels_per_second=0.0, class_pixels=tuple(int(n) for n in counts),
     )  # fmt: skip
     assert summary.class_fraction == (0.0,) * len(counts)
+
+
+@pytest.mark.parametrize("counts", [[5, 6], [5, 6, 1, 2]], ids=["fewer", "more"])
+def test_a_summary_counting_other_classes_than_the_result_names_is_refused(counts):
+    """Only more counts than names were refused: counts of fewer classes (an attribute edited
+    or cut short) passed, and the last named classes had no fraction or area, where the
+    result should be reported as damaged."""
+    from segpipe.results.summary import RunSummary
+
+    attrs = dict(
+        class_pixels=counts, identity={"class_names": ["bg", "fg", "x"]}, tiles_total=1,
+        tiles_computed=1, tiles_skipped=0, seconds=1.0, megapixels_per_second=1.0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=f"class_pixels counts {len(counts)} classes, not 3"):
+        RunSummary.from_attrs(attrs)
+    assert RunSummary.from_attrs(dict(attrs, class_pixels=[5, 6, 1])).class_pixels == (5, 6, 1)
