@@ -387,6 +387,11 @@ def test_object_score_options_are_checked(tmp_path: Path) -> None:
             evaluate(path, truth, instances=inst, iou_threshold=bad)
     with pytest.raises(ValueError, match=r"min_size_px \(--min-size\) must be 0 or more"):
         evaluate(path, truth, instances=inst, min_size_px=-4)
+    # scipy takes 0 as "no neighbours" (a perfect prediction of 4 objects scored as one
+    # false positive a pixel) and 3 as 2: both were taken without a word.
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=r"connectivity \(--connectivity\) must be 1 \("):
+            evaluate_labels(truth, truth, class_names=NAMES, instances=inst, connectivity=bad)
     assert evaluate(path, truth, instances=inst, iou_threshold=1.0).objects is not None
     # Without instances there is no object score for object_class to pick the class of.
     with pytest.raises(ValueError, match="needs the true objects: give instances= / --instances"):
@@ -395,6 +400,28 @@ def test_object_score_options_are_checked(tmp_path: Path) -> None:
     image = _write(tmp_path / "image.png", np.zeros((20, 30, 3), np.uint8))
     with pytest.raises(ValueError, match="is a result store, already segmented"):
         evaluate(path, truth, image=image)
+
+
+def test_a_result_whose_mask_holds_ids_past_its_classes_is_named_not_the_truth(
+    tmp_path: Path,
+) -> None:
+    """The damaged result's mask was blamed on the truth file ("truth.png (ground truth of
+    the result ...): pred holds class ids in [0, 9]"), as summarise no longer does."""
+    import zarr
+
+    path, truth, _ = _result_and_truth(tmp_path)
+    zarr.open_array(path / "0" / "mask", mode="r+")[0, 0] = 9
+    with pytest.raises(ValueError, match="its mask holds") as refused:
+        evaluate(path, _write(tmp_path / "truth.png", truth))
+    assert str(refused.value) == (
+        f"the result {path}: its mask holds class ids in [0, 9], outside [0, {len(NAMES)}): "
+        "damaged, segment it again"
+    )
+    # The truth's own ids outside the classes are still the truth's
+    wrong = _write(tmp_path / "wrong.png", np.full_like(truth, 7))
+    zarr.open_array(path / "0" / "mask", mode="r+")[0, 0] = 0
+    with pytest.raises(ValueError, match=r"wrong\.png \(ground truth of the result .*truth holds"):
+        evaluate(path, wrong)
 
 
 def test_a_mistyped_result_is_not_taken_for_a_model(random_checkpoint: Path, tmp_path: Path):

@@ -135,7 +135,7 @@ def evaluate_labels(
         Predicted components smaller than this many pixels are dropped before matching (not
         counted as false positives): the usual clean-up of speckle; 0 keeps all.
     """
-    check_scoring(iou_threshold, min_size_px)
+    check_scoring(iou_threshold, min_size_px, connectivity)
     names = tuple(str(c) for c in class_names)
     mask = prediction if isinstance(prediction, da.Array) else da.from_array(prediction, 2048)
     truth = da.asarray(ground_truth)
@@ -338,10 +338,12 @@ def evaluate(
             if isinstance(exc, ObjectClassError):  # the option's fault, not a file's
                 raise ValueError(f"{exc} (those of {where})") from None
             name = _name(ground_truth, "ground truth")
+            if isinstance(exc, LabelError) and exc.labels == "pred":  # not the truth's fault
+                ids = str(exc).split(";")[0].removeprefix("pred ")
+                raise ValueError(f"{where}: its mask {ids}: damaged, segment it again") from None
             if isinstance(exc, LabelError):  # class ids outside the result's
                 raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
-            # A read failed (a damaged chunk): the result's or the truth's, which zarr's
-            # message does not say.
+            # A read failed (a damaged chunk): the result's or the truth's, zarr does not say.
             raise ValueError(f"{where} or its ground truth {name} cannot be read: {exc}") from exc
 
 
