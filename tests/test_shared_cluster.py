@@ -322,7 +322,7 @@ def test_amp_of_a_cluster_without_workers_must_be_given(monkeypatch):
         distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local,
         distributed.Client(local) as client,
     ):
-        with pytest.raises(ValueError, match=r"has had no worker for 0\.5 s"):
+        with pytest.raises(ValueError, match=r"GPU \(it had no worker for 0\.5 s\)"):
             resolve_amp(None, "auto", client)
         assert resolve_amp(True, "auto", client) is True
 
@@ -567,7 +567,9 @@ def test_a_small_image_takes_the_gpu_cluster_already_started_not_this_process(mo
     assert not cluster.in_process_is_cheaper(plan, small)
 
 
-def test_a_worker_that_died_is_left_out_of_the_question_of_amp_and_another_error_named():
+def test_a_worker_that_died_is_left_out_of_the_question_of_amp_and_another_error_named(
+    monkeypatch,
+):
     """client.run raised a dead worker's CommClosedError, naming nothing, at a run's start;
     a worker's own error (segpipe not installed there) must still be said, not taken for
     "no workers yet"."""
@@ -582,13 +584,21 @@ def test_a_worker_that_died_is_left_out_of_the_question_of_amp_and_another_error
             return self.answers
 
         def wait_for_workers(self, n, timeout):  # the dead one is still the scheduler's
-            self.waited = (n, timeout)
+            self.waits = getattr(self, "waits", 0) + 1
 
+    monkeypatch.setattr(workers, "WORKERS_WAIT_S", 1.5)
     gone = CommClosedError("in <TCP (closed)>: ConnectionResetError")
     assert resolve_amp(None, "auto", Workers({"tcp://a": False, "tcp://b": gone})) is False
-    with pytest.raises(ValueError, match="has had no worker"):
+    # Asked again for WORKERS_WAIT_S (a worker restarting), about once a second
+    with pytest.raises(ValueError, match=r"GPU \(none of its 1 workers answered for 1\.5 s\)"):
         resolve_amp(None, "auto", only_dead := Workers({"tcp://b": gone}))
-    assert only_dead.waited == (1, workers.WORKERS_WAIT_S)
+    assert only_dead.waits == 2
+    # The nanny's new worker answers at the second asking: that answer is taken
+    restarting = Workers({"tcp://b": gone})
+    restarting.wait_for_workers = lambda n, timeout: setattr(
+        restarting, "answers", {"tcp://c": False}
+    )
+    assert resolve_amp(None, "auto", restarting) is False
     missing = ImportError("No module named 'segpipe'")
     with pytest.raises(RuntimeError, match=r"worker tcp://b could not say .*No module named"):
         resolve_amp(None, "auto", Workers({"tcp://a": False, "tcp://b": missing}))

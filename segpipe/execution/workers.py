@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 import uuid
 from typing import Any
 
@@ -105,13 +106,18 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
     if device == "cpu":
         return False
     answers = client.run(has_cuda, on_error="return") if client is not None else {0: has_cuda()}
-    if client is not None and all(isinstance(a, OSError) for a in answers.values()):
-        try:  # none up yet: the run would fail at once on a cluster restarting its workers
-            client.wait_for_workers(1, timeout=WORKERS_WAIT_S)
+    deadline = time.monotonic() + WORKERS_WAIT_S
+    # None up yet, or those listed gone (a cluster restarting its workers, which the scheduler
+    # lists until it notices): the run would fail at once, so it asks again for a while.
+    while client is not None and all(isinstance(a, OSError) for a in answers.values()):
+        if (left := deadline - time.monotonic()) <= 0:
+            break
+        try:
+            client.wait_for_workers(1, timeout=left)
         except TimeoutError:
-            pass  # said below
-        else:
-            answers = client.run(has_cuda, on_error="return")
+            break
+        time.sleep(min(1.0, left))  # listed but not answering: not a busy loop
+        answers = client.run(has_cuda, on_error="return")
     for worker, answer in answers.items():
         # a worker that died meanwhile is left out (its tasks go to the others); any other
         # error of a worker's (segpipe not installed there) is its own to report
@@ -119,10 +125,11 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
             raise RuntimeError(f"worker {worker} could not say whether it has a GPU: {answer!r}")
     cuda = {a for a in answers.values() if not isinstance(a, BaseException)}
     if not cuda:
+        said = f"none of its {len(answers)} workers answered" if answers else "it had no worker"
         raise ValueError(
-            f"device {device!r} with amp=None: the cluster has had no worker for "
-            f"{WORKERS_WAIT_S:g} s to say whether they have a GPU; set amp=True or amp=False, "
-            "or start its workers first"
+            f"device {device!r} with amp=None: the cluster cannot say whether its workers have "
+            f"a GPU ({said} for {WORKERS_WAIT_S:g} s); set amp=True or amp=False, or start "
+            "its workers first"
         )
     if len(cuda) > 1:
         raise ValueError(
