@@ -1387,7 +1387,13 @@ def test_areas_in_units_segpipe_does_not_know_are_not_rounded_to_zero(tmp_path, 
 
 @pytest.mark.parametrize(
     ("unit", "units", "shown"),
-    [("metre", "metre", "400.0 m²"), ("unknown", "unknown", "400.0 CRS units²")],
+    [
+        ("metre", "metre", "400.0 m²"),
+        ("Meter", "metre", "400.0 m²"),  # an ESRI spelling: the unit is its length in metres
+        ("unknown", "unknown", "400.0 CRS units²"),
+        # segpipe's own word for no georeference: taken, it dropped the CRS's placement
+        ("pixel", "unknown", "400.0 CRS units²"),
+    ],
 )
 def test_info_gives_a_local_crs_areas_in_its_unit(tmp_path, capsys, unit, units, shown):
     """rasterio calls a local CRS's unit "unknown" even where its WKT names metres: `info`
@@ -1401,6 +1407,7 @@ def test_info_gives_a_local_crs_areas_in_its_unit(tmp_path, capsys, unit, units,
     line = next(s for s in capsys.readouterr().out.splitlines() if "nucleus" in s)
     assert shown in line, line
     assert segpipe.open_result(path)["x"].attrs["units"] == units
+    assert float(segpipe.open_result(path)["y"][0]) == 79.0  # the CRS's, pixel centres
 
 
 def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level_0(

@@ -390,7 +390,9 @@ def test_object_score_options_are_checked(tmp_path: Path) -> None:
     # scipy takes 0 as "no neighbours" (a perfect prediction of 4 objects scored as one
     # false positive a pixel) and 3 as 2: both were taken without a word.
     for bad in (0, 3):
-        with pytest.raises(ValueError, match=r"connectivity \(--connectivity\) must be 1 \("):
+        with pytest.raises(
+            ValueError, match=r"^connectivity must be 1 \(4-neighbours\) or 2 \(8\), got "
+        ):
             evaluate_labels(truth, truth, class_names=NAMES, instances=inst, connectivity=bad)
     assert evaluate(path, truth, instances=inst, iou_threshold=1.0).objects is not None
     # Without instances there is no object score for object_class to pick the class of.

@@ -241,9 +241,7 @@ def check_scoring(iou_threshold: float, min_size_px: int, connectivity: int = 1)
     """Refuses an IoU threshold outside (0, 1], a negative least object size (pixels), or a
     connectivity other than 1 or 2 (scipy takes 0 for "no neighbours": a pixel an object)."""
     if connectivity not in (1, 2):
-        raise ValueError(
-            f"connectivity (--connectivity) must be 1 (4-neighbours) or 2 (8), got {connectivity}"
-        )
+        raise ValueError(f"connectivity must be 1 (4-neighbours) or 2 (8), got {connectivity}")
     if not 0 < iou_threshold <= 1:
         raise ValueError(
             f"iou_threshold (--iou-threshold) must be in (0, 1], got {iou_threshold}: the "

@@ -93,6 +93,7 @@ class PixelGrid:
                 "meter": "meter",
                 "kilometre": "kilometer",
                 "kilometer": "kilometer",
+                "millimetre": "millimeter",
                 "foot": "foot",
             }.get(units)
             # The affine maps pixel corners; coordinates are pixel centres, half a pixel in.
@@ -106,18 +107,34 @@ class PixelGrid:
         return self.origin[axis] + level_coordinates(n, level, self.step[axis])
 
 
+# Units a local CRS may measure in, by their metres: its WKT's name for one is free text
+# ("Meter", "m", even "pixel", which is segpipe's word for no georeference at all).
+_UNITS_BY_METRES = {
+    1.0: "metre",
+    1e3: "kilometre",
+    1e-3: "millimetre",
+    0.3048: "foot",
+    1200 / 3937: "US survey foot",
+}
+
+
 def _linear_unit(ref: Any) -> str:
     """The unit a projected or local (engineering) ``rasterio`` CRS measures in, "unknown"
-    where it names none: rasterio's ``linear_units`` is "unknown" for a local CRS even where
-    its WKT says ``UNIT["metre",1]``, which would leave a site plan's areas without a unit."""
+    where it is none of :data:`_UNITS_BY_METRES`: rasterio's ``linear_units`` is "unknown"
+    for a local CRS even where its WKT says ``UNIT["metre",1]``, which would leave a site
+    plan's areas without a unit; its name is taken by the unit's length in metres."""
     from rasterio.errors import CRSError
 
     if ref.linear_units and ref.linear_units != "unknown":
         return str(ref.linear_units)
     try:
-        return str(ref.units_factor[0] or "unknown")
-    except CRSError:
+        name, metres = str(ref.units_factor[0]).lower(), float(ref.units_factor[1])
+    except (CRSError, TypeError, ValueError, IndexError):
         return "unknown"
+    if name in ("", "unknown", "unnamed", "pixel"):  # a factor of 1 said of no known length
+        return "unknown"
+    named = (n for m, n in _UNITS_BY_METRES.items() if abs(metres - m) <= 1e-9 * m)
+    return next(named, "unknown")
 
 
 def _datasets(
