@@ -221,6 +221,72 @@ def test_specks_below_min_size_are_not_objects() -> None:
     assert (clean.objects.true_positives, clean.objects.false_positives) == (3, 0)
 
 
+def test_an_object_of_exactly_min_size_px_is_kept() -> None:
+    """min_size_px drops components *under* that many pixels: an object of exactly that size
+    is a real object to match, not speckle."""
+    inst = np.zeros((6, 8), dtype=np.int32)
+    inst[1:3, 1:3] = 1  # 4 px
+    inst[1:4, 5] = 2  # 3 px
+    truth = (inst > 0).astype(np.uint8)
+    o = evaluate_labels(truth, truth, class_names=NAMES, instances=inst, min_size_px=4).objects
+    assert (o.true_positives, o.false_positives, o.false_negatives) == (1, 0, 1)
+
+
+def test_connectivity_2_joins_a_predicted_object_across_corners() -> None:
+    """With connectivity=2 (8-neighbours) a diagonal line of pixels is one object, the true
+    one; with 1 it is three, none overlapping the true object enough to match."""
+    inst = np.zeros((5, 5), dtype=np.int32)
+    inst[[1, 2, 3], [1, 2, 3]] = 1
+    truth = (inst > 0).astype(np.uint8)
+    o = evaluate_labels(truth, truth, class_names=NAMES, instances=inst, connectivity=2).objects
+    assert (o.true_positives, o.false_positives, o.false_negatives) == (1, 0, 0)
+    o = evaluate_labels(truth, truth, class_names=NAMES, instances=inst, connectivity=1).objects
+    assert (o.true_positives, o.false_positives, o.false_negatives) == (0, 3, 1)
+
+
+def test_evaluate_drops_a_results_specks_below_min_size(tmp_path: Path) -> None:
+    """evaluate() of a result store takes min_size_px (--min-size) as evaluate_labels does:
+    the speckle it is given to drop is not counted as false positives."""
+    from test_query import make_result
+
+    truth, inst = scene()
+    pred = truth.copy()
+    pred[2:8, 7:9] = 0  # A and B predicted apart
+    pred[18, 0] = pred[0, 29] = 1  # two one-pixel specks
+    path, _ = make_result(tmp_path / "r.seg.zarr", pred, tile=16, classes=NAMES)
+    for min_size, false_positives in ((0, 2), (2, 0)):
+        got = evaluate(path, truth, instances=inst, min_size_px=min_size).objects
+        want = evaluate_labels(pred, truth, class_names=NAMES, instances=inst, min_size_px=min_size)
+        assert got == want.objects
+        assert (got.true_positives, got.false_positives) == (3, false_positives)
+
+
+def test_evaluate_model_hands_the_model_back_in_the_mode_it_was_given() -> None:
+    """Prediction runs in eval mode, and the caller's mode is restored after: a model given
+    in eval mode (about to predict) must not come back training, its dropout and batch-norm
+    then changing the caller's next predictions."""
+    import torch
+
+    from segpipe.geometry.tiling import Geometry
+    from segpipe.synthetic import tissue_slide
+
+    modes = []
+
+    class Constant(torch.nn.Module):
+        geometry = Geometry(halo=0, multiple=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            modes.append(self.training)
+            return torch.zeros(x.shape[0], 3, *x.shape[2:])
+
+    slide = tissue_slide(32, seed=1)
+    for training in (False, True):
+        net = Constant().train(training)
+        evaluate_model(net, slide, tile=32)
+        assert net.training is training
+    assert modes and not any(modes)
+
+
 def test_evaluate_model_scores_a_constant_predictor() -> None:
     import torch
 

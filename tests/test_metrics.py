@@ -143,6 +143,16 @@ def test_bad_input_is_refused(
         confusion_matrix(pred, truth, c)
 
 
+def test_boolean_masks_are_scored_as_classes_0_and_1() -> None:
+    """A boolean mask is the natural form of a binary segmentation (a threshold, a foreground
+    mask): False is class 0, True class 1, not a dtype to refuse."""
+    pred = np.array([[True, False], [True, True]])
+    truth = np.array([[True, False], [False, True]])
+    cm = confusion_matrix(pred, truth, 2)
+    np.testing.assert_array_equal(cm, [[1, 1], [0, 2]])
+    np.testing.assert_array_equal(cm, confusion_matrix(pred.astype(int), truth.astype(int), 2))
+
+
 def test_non_square_confusion_is_refused() -> None:
     with pytest.raises(ValueError, match="square"):
         dice(np.zeros((2, 3)))

@@ -360,6 +360,15 @@ def test_region_outside_the_image_is_refused(corners):
         query.class_areas(path, region=(5, 0, 1, 1))
 
 
+def test_a_region_with_its_y_corners_swapped_is_refused(corners):
+    """(x0, y1, x1, y0), as a north-up bounding box is often written, is refused naming the
+    order, as swapped x corners are, not read as a row or as a region holding no pixel."""
+    path = corners[0]
+    for region in ((0.0, 10.0, 20.0, 2.0), (0.0, 1.2, 3.0, 1.1)):
+        with pytest.raises(ValueError, match=r"with x0 <= x1 and y0 <= y1"):
+            query.class_areas(path, region=region)
+
+
 def test_threshold_mask_and_objects_from_it(corners):
     path, _, probs, _ = corners
     above = query.threshold_mask(path, "nucleus", 0.75)
@@ -422,6 +431,18 @@ def test_objects_in_a_region_keep_level_pixel_indices(corners):
     row = table.iloc[0]
     assert (row.bbox_y0, row.bbox_x0, row.bbox_y1, row.bbox_x1) == (13, 44, 19, 50)
     assert row.centroid_y == pytest.approx(15.5 * 0.5)
+
+
+def test_centroids_of_objects_in_a_region_are_in_the_results_coordinates(corners):
+    """A region's objects have the centroids they have in the whole image (x and y in µm
+    from the image's origin), not ones measured from the region's corner."""
+    path = corners[0]
+    whole = query.object_table(path, "nucleus").set_index(["bbox_y0", "bbox_x0"])
+    part = query.object_table(path, "nucleus", region=(20.0, 4.0, 30.0, 12.0))
+    (row,) = part.itertuples()
+    assert (row.centroid_y, row.centroid_x) == pytest.approx((15.5 * 0.5, 46.5 * 0.5))
+    same = whole.loc[(row.bbox_y0, row.bbox_x0)]
+    assert (row.centroid_y, row.centroid_x) == pytest.approx((same.centroid_y, same.centroid_x))
 
 
 def test_works_on_a_coarser_level(corners):

@@ -82,6 +82,71 @@ def test_a_result_whose_mask_holds_ids_past_its_classes_is_named_not_the_truth(
         summarise(out, path)
 
 
+def test_a_result_mask_holding_the_id_one_past_its_classes_is_named_not_the_truth(tmp_path):
+    """Class id n in the mask of a result of n classes is out of range as 9 is: the result is
+    damaged, and the valid ground truth beside it must not be blamed."""
+    import tifffile
+    from test_query import make_result
+
+    labels = np.zeros((16, 24), np.uint8)
+    labels[4:8, 4:12] = 1
+    out, _ = make_result(tmp_path / "r.zarr", labels, tile=8)  # 3 classes: ids 0..2
+    zarr.open_array(out / "0" / "mask", mode="r+")[0, 0] = 3
+    path = tmp_path / "truth.tif"
+    tifffile.imwrite(path, labels)
+    with pytest.raises(ValueError, match=r"r\.zarr: its mask holds class ids in \[0, 3\]"):
+        summarise(out, path)
+
+
+def test_summary_iou_is_the_iou_not_the_dice(tmp_path):
+    """summarise reports both scores; the IoU (dice / (2 - dice)) is lower than the Dice
+    wherever a class is neither perfect nor missed."""
+    import tifffile
+    from test_query import make_result
+
+    from segpipe.analysis.metrics import iou
+
+    labels = np.zeros((16, 24), np.uint8)
+    labels[4:12, 4:16], labels[2:6, 18:22] = 1, 2
+    out, _ = make_result(tmp_path / "r.zarr", labels, tile=8)
+    truth = labels.copy()
+    truth[8:14, 8:20] = 1  # more tissue, over background
+    truth[2:4, 18:22] = 0  # half the nucleus
+    path = tmp_path / "truth.tif"
+    tifffile.imwrite(path, truth)
+    s = summarise(out, path)
+    conf = confusion_matrix(labels, truth, 3)
+    np.testing.assert_allclose(s.iou, iou(conf))
+    np.testing.assert_allclose(s.dice, dice(conf))
+    assert all(j < d for j, d in zip(s.iou, s.dice, strict=True))
+
+
+def test_foreground_fraction_is_of_all_pixels_of_a_non_square_image(random_checkpoint, tmp_path):
+    """foreground_fraction is the foreground's share of the image's height x width pixels;
+    the test slides elsewhere are square, where height x height would do as well."""
+    import tifffile
+
+    from segpipe.io.readers import ArrayReader
+
+    ny, nx = 32, 96
+    fg = np.zeros((ny, nx), np.uint8)
+    fg[:, : nx // 4] = 1  # a quarter of the image
+    tifffile.imwrite(tmp_path / "fg.tif", fg)
+    image = ArrayReader(np.full((ny, nx, 3), 230, np.uint8), pixel_size_um=0.5)
+    out = segpipe.segment(
+        image,
+        tmp_path / "r.zarr",
+        random_checkpoint,
+        tile=32,
+        level=0,
+        scheduler="sync",
+        foreground=str(tmp_path / "fg.tif"),
+    )
+    s = summarise(out)
+    assert s.foreground_pixels == ny * nx // 4
+    assert s.foreground_fraction == pytest.approx(0.25)
+
+
 @pytest.mark.parametrize(
     ("georeference", "expected"),
     [

@@ -126,6 +126,20 @@ def test_export_geojson_file(result, tmp_path):
         vectors.class_features(path, "nucleus", coords="lonlat")
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_existing_folder_as_the_geojson_output_is_refused_as_a_folder(
+    result, tmp_path, overwrite
+):
+    """A folder given as the output is named as one before the polygons are traced, not
+    said to exist and need overwrite (which could not replace it), and is left as it was."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    with pytest.raises(IsADirectoryError, match=r"out is a folder; name a \.geojson file"):
+        vectors.export_geojson(result[0], folder, overwrite=overwrite)
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+
+
 @pytest.mark.usefixtures("guarded_store")
 def test_export_geojson_to_a_url_with_storage_options(result, tmp_path):
     path, _, areas = result
