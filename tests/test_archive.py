@@ -115,6 +115,34 @@ def test_discover_and_fingerprint_through_fsspec():
         fs.rm("/scans-test", recursive=True)
 
 
+def _memory_archive(files):
+    """A remote (fsspec memory) archive of ``files`` (names under it), at a fresh URL."""
+    root = f"memory://scans-{uuid.uuid4().hex}"
+    fsspec.filesystem("memory").pipe({f"{root}/{name}": b"x" for name in files})
+    return root
+
+
+def test_discover_ignores_hidden_files_and_folders_in_a_remote_archive_too():
+    """Hidden entries (a snapshot folder, a sync tool's temporary files) are no images on a
+    store either: a ".snapshot" folder, a sync tool's partial file would be segmented too."""
+    root = _memory_archive(["b.tif", ".snapshot/old.tif", ".c.tif", "day-1/.partial.tif"])
+    try:
+        assert [i.key for i in discover_images(root)] == ["b.tif"]
+    finally:
+        fsspec.filesystem("memory").rm(root, recursive=True)
+
+
+def test_discover_excludes_an_output_root_inside_a_remote_archive():
+    """The output root inside a bucket's archive holds thumbnails (PNGs, an image suffix):
+    left out as it is locally, or every run would find its own outputs as new images."""
+    root = _memory_archive(["b.tif", "out/b.tif.thumb.png", "outside/c.tif"])
+    try:
+        found = discover_images(root, exclude=f"{root}/out")
+        assert [i.key for i in found] == ["b.tif", "outside/c.tif"]
+    finally:
+        fsspec.filesystem("memory").rm(root, recursive=True)
+
+
 def test_discover_follows_symlinked_files_and_folders_without_looping(tmp_path):
     _touch(tmp_path / "archive" / "a.svs")
     _touch(tmp_path / "elsewhere" / "b.svs")
@@ -318,6 +346,24 @@ def test_a_sidecar_from_before_segment_config_still_matches(tmp_path):
     assert decide(paths, fp, "m1", CONFIG.replace(task_tiles=1)).reason == "parameters changed"
 
 
+def test_a_sidecar_recording_level_0_since_version_2_matches_a_run_at_level_0(tmp_path):
+    """Only sidecars before version 2 recorded level 0 for the default (now None); from
+    version 2 on, level 0 is a run's own choice: a run at level 0 matches it, else every such
+    image would be segmented again for nothing ("parameters changed") on every run."""
+    from segpipe.archive.state import state_params
+
+    paths = image_paths(tmp_path, "a.tif")
+    fp = Fingerprint(10, 1.0, "abc")
+    level_0 = CONFIG.replace(level=0)
+    state = {"fingerprint": fp.as_dict(), "model_sha256": "m1", "status": "failed"}
+    for version in (2, 3):
+        paths.state.write_text(
+            json.dumps(state | {"version": version, "params": state_params(level_0)})
+        )
+        assert decide(paths, fp, "m1", level_0).reason == "previous run failed"
+        assert decide(paths, fp, "m1", CONFIG).reason == "parameters changed"
+
+
 # -- claims --------------------------------------------------------------------------------
 
 
@@ -409,6 +455,22 @@ def test_a_release_never_removes_the_lock_of_a_run_that_took_it_over_meanwhile(
         assert try_claim(lock, owner="third") is None
         new.release()
     assert not list(tmp_path.glob("*.reclaim-*"))
+
+
+def test_a_release_leaves_the_lock_while_another_claimer_holds_its_guard(tmp_path):
+    """A claimer taking this lock's version over holds its guard: the owner's release removes
+    nothing then, or its unlink could land after the takeover and delete the new owner's lock,
+    letting a third run claim the image beside it."""
+    from segpipe.archive import claims
+
+    lock = tmp_path / "a.lock"
+    claim = try_claim(lock, ttl_s=600)
+    guard = claims._guard_path(lock, claim.token)
+    with claims._guard(lock, claim.token) as guarded:  # another claimer's, under way
+        assert guarded and guard.exists()
+        claim.release()
+        assert lock.exists() and read_lock(lock)["token"] == claim.token
+    assert not guard.exists()
 
 
 def test_a_claim_killed_holding_its_guard_is_reclaimed_at_once(tmp_path):
@@ -547,6 +609,15 @@ def test_a_lock_whose_record_cannot_be_written_is_removed(tmp_path, monkeypatch)
     assert not (tmp_path / "a.lock").exists()
 
 
+@pytest.mark.parametrize("ttl_s", [0, -1.0])
+def test_a_claim_without_a_positive_ttl_is_refused(tmp_path, ttl_s):
+    """A ttl of 0 makes the lock stale at once (any run takes it over while it is held) and
+    its heartbeat thread spin without a pause: refused before a lock is made."""
+    with pytest.raises(ValueError, match="ttl_s must be > 0 seconds"):
+        try_claim(tmp_path / "a.lock", ttl_s=ttl_s)
+    assert not (tmp_path / "a.lock").exists()
+
+
 def test_a_release_that_cannot_take_its_guard_leaves_the_lock_and_the_works_error(
     tmp_path, monkeypatch
 ):
@@ -608,6 +679,35 @@ def test_a_claim_without_a_heartbeat_for_its_ttl_is_lost(tmp_path, monkeypatch):
         with pytest.raises(ClaimLostError):
             claim.check()
         monkeypatch.undo()
+
+
+def test_a_claim_whose_heartbeats_all_fail_is_lost_after_one_ttl(tmp_path, monkeypatch):
+    """Past its ttl without a heartbeat, another run may take the lock over: the claim counts
+    itself lost then (at its first failed beat past the ttl), not only after twice that. The
+    heartbeat thread's clock moves 0.3 ttl per reading, so no real time is waited for."""
+    import types
+
+    from segpipe.archive import claims
+
+    ttl_s = 0.2
+    readings = []
+
+    def monotonic():
+        readings.append(None)
+        return len(readings) * 0.3 * ttl_s
+
+    monkeypatch.setattr(claims, "time", types.SimpleNamespace(time=time.time, monotonic=monotonic))
+    lock = tmp_path / "a.lock"
+    calls = _failing_reads(monkeypatch, times=10**6)
+    claim = try_claim(lock, ttl_s=ttl_s)
+    claim._thread.join(timeout=30)
+    assert not claim._thread.is_alive()
+    # Failed beats at 0.3, 0.6, 0.9 and 1.2 ttl after the last good one: lost at the fourth.
+    assert len(calls) == 4
+    monkeypatch.undo()
+    with pytest.raises(ClaimLostError):
+        claim.check()
+    claim.release()
 
 
 def _claim_many(lock, n, barrier=None):
@@ -789,6 +889,32 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     assert (changed.status, changed.reason) == ("segmented", "image changed")
     assert archive.read_state(paths.state)["source"] == image.url
     assert read_meta(paths.result).source == image.url and is_complete(paths.result)
+
+
+def test_a_recorded_source_whose_store_cannot_be_asked_is_another_archives_result(
+    tmp_path, monkeypatch
+):
+    """Whether the image a sidecar records is still there cannot be told (its store refuses,
+    a URL without its storage options): the result is another archive's, refused and kept.
+    Taken for moved, a changed image under the same key at another URL would delete it."""
+    import segpipe.archive.state as archive_state
+
+    paths, _, state = _sidecar(tmp_path)
+    theirs = "s3://other-archive/a.tif"
+    state |= {"version": 3, "source": theirs, "status": "complete", "failures": 0}
+    paths.state.write_text(json.dumps(state))
+    real = archive_state.location
+
+    def location(url, *args, **kwargs):
+        if str(url) == theirs:
+            raise PermissionError("the store refuses")
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(archive_state, "location", location)
+    ours = Fingerprint(11, 2.0, "def")
+    with pytest.raises(archive.SourceConflictError, match="own output root"):
+        decide(paths, ours, "m1", CONFIG, source=str(tmp_path / "archive" / "a.tif"))
+    assert archive.read_state(paths.state) == state
 
 
 def _raises(error: Exception):
@@ -1293,6 +1419,33 @@ def test_a_running_sidecar_records_signs_of_life(tmp_path, slide, random_checkpo
     assert datetime.fromisoformat(after["alive"]) >= datetime.fromisoformat(before["updated"])
 
 
+def test_signs_of_life_come_every_alive_interval_while_progress_reports_come(monkeypatch):
+    """With the real intervals (progress every few seconds, a claim check every 2 s, "alive"
+    every minute) a run writes its sign of life once a minute: a killed run's retry delay
+    counts from it. A clock of its own lets 5 minutes of progress pass at once."""
+    import types
+
+    clock = [1000.0]
+    monkeypatch.setattr(archive_watch, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    class Held:
+        checks = 0
+
+        def check(self):
+            Held.checks += 1
+
+    alive = []
+    check = archive_watch.stop_when_lost(
+        Held(), archive_watch.CLAIM_CHECK_INTERVAL_S, alive=lambda: alive.append(clock[0])
+    )
+    for _ in range(100):  # a progress report every 3 s for 300 s
+        clock[0] += 3.0
+        check(1, 10)
+    assert archive_watch.ALIVE_INTERVAL_S == 60.0
+    assert alive == [1060.0, 1120.0, 1180.0, 1240.0, 1300.0]
+    assert Held.checks == 100 + len(alive)  # each progress report, and before each "alive"
+
+
 def test_a_run_killed_without_a_word_counts_as_a_failure(tmp_path, slide, random_checkpoint):
     """SIGKILL, the OOM killer, a crash in a C decoder: nothing after it runs, so the
     "running" sidecar written at the start counts the attempt. Killed runs are resumed at once
@@ -1567,6 +1720,59 @@ def test_an_image_that_changes_while_it_is_segmented_is_done_again(
     assert archive.read_state(paths.state)["fingerprint"]["size"] == image.size
 
 
+def _changes_while_segmented(paths, older_attempts_files=False):
+    """A run_segment writing a small result (no segmentation) while the image changes (a
+    scanner still writing it); with ``older_attempts_files``, a report and a thumbnail of an
+    older attempt lie at the image's paths meanwhile."""
+    import numpy as np
+    from test_query import make_result
+
+    def segment(source, output, model, config, **kwargs):
+        make_result(output, np.zeros((16, 16), np.uint8))
+        if older_attempts_files:
+            paths.thumbnail.write_bytes(b"an older attempt's thumbnail")
+            paths.report.write_text("an older attempt's report")
+        with open(source, "ab") as f:
+            f.write(b"\0" * 10)
+
+    return segment
+
+
+def test_a_changed_outcome_names_no_older_attempts_report_or_thumbnail(
+    tmp_path, slide, random_checkpoint
+):
+    """The report and thumbnail beside a result made while its image changed are an older
+    attempt's (one that failed writing its report, say): the "changed" outcome names neither,
+    or the run's report shows another result's numbers and picture for this image."""
+    image, out, paths = _one_image(tmp_path, slide)
+    segment = _changes_while_segmented(paths, older_attempts_files=True)
+    changed = process_image(image, out, random_checkpoint, config=CONFIG, run_segment=segment)
+    assert (changed.status, changed.reason) == ("changed", "image changed while segmenting")
+    assert paths.report.exists() and paths.thumbnail.exists()
+    assert (changed.result, changed.report, changed.thumbnail) == (str(paths.result), None, None)
+
+
+def test_an_image_changed_while_segmenting_keeps_its_failure_count(
+    tmp_path, slide, random_checkpoint
+):
+    """An image that changed under its segmentation did not fail: its sidecar keeps the
+    failures in a row from before the attempt, not one more (its retry delay would grow,
+    and a scanner's slow writes would count towards holding the image back)."""
+    image, out, paths = _one_image(tmp_path, slide)
+    with pytest.raises(ValueError, match="corrupt"):
+        process_image(
+            image, out, random_checkpoint, config=CONFIG, run_segment=_raises(ValueError("corrupt"))
+        )
+    assert archive.read_state(paths.state)["failures"] == 1
+    segment = _changes_while_segmented(paths)
+    changed = process_image(
+        image, out, random_checkpoint, config=CONFIG, run_segment=segment, retry_failed=True
+    )
+    assert changed.status == "changed"
+    state = archive.read_state(paths.state)
+    assert (state["status"], state["failures"]) == ("changed", 1)
+
+
 def test_a_run_that_lost_its_claim_while_segmenting_writes_no_changed_state(
     tmp_path, slide, random_checkpoint, monkeypatch
 ):
@@ -1673,6 +1879,18 @@ def test_an_unreadable_image_backs_off_like_a_failure_and_is_tried_once_it_reads
     assert (done.status, done.reason) == ("segmented", "new image")
     state = archive.read_state(paths.state)
     assert state["failures"] == 0 and "unreadable" not in state
+
+
+def test_retry_failed_tries_an_image_held_for_its_read_failures_at_once(tmp_path):
+    """retry_failed (the user fixed the permissions, say) tries an image held back for its
+    read failures now, as it does a failed one, not after up to 6 hours of delay."""
+    paths = image_paths(tmp_path, "a.tif")
+    failure = {"failures": 2, "reason": "PermissionError: denied", "failed_at": _ago(60)}
+    paths.state.write_text(json.dumps({"version": 3, "image": "a.tif", "unreadable": failure}))
+    held = decide_unreadable(paths)
+    assert (held.process, held.held, held.failures) == (False, True, 2)
+    retried = decide_unreadable(paths, retry_failed=True)
+    assert retried == archive.Decision(True, "unreadable", failures=2)
 
 
 def test_an_image_unreadable_for_a_while_keeps_its_result_and_its_read_failures_end(

@@ -82,6 +82,30 @@ def test_a_copy_of_a_sets_file_is_an_image_of_its_own(tmp_path):
     ]
 
 
+def test_a_sets_image_named_by_a_later_files_set_too_stays_an_image(tmp_path):
+    """a.ome.tif stands for its own set (it names c.ome.tif); z.ome.tif, sorting after it,
+    names a.ome.tif as a file of its set too: a stays the image of its set, not swallowed as
+    z's part (with it, its set's slide never segmented)."""
+    import tifffile
+
+    a = ome_image(0, "a", (8, 8), 0.5, in_file("a.ome.tif", "urn:uuid:1"))
+    c = ome_image(1, "c", (8, 8), 0.5, in_file("c.ome.tif", "urn:uuid:3"))
+    z = ome_image(0, "z", (8, 8), 0.5, in_file("z.ome.tif", "urn:uuid:9"))
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    tifffile.imwrite(
+        tmp_path / "a.ome.tif", pixels, description=ome_xml(a, c, uuid="urn:uuid:1"), **KW
+    )
+    tifffile.imwrite(tmp_path / "c.ome.tif", pixels, **KW)  # no OME-XML: no set's head
+    tifffile.imwrite(
+        tmp_path / "z.ome.tif", pixels, description=ome_xml(z, a, uuid="urn:uuid:9"), **KW
+    )
+    images = discover_images(tmp_path)
+    assert [(i.key, i.parts) for i in images] == [
+        ("a.ome.tif", (str(tmp_path / "c.ome.tif"),)),
+        ("z.ome.tif", (str(tmp_path / "a.ome.tif"),)),
+    ]
+
+
 @pytest.mark.parametrize("pattern", ["set_1*", "set.ome.tif", "*.ome.tif"])
 def test_a_pattern_matching_any_file_of_a_set_finds_the_set(tmp_path, pattern):
     write_two_file_set(tmp_path, pyramid=False)

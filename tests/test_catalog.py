@@ -164,6 +164,18 @@ def test_a_source_at_a_url_is_gone_when_its_store_has_no_such_file(tmp_path):
         fs.rm("/segpipe-catalog-test", recursive=True)
 
 
+def test_a_record_naming_no_source_is_gone(tmp_path):
+    """A record that names no source (written by hand, or emptied) proves no image of the
+    archive is still there: it is listed gone, for a user to look at, never taken as present
+    (its empty path read as the current folder, which exists)."""
+    _with_sources(tmp_path, {"a.svs": "", "b.svs": str(tmp_path / "b.svs")})
+    _write_record(tmp_path, "c.svs", [0.5, 0.4, 0.1])  # no source at all
+    (tmp_path / "b.svs").write_bytes(b"scan")
+    assert catalog.gone_images(tmp_path) == ["a.svs", "c.svs"]
+    ds = catalog.open_catalog(tmp_path, check_sources=True)
+    assert list(ds["source_exists"].values) == [False, True, False]
+
+
 def test_query_images_by_class_fraction(tmp_path):
     _write_record(tmp_path, "a.svs", [0.9, 0.09, 0.01])
     _write_record(tmp_path, "b.svs", [0.5, 0.4, 0.1])
@@ -186,6 +198,16 @@ def test_results_of_models_with_other_classes_share_the_union(tmp_path):
 def test_an_empty_catalog_has_no_images(tmp_path):
     ds = catalog.open_catalog(tmp_path)
     assert ds.sizes["image"] == 0
+
+
+def test_records_come_in_the_order_of_their_image_keys(tmp_path):
+    """Records are listed by image key, as the catalog's image axis and every report show
+    them, not by their files' names (lower-cased slugs): "Z.svs" sorts before "a.svs"."""
+    for key in ("b.svs", "a.svs", "Z.svs"):
+        _write_record(tmp_path, key, [0.5, 0.4, 0.1])
+    keys = ["Z.svs", "a.svs", "b.svs"]
+    assert [r["image"] for r in catalog.read_records(tmp_path)] == keys
+    assert list(catalog.open_catalog(tmp_path)["image"].values) == keys
 
 
 def test_record_paths_are_distinct_for_keys_that_slug_alike(tmp_path):

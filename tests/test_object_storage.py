@@ -315,6 +315,36 @@ def test_a_claim_that_lost_its_lock_neither_refreshes_nor_removes_the_new_one(s3
     assert (read_lock(lock) or {}).get("owner") == "new"
 
 
+def test_a_takeover_of_an_s3_lock_whose_owner_beat_since_it_was_read_fails(s3, monkeypatch):
+    """A claimer finds the lock stale and takes it over If-Match the ETag it read; the owner
+    was only slow and beats meanwhile. Each beat must give the lock a new ETag (S3's is the
+    MD5 of the bytes: the record counts its beats), else the takeover of a live owner's lock
+    succeeds and two runs segment the image."""
+    import types
+
+    from segpipe.archive import object_claims
+
+    lock = location(s3.url("claims/d.svs.lock"), s3.options)
+    owner = try_claim(lock, owner="slow", ttl_s=600)
+    assert owner is not None
+    real_read = object_claims.read_lock
+
+    def owner_beats_meanwhile(path):
+        data = real_read(path)  # after the takeover read the lock's ETag
+        owner._touch()
+        return data
+
+    later = types.SimpleNamespace(time=lambda: time.time() + 3600)  # the lock looks stale
+    monkeypatch.setattr(object_claims, "time", later)
+    monkeypatch.setattr(object_claims, "read_lock", owner_beats_meanwhile)
+    assert try_claim(lock, owner="taker", ttl_s=600) is None
+    monkeypatch.undo()
+    owner.check()
+    assert (read_lock(lock) or {}).get("owner") == "slow"
+    owner.release()
+    assert read_lock(lock) is None
+
+
 def test_claims_on_a_store_that_ignores_if_match_on_writes_are_refused(s3, monkeypatch):
     """A claim's heartbeat writes If-Match its last ETag: on a store that ignored it, a run
     that lost its lock would overwrite the new owner's. The store is probed once, refused."""

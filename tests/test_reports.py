@@ -125,6 +125,16 @@ def test_describe_run_says_when_nothing_was_segmented():
     assert "- `c.tif`: ValueError: /in/c.tif: the TIFF holds no image" in text
 
 
+def test_a_run_whose_image_changed_while_segmenting_tried_to_segment():
+    """An image that changed under its segmentation was due and segmented (its result made
+    for nothing): the run says "0 segmented", not "nothing to segment", which reads as an
+    archive up to date."""
+    changed = [ImageOutcome("a.svs", "changed", "image changed while segmenting")]
+    assert reports.describe_run(changed) == (
+        "1 images: 0 segmented, 0 up to date, 1 changed while segmenting, due again (a.svs)"
+    )
+
+
 def test_report_areas_are_in_the_unit_its_header_names(tmp_path):
     """64 x 64 px at 32 µm/px, 4.19 mm² in all: areas in mm², not µm² under an mm² header."""
     from test_query import make_result
@@ -139,6 +149,33 @@ def test_report_areas_are_in_the_unit_its_header_names(tmp_path):
         pixels, area, _ = rows[name]
         assert int(pixels) == n
         assert float(area) == pytest.approx(n * 32.0**2 / 1e6, rel=1e-3)
+
+
+def test_a_report_of_exactly_one_square_millimetre_writes_it_in_mm2(tmp_path):
+    """64 x 64 px at 15.625 µm/px is 1,000,000 µm², exactly 1 mm²: the unit with the fewest
+    digits is mm² (as for any larger area), not seven-digit µm²."""
+    from test_query import make_result
+
+    labels = np.zeros((64, 64), np.uint8)
+    labels[:32] = 1  # half of it: 0.5 mm²
+    path, _ = make_result(tmp_path / "r.zarr", labels, pixel_size_um=15.625)
+    text = reports.image_report(path)
+    assert "| class | pixels | area (mm²) | fraction |" in text
+    assert "| tissue | 2048 | 0.5 | 50.00% |" in text
+
+
+def test_a_report_writes_an_area_of_1000_with_a_thousands_separator(tmp_path):
+    """Areas from 1000 on are written whole with separators ("1,000"), as larger ones are,
+    so that a column of them reads alike: not "1000" beside "3,096"."""
+    from test_query import make_result
+
+    labels = np.zeros((64, 64), np.uint8)
+    labels.flat[:1000] = 1  # 1000 px at 1 µm/px; 4096 µm² in all
+    path, _ = make_result(tmp_path / "r.zarr", labels, pixel_size_um=1.0)
+    text = reports.image_report(path)
+    assert "| class | pixels | area (µm²) | fraction |" in text
+    assert "| tissue | 1000 | 1,000 | 24.41% |" in text
+    assert "| background | 3096 | 3,096 | 75.59% |" in text
 
 
 @pytest.mark.parametrize(
