@@ -330,7 +330,16 @@ def test_amp_of_a_cluster_without_workers_must_be_given(monkeypatch):
 def test_amp_waits_for_a_worker_of_a_cluster_starting_or_restarting_them(monkeypatch):
     """A run started while a shared cluster's nannies restart their workers (or an adaptive
     one starts its first) failed at once: "no workers yet to say whether they have a GPU"."""
+    import time
+    import types
+
+    def sleep(seconds):
+        raise AssertionError("slept though the worker that joined was not yet asked")
+
     monkeypatch.setattr(workers, "WORKERS_WAIT_S", 60.0)
+    monkeypatch.setattr(
+        workers, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep)
+    )
     with (
         distributed.LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as local,
         distributed.Client(local) as client,

@@ -105,18 +105,19 @@ def resolve_amp(amp: bool | None, device: str, client: Any) -> bool:
         return amp
     if device == "cpu":
         return False
-    answers = client.run(has_cuda, on_error="return") if client is not None else {0: has_cuda()}
     deadline = time.monotonic() + WORKERS_WAIT_S
+    answers = client.run(has_cuda, on_error="return") if client is not None else {0: has_cuda()}
     # None up yet, or those listed gone (a cluster restarting its workers, which the scheduler
     # lists until it notices): the run would fail at once, so it asks again for a while.
     while client is not None and all(isinstance(a, OSError) for a in answers.values()):
-        if (left := deadline - time.monotonic()) <= 0:
+        if deadline - time.monotonic() <= 0:
             break
-        try:
-            client.wait_for_workers(1, timeout=left)
+        if answers:  # listed but not answering: not a busy loop
+            time.sleep(max(0.0, min(1.0, deadline - time.monotonic())))
+        try:  # a worker that joins is asked at once
+            client.wait_for_workers(1, timeout=max(0.01, deadline - time.monotonic()))
         except TimeoutError:
             break
-        time.sleep(min(1.0, left))  # listed but not answering: not a busy loop
         answers = client.run(has_cuda, on_error="return")
     for worker, answer in answers.items():
         # a worker that died meanwhile is left out (its tasks go to the others); any other

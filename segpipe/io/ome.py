@@ -125,13 +125,15 @@ def _linear_unit(ref: Any) -> str:
     plan's areas without a unit; its name is taken by the unit's length in metres."""
     from rasterio.errors import CRSError
 
-    if ref.linear_units and ref.linear_units != "unknown":
+    if ref.linear_units and ref.linear_units not in ("unknown", "pixel"):
         return str(ref.linear_units)
     try:
         name, metres = str(ref.units_factor[0]).lower(), float(ref.units_factor[1])
     except (CRSError, TypeError, ValueError, IndexError):
         return "unknown"
-    if name in ("", "unknown", "unnamed", "pixel"):  # a factor of 1 said of no known length
+    # A factor of 1 is what a WKT writes of a unit it does not know ("pixel", "unit", "none"):
+    # metres only where it says so.
+    if metres == 1 and name not in ("metre", "meter", "metres", "meters", "m"):
         return "unknown"
     named = (n for m, n in _UNITS_BY_METRES.items() if abs(metres - m) <= 1e-9 * m)
     return next(named, "unknown")
