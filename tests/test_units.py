@@ -40,6 +40,11 @@ MICRONS_PER_UNIT = {
     "dm": 1e5,
     "m": 1e6,
     "meter": 1e6,
+    "kilometer": 1e9,
+    "millimetre": 1e3,  # British spellings: UDUNITS-2's, and PROJ's names of a CRS's units
+    "centimetre": 1e4,
+    "metre": 1e6,
+    "kilometre": 1e9,
     "thou": 25.4,
     "in": 25_400.0,
     "inch": 25_400.0,

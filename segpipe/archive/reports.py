@@ -25,6 +25,7 @@ from segpipe.archive.state import ImageOutcome
 from segpipe.atomic import replaced_file
 from segpipe.io.files import URLPath, location
 from segpipe.io.readers import open_image
+from segpipe.io.units import UM_PER_UNIT
 from segpipe.palette import class_color
 from segpipe.results import coordinate_areas, open_result, read_meta
 
@@ -38,8 +39,6 @@ __all__ = [
     "write_thumbnail",
 ]
 
-# A CRS's linear units (PROJ's names) in metres, whose areas are written as microns' are.
-_METRES = {"metre": 1.0, "meter": 1.0, "kilometre": 1e3, "kilometer": 1e3, "millimetre": 1e-3}
 # (name, square microns per unit), smallest first.
 _AREA_UNITS = (("µm²", 1.0), ("mm²", 1e6), ("m²", 1e12), ("km²", 1e18))
 
@@ -103,9 +102,10 @@ def image_report(
         "## Classes",
         "",
     ]
-    # Metres become µm² so the unit that takes fewest digits is chosen (m², km²) as for µm.
-    metres = {f"{m}**2": 1e12 * k**2 for m, k in _METRES.items()}
-    per_um2 = {"micrometer**2": 1.0, **metres}.get(units or "")
+    # Metric units become µm² so the unit that takes fewest digits is chosen (m², km²) as for
+    # µm; feet and degrees stay as they are.
+    um = UM_PER_UNIT.get((units or "").removesuffix("**2"))
+    per_um2 = um**2 if um else None
     if units and per_um2:
         unit, scale = area_unit(sum(values) * per_um2)
         lines += [f"| class | pixels | area ({unit}) | fraction |", "|---|---:|---:|---:|"]

@@ -35,6 +35,11 @@ UM_PER_UNIT = {
     "millimeter": 1e3,
     "centimeter": 1e4,
     "meter": 1e6,
+    "kilometer": 1e9,
+    "millimetre": 1e3,  # PROJ's names of a CRS's units (rasterio's linear_units)
+    "centimetre": 1e4,
+    "metre": 1e6,
+    "kilometre": 1e9,
     "inch": 25400.0,
 }
 
