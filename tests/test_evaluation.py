@@ -316,6 +316,45 @@ def test_evaluate_model_scores_a_constant_predictor() -> None:
     assert result.objects.false_negatives == len(np.unique(slide.instances)) - 1
 
 
+def test_an_object_class_without_instances_is_refused_not_ignored() -> None:
+    """object_class picks the class of the object score; with no true objects there is none,
+    and the request must not pass as if scored (it was ignored before)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from segpipe.geometry.tiling import Geometry
+    from segpipe.synthetic import tissue_slide
+
+    class Constant(torch.nn.Module):
+        geometry = Geometry(halo=0, multiple=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(x.shape[0], 3, *x.shape[2:])  # always "background"
+
+    slide = tissue_slide(64, seed=1)
+    bare = SimpleNamespace(
+        image=slide.image,
+        labels=slide.labels,
+        instances=None,
+        class_names=slide.class_names,
+        shape=slide.shape,
+    )
+    refused = r"object_class \(--object-class\) 'nucleus' .* needs the true objects"
+    with pytest.raises(ValueError, match=refused):
+        evaluate_labels(
+            slide.labels, slide.labels, class_names=slide.class_names, object_class="nucleus"
+        )
+    with pytest.raises(ValueError, match=refused):
+        evaluate_model(Constant(), bare, tile=32, object_class="nucleus")
+    # One image with instances among others without: the object score is over that one.
+    mixed = evaluate_model(Constant(), [bare, slide, bare], tile=32, object_class="nucleus")
+    assert mixed.objects is not None
+    assert mixed.objects.true_positives == 0
+    assert mixed.objects.false_negatives == len(np.unique(slide.instances)) - 1
+    assert np.sum(mixed.confusion) == 3 * 64 * 64
+
+
 def test_an_evaluation_round_trips_through_plain_data() -> None:
     truth, inst = scene()
     pred = truth.copy()
@@ -462,7 +501,7 @@ def test_object_score_options_are_checked(tmp_path: Path) -> None:
             evaluate_labels(truth, truth, class_names=NAMES, instances=inst, connectivity=bad)
     assert evaluate(path, truth, instances=inst, iou_threshold=1.0).objects is not None
     # Without instances there is no object score for object_class to pick the class of.
-    with pytest.raises(ValueError, match="needs the true objects: give instances= / --instances"):
+    with pytest.raises(ValueError, match=r"needs the true objects: give instances \(--instances"):
         evaluate(path, truth, object_class="cell")
     # A result is segmented already: an image given with it would be silently ignored.
     image = _write(tmp_path / "image.png", np.zeros((20, 30, 3), np.uint8))

@@ -114,6 +114,7 @@ def test_run_table_has_a_row_per_image_naming_failures():
 def test_describe_run_says_when_nothing_was_segmented():
     skipped = [ImageOutcome(k, "skipped", "up to date") for k in ("a", "b")]
     assert reports.describe_run(skipped) == "2 images: nothing to segment, 2 up to date"
+    assert reports.describe_run(skipped[:1]) == "1 image: nothing to segment, 1 up to date"
     # Due, and failed: there was something to segment.
     failed = [ImageOutcome.failure("a", ValueError("corrupt")), ImageOutcome("b", "busy", "x")]
     assert (
@@ -131,7 +132,7 @@ def test_a_run_whose_image_changed_while_segmenting_tried_to_segment():
     archive up to date."""
     changed = [ImageOutcome("a.svs", "changed", "image changed while segmenting")]
     assert reports.describe_run(changed) == (
-        "1 images: 0 segmented, 0 up to date, 1 changed while segmenting, due again (a.svs)"
+        "1 image: 0 segmented, 0 up to date, 1 changed while segmenting, due again (a.svs)"
     )
 
 

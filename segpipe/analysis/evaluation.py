@@ -45,6 +45,7 @@ from segpipe.analysis.scores import (
     ObjectScore,
     check_instance_dtype,
     check_instance_ids,
+    check_object_class,
     check_scoring,
     match_objects,
     object_class_id,
@@ -125,8 +126,8 @@ def evaluate_labels(
         Only the instances whose pixels are mostly ``object_class`` in ``ground_truth`` are
         objects to find; the others are ignored.
     object_class
-        The class (id or name) whose connected components are the predicted objects; default
-        the class most ground-truth instance pixels have.
+        The class (id or name) whose connected components are the predicted objects (refused
+        without ``instances``); default the class most ground-truth instance pixels have.
     iou_threshold
         Minimum IoU for a predicted object to match a true one (0.5, as is usual).
     connectivity
@@ -136,6 +137,7 @@ def evaluate_labels(
         counted as false positives): the usual clean-up of speckle; 0 keeps all.
     """
     check_scoring(iou_threshold, min_size_px, connectivity)
+    check_object_class(object_class, instances is not None)
     names = tuple(str(c) for c in class_names)
     mask = prediction if isinstance(prediction, da.Array) else da.from_array(prediction, 2048)
     truth = da.asarray(ground_truth)
@@ -177,8 +179,9 @@ def evaluate_model(
     overlap-tile stitcher (:func:`segpipe.execution.stitching.predict_labels`; ``tile`` is the
     output tile side in pixels, a multiple of the model's size multiple, ``batch_size`` the
     windows per forward pass). Confusion matrices and object counts add up over the images.
-    The object score needs instances; ``object_class`` defaults to the class under most
-    instance pixels (no object score when no image has an instance).
+    The object score needs instances, and is over the images that have them;
+    ``object_class`` defaults to the class under most instance pixels (no object score when no
+    image has an instance; refused when given and no image has instances).
     """
     # Imported here: scoring a result store must not pay for torch.
     from segpipe.execution.stitching import predict_labels
@@ -187,6 +190,7 @@ def evaluate_model(
     if not items:
         raise ValueError("evaluate_model needs at least one labelled image, got none")
     names = tuple(items[0].class_names)
+    check_object_class(object_class, any(i.instances is not None for i in items))
     if object_class is None:
         # One object class for all images: the one under most instance pixels of the first
         # image that has any; no object score when none has.
@@ -209,7 +213,7 @@ def evaluate_model(
                 item.labels,
                 class_names=names,
                 instances=None if object_class is None else item.instances,
-                object_class=object_class,
+                object_class=None if item.instances is None else object_class,
                 iou_threshold=iou_threshold,
                 min_size_px=min_size_px,
             )
@@ -271,11 +275,7 @@ def evaluate(
         Passed to :func:`segpipe.segment` when running a model (``"sync"``: in this process).
     """
     check_scoring(iou_threshold, min_size_px)
-    if object_class is not None and instances is None:
-        raise ValueError(
-            f"object_class (--object-class) {object_class!r} picks the class of the object "
-            "score, which needs the true objects: give instances= / --instances too"
-        )
+    check_object_class(object_class, instances is not None)
     net = None
     # A URLPath (what segment() returns for s3://...) is no os.PathLike at run time.
     if isinstance(prediction, str | os.PathLike | URLPath) and is_result(prediction):

@@ -254,6 +254,15 @@ def check_scoring(iou_threshold: float, min_size_px: int, connectivity: int = 1)
         )
 
 
+def check_object_class(object_class: int | str | None, has_instances: bool) -> None:
+    """Refuses an object class without the true objects (instances) its score is over."""
+    if object_class is not None and not has_instances:
+        raise ValueError(
+            f"object_class (--object-class) {object_class!r} picks the class of the object "
+            "score, which needs the true objects: give instances (--instances) too"
+        )
+
+
 def object_class_of(
     instances: np.ndarray,
     truth: np.ndarray,

@@ -258,7 +258,8 @@ def describe_run(outcomes: Sequence[ImageOutcome], gone: Sequence[str] = ()) -> 
             parts.append(f"{len(keys)} {what} ({', '.join(keys)})")
     if gone:
         parts.append(f"{len(gone)} recorded but gone from the archive ({', '.join(gone)})")
-    return f"{len(outcomes)} images: " + ", ".join(parts)
+    n = len(outcomes)
+    return f"{n} image{'' if n == 1 else 's'}: " + ", ".join(parts)
 
 
 # Statuses a run's summary names image by image, and how (the markdown gives their reasons).
