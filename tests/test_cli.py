@@ -1410,6 +1410,30 @@ def test_info_gives_a_local_crs_areas_in_its_unit(tmp_path, capsys, unit, units,
     assert float(segpipe.open_result(path)["y"][0]) == 79.0  # the CRS's, pixel centres
 
 
+@pytest.mark.parametrize(
+    ("epsg", "shown", "key"),
+    [(2263, "400.0 US survey ft²", "area_ftUS2"), (2868, "400.0 ft²", "area_ft2")],
+)
+def test_a_crs_in_feet_gives_areas_in_square_feet_under_one_json_key(
+    tmp_path, capsys, epsg, shown, key
+):
+    """A State Plane CRS in US survey feet: `info` printed "400 US survey foot**2" and
+    `query --json` keyed it "area_US survey foot2", a key with spaces in it."""
+    path, labels = _small_result(
+        tmp_path,
+        pixel_size_um=None,
+        crs=f"EPSG:{epsg}",
+        transform=(2.0, 0.0, 1000.0, 0.0, -2.0, 80000.0),
+    )
+    assert int((labels == 2).sum()) == 100  # 100 px of 2 x 2 feet
+    assert main(["info", str(path)]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if "nucleus" in s)
+    assert shown in line, line
+    assert main(["query", str(path), "--class", "nucleus", "--json"]) == 0
+    (nucleus,) = json.loads(capsys.readouterr().out)["classes"]
+    assert nucleus[key] == 400.0
+
+
 def test_query_at_a_coarser_level_without_a_pixel_size_says_its_area_is_of_level_0(
     tmp_path, capsys
 ):

@@ -4,6 +4,7 @@ shape of an option's old spelling (:class:`DeprecatedAlias`)."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +16,12 @@ _AREA_UNITS = {
     "micrometer**2": ("um2", "µm²"),
     "metre**2": ("m2", "m²"),
     "meter**2": ("m2", "m²"),
+    # The other lengths a CRS measures in (rasterio's names, and io.ome's for a local CRS).
+    "kilometre**2": ("km2", "km²"),
+    "centimetre**2": ("cm2", "cm²"),
+    "millimetre**2": ("mm2", "mm²"),
+    "foot**2": ("ft2", "ft²"),
+    "US survey foot**2": ("ftUS2", "US survey ft²"),
     # A result without a pixel size measures areas in pixels of level 0 (its x and y are),
     # whatever level is read: its level-1 pixel is 4 of them.
     "pixel**2": ("px", "level-0 px²"),
@@ -27,8 +34,14 @@ _AREA_UNITS = {
 
 def area_key(units: str) -> str:
     """The JSON key of an area in ``units``: ``area_um2``, ``area_m2``, ``area_px`` (pixels
-    of level 0, as ``area_text`` says)."""
-    return "area_" + _AREA_UNITS.get(units, (units.replace("**", ""), ""))[0]
+    of level 0, as ``area_text`` says); a name of units segpipe does not know in word
+    characters, so that the key is one identifier.
+
+    >>> area_key("micrometer**2"), area_key("Clarke's link**2")
+    ('area_um2', 'area_Clarke_s_link2')
+    """
+    known = _AREA_UNITS.get(units)
+    return "area_" + (known[0] if known else re.sub(r"\W+", "_", units.replace("**", "")))
 
 
 def area_text(value: float, units: str = "micrometer**2") -> str:
@@ -38,8 +51,8 @@ def area_text(value: float, units: str = "micrometer**2") -> str:
     '1,234,567.2 µm²'
     >>> area_text(12.0, "pixel**2")
     '12 level-0 px²'
-    >>> area_text(1e-06, "furlong**2"), area_text(0.25)
-    ('1e-06 furlong**2', '0.25 µm²')
+    >>> area_text(1e-06, "furlong**2"), area_text(0.25), area_text(2e4, "US survey foot**2")
+    ('1e-06 furlong**2', '0.25 µm²', '20,000.0 US survey ft²')
     >>> area_text(1500.0, "unknown**2")
     '1,500.0 CRS units²'
     """
