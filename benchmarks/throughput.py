@@ -425,7 +425,8 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
         else:
             fraction, foreground = key
             row(
-                f"{'all' if fraction == 1 else '30%'}-tissue slide, foreground {foreground}",
+                f"{'all' if fraction == 1 else '30%'} tissue slide, {size}^2, foreground "
+                + ("on" if foreground == "tissue" else "off"),
                 f"{seconds[key]:.1f} s",
                 f"{summary.tiles_computed} of {summary.tiles_total} tiles computed; "
                 f"Dice {dice[key]:.4f}{spread[key]}",
@@ -434,7 +435,7 @@ def tissue_rows(size: int, device: str, work: Path, model: Any, repeat: int = 1)
     # work's ratio, steadier than wall time on a shared machine; the target is the wall's.
     least = {key: min(c) for key, c in cpu.items()}
     row(
-        "30% / all tissue",
+        f"30% / all tissue, {size}^2",
         f"{seconds[0.3, 'tissue'] / seconds[1.0, 'tissue']:.2f}x",
         f"target <= 0.4 ({least[0.3, 'tissue'] / least[1.0, 'tissue']:.2f}x their CPU s); "
         f"Dice with skipping minus without: {dice[0.3, 'tissue'] - dice[0.3, 'none']:+.4f}",
@@ -460,11 +461,22 @@ def gigapixel_row(size: int, device: str, work: Path, model: Any) -> None:
     row(
         f"30% tissue slide, {size}^2 ({size * size / 1e9:.2f} Gpx)",
         f"{seconds:.1f} s",
-        f"{size * size / 1e6 / seconds:.0f} Mpx/s, {cpu:.0f} CPU s"
+        f"{size * size / 1e6 / seconds:.3g} Mpx/s, {cpu:.0f} CPU s"
         + (f", device busy {busy:.0%}" if busy is not None else "")
         + f"; {summary.tiles_computed} of {summary.tiles_total} tiles computed; "
         f"target < 60 s on one H100-class GPU; the slide took {made:.0f} s to make",
     )
+
+
+def sizes(args: argparse.Namespace, rows: set[str]) -> str:
+    """The slide side of each group of rows asked for, e.g. ``pipeline 4096^2, blend 2048^2``."""
+    side = {
+        "pipeline": args.size,
+        "tissue": args.tissue_size or args.size,
+        "blend": args.blend_size,
+        "gigapixel": args.gigapixel_size,
+    }
+    return ", ".join(f"{group} {n}^2" for group, n in side.items() if group in rows)
 
 
 def main() -> None:
@@ -500,6 +512,8 @@ def main() -> None:
     # Before any thread allocates, as the segpipe command does.
     tuned = segpipe.keep_freed_memory()
     rows = set(args.rows.split(","))
+    if unknown := rows - {"pipeline", "tissue", "blend", "gigapixel"}:
+        parser.error(f"--rows: no such group {', '.join(sorted(unknown))}")
     size, device = args.size, args.device
     work = args.keep or Path(tempfile.mkdtemp(prefix="segpipe-throughput-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -512,8 +526,9 @@ def main() -> None:
     plan = plan_for_device(device)
     load = os.getloadavg()[0]
     print(
-        f"\nsegpipe throughput, {size} x {size} px; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, plan {plan}, device {device}"
+        f"\nsegpipe throughput ({sizes(args, rows)}); "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"plan {plan}, device {device}"
         + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
         + f"; CPU forward budget {predictor_module.CPU_FORWARD_BUDGET >> 20} MiB"
         + f"; malloc {'keeps freed memory' if tuned else 'as it was'}"
