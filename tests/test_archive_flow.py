@@ -511,7 +511,7 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
         _wait_for(
             "prefect server",
             lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200,
-            60,
+            180,  # a shared machine's load of 10 on 2 cores took it past 60 s
             server,
             server_log,
         )
@@ -538,7 +538,7 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
                 _wait_for(
                     "served deployment",
                     lambda: client.read_deployment_by_name("process-archive/test"),
-                    60,
+                    180,
                     served,
                     serve_log,
                 )
