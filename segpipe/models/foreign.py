@@ -21,6 +21,7 @@ checkpoint (:mod:`segpipe.models.checkpoint`) still never runs code.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -39,6 +40,10 @@ from segpipe.models.wrapped import SavedModule, WrappedModel, wrap
 __all__ = ["SIDECAR_SUFFIXES", "is_foreign", "load_foreign", "sidecar_of", "write_sidecar"]
 
 SIDECAR_SUFFIXES = (".json", ".yaml", ".yml")
+# Geometries measured in this process, by the model file's bytes and its sidecar: measuring runs
+# the network through many probes (a minute for a small traced U-Net on a CPU), and a script
+# segmenting image after image by the file's path loads it each time.
+_MEASURED: dict[tuple[str, str], Geometry] = {}
 _KEYS = {"format", "class_names", "in_channels", "geometry", "input_mean", "input_std",
          "pixel_contract"}  # fmt: skip
 
@@ -108,6 +113,9 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
     spec = _read_sidecar(side)
     module, saved = _load_module(p, spec.get("format"))
     geometry, measured = _geometry(side, spec.get("geometry"))
+    key = (hashlib.sha256(saved.data).hexdigest(), json.dumps(spec, sort_keys=True))
+    if geometry is None and key in _MEASURED:  # checked against the module all the same
+        geometry = _MEASURED[key]
     contract = None
     if spec.get("pixel_contract") is not None:
         try:
@@ -128,6 +136,7 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
     except Exception as err:  # the module's own code raises anything (a guard: AssertionError)
         raise ValueError(f"{p} (sidecar {side}): {_failure(err, saved)}") from err
     net.saved = saved  # what it pickles as: an exported module does not pickle
+    _MEASURED[key] = net.geometry
     return net
 
 
