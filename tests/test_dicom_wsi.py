@@ -309,10 +309,21 @@ def test_optical_paths_of_different_dtypes_are_refused(tmp_path):
         open_image(tmp_path / "mixed")
 
 
-def test_focal_planes_are_refused_as_a_stack(tmp_path):
-    folder = write_dicom_wsi(tmp_path / "z", _image(), focal_planes=3)
-    with pytest.raises(ImageReadError, match=r"z: 3 focal planes .* not stacks; export one"):
+@pytest.mark.parametrize(("planes", "depths"), [(2, "0, 1"), (3, "0, 1, 2")])
+def test_focal_planes_are_refused_as_a_stack(tmp_path, planes, depths):
+    """Two planes are a stack too: read as a slide, one of them would be segmented silently."""
+    folder = write_dicom_wsi(tmp_path / "z", _image(), focal_planes=planes)
+    stack = rf"z: {planes} focal planes \(z = {depths} um\): .* not stacks; export one"
+    with pytest.raises(ImageReadError, match=stack):
         open_image(folder)
+
+
+def test_a_pixel_size_given_overrides_the_files_pixel_spacing(slide):
+    """As for every other reader: a user who corrects a wrong PixelSpacing gets their value."""
+    assert open_image(slide).pixel_size_um == 0.25
+    reader = open_image(slide, pixel_size_um=2.0)
+    assert reader.pixel_size_um == 2.0
+    assert DicomReader(slide, pixel_size_um=0.5).pixel_size_um == 0.5
 
 
 @pytest.mark.parametrize("pixel_size_um", [None, 0.5])
@@ -716,24 +727,29 @@ def test_a_spacing_that_differs_in_x_and_y_is_warned_of_and_x_is_used(tmp_path):
     assert reader.pixel_size_um == 0.5
 
 
-def _make_sparse(path: Path, moved: dict[int, tuple[int, int]] | None = None) -> None:
-    """Rewrite a level file of write_dicom_wsi (64 px tiles, one path) as TILED_SPARSE,
-    each frame's (column, row) stated per frame: its tile's corner, or ``moved[frame]``."""
+def _make_sparse(
+    path: Path, moved: dict[int, tuple[int, int]] | None = None, paths: tuple[str, ...] = ("0",)
+) -> None:
+    """Rewrite a level file of write_dicom_wsi (64 px tiles, one focal plane, the optical
+    ``paths`` it was written with) as TILED_SPARSE, each frame's (column, row) and optical
+    path stated per frame: its tile's corner, or ``moved[frame]``."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     ds = pydicom.dcmread(path)
     across = -(-ds.TotalPixelMatrixColumns // 64)
+    per_path = int(ds.NumberOfFrames) // len(paths)  # a path's tiles, then the next path's
     groups = []
     for k in range(int(ds.NumberOfFrames)):
         position = Dataset()
-        column, row = (moved or {}).get(k, (k % across * 64 + 1, k // across * 64 + 1))
+        tile = k % per_path
+        column, row = (moved or {}).get(k, (tile % across * 64 + 1, tile // across * 64 + 1))
         position.ColumnPositionInTotalImagePixelMatrix = column
         position.RowPositionInTotalImagePixelMatrix = row
         position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0.0
         position.ZOffsetInSlideCoordinateSystem = 0.0
         path_id = Dataset()
-        path_id.OpticalPathIdentifier = "0"
+        path_id.OpticalPathIdentifier = paths[k // per_path]
         group = Dataset()
         group.PlanePositionSlideSequence = Sequence([position])
         group.OpticalPathIdentificationSequence = Sequence([path_id])
@@ -748,10 +764,12 @@ def _make_sparse(path: Path, moved: dict[int, tuple[int, int]] | None = None) ->
     [
         # the tile at column 65 stated at 71: wsidicom read it at 65, as if on the grid
         ({1: (71, 1)}, "frame 2 states column 71, row 1 (its Plane Position (Slide)), off"),
+        # the same off the grid in y alone: wsidicom read it at row 1
+        ({1: (65, 7)}, "frame 2 states column 65, row 7 (its Plane Position (Slide)), off"),
         # the second tile stated at the first's place: wsidicom read one over the other
         ({1: (1, 1)}, "frames 1 and 2 state one position (column 1, row 1, and one optical"),
     ],
-    ids=["off the grid", "one place"],
+    ids=["off the grid", "off the grid in y", "one place"],
 )
 def test_sparse_frames_off_the_grid_or_at_one_place_are_refused_naming_them(
     slide, tmp_path, moved, problem
@@ -761,6 +779,18 @@ def test_sparse_frames_off_the_grid_or_at_one_place_are_refused_naming_them(
     with pytest.raises(ImageReadError) as info:
         open_image(folder)
     assert str(info.value).startswith(f"{folder / 'level0.dcm'}: {problem}")
+
+
+def test_sparse_frames_of_several_optical_paths_at_one_place_are_read(tmp_path):
+    """A fluorescence slide stores one frame per optical path at each tile: no two frames
+    of one place, and each path reads back as its channel."""
+    img = np.random.default_rng(6).integers(0, 250, (130, 150, 2)).astype(np.uint8)
+    paths = [("b", "DAPI"), ("a", "FITC")]
+    folder = write_dicom_wsi(tmp_path / "fl", img, optical_paths=paths)
+    _make_sparse(folder / "level0.dcm", paths=("b", "a"))
+    reader = open_image(folder)
+    assert reader.channel_names == ("DAPI", "FITC")
+    np.testing.assert_array_equal(reader.read(0, 130, 0, 150), img)
 
 
 def _concatenate(path: Path) -> None:
@@ -851,3 +881,49 @@ def test_pixels_wsidicom_cannot_read_are_refused_naming_the_files(
         open_image(folder)
     assert str(info.value).startswith(f"{folder}/level0.dcm and level1.dcm: {problem}")
     assert "or convert the slide to OME-TIFF" in str(info.value)
+
+
+def test_compressed_pixels_of_12_of_16_bits_are_read(tmp_path):
+    """Only uncompressed such pixels are beyond wsidicom: a JPEG 2000 slide of 12-bit
+    samples reads back, not refused."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    img = _image()[..., :1].astype(np.uint16) * 16  # up to 4080: 12 bits
+    folder = write_dicom_wsi(tmp_path / "j2k", img)
+    for k in (0, 1):
+        ds = pydicom.dcmread(folder / f"level{k}.dcm")
+        frames = np.frombuffer(ds.PixelData, np.uint16).reshape(-1, 64, 64)
+        ds.PixelData = encapsulate(
+            [
+                imagecodecs.jpeg2k_encode(f, level=0, codecformat="J2K", bitspersample=12)
+                for f in frames
+            ]
+        )
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        ds.BitsStored, ds.HighBit = 12, 11
+        ds.save_as(folder / f"level{k}.dcm")
+    reader = open_image(folder)
+    assert reader.dtype == np.uint16
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), img)
+    np.testing.assert_array_equal(reader.read(0, 100, 0, 150, level=1), img[::2, ::2])
+
+
+def test_a_label_whose_pixels_wsidicom_cannot_read_does_not_refuse_the_slide(tmp_path):
+    """No level needs the slide's label image: a MONOCHROME1 label in the series is left to
+    wsidicom, and the slide reads back."""
+    from pydicom.uid import generate_uid
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    folder = write_dicom_wsi(tmp_path / "s", _image(), uids=uids)
+    write_dicom_wsi(folder, _image()[..., :1], levels=(0,), name="label", uids=uids)
+    _set(
+        folder / "label0.dcm",
+        ImageType=["ORIGINAL", "PRIMARY", "LABEL", "NONE"],
+        PhotometricInterpretation="MONOCHROME1",
+    )
+    reader = open_image(folder)
+    assert reader.level_shapes == ((200, 300, 3), (100, 150, 3))
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), _image())

@@ -543,6 +543,54 @@ def test_the_validity_masks_levels_are_the_max_of_2x2_and_its_metadata_says_so(
         expected = blocks.max(axis=(1, 3))
 
 
+def test_a_band_merely_described_alpha_is_averaged_as_any_other(tmp_path: Path) -> None:
+    """A GeoTIFF band whose description is "alpha" but which GDAL does not take as alpha
+    holds data: the reduced levels are the plain 2x mean, not zeroed where that band is 0."""
+    rasterio = pytest.importorskip("rasterio")
+    data = np.random.default_rng(7).integers(1, 255, (2, 64, 64), dtype=np.uint8)
+    data[1, ::3, ::2] = 0  # the band described "alpha" is 0 here and there
+    src = tmp_path / "described.tif"
+    with rasterio.open(
+        src, "w", driver="GTiff", width=64, height=64, count=2, dtype="uint8",
+        crs="EPSG:32633", transform=rasterio.Affine(2, 0, 5e5, 0, -2, 5e6),
+    ) as ds:  # fmt: skip
+        ds.write(data)
+        ds.set_band_description(2, "alpha")
+    source = open_image(src)
+    assert source.channel_names == ("band 1", "alpha") and source.mask_kind is None
+    out = ingest(src, tmp_path / "described.zarr", chunk=16, min_level_size=16)
+    root = zarr.open_group(str(out), mode="r")
+    np.testing.assert_array_equal(root["0"][:], data)
+    np.testing.assert_array_equal(root["1"][:], _mean2x_reference(data))
+    np.testing.assert_array_equal(root["2"][:], _mean2x_reference(_mean2x_reference(data)))
+
+
+def test_nodata_of_some_bands_only_reduces_levels_by_the_plain_mean(tmp_path: Path) -> None:
+    """A band without nodata makes every pixel valid (as GDAL reads it): a block whose mean
+    rounds to the other band's nodata keeps that mean, bit for bit the plain 2x mean."""
+    data = np.random.default_rng(8).integers(0, 3, (2, 64, 64), dtype=np.uint8)
+    src = tmp_path / "partial.ome.zarr"
+    space = {"type": "space", "unit": "micrometer"}
+    ms = {
+        "axes": [{"name": "c", "type": "channel"}, {"name": "y", **space}, {"name": "x", **space}],
+        "datasets": [
+            {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 0.5, 0.5]}]}
+        ],
+    }
+    root = zarr.open_group(str(src), mode="w", zarr_format=3)
+    root.create_array("0", data=data, chunks=(2, 32, 32), dimension_names="cyx")
+    root.update_attributes({"ome": {"version": "0.5", "multiscales": [ms]},
+                            "segpipe": {"nodata": [0.0, None]}})  # fmt: skip
+    assert open_image(src).nodata == (0.0, None)
+    out = ingest(src, tmp_path / "copy.zarr", chunk=16, min_level_size=16)
+    copy = zarr.open_group(str(out), mode="r")
+    level1 = _mean2x_reference(data)
+    assert (level1 == 0).all(axis=0).any(), "blocks whose mean is the nodata in both bands"
+    np.testing.assert_array_equal(copy["1"][:], level1)
+    np.testing.assert_array_equal(copy["2"][:], _mean2x_reference(level1))
+    assert open_image(out).nodata == (0.0, None)
+
+
 def test_an_ingest_is_reused_only_for_the_same_pixels_by_this_version(tmp_path: Path) -> None:
     """A complete ingest of the same path is reused; one of another image saved at that path,
     or one an older ingest version wrote (no mask label image, unnamed alpha...), is redone."""
@@ -1020,6 +1068,60 @@ def test_a_url_source_whose_kept_metadata_alone_changed_is_ingested_again(
     assert copy.georeference.crs_name == source.georeference.crs_name
 
 
+@pytest.mark.parametrize("change", ["alpha band", "mask band"])
+def test_a_url_source_whose_mask_alone_changed_is_ingested_again(
+    tmp_path: Path, memory_url: str, change: str
+) -> None:
+    """A URL GeoTIFF re-uploaded with its 4th band made an alpha band, or with a mask band
+    added (same pixels, no file stat to tell): its stale copy, reused, read the masked-out
+    rows as data, which were segmented."""
+    import fsspec
+    import rasterio
+
+    src, store = f"{memory_url}/rgb.tif", tmp_path / "rgb.zarr"
+    data = np.random.default_rng(9).integers(1, 255, (4, 300, 300), dtype=np.uint8)
+    data[3] = 255
+    data[3, :50] = 0  # the first 50 rows masked out, by the alpha band or the mask band
+    valid = np.repeat(np.arange(300)[:, None] >= 50, 300, axis=1)
+    profile: dict[str, Any] = {
+        "driver": "GTiff", "width": 300, "height": 300, "dtype": "uint8", "crs": "EPSG:32633",
+        "transform": rasterio.Affine(10, 0, 5e5, 0, -10, 5.4e6),
+    }  # fmt: skip
+
+    def put(masked: bool) -> None:
+        local = tmp_path / f"upload-{masked}.tif"
+        if change == "alpha band":  # the same 4 bands named alike, nodata 0 in each
+            extra = (
+                {"photometric": "RGB", "alpha": "YES"} if masked else {"photometric": "MINISBLACK"}
+            )
+            with rasterio.open(local, "w", count=4, nodata=0, **profile, **extra) as d:
+                d.write(data)
+                if not masked:
+                    for band, name in enumerate(("red", "green", "blue", "alpha"), 1):
+                        d.set_band_description(band, name)
+        else:  # the same 3 bands, then with an internal mask band
+            with (
+                rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
+                rasterio.open(local, "w", count=3, **profile) as d,
+            ):
+                d.write(data[:3])
+                if masked:
+                    d.write_mask(data[3])
+        fsspec.filesystem("memory").pipe(src.removeprefix("memory:/"), local.read_bytes())
+
+    put(masked=False)
+    first = open_image(ingested_image(src, store))
+    everywhere = first.valid_mask(0, 300, 0, 300)
+    assert everywhere is None or everywhere.all()  # every pixel holds data
+    put(masked=True)
+    source, copy = open_image(src), open_image(ingested_image(src, store))
+    assert source.channel_names == first.channel_names and source.nodata == first.nodata
+    kind = "alpha" if change == "alpha band" else "mask"
+    assert source.mask_kind == copy.mask_kind == kind
+    np.testing.assert_array_equal(source.valid_mask(0, 300, 0, 300), valid)
+    np.testing.assert_array_equal(copy.valid_mask(0, 300, 0, 300), valid)
+
+
 def test_an_ingest_names_its_source_by_an_absolute_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1150,3 +1252,21 @@ def test_an_ingest_of_a_source_at_0_writes_no_translation_and_is_reused(tmp_path
     stamp = (store / "zarr.json").stat().st_mtime_ns
     assert ingested_image(src, store, chunk=32) == store
     assert (store / "zarr.json").stat().st_mtime_ns == stamp, "reused, not written again"
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [((0.0, 100.0), (0.0, 200.0)), ((100.0, 0.0), (200.0, 0.0))]
+)
+def test_an_ingest_is_redone_when_its_source_moves_along_one_axis_only(
+    tmp_path: Path, before: tuple[float, float], after: tuple[float, float]
+) -> None:
+    """An OME-Zarr (a folder: no file stat) placed at 0 on one axis: moved along the other,
+    its stale copy was reused, and every result of it lay 100 µm off."""
+    src = _translated_ome_zarr(tmp_path / "t.ome.zarr", before)
+    store = ingested_image(src, tmp_path / "copy.zarr", chunk=32)
+    assert open_image(store).origin_um == before
+    _translated_ome_zarr(src, after)  # the same pixels, placed elsewhere
+    copy = open_image(ingested_image(src, store, chunk=32))
+    assert copy.origin_um == after
+    (ms,) = _attrs(store)["ome"]["multiscales"]
+    assert ms["datasets"][0]["coordinateTransformations"][1]["translation"] == [0.0, *after]

@@ -368,6 +368,17 @@ def test_an_ome_zarr_of_no_version_without_scale_has_no_pixel_size(tmp_path):
     assert open_image(_ome_image(tmp_path / "s.zarr", transforms=scaled)).pixel_size_um == 0.25
 
 
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_an_anisotropic_ome_zarr_is_warned_of_and_x_is_used(tmp_path, version):
+    """As every other reader: taking y's size would make each model-scale decision 2x off."""
+    scaled = [{"type": "scale", "scale": [1.0, 0.5, 0.25]}]  # c, y, x
+    path = _ome_image(tmp_path / "aniso.zarr", version=version, transforms=scaled)
+    differs = r"aniso\.zarr: OME-Zarr scale differs in X \(0\.25 µm\) and Y \(0\.5 µm\); using X"
+    with pytest.warns(UserWarning, match=differs):
+        reader = open_image(path)
+    assert reader.pixel_size_um == 0.25
+
+
 _UNIT_SCALE = [{"type": "scale", "scale": [1.0, 1.0, 1.0]}]
 _GOOD_TRANSFORM = [2.0, 0.0, 500_000.0, 0.0, -2.0, 5_000_000.0]
 
