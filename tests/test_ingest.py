@@ -563,6 +563,15 @@ def test_a_band_merely_described_alpha_is_averaged_as_any_other(tmp_path: Path) 
     np.testing.assert_array_equal(root["0"][:], data)
     np.testing.assert_array_equal(root["1"][:], _mean2x_reference(data))
     np.testing.assert_array_equal(root["2"][:], _mean2x_reference(_mean2x_reference(data)))
+    # Its copy holds data in that band too: read by the names, its 0s were no data (704 px).
+    copy = open_image(out)
+    assert copy.mask_kind is None and copy.valid_mask(0, 64, 0, 64) is None
+    # A copy made before this was recorded is made again, not read with those holes.
+    attrs = json.loads((out / "zarr.json").read_text())
+    del attrs["attributes"]["segpipe"]["mask_kind"]
+    (out / "zarr.json").write_text(json.dumps(attrs))
+    assert open_image(out).mask_kind == "alpha", "the stale copy, as it read"
+    assert open_image(ingested_image(src, out, chunk=16)).mask_kind is None
 
 
 def test_nodata_of_some_bands_only_reduces_levels_by_the_plain_mean(tmp_path: Path) -> None:

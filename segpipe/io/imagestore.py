@@ -198,10 +198,15 @@ def source_attributes(reader: Reader) -> dict[str, Any]:
             attrs[key] = [json_number(v) for v in value]
     if records_mask(reader):
         attrs["valid_mask"] = VALID_MASK
-    if getattr(reader, "mask_kind", None) == "alpha" and "nodata" in attrs:
+    kind = getattr(reader, "mask_kind", None)
+    if kind == "alpha" and "nodata" in attrs:
         # a GeoTIFF's alpha band beside a nodata value: the alpha marks the pixels, which the
         # names alone cannot tell (a band described "alpha" is no alpha band)
         attrs["mask_kind"] = "alpha"
+    elif kind is None and "alpha" in attrs.get("channel_names", ()):
+        # a band only described "alpha" holds data: its copy, read by the names, took it for
+        # an alpha band and its 0s for no data
+        attrs["mask_kind"] = "none"
     return attrs
 
 

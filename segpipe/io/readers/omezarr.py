@@ -164,7 +164,7 @@ class ZarrReader(BaseReader):
         if (nodata := segpipe.get("nodata")) is not None:
             self.nodata = tuple(None if v is None else float(v) for v in nodata)
             self.mask_kind = "nodata"
-        elif "alpha" in (self.channel_names or ()):
+        elif "alpha" in (self.channel_names or ()) and segpipe.get("mask_kind") != "none":
             self.mask_kind = "alpha"
         if segpipe.get("mask_kind") == "alpha":  # an alpha band beside a nodata value
             self.mask_kind = "alpha"
