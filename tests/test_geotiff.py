@@ -105,6 +105,32 @@ def test_epsg_crs_stays_an_authority_code(tmp_path):
     assert geo.crs_name == "EPSG:32633"
 
 
+@pytest.mark.parametrize(
+    ("crs", "resembles"),
+    [
+        # International 1924 ellipsoid, no datum: PROJ takes it for ED50 / UTM 33N at 70%
+        ("+proj=utm +zone=33 +ellps=intl +units=m +no_defs", "EPSG:23033"),
+        # GRS80 and UTM 33N's parameters, no datum: ETRS89 / UTM 33N at 70%
+        (
+            "+proj=tmerc +lat_0=0 +lon_0=15 +k=0.9996 +x_0=500000 +y_0=0 +ellps=GRS80 +units=m",
+            "EPSG:25833",
+        ),
+    ],
+    ids=["intl-utm", "grs80-tmerc"],
+)
+def test_a_crs_only_resembling_an_epsg_one_is_kept_as_wkt(tmp_path, crs, resembles):
+    """Named by the code it resembles, a CRS gains a datum the file never stated (ED50 for an
+    unknown datum on the International ellipsoid): a shift of ~100 m on reprojection."""
+    path = write_raster(tmp_path / "near.tif", _bands(1, "uint8"), crs=crs, overviews=())
+    with rasterio.open(path) as ds:
+        written = ds.crs
+    assert ":".join(written.to_authority(confidence_threshold=70)) == resembles  # the trap
+    geo = open_image(path).georeference
+    assert not geo.crs.startswith("EPSG:")
+    assert CRS.from_wkt(geo.crs) == written
+    assert geo.transform == tuple(TRANSFORM)[:6]
+
+
 def test_local_engineering_crs(tmp_path):
     local = 'LOCAL_CS["site grid",UNIT["metre",1],AXIS["X",EAST],AXIS["Y",NORTH]]'
     path = write_raster(tmp_path / "local.tif", _bands(1, "uint8"), crs=local)
@@ -231,6 +257,27 @@ def test_a_band_described_alpha_beside_nodata_is_no_alpha_in_the_copy_either(tmp
         np.testing.assert_array_equal(reader.valid_mask(0, 128, 0, 128), expected)
 
 
+def test_a_min_is_white_geotiffs_nodata_marks_the_stored_value_not_the_shown_one(tmp_path):
+    """GDAL's nodata is a stored value, but min-is-white pixels are given out inverted: taken
+    as a shown value, the empty pixels (stored 0, shown 255) read as data and real black ones
+    (stored 255) were masked out."""
+    stored = np.tile(np.array([0, 0, 50, 255, 128, 0, 255, 7], np.uint8), (6, 1))
+    stored[2:4, :3] = 0
+    path = tmp_path / "white.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=8, height=6, count=1, dtype="uint8",
+        crs="EPSG:32633", transform=TRANSFORM, nodata=0, photometric="MINISWHITE",
+    ) as ds:  # fmt: skip
+        ds.write(stored[None])
+    with rasterio.open(path) as ds:  # the reference: GDAL's dataset mask
+        gdal_valid = ds.dataset_mask() > 0
+    np.testing.assert_array_equal(gdal_valid, stored != 0)
+    reader = open_image(path)
+    np.testing.assert_array_equal(reader.read(0, 6, 0, 8)[..., 0], 255 - stored)
+    np.testing.assert_array_equal(reader.valid_mask(0, 6, 0, 8), gdal_valid)
+    np.testing.assert_array_equal(reader.valid_mask(2, 5, 1, 6), gdal_valid[2:5, 1:6])
+
+
 def test_float32_single_band_nodata(tmp_path):
     data = _bands(1, "float32")
     data[0, 150:, :] = -9999.0
@@ -251,11 +298,13 @@ def test_plain_tiff_has_no_mask(tmp_path):
 
 @pytest.mark.parametrize("crs", [CUSTOM, None], ids=["crs", "no-crs"])
 @pytest.mark.parametrize(
-    "affine", [(2.0, 0.5, 0.5, -2.0), (2.0, 0.3, 0.0, -2.0), (0.0, 2.0, 2.0, 0.0)]
+    "affine",
+    [(2.0, 0.5, 0.5, -2.0), (2.0, 0.3, 0.0, -2.0), (2.0, 0.0, 0.3, -2.0), (0.0, 2.0, 2.0, 0.0)],
 )
 def test_rotated_or_sheared_geotiff_is_refused(tmp_path, crs, affine):
     """Without a CRS the transform still says the pixels lie on a rotated grid; a turn by 90
-    degrees (pixel sizes a and e of 0) was called a broken transform."""
+    degrees (pixel sizes a and e of 0) was called a broken transform. A shear in y alone (d
+    not 0, b 0) is one too: results' coordinates would drop it."""
     a, b, d, e = affine
     path = write_raster(tmp_path / "rot.tif", _bands(1, "uint8"), crs=crs, overviews=())
     with rasterio.open(path, "r+") as ds:
@@ -409,6 +458,7 @@ def _model_transform(a, e):
         pytest.param(_scale_tie(10.0, 10.0, x=float("nan")), "EPSG:32633", id="nan-tiepoint"),
         pytest.param(_model_transform(float("inf"), -10.0), "EPSG:32633", id="inf-transform"),
         pytest.param(_model_transform(0.0, -10.0), "EPSG:32633", id="zero-pixel-size"),
+        pytest.param(_model_transform(10.0, 0.0), "EPSG:32633", id="zero-y-pixel-size"),
     ],
 )
 def test_a_geotransform_not_finite_or_of_pixel_size_0_is_refused(tmp_path, tags, crs):
@@ -419,7 +469,7 @@ def test_a_geotransform_not_finite_or_of_pixel_size_0_is_refused(tmp_path, tags,
     tifffile.imwrite(path, np.zeros((64, 64), np.uint16), tile=(32, 32), extratags=tags + keys)
     with rasterio.open(path) as ds:  # GDAL does hand the broken transform on
         a, _, c, _, e, f = tuple(ds.transform)[:6]
-        assert not all(np.isfinite([a, c, e, f])) or a == 0
+        assert not all(np.isfinite([a, c, e, f])) or 0 in (a, e)
         assert (ds.crs is None) == (crs is None)
     with pytest.raises(
         ImageReadError, match=r"broken\.tif: geotransform .* not finite or has a pixel size of 0"
@@ -624,6 +674,11 @@ def test_a_raster_placed_by_gcps_or_rpcs_is_read_unplaced_with_a_warning(tmp_pat
             [_SCALE, (33922, 12, 5, _TIE[:5])], "ModelTiepointTag of 5 value", id="5-value-tiepoint"
         ),
         pytest.param([(33922, 12, 2, (5e5, 5e6))], "ModelTiepointTag of 2", id="2-values-no-scale"),
+        # Tiepoints of another count than 6 a point, without a scale: no list of ground
+        # control points either, a damaged tag (GDAL makes one of its first 6 values).
+        pytest.param(
+            [(33922, 12, 7, (*_TIE, 9.0))], "ModelTiepointTag of 7 value", id="7-values-no-scale"
+        ),
         pytest.param([_SCALE], "no geotransform of its ModelPixelScaleTag", id="scale-no-tiepoint"),
         pytest.param(
             [(34264, 12, 6, (10.0, 0, 5e5, 0, -10.0, 5e6))],

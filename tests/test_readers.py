@@ -394,6 +394,21 @@ def test_a_file_of_several_images_reads_the_one_of_most_pixels_not_values(
     reader.close()
 
 
+def test_of_two_images_of_one_size_the_one_of_more_samples_is_read(tmp_path: Path) -> None:
+    """Of images with as many pixels, the one with more values (RGB beside grey) is the
+    image: the first written was read instead, the RGB one left out."""
+    path = tmp_path / "two.tif"
+    rgb = np.random.default_rng(8).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(np.zeros((64, 64), np.uint8), photometric="minisblack")
+        tif.write(rgb, photometric="rgb")
+    with pytest.warns(UserWarning, match=r"reading the largest, series 1 \(64x64x3\)"):
+        reader = open_image(path)
+    assert reader.shape == (64, 64, 3)
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 64), rgb)
+    reader.close()
+
+
 def test_tiff_chunks_follow_tiles(tmp_path: Path) -> None:
     reader = open_image(write_ome_tiff(tmp_path / "t.ome.tif", _rgb()))
     chunks = reader.level(0).chunks
@@ -432,6 +447,26 @@ def test_jpeg_reads_what_pillow_decodes(tmp_path: Path) -> None:
     Image.fromarray(_rgb()).save(path, quality=90)
     reference = np.asarray(Image.open(path))
     np.testing.assert_array_equal(open_image(path).level(0).compute(), reference)
+
+
+def test_a_palette_png_with_transparent_entries_reads_as_rgba_masked_by_its_alpha(
+    tmp_path: Path,
+) -> None:
+    """A palette's tRNS makes some of its colours transparent: read as RGB, those pixels
+    were segmented as data."""
+    indices = (np.arange(40 * 60).reshape(40, 60) % 3).astype(np.uint8)
+    indices[:10, :20] = 0  # a transparent corner
+    path = tmp_path / "keyed.png"
+    img = Image.fromarray(indices, "P")
+    img.putpalette([0, 0, 0, 200, 30, 30, 10, 220, 40] + [0] * 759)
+    img.save(path, transparency=bytes([0, 128, 255]))  # index 0 clear, 1 half, 2 opaque
+    with Image.open(path) as ref:
+        reference = np.asarray(ref.convert("RGBA"))
+    reader = open_image(path)
+    assert reader.shape == (40, 60, 4) and reader.mask_kind == "alpha"
+    assert reader.channel_names == ("red", "green", "blue", "alpha")
+    np.testing.assert_array_equal(reader.read(0, 40, 0, 60), reference)
+    np.testing.assert_array_equal(reader.valid_mask(0, 40, 0, 60), indices != 0)
 
 
 def test_palette_png_becomes_rgb(tmp_path: Path) -> None:
@@ -1698,10 +1733,11 @@ def test_a_turned_window_decodes_only_the_stored_tiles_under_it(
         reader.level(0).compute()
 
 
-@pytest.mark.parametrize("reduced", [None, 3])
+@pytest.mark.parametrize("reduced", [None, 3, 1])
 def test_a_pyramid_is_turned_as_its_level_0_says(tmp_path: Path, reduced: int | None) -> None:
     """A reduced level without the tag is turned as level 0; one stating another orientation
-    is refused, naming the file and both."""
+    is refused, naming the file and both. Orientation 1 too: stated, it is no tag left out,
+    and turning that level as level 0 says would read it wrongly."""
     stored = _rgb()[:64, :96]
     path = tmp_path / "p.tif"
     with tifffile.TiffWriter(path) as tif:
@@ -1709,7 +1745,8 @@ def test_a_pyramid_is_turned_as_its_level_0_says(tmp_path: Path, reduced: int | 
         extra = [] if reduced is None else [(274, "H", 1, reduced, True)]
         tif.write(_half(stored), subfiletype=1, tile=(16, 16), extratags=extra)
     if reduced is not None:
-        with pytest.raises(ImageReadError, match=r"level 1 states Orientation 3.*level 0 6") as e:
+        stated = rf"level 1 states Orientation {reduced}.*level 0 6"
+        with pytest.raises(ImageReadError, match=stated) as e:
             open_image(path)
         assert str(path) in str(e.value)
         return
@@ -1815,6 +1852,23 @@ def test_unpremultiplied_float_colour_is_on_the_scale_of_its_white(white: float)
     np.testing.assert_allclose(shown, expected, rtol=1e-6)
 
 
+def test_associated_alpha_of_12_bit_samples_is_divided_on_a_12_bit_scale(tmp_path: Path) -> None:
+    """12-bit samples are stored in uint16s: their white is 4095. Taken as 65535, colour came
+    out 16 times too bright, far past 12 bits."""
+    stored = _premultiplied_rgba(np.uint16) >> 4  # colour still at most about its alpha
+    path = tmp_path / "rgba12.tif"
+    tifffile.imwrite(
+        path, stored, photometric="rgb", extrasamples=["assocalpha"], bitspersample=12,
+        tile=(16, 16),
+    )  # fmt: skip
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages.first.bitspersample == 12
+    reader = open_image(path)
+    shown = reader.read(0, 60, 0, 90)
+    np.testing.assert_array_equal(shown, _unpremultiplied(stored, 4095))
+    assert shown.max() <= 4095
+
+
 def test_associated_alpha_of_signed_samples_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "signed.tif"
     tifffile.imwrite(
@@ -1823,6 +1877,28 @@ def test_associated_alpha_of_signed_samples_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError, match="associated alpha in int16") as info:
         open_image(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("extra", ["unassalpha", "assocalpha"])
+def test_an_alpha_after_another_extra_sample_is_the_alpha_read(tmp_path: Path, extra: str) -> None:
+    """RGB with extra samples (unspecified, alpha): the fourth sample was taken as the alpha,
+    masking out every pixel where it is 0 and dividing premultiplied colour by it."""
+    stored = _premultiplied_rgba(np.uint8)
+    other = np.random.default_rng(9).integers(0, 256, (60, 90, 1), dtype=np.uint8)
+    other[:30] = 0  # where it is 0, the alpha is not
+    pixels = np.concatenate([stored[..., :3], other, stored[..., 3:]], axis=-1)
+    path = tmp_path / "rgbxa.tif"
+    tifffile.imwrite(
+        path, pixels, photometric="rgb", extrasamples=["unspecified", extra], tile=(16, 16)
+    )
+    shown = _unpremultiplied(stored, 255) if extra == "assocalpha" else stored
+    expected = np.concatenate([shown[..., :3], other, stored[..., 3:]], axis=-1)
+    reader = open_image(path)
+    assert reader.mask_kind == "alpha"
+    assert reader.channel_names == ("red", "green", "blue", "band 4", "alpha")
+    np.testing.assert_array_equal(reader.read(0, 60, 0, 90), expected)
+    np.testing.assert_array_equal(reader.read(5, 40, 10, 50)[..., :3], expected[5:40, 10:50, :3])
+    np.testing.assert_array_equal(reader.valid_mask(0, 60, 0, 90), stored[..., 3] > 0)
 
 
 # -- what a TIFF's samples mean (PhotometricInterpretation) ----------------------------------
@@ -2167,6 +2243,21 @@ def _refused(path: Path, *fragments: str) -> str:
     return message
 
 
+def test_a_tag_whose_values_run_past_the_end_of_the_file_is_refused(tmp_path: Path) -> None:
+    """Values starting inside the file but cut off by its end: tifffile drops the tag, only
+    logging it, and an SVS read as a plain TIFF lost its vendor and pixel size."""
+    path = tmp_path / "cut.svs"
+    desc = "Aperio Image Library v12.0.15 \r\n64x64 (32x32) RAW|AppMag = 20|MPP = 0.5000"
+    _tiled(path, description=desc)
+    assert open_image(path).pixel_size_um == 0.5  # whole, it reads as Aperio
+    entry, values, _ = _tag(path, 270)
+    data = bytearray(path.read_bytes())
+    assert values + len(desc) < len(data)
+    struct.pack_into("<I", data, entry + 4, len(data) - values + 10)  # count: 10 bytes past
+    path.write_bytes(bytes(data))
+    _refused(path, "tag 270 (ImageDescription)", f"past the end of the file ({len(data):,} bytes)")
+
+
 def _header_cut(tmp: Path) -> Path:
     path = _tiled(tmp / "cut.tif", bigtiff=True)
     path.write_bytes(path.read_bytes()[:7])  # b"II+\0\x08\0\0": inside the BigTIFF header
@@ -2352,6 +2443,21 @@ def test_a_pyramid_cut_inside_a_level_ifd_is_refused_not_read_short(
     _refused(path, *fragments)
 
 
+def test_an_ome_pyramid_whose_last_subifd_tifffile_takes_for_none_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A SubIFD offset below 8 (inside the header) is none to tifffile, which then reads the
+    OME-TIFF's pyramid a level short, saying so only in its log."""
+    path = _pyramid(tmp_path / "pyramid.ome.tif", levels=3)
+    _, values, _ = _tag(path, 330)  # SubIFDs: the offsets of levels 1 and 2
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<I", data, values + 4, 4)
+    path.write_bytes(bytes(data))
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.series[0].levels) == 2
+    _refused(path, "lists 2 reduced levels (SubIFDs) but tifffile read 1", "level 2 holds none")
+
+
 def _wider_than_its_tiles(tmp: Path) -> Path:
     path = _tiled(tmp / "wide.tif")
     _set_tag(path, 256, 1, 2**31 - 1)  # ImageWidth
@@ -2434,6 +2540,78 @@ def test_tiles_larger_than_a_small_image_are_read(tmp_path: Path) -> None:
     np.testing.assert_array_equal(open_image(path).read(0, 40, 0, 50), rgb)
 
 
+def test_tiles_16_times_a_levels_side_are_refused_though_their_codec_could_give_them(
+    tmp_path: Path,
+) -> None:
+    """A 512 px level declaring 8,192 px tiles, 192 MiB each decoded: zstd's bound (32,768
+    bytes a byte stored) lets its stored tiles give that much, so each read would decode
+    tiles 256 times the level."""
+    path = _tiled(tmp_path / "lying.tif", side=512, compression="zstd")
+    _set_tag(path, 322, 1, 8192)  # TileWidth
+    _set_tag(path, 323, 1, 8192)  # TileLength
+    _refused(path, "level 0", "tiles of 8,192 x 8,192 pixels", "larger than the level")
+
+
+def _sof_height_at(path: Path, tile: int) -> int:
+    """Offset in the file of the height in tile ``tile``'s JPEG frame header (SOF0)."""
+    with tifffile.TiffFile(path) as tif:
+        start = int(tif.pages.first.dataoffsets[tile])
+    return start + path.read_bytes()[start:].index(b"\xff\xc0") + 5
+
+
+@pytest.mark.parametrize(("tile", "rows"), [(0, 96), (1, 64)])
+def test_a_jpeg_tile_stating_the_rows_below_it_for_its_height_is_refused(
+    tmp_path: Path, tile: int, rows: int
+) -> None:
+    """A tile's stream may be cropped to the image, never taller than its tile: the rows from
+    its top to the image's bottom (96 rows for tile 0, looked at on open; 64 for tile 1, as
+    it is read) would be decoded, the tags' tile height a lie."""
+    pixels = np.zeros((96, 32, 3), np.uint8)
+    pixels[...] = np.linspace(0, 250, 96, dtype=np.uint8)[:, None, None]
+    path = tmp_path / "tall.tif"
+    tifffile.imwrite(path, pixels, tile=(32, 32), photometric="rgb", compression="jpeg")
+    at = _sof_height_at(path, tile)
+    data = bytearray(path.read_bytes())
+    data[at : at + 2] = rows.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    stream = f"tile {tile} is a JPEG stream of {rows} x 32 pixels"
+    if tile == 0:
+        _refused(path, "level 0 (96 x 32 pixels)", stream)
+        return
+    reader = open_image(path)
+    assert np.abs(reader.read(0, 32, 0, 32).astype(int) - pixels[:32]).mean() < 4
+    with pytest.raises(ImageReadError, match=r"tall\.tif.*may be corrupt") as info:
+        reader.read(32, 64, 0, 32)
+    assert stream in str(info.value)
+
+
+def test_planar_jpeg_tiles_cropped_to_the_image_read_in_every_plane(tmp_path: Path) -> None:
+    """Band-separate JPEG, each edge tile's stream cropped to the image (as some writers
+    write it): the tiles of planes 2 and 3 were placed as if past the image's bottom, and
+    their cropped streams refused as lying."""
+    import imagecodecs
+
+    planes = np.zeros((3, 40, 50), np.uint8)
+    for p in range(3):
+        planes[p] = np.linspace(20 + 40 * p, 250 - 30 * p, 50, dtype=np.uint8)[None, :]
+    tiles = [
+        imagecodecs.jpeg_encode(np.ascontiguousarray(planes[p, y : y + 32, x : x + 32]), level=95)
+        for p in range(3)
+        for y in (0, 32)
+        for x in (0, 32)
+    ]
+    path = tmp_path / "planar.tif"
+    tifffile.imwrite(
+        path, iter(tiles), shape=planes.shape, dtype=np.uint8, tile=(32, 32),
+        photometric="rgb", planarconfig="separate", compression="jpeg",
+    )  # fmt: skip
+    reader = open_image(path)
+    shown = np.moveaxis(planes, 0, -1)
+    assert reader.shape == (40, 50, 3)
+    assert np.abs(reader.read(0, 40, 0, 50).astype(int) - shown).mean() < 2
+    assert np.abs(reader.read(33, 40, 35, 50).astype(int) - shown[33:, 35:]).mean() < 2
+
+
 @pytest.mark.parametrize("count", [769, 765], ids=["flat", "short"])
 def test_a_palette_tiff_whose_colormap_has_the_wrong_count_is_refused(
     tmp_path: Path, count: int
@@ -2448,6 +2626,28 @@ def test_a_palette_tiff_whose_colormap_has_the_wrong_count_is_refused(
     data[entry : entry + 12] = struct.pack("<HHII", 320, 3, count, values)
     path.write_bytes(bytes(data))
     _refused(path, f"ColorMap (TIFF tag 320) holds {count} values", "needs 3 x 256")
+
+
+def test_a_palette_tiff_whose_colormap_is_longer_than_its_indices_need_reads_by_its_first(
+    tmp_path: Path,
+) -> None:
+    """A ColorMap of more than 3 x 2**BitsPerSample values (a 9-bit palette beside 8-bit
+    indices) still gives every index a colour: read by its first entries, not refused as
+    damaged."""
+    path = tmp_path / "palette.tif"
+    indices = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    short = np.zeros((3, 256), np.uint16)
+    tifffile.imwrite(path, indices, photometric="palette", colormap=short, tile=(32, 32))
+    longer = np.random.default_rng(4).integers(256, 65536, (3, 512)).astype(np.uint16)
+    entry, _, _ = _tag(path, 320)
+    data = bytearray(path.read_bytes())
+    data += bytes(len(data) % 2)  # values on a word boundary
+    data[entry : entry + 12] = struct.pack("<HHII", 320, 3, longer.size, len(data))
+    data += longer.astype("<u2").tobytes()  # reds, then greens, then blues
+    path.write_bytes(bytes(data))
+    reader = open_image(path)
+    assert (reader.dtype, reader.channel_names) == (np.uint16, ("red", "green", "blue"))
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 64), np.moveaxis(longer[:, indices], 0, -1))
 
 
 def test_pixels_not_of_the_declared_layout_are_refused_naming_the_file(

@@ -284,6 +284,15 @@ def test_describe_a_slide(tmp_path):
     assert info.lines()[0].endswith("(hamamatsu, uint8, 3 channel(s), 0.4527 µm/px, 20x)")
 
 
+def test_an_aperio_slide_gives_its_appmag_as_its_magnification(tmp_path):
+    """The objective power a scanner used is in an SVS's description alone (AppMag); lost,
+    a slide was described without it and read at no magnification."""
+    path = write_svs_like(tmp_path / "s.svs", _image(), "MPP = 0.5")
+    reader = open_image(path)
+    assert (reader.vendor, reader.pixel_size_um, reader.magnification) == ("aperio", 0.5, 20.0)
+    assert describe_image(path).lines()[0].endswith("(aperio, uint8, 3 channel(s), 0.5 µm/px, 20x)")
+
+
 def test_pixel_size_argument_overrides_the_vendors(tmp_path):
     path = write_bif(tmp_path / "s.bif", _image())
     assert open_image(path, pixel_size_um=0.5).pixel_size_um == 0.5
@@ -303,6 +312,7 @@ def test_pixel_size_argument_overrides_the_vendors(tmp_path):
         (400, "CENTIMETER", None),  # 1016 dpi: 25 µm per pixel
         (1000, "CENTIMETER", 10.0),
         (40_000, "CENTIMETER", 0.25),
+        (4, "MICROMETER", 0.25),  # ResolutionUnit 5, as some microscopes write it
     ],
 )
 def test_a_resolution_coarser_than_a_microscopes_is_a_print_resolution(
