@@ -305,11 +305,12 @@ def _placed_by_affine(ds: Any, source: str | URLPath, tags: Any) -> bool:
     """Whether GDAL's geotransform of ``ds`` places its pixels: made of GeoTIFF tags GDAL
     reads so (a 16-value ModelTransformationTag, or a tiepoint of 6 values or more with a
     ModelPixelScaleTag of 2 or more), or of no tag (a world file, none). Placed by ground
-    control points (tiepoints without such a scale) or RPCs, it is read unplaced, with a
-    warning: pixels in the sensor's geometry are still an image to segment. Refused, naming
-    the file and the tags, where tags place it that GDAL makes nothing of (a tiepoint of
-    fewer than 6 values, a scale without a tiepoint or with an x or y size of 0), which
-    rasterio hands on as a transform at 0, 0 or the identity."""
+    control points (tiepoints of 6 values each without such a scale) or RPCs, it is read
+    unplaced, with a warning: pixels in the sensor's geometry are still an image to segment.
+    Refused, naming the file and the tags, where tags place it that GDAL makes nothing of (a
+    tiepoint of fewer than 6 values, or of a count no multiple of 6 without a scale; a scale
+    without a tiepoint or with an x or y size of 0), which rasterio hands on as a transform
+    at 0, 0 or the identity."""
     counts = {name: tags[code].count for code, name in _PLACEMENT_TAGS.items() if code in tags}
     tie, scale = counts.get("ModelTiepointTag", 0), counts.get("ModelPixelScaleTag", 0)
     # GDAL takes a scale whose x or y size is 0 for none, and the tiepoints for ground
