@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,31 @@ def test_loss_refuses_bad_shapes() -> None:
         softmax_cross_entropy(
             torch.zeros(1, 2, 3, 3), torch.zeros(1, 3, 3, dtype=torch.long), reduction="none"
         )
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 3), (1, 3, 1)], ids=["a row", "2-d", "a column"])
+def test_loss_refuses_weights_of_another_shape_than_the_target(shape: tuple[int, ...]) -> None:
+    """Weights that merely broadcast against the target gave a plausible but wrong weighted
+    loss and gradient, silently, instead of naming the mistake."""
+    logits = torch.zeros(1, 2, 3, 3)
+    target = torch.zeros(1, 3, 3, dtype=torch.long)
+    with pytest.raises(
+        ValueError,
+        match=rf"weights must have the target's shape \(1, 3, 3\), got {re.escape(str(shape))}",
+    ):
+        softmax_cross_entropy(logits, target, torch.ones(shape))
+
+
+def test_a_batch_whose_weights_are_all_zero_has_loss_zero_not_nan() -> None:
+    """A batch of only an ignored class (weighted 0) must leave the model as it is: a NaN
+    loss stops training as diverged and poisons every weight's gradient."""
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 3, (2, 4, 5))
+    loss = softmax_cross_entropy(logits, target, torch.zeros(2, 4, 5, dtype=torch.float64))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad is not None
+    np.testing.assert_array_equal(logits.grad.numpy(), 0.0)
 
 
 def _brute_force_weights(
@@ -156,6 +183,23 @@ def test_explicit_class_weights_and_labels() -> None:
     np.testing.assert_array_equal(w, np.where(inst > 0, 3.0, 0.5).astype(np.float32))
     with pytest.raises(ValueError, match="one weight per class"):
         unet_weight_map(inst, labels=labels, class_weights=np.array([1.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("w0", "sigma", "shown"),
+    [
+        (10.0, 0.0, "w0=10.0, sigma=0.0"),
+        (10.0, -1.0, "w0=10.0, sigma=-1.0"),
+        (-1.0, 5.0, "w0=-1.0, sigma=5.0"),
+    ],
+)
+def test_weight_map_refuses_a_negative_w0_or_a_sigma_not_above_zero(
+    w0: float, sigma: float, shown: str
+) -> None:
+    """sigma 0 divided by zero: the border term vanished without a word (w = w_c), with
+    numpy's warnings only."""
+    with pytest.raises(ValueError, match=rf"need w0 >= 0 and sigma > 0 pixels, got {shown}$"):
+        unet_weight_map(_two_touching_objects(), w0=w0, sigma=sigma)
 
 
 @pytest.mark.parametrize("w0", [1e-9, 5e-7, 1e-6])

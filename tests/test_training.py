@@ -415,15 +415,63 @@ def test_resume_from_a_state_not_its_checkpoints_is_refused(
 
 @pytest.mark.parametrize(
     "changes",
-    [{"steps": 8}, {"lr": 0.5}, {"loss_weights": "balanced"}, {"steps": 8, "lr": 0.5}],
+    [
+        {"steps": 8},
+        {"lr": 0.5},
+        {"loss_weights": "balanced"},
+        {"steps": 8, "lr": 0.5},
+        # Other batches: the resumed run's weights would be neither run's.
+        {"batch_size": 4},
+        {"patch": 24},
+        {"seed": 3},
+        {"jitter": 0.1},
+    ],
 )
 def test_resume_with_other_training_settings_is_refused(finished_run, changes: dict) -> None:
+    """Only where and how a run computes may change on a resume: any other setting would
+    silently continue the run's weights as another run's."""
     config, _ = finished_run
     with pytest.raises(ValueError, match=r"epoch-001\.pt") as err:
         train(tiny_unet(), _resume(config, 1, **changes))
     for name, value in changes.items():
         assert f"{name}={value!r}" in str(err.value)
         assert f"{name}={getattr(config, name)!r}" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "a training image's pixels",
+        "an object left out of a training image's instances",
+        "a training image moved to the validation images",
+    ],
+)
+def test_resume_on_other_images_than_its_runs_is_refused(
+    finished_run, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The run's images are its training images, with their instances (they make the
+    U-Net weights and the separated labels), and its validation images, each set as such:
+    a resume on any other data went on silently, its weights neither run's."""
+    from segpipe.models import CheckpointError
+    from segpipe.training import loop
+
+    config, _ = finished_run
+    (first, second), (val,) = make_slides(config)
+    assert first.instances.any(), "an object to leave out"
+    if change == "a training image's pixels":
+        data = [replace(first, image=first.image[::-1].copy()), second], [val]
+    elif change.startswith("an object"):
+        data = [replace(first, instances=np.zeros_like(first.instances)), second], [val]
+    else:
+        data = [first], [second, val]
+    monkeypatch.setattr(loop, "make_slides", lambda config: data)
+    model = tiny_unet()
+    initial = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        CheckpointError, match=r"epoch-001\.state\.pt: its run trained on other images"
+    ):
+        train(model, _resume(config, 1))
+    assert all(torch.equal(a, b) for a, b in zip(initial, model.parameters(), strict=True))
 
 
 def test_resume_may_change_where_and_how_it_runs(finished_run) -> None:
@@ -482,10 +530,12 @@ def _with_range_scaling(model: SegmentationModel) -> SegmentationModel:
     ("build", "field"),
     [
         (lambda: _models_build(input_mean=0.2, input_std=0.6), "input_mean"),
+        # The same mean, another spread: the weights would see other contrasts.
+        (lambda: _models_build(input_std=0.6), "input_std"),
         (lambda: _models_build(class_names=("x", "y", "z")), "class_names"),
         (lambda: _with_range_scaling(tiny_unet()), "pixel_contract"),
     ],
-    ids=["normalisation", "class names", "pixel scaling"],
+    ids=["normalisation", "input std", "class names", "pixel scaling"],
 )
 def test_resume_into_a_model_fed_or_named_otherwise_is_refused(
     finished_run, build: Callable[[], SegmentationModel], field: str
@@ -644,6 +694,80 @@ def test_loss_weight_maps_follow_the_config() -> None:
     )
 
 
+@pytest.mark.parametrize("sigma_px", [1.5, 8.0])
+def test_unet_loss_weights_decay_over_the_configured_sigma(sigma_px: float) -> None:
+    """sigma_px is how far the border weight reaches into the gaps between objects: a map
+    of another sigma weighs other pixels, silently."""
+    from segpipe.training import loss_weight_maps
+    from segpipe.training.losses import unet_weight_map
+
+    slide = tissue_slide(128, seed=1)  # touching nuclei
+    config = TrainConfig(**TINY, loss_weights="unet", w0=5.0, sigma_px=sigma_px)
+    (got,) = loss_weight_maps([slide], config)
+    counts = np.bincount(slide.labels.ravel(), minlength=3)
+    table = counts.sum() / (3 * counts)
+
+    def expected(sigma: float) -> np.ndarray:
+        inst, labels = slide.instances, slide.labels
+        return unet_weight_map(inst, labels=labels, w0=5.0, sigma=sigma, class_weights=table)
+
+    np.testing.assert_allclose(got, expected(sigma_px), rtol=1e-6)
+    assert np.abs(got - expected(5.0)).max() > 0.1  # the default sigma's map is another
+
+
+def test_the_config_augmentation_carries_every_augmentation_setting() -> None:
+    """The elastic grid (--elastic-grid), the displacement and the jitter all reach the
+    sampler: a setting recorded in the checkpoint but not applied misdescribes the run."""
+    from segpipe.training import Augmentation
+
+    config = TrainConfig(elastic_std_px=2.0, elastic_grid=6, jitter=0.2)
+    assert config.augmentation == Augmentation(elastic_std_px=2.0, elastic_grid=6, jitter=0.2)
+
+
+def _touching(instances: np.ndarray) -> np.ndarray:
+    """Object pixels with a 4-neighbour in another object, by comparing shifted copies."""
+    padded = np.pad(instances, 1)
+    centre = padded[1:-1, 1:-1]
+    out = np.zeros(instances.shape, bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        other = padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx]
+        out |= (centre != 0) & (other != 0) & (other != centre)
+    return out
+
+
+def test_separate_touching_trains_on_labels_with_gaps_between_touching_objects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With separate_touching the sampler gets training labels whose touching objects are
+    apart (the pixels where they meet given the class around them, instance 0); else a
+    semantic model cannot learn to keep them apart, and the border weights miss the gaps."""
+    from segpipe.training import loop
+
+    class Sampled(Exception):
+        pass
+
+    given: list = []
+
+    def spy(slides: list, *args: object, **kwargs: object) -> None:
+        given.append(slides)
+        raise Sampled
+
+    monkeypatch.setattr(loop, "sample_pairs", spy)
+    config = TrainConfig(**{**TINY, "slide_size": 128}, separate_touching=True)
+    with pytest.raises(Sampled):
+        train(tiny_unet(), config)
+    originals = make_slides(config)[0]
+    assert all(_touching(s.instances).any() for s in originals), "touching nuclei to part"
+    for before, after in zip(originals, given[0], strict=True):
+        border = _touching(before.instances)
+        assert not _touching(after.instances).any()
+        np.testing.assert_array_equal(after.instances[border], 0)
+        np.testing.assert_array_equal(after.instances[~border], before.instances[~border])
+        np.testing.assert_array_equal(after.labels[~border], before.labels[~border])
+        # Where nuclei meet: the class of the pixels around the nuclei (tissue, 1).
+        np.testing.assert_array_equal(after.labels[border], 1)
+
+
 @pytest.mark.parametrize("loss_weights", ["balanced", "unet"])
 def test_training_minimises_the_weighted_loss(
     monkeypatch: pytest.MonkeyPatch, loss_weights: str
@@ -758,6 +882,10 @@ def test_train_help_describes_steps_as_the_config_counts_them() -> None:
         # numpy's "expected non-negative integer" named no setting (segpipe train --seed -1)
         ({"seed": -1}, r"TrainConfig\.seed \(--seed\) and val_seed must be >= 0, got -1, "),
         ({"seed": 9998}, r"val_seed=10000 is also .* pick another seed \(--seed\) or val_seed"),
+        # A range of zero width scales nothing: refused here, not deep in measure_contract.
+        ({"percentiles": (50.0, 50.0)}, r"0 <= lo < hi <= 100, got \(50\.0, 50\.0\)"),
+        ({"percentiles": (90.0, 10.0)}, r"percentiles .* got \(90\.0, 10\.0\)"),
+        ({"percentiles": (0.0, 101.0)}, r"percentiles .* got \(0\.0, 101\.0\)"),
     ],
 )
 def test_bad_new_options_are_refused(kwargs: dict, match: str) -> None:
@@ -1287,6 +1415,20 @@ def test_the_data_fingerprint_tells_shapes_and_dtypes_apart() -> None:
     prints = [data_fingerprint([image(a)]) for a in (square, wide, signed, square.copy())]
     assert len(set(prints[:3])) == 3
     assert prints[3] == prints[0]
+
+
+def test_the_data_fingerprint_tells_which_set_holds_each_image() -> None:
+    """The same images split otherwise between training and validation are another run's
+    data (a former validation image trained on); and an image's instances are its data."""
+    from segpipe.training.state import data_fingerprint
+
+    a, b, c = (tissue_slide(32, seed=s) for s in (1, 2, 3))
+    split = data_fingerprint([a, b], [c])
+    assert data_fingerprint([a], [b, c]) != split
+    assert data_fingerprint([a, b, c], []) != split
+    assert data_fingerprint([a, b], [c]) == split
+    other_objects = replace(a, instances=np.ones_like(a.instances))  # the same labels
+    assert data_fingerprint([other_objects, b], [c]) != split
 
 
 def test_a_fine_tuned_contract_measures_every_column_of_large_images():
