@@ -113,7 +113,7 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
     spec = _read_sidecar(side)
     module, saved = _load_module(p, spec.get("format"))
     geometry, measured = _geometry(side, spec.get("geometry"))
-    key = (hashlib.sha256(saved.data).hexdigest(), json.dumps(spec, sort_keys=True))
+    key = (hashlib.sha256(saved.data).hexdigest(), json.dumps(spec, sort_keys=True, default=str))
     if geometry is None and key in _MEASURED:  # checked against the module all the same
         geometry = _MEASURED[key]
     contract = None
