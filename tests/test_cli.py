@@ -1340,7 +1340,7 @@ def test_evaluate_refuses_options_it_would_ignore(tmp_path, capsys):
     Image.fromarray(labels).save(truth)
     Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(image)
     cases = {
-        "--object-class needs --instances": (["--object-class", "nucleus"], "--instances too"),
+        "--object-class needs --instances": (["--object-class", "nucleus"], "(--instances) too"),
         "an IoU above 1": (["--iou-threshold", "7"], "--iou-threshold) must be in (0, 1]"),
         "a negative size": (["--min-size", "-4"], "--min-size) must be 0 or more"),
         "--image with a result": (["--image", str(image)], "already segmented"),
