@@ -113,9 +113,13 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
     spec = _read_sidecar(side)
     module, saved = _load_module(p, spec.get("format"))
     geometry, measured = _geometry(side, spec.get("geometry"))
-    key = (hashlib.sha256(saved.data).hexdigest(), json.dumps(spec, sort_keys=True, default=str))
-    if geometry is None and key in _MEASURED:  # checked against the module all the same
-        geometry = _MEASURED[key]
+    key = None
+    if geometry is None:  # to be measured: the file's bytes hashed only then
+        key = (
+            hashlib.sha256(saved.data).hexdigest(),
+            json.dumps(spec, sort_keys=True, default=str),
+        )
+        geometry = _MEASURED.get(key)  # checked against the module all the same
     contract = None
     if spec.get("pixel_contract") is not None:
         try:
@@ -136,7 +140,8 @@ def load_foreign(path: str | os.PathLike[str]) -> WrappedModel:
     except Exception as err:  # the module's own code raises anything (a guard: AssertionError)
         raise ValueError(f"{p} (sidecar {side}): {_failure(err, saved)}") from err
     net.saved = saved  # what it pickles as: an exported module does not pickle
-    _MEASURED[key] = net.geometry
+    if key is not None:
+        _MEASURED[key] = net.geometry
     return net
 
 
