@@ -634,3 +634,24 @@ def test_fingerprint_covers_the_pixel_contract(net: UNet, tmp_path: Path) -> Non
     assert len(set(prints)) == len(contracts)
     net.pixel_contract = rgb
     assert fingerprint(load(save(net, tmp_path / "net.pt"))) == fingerprint(net)
+
+
+def test_loading_a_checkpoint_leaves_torch_dynamo_unimported(tmp_path):
+    """The skeleton a load builds on the meta device drew its He weights there, and torch's
+    meta ``normal_`` imports torch._dynamo: 1.8 s of every process that loads a model (each
+    CLI command, each Dask worker process)."""
+    import subprocess
+    import sys
+
+    paths = [
+        str(models.save(models.build(name, class_names=("a", "b")), tmp_path / f"{name}.pt"))
+        for name in models.REGISTRY
+    ]
+    code = (
+        "import sys; from segpipe import models\n"
+        f"for path in {paths!r}: models.load(path)\n"
+        "print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "False"
