@@ -54,6 +54,16 @@ def prefect_harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def prefect_api_url(prefect_harness) -> str:
+    """The API URL of the session's Prefect server, for processes a test starts: a command
+    given it talks to that server rather than start a temporary one of its own (12-25 s on
+    a 2-core machine, its database migrated anew)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="session")
 def answering_prefect_url():
     """An API URL on 127.0.0.1 whose every GET answers 200, as a Prefect server's ``/health``
     does: for commands that check the server is up, then never run a flow on it."""

@@ -427,15 +427,7 @@ def test_the_deployment_file_names_the_flow_a_schedule_and_valid_parameters():
     flow.validate_parameters(deployment["parameters"])  # raises on a wrong name or type
 
 
-# -- a real Prefect server, the archive deployment served, a run triggered through the API ----
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# -- the archive deployment served to a real Prefect server, a run triggered through its API --
 
 
 def _wait_for(what, check, timeout_s, proc=None, log=None):
@@ -468,91 +460,75 @@ def _stop(proc):
 
 
 @pytest.mark.slow
-def test_served_deployment_runs_through_a_real_prefect_server(slides, random_checkpoint, tmp_path):
+def test_served_deployment_runs_through_a_real_prefect_server(
+    prefect_api_url, slides, random_checkpoint, tmp_path
+):
+    """`serve_archive` in a process of its own, registered with the session's Prefect server
+    (a uvicorn process on 127.0.0.1, as `prefect server start`'s), runs what the server
+    schedules for it."""
     import json
     import os
     import subprocess
     import sys
-    import urllib.request
     from pathlib import Path
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     source, out = tmp_path / "archive", tmp_path / "out"
     source.mkdir()
     shutil.copy(slides[0], source / "a.ome.tif")
     shutil.copy(slides[1], source / "b.ome.tif")
 
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
-        "PREFECT_HOME": str(tmp_path / "prefect-home"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_URL": prefect_api_url,
         # the served runner asks for scheduled runs each second, not each 10 (Prefect's default)
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",
     }
     env.pop("PREFECT_API_KEY", None)
-    server_log, serve_log = tmp_path / "server.log", tmp_path / "serve.log"
-    prefect_cli = str(Path(sys.executable).with_name("prefect"))
-    server = subprocess.Popen(
-        [prefect_cli, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
-        stdout=server_log.open("w"),
+    serve_log = tmp_path / "serve.log"
+    name = f"served-{tmp_path.name}"  # the session's server outlives this test
+    parameters = {"config": {"tile": 64, "scheduler": "sync"}, "retry_delay_s": 0}
+    served = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; from segpipe.flows.archive import serve_archive; "
+            "serve_archive(sys.argv[1], sys.argv[2], sys.argv[3], name=sys.argv[5], "
+            "**json.loads(sys.argv[4]))",
+            str(source),
+            str(out),
+            str(random_checkpoint),
+            json.dumps(parameters),
+            name,
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=serve_log.open("w"),
         stderr=subprocess.STDOUT,
     )
-    served = None
     try:
-        _wait_for(
-            "prefect server",
-            lambda: urllib.request.urlopen(f"{api}/health", timeout=2).status == 200,
-            180,  # a shared machine's load of 10 on 2 cores took it past 60 s
-            server,
-            server_log,
-        )
-        parameters = {"config": {"tile": 64, "scheduler": "sync"}, "retry_delay_s": 0}
-        served = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "import json, sys; from segpipe.flows.archive import serve_archive; "
-                "serve_archive(sys.argv[1], sys.argv[2], sys.argv[3], name='test', "
-                "**json.loads(sys.argv[4]))",
-                str(source),
-                str(out),
-                str(random_checkpoint),
-                json.dumps(parameters),
-            ],
-            env=env,
-            cwd=Path(__file__).resolve().parents[1],
-            stdout=serve_log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-        with temporary_settings({PREFECT_API_URL: api}):
-            with get_client(sync_client=True) as client:
-                _wait_for(
-                    "served deployment",
-                    lambda: client.read_deployment_by_name("process-archive/test"),
-                    180,
-                    served,
-                    serve_log,
-                )
-                deployment = client.read_deployment_by_name("process-archive/test")
-                assert deployment.schedules[0].schedule.cron == "0 2 * * *"
-            run = run_deployment(
-                "process-archive/test", timeout=120, poll_interval=1, as_subflow=False
+        with get_client(sync_client=True) as client:
+            _wait_for(
+                "served deployment",
+                lambda: client.read_deployment_by_name(f"process-archive/{name}"),
+                180,
+                served,
+                serve_log,
             )
-            assert run.state.is_completed(), (run.state, serve_log.read_text()[-3000:])
-            with get_client(sync_client=True) as client:
-                artifacts = client.read_artifacts(
-                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-                )
-                result = client.read_flow_run(run.id).state
+            deployment = client.read_deployment_by_name(f"process-archive/{name}")
+            assert deployment.schedules[0].schedule.cron == "0 2 * * *"
+        run = run_deployment(
+            f"process-archive/{name}", timeout=120, poll_interval=1, as_subflow=False
+        )
+        assert run.state.is_completed(), (run.state, serve_log.read_text()[-3000:])
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+            result = client.read_flow_run(run.id).state
         by_type = {}
         for artifact in artifacts:
             by_type.setdefault(artifact.type, []).append(artifact)
@@ -564,9 +540,7 @@ def test_served_deployment_runs_through_a_real_prefect_server(slides, random_che
         assert is_complete(out / "a.ome.tif.seg.zarr")
         assert list(catalog.open_catalog(out)["image"].values) == ["a.ome.tif", "b.ome.tif"]
     finally:
-        if served is not None:
-            _stop(served)
-        _stop(server)
+        _stop(served)
 
 
 def test_one_local_cluster_serves_the_run_and_a_finished_image_frees_its_slot_at_once(

@@ -356,16 +356,18 @@ def test_a_damaged_tiff_is_one_line_of_stderr(small_slide, tmp_path, flags):
 
 
 def _demo_process(
-    out: Path, home: Path, model: Path, *options: str
+    out: Path, home: Path, model: Path, *options: str, api_url: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``segpipe demo`` in a fresh process, on Prefect's temporary local server (its home
-    ``home``), its stdout and stderr pipes (no terminal)."""
+    """``segpipe demo`` in a fresh process, its stdout and stderr pipes (no terminal): on
+    Prefect's temporary local server (its home ``home``), or on the server at ``api_url``."""
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
         # As the flow tests' harness: a loaded CI machine starts the server slowly.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
     demo = [sys.executable, "-m", "segpipe.cli", "demo", "--out", str(out), "--model", str(model)]
     return subprocess.run(
         [*demo, "--workers", "1", *options],
@@ -408,7 +410,7 @@ def test_demo_runs_the_flow_and_tells_its_stages(random_checkpoint, demo_prefect
 @pytest.mark.integration
 @pytest.mark.parametrize("verbose", [False, True], ids=["plain", "verbose"])
 def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
-    verbose, random_checkpoint, demo_prefect_home, tmp_path
+    verbose, random_checkpoint, demo_prefect_home, prefect_api_url, tmp_path
 ):
     """The demo's result path taken by a folder that is no result: the flow's task refuses it.
     Prefect's one-line error and state lines, then the error once more as the last line, exit
@@ -418,7 +420,9 @@ def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
     (taken / "notes.txt").write_text("not a segpipe result")
     verbosity = ["-v"] if verbose else []
     options = ("--size", "256", "--tile", "128", *verbosity)
-    run = _demo_process(tmp_path, demo_prefect_home, random_checkpoint, *options)
+    run = _demo_process(
+        tmp_path, demo_prefect_home, random_checkpoint, *options, api_url=prefect_api_url
+    )
     assert run.returncode == 2, run.stderr[-3000:]
     error = f"segpipe demo: error: {taken} exists and is not a segpipe result"
     assert error in run.stderr
@@ -432,7 +436,9 @@ def test_a_user_error_inside_the_flow_has_no_traceback_unless_verbose(
 
 
 @pytest.mark.integration
-def test_the_flow_run_processes_of_a_plain_command_print_no_prefect_info_lines(tmp_path):
+def test_the_flow_run_processes_of_a_plain_command_print_no_prefect_info_lines(
+    prefect_api_url, tmp_path
+):
     """`segpipe serve` starts each flow run as a process of its own, which logs through
     Prefect's console handler: its INFO lines ("Beginning flow run", "Finished in state")
     printed without -v. The environment a plain command leaves its children keeps them
@@ -453,7 +459,7 @@ def test_the_flow_run_processes_of_a_plain_command_print_no_prefect_info_lines(t
     )
     with _quiet_libraries(verbose=False, quiet=False):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_API_URL=prefect_api_url)
     run = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
     )

@@ -120,12 +120,15 @@ def test_an_ingest_called_again_in_a_run_that_persists_results_sees_the_new_imag
 
 
 def test_a_scheduler_no_one_answers_is_refused_before_the_ingest(
-    prefect_harness, small_slide, random_checkpoint, tmp_path
+    prefect_harness, small_slide, random_checkpoint, tmp_path, monkeypatch
 ):
     """It was found after the whole slide was ingested, in Dask's bare 30 s timeout."""
     import socket
 
+    from segpipe.execution import schedulers
     from segpipe.flows.segment_slide import default_image_store, segment_slide
+
+    monkeypatch.setattr(schedulers, "CONNECT_TIMEOUT", "1s")  # refused at once, retried till then
 
     with socket.socket() as s:  # a port no one listens on
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,14 +58,21 @@ GUARDS = {
 }
 
 
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory) -> Path:
+    """One home for this module's temporary servers, which run one after another: its
+    database is migrated by the first, not by each (about 10 s here)."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("started", list(GUARDS))
-def test_a_killed_run_leaves_no_server_holding_its_output(tmp_path, started):
+def test_a_killed_run_leaves_no_server_holding_its_output(prefect_home, started):
     """SIGKILLed (the OOM killer), the run left Prefect's uvicorn running, 200 MB, with the
     command's stdout open: a `| tee` or a cron wrapper reading it waited for ever. So did a
     flow called from Python, which only the CLI guarded."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     # As the flow tests' harness: a loaded CI machine starts the server in over Prefect's 20 s
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     command = [sys.executable, "-c", RUN.format(guard=GUARDS[started])]
