@@ -31,11 +31,13 @@ import numpy as np
 class LabelError(ValueError):
     """Labels that do not fit the classes: class ids outside them, an object class that is
     none of them (a fault of the labels given, not of reading them). ``labels`` says whose
-    ids they are where known: ``"pred"`` or ``"truth"`` (:func:`confusion_matrix`'s)."""
+    ids they are where known: ``"pred"`` or ``"truth"`` (:func:`confusion_matrix`'s);
+    ``problem`` is what is wrong with them, without advice (the message where not given)."""
 
-    def __init__(self, message: str, *, labels: str | None = None) -> None:
+    def __init__(self, message: str, *, labels: str | None = None, problem: str = "") -> None:
         super().__init__(message)
         self.labels = labels
+        self.problem = problem or message
 
 
 __all__ = ["LabelError", "confusion_matrix", "dice", "iou", "mean_dice"]
@@ -71,10 +73,13 @@ def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> n
         if not np.issubdtype(a.dtype, np.integer) and a.dtype != bool:
             raise TypeError(f"{name} must hold integer class ids, got dtype {a.dtype}")
         if a.size and (int(a.min()) < 0 or int(a.max()) >= num_classes):
+            problem = (
+                f"holds class ids in [{int(a.min())}, {int(a.max())}], outside [0, {num_classes})"
+            )
             raise LabelError(
-                f"{name} holds class ids in [{int(a.min())}, {int(a.max())}], outside "
-                f"[0, {num_classes}); pass the right num_classes or map ignored pixels first",
+                f"{name} {problem}; pass the right num_classes or map ignored pixels first",
                 labels=name,
+                problem=problem,
             )
     # One bincount over a combined index: (truth, pred) -> truth * C + pred.
     index = truth.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
