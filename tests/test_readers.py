@@ -985,6 +985,18 @@ def test_cached_reads_give_the_readers_pixels_within_the_budget(tiled, windows) 
         assert cached.cached_bytes <= cached.max_bytes
 
 
+def test_cached_tiles_of_one_position_at_two_levels_are_each_levels_own(tmp_path: Path) -> None:
+    """A pyramid level's tile (0, 0) is another image's than level 0's: the cache keys its
+    tiles by level too, or the second read would get the first level's pixels."""
+    reader = open_image(write_ome_tiff(tmp_path / "t.ome.tif", _rgb()))
+    assert len(reader.level_shapes) >= 2
+    cached = CachedReader(reader)
+    for level in (0, 1, 0):
+        np.testing.assert_array_equal(
+            cached.read(0, 40, 0, 40, level), reader.read(0, 40, 0, 40, level), f"level {level}"
+        )
+
+
 def test_cached_reads_decode_a_neighbours_halo_tiles_once(tmp_path: Path) -> None:
     reader = open_image(write_ome_tiff(tmp_path / "t.ome.tif", _rgb()))
     cached = CachedReader(reader)

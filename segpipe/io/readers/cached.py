@@ -222,6 +222,8 @@ def _rectangles(tiles: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]
 
     >>> _rectangles([(0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)])
     [(0, 1, 2, 3), (1, 3, 0, 3)]
+    >>> _rectangles([(0, 0), (0, 2)])  # a tile kept between: not decoded again
+    [(0, 1, 0, 1), (0, 1, 2, 3)]
     """
     runs: list[tuple[int, int, int]] = []  # (row, c0, c1)
     for r, c in sorted(tiles):
