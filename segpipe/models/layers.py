@@ -105,11 +105,11 @@ def he_init(module: nn.Module) -> None:
     >>> round(up.weight.std().item() / (2 / 512) ** 0.5, 1)
     1.0
     """
+    if any(p.is_meta for p in module.parameters()):
+        # Nothing to draw on the meta device (a skeleton built for its sizes only); and
+        # torch's meta normal_ imports torch._dynamo, 1.8 s of every model load.
+        return
     for m in module.modules():
-        if getattr(m, "weight", None) is not None and m.weight.is_meta:
-            # Nothing to draw on the meta device (a checkpoint's skeleton, sizes only); and
-            # torch's meta normal_ imports torch._dynamo, 1.8 s of every model load.
-            continue
         if isinstance(m, nn.ConvTranspose2d):
             taps = math.prod(max(1.0, k / s) for k, s in zip(m.kernel_size, m.stride, strict=True))
             with torch.no_grad():  # one draw, as kaiming_normal_'s: the same random stream
