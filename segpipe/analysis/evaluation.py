@@ -314,8 +314,15 @@ def evaluate(
             named = isinstance(prediction, str | os.PathLike)
             label = models.label_of(cast("str", prediction)) if named else None
             source = cast("str | os.PathLike[str]", image)  # given, with a model
-            options = {"tile": tile, "scheduler": scheduler, "overwrite": overwrite}
-            segment(source, result, net, model_name=label, **options)
+            segment(
+                source,
+                result,
+                net,
+                model_name=label,
+                tile=tile,
+                scheduler=scheduler,
+                overwrite=overwrite,
+            )
         try:  # a damaged chunk of the result named (its zstd's RuntimeError came out raw)
             with naming_damage(result):
                 return evaluate_labels(
@@ -332,9 +339,8 @@ def evaluate(
                 raise ValueError(f"{exc} (those of {where})") from None
             name = _name(ground_truth, "ground truth")
             if isinstance(exc, LabelError) and exc.labels == "pred":  # not the truth's fault
-                raise ValueError(
-                    f"{where}: its mask {exc.problem}: damaged, segment it again"
-                ) from None
+                damaged = f"its mask {exc.problem}: damaged, segment it again"
+                raise ValueError(f"{where}: {damaged}") from None
             if isinstance(exc, LabelError):  # class ids outside the result's
                 raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
             # A read failed (a damaged chunk): the result's or the truth's, zarr does not say.
