@@ -639,7 +639,7 @@ def test_fingerprint_covers_the_pixel_contract(net: UNet, tmp_path: Path) -> Non
 def test_loading_a_checkpoint_leaves_torch_dynamo_unimported(tmp_path):
     """The skeleton a load builds on the meta device drew its He weights there, and torch's
     meta ``normal_`` imports torch._dynamo: 1.8 s of every process that loads a model (each
-    CLI command, each Dask worker process)."""
+    CLI command that runs one, each training)."""
     import subprocess
     import sys
 
