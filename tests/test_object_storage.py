@@ -9,12 +9,14 @@ the server, not by the client library.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import http.client
 import json
 import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -231,6 +233,30 @@ def test_a_window_of_an_s3_image_is_read_without_downloading_the_file(s3, tmp_pa
 
 
 @pytest.mark.integration
+def test_a_closed_s3_reader_keeps_none_of_the_files_it_opened(s3, tmp_path, monkeypatch):
+    """Each read after a close opens the URL again; a close lets go of every file opened
+    before it (closed), so a reader that is read and closed for hours holds no more."""
+    pixels = np.random.default_rng(4).integers(0, 255, (128, 128, 3), dtype=np.uint8)
+    local = tmp_path / "small.tif"
+    tifffile.imwrite(local, pixels, tile=(64, 64), photometric="rgb")
+    url = s3.upload(local, "closing/small.tif")
+    opened, open_read = [], URLPath.open_read
+
+    def recorded(self: URLPath) -> Any:
+        f = open_read(self)
+        opened.append(weakref.ref(f))
+        return f
+
+    monkeypatch.setattr(URLPath, "open_read", recorded)
+    reader = open_image(url, storage_options=s3.options)
+    for _ in range(3):
+        np.testing.assert_array_equal(reader.read(64, 128, 0, 64), pixels[64:, :64])
+        reader.close()
+    gc.collect()
+    assert len(opened) >= 3
+    assert [ref() for ref in opened] == [None] * len(opened)
+
+
 def test_the_archive_flow_runs_from_an_s3_archive_into_an_s3_output_root(
     s3, small_slide, random_checkpoint, reference, prefect_harness
 ):

@@ -1115,7 +1115,8 @@ def test_cached_reads_from_threads(tiled: Reader) -> None:
     assert not failures, failures[0]
 
 
-def test_a_region_reader_giving_short_regions_is_refused_naming_the_file() -> None:
+@pytest.mark.parametrize("short", ["rows", "columns"])
+def test_a_region_reader_giving_short_regions_is_refused_naming_the_file(short: str) -> None:
     """OpenSlide and wsidicom read regions; one that comes back smaller than asked (a lying
     or damaged file) is an error, never pixels padded with whatever the cache's buffer held."""
     from segpipe.io.readers.base import BaseReader, RegionLevel
@@ -1130,7 +1131,9 @@ def test_a_region_reader_giving_short_regions_is_refused_naming_the_file() -> No
 
         def _open_level(self, level: int) -> RegionLevel:
             def region(y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-                return full[y0 : max(y0 + 1, y1 - 8), x0:x1]  # 8 rows short where it can be
+                if short == "rows":  # 8 short where it can be
+                    return full[y0 : max(y0 + 1, y1 - 8), x0:x1]
+                return full[y0:y1, x0 : max(x0 + 1, x1 - 8)]
 
             return RegionLevel(self.level_shapes[0], self.dtype, region)
 
@@ -1138,6 +1141,27 @@ def test_a_region_reader_giving_short_regions_is_refused_naming_the_file() -> No
     for read in (reader.read, CachedReader(reader).read):
         with pytest.raises(ImageReadError, match=r"short\.svs: cannot read level 0 .*came back"):
             read(0, 100, 0, 100)
+
+
+def test_a_pyramid_level_with_other_channels_than_level_0_is_refused_naming_the_file() -> None:
+    """A reduced level is the same image: one with another channel count (a mask or an
+    overview stored as a level) would give tiles that do not stack with level 0's."""
+    from segpipe.io.readers.base import BaseReader
+
+    class OtherChannels(BaseReader):
+        def __init__(self) -> None:
+            super().__init__(Path("levels.svs"), None)
+            shapes = [(128, 128, 3), (64, 64, 4)]
+            self._set_layout(["YXC", "YXC"], shapes, [(64, 64, 3), (64, 64, 4)], np.dtype("u1"))
+
+        def _open_level(self, level: int) -> np.ndarray:
+            raise AssertionError("never read")
+
+    with pytest.raises(
+        ImageReadError,
+        match=r"levels\.svs: pyramid level 1 \(64, 64, 4\) .* is not a reduction of level 0",
+    ):
+        OtherChannels()
 
 
 @pytest.mark.parametrize(("tile", "held"), [(16, 16 * 16 * 3), (160, 19 * 4096)])
