@@ -1068,6 +1068,29 @@ def test_a_renamed_ome_tiff_naming_itself_by_its_old_name_and_own_uuid_reads(tmp
     np.testing.assert_array_equal(open_image(path).read(0, 256, 0, 384), img)
 
 
+def test_a_renamed_ome_tiff_naming_itself_by_its_uuid_in_other_case_is_refused_saying_so(
+    tmp_path,
+):
+    """UUIDs are one whatever their letter case, but tifffile compares them as written: it
+    looks for the planes in the old name's file and zeroes them. Refused, saying that (not
+    that a file of a set is missing); the advice given, followed, makes the file read."""
+    path, img = tmp_path / "renamed.ome.tif", _image()
+    slide = ome_image(0, "slide", SHAPE, 0.25, in_file("orig.ome.tif", "urn:uuid:ab"))
+    tifffile.imwrite(path, img, description=ome_xml(slide, uuid="urn:uuid:AB"), **KW)
+    with pytest.raises(ImageReadError) as info:
+        open_image(path)
+    assert str(info.value) == (
+        f"{path}: its OME-XML places its planes in 'orig.ome.tif' by this file's own UUID "
+        "written in other letter case ('urn:uuid:AB' and 'urn:uuid:ab'), which tifffile takes "
+        "for another file's: it would read zeros in their place. Write the UUIDs alike in the "
+        "OME-XML (e.g. with tifffile's tiffcomment) and open it again"
+    )
+    with tifffile.TiffFile(path) as tif:
+        xml = tif.pages.first.description
+    tifffile.tiffcomment(path, xml.replace("urn:uuid:AB", "urn:uuid:ab"))
+    np.testing.assert_array_equal(open_image(path).read(0, 256, 0, 384), img)
+
+
 @pytest.mark.parametrize(
     ("layout", "damage"),
     [

@@ -105,6 +105,19 @@ def check_ome_set(tif: Any, path: str) -> None:
             f"{listed}, opened at a URL, where tifffile opens none of a set's other files; "
             "copy the set's files into one local folder and open this file there"
         )
+    # UUIDs are one whatever their letter case, but tifffile compares them as written: this
+    # file's own planes, named by its old name, would be looked for there and read as zeros.
+    if (
+        own
+        and not any(os.path.exists(os.path.join(folder, name)) for name in named)
+        and all((e.text or "").strip().lower() == own.strip().lower() for e in uuids)
+    ):
+        raise ImageReadError(
+            f"{path}: its OME-XML places its planes in {listed} by this file's own UUID "
+            f"written in other letter case ({own!r} and {uuids[0].text!r}), which tifffile "
+            "takes for another file's: it would read zeros in their place. Write the UUIDs "
+            "alike in the OME-XML (e.g. with tifffile's tiffcomment) and open it again"
+        )
     read = {
         p.parent.filehandle.path: p.parent for s in tif.series for p in s.pages if p is not None
     }
