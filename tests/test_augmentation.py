@@ -115,3 +115,31 @@ def test_intensity_jitter_contrast_is_about_the_whole_image_mean(seed: int) -> N
     slope = [np.polyfit(xk, yk, 1) for xk, yk in zip(x, y, strict=True)]
     np.testing.assert_allclose([p[1] for p in slope], slope[0][1], atol=1e-4)
     assert not np.allclose([p[0] for p in slope], 1.0, atol=1e-3)  # it did change them
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_intensity_jitter_draws_a_gain_for_each_channel(seed: int) -> None:
+    """Gain per channel (the colour balance changes, as stains and scanners vary it), then
+    one contrast for the whole image: the channels' slopes ``a_k = gain_k * contrast``
+    differ. One gain for every channel would leave the colour balance as it was."""
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(0.2, 0.8, (3, 8, 8)).astype(np.float32)
+    out = intensity_jitter(image, np.random.default_rng(seed), 0.5)
+    x, y = image.reshape(3, -1).astype(np.float64), out.reshape(3, -1).astype(np.float64)
+    slopes = [np.polyfit(xk, yk, 1)[0] for xk, yk in zip(x, y, strict=True)]
+    assert np.ptp(slopes) > 1e-2, slopes
+
+
+def test_a_signed_dtypes_range_reaches_below_zero() -> None:
+    """int16 pixels run from -32768 to 32767: a jittered signed image (a difference image, a
+    CT-like scan) is clipped where its dtype ends, not at what pixel value 0 scales to,
+    which would flatten every negative value in training only."""
+    from segpipe.geometry.pixels import to_float01
+    from segpipe.training.augmentation import scaled_dtype_range
+
+    low, high = scaled_dtype_range(np.dtype("int16"), 2, to_float01)
+    np.testing.assert_allclose(low, [-32768 / 32767] * 2)
+    np.testing.assert_allclose(high, [1.0, 1.0])
+    image = np.full((2, 4, 4), -0.5, np.float32)  # negative pixels, well inside the range
+    out = intensity_jitter(image, np.random.default_rng(0), 0.2, (low, high))
+    assert (out < 0).all()

@@ -14,7 +14,7 @@ from PIL import Image
 from segpipe.geometry.tiling import Geometry
 from segpipe.synthetic import SyntheticSlide, tissue_slide
 from segpipe.training import Augmentation, elastic_deformation, intensity_jitter, sample_pairs
-from segpipe.training.datasets import read_folder
+from segpipe.training.datasets import FolderImage, read_folder
 
 GEOMETRY = Geometry(halo=20, multiple=4, input_offset=0, shrinks=True)  # valid U-Net, depth 2
 PALETTE = np.array([[250, 250, 250], [200, 60, 150], [40, 30, 120]], dtype=np.uint8)
@@ -317,12 +317,14 @@ def test_separate_touching_draws_a_gap_between_touching_objects_only() -> None:
     expected = np.zeros_like(border)
     expected[2:8, 4:6] = True
     np.testing.assert_array_equal(border, expected)
-    item = SyntheticSlide(np.zeros((10, 16, 3), np.uint8), labels, inst)
+    # Copies: the input's own arrays would compare equal to themselves even written over.
+    item = SyntheticSlide(np.zeros((10, 16, 3), np.uint8), labels.copy(), inst.copy())
     out = separate_touching(item)
     np.testing.assert_array_equal(out.labels, np.where(expected, 1, labels))  # the surround
     assert (out.instances[expected] == 0).all()
     np.testing.assert_array_equal(out.instances[~expected], inst[~expected])
     np.testing.assert_array_equal(item.labels, labels)  # the input is left alone
+    np.testing.assert_array_equal(item.instances, inst)
 
 
 @pytest.mark.parametrize(
@@ -560,3 +562,37 @@ def test_read_folder_pairs_ome_tiff_files_by_their_stem(
     assert item.name == "a"
     np.testing.assert_array_equal(item.image, image)
     np.testing.assert_array_equal(item.labels, labels)
+
+
+def test_read_folder_skips_hidden_files(tmp_path: Path) -> None:
+    """macOS leaves ``._img0.png`` (AppleDouble) beside every file copied from its disks, and
+    editors their ``.img0.png`` swap files: not images of the data set, whatever they end in."""
+    write_folder(tmp_path, [tissue_slide(64, seed=0)])
+    for what in ("images", "labels", "instances"):
+        (tmp_path / what / "._img0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    (item,) = read_folder(tmp_path)
+    assert item.name == "img0"
+
+
+def test_read_folder_keeps_the_largest_object_id_int32_holds(tmp_path: Path) -> None:
+    """Instances are kept as int32: 2**31 - 1 fits (and is kept as it is), 2**31 does not."""
+    import tifffile
+
+    slide = tissue_slide(64, seed=0)
+    write_folder(tmp_path, [slide])
+    instances = slide.instances.astype(np.uint32)
+    instances[3, 5] = 2**31 - 1
+    (tmp_path / "instances" / "img0.png").unlink()
+    tifffile.imwrite(tmp_path / "instances" / "img0.tif", instances)
+    (item,) = read_folder(tmp_path)
+    assert item.instances is not None and item.instances[3, 5] == 2**31 - 1
+
+
+def test_a_folder_image_refuses_instances_of_another_shape() -> None:
+    """Instances that do not match the labels pixel for pixel would give another pixel's
+    object to each label (border weights and separate_touching on the wrong pixels)."""
+    image = np.zeros((8, 10, 3), np.uint8)
+    labels = np.zeros((8, 10), np.uint8)
+    FolderImage(image, labels, np.zeros((8, 10), np.int32), ("a", "b"), "ok")
+    with pytest.raises(ValueError, match=r"bad: .* differ in shape"):
+        FolderImage(image, labels, np.zeros((10, 8), np.int32), ("a", "b"), "bad")

@@ -6,6 +6,7 @@ Validation's inference (the overlap-tile stitcher) is tested in test_execution.p
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from segpipe.analysis.evaluation import evaluate_model
 from segpipe.geometry.tiling import Geometry
 from segpipe.synthetic import SyntheticSlide, tissue_slide
 from segpipe.training import (
+    Augmentation,
     TrainConfig,
     augment,
     make_slides,
@@ -1644,3 +1646,66 @@ def test_a_resumed_step_out_of_memory_does_not_advise_options_a_resume_refuses(
     monkeypatch.setattr(model, "forward", fail)
     with pytest.raises(ValueError, match=r"give it more memory, or train anew with a lower"):
         train(model, _resume(config, 1))
+
+
+def test_the_loop_samples_with_the_configs_augmentation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The elastic deformation and the jitter a config asks for reach the sampler in the
+    training loop itself, not only config.augmentation: a run recorded as augmented that
+    trained on flips alone misdescribes itself (its checkpoint says otherwise)."""
+    from segpipe.training import loop
+
+    class Sampled(Exception):
+        pass
+
+    given: list[inspect.BoundArguments] = []
+    signature = inspect.signature(loop.sample_pairs)
+
+    def spy(*args: object, **kwargs: object) -> None:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        given.append(bound)
+        raise Sampled
+
+    monkeypatch.setattr(loop, "sample_pairs", spy)
+    config = TrainConfig(**TINY, elastic_std_px=2.0, elastic_grid=4, jitter=0.2)
+    with pytest.raises(Sampled):
+        train(tiny_unet(), config)
+    expected = Augmentation(elastic_std_px=2.0, elastic_grid=4, jitter=0.2)
+    assert given[0].arguments["augmentation"] == expected
+
+
+def test_resume_from_the_final_checkpoint_validates_nothing_again(
+    finished_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing left to train: the result is the validation the checkpoint kept. Validating
+    the same weights again costs a whole validation (the slides' inference) for the
+    numbers the checkpoint holds already."""
+    from segpipe.training import loop
+
+    config, result = finished_run
+    calls: list[object] = []
+    evaluate_model = loop.evaluate_model
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return evaluate_model(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate_model", spy)
+    again = train(tiny_unet(), _resume(config, 2))
+    assert calls == []
+    assert again["confusion"] == result["confusion"]
+
+
+def test_a_resume_checks_only_the_epochs_it_will_write(finished_run, tmp_path: Path) -> None:
+    """A resume one epoch in writes epoch-002.pt and after: another run's epoch-001.pt in its
+    folder is not written over, so it does not stop the resume, and stays as it was."""
+    config, _ = finished_run
+    folder = tmp_path / "next"
+    folder.mkdir()
+    payload = torch.load(f"{config.checkpoint_dir}/epoch-001.pt", weights_only=True)
+    payload["metrics"]["config"]["seed"] = 7  # epoch-001.pt of a seed-7 run
+    torch.save(payload, folder / "epoch-001.pt")
+    theirs = (folder / "epoch-001.pt").read_bytes()
+    resume = replace(_resume(config, 1), checkpoint_dir=str(folder))
+    assert train(tiny_unet(), resume)["checkpoint"] == str(folder / "epoch-002.pt")
+    assert (folder / "epoch-001.pt").read_bytes() == theirs
