@@ -927,3 +927,125 @@ def test_a_label_whose_pixels_wsidicom_cannot_read_does_not_refuse_the_slide(tmp
     reader = open_image(folder)
     assert reader.level_shapes == ((200, 300, 3), (100, 150, 3))
     np.testing.assert_array_equal(reader.read(0, 200, 0, 300), _image())
+
+
+def test_a_media_folder_whose_first_files_are_no_dicom_is_read_as_a_slide(tmp_path):
+    """Files without extension, as on DICOM media, sorted behind a few that are no DICOM
+    (a README, a checksum list): the folder is still told a DICOM slide by sniffing."""
+    folder = write_dicom_wsi(tmp_path / "media", _image())
+    for k in range(2):
+        (folder / f"level{k}.dcm").rename(folder / f"IM{k}")
+    for name in ("CHECKSUMS", "HISTORY", "INDEX"):
+        (folder / name).write_text("not a DICOM file\n")
+    reader = open_image(folder)
+    assert isinstance(reader, DicomReader)
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), _image())
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"Rows": 0}, "garbled Rows 0"),
+        ({"TotalPixelMatrixColumns": 0}, "garbled TotalPixelMatrixColumns 0"),
+        ({"ImageType": ["ORIGINAL", "PRIMARY"]}, "garbled ImageType ['ORIGINAL', 'PRIMARY']"),
+    ],
+    ids=["no rows", "no columns", "two values"],
+)
+def test_a_base_level_stating_sizes_of_0_or_a_short_image_type_is_refused(
+    slide, tmp_path, change, problem
+):
+    """A size of 0 is no size, and an ImageType without its third value (VOLUME, LABEL...)
+    states no kind: the header is damaged, and named, not read on (a ZeroDivisionError or
+    an IndexError, or the slide read at level 1)."""
+    folder = _copy_of(slide, tmp_path / "s")
+    _set(folder / "level0.dcm", **change)
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder)
+    assert str(info.value).startswith(f"{folder / 'level0.dcm'}: a damaged DICOM header (")
+    assert problem in str(info.value)
+
+
+def _undecodable(path) -> None:
+    """Rewrite a level file of write_dicom_wsi in a codec wsidicom does not take (MPEG-2)."""
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(path)
+    n = int(ds.NumberOfFrames)
+    size = len(ds.PixelData) // n
+    ds.PixelData = encapsulate([ds.PixelData[k * size : (k + 1) * size] for k in range(n)])
+    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_base_level_wsidicom_cannot_decode_is_left_out_with_a_warning(tmp_path):
+    """Finer than every level read (half level 1's spacing), the undecodable base level is
+    no second image of a level's spacing: the slide reads from level 1, said, not refused."""
+    folder = write_dicom_wsi(tmp_path / "s", _image(), levels=(0, 1, 2))
+    _undecodable(folder / "level0.dcm")
+    with pytest.warns(UserWarning, match=r"wsidicom reads no pyramid level from level0\.dcm"):
+        reader = open_image(folder)
+    assert reader.level_shapes == (_image()[::2, ::2].shape, _image()[::4, ::4].shape)
+    assert reader.pixel_size_um == pytest.approx(0.5)
+    np.testing.assert_array_equal(reader.read(0, 100, 0, 150), _image()[::2, ::2])
+
+
+def _retile_sparse(path, img: np.ndarray, rows: int, columns: int) -> None:
+    """Rewrite the level file ``path`` of ``img`` (one optical path, one focal plane) in
+    frames of ``rows`` x ``columns`` pixels (Rows, Columns: not square), TILED_SPARSE, each
+    frame's (column, row) stated per frame at its tile's corner."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(path)
+    ny, nx, nc = img.shape
+    ty, tx = -(-ny // rows), -(-nx // columns)
+    padded = np.zeros((ty * rows, tx * columns, nc), img.dtype)
+    padded[:ny, :nx] = img
+    frames = padded.reshape(ty, rows, tx, columns, nc).transpose(0, 2, 1, 3, 4)
+    groups = []
+    for k in range(ty * tx):
+        position = Dataset()
+        position.ColumnPositionInTotalImagePixelMatrix = k % tx * columns + 1
+        position.RowPositionInTotalImagePixelMatrix = k // tx * rows + 1
+        position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0.0
+        position.ZOffsetInSlideCoordinateSystem = 0.0
+        path_id = Dataset()
+        path_id.OpticalPathIdentifier = "0"
+        group = Dataset()
+        group.PlanePositionSlideSequence = Sequence([position])
+        group.OpticalPathIdentificationSequence = Sequence([path_id])
+        groups.append(group)
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, ty * tx
+    ds.PixelData = frames.tobytes()
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
+    ds.DimensionOrganizationType = "TILED_SPARSE"
+    ds.save_as(path)
+
+
+def test_sparse_frames_of_tiles_taller_or_wider_than_square_are_read(slide, tmp_path):
+    """Rows and Columns differ: each frame at its tile's corner is on the grid of Rows x
+    Columns (Y x X), not refused as off a grid of Columns x Rows."""
+    folder = _copy_of(slide, tmp_path / "s")
+    _retile_sparse(folder / "level0.dcm", _image(), rows=32, columns=64)
+    reader = open_image(folder)
+    np.testing.assert_array_equal(reader.read(0, 200, 0, 300), _image())
+
+
+def test_a_second_image_at_a_levels_row_spacing_is_refused_though_its_columns_differ(tmp_path):
+    """Pixels twice as wide as tall (PixelSpacing 0.25 mm rows, 0.5 mm columns): wsidicom
+    keys a level by its rows' spacing, so a second image of it at one place is a twin of
+    the level read, refused, whatever its columns' spacing (which is a level's apart)."""
+    from pydicom.uid import generate_uid
+
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    folder = tmp_path / "rescan"
+    for name, img in (("a", _image()), ("b", _other_image())):
+        write_dicom_wsi(folder, img, name=name, uids=uids, levels=(0,), mpp=0.25, x_mpp=0.5)
+    with pytest.raises(ImageReadError) as info:
+        open_image(folder)
+    assert re.match(
+        rf"{re.escape(str(folder))}: wsidicom places [ab]0\.dcm in no pyramid of the series, "
+        "though a level it reads has its pixel spacing",
+        str(info.value),
+    )

@@ -18,10 +18,11 @@ from rasterio.transform import from_origin
 
 import segpipe
 from segpipe import models
-from segpipe.geometry.tiling import Box
+from segpipe.geometry.tiling import Box, mirror_indices
 from segpipe.io.describe import describe_image
 from segpipe.io.ome import PixelGrid
 from segpipe.io.readers import (
+    ArrayReader,
     Georeference,
     ImageReadError,
     open_image,
@@ -859,3 +860,54 @@ def test_a_reduced_level_of_odd_size_is_georeferenced_as_it_was_made(tmp_path, s
         with rasterio.open(path, overview_level=0) as src:
             assert (src.height, src.width) == (51, 62)
             assert tuple(got)[:6] == pytest.approx(tuple(src.transform)[:6])
+
+
+def test_valid_mask_of_a_reduced_level_follows_its_mask_band(tmp_path):
+    """A box of level 1 takes level 1's mask (the mask band's overview), mirrored as the
+    level's pixels are, not level 0's mask of the same indices."""
+    data = _bands(3, "uint8")
+    mask = np.full(SHAPE, 255, np.uint8)
+    mask[100:, 200:] = 0  # level 1: rows 50:, columns 100: (mask[::2, ::2])
+    path = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
+        with rasterio.open(path, "w", crs=CUSTOM, transform=TRANSFORM, **kw) as ds:
+            ds.write(data)
+            ds.write_mask(mask)
+            ds.build_overviews([2], Resampling.nearest)
+    reader = open_image(path)
+    assert reader.mask_kind == "mask"
+    level1 = mask[::2, ::2] > 0  # level 1 is 100 x 150
+    for box in (Box(30, 90, 70, 140), Box(60, 108, 120, 158)):  # inside; leaving it
+        iy, ix = mirror_indices(box.y0, box.y1, 100), mirror_indices(box.x0, box.x1, 150)
+        np.testing.assert_array_equal(valid_mask(reader, box, level=1), level1[np.ix_(iy, ix)])
+
+
+def test_an_alpha_channel_anywhere_among_the_channels_is_the_mask():
+    """The channel named "alpha" marks the valid pixels wherever it is, not the last one."""
+    pixels = np.array([[[0, 9, 9], [255, 0, 0]], [[255, 9, 0], [0, 0, 9]]], dtype=np.uint8)
+    reader = ArrayReader(pixels)
+    reader.mask_kind, reader.channel_names = "alpha", ("alpha", "red", "green")
+    assert reader.valid_mask(0, 2, 0, 2).tolist() == [[False, True], [True, False]]
+
+
+def test_valid_mask_array_of_a_reduced_level_is_that_levels_mask(tmp_path):
+    """Chunk by chunk, the lazy mask of level 1 is level 1's mask band, not level 0's
+    mask read at level 1's indices."""
+    from segpipe.io.readers.masks import valid_mask_array
+
+    data = _bands(3, "uint8")
+    mask = np.full(SHAPE, 255, np.uint8)
+    mask[100:, 200:] = 0
+    mask[:40, :60] = 0
+    path = tmp_path / "masked.tif"
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
+        with rasterio.open(path, "w", crs=CUSTOM, transform=TRANSFORM, **kw) as ds:
+            ds.write(data)
+            ds.write_mask(mask)
+            ds.build_overviews([2], Resampling.nearest)
+    reader = open_image(path)
+    lazy = valid_mask_array(reader, 32, level=1)
+    assert lazy.shape == (100, 150) and lazy.dtype == np.uint8
+    np.testing.assert_array_equal(lazy.compute(), (mask[::2, ::2] > 0).astype(np.uint8))

@@ -2976,3 +2976,26 @@ def test_an_ome_zarr_translation_given_by_path_is_warned_of_not_refused(tmp_path
     with pytest.warns(UserWarning, match=r"t\.ome\.zarr: a translation given by path is not read"):
         reader = open_image(path)
     assert (reader.pixel_size_um, reader.origin_um) == (0.5, (0.0, 0.0))
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 6, 8, 3)])
+def test_an_in_memory_array_of_other_than_2_or_3_axes_is_refused_naming_it(shape):
+    """A stack (Z, Y, X, C) or a line of pixels is no image: refused at once, naming the
+    array and its shape, never read as (Y, X, C) of its first axes."""
+    with pytest.raises(ImageReadError) as info:
+        ArrayReader(np.zeros(shape, np.uint8), name="stack.npy")
+    assert str(info.value) == (
+        f"stack.npy: an in-memory image must be (Y, X) or (Y, X, C), got shape {shape}"
+    )
+
+
+def test_two_in_memory_arrays_of_one_name_and_shape_are_different_pixels_to_dask():
+    """Every ArrayReader is "<in-memory array>" unless named: keys of the name and shape
+    alone would have dask read one array's pixels for the other's in one graph."""
+    a = np.zeros((40, 50, 3), np.uint8)
+    b = a.copy()
+    b[7, 9, 1] = 1
+    ra, rb = ArrayReader(a), ArrayReader(b)
+    assert ra.level(0).name != rb.level(0).name
+    assert ra.level(0).name == ArrayReader(a.copy()).level(0).name  # the pixels name it
+    np.testing.assert_array_equal((rb.level(0) - ra.level(0)).compute()[7, 9], [0, 1, 0])
