@@ -20,16 +20,6 @@ CLASSES = ("background", "tissue", "nucleus")
 os.environ.setdefault("MALLOC_MMAP_MAX_", "65536")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _torch_threads_of_this_workers_share():
-    """Torch's default takes every core, in each pytest-xdist worker: two workers on two
-    cores then run four busy threads, which wait on each other (test_models_family and
-    test_wrap took 20% longer so). Each worker takes its share of the cores; a test that
-    needs another count sets it, and puts this one back."""
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
-
-
 @pytest.fixture(autouse=True)
 def _prefect_console_on_live_stream(request):
     """Prefect's console handler keeps the stream it was configured with, and Prefect
