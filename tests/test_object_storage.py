@@ -232,7 +232,6 @@ def test_a_window_of_an_s3_image_is_read_without_downloading_the_file(s3, tmp_pa
     assert 0 < read < size // 4, f"read {read:,} of {size:,} bytes for one 64 x 64 tile"
 
 
-@pytest.mark.integration
 def test_a_closed_s3_reader_keeps_none_of_the_files_it_opened(s3, tmp_path, monkeypatch):
     """Each read after a close opens the URL again; a close lets go of every file opened
     before it (closed), so a reader that is read and closed for hours holds no more."""
@@ -257,6 +256,7 @@ def test_a_closed_s3_reader_keeps_none_of_the_files_it_opened(s3, tmp_path, monk
     assert [ref() for ref in opened] == [None] * len(opened)
 
 
+@pytest.mark.integration
 def test_the_archive_flow_runs_from_an_s3_archive_into_an_s3_output_root(
     s3, small_slide, random_checkpoint, reference, prefect_harness
 ):
