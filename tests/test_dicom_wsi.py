@@ -622,19 +622,24 @@ def test_a_level_of_its_own_tile_size_is_read(tmp_path):
     np.testing.assert_array_equal(reader.read(0, 50, 0, 75, level=2), _image()[::4, ::4])
 
 
-def test_a_level_file_wsidicom_cannot_decode_is_left_out_with_a_warning(tmp_path):
-    """A level of its own pixel spacing in a codec wsidicom does not take: read without it,
-    as wsidicom reads the slide, and said."""
-    folder = write_dicom_wsi(tmp_path / "s", _image(), levels=(0, 1, 2))
-    ds = pydicom.dcmread(folder / "level2.dcm")
+def _undecodable(path) -> None:
+    """Rewrite a level file of write_dicom_wsi in a codec wsidicom does not take (MPEG-2)."""
     from pydicom.encaps import encapsulate
 
+    ds = pydicom.dcmread(path)
     n = int(ds.NumberOfFrames)
     size = len(ds.PixelData) // n
     ds.PixelData = encapsulate([ds.PixelData[k * size : (k + 1) * size] for k in range(n)])
     ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2
-    ds.save_as(folder / "level2.dcm", enforce_file_format=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_a_level_file_wsidicom_cannot_decode_is_left_out_with_a_warning(tmp_path):
+    """A level of its own pixel spacing in a codec wsidicom does not take: read without it,
+    as wsidicom reads the slide, and said."""
+    folder = write_dicom_wsi(tmp_path / "s", _image(), levels=(0, 1, 2))
+    _undecodable(folder / "level2.dcm")
     with pytest.warns(UserWarning, match=r"wsidicom reads no pyramid level from level2\.dcm"):
         reader = open_image(folder)
     assert reader.level_shapes == (_image().shape, _image()[::2, ::2].shape)
@@ -730,20 +735,22 @@ def test_a_spacing_that_differs_in_x_and_y_is_warned_of_and_x_is_used(tmp_path):
 def _make_sparse(
     path: Path, moved: dict[int, tuple[int, int]] | None = None, paths: tuple[str, ...] = ("0",)
 ) -> None:
-    """Rewrite a level file of write_dicom_wsi (64 px tiles, one focal plane, the optical
-    ``paths`` it was written with) as TILED_SPARSE, each frame's (column, row) and optical
-    path stated per frame: its tile's corner, or ``moved[frame]``."""
+    """Rewrite a level file of write_dicom_wsi (one focal plane, the optical ``paths`` it was
+    written with) as TILED_SPARSE, each frame's (column, row) and optical path stated per
+    frame: its tile's corner (tiles of Rows x Columns), or ``moved[frame]``."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     ds = pydicom.dcmread(path)
-    across = -(-ds.TotalPixelMatrixColumns // 64)
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    across = -(-ds.TotalPixelMatrixColumns // columns)
     per_path = int(ds.NumberOfFrames) // len(paths)  # a path's tiles, then the next path's
     groups = []
     for k in range(int(ds.NumberOfFrames)):
         position = Dataset()
         tile = k % per_path
-        column, row = (moved or {}).get(k, (tile % across * 64 + 1, tile // across * 64 + 1))
+        corner = (tile % across * columns + 1, tile // across * rows + 1)
+        column, row = (moved or {}).get(k, corner)
         position.ColumnPositionInTotalImagePixelMatrix = column
         position.RowPositionInTotalImagePixelMatrix = row
         position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0.0
@@ -965,19 +972,6 @@ def test_a_base_level_stating_sizes_of_0_or_a_short_image_type_is_refused(
     assert problem in str(info.value)
 
 
-def _undecodable(path) -> None:
-    """Rewrite a level file of write_dicom_wsi in a codec wsidicom does not take (MPEG-2)."""
-    from pydicom.encaps import encapsulate
-
-    ds = pydicom.dcmread(path)
-    n = int(ds.NumberOfFrames)
-    size = len(ds.PixelData) // n
-    ds.PixelData = encapsulate([ds.PixelData[k * size : (k + 1) * size] for k in range(n)])
-    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG-2
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_a_base_level_wsidicom_cannot_decode_is_left_out_with_a_warning(tmp_path):
     """Finer than every level read (half level 1's spacing), the undecodable base level is
     no second image of a level's spacing: the slide reads from level 1, said, not refused."""
@@ -990,36 +984,17 @@ def test_a_base_level_wsidicom_cannot_decode_is_left_out_with_a_warning(tmp_path
     np.testing.assert_array_equal(reader.read(0, 100, 0, 150), _image()[::2, ::2])
 
 
-def _retile_sparse(path, img: np.ndarray, rows: int, columns: int) -> None:
+def _retiled(path, img: np.ndarray, rows: int, columns: int) -> None:
     """Rewrite the level file ``path`` of ``img`` (one optical path, one focal plane) in
-    frames of ``rows`` x ``columns`` pixels (Rows, Columns: not square), TILED_SPARSE, each
-    frame's (column, row) stated per frame at its tile's corner."""
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
-
+    frames of ``rows`` x ``columns`` pixels (Rows, Columns: not square), still TILED_FULL."""
     ds = pydicom.dcmread(path)
     ny, nx, nc = img.shape
     ty, tx = -(-ny // rows), -(-nx // columns)
     padded = np.zeros((ty * rows, tx * columns, nc), img.dtype)
     padded[:ny, :nx] = img
     frames = padded.reshape(ty, rows, tx, columns, nc).transpose(0, 2, 1, 3, 4)
-    groups = []
-    for k in range(ty * tx):
-        position = Dataset()
-        position.ColumnPositionInTotalImagePixelMatrix = k % tx * columns + 1
-        position.RowPositionInTotalImagePixelMatrix = k // tx * rows + 1
-        position.XOffsetInSlideCoordinateSystem = position.YOffsetInSlideCoordinateSystem = 0.0
-        position.ZOffsetInSlideCoordinateSystem = 0.0
-        path_id = Dataset()
-        path_id.OpticalPathIdentifier = "0"
-        group = Dataset()
-        group.PlanePositionSlideSequence = Sequence([position])
-        group.OpticalPathIdentificationSequence = Sequence([path_id])
-        groups.append(group)
     ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, ty * tx
     ds.PixelData = frames.tobytes()
-    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
-    ds.DimensionOrganizationType = "TILED_SPARSE"
     ds.save_as(path)
 
 
@@ -1027,7 +1002,8 @@ def test_sparse_frames_of_tiles_taller_or_wider_than_square_are_read(slide, tmp_
     """Rows and Columns differ: each frame at its tile's corner is on the grid of Rows x
     Columns (Y x X), not refused as off a grid of Columns x Rows."""
     folder = _copy_of(slide, tmp_path / "s")
-    _retile_sparse(folder / "level0.dcm", _image(), rows=32, columns=64)
+    _retiled(folder / "level0.dcm", _image(), rows=32, columns=64)
+    _make_sparse(folder / "level0.dcm")
     reader = open_image(folder)
     np.testing.assert_array_equal(reader.read(0, 200, 0, 300), _image())
 

@@ -721,12 +721,14 @@ def test_a_tiff_with_gdal_tags_but_no_placement_is_still_read_unplaced(tmp_path)
     assert reader.georeference is None and reader.nodata == (0.0,)
 
 
-def _masked_raster(path, *, overviews_first=False):
-    """A GeoTIFF with an internal mask band (GDAL_TIFF_INTERNAL_MASK) and one overview, built
-    before the mask (which then has no overview mask) or after it."""
+def _masked_raster(path, *, overviews_first=False, mask=None):
+    """A GeoTIFF with an internal mask band (GDAL_TIFF_INTERNAL_MASK; ``mask``, by default
+    0 at rows 100:, columns 200:) and one overview, built before the mask (which then has no
+    overview mask) or after it."""
     data = _bands(3, "uint8")
-    mask = np.full(SHAPE, 255, np.uint8)
-    mask[100:, 200:] = 0
+    if mask is None:
+        mask = np.full(SHAPE, 255, np.uint8)
+        mask[100:, 200:] = 0
     kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
     with (
         rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True),
@@ -865,17 +867,9 @@ def test_a_reduced_level_of_odd_size_is_georeferenced_as_it_was_made(tmp_path, s
 def test_valid_mask_of_a_reduced_level_follows_its_mask_band(tmp_path):
     """A box of level 1 takes level 1's mask (the mask band's overview), mirrored as the
     level's pixels are, not level 0's mask of the same indices."""
-    data = _bands(3, "uint8")
     mask = np.full(SHAPE, 255, np.uint8)
     mask[100:, 200:] = 0  # level 1: rows 50:, columns 100: (mask[::2, ::2])
-    path = tmp_path / "masked.tif"
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
-        kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
-        with rasterio.open(path, "w", crs=CUSTOM, transform=TRANSFORM, **kw) as ds:
-            ds.write(data)
-            ds.write_mask(mask)
-            ds.build_overviews([2], Resampling.nearest)
-    reader = open_image(path)
+    reader = open_image(_masked_raster(tmp_path / "masked.tif", mask=mask))
     assert reader.mask_kind == "mask"
     level1 = mask[::2, ::2] > 0  # level 1 is 100 x 150
     for box in (Box(30, 90, 70, 140), Box(60, 108, 120, 158)):  # inside; leaving it
@@ -896,18 +890,10 @@ def test_valid_mask_array_of_a_reduced_level_is_that_levels_mask(tmp_path):
     mask read at level 1's indices."""
     from segpipe.io.readers.masks import valid_mask_array
 
-    data = _bands(3, "uint8")
     mask = np.full(SHAPE, 255, np.uint8)
     mask[100:, 200:] = 0
     mask[:40, :60] = 0
-    path = tmp_path / "masked.tif"
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
-        kw = dict(driver="GTiff", width=300, height=200, count=3, dtype="uint8", tiled=True)
-        with rasterio.open(path, "w", crs=CUSTOM, transform=TRANSFORM, **kw) as ds:
-            ds.write(data)
-            ds.write_mask(mask)
-            ds.build_overviews([2], Resampling.nearest)
-    reader = open_image(path)
+    reader = open_image(_masked_raster(tmp_path / "masked.tif", mask=mask))
     lazy = valid_mask_array(reader, 32, level=1)
     assert lazy.shape == (100, 150) and lazy.dtype == np.uint8
     np.testing.assert_array_equal(lazy.compute(), (mask[::2, ::2] > 0).astype(np.uint8))
