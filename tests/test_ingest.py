@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -12,17 +13,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
+import dask
+import dask.threaded
 import numpy as np
 import pytest
 import tifffile
 import zarr
+from dask.callbacks import Callback
 
 import segpipe.io.ingest
+from segpipe.geometry.pixels import pyramid_shapes
 from segpipe.io.files import URLPath
 from segpipe.io.imagestore import INGEST_VERSION
 from segpipe.io.ingest import ingest, ingested_image, is_segpipe_image
 from segpipe.io.locks import StoreBusyError, store_lock
-from segpipe.io.readers import ImageReadError, open_image
+from segpipe.io.readers import ArrayReader, ImageReadError, open_image
+from segpipe.progress import reporting
 
 
 def _image() -> np.ndarray:
@@ -75,13 +81,61 @@ def _attrs(path: Path | URLPath) -> dict[str, Any]:
     [(1, "chunk must be an integer >= 2"), ("512", "integer >= 2"), (20000, "1.1 GiB")],
 )
 def test_a_chunk_no_store_can_hold_is_refused_before_anything_is_written(
-    tmp_path: Path, chunk: int, message: str
+    tmp_path: Path, chunk: int, message: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """--chunk 70000 on a 512 px slide grew to 22 GB before the OOM killer ended it."""
     source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    # A chunk let through fails here at once, not after copying 155k chunks or 1.1 GiB ones.
+    monkeypatch.setattr(segpipe.io.ingest, "_copy", _never_copied)
     with pytest.raises(ValueError, match=message):
         ingest(source, tmp_path / "out.ome.zarr", chunk=chunk)
     assert not (tmp_path / "out.ome.zarr").exists()
+
+
+def _never_copied(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a chunk the size check should refuse was let through to the copy")
+
+
+def test_the_chunk_bound_counts_bytes_so_a_16_bit_chunk_over_1_gib_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """30,000² px of one uint16 band: 0.84 Gi samples, but 1.7 GiB a chunk."""
+    source = tmp_path / "grey16.tif"
+    tifffile.imwrite(source, _image()[..., 0].astype(np.uint16) * 257, tile=(64, 64))
+    monkeypatch.setattr(segpipe.io.ingest, "_copy", _never_copied)
+    with pytest.raises(ValueError, match=r"1\.7 GiB \(1 channels x 30000² px uint16\)"):
+        ingest(source, tmp_path / "out.zarr", chunk=30000)
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_a_chunk_of_exactly_1_gib_is_taken_and_one_px_more_a_side_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "grey8.tif"
+    tifffile.imwrite(source, _image()[..., 0], tile=(64, 64))  # one uint8 band: 1 B a pixel
+    copied: list[int] = []
+
+    def recorded(reader: Any, out: Any, px: Any, *, chunk: int, min_level_size: int) -> None:
+        copied.append(chunk)  # the size check passed; no 1 GiB chunk is written here
+
+    monkeypatch.setattr(segpipe.io.ingest, "_copy", recorded)
+    ingest(source, tmp_path / "a.zarr", chunk=2**15)  # 32768² x 1 B = 2**30 B exactly
+    assert copied == [2**15]
+    with pytest.raises(ValueError, match="GiB"):
+        ingest(source, tmp_path / "b.zarr", chunk=2**15 + 1)
+    assert copied == [2**15]
+
+
+def test_a_chunk_too_large_is_refused_before_overwrite_deletes_the_previous_ingest(
+    tmp_path: Path,
+) -> None:
+    source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    out = ingest(source, tmp_path / "out.zarr", chunk=128, min_level_size=64)
+    before = _files(out)
+    with pytest.raises(ValueError, match=r"1\.1 GiB"):
+        ingest(source, out, chunk=20000, overwrite=True)
+    assert _files(out) == before
+    assert open_image(out).shape == (300, 517, 3)  # still a complete ingest
 
 
 def test_a_numpy_integer_chunk_ingests_as_the_int(tmp_path: Path) -> None:
@@ -162,6 +216,21 @@ def test_unknown_pixel_size_has_no_unit(tmp_path: Path) -> None:
     assert all("unit" not in axis for axis in ms["axes"])
     assert ms["datasets"][1]["coordinateTransformations"][0]["scale"] == [1.0, 2.0, 2.0]
     assert open_image(out).pixel_size_um is None
+
+
+def test_an_origin_in_microns_is_dropped_when_the_pixel_size_is_unknown(tmp_path: Path) -> None:
+    """Without a pixel size the levels are in level-0 pixels: a reader's ``origin_um`` is not
+    written as a translation in pixels (no built-in reader has one without a pixel size; a
+    Reader passed in may)."""
+    reader = ArrayReader(_image())
+    reader.origin_um = (100.0, 200.0)
+    out = ingest(reader, tmp_path / "out.zarr", chunk=128, min_level_size=64)
+    (ms,) = _attrs(out)["ome"]["multiscales"]
+    assert ms["datasets"][0]["coordinateTransformations"] == [
+        {"type": "scale", "scale": [1.0, 1.0, 1.0]}
+    ]
+    copy = open_image(out)
+    assert (copy.pixel_size_um, copy.origin_um) == (None, (0.0, 0.0))
 
 
 @pytest.mark.parametrize("as_reader", [False, True], ids=["path", "reader"])
@@ -332,6 +401,61 @@ def test_grey_uint16_source(tmp_path: Path) -> None:
 def test_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ingest(_ome_tiff(tmp_path / "in.ome.tif", _image()), tmp_path / "p.zarr", progress=True)
     assert "100%" in capsys.readouterr().err  # segpipe.progress lines on stderr, not Dask's bar
+
+
+def _client_get(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    """Stands in for ``distributed.Client.get``: runs the graph on Dask's threads, and no
+    local callback reaches it."""
+    assert "callbacks" not in kwargs, "local callbacks given to a distributed scheduler"
+    return dask.threaded.get(dsk, keys, **kwargs)
+
+
+_client_get.__module__ = "distributed.client"  # what _ChunkCounter tells a client by
+
+
+def test_on_a_distributed_scheduler_each_level_counts_whole_once_stored(tmp_path: Path) -> None:
+    """A client runs no local Dask callbacks, so no chunk is counted as its tasks finish;
+    the stage still ends at its total."""
+    source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    events: list[Any] = []
+    with dask.config.set(scheduler=_client_get), reporting(events.append):
+        ingest(source, tmp_path / "out.zarr", chunk=128, min_level_size=64)
+    per_level = [-(-y // 128) * -(-x // 128) for y, x in pyramid_shapes((300, 517), 64)]
+    assert per_level == [15, 6, 2]
+    assert (events[0].kind, events[0].total) == ("start", sum(per_level))
+    assert [e.done for e in events if e.kind == "advance"] == [15, 21, 23]
+    assert (events[-1].kind, events[-1].done, events[-1].ok) == ("end", 23, True)
+
+
+def test_every_ingest_progress_event_moves_the_count_on(tmp_path: Path) -> None:
+    """Dask runs many tasks a chunk: a listener (a progress artifact) is not sent one event
+    per task with nothing new."""
+    source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    events: list[Any] = []
+    with reporting(events.append):
+        ingest(source, tmp_path / "out.zarr", chunk=128, min_level_size=64)
+    dones = [e.done for e in events if e.kind == "advance"]
+    assert dones and all(a < b for a, b in itertools.pairwise(dones)), dones
+    assert dones[-1] == events[0].total == 15 + 6 + 2
+
+
+class _StoredChunks(Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored = 0
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        name = key[0] if isinstance(key, tuple) else key
+        self.stored += str(name).startswith("store-map")
+
+
+def test_a_users_own_active_dask_callback_still_sees_the_ingest(tmp_path: Path) -> None:
+    """Callbacks given to one computation replace the active ones: ingest passes a user's
+    (``with ProgressBar():``) along with its chunk counter."""
+    source = _ome_tiff(tmp_path / "in.ome.tif", _image())
+    with _StoredChunks() as seen:
+        ingest(source, tmp_path / "out.zarr", chunk=128, min_level_size=64)
+    assert seen.stored >= 15 + 6 + 2  # a store task for each chunk of levels 0, 1 and 2
 
 
 def test_ingested_image_passes_the_strict_ome_validator(tmp_path: Path) -> None:
