@@ -4,6 +4,7 @@ exactly those tiles, the others reading as class 0 with the mask stored beside t
 import hashlib
 import itertools
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -945,6 +946,87 @@ def test_a_mask_image_within_rounding_of_the_aspect_ratio_is_taken(tmp_path, sha
     assert mask_tiles(path).all()
 
 
+@pytest.mark.parametrize(
+    ("strip_pixels", "rows"),
+    [(1, 16), (40 * 20, 16), (40 * 33, 32), (1 << 24, 112)],
+    ids=["under-a-chunk-row", "a-chunk-row-and-some", "two-chunk-rows-and-some", "default"],
+)
+def test_row_strips_are_whole_rows_of_chunks_of_about_strip_pixels(monkeypatch, strip_pixels, rows):
+    """A 100 x 40 px level in chunks of 16 rows: strips of whole chunk rows (a strip ending
+    inside one decodes it twice), one chunk row even where it exceeds STRIP_PIXELS, every
+    row once."""
+    monkeypatch.setattr(maskfiles, "STRIP_PIXELS", strip_pixels)
+    reader = SimpleNamespace(level_shapes=((100, 40, 1),), chunk_shape=lambda level: (16, 16))
+    expected = [(y0, min(100, y0 + rows)) for y0 in range(0, 100, rows)]
+    assert maskfiles.row_strips(reader, 0) == expected
+
+
+def test_a_two_channel_mask_tiff_without_named_channels_takes_its_second_as_alpha(tmp_path):
+    """tifffile writes grey and alpha as two samples, the second "unspecified": no channel
+    is named alpha, yet of two channels the last is the alpha, as of four."""
+    import tifffile
+
+    pixels = np.zeros((64, 64, 2), np.uint8)
+    pixels[..., 0] = 255  # white everywhere
+    pixels[8:16, 40:48, 1] = 255  # the alpha cuts out tile (1, 5)
+    path = tmp_path / "grey_alpha.tif"
+    tifffile.imwrite(path, pixels, photometric="minisblack", planarconfig="contig")
+    assert not getattr(segpipe.open_image(path), "channel_names", None)
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+@pytest.mark.parametrize("marked", [True, False], ids=["read", "refused"])
+def test_a_mask_image_is_closed_once_read_or_refused(tmp_path, monkeypatch, marked):
+    """A run reads one mask per image of an archive: each mask's file handles are let go,
+    the mask read or refused as marking nothing."""
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[8:16, 40:48] = 255 if marked else 0
+    path = tmp_path / "mask.png"
+    Image.fromarray(pixels).save(path)
+    closed = []
+
+    def opened(p):
+        image = segpipe.open_image(p)
+        close = image.close
+        image.close = lambda: (closed.append(p), close())[1]
+        return image
+
+    monkeypatch.setattr(maskfiles, "open_image", opened)
+    reader = ArrayReader(np.zeros((64, 64, 3), np.uint8))
+    if marked:
+        assert read_mask_file(path, reader, (64, 64)).sum() == 64
+    else:
+        with pytest.raises(ValueError, match="marks no foreground"):
+            read_mask_file(path, reader, (64, 64))
+    assert closed == [path]
+
+
+@pytest.mark.parametrize("name", ["MASK.GEOJSON", "mask.GeoJSON", "Mask.JSON"])
+def test_a_geojson_mask_named_in_capitals_is_geojson(tmp_path, name):
+    """Windows tools write MASK.GEOJSON: it is GeoJSON, not an image of an unknown format."""
+    path = tmp_path / name
+    polygons = {"type": "FeatureCollection", "features": [square(330, 70, 370, 120)]}
+    path.write_text(json.dumps(polygons))
+    np.testing.assert_array_equal(mask_tiles(path), ONLY_1_5)
+
+
+def test_a_mask_image_is_stretched_over_the_segmented_levels_pixels(tmp_path):
+    """Level 1 of a 301 x 517 image is 150 x 258: a 100 x 172 mask stretched over it shows
+    its row 1 on level row 2 only (2 * 100 // 150), its column 1 on level column 2 only
+    (2 * 172 // 258). Stretched over level 0 instead (rows 4..6 of 301, then halved) it
+    marked row and column 1 as well."""
+    reader = SimpleNamespace(level_shapes=((301, 517, 3), (150, 258, 3)))
+    pixels = np.zeros((100, 172), np.uint8)
+    pixels[1, :] = 255
+    pixels[:, 1] = 255
+    Image.fromarray(pixels).save(tmp_path / "m.png")
+    rows = np.arange(150) * 100 // 150 == 1  # level pixel y shows mask row y * my // ny
+    cols = np.arange(258) * 172 // 258 == 1
+    assert np.flatnonzero(rows).tolist() == [2] and np.flatnonzero(cols).tolist() == [2]
+    got = read_mask_file(tmp_path / "m.png", reader, (150, 258), level=1)
+    np.testing.assert_array_equal(got, rows[:, None] | cols[None, :])
+
+
 def square(x0, y0, x1, y1):
     ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}}
@@ -1050,6 +1132,42 @@ def test_a_polygon_reaching_far_past_the_image_marks_what_it_covers(tmp_path, fa
         mask = read_mask_file(path, reader, (300, 400))
         np.testing.assert_array_equal(mask[:250], expected[:250])  # the band's rows
         assert mask[250:].sum() == (100 if small in features else 0)
+
+
+@pytest.mark.parametrize("far", [2**31 + 100, 1e15])
+def test_a_polygon_reaching_far_past_the_image_marks_what_it_covers_at_a_coarser_level(
+    tmp_path, far
+):
+    """Level 1 of a 400 x 400 image, each pixel 2 x 2 of level 0's: a "whole image" polygon
+    drawn huge is cut to the level's cells in level-0 pixels, and marks every cell."""
+    reader = SimpleNamespace(level_shapes=((400, 400, 3), (200, 200, 3)), georeference=None)
+    path = tmp_path / "far.geojson"
+    path.write_text(json.dumps(square(-far, -far, far, far)))
+    assert read_mask_file(path, reader, (200, 200), level=1).all()
+    assert read_mask_file(path, reader, (100, 100), level=1).all()  # cells of 2 x 2 pixels
+
+
+def test_a_thin_far_spike_entering_the_image_marks_the_edge_cell_it_enters(tmp_path):
+    """A slip of the pen out to (-1e15, -1e15) and back: a spike thinner than a pixel that
+    enters the image at column 0, row 116. The polygon is cut a cell beyond the image before
+    it is burned; cut at the image's edge itself, the cut spike had no area left in cell
+    (116, 0), which its inside meets. (A case a random search found.)"""
+    import shapely
+
+    points = [
+        (516.2927318407204, 224.22629282947037),
+        (532.7542962144423, 259.9374882125882),
+        (215.13717490944532, 332.1280712092267),
+        (-1e15, -1e15),
+        (236.02708358545766, 414.6373071849749),
+    ]
+    polygon = shapely.make_valid(shapely.Polygon(points))
+    path = tmp_path / "spike.geojson"
+    path.write_text(json.dumps({"type": "Polygon", "coordinates": [[*points, points[0]]]}))
+    reader = SimpleNamespace(level_shapes=((301, 517, 3),), georeference=None)
+    expected = cells_meeting([polygon], (301, 517), (301, 517))
+    assert expected[116, 0]
+    np.testing.assert_array_equal(read_mask_file(path, reader, (301, 517)), expected)
 
 
 @pytest.mark.parametrize("past", [200, 2**31])

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 import segpipe
+from segpipe.io import maskfiles
 from segpipe.io.maskfiles import mask_file_sha256, read_mask_file
 
 UTM = "EPSG:32633"
@@ -134,6 +136,68 @@ def test_zarr_masks_with_their_chunks_at_other_keys_hash_apart(tmp_path):
     assert mask_file_sha256(a) != mask_file_sha256(b)
     copy = shutil.copytree(a, tmp_path / "elsewhere" / "a.zarr")
     assert mask_file_sha256(copy) == mask_file_sha256(a)
+
+
+def test_zarr_masks_whose_names_and_bytes_run_together_alike_hash_apart(tmp_path):
+    """An empty chunk c/0 then c/1 holding 1, and c/0 alone holding the bytes of "c/1\\0"
+    and 1: names and bytes strung together are one stream; each file's size tells them
+    apart."""
+    a = _zarr_folder(tmp_path / "a.zarr", {"c/0": b"", "c/1": b"\x01"})
+    b = _zarr_folder(tmp_path / "b.zarr", {"c/0": b"c/1\x00\x01"})
+    assert mask_file_sha256(a) != mask_file_sha256(b)
+
+
+def test_a_zarr_masks_hash_does_not_depend_on_the_order_its_files_are_listed(tmp_path, monkeypatch):
+    """Another filesystem (or a copy of the folder) lists the same files in another order:
+    the same mask, the same hash."""
+    chunks = {f"c/{i}/{j}": bytes([i, j]) * 8 for i in range(3) for j in range(3)}
+    mask = _zarr_folder(tmp_path / "m.zarr", chunks)
+    listed = mask_file_sha256(mask)
+    real = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(real(self, pattern))))
+    monkeypatch.setattr(maskfiles, "_HASHES", {})  # hash it anew, in the other order
+    assert mask_file_sha256(mask) == listed
+
+
+def test_the_hashes_kept_are_the_newest_and_no_more_than_the_limit(tmp_path, monkeypatch):
+    """A long archive run hashes many masks: the oldest hash is let go, the newest kept."""
+    monkeypatch.setattr(maskfiles, "_HASHES", {})
+    monkeypatch.setattr(maskfiles, "_KEPT_HASHES", 3)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"mask{i}.png")
+        paths[-1].write_bytes(bytes([i]) * 100)
+        assert mask_file_sha256(paths[-1]) == hashlib.sha256(bytes([i]) * 100).hexdigest()
+    assert len(maskfiles._HASHES) == 3
+    opened = []
+    real_open = open
+
+    def counted(file, *args, **kwargs):
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", counted)
+    for path in paths[2:]:  # the three newest: kept
+        mask_file_sha256(path)
+    assert opened == []
+    mask_file_sha256(paths[0])  # the oldest: hashed anew
+    assert opened == [paths[0]]
+
+
+def test_a_speck_is_under_1_percent_of_the_images_shorter_side(tmp_path):
+    """Over a 200 x 2000 px image at longitude 10..12, latitude 50.8..51, a 5 px polygon in
+    pixels near the footprint in degrees spans 2.5% of the 200 px side: no speck, so pixels
+    (1% of the longer side, 20 px, would have refused it)."""
+    transform = Affine(0.001, 0, 10, 0, -0.001, 51)
+    image = segpipe.open_image(
+        _geotiff(tmp_path / "image.tif", np.ones((200, 2000), np.uint8), transform, "EPSG:4326")
+    )
+    ring = [[10, 50], [15, 50], [15, 55], [10, 55], [10, 50]]
+    mask = tmp_path / "m.geojson"
+    mask.write_text(json.dumps({"type": "Polygon", "coordinates": [ring]}))
+    expected = np.zeros((20, 200), bool)
+    expected[5, 1] = True  # cells of 10 x 10 pixels
+    np.testing.assert_array_equal(read_mask_file(mask, image, (20, 200)), expected)
 
 
 @pytest.mark.parametrize(
