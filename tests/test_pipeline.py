@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 from test_execution import CLASSES, one_torch_thread, tiny_unet  # noqa: F401 (autouse fixture)
+from torch import nn
 
 import segpipe
+from segpipe import models
 from segpipe.execution import cluster, futures, pipeline, stitching, tasks
 from segpipe.execution.pipeline import ModelStage, PassPlan
 from segpipe.execution.predictor import (
@@ -663,3 +665,194 @@ def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         stage.submit(windows(1.0)).result(10)
     stage.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"), [({"max_queued": 0}, "max_queued"), ({"lanes": 0}, "lanes")]
+)
+def test_a_stage_refuses_an_unbounded_queue_and_no_lanes(setting, match):
+    """A queue of size 0 is unbounded (queue.Queue's maxsize=0): the memory bound would be
+    gone without a word; no lanes would run nothing."""
+    with pytest.raises(ValueError, match=match):
+        ModelStage(FakePredictor(), **setting)  # type: ignore[arg-type]
+
+
+def test_max_batch_caps_a_wide_pass_below_the_predictors_batch_size():
+    fake = FakePredictor(batch_size=8)
+    stage = ModelStage(fake, max_batch=2)  # type: ignore[arg-type]
+    assert stage.pass_plan((4, 4, 1)) == PassPlan(2, 1, narrow=False, joins=False)
+    out = stage(windows(5, n=5))
+    stage.close()
+    assert out.shape == (5, 1, 1, 1)
+    assert fake.batches == [2, 2, 1]
+
+
+@pytest.mark.parametrize("lanes", [None, 2])
+def test_a_stage_that_does_not_share_the_cores_runs_one_lane_on_every_thread(lanes):
+    """Without the core gate (a GPU's stage) narrow passes would change torch's thread count
+    beside other passes: one lane, wide passes only, whatever ``lanes`` says; its model
+    thread runs on the configured threads (the caller's thread has one here)."""
+    fake = FakePredictor(batch_size=4, threads=2)
+    stage = ModelStage(fake, share_cores=False, lanes=lanes)  # type: ignore[arg-type]
+    assert stage.lanes == 1
+    assert stage.pass_plan((4, 4, 1)) == PassPlan(4, 2, narrow=False, joins=True)
+    assert stage(windows(3))[0, 0, 0, 0] == 3
+    stage.close()
+    assert [(threads, name) for _, threads, name in fake.passes] == [(2, "segpipe-model")]
+
+
+def _until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
+
+
+def test_close_waits_for_the_last_submitter_not_the_first_one_done():
+    """Two submitters blocked on a full queue when the stage closes, the second with two
+    chunks: the first is done while the second still puts; close goes on waiting, so its
+    stop is queued behind the second's last chunk, which runs. Who waits where is read from
+    threading.Condition's ``_waiters`` (CPython's), so that no sleep decides the order."""
+    fake = FakePredictor(batch_size=1)
+    forward = fake.forward
+    held = {0: threading.Event(), 1: threading.Event()}
+
+    def forward_held(batch):
+        value = float(batch.ravel()[0])
+        if value in held:
+            held[value].wait(10)
+        return forward(batch)
+
+    fake.forward = forward_held
+    stage = ModelStage(fake, max_queued=1, lanes=1, share_cores=False)  # type: ignore[arg-type]
+    todo, idle = stage._queues[False], stage._idle
+
+    first = stage.submit(windows(0))  # the lane holds its pass
+    _until(lambda: not stage.queued())
+    second = stage.submit(windows(1))  # the queue is full
+    outcomes: dict[int, object] = {}
+
+    def submit(value, n):
+        try:
+            outcomes[value] = stage.submit(windows(value, n=n)).result(10).ravel().tolist()
+        except Exception as err:  # the outcome is checked
+            outcomes[value] = err
+
+    a = threading.Thread(target=submit, args=(2, 1), daemon=True)
+    a.start()
+    _until(lambda: len(todo.not_full._waiters) == 1)
+    b = threading.Thread(target=submit, args=(3, 2), daemon=True)  # two chunks of one
+    b.start()
+    _until(lambda: len(todo.not_full._waiters) == 2 and stage._submitting == 2)
+    closer = threading.Thread(target=stage.close, daemon=True)
+    closer.start()
+    _until(lambda: len(idle._waiters) == 1)
+    held[0].set()  # the lane takes 1: 2 is put, its submitter is done, 3's are not
+    _until(lambda: stage._submitting == 1)
+    # close waits again (or, were it done waiting, waits to put its stop behind 3's first)
+    _until(lambda: len(idle._waiters) == 1 or len(todo.not_full._waiters) == 2)
+    held[1].set()
+    for t in (closer, a, b):
+        t.join(10)
+    assert not closer.is_alive()
+    assert first.result(10)[0, 0, 0, 0] == 0 and second.result(10)[0, 0, 0, 0] == 1
+    assert outcomes == {2: [2.0], 3: [3.0, 3.0]}
+    assert not model_threads()
+    assert fake.batches == [1] * 5
+
+
+def test_close_stops_a_lane_whose_stop_is_queued_right_behind_windows():
+    """A GPU's lane (its batches join what is queued) finds the stop behind the windows it
+    joins: it runs them and stops, and close returns."""
+    fake = FakePredictor(batch_size=4)
+    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
+    fake.hold.clear()
+    first = stage.submit(windows(0))  # taken by the model thread, which is held
+    _until(lambda: not stage.queued())
+    second = stage.submit(windows(1))
+    closer = threading.Thread(target=stage.close, daemon=True)
+    closer.start()
+    _until(lambda: stage.queued() == 2)  # the windows, then the stop
+    fake.hold.set()
+    closer.join(10)
+    assert not closer.is_alive(), "close returned"
+    assert [f.result(10)[0, 0, 0, 0] for f in (first, second)] == [0, 1]
+    assert not model_threads()
+
+
+def test_a_cpu_batch_is_delivered_before_the_next_pass_runs():
+    """Probabilities ready when forward returns (the CPU's) reach their submitters at once, to
+    stitch and write while the next batch runs; only a copy back not yet done (a GPU's) is
+    delivered after the next batch is launched. No core gate, as in
+    ``queued_behind_a_held_pass``: the submits must not wait for the held pass's cores."""
+    fake = FakePredictor(batch_size=1)
+    forward = fake.forward
+    third = threading.Event()
+
+    def third_held(batch):
+        if (batch == 2).all():
+            third.wait(10)
+        return forward(batch)
+
+    fake.forward = third_held
+    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
+    fake.hold.clear()
+    first = stage.submit(windows(0))  # taken by the model thread, which is held
+    _until(lambda: not stage.queued())
+    second, held = stage.submit(windows(1)), stage.submit(windows(2))
+    fake.hold.set()
+    try:
+        assert first.result(5)[0, 0, 0, 0] == 0
+        assert second.result(5)[0, 0, 0, 0] == 1, "delivered while the next pass is held"
+        assert not held.done()
+    finally:
+        third.set()
+    assert held.result(10)[0, 0, 0, 0] == 2
+    stage.close()
+
+
+def test_cancelled_windows_do_not_run_and_the_batch_they_were_joined_in_is_delivered():
+    """A submitter that cancels its future while its windows wait: they leave the batch they
+    were joined in, the others of that batch get their own probabilities, the lane lives on."""
+    fake = FakePredictor(batch_size=4)
+    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
+    fake.hold.clear()
+    first = stage.submit(windows(0))  # taken by the model thread, which is held
+    _until(lambda: not stage.queued())
+    later = [stage.submit(windows(v)) for v in (1, 2, 3)]
+    assert later[1].cancel()
+    fake.hold.set()
+    assert first.result(10)[0, 0, 0, 0] == 0
+    assert later[0].result(10)[0, 0, 0, 0] == 1
+    assert later[2].result(10)[0, 0, 0, 0] == 3
+    assert stage(windows(4))[0, 0, 0, 0] == 4, "the lane lives on"
+    stage.close()
+    assert fake.batches == [1, 2, 1], "the cancelled window never ran"
+    assert not model_threads()
+
+
+def test_a_joined_batch_takes_no_more_windows_than_its_limit():
+    """A submit of one window, then one of two queued behind it, at two windows a pass: the
+    two would make three, so they run in the next batch, and each submitter gets its own
+    probabilities."""
+    fake = FakePredictor(batch_size=2)
+    stage, first, later = queued_behind_a_held_pass(fake, [windows(1), windows(2, n=2)])
+    assert first.result(10).ravel().tolist() == [0]
+    assert [f.result(10).ravel().tolist() for f in later] == [[1], [2, 2]]
+    stage.close()
+    assert fake.batches == [1, 1, 2]
+
+
+def test_a_stage_runs_a_torchscript_module_whose_layers_take_no_hooks():
+    """A wrapped TorchScript module takes no forward hooks: the probe counts nothing, and the
+    stage still plans its passes (a floor of bytes per pixel) and runs them."""
+    scripted = torch.jit.script(nn.Conv2d(3, 2, 1))
+    net = models.wrap(scripted, class_names=["a", "b"], in_channels=3, halo=0, multiple=1)
+    predictor = Predictor(net, InferenceConfig(device="cpu", batch_size=2))
+    assert predictor.bytes_per_pixel(3) > 0
+    x = np.random.default_rng(4).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    stage = ModelStage(predictor)
+    try:
+        np.testing.assert_allclose(stage(x), predictor(x), rtol=0, atol=1e-6)
+    finally:
+        stage.close()

@@ -9,6 +9,7 @@ from segpipe import models
 from segpipe.execution.predictor import (
     InferenceConfig,
     Predictor,
+    missing_device,
     resolve_device,
     window_probabilities,
 )
@@ -111,3 +112,37 @@ def test_uint8_windows_are_scaled_on_the_device_bit_for_bit(net, contract):
     )
     # Other dtypes are scaled in the caller's thread, as before.
     assert predictor.prepare(windows.astype(np.uint16) * 257).dtype == np.float32
+
+
+@pytest.fixture
+def one_torch_thread_here():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_the_threads_setting_is_torchs_on_the_cpu(net, one_torch_thread_here):
+    predictor = Predictor(net, InferenceConfig(device="cpu", threads=2))
+    assert torch.get_num_threads() == 2
+    n = net.geometry.input_size(8)
+    assert predictor(np.zeros((1, n, n, 3), np.uint8)).shape == (1, 3, 8, 8)
+
+
+def test_devices_torch_sees_are_the_ones_asked_for(monkeypatch):
+    """As with one CUDA GPU: "auto" is it, cuda:0 is there, cuda:1 is not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device(None) == torch.device("cuda")
+    assert missing_device("cuda:0") is None and missing_device("cuda") is None
+    assert missing_device("cuda:1") == "torch sees 1 CUDA GPU(s), cuda:0 to cuda:0"
+    with pytest.raises(RuntimeError, match="'cuda:1' asked for"):
+        resolve_device("cuda:1")
+
+
+def test_a_gpus_budget_is_two_fifths_of_its_free_memory(net, monkeypatch):
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    predictor.device = torch.device("cuda", 0)  # as a GPU's predictor asks
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000, 80_000))
+    assert predictor.memory_budget() == 4_000
