@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -160,6 +161,8 @@ class SegmentConfig:
             value = getattr(self, f.name)
             if isinstance(value, bool) or type(value) in (int, float):
                 continue
+            if isinstance(value, os.PathLike):  # a mask file's Path: stored as its string
+                object.__setattr__(self, f.name, os.fspath(value))
             if isinstance(value, numbers.Integral):
                 object.__setattr__(self, f.name, int(value))
             elif isinstance(value, numbers.Real):
@@ -248,6 +251,27 @@ class SegmentConfig:
             except ValueError:
                 del kept[f.name]
         return cls.from_dict(kept)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> Any:
+        # Prefect (pydantic) validates a flow's config parameter. Its lax parsing of each field
+        # ("256" -> 256, True -> 1.0 µm) came before these checks and let through what they
+        # refuse: a mapping goes through from_dict, as everywhere else.
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_plain_validator_function(
+            cls._from_parameter,
+            json_schema_input_schema=handler(source),  # the fields, for a deployment's form
+            serialization=core_schema.plain_serializer_function_ser_schema(cls.as_dict),
+        )
+
+    @classmethod
+    def _from_parameter(cls, value: Any) -> SegmentConfig:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise ValueError(f"config must be a SegmentConfig or a mapping of settings, got {value!r}")
 
     def execution_settings(self) -> dict[str, Any]:
         """The settings that change only how the numbers are computed."""

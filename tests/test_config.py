@@ -92,14 +92,19 @@ def test_the_generic_values_are_valid_and_not_defaults():
         ("pixel_size_um", -0.5),
         ("pixel_size_um", math.inf),
         ("pixel_size_um", True),  # 1 µm, silently, from a flow's JSON parameters
+        ("pixel_size_um", 0),
+        ("pixel_size_um", -0.0),
         ("sigma_scale", True),
         ("overlap", False),
         ("amp", "yes"),
         ("device", "gpu"),
+        *[("device", d) for d in ("cpu0", "cudax", "cuda:", "cuda:1 ", "cuda:1x", "mps2", "CPU")],
+        *[("foreground", v) for v in ("", "   ", "\t\n", None, 3)],
         ("scheduler", 8786),
         ("scheduler", "foo"),
         ("scheduler", ""),
         ("scheduler", "tcp://"),
+        *[("scheduler", a) for a in ("syncx", "sync now", "h:8786 x", "h:8786/x", "tcp://h:1 x")],
     ],
 )
 def test_a_bad_value_is_refused_naming_the_field_and_the_value(name, value):
@@ -141,6 +146,33 @@ def test_a_scheduler_address_dask_takes_is_accepted(address):
     assert SegmentConfig(scheduler=address).scheduler == address
 
 
+@pytest.mark.parametrize("device", ["auto", "cpu", "mps", "cuda", "cuda:0", "cuda:12"])
+def test_every_device_the_help_names_is_accepted(device):
+    assert SegmentConfig(device=device).device == device
+
+
+def test_blend_overlap_0_is_the_closed_end_of_its_range():
+    """Windows that only abut are a valid blend run: [0, 1), as the message says."""
+    assert SegmentConfig(mode="blend", overlap=0.0).overlap == 0.0
+
+
+def test_a_mask_files_path_object_is_taken_as_its_string(tmp_path):
+    """The stored config is JSON: a pathlib.Path for a mask file is kept as its string."""
+    config = SegmentConfig(foreground=tmp_path / "mask.png")
+    assert config.foreground == str(tmp_path / "mask.png")
+    json.dumps(config.as_dict())
+
+
+def test_a_config_cannot_be_changed_past_its_validation():
+    """Validated once, in __post_init__: setting a field afterwards would skip every check
+    (replace() is the way to a changed config). Equal configs hash equal."""
+    config = SegmentConfig(tile=256)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.tile = 0  # type: ignore[misc]
+    assert config.tile == 256
+    assert hash(config) == hash(SegmentConfig(tile=256))
+
+
 @pytest.mark.parametrize(
     ("changes", "ignored"),
     [
@@ -160,6 +192,14 @@ def test_blend_settings_are_ignored_in_exact_mode_and_a_run_refuses_them(
         with pytest.raises(ValueError, match=rf"^{', '.join(ignored)} set, but mode='exact'"):
             segpipe.segment(tmp_path / "slide.tif", tmp_path / "r.zarr", "tissue-unet", config)
         assert not (tmp_path / "r.zarr").exists()
+
+
+def test_blend_settings_equal_to_their_defaults_are_not_ignored_settings():
+    """A deployment's JSON spells the defaults out: equal values, other float objects."""
+    config = SegmentConfig.from_dict(json.loads(json.dumps(DEFAULTS.as_dict())))
+    assert config == DEFAULTS
+    assert config.ignored_settings() == ()
+    assert SegmentConfig(overlap=float("0.25"), sigma_scale=float("0.125")).ignored_settings() == ()
 
 
 def test_replace_validates_too():
@@ -465,3 +505,35 @@ def test_prefect_validates_a_config_parameter(flow_name):
     for bad, what in (({"tiles": 256}, "tiles"), ({"tile": 0}, "SegmentConfig.tile")):
         with pytest.raises(ParameterTypeError, match=what):
             flow.validate_parameters(base | {"config": bad})
+
+
+@pytest.mark.parametrize("flow_name", ["segment_slide", "process_archive"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("pixel_size_um", True),
+        ("batch_size", True),
+        ("tile", "256"),
+        ("tile", 256.0),
+        ("amp", "yes"),
+        ("threads", "2"),
+        ("overlap", False),
+    ],
+)
+def test_prefect_refuses_a_config_value_that_segment_config_refuses(flow_name, name, value):
+    """Pydantic's lax parsing of each field ("256" -> 256, True -> 1.0 µm) came before
+    SegmentConfig's checks: a deployment's JSON ran with values every other entry point
+    refuses."""
+    from prefect.exceptions import ParameterTypeError
+
+    from segpipe.flows.archive import process_archive
+    from segpipe.flows.segment_slide import segment_slide
+
+    with pytest.raises(ValueError, match=rf"SegmentConfig\.{name} "):
+        SegmentConfig(**{name: value})
+    flow = {"segment_slide": segment_slide, "process_archive": process_archive}[flow_name]
+    base = {"source": "/in", ("output" if flow is segment_slide else "output_root"): "/out"}
+    with pytest.raises(ParameterTypeError, match=rf"SegmentConfig\.{name} "):
+        flow.validate_parameters(base | {"config": {name: value}})
+    with pytest.raises(ParameterTypeError, match="a mapping of settings, got 7"):
+        flow.validate_parameters(base | {"config": 7})
