@@ -248,6 +248,16 @@ def test_a_levels_pixel_is_its_whole_factor(n0, n, gdal, scale):
     assert level_downsample(n0, n, overview_ratio=True) == gdal
 
 
+@pytest.mark.parametrize(("n0", "n"), [(10, 25), (3, 10), (100, 250)])
+def test_a_level_larger_than_level_0_is_its_size_ratio(n0, n):
+    """A level more than twice level 0's side (a mask finer than its image) and no power of
+    two of it: the size ratio, below 1."""
+    from segpipe.geometry.pixels import level_downsample
+
+    assert level_downsample(n0, n) == pytest.approx(n0 / n)
+    assert level_downsample(n0, n, overview_ratio=True) == pytest.approx(n0 / n)
+
+
 @given(st.integers(1, 100_000), st.integers(0, 16))
 @example(33, 4)  # 3 px: 11 before
 @example(129, 6)  # 3 px: 43 before
@@ -285,3 +295,13 @@ def test_a_valid_mean_equal_to_nodata_moves_one_step_off_it(dtype, nodata, moved
     assert out[:, 0, 1].tolist() == [nodata, nodata], "no valid pixel: nodata"
     kept = valid_mean_2x(block, valid, (nodata, nodata))
     assert kept[:, 0, 0].tolist() == [nodata, nodata], "only when asked"
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "float32"])
+def test_a_valid_mean_equal_to_nodata_in_one_band_only_stays(dtype) -> None:
+    """Only a mean equal to nodata in every band reads as nodata: one band at nodata's value
+    with another off it is a valid pixel already, left as it is."""
+    block = np.zeros((2, 2, 2), dtype=dtype)
+    block[1] = 5  # band 0 at nodata (0), band 1 at 5
+    out = valid_mean_2x(block, np.ones((2, 2), bool), (0.0, 0.0), off_nodata=True)
+    assert out[:, 0, 0].tolist() == [0, 5]
