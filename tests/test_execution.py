@@ -2,12 +2,16 @@
 overlap-tile stitcher against the pipeline and a whole-image pass, cluster layout,
 per-worker models, external schedulers."""
 
+import gc
+import itertools
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+import weakref
+from concurrent.futures import Future
 
 import distributed
 import numpy as np
@@ -21,9 +25,10 @@ from hypothesis import strategies as st
 import segpipe
 from segpipe import models
 from segpipe.execution import cluster, tasks
+from segpipe.execution import stitching as stitching_module
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
 from segpipe.execution.lease import RunEnded
-from segpipe.execution.pipeline import ModelStage
+from segpipe.execution.pipeline import ModelStage, StageClosed
 from segpipe.execution.predictor import (
     InferenceConfig,
     Predictor,
@@ -34,6 +39,8 @@ from segpipe.execution.stitching import (
     PredictionError,
     Stitching,
     bounds,
+    model_errors,
+    overlap_groups,
     predict_labels,
     predict_parts,
     predict_probabilities,
@@ -158,9 +165,10 @@ def whole_image_pass(model, image: np.ndarray) -> np.ndarray:
     (and to a size the model accepts), cropped back: the reference of exact mode."""
     g = model.geometry
     (ny, nx), halo = image.shape[:2], g.halo
-    py, px = g.input_size(ny) - ny - halo, g.input_size(nx) - nx - halo
-    if not g.shrinks:  # same padding: the output keeps the input's size, crop the halo
-        py, px = py + halo, px + halo
+    if g.shrinks:
+        py, px = g.input_size(ny) - ny - halo, g.input_size(nx) - nx - halo
+    else:  # same padding: the halo on both sides, then to the multiple; the crop cuts it off
+        py, px = (halo + (-(n + 2 * halo)) % g.multiple for n in (ny, nx))
     padded = np.pad(image, ((halo, py), (halo, px), (0, 0)), mode="reflect")
     x = torch.from_numpy(to_float01(padded).transpose(2, 0, 1)[None].copy())
     with torch.inference_mode():
@@ -655,6 +663,183 @@ def test_a_non_finite_output_names_its_own_window_not_its_batchs_first():
     y0, y1, x0, x1 = map(int, found.groups())
     halo = net.geometry.halo
     assert y0 - halo <= 33 < y1 + halo and x0 - halo <= 41 < x1 + halo, err.value
+
+
+@pytest.mark.parametrize("side", [None, 16])
+def test_exact_windows_of_a_same_padding_model_equal_a_whole_image_pass(side):
+    """A same-padding model's output has its input's size: each exact window's output is cut
+    ``crop`` (the halo) pixels in, and the stitched result equals one pass over the whole
+    mirrored image."""
+    torch.manual_seed(0)
+    net = models.build(
+        "unet", class_names=CLASSES, width=4, depth=2, padding="same", dropout=0.0
+    ).eval()
+    assert not net.geometry.shrinks and net.geometry.crop > 0
+    image = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    stitched = predict_region(
+        list(tile_grid(image.shape[:2], 8)),
+        ArrayReader(image),
+        Predictor(net, InferenceConfig(device="cpu", amp=False)),
+        Stitching("exact", 8, net.geometry, len(CLASSES), exact_side=side),
+        batch_size=3,
+    )
+    np.testing.assert_allclose(stitched.probabilities, whole_image_pass(net, image), atol=2e-5)
+
+
+def test_one_non_finite_pixel_fails_its_window():
+    """A single infinite pixel (not a whole window of them) is caught, naming its window."""
+    image = np.random.default_rng(0).integers(1, 200, (40, 48, 3), dtype=np.uint8)
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    calls = []
+
+    def one_inf(windows: np.ndarray) -> np.ndarray:
+        p = predictor(windows)
+        calls.append(len(windows))
+        if len(calls) == 2:
+            p[1, 0, 3, 5] = np.inf  # second batch, its second window, one pixel of one class
+        return p
+
+    tiles = list(tile_grid(image.shape[:2], 8))
+    stitching = Stitching("exact", 8, net.geometry, len(CLASSES))
+    with pytest.raises(PredictionError, match=r"NaN or infinite .* output is y 0:8, x 40:48 "):
+        # windows row-major, 4 a batch: the second batch's second window is tile (0, 5)
+        predict_region(tiles, ArrayReader(image), one_inf, stitching, batch_size=4)
+
+
+def test_predict_region_refuses_what_it_cannot_do():
+    image = np.zeros((16, 16, 3), np.uint8)
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    tiles = list(tile_grid(image.shape[:2], 8))
+    exact = Stitching("exact", 8, net.geometry, len(CLASSES))
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        predict_region(tiles, ArrayReader(image), predictor, exact, batch_size=0)
+    lattice = blend_lattice(image.shape[:2], net.geometry, window=16, overlap=0.25)
+    blend = Stitching("blend", 8, net.geometry, len(CLASSES), lattice=lattice)
+    with pytest.raises(ValueError, match="boxes are for exact mode"):
+        predict_region(tiles, ArrayReader(image), predictor, blend, boxes=[Box(0, 8, 0, 8)])
+
+
+def test_overlap_groups_never_overlap():
+    """A box that grows by joining one group may then reach a group it was checked against
+    before: the groups still end disjoint, every box in exactly one whose bounds hold it."""
+    # box 2 misses box 0 and joins box 1, whose grown bounds then reach box 0
+    boxes = [Box(0, 2, 0, 2), Box(4, 6, 0, 10), Box(0, 5, 8, 12)]
+    assert overlap_groups(boxes) == [(Box(0, 6, 0, 12), [0, 1, 2])]
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        y0, x0 = rng.integers(0, 40, (2, 6))
+        h, w = rng.integers(1, 12, (2, 6))
+        boxes = [
+            Box(int(a), int(a + b), int(c), int(c + d))
+            for a, b, c, d in zip(y0, h, x0, w, strict=True)
+        ]
+        groups = overlap_groups(boxes)
+        assert sorted(i for _, members in groups for i in members) == list(range(len(boxes)))
+        for (a, _), (b, _) in itertools.combinations(groups, 2):
+            assert a.intersect(b) is None, groups
+        for bound, members in groups:
+            assert all(boxes[i].intersect(bound) == boxes[i] for i in members)
+
+
+def test_boxes_are_cut_in_windows_of_the_exact_side():
+    """With boxes (a foreground's), each box is cut in steps of ``exact_side``, not of the
+    tile: one window for a 32 px box under a 32 px side, the halo paid once."""
+    image = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu", amp=False))
+    tiles = list(tile_grid(image.shape[:2], 8))
+    boxes = [Box(0, 32, 0, 32), Box(40, 48, 40, 48)]
+    wide = Stitching("exact", 8, net.geometry, len(CLASSES), exact_side=32)
+    narrow = Stitching("exact", 8, net.geometry, len(CLASSES))
+    one = predict_region(tiles, ArrayReader(image), predictor, wide, boxes=boxes)
+    assert one.windows == 2
+    tiled = predict_region(tiles, ArrayReader(image), predictor, narrow, boxes=boxes)
+    assert tiled.windows == 16 + 1
+    np.testing.assert_allclose(one.probabilities, tiled.probabilities, atol=2e-6)
+
+
+class Logged(Future):
+    """A done future that logs when its result is taken."""
+
+    def __init__(self, log: list[str], k: int, value: np.ndarray) -> None:
+        super().__init__()
+        self.log, self.k = log, k
+        self.set_result(value)
+
+    def result(self, timeout=None):
+        self.log.append(f"result {self.k}")
+        return super().result(timeout)
+
+
+def test_a_stage_gets_the_next_batch_before_this_one_is_waited_on():
+    """A predictor with ``submit`` (a pipeline stage) is handed batch k + 1 before the result
+    of batch k is taken, so the model never waits for the stitching thread."""
+    image = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu", amp=False))
+    log: list[str] = []
+
+    class Stage:
+        def __call__(self, windows):
+            raise AssertionError("a stage is submitted to")
+
+        def submit(self, windows):
+            k = sum(e.startswith("submit") for e in log)
+            log.append(f"submit {k}")
+            return Logged(log, k, predictor(windows))
+
+    tiles = list(tile_grid(image.shape[:2], 8))  # 9 windows, 3 batches
+    stitching = Stitching("exact", 8, net.geometry, len(CLASSES))
+    predict_region(tiles, ArrayReader(image), Stage(), stitching, batch_size=3)
+    assert log == ["submit 0", "submit 1", "result 0", "submit 2", "result 1", "result 2"]
+
+
+def test_a_closed_stage_is_not_the_models_error():
+    """StageClosed (the run ended), like the pipeline's own errors, passes as it is."""
+    for own in (StageClosed("closed"), PredictionError("p")):
+        with pytest.raises(type(own)) as err, model_errors("slide.tif", "a window"):
+            raise own
+        assert err.value is own
+    failed = r"slide\.tif: the model failed on a window"
+    with pytest.raises(PredictionError, match=failed), model_errors("slide.tif", "a window"):
+        raise RuntimeError("kernel")
+
+
+@pytest.mark.parametrize(
+    "boxes", [None, [Box(0, 8, 0, 8), Box(88, 96, 88, 96)]], ids=["one-read", "two-reads"]
+)
+def test_reads_are_let_go_once_the_last_window_is_cut(monkeypatch, boxes):
+    """The pixels read for the windows are let go once the last window is cut, before the
+    parts are given: a task holds no read while its blocks are written. (The last read was
+    still held by a loop variable and by the cut list of the paused generator.)"""
+    reads: list[weakref.ref] = []
+    read = stitching_module.read_mirrored
+
+    def spied(reader, box, level=0):
+        pixels = read(reader, box, level)
+        base = pixels
+        while base.base is not None:
+            base = base.base
+        reads.append(weakref.ref(base))
+        return pixels
+
+    monkeypatch.setattr(stitching_module, "read_mirrored", spied)
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    net = tiny_unet()
+    predictor = Predictor(net, InferenceConfig(device="cpu", amp=False))
+    tiles = list(tile_grid(image.shape[:2], 8))
+    stitching = Stitching("exact", 8, net.geometry, len(CLASSES))
+    given = 0
+    for _ in predict_parts(
+        tiles, ArrayReader(image), predictor, stitching, boxes=boxes, batch_size=1
+    ):
+        gc.collect()
+        given += 1
+        assert len(reads) == (1 if boxes is None else 2)
+        assert all(r() is None for r in reads), "a read still held as its part is given"
+    assert given == 1
 
 
 class EndsItsRun(PlainModule):

@@ -243,9 +243,10 @@ def predict_parts(
         groups = overlap_groups([w.input for w in windows])
         group_of = {n: g for g, (_, members) in enumerate(groups) for n in members}
         sources = []
-        for box, _ in groups:
-            pixels = read_mirrored(reader, box, level)
-            sources.append(model_pixels(pixels, reader, box, level, contract, channels))
+        for box, _ in groups:  # no name left holding a read: sources.clear() frees them all
+            read = read_mirrored(reader, box, level)
+            sources.append(model_pixels(read, reader, box, level, contract, channels))
+            del read
         sink = stitching.sink(region, _computed(region, boxes or [t.box for t in tiles]))
     parts = list(parts or [region])
     # Windows still to come over each part (by the window's index): a part is given when its
@@ -267,11 +268,12 @@ def predict_parts(
     def stacks() -> Iterator[np.ndarray]:
         for k, c in enumerate(chunks):
             with section():
-                cut = [
-                    sources[group_of[n]][windows[n].input.relative_to(groups[group_of[n]][0])]
-                    for n in c
-                ]
-                stack = np.stack(cut)
+                stack = np.stack(
+                    [
+                        sources[group_of[n]][windows[n].input.relative_to(groups[group_of[n]][0])]
+                        for n in c
+                    ]
+                )
                 if k == len(chunks) - 1:
                     sources.clear()  # let go once the last window is cut: parts come after
             yield stack
