@@ -124,18 +124,30 @@ def test_stage_equals_the_predictor_whatever_the_threads():
     assert stage.stats.windows == sum(len(x) for x in inputs)
 
 
-def queued_behind_a_held_pass(
-    fake: FakePredictor, later: list[np.ndarray]
-) -> tuple[ModelStage, Future, list[Future]]:
-    """A stage whose model thread holds a first window's pass while ``later`` are submitted,
-    so that they wait in its queue together; the pass goes on once they are all queued. Cores
-    not shared: a held pass must not hold up the submitters' preparing (as on a GPU)."""
+def _until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
+
+
+def held_first_pass(fake: FakePredictor) -> tuple[ModelStage, Future]:
+    """A stage whose model thread holds a first window's pass until ``fake.hold`` is set:
+    what is submitted meanwhile waits in its queue. Cores not shared: a held pass must not
+    hold up the submitters' preparing (as on a GPU)."""
     stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
     fake.hold.clear()
     first = stage.submit(windows(0))  # taken by the model thread, which is held
-    deadline = time.monotonic() + 10
-    while stage.queued() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _until(lambda: not stage.queued())
+    return stage, first
+
+
+def queued_behind_a_held_pass(
+    fake: FakePredictor, later: list[np.ndarray]
+) -> tuple[ModelStage, Future, list[Future]]:
+    """:func:`held_first_pass` with ``later`` submitted, so that they wait in its queue
+    together; the pass goes on once they are all queued."""
+    stage, first = held_first_pass(fake)
     queued = [stage.submit(w) for w in later]
     fake.hold.set()
     return stage, first, queued
@@ -701,13 +713,6 @@ def test_a_stage_that_does_not_share_the_cores_runs_one_lane_on_every_thread(lan
     assert [(threads, name) for _, threads, name in fake.passes] == [(2, "segpipe-model")]
 
 
-def _until(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert condition()
-
-
 def test_close_waits_for_the_last_submitter_not_the_first_one_done():
     """Two submitters blocked on a full queue when the stage closes, the second with two
     chunks: the first is done while the second still puts; close goes on waiting, so its
@@ -765,10 +770,7 @@ def test_close_stops_a_lane_whose_stop_is_queued_right_behind_windows():
     """A GPU's lane (its batches join what is queued) finds the stop behind the windows it
     joins: it runs them and stops, and close returns."""
     fake = FakePredictor(batch_size=4)
-    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
-    fake.hold.clear()
-    first = stage.submit(windows(0))  # taken by the model thread, which is held
-    _until(lambda: not stage.queued())
+    stage, first = held_first_pass(fake)
     second = stage.submit(windows(1))
     closer = threading.Thread(target=stage.close, daemon=True)
     closer.start()
@@ -783,8 +785,7 @@ def test_close_stops_a_lane_whose_stop_is_queued_right_behind_windows():
 def test_a_cpu_batch_is_delivered_before_the_next_pass_runs():
     """Probabilities ready when forward returns (the CPU's) reach their submitters at once, to
     stitch and write while the next batch runs; only a copy back not yet done (a GPU's) is
-    delivered after the next batch is launched. No core gate, as in
-    ``queued_behind_a_held_pass``: the submits must not wait for the held pass's cores."""
+    delivered after the next batch is launched."""
     fake = FakePredictor(batch_size=1)
     forward = fake.forward
     third = threading.Event()
@@ -795,12 +796,7 @@ def test_a_cpu_batch_is_delivered_before_the_next_pass_runs():
         return forward(batch)
 
     fake.forward = third_held
-    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
-    fake.hold.clear()
-    first = stage.submit(windows(0))  # taken by the model thread, which is held
-    _until(lambda: not stage.queued())
-    second, held = stage.submit(windows(1)), stage.submit(windows(2))
-    fake.hold.set()
+    stage, first, (second, held) = queued_behind_a_held_pass(fake, [windows(1), windows(2)])
     try:
         assert first.result(5)[0, 0, 0, 0] == 0
         assert second.result(5)[0, 0, 0, 0] == 1, "delivered while the next pass is held"
@@ -815,10 +811,7 @@ def test_cancelled_windows_do_not_run_and_the_batch_they_were_joined_in_is_deliv
     """A submitter that cancels its future while its windows wait: they leave the batch they
     were joined in, the others of that batch get their own probabilities, the lane lives on."""
     fake = FakePredictor(batch_size=4)
-    stage = ModelStage(fake, max_queued=4, share_cores=False)  # type: ignore[arg-type]
-    fake.hold.clear()
-    first = stage.submit(windows(0))  # taken by the model thread, which is held
-    _until(lambda: not stage.queued())
+    stage, first = held_first_pass(fake)
     later = [stage.submit(windows(v)) for v in (1, 2, 3)]
     assert later[1].cancel()
     fake.hold.set()

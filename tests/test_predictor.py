@@ -4,6 +4,7 @@ whatever the batching; the in-memory one leaves the model as it is."""
 import numpy as np
 import pytest
 import torch
+from test_execution import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from segpipe import models
 from segpipe.execution.predictor import (
@@ -114,15 +115,8 @@ def test_uint8_windows_are_scaled_on_the_device_bit_for_bit(net, contract):
     assert predictor.prepare(windows.astype(np.uint16) * 257).dtype == np.float32
 
 
-@pytest.fixture
-def one_torch_thread_here():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_the_threads_setting_is_torchs_on_the_cpu(net, one_torch_thread_here):
+def test_the_threads_setting_is_torchs_on_the_cpu(net):
+    """(one_torch_thread, autouse, has set torch's threads to 1 first.)"""
     predictor = Predictor(net, InferenceConfig(device="cpu", threads=2))
     assert torch.get_num_threads() == 2
     n = net.geometry.input_size(8)
