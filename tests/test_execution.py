@@ -919,16 +919,19 @@ def test_stitching_refuses_what_it_cannot_do() -> None:
 
 
 @pytest.mark.parametrize(
-    ("device", "cpus", "gpus", "workers", "expected"),
+    ("device", "cpus", "gpus", "workers", "dask_cuda", "expected"),
     [
         # one worker per device, I/O threads following the cores, the model all of them
-        ("cpu", 2, 0, None, ClusterPlan(1, 2, 2, 0)),
-        ("cpu", 16, 0, None, ClusterPlan(1, 8, 16, 0)),
-        ("cpu", 16, 0, 8, ClusterPlan(8, 1, 16, 0)),
-        ("cuda", 32, 4, None, ClusterPlan(4, 7, 8, 4)),
+        ("cpu", 2, 0, None, True, ClusterPlan(1, 2, 2, 0)),
+        ("cpu", 16, 0, None, True, ClusterPlan(1, 8, 16, 0)),
+        ("cpu", 16, 0, 8, True, ClusterPlan(8, 1, 16, 0)),
+        ("cuda", 32, 4, None, True, ClusterPlan(4, 7, 8, 4, processes=True)),
+        ("cuda", 32, 4, None, False, ClusterPlan(1, 8, 32, 4)),  # one worker: the first GPU
+        ("cuda", 32, 1, None, True, ClusterPlan(1, 8, 32, 1)),  # threads of this process
     ],
 )
-def test_cluster_plan(device, cpus, gpus, workers, expected):
+def test_cluster_plan(device, cpus, gpus, workers, dask_cuda, expected, monkeypatch):
+    monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: dask_cuda)
     plan = plan_local_cluster(torch.device(device), cpus=cpus, gpus=gpus, n_workers=workers)
     assert plan == expected
     assert plan.resources == ({"GPU": 1} if gpus else {})

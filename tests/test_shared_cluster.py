@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 
 import dask
 import distributed
@@ -560,7 +561,7 @@ def test_a_kept_process_cluster_short_of_workers_is_kept(monkeypatch):
     under the runs still on it."""
     import types
 
-    plan = cluster.ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=1, gpus=2)
+    plan = cluster.ClusterPlan(2, threads_per_worker=1, torch_threads=1, gpus=2, processes=True)
     kept = types.SimpleNamespace(status="running")
     local = types.SimpleNamespace(scheduler=types.SimpleNamespace(workers={}))
     monkeypatch.setitem(cluster._LOCAL, plan, (local, kept))
@@ -571,7 +572,7 @@ def test_a_small_image_takes_the_gpu_cluster_already_started_not_this_process(mo
     """In this process is cheaper only while a GPU plan's worker processes are not started:
     once a run started them, a small image runs there too, not on a CUDA context of the
     driver's beside them (its model loaded a second time, the GPU's memory shared)."""
-    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=2, torch_threads=4, gpus=1)
+    plan = cluster.ClusterPlan(2, threads_per_worker=2, torch_threads=4, gpus=2, processes=True)
     small = 512 * 512
     assert cluster.in_process_is_cheaper(plan, small), "none started: in this process"
     monkeypatch.setitem(cluster._LOCAL, plan, (object(), object()))  # started by a run
@@ -638,17 +639,55 @@ def test_local_cluster_runs_fewer_diagnostics(n_workers):
 
 def test_gpus_without_dask_cuda_get_one_worker_not_all_on_the_first(monkeypatch, caplog):
     """Plain workers are not told their GPU apart: N of them all ran on cuda:0, each budgeting
-    its memory as if alone. Without dask-cuda one worker runs, and the log says why."""
+    its memory as if alone. Without dask-cuda one worker runs, with the cores of all the
+    worker processes there would have been, and the log says why."""
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails
+    monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: False)
     started = {}
     monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: started.update(kw))
     plan = cluster.plan_local_cluster(torch.device("cuda"), cpus=8, gpus=2)
-    assert plan.n_workers == 2
+    assert plan == cluster.ClusterPlan(1, 7, 8, gpus=2, processes=False)
     with caplog.at_level("WARNING", logger=cluster.__name__):
         cluster._new_local_cluster(plan)
-    assert started["n_workers"] == 1 and started["processes"] is True
+    assert started["n_workers"] == 1 and started["processes"] is False
     assert started["resources"] == {"GPU": 1}
     assert "one worker, on the first of 2 GPUs" in caplog.text
+
+
+def test_gpus_with_dask_cuda_get_a_worker_process_each(monkeypatch, caplog):
+    """dask-cuda tells each of its worker processes its GPU: one per GPU, sharing the cores."""
+    started = {}
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = lambda **kw: started.update(kw)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: True)
+    plan = cluster.plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2)
+    assert plan == cluster.ClusterPlan(2, 7, 8, gpus=2, processes=True)
+    with caplog.at_level("WARNING", logger=cluster.__name__):
+        cluster._new_local_cluster(plan)
+    assert started["threads_per_worker"] == 7 and started["resources"] == {"GPU": 1}
+    assert "dask-cuda is not installed" not in caplog.text
+    # One GPU: threads of this process whether dask-cuda is there or not
+    assert not cluster.plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1).processes
+
+
+def test_one_gpus_local_cluster_is_threads_of_this_process(monkeypatch):
+    """A process per GPU cost a first call 7.7 s more than a reused cluster on an H200 (its
+    start, its CUDA context), carried the blocks' results between processes, and re-imported
+    the caller's ``__main__`` (a plain script without a main guard broke): one GPU's worker
+    is threads of this process, as the CPU's, whose tasks take the GPU resource it declares,
+    and a small image takes it as readily as this process."""
+    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=2, torch_threads=2, gpus=1)
+    main = sys.modules["__main__"]
+    with cluster._start_local_cluster(plan) as local, distributed.Client(local) as client:
+        assert not local.processes
+        (worker,) = local.workers.values()
+        assert worker.state.nthreads == 2
+        assert worker.state.total_resources == {"GPU": 1}
+        pids = client.run(os.getpid)
+        assert set(pids.values()) == {os.getpid()}
+    assert sys.modules["__main__"] is main
+    assert not cluster.in_process_is_cheaper(plan, 512 * 512), "threads start in no time"
 
 
 @pytest.mark.integration

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import logging
 import os
 import threading
@@ -44,14 +45,16 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClusterPlan:
-    """How to lay out a local cluster: ``gpus`` > 0 means one worker process per GPU, else
-    ``n_workers`` threads of this process. ``threads_per_worker`` are its I/O threads (each
-    runs one task: read, stitch, write), ``torch_threads`` its model thread's team."""
+    """How to lay out a local cluster: ``n_workers`` workers, threads of this process, or with
+    ``processes`` one process per GPU (dask-cuda's, each owning its device). ``gpus`` > 0:
+    the workers run on the GPU. ``threads_per_worker`` are a worker's I/O threads (each runs
+    one task: read, stitch, write), ``torch_threads`` its model thread's team."""
 
     n_workers: int
     threads_per_worker: int
     torch_threads: int
     gpus: int = 0
+    processes: bool = False
 
     @property
     def resources(self) -> dict[str, int]:
@@ -64,6 +67,7 @@ def plan_local_cluster(
     cpus: int | None = None,
     gpus: int | None = None,
     n_workers: int | None = None,
+    processes: bool | None = None,
 ) -> ClusterPlan:
     """One worker per device (each GPU; the CPU is one), with I/O threads that follow the cores.
 
@@ -73,21 +77,37 @@ def plan_local_cluster(
     side) and the I/O threads what they leave. ``n_workers`` on the CPU splits the I/O threads
     over that many workers (still one stage: they are threads of one process).
 
+    Several GPUs get a worker process each (``processes``; default: where dask-cuda, which
+    tells each its device, is installed; else one worker, on the first). One GPU's worker is
+    threads of this process, as the CPU's: a worker process would add its start-up (on an
+    H200 a first call took 7.7 s longer than one reusing it) and the driver's traffic with
+    it, and re-import the caller's ``__main__``, which breaks a plain script without a main
+    guard.
+
     >>> plan_local_cluster(torch.device("cpu"), cpus=8)
-    ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0)
-    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2)
-    ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2)
+    ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0, processes=False)
+    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1)
+    ClusterPlan(n_workers=1, threads_per_worker=8, torch_threads=16, gpus=1, processes=False)
+    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2, processes=True)
+    ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2, processes=True)
     """
     # Dask's count honours CPU affinity and cgroup quotas (taskset, Slurm, docker --cpus).
     cpus = cpus or CPU_COUNT
     if device.type == "cuda":
         gpus = gpus if gpus is not None else torch.cuda.device_count()
         gpus = max(gpus, 1)
-        share = max(1, cpus // gpus)
-        return ClusterPlan(gpus, _io_threads(share - 1), share, gpus)
+        if processes is None:
+            processes = gpus > 1 and _dask_cuda_installed()
+        workers = gpus if processes else 1
+        share = max(1, cpus // workers)
+        return ClusterPlan(workers, _io_threads(share - 1), share, gpus, processes)
     io = _io_threads(cpus // 2)
     workers = n_workers or 1
     return ClusterPlan(workers, max(1, io // workers), cpus, 0)
+
+
+def _dask_cuda_installed() -> bool:
+    return importlib.util.find_spec("dask_cuda") is not None
 
 
 def _io_threads(cores: int) -> int:
@@ -121,26 +141,18 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
 
 def _new_local_cluster(plan: ClusterPlan) -> Any:
     # ":0": a free port, so runs side by side never fight over 8787.
-    if plan.gpus:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            # Plain workers are not told their GPU apart: all would share the first one.
-            log.warning("dask-cuda is not installed: one worker, on the first of %d GPUs "
-                        "(pip install dask-cuda for one on each)", plan.gpus)  # fmt: skip
-        else:
-            return LocalCUDACluster(
-                threads_per_worker=plan.threads_per_worker,
-                resources=plan.resources,
-                dashboard_address=":0",
-            )
-        return distributed.LocalCluster(  # a process: it owns its CUDA context
-            n_workers=1,
+    if plan.processes:
+        from dask_cuda import LocalCUDACluster  # a process per GPU, each owning its device
+
+        return LocalCUDACluster(
             threads_per_worker=plan.threads_per_worker,
-            processes=True,
             resources=plan.resources,
             dashboard_address=":0",
         )
+    if plan.gpus > 1:
+        # Plain workers are not told their GPU apart: all would share the first one.
+        log.warning("dask-cuda is not installed: one worker, on the first of %d GPUs "
+                    "(pip install dask-cuda for one on each)", plan.gpus)  # fmt: skip
     # Threads of this process: worker processes (spawn/forkserver) re-import the caller's
     # __main__, which breaks a plain script without a main guard; torch releases the GIL in
     # its kernels. No memory limit: each worker would measure the whole process against its
@@ -150,6 +162,7 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
         threads_per_worker=plan.threads_per_worker,
         processes=False,
         memory_limit=0,
+        resources=plan.resources,
         dashboard_address=":0",
     )
 
@@ -229,7 +242,7 @@ def _shared_local_client(plan: ClusterPlan) -> Any:
         if plan in _LOCAL:
             cluster, client = _LOCAL[plan]
             # threads with none left (an error, a ttl) have no nanny: later runs would hang
-            if client.status == "running" and (plan.gpus or cluster.scheduler.workers):
+            if client.status == "running" and (plan.processes or cluster.scheduler.workers):
                 return client
             log.info("the kept local Dask cluster lost its workers; starting another")
             _close_local(plan)
@@ -283,12 +296,12 @@ def in_process_is_cheaper(plan: ClusterPlan, pixels: int) -> bool:
     cluster ``plan`` lays out: when its worker processes (GPUs) are not started yet and the
     image is small (their start-up, seconds, would outweigh the work); threads cost little.
 
-    >>> in_process_is_cheaper(ClusterPlan(1, 4, 8, gpus=1), 2048 * 2048)
+    >>> in_process_is_cheaper(ClusterPlan(2, 4, 8, gpus=2, processes=True), 2048 * 2048)
     True
-    >>> in_process_is_cheaper(ClusterPlan(1, 4, 8), 2048 * 2048)
+    >>> in_process_is_cheaper(ClusterPlan(1, 4, 8, gpus=1), 2048 * 2048)
     False
     """
-    return plan.gpus > 0 and plan not in _LOCAL and pixels < IN_PROCESS_BELOW_PX
+    return plan.processes and plan not in _LOCAL and pixels < IN_PROCESS_BELOW_PX
 
 
 def run_blocks(
