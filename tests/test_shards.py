@@ -14,7 +14,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from segpipe.results.shards import ShardFormat, shard_write, write_together
+from segpipe.results.shards import ShardFormat, read_region, shard_write, write_together
 
 
 def stored(array: zarr.Array, key: str) -> bytes | None:
@@ -212,3 +212,73 @@ def test_what_runs_before_storing_sees_the_shards_encoded_and_may_store_nothing(
 
 async def _keys(store: MemoryStore) -> list[str]:
     return [k async for k in store.list()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(["uint8", "float16", "float32", "bool"]),
+    compressors=st.sampled_from(["zstd", None]),
+    fill=st.sampled_from([0, 3, float("nan")]),
+    classes=st.sampled_from([None, 2]),
+)
+def test_a_region_reads_as_zarr_reads_it(data, dtype, compressors, fill, classes):
+    """Zarr writes (every chunk or only those not all fill, shards cut by the far edge, some
+    never written); ``read_region`` decodes its shards itself and gives what Zarr reads."""
+    if np.dtype(dtype).kind != "f" and isinstance(fill, float):
+        fill = 0
+    if dtype == "bool":
+        fill = bool(fill)
+    chunk = data.draw(st.sampled_from([4, 8]))
+    shard = chunk * data.draw(st.sampled_from([1, 2]))
+    shape = tuple(data.draw(st.integers(1, 3 * shard)) for _ in range(2))
+    lead = () if classes is None else (classes,)
+    array = create(
+        MemoryStore(), "a", (*lead, *shape), (*lead, chunk, chunk), (*lead, shard, shard),
+        dtype=dtype, fill=fill, compressors=compressors,
+    ).with_config({"write_empty_chunks": data.draw(st.booleans())})  # fmt: skip
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    values = rng.integers(0, 3, (*lead, *shape)).astype(dtype)
+    values[..., : shape[0] // 2, :] = fill  # chunks all fill: not stored, or stored
+    array[...] = values
+    first = (0,) * len(lead) + (0, 0)
+    if data.draw(st.booleans()):  # a shard never written (or deleted) reads as fill
+        sync(array.store_path.store.delete(f"a/{array.metadata.encode_chunk_key(first)}"))
+    y0, x0 = (data.draw(st.integers(0, n - 1)) for n in shape)
+    y1, x1 = data.draw(st.integers(y0 + 1, shape[0] + 2)), data.draw(st.integers(x0 + 1, shape[1]))
+    box = (*(slice(None) for _ in lead), slice(y0, y1), slice(x0, x1))  # past the edge: cut
+    got = read_region(array, box)
+    expected = array[box]
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_region_of_a_format_not_encoded_here_is_read_by_zarr(monkeypatch):
+    kw = dict(shape=(16, 16), chunks=(4, 4), shards=(8, 8), dtype="uint8", fill_value=0)
+    array = zarr.create_array(MemoryStore(), name="b", compressors=BloscCodec(), **kw)
+    array[...] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    monkeypatch.setattr(ShardFormat, "decode", lambda *a, **k: pytest.fail("decoded here"))
+    box = (slice(3, 13), slice(5, 16))
+    np.testing.assert_array_equal(read_region(array, box), array[box])
+
+
+@pytest.mark.parametrize(
+    ("damage", "compressors", "message"),
+    [
+        (lambda b: b[:10], None, "shorter than its index"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 1]), None, "checksum of its index"),
+        (lambda b: b[1:], None, r"chunk \(1, 1\) lies past the end"),  # a byte lost
+        (lambda b: b"\0" * 8 + b, "zstd", r"chunk \(0, 0\) does not decode"),  # bytes added
+    ],
+)
+def test_a_damaged_shard_is_refused_naming_it(damage, compressors, message):
+    store = MemoryStore()
+    array = create(store, "a", (16, 16), (4, 4), (8, 8), "uint8", compressors=compressors)
+    array[...] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    key = "a/c/1/0"
+    good = stored(array, "c/1/0")
+    assert good is not None
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(damage(good))))
+    with pytest.raises(ValueError, match=message) as caught:
+        read_region(array, (slice(0, 16), slice(0, 16)))
+    assert "c/1/0" in str(caught.value)

@@ -34,7 +34,7 @@ from segpipe.results.encoding import as_float16, as_float32
 from segpipe.results.labels import label_images
 from segpipe.results.layout import levels_in_blocks
 from segpipe.results.schema import LABEL_NAME, label_path, level_path, open_root, result_levels
-from segpipe.results.shards import write_together
+from segpipe.results.shards import read_region, write_together
 
 
 def mode_2x(labels: np.ndarray) -> np.ndarray:
@@ -246,5 +246,5 @@ def _halve_into(group: tuple[zarr.Array, str, list[zarr.Array]], box: Box) -> No
     source, kind, targets = group
     lead = (slice(None),) * (source.ndim - 2)
     below = Box(2 * box.y0, 2 * box.y1, 2 * box.x0, 2 * box.x1)
-    values = halve(np.asarray(source[(*lead, *below.slices)]), kind)
+    values = halve(read_region(source, (*lead, *below.slices)), kind)
     write_together([(t, (*lead, *box.slices), values) for t in targets])
