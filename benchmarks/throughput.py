@@ -43,6 +43,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import importlib
 import os
 import platform
 import resource
@@ -68,11 +69,16 @@ from segpipe.config import SegmentConfig
 from segpipe.execution import predictor as predictor_module
 from segpipe.execution import tasks
 from segpipe.execution.cluster import plan_for_device
-from segpipe.execution.gate import CoreGate
 from segpipe.execution.pipeline import ModelStage
 from segpipe.execution.predictor import InferenceConfig, Predictor
 from segpipe.geometry.tiling import Box, exact_side, exact_windows, tile_grid
 from segpipe.io.readers import ArrayReader
+from segpipe.results import store as store_module
+from segpipe.results.store import finalize_result, prepare_result
+from segpipe.results.tiles import TileRecord
+
+# The module, not the function ``segpipe.execution`` exports under its name
+segment_module = importlib.import_module("segpipe.execution.segment")
 
 ROWS: list[tuple[str, str, str]] = []
 RUNS = 0
@@ -130,37 +136,44 @@ class DeviceTimer:
 
 
 class SectionTimer:
-    """Where a run's wall time goes: the forward passes (``Predictor.forward``), and the I/O
-    threads' work between them (``CoreGate.io`` sections, outermost only, timed once the gate
-    is taken, summed over the threads), of which the blocks' writes (sections inside
-    ``write_block``)."""
+    """Where a run's wall time goes: the forward passes (``Predictor.forward``: on a GPU the
+    launches and copies), the I/O threads' work between them (``ModelStage.io_section``s,
+    outermost only, timed once a CPU's gate is taken, summed over the threads), of which the
+    blocks' writes (sections inside ``write_block``), and the driver's part: making the
+    result, recording each block, finalising (of which the pyramid pass)."""
 
-    def __init__(self) -> None:
-        self.seconds = {"passes": 0.0, "io": 0.0, "writes": 0.0}
+    KEYS = ("passes", "io", "writes", "prepare", "record", "finalize", "pyramid")
+
+    def __init__(self, io_threads: int) -> None:
+        self.io_threads = io_threads
+        self.seconds = dict.fromkeys(self.KEYS, 0.0)
         self._lock = threading.Lock()
 
     def _add(self, key: str, seconds: float) -> None:
         with self._lock:
             self.seconds[key] += seconds
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        forward, io, write_block = Predictor.forward, CoreGate.io, tasks.write_block
-        local = threading.local()
-
-        def timed_forward(predictor: Predictor, batch: np.ndarray) -> Any:
+    def _timed(self, key: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return forward(predictor, batch)
+                return fn(*args, **kwargs)
             finally:
-                self._add("passes", time.perf_counter() - start)
+                self._add(key, time.perf_counter() - start)
+
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        io_section, write_block = ModelStage.io_section, tasks.write_block
+        local = threading.local()
 
         @contextlib.contextmanager
-        def timed_io(gate: CoreGate) -> Iterator[None]:
+        def timed_io(stage: ModelStage) -> Iterator[None]:
             depth = getattr(local, "depth", 0)
             local.depth = depth + 1
             try:
-                with io(gate):
+                with io_section(stage):
                     start = time.perf_counter()
                     try:
                         yield
@@ -180,21 +193,32 @@ class SectionTimer:
             finally:
                 local.writing = False
 
-        Predictor.forward = timed_forward  # type: ignore[method-assign]
-        CoreGate.io = timed_io  # type: ignore[method-assign,assignment]
-        tasks.write_block = timed_write
+        patches = [
+            (Predictor, "forward", self._timed("passes", Predictor.forward)),
+            (ModelStage, "io_section", timed_io),
+            (tasks, "write_block", timed_write),
+            (segment_module, "prepare_result", self._timed("prepare", prepare_result)),
+            (segment_module, "finalize_result", self._timed("finalize", finalize_result)),
+            (store_module, "build_pyramid", self._timed("pyramid", store_module.build_pyramid)),
+            (TileRecord, "mark", self._timed("record", TileRecord.mark)),
+        ]
+        kept = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+        for owner, name, patched in patches:
+            setattr(owner, name, patched)
         try:
             yield
         finally:
-            Predictor.forward = forward  # type: ignore[method-assign]
-            CoreGate.io = io  # type: ignore[method-assign]
-            tasks.write_block = write_block
+            for owner, name, was in kept:
+                setattr(owner, name, was)
 
-    def summary(self) -> str:
-        s = self.seconds
+    def summary(self, wall: float) -> str:
+        s, n = self.seconds, self.io_threads
         return (
-            f"passes {s['passes']:.1f} s (summed over the model threads); "
-            f"I/O sections {s['io']:.1f} s (both I/O threads), of which writes {s['writes']:.1f} s"
+            f"passes {s['passes']:.1f} s (summed over the model threads); I/O sections "
+            f"{s['io']:.1f} s summed over {n} I/O threads ({s['io'] / (n * wall):.0%} of their "
+            f"time), of which writes {s['writes']:.1f} s; the driver made the result in "
+            f"{s['prepare']:.2f} s, recorded the blocks in {s['record']:.2f} s and finalised "
+            f"it in {s['finalize']:.2f} s (the pyramid pass {s['pyramid']:.2f} s)"
         )
 
 
@@ -578,6 +602,7 @@ def pipeline_rows(
 ) -> None:
     mpx = size * size / 1e6
     config = SegmentConfig()
+    plan = plan_for_device(device)
     image = zarr.open_array(src, mode="r")[:1200, :1200]
     timer = DeviceTimer() if device == "cuda" else None
 
@@ -593,7 +618,7 @@ def pipeline_rows(
             if label == "default, first call" and r:
                 continue  # only the first call starts the cluster
             out = work / "out.zarr"
-            sections = SectionTimer() if scheduler == "sync" else None
+            sections = SectionTimer(plan.threads_per_worker) if scheduler == "sync" else None
             measured = run_segment(
                 src, out, shipped, device, timer, sections, scheduler=scheduler, **all_tiles()
             )
@@ -616,7 +641,7 @@ def pipeline_rows(
             note += f"; fastest of {len(measured)}: {spread([m[0] for m in measured])}"
         row(f"segpipe end to end, {label}", f"{mpx / seconds:.2f} Mpx/s", note)
     fastest, sections = min(breakdowns, key=lambda b: b[0])
-    row("  where the sync run's time went", f"{fastest:.1f} s", sections.summary())
+    row("  where the sync run's time went", f"{fastest:.1f} s", sections.summary(fastest))
 
     null = models.build("fcn", width=4, layers=1).eval()
     for label, scheduler, before in (("sync", "sync", 2.0), ("default", None, 1.2)):

@@ -3,8 +3,10 @@
 #   run(command="bash benchmarks/device/check.sh", carry=[".whl"], timeout_s=600)
 # after benchmarks/device/fetch_wheels.sh here. Installs the carried wheels beside the
 # image's packages, then prints the throughput rows with --device cuda (device busy fraction,
-# end to end against the bare forward, tissue, blend against MONAI) and the 1-gigapixel 30%
-# tissue slide. Logs go to $OUT (or ./device-out when OUT is unset).
+# end to end against the bare forward), the null-model pipeline at 2-16 I/O threads, a py-spy
+# profile of sync runs summed by phase (benchmarks/device/phases.py), tissue, blend against
+# MONAI (2048^2 and 8192^2) and the 1-gigapixel 30% tissue slide. Logs go to $OUT (or
+# ./device-out when OUT is unset).
 set -uo pipefail
 out="${OUT:-device-out}"
 mkdir -p "$out"
@@ -19,8 +21,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import torch, dask, zarr, segpipe; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'dask', dask.__version__, 'zarr', zarr.__version__)" \
     2>&1 | tee -a "$out/gpu.txt" || exit 1
 bench() { python3 benchmarks/throughput.py --device "${DEVICE:-cuda}" --keep /tmp/segpipe-bench "$@"; }
-# Most telling first, should the time run out: the device's busy fraction, the 1-gigapixel
-# target (making its slide takes minutes on the CPU), then tissue and blend.
+profiled() { python3 benchmarks/device/profile_run.py --device "${DEVICE:-cuda}" --size "${SIZE:-8192}" "$@"; }
+# Most telling first, should the time run out: the device's busy fraction and where a run's
+# time goes, tissue and blend, then the 1-gigapixel target (its slide takes minutes to make).
 bench --rows pipeline --size "${SIZE:-8192}" 2>&1 | tee "$out/pipeline.txt"
+# Whether the pipeline around the model grows with its I/O threads (a nearly free model)
+for n in 2 4 8 16; do profiled --model null --runs 1 --io-threads "$n" 2>&1 | tail -1 | sed "s/^/io threads $n: /"; done \
+    | tee "$out/io-threads.txt"
+spy=/tmp/site/bin/py-spy  # every thread's stacks, then only the thread holding the GIL
+if "$spy" record -r 200 -f raw --threads -o "$out/profile.txt" -- \
+        python3 benchmarks/device/profile_run.py --device "${DEVICE:-cuda}" --size "${SIZE:-8192}" \
+        > "$out/profile-runs.txt" 2>&1; then
+    python3 benchmarks/device/phases.py "$out/profile.txt" | tee "$out/phases.txt"
+    "$spy" record -r 200 -f raw --threads --gil -o "$out/profile-gil.txt" -- \
+        python3 benchmarks/device/profile_run.py --device "${DEVICE:-cuda}" --size "${SIZE:-8192}" \
+        > /dev/null 2>&1 && python3 benchmarks/device/phases.py "$out/profile-gil.txt" | tee "$out/phases-gil.txt"
+else
+    echo "py-spy could not profile here (see profile-runs.txt); the runs without it:"
+    profiled 2>&1 | tee "$out/profile-runs.txt"
+fi
+bench --rows tissue,blend --size "${SIZE:-8192}" --blend-size "${BLEND_SIZE:-2048}" 2>&1 | tee "$out/tissue-blend.txt"
+bench --rows blend --blend-size "${BIG_BLEND_SIZE:-8192}" 2>&1 | tee "$out/blend-large.txt"
 bench --rows gigapixel --gigapixel-size "${GIGAPIXEL_SIZE:-32768}" 2>&1 | tee "$out/gigapixel.txt"
-bench --rows tissue,blend --size "${SIZE:-8192}" 2>&1 | tee "$out/tissue-blend.txt"

@@ -1,0 +1,67 @@
+"""Runs to profile on the lent GPU machine (``check.sh`` runs this under py-spy): ``segment``
+of the 8192^2 benchmark input with the shipped model, ``scheduler="sync"``, one untimed run
+and then ``--runs`` timed ones, each printed with its device busy fraction.
+
+    python benchmarks/device/profile_run.py [--size 8192] [--device cuda] [--runs 3]
+                                            [--work /tmp/segpipe-bench] [--io-threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import throughput
+from memory import build_input
+
+import segpipe
+from segpipe import models
+from segpipe.execution import cluster
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/segpipe-bench"))
+    parser.add_argument("--io-threads", type=int, default=None, help="default: the plan's")
+    parser.add_argument("--model", default="tissue-unet", help="or 'null': fcn width 4")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    src = args.work / f"input-{args.size}.zarr"
+    if not src.exists():
+        build_input(src, args.size)
+    segpipe.keep_freed_memory()
+    if args.io_threads is not None:
+        cluster._io_threads = lambda cores: args.io_threads  # type: ignore[assignment]
+    model = (
+        models.build("fcn", width=4, layers=1).eval()
+        if args.model == "null"
+        else models.load(args.model)
+    )
+    plan = cluster.plan_for_device(args.device)
+    mpx = args.size**2 / 1e6
+    for run in range(args.runs + 1):
+        timer = throughput.DeviceTimer() if args.device == "cuda" else None
+        sections = throughput.SectionTimer(plan.threads_per_worker)
+        out = args.work / "profiled.zarr"
+        start = time.perf_counter()
+        seconds, busy, cpu = throughput.run_segment(
+            src, out, model, args.device, timer, sections, scheduler="sync", foreground="none"
+        )
+        shutil.rmtree(out.with_name(f"{out.stem}-{throughput.RUNS}.zarr"), ignore_errors=True)
+        print(
+            f"{'untimed' if run == 0 else f'run {run}'}: {seconds:.2f} s, {mpx / seconds:.2f} "
+            f"Mpx/s, {cpu:.1f} CPU s{throughput.busy_note(args.device, busy)}; "
+            f"{sections.summary(seconds)} ({time.perf_counter() - start:.1f} s with clean-up)",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
