@@ -26,8 +26,11 @@ profiled() { python3 benchmarks/device/profile_run.py --device "${DEVICE:-cuda}"
 # time goes, tissue and blend, then the 1-gigapixel target (its slide takes minutes to make).
 bench --rows pipeline --size "${SIZE:-8192}" 2>&1 | tee "$out/pipeline.txt"
 # Whether the pipeline around the model grows with its I/O threads (a nearly free model)
+# (and with one torch thread: the I/O threads' torch casts each start a team of the process's)
 for n in 2 4 8 16; do profiled --model null --runs 1 --io-threads "$n" 2>&1 | tail -1 | sed "s/^/io threads $n: /"; done \
     | tee "$out/io-threads.txt"
+profiled --model null --runs 1 --torch-threads 1 2>&1 | tail -1 | sed "s/^/one torch thread: /" \
+    | tee -a "$out/io-threads.txt"
 spy=/tmp/site/bin/py-spy  # every thread's stacks, then only the thread holding the GIL
 if "$spy" record -r 200 -f raw --threads -o "$out/profile.txt" -- \
         python3 benchmarks/device/profile_run.py --device "${DEVICE:-cuda}" --size "${SIZE:-8192}" \

@@ -4,6 +4,7 @@ and then ``--runs`` timed ones, each printed with its device busy fraction.
 
     python benchmarks/device/profile_run.py [--size 8192] [--device cuda] [--runs 3]
                                             [--work /tmp/segpipe-bench] [--io-threads N]
+                                            [--torch-threads N] [--model tissue-unet|null]
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/segpipe-bench"))
     parser.add_argument("--io-threads", type=int, default=None, help="default: the plan's")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="SegmentConfig.threads (default: the plan's); torch's count is the process's, so "
+        "the I/O threads' torch work (float16 casts) runs on as many",
+    )
     parser.add_argument("--model", default="tissue-unet", help="or 'null': fcn width 4")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -52,8 +60,9 @@ def main() -> None:
         out = args.work / "profiled.zarr"
         start = time.perf_counter()
         seconds, busy, cpu = throughput.run_segment(
-            src, out, model, args.device, timer, sections, scheduler="sync", foreground="none"
-        )
+            src, out, model, args.device, timer, sections, scheduler="sync", foreground="none",
+            threads=args.torch_threads,
+        )  # fmt: skip
         shutil.rmtree(out.with_name(f"{out.stem}-{throughput.RUNS}.zarr"), ignore_errors=True)
         print(
             f"{'untimed' if run == 0 else f'run {run}'}: {seconds:.2f} s, {mpx / seconds:.2f} "
