@@ -79,10 +79,9 @@ def plan_local_cluster(
 
     Several GPUs get a worker process each (``processes``; default: where dask-cuda, which
     tells each its device, is installed; else one worker, on the first). One GPU's worker is
-    threads of this process, as the CPU's: a worker process would add its start-up (on an
-    H200 a first call took 7.7 s longer than one reusing it) and the driver's traffic with
-    it, and re-import the caller's ``__main__``, which breaks a plain script without a main
-    guard.
+    threads of this process, as the CPU's: a process would add its start-up (on an H200 a
+    first call took 7.7 s longer than one reusing it) and the driver's traffic with it, and
+    re-import the caller's ``__main__`` (a plain script without a main guard breaks).
 
     >>> plan_local_cluster(torch.device("cpu"), cpus=8)
     ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0, processes=False)
