@@ -9,12 +9,15 @@ URL, and the tasks of a run whose driver died while they go on.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 import zarr
 
 from segpipe.faults import fault_point
+from segpipe.io.files import URLPath
 from segpipe.results.layout import COUNTS, PROGRESS, PROGRESS_CHUNKS
 from segpipe.results.schema import read_attrs, store_of, stored_complete
 
@@ -40,12 +43,24 @@ def result_started(path: str | os.PathLike) -> str | None:
     """The ``started`` stamp (an ISO 8601 time to the microsecond) of the result at ``path``,
     as its root ``zarr.json`` says now: one read of that one file (``read_attrs`` asks for
     Zarr v2's three files besides), from the store each time, never from a handle opened
-    earlier (Zarr handles keep the metadata they read). ``FileNotFoundError``: nothing there."""
-    try:
-        group = zarr.open_group(store_of(path), mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-        raise FileNotFoundError(f"no segpipe result at {path}") from e
-    attrs = group.attrs.get("segpipe")
+    earlier (Zarr handles keep the metadata they read). ``FileNotFoundError``: nothing there.
+    A local result's file is read and parsed here: opening it as a Zarr group took 2.4 ms of
+    Python, twice a block (the fence of its shards and of its record)."""
+    if isinstance(path, URLPath):
+        try:
+            group = zarr.open_group(store_of(path), mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
+            raise FileNotFoundError(f"no segpipe result at {path}") from e
+        attrs = group.attrs.get("segpipe")
+    else:
+        try:
+            document = json.loads(Path(path, "zarr.json").read_bytes())
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise FileNotFoundError(f"no segpipe result at {path}") from e
+        except ValueError as e:  # as Zarr's opening: what is no JSON is no group
+            raise ValueError(f"{path}: its zarr.json is no JSON ({e})") from None
+        found = document.get("attributes") if isinstance(document, dict) else None
+        attrs = found.get("segpipe") if isinstance(found, dict) else None
     return attrs.get("started") if isinstance(attrs, dict) else None
 
 
