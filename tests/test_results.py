@@ -324,13 +324,18 @@ def test_a_tile_record_failing_between_its_two_writes_flags_no_tile_done(tmp_pat
     assert not tiles_done(path)[0, 0] or class_pixels(path).tolist() == [1000, 24]
 
 
-def test_a_failed_write_is_raised_after_the_others_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("store", ["local", "zarr"])
+def test_a_failed_write_is_raised_after_the_others_end(tmp_path, monkeypatch, store):
     # A block's writes go to the store together: one failing raises, but only once the others
-    # have ended, so no write of the block is still running when the task reports.
+    # have ended, so no write of the block is still running when the task reports. A local
+    # store's shards are stored in the caller's thread, one after another; others through
+    # Zarr, side by side.
+    from segpipe.results import shards
+
     path = tmp_path / "r.zarr"
     m = meta(task_tiles=2)
     prepare_result(path, m)
-    store_set = StorePath.set
+    store_set, store_file = StorePath.set, shards._store_file
 
     async def failing(self, value, *args, **kw):
         if "/probabilities/" in self.path:
@@ -338,7 +343,15 @@ def test_a_failed_write_is_raised_after_the_others_end(tmp_path, monkeypatch):
         await asyncio.sleep(0.05)  # still running when the failure comes
         return await store_set(self, value, *args, **kw)
 
+    def failing_file(file, data):
+        if "/probabilities/" in file.as_posix():
+            raise OSError(f"disk full writing {file.relative_to(path).as_posix()}")
+        store_file(file, data)
+
+    if store == "zarr":  # as a store other than a local one is written
+        monkeypatch.setattr(shards, "local_file", lambda where, writing=False: None)
     monkeypatch.setattr(StorePath, "set", failing)
+    monkeypatch.setattr(shards, "_store_file", failing_file)
     probs = random_probabilities((64, 64))
     with pytest.raises(OSError, match="disk full writing 0/probabilities"):
         write_tiles(path, Box(0, 64, 0, 64), probs)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import MemoryStore
+from zarr.storage import LocalStore, MemoryStore
 
 from segpipe.results.shards import ShardFormat, read_region, shard_write, write_together
 
@@ -282,3 +282,38 @@ def test_a_damaged_shard_is_refused_naming_it(damage, compressors, message):
     with pytest.raises(ValueError, match=message) as caught:
         read_region(array, (slice(0, 16), slice(0, 16)))
     assert "c/1/0" in str(caught.value)
+
+
+def test_a_local_stores_shards_are_written_and_read_here_as_zarr_would(tmp_path, monkeypatch):
+    """A local store's shard files are stored and read in the caller's thread, never through
+    Zarr's event loop: the same files as Zarr's LocalStore writes (nothing left beside them),
+    an all-fill shard deleted, and what Zarr reads back; a read-only store goes through Zarr."""
+    from segpipe.results import shards
+
+    def arrays(root):
+        return [create(LocalStore(root), n, (20, 20), (4, 4), (8, 8), "uint8") for n in ("a", "b")]
+
+    ours, theirs = arrays(tmp_path / "ours"), arrays(tmp_path / "theirs")
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    edge = np.full((4, 8), 7, np.uint8)  # a shard cut by the far edge
+    writes = [((slice(8, 16), slice(0, 8)), values), ((slice(16, 20), slice(8, 16)), edge)]
+    for array in theirs:  # Zarr's own writes
+        for selection, v in writes:
+            array[selection] = v
+    monkeypatch.setattr(shards, "sync", lambda *a, **k: pytest.fail("through Zarr's loop"))
+    write_together([(a, sel, v) for a in ours for sel, v in writes])
+    for mine, zarrs in zip(ours, theirs, strict=True):
+        for key in ("c/1/0", "c/2/1"):
+            assert stored(mine, key) is not None and stored(mine, key) == stored(zarrs, key)
+        np.testing.assert_array_equal(
+            read_region(mine, (slice(3, 20), slice(0, 17))), zarrs[3:, :17]
+        )
+    assert not list(tmp_path.rglob("*.partial"))
+    write_together([(ours[0], (slice(8, 16), slice(0, 8)), np.zeros((8, 8), np.uint8))])
+    assert stored(ours[0], "c/1/0") is None  # all fill: deleted, as Zarr does
+    assert read_region(ours[0], (slice(8, 16), slice(0, 8))).max() == 0
+    monkeypatch.undo()
+    read_only = zarr.open_array(LocalStore(tmp_path / "ours", read_only=True), path="b")
+    assert shards.local_file(read_only.store_path, writing=True) is None
+    with pytest.raises(ValueError, match=r"read.only"):
+        write_together([(read_only, (slice(8, 16), slice(0, 8)), values)])

@@ -9,7 +9,9 @@ took 51-71 ms of CPU to store that way against 35-40 ms here, for the same bytes
 layouts create are encoded here (:meth:`ShardFormat.of` says which: ``bytes`` then optionally
 ``zstd`` inside the shard, its index ``bytes`` then ``crc32c`` at its end); anything else, and
 any write that is not one whole shard, goes through Zarr. :func:`write_together` is how the
-tasks (``write_block``) and the pyramid pass write: many arrays' shards in one trip.
+tasks (``write_block``) and the pyramid pass write: many arrays' shards in one trip; a local
+store's shard files are written (and :func:`read_region`'s read) in the caller's thread, as
+Zarr's ``LocalStore`` would, not through Zarr's event loop (:func:`local_file`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import google_crc32c
@@ -29,9 +33,17 @@ from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import StorePath
+from zarr.storage import LocalStore, StorePath
 
-__all__ = ["Encoded", "ShardFormat", "ShardWrite", "read_region", "shard_write", "write_together"]
+__all__ = [
+    "Encoded",
+    "ShardFormat",
+    "ShardWrite",
+    "local_file",
+    "read_region",
+    "shard_write",
+    "write_together",
+]
 
 log = logging.getLogger("segpipe")
 
@@ -195,14 +207,8 @@ def read_region(array: zarr.Array, box: tuple[slice, ...]) -> np.ndarray:
     spans = [range(r.start // s, -(-r.stop // s)) for r, s in zip(ranges, form.shard, strict=True)]
     grid = list(itertools.product(*spans))
     keys = [array.metadata.encode_chunk_key(coords) for coords in grid]
-    prototype = default_buffer_prototype()
-
-    async def read_all() -> list[Any]:
-        return await asyncio.gather(*((array.store_path / k).get(prototype) for k in keys))
-
     values = np.empty([len(r) for r in ranges], dtype=array.dtype)
-    for coords, key, found in zip(grid, keys, sync(read_all()), strict=True):
-        data = None if found is None else found.to_bytes()
+    for coords, key, data in zip(grid, keys, _shard_bytes(array.store_path, keys), strict=True):
         shard = form.decode(data, name=f"{array.store_path}/{key}")
         # The part of this shard inside ``box``, in the shard's and in the result's indices
         inside, into = [], []
@@ -212,6 +218,26 @@ def read_region(array: zarr.Array, box: tuple[slice, ...]) -> np.ndarray:
             into.append(slice(lo - r.start, hi - r.start))
         values[tuple(into)] = shard[tuple(inside)]
     return values
+
+
+def _shard_bytes(where: StorePath, keys: list[str]) -> list[bytes | None]:
+    """The stored bytes of each of ``keys`` under ``where`` (None: not stored): a local
+    store's files read here, others' in one trip through Zarr."""
+    folder = local_file(where)
+    if folder is not None:
+        found: list[bytes | None] = []
+        for key in keys:
+            try:
+                found.append(Path(folder, key).read_bytes())
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):  # as Zarr's
+                found.append(None)
+        return found
+    prototype = default_buffer_prototype()
+
+    async def read_all() -> list[Any]:
+        return await asyncio.gather(*((where / k).get(prototype) for k in keys))
+
+    return [None if b is None else b.to_bytes() for b in sync(read_all())]
 
 
 def _all_fill(values: np.ndarray, fill: Any) -> bool:
@@ -240,6 +266,42 @@ class ShardWrite:
             await self.where.delete()
         else:
             await self.where.set(default_buffer_prototype().buffer.from_bytes(self.data))
+
+    def run_here(self) -> bool:
+        """:meth:`run` in this thread where the shard is a file of a local store, as Zarr's
+        ``LocalStore`` stores it (written beside, as ``<name>.<hex>.partial``, and renamed
+        over); False (nothing done) elsewhere."""
+        path = local_file(self.where, writing=True)
+        if path is None:
+            return False
+        if self.data is None:
+            path.unlink(missing_ok=True)
+        else:
+            _store_file(path, self.data)
+        return True
+
+
+def local_file(where: StorePath, *, writing: bool = False) -> Path | None:
+    """The file of ``where`` when its store is a local one (Zarr's ``LocalStore`` itself;
+    ``writing``: one open for writing), else None. Such files are read and written in the
+    caller's thread: through Zarr, every shard went to its event loop's one thread and back,
+    a round trip each task's thread (8 of them beside a GPU) waited on, each leg waiting for
+    the GIL."""
+    store = where.store
+    if type(store) is not LocalStore or (writing and store.read_only):
+        return None
+    return Path(store.root, where.path)
+
+
+def _store_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        partial.write_bytes(data)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 Encoded = dict[tuple[int, ShardFormat, bool], bytes | None]
@@ -295,6 +357,7 @@ def write_together(
     shards are encoded, right before the trip: what it raises is raised, nothing stored."""
     outcomes: list[BaseException | None] = [None] * len(writes)
     pending: dict[int, Coroutine[Any, Any, None]] = {}
+    here: dict[int, ShardWrite] = {}  # a local store's shards: stored in this thread
     encoded: Encoded = {}
     for i, (array, selection, values) in enumerate(writes):
         try:
@@ -302,9 +365,12 @@ def write_together(
         except Exception as e:  # encoding failed: the other writes still run to their end
             outcomes[i] = e
             continue
-        pending[i] = (
-            shard.run() if shard is not None else array.async_array.setitem(selection, values)
-        )
+        if shard is not None and local_file(shard.where, writing=True) is not None:
+            here[i] = shard
+        else:
+            pending[i] = (
+                shard.run() if shard is not None else array.async_array.setitem(selection, values)
+            )
 
     if before_storing is not None:
         try:
@@ -314,12 +380,19 @@ def write_together(
                 coroutine.close()
             raise
 
+    for i, shard in here.items():
+        try:
+            shard.run_here()
+        except Exception as e:
+            outcomes[i] = e
+
     async def write_all() -> list[BaseException | None]:
         return await asyncio.gather(*pending.values(), return_exceptions=True)
 
-    for i, outcome in zip(pending, sync(write_all()), strict=True):
-        if isinstance(outcome, BaseException):
-            outcomes[i] = outcome
+    if pending:
+        for i, outcome in zip(pending, sync(write_all()), strict=True):
+            if isinstance(outcome, BaseException):
+                outcomes[i] = outcome
     failures = [o for o in outcomes if o is not None]
     for other in failures[1:]:
         log.warning("another write of the same call failed too: %r", other)
