@@ -31,6 +31,10 @@ for n in 2 4 8 16; do profiled --model null --runs 1 --io-threads "$n" 2>&1 | ta
     | tee "$out/io-threads.txt"
 profiled --model null --runs 1 --torch-threads 1 2>&1 | tail -1 | sed "s/^/one torch thread: /" \
     | tee -a "$out/io-threads.txt"
+# The shipped model: the model thread takes the GIL back after every op, beside I/O threads
+# holding it; a waiting thread asks for it after the switch interval (Python's 5 ms)
+for si in 0.005 0.0005; do profiled --runs 2 --switch-interval "$si" 2>&1 | tail -2 | sed "s/^/switch interval $si: /"; done \
+    | tee "$out/switch-interval.txt"
 spy=/tmp/site/bin/py-spy  # every thread's stacks, then only the thread holding the GIL
 if "$spy" record -r 200 -f raw --threads -o "$out/profile.txt" -- \
         python3 benchmarks/device/profile_run.py --device "${DEVICE:-cuda}" --size "${SIZE:-8192}" \

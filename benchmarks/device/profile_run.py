@@ -5,6 +5,7 @@ and then ``--runs`` timed ones, each printed with its device busy fraction.
     python benchmarks/device/profile_run.py [--size 8192] [--device cuda] [--runs 3]
                                             [--work /tmp/segpipe-bench] [--io-threads N]
                                             [--torch-threads N] [--model tissue-unet|null]
+                                            [--switch-interval SECONDS]
 """
 
 from __future__ import annotations
@@ -39,12 +40,22 @@ def main() -> None:
         "the I/O threads' torch work (float16 casts) runs on as many",
     )
     parser.add_argument("--model", default="tissue-unet", help="or 'null': fcn width 4")
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval (Python's default 0.005 s): how long a thread waiting for "
+        "the GIL waits before asking its holder to let go. The model thread lets go of it in "
+        "every torch op and takes it back after, beside I/O threads that hold it",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     src = args.work / f"input-{args.size}.zarr"
     if not src.exists():
         build_input(src, args.size)
     segpipe.keep_freed_memory()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.io_threads is not None:
         cluster._io_threads = lambda cores: args.io_threads  # type: ignore[assignment]
     model = (
