@@ -928,13 +928,18 @@ def test_stitching_refuses_what_it_cannot_do() -> None:
         ("cuda", 32, 4, None, True, ClusterPlan(4, 7, 8, 4, processes=True)),
         ("cuda", 32, 4, None, False, ClusterPlan(1, 8, 32, 4)),  # one worker: the first GPU
         ("cuda", 32, 1, None, True, ClusterPlan(1, 8, 32, 1)),  # threads of this process
+        # more workers asked than I/O threads: one thread each, never a worker of none
+        ("cpu", 4, 0, 8, True, ClusterPlan(8, 1, 4, 0)),
+        ("cpu", 2, 0, 3, True, ClusterPlan(3, 1, 2, 0)),
+        # a CUDA plan is one GPU at least, even where torch counts none (the workers say so)
+        ("cuda", 8, 0, None, True, ClusterPlan(1, 7, 8, 1)),
     ],
 )
 def test_cluster_plan(device, cpus, gpus, workers, dask_cuda, expected, monkeypatch):
     monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: dask_cuda)
     plan = plan_local_cluster(torch.device(device), cpus=cpus, gpus=gpus, n_workers=workers)
     assert plan == expected
-    assert plan.resources == ({"GPU": 1} if gpus else {})
+    assert plan.resources == ({"GPU": 1} if device == "cuda" else {})
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="sets CPU affinity (Linux)")

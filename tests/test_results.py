@@ -40,10 +40,15 @@ from segpipe.results import (
     write_block,
     write_tiles,
 )
-from segpipe.results.layout import block_level_arrays, level_tiling, levels_in_blocks
+from segpipe.results.layout import (
+    PROGRESS_CHUNKS,
+    block_level_arrays,
+    level_tiling,
+    levels_in_blocks,
+)
 from segpipe.results.schema import label_path, level_path, result_levels
 from segpipe.results.store import quiet_consolidated
-from segpipe.results.tiles import result_started
+from segpipe.results.tiles import check_not_replaced, result_started, tile_class_pixels
 
 # Settings that live in ResultMeta.config (pixel_size_um is the result's own field too).
 SETTINGS = {f.name for f in dataclasses.fields(SegmentConfig)} - {
@@ -145,6 +150,61 @@ def test_a_local_results_stamp_is_read_from_its_zarr_json_without_opening_a_grou
     (tmp_path / "other.zarr" / "zarr.json").write_text("{no json")
     with pytest.raises(ValueError, match=r"other\.zarr: its zarr\.json is no JSON"):
         result_started(tmp_path / "other.zarr")
+
+
+def test_a_tile_record_keeps_each_progress_chunk_of_a_wide_result_apart(tmp_path):
+    """The record keeps each chunk of the progress arrays it read (64 x 64 tiles): a result
+    more than a chunk of tiles wide (or high) has tiles in several, each written to its own
+    place, whether they come in one mark or in marks one after another."""
+    cy, cx = PROGRESS_CHUNKS
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta(shape=(16 * (cy + 2), 16 * (cx + 6)), tile=16))
+    record = TileRecord(path)
+    marks = [
+        {(0, 1): np.array([1, 2])},  # chunk (0, 0), read first
+        {(1, cx + 2): np.array([3, 4]), (2, 3): np.array([5, 6])},  # chunks (0, 1) and (0, 0)
+        {(cy + 1, cx + 5): np.array([7, 8])},  # chunk (1, 1): the last row and column
+    ]
+    expected = np.zeros((cy + 2, cx + 6), dtype=bool)
+    counts = np.zeros((cy + 2, cx + 6, 2), dtype=np.int64)
+    for mark in marks:
+        record.mark(mark)
+        for (iy, ix), c in mark.items():
+            expected[iy, ix], counts[iy, ix] = True, c
+        np.testing.assert_array_equal(tiles_done(path), expected)
+        np.testing.assert_array_equal(tile_class_pixels(path), counts)
+    # A record opened afterwards reads every chunk as written and adds to it.
+    TileRecord(path).mark({(cy, 0): np.array([9, 9])})
+    expected[cy, 0], counts[cy, 0] = True, [9, 9]
+    np.testing.assert_array_equal(tiles_done(path), expected)
+    np.testing.assert_array_equal(tile_class_pixels(path), counts)
+
+
+@pytest.mark.parametrize("text", ["[]", '"a string"', "null", "3", '{"attributes": []}'])
+def test_a_zarr_json_of_no_object_has_no_stamp_and_fences_off_the_run(tmp_path, text):
+    """JSON that is no object (or whose attributes are none) holds no stamp: no result of
+    this run, so its fence stops it, and no AttributeError from parsing it."""
+    path = tmp_path / "r.zarr"
+    path.mkdir()
+    (path / "zarr.json").write_text(text)
+    assert result_started(path) is None
+    with pytest.raises(ResultReplacedError, match="replaced by another run"):
+        check_not_replaced(path, "2024-01-01T00:00:00.000000+00:00")
+
+
+def test_marking_no_tiles_opens_nothing(tmp_path, monkeypatch):
+    """No tiles to record: no store opened (a remote store's round trips for nothing), so
+    not even a result at the path is needed."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: pytest.fail("opened an array"))
+    monkeypatch.setattr(zarr, "open_group", lambda *a, **k: pytest.fail("opened a group"))
+    mark_tiles_done(path, {})
+    mark_tiles_done(tmp_path / "none.zarr", {})
+    monkeypatch.undo()
+    assert not tiles_done(path).any()
+    mark_tiles_done(path, {(0, 0): np.array([1, 2])})  # and a mark still records
+    assert tiles_done(path)[0, 0]
 
 
 def store_files(path, *, but=()):

@@ -14,6 +14,7 @@ import time
 import types
 
 import dask
+import dask.threaded
 import distributed
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from segpipe import models
 from segpipe.execution import cluster, tasks, workers
 from segpipe.execution.cluster import choose_scheduler
 from segpipe.execution.predictor import InferenceConfig
+from segpipe.execution.schedulers import WorkersDiedError
 from segpipe.execution.workers import ModelPlugin, resolve_amp
 from segpipe.results import is_complete, read_meta
 
@@ -911,3 +913,110 @@ def test_a_run_waiting_on_a_scheduler_without_workers_says_so_once(monkeypatch, 
             "r.zarr: the Dask scheduler tcp://127.0.0.1:1 has had no worker for 0 s; the run waits"
         )
     )
+
+
+def test_a_kept_local_cluster_whose_client_closed_is_closed_and_started_again():
+    """A kept client no longer running is not handed to a run (its futures would never
+    come back); the cluster behind it is closed, not left running beside its successor."""
+    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=1, torch_threads=1)
+    first = cluster._shared_local_client(plan)
+    try:
+        local, _ = cluster._LOCAL[plan]
+        first.close()
+        again = cluster._shared_local_client(plan)
+        assert again is not first
+        assert again.status == "running"
+        assert again.submit(lambda: 41 + 1).result(timeout=30) == 42
+        assert local.status.name == "closed", "the first cluster left running"
+    finally:
+        if plan in cluster._LOCAL:
+            cluster._close_local(plan)
+
+
+def test_a_kept_local_cluster_that_lost_its_workers_is_closed_when_replaced():
+    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=1, torch_threads=1)
+    first = cluster._shared_local_client(plan)
+    try:
+        local, _ = cluster._LOCAL[plan]
+        first.retire_workers(close_workers=True)
+        deadline = time.monotonic() + 30
+        while local.scheduler.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not local.scheduler.workers
+        again = cluster._shared_local_client(plan)
+        assert again is not first
+        assert first.status == "closed", "the old client left open"
+        assert local.status.name == "closed", "the old cluster left running"
+    finally:
+        if plan in cluster._LOCAL:
+            cluster._close_local(plan)
+
+
+def test_a_child_forked_from_a_forked_child_runs_in_itself_too(no_config_address):
+    """A process forked from one that ran a local cluster runs its tasks in itself; so does
+    its own child, whose parent started none (its _LOCAL empty) but still holds the clients
+    and pools inherited from the first, without their threads. _forget_in_child is what
+    os.register_at_fork runs in each child."""
+    monkeypatch = no_config_address
+    plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=1, torch_threads=1)
+    # The module's state as a parent that ran a local cluster left it, restored after.
+    monkeypatch.setattr(cluster, "_LOCAL", {plan: (object(), object())})
+    monkeypatch.setattr(cluster, "_FORKED", False)
+    monkeypatch.setattr(cluster, "_LOCAL_LOCK", cluster._LOCAL_LOCK)
+    monkeypatch.setattr(dask.threaded, "default_pool", dask.threaded.default_pool)
+    monkeypatch.setattr(dask.threaded, "pools_lock", dask.threaded.pools_lock)
+    monkeypatch.setattr(dask.threaded, "pools", {})
+    monkeypatch.setattr(cluster, "_start_local_cluster", _no_local_cluster)
+    for generation in ("child", "grandchild"):
+        cluster._forget_in_child()
+        assert cluster._FORKED, generation
+        assert cluster._LOCAL == {}, generation
+        with cluster.connect(None, plan) as client:
+            assert client is None, f"the {generation} would start a local cluster"
+
+
+def _no_local_cluster(plan):
+    raise AssertionError("a local cluster was started")
+
+
+def test_a_block_whose_workers_died_says_how_many_and_the_last(
+    image_path, checkpoints, threaded_client, monkeypatch, tmp_path
+):
+    """KilledWorker's allowed_failures is the deaths Dask allowed before giving up: the block
+    ran on one worker more than that, each died; the message counts them and names the
+    last, then says the run resumes."""
+    last = types.SimpleNamespace(address="tcp://10.0.0.9:4321")
+
+    def killed(block, job):  # what the task's future raises once its workers all died
+        raise distributed.KilledWorker(f"segpipe-block-{block.key}", last, 2)
+
+    monkeypatch.setattr(cluster, "segment_block", killed)
+    out = tmp_path / "r.zarr"
+    with pytest.raises(WorkersDiedError) as caught:
+        segpipe.segment(image_path, out, checkpoints[0], scheduler=threaded_client, **SETTINGS)
+    assert isinstance(caught.value.__cause__, distributed.KilledWorker)
+    message = str(caught.value)
+    assert message.startswith(f"{out}: every Dask worker that ran one of its blocks died ")
+    assert "(3 of them, the last tcp://10.0.0.9:4321)" in message
+    assert "run again to resume" in message
+
+
+@pytest.mark.parametrize("io_threads", [1, 3, None])
+def test_run_blocks_in_this_process_runs_the_io_threads_asked(monkeypatch, io_threads):
+    """``io_threads`` blocks at a time, as asked; by default the local plan's I/O threads."""
+    seen = []
+    plugin = types.SimpleNamespace(setup=lambda: None, teardown=lambda: None)
+    monkeypatch.setattr(cluster, "ModelPlugin", lambda *args, **kwargs: plugin)
+    monkeypatch.setattr(
+        cluster, "run_in_process", lambda work, blocks, on_result, threads: seen.append(threads)
+    )
+    cluster.run_blocks(
+        [],
+        types.SimpleNamespace(predictor_key="k" * 16),
+        client=None,
+        model="unused.pt",
+        config=InferenceConfig(device="cpu"),
+        on_result=lambda result: None,
+        io_threads=io_threads,
+    )
+    assert seen == [io_threads or cluster.plan_for_device("cpu").threads_per_worker]
