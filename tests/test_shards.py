@@ -317,3 +317,29 @@ def test_a_local_stores_shards_are_written_and_read_here_as_zarr_would(tmp_path,
     assert shards.local_file(read_only.store_path, writing=True) is None
     with pytest.raises(ValueError, match=r"read.only"):
         write_together([(read_only, (slice(8, 16), slice(0, 8)), values)])
+
+
+def test_a_stop_while_a_local_shard_is_stored_stores_nothing_more(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM's SystemExit) while a local store's shard is written: it is
+    raised at once, and the writes Zarr would have made are never started (nor left as
+    coroutines never awaited)."""
+    from segpipe.results import shards
+
+    ours = create(LocalStore(tmp_path), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    kw = dict(shape=(16, 16), chunks=(4, 4), shards=(8, 8), dtype="uint8", fill_value=0)
+    theirs = zarr.create_array(MemoryStore(), name="b", compressors=BloscCodec(), **kw)
+
+    def interrupted(path, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards, "_store_file", interrupted)
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    where = (slice(0, 8), slice(8, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            write_together([(ours, where, values), (theirs, where, values)])
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)]
+    assert stored(ours, "c/0/1") is None
+    assert theirs[where].max() == 0, "Zarr's write was started"

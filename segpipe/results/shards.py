@@ -198,8 +198,9 @@ class ShardFormat:
 def read_region(array: zarr.Array, box: tuple[slice, ...]) -> np.ndarray:
     """``array[box]`` (slices, step 1, within the array), each shard of a format encoded here
     fetched in one read and decoded here (:meth:`ShardFormat.decode`), all in one trip to
-    the store; Zarr reads other formats. Zarr 3.1 reads a shard's index and then each chunk
-    apart: the pyramid pass spent most of its time opening the small shards of a level."""
+    the store (a local store's files read here: :func:`local_file`); Zarr reads other
+    formats. Zarr 3.1 reads a shard's index and then each chunk apart: the pyramid pass
+    spent most of its time opening the small shards of a level."""
     form = ShardFormat.of(array)
     ranges = [range(*b.indices(n)) for b, n in zip(box, array.shape, strict=True)]
     if form is None or any(r.step != 1 for r in ranges):
@@ -350,11 +351,12 @@ def write_together(
 ) -> None:
     """``array[selection] = values`` for each write, in one trip to the stores. A write of one
     whole shard in a format :mod:`segpipe.results.shards` knows is encoded here, in the
-    caller's thread (the one core an I/O section holds), and only stored in the trip; others
-    go to Zarr, whose threads encode them side by side. Each write must be whole shards no
-    other write of the call touches. Returns when every write has ended; raises the failure
-    of the first write that failed, in the order given. ``before_storing`` runs once the
-    shards are encoded, right before the trip: what it raises is raised, nothing stored."""
+    caller's thread (the one core an I/O section holds), and only stored in the trip (a
+    local store's file, here too: :func:`local_file`); others go to Zarr, whose threads
+    encode them side by side. Each write must be whole shards no other write of the call
+    touches. Returns when every write has ended; raises the failure of the first write that
+    failed, in the order given. ``before_storing`` runs once the shards are encoded, right
+    before the trip: what it raises is raised, nothing stored."""
     outcomes: list[BaseException | None] = [None] * len(writes)
     pending: dict[int, Coroutine[Any, Any, None]] = {}
     here: dict[int, ShardWrite] = {}  # a local store's shards: stored in this thread
@@ -380,11 +382,16 @@ def write_together(
                 coroutine.close()
             raise
 
-    for i, shard in here.items():
-        try:
-            shard.run_here()
-        except Exception as e:
-            outcomes[i] = e
+    try:
+        for i, shard in here.items():
+            try:
+                shard.run_here()
+            except Exception as e:  # the other writes still run to their end
+                outcomes[i] = e
+    except BaseException:  # a stop (Ctrl-C, SIGTERM's SystemExit): nothing more is stored
+        for coroutine in pending.values():  # never to be awaited
+            coroutine.close()
+        raise
 
     async def write_all() -> list[BaseException | None]:
         return await asyncio.gather(*pending.values(), return_exceptions=True)
