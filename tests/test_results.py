@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -1966,3 +1967,27 @@ def test_mode_2x_of_labels_up_to_16_is_the_most_frequent_value(seed):
     labels[:2, :2] = [[16, 16], [16, 3]]
     np.testing.assert_array_equal(mode_2x(labels), brute_mode_2x(labels))
     assert mode_2x(labels)[0, 0] == 16
+
+
+def test_the_pyramid_pass_writes_each_shard_of_each_array_once(tmp_path, monkeypatch):
+    from segpipe.results import pyramid
+
+    m = meta(shape=(200, 140), tile=16, task_tiles=2, min_level_size=16)
+    assert levels_in_blocks(m) == 1
+    path = tmp_path / "r.zarr"
+    prepare_result(path, m)
+    probs = random_probabilities(m.shape, seed=4)
+    for block in tile_grid(m.shape, m.tile).blocks(2):
+        box = Box(block[0].box.y0, block[-1].box.y1, block[0].box.x0, block[-1].box.x1)
+        write_block(path, box, probs[(slice(None), *box.slices)])
+    written = Counter()
+    write_together = pyramid.write_together
+
+    def spy(writes, **kw):
+        written.update((a.path, repr(sel)) for a, sel, _ in writes)
+        return write_together(writes, **kw)
+
+    monkeypatch.setattr(pyramid, "write_together", spy)
+    pyramid.build_pyramid(path, threads=2)
+    assert written and {p.split("/")[0] for p, _ in written} >= {"2", "labels"}
+    assert max(written.values()) == 1, [w for w, n in written.items() if n > 1][:3]

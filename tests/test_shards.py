@@ -2,8 +2,11 @@
 write, and writes it does not know go to Zarr."""
 
 import gc
+import pathlib
+import re
 import warnings
 
+import google_crc32c
 import numpy as np
 import pytest
 import zarr
@@ -343,3 +346,252 @@ def test_a_stop_while_a_local_shard_is_stored_stores_nothing_more(tmp_path, monk
     assert not [w for w in caught if "never awaited" in str(w.message)]
     assert stored(ours, "c/0/1") is None
     assert theirs[where].max() == 0, "Zarr's write was started"
+
+
+_NOT_STORED = np.iinfo(np.uint64).max  # an index entry's offset and length for no chunk
+
+
+@pytest.mark.parametrize(
+    ("codecs", "index_codecs"),
+    [
+        ([BytesCodec(), ZstdCodec()], [BytesCodec(endian="big"), Crc32cCodec()]),
+        ([BytesCodec(endian="big"), ZstdCodec()], [BytesCodec(), Crc32cCodec()]),
+        ([BytesCodec(), ZstdCodec(), Crc32cCodec()], [BytesCodec(), Crc32cCodec()]),
+    ],
+    ids=["big-endian index", "big-endian chunks", "a checksum after zstd"],
+)
+def test_formats_differing_in_byte_order_or_codecs_go_to_zarr(codecs, index_codecs):
+    sharding = ShardingCodec(chunk_shape=(4, 4), codecs=codecs, index_codecs=index_codecs)
+    kw = dict(shape=(16, 16), chunks=(8, 8), dtype="uint16", fill_value=0, compressors=None)
+    array = zarr.create_array(MemoryStore(), name="a", serializer=sharding, **kw)
+    reference = zarr.create_array(MemoryStore(), name="a", serializer=sharding, **kw)
+    assert ShardFormat.of(array) is None
+    values = np.arange(1, 65, dtype=np.uint16).reshape(8, 8) * 257
+    selection = (slice(0, 8), slice(8, 16))
+    assert shard_write(array, selection, values) is None
+    write_together([(array, selection, values)])
+    reference[selection] = values
+    assert stored(array, "c/0/1") == stored(reference, "c/0/1")
+    np.testing.assert_array_equal(array[selection], values)
+    np.testing.assert_array_equal(read_region(array, selection), values)
+
+
+@pytest.mark.parametrize("checksum", [True, False])
+def test_a_shard_with_a_zstd_checksum_is_the_bytes_zarr_stores(checksum):
+    store = MemoryStore()
+    kw = dict(shape=(16, 16), chunks=(4, 4), shards=(8, 8), dtype="uint8", fill_value=0)
+    codec = ZstdCodec(level=5, checksum=checksum)
+    reference = zarr.create_array(store, name="zarr", compressors=codec, **kw)
+    ours = zarr.create_array(store, name="ours", compressors=codec, **kw)
+    form = ShardFormat.of(ours)
+    assert form is not None and form.zstd == (5, checksum)
+    values = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    selection = (slice(8, 16), slice(0, 8))
+    reference[selection] = values
+    write = shard_write(ours, selection, values)
+    assert write is not None
+    sync(write.run())
+    assert stored(ours, "c/1/0") == stored(reference, "c/1/0")
+    np.testing.assert_array_equal(ours[selection], values)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_chunk_of_other_nans_is_a_fill_of_nan(dtype):
+    store = MemoryStore()
+    reference = create(store, "zarr", (16, 16), (4, 4), (8, 8), dtype, fill=float("nan"))
+    ours = create(store, "ours", (16, 16), (4, 4), (8, 8), dtype, fill=float("nan"))
+    bits = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    canonical = np.asarray(np.nan, dtype).view(bits)[()]
+    values = np.arange(1, 65, dtype=dtype).reshape(8, 8)
+    other = np.full((4, 4), canonical | (canonical >> 1), bits).view(
+        dtype
+    )  # quiet, another payload
+    negative = (-np.full((4, 4), np.nan, dtype)).astype(dtype)
+    assert np.isnan(other).all() and np.isnan(negative).all()
+    assert other.view(bits)[0, 0] != canonical and negative.view(bits)[0, 0] != canonical
+    values[:4, :4], values[4:, 4:] = other, negative
+    selection = (slice(0, 8), slice(8, 16))
+    reference[selection] = values
+    write = shard_write(ours, selection, values)
+    assert write is not None
+    sync(write.run())
+    assert stored(ours, "c/0/1") == stored(reference, "c/0/1")
+    np.testing.assert_array_equal(ours[selection], reference[selection])
+
+
+@pytest.mark.parametrize("box", [(slice(0, 16, 2), slice(3, 13)), (slice(1, 20), slice(2, 19, 3))])
+def test_a_region_with_a_step_reads_as_zarr_reads_it(box):
+    array = create(MemoryStore(), "a", (20, 20), (4, 4), (8, 8), "uint8")
+    array[...] = np.arange(400).reshape(20, 20).astype(np.uint8)
+    np.testing.assert_array_equal(read_region(array, box), array[box])
+
+
+@pytest.mark.parametrize(
+    ("box", "keys"),
+    [
+        ((slice(0, 8), slice(0, 16)), ["c/0/0", "c/0/1"]),
+        ((slice(7, 16), slice(8, 9)), ["c/0/1", "c/1/1"]),
+        ((slice(16, 20), slice(16, 24)), ["c/2/2"]),
+    ],
+)
+def test_a_region_reads_only_the_shards_it_touches(monkeypatch, box, keys):
+    from segpipe.results import shards
+
+    array = create(MemoryStore(), "a", (20, 24), (4, 4), (8, 8), "uint8")
+    array[...] = np.arange(480).reshape(20, 24).astype(np.uint8)
+    read = []
+    shard_bytes = shards._shard_bytes
+
+    def spy(where, wanted):
+        read.extend(wanted)
+        return shard_bytes(where, wanted)
+
+    monkeypatch.setattr(shards, "_shard_bytes", spy)
+    np.testing.assert_array_equal(shards.read_region(array, box), array[box])
+    assert read == keys
+
+
+def _shard(parts: bytes, index: np.ndarray) -> bytes:
+    index_bytes = index.astype("<u8").tobytes()
+    return parts + index_bytes + google_crc32c.value(index_bytes).to_bytes(4, "little")
+
+
+def _put(array, key: str, data: bytes) -> None:
+    store = array.store_path.store
+    sync(store.set(f"a/{key}", default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def test_a_shard_of_its_index_alone_reads_as_fill():
+    array = create(MemoryStore(), "a", (16, 16), (4, 4), (8, 8), "uint8", fill=3, compressors=None)
+    _put(array, "c/0/0", _shard(b"", np.full((2, 2, 2), _NOT_STORED, np.uint64)))
+    np.testing.assert_array_equal(read_region(array, (slice(0, 8), slice(0, 8))), array[:8, :8])
+    assert (read_region(array, (slice(0, 8), slice(0, 8))) == 3).all()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ((_NOT_STORED, 16), r"chunk \(0, 1\) lies past the end"),  # half an empty entry
+        ((16, 15), r"chunk \(0, 1\) holds 15 bytes, not 16"),  # a chunk a byte short
+    ],
+)
+def test_a_handmade_index_entry_that_is_no_chunk_is_refused_naming_it(entry, message):
+    array = create(MemoryStore(), "a", (16, 16), (4, 4), (8, 8), "uint8", compressors=None)
+    form = ShardFormat.of(array)
+    assert form is not None
+    index = np.full((2, 2, 2), _NOT_STORED, np.uint64)
+    index[0, 0] = (0, 16)
+    index[0, 1] = entry
+    _put(array, "c/1/0", _shard(bytes(range(32)), index))
+    with pytest.raises(ValueError, match=message) as caught:
+        read_region(array, (slice(0, 16), slice(0, 16)))
+    assert "c/1/0" in str(caught.value)
+
+
+def test_an_all_fill_shard_never_stored_is_nothing_to_delete(tmp_path):
+    array = create(LocalStore(tmp_path), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    write_together([(array, (slice(8, 16), slice(0, 8)), np.zeros((8, 8), np.uint8))])
+    assert stored(array, "c/1/0") is None
+    assert read_region(array, (slice(0, 16), slice(0, 16))).max() == 0
+
+
+def test_a_shard_file_that_cannot_be_put_in_place_leaves_no_partial_file(tmp_path):
+    array = create(LocalStore(tmp_path), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    in_the_way = tmp_path / "a" / "c" / "1" / "0"
+    (in_the_way / "x").mkdir(parents=True)  # a folder, not empty, where the shard goes
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    np.testing.assert_array_equal(
+        read_region(array, (slice(4, 16), slice(0, 8))), array[4:16, 0:8]
+    )  # the folder reads as fill, as Zarr reads it
+    with pytest.raises(OSError, match=r"Is a directory|Directory not empty"):
+        write_together([(array, (slice(8, 16), slice(0, 8)), values)])
+    assert not list(tmp_path.rglob("*.partial"))
+    assert in_the_way.is_dir()
+
+
+def test_a_stop_while_a_shard_file_is_renamed_leaves_no_partial_file(tmp_path, monkeypatch):
+    array = create(LocalStore(tmp_path), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+
+    def interrupted(self, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pathlib.Path, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_together([(array, (slice(8, 16), slice(0, 8)), values)])
+    monkeypatch.undo()
+    assert not list(tmp_path.rglob("*.partial"))
+    assert stored(array, "c/1/0") is None
+
+
+def test_a_shard_file_is_written_beside_as_zarrs_partial_name(tmp_path, monkeypatch):
+    """``<name>.<32 hex>.partial``, a new name each time, as Zarr's LocalStore names it: two
+    writers of one shard (a run replaced, writing late) never write into the same file."""
+
+    array = create(LocalStore(tmp_path), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    names = []
+    write_bytes = pathlib.Path.write_bytes
+
+    def spy(self, data):
+        names.append(self.name)
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", spy)
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    for _ in range(2):
+        write_together([(array, (slice(8, 16), slice(0, 8)), values)])
+    assert len(names) == 2 and names[0] != names[1]
+    assert all(re.fullmatch(r"0\.[0-9a-f]{32}\.partial", n) for n in names), names
+    np.testing.assert_array_equal(array[8:16, 0:8], values)
+
+
+def test_the_first_failure_in_the_order_given_is_raised_after_every_write(tmp_path):
+    local = create(LocalStore(tmp_path / "rw"), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    create(LocalStore(tmp_path / "ro"), "b", (16, 16), (4, 4), (8, 8), "uint8")
+    read_only = zarr.open_array(LocalStore(tmp_path / "ro", read_only=True), path="b")
+    (tmp_path / "rw" / "a" / "c" / "1" / "0" / "x").mkdir(parents=True)  # in the way
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    fine = (slice(0, 8), slice(0, 8))
+    writes = [
+        (read_only, fine, values),  # Zarr's write, after the local ones: refused
+        (local, (slice(8, 16), slice(0, 8)), values),  # stored here, first: a folder in the way
+        (local, fine, values),
+    ]
+    with pytest.raises(ValueError, match=r"read.only"):
+        write_together(writes)
+    np.testing.assert_array_equal(local[fine], values)
+
+
+def test_a_write_that_fails_to_encode_fails_alone(monkeypatch):
+    store = MemoryStore()
+    first, second = (create(store, n, (16, 16), (4, 4), (8, 8), "uint8") for n in "ab")
+    bad = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    good = bad + 1
+    encode = ShardFormat.encode
+
+    def refusing(self, values, **kw):
+        if values is bad:
+            raise ValueError("cannot encode")
+        return encode(self, values, **kw)
+
+    monkeypatch.setattr(ShardFormat, "encode", refusing)
+    where = (slice(0, 8), slice(8, 16))
+    with pytest.raises(ValueError, match="cannot encode"):
+        write_together([(first, where, bad), (second, where, good)])
+    assert stored(first, "c/0/1") is None
+    np.testing.assert_array_equal(second[where], good)
+
+
+def test_what_runs_before_storing_may_store_nothing_in_a_local_store(tmp_path):
+    array = create(LocalStore(tmp_path), "a", (16, 16), (4, 4), (8, 8), "uint8")
+    values = np.arange(1, 65, dtype=np.uint8).reshape(8, 8)
+    where = (slice(0, 8), slice(8, 16))
+
+    def refuse() -> None:
+        assert not (tmp_path / "a" / "c").exists(), "stored before the fence"
+        raise _Refused
+
+    with pytest.raises(_Refused):
+        write_together([(array, where, values)], before_storing=refuse)
+    assert stored(array, "c/0/1") is None
+    assert not (tmp_path / "a" / "c").exists()
