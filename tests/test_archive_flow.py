@@ -547,7 +547,6 @@ def test_one_local_cluster_serves_the_run_and_a_finished_image_frees_its_slot_at
     prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
 ):
     import threading
-    import time
 
     import distributed
 
@@ -557,15 +556,20 @@ def test_one_local_cluster_serves_the_run_and_a_finished_image_frees_its_slot_at
     for name, slide in zip("abcd", (*slides, slides[0]), strict=True):
         shutil.copy(slide, source / f"{name}.ome.tif")
     real, events, schedulers = segpipe.segment, [], set()
-    lock = threading.Lock()
+    lock, d_started = threading.Lock(), threading.Event()
 
     def timed(source, output, module, config, **kwargs):
         name = str(source).rsplit("/", 1)[-1][0]
         with lock:
             events.append(("start", name))
             schedulers.add(config.scheduler)
+        if name == "d":
+            d_started.set()
         if name == "a":
-            time.sleep(4.0)  # the slow slide: b, c and d should pass it by
+            # The slow slide: b, c and d pass it by, d once b or c has freed its slot. Not a
+            # fixed sleep: on a loaded machine b and c took longer than 4 s. Without the
+            # slots freed, d starts only after a: the wait runs out and the test fails.
+            d_started.wait(120)
         result = real(source, output, module, config, **kwargs)
         with lock:
             events.append(("end", name))
