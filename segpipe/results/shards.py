@@ -268,18 +268,14 @@ class ShardWrite:
         else:
             await self.where.set(default_buffer_prototype().buffer.from_bytes(self.data))
 
-    def run_here(self) -> bool:
-        """:meth:`run` in this thread where the shard is a file of a local store, as Zarr's
-        ``LocalStore`` stores it (written beside, as ``<name>.<hex>.partial``, and renamed
-        over); False (nothing done) elsewhere."""
-        path = local_file(self.where, writing=True)
-        if path is None:
-            return False
+    def run_here(self, path: Path) -> None:
+        """:meth:`run` in this thread, the shard being ``path`` (its :func:`local_file`), as
+        Zarr's ``LocalStore`` stores it (written beside, as ``<name>.<hex>.partial``, and
+        renamed over)."""
         if self.data is None:
             path.unlink(missing_ok=True)
         else:
             _store_file(path, self.data)
-        return True
 
 
 def local_file(where: StorePath, *, writing: bool = False) -> Path | None:
@@ -359,7 +355,7 @@ def write_together(
     before the trip: what it raises is raised, nothing stored."""
     outcomes: list[BaseException | None] = [None] * len(writes)
     pending: dict[int, Coroutine[Any, Any, None]] = {}
-    here: dict[int, ShardWrite] = {}  # a local store's shards: stored in this thread
+    here: dict[int, tuple[ShardWrite, Path]] = {}  # a local store's: stored in this thread
     encoded: Encoded = {}
     for i, (array, selection, values) in enumerate(writes):
         try:
@@ -367,8 +363,9 @@ def write_together(
         except Exception as e:  # encoding failed: the other writes still run to their end
             outcomes[i] = e
             continue
-        if shard is not None and local_file(shard.where, writing=True) is not None:
-            here[i] = shard
+        path = None if shard is None else local_file(shard.where, writing=True)
+        if shard is not None and path is not None:
+            here[i] = (shard, path)
         else:
             pending[i] = (
                 shard.run() if shard is not None else array.async_array.setitem(selection, values)
@@ -383,9 +380,9 @@ def write_together(
             raise
 
     try:
-        for i, shard in here.items():
+        for i, (shard, path) in here.items():
             try:
-                shard.run_here()
+                shard.run_here(path)
             except Exception as e:  # the other writes still run to their end
                 outcomes[i] = e
     except BaseException:  # a stop (Ctrl-C, SIGTERM's SystemExit): nothing more is stored
