@@ -25,6 +25,16 @@ def stored(array: zarr.Array, key: str) -> bytes | None:
     return None if found is None else found.to_bytes()
 
 
+def assert_written_as_zarr(ours, reference, selection, values, key):
+    """``values`` written at ``selection`` by Zarr into ``reference`` and by one shard
+    encoded here into ``ours``: the shard at ``key`` is the same bytes."""
+    reference[selection] = values
+    write = shard_write(ours, selection, values)
+    assert write is not None
+    sync(write.run())
+    assert stored(ours, key) == stored(reference, key)
+
+
 def create(store, name, shape, chunks, shards, dtype, fill=0, compressors="zstd", **kw):
     codec = {"zstd": ZstdCodec(level=1), None: None}[compressors]
     return zarr.create_array(
@@ -387,11 +397,7 @@ def test_a_shard_with_a_zstd_checksum_is_the_bytes_zarr_stores(checksum):
     assert form is not None and form.zstd == (5, checksum)
     values = np.arange(64, dtype=np.uint8).reshape(8, 8)
     selection = (slice(8, 16), slice(0, 8))
-    reference[selection] = values
-    write = shard_write(ours, selection, values)
-    assert write is not None
-    sync(write.run())
-    assert stored(ours, "c/1/0") == stored(reference, "c/1/0")
+    assert_written_as_zarr(ours, reference, selection, values, "c/1/0")
     np.testing.assert_array_equal(ours[selection], values)
 
 
@@ -411,11 +417,7 @@ def test_a_chunk_of_other_nans_is_a_fill_of_nan(dtype):
     assert other.view(bits)[0, 0] != canonical and negative.view(bits)[0, 0] != canonical
     values[:4, :4], values[4:, 4:] = other, negative
     selection = (slice(0, 8), slice(8, 16))
-    reference[selection] = values
-    write = shard_write(ours, selection, values)
-    assert write is not None
-    sync(write.run())
-    assert stored(ours, "c/0/1") == stored(reference, "c/0/1")
+    assert_written_as_zarr(ours, reference, selection, values, "c/0/1")
     np.testing.assert_array_equal(ours[selection], reference[selection])
 
 
