@@ -5,7 +5,7 @@ and then ``--runs`` timed ones, each printed with its device busy fraction.
     python benchmarks/device/profile_run.py [--size 8192] [--device cuda] [--runs 3]
                                             [--work /tmp/segpipe-bench] [--io-threads N]
                                             [--torch-threads N] [--model tissue-unet|null]
-                                            [--switch-interval SECONDS]
+                                            [--switch-interval SECONDS] [--set NAME=VALUE]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from memory import build_input
 
 import segpipe
 from segpipe import models
-from segpipe.execution import cluster
+from segpipe.execution import cluster, plans
 
 
 def main() -> None:
@@ -48,7 +48,19 @@ def main() -> None:
         "the GIL waits before asking its holder to let go. The model thread lets go of it in "
         "every torch op and takes it back after, beside I/O threads that hold it",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a SegmentConfig setting for the runs (an int where it reads as one), e.g. "
+        "task_tiles=4; may be repeated",
+    )
     args = parser.parse_args()
+    settings = {
+        name: int(value) if value.isdigit() else value
+        for name, _, value in (item.partition("=") for item in args.set)
+    }
     args.work.mkdir(parents=True, exist_ok=True)
     src = args.work / f"input-{args.size}.zarr"
     if not src.exists():
@@ -57,13 +69,13 @@ def main() -> None:
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     if args.io_threads is not None:
-        cluster._io_threads = lambda cores: args.io_threads  # type: ignore[assignment]
+        plans._io_threads = lambda cores: args.io_threads  # type: ignore[assignment]
     model = (
         models.build("fcn", width=4, layers=1).eval()
         if args.model == "null"
         else models.load(args.model)
     )
-    plan = cluster.plan_for_device(args.device)
+    plan = cluster.plan_for_device(args.device, processes=False)  # sync: this process's
     mpx = args.size**2 / 1e6
     for run in range(args.runs + 1):
         timer = throughput.DeviceTimer() if args.device == "cuda" else None
@@ -72,7 +84,7 @@ def main() -> None:
         start = time.perf_counter()
         seconds, busy, cpu = throughput.run_segment(
             src, out, model, args.device, timer, sections, scheduler="sync", foreground="none",
-            threads=args.torch_threads,
+            threads=args.torch_threads, **settings,
         )  # fmt: skip
         shutil.rmtree(out.with_name(f"{out.stem}-{throughput.RUNS}.zarr"), ignore_errors=True)
         print(
