@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import segpipe
 from segpipe import models
-from segpipe.execution import cluster, tasks
+from segpipe.execution import cluster, plans, tasks
 from segpipe.execution import stitching as stitching_module
 from segpipe.execution.cluster import ClusterPlan, plan_local_cluster
 from segpipe.execution.lease import RunEnded
@@ -927,19 +927,37 @@ def test_stitching_refuses_what_it_cannot_do() -> None:
         ("cpu", 16, 0, 8, True, ClusterPlan(8, 1, 16, 0)),
         ("cuda", 32, 4, None, True, ClusterPlan(4, 7, 8, 4, processes=True)),
         ("cuda", 32, 4, None, False, ClusterPlan(1, 8, 32, 4)),  # one worker: the first GPU
-        ("cuda", 32, 1, None, True, ClusterPlan(1, 8, 32, 1)),  # threads of this process
+        # one GPU: a process per 4 cores share it (4 at most), each with its own GIL
+        ("cuda", 32, 1, None, True, ClusterPlan(4, 7, 8, 1, processes=True)),
+        ("cuda", 16, 1, None, False, ClusterPlan(4, 3, 4, 1, processes=True)),
+        ("cuda", 8, 1, 3, True, ClusterPlan(3, 2, 2, 1, processes=True)),  # as many as asked
+        ("cuda", 4, 1, None, True, ClusterPlan(1, 3, 4, 1)),  # too few cores to share
+        ("cuda", 16, 1, 1, True, ClusterPlan(1, 8, 16, 1)),  # one asked: threads of this one
         # more workers asked than I/O threads: one thread each, never a worker of none
         ("cpu", 4, 0, 8, True, ClusterPlan(8, 1, 4, 0)),
         ("cpu", 2, 0, 3, True, ClusterPlan(3, 1, 2, 0)),
         # a CUDA plan is one GPU at least, even where torch counts none (the workers say so)
-        ("cuda", 8, 0, None, True, ClusterPlan(1, 7, 8, 1)),
+        ("cuda", 8, 0, None, True, ClusterPlan(2, 3, 4, 1, processes=True)),
     ],
 )
 def test_cluster_plan(device, cpus, gpus, workers, dask_cuda, expected, monkeypatch):
-    monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: dask_cuda)
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: dask_cuda)
+    monkeypatch.setattr(plans, "main_reimport_is_safe", lambda: True)
     plan = plan_local_cluster(torch.device(device), cpus=cpus, gpus=gpus, n_workers=workers)
     assert plan == expected
     assert plan.resources == ({"GPU": 1} if device == "cuda" else {})
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_a_script_without_a_main_guard_gets_no_worker_processes(gpus, monkeypatch):
+    """Spawned workers re-run a plain script's top level: without its guard, threads of this
+    process (one worker), however many cores and GPUs; with it, the processes."""
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: True)
+    monkeypatch.setattr(plans, "main_reimport_is_safe", lambda: False)
+    plan = plan_local_cluster(torch.device("cuda"), cpus=32, gpus=gpus)
+    assert plan == ClusterPlan(1, 8, 32, gpus)
+    monkeypatch.setattr(plans, "main_reimport_is_safe", lambda: True)
+    assert plan_local_cluster(torch.device("cuda"), cpus=32, gpus=gpus).processes
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="sets CPU affinity (Linux)")

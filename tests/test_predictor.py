@@ -8,6 +8,7 @@ from test_execution import one_torch_thread  # noqa: F401 (autouse fixture)
 
 from segpipe import models
 from segpipe.execution.predictor import (
+    SHARING_ENV,
     InferenceConfig,
     Predictor,
     missing_device,
@@ -139,4 +140,9 @@ def test_a_gpus_budget_is_two_fifths_of_its_free_memory(net, monkeypatch):
     predictor = Predictor(net, InferenceConfig(device="cpu"))
     predictor.device = torch.device("cuda", 0)  # as a GPU's predictor asks
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000, 80_000))
+    assert predictor.memory_budget() == 4_000
+    # worker processes sharing the GPU each measured the same free memory: a part each
+    monkeypatch.setenv(SHARING_ENV, "4")
+    assert predictor.memory_budget() == 1_000
+    monkeypatch.setenv(SHARING_ENV, "")
     assert predictor.memory_budget() == 4_000

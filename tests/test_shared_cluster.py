@@ -24,9 +24,9 @@ from conftest import blocks_run_by
 
 import segpipe
 from segpipe import models
-from segpipe.execution import cluster, tasks, workers
+from segpipe.execution import cluster, plans, tasks, workers
 from segpipe.execution.cluster import choose_scheduler
-from segpipe.execution.predictor import InferenceConfig
+from segpipe.execution.predictor import SHARING_ENV, InferenceConfig
 from segpipe.execution.schedulers import WorkersDiedError
 from segpipe.execution.workers import ModelPlugin, resolve_amp
 from segpipe.results import is_complete, read_meta
@@ -647,7 +647,7 @@ def test_gpus_without_dask_cuda_get_one_worker_not_all_on_the_first(monkeypatch,
     its memory as if alone. Without dask-cuda one worker runs, with the cores of all the
     worker processes there would have been, and the log says why."""
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails
-    monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: False)
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: False)
     started = {}
     monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: started.update(kw))
     plan = cluster.plan_local_cluster(torch.device("cuda"), cpus=8, gpus=2)
@@ -665,23 +665,56 @@ def test_gpus_with_dask_cuda_get_a_worker_process_each(monkeypatch, caplog):
     fake = types.ModuleType("dask_cuda")
     fake.LocalCUDACluster = lambda **kw: started.update(kw)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "dask_cuda", fake)
-    monkeypatch.setattr(cluster, "_dask_cuda_installed", lambda: True)
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: True)
+    monkeypatch.setattr(plans, "main_reimport_is_safe", lambda: True)
     plan = cluster.plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2)
     assert plan == cluster.ClusterPlan(2, 7, 8, gpus=2, processes=True)
     with caplog.at_level("WARNING", logger=cluster.__name__):
         cluster._new_local_cluster(plan)
     assert started["threads_per_worker"] == 7 and started["resources"] == {"GPU": 1}
     assert "dask-cuda is not installed" not in caplog.text
-    # One GPU: threads of this process whether dask-cuda is there or not
-    assert not cluster.plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1).processes
 
 
-def test_one_gpus_local_cluster_is_threads_of_this_process(monkeypatch):
-    """A process per GPU cost a first call 7.7 s more than a reused cluster on an H200 (its
-    start, its CUDA context), carried the blocks' results between processes, and re-imported
-    the caller's ``__main__`` (a plain script without a main guard broke): one GPU's worker
-    is threads of this process, as the CPU's, whose tasks take the GPU resource it declares,
-    and a small image takes it as readily as this process."""
+@pytest.mark.parametrize("dask_cuda", [True, False])
+def test_one_gpu_is_shared_by_plain_worker_processes(dask_cuda, monkeypatch):
+    """One process's GIL held an H200 host's pipeline to 43 Mpx/s: one GPU is shared by a
+    plain LocalCluster's worker processes (dask-cuda's would give each a GPU of its own), each
+    told how many share it (its memory budget's part), whether dask-cuda is there or not."""
+    started = {}
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = lambda **kw: pytest.fail("dask-cuda's cluster for one GPU")  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: dask_cuda)
+    monkeypatch.setattr(plans, "main_reimport_is_safe", lambda: True)
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kw: started.update(kw))
+    plan = cluster.plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1)
+    assert plan == cluster.ClusterPlan(4, 3, 4, gpus=1, processes=True)
+    cluster._new_local_cluster(plan)
+    assert started["n_workers"] == 4 and started["processes"] is True
+    assert started["threads_per_worker"] == 3 and started["resources"] == {"GPU": 1}
+    assert started["env"] == {SHARING_ENV: "4"}
+
+
+@pytest.mark.integration
+def test_a_shared_gpus_workers_are_processes_told_how_many_share_it():
+    """The processes really start (spawned: each its own GIL), each knows the share."""
+    plan = cluster.ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=1, gpus=1,
+                               processes=True)  # fmt: skip
+    with cluster._start_local_cluster(plan) as local, distributed.Client(local) as client:
+        client.wait_for_workers(2, timeout=120)
+        pids = client.run(os.getpid)
+        shares = client.run(lambda: os.environ.get(SHARING_ENV))
+        resources = {w.resources.get("GPU") for w in local.scheduler.workers.values()}
+    assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    assert set(shares.values()) == {"2"} and resources == {1}
+    assert SHARING_ENV not in os.environ, "told to the workers, not set here"
+
+
+def test_one_gpus_local_cluster_of_one_worker_is_threads_of_this_process(monkeypatch):
+    """Where one GPU is not shared (too few cores, one worker asked, a script without a main
+    guard), its worker is threads of this process, as the CPU's: a process would only add
+    its start (7.7 s on an H200) and the driver's traffic with it. Its tasks take the GPU
+    resource it declares, and a small image takes it as readily as this process."""
     plan = cluster.ClusterPlan(n_workers=1, threads_per_worker=2, torch_threads=2, gpus=1)
     main = sys.modules["__main__"]
     with cluster._start_local_cluster(plan) as local, distributed.Client(local) as client:

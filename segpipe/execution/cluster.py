@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import importlib.util
 import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import dask
 import dask.threaded
 import distributed
 import torch
-from dask.system import CPU_COUNT
 
 from segpipe.execution import schedulers
 from segpipe.execution.inprocess import run_in_process
-from segpipe.execution.predictor import InferenceConfig, model_given_back, resolve_device
+from segpipe.execution.plans import ClusterPlan, plan_for_device, plan_local_cluster
+from segpipe.execution.predictor import (
+    SHARING_ENV,
+    InferenceConfig,
+    model_given_back,
+    resolve_device,
+)
 from segpipe.execution.schedulers import choose_scheduler, live_client, reachable_scheduler
 from segpipe.execution.tasks import Block, BlockResult, Job, segment_block
 from segpipe.execution.workers import ModelPlugin, orphaned_plugins
@@ -41,78 +44,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusterPlan:
-    """How to lay out a local cluster: ``n_workers`` workers, threads of this process, or with
-    ``processes`` one process per GPU (dask-cuda's, each owning its device). ``gpus`` > 0:
-    the workers run on the GPU. ``threads_per_worker`` are a worker's I/O threads (each runs
-    one task: read, stitch, write), ``torch_threads`` its model thread's team."""
-
-    n_workers: int
-    threads_per_worker: int
-    torch_threads: int
-    gpus: int = 0
-    processes: bool = False
-
-    @property
-    def resources(self) -> dict[str, int]:
-        return {"GPU": 1} if self.gpus else {}
-
-
-def plan_local_cluster(
-    device: torch.device,
-    *,
-    cpus: int | None = None,
-    gpus: int | None = None,
-    n_workers: int | None = None,
-    processes: bool | None = None,
-) -> ClusterPlan:
-    """One worker per device (each GPU; the CPU is one), with I/O threads that follow the cores.
-
-    A worker's tasks run in its I/O threads and hand their windows to the process's model
-    threads (``execution.pipeline``): on a GPU the I/O threads keep the device fed; on the CPU
-    the passes take every core (``torch_threads``: one wide pass, or narrow ones side by
-    side) and the I/O threads what they leave. ``n_workers`` on the CPU splits the I/O threads
-    over that many workers (still one stage: they are threads of one process).
-
-    Several GPUs get a worker process each (``processes``; default: where dask-cuda, which
-    tells each its device, is installed; else one worker, on the first). One GPU's worker is
-    threads of this process, as the CPU's: a process would add its start-up (on an H200 a
-    first call took 7.7 s longer than one reusing it) and the driver's traffic with it, and
-    re-import the caller's ``__main__`` (a plain script without a main guard breaks).
-
-    >>> plan_local_cluster(torch.device("cpu"), cpus=8)
-    ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0, processes=False)
-    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1)
-    ClusterPlan(n_workers=1, threads_per_worker=8, torch_threads=16, gpus=1, processes=False)
-    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2, processes=True)
-    ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2, processes=True)
-    """
-    # Dask's count honours CPU affinity and cgroup quotas (taskset, Slurm, docker --cpus).
-    cpus = cpus or CPU_COUNT
-    if device.type == "cuda":
-        gpus = gpus if gpus is not None else torch.cuda.device_count()
-        gpus = max(gpus, 1)
-        if processes is None:
-            processes = gpus > 1 and _dask_cuda_installed()
-        workers = gpus if processes else 1
-        share = max(1, cpus // workers)
-        return ClusterPlan(workers, _io_threads(share - 1), share, gpus, processes)
-    io = _io_threads(cpus // 2)
-    workers = n_workers or 1
-    return ClusterPlan(workers, max(1, io // workers), cpus, 0)
-
-
-def _dask_cuda_installed() -> bool:
-    return importlib.util.find_spec("dask_cuda") is not None
-
-
-def _io_threads(cores: int) -> int:
-    # Two at least: one reads the next block while another writes the last; eight at most,
-    # past which more blocks in flight only cost memory.
-    return max(2, min(8, cores))
 
 
 def local_cluster_config(plan: ClusterPlan) -> dict[str, Any]:
@@ -140,12 +71,21 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
 
 def _new_local_cluster(plan: ClusterPlan) -> Any:
     # ":0": a free port, so runs side by side never fight over 8787.
-    if plan.processes:
+    if plan.processes and plan.gpus > 1:
         from dask_cuda import LocalCUDACluster  # a process per GPU, each owning its device
 
         return LocalCUDACluster(
             threads_per_worker=plan.threads_per_worker,
             resources=plan.resources,
+            dashboard_address=":0",
+        )
+    if plan.processes:  # one GPU, shared: each worker budgets its part of the free memory
+        return distributed.LocalCluster(
+            n_workers=plan.n_workers,
+            threads_per_worker=plan.threads_per_worker,
+            processes=True,
+            resources=plan.resources,
+            env={SHARING_ENV: str(plan.n_workers)},
             dashboard_address=":0",
         )
     if plan.gpus > 1:
@@ -164,16 +104,6 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
         resources=plan.resources,
         dashboard_address=":0",
     )
-
-
-def plan_for_device(device: str, n_workers: int | None = None) -> ClusterPlan:
-    """The layout of a local cluster for a run on ``device`` (a ``SegmentConfig.device``).
-
-    A local cluster runs on this machine, so its layout follows this machine's GPUs (none:
-    threads, even for ``device="cuda"``, whose workers then refuse with a clear message).
-    """
-    has_gpu = device != "cpu" and torch.cuda.is_available()
-    return plan_local_cluster(torch.device("cuda" if has_gpu else "cpu"), n_workers=n_workers)
 
 
 @contextlib.contextmanager
@@ -327,7 +257,7 @@ def run_blocks(
         # In this process: blocks in I/O threads feeding one model thread, as on a worker. A
         # module is the caller's (segmenting mid-training must not leave it in eval mode).
         plugin = ModelPlugin(job.predictor_key, model, config)
-        threads = io_threads or plan_for_device(config.device).threads_per_worker
+        threads = io_threads or plan_for_device(config.device, processes=False).threads_per_worker
         with contextlib.ExitStack() as lent:
             if isinstance(model, torch.nn.Module):
                 # A device this process lacks is refused by the plugin's setup, saying where.

@@ -12,6 +12,7 @@ probabilities is a :data:`WindowPredictor`; there are two:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from segpipe.models.contract import scaling_affine
 
 __all__ = [
     "CPU_FORWARD_BUDGET",
+    "SHARING_ENV",
     "InferenceConfig",
     "PendingProbabilities",
     "Predictor",
@@ -201,12 +203,14 @@ class Predictor:
 
     def memory_budget(self) -> int:
         """Bytes of activations the forward passes running at once may take: 40% of the GPU's
-        free memory (one pass at a time, two batches in flight), or
+        free memory (one pass at a time, two batches in flight; split between the worker
+        processes sharing the GPU, :data:`SHARING_ENV`), or
         :data:`CPU_FORWARD_BUDGET` on the CPU (``ModelStage`` splits it between passes side
         by side)."""
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return int(free * 0.4)
+            # Worker processes sharing the GPU measure the same free memory at their start.
+            return int(free * 0.4) // max(1, int(os.environ.get(SHARING_ENV) or 1))
         return CPU_FORWARD_BUDGET
 
 
@@ -282,6 +286,10 @@ def _as_it_is(model: nn.Module) -> Callable[[], None]:
 CPU_FORWARD_BUDGET = 2 << 30
 """Bytes of activations the CPU's forward passes may take together (2 GiB: on 2 cores, two
 1024 px exact windows of the shipped U-Net side by side, one core each)."""
+
+SHARING_ENV = "SEGPIPE_PROCESSES_PER_GPU"
+"""Environment variable: how many worker processes share this process's GPU (a local
+cluster's, ``execution.plans``); each budgets that part of the free memory."""
 
 
 class PendingProbabilities:

@@ -312,20 +312,22 @@ def segment(
                 channels=models.channels_taken(contract, reader, level),
                 started=stamp,
             )
-            inference = InferenceConfig(
-                device=config.device,
-                batch_size=config.batch_size,
-                amp=config.amp,
-                # A running cluster's workers keep their own thread settings unless the config
-                # names a count: this machine's cores say nothing of theirs.
-                threads=config.threads or (plan.torch_threads if client is None else None),
-            )
+            # A running cluster's workers keep their own thread settings unless the config
+            # names a count: this machine's cores say nothing of theirs.
+            threads = config.threads
             if client is None:
                 # Sync and the threaded local cluster run in this process, and torch's thread count
                 # is process-wide: give the caller's back when the run ends.
                 run.callback(torch.set_num_threads, torch.get_num_threads())
                 if scheduler != "sync" and not in_process_is_cheaper(plan, n_todo * tile * tile):
                     client = run.enter_context(connect(scheduler, plan))
+                # The local cluster's workers take the plan's; this process, when it runs the
+                # blocks itself, all of its cores (not one shared GPU worker's part of them).
+                here = plan_for_device(config.device, processes=False) if client is None else plan
+                threads = threads or here.torch_threads
+            inference = InferenceConfig(
+                device=config.device, batch_size=config.batch_size, amp=config.amp, threads=threads
+            )
             with stage("segment", total=n_todo, unit="tile") as tiles:
                 recorder = _TileRecorder(output, stamp, tiles, on_progress)
                 run_blocks(
