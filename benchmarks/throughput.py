@@ -30,8 +30,9 @@ For one generated slide (a 4096^2 synthetic slide mirrored to ``--size``, in a Z
   default scheduler: the GPU target's run (under 60 s on one H100-class GPU), with the time
   the slide took to make;
 * **peak RSS** of this process after the segpipe rows;
-* with ``--device cuda``, the device's busy fraction during each segpipe run (CUDA events
-  around every forward pass, over wall time).
+* with ``--device cuda``, the device's busy fraction during each segpipe run: CUDA events
+  around every forward pass of this process, over wall time, and NVML's utilisation sampled
+  every 50 ms, which sees worker processes' passes too.
 
 A benchmark, not a test: it takes minutes and its numbers depend on the machine.
 """
@@ -57,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import zarr
 
@@ -98,11 +100,23 @@ def all_tiles() -> dict[str, Any]:
     return {"foreground": "none"} if has_setting("foreground") else {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Busy:
+    """The device's busy fraction during a run, seen two ways: CUDA events around this
+    process's forward passes (None: they ran in worker processes), and NVML's utilisation
+    (the share of each sample period a kernel ran, any process's; None: no NVML)."""
+
+    events: float | None
+    nvml: float | None
+
+
 class DeviceTimer:
-    """CUDA events around each forward pass of every Predictor: the device's busy time."""
+    """CUDA events around each forward pass of every Predictor of this process, and NVML's
+    utilisation of the device sampled every 50 ms (it sees worker processes' passes too)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[Any, Any]] = []
+        self.samples: list[int] = []
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -117,22 +131,35 @@ class DeviceTimer:
             self.events.append((start, end))
             return pending
 
+        stop = threading.Event()
+
+        def sample() -> None:
+            try:
+                while not stop.wait(0.05):
+                    self.samples.append(torch.cuda.utilization())
+            except Exception as err:  # no pynvml (nvidia-ml-py), no NVML: events only
+                print(f"NVML not sampled: {err!r}", file=sys.stderr)
+
+        sampler = threading.Thread(target=sample, name="nvml-sampler", daemon=True)
+        sampler.start()
         Predictor.forward = timed  # type: ignore[method-assign]
         try:
             yield
         finally:
             Predictor.forward = forward  # type: ignore[method-assign]
+            stop.set()
+            sampler.join()
 
-    def busy_seconds(self) -> float | None:
-        """Seconds between the events of the passes recorded since the last call; None when
-        there were none: the forwards ran in worker processes (several GPUs, dask-cuda),
-        which this process's events do not see."""
-        if not self.events:
-            return None
-        torch.cuda.synchronize()
-        busy = sum(s.elapsed_time(e) for s, e in self.events) / 1000
+    def busy(self, seconds: float) -> Busy:
+        """The busy fractions over the last ``seconds`` of wall time, since the last call."""
+        events = None
+        if self.events:
+            torch.cuda.synchronize()
+            events = sum(s.elapsed_time(e) for s, e in self.events) / 1000 / seconds
+        nvml = sum(self.samples) / len(self.samples) / 100 if self.samples else None
         self.events.clear()
-        return busy
+        self.samples.clear()
+        return Busy(events, nvml)
 
 
 class SectionTimer:
@@ -222,13 +249,26 @@ class SectionTimer:
         )
 
 
-def busy_note(device: str, busy: float | None) -> str:
+def busy_note(device: str, busy: Busy | None) -> str:
     """The device's busy fraction for a row's note ("" on the CPU)."""
-    if device != "cuda":
+    if device != "cuda" or busy is None:
         return ""
-    if busy is None:  # DeviceTimer saw no pass in this process
-        return ", device busy not seen (the passes ran in worker processes)"
-    return f", device busy {busy:.0%}"
+    seen = [f"{busy.events:.0%} (events)"] if busy.events is not None else []
+    seen += [f"{busy.nvml:.0%} (NVML)"] if busy.nvml is not None else []
+    if busy.events is None:
+        seen.append("no pass in this process's events: they ran in worker processes")
+    return ", device busy " + ", ".join(seen)
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its live children (a local cluster's worker
+    processes, which a run leaves running for the next)."""
+    total = time.process_time()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def timed(fn: Callable[[], Any]) -> float:
@@ -292,16 +332,16 @@ def run_segment(
     timer: DeviceTimer | None,
     sections: SectionTimer | None = None,
     **settings: Any,
-) -> tuple[float, float | None, float]:
-    """Wall seconds of one `segment`, the device's busy fraction (CUDA only), and this
-    process's CPU seconds (every thread: the driver, the in-process or threaded workers; on a
+) -> tuple[float, Busy | None, float]:
+    """Wall seconds of one `segment`, the device's busy fraction (CUDA only), and the CPU
+    seconds of this process and its children (every thread: the driver, the workers; on a
     machine shared with other jobs a steadier measure of the work than wall time); with
     ``sections``, where its time went."""
     global RUNS
     RUNS += 1  # a fresh output each time: a complete result would be returned as it is
     out = out.with_name(f"{out.stem}-{RUNS}.zarr")
     shutil.rmtree(out, ignore_errors=True)  # left by an earlier run of this script (--keep)
-    cpu = time.process_time()
+    cpu = cpu_seconds()
     with contextlib.ExitStack() as installed:
         if sections is not None:
             installed.enter_context(sections.installed())
@@ -310,10 +350,8 @@ def run_segment(
         seconds = timed(
             lambda: segpipe.segment(src, out, model, device=device, overwrite=True, **settings)
         )
-    cpu = time.process_time() - cpu
-    busy_seconds = timer.busy_seconds() if timer else None
-    busy = busy_seconds / seconds if busy_seconds is not None else None
-    return seconds, busy, cpu
+    cpu = cpu_seconds() - cpu
+    return seconds, timer.busy(seconds) if timer else None, cpu
 
 
 def blend_vs_monai(size: int, device: str, work: Path, rounds: int = 2) -> None:
@@ -602,7 +640,7 @@ def pipeline_rows(
 ) -> None:
     mpx = size * size / 1e6
     config = SegmentConfig()
-    plan = plan_for_device(device)
+    here = plan_for_device(device, processes=False)  # the sync runs' I/O threads
     image = zarr.open_array(src, mode="r")[:1200, :1200]
     timer = DeviceTimer() if device == "cuda" else None
 
@@ -610,7 +648,7 @@ def pipeline_rows(
     # ever slow a run down, and interleaving spreads a slow spell over every row.
     schedulers = {"sync": "sync", "default, first call": None, "default, reused": None}
     bare_runs: list[tuple[float, float, int]] = []
-    runs: dict[str, list[tuple[float, float | None, float]]] = {k: [] for k in schedulers}
+    runs: dict[str, list[tuple[float, Busy | None, float]]] = {k: [] for k in schedulers}
     breakdowns: list[tuple[float, SectionTimer]] = []  # of the sync runs
     for r in range(repeat):
         bare_runs.append(bare_forward(shipped, image, (size, size), device, config))
@@ -618,7 +656,7 @@ def pipeline_rows(
             if label == "default, first call" and r:
                 continue  # only the first call starts the cluster
             out = work / "out.zarr"
-            sections = SectionTimer(plan.threads_per_worker) if scheduler == "sync" else None
+            sections = SectionTimer(here.threads_per_worker) if scheduler == "sync" else None
             measured = run_segment(
                 src, out, shipped, device, timer, sections, scheduler=scheduler, **all_tiles()
             )
