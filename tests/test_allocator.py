@@ -92,3 +92,27 @@ def test_a_user_who_tuned_malloc_is_left_alone(setting):
     code = "from segpipe.execution.allocator import keep_freed_memory as k; print(k(), k())"
     assert _run(code, **{name: value}) == "False False"
     assert _run(code) == "True True"
+
+
+def test_a_new_process_started_with_malloc_environ_keeps_its_freed_memory():
+    """A local cluster's worker processes start with it (their nanny would set a 64 KiB trim
+    threshold): malloc there is tuned as keep_freed_memory tunes this process, from its start,
+    and keep_freed_memory there leaves it as the environment says."""
+    code = "from segpipe.execution.allocator import malloc_environ as m; print(sorted(m()))"
+    names = ["MALLOC_ARENA_MAX", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_"]
+    assert _run(code) == str(names)
+    environ = json.loads(
+        _run("import json; from segpipe.execution.allocator import malloc_environ as m; "
+             "print(json.dumps(m()))")
+    )  # fmt: skip
+    started = json.loads(_run(_WHERE, "plain", **environ))
+    assert started == {"kept": None, "96": True, "96 kept": True, "8": True, "8 kept": True}
+
+
+@pytest.mark.parametrize(
+    "setting", ["MALLOC_ARENA_MAX=4", "GLIBC_TUNABLES=glibc.malloc.tcache_count=0"]
+)
+def test_malloc_environ_leaves_a_users_tuning_to_the_workers(setting):
+    name, value = setting.split("=", 1)
+    code = "from segpipe.execution.allocator import malloc_environ as m; print(m())"
+    assert _run(code, **{name: value}) == "{}"

@@ -17,7 +17,7 @@ import ctypes
 import os
 import platform
 
-__all__ = ["KEEP_BYTES", "keep_freed_memory"]
+__all__ = ["KEEP_BYTES", "keep_freed_memory", "malloc_environ"]
 
 KEEP_BYTES = (1 << 31) - 1
 """Freed bytes the heap keeps rather than returning them: 2 GiB, the CPU forward budget
@@ -61,13 +61,13 @@ def keep_freed_memory() -> bool:
     ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``, or any ``GLIBC_TUNABLES``):
     ``MALLOC_MMAP_MAX_=65536``, glibc's default, turns this off. A Dask nanny starts its
     workers with ``MALLOC_TRIM_THRESHOLD_`` set (distributed's ``pre-spawn-environ``), so in
-    the worker processes of a ``dask worker`` cluster this does nothing.
+    the worker processes of a ``dask worker`` cluster this does nothing; a local cluster's
+    start with :func:`malloc_environ` instead.
     """
     global _kept
     if _kept is None:
         _kept = False
-        tuned_by_user = any(name in os.environ for name in _USER_SETTINGS)
-        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not tuned_by_user:
+        if _tunable():
             mallopt = ctypes.CDLL(None).mallopt
             _kept = all(
                 mallopt(param, value)
@@ -79,3 +79,27 @@ def keep_freed_memory() -> bool:
                 )
             )
     return _kept
+
+
+def malloc_environ() -> dict[str, str]:
+    """The environment that has glibc's malloc in a new process keep freed memory from its
+    start, as :func:`keep_freed_memory` has it in this one: for worker processes (a local
+    cluster's, whose nannies would otherwise set ``MALLOC_TRIM_THRESHOLD_`` to 64 KiB). Empty
+    off glibc, or where malloc was tuned in this environment (the workers inherit that).
+
+    In a local cluster of two worker processes on 2 cores, a null model's run at 4096² took
+    0.96-1.09 s with it and 1.6-1.8 s without, 1.7-1.9 CPU s against 3.0-3.2 (the fresh
+    pages of each block's arrays faulted in)."""
+    if not _tunable():
+        return {}
+    return {
+        "MALLOC_ARENA_MAX": "1",
+        "MALLOC_MMAP_MAX_": "0",
+        "MALLOC_TOP_PAD_": str(_TOP_PAD),
+        "MALLOC_TRIM_THRESHOLD_": str(KEEP_BYTES),
+    }
+
+
+def _tunable() -> bool:
+    tuned_by_user = any(name in os.environ for name in _USER_SETTINGS)
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not tuned_by_user

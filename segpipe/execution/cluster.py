@@ -17,6 +17,7 @@ import distributed
 import torch
 
 from segpipe.execution import schedulers
+from segpipe.execution.allocator import malloc_environ
 from segpipe.execution.inprocess import run_in_process
 from segpipe.execution.plans import ClusterPlan, plan_for_device, plan_local_cluster
 from segpipe.execution.predictor import (
@@ -50,12 +51,18 @@ def local_cluster_config(plan: ClusterPlan) -> dict[str, Any]:
     """Dask settings for the local clusters runs start: no statistical profiler, the system
     monitor every 2 s, no stealing with one worker. Each wake of the event loop takes the GIL
     (a GPU's model thread launches kernels with it) and a core (the CPU's torch team waits);
-    the memory monitor (0.1 s) and the tick (20 ms: its 3 s limit counts it in) are kept."""
-    return {
+    the memory monitor (0.1 s) and the tick (20 ms: its 3 s limit counts it in) are kept.
+    Worker processes start with malloc keeping freed memory (``malloc_environ``), not with
+    the nanny's 64 KiB trim threshold."""
+    config: dict[str, Any] = {
         "distributed.worker.profile.enabled": False,
         "distributed.admin.system-monitor.interval": "2s",
         "distributed.scheduler.work-stealing": plan.n_workers > 1,
     }
+    if plan.processes:
+        spawn_env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
+        config["distributed.nanny.pre-spawn-environ"] = {**spawn_env, **malloc_environ()}
+    return config
 
 
 # dask.config.set changes the process's config until its block ends: clusters started by two
