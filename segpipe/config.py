@@ -136,7 +136,8 @@ class SegmentConfig:
     n_workers: int | None = _setting(
         None,
         EXECUTION,
-        "workers of the local Dask cluster (default: from the cores or GPUs)",
+        "workers of the local Dask cluster (default: from the cores or GPUs; on one GPU, the "
+        "worker processes sharing it)",
         flag="--workers",
     )
     scheduler: str | None = _setting(

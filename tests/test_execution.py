@@ -960,6 +960,41 @@ def test_a_script_without_a_main_guard_gets_no_worker_processes(gpus, monkeypatc
     assert plan_local_cluster(torch.device("cuda"), cpus=32, gpus=gpus).processes
 
 
+@pytest.mark.parametrize("scheduler", ["sync", None])
+def test_a_run_here_takes_this_process_threads_not_a_shared_gpu_workers(
+    reader, tmp_path, monkeypatch, scheduler
+):
+    """Where the local cluster would be worker processes sharing a GPU, a run that runs its
+    blocks in this process (sync, or an image too small to start them for) takes this
+    process's I/O and torch threads (the threaded plan's), not one worker's share."""
+    from segpipe.execution import segment as segment_module
+
+    shared = ClusterPlan(4, 3, 4, gpus=1, processes=True)
+    threaded = ClusterPlan(1, 5, 6, gpus=1)
+
+    def plan_for_device(device, n_workers=None, *, processes=None):
+        return threaded if processes is False else shared
+
+    monkeypatch.setattr(segment_module, "plan_for_device", plan_for_device)
+    monkeypatch.setattr(cluster, "plan_for_device", plan_for_device)
+    seen = {}
+    run_blocks, run_in_process = segment_module.run_blocks, cluster.run_in_process
+
+    def blocks_spy(blocks, job, *, client, config, **kwargs):
+        seen["client"], seen["torch"] = client, config.threads
+        return run_blocks(blocks, job, client=client, config=config, **kwargs)
+
+    def in_process_spy(work, items, on_result, *, threads):
+        seen["io"] = threads
+        return run_in_process(work, items, on_result, threads=threads)
+
+    monkeypatch.setattr(segment_module, "run_blocks", blocks_spy)
+    monkeypatch.setattr(cluster, "run_in_process", in_process_spy)
+    r, _ = reader
+    segpipe.segment(r, tmp_path / "a.zarr", tiny_unet(), tile=8, scheduler=scheduler)
+    assert seen == {"client": None, "torch": 6, "io": 5}
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="sets CPU affinity (Linux)")
 def test_a_cpu_plan_takes_the_cores_the_process_may_use_not_the_hosts():
     """Under taskset, Slurm or docker --cpuset-cpus: os.cpu_count() gave the host's cores,
