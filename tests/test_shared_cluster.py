@@ -580,6 +580,9 @@ def test_a_small_image_takes_the_gpu_cluster_already_started_not_this_process(mo
     plan = cluster.ClusterPlan(2, threads_per_worker=2, torch_threads=4, gpus=2, processes=True)
     small = 512 * 512
     assert cluster.in_process_is_cheaper(plan, small), "none started: in this process"
+    # 4 processes' start took 8.3 s on an H200, this process's time for about 270 Mpx
+    assert cluster.in_process_is_cheaper(plan, 8192 * 8192)
+    assert not cluster.in_process_is_cheaper(plan, 16384 * 16384), "worth their start"
     monkeypatch.setitem(cluster._LOCAL, plan, (object(), object()))  # started by a run
     assert not cluster.in_process_is_cheaper(plan, small)
 
