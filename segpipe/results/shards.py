@@ -371,22 +371,16 @@ def write_together(
                 shard.run() if shard is not None else array.async_array.setitem(selection, values)
             )
 
-    if before_storing is not None:
-        try:
-            before_storing()
-        except BaseException:
-            for coroutine in pending.values():  # never to be awaited
-                coroutine.close()
-            raise
-
     try:
+        if before_storing is not None:
+            before_storing()
         for i, (shard, path) in here.items():
             try:
                 shard.run_here(path)
             except Exception as e:  # the other writes still run to their end
                 outcomes[i] = e
-    except BaseException:  # a stop (Ctrl-C, SIGTERM's SystemExit): nothing more is stored
-        for coroutine in pending.values():  # never to be awaited
+    except BaseException:  # the fence's refusal, or a stop (Ctrl-C, SIGTERM's SystemExit)
+        for coroutine in pending.values():  # nothing more is stored: never to be awaited
             coroutine.close()
         raise
 
