@@ -314,7 +314,7 @@ def segment(
             )
             # A running cluster's workers keep their own thread settings unless the config
             # names a count: this machine's cores say nothing of theirs.
-            threads = config.threads
+            threads, io_threads = config.threads, None
             if client is None:
                 # Sync and the threaded local cluster run in this process, and torch's thread count
                 # is process-wide: give the caller's back when the run ends.
@@ -325,13 +325,20 @@ def segment(
                 # blocks itself, all of its cores (not one shared GPU worker's part of them).
                 here = plan_for_device(config.device, processes=False) if client is None else plan
                 threads = threads or here.torch_threads
+                io_threads = here.threads_per_worker if client is None else None
             inference = InferenceConfig(
                 device=config.device, batch_size=config.batch_size, amp=config.amp, threads=threads
             )
             with stage("segment", total=n_todo, unit="tile") as tiles:
                 recorder = _TileRecorder(output, stamp, tiles, on_progress)
                 run_blocks(
-                    blocks, job, client=client, model=net, config=inference, on_result=recorder
+                    blocks,
+                    job,
+                    client=client,
+                    model=net,
+                    config=inference,
+                    on_result=recorder,
+                    io_threads=io_threads,
                 )
 
         seconds = time.perf_counter() - started
