@@ -14,7 +14,7 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_query import finish, run_summary
-from zarr.storage import StorePath
+from zarr.storage import LocalStore, StorePath
 
 from segpipe.analysis.summary import summarise
 from segpipe.config import SegmentConfig
@@ -37,6 +37,7 @@ from segpipe.results import (
     prepare_result,
     read_attrs,
     read_meta,
+    shards,
     tiles_done,
     write_block,
     write_tiles,
@@ -362,27 +363,97 @@ def test_tile_record_writes_through_and_keeps_earlier_marks(tmp_path):
     np.testing.assert_array_equal(class_pixels(path), [16, 12])
 
 
-def test_a_tile_record_failing_between_its_two_writes_flags_no_tile_done(tmp_path, monkeypatch):
-    """Flags written before counts: a record cut off between them (disk full, a kill) left a
-    tile done without its class pixels, which a resumed run then trusted."""
+def unsharded_bookkeeping(path):
+    """Make the result at ``path``'s bookkeeping arrays as results made before stop 52 kept
+    them: plain 64 x 64 tile chunks (Zarr's codecs), which a record writes through Zarr."""
+    root = zarr.open_group(path, mode="r+")
+    for name in ("_segpipe/tiles_done", "_segpipe/class_pixels"):
+        old = root[name]
+        root.create_array(
+            name, shape=old.shape, chunks=(*PROGRESS_CHUNKS, *old.shape[2:]), dtype=old.dtype,
+            fill_value=0, dimension_names=old.metadata.dimension_names, overwrite=True,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "made-before"])
+def test_a_tile_record_failing_between_its_two_writes_flags_no_tile_done(
+    tmp_path, monkeypatch, sharded
+):
+    """Counts written before flags: a record cut off between them (disk full, a kill) left a
+    tile done without its class pixels, which a resumed run then trusted. Both ways a record
+    writes: its shard files stored here, or (a result made before they were shards) Zarr."""
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
+    if not sharded:
+        unsharded_bookkeeping(path)
     record = TileRecord(path)
     writes = []
-    setitem = zarr.Array.__setitem__
+    if sharded:
+        owner, name = shards, "_store_file"
+        store = shards._store_file
 
-    def second_fails(self, key, value):
-        writes.append(self.path)
-        if len(writes) == 2:
-            raise OSError(28, "No space left on device")
-        return setitem(self, key, value)
+        def second_fails(where, data):
+            writes.append(where.relative_to(path).parts[1])  # _segpipe/<array>/c/...
+            if len(writes) == 2:
+                raise OSError(28, "No space left on device")
+            return store(where, data)
+    else:
+        owner, name = zarr.AsyncArray, "setitem"
+        setitem = zarr.AsyncArray.setitem
 
-    monkeypatch.setattr(zarr.Array, "__setitem__", second_fails)
+        async def second_fails(self, key, value):
+            writes.append(self.path.split("/")[-1])
+            if len(writes) == 2:
+                raise OSError(28, "No space left on device")
+            return await setitem(self, key, value)
+
+    monkeypatch.setattr(owner, name, second_fails)
     with pytest.raises(OSError, match="No space left"):
         record.mark({(0, 0): np.array([1000, 24])})
     monkeypatch.undo()
-    assert len(writes) == 2
-    assert not tiles_done(path)[0, 0] or class_pixels(path).tolist() == [1000, 24]
+    assert writes == ["class_pixels", "tiles_done"]
+    assert not tiles_done(path)[0, 0]
+    assert class_pixels(path).tolist() == [1000, 24]
+    # The next record writes both: the tile is done, with its counts.
+    TileRecord(path).mark({(0, 0): np.array([1000, 24])})
+    assert tiles_done(path)[0, 0] and class_pixels(path).tolist() == [1000, 24]
+
+
+def test_a_tile_record_stores_its_shards_without_zarrs_writes(tmp_path, monkeypatch):
+    """A record of a result made now stores each progress chunk's shard itself, as Zarr
+    would have (read back by Zarr below), never through Zarr's writes: those went to its
+    event loop's one thread and back, each leg waiting for the GIL beside the I/O threads."""
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    record = TileRecord(path)
+
+    async def no_zarr_write(*args, **kwargs):
+        raise AssertionError("written through Zarr")
+
+    monkeypatch.setattr(LocalStore, "set", no_zarr_write)
+    record.mark({(0, 0): np.array([5, 6]), (3, 2): np.array([1, 0])})
+    record.mark({(1, 1): np.array([2, 2])})
+    monkeypatch.undo()
+    expected = np.zeros((4, 3), dtype=bool)
+    expected[0, 0] = expected[3, 2] = expected[1, 1] = True
+    np.testing.assert_array_equal(tiles_done(path), expected)
+    np.testing.assert_array_equal(tile_class_pixels(path)[3, 2], [1, 0])
+    np.testing.assert_array_equal(class_pixels(path), [8, 8])
+
+
+def test_a_result_made_before_its_bookkeeping_was_sharded_still_records(tmp_path):
+    """A result whose bookkeeping is plain Zarr chunks (made before stop 52, resumed now)
+    is recorded through Zarr, each chunk kept as before."""
+    cy, _ = PROGRESS_CHUNKS
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta(shape=(16 * (cy + 2), 16 * 3), tile=16))
+    unsharded_bookkeeping(path)
+    mark_tiles_done(path, {(0, 1): np.array([1, 2]), (cy + 1, 2): np.array([3, 4])})
+    TileRecord(path).mark({(cy, 0): np.array([5, 6])})
+    done = tiles_done(path)
+    assert done.sum() == 3 and done[0, 1] and done[cy + 1, 2] and done[cy, 0]
+    np.testing.assert_array_equal(class_pixels(path), [9, 12])
+    assert zarr.open_array(path, path="_segpipe/tiles_done").shards is None
 
 
 @pytest.mark.parametrize("store", ["local", "zarr"])

@@ -169,23 +169,16 @@ def _build_layout(store: zarr.storage.MemoryStore, meta: ResultMeta) -> None:
     create_label_image(root, LABEL_NAME, shapes, meta, meta.class_names, long_name="argmax class")
 
     tiles = (-(-meta.shape[0] // meta.tile), -(-meta.shape[1] // meta.tile))
-    # Driver-owned bookkeeping, chunked so a flush rewrites only the chunks it touched.
-    root.create_array(
-        PROGRESS,
-        shape=tiles,
-        chunks=PROGRESS_CHUNKS,
-        dtype="uint8",
-        fill_value=0,
-        dimension_names=("tile_y", "tile_x"),
-    )
-    root.create_array(
-        COUNTS,
-        shape=(*tiles, len(meta.class_names)),
-        chunks=(*PROGRESS_CHUNKS, len(meta.class_names)),
-        dtype="int64",
-        fill_value=0,
-        dimension_names=("tile_y", "tile_x", "class"),
-    )
+    # Driver-owned bookkeeping, a shard per chunk: a record rewrites only the shards it
+    # touched, each one file written in the driver's thread (segpipe.results.shards). Through
+    # Zarr each chunk was read, merged and written on its event loop, legs waiting for the GIL.
+    classes = (len(meta.class_names),)
+    for name, dtype, extra in ((PROGRESS, "uint8", ()), (COUNTS, "int64", classes)):
+        chunks, dims = (*PROGRESS_CHUNKS, *extra), ("tile_y", "tile_x", "class")
+        root.create_array(
+            name, shape=(*tiles, *extra), chunks=chunks, shards=chunks, dtype=dtype,
+            fill_value=0, compressors=_ZSTD, dimension_names=dims[: len(chunks)],
+        )  # fmt: skip
 
 
 def _pixel_step(grid: PixelGrid) -> tuple[float, float]:

@@ -20,6 +20,7 @@ from segpipe.faults import fault_point
 from segpipe.io.files import URLPath
 from segpipe.results.layout import COUNTS, PROGRESS, PROGRESS_CHUNKS
 from segpipe.results.schema import read_attrs, store_of, stored_complete
+from segpipe.results.shards import write_together
 
 __all__ = [
     "ResultReplacedError",
@@ -128,20 +129,23 @@ class TileRecord:
             return
         check_not_replaced(self._path, self._started)
         cy, cx = PROGRESS_CHUNKS
+        ny, nx = self._done.shape
         by_chunk: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for iy, ix in tile_counts:
             by_chunk.setdefault((iy // cy, ix // cx), []).append((iy, ix))
         for (ky, kx), members in by_chunk.items():
-            sl = (slice(ky * cy, (ky + 1) * cy), slice(kx * cx, (kx + 1) * cx))
+            # The chunk's tiles, cut at the array's edge: one whole shard of each array.
+            sl = (slice(ky * cy, min((ky + 1) * cy, ny)), slice(kx * cx, min((kx + 1) * cx, nx)))
             if (ky, kx) not in self._chunks:
                 self._chunks[ky, kx] = (np.asarray(self._done[sl]), np.asarray(self._counts[sl]))
             d, c = self._chunks[ky, kx]
             for iy, ix in members:
                 d[iy - ky * cy, ix - kx * cx] = 1
                 c[iy - ky * cy, ix - kx * cx] = tile_counts[iy, ix]
-            # Counts before flags: a tile flagged done always has its counts.
-            self._counts[sl] = c
-            self._done[sl] = d
+            # Counts before flags: a tile flagged done always has its counts. Each a file
+            # stored here (a result made before its bookkeeping was sharded: through Zarr).
+            write_together([(self._counts, (*sl, slice(None)), c)])
+            write_together([(self._done, sl, d)])
             fault_point("block.recording")
         fault_point("block.recorded")
 
