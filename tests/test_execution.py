@@ -927,6 +927,10 @@ def test_stitching_refuses_what_it_cannot_do() -> None:
         ("cpu", 16, 0, 8, True, ClusterPlan(8, 1, 16, 0)),
         ("cuda", 32, 4, None, True, ClusterPlan(4, 7, 8, 4, processes=True)),
         ("cuda", 32, 4, None, False, ClusterPlan(1, 8, 32, 4)),  # one worker: the first GPU
+        # dask-cuda's workers as many as asked, one a GPU at most; one asked: threads here
+        ("cuda", 32, 4, 2, True, ClusterPlan(2, 8, 16, 4, processes=True)),
+        ("cuda", 32, 4, 8, True, ClusterPlan(4, 7, 8, 4, processes=True)),
+        ("cuda", 32, 4, 1, True, ClusterPlan(1, 8, 32, 4)),
         # one GPU: a process per 4 cores share it (4 at most), each with its own GIL
         ("cuda", 32, 1, None, True, ClusterPlan(4, 7, 8, 1, processes=True)),
         ("cuda", 16, 1, None, False, ClusterPlan(4, 3, 4, 1, processes=True)),
@@ -946,6 +950,31 @@ def test_cluster_plan(device, cpus, gpus, workers, dask_cuda, expected, monkeypa
     plan = plan_local_cluster(torch.device(device), cpus=cpus, gpus=gpus, n_workers=workers)
     assert plan == expected
     assert plan.resources == ({"GPU": 1} if device == "cuda" else {})
+
+
+def test_several_gpus_without_dask_cuda_get_no_worker_processes_even_when_asked(monkeypatch):
+    """Nothing would tell plain worker processes their GPU apart (and starting dask-cuda's
+    cluster would fail): one threaded worker, on the first, though processes were asked."""
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: False)
+    plan = plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2, processes=True)
+    assert plan == ClusterPlan(1, 8, 16, gpus=2)
+    one = plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1, processes=True)
+    assert one == ClusterPlan(4, 3, 4, gpus=1, processes=True), "one GPU: plain processes"
+
+
+@pytest.mark.parametrize(("device", "gpus"), [("cuda", 4), ("cuda:1", 1), ("auto", 4)])
+def test_a_gpu_named_by_its_index_is_planned_alone(device, gpus, monkeypatch):
+    """dask-cuda's workers each see their own GPU as cuda:0: "cuda:1" in each would be
+    another GPU (and a user who named GPU 1 would get them all). A GPU named by its index is
+    that one, shared by plain worker processes, each running on cuda:1 itself."""
+    monkeypatch.setattr(plans, "_dask_cuda_installed", lambda: True)
+    monkeypatch.setattr(plans, "main_reimport_is_safe", lambda: True)
+    monkeypatch.setattr(plans, "CPU_COUNT", 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    plan = plans.plan_for_device(device)
+    assert plan.gpus == gpus and plan.processes
+    assert plan.n_workers == 4  # a process per GPU, or 4 sharing the one named
 
 
 @pytest.mark.parametrize("gpus", [1, 2])

@@ -675,7 +675,12 @@ def test_gpus_with_dask_cuda_get_a_worker_process_each(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger=cluster.__name__):
         cluster._new_local_cluster(plan)
     assert started["threads_per_worker"] == 7 and started["resources"] == {"GPU": 1}
+    assert started["n_workers"] == 2
     assert "dask-cuda is not installed" not in caplog.text
+    started.clear()
+    cluster._new_local_cluster(cluster.plan_local_cluster(torch.device("cuda"), cpus=16, gpus=4,
+                                                          n_workers=3))  # fmt: skip
+    assert started["n_workers"] == 3, "the first 3 GPUs, as asked"
 
 
 @pytest.mark.parametrize("dask_cuda", [True, False])
@@ -699,11 +704,20 @@ def test_one_gpu_is_shared_by_plain_worker_processes(dask_cuda, monkeypatch):
 
 
 @pytest.mark.integration
-def test_a_shared_gpus_workers_are_processes_told_how_many_share_it():
-    """The processes really start (spawned: each its own GIL), each knows the share."""
+def test_a_shared_gpus_workers_are_processes_told_how_many_share_it(monkeypatch):
+    """The processes really start (spawned: each its own GIL), each knows the share, each
+    starts with malloc keeping freed memory, and this process's environment is left alone."""
     plan = cluster.ClusterPlan(n_workers=2, threads_per_worker=1, torch_threads=1, gpus=1,
                                processes=True)  # fmt: skip
+    # conftest sets glibc's default as if by hand, which a user's tuning leaves alone
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    expected = allocator.malloc_environ()  # before: Dask's nannies write to this process's
+    assert expected or not allocator._tunable(), "glibc: the workers get its settings"
+    names = {*expected, "MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS", "MKL_NUM_THREADS"}
+    here = {name: os.environ.get(name) for name in names}
     with cluster._start_local_cluster(plan) as local, distributed.Client(local) as client:
+        # This process's own environment as it was: the caller's later children inherit it.
+        assert {name: os.environ.get(name) for name in names} == here
         client.wait_for_workers(2, timeout=120)
         pids = client.run(os.getpid)
         shares = client.run(lambda: os.environ.get(SHARING_ENV))
@@ -715,9 +729,10 @@ def test_a_shared_gpus_workers_are_processes_told_how_many_share_it():
     assert SHARING_ENV not in os.environ, "told to the workers, not set here"
     # malloc keeps freed memory from the workers' start (not the nanny's 64 KiB trim
     # threshold: 1.6-1.8 s against 0.96-1.09 s a run), Dask's other settings as they were
-    if expected := allocator.malloc_environ():  # glibc, malloc not tuned by hand here
+    if expected:
         assert list(malloc.values()) == [expected, expected]
     assert set(threads.values()) == {"1"}
+    assert allocator.malloc_environ() == expected, "this process's malloc is no user's tuning"
 
 
 def test_only_worker_processes_start_with_malloc_tuned():
@@ -729,6 +744,23 @@ def test_only_worker_processes_start_with_malloc_tuned():
     with dask.config.set({"distributed.nanny.pre-spawn-environ": {"OMP_NUM_THREADS": 1}}):
         spawn = cluster.local_cluster_config(processes)["distributed.nanny.pre-spawn-environ"]
     assert spawn == {"OMP_NUM_THREADS": 1, **allocator.malloc_environ()}
+
+
+@pytest.mark.parametrize("tuned", [{"MALLOC_TRIM_THRESHOLD_": 0}, {"MALLOC_ARENA_MAX": 4}])
+def test_a_users_malloc_in_dasks_pre_spawn_environment_is_kept(tuned, monkeypatch):
+    """Dask's docs have users tune the workers' malloc in its pre-spawn environment: theirs
+    goes to the workers as it is, none of segpipe's beside it. Dask's own 64 KiB trim
+    threshold is no user's: segpipe's settings replace it."""
+    monkeypatch.setattr(allocator, "_tunable", lambda: True)  # glibc, nothing tuned here
+    key = "distributed.nanny.pre-spawn-environ"
+    processes = cluster.ClusterPlan(2, 2, 2, gpus=1, processes=True)
+    with dask.config.set({key: {"OMP_NUM_THREADS": 1, **tuned}}):
+        spawn = cluster.local_cluster_config(processes)[key]
+    assert spawn == {"OMP_NUM_THREADS": 1, **tuned}
+    with dask.config.set({f"{key}.MALLOC_TRIM_THRESHOLD_": 65536}):  # Dask's default
+        spawn = cluster.local_cluster_config(processes)[key]
+    assert spawn["MALLOC_TRIM_THRESHOLD_"] == allocator.malloc_environ()["MALLOC_TRIM_THRESHOLD_"]
+    assert spawn["MALLOC_ARENA_MAX"] == "1"
 
 
 def test_one_gpus_local_cluster_of_one_worker_is_threads_of_this_process(monkeypatch):

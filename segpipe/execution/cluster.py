@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import dask
@@ -53,16 +53,21 @@ def local_cluster_config(plan: ClusterPlan) -> dict[str, Any]:
     (a GPU's model thread launches kernels with it) and a core (the CPU's torch team waits);
     the memory monitor (0.1 s) and the tick (20 ms: its 3 s limit counts it in) are kept.
     Worker processes start with malloc keeping freed memory (``malloc_environ``), not with
-    the nanny's 64 KiB trim threshold."""
+    the nanny's 64 KiB trim threshold, unless the user's Dask config tunes malloc there."""
     config: dict[str, Any] = {
         "distributed.worker.profile.enabled": False,
         "distributed.admin.system-monitor.interval": "2s",
         "distributed.scheduler.work-stealing": plan.n_workers > 1,
     }
     if plan.processes:
-        spawn_env = dask.config.get("distributed.nanny.pre-spawn-environ", {})
-        config["distributed.nanny.pre-spawn-environ"] = {**spawn_env, **malloc_environ()}
+        spawn_env = dask.config.get(_SPAWN_ENV, {})
+        dasks = dask.config.get(_SPAWN_ENV, {}, config=dask.config.merge(*dask.config.defaults))
+        users = [name for name, value in spawn_env.items() if dasks.get(name) != value]
+        config[_SPAWN_ENV] = {**spawn_env, **malloc_environ(tuned=users)}
     return config
+
+
+_SPAWN_ENV = "distributed.nanny.pre-spawn-environ"
 
 
 # dask.config.set changes the process's config until its block ends: clusters started by two
@@ -71,9 +76,32 @@ _CONFIG_LOCK = threading.Lock()
 
 
 def _start_local_cluster(plan: ClusterPlan) -> Any:
-    # Read as the scheduler, workers and nannies start (a nanny hands it to its worker).
-    with _CONFIG_LOCK, dask.config.set(local_cluster_config(plan)):
+    # Read as the scheduler, workers and nannies start (a nanny hands it to its worker). Each
+    # item is made once the one before is entered: the config set under the lock, then kept.
+    with (
+        _CONFIG_LOCK,
+        dask.config.set(local_cluster_config(plan)),
+        _environ_kept(dask.config.get(_SPAWN_ENV, {})),
+    ):
         return _new_local_cluster(plan)
+
+
+@contextlib.contextmanager
+def _environ_kept(names: Iterable[str]) -> Iterator[None]:
+    """This process's ``names`` variables as they were, once the block ends. A nanny puts its
+    pre-spawn environment in its own process's before it starts a worker (Dask's way), and a
+    local cluster's nannies are this process: every later child of the caller's would start
+    with malloc keeping freed memory and one OpenMP thread. (One restarting a worker sets
+    them again.)"""
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _new_local_cluster(plan: ClusterPlan) -> Any:
@@ -82,6 +110,7 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
         from dask_cuda import LocalCUDACluster  # a process per GPU, each owning its device
 
         return LocalCUDACluster(
+            n_workers=plan.n_workers,  # the first GPUs
             threads_per_worker=plan.threads_per_worker,
             resources=plan.resources,
             dashboard_address=":0",

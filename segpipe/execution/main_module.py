@@ -17,7 +17,10 @@ def main_reimport_is_safe(main: ModuleType | None = None) -> bool:
     """Whether spawned processes re-import ``main`` (default: ``__main__``) harmlessly: it has
     no source file (an interactive session, a notebook: nothing is re-imported), it is a
     package's ``__main__`` (``python -m pkg``: spawn skips it), or its source has a top-level
-    ``if __name__ == "__main__":`` block. Source that cannot be read or parsed: False."""
+    ``if __name__ == "__main__":`` block. Source that cannot be read or parsed: False.
+
+    Any such block will do: a script that also starts a run at its top level, outside its
+    guard, would have each worker start that run again while it starts."""
     main = main if main is not None else sys.modules.get("__main__")
     if main is None:
         return True
@@ -30,8 +33,8 @@ def main_reimport_is_safe(main: ModuleType | None = None) -> bool:
         return True
     try:
         tree = ast.parse(Path(path).read_bytes(), filename=str(path))
-    except (OSError, SyntaxError, ValueError):
-        return False
+    except (OSError, SyntaxError, ValueError, MemoryError, RecursionError):
+        return False  # MemoryError: the parser's stack, on a deeply nested expression
     return any(isinstance(node, ast.If) and _is_main_test(node.test) for node in tree.body)
 
 

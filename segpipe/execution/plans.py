@@ -52,8 +52,9 @@ def plan_local_cluster(
     the pipeline to 43 Mpx/s (null model, 8192², 4 to 16 threads alike) and the shipped model
     to 33-38 (the device 45% busy), while 4 processes side by side ran 98 together. Processes
     only where the caller's ``__main__`` may be re-imported (``main_reimport_is_safe``; or
-    ``processes=True``), else one threaded worker. Several GPUs get a process each where
-    dask-cuda, which tells each its device, is installed; else one worker, on the first.
+    ``processes=True``), else one threaded worker. Several GPUs get a process each (the first
+    ``n_workers`` of them) where dask-cuda, which tells each its device, is installed; else
+    one threaded worker, on the first, ``processes=True`` or not.
 
     >>> plan_local_cluster(torch.device("cpu"), cpus=8)
     ClusterPlan(n_workers=1, threads_per_worker=4, torch_threads=8, gpus=0, processes=False)
@@ -61,19 +62,26 @@ def plan_local_cluster(
     ClusterPlan(n_workers=4, threads_per_worker=3, torch_threads=4, gpus=1, processes=True)
     >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=1, processes=False)
     ClusterPlan(n_workers=1, threads_per_worker=8, torch_threads=16, gpus=1, processes=False)
-    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2, processes=True)
-    ClusterPlan(n_workers=2, threads_per_worker=7, torch_threads=8, gpus=2, processes=True)
+    >>> plan_local_cluster(torch.device("cuda"), cpus=16, gpus=2, processes=True)  # no dask-cuda
+    ClusterPlan(n_workers=1, threads_per_worker=8, torch_threads=16, gpus=2, processes=False)
     """
     # Dask's count honours CPU affinity and cgroup quotas (taskset, Slurm, docker --cpus).
     cpus = cpus or CPU_COUNT
     if device.type == "cuda":
         gpus = gpus if gpus is not None else torch.cuda.device_count()
         gpus = max(gpus, 1)
-        sharing = 1 if gpus > 1 else n_workers or max(1, min(4, cpus // 4))
+        if gpus > 1:
+            # dask-cuda tells each worker process its GPU: one each, as many as asked; without
+            # it nothing does, and one worker takes the first.
+            workers = min(gpus, n_workers or gpus)
+            possible = workers > 1 and _dask_cuda_installed()
+        else:
+            workers = n_workers or max(1, min(4, cpus // 4))
+            possible = workers > 1
         if processes is None:
-            possible = _dask_cuda_installed() if gpus > 1 else sharing > 1
             processes = possible and main_reimport_is_safe()
-        workers = (gpus if gpus > 1 else sharing) if processes else 1
+        processes = processes and (possible or gpus == 1)
+        workers = workers if processes else 1
         share = max(1, cpus // workers)
         return ClusterPlan(workers, _io_threads(share - 1), share, gpus, processes)
     io = _io_threads(cpus // 2)
@@ -102,4 +110,7 @@ def plan_for_device(
     """
     has_gpu = device != "cpu" and torch.cuda.is_available()
     dev = torch.device("cuda" if has_gpu else "cpu")
-    return plan_local_cluster(dev, n_workers=n_workers, processes=processes)
+    # A GPU named by its index is that one alone: dask-cuda's workers, one a GPU, each see
+    # their own as cuda:0, and would each take "cuda:1" for another one.
+    gpus = 1 if has_gpu and device.startswith("cuda:") else None
+    return plan_local_cluster(dev, gpus=gpus, n_workers=n_workers, processes=processes)
