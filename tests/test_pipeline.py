@@ -849,3 +849,27 @@ def test_a_stage_runs_a_torchscript_module_whose_layers_take_no_hooks():
         np.testing.assert_allclose(stage(x), predictor(x), rtol=0, atol=1e-6)
     finally:
         stage.close()
+
+
+def test_a_gpus_stages_run_their_lane_on_the_thread_the_last_one_ran_on():
+    """cuDNN keeps its plans per thread: a model thread of each run's own planned every window
+    shape again (30-40 ms a shape on an H200, 2 ms a pass after). A GPU's stage (no core
+    gate) runs its lane on a kept thread, one stage after another on the same one, named as
+    a model thread only while it runs; a CPU's stage starts its own threads."""
+
+    class Idents(FakePredictor):
+        def forward(self, batch):
+            idents.append(threading.get_native_id())  # a pthread id is reused, a TID not soon
+            return super().forward(batch)
+
+    idents: list[int] = []
+    for _ in range(3):
+        stage = ModelStage(Idents(), share_cores=False)  # type: ignore[arg-type]
+        assert stage(windows(1.0))[0, 0, 0, 0] == 1.0
+        stage.close()
+        assert not model_threads(), "idle between runs: no model thread holds a model"
+    assert len(set(idents)) == 1 and threading.get_native_id() not in idents
+    cpu = ModelStage(Idents(), share_cores=True, lanes=1)  # type: ignore[arg-type]
+    cpu(windows(2.0))
+    cpu.close()
+    assert idents[-1] not in idents[:-1]

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import cast
@@ -42,6 +43,7 @@ import torch
 
 from segpipe.execution.futures import concatenated
 from segpipe.execution.gate import CoreGate
+from segpipe.execution.lanes import run_on_kept_thread
 from segpipe.execution.predictor import PendingProbabilities, Predictor
 
 __all__ = ["ModelStage", "PassPlan", "StageClosed", "StageStats"]
@@ -135,7 +137,7 @@ class ModelStage:
             narrow: queue.Queue(maxsize=max_queued) for narrow in (False, True)
         }
         self._lock = threading.Lock()
-        self._threads: dict[bool, list[threading.Thread]] = {False: [], True: []}
+        self._threads: dict[bool, list[Callable[[], object]]] = {False: [], True: []}  # joins
         self._plans: dict[tuple[int, ...], PassPlan] = {}
         self._closed = False
         self._submitting = 0  # submitters between their check and their last put
@@ -230,8 +232,8 @@ class ModelStage:
         for narrow, started in threads.items():
             for _ in started:
                 self._queues[narrow].put(_STOP)
-        for thread in threads[False] + threads[True]:
-            thread.join()
+        for join in threads[False] + threads[True]:
+            join()
         if threads[True]:
             torch.set_num_threads(self._torch_threads)  # as a wide pass leaves it
         with _OPEN_LOCK:
@@ -243,12 +245,15 @@ class ModelStage:
             names = (
                 [f"segpipe-model-{i}" for i in range(self.lanes)] if narrow else ["segpipe-model"]
             )
-            self._threads[narrow] = [
-                threading.Thread(target=self._run, args=(narrow,), name=name, daemon=True)
-                for name in names
-            ]
-            for thread in self._threads[narrow]:
+            if self.gate is None:  # a GPU's lane, on a kept thread: its cuDNN plans kept
+                run = functools.partial(self._run, narrow)
+                self._threads[narrow] = [run_on_kept_thread(run, n).wait for n in names]
+                return
+            threads = [threading.Thread(target=self._run, args=(narrow,), name=n, daemon=True)
+                       for n in names]  # fmt: skip
+            for thread in threads:
                 thread.start()
+            self._threads[narrow] = [thread.join for thread in threads]
 
     def _run(self, narrow: bool) -> None:
         if self.gate is None:  # else each pass sets its own, under the gate (``_pass``)
