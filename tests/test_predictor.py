@@ -140,9 +140,28 @@ def test_a_gpus_budget_is_two_fifths_of_its_free_memory(net, monkeypatch):
     predictor = Predictor(net, InferenceConfig(device="cpu"))
     predictor.device = torch.device("cuda", 0)  # as a GPU's predictor asks
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10_000, 80_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 0)
     assert predictor.memory_budget() == 4_000
     # worker processes sharing the GPU each measured the same free memory: a part each
     monkeypatch.setenv(SHARING_ENV, "4")
     assert predictor.memory_budget() == 1_000
     monkeypatch.setenv(SHARING_ENV, "")
     assert predictor.memory_budget() == 4_000
+
+
+def test_a_gpus_budget_counts_what_its_allocator_caches_as_free(net, monkeypatch):
+    """torch's caching allocator keeps the blocks runs freed: the driver's free memory falls
+    run after run while this process could still use them. Counted as free, each run of a
+    process gets the same budget, so the same exact windows (not new shapes, other bits)."""
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    predictor.device = torch.device("cuda", 0)
+    reserved = [0]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (10_000 - reserved[0], 80_000))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: reserved[0])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 500)
+    budgets = []
+    for cached in (500, 3_000, 6_000):  # what a run leaves cached, growing
+        reserved[0] = cached
+        budgets.append(predictor.memory_budget())
+    assert budgets == [3_800, 3_800, 3_800]  # 0.4 of (10 000 - 500 in use)
