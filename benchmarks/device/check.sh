@@ -13,6 +13,9 @@
 #   tissue    the 30% tissue slide against an all-tissue one; blend vs MONAI at 2048^2
 #   blend     blend vs MONAI at 8192^2
 #   gigapixel the 1-gigapixel 30% tissue slide
+#   shapes    the 30% and all-tissue slides run by run with their passes' shapes and where the
+#             time went (tissue_probe.py), and a window shape's first pass against later ones
+#             (shape_probe.py)
 # Everything goes to $OUT/log.txt (or ./device-out when OUT is unset), each section stamped with
 # its start and length; the phase tables to $OUT/phases*.txt. The device tool returns at most
 # 8 files, so raw profiles stay in /tmp.
@@ -90,6 +93,7 @@ section_scaling() {
 }
 section_tissue() { bench --rows tissue,blend --size "$size" --blend-size "${BLEND_SIZE:-2048}"; }
 section_blend() { bench --rows blend --blend-size "${BIG_BLEND_SIZE:-8192}"; }
+section_shapes() { python3 benchmarks/device/tissue_probe.py "$dev"; python3 benchmarks/device/shape_probe.py; }
 section_gigapixel() { bench --rows gigapixel --gigapixel-size "${GIGAPIXEL_SIZE:-32768}"; }
 # Most telling first, should the time run out; the 1-gigapixel slide takes minutes to make.
 for s in ${SECTIONS:-pipeline io switch profile tissue blend gigapixel}; do
