@@ -92,3 +92,30 @@ def test_after_a_failure_no_item_starts_and_the_first_failure_is_raised(monkeypa
         run_in_process(work, range(10), seen.append, threads=3)
     assert sorted(started) == [0, 1, 2]
     assert seen == [1]
+
+
+def test_no_more_items_are_taken_from_the_iterable_than_threads_run():
+    """Items are taken from the iterable (a block's arrays, a generator's reads) only as a
+    thread is free for them: with every thread held, no more than ``threads`` are taken, so
+    memory stays flat however many there are. (The pool's own bound holds what runs, not
+    what waits queued for it.)"""
+    taken, release = [], threading.Event()
+
+    def items():
+        for i in range(50):
+            taken.append(i)
+            yield i
+
+    def work(i):
+        release.wait(10)
+        return i
+
+    done = []
+    runner = threading.Thread(target=run_in_process, args=(work, items(), done.append),
+                              kwargs={"threads": 3})  # fmt: skip
+    runner.start()
+    time.sleep(0.3)  # the first items are running, held
+    assert len(taken) == 3
+    release.set()
+    runner.join(30)
+    assert sorted(done) == list(range(50))

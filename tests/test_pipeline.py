@@ -648,7 +648,15 @@ def test_a_stage_made_beside_narrow_passes_takes_the_process_threads():
     assert torch.get_num_threads() == 2
 
 
-def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves(monkeypatch):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        # cuDNN's workspace, or a wrapper's: the allocator's words in another error type
+        RuntimeError("CUDA error: out of memory"),
+    ],
+)
+def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves(monkeypatch, error):
     """A batch joined from several blocks may not fit where each block's did (a GPU shared
     with another process): it runs again in halves, every window's probabilities delivered,
     and later batches of that shape are no larger than what fitted; a single window that
@@ -660,7 +668,7 @@ def test_a_batch_the_device_has_no_memory_for_runs_again_in_halves(monkeypatch):
     def at_most_two(batch):
         tried.append(len(batch))
         if len(batch) > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise error
         return forward(batch)
 
     monkeypatch.setattr(fake, "forward", at_most_two)
@@ -873,3 +881,22 @@ def test_a_gpus_stages_run_their_lane_on_the_thread_the_last_one_ran_on():
     cpu(windows(2.0))
     cpu.close()
     assert idents[-1] not in idents[:-1]
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("a kernel failed")])
+def test_a_batch_failing_for_anything_but_the_devices_memory_is_not_run_again(error):
+    """Halving is for the device's memory; the host's MemoryError, or any other failure,
+    fails the batch's windows at once."""
+    fake = FakePredictor(batch_size=8)
+    tried: list[int] = []
+
+    def fails(batch):
+        tried.append(len(batch))
+        raise error
+
+    fake.forward = fails  # type: ignore[method-assign]
+    stage = ModelStage(fake, lanes=1, share_cores=False)  # type: ignore[arg-type]
+    with pytest.raises(type(error)):
+        stage.submit(np.ones((6, 4, 4, 1), np.float32)).result(10)
+    stage.close()
+    assert tried == [6]

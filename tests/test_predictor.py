@@ -1,6 +1,8 @@
 """Predictor and window_probabilities: the same numbers as calling the model by hand,
 whatever the batching; the in-memory one leaves the model as it is."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -165,3 +167,35 @@ def test_a_gpus_budget_counts_what_its_allocator_caches_as_free(net, monkeypatch
         reserved[0] = cached
         budgets.append(predictor.memory_budget())
     assert budgets == [3_800, 3_800, 3_800]  # 0.4 of (10 000 - 500 in use)
+
+
+def test_a_device_other_than_the_cpu_and_cuda_gets_its_windows_there(net, monkeypatch):
+    """A device without CUDA's streams (Apple's mps) ran its model on the windows as they came
+    from numpy, on the CPU, beside its weights on the device: every pass failed. The windows
+    go to the predictor's device ("meta" stands in for one here, without autocast, which
+    knows no meta; the pass stops at the model)."""
+    predictor = Predictor(net, InferenceConfig(device="cpu"))
+    predictor.device = torch.device("meta")
+    monkeypatch.setattr(torch, "autocast", lambda *args, **kwargs: contextlib.nullcontext())
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def hook(module, args):
+        seen.append(args[0].device)
+        raise Stop
+
+    predictor.model.register_forward_pre_hook(hook)
+    n = net.geometry.input_size(16)
+    with pytest.raises(Stop):
+        predictor.forward(np.zeros((1, n, n, 3), np.float32))
+    assert seen == [torch.device("meta")]
+
+
+def test_joined_futures_of_no_parts_are_refused():
+    """No part would ever set the joined future: its waiter would wait forever."""
+    from segpipe.execution.futures import concatenated
+
+    with pytest.raises(ValueError, match="at least one part"):
+        concatenated([])

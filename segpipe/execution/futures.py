@@ -13,7 +13,10 @@ __all__ = ["concatenated"]
 
 def concatenated(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
     """A future of the parts' results joined along their first axis, set once the last part
-    is done; the first failed part's error instead (or the join's)."""
+    is done; the first failed part's error instead (or the join's). No parts: refused, as no
+    part would ever set it."""
+    if not parts:
+        raise ValueError("concatenated needs at least one part")
     joined: Future[np.ndarray] = Future()
     remaining = [len(parts)]
     lock = threading.Lock()

@@ -44,7 +44,7 @@ import torch
 from segpipe.execution.futures import concatenated
 from segpipe.execution.gate import CoreGate
 from segpipe.execution.lanes import run_on_kept_thread
-from segpipe.execution.predictor import PendingProbabilities, Predictor
+from segpipe.execution.predictor import PendingProbabilities, Predictor, is_out_of_memory
 
 __all__ = ["ModelStage", "PassPlan", "StageClosed", "StageStats"]
 
@@ -331,8 +331,8 @@ class ModelStage:
         waited for, and the shape's later batches no larger than a half."""
         try:
             return self.predictor.forward(batch)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
+        except Exception as err:  # the device's: cuDNN's workspace says so in a RuntimeError
+            if len(batch) == 1 or isinstance(err, MemoryError) or not is_out_of_memory(err):
                 raise
         if self.predictor.device.type == "cuda":
             torch.cuda.empty_cache()  # the failed pass's blocks, cached

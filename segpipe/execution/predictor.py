@@ -164,8 +164,8 @@ class Predictor:
         """Run the model on prepared ``(N, Y, X, C)`` windows (:meth:`prepare`: uint8, or
         float32 already scaled)."""
         x = torch.from_numpy(batch)
-        if self.stream is None:
-            return PendingProbabilities(self._probabilities(x).cpu(), None)
+        if self.stream is None:  # the CPU's (``to`` is nothing there), or another device's
+            return PendingProbabilities(self._probabilities(x.to(self.device)).cpu(), None)
         with torch.cuda.stream(self.stream):
             # Pinned host memory (torch's caching host allocator keeps it until the copy is
             # done) lets the copy run asynchronously, overlapped with other batches' compute.
