@@ -1,8 +1,8 @@
 """Kept threads for a GPU's model lanes: a run's lanes run on threads the lanes of runs before
 it ran on, one lane at a time each. cuDNN keeps its execution plans per thread: on an H200 a
 window shape's first pass took 30-40 ms and its later ones 2 ms, and with a thread of its own
-each run planned the 30%-tissue slide's 54 window shapes again (its model thread's calls took
-2.8-3.3 s a run, against 0.7 s for the all-tissue slide's two shapes)."""
+each run planned the 30%-tissue slide's 53-55 window shapes again (its model thread's calls
+took 2.8-3.5 s a run, against 0.6-0.9 s for the all-tissue slide's two shapes)."""
 
 from __future__ import annotations
 
