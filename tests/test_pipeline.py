@@ -2,8 +2,10 @@
 equal the serial path; the queue and the blocks in flight stay within their bounds however
 slow the writer; failures reach the task that submitted the windows."""
 
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 
 import numpy as np
@@ -877,6 +879,10 @@ def test_a_gpus_stages_run_their_lane_on_the_thread_the_last_one_ran_on():
         stage.close()
         assert not model_threads(), "idle between runs: no model thread holds a model"
     assert len(set(idents)) == 1 and threading.get_native_id() not in idents
+    gone = weakref.ref(stage)  # the kept thread, idle, holds no stage (nor its GPU's model)
+    del stage
+    gc.collect()
+    assert gone() is None
     cpu = ModelStage(Idents(), share_cores=True, lanes=1)  # type: ignore[arg-type]
     cpu(windows(2.0))
     cpu.close()

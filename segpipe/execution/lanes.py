@@ -45,6 +45,7 @@ def _serve(inbox: queue.SimpleQueue[_Work]) -> None:
         except BaseException:  # the thread lives on for the next lane; say what ended this one
             log.exception("%s failed", name)
         finally:
+            del target  # not kept with the idle thread: its stage, and the model on the GPU
             me.name = IDLE_NAME
             with _lock:
                 _idle.append(inbox)  # idle before the waiter hears: the next lane takes it
