@@ -488,23 +488,38 @@ class NotYetPending(PendingProbabilities):
 
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_results_still_on_their_way_are_delivered_after_the_next_batch_or_when_idle(lanes):
-    """With one lane or two (the race where a lane holding a result blocks on the queue for an
-    item the other lane took is too narrow to provoke here; `_run` takes the item without
-    blocking first)."""
+    """A GPU's copy back still on its way when the forward call returns is read once the next
+    batch is launched (the device works on n+1 while n comes back), or at once where nothing
+    is queued. With one lane the order is checked; with two, the delivery (the race where a
+    lane holding a result blocks on the queue for an item the other lane took is too narrow
+    to provoke here; `_run` takes the item without blocking first)."""
     fake = FakePredictor(batch_size=1, threads=2)
     forward = fake.forward
+    order: list[tuple[str, float]] = []
+
+    class Deferred(NotYetPending):
+        def result(self):
+            order.append(("read", float(self._host.ravel()[0])))
+            return super().result()
 
     def deferred(batch):
         done = forward(batch)
-        return NotYetPending(torch.from_numpy(done.result()), None)
+        order.append(("forward", float(batch.ravel()[0])))
+        return Deferred(torch.from_numpy(done.result()), None)
 
     fake.forward = deferred
-    stage = ModelStage(fake, max_queued=4, lanes=lanes)  # type: ignore[arg-type]
+    fake.hold.clear()  # the first pass waits until every window is queued
+    stage = ModelStage(fake, max_queued=8, lanes=lanes)  # type: ignore[arg-type]
     assert stage.pass_plan((4, 4, 1)).narrow == (lanes == 2)
     futures = [stage.submit(windows(v)) for v in range(6)]
+    fake.hold.set()
     assert [f.result(10)[0, 0, 0, 0] for f in futures] == list(range(6))
     assert stage(windows(9))[0, 0, 0, 0] == 9, "a lone batch is delivered once the queue is idle"
     stage.close()
+    if lanes == 1:
+        at = {event: i for i, event in enumerate(order)}
+        assert all(at["read", k] > at["forward", k + 1] for k in range(5)), order
+        assert at["read", 9.0] == at["forward", 9.0] + 1
 
 
 def model_threads() -> list[threading.Thread]:
