@@ -240,7 +240,8 @@ class ModelStage:
             _OPEN_STAGES.discard(self)
 
     def _start(self, narrow: bool) -> None:
-        # Under self._lock.
+        # Under self._lock. A CPU's lanes keep threads of their own: each thread that starts
+        # parallel regions keeps an OpenMP team, and kept threads were measured on a GPU only.
         if not self._threads[narrow]:
             names = (
                 [f"segpipe-model-{i}" for i in range(self.lanes)] if narrow else ["segpipe-model"]
