@@ -722,6 +722,13 @@ def test_a_shared_gpus_workers_are_processes_told_how_many_share_it(monkeypatch)
         pids = client.run(os.getpid)
         shares = client.run(lambda: os.environ.get(SHARING_ENV))
         resources = {w.resources.get("GPU") for w in local.scheduler.workers.values()}
+        # A nanny whose worker died starts another, writing its environment here again.
+        os.kill(next(iter(pids.values())), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while len(set(client.run(os.getpid, on_error="ignore").values()) - set(pids.values())) != 1:
+            assert time.monotonic() < deadline, "the nanny did not restart its worker"
+            time.sleep(0.2)
+        assert {name: os.environ.get(name) for name in names} == here, "after a restart"
         malloc = client.run(lambda: {k: v for k, v in os.environ.items() if "MALLOC" in k})
         threads = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert len(set(pids.values())) == 2 and os.getpid() not in pids.values()
@@ -733,6 +740,22 @@ def test_a_shared_gpus_workers_are_processes_told_how_many_share_it(monkeypatch)
         assert list(malloc.values()) == [expected, expected]
     assert set(threads.values()) == {"1"}
     assert allocator.malloc_environ() == expected, "this process's malloc is no user's tuning"
+
+
+def test_the_environment_is_put_back_when_the_last_of_overlapping_starts_ends(monkeypatch):
+    """Nannies start workers side by side: the first to finish must not take the environment
+    from one whose worker has not spawned yet; the last puts back what was there before."""
+    monkeypatch.setenv("SEGPIPE_TEST_KEPT", "mine")
+    monkeypatch.delenv("SEGPIPE_TEST_NEW", raising=False)
+    names = ["SEGPIPE_TEST_KEPT", "SEGPIPE_TEST_NEW"]
+    first, second = cluster._environ_kept(names), cluster._environ_kept(names[1:])
+    first.__enter__()
+    os.environ.update(SEGPIPE_TEST_KEPT="nanny", SEGPIPE_TEST_NEW="nanny")
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert os.environ["SEGPIPE_TEST_NEW"] == "nanny", "the second nanny's worker may spawn yet"
+    second.__exit__(None, None, None)
+    assert os.environ["SEGPIPE_TEST_KEPT"] == "mine" and "SEGPIPE_TEST_NEW" not in os.environ
 
 
 def test_only_worker_processes_start_with_malloc_tuned():

@@ -88,20 +88,43 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
 
 @contextlib.contextmanager
 def _environ_kept(names: Iterable[str]) -> Iterator[None]:
-    """This process's ``names`` variables as they were, once the block ends. A nanny puts its
-    pre-spawn environment in its own process's before it starts a worker (Dask's way), and a
-    local cluster's nannies are this process: every later child of the caller's would start
-    with malloc keeping freed memory and one OpenMP thread. (One restarting a worker sets
-    them again.)"""
-    before = {name: os.environ.get(name) for name in names}
+    """This process's ``names`` variables as they were, once the last such block running ends.
+    A nanny puts its pre-spawn environment in its own process's before it starts a worker
+    (Dask's way), and a local cluster's nannies are this process: every later child of the
+    caller's would start with malloc keeping freed memory and one OpenMP thread. Blocks may
+    overlap (nannies start workers side by side, in any thread): the values are put back when
+    none is left, so no nanny's worker starts without them."""
+    global _SPAWNING
+    with _SPAWN_LOCK:
+        for name in names:
+            _BEFORE_SPAWN.setdefault(name, os.environ.get(name))
+        _SPAWNING += 1
     try:
         yield
     finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        with _SPAWN_LOCK:
+            _SPAWNING -= 1
+            if not _SPAWNING:
+                for name, value in _BEFORE_SPAWN.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
+                _BEFORE_SPAWN.clear()
+
+
+_SPAWN_LOCK = threading.Lock()
+_SPAWNING = 0  # blocks of _environ_kept running
+_BEFORE_SPAWN: dict[str, str | None] = {}
+
+
+class _Nanny(distributed.Nanny):
+    """Dask's nanny, this process's environment put back once its worker is up: a nanny
+    restarting a dead worker writes its pre-spawn environment here again."""
+
+    async def instantiate(self) -> distributed.Status:
+        with _environ_kept(self.pre_spawn_env):
+            return await super().instantiate()
 
 
 def _new_local_cluster(plan: ClusterPlan) -> Any:
@@ -122,6 +145,7 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
             processes=True,
             resources=plan.resources,
             env={SHARING_ENV: str(plan.n_workers)},
+            worker_class=_Nanny,
             dashboard_address=":0",
         )
     if plan.gpus > 1:
