@@ -854,6 +854,24 @@ def test_an_unreadable_sidecar_never_deletes_another_archives_result(
     assert (again.status, again.reason) == ("segmented", "new image")
 
 
+def test_an_unreadable_sidecar_beside_the_result_of_this_image_by_a_link_is_no_conflict(
+    tmp_path, slide, random_checkpoint
+):
+    """The result records the image by a link to its folder; run by the real path with the
+    sidecar torn, it is still this image's (as a readable sidecar's source would be): replaced
+    as new, not refused on every run as another archive's."""
+    real = _archive(tmp_path, slide, "a.ome.tif")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    out = tmp_path / "out"
+    (by_link,) = discover_images(link)
+    process_image(by_link, out, random_checkpoint, config=CONFIG)
+    image_paths(out, "a.ome.tif").state.write_text('{"status": "compl')
+    (by_path,) = discover_images(real)
+    again = process_image(by_path, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.reason) == ("segmented", "new image")
+
+
 def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_checkpoint):
     """The archive remounted elsewhere (the same files, the same fingerprints): its complete
     results are kept, not recomputed."""

@@ -320,7 +320,8 @@ def _check_unrecorded_result(paths: ImagePaths, source: str) -> None:
         made_from: str | None = read_meta(paths.result).source
     except (OSError, KeyError, TypeError, ValueError):  # damaged: it tells nothing
         made_from = None
-    if made_from != source:
+    # The same file by another path (a link, an automount) is no other image, as in _decide.
+    if made_from is None or (made_from != source and overlap(made_from, source) != "is"):
         raise SourceConflictError(
             f"{paths.state}: no readable state sidecar records the result {paths.result}, made "
             f"from {made_from or 'an image its metadata does not tell'}, not {source}: it may be "
