@@ -156,6 +156,16 @@ def test_negative_instance_ids_are_refused(low: int) -> None:
         unet_weight_map(inst, w0=10.0, sigma=5.0)
 
 
+@pytest.mark.parametrize("class_weights", [np.array([1.0, 5.0, 9.0]), "balanced"])
+def test_negative_class_ids_are_refused_when_weighted(class_weights) -> None:
+    """A table lookup counted -1 (an "ignore" label) from the end: class 2's weight."""
+    inst = _two_touching_objects()
+    labels = (inst > 0).astype(np.int64)
+    labels[0, 0] = -1
+    with pytest.raises(ValueError, match="class ids must be >= 0 to be weighted, got -1"):
+        unet_weight_map(inst, labels=labels, w0=10.0, sigma=5.0, class_weights=class_weights)
+
+
 def test_weight_map_peaks_in_the_gap_and_is_w_c_far_away() -> None:
     inst = np.zeros((40, 80), dtype=np.int32)
     inst[10:20, 5:20] = 1

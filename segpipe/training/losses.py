@@ -204,6 +204,10 @@ def _class_weight_map(
 ) -> np.ndarray:
     if class_weights is None:
         return np.ones(labels.shape, dtype=np.float32)
+    if labels.size and (low := int(labels.min())) < 0:
+        # numpy indexes a table from its end by a negative id: -1 (an "ignore" label) would
+        # get the last class's weight, without a word.
+        raise ValueError(f"class ids must be >= 0 to be weighted, got {low}")
     if isinstance(class_weights, str):
         if class_weights != "balanced":
             raise ValueError(
