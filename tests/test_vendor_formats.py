@@ -1384,3 +1384,42 @@ def test_a_plain_tiffs_image_named_like_a_scanners_extra_is_still_the_image(tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert open_image(path).level_shapes[0][:2] == (1000, 1200)
+
+
+def _jfif_ycbcr(rgb: np.ndarray) -> np.ndarray:
+    """JFIF's RGB to YCbCr (BT.601, full range), rounded to uint8: what Aperio's encoder keeps."""
+    r, g, b = (rgb[..., k].astype(np.float64) for k in range(3))
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb = 128 - 0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 128 + 0.5 * r - 0.418688 * g - 0.081312 * b
+    return np.stack([y, cb, cr], axis=-1).round().clip(0, 255).astype(np.uint8)
+
+
+def test_an_aperio_jpeg_2000_ycbcr_slide_reads_as_rgb_as_openslide_reads_it(tmp_path):
+    """Aperio's compression 33003 holds YCbCr in JPEG 2000 tiles tagged RGB; the codec gives
+    Y, Cb, Cr, which were read as red, green and blue (a pink tissue came out blue)."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    yy, xx = np.mgrid[:192, :256]
+    rgb = np.stack([np.full(yy.shape, 200), xx * 0.9 + 10, yy + 40], -1).astype(np.uint8)
+    ycc = _jfif_ycbcr(rgb)
+    tiles = (
+        imagecodecs.jpeg2k_encode(
+            ycc[y : y + 64, x : x + 64], level=0, codecformat="J2K", mct=False
+        )
+        for y in range(0, 192, 64)
+        for x in range(0, 256, 64)
+    )
+    path = tmp_path / "j2k.svs"
+    desc = "Aperio Image Library v10.0.50\r\n256x192 (64x64) J2K/YUV16 Q=70|MPP = 0.5"
+    layout = {"shape": (192, 256, 3), "dtype": np.uint8, "tile": (64, 64), "photometric": "rgb"}
+    tifffile.imwrite(path, tiles, compression=33003, description=desc, metadata=None, **layout)
+    with tifffile.TiffFile(path) as tif:  # the premise: tifffile hands out the YCbCr samples
+        assert tif.pages[0].compression == 33003 and np.array_equal(tif.pages[0].asarray(), ycc)
+    pixels = open_image(path).read(0, 192, 0, 256)
+    # lossless tiles: within the rounding of the YCbCr samples of the image written
+    assert np.abs(pixels.astype(int) - rgb).max() <= 1
+    openslide = pytest.importorskip("openslide")
+    with openslide.OpenSlide(path) as slide:
+        theirs = np.asarray(slide.read_region((0, 0), 0, (256, 192)))[..., :3]
+    np.testing.assert_array_equal(pixels, theirs)
+    assert np.array_equal(open_image(path).read(17, 90, 33, 201), theirs[17:90, 33:201])

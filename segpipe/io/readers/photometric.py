@@ -6,9 +6,10 @@ with 0 for white, CMYK's four inks, colour premultiplied by an associated alpha,
 order the Orientation tag says they were written. A model, a mask file or a nodata value read
 from those would see something else than the user does, so each level's keyframe says how its
 samples become pixels (:func:`level_photometric`): a palette is expanded to RGB, min-is-white
-grey is turned into min-is-black, premultiplied colour is divided by its alpha, and an
-interpretation segpipe cannot show as a viewer would (CMYK, CIELab, YCbCr that no JPEG codec
-turned into RGB, raw sensor data) is refused naming the file. The TIFF reader sets each level's
+grey is turned into min-is-black, premultiplied colour is divided by its alpha, Aperio's JPEG
+2000 YCbCr (tagged RGB) is turned into RGB as OpenSlide does, and an interpretation segpipe
+cannot show as a viewer would (CMYK, CIELab, YCbCr that no JPEG codec turned into RGB, raw
+sensor data) is refused naming the file. The TIFF reader sets each level's
 ``orientation``; :func:`orient` turns pixels as a viewer does, for EXIF's orientation too.
 
 >>> Photometric(np.zeros((256, 3), np.uint16)).layout("YX", (64, 80), (64, 64), np.dtype("u1"))
@@ -46,6 +47,9 @@ JPEG_COMPRESSIONS = (7, 34892, 33007)
 # Compressions whose codec turns YCbCr into RGB as it decodes (old JPEG and the JPEGs):
 # tifffile's own set. Other YCbCr comes out as Y, Cb, Cr.
 _RGB_DECODING = (6, *JPEG_COMPRESSIONS)
+# Aperio's JPEG 2000 of YCbCr samples (no colour transform in the codestream), tagged RGB
+# (openslide.org/formats/aperio): the codec hands out Y, Cb, Cr, which OpenSlide turns into RGB.
+APERIO_JP2K_YCBCR = 33003
 _PHOTOMETRIC_TAG = 262
 # TIFF's Orientation (section 8) and EXIF's (0x0112) are one tag with the same 8 values.
 ORIENTATION_TAG = 274
@@ -64,7 +68,8 @@ class Photometric:
     TIFF's BitsPerSample, says where white is). ``premultiplied``: how many leading samples are
     colour multiplied by the associated alpha, sample ``alpha``, and divided by it
     (:func:`unpremultiply`). ``orientation``: the TIFF Orientation (1 to 8), rows and columns
-    turned as :func:`orient` does. None of them: the samples as stored.
+    turned as :func:`orient` does. ``ycbcr``: the three samples are JFIF YCbCr, turned into
+    RGB (:func:`ycbcr_to_rgb`). None of them: the samples as stored.
     """
 
     palette: np.ndarray | None = None
@@ -73,6 +78,7 @@ class Photometric:
     premultiplied: int = 0
     alpha: int = 0
     orientation: int = 1
+    ycbcr: bool = False
 
     @property
     def is_as_stored(self) -> bool:
@@ -81,6 +87,7 @@ class Photometric:
             self.palette is None
             and not self.inverted
             and not self.premultiplied
+            and not self.ycbcr
             and self.orientation == 1
         )
 
@@ -139,7 +146,7 @@ class _PixelView:
         if s < 0:
             stored = np.asarray(self.array[key])
             return min_is_black(stored, p.bits_per_sample) if p.inverted else stored
-        if not (p.inverted or p.premultiplied):
+        if not (p.inverted or p.premultiplied or p.ycbcr):
             return np.asarray(self.array[key])
         # Every sample of the window, so the grey, colour and alpha are known whatever the key
         # keeps.
@@ -152,6 +159,10 @@ class _PixelView:
         if p.inverted:
             grey, rest = np.split(pixels, [p.inverted], axis=s)
             pixels = np.concatenate([min_is_black(grey, p.bits_per_sample), rest], axis=s)
+        if p.ycbcr:
+            colour, rest = np.split(pixels, [3], axis=s)
+            rgb = np.moveaxis(ycbcr_to_rgb(np.moveaxis(colour, s, -1)), -1, s)
+            pixels = np.concatenate([rgb, rest], axis=s)
         return pixels[(slice(None),) * s + (key[s],)]
 
 
@@ -233,6 +244,33 @@ def unpremultiply(colour: np.ndarray, alpha: np.ndarray, white: float) -> np.nda
     return np.where(np.greater(opacity, 0), shown, colour).astype(colour.dtype)
 
 
+def _rounded(x: np.ndarray) -> np.ndarray:
+    """C's ``round``: halves away from zero (numpy's goes to even)."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+# JFIF's YCbCr to RGB (BT.601, full range), each chroma's part a table by its 8-bit value, in
+# OpenSlide's integers (its make-tables.c): green's two parts in 16-bit fixed point, the
+# rounding's half added to one of them.
+_CHROMA = np.arange(256, dtype=np.float64) - 128
+_R_CR = _rounded(1.402 * _CHROMA).astype(np.int32)
+_G_CB = _rounded(65536 * (0.5 - 0.34414 * _CHROMA)).astype(np.int32)
+_G_CR = _rounded(65536 * -0.71414 * _CHROMA).astype(np.int32)
+_B_CB = _rounded(1.772 * _CHROMA).astype(np.int32)
+
+
+def ycbcr_to_rgb(ycbcr: np.ndarray) -> np.ndarray:
+    """8-bit RGB of ``(..., 3)`` uint8 JFIF YCbCr (BT.601, full range), as OpenSlide gives
+    Aperio's JPEG 2000 tiles (compression 33003): its tables' integers, clipped to 0-255.
+
+    >>> ycbcr_to_rgb(np.array([[93, 111, 204]], np.uint8)).tolist()
+    [[200, 45, 63]]
+    """
+    y, cb, cr = (ycbcr[..., k].astype(np.int32) for k in range(3))
+    rgb = np.stack([y + _R_CR[cr], y + ((_G_CB[cb] + _G_CR[cr]) >> 16), y + _B_CB[cb]], axis=-1)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
+
+
 def min_is_black(grey: np.ndarray, bits_per_sample: int | None) -> np.ndarray:
     """Min-is-white grey as min-is-black: ``2**bits_per_sample - 1 - v`` for unsigned
     integers (a 12-bit sample in a uint16 has its white at 4095, not 65535), the dtype's
@@ -282,6 +320,14 @@ def level_photometric(page: Any, path: str, level: int) -> Photometric:
         # they are stored, and so did segpipe.
         return premultiplied
     kind = int(page.photometric)
+    if kind == _RGB and int(page.compression) == APERIO_JP2K_YCBCR:
+        if colour != 3 or int(page.bitspersample) != 8:
+            raise ImageReadError(
+                f"{path}: level {level} stores {colour} samples of {page.bitspersample} bits "
+                f"in Aperio's JPEG 2000 YCbCr (compression {APERIO_JP2K_YCBCR}), which holds "
+                "three of 8 bits: the file is damaged"
+            )
+        return replace(premultiplied, ycbcr=True)
     if kind in (_MINISBLACK, _RGB, _MASK) or (
         kind == _YCBCR and int(page.compression) in _RGB_DECODING
     ):
