@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from segpipe.geometry.pixels import downsample_mean_2x
-from segpipe.results.encoding import as_float16, as_float32
+from segpipe.results.encoding import as_float16, as_float32, encode_probabilities
 from segpipe.results.pyramid import halve
 
 
@@ -91,3 +91,16 @@ def test_float16_mean_of_probabilities_near_a_midpoint() -> None:
     # above it: summed in float32 and rounded again, it would go down to 0.5.
     block = np.array([[2**-24, 1.0], [1.0, 2**-10]], dtype=np.float16)
     assert halve(block, "mean").item() == 0.5 + 2**-11
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_uint8_probabilities_are_round_p_times_255_at_the_halves(dtype):
+    """Every float32 within 64 steps of each code's half, (k + 0.5) / 255: stored as
+    round(p * 255) (ties to even) computed exactly, in Python's integers and fractions.
+    Divided by float32's 1/255 they rounded twice: 191 of these were one code low."""
+    from fractions import Fraction
+
+    bits = np.float32([(k + 0.5) / 255 for k in range(255)]).view(np.uint32)
+    p = (bits[:, None] + np.arange(-64, 65)).astype(np.uint32).view(np.float32).ravel()
+    expected = [round(Fraction(float(v)) * 255) for v in p]  # round(): ties to even
+    np.testing.assert_array_equal(encode_probabilities(p.astype(dtype), "uint8"), expected)

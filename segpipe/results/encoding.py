@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from segpipe.results.layout import UINT8_SCALE
-
 __all__ = ["as_float16", "as_float32", "class_map", "encode_probabilities"]
 
 
@@ -33,7 +31,10 @@ def encode_probabilities(probabilities: np.ndarray, dtype: str) -> np.ndarray:
     [0, 128, 255]
     """
     if dtype == "uint8":
-        return np.rint(np.clip(probabilities, 0.0, 1.0) / UINT8_SCALE).astype(np.uint8)
+        # In float64, where p * 255 of a float32 p is exact: float32's p / (1 / 255) rounded
+        # twice, and stored 6 values a million one code low (just above a half).
+        scaled = np.clip(probabilities, 0.0, 1.0).astype(np.float64) * 255
+        return np.rint(scaled).astype(np.uint8)
     if dtype == "float16" and probabilities.dtype in (np.float32, np.float64):
         return as_float16(probabilities)
     return probabilities.astype(dtype)
