@@ -872,6 +872,27 @@ def test_an_unreadable_sidecar_beside_the_result_of_this_image_by_a_link_is_no_c
     assert (again.status, again.reason) == ("segmented", "new image")
 
 
+def test_an_image_under_a_top_level_catalog_folder_is_refused_leaving_the_catalog_whole(
+    tmp_path, slide, random_checkpoint
+):
+    """The output root's _catalog/ is segpipe's: an image at the archive's
+    _catalog/records/b.ome.tif put its sidecar (and result, report) among the catalog's
+    records, and every read of the catalog failed after. It is refused, naming the folder; the
+    other images are archived and their catalog reads; the order of a run's images still works
+    it out."""
+    source = _archive(tmp_path, slide, "a.ome.tif", "_catalog/records/b.ome.tif")
+    out = tmp_path / "out"
+    images = discover_images(source)
+    assert [i.key for i in images] == ["_catalog/records/b.ome.tif", "a.ome.tif"]
+    assert [i.key for i in archive.killed_last(images, out)] == [i.key for i in images]
+    with pytest.raises(ValueError, match="top-level folder _catalog/ holds segpipe's catalog"):
+        process_image(images[0], out, random_checkpoint, config=CONFIG)
+    assert not (out / "_catalog").exists()
+    assert process_image(images[1], out, random_checkpoint, config=CONFIG).status == "segmented"
+    assert list(catalog.open_catalog(out)["image"].values) == ["a.ome.tif"]
+    assert image_paths(out, "_catalog.svs").result == out / "_catalog.svs.seg.zarr"  # a file
+
+
 def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_checkpoint):
     """The archive remounted elsewhere (the same files, the same fingerprints): its complete
     results are kept, not recomputed."""

@@ -134,7 +134,7 @@ def killed_last(images: list[Any], output_root: str | os.PathLike[str]) -> list[
     def died(image: Any) -> bool:
         try:  # unreadable here (a permission, a store's hiccup): its own attempt says so
             state = read_state(image_paths(output_root, image.key).state) or {}
-        except OSError:
+        except (OSError, ValueError):  # or a key no output can have (image_paths)
             return False
         return state.get("status") == "running"
 

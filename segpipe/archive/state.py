@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from segpipe.archive.catalog import CATALOG_DIR
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
 from segpipe.execution.foreground import FOREGROUND_MODES
@@ -111,6 +112,13 @@ def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
     parts = PurePosixPath(key).parts
     if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
         raise ValueError(f"image key {key!r} must be a relative path without '..'")
+    if parts[0].casefold() == CATALOG_DIR and len(parts) > 1:
+        # Its sidecar would land among the catalog's records, and every read of it fail.
+        raise ValueError(
+            f"image key {key!r}: the output root's top-level folder {CATALOG_DIR}/ holds "
+            "segpipe's catalog, so an image under a folder of that name at the archive's top "
+            "cannot be archived there; rename that folder"
+        )
     base = location(output_root).joinpath(*parts)
     # The full file name stays in the stem: a.tif and a.svs side by side get two results.
     return ImagePaths(
