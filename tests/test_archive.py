@@ -1252,6 +1252,31 @@ def test_a_deleted_catalog_is_rebuilt_by_the_next_run(tmp_path, slide, random_ch
     assert [r["image"] for r in catalog.read_records(out)] == ["a.ome.tif"]
 
 
+@pytest.mark.parametrize("deleted", [("report",), ("thumbnail",), ("report", "thumbnail")])
+def test_a_deleted_report_or_thumbnail_is_written_again_by_the_next_run(
+    tmp_path, slide, random_checkpoint, deleted
+):
+    """As a deleted catalog record is: the image up to date, nothing segmented again, the
+    files the same as its run wrote them. They stayed missing on every later run."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    first = process_image(image, out, random_checkpoint, config=CONFIG)
+    paths = image_paths(out, "a.ome.tif")
+    written = {what: getattr(paths, what).read_bytes() for what in ("report", "thumbnail")}
+    finished = read_meta(paths.result).finished
+    for what in deleted:
+        getattr(paths, what).unlink()
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert (again.status, again.report, again.thumbnail) == (
+        "skipped",
+        first.report,
+        first.thumbnail,
+    )
+    assert {what: getattr(paths, what).read_bytes() for what in written} == written
+    assert read_meta(paths.result).finished == finished
+    assert not paths.lock.exists(), "the claim it wrote them under is released"
+
+
 # -- failures back off, a lost claim stops, the catalog under the claim, a moving image ----
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.archive import catalog, reports
-from segpipe.archive.claims import read_lock, try_claim
+from segpipe.archive.claims import Claim, read_lock, try_claim
 from segpipe.archive.discover import ArchiveImage, Fingerprint, fingerprint_image
 from segpipe.archive.sidecars import (
     RUN_STOPS,
@@ -191,12 +191,12 @@ def process_image(
         and not running
         and not decision.recovered
         and not decision.moved
-        and (decision.held or catalog.record_path(output_root, image.key).exists())
+        and (decision.held or not _made_since(output_root, image, paths))
     ):
         _release_dead_lock(paths, owner, ttl_s)
         return _not_processed(image.key, paths, decision)
-    # Due, or up to date but missing from the catalog (its folder deleted): either way the
-    # catalog is written under the claim, as a run replacing the result may be removing it.
+    # Due, or up to date but missing its catalog record, report or thumbnail (deleted): either
+    # way they are written under the claim, as a run replacing the result may be removing them.
     claim = try_claim(paths.lock, owner=owner, ttl_s=ttl_s)
     if claim is None:
         if not decision.process and not running:  # the holder or the next run records it
@@ -232,9 +232,10 @@ def process_image(
                 # archive's (SourceConflictError), never this result's replacement.
                 claim.check()
                 write_json_atomic(paths.state, (read_state(paths.state) or {}) | run_source)
-            if decision.moved or (
-                not decision.held and not catalog.record_path(output_root, image.key).exists()
-            ):
+            missing = set() if decision.held else _made_since(output_root, image, paths)
+            if missing - {"record"}:
+                _write_reports(source, image.key, paths, claim, only=missing)
+            if decision.moved or "record" in missing:
                 claim.check()
                 _index(output_root, image, paths, fingerprint)
             return _not_processed(image.key, paths, decision)
@@ -296,13 +297,9 @@ def process_image(
                 changed = _from_result(image.key, paths, "changed", meanwhile["reason"])
                 # A report or thumbnail there is an older result's, not this one's.
                 return replace(changed, report=None, thumbnail=None)
-            level = read_meta(paths.result).config.level or 0  # the level segment() chose
-            reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
-            claim.check()
             # Inside the try: a report or catalog that cannot be written fails the image with
             # its reason, where it left the state "running" for good.
-            text = reports.image_report(paths.result, image=image.key, thumbnail=paths.thumbnail)
-            write_text_atomic(paths.report, text)
+            _write_reports(source, image.key, paths, claim)
             claim.check()
             _index(output_root, image, paths, fingerprint)
         except BaseException as exc:
@@ -324,6 +321,34 @@ def _release_dead_lock(paths: ImagePaths, owner: str | None, ttl_s: float) -> No
             claim.release()
     except OSError as exc:  # a read-only output root: the image is still up to date
         log.info("%s: its dead lock cannot be removed (%s)", paths.lock, exc)
+
+
+def _made_since(output_root: Path | URLPath, image: ArchiveImage, paths: ImagePaths) -> set[str]:
+    """Which of an image's catalog record, report and thumbnail are missing (deleted since)."""
+    made = {
+        "record": catalog.record_path(output_root, image.key),
+        "report": paths.report,
+        "thumbnail": paths.thumbnail,
+    }
+    return {what for what, path in made.items() if not path.exists()}
+
+
+def _write_reports(
+    source: Path | URLPath,
+    key: str,
+    paths: ImagePaths,
+    claim: Claim,
+    only: Collection[str] = ("thumbnail", "report"),
+) -> None:
+    """Write the result's thumbnail, then its report (which shows the thumbnail), or ``only``
+    those of them named, each under the claim."""
+    if "thumbnail" in only:
+        level = read_meta(paths.result).config.level or 0  # the level segment() chose
+        reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
+        claim.check()
+    if "report" in only:
+        text = reports.image_report(paths.result, image=key, thumbnail=paths.thumbnail)
+        write_text_atomic(paths.report, text)
 
 
 def _index(
