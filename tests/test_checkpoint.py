@@ -254,6 +254,23 @@ def test_damaged_files_are_refused(
         load(path)
 
 
+def test_a_file_of_two_checkpoints_back_to_back_is_refused(tmp_path: Path) -> None:
+    """zipfile checked the second archive's entries (the last end record names them, wherever
+    they start), while torch, taking the record's offsets from the file's start, read the
+    first's: a weight damaged in the first loaded as another model."""
+    torch.manual_seed(0)
+    first = save(models.build("fcn", width=2, layers=1), tmp_path / "first.pt").read_bytes()
+    torch.manual_seed(1)
+    second = save(models.build("fcn", width=2, layers=1), tmp_path / "second.pt").read_bytes()
+    joined = tmp_path / "joined.pt"
+    joined.write_bytes(first + second)
+    assert zipfile.ZipFile(joined).testzip() is None  # the premise: zipfile finds it whole
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(joined))}.*starts {len(first):,} bytes"
+    ):
+        load(joined)
+
+
 def test_a_flipped_byte_anywhere_is_refused_or_harmless(tmp_path: Path) -> None:
     """One byte flipped in a small checkpoint: load() refuses it naming the file, or (a flip
     in padding) loads the very model saved, never another one nor another error. An even
@@ -370,6 +387,11 @@ def as_int64(payload: dict[str, Any]) -> None:
             },
             "lo must be finite",
             id="infinite-contract",
+        ),
+        pytest.param(  # a bare OverflowError before
+            {"pixel_contract": {"channels": 3, "pixel_size_um": 10**400}},
+            "pixel contract .* is not valid",
+            id="huge-int-contract",
         ),
     ],
 )

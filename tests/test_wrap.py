@@ -592,6 +592,10 @@ def test_a_damaged_foreign_file_is_refused_naming_it(tmp_path: Path) -> None:
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(ValueError, match=r"net\.pt: .*(damaged or truncated|not a TorchScript)"):
         models.load(path)
+    # the damaged file, then the good one: zipfile checks the second, torch read the first
+    path.write_bytes(bytes(damaged) + good)
+    with pytest.raises(ValueError, match=rf"net\.pt: its zip archive starts {len(good):,} bytes"):
+        models.load(path)
     path.write_bytes(good)
     assert models.load(path).config.in_channels == 1
 

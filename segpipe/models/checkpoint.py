@@ -231,7 +231,7 @@ def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:
         return None
     try:
         contract = PixelContract.from_dict(data)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: 10**400 as float
         raise CheckpointError(f"{path}: its pixel contract {data!r} is not valid: {err}") from err
     if contract.channels != channels:
         raise CheckpointError(
@@ -239,6 +239,14 @@ def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:
             f"{channels}"
         )
     return contract
+
+
+def bytes_before(archive: zipfile.ZipFile) -> int:
+    """How far into its file ``archive`` starts (0 as torch writes one). zipfile reads the
+    archive the last end record names wherever it starts; torch's reader takes the record's
+    offsets from the file's start: with bytes before it (two files joined), torch reads other
+    entries than the ones zipfile checked."""
+    return min((i.header_offset for i in archive.infolist()), default=0)
 
 
 def _read_archive(path: Path) -> bytes:
@@ -255,12 +263,19 @@ def _read_archive(path: Path) -> bytes:
             # reads nothing into its tensor: one flipped bit, and other weights load.
             folders = [i.filename for i in archive.infolist() if i.external_attr & 0x10]
             names = archive.namelist()
+            prepended = bytes_before(archive)
     except _UNREADABLE as err:
         raise CheckpointError(
             f"{path} is not a segpipe checkpoint, or is cut short (a half-written file from an "
             f"interrupted save looks like this): it is not a whole zip archive as torch.save "
             f"writes ({err}). Save the model again or copy the file again from its source."
         ) from err
+    if prepended:
+        raise CheckpointError(
+            f"{path} is not a segpipe checkpoint as torch.save writes one: its zip archive "
+            f"starts {prepended:,} bytes into the file (two files joined?), and torch would "
+            "read other bytes than the ones checked. Copy the file again from its source."
+        )
     if any("/code/" in n or n.endswith("archive_format") for n in names):
         # torch.load would hand a TorchScript archive to torch.jit.load, even weights-only.
         raise CheckpointError(

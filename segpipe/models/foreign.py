@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from segpipe.geometry.tiling import Geometry
+from segpipe.models.checkpoint import bytes_before
 from segpipe.models.contract import PixelContract
 from segpipe.models.wrapped import SavedModule, WrappedModel, wrap
 
@@ -243,13 +244,18 @@ def _load_module(path: Path, declared: str | None) -> tuple[torch.nn.Module, Sav
     # network without a word, or kills the process (SIGSEGV). Each entry's CRC says.
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
-            bad = z.testzip()
+            bad, prepended = z.testzip(), bytes_before(z)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:  # a central dir torn
         raise ValueError(
             f"{path}: not a readable {kind} file (damaged or truncated): {err}"
         ) from err
     if bad is not None:
         raise ValueError(f"{path}: damaged: its entry {bad!r} fails its CRC check")
+    if prepended:
+        raise ValueError(
+            f"{path}: its zip archive starts {prepended:,} bytes into the file (two files "
+            f"joined?), so torch would read other bytes than the ones checked"
+        )
     saved = SavedModule(data, kind)
     try:
         return saved.load(), saved
