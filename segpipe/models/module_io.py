@@ -60,7 +60,8 @@ def check_geometry(module: nn.Module, channels: int, geometry: Geometry) -> int 
 
     Runs it at two input shapes, ``a x b`` and ``b x a`` (the inputs for ``m`` and ``2m``
     output pixels, ``m`` on the multiple): a same-padding network declared valid, a halo
-    smaller than the network's, an output upsampled past its input all show. Returns how
+    other than a valid-padding network's, an output upsampled past its input all show; a
+    same-padding network's halo does not (its output sizes do not depend on it). Returns how
     many class scores it gave; None, with a warning, when the module refuses those inputs (a
     layer of fixed size, a static export), whose geometry then goes unchecked.
 

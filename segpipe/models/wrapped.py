@@ -174,6 +174,9 @@ def wrap(
         The whole geometry instead (e.g. for a valid-padding network, which the probe does
         not measure). A geometry given (or both halo and multiple) is checked against the
         module's output at two input sizes (:func:`~segpipe.models.module_io.check_geometry`).
+        Sizes show a valid-padding network's halo wrong, not a same-padding one's (its output
+        is its input's size whatever it reaches): declared too small, exact tiles differ from
+        a whole-image pass; leave ``halo`` out and the probe measures it.
     input_mean, input_std
         Per-channel normalisation applied before the module; default 0 and 1 (none).
     pixel_contract
