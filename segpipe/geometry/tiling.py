@@ -45,8 +45,11 @@ class Geometry:
     Parameters
     ----------
     halo
-        Context in pixels needed on every side of an output pixel for it to be exact: the
-        receptive-field margin (92 for the paper's U-Net).
+        Context in pixels a window's input adds on every side of its output for that output to
+        be exact, windows on the ``multiple`` lattice. A same-padding network's
+        receptive-field margin; a valid one's size margin (92 for the paper's U-Net, whose
+        output pixels reach up to ``multiple - 1`` further on one side, by their pooling
+        phase, still inside the window's input).
     multiple
         Window sizes and window origins move in steps of this (``2**pools``): a network with
         ``p`` 2x2 poolings is translation-equivariant only for shifts that are multiples of
