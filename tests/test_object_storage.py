@@ -371,6 +371,33 @@ def test_a_takeover_of_an_s3_lock_whose_owner_beat_since_it_was_read_fails(s3, m
     assert read_lock(lock) is None
 
 
+def test_a_failed_s3_heartbeat_is_counted_not_taken_for_a_renewal(s3, monkeypatch):
+    """A heartbeat's PUT refused while the lock is still this claim's (a 503, the network)
+    raises, so the beat counts it and gives the claim up after a ttl of them, before another
+    run takes the lock over; it was swallowed as if renewed. One refused because another run
+    took the lock over ends quietly: the claim's next check says it is lost."""
+    lock = location(s3.url("claims/e.svs.lock"), s3.options)
+    claim = try_claim(lock, owner="mine", ttl_s=600)
+    assert claim is not None
+    fs, _ = lock.filesystem()
+
+    def slow_down(*args, **kwargs):
+        raise OSError("503 Slow Down")
+
+    monkeypatch.setattr(fs, "pipe_file", slow_down)
+    with pytest.raises(OSError, match="Slow Down"):
+        claim._touch()
+    monkeypatch.undo()
+    claim._touch()  # renewed again
+    claim.check()
+    s3.fs.pipe_file(f"{BUCKET}/claims/e.svs.lock", b'{"owner": "new", "token": "n", "ttl_s": 60}')
+    claim._touch()  # If-Match refused: taken over, nothing raised, nothing written
+    with pytest.raises(ClaimLostError):
+        claim.check()
+    claim.release()
+    assert (read_lock(lock) or {}).get("owner") == "new"
+
+
 def test_claims_on_a_store_that_ignores_if_match_on_writes_are_refused(s3, monkeypatch):
     """A claim's heartbeat writes If-Match its last ETag: on a store that ignored it, a run
     that lost its lock would overwrite the new owner's. The store is probed once, refused."""

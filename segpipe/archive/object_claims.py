@@ -97,7 +97,12 @@ class ObjectClaim(Claim):
         try:
             out = fs.pipe_file(key, json.dumps(self._record).encode(), IfMatch=self._etag)
         except (OSError, FileNotFoundError):
-            return  # another run took the lock over: is_held says so at the next beat
+            if not self.is_held():
+                return  # another run took the lock over: the beat ends at its next check
+            # Still this claim's, not renewed (a 503, the network): a failed beat, which
+            # Claim._beat counts, giving the claim up after a ttl of them before another run
+            # may take the lock, not a renewal.
+            raise
         self._etag = out["ETag"]
 
     def _remove(self) -> None:
