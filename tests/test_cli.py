@@ -251,6 +251,21 @@ def test_a_bad_setting_names_the_option_typed_not_the_field(
         SegmentConfig(n_workers=0)
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--chunk", "1"], "--chunk must be an integer >= 2 (pixels), got 1"),
+        (["--pixel-size", "0"], "--pixel-size must be a positive number of microns, got 0.0"),
+        (["--pixel-size", "nan"], "--pixel-size must be a positive number of microns, got nan"),
+    ],
+)
+def test_ingest_names_the_option_typed_not_the_parameter(option, message, tmp_path, capsys):
+    """ "chunk must be an integer >= 2" and "pixel_size_um must be ..." named ingest()'s
+    parameters, not the options."""
+    code = main(["ingest", str(tmp_path / "in.tif"), str(tmp_path / "out.zarr"), *option])
+    assert (code, capsys.readouterr().err) == (2, f"segpipe ingest: error: {message}\n")
+
+
 def test_demo_finds_a_prefect_server_that_is_down_before_making_its_slide(
     tmp_path, capsys, monkeypatch
 ):

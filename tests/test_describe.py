@@ -29,9 +29,10 @@ def _info(nodata: tuple[float | None, ...]) -> ImageInfo:
         ((0.0, 65535.0), "(nodata 0.0, 65535.0)"),  # per band: each listed
         ((0.0, 0.0, 65535.0), "(nodata 0.0, 0.0, 65535.0)"),
         ((-9999.0, -9999.0), "(nodata -9999.0)"),  # one value for every band: once
+        ((math.nan, float("nan")), "(nodata nan)"),  # NaN too, though no NaN equals another
         ((-math.inf,), "(nodata -inf)"),
     ],
-    ids=["per-band", "two-alike-one-not", "one-for-all", "minus-infinity"],
+    ids=["per-band", "two-alike-one-not", "one-for-all", "nan-for-all", "minus-infinity"],
 )
 def test_the_invalid_pixels_line_gives_each_bands_nodata(
     nodata: tuple[float, ...], text: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import time
 import types
@@ -244,6 +245,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from segpipe.io.ingest import ingest
 
+    # Checked here to name the options the user typed; the library names its parameters.
+    if args.chunk < 2:
+        raise ValueError(f"--chunk must be an integer >= 2 (pixels), got {args.chunk}")
+    if args.pixel_size_um is not None and not 0 < args.pixel_size_um < math.inf:
+        raise ValueError(
+            f"--pixel-size must be a positive number of microns, got {args.pixel_size_um}"
+        )
     out = ingest(
         args.source,
         args.output,

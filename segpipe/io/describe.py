@@ -149,7 +149,7 @@ def _listed(value: Any) -> Any:
 
 
 def _nodata_text(values: tuple[float | None, ...]) -> str:
-    distinct = set(values)
-    if len(distinct) == 1:
-        return f"{next(iter(distinct))}"
+    """One value when every band shares it (NaN too, which equals no NaN), else each band's."""
+    if len({str(v) for v in values}) == 1:
+        return str(values[0])
     return ", ".join(str(v) for v in values)
