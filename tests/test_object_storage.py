@@ -47,6 +47,7 @@ from segpipe.faults import InjectedFault  # noqa: E402
 from segpipe.io.files import URLPath, location  # noqa: E402
 from segpipe.io.readers import open_image  # noqa: E402
 from segpipe.results import (  # noqa: E402
+    DamagedResultError,
     ResultMismatchError,
     delete_result,
     is_result,
@@ -213,6 +214,34 @@ def test_segment_reads_and_writes_s3_and_equals_a_local_run(
     # A user with the URL and the options (no URLPath at hand) opens it the same way.
     by_url = segpipe.open_result(str(out), storage_options=s3.options)
     np.testing.assert_array_equal(by_url["mask"].values, segpipe.open_result(reference)["mask"])
+
+
+def test_a_result_on_s3_opens_with_the_environments_credentials_and_a_lost_shard_is_refused(
+    s3, small_slide, random_checkpoint, reference, monkeypatch
+):
+    """A URL without storage_options (the credentials in AWS_*, as the flows pass results on)
+    opened a whole result as damaged: the missing-shard check looked for each shard on the
+    local disk. With options, it skipped the check, and a lost shard read as background."""
+    import s3fs
+
+    source = s3.upload(small_slide.image, "env/slide.ome.tif")
+    url = s3.url("env/slide.seg.zarr")
+    segpipe.segment(source, url, str(random_checkpoint), CONFIG, storage_options=s3.options)
+    endpoint = s3.options["client_kwargs"]["endpoint_url"]
+    environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    environment |= {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # one made before would keep the old environment
+    np.testing.assert_array_equal(
+        segpipe.open_result(url)["mask"].values, segpipe.open_result(reference)["mask"].values
+    )
+    shards = s3.fs.find(f"{BUCKET}/env/slide.seg.zarr/0/mask/c")
+    s3.fs.rm_file(shards[0])
+    s3fs.S3FileSystem.clear_instance_cache()
+    for options in (None, s3.options):
+        with pytest.raises(DamagedResultError, match=r"stored shard.* missing"):
+            segpipe.open_result(url, storage_options=options)
 
 
 def test_a_window_of_an_s3_image_is_read_without_downloading_the_file(s3, tmp_path):

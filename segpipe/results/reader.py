@@ -14,7 +14,7 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import is_url, location
 from segpipe.results.layout import pixel_grid
 from segpipe.results.schema import (
     IncompleteResultError,
@@ -23,6 +23,7 @@ from segpipe.results.schema import (
     parse_meta,
     read_attrs,
     result_levels,
+    store_of,
     stored_complete,
 )
 from segpipe.results.store import quiet_consolidated
@@ -76,7 +77,7 @@ def open_result(
     >>> ds = open_result("slide.seg.zarr", level=2)  # doctest: +SKIP
     >>> ds["probabilities"].sel({"class": "nucleus"}) > 0.8  # doctest: +SKIP
     """
-    if storage_options is not None:
+    if storage_options is not None or is_url(path):  # a URL alone: the environment's options
         path = location(path, storage_options)
     meta = read_attrs(path)
     parse_meta(path, meta)  # damaged or unknown metadata: refused here, naming the result
@@ -86,7 +87,7 @@ def open_result(
             "going); run segment again with the same output to finish it, or pass "
             "allow_incomplete=True to look at what is there"
         )
-    if stored_complete(meta) and not isinstance(path, URLPath):
+    if stored_complete(meta):
         _check_shards_present(path, meta)
     n_levels = len(result_levels(path))
     if tree:
@@ -115,13 +116,14 @@ def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None
     tile = parse_meta(path, meta).config.tile
     tiles = np.argwhere(counts[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
     missing = []
+    root = location(path)  # a local Path, or the URLPath as it is
     for name in ("mask", "probabilities"):
-        array = zarr.open_array(os.fspath(path), path=level_path(0, name, layout=layout_of(meta)))
+        array = zarr.open_array(store_of(path), path=level_path(0, name, layout=layout_of(meta)))
         side = np.asarray((array.shards or array.chunks)[-2:])
         lead = (0,) * (array.ndim - 2)  # the class axis, in one shard
         for shard in {tuple(int(i) for i in t) for t in tiles // side}:
             key = f"{array.path}/{array.metadata.encode_chunk_key((*lead, *shard))}"
-            if not os.path.exists(os.path.join(os.fspath(path), key)):
+            if not root.joinpath(*key.split("/")).exists():
                 missing.append(key)
     if missing:
         raise DamagedResultError(
