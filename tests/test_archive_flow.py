@@ -14,6 +14,7 @@ from segpipe.config import SegmentConfig
 from segpipe.execution.stitching import PredictionError
 from segpipe.io.readers import ImageReadError
 from segpipe.results import is_complete, read_meta
+from segpipe.results.tiles import ResultReplacedError
 
 pytestmark = pytest.mark.integration
 
@@ -400,6 +401,11 @@ def _wrapped(cause: Exception, as_=PredictionError) -> Exception:
         (_wrapped(Exception("forward failed: CUDA out of memory")), True),
         # A missing file, unwrapped (an OSError otherwise retried): it will not reappear.
         (FileNotFoundError(errno.ENOENT, "No such file or directory", "/in/a.tif"), False),
+        # An object store's SlowDown / 503 and InternalError / 500, as s3fs gives them.
+        (_wrapped(OSError(errno.EBUSY, "Please reduce your request rate"), ImageReadError), True),
+        (_wrapped(OSError(errno.EREMOTEIO, "InternalError"), ImageReadError), True),
+        # Another run replaced the result (an overwrite): this run stops, not fights it.
+        (ResultReplacedError("/out/a.seg.zarr was replaced by another run"), False),
     ],
 )
 def test_only_transient_errors_are_retried(error, retry):

@@ -18,6 +18,7 @@ from segpipe.archive.claims import ClaimLostError
 from segpipe.execution.predictor import is_out_of_memory
 from segpipe.execution.stitching import PredictionError
 from segpipe.io.readers import ImageReadError
+from segpipe.results.tiles import ResultReplacedError
 
 __all__ = ["PERMANENT_ERRORS", "is_transient"]
 
@@ -30,14 +31,19 @@ PERMANENT_ERRORS: tuple[type[BaseException], ...] = (
     FileNotFoundError,
     ClaimLostError,
     PredictionError,
+    # Another run replaced the result this one was writing (an overwrite): this run stops,
+    # and another attempt would only fight that run over its result.
+    ResultReplacedError,
 )
 
 
 # A reader's error that a network share or object store may not raise again (the readers wrap
 # every OSError of a read in an ImageReadError, as they do bad bytes).
+# s3fs gives an object store's SlowDown / 503 as EBUSY, its InternalError / 500 as EREMOTEIO.
 _PASSING_IO = frozenset({errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
                          errno.EAGAIN, errno.ESTALE, errno.ENETDOWN, errno.ENETUNREACH,
-                         errno.EHOSTUNREACH})  # fmt: skip
+                         errno.EHOSTUNREACH, errno.EBUSY,
+                         getattr(errno, "EREMOTEIO", errno.EIO)})  # fmt: skip
 
 
 def is_transient(task: Any, task_run: TaskRun, state: State) -> bool:
