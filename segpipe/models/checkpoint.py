@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
-import pickle
-import zipfile
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,22 +22,12 @@ import torch
 from segpipe.atomic import replaced_file
 from segpipe.models.base import REGISTRY, SegmentationModel, code_of, is_registered
 from segpipe.models.contract import PixelContract
+from segpipe.models.torchfile import CheckpointError, read_payload
 from segpipe.models.wrapped import WrappedModel
 
 __all__ = ["FORMAT", "CheckpointError", "fingerprint", "load", "read_payload", "save"]
 
 FORMAT = "segpipe-checkpoint/1"
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable segpipe checkpoint, or cannot be written; names the file."""
-
-
-# What zipfile and torch.load raise on bytes that are not what they expect: a flipped byte in
-# a zip header reaches zipfile's name decoding (UnicodeDecodeError, a ValueError), a size
-# (OverflowError, a negative seek) or torch's record parsing (ValueError, IndexError).
-_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, LookupError, OverflowError,
-               zlib.error, zipfile.BadZipFile)  # fmt: skip
 
 
 def save(
@@ -204,27 +190,6 @@ def load(path: str | os.PathLike[str]) -> SegmentationModel:
     return model.eval()
 
 
-def read_payload(path: Path) -> Any:
-    """What ``torch.load(..., weights_only=True)`` gives for segpipe's torch file at ``path``
-    (a checkpoint, a training state), read from bytes checked whole and undamaged
-    (:func:`_read_archive`), so what loads is what was verified; :class:`CheckpointError`
-    naming the file when it cannot be read."""
-    data = _read_archive(path)
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # weights_only refuses anything but tensors and plain containers; a file that has
-        # them is either not ours or was written with arbitrary objects inside.
-        raise CheckpointError(
-            f"{path} is not a segpipe checkpoint, or holds Python objects that weights-only "
-            f"loading refuses to unpickle (segpipe never runs code from a checkpoint): {err}"
-        ) from err
-    except _UNREADABLE as err:
-        raise CheckpointError(
-            f"{path} is not a segpipe checkpoint (torch.load cannot read it: {err})"
-        ) from err
-
-
 def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:
     """The checkpoint's pixel contract; None for files written before contracts existed."""
     if data is None:
@@ -239,57 +204,6 @@ def _contract(data: Any, channels: int, path: Path) -> PixelContract | None:
             f"{channels}"
         )
     return contract
-
-
-def bytes_before(archive: zipfile.ZipFile) -> int:
-    """How far into its file ``archive`` starts (0 as torch writes one). zipfile reads the
-    archive the last end record names wherever it starts; torch's reader takes the record's
-    offsets from the file's start: with bytes before it (two files joined), torch reads other
-    entries than the ones zipfile checked."""
-    return min((i.header_offset for i in archive.infolist()), default=0)
-
-
-def _read_archive(path: Path) -> bytes:
-    """The bytes of ``path``, a whole zip archive whose every entry passes its CRC-32 check."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"{path} cannot be read: {err}") from err
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            # Under 1 ms per MB (0.5 ms for tissue-unet): the bytes are in memory already.
-            damaged = archive.testzip()
-            # torch's reader (miniz) takes an entry with the MS-DOS folder bit for a folder and
-            # reads nothing into its tensor: one flipped bit, and other weights load.
-            folders = [i.filename for i in archive.infolist() if i.external_attr & 0x10]
-            names = archive.namelist()
-            prepended = bytes_before(archive)
-    except _UNREADABLE as err:
-        raise CheckpointError(
-            f"{path} is not a segpipe checkpoint, or is cut short (a half-written file from an "
-            f"interrupted save looks like this): it is not a whole zip archive as torch.save "
-            f"writes ({err}). Save the model again or copy the file again from its source."
-        ) from err
-    if prepended:
-        raise CheckpointError(
-            f"{path} is not a segpipe checkpoint as torch.save writes one: its zip archive "
-            f"starts {prepended:,} bytes into the file (two files joined?), and torch would "
-            "read other bytes than the ones checked. Copy the file again from its source."
-        )
-    if any("/code/" in n or n.endswith("archive_format") for n in names):
-        # torch.load would hand a TorchScript archive to torch.jit.load, even weights-only.
-        raise CheckpointError(
-            f"{path} is a TorchScript or torch.export file, not a checkpoint: describe "
-            f"it in a sidecar {path.name}.json (segpipe.models.write_sidecar: "
-            "class_names, geometry, pixel contract) to load it as a model"
-        )
-    if damaged is not None or folders:
-        raise CheckpointError(
-            f"{path} is damaged: its entry {damaged or folders[0]!r} fails its CRC check or is "
-            "marked a folder, so its bytes changed after torch.save wrote them. Copy the file "
-            "again from its source or save it again."
-        )
-    return data
 
 
 def _weights_dtype(value: Any, path: Path) -> torch.dtype | None:

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from segpipe.geometry.tiling import Geometry
-from segpipe.models.checkpoint import bytes_before
 from segpipe.models.contract import PixelContract
+from segpipe.models.torchfile import bytes_before
 from segpipe.models.wrapped import SavedModule, WrappedModel, wrap
 
 __all__ = ["SIDECAR_SUFFIXES", "is_foreign", "load_foreign", "sidecar_of", "write_sidecar"]
