@@ -24,7 +24,7 @@ from conftest import blocks_run_by
 
 import segpipe
 from segpipe import models
-from segpipe.execution import allocator, cluster, plans, tasks, workers
+from segpipe.execution import allocator, cluster, nannies, plans, tasks, workers
 from segpipe.execution.cluster import choose_scheduler
 from segpipe.execution.predictor import SHARING_ENV, InferenceConfig
 from segpipe.execution.schedulers import WorkersDiedError
@@ -213,6 +213,38 @@ def test_a_failing_block_cancels_the_runs_other_blocks(
 
 
 @pytest.mark.integration
+@pytest.mark.integration
+def test_a_worker_dying_as_the_model_is_sent_out_leaves_the_run_to_the_others(
+    image_path, checkpoints, shared_client, tmp_path
+):
+    """A worker killed just before the scheduler sends the run's plugin out (it has not seen
+    the death yet: an OOM kill) failed the run with a bare CommClosedError, nothing computed,
+    the other worker alive. The plugin is sent again; the run finishes, equal to one in this
+    process."""
+    real, killed = shared_client.register_plugin, []
+
+    def after_a_worker_dies(*args, **kwargs):
+        if not killed:
+            pid = next(iter(shared_client.run(os.getpid).values()))
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return real(*args, **kwargs)
+
+    shared_client.register_plugin = after_a_worker_dies
+    try:
+        out = segpipe.segment(
+            image_path, tmp_path / "out.zarr", checkpoints[0], scheduler=shared_client, **SETTINGS
+        )
+    finally:
+        shared_client.register_plugin = real
+    assert killed and is_complete(out)
+    alone = segpipe.segment(
+        image_path, tmp_path / "sync.zarr", checkpoints[0], scheduler="sync", **SETTINGS
+    )
+    for name, values in stored(alone).items():
+        np.testing.assert_array_equal(stored(out)[name], values, err_msg=name)
+
+
 def test_the_plugin_of_a_killed_driver_is_dropped_by_the_next_run(
     image_path, checkpoints, shared_client, tmp_path
 ):
@@ -748,7 +780,7 @@ def test_the_environment_is_put_back_when_the_last_of_overlapping_starts_ends(mo
     monkeypatch.setenv("SEGPIPE_TEST_KEPT", "mine")
     monkeypatch.delenv("SEGPIPE_TEST_NEW", raising=False)
     names = ["SEGPIPE_TEST_KEPT", "SEGPIPE_TEST_NEW"]
-    first, second = cluster._environ_kept(names), cluster._environ_kept(names[1:])
+    first, second = nannies.environ_kept(names), nannies.environ_kept(names[1:])
     first.__enter__()
     os.environ.update(SEGPIPE_TEST_KEPT="nanny", SEGPIPE_TEST_NEW="nanny")
     second.__enter__()

@@ -8,7 +8,8 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dask
@@ -19,6 +20,7 @@ import torch
 from segpipe.execution import schedulers
 from segpipe.execution.allocator import malloc_environ
 from segpipe.execution.inprocess import run_in_process
+from segpipe.execution.nannies import Nanny, environ_kept
 from segpipe.execution.plans import ClusterPlan, plan_for_device, plan_local_cluster
 from segpipe.execution.predictor import (
     SHARING_ENV,
@@ -81,50 +83,9 @@ def _start_local_cluster(plan: ClusterPlan) -> Any:
     with (
         _CONFIG_LOCK,
         dask.config.set(local_cluster_config(plan)),
-        _environ_kept(dask.config.get(_SPAWN_ENV, {})),
+        environ_kept(dask.config.get(_SPAWN_ENV, {})),
     ):
         return _new_local_cluster(plan)
-
-
-@contextlib.contextmanager
-def _environ_kept(names: Iterable[str]) -> Iterator[None]:
-    """This process's ``names`` variables as they were, once the last such block running ends.
-    A nanny puts its pre-spawn environment in its own process's before it starts a worker
-    (Dask's way), and a local cluster's nannies are this process: every later child of the
-    caller's would start with malloc keeping freed memory and one OpenMP thread. Blocks may
-    overlap (nannies start workers side by side, in any thread): the values are put back when
-    none is left, so no nanny's worker starts without them."""
-    global _SPAWNING
-    with _SPAWN_LOCK:
-        for name in names:
-            _BEFORE_SPAWN.setdefault(name, os.environ.get(name))
-        _SPAWNING += 1
-    try:
-        yield
-    finally:
-        with _SPAWN_LOCK:
-            _SPAWNING -= 1
-            if not _SPAWNING:
-                for name, value in _BEFORE_SPAWN.items():
-                    if value is None:
-                        os.environ.pop(name, None)
-                    else:
-                        os.environ[name] = value
-                _BEFORE_SPAWN.clear()
-
-
-_SPAWN_LOCK = threading.Lock()
-_SPAWNING = 0  # blocks of _environ_kept running
-_BEFORE_SPAWN: dict[str, str | None] = {}
-
-
-class _Nanny(distributed.Nanny):
-    """Dask's nanny, this process's environment put back once its worker is up: a nanny
-    restarting a dead worker writes its pre-spawn environment here again."""
-
-    async def instantiate(self) -> distributed.Status:
-        with _environ_kept(self.pre_spawn_env):
-            return await super().instantiate()
 
 
 def _new_local_cluster(plan: ClusterPlan) -> Any:
@@ -145,7 +106,7 @@ def _new_local_cluster(plan: ClusterPlan) -> Any:
             processes=True,
             resources=plan.resources,
             env={SHARING_ENV: str(plan.n_workers)},
-            worker_class=_Nanny,
+            worker_class=Nanny,
             dashboard_address=":0",
         )
     if plan.gpus > 1:
@@ -346,7 +307,7 @@ def run_blocks(
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(name)
     try:
-        client.register_plugin(plugin, name=plugin.name)
+        _register(client, plugin, job.output)
     except BaseException:
         # A worker refused (no CUDA there): workers that join later must not load it. The
         # worker's error is the one to report, not a failure of this clean-up.
@@ -400,6 +361,27 @@ def run_blocks(
                 client.unregister_worker_plugin(plugin.name)
             except Exception as err:
                 log.warning("could not unregister %s from the workers: %r", plugin.name, err)
+
+
+def _register(client: Any, plugin: ModelPlugin, output: Any, tries: int = 3) -> None:
+    """Register ``plugin`` on every worker. A worker that dies as the scheduler sends it out
+    (before the scheduler has noticed: an OOM kill) fails the call with its closed
+    connection, the plugin kept on the scheduler: sent again to the workers left (a joining
+    one gets it from the scheduler); a ConnectionError naming ``output`` once ``tries`` fail."""
+    for attempt in range(1, tries + 1):
+        try:
+            client.register_plugin(plugin, name=plugin.name)
+            return
+        except OSError as err:  # distributed's CommClosedError is one
+            if client.status != "running" or attempt == tries:
+                raise ConnectionError(
+                    f"{output}: Dask workers kept dying as the run's model was sent to them "
+                    f"({type(err).__name__}: {' '.join(str(err).split())}); nothing was "
+                    "computed: run again to segment it"
+                ) from err
+            log.warning("a worker died as the model was sent out (%s); sending it again", err)
+            time.sleep(0.5 * attempt)  # for the scheduler to see the death (0.05 s was enough)
+            client.wait_for_workers(1, timeout=60)
 
 
 def _thread_given_back() -> contextlib.AbstractContextManager[Any]:
