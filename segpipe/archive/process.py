@@ -191,7 +191,7 @@ def process_image(
         and not running
         and not decision.recovered
         and not decision.moved
-        and (decision.held or not _made_since(output_root, image, paths))
+        and (decision.held or not _missing_outputs(output_root, image, paths))
     ):
         _release_dead_lock(paths, owner, ttl_s)
         return _not_processed(image.key, paths, decision)
@@ -232,7 +232,7 @@ def process_image(
                 # archive's (SourceConflictError), never this result's replacement.
                 claim.check()
                 write_json_atomic(paths.state, (read_state(paths.state) or {}) | run_source)
-            missing = set() if decision.held else _made_since(output_root, image, paths)
+            missing = set() if decision.held else _missing_outputs(output_root, image, paths)
             if missing - {"record"}:
                 _write_reports(source, image.key, paths, claim, only=missing)
             if decision.moved or "record" in missing:
@@ -323,7 +323,9 @@ def _release_dead_lock(paths: ImagePaths, owner: str | None, ttl_s: float) -> No
         log.info("%s: its dead lock cannot be removed (%s)", paths.lock, exc)
 
 
-def _made_since(output_root: Path | URLPath, image: ArchiveImage, paths: ImagePaths) -> set[str]:
+def _missing_outputs(
+    output_root: Path | URLPath, image: ArchiveImage, paths: ImagePaths
+) -> set[str]:
     """Which of an image's catalog record, report and thumbnail are missing (deleted since)."""
     made = {
         "record": catalog.record_path(output_root, image.key),
@@ -344,10 +346,11 @@ def _write_reports(
     those of them named, each under the claim."""
     if "thumbnail" in only:
         level = read_meta(paths.result).config.level or 0  # the level segment() chose
-        reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
         claim.check()
+        reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
     if "report" in only:
         text = reports.image_report(paths.result, image=key, thumbnail=paths.thumbnail)
+        claim.check()
         write_text_atomic(paths.report, text)
 
 
