@@ -15,7 +15,9 @@ from typing import Any
 import dask
 import dask.threaded
 import distributed
+import distributed.comm.core
 import torch
+import tornado.iostream
 
 from segpipe.execution import schedulers
 from segpipe.execution.allocator import malloc_environ
@@ -363,6 +365,10 @@ def run_blocks(
                 log.warning("could not unregister %s from the workers: %r", plugin.name, err)
 
 
+# A connection to a worker that died: what distributed and tornado raise for it.
+_CLOSED = (distributed.comm.core.CommClosedError, tornado.iostream.StreamClosedError)
+
+
 def _register(client: Any, plugin: ModelPlugin, output: Any, tries: int = 3) -> None:
     """Register ``plugin`` on every worker. A worker that dies as the scheduler sends it out
     (before the scheduler has noticed: an OOM kill) fails the call with its closed
@@ -372,7 +378,7 @@ def _register(client: Any, plugin: ModelPlugin, output: Any, tries: int = 3) -> 
         try:
             client.register_plugin(plugin, name=plugin.name)
             return
-        except OSError as err:  # distributed's CommClosedError is one
+        except _CLOSED as err:  # not a worker's own error in the plugin's setup: raised as it is
             if client.status != "running" or attempt == tries:
                 raise ConnectionError(
                     f"{output}: Dask workers kept dying as the run's model was sent to them "
