@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ import xarray as xr
 import zarr
 from dask.base import tokenize
 
-from segpipe.io.files import is_url, location
+from segpipe.io.files import URLPath, is_url, location
 from segpipe.results.layout import pixel_grid
 from segpipe.results.schema import (
     IncompleteResultError,
@@ -116,14 +117,14 @@ def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None
     tile = parse_meta(path, meta).config.tile
     tiles = np.argwhere(counts[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
     missing = []
-    root = location(path)  # a local Path, or the URLPath as it is
     for name in ("mask", "probabilities"):
         array = zarr.open_array(store_of(path), path=level_path(0, name, layout=layout_of(meta)))
         side = np.asarray((array.shards or array.chunks)[-2:])
         lead = (0,) * (array.ndim - 2)  # the class axis, in one shard
+        stored = _files_below(path, array.path)
         for shard in {tuple(int(i) for i in t) for t in tiles // side}:
             key = f"{array.path}/{array.metadata.encode_chunk_key((*lead, *shard))}"
-            if not root.joinpath(*key.split("/")).exists():
+            if key not in stored:
                 missing.append(key)
     if missing:
         raise DamagedResultError(
@@ -131,6 +132,20 @@ def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None
             f"({', '.join(sorted(missing)[:3])}{', ...' if len(missing) > 3 else ''}); delete "
             "it (segpipe.results.delete_result) and segment the image again"
         )
+
+
+def _files_below(path: str | os.PathLike, folder: str) -> set[str]:
+    """The keys (``"0/mask/c/0/1"``) of the files below ``folder`` of the store at ``path``:
+    one listing (an object store's LIST pages), not a request per shard."""
+    root = location(path)
+    if isinstance(root, URLPath):
+        fs, key = root.filesystem()
+        return {f[len(key) :].lstrip("/") for f in fs.find(f"{key.rstrip('/')}/{folder}")}
+    return {
+        Path(here, f).relative_to(root).as_posix()
+        for here, _, files in os.walk(root / folder)
+        for f in files
+    }
 
 
 def _open_level(path: str | os.PathLike, level: int, meta: dict[str, Any], chunks: Any) -> Any:
