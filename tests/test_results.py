@@ -642,6 +642,26 @@ def test_a_local_result_of_a_url_source_is_checked_without_opening_the_url(tmp_p
     assert not path.exists()
 
 
+def test_results_named_by_url_strings_are_made_and_deleted_where_the_urls_say(
+    tmp_path, monkeypatch
+):
+    """prepare_result and delete_result take str: a URL string was made a local Path, so
+    "memory://b/r.zarr" was deleted silently not at all (its local parent missing), and a
+    result "made" at ./memory:/b/r.zarr; a file:// URL names the local folder, as everywhere."""
+    from segpipe.io.files import URLPath
+
+    monkeypatch.chdir(tmp_path)
+    url = f"memory://segpipe-{os.getpid()}/r.zarr"
+    prepare_result(url, meta(source="memory://segpipe/s.tif"))
+    assert is_result(URLPath(url)) and not (tmp_path / "memory:").exists()
+    delete_result(url)
+    assert not is_result(URLPath(url))
+    local = tmp_path / "r.zarr"
+    prepare_result(local, meta(source=str(tmp_path / "s.tif")))
+    delete_result(local.as_uri())
+    assert not local.exists()
+
+
 def test_a_result_holding_its_own_source_is_not_deleted(tmp_path):
     """The stored source counts too: a result moved over its scan's folder, replaced or deleted."""
     source = tmp_path / "x" / "scan.tif"

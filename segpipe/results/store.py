@@ -25,7 +25,7 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
-from segpipe.io.files import URLPath, overlap, utc_now
+from segpipe.io.files import URLPath, location, overlap, utc_now
 from segpipe.io.siblings import sibling_name, siblings
 from segpipe.results import remote
 from segpipe.results.encoding import class_map, encode_probabilities
@@ -81,7 +81,7 @@ def prepare_result(
     alone (late writes of a run replaced there: :func:`~segpipe.results.lock.is_debris`) is
     removed first. :func:`segpipe.segment` holds the result's run lock around all this.
     """
-    path = path if isinstance(path, URLPath) else Path(path)
+    path = location(path)  # a URL string its URLPath (the environment's options), not ./s3:/
     check_not_source(path, *_inputs_of(meta))
     _check_sizes(meta)
     _remove_leftovers(path)
@@ -184,7 +184,7 @@ def delete_result(path: str | os.PathLike | URLPath) -> None:
     writes left, :func:`~segpipe.results.lock.is_debris`): refused. A local result is deleted
     under its run lock (:class:`~segpipe.results.lock.ResultBusyError` while a run writes
     it); one at a URL takes none."""
-    path = path if isinstance(path, URLPath) else Path(path)
+    path = location(path)  # a URL string its URLPath (the environment's options), not ./s3:/
     if isinstance(path, Path) and not path.parent.is_dir():
         return  # nothing there, and no folder to make for a lock
     with result_lock(path):
