@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from segpipe.io.files import changed_file, file_state
+from segpipe.io.files import changed_file, file_state, overlap
 from segpipe.io.readers import ImageReadError, open_image
 
 
@@ -57,3 +57,41 @@ def test_a_reader_sent_to_a_worker_refuses_a_scan_saved_over_its_file(tmp_path):
     assert os.stat(path).st_size == before.st_size
     with pytest.raises(ImageReadError, match=r"scan\.tif changed since it was opened"):
         pickle.loads(sent).read(0, 8, 0, 8, 0)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "relation"),
+    [
+        ("local://{tmp}/out.zarr", "{tmp}/out.zarr/scan.tif", "holds"),
+        ("{tmp}/out.zarr", "local://{tmp}/out.zarr", "is"),
+        ("s3a://b/out.zarr", "s3://b/out.zarr/scan.svs", "holds"),
+        ("gcs://b/scan.svs", "gs://b/scan.svs", "is"),
+        ("s3://b/d/../out.zarr", "s3://b/out.zarr", "is"),
+        ("simplecache::s3://b/scan.svs", "s3://b/scan.svs", "is"),
+        ("s3://b/out.zarr", "s3://c/out.zarr", None),
+        ("s3://b/out.zarr", "memory://b/out.zarr", None),
+        ("s3://b/out.zarr", "/b/out.zarr", None),
+    ],
+)
+def test_overlap_tells_places_apart_not_spellings(a, b, relation, tmp_path):
+    """A URL of the local disk (local://), a protocol's other name (s3a, gcs), a '..' or a
+    chain named no place a local path or the usual URL names: check_not_source let an
+    overwrite delete the scan a result held."""
+    a, b = (x.format(tmp=tmp_path) for x in (a, b))
+    assert overlap(a, b) == relation
+
+
+def test_an_overwrite_by_a_local_url_of_a_result_holding_its_source_is_refused(tmp_path):
+    from test_results import meta
+
+    from segpipe.io.files import URLPath
+    from segpipe.results import prepare_result
+    from segpipe.results.schema import ResultMismatchError
+
+    result = tmp_path / "r.zarr"
+    prepare_result(result, meta(source=str(tmp_path / "old.tif")))
+    scan = result / "scan.tif"
+    scan.write_bytes(b"the only copy")
+    with pytest.raises(ResultMismatchError, match="source"):
+        prepare_result(URLPath(f"local://{result}"), meta(source=str(scan)), overwrite=True)
+    assert scan.read_bytes() == b"the only copy"
