@@ -893,6 +893,17 @@ def test_an_image_under_a_top_level_catalog_folder_is_refused_leaving_the_catalo
     assert image_paths(out, "_catalog.svs").result == out / "_catalog.svs.seg.zarr"  # a file
 
 
+def test_an_archive_named_by_a_percent_encoded_file_url_is_listed(tmp_path, slide):
+    """Path.as_uri() of "my scans" is ".../my%20scans": location() read it, fsspec did not, so
+    the CLI's check passed and every run found "no such folder"."""
+    source = _archive(tmp_path, slide, "a.ome.tif").rename(tmp_path / "my scans")
+    url = source.as_uri()
+    assert "%20" in url
+    assert [i.key for i in discover_images(url, exclude=(tmp_path / "out").as_uri())] == [
+        "a.ome.tif"
+    ]
+
+
 def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_checkpoint):
     """The archive remounted elsewhere (the same files, the same fingerprints): its complete
     results are kept, not recomputed."""

@@ -137,6 +137,20 @@ def test_an_output_root_that_is_the_archive_is_refused_before_anything_is_writte
     assert sorted(p.name for p in source.iterdir()) == ["a.ome.tif"]
 
 
+def test_an_output_root_given_as_a_file_url_is_that_folder(
+    prefect_harness, slides, random_checkpoint, tmp_path, monkeypatch
+):
+    """The CLI takes a file:// URL for the local path; the flow made Path("file:///...") of
+    it, a folder "file:" in the working one, where every output and the catalog went."""
+    monkeypatch.chdir(tmp_path)
+    source, out = tmp_path / "archive", tmp_path / "out"
+    source.mkdir()
+    shutil.copy(slides[0], source / "a.ome.tif")
+    assert _run(source, out.as_uri(), random_checkpoint)["segmented"] == ["a.ome.tif"]
+    assert is_complete(out / "a.ome.tif.seg.zarr")
+    assert not (tmp_path / "file:").exists()
+
+
 def test_a_corrupt_file_is_reported_by_name_and_reason_and_the_others_finish(
     prefect_harness, slides, random_checkpoint, tmp_path
 ):

@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from segpipe.archive.parts import image_parts
-from segpipe.io.files import mtime_of
+from segpipe.io.files import is_url, location, mtime_of
 from segpipe.io.readers import IMAGE_SUFFIXES
 
 __all__ = [
@@ -284,6 +284,8 @@ def _file_print(fs: Any, path: str, blocks: int, block_bytes: int) -> Fingerprin
 def filesystem(url: str, storage_options: Mapping[str, Any] | None) -> tuple[Any, str]:
     import fsspec
 
+    if not is_url(url):  # a file:// URL decoded as location() reads it ("my%20scans")
+        url = str(location(url))
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
 

@@ -231,7 +231,8 @@ def process_archive(
         concurrency_limit=concurrency_limit,
     )
     config = config or SegmentConfig()
-    root = output_root if is_url(output_root) else str(Path(output_root).absolute())
+    # a file:// URL its local path (location()), as the CLI and check_run_inputs read it
+    root = output_root if is_url(output_root) else str(Path(location(output_root)).absolute())
     archive.check_run_inputs(root, config, storage_options)
     images = discover_task(source, pattern, min_age_s, root, storage_options)
     loaded = load_model_task(model)
