@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from segpipe.io.files import changed_file, file_state, overlap
+from segpipe.io.files import changed_file, file_state
+from segpipe.io.places import overlap
 from segpipe.io.readers import ImageReadError, open_image
 
 

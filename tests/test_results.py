@@ -628,7 +628,7 @@ def test_a_result_holding_an_input_of_a_run_is_not_replaced(tmp_path, kept):
 def test_a_local_result_of_a_url_source_is_checked_without_opening_the_url(tmp_path):
     """The overlap check built the source URL's file system (no options): replacing or
     deleting a local result made from gs:// failed where gcsfs is missing, ftp:// logged in."""
-    from segpipe.io.files import overlap
+    from segpipe.io.places import overlap
     from segpipe.results.store import check_not_source
 
     path = tmp_path / "r.zarr"

@@ -45,9 +45,10 @@ import numpy as np
 import zarr
 
 from segpipe.atomic import check_overwrite
-from segpipe.io.files import URLPath, delete_marked_store, location, overlap
+from segpipe.io.files import URLPath, delete_marked_store, location
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
+from segpipe.io.places import overlap
 from segpipe.io.siblings import sibling_name, siblings
 from segpipe.results import label_path, naming_damage, open_result
 from segpipe.results.lock import result_read

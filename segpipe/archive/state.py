@@ -38,8 +38,9 @@ from segpipe.archive.catalog import CATALOG_DIR
 from segpipe.archive.discover import Fingerprint
 from segpipe.config import SegmentConfig
 from segpipe.execution.foreground import FOREGROUND_MODES
-from segpipe.io.files import URLPath, location, overlap
+from segpipe.io.files import URLPath, location
 from segpipe.io.maskfiles import mask_file_sha256
+from segpipe.io.places import overlap
 from segpipe.results import is_result, read_meta
 
 __all__ = [

@@ -219,7 +219,8 @@ def _check_table(table: str, result: str, *, overwrite: bool) -> None:
     """Refuse ``--table`` where it is a folder, or a file and not ``overwrite``, or in the
     result: before the objects are labelled, which may take long."""
     from segpipe.atomic import check_writable
-    from segpipe.io.files import URLPath, location, overlap
+    from segpipe.io.files import URLPath, location
+    from segpipe.io.places import overlap
 
     where = location(table)
     if relation := overlap(where, result):

@@ -24,10 +24,9 @@ import posixpath
 import stat
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fsspec.registry import known_implementations
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, StorePath
 
@@ -43,7 +42,6 @@ __all__ = [
     "json_number",
     "location",
     "mtime_of",
-    "overlap",
     "remove_literal",
     "utc_now",
     "write_json_atomic",
@@ -349,35 +347,6 @@ def changed_file(states: Mapping[str, tuple[int, ...] | None]) -> str | None:
     """The first of ``states``' files (path: its :func:`file_state` when it was read) whose
     state is another now; None when none is."""
     return next((f for f, state in states.items() if file_state(f) != state), None)
-
-
-def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
-    """How location ``a`` overlaps ``b`` ("is", "is inside", "holds"), or None: what an output
-    must not do to an input it would replace or clear (links resolved; URLs by their store
-    and path: ``local:///x`` is ``/x``, ``s3a://`` is ``s3://``, ``d/../x`` is ``x``).
-
-    >>> overlap("s3a://b/d/../out.zarr", "s3://b/out.zarr/scan.svs")
-    'holds'
-    """
-    (store_a, p), (store_b, q) = _place(a), _place(b)
-    if store_a != store_b:
-        return None
-    if p == q:
-        return "is"
-    return "is inside" if q in p.parents else "holds" if p in q.parents else None
-
-
-def _place(path: str | os.PathLike[str]) -> tuple[str, PurePosixPath | Path]:
-    """Where ``path`` is: its file system (fsspec's class of its protocol, not the spelling:
-    the last of a chain like ``simplecache::s3://``) and its path there, normalised. Built
-    from names alone: location() builds a URL's file system (its package, a login)."""
-    if not is_url(path):
-        return "local", Path(location(path)).resolve()
-    protocol, _, rest = str(path).rpartition("::")[2].partition("://")
-    store = known_implementations.get(protocol, {}).get("class", protocol)
-    if store == "fsspec.implementations.local.LocalFileSystem":
-        return "local", Path(rest).resolve()
-    return store, PurePosixPath(posixpath.normpath("/" + rest.rstrip("/")))
 
 
 def json_number(value: Any) -> Any:

@@ -44,7 +44,7 @@ from dask.callbacks import Callback
 
 from segpipe.atomic import check_overwrite, write_errors_named
 from segpipe.geometry.pixels import downsample_mean_2x, pyramid_shapes, valid_mean_2x
-from segpipe.io.files import URLPath, is_url, location, overlap
+from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import (
     INGEST_VERSION,
@@ -57,6 +57,7 @@ from segpipe.io.imagestore import (
 )
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import OME_VERSION, label_attributes, level0_placement, multiscale_attributes
+from segpipe.io.places import overlap
 from segpipe.io.readers import ImageReadError, Reader, open_image
 from segpipe.io.readers.masks import pixel_valid_mask, valid_mask_array
 from segpipe.io.units import check_pixel_size
@@ -410,8 +411,7 @@ def ingested_image(
         return location(source)
     store = location(store)
     _check_apart(store, source)
-    # Looked at under the lock: two runs ingesting one source into one store, the second
-    # stops at once (StoreBusyError) rather than replacing the copy the first is writing.
+    # Under the lock: of two runs ingesting into one store, the second stops (StoreBusyError).
     with store_lock(store, after_kill=_AFTER_KILL), showing(progress):
         if is_reusable(store, source, chunk=chunk, pixel_size_um=pixel_size_um):
             return store

@@ -25,7 +25,8 @@ import zarr
 
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
-from segpipe.io.files import URLPath, location, overlap, utc_now
+from segpipe.io.files import URLPath, location, utc_now
+from segpipe.io.places import overlap
 from segpipe.io.siblings import sibling_name, siblings
 from segpipe.results import remote
 from segpipe.results.encoding import class_map, encode_probabilities

@@ -1,0 +1,43 @@
+"""Where a location is, told apart from how it is spelt: what an output must not do to an
+input it would replace or clear (:func:`overlap`)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from pathlib import Path, PurePosixPath
+
+from fsspec.registry import known_implementations
+
+from segpipe.io.files import is_url, location
+
+__all__ = ["overlap"]
+
+
+def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
+    """How location ``a`` overlaps ``b`` ("is", "is inside", "holds"), or None: what an output
+    must not do to an input it would replace or clear (links resolved; URLs by their store
+    and path: ``local:///x`` is ``/x``, ``s3a://`` is ``s3://``, ``d/../x`` is ``x``).
+
+    >>> overlap("s3a://b/d/../out.zarr", "s3://b/out.zarr/scan.svs")
+    'holds'
+    """
+    (store_a, p), (store_b, q) = _place(a), _place(b)
+    if store_a != store_b:
+        return None
+    if p == q:
+        return "is"
+    return "is inside" if q in p.parents else "holds" if p in q.parents else None
+
+
+def _place(path: str | os.PathLike[str]) -> tuple[str, PurePosixPath | Path]:
+    """Where ``path`` is: its file system (fsspec's class of its protocol, not the spelling:
+    the last of a chain like ``simplecache::s3://``) and its path there, normalised. Built
+    from names alone: location() builds a URL's file system (its package, a login)."""
+    if not is_url(path):
+        return "local", Path(location(path)).resolve()
+    protocol, _, rest = str(path).rpartition("::")[2].partition("://")
+    store = known_implementations.get(protocol, {}).get("class", protocol)
+    if store == "fsspec.implementations.local.LocalFileSystem":
+        return "local", Path(rest).resolve()
+    return store, PurePosixPath(posixpath.normpath("/" + rest.rstrip("/")))
