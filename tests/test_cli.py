@@ -255,8 +255,14 @@ def test_a_bad_setting_names_the_option_typed_not_the_field(
     ("option", "message"),
     [
         (["--chunk", "1"], "--chunk must be an integer >= 2 (pixels), got 1"),
-        (["--pixel-size", "0"], "--pixel-size must be a positive number of microns, got 0.0"),
-        (["--pixel-size", "nan"], "--pixel-size must be a positive number of microns, got nan"),
+        (
+            ["--pixel-size", "0"],
+            "--pixel-size must be a positive number of microns per pixel, got 0.0",
+        ),
+        (
+            ["--pixel-size", "nan"],
+            "--pixel-size must be a positive number of microns per pixel, got nan",
+        ),
     ],
 )
 def test_ingest_names_the_option_typed_not_the_parameter(option, message, tmp_path, capsys):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import re
 import time
 import types
@@ -244,14 +243,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _ingest(args: argparse.Namespace) -> int:
     from segpipe.io.ingest import ingest
+    from segpipe.io.units import check_pixel_size
 
     # Checked here to name the options the user typed; the library names its parameters.
     if args.chunk < 2:
         raise ValueError(f"--chunk must be an integer >= 2 (pixels), got {args.chunk}")
-    if args.pixel_size_um is not None and not 0 < args.pixel_size_um < math.inf:
-        raise ValueError(
-            f"--pixel-size must be a positive number of microns, got {args.pixel_size_um}"
-        )
+    if args.pixel_size_um is not None:
+        check_pixel_size(args.pixel_size_um, "--pixel-size")
     out = ingest(
         args.source,
         args.output,
