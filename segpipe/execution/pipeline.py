@@ -137,7 +137,7 @@ class ModelStage:
             narrow: queue.Queue(maxsize=max_queued) for narrow in (False, True)
         }
         self._lock = threading.Lock()
-        self._threads: dict[bool, list[Callable[[], object]]] = {False: [], True: []}  # joins
+        self._lanes: dict[bool, list[Callable[[], object]]] = {False: [], True: []}  # ends
         self._plans: dict[tuple[int, ...], PassPlan] = {}
         self._closed = False
         self._submitting = 0  # submitters between their check and their last put
@@ -228,13 +228,13 @@ class ModelStage:
             self._closed = True
             while self._submitting:  # their puts go before the stops
                 self._idle.wait()
-            threads, self._threads = self._threads, {False: [], True: []}
-        for narrow, started in threads.items():
+            lanes, self._lanes = self._lanes, {False: [], True: []}
+        for narrow, started in lanes.items():
             for _ in started:
                 self._queues[narrow].put(_STOP)
-        for join in threads[False] + threads[True]:
+        for join in lanes[False] + lanes[True]:
             join()
-        if threads[True]:
+        if lanes[True]:
             torch.set_num_threads(self._torch_threads)  # as a wide pass leaves it
         with _OPEN_LOCK:
             _OPEN_STAGES.discard(self)
@@ -242,19 +242,19 @@ class ModelStage:
     def _start(self, narrow: bool) -> None:
         # Under self._lock. A CPU's lanes keep threads of their own: each thread that starts
         # parallel regions keeps an OpenMP team, and kept threads were measured on a GPU only.
-        if not self._threads[narrow]:
+        if not self._lanes[narrow]:
             names = (
                 [f"segpipe-model-{i}" for i in range(self.lanes)] if narrow else ["segpipe-model"]
             )
             if self.gate is None:  # a GPU's lane, on a kept thread: its cuDNN plans kept
                 run = functools.partial(self._run, narrow)
-                self._threads[narrow] = [run_on_kept_thread(run, n).wait for n in names]
+                self._lanes[narrow] = [run_on_kept_thread(run, n).wait for n in names]
                 return
             threads = [threading.Thread(target=self._run, args=(narrow,), name=n, daemon=True)
                        for n in names]  # fmt: skip
             for thread in threads:
                 thread.start()
-            self._threads[narrow] = [thread.join for thread in threads]
+            self._lanes[narrow] = [thread.join for thread in threads]
 
     def _run(self, narrow: bool) -> None:
         if self.gate is None:  # else each pass sets its own, under the gate (``_pass``)
