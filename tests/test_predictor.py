@@ -199,3 +199,28 @@ def test_joined_futures_of_no_parts_are_refused():
 
     with pytest.raises(ValueError, match="at least one part"):
         concatenated([])
+
+
+def test_a_modules_probe_is_kept_across_predictors_until_its_layers_change(net, monkeypatch):
+    """Later runs in this process (an archive's images, one loaded module) reuse the probe of
+    their module, device and channels; a layer changed in place is probed again, and another
+    module is probed apart."""
+    import segpipe.execution.predictor as predictor_module
+
+    probed = []
+    probe = predictor_module.activation_bytes_per_pixel
+
+    def counted(model, device, channels):
+        probed.append((id(model), channels))
+        return probe(model, device, channels)
+
+    monkeypatch.setattr(predictor_module, "activation_bytes_per_pixel", counted)
+    config = InferenceConfig(device="cpu")
+    first = Predictor(net, config).bytes_per_pixel(3)
+    assert Predictor(net, config).bytes_per_pixel(3) == first and len(probed) == 1
+    net.head.conv = torch.nn.Conv2d(4, 40, kernel_size=1)  # 40 score maps: more bytes
+    assert Predictor(net, config).bytes_per_pixel(3) > first and len(probed) == 2
+    torch.manual_seed(0)
+    other = models.build("unet", class_names=("a", "b", "c"), width=4, depth=2).eval()
+    assert Predictor(other, config).bytes_per_pixel(3) == first
+    assert probed == [(id(net), 3), (id(net), 3), (id(other), 3)]

@@ -22,14 +22,10 @@ import tornado.iostream
 from segpipe.execution import schedulers
 from segpipe.execution.allocator import malloc_environ
 from segpipe.execution.inprocess import run_in_process
+from segpipe.execution.lending import model_given_back
 from segpipe.execution.nannies import Nanny, environ_kept
 from segpipe.execution.plans import ClusterPlan, plan_for_device, plan_local_cluster
-from segpipe.execution.predictor import (
-    SHARING_ENV,
-    InferenceConfig,
-    model_given_back,
-    resolve_device,
-)
+from segpipe.execution.predictor import SHARING_ENV, InferenceConfig, resolve_device
 from segpipe.execution.schedulers import choose_scheduler, live_client, reachable_scheduler
 from segpipe.execution.tasks import Block, BlockResult, Job, segment_block
 from segpipe.execution.workers import ModelPlugin, orphaned_plugins

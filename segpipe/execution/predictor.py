@@ -11,10 +11,11 @@ probabilities is a :data:`WindowPredictor`; there are two:
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,6 @@ __all__ = [
     "autocast_dtype",
     "is_out_of_memory",
     "missing_device",
-    "model_given_back",
     "resolve_device",
     "window_probabilities",
 ]
@@ -137,8 +137,6 @@ class Predictor:
             # The weights' copies (and a lent module's last optimiser kernels) were queued on
             # the current stream: the first batches must not read them before they land.
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        self._bytes_per_pixel: dict[int, float] = {}  # by the windows' channels
-        self._probe_lock = threading.Lock()
 
     def __call__(self, windows: np.ndarray) -> np.ndarray:
         if windows.ndim != 4:
@@ -193,13 +191,16 @@ class Predictor:
 
     def bytes_per_pixel(self, channels: int) -> float:
         """Activation bytes per input pixel of one forward pass over windows of ``channels``
-        (an upper bound: the sum of every layer's output, measured once per channel count on
-        a small window)."""
-        with self._probe_lock:  # the first tasks of a run ask at once: probe once
-            if channels not in self._bytes_per_pixel:
-                probed = activation_bytes_per_pixel(self.model, self.device, channels)
-                self._bytes_per_pixel[channels] = probed
-            return self._bytes_per_pixel[channels]
+        (an upper bound: the sum of every layer's output, measured on a small window once
+        per module, device and channel count in this process: its later runs, an archive's
+        images, ask again for nothing while the module's layers and tensors keep their
+        shapes)."""
+        key = (str(self.device), channels, _structure(self.model))
+        with _PROBES_LOCK:  # the first tasks of a run ask at once: probe once
+            probes = _PROBES.setdefault(self.model, {})
+            if key not in probes:
+                probes[key] = activation_bytes_per_pixel(self.model, self.device, channels)
+            return probes[key]
 
     def memory_budget(self) -> int:
         """Bytes of activations the forward passes running at once may take: 40% of the GPU's
@@ -221,73 +222,22 @@ class Predictor:
         return CPU_FORWARD_BUDGET
 
 
-# The callers' modules lent to predictors of this process, by id: holders, how to give each
-# back, and the device the holders run it on. Runs side by side may share one (an archive's
-# images, one loaded model): the last to end gives it back, not the first, under another's
-# forward passes.
-_LENT: dict[int, tuple[int, Callable[[], None], torch.device | None]] = {}
-_LENT_LOCK = threading.Lock()
+# Probes of modules by what sets their activations (``Predictor.bytes_per_pixel``): 14-25 ms
+# a run on 2 cores for the U-Net of ``benchmarks/throughput.py``'s blend rows.
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[object, ...], float]] = (
+    weakref.WeakKeyDictionary()
+)
+_PROBES_LOCK = threading.Lock()
 
 
-@contextlib.contextmanager
-def model_given_back(model: nn.Module, device: torch.device | None = None) -> Iterator[nn.Module]:
-    """``model``, for this process's predictors to put in eval mode, on their ``device``,
-    channels-last; given back as it was when the last run holding it ends, however it ends:
-    every submodule's mode, every parameter's, gradient's and buffer's device and layout.
-
-    Not a copy: that would hold a CUDA model twice on its GPU while the run measures its
-    free memory, and fail on modules that cannot be copied (a lock, an open file). So runs
-    sharing it must share its device: another is refused (ValueError), as each run would
-    move it from under the other's forward passes.
-    """
-    if device is not None and device.type == "cuda" and device.index is None:
-        # "cuda" is "cuda:0" there; with no GPU the run's predictor refuses it, naming where
-        index = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        device = torch.device("cuda", index)
-    with _LENT_LOCK:
-        holders, give_back, on = _LENT.get(id(model), (0, None, device))
-        if holders and device is not None and on is not None and device != on:
-            raise ValueError(
-                f"this {type(model).__name__} module is in use by another run in this process "
-                f"on {on}, and this run asks for {device}: one module cannot run on two "
-                "devices at once; give this run a copy (copy.deepcopy) or the same device"
-            )
-        _LENT[id(model)] = (holders + 1, give_back or _as_it_is(model), on or device)
-    try:
-        yield model
-    finally:
-        with _LENT_LOCK:  # a run starting meanwhile must not record the lent state
-            holders, give_back, on = _LENT.pop(id(model))
-            if holders > 1:
-                _LENT[id(model)] = (holders - 1, give_back, on)
-            else:
-                give_back()
-
-
-def _as_it_is(model: nn.Module) -> Callable[[], None]:
-    """What puts ``model`` back as it is now (:func:`model_given_back`)."""
-    modes = [(m, m.training) for m in model.modules()]
-    # Module.to converts each parameter's data in place (the caller's optimizer keeps its
-    # parameters), its gradient's too, and replaces the buffers: put back by name.
-    layouts = [
-        (m, name, grad, t.device, t.stride())
-        for m in model.modules()
-        for name, p in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
-        for grad, t in ((False, p), (True, p.grad))
-        if t is not None
-    ]
-
-    def give_back() -> None:
-        for m, training in modes:
-            m.training = training
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, as in __init__
-            for m, name, grad, device, stride in layouts:
-                t = getattr(m, name).grad if grad else getattr(m, name)
-                if t is not None and (t.device != device or t.stride() != stride):
-                    was = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=device)
-                    t.data = was.copy_(t)
-
-    return give_back
+def _structure(model: nn.Module) -> tuple[object, ...]:
+    """What sets ``model``'s activations, as far as the module shows it: its layers' types,
+    its tensors' shapes and dtypes (not a setting its ``forward`` reads from an attribute)."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    return (
+        *((name, type(m)) for name, m in model.named_modules()),
+        *((name, tuple(t.shape), t.dtype) for name, t in tensors),
+    )
 
 
 CPU_FORWARD_BUDGET = 2 << 30
