@@ -1298,6 +1298,17 @@ def test_blend_task_side_fits_memory(block, classes, side):
         assert 4 * (classes + 2) * (got + block) ** 2 > BLEND_TASK_BYTES or got + block > 4096
 
 
+def test_a_blend_window_no_pass_could_hold_is_refused_before_anything_is_made(tmp_path):
+    """window=100000 on a 32 px image failed in a task with numpy's MemoryError (28 GiB for
+    the mirrored read), naming no setting. 3 classes x 9464² px float32 is just over 1 GiB."""
+    image = tissue_slide(32, seed=1).image
+    for window in (100_000, 9464):
+        with pytest.raises(ValueError, match=rf"window {window} px \(--window\) makes each"):
+            segpipe.segment(ArrayReader(image), tmp_path / "r.zarr", tiny_unet(), tile=16,
+                            mode="blend", window=window, scheduler="sync")  # fmt: skip
+        assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("classes", [3, 12])
 def test_a_blend_task_holds_what_its_side_assumes(tmp_path, monkeypatch, classes):
     """blend_task_side budgets 4 (classes + 2) bytes a pixel of a task's square: doubling the

@@ -213,6 +213,12 @@ def segment(
             if config.mode == "blend":
                 m = geometry.multiple
                 w = blend_window_side(geometry, config.window or max(m, (tile // 2) // m * m))
+                if (gib := len(class_names) * w**2 * 4 / 2**30) > 1:  # as a result chunk's cap
+                    raise ValueError(  # not numpy's MemoryError, in a task, naming no setting
+                        f"window {w} px (--window) makes each window's probabilities {gib:,.1f} "
+                        f"GiB (float32), its forward pass's activations many times that; give "
+                        f"a smaller window (the default is tile // 2: {tile // 2} px)"
+                    )
                 lattice = blend_lattice((ny, nx), geometry, window=w, overlap=config.overlap)
                 config = config.replace(window=w)
 
