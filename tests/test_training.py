@@ -440,6 +440,29 @@ def test_resume_with_other_training_settings_is_refused(finished_run, changes: d
         assert f"{name}={getattr(config, name)!r}" in str(err.value)
 
 
+def test_resume_from_a_checkpoint_older_than_a_settings_default_takes_that_default(
+    finished_run, tmp_path: Path
+) -> None:
+    """A checkpoint written before ``percentiles`` existed ran with its default, (0.5, 99.5),
+    which a checkpoint stores as a list: it was refused as a run "trained with
+    percentiles=(0.5, 99.5)" that this config's [0.5, 99.5] differs from."""
+    import shutil
+
+    from segpipe import models
+    from segpipe.training.state import state_path
+
+    config, result = finished_run
+    final = f"{config.checkpoint_dir}/epoch-002.pt"
+    model = models.load(final)
+    metrics = dict(model.checkpoint_metrics)
+    metrics["config"] = {k: v for k, v in metrics["config"].items() if k != "percentiles"}
+    older = tmp_path / "epoch-002.pt"
+    models.save(model, older, metrics=metrics)
+    shutil.copy(state_path(final), state_path(older))
+    again = train(tiny_unet(), replace(config, checkpoint_dir=None, resume_from=str(older)))
+    assert again["loss_history"] == result["loss_history"]
+
+
 @pytest.mark.parametrize(
     "change",
     [

@@ -394,10 +394,10 @@ def _differences(saved: Any, config: TrainConfig) -> list[tuple[str, Any, Any]] 
     if not isinstance(saved, dict):
         return None
     wanted = _plain(asdict(config))
+    # A field added since the checkpoint was written: its default then, as stored (a list).
+    had = {f.name: saved.get(f.name, _plain(f.default)) for f in fields(config)}
     return [
-        (f.name, saved.get(f.name, f.default), wanted[f.name])
-        for f in fields(config)
-        if f.name not in RESUME_MAY_CHANGE and saved.get(f.name, f.default) != wanted[f.name]
+        (n, had[n], wanted[n]) for n in had if n not in RESUME_MAY_CHANGE and had[n] != wanted[n]
     ]
 
 
