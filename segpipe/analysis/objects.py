@@ -327,7 +327,8 @@ def _objects_of(
 ) -> tuple[xr.Dataset, _Objects]:
     """The region of ``result`` the objects are found in, and its objects (computed now)."""
     full = as_dataset(result, level)
-    ds = select_region(full, region)
+    # A loaded Dataset (``open_result(...).load()``) as one chunk; a lazy one keeps its chunks.
+    ds = select_region(full, region).chunk()
     # A chunk that cannot be read is named by the result it is of, where a path says which.
     damage = contextlib.nullcontext() if isinstance(result, xr.Dataset) else naming_damage(result)
     with damage:
