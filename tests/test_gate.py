@@ -111,3 +111,43 @@ def test_a_waiting_wide_pass_goes_before_a_narrow_one():
     for t in (first, wide, narrow):
         t.join(10)
     assert order == ["wide", "narrow"]
+
+
+@pytest.mark.parametrize("side", ["io", "narrow", "wide"])
+def test_a_wait_cut_short_leaves_no_waiter_behind(side):
+    """A KeyboardInterrupt or SystemExit raised in a thread waiting at the gate left it
+    counted as waiting: a section's count kept every later narrow pass waiting, a pass's
+    limited sections to one a core, with no pass running or waiting."""
+    gate = CoreGate(2)
+    every_core, release = held(gate.model())
+    sections = {"io": gate.io, "narrow": lambda: gate.model(1), "wide": gate.model}
+
+    def interrupted(timeout=None):
+        raise KeyboardInterrupt
+
+    gate._cond.wait = interrupted  # the Condition's own, as a signal would cut it short
+    with pytest.raises(KeyboardInterrupt), sections[side]():
+        pass
+    del gate._cond.wait
+    release.set()
+    every_core.join(10)
+    ran = threading.Event()
+
+    def narrow() -> None:  # would wait for a section or a wide pass never to come
+        with gate.model(1):
+            ran.set()
+
+    threading.Thread(target=narrow, daemon=True).start()
+    assert ran.wait(10)
+    together = threading.Barrier(4, timeout=10)  # one a core, and one more: none waits
+
+    def section() -> None:
+        with gate.io():
+            together.wait()
+
+    threads = [threading.Thread(target=section, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    together.wait()
+    for t in threads:
+        t.join(10)

@@ -45,11 +45,17 @@ class CoreGate:
         if depth == 0:
             with self._cond:
                 self._io_waiting += 1
-                while self._wide_waiting or (
-                    (self._model or self._model_waiting) and self._model + self._io >= self.cores
-                ):
-                    self._cond.wait()
-                self._io_waiting -= 1
+                try:
+                    while self._wide_waiting or (
+                        (self._model or self._model_waiting)
+                        and self._model + self._io >= self.cores
+                    ):
+                        self._cond.wait()
+                except BaseException:  # an interrupted wait: passes must not wait for it
+                    self._cond.notify_all()
+                    raise
+                finally:
+                    self._io_waiting -= 1
                 self._io += 1
         self._depth.n = depth + 1
         try:
@@ -69,12 +75,17 @@ class CoreGate:
         with self._cond:
             self._model_waiting += 1
             self._wide_waiting += wide
-            while self._model + self._io + take > self.cores or (
-                not wide and (self._io_waiting or self._wide_waiting)
-            ):
-                self._cond.wait()
-            self._model_waiting -= 1
-            self._wide_waiting -= wide
+            try:
+                while self._model + self._io + take > self.cores or (
+                    not wide and (self._io_waiting or self._wide_waiting)
+                ):
+                    self._cond.wait()
+            except BaseException:  # an interrupted wait: others must not wait for this one
+                self._cond.notify_all()
+                raise
+            finally:
+                self._model_waiting -= 1
+                self._wide_waiting -= wide
             self._model += take
         try:
             yield
