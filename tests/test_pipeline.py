@@ -849,6 +849,22 @@ def test_cancelled_windows_do_not_run_and_the_batch_they_were_joined_in_is_deliv
     assert not model_threads()
 
 
+def test_a_cancelled_submit_cut_into_chunks_runs_none_of_them(caplog):
+    """Three windows at two a pass make two chunks, joined in one future: cancelling it
+    cancelled nothing (both chunks ran), and the join then failed to set the cancelled
+    future, an InvalidStateError logged by concurrent.futures."""
+    fake = FakePredictor(batch_size=2)
+    stage, first = held_first_pass(fake)
+    cut = stage.submit(windows(2, n=3))
+    assert cut.cancel()
+    fake.hold.set()
+    assert first.result(10)[0, 0, 0, 0] == 0
+    assert stage(windows(4))[0, 0, 0, 0] == 4, "the lane lives on"
+    stage.close()
+    assert fake.batches == [1, 1], "no chunk of the cancelled submit ran"
+    assert "exception calling callback" not in caplog.text
+
+
 def test_a_joined_batch_takes_no_more_windows_than_its_limit():
     """A submit of one window, then one of two queued behind it, at two windows a pass: the
     two would make three, so they run in the next batch, and each submitter gets its own

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import numpy as np
 
@@ -13,8 +14,8 @@ __all__ = ["concatenated"]
 
 def concatenated(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
     """A future of the parts' results joined along their first axis, set once the last part
-    is done; the first failed part's error instead (or the join's). No parts: refused, as no
-    part would ever set it."""
+    is done; the first failed part's error instead (or the join's). Cancelling it cancels
+    the parts not yet running. No parts: refused, as no part would ever set it."""
     if not parts:
         raise ValueError("concatenated needs at least one part")
     joined: Future[np.ndarray] = Future()
@@ -27,12 +28,21 @@ def concatenated(parts: Sequence[Future[np.ndarray]]) -> Future[np.ndarray]:
             if remaining[0]:
                 return
         # Set here, whatever happens: a callback's exception would be logged and lost, its
-        # waiter left waiting.
-        try:
-            joined.set_result(np.concatenate([p.result() for p in parts], axis=0))
-        except BaseException as err:
-            joined.set_exception(err)
+        # waiter left waiting. Not where the join was cancelled (its parts may have run).
+        with contextlib.suppress(InvalidStateError):
+            try:
+                value = np.concatenate([p.result() for p in parts], axis=0)
+            except BaseException as err:
+                joined.set_exception(err)
+            else:
+                joined.set_result(value)
 
+    def cancel_parts(future: Future[np.ndarray]) -> None:
+        if future.cancelled():
+            for p in parts:
+                p.cancel()
+
+    joined.add_done_callback(cancel_parts)
     for p in parts:
         p.add_done_callback(one_done)
     return joined
