@@ -139,6 +139,34 @@ def test_pool_mask_ors_each_pixel_into_the_cell_that_reads_it_back(seed, ny, nx,
     assert upsample_mask(pooled, (ny, nx))[level].all()
 
 
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    grid=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    level=st.tuples(st.integers(1, 40), st.integers(1, 40)),
+    cells=st.tuples(st.integers(1, 9), st.integers(1, 9)),
+)
+def test_a_grid_of_another_size_pooled_over_a_level_keeps_what_its_pixels_show(
+    seed, grid, level, cells
+):
+    """A mask file's grid (finer or coarser than the level, stretched over it): each level
+    pixel showing a foreground index (``i * s // n``) reads back foreground, and each
+    foreground index of a finer grid reaches the cell of the first pixel it overlaps. A
+    level-0 mask over level 1 (301 columns over 150) left column 200 out of column 100."""
+    (gy, gx), (ly, lx), (my, mx) = grid, level, cells
+    g = np.random.default_rng(seed).random((gy, gx)) < 0.1
+    pooled = pool_mask(np.zeros((my, mx), bool), g, (gy, gx), 0, level=(ly, lx))
+    back = upsample_mask(pooled, (ly, lx)).astype(bool)
+    shown = g[np.ix_(np.arange(ly) * gy // ly, np.arange(lx) * gx // lx)]
+    assert back[shown].all()
+    for y, x in zip(*np.nonzero(g), strict=True):
+        py, px = (y * ly // gy if gy > ly else None), (x * lx // gx if gx > lx else None)
+        if py is not None and px is not None:
+            assert pooled[py * my // ly, px * mx // lx]
+    column = np.zeros((1, 301), bool)
+    column[0, 200] = True
+    assert pool_mask(np.zeros((1, 150), bool), column, (1, 301), level=(1, 150))[0, 100]
+
+
 def window_cost(boxes, halo):
     return sum((b.shape[0] + 2 * halo) * (b.shape[1] + 2 * halo) for b in boxes)
 

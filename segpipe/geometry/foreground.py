@@ -108,13 +108,19 @@ def _cells_shown(s: int, n: int, m: int, a: int, b: int) -> tuple[np.ndarray, np
     """Pairs (grid index in ``a:b``, cell), both ascending, along an axis where a grid of
     ``s`` covers ``n`` level pixels and ``m`` cells cover those (``i * m // n``). A coarser
     grid is stretched (pixel ``i`` shows ``i * s // n``): an index goes to each cell a pixel
-    showing it lies in. A finer one is pooled: an index goes to its pixel's cell, so a stroke
-    of the grid no pixel samples is kept too."""
+    showing it lies in. A finer one is pooled: an index goes to the cells of the one or two
+    pixels it overlaps (``j * n / s`` to ``(j + 1) * n / s``), so a stroke of the grid no
+    pixel samples is kept too, and so is one the pixel showing it (``i * s // n``) samples:
+    with only the first pixel, grid column 200 of 301 missed level column 100 of 150."""
     if s > n:
-        src = np.arange(a, b, dtype=np.int64)
-        return src, src * n // s * m // n
-    i = np.arange(-(-a * n // s), -(-b * n // s), dtype=np.int64)  # the pixels showing a:b
-    src, cell = i * s // n, i * m // n
+        j = np.arange(a, b, dtype=np.int64)
+        first, last = j * n // s, ((j + 1) * n - 1) // s
+        both = np.stack([first, last], axis=1).ravel()
+        two = np.stack([np.ones_like(j, dtype=bool), last != first], axis=1).ravel()
+        src, cell = np.repeat(j, 2)[two], both[two] * m // n
+    else:
+        i = np.arange(-(-a * n // s), -(-b * n // s), dtype=np.int64)  # the pixels showing a:b
+        src, cell = i * s // n, i * m // n
     new = np.flatnonzero((np.diff(src, prepend=-1) != 0) | (np.diff(cell, prepend=-1) != 0))
     return src[new], cell[new]
 
