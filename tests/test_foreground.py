@@ -276,6 +276,30 @@ def test_otsu_splits_two_modes(gap):
     assert v[best - 1] <= t < v[best]
 
 
+def between_class(values, upper):
+    a, b = values[~upper], values[upper]
+    return 0.0 if not a.size or not b.size else a.size * b.size * (a.mean() - b.mean()) ** 2
+
+
+@given(
+    counts=st.lists(st.integers(0, 6), min_size=2, max_size=16),
+    start=st.integers(0, 240),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_otsus_cut_applied_as_greater_than_is_the_split_it_scored(counts, start, dtype):
+    """Values on the 1/256 grid of uint8 saturations fall on histogram edges: the cut was an
+    edge, whose values the histogram scored in the upper class and ``> cut`` left in the lower
+    (0.48828125 ten times below its split, between-class 1.46 against 6.71)."""
+    grid = (start + np.arange(len(counts))) / 256
+    values = np.concatenate([[0.0, 1.0], np.repeat(grid, counts)]).astype(dtype)
+    t = otsu_threshold(values)
+    assert not (values == t).any()
+    assert between_class(values, values > t) >= between_class(values, values >= t)
+    known = np.repeat(np.array([0, 125, 127, 130, 131, 256]) / 256, [1, 10, 5, 4, 5, 1])
+    t = otsu_threshold(known.astype(dtype))
+    assert 0 < t < 125 / 256  # {0} against the rest, as the histogram scored it
+
+
 def test_saturation_is_hsv_saturation():
     import colorsys
 

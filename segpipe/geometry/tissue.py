@@ -58,7 +58,14 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     between = w0 * w1 * (m0 - m1) ** 2
     # Empty bins between two modes tie: take the middle of the best plateau, not its start.
     best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
-    return float(edges[1:-1][best[len(best) // 2]])
+    edge = edges[1:-1][best[len(best) // 2]]
+    # The histogram put a value equal to the edge in the upper class, where ``> edge`` would
+    # not: the cut lies between the classes' nearest values, in the values' own dtype (a
+    # float32 array is compared in float32).
+    lower, upper = v[v < edge].max(), v[v >= edge].min()
+    own = np.asarray(values).dtype
+    cut = np.asarray((lower + upper) / 2, dtype=own if own.kind == "f" else np.float64)
+    return float(cut if lower <= cut < upper else lower)
 
 
 def clean_mask(
