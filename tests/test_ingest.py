@@ -138,6 +138,28 @@ def test_a_chunk_too_large_is_refused_before_overwrite_deletes_the_previous_inge
     assert open_image(out).shape == (300, 517, 3)  # still a complete ingest
 
 
+def test_an_overwrite_from_a_source_that_cannot_be_read_keeps_the_previous_ingest(
+    tmp_path: Path,
+) -> None:
+    """The store was deleted first, then the first read of the new source's pixels failed:
+    neither copy was left. A tile under the pixel sample overwritten with 0xff bytes."""
+    image = _image()
+    good, bad = tmp_path / "good.tif", tmp_path / "bad.tif"
+    for path in (good, bad):
+        tifffile.imwrite(path, image, photometric="rgb", tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(bad) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    data = bytearray(bad.read_bytes())
+    data[offset : offset + count] = b"\xff" * count
+    bad.write_bytes(bytes(data))
+    out = ingest(good, tmp_path / "out.zarr", chunk=128, min_level_size=64)
+    before = _files(out)
+    with pytest.raises(ImageReadError, match=r"bad\.tif: cannot read level 0"):
+        ingest(bad, out, chunk=128, min_level_size=64, overwrite=True)
+    assert _files(out) == before
+    np.testing.assert_array_equal(open_image(out).level(0)[:], image)
+
+
 def test_a_numpy_integer_chunk_ingests_as_the_int(tmp_path: Path) -> None:
     """np.int64(128) passed the check, then zarr failed on it ('not JSON serializable'),
     leaving an empty store folder that later ingests refused."""

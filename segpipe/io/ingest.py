@@ -173,16 +173,17 @@ def _ingest(
         px = reader.pixel_size_um
         if pixel_size_um is not None:
             px = check_pixel_size(pixel_size_um, "pixel_size_um")
+        sample = pixel_sample_sha256(reader)  # a source that cannot be read keeps the old copy
         clear_image_store(out, overwrite=overwrite)
-        _copy(reader, out, px, chunk=chunk, min_level_size=min_level_size)
+        _copy(reader, out, px, sample, chunk=chunk, min_level_size=min_level_size)
     return out
 
 
 def _copy(
-    reader: Reader, out: Path | URLPath, px: float | None, *, chunk: int, min_level_size: int
-) -> None:
-    """Write ``reader``'s pixels at ``out`` (nothing there) as :func:`ingest` says, with
-    pixel size ``px`` (µm)."""
+    reader: Reader, out: Path | URLPath, px: float | None, sample: str, *, chunk: int,
+    min_level_size: int,
+) -> None:  # fmt: skip
+    """:func:`ingest`'s copy of ``reader`` (pixel sample hash ``sample``) where nothing is."""
     import zarr
 
     ny, nx, nc = reader.shape
@@ -191,7 +192,6 @@ def _copy(
     kind, names = getattr(reader, "mask_kind", None), getattr(reader, "channel_names", None) or ()
     alpha = names.index("alpha") if kind == "alpha" and "alpha" in names else None
     masked = records_mask(reader)
-    sample = pixel_sample_sha256(reader)
     attrs = _segpipe_attributes(reader, px, sample, chunk)
     # in microns: without a pixel size the levels are in pixels, and no origin has a unit
     origin = getattr(reader, "origin_um", (0.0, 0.0)) if px else (0.0, 0.0)
