@@ -1575,3 +1575,25 @@ def test_ctrl_c_while_the_libraries_import_says_interrupted(monkeypatch, capsys)
     assert capsys.readouterr().err == "segpipe segment: interrupted\n"
     with pytest.raises(KeyboardInterrupt):  # main() in a notebook: the caller's to handle
         cli._run(["segment", "in.tif", "out.zarr"], own_process=False)
+
+
+def test_an_object_store_without_credentials_is_a_user_error_naming_the_url(monkeypatch, capsys):
+    """botocore's NoCredentialsError is no OSError: it ended in an 80-line traceback, exit 1,
+    naming no URL."""
+    s3fs = pytest.importorskip("s3fs")
+    for name in [k for k in os.environ if k.startswith("AWS")]:
+        monkeypatch.delenv(name)
+    for name, value in {
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",  # nothing listens: nothing leaves the machine
+    }.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # another test's, holding its credentials
+    assert main(["--no-progress", "info", "s3://some-bucket/slide.ome.zarr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "segpipe info: error: s3://some-bucket/slide.ome.zarr: NoCredentialsError: "
+        "Unable to locate credentials"
+    )

@@ -100,7 +100,18 @@ def user_errors() -> tuple[type[Exception], ...]:
         WorkersDiedError,  # the machine's doing (memory), and the run resumes
         ValueError,
         OSError,
+        *object_store_errors(),
     )
+
+
+def object_store_errors() -> tuple[type[Exception], ...]:
+    """An object store client's own errors, which are no OSError: S3's (botocore: no
+    credentials, an endpoint not reached), where it is installed."""
+    try:
+        from botocore.exceptions import BotoCoreError
+    except ImportError:
+        return ()
+    return (BotoCoreError,)
 
 
 def _add_global_options(p: argparse.ArgumentParser, *, default: object) -> None:
@@ -301,7 +312,11 @@ def _run(argv: Sequence[str] | None, *, own_process: bool) -> int:
         except user_errors() as err:
             if args.verbose:
                 traceback.print_exc()
-            print(f"segpipe {args.command}: error: {_one_line(err)}", file=sys.stderr)
+            message = _one_line(err)
+            if isinstance(err, object_store_errors()):  # it names no URL: the command line's
+                urls = [a for a in argv or sys.argv[1:] if "://" in a]
+                message = f"{', '.join(urls) or 'an object store'}: {type(err).__name__}: {message}"
+            print(f"segpipe {args.command}: error: {message}", file=sys.stderr)
             return 2
     except KeyboardInterrupt:  # Ctrl-C, in the imports too: the shell's code, no traceback
         if not own_process:
