@@ -162,3 +162,15 @@ def test_a_holder_record_shorter_than_the_last_ones_replaces_it_whole(tmp_path):
         holder = rf"pid {os.getpid()} on {re.escape(socket.gethostname())}, since .*, reading it"
         with pytest.raises(StoreBusyError, match=holder), store_lock(path):
             pass
+
+
+def test_a_store_below_a_file_is_refused_naming_the_file(tmp_path):
+    """``afile/out.zarr``, where ``afile`` is a file: Python's "File exists" named the path
+    but not the problem."""
+    (tmp_path / "afile").write_text("x")
+    source = tmp_path / "in.tif"
+    tifffile.imwrite(source, np.zeros((40, 50, 3), np.uint8), photometric="rgb")
+    with pytest.raises(NotADirectoryError, match="a file, where the output's folder") as err:
+        ingest(source, tmp_path / "afile" / "out.zarr")
+    assert err.value.filename == str(tmp_path / "afile")
+    assert (tmp_path / "afile").read_text() == "x"

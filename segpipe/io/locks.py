@@ -117,6 +117,10 @@ def _open(lock: Path) -> int | None:
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
         return os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except FileExistsError as e:  # said "File exists" of a file where a folder should be
+        raise NotADirectoryError(
+            errno.ENOTDIR, "a file, where the output's folder should be", e.filename
+        ) from e
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
