@@ -115,7 +115,7 @@ def test_a_chunk_of_exactly_1_gib_is_taken_and_one_px_more_a_side_is_refused(
     tifffile.imwrite(source, _image()[..., 0], tile=(64, 64))  # one uint8 band: 1 B a pixel
     copied: list[int] = []
 
-    def recorded(reader: Any, out: Any, px: Any, *, chunk: int, min_level_size: int) -> None:
+    def recorded(reader: Any, out: Any, px: Any, sample: str, *, chunk: int, **_: int) -> None:
         copied.append(chunk)  # the size check passed; no 1 GiB chunk is written here
 
     monkeypatch.setattr(segpipe.io.ingest, "_copy", recorded)
