@@ -1425,3 +1425,32 @@ def test_an_ingest_is_redone_when_its_source_moves_along_one_axis_only(
     assert copy.origin_um == after
     (ms,) = _attrs(store)["ome"]["multiscales"]
     assert ms["datasets"][0]["coordinateTransformations"][1]["translation"] == [0.0, *after]
+
+
+def test_a_geotiffs_sidecar_mask_edited_alone_redoes_its_copy(tmp_path: Path) -> None:
+    """GDAL keeps a GeoTIFF's mask band in ``<name>.msk`` where asked: a footprint fixed
+    there leaves the .tif's size, mtime and pixels as they were, and its stale copy (and
+    the copy's valid mask) was reused."""
+    rasterio = pytest.importorskip("rasterio")
+    data = np.random.default_rng(0).integers(1, 255, (3, 40, 60), dtype=np.uint8)
+    half = np.full((40, 60), 255, np.uint8)
+    half[:, 30:] = 0
+    path = tmp_path / "ortho.tif"
+    with (
+        rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False),
+        rasterio.open(
+            path, "w", driver="GTiff", width=60, height=40, count=3, dtype="uint8",
+            crs="EPSG:32633", transform=rasterio.Affine(2, 0, 5e5, 0, -2, 5e6),
+        ) as ds,
+    ):  # fmt: skip
+        ds.write(data)
+        ds.write_mask(half)
+    assert (tmp_path / "ortho.tif.msk").is_file()
+    store = ingested_image(path, tmp_path / "ortho.zarr", chunk=32)
+    assert int(open_image(store).valid_mask(0, 40, 0, 60).sum()) == 40 * 30
+    stat = path.stat()
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=False), rasterio.open(path, "r+") as ds:
+        ds.write_mask(np.full((40, 60), 255, np.uint8))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    store = ingested_image(path, tmp_path / "ortho.zarr", chunk=32)
+    assert int(open_image(store).valid_mask(0, 40, 0, 60).sum()) == 40 * 60

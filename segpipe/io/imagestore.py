@@ -58,7 +58,15 @@ _ROOT = "zarr.json"
 # The label image of the pixels that hold data, where a source marks them apart.
 VALID_MASK = "labels/valid"
 # What a copy keeps of its source besides the pixels (source_attributes): any change redoes it.
-_KEPT = ("georeference", "origin_um", "nodata", "channel_names", "valid_mask", "mask_kind")
+_KEPT = (
+    "georeference",
+    "origin_um",
+    "nodata",
+    "channel_names",
+    "valid_mask",
+    "mask_kind",
+    "sidecar_stat",
+)
 
 
 def is_segpipe_image(path: str | os.PathLike[str]) -> bool:
@@ -184,6 +192,12 @@ def source_attributes(reader: Reader) -> dict[str, Any]:
         # a file edited in place outside the sampled pixels: its size or mtime tells
         stat = os.stat(path)
         attrs["source_stat"] = [stat.st_size, stat.st_mtime_ns]
+    # GDAL's sidecars (a .msk mask band): edited alone, the image's own stat and pixels stay
+    if sidecars := getattr(reader, "sidecars", ()):
+        stats = {f: os.stat(f) for f in sidecars}
+        attrs["sidecar_stat"] = {
+            os.path.basename(f): [s.st_size, s.st_mtime_ns] for f, s in stats.items()
+        }
     # OME-Zarr 0.5 has no CRS; keep the GeoTIFF's so results of the ingest stay georeferenced.
     if (geo := getattr(reader, "georeference", None)) is not None:
         attrs["georeference"] = {"crs": geo.crs, "transform": list(geo.transform)}

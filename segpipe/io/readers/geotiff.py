@@ -10,6 +10,7 @@ reduced-resolution IFDs that tifffile reads as pyramid levels 1, 2, ...
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,8 @@ class RasterMetadata:
     ``mask_shapes``: the ``(y, x)`` sizes of the TIFF's own mask pages (with ``"mask"``, when
     level 0 has one), which :func:`raster_valid_mask` takes to find the overviews without.
     ``gdal_name``: what GDAL opens the image by where it is not the file's first
-    (``GTIFF_DIR:<n>:<path>``, the n-th IFD), else None.
+    (``GTIFF_DIR:<n>:<path>``, the n-th IFD), else None. ``sidecars``: the other local files
+    GDAL reads it with (a ``.msk`` mask band, an ``.aux.xml``'s nodata, a ``.tfw``).
     """
 
     georeference: Georeference | None
@@ -43,6 +45,7 @@ class RasterMetadata:
     channel_names: tuple[str, ...] | None
     mask_shapes: frozenset[tuple[int, int]] = frozenset()
     gdal_name: str | None = None
+    sidecars: tuple[str, ...] = ()
 
 
 @contextmanager
@@ -123,6 +126,10 @@ def raster_metadata(source: str | URLPath, tif: Any, keyframe: Any) -> RasterMet
                 "nodata and masks are another image's; save the image as a file of its own"
             )
         georeference = _georeference(ds, source, keyframe.tags)
+        own = os.path.abspath(str(source))  # a URL's sidecars are not stat'ed
+        sidecars = () if isinstance(source, URLPath) else tuple(
+            f for f in ds.files if os.path.abspath(f) != own and os.path.isfile(f)
+        )  # fmt: skip
         nodata = tuple(None if v is None else float(v) for v in ds.nodatavals)
         flags = {f for band in ds.mask_flag_enums for f in band}
         interp = tuple(ds.colorinterp)
@@ -155,6 +162,7 @@ def raster_metadata(source: str | URLPath, tif: Any, keyframe: Any) -> RasterMet
         names if has_names else None,
         _mask_shapes(tif, level0) if kind == "mask" else frozenset(),
         name,
+        sidecars,
     )
 
 

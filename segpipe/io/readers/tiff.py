@@ -147,7 +147,7 @@ class TiffReader(BaseReader):
                 self._gdal_name = raster.gdal_name
                 self.georeference, self.nodata = raster.georeference, raster.nodata
                 self.mask_kind, self.channel_names = raster.mask_kind, raster.channel_names
-                self._mask_shapes = raster.mask_shapes
+                self._mask_shapes, self.sidecars = raster.mask_shapes, raster.sidecars
                 if self.georeference is not None:
                     self.vendor = "geotiff"
                 if self.mask_kind == "nodata" and not photometric.is_as_stored:
