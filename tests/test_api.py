@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 import shutil
 
 import dask.array as da
@@ -430,6 +431,20 @@ def test_an_output_holding_the_source_is_refused_before_any_work(image, tmp_path
         with pytest.raises(ResultMismatchError, match=f"{relation} the source image"):
             segpipe.segment(source, output, "tissue-unet", foreground="tissue", scheduler="sync")
     assert sorted(p.name for p in scans.iterdir()) == ["image.zarr"]
+
+
+def test_a_result_holding_the_runs_checkpoint_is_not_replaced(image, tmp_path, random_checkpoint):
+    """The model's checkpoint filed in the result a run replaces (named otherwise by
+    model_name, so the result's identity does not name it): the overwrite deleted it, then
+    recorded a result made of a file that no longer existed."""
+
+    source = write_zarr_image(tmp_path / "image.zarr", image)
+    out = segpipe.segment(source, tmp_path / "r.zarr", random_checkpoint, scheduler="sync")
+    inside = shutil.copy(random_checkpoint, out / "model.pt")
+    with pytest.raises(ResultMismatchError, match=re.escape(f"holds the input {inside}")):
+        segpipe.segment(source, out, inside, model_name="mine", tile=128, overwrite=True,
+                        scheduler="sync")  # fmt: skip
+    assert os.path.isfile(inside)
 
 
 class Shaped:

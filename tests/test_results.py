@@ -606,15 +606,17 @@ def test_mismatch_and_foreign_directories(tmp_path):
     assert zarr.open_array(tmp_path / "user.zarr")[...].tolist() == [7] * 4
 
 
-@pytest.mark.parametrize("kept", ["source", "mask"])
+@pytest.mark.parametrize("kept", ["source", "mask", "model"])
 def test_a_result_holding_an_input_of_a_run_is_not_replaced(tmp_path, kept):
-    """A scan (or a foreground mask file) filed inside a result's folder went with the result
-    when a run replaced it; now that run is refused, naming both, and the file stays."""
+    """A scan (or a foreground mask file, or the run's checkpoint) filed inside a result's
+    folder went with the result when a run replaced it; now that run is refused, naming
+    both, and the file stays."""
     path = tmp_path / "r.zarr"
     prepare_result(path, meta())
     inside = path / "scan.tif"
     inside.write_bytes(b"the only copy")
-    given = {"source": str(inside)} if kept == "source" else {"foreground": str(inside)}
+    name = {"source": "source", "mask": "foreground", "model": "model_name"}[kept]
+    given = {name: str(inside)}
     if kept == "mask":
         given["foreground_sha256"] = "1" * 64
     what = "source image" if kept == "source" else "input"
@@ -625,11 +627,35 @@ def test_a_result_holding_an_input_of_a_run_is_not_replaced(tmp_path, kept):
         prepare_result(inside, meta(**given))
 
 
+@pytest.mark.parametrize("damage", [{"layout": 99}, {"state": "melting"}])
+def test_a_result_this_version_cannot_parse_still_keeps_the_inputs_it_names(tmp_path, damage):
+    """A newer release's layout, or a damaged setting: the check of what the result holds
+    gave up on the ValueError, and an overwrite or a deletion took the scan filed in it."""
+    path = tmp_path / "r.zarr"
+    inside = path / "scan.tif"
+    prepare_result(path, meta())
+    inside.write_bytes(b"the only copy")  # and the result says it was made of it
+
+    def filed_and_damaged(doc):
+        _segpipe(doc).update(damage, source=str(inside))
+        _segpipe(doc)["identity"]["source"] = str(inside)
+
+    _edited(path, filed_and_damaged)
+    with pytest.raises(ValueError, match=str(path)):
+        read_meta(path)  # the case: this version cannot parse it
+    holds = re.escape(f"{path} holds the source image {inside}")
+    with pytest.raises(ResultMismatchError, match=holds):
+        prepare_result(path, meta(tile=64), overwrite=True)
+    with pytest.raises(ResultMismatchError, match=holds):
+        delete_result(path)
+    assert inside.read_bytes() == b"the only copy"
+
+
 def test_a_local_result_of_a_url_source_is_checked_without_opening_the_url(tmp_path):
     """The overlap check built the source URL's file system (no options): replacing or
     deleting a local result made from gs:// failed where gcsfs is missing, ftp:// logged in."""
     from segpipe.io.places import overlap
-    from segpipe.results.store import check_not_source
+    from segpipe.results.inputs import check_not_source
 
     path = tmp_path / "r.zarr"
     for source in ("gs://scans/slide.svs", "ftp://10.255.255.1/slide.svs"):

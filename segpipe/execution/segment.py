@@ -51,8 +51,8 @@ from segpipe.results import (
     is_complete,
     prepare_result,
 )
+from segpipe.results.inputs import check_not_source, checkpoint_files
 from segpipe.results.lock import result_lock
-from segpipe.results.store import check_not_source
 from segpipe.results.tiles import result_started
 
 __all__ = ["segment"]
@@ -171,7 +171,7 @@ def segment(
             # Before any work (a tissue mask of a whole slide): no result, and no lock file,
             # is written where the source image is, or inside it.
             output = location(output, storage_options)
-            check_not_source(output, str(reader.path))
+            check_not_source(output, str(reader.path), *checkpoint_files(model))
             net = model if isinstance(model, torch.nn.Module) else models.load(model)
             label = model_name or _model_label(model, net)
             # What the model was trained on; with no level given, segment the level closest to its

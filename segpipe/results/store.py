@@ -26,10 +26,10 @@ import zarr
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath, location, utc_now
-from segpipe.io.places import overlap
 from segpipe.io.siblings import sibling_name, siblings
 from segpipe.results import remote
 from segpipe.results.encoding import class_map, encode_probabilities
+from segpipe.results.inputs import check_holds_no_input, check_not_source, inputs_of
 from segpipe.results.layout import block_level_arrays, create_layout
 from segpipe.results.lock import is_debris, result_lock
 from segpipe.results.pyramid import block_levels, box_levels, build_pyramid
@@ -41,7 +41,6 @@ from segpipe.results.schema import (
     is_result,
     open_root,
     read_attrs,
-    read_meta,
     store_of,
 )
 from segpipe.results.shards import write_together
@@ -49,7 +48,6 @@ from segpipe.results.summary import RunSummary
 from segpipe.results.tiles import check_not_replaced, tiles_done
 
 __all__ = [
-    "check_not_source",
     "delete_result",
     "finalize_result",
     "prepare_result",
@@ -83,7 +81,7 @@ def prepare_result(
     removed first. :func:`segpipe.segment` holds the result's run lock around all this.
     """
     path = location(path)  # a URL string its URLPath (the environment's options), not ./s3:/
-    check_not_source(path, *_inputs_of(meta))
+    check_not_source(path, *inputs_of(meta))
     _check_sizes(meta)
     _remove_leftovers(path)
     if path.exists():
@@ -103,7 +101,7 @@ def prepare_result(
                 f"(differs in: {'; '.join(values)}); pass "
                 "overwrite=True (--overwrite) to replace it, or choose another output path."
             )
-        _check_holds_no_input(path)
+        check_holds_no_input(path)
         _delete(path)
     _create(path, meta)
     fault_point("result.created")
@@ -197,7 +195,7 @@ def delete_result(path: str | os.PathLike | URLPath) -> None:
                 f"{path} exists and is not a segpipe result; move it away, segpipe will not "
                 "delete it"
             )
-        _check_holds_no_input(path)
+        check_holds_no_input(path)
         _delete(path)
 
 
@@ -250,32 +248,6 @@ def _check_not_link(path: Path) -> None:
 _LEFTOVER_KINDS = ("creating", "deleting")
 # A skeleton younger than this may belong to a run creating it right now.
 _LEFTOVER_AGE_S = 600.0
-
-
-def check_not_source(path: Path | URLPath, source: str, *inputs: str) -> None:
-    """Raise ``ResultMismatchError`` where ``path`` is the image ``source`` (or another input
-    file, e.g. a foreground mask), lies inside it or holds it: refused before anything is
-    written there, a run's lock file too (a replaced result is deleted with all it holds)."""
-    for what, given in [("source image", source), *(("input", i) for i in inputs)]:
-        if relation := overlap(path, given):
-            raise ResultMismatchError(
-                f"{path} {relation} the {what} {given}: no result is written, replaced or "
-                "deleted there (that could destroy it); choose another output path"
-            )
-
-
-def _check_holds_no_input(path: Path | URLPath) -> None:
-    """Refuse to delete a result that holds the inputs it was made of (a scan filed in it)."""
-    try:
-        inputs = _inputs_of(read_meta(path))
-    except (OSError, ValueError):
-        return  # damaged metadata names no input
-    check_not_source(path, *inputs)
-
-
-def _inputs_of(meta: ResultMeta) -> list[str]:
-    """The files a result is made of: its source image, and its mask file where it has one."""
-    return [meta.source, *([meta.config.foreground] if meta.foreground_sha256 else [])]
 
 
 def _remove_leftovers(path: Path | URLPath) -> None:
