@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -1829,7 +1830,9 @@ def record_every_tile(path):
     mark_tiles_done(path, {(int(y), int(x)): np.zeros(classes, np.int64) for y, x in todo})
 
 
-@pytest.mark.parametrize("when", ["before", "result.pyramid", "result.consolidated"])
+@pytest.mark.parametrize(
+    "when", ["before", "in the pyramid", "result.pyramid", "result.consolidated"]
+)
 def test_a_run_replaced_while_it_finalises_leaves_the_replacing_runs_result_untouched(
     tmp_path, monkeypatch, when
 ):
@@ -1837,8 +1840,9 @@ def test_a_run_replaced_while_it_finalises_leaves_the_replacing_runs_result_unto
     before A finalises, once A's pyramid is built, or once A's metadata is consolidated. A
     raises ResultReplacedError at its next root write, and B's result (every tile written and
     recorded, not finalised) stays byte for byte, not complete: A consolidated it and marked
-    it complete with A's summary, or went on finalising it as its own."""
-    from segpipe.results import store
+    it complete with A's summary, or went on finalising it as its own. In A's pyramid pass
+    (no lock at a URL), A's later shards landed in B's result, or A failed on a checksum."""
+    from segpipe.results import pyramid, store
 
     path, m, b = tmp_path / "r.zarr", meta(min_level_size=16), meta(halo=8, min_level_size=16)
     prepare_result(path, m)
@@ -1856,6 +1860,16 @@ def test_a_run_replaced_while_it_finalises_leaves_the_replacing_runs_result_unto
 
     if when == "before":
         run_b()
+    elif when == "in the pyramid":
+        halve, once = pyramid._halve_into, threading.Lock()  # the pass runs on a pool
+
+        def b_comes_first(*args):
+            with once:
+                if not before:
+                    run_b()
+            return halve(*args)
+
+        monkeypatch.setattr(pyramid, "_halve_into", b_comes_first)
     else:
         point = store.fault_point
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -172,7 +172,12 @@ def _mean_2x_half_even(values: np.ndarray) -> np.ndarray:
     return (summed >> 2).astype(values.dtype)
 
 
-def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> None:
+def build_pyramid(
+    path: str | os.PathLike,
+    *,
+    threads: int | None = None,
+    fence: Callable[[], None] | None = None,
+) -> None:
     """Compute the levels of the result at ``path`` its tasks did not write, shard by shard.
 
     Levels above ``layout.levels_in_blocks`` (every level above 0 in results of layouts 1-2),
@@ -181,7 +186,9 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
     probabilities halved by 2x2 mean as stored, the mask and every other label image by 2x2
     mode, and the shards written in one trip
     (:func:`segpipe.results.shards.write_together`). Announced as the stage ``"pyramid"``
-    (:mod:`segpipe.progress`), one unit per level, when there is one.
+    (:mod:`segpipe.progress`), one unit per level, when there is one. ``fence`` runs before
+    each level is read and each shard stored (``finalize_result``'s check that no other run
+    has replaced the result since: a result at a URL takes no lock).
     """
     root, meta = open_root(path, "r+")
     layout = meta.layout
@@ -209,6 +216,8 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
     pool = ThreadPoolExecutor(threads or CPU_COUNT, "segpipe-pyramid")
     with pool, stage("pyramid", total=n_levels - first, unit="level") as progress:
         for k in range(first, n_levels):
+            if fence is not None:
+                fence()
             # (source at level k - 1, kind, targets at level k): the mask's label image gets
             # the mask's values, encoded once.
             groups = [
@@ -222,7 +231,7 @@ def build_pyramid(path: str | os.PathLike, *, threads: int | None = None) -> Non
             # every thread busy.
             units = [(group, box) for box in boxes for group in groups]
             try:
-                list(pool.map(lambda unit: _halve_into(*unit), units))
+                list(pool.map(lambda u: _halve_into(u[0], u[1], fence), units))
             except BaseException:  # the first failure, without waiting for the queued units
                 pool.shutdown(cancel_futures=True)
                 raise
@@ -240,11 +249,18 @@ def shard_boxes(shape: tuple[int, ...], shard: tuple[int, ...]) -> list[Box]:
     ]
 
 
-def _halve_into(group: tuple[zarr.Array, str, list[zarr.Array]], box: Box) -> None:
+def _halve_into(
+    group: tuple[zarr.Array, str, list[zarr.Array]], box: Box, fence: Callable[[], None] | None
+) -> None:
     """Write ``box`` of each target of ``group`` (``source, kind, targets``): the source's 2x
-    larger region below, halved by ``kind``."""
+    larger region below, halved by ``kind``; ``fence`` just before the shards are stored."""
     source, kind, targets = group
     lead = (slice(None),) * (source.ndim - 2)
     below = Box(2 * box.y0, 2 * box.y1, 2 * box.x0, 2 * box.x1)
-    values = halve(read_region(source, (*lead, *below.slices)), kind)
-    write_together([(t, (*lead, *box.slices), values) for t in targets])
+    try:
+        values = halve(read_region(source, (*lead, *below.slices)), kind)
+    except Exception:
+        if fence is not None:
+            fence()  # another run's result, read in this one's format: say so, not a checksum
+        raise
+    write_together([(t, (*lead, *box.slices), values) for t in targets], before_storing=fence)

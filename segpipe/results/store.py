@@ -370,7 +370,7 @@ def finalize_result(
         )
     group, meta = open_root(path, "r+")
     group.attrs["segpipe"] = replace(meta, state="finalising").to_attrs()
-    build_pyramid(path)
+    build_pyramid(path, fence=fence)
     fault_point("result.pyramid")
     fence()
     with quiet_consolidated():
