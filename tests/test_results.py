@@ -987,7 +987,7 @@ def test_the_pyramid_pass_writes_whole_shards_the_same_on_any_number_of_threads(
         a, b = (zarr.open_array(p, path=name, mode="r")[...] for p in paths)
         np.testing.assert_array_equal(a, b, err_msg=name)
 
-    def failing(writes):
+    def failing(writes, before_storing=None):
         raise OSError("disk full")
 
     monkeypatch.setattr(pyramid, "write_together", failing)
