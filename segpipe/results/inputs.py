@@ -33,7 +33,7 @@ def check_holds_no_input(path: Path | URLPath) -> None:
     release's layout, a damaged setting) still names them in its stored identity."""
     try:
         inputs = inputs_of(read_meta(path))
-    except (OSError, ValueError):  # a deletion went ahead, the scan in it deleted too
+    except (OSError, ValueError):  # another version's, or damaged: its identity still names them
         inputs = _named_inputs(read_attrs(path).get("identity", {}))
     if inputs:
         check_not_source(path, *inputs)
