@@ -353,7 +353,7 @@ def test_narrow_passes_run_side_by_side_and_wide_ones_alone():
         else:
             assert (torch_threads, name, others) == (2, "segpipe-model", 1)
     assert max(at_start) == 2, "narrow passes ran side by side, never more than two"
-    assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == 1, "given back as the stage found it, not its threads=2"
 
 
 def test_a_slow_writer_keeps_blocks_in_flight_bounded_and_results_equal_serial(
@@ -663,6 +663,23 @@ def test_a_stage_made_beside_narrow_passes_takes_the_process_threads():
     assert made[0]._torch_threads == 2 and made[0].lanes == 2
     made[0].close()
     assert torch.get_num_threads() == 2
+
+
+def test_a_runs_threads_reach_no_run_beside_it_or_after_it():
+    """A run naming ``threads=2`` on a worker of one thread: a run beside it naming none took
+    its 2 threads and 2 lanes (one window a pass, not batches: other bits in blend mode), and
+    so did every later run, as the count stayed 2 when it ended."""
+    torch.set_num_threads(1)  # a Dask nanny's worker
+    named = ModelStage(Predictor(tiny_unet(), InferenceConfig(device="cpu", threads=2)))
+    assert torch.get_num_threads() == 2 and (named._torch_threads, named.lanes) == (2, 2)
+    beside = ModelStage(Predictor(tiny_unet(1), InferenceConfig(device="cpu")))
+    assert (beside._torch_threads, beside.lanes) == (1, 1)
+    beside.close()
+    named.close()
+    assert torch.get_num_threads() == 1
+    after = ModelStage(Predictor(tiny_unet(2), InferenceConfig(device="cpu")))
+    assert (after._torch_threads, after.lanes) == (1, 1)
+    after.close()
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,8 @@ class ModelStage:
         self._closed = False
         self._submitting = 0  # submitters between their check and their last put
         self._idle = threading.Condition(self._lock)
-        self._torch_threads = predictor.config.threads or _process_torch_threads()
+        self._found = _process_torch_threads(predictor)  # given back by close()
+        self._torch_threads = predictor.config.threads or self._found
         with _OPEN_LOCK:
             _OPEN_STAGES.add(self)
         if share_cores is None:
@@ -234,8 +235,8 @@ class ModelStage:
                 self._queues[narrow].put(_STOP)
         for join in lanes[False] + lanes[True]:
             join()
-        if lanes[True]:
-            torch.set_num_threads(self._torch_threads)  # as a wide pass leaves it
+        if lanes[True] or self._torch_threads != self._found:
+            torch.set_num_threads(self._found)
         with _OPEN_LOCK:
             _OPEN_STAGES.discard(self)
 
@@ -407,14 +408,13 @@ def _deliver(chunks: list[_Chunk], pending: PendingProbabilities) -> None:
         start += len(c.windows)
 
 
-# Stages open in this process: while one runs narrow passes, torch's thread count (which
-# ``torch.set_num_threads`` sets for every thread) may read one; a stage made then takes an
-# open stage's count instead, or a second run on a shared worker would run every pass on one
-# core. Closed stages have restored it.
+# Open stages: torch's count (process-wide) may read a narrow pass's one or a run's ``threads``;
+# a stage made then takes the count an open one found before its run's, else its predictor's.
 _OPEN_STAGES: weakref.WeakSet[ModelStage] = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
 
 
-def _process_torch_threads() -> int:
+def _process_torch_threads(predictor: Predictor) -> int:
     with _OPEN_LOCK:
-        return next((s._torch_threads for s in _OPEN_STAGES), None) or torch.get_num_threads()
+        found = next((s._found for s in _OPEN_STAGES), None)
+    return found or getattr(predictor, "found_threads", None) or torch.get_num_threads()

@@ -115,6 +115,7 @@ class Predictor:
     def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None) -> None:
         self.config = config or InferenceConfig()
         self.device = resolve_device(self.config.device)
+        self.found_threads = torch.get_num_threads()  # before ``threads`` sets its own
         if self.device.type == "cpu":
             keep_freed_memory()
             if self.config.threads:
