@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import struct
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -1025,3 +1026,62 @@ def test_a_second_image_at_a_levels_row_spacing_is_refused_though_its_columns_di
         "though a level it reads has its pixel spacing",
         str(info.value),
     )
+
+
+def _jpeg_series(folder: Path, img: np.ndarray, damage=None) -> Path:
+    """``img`` as a DICOM WSI series of JPEG baseline frames (64 px tiles), frame 6 of
+    level 0 (y 64:128, x 64:128) passed through ``damage`` first."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    write_dicom_wsi(folder, img)
+    for k in (0, 1):
+        ds = pydicom.dcmread(folder / f"level{k}.dcm")
+        frames = []
+        for tile in np.frombuffer(ds.PixelData, np.uint8).reshape(-1, 64, 64, 3):
+            out = io.BytesIO()
+            Image.fromarray(tile).save(out, "JPEG", quality=95)
+            frames.append(out.getvalue())
+        if damage is not None and k == 0:
+            frames[6] = damage(frames[6])
+        ds.PixelData = encapsulate(frames)
+        ds["PixelData"].VR = "OB"
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.save_as(folder / f"level{k}.dcm")
+    return folder
+
+
+def _stating(height: int, width: int):
+    def damage(stream: bytes) -> bytes:
+        data = bytearray(stream)
+        at = data.find(b"\xff\xc0")
+        data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+        return bytes(data)
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda s: s[:-100], r"frame 6 of the level of 64 x 64 px tiles: its JPEG stream .* cut"),
+        (_stating(128, 128), r"frame 6 .* states 128 x 128 px in its JPEG stream"),
+        (_stating(20000, 20000), r"frame 6 .* states 20000 x 20000 px"),
+    ],
+    ids=["cut-short", "larger", "huge"],
+)
+def test_a_jpeg_frame_cut_short_or_larger_than_its_tiles_is_refused(tmp_path, damage, said):
+    """wsidicom decoded such frames into made-up pixels without a word (a cut stream's rest
+    grey, a larger frame cut down; 20,000² px took 1.1 GiB first), where the TIFF reader
+    refuses them. An intact series of the same frames reads."""
+    img = _image()
+    intact = open_image(_jpeg_series(tmp_path / "intact", img)).read(0, 200, 0, 300)
+    assert np.abs(intact.astype(int) - img).mean() < 4  # JPEG's loss, not another image
+    reader = open_image(_jpeg_series(tmp_path / "damaged", img, damage))
+    with pytest.raises(ImageReadError, match=said):
+        reader.read(0, 200, 0, 300)
+    np.testing.assert_array_equal(reader.read(0, 64, 0, 300), intact[:64])  # the frames above

@@ -29,7 +29,11 @@ import numpy as np
 
 from segpipe.io.files import URLPath, changed_file
 from segpipe.io.readers.base import BaseReader, ImageReadError, RegionLevel
-from segpipe.io.readers.dicom_checks import refuse_broken_concatenations, refuse_unreadable_pixels
+from segpipe.io.readers.dicom_checks import (
+    guard_jpeg_frames,
+    refuse_broken_concatenations,
+    refuse_unreadable_pixels,
+)
 from segpipe.io.readers.dicom_series import (
     DICOM_SUFFIXES,
     DicomInstance,
@@ -203,6 +207,7 @@ class DicomReader(BaseReader):
             raise ImageReadError(
                 f"{self.path}: no readable DICOM WSI series{where} ({error_text(exc)})"
             ) from exc
+        guard_jpeg_frames(self._slide, str(self.path))
         return self._slide
 
     def _failing_alone(self, exc: Exception, settings: Any) -> list[str]:

@@ -8,7 +8,9 @@ from the headers (no pixel data read), naming the file:
 - TILED_SPARSE frames off the tile grid or at one position, which it snaps to the tile
   they fall in, one over another;
 - a concatenation (a level split over files) with a part missing, whose frames it reads
-  as blank (TILED_SPARSE) or fails on at the first read that needs them (TILED_FULL).
+  as blank (TILED_SPARSE) or fails on at the first read that needs them (TILED_FULL);
+- a JPEG frame larger than its tiles or cut short, refused as it is read
+  (:func:`guard_jpeg_frames`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from segpipe.io.readers.base import ImageReadError
+from segpipe.io.readers.jpeg_streams import jpeg_ends_whole, jpeg_frame_size
 
 if TYPE_CHECKING:
     from segpipe.io.readers.dicom_series import DicomInstance
 
 __all__ = [
     "PIXEL_TAGS",
+    "guard_jpeg_frames",
     "pixel_problem",
     "refuse_broken_concatenations",
     "refuse_unreadable_pixels",
@@ -153,3 +157,45 @@ def refuse_broken_concatenations(instances: list[DicomInstance]) -> None:
                 "copy the missing parts in beside it, or move the parts there out of the "
                 "folder if the image is no part of the slide"
             )
+
+
+def guard_jpeg_frames(slide: Any, path: str) -> None:
+    """Make every image of ``slide`` (a wsidicom series, open) refuse, before decoding, a JPEG
+    frame larger than its tiles or cut short: wsidicom decodes either into made-up pixels (a
+    larger frame cut down, a short one's rest filled in) and allocates the size a frame states
+    (20,000² px took 1.1 GiB). The TIFF reader checks its tiles so too
+    (:func:`~segpipe.io.readers.tiff_checks.guard_jpeg_frames`)."""
+    for pyramid in slide.pyramids:
+        for level in pyramid:
+            for instance in level.instances.values():
+                _guard_frames(instance.image_data, path)
+
+
+def _guard_frames(data: Any, path: str) -> None:
+    # Every read of an encoded frame, whether decoded alone, in a batch or from wsidicom's
+    # caches, goes through the image data's _get_tile_frame.
+    frame = data._get_tile_frame
+    if getattr(frame, "_guards_jpeg_frames", False):
+        return
+    tile = (int(data.tile_size.height), int(data.tile_size.width))
+
+    def checked(index: int) -> bytes:
+        stream = frame(index)
+        stated = jpeg_frame_size(bytes(stream))  # None: not a JPEG stream (JPEG 2000, raw)
+        if stated is None:
+            return stream
+        where = f"{path}: frame {index} of the level of {tile[1]} x {tile[0]} px tiles"
+        if stated[0] > tile[0] or stated[1] > tile[1]:
+            raise ImageReadError(
+                f"{where} states {stated[1]} x {stated[0]} px in its JPEG stream: the stream "
+                "or the file's Rows/Columns are damaged"
+            )
+        if not jpeg_ends_whole(stream):
+            raise ImageReadError(
+                f"{where}: its JPEG stream ({len(stream):,} bytes) has no end-of-image "
+                "marker: it is cut short"
+            )
+        return stream
+
+    checked._guards_jpeg_frames = True  # type: ignore[attr-defined]
+    data._get_tile_frame = checked

@@ -16,6 +16,7 @@ import struct
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
+from segpipe.io.readers.jpeg_streams import jpeg_ends_whole, jpeg_frame_size
 from segpipe.io.readers.ome_planes import (
     check_level_files,
     check_planes_read_once,
@@ -60,7 +61,6 @@ _MOST_EXPANDED = {
 # the rest filled in (grey). Writers put the SOF after a few table segments, hundreds of bytes
 # in: at open it is looked for in the first stored tile's first bytes alone, as each tile is
 # decoded in its whole stream (an application segment of 64 KiB may come first).
-_SOF = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0)}
 _JPEG_HEAD_BYTES = 2**16
 
 
@@ -237,7 +237,7 @@ def _check_chunks(page: Any, level: int, path: str) -> None:
     elif ratio and stored and nbytes > 4 * ratio * stored + 2**20:  # ample: lies are 1000-fold
         why = f"from at most {stored:,} bytes stored for one"
     else:
-        _check_jpeg_frame(page, level, path, f"{chunk} in its {tags}")
+        _checkjpeg_frame_size(page, level, path, f"{chunk} in its {tags}")
         return
     raise ImageReadError(
         f"{path}: level {level} ({side[0]:,} x {side[1]:,} pixels) declares {chunk} of "
@@ -246,7 +246,7 @@ def _check_chunks(page: Any, level: int, path: str) -> None:
     )
 
 
-def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
+def _checkjpeg_frame_size(page: Any, level: int, path: str, declared: str) -> None:
     """Refuse a JPEG-compressed keyframe whose first stored tile or strip is a JPEG stream of
     another size (its SOF marker's) than the tile or strip, or its part inside the image.
 
@@ -266,7 +266,7 @@ def _check_jpeg_frame(page: Any, level: int, path: str, declared: str) -> None:
     if int(page.dataoffsets[first]) >= fh.size:  # past the end: refused as truncated
         return
     fh.seek(int(page.dataoffsets[first]))
-    frame = _jpeg_frame(fh.read(min(int(counts[first]), _JPEG_HEAD_BYTES)))
+    frame = jpeg_frame_size(fh.read(min(int(counts[first]), _JPEG_HEAD_BYTES)))
     if frame is None or _frame_fits(page, first, frame):
         return
     length, width = page.imagelength, page.imagewidth
@@ -307,7 +307,7 @@ def guard_jpeg_frames(page: Any) -> None:
     def checked(data: bytes | None, index: int, /, **kwargs: Any) -> Any:
         if data is not None:
             # the whole stream: an application segment may put its SOF past the first 64 KiB
-            frame = _jpeg_frame(data if isinstance(data, bytes) else bytes(data))
+            frame = jpeg_frame_size(data if isinstance(data, bytes) else bytes(data))
             if frame is not None and not _frame_fits(page, index, frame):
                 raise ValueError(
                     f"its {_frame_misfit(page, index, frame)}; the stream or the file's tags "
@@ -316,7 +316,7 @@ def guard_jpeg_frames(page: Any) -> None:
             # libjpeg only warns of a stream cut short and fills the rest grey, as the
             # decoder gives it; OpenSlide refuses it ("Premature end of JPEG file"). An NDPI
             # tile (a header beside it) is a run of restart intervals, with no end marker.
-            if kwargs.get("jpegheader") is None and not _ends_whole(data):
+            if kwargs.get("jpegheader") is None and not jpeg_ends_whole(data):
                 raise ValueError(
                     f"its JPEG stream ({len(data):,} bytes) has no end-of-image marker: it "
                     "is cut short (or its byte count in the file's tags is)"
@@ -325,21 +325,6 @@ def guard_jpeg_frames(page: Any) -> None:
 
     checked._guards_jpeg_frames = True  # type: ignore[attr-defined]
     page.__dict__["decode"] = checked
-
-
-def _ends_whole(data: bytes | memoryview) -> bool:
-    """Whether a JPEG stream's last scan ends with the end-of-image marker (FF D9): byte
-    stuffing keeps it out of entropy-coded data, so anything a writer put after it (zero or
-    0xFF padding to a sector, a newline) is allowed, as libjpeg allows it. A stream with no
-    scan is left to the decoder.
-
-    >>> sos, eoi = b"\\xff\\xda", b"\\xff\\xd9"
-    >>> [_ends_whole(s) for s in (sos + b".." + eoi, sos + b".." + eoi + b"\\n", sos + b"..")]
-    [True, True, False]
-    """
-    data = bytes(data)
-    scan = data.rfind(b"\xff\xda")
-    return scan < 0 or data.find(b"\xff\xd9", scan + 2) >= 0
 
 
 def _frame_fits(page: Any, index: int, frame: tuple[int, int]) -> bool:
@@ -361,30 +346,6 @@ def _frame_fits(page: Any, index: int, frame: tuple[int, int]) -> bool:
 def _frame_misfit(page: Any, index: int, frame: tuple[int, int]) -> str:
     kind = "tile" if page.is_tiled else "strip"
     return f"{kind} {index} is a JPEG stream of {frame[0]:,} x {frame[1]:,} pixels (its SOF marker)"
-
-
-def _jpeg_frame(head: bytes) -> tuple[int, int] | None:
-    """``(height, width)`` in pixels that the JPEG stream beginning with ``head`` states in its
-    frame header (SOF marker); None if ``head`` begins no JPEG stream or holds no SOF."""
-    if head[:2] != b"\xff\xd8":  # SOI
-        return None
-    at = 2
-    while (at := head.find(b"\xff", at)) >= 0 and at + 4 <= len(head):
-        marker = head[at + 1]
-        if marker in _SOF:  # FF Cn, length, precision, height, width
-            if at + 9 > len(head):
-                return None
-            height, width = struct.unpack(">HH", head[at + 5 : at + 9])
-            return int(height), int(width)
-        if marker in (0xD9, 0xDA):  # EOI, or a scan before any frame header
-            return None
-        if marker == 0xFF:  # a fill byte before a marker
-            at += 1
-        elif 0xD0 <= marker <= 0xD8 or marker == 0x01:  # RSTn, SOI, TEM: no length
-            at += 2
-        else:
-            at += 2 + int.from_bytes(head[at + 2 : at + 4], "big")
-    return None
 
 
 def _check_subifds(series: Any, name: str, size: int) -> None:
