@@ -25,6 +25,7 @@ one runner at a time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -195,23 +196,49 @@ def try_claim(
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps(record).encode()
     for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _reclaim_if_stale(path, ttl_s):
-                return None
-            continue
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            # A lock without a token would block the image until it goes stale.
-            path.unlink(missing_ok=True)
-            raise
-        return Claim(path, token, owner, ttl_s)
+        if _created_whole(path, body):
+            return Claim(path, token, owner, ttl_s)
+        if not _reclaim_if_stale(path, ttl_s):
+            return None
     return None
+
+
+def _created_whole(path: Path, body: bytes) -> bool:
+    """Create ``path`` holding ``body``, whole, unless it exists (False). Written beside and
+    hard-linked into place: created and then written, a SIGKILL between the two left an empty
+    lock, which no one can tell from one being written, and the image read as claimed by
+    another run for the claimer's whole ttl. Where the file system has no hard links
+    (FAT, some network shares), created and then written."""
+    beside = path.with_name(f".{uuid.uuid4().hex[:16]}.claim-writing")  # short: long names
+    fd = os.open(beside, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        try:
+            os.write(fd, body)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(beside, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+    finally:
+        os.unlink(beside)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, body)
+        os.fsync(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a lock without a token blocks until it goes stale
+        raise
+    finally:
+        os.close(fd)
+    return True
 
 
 def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -303,16 +330,9 @@ def _guard(path: Path, lock_id: str) -> Iterator[bool]:
     True, or False when another holds it. Only its holder may remove that version of the
     lock: a claimer reclaiming it stale, or its owner releasing it."""
     guard = _guard_path(path, lock_id)
-    held = True
-    try:
-        fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        held = False
-    else:
-        try:  # who holds it: a guard of a process killed holding it is removed at once
-            os.write(fd, f"{socket.gethostname()}\n{os.getpid()}\n{pid_namespace()}".encode())
-        finally:
-            os.close(fd)
+    # who holds it: a guard of a process killed holding it is removed at once
+    holder = f"{socket.gethostname()}\n{os.getpid()}\n{pid_namespace()}".encode()
+    held = _created_whole(guard, holder)
     try:
         yield held
     finally:
