@@ -1085,3 +1085,24 @@ def test_a_jpeg_frame_cut_short_or_larger_than_its_tiles_is_refused(tmp_path, da
     with pytest.raises(ImageReadError, match=said):
         reader.read(0, 200, 0, 300)
     np.testing.assert_array_equal(reader.read(0, 64, 0, 300), intact[:64])  # the frames above
+
+
+@pytest.mark.parametrize(
+    ("level1", "said"),
+    [
+        (lambda grey: grey.astype(np.uint16) * 257, r"level 1 stores uint16 x 1 samples"),
+        (lambda grey: np.repeat(grey, 3, axis=2), r"level 1 stores uint8 x 3 samples"),
+    ],
+    ids=["16-bit", "rgb"],
+)
+def test_a_level_of_another_pixel_type_than_the_base_is_refused(tmp_path, level1, said):
+    """The dtype and channels came from the base level alone: a 16-bit level 1 read as two
+    uint8 channels a pixel, an RGB one as three of a level declared to have one."""
+    from pydicom.uid import generate_uid
+
+    grey = _image()[..., :1]
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    write_dicom_wsi(tmp_path, grey, levels=(0,), uids=uids, name="a")
+    write_dicom_wsi(tmp_path, level1(grey), levels=(1,), uids=uids, name="b")  # halved there
+    with pytest.raises(ImageReadError, match=said):
+        open_image(tmp_path)

@@ -121,6 +121,13 @@ class DicomReader(BaseReader):
             focal_planes = list(base.focal_planes)
             levels = [lv for lv in pyramid.levels if set(paths) <= set(lv.optical_paths)]
             corners = [np.asarray(self._read(slide, base.level, p, (0, 0), (1, 1))) for p in paths]
+            # Each level's own: wsidicom gives a level of other samples as they are, which a
+            # read of level 1 would view as the base's (a uint16 split into two channels).
+            others = [
+                (k, np.asarray(self._read(slide, lv.level, paths[0], (0, 0), (1, 1))))
+                for k, lv in enumerate(levels)
+                if k
+            ]
             # Along x, as every reader takes a pixel size that differs in X and Y (warned of).
             mpp = pixel_size_of_xy(
                 pyramid.mpp.width, pyramid.mpp.height, str(self.path), "PixelSpacing"
@@ -148,6 +155,14 @@ class DicomReader(BaseReader):
                 f"({', '.join(f'{c.dtype} x {c.size}' for c in corners)} samples); segpipe "
                 "stacks paths as channels of one dtype: export them alike first"
             )
+        for k, corner in others:
+            if (corner.dtype, corner.size) != (corners[0].dtype, corners[0].size):
+                self.close()
+                raise ImageReadError(
+                    f"{self.path}: level {k} stores {corner.dtype} x {corner.size} samples a "
+                    f"pixel, level 0 {corners[0].dtype} x {corners[0].size}: segpipe reads a "
+                    "pyramid of one pixel type; export its levels alike first"
+                )
         self._optical_paths = tuple(paths)
         self._pyramid_levels = tuple(int(lv.level) for lv in levels)
         samples = corners[0].shape[2] if corners[0].ndim == 3 else 1
