@@ -213,8 +213,7 @@ def _created_whole(path: Path, body: bytes) -> bool:
     fd = os.open(beside, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     try:
         try:
-            os.write(fd, body)
-            os.fsync(fd)
+            _write_all(fd, body)
         finally:
             os.close(fd)
         os.link(beside, path)
@@ -231,14 +230,20 @@ def _created_whole(path: Path, body: bytes) -> bool:
     except FileExistsError:
         return False
     try:
-        os.write(fd, body)
-        os.fsync(fd)
+        _write_all(fd, body)
     except BaseException:
         path.unlink(missing_ok=True)  # a lock without a token blocks until it goes stale
         raise
     finally:
         os.close(fd)
     return True
+
+
+def _write_all(fd: int, body: bytes) -> None:
+    view = memoryview(body)
+    while view:  # os.write may write less than it is given
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
