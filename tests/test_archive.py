@@ -492,6 +492,27 @@ claim.release()
     assert not list(tmp_path.glob("*.reclaim-*"))
 
 
+def test_the_lock_of_an_image_of_a_long_name_is_released_and_reclaimed(tmp_path):
+    """A lock named for an image of 220 bytes: its guard, ``<lock>.reclaim-<32 hex>``, was too
+    long for the file system, so no release removed the lock and no claim could reclaim it
+    once its claimer had died (ENAMETOOLONG on every run)."""
+    lock = tmp_path / ("a" * 215 + ".svs.lock")
+    with try_claim(lock, ttl_s=600) as claim:
+        assert claim is not None
+    assert not lock.exists()
+    code = f"""
+import os, signal
+import segpipe.archive.claims as claims
+claims.try_claim({str(lock)!r}, ttl_s=600)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and lock.exists()
+    with try_claim(lock, ttl_s=600, owner="next") as claim:
+        assert claim is not None and claim.is_held()
+    assert not lock.exists() and not list(tmp_path.glob("*.reclaim-*"))
+
+
 @pytest.mark.parametrize("at", ["write", "link", "unlink"])
 def test_a_claimer_killed_creating_its_lock_leaves_the_image_free_at_once(tmp_path, at):
     """SIGKILL between creating the lock and writing its record left an empty lock, which no

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -291,7 +292,7 @@ def _lock_id(path: Path, data: Mapping[str, Any]) -> str | None:
 def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
     """Remove ``path`` if it is a stale lock; True when the caller should try to create it.
 
-    Only the claimer that creates the guard file ``<lock>.reclaim-<stale lock's id>``
+    Only the claimer that creates the guard file ``.<digest>.reclaim-<stale lock's id>``
     (``O_EXCL`` again) may remove the stale lock, so a lock is never removed by someone who
     read an older one: all others back off, and so does its owner's release, which takes the
     same guard (:meth:`Claim.release`). A guard left by a process that died holding it is
@@ -326,12 +327,15 @@ def _reclaim_if_stale(path: Path, ttl_s: float) -> bool:
 
 
 def _guard_path(path: Path, lock_id: str) -> Path:
-    return path.with_name(f"{path.name}.reclaim-{lock_id}")
+    # Named by a digest of the lock's name, not the name: an image's name of 215 bytes or more
+    # made every guard too long for the file system, its lock never released.
+    digest = hashlib.sha256(path.name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return path.with_name(f".{digest}.reclaim-{lock_id}")
 
 
 @contextlib.contextmanager
 def _guard(path: Path, lock_id: str) -> Iterator[bool]:
-    """Hold the guard file ``<lock>.reclaim-<lock_id>`` (``O_EXCL``) while the body runs:
+    """Hold the guard file ``.<digest>.reclaim-<lock_id>`` (``O_EXCL``) while the body runs:
     True, or False when another holds it. Only its holder may remove that version of the
     lock: a claimer reclaiming it stale, or its owner releasing it."""
     guard = _guard_path(path, lock_id)
