@@ -10,7 +10,7 @@ from typing import Any
 
 from segpipe.io.files import URLPath
 from segpipe.io.places import overlap
-from segpipe.results.schema import ResultMeta, ResultMismatchError, read_attrs, read_meta
+from segpipe.results.schema import ResultMismatchError, read_attrs
 
 __all__ = ["check_holds_no_input", "check_not_source", "checkpoint_files", "inputs_of"]
 
@@ -29,22 +29,20 @@ def check_not_source(path: Path | URLPath, source: str, *inputs: str) -> None:
 
 def check_holds_no_input(path: Path | URLPath) -> None:
     """Refuse to delete the result at ``path`` where it holds an input it was made of (a scan
-    filed in it, its model's checkpoint). Metadata this version cannot parse (a newer
-    release's layout, a damaged setting) still names them in its stored identity."""
-    try:
-        inputs = inputs_of(read_meta(path))
-    except (OSError, ValueError):  # another version's, or damaged: its identity still names them
-        inputs = _named_inputs(read_attrs(path).get("identity", {}))
-    if inputs:
+    filed in it, its model's checkpoint), as its stored identity names them: read as stored,
+    not parsed, so metadata this version cannot parse (a newer release's layout, a damaged
+    setting) still names them."""
+    if inputs := inputs_of(read_attrs(path).get("identity", {})):
         check_not_source(path, *inputs)
 
 
-def inputs_of(meta: ResultMeta) -> list[str]:
-    """The files a result is made of: its source image, its model's checkpoint where the model
-    was one (its absolute path: not a shipped model's name, nor a module's class), and its mask
-    file where it has one. An overwrite deleted a checkpoint filed in the result it replaced."""
-    mask = [meta.config.foreground] if meta.foreground_sha256 else []
-    return [meta.source, *_checkpoint(meta.model_name), *mask]
+def inputs_of(identity: Mapping[str, Any]) -> list[str]:
+    """The files a result of ``identity`` (``ResultMeta.identity()``, or as stored) is made
+    of: its source image, its model's checkpoint where the model was one (its absolute path:
+    not a shipped model's name, nor a module's class), and its mask file where it has one."""
+    source, model, mask = (identity.get(k) for k in ("source", "model_name", "foreground"))
+    files = [source, *_checkpoint(model), *([mask] if identity.get("foreground_sha256") else [])]
+    return [f for f in files if isinstance(f, str)]
 
 
 def checkpoint_files(model: object) -> list[str]:
@@ -55,13 +53,8 @@ def checkpoint_files(model: object) -> list[str]:
     return []
 
 
-def _named_inputs(identity: Mapping[str, Any]) -> list[str]:
-    source, model, mask = (identity.get(k) for k in ("source", "model_name", "foreground"))
-    files = [source, *_checkpoint(model)] + ([mask] if identity.get("foreground_sha256") else [])
-    return [f for f in files if isinstance(f, str)]
-
-
 def _checkpoint(model_name: object) -> list[str]:
     # A shipped model's name or a module's class, relative, names no file the run used.
-    ok = isinstance(model_name, str) and ("://" in model_name or os.path.isabs(model_name))
-    return [model_name] if ok else []  # type: ignore[list-item]
+    if isinstance(model_name, str) and ("://" in model_name or os.path.isabs(model_name)):
+        return [model_name]
+    return []

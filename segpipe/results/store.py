@@ -81,7 +81,7 @@ def prepare_result(
     removed first. :func:`segpipe.segment` holds the result's run lock around all this.
     """
     path = location(path)  # a URL string its URLPath (the environment's options), not ./s3:/
-    check_not_source(path, *inputs_of(meta))
+    check_not_source(path, *inputs_of(meta.identity()))
     _check_sizes(meta)
     _remove_leftovers(path)
     if path.exists():
