@@ -98,6 +98,25 @@ def test_discover_leaves_files_still_being_written(tmp_path):
     assert [i.key for i in discover_images(tmp_path, min_age_s=60)] == ["old.tif"]
 
 
+def test_discover_leaves_out_a_name_that_is_not_utf8_and_says_so(tmp_path, caplog):
+    """Such a name (Latin-1 bytes from an old share) failed the whole archive run: its key
+    could be written to no log, catalog or Prefect artifact, the other images' reports too."""
+    _touch(tmp_path / "good.tif")
+    folder = os.fsencode(tmp_path)
+    with open(folder + b"/caf\xe9.tif", "wb") as f:
+        f.write(b"x")
+    os.mkdir(folder + b"/d\xfcr")
+    with open(folder + b"/d\xfcr/inside.tif", "wb") as f:
+        f.write(b"x")
+    with caplog.at_level("WARNING", logger="segpipe.archive"):
+        found = discover_images(tmp_path)
+    assert [i.key for i in found] == ["good.tif"]
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "caf\\xe9.tif: its name is not UTF-8" in said
+    assert "d\\xfcr/inside.tif: its name is not UTF-8" in said
+    said.encode("utf-8")  # printable by any handler
+
+
 def test_discover_refuses_a_missing_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         discover_images(tmp_path / "nowhere")

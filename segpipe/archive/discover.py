@@ -141,6 +141,14 @@ def discover_images(
         key, parts = keys[path], made_of.parts.get(path, ())
         if not any(_matches(keys[p], pattern) for p in (path, *parts) if p in is_candidate):
             continue
+        if bad := [p for p in (path, *parts) if not _is_utf8(p)]:
+            # Its key would name its outputs, catalog record, logs and Prefect artifacts, all
+            # UTF-8 text: one such name failed the whole run, the other images' reports too.
+            log.warning(
+                "%s: its name is not UTF-8 (undecodable bytes shown as \\x..), left out: "
+                "rename it", _shown(bad[0]),
+            )  # fmt: skip
+            continue
         size = sum(listed[p][0] for p in (path, *parts))
         mtime = max(listed[p][1] for p in (path, *parts))
         if min_age_s and now - mtime < min_age_s:
@@ -150,6 +158,21 @@ def discover_images(
             path, parts = fs.unstrip_protocol(path), tuple(map(fs.unstrip_protocol, parts))
         found.append(ArchiveImage(url=path, key=key, size=size, mtime=mtime, parts=parts))
     return sorted(found, key=lambda image: image.key)
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether ``name`` (as os.scandir gives it: undecodable bytes as lone surrogates) is
+    UTF-8 text."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """``name`` printable whatever its bytes: undecodable ones as ``\\xe9``."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _matches(key: str, pattern: str) -> bool:
