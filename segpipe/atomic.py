@@ -25,6 +25,7 @@ __all__ = [
     "check_overwrite",
     "check_writable",
     "died_here",
+    "file_beside",
     "pid_namespace",
     "process_gone",
     "replaced_file",
@@ -55,15 +56,9 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     share one; the last rename wins.
     """
     path = Path(path)
-    fd, name = _copy_beside(path, tempfile.mkstemp)
-    tmp = Path(name)
+    fd, tmp = file_beside(path)
+    os.close(fd)
     try:
-        # mkstemp's file is the owner's alone (0600); the renamed file must be readable as any
-        # other the user writes (a shared output root's reports, sidecars and checkpoints).
-        try:
-            os.fchmod(fd, 0o666 & ~_UMASK)
-        finally:
-            os.close(fd)
         yield tmp
         # After a power cut the rename may reach the disk before the data: fsync first.
         with open(tmp, "rb") as written:
@@ -75,6 +70,23 @@ def replaced_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def file_beside(path: str | os.PathLike[str]) -> tuple[int, Path]:
+    """A new hidden file beside ``path`` for a copy of it, open for writing: ``(fd, its
+    path)``, the caller's to close and remove. Named for this host and process, so the next
+    call for ``path`` removes one a killed writer left; readable as the umask says. The folder
+    is created when missing; an OSError of the file system names ``path``."""
+    fd, name = _copy_beside(Path(path), tempfile.mkstemp)
+    try:
+        # mkstemp's file is the owner's alone (0600); a copy renamed or linked into place
+        # must be readable as any other the user writes (a shared output root's files).
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    except BaseException:
+        os.close(fd)
+        os.unlink(name)
+        raise
+    return fd, Path(name)
 
 
 @contextlib.contextmanager

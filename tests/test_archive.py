@@ -537,14 +537,15 @@ def test_a_claimer_killed_creating_its_lock_leaves_the_image_free_at_once(tmp_pa
     """SIGKILL between creating the lock and writing its record left an empty lock, which no
     one can tell from one being written: the next run found the image "claimed by another
     run" for the claimer's whole ttl (600 s). Now killed while the record is written beside,
-    before it is linked into place, or after: the next run claims it at once."""
+    before it is linked into place, or after: the next run claims it at once, and removes
+    the copy the killed claimer left beside it (which nothing removed)."""
     lock = tmp_path / "a.svs.lock"
     code = f"""
 import os, signal
 import segpipe.archive.claims as claims
 real = getattr(os, {at!r})
 def killed(*args, **kwargs):
-    if any("claim-writing" in str(a) for a in args) or {at!r} == "write":
+    if any(str(a).endswith(".part") for a in args) or {at!r} == "write":
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*args, **kwargs)
 setattr(claims.os, {at!r}, killed)
@@ -552,8 +553,10 @@ claims.try_claim({str(lock)!r}, ttl_s=600)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-500:]
+    assert len(list(tmp_path.glob(".*.part"))) == 1
     with try_claim(lock, ttl_s=600, owner="next") as claim:
         assert claim is not None and claim.is_held()
+    assert not list(tmp_path.glob(".*")), "a killed claimer's copy left beside the lock"
 
 
 @pytest.mark.parametrize("namespace", ["this", "other", "unrecorded", "earlier-boot"])
@@ -692,7 +695,7 @@ def test_a_release_that_cannot_take_its_guard_leaves_the_lock_and_the_works_erro
     lock, real_open = tmp_path / "a.lock", os.open
 
     def disk_full(path, *args, **kwargs):
-        if ".reclaim-" in os.fspath(path) or "claim-writing" in os.fspath(path):
+        if ".reclaim-" in os.fspath(path) or os.fspath(path).endswith(".part"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_open(path, *args, **kwargs)
 

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from segpipe.atomic import died_here, pid_namespace
+from segpipe.atomic import died_here, file_beside, pid_namespace
 from segpipe.io.files import URLPath, location, utc_now
 
 __all__ = [
@@ -210,8 +210,8 @@ def _created_whole(path: Path, body: bytes) -> bool:
     lock, which no one can tell from one being written, and the image read as claimed by
     another run for the claimer's whole ttl. Where the file system has no hard links
     (FAT, some network shares), created and then written."""
-    beside = path.with_name(f".{uuid.uuid4().hex[:16]}.claim-writing")  # short: long names
-    fd = os.open(beside, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    # Named for this process: one a claimer killed meanwhile is removed at the next claim.
+    fd, beside = file_beside(path)
     try:
         try:
             _write_all(fd, body)
