@@ -64,6 +64,19 @@ def test_loss_refuses_bad_shapes() -> None:
         )
 
 
+@pytest.mark.parametrize("bad", [-100, -1, 4], ids=["torch's ignore_index", "negative", "C"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_a_target_class_outside_the_logits_classes_is_refused(bad: int, weighted: bool) -> None:
+    """torch skips a target of -100: left out of the unweighted mean, but its weight stayed
+    in the weighted mean's denominator, so with every weight 1 the two losses differed."""
+    logits = torch.randn(1, 4, 3, 3, dtype=torch.float64)
+    target = torch.randint(0, 4, (1, 3, 3))
+    target[0, 1, 1] = bad
+    weights = torch.ones(1, 3, 3, dtype=torch.float64) if weighted else None
+    with pytest.raises(ValueError, match=rf"target classes must lie in 0\.\.3 .*{bad}"):
+        softmax_cross_entropy(logits, target, weights)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 3), (3, 3), (1, 3, 1)], ids=["a row", "2-d", "a column"])
 def test_loss_refuses_weights_of_another_shape_than_the_target(shape: tuple[int, ...]) -> None:
     """Weights that merely broadcast against the target gave a plausible but wrong weighted

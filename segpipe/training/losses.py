@@ -71,6 +71,13 @@ def softmax_cross_entropy(
         )
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    # torch skips a target of -100 (its ignore_index): out of the unweighted mean, but its
+    # weight in the weighted one's denominator, so the two disagreed with every weight 1.
+    if target.numel() and not 0 <= int(target.min()) <= int(target.max()) < logits.shape[1]:
+        raise ValueError(
+            f"target classes must lie in 0..{logits.shape[1] - 1} (the logits' classes); "
+            f"got {int(target.min())}..{int(target.max())}"
+        )
     if weights is None:
         # F.cross_entropy is exactly -log_softmax gathered at the target, fused and stable.
         return F.cross_entropy(logits, target, reduction=reduction)
