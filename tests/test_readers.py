@@ -1203,6 +1203,32 @@ def test_a_sharded_zarr_is_cached_by_its_inner_chunks(tmp_path: Path) -> None:
     assert cached.cached_bytes == 3 * 5 * 32 * 32 * 3  # rows 32-127, columns 64-223
 
 
+@pytest.mark.parametrize("made_by", ["zarr", "ingest"])
+def test_an_empty_shard_file_is_refused_not_read_as_zeros(tmp_path: Path, made_by: str) -> None:
+    """Zarr reads a shard file of zero bytes (an interrupted copy's) as a shard without
+    chunks: its pixels came back as the fill value, zeros, without a word."""
+    path = tmp_path / "sharded.zarr"
+    if made_by == "zarr":
+        array = zarr.create_array(
+            path, shape=(*SHAPE, 3), chunks=(32, 32, 3), shards=(128, 128, 3), dtype="uint8",
+            dimension_names=("y", "x", "c"),
+        )  # fmt: skip
+        array[...] = _rgb()
+    else:
+        from segpipe.io.ingest import ingest
+
+        tifffile.imwrite(tmp_path / "src.tif", _rgb(), photometric="rgb")
+        ingest(tmp_path / "src.tif", path, chunk=64)
+    reader = open_image(path)
+    keys = sorted(p.relative_to(path).parts for p in path.rglob("*") if p.is_file())
+    first = next(k for k in keys if "c" in k and "labels" not in k)  # level 0's, at (0, 0)
+    path.joinpath(*first).write_bytes(b"")
+    with pytest.raises(ImageReadError, match=r"sharded\.zarr.*empty file \(0 bytes\)"):
+        reader.read(0, 16, 0, 16)
+    with pytest.raises(ImageReadError, match=r"empty file \(0 bytes\)"):
+        open_image(path).read(0, 16, 0, 16)
+
+
 def test_a_cached_reader_says_what_its_reader_says(tiled: Reader) -> None:
     cached = CachedReader(tiled)
     assert cached.chunk_shape(0) == tiled.chunk_shape(0)

@@ -22,6 +22,7 @@ from segpipe.io.files import URLPath
 from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, Georeference, ImageReadError
 from segpipe.io.readers.geotiff import checked_transform
 from segpipe.io.readers.masks import check_per_channel
+from segpipe.io.readers.zarr_store import checked_store
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
 
 __all__ = ["ZARR_SUFFIXES", "ZarrReader"]
@@ -53,7 +54,7 @@ class ZarrReader(BaseReader):
         import zarr
 
         try:
-            node = zarr.open(self.url or self.path, mode="r")
+            node = zarr.open(checked_store(self.url or self.path), mode="r")
         except (FileNotFoundError, *DECODE_ERRORS) as exc:
             raise ImageReadError(
                 f"{self.path}: not a readable Zarr store ({type(exc).__name__}: {exc})"
@@ -352,7 +353,9 @@ class ZarrReader(BaseReader):
         try:
             with self._lock:  # taken here: a close() in another thread empties the dict
                 if level not in self._masks:
-                    group = cast("zarr.Group", zarr.open(self.url or self.path, mode="r"))
+                    group = cast(
+                        "zarr.Group", zarr.open(checked_store(self.url or self.path), mode="r")
+                    )
                     self._masks[level] = group[path]
                 mask = self._masks[level]
             return np.asarray(mask[y0:y1, x0:x1]) > 0
@@ -368,7 +371,7 @@ class ZarrReader(BaseReader):
     def _open_level(self, level: int) -> Any:
         import zarr
 
-        node = zarr.open(self.url or self.path, mode="r")
+        node = zarr.open(checked_store(self.url or self.path), mode="r")
         path = self._array_paths[level]
         array = cast("zarr.Group", node)[path] if path else node
         if self._stamp(node, array) != self._stamps[level]:
