@@ -932,22 +932,30 @@ def test_a_mask_tiff_is_read_at_its_level_0_not_a_reduced_level_another_tool_mad
     ("dtype", "photometric"),
     [(bool, None), (np.uint8, "miniswhite"), (np.uint16, "miniswhite"), (np.uint8, "minisblack")],
 )
-def test_a_mask_tiff_tifffile_wrote_from_an_array_is_that_array(tmp_path, dtype, photometric):
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [("m.tif", {}), ("m.ome.tif", {}), ("m.tif", {"metadata": None})],
+    ids=["shaped", "ome", "no-description"],
+)
+def test_a_mask_tiff_tifffile_wrote_from_an_array_is_that_array(
+    tmp_path, dtype, photometric, name, how
+):
     """tifffile writes a bool array as 1-bit min-is-white: shown (as PIL shows it), the mask
     was its inverse, and a run computed what the user marked as glass and left the tissue.
-    Read as stored, as tifffile and GDAL read it. (A mask drawn in a viewer is taken as it
+    Read as stored, as tifffile and GDAL read it, also when tifffile wrote no JSON
+    description (an OME-TIFF, metadata=None). (A mask drawn in a viewer is taken as it
     shows: test_readers.py.)"""
     import tifffile
 
     rasterio = pytest.importorskip("rasterio")
     stored = np.zeros((64, 96), dtype)
     stored[8:24, 16:40] = 1
-    tifffile.imwrite(tmp_path / "m.tif", stored, photometric=photometric)
-    with rasterio.open(tmp_path / "m.tif") as gdal:
+    tifffile.imwrite(tmp_path / name, stored, photometric=photometric, **how)
+    with rasterio.open(tmp_path / name) as gdal:
         independent = gdal.read(1) != 0
     np.testing.assert_array_equal(independent, stored != 0)
     reader = ArrayReader(np.broadcast_to(np.uint8(0), (64, 96, 3)))
-    np.testing.assert_array_equal(read_mask_file(tmp_path / "m.tif", reader, (64, 96)), independent)
+    np.testing.assert_array_equal(read_mask_file(tmp_path / name, reader, (64, 96)), independent)
 
 
 @pytest.mark.parametrize("strip_pixels", [1 << 24, 4096 * 1024])

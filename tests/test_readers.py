@@ -2085,8 +2085,11 @@ def test_a_min_is_white_mask_file_marks_what_shows_white(tmp_path: Path) -> None
     shows_white = np.zeros((60, 90), bool)
     shows_white[10:30, 20:50] = True
     mask = tmp_path / "mask.tif"
-    # a set bit shows black; no tifffile JSON description, as an imaging program writes it
-    tifffile.imwrite(mask, ~shows_white, photometric="miniswhite", metadata=None)
+    # a set bit shows black; no tifffile JSON description nor Software tag, as an imaging
+    # program writes it
+    tifffile.imwrite(
+        mask, ~shows_white, photometric="miniswhite", metadata=None, software="GIMP 2.10"
+    )
     image = ArrayReader(np.zeros((60, 90, 3), np.uint8))
     np.testing.assert_array_equal(read_mask_file(mask, image, (60, 90)), shows_white)
 

@@ -193,9 +193,9 @@ def _check_georeference(image: Reader, path: Path, reader: Reader) -> None:
 
 def _array_inversion(path: Path, image: Reader) -> Photometric | None:
     """How ``image`` inverts its min-is-white grey, where the mask is rather what is stored:
-    a TIFF that tifffile wrote from an array (its JSON description), which writes a bool
-    array as 1-bit min-is-white and reads it back as stored, as GDAL does. Any other mask
-    is taken as it shows (one drawn white in a viewer). None: nothing to undo."""
+    a TIFF that tifffile wrote from an array (its JSON description or Software tag), which
+    writes a bool array as 1-bit min-is-white and reads it back as stored, as GDAL does. Any
+    other mask is taken as it shows (one drawn white in a viewer). None: nothing to undo."""
     shown = getattr(image, "photometric", None)  # TiffReader's
     inverted = shown(0) if callable(shown) else None
     if inverted is None or not inverted.inverted:
@@ -203,7 +203,11 @@ def _array_inversion(path: Path, image: Reader) -> Photometric | None:
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        return inverted if tif.pages.first.is_shaped else None
+        first = tif.pages.first
+        # Its JSON description, or (an OME-TIFF's, or one written with metadata=None: no
+        # description) the Software tag tifffile writes: such a bool mask read inverted.
+        by_tifffile = first.is_shaped or str(first.software).startswith("tifffile")
+        return inverted if by_tifffile else None
 
 
 def _rasterize_geojson(
