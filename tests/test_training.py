@@ -650,6 +650,40 @@ def test_resume_from_a_damaged_state_file_names_it(finished_run, tmp_path, damag
         train(tiny_unet(), TrainConfig(**TINY, epochs=2, resume_from=str(copy)))
 
 
+def _first_moments(opt: dict) -> dict:
+    return opt["state"][sorted(opt["state"])[0]]
+
+
+@pytest.mark.parametrize(
+    ("lie", "named"),
+    [
+        (lambda s: _first_moments(s["optimizer"]).update(exp_avg=torch.zeros(7)), "exp_avg of "),
+        (lambda s: s["optimizer"]["param_groups"][0].update(lr=123.0), r"lr=123\.0 at step"),
+        (lambda s: s["optimizer"]["param_groups"][0].update(betas=(0.5, 0.9)), "betas="),
+        (lambda s: s["scheduler"].update(T_max=10**6), "T_max=1000000"),
+        (lambda s: s["scheduler"].update(base_lrs=[1.0]), r"base_lrs=\[1\.0\]"),
+    ],
+    ids=["moment shape", "rate", "betas", "schedule length", "base rate"],
+)
+def test_resume_from_a_state_whose_optimiser_lies_names_it(finished_run, tmp_path, lie, named):
+    """torch restores an optimiser's and a schedule's state unchecked: a moment of another
+    shape failed at the first step with a torch error naming no file, and an edited rate was
+    trained with (a loss of 7e31)."""
+    import shutil
+
+    from segpipe.models import CheckpointError
+    from segpipe.training import state_path
+
+    config, _ = finished_run
+    copy = tmp_path / "epoch-001.pt"
+    shutil.copy(f"{config.checkpoint_dir}/epoch-001.pt", copy)
+    state = torch.load(state_path(f"{config.checkpoint_dir}/epoch-001.pt"), weights_only=True)
+    lie(state)
+    torch.save(state, state_path(copy))
+    with pytest.raises(CheckpointError, match=rf"epoch-001\.state\.pt: .*{named}"):
+        train(tiny_unet(), TrainConfig(**TINY, epochs=2, resume_from=str(copy)))
+
+
 def test_intensity_jitter_clips_to_what_a_saturated_scan_reaches() -> None:
     """Bounds: the pixels' dtype's range as the model scales it. 16-bit pixels scaled by a
     range keep their brightest above 1 (as at inference) up to 65535's scaled value; 8-bit

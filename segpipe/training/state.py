@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import reprlib
 from collections.abc import Sequence
 from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
@@ -31,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from segpipe.analysis.scores import Evaluation
 from segpipe.atomic import check_writable, replaced_file
-from segpipe.models.checkpoint import CheckpointError, fingerprint, read_payload
+from segpipe.models.checkpoint import CheckpointError, fingerprint
+from segpipe.training.state_checks import check_optimiser_state, read_state
 
 if TYPE_CHECKING:
     from segpipe.analysis.evaluation import LabelledImage
@@ -55,18 +54,6 @@ __all__ = [
 # different value would silently mix two runs (e.g. a longer `steps` keeps the saved cosine
 # schedule's length, and a new `lr` loses to the saved optimiser's).
 RESUME_MAY_CHANGE = ("checkpoint_dir", "resume_from", "progress", "num_threads")
-
-_STATE_ENTRIES = (
-    "step",
-    "optimizer",
-    "scheduler",
-    "numpy_rng",
-    "torch_rng",
-    "train_seconds",
-    "loss_history",
-    "window_losses",
-    "epochs",
-)
 
 
 def state_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -233,7 +220,7 @@ def load_state(
         )
     saved = models.load(checkpoint)
     _check_settings(checkpoint, (saved.checkpoint_metrics or {}).get("config"), config)
-    state = _read_state(state_file, saved, config)
+    state = read_state(state_file, saved, config)
     if state.get("data_sha256", data_sha256) != data_sha256:  # states before it: unchecked
         data = (
             f"the images of {config.train_folder} and {config.val_folder} changed"
@@ -271,6 +258,7 @@ def load_state(
         model.load_state_dict(saved.state_dict(), strict=True)
     except RuntimeError as err:
         raise CheckpointError(f"{mismatch} ({err})") from err
+    check_optimiser_state(state_file, (state["optimizer"], state["scheduler"]), optimiser, schedule)
     try:
         optimiser.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
@@ -314,78 +302,6 @@ def _architecture(model: nn.Module) -> str:
 def _plain(value: Any) -> Any:
     """``value`` as it comes back from JSON, or from a checkpoint's metrics: lists for tuples."""
     return json.loads(json.dumps(value))
-
-
-def _read_state(state_file: Path, saved: nn.Module, config: TrainConfig) -> dict[str, Any]:
-    """The state file's dict, its ``epochs`` and ``evaluation`` decoded (``evaluation`` None
-    where the file predates it), checked to be the state of ``saved``, the checkpoint beside
-    it; CheckpointError naming the file."""
-    state = read_payload(state_file)  # whole and undamaged, or CheckpointError naming it
-    missing = [k for k in _STATE_ENTRIES if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(
-            f"cannot resume: {state_file} lacks the entries {missing} of a training state "
-            "(segpipe.training.train writes them)"
-        )
-    try:
-        decoded = {"epochs": json.loads(state["epochs"]), "evaluation": None}
-        if "evaluation" in state:
-            decoded["evaluation"] = json.loads(state["evaluation"])
-            Evaluation.from_dict(decoded["evaluation"])
-        if "machines" in state:  # a list of {"threads", "cpu"} (or None: unknown)
-            decoded["machines"] = [dict(m) if m else None for m in json.loads(state["machines"])]
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(
-            f"cannot resume from {state_file}: its epochs or evaluation are not what "
-            f"segpipe.training.train writes ({err!r})"
-        ) from err
-    state = {**state, **decoded}
-    if odd := _odd_entries(state, config.steps):
-        raise CheckpointError(
-            f"cannot resume from {state_file}: it holds {', '.join(odd)}, where "
-            f"segpipe.training.train writes a step from 0 to {config.steps}, train_seconds "
-            ">= 0, lists of losses and a list of epochs; the file was edited or is no state"
-        )
-    # A state beside another epoch's or run's weights would restore its step, history and
-    # scores onto them: a run that trains nothing, or an epoch twice, and reports wrongly.
-    metrics = getattr(saved, "checkpoint_metrics", None) or {}
-    step, epoch = metrics.get("step"), metrics.get("epoch")
-    if step is not None and (state["step"], len(state["epochs"])) != (step, epoch):
-        raise CheckpointError(
-            f"cannot resume from {state_file}: it is the state at step {state['step']}, epoch "
-            f"{len(state['epochs'])}; its checkpoint holds the weights of step {step}, epoch "
-            f"{epoch}. {_ONE_PAIR}"
-        )
-    weights = fingerprint(saved)
-    if state.get("fingerprint", weights) != weights:  # states written before it: unchecked
-        raise CheckpointError(
-            f"cannot resume from {state_file}: it was written with other weights than its "
-            f"checkpoint's (their fingerprints differ). {_ONE_PAIR}"
-        )
-    return state
-
-
-_ONE_PAIR = "Resume from an epoch-NNN.pt and the epoch-NNN.state.pt its run wrote with it"
-
-
-def _odd_entries(state: dict[str, Any], steps: int) -> list[str]:
-    """``name=value`` of each decoded entry unlike what a run of ``steps`` steps writes."""
-
-    def is_number(v: Any) -> bool:
-        return isinstance(v, int | float) and not isinstance(v, bool) and -math.inf < v < math.inf
-
-    step, seconds = state["step"], state["train_seconds"]
-    is_right = {
-        "step": isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= steps,
-        "train_seconds": is_number(seconds) and seconds >= 0,
-        "loss_history": isinstance(state["loss_history"], list)
-        and all(is_number(v) for v in state["loss_history"]),
-        "window_losses": isinstance(state["window_losses"], list)
-        and all(is_number(v) for v in state["window_losses"]),
-        "epochs": isinstance(state["epochs"], list)
-        and all(isinstance(e, dict) for e in state["epochs"]),
-    }
-    return [f"{name}={reprlib.repr(state[name])}" for name, ok in is_right.items() if not ok]
 
 
 def _differences(saved: Any, config: TrainConfig) -> list[tuple[str, Any, Any]] | None:
