@@ -507,6 +507,20 @@ def test_a_wrong_argument_type_is_named_before_any_work(source, tmp_path, argume
     assert not (tmp_path / "r.zarr").exists()
 
 
+@pytest.mark.parametrize("own", [None, 0.25])
+def test_a_pixel_size_set_over_a_readers_own_is_refused(image, tmp_path, own):
+    """Only a path was opened with pixel_size_um: a reader's own size (none, or another)
+    chose the level, the foreground and the areas, while the result recorded the setting."""
+    reader = ArrayReader(image, pixel_size_um=own)
+    out = tmp_path / "r.zarr"
+    with pytest.raises(ValueError, match=rf"pixel_size_um=0\.5 set, .*reader.*\({own} um/px\)"):
+        segpipe.segment(reader, out, unet("valid"), tile=32, pixel_size_um=0.5, scheduler="sync")
+    assert not out.exists()
+    if own is not None:  # the reader's own size, given again, is no conflict
+        segpipe.segment(reader, out, unet("valid"), tile=32, pixel_size_um=own, scheduler="sync")
+        assert read_meta(out).pixel_size_um == own
+
+
 def test_exact_mode_refuses_tile_statistics(source, tmp_path):
     net = unet("valid")
     net.head.conv = torch.nn.Sequential(torch.nn.GroupNorm(1, 4), net.head.conv)

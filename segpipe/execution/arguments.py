@@ -14,7 +14,7 @@ import torch
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath
 
-__all__ = ["check_arguments"]
+__all__ = ["check_arguments", "check_reader_settings"]
 
 # What every run reads of a source given as a reader. Not the whole ``Reader`` protocol:
 # duck-typed readers without ``shape`` or ``level`` segment (``level`` is read only for a
@@ -46,4 +46,22 @@ def check_arguments(source: Any, output: Any, model: Any, config: Any) -> None:
         raise TypeError(
             f"config must be a SegmentConfig, got {type(config).__name__} (settings from a "
             "mapping: segment(source, output, **settings) or SegmentConfig(**settings))"
+        )
+
+
+def check_reader_settings(source: Any, config: SegmentConfig) -> None:
+    """ValueError where ``config`` sets what a ``source`` given as a reader says itself: its
+    pixel size. Only a path is opened with ``pixel_size_um``; a reader's own size went on
+    choosing the level, the foreground and the result's areas, while the result recorded
+    the setting as applied."""
+    paths = (str, os.PathLike, URLPath)
+    if isinstance(source, paths) or config.pixel_size_um is None:
+        return
+    own = getattr(source, "pixel_size_um", None)
+    if own is None or abs(own - config.pixel_size_um) > 1e-9 * own:
+        raise ValueError(
+            f"pixel_size_um={config.pixel_size_um} set, but the source is a reader, whose "
+            f"pixel size ({own} um/px) is its own: open it with the size "
+            "(segpipe.open_image(path, pixel_size_um=...), ArrayReader(array, "
+            "pixel_size_um=...)), or pass the image's path"
         )

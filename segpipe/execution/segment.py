@@ -15,7 +15,7 @@ import torch
 from segpipe import models
 from segpipe.atomic import check_overwrite, write_errors_named
 from segpipe.config import SegmentConfig
-from segpipe.execution.arguments import check_arguments
+from segpipe.execution.arguments import check_arguments, check_reader_settings
 from segpipe.execution.cluster import (
     choose_scheduler,
     connect,
@@ -141,6 +141,7 @@ def segment(
     check_overwrite(overwrite)  # before any work: prepare_result checks it only at the end
     check_arguments(source, output, model, config)
     config = (config or SegmentConfig()).replace(**settings)
+    check_reader_settings(source, config)
     if ignored := config.ignored_settings():
         raise ValueError(
             f"{', '.join(ignored)} set, but mode={config.mode!r} does not use them (blend mode "
