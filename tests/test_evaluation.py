@@ -455,7 +455,11 @@ def test_a_bad_truth_of_a_result_is_refused_naming_it_and_the_result(tmp_path: P
     with pytest.raises(ValueError, match=rf"wide\.png: .* but the result {path} is 20 x 30"):
         evaluate(path, wide)
     ids = _write(tmp_path / "ids.png", truth * 5)  # class 5 of a two-class result
-    with pytest.raises(ValueError, match=rf"^.*ids\.png \(ground truth of the result {path}\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^.*ids\.png \(ground truth of the result {path}\): holds class ids in \[0, 5\], "
+        r"outside \[0, 2\); map those pixels \(ignored ones, e\.g\. 255\) to one of the result's",
+    ):  # no num_classes to pass, as the message once said
         evaluate(path, ids)
 
 
@@ -527,7 +531,7 @@ def test_a_result_whose_mask_holds_ids_past_its_classes_is_named_not_the_truth(
     # The truth's own ids outside the classes are still the truth's
     wrong = _write(tmp_path / "wrong.png", np.full_like(truth, 7))
     zarr.open_array(path / "0" / "mask", mode="r+")[0, 0] = 0
-    with pytest.raises(ValueError, match=r"wrong\.png \(ground truth of the result .*truth holds"):
+    with pytest.raises(ValueError, match=r"wrong\.png \(ground truth of the result .*: holds"):
         evaluate(path, wrong)
 
 

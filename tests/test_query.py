@@ -475,6 +475,20 @@ def test_works_on_a_coarser_level(corners):
     np.testing.assert_allclose(areas["area"].values, areas["pixels"].values * 1.0)
 
 
+def test_a_level_of_the_results_tree_is_queried_as_that_level(corners):
+    """A level of open_result(path, tree=True) was taken for a path and refused as "no
+    segpipe result: its zarr.json is no Zarr group metadata"."""
+    path = corners[0]
+    level = segpipe.open_result(path, tree=True)["1"]
+    expected = query.class_areas(path, level=1)
+    xr.testing.assert_equal(query.class_areas(level), expected)
+    assert len(query.object_table(level, "nucleus")) == len(
+        query.object_table(path, "nucleus", level=1)
+    )
+    with pytest.raises(TypeError, match="not the whole tree"):
+        query.class_areas(segpipe.open_result(path, tree=True))
+
+
 def test_describe_and_region_report(corners, tmp_path):
     path, labels, _, areas = corners
     info = query.describe(path)

@@ -40,9 +40,12 @@ def _ids_past_the_classes():
 @pytest.mark.parametrize(
     ("truth", "message"),
     [
-        (np.full((300, 300), 7, np.uint8), r"class ids in \[7, 7\], outside \[0, 3\)"),
+        (
+            np.full((300, 300), 7, np.uint8),
+            r"class ids in \[7, 7\], outside the result's 3 classes \[0, 3\); map those pixels",
+        ),
         # The file's range, not the first chunk's that fails ([0, 3] there)
-        (_ids_past_the_classes(), r"class ids in \[0, 9\], outside \[0, 3\)"),
+        (_ids_past_the_classes(), r"class ids in \[0, 9\], outside the result's 3 classes"),
         (np.zeros((300, 299), np.uint8), "ground truth of 300 x 299 px, but the result .* is 300"),
         (np.zeros((300, 300), np.float32), "must hold integer class ids, got float32"),
     ],
@@ -119,6 +122,24 @@ def test_summary_iou_is_the_iou_not_the_dice(tmp_path):
     np.testing.assert_allclose(s.iou, iou(conf))
     np.testing.assert_allclose(s.dice, dice(conf))
     assert all(j < d for j, d in zip(s.iou, s.dice, strict=True))
+
+
+def test_a_summary_of_an_undefined_score_is_json_with_null(tmp_path):
+    """A class in neither the mask nor the truth has no Dice (NaN): as_dict, "JSON-ready",
+    gave NaN, which json.dumps writes as no JSON (the segment_slide flow returns it)."""
+    import json
+
+    import tifffile
+    from test_query import make_result
+
+    labels = np.zeros((16, 24), np.uint8)
+    labels[4:12, 4:16] = 1  # no class 2 (nucleus), nor in the truth
+    out, _ = make_result(tmp_path / "r.zarr", labels, tile=8)
+    tifffile.imwrite(tmp_path / "truth.tif", labels)
+    s = summarise(out, tmp_path / "truth.tif")
+    assert s.dice[:2] == (1.0, 1.0) and np.isnan(s.dice[2])
+    parsed = json.loads(json.dumps(s.as_dict(), allow_nan=False))
+    assert parsed["dice"] == [1.0, 1.0, None] and parsed["iou"] == [1.0, 1.0, None]
 
 
 def test_foreground_fraction_is_of_all_pixels_of_a_non_square_image(random_checkpoint, tmp_path):

@@ -315,14 +315,9 @@ def evaluate(
             label = models.label_of(cast("str", prediction)) if named else None
             source = cast("str | os.PathLike[str]", image)  # given, with a model
             segment(
-                source,
-                result,
-                net,
-                model_name=label,
-                tile=tile,
-                scheduler=scheduler,
+                source, result, net, model_name=label, tile=tile, scheduler=scheduler,
                 overwrite=overwrite,
-            )
+            )  # fmt: skip
         try:  # a damaged chunk of the result named (its zstd's RuntimeError came out raw)
             with naming_damage(result):
                 return evaluate_labels(
@@ -342,7 +337,10 @@ def evaluate(
                 damaged = f"its mask {exc.problem}: damaged, segment it again"
                 raise ValueError(f"{where}: {damaged}") from None
             if isinstance(exc, LabelError):  # class ids outside the result's
-                raise ValueError(f"{name} (ground truth of {where}): {exc}") from None
+                fix = "map those pixels (ignored ones, e.g. 255) to one of the result's classes"
+                raise ValueError(
+                    f"{name} (ground truth of {where}): {exc.problem}; {fix}"
+                ) from None
             # A read failed (a damaged chunk): the result's or the truth's, zarr does not say.
             raise ValueError(f"{where} or its ground truth {name} cannot be read: {exc}") from exc
 

@@ -42,8 +42,16 @@ __all__ = [
 Region = tuple[float, float, float, float]  # (x0, y0, x1, y1), coordinate units
 
 
-def as_dataset(result: str | os.PathLike | xr.Dataset, level: int) -> xr.Dataset:
-    """``result`` itself if it is an opened level, else its ``level`` opened."""
+def as_dataset(result: str | os.PathLike | xr.Dataset | xr.DataTree, level: int) -> xr.Dataset:
+    """``result`` itself if it is an opened level (a Dataset, or a level of
+    ``open_result(path, tree=True)``), else its ``level`` opened."""
+    if isinstance(result, xr.DataTree):
+        if not result.has_data:  # the whole tree: which level is not said
+            raise TypeError(
+                "pass a result's path, a level Dataset, or a level of its tree "
+                "(open_result(path, tree=True)['1']), not the whole tree"
+            )
+        return result.to_dataset()
     return result if isinstance(result, xr.Dataset) else open_result(result, level)
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "object_class_id",
     "object_class_of",
     "object_score",
+    "score_or_none",
 ]
 
 
@@ -73,7 +74,7 @@ class ObjectScore:
     def as_dict(self) -> dict[str, Any]:
         """Plain data, strict JSON: an undefined (NaN) score is None."""
         scores = {"precision": self.precision, "recall": self.recall, "f1": self.f1}
-        return {**asdict(self), **{k: _or_none(v) for k, v in scores.items()}}
+        return {**asdict(self), **{k: score_or_none(v) for k, v in scores.items()}}
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,10 @@ class Evaluation:
         write NaN as a bare ``NaN`` that strict JSON readers refuse."""
         return {
             "class_names": list(self.class_names),
-            "iou": {k: _or_none(v) for k, v in self.iou.items()},
-            "dice": {k: _or_none(v) for k, v in self.dice.items()},
-            "mean_iou": _or_none(self.mean_iou),
-            "mean_dice": _or_none(self.mean_dice),
+            "iou": {k: score_or_none(v) for k, v in self.iou.items()},
+            "dice": {k: score_or_none(v) for k, v in self.dice.items()},
+            "mean_iou": score_or_none(self.mean_iou),
+            "mean_dice": score_or_none(self.mean_dice),
             "confusion": self.confusion.tolist(),
             "objects": None if self.objects is None else self.objects.as_dict(),
         }
@@ -167,10 +168,10 @@ def _ratio(a: int, b: int) -> float:
     return a / b if b else float("nan")
 
 
-def _or_none(score: float) -> float | None:
+def score_or_none(score: float) -> float | None:
     """``score``, or None for NaN (an undefined score, JSON's null).
 
-    >>> _or_none(0.5), _or_none(float("nan"))
+    >>> score_or_none(0.5), score_or_none(float("nan"))
     (0.5, None)
     """
     return None if np.isnan(score) else float(score)

@@ -18,6 +18,7 @@ import dask.array as da
 import numpy as np
 
 from segpipe.analysis.metrics import LabelError, confusion_matrix, dice, iou
+from segpipe.analysis.scores import score_or_none
 from segpipe.io.files import is_url
 from segpipe.io.labelfiles import label_plane
 from segpipe.results import (
@@ -70,8 +71,13 @@ class ResultSummary:
     origin_um: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Every field, JSON-ready (tuples stay tuples)."""
-        return asdict(self)
+        """Every field, JSON-ready (tuples stay tuples; an undefined score, NaN: a class in
+        neither the mask nor the truth, None, JSON's null, as ``Evaluation.as_dict``'s)."""
+        fields = asdict(self)
+        for name in ("dice", "iou"):
+            if fields[name] is not None:
+                fields[name] = tuple(score_or_none(float(v)) for v in fields[name])
+        return fields
 
 
 def confusion_against(mask: da.Array, truth: da.Array, num_classes: int) -> np.ndarray:
@@ -123,7 +129,8 @@ def summarise(
                 ) from None
             raise ValueError(
                 f"{ground_truth} (ground truth of {result}): holds class ids in [{lo}, {hi}], "
-                f"outside [0, {n}); pass the right num_classes or map ignored pixels first"
+                f"outside the result's {n} classes [0, {n}); map those pixels (ignored ones, "
+                "e.g. 255) to one of its classes first"
             ) from None
         except ValueError as exc:  # a damaged chunk of either: zarr's message names neither
             what = f"{result} or its ground truth {ground_truth}"
