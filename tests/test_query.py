@@ -596,12 +596,19 @@ def test_cli_export_overwrite_deletes_no_folder_an_export_did_not_write(
     ids=["export", "export-geojson-flag", "query-table"],
 )
 def test_cli_replaces_an_existing_file_only_with_overwrite(small, tmp_path, capsys, argv):
+    """And only a file of the kind it writes: --overwrite replaced any file, the result's
+    source image, another store's zarr.json."""
     target = tmp_path / "keep.png"
     argv = [a.format(result=small, target=target) for a in argv]
     before = file_tree(tmp_path)
     assert _cli("-q", *argv) == 2
     assert f"{target} exists; pass " in capsys.readouterr().err
     assert file_tree(tmp_path) == before
+    assert _cli("-q", *argv, "--overwrite") == 2
+    assert f"{target} exists and is no " in capsys.readouterr().err
+    assert file_tree(tmp_path) == before
+    target.unlink()
+    assert _cli("-q", *argv) == 0  # written once, then replaced
     assert _cli("-q", *argv, "--overwrite") == 0
     text = target.read_text(encoding="utf-8")
     if argv[0] == "query":

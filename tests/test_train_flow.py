@@ -123,14 +123,14 @@ def test_a_checkpoint_that_appeared_while_it_trained_is_kept(
 
     def others_write_meanwhile(*args: object, **kwargs: object) -> dict:
         result = real_train(*args, **kwargs)
-        out.write_bytes(b"another run's model")
+        out.write_bytes(b"PK\x03\x04 another run's model")
         return result
 
     monkeypatch.setattr(flow_module, "train", others_write_meanwhile)
     torch.set_num_threads(1)
     with pytest.raises(FileExistsError, match=r"m\.pt exists"):
         flow_module.train_model(str(out), model_options=MODEL, train_options=TRAIN, half=False)
-    assert out.read_bytes() == b"another run's model"
+    assert out.read_bytes() == b"PK\x03\x04 another run's model"
     flow_module.train_model(
         str(out), model_options=MODEL, train_options=TRAIN, half=False, overwrite=True
     )

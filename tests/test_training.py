@@ -1188,11 +1188,11 @@ def test_save_trained_leaves_a_file_that_appeared_while_it_trained(
 
     config, result = finished_run
     out = tmp_path / "m.pt"
-    out.write_bytes(b"someone else's model")
+    out.write_bytes(b"PK\x03\x04 someone else's model")
     kept = tmp_path / f"m.unsaved-{os.getpid()}.pt"
     with pytest.raises(FileExistsError, match=rf"m\.pt exists .*{kept.name}.*overwrite=True"):
         save_trained(tiny_unet(), config, result, out)
-    assert out.read_bytes() == b"someone else's model"
+    assert out.read_bytes() == b"PK\x03\x04 someone else's model"
     assert models.load(kept).checkpoint_metrics["loss_history"] == result["loss_history"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", kept.name]
     kept.unlink()
@@ -1201,13 +1201,13 @@ def test_save_trained_leaves_a_file_that_appeared_while_it_trained(
     scored = loop.evaluate_model
 
     def another_run_saves_meanwhile(*args: object, **kwargs: object) -> object:
-        out.write_bytes(b"another run's model")
+        out.write_bytes(b"PK\x03\x04 another run's model")
         return scored(*args, **kwargs)
 
     monkeypatch.setattr(loop, "evaluate_model", another_run_saves_meanwhile)
     with pytest.raises(FileExistsError, match=r"m\.pt exists"):
         save_trained(tiny_unet(), config, result, out)
-    assert out.read_bytes() == b"another run's model"
+    assert out.read_bytes() == b"PK\x03\x04 another run's model"
     kept.unlink()
     save_trained(tiny_unet(), config, result, out, overwrite=True)
     assert models.load(out).checkpoint_metrics["validation"]["dataset"] == "tissue"
@@ -1220,14 +1220,14 @@ def test_place_file_keeps_a_refused_model_of_a_long_name(tmp_path: Path) -> None
     from segpipe.training.output import place_file
 
     out = tmp_path / ("m" * 250 + ".pt")
-    out.write_bytes(b"another run's model")
+    out.write_bytes(b"PK\x03\x04 another run's model")
     written = tmp_path / "written.pt"
     written.write_bytes(b"hours of training")
     with pytest.raises(FileExistsError, match=r"the trained model is at .*\.unsaved-\d+\.pt"):
         place_file(written, out, overwrite=False)
     (kept,) = tmp_path.glob("*.unsaved-*.pt")
     assert kept.read_bytes() == b"hours of training" and len(os.fsencode(kept.name)) <= 255
-    assert out.read_bytes() == b"another run's model"
+    assert out.read_bytes() == b"PK\x03\x04 another run's model"
 
 
 def test_a_link_to_nothing_at_the_output_is_refused_before_training(tmp_path: Path) -> None:
@@ -1297,8 +1297,17 @@ def test_cli_train_leaves_a_file_that_appeared_while_it_trained(
     assert main(_cli_train(out, *TINY_UNET)) == 2
     assert "m.pt exists" in capsys.readouterr().err
     assert out.read_bytes() == b"a user's file"
+    # --overwrite replaces a checkpoint, never a file of another kind (an image named by
+    # mistake): it replaced any file there
+    assert main(_cli_train(out, *TINY_UNET, "--overwrite")) == 2
+    assert "m.pt exists and is no checkpoint segpipe wrote" in capsys.readouterr().err
+    assert out.read_bytes() == b"a user's file"
+    monkeypatch.setattr(training, "train", real_train)
+    out.write_bytes(b"PK\x03\x04 another run's model")
     assert main(_cli_train(out, *TINY_UNET, "--overwrite")) == 0
-    assert out.read_bytes() != b"a user's file"
+    from segpipe import models
+
+    assert models.load(out).checkpoint_metrics["loss_history"]
 
 
 def test_a_validation_folder_numbering_classes_otherwise_is_refused(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ import numpy as np
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
 from segpipe.atomic import check_overwrite, check_writable
-from segpipe.io.files import URLPath, is_url, location, write_text_atomic
+from segpipe.io.files import URLPath, check_replaceable, is_url, location, write_text_atomic
 from segpipe.io.ome import PixelGrid
 from segpipe.io.places import overlap
 from segpipe.io.readers import open_image
@@ -61,6 +61,8 @@ COORDINATES = ("pixel", "micron", "crs")
 
 
 OBJECT_TYPES = ("detection", "annotation")
+# How an export begins (json.dumps keeps the collection's key order): what overwrite replaces.
+_BEGINS = b'{"type": "FeatureCollection"'
 
 
 def _chunk_shapes(
@@ -328,6 +330,8 @@ def export_geojson(
         raise FileExistsError(
             f"GeoJSON output {target} exists; pass overwrite=True (--overwrite) to replace it"
         )
+    if target.exists():
+        check_replaceable(target, "GeoJSON", _BEGINS)
     if not isinstance(target, URLPath):
         check_writable(target)  # below a file, a read-only folder: before the objects
     meta = read_meta(result)

@@ -218,8 +218,9 @@ def _query(args: argparse.Namespace) -> int:
 def _check_table(table: str, result: str, *, overwrite: bool) -> None:
     """Refuse ``--table`` where it is a folder, or a file and not ``overwrite``, or in the
     result: before the objects are labelled, which may take long."""
+    from segpipe.analysis.objects import OBJECT_COLUMNS
     from segpipe.atomic import check_writable
-    from segpipe.io.files import URLPath, location
+    from segpipe.io.files import URLPath, check_replaceable, location
     from segpipe.io.places import overlap
 
     where = location(table)
@@ -229,6 +230,8 @@ def _check_table(table: str, result: str, *, overwrite: bool) -> None:
         raise IsADirectoryError(f"--table {table} is a folder; name a .csv file")
     if where.exists() and not overwrite:
         raise FileExistsError(f"--table {table} exists; pass --overwrite to replace it")
+    if where.exists():  # a table written before: its header
+        check_replaceable(where, "object table", ",".join(OBJECT_COLUMNS).encode())
     if not isinstance(where, URLPath):
         check_writable(where)  # a file where a folder must be, a read-only folder
 

@@ -36,6 +36,7 @@ __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
     "changed_file",
+    "check_replaceable",
     "delete_marked_store",
     "file_state",
     "is_url",
@@ -397,3 +398,17 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath
     with replaced_file(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
+
+
+def check_replaceable(target: Path | URLPath, kind: str, begins: bytes) -> None:
+    """ValueError naming ``target``, an existing file, unless it begins with ``begins``
+    (after whitespace): overwrite replaces a file of the ``kind`` the command writes (its
+    GeoJSON, its table, its checkpoint), never one given by mistake: the result's source
+    image, a store's ``zarr.json``."""
+    with target.open_read() if isinstance(target, URLPath) else open(target, "rb") as f:
+        head = f.read(len(begins) + 4096).lstrip()
+    if not head.startswith(begins):
+        raise ValueError(
+            f"{target} exists and is no {kind} segpipe wrote: overwrite replaces only such a "
+            "file; move it away or name another file"
+        )

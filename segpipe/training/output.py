@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from segpipe.atomic import check_overwrite, check_writable
-from segpipe.io.files import location
+from segpipe.io.files import check_replaceable, location
 
 __all__ = ["check_output", "place_file"]
 
@@ -36,6 +36,8 @@ def check_output(output: str | os.PathLike[str], *, overwrite: bool = False) -> 
             f"{path} exists: replace it with overwrite=True (segpipe train --overwrite), or "
             "name another file"
         )
+    if path.is_file():  # a torch checkpoint is a zip; an image given by mistake is not
+        check_replaceable(path, "checkpoint", b"PK\x03\x04")
     check_writable(path)
     return path
 
