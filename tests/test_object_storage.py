@@ -887,3 +887,31 @@ def test_a_file_written_atomically_has_the_mode_of_any_file_the_user_writes(tmp_
     out = write_text_atomic(tmp_path / "table.csv", "a,b\n")
     (tmp_path / "plain.csv").write_text("a,b\n")
     assert out.stat().st_mode & 0o777 == (tmp_path / "plain.csv").stat().st_mode & 0o777
+
+
+def test_a_source_urls_password_is_stored_nowhere(small_slide, random_checkpoint):
+    """An image read at http://user:password@host/... was recorded with its password in the
+    result's attributes (its identity, the source it names) and in the log."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler
+
+    import fsspec
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    folder = small_slide.image.parent
+    served = functools.partial(Quiet, directory=str(folder))
+    with ThreadingHTTPServer(("127.0.0.1", 0), served) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        host = f"127.0.0.1:{server.server_address[1]}"
+        url = f"http://alice:PASSWORD123@{host}/{small_slide.image.name}"
+        out = segpipe.segment(url, "memory://creds/r.seg.zarr", random_checkpoint,
+                              tile=64, scheduler="sync")  # fmt: skip
+        server.shutdown()
+    fs = fsspec.filesystem("memory")
+    assert not [key for key in fs.find("/creds") if b"PASSWORD123" in fs.cat_file(key)]
+    assert read_meta(out).source == f"http://{host}/{small_slide.image.name}"
+    fs.rm("/creds", recursive=True)

@@ -2841,6 +2841,11 @@ def test_a_file_url_is_decoded_as_rfc_8089_says(tmp_path):
     assert open_image(path.as_uri()).shape == (8, 8, 1)
     with pytest.raises(ValueError, match="another host"):
         location("file://scanner-7/share/a.tif")
+    # A '#' or '?' as typed (not %23, %3F) cut the path there: "res#v2.seg.zarr" was "res",
+    # another result, which overwrite replaced.
+    for typed in (f"file://{folder}/res#v2.seg.zarr", f"file://{folder}/res?v=2.seg.zarr"):
+        with pytest.raises(ValueError, match=r"'\?' and '#' end the path; write them %3F"):
+            location(typed)
 
 
 # ---- non-finite values in metadata --------------------------------------------------------------

@@ -40,6 +40,7 @@ from segpipe.io.files import URLPath, is_url, location
 from segpipe.io.identity import pixel_sample_sha256
 from segpipe.io.imagestore import is_segpipe_image
 from segpipe.io.locks import store_lock
+from segpipe.io.places import public_url
 from segpipe.io.readers import Reader, open_image
 from segpipe.progress import Stage, progress_option, stage
 from segpipe.results import (
@@ -245,7 +246,7 @@ def segment(
             )
             origin = getattr(reader, "origin_um", None)  # not in the Reader protocol
             meta = ResultMeta(
-                source=str(reader.path),
+                source=public_url(str(reader.path)),  # no password of a URL's
                 shape=(ny, nx),
                 pixel_size_um=level_px,
                 class_names=class_names,
@@ -294,14 +295,8 @@ def segment(
             n_todo = sum(len(b.tiles) for b in blocks)
             log.info(
                 "segmenting %s (%d x %d px) into %s: %d tiles, %d to compute, mode %s",
-                reader.path,
-                ny,
-                nx,
-                output,
-                len(grid),
-                n_todo,
-                config.mode,
-            )
+                public_url(str(reader.path)), ny, nx, output, len(grid), n_todo, config.mode,
+            )  # fmt: skip
             job = Job(
                 reader=reader,
                 level=level,

@@ -94,6 +94,11 @@ def location(
         url = urlsplit(path)
         if url.netloc not in ("", "localhost"):
             raise ValueError(f"{path}: a file URL of another host ({url.netloc}) is not local")
+        if "?" in path or "#" in path:  # cut off as a query or fragment: another path
+            raise ValueError(
+                f"{path}: in a file URL '?' and '#' end the path; write them %3F and %23 (as "
+                "Path.as_uri() does), or give the path itself"
+            )
         return Path(url2pathname(url.path))
     return Path(path)
 

@@ -33,6 +33,7 @@ from segpipe.atomic import check_overwrite
 from segpipe.geometry.pixels import level_downsample
 from segpipe.io.files import URLPath, delete_marked_store, is_url, json_number, location
 from segpipe.io.identity import pixel_sample_sha256
+from segpipe.io.places import public_url
 from segpipe.io.readers import Reader, open_image
 from segpipe.io.siblings import sibling_name, siblings
 from segpipe.io.units import check_pixel_size
@@ -88,8 +89,8 @@ def _segpipe_attributes(path: Path | URLPath) -> dict[str, Any] | None:
 def is_same_location(path: Path | URLPath, other: str) -> bool:
     """Whether ``other`` (a path or URL as a reader or a store's attributes name it) is
     ``path``: URLs compared as written, local paths resolved."""
-    if isinstance(path, URLPath) or is_url(other):
-        return str(path) == other.rstrip("/")
+    if isinstance(path, URLPath) or is_url(other):  # stored without a password
+        return public_url(str(path)) == other.rstrip("/")
     return path.resolve() == Path(other).resolve()
 
 
@@ -187,7 +188,7 @@ def source_attributes(reader: Reader) -> dict[str, Any]:
     CRS or origin fixed in place changes no pixel, an edit outside the sampled pixels none of
     the sample's."""
     path = str(reader.path)
-    attrs: dict[str, Any] = {"source": path if is_url(path) else os.path.abspath(path)}
+    attrs: dict[str, Any] = {"source": public_url(path) if is_url(path) else os.path.abspath(path)}
     if not is_url(path) and os.path.isfile(path):
         # a file edited in place outside the sampled pixels: its size or mtime tells
         stat = os.stat(path)

@@ -11,7 +11,7 @@ from fsspec.registry import known_implementations
 
 from segpipe.io.files import is_url, location
 
-__all__ = ["overlap"]
+__all__ = ["overlap", "public_url"]
 
 
 def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
@@ -28,6 +28,21 @@ def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
     if p == q:
         return "is"
     return "is inside" if q in p.parents else "holds" if p in q.parents else None
+
+
+def public_url(path: str) -> str:
+    """``path`` without the user-info of a URL's authority (``user:password@``): as a result
+    or an ingest records its source, and a log shows it.
+
+    >>> public_url("http://alice:secret@host:8080/a.tif"), public_url("/data/a@b.tif")
+    ('http://host:8080/a.tif', '/data/a@b.tif')
+    """
+    from urllib.parse import urlsplit, urlunsplit
+
+    url = urlsplit(path) if is_url(path) else None
+    if url is None or "@" not in url.netloc:
+        return path
+    return urlunsplit(url._replace(netloc=url.netloc.rpartition("@")[2]))
 
 
 def _place(path: str | os.PathLike[str]) -> tuple[str, PurePosixPath | Path]:
