@@ -294,3 +294,19 @@ def test_two_processes_making_one_demo_slide_both_get_it_whole(tmp_path: Path) -
         "synthetic-512px-seed0.ome.tif",
         "synthetic-512px-seed0.truth.zarr",
     ]
+
+
+def test_a_slide_larger_than_memory_is_refused_before_any_array() -> None:
+    """`segpipe demo --size 10000000` grew to 21.8 GB before the kernel killed it; a smaller
+    machine got numpy's MemoryError traceback after minutes."""
+    import psutil
+
+    side = int((psutil.virtual_memory().available / 20) ** 0.5 * 2)  # 4x the memory
+    with pytest.raises(ValueError, match=rf"{side} x {side} px .* GiB to make, more than"):
+        tissue_slide(side, seed=0)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True])
+def test_a_seed_that_is_no_integer_from_zero_is_refused_naming_it(seed) -> None:
+    with pytest.raises(ValueError, match=rf"seed must be an integer >= 0, got {seed!r}"):
+        tissue_slide(64, seed=seed)

@@ -94,6 +94,9 @@ def tissue_slide(
     shape = parse_shape(shape)
     if min(shape) < 16:
         raise ValueError(f"slide shape must be at least 16 px a side, got {shape}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    check_memory_for(shape)
     if not (math.isfinite(pixel_size_um) and pixel_size_um > 0):
         raise ValueError(f"pixel_size_um must be a positive number, got {pixel_size_um}")
     rng = np.random.default_rng(seed)
@@ -125,6 +128,27 @@ def tissue_slide(
     labels[instances > 0] = NUCLEUS
     image = _render_rgb(rng, eosin, hema, coarse)
     return SyntheticSlide(image, labels, instances, float(pixel_size_um))
+
+
+# What a slide takes at its peak, per pixel: the image, labels and instances returned (8 B)
+# and two float32 work planes, about 2.5 times the outputs (see tissue_slide's Notes).
+PEAK_BYTES_PER_PIXEL = 20
+
+
+def check_memory_for(shape: tuple[int, int]) -> None:
+    """ValueError, before any array is made, where a slide of ``shape`` would need more
+    memory than this machine has available: numpy's came after minutes, or the kernel's
+    out-of-memory killer ended the process (a 10-megapixel side asks 2 PB)."""
+    import psutil
+
+    needed = PEAK_BYTES_PER_PIXEL * shape[0] * shape[1]
+    available = psutil.virtual_memory().available
+    if needed > available:
+        raise ValueError(
+            f"a {shape[0]} x {shape[1]} px synthetic slide takes about {needed / 2**30:,.1f} GiB "
+            f"to make, more than the {available / 2**30:,.1f} GiB available; give a smaller "
+            "size (--size)"
+        )
 
 
 def _tissue_alpha(
