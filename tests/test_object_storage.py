@@ -45,7 +45,7 @@ from segpipe.archive.claims import (  # noqa: E402
 from segpipe.config import SegmentConfig  # noqa: E402
 from segpipe.faults import InjectedFault  # noqa: E402
 from segpipe.io.files import URLPath, location  # noqa: E402
-from segpipe.io.readers import open_image  # noqa: E402
+from segpipe.io.readers import ArrayReader, open_image  # noqa: E402
 from segpipe.results import (  # noqa: E402
     DamagedResultError,
     ResultMismatchError,
@@ -564,7 +564,6 @@ def test_an_ingest_replaced_at_a_url_and_killed_while_deleting_never_reads_as_co
     marked unfinished first, the next ingest redoes it."""
     from segpipe.io import files
     from segpipe.io.ingest import ingest
-    from segpipe.io.readers import ArrayReader
 
     fs, bucket = _bucket()
     url = URLPath(f"memory://{bucket}/img.zarr")
@@ -915,3 +914,16 @@ def test_a_source_urls_password_is_stored_nowhere(small_slide, random_checkpoint
     assert not [key for key in fs.find("/creds") if b"PASSWORD123" in fs.cat_file(key)]
     assert read_meta(out).source == f"http://{host}/{small_slide.image.name}"
     fs.rm("/creds", recursive=True)
+
+
+@pytest.mark.parametrize("url", ["memory://rootres", "memory://rootres/"])
+def test_a_result_at_a_stores_root_is_refused_and_writes_nothing_here(
+    random_checkpoint, tmp_path, monkeypatch, url
+):
+    """Its creation marker, beside it, went to a local folder "memory:" of the working one
+    (and the run failed naming that local path, or went on where the folder existed)."""
+    monkeypatch.chdir(tmp_path)
+    image = ArrayReader(np.zeros((64, 64, 3), np.uint8))
+    with pytest.raises(ValueError, match="memory://rootres is a store's root"):
+        segpipe.segment(image, url, random_checkpoint, tile=64, scheduler="sync")
+    assert list(tmp_path.iterdir()) == []

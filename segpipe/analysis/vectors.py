@@ -46,9 +46,9 @@ import numpy as np
 from segpipe.analysis.objects import object_labels
 from segpipe.analysis.regions import Region
 from segpipe.atomic import check_overwrite, check_writable
-from segpipe.io.files import URLPath, check_replaceable, is_url, location, write_text_atomic
+from segpipe.io.files import URLPath, is_url, location, write_text_atomic
 from segpipe.io.ome import PixelGrid
-from segpipe.io.places import overlap
+from segpipe.io.places import check_replaceable, overlap
 from segpipe.io.readers import open_image
 from segpipe.palette import class_color
 from segpipe.results import ResultMeta, naming_damage, open_result, read_meta

@@ -220,8 +220,8 @@ def _check_table(table: str, result: str, *, overwrite: bool) -> None:
     result: before the objects are labelled, which may take long."""
     from segpipe.analysis.objects import OBJECT_COLUMNS
     from segpipe.atomic import check_writable
-    from segpipe.io.files import URLPath, check_replaceable, location
-    from segpipe.io.places import overlap
+    from segpipe.io.files import URLPath, location
+    from segpipe.io.places import check_replaceable, overlap
 
     where = location(table)
     if relation := overlap(where, result):

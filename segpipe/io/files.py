@@ -36,7 +36,6 @@ __all__ = [
     "REMOTE_READ_BLOCK",
     "URLPath",
     "changed_file",
-    "check_replaceable",
     "delete_marked_store",
     "file_state",
     "is_url",
@@ -156,7 +155,10 @@ class URLPath(StorePath):
 
     @property
     def parent(self) -> URLPath:
-        return URLPath(self.url.rsplit("/", 1)[0], self.storage_options)
+        head = self.url.rpartition("/")[0]
+        if head.endswith(":/") or not head:  # "memory://x" was in a local folder "memory:"
+            raise ValueError(f"{self.url} is a store's root, nothing beside it: name a path in it")
+        return URLPath(head, self.storage_options)
 
     def __truediv__(self, other: str) -> StorePath:
         # Zarr's meaning (a path inside the store), and a plain StorePath like Zarr's own.
@@ -403,17 +405,3 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path | URLPath
     with replaced_file(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return target
-
-
-def check_replaceable(target: Path | URLPath, kind: str, begins: bytes) -> None:
-    """ValueError naming ``target``, an existing file, unless it begins with ``begins``
-    (after whitespace): overwrite replaces a file of the ``kind`` the command writes (its
-    GeoJSON, its table, its checkpoint), never one given by mistake: the result's source
-    image, a store's ``zarr.json``."""
-    with target.open_read() if isinstance(target, URLPath) else open(target, "rb") as f:
-        head = f.read(len(begins) + 4096).lstrip()
-    if not head.startswith(begins):
-        raise ValueError(
-            f"{target} exists and is no {kind} segpipe wrote: overwrite replaces only such a "
-            "file; move it away or name another file"
-        )

@@ -9,9 +9,9 @@ from pathlib import Path, PurePosixPath
 
 from fsspec.registry import known_implementations
 
-from segpipe.io.files import is_url, location
+from segpipe.io.files import URLPath, is_url, location
 
-__all__ = ["overlap", "public_url"]
+__all__ = ["check_replaceable", "overlap", "public_url"]
 
 
 def overlap(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> str | None:
@@ -56,3 +56,17 @@ def _place(path: str | os.PathLike[str]) -> tuple[str, PurePosixPath | Path]:
     if store == "fsspec.implementations.local.LocalFileSystem":
         return "local", Path(rest).resolve()
     return store, PurePosixPath(posixpath.normpath("/" + rest.rstrip("/")))
+
+
+def check_replaceable(target: Path | URLPath, kind: str, begins: bytes) -> None:
+    """ValueError naming ``target``, an existing file, unless it begins with ``begins``
+    (after whitespace): overwrite replaces a file of the ``kind`` the command writes (its
+    GeoJSON, its table, its checkpoint), never one given by mistake: the result's source
+    image, a store's ``zarr.json``."""
+    with target.open_read() if isinstance(target, URLPath) else open(target, "rb") as f:
+        head = f.read(len(begins) + 4096).lstrip()
+    if not head.startswith(begins):
+        raise ValueError(
+            f"{target} exists and is no {kind} segpipe wrote: overwrite replaces only such a "
+            "file; move it away or name another file"
+        )

@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 from segpipe.atomic import check_overwrite, check_writable
-from segpipe.io.files import check_replaceable, location
+from segpipe.io.files import location
+from segpipe.io.places import check_replaceable
 
 __all__ = ["check_output", "place_file"]
 
