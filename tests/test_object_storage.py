@@ -927,3 +927,28 @@ def test_a_result_at_a_stores_root_is_refused_and_writes_nothing_here(
     with pytest.raises(ValueError, match="memory://rootres is a store's root"):
         segpipe.segment(image, url, random_checkpoint, tile=64, scheduler="sync")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_ingest_from_a_url_path_carries_its_options_and_reads_its_pixels():
+    """A URLPath source (a URL with its storage_options) was taken for a reader: ingest and
+    ingested_image failed with "'URLPath' object has no attribute 'shape'"."""
+    import io
+
+    import fsspec
+    import tifffile
+
+    from segpipe.io.files import URLPath
+    from segpipe.io.ingest import ingest, ingested_image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (100, 120, 3), dtype=np.uint8)
+    data = io.BytesIO()
+    tifffile.imwrite(data, pixels, photometric="rgb")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/urlpath-ingest/src.tif", data.getvalue())
+    source = URLPath("memory://urlpath-ingest/src.tif")
+    for made in (
+        ingest(source, URLPath("memory://urlpath-ingest/a.zarr"), chunk=64),
+        ingested_image(source, URLPath("memory://urlpath-ingest/b.zarr")),
+    ):
+        np.testing.assert_array_equal(open_image(made).read(0, 100, 0, 120), pixels)
+    fs.rm("/urlpath-ingest", recursive=True)

@@ -124,7 +124,7 @@ def ingest(
     """
     check_overwrite(overwrite)
     out = location(output)
-    where = source if isinstance(source, str | os.PathLike) else source.path
+    where = source if isinstance(source, str | os.PathLike | URLPath) else source.path
     _check_apart(out, where)
     with write_errors_named(out), contextlib.ExitStack() as locked:
         if not is_url(where) and is_segpipe_image(where):
@@ -157,7 +157,7 @@ def _ingest(
         raise ValueError(f"chunk must be an integer >= 2 (pixels), got {chunk!r}")
     chunk = int(chunk)  # a numpy integer: zarr's JSON metadata cannot hold it
     with contextlib.ExitStack() as opened:
-        if isinstance(source, str | os.PathLike):
+        if isinstance(source, str | os.PathLike | URLPath):  # a URLPath with its options
             reader = open_image(source, pixel_size_um=pixel_size_um)
             opened.callback(cast(Any, reader).close)  # opened here: closed here (BaseReader's)
         else:
