@@ -688,6 +688,23 @@ def test_a_result_missing_a_shard_of_computed_tiles_is_refused_naming_it(tmp_pat
         query.region_report(path)
 
 
+def test_a_complete_result_whose_tile_counts_are_gone_is_refused_not_read_as_glass(tmp_path):
+    """An overwrite at a URL racing the run's end left a complete root over deleted data: its
+    tile counts read as zeros, so no shard was looked for, and every pixel read class 0."""
+    import shutil
+
+    from segpipe.results import DamagedResultError, open_result
+
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:20, 5:20] = 1
+    path, _ = make_result(tmp_path / "r.seg.zarr", labels, tile=20, task_tiles=1)
+    open_result(path)
+    shutil.rmtree(path / "_segpipe" / "class_pixels" / "c")
+    shutil.rmtree(path / "0" / "mask" / "c")
+    with pytest.raises(DamagedResultError, match="per-tile class counts are not those it was"):
+        open_result(path)
+
+
 def test_a_damaged_result_is_rebuilt_as_its_error_says(random_checkpoint, tmp_path):
     """The error said "segment it again with overwrite", which finds the result complete and
     alike and computes nothing: the damage stayed. Deleting it, as it now says, rebuilds it."""

@@ -129,6 +129,33 @@ def test_a_run_replaced_by_another_records_and_finalises_nothing_there(tmp_path)
     assert not tiles_done(path).any()
 
 
+def test_a_result_deleted_while_its_metadata_is_consolidated_is_not_marked_complete(
+    tmp_path, monkeypatch
+):
+    """At a URL (no lock) another run's overwrite deleted the result while the consolidation
+    read it; the consolidation wrote the root back with this run's stamp, the fence passed,
+    and `complete` was written over nothing: it read as all background."""
+    import segpipe.results.store as store
+
+    path = tmp_path / "r.zarr"
+    prepare_result(path, meta())
+    stamp = result_started(path)
+    mark_tiles_done(path, {(y, x): np.array([5, 6]) for y in range(4) for x in range(3)})
+    real = zarr.consolidate_metadata
+
+    def deleted_meanwhile(where, *args, **kwargs):
+        root = (path / "zarr.json").read_bytes()
+        shutil.rmtree(path)  # another run's delete, between the reads and the root's write
+        path.mkdir()
+        (path / "zarr.json").write_bytes(root)
+        return real(where, *args, **kwargs)
+
+    monkeypatch.setattr(store.zarr, "consolidate_metadata", deleted_meanwhile)
+    with pytest.raises(ResultReplacedError, match="deleted by another run while this run"):
+        finalize_result(path, run_summary(path), started=stamp)
+    assert not is_complete(path)
+
+
 def test_a_local_results_stamp_is_read_from_its_zarr_json_without_opening_a_group(
     tmp_path, monkeypatch
 ):

@@ -114,6 +114,16 @@ def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None
         counts = tile_class_pixels(path)
     except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError):
         return  # a result written before the counts were kept
+    # The counts summed when it was finalised: counts gone since (their shards deleted under
+    # a complete root: an overwrite at a URL racing its run's end) read as zeros, and no
+    # shard was looked for, so the result read as all background.
+    summed = meta.get("class_pixels")  # the run summary's
+    if summed is not None and [int(n) for n in counts.sum(axis=(0, 1))] != list(summed):
+        raise DamagedResultError(
+            f"{path} is damaged: its per-tile class counts are not those it was finalised "
+            "with (its bookkeeping was deleted or replaced); delete it "
+            "(segpipe.results.delete_result) and segment the image again"
+        )
     tile = parse_meta(path, meta).config.tile
     tiles = np.argwhere(counts[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
     missing = []

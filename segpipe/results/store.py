@@ -45,7 +45,7 @@ from segpipe.results.schema import (
 )
 from segpipe.results.shards import write_together
 from segpipe.results.summary import RunSummary
-from segpipe.results.tiles import check_not_replaced, tiles_done
+from segpipe.results.tiles import ResultReplacedError, check_not_replaced, tiles_done
 
 __all__ = [
     "delete_result",
@@ -379,6 +379,17 @@ def finalize_result(
     fault_point("result.consolidated")
     meta = replace(meta, state="complete", finished=utc_now(), summary=summary)
     fence()
+    # Deleted meanwhile (an overwrite at a URL, which takes no lock), its root written back by
+    # the consolidation with this run's stamp: the fence passes, the tiles' record is gone.
+    try:
+        gone = started is not None and not tiles_done(path).all()
+    except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError):
+        gone = True
+    if gone:
+        raise ResultReplacedError(
+            f"{path} was deleted by another run while this run finalised it: this run stops "
+            "and marks nothing complete there"
+        )
     group.attrs["segpipe"] = meta.to_attrs()
     return meta
 
