@@ -50,6 +50,7 @@ from segpipe.results import (  # noqa: E402
     DamagedResultError,
     ResultMismatchError,
     delete_result,
+    is_complete,
     is_result,
     prepare_result,
     read_meta,
@@ -952,3 +953,30 @@ def test_an_ingest_from_a_url_path_carries_its_options_and_reads_its_pixels():
     ):
         np.testing.assert_array_equal(open_image(made).read(0, 100, 0, 120), pixels)
     fs.rm("/urlpath-ingest", recursive=True)
+
+
+def test_a_replacement_meeting_a_late_write_during_its_deletion_finishes_on_s3(
+    s3, random_checkpoint, tmp_path, monkeypatch
+):
+    """An object the replaced run wrote while the result was deleted (its late tile record):
+    s3fs's rmdir of its prefix raised a bare FileExistsError naming nothing, the deletion
+    marker was left, and the path was stuck."""
+    import segpipe.io.files as files
+
+    image = tmp_path / "tiny.tif"
+    tifffile.imwrite(image, np.zeros((64, 64, 3), np.uint8), photometric="rgb")
+    source, out = s3.upload(image, "late/tiny.tif"), s3.url("late/tiny.seg.zarr")
+    segpipe.segment(source, out, str(random_checkpoint), CONFIG, storage_options=s3.options)
+    real, late = files._remove_folders, []
+
+    def late_write_first(fs, root):
+        if not late:  # once, as the other run's last write lands
+            late.append(fs.pipe_file(f"{root}/_segpipe/tiles_done/c/0/0", b"late"))
+        return real(fs, root)
+
+    monkeypatch.setattr(files, "_remove_folders", late_write_first)
+    uint8 = CONFIG.replace(probability_dtype="uint8")
+    again = segpipe.segment(source, out, str(random_checkpoint), uint8, overwrite=True,
+                            storage_options=s3.options)  # fmt: skip
+    assert late and read_meta(again).config.probability_dtype == "uint8" and is_complete(again)
+    assert not s3.fs.exists(f"{BUCKET}/late/.tiny.seg.zarr.deleting")

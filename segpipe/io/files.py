@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fnmatch
 import functools
 import json
@@ -301,6 +302,10 @@ def remove_literal(fs: Any, paths: str | Iterable[str], *, recursive: bool = Fal
     if recursive:
         for root in roots:
             _remove_folders(fs, root)
+            fs.invalidate_cache(root)
+            if left := fs.find(root):  # written meanwhile: a replaced run's late write
+                remove_literal(fs, left)
+                _remove_folders(fs, root)
 
 
 def _remove_file(fs: Any, path: str) -> None:
@@ -315,9 +320,13 @@ def _remove_folders(fs: Any, root: str) -> None:
     listed = fs.find(root, withdirs=True, detail=True)
     folders = [name for name, info in listed.items() if info.get("type") == "directory"]
     for folder in sorted(folders, reverse=True):
-        # A memory file system's folder implied by files vanished with them.
-        with contextlib.suppress(FileNotFoundError):
+        try:
             fs.rmdir(folder)
+        except FileNotFoundError:  # a memory file system's, implied by its files, went too
+            pass
+        except OSError as err:  # not empty: a file written meanwhile (s3fs's FileExistsError)
+            if not isinstance(err, FileExistsError) and err.errno != errno.ENOTEMPTY:
+                raise
 
 
 def delete_marked_store(url: URLPath, root: str, marker: tuple[str, ...]) -> None:
