@@ -3033,3 +3033,28 @@ def test_two_in_memory_arrays_of_one_name_and_shape_are_different_pixels_to_dask
     assert ra.level(0).name != rb.level(0).name
     assert ra.level(0).name == ArrayReader(a.copy()).level(0).name  # the pixels name it
     np.testing.assert_array_equal((rb.level(0) - ra.level(0)).compute()[7, 9], [0, 1, 0])
+
+
+@pytest.mark.parametrize("kind", ["tiff", "zarr"])
+def test_an_image_this_user_may_not_read_is_said_so_not_called_corrupt(tmp_path, monkeypatch, kind):
+    """A file of mode 000 (another user's scan) was "not a readable TIFF (corrupt,
+    truncated or another format)", a Zarr store's "write or ingest the image again"."""
+    import segpipe.io.readers as readers
+
+    if kind == "tiff":
+        path = tmp_path / "scan.tif"
+        tifffile.imwrite(path, np.zeros((8, 8), np.uint8))
+        denied = path
+    else:
+        path = tmp_path / "scan.zarr"
+        zarr.create_array(path, shape=(8, 8), dtype="uint8", dimension_names=("y", "x"))
+        denied = path / "zarr.json"
+
+    def refused(file, *args, **kwargs):  # as the kernel answers a user without read rights
+        if Path(file) == denied:
+            raise PermissionError(13, "Permission denied", str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(readers, "open", refused, raising=False)
+    with pytest.raises(ImageReadError, match=rf"{re.escape(str(denied))}: permission denied"):
+        open_image(path)

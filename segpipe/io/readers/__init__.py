@@ -110,6 +110,8 @@ def open_image(
     p = location(path, storage_options)
     if not p.exists():
         raise ImageReadError(f"{p}: no such file or directory")
+    if isinstance(p, Path):
+        _check_readable(p)
     name = p.name.lower()
     if name.endswith(DICOM_SUFFIXES) or (isinstance(p, Path) and is_dicom_folder(p)):
         return DicomReader(p, pixel_size_um=pixel_size_um)
@@ -128,3 +130,16 @@ def open_image(
         f"{', '.join(IMAGE_SUFFIXES + ZARR_SUFFIXES)} "
         f"(convert others to a tiled pyramidal OME-TIFF, e.g. with bfconvert or vips)"
     )
+
+
+def _check_readable(path: Path) -> None:
+    """ImageReadError naming ``path`` where this user may not read it (a file; a folder's
+    listing and its ``zarr.json``): each reader called it corrupt or truncated."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+            path = path / "zarr.json"
+        if path.exists():
+            open(path, "rb").close()
+    except PermissionError as exc:
+        raise ImageReadError(f"{path}: permission denied: this user may not read it") from exc
