@@ -544,3 +544,19 @@ def test_a_failed_replacement_puts_the_earlier_export_back(fresh, tmp_path, monk
     with pytest.raises(PermissionError):
         export_ngff04(fresh, out, overwrite=True)
     assert file_tree(tmp_path) == before
+
+
+def test_an_export_to_a_folder_taking_no_files_is_refused_naming_it(result, tmp_path, monkeypatch):
+    """A read-only folder's error named the hidden copy built beside the export
+    (".a.zarr.exporting-beb3eea8a02f: Permission denied")."""
+    import segpipe.atomic as atomic
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "TemporaryFile", read_only)
+    target = tmp_path / "a.zarr"
+    with pytest.raises(OSError, match="takes no new files") as raised:
+        export_ngff04(result, target)
+    assert raised.value.filename == str(target) and "exporting" not in str(raised.value)
+    assert [p.name for p in tmp_path.iterdir()] == [".a.zarr.lock"]  # the export's lock

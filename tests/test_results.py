@@ -2149,3 +2149,19 @@ def test_the_pyramid_pass_writes_each_shard_of_each_array_once(tmp_path, monkeyp
     pyramid.build_pyramid(path, threads=2)
     assert written and {p.split("/")[0] for p, _ in written} >= {"2", "labels"}
     assert max(written.values()) == 1, [w for w, n in written.items() if n > 1][:3]
+
+
+def test_a_result_in_a_folder_taking_no_files_is_refused_naming_it(tmp_path, monkeypatch):
+    """A read-only folder's error named the hidden copy built beside the result
+    (".r.zarr.creating-501de36441a0: Permission denied"), a path the user never gave."""
+    import segpipe.atomic as atomic
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(atomic.tempfile, "TemporaryFile", read_only)
+    path = tmp_path / "r.zarr"
+    with pytest.raises(OSError, match="takes no new files") as raised:
+        prepare_result(path, meta())
+    assert raised.value.filename == str(path) and "creating" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []

@@ -44,7 +44,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from segpipe.atomic import check_overwrite
+from segpipe.atomic import check_overwrite, check_writable
 from segpipe.io.files import URLPath, delete_marked_store, location
 from segpipe.io.locks import store_lock
 from segpipe.io.ome import ngff04_attributes
@@ -157,6 +157,7 @@ def _export_locally(
     """Build the export beside ``target``, then rename it there (see the module docstring)."""
     # Resolved: "." has no name to build beside, and a parent may be a link.
     here = target.resolve()
+    check_writable(here)  # its error names the export, not the hidden copy built beside it
     for old in siblings(here, "exporting") + siblings(here, "deleting"):
         shutil.rmtree(old, ignore_errors=True)  # what a killed export left
     building = sibling_name(here, "exporting")

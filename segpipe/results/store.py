@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from segpipe.atomic import check_writable
 from segpipe.faults import fault_point
 from segpipe.geometry.tiling import Box
 from segpipe.io.files import URLPath, location, utc_now
@@ -215,6 +216,7 @@ def _create(path: Path | URLPath, meta: ResultMeta) -> None:
         remote.create(path, meta)
         return
     _check_not_link(path)
+    check_writable(path)  # its error names the result, not the hidden copy built beside it
     building = sibling_name(path, "creating")
     try:
         create_layout(building, meta)
