@@ -705,6 +705,21 @@ def test_a_complete_result_whose_tile_counts_are_gone_is_refused_not_read_as_gla
         open_result(path)
 
 
+@pytest.mark.parametrize("damage", ["gone", "garbled"])
+def test_a_result_whose_level_0_array_metadata_is_damaged_is_named(tmp_path, damage):
+    """zarr's "No array found in store file://r.seg.zarr at path 0/mask" came out raw from
+    segpipe info and export."""
+    from segpipe.results import DamagedResultError, open_result
+
+    labels = np.zeros((40, 40), np.uint8)
+    labels[5:20, 5:20] = 1
+    path, _ = make_result(tmp_path / "r.seg.zarr", labels, tile=20, task_tiles=1)
+    document = path / "0" / "mask" / "zarr.json"
+    document.unlink() if damage == "gone" else document.write_text("{}")
+    with pytest.raises(DamagedResultError, match=rf"^{path} is damaged: its array 0/mask"):
+        open_result(path)
+
+
 def test_a_damaged_result_is_rebuilt_as_its_error_says(random_checkpoint, tmp_path):
     """The error said "segment it again with overwrite", which finds the result complete and
     alike and computes nothing: the damage stayed. Deleting it, as it now says, rebuilds it."""

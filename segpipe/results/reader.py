@@ -128,7 +128,14 @@ def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None
     tiles = np.argwhere(counts[..., 1:].sum(axis=-1) > 0) * tile  # (n, 2) y, x px
     missing = []
     for name in ("mask", "probabilities"):
-        array = zarr.open_array(store_of(path), path=level_path(0, name, layout=layout_of(meta)))
+        where = level_path(0, name, layout=layout_of(meta))
+        try:
+            array = zarr.open_array(store_of(path), path=where)
+        except (FileNotFoundError, ValueError) as exc:  # gone, or no array metadata
+            raise DamagedResultError(
+                f"{path} is damaged: its array {where} cannot be opened ({exc}); delete it "
+                "(segpipe.results.delete_result) and segment the image again"
+            ) from exc
         side = np.asarray((array.shards or array.chunks)[-2:])
         lead = (0,) * (array.ndim - 2)  # the class axis, in one shard
         stored = _files_below(path, array.path)
