@@ -1597,3 +1597,29 @@ def test_an_object_store_without_credentials_is_a_user_error_naming_the_url(monk
         "segpipe info: error: s3://some-bucket/slide.ome.zarr: NoCredentialsError: "
         "Unable to locate credentials"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--sigma", "-1", "--loss-weights", "unet"], "--sigma finite and > 0, got 10.0, -1.0"),
+        (["--elastic-std", "1000"], "--elastic-std must be in [0, --patch], --jitter in [0, 1)"),
+        (["--pixel-size", "0"], "--pixel-size must be > 0, got 0.0"),
+    ],
+)
+def test_train_names_the_option_it_refuses(tmp_path, capsys, options, says):
+    """The shell's user typed --sigma; the message named TrainConfig.sigma_px."""
+    code = main(["train", str(tmp_path / "m.pt"), *options, "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "TrainConfig." not in err, err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_resume_from_a_missing_checkpoint_says_it_is_missing(tmp_path, capsys):
+    """--resume nope.pt said its optimiser state nope.state.pt was missing."""
+    nope = tmp_path / "nope.pt"
+    code = main(["train", str(tmp_path / "m.pt"), "--resume", str(nope), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot resume from {nope}: no such file" in err, err
+    assert "state" not in err

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 
 from segpipe.cli.text import DeprecatedAlias
 from segpipe.config import SegmentConfig
@@ -155,7 +157,14 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "else a fine-tuned checkpoint's)",
     )
     tr.add_argument("--full-precision", action="store_true", help="save float32 weights")
-    tr.set_defaults(run=_train)
+    # The library names TrainConfig's fields (TrainConfig.sigma_px); the shell's user typed
+    # the option (--sigma): each field's option, its deprecated aliases left out.
+    flags = {
+        a.dest: a.option_strings[0]
+        for a in tr._actions
+        if a.option_strings and not isinstance(a, DeprecatedAlias)
+    }
+    tr.set_defaults(run=_train, flags=flags)
 
 
 def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -206,12 +215,23 @@ def add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def _train(args: argparse.Namespace) -> int:
-    from segpipe import training
-    from segpipe.analysis.evaluation import Evaluation
     from segpipe.training import check_output
 
     # Refused now, not after the training: an existing file, a folder, a URL, no write access.
     output = check_output(args.output, overwrite=args.overwrite)
+    try:
+        return _trained(args, output)
+    except ValueError as err:
+        text = re.sub(r"TrainConfig\.(\w+)", lambda m: args.flags.get(m[1], m[0]), str(err))
+        if text == str(err):
+            raise
+        raise ValueError(text) from err
+
+
+def _trained(args: argparse.Namespace, output: Path) -> int:
+    from segpipe import training
+    from segpipe.analysis.evaluation import Evaluation
+
     folders = args.train_folder is not None or args.val_folder is not None
     config = training.TrainConfig(
         steps=args.steps,

@@ -177,7 +177,7 @@ class TrainConfig:
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"TrainConfig.num_threads must be >= 1 or None: {self.num_threads}")
         if min(self.seed, self.val_seed) < 0:  # numpy's message named neither (--seed -1)
-            raise ValueError(f"TrainConfig.seed (--seed) and val_seed must be >= 0, got "
+            raise ValueError(f"TrainConfig.seed and val_seed must be >= 0, got "
                              f"{self.seed}, {self.val_seed}")  # fmt: skip
         per, n, steps = self.steps_per_epoch, self.epochs, self.steps
         if n > steps or math.ceil(steps / per) != n:
@@ -222,13 +222,13 @@ class TrainConfig:
         # Finite: an infinite w0 or sigma_px failed deep in the weight map, and an infinite
         # displacement made every training pair zeros.
         if not (0 <= self.w0 < math.inf and 0 < self.sigma_px < math.inf):
-            raise ValueError(f"TrainConfig needs a finite w0 >= 0 and sigma_px > 0, got "
-                             f"{self.w0}, {self.sigma_px}")  # fmt: skip
+            raise ValueError(f"TrainConfig.w0 must be finite and >= 0 and TrainConfig.sigma_px "
+                             f"finite and > 0, got {self.w0}, {self.sigma_px}")  # fmt: skip
         if not (0 <= self.elastic_std_px <= self.patch and self.elastic_grid >= 2
                 and 0 <= self.jitter < 1):  # fmt: skip
             raise ValueError(
-                "TrainConfig needs 0 <= elastic_std_px <= patch, elastic_grid >= 2 and "
-                f"0 <= jitter < 1, got {self.elastic_std_px} (patch {self.patch}), "
+                "TrainConfig.elastic_std_px must be in [0, TrainConfig.patch], TrainConfig.jitter "
+                f"in [0, 1) and elastic_grid >= 2, got {self.elastic_std_px} (patch {self.patch}), "
                 f"{self.elastic_grid}, {self.jitter}"
             )
         if self.pixel_size_um is not None and not 0 < self.pixel_size_um < math.inf:

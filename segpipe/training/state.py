@@ -213,6 +213,8 @@ def load_state(
     from segpipe import models
 
     state_file = state_path(checkpoint)
+    if not Path(checkpoint).exists():  # not its state's fault (a typo, a cleaned folder)
+        raise FileNotFoundError(f"cannot resume from {checkpoint}: no such file")
     if not state_file.is_file():
         raise FileNotFoundError(
             f"cannot resume from {checkpoint}: its optimiser state {state_file} is missing "
