@@ -293,6 +293,15 @@ def test_demo_finds_a_prefect_server_that_is_down_before_making_its_slide(
     assert made == []
 
 
+def test_demo_out_that_is_a_file_is_refused_naming_the_option(tmp_path, capsys):
+    """mkdir's "file.txt: File exists" named no option and hinted the folder was taken."""
+    taken = tmp_path / "file.txt"
+    taken.write_text("the user's")
+    assert main(["demo", "--out", str(taken), "--size", "64"]) == 2
+    assert capsys.readouterr().err.endswith(f"--out {taken}: is a file, not a folder\n")
+    assert taken.read_text() == "the user's"
+
+
 def test_info_on_an_image(small_slide, capsys):
     assert main(["info", str(small_slide.image), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -3058,3 +3058,15 @@ def test_an_image_this_user_may_not_read_is_said_so_not_called_corrupt(tmp_path,
     monkeypatch.setattr(readers, "open", refused, raising=False)
     with pytest.raises(ImageReadError, match=rf"{re.escape(str(denied))}: permission denied"):
         open_image(path)
+
+
+def test_a_segpipe_result_given_as_an_image_is_named_so(small_slide, random_checkpoint, tmp_path):
+    """A result given as SOURCE said its dimension names ('class', 'y', 'x') were not axis
+    letters: true, and no help."""
+    import segpipe
+
+    result = tmp_path / "r.seg.zarr"
+    segpipe.segment(small_slide.image, result, random_checkpoint, scheduler="sync")
+    with pytest.raises(ImageReadError, match=r"r\.seg\.zarr: a segpipe result \(a segmentation"):
+        open_image(result)
+    assert segpipe.open_result(result)["mask"].shape == (300, 300)

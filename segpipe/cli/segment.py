@@ -213,6 +213,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = Path(args.out)
+    if out.exists() and not out.is_dir():  # mkdir's "File exists" named no option
+        raise NotADirectoryError(f"--out {out}: is a file, not a folder")
     config = config_from_args(args)
     # Before the slide: making it is a long wait at the default size, for nothing if the
     # server named is down.

@@ -151,6 +151,11 @@ class ZarrReader(BaseReader):
     def _open_multiscale(self, group: Any) -> tuple[list[Any], list[str], float | None]:
         attrs = dict(group.attrs)
         segpipe = attrs.get("segpipe", {})
+        if isinstance(segpipe.get("identity"), dict):  # its axes (class, y, x) were named
+            raise ImageReadError(
+                f"{self.path}: a segpipe result (a segmentation), not an image: read it with "
+                "segpipe.open_result or `segpipe info`; segment the image it was made from"
+            )
         if segpipe.get("kind") == "image" and segpipe.get("complete") is False:
             raise ImageReadError(
                 f"{self.path}: this segpipe ingest never finished (attribute "
