@@ -1355,6 +1355,38 @@ def test_a_deleted_report_or_thumbnail_is_written_again_by_the_next_run(
     assert not paths.lock.exists(), "the claim it wrote them under is released"
 
 
+@pytest.mark.parametrize("kind", ["report", "thumbnail"])
+@pytest.mark.parametrize("stale", [False, True], ids=["new", "stale"])
+def test_a_users_file_where_a_report_or_thumbnail_goes_is_kept(
+    tmp_path, slide, random_checkpoint, kind, stale
+):
+    """An output root that is the archive's own folder may hold a.ome.tif.report.md of the
+    user's: it was replaced by the report (or removed with a stale result), without a word.
+    The image fails, naming it; the user's file stays, and the result of earlier settings."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    paths = image_paths(out, "a.ome.tif")
+    if stale:
+        process_image(image, out, random_checkpoint, config=CONFIG)
+    made = read_meta(paths.result).finished if stale else None
+    theirs = getattr(paths, kind)
+    theirs.parent.mkdir(parents=True, exist_ok=True)
+    theirs.write_text("notes on a.ome.tif: the user's\n")
+    config = CONFIG.replace(tile=32) if stale else CONFIG
+    with pytest.raises(
+        ValueError, match=f"{re.escape(str(theirs))} exists and is no archive {kind} segpipe wrote"
+    ):
+        process_image(image, out, random_checkpoint, config=config)
+    assert theirs.read_text() == "notes on a.ome.tif: the user's\n"
+    assert archive.read_state(paths.state)["status"] == "failed"
+    if stale:  # refused before it was deleted
+        assert read_meta(paths.result).finished == made
+    theirs.unlink()  # moved away: the next run, once the failure's back-off is over, makes all
+    _age_failure(paths, 3600)
+    done = process_image(image, out, random_checkpoint, config=config)
+    assert done.status == "segmented" and getattr(paths, kind).exists()
+
+
 # -- failures back off, a lost claim stops, the catalog under the claim, a moving image ----
 
 

@@ -347,10 +347,12 @@ def _write_reports(
     if "thumbnail" in only:
         level = read_meta(paths.result).config.level or 0  # the level segment() chose
         claim.check()
+        reports.check_made(paths.thumbnail, "thumbnail")
         reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
     if "report" in only:
         text = reports.image_report(paths.result, image=key, thumbnail=paths.thumbnail)
         claim.check()
+        reports.check_made(paths.report, "report")
         write_text_atomic(paths.report, text)
 
 
@@ -405,7 +407,10 @@ def _from_result(key: str, paths: ImagePaths, status: Status, reason: str) -> Im
 
 def _remove_result(paths: ImagePaths) -> None:
     """Delete a stale result (:func:`segpipe.results.delete_result`: never half-deleted), then
-    its report and thumbnail (a deleted result's numbers); refuse what is not a result."""
+    its report and thumbnail (a deleted result's numbers); refuse what is not a result, and
+    a file of the user's where the report or thumbnail goes (kept, as the result is)."""
+    reports.check_made(paths.report, "report")
+    reports.check_made(paths.thumbnail, "thumbnail")
     try:
         delete_result(paths.result)
     except ResultMismatchError as exc:  # the archive's wording: the user's data, kept

@@ -11,12 +11,13 @@ at full resolution.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from segpipe.analysis.summary import summarise
 from segpipe.archive.state import ImageOutcome
 from segpipe.atomic import replaced_file
 from segpipe.io.files import URLPath, location
+from segpipe.io.places import check_replaceable
 from segpipe.io.readers import open_image
 from segpipe.io.units import UM_PER_UNIT
 from segpipe.palette import class_color
@@ -143,6 +145,18 @@ def thumbnail_level(level_shapes: Sequence[tuple[int, ...]], level: int, max_sid
         if max(level_shapes[k][:2]) >= max_side:
             best = k
     return best
+
+
+# How each file the archive writes begins: it replaces or removes only such a file, never
+# a user's of the same name (an output root that is the archive's own folder).
+_BEGINS = {"report": b"# segpipe: ", "thumbnail": b"\x89PNG\r\n\x1a\n"}
+
+
+def check_made(path: Path | URLPath, kind: Literal["report", "thumbnail"]) -> None:
+    """ValueError naming ``path`` unless it is missing or begins as the archive's ``kind``
+    of file does (:func:`image_report`'s title, a PNG's signature)."""
+    with contextlib.suppress(FileNotFoundError):
+        check_replaceable(path, f"archive {kind}", _BEGINS[kind])
 
 
 def write_thumbnail(

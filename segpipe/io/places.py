@@ -62,11 +62,11 @@ def check_replaceable(target: Path | URLPath, kind: str, begins: bytes) -> None:
     """ValueError naming ``target``, an existing file, unless it begins with ``begins``
     (after whitespace): overwrite replaces a file of the ``kind`` the command writes (its
     GeoJSON, its table, its checkpoint), never one given by mistake: the result's source
-    image, a store's ``zarr.json``."""
+    image, a store's ``zarr.json``. FileNotFoundError where there is none."""
     with target.open_read() if isinstance(target, URLPath) else open(target, "rb") as f:
         head = f.read(len(begins) + 4096).lstrip()
     if not head.startswith(begins):
         raise ValueError(
-            f"{target} exists and is no {kind} segpipe wrote: overwrite replaces only such a "
+            f"{target} exists and is no {kind} segpipe wrote: segpipe replaces only such a "
             "file; move it away or name another file"
         )
