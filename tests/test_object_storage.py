@@ -217,6 +217,18 @@ def test_segment_reads_and_writes_s3_and_equals_a_local_run(
     np.testing.assert_array_equal(by_url["mask"].values, segpipe.open_result(reference)["mask"])
 
 
+def _environment_credentials(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The moto server's credentials and endpoint in AWS_*, as the command line takes them."""
+    import s3fs
+
+    endpoint = s3.options["client_kwargs"]["endpoint_url"]
+    environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+    environment |= {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # one made before would keep the old environment
+
+
 def test_a_result_on_s3_opens_with_the_environments_credentials_and_a_lost_shard_is_refused(
     s3, small_slide, random_checkpoint, reference, monkeypatch
 ):
@@ -228,12 +240,7 @@ def test_a_result_on_s3_opens_with_the_environments_credentials_and_a_lost_shard
     source = s3.upload(small_slide.image, "env/slide.ome.tif")
     url = s3.url("env/slide.seg.zarr")
     segpipe.segment(source, url, str(random_checkpoint), CONFIG, storage_options=s3.options)
-    endpoint = s3.options["client_kwargs"]["endpoint_url"]
-    environment = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-    environment |= {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    s3fs.S3FileSystem.clear_instance_cache()  # one made before would keep the old environment
+    _environment_credentials(s3, monkeypatch)
     np.testing.assert_array_equal(
         segpipe.open_result(url)["mask"].values, segpipe.open_result(reference)["mask"].values
     )
@@ -243,6 +250,29 @@ def test_a_result_on_s3_opens_with_the_environments_credentials_and_a_lost_shard
     for options in (None, s3.options):
         with pytest.raises(DamagedResultError, match=r"stored shard.* missing"):
             segpipe.open_result(url, storage_options=options)
+
+
+def test_info_describes_an_image_at_a_url(s3, small_slide, monkeypatch, capsys):
+    """`segpipe info s3://bucket/a.tif` ended in a traceback: describe_image took the URL
+    for an open reader ('URLPath' object has no attribute 'level_shapes')."""
+    from segpipe.cli import main
+
+    url = s3.upload(small_slide.image, "info/slide.ome.tif")
+    _environment_credentials(s3, monkeypatch)
+    assert main(["info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["path"], info["levels"][0]) == (url, [300, 300, 3])
+
+
+def test_a_result_in_a_bucket_that_does_not_exist_is_named(small_slide, random_checkpoint, s3):
+    """s3fs says "The specified bucket does not exist", naming no bucket and no URL."""
+    url = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/r.seg.zarr"
+    with pytest.raises(FileNotFoundError) as caught:
+        segpipe.segment(
+            small_slide.image, url, str(random_checkpoint), CONFIG, storage_options=s3.options
+        )
+    assert caught.value.filename == url
+    assert caught.value.strerror == "cannot be written (The specified bucket does not exist)"
 
 
 def test_a_window_of_an_s3_image_is_read_without_downloading_the_file(s3, tmp_path):

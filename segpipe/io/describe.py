@@ -13,7 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
-from segpipe.io.files import json_number
+from segpipe.io.files import URLPath, json_number
 from segpipe.io.readers import Reader, open_image
 
 __all__ = ["ImageInfo", "describe_image"]
@@ -113,7 +113,7 @@ def describe_image(
     ImageReadError
         As ``open_image``: naming the file and what is wrong with it.
     """
-    if not isinstance(image, str | os.PathLike):
+    if not isinstance(image, str | os.PathLike | URLPath):  # a URLPath is no os.PathLike
         return _described(image)
     reader = open_image(image, pixel_size_um=pixel_size_um)
     try:

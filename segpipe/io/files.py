@@ -212,7 +212,10 @@ class URLPath(StorePath):
     def write_bytes(self, data: bytes) -> int:
         """Write the whole object in one request: readers see the old one or the new one."""
         fs, path = self.filesystem()
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except FileNotFoundError as exc:  # s3fs's "The specified bucket does not exist"
+            raise FileNotFoundError(errno.ENOENT, f"cannot be written ({exc})", str(self)) from exc
         return len(data)
 
     def write_text(self, text: str, encoding: str = "utf-8") -> int:

@@ -40,7 +40,10 @@ def create(url: URLPath, meta: ResultMeta) -> None:
     objects = layout_documents(meta)
     marker = _marker(url, "creating")
     # Listed before any is written: a kill's leftovers are these, nothing else at the prefix.
-    marker.write_text(json.dumps(sorted(objects)))
+    try:
+        marker.write_text(json.dumps(sorted(objects)))
+    except FileNotFoundError as exc:  # no such bucket: named as the result, not its marker
+        raise FileNotFoundError(exc.errno, exc.strerror or str(exc), str(url)) from exc
     root_json = objects.pop(_ROOT)
     fs, root = url.filesystem()
     root = root.rstrip("/")
