@@ -147,7 +147,7 @@ def test_objects_straddling_chunk_corners_are_counted_once(corners):
     assert len(ring) == 1 and ring["area_px"].item() == 144 - 36
 
 
-@pytest.mark.parametrize("chunks", [None, (7, 9)])
+@pytest.mark.parametrize("chunks", [None, (7, 9), {"y": 7, "x": 9}])
 def test_objects_of_a_loaded_result_are_those_of_the_lazy_one(corners, chunks):
     """``open_result(...).load()`` holds numpy arrays: object queries failed on them with
     "'numpy.ndarray' object has no attribute 'rechunk'", where areas and masks worked."""
@@ -166,7 +166,8 @@ def test_objects_of_a_loaded_result_are_those_of_the_lazy_one(corners, chunks):
     np.testing.assert_array_equal(objects.values > 0, lab > 0)
 
 
-@pytest.mark.parametrize("chunks", [(16, 16), (7, 9), (64, 80)])
+# By dimension name too, as xarray takes them: dask's rechunk refused {"y": 7, "x": 9}.
+@pytest.mark.parametrize("chunks", [(16, 16), (7, 9), (64, 80), {"y": 7, "x": 9}, {"x": 16}])
 @pytest.mark.parametrize("connectivity", [1, 2])
 def test_object_table_against_whole_image_scipy(corners, chunks, connectivity):
     path, labels, probs, _ = corners

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,10 +195,11 @@ def _find_objects(
     chunks: Any,
     offset_yx: tuple[int, int],
 ) -> _Objects:
-    fg = _foreground(ds, class_name, threshold).data
+    found = _foreground(ds, class_name, threshold)
+    if isinstance(chunks, Mapping):  # by dimension name ({"y": 1024}): dask's rechunk refuses
+        found, chunks = found.chunk(chunks), None
+    fg = found.data if chunks is None else found.data.rechunk(chunks)
     prob = ds["probabilities"].sel({"class": class_name}, drop=True).data
-    if chunks is not None:
-        fg = fg.rechunk(chunks)
     prob = prob.rechunk(fg.chunks)
     cy, cx = fg.chunks
     starts_y, starts_x = np.cumsum((0, *cy)), np.cumsum((0, *cx))
@@ -303,7 +305,8 @@ def object_table(
     connectivity
         1: pixels sharing an edge are connected; 2: corners too.
     chunks
-        Rechunk before labelling (default: the stored chunks).
+        Rechunk before labelling, as xarray's ``chunk`` takes it (``{"y": 1024, "x": 1024}``,
+        a tuple, an int; default: the stored chunks).
 
     Returns
     -------
