@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import struct
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -933,3 +934,52 @@ def test_an_image_whose_size_tag_tifffile_drops_is_refused_not_passed_over(
     with pytest.raises(ImageReadError, match=r"\(\d+x0x3\) is empty: a size tag") as info:
         open_image(path)
     assert str(info.value).startswith(f"{path}: series ")
+
+
+# --- tiles laid out for another width, tiles whose bytes are lost -----------------------------
+
+
+def _tiled(path: Path) -> Path:
+    """An RGB TIFF of 128 x 128 pixels in 16 tiles of 32 x 32, each of its own colours."""
+    tifffile.imwrite(path, _rgb(128, 128), tile=(32, 32), photometric="rgb")
+    return path
+
+
+def _set_value(path: Path, code: int, index: int, value: int) -> None:
+    """Overwrite value ``index`` of tag ``code`` (an array of LONG or SHORT) of the first IFD."""
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[0].tags[code]
+        fmt, at = {3: "<H", 4: "<I"}[tag.dtype], tag.valueoffset
+    data = bytearray(path.read_bytes())
+    struct.pack_into(fmt, data, at + index * struct.calcsize(fmt), value)
+    path.write_bytes(bytes(data))
+
+
+def test_tiles_laid_out_for_another_width_are_refused_not_read_out_of_place(tmp_path: Path):
+    """ImageWidth 80 over 4 tiles a row: tifffile placed them 3 a row, the image scrambled,
+    and ingest and segment finished 'complete'. Fewer rows (ImageLength) read as they were."""
+    path = _tiled(tmp_path / "narrow.tif")
+    _set_long(path, 256, 80)  # ImageWidth
+    says = r"narrow\.tif: level 0 lists 16 tiles, no whole number of rows of the 3 its width \(80 "
+    with pytest.raises(ImageReadError, match=says + r"pixels in tiles of 32\)"):
+        open_image(path)
+    short = tmp_path / "short.tif"
+    _set_long(_tiled(short), 257, 80)  # ImageLength
+    np.testing.assert_array_equal(open_image(short).read(0, 80, 0, 128), _rgb(128, 128)[:80])
+
+
+def test_a_tile_of_no_bytes_at_an_offset_is_refused_a_sparse_one_reads_as_zeros(tmp_path: Path):
+    """TileByteCounts 0 where TileOffsets still point at the tile read as zeros, 'complete';
+    tifffile's own imread fails there. A sparse tile (GDAL's: offset and count 0) stays."""
+    lost = _tiled(tmp_path / "lost.tif")
+    _set_value(lost, 325, 3, 0)  # TileByteCounts
+    says = r"lost\.tif: level 0 lists tile 3 \(1 in all\) at byte [\d,]+ with a byte count of 0"
+    with pytest.raises(ImageReadError, match=says + ": its bytes are lost"):
+        open_image(lost)
+    sparse = _tiled(tmp_path / "sparse.tif")
+    _set_value(sparse, 324, 3, 0)  # TileOffsets
+    _set_value(sparse, 325, 3, 0)
+    pixels = open_image(sparse).read(0, 128, 0, 128)
+    want = _rgb(128, 128)
+    want[:32, 96:] = 0
+    np.testing.assert_array_equal(pixels, want)

@@ -183,10 +183,29 @@ def check_declared_data(series: Any, file_size: int, path: str) -> None:
 def _check_listed(page: Any, keyframe: Any, level: int, path: str) -> None:
     """Refuse ``page`` (of ``level``, whose ``keyframe`` says its size and tiling) if it lists
     fewer tiles or strips (offsets and byte counts) than its size needs: tifffile reads those
-    it lacks as zeros. More are harmless (tifffile leaves them out; a Philips level's size is
-    cut below its tags')."""
+    it lacks as zeros. More whole rows of tiles are harmless (tifffile leaves them out; a
+    Philips level's size is cut below its tags'), not a part of one: the tiles were laid out
+    for another width, and tifffile places them by this one. A tile or strip of no bytes at
+    an offset (a sparse one has neither) reads as zeros, where its bytes were lost."""
     need = math.prod(keyframe.chunked)  # tiles or strips per axis, planes of planar files too
     listed = min(len(page.dataoffsets), len(page.databytecounts))
+    across = -(-keyframe.imagewidth // keyframe.tilewidth) if keyframe.is_tiled else 1
+    if listed > need and listed % across:
+        raise ImageReadError(
+            f"{path}: level {level} lists {listed:,} tiles, no whole number of rows of the "
+            f"{across:,} its width ({keyframe.imagewidth:,} pixels in tiles of "
+            f"{keyframe.tilewidth:,}) needs across: its ImageWidth or TileWidth (TIFF tags 256, "
+            "322) is wrong, and its tiles would read out of place"
+        )
+    spans = enumerate(zip(page.dataoffsets, page.databytecounts, strict=False))
+    lost = [i for i, (offset, count) in spans if offset and not count]
+    if lost:
+        kind = "tile" if keyframe.is_tiled else "strip"
+        raise ImageReadError(
+            f"{path}: level {level} lists {kind} {lost[0]:,} ({len(lost):,} in all) at byte "
+            f"{int(page.dataoffsets[lost[0]]):,} with a byte count of 0: its bytes are lost, "
+            "and it would read as zeros; the file is damaged"
+        )
     if listed < need:
         tiled = keyframe.is_tiled
         kind, tags, numbers = (
