@@ -2050,7 +2050,8 @@ def test_min_is_white_reads_as_viewers_show_it(tmp_path: Path, dtype: type) -> N
 def test_min_is_white_is_inverted_within_its_bits_per_sample(
     tmp_path: Path, dtype: type, bits: int
 ) -> None:
-    """A 12-bit sample is stored in a uint16: white is 4095, not 65535."""
+    """A 12-bit sample is stored in a uint16: white is 4095, not 65535. A 4-bit one, in a
+    uint8, is then scaled to 0-255 (test_samples_of_fewer_than_8_bits_read_scaled_...)."""
     stored = (_rgb(np.uint16)[..., 0] >> (16 - bits)).astype(dtype)
     path = tmp_path / "white.tif"
     tifffile.imwrite(path, stored, photometric="miniswhite", bitspersample=bits, tile=(64, 64))
@@ -2059,7 +2060,8 @@ def test_min_is_white_is_inverted_within_its_bits_per_sample(
     reader = open_image(path)
     assert reader.dtype == stored.dtype
     white = 2**bits - 1
-    np.testing.assert_array_equal(reader.read(0, 300, 0, 517)[..., 0], white - stored)
+    scale = 255 // white if dtype == np.uint8 else 1  # 17 for 4 bits
+    np.testing.assert_array_equal(reader.read(0, 300, 0, 517)[..., 0], (white - stored) * scale)
 
 
 def test_min_is_white_levels_and_alpha(tmp_path: Path) -> None:
@@ -3070,3 +3072,25 @@ def test_a_segpipe_result_given_as_an_image_is_named_so(small_slide, random_chec
     with pytest.raises(ImageReadError, match=r"r\.seg\.zarr: a segpipe result \(a segmentation"):
         open_image(result)
     assert segpipe.open_result(result)["mask"].shape == (300, 300)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("photometric", ["minisblack", "miniswhite", "rgb"])
+def test_samples_of_fewer_than_8_bits_read_scaled_to_0_255_as_viewers_show_them(
+    tmp_path, bits, photometric
+):
+    """A 4-bit TIFF read 0-15 in uint8: the model saw an image 17 times too dark, and the
+    result was 'complete'. Pillow shows it 0-255 (x17; 2 bits x85): so is it read now."""
+    rng = np.random.default_rng(bits)
+    shape = (37, 41, 3) if photometric == "rgb" else (37, 41)  # odd: packed across bytes
+    stored = rng.integers(0, 2**bits, shape, dtype=np.uint8)
+    path = tmp_path / f"{photometric}{bits}.tif"
+    tifffile.imwrite(path, stored, bitspersample=bits, photometric=photometric)
+    white = 2**bits - 1
+    shown = white - stored if photometric == "miniswhite" else stored
+    want = (shown.astype(int) * 255 // white).astype(np.uint8).reshape(37, 41, -1)
+    reader = open_image(path)
+    assert reader.dtype == np.uint8
+    np.testing.assert_array_equal(reader.read(0, 37, 0, 41), want)
+    if photometric != "rgb":  # Pillow opens packed grey, not packed RGB
+        np.testing.assert_array_equal(np.asarray(Image.open(path))[..., None], want)

@@ -256,7 +256,7 @@ def _shown(page: Any, name: str, level: int, *, plane: bool = False) -> tuple[An
         return None
     palette = None if shown.palette is None else (shown.palette.shape, shown.palette.tobytes())
     return (palette, shown.inverted, shown.bits_per_sample, shown.premultiplied, shown.alpha,
-            shown.ycbcr)  # fmt: skip
+            shown.ycbcr, shown.widened)  # fmt: skip
 
 
 def _interpretation(page: Any) -> str:

@@ -6,8 +6,9 @@ with 0 for white, CMYK's four inks, colour premultiplied by an associated alpha,
 order the Orientation tag says they were written. A model, a mask file or a nodata value read
 from those would see something else than the user does, so each level's keyframe says how its
 samples become pixels (:func:`level_photometric`): a palette is expanded to RGB, min-is-white
-grey is turned into min-is-black, premultiplied colour is divided by its alpha, Aperio's JPEG
-2000 YCbCr (tagged RGB) is turned into RGB as OpenSlide does, and an interpretation segpipe
+grey is turned into min-is-black, samples of 2 to 7 bits are scaled to 0-255, premultiplied
+colour is divided by its alpha, Aperio's JPEG 2000 YCbCr (tagged RGB) is turned into RGB as
+OpenSlide does, and an interpretation segpipe
 cannot show as a viewer would (CMYK, CIELab, YCbCr that no JPEG codec turned into RGB, raw
 sensor data) is refused naming the file. The TIFF reader sets each level's
 ``orientation``; :func:`orient` turns pixels as a viewer does, for EXIF's orientation too.
@@ -69,7 +70,9 @@ class Photometric:
     colour multiplied by the associated alpha, sample ``alpha``, and divided by it
     (:func:`unpremultiply`). ``orientation``: the TIFF Orientation (1 to 8), rows and columns
     turned as :func:`orient` does. ``ycbcr``: the three samples are JFIF YCbCr, turned into
-    RGB (:func:`ycbcr_to_rgb`). None of them: the samples as stored.
+    RGB (:func:`ycbcr_to_rgb`). ``widened``: the BitsPerSample (2 to 7) of samples that
+    tifffile gives in uint8 unscaled (a 4-bit grey's white is 15), scaled up to 0-255 last,
+    as viewers and Pillow show them. None of them: the samples as stored.
     """
 
     palette: np.ndarray | None = None
@@ -79,6 +82,7 @@ class Photometric:
     alpha: int = 0
     orientation: int = 1
     ycbcr: bool = False
+    widened: int | None = None
 
     @property
     def is_as_stored(self) -> bool:
@@ -89,6 +93,7 @@ class Photometric:
             and not self.premultiplied
             and not self.ycbcr
             and self.orientation == 1
+            and self.widened is None
         )
 
     def layout(
@@ -140,6 +145,13 @@ class _PixelView:
 
     def _pixels(self, key: tuple[Any, ...]) -> np.ndarray:
         """The pixels of ``key``, a window in the stored rows and columns."""
+        pixels, bits = self._shown(key), self.photometric.widened
+        if bits is None:
+            return pixels
+        white = 2**bits - 1  # v * 255 / white, rounded: 4 bits x 17, 2 bits x 85
+        return ((pixels.astype(np.uint16) * 255 + white // 2) // white).astype(np.uint8)
+
+    def _shown(self, key: tuple[Any, ...]) -> np.ndarray:
         p, s = self.photometric, self._samples
         if p.palette is not None:  # an index past the palette's end is an IndexError: corrupt
             return np.take(p.palette, np.asarray(self.array[key[:-1]]), axis=0)[..., key[-1]]
@@ -302,6 +314,17 @@ def stated_orientation(page: Any) -> int | None:
 
 
 def level_photometric(page: Any, path: str, level: int) -> Photometric:
+    """How level ``level``'s keyframe ``page`` (a tifffile ``TiffPage``) stores its samples
+    (:func:`_stored_as`), samples of 2 to 7 bits in uint8 scaled up (``widened``)."""
+    shown = _stored_as(page, path, level)
+    bits = page.bitspersample
+    bits = max(bits) if isinstance(bits, tuple) else int(bits)
+    if shown.palette is None and np.dtype(page.dtype) == np.uint8 and 1 < bits < 8:
+        return replace(shown, widened=bits)
+    return shown
+
+
+def _stored_as(page: Any, path: str, level: int) -> Photometric:
     """How level ``level``'s keyframe ``page`` (a tifffile ``TiffPage``) stores its samples
     (as stored in its rows and columns: the orientation is the reader's to set).
 
