@@ -20,6 +20,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+import xarray as xr
 from distributed.client import FutureCancelledError
 from fsspec.implementations.memory import MemoryFileSystem
 
@@ -40,7 +41,14 @@ from segpipe.archive.claims import ClaimLostError, read_lock, try_claim
 from segpipe.archive.sidecars import undecided_state
 from segpipe.archive.state import MAX_KILLED_ATTEMPTS, decide_unreadable, retry_delay_s
 from segpipe.config import SegmentConfig
-from segpipe.results import is_complete, read_meta, result_levels, tiles_done
+from segpipe.results import (
+    DamagedResultError,
+    is_complete,
+    open_result,
+    read_meta,
+    result_levels,
+    tiles_done,
+)
 
 CONFIG = SegmentConfig(tile=64, scheduler="sync")
 
@@ -1360,8 +1368,8 @@ def test_a_deleted_report_or_thumbnail_is_written_again_by_the_next_run(
 def test_a_users_file_where_a_report_or_thumbnail_goes_is_kept(
     tmp_path, slide, random_checkpoint, kind, stale
 ):
-    """An output root that is the archive's own folder may hold a.ome.tif.report.md of the
-    user's: it was replaced by the report (or removed with a stale result), without a word.
+    """An output root that the user keeps other files in may hold a.ome.tif.report.md of
+    theirs: it was replaced by the report (or removed with a stale result), without a word.
     The image fails, naming it; the user's file stays, and the result of earlier settings."""
     source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
     (image,) = discover_images(source)
@@ -1385,6 +1393,26 @@ def test_a_users_file_where_a_report_or_thumbnail_goes_is_kept(
     _age_failure(paths, 3600)
     done = process_image(image, out, random_checkpoint, config=config)
     assert done.status == "segmented" and getattr(paths, kind).exists()
+
+
+def test_a_result_damaged_since_is_segmented_again_not_called_up_to_date(
+    tmp_path, slide, random_checkpoint
+):
+    """A level-0 shard deleted from a complete result: open_result refused it as damaged, and
+    every archive run called it up to date, its report and record describing lost pixels."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    paths = image_paths(out, "a.ome.tif")
+    want = open_result(paths.result).load()
+    shard = max((paths.result / "0" / "mask" / "c").rglob("*"), key=lambda p: p.is_file())
+    shard.unlink()
+    with pytest.raises(DamagedResultError):
+        open_result(paths.result)
+    again = process_image(image, out, random_checkpoint, config=CONFIG)
+    assert again.status == "segmented" and "result damaged" in again.reason, again
+    xr.testing.assert_equal(open_result(paths.result).load(), want)  # the run's times differ
+    assert process_image(image, out, random_checkpoint, config=CONFIG).status == "skipped"
 
 
 # -- failures back off, a lost claim stops, the catalog under the claim, a moving image ----
@@ -1458,7 +1486,8 @@ def test_a_failing_image_backs_off_for_ever_until_it_changes(tmp_path, slide, ra
     held = run(run_segment=corrupt)
     assert (held.status, len(attempts)) == ("held", 3)
     assert "failed 3 times; next attempt after" in held.reason
-    assert "(or pass retry_failed); last: ValueError: corrupt tile directory" in held.reason
+    now = "(or now: --retry-failed, retry_failed=True); last: ValueError: corrupt tile directory"
+    assert now in held.reason
     assert "1 held after failing (a.ome.tif)" in reports.describe_run([held])
     assert "retry_failed" in reports.run_markdown([held])
     _age_failure(paths, 30 * 24 * 3600)  # an outage, say: not given up, tried again
@@ -1517,7 +1546,7 @@ def test_a_failed_image_is_retried_for_ever_at_most_six_hours_apart(tmp_path, fa
     assert (held.process, held.held, held.failures) == (False, True, failures)
     assert held.reason == (
         f"failed {failures} times; next attempt after {retry_at:%Y-%m-%d %H:%M:%S} UTC "
-        "(or pass retry_failed); last: OSError: share gone"
+        "(or now: --retry-failed, retry_failed=True); last: OSError: share gone"
     )
     assert decide(paths, fp, "m1", CONFIG, retry_failed=True).process
     paths.state.write_text(json.dumps(state | {"failed_at": _ago(delay_s + 60)}))

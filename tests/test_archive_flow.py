@@ -224,7 +224,7 @@ def test_a_failed_image_is_held_by_the_next_run_until_it_passes_retry_failed(
     assert (held["failed"], held["segmented"]) == ({}, [])
     assert list(held["held"]) == ["a.ome.tif"]
     reason = held["held"]["a.ome.tif"]
-    assert "failed 1 time" in reason and "(or pass retry_failed)" in reason
+    assert "failed 1 time" in reason and "(or now: --retry-failed, retry_failed=True)" in reason
     assert "ValueError: corrupt tile directory" in reason
 
     again = _run(source, out, random_checkpoint, retry_failed=True)

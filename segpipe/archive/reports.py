@@ -148,7 +148,7 @@ def thumbnail_level(level_shapes: Sequence[tuple[int, ...]], level: int, max_sid
 
 
 # How each file the archive writes begins: it replaces or removes only such a file, never
-# a user's of the same name (an output root that is the archive's own folder).
+# a user's of the same name (kept in the output root, or put there by mistake).
 _BEGINS = {"report": b"# segpipe: ", "thumbnail": b"\x89PNG\r\n\x1a\n"}
 
 

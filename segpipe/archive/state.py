@@ -41,7 +41,7 @@ from segpipe.execution.foreground import FOREGROUND_MODES
 from segpipe.io.files import URLPath, location
 from segpipe.io.maskfiles import mask_file_sha256
 from segpipe.io.places import overlap
-from segpipe.results import is_result, read_meta
+from segpipe.results import DamagedResultError, check_shards_present, is_result, read_meta
 
 __all__ = [
     "MAX_KILLED_ATTEMPTS",
@@ -299,10 +299,14 @@ def _decide(
             f"{paths.result}: its result metadata cannot be read ({type(exc).__name__}: "
             f"{exc}); if it is damaged, move it away and the next attempt segments the image"
         ) from exc
-    if complete:
-        if made_by == model_sha:
-            return Decision(False, "up to date" + moved, moved=bool(moved))
+    if complete and made_by != model_sha:
         return Decision(True, "result made by another model")
+    if complete:
+        try:  # as open_result checks it: a shard lost since (a disk, a hand) read as zeros
+            check_shards_present(paths.result)
+        except DamagedResultError as exc:
+            return Decision(True, f"result damaged, segmenting again: {exc}", failures=failures)
+        return Decision(False, "up to date" + moved, moved=bool(moved))
     if paths.result.exists():
         # Not resumable: its identity names the old URL (moved), or it is older inputs' and
         # its removal failed (stale_result): its identity (a pixel sample) may not tell.
@@ -380,9 +384,8 @@ def _held_back(state: dict[str, Any], failures: int) -> str | None:
         return None
     at = retry_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     times = "time" if failures == 1 else "times"
-    return (
-        f"failed {failures} {times}; next attempt after {at} (or pass retry_failed); last: {last}"
-    )
+    now = "--retry-failed, retry_failed=True"
+    return f"failed {failures} {times}; next attempt after {at} (or now: {now}); last: {last}"
 
 
 # held: failed (or killed, see MAX_KILLED_ATTEMPTS) with the same inputs, waiting for its

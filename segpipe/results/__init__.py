@@ -65,7 +65,12 @@ from __future__ import annotations
 from segpipe.results.encoding import class_map, encode_probabilities
 from segpipe.results.lock import ResultBusyError, result_lock
 from segpipe.results.pyramid import build_pyramid
-from segpipe.results.reader import DamagedResultError, naming_damage, open_result
+from segpipe.results.reader import (
+    DamagedResultError,
+    check_shards_present,
+    naming_damage,
+    open_result,
+)
 from segpipe.results.schema import (
     FOREGROUND_LABEL,
     LABEL_NAME,
@@ -117,6 +122,7 @@ __all__ = [
     "RunSummary",
     "TileRecord",
     "build_pyramid",
+    "check_shards_present",
     "class_areas_um2",
     "class_fractions",
     "class_map",

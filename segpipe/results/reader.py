@@ -105,6 +105,14 @@ def open_result(
     return _open_level(path, level, meta, chunks)
 
 
+def check_shards_present(path: str | os.PathLike) -> None:
+    """Raise :class:`DamagedResultError` naming ``path``, a complete result, where a stored
+    shard of a computed tile is missing, as :func:`open_result` does, without opening it."""
+    if is_url(path):
+        path = location(path)
+    _check_shards_present(path, read_attrs(path))
+
+
 def _check_shards_present(path: str | os.PathLike, meta: dict[str, Any]) -> None:
     """Refuse a complete result missing a level-0 shard of a tile that holds a pixel of a
     class above 0 (its counts say so): Zarr reads a missing shard as its fill value, 0, so a
