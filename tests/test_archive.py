@@ -1525,6 +1525,38 @@ def test_a_failed_sidecar_of_the_previous_release_still_reads(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "edit",
+    [{"failures": "many"}, {"failures": True}, {"model_sha256": 5}, {"source": 7},
+     {"fingerprint": []}, {"updated": 3}],
+)  # fmt: skip
+def test_a_sidecar_whose_field_is_of_another_type_is_unreadable_naming_it(tmp_path, edit, caplog):
+    """Edited by hand, "failures": "many" failed the image with "invalid literal for int()",
+    naming no file, and held back its complete result; a garbled sidecar is read as none."""
+    paths, fp, state = _sidecar(tmp_path)
+    paths.state.parent.mkdir(parents=True, exist_ok=True)
+    paths.state.write_text(json.dumps(state | {"status": "failed", "failures": 2} | edit))
+    with caplog.at_level("WARNING", logger="segpipe.archive"):
+        decision = decide(paths, fp, "m1", CONFIG)
+    assert (decision.process, decision.reason) == (True, "new image")
+    (field,) = edit
+    assert f"{paths.state}: unreadable state sidecar (its {field} is a" in caplog.text
+
+
+def test_a_failure_recorded_at_a_time_to_come_waits_no_longer_than_its_delay(tmp_path):
+    """failed_at in 2099 (a clock set wrong, a hand) held the image till then."""
+    from datetime import UTC, datetime, timedelta
+
+    paths, fp, state = _sidecar(tmp_path)
+    paths.state.parent.mkdir(parents=True, exist_ok=True)
+    state |= {"status": "failed", "failures": 1, "reason": "OSError: x"}
+    paths.state.write_text(json.dumps(state | {"failed_at": "2099-01-01T00:00:00+00:00"}))
+    decision = decide(paths, fp, "m1", CONFIG)
+    at = re.search(r"next attempt after (\S+ \S+) UTC", decision.reason)[1]
+    when = datetime.fromisoformat(at).replace(tzinfo=UTC)
+    assert decision.held and when <= datetime.now(UTC) + timedelta(seconds=601), decision
+
+
+@pytest.mark.parametrize(
     ("failures", "delay_s"), [(4, 80 * 60), (9, 6 * 3600), (50, 6 * 3600), (5000, 6 * 3600)]
 )
 def test_a_failed_image_is_retried_for_ever_at_most_six_hours_apart(tmp_path, failures, delay_s):
@@ -2238,7 +2270,8 @@ _V1_LEVEL_0 = CONFIG.result_settings() | {"level": 0}
         ({"status": "failed", "failures": 4}, 5, False),
         ({"status": "failed"}, 2, False),  # written before counts were: one failure
         ({"status": "complete", "failures": 0}, 1, False),
-        ({"status": "failed", "failures": "four"}, 1, False),  # the field deciding failed on
+        # A field of another type: read as no sidecar, so nothing says whose the result is.
+        ({"status": "failed", "failures": "four"}, 1, True),
         # Other inputs: a result there is theirs, which these must not resume.
         ({"status": "failed", "failures": 4, "model_sha256": "m0"}, 1, True),
         ({"status": "failed", "failures": 1, "stale_result": True}, 2, True),

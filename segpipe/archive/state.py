@@ -1,8 +1,8 @@
-"""Where an image's outputs go, what its state sidecar says, and whether it is due.
+"""What an image's state sidecar says, and whether it is due.
 
-Everything segpipe writes about an image lies under ``output_root`` at paths derived from the
-image's key alone (:func:`image_paths`); the sidecar records the fingerprint, model and
-result settings of its last run (``SegmentConfig.result_settings()``), so :func:`decide` can
+Everything segpipe writes about an image lies under ``output_root`` at paths derived from
+the image's key alone (:mod:`segpipe.archive.paths`); the sidecar records the fingerprint, model
+and result settings of its last run (``SegmentConfig.result_settings()``), so :func:`decide` can
 skip what is up to date. Execution settings (batch size, device, workers, scheduler) never make
 an image due: they do not change the numbers.
 
@@ -31,14 +31,13 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from segpipe.archive.catalog import CATALOG_DIR
 from segpipe.archive.discover import Fingerprint
+from segpipe.archive.paths import ImagePaths, image_paths
 from segpipe.config import SegmentConfig
 from segpipe.execution.foreground import FOREGROUND_MODES
-from segpipe.io.files import URLPath, location
+from segpipe.io.files import location
 from segpipe.io.maskfiles import mask_file_sha256
 from segpipe.io.places import overlap
 from segpipe.results import DamagedResultError, check_shards_present, is_result, read_meta
@@ -90,48 +89,6 @@ def retry_delay_s(failures: int) -> float:
 
 
 @dataclass(frozen=True)
-class ImagePaths:
-    """Everything segpipe writes for one image, derived from its key (see the module doc):
-    local paths, or :class:`~segpipe.io.files.URLPath` under an fsspec URL root."""
-
-    result: Path | URLPath
-    state: Path | URLPath
-    report: Path | URLPath
-    thumbnail: Path | URLPath
-    lock: Path | URLPath
-
-
-def image_paths(output_root: str | os.PathLike[str], key: str) -> ImagePaths:
-    """Output paths of the image ``key`` (its path relative to the archive root).
-
-    ``output_root`` is a local folder or a :class:`~segpipe.io.files.URLPath` (its storage
-    options go to every path).
-
-    >>> image_paths("/out", "day-1/a.svs").result.as_posix()
-    '/out/day-1/a.svs.seg.zarr'
-    """
-    parts = PurePosixPath(key).parts
-    if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
-        raise ValueError(f"image key {key!r} must be a relative path without '..'")
-    if parts[0].casefold() == CATALOG_DIR and len(parts) > 1:
-        # Its sidecar would land among the catalog's records, and every read of it fail.
-        raise ValueError(
-            f"image key {key!r}: the output root's top-level folder {CATALOG_DIR}/ holds "
-            "segpipe's catalog, so an image under a folder of that name at the archive's top "
-            "cannot be archived there; rename that folder"
-        )
-    base = location(output_root).joinpath(*parts)
-    # The full file name stays in the stem: a.tif and a.svs side by side get two results.
-    return ImagePaths(
-        result=base.with_name(base.name + ".seg.zarr"),
-        state=base.with_name(base.name + ".seg.json"),
-        report=base.with_name(base.name + ".report.md"),
-        thumbnail=base.with_name(base.name + ".thumb.png"),
-        lock=base.with_name(base.name + ".lock"),
-    )
-
-
-@dataclass(frozen=True)
 class Decision:
     """Whether an image needs segmenting, and why. ``resume`` keeps an unfinished result;
     ``held``: not processed, it failed before (see the module doc); ``failures``: consecutive
@@ -162,7 +119,24 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not isinstance(state, dict):  # unparseable, or JSON but not an object
         log.warning("%s: unreadable state sidecar, treating the image as new", path)
         return None
+    odd = [k for k, kind in _FIELD_TYPES.items() if not _is(state.get(k), kind)]
+    if odd:  # a hand's edit ("failures": "many"): decide failed on it, naming no file
+        log.warning(
+            "%s: unreadable state sidecar (its %s is a %s), treating the image as new",
+            path, odd[0], type(state[odd[0]]).__name__,
+        )  # fmt: skip
+        return None
     return state
+
+
+# The fields decide reads, by type (each may be missing or null).
+_FIELD_TYPES = {"failures": int, "fingerprint": dict, "model_sha256": str, "params": dict,
+                "source": str, "status": str, "updated": str, "failed_at": str, "alive": str,
+                "unreadable": dict}  # fmt: skip
+
+
+def _is(value: Any, kind: type) -> bool:
+    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
 
 
 def state_params(config: SegmentConfig) -> dict[str, Any]:
@@ -379,7 +353,8 @@ def _held_back(state: dict[str, Any], failures: int) -> str | None:
         since = None
     if since is None or since.tzinfo is None:
         return None  # no time to count from: try now rather than never
-    retry_at = since + dt.timedelta(seconds=retry_delay_s(failures))
+    # A time to come (a clock set wrong, a hand's edit) counts from now: at most the delay.
+    retry_at = min(since, dt.datetime.now(dt.UTC)) + dt.timedelta(seconds=retry_delay_s(failures))
     if dt.datetime.now(dt.UTC) >= retry_at:
         return None
     at = retry_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
