@@ -996,6 +996,7 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     # own and replaced the moved archive's result, which was then refused for good.
     record = json.loads(catalog.record_path(out, "a.ome.tif").read_text())
     assert archive.read_state(paths.state)["source"] == image.url == record["source"]
+    assert f"| source | `{image.url}` |" in paths.report.read_text()  # it named the old place
     (source / "a.ome.tif").parent.mkdir(parents=True)
     shutil.copy(slide, source / "a.ome.tif")
     with open(source / "a.ome.tif", "ab") as f:
@@ -1014,6 +1015,28 @@ def test_a_moved_archive_is_up_to_date_where_it_was(tmp_path, slide, random_chec
     assert (changed.status, changed.reason) == ("segmented", "image changed")
     assert archive.read_state(paths.state)["source"] == image.url
     assert read_meta(paths.result).source == image.url and is_complete(paths.result)
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_moved_output_roots_catalog_and_reports_name_its_results_where_they_are(
+    tmp_path, slide, random_checkpoint, how
+):
+    """The catalog's result column and each report kept naming the old output root's results
+    (gone, or another root's when copied), and no run corrected them."""
+    source, out = _archive(tmp_path, slide, "a.ome.tif"), tmp_path / "out"
+    (image,) = discover_images(source)
+    process_image(image, out, random_checkpoint, config=CONFIG)
+    there = tmp_path / "there"
+    shutil.copytree(out, there) if how == "copied" else out.rename(there)
+    paths = image_paths(there, "a.ome.tif")
+    finished = read_meta(paths.result).finished
+    again = process_image(image, there, random_checkpoint, config=CONFIG)
+    assert again.status == "skipped" and read_meta(paths.result).finished == finished
+    ds = catalog.open_catalog(there)
+    assert str(ds["result"].values[0]) == str(paths.result)
+    assert f"| result | `{paths.result}` |" in paths.report.read_text()
+    if how == "copied":  # the first root's own are as they were
+        assert str(catalog.open_catalog(out)["result"].values[0]) == str(out / "a.ome.tif.seg.zarr")
 
 
 def test_a_recorded_source_whose_store_cannot_be_asked_is_another_archives_result(

@@ -166,6 +166,16 @@ def _records(
     return sorted(records, key=lambda r: r["image"])
 
 
+def recorded_result(output_root: str | os.PathLike[str], image: str) -> str | None:
+    """The result path the record of ``image`` names; None where there is no readable one
+    (a damaged record stays as it is: :func:`_read_record`)."""
+    try:
+        result = _read_record(record_path(output_root, image)).get("result")
+    except (ValueError, OSError):
+        return None
+    return result if isinstance(result, str) else None
+
+
 def _read_record(path: Path | URLPath) -> dict[str, Any]:
     """One record file, or a ``ValueError`` naming it and what is wrong with it.
 

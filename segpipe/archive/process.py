@@ -43,6 +43,7 @@ from segpipe.archive.watch import (
 )
 from segpipe.config import SegmentConfig
 from segpipe.io.files import URLPath, location, utc_now, write_json_atomic, write_text_atomic
+from segpipe.io.places import public_url
 from segpipe.results import ResultMismatchError, delete_result, read_meta
 
 if TYPE_CHECKING:
@@ -233,6 +234,7 @@ def process_image(
                 claim.check()
                 write_json_atomic(paths.state, (read_state(paths.state) or {}) | run_source)
             missing = set() if decision.held else _missing_outputs(output_root, image, paths)
+            missing |= {"report"} if decision.moved else set()  # it names the source
             if missing - {"record"}:
                 _write_reports(source, image.key, paths, claim, only=missing)
             if decision.moved or "record" in missing:
@@ -326,22 +328,19 @@ def _release_dead_lock(paths: ImagePaths, owner: str | None, ttl_s: float) -> No
 def _missing_outputs(
     output_root: Path | URLPath, image: ArchiveImage, paths: ImagePaths
 ) -> set[str]:
-    """Which of an image's catalog record, report and thumbnail are missing (deleted since)."""
-    made = {
-        "record": catalog.record_path(output_root, image.key),
-        "report": paths.report,
-        "thumbnail": paths.thumbnail,
-    }
-    return {what for what, path in made.items() if not path.exists()}
+    """Which of an image's catalog record, report and thumbnail are missing (deleted since),
+    or name another result path (the output root moved or copied: the old one, or none)."""
+    record = catalog.record_path(output_root, image.key)
+    made = {"record": record, "report": paths.report, "thumbnail": paths.thumbnail}
+    due = {what for what, path in made.items() if not path.exists()}
+    recorded = None if "record" in due else catalog.recorded_result(output_root, image.key)
+    return due | ({"record", "report"} if recorded not in (None, str(paths.result)) else set())
 
 
 def _write_reports(
-    source: Path | URLPath,
-    key: str,
-    paths: ImagePaths,
-    claim: Claim,
+    source: Path | URLPath, key: str, paths: ImagePaths, claim: Claim,
     only: Collection[str] = ("thumbnail", "report"),
-) -> None:
+) -> None:  # fmt: skip
     """Write the result's thumbnail, then its report (which shows the thumbnail), or ``only``
     those of them named, each under the claim."""
     if "thumbnail" in only:
@@ -350,7 +349,8 @@ def _write_reports(
         reports.check_made(paths.thumbnail, "thumbnail")
         reports.write_thumbnail(source, paths.result, paths.thumbnail, level=level)
     if "report" in only:
-        text = reports.image_report(paths.result, image=key, thumbnail=paths.thumbnail)
+        now = public_url(str(source))  # the image's place now: moved, it was elsewhere
+        text = reports.image_report(paths.result, image=key, thumbnail=paths.thumbnail, source=now)
         claim.check()
         reports.check_made(paths.report, "report")
         write_text_atomic(paths.report, text)

@@ -65,12 +65,14 @@ def image_report(
     *,
     image: str | None = None,
     thumbnail: Path | URLPath | None = None,
+    source: str | None = None,
 ) -> str:
     """Markdown report of one complete result: classes (pixels, area, fraction), tiles
     computed and skipped, time and throughput, provenance.
 
     ``image`` is the name to title it with (default the result's source); ``thumbnail``, when
-    given, is linked by file name (it lies next to the result and the report).
+    given, is linked by file name (it lies next to the result and the report); ``source``,
+    the image's place now (default the result's source: where it was when segmented).
     """
     summary = summarise(result)
     meta = read_meta(result)
@@ -93,7 +95,7 @@ def image_report(
         "| | |",
         "|---|---|",
         f"| result | `{result}` |",
-        f"| source | `{meta.source}` |",
+        f"| source | `{source or meta.source}` |",
         f"| model | {meta.model_name} (sha256 `{meta.model_sha256[:12]}`) |",
         f"| size | {ny} x {nx} px at level {meta.config.level}, {size}",
         f"| tiles | {summary.tiles_computed} computed ({summary.tiles_skipped} of them by an"
