@@ -159,7 +159,8 @@ def test_a_tiff_cut_to_its_header_is_refused_naming_it(tmp_path: Path, bigtiff: 
     path = tmp_path / "cut.ome.tif"
     tifffile.imwrite(path, _rgb(64, 64), photometric="rgb", tile=(32, 32), bigtiff=bigtiff)
     path.write_bytes(path.read_bytes()[: 16 if bigtiff else 8])
-    with pytest.raises(ImageReadError, match="not a readable TIFF") as info:
+    # Its header's first IFD lies past the end (it was "not a readable TIFF: IndexError: 0")
+    with pytest.raises(ImageReadError, match=r"IFD 0 lies at .* truncated") as info:
         open_image(path)
     assert str(path) in str(info.value)
 
@@ -983,3 +984,38 @@ def test_a_tile_of_no_bytes_at_an_offset_is_refused_a_sparse_one_reads_as_zeros(
     want = _rgb(128, 128)
     want[:32, 96:] = 0
     np.testing.assert_array_equal(pixels, want)
+
+
+def test_a_tiff_cut_before_its_ifd_at_the_end_says_so(tmp_path: Path) -> None:
+    """libtiff and Pillow write the IFD after the pixels: cut short, the file said
+    'IndexError: 0' (tifffile drops an IFD past the end before segpipe looked)."""
+    whole = tmp_path / "whole.tif"
+    Image.fromarray(_rgb(96, 80)).save(whole, compression="tiff_lzw")
+    data = whole.read_bytes()
+    assert struct.unpack("<I", data[4:8])[0] > len(data) // 2  # its IFD last
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match=r"cut\.tif: IFD 0 lies at byte [\d,]+, past the "):
+        open_image(cut)
+
+
+def test_a_lone_tiff_image_of_width_0_is_refused_naming_the_tags(tmp_path: Path) -> None:
+    """It said 'ZeroDivisionError: integer division or modulo by zero'."""
+    path = _tiled(tmp_path / "zero.tif")
+    _set_long(path, 256, 0)  # ImageWidth
+    with pytest.raises(ImageReadError, match=r"zero\.tif: the image is empty: IFD 0 declares "
+                       r"128 x 0 pixels \(ImageLength, ImageWidth"):  # fmt: skip
+        open_image(path)
+
+
+@pytest.mark.parametrize("kind", ["loop", "dangling"])
+def test_a_broken_symbolic_link_is_named_so_not_missing(tmp_path: Path, kind: str) -> None:
+    link = tmp_path / "a.tif"
+    if kind == "loop":
+        (tmp_path / "b.tif").symlink_to(link)
+        link.symlink_to(tmp_path / "b.tif")
+    else:
+        link.symlink_to(tmp_path / "gone.tif")
+    why = "a symbolic link loop" if kind == "loop" else "a symbolic link to nothing"
+    with pytest.raises(ImageReadError, match=rf"a\.tif: {why} \("):
+        open_image(link)

@@ -19,6 +19,7 @@ re-open the file on first use after unpickling (tifffile and Pillow handles cann
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -109,6 +110,9 @@ def open_image(
         pixel_size_um = check_pixel_size(pixel_size_um, "pixel_size_um")
     p = location(path, storage_options)
     if not p.exists():
+        if isinstance(p, Path) and p.is_symlink():  # a link's target gone, or a loop
+            why = "a symbolic link loop" if _loops(p) else "a symbolic link to nothing"
+            raise ImageReadError(f"{p}: {why} ({os.readlink(p)})")
         raise ImageReadError(f"{p}: no such file or directory")
     if isinstance(p, Path):
         _check_readable(p)
@@ -130,6 +134,16 @@ def open_image(
         f"{', '.join(IMAGE_SUFFIXES + ZARR_SUFFIXES)} "
         f"(convert others to a tiled pyramidal OME-TIFF, e.g. with bfconvert or vips)"
     )
+
+
+def _loops(path: Path) -> bool:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
 
 
 def _check_readable(path: Path) -> None:

@@ -74,7 +74,12 @@ def check_ifd_chain(tif: Any, file_size: int, path: str) -> None:
     ``tif``: an open ``tifffile.TiffFile``; ``file_size``: bytes of its file.
     """
     seen: dict[int, int] = {}
-    offset = int(tif.pages.first.offset)
+    fmt, fh = tif.tiff, tif.filehandle
+    # The header's (tifffile drops an IFD past the end): BigTIFF's 8 bytes at 8, else 4 at 4
+    # (NDPI's too, whose later offsets are 8 bytes).
+    big = fmt.version == 43
+    fh.seek(8 if big else 4)
+    offset = int(struct.unpack(fmt.byteorder + ("Q" if big else "I"), fh.read(8 if big else 4))[0])
     while offset:
         k = len(seen)
         if offset in seen:
@@ -85,6 +90,14 @@ def check_ifd_chain(tif: Any, file_size: int, path: str) -> None:
             )
         seen[offset] = k
         offset = _next_ifd(tif, offset, file_size, path, f"IFD {k}")
+    # A lone image of no size: tifffile's series divide by it (a ZeroDivisionError). Of many,
+    # it lists that series, refused as the reader lays them out.
+    first = tif.pages.first if len(seen) == 1 else None
+    if first is not None and not first.subifds and 0 in (first.imagelength, first.imagewidth):
+        raise ImageReadError(
+            f"{path}: the image is empty: IFD 0 declares {first.imagelength} x "
+            f"{first.imagewidth} pixels (ImageLength, ImageWidth: TIFF tags 257, 256)"
+        )
 
 
 def _next_ifd(tif: Any, offset: int, file_size: int, path: str, name: str) -> int:
