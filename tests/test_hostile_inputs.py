@@ -1019,3 +1019,30 @@ def test_a_broken_symbolic_link_is_named_so_not_missing(tmp_path: Path, kind: st
     why = "a symbolic link loop" if kind == "loop" else "a symbolic link to nothing"
     with pytest.raises(ImageReadError, match=rf"a\.tif: {why} \("):
         open_image(link)
+
+
+@pytest.mark.parametrize("reduced", ["rgba", "grey"])
+def test_a_pyramid_level_of_other_samples_than_level_0_is_refused_at_open(tmp_path, reduced):
+    """An RGBA (or grey) SubIFD under an RGB level 0: tifffile lays it out as RGB; reading it
+    failed mid-run ('shape does not match keyframe size'), leaving a 'computing' result, or
+    opening did ('IndexError: index 1 out of range(1)')."""
+    path = tmp_path / "mixed.ome.tif"
+    rgb = _rgb(128, 128)
+    half = rgb[::2, ::2]
+    lower = (
+        np.dstack([half, np.full(half.shape[:2], 255, np.uint8)])
+        if reduced == "rgba"
+        else half[..., 0]
+    )
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(rgb, subifds=1, tile=(32, 32), photometric="rgb", metadata={"axes": "YXS"})
+        tif.write(
+            lower,
+            subfiletype=1,
+            tile=(32, 32),
+            photometric="rgb" if reduced == "rgba" else "minisblack",
+        )
+    n = 4 if reduced == "rgba" else 1
+    with pytest.raises(ImageReadError, match=rf"mixed\.ome\.tif: level 1 stores {n} samples per "
+                       r"pixel, level 0 3 \(SamplesPerPixel"):  # fmt: skip
+        open_image(path)

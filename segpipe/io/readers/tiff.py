@@ -44,6 +44,7 @@ from segpipe.io.readers.photometric import (
 from segpipe.io.readers.tiff_checks import (
     check_declared_data,
     check_ifd_chain,
+    check_level_samples,
     guard_jpeg_frames,
 )
 from segpipe.io.readers.tiff_tags import check_tag_values
@@ -96,6 +97,7 @@ class TiffReader(BaseReader):
             check_ome_set(tif, self.path)
             self._series = _main_series(tif, self.path)
             series = tif.series[self._series]
+            check_level_samples(series, self.path)
             # An OME-TIFF set's other files, as the file itself: a worker's copy (pickled)
             # refuses one rewritten since (it read the new pixels, its Dask token unchanged).
             files = {str(p.parent.filehandle.path) for lv in series.levels for p in lv.pages

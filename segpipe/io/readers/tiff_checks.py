@@ -23,7 +23,7 @@ from segpipe.io.readers.ome_planes import (
 )
 from segpipe.io.readers.photometric import JPEG_COMPRESSIONS
 
-__all__ = ["check_declared_data", "check_ifd_chain", "guard_jpeg_frames"]
+__all__ = ["check_declared_data", "check_ifd_chain", "check_level_samples", "guard_jpeg_frames"]
 
 # TiffPage refuses an IFD of more tags than this (tifffile's own bound; the TIFF tags defined
 # by all specifications together are a few hundred).
@@ -98,6 +98,20 @@ def check_ifd_chain(tif: Any, file_size: int, path: str) -> None:
             f"{path}: the image is empty: IFD 0 declares {first.imagelength} x "
             f"{first.imagewidth} pixels (ImageLength, ImageWidth: TIFF tags 257, 256)"
         )
+
+
+def check_level_samples(series: Any, path: str) -> None:
+    """Refuse a pyramid whose reduced level stores another number of samples per pixel than
+    level 0 (an RGBA or grey level under RGB): tifffile lays every level out as level 0's,
+    and reading one then failed deep in a read, or even listing its pages."""
+    first = int(series.levels[0].keyframe.samplesperpixel)
+    for k, level in enumerate(series.levels[1:], start=1):
+        if (n := int(level.keyframe.samplesperpixel)) != first:
+            raise ImageReadError(
+                f"{path}: level {k} stores {n} samples per pixel, level 0 {first} "
+                "(SamplesPerPixel, TIFF tag 277): the levels of a pyramid hold the same "
+                "channels; the file is damaged, or its levels are of other images"
+            )
 
 
 def _next_ifd(tif: Any, offset: int, file_size: int, path: str, name: str) -> int:
