@@ -1046,3 +1046,29 @@ def test_a_pyramid_level_of_other_samples_than_level_0_is_refused_at_open(tmp_pa
     with pytest.raises(ImageReadError, match=rf"mixed\.ome\.tif: level 1 stores {n} samples per "
                        r"pixel, level 0 3 \(SamplesPerPixel"):  # fmt: skip
         open_image(path)
+
+
+@pytest.mark.parametrize("channels", [3, 2])
+def test_an_ome_xml_cut_short_is_said_so_not_read_as_plain_pages_silently(tmp_path, channels):
+    """An OME-XML whose end is lost (tifffile wants it to end in 'OME>') was no OME at all:
+    its pixel size unknown without a word, its two channels called a stack of 2 planes."""
+    path = tmp_path / "cut.ome.tif"
+    if channels == 3:
+        pixels, meta, kw = (
+            _rgb(64, 80),
+            {"axes": "YXS", "PhysicalSizeX": 0.5},
+            {"photometric": "rgb"},
+        )
+    else:
+        pixels, meta, kw = _rgb(64, 80)[..., :2].transpose(2, 0, 1), {"axes": "CYX"}, {}
+    tifffile.imwrite(path, pixels, ome=True, metadata=meta, **kw)
+    data = path.read_bytes()
+    assert data.count(b"</OME>") == 1
+    path.write_bytes(data.replace(b"</OME>", b"\0" * 6))
+    if channels == 3:
+        with pytest.warns(UserWarning, match=r"cut\.ome\.tif: OME-XML is cut short; pixel size"):
+            assert open_image(path).pixel_size_um is None
+    else:
+        refused = pytest.raises(ImageReadError, match=r"OME-XML does not describe its images")
+        with pytest.warns(UserWarning, match="OME-XML is cut short"), refused:
+            open_image(path)

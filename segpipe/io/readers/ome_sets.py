@@ -24,6 +24,7 @@ __all__ = [
     "check_ome_set",
     "check_ome_set_uuids",
     "files_named",
+    "has_ome_xml",
     "local_name",
     "named_files",
     "other_set_files",
@@ -137,6 +138,17 @@ def check_ome_set(tif: Any, path: str) -> None:
             "folder, as they were written, and open this file there"
         )
     check_ome_set_uuids(root, {name: read[file] for name, file in files.items()}, path)
+
+
+def has_ome_xml(tif: Any) -> bool:
+    """Whether ``tif``'s first IFD holds OME-XML: tifffile's ``is_ome``, or a description
+    that begins as OME-XML but is cut short (tifffile wants it to end in ``OME>``), whose
+    images tifffile then lists as plain pages, channels as a stack."""
+    try:
+        text = (tif.pages.first.description or "").lstrip()
+    except DECODE_ERRORS:  # a file cut short in its header (no IFD), which the caller reports
+        return False
+    return bool(tif.is_ome) or (text.startswith(("<?xml", "<OME")) and "<OME" in text[:4096])
 
 
 def named_files(tif: Any) -> list[str]:

@@ -34,7 +34,7 @@ from segpipe.io.readers.base import DECODE_ERRORS, BaseReader, ImageReadError
 from segpipe.io.readers.geotiff import raster_metadata, raster_valid_mask
 from segpipe.io.readers.masks import check_per_channel
 from segpipe.io.readers.ome_planes import check_ome_planes, file_open
-from segpipe.io.readers.ome_sets import check_ome_set, named_files, pixels_sizes
+from segpipe.io.readers.ome_sets import check_ome_set, has_ome_xml, named_files, pixels_sizes
 from segpipe.io.readers.photometric import (
     ALPHA_SAMPLES,
     Photometric,
@@ -108,7 +108,7 @@ class TiffReader(BaseReader):
             # tifffile's fallback: not a kind it reads first (shaped, Micro-Manager). It gave
             # up on the OME-XML and listed plain pages (of a renamed file, or TiffData past
             # its IFDs, still the image the OME-XML describes)
-            is_damaged_ome = tif.is_ome and series.kind in ("generic", "uniform")
+            is_damaged_ome = has_ome_xml(tif) and series.kind in ("generic", "uniform")
             levels = series.levels
             turn = _orientation(levels, self.path)
             self._photometric = tuple(

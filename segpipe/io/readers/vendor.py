@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from segpipe.io.readers.base import ImageReadError
-from segpipe.io.readers.ome_sets import local_name
+from segpipe.io.readers.ome_sets import has_ome_xml, local_name
 from segpipe.io.units import UM_PER_UNIT, pixel_size_of_xy, positive_or_none
 
 __all__ = ["SlideMetadata", "slide_metadata"]
@@ -95,6 +95,8 @@ def _vendor_metadata(
     if tif.is_ome and tif.ome_metadata:
         px = _ome_pixel_size_um(tif, series_index, keyframe, path, is_transposed)
         return SlideMetadata("ome", px)
+    if has_ome_xml(tif):  # cut short: tifffile reads no OME-XML from it
+        warnings.warn(f"{path}: OME-XML is cut short; pixel size unknown", stacklevel=3)
     if tif.is_ndpi:
         mag = keyframe.tags.valueof(_NDPI_MAGNIFICATION)
         return SlideMetadata("hamamatsu", None, positive_or_none(mag))
