@@ -1106,3 +1106,14 @@ def test_a_level_of_another_pixel_type_than_the_base_is_refused(tmp_path, level1
     write_dicom_wsi(tmp_path, level1(grey), levels=(1,), uids=uids, name="b")  # halved there
     with pytest.raises(ImageReadError, match=said):
         open_image(tmp_path)
+
+
+def test_a_file_that_is_no_dicom_is_named_before_a_damaged_neighbour(tmp_path):
+    """text.dcm beside a damaged DICOM file: the error named only the neighbour's header."""
+    (tmp_path / "fake.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    text = tmp_path / "text.dcm"
+    text.write_text("notes, not a slide\n")
+    with pytest.raises(ImageReadError, match=r"text\.dcm: no readable DICOM WSI series: the file"):
+        open_image(text)
+    with pytest.raises(ImageReadError, match=r"fake\.dcm: a damaged DICOM header"):
+        open_image(tmp_path)  # the folder: its files' own errors

@@ -278,16 +278,16 @@ def series_instances(path: Path) -> list[DicomInstance]:
     SeriesInstanceUID, or a folder's files when they are of one series."""
     named = None if path.is_dir() else path.name
     folder = path.parent if named else path
+    if named and read_instance(path) is None:  # said before a damaged neighbour's header is
+        raise ImageReadError(
+            f"{path}: no readable DICOM WSI series: the file is no DICOM VL Whole Slide "
+            "Microscopy image"
+        )
     instances = [
         i for p in sorted(folder.iterdir()) if p.is_file() and (i := read_instance(p)) is not None
     ]
     if named:
-        own = next((i for i in instances if i.path.name == named), None)
-        if own is None:
-            raise ImageReadError(
-                f"{path}: no readable DICOM WSI series: the file is no DICOM VL Whole Slide "
-                "Microscopy image"
-            )
+        own = next(i for i in instances if i.path.name == named)
         _warn_of_strays(path, own, instances)
         return [i for i in instances if i.series_uid == own.series_uid]
     series: dict[str, list[DicomInstance]] = {}
