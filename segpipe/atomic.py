@@ -236,10 +236,14 @@ _DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 def write_errors_named(path: str | os.PathLike[str]) -> Iterator[None]:
     """Re-raise a full disk's OSError (which a ``write()`` raises naming no file) naming
     ``path``, the store being written: the output, the image and Prefect's home may each lie
-    on another disk."""
+    on another disk. At a URL, an object store's bare "not found" (s3fs's "The specified
+    bucket does not exist", no errno) is the store's too."""
     try:
         yield
     except OSError as exc:
+        at_url = not isinstance(path, str | os.PathLike)  # a URLPath
+        if at_url and isinstance(exc, FileNotFoundError) and exc.errno is exc.filename is None:
+            raise FileNotFoundError(errno.ENOENT, f"cannot be written ({exc})", str(path)) from exc
         if exc.filename is not None or exc.errno not in _DISK_ERRORS:
             raise
         raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc

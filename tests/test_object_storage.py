@@ -275,6 +275,16 @@ def test_a_result_in_a_bucket_that_does_not_exist_is_named(small_slide, random_c
     assert caught.value.strerror == "cannot be written (The specified bucket does not exist)"
 
 
+def test_an_ingest_into_a_bucket_that_does_not_exist_is_named(small_slide, s3):
+    from segpipe.io.ingest import ingest
+
+    url = URLPath(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/i.zarr", s3.options)
+    with pytest.raises(FileNotFoundError) as caught:
+        ingest(small_slide.image, url)
+    assert caught.value.filename == str(url)
+    assert caught.value.strerror == "cannot be written (The specified bucket does not exist)"
+
+
 def test_a_window_of_an_s3_image_is_read_without_downloading_the_file(s3, tmp_path):
     pixels = np.random.default_rng(3).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
     local = tmp_path / "big.tif"
