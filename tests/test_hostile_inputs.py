@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import struct
 import tracemalloc
@@ -445,6 +446,12 @@ def test_non_finite_or_out_of_range_float_pixels_fail_naming_the_region(
         segpipe.segment(source, out, random_checkpoint, scheduler="sync", tile=32)
     assert str(source) in str(info.value)
     assert not is_complete(out)
+    # Inside the image, not the window's mirrored halo past its edges (it said y -44:76).
+    found = re.search(r"at y (-?\d+):(\d+), x (-?\d+):(\d+) of level 0", str(info.value))
+    y0, y1, x0, x1 = map(int, found.groups())
+    assert 0 <= y0 < y1 <= 96 and 0 <= x0 < x1 <= 96, info.value
+    if bad != 200.0:
+        assert "(first at y 70, x 20)" in str(info.value)
 
 
 def test_nan_model_output_fails_with_the_window_and_nothing_is_complete(

@@ -88,7 +88,7 @@ def test_float_pixels_a_model_takes_as_they_are_lie_in_0_1_within_a_hundredth(va
     none for [0, 255] data stored as float."""
     raw = np.full((2, 2, 3), 0.5, np.float32)
     raw[1, 0, 2] = value
-    reader = SimpleNamespace(path="float.tif")
+    reader = SimpleNamespace(path="float.tif", level_shapes=[(2, 2, 3)])
     if not refused:
         np.testing.assert_array_equal(model_pixels(raw, reader, BOX, 0, None, 3), raw)
         return

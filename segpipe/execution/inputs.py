@@ -51,7 +51,13 @@ def model_pixels(
             refused &= ~replaced
     if not refused.any():
         return pixels
-    where = f"y {box.y0}:{box.y1}, x {box.x0}:{box.x1} of level {level}"
+    # In the image: the box runs into the mirrored halo past its edges (y -44:304).
+    ny, nx = reader.level_shapes[level][:2]
+    ys, xs = np.nonzero(refused.any(axis=-1))
+    ys, xs = ys + box.y0, xs + box.x0
+    inside = np.flatnonzero((ys >= 0) & (ys < ny) & (xs >= 0) & (xs < nx))[:1]
+    where = f"y {max(box.y0, 0)}:{min(box.y1, ny)}, x {max(box.x0, 0)}:{min(box.x1, nx)}"
+    where += f" of level {level}" + "".join(f" (first at y {ys[i]}, x {xs[i]})" for i in inside)
     if not np.isfinite(pixels[refused]).all():
         raise ImageReadError(
             f"{reader.path}: NaN or infinite pixels at {where} that the file does not mark "
